@@ -1,0 +1,203 @@
+//! `sluice-config`: the policy model shared by the proxy and the control plane.
+//!
+//! One schema, one validator. [`parse_policies`] turns the bytes of one YAML file
+//! (one or more `---`-separated documents) into validated [`RoutePolicy`] values or
+//! into a list of [`Diagnostic`]s, each naming file, line, column and field path.
+//! A [`PolicySet`] is the validated policies of a whole mesh in canonical form with
+//! their content hash, which is the policy version everywhere (snapshots, `/config`,
+//! metrics). This crate does no I/O beyond the bytes it is given.
+
+#![warn(missing_docs, unreachable_pub)]
+
+mod duration;
+mod model;
+
+pub use duration::{Duration, DurationParseError};
+pub use model::*;
+
+use std::fmt;
+
+use sha2::{Digest, Sha256};
+
+/// Version of the policy schema carried in snapshots; bumped on incompatible change.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// One problem found in a policy file, located as precisely as the source allows.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Diagnostic {
+    /// The file name as given to the parser.
+    pub file: String,
+    /// 1-based line of the offending node.
+    pub line: usize,
+    /// 1-based column of the offending node.
+    pub column: usize,
+    /// Field path such as `spec.routes[0].retry.attempts` (empty for whole-document errors).
+    pub path: String,
+    /// What is wrong and what was expected.
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
+        if !self.path.is_empty() {
+            write!(f, "{}: ", self.path)?;
+        }
+        f.write_str(&self.message)
+    }
+}
+
+/// Why policies were refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConfigError {
+    /// The policies are invalid; every problem found is listed.
+    #[error("{}", DisplayList(.0))]
+    Invalid(Vec<Diagnostic>),
+}
+
+impl ConfigError {
+    /// The individual problems.
+    pub fn diagnostics(&self) -> &[Diagnostic] {
+        match self {
+            ConfigError::Invalid(d) => d,
+        }
+    }
+}
+
+struct DisplayList<'a>(&'a [Diagnostic]);
+
+impl fmt::Display for DisplayList<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, d) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{d}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Parses and validates every policy document in one file.
+///
+/// `file` is only used to label diagnostics. Empty documents are skipped.
+pub fn parse_policies(file: &str, text: &str) -> Result<Vec<RoutePolicy>, ConfigError> {
+    use serde::Deserialize;
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(text) {
+        let value = match serde_yaml::Value::deserialize(doc) {
+            Ok(serde_yaml::Value::Null) => continue,
+            Ok(v) => v,
+            Err(e) => {
+                errors.push(diag_from_yaml(file, &e));
+                break;
+            }
+        };
+        match serde_yaml::from_value::<RoutePolicy>(value) {
+            Ok(p) => out.push(p),
+            Err(e) => errors.push(diag_from_yaml(file, &e)),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(ConfigError::Invalid(errors))
+    }
+}
+
+fn diag_from_yaml(file: &str, e: &serde_yaml::Error) -> Diagnostic {
+    let (line, column) = e
+        .location()
+        .map(|l| (l.line(), l.column()))
+        .unwrap_or((1, 1));
+    Diagnostic {
+        file: file.to_string(),
+        line,
+        column,
+        path: String::new(),
+        message: e.to_string(),
+    }
+}
+
+/// The validated policies of a mesh in canonical order, with their content hash.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PolicySet {
+    policies: Vec<RoutePolicy>,
+    canonical: Vec<u8>,
+    hash: String,
+}
+
+impl PolicySet {
+    /// Builds a set from already-validated policies, sorting them by namespace and name.
+    pub fn new(mut policies: Vec<RoutePolicy>) -> Result<Self, ConfigError> {
+        policies.sort_by(|a, b| {
+            (a.metadata.namespace.as_deref(), a.metadata.name.as_str())
+                .cmp(&(b.metadata.namespace.as_deref(), b.metadata.name.as_str()))
+        });
+        let mut canonical = Vec::new();
+        for p in &policies {
+            canonical.extend_from_slice(b"---\n");
+            canonical.extend_from_slice(
+                serde_yaml::to_string(p)
+                    .expect("policy types always serialise")
+                    .as_bytes(),
+            );
+        }
+        let hash = hex::encode(&Sha256::digest(&canonical)[..8]);
+        Ok(Self {
+            policies,
+            canonical,
+            hash,
+        })
+    }
+
+    /// Parses and validates a set from its canonical bytes (as carried in snapshots).
+    pub fn from_canonical(source: &str, bytes: &[u8]) -> Result<Self, ConfigError> {
+        let text = std::str::from_utf8(bytes).map_err(|e| {
+            ConfigError::Invalid(vec![Diagnostic {
+                file: source.to_string(),
+                line: 1,
+                column: 1,
+                path: String::new(),
+                message: format!("not UTF-8: {e}"),
+            }])
+        })?;
+        Self::new(parse_policies(source, text)?)
+    }
+
+    /// The policies, sorted by namespace and name.
+    pub fn policies(&self) -> &[RoutePolicy] {
+        &self.policies
+    }
+
+    /// The canonical serialisation: stable for equal policies.
+    pub fn canonical_bytes(&self) -> &[u8] {
+        &self.canonical
+    }
+
+    /// The content hash (hex): the policy version.
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn design_example_parses_and_hash_is_stable() {
+        let text = include_str!("../../examples/policies/log-service.yaml");
+        let policies = parse_policies("log-service.yaml", text).unwrap();
+        assert_eq!(policies.len(), 1);
+        let spec = &policies[0].spec;
+        assert_eq!(spec.host, "log-service");
+        let weights = spec.routes[0].split[1].weights.as_ref().unwrap();
+        assert_eq!(weights.keys().collect::<Vec<_>>(), ["log-v1", "log-v2"]);
+        let set = PolicySet::new(policies).unwrap();
+        let again = PolicySet::from_canonical("snapshot", set.canonical_bytes()).unwrap();
+        assert_eq!(set.hash(), again.hash());
+        assert_eq!(set.policies(), again.policies());
+    }
+}

@@ -1,0 +1,3 @@
+//! `sluice-proxy`: listeners, forwarding, live policy and admin for the Sluice sidecar.
+
+#![warn(missing_docs, unreachable_pub)]
