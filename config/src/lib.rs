@@ -11,9 +11,11 @@
 
 mod duration;
 mod model;
+mod precedence;
 
 pub use duration::{Duration, DurationParseError};
 pub use model::*;
+pub use precedence::{compare_matches, precedence_order, prefix_matches};
 
 use std::fmt;
 
