@@ -1,0 +1,80 @@
+//! The one error type of the governance layers.
+//!
+//! Layers fail with a `FilterError` boxed into tower's `BoxError`; the proxy's
+//! rescue at the server edge finds it with `downcast_ref` and turns it into a
+//! synthetic response carrying `x-sluice-reason`.
+
+use std::time::Duration;
+
+use http::StatusCode;
+
+/// Why a governance layer refused or cut off a request.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FilterError {
+    /// A rate limit refused the request.
+    #[error("rate limited; retry after {retry_after:?}")]
+    RateLimited {
+        /// When a token will be available again.
+        retry_after: Duration,
+        /// `RateLimit-Policy` header value (IETF draft), e.g. `"default";q=200;w=1`.
+        policy: String,
+        /// `RateLimit` header value (IETF draft), e.g. `"default";r=0;t=1`.
+        state: String,
+    },
+    /// The route's total timeout or the per-try timeout elapsed.
+    #[error("request timed out after {0:?}")]
+    Timeout(Duration),
+    /// The circuit breaker of the chosen route × backend is open.
+    #[error("circuit breaker open for {route}/{backend}")]
+    BreakerOpen {
+        /// Route name.
+        route: String,
+        /// Backend name.
+        backend: String,
+    },
+    /// Every endpoint of the chosen backend is ejected or none is known.
+    #[error("no healthy endpoint for backend {0}")]
+    NoHealthyEndpoint(String),
+    /// The peer identity is not in the route's `inbound.allow`.
+    #[error("peer {0:?} is not allowed")]
+    Forbidden(Option<String>),
+}
+
+impl FilterError {
+    /// The `x-sluice-reason` value naming this failure.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            FilterError::RateLimited { .. } => "rate-limited",
+            FilterError::Timeout(_) => "timeout",
+            FilterError::BreakerOpen { .. } => "breaker-open",
+            FilterError::NoHealthyEndpoint(_) => "no-healthy-endpoint",
+            FilterError::Forbidden(_) => "forbidden",
+        }
+    }
+
+    /// The HTTP status a synthetic response for this failure carries.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            FilterError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            FilterError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            FilterError::BreakerOpen { .. } | FilterError::NoHealthyEndpoint(_) => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            FilterError::Forbidden(_) => StatusCode::FORBIDDEN,
+        }
+    }
+}
+
+/// Finds a `FilterError` anywhere in a boxed error's source chain.
+pub fn find_filter_error<'a>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a FilterError> {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = cur {
+        if let Some(f) = e.downcast_ref::<FilterError>() {
+            return Some(f);
+        }
+        cur = e.source();
+    }
+    None
+}
