@@ -1,0 +1,453 @@
+//! The proxy's side of the policy stream.
+//!
+//! A [`Subscriber`] owns one background task that keeps a stream open to the
+//! control plane. For every [`pb::Snapshot`] it:
+//!
+//! 1. re-validates the canonical bytes with [`PolicySet::from_canonical`], so a
+//!    field this proxy does not know is refused with the validator's message
+//!    rather than silently dropped;
+//! 2. hands the set to the [`SnapshotSink`] (the proxy swaps its snapshot);
+//! 3. persists it in the state directory (when one is configured);
+//! 4. answers [`pb::Ack`], or [`pb::Nack`] with the reason.
+//!
+//! When the stream breaks the sink keeps what it has, and the task reconnects
+//! after a jittered exponential [`Backoff`]. Dropping the [`Subscriber`] (or
+//! calling [`Subscriber::shutdown`]) ends the task.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_config::{PolicySet, SCHEMA_VERSION};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::Error;
+use crate::pb;
+use crate::pb::policy_discovery_client::PolicyDiscoveryClient;
+
+/// Where the subscriber puts validated policy sets: the proxy's snapshot holder.
+///
+/// Called from the subscriber task; implementations should only swap a pointer
+/// (e.g. `ArcSwap::store`) and return quickly.
+pub trait SnapshotSink: Send + Sync + 'static {
+    /// Puts `set` in force. `Ok(true)` if it differs from the set in force,
+    /// `Ok(false)` if it is the same; `Err(reason)` refuses it (sent as NACK) and
+    /// the previous set stays in force.
+    fn apply(&self, set: PolicySet) -> Result<bool, String>;
+
+    /// Version (content hash) of the set in force, if any; sent in `Hello` so the
+    /// control plane does not send it again.
+    fn current_version(&self) -> Option<String>;
+}
+
+impl<S: SnapshotSink + ?Sized> SnapshotSink for Arc<S> {
+    fn apply(&self, set: PolicySet) -> Result<bool, String> {
+        (**self).apply(set)
+    }
+
+    fn current_version(&self) -> Option<String> {
+        (**self).current_version()
+    }
+}
+
+/// Reconnect delays: exponential from `min` to `max`, optionally jittered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Backoff {
+    /// Delay before the first reconnect.
+    pub min: Duration,
+    /// Upper bound of any delay.
+    pub max: Duration,
+    /// Spread each delay uniformly over `[d/2, d]` so that many proxies losing
+    /// the same control plane do not reconnect in lockstep. Off in tests.
+    pub jitter: bool,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            min: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+            jitter: true,
+        }
+    }
+}
+
+impl Backoff {
+    /// The delay before reconnect number `attempt` (0-based) since the last
+    /// successful stream.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let factor = 1u32.checked_shl(attempt.min(31)).unwrap_or(u32::MAX);
+        let base = self.min.saturating_mul(factor).min(self.max);
+        if !self.jitter {
+            return base;
+        }
+        let half = base / 2;
+        let spread = (base - half).as_nanos() as u64;
+        let extra = if spread == 0 {
+            0
+        } else {
+            rand::random_range(0..=spread)
+        };
+        half + Duration::from_nanos(extra)
+    }
+}
+
+/// Schedule state: which attempt comes next.
+#[derive(Debug)]
+struct Retry {
+    backoff: Backoff,
+    attempt: u32,
+}
+
+impl Retry {
+    fn new(backoff: Backoff) -> Self {
+        Self {
+            backoff,
+            attempt: 0,
+        }
+    }
+
+    fn reset(&mut self) {
+        self.attempt = 0;
+    }
+
+    async fn wait(&mut self) {
+        let d = self.backoff.delay(self.attempt);
+        self.attempt = self.attempt.saturating_add(1);
+        tokio::time::sleep(d).await;
+    }
+}
+
+/// How a subscriber reaches and introduces itself to the control plane.
+#[derive(Clone, Debug)]
+pub struct SubscriberConfig {
+    /// Control-plane URL, e.g. `http://127.0.0.1:15010`.
+    pub control_plane: String,
+    /// Unique id of this proxy (pod name in a cluster).
+    pub node_id: String,
+    /// Namespace of the proxy's workload.
+    pub namespace: String,
+    /// The service the proxy fronts (`--service`).
+    pub service: String,
+    /// Version of the proxy binary, for the control plane's records.
+    pub proxy_version: String,
+    /// Where the last applied snapshot is saved; `None` saves nothing.
+    pub state_dir: Option<PathBuf>,
+    /// Reconnect schedule.
+    pub backoff: Backoff,
+    /// Bound on establishing a connection.
+    pub connect_timeout: Duration,
+}
+
+impl SubscriberConfig {
+    /// A configuration with default backoff and no state directory.
+    pub fn new(control_plane: impl Into<String>, node_id: impl Into<String>) -> Self {
+        Self {
+            control_plane: control_plane.into(),
+            node_id: node_id.into(),
+            namespace: String::new(),
+            service: String::new(),
+            proxy_version: String::new(),
+            state_dir: None,
+            backoff: Backoff::default(),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A snapshot this proxy refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rejected {
+    /// The refused version.
+    pub version: String,
+    /// Why (sent to the control plane as the NACK's error).
+    pub error: String,
+}
+
+/// What the subscriber is doing, for the proxy's `/ready` and `/config`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SubscriberStatus {
+    /// A stream to the control plane is open.
+    pub connected: bool,
+    /// Streams opened so far.
+    pub connects: u64,
+    /// The last version applied and acknowledged.
+    pub last_applied: Option<String>,
+    /// The last version refused, with the reason.
+    pub last_rejected: Option<Rejected>,
+    /// Why the last stream ended or failed to open.
+    pub last_error: Option<String>,
+}
+
+/// Handle to the subscriber task; dropping it ends the task.
+#[derive(Debug)]
+pub struct Subscriber {
+    shutdown: Option<oneshot::Sender<()>>,
+    status: watch::Receiver<SubscriberStatus>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Subscriber {
+    /// Starts the subscriber task on the current tokio runtime.
+    ///
+    /// Fails only if `cfg.control_plane` is not a usable URL; an unreachable
+    /// control plane is retried forever.
+    pub fn spawn<S: SnapshotSink>(cfg: SubscriberConfig, sink: S) -> Result<Self, Error> {
+        let endpoint = endpoint(&cfg)?;
+        let (shutdown_tx, shutdown_rx) = oneshot::channel();
+        let (status_tx, status_rx) = watch::channel(SubscriberStatus::default());
+        let task = tokio::spawn(run(cfg, endpoint, sink, shutdown_rx, status_tx));
+        Ok(Self {
+            shutdown: Some(shutdown_tx),
+            status: status_rx,
+            task: Some(task),
+        })
+    }
+
+    /// A receiver of the subscriber's status, updated on every change.
+    pub fn status(&self) -> watch::Receiver<SubscriberStatus> {
+        self.status.clone()
+    }
+
+    /// Ends the task and waits for it to finish.
+    pub async fn shutdown(mut self) {
+        drop(self.shutdown.take());
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Subscriber {
+    fn drop(&mut self) {
+        // Dropping the sender wakes the task, which then returns.
+        drop(self.shutdown.take());
+    }
+}
+
+fn endpoint(cfg: &SubscriberConfig) -> Result<Endpoint, Error> {
+    let invalid = |reason: String| Error::InvalidEndpoint {
+        url: cfg.control_plane.clone(),
+        reason,
+    };
+    let ep =
+        Endpoint::from_shared(cfg.control_plane.clone()).map_err(|e| invalid(e.to_string()))?;
+    Ok(ep
+        .connect_timeout(cfg.connect_timeout)
+        .tcp_nodelay(true)
+        // Keepalives notice a control plane that vanished without closing the
+        // connection (node loss, partition), so the reconnect loop can start.
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .keep_alive_while_idle(true))
+}
+
+async fn run<S: SnapshotSink>(
+    cfg: SubscriberConfig,
+    endpoint: Endpoint,
+    sink: S,
+    mut shutdown: oneshot::Receiver<()>,
+    status: watch::Sender<SubscriberStatus>,
+) {
+    let mut retry = Retry::new(cfg.backoff.clone());
+    loop {
+        let outcome = tokio::select! {
+            _ = &mut shutdown => return,
+            o = session(&cfg, &endpoint, &sink, &status) => o,
+        };
+        if outcome.established {
+            retry.reset();
+        }
+        tracing::info!(control_plane = %cfg.control_plane, error = %outcome.error, "policy stream ended; reconnecting");
+        status.send_modify(|s| {
+            s.connected = false;
+            s.last_error = Some(outcome.error);
+        });
+        tokio::select! {
+            _ = &mut shutdown => return,
+            _ = retry.wait() => {}
+        }
+    }
+}
+
+struct SessionEnd {
+    established: bool,
+    error: String,
+}
+
+async fn session<S: SnapshotSink>(
+    cfg: &SubscriberConfig,
+    endpoint: &Endpoint,
+    sink: &S,
+    status: &watch::Sender<SubscriberStatus>,
+) -> SessionEnd {
+    let fail = |established: bool, error: String| SessionEnd { established, error };
+    let channel: Channel = match endpoint.connect().await {
+        Ok(c) => c,
+        Err(e) => return fail(false, format!("connect: {}", error_chain(&e))),
+    };
+    let mut client = PolicyDiscoveryClient::new(channel);
+    let (tx, rx) = mpsc::channel::<pb::ProxyMessage>(8);
+    let hello = pb::Hello {
+        node_id: cfg.node_id.clone(),
+        namespace: cfg.namespace.clone(),
+        service: cfg.service.clone(),
+        schema_version: SCHEMA_VERSION,
+        proxy_version: cfg.proxy_version.clone(),
+        last_applied_version: sink.current_version().unwrap_or_default(),
+    };
+    let _ = tx
+        .send(pb::ProxyMessage {
+            message: Some(pb::proxy_message::Message::Hello(hello)),
+        })
+        .await;
+    let mut inbound = match client.stream_policies(ReceiverStream::new(rx)).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => return fail(false, format!("open stream: {status}")),
+    };
+    tracing::info!(control_plane = %cfg.control_plane, "policy stream open");
+    status.send_modify(|s| {
+        s.connected = true;
+        s.connects += 1;
+        s.last_error = None;
+    });
+    loop {
+        let snapshot = match inbound.message().await {
+            Ok(Some(s)) => s,
+            Ok(None) => return fail(true, "control plane closed the stream".into()),
+            Err(e) => return fail(true, format!("stream: {e}")),
+        };
+        let reply = handle_snapshot(cfg, sink, snapshot, status);
+        if tx.send(reply).await.is_err() {
+            return fail(true, "request stream closed".into());
+        }
+    }
+}
+
+fn handle_snapshot<S: SnapshotSink>(
+    cfg: &SubscriberConfig,
+    sink: &S,
+    snapshot: pb::Snapshot,
+    status: &watch::Sender<SubscriberStatus>,
+) -> pb::ProxyMessage {
+    let version = snapshot.version.clone();
+    match check_and_apply(cfg, sink, snapshot) {
+        Ok(changed) => {
+            tracing::info!(%version, changed, "policy snapshot applied");
+            status.send_modify(|s| s.last_applied = Some(version.clone()));
+            pb::ProxyMessage {
+                message: Some(pb::proxy_message::Message::Ack(pb::Ack { version })),
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%version, %error, "policy snapshot refused");
+            status.send_modify(|s| {
+                s.last_rejected = Some(Rejected {
+                    version: version.clone(),
+                    error: error.clone(),
+                })
+            });
+            pb::ProxyMessage {
+                message: Some(pb::proxy_message::Message::Nack(pb::Nack {
+                    version,
+                    error,
+                })),
+            }
+        }
+    }
+}
+
+fn check_and_apply<S: SnapshotSink>(
+    cfg: &SubscriberConfig,
+    sink: &S,
+    snapshot: pb::Snapshot,
+) -> Result<bool, String> {
+    if snapshot.schema_version != SCHEMA_VERSION {
+        return Err(format!(
+            "snapshot schema version {} is not supported (this proxy understands {})",
+            snapshot.schema_version, SCHEMA_VERSION
+        ));
+    }
+    let source = format!("snapshot {}", snapshot.version);
+    let set = PolicySet::from_canonical(&source, &snapshot.canonical).map_err(|e| e.to_string())?;
+    if set.hash() != snapshot.version {
+        // Same policies, different serialisation (e.g. proxy and control plane
+        // built from different sluice-config releases): the content is what was
+        // validated, so it is applied; the version stays the control plane's.
+        tracing::debug!(
+            version = %snapshot.version,
+            local = %set.hash(),
+            "snapshot re-serialises to a different hash"
+        );
+    }
+    let saved = set.clone();
+    let changed = sink.apply(set)?;
+    if let Some(dir) = &cfg.state_dir {
+        if let Err(e) = crate::save_snapshot(dir, &saved) {
+            // The policy is in force; only a restart before the control plane
+            // answers would miss it, so this is not a reason to NACK.
+            tracing::warn!(error = %e, "cannot save policy snapshot");
+        }
+    }
+    Ok(changed)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixed() -> Backoff {
+        Backoff {
+            min: Duration::from_millis(100),
+            max: Duration::from_secs(10),
+            jitter: false,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_doubles_from_min_to_max() {
+        let mut retry = Retry::new(fixed());
+        let expected_ms = [100u64, 200, 400, 800, 1600, 3200, 6400, 10_000, 10_000];
+        for ms in expected_ms {
+            let start = tokio::time::Instant::now();
+            retry.wait().await;
+            assert_eq!(start.elapsed(), Duration::from_millis(ms));
+        }
+        retry.reset();
+        let start = tokio::time::Instant::now();
+        retry.wait().await;
+        assert_eq!(start.elapsed(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn jitter_stays_within_half_and_full_delay() {
+        let b = Backoff::default();
+        for attempt in 0..40 {
+            let full = fixed().delay(attempt);
+            let d = b.delay(attempt);
+            assert!(
+                d >= full / 2 && d <= full,
+                "attempt {attempt}: {d:?} vs {full:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_url_is_refused_up_front() {
+        let cfg = SubscriberConfig::new("not a url\n", "n1");
+        assert!(matches!(endpoint(&cfg), Err(Error::InvalidEndpoint { .. })));
+    }
+}
