@@ -8,5 +8,6 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod error;
+pub mod ratelimit;
 
 pub use error::{FilterError, find_filter_error};

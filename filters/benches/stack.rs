@@ -1,0 +1,3 @@
+//! Per-request cost of the governance stack.
+
+fn main() {}

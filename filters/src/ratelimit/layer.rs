@@ -1,0 +1,68 @@
+use std::fmt;
+use std::sync::Arc;
+
+use governor::clock::{Clock, DefaultClock};
+use tower_layer::Layer;
+
+use super::{KeyedLimiter, NoopObserver, RateLimit, RateLimitObserver};
+
+/// Applies one [`KeyedLimiter`] to the wrapped service.
+pub struct RateLimitLayer<C: Clock = DefaultClock> {
+    limiter: Arc<KeyedLimiter<C>>,
+    observer: Arc<dyn RateLimitObserver>,
+    headers_on_allowed: bool,
+}
+
+impl<C: Clock> RateLimitLayer<C> {
+    /// A layer enforcing `limiter` (from [`RateLimitRegistry::get_or_rebuild`](super::RateLimitRegistry::get_or_rebuild)).
+    pub fn new(limiter: Arc<KeyedLimiter<C>>) -> Self {
+        Self {
+            limiter,
+            observer: Arc::new(NoopObserver),
+            headers_on_allowed: true,
+        }
+    }
+
+    /// Reports every decision to `observer`.
+    pub fn with_observer(mut self, observer: Arc<dyn RateLimitObserver>) -> Self {
+        self.observer = observer;
+        self
+    }
+
+    /// Whether allowed responses carry `RateLimit-Policy` / `RateLimit` (default true).
+    pub fn headers_on_allowed(mut self, on: bool) -> Self {
+        self.headers_on_allowed = on;
+        self
+    }
+}
+
+impl<C: Clock> Clone for RateLimitLayer<C> {
+    fn clone(&self) -> Self {
+        Self {
+            limiter: self.limiter.clone(),
+            observer: self.observer.clone(),
+            headers_on_allowed: self.headers_on_allowed,
+        }
+    }
+}
+
+impl<C: Clock> fmt::Debug for RateLimitLayer<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitLayer")
+            .field("limiter", &self.limiter)
+            .finish()
+    }
+}
+
+impl<S, C: Clock> Layer<S> for RateLimitLayer<C> {
+    type Service = RateLimit<S, C>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RateLimit::new(
+            inner,
+            self.limiter.clone(),
+            self.observer.clone(),
+            self.headers_on_allowed,
+        )
+    }
+}
