@@ -11,7 +11,10 @@
 
 mod duration;
 mod model;
+mod parse;
 mod precedence;
+mod spans;
+mod validate;
 
 pub use duration::{Duration, DurationParseError};
 pub use model::*;
@@ -82,43 +85,17 @@ impl fmt::Display for DisplayList<'_> {
 
 /// Parses and validates every policy document in one file.
 ///
-/// `file` is only used to label diagnostics. Empty documents are skipped.
+/// `file` is only used to label diagnostics. Empty documents are skipped. Every
+/// problem found is reported: a type error stops only its own document, and
+/// semantic checks continue after the first problem. Two policies of the file with
+/// the same namespace and name, or the same host, are refused.
 pub fn parse_policies(file: &str, text: &str) -> Result<Vec<RoutePolicy>, ConfigError> {
-    use serde::Deserialize;
-    let mut out = Vec::new();
-    let mut errors = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(text) {
-        let value = match serde_yaml::Value::deserialize(doc) {
-            Ok(serde_yaml::Value::Null) => continue,
-            Ok(v) => v,
-            Err(e) => {
-                errors.push(diag_from_yaml(file, &e));
-                break;
-            }
-        };
-        match serde_yaml::from_value::<RoutePolicy>(value) {
-            Ok(p) => out.push(p),
-            Err(e) => errors.push(diag_from_yaml(file, &e)),
-        }
-    }
+    let (located, mut errors) = parse::parse_file(file, text);
+    errors.extend(parse::check_unique(&located));
     if errors.is_empty() {
-        Ok(out)
+        Ok(located.into_iter().map(|l| l.policy).collect())
     } else {
         Err(ConfigError::Invalid(errors))
-    }
-}
-
-fn diag_from_yaml(file: &str, e: &serde_yaml::Error) -> Diagnostic {
-    let (line, column) = e
-        .location()
-        .map(|l| (l.line(), l.column()))
-        .unwrap_or((1, 1));
-    Diagnostic {
-        file: file.to_string(),
-        line,
-        column,
-        path: String::new(),
-        message: e.to_string(),
     }
 }
 
@@ -131,8 +108,64 @@ pub struct PolicySet {
 }
 
 impl PolicySet {
-    /// Builds a set from already-validated policies, sorting them by namespace and name.
+    /// Builds a set from policies, sorting them by namespace and name.
+    ///
+    /// The policies are validated again (they may have been built in code, e.g. from
+    /// Kubernetes objects). Positions are not known here, so diagnostics name the
+    /// policy (`namespace/name`) as their file with line and column 1; use
+    /// [`PolicySet::from_files`] to get real positions.
     pub fn new(mut policies: Vec<RoutePolicy>) -> Result<Self, ConfigError> {
+        let mut errors = Vec::new();
+        let mut located = Vec::with_capacity(policies.len());
+        for p in &policies {
+            let file = format!(
+                "{}/{}",
+                p.metadata.namespace.as_deref().unwrap_or("default"),
+                p.metadata.name
+            );
+            errors.extend(validate::validate(p).into_iter().map(|f| Diagnostic {
+                file: file.clone(),
+                line: 1,
+                column: 1,
+                path: f.path,
+                message: f.message,
+            }));
+            located.push(parse::Located {
+                policy: p.clone(),
+                file,
+                name_at: spans::Pos::START,
+                host_at: spans::Pos::START,
+            });
+        }
+        errors.extend(parse::check_unique(&located));
+        if !errors.is_empty() {
+            return Err(ConfigError::Invalid(errors));
+        }
+        Ok(Self::build(std::mem::take(&mut policies)))
+    }
+
+    /// Parses and validates several files (`(name, text)` pairs) into one set,
+    /// refusing the same namespace and name, or the same host, in two places.
+    /// The order of the files does not change the result.
+    pub fn from_files<'a>(
+        files: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<Self, ConfigError> {
+        let mut located = Vec::new();
+        let mut errors = Vec::new();
+        for (name, text) in files {
+            let (ok, errs) = parse::parse_file(name, text);
+            located.extend(ok);
+            errors.extend(errs);
+        }
+        errors.extend(parse::check_unique(&located));
+        if !errors.is_empty() {
+            return Err(ConfigError::Invalid(errors));
+        }
+        Ok(Self::build(located.into_iter().map(|l| l.policy).collect()))
+    }
+
+    /// Sorts validated policies and computes their canonical bytes and hash.
+    fn build(mut policies: Vec<RoutePolicy>) -> Self {
         policies.sort_by(|a, b| {
             (a.metadata.namespace.as_deref(), a.metadata.name.as_str())
                 .cmp(&(b.metadata.namespace.as_deref(), b.metadata.name.as_str()))
@@ -147,11 +180,11 @@ impl PolicySet {
             );
         }
         let hash = hex::encode(&Sha256::digest(&canonical)[..8]);
-        Ok(Self {
+        Self {
             policies,
             canonical,
             hash,
-        })
+        }
     }
 
     /// Parses and validates a set from its canonical bytes (as carried in snapshots).
@@ -165,7 +198,12 @@ impl PolicySet {
                 message: format!("not UTF-8: {e}"),
             }])
         })?;
-        Self::new(parse_policies(source, text)?)
+        let (located, mut errors) = parse::parse_file(source, text);
+        errors.extend(parse::check_unique(&located));
+        if !errors.is_empty() {
+            return Err(ConfigError::Invalid(errors));
+        }
+        Ok(Self::build(located.into_iter().map(|l| l.policy).collect()))
     }
 
     /// The policies, sorted by namespace and name.

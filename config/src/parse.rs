@@ -1,0 +1,391 @@
+//! From the text of one file to validated policies or positioned diagnostics.
+//!
+//! serde_yaml decides what the values are (and reports syntax errors with their
+//! position); serde_path_to_error says which field a type error is in; the
+//! span-aware pass in [`crate::spans`] turns every field path, including those of
+//! semantic errors, into a line and column. A type error stops only its own
+//! document; semantic checks report every problem they find.
+
+use std::collections::HashMap;
+
+use serde::Deserialize;
+use serde_path_to_error::Segment;
+use serde_yaml::Value;
+
+use crate::spans::{self, DocSpans, Pos, child_index, child_key};
+use crate::validate::{self, Finding};
+use crate::{API_VERSION, Diagnostic, KIND, RoutePolicy};
+
+/// A validated policy and where its identifying fields were written.
+#[derive(Clone, Debug)]
+pub(crate) struct Located {
+    pub(crate) policy: RoutePolicy,
+    pub(crate) file: String,
+    pub(crate) name_at: Pos,
+    pub(crate) host_at: Pos,
+}
+
+/// Parses and validates every document of one file, without cross-policy checks.
+pub(crate) fn parse_file(file: &str, text: &str) -> (Vec<Located>, Vec<Diagnostic>) {
+    let spans = spans::collect(text);
+    let empty = DocSpans::default();
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        let sp = spans.get(i).unwrap_or(&empty);
+        let diag = |f: Finding| {
+            let pos = sp.locate(&f.path, f.at_key);
+            Diagnostic {
+                file: file.to_string(),
+                line: pos.line,
+                column: pos.column,
+                path: f.path,
+                message: f.message,
+            }
+        };
+        if !sp.duplicate_keys.is_empty() {
+            for (path, at, first) in &sp.duplicate_keys {
+                errors.push(Diagnostic {
+                    file: file.to_string(),
+                    line: at.line,
+                    column: at.column,
+                    path: path.clone(),
+                    message: format!("duplicate key (first at line {})", first.line),
+                });
+            }
+            // serde_yaml may refuse the same duplicate; the positioned report above suffices.
+            if Value::deserialize(doc).is_err() {
+                break;
+            }
+            continue;
+        }
+        let value = match Value::deserialize(doc) {
+            Ok(Value::Null) => continue,
+            Ok(v) => v,
+            Err(e) => {
+                errors.push(syntax_error(file, &e));
+                // After a syntax error the rest of the stream cannot be trusted.
+                break;
+            }
+        };
+        let header = check_header(&value);
+        if !header.is_empty() {
+            errors.extend(header.into_iter().map(diag));
+            continue;
+        }
+        let policy: RoutePolicy = match serde_path_to_error::deserialize(&value) {
+            Ok(p) => p,
+            Err(e) => {
+                errors.push(diag(type_error(&e, &value)));
+                continue;
+            }
+        };
+        let findings = validate::validate(&policy);
+        if findings.is_empty() {
+            out.push(Located {
+                file: file.to_string(),
+                name_at: sp.locate("metadata.name", false),
+                host_at: sp.locate("spec.host", false),
+                policy,
+            });
+        } else {
+            errors.extend(findings.into_iter().map(diag));
+        }
+    }
+    errors.sort_by_key(|d| (d.line, d.column));
+    (out, errors)
+}
+
+/// A wrong `apiVersion` or `kind` means the rest of the document follows some other
+/// schema, so it is reported alone rather than as a cascade of unknown fields.
+fn check_header(value: &Value) -> Vec<Finding> {
+    let mut out = Vec::new();
+    for (field, want) in [("apiVersion", API_VERSION), ("kind", KIND)] {
+        if let Some(Value::String(got)) = value.get(field)
+            && got != want
+        {
+            out.push(Finding {
+                path: field.to_string(),
+                at_key: false,
+                message: format!("expected {want:?}, got {got:?}"),
+            });
+        }
+    }
+    out
+}
+
+fn syntax_error(file: &str, e: &serde_yaml::Error) -> Diagnostic {
+    let (line, column) = e
+        .location()
+        .map(|l| (l.line(), l.column()))
+        .unwrap_or((1, 1));
+    Diagnostic {
+        file: file.to_string(),
+        line,
+        column,
+        path: String::new(),
+        message: format!("invalid YAML: {}", strip_locations(&e.to_string())),
+    }
+}
+
+/// Removes serde_yaml's " at line N column M" parts: the diagnostic carries them.
+fn strip_locations(msg: &str) -> String {
+    let mut out = String::new();
+    let mut rest = msg;
+    while let Some(i) = rest.find(" at line ") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i + " at line ".len()..];
+        let digits = after.bytes().take_while(u8::is_ascii_digit).count();
+        let after = &after[digits..];
+        rest = match after.strip_prefix(" column ") {
+            Some(col) => &col[col.bytes().take_while(u8::is_ascii_digit).count()..],
+            None => after,
+        };
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Maps whose keys are user-chosen names rather than field names.
+const FREE_KEYED: [&str; 5] = ["backends", "weights", "headers", "labels", "annotations"];
+
+/// Turns serde's message into one that names what was expected and what was written.
+fn type_error(e: &serde_path_to_error::Error<serde_yaml::Error>, root: &Value) -> Finding {
+    let mut path = String::new();
+    // The path with indices and user-chosen keys erased, to look up what a field takes.
+    let mut pattern = String::new();
+    let mut node = Some(root);
+    let mut last_key: Option<&str> = None;
+    for seg in e.path().iter() {
+        match seg {
+            Segment::Seq { index } => {
+                path = child_index(&path, *index);
+                pattern.push_str("[]");
+                node = node.and_then(|n| n.get(*index));
+                last_key = None;
+            }
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                path = child_key(&path, key);
+                let generic = match last_key {
+                    Some(k) if FREE_KEYED.contains(&k) => "*",
+                    _ => key.as_str(),
+                };
+                pattern = child_key(&pattern, generic);
+                node = node.and_then(|n| n.get(key.as_str()));
+                last_key = Some(key.as_str());
+            }
+            Segment::Unknown => {
+                path = child_key(&path, "?");
+                node = None;
+                last_key = None;
+            }
+        }
+    }
+    let raw = strip_locations(&e.inner().to_string());
+    let quoted = backticked(&raw);
+
+    if let Some(rest) = raw.strip_prefix("unknown field ") {
+        let name = quoted.first().cloned().unwrap_or_default();
+        let expected = &quoted[quoted.len().min(1)..];
+        // serde_path_to_error stops at the map that holds the unknown key.
+        let at = if path.ends_with(&name) {
+            path
+        } else {
+            child_key(&path, &name)
+        };
+        let mut message = format!("unknown field {name:?}");
+        if expected.is_empty() || rest.contains("there are no fields") {
+            message.push_str(", no fields are expected here");
+        } else {
+            message.push_str(&format!(", expected one of: {}", expected.join(", ")));
+            if let Some(near) = expected.iter().find(|f| edit_distance(f, &name) <= 2) {
+                message.push_str(&format!(" (did you mean {near:?}?)"));
+            }
+        }
+        return Finding {
+            path: at,
+            at_key: true,
+            message,
+        };
+    }
+    if raw.starts_with("missing field ") {
+        let name = quoted.first().cloned().unwrap_or_default();
+        return Finding {
+            path,
+            at_key: false,
+            message: format!("missing required field {name:?}"),
+        };
+    }
+    let got = node.map(describe);
+    if raw.starts_with("unknown variant ") {
+        let expected = &quoted[quoted.len().min(1)..];
+        let got =
+            got.unwrap_or_else(|| format!("{:?}", quoted.first().cloned().unwrap_or_default()));
+        return Finding {
+            path,
+            at_key: false,
+            message: format!("expected one of {}, got {got}", expected.join(", ")),
+        };
+    }
+    if raw.starts_with("invalid type: ") || raw.starts_with("invalid value: ") {
+        let serde_expected = raw.rsplit_once(", expected ").map(|(_, e)| e).unwrap_or("");
+        let expected = expected_for(&pattern)
+            .unwrap_or_else(|| plain_expectation(serde_expected, path.is_empty()));
+        let got = got.unwrap_or_else(|| "something else".to_string());
+        return Finding {
+            path,
+            at_key: false,
+            message: format!("expected {expected}, got {got}"),
+        };
+    }
+    // Custom messages (durations) are already written for users.
+    Finding {
+        path,
+        at_key: false,
+        message: raw,
+    }
+}
+
+/// What a field takes, for fields whose type alone does not say it.
+fn expected_for(pattern: &str) -> Option<String> {
+    use validate::*;
+    let table: [(&str, &dyn Fn() -> String); 13] = [
+        ("retry.attempts", &|| ATTEMPTS.expected()),
+        ("rateLimit.perSecond", &|| PER_SECOND.expected()),
+        ("rateLimit.burst", &|| BURST.expected()),
+        ("budget.minPerSecond", &|| MIN_PER_SECOND.expected()),
+        ("budget.ratio", &|| RATIO_EXPECTED.to_string()),
+        ("weights.*", &|| WEIGHT.expected()),
+        ("failureRate.percent", &|| PERCENT.expected()),
+        ("failureRate.minRequests", &|| MIN_REQUESTS.expected()),
+        ("consecutiveFailures", &|| CONSECUTIVE_FAILURES.expected()),
+        ("halfOpenRequests", &|| HALF_OPEN_REQUESTS.expected()),
+        ("statusCodes[]", &|| STATUS_CODE.expected()),
+        ("maxReplayBytes", &|| MAX_REPLAY_BYTES.expected()),
+        ("key.path", &|| "true".to_string()),
+    ];
+    table
+        .iter()
+        .find(|(suffix, _)| pattern.ends_with(suffix))
+        .map(|(_, f)| f())
+}
+
+/// serde's names for types, in words.
+fn plain_expectation(serde_expected: &str, at_root: bool) -> String {
+    match serde_expected {
+        "u8" | "u16" | "u32" | "u64" | "i32" | "i64" => "an integer".to_string(),
+        "f32" | "f64" => "a number".to_string(),
+        "a boolean" => "true or false".to_string(),
+        "a sequence" => "a list".to_string(),
+        "a map" => "a mapping".to_string(),
+        s if s.starts_with("struct ") && at_root => {
+            "a RoutePolicy document (apiVersion, kind, metadata, spec)".to_string()
+        }
+        s if s.starts_with("struct ") => "a mapping".to_string(),
+        s => s.to_string(),
+    }
+}
+
+/// How a YAML value reads in a message.
+fn describe(v: &Value) -> String {
+    match v {
+        Value::Null => "nothing (null)".to_string(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => format!("{s:?}"),
+        Value::Sequence(_) => "a list".to_string(),
+        Value::Mapping(_) => "a mapping".to_string(),
+        Value::Tagged(t) => format!("a value tagged {}", t.tag),
+    }
+}
+
+/// The `quoted` parts of a serde message, in order.
+fn backticked(msg: &str) -> Vec<String> {
+    msg.split('`')
+        .enumerate()
+        .filter(|(i, _)| i % 2 == 1)
+        .map(|(_, s)| s.to_string())
+        .collect()
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut cur = vec![i + 1];
+        for (j, cb) in b.iter().enumerate() {
+            let cost = usize::from(ca != *cb);
+            cur.push((prev[j] + cost).min(prev[j + 1] + 1).min(cur[j] + 1));
+        }
+        prev = cur;
+    }
+    prev[b.len()]
+}
+
+/// Refuses a second policy with the same namespace and name, or the same host.
+pub(crate) fn check_unique(items: &[Located]) -> Vec<Diagnostic> {
+    let mut names: HashMap<(&str, &str), &Located> = HashMap::new();
+    let mut hosts: HashMap<&str, &Located> = HashMap::new();
+    let mut out = Vec::new();
+    for item in items {
+        let m = &item.policy.metadata;
+        let ns = m.namespace.as_deref().unwrap_or("default");
+        if let Some(first) = names.get(&(ns, m.name.as_str())) {
+            out.push(Diagnostic {
+                file: item.file.clone(),
+                line: item.name_at.line,
+                column: item.name_at.column,
+                path: "metadata.name".to_string(),
+                message: format!(
+                    "duplicate policy {ns}/{} (also at {}:{}:{})",
+                    m.name, first.file, first.name_at.line, first.name_at.column
+                ),
+            });
+        } else {
+            names.insert((ns, m.name.as_str()), item);
+        }
+        let host = item.policy.spec.host.as_str();
+        if let Some(first) = hosts.get(host) {
+            let fm = &first.policy.metadata;
+            out.push(Diagnostic {
+                file: item.file.clone(),
+                line: item.host_at.line,
+                column: item.host_at.column,
+                path: "spec.host".to_string(),
+                message: format!(
+                    "host {host:?} already has a policy: {}/{} at {}:{}:{}",
+                    fm.namespace.as_deref().unwrap_or("default"),
+                    fm.name,
+                    first.file,
+                    first.host_at.line,
+                    first.host_at.column
+                ),
+            });
+        } else {
+            hosts.insert(host, item);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_serde_yaml_locations() {
+        assert_eq!(
+            strip_locations(
+                "did not find expected key at line 3 column 5, while parsing a block mapping at line 1 column 1"
+            ),
+            "did not find expected key, while parsing a block mapping"
+        );
+    }
+
+    #[test]
+    fn edit_distance_counts_edits() {
+        assert_eq!(edit_distance("retrys", "retry"), 1);
+        assert_eq!(edit_distance("timeuot", "timeout"), 2);
+        assert_eq!(edit_distance("", "abc"), 3);
+    }
+}

@@ -1,0 +1,295 @@
+//! Positions of YAML nodes by field path.
+//!
+//! serde_yaml reports positions only for syntax errors, so a second, span-aware
+//! pass with yaml-rust2's event parser records where each node of each document
+//! starts, keyed by the same path syntax the diagnostics use
+//! (`spec.routes[0].retry.attempts`). Semantic checks then point at the node
+//! that is wrong, not at the document.
+
+use std::collections::HashMap;
+
+use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
+use yaml_rust2::scanner::Marker;
+
+/// A 1-based line and column.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Pos {
+    pub(crate) line: usize,
+    pub(crate) column: usize,
+}
+
+impl Pos {
+    pub(crate) const START: Pos = Pos { line: 1, column: 1 };
+
+    fn from_marker(m: Marker) -> Self {
+        Pos {
+            line: m.line(),
+            column: m.col() + COLUMN_BASE,
+        }
+    }
+}
+
+/// yaml-rust2 counts columns from zero.
+const COLUMN_BASE: usize = 1;
+
+/// Where one node sits: its value and, for a mapping entry, its key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Span {
+    pub(crate) value: Pos,
+    pub(crate) key: Option<Pos>,
+}
+
+/// The positions of every node of one document, and duplicate keys found in it.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct DocSpans {
+    /// Where the document's root node starts.
+    pub(crate) start: Option<Pos>,
+    nodes: HashMap<String, Span>,
+    /// `(path of the repeated entry, its key position, the first occurrence)`.
+    pub(crate) duplicate_keys: Vec<(String, Pos, Pos)>,
+}
+
+impl DocSpans {
+    /// The position for `path`: its key when asked for and known, else its value;
+    /// a path with no node of its own (a defaulted field) falls back to its parent.
+    pub(crate) fn locate(&self, path: &str, at_key: bool) -> Pos {
+        let mut p = path;
+        loop {
+            if let Some(span) = self.nodes.get(p) {
+                return match (at_key, span.key) {
+                    (true, Some(k)) => k,
+                    _ => span.value,
+                };
+            }
+            match parent(p) {
+                Some(up) => p = up,
+                None => return self.start.unwrap_or(Pos::START),
+            }
+        }
+    }
+}
+
+/// The path one level up: `a.b[0].c` → `a.b[0]` → `a.b` → `a` → ``.
+fn parent(path: &str) -> Option<&str> {
+    if path.is_empty() {
+        return None;
+    }
+    let cut = path.rfind(['.', '[']).unwrap_or(0);
+    Some(&path[..cut])
+}
+
+/// Appends a mapping key to a path.
+pub(crate) fn child_key(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+/// Appends a sequence index to a path.
+pub(crate) fn child_index(path: &str, index: usize) -> String {
+    format!("{path}[{index}]")
+}
+
+enum Frame {
+    Map {
+        path: String,
+        /// The key just read, waiting for its value.
+        pending_key: Option<(String, Pos)>,
+        /// Keys seen so far, for duplicate detection.
+        seen: HashMap<String, Pos>,
+        /// Nesting depth inside a complex (non-scalar) key, whose contents are skipped.
+        complex_key_depth: usize,
+    },
+    Seq {
+        path: String,
+        next: usize,
+    },
+}
+
+#[derive(Default)]
+struct Collector {
+    docs: Vec<DocSpans>,
+    stack: Vec<Frame>,
+}
+
+impl Collector {
+    fn doc(&mut self) -> &mut DocSpans {
+        if self.docs.is_empty() {
+            self.docs.push(DocSpans::default());
+        }
+        self.docs.last_mut().expect("pushed above")
+    }
+
+    /// The path and key position for a node starting now, or `None` when the node
+    /// is a mapping key (scalar keys are handled by the caller).
+    fn place_node(&mut self) -> Option<(String, Option<Pos>)> {
+        match self.stack.last_mut() {
+            None => Some((String::new(), None)),
+            Some(Frame::Seq { path, next }) => {
+                let p = child_index(path, *next);
+                *next += 1;
+                Some((p, None))
+            }
+            Some(Frame::Map {
+                path, pending_key, ..
+            }) => pending_key
+                .take()
+                .map(|(k, kpos)| (child_key(path, &k), Some(kpos))),
+        }
+    }
+
+    fn in_complex_key(&mut self) -> bool {
+        matches!(self.stack.last(), Some(Frame::Map { complex_key_depth, .. }) if *complex_key_depth > 0)
+    }
+
+    fn record(&mut self, path: String, value: Pos, key: Option<Pos>) {
+        let doc = self.doc();
+        if path.is_empty() {
+            doc.start = Some(value);
+        }
+        doc.nodes.entry(path).or_insert(Span { value, key });
+    }
+
+    fn start_collection(&mut self, pos: Pos, make: impl FnOnce(String) -> Frame) {
+        if let Some(Frame::Map {
+            complex_key_depth, ..
+        }) = self.stack.last_mut()
+            && *complex_key_depth > 0
+        {
+            *complex_key_depth += 1;
+            return;
+        }
+        match self.place_node() {
+            Some((path, key)) => {
+                self.record(path.clone(), pos, key);
+                self.stack.push(make(path));
+            }
+            None => {
+                // A mapping or sequence used as a key: nothing in the schema takes
+                // one, so it is skipped here and refused by deserialisation.
+                if let Some(Frame::Map {
+                    complex_key_depth, ..
+                }) = self.stack.last_mut()
+                {
+                    *complex_key_depth = 1;
+                }
+            }
+        }
+    }
+
+    fn end_collection(&mut self) {
+        if let Some(Frame::Map {
+            complex_key_depth,
+            pending_key,
+            ..
+        }) = self.stack.last_mut()
+            && *complex_key_depth > 0
+        {
+            *complex_key_depth -= 1;
+            if *complex_key_depth == 0 {
+                // The value that follows belongs to a key we cannot name.
+                *pending_key = Some(("?".to_string(), Pos::START));
+            }
+            return;
+        }
+        self.stack.pop();
+    }
+
+    fn scalar_or_alias(&mut self, text: Option<String>, pos: Pos) {
+        if self.in_complex_key() {
+            return;
+        }
+        match self.place_node() {
+            Some((path, key)) => self.record(path, pos, key),
+            None => {
+                let Some(Frame::Map {
+                    path,
+                    pending_key,
+                    seen,
+                    ..
+                }) = self.stack.last_mut()
+                else {
+                    return;
+                };
+                let key = text.unwrap_or_else(|| "*".to_string());
+                let dup = match seen.get(&key) {
+                    Some(first) => Some((child_key(path, &key), pos, *first)),
+                    None => {
+                        seen.insert(key.clone(), pos);
+                        None
+                    }
+                };
+                *pending_key = Some((key, pos));
+                if let Some(dup) = dup {
+                    self.doc().duplicate_keys.push(dup);
+                }
+            }
+        }
+    }
+}
+
+impl MarkedEventReceiver for Collector {
+    fn on_event(&mut self, ev: Event, mark: Marker) {
+        let pos = Pos::from_marker(mark);
+        match ev {
+            Event::DocumentStart => {
+                self.docs.push(DocSpans::default());
+                self.stack.clear();
+            }
+            Event::MappingStart(..) => self.start_collection(pos, |path| Frame::Map {
+                path,
+                pending_key: None,
+                seen: HashMap::new(),
+                complex_key_depth: 0,
+            }),
+            Event::SequenceStart(..) => {
+                self.start_collection(pos, |path| Frame::Seq { path, next: 0 })
+            }
+            Event::MappingEnd | Event::SequenceEnd => self.end_collection(),
+            Event::Scalar(text, ..) => self.scalar_or_alias(Some(text), pos),
+            Event::Alias(_) => self.scalar_or_alias(None, pos),
+            Event::Nothing | Event::StreamStart | Event::StreamEnd | Event::DocumentEnd => {}
+        }
+    }
+}
+
+/// Positions for every document of `text`, in document order. Parsing stops at a
+/// syntax error; documents before it keep their positions.
+pub(crate) fn collect(text: &str) -> Vec<DocSpans> {
+    let mut collector = Collector::default();
+    let mut parser = Parser::new_from_str(text);
+    // A syntax error is reported by serde_yaml, which decides what the values are;
+    // here it only means the positions after it are unknown.
+    let _ = parser.load(&mut collector, true);
+    collector.docs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn positions_follow_paths() {
+        let text = "a: 1\nb:\n  - x: { y: 2 }\n  - z\n---\nc:   3\nc: 4\n";
+        let docs = collect(text);
+        assert_eq!(docs.len(), 2);
+        let p = |d: &DocSpans, path, key| {
+            let pos = d.locate(path, key);
+            (pos.line, pos.column)
+        };
+        assert_eq!(p(&docs[0], "a", false), (1, 4));
+        assert_eq!(p(&docs[0], "a", true), (1, 1));
+        assert_eq!(p(&docs[0], "b[0].x.y", false), (3, 13));
+        assert_eq!(p(&docs[0], "b[0].x.y", true), (3, 10));
+        assert_eq!(p(&docs[0], "b[1]", false), (4, 5));
+        // unknown child falls back to the nearest known ancestor
+        assert_eq!(p(&docs[0], "b[0].x.nope", false), (3, 8));
+        assert_eq!(p(&docs[1], "c", false), (6, 6));
+        assert_eq!(docs[1].duplicate_keys.len(), 1);
+        let (path, at, first) = &docs[1].duplicate_keys[0];
+        assert_eq!(path, "c");
+        assert_eq!((at.line, at.column, first.line), (7, 1, 6));
+    }
+}
