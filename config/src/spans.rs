@@ -37,6 +37,8 @@ const COLUMN_BASE: usize = 1;
 pub(crate) struct Span {
     pub(crate) value: Pos,
     pub(crate) key: Option<Pos>,
+    /// A mapping or a sequence: errors about it point at its key, where it is named.
+    collection: bool,
 }
 
 /// The positions of every node of one document, and duplicate keys found in it.
@@ -56,8 +58,8 @@ impl DocSpans {
         let mut p = path;
         loop {
             if let Some(span) = self.nodes.get(p) {
-                return match (at_key, span.key) {
-                    (true, Some(k)) => k,
+                return match span.key {
+                    Some(k) if at_key || span.collection => k,
                     _ => span.value,
                 };
             }
@@ -144,12 +146,35 @@ impl Collector {
         matches!(self.stack.last(), Some(Frame::Map { complex_key_depth, .. }) if *complex_key_depth > 0)
     }
 
-    fn record(&mut self, path: String, value: Pos, key: Option<Pos>) {
+    fn record(&mut self, path: String, value: Pos, key: Option<Pos>, collection: bool) {
+        self.pull_parent_start(key.unwrap_or(value));
         let doc = self.doc();
         if path.is_empty() {
             doc.start = Some(value);
         }
-        doc.nodes.entry(path).or_insert(Span { value, key });
+        doc.nodes.entry(path).or_insert(Span {
+            value,
+            key,
+            collection,
+        });
+    }
+
+    /// yaml-rust2 marks a block collection where its first entry has been scanned,
+    /// past its start; the first child's position is the true start.
+    fn pull_parent_start(&mut self, child: Pos) {
+        let parent = match self.stack.last() {
+            Some(Frame::Map { path, .. } | Frame::Seq { path, .. }) => path.clone(),
+            None => return,
+        };
+        let doc = self.doc();
+        if let Some(span) = doc.nodes.get_mut(&parent)
+            && child < span.value
+        {
+            span.value = child;
+            if parent.is_empty() {
+                doc.start = Some(child);
+            }
+        }
     }
 
     fn start_collection(&mut self, pos: Pos, make: impl FnOnce(String) -> Frame) {
@@ -163,7 +188,7 @@ impl Collector {
         }
         match self.place_node() {
             Some((path, key)) => {
-                self.record(path.clone(), pos, key);
+                self.record(path.clone(), pos, key, true);
                 self.stack.push(make(path));
             }
             None => {
@@ -202,7 +227,7 @@ impl Collector {
             return;
         }
         match self.place_node() {
-            Some((path, key)) => self.record(path, pos, key),
+            Some((path, key)) => self.record(path, pos, key, false),
             None => {
                 let Some(Frame::Map {
                     path,
@@ -222,6 +247,7 @@ impl Collector {
                     }
                 };
                 *pending_key = Some((key, pos));
+                self.pull_parent_start(pos);
                 if let Some(dup) = dup {
                     self.doc().duplicate_keys.push(dup);
                 }
@@ -284,8 +310,12 @@ mod tests {
         assert_eq!(p(&docs[0], "b[0].x.y", false), (3, 13));
         assert_eq!(p(&docs[0], "b[0].x.y", true), (3, 10));
         assert_eq!(p(&docs[0], "b[1]", false), (4, 5));
-        // unknown child falls back to the nearest known ancestor
-        assert_eq!(p(&docs[0], "b[0].x.nope", false), (3, 8));
+        // an unknown child falls back to the nearest known ancestor, and a
+        // collection is located by its key
+        assert_eq!(p(&docs[0], "b[0].x.nope", false), (3, 5));
+        // a block mapping in a sequence starts at its first key
+        assert_eq!(p(&docs[0], "b[0]", false), (3, 5));
+        assert_eq!(p(&docs[0], "", false), (1, 1));
         assert_eq!(p(&docs[1], "c", false), (6, 6));
         assert_eq!(docs[1].duplicate_keys.len(), 1);
         let (path, at, first) = &docs[1].duplicate_keys[0];

@@ -115,16 +115,18 @@ impl Checker {
         }
     }
 
-    fn duration(&mut self, path: &str, d: Duration) {
-        if !(DURATION_MIN..=DURATION_MAX).contains(&d.get()) {
+    /// Checks the range; true when it holds.
+    fn duration(&mut self, path: &str, d: Duration) -> bool {
+        let ok = (DURATION_MIN..=DURATION_MAX).contains(&d.get());
+        if !ok {
             self.err(path, format!("expected {DURATION_EXPECTED}, got {d}"));
         }
+        ok
     }
 
-    fn opt_duration(&mut self, path: &str, d: Option<Duration>) {
-        if let Some(d) = d {
-            self.duration(path, d);
-        }
+    /// Checks the range of a given duration; true when absent or in range.
+    fn opt_duration(&mut self, path: &str, d: Option<Duration>) -> bool {
+        d.is_none_or(|d| self.duration(path, d))
     }
 
     /// Reports every repeated element of a list after its first occurrence.
@@ -439,9 +441,11 @@ impl Checker {
             r.grpc_statuses.iter().map(|c| quoted(c)),
         );
         let ptt = child_key(path, "perTryTimeout");
-        self.opt_duration(&ptt, r.per_try_timeout);
-        if let (Some(per_try), Some(total)) = (r.per_try_timeout, route_timeout)
-            && per_try > total
+        if let (true, Some(per_try), Some(total)) = (
+            self.opt_duration(&ptt, r.per_try_timeout),
+            r.per_try_timeout,
+            route_timeout,
+        ) && per_try > total
         {
             self.err(
                 &ptt,
@@ -450,9 +454,9 @@ impl Checker {
         }
         if let Some(b) = &r.backoff {
             let bp = child_key(path, "backoff");
-            self.opt_duration(&child_key(&bp, "base"), b.base);
-            self.opt_duration(&child_key(&bp, "max"), b.max);
-            if let Some(base) = b.base {
+            let base_ok = self.opt_duration(&child_key(&bp, "base"), b.base);
+            let max_ok = self.opt_duration(&child_key(&bp, "max"), b.max);
+            if let (true, true, Some(base)) = (base_ok, max_ok, b.base) {
                 let (max, what) = match b.max {
                     Some(m) => (m.get(), format!("backoff.max {m}")),
                     None => (
@@ -505,7 +509,7 @@ impl Checker {
         if let Some(fr) = &cb.failure_rate {
             let fp = child_key(path, "failureRate");
             self.int(&child_key(&fp, "percent"), fr.percent, PERCENT);
-            self.duration(&child_key(&fp, "window"), fr.window);
+            let _ = self.duration(&child_key(&fp, "window"), fr.window);
             self.int(
                 &child_key(&fp, "minRequests"),
                 fr.min_requests,
@@ -513,9 +517,9 @@ impl Checker {
             );
         }
         let open_for = child_key(path, "openFor");
-        self.opt_duration(&open_for, cb.open_for);
-        self.opt_duration(&child_key(path, "maxOpenFor"), cb.max_open_for);
-        if let Some(open) = cb.open_for {
+        let open_ok = self.opt_duration(&open_for, cb.open_for);
+        let max_ok = self.opt_duration(&child_key(path, "maxOpenFor"), cb.max_open_for);
+        if let (true, true, Some(open)) = (open_ok, max_ok, cb.open_for) {
             let (max, what) = match cb.max_open_for {
                 Some(m) => (m.get(), format!("maxOpenFor {m}")),
                 None => (

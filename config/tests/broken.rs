@@ -1,0 +1,118 @@
+//! The corpus of broken policies: every `tests/broken/NAME.yaml` must be refused
+//! with exactly the diagnostics written in `tests/broken/NAME.expected`, one
+//! `file:line:col: path: message` per line.
+//!
+//! After a deliberate change of wording, `SLUICE_BLESS=1 cargo test -p sluice-config
+//! --test broken` rewrites the expected files; review the diff before committing.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use sluice_config::{PolicySet, parse_policies};
+
+fn corpus() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/broken");
+    let mut files: Vec<PathBuf> = fs::read_dir(&dir)
+        .expect("tests/broken exists")
+        .map(|e| e.expect("readable entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    files.sort();
+    files
+}
+
+fn diagnostics_of(path: &Path) -> String {
+    let name = path.file_name().unwrap().to_str().unwrap();
+    let text = fs::read_to_string(path).unwrap();
+    match parse_policies(name, &text) {
+        Ok(p) => panic!("{name} was accepted ({} policies)", p.len()),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn every_broken_policy_is_refused_with_its_exact_message() {
+    let files = corpus();
+    assert!(files.len() >= 30, "corpus too small: {}", files.len());
+    let bless = std::env::var_os("SLUICE_BLESS").is_some();
+    let mut failures = Vec::new();
+    for path in &files {
+        let got = diagnostics_of(path);
+        let expected_path = path.with_extension("expected");
+        if bless {
+            fs::write(&expected_path, format!("{got}\n")).unwrap();
+            continue;
+        }
+        let expected = fs::read_to_string(&expected_path)
+            .unwrap_or_else(|_| panic!("missing {}", expected_path.display()));
+        if expected.trim_end() != got {
+            failures.push(format!(
+                "{}:\n--- expected\n{}\n--- got\n{got}",
+                path.display(),
+                expected.trim_end()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+#[test]
+fn the_parse_stops_at_nothing_but_syntax_errors() {
+    // Document 1 has a type error, document 2 three semantic errors; all are reported.
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/broken/49-several-errors-several-documents.yaml");
+    let text = fs::read_to_string(&path).unwrap();
+    let err = parse_policies("f.yaml", &text).unwrap_err();
+    let paths: Vec<&str> = err.diagnostics().iter().map(|d| d.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "spec.routes[0].rateLimit.perSecond",
+            "spec.routes[0].retry.attempts",
+            "spec.routes[0].split[0].weights",
+            "spec.routes[1]",
+        ]
+    );
+}
+
+const ORDER_A: &str = "\
+apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: { name: order, namespace: shop }
+spec:
+  host: order-service
+  inbound: { rateLimit: { perSecond: 10 } }
+";
+
+const ORDER_B: &str = "\
+apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata:
+  name: order-again
+  namespace: shop
+spec:
+  host: order-service
+  inbound: { rateLimit: { perSecond: 20 } }
+";
+
+#[test]
+fn a_host_in_two_files_is_refused_with_both_positions() {
+    let err = PolicySet::from_files([("a.yaml", ORDER_A), ("b.yaml", ORDER_B)]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "b.yaml:7:9: spec.host: host \"order-service\" already has a policy: shop/order at a.yaml:5:9"
+    );
+}
+
+#[test]
+fn a_name_in_two_files_is_refused() {
+    let renamed = ORDER_B
+        .replace("order-again", "order")
+        .replace("order-service", "billing");
+    let err =
+        PolicySet::from_files([("a.yaml", ORDER_A), ("b.yaml", renamed.as_str())]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "b.yaml:4:9: metadata.name: duplicate policy shop/order (also at a.yaml:3:19)"
+    );
+}
