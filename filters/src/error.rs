@@ -78,3 +78,42 @@ pub fn find_filter_error<'a>(
     }
     None
 }
+
+/// A transport failure talking to an upstream, typed so that breakers and retries can
+/// tell "never sent" from "sent and lost".
+///
+/// The proxy's client wraps its connect and stream errors in this type; the breaker
+/// and retry layers find it anywhere in a `BoxError`'s source chain.
+#[derive(Debug, thiserror::Error)]
+#[error("{kind}: {source}")]
+pub struct UpstreamError {
+    /// What went wrong.
+    pub kind: UpstreamErrorKind,
+    /// The transport's own error.
+    #[source]
+    pub source: tower::BoxError,
+}
+
+/// The kinds of [`UpstreamError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum UpstreamErrorKind {
+    /// No connection could be made: the request was never sent.
+    #[error("connect failure")]
+    ConnectFailure,
+    /// An HTTP/2 peer refused the stream (REFUSED_STREAM): the request was never processed.
+    #[error("stream refused")]
+    RefusedStream,
+    /// The connection or stream was reset after the request was sent.
+    #[error("connection reset")]
+    Reset,
+}
+
+impl UpstreamError {
+    /// Wraps a transport error with its kind.
+    pub fn new(kind: UpstreamErrorKind, source: impl Into<tower::BoxError>) -> Self {
+        Self {
+            kind,
+            source: source.into(),
+        }
+    }
+}

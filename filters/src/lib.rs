@@ -7,7 +7,9 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod breaker;
 mod error;
 pub mod ratelimit;
 
 pub use error::{FilterError, find_filter_error};
+pub use error::{UpstreamError, UpstreamErrorKind};

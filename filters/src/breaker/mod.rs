@@ -1,0 +1,74 @@
+//! Circuit breaker, one per route × backend.
+//!
+//! A breaker opens on `consecutiveFailures` failures in a row, or when the failure
+//! rate over a sliding window (a ring of ten time-stamped atomic buckets) reaches
+//! `failureRate.percent` with at least `minRequests` requests in the window. Open, it
+//! answers [`FilterError::BreakerOpen`](crate::FilterError::BreakerOpen) at once
+//! without calling the backend. After the open time it lets `halfOpenRequests` probes
+//! through: all succeed → closed; one fails → open again for twice the last open
+//! time, capped at `maxOpenFor`, each open time jittered by ±10 %.
+//!
+//! What is a failure (`failureOn`, default connect-failure, timeout, 5xx; `grpcStatuses`,
+//! default unavailable, internal, unknown, deadline-exceeded, data-loss):
+//! - a response status: `5xx` any 5xx, `gateway-error` 502/503/504;
+//! - a `grpc-status` in the response headers (trailers-only) at once; in the trailers
+//!   when the body ends — the body is wrapped ([`ResponseBody`]) and watched as it
+//!   streams, never buffered; a body error mid-stream counts as a connect failure;
+//! - an error from below: `timeout` for `FilterError::Timeout`, connect-failure for
+//!   everything else ([`UpstreamError`](crate::UpstreamError) of any kind, I/O errors,
+//!   `NoHealthyEndpoint`); a call dropped at or after its [`Deadline`] (a per-try
+//!   timeout above fired) counts as a timeout too.
+//!
+//! State lives in a [`Circuit`]: one packed `AtomicU64` (state, generation, probe
+//! counters) moved by compare-and-swap, plain atomic counters, and a transition log
+//! (last 16, with time and reason) behind a mutex taken only on transitions and
+//! admin reads. The open → half-open move is lazy: it happens on the first request
+//! (or admin read) after the open time.
+//!
+//! # How the proxy composes it
+//!
+//! ```text
+//! // once, at start:
+//! let breakers = BreakerRegistry::new(Arc::new(MyMetrics));   // impl BreakerObserver
+//! // at every policy swap, for every route with a circuitBreaker and each backend it can reach:
+//! breakers.update(routes.iter().flat_map(|r| r.backends().map(|b|
+//!     (r.name(), b.name(), BreakerParams::from_policy(r.circuit_breaker())))));
+//! // then, per route × backend, when building that backend's stack:
+//! let circuit = breakers.get(route, backend).unwrap();
+//! let stack = ServiceBuilder::new()
+//!     .layer(RetryLayer::new(retries.get(route).unwrap(), backend))   // see `retry`
+//!     .layer(BreakerLayer::new(circuit))
+//!     .service(balancer_for_backend);
+//! // admin: GET /breakers → serde_json::to_string(&breakers.snapshot())
+//! //        POST /breakers/<route>/<backend>/reset → breakers.reset(route, backend)
+//! //        POST /breakers/<route>/<backend>/open  → breakers.force_open(route, backend)
+//! ```
+//!
+//! Services built before a swap keep the `Circuit` they were given; build the stacks
+//! from the registry after each `update` so a changed breaker takes effect. The
+//! request body passes through untouched; the response body becomes
+//! `ResponseBody<B>`. The request extension [`Deadline`] (set by the retry layer)
+//! lets the breaker count a per-try timeout that fires above it.
+
+mod circuit;
+pub(crate) mod classify;
+mod future;
+mod layer;
+mod params;
+mod registry;
+mod service;
+
+pub use circuit::{Circuit, CircuitState, TRANSITION_LOG_LEN};
+pub use future::{ResponseBody, ResponseFuture};
+pub use layer::BreakerLayer;
+pub use params::{
+    BreakerParams, DEFAULT_CONSECUTIVE_FAILURES, DEFAULT_GRPC_FAILURES, DEFAULT_MAX_OPEN_FOR,
+    DEFAULT_OPEN_FOR, DEFAULT_OPEN_JITTER, FailureClasses, RateTrigger,
+};
+pub use registry::{
+    BreakerObserver, BreakerRegistry, BreakerSnapshot, NoopObserver, TransitionRecord,
+};
+pub use service::{Breaker, Deadline};
+
+#[cfg(test)]
+mod tests;

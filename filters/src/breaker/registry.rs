@@ -1,0 +1,224 @@
+//! Every breaker of the proxy, keyed by (route, backend), updated at each policy swap.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
+
+use super::circuit::{Circuit, CircuitState};
+use super::params::BreakerParams;
+
+/// Told about every breaker state change, so the proxy can export
+/// `sluice_breaker_state{route,backend,state}` and `sluice_breaker_transitions_total`
+/// without this crate knowing about Prometheus.
+///
+/// Calls happen on the request path of the request that caused the change (rarely),
+/// so implementations must be quick and must not block.
+pub trait BreakerObserver: Send + Sync + 'static {
+    /// A breaker moved from one state to another.
+    fn on_transition(
+        &self,
+        route: &str,
+        backend: &str,
+        from: CircuitState,
+        to: CircuitState,
+        reason: &str,
+    );
+
+    /// A breaker was created (closed) at a policy swap.
+    fn on_added(&self, route: &str, backend: &str) {
+        let _ = (route, backend);
+    }
+
+    /// A breaker was dropped at a policy swap (its route or backend is gone, or its
+    /// params changed and a fresh one replaces it right after).
+    fn on_removed(&self, route: &str, backend: &str) {
+        let _ = (route, backend);
+    }
+}
+
+/// The observer used when none is given.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct NoopObserver;
+
+impl BreakerObserver for NoopObserver {
+    fn on_transition(&self, _: &str, _: &str, _: CircuitState, _: CircuitState, _: &str) {}
+}
+
+/// One remembered transition.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct TransitionRecord {
+    /// Milliseconds since the breaker was created (monotonic clock).
+    #[serde(skip)]
+    pub at_ms: u64,
+    /// When it happened, in milliseconds since the Unix epoch.
+    #[serde(rename = "at")]
+    pub at_unix_ms: u64,
+    /// State before.
+    pub from: CircuitState,
+    /// State after.
+    pub to: CircuitState,
+    /// Why, e.g. `5 consecutive failures (last: 5xx)`.
+    pub reason: String,
+}
+
+/// One breaker as the admin `GET /breakers` shows it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct BreakerSnapshot {
+    /// Route name.
+    pub route: String,
+    /// Backend name.
+    pub backend: String,
+    /// `closed`, `open` or `half_open`.
+    pub state: CircuitState,
+    /// Results counted as successes since creation.
+    pub successes: u64,
+    /// Results counted as failures since creation.
+    pub failures: u64,
+    /// Failures in a row right now.
+    pub consecutive_failures: u32,
+    /// Requests refused while open or half-open.
+    pub rejected: u64,
+    /// Transitions since creation.
+    pub transitions_total: u64,
+    /// When it last opened (ms since the Unix epoch); absent when closed.
+    pub opened_at: Option<u64>,
+    /// When it next lets a probe through (ms since the Unix epoch); absent unless open,
+    /// and absent when opened by hand (held until reset).
+    pub next_probe_at: Option<u64>,
+    /// Length of the current (or last) open time, jitter included.
+    pub open_for_ms: u64,
+    /// The last transitions, oldest first.
+    pub recent_transitions: Vec<TransitionRecord>,
+}
+
+type Key = (Arc<str>, Arc<str>);
+type Map = HashMap<Key, Arc<Circuit>>;
+
+/// All breakers, keyed by (route, backend). Cheap to clone (one `Arc`).
+///
+/// Reads ([`get`](Self::get), [`snapshot`](Self::snapshot)) are lock-free loads of
+/// the current map; [`update`](Self::update) builds a new map and swaps it in.
+#[derive(Clone)]
+pub struct BreakerRegistry {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    map: ArcSwap<Map>,
+    observer: Arc<dyn BreakerObserver>,
+    /// Serialises updates against each other (policy swaps only).
+    updating: Mutex<()>,
+}
+
+impl Default for BreakerRegistry {
+    fn default() -> Self {
+        Self::new(Arc::new(NoopObserver))
+    }
+}
+
+impl std::fmt::Debug for BreakerRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BreakerRegistry")
+            .field("breakers", &self.inner.map.load().len())
+            .finish()
+    }
+}
+
+impl BreakerRegistry {
+    /// An empty registry reporting to `observer`.
+    pub fn new(observer: Arc<dyn BreakerObserver>) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                map: ArcSwap::from_pointee(HashMap::new()),
+                observer,
+                updating: Mutex::new(()),
+            }),
+        }
+    }
+
+    /// Replaces the set of breakers with exactly `entries` (route, backend, params),
+    /// as built from a new policy snapshot.
+    ///
+    /// A breaker whose params are unchanged keeps its state and counts; one whose
+    /// params changed starts afresh (closed); one no longer listed is dropped
+    /// (services still holding it finish their requests against it).
+    pub fn update<R, B>(&self, entries: impl IntoIterator<Item = (R, B, BreakerParams)>)
+    where
+        R: AsRef<str>,
+        B: AsRef<str>,
+    {
+        let _guard = self
+            .inner
+            .updating
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let old = self.inner.map.load_full();
+        let obs = &self.inner.observer;
+        let mut next = Map::new();
+        for (route, backend, params) in entries {
+            let (route, backend) = (route.as_ref(), backend.as_ref());
+            let key: Key = (Arc::from(route), Arc::from(backend));
+            match old.get(&key) {
+                Some(c) if *c.params() == params => {
+                    next.insert(key, Arc::clone(c));
+                }
+                existing => {
+                    if existing.is_some() {
+                        obs.on_removed(route, backend);
+                    }
+                    let c = Circuit::new(key.0.clone(), key.1.clone(), params, Arc::clone(obs));
+                    obs.on_added(route, backend);
+                    next.insert(key, Arc::new(c));
+                }
+            }
+        }
+        for (route, backend) in old.keys() {
+            if !next.contains_key(&(route.clone(), backend.clone())) {
+                obs.on_removed(route, backend);
+            }
+        }
+        self.inner.map.store(Arc::new(next));
+    }
+
+    /// The breaker of a route × backend, to build a [`BreakerLayer`](super::BreakerLayer) with.
+    pub fn get(&self, route: &str, backend: &str) -> Option<Arc<Circuit>> {
+        // A borrowed (str, str) key cannot look up an (Arc<str>, Arc<str>) map without
+        // allocating, so scan: this runs at swap and admin time, not per request.
+        self.inner
+            .map
+            .load()
+            .iter()
+            .find(|((r, b), _)| &**r == route && &**b == backend)
+            .map(|(_, c)| Arc::clone(c))
+    }
+
+    /// Every breaker, sorted by route then backend, for `GET /breakers`.
+    pub fn snapshot(&self) -> Vec<BreakerSnapshot> {
+        let map = self.inner.map.load();
+        let mut all: Vec<_> = map.values().map(|c| c.snapshot()).collect();
+        all.sort_by(|a, b| (&a.route, &a.backend).cmp(&(&b.route, &b.backend)));
+        all
+    }
+
+    /// Closes one breaker by hand (`POST /breakers/<route>/<backend>/reset`); false if unknown.
+    pub fn reset(&self, route: &str, backend: &str) -> bool {
+        self.get(route, backend).map(|c| c.reset()).is_some()
+    }
+
+    /// Opens one breaker by hand until reset (`POST /breakers/<route>/<backend>/open`);
+    /// false if unknown.
+    pub fn force_open(&self, route: &str, backend: &str) -> bool {
+        self.get(route, backend).map(|c| c.force_open()).is_some()
+    }
+
+    /// Number of breakers.
+    pub fn len(&self) -> usize {
+        self.inner.map.load().len()
+    }
+
+    /// True when there are no breakers.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}

@@ -1,0 +1,632 @@
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body::Frame;
+use http_body_util::{BodyExt, Empty, StreamBody};
+use tokio::time::{Instant, advance};
+use tower::{BoxError, Layer, Service, ServiceExt};
+use tower_test::mock;
+
+use super::*;
+use crate::FilterError;
+
+type ReqBody = Empty<Bytes>;
+
+fn req() -> Request<ReqBody> {
+    Request::new(Empty::new())
+}
+
+fn rsp(status: u16) -> Response<Empty<Bytes>> {
+    Response::builder()
+        .status(status)
+        .body(Empty::new())
+        .unwrap()
+}
+
+fn params(consecutive: u32, open_for: u64, max_open_for: u64, probes: u32) -> BreakerParams {
+    BreakerParams::from_policy(&sluice_config::CircuitBreaker {
+        consecutive_failures: Some(consecutive),
+        open_for: Some(sluice_config::Duration::from_secs(open_for)),
+        max_open_for: Some(sluice_config::Duration::from_secs(max_open_for)),
+        half_open_requests: Some(probes),
+        ..Default::default()
+    })
+    .without_jitter()
+}
+
+/// An inner service answering each request with the next scripted status (200 when
+/// the script is empty; 0 stands for a refused connection), counting calls.
+#[derive(Clone)]
+struct Scripted {
+    script: Arc<Mutex<VecDeque<u16>>>,
+    calls: Arc<AtomicUsize>,
+}
+
+impl Scripted {
+    fn new() -> Self {
+        Self {
+            script: Arc::default(),
+            calls: Arc::default(),
+        }
+    }
+    fn push(&self, statuses: &[u16]) {
+        self.script.lock().unwrap().extend(statuses);
+    }
+    fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl Service<Request<ReqBody>> for Scripted {
+    type Response = Response<Empty<Bytes>>;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<Self::Response, BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Request<ReqBody>) -> Self::Future {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let status = self.script.lock().unwrap().pop_front().unwrap_or(200);
+        std::future::ready(if status == 0 {
+            Err(std::io::Error::from(std::io::ErrorKind::ConnectionRefused).into())
+        } else {
+            Ok(rsp(status))
+        })
+    }
+}
+
+fn registry_with(p: BreakerParams) -> (BreakerRegistry, Arc<Circuit>) {
+    let reg = BreakerRegistry::default();
+    reg.update([("ingest", "log-v1", p)]);
+    let c = reg.get("ingest", "log-v1").unwrap();
+    (reg, c)
+}
+
+async fn send<S>(svc: &mut S) -> Result<StatusCode, BoxError>
+where
+    S: Service<Request<ReqBody>, Error = BoxError>,
+    S::Response: HasStatus,
+{
+    let r = svc.ready().await?.call(req()).await?;
+    Ok(r.status())
+}
+
+trait HasStatus {
+    fn status(&self) -> StatusCode;
+}
+impl<B> HasStatus for Response<B> {
+    fn status(&self) -> StatusCode {
+        Response::status(self)
+    }
+}
+
+fn is_breaker_open(e: &BoxError) -> bool {
+    matches!(
+        crate::find_filter_error(&**e),
+        Some(FilterError::BreakerOpen { route, backend }) if route == "ingest" && backend == "log-v1"
+    )
+}
+
+fn last_reason(c: &Circuit) -> String {
+    c.snapshot()
+        .recent_transitions
+        .last()
+        .unwrap()
+        .reason
+        .clone()
+}
+
+#[tokio::test(start_paused = true)]
+async fn closed_to_open_on_consecutive_failures() {
+    let (_reg, c) = registry_with(params(3, 10, 60, 1));
+    let inner = Scripted::new();
+    let mut svc = BreakerLayer::new(c.clone()).layer(inner.clone());
+
+    // A success in between resets the run.
+    inner.push(&[503, 503, 200, 500, 0]);
+    for _ in 0..5 {
+        let _ = send(&mut svc).await;
+    }
+    assert_eq!(c.state(), CircuitState::Closed);
+    assert_eq!(c.snapshot().consecutive_failures, 2);
+
+    inner.push(&[502]);
+    assert_eq!(send(&mut svc).await.unwrap(), StatusCode::BAD_GATEWAY);
+    assert_eq!(c.state(), CircuitState::Open);
+    assert!(
+        last_reason(&c).contains("3 consecutive failures"),
+        "{}",
+        last_reason(&c)
+    );
+
+    // Open: fails fast, the inner service is not called.
+    let calls = inner.calls();
+    let err = send(&mut svc).await.unwrap_err();
+    assert!(is_breaker_open(&err), "{err}");
+    assert_eq!(inner.calls(), calls);
+    let snap = c.snapshot();
+    assert_eq!(snap.rejected, 1);
+    assert_eq!(snap.failures, 5);
+    assert_eq!(snap.successes, 1);
+    assert!(snap.opened_at.is_some() && snap.next_probe_at.is_some());
+    assert_eq!(snap.open_for_ms, 10_000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn four_xx_and_unlisted_classes_are_not_failures() {
+    let mut p = params(1, 10, 60, 1);
+    p.failure_on = FailureClasses::from_classes([sluice_config::FailureClass::GatewayError]);
+    let (_reg, c) = registry_with(p);
+    let inner = Scripted::new();
+    let mut svc = BreakerLayer::new(c.clone()).layer(inner.clone());
+    inner.push(&[404, 429, 500, 501]);
+    for _ in 0..4 {
+        let _ = send(&mut svc).await;
+    }
+    assert_eq!(c.state(), CircuitState::Closed);
+    inner.push(&[504]);
+    let _ = send(&mut svc).await;
+    assert_eq!(c.state(), CircuitState::Open);
+}
+
+#[tokio::test(start_paused = true)]
+async fn closed_to_open_on_failure_rate_after_min_requests() {
+    let p = BreakerParams::from_policy(&sluice_config::CircuitBreaker {
+        failure_rate: Some(sluice_config::FailureRate {
+            percent: 50,
+            window: sluice_config::Duration::from_secs(10),
+            min_requests: 10,
+        }),
+        ..Default::default()
+    })
+    .without_jitter();
+    assert_eq!(p.consecutive_failures, None);
+    let (_reg, c) = registry_with(p);
+    let inner = Scripted::new();
+    let mut svc = BreakerLayer::new(c.clone()).layer(inner.clone());
+
+    // 9 requests, 7 failed: above the rate but below min-requests.
+    inner.push(&[500, 500, 500, 200, 500, 500, 200, 500, 500]);
+    for _ in 0..9 {
+        let _ = send(&mut svc).await;
+        advance(Duration::from_millis(100)).await;
+    }
+    assert_eq!(c.state(), CircuitState::Closed);
+
+    // Failures older than the window fall out of it.
+    advance(Duration::from_secs(11)).await;
+    inner.push(&[200, 200, 200, 200, 200, 500, 500, 500, 500]);
+    for _ in 0..9 {
+        let _ = send(&mut svc).await;
+    }
+    assert_eq!(
+        c.state(),
+        CircuitState::Closed,
+        "only 9 requests in the window"
+    );
+    inner.push(&[500]);
+    let _ = send(&mut svc).await;
+    // 5 of 10 failed: 50 % reaches the threshold.
+    assert_eq!(c.state(), CircuitState::Open);
+    assert!(
+        last_reason(&c).contains("failure rate 50%"),
+        "{}",
+        last_reason(&c)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn open_to_half_open_after_open_for_then_closed_when_probes_succeed() {
+    let (_reg, c) = registry_with(params(1, 10, 60, 2));
+    let (mock, mut handle) = mock::pair::<Request<ReqBody>, Response<Empty<Bytes>>>();
+    let mut svc = BreakerLayer::new(c.clone()).layer(mock);
+
+    let f = svc.ready().await.unwrap().call(req());
+    handle
+        .next_request()
+        .await
+        .unwrap()
+        .1
+        .send_response(rsp(500));
+    f.await.unwrap();
+    assert_eq!(c.state(), CircuitState::Open);
+
+    advance(Duration::from_millis(9_999)).await;
+    assert!(is_breaker_open(
+        &svc.ready().await.unwrap().call(req()).await.unwrap_err()
+    ));
+    assert_eq!(c.state(), CircuitState::Open);
+
+    advance(Duration::from_millis(1)).await;
+    // Two probes are admitted, a third is refused while they are in flight.
+    let p1 = svc.ready().await.unwrap().call(req());
+    let (_, tx1) = handle.next_request().await.unwrap();
+    assert_eq!(c.state(), CircuitState::HalfOpen);
+    let p2 = svc.ready().await.unwrap().call(req());
+    let (_, tx2) = handle.next_request().await.unwrap();
+    let third = svc.ready().await.unwrap().call(req()).await.unwrap_err();
+    assert!(is_breaker_open(&third));
+
+    tx1.send_response(rsp(200));
+    p1.await.unwrap();
+    assert_eq!(c.state(), CircuitState::HalfOpen, "one probe of two");
+    tx2.send_response(rsp(204));
+    p2.await.unwrap();
+    assert_eq!(c.state(), CircuitState::Closed);
+    let snap = c.snapshot();
+    let states: Vec<_> = snap
+        .recent_transitions
+        .iter()
+        .map(|t| (t.from, t.to))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            (CircuitState::Closed, CircuitState::Open),
+            (CircuitState::Open, CircuitState::HalfOpen),
+            (CircuitState::HalfOpen, CircuitState::Closed),
+        ]
+    );
+    assert_eq!(snap.recent_transitions[1].reason, "open time elapsed");
+    assert_eq!(snap.recent_transitions[2].reason, "2 probe(s) succeeded");
+    assert_eq!(snap.transitions_total, 3);
+    assert_eq!(snap.opened_at, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn failed_probe_reopens_with_doubled_capped_open_time() {
+    let (_reg, c) = registry_with(params(1, 10, 25, 1));
+    let inner = Scripted::new();
+    let mut svc = BreakerLayer::new(c.clone()).layer(inner.clone());
+    inner.push(&[500]);
+    let _ = send(&mut svc).await;
+    assert_eq!(c.current_open_for(), Duration::from_secs(10));
+
+    for expected in [20, 25, 25] {
+        let before = c.current_open_for();
+        advance(before - Duration::from_millis(1)).await;
+        assert!(is_breaker_open(&send(&mut svc).await.unwrap_err()));
+        advance(Duration::from_millis(1)).await;
+        assert_eq!(c.state(), CircuitState::HalfOpen);
+        let calls = inner.calls();
+        inner.push(&[503]);
+        assert_eq!(
+            send(&mut svc).await.unwrap(),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(inner.calls(), calls + 1, "the probe reached the backend");
+        assert_eq!(c.state(), CircuitState::Open);
+        assert_eq!(c.current_open_for(), Duration::from_secs(expected));
+        assert_eq!(last_reason(&c), "probe failed: 5xx");
+    }
+
+    // A successful probe closes, and the next opening starts again at openFor.
+    advance(c.current_open_for()).await;
+    assert_eq!(send(&mut svc).await.unwrap(), StatusCode::OK);
+    assert_eq!(c.state(), CircuitState::Closed);
+    inner.push(&[500]);
+    let _ = send(&mut svc).await;
+    assert_eq!(c.current_open_for(), Duration::from_secs(10));
+}
+
+#[tokio::test(start_paused = true)]
+async fn open_time_is_jittered_within_bounds() {
+    let mut p = params(1, 10, 60, 1);
+    p.jitter = 0.1;
+    for _ in 0..20 {
+        let (_reg, c) = registry_with(p.clone());
+        let inner = Scripted::new();
+        inner.push(&[500]);
+        let mut svc = BreakerLayer::new(c.clone()).layer(inner);
+        let _ = send(&mut svc).await;
+        let open = c.current_open_for();
+        assert!(
+            open >= Duration::from_secs(9) && open <= Duration::from_secs(11),
+            "{open:?}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn manual_open_holds_until_reset() {
+    let (reg, c) = registry_with(params(5, 10, 60, 1));
+    let inner = Scripted::new();
+    let mut svc = BreakerLayer::new(c.clone()).layer(inner.clone());
+
+    assert!(reg.force_open("ingest", "log-v1"));
+    assert!(!reg.force_open("ingest", "nope"));
+    assert_eq!(c.state(), CircuitState::Open);
+    assert_eq!(last_reason(&c), "opened by operator");
+    // Held open: no probe, however long we wait.
+    advance(Duration::from_secs(3600)).await;
+    assert!(is_breaker_open(&send(&mut svc).await.unwrap_err()));
+    assert_eq!(inner.calls(), 0);
+    let snap = &reg.snapshot()[0];
+    assert_eq!(snap.state, CircuitState::Open);
+    assert_eq!(snap.next_probe_at, None);
+
+    assert!(reg.reset("ingest", "log-v1"));
+    assert_eq!(c.state(), CircuitState::Closed);
+    assert_eq!(last_reason(&c), "reset by operator");
+    assert_eq!(send(&mut svc).await.unwrap(), StatusCode::OK);
+    assert_eq!(inner.calls(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn reset_closes_an_automatically_opened_breaker_and_clears_counts() {
+    let (reg, c) = registry_with(params(2, 10, 60, 1));
+    let inner = Scripted::new();
+    let mut svc = BreakerLayer::new(c.clone()).layer(inner.clone());
+    inner.push(&[500, 500]);
+    let _ = send(&mut svc).await;
+    let _ = send(&mut svc).await;
+    assert_eq!(c.state(), CircuitState::Open);
+    reg.reset("ingest", "log-v1");
+    assert_eq!(c.state(), CircuitState::Closed);
+    // One more failure does not re-open: the run was cleared.
+    inner.push(&[500]);
+    let _ = send(&mut svc).await;
+    assert_eq!(c.state(), CircuitState::Closed);
+}
+
+#[derive(Default)]
+struct Recorder {
+    events: Mutex<Vec<String>>,
+}
+
+impl BreakerObserver for Recorder {
+    fn on_transition(
+        &self,
+        route: &str,
+        backend: &str,
+        from: CircuitState,
+        to: CircuitState,
+        _: &str,
+    ) {
+        self.events.lock().unwrap().push(format!(
+            "{route}/{backend} {}->{}",
+            from.as_str(),
+            to.as_str()
+        ));
+    }
+    fn on_added(&self, route: &str, backend: &str) {
+        self.events
+            .lock()
+            .unwrap()
+            .push(format!("+{route}/{backend}"));
+    }
+    fn on_removed(&self, route: &str, backend: &str) {
+        self.events
+            .lock()
+            .unwrap()
+            .push(format!("-{route}/{backend}"));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn swap_keeps_state_for_same_params_and_rebuilds_changed_ones() {
+    let obs = Arc::new(Recorder::default());
+    let reg = BreakerRegistry::new(obs.clone());
+    let p = params(1, 10, 60, 1);
+    reg.update([
+        ("ingest", "log-v1", p.clone()),
+        ("ingest", "log-v2", p.clone()),
+        ("query", "log-v1", p.clone()),
+    ]);
+    assert_eq!(reg.len(), 3);
+    let v1 = reg.get("ingest", "log-v1").unwrap();
+    let v2 = reg.get("ingest", "log-v2").unwrap();
+    v1.force_open();
+    v2.force_open();
+
+    // Same params for log-v1, new params for log-v2, `query` gone.
+    let changed = params(3, 10, 60, 1);
+    reg.update([
+        ("ingest", "log-v1", p.clone()),
+        ("ingest", "log-v2", changed.clone()),
+    ]);
+    assert_eq!(reg.len(), 2);
+    let v1b = reg.get("ingest", "log-v1").unwrap();
+    assert!(Arc::ptr_eq(&v1, &v1b), "unchanged params keep the breaker");
+    assert_eq!(v1b.state(), CircuitState::Open);
+    let v2b = reg.get("ingest", "log-v2").unwrap();
+    assert!(!Arc::ptr_eq(&v2, &v2b));
+    assert_eq!(v2b.state(), CircuitState::Closed);
+    assert_eq!(*v2b.params(), changed);
+    assert!(reg.get("query", "log-v1").is_none());
+
+    let events = obs.events.lock().unwrap().clone();
+    assert_eq!(
+        events,
+        [
+            "+ingest/log-v1",
+            "+ingest/log-v2",
+            "+query/log-v1",
+            "ingest/log-v1 closed->open",
+            "ingest/log-v2 closed->open",
+            "-ingest/log-v2",
+            "+ingest/log-v2",
+            "-query/log-v1",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect::<Vec<_>>()
+    );
+}
+
+fn grpc_rsp(headers: &[(&str, &str)], trailers: Option<&str>) -> Response<BoxBody> {
+    let mut frames: Vec<Result<Frame<Bytes>, Infallible>> =
+        vec![Ok(Frame::data(Bytes::from_static(b"msg")))];
+    if let Some(code) = trailers {
+        let mut t = HeaderMap::new();
+        t.insert("grpc-status", code.parse().unwrap());
+        frames.push(Ok(Frame::trailers(t)));
+    }
+    let mut b = Response::builder().header("content-type", "application/grpc");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(StreamBody::new(futures_util::stream::iter(frames)).boxed_unsync())
+        .unwrap()
+}
+
+type BoxBody = http_body_util::combinators::UnsyncBoxBody<Bytes, Infallible>;
+
+#[tokio::test(start_paused = true)]
+async fn grpc_status_counts_from_headers_at_once_and_from_trailers_at_body_end() {
+    let (_reg, c) = registry_with(params(2, 10, 60, 1));
+    let script: Arc<Mutex<VecDeque<Response<BoxBody>>>> = Arc::default();
+    let s2 = script.clone();
+    let inner = tower::service_fn(move |_: Request<ReqBody>| {
+        let r = s2.lock().unwrap().pop_front().unwrap();
+        async move { Ok::<_, BoxError>(r) }
+    });
+    let mut svc = BreakerLayer::new(c.clone()).layer(inner);
+
+    // Trailers-only UNAVAILABLE: counted as soon as the head arrives.
+    script
+        .lock()
+        .unwrap()
+        .push_back(grpc_rsp(&[("grpc-status", "14")], None));
+    let _r = svc.ready().await.unwrap().call(req()).await.unwrap();
+    assert_eq!(c.snapshot().consecutive_failures, 1);
+
+    // A status in trailers counts only when the body ends.
+    script.lock().unwrap().push_back(grpc_rsp(&[], Some("13")));
+    let r = svc.ready().await.unwrap().call(req()).await.unwrap();
+    assert_eq!(c.snapshot().consecutive_failures, 1);
+    assert_eq!(c.state(), CircuitState::Closed);
+    let collected = r.into_body().collect().await.unwrap();
+    assert_eq!(collected.trailers().unwrap()["grpc-status"], "13");
+    assert_eq!(
+        collected.to_bytes(),
+        Bytes::from_static(b"msg"),
+        "body passes unchanged"
+    );
+    assert_eq!(c.state(), CircuitState::Open);
+
+    // OK in trailers is a success; a status not in the list too.
+    c.reset();
+    script.lock().unwrap().push_back(grpc_rsp(&[], Some("13")));
+    script.lock().unwrap().push_back(grpc_rsp(&[], Some("0")));
+    script.lock().unwrap().push_back(grpc_rsp(&[], Some("5")));
+    for _ in 0..3 {
+        let r = svc.ready().await.unwrap().call(req()).await.unwrap();
+        r.into_body().collect().await.unwrap();
+    }
+    let snap = c.snapshot();
+    assert_eq!(snap.consecutive_failures, 0);
+    assert_eq!(snap.state, CircuitState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_call_dropped_after_its_deadline_counts_as_timeout() {
+    let (_reg, c) = registry_with(params(2, 10, 60, 1));
+    let (mock, mut handle) = mock::pair::<Request<ReqBody>, Response<Empty<Bytes>>>();
+    let mut svc = BreakerLayer::new(c.clone()).layer(mock);
+
+    let deadline_req = || {
+        let mut r = req();
+        r.extensions_mut()
+            .insert(Deadline(Instant::now() + Duration::from_secs(1)));
+        r
+    };
+    // Dropped before its deadline: cancelled, not a failure.
+    let f = svc.ready().await.unwrap().call(deadline_req());
+    let _pending = handle.next_request().await.unwrap();
+    drop(f);
+    assert_eq!(c.snapshot().failures, 0);
+
+    // Dropped at its deadline (a per-try timeout above fired): a timeout failure.
+    for _ in 0..2 {
+        let f = svc.ready().await.unwrap().call(deadline_req());
+        let _pending = handle.next_request().await.unwrap();
+        advance(Duration::from_secs(1)).await;
+        drop(f);
+    }
+    assert_eq!(c.state(), CircuitState::Open);
+    assert_eq!(last_reason(&c), "2 consecutive failures (last: timeout)");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_probe_hands_its_slot_back() {
+    let (_reg, c) = registry_with(params(1, 10, 60, 1));
+    let (mock, mut handle) = mock::pair::<Request<ReqBody>, Response<Empty<Bytes>>>();
+    let mut svc = BreakerLayer::new(c.clone()).layer(mock);
+    c.force_open();
+    c.reset();
+    let f = svc.ready().await.unwrap().call(req());
+    handle
+        .next_request()
+        .await
+        .unwrap()
+        .1
+        .send_response(rsp(500));
+    f.await.unwrap();
+    advance(Duration::from_secs(10)).await;
+    let probe = svc.ready().await.unwrap().call(req());
+    let _pending = handle.next_request().await.unwrap();
+    drop(probe);
+    let probe = svc.ready().await.unwrap().call(req());
+    handle
+        .next_request()
+        .await
+        .unwrap()
+        .1
+        .send_response(rsp(200));
+    probe.await.unwrap();
+    assert_eq!(c.state(), CircuitState::Closed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn snapshot_serialises_to_the_admin_shape() {
+    let (reg, c) = registry_with(params(1, 10, 60, 1));
+    c.force_open();
+    let json = serde_json::to_value(reg.snapshot()).unwrap();
+    let b = &json[0];
+    assert_eq!(b["route"], "ingest");
+    assert_eq!(b["backend"], "log-v1");
+    assert_eq!(b["state"], "open");
+    for key in [
+        "successes",
+        "failures",
+        "consecutive_failures",
+        "rejected",
+        "transitions_total",
+        "opened_at",
+        "next_probe_at",
+        "open_for_ms",
+    ] {
+        assert!(b.get(key).is_some(), "missing {key}: {b}");
+    }
+    let t = &b["recent_transitions"][0];
+    assert_eq!(t["from"], "closed");
+    assert_eq!(t["to"], "open");
+    assert_eq!(t["reason"], "opened by operator");
+    assert!(t["at"].as_u64().unwrap() > 0);
+    c.reset();
+    let json = serde_json::to_value(reg.snapshot()).unwrap();
+    assert_eq!(json[0]["state"], "closed");
+}
+
+#[tokio::test(start_paused = true)]
+async fn transition_log_is_bounded() {
+    let (_reg, c) = registry_with(params(1, 10, 60, 1));
+    for _ in 0..20 {
+        c.force_open();
+        c.reset();
+    }
+    let snap = c.snapshot();
+    assert_eq!(snap.recent_transitions.len(), TRANSITION_LOG_LEN);
+    assert_eq!(snap.transitions_total, 40);
+}
