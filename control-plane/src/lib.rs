@@ -1,1 +1,350 @@
-//! placeholder
+//! `sluice-control-plane`: validates policies and streams them to every proxy.
+//!
+//! The pieces, in the order data flows through them:
+//!
+//! - [`source`]: the policy directory. Every `*.yaml`/`*.yml` file is validated
+//!   with `sluice-config`; a broken file is refused with the validator's message
+//!   and the last good version of that file stays in force. Last good versions
+//!   are persisted in the state directory so a restart with a broken file on
+//!   disk still serves them. A watcher re-reads the directory on any change.
+//! - The published snapshot: one `watch` channel holding the mesh's
+//!   [`sluice_config::PolicySet`] as a ready-to-send `Snapshot`; it is replaced
+//!   with `send_if_modified` only when the content hash changes, so a no-op edit
+//!   sends nothing.
+//! - [`grpc`]: the `StreamPolicies` service. One task per proxy stream watches
+//!   the snapshot channel and sends each version the proxy does not have yet,
+//!   recording ACKs and NACKs in the [`proxies`] registry.
+//! - [`admin`]: `/live`, `/ready`, `/metrics`, `/policies`, `/proxies`.
+//!
+//! [`start`] wires them together for in-process use (tests, the demo, the
+//! benchmark); [`cli_main`] is the binary.
+
+#![warn(missing_docs, unreachable_pub)]
+
+mod admin;
+mod cli;
+mod grpc;
+mod metrics;
+pub mod proxies;
+pub mod source;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sluice_api::pb;
+use sluice_config::{PolicySet, SCHEMA_VERSION};
+use tokio::sync::watch;
+
+pub use cli::{Args, cli_main};
+
+use crate::metrics::Metrics;
+use crate::proxies::ProxyRegistry;
+use crate::source::{DirWatcher, PolicyDir};
+
+/// Errors of the control plane.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A listener could not be bound.
+    #[error("cannot bind {what} on {addr}: {source}")]
+    Bind {
+        /// Which listener (`grpc`, `admin`).
+        what: &'static str,
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The policy directory cannot be read.
+    #[error("policy directory {path}: {source}")]
+    PolicyDir {
+        /// The directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The policy directory cannot be watched.
+    #[error("cannot watch policy directory {path}: {source}")]
+    Watch {
+        /// The directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: notify::Error,
+    },
+    /// The state directory or the address file cannot be written.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Everything [`start`] needs; `Default` listens on ephemeral loopback ports.
+#[derive(Clone, Debug)]
+pub struct ControlPlaneConfig {
+    /// The directory of policy YAML files.
+    pub policy_dir: PathBuf,
+    /// gRPC listen address (policy stream).
+    pub grpc_addr: SocketAddr,
+    /// Admin HTTP listen address.
+    pub admin_addr: SocketAddr,
+    /// Where last good policy files are kept; `None` keeps them only in memory.
+    pub state_dir: Option<PathBuf>,
+    /// After binding, the bound addresses are written here as JSON.
+    pub addr_file: Option<PathBuf>,
+    /// Quiet time after a directory event before re-reading, so that an editor's
+    /// write-then-rename or a ConfigMap swap is read once, complete.
+    pub debounce: Duration,
+    /// Full re-read even without events, in case the OS dropped some.
+    pub rescan_interval: Duration,
+}
+
+impl Default for ControlPlaneConfig {
+    fn default() -> Self {
+        Self {
+            policy_dir: PathBuf::from("."),
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            state_dir: None,
+            addr_file: None,
+            debounce: Duration::from_millis(20),
+            rescan_interval: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The snapshot every proxy should have, ready to send.
+#[derive(Debug)]
+pub(crate) struct Published {
+    pub(crate) set: PolicySet,
+    pub(crate) snapshot: pb::Snapshot,
+    /// When this version replaced the previous one (push latency starts here).
+    pub(crate) changed_at: Instant,
+}
+
+/// State shared by the source, the gRPC service and the admin server.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub(crate) source: Mutex<PolicyDir>,
+    pub(crate) snapshots: watch::Sender<Option<Arc<Published>>>,
+    pub(crate) proxies: ProxyRegistry,
+    pub(crate) metrics: Metrics,
+    pub(crate) ready: std::sync::atomic::AtomicBool,
+}
+
+impl Shared {
+    /// Re-reads the policy directory and publishes the mesh's set if its hash
+    /// changed. Called from the watcher thread and once at start.
+    pub(crate) fn reload(&self) {
+        let mut source = self.source.lock().unwrap_or_else(|e| e.into_inner());
+        let report = source.rescan();
+        self.metrics
+            .validation_failures
+            .inc_by(report.failures as u64);
+        let built = source.build_set();
+        drop(source);
+        if let Some((set, metas)) = built {
+            self.publish(set, metas);
+        }
+        self.ready.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    fn publish(&self, set: PolicySet, policies: Vec<pb::PolicyMeta>) {
+        let changed = self.snapshots.send_if_modified(|cur| {
+            if cur.as_ref().is_some_and(|p| p.set.hash() == set.hash()) {
+                return false;
+            }
+            let snapshot = pb::Snapshot {
+                version: set.hash().to_string(),
+                schema_version: SCHEMA_VERSION,
+                canonical: bytes::Bytes::copy_from_slice(set.canonical_bytes()),
+                policies,
+            };
+            *cur = Some(Arc::new(Published {
+                set: set.clone(),
+                snapshot,
+                changed_at: Instant::now(),
+            }));
+            true
+        });
+        if changed {
+            tracing::info!(version = %set.hash(), policies = set.policies().len(), "publishing policy set");
+            self.metrics.set_policy_hash(set.hash());
+        }
+    }
+
+    pub(crate) fn current_version(&self) -> Option<String> {
+        self.snapshots
+            .borrow()
+            .as_ref()
+            .map(|p| p.set.hash().to_string())
+    }
+}
+
+/// A control plane running on the current tokio runtime.
+#[derive(Debug)]
+pub struct RunningControlPlane {
+    grpc_addr: SocketAddr,
+    admin_addr: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    watcher: Option<DirWatcher>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningControlPlane {
+    /// The bound gRPC address.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc_addr
+    }
+
+    /// The bound admin HTTP address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin_addr
+    }
+
+    /// The version (content hash) being served, if any policy was loaded.
+    pub fn policy_version(&self) -> Option<String> {
+        self.shared.current_version()
+    }
+
+    /// A receiver that changes whenever a new version is published.
+    pub fn watch_version(&self) -> watch::Receiver<Option<String>> {
+        let mut snapshots = self.shared.snapshots.subscribe();
+        let (tx, rx) = watch::channel(self.shared.current_version());
+        let mut shutdown = self.shutdown.subscribe();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    r = snapshots.changed() => if r.is_err() { return },
+                    _ = tx.closed() => return,
+                    _ = shutdown.changed() => return,
+                }
+                let v = snapshots
+                    .borrow_and_update()
+                    .as_ref()
+                    .map(|p| p.set.hash().to_string());
+                tx.send_replace(v);
+            }
+        });
+        rx
+    }
+
+    /// Stops watching, ends every proxy stream, closes the listeners and waits
+    /// (bounded) for the servers to finish.
+    pub async fn shutdown(mut self) {
+        self.stop();
+        for task in std::mem::take(&mut self.tasks) {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .is_err()
+            {
+                abort.abort();
+            }
+        }
+    }
+
+    fn stop(&mut self) {
+        let _ = self.shutdown.send(true);
+        drop(self.watcher.take());
+    }
+}
+
+impl Drop for RunningControlPlane {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Loads the policy directory, binds the listeners and starts serving.
+///
+/// Returns once the first load is published and both listeners are bound (and
+/// the address file, if asked for, is written).
+pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error> {
+    let policy_dir = PolicyDir::open(&cfg.policy_dir, cfg.state_dir.as_deref())?;
+    let metrics = Metrics::new();
+    let (snapshots, _) = watch::channel(None);
+    let shared = Arc::new(Shared {
+        source: Mutex::new(policy_dir),
+        snapshots,
+        proxies: ProxyRegistry::new(metrics.connected.clone()),
+        metrics,
+        ready: std::sync::atomic::AtomicBool::new(false),
+    });
+    shared.reload();
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let grpc_listener = bind("grpc", cfg.grpc_addr).await?;
+    let admin_listener = bind("admin", cfg.admin_addr).await?;
+    let grpc_addr = local_addr("grpc", &grpc_listener, cfg.grpc_addr)?;
+    let admin_addr = local_addr("admin", &admin_listener, cfg.admin_addr)?;
+
+    let watcher = DirWatcher::start(
+        &cfg.policy_dir,
+        shared.clone(),
+        cfg.debounce,
+        cfg.rescan_interval,
+    )?;
+
+    let tasks = vec![
+        tokio::spawn(grpc::serve(
+            grpc_listener,
+            shared.clone(),
+            shutdown_rx.clone(),
+        )),
+        tokio::spawn(admin::serve(admin_listener, shared.clone(), shutdown_rx)),
+    ];
+    tracing::info!(%grpc_addr, %admin_addr, policy_dir = %cfg.policy_dir.display(), "control plane started");
+
+    if let Some(path) = &cfg.addr_file {
+        let json = serde_json::json!({
+            "grpc": grpc_addr.to_string(),
+            "admin": admin_addr.to_string(),
+        });
+        sluice_api::write_atomic(path, json.to_string().as_bytes()).map_err(|source| {
+            Error::Write {
+                path: path.clone(),
+                source,
+            }
+        })?;
+    }
+
+    Ok(RunningControlPlane {
+        grpc_addr,
+        admin_addr,
+        shared,
+        shutdown: shutdown_tx,
+        watcher: Some(watcher),
+        tasks,
+    })
+}
+
+async fn bind(what: &'static str, addr: SocketAddr) -> Result<tokio::net::TcpListener, Error> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| Error::Bind { what, addr, source })
+}
+
+fn local_addr(
+    what: &'static str,
+    l: &tokio::net::TcpListener,
+    addr: SocketAddr,
+) -> Result<SocketAddr, Error> {
+    l.local_addr()
+        .map_err(|source| Error::Bind { what, addr, source })
+}
+
+/// Milliseconds since the Unix epoch, for the admin API's timestamps.
+pub(crate) fn unix_ms(t: std::time::SystemTime) -> u64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

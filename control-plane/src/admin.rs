@@ -1,0 +1,119 @@
+//! The control plane's admin HTTP server.
+//!
+//! Routes (all `GET`):
+//! - `/live`: 200 while the process runs.
+//! - `/ready`: 200 once the policy source has been loaded, else 503.
+//! - `/metrics`: Prometheus text (`sluice_cp_*`).
+//! - `/policies`: JSON, the served version, every policy in force (name,
+//!   namespace, host, source file, its file's version and last validation
+//!   error) and every file (including refused ones with no good version).
+//! - `/proxies`: JSON, every proxy seen (node id, namespace, service, versions
+//!   sent, acknowledged and refused with the reason, last seen, connected).
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::Shared;
+
+pub(crate) async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin accept failed");
+                    continue;
+                }
+            },
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        let shared = shared.clone();
+        let mut conn_shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req| {
+                let shared = shared.clone();
+                async move { Ok::<_, Infallible>(route(&shared, &req)) }
+            });
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), svc);
+            tokio::pin!(conn);
+            let stopping = tokio::select! {
+                _ = conn.as_mut() => false,
+                r = conn_shutdown.wait_for(|stop| *stop) => r.is_ok(),
+            };
+            if stopping {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        });
+    }
+}
+
+fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+    }
+    match req.uri().path() {
+        "/live" => text(StatusCode::OK, "live\n"),
+        "/ready" => {
+            if shared.ready.load(Ordering::Acquire) {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "policy source not loaded yet\n",
+                )
+            }
+        }
+        "/metrics" => Response::builder()
+            .header("content-type", "text/plain; version=0.0.4")
+            .body(Full::new(Bytes::from(shared.metrics.render())))
+            .expect("valid response"),
+        "/policies" => {
+            let (policies, files) = {
+                let source = shared.source.lock().unwrap_or_else(|e| e.into_inner());
+                (source.policy_views(), source.file_views())
+            };
+            json(&serde_json::json!({
+                "version": shared.current_version(),
+                "policies": policies,
+                "files": files,
+            }))
+        }
+        "/proxies" => json(&serde_json::json!({
+            "version": shared.current_version(),
+            "proxies": shared.proxies.snapshot(),
+        })),
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", "text/plain")
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .expect("valid response")
+}
+
+fn json(value: &serde_json::Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(
+            serde_json::to_vec_pretty(value).unwrap_or_default(),
+        )))
+        .expect("valid response")
+}

@@ -1,0 +1,115 @@
+//! Command-line flags; every flag can also be set as `SLUICE_<FLAG>`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::ControlPlaneConfig;
+
+/// The control plane's flags.
+#[derive(Clone, Debug, Parser)]
+#[command(
+    name = "sluice-control-plane",
+    version,
+    about = "Validates Sluice policies and streams them to every proxy."
+)]
+pub struct Args {
+    /// Directory of RoutePolicy YAML files (`*.yaml`, `*.yml`), watched for changes.
+    #[arg(long, env = "SLUICE_POLICY_DIR")]
+    pub policy_dir: PathBuf,
+    /// gRPC listen address (policy stream).
+    #[arg(long, env = "SLUICE_GRPC", default_value = "0.0.0.0:15010")]
+    pub grpc: SocketAddr,
+    /// Admin HTTP listen address (/live, /ready, /metrics, /policies, /proxies).
+    #[arg(long, env = "SLUICE_ADMIN", default_value = "0.0.0.0:15014")]
+    pub admin: SocketAddr,
+    /// Directory where the last good version of every policy file is kept.
+    #[arg(long, env = "SLUICE_STATE_DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Log filter (`info`, `debug`, `sluice_control_plane=debug,info`, ...).
+    #[arg(long, env = "SLUICE_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    /// After binding, write the bound addresses here as JSON (`{"grpc": …, "admin": …}`).
+    #[arg(long, env = "SLUICE_ADDR_FILE")]
+    pub addr_file: Option<PathBuf>,
+}
+
+impl Args {
+    /// The library configuration these flags describe.
+    pub fn to_config(&self) -> ControlPlaneConfig {
+        ControlPlaneConfig {
+            policy_dir: self.policy_dir.clone(),
+            grpc_addr: self.grpc,
+            admin_addr: self.admin,
+            state_dir: self.state_dir.clone(),
+            addr_file: self.addr_file.clone(),
+            ..ControlPlaneConfig::default()
+        }
+    }
+}
+
+/// The `sluice-control-plane` binary: parse flags, serve until SIGTERM/SIGINT.
+pub fn cli_main() -> ExitCode {
+    let args = Args::parse();
+    let filter = match tracing_subscriber::EnvFilter::try_new(&args.log_level) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!("invalid --log-level {:?}: {e}", args.log_level);
+            return ExitCode::from(2);
+        }
+    };
+    tracing_subscriber::fmt().with_env_filter(filter).init();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async {
+        let cp = match crate::start(args.to_config()).await {
+            Ok(cp) => cp,
+            Err(e) => {
+                tracing::error!(error = %e, "control plane failed to start");
+                return ExitCode::FAILURE;
+            }
+        };
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        cp.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the control plane");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_outside_contract() {
+        let args = Args::try_parse_from(["sluice-control-plane", "--policy-dir", "/p"]).unwrap();
+        assert_eq!(args.grpc, "0.0.0.0:15010".parse().unwrap());
+        assert_eq!(args.admin, "0.0.0.0:15014".parse().unwrap());
+        assert_eq!(args.log_level, "info");
+    }
+}

@@ -1,0 +1,190 @@
+//! The `StreamPolicies` service: one task per proxy stream.
+//!
+//! Like tonic-health's watch, every stream task holds a receiver of the one
+//! `watch` channel carrying the published snapshot. The task sends a version
+//! only if it differs from what the proxy will have once everything already
+//! sent is processed (its `Hello` version, then whatever was last sent), so the
+//! proxy never receives a version it already has.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sluice_api::pb;
+use sluice_api::pb::policy_discovery_server::{PolicyDiscovery, PolicyDiscoveryServer};
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::Shared;
+
+/// How long a new stream may take to send its `Hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The tonic service behind `sluice.v1.PolicyDiscovery`.
+#[derive(Debug, Clone)]
+pub(crate) struct PolicyService {
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+}
+
+pub(crate) async fn serve(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let svc = PolicyService {
+        shared,
+        shutdown: shutdown.clone(),
+    };
+    let incoming = TcpListenerStream::new(listener).map(|conn| {
+        conn.inspect(|s| {
+            // Snapshots are small writes that must leave at once.
+            let _ = s.set_nodelay(true);
+        })
+    });
+    let res = tonic::transport::Server::builder()
+        // Notices proxies that vanished without closing their connection.
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .add_service(PolicyDiscoveryServer::new(svc))
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        })
+        .await;
+    if let Err(e) = res {
+        tracing::error!(error = %e, "gRPC server failed");
+    }
+}
+
+#[tonic::async_trait]
+impl PolicyDiscovery for PolicyService {
+    type StreamPoliciesStream = ReceiverStream<Result<pb::Snapshot, Status>>;
+
+    async fn stream_policies(
+        &self,
+        request: Request<Streaming<pb::ProxyMessage>>,
+    ) -> Result<Response<Self::StreamPoliciesStream>, Status> {
+        let mut inbound = request.into_inner();
+        let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no Hello within 10s"))??;
+        let hello = match first.and_then(|m| m.message) {
+            Some(pb::proxy_message::Message::Hello(h)) if !h.node_id.is_empty() => h,
+            Some(pb::proxy_message::Message::Hello(_)) => {
+                return Err(Status::invalid_argument("Hello.node_id is empty"));
+            }
+            _ => return Err(Status::invalid_argument("the first message must be Hello")),
+        };
+        tracing::info!(node_id = %hello.node_id, service = %hello.service, has = %hello.last_applied_version, "proxy connected");
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(stream_task(
+            self.shared.clone(),
+            hello,
+            inbound,
+            tx,
+            self.shutdown.clone(),
+        ));
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+/// A version sent on this stream and not yet answered.
+struct InFlight {
+    version: String,
+    /// Push latency is measured from here.
+    since: Instant,
+}
+
+async fn stream_task(
+    shared: Arc<Shared>,
+    hello: pb::Hello,
+    mut inbound: Streaming<pb::ProxyMessage>,
+    tx: mpsc::Sender<Result<pb::Snapshot, Status>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let node = hello.node_id.clone();
+    let _guard = shared.proxies.connect(&hello);
+    let connected_at = Instant::now();
+    let mut snapshots = shared.snapshots.subscribe();
+    let mut proxy_has =
+        (!hello.last_applied_version.is_empty()).then_some(hello.last_applied_version);
+    let mut in_flight: Option<InFlight> = None;
+    loop {
+        let current = snapshots.borrow_and_update().clone();
+        if let Some(published) = current {
+            let version = &published.snapshot.version;
+            let expected = in_flight
+                .as_ref()
+                .map(|f| &f.version)
+                .or(proxy_has.as_ref());
+            if expected != Some(version) {
+                let send = tx.send(Ok(published.snapshot.clone()));
+                let sent = tokio::select! {
+                    r = send => r.is_ok(),
+                    _ = shutdown.wait_for(|stop| *stop) => false,
+                };
+                if !sent {
+                    break;
+                }
+                shared.metrics.pushes.inc();
+                shared.proxies.sent(&node, version);
+                tracing::debug!(node_id = %node, %version, "snapshot sent");
+                in_flight = Some(InFlight {
+                    version: version.clone(),
+                    since: published.changed_at.max(connected_at),
+                });
+            }
+        }
+        tokio::select! {
+            changed = snapshots.changed() => if changed.is_err() { break },
+            msg = inbound.message() => match msg {
+                Ok(Some(pb::ProxyMessage { message: Some(m) })) => {
+                    on_answer(&shared, &node, m, &mut proxy_has, &mut in_flight);
+                }
+                Ok(Some(pb::ProxyMessage { message: None })) => {}
+                Ok(None) => break,
+                Err(e) => {
+                    tracing::debug!(node_id = %node, error = %e, "proxy stream failed");
+                    break;
+                }
+            },
+            _ = shutdown.wait_for(|stop| *stop) => break,
+        }
+    }
+    tracing::info!(node_id = %node, "proxy disconnected");
+}
+
+fn on_answer(
+    shared: &Shared,
+    node: &str,
+    msg: pb::proxy_message::Message,
+    proxy_has: &mut Option<String>,
+    in_flight: &mut Option<InFlight>,
+) {
+    use pb::proxy_message::Message;
+    match msg {
+        Message::Ack(ack) => {
+            shared.metrics.acks.with_label_values(&["ack"]).inc();
+            shared.proxies.acked(node, &ack.version);
+            if let Some(f) = in_flight.take_if(|f| f.version == ack.version) {
+                shared
+                    .metrics
+                    .push_latency
+                    .observe(f.since.elapsed().as_secs_f64());
+            }
+            tracing::debug!(node_id = %node, version = %ack.version, "ACK");
+            *proxy_has = Some(ack.version);
+        }
+        Message::Nack(nack) => {
+            shared.metrics.acks.with_label_values(&["nack"]).inc();
+            shared.proxies.nacked(node, &nack.version, &nack.error);
+            in_flight.take_if(|f| f.version == nack.version);
+            tracing::warn!(node_id = %node, version = %nack.version, error = %nack.error, "proxy refused policy snapshot");
+        }
+        Message::Hello(_) => {
+            tracing::debug!(node_id = %node, "ignoring a second Hello");
+        }
+    }
+}

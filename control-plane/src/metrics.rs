@@ -1,0 +1,103 @@
+//! The control plane's Prometheus metrics.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+/// Every metric the control plane exports, registered in its own registry.
+#[derive(Clone, Debug)]
+pub(crate) struct Metrics {
+    registry: Registry,
+    /// Open policy streams.
+    pub(crate) connected: IntGauge,
+    /// Snapshots sent.
+    pub(crate) pushes: IntCounter,
+    /// Answers received, by `result` (`ack`, `nack`).
+    pub(crate) acks: IntCounterVec,
+    /// Policy files refused by validation.
+    pub(crate) validation_failures: IntCounter,
+    /// From a version's publication (or the stream's start, if later) to its ACK.
+    pub(crate) push_latency: Histogram,
+    policy_info: IntGaugeVec,
+}
+
+impl Metrics {
+    pub(crate) fn new() -> Self {
+        let registry = Registry::new();
+        let connected = IntGauge::new(
+            "sluice_cp_connected_proxies",
+            "Policy streams currently open.",
+        )
+        .expect("valid metric");
+        let pushes = IntCounter::new(
+            "sluice_cp_pushes_total",
+            "Policy snapshots sent to proxies.",
+        )
+        .expect("valid metric");
+        let acks = IntCounterVec::new(
+            Opts::new(
+                "sluice_cp_acks_total",
+                "Snapshot answers from proxies, by result (ack, nack).",
+            ),
+            &["result"],
+        )
+        .expect("valid metric");
+        let validation_failures = IntCounter::new(
+            "sluice_cp_validation_failures_total",
+            "Policy file versions refused by validation.",
+        )
+        .expect("valid metric");
+        let push_latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "sluice_cp_push_latency_seconds",
+                "Time from a policy version's publication to a proxy's ACK of it.",
+            )
+            .buckets(vec![
+                0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+            ]),
+        )
+        .expect("valid metric");
+        let policy_info = IntGaugeVec::new(
+            Opts::new(
+                "sluice_cp_policy_info",
+                "The policy version (content hash) being served; always 1.",
+            ),
+            &["hash"],
+        )
+        .expect("valid metric");
+        for m in [
+            Box::new(connected.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(pushes.clone()),
+            Box::new(acks.clone()),
+            Box::new(validation_failures.clone()),
+            Box::new(push_latency.clone()),
+            Box::new(policy_info.clone()),
+        ] {
+            registry.register(m).expect("metric names are unique");
+        }
+        // Both results exist from the start, so rate() works before the first NACK.
+        acks.with_label_values(&["ack"]);
+        acks.with_label_values(&["nack"]);
+        Self {
+            registry,
+            connected,
+            pushes,
+            acks,
+            validation_failures,
+            push_latency,
+            policy_info,
+        }
+    }
+
+    pub(crate) fn set_policy_hash(&self, hash: &str) {
+        self.policy_info.reset();
+        self.policy_info.with_label_values(&[hash]).set(1);
+    }
+
+    pub(crate) fn render(&self) -> Vec<u8> {
+        let mut buf = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        buf
+    }
+}

@@ -1,0 +1,526 @@
+//! The policy directory: per-file validation with last-good fallback, persisted
+//! state, and the watcher that re-reads the directory on change.
+//!
+//! Every regular `*.yaml`/`*.yml` file in the directory (symlinks followed, so
+//! a Kubernetes ConfigMap mount's `name.yaml -> ..data/name.yaml` works) is one
+//! unit: it is accepted or refused whole. Hidden entries (`.swp` files, the
+//! ConfigMap's `..data` and `..2024_…` directories) are skipped themselves; their
+//! content is reached through the visible symlinks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::mpsc as std_mpsc;
+use std::time::{Duration, Instant, SystemTime};
+
+use notify::Watcher;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use sluice_api::pb;
+use sluice_config::{PolicySet, RoutePolicy};
+
+use crate::{Error, Shared};
+
+/// Subdirectory of the state directory holding last good policy files.
+const STATE_SUBDIR: &str = "policies";
+
+/// What is known about one policy file.
+#[derive(Clone, Debug, Default)]
+struct FileState {
+    /// The last version that validated; in force.
+    good: Option<GoodFile>,
+    /// Why the current content on disk is refused, if it is.
+    error: Option<String>,
+    /// When `error` was recorded.
+    error_at: Option<SystemTime>,
+    /// Hash of the bytes last read, so unchanged files are not re-parsed.
+    seen: Option<[u8; 32]>,
+}
+
+#[derive(Clone, Debug)]
+struct GoodFile {
+    policies: Vec<RoutePolicy>,
+    /// Content hash of the file's bytes.
+    version: String,
+    /// Restored from the state directory rather than read from the policy dir.
+    from_state: bool,
+    loaded_at: SystemTime,
+}
+
+/// What one re-read found.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct ScanReport {
+    /// Files refused in this re-read.
+    pub(crate) failures: usize,
+}
+
+/// The policy directory and the last good version of each file in it.
+#[derive(Debug)]
+pub(crate) struct PolicyDir {
+    dir: PathBuf,
+    state_dir: Option<PathBuf>,
+    files: BTreeMap<String, FileState>,
+    /// Cross-file problems of the last build (duplicate names or hosts), per file.
+    conflicts: HashMap<String, String>,
+}
+
+/// One policy in `/policies`.
+#[derive(Clone, Debug, Serialize)]
+pub struct PolicyView {
+    /// Policy name.
+    pub name: String,
+    /// Namespace (`default` when the file gives none).
+    pub namespace: String,
+    /// The host it governs.
+    pub host: String,
+    /// The file it comes from.
+    pub file: String,
+    /// Content hash of the file version in force.
+    pub file_version: String,
+    /// Why the file's current content is refused, if it is.
+    pub file_error: Option<String>,
+}
+
+/// One file in `/policies`.
+#[derive(Clone, Debug, Serialize)]
+pub struct FileView {
+    /// File name inside the policy directory.
+    pub file: String,
+    /// Content hash of the version in force, if any version ever validated.
+    pub version: Option<String>,
+    /// The version in force came from the state directory (the file on disk is
+    /// broken since before the last restart).
+    pub from_state: bool,
+    /// When the version in force was loaded (ms since the Unix epoch).
+    pub loaded_at_unix_ms: Option<u64>,
+    /// Why the file's current content is refused, if it is.
+    pub error: Option<String>,
+    /// When that error was found (ms since the Unix epoch).
+    pub error_at_unix_ms: Option<u64>,
+    /// Names (`namespace/name`) of the policies in force from this file.
+    pub policies: Vec<String>,
+}
+
+impl PolicyDir {
+    /// Opens the directory (which must exist) and restores last good versions
+    /// from the state directory; nothing is read from the policy files yet.
+    pub(crate) fn open(dir: &Path, state_dir: Option<&Path>) -> Result<Self, Error> {
+        std::fs::read_dir(dir).map_err(|source| Error::PolicyDir {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let mut files = BTreeMap::new();
+        if let Some(state) = state_dir {
+            let sub = state.join(STATE_SUBDIR);
+            std::fs::create_dir_all(&sub).map_err(|source| Error::Write {
+                path: sub.clone(),
+                source,
+            })?;
+            for (name, path) in list_yaml(&sub) {
+                let Ok(bytes) = std::fs::read(&path) else {
+                    continue;
+                };
+                match parse_file(&name, &bytes) {
+                    Ok(policies) => {
+                        files.insert(
+                            name,
+                            FileState {
+                                good: Some(GoodFile {
+                                    policies,
+                                    version: short_hash(&bytes),
+                                    from_state: true,
+                                    loaded_at: SystemTime::now(),
+                                }),
+                                ..FileState::default()
+                            },
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!(file = %path.display(), error = %e, "saved policy file no longer validates; ignoring it");
+                    }
+                }
+            }
+        }
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            state_dir: state_dir.map(Path::to_path_buf),
+            files,
+            conflicts: HashMap::new(),
+        })
+    }
+
+    /// Re-reads every policy file; validates the changed ones.
+    pub(crate) fn rescan(&mut self) -> ScanReport {
+        let mut report = ScanReport::default();
+        let present = list_yaml(&self.dir);
+        let present_names: Vec<&String> = present.iter().map(|(n, _)| n).collect();
+        let gone: Vec<String> = self
+            .files
+            .keys()
+            .filter(|k| !present_names.contains(k))
+            .cloned()
+            .collect();
+        for name in gone {
+            tracing::info!(file = %name, "policy file removed");
+            self.files.remove(&name);
+            if let Some(state) = &self.state_dir {
+                let _ = std::fs::remove_file(state.join(STATE_SUBDIR).join(&name));
+            }
+        }
+        for (name, path) in present {
+            let bytes = match std::fs::read(&path) {
+                Ok(b) => b,
+                // Vanished between listing and reading: the next event re-reads.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot read policy file");
+                    continue;
+                }
+            };
+            let digest: [u8; 32] = Sha256::digest(&bytes).into();
+            let state = self.files.entry(name.clone()).or_default();
+            if state.seen == Some(digest) {
+                continue;
+            }
+            state.seen = Some(digest);
+            match parse_file(&name, &bytes) {
+                Ok(policies) => {
+                    let version = short_hash(&bytes);
+                    tracing::info!(file = %name, %version, policies = policies.len(), "policy file accepted");
+                    state.good = Some(GoodFile {
+                        policies,
+                        version,
+                        from_state: false,
+                        loaded_at: SystemTime::now(),
+                    });
+                    state.error = None;
+                    state.error_at = None;
+                    if let Some(dir) = &self.state_dir {
+                        let path = dir.join(STATE_SUBDIR).join(&name);
+                        if let Err(e) = sluice_api::write_atomic(&path, &bytes) {
+                            tracing::warn!(file = %path.display(), error = %e, "cannot save last good policy file");
+                        }
+                    }
+                }
+                Err(error) => {
+                    report.failures += 1;
+                    let keeping = state.good.as_ref().map(|g| g.version.clone());
+                    tracing::warn!(file = %name, %error, last_good = ?keeping, "policy file refused; keeping its last good version");
+                    state.error = Some(error);
+                    state.error_at = Some(SystemTime::now());
+                }
+            }
+        }
+        report
+    }
+
+    /// The mesh's policy set from every file's version in force, with where each
+    /// policy came from. A file whose policies clash with an earlier file's (same
+    /// namespace/name or same host) is left out whole and the clash reported.
+    pub(crate) fn build_set(&mut self) -> Option<(PolicySet, Vec<pb::PolicyMeta>)> {
+        self.conflicts.clear();
+        let mut names: HashMap<(String, String), String> = HashMap::new();
+        let mut hosts: HashMap<String, String> = HashMap::new();
+        let mut policies = Vec::new();
+        let mut metas = Vec::new();
+        for (file, state) in &self.files {
+            let Some(good) = &state.good else { continue };
+            let clash = good.policies.iter().find_map(|p| {
+                let key = (namespace_of(p), p.metadata.name.clone());
+                if let Some(other) = names.get(&key) {
+                    return Some(format!(
+                        "policy {}/{} is also defined in {other}",
+                        key.0, key.1
+                    ));
+                }
+                hosts.get(&p.spec.host).map(|other| {
+                    format!(
+                        "host {:?} is also governed by a policy in {other}",
+                        p.spec.host
+                    )
+                })
+            });
+            if let Some(msg) = clash {
+                tracing::warn!(%file, error = %msg, "policy file left out");
+                self.conflicts.insert(file.clone(), msg);
+                continue;
+            }
+            for p in &good.policies {
+                names.insert((namespace_of(p), p.metadata.name.clone()), file.clone());
+                hosts.insert(p.spec.host.clone(), file.clone());
+                metas.push(pb::PolicyMeta {
+                    name: p.metadata.name.clone(),
+                    namespace: namespace_of(p),
+                    source: file.clone(),
+                });
+                policies.push(p.clone());
+            }
+        }
+        match PolicySet::new(policies) {
+            Ok(set) => Some((set, metas)),
+            Err(e) => {
+                tracing::warn!(error = %e, "the mesh's policy set is refused; keeping the previous one");
+                None
+            }
+        }
+    }
+
+    /// Every policy in force, for `/policies`.
+    pub(crate) fn policy_views(&self) -> Vec<PolicyView> {
+        let mut out = Vec::new();
+        for (file, state) in &self.files {
+            let Some(good) = &state.good else { continue };
+            if self.conflicts.contains_key(file) {
+                continue;
+            }
+            for p in &good.policies {
+                out.push(PolicyView {
+                    name: p.metadata.name.clone(),
+                    namespace: namespace_of(p),
+                    host: p.spec.host.clone(),
+                    file: file.clone(),
+                    file_version: good.version.clone(),
+                    file_error: state.error.clone(),
+                });
+            }
+        }
+        out
+    }
+
+    /// Every file, for `/policies`.
+    pub(crate) fn file_views(&self) -> Vec<FileView> {
+        self.files
+            .iter()
+            .map(|(file, state)| FileView {
+                file: file.clone(),
+                version: state.good.as_ref().map(|g| g.version.clone()),
+                from_state: state.good.as_ref().is_some_and(|g| g.from_state),
+                loaded_at_unix_ms: state.good.as_ref().map(|g| crate::unix_ms(g.loaded_at)),
+                error: state
+                    .error
+                    .clone()
+                    .or_else(|| self.conflicts.get(file).cloned()),
+                error_at_unix_ms: state.error_at.map(crate::unix_ms),
+                policies: if self.conflicts.contains_key(file) {
+                    Vec::new()
+                } else {
+                    state
+                        .good
+                        .iter()
+                        .flat_map(|g| &g.policies)
+                        .map(|p| format!("{}/{}", namespace_of(p), p.metadata.name))
+                        .collect()
+                },
+            })
+            .collect()
+    }
+}
+
+fn namespace_of(p: &RoutePolicy) -> String {
+    p.metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".to_string())
+}
+
+fn short_hash(bytes: &[u8]) -> String {
+    hex::encode(&Sha256::digest(bytes)[..8])
+}
+
+fn parse_file(name: &str, bytes: &[u8]) -> Result<Vec<RoutePolicy>, String> {
+    let text = std::str::from_utf8(bytes).map_err(|e| format!("{name}:1:1: not UTF-8: {e}"))?;
+    sluice_config::parse_policies(name, text).map_err(|e| e.to_string())
+}
+
+/// Visible `*.yaml`/`*.yml` regular files (after following symlinks), sorted.
+fn list_yaml(dir: &Path) -> Vec<(String, PathBuf)> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(String, PathBuf)> = entries
+        .filter_map(Result::ok)
+        .filter_map(|e| {
+            let name = e.file_name().to_str()?.to_string();
+            if name.starts_with('.') || !(name.ends_with(".yaml") || name.ends_with(".yml")) {
+                return None;
+            }
+            let path = e.path();
+            // `metadata` follows symlinks: a dangling link mid-swap is skipped.
+            std::fs::metadata(&path)
+                .ok()?
+                .is_file()
+                .then_some((name, path))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+// === impl DirWatcher ===
+
+enum WatchMsg {
+    Changed,
+    Stop,
+}
+
+/// Watches the policy directory and reloads on change; dropping it stops the
+/// watch and its thread.
+#[derive(Debug)]
+pub(crate) struct DirWatcher {
+    _watcher: notify::RecommendedWatcher,
+    tx: std_mpsc::Sender<WatchMsg>,
+}
+
+impl Drop for DirWatcher {
+    fn drop(&mut self) {
+        let _ = self.tx.send(WatchMsg::Stop);
+    }
+}
+
+impl DirWatcher {
+    pub(crate) fn start(
+        dir: &Path,
+        shared: Arc<Shared>,
+        debounce: Duration,
+        rescan_interval: Duration,
+    ) -> Result<Self, Error> {
+        let (tx, rx) = std_mpsc::channel::<WatchMsg>();
+        let events = tx.clone();
+        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            match res {
+                // Any event in the directory may change what a file resolves to
+                // (a ConfigMap swap renames `..data`), so each one triggers a
+                // full re-read; unchanged files are skipped by content hash.
+                Ok(_) => {
+                    let _ = events.send(WatchMsg::Changed);
+                }
+                Err(e) => tracing::warn!(error = %e, "policy directory watch error"),
+            }
+        })
+        .map_err(|source| Error::Watch {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        watcher
+            .watch(dir, notify::RecursiveMode::NonRecursive)
+            .map_err(|source| Error::Watch {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        std::thread::Builder::new()
+            .name("policy-dir-watch".into())
+            .spawn(move || watch_loop(rx, shared, debounce, rescan_interval))
+            .map_err(|source| Error::Write {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        Ok(Self {
+            _watcher: watcher,
+            tx,
+        })
+    }
+}
+
+fn watch_loop(
+    events: std_mpsc::Receiver<WatchMsg>,
+    shared: Arc<Shared>,
+    debounce: Duration,
+    rescan_interval: Duration,
+) {
+    use std_mpsc::RecvTimeoutError;
+    loop {
+        match events.recv_timeout(rescan_interval) {
+            Ok(WatchMsg::Changed) => {}
+            Ok(WatchMsg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+            Err(RecvTimeoutError::Timeout) => {
+                shared.reload();
+                continue;
+            }
+        }
+        // Wait for a quiet moment, bounded so a directory that never stops
+        // changing is still re-read.
+        let deadline = Instant::now() + debounce * 10;
+        loop {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            match events.recv_timeout(debounce.min(deadline - now)) {
+                Ok(WatchMsg::Changed) => continue,
+                Ok(WatchMsg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                Err(RecvTimeoutError::Timeout) => break,
+            }
+        }
+        shared.reload();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: { name: a, namespace: shop }\nspec:\n  host: a\n  inbound: { rateLimit: { perSecond: 100, burst: 10 } }\n";
+
+    #[test]
+    fn broken_file_keeps_last_good_and_restart_restores_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
+        std::fs::write(dir.path().join(".hidden.yaml"), "garbage: [").unwrap();
+        std::fs::write(dir.path().join("notes.txt"), "garbage: [").unwrap();
+        let mut pd = PolicyDir::open(dir.path(), Some(state.path())).unwrap();
+        assert_eq!(pd.rescan().failures, 0);
+        let (set, _) = pd.build_set().unwrap();
+        assert_eq!(set.policies().len(), 1);
+
+        std::fs::write(dir.path().join("a.yaml"), "apiVersion: [").unwrap();
+        assert_eq!(pd.rescan().failures, 1);
+        let (again, _) = pd.build_set().unwrap();
+        assert_eq!(again.hash(), set.hash());
+        assert!(
+            pd.file_views()[0]
+                .error
+                .as_deref()
+                .unwrap()
+                .starts_with("a.yaml:")
+        );
+
+        let mut restarted = PolicyDir::open(dir.path(), Some(state.path())).unwrap();
+        assert_eq!(restarted.rescan().failures, 1);
+        let (restored, _) = restarted.build_set().unwrap();
+        assert_eq!(restored.hash(), set.hash());
+        assert!(restarted.file_views()[0].from_state);
+    }
+
+    #[test]
+    fn duplicate_host_in_a_later_file_is_left_out() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
+        std::fs::write(
+            dir.path().join("b.yml"),
+            GOOD.replace("name: a,", "name: b,"),
+        )
+        .unwrap();
+        let mut pd = PolicyDir::open(dir.path(), None).unwrap();
+        pd.rescan();
+        let (set, metas) = pd.build_set().unwrap();
+        assert_eq!(set.policies().len(), 1);
+        assert_eq!(metas[0].source, "a.yaml");
+        let b = &pd.file_views()[1];
+        assert!(
+            b.error.as_deref().unwrap().contains("also governed"),
+            "{b:?}"
+        );
+    }
+
+    #[test]
+    fn removed_file_is_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
+        let mut pd = PolicyDir::open(dir.path(), None).unwrap();
+        pd.rescan();
+        std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
+        pd.rescan();
+        assert!(pd.build_set().unwrap().0.policies().is_empty());
+    }
+}
