@@ -14,11 +14,13 @@ mod model;
 mod parse;
 mod precedence;
 mod spans;
+mod sticky;
 mod validate;
 
 pub use duration::{Duration, DurationParseError};
 pub use model::*;
 pub use precedence::{compare_matches, precedence_order, prefix_matches};
+pub use sticky::{STICKY_POINTS, sticky_point, weighted_backend};
 
 use std::fmt;
 
