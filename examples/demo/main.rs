@@ -1,0 +1,352 @@
+//! `demo`: the whole local mesh in one process, on loopback.
+//!
+//! Starts log-service v1 and v2, each behind its own sidecar (inbound), and the order
+//! service behind its sidecar, whose outbound listener routes `Host: log-service` to
+//! the log sidecars by the embedded policy. The policy is written to a work directory
+//! that every sidecar watches, so editing it changes the mesh live. Sends a little
+//! traffic, prints what happened and what to try, then runs until Ctrl-C.
+//!
+//! Ports (with the default `--base-port 15000`; another base shifts all of them by the
+//! same amount): order app 8080, order sidecar admin 15000 / outbound 15001 / inbound
+//! 15006; log-v1 app 9101, its sidecar admin 15100 / inbound 15106; log-v2 app 9102,
+//! its sidecar admin 15200 / inbound 15206.
+
+#![allow(clippy::print_stdout)] // a CLI that talks to its user
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use sluice_examples::RunningService;
+use sluice_examples::log_service::{self, LogServiceConfig};
+use sluice_examples::order_service::{self, OrderServiceConfig};
+
+/// The default policy, as shipped in `examples/demo/policies/`.
+const LOG_SERVICE_POLICY: &str = include_str!("policies/log-service.yaml");
+/// The base port the embedded policy's addresses are written for.
+const DEFAULT_BASE: u16 = 15000;
+
+/// Run the local Sluice mesh demo: order service → sidecars → log service v1/v2.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// First port of the demo; every port shifts with it (order app = base - 6920).
+    #[arg(long, default_value_t = DEFAULT_BASE)]
+    base_port: u16,
+    /// Share of ingests log-v2 fails with 503 (watch retries and the breaker act).
+    #[arg(long, default_value_t = 0.0)]
+    log_v2_fail_rate: f64,
+    /// Delay before log-v2 answers an ingest (e.g. 300ms; try it against timeouts).
+    #[arg(long, default_value = "0s")]
+    log_v2_delay: sluice_config::Duration,
+    /// Sidecar log level.
+    #[arg(long, default_value = "warn")]
+    log_level: String,
+}
+
+/// Every port of the demo.
+#[derive(Clone, Copy, Debug)]
+struct Ports {
+    order_app: u16,
+    order_admin: u16,
+    order_outbound: u16,
+    order_inbound: u16,
+    v1_app: u16,
+    v1_admin: u16,
+    v1_inbound: u16,
+    v2_app: u16,
+    v2_admin: u16,
+    v2_inbound: u16,
+}
+
+impl Ports {
+    fn from_base(base: u16) -> anyhow::Result<Self> {
+        let shift = |p: u16| -> anyhow::Result<u16> {
+            let v = i32::from(p) + i32::from(base) - i32::from(DEFAULT_BASE);
+            u16::try_from(v)
+                .ok()
+                .filter(|v| *v > 0)
+                .with_context(|| format!("--base-port {base} puts port {p} out of range"))
+        };
+        Ok(Self {
+            order_app: shift(8080)?,
+            order_admin: shift(15000)?,
+            order_outbound: shift(15001)?,
+            order_inbound: shift(15006)?,
+            v1_app: shift(9101)?,
+            v1_admin: shift(15100)?,
+            v1_inbound: shift(15106)?,
+            v2_app: shift(9102)?,
+            v2_admin: shift(15200)?,
+            v2_inbound: shift(15206)?,
+        })
+    }
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// One sidecar's listeners and upstream app.
+struct SidecarSpec {
+    service: &'static str,
+    admin: u16,
+    outbound: Option<u16>,
+    inbound: Option<u16>,
+    app: u16,
+}
+
+/// Starts one sidecar in process. Every use of the proxy's library API is here.
+async fn start_sidecar(
+    spec: &SidecarSpec,
+    policy: &Path,
+    log_level: &str,
+    log_control: &sluice_proxy::LogControl,
+) -> anyhow::Result<sluice_proxy::RunningProxy> {
+    let defaults = sluice_proxy::ProxyConfig::default();
+    let cfg = sluice_proxy::ProxyConfig {
+        outbound: spec.outbound.map_or(defaults.outbound, local),
+        inbound: spec.inbound.map_or(defaults.inbound, local),
+        no_outbound: spec.outbound.is_none(),
+        no_inbound: spec.inbound.is_none(),
+        admin: local(spec.admin),
+        app: Some(local(spec.app)),
+        policy: Some(policy.to_path_buf()),
+        service: Some(spec.service.to_string()),
+        log_level: log_level.to_string(),
+        log_control: Some(log_control.clone()),
+        ..defaults
+    };
+    sluice_proxy::start(cfg)
+        .await
+        .with_context(|| format!("starting the {} sidecar (admin port {})", spec.service, spec.admin))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<ExitCode> {
+    let args = Args::parse();
+    let log_control = init_logging(&args.log_level);
+    if !(0.0..=1.0).contains(&args.log_v2_fail_rate) {
+        bail!("--log-v2-fail-rate must be between 0.0 and 1.0");
+    }
+    let ports = Ports::from_base(args.base_port)?;
+
+    // The policy, written where the sidecars watch it.
+    let work_dir = tempfile::Builder::new()
+        .prefix("sluice-demo-")
+        .tempdir()
+        .context("creating the demo's work directory")?;
+    let policy_path = work_dir.path().join("log-service.yaml");
+    let policy = LOG_SERVICE_POLICY
+        .replace("127.0.0.1:15106", &local(ports.v1_inbound).to_string())
+        .replace("127.0.0.1:15206", &local(ports.v2_inbound).to_string());
+    std::fs::write(&policy_path, policy).context("writing the demo policy")?;
+
+    // The applications.
+    let log_v1 = log_service::start(
+        local(ports.v1_app),
+        LogServiceConfig {
+            name: "log-v1".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .with_context(|| format!("log-v1 on port {} (try --base-port)", ports.v1_app))?;
+    let log_v2 = log_service::start(
+        local(ports.v2_app),
+        LogServiceConfig {
+            name: "log-v2".into(),
+            fail_rate: args.log_v2_fail_rate,
+            delay: args.log_v2_delay.get(),
+        },
+    )
+    .await
+    .with_context(|| format!("log-v2 on port {} (try --base-port)", ports.v2_app))?;
+    let order = order_service::start(
+        local(ports.order_app),
+        OrderServiceConfig {
+            log_url: format!("http://{}", local(ports.order_outbound)),
+            log_host: "log-service".into(),
+        },
+    )
+    .await
+    .with_context(|| format!("order-service on port {} (try --base-port)", ports.order_app))?;
+
+    // Their sidecars.
+    let specs = [
+        SidecarSpec {
+            service: "order-service",
+            admin: ports.order_admin,
+            outbound: Some(ports.order_outbound),
+            inbound: Some(ports.order_inbound),
+            app: ports.order_app,
+        },
+        SidecarSpec {
+            service: "log-service",
+            admin: ports.v1_admin,
+            outbound: None,
+            inbound: Some(ports.v1_inbound),
+            app: ports.v1_app,
+        },
+        SidecarSpec {
+            service: "log-service",
+            admin: ports.v2_admin,
+            outbound: None,
+            inbound: Some(ports.v2_inbound),
+            app: ports.v2_app,
+        },
+    ];
+    let mut sidecars = Vec::new();
+    for spec in &specs {
+        sidecars.push(start_sidecar(spec, &policy_path, &args.log_level, &log_control).await?);
+    }
+
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    let client: Client<HttpConnector, Full<Bytes>> =
+        Client::builder(TokioExecutor::new()).build(connector);
+    for spec in &specs {
+        wait_ready(&client, spec.admin).await?;
+    }
+
+    println!("Sluice demo mesh is up.\n");
+    println!("  order-service  http://127.0.0.1:{}   sidecar: admin :{}  outbound :{}  inbound :{}",
+        ports.order_app, ports.order_admin, ports.order_outbound, ports.order_inbound);
+    println!("  log-v1         http://127.0.0.1:{}   sidecar: admin :{}  inbound :{}",
+        ports.v1_app, ports.v1_admin, ports.v1_inbound);
+    println!("  log-v2         http://127.0.0.1:{}   sidecar: admin :{}  inbound :{}",
+        ports.v2_app, ports.v2_admin, ports.v2_inbound);
+    println!("\n  policy (watched live): {}\n", policy_path.display());
+
+    send_sample_traffic(&client, ports).await;
+    print_try(ports, &policy_path);
+
+    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    println!("\nstopping…");
+    for sidecar in sidecars {
+        sidecar.shutdown().await;
+    }
+    for service in [order, log_v1, log_v2] {
+        RunningService::shutdown(service).await;
+    }
+    drop(work_dir);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Logs to stderr with a filter that the sidecars' `PUT /log-level` can change.
+fn init_logging(level: &str) -> sluice_proxy::LogControl {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::{EnvFilter, reload};
+
+    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("warn"));
+    let (filter, handle) = reload::Layer::new(filter);
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+        .init();
+    sluice_proxy::LogControl::new(move |directive| {
+        let filter = EnvFilter::try_new(directive).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    })
+}
+
+/// Waits (bounded) until a sidecar's admin answers `/ready` with 200.
+async fn wait_ready(client: &Client<HttpConnector, Full<Bytes>>, admin: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let req = Request::get(format!("http://127.0.0.1:{admin}/ready")).body(Full::default())?;
+        if let Ok(resp) = client.request(req).await {
+            if resp.status().is_success() {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("the sidecar with admin port {admin} did not become ready within 10s");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A few orders, plain and canary, and what each was answered.
+async fn send_sample_traffic(client: &Client<HttpConnector, Full<Bytes>>, ports: Ports) {
+    println!("Sample traffic (order-service → its sidecar → log sidecars → log-v1/v2):");
+    let url = format!("http://127.0.0.1:{}/orders", ports.order_app);
+    let mut cases: Vec<(String, Vec<(&str, String)>)> = (1..=6)
+        .map(|i| (format!("x-user-id: user-{i}"), vec![("x-user-id", format!("user-{i}"))]))
+        .collect();
+    for i in 1..=3 {
+        cases.push((
+            format!("x-user-id: user-{i}, x-canary: true"),
+            vec![("x-user-id", format!("user-{i}")), ("x-canary", "true".into())],
+        ));
+    }
+    for (label, headers) in cases {
+        let mut req = Request::builder().method(Method::POST).uri(&url);
+        for (k, v) in &headers {
+            req = req.header(*k, v.as_str());
+        }
+        let Ok(req) = req.body(Full::new(Bytes::from_static(b"{\"item\":\"book\"}"))) else {
+            continue;
+        };
+        match client.request(req).await {
+            Ok(resp) => {
+                let status = resp.status();
+                let body = resp
+                    .into_body()
+                    .collect()
+                    .await
+                    .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+                    .unwrap_or_default();
+                println!("  POST /orders ({label:<34}) → {} {}", status.as_u16(), body.trim());
+            }
+            Err(e) => println!("  POST /orders ({label:<34}) → failed: {e}"),
+        }
+    }
+    for (name, port) in [("log-v1", ports.v1_app), ("log-v2", ports.v2_app)] {
+        let Ok(req) = Request::get(format!("http://127.0.0.1:{port}/logs/stats")).body(Full::default()) else {
+            continue;
+        };
+        if let Ok(resp) = client.request(req).await {
+            if let Ok(body) = resp.into_body().collect().await {
+                println!("  {name} stats: {}", String::from_utf8_lossy(&body.to_bytes()).trim());
+            }
+        }
+    }
+    println!();
+}
+
+fn print_try(ports: Ports, policy: &Path) {
+    let o = ports.order_app;
+    let out = ports.order_outbound;
+    let a = ports.order_admin;
+    println!("Try:");
+    println!("  curl -si -X POST http://127.0.0.1:{o}/orders -H 'x-user-id: alice'");
+    println!("  curl -si -X POST http://127.0.0.1:{o}/orders -H 'x-canary: true'          # always log-v2");
+    println!("  curl -si -X POST http://127.0.0.1:{out}/logs -H 'Host: log-service' -d hi  # straight into the order sidecar");
+    println!("  curl -si http://127.0.0.1:{out}/ -H 'Host: nowhere'                     # 404, x-sluice-reason: no-route");
+    println!("  for i in $(seq 100); do curl -s -o /dev/null -w '%{{http_code}} ' -X POST http://127.0.0.1:{out}/logs -H 'Host: log-service' -H 'x-tenant-id: t1'; done; echo   # rate limit (429)");
+    println!();
+    println!("Admin (order sidecar; log sidecars on :{} and :{}):", ports.v1_admin, ports.v2_admin);
+    println!("  curl -s http://127.0.0.1:{a}/config");
+    println!("  curl -s http://127.0.0.1:{a}/metrics | grep sluice_requests_total");
+    println!("  curl -s http://127.0.0.1:{a}/ready");
+    println!("  curl -s -X PUT http://127.0.0.1:{a}/log-level -d debug");
+    println!();
+    println!("Edit the policy live (every sidecar watches it):");
+    println!("  $EDITOR {}", policy.display());
+    println!("  e.g. set weights to {{ log-v1: 50, log-v2: 50 }}, then watch `version` change on /config;");
+    println!("  break it (weights summing to 90) and see it refused under `last_rejected` while the old one serves.");
+    println!();
+    println!("Restart with --log-v2-fail-rate 0.5 or --log-v2-delay 800ms to watch retries, timeouts and the breaker.");
+    println!("Ctrl-C to stop.");
+}

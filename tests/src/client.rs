@@ -1,0 +1,174 @@
+//! A client connection over one TCP stream: HTTP/1.1, or h2c with prior knowledge.
+
+use std::net::SocketAddr;
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper::header::HeaderMap;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpStream;
+
+use crate::BoxError;
+
+/// The request body type of [`HttpConn`]: anything that streams `Bytes`.
+pub type ReqBody = BoxBody<Bytes, BoxError>;
+
+/// A whole body as a [`ReqBody`].
+pub fn full_body(bytes: impl Into<Bytes>) -> ReqBody {
+    Full::new(bytes.into()).map_err(|e| match e {}).boxed()
+}
+
+enum Sender {
+    H1(http1::SendRequest<ReqBody>),
+    H2(http2::SendRequest<ReqBody>),
+}
+
+/// One client connection. HTTP/1.1 requests go out in origin form with an explicit
+/// `Host`; HTTP/2 requests in absolute form, so `:authority` carries the host.
+pub struct HttpConn {
+    sender: Sender,
+}
+
+/// A response read to its end.
+#[derive(Debug)]
+pub struct Reply {
+    /// Status code.
+    pub status: StatusCode,
+    /// Response headers.
+    pub headers: HeaderMap,
+    /// The whole body.
+    pub body: Bytes,
+    /// Trailers, when the response had any.
+    pub trailers: Option<HeaderMap>,
+}
+
+impl Reply {
+    /// A header's value as text ("" when absent).
+    pub fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+impl HttpConn {
+    /// Opens an HTTP/1.1 connection to `addr`.
+    pub async fn h1(addr: SocketAddr) -> Result<Self, BoxError> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (sender, conn) = http1::handshake(TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = conn.with_upgrades().await;
+        });
+        Ok(Self {
+            sender: Sender::H1(sender),
+        })
+    }
+
+    /// Opens an h2c (prior knowledge) connection to `addr`.
+    pub async fn h2(addr: SocketAddr) -> Result<Self, BoxError> {
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Self {
+            sender: Sender::H2(sender),
+        })
+    }
+
+    /// Another handle on the same HTTP/2 connection, for concurrent streams
+    /// (`None` for HTTP/1.1, which carries one request at a time).
+    pub fn try_clone(&self) -> Option<Self> {
+        match &self.sender {
+            Sender::H1(_) => None,
+            Sender::H2(s) => Some(Self {
+                sender: Sender::H2(s.clone()),
+            }),
+        }
+    }
+
+    /// True for an HTTP/2 connection.
+    pub fn is_h2(&self) -> bool {
+        matches!(self.sender, Sender::H2(_))
+    }
+
+    /// Builds a request to `host` + `path` in the form this connection's protocol wants.
+    pub fn request_builder(&self, method: Method, host: &str, path: &str) -> http::request::Builder {
+        if self.is_h2() {
+            Request::builder()
+                .method(method)
+                .uri(format!("http://{host}{path}"))
+                .version(http::Version::HTTP_2)
+        } else {
+            Request::builder()
+                .method(method)
+                .uri(path)
+                .header(hyper::header::HOST, host)
+        }
+    }
+
+    /// Sends a request and returns the response head; the body streams.
+    pub async fn send(&mut self, req: Request<ReqBody>) -> Result<Response<Incoming>, BoxError> {
+        match &mut self.sender {
+            Sender::H1(s) => {
+                s.ready().await?;
+                Ok(s.send_request(req).await?)
+            }
+            Sender::H2(s) => {
+                s.ready().await?;
+                Ok(s.send_request(req).await?)
+            }
+        }
+    }
+
+    /// Sends a request and reads the whole response.
+    pub async fn call(&mut self, req: Request<ReqBody>) -> Result<Reply, BoxError> {
+        let resp = self.send(req).await?;
+        read_reply(resp).await
+    }
+
+    /// `method host path` with extra headers and an empty body, read to its end.
+    pub async fn request(
+        &mut self,
+        method: Method,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<Reply, BoxError> {
+        let mut b = self.request_builder(method, host, path);
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        self.call(b.body(full_body(Bytes::new()))?).await
+    }
+
+    /// `GET host path`, read to its end.
+    pub async fn get(&mut self, host: &str, path: &str) -> Result<Reply, BoxError> {
+        self.request(Method::GET, host, path, &[]).await
+    }
+}
+
+/// Reads a response to its end, keeping trailers.
+pub(crate) async fn read_reply(resp: Response<Incoming>) -> Result<Reply, BoxError> {
+    let (parts, body) = resp.into_parts();
+    let collected = body.collect().await?;
+    let trailers = collected.trailers().cloned();
+    Ok(Reply {
+        status: parts.status,
+        headers: parts.headers,
+        body: collected.to_bytes(),
+        trailers,
+    })
+}

@@ -1,0 +1,74 @@
+//! `sluice-e2e`: the end-to-end harness for Sluice.
+//!
+//! Everything here runs for real on `127.0.0.1` ephemeral ports: [`Upstream`] is an
+//! HTTP/1.1 and/or h2c server with a few behaviours the tests need (echo, sink, hold
+//! until released), [`TestProxy`] is a `sluice-proxy` started in process through
+//! `sluice_proxy::start` on a policy file in its own temporary directory, and
+//! [`ChildProxy`] runs the real command line (the `e2e-proxy` binary of this crate)
+//! as a child process, for what needs a process of its own: signals and resident
+//! memory. [`HttpConn`] is a client connection over one TCP stream, HTTP/1.1 or h2c
+//! prior knowledge, so a test controls exactly which protocol and which connection
+//! a request uses. [`grpc`] holds a small tonic service, [`ws`] a WebSocket echo
+//! server.
+//!
+//! Tests never sleep to wait for something: they wait on a condition with
+//! [`wait_until`], which polls with a bounded deadline and fails the test with a
+//! message naming what did not happen.
+
+#![warn(missing_docs, unreachable_pub)]
+
+mod client;
+pub mod grpc;
+mod proxy;
+mod upstream;
+pub mod ws;
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+pub use client::{HttpConn, Reply, ReqBody, full_body};
+pub use proxy::{ChildProxy, ProcMemory, ProxyOptions, TestProxy};
+pub use upstream::{Protocol, Upstream};
+
+/// The error type the harness passes around.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// How long a test waits for something that should happen at once on a quiet machine.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+/// Polls `cond` until it is true, at most `timeout`; panics naming `what` if it never is.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(2);
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting until {what}"
+        );
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// A policy document for `host` with one route sending everything to one backend.
+pub fn single_backend_policy(name: &str, host: &str, backend: std::net::SocketAddr) -> String {
+    format!(
+        r#"apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: {{ name: {name}, namespace: e2e }}
+spec:
+  host: {host}
+  backends:
+    only: {{ addresses: ["{backend}"] }}
+  routes:
+    - name: all
+"#
+    )
+}

@@ -1,0 +1,420 @@
+//! Sluice proxies under test: in process ([`TestProxy`]) and as a child process
+//! ([`ChildProxy`]).
+
+use std::fs;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hyper::{Method, StatusCode};
+use tempfile::TempDir;
+
+use crate::client::HttpConn;
+use crate::{WAIT, full_body, wait_until};
+
+/// What an in-process proxy listens on and forwards to, besides its policy.
+#[derive(Clone, Debug)]
+pub struct ProxyOptions {
+    /// Open the outbound listener (on an ephemeral port).
+    pub outbound: bool,
+    /// Open the inbound listener (on an ephemeral port); needs `app`.
+    pub inbound: bool,
+    /// The application the inbound listener forwards to.
+    pub app: Option<SocketAddr>,
+    /// The service this proxy serves (`--service`).
+    pub service: Option<String>,
+    /// Grace period for requests in flight at shutdown.
+    pub drain_timeout: Duration,
+}
+
+impl Default for ProxyOptions {
+    fn default() -> Self {
+        Self {
+            outbound: true,
+            inbound: false,
+            app: None,
+            service: None,
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Writes `text` to `path` atomically: a sibling temporary file renamed over it, the
+/// way editors and Kubernetes' ConfigMap volumes replace a file.
+fn write_atomically(path: &Path, text: &str) {
+    let dir = path.parent().expect("policy file has a directory");
+    let tmp = tempfile::NamedTempFile::new_in(dir).expect("temporary policy file");
+    fs::write(tmp.path(), text).expect("write temporary policy file");
+    tmp.persist(path).expect("rename policy file into place");
+}
+
+/// An HTTP GET to an admin port, read to its end.
+async fn admin_get(admin: SocketAddr, path: &str) -> (StatusCode, String) {
+    let mut conn = HttpConn::h1(admin)
+        .await
+        .unwrap_or_else(|e| panic!("connect to admin {admin}: {e}"));
+    let reply = conn
+        .get(&admin.to_string(), path)
+        .await
+        .unwrap_or_else(|e| panic!("GET {path} on admin {admin}: {e}"));
+    (reply.status, reply.text())
+}
+
+/// An HTTP request with a body to an admin port, read to its end.
+async fn admin_send(admin: SocketAddr, method: Method, path: &str, body: &str) -> (StatusCode, String) {
+    let mut conn = HttpConn::h1(admin)
+        .await
+        .unwrap_or_else(|e| panic!("connect to admin {admin}: {e}"));
+    let req = conn
+        .request_builder(method, &admin.to_string(), path)
+        .body(full_body(Bytes::from(body.to_string())))
+        .expect("admin request");
+    let reply = conn
+        .call(req)
+        .await
+        .unwrap_or_else(|e| panic!("{path} on admin {admin}: {e}"));
+    (reply.status, reply.text())
+}
+
+fn parse_json(path: &str, status: StatusCode, body: &str) -> serde_json::Value {
+    assert!(status.is_success(), "admin {path} answered {status}: {body}");
+    serde_json::from_str(body).unwrap_or_else(|e| panic!("admin {path} is not JSON ({e}): {body}"))
+}
+
+/// The policy version a `/config` answer reports.
+fn version_of(config: &serde_json::Value) -> Option<String> {
+    config.get("version").and_then(|v| match v {
+        serde_json::Value::String(s) => Some(s.clone()),
+        serde_json::Value::Null => None,
+        other => Some(other.to_string()),
+    })
+}
+
+// === impl TestProxy ===
+
+/// A `sluice-proxy` started in process with `sluice_proxy::start`, on ephemeral ports,
+/// watching a policy file in its own temporary directory.
+pub struct TestProxy {
+    running: Option<sluice_proxy::RunningProxy>,
+    outbound: Option<SocketAddr>,
+    inbound: Option<SocketAddr>,
+    admin: SocketAddr,
+    policy_path: PathBuf,
+    _dir: TempDir,
+}
+
+impl TestProxy {
+    /// A proxy with only the outbound listener, routing by `policy_yaml`.
+    pub async fn start(policy_yaml: &str) -> Self {
+        Self::start_with(policy_yaml, ProxyOptions::default()).await
+    }
+
+    /// A proxy with the given listeners, routing by `policy_yaml`.
+    pub async fn start_with(policy_yaml: &str, opts: ProxyOptions) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("sluice-e2e-")
+            .tempdir()
+            .expect("temporary directory");
+        let policy_path = dir.path().join("policy.yaml");
+        fs::write(&policy_path, policy_yaml).expect("write policy");
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
+
+        let cfg = sluice_proxy::ProxyConfig {
+            outbound: any,
+            inbound: any,
+            admin: any,
+            no_outbound: !opts.outbound,
+            no_inbound: !opts.inbound,
+            app: opts.app,
+            policy: Some(policy_path.clone()),
+            service: opts.service.clone(),
+            drain_timeout: opts.drain_timeout,
+            ..Default::default()
+        };
+        let running = sluice_proxy::start(cfg).await.expect("start the proxy");
+        let outbound = running.outbound_addr();
+        let inbound = running.inbound_addr();
+        let admin = running.admin_addr().expect("the admin listener is open");
+        let proxy = Self {
+            running: Some(running),
+            outbound,
+            inbound,
+            admin,
+            policy_path,
+            _dir: dir,
+        };
+        proxy.wait_ready().await;
+        proxy
+    }
+
+    /// The outbound listener's address.
+    pub fn outbound_addr(&self) -> SocketAddr {
+        self.outbound.expect("this proxy has an outbound listener")
+    }
+
+    /// The inbound listener's address.
+    pub fn inbound_addr(&self) -> SocketAddr {
+        self.inbound.expect("this proxy has an inbound listener")
+    }
+
+    /// The admin listener's address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+    }
+
+    /// The policy file the proxy watches.
+    pub fn policy_path(&self) -> &Path {
+        &self.policy_path
+    }
+
+    /// Replaces the policy file atomically (the proxy picks the change up by itself).
+    pub fn write_policy(&self, yaml: &str) {
+        write_atomically(&self.policy_path, yaml);
+    }
+
+    /// Waits until `/ready` answers 200.
+    pub async fn wait_ready(&self) {
+        let admin = self.admin;
+        wait_until("the proxy is ready", WAIT, || async move {
+            admin_get(admin, "/ready").await.0 == StatusCode::OK
+        })
+        .await;
+    }
+
+    /// GET on the admin port: status and body.
+    pub async fn admin_get(&self, path: &str) -> (StatusCode, String) {
+        admin_get(self.admin, path).await
+    }
+
+    /// Any request on the admin port: status and body.
+    pub async fn admin_send(&self, method: Method, path: &str, body: &str) -> (StatusCode, String) {
+        admin_send(self.admin, method, path, body).await
+    }
+
+    /// GET on the admin port, parsed as JSON (panics unless 2xx and JSON).
+    pub async fn admin_json(&self, path: &str) -> serde_json::Value {
+        let (status, body) = self.admin_get(path).await;
+        parse_json(path, status, &body)
+    }
+
+    /// The policy version in force, from `/config`.
+    pub async fn version(&self) -> Option<String> {
+        version_of(&self.admin_json("/config").await)
+    }
+
+    /// Waits until `/config` reports a version other than `old`, and returns it.
+    pub async fn wait_version_change(&self, old: Option<&str>) -> String {
+        let mut new = None;
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            let v = self.version().await;
+            if v.is_some() && v.as_deref() != old {
+                new = v;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        new.unwrap_or_else(|| panic!("the policy version stayed {old:?} for {WAIT:?}"))
+    }
+
+    /// Stops the proxy, draining what is in flight.
+    pub async fn shutdown(mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+    }
+}
+
+// === impl ChildProxy ===
+
+/// Resident memory of a process, from `/proc/PID/status`, in KiB.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ProcMemory {
+    /// `VmRSS`: resident now.
+    pub rss_kib: u64,
+    /// `VmHWM`: the most that was ever resident.
+    pub hwm_kib: u64,
+}
+
+/// The real `sluice-proxy` command line running as a child process, on ephemeral
+/// ports it reports through `--addr-file`. Killed when dropped.
+pub struct ChildProxy {
+    child: Child,
+    outbound: Option<SocketAddr>,
+    inbound: Option<SocketAddr>,
+    admin: SocketAddr,
+    log_path: PathBuf,
+    dir: TempDir,
+}
+
+impl ChildProxy {
+    /// Runs `bin run` on `policy_yaml` with ephemeral outbound and admin listeners,
+    /// no inbound listener, and `extra_args` after those.
+    pub async fn spawn(bin: &Path, policy_yaml: &str, extra_args: &[&str]) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("sluice-e2e-child-")
+            .tempdir()
+            .expect("temporary directory");
+        let policy = dir.path().join("policy.yaml");
+        fs::write(&policy, policy_yaml).expect("write policy");
+        let addr_file = dir.path().join("addrs.json");
+        let log_path = dir.path().join("proxy.log");
+        let log = fs::File::create(&log_path).expect("create log file");
+
+        let mut cmd = Command::new(bin);
+        // Configuration is passed as flags only: drop any SLUICE_* inherited from the
+        // environment the tests run in.
+        for (key, _) in std::env::vars_os() {
+            if key.to_string_lossy().starts_with("SLUICE_") {
+                cmd.env_remove(&key);
+            }
+        }
+        cmd.arg("run")
+            .args(["--outbound", "127.0.0.1:0"])
+            .args(["--admin", "127.0.0.1:0"])
+            .arg("--no-inbound")
+            .arg("--policy")
+            .arg(&policy)
+            .arg("--addr-file")
+            .arg(&addr_file)
+            .args(extra_args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().expect("clone log file")))
+            .stderr(Stdio::from(log));
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
+
+        let deadline = Instant::now() + WAIT;
+        let addrs: serde_json::Value = loop {
+            if let Ok(text) = fs::read_to_string(&addr_file) {
+                if let Ok(v) = serde_json::from_str(&text) {
+                    break v;
+                }
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "the proxy exited with {status} before writing {}:\n{}",
+                    addr_file.display(),
+                    fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "the proxy did not write {} within {WAIT:?}:\n{}",
+                    addr_file.display(),
+                    fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        let addr = |key: &str| -> Option<SocketAddr> {
+            addrs.get(key).and_then(|v| v.as_str()).and_then(|s| s.parse().ok())
+        };
+        let proxy = Self {
+            outbound: addr("outbound"),
+            inbound: addr("inbound"),
+            admin: addr("admin").expect("the address file names the admin listener"),
+            child,
+            log_path,
+            dir,
+        };
+        let admin = proxy.admin;
+        wait_until("the child proxy is ready", WAIT, || async move {
+            admin_get(admin, "/ready").await.0 == StatusCode::OK
+        })
+        .await;
+        proxy
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The outbound listener's address.
+    pub fn outbound_addr(&self) -> SocketAddr {
+        self.outbound.expect("the address file names the outbound listener")
+    }
+
+    /// The inbound listener's address, when it has one.
+    pub fn inbound_addr(&self) -> Option<SocketAddr> {
+        self.inbound
+    }
+
+    /// The admin listener's address.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+    }
+
+    /// The directory holding the child's policy, address file and log.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Everything the child has written to stdout and stderr so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// GET on the admin port, parsed as JSON.
+    pub async fn admin_json(&self, path: &str) -> serde_json::Value {
+        let (status, body) = admin_get(self.admin, path).await;
+        parse_json(path, status, &body)
+    }
+
+    /// Resident memory now and at its peak.
+    pub fn memory(&self) -> ProcMemory {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/PID/status of the child proxy");
+        let field = |name: &str| -> u64 {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|n| n.parse().ok())
+                .unwrap_or_else(|| panic!("no {name} in /proc/PID/status"))
+        };
+        ProcMemory {
+            rss_kib: field("VmRSS:"),
+            hwm_kib: field("VmHWM:"),
+        }
+    }
+
+    /// Sends SIGTERM.
+    pub fn sigterm(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -TERM {} failed", self.pid());
+    }
+
+    /// Waits (bounded) for the child to exit and returns how it exited.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for the child proxy") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the proxy did not exit within {timeout:?}:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+}
+
+impl Drop for ChildProxy {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

@@ -1,0 +1,231 @@
+//! A real upstream HTTP server for the tests.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+use crate::BoxError;
+
+/// Which protocols an [`Upstream`] speaks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    /// HTTP/1.1 only.
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c) only.
+    Http2,
+    /// Either, detected per connection.
+    Auto,
+}
+
+#[derive(Debug)]
+struct State {
+    name: String,
+    requests: AtomicU64,
+    held: AtomicU64,
+    gate: watch::Sender<bool>,
+}
+
+/// A running upstream server.
+///
+/// Every answer carries `x-upstream: <name>` and what the upstream saw:
+/// `x-seen-method`, `x-seen-path`, `x-seen-host` (Host or `:authority`),
+/// `x-seen-version`. Paths with a behaviour:
+/// - `/echo…` streams the request body back as it arrives;
+/// - `/sink…` reads the body as it streams, keeping none, and answers its length
+///   (body and `x-body-bytes`);
+/// - `/hold…` waits until [`Upstream::release_held`] is called, then answers `released`;
+/// - anything else answers with the upstream's name.
+#[derive(Debug)]
+pub struct Upstream {
+    addr: SocketAddr,
+    state: Arc<State>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Upstream {
+    /// An HTTP/1.1-only upstream called `name`.
+    pub async fn http1(name: &str) -> Self {
+        Self::start(name, Protocol::Http1).await
+    }
+
+    /// An h2c-only upstream called `name`.
+    pub async fn h2(name: &str) -> Self {
+        Self::start(name, Protocol::Http2).await
+    }
+
+    /// An upstream called `name` speaking both HTTP/1.1 and h2c.
+    pub async fn auto(name: &str) -> Self {
+        Self::start(name, Protocol::Auto).await
+    }
+
+    /// Starts an upstream on an ephemeral port of 127.0.0.1.
+    pub async fn start(name: &str, protocol: Protocol) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind an upstream on 127.0.0.1:0");
+        let addr = listener.local_addr().expect("upstream address");
+        let state = Arc::new(State {
+            name: name.to_string(),
+            requests: AtomicU64::new(0),
+            held: AtomicU64::new(0),
+            gate: watch::channel(false).0,
+        });
+        let (stop_tx, mut stop_rx) = oneshot::channel();
+        let st = state.clone();
+        let task = tokio::spawn(async move {
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            match protocol {
+                Protocol::Http1 => builder = builder.http1_only(),
+                Protocol::Http2 => builder = builder.http2_only(),
+                Protocol::Auto => {}
+            }
+            let mut conns = tokio::task::JoinSet::new();
+            loop {
+                let stream = tokio::select! {
+                    r = listener.accept() => match r {
+                        Ok((s, _)) => s,
+                        Err(_) => continue,
+                    },
+                    _ = &mut stop_rx => break,
+                };
+                let _ = stream.set_nodelay(true);
+                let st = st.clone();
+                let svc = service_fn(move |req| {
+                    let st = st.clone();
+                    async move { Ok::<_, Infallible>(handle(st, req).await) }
+                });
+                let builder = builder.clone();
+                conns.spawn(async move {
+                    let _ = builder
+                        .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+            conns.abort_all();
+        });
+        Self {
+            addr,
+            state,
+            stop: Some(stop_tx),
+            task,
+        }
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Its name, as answered in `x-upstream`.
+    pub fn name(&self) -> &str {
+        &self.state.name
+    }
+
+    /// How many requests it has received.
+    pub fn requests(&self) -> u64 {
+        self.state.requests.load(Ordering::SeqCst)
+    }
+
+    /// How many `/hold` requests are waiting to be released.
+    pub fn held(&self) -> u64 {
+        self.state.held.load(Ordering::SeqCst)
+    }
+
+    /// Lets every `/hold` request, present and future, be answered.
+    pub fn release_held(&self) {
+        self.state.gate.send_replace(true);
+    }
+
+    /// Stops the server and closes its connections.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type RespBody = BoxBody<Bytes, BoxError>;
+
+fn full(bytes: impl Into<Bytes>) -> RespBody {
+    Full::new(bytes.into()).map_err(|e| match e {}).boxed()
+}
+
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<RespBody> {
+    state.requests.fetch_add(1, Ordering::SeqCst);
+    let path = req.uri().path().to_string();
+    let seen_host = req
+        .headers()
+        .get(hyper::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))
+        .unwrap_or_default();
+    let seen = [
+        ("x-upstream", state.name.clone()),
+        ("x-seen-method", req.method().to_string()),
+        ("x-seen-path", path.clone()),
+        ("x-seen-host", seen_host),
+        ("x-seen-version", format!("{:?}", req.version())),
+    ];
+
+    let mut resp = if path.starts_with("/echo") {
+        Response::new(req.into_body().map_err(BoxError::from).boxed())
+    } else if path.starts_with("/sink") {
+        let mut body = req.into_body();
+        let mut n = 0u64;
+        let mut broken = false;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(f) => n += f.data_ref().map_or(0, |d| d.len() as u64),
+                Err(_) => {
+                    broken = true;
+                    break;
+                }
+            }
+        }
+        let mut r = Response::new(full(n.to_string()));
+        if broken {
+            *r.status_mut() = StatusCode::BAD_REQUEST;
+        }
+        r.headers_mut()
+            .insert("x-body-bytes", n.to_string().parse().expect("digits"));
+        r
+    } else if path.starts_with("/hold") {
+        let _ = req.into_body().collect().await;
+        state.held.fetch_add(1, Ordering::SeqCst);
+        let mut gate = state.gate.subscribe();
+        let _ = gate.wait_for(|open| *open).await;
+        state.held.fetch_sub(1, Ordering::SeqCst);
+        Response::new(full("released"))
+    } else {
+        let _ = req.into_body().collect().await;
+        Response::new(full(state.name.clone()))
+    };
+    for (k, v) in seen {
+        if let Ok(v) = v.parse() {
+            resp.headers_mut().insert(k, v);
+        }
+    }
+    resp
+}

@@ -1,0 +1,207 @@
+//! Routing by host, path, method and header, with Gateway API precedence.
+
+use std::collections::HashMap;
+
+use hyper::{Method, StatusCode};
+use sluice_e2e::{HttpConn, TestProxy, Upstream};
+
+/// Upstreams named after the route that should reach them.
+const NAMES: [&str; 8] = [
+    "api", "users", "users-post", "users-gold", "login", "fallback", "beta", "canary",
+];
+
+/// One host with routes written in the file in an order that disagrees with their
+/// precedence, so only precedence can pick the expected one.
+fn policy(up: &HashMap<&str, Upstream>, dead: std::net::SocketAddr) -> String {
+    let b = |n: &str| up[n].addr();
+    format!(
+        r#"apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: {{ name: alpha, namespace: e2e }}
+spec:
+  host: alpha
+  backends:
+    api: {{ addresses: ["{api}"] }}
+    users: {{ addresses: ["{users}"] }}
+    users-post: {{ addresses: ["{users_post}"] }}
+    users-gold: {{ addresses: ["{users_gold}"] }}
+    login: {{ addresses: ["{login}"] }}
+    fallback: {{ addresses: ["{fallback}"] }}
+  routes:
+    - name: fallback
+      match: {{ path: {{ prefix: / }} }}
+      split: [ {{ backend: fallback }} ]
+    - name: api
+      match: {{ path: {{ prefix: /api }} }}
+      split: [ {{ backend: api }} ]
+    - name: users
+      match: {{ path: {{ prefix: /api/users }} }}
+      split: [ {{ backend: users }} ]
+    - name: users-post
+      match: {{ path: {{ prefix: /api/users }}, method: POST }}
+      split: [ {{ backend: users-post }} ]
+    - name: users-gold
+      match: {{ path: {{ prefix: /api/users }}, method: POST, headers: {{ x-tier: gold }} }}
+      split: [ {{ backend: users-gold }} ]
+    - name: login
+      match: {{ path: {{ exact: /api/login }} }}
+      split: [ {{ backend: login }} ]
+---
+apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: {{ name: beta, namespace: e2e }}
+spec:
+  host: beta
+  backends:
+    beta: {{ addresses: ["{beta}"] }}
+  routes:
+    - name: all
+---
+apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: {{ name: canary, namespace: e2e }}
+spec:
+  host: canary
+  backends:
+    stable: {{ addresses: ["{fallback}"] }}
+    canary: {{ addresses: ["{canary}"] }}
+  routes:
+    - name: all
+      split:
+        - when: {{ headers: {{ x-canary: "true" }} }}
+          backend: canary
+        - backend: stable
+---
+apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: {{ name: dead, namespace: e2e }}
+spec:
+  host: dead
+  backends:
+    gone: {{ addresses: ["{dead}"] }}
+  routes:
+    - name: all
+"#,
+        api = b("api"),
+        users = b("users"),
+        users_post = b("users-post"),
+        users_gold = b("users-gold"),
+        login = b("login"),
+        fallback = b("fallback"),
+        beta = b("beta"),
+        canary = b("canary"),
+    )
+}
+
+/// A port on 127.0.0.1 that nothing listens on.
+async fn closed_port() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    addr
+}
+
+async fn check_routes(conn: &mut HttpConn) {
+    let cases: &[(Method, &str, &str, &[(&str, &str)], &str)] = &[
+        // exact beats every prefix, though written last
+        (Method::GET, "alpha", "/api/login", &[], "login"),
+        // the longer prefix beats the shorter one
+        (Method::GET, "alpha", "/api/users", &[], "users"),
+        (Method::GET, "alpha", "/api/users/42", &[], "users"),
+        (Method::GET, "alpha", "/api/orders", &[], "api"),
+        // prefixes match whole segments: /apix is not under /api
+        (Method::GET, "alpha", "/apix", &[], "fallback"),
+        (Method::GET, "alpha", "/api/login/again", &[], "api"),
+        // same path: a method match beats none, more header matches beat fewer
+        (Method::POST, "alpha", "/api/users", &[], "users-post"),
+        (Method::POST, "alpha", "/api/users", &[("x-tier", "gold")], "users-gold"),
+        (Method::POST, "alpha", "/api/users", &[("x-tier", "silver")], "users-post"),
+        (Method::GET, "alpha", "/api/users", &[("x-tier", "gold")], "users"),
+        // host decides the policy
+        (Method::GET, "beta", "/api/login", &[], "beta"),
+        // a header split rule before the default backend
+        (Method::GET, "canary", "/", &[("x-canary", "true")], "canary"),
+        (Method::GET, "canary", "/", &[("x-canary", "false")], "fallback"),
+        (Method::GET, "canary", "/", &[], "fallback"),
+    ];
+    for (method, host, path, headers, want) in cases {
+        let reply = conn
+            .request(method.clone(), host, path, headers)
+            .await
+            .unwrap_or_else(|e| panic!("{method} {host}{path}: {e}"));
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "{method} {host}{path} {headers:?}: {reply:?}"
+        );
+        assert_eq!(
+            reply.header("x-upstream"),
+            *want,
+            "{method} {host}{path} {headers:?} went to the wrong upstream"
+        );
+        assert_eq!(reply.header("x-seen-path"), *path, "path passed unchanged");
+        assert_eq!(reply.header("x-seen-method"), method.as_str());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_by_host_path_method_and_header_with_precedence() {
+    let mut up = HashMap::new();
+    for n in NAMES {
+        up.insert(n, Upstream::auto(n).await);
+    }
+    let dead = closed_port().await;
+    let proxy = TestProxy::start(&policy(&up, dead)).await;
+
+    let mut h1 = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
+    check_routes(&mut h1).await;
+    let mut h2 = HttpConn::h2(proxy.outbound_addr()).await.unwrap();
+    check_routes(&mut h2).await;
+
+    // The Host header's port is not part of the host.
+    let reply = h1.get("beta:8080", "/x").await.unwrap();
+    assert_eq!(reply.header("x-upstream"), "beta", "{reply:?}");
+
+    // HTTP/1 in stays HTTP/1 upstream, h2 in goes out as h2.
+    let reply = h1.get("beta", "/v").await.unwrap();
+    assert_eq!(reply.header("x-seen-version"), "HTTP/1.1");
+    let reply = h2.get("beta", "/v").await.unwrap();
+    assert_eq!(reply.header("x-seen-version"), "HTTP/2.0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_host_is_404_no_route_and_refused_upstream_is_502() {
+    let mut up = HashMap::new();
+    for n in NAMES {
+        up.insert(n, Upstream::auto(n).await);
+    }
+    let dead = closed_port().await;
+    let proxy = TestProxy::start(&policy(&up, dead)).await;
+
+    for mut conn in [
+        HttpConn::h1(proxy.outbound_addr()).await.unwrap(),
+        HttpConn::h2(proxy.outbound_addr()).await.unwrap(),
+    ] {
+        let reply = conn.get("nowhere.example", "/").await.unwrap();
+        assert_eq!(reply.status, StatusCode::NOT_FOUND, "{reply:?}");
+        assert_eq!(reply.header("x-sluice-reason"), "no-route");
+
+        let reply = conn.get("dead", "/").await.unwrap();
+        assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{reply:?}");
+        assert_eq!(reply.header("x-sluice-reason"), "upstream-unavailable");
+
+        // the connection still works after synthetic answers
+        let reply = conn.get("beta", "/").await.unwrap();
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+
+    // The admin API reports the traffic.
+    let (status, metrics) = proxy.admin_get("/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    assert!(
+        metrics.contains("sluice_requests_total"),
+        "metrics lack sluice_requests_total:\n{metrics}"
+    );
+    assert_eq!(proxy.admin_get("/live").await.0, StatusCode::OK);
+    assert_eq!(proxy.admin_get("/ready").await.0, StatusCode::OK);
+}
