@@ -7,9 +7,12 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod balance;
 pub mod breaker;
 mod error;
 pub mod ratelimit;
+pub mod split;
+pub mod timeout;
 
 pub use error::{FilterError, find_filter_error};
 pub use error::{UpstreamError, UpstreamErrorKind};

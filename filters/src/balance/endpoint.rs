@@ -1,0 +1,334 @@
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use dashmap::DashMap;
+use tokio::time::Instant;
+
+use super::{BalanceParams, Endpoint};
+use crate::split::RandomSource;
+
+/// How an endpoint stands at one moment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Health {
+    /// Takes traffic.
+    Healthy,
+    /// Ejected after a connect failure; takes nothing until the instant given.
+    Ejected,
+    /// The ejection has run out; the next request to pick it is its probe.
+    ProbeDue,
+    /// A probe is in flight; takes nothing else until it ends.
+    Probing,
+}
+
+// === impl EndpointState ===
+
+/// Latency and health of one address, shared by every request and kept across swaps.
+pub struct EndpointState {
+    addr: Endpoint,
+    epoch: Instant,
+    /// Peak-EWMA round-trip time in nanoseconds, as `f64` bits.
+    rtt: AtomicU64,
+    rtt_at: AtomicU64,
+    pending: AtomicU32,
+    /// 0 while healthy, else nanoseconds since `epoch` when the ejection ends.
+    ejected_until: AtomicU64,
+    /// Length of the next ejection, in nanoseconds (0: the base).
+    next_ejection: AtomicU64,
+    probing: AtomicBool,
+}
+
+impl fmt::Debug for EndpointState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EndpointState")
+            .field("addr", &self.addr.0)
+            .field("rtt", &self.rtt_estimate())
+            .field("pending", &self.pending.load(Ordering::Relaxed))
+            .field("health", &self.health())
+            .finish()
+    }
+}
+
+impl EndpointState {
+    fn new(addr: Arc<str>, default_rtt: Duration) -> Self {
+        Self {
+            addr: Endpoint(addr),
+            epoch: Instant::now(),
+            rtt: AtomicU64::new((default_rtt.as_nanos() as f64).to_bits()),
+            rtt_at: AtomicU64::new(0),
+            pending: AtomicU32::new(0),
+            ejected_until: AtomicU64::new(0),
+            next_ejection: AtomicU64::new(0),
+            probing: AtomicBool::new(false),
+        }
+    }
+
+    /// The address.
+    pub fn endpoint(&self) -> &Endpoint {
+        &self.addr
+    }
+
+    /// The current peak-EWMA round-trip estimate.
+    pub fn rtt_estimate(&self) -> Duration {
+        Duration::from_nanos(f64::from_bits(self.rtt.load(Ordering::Relaxed)) as u64)
+    }
+
+    /// Requests in flight.
+    pub fn pending(&self) -> u32 {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// The endpoint's health now.
+    pub fn health(&self) -> Health {
+        self.health_at(Instant::now())
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        // +1 keeps 0 free to mean "healthy" in `ejected_until`.
+        at.saturating_duration_since(self.epoch).as_nanos() as u64 + 1
+    }
+
+    fn health_at(&self, at: Instant) -> Health {
+        let now = self.nanos(at);
+        let until = self.ejected_until.load(Ordering::Acquire);
+        if until == 0 {
+            Health::Healthy
+        } else if self.probing.load(Ordering::Acquire) {
+            Health::Probing
+        } else if now < until {
+            Health::Ejected
+        } else {
+            Health::ProbeDue
+        }
+    }
+
+    fn cost(&self) -> f64 {
+        f64::from_bits(self.rtt.load(Ordering::Relaxed))
+            * f64::from(self.pending.load(Ordering::Relaxed) + 1)
+    }
+
+    /// Claims the endpoint for one request: always when healthy, once when a probe is due.
+    fn try_claim(&self, at: Instant) -> Option<bool> {
+        match self.health_at(at) {
+            Health::Healthy => Some(false),
+            Health::ProbeDue => self
+                .probing
+                .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+                .ok()
+                .map(|_| true),
+            Health::Ejected | Health::Probing => None,
+        }
+    }
+
+    pub(crate) fn start(&self) {
+        self.pending.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn finish(&self) {
+        self.pending.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Folds one round-trip sample into the peak-EWMA: a slower sample takes over at once,
+    /// faster ones pull the estimate down as older samples decay.
+    pub(crate) fn observe_rtt(&self, at: Instant, rtt: Duration, decay: Duration) {
+        let now = self.nanos(at);
+        let sample = rtt.as_nanos() as f64;
+        let last = self.rtt_at.swap(now, Ordering::Relaxed);
+        let elapsed = now.saturating_sub(last) as f64;
+        let tau = decay.as_nanos().max(1) as f64;
+        let _ = self
+            .rtt
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
+                let prev = f64::from_bits(bits);
+                let next = if sample > prev {
+                    sample
+                } else {
+                    let w = (-elapsed / tau).exp();
+                    prev * w + sample * (1.0 - w)
+                };
+                Some(next.to_bits())
+            });
+    }
+
+    /// A connect failure: eject (or re-eject after a failed probe), doubling the next ejection.
+    pub(crate) fn eject(&self, at: Instant, probe: bool, base: Duration, max: Duration) {
+        let now = self.nanos(at);
+        if !probe && self.ejected_until.load(Ordering::Acquire) != 0 {
+            // Already ejected by a concurrent failure: one ejection per outage step.
+            return;
+        }
+        let base = base.as_nanos() as u64;
+        let max = (max.as_nanos() as u64).max(base);
+        let len = match self.next_ejection.load(Ordering::Relaxed) {
+            0 => base,
+            n => n.min(max),
+        };
+        self.next_ejection
+            .store(len.saturating_mul(2).min(max), Ordering::Relaxed);
+        self.ejected_until.store(now + len, Ordering::Release);
+        if probe {
+            self.probing.store(false, Ordering::Release);
+        }
+        tracing::debug!(endpoint = %self.addr.0, ejected_for = ?Duration::from_nanos(len), "endpoint ejected");
+    }
+
+    /// The probe got through: the endpoint takes traffic again.
+    pub(crate) fn restore(&self) {
+        self.next_ejection.store(0, Ordering::Relaxed);
+        self.ejected_until.store(0, Ordering::Release);
+        self.probing.store(false, Ordering::Release);
+    }
+
+    /// The probe ended without a verdict (cancelled): let another request probe.
+    pub(crate) fn release_probe(&self) {
+        self.probing.store(false, Ordering::Release);
+    }
+}
+
+// === impl EndpointSet ===
+
+/// The endpoints of one backend, built once per swap by [`BalanceRegistry::endpoint_set`].
+#[derive(Debug)]
+pub struct EndpointSet {
+    params: BalanceParams,
+    endpoints: Box<[Arc<EndpointState>]>,
+}
+
+/// One endpoint picked for one request.
+pub(crate) struct Pick {
+    pub(crate) endpoint: Arc<EndpointState>,
+    pub(crate) probe: bool,
+}
+
+impl EndpointSet {
+    /// The params the set was built from.
+    pub fn params(&self) -> &BalanceParams {
+        &self.params
+    }
+
+    /// The endpoints, in the order of the backend's addresses.
+    pub fn endpoints(&self) -> &[Arc<EndpointState>] {
+        &self.endpoints
+    }
+
+    /// Power of two choices: two distinct random endpoints, the cheaper one wins; an
+    /// endpoint due for a probe wins (it is only claimable once); when both samples are
+    /// out, any claimable endpoint is taken, starting from a random one.
+    pub(crate) fn pick(&self, rng: &RandomSource) -> Option<Pick> {
+        let n = self.endpoints.len();
+        let eps = &self.endpoints;
+        let at = |i: usize| &eps[i];
+        let t = Instant::now();
+        let take = |i: usize, probe: bool| {
+            Some(Pick {
+                endpoint: eps[i].clone(),
+                probe,
+            })
+        };
+        match n {
+            0 => return None,
+            1 => return at(0).try_claim(t).and_then(|p| take(0, p)),
+            _ => {}
+        }
+        let a = rng.below(n as u32) as usize;
+        let mut b = rng.below(n as u32 - 1) as usize;
+        if b >= a {
+            b += 1;
+        }
+        let (ha, hb) = (at(a).health_at(t), at(b).health_at(t));
+        for (i, h) in [(a, ha), (b, hb)] {
+            if h == Health::ProbeDue
+                && let Some(true) = at(i).try_claim(t)
+            {
+                return take(i, true);
+            }
+        }
+        match (ha == Health::Healthy, hb == Health::Healthy) {
+            (true, true) => {
+                let i = if at(b).cost() < at(a).cost() { b } else { a };
+                return take(i, false);
+            }
+            (true, false) => return take(a, false),
+            (false, true) => return take(b, false),
+            (false, false) => {}
+        }
+        let start = rng.below(n as u32) as usize;
+        (0..n)
+            .map(|k| (start + k) % n)
+            .find_map(|i| at(i).try_claim(t).map(|probe| (i, probe)))
+            .and_then(|(i, probe)| take(i, probe))
+    }
+}
+
+// === impl BalanceRegistry ===
+
+/// Endpoint state of the whole mesh, keyed by address so that latency and ejections
+/// survive policy swaps (and are shared by backends listing the same address).
+pub struct BalanceRegistry {
+    endpoints: DashMap<Arc<str>, Arc<EndpointState>>,
+}
+
+impl fmt::Debug for BalanceRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BalanceRegistry")
+            .field("endpoints", &self.endpoints.len())
+            .finish()
+    }
+}
+
+impl Default for BalanceRegistry {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl BalanceRegistry {
+    /// An empty registry.
+    pub fn new() -> Self {
+        Self {
+            endpoints: DashMap::new(),
+        }
+    }
+
+    /// The endpoint set of one backend: known addresses keep their state, new ones start
+    /// healthy with the default RTT. Call once per backend at each policy swap.
+    pub fn endpoint_set(&self, params: &BalanceParams) -> Arc<EndpointSet> {
+        let endpoints = params
+            .addresses
+            .iter()
+            .map(|addr| {
+                self.endpoints
+                    .entry(addr.clone())
+                    .or_insert_with(|| {
+                        Arc::new(EndpointState::new(addr.clone(), params.default_rtt))
+                    })
+                    .clone()
+            })
+            .collect();
+        Arc::new(EndpointSet {
+            params: params.clone(),
+            endpoints,
+        })
+    }
+
+    /// Forgets addresses for which `keep` is false (call after a swap with the live set).
+    pub fn retain(&self, mut keep: impl FnMut(&str) -> bool) {
+        self.endpoints.retain(|k, _| keep(k));
+    }
+
+    /// The state of one address, if known.
+    pub fn get(&self, addr: &str) -> Option<Arc<EndpointState>> {
+        self.endpoints.get(addr).map(|e| e.value().clone())
+    }
+
+    /// Number of addresses held.
+    pub fn len(&self) -> usize {
+        self.endpoints.len()
+    }
+
+    /// True when no address is held.
+    pub fn is_empty(&self) -> bool {
+        self.endpoints.is_empty()
+    }
+}

@@ -1,0 +1,142 @@
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use pin_project_lite::pin_project;
+use tokio::time::Instant;
+use tower::BoxError;
+
+use super::BalanceParams;
+use super::endpoint::{EndpointState, Pick};
+use super::service::ConnectFailureClassifier;
+use crate::FilterError;
+
+/// Accounts one request to its endpoint: in flight until dropped, then latency or ejection.
+pub(crate) struct Outcome {
+    endpoint: Arc<EndpointState>,
+    probe: bool,
+    settled: bool,
+    started: Instant,
+    decay: Duration,
+    eject_base: Duration,
+    eject_max: Duration,
+    classify: ConnectFailureClassifier,
+}
+
+impl Outcome {
+    pub(crate) fn new(
+        pick: Pick,
+        params: &BalanceParams,
+        classify: ConnectFailureClassifier,
+    ) -> Self {
+        pick.endpoint.start();
+        Self {
+            endpoint: pick.endpoint,
+            probe: pick.probe,
+            settled: false,
+            started: Instant::now(),
+            decay: params.decay,
+            eject_base: params.eject_base,
+            eject_max: params.eject_max,
+            classify,
+        }
+    }
+
+    fn settle<T>(&mut self, result: &Result<T, BoxError>) {
+        self.settled = true;
+        let now = Instant::now();
+        match result {
+            Err(e) if (self.classify)(&**e) => {
+                self.endpoint
+                    .eject(now, self.probe, self.eject_base, self.eject_max);
+            }
+            Ok(_) => {
+                self.endpoint
+                    .observe_rtt(now, now - self.started, self.decay);
+                if self.probe {
+                    self.endpoint.restore();
+                }
+            }
+            // Any other failure still proves the endpoint accepts connections.
+            Err(_) => {
+                if self.probe {
+                    self.endpoint.restore();
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        self.endpoint.finish();
+        if self.probe && !self.settled {
+            self.endpoint.release_probe();
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`Balance`](super::Balance).
+    pub struct ResponseFuture<F> {
+        #[pin]
+        kind: Kind<F>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<F> {
+        Called {
+            #[pin]
+            fut: F,
+            outcome: Option<Outcome>,
+        },
+        Failed {
+            err: Option<FilterError>,
+        },
+    }
+}
+
+impl<F> ResponseFuture<F> {
+    pub(crate) fn new(fut: F, outcome: Outcome) -> Self {
+        Self {
+            kind: Kind::Called {
+                fut,
+                outcome: Some(outcome),
+            },
+        }
+    }
+
+    pub(crate) fn failed(err: FilterError) -> Self {
+        Self {
+            kind: Kind::Failed { err: Some(err) },
+        }
+    }
+}
+
+impl<F, T, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            KindProj::Called { fut, outcome } => {
+                let result = ready!(fut.poll(cx)).map_err(Into::into);
+                if let Some(mut o) = outcome.take() {
+                    o.settle(&result);
+                }
+                Poll::Ready(result)
+            }
+            KindProj::Failed { err } => Poll::Ready(Err(err
+                .take()
+                .expect("ResponseFuture polled after completion")
+                .into())),
+        }
+    }
+}

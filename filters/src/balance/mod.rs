@@ -1,0 +1,78 @@
+//! Endpoint balancing: power of two choices over peak-EWMA latency, with ejection.
+//!
+//! Each backend's addresses form an [`EndpointSet`]. Per request, [`Balance`] reads the
+//! [`SelectedBackend`](crate::split::SelectedBackend) chosen by the split (backend 0 when
+//! absent), samples two endpoints of that backend at random and takes the one with the
+//! lower cost — its peak-EWMA round-trip time times its requests in flight plus one. It
+//! records the choice as an [`Endpoint`] request extension, which tells the proxy's
+//! connector what to dial, and calls its single inner service.
+//!
+//! A request whose inner call fails with a connect failure (by default an
+//! [`UpstreamError`](crate::UpstreamError) of kind `ConnectFailure` anywhere in the error's
+//! source chain) ejects its endpoint for 1 s, doubling on each failed probe up to 30 s. When
+//! the ejection ends, one request is let through as a probe; its success restores the
+//! endpoint. With every endpoint ejected the request fails with
+//! [`FilterError::NoHealthyEndpoint`](crate::FilterError::NoHealthyEndpoint).
+//!
+//! This is our own implementation over atomics rather than tower's `balance::p2c`: tower's
+//! balancer owns one inner service per endpoint behind a `Discover` stream and a ready
+//! cache, which would make the proxy rebuild services on every policy swap and poll each
+//! endpoint's readiness per request. Here endpoint state is plain atomics shared by every
+//! request and kept across swaps by address in a [`BalanceRegistry`].
+
+mod endpoint;
+mod future;
+mod layer;
+mod service;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use endpoint::{BalanceRegistry, EndpointSet, EndpointState, Health};
+pub use future::ResponseFuture;
+pub use layer::BalanceLayer;
+pub use service::{Balance, ConnectFailureClassifier, is_connect_failure};
+
+/// The address the request is to be sent to (`host:port`, IP or DNS name), set as a request
+/// extension by [`Balance`] for the proxy's connector.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct Endpoint(pub Arc<str>);
+
+/// Balancing settings of one backend, built from the policy once per swap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BalanceParams {
+    /// Backend name, reported in `NoHealthyEndpoint`.
+    pub backend: Arc<str>,
+    /// The backend's addresses in file order.
+    pub addresses: Arc<[Arc<str>]>,
+    /// First ejection after a connect failure.
+    pub eject_base: Duration,
+    /// Longest ejection; each failed probe doubles the previous one up to this.
+    pub eject_max: Duration,
+    /// Latency assumed for an endpoint that has not answered yet.
+    pub default_rtt: Duration,
+    /// How fast old latency samples fade (the EWMA's time constant).
+    pub decay: Duration,
+}
+
+impl BalanceParams {
+    /// Params for backend `name` with its `addresses` and default tuning
+    /// (eject 1 s doubling to 30 s, default RTT 30 ms, decay 10 s).
+    pub fn new<'a>(name: &str, addresses: impl IntoIterator<Item = &'a str>) -> Self {
+        Self {
+            backend: Arc::from(name),
+            addresses: addresses.into_iter().map(Arc::from).collect(),
+            eject_base: Duration::from_secs(1),
+            eject_max: Duration::from_secs(30),
+            default_rtt: Duration::from_millis(30),
+            decay: Duration::from_secs(10),
+        }
+    }
+
+    /// Params for one backend of a policy (`spec.backends[name]`).
+    pub fn from_config(name: &str, backend: &sluice_config::Backend) -> Self {
+        Self::new(name, backend.addresses.iter().map(String::as_str))
+    }
+}

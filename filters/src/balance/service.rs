@@ -1,0 +1,91 @@
+use std::error::Error;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::Request;
+use tower::BoxError;
+use tower_service::Service;
+
+use super::future::Outcome;
+use super::{EndpointSet, ResponseFuture};
+use crate::split::{RandomSource, SelectedBackend};
+use crate::{FilterError, UpstreamError, UpstreamErrorKind};
+
+/// Decides whether an inner error means the endpoint refused the connection.
+pub type ConnectFailureClassifier = fn(&(dyn Error + 'static)) -> bool;
+
+/// The default classifier: an [`UpstreamError`] of kind `ConnectFailure` anywhere in the chain.
+pub fn is_connect_failure(err: &(dyn Error + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(u) = e.downcast_ref::<UpstreamError>() {
+            return u.kind == UpstreamErrorKind::ConnectFailure;
+        }
+        cur = e.source();
+    }
+    false
+}
+
+/// Picks an endpoint of the selected backend, sets [`Endpoint`](super::Endpoint) and calls
+/// the inner service (the proxy's connector/client).
+#[derive(Clone, Debug)]
+pub struct Balance<S> {
+    inner: S,
+    backends: Arc<[Arc<EndpointSet>]>,
+    rng: RandomSource,
+    classify: ConnectFailureClassifier,
+}
+
+impl<S> Balance<S> {
+    /// Balances over `backends`, indexed by [`SelectedBackend::index`].
+    pub fn new(
+        inner: S,
+        backends: Arc<[Arc<EndpointSet>]>,
+        rng: RandomSource,
+        classify: ConnectFailureClassifier,
+    ) -> Self {
+        Self {
+            inner,
+            backends,
+            rng,
+            classify,
+        }
+    }
+}
+
+impl<S, B> Service<Request<B>> for Balance<S>
+where
+    S: Service<Request<B>>,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, mut req: Request<B>) -> Self::Future {
+        let index = req
+            .extensions()
+            .get::<SelectedBackend>()
+            .map_or(0, |s| s.index);
+        let Some(set) = self.backends.get(index) else {
+            let name = req
+                .extensions()
+                .get::<SelectedBackend>()
+                .map_or_else(String::new, |s| s.name.to_string());
+            return ResponseFuture::failed(FilterError::NoHealthyEndpoint(name));
+        };
+        let Some(pick) = set.pick(&self.rng) else {
+            return ResponseFuture::failed(FilterError::NoHealthyEndpoint(
+                set.params().backend.to_string(),
+            ));
+        };
+        req.extensions_mut()
+            .insert(pick.endpoint.endpoint().clone());
+        let outcome = Outcome::new(pick, set.params(), self.classify);
+        ResponseFuture::new(self.inner.call(req), outcome)
+    }
+}

@@ -1,0 +1,287 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Request, Response};
+use tokio::time::{Instant, advance};
+use tower::{BoxError, ServiceExt};
+use tower_layer::Layer;
+use tower_service::Service;
+use tower_test::mock;
+
+use super::*;
+use crate::split::{RandomSource, SelectedBackend};
+use crate::{FilterError, UpstreamError, UpstreamErrorKind};
+
+type Handle = mock::Handle<Request<()>, Response<()>>;
+
+fn refused() -> UpstreamError {
+    UpstreamError::new(
+        UpstreamErrorKind::ConnectFailure,
+        std::io::Error::from(std::io::ErrorKind::ConnectionRefused),
+    )
+}
+
+/// Sends one request; the mock answers per address: `down` addresses refuse connections.
+async fn send<S>(
+    svc: &mut S,
+    handle: &mut Handle,
+    down: &[&str],
+) -> (Option<String>, Result<(), BoxError>)
+where
+    S: Service<Request<()>, Response = Response<()>, Error = BoxError>,
+{
+    let fut = svc.ready().await.unwrap().call(Request::new(()));
+    let mut fut = Box::pin(fut);
+    // A request refused by the balancer itself never reaches the mock.
+    if let Some(r) = futures_util::FutureExt::now_or_never(&mut fut) {
+        return (None, r.map(drop));
+    }
+    let (req, reply) = handle.next_request().await.unwrap();
+    let addr = req.extensions().get::<Endpoint>().unwrap().0.to_string();
+    if down.contains(&addr.as_str()) {
+        reply.send_error(refused());
+    } else {
+        reply.send_response(Response::new(()));
+    }
+    (Some(addr), fut.await.map(drop))
+}
+
+fn balancer(
+    addrs: &[&str],
+) -> (
+    Arc<EndpointSet>,
+    Balance<mock::Mock<Request<()>, Response<()>>>,
+    Handle,
+) {
+    let reg = BalanceRegistry::new();
+    let set = reg.endpoint_set(&BalanceParams::new("log-v1", addrs.iter().copied()));
+    let (mock, mut handle) = mock::pair::<Request<()>, Response<()>>();
+    handle.allow(10_000);
+    let svc = BalanceLayer::new(Arc::from(vec![set.clone()]))
+        .with_random(RandomSource::seeded(11))
+        .layer(mock);
+    (set, svc, handle)
+}
+
+#[tokio::test(start_paused = true)]
+async fn p2c_sends_little_to_a_slow_endpoint() {
+    let reg = BalanceRegistry::new();
+    let set = reg.endpoint_set(&BalanceParams::new("b", ["a", "b", "c", "slow"]));
+    advance(Duration::from_secs(30)).await;
+    let now = Instant::now();
+    for ep in set.endpoints() {
+        let rtt = if &*ep.endpoint().0 == "slow" { 200 } else { 5 };
+        ep.observe_rtt(now, Duration::from_millis(rtt), Duration::from_secs(10));
+    }
+    assert!(set.endpoints()[3].rtt_estimate() >= Duration::from_millis(200));
+    let rng = RandomSource::seeded(3);
+    let mut counts = [0; 4];
+    for _ in 0..4_000 {
+        let p = set.pick(&rng).unwrap();
+        counts[set
+            .endpoints()
+            .iter()
+            .position(|e| Arc::ptr_eq(e, &p.endpoint))
+            .unwrap()] += 1;
+    }
+    // The slow endpoint only wins when it is not sampled with a fast one: never with two
+    // distinct samples, so it gets nothing while the others share the load.
+    assert_eq!(counts[3], 0, "{counts:?}");
+    for c in &counts[..3] {
+        assert!(*c > 1_000, "{counts:?}");
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn load_in_flight_spreads_requests() {
+    let reg = BalanceRegistry::new();
+    let set = reg.endpoint_set(&BalanceParams::new("b", ["fast", "slower"]));
+    advance(Duration::from_secs(30)).await;
+    let now = Instant::now();
+    set.endpoints()[0].observe_rtt(now, Duration::from_millis(10), Duration::from_secs(10));
+    set.endpoints()[1].observe_rtt(now, Duration::from_millis(40), Duration::from_secs(10));
+    let rng = RandomSource::seeded(3);
+    let params = set.params().clone();
+    // Keep every pick in flight: cost grows with pending, so the slower one gets its turn.
+    let in_flight: Vec<_> = (0..50)
+        .map(|_| future::Outcome::new(set.pick(&rng).unwrap(), &params, is_connect_failure))
+        .collect();
+    let (f, s) = (set.endpoints()[0].pending(), set.endpoints()[1].pending());
+    assert!(s >= 5 && f > s, "fast {f}, slower {s}");
+    drop(in_flight);
+    assert_eq!(
+        set.endpoints()[0].pending() + set.endpoints()[1].pending(),
+        0
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn refused_endpoint_is_ejected_probed_and_restored() {
+    let (set, mut svc, mut handle) = balancer(&["a:1", "b:1"]);
+    let a = set.endpoints()[0].clone();
+
+    // Until a request lands on a:1 and is refused.
+    loop {
+        let (addr, r) = send(&mut svc, &mut handle, &["a:1"]).await;
+        if addr.as_deref() == Some("a:1") {
+            let err = r.unwrap_err();
+            assert!(
+                err.downcast_ref::<UpstreamError>().is_some(),
+                "the inner error is passed on"
+            );
+            break;
+        }
+    }
+    assert_eq!(a.health(), Health::Ejected);
+    for _ in 0..50 {
+        assert_eq!(
+            send(&mut svc, &mut handle, &[]).await.0.as_deref(),
+            Some("b:1")
+        );
+    }
+
+    // After 1 s one probe goes to a:1; while it is out, nothing else does.
+    advance(Duration::from_secs(1)).await;
+    assert_eq!(a.health(), Health::ProbeDue);
+    let probe = Box::pin(svc.ready().await.unwrap().call(Request::new(())));
+    let (req, reply) = handle.next_request().await.unwrap();
+    assert_eq!(
+        req.extensions().get::<Endpoint>().unwrap().0.as_ref(),
+        "a:1"
+    );
+    assert_eq!(a.health(), Health::Probing);
+    for _ in 0..10 {
+        assert_eq!(
+            send(&mut svc, &mut handle, &[]).await.0.as_deref(),
+            Some("b:1")
+        );
+    }
+    // The probe is refused too: ejected again, now for 2 s.
+    reply.send_error(refused());
+    assert!(probe.await.is_err());
+    assert_eq!(a.health(), Health::Ejected);
+    advance(Duration::from_millis(1_999)).await;
+    assert_eq!(a.health(), Health::Ejected);
+    advance(Duration::from_millis(1)).await;
+    assert_eq!(a.health(), Health::ProbeDue);
+
+    // This probe succeeds: a:1 takes traffic again.
+    let (addr, r) = send(&mut svc, &mut handle, &[]).await;
+    assert_eq!((addr.as_deref(), r.is_ok()), (Some("a:1"), true));
+    assert_eq!(a.health(), Health::Healthy);
+    let to_a = {
+        let mut n = 0;
+        for _ in 0..100 {
+            if send(&mut svc, &mut handle, &[]).await.0.as_deref() == Some("a:1") {
+                n += 1;
+            }
+        }
+        n
+    };
+    assert!(to_a > 20, "{to_a}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn ejection_doubles_up_to_thirty_seconds() {
+    let reg = BalanceRegistry::new();
+    let set = reg.endpoint_set(&BalanceParams::new("b", ["a"]));
+    let a = set.endpoints()[0].clone();
+    let (base, max) = (Duration::from_secs(1), Duration::from_secs(30));
+    a.eject(Instant::now(), false, base, max);
+    for secs in [1u64, 2, 4, 8, 16, 30, 30] {
+        advance(Duration::from_secs(secs) - Duration::from_millis(1)).await;
+        assert_eq!(a.health(), Health::Ejected, "{secs}");
+        advance(Duration::from_millis(1)).await;
+        assert_eq!(a.health(), Health::ProbeDue, "{secs}");
+        // The probe fails again.
+        a.eject(Instant::now(), true, base, max);
+    }
+    a.restore();
+    a.eject(Instant::now(), false, base, max);
+    advance(Duration::from_secs(1)).await;
+    assert_eq!(a.health(), Health::ProbeDue, "a restore resets the backoff");
+}
+
+#[tokio::test(start_paused = true)]
+async fn all_ejected_fails_with_no_healthy_endpoint() {
+    let (_set, mut svc, mut handle) = balancer(&["a:1", "b:1"]);
+    let mut refused_by_balancer = None;
+    for _ in 0..20 {
+        let (addr, r) = send(&mut svc, &mut handle, &["a:1", "b:1"]).await;
+        if addr.is_none() {
+            refused_by_balancer = Some(r.unwrap_err());
+            break;
+        }
+    }
+    let err = refused_by_balancer.expect("both endpoints ejected");
+    assert_eq!(
+        err.downcast_ref::<FilterError>(),
+        Some(&FilterError::NoHealthyEndpoint("log-v1".into()))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn other_errors_do_not_eject() {
+    let (set, mut svc, mut handle) = balancer(&["a:1"]);
+    let fut = svc.ready().await.unwrap().call(Request::new(()));
+    let (_req, reply) = handle.next_request().await.unwrap();
+    reply.send_error(UpstreamError::new(
+        UpstreamErrorKind::Reset,
+        std::io::Error::other("reset"),
+    ));
+    assert!(fut.await.is_err());
+    assert_eq!(set.endpoints()[0].health(), Health::Healthy);
+}
+
+#[tokio::test(start_paused = true)]
+async fn selected_backend_picks_the_endpoint_set() {
+    let reg = BalanceRegistry::new();
+    let v1 = reg.endpoint_set(&BalanceParams::new("log-v1", ["10.0.0.1:80"]));
+    let v2 = reg.endpoint_set(&BalanceParams::new("log-v2", ["10.0.0.2:80"]));
+    let (mock, mut handle) = mock::pair::<Request<()>, Response<()>>();
+    handle.allow(10);
+    let mut svc = BalanceLayer::new(Arc::from(vec![v1, v2])).layer(mock);
+    let mut req = Request::new(());
+    req.extensions_mut().insert(SelectedBackend {
+        name: Arc::from("log-v2"),
+        index: 1,
+    });
+    let fut = svc.ready().await.unwrap().call(req);
+    let (req, reply) = handle.next_request().await.unwrap();
+    assert_eq!(
+        req.extensions().get::<Endpoint>(),
+        Some(&Endpoint(Arc::from("10.0.0.2:80")))
+    );
+    reply.send_response(Response::new(()));
+    fut.await.unwrap();
+
+    let mut unknown = Request::new(());
+    unknown.extensions_mut().insert(SelectedBackend {
+        name: Arc::from("gone"),
+        index: 7,
+    });
+    let err = svc.ready().await.unwrap().call(unknown).await.unwrap_err();
+    assert_eq!(
+        err.downcast_ref::<FilterError>(),
+        Some(&FilterError::NoHealthyEndpoint("gone".into()))
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn registry_keeps_endpoint_state_across_swaps() {
+    let reg = BalanceRegistry::new();
+    let before = reg.endpoint_set(&BalanceParams::new("b", ["a", "b"]));
+    before.endpoints()[0].eject(
+        Instant::now(),
+        false,
+        Duration::from_secs(1),
+        Duration::from_secs(30),
+    );
+    let after = reg.endpoint_set(&BalanceParams::new("b", ["a", "c"]));
+    assert!(Arc::ptr_eq(&before.endpoints()[0], &after.endpoints()[0]));
+    assert_eq!(after.endpoints()[0].health(), Health::Ejected);
+    assert_eq!(after.endpoints()[1].health(), Health::Healthy);
+    reg.retain(|addr| ["a", "c"].contains(&addr));
+    assert_eq!(reg.len(), 2);
+    assert!(reg.get("b").is_none());
+}

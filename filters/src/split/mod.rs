@@ -1,0 +1,54 @@
+//! Traffic split: picks the backend of each request (header rules, then weights, sticky).
+//!
+//! [`Split`] does not own one inner service per backend. It decides, records the choice as
+//! a [`SelectedBackend`] request extension and calls its single inner service. The layers
+//! below (retry, breaker, balancer) read that extension and index per-backend state that the
+//! proxy built once per policy swap in file order (`SelectedBackend::index` is the backend's
+//! position in `spec.backends`). So the whole stack below the split is built once per route
+//! and swap, readiness stays a single `poll_ready`, and a retry re-sends to the same
+//! backend without deciding again.
+//!
+//! Rules are tried in file order; the first whose `when` headers all match decides. A
+//! weighted rule walks its weights in file order over a point in `[0, 10000)`: a random one
+//! per request, or with `stickyBy`, [`sticky_point`] of the header's value — a fixed,
+//! unseeded FNV-1a hash, the same on every sidecar and across restarts. Because the walk
+//! keeps file order, raising a canary listed last from 10 to 20 moves only the users whose
+//! points lie in `[8000, 9000)`, all of them into the canary.
+
+mod layer;
+mod params;
+mod random;
+mod service;
+#[cfg(test)]
+mod tests;
+
+use std::sync::Arc;
+
+pub use layer::SplitLayer;
+pub use params::{SplitConfigError, SplitParams};
+pub use random::RandomSource;
+pub use service::Split;
+
+/// Points a weighted split is walked over: one point is 0.01 %.
+pub const POINTS: u32 = 10_000;
+
+/// The backend the split chose, set as a request extension for the layers below.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct SelectedBackend {
+    /// Backend name as written in the policy.
+    pub name: Arc<str>,
+    /// Position of the backend in the policy's `backends`, in file order.
+    pub index: usize,
+}
+
+/// The sticky point of a header value: FNV-1a (64-bit, standard offset basis and prime)
+/// modulo 10000. Fixed and unseeded on purpose: every sidecar, before and after a restart,
+/// must put the same user on the same side.
+pub fn sticky_point(value: &[u8]) -> u32 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in value {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    (h % u64::from(POINTS)) as u32
+}

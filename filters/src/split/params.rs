@@ -1,0 +1,159 @@
+use std::sync::Arc;
+
+use http::{HeaderName, HeaderValue, Request};
+
+use super::{POINTS, RandomSource, sticky_point};
+
+/// Why a route's `split` could not be turned into [`SplitParams`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SplitConfigError {
+    /// A rule names a backend the policy does not define.
+    #[error("split names unknown backend {0:?}")]
+    UnknownBackend(String),
+    /// A header name or value in `when` or `stickyBy` is not valid HTTP.
+    #[error("split header {0:?} is not valid")]
+    BadHeader(String),
+    /// A weighted rule has no weight above zero.
+    #[error("split weights sum to zero")]
+    ZeroWeights,
+    /// The policy has no backend at all.
+    #[error("policy has no backends")]
+    NoBackends,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Target {
+    Backend(usize),
+    Weighted {
+        /// Upper bound (exclusive) of each backend's range of points, in file order.
+        bounds: Box<[(u32, usize)]>,
+        sticky: Option<HeaderName>,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Rule {
+    when: Box<[(HeaderName, HeaderValue)]>,
+    target: Target,
+}
+
+/// The split of one route, built from the policy once per swap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SplitParams {
+    backends: Arc<[Arc<str>]>,
+    rules: Box<[Rule]>,
+}
+
+impl SplitParams {
+    /// Builds the split of `route`; `backends` are the policy's backend names in file order
+    /// (`spec.backends.keys()`), which fixes each backend's [`index`](super::SelectedBackend::index).
+    ///
+    /// A route without `split` sends everything to the first backend; so does a request
+    /// that matches no rule.
+    pub fn from_config<'a>(
+        route: &sluice_config::Route,
+        backends: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Self, SplitConfigError> {
+        let backends: Arc<[Arc<str>]> = backends.into_iter().map(Arc::from).collect();
+        if backends.is_empty() {
+            return Err(SplitConfigError::NoBackends);
+        }
+        let index = |name: &str| {
+            backends
+                .iter()
+                .position(|b| &**b == name)
+                .ok_or_else(|| SplitConfigError::UnknownBackend(name.to_string()))
+        };
+        let header = |name: &str| {
+            HeaderName::from_bytes(name.as_bytes())
+                .map_err(|_| SplitConfigError::BadHeader(name.to_string()))
+        };
+        let mut rules = Vec::with_capacity(route.split.len());
+        for rule in &route.split {
+            let mut when = Vec::new();
+            if let Some(w) = &rule.when {
+                for (name, value) in &w.headers {
+                    let v = HeaderValue::from_str(value)
+                        .map_err(|_| SplitConfigError::BadHeader(name.clone()))?;
+                    when.push((header(name)?, v));
+                }
+            }
+            let target = if let Some(weights) = &rule.weights {
+                let total: u64 = weights.values().map(|w| u64::from(*w)).sum();
+                if total == 0 {
+                    return Err(SplitConfigError::ZeroWeights);
+                }
+                let mut acc = 0u64;
+                let mut bounds = Vec::with_capacity(weights.len());
+                for (name, w) in weights {
+                    let i = index(name)?;
+                    if *w == 0 {
+                        continue;
+                    }
+                    acc += u64::from(*w);
+                    // Scaled so that weights summing to 100 map 1 % to 100 points exactly.
+                    bounds.push(((acc * u64::from(POINTS) / total) as u32, i));
+                }
+                Target::Weighted {
+                    bounds: bounds.into(),
+                    sticky: rule
+                        .sticky_by
+                        .as_ref()
+                        .map(|s| header(&s.header))
+                        .transpose()?,
+                }
+            } else if let Some(b) = &rule.backend {
+                Target::Backend(index(b)?)
+            } else {
+                continue;
+            };
+            rules.push(Rule {
+                when: when.into(),
+                target,
+            });
+        }
+        Ok(Self {
+            backends,
+            rules: rules.into(),
+        })
+    }
+
+    /// Backend names in file order.
+    pub fn backends(&self) -> &[Arc<str>] {
+        &self.backends
+    }
+
+    /// The index of the backend `req` goes to.
+    pub fn decide<B>(&self, req: &Request<B>, rng: &RandomSource) -> usize {
+        let headers = req.headers();
+        for rule in &self.rules {
+            if !rule
+                .when
+                .iter()
+                .all(|(n, v)| headers.get(n).is_some_and(|h| h == v))
+            {
+                continue;
+            }
+            return match &rule.target {
+                Target::Backend(i) => *i,
+                Target::Weighted { bounds, sticky } => {
+                    let point = match sticky.as_ref().and_then(|h| headers.get(h)) {
+                        Some(v) => sticky_point(v.as_bytes()),
+                        // Without the header there is no user to keep on one side.
+                        None => rng.point(),
+                    };
+                    walk(bounds, point)
+                }
+            };
+        }
+        0
+    }
+}
+
+fn walk(bounds: &[(u32, usize)], point: u32) -> usize {
+    bounds
+        .iter()
+        .find(|(upper, _)| point < *upper)
+        .or(bounds.last())
+        .map_or(0, |(_, i)| *i)
+}

@@ -1,0 +1,244 @@
+use std::sync::Arc;
+
+use http::{Request, Response};
+use sluice_config::{Route, SplitRule, SplitWhen, StickyBy};
+use tower::ServiceExt;
+use tower_layer::Layer;
+use tower_service::Service;
+use tower_test::mock;
+
+use super::*;
+
+const BACKENDS: [&str; 3] = ["log-v1", "log-v2", "log-v3"];
+
+fn weighted(weights: &[(&str, u32)], sticky: Option<&str>) -> SplitRule {
+    SplitRule {
+        weights: Some(weights.iter().map(|(b, w)| (b.to_string(), *w)).collect()),
+        sticky_by: sticky.map(|h| StickyBy { header: h.into() }),
+        ..Default::default()
+    }
+}
+
+fn route(split: Vec<SplitRule>) -> Route {
+    Route {
+        name: "ingest".into(),
+        split,
+        ..Default::default()
+    }
+}
+
+fn params(split: Vec<SplitRule>) -> SplitParams {
+    SplitParams::from_config(&route(split), BACKENDS).unwrap()
+}
+
+fn user(id: u64) -> Request<()> {
+    Request::builder()
+        .header("x-user-id", format!("user-{id}"))
+        .body(())
+        .unwrap()
+}
+
+#[test]
+fn random_weighted_shares_within_two_points() {
+    for weights in [
+        vec![("log-v1", 90), ("log-v2", 10)],
+        vec![("log-v1", 50), ("log-v2", 30), ("log-v3", 20)],
+    ] {
+        let p = params(vec![weighted(&weights, None)]);
+        let rng = RandomSource::seeded(7);
+        let mut counts = [0u32; 3];
+        for _ in 0..10_000 {
+            counts[p.decide(&Request::new(()), &rng)] += 1;
+        }
+        for (name, w) in &weights {
+            let i = BACKENDS.iter().position(|b| b == name).unwrap();
+            let share = f64::from(counts[i]) / 100.0;
+            assert!(
+                (share - f64::from(*w)).abs() <= 2.0,
+                "{name}: {share}% for weight {w}"
+            );
+        }
+    }
+}
+
+#[test]
+fn thread_local_randomness_also_respects_weights() {
+    let p = params(vec![weighted(&[("log-v1", 80), ("log-v2", 20)], None)]);
+    let rng = RandomSource::ThreadLocal;
+    let canary = (0..10_000)
+        .filter(|_| p.decide(&Request::new(()), &rng) == 1)
+        .count();
+    // 10,000 draws at p = 0.2: six standard deviations is 240.
+    assert!((1_760..=2_240).contains(&canary), "{canary}");
+}
+
+#[test]
+fn sticky_shares_within_two_points() {
+    let p = params(vec![weighted(
+        &[("log-v1", 90), ("log-v2", 10)],
+        Some("x-user-id"),
+    )]);
+    let rng = RandomSource::seeded(1);
+    let canary = (0..10_000u64)
+        .filter(|id| p.decide(&user(*id), &rng) == 1)
+        .count();
+    assert!(
+        (800..=1_200).contains(&canary),
+        "{canary} of 10000 on the canary"
+    );
+}
+
+#[test]
+fn raising_the_canary_moves_users_only_into_it() {
+    let before = params(vec![weighted(
+        &[("log-v1", 90), ("log-v2", 10)],
+        Some("x-user-id"),
+    )]);
+    let after = params(vec![weighted(
+        &[("log-v1", 80), ("log-v2", 20)],
+        Some("x-user-id"),
+    )]);
+    let rng = RandomSource::seeded(1);
+    let mut moved_in = 0;
+    for id in 0..100_000u64 {
+        let (a, b) = (
+            before.decide(&user(id), &rng),
+            after.decide(&user(id), &rng),
+        );
+        assert!(!(a == 1 && b == 0), "user {id} left the canary");
+        if a == 0 && b == 1 {
+            moved_in += 1;
+        }
+    }
+    assert!((9_000..=11_000).contains(&moved_in), "{moved_in} moved in");
+}
+
+#[test]
+fn two_independent_instances_agree_on_every_user() {
+    // As in two proxy processes: separately built params and separate randomness.
+    let cfg = vec![weighted(
+        &[("log-v1", 70), ("log-v2", 30)],
+        Some("x-user-id"),
+    )];
+    let a = SplitParams::from_config(&route(cfg.clone()), BACKENDS).unwrap();
+    let b = SplitParams::from_config(&route(cfg), BACKENDS.iter().copied()).unwrap();
+    let (ra, rb) = (RandomSource::ThreadLocal, RandomSource::seeded(99));
+    for id in 0..10_000u64 {
+        assert_eq!(
+            a.decide(&user(id), &ra),
+            b.decide(&user(id), &rb),
+            "user {id}"
+        );
+    }
+}
+
+#[test]
+fn sticky_point_is_fixed_fnv1a() {
+    // FNV-1a 64 test vectors: "" → cbf29ce484222325, "a" → af63dc4c8601ec8c.
+    assert_eq!(
+        sticky_point(b""),
+        (0xcbf2_9ce4_8422_2325u64 % 10_000) as u32
+    );
+    assert_eq!(
+        sticky_point(b"a"),
+        (0xaf63_dc4c_8601_ec8cu64 % 10_000) as u32
+    );
+    assert!((0..10_000u64).all(|i| sticky_point(format!("u{i}").as_bytes()) < POINTS));
+}
+
+#[test]
+fn header_rules_win_over_weights_in_order() {
+    let canary_rule = SplitRule {
+        when: Some(SplitWhen {
+            headers: [("x-canary".to_string(), "true".to_string())]
+                .into_iter()
+                .collect(),
+        }),
+        backend: Some("log-v2".into()),
+        ..Default::default()
+    };
+    let beta_rule = SplitRule {
+        when: Some(SplitWhen {
+            headers: [("x-beta".to_string(), "1".to_string())]
+                .into_iter()
+                .collect(),
+        }),
+        backend: Some("log-v3".into()),
+        ..Default::default()
+    };
+    let p = params(vec![
+        canary_rule,
+        beta_rule,
+        weighted(&[("log-v1", 100)], Some("x-user-id")),
+    ]);
+    let rng = RandomSource::seeded(3);
+    let req = |hs: &[(&str, &str)]| {
+        let mut b = Request::builder();
+        for (n, v) in hs {
+            b = b.header(*n, *v);
+        }
+        b.body(()).unwrap()
+    };
+    for id in 0..1_000 {
+        let uid = format!("u{id}");
+        assert_eq!(
+            p.decide(&req(&[("x-canary", "true"), ("x-user-id", &uid)]), &rng),
+            1
+        );
+        assert_eq!(
+            p.decide(&req(&[("x-beta", "1"), ("x-user-id", &uid)]), &rng),
+            2
+        );
+        assert_eq!(
+            p.decide(&req(&[("x-canary", "true"), ("x-beta", "1")]), &rng),
+            1,
+            "first rule wins"
+        );
+        assert_eq!(
+            p.decide(&req(&[("x-canary", "false"), ("x-user-id", &uid)]), &rng),
+            0
+        );
+    }
+}
+
+#[test]
+fn config_errors_and_defaults() {
+    let bad = route(vec![SplitRule {
+        backend: Some("nope".into()),
+        ..Default::default()
+    }]);
+    assert_eq!(
+        SplitParams::from_config(&bad, BACKENDS),
+        Err(SplitConfigError::UnknownBackend("nope".into()))
+    );
+    let none = SplitParams::from_config(&route(vec![]), ["only"]).unwrap();
+    assert_eq!(none.decide(&Request::new(()), &RandomSource::seeded(0)), 0);
+    assert_eq!(
+        SplitParams::from_config(&route(vec![]), []),
+        Err(SplitConfigError::NoBackends)
+    );
+}
+
+#[tokio::test]
+async fn layer_sets_selected_backend_extension() {
+    let p = Arc::new(params(vec![weighted(
+        &[("log-v1", 0), ("log-v3", 100)],
+        None,
+    )]));
+    let (mock, mut handle) = mock::pair::<Request<()>, Response<()>>();
+    let mut svc = SplitLayer::new(p)
+        .with_random(RandomSource::seeded(5))
+        .layer(mock);
+    handle.allow(1);
+    let fut = svc.ready().await.unwrap().call(Request::new(()));
+    let (req, send) = handle.next_request().await.unwrap();
+    assert_eq!(
+        req.extensions().get::<SelectedBackend>(),
+        Some(&SelectedBackend {
+            name: Arc::from("log-v3"),
+            index: 2
+        })
+    );
+    send.send_response(Response::new(()));
+    fut.await.unwrap();
+}
