@@ -111,6 +111,7 @@ async fn stream_task(
     let mut proxy_has =
         (!hello.last_applied_version.is_empty()).then_some(hello.last_applied_version);
     let mut in_flight: Option<InFlight> = None;
+    let mut refused: Option<String> = None;
     loop {
         let current = snapshots.borrow_and_update().clone();
         if let Some(published) = current {
@@ -119,7 +120,9 @@ async fn stream_task(
                 .as_ref()
                 .map(|f| &f.version)
                 .or(proxy_has.as_ref());
-            if expected != Some(version) {
+            // A refused version is not offered again on this stream; the next
+            // change (or a new stream) is.
+            if expected != Some(version) && refused.as_ref() != Some(version) {
                 let send = tx.send(Ok(published.snapshot.clone()));
                 let sent = tokio::select! {
                     r = send => r.is_ok(),
@@ -141,7 +144,7 @@ async fn stream_task(
             changed = snapshots.changed() => if changed.is_err() { break },
             msg = inbound.message() => match msg {
                 Ok(Some(pb::ProxyMessage { message: Some(m) })) => {
-                    on_answer(&shared, &node, m, &mut proxy_has, &mut in_flight);
+                    on_answer(&shared, &node, m, &mut proxy_has, &mut in_flight, &mut refused);
                 }
                 Ok(Some(pb::ProxyMessage { message: None })) => {}
                 Ok(None) => break,
@@ -162,6 +165,7 @@ fn on_answer(
     msg: pb::proxy_message::Message,
     proxy_has: &mut Option<String>,
     in_flight: &mut Option<InFlight>,
+    refused: &mut Option<String>,
 ) {
     use pb::proxy_message::Message;
     match msg {
@@ -181,6 +185,7 @@ fn on_answer(
             shared.metrics.acks.with_label_values(&["nack"]).inc();
             shared.proxies.nacked(node, &nack.version, &nack.error);
             in_flight.take_if(|f| f.version == nack.version);
+            *refused = Some(nack.version.clone());
             tracing::warn!(node_id = %node, version = %nack.version, error = %nack.error, "proxy refused policy snapshot");
         }
         Message::Hello(_) => {

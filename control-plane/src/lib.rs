@@ -137,6 +137,8 @@ pub(crate) struct Shared {
     pub(crate) proxies: ProxyRegistry,
     pub(crate) metrics: Metrics,
     pub(crate) ready: std::sync::atomic::AtomicBool,
+    /// Bumped whenever what the admin API shows may have changed.
+    pub(crate) changes: watch::Sender<u64>,
 }
 
 impl Shared {
@@ -154,6 +156,7 @@ impl Shared {
             self.publish(set, metas);
         }
         self.ready.store(true, std::sync::atomic::Ordering::Release);
+        self.changes.send_modify(|c| *c += 1);
     }
 
     fn publish(&self, set: PolicySet, policies: Vec<pb::PolicyMeta>) {
@@ -215,6 +218,13 @@ impl RunningControlPlane {
         self.shared.current_version()
     }
 
+    /// A counter bumped whenever what `/policies` or `/proxies` shows may have
+    /// changed (a re-read of the source, a proxy connecting, an ACK or NACK), so
+    /// callers can wait for a condition instead of polling.
+    pub fn watch_changes(&self) -> watch::Receiver<u64> {
+        self.shared.changes.subscribe()
+    }
+
     /// A receiver that changes whenever a new version is published.
     pub fn watch_version(&self) -> watch::Receiver<Option<String>> {
         let mut snapshots = self.shared.snapshots.subscribe();
@@ -272,10 +282,12 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error
     let policy_dir = PolicyDir::open(&cfg.policy_dir, cfg.state_dir.as_deref())?;
     let metrics = Metrics::new();
     let (snapshots, _) = watch::channel(None);
+    let (changes, _) = watch::channel(0);
     let shared = Arc::new(Shared {
         source: Mutex::new(policy_dir),
         snapshots,
-        proxies: ProxyRegistry::new(metrics.connected.clone()),
+        changes: changes.clone(),
+        proxies: ProxyRegistry::new(metrics.connected.clone(), changes),
         metrics,
         ready: std::sync::atomic::AtomicBool::new(false),
     });

@@ -7,6 +7,7 @@ use std::time::SystemTime;
 use prometheus::IntGauge;
 use serde::Serialize;
 use sluice_api::pb;
+use tokio::sync::watch;
 
 use crate::unix_ms;
 
@@ -50,6 +51,7 @@ pub struct ProxyRecord {
 pub(crate) struct ProxyRegistry {
     records: Mutex<BTreeMap<String, ProxyRecord>>,
     connected: IntGauge,
+    changes: watch::Sender<u64>,
 }
 
 /// Marks a proxy's stream open; dropping it marks the stream closed.
@@ -70,10 +72,11 @@ impl Drop for StreamGuard<'_> {
 }
 
 impl ProxyRegistry {
-    pub(crate) fn new(connected: IntGauge) -> Self {
+    pub(crate) fn new(connected: IntGauge, changes: watch::Sender<u64>) -> Self {
         Self {
             records: Mutex::new(BTreeMap::new()),
             connected,
+            changes,
         }
     }
 
@@ -92,6 +95,8 @@ impl ProxyRegistry {
         r.streams += 1;
         r.connected = true;
         r.last_seen_unix_ms = unix_ms(SystemTime::now());
+        drop(records);
+        self.changes.send_modify(|c| *c += 1);
         StreamGuard {
             registry: self,
             node_id: hello.node_id.clone(),
@@ -131,5 +136,7 @@ impl ProxyRegistry {
             f(r);
             r.last_seen_unix_ms = unix_ms(SystemTime::now());
         }
+        drop(records);
+        self.changes.send_modify(|c| *c += 1);
     }
 }
