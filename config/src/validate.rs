@@ -430,7 +430,7 @@ impl Checker {
 
     fn retry(&mut self, path: &str, r: &Retry, route_timeout: Option<Duration>) {
         self.int(&child_key(path, "attempts"), r.attempts, ATTEMPTS);
-        self.no_duplicates(&child_key(path, "on"), r.on.iter().map(|c| quoted(c)));
+        self.no_duplicates(&child_key(path, "on"), r.on.iter().map(quoted));
         let codes = child_key(path, "statusCodes");
         for (i, code) in r.status_codes.iter().enumerate() {
             self.int(&child_index(&codes, i), *code, STATUS_CODE);
@@ -438,7 +438,7 @@ impl Checker {
         self.no_duplicates(&codes, r.status_codes.iter());
         self.no_duplicates(
             &child_key(path, "grpcStatuses"),
-            r.grpc_statuses.iter().map(|c| quoted(c)),
+            r.grpc_statuses.iter().map(quoted),
         );
         let ptt = child_key(path, "perTryTimeout");
         if let (true, Some(per_try), Some(total)) = (
@@ -536,11 +536,11 @@ impl Checker {
         }
         self.no_duplicates(
             &child_key(path, "failureOn"),
-            cb.failure_on.iter().map(|c| quoted(c)),
+            cb.failure_on.iter().map(quoted),
         );
         self.no_duplicates(
             &child_key(path, "grpcStatuses"),
-            cb.grpc_statuses.iter().map(|c| quoted(c)),
+            cb.grpc_statuses.iter().map(quoted),
         );
     }
 

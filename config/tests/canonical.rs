@@ -269,7 +269,7 @@ fn route(i: usize, backends: Vec<String>) -> impl Strategy<Value = Route> {
                 method: method.map(String::from),
                 headers: hs,
             };
-            let split_strategy = if needs_split || i % 2 == 0 {
+            let split_strategy = if needs_split || i.is_multiple_of(2) {
                 split(backends.clone()).boxed()
             } else {
                 Just(Vec::new()).boxed()
