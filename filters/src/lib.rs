@@ -11,6 +11,7 @@ pub mod balance;
 pub mod breaker;
 mod error;
 pub mod ratelimit;
+pub mod retry;
 pub mod split;
 pub mod timeout;
 

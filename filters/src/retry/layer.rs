@@ -1,0 +1,41 @@
+use std::sync::Arc;
+
+use tower_layer::Layer;
+
+use super::registry::RouteRetry;
+use super::service::Retry;
+
+/// Retries failed tries of one route against one backend's stack.
+#[derive(Clone, Debug)]
+pub struct RetryLayer {
+    route: Option<Arc<RouteRetry>>,
+    backend: Arc<str>,
+}
+
+impl RetryLayer {
+    /// A layer retrying with `route`'s params and budget (from
+    /// [`RetryRegistry::get`](super::RetryRegistry::get)); `backend` labels outcomes.
+    pub fn new(route: Arc<RouteRetry>, backend: impl Into<Arc<str>>) -> Self {
+        Self {
+            route: Some(route),
+            backend: backend.into(),
+        }
+    }
+
+    /// A layer that never retries, for routes without `retry`: the stack keeps one
+    /// type whether a route retries or not.
+    pub fn disabled(backend: impl Into<Arc<str>>) -> Self {
+        Self {
+            route: None,
+            backend: backend.into(),
+        }
+    }
+}
+
+impl<S> Layer<S> for RetryLayer {
+    type Service = Retry<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Retry::new(inner, self.route.clone(), Arc::clone(&self.backend))
+    }
+}

@@ -1,0 +1,202 @@
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{Request, Response};
+use http_body::Body;
+use tokio::time::{Instant, sleep, timeout_at};
+use tower::{BoxError, ServiceExt};
+use tower_service::Service;
+
+use super::body::{BodySource, Reclaim, ReplayBody};
+use super::future::ResponseFuture;
+use super::params::{RetryAfter, retry_after};
+use super::registry::{RetryOutcome, RouteRetry};
+use crate::FilterError;
+use crate::breaker::Deadline;
+use crate::breaker::classify::classify_error;
+
+/// Retries failed tries of a request against the same inner service (one backend).
+///
+/// Sends `Request<ReplayBody<B>>` below; answers what the inner service answers (the
+/// last try's response or error). A request that can never be retried (retry off,
+/// non-idempotent method without `nonIdempotent`, or no per-try timeout and a
+/// `Content-Length` over the replay cap) takes the direct path: the inner future
+/// itself, no box, no copy.
+#[derive(Clone, Debug)]
+pub struct Retry<S> {
+    inner: S,
+    route: Option<Arc<RouteRetry>>,
+    backend: Arc<str>,
+}
+
+impl<S> Retry<S> {
+    /// Wraps `inner`; `route` `None` never retries.
+    pub fn new(inner: S, route: Option<Arc<RouteRetry>>, backend: Arc<str>) -> Self {
+        Self {
+            inner,
+            route,
+            backend,
+        }
+    }
+}
+
+impl<S, B, RB> Service<Request<B>> for Retry<S>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<RB>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Error: Into<BoxError>,
+    RB: Send + 'static,
+{
+    type Response = Response<RB>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, Response<RB>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, req: Request<B>) -> Self::Future {
+        let Some(route) = &self.route else {
+            return ResponseFuture::direct(self.inner.call(req.map(ReplayBody::passthrough)));
+        };
+        route.budget().deposit();
+        let p = route.params();
+        let mut may_retry = p.attempts > 0 && p.method_allowed(req.method());
+        if may_retry && content_length(&req).is_some_and(|n| n > p.max_replay_bytes) {
+            may_retry = false;
+            route.observe(&self.backend, RetryOutcome::SkippedBodyTooLarge);
+            tracing::debug!(
+                route = route.route(),
+                max_replay_bytes = p.max_replay_bytes,
+                "request body over the replay cap: sent once, not retried"
+            );
+        }
+        if !may_retry && p.per_try_timeout.is_none() {
+            return ResponseFuture::direct(self.inner.call(req.map(ReplayBody::passthrough)));
+        }
+        // The service that was made ready goes with this request; a clone stays.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        ResponseFuture::retrying(Box::pin(retry_loop(
+            inner,
+            Arc::clone(route),
+            Arc::clone(&self.backend),
+            req,
+            may_retry,
+        )))
+    }
+}
+
+fn content_length<B>(req: &Request<B>) -> Option<u64> {
+    req.headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+        .and_then(|s| s.trim().parse().ok())
+}
+
+/// The slow path: each try gets a fresh copy of the head and a replaying body.
+async fn retry_loop<S, B, RB>(
+    mut svc: S,
+    route: Arc<RouteRetry>,
+    backend: Arc<str>,
+    req: Request<B>,
+    may_retry: bool,
+) -> Result<Response<RB>, BoxError>
+where
+    S: Service<Request<ReplayBody<B>>, Response = Response<RB>>,
+    S::Error: Into<BoxError>,
+    B: Body,
+    B::Error: Into<BoxError>,
+{
+    let p = route.params();
+    let (parts, body) = req.into_parts();
+    let outer_deadline = parts.extensions.get::<Deadline>().map(|d| d.0);
+    let (mut body, mut source) = BodySource::first(body, may_retry, p.max_replay_bytes);
+    let mut retries = 0u32;
+    loop {
+        let mut req = Request::from_parts(parts.clone(), body);
+        let try_deadline = p.per_try_timeout.map(|t| Instant::now() + t);
+        if let Some(d) = earliest(try_deadline, outer_deadline) {
+            req.extensions_mut().insert(Deadline(d));
+        }
+        let fut = svc.ready().await.map_err(Into::into)?.call(req);
+        let res = match try_deadline {
+            Some(d) => match timeout_at(d, fut).await {
+                Ok(r) => r.map_err(Into::into),
+                Err(_) => Err(FilterError::Timeout(p.per_try_timeout.unwrap_or_default()).into()),
+            },
+            None => fut.await.map_err(Into::into),
+        };
+
+        let wait = match &res {
+            Ok(rsp) if p.is_retryable_response(rsp) => retry_after(rsp),
+            Err(e) if p.is_retryable_error(classify_error(&**e)) => RetryAfter::Absent,
+            _ => return res,
+        };
+        if !may_retry {
+            return res;
+        }
+        if retries >= p.attempts {
+            route.observe(&backend, RetryOutcome::AttemptsExhausted);
+            return res;
+        }
+        let delay = match wait {
+            RetryAfter::Absent => p.backoff(retries),
+            RetryAfter::Wait(d) if d <= p.max_retry_after() => d,
+            RetryAfter::Wait(_) | RetryAfter::Unusable => {
+                route.observe(&backend, RetryOutcome::RetryAfterTooLong);
+                return res;
+            }
+        };
+        // A retry that could not finish its wait before the caller gives up is pointless.
+        if outer_deadline.is_some_and(|d| Instant::now() + delay >= d) {
+            return res;
+        }
+        let mut slept = false;
+        match source.reclaim() {
+            Reclaim::Ready => {}
+            Reclaim::TooLarge => {
+                route.observe(&backend, RetryOutcome::SkippedBodyTooLarge);
+                return res;
+            }
+            Reclaim::InUse => {
+                // The connection below may still be sending the last try's body; give
+                // it the backoff to let go.
+                sleep(delay).await;
+                slept = true;
+                match source.reclaim() {
+                    Reclaim::Ready => {}
+                    Reclaim::TooLarge => {
+                        route.observe(&backend, RetryOutcome::SkippedBodyTooLarge);
+                        return res;
+                    }
+                    Reclaim::InUse => {
+                        route.observe(&backend, RetryOutcome::SkippedBodyInUse);
+                        return res;
+                    }
+                }
+            }
+        }
+        if !route.budget().try_withdraw() {
+            route.observe(&backend, RetryOutcome::BudgetExhausted);
+            tracing::debug!(route = route.route(), %backend, "retry budget exhausted");
+            return res;
+        }
+        drop(res);
+        if !slept {
+            sleep(delay).await;
+        }
+        retries += 1;
+        route.observe(&backend, RetryOutcome::Retried);
+        body = source.next();
+    }
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
