@@ -384,12 +384,12 @@ fn check_and_apply<S: SnapshotSink>(
     }
     let saved = set.clone();
     let changed = sink.apply(set)?;
-    if let Some(dir) = &cfg.state_dir {
-        if let Err(e) = crate::save_snapshot(dir, &saved) {
-            // The policy is in force; only a restart before the control plane
-            // answers would miss it, so this is not a reason to NACK.
-            tracing::warn!(error = %e, "cannot save policy snapshot");
-        }
+    if let Some(dir) = &cfg.state_dir
+        && let Err(e) = crate::save_snapshot(dir, &saved)
+    {
+        // The policy is in force; only a restart before the control plane
+        // answers would miss it, so this is not a reason to NACK.
+        tracing::warn!(error = %e, "cannot save policy snapshot");
     }
     Ok(changed)
 }
