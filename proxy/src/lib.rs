@@ -1,3 +1,266 @@
 //! `sluice-proxy`: listeners, forwarding, live policy and admin for the Sluice sidecar.
+//!
+//! [`start`] binds the outbound, inbound and admin listeners and returns a
+//! [`RunningProxy`]. Every request loads the current [`PolicySnapshot`] once from the
+//! [`PolicyStore`], finds its route in the snapshot's host-indexed [`RouteTable`] and
+//! hands the request to that route's tower stack ([`stack`]), built once per policy
+//! swap. The stack ends in pooled upstream clients ([`forward::Upstream`]); failures
+//! come back as errors that the edge turns into responses carrying `x-sluice-reason`.
+//! Policies reach the store from a watched local file (`--policy`) or, later, from the
+//! control plane; both go through [`PolicyStore::apply`] and [`PolicyStore::reject`].
 
 #![warn(missing_docs, unreachable_pub)]
+
+mod admin;
+pub mod body;
+mod cli;
+mod config;
+mod edge;
+mod error;
+pub mod forward;
+pub mod metrics;
+pub mod policy;
+mod server;
+pub mod stack;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::uri::Authority;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+pub use cli::cli_main;
+pub use config::{LogControl, LogFormat, ProxyConfig};
+pub use error::ProxyError;
+pub use metrics::Metrics;
+pub use policy::{ApplyOutcome, PolicySnapshot, PolicyStore, Rejection, RouteTable};
+pub use stack::{BreakerAdmin, StackContext};
+
+/// A proxy that is listening; dropping it without [`RunningProxy::shutdown`] leaves its
+/// tasks running until the runtime ends.
+#[derive(Debug)]
+pub struct RunningProxy {
+    outbound: Option<SocketAddr>,
+    inbound: Option<SocketAddr>,
+    admin: SocketAddr,
+    store: PolicyStore,
+    drain: Duration,
+    data_shutdown: watch::Sender<bool>,
+    admin_shutdown: watch::Sender<bool>,
+    data_tasks: Vec<JoinHandle<()>>,
+    admin_task: JoinHandle<()>,
+    watcher: Option<JoinHandle<()>>,
+}
+
+impl RunningProxy {
+    /// Where the outbound listener is bound, unless disabled.
+    pub fn outbound_addr(&self) -> Option<SocketAddr> {
+        self.outbound
+    }
+
+    /// Where the inbound listener is bound, unless disabled or without an application.
+    pub fn inbound_addr(&self) -> Option<SocketAddr> {
+        self.inbound
+    }
+
+    /// Where the admin listener is bound.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        Some(self.admin)
+    }
+
+    /// The store whose snapshot the listeners serve.
+    pub fn policy_store(&self) -> PolicyStore {
+        self.store.clone()
+    }
+
+    /// Stops accepting, lets requests in flight finish within the drain timeout, then
+    /// closes the admin listener.
+    pub async fn shutdown(self) {
+        self.store.set_draining();
+        let _ = self.data_shutdown.send(true);
+        for t in self.data_tasks {
+            let _ = t.await;
+        }
+        if let Some(w) = self.watcher {
+            let _ = w.await;
+        }
+        let _ = self.admin_shutdown.send(true);
+        let _ = tokio::time::timeout(self.drain, self.admin_task).await;
+        info!("stopped");
+    }
+}
+
+/// Binds every listener, loads the policy and returns once listening.
+pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
+    let metrics = Metrics::new()?;
+    let ctx = StackContext {
+        upstream: forward::Upstream::new(),
+        metrics,
+        breakers: None,
+    };
+    let app = cfg.app.filter(|_| !cfg.no_inbound);
+    let app_authority = app
+        .map(|a| {
+            a.to_string()
+                .parse::<Authority>()
+                .map_err(|e| ProxyError::Compile(format!("--app {a}: {e}")))
+        })
+        .transpose()?;
+    let store = PolicyStore::new(ctx, cfg.service.clone(), app_authority);
+
+    let token = match &cfg.admin_token_file {
+        Some(path) => Some(Arc::<str>::from(
+            std::fs::read_to_string(path)
+                .map_err(|source| ProxyError::File {
+                    path: path.clone(),
+                    source,
+                })?
+                .trim(),
+        )),
+        None => None,
+    };
+
+    let outbound = if cfg.no_outbound {
+        None
+    } else {
+        Some(bind(cfg.outbound).await?)
+    };
+    let inbound = match app {
+        Some(_) => Some(bind(cfg.inbound).await?),
+        None => {
+            if !cfg.no_inbound {
+                info!("no --app given: inbound listener not opened");
+            }
+            None
+        }
+    };
+    let admin = bind(cfg.admin).await?;
+    let local = |l: &TcpListener| l.local_addr().expect("bound listener has an address");
+    let outbound_addr = outbound.as_ref().map(local);
+    let inbound_addr = inbound.as_ref().map(local);
+    let admin_addr = local(&admin);
+
+    let (data_shutdown, data_rx) = watch::channel(false);
+    let (admin_shutdown, admin_rx) = watch::channel(false);
+
+    let watcher = match &cfg.policy {
+        Some(path) => Some(policy::watch::spawn(
+            path.clone(),
+            store.clone(),
+            data_rx.clone(),
+        )?),
+        None => None,
+    };
+    if let Some(url) = &cfg.control_plane {
+        warn!(%url, state_dir = ?cfg.state_dir, "control plane client is not wired; --control-plane ignored");
+    }
+
+    let mut data_tasks = Vec::new();
+    if let Some(l) = outbound {
+        let store = store.clone();
+        data_tasks.push(server::serve(
+            "outbound",
+            l,
+            move |_peer, req| {
+                let store = store.clone();
+                async move { edge::outbound(&store, req).await }
+            },
+            data_rx.clone(),
+            cfg.drain_timeout,
+        ));
+    }
+    if let Some(l) = inbound {
+        let store = store.clone();
+        data_tasks.push(server::serve(
+            "inbound",
+            l,
+            move |_peer, req| {
+                let store = store.clone();
+                async move { edge::inbound(&store, req).await }
+            },
+            data_rx.clone(),
+            cfg.drain_timeout,
+        ));
+    }
+    let admin_state = admin::AdminState {
+        store: store.clone(),
+        log: cfg.log_control.clone(),
+        token,
+    };
+    let admin_task = server::serve(
+        "admin",
+        admin,
+        move |peer, req| admin::handle(admin_state.clone(), peer, req),
+        admin_rx,
+        Duration::from_secs(1),
+    );
+
+    if let Some(path) = &cfg.addr_file {
+        write_addr_file(path, outbound_addr, inbound_addr, admin_addr)?;
+    }
+    info!(
+        outbound = ?outbound_addr,
+        inbound = ?inbound_addr,
+        admin = %admin_addr,
+        "listening"
+    );
+    Ok(RunningProxy {
+        outbound: outbound_addr,
+        inbound: inbound_addr,
+        admin: admin_addr,
+        store,
+        drain: cfg.drain_timeout,
+        data_shutdown,
+        admin_shutdown,
+        data_tasks,
+        admin_task,
+        watcher,
+    })
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ProxyError::Bind { addr, source })
+}
+
+/// Writes `{"outbound": …, "inbound": …, "admin": …}` atomically (temp file + rename),
+/// with wildcard addresses shown as loopback so readers can connect to them.
+fn write_addr_file(
+    path: &Path,
+    outbound: Option<SocketAddr>,
+    inbound: Option<SocketAddr>,
+    admin: SocketAddr,
+) -> Result<(), ProxyError> {
+    let connectable = |mut a: SocketAddr| {
+        if a.ip().is_unspecified() {
+            a.set_ip(match a.ip() {
+                IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                IpAddr::V6(_) => IpAddr::V6(std::net::Ipv6Addr::LOCALHOST),
+            });
+        }
+        a.to_string()
+    };
+    let mut map = serde_json::Map::new();
+    if let Some(a) = outbound {
+        map.insert("outbound".into(), connectable(a).into());
+    }
+    if let Some(a) = inbound {
+        map.insert("inbound".into(), connectable(a).into());
+    }
+    map.insert("admin".into(), connectable(admin).into());
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = std::path::PathBuf::from(tmp);
+    let err = |source| ProxyError::File {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::write(&tmp, serde_json::Value::Object(map).to_string()).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}

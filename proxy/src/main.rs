@@ -1,3 +1,5 @@
 //! The `sluice-proxy` binary.
 
-fn main() {}
+fn main() -> std::process::ExitCode {
+    sluice_proxy::cli_main()
+}

@@ -1,0 +1,270 @@
+//! The admin listener.
+//!
+//! | route | answer |
+//! |---|---|
+//! | `GET /live` | 200 while the process runs |
+//! | `GET /ready` | 200 once a policy is loaded and the proxy is not draining, else 503 |
+//! | `GET /metrics` | Prometheus text |
+//! | `GET /config` | JSON: version, source, applied_at, policies (canonical YAML), last_rejected |
+//! | `GET /breakers` | JSON list of circuit breakers (empty until a registry is plugged in) |
+//! | `POST /breakers/<route>/<backend>/reset` or `/open` | change one breaker by hand |
+//! | `PUT /log-level` | body: a level or an `EnvFilter` string |
+//!
+//! Mutating routes answer only to loopback peers or to a request carrying the admin
+//! token (`Authorization: Bearer …`), since the admin port is reachable in a pod.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+
+use crate::body::{Body, full};
+use crate::config::LogControl;
+use crate::policy::PolicyStore;
+
+/// Largest admin request body read.
+const MAX_BODY: usize = 64 * 1024;
+
+/// What the admin routes read and change.
+#[derive(Clone, Debug)]
+pub(crate) struct AdminState {
+    pub(crate) store: PolicyStore,
+    pub(crate) log: Option<LogControl>,
+    pub(crate) token: Option<Arc<str>>,
+}
+
+/// Handles one admin request from `peer`.
+pub(crate) async fn handle(
+    state: AdminState,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let (parts, body) = req.into_parts();
+    let path = parts.uri.path();
+    let mutating = !matches!(parts.method, Method::GET | Method::HEAD);
+    if mutating && !authorized(&state, peer, &parts.headers) {
+        return text(
+            StatusCode::FORBIDDEN,
+            "forbidden: loopback or admin token only\n",
+        );
+    }
+    match (&parts.method, path) {
+        (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
+        (&Method::GET, "/ready") => {
+            if state.store.is_ready() {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: no policy loaded\n",
+                )
+            }
+        }
+        (&Method::GET, "/metrics") => {
+            let mut resp = Response::new(full(state.store.context().metrics.encode()));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            resp
+        }
+        (&Method::GET, "/config") => json(StatusCode::OK, &config_json(&state.store)),
+        (&Method::GET, "/breakers") => {
+            let list = match &state.store.context().breakers {
+                Some(b) => b.list(),
+                None => serde_json::Value::Array(Vec::new()),
+            };
+            json(StatusCode::OK, &list)
+        }
+        (&Method::POST, p) if p.starts_with("/breakers/") => breaker_action(&state, p),
+        (&Method::PUT, "/log-level") => {
+            let Some(log) = &state.log else {
+                return text(
+                    StatusCode::NOT_IMPLEMENTED,
+                    "log level is not reloadable here\n",
+                );
+            };
+            let body = match Limited::new(body, MAX_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(_) => return text(StatusCode::BAD_REQUEST, "unreadable body\n"),
+            };
+            let Ok(directive) = std::str::from_utf8(&body) else {
+                return text(StatusCode::BAD_REQUEST, "body is not UTF-8\n");
+            };
+            match log.set(directive.trim()) {
+                Ok(()) => text(
+                    StatusCode::OK,
+                    format!("log level set to {}\n", directive.trim()),
+                ),
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            }
+        }
+        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+    }
+}
+
+fn breaker_action(state: &AdminState, path: &str) -> Response<Body> {
+    let mut parts = path.trim_start_matches("/breakers/").split('/');
+    let (Some(route), Some(backend), Some(action), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    };
+    let Some(breakers) = &state.store.context().breakers else {
+        return text(StatusCode::NOT_FOUND, "no such breaker\n");
+    };
+    let found = match action {
+        "reset" => breakers.reset(route, backend),
+        "open" => breakers.open(route, backend),
+        _ => return text(StatusCode::NOT_FOUND, "not found\n"),
+    };
+    if found {
+        text(StatusCode::OK, format!("{route}/{backend}: {action}\n"))
+    } else {
+        text(StatusCode::NOT_FOUND, "no such breaker\n")
+    }
+}
+
+/// Loopback peers may change things; others need the admin token.
+fn authorized(state: &AdminState, peer: SocketAddr, headers: &http::HeaderMap) -> bool {
+    let ip = peer.ip().to_canonical();
+    if ip.is_loopback() {
+        return true;
+    }
+    let Some(token) = &state.token else {
+        return false;
+    };
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), token.as_bytes()))
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn config_json(store: &PolicyStore) -> serde_json::Value {
+    let snap = store.current();
+    let policies = snap
+        .policy_set()
+        .map(|s| String::from_utf8_lossy(s.canonical_bytes()).into_owned());
+    let rejected = store
+        .last_rejected()
+        .map(|r| serde_json::json!({ "source": r.source, "at": rfc3339(r.at), "error": r.error }));
+    serde_json::json!({
+        "version": snap.hash(),
+        "hash": snap.hash(),
+        "source": snap.policy_set().map(|_| snap.source()),
+        "applied_at": snap.applied_at().map(rfc3339),
+        "policies": policies,
+        "last_rejected": rejected,
+    })
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    let mut resp = Response::new(full(body));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let mut resp = Response::new(full(value.to_string()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    resp
+}
+
+/// `2026-11-23T09:17:38.123Z`, in UTC.
+pub(crate) fn rfc3339(t: SystemTime) -> String {
+    let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil-from-days (Howard Hinnant's algorithm), valid for every date after 1970.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn state(token: Option<&str>) -> AdminState {
+        AdminState {
+            store: crate::policy::store_for_tests(),
+            log: None,
+            token: token.map(Into::into),
+        }
+    }
+
+    fn headers(auth: Option<&'static str>) -> http::HeaderMap {
+        let mut h = http::HeaderMap::new();
+        if let Some(a) = auth {
+            h.insert(header::AUTHORIZATION, HeaderValue::from_static(a));
+        }
+        h
+    }
+
+    #[test]
+    fn mutating_routes_need_loopback_or_token() {
+        let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let local6: SocketAddr = "[::ffff:127.0.0.1]:5000".parse().unwrap();
+        let remote: SocketAddr = "10.0.0.7:5000".parse().unwrap();
+        let s = state(Some("s3cret"));
+        assert!(authorized(&s, local, &headers(None)));
+        assert!(authorized(&s, local6, &headers(None)));
+        assert!(!authorized(&s, remote, &headers(None)));
+        assert!(!authorized(&s, remote, &headers(Some("Bearer wrong"))));
+        assert!(!authorized(&s, remote, &headers(Some("Basic s3cret"))));
+        assert!(authorized(&s, remote, &headers(Some("Bearer s3cret"))));
+        let s = state(None);
+        assert!(!authorized(&s, remote, &headers(Some("Bearer "))));
+    }
+
+    #[test]
+    fn formats_rfc3339() {
+        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + Duration::from_millis(1_795_425_458_123);
+        assert_eq!(rfc3339(t), "2026-11-23T09:17:38.123Z");
+        let leap = UNIX_EPOCH + Duration::from_secs(951_782_400);
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn config_reports_rejection() {
+        let s = state(None);
+        s.store
+            .reject("p.yaml", "p.yaml:3:1: spec: missing field".into());
+        let v = config_json(&s.store);
+        assert!(v["version"].is_null());
+        assert_eq!(v["last_rejected"]["source"], "p.yaml");
+        assert!(v["last_rejected"]["at"].as_str().unwrap().ends_with('Z'));
+    }
+}

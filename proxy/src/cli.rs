@@ -1,0 +1,217 @@
+//! The command line: `sluice-proxy run` and `sluice-proxy validate`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use sluice_config::{PolicySet, parse_policies};
+use tracing::{error, info};
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, reload};
+
+use crate::config::{LogControl, LogFormat, ProxyConfig};
+
+/// The Sluice sidecar proxy.
+#[derive(Debug, Parser)]
+#[command(name = "sluice-proxy", version, about)]
+pub(crate) struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run the proxy.
+    Run(RunArgs),
+    /// Check policy files and report every problem with file:line:column.
+    Validate {
+        /// Policy files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+}
+
+/// Flags of `sluice-proxy run`; each also reads `SLUICE_<FLAG>`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct RunArgs {
+    /// Outbound listener (application → mesh).
+    #[arg(long, env = "SLUICE_OUTBOUND", default_value = "127.0.0.1:15001")]
+    pub(crate) outbound: SocketAddr,
+    /// Inbound listener (mesh → application); opens only with --app.
+    #[arg(long, env = "SLUICE_INBOUND", default_value = "0.0.0.0:15006")]
+    pub(crate) inbound: SocketAddr,
+    /// Admin listener.
+    #[arg(long, env = "SLUICE_ADMIN", default_value = "127.0.0.1:15000")]
+    pub(crate) admin: SocketAddr,
+    /// The local application inbound requests go to.
+    #[arg(long, env = "SLUICE_APP")]
+    pub(crate) app: Option<SocketAddr>,
+    /// Local policy file, watched for changes.
+    #[arg(long, env = "SLUICE_POLICY")]
+    pub(crate) policy: Option<PathBuf>,
+    /// This proxy's service (host of the policy whose inbound rules apply).
+    #[arg(long, env = "SLUICE_SERVICE")]
+    pub(crate) service: Option<String>,
+    /// Grace period for requests in flight on shutdown (e.g. 20s, 500ms).
+    #[arg(long, env = "SLUICE_DRAIN_TIMEOUT", default_value = "20s")]
+    pub(crate) drain_timeout: sluice_config::Duration,
+    /// Log filter: a level or an EnvFilter string.
+    #[arg(long, env = "SLUICE_LOG_LEVEL", default_value = "info")]
+    pub(crate) log_level: String,
+    /// Log format.
+    #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub(crate) log_format: LogFormat,
+    /// Write the bound addresses as JSON here once listening.
+    #[arg(long, env = "SLUICE_ADDR_FILE")]
+    pub(crate) addr_file: Option<PathBuf>,
+    /// Bearer token file unlocking mutating admin routes for non-loopback peers.
+    #[arg(long, env = "SLUICE_ADMIN_TOKEN_FILE")]
+    pub(crate) admin_token_file: Option<PathBuf>,
+    /// Control-plane URL.
+    #[arg(long, env = "SLUICE_CONTROL_PLANE")]
+    pub(crate) control_plane: Option<String>,
+    /// Directory for the last good snapshot.
+    #[arg(long, env = "SLUICE_STATE_DIR")]
+    pub(crate) state_dir: Option<PathBuf>,
+    /// Do not open the inbound listener.
+    #[arg(long, env = "SLUICE_NO_INBOUND")]
+    pub(crate) no_inbound: bool,
+    /// Do not open the outbound listener.
+    #[arg(long, env = "SLUICE_NO_OUTBOUND")]
+    pub(crate) no_outbound: bool,
+}
+
+impl From<RunArgs> for ProxyConfig {
+    fn from(a: RunArgs) -> Self {
+        ProxyConfig {
+            outbound: a.outbound,
+            inbound: a.inbound,
+            admin: a.admin,
+            app: a.app,
+            policy: a.policy,
+            service: a.service,
+            drain_timeout: a.drain_timeout.get(),
+            log_level: a.log_level,
+            log_format: a.log_format,
+            addr_file: a.addr_file,
+            admin_token_file: a.admin_token_file,
+            control_plane: a.control_plane,
+            state_dir: a.state_dir,
+            no_inbound: a.no_inbound,
+            no_outbound: a.no_outbound,
+            log_control: None,
+        }
+    }
+}
+
+/// Parses the command line and runs it; `main` is just this.
+pub fn cli_main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Validate { files } => validate(&files),
+        Command::Run(args) => run(args.into()),
+    }
+}
+
+/// Prints `ok  FILE (N policies, hash H)` or every diagnostic; fails if any file failed.
+#[allow(clippy::print_stdout)] // the command's output
+fn validate(files: &[PathBuf]) -> ExitCode {
+    let mut failed = false;
+    for file in files {
+        let label = file.display().to_string();
+        let text = match std::fs::read_to_string(file) {
+            Ok(t) => t,
+            Err(e) => {
+                println!("{label}: {e}");
+                failed = true;
+                continue;
+            }
+        };
+        match parse_policies(&label, &text).and_then(PolicySet::new) {
+            Ok(set) => println!(
+                "ok  {label} ({} policies, hash {})",
+                set.policies().len(),
+                set.hash()
+            ),
+            Err(e) => {
+                failed = true;
+                for d in e.diagnostics() {
+                    println!("{d}");
+                }
+            }
+        }
+    }
+    if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+#[allow(clippy::print_stderr)] // no logger may exist yet
+fn run(mut cfg: ProxyConfig) -> ExitCode {
+    match init_logging(&cfg.log_level, cfg.log_format) {
+        Ok(control) => cfg.log_control = Some(control),
+        Err(e) => {
+            eprintln!("sluice-proxy: invalid --log-level: {e}");
+            return ExitCode::FAILURE;
+        }
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            error!(error = %e, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let proxy = match crate::start(cfg).await {
+            Ok(p) => p,
+            Err(e) => {
+                error!("{e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        wait_for_signal().await;
+        info!("shutting down");
+        proxy.shutdown().await;
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn init_logging(level: &str, format: LogFormat) -> Result<LogControl, String> {
+    let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => registry.with(fmt).try_init(),
+        LogFormat::Json => registry.with(fmt.json()).try_init(),
+    };
+    Ok(LogControl::new(move |directive| {
+        let filter = EnvFilter::try_new(directive).map_err(|e| e.to_string())?;
+        handle.reload(filter).map_err(|e| e.to_string())
+    }))
+}

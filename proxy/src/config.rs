@@ -1,0 +1,99 @@
+//! The proxy's settings, as the command line and in-process callers give them.
+
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Everything [`crate::start`] needs. `Default` gives the documented defaults.
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    /// Outbound listener (the application's traffic to the mesh).
+    pub outbound: SocketAddr,
+    /// Inbound listener (the mesh's traffic to the application); used only with `app`.
+    pub inbound: SocketAddr,
+    /// Admin listener: probes, metrics, config, log level.
+    pub admin: SocketAddr,
+    /// The local application inbound requests go to; without it no inbound listener opens.
+    pub app: Option<SocketAddr>,
+    /// Local policy file, watched for changes.
+    pub policy: Option<PathBuf>,
+    /// This proxy's service: the policy whose host it is supplies the inbound rules.
+    pub service: Option<String>,
+    /// How long requests in flight may take to finish on shutdown.
+    pub drain_timeout: Duration,
+    /// Initial log filter (a level or an `EnvFilter` string).
+    pub log_level: String,
+    /// Log line format.
+    pub log_format: LogFormat,
+    /// Where to write the bound addresses as JSON once listening.
+    pub addr_file: Option<PathBuf>,
+    /// File holding the bearer token that unlocks mutating admin routes off loopback.
+    pub admin_token_file: Option<PathBuf>,
+    /// Control-plane URL to receive policies from.
+    pub control_plane: Option<String>,
+    /// Where the last good snapshot is persisted.
+    pub state_dir: Option<PathBuf>,
+    /// Do not open the inbound listener.
+    pub no_inbound: bool,
+    /// Do not open the outbound listener.
+    pub no_outbound: bool,
+    /// Changes the log filter at run time (`PUT /log-level`); set by the CLI's logger.
+    pub log_control: Option<LogControl>,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            outbound: SocketAddr::from((Ipv4Addr::LOCALHOST, 15001)),
+            inbound: SocketAddr::from((Ipv4Addr::UNSPECIFIED, 15006)),
+            admin: SocketAddr::from((Ipv4Addr::LOCALHOST, 15000)),
+            app: None,
+            policy: None,
+            service: None,
+            drain_timeout: Duration::from_secs(20),
+            log_level: "info".into(),
+            log_format: LogFormat::Text,
+            addr_file: None,
+            admin_token_file: None,
+            control_plane: None,
+            state_dir: None,
+            no_inbound: false,
+            no_outbound: false,
+            log_control: None,
+        }
+    }
+}
+
+/// Log line format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// A hook that replaces the log filter, e.g. a `tracing_subscriber` reload handle.
+#[derive(Clone)]
+pub struct LogControl(Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>);
+
+impl LogControl {
+    /// Wraps a function that applies a filter directive string.
+    pub fn new(f: impl Fn(&str) -> Result<(), String> + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    /// Applies `directive` (`debug`, `sluice_proxy=trace,info`, …).
+    pub fn set(&self, directive: &str) -> Result<(), String> {
+        (self.0)(directive)
+    }
+}
+
+impl fmt::Debug for LogControl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("LogControl")
+    }
+}

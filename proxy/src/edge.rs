@@ -1,0 +1,267 @@
+//! The server edge of the outbound and inbound listeners: pick the stack, hand the
+//! request over, and rescue failures into synthetic responses.
+
+use std::time::Instant;
+
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use sluice_filters::{FilterError, find_filter_error};
+use tower::Service;
+use tracing::debug;
+
+use crate::ProxyError;
+use crate::body::{Body, boxed, synthetic};
+use crate::forward::{is_switching, is_upgrade_request, spawn_tunnel, strip_hop_by_hop};
+use crate::policy::PolicyStore;
+use crate::stack::{RouteEntry, SelectedBackend};
+
+/// Which listener a request came in on (a metrics label).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Direction {
+    Outbound,
+    Inbound,
+}
+
+/// Handles one request on the outbound listener.
+pub(crate) async fn outbound(store: &PolicyStore, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let snapshot = store.current();
+    let entry = request_host(&req)
+        .and_then(|host| snapshot.route(host, req.method(), req.uri().path(), req.headers()));
+    let Some(entry) = entry else {
+        debug!(host = ?request_host(&req), path = req.uri().path(), "no route");
+        return synthetic(StatusCode::NOT_FOUND, "no-route", "no route\n");
+    };
+    forward(entry, req, started, Direction::Outbound).await
+}
+
+/// Handles one request on the inbound listener.
+pub(crate) async fn inbound(store: &PolicyStore, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let snapshot = store.current();
+    let Some(entry) = snapshot.inbound() else {
+        return synthetic(StatusCode::NOT_FOUND, "no-route", "no application\n");
+    };
+    forward(entry, req, started, Direction::Inbound).await
+}
+
+/// The authority a request names: absolute-form URI or `:authority` first, then `Host`.
+pub(crate) fn request_host<B>(req: &Request<B>) -> Option<&str> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.as_str());
+    }
+    req.headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+}
+
+async fn forward(
+    entry: &RouteEntry,
+    mut req: Request<Incoming>,
+    started: Instant,
+    direction: Direction,
+) -> Response<Body> {
+    let grpc = is_grpc(&req);
+    let upgrade = is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
+    strip_hop_by_hop(req.headers_mut(), upgrade.is_some());
+    let mut svc = entry.service.clone();
+    // The boxed request must not be held across an await: rustc cannot prove such a
+    // future `Send` for every lifetime of the boxed error inside the body type.
+    let ready = std::future::poll_fn(|cx| svc.poll_ready(cx)).await;
+    let result = match ready {
+        Ok(()) => svc.call(req.map(boxed)).await,
+        Err(e) => Err(e),
+    };
+    let (resp, backend) = match result {
+        Ok(mut resp) => {
+            let backend = resp
+                .extensions_mut()
+                .remove::<SelectedBackend>()
+                .map(|b| b.0.index);
+            match upgrade {
+                Some(down) if is_switching(&resp) => spawn_tunnel(down, &mut resp),
+                _ => strip_hop_by_hop(resp.headers_mut(), false),
+            }
+            (resp, backend)
+        }
+        Err(err) => {
+            let (resp, backend_name) = rescue(&*err, grpc);
+            debug!(route = %entry.params.name, ?direction, error = %err, "request failed");
+            let backend =
+                backend_name.and_then(|n| entry.params.backends.iter().position(|b| *b.name == *n));
+            (resp, backend)
+        }
+    };
+    entry
+        .metrics
+        .record(backend, resp.status().as_u16(), started.elapsed());
+    resp
+}
+
+fn is_grpc<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Turns a failure from a route stack into the answer the client gets, and names the
+/// backend it concerned when known. gRPC callers get a trailers-only gRPC status.
+pub(crate) fn rescue(
+    err: &(dyn std::error::Error + 'static),
+    grpc: bool,
+) -> (Response<Body>, Option<String>) {
+    let (status, reason, backend, text): (StatusCode, &'static str, Option<String>, String) =
+        if let Some(f) = find_filter_error(err) {
+            let backend = match f {
+                FilterError::BreakerOpen { backend, .. } => Some(backend.clone()),
+                _ => None,
+            };
+            let mut resp = build(f.status(), f.reason(), f.to_string(), grpc);
+            if let FilterError::RateLimited {
+                retry_after,
+                policy,
+                state,
+            } = f
+            {
+                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                let h = resp.headers_mut();
+                h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
+                if let Ok(v) = HeaderValue::from_str(policy) {
+                    h.insert("ratelimit-policy", v);
+                }
+                if let Ok(v) = HeaderValue::from_str(state) {
+                    h.insert("ratelimit", v);
+                }
+            }
+            return (resp, backend);
+        } else if let Some(p) = find::<ProxyError>(err) {
+            match p {
+                ProxyError::NoRoute(_) => (StatusCode::NOT_FOUND, "no-route", None, p.to_string()),
+                ProxyError::NoEndpoint(b) => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no-healthy-endpoint",
+                    Some(b.to_string()),
+                    p.to_string(),
+                ),
+                ProxyError::Upstream { backend, .. } => (
+                    StatusCode::BAD_GATEWAY,
+                    "upstream-unavailable",
+                    Some(backend.to_string()),
+                    p.to_string(),
+                ),
+                _ => (
+                    StatusCode::BAD_GATEWAY,
+                    "upstream-unavailable",
+                    None,
+                    p.to_string(),
+                ),
+            }
+        } else if find::<tower::timeout::error::Elapsed>(err).is_some() {
+            (
+                StatusCode::GATEWAY_TIMEOUT,
+                "timeout",
+                None,
+                err.to_string(),
+            )
+        } else {
+            (
+                StatusCode::BAD_GATEWAY,
+                "upstream-unavailable",
+                None,
+                err.to_string(),
+            )
+        };
+    (build(status, reason, text, grpc), backend)
+}
+
+fn build(status: StatusCode, reason: &'static str, text: String, grpc: bool) -> Response<Body> {
+    if !grpc {
+        return synthetic(status, reason, format!("{text}\n"));
+    }
+    // gRPC statuses per the HTTP-to-gRPC mapping, so clients see a gRPC error.
+    let code: u32 = match status {
+        StatusCode::TOO_MANY_REQUESTS => 8,
+        StatusCode::GATEWAY_TIMEOUT => 4,
+        StatusCode::FORBIDDEN => 7,
+        StatusCode::NOT_FOUND => 12,
+        _ => 14,
+    };
+    let mut resp = synthetic(StatusCode::OK, reason, "");
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    h.insert("grpc-status", HeaderValue::from(code));
+    if let Ok(v) = HeaderValue::from_str(&text.replace(['\r', '\n'], " ")) {
+        h.insert("grpc-message", v);
+    }
+    resp
+}
+
+fn find<'a, E: std::error::Error + 'static>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(found) = e.downcast_ref::<E>() {
+            return Some(found);
+        }
+        cur = e.source();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::body::BoxError;
+    use std::time::Duration;
+
+    #[test]
+    fn rescues_filter_errors_with_reason() {
+        let err: BoxError = Box::new(FilterError::RateLimited {
+            retry_after: Duration::from_millis(1500),
+            policy: "\"default\";q=200;w=1".into(),
+            state: "\"default\";r=0;t=2".into(),
+        });
+        let (resp, _) = rescue(&*err, false);
+        assert_eq!(resp.status(), 429);
+        assert_eq!(resp.headers()["x-sluice-reason"], "rate-limited");
+        assert_eq!(resp.headers()["retry-after"], "2");
+        let err: BoxError = Box::new(FilterError::BreakerOpen {
+            route: "r".into(),
+            backend: "v1".into(),
+        });
+        let (resp, backend) = rescue(&*err, false);
+        assert_eq!(resp.status(), 503);
+        assert_eq!(backend.as_deref(), Some("v1"));
+    }
+
+    #[test]
+    fn rescues_grpc_as_trailers_only() {
+        let err: BoxError = Box::new(FilterError::Timeout(Duration::from_secs(1)));
+        let (resp, _) = rescue(&*err, true);
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["grpc-status"], "4");
+        assert_eq!(resp.headers()["x-sluice-reason"], "timeout");
+    }
+
+    #[test]
+    fn host_from_authority_or_header() {
+        let req = Request::builder()
+            .uri("http://a:1/x")
+            .header("host", "b")
+            .body(())
+            .unwrap();
+        assert_eq!(request_host(&req), Some("a:1"));
+        let req = Request::builder()
+            .uri("/x")
+            .header("host", "b:2")
+            .body(())
+            .unwrap();
+        assert_eq!(request_host(&req), Some("b:2"));
+        let req = Request::builder().uri("/x").body(()).unwrap();
+        assert_eq!(request_host(&req), None);
+    }
+}

@@ -1,0 +1,241 @@
+//! Prometheus metrics of the proxy, in one registry of its own.
+//!
+//! Label handles for the data path are resolved once per route × backend and kept in
+//! [`RouteMetrics`], so a request never formats labels or takes the family's lock
+//! (only a status code outside [`COMMON_CODES`] does, once per request).
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+use crate::ProxyError;
+
+/// Buckets from 100 µs to 10 s: loopback hops are sub-millisecond, timeouts are seconds.
+const DURATION_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0,
+];
+
+/// Status codes whose counters are cached per route × backend.
+pub const COMMON_CODES: [u16; 20] = [
+    200, 201, 202, 204, 206, 301, 302, 304, 400, 401, 403, 404, 409, 429, 499, 500, 501, 502, 503,
+    504,
+];
+
+/// Every metric family of the proxy, registered in [`Metrics::registry`].
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    /// The registry `/metrics` encodes.
+    pub registry: Registry,
+    /// `sluice_requests_total{direction,route,backend,code}`.
+    pub requests: IntCounterVec,
+    /// `sluice_request_duration_seconds{direction,route,backend}`: time to response headers.
+    pub duration: HistogramVec,
+    /// `sluice_ratelimit_decisions_total{direction,route,decision}` (allowed, limited, shadow).
+    pub ratelimit_decisions: IntCounterVec,
+    /// `sluice_retries_total{route,backend,outcome}`.
+    pub retries: IntCounterVec,
+    /// `sluice_breaker_state{route,backend,state}`: 1 for the current state, 0 for the others.
+    pub breaker_state: IntGaugeVec,
+    /// `sluice_breaker_transitions_total{route,backend,from,to}`.
+    pub breaker_transitions: IntCounterVec,
+    /// `sluice_policy_info{hash}`: 1 for the policy version in force.
+    pub policy_info: IntGaugeVec,
+    /// `sluice_policy_reloads_total{result}` (applied, unchanged, rejected).
+    pub policy_reloads: IntCounterVec,
+}
+
+impl Metrics {
+    /// Creates and registers every family.
+    pub fn new() -> Result<Self, ProxyError> {
+        let registry = Registry::new();
+        let requests = IntCounterVec::new(
+            Opts::new("sluice_requests_total", "Requests handled, by outcome."),
+            &["direction", "route", "backend", "code"],
+        )?;
+        let duration = HistogramVec::new(
+            HistogramOpts::new(
+                "sluice_request_duration_seconds",
+                "Time from request to response headers.",
+            )
+            .buckets(DURATION_BUCKETS.to_vec()),
+            &["direction", "route", "backend"],
+        )?;
+        let ratelimit_decisions = IntCounterVec::new(
+            Opts::new("sluice_ratelimit_decisions_total", "Rate limit decisions."),
+            &["direction", "route", "decision"],
+        )?;
+        let retries = IntCounterVec::new(
+            Opts::new("sluice_retries_total", "Retries, by outcome."),
+            &["route", "backend", "outcome"],
+        )?;
+        let breaker_state = IntGaugeVec::new(
+            Opts::new(
+                "sluice_breaker_state",
+                "Circuit breaker state: 1 for the current state, 0 for the others.",
+            ),
+            &["route", "backend", "state"],
+        )?;
+        let breaker_transitions = IntCounterVec::new(
+            Opts::new(
+                "sluice_breaker_transitions_total",
+                "Circuit breaker state changes.",
+            ),
+            &["route", "backend", "from", "to"],
+        )?;
+        let policy_info = IntGaugeVec::new(
+            Opts::new("sluice_policy_info", "The policy version in force."),
+            &["hash"],
+        )?;
+        let policy_reloads = IntCounterVec::new(
+            Opts::new("sluice_policy_reloads_total", "Policy updates, by result."),
+            &["result"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(duration.clone()))?;
+        registry.register(Box::new(ratelimit_decisions.clone()))?;
+        registry.register(Box::new(retries.clone()))?;
+        registry.register(Box::new(breaker_state.clone()))?;
+        registry.register(Box::new(breaker_transitions.clone()))?;
+        registry.register(Box::new(policy_info.clone()))?;
+        registry.register(Box::new(policy_reloads.clone()))?;
+        Ok(Self {
+            registry,
+            requests,
+            duration,
+            ratelimit_decisions,
+            retries,
+            breaker_state,
+            breaker_transitions,
+            policy_info,
+            policy_reloads,
+        })
+    }
+
+    /// The registry in Prometheus text format.
+    pub fn encode(&self) -> String {
+        let mut buf = Vec::new();
+        // Encoding into a Vec fails only on a broken metric, which registration rules out.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Marks `hash` as the policy version in force.
+    pub(crate) fn set_policy_version(&self, old: Option<&str>, new: &str) {
+        if let Some(old) = old {
+            let _ = self.policy_info.remove_label_values(&[old]);
+        }
+        self.policy_info.with_label_values(&[new]).set(1);
+    }
+
+    /// Label handles for one route (or the inbound pseudo-route) and its backends.
+    pub fn route(&self, direction: &'static str, route: &str, backends: &[&str]) -> RouteMetrics {
+        let mk = |backend: &str| BackendMetrics {
+            metrics: self.clone(),
+            direction,
+            route: route.into(),
+            backend: backend.into(),
+            handles: OnceLock::new(),
+        };
+        RouteMetrics {
+            backends: backends.iter().map(|b| mk(b)).collect(),
+            unresolved: mk(""),
+        }
+    }
+}
+
+/// Cached label handles for one route: one entry per backend, plus one for requests that
+/// failed before a backend was chosen.
+#[derive(Debug)]
+pub struct RouteMetrics {
+    backends: Box<[BackendMetrics]>,
+    unresolved: BackendMetrics,
+}
+
+impl RouteMetrics {
+    /// Counts one request answered with `code` after `elapsed`; `backend` is the index of
+    /// the backend that answered, if one was chosen.
+    pub fn record(&self, backend: Option<usize>, code: u16, elapsed: Duration) {
+        let b = backend
+            .and_then(|i| self.backends.get(i))
+            .unwrap_or(&self.unresolved);
+        b.record(code, elapsed);
+    }
+}
+
+/// Label handles for one route × backend, created on first use.
+#[derive(Debug)]
+struct BackendMetrics {
+    metrics: Metrics,
+    direction: &'static str,
+    route: Arc<str>,
+    backend: Arc<str>,
+    handles: OnceLock<Handles>,
+}
+
+#[derive(Debug)]
+struct Handles {
+    duration: Histogram,
+    // Filled per code on first use, so codes never seen do not show up as zero series.
+    codes: [OnceLock<IntCounter>; COMMON_CODES.len()],
+}
+
+impl BackendMetrics {
+    fn handles(&self) -> &Handles {
+        self.handles.get_or_init(|| Handles {
+            duration: self.metrics.duration.with_label_values(&[
+                self.direction,
+                &self.route,
+                &self.backend,
+            ]),
+            codes: [const { OnceLock::new() }; COMMON_CODES.len()],
+        })
+    }
+
+    fn counter(&self, code: u16) -> IntCounter {
+        self.metrics.requests.with_label_values(&[
+            self.direction,
+            &self.route,
+            &self.backend,
+            &code.to_string(),
+        ])
+    }
+
+    fn record(&self, code: u16, elapsed: Duration) {
+        let h = self.handles();
+        h.duration.observe(elapsed.as_secs_f64());
+        match COMMON_CODES.iter().position(|&c| c == code) {
+            Some(i) => h.codes[i].get_or_init(|| self.counter(code)).inc(),
+            None => self.counter(code).inc(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_cached_and_rare_codes() {
+        let m = Metrics::new().unwrap();
+        let r = m.route("outbound", "ingest", &["log-v1"]);
+        r.record(Some(0), 200, Duration::from_millis(1));
+        r.record(Some(0), 418, Duration::from_millis(1));
+        r.record(None, 504, Duration::from_millis(1));
+        let text = m.encode();
+        assert!(text.contains(
+            r#"sluice_requests_total{backend="log-v1",code="200",direction="outbound",route="ingest"} 1"#
+        ));
+        assert!(text.contains(
+            r#"sluice_requests_total{backend="log-v1",code="418",direction="outbound",route="ingest"} 1"#
+        ));
+        assert!(text.contains(
+            r#"sluice_requests_total{backend="",code="504",direction="outbound",route="ingest"} 1"#
+        ));
+        assert!(text.contains("sluice_request_duration_seconds_bucket"));
+    }
+}

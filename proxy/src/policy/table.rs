@@ -1,0 +1,317 @@
+//! The route table: policies indexed by host, each host's routes in precedence order.
+//!
+//! Lookup is one hash probe on the host, then a walk over that host's routes only, so
+//! the cost of a request does not grow with the number of hosts in the mesh.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use sluice_config::{PathMatch, RouteMatch, RoutePolicy, precedence_order};
+
+use crate::ProxyError;
+
+/// A route's match, compiled once per policy swap.
+#[derive(Clone, Debug)]
+pub struct RouteMatcher {
+    path: Option<PathMatch>,
+    method: Option<Method>,
+    headers: Box<[(HeaderName, HeaderValue)]>,
+}
+
+impl RouteMatcher {
+    /// Compiles a policy match; fails on a method or header that HTTP cannot carry.
+    pub fn new(m: &RouteMatch) -> Result<Self, ProxyError> {
+        let method = m
+            .method
+            .as_deref()
+            .map(|s| {
+                Method::from_bytes(s.as_bytes())
+                    .map_err(|_| ProxyError::Compile(format!("invalid method {s:?}")))
+            })
+            .transpose()?;
+        Ok(Self {
+            path: m.path.clone(),
+            method,
+            headers: compile_headers(&m.headers)?,
+        })
+    }
+
+    /// Whether a request with this method, path (query excluded) and headers matches.
+    pub fn matches(&self, method: &Method, path: &str, headers: &HeaderMap) -> bool {
+        if let Some(m) = &self.method {
+            if m != method {
+                return false;
+            }
+        }
+        if let Some(p) = &self.path {
+            if !p.matches(path) {
+                return false;
+            }
+        }
+        headers_match(&self.headers, headers)
+    }
+}
+
+/// Compiles header conditions (names lowercased by `HeaderName`, values exact).
+pub(crate) fn compile_headers<'a>(
+    headers: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> Result<Box<[(HeaderName, HeaderValue)]>, ProxyError> {
+    headers
+        .into_iter()
+        .map(|(k, v)| {
+            let name = HeaderName::from_bytes(k.as_bytes())
+                .map_err(|_| ProxyError::Compile(format!("invalid header name {k:?}")))?;
+            let value = HeaderValue::from_str(v)
+                .map_err(|_| ProxyError::Compile(format!("invalid header value {v:?}")))?;
+            Ok((name, value))
+        })
+        .collect()
+}
+
+/// Every condition must hold; a repeated request header matches if any of its values does.
+pub(crate) fn headers_match(conds: &[(HeaderName, HeaderValue)], headers: &HeaderMap) -> bool {
+    conds
+        .iter()
+        .all(|(name, value)| headers.get_all(name).iter().any(|v| v == value))
+}
+
+/// Policies indexed by host; `T` is what a matched route yields (its compiled stack in
+/// the proxy, anything in benchmarks).
+#[derive(Debug)]
+pub struct RouteTable<T> {
+    hosts: HashMap<Box<str>, Box<[(RouteMatcher, T)]>>,
+}
+
+impl<T> Default for RouteTable<T> {
+    fn default() -> Self {
+        Self {
+            hosts: HashMap::new(),
+        }
+    }
+}
+
+impl<T> RouteTable<T> {
+    /// Builds the table, calling `build` for every route of every policy. When two
+    /// policies claim one host, the first (in canonical order) wins and the other is
+    /// reported in the returned warnings.
+    pub fn build(
+        policies: &[RoutePolicy],
+        mut build: impl FnMut(&RoutePolicy, usize) -> Result<T, ProxyError>,
+    ) -> Result<(Self, Vec<String>), ProxyError> {
+        let mut hosts = HashMap::with_capacity(policies.len());
+        let mut warnings = Vec::new();
+        for policy in policies {
+            let host = policy.spec.host.to_ascii_lowercase().into_boxed_str();
+            let slot = match hosts.entry(host) {
+                Entry::Occupied(e) => {
+                    warnings.push(format!(
+                        "policy {} ignored: host {:?} already belongs to another policy",
+                        policy.metadata.name,
+                        e.key()
+                    ));
+                    continue;
+                }
+                Entry::Vacant(v) => v,
+            };
+            let routes = precedence_order(&policy.spec.routes)
+                .into_iter()
+                .map(|i| {
+                    let matcher =
+                        RouteMatcher::new(&policy.spec.routes[i].matches).map_err(|e| {
+                            ProxyError::Compile(format!(
+                                "policy {} route {}: {e}",
+                                policy.metadata.name, policy.spec.routes[i].name
+                            ))
+                        })?;
+                    Ok((matcher, build(policy, i)?))
+                })
+                .collect::<Result<Box<[_]>, ProxyError>>()?;
+            slot.insert(routes);
+        }
+        Ok((Self { hosts }, warnings))
+    }
+
+    /// The first route, by precedence, of `host`'s policy that takes the request.
+    /// `host` may carry a port, which is ignored, and any letter case.
+    pub fn select(
+        &self,
+        host: &str,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Option<&T> {
+        let host = normalize_host(host);
+        let routes = self.hosts.get(host.as_ref())?;
+        routes
+            .iter()
+            .find(|(m, _)| m.matches(method, path, headers))
+            .map(|(_, t)| t)
+    }
+
+    /// Number of hosts.
+    pub fn len(&self) -> usize {
+        self.hosts.len()
+    }
+
+    /// Whether no host has a policy.
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty()
+    }
+}
+
+/// Strips a port and lowercases, allocating only for a host with capital letters.
+fn normalize_host(host: &str) -> Cow<'_, str> {
+    let host = strip_port(host);
+    if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        Cow::Borrowed(host)
+    }
+}
+
+fn strip_port(host: &str) -> &str {
+    if host.starts_with('[') {
+        // IPv6 literal: the port, if any, follows the closing bracket.
+        return match host.find(']') {
+            Some(end) => &host[..=end],
+            None => host,
+        };
+    }
+    match host.rsplit_once(':') {
+        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => host,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: &str = r#"
+apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: { name: orders }
+spec:
+  host: orders
+  backends:
+    v1: { addresses: ["127.0.0.1:1"] }
+  routes:
+    - name: catch-all
+    - name: api
+      match: { path: { prefix: /api } }
+    - name: api-post
+      match: { path: { prefix: /api }, method: POST }
+    - name: api-canary
+      match: { path: { prefix: /api }, headers: { x-canary: "true" } }
+    - name: health
+      match: { path: { exact: /api/health } }
+---
+apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: { name: logs }
+spec:
+  host: logs
+  backends:
+    v1: { addresses: ["127.0.0.1:1"] }
+  routes:
+    - name: only-ingest
+      match: { path: { prefix: /logs } }
+"#;
+
+    fn table() -> RouteTable<String> {
+        let policies = sluice_config::parse_policies("t.yaml", POLICY).unwrap();
+        let (t, warnings) =
+            RouteTable::build(&policies, |p, i| Ok(p.spec.routes[i].name.clone())).unwrap();
+        assert!(warnings.is_empty());
+        t
+    }
+
+    fn pick<'a>(
+        t: &'a RouteTable<String>,
+        host: &str,
+        method: Method,
+        path: &str,
+        headers: &[(&'static str, &'static str)],
+    ) -> Option<&'a str> {
+        let mut h = HeaderMap::new();
+        for (k, v) in headers {
+            h.append(*k, HeaderValue::from_static(v));
+        }
+        t.select(host, &method, path, &h).map(String::as_str)
+    }
+
+    #[test]
+    fn routes_by_precedence() {
+        let t = table();
+        assert_eq!(
+            pick(&t, "orders", Method::GET, "/api/health", &[]),
+            Some("health")
+        );
+        assert_eq!(
+            pick(&t, "orders", Method::POST, "/api/x", &[]),
+            Some("api-post")
+        );
+        assert_eq!(pick(&t, "orders", Method::GET, "/api/x", &[]), Some("api"));
+        assert_eq!(
+            pick(&t, "orders", Method::GET, "/api/x", &[("x-canary", "true")]),
+            Some("api-canary")
+        );
+        assert_eq!(
+            pick(
+                &t,
+                "orders",
+                Method::GET,
+                "/api/x",
+                &[("x-canary", "no"), ("x-canary", "true")]
+            ),
+            Some("api-canary")
+        );
+        assert_eq!(
+            pick(&t, "orders", Method::GET, "/apix", &[]),
+            Some("catch-all")
+        );
+        assert_eq!(pick(&t, "orders", Method::GET, "/", &[]), Some("catch-all"));
+    }
+
+    #[test]
+    fn looks_up_host_without_port_and_case() {
+        let t = table();
+        assert_eq!(t.len(), 2);
+        assert_eq!(
+            pick(&t, "ORDERS:8080", Method::GET, "/", &[]),
+            Some("catch-all")
+        );
+        assert_eq!(
+            pick(&t, "logs:80", Method::GET, "/logs/a", &[]),
+            Some("only-ingest")
+        );
+        assert_eq!(pick(&t, "logs", Method::GET, "/other", &[]), None);
+        assert_eq!(pick(&t, "unknown", Method::GET, "/", &[]), None);
+        assert_eq!(pick(&t, "orders.example", Method::GET, "/", &[]), None);
+    }
+
+    #[test]
+    fn strips_ports() {
+        assert_eq!(strip_port("a:80"), "a");
+        assert_eq!(strip_port("a"), "a");
+        assert_eq!(strip_port("[::1]:80"), "[::1]");
+        assert_eq!(strip_port("[::1]"), "[::1]");
+    }
+
+    #[test]
+    fn first_policy_keeps_a_contested_host() {
+        // One file cannot claim a host twice, but sets merged from several sources can.
+        let mut policies = sluice_config::parse_policies("t.yaml", POLICY).unwrap();
+        let orders = POLICY.split("---").next().unwrap();
+        policies.extend(
+            sluice_config::parse_policies("u.yaml", &orders.replace("name: orders", "name: zz"))
+                .unwrap(),
+        );
+        let (t, warnings) =
+            RouteTable::build(&policies, |p, _| Ok(p.metadata.name.clone())).unwrap();
+        assert_eq!(warnings.len(), 1);
+        assert_eq!(pick(&t, "orders", Method::GET, "/", &[]), Some("orders"));
+    }
+}

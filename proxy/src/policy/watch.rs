@@ -1,0 +1,203 @@
+//! The local-file policy source (`--policy FILE`).
+//!
+//! The parent directory is watched, not the file: editors replace files by rename and
+//! Kubernetes swaps ConfigMap contents through a `..data` symlink, neither of which a
+//! watch on the file itself survives. Any event re-reads the file through its path
+//! after a short debounce; content already seen is skipped.
+
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use notify::{RecommendedWatcher, RecursiveMode, Watcher};
+use sluice_config::{PolicySet, parse_policies};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tracing::debug;
+
+use super::{ApplyOutcome, PolicyStore};
+use crate::ProxyError;
+
+/// Events closer together than this are handled as one.
+const DEBOUNCE: Duration = Duration::from_millis(75);
+
+/// What one look at the file led to.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Reload {
+    /// Same bytes as last time: nothing done.
+    Skipped,
+    /// Swapped in (or already in force).
+    Applied,
+    /// Refused; the old policy keeps serving.
+    Rejected,
+}
+
+/// Reads the file and feeds the store, remembering the last content it saw.
+#[derive(Debug)]
+pub(crate) struct FileSource {
+    path: PathBuf,
+    label: String,
+    last: Option<u64>,
+}
+
+impl FileSource {
+    pub(crate) fn new(path: PathBuf) -> Self {
+        let label = path.display().to_string();
+        Self {
+            path,
+            label,
+            last: None,
+        }
+    }
+
+    /// Re-reads the file; applies it if its content changed since the last look.
+    pub(crate) fn reload(&mut self, store: &PolicyStore) -> Reload {
+        let read = std::fs::read(&self.path);
+        let digest = {
+            let mut h = std::hash::DefaultHasher::new();
+            match &read {
+                Ok(bytes) => bytes.hash(&mut h),
+                Err(e) => e.kind().hash(&mut h),
+            }
+            h.finish()
+        };
+        if self.last == Some(digest) {
+            return Reload::Skipped;
+        }
+        self.last = Some(digest);
+        let parsed = match read {
+            Err(e) => Err(format!("{}: {e}", self.label)),
+            Ok(bytes) => match String::from_utf8(bytes) {
+                Err(e) => Err(format!("{}:1:1: not UTF-8: {e}", self.label)),
+                Ok(text) => parse_policies(&self.label, &text)
+                    .and_then(PolicySet::new)
+                    .map_err(|e| e.to_string()),
+            },
+        };
+        match parsed {
+            Ok(set) => match store.apply(&self.label, set) {
+                Ok(ApplyOutcome::Applied { .. } | ApplyOutcome::Unchanged) => Reload::Applied,
+                Err(_) => Reload::Rejected,
+            },
+            Err(error) => {
+                store.reject(&self.label, error);
+                Reload::Rejected
+            }
+        }
+    }
+}
+
+/// Loads the file now and on every change until `shutdown` flips.
+pub(crate) fn spawn(
+    path: PathBuf,
+    store: PolicyStore,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<JoinHandle<()>, ProxyError> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => Path::new(".").to_path_buf(),
+    };
+    let changed = Arc::new(Notify::new());
+    let notify_changed = changed.clone();
+    let mut watcher = RecommendedWatcher::new(
+        move |event: notify::Result<notify::Event>| {
+            if let Ok(e) = &event {
+                debug!(?e.kind, paths = ?e.paths, "policy directory event");
+            }
+            notify_changed.notify_one();
+        },
+        notify::Config::default(),
+    )
+    .map_err(|source| ProxyError::Watch {
+        path: dir.clone(),
+        source,
+    })?;
+    watcher
+        .watch(&dir, RecursiveMode::NonRecursive)
+        .map_err(|source| ProxyError::Watch {
+            path: dir.clone(),
+            source,
+        })?;
+    // Watch first, then read: a write between the two is still seen.
+    let mut source = FileSource::new(path);
+    source.reload(&store);
+    Ok(tokio::spawn(async move {
+        let _watcher = watcher;
+        loop {
+            tokio::select! {
+                _ = changed.notified() => {}
+                _ = shutdown.changed() => return,
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(DEBOUNCE) => {}
+                _ = shutdown.changed() => return,
+            }
+            // Re-reading and parsing is blocking file work: keep it off the runtime threads.
+            let store = store.clone();
+            source = match tokio::task::spawn_blocking(move || {
+                let mut source = source;
+                source.reload(&store);
+                source
+            })
+            .await
+            {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::store_for_tests as store;
+
+    fn policy(host: &str) -> String {
+        format!(
+            "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: p }}\nspec:\n  host: {host}\n  backends:\n    b: {{ addresses: [\"127.0.0.1:1\"] }}\n  routes:\n    - name: r\n"
+        )
+    }
+
+    #[test]
+    fn skips_content_already_seen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.yaml");
+        let store = store();
+        let mut src = FileSource::new(path.clone());
+        std::fs::write(&path, policy("a")).unwrap();
+        assert_eq!(src.reload(&store), Reload::Applied);
+        let first = store.current().hash().unwrap().to_string();
+        assert_eq!(src.reload(&store), Reload::Skipped);
+        std::fs::write(&path, policy("b")).unwrap();
+        assert_eq!(src.reload(&store), Reload::Applied);
+        assert_ne!(store.current().hash().unwrap(), first);
+    }
+
+    #[test]
+    fn broken_file_is_refused_once_and_old_policy_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.yaml");
+        let store = store();
+        let mut src = FileSource::new(path.clone());
+        std::fs::write(&path, policy("a")).unwrap();
+        assert_eq!(src.reload(&store), Reload::Applied);
+        let good = store.current().hash().unwrap().to_string();
+        std::fs::write(&path, "apiVersion: [\n").unwrap();
+        assert_eq!(src.reload(&store), Reload::Rejected);
+        assert_eq!(src.reload(&store), Reload::Skipped);
+        assert_eq!(store.current().hash(), Some(good.as_str()));
+        let rejected = store.last_rejected().unwrap();
+        assert!(rejected.error.contains("p.yaml:"), "{}", rejected.error);
+    }
+
+    #[test]
+    fn missing_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store();
+        let mut src = FileSource::new(dir.path().join("absent.yaml"));
+        assert_eq!(src.reload(&store), Reload::Rejected);
+        assert!(!store.is_ready());
+    }
+}

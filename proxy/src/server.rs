@@ -1,0 +1,91 @@
+//! Accept loops: one task per connection, HTTP/1.1 and HTTP/2 (prior knowledge) on
+//! every listener, graceful drain on shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use http::{Request, Response};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::body::Body;
+
+/// Serves `listener` until `shutdown` flips, then stops accepting, asks every open
+/// connection to close (GOAWAY on HTTP/2, `connection: close` on HTTP/1) and waits up
+/// to `drain` for requests in flight.
+pub(crate) fn serve<H, F>(
+    name: &'static str,
+    listener: TcpListener,
+    handler: H,
+    mut shutdown: watch::Receiver<bool>,
+    drain: Duration,
+) -> JoinHandle<()>
+where
+    H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut builder = auto::Builder::new(TokioExecutor::new());
+        builder.http1().timer(TokioTimer::new());
+        builder.http2().timer(TokioTimer::new());
+        let graceful = GracefulShutdown::new();
+        // Owning the connection tasks means none outlives the listener after the drain.
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok(pair) => pair,
+                    Err(e) => {
+                        // Out of file descriptors and the like: pause briefly rather than spin.
+                        warn!(listener = name, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => continue,
+                _ = shutdown.changed() => break,
+            };
+            if let Err(e) = stream.set_nodelay(true) {
+                debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+            let handler = handler.clone();
+            let service = service_fn(move |req| {
+                let fut = handler(peer, req);
+                async move { Ok::<_, Infallible>(fut.await) }
+            });
+            let conn = builder
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .into_owned();
+            let conn = graceful.watch(conn);
+            conns.spawn(async move {
+                if let Err(e) = conn.await {
+                    debug!(listener = name, %peer, error = %e, "connection ended with an error");
+                }
+            });
+        }
+        drop(listener);
+        let open = graceful.count();
+        if open > 0 {
+            info!(listener = name, open, ?drain, "draining connections");
+        }
+        if tokio::time::timeout(drain, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            warn!(
+                listener = name,
+                "drain timeout elapsed; closing remaining connections"
+            );
+        }
+        conns.shutdown().await;
+    })
+}

@@ -1,0 +1,368 @@
+//! Proxy smoke tests over real sockets: a real upstream, a proxy from `start()` with a
+//! policy file, and real HTTP/1.1 and HTTP/2 clients.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use sluice_proxy::{ProxyConfig, RunningProxy, start};
+use tokio::net::{TcpListener, TcpStream};
+
+/// An upstream answering `NAME METHOD PATH VERSION` with an `x-upstream: NAME` header.
+async fn upstream(name: &'static str) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: Request<Incoming>| async move {
+                    let text = format!(
+                        "{name} {} {} {:?}",
+                        req.method(),
+                        req.uri().path(),
+                        req.version()
+                    );
+                    let resp = Response::builder()
+                        .header("x-upstream", name)
+                        .body(Full::new(Bytes::from(text)))
+                        .unwrap();
+                    Ok::<_, Infallible>(resp)
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// A port nothing listens on.
+async fn closed_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    l.local_addr().unwrap()
+}
+
+fn policy(v1: SocketAddr, v2: SocketAddr, dead: SocketAddr, default_backend: &str) -> String {
+    format!(
+        r#"apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: {{ name: orders }}
+spec:
+  host: orders
+  backends:
+    v1: {{ addresses: ["{v1}"] }}
+    v2: {{ addresses: ["{v2}"] }}
+    dead: {{ addresses: ["{dead}"] }}
+  routes:
+    - name: default
+      split:
+        - backend: {default_backend}
+    - name: canary
+      match: {{ path: {{ prefix: /api }}, headers: {{ x-canary: "true" }} }}
+      split:
+        - backend: v2
+    - name: writes
+      match: {{ path: {{ prefix: /api }}, method: POST }}
+      split:
+        - backend: v2
+    - name: broken
+      match: {{ path: {{ exact: /dead }} }}
+      split:
+        - backend: dead
+---
+apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: {{ name: logs }}
+spec:
+  host: logs
+  backends:
+    v1: {{ addresses: ["{v1}"] }}
+  routes:
+    - name: ingest
+      match: {{ path: {{ prefix: /logs }} }}
+"#
+    )
+}
+
+struct Fixture {
+    proxy: RunningProxy,
+    dir: tempfile::TempDir,
+    v1: SocketAddr,
+    v2: SocketAddr,
+    dead: SocketAddr,
+}
+
+impl Fixture {
+    async fn new() -> Self {
+        let (v1, v2, dead) = (
+            upstream("v1").await,
+            upstream("v2").await,
+            closed_port().await,
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("policy.yaml");
+        std::fs::write(&path, policy(v1, v2, dead, "v1")).unwrap();
+        let proxy = start(ProxyConfig {
+            outbound: "127.0.0.1:0".parse().unwrap(),
+            admin: "127.0.0.1:0".parse().unwrap(),
+            policy: Some(path),
+            drain_timeout: Duration::from_secs(2),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        Fixture {
+            proxy,
+            dir,
+            v1,
+            v2,
+            dead,
+        }
+    }
+
+    fn policy_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("policy.yaml")
+    }
+
+    async fn get(&self, host: &str, path: &str) -> Response<Bytes> {
+        let req = Request::get(path)
+            .header("host", host)
+            .body(Full::default())
+            .unwrap();
+        send(self.proxy.outbound_addr().unwrap(), false, req).await
+    }
+
+    async fn admin(&self, path: &str) -> Response<Bytes> {
+        let req = Request::get(path)
+            .header("host", "admin")
+            .body(Full::default())
+            .unwrap();
+        send(self.proxy.admin_addr().unwrap(), false, req).await
+    }
+
+    async fn config(&self) -> serde_json::Value {
+        serde_json::from_slice(self.admin("/config").await.body()).unwrap()
+    }
+}
+
+async fn send(addr: SocketAddr, h2: bool, req: Request<Full<Bytes>>) -> Response<Bytes> {
+    let io = TokioIo::new(TcpStream::connect(addr).await.unwrap());
+    let resp = if h2 {
+        let (mut tx, conn) = hyper::client::conn::http2::handshake(TokioExecutor::new(), io)
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        tx.send_request(req).await.unwrap()
+    } else {
+        let (mut tx, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+        tokio::spawn(conn);
+        tx.send_request(req).await.unwrap()
+    };
+    let (parts, body) = resp.into_parts();
+    Response::from_parts(parts, body.collect().await.unwrap().to_bytes())
+}
+
+fn text(resp: &Response<Bytes>) -> &str {
+    std::str::from_utf8(resp.body()).unwrap()
+}
+
+fn reason(resp: &Response<Bytes>) -> &str {
+    resp.headers()["x-sluice-reason"].to_str().unwrap()
+}
+
+/// Polls until `cond` holds, for at most five seconds.
+async fn eventually<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..250 {
+        if cond().await {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_by_host_path_method_and_header() {
+    let f = Fixture::new().await;
+    let resp = f.get("orders", "/anything?x=1").await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(text(&resp), "v1 GET /anything HTTP/1.1");
+    assert_eq!(
+        text(&f.get("ORDERS:15001", "/api/x").await),
+        "v1 GET /api/x HTTP/1.1"
+    );
+
+    let req = Request::get("/api/x")
+        .header("host", "orders")
+        .header("x-canary", "true")
+        .body(Full::default())
+        .unwrap();
+    let resp = send(f.proxy.outbound_addr().unwrap(), false, req).await;
+    assert_eq!(text(&resp), "v2 GET /api/x HTTP/1.1");
+
+    let req = Request::post("/api/orders")
+        .header("host", "orders")
+        .body(Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let resp = send(f.proxy.outbound_addr().unwrap(), false, req).await;
+    assert_eq!(text(&resp), "v2 POST /api/orders HTTP/1.1");
+
+    // HTTP proxy style: absolute-form request target.
+    let req = Request::get("http://logs/logs/a")
+        .body(Full::default())
+        .unwrap();
+    let resp = send(f.proxy.outbound_addr().unwrap(), false, req).await;
+    assert_eq!(text(&resp), "v1 GET /logs/a HTTP/1.1");
+
+    let metrics = text(&f.admin("/metrics").await).to_string();
+    assert!(
+        metrics.contains(
+            r#"sluice_requests_total{backend="v2",code="200",direction="outbound",route="writes"} 1"#
+        ),
+        "{metrics}"
+    );
+    assert_eq!(f.admin("/ready").await.status(), StatusCode::OK);
+    assert_eq!(f.admin("/live").await.status(), StatusCode::OK);
+    f.proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_host_or_path_is_no_route_and_dead_upstream_is_502() {
+    let f = Fixture::new().await;
+    let resp = f.get("nobody", "/").await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(reason(&resp), "no-route");
+    let resp = f.get("logs", "/other").await;
+    assert_eq!(resp.status(), StatusCode::NOT_FOUND);
+    assert_eq!(reason(&resp), "no-route");
+
+    let resp = f.get("orders", "/dead").await;
+    assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(reason(&resp), "upstream-unavailable");
+    assert!(text(&resp).contains("dead"), "{}", text(&resp));
+    let _ = f.dead;
+    f.proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_edits_apply_and_broken_edits_are_refused() {
+    let f = Fixture::new().await;
+    let first = f.config().await["version"].as_str().unwrap().to_string();
+    assert_eq!(text(&f.get("orders", "/").await), "v1 GET / HTTP/1.1");
+
+    // An atomic replace (write + rename), as editors and config tools do.
+    let tmp = f.dir.path().join("policy.yaml.new");
+    std::fs::write(&tmp, policy(f.v1, f.v2, f.dead, "v2")).unwrap();
+    std::fs::rename(&tmp, f.policy_path()).unwrap();
+    eventually("the edit to apply", || async {
+        f.config().await["version"].as_str() != Some(first.as_str())
+    })
+    .await;
+    assert_eq!(text(&f.get("orders", "/").await), "v2 GET / HTTP/1.1");
+    let second = f.config().await["version"].as_str().unwrap().to_string();
+
+    // A broken in-place write is refused; the last good policy keeps serving.
+    std::fs::write(
+        f.policy_path(),
+        "apiVersion: sluice.dev/v1alpha1\nkind: [\n",
+    )
+    .unwrap();
+    eventually("the broken edit to be refused", || async {
+        !f.config().await["last_rejected"].is_null()
+    })
+    .await;
+    let config = f.config().await;
+    assert_eq!(config["version"].as_str(), Some(second.as_str()));
+    let error = config["last_rejected"]["error"].as_str().unwrap();
+    assert!(error.contains("policy.yaml:"), "{error}");
+    assert_eq!(text(&f.get("orders", "/").await), "v2 GET / HTTP/1.1");
+    let metrics = text(&f.admin("/metrics").await).to_string();
+    assert!(
+        metrics.contains(r#"sluice_policy_reloads_total{result="rejected"} 1"#),
+        "{metrics}"
+    );
+    assert!(metrics.contains(&format!(r#"sluice_policy_info{{hash="{second}"}} 1"#)));
+    f.proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_prior_knowledge_goes_upstream_as_http2() {
+    let f = Fixture::new().await;
+    let req = Request::get("http://orders/api/x")
+        .header("x-canary", "true")
+        .header("te", "trailers")
+        .body(Full::default())
+        .unwrap();
+    let resp = send(f.proxy.outbound_addr().unwrap(), true, req).await;
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(resp.version(), Version::HTTP_2);
+    assert_eq!(text(&resp), "v2 GET /api/x HTTP/2.0");
+    let req = Request::get("http://nobody/")
+        .body(Full::default())
+        .unwrap();
+    let resp = send(f.proxy.outbound_addr().unwrap(), true, req).await;
+    assert_eq!(reason(&resp), "no-route");
+    f.proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broken_policy_at_start_keeps_running_not_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.yaml");
+    std::fs::write(&path, "kind: RoutePolicy\n").unwrap();
+    let addr_file = dir.path().join("addrs.json");
+    let proxy = start(ProxyConfig {
+        outbound: "127.0.0.1:0".parse().unwrap(),
+        admin: "127.0.0.1:0".parse().unwrap(),
+        policy: Some(path),
+        addr_file: Some(addr_file.clone()),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let addrs: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&addr_file).unwrap()).unwrap();
+    let admin: SocketAddr = addrs["admin"].as_str().unwrap().parse().unwrap();
+    assert_eq!(Some(admin), proxy.admin_addr());
+    assert!(addrs.get("inbound").is_none());
+    let get = |p: &'static str| {
+        send(
+            admin,
+            false,
+            Request::get(p)
+                .header("host", "a")
+                .body(Full::default())
+                .unwrap(),
+        )
+    };
+    assert_eq!(
+        get("/ready").await.status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    let config: serde_json::Value = serde_json::from_slice(get("/config").await.body()).unwrap();
+    assert!(config["version"].is_null());
+    assert!(
+        config["last_rejected"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("policy.yaml")
+    );
+    proxy.shutdown().await;
+    assert!(Path::new(&addr_file).exists());
+}
