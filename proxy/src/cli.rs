@@ -26,7 +26,7 @@ pub(crate) struct Cli {
 #[derive(Debug, Subcommand)]
 pub(crate) enum Command {
     /// Run the proxy.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Check policy files and report every problem with file:line:column.
     Validate {
         /// Policy files.
@@ -113,7 +113,7 @@ pub fn cli_main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { files } => validate(&files),
-        Command::Run(args) => run(args.into()),
+        Command::Run(args) => run((*args).into()),
     }
 }
 

@@ -78,7 +78,9 @@ pub enum LogFormat {
 
 /// A hook that replaces the log filter, e.g. a `tracing_subscriber` reload handle.
 #[derive(Clone)]
-pub struct LogControl(Arc<dyn Fn(&str) -> Result<(), String> + Send + Sync>);
+pub struct LogControl(Arc<ApplyDirective>);
+
+type ApplyDirective = dyn Fn(&str) -> Result<(), String> + Send + Sync;
 
 impl LogControl {
     /// Wraps a function that applies a filter directive string.

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use http::uri::Authority;
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response};
+use http::{HeaderMap, Request, Response};
 use sluice_config::{Route, RoutePolicy};
 use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
@@ -25,7 +25,7 @@ use crate::ProxyError;
 use crate::body::{Body, BoxError};
 use crate::forward::Upstream;
 use crate::metrics::{Metrics, RouteMetrics};
-use crate::policy::table::{compile_headers, headers_match};
+use crate::policy::table::{HeaderConds, compile_headers, headers_match};
 
 /// A route's compiled service: what a matched request is handed to.
 pub type RouteService = BoxCloneSyncService<Request<Body>, Response<Body>, BoxError>;
@@ -87,7 +87,7 @@ pub struct RouteParams {
     /// The policy's backends, in file order.
     pub backends: Arc<[Arc<BackendParams>]>,
     /// Header rules of the split, compiled.
-    split_rules: Box<[(Box<[(HeaderName, HeaderValue)]>, usize)]>,
+    split_rules: Box<[(HeaderConds, usize)]>,
     /// Backend when no header rule matches.
     split_default: Option<usize>,
 }
@@ -115,14 +115,14 @@ impl RouteParams {
                     None => Box::default(),
                 };
                 split_rules.push((conds, find(backend)?));
-            } else if let Some(weights) = &rule.weights {
-                if split_default.is_none() {
-                    split_default = weights
-                        .iter()
-                        .find(|(_, w)| **w > 0)
-                        .map(|(name, _)| find(name))
-                        .transpose()?;
-                }
+            } else if let Some(weights) = &rule.weights
+                && split_default.is_none()
+            {
+                split_default = weights
+                    .iter()
+                    .find(|(_, w)| **w > 0)
+                    .map(|(name, _)| find(name))
+                    .transpose()?;
             }
         }
         if route.split.is_empty() && !backends.is_empty() {
@@ -359,6 +359,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::HeaderValue;
 
     const POLICY: &str = r#"
 apiVersion: sluice.dev/v1alpha1

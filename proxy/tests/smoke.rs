@@ -4,6 +4,8 @@
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -15,6 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use sluice_proxy::{ProxyConfig, RunningProxy, start};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Notify;
 
 /// An upstream answering `NAME METHOD PATH VERSION` with an `x-upstream: NAME` header.
 async fn upstream(name: &'static str) -> SocketAddr {
@@ -365,4 +368,174 @@ async fn broken_policy_at_start_keeps_running_not_ready() {
     );
     proxy.shutdown().await;
     assert!(Path::new(&addr_file).exists());
+}
+
+fn single_backend(host: &str, addr: SocketAddr) -> String {
+    format!(
+        "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: {host} }}\nspec:\n  host: {host}\n  backends:\n    main: {{ addresses: [\"{addr}\"] }}\n  routes:\n    - name: all\n"
+    )
+}
+
+async fn start_with(policy: &str, app: Option<SocketAddr>) -> (RunningProxy, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("policy.yaml");
+    std::fs::write(&path, policy).unwrap();
+    let proxy = start(ProxyConfig {
+        outbound: "127.0.0.1:0".parse().unwrap(),
+        inbound: "127.0.0.1:0".parse().unwrap(),
+        admin: "127.0.0.1:0".parse().unwrap(),
+        app,
+        service: Some("echo".into()),
+        policy: Some(path),
+        drain_timeout: Duration::from_secs(5),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    (proxy, dir)
+}
+
+/// An upstream that accepts any upgrade and then echoes bytes.
+async fn upgrade_echo() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let svc = service_fn(|mut req: Request<Incoming>| async move {
+                    let on = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        let Ok(up) = on.await else { return };
+                        let (mut r, mut w) = tokio::io::split(TokioIo::new(up));
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                    });
+                    let resp = Response::builder()
+                        .status(StatusCode::SWITCHING_PROTOCOLS)
+                        .header("connection", "upgrade")
+                        .header("upgrade", "echo")
+                        .body(Full::<Bytes>::default())
+                        .unwrap();
+                    Ok::<_, Infallible>(resp)
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrade_tunnels_bytes_both_ways() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let up = upgrade_echo().await;
+    let (proxy, _dir) = start_with(&single_backend("echo", up), None).await;
+    let io = TokioIo::new(
+        TcpStream::connect(proxy.outbound_addr().unwrap())
+            .await
+            .unwrap(),
+    );
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+    tokio::spawn(conn.with_upgrades());
+    let req = Request::get("/chat")
+        .header("host", "echo")
+        .header("connection", "upgrade")
+        .header("upgrade", "echo")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let resp = tx.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+    assert_eq!(resp.headers()["upgrade"], "echo");
+    let mut io = TokioIo::new(hyper::upgrade::on(resp).await.unwrap());
+    for msg in [&b"ping"[..], &[7u8; 100_000][..]] {
+        io.write_all(msg).await.unwrap();
+        let mut back = vec![0; msg.len()];
+        io.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, msg);
+    }
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inbound_forwards_to_the_app() {
+    let app = upstream("app").await;
+    let (proxy, _dir) = start_with(&single_backend("echo", app), Some(app)).await;
+    let req = Request::get("/anything")
+        .header("host", "whatever")
+        .body(Full::default())
+        .unwrap();
+    let resp = send(proxy.inbound_addr().unwrap(), false, req).await;
+    assert_eq!(text(&resp), "app GET /anything HTTP/1.1");
+    let req = Request::get("http://whatever/h2")
+        .body(Full::default())
+        .unwrap();
+    let resp = send(proxy.inbound_addr().unwrap(), true, req).await;
+    assert_eq!(text(&resp), "app GET /h2 HTTP/2.0");
+    proxy.shutdown().await;
+}
+
+/// An upstream that holds every request until released.
+async fn held_upstream() -> (SocketAddr, Arc<Notify>, Arc<AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let release = Arc::new(Notify::new());
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let (r, a) = (release.clone(), arrived.clone());
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let (release, arrived) = (r.clone(), a.clone());
+            tokio::spawn(async move {
+                let svc = service_fn(move |_req: Request<Incoming>| {
+                    let (release, arrived) = (release.clone(), arrived.clone());
+                    async move {
+                        let released = release.notified();
+                        arrived.fetch_add(1, Ordering::SeqCst);
+                        released.await;
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from("released"))))
+                    }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, release, arrived)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_stops_accepting_and_drains_in_flight_requests() {
+    let (up, release, arrived) = held_upstream().await;
+    let (proxy, _dir) = start_with(&single_backend("held", up), None).await;
+    let outbound = proxy.outbound_addr().unwrap();
+    let h1 = tokio::spawn(send(
+        outbound,
+        false,
+        Request::get("/")
+            .header("host", "held")
+            .body(Full::default())
+            .unwrap(),
+    ));
+    let h2 = tokio::spawn(send(
+        outbound,
+        true,
+        Request::get("http://held/").body(Full::default()).unwrap(),
+    ));
+    eventually("both requests to reach the upstream", || async {
+        arrived.load(Ordering::SeqCst) == 2
+    })
+    .await;
+    let shutdown = tokio::spawn(proxy.shutdown());
+    eventually("the listener to close", || async {
+        TcpStream::connect(outbound).await.is_err()
+    })
+    .await;
+    assert!(!shutdown.is_finished(), "requests are still in flight");
+    release.notify_waiters();
+    let (h1, h2) = (h1.await.unwrap(), h2.await.unwrap());
+    assert_eq!(text(&h1), "released");
+    assert_eq!(h1.headers()["connection"], "close");
+    assert_eq!(text(&h2), "released");
+    shutdown.await.unwrap();
 }

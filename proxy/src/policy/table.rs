@@ -17,7 +17,7 @@ use crate::ProxyError;
 pub struct RouteMatcher {
     path: Option<PathMatch>,
     method: Option<Method>,
-    headers: Box<[(HeaderName, HeaderValue)]>,
+    headers: HeaderConds,
 }
 
 impl RouteMatcher {
@@ -40,24 +40,27 @@ impl RouteMatcher {
 
     /// Whether a request with this method, path (query excluded) and headers matches.
     pub fn matches(&self, method: &Method, path: &str, headers: &HeaderMap) -> bool {
-        if let Some(m) = &self.method {
-            if m != method {
-                return false;
-            }
+        if let Some(m) = &self.method
+            && m != method
+        {
+            return false;
         }
-        if let Some(p) = &self.path {
-            if !p.matches(path) {
-                return false;
-            }
+        if let Some(p) = &self.path
+            && !p.matches(path)
+        {
+            return false;
         }
         headers_match(&self.headers, headers)
     }
 }
 
+/// Header conditions: each name must carry exactly its value.
+pub(crate) type HeaderConds = Box<[(HeaderName, HeaderValue)]>;
+
 /// Compiles header conditions (names lowercased by `HeaderName`, values exact).
 pub(crate) fn compile_headers<'a>(
     headers: impl IntoIterator<Item = (&'a String, &'a String)>,
-) -> Result<Box<[(HeaderName, HeaderValue)]>, ProxyError> {
+) -> Result<HeaderConds, ProxyError> {
     headers
         .into_iter()
         .map(|(k, v)| {
