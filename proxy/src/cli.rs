@@ -39,43 +39,74 @@ pub(crate) enum Command {
 #[derive(Debug, clap::Args)]
 pub(crate) struct RunArgs {
     /// Outbound listener (application → mesh).
-    #[arg(long, env = "SLUICE_OUTBOUND", default_value = "127.0.0.1:15001")]
+    #[arg(
+        long,
+        env = "SLUICE_OUTBOUND",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:15001"
+    )]
     pub(crate) outbound: SocketAddr,
     /// Inbound listener (mesh → application); opens only with --app.
-    #[arg(long, env = "SLUICE_INBOUND", default_value = "0.0.0.0:15006")]
+    #[arg(
+        long,
+        env = "SLUICE_INBOUND",
+        value_name = "ADDR",
+        default_value = "0.0.0.0:15006"
+    )]
     pub(crate) inbound: SocketAddr,
     /// Admin listener.
-    #[arg(long, env = "SLUICE_ADMIN", default_value = "127.0.0.1:15000")]
+    #[arg(
+        long,
+        env = "SLUICE_ADMIN",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:15000"
+    )]
     pub(crate) admin: SocketAddr,
     /// The local application inbound requests go to.
-    #[arg(long, env = "SLUICE_APP")]
+    #[arg(long, env = "SLUICE_APP", value_name = "ADDR")]
     pub(crate) app: Option<SocketAddr>,
     /// Local policy file, watched for changes.
-    #[arg(long, env = "SLUICE_POLICY")]
+    #[arg(long, env = "SLUICE_POLICY", value_name = "FILE")]
     pub(crate) policy: Option<PathBuf>,
     /// This proxy's service (host of the policy whose inbound rules apply).
-    #[arg(long, env = "SLUICE_SERVICE")]
+    #[arg(long, env = "SLUICE_SERVICE", value_name = "NAME")]
     pub(crate) service: Option<String>,
     /// Grace period for requests in flight on shutdown (e.g. 20s, 500ms).
-    #[arg(long, env = "SLUICE_DRAIN_TIMEOUT", default_value = "20s")]
+    #[arg(
+        long,
+        env = "SLUICE_DRAIN_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "20s"
+    )]
     pub(crate) drain_timeout: sluice_config::Duration,
     /// Log filter: a level or an EnvFilter string.
-    #[arg(long, env = "SLUICE_LOG_LEVEL", default_value = "info")]
+    #[arg(
+        long,
+        env = "SLUICE_LOG_LEVEL",
+        value_name = "LEVEL",
+        default_value = "info"
+    )]
     pub(crate) log_level: String,
     /// Log format.
-    #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(
+        long,
+        env = "SLUICE_LOG_FORMAT",
+        value_name = "FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
     pub(crate) log_format: LogFormat,
     /// Write the bound addresses as JSON here once listening.
-    #[arg(long, env = "SLUICE_ADDR_FILE")]
+    #[arg(long, env = "SLUICE_ADDR_FILE", value_name = "FILE")]
     pub(crate) addr_file: Option<PathBuf>,
     /// Bearer token file unlocking mutating admin routes for non-loopback peers.
-    #[arg(long, env = "SLUICE_ADMIN_TOKEN_FILE")]
+    #[arg(long, env = "SLUICE_ADMIN_TOKEN_FILE", value_name = "FILE")]
     pub(crate) admin_token_file: Option<PathBuf>,
     /// Control-plane URL.
-    #[arg(long, env = "SLUICE_CONTROL_PLANE")]
+    #[arg(long, env = "SLUICE_CONTROL_PLANE", value_name = "URL")]
     pub(crate) control_plane: Option<String>,
     /// Directory for the last good snapshot.
-    #[arg(long, env = "SLUICE_STATE_DIR")]
+    #[arg(long, env = "SLUICE_STATE_DIR", value_name = "DIR")]
     pub(crate) state_dir: Option<PathBuf>,
     /// Do not open the inbound listener.
     #[arg(long, env = "SLUICE_NO_INBOUND")]

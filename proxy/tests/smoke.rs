@@ -539,3 +539,50 @@ async fn shutdown_stops_accepting_and_drains_in_flight_requests() {
     assert_eq!(text(&h2), "released");
     shutdown.await.unwrap();
 }
+
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn configmap_symlink_swap_is_applied() {
+    use std::os::unix::fs::symlink;
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Kubernetes' layout: file → ..data/file, ..data → a timestamped directory.
+    for (ts, addr) in [("..t1", v1), ("..t2", v2)] {
+        std::fs::create_dir(d.join(ts)).unwrap();
+        std::fs::write(d.join(ts).join("policy.yaml"), single_backend("cm", addr)).unwrap();
+    }
+    symlink("..t1", d.join("..data")).unwrap();
+    symlink("..data/policy.yaml", d.join("policy.yaml")).unwrap();
+    let proxy = start(ProxyConfig {
+        outbound: "127.0.0.1:0".parse().unwrap(),
+        admin: "127.0.0.1:0".parse().unwrap(),
+        policy: Some(d.join("policy.yaml")),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let get = || {
+        send(
+            proxy.outbound_addr().unwrap(),
+            false,
+            Request::get("/")
+                .header("host", "cm")
+                .body(Full::default())
+                .unwrap(),
+        )
+    };
+    assert_eq!(text(&get().await), "v1 GET / HTTP/1.1");
+    symlink("..t2", d.join("..data_tmp")).unwrap();
+    std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+    let mut rx = proxy.policy_store().subscribe();
+    let first = rx.borrow_and_update().clone();
+    eventually("the swap to apply", || {
+        let now = proxy.policy_store().current().hash().map(str::to_string);
+        let first = first.clone();
+        async move { now != first }
+    })
+    .await;
+    assert_eq!(text(&get().await), "v2 GET / HTTP/1.1");
+    proxy.shutdown().await;
+}

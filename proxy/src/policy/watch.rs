@@ -14,7 +14,7 @@ use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 use sluice_config::{PolicySet, parse_policies};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
-use tracing::debug;
+use tracing::trace;
 
 use super::{ApplyOutcome, PolicyStore};
 use crate::ProxyError;
@@ -88,6 +88,18 @@ impl FileSource {
     }
 }
 
+/// Whether a directory event may have changed the policy file: it names the file, or a
+/// `..`-prefixed entry (Kubernetes' `..data` symlink swap), or nothing in particular.
+/// Other files in the directory (a log file beside the policy, say) are ignored, so
+/// writing them cannot keep the watcher busy.
+fn concerns(event: &notify::Event, name: Option<&std::ffi::OsStr>) -> bool {
+    event.paths.is_empty()
+        || event.paths.iter().any(|p| match p.file_name() {
+            Some(f) => Some(f) == name || f.as_encoded_bytes().starts_with(b".."),
+            None => true,
+        })
+}
+
 /// Loads the file now and on every change until `shutdown` flips.
 pub(crate) fn spawn(
     path: PathBuf,
@@ -100,12 +112,17 @@ pub(crate) fn spawn(
     };
     let changed = Arc::new(Notify::new());
     let notify_changed = changed.clone();
+    let name = path.file_name().map(|n| n.to_os_string());
     let mut watcher = RecommendedWatcher::new(
         move |event: notify::Result<notify::Event>| {
-            if let Ok(e) = &event {
-                debug!(?e.kind, paths = ?e.paths, "policy directory event");
+            let relevant = match &event {
+                Ok(e) => concerns(e, name.as_deref()),
+                Err(_) => true,
+            };
+            trace!(?event, relevant, "policy directory event");
+            if relevant {
+                notify_changed.notify_one();
             }
-            notify_changed.notify_one();
         },
         notify::Config::default(),
     )
@@ -190,6 +207,21 @@ mod tests {
         assert_eq!(store.current().hash(), Some(good.as_str()));
         let rejected = store.last_rejected().unwrap();
         assert!(rejected.error.contains("p.yaml:"), "{}", rejected.error);
+    }
+
+    #[test]
+    fn only_events_about_the_file_or_configmap_swaps_count() {
+        use notify::event::{CreateKind, EventKind};
+        let ev = |p: &str| {
+            notify::Event::new(EventKind::Create(CreateKind::File)).add_path(PathBuf::from(p))
+        };
+        let name = Some(std::ffi::OsStr::new("p.yaml"));
+        assert!(concerns(&ev("/etc/sluice/p.yaml"), name));
+        assert!(concerns(&ev("/etc/sluice/..data"), name));
+        assert!(concerns(&ev("/etc/sluice/..2026_11_23"), name));
+        assert!(!concerns(&ev("/etc/sluice/proxy.log"), name));
+        assert!(!concerns(&ev("/etc/sluice/.p.yaml.swp"), name));
+        assert!(concerns(&notify::Event::new(EventKind::Any), name));
     }
 
     #[test]
