@@ -77,7 +77,7 @@ async fn forward(
             let backend = resp
                 .extensions_mut()
                 .remove::<SelectedBackend>()
-                .map(|b| b.0.index);
+                .map(|b| b.index);
             match upgrade {
                 Some(down) if is_switching(&resp) => spawn_tunnel(down, &mut resp),
                 _ => strip_hop_by_hop(resp.headers_mut(), false),
@@ -114,6 +114,7 @@ pub(crate) fn rescue(
         if let Some(f) = find_filter_error(err) {
             let backend = match f {
                 FilterError::BreakerOpen { backend, .. } => Some(backend.clone()),
+                FilterError::NoHealthyEndpoint(backend) => Some(backend.clone()),
                 _ => None,
             };
             let mut resp = build(f.status(), f.reason(), f.to_string(), grpc);

@@ -48,8 +48,8 @@ pub enum ProxyError {
     Upstream {
         /// Backend name (or `app` on inbound).
         backend: Arc<str>,
-        /// The client's reason.
-        source: hyper_util::client::legacy::Error,
+        /// What failed, typed for breakers and retries.
+        source: sluice_filters::UpstreamError,
     },
     /// A request reached the connection layer without a chosen endpoint.
     #[error("no endpoint selected for backend {0}")]

@@ -19,6 +19,7 @@ use tracing::debug;
 use crate::ProxyError;
 use crate::body::{Body, BoxError, boxed};
 use crate::stack::{Endpoint, SelectedBackend};
+use sluice_filters::{UpstreamError, UpstreamErrorKind};
 
 /// Pooled clients to upstreams, one per protocol; the downstream protocol picks one.
 #[derive(Clone, Debug)]
@@ -61,7 +62,7 @@ impl tower::Service<Request<Body>> for Upstream {
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let backend = req.extensions().get::<SelectedBackend>().cloned();
+        let backend = req.extensions_mut().remove::<SelectedBackend>();
         let endpoint = req.extensions_mut().remove::<Endpoint>();
         let client = if req.version() == Version::HTTP_2 {
             self.http2.clone()
@@ -72,19 +73,24 @@ impl tower::Service<Request<Body>> for Upstream {
         Box::pin(async move {
             let backend_name: Arc<str> = backend
                 .as_ref()
-                .map(|b| b.0.name.clone())
+                .map(|b| b.name.clone())
                 .unwrap_or_else(|| Arc::from(""));
-            let Some(Endpoint(authority)) = endpoint else {
+            let Some(Endpoint(endpoint)) = endpoint else {
                 return Err(ProxyError::NoEndpoint(backend_name).into());
             };
+            let authority = Authority::try_from(&*endpoint)?;
             *req.uri_mut() = upstream_uri(authority, req.uri())?;
-            let resp = client
-                .request(req)
-                .await
-                .map_err(|source| ProxyError::Upstream {
+            let resp = client.request(req).await.map_err(|e| {
+                let kind = if e.is_connect() {
+                    UpstreamErrorKind::ConnectFailure
+                } else {
+                    UpstreamErrorKind::Reset
+                };
+                ProxyError::Upstream {
                     backend: backend_name,
-                    source,
-                })?;
+                    source: UpstreamError::new(kind, e),
+                }
+            })?;
             let mut resp = resp.map(boxed);
             if let Some(b) = backend {
                 resp.extensions_mut().insert(b);

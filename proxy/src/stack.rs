@@ -8,9 +8,12 @@
 //!
 //! Until the governance layers of `sluice-filters` are wired in, the split slot holds
 //! [`PickBackend`] (header rules, else the first weighted backend) and the balancer
-//! slot holds [`FirstEndpoint`]. The split step marks its choice on the request as a
-//! [`SelectedBackend`] extension; the balancer step turns that into an [`Endpoint`];
-//! the connection step ([`Upstream`]) sends the request there.
+//! slot holds [`FirstEndpoint`]. They speak the same request extensions as the
+//! `sluice-filters` layers that replace them: the split step marks its choice as a
+//! [`SelectedBackend`] (index = position in the policy's `backends`), the balancer step
+//! turns that into an [`Endpoint`], and the connection step ([`Upstream`]) sends the
+//! request there, failing with a typed [`sluice_filters::UpstreamError`] inside
+//! [`ProxyError::Upstream`].
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -67,8 +70,8 @@ pub struct BackendParams {
     pub index: usize,
     /// Name as written in the policy.
     pub name: Arc<str>,
-    /// `host:port` endpoints in file order.
-    pub endpoints: Arc<[Authority]>,
+    /// `host:port` endpoints in file order (checked to parse as an authority).
+    pub endpoints: Arc<[Arc<str>]>,
     /// SPIFFE identity to expect (mTLS).
     pub identity: Option<Arc<str>>,
 }
@@ -144,7 +147,7 @@ impl RouteParams {
         let backends: Arc<[Arc<BackendParams>]> = Arc::new([Arc::new(BackendParams {
             index: 0,
             name: "app".into(),
-            endpoints: Arc::new([app]),
+            endpoints: Arc::new([Arc::from(app.as_str())]),
             identity: None,
         })]);
         Self {
@@ -186,13 +189,12 @@ pub fn compile_backends(policy: &RoutePolicy) -> Result<Arc<[Arc<BackendParams>]
             let endpoints = b
                 .addresses
                 .iter()
-                .map(|a| {
-                    a.parse::<Authority>().map_err(|_| {
-                        ProxyError::Compile(format!(
-                            "policy {} backend {name}: invalid address {a:?}",
-                            policy.metadata.name
-                        ))
-                    })
+                .map(|a| match a.parse::<Authority>() {
+                    Ok(_) => Ok(Arc::from(a.as_str())),
+                    Err(_) => Err(ProxyError::Compile(format!(
+                        "policy {} backend {name}: invalid address {a:?}",
+                        policy.metadata.name
+                    ))),
                 })
                 .collect::<Result<Arc<[_]>, _>>()?;
             Ok(Arc::new(BackendParams {
@@ -224,7 +226,7 @@ pub fn build_outbound(ctx: &StackContext, params: Arc<RouteParams>) -> RouteEntr
         // Governance slots, in order: route rate limit, total timeout.
         .layer(PickBackendLayer::new(params.clone()))
         // Then retry and circuit breaker (route × backend).
-        .layer(FirstEndpointLayer)
+        .layer(FirstEndpointLayer::new(params.backends.clone()))
         .service(ctx.upstream.clone());
     RouteEntry {
         params,
@@ -242,7 +244,7 @@ pub fn build_inbound(ctx: &StackContext, app: Authority, own: Option<&RoutePolic
         // Governance slots, in order, both from `own.spec.inbound`: authorize the peer
         // identity (`allow`), then the inbound rate limit (`rateLimit`, per serving pod).
         .layer(PickBackendLayer::new(params.clone()))
-        .layer(FirstEndpointLayer)
+        .layer(FirstEndpointLayer::new(params.backends.clone()))
         .service(ctx.upstream.clone());
     RouteEntry {
         params,
@@ -253,13 +255,8 @@ pub fn build_inbound(ctx: &StackContext, app: Authority, own: Option<&RoutePolic
 
 // === impl PickBackend ===
 
-/// Marks the request with the backend it goes to (request extension).
-#[derive(Clone, Debug)]
-pub struct SelectedBackend(pub Arc<BackendParams>);
-
-/// Marks the request with the endpoint it goes to (request extension).
-#[derive(Clone, Debug)]
-pub struct Endpoint(pub Authority);
+pub use sluice_filters::balance::Endpoint;
+pub use sluice_filters::split::SelectedBackend;
 
 /// Layer of [`PickBackend`].
 #[derive(Clone, Debug)]
@@ -306,7 +303,10 @@ where
 
     fn call(&mut self, mut req: Request<Body>) -> S::Future {
         if let Some(b) = self.params.pick_backend(req.headers()) {
-            req.extensions_mut().insert(SelectedBackend(b.clone()));
+            req.extensions_mut().insert(SelectedBackend {
+                name: b.name.clone(),
+                index: b.index,
+            });
         }
         self.inner.call(req)
     }
@@ -315,20 +315,33 @@ where
 // === impl FirstEndpoint ===
 
 /// Layer of [`FirstEndpoint`].
-#[derive(Clone, Copy, Debug, Default)]
-pub struct FirstEndpointLayer;
+#[derive(Clone, Debug)]
+pub struct FirstEndpointLayer {
+    backends: Arc<[Arc<BackendParams>]>,
+}
+
+impl FirstEndpointLayer {
+    /// Sends to `backends`, indexed by [`SelectedBackend::index`].
+    pub fn new(backends: Arc<[Arc<BackendParams>]>) -> Self {
+        Self { backends }
+    }
+}
 
 impl<S> tower::Layer<S> for FirstEndpointLayer {
     type Service = FirstEndpoint<S>;
 
     fn layer(&self, inner: S) -> FirstEndpoint<S> {
-        FirstEndpoint { inner }
+        FirstEndpoint {
+            backends: self.backends.clone(),
+            inner,
+        }
     }
 }
 
 /// Stand-in for the balancer: sends to the chosen backend's first endpoint.
 #[derive(Clone, Debug)]
 pub struct FirstEndpoint<S> {
+    backends: Arc<[Arc<BackendParams>]>,
     inner: S,
 }
 
@@ -348,7 +361,8 @@ where
         let endpoint = req
             .extensions()
             .get::<SelectedBackend>()
-            .and_then(|b| b.0.endpoints.first().cloned());
+            .and_then(|b| self.backends.get(b.index))
+            .and_then(|b| b.endpoints.first().cloned());
         if let Some(e) = endpoint {
             req.extensions_mut().insert(Endpoint(e));
         }
@@ -386,7 +400,7 @@ spec:
     fn picks_by_header_then_weights() {
         let policies = sluice_config::parse_policies("t.yaml", POLICY).unwrap();
         let backends = compile_backends(&policies[0]).unwrap();
-        assert_eq!(backends[1].endpoints[0], "log-v2.example:9102");
+        assert_eq!(&*backends[1].endpoints[0], "log-v2.example:9102");
         let split = RouteParams::new(&policies[0], 0, backends.clone()).unwrap();
         let weighted = RouteParams::new(&policies[0], 1, backends).unwrap();
         let mut h = HeaderMap::new();
