@@ -135,8 +135,7 @@ impl PolicySet {
             located.push(parse::Located {
                 policy: p.clone(),
                 file,
-                name_at: spans::Pos::START,
-                host_at: spans::Pos::START,
+                source: None,
             });
         }
         errors.extend(parse::check_unique(&located));

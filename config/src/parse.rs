@@ -6,6 +6,7 @@
 //! semantic errors, into a line and column. A type error stops only its own
 //! document; semantic checks report every problem they find.
 
+use std::cell::LazyCell;
 use std::collections::HashMap;
 
 use serde::Deserialize;
@@ -16,25 +17,41 @@ use crate::spans::{self, DocSpans, Pos, child_index, child_key};
 use crate::validate::{self, Finding};
 use crate::{API_VERSION, Diagnostic, KIND, RoutePolicy};
 
-/// A validated policy and where its identifying fields were written.
+/// A validated policy and the source it came from, to locate it if it clashes.
 #[derive(Clone, Debug)]
-pub(crate) struct Located {
+pub(crate) struct Located<'a> {
     pub(crate) policy: RoutePolicy,
     pub(crate) file: String,
-    pub(crate) name_at: Pos,
-    pub(crate) host_at: Pos,
+    /// The file's text and the document's index in it; `None` for policies built in code.
+    pub(crate) source: Option<(&'a str, usize)>,
+}
+
+impl Located<'_> {
+    /// Where `path` was written. Only called on the error path, so the span pass
+    /// runs again rather than being kept for every valid policy.
+    fn locate(&self, path: &str) -> Pos {
+        match self.source {
+            Some((text, doc)) => spans::collect(text)
+                .get(doc)
+                .map_or(Pos::START, |d| d.locate(path, false)),
+            None => Pos::START,
+        }
+    }
 }
 
 /// Parses and validates every document of one file, without cross-policy checks.
-pub(crate) fn parse_file(file: &str, text: &str) -> (Vec<Located>, Vec<Diagnostic>) {
-    let spans = spans::collect(text);
+///
+/// The span-aware pass runs only once something is wrong: valid files (every
+/// snapshot a proxy receives) pay for one YAML parse, not two.
+pub(crate) fn parse_file<'a>(file: &str, text: &'a str) -> (Vec<Located<'a>>, Vec<Diagnostic>) {
+    let spans = LazyCell::new(|| spans::collect(text));
     let empty = DocSpans::default();
     let mut out = Vec::new();
     let mut errors = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-        let sp = spans.get(i).unwrap_or(&empty);
+        let sp = || spans.get(i).unwrap_or(&empty);
         let diag = |f: Finding| {
-            let pos = sp.locate(&f.path, f.at_key);
+            let pos = sp().locate(&f.path, f.at_key);
             Diagnostic {
                 file: file.to_string(),
                 line: pos.line,
@@ -43,25 +60,23 @@ pub(crate) fn parse_file(file: &str, text: &str) -> (Vec<Located>, Vec<Diagnosti
                 message: f.message,
             }
         };
-        if !sp.duplicate_keys.is_empty() {
-            for (path, at, first) in &sp.duplicate_keys {
-                errors.push(Diagnostic {
-                    file: file.to_string(),
-                    line: at.line,
-                    column: at.column,
-                    path: path.clone(),
-                    message: format!("duplicate key (first at line {})", first.line),
-                });
-            }
-            // serde_yaml may refuse the same duplicate; the positioned report above suffices.
-            if Value::deserialize(doc).is_err() {
-                break;
-            }
-            continue;
-        }
         let value = match Value::deserialize(doc) {
             Ok(Value::Null) => continue,
             Ok(v) => v,
+            Err(_) if !sp().duplicate_keys.is_empty() => {
+                // serde_yaml refuses duplicate keys without saying where; the span
+                // pass knows. The document was loaded whole, so the next one is fine.
+                for (path, at, first) in &sp().duplicate_keys {
+                    errors.push(Diagnostic {
+                        file: file.to_string(),
+                        line: at.line,
+                        column: at.column,
+                        path: path.clone(),
+                        message: format!("duplicate key (first at line {})", first.line),
+                    });
+                }
+                continue;
+            }
             Err(e) => {
                 errors.push(syntax_error(file, &e));
                 // After a syntax error the rest of the stream cannot be trusted.
@@ -84,8 +99,7 @@ pub(crate) fn parse_file(file: &str, text: &str) -> (Vec<Located>, Vec<Diagnosti
         if findings.is_empty() {
             out.push(Located {
                 file: file.to_string(),
-                name_at: sp.locate("metadata.name", false),
-                host_at: sp.locate("spec.host", false),
+                source: Some((text, i)),
                 policy,
             });
         } else {
@@ -323,22 +337,28 @@ fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 /// Refuses a second policy with the same namespace and name, or the same host.
-pub(crate) fn check_unique(items: &[Located]) -> Vec<Diagnostic> {
-    let mut names: HashMap<(&str, &str), &Located> = HashMap::new();
-    let mut hosts: HashMap<&str, &Located> = HashMap::new();
+pub(crate) fn check_unique(items: &[Located<'_>]) -> Vec<Diagnostic> {
+    let mut names: HashMap<(&str, &str), &Located<'_>> = HashMap::new();
+    let mut hosts: HashMap<&str, &Located<'_>> = HashMap::new();
     let mut out = Vec::new();
+    let at = |item: &Located<'_>, path: &str| {
+        let p = item.locate(path);
+        format!("{}:{}:{}", item.file, p.line, p.column)
+    };
     for item in items {
         let m = &item.policy.metadata;
         let ns = m.namespace.as_deref().unwrap_or("default");
         if let Some(first) = names.get(&(ns, m.name.as_str())) {
+            let pos = item.locate("metadata.name");
             out.push(Diagnostic {
                 file: item.file.clone(),
-                line: item.name_at.line,
-                column: item.name_at.column,
+                line: pos.line,
+                column: pos.column,
                 path: "metadata.name".to_string(),
                 message: format!(
-                    "duplicate policy {ns}/{} (also at {}:{}:{})",
-                    m.name, first.file, first.name_at.line, first.name_at.column
+                    "duplicate policy {ns}/{} (also at {})",
+                    m.name,
+                    at(first, "metadata.name")
                 ),
             });
         } else {
@@ -347,18 +367,17 @@ pub(crate) fn check_unique(items: &[Located]) -> Vec<Diagnostic> {
         let host = item.policy.spec.host.as_str();
         if let Some(first) = hosts.get(host) {
             let fm = &first.policy.metadata;
+            let pos = item.locate("spec.host");
             out.push(Diagnostic {
                 file: item.file.clone(),
-                line: item.host_at.line,
-                column: item.host_at.column,
+                line: pos.line,
+                column: pos.column,
                 path: "spec.host".to_string(),
                 message: format!(
-                    "host {host:?} already has a policy: {}/{} at {}:{}:{}",
+                    "host {host:?} already has a policy: {}/{} at {}",
                     fm.namespace.as_deref().unwrap_or("default"),
                     fm.name,
-                    first.file,
-                    first.host_at.line,
-                    first.host_at.column
+                    at(first, "spec.host")
                 ),
             });
         } else {
