@@ -126,9 +126,12 @@ async fn start_sidecar(
         log_control: Some(log_control.clone()),
         ..defaults
     };
-    sluice_proxy::start(cfg)
-        .await
-        .with_context(|| format!("starting the {} sidecar (admin port {})", spec.service, spec.admin))
+    sluice_proxy::start(cfg).await.with_context(|| {
+        format!(
+            "starting the {} sidecar (admin port {})",
+            spec.service, spec.admin
+        )
+    })
 }
 
 #[tokio::main]
@@ -179,7 +182,12 @@ async fn main() -> anyhow::Result<ExitCode> {
         },
     )
     .await
-    .with_context(|| format!("order-service on port {} (try --base-port)", ports.order_app))?;
+    .with_context(|| {
+        format!(
+            "order-service on port {} (try --base-port)",
+            ports.order_app
+        )
+    })?;
 
     // Their sidecars.
     let specs = [
@@ -219,18 +227,26 @@ async fn main() -> anyhow::Result<ExitCode> {
     }
 
     println!("Sluice demo mesh is up.\n");
-    println!("  order-service  http://127.0.0.1:{}   sidecar: admin :{}  outbound :{}  inbound :{}",
-        ports.order_app, ports.order_admin, ports.order_outbound, ports.order_inbound);
-    println!("  log-v1         http://127.0.0.1:{}   sidecar: admin :{}  inbound :{}",
-        ports.v1_app, ports.v1_admin, ports.v1_inbound);
-    println!("  log-v2         http://127.0.0.1:{}   sidecar: admin :{}  inbound :{}",
-        ports.v2_app, ports.v2_admin, ports.v2_inbound);
+    println!(
+        "  order-service  http://127.0.0.1:{}   sidecar: admin :{}  outbound :{}  inbound :{}",
+        ports.order_app, ports.order_admin, ports.order_outbound, ports.order_inbound
+    );
+    println!(
+        "  log-v1         http://127.0.0.1:{}   sidecar: admin :{}  inbound :{}",
+        ports.v1_app, ports.v1_admin, ports.v1_inbound
+    );
+    println!(
+        "  log-v2         http://127.0.0.1:{}   sidecar: admin :{}  inbound :{}",
+        ports.v2_app, ports.v2_admin, ports.v2_inbound
+    );
     println!("\n  policy (watched live): {}\n", policy_path.display());
 
     send_sample_traffic(&client, ports).await;
     print_try(ports, &policy_path);
 
-    tokio::signal::ctrl_c().await.context("waiting for Ctrl-C")?;
+    tokio::signal::ctrl_c()
+        .await
+        .context("waiting for Ctrl-C")?;
     println!("\nstopping…");
     for sidecar in sidecars {
         sidecar.shutdown().await;
@@ -265,10 +281,10 @@ async fn wait_ready(client: &Client<HttpConnector, Full<Bytes>>, admin: u16) -> 
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let req = Request::get(format!("http://127.0.0.1:{admin}/ready")).body(Full::default())?;
-        if let Ok(resp) = client.request(req).await {
-            if resp.status().is_success() {
-                return Ok(());
-            }
+        if let Ok(resp) = client.request(req).await
+            && resp.status().is_success()
+        {
+            return Ok(());
         }
         if Instant::now() > deadline {
             bail!("the sidecar with admin port {admin} did not become ready within 10s");
@@ -282,12 +298,20 @@ async fn send_sample_traffic(client: &Client<HttpConnector, Full<Bytes>>, ports:
     println!("Sample traffic (order-service → its sidecar → log sidecars → log-v1/v2):");
     let url = format!("http://127.0.0.1:{}/orders", ports.order_app);
     let mut cases: Vec<(String, Vec<(&str, String)>)> = (1..=6)
-        .map(|i| (format!("x-user-id: user-{i}"), vec![("x-user-id", format!("user-{i}"))]))
+        .map(|i| {
+            (
+                format!("x-user-id: user-{i}"),
+                vec![("x-user-id", format!("user-{i}"))],
+            )
+        })
         .collect();
     for i in 1..=3 {
         cases.push((
             format!("x-user-id: user-{i}, x-canary: true"),
-            vec![("x-user-id", format!("user-{i}")), ("x-canary", "true".into())],
+            vec![
+                ("x-user-id", format!("user-{i}")),
+                ("x-canary", "true".into()),
+            ],
         ));
     }
     for (label, headers) in cases {
@@ -307,19 +331,28 @@ async fn send_sample_traffic(client: &Client<HttpConnector, Full<Bytes>>, ports:
                     .await
                     .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
                     .unwrap_or_default();
-                println!("  POST /orders ({label:<34}) → {} {}", status.as_u16(), body.trim());
+                println!(
+                    "  POST /orders ({label:<34}) → {} {}",
+                    status.as_u16(),
+                    body.trim()
+                );
             }
             Err(e) => println!("  POST /orders ({label:<34}) → failed: {e}"),
         }
     }
     for (name, port) in [("log-v1", ports.v1_app), ("log-v2", ports.v2_app)] {
-        let Ok(req) = Request::get(format!("http://127.0.0.1:{port}/logs/stats")).body(Full::default()) else {
+        let Ok(req) =
+            Request::get(format!("http://127.0.0.1:{port}/logs/stats")).body(Full::default())
+        else {
             continue;
         };
-        if let Ok(resp) = client.request(req).await {
-            if let Ok(body) = resp.into_body().collect().await {
-                println!("  {name} stats: {}", String::from_utf8_lossy(&body.to_bytes()).trim());
-            }
+        if let Ok(resp) = client.request(req).await
+            && let Ok(body) = resp.into_body().collect().await
+        {
+            println!(
+                "  {name} stats: {}",
+                String::from_utf8_lossy(&body.to_bytes()).trim()
+            );
         }
     }
     println!();
@@ -331,12 +364,23 @@ fn print_try(ports: Ports, policy: &Path) {
     let a = ports.order_admin;
     println!("Try:");
     println!("  curl -si -X POST http://127.0.0.1:{o}/orders -H 'x-user-id: alice'");
-    println!("  curl -si -X POST http://127.0.0.1:{o}/orders -H 'x-canary: true'          # always log-v2");
-    println!("  curl -si -X POST http://127.0.0.1:{out}/logs -H 'Host: log-service' -d hi  # straight into the order sidecar");
-    println!("  curl -si http://127.0.0.1:{out}/ -H 'Host: nowhere'                     # 404, x-sluice-reason: no-route");
-    println!("  for i in $(seq 100); do curl -s -o /dev/null -w '%{{http_code}} ' -X POST http://127.0.0.1:{out}/logs -H 'Host: log-service' -H 'x-tenant-id: t1'; done; echo   # rate limit (429)");
+    println!(
+        "  curl -si -X POST http://127.0.0.1:{o}/orders -H 'x-canary: true'          # always log-v2"
+    );
+    println!(
+        "  curl -si -X POST http://127.0.0.1:{out}/logs -H 'Host: log-service' -d hi  # straight into the order sidecar"
+    );
+    println!(
+        "  curl -si http://127.0.0.1:{out}/ -H 'Host: nowhere'                     # 404, x-sluice-reason: no-route"
+    );
+    println!(
+        "  for i in $(seq 100); do curl -s -o /dev/null -w '%{{http_code}} ' -X POST http://127.0.0.1:{out}/logs -H 'Host: log-service' -H 'x-tenant-id: t1'; done; echo   # rate limit (429)"
+    );
     println!();
-    println!("Admin (order sidecar; log sidecars on :{} and :{}):", ports.v1_admin, ports.v2_admin);
+    println!(
+        "Admin (order sidecar; log sidecars on :{} and :{}):",
+        ports.v1_admin, ports.v2_admin
+    );
     println!("  curl -s http://127.0.0.1:{a}/config");
     println!("  curl -s http://127.0.0.1:{a}/metrics | grep sluice_requests_total");
     println!("  curl -s http://127.0.0.1:{a}/ready");
@@ -344,9 +388,15 @@ fn print_try(ports: Ports, policy: &Path) {
     println!();
     println!("Edit the policy live (every sidecar watches it):");
     println!("  $EDITOR {}", policy.display());
-    println!("  e.g. set weights to {{ log-v1: 50, log-v2: 50 }}, then watch `version` change on /config;");
-    println!("  break it (weights summing to 90) and see it refused under `last_rejected` while the old one serves.");
+    println!(
+        "  e.g. set weights to {{ log-v1: 50, log-v2: 50 }}, then watch `version` change on /config;"
+    );
+    println!(
+        "  break it (weights summing to 90) and see it refused under `last_rejected` while the old one serves."
+    );
     println!();
-    println!("Restart with --log-v2-fail-rate 0.5 or --log-v2-delay 800ms to watch retries, timeouts and the breaker.");
+    println!(
+        "Restart with --log-v2-fail-rate 0.5 or --log-v2-delay 800ms to watch retries, timeouts and the breaker."
+    );
     println!("Ctrl-C to stop.");
 }

@@ -87,7 +87,11 @@ async fn handle(
     }
 }
 
-async fn ingest(config: &LogServiceConfig, stats: &Stats, mut body: Incoming) -> Response<Full<Bytes>> {
+async fn ingest(
+    config: &LogServiceConfig,
+    stats: &Stats,
+    mut body: Incoming,
+) -> Response<Full<Bytes>> {
     let mut bytes = 0u64;
     while let Some(frame) = body.frame().await {
         match frame {

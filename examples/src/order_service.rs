@@ -12,10 +12,10 @@
 //! when the log call succeeded; otherwise `502` with the log call's status and the
 //! sidecar's `x-sluice-reason` (or the transport error) in `reason`.
 
+use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::io;
 
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};

@@ -105,7 +105,12 @@ impl HttpConn {
     }
 
     /// Builds a request to `host` + `path` in the form this connection's protocol wants.
-    pub fn request_builder(&self, method: Method, host: &str, path: &str) -> http::request::Builder {
+    pub fn request_builder(
+        &self,
+        method: Method,
+        host: &str,
+        path: &str,
+    ) -> http::request::Builder {
         if self.is_h2() {
             Request::builder()
                 .method(method)

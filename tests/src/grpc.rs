@@ -33,7 +33,11 @@ pub struct EchoService;
 fn status_with_meta(code: i32, what: &'static str) -> Status {
     let mut meta = MetadataMap::new();
     meta.insert("x-fail-meta", what.parse().expect("ascii"));
-    Status::with_metadata(Code::from_i32(code), format!("asked to fail with {code}"), meta)
+    Status::with_metadata(
+        Code::from_i32(code),
+        format!("asked to fail with {code}"),
+        meta,
+    )
 }
 
 type ReplyStream = Pin<Box<dyn Stream<Item = Result<EchoReply, Status>> + Send>>;

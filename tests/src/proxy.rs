@@ -63,7 +63,12 @@ async fn admin_get(admin: SocketAddr, path: &str) -> (StatusCode, String) {
 }
 
 /// An HTTP request with a body to an admin port, read to its end.
-async fn admin_send(admin: SocketAddr, method: Method, path: &str, body: &str) -> (StatusCode, String) {
+async fn admin_send(
+    admin: SocketAddr,
+    method: Method,
+    path: &str,
+    body: &str,
+) -> (StatusCode, String) {
     let mut conn = HttpConn::h1(admin)
         .await
         .unwrap_or_else(|e| panic!("connect to admin {admin}: {e}"));
@@ -79,7 +84,10 @@ async fn admin_send(admin: SocketAddr, method: Method, path: &str, body: &str) -
 }
 
 fn parse_json(path: &str, status: StatusCode, body: &str) -> serde_json::Value {
-    assert!(status.is_success(), "admin {path} answered {status}: {body}");
+    assert!(
+        status.is_success(),
+        "admin {path} answered {status}: {body}"
+    );
     serde_json::from_str(body).unwrap_or_else(|e| panic!("admin {path} is not JSON ({e}): {body}"))
 }
 
@@ -289,10 +297,10 @@ impl ChildProxy {
 
         let deadline = Instant::now() + WAIT;
         let addrs: serde_json::Value = loop {
-            if let Ok(text) = fs::read_to_string(&addr_file) {
-                if let Ok(v) = serde_json::from_str(&text) {
-                    break v;
-                }
+            if let Ok(text) = fs::read_to_string(&addr_file)
+                && let Ok(v) = serde_json::from_str(&text)
+            {
+                break v;
             }
             if let Ok(Some(status)) = child.try_wait() {
                 panic!(
@@ -312,7 +320,10 @@ impl ChildProxy {
             tokio::time::sleep(Duration::from_millis(10)).await;
         };
         let addr = |key: &str| -> Option<SocketAddr> {
-            addrs.get(key).and_then(|v| v.as_str()).and_then(|s| s.parse().ok())
+            addrs
+                .get(key)
+                .and_then(|v| v.as_str())
+                .and_then(|s| s.parse().ok())
         };
         let proxy = Self {
             outbound: addr("outbound"),
@@ -337,7 +348,8 @@ impl ChildProxy {
 
     /// The outbound listener's address.
     pub fn outbound_addr(&self) -> SocketAddr {
-        self.outbound.expect("the address file names the outbound listener")
+        self.outbound
+            .expect("the address file names the outbound listener")
     }
 
     /// The inbound listener's address, when it has one.

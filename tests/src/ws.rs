@@ -31,7 +31,8 @@ impl WsEchoServer {
                     while let Some(Ok(msg)) = ws.next().await {
                         match msg {
                             Message::Text(_) | Message::Binary(_) => {
-                                if ws.send(msg).await.is_err() {
+                                let sent = ws.send(msg).await;
+                                if sent.is_err() {
                                     return;
                                 }
                             }

@@ -44,7 +44,11 @@ async fn main() -> anyhow::Result<ExitCode> {
     .await?;
     #[allow(clippy::print_stdout)]
     {
-        println!("log-service {} listening on http://{}", args.name, service.addr());
+        println!(
+            "log-service {} listening on http://{}",
+            args.name,
+            service.addr()
+        );
     }
     tokio::signal::ctrl_c().await?;
     service.shutdown().await;

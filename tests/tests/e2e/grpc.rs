@@ -31,10 +31,13 @@ fn request(message: &str, count: u32, fail_code: i32) -> Request<EchoRequest> {
 async fn check_echo(mut client: EchoClient<Channel>) {
     // Unary: message and metadata both ways.
     let mut req = request("hello", 0, 0);
-    req.metadata_mut().insert("x-test-meta", "m-1".parse().unwrap());
+    req.metadata_mut()
+        .insert("x-test-meta", "m-1".parse().unwrap());
     let resp = client.unary(req).await.expect("unary call");
     assert_eq!(
-        resp.metadata().get("x-echo-meta").and_then(|v| v.to_str().ok()),
+        resp.metadata()
+            .get("x-echo-meta")
+            .and_then(|v| v.to_str().ok()),
         Some("m-1")
     );
     assert_eq!(resp.into_inner().message, "hello");
@@ -46,9 +49,15 @@ async fn check_echo(mut client: EchoClient<Channel>) {
             .await
             .expect_err("the server fails this call");
         assert_eq!(status.code(), code, "{status:?}");
-        assert_eq!(status.message(), format!("asked to fail with {}", code as i32));
         assert_eq!(
-            status.metadata().get("x-fail-meta").and_then(|v| v.to_str().ok()),
+            status.message(),
+            format!("asked to fail with {}", code as i32)
+        );
+        assert_eq!(
+            status
+                .metadata()
+                .get("x-fail-meta")
+                .and_then(|v| v.to_str().ok()),
             Some("unary")
         );
     }
@@ -86,7 +95,10 @@ async fn check_echo(mut client: EchoClient<Channel>) {
     assert_eq!(got, 3, "all replies before the trailers arrived");
     assert_eq!(status.code(), Code::Aborted, "{status:?}");
     assert_eq!(
-        status.metadata().get("x-fail-meta").and_then(|v| v.to_str().ok()),
+        status
+            .metadata()
+            .get("x-fail-meta")
+            .and_then(|v| v.to_str().ok()),
         Some("stream"),
         "trailer metadata passes"
     );
@@ -120,8 +132,12 @@ async fn grpc_unary_and_streaming_pass_outbound_then_inbound() {
     )
     .await;
     // The caller's sidecar: outbound, routing `echo` to the callee's inbound listener.
-    let outbound =
-        TestProxy::start(&single_backend_policy("echo", "echo", inbound.inbound_addr())).await;
+    let outbound = TestProxy::start(&single_backend_policy(
+        "echo",
+        "echo",
+        inbound.inbound_addr(),
+    ))
+    .await;
 
     check_echo(EchoClient::new(channel(outbound.outbound_addr()).await)).await;
     // And straight into the inbound listener, as a caller without a sidecar would.

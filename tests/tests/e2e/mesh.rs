@@ -51,12 +51,24 @@ async fn log_sidecar(app: SocketAddr) -> TestProxy {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orders_are_logged_through_the_sidecars_with_canary_routing() {
-    let v1 = log_service::start(any(), LogServiceConfig { name: "log-v1".into(), ..Default::default() })
-        .await
-        .unwrap();
-    let v2 = log_service::start(any(), LogServiceConfig { name: "log-v2".into(), ..Default::default() })
-        .await
-        .unwrap();
+    let v1 = log_service::start(
+        any(),
+        LogServiceConfig {
+            name: "log-v1".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let v2 = log_service::start(
+        any(),
+        LogServiceConfig {
+            name: "log-v2".into(),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     let v1_sidecar = log_sidecar(v1.addr()).await;
     let v2_sidecar = log_sidecar(v2.addr()).await;
     let order_sidecar = TestProxy::start(&log_policy(
@@ -78,7 +90,12 @@ async fn orders_are_logged_through_the_sidecars_with_canary_routing() {
     for (canary, want) in [("false", "log-v1"), ("true", "log-v2"), ("false", "log-v1")] {
         for _ in 0..5 {
             let reply = conn
-                .request(Method::POST, "order-service", "/orders", &[("x-canary", canary)])
+                .request(
+                    Method::POST,
+                    "order-service",
+                    "/orders",
+                    &[("x-canary", canary)],
+                )
                 .await
                 .unwrap();
             assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
@@ -100,7 +117,12 @@ async fn orders_are_logged_through_the_sidecars_with_canary_routing() {
     // With the log sidecars gone, the order service reports the sidecar's reason.
     v2_sidecar.shutdown().await;
     let reply = conn
-        .request(Method::POST, "order-service", "/orders", &[("x-canary", "true")])
+        .request(
+            Method::POST,
+            "order-service",
+            "/orders",
+            &[("x-canary", "true")],
+        )
         .await
         .unwrap();
     assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text());

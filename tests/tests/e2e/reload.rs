@@ -95,10 +95,14 @@ async fn policy_edit_under_load_drops_nothing() {
 
     // Keep going until the total is reached, with plenty of requests after the swap.
     let at_swap = tally.done.load(Ordering::SeqCst);
-    wait_until("2,000 requests are done, 500 of them after the swap", WAIT * 3, || async {
-        let done = tally.done.load(Ordering::SeqCst);
-        done >= TOTAL && done >= at_swap + 500
-    })
+    wait_until(
+        "2,000 requests are done, 500 of them after the swap",
+        WAIT * 3,
+        || async {
+            let done = tally.done.load(Ordering::SeqCst);
+            done >= TOTAL && done >= at_swap + 500
+        },
+    )
     .await;
     stop.store(true, Ordering::SeqCst);
     let mut errors = Vec::new();
@@ -107,11 +111,26 @@ async fn policy_edit_under_load_drops_nothing() {
     }
 
     let done = tally.done.load(Ordering::SeqCst);
+    eprintln!(
+        "{done} requests: {} blue, {} green, edit applied after {at_swap}",
+        tally.from_blue.load(Ordering::SeqCst),
+        tally.from_green.load(Ordering::SeqCst)
+    );
     assert!(done >= TOTAL, "only {done} requests ran");
-    assert_eq!(tally.failed.load(Ordering::SeqCst), 0, "failed requests: {errors:?}");
+    assert_eq!(
+        tally.failed.load(Ordering::SeqCst),
+        0,
+        "failed requests: {errors:?}"
+    );
     assert!(errors.is_empty(), "{errors:?}");
-    assert!(tally.from_blue.load(Ordering::SeqCst) > 0, "blue served before the edit");
-    assert!(tally.from_green.load(Ordering::SeqCst) >= 500, "green served after the edit");
+    assert!(
+        tally.from_blue.load(Ordering::SeqCst) > 0,
+        "blue served before the edit"
+    );
+    assert!(
+        tally.from_green.load(Ordering::SeqCst) >= 500,
+        "green served after the edit"
+    );
     assert_eq!(
         tally.stale_after_swap.load(Ordering::SeqCst),
         0,
@@ -150,32 +169,49 @@ async fn broken_edit_is_refused_and_the_old_policy_keeps_serving() {
     })
     .await;
     let config = proxy.admin_json("/config").await;
-    let rejected = last_rejected(&config).expect("last_rejected").to_string();
-    assert!(rejected.contains("retriez"), "the refusal names the problem: {rejected}");
-    assert_eq!(proxy.version().await.as_deref(), Some(v1.as_str()), "version unchanged");
+    let rejected_value = last_rejected(&config).expect("last_rejected").clone();
+    let rejected = rejected_value.to_string();
+    assert!(
+        rejected.contains("retriez"),
+        "the refusal names the problem: {rejected}"
+    );
+    assert_eq!(
+        proxy.version().await.as_deref(),
+        Some(v1.as_str()),
+        "version unchanged"
+    );
 
     let mut conn = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
     for _ in 0..20 {
         let r = conn.get("svc", "/").await.unwrap();
         assert_eq!(r.status, StatusCode::OK);
-        assert_eq!(r.header("x-upstream"), "blue", "the last good policy serves");
+        assert_eq!(
+            r.header("x-upstream"),
+            "blue",
+            "the last good policy serves"
+        );
     }
     assert_eq!(green.requests(), 0);
 
     // A syntax error is refused the same way.
     proxy.write_policy("spec: [unclosed\n");
     wait_until("/config reports the syntax error", WAIT, || async {
-        last_rejected(&proxy.admin_json("/config").await)
-            .is_some_and(|r| r.to_string() != rejected)
+        last_rejected(&proxy.admin_json("/config").await).is_some_and(|r| *r != rejected_value)
     })
     .await;
-    assert_eq!(conn.get("svc", "/").await.unwrap().header("x-upstream"), "blue");
+    assert_eq!(
+        conn.get("svc", "/").await.unwrap().header("x-upstream"),
+        "blue"
+    );
 
     // Fixing the file applies it.
     let fixed = single_backend_policy("svc", "svc", green.addr());
     proxy.write_policy(&fixed);
     let v2 = proxy.wait_version_change(Some(&v1)).await;
     assert_eq!(v2, expected_version(&fixed));
-    assert_eq!(conn.get("svc", "/").await.unwrap().header("x-upstream"), "green");
+    assert_eq!(
+        conn.get("svc", "/").await.unwrap().header("x-upstream"),
+        "green"
+    );
     proxy.shutdown().await;
 }

@@ -7,7 +7,14 @@ use sluice_e2e::{HttpConn, TestProxy, Upstream};
 
 /// Upstreams named after the route that should reach them.
 const NAMES: [&str; 8] = [
-    "api", "users", "users-post", "users-gold", "login", "fallback", "beta", "canary",
+    "api",
+    "users",
+    "users-post",
+    "users-gold",
+    "login",
+    "fallback",
+    "beta",
+    "canary",
 ];
 
 /// One host with routes written in the file in an order that disagrees with their
@@ -101,8 +108,11 @@ async fn closed_port() -> std::net::SocketAddr {
     addr
 }
 
+/// method, host, path, extra headers, the upstream that must answer
+type Case<'a> = (Method, &'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
+
 async fn check_routes(conn: &mut HttpConn) {
-    let cases: &[(Method, &str, &str, &[(&str, &str)], &str)] = &[
+    let cases: &[Case<'_>] = &[
         // exact beats every prefix, though written last
         (Method::GET, "alpha", "/api/login", &[], "login"),
         // the longer prefix beats the shorter one
@@ -114,14 +124,44 @@ async fn check_routes(conn: &mut HttpConn) {
         (Method::GET, "alpha", "/api/login/again", &[], "api"),
         // same path: a method match beats none, more header matches beat fewer
         (Method::POST, "alpha", "/api/users", &[], "users-post"),
-        (Method::POST, "alpha", "/api/users", &[("x-tier", "gold")], "users-gold"),
-        (Method::POST, "alpha", "/api/users", &[("x-tier", "silver")], "users-post"),
-        (Method::GET, "alpha", "/api/users", &[("x-tier", "gold")], "users"),
+        (
+            Method::POST,
+            "alpha",
+            "/api/users",
+            &[("x-tier", "gold")],
+            "users-gold",
+        ),
+        (
+            Method::POST,
+            "alpha",
+            "/api/users",
+            &[("x-tier", "silver")],
+            "users-post",
+        ),
+        (
+            Method::GET,
+            "alpha",
+            "/api/users",
+            &[("x-tier", "gold")],
+            "users",
+        ),
         // host decides the policy
         (Method::GET, "beta", "/api/login", &[], "beta"),
         // a header split rule before the default backend
-        (Method::GET, "canary", "/", &[("x-canary", "true")], "canary"),
-        (Method::GET, "canary", "/", &[("x-canary", "false")], "fallback"),
+        (
+            Method::GET,
+            "canary",
+            "/",
+            &[("x-canary", "true")],
+            "canary",
+        ),
+        (
+            Method::GET,
+            "canary",
+            "/",
+            &[("x-canary", "false")],
+            "fallback",
+        ),
         (Method::GET, "canary", "/", &[], "fallback"),
     ];
     for (method, host, path, headers, want) in cases {

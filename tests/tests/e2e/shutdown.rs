@@ -24,14 +24,16 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
     for i in 0..H1_REQUESTS {
         let mut conn = HttpConn::h1(addr).await.unwrap();
         in_flight.push(tokio::spawn(async move {
-            conn.request(Method::GET, "slow", &format!("/hold/{i}"), &[]).await
+            conn.request(Method::GET, "slow", &format!("/hold/{i}"), &[])
+                .await
         }));
     }
     let h2 = HttpConn::h2(addr).await.unwrap();
     for i in 0..H2_STREAMS {
         let mut conn = h2.try_clone().expect("an HTTP/2 connection is shared");
         in_flight.push(tokio::spawn(async move {
-            conn.request(Method::GET, "slow", &format!("/hold/h2-{i}"), &[]).await
+            conn.request(Method::GET, "slow", &format!("/hold/h2-{i}"), &[])
+                .await
         }));
     }
     wait_until("every request is held by the upstream", WAIT, || async {
@@ -56,6 +58,11 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
     }
 
     let status = proxy.wait_exit(WAIT).await;
-    assert_eq!(status.code(), Some(0), "exit status {status}:\n{}", proxy.log());
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "exit status {status}:\n{}",
+        proxy.log()
+    );
     assert!(TcpStream::connect(addr).await.is_err());
 }

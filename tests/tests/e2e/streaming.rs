@@ -15,7 +15,8 @@ const MAX_GROWTH_KIB: u64 = 10 * 1024;
 fn big_body() -> ReqBody {
     let chunk = Bytes::from(vec![b'x'; CHUNK]);
     let chunks = (BODY / CHUNK as u64) as usize;
-    let frames = stream::iter((0..chunks).map(move |_| Ok::<_, BoxError>(Frame::data(chunk.clone()))));
+    let frames =
+        stream::iter((0..chunks).map(move |_| Ok::<_, BoxError>(Frame::data(chunk.clone()))));
     StreamBody::new(frames).boxed()
 }
 
@@ -27,7 +28,11 @@ async fn upload(conn: &mut HttpConn) {
         .unwrap();
     let reply = conn.call(req).await.expect("the upload completes");
     assert_eq!(reply.status, StatusCode::OK, "{reply:?}");
-    assert_eq!(reply.text(), BODY.to_string(), "the upstream got every byte");
+    assert_eq!(
+        reply.text(),
+        BODY.to_string(),
+        "the upstream got every byte"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -57,6 +62,7 @@ async fn fifty_mib_upload_streams_with_bounded_proxy_memory() {
 
     let after = proxy.memory();
     let growth = after.hwm_kib.saturating_sub(before.hwm_kib);
+    eprintln!("proxy memory before {before:?}, after {after:?}: peak grew {growth} KiB");
     assert!(
         growth < MAX_GROWTH_KIB,
         "peak resident memory grew by {growth} KiB while streaming 2 × 50 MiB \
