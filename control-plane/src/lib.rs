@@ -314,7 +314,6 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error
         )),
         tokio::spawn(admin::serve(admin_listener, shared.clone(), shutdown_rx)),
     ];
-    tracing::info!(%grpc_addr, %admin_addr, policy_dir = %cfg.policy_dir.display(), "control plane started");
 
     if let Some(path) = &cfg.addr_file {
         let json = serde_json::json!({
@@ -328,6 +327,8 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error
             }
         })?;
     }
+
+    tracing::info!(%grpc_addr, %admin_addr, policy_dir = %cfg.policy_dir.display(), "control plane started");
 
     Ok(RunningControlPlane {
         grpc_addr,
