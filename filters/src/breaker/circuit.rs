@@ -644,6 +644,23 @@ impl Circuit {
         Duration::from_millis(self.current_open_ms.load(Ordering::Acquire))
     }
 
+    /// True while every request would be refused: open with time left, or half-open
+    /// with every probe slot taken. Changes nothing.
+    pub(crate) fn refuses_all(&self) -> bool {
+        let w = self.word.load(Ordering::Acquire);
+        match state_of(w) {
+            CircuitState::Closed => false,
+            CircuitState::Open => !self.open_time_over(w, self.now_ms()),
+            CircuitState::HalfOpen => issued_of(w) >= u64::from(self.params.half_open_requests),
+        }
+    }
+
+    /// Counts a refusal decided outside [`acquire`](Self::acquire).
+    pub(crate) fn reject(&self) -> crate::FilterError {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        self.rejected_error()
+    }
+
     pub(crate) fn rejected_error(&self) -> crate::FilterError {
         crate::FilterError::BreakerOpen {
             route: self.route.to_string(),

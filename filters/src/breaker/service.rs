@@ -1,5 +1,5 @@
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use http::{Request, Response};
 use tokio::time::Instant;
@@ -22,16 +22,33 @@ pub struct Deadline(pub Instant);
 /// Open: answers `FilterError::BreakerOpen` at once without calling the inner
 /// service. Responses come back with their body wrapped in [`ResponseBody`], which
 /// reports a gRPC status found in trailers when the body ends.
-#[derive(Clone, Debug)]
+///
+/// While the breaker refuses everything, `poll_ready` is ready at once without
+/// polling the inner service, so an open breaker in front of a backend that is
+/// never ready (no endpoints) still fails fast.
+#[derive(Debug)]
 pub struct Breaker<S> {
     inner: S,
     circuit: Arc<Circuit>,
+    /// Whether the inner service was polled ready for the next call.
+    inner_ready: bool,
+}
+
+impl<S: Clone> Clone for Breaker<S> {
+    fn clone(&self) -> Self {
+        // A clone has not been polled ready.
+        Self::new(self.inner.clone(), Arc::clone(&self.circuit))
+    }
 }
 
 impl<S> Breaker<S> {
     /// Wraps `inner` with `circuit`.
     pub fn new(inner: S, circuit: Arc<Circuit>) -> Self {
-        Self { inner, circuit }
+        Self {
+            inner,
+            circuit,
+            inner_ready: false,
+        }
     }
 
     /// The breaker state this service feeds.
@@ -50,10 +67,23 @@ where
     type Future = ResponseFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx).map_err(Into::into)
+        if self.inner_ready {
+            return Poll::Ready(Ok(()));
+        }
+        if self.circuit.refuses_all() {
+            return Poll::Ready(Ok(()));
+        }
+        ready!(self.inner.poll_ready(cx)).map_err(Into::into)?;
+        self.inner_ready = true;
+        Poll::Ready(Ok(()))
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
+        if !std::mem::take(&mut self.inner_ready) {
+            // Readiness was granted because the breaker refused everything; if it
+            // has just moved on, this request still may not reach an unready inner.
+            return ResponseFuture::rejected(self.circuit.reject());
+        }
         let deadline = req.extensions().get::<Deadline>().map(|d| d.0);
         match self.circuit.acquire(deadline) {
             Some(permit) => ResponseFuture::called(self.inner.call(req), permit),

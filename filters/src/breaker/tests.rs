@@ -630,3 +630,29 @@ async fn transition_log_is_bounded() {
     assert_eq!(snap.recent_transitions.len(), TRANSITION_LOG_LEN);
     assert_eq!(snap.transitions_total, 40);
 }
+
+#[tokio::test(start_paused = true)]
+async fn open_breaker_fails_fast_even_when_the_backend_is_never_ready() {
+    let (_reg, c) = registry_with(params(1, 10, 60, 1));
+    let (mock, mut handle) = mock::pair::<Request<ReqBody>, Response<Empty<Bytes>>>();
+    let mut svc = BreakerLayer::new(c.clone()).layer(mock);
+    let f = svc.ready().await.unwrap().call(req());
+    handle
+        .next_request()
+        .await
+        .unwrap()
+        .1
+        .send_response(rsp(500));
+    f.await.unwrap();
+    assert_eq!(c.state(), CircuitState::Open);
+
+    handle.allow(0);
+    let err = svc.ready().await.unwrap().call(req()).await.unwrap_err();
+    assert!(is_breaker_open(&err));
+    // Ready granted while open, then the open time ends before the call: still
+    // refused rather than calling an inner service that was never ready.
+    let svc = svc.ready().await.unwrap();
+    advance(Duration::from_secs(10)).await;
+    assert!(is_breaker_open(&svc.call(req()).await.unwrap_err()));
+    assert_eq!(c.snapshot().rejected, 2);
+}
