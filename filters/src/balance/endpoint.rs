@@ -199,6 +199,7 @@ pub struct EndpointSet {
 pub(crate) struct Pick {
     pub(crate) endpoint: Arc<EndpointState>,
     pub(crate) probe: bool,
+    pub(crate) at: Instant,
 }
 
 impl EndpointSet {
@@ -224,6 +225,7 @@ impl EndpointSet {
             Some(Pick {
                 endpoint: eps[i].clone(),
                 probe,
+                at: t,
             })
         };
         match n {

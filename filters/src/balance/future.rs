@@ -36,7 +36,7 @@ impl Outcome {
             endpoint: pick.endpoint,
             probe: pick.probe,
             settled: false,
-            started: Instant::now(),
+            started: pick.at,
             decay: params.decay,
             eject_base: params.eject_base,
             eject_max: params.eject_max,
