@@ -25,16 +25,20 @@ pin_project! {
     enum State<F> {
         Rejected { error: Option<FilterError> },
         Called { #[pin] fut: F, permit: Option<Permit> },
+        Unguarded { #[pin] fut: F },
     }
 }
 
 impl<F> ResponseFuture<F> {
-    pub(crate) fn called(fut: F, permit: Permit) -> Self {
+    pub(crate) fn called(fut: F, permit: Option<Permit>) -> Self {
         Self {
-            state: State::Called {
-                fut,
-                permit: Some(permit),
-            },
+            state: State::Called { fut, permit },
+        }
+    }
+
+    pub(crate) fn unguarded(fut: F) -> Self {
+        Self {
+            state: State::Unguarded { fut },
         }
     }
 
@@ -57,6 +61,11 @@ where
             StateProj::Rejected { error } => {
                 Poll::Ready(Err(error.take().expect("polled after completion").into()))
             }
+            StateProj::Unguarded { fut } => Poll::Ready(
+                ready!(fut.poll(cx))
+                    .map(|rsp| rsp.map(ResponseBody::passthrough))
+                    .map_err(Into::into),
+            ),
             StateProj::Called { fut, permit } => {
                 let res = ready!(fut.poll(cx));
                 let permit = permit.take().expect("polled after completion");

@@ -8,6 +8,7 @@ use tower_service::Service;
 
 use super::circuit::Circuit;
 use super::future::{ResponseBody, ResponseFuture};
+use crate::split::SelectedBackend;
 
 /// The instant at which whoever sent a request stops waiting for it.
 ///
@@ -17,19 +18,42 @@ use super::future::{ResponseBody, ResponseFuture};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Deadline(pub Instant);
 
-/// A circuit breaker in front of one backend's stack, for one route.
+/// Which breaker a request feeds.
+#[derive(Clone, Debug)]
+pub(crate) enum Circuits {
+    /// A stack built for one route × backend.
+    One(Arc<Circuit>),
+    /// A route-level stack: the breaker of the backend named by the request's
+    /// [`SelectedBackend`] index (`None` entries and requests without it pass).
+    PerBackend(Arc<[Option<Arc<Circuit>>]>),
+}
+
+impl Circuits {
+    fn pick<B>(&self, req: &Request<B>) -> Option<&Arc<Circuit>> {
+        match self {
+            Circuits::One(c) => Some(c),
+            Circuits::PerBackend(all) => {
+                let i = req.extensions().get::<SelectedBackend>()?.index;
+                all.get(i)?.as_ref()
+            }
+        }
+    }
+}
+
+/// A circuit breaker in front of a backend's stack.
 ///
 /// Open: answers `FilterError::BreakerOpen` at once without calling the inner
 /// service. Responses come back with their body wrapped in [`ResponseBody`], which
 /// reports a gRPC status found in trailers when the body ends.
 ///
-/// While the breaker refuses everything, `poll_ready` is ready at once without
-/// polling the inner service, so an open breaker in front of a backend that is
-/// never ready (no endpoints) still fails fast.
+/// Built for one route × backend ([`BreakerLayer::new`](super::BreakerLayer::new)),
+/// while the breaker refuses everything `poll_ready` is ready at once without
+/// polling the inner service, so an open breaker in front of a backend that is never
+/// ready (no endpoints) still fails fast.
 #[derive(Debug)]
 pub struct Breaker<S> {
     inner: S,
-    circuit: Arc<Circuit>,
+    circuits: Circuits,
     /// Whether the inner service was polled ready for the next call.
     inner_ready: bool,
 }
@@ -37,23 +61,22 @@ pub struct Breaker<S> {
 impl<S: Clone> Clone for Breaker<S> {
     fn clone(&self) -> Self {
         // A clone has not been polled ready.
-        Self::new(self.inner.clone(), Arc::clone(&self.circuit))
+        Self::with_circuits(self.inner.clone(), self.circuits.clone())
     }
 }
 
 impl<S> Breaker<S> {
     /// Wraps `inner` with `circuit`.
     pub fn new(inner: S, circuit: Arc<Circuit>) -> Self {
-        Self {
-            inner,
-            circuit,
-            inner_ready: false,
-        }
+        Self::with_circuits(inner, Circuits::One(circuit))
     }
 
-    /// The breaker state this service feeds.
-    pub fn circuit(&self) -> &Arc<Circuit> {
-        &self.circuit
+    pub(crate) fn with_circuits(inner: S, circuits: Circuits) -> Self {
+        Self {
+            inner,
+            circuits,
+            inner_ready: false,
+        }
     }
 }
 
@@ -70,7 +93,9 @@ where
         if self.inner_ready {
             return Poll::Ready(Ok(()));
         }
-        if self.circuit.refuses_all() {
+        if let Circuits::One(c) = &self.circuits
+            && c.refuses_all()
+        {
             return Poll::Ready(Ok(()));
         }
         ready!(self.inner.poll_ready(cx)).map_err(Into::into)?;
@@ -79,15 +104,19 @@ where
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        if !std::mem::take(&mut self.inner_ready) {
+        let inner_ready = std::mem::take(&mut self.inner_ready);
+        let Some(circuit) = self.circuits.pick(&req) else {
+            return ResponseFuture::unguarded(self.inner.call(req));
+        };
+        if !inner_ready {
             // Readiness was granted because the breaker refused everything; if it
             // has just moved on, this request still may not reach an unready inner.
-            return ResponseFuture::rejected(self.circuit.reject());
+            return ResponseFuture::rejected(circuit.reject());
         }
         let deadline = req.extensions().get::<Deadline>().map(|d| d.0);
-        match self.circuit.acquire(deadline) {
-            Some(permit) => ResponseFuture::called(self.inner.call(req), permit),
-            None => ResponseFuture::rejected(self.circuit.rejected_error()),
+        match circuit.acquire(deadline) {
+            Some(permit) => ResponseFuture::called(self.inner.call(req), Some(permit)),
+            None => ResponseFuture::rejected(circuit.rejected_error()),
         }
     }
 }

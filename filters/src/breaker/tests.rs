@@ -656,3 +656,65 @@ async fn open_breaker_fails_fast_even_when_the_backend_is_never_ready() {
     assert!(is_breaker_open(&svc.call(req()).await.unwrap_err()));
     assert_eq!(c.snapshot().rejected, 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn route_level_stack_picks_the_breaker_of_the_selected_backend() {
+    let reg = BreakerRegistry::default();
+    let p = params(1, 10, 60, 1);
+    reg.update([("ingest", "log-v1", p.clone()), ("ingest", "log-v2", p)]);
+    let v1 = reg.get("ingest", "log-v1").unwrap();
+    let v2 = reg.get("ingest", "log-v2").unwrap();
+    let circuits: Arc<[Option<Arc<Circuit>>]> =
+        Arc::from(vec![Some(v1.clone()), Some(v2.clone()), None]);
+    let inner = Scripted::new();
+    let mut svc = BreakerLayer::per_backend(circuits).layer(inner.clone());
+    let to = |index: usize| {
+        let mut r = req();
+        r.extensions_mut().insert(crate::split::SelectedBackend {
+            name: Arc::from(format!("b{index}")),
+            index,
+        });
+        r
+    };
+    inner.push(&[500]);
+    let _ = svc.ready().await.unwrap().call(to(1)).await;
+    assert_eq!(v2.state(), CircuitState::Open);
+    assert_eq!(v1.state(), CircuitState::Closed);
+    let err = svc.ready().await.unwrap().call(to(1)).await.unwrap_err();
+    assert!(
+        matches!(crate::find_filter_error(&*err), Some(FilterError::BreakerOpen { backend, .. }) if backend == "log-v2")
+    );
+    assert_eq!(
+        svc.ready()
+            .await
+            .unwrap()
+            .call(to(0))
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // No breaker for index 2, and none without the extension: unguarded.
+    inner.push(&[500, 500]);
+    assert_eq!(
+        svc.ready()
+            .await
+            .unwrap()
+            .call(to(2))
+            .await
+            .unwrap()
+            .status(),
+        500
+    );
+    assert_eq!(
+        svc.ready()
+            .await
+            .unwrap()
+            .call(req())
+            .await
+            .unwrap()
+            .status(),
+        500
+    );
+    assert_eq!(inner.calls(), 4);
+}

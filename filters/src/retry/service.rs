@@ -14,6 +14,7 @@ use super::registry::{RetryOutcome, RouteRetry};
 use crate::FilterError;
 use crate::breaker::Deadline;
 use crate::breaker::classify::classify_error;
+use crate::split::SelectedBackend;
 
 /// Retries failed tries of a request against the same inner service (one backend).
 ///
@@ -66,7 +67,10 @@ where
         let mut may_retry = p.attempts > 0 && p.method_allowed(req.method());
         if may_retry && content_length(&req).is_some_and(|n| n > p.max_replay_bytes) {
             may_retry = false;
-            route.observe(&self.backend, RetryOutcome::SkippedBodyTooLarge);
+            route.observe(
+                &backend_of(&req, &self.backend),
+                RetryOutcome::SkippedBodyTooLarge,
+            );
             tracing::debug!(
                 route = route.route(),
                 max_replay_bytes = p.max_replay_bytes,
@@ -79,14 +83,23 @@ where
         // The service that was made ready goes with this request; a clone stays.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
+        let backend = backend_of(&req, &self.backend);
         ResponseFuture::retrying(Box::pin(retry_loop(
             inner,
             Arc::clone(route),
-            Arc::clone(&self.backend),
+            backend,
             req,
             may_retry,
         )))
     }
+}
+
+/// The backend label: the split's choice when the stack is route-level, else the
+/// name the layer was built with.
+fn backend_of<B>(req: &Request<B>, fixed: &Arc<str>) -> Arc<str> {
+    req.extensions()
+        .get::<SelectedBackend>()
+        .map_or_else(|| Arc::clone(fixed), |s| Arc::clone(&s.name))
 }
 
 fn content_length<B>(req: &Request<B>) -> Option<u64> {

@@ -661,3 +661,30 @@ async fn no_retry_past_the_callers_deadline() {
     let _ = send(&mut svc, req).await;
     assert_eq!(inner.calls(), 2);
 }
+
+#[tokio::test(start_paused = true)]
+async fn outcomes_carry_the_selected_backend() {
+    #[derive(Default)]
+    struct Labels(Mutex<Vec<String>>);
+    impl RetryObserver for Labels {
+        fn on_outcome(&self, _: &str, backend: &str, _: RetryOutcome) {
+            self.0.lock().unwrap().push(backend.to_string());
+        }
+    }
+    let obs = Arc::new(Labels::default());
+    let reg = RetryRegistry::new(obs.clone());
+    reg.update([(
+        "ingest",
+        RetryParams::from_policy(&policy(1, &[RetryOn::GatewayError])).without_jitter(),
+    )]);
+    let inner = Scripted::with(&[Step::Status(503)]);
+    let mut svc = RetryLayer::new(reg.get("ingest").unwrap(), "fallback").layer(inner.clone());
+    let mut req = get();
+    req.extensions_mut().insert(crate::split::SelectedBackend {
+        name: Arc::from("log-v2"),
+        index: 1,
+    });
+    let _ = send(&mut svc, req).await;
+    assert_eq!(inner.calls(), 2);
+    assert_eq!(*obs.0.lock().unwrap(), ["log-v2"]);
+}
