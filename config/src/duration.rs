@@ -107,6 +107,26 @@ impl<'de> Deserialize<'de> for Duration {
     }
 }
 
+/// Durations are strings in the CRD schema too, with the same syntax as in files.
+#[cfg(feature = "crd")]
+impl schemars::JsonSchema for Duration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": "^([0-9]+(ms|s|m|h))+$",
+            "description": "A duration such as \"500ms\", \"2s\" or \"1m30s\"."
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

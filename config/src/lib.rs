@@ -242,3 +242,27 @@ mod tests {
         assert_eq!(set.policies(), again.policies());
     }
 }
+
+#[cfg(all(test, feature = "crd"))]
+mod crd_tests {
+    use kube::CustomResourceExt;
+
+    use crate::RoutePolicyResource;
+
+    #[test]
+    fn crd_names_group_kind_and_schema() {
+        let crd = RoutePolicyResource::crd();
+        assert_eq!(crd.spec.group, "sluice.dev");
+        assert_eq!(crd.spec.names.kind, "RoutePolicy");
+        assert_eq!(crd.spec.scope, "Namespaced");
+        let json = serde_json::to_value(&crd).unwrap();
+        let spec = &json["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        assert_eq!(spec["properties"]["host"]["type"], "string");
+        let timeout = &spec["properties"]["routes"]["items"]["properties"]["timeout"];
+        assert_eq!(timeout["type"], "string", "{timeout}");
+        // Kubernetes refuses `additionalProperties` beside `properties` in a
+        // structural schema; unknown fields are refused by the validating webhook.
+        let text = json.to_string();
+        assert!(!text.contains("\"additionalProperties\":false"), "{text}");
+    }
+}

@@ -8,6 +8,11 @@
 //! Maps whose order carries meaning (`backends`, `weights`, header matches) are
 //! `IndexMap`s so that the order written in the file survives parsing and the
 //! canonical form.
+//!
+//! With the `crd` feature, the types also derive `schemars::JsonSchema` and
+//! [`RoutePolicySpec`] derives kube-rs' `CustomResource`, generating the Kubernetes
+//! object type `RoutePolicyResource` (group `sluice.dev`, version `v1alpha1`, kind
+//! `RoutePolicy`; the name differs from the file type [`RoutePolicy`] to avoid a clash).
 
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
@@ -21,6 +26,7 @@ pub const KIND: &str = "RoutePolicy";
 
 /// One policy document: the traffic rules for one host.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RoutePolicy {
     /// Must be [`API_VERSION`].
@@ -35,6 +41,7 @@ pub struct RoutePolicy {
 
 /// Object metadata, the subset of Kubernetes' that a policy file may carry.
 #[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Metadata {
     /// Policy name, unique within its namespace.
@@ -52,6 +59,19 @@ pub struct Metadata {
 
 /// The body of a policy: one host, its backends, its routes and its inbound rules.
 #[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(
+    feature = "crd",
+    derive(kube::CustomResource, schemars::JsonSchema),
+    kube(
+        group = "sluice.dev",
+        version = "v1alpha1",
+        kind = "RoutePolicy",
+        root = "RoutePolicyResource",
+        namespaced,
+        shortname = "rp",
+        printcolumn = r#"{"name":"Host","type":"string","jsonPath":".spec.host"}"#
+    )
+)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RoutePolicySpec {
     /// The authority clients call (`Host` / `:authority`, without port).
@@ -69,6 +89,7 @@ pub struct RoutePolicySpec {
 
 /// A set of endpoints that a split can send traffic to.
 #[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Backend {
     /// `host:port` endpoints (IP or DNS name). Exactly one of `addresses` and `service`.
@@ -84,6 +105,7 @@ pub struct Backend {
 
 /// One route: a match and the governance applied to what it matches.
 #[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Route {
     /// Unique within the policy; used in metrics and the admin API.
@@ -118,6 +140,7 @@ pub struct Route {
 
 /// What a route matches. All given parts must match.
 #[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RouteMatch {
     /// Path match; absent matches every path.
@@ -140,6 +163,7 @@ impl RouteMatch {
 
 /// A path match: exactly one of `exact` and `prefix`.
 #[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct PathMatch {
     /// The path must equal this.
@@ -152,6 +176,7 @@ pub struct PathMatch {
 
 /// A token-bucket rate limit.
 #[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RateLimit {
     /// Sustained requests per second (per key).
@@ -169,6 +194,7 @@ pub struct RateLimit {
 
 /// What a rate limit's buckets are keyed by: exactly one field.
 #[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RateLimitKey {
     /// One bucket per value of this request header (requests without it share one bucket).
@@ -184,6 +210,7 @@ pub struct RateLimitKey {
 
 /// Retry rules. `attempts` is the number of retries after the first try.
 #[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Retry {
     /// Retries after the first try (2 → at most 3 tries).
@@ -217,6 +244,7 @@ pub struct Retry {
 
 /// A failure class that may be retried.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum RetryOn {
     /// The connection to the upstream could not be made.
@@ -236,6 +264,7 @@ pub enum RetryOn {
 
 /// Exponential backoff with full jitter between tries.
 #[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Backoff {
     /// First delay (default 25ms).
@@ -248,6 +277,7 @@ pub struct Backoff {
 
 /// Retry budget: at most `ratio × requests + minPerSecond × seconds` retries over `window`.
 #[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct RetryBudget {
     /// Retries allowed per original request, 0.0..=1.0.
@@ -262,6 +292,7 @@ pub struct RetryBudget {
 
 /// Circuit breaker for each route × backend.
 #[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct CircuitBreaker {
     /// Open after this many failures in a row.
@@ -290,6 +321,7 @@ pub struct CircuitBreaker {
 
 /// Failure-rate trigger of a circuit breaker.
 #[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct FailureRate {
     /// Open when at least this percentage (1..=100) of requests in the window failed.
@@ -302,6 +334,7 @@ pub struct FailureRate {
 
 /// What a circuit breaker counts as a failure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[serde(rename_all = "kebab-case")]
 pub enum FailureClass {
     /// The connection could not be made or was reset.
@@ -317,6 +350,7 @@ pub enum FailureClass {
 
 /// gRPC status codes, as named by the gRPC spec in kebab case.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[serde(rename_all = "kebab-case")]
 #[allow(missing_docs)] // the names are the gRPC spec's
 pub enum GrpcCode {
@@ -365,6 +399,7 @@ impl GrpcCode {
 /// One rule of a split. Rules are tried in order; the first whose `when` matches
 /// (or that has no `when`) decides. Exactly one of `backend` and `weights`.
 #[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SplitRule {
     /// Condition on the request; absent matches every request.
@@ -383,6 +418,7 @@ pub struct SplitRule {
 
 /// Condition of a split rule.
 #[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SplitWhen {
     /// Request headers that must be present with exactly these values.
@@ -392,6 +428,7 @@ pub struct SplitWhen {
 
 /// What makes a weighted split sticky.
 #[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct StickyBy {
     /// Requests with the same value of this header go to the same side.
@@ -400,6 +437,7 @@ pub struct StickyBy {
 
 /// Rules the serving pod's inbound sidecar applies to requests for this host.
 #[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Inbound {
     /// SPIFFE identities allowed to call; absent allows any authenticated peer.
