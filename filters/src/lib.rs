@@ -46,6 +46,31 @@
 //!   an endpoint when the inner error chain holds an [`UpstreamError`] of kind
 //!   `ConnectFailure` (override with `classify_with`). Error:
 //!   [`FilterError::NoHealthyEndpoint`] (503 `no-healthy-endpoint`).
+//! - **Retry** ([`retry`]). Params: [`RetryParams::from_policy(&route.retry)`](retry::RetryParams::from_policy).
+//!   At swap: `retries.update([(route_key, params), …])` on one
+//!   [`RetryRegistry`](retry::RetryRegistry) (built with an
+//!   `Arc<dyn `[`RetryObserver`](retry::RetryObserver)`>` counting `sluice_retries_total`); a
+//!   route with unchanged params keeps its budget. Layer:
+//!   [`RetryLayer::new(retries.get(route_key)?, backend_label)`](retry::RetryLayer::new), or
+//!   [`RetryLayer::disabled(label)`](retry::RetryLayer::disabled) for a route without `retry`
+//!   (same type). It re-calls the same inner service, so every try keeps the split's
+//!   `SelectedBackend`; it enforces `perTryTimeout` itself (a `Timeout(per try)` layer below
+//!   it is then redundant, harmless) and puts a [`Deadline`](breaker::Deadline) on each try.
+//!   The request body becomes [`ReplayBody<B>`](retry::ReplayBody). Errors: whatever the last
+//!   try gave; never retries [`FilterError::BreakerOpen`].
+//! - **Breaker** ([`breaker`]). Params: [`BreakerParams::from_policy(&route.circuit_breaker)`](breaker::BreakerParams::from_policy).
+//!   At swap: `breakers.update([(route_key, backend, params), …])` on one
+//!   [`BreakerRegistry`](breaker::BreakerRegistry) (built with an
+//!   `Arc<dyn `[`BreakerObserver`](breaker::BreakerObserver)`>` for `sluice_breaker_state` and
+//!   `sluice_breaker_transitions_total`); unchanged params keep state. Layer:
+//!   [`BreakerLayer::per_backend(Arc<[Option<Arc<Circuit>>]>)`](breaker::BreakerLayer::per_backend)
+//!   in `spec.backends` order (reads `SelectedBackend`), or
+//!   [`BreakerLayer::new(circuit)`](breaker::BreakerLayer::new) in a per-backend stack. The
+//!   response body becomes [`breaker::ResponseBody<B>`] (watches gRPC trailers, buffers
+//!   nothing). Admin: `breakers.snapshot()` (serde) for `GET /breakers`,
+//!   `breakers.reset(route, backend)` / `breakers.force_open(route, backend)` for the `POST`s.
+//!   Error: [`FilterError::BreakerOpen`] (503 `breaker-open`). Transport errors should reach
+//!   both layers as an [`UpstreamError`] so they can tell connect failures from resets.
 
 #![warn(missing_docs, unreachable_pub)]
 
