@@ -30,25 +30,35 @@
 //! ```text
 //! // once, at start:
 //! let breakers = BreakerRegistry::new(Arc::new(MyMetrics));   // impl BreakerObserver
-//! // at every policy swap, for every route with a circuitBreaker and each backend it can reach:
-//! breakers.update(routes.iter().flat_map(|r| r.backends().map(|b|
-//!     (r.name(), b.name(), BreakerParams::from_policy(r.circuit_breaker())))));
-//! // then, per route × backend, when building that backend's stack:
-//! let circuit = breakers.get(route, backend).unwrap();
+//! // at every policy swap, for every route with a circuitBreaker and each of its backends:
+//! breakers.update(routes.iter().flat_map(|r| backends.iter().map(move |b|
+//!     (r.key(), b.name(), BreakerParams::from_policy(r.circuit_breaker())))));
+//! // a route-level stack below the split (the split sets `SelectedBackend`):
+//! let circuits: Arc<[Option<Arc<Circuit>>]> =
+//!     spec.backends.keys().map(|b| breakers.get(route_key, b)).collect();
 //! let stack = ServiceBuilder::new()
-//!     .layer(RetryLayer::new(retries.get(route).unwrap(), backend))   // see `retry`
-//!     .layer(BreakerLayer::new(circuit))
-//!     .service(balancer_for_backend);
+//!     .layer(SplitLayer::new(split))
+//!     .layer(RetryLayer::new(retries.get(route_key).unwrap(), "-"))   // see `retry`
+//!     .layer(BreakerLayer::per_backend(circuits))
+//!     .layer(BalanceLayer::new(sets))
+//!     .service(client);
+//! // or, with one stack per route × backend: BreakerLayer::new(breakers.get(route, backend)?)
 //! // admin: GET /breakers → serde_json::to_string(&breakers.snapshot())
 //! //        POST /breakers/<route>/<backend>/reset → breakers.reset(route, backend)
 //! //        POST /breakers/<route>/<backend>/open  → breakers.force_open(route, backend)
 //! ```
 //!
-//! Services built before a swap keep the `Circuit` they were given; build the stacks
-//! from the registry after each `update` so a changed breaker takes effect. The
-//! request body passes through untouched; the response body becomes
-//! `ResponseBody<B>`. The request extension [`Deadline`] (set by the retry layer)
-//! lets the breaker count a per-try timeout that fires above it.
+//! Services built before a swap keep the `Circuit`s they were given; rebuild the
+//! stacks from the registry after each `update` so a changed breaker takes effect
+//! (an unchanged one is the same `Arc`, state and all). The request body passes
+//! through untouched; the response body becomes `ResponseBody<B>`. The request
+//! extension [`Deadline`] (set by the retry layer on each try) lets the breaker count
+//! a per-try timeout that fires above it. Route keys are the proxy's choice (unique
+//! across the snapshot; they appear in metrics and admin paths, so no `/`).
+//!
+//! The observer hears `on_added` (closed) and every transition; the open →
+//! half-open move is reported when it happens, i.e. lazily on the first request or
+//! admin read after the open time, so a gauge may show `open` a little longer.
 
 mod circuit;
 pub(crate) mod classify;

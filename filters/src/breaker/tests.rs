@@ -718,3 +718,23 @@ async fn route_level_stack_picks_the_breaker_of_the_selected_backend() {
     );
     assert_eq!(inner.calls(), 4);
 }
+
+#[tokio::test(start_paused = true)]
+async fn results_from_before_a_transition_change_nothing() {
+    let (_reg, c) = registry_with(params(1, 10, 60, 1));
+    let (mock, mut handle) = mock::pair::<Request<ReqBody>, Response<Empty<Bytes>>>();
+    let mut svc = BreakerLayer::new(c.clone()).layer(mock);
+    let a = svc.ready().await.unwrap().call(req());
+    let (_, tx_a) = handle.next_request().await.unwrap();
+    let b = svc.ready().await.unwrap().call(req());
+    let (_, tx_b) = handle.next_request().await.unwrap();
+    tx_a.send_response(rsp(500));
+    a.await.unwrap();
+    assert_eq!(c.state(), CircuitState::Open);
+    // A success sent while closed does not close the breaker it finds open.
+    tx_b.send_response(rsp(200));
+    b.await.unwrap();
+    assert_eq!(c.state(), CircuitState::Open);
+    let snap = c.snapshot();
+    assert_eq!((snap.successes, snap.failures), (1, 1));
+}

@@ -39,24 +39,26 @@
 //!
 //! # Where it sits and how the proxy composes it
 //!
-//! The retry layer sits below the split and above the breaker: it is built per
-//! route × backend over that backend's stack and re-calls the same inner service, so
-//! every try goes to the backend the split chose (and through its breaker; a breaker
-//! that opens meanwhile ends the retries with `breaker-open`).
+//! The retry layer sits below the split and above the breaker and re-calls the same
+//! inner service with a copy of the same head, extensions included: in a route-level
+//! stack the split's `SelectedBackend` rides along, in a per-backend stack the inner
+//! service is that backend's; either way every try goes to the backend the split
+//! chose, through its breaker (a breaker that opens meanwhile ends the retries with
+//! `breaker-open`), and the balancer below may pick another endpoint of it.
 //!
 //! ```text
 //! let retries = RetryRegistry::new(Arc::new(MyMetrics));        // impl RetryObserver
 //! // at every policy swap:
 //! retries.update(routes.iter().filter_map(|r| r.retry.as_ref()
 //!     .map(|p| (r.name.as_str(), RetryParams::from_policy(p)))));
-//! // per route × backend (after `breakers.update`, see `breaker`):
+//! // per route (or per route × backend, naming the backend for the outcome label):
 //! let retry = match retries.get(route) {
-//!     Some(state) => RetryLayer::new(state, backend),
+//!     Some(state) => RetryLayer::new(state, backend),   // `SelectedBackend` name wins
 //!     None => RetryLayer::disabled(backend),
 //! };
 //! let stack = ServiceBuilder::new()
 //!     .layer(retry)                                  // Request<B> → Request<ReplayBody<B>>
-//!     .layer(BreakerLayer::new(circuit))             // Response<R> → Response<breaker::ResponseBody<R>>
+//!     .layer(BreakerLayer::per_backend(circuits))    // Response<R> → Response<breaker::ResponseBody<R>>
 //!     .service(backend_client);                      // Service<Request<ReplayBody<B>>>
 //! ```
 //!

@@ -688,3 +688,72 @@ async fn outcomes_carry_the_selected_backend() {
     assert_eq!(inner.calls(), 2);
     assert_eq!(*obs.0.lock().unwrap(), ["log-v2"]);
 }
+
+/// An inner service that answers 503 at once but keeps the request body (as a
+/// connection still sending it would) for `hold`.
+#[derive(Clone)]
+struct Holder {
+    hold: Duration,
+    calls: Arc<AtomicUsize>,
+}
+
+impl<B: Send + 'static> Service<Request<ReplayBody<B>>> for Holder {
+    type Response = Response<Empty<Bytes>>;
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<Self::Response, BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<ReplayBody<B>>) -> Self::Future {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        let body = req.into_body();
+        let hold = self.hold;
+        tokio::spawn(async move {
+            tokio::time::sleep(hold).await;
+            drop(body);
+        });
+        std::future::ready(Ok(Response::builder()
+            .status(503)
+            .body(Empty::new())
+            .unwrap()))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_body_still_held_below_is_waited_for_during_the_backoff_only() {
+    let post = || {
+        Request::builder()
+            .method(Method::POST)
+            .body(Full::new(Bytes::from_static(b"payload")))
+            .unwrap()
+    };
+    // Released within the 25 ms backoff: retried.
+    let (r, obs) = route(post_opt_in(1));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut svc = RetryLayer::new(r, "log-v1").layer(Holder {
+        hold: Duration::from_millis(10),
+        calls: calls.clone(),
+    });
+    let _ = send(&mut svc, post()).await;
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        obs.all(),
+        [RetryOutcome::Retried, RetryOutcome::AttemptsExhausted]
+    );
+
+    // Still held after the backoff: the response goes back, the skip is counted.
+    let (r, obs) = route(post_opt_in(1));
+    let calls = Arc::new(AtomicUsize::new(0));
+    let mut svc = RetryLayer::new(r, "log-v1").layer(Holder {
+        hold: Duration::from_secs(1),
+        calls: calls.clone(),
+    });
+    assert_eq!(send(&mut svc, post()).await.unwrap().status(), 503);
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
+    assert_eq!(obs.all(), [RetryOutcome::SkippedBodyInUse]);
+}
