@@ -13,6 +13,7 @@ use crate::split::{RandomSource, SelectedBackend};
 use crate::{FilterError, UpstreamError, UpstreamErrorKind};
 
 type Handle = mock::Handle<Request<()>, Response<()>>;
+type Mock = mock::Mock<Request<()>, Response<()>>;
 
 fn refused() -> UpstreamError {
     UpstreamError::new(
@@ -46,13 +47,7 @@ where
     (Some(addr), fut.await.map(drop))
 }
 
-fn balancer(
-    addrs: &[&str],
-) -> (
-    Arc<EndpointSet>,
-    Balance<mock::Mock<Request<()>, Response<()>>>,
-    Handle,
-) {
+fn balancer(addrs: &[&str]) -> (Arc<EndpointSet>, Balance<Mock>, Handle) {
     let reg = BalanceRegistry::new();
     let set = reg.endpoint_set(&BalanceParams::new("log-v1", addrs.iter().copied()));
     let (mock, mut handle) = mock::pair::<Request<()>, Response<()>>();

@@ -24,13 +24,16 @@ const MIN_INLINE_SWEEP: Duration = Duration::from_secs(1);
 
 // === impl KeyStore ===
 
-/// Keys are already SipHash outputs (seeded per process), so hashing them again buys nothing.
+/// Request keys are already SipHash outputs (seeded per process), so one multiply-xorshift
+/// is enough to spread any `u64` (also small integers passed to `check_key`) over the
+/// high bits the map's shards and control bytes use.
 #[derive(Default)]
-struct PassThrough(u64);
+struct KeyMix(u64);
 
-impl Hasher for PassThrough {
+impl Hasher for KeyMix {
     fn finish(&self) -> u64 {
-        self.0
+        let x = self.0.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+        x ^ (x >> 29)
     }
     fn write(&mut self, bytes: &[u8]) {
         for b in bytes {
@@ -52,7 +55,7 @@ pub(crate) struct KeyStore(Arc<StoreInner>);
 
 pub(crate) struct StoreInner {
     keyed: bool,
-    map: DashMap<u64, AtomicU64, BuildHasherDefault<PassThrough>>,
+    map: DashMap<u64, AtomicU64, BuildHasherDefault<KeyMix>>,
     single: AtomicU64,
     overflow: AtomicU64,
     len: AtomicUsize,
@@ -321,7 +324,10 @@ impl<C: Clock> KeyedLimiter<C> {
     /// Drops keys whose bucket is full again (indistinguishable from a new key).
     ///
     /// A dropped key that comes back starts with exactly a full bucket, which is what it
-    /// had when dropped, so eviction never hands out extra tokens.
+    /// had when dropped, so eviction never hands out extra tokens. Why: a GCRA state is
+    /// one theoretical arrival time (TAT); a key whose TAT is at or before `now` admits a
+    /// full burst, exactly as a key with no state does. Governor's `retain_recent` drops
+    /// only keys with TAT ≤ `now − t` (`t` = one emission interval), a subset of those.
     pub fn sweep(&self) {
         let b = &*self.buckets;
         b.gcra.retain_recent();
@@ -435,8 +441,10 @@ impl<K: Hash + Eq + Clone, C: Clock + Clone> RateLimitRegistry<K, C> {
 
     /// Sweeps idle keys from every limiter; the proxy calls this periodically (e.g. every 10 s).
     pub fn sweep(&self) {
-        for entry in self.limiters.iter() {
-            entry.value().sweep();
+        // Collected first so that no map shard stays locked while limiters are swept.
+        let limiters: Vec<_> = self.limiters.iter().map(|e| e.value().clone()).collect();
+        for limiter in limiters {
+            limiter.sweep();
         }
     }
 
@@ -448,5 +456,30 @@ impl<K: Hash + Eq + Clone, C: Clock + Clone> RateLimitRegistry<K, C> {
     /// True when no limit is held.
     pub fn is_empty(&self) -> bool {
         self.limiters.is_empty()
+    }
+}
+
+impl<K, C> RateLimitRegistry<K, C>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+    C: Clock + Clone + Send + Sync + 'static,
+    C::Instant: Send + Sync,
+{
+    /// Spawns a task calling [`sweep`](Self::sweep) every `every`; it ends by itself once
+    /// the registry is dropped. Needs a tokio runtime.
+    pub fn spawn_sweeper(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let registry = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                match registry.upgrade() {
+                    Some(r) => r.sweep(),
+                    None => return,
+                }
+            }
+        })
     }
 }

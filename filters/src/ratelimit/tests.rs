@@ -407,3 +407,22 @@ fn refusal_response_for_http_and_grpc_callers() {
         "4"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn sweeper_task_cleans_periodically_and_ends_with_the_registry() {
+    let clock = FakeRelativeClock::default();
+    let reg: Arc<RateLimitRegistry<&str, _>> =
+        Arc::new(RateLimitRegistry::with_clock(clock.clone()));
+    let lim = reg.get_or_rebuild("r", &params(10, 1, KeyBy::Path));
+    for key in 0..100 {
+        lim.check_key(key);
+    }
+    let task = reg.spawn_sweeper(Duration::from_secs(10));
+    clock.advance(Duration::from_secs(1));
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert_eq!(lim.keys(), 0);
+    drop(lim);
+    drop(reg);
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    assert!(task.is_finished());
+}
