@@ -261,6 +261,17 @@ impl ChildProxy {
     /// Runs `bin run` on `policy_yaml` with ephemeral outbound and admin listeners,
     /// no inbound listener, and `extra_args` after those.
     pub async fn spawn(bin: &Path, policy_yaml: &str, extra_args: &[&str]) -> Self {
+        Self::spawn_via(bin, policy_yaml, extra_args, false).await
+    }
+
+    /// Like [`ChildProxy::spawn`], but gives the child every setting through its
+    /// `SLUICE_<FLAG>` environment variables instead of flags (`extra_args` still
+    /// go on the command line).
+    pub async fn spawn_with_env(bin: &Path, policy_yaml: &str, extra_args: &[&str]) -> Self {
+        Self::spawn_via(bin, policy_yaml, extra_args, true).await
+    }
+
+    async fn spawn_via(bin: &Path, policy_yaml: &str, extra_args: &[&str], via_env: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("sluice-e2e-child-")
             .tempdir()
@@ -279,15 +290,23 @@ impl ChildProxy {
                 cmd.env_remove(&key);
             }
         }
-        cmd.arg("run")
-            .args(["--outbound", "127.0.0.1:0"])
-            .args(["--admin", "127.0.0.1:0"])
-            .arg("--no-inbound")
-            .arg("--policy")
-            .arg(&policy)
-            .arg("--addr-file")
-            .arg(&addr_file)
-            .args(extra_args)
+        cmd.arg("run");
+        if via_env {
+            cmd.env("SLUICE_OUTBOUND", "127.0.0.1:0")
+                .env("SLUICE_ADMIN", "127.0.0.1:0")
+                .env("SLUICE_NO_INBOUND", "true")
+                .env("SLUICE_POLICY", &policy)
+                .env("SLUICE_ADDR_FILE", &addr_file);
+        } else {
+            cmd.args(["--outbound", "127.0.0.1:0"])
+                .args(["--admin", "127.0.0.1:0"])
+                .arg("--no-inbound")
+                .arg("--policy")
+                .arg(&policy)
+                .arg("--addr-file")
+                .arg(&addr_file);
+        }
+        cmd.args(extra_args)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone().expect("clone log file")))
             .stderr(Stdio::from(log));
@@ -376,6 +395,11 @@ impl ChildProxy {
     pub async fn admin_json(&self, path: &str) -> serde_json::Value {
         let (status, body) = admin_get(self.admin, path).await;
         parse_json(path, status, &body)
+    }
+
+    /// Any request on the admin port: status and body.
+    pub async fn admin_send(&self, method: Method, path: &str, body: &str) -> (StatusCode, String) {
+        admin_send(self.admin, method, path, body).await
     }
 
     /// Resident memory now and at its peak.

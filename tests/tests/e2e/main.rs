@@ -1,5 +1,6 @@
 //! End-to-end tests: real clients, real Sluice proxies, real upstreams, on loopback.
 
+mod cli;
 mod grpc;
 mod mesh;
 mod reload;

@@ -1,0 +1,96 @@
+//! The command line of the real binary: `validate`, and settings from `SLUICE_*`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use hyper::{Method, StatusCode};
+use sluice_e2e::{ChildProxy, HttpConn, Upstream, single_backend_policy};
+
+fn bin() -> &'static Path {
+    env!("CARGO_BIN_EXE_e2e-proxy").as_ref()
+}
+
+fn repo_file(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel)
+}
+
+#[test]
+fn validate_accepts_the_shipped_policies_and_locates_errors() {
+    // Every policy the project ships validates.
+    let mut files = vec![repo_file("examples/demo/policies/log-service.yaml")];
+    let dir = repo_file("examples/policies");
+    for entry in std::fs::read_dir(&dir).expect("examples/policies") {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "yaml") {
+            files.push(path);
+        }
+    }
+    let out = Command::new(bin())
+        .arg("validate")
+        .args(&files)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "validate failed:\n{stdout}");
+    assert_eq!(
+        stdout.lines().filter(|l| l.starts_with("ok")).count(),
+        files.len(),
+        "{stdout}"
+    );
+
+    // A broken one is refused with file, line and column, and a failing exit code.
+    let tmp = tempfile::tempdir().unwrap();
+    let broken = tmp.path().join("broken.yaml");
+    let text =
+        single_backend_policy("b", "b", "127.0.0.1:1".parse().unwrap()) + "      retriez: 3\n";
+    std::fs::write(&broken, text).unwrap();
+    let out = Command::new(bin())
+        .arg("validate")
+        .arg(&broken)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success(),
+        "a broken policy validated:\n{stdout}"
+    );
+    let located = format!("{}:", broken.display());
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with(&located) && l.contains("retriez")),
+        "no file:line:column diagnostic naming the field:\n{stdout}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_takes_its_settings_from_sluice_environment_variables() {
+    let upstream = Upstream::auto("env").await;
+    let mut proxy = ChildProxy::spawn_with_env(
+        bin(),
+        &single_backend_policy("env", "env", upstream.addr()),
+        &[],
+    )
+    .await;
+    assert!(
+        proxy.inbound_addr().is_none(),
+        "SLUICE_NO_INBOUND took effect"
+    );
+    let mut conn = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
+    let reply = conn.get("env", "/").await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.header("x-upstream"), "env");
+    let config = proxy.admin_json("/config").await;
+    assert!(config["version"].is_string(), "{config}");
+    // The log level changes at run time, and a bad one is refused.
+    let (status, body) = proxy.admin_send(Method::PUT, "/log-level", "debug").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = proxy
+        .admin_send(Method::PUT, "/log-level", "sluice_proxy=loudest")
+        .await;
+    assert!(status.is_client_error(), "{status} {body}");
+
+    proxy.sigterm();
+    let status = proxy.wait_exit(sluice_e2e::WAIT).await;
+    assert_eq!(status.code(), Some(0), "{}", proxy.log());
+}
