@@ -280,3 +280,89 @@ async fn registry_keeps_endpoint_state_across_swaps() {
     assert_eq!(reg.len(), 2);
     assert!(reg.get("b").is_none());
 }
+
+/// The layers of this crate compose as the proxy stacks them, and each leaves its mark.
+#[tokio::test(start_paused = true)]
+async fn whole_stack_composes() {
+    use crate::ratelimit::{KeyBy, RateLimitLayer, RateLimitParams, RateLimitRegistry};
+    use crate::split::{SplitLayer, SplitParams};
+    use crate::timeout::TimeoutParams;
+
+    let route = sluice_config::Route {
+        name: "ingest".into(),
+        timeout: Some(sluice_config::Duration::from_secs(2)),
+        rate_limit: Some(sluice_config::RateLimit {
+            per_second: 1,
+            burst: Some(2),
+            ..Default::default()
+        }),
+        retry: Some(sluice_config::Retry {
+            per_try_timeout: Some(sluice_config::Duration::from_millis(500)),
+            ..Default::default()
+        }),
+        split: vec![sluice_config::SplitRule {
+            weights: Some(
+                [("v1".to_string(), 0), ("v2".to_string(), 100)]
+                    .into_iter()
+                    .collect(),
+            ),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    // A fake clock: a slow test run must not refill the bucket.
+    let limits: RateLimitRegistry<&str, _> =
+        RateLimitRegistry::with_clock(governor::clock::FakeRelativeClock::default());
+    let rl = RateLimitParams::from_config(route.rate_limit.as_ref().unwrap())
+        .unwrap()
+        .named("ingest");
+    assert_eq!(rl.key, KeyBy::None);
+    let endpoints = BalanceRegistry::new();
+    let sets = vec![
+        endpoints.endpoint_set(&BalanceParams::new("v1", ["10.0.0.1:80"])),
+        endpoints.endpoint_set(&BalanceParams::new("v2", ["10.0.0.2:80"])),
+    ];
+    let timeouts = TimeoutParams::from_config(&route);
+    let split = Arc::new(SplitParams::from_config(&route, ["v1", "v2"]).unwrap());
+
+    let (mock, mut handle) = mock::pair::<Request<()>, Response<()>>();
+    handle.allow(10);
+    let svc = BalanceLayer::new(Arc::from(sets)).layer(mock);
+    let svc = timeouts.per_try_layer().layer(svc);
+    let svc = SplitLayer::new(split).layer(svc);
+    let svc = timeouts.total_layer().layer(svc);
+    let mut svc = RateLimitLayer::new(limits.get_or_rebuild("ingest", &rl)).layer(svc);
+
+    let fut = svc.ready().await.unwrap().call(Request::new(()));
+    let (req, reply) = handle.next_request().await.unwrap();
+    assert_eq!(req.extensions().get::<SelectedBackend>().unwrap().index, 1);
+    assert_eq!(
+        req.extensions().get::<Endpoint>().unwrap().0.as_ref(),
+        "10.0.0.2:80"
+    );
+    reply.send_response(Response::new(()));
+    let rsp = fut.await.unwrap();
+    assert_eq!(rsp.headers()["ratelimit"], "\"ingest\";r=1;t=1");
+
+    // The per-try timeout fires inside the total one.
+    let fut = svc.ready().await.unwrap().call(Request::new(()));
+    let (_req, _reply) = handle.next_request().await.unwrap();
+    let err = fut.await.unwrap_err();
+    assert_eq!(
+        err.downcast_ref::<FilterError>(),
+        Some(&FilterError::Timeout(Duration::from_millis(500)))
+    );
+
+    // The burst of two is spent: the third request is refused before reaching anything.
+    let err = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(Request::new(()))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.downcast_ref::<FilterError>().unwrap().reason(),
+        "rate-limited"
+    );
+}
