@@ -142,7 +142,8 @@ impl BreakerParams {
             failure_rate,
             open_for,
             max_open_for,
-            half_open_requests: p.half_open_requests.unwrap_or(1).max(1),
+            // The probe counters are 16-bit fields of the packed state word.
+            half_open_requests: p.half_open_requests.unwrap_or(1).clamp(1, 10_000),
             failure_on,
             grpc_statuses,
             jitter: DEFAULT_OPEN_JITTER,

@@ -20,9 +20,10 @@
 //! Request bodies: the first try streams the body while [`ReplayBody`] copies its
 //! chunks (cheap `Bytes` clones) up to `maxReplayBytes` (default 64 KiB); later tries
 //! replay the copies, then continue with whatever of the original was not read yet.
-//! A `Content-Length` above the cap means no copying at all: the request goes once
-//! and `skipped_body_too_large` is counted at once; a body without a length that
-//! grows past the cap drops its copies and counts the skip when a retry is wanted.
+//! A `Content-Length` (or a body size hint) above the cap means no copying at all:
+//! the request goes once and `skipped_body_too_large` is counted at once; a body
+//! without a length that grows past the cap drops its copies and counts the skip
+//! when a retry is wanted.
 //! An empty body is never copied.
 //!
 //! The budget ([`RetryBudget`]) counts original requests and retries in a sliding

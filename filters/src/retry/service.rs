@@ -65,7 +65,10 @@ where
         route.budget().deposit();
         let p = route.params();
         let mut may_retry = p.attempts > 0 && p.method_allowed(req.method());
-        if may_retry && content_length(&req).is_some_and(|n| n > p.max_replay_bytes) {
+        let known_len = content_length(&req)
+            .unwrap_or(0)
+            .max(req.body().size_hint().lower());
+        if may_retry && known_len > p.max_replay_bytes {
             may_retry = false;
             route.observe(
                 &backend_of(&req, &self.backend),

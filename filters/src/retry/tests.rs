@@ -457,6 +457,18 @@ async fn bodies_over_the_cap_go_once_and_the_skip_is_counted() {
     assert_eq!(inner.calls(), 1);
     assert_eq!(obs.all(), [RetryOutcome::SkippedBodyTooLarge]);
 
+    // No header, but the body knows its size: the same.
+    let (r, obs) = route(p.clone());
+    let inner = Scripted::with(&[Step::Status(503); 3]);
+    let mut svc = RetryLayer::new(r, "log-v1").layer(inner.clone());
+    let req = Request::builder()
+        .method(Method::POST)
+        .body(Full::new(Bytes::from_static(b"123456789")))
+        .unwrap();
+    assert_eq!(send(&mut svc, req).await.unwrap().status(), 503);
+    assert_eq!(inner.calls(), 1);
+    assert_eq!(obs.all(), [RetryOutcome::SkippedBodyTooLarge]);
+
     // Unknown length that grows past the cap: counted when a retry is wanted.
     let (r, obs) = route(p.clone());
     let inner = Scripted::with(&[Step::Status(503); 3]);
