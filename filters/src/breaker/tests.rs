@@ -738,3 +738,40 @@ async fn results_from_before_a_transition_change_nothing() {
     let snap = c.snapshot();
     assert_eq!((snap.successes, snap.failures), (1, 1));
 }
+
+#[test]
+fn half_open_admits_exactly_the_probe_count_under_contention() {
+    let mut p = params(1, 0, 0, 3);
+    p.open_for = Duration::ZERO;
+    p.max_open_for = Duration::ZERO;
+    let c = Arc::new(Circuit::new(
+        Arc::from("ingest"),
+        Arc::from("log-v1"),
+        p,
+        Arc::new(NoopObserver),
+    ));
+    c.acquire(None).unwrap().failure("5xx");
+    let admitted: Vec<_> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let c = &c;
+                s.spawn(move || {
+                    (0..1000)
+                        .filter_map(|_| c.acquire(None))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap())
+            .collect()
+    });
+    assert_eq!(admitted.len(), 3);
+    assert_eq!(c.state(), CircuitState::HalfOpen);
+    assert_eq!(c.snapshot().rejected, 3997);
+    for p in admitted {
+        p.success();
+    }
+    assert_eq!(c.state(), CircuitState::Closed);
+}
