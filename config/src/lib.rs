@@ -228,6 +228,29 @@ mod tests {
     use super::*;
 
     #[test]
+    fn positions_count_empty_documents_and_comments() {
+        let text = "# leading comment\n---\n---\napiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: { name: a }\nspec:\n  host: Shop\n  inbound: {}\n";
+        let err = parse_policies("f.yaml", text).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "f.yaml:8:9: spec.host: expected a lower-case host name without scheme or port (e.g. \"log-service\"), got \"Shop\""
+        );
+        assert_eq!(
+            parse_policies("f.yaml", "# nothing\n---\n").unwrap(),
+            vec![]
+        );
+    }
+
+    #[test]
+    fn a_mapping_as_key_is_refused_by_name() {
+        let text =
+            "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: { { name: a }: 1 }\n";
+        let err = parse_policies("f.yaml", text).unwrap_err();
+        assert_eq!(err.diagnostics().len(), 1);
+        assert!(err.to_string().contains("expected a field name"), "{err}");
+    }
+
+    #[test]
     fn design_example_parses_and_hash_is_stable() {
         let text = include_str!("../../examples/policies/log-service.yaml");
         let policies = parse_policies("log-service.yaml", text).unwrap();
@@ -254,6 +277,7 @@ mod crd_tests {
         let crd = RoutePolicyResource::crd();
         assert_eq!(crd.spec.group, "sluice.dev");
         assert_eq!(crd.spec.names.kind, "RoutePolicy");
+        assert_eq!(crd.spec.names.plural, "routepolicies");
         assert_eq!(crd.spec.scope, "Namespaced");
         let json = serde_json::to_value(&crd).unwrap();
         let spec = &json["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"];

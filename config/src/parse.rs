@@ -292,6 +292,7 @@ fn plain_expectation(serde_expected: &str, at_root: bool) -> String {
         "a boolean" => "true or false".to_string(),
         "a sequence" => "a list".to_string(),
         "a map" => "a mapping".to_string(),
+        "field identifier" => "a field name".to_string(),
         s if s.starts_with("struct ") && at_root => {
             "a RoutePolicy document (apiVersion, kind, metadata, spec)".to_string()
         }
