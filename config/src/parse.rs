@@ -78,7 +78,7 @@ pub(crate) fn parse_file<'a>(file: &str, text: &'a str) -> (Vec<Located<'a>>, Ve
                 continue;
             }
             Err(e) => {
-                errors.push(syntax_error(file, &e));
+                errors.push(syntax_error(file, text, &e));
                 // After a syntax error the rest of the stream cannot be trusted.
                 break;
             }
@@ -128,17 +128,20 @@ fn check_header(value: &Value) -> Vec<Finding> {
     out
 }
 
-fn syntax_error(file: &str, e: &serde_yaml::Error) -> Diagnostic {
-    let (line, column) = e
-        .location()
-        .map(|l| (l.line(), l.column()))
-        .unwrap_or((1, 1));
+fn syntax_error(file: &str, text: &str, e: &serde_yaml::Error) -> Diagnostic {
+    let location = e.location();
+    let (line, column) = location.as_ref().map_or((1, 1), |l| (l.line(), l.column()));
+    let mut message = format!("invalid YAML: {}", strip_locations(&e.to_string()));
+    // libyaml's wording for a tab says nothing about tabs.
+    if location.is_some_and(|l| text.as_bytes().get(l.index()) == Some(&b'\t')) {
+        message.push_str(" (indent with spaces: YAML does not allow tabs)");
+    }
     Diagnostic {
         file: file.to_string(),
         line,
         column,
         path: String::new(),
-        message: format!("invalid YAML: {}", strip_locations(&e.to_string())),
+        message,
     }
 }
 
