@@ -6,6 +6,19 @@
 //! A [`PolicySet`] is the validated policies of a whole mesh in canonical form with
 //! their content hash, which is the policy version everywhere (snapshots, `/config`,
 //! metrics). This crate does no I/O beyond the bytes it is given.
+//!
+//! How the pieces fit: serde_yaml reads the values into the serde types of the
+//! model (`model`, with [`Duration`]); serde_path_to_error names the field of a type
+//! error; `validate` checks everything the types cannot say (ranges, exactly-one-of
+//! rules, references to backends, names, unreachable routes and split rules); and
+//! only when something is wrong, a span-aware pass with yaml-rust2 (`spans`) maps
+//! each field path to its line and column. Route precedence ([`precedence_order`])
+//! and the sticky-split hash ([`sticky_point`], [`weighted_backend`]) live here too,
+//! so the proxy and the validator share one definition of each.
+//!
+//! The `crd` feature adds the kube-rs `CustomResource` derive (the Kubernetes type
+//! is `RoutePolicyResource`) and JSON schemas; default builds carry no Kubernetes
+//! crates.
 
 #![warn(missing_docs, unreachable_pub)]
 

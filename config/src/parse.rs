@@ -204,12 +204,6 @@ fn type_error(e: &serde_path_to_error::Error<serde_yaml::Error>, root: &Value) -
     if let Some(rest) = raw.strip_prefix("unknown field ") {
         let name = quoted.first().cloned().unwrap_or_default();
         let expected = &quoted[quoted.len().min(1)..];
-        // serde_path_to_error stops at the map that holds the unknown key.
-        let at = if path.ends_with(&name) {
-            path
-        } else {
-            child_key(&path, &name)
-        };
         let mut message = format!("unknown field {name:?}");
         if expected.is_empty() || rest.contains("there are no fields") {
             message.push_str(", no fields are expected here");
@@ -219,8 +213,9 @@ fn type_error(e: &serde_path_to_error::Error<serde_yaml::Error>, root: &Value) -
                 message.push_str(&format!(" (did you mean {near:?}?)"));
             }
         }
+        // serde_path_to_error's path already ends with the unknown key.
         return Finding {
-            path: at,
+            path,
             at_key: true,
             message,
         };
