@@ -92,8 +92,8 @@ pub struct BreakerSnapshot {
     pub recent_transitions: Vec<TransitionRecord>,
 }
 
-type Key = (Arc<str>, Arc<str>);
-type Map = HashMap<Key, Arc<Circuit>>;
+/// route → backend → breaker; nested so that both lookups take a borrowed `&str`.
+type Map = HashMap<Arc<str>, HashMap<Arc<str>, Arc<Circuit>>>;
 
 /// All breakers, keyed by (route, backend). Cheap to clone (one `Arc`).
 ///
@@ -120,7 +120,7 @@ impl Default for BreakerRegistry {
 impl std::fmt::Debug for BreakerRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("BreakerRegistry")
-            .field("breakers", &self.inner.map.load().len())
+            .field("breakers", &self.len())
             .finish()
     }
 }
@@ -158,24 +158,32 @@ impl BreakerRegistry {
         let mut next = Map::new();
         for (route, backend, params) in entries {
             let (route, backend) = (route.as_ref(), backend.as_ref());
-            let key: Key = (Arc::from(route), Arc::from(backend));
-            match old.get(&key) {
-                Some(c) if *c.params() == params => {
-                    next.insert(key, Arc::clone(c));
-                }
-                existing => {
+            let existing = old.get(route).and_then(|m| m.get(backend));
+            let circuit = match existing {
+                Some(c) if *c.params() == params => Arc::clone(c),
+                _ => {
                     if existing.is_some() {
                         obs.on_removed(route, backend);
                     }
-                    let c = Circuit::new(key.0.clone(), key.1.clone(), params, Arc::clone(obs));
                     obs.on_added(route, backend);
-                    next.insert(key, Arc::new(c));
+                    Arc::new(Circuit::new(
+                        Arc::from(route),
+                        Arc::from(backend),
+                        params,
+                        Arc::clone(obs),
+                    ))
                 }
-            }
+            };
+            next.entry(Arc::clone(circuit.route_arc()))
+                .or_default()
+                .insert(Arc::clone(circuit.backend_arc()), circuit);
         }
-        for (route, backend) in old.keys() {
-            if !next.contains_key(&(route.clone(), backend.clone())) {
-                obs.on_removed(route, backend);
+        for (route, backends) in old.iter() {
+            for backend in backends.keys() {
+                let kept = next.get(route).is_some_and(|m| m.contains_key(backend));
+                if !kept {
+                    obs.on_removed(route, backend);
+                }
             }
         }
         self.inner.map.store(Arc::new(next));
@@ -183,20 +191,17 @@ impl BreakerRegistry {
 
     /// The breaker of a route × backend, to build a [`BreakerLayer`](super::BreakerLayer) with.
     pub fn get(&self, route: &str, backend: &str) -> Option<Arc<Circuit>> {
-        // A borrowed (str, str) key cannot look up an (Arc<str>, Arc<str>) map without
-        // allocating, so scan: this runs at swap and admin time, not per request.
-        self.inner
-            .map
-            .load()
-            .iter()
-            .find(|((r, b), _)| &**r == route && &**b == backend)
-            .map(|(_, c)| Arc::clone(c))
+        self.inner.map.load().get(route)?.get(backend).cloned()
     }
 
     /// Every breaker, sorted by route then backend, for `GET /breakers`.
     pub fn snapshot(&self) -> Vec<BreakerSnapshot> {
         let map = self.inner.map.load();
-        let mut all: Vec<_> = map.values().map(|c| c.snapshot()).collect();
+        let mut all: Vec<_> = map
+            .values()
+            .flat_map(|m| m.values())
+            .map(|c| c.snapshot())
+            .collect();
         all.sort_by(|a, b| (&a.route, &a.backend).cmp(&(&b.route, &b.backend)));
         all
     }
@@ -214,7 +219,7 @@ impl BreakerRegistry {
 
     /// Number of breakers.
     pub fn len(&self) -> usize {
-        self.inner.map.load().len()
+        self.inner.map.load().values().map(HashMap::len).sum()
     }
 
     /// True when there are no breakers.
