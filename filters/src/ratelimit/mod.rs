@@ -74,3 +74,12 @@ pub struct NoopObserver;
 impl RateLimitObserver for NoopObserver {
     fn on_decision(&self, _limit: &str, _decision: Decision) {}
 }
+
+impl<F> RateLimitObserver for F
+where
+    F: Fn(&str, Decision) + Send + Sync + 'static,
+{
+    fn on_decision(&self, limit: &str, decision: Decision) {
+        self(limit, decision)
+    }
+}

@@ -45,7 +45,10 @@ pub fn refusal_response(err: &FilterError, req_is_grpc: bool) -> Response<Full<B
         state,
     } = err
     {
-        headers.insert(RETRY_AFTER, HeaderValue::from(ceil_secs(*retry_after)));
+        headers.insert(
+            RETRY_AFTER,
+            HeaderValue::from(ceil_secs(*retry_after).max(1)),
+        );
         if let Ok(v) = HeaderValue::try_from(policy.as_str()) {
             headers.insert(RATELIMIT_POLICY, v);
         }

@@ -369,6 +369,16 @@ async fn shadow_mode_lets_everything_through_but_counts() {
         fut.await.unwrap();
     }
     assert_eq!(counts.get(), [1, 0, 2]);
+
+    // A closure is an observer too.
+    let seen = Arc::new(AtomicU64::new(0));
+    let s = seen.clone();
+    let obs: Arc<dyn RateLimitObserver> = Arc::new(move |limit: &str, d: Decision| {
+        assert_eq!((limit, d.as_str()), ("ingest", "shadow"));
+        s.fetch_add(1, Ordering::Relaxed);
+    });
+    obs.on_decision("ingest", Decision::Shadow);
+    assert_eq!(seen.load(Ordering::Relaxed), 1);
 }
 
 #[test]
