@@ -63,6 +63,16 @@ impl std::fmt::Debug for StackContext {
     }
 }
 
+impl StackContext {
+    /// Called once per policy swap, before any route stack is built from `policies`:
+    /// the place where registries that keep state across swaps (breakers, rate-limit
+    /// buckets, endpoint health) learn the new settings, so that unchanged settings keep
+    /// their state and the stacks built next pick up changed ones.
+    pub fn prepare(&self, policies: &[RoutePolicy]) {
+        let _ = policies;
+    }
+}
+
 /// One backend of a policy, compiled.
 #[derive(Debug)]
 pub struct BackendParams {

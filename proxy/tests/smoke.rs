@@ -586,3 +586,56 @@ async fn configmap_symlink_swap_is_applied() {
     assert_eq!(text(&get().await), "v2 GET / HTTP/1.1");
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_level_is_set_through_the_admin_api() {
+    let seen = Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = seen.clone();
+    let proxy = start(ProxyConfig {
+        no_outbound: true,
+        admin: "127.0.0.1:0".parse().unwrap(),
+        log_control: Some(sluice_proxy::LogControl::new(move |d| {
+            if d == "nonsense=[" {
+                return Err("invalid filter".into());
+            }
+            *sink.lock().unwrap() = d.to_string();
+            Ok(())
+        })),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    assert_eq!(proxy.outbound_addr(), None);
+    let admin = proxy.admin_addr().unwrap();
+    let put = |body: &'static str| {
+        send(
+            admin,
+            false,
+            Request::put("/log-level")
+                .header("host", "admin")
+                .body(Full::new(Bytes::from_static(body.as_bytes())))
+                .unwrap(),
+        )
+    };
+    assert_eq!(put("debug\n").await.status(), StatusCode::OK);
+    assert_eq!(*seen.lock().unwrap(), "debug");
+    assert_eq!(put("nonsense=[").await.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(*seen.lock().unwrap(), "debug");
+    let get = |p: &'static str| {
+        send(
+            admin,
+            false,
+            Request::get(p)
+                .header("host", "a")
+                .body(Full::default())
+                .unwrap(),
+        )
+    };
+    assert_eq!(get("/nope").await.status(), StatusCode::NOT_FOUND);
+    assert_eq!(text(&get("/breakers").await), "[]");
+    assert_eq!(
+        get("/ready").await.status(),
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    proxy.shutdown().await;
+}

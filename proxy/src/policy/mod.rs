@@ -52,6 +52,7 @@ impl PolicySnapshot {
         service: Option<&str>,
         app: Option<&Authority>,
     ) -> Result<Self, ProxyError> {
+        ctx.prepare(set.policies());
         let mut backends_of = None;
         let (table, warnings) = RouteTable::build(set.policies(), |policy, index| {
             // Routes of one policy come in a row: compile its backends once for all of them.
