@@ -176,6 +176,28 @@ fn bench(c: &mut Criterion) {
             })
         });
     }
+    // The refusal path, as under a flood: one tenant far over a tiny limit.
+    group.bench_function("refused_by_rate_limit", |b| {
+        let limits: RateLimitRegistry<usize> = RateLimitRegistry::new();
+        let params = RateLimitParams::from_config(&sluice_config::RateLimit {
+            per_second: 1,
+            ..Default::default()
+        })
+        .unwrap()
+        .named("flooded");
+        let mut svc = RateLimitLayer::new(limits.get_or_rebuild(0, &params)).layer(inner());
+        let mut i = 0usize;
+        b.iter(|| {
+            i = i.wrapping_add(1);
+            svc.ready().now_or_never().expect("ready").expect("ready");
+            black_box(
+                svc.call(request(i))
+                    .now_or_never()
+                    .expect("at once")
+                    .is_err(),
+            );
+        })
+    });
     group.finish();
 }
 
