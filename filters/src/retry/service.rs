@@ -65,10 +65,7 @@ where
         route.budget().deposit();
         let p = route.params();
         let mut may_retry = p.attempts > 0 && p.method_allowed(req.method());
-        let known_len = content_length(&req)
-            .unwrap_or(0)
-            .max(req.body().size_hint().lower());
-        if may_retry && known_len > p.max_replay_bytes {
+        if may_retry && known_len(&req) > p.max_replay_bytes {
             may_retry = false;
             route.observe(
                 &backend_of(&req, &self.backend),
@@ -105,11 +102,15 @@ fn backend_of<B>(req: &Request<B>, fixed: &Arc<str>) -> Arc<str> {
         .map_or_else(|| Arc::clone(fixed), |s| Arc::clone(&s.name))
 }
 
-fn content_length<B>(req: &Request<B>) -> Option<u64> {
-    req.headers()
+/// The body size as far as the head or the body itself tells.
+fn known_len<B: Body>(req: &Request<B>) -> u64 {
+    let declared = req
+        .headers()
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
         .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    declared.max(req.body().size_hint().lower())
 }
 
 /// The slow path: each try gets a fresh copy of the head and a replaying body.
@@ -130,9 +131,17 @@ where
     let (parts, body) = req.into_parts();
     let outer_deadline = parts.extensions.get::<Deadline>().map(|d| d.0);
     let (mut body, mut source) = BodySource::first(body, may_retry, p.max_replay_bytes);
+    let mut parts = Some(parts);
     let mut retries = 0u32;
     loop {
-        let mut req = Request::from_parts(parts.clone(), body);
+        // A request that only needs the per-try timer goes once: no head copy.
+        let head = if may_retry {
+            parts.clone()
+        } else {
+            parts.take()
+        };
+        let head = head.expect("the head is kept while tries remain");
+        let mut req = Request::from_parts(head, body);
         let try_deadline = p.per_try_timeout.map(|t| Instant::now() + t);
         if let Some(d) = earliest(try_deadline, outer_deadline) {
             req.extensions_mut().insert(Deadline(d));

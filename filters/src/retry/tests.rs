@@ -319,6 +319,27 @@ async fn per_try_timeout_is_retried_only_when_listed() {
         Some(&FilterError::Timeout(Duration::from_secs(1)))
     );
     assert_eq!(inner.calls(), 1);
+
+    // A request that cannot be retried still gets the per-try timer.
+    let inner = Scripted::with(&[Step::Hang]);
+    let mut svc = RetryLayer::new(r_timeout(), "log-v1").layer(inner.clone());
+    let post = Request::builder()
+        .method(Method::POST)
+        .body(Full::new(Bytes::from_static(b"x")))
+        .unwrap();
+    let err = send(&mut svc, post).await.unwrap_err();
+    assert!(matches!(
+        crate::find_filter_error(&*err),
+        Some(FilterError::Timeout(_))
+    ));
+    assert_eq!(inner.calls(), 1);
+    assert_eq!(inner.bodies.lock().unwrap()[0], Bytes::from_static(b"x"));
+}
+
+fn r_timeout() -> Arc<RouteRetry> {
+    let mut p = policy(2, &[RetryOn::Timeout]);
+    p.per_try_timeout = Some(sluice_config::Duration::from_secs(1));
+    route(p).0
 }
 
 #[tokio::test(start_paused = true)]
