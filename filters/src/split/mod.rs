@@ -30,7 +30,7 @@ pub use random::RandomSource;
 pub use service::Split;
 
 /// Points a weighted split is walked over: one point is 0.01 %.
-pub const POINTS: u32 = 10_000;
+pub const POINTS: u32 = sluice_config::STICKY_POINTS;
 
 /// The backend the split chose, set as a request extension for the layers below.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -41,14 +41,6 @@ pub struct SelectedBackend {
     pub index: usize,
 }
 
-/// The sticky point of a header value: FNV-1a (64-bit, standard offset basis and prime)
-/// modulo 10000. Fixed and unseeded on purpose: every sidecar, before and after a restart,
-/// must put the same user on the same side.
-pub fn sticky_point(value: &[u8]) -> u32 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in value {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    (h % u64::from(POINTS)) as u32
-}
+/// The sticky point of a header value: `sluice-config`'s fixed, unseeded FNV-1a 64 mod
+/// 10000, so the proxy, the validator and every release agree on it.
+pub use sluice_config::sticky_point;
