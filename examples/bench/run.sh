@@ -114,6 +114,13 @@ spec:
     - name: all
 YAML
 
+for port in "$UPSTREAM_PORT" "$NGINX_PROXY_PORT" "$SLUICE_PORT" "$SLUICE_ADMIN"; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+        echo "port $port is already in use; pick other ports with PORT_BASE=..." >&2
+        exit 1
+    fi
+done
+
 setsid "$NGINX" -e "$WORK/upstream/error.log" -c "$WORK/upstream/nginx.conf" &
 UPSTREAM_PID=$!; PIDS+=("$UPSTREAM_PID")
 setsid "$NGINX" -e "$WORK/proxy/error.log" -c "$WORK/proxy/nginx.conf" &
@@ -124,6 +131,9 @@ SLUICE_PID=$!; PIDS+=("$SLUICE_PID")
 
 wait_http() { # url, [Host header]
     for _ in $(seq 200); do
+        for pid in "${PIDS[@]}"; do
+            kill -0 "$pid" 2>/dev/null || { echo "server $pid exited early; logs in $WORK" >&2; cat "$WORK"/*/error.log "$WORK/sluice.log" >&2; exit 1; }
+        done
         if curl -fsS -o /dev/null -H "Host: ${2:-bench}" "$1" 2>/dev/null; then return 0; fi
         sleep 0.05
     done
