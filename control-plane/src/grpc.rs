@@ -78,6 +78,11 @@ impl PolicyDiscovery for PolicyService {
             _ => return Err(Status::invalid_argument("the first message must be Hello")),
         };
         tracing::info!(node_id = %hello.node_id, service = %hello.service, has = %hello.last_applied_version, "proxy connected");
+        if hello.schema_version != sluice_config::SCHEMA_VERSION {
+            // Sent anyway: the proxy's own validation decides, and its NACK
+            // shows up in /proxies with the reason.
+            tracing::warn!(node_id = %hello.node_id, proxy = hello.schema_version, ours = sluice_config::SCHEMA_VERSION, "proxy speaks another policy schema version");
+        }
         let (tx, rx) = mpsc::channel(2);
         tokio::spawn(stream_task(
             self.shared.clone(),
