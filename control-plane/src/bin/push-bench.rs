@@ -22,7 +22,9 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use sluice_api::pb;
 use sluice_api::pb::policy_discovery_client::PolicyDiscoveryClient;
-use tokio::sync::mpsc;
+use std::sync::Arc;
+
+use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
 #[derive(Debug, Parser)]
@@ -129,7 +131,12 @@ async fn proxy(
     id: usize,
     url: String,
     acks: mpsc::UnboundedSender<(usize, String, Instant)>,
+    connecting: Arc<Semaphore>,
 ) -> anyhow::Result<()> {
+    // Opening a thousand connections in the same instant overflows the accept
+    // queue of a control plane sharing two cores with its clients; a fleet of
+    // real proxies spreads its connects (jittered backoff, pod start times).
+    let permit = connecting.acquire_owned().await?;
     let channel = tonic::transport::Endpoint::from_shared(url)?
         .tcp_nodelay(true)
         .connect()
@@ -151,6 +158,7 @@ async fn proxy(
         .stream_policies(ReceiverStream::new(rx))
         .await?
         .into_inner();
+    drop(permit);
     while let Some(s) = inbound.message().await? {
         tx.send(pb::ProxyMessage {
             message: Some(pb::proxy_message::Message::Ack(pb::Ack {
@@ -193,10 +201,11 @@ async fn round(args: &Args, n: usize) -> anyhow::Result<()> {
 
     let (acks_tx, mut acks) = mpsc::unbounded_channel();
     let mut proxies = tokio::task::JoinSet::new();
+    let connecting = Arc::new(Semaphore::new(64));
     for id in 0..n {
-        let (url, acks_tx) = (url.clone(), acks_tx.clone());
+        let (url, acks_tx, connecting) = (url.clone(), acks_tx.clone(), connecting.clone());
         proxies.spawn(async move {
-            if let Err(e) = proxy(id, url, acks_tx).await {
+            if let Err(e) = proxy(id, url, acks_tx, connecting).await {
                 eprintln!("proxy {id}: {e}");
             }
         });
