@@ -31,6 +31,47 @@ use crate::pb::policy_discovery_client::PolicyDiscoveryClient;
 ///
 /// Called from the subscriber task; implementations should only swap a pointer
 /// (e.g. `ArcSwap::store`) and return quickly.
+///
+/// How a proxy wires it up: start from the saved snapshot, then follow the
+/// control plane for as long as the [`Subscriber`] handle lives.
+///
+/// ```no_run
+/// use std::sync::{Arc, Mutex};
+/// use sluice_api::{SnapshotSink, Subscriber, SubscriberConfig};
+/// use sluice_config::PolicySet;
+///
+/// #[derive(Default)]
+/// struct Current(Mutex<Option<PolicySet>>);
+///
+/// impl SnapshotSink for Current {
+///     fn apply(&self, set: PolicySet) -> Result<bool, String> {
+///         // A proxy builds its routing snapshot here; an error becomes the NACK.
+///         let mut cur = self.0.lock().unwrap();
+///         let changed = cur.as_ref().map(|c| c.hash()) != Some(set.hash());
+///         *cur = Some(set);
+///         Ok(changed)
+///     }
+///     fn current_version(&self) -> Option<String> {
+///         self.0.lock().unwrap().as_ref().map(|s| s.hash().to_string())
+///     }
+/// }
+///
+/// # async fn run() -> Result<(), sluice_api::Error> {
+/// let state_dir = std::path::PathBuf::from("/var/lib/sluice");
+/// let sink = Arc::new(Current::default());
+/// if let Some(saved) = sluice_api::load_saved(&state_dir) {
+///     let _ = sink.apply(saved);
+/// }
+/// let mut cfg = SubscriberConfig::new("http://sluice-control-plane:15010", "order-7d9f-abc");
+/// cfg.namespace = "shop".into();
+/// cfg.service = "order".into();
+/// cfg.state_dir = Some(state_dir);
+/// let subscriber = Subscriber::spawn(cfg, sink.clone())?;
+/// // ... serve; `subscriber.status()` feeds /ready and /config ...
+/// subscriber.shutdown().await;
+/// # Ok(())
+/// # }
+/// ```
 pub trait SnapshotSink: Send + Sync + 'static {
     /// Puts `set` in force. `Ok(true)` if it differs from the set in force,
     /// `Ok(false)` if it is the same; `Err(reason)` refuses it (sent as NACK) and
