@@ -81,6 +81,14 @@ pub trait SnapshotSink: Send + Sync + 'static {
     /// Version (content hash) of the set in force, if any; sent in `Hello` so the
     /// control plane does not send it again.
     fn current_version(&self) -> Option<String>;
+
+    /// Told when a snapshot was refused before reaching [`apply`](Self::apply)
+    /// (it failed re-validation or has another schema version), so the proxy can
+    /// show it as its last rejected update. Refusals from `apply` itself are not
+    /// repeated here.
+    fn rejected(&self, version: &str, error: &str) {
+        let _ = (version, error);
+    }
 }
 
 impl<S: SnapshotSink + ?Sized> SnapshotSink for Arc<S> {
@@ -90,6 +98,10 @@ impl<S: SnapshotSink + ?Sized> SnapshotSink for Arc<S> {
 
     fn current_version(&self) -> Option<String> {
         (**self).current_version()
+    }
+
+    fn rejected(&self, version: &str, error: &str) {
+        (**self).rejected(version, error)
     }
 }
 
@@ -406,13 +418,19 @@ fn check_and_apply<S: SnapshotSink>(
     snapshot: pb::Snapshot,
 ) -> Result<bool, String> {
     if snapshot.schema_version != SCHEMA_VERSION {
-        return Err(format!(
+        let error = format!(
             "snapshot schema version {} is not supported (this proxy understands {})",
             snapshot.schema_version, SCHEMA_VERSION
-        ));
+        );
+        sink.rejected(&snapshot.version, &error);
+        return Err(error);
     }
     let source = format!("snapshot {}", snapshot.version);
-    let set = PolicySet::from_canonical(&source, &snapshot.canonical).map_err(|e| e.to_string())?;
+    let set = PolicySet::from_canonical(&source, &snapshot.canonical).map_err(|e| {
+        let error = e.to_string();
+        sink.rejected(&snapshot.version, &error);
+        error
+    })?;
     if set.hash() != snapshot.version {
         // Same policies, different serialisation (e.g. proxy and control plane
         // built from different sluice-config releases): the content is what was

@@ -91,7 +91,7 @@ async fn serve(snapshots: Vec<pb::Snapshot>) -> (String, mpsc::UnboundedReceiver
 }
 
 #[derive(Default)]
-struct Sink(Mutex<Option<PolicySet>>);
+struct Sink(Mutex<Option<PolicySet>>, Mutex<Vec<String>>);
 
 impl SnapshotSink for Sink {
     fn apply(&self, set: PolicySet) -> Result<bool, String> {
@@ -107,6 +107,10 @@ impl SnapshotSink for Sink {
             .unwrap()
             .as_ref()
             .map(|s| s.hash().to_string())
+    }
+
+    fn rejected(&self, version: &str, _error: &str) {
+        self.1.lock().unwrap().push(version.to_string());
     }
 }
 
@@ -182,6 +186,7 @@ async fn unknown_field_is_nacked_with_the_validator_message_then_good_one_acked(
         other => panic!("expected ACK, got {other:?}"),
     }
     assert_eq!(sink.current_version().as_deref(), Some(good.hash()));
+    assert_eq!(*sink.1.lock().unwrap(), ["v-unknown"]);
     let status = sub.status().borrow().clone();
     assert!(status.connected);
     assert_eq!(status.last_rejected.unwrap().version, "v-unknown");
