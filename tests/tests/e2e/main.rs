@@ -1,6 +1,7 @@
 //! End-to-end tests: real clients, real Sluice proxies, real upstreams, on loopback.
 
 mod cli;
+mod governance;
 mod grpc;
 mod mesh;
 mod reload;
