@@ -12,6 +12,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Snapshot bytes are cloned once per connected proxy; `Bytes` makes that a refcount bump.
         .bytes(".sluice.v1.Snapshot.canonical")
-        .compile_protos(&["proto/sluice/v1/policy.proto"], &["proto"])?;
+        .compile_protos(
+            &["proto/sluice/v1/policy.proto", "proto/sluice/v1/identity.proto"],
+            &["proto"],
+        )?;
     Ok(())
 }

@@ -4,7 +4,9 @@
 //! policy stream (`sluice.v1.PolicyDiscovery/StreamPolicies`), a bidirectional
 //! stream in the manner of xDS ADS: the proxy says [`pb::Hello`], the control
 //! plane sends [`pb::Snapshot`]s, and the proxy answers each with [`pb::Ack`] or
-//! [`pb::Nack`].
+//! [`pb::Nack`]. It also holds the identity service
+//! (`sluice.v1.Identity/Certify`): a proxy sends a CSR and its bootstrap
+//! credential and receives its workload certificate.
 //!
 //! [`subscriber`] is the proxy's side of that stream: it connects, re-validates
 //! every snapshot with `sluice-config`, hands good ones to a [`SnapshotSink`],

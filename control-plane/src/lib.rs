@@ -22,8 +22,10 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod admin;
+pub mod ca;
 mod cli;
 mod grpc;
+pub mod identity;
 mod metrics;
 pub mod proxies;
 pub mod source;
@@ -84,6 +86,37 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A CA certificate, key or token file cannot be read or written.
+    #[error("CA file {path}: {source}")]
+    CaFile {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A line of the bootstrap token file is invalid.
+    #[error("token file {path}, line {line}: {reason}")]
+    TokenFile {
+        /// The file.
+        path: PathBuf,
+        /// 1-based line number.
+        line: usize,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A namespace or service account is not a Kubernetes-style name.
+    #[error("invalid identity part {0:?}: expected lowercase letters, digits, '-' or '.'")]
+    InvalidIdentity(String),
+    /// The bootstrap credential proves no identity.
+    #[error("bootstrap credential refused")]
+    BootstrapRefused,
+    /// A certificate signing request cannot be parsed or its signature is wrong.
+    #[error("invalid certificate signing request: {0}")]
+    Csr(#[source] rcgen::Error),
+    /// Generating, loading or signing a certificate failed.
+    #[error("certificate: {0}")]
+    Certificate(#[from] rcgen::Error),
 }
 
 /// Everything [`start`] needs; `Default` listens on ephemeral loopback ports.

@@ -1,0 +1,89 @@
+//! The identity service over a real gRPC socket.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{CertificateParams, KeyPair};
+use sluice_api::pb;
+use sluice_api::pb::identity_client::IdentityClient;
+use sluice_control_plane::ca::{Ca, TokenFile};
+use sluice_control_plane::identity::IdentityService;
+use tokio_stream::wrappers::TcpListenerStream;
+use x509_parser::prelude::*;
+
+async fn serve() -> (IdentityClient<tonic::transport::Channel>, Arc<Ca>) {
+    let ca = Arc::new(Ca::generate("cluster.local", Duration::from_secs(600)).unwrap());
+    let tokens = TokenFile::parse(
+        std::path::Path::new("tokens"),
+        r#"{"token":"tok-log","namespace":"shop","serviceAccount":"log"}"#,
+    )
+    .unwrap();
+    let svc = IdentityService::new(ca.clone(), Arc::new(tokens));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(svc.into_server())
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    let client = IdentityClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    (client, ca)
+}
+
+fn csr() -> Vec<u8> {
+    let key = KeyPair::generate().unwrap();
+    let params = CertificateParams::new(vec!["asks-for-this.example".to_string()]).unwrap();
+    params.serialize_request(&key).unwrap().der().to_vec()
+}
+
+#[tokio::test]
+async fn certify_issues_the_identity_the_token_proves() {
+    let (mut client, ca) = serve().await;
+    let resp = client
+        .certify(pb::CertifyRequest {
+            token: "tok-log".into(),
+            csr_der: csr(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.trust_root_der, ca.root_der().to_vec());
+    assert_eq!(resp.cert_chain_der.len(), 1);
+    let (_, leaf) = X509Certificate::from_der(&resp.cert_chain_der[0]).unwrap();
+    let (_, root) = X509Certificate::from_der(&resp.trust_root_der).unwrap();
+    leaf.verify_signature(Some(root.public_key())).unwrap();
+    let names = &leaf
+        .subject_alternative_name()
+        .unwrap()
+        .unwrap()
+        .value
+        .general_names;
+    assert_eq!(
+        names,
+        &vec![GeneralName::URI("spiffe://cluster.local/ns/shop/sa/log")]
+    );
+    assert_eq!(resp.not_after, leaf.validity().not_after.timestamp() as u64);
+}
+
+#[tokio::test]
+async fn certify_refuses_unknown_token_and_bad_csr() {
+    let (mut client, _ca) = serve().await;
+    let err = client
+        .certify(pb::CertifyRequest {
+            token: "stolen".into(),
+            csr_der: csr(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let err = client
+        .certify(pb::CertifyRequest {
+            token: "tok-log".into(),
+            csr_der: b"not a csr".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+}
