@@ -34,6 +34,9 @@ pub struct Args {
     /// After binding, write the bound addresses here as JSON (`{"grpc": …, "admin": …}`).
     #[arg(long, env = "SLUICE_ADDR_FILE")]
     pub addr_file: Option<PathBuf>,
+    /// The sidecar-injection webhook (off unless `--webhook` is given).
+    #[command(flatten)]
+    pub webhook: crate::inject::WebhookArgs,
 }
 
 impl Args {
@@ -79,8 +82,21 @@ pub fn cli_main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
+        let webhook = match args.webhook.to_config() {
+            Some(cfg) => match crate::inject::start_webhook(cfg).await {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::error!(error = %e, "injection webhook failed to start");
+                    return ExitCode::FAILURE;
+                }
+            },
+            None => None,
+        };
         wait_for_signal().await;
         tracing::info!("shutting down");
+        if let Some(w) = webhook {
+            w.shutdown().await;
+        }
         cp.shutdown().await;
         ExitCode::SUCCESS
     })

@@ -26,6 +26,7 @@ pub mod ca;
 mod cli;
 mod grpc;
 pub mod identity;
+pub mod inject;
 mod metrics;
 pub mod proxies;
 pub mod source;
@@ -76,6 +77,14 @@ pub enum Error {
         /// The underlying error.
         #[source]
         source: notify::Error,
+    },
+    /// The webhook's serving certificate or key cannot be loaded.
+    #[error("webhook TLS {path}: {reason}")]
+    WebhookTls {
+        /// The certificate or key file.
+        path: PathBuf,
+        /// What is wrong with it.
+        reason: String,
     },
     /// The state directory or the address file cannot be written.
     #[error("cannot write {path}: {source}")]

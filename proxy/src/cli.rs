@@ -102,12 +102,23 @@ pub(crate) struct RunArgs {
     /// Bearer token file unlocking mutating admin routes for non-loopback peers.
     #[arg(long, env = "SLUICE_ADMIN_TOKEN_FILE", value_name = "FILE")]
     pub(crate) admin_token_file: Option<PathBuf>,
-    /// Control-plane URL.
+    /// Control-plane URL (e.g. http://127.0.0.1:15010) to receive policies from.
     #[arg(long, env = "SLUICE_CONTROL_PLANE", value_name = "URL")]
     pub(crate) control_plane: Option<String>,
-    /// Directory for the last good snapshot.
+    /// Directory for the last applied snapshot, served at start until the control plane answers.
     #[arg(long, env = "SLUICE_STATE_DIR", value_name = "DIR")]
     pub(crate) state_dir: Option<PathBuf>,
+    /// This proxy's id towards the control plane [default: the host name].
+    #[arg(long, env = "SLUICE_NODE_ID", value_name = "ID")]
+    pub(crate) node_id: Option<String>,
+    /// Namespace of the workload, told to the control plane.
+    #[arg(
+        long,
+        env = "SLUICE_NAMESPACE",
+        value_name = "NAME",
+        default_value = "default"
+    )]
+    pub(crate) namespace: String,
     /// Do not open the inbound listener.
     #[arg(long, env = "SLUICE_NO_INBOUND")]
     pub(crate) no_inbound: bool,
@@ -132,6 +143,8 @@ impl From<RunArgs> for ProxyConfig {
             admin_token_file: a.admin_token_file,
             control_plane: a.control_plane,
             state_dir: a.state_dir,
+            node_id: a.node_id,
+            namespace: a.namespace,
             no_inbound: a.no_inbound,
             no_outbound: a.no_outbound,
             log_control: None,

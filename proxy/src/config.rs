@@ -33,8 +33,12 @@ pub struct ProxyConfig {
     pub admin_token_file: Option<PathBuf>,
     /// Control-plane URL to receive policies from.
     pub control_plane: Option<String>,
-    /// Where the last good snapshot is persisted.
+    /// Where the last good snapshot is persisted, and read back at start.
     pub state_dir: Option<PathBuf>,
+    /// This proxy's id towards the control plane; `None` means the host name.
+    pub node_id: Option<String>,
+    /// Namespace of the workload, told to the control plane.
+    pub namespace: String,
     /// Do not open the inbound listener.
     pub no_inbound: bool,
     /// Do not open the outbound listener.
@@ -59,6 +63,8 @@ impl Default for ProxyConfig {
             admin_token_file: None,
             control_plane: None,
             state_dir: None,
+            node_id: None,
+            namespace: "default".into(),
             no_inbound: false,
             no_outbound: false,
             log_control: None,

@@ -6,8 +6,10 @@
 //! hands the request to that route's tower stack ([`stack`]), built once per policy
 //! swap. The stack ends in pooled upstream clients ([`forward::Upstream`]); failures
 //! come back as errors that the edge turns into responses carrying `x-sluice-reason`.
-//! Policies reach the store from a watched local file (`--policy`) or, later, from the
-//! control plane; both go through [`PolicyStore::apply`] and [`PolicyStore::reject`].
+//! Policies reach the store from a watched local file (`--policy`) or from the control
+//! plane (`--control-plane`, via `sluice_api::Subscriber`, starting from the snapshot
+//! saved in `--state-dir`); both go through [`PolicyStore::apply`] and
+//! [`PolicyStore::reject`].
 
 #![warn(missing_docs, unreachable_pub)]
 
@@ -15,6 +17,7 @@ mod admin;
 pub mod body;
 mod cli;
 mod config;
+mod control;
 mod edge;
 mod error;
 pub mod forward;
@@ -55,6 +58,7 @@ pub struct RunningProxy {
     data_tasks: Vec<JoinHandle<()>>,
     admin_task: JoinHandle<()>,
     watcher: Option<JoinHandle<()>>,
+    subscriber: Option<sluice_api::Subscriber>,
 }
 
 impl RunningProxy {
@@ -82,6 +86,10 @@ impl RunningProxy {
     /// closes the admin listener.
     pub async fn shutdown(self) {
         self.store.set_draining();
+        // A snapshot arriving while draining would only rebuild stacks nobody uses.
+        if let Some(s) = self.subscriber {
+            s.shutdown().await;
+        }
         let _ = self.data_shutdown.send(true);
         for t in self.data_tasks {
             let _ = t.await;
@@ -156,9 +164,20 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         )?),
         None => None,
     };
-    if let Some(url) = &cfg.control_plane {
-        warn!(%url, state_dir = ?cfg.state_dir, "control plane client is not wired; --control-plane ignored");
-    }
+    let subscriber = match &cfg.control_plane {
+        Some(url) => {
+            if let Some(dir) = &cfg.state_dir {
+                control::apply_saved(&store, dir);
+            }
+            Some(control::subscribe(&cfg, url, store.clone())?)
+        }
+        None => {
+            if cfg.state_dir.is_some() {
+                warn!("--state-dir is used only with --control-plane; ignored");
+            }
+            None
+        }
+    };
 
     let mut data_tasks = Vec::new();
     if let Some(l) = outbound {
@@ -220,6 +239,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         data_tasks,
         admin_task,
         watcher,
+        subscriber,
     })
 }
 

@@ -18,6 +18,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod client;
+mod control_plane;
 pub mod grpc;
 mod proxy;
 mod upstream;
@@ -27,6 +28,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 pub use client::{HttpConn, Reply, ReqBody, full_body};
+pub use control_plane::TestControlPlane;
 pub use proxy::{ChildProxy, ProcMemory, ProxyOptions, TestProxy};
 pub use upstream::{Protocol, Upstream};
 

@@ -43,7 +43,7 @@ impl Default for ProxyOptions {
 
 /// Writes `text` to `path` atomically: a sibling temporary file renamed over it, the
 /// way editors and Kubernetes' ConfigMap volumes replace a file.
-fn write_atomically(path: &Path, text: &str) {
+pub(crate) fn write_atomically(path: &Path, text: &str) {
     let dir = path.parent().expect("policy file has a directory");
     let tmp = tempfile::NamedTempFile::new_in(dir).expect("temporary policy file");
     fs::write(tmp.path(), text).expect("write temporary policy file");
@@ -51,7 +51,7 @@ fn write_atomically(path: &Path, text: &str) {
 }
 
 /// An HTTP GET to an admin port, read to its end.
-async fn admin_get(admin: SocketAddr, path: &str) -> (StatusCode, String) {
+pub(crate) async fn admin_get(admin: SocketAddr, path: &str) -> (StatusCode, String) {
     let mut conn = HttpConn::h1(admin)
         .await
         .unwrap_or_else(|e| panic!("connect to admin {admin}: {e}"));
@@ -83,7 +83,7 @@ async fn admin_send(
     (reply.status, reply.text())
 }
 
-fn parse_json(path: &str, status: StatusCode, body: &str) -> serde_json::Value {
+pub(crate) fn parse_json(path: &str, status: StatusCode, body: &str) -> serde_json::Value {
     assert!(
         status.is_success(),
         "admin {path} answered {status}: {body}"
@@ -151,6 +151,48 @@ impl TestProxy {
             inbound,
             admin,
             policy_path,
+            _dir: dir,
+        };
+        proxy.wait_ready().await;
+        proxy
+    }
+
+    /// A proxy that takes its policy from the control plane at `url` as `node_id`,
+    /// keeping its last snapshot in `state_dir`; returns once `/ready` answers 200
+    /// (from the saved snapshot or the first one streamed).
+    pub async fn start_subscribed(
+        url: &str,
+        node_id: &str,
+        state_dir: &Path,
+        opts: ProxyOptions,
+    ) -> Self {
+        let dir = tempfile::Builder::new()
+            .prefix("sluice-e2e-")
+            .tempdir()
+            .expect("temporary directory");
+        let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
+        let cfg = sluice_proxy::ProxyConfig {
+            outbound: any,
+            inbound: any,
+            admin: any,
+            no_outbound: !opts.outbound,
+            no_inbound: !opts.inbound,
+            app: opts.app,
+            control_plane: Some(url.to_string()),
+            state_dir: Some(state_dir.to_path_buf()),
+            node_id: Some(node_id.to_string()),
+            namespace: "e2e".into(),
+            service: opts.service.clone(),
+            drain_timeout: opts.drain_timeout,
+            ..Default::default()
+        };
+        let running = sluice_proxy::start(cfg).await.expect("start the proxy");
+        let proxy = Self {
+            outbound: running.outbound_addr(),
+            inbound: running.inbound_addr(),
+            admin: running.admin_addr().expect("the admin listener is open"),
+            running: Some(running),
+            policy_path: dir.path().join("policy.yaml"),
             _dir: dir,
         };
         proxy.wait_ready().await;

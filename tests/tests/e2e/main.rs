@@ -1,6 +1,7 @@
 //! End-to-end tests: real clients, real Sluice proxies, real upstreams, on loopback.
 
 mod cli;
+mod control_plane;
 mod governance;
 mod grpc;
 mod mesh;

@@ -1,0 +1,59 @@
+//! Sidecar injection: the mutating admission webhook that joins pods to the mesh.
+//!
+//! [`start_webhook`] serves `POST /inject` over TLS (`--webhook 0.0.0.0:15017`). The
+//! API server sends it the pods its `MutatingWebhookConfiguration` selects (namespaces
+//! labelled `sluice.dev/inject=enabled`, and pods labelled so); [`patch::decide`] answers
+//! each with a JSON Patch adding the iptables init step, the proxy as a native sidecar,
+//! its identity token volume and probes rewritten through the proxy's admin port.
+
+mod patch;
+mod server;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+pub use patch::{
+    ADMIN_PORT, ANNOTATION_CPU, ANNOTATION_INJECT, ANNOTATION_MEMORY, ANNOTATION_SKIP_INBOUND,
+    ANNOTATION_SKIP_OUTBOUND, ANNOTATION_STATUS, Decision, ENV_APP_PROBES, INBOUND_PORT,
+    INIT_CONTAINER, InjectConfig, OUTBOUND_PORT, PROXY_CONTAINER, PROXY_UID, Refusal,
+    TOKEN_AUDIENCE, TOKEN_DIR, TOKEN_VOLUME, decide,
+};
+pub use server::{RunningWebhook, WebhookConfig, start_webhook};
+
+/// The control plane's webhook flags (`--webhook ADDR` turns it on).
+#[derive(Clone, Debug, clap::Args)]
+pub struct WebhookArgs {
+    /// Serve the injection webhook (TLS) here, e.g. 0.0.0.0:15017.
+    #[arg(long, env = "SLUICE_WEBHOOK", value_name = "ADDR", requires_all = ["webhook_cert", "webhook_key"])]
+    pub webhook: Option<SocketAddr>,
+    /// PEM certificate chain of the webhook.
+    #[arg(long, env = "SLUICE_WEBHOOK_CERT", value_name = "FILE")]
+    pub webhook_cert: Option<PathBuf>,
+    /// PEM private key of the webhook.
+    #[arg(long, env = "SLUICE_WEBHOOK_KEY", value_name = "FILE")]
+    pub webhook_key: Option<PathBuf>,
+    /// Image of the injected proxy and init containers.
+    #[arg(long, env = "SLUICE_PROXY_IMAGE", value_name = "IMAGE")]
+    pub proxy_image: Option<String>,
+    /// Control-plane URL given to injected proxies.
+    #[arg(long, env = "SLUICE_INJECT_CONTROL_PLANE", value_name = "URL")]
+    pub inject_control_plane: Option<String>,
+}
+
+impl WebhookArgs {
+    /// The webhook's configuration, if `--webhook` was given.
+    pub fn to_config(&self) -> Option<WebhookConfig> {
+        let addr = self.webhook?;
+        let mut inject = InjectConfig::default();
+        if let Some(image) = &self.proxy_image {
+            inject.proxy_image = image.clone();
+        }
+        inject.control_plane_url = self.inject_control_plane.clone();
+        Some(WebhookConfig {
+            addr,
+            cert: self.webhook_cert.clone()?,
+            key: self.webhook_key.clone()?,
+            inject,
+        })
+    }
+}

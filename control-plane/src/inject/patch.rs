@@ -1,0 +1,452 @@
+//! The mutation itself: from a pod to the JSON Patch (RFC 6902) that joins it to the mesh.
+//!
+//! The patch is computed from the pod as the API server sent it, op by op, rather than by
+//! diffing a re-serialised typed pod: a typed round trip would drop fields this build's
+//! Kubernetes types do not know, and the diff would then remove them from the user's pod.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Container, Pod, Probe};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde_json::{Value, json};
+
+/// The UID the proxy runs as; the same number as `USER` in `proxy/Dockerfile` (a test checks).
+pub const PROXY_UID: i64 = 1337;
+/// Name of the injected proxy container (a native sidecar).
+pub const PROXY_CONTAINER: &str = "sluice-proxy";
+/// Name of the injected iptables init container.
+pub const INIT_CONTAINER: &str = "sluice-init";
+/// Name of the projected service-account token volume.
+pub const TOKEN_VOLUME: &str = "sluice-token";
+/// Where the token volume is mounted in the proxy container.
+pub const TOKEN_DIR: &str = "/var/run/secrets/sluice";
+/// Audience of the projected token the proxy presents to the control plane's CA.
+pub const TOKEN_AUDIENCE: &str = "sluice";
+/// The proxy's admin port (probes, `/app-health/...`).
+pub const ADMIN_PORT: i32 = 15000;
+/// The proxy's outbound (intercepted) port.
+pub const OUTBOUND_PORT: i32 = 15001;
+/// The proxy's inbound (intercepted) port.
+pub const INBOUND_PORT: i32 = 15006;
+
+/// Annotation or label: `enabled` asks for injection, `disabled` (or `false`) refuses it.
+pub const ANNOTATION_INJECT: &str = "sluice.dev/inject";
+/// Annotation set on an injected pod; its presence makes injection a no-op.
+pub const ANNOTATION_STATUS: &str = "sluice.dev/status";
+/// Annotation: CPU request of the proxy (a Kubernetes quantity).
+pub const ANNOTATION_CPU: &str = "sluice.dev/proxy-cpu";
+/// Annotation: memory request and limit of the proxy (a Kubernetes quantity).
+pub const ANNOTATION_MEMORY: &str = "sluice.dev/proxy-memory";
+/// Annotation: comma-separated inbound ports that are not redirected to the proxy.
+pub const ANNOTATION_SKIP_INBOUND: &str = "sluice.dev/skip-inbound-ports";
+/// Annotation: comma-separated outbound destination ports that are not redirected.
+pub const ANNOTATION_SKIP_OUTBOUND: &str = "sluice.dev/skip-outbound-ports";
+/// Environment variable of the proxy holding the application's original HTTP probes
+/// (JSON: `{"/app-health/<container>/<kind>": {"port": N, "path": ..., "scheme": ...}}`).
+pub const ENV_APP_PROBES: &str = "SLUICE_APP_PROBES";
+
+/// What the injected containers look like; set from the control plane's flags.
+#[derive(Clone, Debug)]
+pub struct InjectConfig {
+    /// The proxy image (also runs the `init` step).
+    pub proxy_image: String,
+    /// The control-plane URL the proxy connects to, if any.
+    pub control_plane_url: Option<String>,
+    /// CPU request when the pod has no `sluice.dev/proxy-cpu` annotation.
+    pub default_cpu: String,
+    /// Memory request and limit when the pod has no `sluice.dev/proxy-memory` annotation.
+    pub default_memory: String,
+}
+
+impl Default for InjectConfig {
+    fn default() -> Self {
+        Self {
+            proxy_image: format!(
+                "ghcr.io/sluice-mesh/sluice-proxy:{}",
+                env!("CARGO_PKG_VERSION")
+            ),
+            control_plane_url: None,
+            default_cpu: "100m".to_owned(),
+            default_memory: "128Mi".to_owned(),
+        }
+    }
+}
+
+/// Why a pod was not injected, or the patch that injects it.
+#[derive(Debug)]
+pub enum Decision {
+    /// Leave the pod as it is; the reason is logged.
+    Skip(&'static str),
+    /// Apply these JSON Patch operations; the warnings go back to the client.
+    Patch {
+        /// RFC 6902 operations.
+        ops: Vec<Value>,
+        /// Warnings for the user (e.g. a probe that could not be rewritten).
+        warnings: Vec<String>,
+    },
+}
+
+/// A pod the webhook refuses, with a message for the user.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct Refusal(pub String);
+
+/// Decides whether and how to inject `pod`.
+///
+/// Every pod that reaches the webhook is injected unless it opts out: the
+/// `MutatingWebhookConfiguration`'s selectors decide which pods are sent.
+pub fn decide(pod: &Pod, cfg: &InjectConfig) -> Result<Decision, Refusal> {
+    let meta = &pod.metadata;
+    let annotations = meta.annotations.clone().unwrap_or_default();
+    let labels = meta.labels.clone().unwrap_or_default();
+    let opt = annotations
+        .get(ANNOTATION_INJECT)
+        .or_else(|| labels.get(ANNOTATION_INJECT));
+    if opt.is_some_and(|v| v == "disabled" || v == "false") {
+        return Ok(Decision::Skip("opted out"));
+    }
+    let Some(spec) = &pod.spec else {
+        return Err(Refusal("the pod has no spec".to_owned()));
+    };
+    let already = annotations.contains_key(ANNOTATION_STATUS)
+        || spec
+            .init_containers
+            .iter()
+            .flatten()
+            .chain(&spec.containers)
+            .any(|c| c.name == PROXY_CONTAINER || c.name == INIT_CONTAINER);
+    if already {
+        return Ok(Decision::Skip("already injected"));
+    }
+    if spec.host_network == Some(true) {
+        // iptables rules in the host's namespace would redirect the whole node.
+        return Ok(Decision::Skip("host network"));
+    }
+
+    let skip_in = ports_annotation(&annotations, ANNOTATION_SKIP_INBOUND)?;
+    let skip_out = ports_annotation(&annotations, ANNOTATION_SKIP_OUTBOUND)?;
+    let mut warnings = Vec::new();
+    let cpu = quantity_annotation(
+        &annotations,
+        ANNOTATION_CPU,
+        &cfg.default_cpu,
+        &mut warnings,
+    );
+    let memory = quantity_annotation(
+        &annotations,
+        ANNOTATION_MEMORY,
+        &cfg.default_memory,
+        &mut warnings,
+    );
+
+    let mut ops = Vec::new();
+    let (probe_ops, probes) = rewrite_probes(&spec.containers, &mut warnings);
+
+    let service = labels
+        .get("app.kubernetes.io/name")
+        .or_else(|| labels.get("app"))
+        .cloned();
+    let app_port = spec
+        .containers
+        .iter()
+        .flat_map(|c| c.ports.iter().flatten())
+        .find(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .map(|p| p.container_port);
+
+    let init = init_container(cfg, &skip_in, &skip_out);
+    let proxy = proxy_container(cfg, service.as_deref(), app_port, &probes, &cpu, &memory);
+    // The iptables step first, then the proxy, then the application's own init
+    // containers: their traffic is redirected too, so the proxy must already run.
+    match &spec.init_containers {
+        Some(existing) if !existing.is_empty() => {
+            ops.push(add("/spec/initContainers/0", proxy));
+            ops.push(add("/spec/initContainers/0", init));
+        }
+        _ => ops.push(add("/spec/initContainers", json!([init, proxy]))),
+    }
+    let volume = json!({
+        "name": TOKEN_VOLUME,
+        "projected": {"sources": [{"serviceAccountToken": {
+            "audience": TOKEN_AUDIENCE, "expirationSeconds": 3600, "path": "token"}}]}
+    });
+    match &spec.volumes {
+        Some(v) if !v.is_empty() => ops.push(add("/spec/volumes/-", volume)),
+        _ => ops.push(add("/spec/volumes", json!([volume]))),
+    }
+    ops.extend(probe_ops);
+    let status = json!(format!("injected {}", env!("CARGO_PKG_VERSION")));
+    if meta.annotations.is_some() {
+        ops.push(add(
+            &format!("/metadata/annotations/{}", escape(ANNOTATION_STATUS)),
+            status,
+        ));
+    } else {
+        ops.push(add(
+            "/metadata/annotations",
+            json!({ ANNOTATION_STATUS: status }),
+        ));
+    }
+    Ok(Decision::Patch { ops, warnings })
+}
+
+fn add(path: &str, value: Value) -> Value {
+    json!({"op": "add", "path": path, "value": value})
+}
+
+/// Escapes a JSON Pointer reference token (RFC 6901).
+fn escape(token: &str) -> String {
+    token.replace('~', "~0").replace('/', "~1")
+}
+
+fn init_container(cfg: &InjectConfig, skip_in: &[u16], skip_out: &[u16]) -> Value {
+    let mut args = vec![
+        "init".to_owned(),
+        "--proxy-uid".to_owned(),
+        PROXY_UID.to_string(),
+        "--outbound-port".to_owned(),
+        OUTBOUND_PORT.to_string(),
+        "--inbound-port".to_owned(),
+        INBOUND_PORT.to_string(),
+        "--admin-port".to_owned(),
+        ADMIN_PORT.to_string(),
+    ];
+    for (flag, ports) in [
+        ("--skip-inbound-ports", skip_in),
+        ("--skip-outbound-ports", skip_out),
+    ] {
+        if !ports.is_empty() {
+            args.push(flag.to_owned());
+            args.push(join(ports));
+        }
+    }
+    json!({
+        "name": INIT_CONTAINER,
+        "image": cfg.proxy_image,
+        "args": args,
+        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}, "limits": {"memory": "64Mi"}},
+        // iptables needs root with NET_ADMIN/NET_RAW in the pod's network namespace only.
+        "securityContext": {
+            "runAsUser": 0,
+            "runAsGroup": 0,
+            "runAsNonRoot": false,
+            "privileged": false,
+            "allowPrivilegeEscalation": false,
+            "capabilities": {"add": ["NET_ADMIN", "NET_RAW"], "drop": ["ALL"]}
+        }
+    })
+}
+
+fn proxy_container(
+    cfg: &InjectConfig,
+    service: Option<&str>,
+    app_port: Option<i32>,
+    probes: &BTreeMap<String, Value>,
+    cpu: &str,
+    memory: &str,
+) -> Value {
+    let mut args = vec!["run".to_owned()];
+    if let Some(s) = service {
+        args.push("--service".to_owned());
+        args.push(s.to_owned());
+    }
+    let mut env = vec![json!({"name": "SLUICE_ADMIN", "value": format!("0.0.0.0:{ADMIN_PORT}")})];
+    if let Some(url) = &cfg.control_plane_url {
+        env.push(json!({"name": "SLUICE_CONTROL_PLANE", "value": url}));
+    }
+    if let Some(port) = app_port {
+        env.push(json!({"name": "SLUICE_APP", "value": format!("127.0.0.1:{port}")}));
+    }
+    for (name, path) in [
+        ("SLUICE_POD_NAME", "metadata.name"),
+        ("SLUICE_POD_NAMESPACE", "metadata.namespace"),
+        ("SLUICE_SERVICE_ACCOUNT", "spec.serviceAccountName"),
+    ] {
+        env.push(json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}));
+    }
+    env.push(json!({"name": "SLUICE_IDENTITY_TOKEN_FILE", "value": format!("{TOKEN_DIR}/token")}));
+    if !probes.is_empty() {
+        env.push(json!({"name": ENV_APP_PROBES, "value": Value::Object(probes.clone().into_iter().collect()).to_string()}));
+    }
+    let probe = |path: &str, failures: i32| json!({"httpGet": {"path": path, "port": ADMIN_PORT}, "periodSeconds": 2, "failureThreshold": failures});
+    json!({
+        "name": PROXY_CONTAINER,
+        "image": cfg.proxy_image,
+        "args": args,
+        // A native sidecar: started before the app containers, stopped after them,
+        // and it does not keep a Job's pod from completing.
+        "restartPolicy": "Always",
+        "env": env,
+        "ports": [{"name": "sluice-admin", "containerPort": ADMIN_PORT, "protocol": "TCP"}],
+        // The kubelet starts the next container once the startup probe passes, so the
+        // application never starts before the proxy listens.
+        "startupProbe": probe("/live", 30),
+        "livenessProbe": probe("/live", 3),
+        "readinessProbe": probe("/ready", 3),
+        "resources": {"requests": {"cpu": cpu, "memory": memory}, "limits": {"memory": memory}},
+        "securityContext": {
+            "runAsUser": PROXY_UID,
+            "runAsGroup": PROXY_UID,
+            "runAsNonRoot": true,
+            "allowPrivilegeEscalation": false,
+            "readOnlyRootFilesystem": true,
+            "capabilities": {"drop": ["ALL"]}
+        },
+        "volumeMounts": [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true}]
+    })
+}
+
+/// Rewrites every `httpGet` probe of the app containers to
+/// `/app-health/<container>/<kind>` on the admin port; returns the replace ops and the
+/// original targets by new path (for the proxy to forward to).
+fn rewrite_probes(
+    containers: &[Container],
+    warnings: &mut Vec<String>,
+) -> (Vec<Value>, BTreeMap<String, Value>) {
+    let mut ops = Vec::new();
+    let mut originals = BTreeMap::new();
+    for (i, c) in containers.iter().enumerate() {
+        let kinds: [(&str, &str, &Option<Probe>); 3] = [
+            ("livenessProbe", "livez", &c.liveness_probe),
+            ("readinessProbe", "readyz", &c.readiness_probe),
+            ("startupProbe", "startupz", &c.startup_probe),
+        ];
+        for (field, kind, probe) in kinds {
+            let Some(get) = probe.as_ref().and_then(|p| p.http_get.as_ref()) else {
+                continue;
+            };
+            let port = match &get.port {
+                IntOrString::Int(p) => Some(*p),
+                IntOrString::String(name) => c
+                    .ports
+                    .iter()
+                    .flatten()
+                    .find(|p| p.name.as_deref() == Some(name.as_str()))
+                    .map(|p| p.container_port),
+            };
+            let Some(port) = port else {
+                warnings.push(format!(
+                    "sluice: {field} of container {} names port {:?}, which the container does not declare; probe left as is",
+                    c.name, get.port
+                ));
+                continue;
+            };
+            let new_path = format!("/app-health/{}/{kind}", c.name);
+            let mut original = json!({
+                "port": port,
+                "path": get.path.clone().unwrap_or_else(|| "/".to_owned()),
+                "scheme": get.scheme.clone().unwrap_or_else(|| "HTTP".to_owned()),
+            });
+            if let Some(h) = &get.host {
+                original["host"] = json!(h);
+            }
+            if let Some(h) = &get.http_headers {
+                original["httpHeaders"] = json!(h);
+            }
+            originals.insert(new_path.clone(), original);
+            ops.push(json!({
+                "op": "replace",
+                "path": format!("/spec/containers/{i}/{field}/httpGet"),
+                "value": {"path": new_path, "port": ADMIN_PORT, "scheme": "HTTP"},
+            }));
+        }
+    }
+    (ops, originals)
+}
+
+fn ports_annotation(
+    annotations: &BTreeMap<String, String>,
+    key: &str,
+) -> Result<Vec<u16>, Refusal> {
+    let Some(v) = annotations.get(key) else {
+        return Ok(Vec::new());
+    };
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| match s.parse::<u16>() {
+            Ok(p) if p > 0 => Ok(p),
+            _ => Err(Refusal(format!(
+                "annotation {key}: {s:?} is not a port number (expected e.g. \"5432,8081\")"
+            ))),
+        })
+        .collect()
+}
+
+fn quantity_annotation(
+    annotations: &BTreeMap<String, String>,
+    key: &str,
+    default: &str,
+    warnings: &mut Vec<String>,
+) -> String {
+    match annotations.get(key) {
+        Some(v) if is_quantity(v) => v.clone(),
+        Some(v) => {
+            warnings.push(format!(
+                "sluice: annotation {key}: {v:?} is not a Kubernetes quantity; using {default}"
+            ));
+            default.to_owned()
+        }
+        None => default.to_owned(),
+    }
+}
+
+/// A simplified check of the Kubernetes quantity syntax (`100m`, `0.5`, `128Mi`, `1e3`),
+/// so a typo is reported by us rather than as a pod the API server refuses.
+fn is_quantity(s: &str) -> bool {
+    let digits_end = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
+    let (number, suffix) = s.split_at(digits_end);
+    let number_ok = !number.is_empty()
+        && number.chars().filter(|c| *c == '.').count() <= 1
+        && number.chars().any(|c| c.is_ascii_digit());
+    let suffix_ok = matches!(
+        suffix,
+        "" | "m" | "k" | "M" | "G" | "T" | "P" | "E" | "Ki" | "Mi" | "Gi" | "Ti" | "Pi" | "Ei"
+    ) || suffix
+        .strip_prefix(['e', 'E'])
+        .map(|e| e.strip_prefix(['+', '-']).unwrap_or(e))
+        .is_some_and(|e| !e.is_empty() && e.chars().all(|c| c.is_ascii_digit()));
+    number_ok && suffix_ok
+}
+
+fn join(ports: &[u16]) -> String {
+    ports
+        .iter()
+        .map(u16::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quantities() {
+        for ok in ["100m", "0.5", "128Mi", "1", "2Gi", "1e3", "1.5"] {
+            assert!(is_quantity(ok), "{ok}");
+        }
+        for bad in ["", "abc", "100mb", "1..2", "Mi", "-1", "1e"] {
+            assert!(!is_quantity(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn port_annotations() {
+        let mut a = BTreeMap::new();
+        a.insert(ANNOTATION_SKIP_INBOUND.to_owned(), "5432, 8081".to_owned());
+        assert_eq!(
+            ports_annotation(&a, ANNOTATION_SKIP_INBOUND).unwrap(),
+            [5432, 8081]
+        );
+        a.insert(ANNOTATION_SKIP_INBOUND.to_owned(), "5432,http".to_owned());
+        let e = ports_annotation(&a, ANNOTATION_SKIP_INBOUND).unwrap_err();
+        assert!(e.0.contains("\"http\""), "{e}");
+    }
+
+    #[test]
+    fn pointer_tokens_are_escaped() {
+        assert_eq!(escape("sluice.dev/status"), "sluice.dev~1status");
+    }
+}

@@ -1,0 +1,274 @@
+//! The webhook's HTTPS server: `POST /inject` with an `admission.k8s.io/v1` AdmissionReview.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use k8s_openapi::api::core::v1::Pod;
+use kube_core::DynamicObject;
+use kube_core::admission::{
+    AdmissionRequest, AdmissionResponse, AdmissionReview, META_API_VERSION_V1, Operation,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+
+use super::patch::{Decision, InjectConfig, decide};
+use crate::Error;
+
+/// The largest review read; the API server caps objects at 1.5 MiB and a review of an
+/// update carries two.
+const MAX_BODY: usize = 4 << 20;
+/// A client that has not finished its TLS handshake by then is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where and how the webhook serves.
+#[derive(Clone, Debug)]
+pub struct WebhookConfig {
+    /// Listen address (`0.0.0.0:15017` in a cluster).
+    pub addr: SocketAddr,
+    /// PEM certificate chain the API server verifies (the `caBundle` of the
+    /// `MutatingWebhookConfiguration` signs it).
+    pub cert: PathBuf,
+    /// PEM private key of that certificate.
+    pub key: PathBuf,
+    /// What the injected containers look like.
+    pub inject: InjectConfig,
+}
+
+/// A webhook server running on the current tokio runtime.
+#[derive(Debug)]
+pub struct RunningWebhook {
+    addr: SocketAddr,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl RunningWebhook {
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops accepting, lets open connections finish their requests, and waits for the
+    /// accept loop to end.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Loads the serving certificate, binds and starts serving.
+pub async fn start_webhook(cfg: WebhookConfig) -> Result<RunningWebhook, Error> {
+    let tls = server_tls(&cfg.cert, &cfg.key)?;
+    let listener = TcpListener::bind(cfg.addr)
+        .await
+        .map_err(|source| Error::Bind {
+            what: "webhook",
+            addr: cfg.addr,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| Error::Bind {
+        what: "webhook",
+        addr: cfg.addr,
+        source,
+    })?;
+    let (shutdown, rx) = watch::channel(false);
+    let task = tokio::spawn(serve(
+        listener,
+        TlsAcceptor::from(tls),
+        Arc::new(cfg.inject),
+        rx,
+    ));
+    tracing::info!(%addr, "injection webhook listening");
+    Ok(RunningWebhook {
+        addr,
+        shutdown,
+        task,
+    })
+}
+
+fn server_tls(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, Error> {
+    let bad = |path: &Path, reason: String| Error::WebhookTls {
+        path: path.to_owned(),
+        reason,
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| bad(cert, e.to_string()))?;
+    if chain.is_empty() {
+        return Err(bad(cert, "no certificate in the file".to_owned()));
+    }
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, e.to_string()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key_der))
+        .map_err(|e| bad(key, e.to_string()))?;
+    // The API server speaks HTTP/2 to webhooks when offered, HTTP/1.1 otherwise.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+async fn serve(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    inject: Arc<InjectConfig>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "webhook accept failed");
+                    continue;
+                }
+            },
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        };
+        let acceptor = acceptor.clone();
+        let inject = inject.clone();
+        let mut conn_shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "webhook TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let svc = hyper::service::service_fn(move |req| {
+                let inject = inject.clone();
+                async move { Ok::<_, Infallible>(handle(req, &inject).await) }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection(TokioIo::new(tls), svc);
+            tokio::pin!(conn);
+            let stopping = tokio::select! {
+                _ = conn.as_mut() => false,
+                r = conn_shutdown.wait_for(|stop| *stop) => r.is_ok(),
+            };
+            if stopping {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        });
+    }
+}
+
+async fn handle(req: Request<Incoming>, inject: &InjectConfig) -> Response<Full<Bytes>> {
+    if req.uri().path() != "/inject" {
+        return text(
+            StatusCode::NOT_FOUND,
+            "not found; the webhook path is /inject",
+        );
+    }
+    if req.method() != Method::POST {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "POST an AdmissionReview");
+    }
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) => {
+            return text(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                &format!("cannot read the body: {e}"),
+            );
+        }
+    };
+    match review(&body, inject) {
+        Ok(resp) => match serde_json::to_vec(&resp.into_review()) {
+            Ok(json) => Response::builder()
+                .header(hyper::header::CONTENT_TYPE, "application/json")
+                .body(Full::new(Bytes::from(json)))
+                .unwrap_or_else(|_| text(StatusCode::INTERNAL_SERVER_ERROR, "response")),
+            Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+        },
+        Err(msg) => {
+            tracing::warn!(error = %msg, "unreadable admission review");
+            text(StatusCode::BAD_REQUEST, &msg)
+        }
+    }
+}
+
+/// Answers one review. `Err` means there is no request to answer (no uid to echo), which
+/// the API server sees as a failed call and handles by the webhook's `failurePolicy`.
+fn review(body: &[u8], inject: &InjectConfig) -> Result<AdmissionResponse, String> {
+    let review: AdmissionReview<DynamicObject> =
+        serde_json::from_slice(body).map_err(|e| format!("malformed AdmissionReview: {e}"))?;
+    if review.types.api_version != META_API_VERSION_V1 || review.types.kind != "AdmissionReview" {
+        return Err(format!(
+            "expected kind AdmissionReview of {META_API_VERSION_V1}, got {} of {:?}",
+            review.types.kind, review.types.api_version
+        ));
+    }
+    let req: AdmissionRequest<DynamicObject> = review
+        .try_into()
+        .map_err(|_| "the AdmissionReview has no request".to_owned())?;
+    let resp = AdmissionResponse::from(&req);
+    if req.operation != Operation::Create || req.kind.kind != "Pod" || !req.kind.group.is_empty() {
+        return Ok(resp);
+    }
+    let pod = match req
+        .object
+        .as_ref()
+        .ok_or_else(|| "the request carries no object".to_owned())
+        .and_then(|o| serde_json::to_value(o).map_err(|e| e.to_string()))
+        .and_then(|v| serde_json::from_value::<Pod>(v).map_err(|e| e.to_string()))
+    {
+        Ok(p) => p,
+        Err(e) => {
+            return Ok(refuse(
+                resp,
+                &format!("sluice injection: unreadable pod: {e}"),
+            ));
+        }
+    };
+    let pod_name = pod
+        .metadata
+        .name
+        .clone()
+        .or_else(|| pod.metadata.generate_name.clone())
+        .unwrap_or_default();
+    let ns = req.namespace.as_deref().unwrap_or("");
+    match decide(&pod, inject) {
+        Ok(Decision::Skip(why)) => {
+            tracing::debug!(pod = %pod_name, namespace = ns, why, "not injecting");
+            Ok(resp)
+        }
+        Ok(Decision::Patch { ops, warnings }) => {
+            let patch: json_patch::Patch = serde_json::from_value(serde_json::Value::Array(ops))
+                .map_err(|e| format!("internal: {e}"))?;
+            let mut resp = resp.with_patch(patch).map_err(|e| e.to_string())?;
+            if !warnings.is_empty() {
+                resp.warnings = Some(warnings);
+            }
+            tracing::info!(pod = %pod_name, namespace = ns, "injecting the proxy");
+            Ok(resp)
+        }
+        Err(refusal) => Ok(refuse(resp, &format!("sluice injection: {refusal}"))),
+    }
+}
+
+fn refuse(resp: AdmissionResponse, message: &str) -> AdmissionResponse {
+    let mut resp = resp.deny(message);
+    resp.result = kube_core::Status::failure(message, "BadRequest").with_code(400);
+    resp
+}
+
+fn text(status: StatusCode, msg: &str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(format!("{msg}\n"))));
+    *r.status_mut() = status;
+    r
+}
