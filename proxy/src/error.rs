@@ -54,4 +54,10 @@ pub enum ProxyError {
     /// A request reached the connection layer without a chosen endpoint.
     #[error("no endpoint selected for backend {0}")]
     NoEndpoint(Arc<str>),
+    /// A TLS configuration could not be built from the certificates at hand.
+    #[error("tls: {0}")]
+    Tls(String),
+    /// The control plane refused or failed to certify our key.
+    #[error("certify: {0}")]
+    Certify(Box<tonic::Status>),
 }

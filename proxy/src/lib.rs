@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod policy;
 mod server;
 pub mod stack;
+pub mod tls;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
