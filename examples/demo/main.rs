@@ -2,14 +2,16 @@
 //!
 //! Starts log-service v1 and v2, each behind its own sidecar (inbound), and the order
 //! service behind its sidecar, whose outbound listener routes `Host: log-service` to
-//! the log sidecars by the embedded policy. The policy is written to a work directory
-//! that every sidecar watches, so editing it changes the mesh live. Sends a little
-//! traffic, prints what happened and what to try, then runs until Ctrl-C.
+//! the log sidecars by the embedded policy. The policy is written to a policy directory
+//! that an in-process control plane watches; every sidecar subscribes to that control
+//! plane (`--control-plane`), so editing a file there changes the mesh live and the
+//! control plane's `/proxies` shows which version each sidecar acknowledged. Sends a
+//! little traffic, prints what happened and what to try, then runs until Ctrl-C.
 //!
 //! Ports (with the default `--base-port 15000`; another base shifts all of them by the
 //! same amount): order app 8080, order sidecar admin 15000 / outbound 15001 / inbound
 //! 15006; log-v1 app 9101, its sidecar admin 15100 / inbound 15106; log-v2 app 9102,
-//! its sidecar admin 15200 / inbound 15206.
+//! its sidecar admin 15200 / inbound 15206; control plane gRPC 15010 / admin 15014.
 
 #![allow(clippy::print_stdout)] // a CLI that talks to its user
 
@@ -66,6 +68,8 @@ struct Ports {
     v2_app: u16,
     v2_admin: u16,
     v2_inbound: u16,
+    cp_grpc: u16,
+    cp_admin: u16,
 }
 
 impl Ports {
@@ -88,6 +92,8 @@ impl Ports {
             v2_app: shift(9102)?,
             v2_admin: shift(15200)?,
             v2_inbound: shift(15206)?,
+            cp_grpc: shift(15010)?,
+            cp_admin: shift(15014)?,
         })
     }
 }
@@ -108,7 +114,8 @@ struct SidecarSpec {
 /// Starts one sidecar in process. Every use of the proxy's library API is here.
 async fn start_sidecar(
     spec: &SidecarSpec,
-    policy: &Path,
+    control_plane: &str,
+    state_dir: &Path,
     log_level: &str,
     log_control: &sluice_proxy::LogControl,
 ) -> anyhow::Result<sluice_proxy::RunningProxy> {
@@ -120,7 +127,11 @@ async fn start_sidecar(
         no_inbound: spec.inbound.is_none(),
         admin: local(spec.admin),
         app: Some(local(spec.app)),
-        policy: Some(policy.to_path_buf()),
+        control_plane: Some(control_plane.to_string()),
+        // Each sidecar keeps its last snapshot, as a pod would on its own volume.
+        state_dir: Some(state_dir.join(format!("sidecar-{}", spec.admin))),
+        node_id: Some(format!("{}-{}", spec.service, spec.admin)),
+        namespace: "demo".into(),
         service: Some(spec.service.to_string()),
         log_level: log_level.to_string(),
         log_control: Some(log_control.clone()),
@@ -143,16 +154,35 @@ async fn main() -> anyhow::Result<ExitCode> {
     }
     let ports = Ports::from_base(args.base_port)?;
 
-    // The policy, written where the sidecars watch it.
+    // The policy, written where the control plane watches it.
     let work_dir = tempfile::Builder::new()
         .prefix("sluice-demo-")
         .tempdir()
         .context("creating the demo's work directory")?;
-    let policy_path = work_dir.path().join("log-service.yaml");
+    let policy_dir = work_dir.path().join("policies");
+    std::fs::create_dir_all(&policy_dir).context("creating the demo's policy directory")?;
+    let policy_path = policy_dir.join("log-service.yaml");
     let policy = LOG_SERVICE_POLICY
         .replace("127.0.0.1:15106", &local(ports.v1_inbound).to_string())
         .replace("127.0.0.1:15206", &local(ports.v2_inbound).to_string());
     std::fs::write(&policy_path, policy).context("writing the demo policy")?;
+
+    // The control plane every sidecar subscribes to.
+    let control_plane = sluice_control_plane::start(sluice_control_plane::ControlPlaneConfig {
+        policy_dir: policy_dir.clone(),
+        grpc_addr: local(ports.cp_grpc),
+        admin_addr: local(ports.cp_admin),
+        state_dir: Some(work_dir.path().join("control-plane-state")),
+        ..Default::default()
+    })
+    .await
+    .with_context(|| {
+        format!(
+            "the control plane on ports {} and {} (try --base-port)",
+            ports.cp_grpc, ports.cp_admin
+        )
+    })?;
+    let control_plane_url = format!("http://{}", control_plane.grpc_addr());
 
     // The applications.
     let log_v1 = log_service::start(
@@ -215,7 +245,16 @@ async fn main() -> anyhow::Result<ExitCode> {
     ];
     let mut sidecars = Vec::new();
     for spec in &specs {
-        sidecars.push(start_sidecar(spec, &policy_path, &args.log_level, &log_control).await?);
+        sidecars.push(
+            start_sidecar(
+                spec,
+                &control_plane_url,
+                work_dir.path(),
+                &args.log_level,
+                &log_control,
+            )
+            .await?,
+        );
     }
 
     let mut connector = HttpConnector::new();
@@ -239,7 +278,14 @@ async fn main() -> anyhow::Result<ExitCode> {
         "  log-v2         http://127.0.0.1:{}   sidecar: admin :{}  inbound :{}",
         ports.v2_app, ports.v2_admin, ports.v2_inbound
     );
-    println!("\n  policy (watched live): {}\n", policy_path.display());
+    println!(
+        "  control plane  grpc {control_plane_url}   admin http://127.0.0.1:{}",
+        ports.cp_admin
+    );
+    println!(
+        "\n  policy directory (watched by the control plane): {}\n",
+        policy_dir.display()
+    );
 
     send_sample_traffic(&client, ports).await;
     print_try(ports, &policy_path);
@@ -251,6 +297,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     for sidecar in sidecars {
         sidecar.shutdown().await;
     }
+    control_plane.shutdown().await;
     for service in [order, log_v1, log_v2] {
         RunningService::shutdown(service).await;
     }
@@ -386,14 +433,20 @@ fn print_try(ports: Ports, policy: &Path) {
     println!("  curl -s http://127.0.0.1:{a}/ready");
     println!("  curl -s -X PUT http://127.0.0.1:{a}/log-level -d debug");
     println!();
-    println!("Edit the policy live (every sidecar watches it):");
+    let cp = ports.cp_admin;
+    println!(
+        "Edit the policy live (the control plane validates it and pushes it to every sidecar):"
+    );
     println!("  $EDITOR {}", policy.display());
     println!(
-        "  e.g. set weights to {{ log-v1: 50, log-v2: 50 }}, then watch `version` change on /config;"
+        "  e.g. set weights to {{ log-v1: 50, log-v2: 50 }}, then watch the new version acked everywhere:"
     );
+    println!("  curl -s http://127.0.0.1:{cp}/proxies   # acked_version per sidecar");
+    println!("  curl -s http://127.0.0.1:{cp}/policies  # each file's version, or its error");
     println!(
-        "  break it (weights summing to 90) and see it refused under `last_rejected` while the old one serves."
+        "  break it (weights summing to 90): /policies shows the error with file:line:column, and"
     );
+    println!("  no sidecar receives it; the last good version keeps serving.");
     println!();
     println!(
         "Restart with --log-v2-fail-rate 0.5 or --log-v2-delay 800ms to watch retries, timeouts and the breaker."
