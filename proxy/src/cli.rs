@@ -1,4 +1,4 @@
-//! The command line: `sluice-proxy run` and `sluice-proxy validate`.
+//! The command line: `sluice-proxy run`, `sluice-proxy validate` and `sluice-proxy init`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -33,6 +33,8 @@ pub(crate) enum Command {
         #[arg(required = true)]
         files: Vec<PathBuf>,
     },
+    /// Install the pod's iptables redirect to the proxy (run as root, once per pod).
+    Init(crate::init::InitArgs),
 }
 
 /// Flags of `sluice-proxy run`; each also reads `SLUICE_<FLAG>`.
@@ -158,6 +160,7 @@ pub fn cli_main() -> ExitCode {
     match cli.command {
         Command::Validate { files } => validate(&files),
         Command::Run(args) => run((*args).into()),
+        Command::Init(args) => crate::init::main(&args),
     }
 }
 

@@ -21,6 +21,7 @@ mod control;
 mod edge;
 mod error;
 pub mod forward;
+pub mod init;
 pub mod metrics;
 pub mod policy;
 mod server;
