@@ -134,7 +134,12 @@ async fn server_cert_from_another_ca_is_refused_by_client() {
     let client = TlsStore::new(creds(&ca, "tok-order").await).unwrap();
     let addr = tls_server(server).await;
     let err = call(&client, Some(LOG), addr).await.unwrap_err();
-    assert!(err.to_string().contains("UnknownIssuer"), "{err}");
+    // Both roots share a subject name, so webpki finds "an issuer" and the
+    // signature check is what fails.
+    assert!(
+        err.to_string().contains("invalid peer certificate"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
