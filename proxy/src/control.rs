@@ -89,3 +89,51 @@ pub(crate) fn default_node_id() -> String {
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "sluice-proxy".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::store_for_tests;
+
+    fn set(host: &str) -> PolicySet {
+        let text = format!(
+            "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: p }}\nspec:\n  host: {host}\n  backends:\n    b: {{ addresses: [\"127.0.0.1:1\"] }}\n  routes:\n    - name: r\n"
+        );
+        PolicySet::new(sluice_config::parse_policies("t.yaml", &text).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn sink_reports_change_and_keeps_refusals() {
+        let store = store_for_tests();
+        let sink = StoreSink {
+            store: store.clone(),
+            source: "http://cp:15010".into(),
+        };
+        assert_eq!(sink.current_version(), None);
+        let a = set("a");
+        let hash = a.hash().to_string();
+        assert_eq!(sink.apply(a.clone()), Ok(true));
+        assert_eq!(sink.apply(a), Ok(false));
+        assert_eq!(sink.current_version().as_deref(), Some(hash.as_str()));
+        assert_eq!(store.current().source(), "http://cp:15010");
+        sink.rejected("v9", "unknown field `mirror`");
+        let r = store.last_rejected().unwrap();
+        assert_eq!(r.source, "http://cp:15010");
+        assert!(r.error.contains("v9") && r.error.contains("mirror"));
+        assert_eq!(sink.current_version().as_deref(), Some(hash.as_str()));
+    }
+
+    #[test]
+    fn saved_snapshot_is_served_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store_for_tests();
+        apply_saved(&store, dir.path());
+        assert!(!store.is_ready(), "nothing saved yet");
+        let a = set("a");
+        sluice_api::save_snapshot(dir.path(), &a).unwrap();
+        apply_saved(&store, dir.path());
+        assert!(store.is_ready());
+        assert_eq!(store.current().hash(), Some(a.hash()));
+        assert_eq!(store.current().source(), SAVED_SOURCE);
+    }
+}
