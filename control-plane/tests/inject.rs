@@ -203,6 +203,13 @@ async fn deployment_pod_gets_init_step_native_sidecar_and_rewritten_probes() {
         env(proxy, "SLUICE_CONTROL_PLANE"),
         Some("https://sluice-control-plane.sluice:15010")
     );
+    let field = |name: &str| {
+        let e = proxy.env.iter().flatten().find(|e| e.name == name).unwrap();
+        let f = e.value_from.as_ref().unwrap().field_ref.as_ref().unwrap();
+        f.field_path.clone()
+    };
+    assert_eq!(field("SLUICE_NODE_ID"), "metadata.name");
+    assert_eq!(field("SLUICE_NAMESPACE"), "metadata.namespace");
     let ready = proxy
         .readiness_probe
         .as_ref()

@@ -257,8 +257,9 @@ fn proxy_container(
         env.push(json!({"name": "SLUICE_APP", "value": format!("127.0.0.1:{port}")}));
     }
     for (name, path) in [
-        ("SLUICE_POD_NAME", "metadata.name"),
-        ("SLUICE_POD_NAMESPACE", "metadata.namespace"),
+        // The proxy's --node-id and --namespace, as the control plane lists them.
+        ("SLUICE_NODE_ID", "metadata.name"),
+        ("SLUICE_NAMESPACE", "metadata.namespace"),
         ("SLUICE_SERVICE_ACCOUNT", "spec.serviceAccountName"),
     ] {
         env.push(json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}));
