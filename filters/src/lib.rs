@@ -74,6 +74,7 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod authz;
 pub mod balance;
 pub mod breaker;
 mod error;

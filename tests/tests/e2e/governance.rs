@@ -20,7 +20,6 @@ fn policy(host: &str, backends: &[(&str, SocketAddr)], route: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the governance layers wired into the proxy's route stack"]
 async fn rate_limit_answers_429_with_retry_after_once_the_burst_is_spent() {
     let up = Upstream::auto("limited").await;
     let route = "      rateLimit: { perSecond: 1, burst: 3 }\n";
@@ -52,7 +51,6 @@ async fn rate_limit_answers_429_with_retry_after_once_the_burst_is_spent() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the governance layers wired into the proxy's route stack"]
 async fn route_timeout_answers_504() {
     let up = Upstream::auto("stuck").await;
     let route = "      timeout: 200ms\n";
@@ -71,7 +69,6 @@ async fn route_timeout_answers_504() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the governance layers wired into the proxy's route stack"]
 async fn breaker_opens_after_consecutive_failures_and_fails_fast() {
     // A log service that fails every ingest with 503.
     let sick = log_service::start(
@@ -114,7 +111,6 @@ async fn breaker_opens_after_consecutive_failures_and_fails_fast() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "needs the governance layers wired into the proxy's route stack"]
 async fn sticky_weighted_split_keeps_each_user_on_one_side() {
     let a = Upstream::auto("a").await;
     let b = Upstream::auto("b").await;
