@@ -105,7 +105,13 @@ pub(crate) struct RunArgs {
     #[arg(long, env = "SLUICE_ADMIN_TOKEN_FILE", value_name = "FILE")]
     pub(crate) admin_token_file: Option<PathBuf>,
     /// Control-plane URL (e.g. http://127.0.0.1:15010) to receive policies from.
-    #[arg(long, env = "SLUICE_CONTROL_PLANE", value_name = "URL")]
+    // Two sources would overwrite each other's policy; a proxy follows one.
+    #[arg(
+        long,
+        env = "SLUICE_CONTROL_PLANE",
+        value_name = "URL",
+        conflicts_with = "policy"
+    )]
     pub(crate) control_plane: Option<String>,
     /// Directory for the last applied snapshot, served at start until the control plane answers.
     #[arg(long, env = "SLUICE_STATE_DIR", value_name = "DIR")]
@@ -261,4 +267,43 @@ fn init_logging(level: &str, format: LogFormat) -> Result<LogControl, String> {
         let filter = EnvFilter::try_new(directive).map_err(|e| e.to_string())?;
         handle.reload(filter).map_err(|e| e.to_string())
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run_args(args: &[&str]) -> Result<ProxyConfig, clap::Error> {
+        let cli = Cli::try_parse_from(["sluice-proxy", "run"].iter().chain(args))?;
+        match cli.command {
+            Command::Run(a) => Ok((*a).into()),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn control_plane_flags() {
+        let cfg = run_args(&[
+            "--control-plane",
+            "http://127.0.0.1:15010",
+            "--state-dir",
+            "/var/lib/sluice",
+            "--node-id",
+            "order-1",
+            "--namespace",
+            "shop",
+        ])
+        .unwrap();
+        assert_eq!(cfg.control_plane.as_deref(), Some("http://127.0.0.1:15010"));
+        assert_eq!(cfg.state_dir, Some(PathBuf::from("/var/lib/sluice")));
+        assert_eq!(cfg.node_id.as_deref(), Some("order-1"));
+        assert_eq!(cfg.namespace, "shop");
+    }
+
+    #[test]
+    fn control_plane_and_policy_file_exclude_each_other() {
+        let err =
+            run_args(&["--control-plane", "http://cp:15010", "--policy", "p.yaml"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+    }
 }
