@@ -27,6 +27,7 @@ pub mod policy;
 mod server;
 pub mod stack;
 pub mod tls;
+pub mod transparent;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
