@@ -9,23 +9,28 @@ use crate::FilterError;
 
 pin_project! {
     /// The inner service's response, or the refusal.
-    #[project = Proj]
     #[derive(Debug)]
-    pub enum ResponseFuture<F> {
-        /// The request was allowed.
-        Inner { #[pin] fut: F },
-        /// The request was refused; taken on first poll.
-        Refused { err: Option<FilterError> },
+    pub struct ResponseFuture<F> {
+        // `None` when refused: the inner service was never called.
+        #[pin]
+        inner: Option<F>,
+        refused: Option<FilterError>,
     }
 }
 
 impl<F> ResponseFuture<F> {
     pub(super) fn inner(fut: F) -> Self {
-        Self::Inner { fut }
+        Self {
+            inner: Some(fut),
+            refused: None,
+        }
     }
 
     pub(super) fn refused(err: FilterError) -> Self {
-        Self::Refused { err: Some(err) }
+        Self {
+            inner: None,
+            refused: Some(err),
+        }
     }
 }
 
@@ -37,9 +42,11 @@ where
     type Output = Result<T, BoxError>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project() {
-            Proj::Inner { fut } => fut.poll(cx).map_err(Into::into),
-            Proj::Refused { err } => Poll::Ready(Err(err
+        let this = self.project();
+        match this.inner.as_pin_mut() {
+            Some(fut) => fut.poll(cx).map_err(Into::into),
+            None => Poll::Ready(Err(this
+                .refused
                 .take()
                 .expect("ResponseFuture polled after completion")
                 .into())),
