@@ -87,3 +87,67 @@ async fn certify_refuses_unknown_token_and_bad_csr() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 }
+
+#[tokio::test]
+async fn control_plane_serving_cert_verifies_against_the_mesh_root() {
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer, ServerName};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let ca = Ca::generate("cluster.local", Duration::from_secs(600)).unwrap();
+    let (cert, key) = ca
+        .issue_server_cert(
+            &[
+                "sluice-control-plane.sluice-system.svc".into(),
+                "127.0.0.1".into(),
+            ],
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let server = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![cert],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key)),
+        )
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(server));
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            if let Ok(mut tls) = acceptor.accept(tcp).await {
+                let _ = tls.write_all(b"ok").await;
+                let _ = tls.shutdown().await;
+            }
+        }
+    });
+
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.root_der().clone()).unwrap();
+    let client = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
+    for name in ["sluice-control-plane.sluice-system.svc", "127.0.0.1"] {
+        let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut tls = connector
+            .connect(ServerName::try_from(name).unwrap(), tcp)
+            .await
+            .unwrap();
+        let mut out = String::new();
+        tls.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "ok");
+    }
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    assert!(
+        connector
+            .connect(ServerName::try_from("elsewhere.example").unwrap(), tcp)
+            .await
+            .is_err()
+    );
+}

@@ -10,7 +10,7 @@ use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer, ServerName};
 use sluice_api::pb::identity_client::IdentityClient;
 use sluice_control_plane::ca::{Ca, TokenFile, WorkloadIdentity};
 use sluice_control_plane::identity::IdentityService;
-use sluice_proxy::tls::{Credentials, TlsStore, peer_spiffe_id, run_renewal};
+use sluice_proxy::tls::{Credentials, TlsStore, peer_identity, peer_spiffe_id, run_renewal};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_stream::wrappers::TcpListenerStream;
@@ -58,6 +58,10 @@ async fn tls_server(store: Arc<TlsStore>) -> std::net::SocketAddr {
                     return;
                 };
                 let (_, conn) = tls.get_ref();
+                assert_eq!(
+                    peer_identity(conn).map(|p| p.0.to_string()),
+                    conn.peer_certificates().and_then(peer_spiffe_id)
+                );
                 let id = conn.peer_certificates().and_then(peer_spiffe_id);
                 let alpn = conn
                     .alpn_protocol()

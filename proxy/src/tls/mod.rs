@@ -28,7 +28,7 @@ use sluice_api::pb::identity_client::IdentityClient;
 use crate::ProxyError;
 
 pub use renew::{RENEW_AT, RENEW_JITTER, renew_delay, run_renewal};
-pub use verify::{SpiffeServerVerifier, peer_spiffe_id};
+pub use verify::{SpiffeServerVerifier, peer_identity, peer_spiffe_id};
 
 /// ALPN protocols offered and accepted on mesh connections, preferred first.
 pub const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];

@@ -90,6 +90,15 @@ pub fn peer_spiffe_id(chain: &[CertificateDer<'_>]) -> Option<String> {
     spiffe_id_of(chain.first()?)
 }
 
+/// The `PeerIdentity` request extension for a connection accepted by the
+/// inbound listener, from its verified client certificate.
+pub fn peer_identity(
+    conn: &rustls::ServerConnection,
+) -> Option<sluice_filters::ratelimit::PeerIdentity> {
+    let id = peer_spiffe_id(conn.peer_certificates()?)?;
+    Some(sluice_filters::ratelimit::PeerIdentity(Arc::from(id)))
+}
+
 fn spiffe_id_of(leaf: &CertificateDer<'_>) -> Option<String> {
     let (_, cert) = X509Certificate::from_der(leaf).ok()?;
     let san = cert.subject_alternative_name().ok()??;
