@@ -117,23 +117,9 @@ pub(crate) fn rescue(
                 FilterError::NoHealthyEndpoint(backend) => Some(backend.clone()),
                 _ => None,
             };
-            let mut resp = build(f.status(), f.reason(), f.to_string(), grpc);
-            if let FilterError::RateLimited {
-                retry_after,
-                policy,
-                state,
-            } = f
-            {
-                let secs = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
-                let h = resp.headers_mut();
-                h.insert(header::RETRY_AFTER, HeaderValue::from(secs.max(1)));
-                if let Ok(v) = HeaderValue::from_str(policy) {
-                    h.insert("ratelimit-policy", v);
-                }
-                if let Ok(v) = HeaderValue::from_str(state) {
-                    h.insert("ratelimit", v);
-                }
-            }
+            // The filters' own answer: status, `x-sluice-reason`, `retry-after` and the
+            // RateLimit headers, or a trailers-only gRPC status.
+            let resp = sluice_filters::ratelimit::refusal_response(f, grpc).map(boxed);
             return (resp, backend);
         } else if let Some(p) = find::<ProxyError>(err) {
             match p {

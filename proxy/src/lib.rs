@@ -109,11 +109,7 @@ impl RunningProxy {
 /// Binds every listener, loads the policy and returns once listening.
 pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
     let metrics = Metrics::new()?;
-    let ctx = StackContext {
-        upstream: forward::Upstream::new(),
-        metrics,
-        breakers: None,
-    };
+    let ctx = StackContext::new(forward::Upstream::new(), metrics);
     let app = cfg.app.filter(|_| !cfg.no_inbound);
     let app_authority = app
         .map(|a| {

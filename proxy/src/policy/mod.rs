@@ -52,7 +52,8 @@ impl PolicySnapshot {
         service: Option<&str>,
         app: Option<&Authority>,
     ) -> Result<Self, ProxyError> {
-        ctx.prepare(set.policies());
+        let own = service.and_then(|s| set.policies().iter().find(|p| p.spec.host == s));
+        ctx.prepare(set.policies(), own);
         let mut backends_of = None;
         let (table, warnings) = RouteTable::build(set.policies(), |policy, index| {
             // Routes of one policy come in a row: compile its backends once for all of them.
@@ -75,7 +76,6 @@ impl PolicySnapshot {
         for w in warnings {
             warn!(source, "{w}");
         }
-        let own = service.and_then(|s| set.policies().iter().find(|p| p.spec.host == s));
         let inbound = app.map(|a| build_inbound(ctx, a.clone(), own));
         Ok(Self {
             set: Some(Arc::new(set)),
@@ -126,10 +126,9 @@ impl PolicySnapshot {
 /// A store with no application and fresh metrics, for unit tests.
 #[cfg(test)]
 pub(crate) fn store_for_tests() -> PolicyStore {
-    let ctx = StackContext {
-        upstream: crate::forward::Upstream::new(),
-        metrics: crate::metrics::Metrics::new().unwrap(),
-        breakers: None,
-    };
+    let ctx = StackContext::new(
+        crate::forward::Upstream::new(),
+        crate::metrics::Metrics::new().unwrap(),
+    );
     PolicyStore::new(ctx, None, None)
 }
