@@ -3,6 +3,7 @@
 mod cli;
 mod control_plane;
 mod governance;
+mod governance_load;
 mod grpc;
 mod mesh;
 mod reload;
