@@ -137,3 +137,94 @@ async fn retries_against_a_failing_upstream_stay_within_the_budget() {
     );
     sick.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_opens_when_a_backend_dies_and_half_open_probes_close_it_when_it_returns() {
+    let cfg = || LogServiceConfig {
+        name: "logs".into(),
+        ..Default::default()
+    };
+    let svc = log_service::start("127.0.0.1:0".parse().unwrap(), cfg())
+        .await
+        .unwrap();
+    let addr = svc.addr();
+    let policy = format!(
+        "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: logs, namespace: e2e }}\n\
+         spec:\n  host: logs\n  backends:\n    v2: {{ addresses: [\"{addr}\"] }}\n  routes:\n    - name: main\n\
+         \x20     circuitBreaker: {{ consecutiveFailures: 3, openFor: 200ms, halfOpenRequests: 1 }}\n"
+    );
+    let proxy = TestProxy::start(&policy).await;
+    let mut conn = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
+    for _ in 0..20 {
+        let r = conn.get("logs", "/health").await.unwrap();
+        assert_eq!(r.status, StatusCode::OK);
+    }
+
+    svc.shutdown().await;
+    // Until the breaker opens, each request is answered with the transport failure; once it
+    // is open, with `breaker-open`. Every request gets an answer.
+    let mut failed_upstream = 0;
+    let mut fast = 0;
+    for _ in 0..50 {
+        let r = conn.get("logs", "/health").await.unwrap();
+        match r.header("x-sluice-reason") {
+            "breaker-open" => {
+                assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
+                fast += 1;
+                if fast == 5 {
+                    break;
+                }
+            }
+            "upstream-unavailable" | "no-healthy-endpoint" => failed_upstream += 1,
+            other => panic!("unexpected answer {other:?}: {r:?}"),
+        }
+    }
+    assert_eq!(fast, 5, "the breaker opened");
+    assert!(
+        failed_upstream <= 3,
+        "{failed_upstream} requests reached the dead backend"
+    );
+    let breakers = proxy.admin_json("/breakers").await;
+    let b = breakers
+        .as_array()
+        .and_then(|l| l.iter().find(|b| b["route"] == "logs.main"))
+        .unwrap_or_else(|| panic!("no breaker for logs.main: {breakers}"))
+        .clone();
+    assert!(b["state"] == "open" || b["state"] == "half_open", "{b}");
+    let reasons = b["recent_transitions"].to_string();
+    assert!(reasons.contains("consecutive"), "the opening says why: {b}");
+
+    // The backend returns on the same address; half-open probes close the breaker.
+    let svc = log_service::start(addr, cfg()).await.unwrap();
+    let conn = tokio::sync::Mutex::new(conn);
+    sluice_e2e::wait_until("a request succeeds again", sluice_e2e::WAIT, || async {
+        let r = conn.lock().await.get("logs", "/health").await.unwrap();
+        if r.status != StatusCode::OK {
+            let reason = r.header("x-sluice-reason");
+            assert!(
+                matches!(
+                    reason,
+                    "breaker-open" | "no-healthy-endpoint" | "upstream-unavailable"
+                ),
+                "{r:?}"
+            );
+        }
+        r.status == StatusCode::OK
+    })
+    .await;
+    let breakers = proxy.admin_json("/breakers").await;
+    let b = breakers
+        .as_array()
+        .and_then(|l| l.iter().find(|b| b["route"] == "logs.main"))
+        .unwrap()
+        .clone();
+    assert_eq!(b["state"], "closed", "{b}");
+    let (_, text) = proxy.admin_get("/metrics").await;
+    assert!(
+        text.contains(
+            "sluice_breaker_state{backend=\"v2\",route=\"logs.main\",state=\"closed\"} 1"
+        ),
+        "{text}"
+    );
+    svc.shutdown().await;
+}
