@@ -6,7 +6,9 @@
 //! that an in-process control plane watches; every sidecar subscribes to that control
 //! plane (`--control-plane`), so editing a file there changes the mesh live and the
 //! control plane's `/proxies` shows which version each sidecar acknowledged. Sends a
-//! little traffic, prints what happened and what to try, then runs until Ctrl-C.
+//! little traffic, then shows governance (a burst rate-limited, the 90/10 split as shares,
+//! log-v2 stopped and restarted while its breaker opens and closes, ~15 s), prints what
+//! happened and what to try, then runs until Ctrl-C.
 //!
 //! Ports (with the default `--base-port 15000`; another base shifts all of them by the
 //! same amount): order app 8080, order sidecar admin 15000 / outbound 15001 / inbound
@@ -194,16 +196,9 @@ async fn main() -> anyhow::Result<ExitCode> {
     )
     .await
     .with_context(|| format!("log-v1 on port {} (try --base-port)", ports.v1_app))?;
-    let log_v2 = log_service::start(
-        local(ports.v2_app),
-        LogServiceConfig {
-            name: "log-v2".into(),
-            fail_rate: args.log_v2_fail_rate,
-            delay: args.log_v2_delay.get(),
-        },
-    )
-    .await
-    .with_context(|| format!("log-v2 on port {} (try --base-port)", ports.v2_app))?;
+    let log_v2 = log_service::start(local(ports.v2_app), log_v2_config(&args))
+        .await
+        .with_context(|| format!("log-v2 on port {} (try --base-port)", ports.v2_app))?;
     let order = order_service::start(
         local(ports.order_app),
         OrderServiceConfig {
@@ -288,6 +283,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     );
 
     send_sample_traffic(&client, ports).await;
+    let log_v2 = governance_scenes(&client, ports, log_v2, &args).await?;
     print_try(ports, &policy_path);
 
     tokio::signal::ctrl_c()
@@ -338,6 +334,167 @@ async fn wait_ready(client: &Client<HttpConnector, Full<Bytes>>, admin: u16) -> 
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// log-v2's settings from the command line.
+fn log_v2_config(args: &Args) -> LogServiceConfig {
+    LogServiceConfig {
+        name: "log-v2".into(),
+        fail_rate: args.log_v2_fail_rate,
+        delay: args.log_v2_delay.get(),
+    }
+}
+
+/// One ingest through the order sidecar's outbound listener: status, `x-sluice-reason`,
+/// body.
+async fn ingest(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    ports: Ports,
+    headers: &[(&str, &str)],
+) -> Option<(u16, String, String)> {
+    let mut req = Request::builder()
+        .method(Method::POST)
+        .uri(format!("http://127.0.0.1:{}/logs", ports.order_outbound))
+        .header("host", "log-service");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = client
+        .request(req.body(Full::new(Bytes::from_static(b"demo line"))).ok()?)
+        .await
+        .ok()?;
+    let status = resp.status().as_u16();
+    let reason = resp
+        .headers()
+        .get("x-sluice-reason")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    Some((status, reason, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// The state of the order sidecar's breaker for `ingest` × log-v2, from `/breakers`.
+async fn v2_breaker(client: &Client<HttpConnector, Full<Bytes>>, ports: Ports) -> String {
+    let url = format!("http://127.0.0.1:{}/breakers", ports.order_admin);
+    let Ok(req) = Request::get(url).body(Full::default()) else {
+        return "?".into();
+    };
+    let Ok(resp) = client.request(req).await else {
+        return "?".into();
+    };
+    let Ok(body) = resp.into_body().collect().await else {
+        return "?".into();
+    };
+    let list: serde_json::Value = serde_json::from_slice(&body.to_bytes()).unwrap_or_default();
+    list.as_array()
+        .and_then(|l| {
+            l.iter()
+                .find(|b| b["route"] == "log-service.ingest" && b["backend"] == "log-v2")
+        })
+        .map(|b| {
+            let why = b["recent_transitions"]
+                .as_array()
+                .and_then(|t| t.last())
+                .map(|t| t["reason"].as_str().unwrap_or("").to_string())
+                .unwrap_or_default();
+            format!("{} ({why})", b["state"].as_str().unwrap_or("?"))
+        })
+        .unwrap_or_else(|| "absent".into())
+}
+
+/// Governance, shown: a burst limited, the 90/10 split as shares, and log-v2's breaker
+/// opening while it is down and closing once it is back. Bounded: about 15 s.
+async fn governance_scenes(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    ports: Ports,
+    log_v2: RunningService,
+    args: &Args,
+) -> anyhow::Result<RunningService> {
+    println!("Governance (through the order sidecar, Host: log-service, POST /logs):");
+    let (mut passed, mut limited) = (0, 0);
+    for _ in 0..40 {
+        match ingest(client, ports, &[("x-tenant-id", "burst")]).await {
+            Some((429, _, _)) => limited += 1,
+            Some(_) => passed += 1,
+            None => {}
+        }
+    }
+    println!(
+        "  rate limit: a burst of 40 from one tenant (50/s, burst 20): {passed} passed, {limited} answered 429 rate-limited"
+    );
+    let (mut v1, mut v2) = (0u32, 0u32);
+    // Paced below the log sidecars' inbound limit (500/s per pod), so no share is skewed
+    // by requests that pod refused.
+    let mut pace = tokio::time::interval(Duration::from_micros(2500));
+    for i in 0..1000 {
+        pace.tick().await;
+        let (tenant, user) = (format!("t-{i}"), format!("u-{i}"));
+        if let Some((_, _, body)) = ingest(
+            client,
+            ports,
+            &[("x-tenant-id", &tenant), ("x-user-id", &user)],
+        )
+        .await
+        {
+            if body.contains("\"log-v1\"") {
+                v1 += 1;
+            } else if body.contains("\"log-v2\"") {
+                v2 += 1;
+            }
+        }
+    }
+    let total = f64::from((v1 + v2).max(1));
+    println!(
+        "  split: 1000 users → log-v1 {:.1} %, log-v2 {:.1} % (policy: 90/10, sticky by x-user-id)",
+        f64::from(v1) * 100.0 / total,
+        f64::from(v2) * 100.0 / total
+    );
+
+    RunningService::shutdown(log_v2).await;
+    let canary = [("x-tenant-id", "canary"), ("x-canary", "true")];
+    let mut answers = Vec::new();
+    for _ in 0..12 {
+        if let Some((status, reason, _)) = ingest(client, ports, &canary).await {
+            answers.push(format!("{status} {reason}"));
+            if reason == "breaker-open" {
+                break;
+            }
+        }
+    }
+    println!(
+        "  log-v2 down; canary ingests answered: {}",
+        answers.join(", ")
+    );
+    println!(
+        "  /breakers ingest × log-v2: {}",
+        v2_breaker(client, ports).await
+    );
+    let log_v2 = log_service::start(local(ports.v2_app), log_v2_config(args))
+        .await
+        .context("restarting log-v2")?;
+    let deadline = Instant::now() + Duration::from_secs(25);
+    let mut recovered = false;
+    while Instant::now() < deadline {
+        if let Some((200..=299, _, _)) = ingest(client, ports, &canary).await {
+            recovered = true;
+            // The policy's `halfOpenRequests: 2`: a second probe closes the breaker.
+            let _ = ingest(client, ports, &canary).await;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    println!(
+        "  log-v2 back: {} after the open time; /breakers ingest × log-v2: {}",
+        if recovered {
+            "half-open probes passed"
+        } else {
+            "not yet recovered"
+        },
+        v2_breaker(client, ports).await
+    );
+    println!();
+    Ok(log_v2)
 }
 
 /// A few orders, plain and canary, and what each was answered.
