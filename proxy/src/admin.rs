@@ -6,7 +6,7 @@
 //! | `GET /ready` | 200 once a policy is loaded and the proxy is not draining, else 503 |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /config` | JSON: version, source, applied_at, policies (canonical YAML), last_rejected |
-//! | `GET /breakers` | JSON list of circuit breakers (empty until a registry is plugged in) |
+//! | `GET /breakers` | JSON list of circuit breakers, one per route × backend (route key `<policy>.<route>`) |
 //! | `POST /breakers/<route>/<backend>/reset` or `/open` | change one breaker by hand |
 //! | `PUT /log-level` | body: a level or an `EnvFilter` string |
 //!
