@@ -228,3 +228,32 @@ async fn breaker_opens_when_a_backend_dies_and_half_open_probes_close_it_when_it
     );
     svc.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breaker_opened_by_hand_fails_fast_until_reset() {
+    let up = Upstream::auto("up").await;
+    let policy = format!(
+        "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: hand, namespace: e2e }}\n\
+         spec:\n  host: hand\n  backends:\n    up: {{ addresses: [\"{}\"] }}\n  routes:\n    - name: main\n\
+         \x20     circuitBreaker: {{ consecutiveFailures: 5 }}\n",
+        up.addr()
+    );
+    let proxy = TestProxy::start(&policy).await;
+    let mut conn = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
+    assert_eq!(conn.get("hand", "/").await.unwrap().status, StatusCode::OK);
+    let (status, _) = proxy
+        .admin_send(Method::POST, "/breakers/hand.main/up/open", "")
+        .await;
+    assert!(status.is_success(), "{status}");
+    let r = conn.get("hand", "/").await.unwrap();
+    assert_eq!(r.header("x-sluice-reason"), "breaker-open", "{r:?}");
+    let (status, _) = proxy
+        .admin_send(Method::POST, "/breakers/nope.main/up/reset", "")
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let (status, _) = proxy
+        .admin_send(Method::POST, "/breakers/hand.main/up/reset", "")
+        .await;
+    assert!(status.is_success(), "{status}");
+    assert_eq!(conn.get("hand", "/").await.unwrap().status, StatusCode::OK);
+}
