@@ -13,7 +13,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Snapshot bytes are cloned once per connected proxy; `Bytes` makes that a refcount bump.
         .bytes(".sluice.v1.Snapshot.canonical")
         .compile_protos(
-            &["proto/sluice/v1/policy.proto", "proto/sluice/v1/identity.proto"],
+            &[
+                "proto/sluice/v1/policy.proto",
+                "proto/sluice/v1/identity.proto",
+            ],
             &["proto"],
         )?;
     Ok(())
