@@ -74,9 +74,15 @@ impl Upstream {
 
     /// Starts an upstream on an ephemeral port of 127.0.0.1.
     pub async fn start(name: &str, protocol: Protocol) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        Self::start_on(name, protocol, SocketAddr::from(([127, 0, 0, 1], 0))).await
+    }
+
+    /// Starts an upstream on `addr`, e.g. the address of one that was shut down, to bring
+    /// a backend back where it was.
+    pub async fn start_on(name: &str, protocol: Protocol, addr: SocketAddr) -> Self {
+        let listener = TcpListener::bind(addr)
             .await
-            .expect("bind an upstream on 127.0.0.1:0");
+            .unwrap_or_else(|e| panic!("bind an upstream on {addr}: {e}"));
         let addr = listener.local_addr().expect("upstream address");
         let state = Arc::new(State {
             name: name.to_string(),

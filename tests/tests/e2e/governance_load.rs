@@ -2,10 +2,11 @@
 //! sidecars, and the retry budget against an upstream that always fails.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use hyper::{Method, StatusCode};
-use sluice_e2e::{HttpConn, TestProxy, Upstream};
+use sluice_e2e::{HttpConn, Protocol, TestProxy, Upstream};
 use sluice_examples::log_service::{self, LogServiceConfig};
 
 fn split_policy(a: SocketAddr, b: SocketAddr, weights: (u32, u32), sticky: bool) -> String {
@@ -138,86 +139,194 @@ async fn retries_against_a_failing_upstream_stay_within_the_budget() {
     sick.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn breaker_opens_when_a_backend_dies_and_half_open_probes_close_it_when_it_returns() {
-    let cfg = || LogServiceConfig {
-        name: "logs".into(),
-        ..Default::default()
-    };
-    let svc = log_service::start("127.0.0.1:0".parse().unwrap(), cfg())
-        .await
-        .unwrap();
+/// How the answers of a concurrent load split.
+#[derive(Debug, Default)]
+struct Tally {
+    ok: u64,
+    /// 502 `upstream-unavailable`: the proxy tried the backend and could not reach it.
+    unavailable: u64,
+    /// 503 `breaker-open`.
+    breaker_open: u64,
+    /// 503 `no-healthy-endpoint`.
+    no_healthy: u64,
+    /// Anything else, and transport errors: lost requests.
+    unexpected: Vec<String>,
+}
+
+/// Client tasks over keep-alive HTTP/1.1 connections that send `GET host path` as fast as
+/// the test hands out requests: [`Load::run`] releases a batch and waits for every answer,
+/// so the test bounds how many requests go out and knows none is in flight between batches.
+struct Load {
+    permits: tokio::sync::Semaphore,
+    tally: std::sync::Mutex<Tally>,
+    sent: std::sync::atomic::AtomicU64,
+    answered: std::sync::atomic::AtomicU64,
+}
+
+impl Load {
+    async fn start(
+        proxy: SocketAddr,
+        clients: usize,
+        host: &'static str,
+    ) -> (std::sync::Arc<Self>, tokio::task::JoinSet<()>) {
+        let load = std::sync::Arc::new(Self {
+            permits: tokio::sync::Semaphore::new(0),
+            tally: Default::default(),
+            sent: Default::default(),
+            answered: Default::default(),
+        });
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..clients {
+            let mut conn = HttpConn::h1(proxy).await.unwrap();
+            let load = load.clone();
+            tasks.spawn(async move {
+                while let Ok(permit) = load.permits.acquire().await {
+                    permit.forget();
+                    load.sent.fetch_add(1, Ordering::SeqCst);
+                    let answer = conn.get(host, "/").await;
+                    let mut t = load.tally.lock().unwrap();
+                    match answer {
+                        Ok(r) => match (r.status.as_u16(), r.header("x-sluice-reason")) {
+                            (200..=299, _) => t.ok += 1,
+                            (502, "upstream-unavailable") => t.unavailable += 1,
+                            (503, "breaker-open") => t.breaker_open += 1,
+                            (503, "no-healthy-endpoint") => t.no_healthy += 1,
+                            _ => t.unexpected.push(format!("{r:?}")),
+                        },
+                        Err(e) => t.unexpected.push(format!("transport error: {e}")),
+                    }
+                    drop(t);
+                    load.answered.fetch_add(1, Ordering::SeqCst);
+                }
+            });
+        }
+        (load, tasks)
+    }
+
+    /// Sends `n` more requests across the clients and waits until all are answered.
+    async fn run(&self, n: u64) {
+        let target = self.answered.load(Ordering::SeqCst) + n;
+        self.permits.add_permits(n as usize);
+        sluice_e2e::wait_until(
+            "every request of the batch is answered",
+            sluice_e2e::WAIT,
+            || async { self.answered.load(Ordering::SeqCst) >= target },
+        )
+        .await;
+    }
+
+    fn snapshot(&self) -> (u64, u64, u64, u64, usize) {
+        let t = self.tally.lock().unwrap();
+        (
+            t.ok,
+            t.unavailable,
+            t.breaker_open,
+            t.no_healthy,
+            t.unexpected.len(),
+        )
+    }
+}
+
+async fn breaker_of(proxy: &TestProxy, route: &str) -> serde_json::Value {
+    let breakers = proxy.admin_json("/breakers").await;
+    breakers
+        .as_array()
+        .and_then(|l| l.iter().find(|b| b["route"] == route))
+        .unwrap_or_else(|| panic!("no breaker for {route}: {breakers}"))
+        .clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn breaker_opens_when_a_backend_dies_under_load_and_half_open_probes_close_it_when_it_returns()
+ {
+    const CLIENTS: u64 = 12;
+    const CONSECUTIVE: u64 = 5;
+    let svc = Upstream::start("v2", Protocol::Http1).await;
     let addr = svc.addr();
     let policy = format!(
         "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: logs, namespace: e2e }}\n\
          spec:\n  host: logs\n  backends:\n    v2: {{ addresses: [\"{addr}\"] }}\n  routes:\n    - name: main\n\
-         \x20     circuitBreaker: {{ consecutiveFailures: 3, openFor: 200ms, halfOpenRequests: 1 }}\n"
+         \x20     circuitBreaker: {{ consecutiveFailures: {CONSECUTIVE}, openFor: 200ms, halfOpenRequests: 1 }}\n"
     );
     let proxy = TestProxy::start(&policy).await;
-    let mut conn = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
-    for _ in 0..20 {
-        let r = conn.get("logs", "/health").await.unwrap();
-        assert_eq!(r.status, StatusCode::OK);
-    }
+    let (load, mut clients) = Load::start(proxy.outbound_addr(), CLIENTS as usize, "logs").await;
 
+    // Healthy: every request succeeds.
+    load.run(20 * CLIENTS).await;
+    assert_eq!(load.snapshot(), (20 * CLIENTS, 0, 0, 0, 0));
+    assert_eq!(svc.requests(), 20 * CLIENTS);
     svc.shutdown().await;
-    // Until the breaker opens, each request is answered with the transport failure; once it
-    // is open, with `breaker-open`. Every request gets an answer.
-    let mut failed_upstream = 0;
-    let mut fast = 0;
-    for _ in 0..50 {
-        let r = conn.get("logs", "/health").await.unwrap();
-        match r.header("x-sluice-reason") {
-            "breaker-open" => {
-                assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE);
-                fast += 1;
-                if fast == 5 {
-                    break;
-                }
-            }
-            "upstream-unavailable" | "no-healthy-endpoint" => failed_upstream += 1,
-            other => panic!("unexpected answer {other:?}: {r:?}"),
-        }
-    }
-    assert_eq!(fast, 5, "the breaker opened");
-    assert!(
-        failed_upstream <= 3,
-        "{failed_upstream} requests reached the dead backend"
-    );
-    let breakers = proxy.admin_json("/breakers").await;
-    let b = breakers
-        .as_array()
-        .and_then(|l| l.iter().find(|b| b["route"] == "logs.main"))
-        .unwrap_or_else(|| panic!("no breaker for logs.main: {breakers}"))
-        .clone();
-    assert!(b["state"] == "open" || b["state"] == "half_open", "{b}");
-    let reasons = b["recent_transitions"].to_string();
-    assert!(reasons.contains("consecutive"), "the opening says why: {b}");
 
-    // The backend returns on the same address; half-open probes close the breaker.
-    let svc = log_service::start(addr, cfg()).await.unwrap();
-    let conn = tokio::sync::Mutex::new(conn);
-    sluice_e2e::wait_until("a request succeeds again", sluice_e2e::WAIT, || async {
-        let r = conn.lock().await.get("logs", "/health").await.unwrap();
-        if r.status != StatusCode::OK {
-            let reason = r.header("x-sluice-reason");
-            assert!(
-                matches!(
-                    reason,
-                    "breaker-open" | "no-healthy-endpoint" | "upstream-unavailable"
-                ),
-                "{r:?}"
-            );
-        }
-        r.status == StatusCode::OK
+    // The backend is gone: the first tries fail with `upstream-unavailable` until the
+    // breaker opens, then traffic fails fast with `breaker-open`.
+    sluice_e2e::wait_until("the breaker opens under load", sluice_e2e::WAIT, || async {
+        load.run(CLIENTS).await;
+        let (_, _, fast, _, _) = load.snapshot();
+        fast >= 10 * CLIENTS && breaker_of(&proxy, "logs.main").await["state"] == "open"
     })
     .await;
-    let breakers = proxy.admin_json("/breakers").await;
-    let b = breakers
-        .as_array()
-        .and_then(|l| l.iter().find(|b| b["route"] == "logs.main"))
-        .unwrap()
-        .clone();
+    let b = breaker_of(&proxy, "logs.main").await;
+    assert!(
+        b["recent_transitions"].to_string().contains("consecutive"),
+        "the opening says why: {b}"
+    );
+    // While open the dead backend is tried only by half-open probes (one per probe window):
+    // beyond the tries before the breaker opened, each try is a probe.
+    let (_, text) = proxy.admin_get("/metrics").await;
+    let probe_windows: f64 = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("sluice_breaker_transitions_total{")
+                && l.contains("route=\"logs.main\"")
+                && l.contains("to=\"half_open\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    let (_, unavailable, _, _, unexpected) = load.snapshot();
+    assert_eq!(unexpected, 0, "{:?}", load.tally.lock().unwrap());
+    assert!(unavailable >= 1, "the dead backend was tried");
+    assert!(
+        unavailable as f64 <= (CONSECUTIVE + CLIENTS) as f64 + probe_windows,
+        "{unavailable} tries reached the dead backend ({probe_windows} probe windows)"
+    );
+
+    // The backend returns on the same address; half-open probes close the breaker and
+    // traffic succeeds again.
+    let svc = Upstream::start_on("v2", Protocol::Http1, addr).await;
+    sluice_e2e::wait_until("the breaker closes again", sluice_e2e::WAIT, || async {
+        load.run(CLIENTS).await;
+        breaker_of(&proxy, "logs.main").await["state"] == "closed"
+    })
+    .await;
+    let (ok_before, ..) = load.snapshot();
+    load.run(20 * CLIENTS).await;
+    let (ok_after, unavailable_after, ..) = load.snapshot();
+    assert_eq!(
+        ok_after - ok_before,
+        20 * CLIENTS,
+        "{:?}",
+        load.tally.lock().unwrap()
+    );
+    assert_eq!(
+        unavailable_after, unavailable,
+        "a returned backend is reachable"
+    );
+
+    // Every request got an answer, and each is a success or a failure by design.
+    load.permits.close();
+    while let Some(joined) = clients.join_next().await {
+        joined.unwrap();
+    }
+    {
+        let t = load.tally.lock().unwrap();
+        assert!(t.unexpected.is_empty(), "{t:?}");
+        let answered = t.ok + t.unavailable + t.breaker_open + t.no_healthy;
+        assert_eq!(load.sent.load(Ordering::SeqCst), answered, "{t:?}");
+        assert_eq!(load.answered.load(Ordering::SeqCst), answered, "{t:?}");
+        assert!(answered <= 5_000, "the run stays bounded: {t:?}");
+        assert!(t.unavailable >= 1 && t.breaker_open >= 1, "{t:?}");
+    }
+    let b = breaker_of(&proxy, "logs.main").await;
     assert_eq!(b["state"], "closed", "{b}");
     let (_, text) = proxy.admin_get("/metrics").await;
     assert!(
