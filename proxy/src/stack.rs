@@ -330,9 +330,10 @@ pub struct RouteParams {
     pub policy: Arc<str>,
     /// The policy's host.
     pub host: Arc<str>,
-    /// Route name (metrics).
+    /// Route name as written in the policy.
     pub name: Arc<str>,
-    /// `<policy>.<route>`: the route's key in breakers, retry budgets and `/breakers`.
+    /// `<policy>.<route>`: the route's key in breakers, retry budgets, rate-limit buckets,
+    /// `/breakers` and every metric's `route` label (route names repeat across policies).
     pub key: Arc<str>,
     /// The route as written: timeout, rate limit, retry, breaker and split rules.
     pub route: Route,
@@ -452,7 +453,7 @@ fn limit_layer(
     Some(RateLimitLayer::new(limiter).with_observer(limit_observer(
         &ctx.metrics,
         direction,
-        &params.name,
+        &params.key,
     )))
 }
 
@@ -460,7 +461,7 @@ fn limit_layer(
 pub fn build_outbound(ctx: &StackContext, params: Arc<RouteParams>) -> RouteEntry {
     let g = &ctx.governance;
     let names: Vec<&str> = params.backends.iter().map(|b| &*b.name).collect();
-    let metrics = ctx.metrics.route("outbound", &params.name, &names);
+    let metrics = ctx.metrics.route("outbound", &params.key, &names);
     let limit = limit_layer(
         ctx,
         "outbound",
@@ -509,7 +510,7 @@ pub fn build_outbound(ctx: &StackContext, params: Arc<RouteParams>) -> RouteEntr
 /// policy whose host is this proxy's `--service`, whose `inbound` section applies.
 pub fn build_inbound(ctx: &StackContext, app: Authority, own: Option<&RoutePolicy>) -> RouteEntry {
     let params = Arc::new(RouteParams::inbound(app, own));
-    let metrics = ctx.metrics.route("inbound", &params.name, &["app"]);
+    let metrics = ctx.metrics.route("inbound", &params.key, &["app"]);
     let limit = limit_layer(ctx, "inbound", LimitKey::Inbound, &params);
     // Authorization of the peer identity (`inbound.allow`) goes above the limit with mTLS.
     let service = ServiceBuilder::new()

@@ -129,7 +129,7 @@ async fn retries_against_a_failing_upstream_stay_within_the_budget() {
         "the budget ran out:\n{text}"
     );
     // The metric families the dashboards read are all there.
-    assert!(text.contains("sluice_ratelimit_decisions_total{decision=\"allowed\",direction=\"outbound\",route=\"main\"}"), "{text}");
+    assert!(text.contains("sluice_ratelimit_decisions_total{decision=\"allowed\",direction=\"outbound\",route=\"sick.main\"}"), "{text}");
     assert!(
         text.contains(
             "sluice_breaker_state{backend=\"up\",route=\"sick.main\",state=\"closed\"} 1"
@@ -365,4 +365,44 @@ async fn a_breaker_opened_by_hand_fails_fast_until_reset() {
         .await;
     assert!(status.is_success(), "{status}");
     assert_eq!(conn.get("hand", "/").await.unwrap().status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routes_of_the_same_name_in_two_policies_keep_apart_in_metrics_and_breakers() {
+    let up = Upstream::auto("up").await;
+    let doc = |name: &str| {
+        format!(
+            "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: {name}, namespace: e2e }}\n\
+             spec:\n  host: {name}\n  backends:\n    up: {{ addresses: [\"{}\"] }}\n  routes:\n    - name: main\n\
+             \x20     rateLimit: {{ perSecond: 100000, burst: 100000 }}\n\
+             \x20     circuitBreaker: {{ consecutiveFailures: 5 }}\n",
+            up.addr()
+        )
+    };
+    let proxy = TestProxy::start(&format!("{}---\n{}", doc("one"), doc("two"))).await;
+    let mut conn = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
+    for host in ["one", "two", "two"] {
+        assert_eq!(conn.get(host, "/").await.unwrap().status, StatusCode::OK);
+    }
+    let (_, text) = proxy.admin_get("/metrics").await;
+    for (route, n) in [("one.main", 1), ("two.main", 2)] {
+        let requests = format!(
+            "sluice_requests_total{{backend=\"up\",code=\"200\",direction=\"outbound\",route=\"{route}\"}} {n}\n"
+        );
+        let decisions = format!(
+            "sluice_ratelimit_decisions_total{{decision=\"allowed\",direction=\"outbound\",route=\"{route}\"}} {n}\n"
+        );
+        let duration = format!(
+            "sluice_request_duration_seconds_count{{backend=\"up\",direction=\"outbound\",route=\"{route}\"}} {n}\n"
+        );
+        for series in [requests, decisions, duration] {
+            assert!(text.contains(&series), "{series} missing:\n{text}");
+        }
+    }
+    assert!(!text.contains("route=\"main\""), "{text}");
+    let breakers = proxy.admin_json("/breakers").await.to_string();
+    assert!(
+        breakers.contains("\"one.main\"") && breakers.contains("\"two.main\""),
+        "{breakers}"
+    );
 }
