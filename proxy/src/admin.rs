@@ -9,6 +9,7 @@
 //! | `GET /breakers` | JSON list of circuit breakers, one per route × backend (route key `<policy>.<route>`) |
 //! | `POST /breakers/<route>/<backend>/reset` or `/open` | change one breaker by hand |
 //! | `PUT /log-level` | body: a level or an `EnvFilter` string |
+//! | `GET /app-health/<container>/<livez\|readyz\|startupz>` | the application's own probe, called as the kubelet would ([`crate::probes`]) |
 //!
 //! Mutating routes answer only to loopback peers or to a request carrying the admin
 //! token (`Authorization: Bearer …`), since the admin port is reachable in a pod.
@@ -35,6 +36,7 @@ pub(crate) struct AdminState {
     pub(crate) store: PolicyStore,
     pub(crate) log: Option<LogControl>,
     pub(crate) token: Option<Arc<str>>,
+    pub(crate) probes: Option<Arc<crate::probes::AppProbes>>,
 }
 
 /// Handles one admin request from `peer`.
@@ -81,6 +83,13 @@ pub(crate) async fn handle(
             json(StatusCode::OK, &list)
         }
         (&Method::POST, p) if p.starts_with("/breakers/") => breaker_action(&state, p),
+        (&Method::GET, p) if p.starts_with("/app-health/") => {
+            let answer = match &state.probes {
+                Some(probes) => probes.answer(p, &parts.headers).await,
+                None => None,
+            };
+            answer.unwrap_or_else(|| text(StatusCode::NOT_FOUND, "no such application probe\n"))
+        }
         (&Method::PUT, "/log-level") => {
             let Some(log) = &state.log else {
                 return text(
@@ -221,6 +230,7 @@ mod tests {
             store: crate::policy::store_for_tests(),
             log: None,
             token: token.map(Into::into),
+            probes: None,
         }
     }
 

@@ -133,6 +133,10 @@ pub(crate) struct RunArgs {
     /// Do not open the outbound listener.
     #[arg(long, env = "SLUICE_NO_OUTBOUND")]
     pub(crate) no_outbound: bool,
+    /// The application's original HTTP probes (JSON, written by the injection webhook),
+    /// served on the admin port under /app-health/.
+    #[arg(long, env = "SLUICE_APP_PROBES", value_name = "JSON")]
+    pub(crate) app_probes: Option<String>,
 }
 
 impl From<RunArgs> for ProxyConfig {
@@ -155,6 +159,7 @@ impl From<RunArgs> for ProxyConfig {
             namespace: a.namespace,
             no_inbound: a.no_inbound,
             no_outbound: a.no_outbound,
+            app_probes: a.app_probes,
             log_control: None,
         }
     }

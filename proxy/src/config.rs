@@ -43,6 +43,9 @@ pub struct ProxyConfig {
     pub no_inbound: bool,
     /// Do not open the outbound listener.
     pub no_outbound: bool,
+    /// The application's original HTTP probes as the injection webhook wrote them (JSON),
+    /// served on the admin port under `/app-health/`.
+    pub app_probes: Option<String>,
     /// Changes the log filter at run time (`PUT /log-level`); set by the CLI's logger.
     pub log_control: Option<LogControl>,
 }
@@ -67,6 +70,7 @@ impl Default for ProxyConfig {
             namespace: "default".into(),
             no_inbound: false,
             no_outbound: false,
+            app_probes: None,
             log_control: None,
         }
     }

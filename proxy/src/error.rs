@@ -54,6 +54,9 @@ pub enum ProxyError {
     /// A request reached the connection layer without a chosen endpoint.
     #[error("no endpoint selected for backend {0}")]
     NoEndpoint(Arc<str>),
+    /// `--app-probes` could not be read.
+    #[error("--app-probes: {0}")]
+    AppProbes(String),
     /// A TLS configuration could not be built from the certificates at hand.
     #[error("tls: {0}")]
     Tls(String),

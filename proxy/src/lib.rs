@@ -24,6 +24,7 @@ pub mod forward;
 pub mod init;
 pub mod metrics;
 pub mod policy;
+pub mod probes;
 mod server;
 pub mod stack;
 pub mod tls;
@@ -132,6 +133,11 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         None => None,
     };
 
+    let probes = match cfg.app_probes.as_deref() {
+        Some(json) => Some(Arc::new(probes::AppProbes::from_json(json)?)),
+        None => None,
+    };
+
     let outbound = if cfg.no_outbound {
         None
     } else {
@@ -209,6 +215,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         store: store.clone(),
         log: cfg.log_control.clone(),
         token,
+        probes,
     };
     let admin_task = server::serve(
         "admin",
