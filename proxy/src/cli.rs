@@ -137,6 +137,9 @@ pub(crate) struct RunArgs {
     /// served on the admin port under /app-health/.
     #[arg(long, env = "SLUICE_APP_PROBES", value_name = "JSON")]
     pub(crate) app_probes: Option<String>,
+    /// Runtime worker threads [default: one per CPU core].
+    #[arg(long, env = "SLUICE_WORKER_THREADS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
+    pub(crate) worker_threads: Option<u16>,
 }
 
 impl From<RunArgs> for ProxyConfig {
@@ -170,7 +173,10 @@ pub fn cli_main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { files } => validate(&files),
-        Command::Run(args) => run((*args).into()),
+        Command::Run(args) => {
+            let workers = args.worker_threads;
+            run((*args).into(), workers)
+        }
         Command::Init(args) => crate::init::main(&args),
     }
 }
@@ -211,7 +217,7 @@ fn validate(files: &[PathBuf]) -> ExitCode {
 }
 
 #[allow(clippy::print_stderr)] // no logger may exist yet
-fn run(mut cfg: ProxyConfig) -> ExitCode {
+fn run(mut cfg: ProxyConfig, worker_threads: Option<u16>) -> ExitCode {
     match init_logging(&cfg.log_level, cfg.log_format) {
         Ok(control) => cfg.log_control = Some(control),
         Err(e) => {
@@ -219,10 +225,11 @@ fn run(mut cfg: ProxyConfig) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = worker_threads {
+        builder.worker_threads(n.into());
+    }
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             error!(error = %e, "cannot start the runtime");
@@ -310,5 +317,19 @@ mod tests {
         let err =
             run_args(&["--control-plane", "http://cp:15010", "--policy", "p.yaml"]).unwrap_err();
         assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+    }
+
+    #[test]
+    fn worker_threads_is_at_least_one() {
+        let parse = |n: &str| {
+            let cli = Cli::try_parse_from(["sluice-proxy", "run", "--worker-threads", n])?;
+            match cli.command {
+                Command::Run(a) => Ok::<_, clap::Error>(a.worker_threads),
+                other => panic!("parsed as {other:?}"),
+            }
+        };
+        assert_eq!(parse("1").unwrap(), Some(1));
+        assert!(parse("0").is_err());
+        assert!(parse("many").is_err());
     }
 }
