@@ -69,6 +69,7 @@ pub struct Metadata {
         root = "RoutePolicyResource",
         namespaced,
         shortname = "rp",
+        doc = "Traffic rules for one host: its backends, its routes with their governance, and the rules its inbound sidecar applies.",
         printcolumn = r#"{"name":"Host","type":"string","jsonPath":".spec.host"}"#
     )
 )]

@@ -24,6 +24,7 @@
 mod admin;
 pub mod ca;
 mod cli;
+pub mod crd;
 mod grpc;
 pub mod identity;
 pub mod inject;
