@@ -301,5 +301,14 @@ mod crd_tests {
         // structural schema; unknown fields are refused by the validating webhook.
         let text = json.to_string();
         assert!(!text.contains("\"additionalProperties\":false"), "{text}");
+        // The control plane writes its verdict through the status subresource.
+        let version = &json["spec"]["versions"][0];
+        assert_eq!(version["subresources"]["status"], serde_json::json!({}));
+        let status = &version["schema"]["openAPIV3Schema"]["properties"]["status"];
+        assert_eq!(
+            status["properties"]["observedGeneration"]["type"],
+            "integer"
+        );
+        assert_eq!(status["properties"]["error"]["type"], "string");
     }
 }

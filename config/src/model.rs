@@ -70,7 +70,10 @@ pub struct Metadata {
         namespaced,
         shortname = "rp",
         doc = "Traffic rules for one host: its backends, its routes with their governance, and the rules its inbound sidecar applies.",
-        printcolumn = r#"{"name":"Host","type":"string","jsonPath":".spec.host"}"#
+        status = "RoutePolicyStatus",
+        printcolumn = r#"{"name":"Host","type":"string","jsonPath":".spec.host"}"#,
+        printcolumn = r#"{"name":"Accepted","type":"boolean","jsonPath":".status.accepted"}"#,
+        printcolumn = r#"{"name":"Hash","type":"string","jsonPath":".status.hash"}"#
     )
 )]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -86,6 +89,28 @@ pub struct RoutePolicySpec {
     /// Rules the serving pod's inbound sidecar applies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inbound: Option<Inbound>,
+}
+
+/// The control plane's verdict on a `RoutePolicy` object in Kubernetes (its `status`
+/// subresource), written by the elected control-plane replica.
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct RoutePolicyStatus {
+    /// The `metadata.generation` this verdict is about.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Whether that generation validated and is in force.
+    #[serde(default)]
+    pub accepted: bool,
+    /// Content hash of the version of this policy in force: the observed generation
+    /// when accepted, else the last accepted one (absent if none ever was).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash: Option<String>,
+    /// Why the observed generation is refused: the validator's messages, each with
+    /// its field path (`spec.routes[0].retry.attempts: ...`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// A set of endpoints that a split can send traffic to.

@@ -70,7 +70,19 @@ impl WorkloadIdentity {
 pub trait BootstrapVerifier: Send + Sync + fmt::Debug {
     /// The identity `token` proves, or [`Error::BootstrapRefused`].
     fn verify(&self, token: &str) -> Result<WorkloadIdentity, Error>;
+
+    /// The identity `token` proves, for callers that can wait: a verifier that asks
+    /// a remote service (Kubernetes TokenReview) answers here without blocking a
+    /// runtime thread. The default answers with [`verify`](Self::verify).
+    fn verify_async<'a>(&'a self, token: &'a str) -> VerifyFuture<'a> {
+        Box::pin(std::future::ready(self.verify(token)))
+    }
 }
+
+/// What [`BootstrapVerifier::verify_async`] returns.
+pub type VerifyFuture<'a> = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<WorkloadIdentity, Error>> + Send + 'a>,
+>;
 
 /// Bootstrap tokens read from a file, for running without Kubernetes.
 ///
@@ -291,6 +303,25 @@ impl Ca {
             .collect::<Result<_, rcgen::Error>>()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok((cert.der().clone(), key.serialize_der()))
+    }
+}
+
+impl Ca {
+    /// A root from its PEM certificate and PEM key (e.g. as kept in a Kubernetes Secret).
+    pub fn from_pem_pair(
+        trust_domain: &str,
+        cert_pem: &str,
+        key_pem: &str,
+        leaf_ttl: Duration,
+    ) -> Result<Self, Error> {
+        let key = KeyPair::from_pem(key_pem)?;
+        Self::from_pem(trust_domain, cert_pem, key, leaf_ttl)
+    }
+
+    /// A fresh root as PEM `(certificate, key)`, to be stored before it is used.
+    pub fn generate_pem(trust_domain: &str) -> Result<(String, String), Error> {
+        let (cert_pem, key) = new_root(trust_domain)?;
+        Ok((cert_pem, key.serialize_pem()))
     }
 }
 

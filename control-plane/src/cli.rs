@@ -16,9 +16,12 @@ use crate::ControlPlaneConfig;
     about = "Validates Sluice policies and streams them to every proxy."
 )]
 pub struct Args {
+    /// Where policies come from: a directory of YAML files, or RoutePolicy objects.
+    #[arg(long, env = "SLUICE_SOURCE", value_enum, default_value = "dir")]
+    pub source: Source,
     /// Directory of RoutePolicy YAML files (`*.yaml`, `*.yml`), watched for changes.
     #[arg(long, env = "SLUICE_POLICY_DIR")]
-    pub policy_dir: PathBuf,
+    pub policy_dir: Option<PathBuf>,
     /// gRPC listen address (policy stream).
     #[arg(long, env = "SLUICE_GRPC", default_value = "0.0.0.0:15010")]
     pub grpc: SocketAddr,
@@ -37,13 +40,33 @@ pub struct Args {
     /// The sidecar-injection webhook (off unless `--webhook` is given).
     #[command(flatten)]
     pub webhook: crate::inject::WebhookArgs,
+    /// Kubernetes: discovery, election, identity.
+    #[command(flatten)]
+    pub kubernetes: crate::k8s::KubeArgs,
+}
+
+/// Where policies come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Source {
+    /// `--policy-dir`: a directory of YAML files.
+    Dir,
+    /// RoutePolicy objects in the Kubernetes API (all namespaces).
+    Kubernetes,
 }
 
 impl Args {
+    /// What clap cannot check: `--source dir` (the default) needs `--policy-dir`.
+    pub fn check(&self) -> Result<(), String> {
+        if self.source == Source::Dir && self.policy_dir.is_none() {
+            return Err("--policy-dir is required with --source dir (the default)".to_string());
+        }
+        Ok(())
+    }
+
     /// The library configuration these flags describe.
     pub fn to_config(&self) -> ControlPlaneConfig {
         ControlPlaneConfig {
-            policy_dir: self.policy_dir.clone(),
+            policy_dir: self.policy_dir.clone().unwrap_or_default(),
             grpc_addr: self.grpc,
             admin_addr: self.admin,
             state_dir: self.state_dir.clone(),
@@ -56,6 +79,10 @@ impl Args {
 /// The `sluice-control-plane` binary: parse flags, serve until SIGTERM/SIGINT.
 pub fn cli_main() -> ExitCode {
     let args = Args::parse();
+    if let Err(e) = args.check() {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let filter = match tracing_subscriber::EnvFilter::try_new(&args.log_level) {
         Ok(f) => f,
         Err(e) => {
@@ -75,7 +102,19 @@ pub fn cli_main() -> ExitCode {
         }
     };
     rt.block_on(async {
-        let cp = match crate::start(args.to_config()).await {
+        let mut cfg = args.to_config();
+        let policies = args.source == Source::Kubernetes;
+        if args.kubernetes.needs_client(policies) {
+            let client = match kube::Client::try_default().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot reach the Kubernetes API");
+                    return ExitCode::FAILURE;
+                }
+            };
+            cfg.kubernetes = args.kubernetes.to_config(&client, policies);
+        }
+        let cp = match crate::start(cfg).await {
             Ok(cp) => cp,
             Err(e) => {
                 tracing::error!(error = %e, "control plane failed to start");
@@ -127,5 +166,27 @@ mod tests {
         assert_eq!(args.grpc, "0.0.0.0:15010".parse().unwrap());
         assert_eq!(args.admin, "0.0.0.0:15014".parse().unwrap());
         assert_eq!(args.log_level, "info");
+        assert_eq!(args.source, Source::Dir);
+        assert_eq!(args.kubernetes.lease_name, "sluice-control-plane");
+    }
+
+    #[test]
+    fn the_directory_source_needs_a_directory_and_kubernetes_does_not() {
+        let bare = Args::try_parse_from(["sluice-control-plane"]).unwrap();
+        assert!(bare.check().unwrap_err().contains("--policy-dir"));
+        let args =
+            Args::try_parse_from(["sluice-control-plane", "--source", "kubernetes"]).unwrap();
+        assert_eq!(args.source, Source::Kubernetes);
+        args.check().unwrap();
+        assert!(args.kubernetes.needs_client(true));
+        let args = Args::try_parse_from([
+            "sluice-control-plane",
+            "--policy-dir",
+            "/p",
+            "--ca-secret",
+            "sluice-ca",
+        ])
+        .unwrap();
+        assert!(args.kubernetes.needs_client(false));
     }
 }

@@ -37,7 +37,7 @@ impl Identity for IdentityService {
         request: Request<pb::CertifyRequest>,
     ) -> Result<Response<pb::CertifyResponse>, Status> {
         let req = request.into_inner();
-        let identity = self.verifier.verify(&req.token).map_err(|e| {
+        let identity = self.verifier.verify_async(&req.token).await.map_err(|e| {
             tracing::warn!(error = %e, "certify: bootstrap credential refused");
             Status::unauthenticated("bootstrap credential refused")
         })?;

@@ -15,6 +15,9 @@
 //!   the snapshot channel and sends each version the proxy does not have yet,
 //!   recording ACKs and NACKs in the [`proxies`] registry.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`, `/policies`, `/proxies`.
+//! - [`k8s`]: in a cluster, RoutePolicy objects as the source (statuses written by
+//!   the elected replica), Service endpoints for `service` backends, TokenReview
+//!   and the CA Secret.
 //!
 //! [`start`] wires them together for in-process use (tests, the demo, the
 //! benchmark); [`cli_main`] is the binary.
@@ -28,6 +31,7 @@ pub mod crd;
 mod grpc;
 pub mod identity;
 pub mod inject;
+pub mod k8s;
 mod metrics;
 pub mod proxies;
 pub mod source;
@@ -41,11 +45,13 @@ use sluice_api::pb;
 use sluice_config::{PolicySet, SCHEMA_VERSION};
 use tokio::sync::watch;
 
-pub use cli::{Args, cli_main};
+pub use cli::{Args, Source, cli_main};
 
+use crate::k8s::endpoints::ServiceEndpoints;
+use crate::k8s::policies::KubePolicies;
 use crate::metrics::Metrics;
 use crate::proxies::ProxyRegistry;
-use crate::source::{DirWatcher, PolicyDir};
+use crate::source::{DirWatcher, FileView, PolicyDir, PolicyView, ScanReport};
 
 /// Errors of the control plane.
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +133,19 @@ pub enum Error {
     /// Generating, loading or signing a certificate failed.
     #[error("certificate: {0}")]
     Certificate(#[from] rcgen::Error),
+    /// A Kubernetes API call failed.
+    #[error("kubernetes API: {0}")]
+    Kube(#[from] ::kube::Error),
+    /// The CA Secret exists but does not hold a usable root.
+    #[error("CA secret {namespace}/{name}: {reason}")]
+    CaSecret {
+        /// Namespace of the Secret.
+        namespace: String,
+        /// Name of the Secret.
+        name: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 /// Everything [`start`] needs; `Default` listens on ephemeral loopback ports.
@@ -147,6 +166,9 @@ pub struct ControlPlaneConfig {
     pub debounce: Duration,
     /// Full re-read even without events, in case the OS dropped some.
     pub rescan_interval: Duration,
+    /// In a cluster: discover Service endpoints and, if asked, take policies from
+    /// RoutePolicy objects instead of `policy_dir`.
+    pub kubernetes: Option<k8s::KubeConfig>,
 }
 
 impl Default for ControlPlaneConfig {
@@ -159,6 +181,7 @@ impl Default for ControlPlaneConfig {
             addr_file: None,
             debounce: Duration::from_millis(20),
             rescan_interval: Duration::from_secs(30),
+            kubernetes: None,
         }
     }
 }
@@ -172,10 +195,59 @@ pub(crate) struct Published {
     pub(crate) changed_at: Instant,
 }
 
+/// Where policies come from.
+#[derive(Debug)]
+pub(crate) enum PolicySource {
+    /// A directory of YAML files.
+    Dir(PolicyDir),
+    /// RoutePolicy objects in the Kubernetes API.
+    Kubernetes(KubePolicies),
+}
+
+impl PolicySource {
+    fn rescan(&mut self) -> ScanReport {
+        match self {
+            Self::Dir(d) => d.rescan(),
+            // Objects arrive through the reflector, which syncs before reloading.
+            Self::Kubernetes(_) => ScanReport::default(),
+        }
+    }
+
+    fn is_ready(&self) -> bool {
+        match self {
+            Self::Dir(_) => true,
+            Self::Kubernetes(k) => k.is_synced(),
+        }
+    }
+
+    fn build_set(&mut self) -> Option<(PolicySet, Vec<pb::PolicyMeta>)> {
+        match self {
+            Self::Dir(d) => d.build_set(),
+            Self::Kubernetes(k) => k.build_set(),
+        }
+    }
+
+    pub(crate) fn policy_views(&self) -> Vec<PolicyView> {
+        match self {
+            Self::Dir(d) => d.policy_views(),
+            Self::Kubernetes(k) => k.policy_views(),
+        }
+    }
+
+    pub(crate) fn file_views(&self) -> Vec<FileView> {
+        match self {
+            Self::Dir(d) => d.file_views(),
+            Self::Kubernetes(k) => k.file_views(),
+        }
+    }
+}
+
 /// State shared by the source, the gRPC service and the admin server.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    pub(crate) source: Mutex<PolicyDir>,
+    pub(crate) source: Mutex<PolicySource>,
+    /// Service endpoints that `service` backends resolve to.
+    pub(crate) endpoints: Mutex<ServiceEndpoints>,
     pub(crate) snapshots: watch::Sender<Option<Arc<Published>>>,
     pub(crate) proxies: ProxyRegistry,
     pub(crate) metrics: Metrics,
@@ -193,13 +265,43 @@ impl Shared {
         self.metrics
             .validation_failures
             .inc_by(report.failures as u64);
+        let ready = source.is_ready();
         let built = source.build_set();
         drop(source);
-        if let Some((set, metas)) = built {
+        let endpoints = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+        // Nothing is published before every source has listed once: a restarted
+        // replica must not hand proxies an empty or unresolved set.
+        let ready = ready && endpoints.is_ready();
+        let resolved = match built {
+            Some((set, metas)) if ready => match endpoints.resolve(set) {
+                Ok(set) => Some((set, metas)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the set with resolved endpoints is refused; keeping the previous one");
+                    None
+                }
+            },
+            _ => None,
+        };
+        drop(endpoints);
+        if let Some((set, metas)) = resolved {
             self.publish(set, metas);
         }
-        self.ready.store(true, std::sync::atomic::Ordering::Release);
+        if ready {
+            self.ready.store(true, std::sync::atomic::Ordering::Release);
+        }
         self.changes.send_modify(|c| *c += 1);
+    }
+
+    /// Runs `f` on the Kubernetes policy state, if that is the source.
+    pub(crate) fn with_kube_policies<T>(
+        &self,
+        f: impl FnOnce(&mut KubePolicies) -> T,
+    ) -> Option<T> {
+        let mut source = self.source.lock().unwrap_or_else(|e| e.into_inner());
+        match &mut *source {
+            PolicySource::Kubernetes(k) => Some(f(k)),
+            PolicySource::Dir(_) => None,
+        }
     }
 
     fn publish(&self, set: PolicySet, policies: Vec<pb::PolicyMeta>) {
@@ -320,14 +422,27 @@ impl Drop for RunningControlPlane {
 /// Loads the policy directory, binds the listeners and starts serving.
 ///
 /// Returns once the first load is published and both listeners are bound (and
-/// the address file, if asked for, is written).
+/// the address file, if asked for, is written). With Kubernetes as the source
+/// (or discovery on), the first set is published once the API has been listed;
+/// `/ready` says when.
 pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error> {
-    let policy_dir = PolicyDir::open(&cfg.policy_dir, cfg.state_dir.as_deref())?;
+    let kube_policies = cfg.kubernetes.as_ref().is_some_and(|k| k.policies);
+    let source = if kube_policies {
+        PolicySource::Kubernetes(KubePolicies::default())
+    } else {
+        PolicySource::Dir(PolicyDir::open(&cfg.policy_dir, cfg.state_dir.as_deref())?)
+    };
+    let endpoints = if cfg.kubernetes.is_some() {
+        ServiceEndpoints::enabled()
+    } else {
+        ServiceEndpoints::default()
+    };
     let metrics = Metrics::new();
     let (snapshots, _) = watch::channel(None);
     let (changes, _) = watch::channel(0);
     let shared = Arc::new(Shared {
-        source: Mutex::new(policy_dir),
+        source: Mutex::new(source),
+        endpoints: Mutex::new(endpoints),
         snapshots,
         changes: changes.clone(),
         proxies: ProxyRegistry::new(metrics.connected.clone(), changes),
@@ -342,21 +457,32 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error
     let grpc_addr = local_addr("grpc", &grpc_listener, cfg.grpc_addr)?;
     let admin_addr = local_addr("admin", &admin_listener, cfg.admin_addr)?;
 
-    let watcher = DirWatcher::start(
-        &cfg.policy_dir,
-        shared.clone(),
-        cfg.debounce,
-        cfg.rescan_interval,
-    )?;
+    let watcher = if kube_policies {
+        None
+    } else {
+        Some(DirWatcher::start(
+            &cfg.policy_dir,
+            shared.clone(),
+            cfg.debounce,
+            cfg.rescan_interval,
+        )?)
+    };
 
-    let tasks = vec![
+    let mut tasks = vec![
         tokio::spawn(grpc::serve(
             grpc_listener,
             shared.clone(),
             shutdown_rx.clone(),
         )),
-        tokio::spawn(admin::serve(admin_listener, shared.clone(), shutdown_rx)),
+        tokio::spawn(admin::serve(
+            admin_listener,
+            shared.clone(),
+            shutdown_rx.clone(),
+        )),
     ];
+    if let Some(kube) = &cfg.kubernetes {
+        tasks.extend(k8s::spawn(kube, &shared, &shutdown_rx));
+    }
 
     if let Some(path) = &cfg.addr_file {
         let json = serde_json::json!({
@@ -371,14 +497,18 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error
         })?;
     }
 
-    tracing::info!(%grpc_addr, %admin_addr, policy_dir = %cfg.policy_dir.display(), "control plane started");
+    if kube_policies {
+        tracing::info!(%grpc_addr, %admin_addr, "control plane started; policies from RoutePolicy objects");
+    } else {
+        tracing::info!(%grpc_addr, %admin_addr, policy_dir = %cfg.policy_dir.display(), "control plane started");
+    }
 
     Ok(RunningControlPlane {
         grpc_addr,
         admin_addr,
         shared,
         shutdown: shutdown_tx,
-        watcher: Some(watcher),
+        watcher,
         tasks,
     })
 }

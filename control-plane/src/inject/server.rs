@@ -1,4 +1,6 @@
-//! The webhook's HTTPS server: `POST /inject` with an `admission.k8s.io/v1` AdmissionReview.
+//! The webhook's HTTPS server, `admission.k8s.io/v1` AdmissionReviews:
+//! `POST /inject` (mutating: sidecar injection) and `POST /validate` (validating:
+//! RoutePolicy objects get `sluice-config`'s verdict before they are stored).
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -169,12 +171,16 @@ async fn serve(
 }
 
 async fn handle(req: Request<Incoming>, inject: &InjectConfig) -> Response<Full<Bytes>> {
-    if req.uri().path() != "/inject" {
-        return text(
-            StatusCode::NOT_FOUND,
-            "not found; the webhook path is /inject",
-        );
-    }
+    let validating = match req.uri().path() {
+        "/inject" => false,
+        "/validate" => true,
+        _ => {
+            return text(
+                StatusCode::NOT_FOUND,
+                "not found; the webhook paths are /inject and /validate",
+            );
+        }
+    };
     if req.method() != Method::POST {
         return text(StatusCode::METHOD_NOT_ALLOWED, "POST an AdmissionReview");
     }
@@ -187,7 +193,12 @@ async fn handle(req: Request<Incoming>, inject: &InjectConfig) -> Response<Full<
             );
         }
     };
-    match review(&body, inject) {
+    let answer = if validating {
+        validate_review(&body)
+    } else {
+        review(&body, inject)
+    };
+    match answer {
         Ok(resp) => match serde_json::to_vec(&resp.into_review()) {
             Ok(json) => Response::builder()
                 .header(hyper::header::CONTENT_TYPE, "application/json")
@@ -205,17 +216,7 @@ async fn handle(req: Request<Incoming>, inject: &InjectConfig) -> Response<Full<
 /// Answers one review. `Err` means there is no request to answer (no uid to echo), which
 /// the API server sees as a failed call and handles by the webhook's `failurePolicy`.
 fn review(body: &[u8], inject: &InjectConfig) -> Result<AdmissionResponse, String> {
-    let review: AdmissionReview<DynamicObject> =
-        serde_json::from_slice(body).map_err(|e| format!("malformed AdmissionReview: {e}"))?;
-    if review.types.api_version != META_API_VERSION_V1 || review.types.kind != "AdmissionReview" {
-        return Err(format!(
-            "expected kind AdmissionReview of {META_API_VERSION_V1}, got {} of {:?}",
-            review.types.kind, review.types.api_version
-        ));
-    }
-    let req: AdmissionRequest<DynamicObject> = review
-        .try_into()
-        .map_err(|_| "the AdmissionReview has no request".to_owned())?;
+    let req = admission_request(body)?;
     let resp = AdmissionResponse::from(&req);
     if req.operation != Operation::Create || req.kind.kind != "Pod" || !req.kind.group.is_empty() {
         return Ok(resp);
@@ -258,6 +259,61 @@ fn review(body: &[u8], inject: &InjectConfig) -> Result<AdmissionResponse, Strin
             Ok(resp)
         }
         Err(refusal) => Ok(refuse(resp, &format!("sluice injection: {refusal}"))),
+    }
+}
+
+/// The request of an `admission.k8s.io/v1` AdmissionReview.
+fn admission_request(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, String> {
+    let review: AdmissionReview<DynamicObject> =
+        serde_json::from_slice(body).map_err(|e| format!("malformed AdmissionReview: {e}"))?;
+    if review.types.api_version != META_API_VERSION_V1 || review.types.kind != "AdmissionReview" {
+        return Err(format!(
+            "expected kind AdmissionReview of {META_API_VERSION_V1}, got {} of {:?}",
+            review.types.kind, review.types.api_version
+        ));
+    }
+    review
+        .try_into()
+        .map_err(|_| "the AdmissionReview has no request".to_owned())
+}
+
+/// Answers a RoutePolicy review: allowed when `sluice-config` accepts the spec,
+/// denied with the validator's messages (field paths) when it does not. Anything
+/// else (deletes, other kinds) is allowed.
+fn validate_review(body: &[u8]) -> Result<AdmissionResponse, String> {
+    let req = admission_request(body)?;
+    let resp = AdmissionResponse::from(&req);
+    if !matches!(req.operation, Operation::Create | Operation::Update)
+        || req.kind.kind != sluice_config::KIND
+        || req.kind.group != "sluice.dev"
+    {
+        return Ok(resp);
+    }
+    let Some(obj) = &req.object else {
+        return Ok(refuse(resp, "sluice: the request carries no RoutePolicy"));
+    };
+    let ns = obj
+        .metadata
+        .namespace
+        .as_deref()
+        .or(req.namespace.as_deref())
+        .unwrap_or("default");
+    let name = obj
+        .metadata
+        .name
+        .as_deref()
+        .or(obj.metadata.generate_name.as_deref())
+        .unwrap_or(&req.name);
+    let spec = obj.data.get("spec").cloned().unwrap_or_default();
+    match crate::k8s::validate_object(ns, name, &spec) {
+        Ok(_) => Ok(resp),
+        Err(error) => {
+            tracing::info!(namespace = ns, name, %error, "RoutePolicy refused at admission");
+            let message = format!("RoutePolicy {ns}/{name} refused by sluice-config:\n{error}");
+            let mut resp = resp.deny(&message);
+            resp.result = kube_core::Status::failure(&message, "Invalid").with_code(422);
+            Ok(resp)
+        }
     }
 }
 

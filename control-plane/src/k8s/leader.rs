@@ -1,0 +1,311 @@
+//! Leader election over a `coordination.k8s.io/v1` Lease.
+//!
+//! Every replica serves proxies; only the leader writes RoutePolicy statuses, so
+//! replicas never fight over them. The loop follows client-go's rules: a replica
+//! takes the Lease when it is free or when its record (holder and renew time) has
+//! not changed for `leaseDurationSeconds` as measured by the replica's own clock
+//! (never by comparing timestamps across machines); every write carries the
+//! `resourceVersion` read, so two replicas racing for it cannot both win (the
+//! loser gets 409 Conflict). The leader renews every `renew_every`; a leader that
+//! fails to renew steps down at once, before anyone else can take over.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{ObjectMeta, PostParams};
+use kube::{Api, Client};
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+/// Which Lease and how often.
+#[derive(Clone, Debug)]
+pub struct LeaseConfig {
+    /// Namespace of the Lease (the control plane's own).
+    pub namespace: String,
+    /// Name of the Lease.
+    pub name: String,
+    /// This replica's identity in `holderIdentity` (its pod name).
+    pub holder: String,
+    /// How long a Lease not renewed stays with its holder.
+    pub lease_duration: Duration,
+    /// How often the leader renews (well below `lease_duration`).
+    pub renew_every: Duration,
+    /// How often a follower checks whether the Lease has become free.
+    pub retry_every: Duration,
+}
+
+impl LeaseConfig {
+    /// client-go's defaults: 15 s lease, renew every 5 s, retry every 2 s.
+    pub fn new(namespace: &str, name: &str, holder: &str) -> Self {
+        Self {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+            holder: holder.to_string(),
+            lease_duration: Duration::from_secs(15),
+            renew_every: Duration::from_secs(5),
+            retry_every: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The last Lease record seen and when (by our clock) it was first seen.
+#[derive(Debug)]
+struct Observed {
+    holder: Option<String>,
+    renew_time: Option<MicroTime>,
+    since: Instant,
+}
+
+/// Runs the election until `shutdown` turns true, reporting leadership on
+/// `leading`. On shutdown a leader gives the Lease up so another replica takes
+/// over without waiting for it to expire.
+pub async fn run(
+    client: Client,
+    cfg: LeaseConfig,
+    leading: watch::Sender<bool>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
+    let mut observed: Option<Observed> = None;
+    loop {
+        let now_leading = match try_acquire_or_renew(&api, &cfg, &mut observed).await {
+            Ok(leading) => leading,
+            Err(e) => {
+                tracing::warn!(error = %e, lease = %cfg.name, "lease update failed; not leading");
+                false
+            }
+        };
+        leading.send_if_modified(|cur| {
+            if *cur == now_leading {
+                return false;
+            }
+            tracing::info!(lease = %cfg.name, holder = %cfg.holder, leading = now_leading, "leadership changed");
+            *cur = now_leading;
+            true
+        });
+        let wait = if now_leading {
+            cfg.renew_every
+        } else {
+            cfg.retry_every
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => break,
+        }
+        if *shutdown.borrow() {
+            break;
+        }
+    }
+    if *leading.borrow() {
+        leading.send_replace(false);
+        if let Err(e) = release(&api, &cfg).await {
+            tracing::warn!(error = %e, "could not release the lease; it expires on its own");
+        }
+    }
+}
+
+async fn try_acquire_or_renew(
+    api: &Api<Lease>,
+    cfg: &LeaseConfig,
+    observed: &mut Option<Observed>,
+) -> Result<bool, kube::Error> {
+    let now = MicroTime(k8s_openapi::jiff::Timestamp::now());
+    let duration_secs = i32::try_from(cfg.lease_duration.as_secs()).unwrap_or(i32::MAX);
+    let Some(mut lease) = api.get_opt(&cfg.name).await? else {
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(cfg.name.clone()),
+                namespace: Some(cfg.namespace.clone()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some(cfg.holder.clone()),
+                lease_duration_seconds: Some(duration_secs),
+                acquire_time: Some(now.clone()),
+                renew_time: Some(now),
+                lease_transitions: Some(0),
+                ..LeaseSpec::default()
+            }),
+        };
+        return conflict_is_false(api.create(&PostParams::default(), &lease).await);
+    };
+    let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+    let holder = spec.holder_identity.clone().filter(|h| !h.is_empty());
+    // Has the record changed since we last looked? Expiry counts from then.
+    let changed = observed
+        .as_ref()
+        .is_none_or(|o| o.holder != holder || o.renew_time != spec.renew_time);
+    if changed {
+        *observed = Some(Observed {
+            holder: holder.clone(),
+            renew_time: spec.renew_time.clone(),
+            since: Instant::now(),
+        });
+    }
+    let theirs = spec
+        .lease_duration_seconds
+        .and_then(|s| u64::try_from(s).ok())
+        .map_or(cfg.lease_duration, Duration::from_secs);
+    let ours = holder.as_deref() == Some(cfg.holder.as_str());
+    let expired = observed
+        .as_ref()
+        .is_some_and(|o| o.since.elapsed() >= theirs);
+    if !ours && holder.is_some() && !expired {
+        return Ok(false);
+    }
+    if !ours {
+        spec.acquire_time = Some(now.clone());
+        spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0).saturating_add(1));
+        tracing::info!(lease = %cfg.name, previous = ?holder, "taking over the lease");
+    }
+    spec.holder_identity = Some(cfg.holder.clone());
+    spec.lease_duration_seconds = Some(duration_secs);
+    spec.renew_time = Some(now);
+    // `replace` sends the resourceVersion we read: a concurrent writer makes it 409.
+    let result = api.replace(&cfg.name, &PostParams::default(), &lease).await;
+    let won = conflict_is_false(result)?;
+    if won {
+        *observed = None;
+    }
+    Ok(won)
+}
+
+fn conflict_is_false(result: Result<Lease, kube::Error>) -> Result<bool, kube::Error> {
+    match result {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+async fn release(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<(), kube::Error> {
+    let Some(mut lease) = api.get_opt(&cfg.name).await? else {
+        return Ok(());
+    };
+    let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+    if spec.holder_identity.as_deref() != Some(cfg.holder.as_str()) {
+        return Ok(());
+    }
+    spec.holder_identity = None;
+    api.replace(&cfg.name, &PostParams::default(), &lease)
+        .await
+        .map(|_| ())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use serde_json::{Value, json};
+
+    use super::*;
+    use crate::k8s::testing::{Reply, fake_api, status};
+
+    /// A fake Lease store with resourceVersion checks, as the API server has them.
+    fn lease_server(initial: Option<Value>) -> (Client, Arc<Mutex<Option<Value>>>) {
+        let store = Arc::new(Mutex::new(initial));
+        let s = store.clone();
+        let (client, _calls) = fake_api(move |c| {
+            assert!(
+                c.path
+                    .starts_with("/apis/coordination.k8s.io/v1/namespaces/sluice-system/leases"),
+                "{c:?}"
+            );
+            let mut cur = s.lock().unwrap();
+            match c.method.as_str() {
+                "GET" => match cur.as_ref() {
+                    Some(v) => Reply::Json(200, v.clone()),
+                    None => status(404, "NotFound"),
+                },
+                "POST" if cur.is_some() => status(409, "AlreadyExists"),
+                "POST" | "PUT" => {
+                    let rv = cur
+                        .as_ref()
+                        .map(|v| v["metadata"]["resourceVersion"].clone());
+                    if c.method == "PUT"
+                        && rv != Some(c.body["metadata"]["resourceVersion"].clone())
+                    {
+                        return status(409, "Conflict");
+                    }
+                    let next = rv
+                        .and_then(|v| v.as_str().and_then(|s| s.parse::<u64>().ok()))
+                        .unwrap_or(0)
+                        + 1;
+                    let mut v = c.body.clone();
+                    v["metadata"]["resourceVersion"] = json!(next.to_string());
+                    *cur = Some(v.clone());
+                    Reply::Json(200, v)
+                }
+                other => panic!("unexpected {other}"),
+            }
+        });
+        (client, store)
+    }
+
+    fn held_by(holder: &str) -> Value {
+        json!({
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": { "name": "sluice-control-plane", "namespace": "sluice-system", "resourceVersion": "7" },
+            "spec": { "holderIdentity": holder, "leaseDurationSeconds": 15,
+                      "renewTime": "2026-01-01T00:00:00.000000Z" }
+        })
+    }
+
+    fn cfg(holder: &str) -> LeaseConfig {
+        LeaseConfig::new("sluice-system", "sluice-control-plane", holder)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn first_replica_creates_the_lease_and_leads_until_shutdown() {
+        let (client, store) = lease_server(None);
+        let (tx, mut rx) = watch::channel(false);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run(client, cfg("cp-a"), tx, stop_rx));
+        rx.wait_for(|l| *l).await.unwrap();
+        assert_eq!(
+            store.lock().unwrap().as_ref().unwrap()["spec"]["holderIdentity"],
+            "cp-a"
+        );
+        // Renewals keep it.
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        assert!(*rx.borrow());
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
+        assert!(!*rx.borrow());
+        // Released: the next replica need not wait for expiry.
+        assert!(store.lock().unwrap().as_ref().unwrap()["spec"]["holderIdentity"].is_null());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_follower_waits_for_a_live_holder_and_takes_over_a_stale_one() {
+        let (client, store) = lease_server(Some(held_by("cp-other")));
+        let (tx, mut rx) = watch::channel(false);
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        let start = Instant::now();
+        tokio::spawn(run(client, cfg("cp-b"), tx, stop_rx));
+        // The holder keeps renewing for a while: we must not take it.
+        for i in 0..10 {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            assert!(!*rx.borrow(), "took a live lease after {i} renewals");
+            store.lock().unwrap().as_mut().unwrap()["spec"]["renewTime"] =
+                json!(format!("2026-01-01T00:00:{:02}.000000Z", i + 1));
+        }
+        // Then it stops renewing: after the lease duration it is ours.
+        let stopped = Instant::now();
+        rx.wait_for(|l| *l).await.unwrap();
+        let waited = stopped.elapsed();
+        assert!(
+            waited >= Duration::from_secs(15),
+            "took over after {waited:?}"
+        );
+        assert!(
+            waited <= Duration::from_secs(15 + 2 + 1),
+            "took over after {waited:?}"
+        );
+        assert!(start.elapsed() > Duration::from_secs(30));
+        let lease = store.lock().unwrap().clone().unwrap();
+        assert_eq!(lease["spec"]["holderIdentity"], "cp-b");
+        assert_eq!(lease["spec"]["leaseTransitions"], 1);
+    }
+}

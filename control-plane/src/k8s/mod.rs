@@ -1,0 +1,189 @@
+//! Running in a Kubernetes cluster (kube-rs).
+//!
+//! - [`policies`]: `--source kubernetes` takes policies from `RoutePolicy` objects
+//!   (`sluice.dev/v1alpha1`) through a reflector, validates each with
+//!   `sluice-config` and publishes them like files; the elected replica writes
+//!   each object's verdict to its `status`.
+//! - [`leader`]: the election (a `coordination.k8s.io/v1` Lease).
+//! - [`endpoints`]: backends naming a Service get its ready endpoints from its
+//!   EndpointSlices, resolved into the published set.
+//! - [`identity`]: bootstrap tokens checked with TokenReview; the mesh root kept in
+//!   a Secret shared by the replicas.
+//! - The validating webhook (`POST /validate` on the webhook server) refuses a
+//!   RoutePolicy that `sluice-config` refuses, with [`policies::validate_object`].
+//!
+//! # What the control plane asks of the API server (its RBAC)
+//!
+//! Exactly these calls are made; nothing else is needed.
+//!
+//! | API group | resource | verbs | when |
+//! |---|---|---|---|
+//! | `sluice.dev` | `routepolicies` (all namespaces) | `list`, `watch` | `--source kubernetes` |
+//! | `sluice.dev` | `routepolicies/status` (all namespaces) | `patch` | `--source kubernetes`, elected replica only |
+//! | `coordination.k8s.io` | `leases` (own namespace, name `--lease-name`) | `get`, `create`, `update` | `--source kubernetes` |
+//! | `discovery.k8s.io` | `endpointslices` (all namespaces) | `list`, `watch` | `--source kubernetes` or `--discover-endpoints` |
+//! | `authentication.k8s.io` | `tokenreviews` | `create` | `--token-review` |
+//! | `""` (core) | `secrets` (own namespace, name `--ca-secret`) | `get`, `create` | `--ca-secret` |
+//!
+//! A Role cannot name a resource that does not exist yet for `create`, so the
+//! Secret's `create` is granted without `resourceNames` (its `get` can carry it).
+//! The Lease's `create` likewise.
+//!
+//! # Flags
+//!
+//! - `--source dir|kubernetes` (`SLUICE_SOURCE`, default `dir`): where policies come
+//!   from. `dir` needs `--policy-dir`.
+//! - `--discover-endpoints` (`SLUICE_DISCOVER_ENDPOINTS`): with `--source dir` in a
+//!   cluster, still resolve `service` backends from EndpointSlices (always on with
+//!   `--source kubernetes`).
+//! - `--pod-namespace NS` (`SLUICE_POD_NAMESPACE`, default: the namespace of the
+//!   service account the control plane runs as): where the Lease and the CA
+//!   Secret live.
+//! - `--pod-name NAME` (`SLUICE_POD_NAME`, default `$HOSTNAME`): this replica's
+//!   name in the Lease.
+//! - `--lease-name NAME` (`SLUICE_LEASE_NAME`, default `sluice-control-plane`).
+//! - `--ca-secret NAME` (`SLUICE_CA_SECRET`): keep the mesh root in this Secret
+//!   (keys `ca.crt`, `ca.key`), created on first start.
+//! - `--token-review` (`SLUICE_TOKEN_REVIEW`): check proxies' bootstrap tokens with
+//!   TokenReview (audience `sluice`), instead of a token file.
+
+pub mod endpoints;
+pub mod identity;
+pub mod leader;
+pub mod policies;
+
+#[cfg(test)]
+pub(crate) mod testing;
+
+use std::fmt;
+use std::sync::Arc;
+
+use kube::Client;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use identity::{TokenReviewVerifier, load_or_create_ca_secret};
+pub use leader::LeaseConfig;
+pub use policies::validate_object;
+
+use crate::Shared;
+
+/// What the control plane does with the Kubernetes API.
+#[derive(Clone)]
+pub struct KubeConfig {
+    /// The API client.
+    pub client: Client,
+    /// RoutePolicy objects are the policy source (`--source kubernetes`);
+    /// otherwise only Service endpoints are discovered.
+    pub policies: bool,
+    /// The Lease that elects the replica writing statuses.
+    pub lease: LeaseConfig,
+}
+
+impl fmt::Debug for KubeConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KubeConfig")
+            .field("policies", &self.policies)
+            .field("lease", &self.lease)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts the watches (and, with RoutePolicies as the source, the election and the
+/// status writer); every task ends when `shutdown` turns true.
+pub(crate) fn spawn(
+    cfg: &KubeConfig,
+    shared: &Arc<Shared>,
+    shutdown: &watch::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
+    let mut tasks = vec![tokio::spawn(endpoints::watch_endpoints(
+        cfg.client.clone(),
+        shared.clone(),
+        shutdown.clone(),
+    ))];
+    if cfg.policies {
+        let (leading_tx, leading_rx) = watch::channel(false);
+        tasks.push(tokio::spawn(policies::watch_policies(
+            cfg.client.clone(),
+            shared.clone(),
+            shutdown.clone(),
+        )));
+        tasks.push(tokio::spawn(leader::run(
+            cfg.client.clone(),
+            cfg.lease.clone(),
+            leading_tx,
+            shutdown.clone(),
+        )));
+        tasks.push(tokio::spawn(policies::write_statuses(
+            cfg.client.clone(),
+            shared.clone(),
+            leading_rx,
+            shutdown.clone(),
+        )));
+    }
+    tasks
+}
+
+/// The control plane's Kubernetes flags.
+#[derive(Clone, Debug, Default, clap::Args)]
+pub struct KubeArgs {
+    /// With `--source dir` in a cluster, still resolve `service` backends from
+    /// EndpointSlices (always on with `--source kubernetes`).
+    #[arg(long, env = "SLUICE_DISCOVER_ENDPOINTS")]
+    pub discover_endpoints: bool,
+    /// Namespace of the Lease and the CA Secret (default: the service account's).
+    #[arg(long, env = "SLUICE_POD_NAMESPACE", value_name = "NS")]
+    pub pod_namespace: Option<String>,
+    /// This replica's name in the Lease (default: `$HOSTNAME`).
+    #[arg(long, env = "SLUICE_POD_NAME", value_name = "NAME")]
+    pub pod_name: Option<String>,
+    /// Name of the Lease electing the replica that writes RoutePolicy statuses.
+    #[arg(
+        long,
+        env = "SLUICE_LEASE_NAME",
+        value_name = "NAME",
+        default_value = "sluice-control-plane"
+    )]
+    pub lease_name: String,
+    /// Keep the mesh root in this Secret (`ca.crt`, `ca.key`) of the pod's
+    /// namespace, created on first start and shared by the replicas.
+    #[arg(long, env = "SLUICE_CA_SECRET", value_name = "NAME")]
+    pub ca_secret: Option<String>,
+    /// Check proxies' bootstrap tokens with TokenReview (audience `sluice`).
+    #[arg(long, env = "SLUICE_TOKEN_REVIEW")]
+    pub token_review: bool,
+}
+
+impl KubeArgs {
+    /// Whether these flags (with RoutePolicies as the source or not) need the API.
+    pub fn needs_client(&self, policies: bool) -> bool {
+        policies || self.discover_endpoints || self.ca_secret.is_some() || self.token_review
+    }
+
+    /// The namespace the Lease and the CA Secret live in.
+    pub fn namespace(&self, client: &Client) -> String {
+        self.pod_namespace
+            .clone()
+            .unwrap_or_else(|| client.default_namespace().to_string())
+    }
+
+    /// The control plane's Kubernetes configuration, if it watches anything.
+    pub fn to_config(&self, client: &Client, policies: bool) -> Option<KubeConfig> {
+        if !(policies || self.discover_endpoints) {
+            return None;
+        }
+        let holder = self
+            .pod_name
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .unwrap_or_else(|| "sluice-control-plane".to_string());
+        Some(KubeConfig {
+            client: client.clone(),
+            policies,
+            lease: LeaseConfig::new(&self.namespace(client), &self.lease_name, &holder),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,389 @@
+//! RoutePolicy objects as the policy source: a reflector over the API, the same
+//! validator as files, the verdict written back to each object's `status`.
+//!
+//! Objects are read as `DynamicObject`s, not as the typed resource: a typed watch
+//! would fail to decode an object whose spec the validator refuses (a duration
+//! like `2x`), and one such object must not stop the others from loading. Each
+//! object's spec is turned back into a policy document (YAML) and handed to
+//! [`sluice_config::parse_policies`], so objects and files get exactly the same
+//! verdicts; the synthesized text has no meaning for the user, so messages about
+//! objects carry field paths (`spec.routes[0].retry.attempts: ...`) without
+//! positions.
+//!
+//! Like files, a refused generation leaves the object's last accepted one in
+//! force. Two objects governing the same host: the older one (by creation time,
+//! then namespace and name) wins and the other is refused with the reason.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use futures_util::StreamExt as _;
+use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
+use kube::runtime::reflector::{self, store::Writer};
+use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::{Api, Client};
+use serde_json::{Value, json};
+use sluice_api::pb;
+use sluice_config::{
+    API_VERSION, ConfigError, KIND, PolicySet, RoutePolicy, RoutePolicyResource, RoutePolicyStatus,
+};
+use tokio::sync::watch;
+
+use crate::Shared;
+use crate::source::{FileView, PolicyView};
+
+/// `namespace`, `name`.
+type ObjectKey = (String, String);
+
+/// The API resource behind `RoutePolicy` objects.
+pub(crate) fn api_resource() -> ApiResource {
+    ApiResource::erase::<RoutePolicyResource>(&())
+}
+
+/// Validates one object's spec as a policy document named `namespace/name`.
+///
+/// The error is the validator's messages, one per line, each `path: message`.
+pub fn validate_object(namespace: &str, name: &str, spec: &Value) -> Result<RoutePolicy, String> {
+    let doc = json!({
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": { "name": name, "namespace": namespace },
+        "spec": spec,
+    });
+    let text = serde_yaml::to_string(&doc).map_err(|e| format!("spec: {e}"))?;
+    let label = format!("routepolicy/{namespace}/{name}");
+    match sluice_config::parse_policies(&label, &text) {
+        Ok(mut policies) if policies.len() == 1 => Ok(policies.remove(0)),
+        Ok(_) => Err("spec: expected exactly one policy".to_string()),
+        Err(e) => Err(field_messages(&e)),
+    }
+}
+
+/// The validator's diagnostics as `path: message` lines (positions left out).
+fn field_messages(e: &ConfigError) -> String {
+    e.diagnostics()
+        .iter()
+        .map(|d| {
+            if d.path.is_empty() {
+                d.message.clone()
+            } else {
+                format!("{}: {}", d.path, d.message)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[derive(Clone, Debug)]
+struct Good {
+    policy: RoutePolicy,
+    hash: String,
+    loaded_at: SystemTime,
+}
+
+#[derive(Clone, Debug, Default)]
+struct ObjectState {
+    generation: Option<i64>,
+    created: String,
+    /// The spec last validated, so an unchanged object is not validated again.
+    spec: Value,
+    good: Option<Good>,
+    error: Option<String>,
+    error_at: Option<SystemTime>,
+    /// The status the object carries now.
+    status: Option<RoutePolicyStatus>,
+}
+
+/// Every RoutePolicy object seen and what was concluded about it.
+#[derive(Debug, Default)]
+pub(crate) struct KubePolicies {
+    objects: BTreeMap<ObjectKey, ObjectState>,
+    /// Objects left out because another one governs the same host.
+    conflicts: HashMap<ObjectKey, String>,
+    /// The initial list is complete; nothing is published before.
+    synced: bool,
+    /// Statuses written whose watch event has not come back yet.
+    written: HashMap<ObjectKey, RoutePolicyStatus>,
+}
+
+impl KubePolicies {
+    /// Takes in the reflector's whole store; validates new and changed objects.
+    /// Returns how many were refused in this pass.
+    pub(crate) fn sync(&mut self, objects: &[Arc<DynamicObject>]) -> usize {
+        self.synced = true;
+        let mut failures = 0;
+        let mut present = BTreeMap::new();
+        for obj in objects {
+            let (Some(ns), Some(name)) = (&obj.metadata.namespace, &obj.metadata.name) else {
+                continue;
+            };
+            let key = (ns.clone(), name.clone());
+            let mut state = self.objects.remove(&key).unwrap_or_default();
+            let spec = obj.data.get("spec").cloned().unwrap_or(Value::Null);
+            let status = obj
+                .data
+                .get("status")
+                .and_then(|s| serde_json::from_value::<RoutePolicyStatus>(s.clone()).ok());
+            if status != state.status {
+                // Whatever we wrote has come back (or someone else wrote): trust the object.
+                self.written.remove(&key);
+                state.status = status;
+            }
+            state.created = obj
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.to_string())
+                .unwrap_or_default();
+            let fresh = state.good.is_none() && state.error.is_none();
+            if fresh || spec != state.spec || obj.metadata.generation != state.generation {
+                state.generation = obj.metadata.generation;
+                state.spec = spec;
+                match validate_object(ns, name, &state.spec) {
+                    Ok(policy) => {
+                        let hash = PolicySet::new(vec![policy.clone()])
+                            .map(|s| s.hash().to_string())
+                            .unwrap_or_default();
+                        tracing::info!(namespace = %ns, %name, %hash, "RoutePolicy accepted");
+                        state.good = Some(Good {
+                            policy,
+                            hash,
+                            loaded_at: SystemTime::now(),
+                        });
+                        state.error = None;
+                        state.error_at = None;
+                    }
+                    Err(error) => {
+                        failures += 1;
+                        tracing::warn!(namespace = %ns, %name, %error, last_good = ?state.good.as_ref().map(|g| &g.hash), "RoutePolicy refused; keeping its last accepted version");
+                        state.error = Some(error);
+                        state.error_at = Some(SystemTime::now());
+                    }
+                }
+            }
+            present.insert(key, state);
+        }
+        self.written.retain(|k, _| present.contains_key(k));
+        self.objects = present;
+        failures
+    }
+
+    pub(crate) fn is_synced(&self) -> bool {
+        self.synced
+    }
+
+    /// The mesh's set from every object's version in force.
+    pub(crate) fn build_set(&mut self) -> Option<(PolicySet, Vec<pb::PolicyMeta>)> {
+        if !self.synced {
+            return None;
+        }
+        self.conflicts.clear();
+        let mut order: Vec<(&ObjectKey, &ObjectState)> = self
+            .objects
+            .iter()
+            .filter(|(_, s)| s.good.is_some())
+            .collect();
+        order.sort_by(|a, b| (&a.1.created, a.0).cmp(&(&b.1.created, b.0)));
+        let mut hosts: HashMap<&str, &ObjectKey> = HashMap::new();
+        let mut policies = Vec::new();
+        let mut metas = Vec::new();
+        for (key, state) in order {
+            let Some(good) = &state.good else { continue };
+            if let Some(other) = hosts.get(good.policy.spec.host.as_str()) {
+                self.conflicts.insert(
+                    key.clone(),
+                    format!(
+                        "spec.host: host {:?} is already governed by RoutePolicy {}/{}",
+                        good.policy.spec.host, other.0, other.1
+                    ),
+                );
+                continue;
+            }
+            hosts.insert(&good.policy.spec.host, key);
+            metas.push(pb::PolicyMeta {
+                name: key.1.clone(),
+                namespace: key.0.clone(),
+                source: format!("routepolicy/{}/{}", key.0, key.1),
+            });
+            policies.push(good.policy.clone());
+        }
+        match PolicySet::new(policies) {
+            Ok(set) => Some((set, metas)),
+            Err(e) => {
+                tracing::warn!(error = %e, "the mesh's policy set is refused; keeping the previous one");
+                None
+            }
+        }
+    }
+
+    /// What each object's status should say.
+    fn desired(&self, key: &ObjectKey, state: &ObjectState) -> RoutePolicyStatus {
+        let error = state
+            .error
+            .clone()
+            .or_else(|| self.conflicts.get(key).cloned());
+        RoutePolicyStatus {
+            observed_generation: state.generation,
+            accepted: error.is_none() && state.good.is_some(),
+            hash: state.good.as_ref().map(|g| g.hash.clone()),
+            error,
+        }
+    }
+
+    /// Objects whose status differs from the verdict (and was not just written).
+    pub(crate) fn pending_statuses(&self) -> Vec<(ObjectKey, RoutePolicyStatus)> {
+        if !self.synced {
+            return Vec::new();
+        }
+        self.objects
+            .iter()
+            .filter_map(|(key, state)| {
+                let want = self.desired(key, state);
+                let have = self.written.get(key).or(state.status.as_ref());
+                (have != Some(&want)).then(|| (key.clone(), want))
+            })
+            .collect()
+    }
+
+    fn mark_written(&mut self, key: ObjectKey, status: RoutePolicyStatus) {
+        if self.objects.contains_key(&key) {
+            self.written.insert(key, status);
+        }
+    }
+
+    /// Every policy in force, for `/policies`.
+    pub(crate) fn policy_views(&self) -> Vec<PolicyView> {
+        self.objects
+            .iter()
+            .filter(|(k, _)| !self.conflicts.contains_key(*k))
+            .filter_map(|(key, state)| {
+                let good = state.good.as_ref()?;
+                Some(PolicyView {
+                    name: key.1.clone(),
+                    namespace: key.0.clone(),
+                    host: good.policy.spec.host.clone(),
+                    file: format!("routepolicy/{}/{}", key.0, key.1),
+                    file_version: good.hash.clone(),
+                    file_error: state.error.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// Every object, for `/policies` (in the `files` list).
+    pub(crate) fn file_views(&self) -> Vec<FileView> {
+        self.objects
+            .iter()
+            .map(|(key, state)| {
+                let conflict = self.conflicts.get(key);
+                FileView {
+                    file: format!("routepolicy/{}/{}", key.0, key.1),
+                    version: state.good.as_ref().map(|g| g.hash.clone()),
+                    from_state: false,
+                    loaded_at_unix_ms: state.good.as_ref().map(|g| crate::unix_ms(g.loaded_at)),
+                    error: state.error.clone().or_else(|| conflict.cloned()),
+                    error_at_unix_ms: state.error_at.map(crate::unix_ms),
+                    policies: if conflict.is_some() || state.good.is_none() {
+                        Vec::new()
+                    } else {
+                        vec![format!("{}/{}", key.0, key.1)]
+                    },
+                }
+            })
+            .collect()
+    }
+}
+
+/// Runs the RoutePolicy reflector until `shutdown`: every change to the objects
+/// re-validates what changed and republishes the mesh's set.
+pub(crate) async fn watch_policies(
+    client: Client,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let ar = api_resource();
+    let api: Api<DynamicObject> = Api::all_with(client, &ar);
+    let writer = Writer::new(ar);
+    let store = writer.as_reader();
+    let stream =
+        reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    loop {
+        let event = tokio::select! {
+            e = stream.next() => e,
+            _ = shutdown.changed() => return,
+        };
+        match event {
+            Some(Ok(
+                watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_),
+            )) => {
+                let objects = store.state();
+                let failures = shared.with_kube_policies(|k| k.sync(&objects)).unwrap_or(0);
+                shared.metrics.validation_failures.inc_by(failures as u64);
+                shared.reload();
+            }
+            Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => {}
+            Some(Err(e)) => tracing::warn!(error = %e, "RoutePolicy watch failed; retrying"),
+            None => return,
+        }
+    }
+}
+
+/// While this replica leads, writes every object's verdict to its `status`
+/// (only where it differs, so the writes' own watch events change nothing).
+pub(crate) async fn write_statuses(
+    client: Client,
+    shared: Arc<Shared>,
+    mut leading: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let ar = api_resource();
+    let mut changes = shared.changes.subscribe();
+    loop {
+        let mut failed = false;
+        if *leading.borrow_and_update() {
+            let pending = shared
+                .with_kube_policies(|k| k.pending_statuses())
+                .unwrap_or_default();
+            for (key, status) in pending {
+                let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &key.0, &ar);
+                // A merge patch: fields set to null are removed.
+                let patch = json!({ "status": {
+                    "observedGeneration": status.observed_generation,
+                    "accepted": status.accepted,
+                    "hash": status.hash,
+                    "error": status.error,
+                }});
+                match api
+                    .patch_status(&key.1, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                {
+                    Ok(_) => {
+                        tracing::debug!(namespace = %key.0, name = %key.1, accepted = status.accepted, "RoutePolicy status written");
+                        shared.with_kube_policies(|k| k.mark_written(key, status));
+                    }
+                    // Deleted meanwhile: its delete event removes it.
+                    Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    Err(e) => {
+                        failed = true;
+                        tracing::warn!(namespace = %key.0, name = %key.1, error = %e, "cannot write RoutePolicy status; will retry");
+                    }
+                }
+            }
+        }
+        let retry = async {
+            if failed {
+                tokio::time::sleep(Duration::from_secs(5)).await
+            } else {
+                std::future::pending().await
+            }
+        };
+        tokio::select! {
+            r = changes.changed() => if r.is_err() { return },
+            r = leading.changed() => if r.is_err() { return },
+            _ = retry => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
