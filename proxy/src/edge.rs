@@ -14,6 +14,7 @@ use crate::body::{Body, boxed, synthetic};
 use crate::forward::{is_switching, is_upgrade_request, spawn_tunnel, strip_hop_by_hop};
 use crate::policy::PolicyStore;
 use crate::stack::{RouteEntry, SelectedBackend};
+use crate::transparent::OriginalDst;
 
 /// Which listener a request came in on (a metrics label).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -26,13 +27,52 @@ pub(crate) enum Direction {
 pub(crate) async fn outbound(store: &PolicyStore, req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let snapshot = store.current();
-    let entry = request_host(&req)
-        .and_then(|host| snapshot.route(host, req.method(), req.uri().path(), req.headers()));
+    let host = request_host(&req);
+    let entry =
+        host.and_then(|host| snapshot.route(host, req.method(), req.uri().path(), req.headers()));
     let Some(entry) = entry else {
-        debug!(host = ?request_host(&req), path = req.uri().path(), "no route");
+        // Transparent mode: a host no policy claims is none of the mesh's business.
+        if let Some(dst) = req.extensions().get::<OriginalDst>()
+            && !host.is_some_and(|h| snapshot.has_host(h))
+        {
+            let dst = dst.clone();
+            return to_original_destination(store, dst, req).await;
+        }
+        debug!(host = ?host, path = req.uri().path(), "no route");
         return synthetic(StatusCode::NOT_FOUND, "no-route", "no route\n");
     };
     forward(entry, req, started, Direction::Outbound).await
+}
+
+/// Sends a request of a redirected connection to where the application addressed it,
+/// without governance; upgrades are tunnelled once accepted.
+async fn to_original_destination(
+    store: &PolicyStore,
+    dst: OriginalDst,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let upgrade = is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
+    strip_hop_by_hop(req.headers_mut(), upgrade.is_some());
+    let mut req = req.map(boxed);
+    req.extensions_mut().insert(dst.endpoint);
+    let mut upstream = store.context().upstream.clone();
+    match upstream.call(req).await {
+        Ok(mut resp) => {
+            match upgrade {
+                Some(down) if is_switching(&resp) => spawn_tunnel(down, &mut resp),
+                _ => strip_hop_by_hop(resp.headers_mut(), false),
+            }
+            resp
+        }
+        Err(err) => {
+            debug!(dst = %dst.addr, error = %err, "original destination failed");
+            synthetic(
+                StatusCode::BAD_GATEWAY,
+                "upstream-unavailable",
+                format!("{}: {err}\n", dst.addr),
+            )
+        }
+    }
 }
 
 /// Handles one request on the inbound listener.

@@ -187,6 +187,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
     let mut data_tasks = Vec::new();
     if let Some(l) = outbound {
         let store = store.clone();
+        let intercept = transparent::Intercept::Outbound(store.clone());
         data_tasks.push(server::serve(
             "outbound",
             l,
@@ -196,10 +197,14 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
             },
             data_rx.clone(),
             cfg.drain_timeout,
+            Some(intercept),
         ));
     }
-    if let Some(l) = inbound {
+    if let (Some(l), Some(app)) = (inbound, app) {
         let store = store.clone();
+        let intercept = transparent::Intercept::Inbound {
+            app_port: app.port(),
+        };
         data_tasks.push(server::serve(
             "inbound",
             l,
@@ -209,6 +214,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
             },
             data_rx.clone(),
             cfg.drain_timeout,
+            Some(intercept),
         ));
     }
     let admin_state = admin::AdminState {
@@ -223,6 +229,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         move |peer, req| admin::handle(admin_state.clone(), peer, req),
         admin_rx,
         Duration::from_secs(1),
+        None,
     );
 
     if let Some(path) = &cfg.addr_file {

@@ -18,16 +18,21 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::body::Body;
+use crate::transparent::Intercept;
 
 /// Serves `listener` until `shutdown` flips, then stops accepting, asks every open
 /// connection to close (GOAWAY on HTTP/2, `connection: close` on HTTP/1) and waits up
-/// to `drain` for requests in flight.
+/// to `drain` for requests and passed-through connections in flight. With `intercept`,
+/// each connection is first handed to transparent mode, which may pass it through
+/// itself or return it with its original destination (put in every request's
+/// extensions).
 pub(crate) fn serve<H, F>(
     name: &'static str,
     listener: TcpListener,
     handler: H,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
+    intercept: Option<Intercept>,
 ) -> JoinHandle<()>
 where
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
@@ -58,29 +63,53 @@ where
                 debug!(error = %e, "cannot set TCP_NODELAY");
             }
             let handler = handler.clone();
-            let service = service_fn(move |req| {
-                let fut = handler(peer, req);
-                async move { Ok::<_, Infallible>(fut.await) }
-            });
-            let conn = builder
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .into_owned();
-            let conn = graceful.watch(conn);
+            let Some(intercept) = intercept.clone() else {
+                let service = service_fn(move |req| {
+                    let fut = handler(peer, req);
+                    async move { Ok::<_, Infallible>(fut.await) }
+                });
+                let conn = builder
+                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .into_owned();
+                let conn = graceful.watch(conn);
+                conns.spawn(async move {
+                    if let Err(e) = conn.await {
+                        debug!(listener = name, %peer, error = %e, "connection ended with an error");
+                    }
+                });
+                continue;
+            };
+            // Sniffing awaits the client, so it happens in the connection's own task.
+            let builder = builder.clone();
+            let watcher = graceful.watcher();
             conns.spawn(async move {
-                if let Err(e) = conn.await {
+                let Some((io, original)) = intercept.accept(stream).await else {
+                    return;
+                };
+                let service = service_fn(move |mut req: Request<Incoming>| {
+                    if let Some(dst) = &original {
+                        req.extensions_mut().insert(dst.clone());
+                    }
+                    let fut = handler(peer, req);
+                    async move { Ok::<_, Infallible>(fut.await) }
+                });
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+                if let Err(e) = watcher.watch(conn.into_owned()).await {
                     debug!(listener = name, %peer, error = %e, "connection ended with an error");
                 }
             });
         }
         drop(listener);
-        let open = graceful.count();
+        let open = conns.len();
         if open > 0 {
             info!(listener = name, open, ?drain, "draining connections");
         }
-        if tokio::time::timeout(drain, graceful.shutdown())
-            .await
-            .is_err()
-        {
+        // Passed-through connections cannot be asked to close; they get the same grace.
+        let drained = async {
+            graceful.shutdown().await;
+            while conns.join_next().await.is_some() {}
+        };
+        if tokio::time::timeout(drain, drained).await.is_err() {
             warn!(
                 listener = name,
                 "drain timeout elapsed; closing remaining connections"

@@ -1,20 +1,59 @@
-//! Transparent mode's building blocks: the original destination of a redirected
-//! connection, a first-bytes protocol sniff, and opaque TCP passthrough.
+//! Transparent mode: connections the `init` redirect sent to the proxy, taken apart per
+//! connection before any HTTP is served.
 //!
-//! After the `init` redirect, an accepted connection's local address is the proxy's
-//! port; [`original_dst`] reads where the application meant to go (`SO_ORIGINAL_DST`,
-//! kept by conntrack). [`sniff`] reads just enough of the client's first bytes to tell
-//! HTTP/1, the HTTP/2 preface or anything else apart; a protocol in which the server
-//! speaks first (MySQL, SMTP) sends nothing, so the sniff gives up after a timeout and
-//! calls it opaque. [`passthrough`] replays the sniffed bytes to the destination and
-//! copies both ways untouched. Wiring these into the outbound listener is not done yet.
+//! After the redirect, an accepted connection's local address is the proxy's port;
+//! [`original_dst`] reads where the application meant to go (`SO_ORIGINAL_DST`, kept by
+//! conntrack). A connection made to the listener itself (explicit mode) has no original
+//! destination, or has the listener's own address, and is served exactly as before.
+//!
+//! Outbound ([`Intercept::Outbound`]), a redirected connection is sniffed once:
+//! [`sniff`] reads just enough of the client's first bytes to tell HTTP/1, the HTTP/2
+//! preface or anything else apart; a protocol in which the server speaks first (MySQL,
+//! SMTP) sends nothing, so the sniff gives up after [`SNIFF_WAIT`] and calls it opaque.
+//!
+//! - Not HTTP: [`passthrough`] replays the sniffed bytes to the original destination and
+//!   copies both ways untouched.
+//! - HTTP/1: the first request head is read (with `httparse`, hyper's own parser) to learn
+//!   its authority. A host no policy claims is passed through as opaque TCP, byte for
+//!   byte, for the whole connection (Upgrade and CONNECT included); a governed host hands
+//!   the connection, its read bytes replayed ([`Prefixed`]), to hyper and the route
+//!   stacks. Should a later request on that keep-alive connection name a host no policy
+//!   claims, it is forwarded to the original destination without governance.
+//! - HTTP/2: the authority sits in HPACK-compressed frames, so the connection goes to
+//!   hyper and each request is decided alone: governed hosts through their stacks, the
+//!   rest to the original destination without governance.
+//!
+//! Inbound ([`Intercept::Inbound`]), a redirected connection to the application's port
+//! (`--app`) is served as HTTP through the inbound stack to `--app`; a connection to any
+//! other port of the pod passes through untouched to that port on `127.0.0.1`.
+//!
+//! The cost is one `getsockopt` per connection, plus the sniff for redirected ones; a
+//! request on an established connection pays nothing more than in explicit mode.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use sluice_filters::balance::Endpoint;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+use tracing::debug;
+
+use crate::policy::PolicyStore;
+
+/// How long a redirected connection may stay silent before it is taken for a
+/// server-first protocol and passed through.
+pub const SNIFF_WAIT: Duration = Duration::from_millis(200);
+/// How long the first HTTP/1 request head may take to arrive once it has begun.
+const HEAD_WAIT: Duration = Duration::from_secs(10);
+/// Largest first request head read to learn its authority; a longer one goes to hyper,
+/// which decides per request.
+const MAX_HEAD: usize = 64 * 1024;
+/// Headers `httparse` may see in the first request head.
+const MAX_HEADERS: usize = 100;
 
 /// The HTTP/2 connection preface (RFC 9113, section 3.4).
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
@@ -111,9 +150,266 @@ pub async fn passthrough(
     tokio::io::copy_bidirectional(&mut client, &mut upstream).await
 }
 
+/// The original destination of a redirected connection, carried in every request's
+/// extensions so the edge can send ungoverned requests there.
+#[derive(Clone, Debug)]
+pub(crate) struct OriginalDst {
+    /// Where the application meant to go.
+    pub(crate) addr: SocketAddr,
+    /// The same, as the connector's endpoint (built once per connection).
+    pub(crate) endpoint: Endpoint,
+}
+
+impl OriginalDst {
+    fn new(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            endpoint: Endpoint(Arc::from(addr.to_string())),
+        }
+    }
+}
+
+/// What a listener does with a connection before HTTP is served on it.
+#[derive(Clone, Debug)]
+pub(crate) enum Intercept {
+    /// The outbound listener: redirected connections are sniffed and passed through
+    /// unless HTTP to a governed host.
+    Outbound(PolicyStore),
+    /// The inbound listener: redirected connections to ports other than the
+    /// application's pass through to that port on loopback.
+    Inbound {
+        /// The `--app` port.
+        app_port: u16,
+    },
+}
+
+impl Intercept {
+    /// Serves `stream` as opaque TCP itself and returns `None`, or returns it (with any
+    /// bytes already read) for hyper, with the original destination when redirected.
+    pub(crate) async fn accept(
+        &self,
+        mut stream: TcpStream,
+    ) -> Option<(Prefixed<TcpStream>, Option<OriginalDst>)> {
+        let Some(dst) = redirected(&stream) else {
+            return Some((Prefixed::new(stream, Vec::new()), None));
+        };
+        match self {
+            Intercept::Inbound { app_port } => {
+                if dst.port() == *app_port {
+                    return Some((Prefixed::new(stream, Vec::new()), None));
+                }
+                let local = SocketAddr::from((Ipv4Addr::LOCALHOST, dst.port()));
+                relay(stream, Vec::new(), local).await;
+                None
+            }
+            Intercept::Outbound(store) => {
+                let (protocol, mut prefix) = match sniff(&mut stream, SNIFF_WAIT).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        debug!(%dst, error = %e, "connection ended before its first bytes");
+                        return None;
+                    }
+                };
+                let governed = match protocol {
+                    Protocol::Opaque => false,
+                    Protocol::Http2 => true,
+                    Protocol::Http1 => match read_head(&mut stream, &mut prefix).await {
+                        Head::Authority(host) => store.current().has_host(&host),
+                        Head::NotHttp => false,
+                        // Too long or too slow to tell here: hyper decides per request.
+                        Head::Undecided => true,
+                    },
+                };
+                if governed {
+                    Some((Prefixed::new(stream, prefix), Some(OriginalDst::new(dst))))
+                } else {
+                    relay(stream, prefix, dst).await;
+                    None
+                }
+            }
+        }
+    }
+}
+
+/// The original destination, unless the connection was made to the listener itself.
+fn redirected(stream: &TcpStream) -> Option<SocketAddr> {
+    let dst = original_dst(stream).ok()?;
+    (Some(dst) != stream.local_addr().ok()).then_some(dst)
+}
+
+async fn relay(client: TcpStream, prefix: Vec<u8>, dst: SocketAddr) {
+    match passthrough(client, &prefix, dst).await {
+        Ok((up, down)) => {
+            debug!(%dst, up = up + prefix.len() as u64, down, "opaque connection closed")
+        }
+        Err(e) => debug!(%dst, error = %e, "opaque connection ended with an error"),
+    }
+}
+
+/// What the first HTTP/1 request head says.
+#[derive(Debug, PartialEq, Eq)]
+enum Head {
+    /// The authority it names: absolute-form or CONNECT target first, then `Host`.
+    Authority(String),
+    /// Its bytes are not an HTTP/1 request.
+    NotHttp,
+    /// Complete head not seen within [`MAX_HEAD`] bytes or [`HEAD_WAIT`].
+    Undecided,
+}
+
+/// Reads on until the first request head is complete; every byte read is left in `prefix`.
+async fn read_head(stream: &mut TcpStream, prefix: &mut Vec<u8>) -> Head {
+    let deadline = tokio::time::Instant::now() + HEAD_WAIT;
+    loop {
+        match parse_head(prefix) {
+            Some(head) => return head,
+            None if prefix.len() >= MAX_HEAD => return Head::Undecided,
+            None => {}
+        }
+        prefix.reserve(4096);
+        match tokio::time::timeout_at(deadline, stream.read_buf(prefix)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            // Closed, failed or slow: hyper will tell the client what went wrong.
+            _ => return Head::Undecided,
+        }
+    }
+}
+
+/// The head's authority, `None` while incomplete.
+fn parse_head(bytes: &[u8]) -> Option<Head> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(bytes) {
+        Ok(httparse::Status::Partial) => None,
+        Ok(httparse::Status::Complete(_)) => {
+            let target = req
+                .path
+                .and_then(|p| p.parse::<http::Uri>().ok())
+                .and_then(|u| u.authority().map(|a| a.as_str().to_owned()));
+            let host = target.or_else(|| {
+                req.headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("host"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok())
+                    .map(|h| h.trim().to_owned())
+            });
+            Some(host.map_or(Head::Undecided, Head::Authority))
+        }
+        Err(httparse::Error::TooManyHeaders) => Some(Head::Undecided),
+        Err(_) => Some(Head::NotHttp),
+    }
+}
+
+/// A stream that yields `prefix` before reading on from `inner`: the bytes the sniff
+/// consumed, given back to hyper.
+#[derive(Debug)]
+pub(crate) struct Prefixed<S> {
+    prefix: Vec<u8>,
+    pos: usize,
+    inner: S,
+}
+
+impl<S> Prefixed<S> {
+    pub(crate) fn new(inner: S, prefix: Vec<u8>) -> Self {
+        Self {
+            prefix,
+            pos: 0,
+            inner,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.pos < this.prefix.len() {
+            let rest = &this.prefix[this.pos..];
+            let n = rest.len().min(buf.remaining());
+            buf.put_slice(&rest[..n]);
+            this.pos += n;
+            if this.pos == this.prefix.len() {
+                this.prefix = Vec::new();
+                this.pos = 0;
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut this.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_authority_of_the_first_head() {
+        let head = |b: &[u8]| parse_head(b);
+        assert_eq!(
+            head(b"GET /x HTTP/1.1\r\nHost: Orders:8080\r\n\r\n"),
+            Some(Head::Authority("Orders:8080".into()))
+        );
+        assert_eq!(
+            head(b"GET http://log:80/x HTTP/1.1\r\nhost: other\r\n\r\n"),
+            Some(Head::Authority("log:80".into())),
+            "absolute form wins, as in the edge"
+        );
+        assert_eq!(
+            head(b"CONNECT db:5432 HTTP/1.1\r\n\r\n"),
+            Some(Head::Authority("db:5432".into()))
+        );
+        assert_eq!(head(b"GET /x HTTP/1.1\r\nhost: a"), None, "incomplete");
+        assert_eq!(
+            head(b"GET /x HTTP/1.0\r\n\r\n"),
+            Some(Head::Undecided),
+            "no authority: per request"
+        );
+        assert_eq!(head(b"GET \x00\x01 HTTP/1.1\r\n\r\n"), Some(Head::NotHttp));
+    }
+
+    #[tokio::test]
+    async fn prefixed_replays_then_reads_on() {
+        let (mut a, b) = tokio::io::duplex(64);
+        a.write_all(b"world").await.unwrap();
+        drop(a);
+        let mut p = Prefixed::new(b, b"hello ".to_vec());
+        let mut out = String::new();
+        p.read_to_string(&mut out).await.unwrap();
+        assert_eq!(out, "hello world");
+    }
 
     #[test]
     fn classifies_first_bytes() {

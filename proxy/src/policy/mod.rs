@@ -117,6 +117,11 @@ impl PolicySnapshot {
         self.table.select(host, method, path, headers)
     }
 
+    /// Whether a policy claims `host`; transparent mode passes other hosts through.
+    pub fn has_host(&self, host: &str) -> bool {
+        self.table.has_host(host)
+    }
+
     /// The inbound stack (present when the proxy has an application to forward to).
     pub fn inbound(&self) -> Option<&RouteEntry> {
         self.inbound.as_ref()

@@ -153,6 +153,11 @@ impl<T> RouteTable<T> {
             .map(|(_, t)| t)
     }
 
+    /// Whether a policy claims `host` (port and letter case ignored, as in [`Self::select`]).
+    pub fn has_host(&self, host: &str) -> bool {
+        self.hosts.contains_key(normalize_host(host).as_ref())
+    }
+
     /// Number of hosts.
     pub fn len(&self) -> usize {
         self.hosts.len()
