@@ -112,7 +112,9 @@ pub fn cli_main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            cfg.kubernetes = args.kubernetes.to_config(&client, policies);
+            cfg.kubernetes = args
+                .kubernetes
+                .to_config(&client, policies, crate::k8s::TRUST_DOMAIN);
         }
         let cp = match crate::start(cfg).await {
             Ok(cp) => cp,

@@ -432,10 +432,9 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error
     } else {
         PolicySource::Dir(PolicyDir::open(&cfg.policy_dir, cfg.state_dir.as_deref())?)
     };
-    let endpoints = if cfg.kubernetes.is_some() {
-        ServiceEndpoints::enabled()
-    } else {
-        ServiceEndpoints::default()
+    let endpoints = match &cfg.kubernetes {
+        Some(k) => ServiceEndpoints::enabled(&k.trust_domain),
+        None => ServiceEndpoints::default(),
     };
     let metrics = Metrics::new();
     let (snapshots, _) = watch::channel(None);

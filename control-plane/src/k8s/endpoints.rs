@@ -18,13 +18,20 @@
 //! Which port: a slice of a one-port Service has one; for several, the port named
 //! `http`, else the TCP port with the lowest number. Endpoints count as ready
 //! unless their `ready` condition is false (the API's rule for an absent one).
-//! Identities are not derived from the pods: a backend that wants its peers'
-//! certificates checked names `identity:` itself.
+//!
+//! Identities: each endpoint's `targetRef` names its Pod; the Pod's service
+//! account is read once (`get`, cached by pod uid, since it cannot change). When
+//! every ready endpoint of a Service runs as the same service account and the
+//! backend names no `identity:` itself, the backend gets
+//! `identity: spiffe://<trust-domain>/ns/<ns>/sa/<sa>`, which the proxy's mTLS
+//! verifies. Endpoints of mixed or unknown accounts leave the identity unset (a
+//! backend has one identity), so peers are then checked against the mesh root only.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use futures_util::StreamExt as _;
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::{WatchStreamExt as _, watcher};
@@ -37,22 +44,69 @@ use crate::Shared;
 /// The label tying an EndpointSlice to its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
-/// The ready endpoints of every Service, as `host:port` strings.
+/// A Pod as an endpoint names it: namespace, name, uid.
+type PodRef = (String, String, String);
+
+/// One ready endpoint.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Endpoint {
+    address: String,
+    pod: Option<PodRef>,
+}
+
+/// The ready endpoints of every Service, and the service accounts of their pods.
 #[derive(Debug, Default)]
 pub(crate) struct ServiceEndpoints {
     /// Discovery runs; until it has listed once, nothing is published.
     enabled: bool,
     synced: bool,
-    /// `name.namespace` → sorted, de-duplicated `ip:port`.
-    services: BTreeMap<String, Vec<String>>,
+    /// Trust domain of the SPIFFE identities derived from service accounts.
+    trust_domain: String,
+    /// `name.namespace` → sorted, de-duplicated endpoints.
+    services: BTreeMap<String, Vec<Endpoint>>,
+    /// Service account of each pod seen (`None`: the pod could not be read).
+    accounts: HashMap<PodRef, Option<String>>,
 }
 
 impl ServiceEndpoints {
     /// Discovery that must list before anything is published.
-    pub(crate) fn enabled() -> Self {
+    pub(crate) fn enabled(trust_domain: &str) -> Self {
         Self {
             enabled: true,
+            trust_domain: trust_domain.to_string(),
             ..Self::default()
+        }
+    }
+
+    /// Pods of ready endpoints whose service account is not known yet.
+    fn unknown_pods(&self) -> Vec<PodRef> {
+        let mut pods: Vec<PodRef> = self
+            .services
+            .values()
+            .flatten()
+            .filter_map(|e| e.pod.clone())
+            .filter(|p| !self.accounts.contains_key(p))
+            .collect();
+        pods.sort();
+        pods.dedup();
+        pods
+    }
+
+    /// The SPIFFE identity shared by every endpoint, if they share one.
+    fn identity_of(&self, endpoints: &[Endpoint]) -> Option<String> {
+        let mut accounts = endpoints.iter().map(|e| {
+            let pod = e.pod.as_ref()?;
+            let sa = self.accounts.get(pod)?.as_ref()?;
+            Some((pod.0.as_str(), sa.as_str()))
+        });
+        let first = accounts.next()??;
+        if accounts.all(|a| a == Some(first)) {
+            Some(format!(
+                "spiffe://{}/ns/{}/sa/{}",
+                self.trust_domain, first.0, first.1
+            ))
+        } else {
+            None
         }
     }
 
@@ -63,7 +117,7 @@ impl ServiceEndpoints {
 
     /// Replaces everything from the reflector's store; `true` if anything changed.
     pub(crate) fn sync(&mut self, slices: &[Arc<EndpointSlice>]) -> bool {
-        let mut services: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        let mut services: BTreeMap<String, Vec<Endpoint>> = BTreeMap::new();
         for slice in slices {
             let Some(ns) = &slice.metadata.namespace else {
                 continue;
@@ -88,20 +142,35 @@ impl ServiceEndpoints {
                 let Some(addr) = ep.addresses.first() else {
                     continue;
                 };
-                entry.push(if addr.contains(':') {
+                let address = if addr.contains(':') {
                     format!("[{addr}]:{port}")
                 } else {
                     format!("{addr}:{port}")
+                };
+                let pod = ep.target_ref.as_ref().and_then(|r| {
+                    (r.kind.as_deref() == Some("Pod")).then_some((
+                        r.namespace.clone().unwrap_or_else(|| ns.clone()),
+                        r.name.clone()?,
+                        r.uid.clone().unwrap_or_default(),
+                    ))
                 });
+                entry.push(Endpoint { address, pod });
             }
         }
         for eps in services.values_mut() {
             eps.sort();
-            eps.dedup();
+            eps.dedup_by(|a, b| a.address == b.address);
         }
         let changed = !self.synced || services != self.services;
         self.synced = true;
         self.services = services;
+        let live: std::collections::HashSet<&PodRef> = self
+            .services
+            .values()
+            .flatten()
+            .filter_map(|e| e.pod.as_ref())
+            .collect();
+        self.accounts.retain(|p, _| live.contains(p));
         changed
     }
 
@@ -122,8 +191,11 @@ impl ServiceEndpoints {
                     continue;
                 };
                 if let Some(eps) = self.services.get(svc).filter(|e| !e.is_empty()) {
-                    backend.addresses = eps.clone();
+                    backend.addresses = eps.iter().map(|e| e.address.clone()).collect();
                     backend.service = None;
+                    if backend.identity.is_none() {
+                        backend.identity = self.identity_of(eps);
+                    }
                 }
             }
         }
@@ -155,7 +227,7 @@ pub(crate) async fn watch_endpoints(
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let api: Api<EndpointSlice> = Api::all(client);
+    let api: Api<EndpointSlice> = Api::all(client.clone());
     let writer = Writer::default();
     let store = writer.as_reader();
     let config = watcher::Config::default().labels(SERVICE_NAME_LABEL);
@@ -171,18 +243,49 @@ pub(crate) async fn watch_endpoints(
                 watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_),
             )) => {
                 let slices = store.state();
-                let changed = shared
-                    .endpoints
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .sync(&slices);
-                if changed {
+                let (changed, unknown) = {
+                    let mut eps = shared.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+                    (eps.sync(&slices), eps.unknown_pods())
+                };
+                let learned = !unknown.is_empty();
+                for pod in unknown {
+                    // A failed read is not cached: the next event tries again.
+                    if let Some(account) = service_account(&client, &pod).await {
+                        shared
+                            .endpoints
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .accounts
+                            .insert(pod, account);
+                    }
+                }
+                if changed || learned {
                     shared.reload();
                 }
             }
             Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => {}
             Some(Err(e)) => tracing::warn!(error = %e, "EndpointSlice watch failed; retrying"),
             None => return,
+        }
+    }
+}
+
+/// The service account a pod runs as (`default` when its spec names none);
+/// `Some(None)` when the pod is gone (or replaced), `None` when the API failed.
+async fn service_account(client: &Client, pod: &PodRef) -> Option<Option<String>> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), &pod.0);
+    match api.get_opt(&pod.1).await {
+        Ok(Some(p)) if pod.2.is_empty() || p.metadata.uid.as_deref() == Some(pod.2.as_str()) => {
+            Some(Some(
+                p.spec
+                    .and_then(|s| s.service_account_name)
+                    .unwrap_or_else(|| "default".to_string()),
+            ))
+        }
+        Ok(_) => Some(None),
+        Err(e) => {
+            tracing::warn!(namespace = %pod.0, pod = %pod.1, error = %e, "cannot read an endpoint's pod; its identity stays unknown");
+            None
         }
     }
 }

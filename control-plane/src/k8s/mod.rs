@@ -22,6 +22,7 @@
 //! | `sluice.dev` | `routepolicies/status` (all namespaces) | `patch` | `--source kubernetes`, elected replica only |
 //! | `coordination.k8s.io` | `leases` (own namespace, name `--lease-name`) | `get`, `create`, `update` | `--source kubernetes` |
 //! | `discovery.k8s.io` | `endpointslices` (all namespaces) | `list`, `watch` | `--source kubernetes` or `--discover-endpoints` |
+//! | `""` (core) | `pods` (all namespaces) | `get` | same: the service account of each endpoint's pod |
 //! | `authentication.k8s.io` | `tokenreviews` | `create` | `--token-review` |
 //! | `""` (core) | `secrets` (own namespace, name `--ca-secret`) | `get`, `create` | `--ca-secret` |
 //!
@@ -68,6 +69,9 @@ pub use policies::validate_object;
 
 use crate::Shared;
 
+/// The trust domain of identities derived from endpoints' service accounts.
+pub const TRUST_DOMAIN: &str = "cluster.local";
+
 /// What the control plane does with the Kubernetes API.
 #[derive(Clone)]
 pub struct KubeConfig {
@@ -78,6 +82,8 @@ pub struct KubeConfig {
     pub policies: bool,
     /// The Lease that elects the replica writing statuses.
     pub lease: LeaseConfig,
+    /// Trust domain of the identities derived from endpoints' service accounts.
+    pub trust_domain: String,
 }
 
 impl fmt::Debug for KubeConfig {
@@ -168,7 +174,12 @@ impl KubeArgs {
     }
 
     /// The control plane's Kubernetes configuration, if it watches anything.
-    pub fn to_config(&self, client: &Client, policies: bool) -> Option<KubeConfig> {
+    pub fn to_config(
+        &self,
+        client: &Client,
+        policies: bool,
+        trust_domain: &str,
+    ) -> Option<KubeConfig> {
         if !(policies || self.discover_endpoints) {
             return None;
         }
@@ -181,6 +192,7 @@ impl KubeArgs {
             client: client.clone(),
             policies,
             lease: LeaseConfig::new(&self.namespace(client), &self.lease_name, &holder),
+            trust_domain: trust_domain.to_string(),
         })
     }
 }

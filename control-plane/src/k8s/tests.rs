@@ -120,6 +120,21 @@ impl Cluster {
                     other => panic!("unexpected lease call {other:?}"),
                 };
             }
+            if let Some(pod) = c.path.strip_prefix("/api/v1/namespaces/shop/pods/pod-") {
+                // Pods at 10.0.0.x run as log-v1, others as log-canary.
+                assert_eq!(c.method, "GET");
+                let sa = if pod.starts_with("10.0.0.") {
+                    "log-v1"
+                } else {
+                    "log-canary"
+                };
+                return Reply::Json(
+                    200,
+                    json!({ "apiVersion": "v1", "kind": "Pod",
+                            "metadata": { "name": format!("pod-{pod}"), "namespace": "shop", "uid": format!("uid-{pod}") },
+                            "spec": { "serviceAccountName": sa, "containers": [] } }),
+                );
+            }
             if c.method == "PATCH" && c.path.ends_with("/status") {
                 // Like the API server: the patched object comes back through the watch.
                 let name = c.path.rsplit('/').nth(1).unwrap().to_string();
@@ -153,6 +168,7 @@ impl Cluster {
                 client: self.client.clone(),
                 policies,
                 lease: LeaseConfig::new("sluice-system", "sluice-control-plane", "cp-a"),
+                trust_domain: "cluster.local".to_string(),
             }),
             ..ControlPlaneConfig::default()
         })
@@ -339,7 +355,7 @@ fn slice(name: &str, service: &str, endpoints: &[(&str, Option<bool>)]) -> Value
         "endpoints": endpoints.iter().map(|(ip, ready)| json!({
             "addresses": [ip],
             "conditions": ready.map_or(json!({}), |r| json!({ "ready": r })),
-            "targetRef": { "kind": "Pod", "namespace": "shop", "name": format!("pod-{ip}") },
+            "targetRef": { "kind": "Pod", "namespace": "shop", "name": format!("pod-{ip}"), "uid": format!("uid-{ip}") },
         })).collect::<Vec<_>>(),
     })
 }
@@ -380,6 +396,18 @@ async fn endpoint_slices_become_the_backends_addresses() {
     );
     assert_eq!(set.policies()[0].spec.backends["log-v1"].service, None);
     assert_eq!(addresses_of(&set, "log-v2"), ["10.9.9.9:80"]);
+    // Every ready pod runs as log-v1: that is the identity proxies expect.
+    let set = served(&cp, |s| {
+        s.policies()[0].spec.backends["log-v1"].identity.is_some()
+    })
+    .await;
+    assert_eq!(
+        set.policies()[0].spec.backends["log-v1"]
+            .identity
+            .as_deref(),
+        Some("spiffe://cluster.local/ns/shop/sa/log-v1")
+    );
+    assert_eq!(set.policies()[0].spec.backends["log-v2"].identity, None);
     let v1 = set.hash().to_string();
 
     // A pod becomes ready, and a second slice of the same Service appears.
@@ -410,6 +438,12 @@ async fn endpoint_slices_become_the_backends_addresses() {
         ]
     );
     assert_ne!(set.hash(), v1, "new endpoints are a new version");
+    // 10.0.1.1 runs as another account: one backend cannot expect both.
+    let set = served(&cp, |s| {
+        addresses_of(s, "log-v1").len() == 4
+            && s.policies()[0].spec.backends["log-v1"].identity.is_none()
+    })
+    .await;
     // Proxies re-validate the canonical bytes: they must parse back to the same set.
     let again = PolicySet::from_canonical("snapshot", set.canonical_bytes()).unwrap();
     assert_eq!(again.hash(), set.hash());
@@ -446,6 +480,7 @@ async fn discovery_also_resolves_policies_from_a_directory() {
             client: cluster.client.clone(),
             policies: false,
             lease: LeaseConfig::new("sluice-system", "sluice-control-plane", "cp-a"),
+            trust_domain: "cluster.local".to_string(),
         }),
         ..ControlPlaneConfig::default()
     })
