@@ -53,8 +53,8 @@ pub mod identity;
 pub mod leader;
 pub mod policies;
 
-#[cfg(test)]
-pub(crate) mod testing;
+#[cfg(any(test, feature = "test-support"))]
+pub mod testing;
 
 use std::fmt;
 use std::sync::Arc;

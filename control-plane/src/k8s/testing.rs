@@ -1,4 +1,5 @@
-//! A scripted Kubernetes API server behind `kube::Client`, for unit tests.
+//! A scripted Kubernetes API server behind `kube::Client`, for tests (the
+//! `test-support` feature exposes it to the end-to-end tests).
 //!
 //! This is kube-rs's documented mock approach: a `tower_test::mock::pair` stands in
 //! for the HTTP connection, and a task answers each request the client sends with
@@ -21,21 +22,26 @@ type MockBody = BoxBody<Bytes, Infallible>;
 
 /// One request the fake API server received.
 #[derive(Clone, Debug)]
-pub(crate) struct Call {
-    pub(crate) method: Method,
-    pub(crate) path: String,
-    pub(crate) query: String,
-    pub(crate) body: Value,
+pub struct Call {
+    /// The HTTP method.
+    pub method: Method,
+    /// The URL path (`/apis/sluice.dev/v1alpha1/routepolicies`).
+    pub path: String,
+    /// The query string, without `?`.
+    pub query: String,
+    /// The JSON body (`null` when there is none).
+    pub body: Value,
 }
 
 impl Call {
-    pub(crate) fn is_watch(&self) -> bool {
+    /// Whether this is a watch (`watch=true`).
+    pub fn is_watch(&self) -> bool {
         self.query.split('&').any(|q| q == "watch=true")
     }
 }
 
 /// How the fake API server answers one request.
-pub(crate) enum Reply {
+pub enum Reply {
     /// A complete JSON answer with this status code.
     Json(u16, Value),
     /// A watch answer: every value sent later is one event line.
@@ -46,7 +52,7 @@ pub(crate) enum Reply {
 
 /// A client talking to a fake API server driven by `handler`, and the calls it saw
 /// (in order).
-pub(crate) fn fake_api<F>(mut handler: F) -> (kube::Client, mpsc::UnboundedReceiver<Call>)
+pub fn fake_api<F>(mut handler: F) -> (kube::Client, mpsc::UnboundedReceiver<Call>)
 where
     F: FnMut(&Call) -> Reply + Send + 'static,
 {
@@ -92,7 +98,7 @@ where
 }
 
 /// A Kubernetes `Status` error body.
-pub(crate) fn status(code: u16, reason: &str) -> Reply {
+pub fn status(code: u16, reason: &str) -> Reply {
     Reply::Json(
         code,
         serde_json::json!({

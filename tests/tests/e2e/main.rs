@@ -5,6 +5,7 @@ mod control_plane;
 mod governance;
 mod governance_load;
 mod grpc;
+mod kubernetes;
 mod mesh;
 mod reload;
 mod routing;
