@@ -105,6 +105,8 @@ pub fn cli_main() -> ExitCode {
         let mut cfg = args.to_config();
         let policies = args.source == Source::Kubernetes;
         if args.kubernetes.needs_client(policies) {
+            // kube-rs builds its TLS config from the process default provider.
+            let _ = rustls::crypto::ring::default_provider().install_default();
             let client = match kube::Client::try_default().await {
                 Ok(c) => c,
                 Err(e) => {

@@ -173,6 +173,29 @@ impl KubeArgs {
             .unwrap_or_else(|| client.default_namespace().to_string())
     }
 
+    /// `--ca-secret`: the mesh root kept in that Secret of the pod's namespace
+    /// (created with a fresh root if absent).
+    pub async fn ca(
+        &self,
+        client: &Client,
+        trust_domain: &str,
+        leaf_ttl: std::time::Duration,
+    ) -> Result<Option<crate::ca::Ca>, crate::Error> {
+        let Some(name) = &self.ca_secret else {
+            return Ok(None);
+        };
+        let ns = self.namespace(client);
+        load_or_create_ca_secret(client.clone(), &ns, name, trust_domain, leaf_ttl)
+            .await
+            .map(Some)
+    }
+
+    /// `--token-review`: bootstrap tokens checked with TokenReview.
+    pub fn verifier(&self, client: &Client) -> Option<TokenReviewVerifier> {
+        self.token_review
+            .then(|| TokenReviewVerifier::new(client.clone(), identity::TOKEN_AUDIENCE))
+    }
+
     /// The control plane's Kubernetes configuration, if it watches anything.
     pub fn to_config(
         &self,

@@ -490,3 +490,37 @@ async fn discovery_also_resolves_policies_from_a_directory() {
     assert_eq!(addresses_of(&set, "log-v1"), ["10.0.0.7:8080"]);
     cp.shutdown().await;
 }
+
+#[tokio::test]
+async fn the_ca_secret_flag_keeps_the_root_in_the_pods_namespace() {
+    let (client, mut calls) = fake_api(|c| match c.method.as_str() {
+        "GET" => status(404, "NotFound"),
+        "POST" => Reply::Json(201, c.body.clone()),
+        other => panic!("unexpected {other}"),
+    });
+    let args = super::KubeArgs {
+        ca_secret: Some("sluice-ca".into()),
+        pod_namespace: Some("mesh".into()),
+        token_review: true,
+        ..super::KubeArgs::default()
+    };
+    let ca = args
+        .ca(&client, "cluster.local", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .expect("a CA");
+    assert_eq!(ca.trust_domain(), "cluster.local");
+    let get = calls.recv().await.unwrap();
+    assert_eq!(get.path, "/api/v1/namespaces/mesh/secrets/sluice-ca");
+    let create = calls.recv().await.unwrap();
+    assert_eq!(create.path, "/api/v1/namespaces/mesh/secrets");
+    assert!(args.verifier(&client).is_some());
+    let none = super::KubeArgs::default();
+    assert!(
+        none.ca(&client, "cluster.local", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(none.verifier(&client).is_none());
+}
