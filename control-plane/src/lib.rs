@@ -428,7 +428,7 @@ impl Drop for RunningControlPlane {
 pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error> {
     let kube_policies = cfg.kubernetes.as_ref().is_some_and(|k| k.policies);
     let source = if kube_policies {
-        PolicySource::Kubernetes(KubePolicies::default())
+        PolicySource::Kubernetes(KubePolicies::new(cfg.state_dir.as_deref()))
     } else {
         PolicySource::Dir(PolicyDir::open(&cfg.policy_dir, cfg.state_dir.as_deref())?)
     };

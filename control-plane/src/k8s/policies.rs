@@ -11,10 +11,13 @@
 //! positions.
 //!
 //! Like files, a refused generation leaves the object's last accepted one in
-//! force. Two objects governing the same host: the older one (by creation time,
+//! force, and with a state directory the last accepted version of every object
+//! is kept in `<state-dir>/routepolicies/<namespace>.<name>.yaml`, so a replica
+//! restarting while an object is broken still serves its last good version. Two objects governing the same host: the older one (by creation time,
 //! then namespace and name) wins and the other is refused with the reason.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -58,6 +61,13 @@ pub fn validate_object(namespace: &str, name: &str, spec: &Value) -> Result<Rout
         Ok(_) => Err("spec: expected exactly one policy".to_string()),
         Err(e) => Err(field_messages(&e)),
     }
+}
+
+/// The content hash of one policy on its own (what its status reports).
+fn single_hash(policy: &RoutePolicy) -> String {
+    PolicySet::new(vec![policy.clone()])
+        .map(|s| s.hash().to_string())
+        .unwrap_or_default()
 }
 
 /// The validator's diagnostics as `path: message` lines (positions left out).
@@ -105,9 +115,63 @@ pub(crate) struct KubePolicies {
     synced: bool,
     /// Statuses written whose watch event has not come back yet.
     written: HashMap<ObjectKey, RoutePolicyStatus>,
+    /// Where last accepted versions are kept, if anywhere.
+    state_dir: Option<PathBuf>,
+    /// Last accepted versions restored from the state directory, not yet seen
+    /// in the API.
+    saved: HashMap<ObjectKey, Good>,
 }
 
+/// Subdirectory of the state directory holding last accepted objects.
+const STATE_SUBDIR: &str = "routepolicies";
+
 impl KubePolicies {
+    /// Policies from the API, keeping last accepted versions in `state_dir`.
+    pub(crate) fn new(state_dir: Option<&Path>) -> Self {
+        let mut saved = HashMap::new();
+        if let Some(dir) = state_dir {
+            let dir = dir.join(STATE_SUBDIR);
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                let Ok(text) = std::fs::read_to_string(&path) else {
+                    continue;
+                };
+                match sluice_config::parse_policies(&path.display().to_string(), &text) {
+                    Ok(mut p) if p.len() == 1 => {
+                        let policy = p.remove(0);
+                        let key = (
+                            policy.metadata.namespace.clone().unwrap_or_default(),
+                            policy.metadata.name.clone(),
+                        );
+                        let hash = single_hash(&policy);
+                        saved.insert(
+                            key,
+                            Good {
+                                policy,
+                                hash,
+                                loaded_at: SystemTime::now(),
+                            },
+                        );
+                    }
+                    _ => {
+                        tracing::warn!(file = %path.display(), "saved RoutePolicy no longer validates; ignoring it")
+                    }
+                }
+            }
+        }
+        Self {
+            state_dir: state_dir.map(|d| d.join(STATE_SUBDIR)),
+            saved,
+            ..Self::default()
+        }
+    }
+
+    fn state_file(&self, key: &ObjectKey) -> Option<PathBuf> {
+        self.state_dir
+            .as_ref()
+            .map(|d| d.join(format!("{}.{}.yaml", key.0, key.1)))
+    }
+
     /// Takes in the reflector's whole store; validates new and changed objects.
     /// Returns how many were refused in this pass.
     pub(crate) fn sync(&mut self, objects: &[Arc<DynamicObject>]) -> usize {
@@ -137,15 +201,22 @@ impl KubePolicies {
                 .map(|t| t.0.to_string())
                 .unwrap_or_default();
             let fresh = state.good.is_none() && state.error.is_none();
+            if fresh && let Some(good) = self.saved.remove(&key) {
+                state.good = Some(good);
+            }
             if fresh || spec != state.spec || obj.metadata.generation != state.generation {
                 state.generation = obj.metadata.generation;
                 state.spec = spec;
                 match validate_object(ns, name, &state.spec) {
                     Ok(policy) => {
-                        let hash = PolicySet::new(vec![policy.clone()])
-                            .map(|s| s.hash().to_string())
-                            .unwrap_or_default();
+                        let hash = single_hash(&policy);
                         tracing::info!(namespace = %ns, %name, %hash, "RoutePolicy accepted");
+                        if let Some(path) = self.state_file(&key)
+                            && let Ok(text) = serde_yaml::to_string(&policy)
+                            && let Err(e) = sluice_api::write_atomic(&path, text.as_bytes())
+                        {
+                            tracing::warn!(file = %path.display(), error = %e, "cannot save the last accepted RoutePolicy");
+                        }
                         state.good = Some(Good {
                             policy,
                             hash,
@@ -165,6 +236,17 @@ impl KubePolicies {
             present.insert(key, state);
         }
         self.written.retain(|k, _| present.contains_key(k));
+        for gone in self.objects.keys().filter(|k| !present.contains_key(*k)) {
+            if let Some(path) = self.state_file(gone) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+        // An object deleted while this replica was down is gone for good.
+        for key in std::mem::take(&mut self.saved).into_keys() {
+            if let Some(path) = self.state_file(&key) {
+                let _ = std::fs::remove_file(path);
+            }
+        }
         self.objects = present;
         failures
     }

@@ -524,3 +524,38 @@ async fn the_ca_secret_flag_keeps_the_root_in_the_pods_namespace() {
     );
     assert!(none.verifier(&client).is_none());
 }
+
+#[test]
+fn a_restart_with_a_broken_object_serves_its_last_accepted_version() {
+    use kube::api::DynamicObject;
+
+    use super::policies::KubePolicies;
+
+    let state = tempfile::tempdir().unwrap();
+    let obj = |spec: Value| {
+        Arc::new(serde_json::from_value::<DynamicObject>(policy("log-service", 1, spec)).unwrap())
+    };
+    let mut first = KubePolicies::new(Some(state.path()));
+    assert_eq!(first.sync(&[obj(log_spec("2s"))]), 0);
+    let (set, _) = first.build_set().unwrap();
+    assert_eq!(set.policies().len(), 1);
+
+    // Restarted while the object is broken: its last accepted version is served.
+    let mut again = KubePolicies::new(Some(state.path()));
+    assert_eq!(again.sync(&[obj(log_spec("soon"))]), 1);
+    let (restored, _) = again.build_set().unwrap();
+    assert_eq!(restored.hash(), set.hash());
+    let (_, status) = again.pending_statuses().remove(0);
+    assert!(!status.accepted);
+    assert_eq!(
+        status.hash,
+        Some(single_hash(log_spec("2s"), "log-service"))
+    );
+
+    // Deleted while the replica was down: forgotten, file and all.
+    let mut third = KubePolicies::new(Some(state.path()));
+    third.sync(&[]);
+    assert!(third.build_set().unwrap().0.policies().is_empty());
+    let files = std::fs::read_dir(state.path().join("routepolicies")).unwrap();
+    assert_eq!(files.count(), 0);
+}
