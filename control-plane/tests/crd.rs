@@ -675,3 +675,20 @@ fn walker_refuses_what_schemars_derives_for_an_untagged_enum() {
         "the string form is no longer admitted: {target:#}"
     );
 }
+
+/// The walk-through (examples/kubernetes/README.md) shows one policy accepted and one
+/// denied by the validating webhook; both verdicts are sluice-config's.
+#[test]
+fn walkthrough_policies_get_the_verdicts_its_readme_shows() {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/kubernetes");
+    let good = std::fs::read_to_string(dir.join("log-service-policy.yaml")).unwrap();
+    let policies = sluice_config::parse_policies("log-service-policy.yaml", &good)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(policies.len(), 1);
+    assert_eq!(policies[0].spec.host, "log-service");
+    let broken = std::fs::read_to_string(dir.join("broken-policy.yaml")).unwrap();
+    let err = sluice_config::parse_policies("broken-policy.yaml", &broken)
+        .expect_err("weights summing to 110 are refused")
+        .to_string();
+    assert!(err.contains("100"), "{err}");
+}
