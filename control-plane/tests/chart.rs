@@ -434,6 +434,7 @@ fn rbac_grants_exactly_what_the_control_plane_calls() {
                 &["list", "watch"],
                 &[]
             ),
+            grant("", "pods", &["get"], &[]),
             grant("authentication.k8s.io", "tokenreviews", &["create"], &[]),
         ])
     );
@@ -491,12 +492,15 @@ fn rbac_grants_exactly_what_the_control_plane_calls() {
     };
     assert_eq!(
         grants(cluster.rules.as_deref().unwrap_or_default()),
-        BTreeSet::from([grant(
-            "discovery.k8s.io",
-            "endpointslices",
-            &["list", "watch"],
-            &[]
-        )])
+        BTreeSet::from([
+            grant(
+                "discovery.k8s.io",
+                "endpointslices",
+                &["list", "watch"],
+                &[]
+            ),
+            grant("", "pods", &["get"], &[]),
+        ])
     );
     let granted = grants(o.roles[0].rules.as_deref().unwrap_or_default());
     assert!(granted.iter().all(|g| g.1 == "secrets"), "{granted:?}");
