@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use k8s_openapi::api::core::v1::{Container, Pod};
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 use sluice_control_plane::inject::{
@@ -420,4 +421,86 @@ fn proxy_uid_matches_the_proxy_image() {
         uid, PROXY_UID,
         "proxy/Dockerfile USER vs the injected runAsUser"
     );
+}
+
+/// The certificate the webhook presents on a new handshake (trusting only `roots`).
+async fn served_certificate(
+    addr: std::net::SocketAddr,
+    roots: Arc<rustls::RootCertStore>,
+) -> Result<Vec<u8>, std::io::Error> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await?;
+    let (_, conn) = tls.get_ref();
+    Ok(conn.peer_certificates().unwrap()[0].to_vec())
+}
+
+/// Replaces `path` atomically, as a Secret volume or cert-manager's writer would.
+fn replace(path: &Path, contents: &str) {
+    let tmp = path.with_extension("new");
+    std::fs::write(&tmp, contents).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_certificate_is_served_on_the_next_handshake_without_restart() {
+    let hook = webhook().await;
+    let dir = hook._dir.path();
+    let (cert_path, key_path) = (dir.join("tls.crt"), dir.join("tls.key"));
+    let first = std::fs::read_to_string(&cert_path).unwrap();
+    let first_der = CertificateDer::from_pem_slice(first.as_bytes())
+        .unwrap()
+        .to_vec();
+    let next = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let mut roots = (*hook.roots).clone();
+    roots.add(next.cert.der().clone()).unwrap();
+    let roots = Arc::new(roots);
+    let addr = hook.running.addr();
+    assert_eq!(
+        served_certificate(addr, roots.clone()).await.unwrap(),
+        first_der
+    );
+
+    // A rotation caught half way (the new certificate, the old key) is not served: every
+    // handshake meanwhile still succeeds with the first certificate.
+    replace(&cert_path, &next.cert.pem());
+    for _ in 0..5 {
+        assert_eq!(
+            served_certificate(addr, roots.clone()).await.unwrap(),
+            first_der
+        );
+    }
+    // The key arrives: the next handshakes present the new certificate, no restart.
+    replace(&key_path, &next.signing_key.serialize_pem());
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let served = served_certificate(addr, roots.clone())
+            .await
+            .expect("every handshake during the rotation succeeds");
+        if served == next.cert.der().to_vec() {
+            break;
+        }
+        assert_eq!(served, first_der);
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the new certificate was not picked up"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // Reviews are answered over the new certificate, with it trusted alone.
+    let mut only_next = rustls::RootCertStore::empty();
+    only_next.add(next.cert.der().clone()).unwrap();
+    let hook = Webhook {
+        roots: Arc::new(only_next),
+        ..hook
+    };
+    let resp = review(&hook, "deployment-pod.json").await;
+    assert_eq!(resp["allowed"], true);
 }

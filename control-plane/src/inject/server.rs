@@ -1,6 +1,12 @@
 //! The webhook's HTTPS server, `admission.k8s.io/v1` AdmissionReviews:
 //! `POST /inject` (mutating: sidecar injection) and `POST /validate` (validating:
 //! RoutePolicy objects get `sluice-config`'s verdict before they are stored).
+//!
+//! The serving certificate is reloaded when its files change (cert-manager renewing it,
+//! a Secret volume's `..data` swap): the directories holding them are watched with
+//! notify, and each TLS handshake takes the certificate in force at that moment. A pair
+//! that does not load (half written, key not matching) is refused with a warning and the
+//! previous certificate stays in service.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -8,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
@@ -18,10 +25,13 @@ use kube_core::DynamicObject;
 use kube_core::admission::{
     AdmissionRequest, AdmissionResponse, AdmissionReview, META_API_VERSION_V1, Operation,
 };
+use notify::Watcher;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
 
@@ -54,6 +64,7 @@ pub struct RunningWebhook {
     addr: SocketAddr,
     shutdown: watch::Sender<bool>,
     task: JoinHandle<()>,
+    reload: JoinHandle<()>,
 }
 
 impl RunningWebhook {
@@ -67,12 +78,19 @@ impl RunningWebhook {
     pub async fn shutdown(self) {
         let _ = self.shutdown.send(true);
         let _ = self.task.await;
+        let _ = self.reload.await;
     }
 }
 
 /// Loads the serving certificate, binds and starts serving.
 pub async fn start_webhook(cfg: WebhookConfig) -> Result<RunningWebhook, Error> {
-    let tls = server_tls(&cfg.cert, &cfg.key)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let resolver = Arc::new(CurrentCert(ArcSwap::from_pointee(load_certified_key(
+        &cfg.cert, &cfg.key, &provider,
+    )?)));
+    let (events, changed) = mpsc::channel(1);
+    let watcher = watch_files(&cfg.cert, &cfg.key, events)?;
+    let tls = server_tls(resolver.clone(), provider.clone())?;
     let listener = TcpListener::bind(cfg.addr)
         .await
         .map_err(|source| Error::Bind {
@@ -86,6 +104,14 @@ pub async fn start_webhook(cfg: WebhookConfig) -> Result<RunningWebhook, Error> 
         source,
     })?;
     let (shutdown, rx) = watch::channel(false);
+    let reload = tokio::spawn(reload(
+        watcher,
+        changed,
+        resolver,
+        provider,
+        (cfg.cert.clone(), cfg.key.clone()),
+        rx.clone(),
+    ));
     let task = tokio::spawn(serve(
         listener,
         TlsAcceptor::from(tls),
@@ -97,10 +123,26 @@ pub async fn start_webhook(cfg: WebhookConfig) -> Result<RunningWebhook, Error> 
         addr,
         shutdown,
         task,
+        reload,
     })
 }
 
-fn server_tls(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, Error> {
+/// The certificate handed to each new TLS handshake.
+#[derive(Debug)]
+struct CurrentCert(ArcSwap<CertifiedKey>);
+
+impl ResolvesServerCert for CurrentCert {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load_full())
+    }
+}
+
+/// Reads a PEM chain and its key; refuses an empty chain or a key of another certificate.
+fn load_certified_key(
+    cert: &Path,
+    key: &Path,
+    provider: &rustls::crypto::CryptoProvider,
+) -> Result<CertifiedKey, Error> {
     let bad = |path: &Path, reason: String| Error::WebhookTls {
         path: path.to_owned(),
         reason,
@@ -112,14 +154,100 @@ fn server_tls(cert: &Path, key: &Path) -> Result<Arc<rustls::ServerConfig>, Erro
         return Err(bad(cert, "no certificate in the file".to_owned()));
     }
     let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| bad(key, e.to_string()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certified =
+        CertifiedKey::from_der(chain, key_der, provider).map_err(|e| bad(key, e.to_string()))?;
+    // `from_der` lets a key whose public half it cannot compute through; a rotation
+    // caught between writing the certificate and the key must not be served.
+    certified
+        .keys_match()
+        .map_err(|e| bad(key, format!("does not belong to {}: {e}", cert.display())))?;
+    Ok(certified)
+}
+
+fn server_tls(
+    resolver: Arc<CurrentCert>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+) -> Result<Arc<rustls::ServerConfig>, Error> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .and_then(|b| b.with_no_client_auth().with_single_cert(chain, key_der))
-        .map_err(|e| bad(key, e.to_string()))?;
+        .map_err(|e| Error::WebhookTls {
+            path: PathBuf::new(),
+            reason: e.to_string(),
+        })?
+        .with_no_client_auth()
+        .with_cert_resolver(resolver);
     // The API server speaks HTTP/2 to webhooks when offered, HTTP/1.1 otherwise.
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// Watches the directories of the certificate and key (a Secret volume replaces files by
+/// swapping a `..data` symlink, which only a directory watch sees).
+fn watch_files(
+    cert: &Path,
+    key: &Path,
+    events: mpsc::Sender<()>,
+) -> Result<notify::RecommendedWatcher, Error> {
+    let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        match res {
+            // A full channel already holds a pending reload, which reads the latest files.
+            Ok(_) => {
+                let _ = events.try_send(());
+            }
+            Err(e) => tracing::warn!(error = %e, "webhook certificate watch error"),
+        }
+    })
+    .map_err(|source| Error::Watch {
+        path: cert.to_path_buf(),
+        source,
+    })?;
+    let mut dirs: Vec<&Path> = Vec::new();
+    for file in [cert, key] {
+        let dir = match file.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if !dirs.contains(&dir) {
+            dirs.push(dir);
+        }
+    }
+    for dir in dirs {
+        watcher
+            .watch(dir, notify::RecursiveMode::NonRecursive)
+            .map_err(|source| Error::Watch {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+    }
+    Ok(watcher)
+}
+
+/// Reloads the certificate on every change until shutdown; an unchanged or unreadable
+/// pair leaves the one in service alone.
+async fn reload(
+    _watcher: notify::RecommendedWatcher,
+    mut changed: mpsc::Receiver<()>,
+    resolver: Arc<CurrentCert>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    (cert, key): (PathBuf, PathBuf),
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            event = changed.recv() => if event.is_none() { return },
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        match load_certified_key(&cert, &key, &provider) {
+            Ok(new) if new.cert != resolver.0.load().cert => {
+                resolver.0.store(Arc::new(new));
+                tracing::info!(cert = %cert.display(), "webhook certificate reloaded");
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "webhook certificate not reloaded; the previous one stays in service")
+            }
+        }
+    }
 }
 
 async fn serve(
