@@ -7,6 +7,7 @@ mod governance_load;
 mod grpc;
 mod kubernetes;
 mod mesh;
+mod pods;
 mod reload;
 mod routing;
 mod shutdown;

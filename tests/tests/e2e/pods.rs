@@ -1,0 +1,451 @@
+//! Two "pods" joined to the mesh unchanged: two network namespaces on a veth pair, each
+//! with `sluice-proxy init` installing the redirect and the real proxy running under its
+//! own UID (1337, the init step's owner exemption). An application in pod A calls pod
+//! B's IP as it always would:
+//!
+//! - HTTP is intercepted and governed on both sides: A's outbound rate limit and B's
+//!   inbound rate limit each refuse requests, seen in each proxy's metrics;
+//! - a raw TCP echo and a TLS session (rustls on both ends, B's certificate seen by A)
+//!   pass through both proxies byte for byte.
+//!
+//! Needs root, `ip`, `iptables` and `setpriv`; without them the test fails saying which
+//! is missing. The test binary re-runs itself inside each namespace (`ip netns exec`)
+//! for the `pod_*_in_namespace` tests, which are ignored when run directly.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_e2e::{HttpConn, Protocol, Upstream, WAIT, wait_until};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const BIN: &str = env!("CARGO_BIN_EXE_e2e-proxy");
+const PROXY_UID: &str = "1337";
+/// Where the pods tell each other things (B's certificate, readiness).
+const SHARED_ENV: &str = "SLUICE_PODS_SHARED_DIR";
+const POD_A: &str = "10.77.0.1";
+const POD_B: &str = "10.77.0.2";
+const APP_PORT: u16 = 8080;
+const ECHO_PORT: u16 = 7000;
+const TLS_PORT: u16 = 8443;
+
+fn run(program: &str, args: &[&str]) -> Output {
+    Command::new(program)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {program}: {e} (install iproute2 and iptables)"))
+}
+
+fn must(program: &str, args: &[&str]) {
+    let out = run(program, args);
+    assert!(
+        out.status.success(),
+        "{program} {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Two namespaces and the veth pair between them, deleted when dropped (also on failure).
+struct Pods {
+    a: String,
+    b: String,
+}
+
+impl Pods {
+    fn new() -> Self {
+        let uid = run("id", &["-u"]);
+        assert_eq!(
+            String::from_utf8_lossy(&uid.stdout).trim(),
+            "0",
+            "this test must run as root (it creates network namespaces)"
+        );
+        for tool in ["ip", "iptables", "setpriv"] {
+            let found = Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .output()
+                .is_ok_and(|o| o.status.success());
+            assert!(
+                found,
+                "{tool} is missing: apt-get install iptables iproute2 util-linux"
+            );
+        }
+        let id = std::process::id();
+        let pods = Pods {
+            a: format!("sluice-pod-a-{id}"),
+            b: format!("sluice-pod-b-{id}"),
+        };
+        must("ip", &["netns", "add", &pods.a]);
+        must("ip", &["netns", "add", &pods.b]);
+        // Interface names are at most 15 bytes.
+        let (va, vb) = (
+            format!("sla{}", id % 100_000),
+            format!("slb{}", id % 100_000),
+        );
+        must(
+            "ip",
+            &[
+                "link", "add", &va, "netns", &pods.a, "type", "veth", "peer", "name", &vb, "netns",
+                &pods.b,
+            ],
+        );
+        for (ns, dev, ip) in [(&pods.a, &va, POD_A), (&pods.b, &vb, POD_B)] {
+            let exec = |args: &[&str]| {
+                let mut all = vec!["netns", "exec", ns.as_str()];
+                all.extend_from_slice(args);
+                must("ip", &all);
+            };
+            exec(&["ip", "link", "set", "lo", "up"]);
+            exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", dev]);
+            exec(&["ip", "link", "set", dev, "up"]);
+            // The init step exactly as the injected init container runs it.
+            exec(&[BIN, "init"]);
+        }
+        pods
+    }
+
+    /// Runs the ignored test `name` in namespace `ns` as a child process.
+    fn child(&self, ns: &str, name: &str, shared: &Path) -> std::process::Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns])
+            .arg(std::env::current_exe().unwrap())
+            .args(["--exact", name, "--ignored", "--nocapture"])
+            .env(SHARED_ENV, shared);
+        cmd
+    }
+}
+
+impl Drop for Pods {
+    fn drop(&mut self) {
+        // Deleting a namespace removes its end of the veth pair, and with it the peer.
+        let _ = run("ip", &["netns", "del", &self.a]);
+        let _ = run("ip", &["netns", "del", &self.b]);
+    }
+}
+
+/// A child process killed when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn an_unchanged_client_in_pod_a_is_governed_on_both_sides_and_other_traffic_passes_through() {
+    let pods = Pods::new();
+    let shared = tempfile::tempdir().unwrap();
+    open_to_proxy_uid(shared.path());
+    let b_log = shared.path().join("pod-b-test.log");
+    let b = pods
+        .child(&pods.b, "pods::pod_b_in_namespace", shared.path())
+        .stdout(std::fs::File::create(&b_log).unwrap())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut b = Killed(b);
+    let ready = shared.path().join("pod-b.ready");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !ready.exists() {
+        if let Ok(Some(status)) = b.0.try_wait() {
+            panic!(
+                "pod B exited ({status}) before it was ready:\n{}",
+                std::fs::read_to_string(&b_log).unwrap_or_default()
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pod B not ready:\n{}",
+            std::fs::read_to_string(&b_log).unwrap_or_default()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = pods
+        .child(&pods.a, "pods::pod_a_in_namespace", shared.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let read = |name: &str| std::fs::read_to_string(shared.path().join(name)).unwrap_or_default();
+    assert!(
+        out.status.success() && stdout.contains("1 passed"),
+        "pod A:\n{stdout}\n{}\npod B:\n{}\nsidecar A:\n{}\nsidecar B:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        read("pod-b-test.log"),
+        read("pod-a.log"),
+        read("pod-b.log"),
+    );
+    drop(b);
+}
+
+/// Lets the proxy's UID read and write the shared directory.
+fn open_to_proxy_uid(dir: &Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+}
+
+fn shared_dir() -> PathBuf {
+    std::env::var_os(SHARED_ENV)
+        .expect("run by the two-pod test only")
+        .into()
+}
+
+/// Starts the real proxy as UID 1337 in this namespace, the way the injected sidecar
+/// runs (admin on 0.0.0.0:15000, inbound on 15006, outbound on 15001); killed with its
+/// parent. Returns once `/ready` answers.
+async fn sidecar(name: &str, policy: &str, extra: &[&str]) -> Killed {
+    let dir = shared_dir();
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(&path, policy).unwrap();
+    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
+    let child = Command::new("setpriv")
+        .args(["--reuid", PROXY_UID, "--regid", PROXY_UID, "--clear-groups"])
+        .args([
+            "--pdeathsig",
+            "KILL",
+            BIN,
+            "run",
+            "--admin",
+            "0.0.0.0:15000",
+        ])
+        .arg("--policy")
+        .arg(&path)
+        .args(extra)
+        .stderr(log)
+        .spawn()
+        .expect("setpriv (util-linux) runs the proxy under its own UID");
+    let child = Killed(child);
+    let admin: SocketAddr = "127.0.0.1:15000".parse().unwrap();
+    wait_until("the sidecar is ready", WAIT, || async move {
+        match HttpConn::h1(admin).await {
+            Ok(mut c) => c
+                .get("admin", "/ready")
+                .await
+                .is_ok_and(|r| r.status == 200),
+            Err(_) => false,
+        }
+    })
+    .await;
+    child
+}
+
+const POLICY: &str = r#"apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: { name: log-service, namespace: shop }
+spec:
+  host: log-service
+  backends:
+    log: { addresses: ["10.77.0.2:8080"] }
+  routes:
+    - name: ingest
+      rateLimit: { perSecond: 1, burst: 5, key: { header: x-tenant-id } }
+  inbound:
+    rateLimit: { perSecond: 1, burst: 3 }
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run inside pod B's namespace by the two-pod test"]
+async fn pod_b_in_namespace() {
+    let dir = shared_dir();
+    // The application: HTTP on its port, a TCP echo and a TLS echo, all on every address.
+    let app = Upstream::start_on(
+        "log-service",
+        Protocol::Http1,
+        SocketAddr::from(([0, 0, 0, 0], APP_PORT)),
+    )
+    .await;
+    echo(
+        TcpListener::bind(("0.0.0.0", ECHO_PORT)).await.unwrap(),
+        None,
+    );
+    let key = rcgen::generate_simple_self_signed(vec!["log-service".to_owned()]).unwrap();
+    std::fs::write(dir.join("pod-b.crt"), key.cert.der()).unwrap();
+    let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![key.cert.der().clone()],
+        rustls::pki_types::PrivateKeyDer::Pkcs8(key.signing_key.serialize_der().into()),
+    )
+    .unwrap();
+    echo(
+        TcpListener::bind(("0.0.0.0", TLS_PORT)).await.unwrap(),
+        Some(tokio_rustls::TlsAcceptor::from(Arc::new(tls))),
+    );
+    let app_addr = format!("127.0.0.1:{APP_PORT}");
+    let _proxy = sidecar(
+        "pod-b",
+        POLICY,
+        &["--app", &app_addr, "--service", "log-service"],
+    )
+    .await;
+    std::fs::write(dir.join("pod-b.ready"), "").unwrap();
+    // Serve until the test kills this process.
+    std::future::pending::<()>().await;
+    drop(app);
+}
+
+fn echo(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                match tls {
+                    Some(tls) => {
+                        if let Ok(s) = tls.accept(s).await {
+                            let (mut r, mut w) = tokio::io::split(s);
+                            let _ = tokio::io::copy(&mut r, &mut w).await;
+                            let _ = w.shutdown().await;
+                        }
+                    }
+                    None => {
+                        let mut s = s;
+                        let (mut r, mut w) = s.split();
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                    }
+                }
+            });
+        }
+    });
+}
+
+/// Sends `payload`, closes the write side, and returns everything read back.
+async fn round_trip<S>(stream: S, payload: &[u8]) -> Vec<u8>
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let (mut r, mut w) = tokio::io::split(stream);
+    let (_, back) = tokio::join!(
+        async {
+            w.write_all(payload).await.unwrap();
+            w.shutdown().await.unwrap();
+        },
+        async {
+            let mut back = Vec::new();
+            r.read_to_end(&mut back).await.unwrap();
+            back
+        }
+    );
+    back
+}
+
+/// A counter of `/metrics` text: the sum of the samples of `family` whose labels
+/// contain every one of `labels`.
+fn metric(text: &str, family: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(family) && labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn metrics(admin: SocketAddr) -> String {
+    let mut c = HttpConn::h1(admin).await.unwrap();
+    c.get("admin", "/metrics").await.unwrap().text()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "run inside pod A's namespace by the two-pod test"]
+async fn pod_a_in_namespace() {
+    let dir = shared_dir();
+    let _proxy = sidecar("pod-a", POLICY, &[]).await;
+    let b_app: SocketAddr = format!("{POD_B}:{APP_PORT}").parse().unwrap();
+
+    // The application calls log-service (resolved to pod B's IP, as DNS would) with no
+    // idea a proxy exists. Both sidecars govern: B's inbound limit (burst 3) refuses
+    // first, then A's outbound limit for this tenant (burst 5).
+    let mut client = HttpConn::h1(b_app).await.unwrap();
+    let mut answers = Vec::new();
+    for _ in 0..20 {
+        let r = client
+            .request(
+                http::Method::GET,
+                "log-service",
+                "/logs",
+                &[("x-tenant-id", "t1")],
+            )
+            .await
+            .unwrap();
+        answers.push((r.status.as_u16(), r.header("x-upstream").to_owned()));
+    }
+    assert!(
+        answers
+            .iter()
+            .take(3)
+            .all(|a| *a == (200, "log-service".to_owned())),
+        "the first requests reach B's application: {answers:?}"
+    );
+    assert!(
+        answers.iter().any(|a| a.0 == 429),
+        "a rate limit refuses: {answers:?}"
+    );
+    let a_metrics = metrics("127.0.0.1:15000".parse().unwrap()).await;
+    // Pod B's admin port is not redirected on B's side; from here it goes through A's
+    // outbound listener as opaque TCP, like any other destination.
+    let b_metrics = metrics(format!("{POD_B}:15000").parse().unwrap()).await;
+    let limited = |text: &str, direction: &str| {
+        metric(
+            text,
+            "sluice_ratelimit_decisions_total",
+            &[
+                &format!("direction=\"{direction}\""),
+                "decision=\"limited\"",
+            ],
+        )
+    };
+    assert!(
+        limited(&a_metrics, "outbound") >= 1.0,
+        "A's outbound rate limit refused:\n{a_metrics}"
+    );
+    assert!(
+        limited(&b_metrics, "inbound") >= 1.0,
+        "B's inbound rate limit refused:\n{b_metrics}"
+    );
+    let served = |text: &str, direction: &str| {
+        metric(
+            text,
+            "sluice_requests_total",
+            &[&format!("direction=\"{direction}\""), "code=\"200\""],
+        )
+    };
+    assert!(served(&a_metrics, "outbound") >= 3.0, "{a_metrics}");
+    assert!(served(&b_metrics, "inbound") >= 3.0, "{b_metrics}");
+
+    // A raw TCP echo through both interceptions: every byte back unchanged.
+    let payload: Vec<u8> = (0..=255u8).cycle().take(256 * 1024).collect();
+    let tcp = TcpStream::connect((POD_B, ECHO_PORT)).await.unwrap();
+    let back = round_trip(tcp, &payload).await;
+    assert_eq!(back.len(), payload.len());
+    assert!(back == payload, "echoed bytes differ");
+
+    // TLS end to end: A's client verifies B's own certificate, so nothing in between
+    // terminated it; the payload echoes back unchanged.
+    let b_cert =
+        rustls::pki_types::CertificateDer::from(std::fs::read(dir.join("pod-b.crt")).unwrap());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(b_cert.clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let tcp = TcpStream::connect((POD_B, TLS_PORT)).await.unwrap();
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(
+            rustls::pki_types::ServerName::try_from("log-service").unwrap(),
+            tcp,
+        )
+        .await
+        .expect("the TLS handshake with B's application passes through");
+    assert_eq!(tls.get_ref().1.peer_certificates().unwrap()[0], b_cert);
+    let back = round_trip(tls, &payload[..64 * 1024]).await;
+    assert!(back == payload[..64 * 1024], "TLS echo differs");
+}
