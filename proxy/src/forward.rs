@@ -22,8 +22,15 @@ use crate::stack::{Endpoint, SelectedBackend};
 use sluice_filters::{UpstreamError, UpstreamErrorKind};
 
 /// Pooled clients to upstreams, one per protocol; the downstream protocol picks one.
+// Every request clones its route's stack (and retry clones its inner service), so the
+// clients sit behind one `Arc`: a clone is one counter, not two clients' worth of fields.
 #[derive(Clone, Debug)]
 pub struct Upstream {
+    clients: Arc<Clients>,
+}
+
+#[derive(Debug)]
+struct Clients {
     http1: Client<HttpConnector, Body>,
     http2: Client<HttpConnector, Body>,
 }
@@ -42,7 +49,9 @@ impl Upstream {
             .pool_idle_timeout(Duration::from_secs(90));
         let http1 = builder.build(connector.clone());
         let http2 = builder.http2_only(true).build(connector);
-        Self { http1, http2 }
+        Self {
+            clients: Arc::new(Clients { http1, http2 }),
+        }
     }
 }
 
@@ -64,30 +73,31 @@ impl tower::Service<Request<Body>> for Upstream {
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let backend = req.extensions_mut().remove::<SelectedBackend>();
         let endpoint = req.extensions_mut().remove::<Endpoint>();
-        let client = if req.version() == Version::HTTP_2 {
-            self.http2.clone()
-        } else {
-            *req.version_mut() = Version::HTTP_11;
-            self.http1.clone()
+        let sent = match endpoint {
+            Some(Endpoint(endpoint)) => Authority::try_from(&*endpoint)
+                .map_err(BoxError::from)
+                .and_then(|authority| upstream_uri(authority, req.uri()))
+                .map(|uri| {
+                    *req.uri_mut() = uri;
+                    // `request` only borrows the client; its future owns what it needs.
+                    if req.version() == Version::HTTP_2 {
+                        self.clients.http2.request(req)
+                    } else {
+                        *req.version_mut() = Version::HTTP_11;
+                        self.clients.http1.request(req)
+                    }
+                }),
+            None => Err(ProxyError::NoEndpoint(backend_name(backend.as_ref())).into()),
         };
         Box::pin(async move {
-            let backend_name: Arc<str> = backend
-                .as_ref()
-                .map(|b| b.name.clone())
-                .unwrap_or_else(|| Arc::from(""));
-            let Some(Endpoint(endpoint)) = endpoint else {
-                return Err(ProxyError::NoEndpoint(backend_name).into());
-            };
-            let authority = Authority::try_from(&*endpoint)?;
-            *req.uri_mut() = upstream_uri(authority, req.uri())?;
-            let resp = client.request(req).await.map_err(|e| {
+            let resp = sent?.await.map_err(|e| {
                 let kind = if e.is_connect() {
                     UpstreamErrorKind::ConnectFailure
                 } else {
                     UpstreamErrorKind::Reset
                 };
                 ProxyError::Upstream {
-                    backend: backend_name,
+                    backend: backend_name(backend.as_ref()),
                     source: UpstreamError::new(kind, e),
                 }
             })?;
@@ -98,6 +108,10 @@ impl tower::Service<Request<Body>> for Upstream {
             Ok(resp)
         })
     }
+}
+
+fn backend_name(backend: Option<&SelectedBackend>) -> Arc<str> {
+    backend.map_or_else(|| Arc::from(""), |b| b.name.clone())
 }
 
 fn upstream_uri(authority: Authority, uri: &Uri) -> Result<Uri, BoxError> {
