@@ -108,6 +108,9 @@ def main():
     if a.split.strip():
         w(f"- The canary split was live: {a.split.strip()}")
     w("- nginx forwards HTTP/2 to the upstream as HTTP/1.1; Sluice and Envoy keep the client's protocol.")
+    if any(s.startswith("hop-") for s in systems):
+        w("- hop-plain and hop-mtls are two sidecars in a row (outbound, then inbound): their CPU "
+          "and peak RSS are the two processes summed.")
     w("")
 
     proxies = [s for s in systems if s != "direct"]

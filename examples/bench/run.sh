@@ -29,13 +29,14 @@
 # Knobs (environment):
 #   QUICK=1            short durations, one round, results outside the repository
 #   ROUNDS (3)  DURATION (10, seconds per measurement)  RATES ("1000 5000", req/s)
-#   PROTOCOLS ("h1 h2")  SYSTEMS ("direct sluice sluice-full envoy nginx", and
-#   "hop-plain hop-mtls" once sidecars speak mTLS to each other)
+#   PROTOCOLS ("h1 h2")  SYSTEMS ("direct sluice sluice-full envoy nginx hop-plain";
+#   add hop-mtls for the mTLS hop, which needs the sidecars' mTLS flags)
 #   CONNS (16, HTTP/1.1 connections)  H2_CONNS (4) x H2_STREAMS (4) for HTTP/2
 #   PROXY_CPUS (0)  LOAD_CPUS (1)  PORT_BASE (18000; uses +0..+99)
 #   OUT_DIR (examples/bench/results; target/bench-quick with QUICK=1)
 #   RECORD (1 unless QUICK: write the summary into BENCHMARKS.md between its markers)
-#   SKIP_BUILD=1 (reuse the release binaries)  BENCH_CACHE (~/.cache/sluice-bench)
+#   SKIP_BUILD=1 (reuse the release binaries)  CP_BIN (a control-plane binary for the mTLS
+#   hop; it only issues certificates, so a debug build does)  BENCH_CACHE (~/.cache/sluice-bench)
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -53,7 +54,7 @@ else
 fi
 RATES=${RATES:-"1000 5000"}
 PROTOCOLS=${PROTOCOLS:-"h1 h2"}
-SYSTEMS=${SYSTEMS:-"direct sluice sluice-full envoy nginx"}
+SYSTEMS=${SYSTEMS:-"direct sluice sluice-full envoy nginx hop-plain"}
 CONNS=${CONNS:-16}
 H2_CONNS=${H2_CONNS:-4}
 H2_STREAMS=${H2_STREAMS:-4}
@@ -77,6 +78,13 @@ SLUICE_ADMIN=$((PORT_BASE + 0))
 SLUICE_PORT=$((PORT_BASE + 1))
 FULL_ADMIN=$((PORT_BASE + 10))
 FULL_PORT=$((PORT_BASE + 11))
+HOP_PLAIN_OUT=$((PORT_BASE + 21))
+HOP_PLAIN_IN=$((PORT_BASE + 22))
+HOP_MTLS_OUT=$((PORT_BASE + 31))
+HOP_MTLS_IN=$((PORT_BASE + 32))
+CP_GRPC=$((PORT_BASE + 40))
+CP_ADMIN=$((PORT_BASE + 41))
+CP_BIN=${CP_BIN:-$TARGET_DIR/release/sluice-control-plane}
 
 log() { printf '== %s\n' "$*" >&2; }
 has() { [[ " $SYSTEMS " == *" $1 "* ]]; }
@@ -121,6 +129,13 @@ NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 if [ -z "${SKIP_BUILD:-}" ] || [ ! -x "$PROXY_BIN" ] || [ ! -x "$UPSTREAM_BIN" ] || [ ! -x "$PLOT_BIN" ]; then
     log "building the release proxy, upstream and plot"
     (cd "$REPO" && cargo build --release -p sluice-proxy -p sluice-bench)
+fi
+# The mTLS hop needs the control plane: it is the CA that certifies the sidecars. A
+# build of its own, so its features do not change (and rebuild) the proxy's dependencies.
+if has hop-mtls && [ "$CP_BIN" = "$TARGET_DIR/release/sluice-control-plane" ] \
+    && { [ -z "${SKIP_BUILD:-}" ] || [ ! -x "$CP_BIN" ]; }; then
+    log "building the release control plane"
+    (cd "$REPO" && cargo build --release -p sluice-control-plane --bin sluice-control-plane)
 fi
 
 # --- servers, stopped by the PIDs recorded here -------------------------------------
@@ -314,6 +329,64 @@ YAML
     URL_H2[envoy]=http://127.0.0.1:$ENVOY_PORT/
 fi
 
+# The sidecar-to-sidecar hop: client -> outbound sidecar -> inbound sidecar -> upstream,
+# with pooled connections between the sidecars, plaintext or mTLS (TLS 1.3, SPIFFE
+# identities certified by the control plane's CA). Both sidecars count for CPU and RSS.
+hop_policy() { # file, inbound port of the server-side sidecar, identity line, inbound section
+    cat >"$1" <<YAML
+apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: { name: bench-hop, namespace: bench }
+spec:
+  host: 127.0.0.1
+  backends:
+    server: { addresses: ["127.0.0.1:$2"]$3 }
+  routes:
+    - name: all
+$4
+YAML
+}
+start_hop() { # name, outbound port, inbound port, policy, extra flags of both sidecars...
+    local name=$1 out=$2 in=$3 policy=$4; shift 4
+    local client_flags=() server_flags=()
+    if [ "$name" = hop-mtls ]; then
+        client_flags=(--trust-root "$WORK/cp/root.pem" --identity-url "https://127.0.0.1:$CP_GRPC"
+            --identity-token-file "$WORK/cp/token-client")
+        server_flags=(--trust-root "$WORK/cp/root.pem" --identity-url "https://127.0.0.1:$CP_GRPC"
+            --identity-token-file "$WORK/cp/token-server")
+    fi
+    start "$name-server" "$PROXY_BIN" run --worker-threads 1 --no-outbound \
+        --inbound "127.0.0.1:$in" --app "127.0.0.1:$UPSTREAM_PORT" --service 127.0.0.1 \
+        --admin "127.0.0.1:$((in + 5))" --policy "$policy" --log-level warn "${server_flags[@]}"
+    local server_pid=$STARTED_PID
+    start "$name-client" "$PROXY_BIN" run --worker-threads 1 --no-inbound \
+        --outbound "127.0.0.1:$out" --admin "127.0.0.1:$((out + 5))" --policy "$policy" \
+        --log-level warn "${client_flags[@]}"
+    PID_OF[$name]="$STARTED_PID $server_pid"
+    URL_H1[$name]=http://127.0.0.1:$out/
+    URL_H2[$name]=http://127.0.0.1:$out/
+}
+if has hop-plain; then
+    hop_policy "$WORK/hop-plain.yaml" "$HOP_PLAIN_IN" "" ""
+    start_hop hop-plain "$HOP_PLAIN_OUT" "$HOP_PLAIN_IN" "$WORK/hop-plain.yaml"
+fi
+if has hop-mtls; then
+    mkdir -p "$WORK/cp/policies" "$WORK/cp/state"
+    printf '%s\n' '{"token":"bench-client","namespace":"bench","serviceAccount":"client"}' \
+        '{"token":"bench-server","namespace":"bench","serviceAccount":"server"}' >"$WORK/cp/tokens.jsonl"
+    printf 'bench-client' >"$WORK/cp/token-client"
+    printf 'bench-server' >"$WORK/cp/token-server"
+    start control-plane "$CP_BIN" --policy-dir "$WORK/cp/policies" --state-dir "$WORK/cp/state" \
+        --grpc "127.0.0.1:$CP_GRPC" --admin "127.0.0.1:$CP_ADMIN" \
+        --bootstrap-tokens "$WORK/cp/tokens.jsonl" --write-trust-root "$WORK/cp/root.pem" --log-level warn
+    for _ in $(seq 200); do [ -s "$WORK/cp/root.pem" ] && break; sleep 0.05; done
+    [ -s "$WORK/cp/root.pem" ] || { echo "the control plane wrote no trust root" >&2; tail "$WORK/control-plane.log" >&2; exit 1; }
+    hop_policy "$WORK/hop-mtls.yaml" "$HOP_MTLS_IN" ', identity: "spiffe://cluster.local/ns/bench/sa/server"' \
+        '  inbound:
+    allow: ["spiffe://cluster.local/ns/bench/sa/client"]'
+    start_hop hop-mtls "$HOP_MTLS_OUT" "$HOP_MTLS_IN" "$WORK/hop-mtls.yaml"
+fi
+
 if has nginx; then
     mkdir -p "$WORK/nginx"
     # nginx takes HTTP/2 without TLS only with prior knowledge, on a port of its own.
@@ -354,12 +427,14 @@ for system in $SYSTEMS; do
     wait_http "${URL_H2[$system]}" --http2-prior-knowledge
 done
 for system in "${!PID_OF[@]}"; do
-    comm=$(cat "/proc/${PID_OF[$system]}/comm")
-    log "$system runs as pid ${PID_OF[$system]} ($comm), pinned to CPUs $(taskset -pc "${PID_OF[$system]}" | awk '{print $NF}')"
+    for pid in ${PID_OF[$system]}; do
+        log "$system runs as pid $pid ($(cat "/proc/$pid/comm")), pinned to CPUs $(taskset -pc "$pid" | awk '{print $NF}')"
+    done
 done
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
+# CPU ticks and peak RSS of a path: summed over its processes (both sidecars of a hop).
+cpu_ticks() { local t=0; for pid in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$pid/stat"))); done; echo "$t"; }
+hwm_kib() { local k=0; for pid in "$@"; do k=$((k + $(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status"))); done; echo "$k"; }
 CLK_TCK=$(getconf CLK_TCK)
 
 # --- load -----------------------------------------------------------------------------
@@ -449,13 +524,13 @@ for round in $(seq "$ROUNDS"); do
             for system in "${order[@]}"; do
                 url=$(url_of "$system" "$proto")
                 pid=${PID_OF[$system]:-}
-                before=0; [ -n "$pid" ] && before=$(cpu_ticks "$pid")
+                before=0; [ -n "$pid" ] && before=$(cpu_ticks $pid)
                 if [ "$test" = max ]; then
                     IFS=, read -r reqs rps p50 p99 p999 errs < <(max_rate "$url" "$proto" "$DURATION")
                 else
                     IFS=, read -r reqs rps p50 p99 p999 errs < <(fixed_rate "$url" "$proto" "$test" "$DURATION")
                 fi
-                after=0; [ -n "$pid" ] && after=$(cpu_ticks "$pid")
+                after=0; [ -n "$pid" ] && after=$(cpu_ticks $pid)
                 cpu=""
                 [ -n "$pid" ] && cpu=$(python3 -c "print(f'{($after-$before)/$CLK_TCK*10000/max($reqs,1):.4f}')")
                 log "round $round $proto $test $system: $reqs req, $rps req/s, p50 ${p50:-} p99 ${p99:-} p99.9 ${p999:-} ms, CPU ${cpu:--} s/10k, errors $errs"
@@ -470,7 +545,7 @@ LOAD_AFTER=$(cut -d' ' -f1-3 /proc/loadavg)
 RSS=$OUT_DIR/rss.csv
 echo "system,vmhwm_kib" >"$RSS"
 for system in "${!PID_OF[@]}"; do
-    echo "$system,$(hwm_kib "${PID_OF[$system]}")" >>"$RSS"
+    echo "$system,$(hwm_kib ${PID_OF[$system]})" >>"$RSS"
 done
 SPLIT=""
 if has sluice-full; then

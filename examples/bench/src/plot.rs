@@ -162,13 +162,13 @@ fn main() -> anyhow::Result<()> {
         decimals: 0,
     });
     panels.push(Panel {
-        title: "proxy CPU seconds per 10,000 requests, at maximum throughput".into(),
+        title: "proxy CPU s per 10,000 requests at maximum throughput".into(),
         metric: "cpu_s_per_10k_max".into(),
         per_process: false,
         decimals: 2,
     });
     panels.push(Panel {
-        title: "peak RSS of the proxy process (MiB)".into(),
+        title: "peak RSS of the proxy (MiB; a hop: both sidecars)".into(),
         metric: "rss_mib".into(),
         per_process: true,
         decimals: 1,
