@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use sluice_config::{PolicySet, parse_policies};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, reload};
@@ -225,6 +225,7 @@ fn run(mut cfg: ProxyConfig, worker_threads: Option<u16>) -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
+    raise_open_files_limit();
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = worker_threads {
         builder.worker_threads(n.into());
@@ -249,6 +250,27 @@ fn run(mut cfg: ProxyConfig, worker_threads: Option<u16>) -> ExitCode {
         proxy.shutdown().await;
         ExitCode::SUCCESS
     })
+}
+
+/// Raises the soft limit on open files to the hard limit. Every client connection
+/// holds a descriptor, and so does every pooled upstream connection; the common soft
+/// default of 1,024 would make a busy sidecar refuse connections long before its memory
+/// or CPU runs out. Raising the soft limit up to the hard one needs no privilege.
+fn raise_open_files_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let Rlimit { current, maximum } = getrlimit(Resource::Nofile);
+    if current == maximum {
+        info!(open_files = ?current, "open files limit");
+        return;
+    }
+    let raised = Rlimit {
+        current: maximum,
+        maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => info!(from = ?current, to = ?maximum, "raised the open files limit"),
+        Err(e) => warn!(error = %e, limit = ?current, "cannot raise the open files limit"),
+    }
 }
 
 async fn wait_for_signal() {
@@ -284,6 +306,26 @@ fn init_logging(level: &str, format: LogFormat) -> Result<LogControl, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_open_files_soft_limit_is_raised_to_the_hard_limit() {
+        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+        let before = getrlimit(Resource::Nofile);
+        // Start from a soft limit below the hard one, as most distributions set it.
+        let low = before.maximum.map_or(4096, |max| max.min(4096) / 2);
+        setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(low),
+                maximum: before.maximum,
+            },
+        )
+        .unwrap();
+        raise_open_files_limit();
+        let after = getrlimit(Resource::Nofile);
+        assert_eq!(after.current, before.maximum);
+        assert_eq!(after.maximum, before.maximum);
+    }
 
     fn run_args(args: &[&str]) -> Result<ProxyConfig, clap::Error> {
         let cli = Cli::try_parse_from(["sluice-proxy", "run"].iter().chain(args))?;
