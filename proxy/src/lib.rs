@@ -256,10 +256,25 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
     })
 }
 
+/// Connections the kernel may hold completed for a listener before it accepts them.
+/// A burst of new connections beyond the accept queue is lost on the server side while
+/// the clients think themselves connected; `TcpListener::bind`'s 128 overflowed under
+/// load with a few hundred clients connecting at once. The kernel caps it at
+/// `net.core.somaxconn` (4,096 by default).
+const LISTEN_BACKLOG: u32 = 4096;
+
 async fn bind(addr: SocketAddr) -> Result<TcpListener, ProxyError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| ProxyError::Bind { addr, source })
+    let listen = || -> std::io::Result<TcpListener> {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        // As `TcpListener::bind` does: a restarted proxy rebinds at once.
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr)?;
+        socket.listen(LISTEN_BACKLOG)
+    };
+    listen().map_err(|source| ProxyError::Bind { addr, source })
 }
 
 /// Writes `{"outbound": …, "inbound": …, "admin": …}` atomically (temp file + rename),
