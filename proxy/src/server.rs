@@ -20,6 +20,11 @@ use tracing::{debug, info, warn};
 use crate::body::Body;
 use crate::transparent::Intercept;
 
+/// The most a request's header section may take, as Envoy's default (60 KiB) and
+/// nginx's largest buffers allow; a larger one is refused with 431 (HTTP/1.1) or a
+/// stream error (HTTP/2) instead of being buffered. hyper's own default is ~400 KiB.
+const MAX_HEADER_BYTES: usize = 64 * 1024;
+
 /// Serves `listener` until `shutdown` flips, then stops accepting, asks every open
 /// connection to close (GOAWAY on HTTP/2, `connection: close` on HTTP/1) and waits up
 /// to `drain` for requests and passed-through connections in flight. With `intercept`,
@@ -40,8 +45,14 @@ where
 {
     tokio::spawn(async move {
         let mut builder = auto::Builder::new(TokioExecutor::new());
-        builder.http1().timer(TokioTimer::new());
-        builder.http2().timer(TokioTimer::new());
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            .max_buf_size(MAX_HEADER_BYTES);
+        builder
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(MAX_HEADER_BYTES as u32);
         let graceful = GracefulShutdown::new();
         // Owning the connection tasks means none outlives the listener after the drain.
         let mut conns = tokio::task::JoinSet::new();
