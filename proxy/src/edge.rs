@@ -4,6 +4,7 @@
 use std::time::Instant;
 
 use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use sluice_filters::{FilterError, find_filter_error};
 use tower::Service;
@@ -109,7 +110,10 @@ async fn forward(
     // future `Send` for every lifetime of the boxed error inside the body type.
     let ready = std::future::poll_fn(|cx| svc.poll_ready(cx)).await;
     let result = match ready {
-        Ok(()) => svc.call(req.map(boxed)).await,
+        Ok(()) => {
+            svc.call(req.map(|b| boxed(b.map_err(ClientBodyError))))
+                .await
+        }
         Err(e) => Err(e),
     };
     let (resp, backend) = match result {
@@ -151,7 +155,11 @@ pub(crate) fn rescue(
     grpc: bool,
 ) -> (Response<Body>, Option<String>) {
     let (status, reason, backend, text): (StatusCode, &'static str, Option<String>, String) =
-        if let Some(f) = find_filter_error(err) {
+        if let Some(e) = find::<ClientBodyError>(err) {
+            // The client's own body was broken (a bad chunk, a connection cut short):
+            // its fault, not the upstream's.
+            (StatusCode::BAD_REQUEST, "bad-request", None, e.to_string())
+        } else if let Some(f) = find_filter_error(err) {
             let backend = match f {
                 FilterError::BreakerOpen { backend, .. } => Some(backend.clone()),
                 FilterError::NoHealthyEndpoint(backend) => Some(backend.clone()),
@@ -225,6 +233,11 @@ fn build(status: StatusCode, reason: &'static str, text: String, grpc: bool) -> 
     }
     resp
 }
+
+/// A client's request body failed to read (malformed framing, or cut short).
+#[derive(Debug, thiserror::Error)]
+#[error("malformed request body: {0}")]
+struct ClientBodyError(#[source] hyper::Error);
 
 fn find<'a, E: std::error::Error + 'static>(
     err: &'a (dyn std::error::Error + 'static),
