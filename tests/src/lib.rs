@@ -9,7 +9,8 @@
 //! memory. [`HttpConn`] is a client connection over one TCP stream, HTTP/1.1 or h2c
 //! prior knowledge, so a test controls exactly which protocol and which connection
 //! a request uses. [`grpc`] holds a small tonic service, [`ws`] a WebSocket echo
-//! server.
+//! server. [`reliability`] is the suite that runs load through a child proxy while
+//! faults happen, and [`malformed`] the hand-written bad HTTP it sends.
 //!
 //! Tests never sleep to wait for something: they wait on a condition with
 //! [`wait_until`], which polls with a bounded deadline and fails the test with a
@@ -20,7 +21,9 @@
 mod client;
 mod control_plane;
 pub mod grpc;
+pub mod malformed;
 mod proxy;
+pub mod reliability;
 mod upstream;
 pub mod ws;
 
@@ -30,7 +33,7 @@ use std::time::{Duration, Instant};
 pub use client::{HttpConn, Reply, ReqBody, full_body};
 pub use control_plane::TestControlPlane;
 pub use proxy::{ChildProxy, ProcMemory, ProxyOptions, TestProxy};
-pub use upstream::{Protocol, Upstream};
+pub use upstream::{Protocol, Stall, Upstream};
 
 /// The error type the harness passes around.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -446,20 +446,58 @@ impl ChildProxy {
 
     /// Resident memory now and at its peak.
     pub fn memory(&self) -> ProcMemory {
-        let status = fs::read_to_string(format!("/proc/{}/status", self.pid()))
-            .expect("read /proc/PID/status of the child proxy");
-        let field = |name: &str| -> u64 {
+        self.try_memory()
+            .unwrap_or_else(|| panic!("the child proxy is gone:\n{}", self.log()))
+    }
+
+    /// Resident memory now and at its peak, or `None` once the process has exited
+    /// (a zombie has no resident memory).
+    pub fn try_memory(&self) -> Option<ProcMemory> {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
+        let field = |name: &str| -> Option<u64> {
             status
                 .lines()
                 .find_map(|l| l.strip_prefix(name))
                 .and_then(|rest| rest.split_whitespace().next())
                 .and_then(|n| n.parse().ok())
-                .unwrap_or_else(|| panic!("no {name} in /proc/PID/status"))
         };
-        ProcMemory {
-            rss_kib: field("VmRSS:"),
-            hwm_kib: field("VmHWM:"),
-        }
+        Some(ProcMemory {
+            rss_kib: field("VmRSS:")?,
+            hwm_kib: field("VmHWM:")?,
+        })
+    }
+
+    /// Whether the process is still running (not exited, not a zombie).
+    pub fn is_alive(&self) -> bool {
+        fs::read_to_string(format!("/proc/{}/stat", self.pid()))
+            .ok()
+            .and_then(|stat| {
+                // The state follows the parenthesised command name.
+                let state = stat.rsplit_once(')')?.1.trim_start().chars().next()?;
+                Some(state != 'Z' && state != 'X')
+            })
+            .unwrap_or(false)
+    }
+
+    /// How many file descriptors the process has open.
+    pub fn open_fds(&self) -> Option<usize> {
+        Some(
+            fs::read_dir(format!("/proc/{}/fd", self.pid()))
+                .ok()?
+                .count(),
+        )
+    }
+
+    /// The process's open-files limit, soft and hard (`None` for unlimited), from
+    /// `/proc/PID/limits`.
+    pub fn open_files_limit(&self) -> Option<(Option<u64>, Option<u64>)> {
+        let limits = fs::read_to_string(format!("/proc/{}/limits", self.pid())).ok()?;
+        let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+        let mut nums = line["Max open files".len()..].split_whitespace();
+        let parse = |v: &str| v.parse::<u64>().ok();
+        let soft = nums.next()?;
+        let hard = nums.next()?;
+        Some((parse(soft), parse(hard)))
     }
 
     /// Sends SIGTERM.

@@ -4,6 +4,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::combinators::BoxBody;
@@ -30,12 +31,25 @@ pub enum Protocol {
     Auto,
 }
 
+/// How an [`Upstream`] delays every answer, to stand for a backend in trouble.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Stall {
+    /// Answers at once.
+    #[default]
+    None,
+    /// Waits this long before answering.
+    Delay(Duration),
+    /// Never answers, until the stall is lifted.
+    Hang,
+}
+
 #[derive(Debug)]
 struct State {
     name: String,
     requests: AtomicU64,
     held: AtomicU64,
     gate: watch::Sender<bool>,
+    stall: watch::Sender<Stall>,
 }
 
 /// A running upstream server.
@@ -48,6 +62,8 @@ struct State {
 ///   (body and `x-body-bytes`);
 /// - `/hold…` waits until [`Upstream::release_held`] is called, then answers `released`;
 /// - anything else answers with the upstream's name.
+///
+/// [`Upstream::set_stall`] delays every answer, or holds them all, until lifted.
 #[derive(Debug)]
 pub struct Upstream {
     addr: SocketAddr,
@@ -89,6 +105,7 @@ impl Upstream {
             requests: AtomicU64::new(0),
             held: AtomicU64::new(0),
             gate: watch::channel(false).0,
+            stall: watch::channel(Stall::None).0,
         });
         let (stop_tx, mut stop_rx) = oneshot::channel();
         let st = state.clone();
@@ -156,6 +173,12 @@ impl Upstream {
         self.state.gate.send_replace(true);
     }
 
+    /// Delays (or stops) every answer from now on; `Stall::None` lifts it, and answers
+    /// hanging until then go out.
+    pub fn set_stall(&self, stall: Stall) {
+        self.state.stall.send_replace(stall);
+    }
+
     /// Stops the server and closes its connections.
     pub async fn shutdown(mut self) {
         if let Some(stop) = self.stop.take() {
@@ -179,6 +202,15 @@ fn full(bytes: impl Into<Bytes>) -> RespBody {
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<RespBody> {
     state.requests.fetch_add(1, Ordering::SeqCst);
+    let stall = *state.stall.borrow();
+    match stall {
+        Stall::None => {}
+        Stall::Delay(d) => tokio::time::sleep(d).await,
+        Stall::Hang => {
+            let mut lifted = state.stall.subscribe();
+            let _ = lifted.wait_for(|s| *s != Stall::Hang).await;
+        }
+    }
     let path = req.uri().path().to_string();
     let seen_host = req
         .headers()
