@@ -23,6 +23,7 @@ mod state;
 pub use state::{SNAPSHOT_FILE, load_saved, save_snapshot, write_atomic};
 pub use subscriber::{
     Backoff, Rejected, SnapshotSink, Subscriber, SubscriberConfig, SubscriberStatus,
+    control_plane_endpoint,
 };
 
 /// Generated protobuf messages and tonic client/server for `sluice.v1`.

@@ -21,7 +21,7 @@ use std::time::Duration;
 use sluice_config::{PolicySet, SCHEMA_VERSION};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 use crate::Error;
 use crate::pb;
@@ -192,6 +192,8 @@ pub struct SubscriberConfig {
     pub backoff: Backoff,
     /// Bound on establishing a connection.
     pub connect_timeout: Duration,
+    /// The mesh root (PEM) an `https://` control plane's certificate must chain to.
+    pub trust_root: Option<Vec<u8>>,
 }
 
 impl SubscriberConfig {
@@ -206,6 +208,7 @@ impl SubscriberConfig {
             state_dir: None,
             backoff: Backoff::default(),
             connect_timeout: Duration::from_secs(5),
+            trust_root: None,
         }
     }
 }
@@ -281,14 +284,28 @@ impl Drop for Subscriber {
 }
 
 fn endpoint(cfg: &SubscriberConfig) -> Result<Endpoint, Error> {
+    control_plane_endpoint(&cfg.control_plane, cfg.trust_root.as_deref())
+        .map(|ep| ep.connect_timeout(cfg.connect_timeout))
+}
+
+/// A gRPC endpoint for the control plane at `url`: TLS verified against
+/// `trust_root` (PEM) when the URL is `https://`, plaintext for `http://`.
+/// Shared by the policy stream and the proxy's identity client.
+pub fn control_plane_endpoint(url: &str, trust_root: Option<&[u8]>) -> Result<Endpoint, Error> {
     let invalid = |reason: String| Error::InvalidEndpoint {
-        url: cfg.control_plane.clone(),
+        url: url.to_string(),
         reason,
     };
-    let ep =
-        Endpoint::from_shared(cfg.control_plane.clone()).map_err(|e| invalid(e.to_string()))?;
+    let mut ep = Endpoint::from_shared(url.to_string()).map_err(|e| invalid(e.to_string()))?;
+    if ep.uri().scheme_str() == Some("https") {
+        let root = trust_root.ok_or_else(|| {
+            invalid("an https:// control plane needs the mesh root (--trust-root)".into())
+        })?;
+        let tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(root));
+        ep = ep.tls_config(tls).map_err(|e| invalid(e.to_string()))?;
+    }
     Ok(ep
-        .connect_timeout(cfg.connect_timeout)
+        .connect_timeout(Duration::from_secs(5))
         .tcp_nodelay(true)
         // Keepalives notice a control plane that vanished without closing the
         // connection (node loss, partition), so the reconnect loop can start.
@@ -508,5 +525,12 @@ mod tests {
     fn bad_url_is_refused_up_front() {
         let cfg = SubscriberConfig::new("not a url\n", "n1");
         assert!(matches!(endpoint(&cfg), Err(Error::InvalidEndpoint { .. })));
+    }
+
+    #[test]
+    fn https_needs_a_trust_root() {
+        let cfg = SubscriberConfig::new("https://127.0.0.1:15010", "n1");
+        let err = endpoint(&cfg).unwrap_err();
+        assert!(err.to_string().contains("--trust-root"), "{err}");
     }
 }

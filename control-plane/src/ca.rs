@@ -144,6 +144,48 @@ impl TokenFile {
     }
 }
 
+impl TokenFile {
+    /// Reads a token file, or every regular file of a directory (one identity
+    /// per token across all of them; a token listed twice keeps the last file's
+    /// entry, in file-name order).
+    pub fn load_path(path: &Path) -> Result<Self, Error> {
+        if !path.is_dir() {
+            return Self::load(path);
+        }
+        let err = |source| Error::CaFile {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(err)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            // Kubernetes' projected volumes add `..data` links and dot-directories.
+            .filter(|p| {
+                p.is_file()
+                    && !p
+                        .file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+            })
+            .collect();
+        files.sort();
+        let mut tokens = HashMap::new();
+        for file in files {
+            tokens.extend(Self::load(&file)?.tokens);
+        }
+        Ok(Self { tokens })
+    }
+
+    /// How many tokens are known.
+    pub fn len(&self) -> usize {
+        self.tokens.len()
+    }
+
+    /// Whether no token is known (every bootstrap is refused).
+    pub fn is_empty(&self) -> bool {
+        self.tokens.is_empty()
+    }
+}
+
 impl BootstrapVerifier for TokenFile {
     fn verify(&self, token: &str) -> Result<WorkloadIdentity, Error> {
         self.tokens
@@ -226,6 +268,18 @@ impl Ca {
         }
     }
 
+    /// Loads the root from `cert_path`/`key_path` (PEM); both must exist.
+    pub fn load(
+        trust_domain: &str,
+        cert_path: &Path,
+        key_path: &Path,
+        leaf_ttl: Duration,
+    ) -> Result<Self, Error> {
+        let cert_pem = read(cert_path)?;
+        let key = KeyPair::from_pem(&read(key_path)?)?;
+        Self::from_pem(trust_domain, &cert_pem, key, leaf_ttl)
+    }
+
     fn from_pem(
         trust_domain: &str,
         cert_pem: &str,
@@ -291,6 +345,26 @@ impl Ca {
         names: &[String],
         ttl: Duration,
     ) -> Result<(CertificateDer<'static>, Vec<u8>), Error> {
+        let (cert, key) = self.server_cert(names, ttl)?;
+        Ok((cert.der().clone(), key.serialize_der()))
+    }
+
+    /// [`issue_server_cert`](Self::issue_server_cert) as PEM: the leaf followed by
+    /// the root (the chain a TLS server presents), and the PKCS#8 key.
+    pub fn issue_server_pem(
+        &self,
+        names: &[String],
+        ttl: Duration,
+    ) -> Result<(String, String), Error> {
+        let (cert, key) = self.server_cert(names, ttl)?;
+        Ok((cert.pem() + &self.root_pem, key.serialize_pem()))
+    }
+
+    fn server_cert(
+        &self,
+        names: &[String],
+        ttl: Duration,
+    ) -> Result<(rcgen::Certificate, KeyPair), Error> {
         let key = KeyPair::generate()?;
         let mut params = leaf_params(ttl)?;
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
@@ -302,7 +376,7 @@ impl Ca {
             })
             .collect::<Result<_, rcgen::Error>>()?;
         let cert = params.signed_by(&key, &self.issuer)?;
-        Ok((cert.der().clone(), key.serialize_der()))
+        Ok((cert, key))
     }
 }
 

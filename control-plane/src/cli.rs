@@ -1,12 +1,14 @@
 //! Command-line flags; every flag can also be set as `SLUICE_<FLAG>`.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use clap::Parser;
 
-use crate::ControlPlaneConfig;
+use crate::ca::{BootstrapVerifier, Ca, TokenFile};
+use crate::{ControlPlaneConfig, Error, IdentityConfig};
 
 /// The control plane's flags.
 #[derive(Clone, Debug, Parser)]
@@ -43,6 +45,111 @@ pub struct Args {
     /// Kubernetes: discovery, election, identity.
     #[command(flatten)]
     pub kubernetes: crate::k8s::KubeArgs,
+    /// The certificate authority and TLS on the gRPC port.
+    #[command(flatten)]
+    pub ca: CaArgs,
+}
+
+/// Flags of the mesh CA. The gRPC port is TLS unless `--plaintext`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct CaArgs {
+    /// SPIFFE trust domain of issued identities (`spiffe://<domain>/ns/<ns>/sa/<sa>`).
+    #[arg(long, env = "SLUICE_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// Mesh root certificate (PEM) to sign with [default: `<state-dir>/ca.pem`,
+    /// generated on first start; in memory without --state-dir].
+    #[arg(long, env = "SLUICE_CA_CERT", requires = "ca_key", value_name = "FILE")]
+    pub ca_cert: Option<PathBuf>,
+    /// Private key (PEM) of --ca-cert.
+    #[arg(long, env = "SLUICE_CA_KEY", requires = "ca_cert", value_name = "FILE")]
+    pub ca_key: Option<PathBuf>,
+    /// Lifetime of issued workload certificates (e.g. 24h, 10s).
+    #[arg(
+        long,
+        env = "SLUICE_CERT_LIFETIME",
+        default_value = "24h",
+        value_name = "DURATION"
+    )]
+    pub cert_lifetime: sluice_config::Duration,
+    /// Bootstrap tokens: a file (or a directory of files) of JSON lines
+    /// `{"token": …, "namespace": …, "serviceAccount": …}`. Without it every
+    /// certificate request is refused.
+    #[arg(long, env = "SLUICE_BOOTSTRAP_TOKENS", value_name = "PATH")]
+    pub bootstrap_tokens: Option<PathBuf>,
+    /// Extra DNS name or IP address of the gRPC serving certificate (repeatable;
+    /// `localhost`, `127.0.0.1`, `::1` and the host name are always included).
+    #[arg(
+        long = "server-name",
+        env = "SLUICE_SERVER_NAMES",
+        value_delimiter = ',',
+        value_name = "NAME"
+    )]
+    pub server_names: Vec<String>,
+    /// Write the mesh root certificate (PEM) here once started (what proxies' --trust-root reads).
+    #[arg(long, env = "SLUICE_WRITE_TRUST_ROOT", value_name = "FILE")]
+    pub write_trust_root: Option<PathBuf>,
+    /// Serve gRPC without TLS and without the Identity service (development only).
+    #[arg(long, env = "SLUICE_PLAINTEXT", conflicts_with_all = ["ca_cert", "bootstrap_tokens", "write_trust_root"])]
+    pub plaintext: bool,
+}
+
+impl CaArgs {
+    /// Loads or generates the CA and the token source these flags name.
+    pub fn to_config(&self, state_dir: Option<&Path>) -> Result<Option<IdentityConfig>, Error> {
+        if self.plaintext {
+            return Ok(None);
+        }
+        let ttl = self.cert_lifetime.get();
+        let ca = match (&self.ca_cert, &self.ca_key, state_dir) {
+            (Some(cert), Some(key), _) => Ca::load(&self.trust_domain, cert, key, ttl)?,
+            (_, _, Some(dir)) => Ca::load_or_generate(
+                &self.trust_domain,
+                &dir.join("ca.pem"),
+                &dir.join("ca.key"),
+                ttl,
+            )?,
+            _ => {
+                tracing::warn!(
+                    "no --state-dir or --ca-cert: the mesh root lives in memory and changes on every restart"
+                );
+                Ca::generate(&self.trust_domain, ttl)?
+            }
+        };
+        let verifier: Arc<dyn BootstrapVerifier> = match &self.bootstrap_tokens {
+            Some(path) => {
+                let tokens = TokenFile::load_path(path)?;
+                tracing::info!(path = %path.display(), tokens = tokens.len(), "bootstrap tokens loaded");
+                Arc::new(tokens)
+            }
+            None => {
+                tracing::warn!("no --bootstrap-tokens: every certificate request will be refused");
+                Arc::new(TokenFile::parse(Path::new("(none)"), "")?)
+            }
+        };
+        let mut cfg = IdentityConfig::new(Arc::new(ca), verifier);
+        if let Some(host) = host_name() {
+            cfg.server_names.push(host);
+        }
+        for name in &self.server_names {
+            if !cfg.server_names.contains(name) {
+                cfg.server_names.push(name.clone());
+            }
+        }
+        cfg.write_trust_root = self.write_trust_root.clone();
+        Ok(Some(cfg))
+    }
+}
+
+/// The host name (the pod name in a cluster), if it is a valid DNS name.
+fn host_name() -> Option<String> {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_ascii_lowercase())
+        .filter(|s| {
+            !s.is_empty()
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        })
 }
 
 /// Where policies come from.
@@ -63,17 +170,49 @@ impl Args {
         Ok(())
     }
 
-    /// The library configuration these flags describe.
-    pub fn to_config(&self) -> ControlPlaneConfig {
-        ControlPlaneConfig {
+    /// The library configuration these flags describe (loading or generating the CA).
+    pub fn to_config(&self) -> Result<ControlPlaneConfig, Error> {
+        Ok(ControlPlaneConfig {
             policy_dir: self.policy_dir.clone().unwrap_or_default(),
             grpc_addr: self.grpc,
             admin_addr: self.admin,
             state_dir: self.state_dir.clone(),
             addr_file: self.addr_file.clone(),
+            identity: self.ca.to_config(self.state_dir.as_deref())?,
             ..ControlPlaneConfig::default()
-        }
+        })
     }
+}
+
+/// In a cluster: the mesh root from `--ca-secret` and bootstrap tokens checked
+/// with TokenReview (`--token-review`) replace the local ones.
+async fn kube_identity(
+    args: &Args,
+    client: &kube::Client,
+    cfg: &mut ControlPlaneConfig,
+) -> Result<(), Error> {
+    let Some(identity) = cfg.identity.as_mut() else {
+        return Ok(());
+    };
+    if let Some(name) = &args.kubernetes.ca_secret {
+        let ns = args.kubernetes.namespace(client);
+        let ca = crate::k8s::load_or_create_ca_secret(
+            client.clone(),
+            &ns,
+            name,
+            &args.ca.trust_domain,
+            args.ca.cert_lifetime.get(),
+        )
+        .await?;
+        identity.ca = Arc::new(ca);
+    }
+    if args.kubernetes.token_review {
+        identity.verifier = Arc::new(crate::k8s::TokenReviewVerifier::new(
+            client.clone(),
+            crate::k8s::identity::TOKEN_AUDIENCE,
+        ));
+    }
+    Ok(())
 }
 
 /// The `sluice-control-plane` binary: parse flags, serve until SIGTERM/SIGINT.
@@ -102,7 +241,13 @@ pub fn cli_main() -> ExitCode {
         }
     };
     rt.block_on(async {
-        let mut cfg = args.to_config();
+        let mut cfg = match args.to_config() {
+            Ok(cfg) => cfg,
+            Err(e) => {
+                tracing::error!(error = %e, "certificate authority failed to start");
+                return ExitCode::FAILURE;
+            }
+        };
         let policies = args.source == Source::Kubernetes;
         if args.kubernetes.needs_client(policies) {
             // kube-rs builds its TLS config from the process default provider.
@@ -117,6 +262,10 @@ pub fn cli_main() -> ExitCode {
             cfg.kubernetes = args
                 .kubernetes
                 .to_config(&client, policies, crate::k8s::TRUST_DOMAIN);
+            if let Err(e) = kube_identity(&args, &client, &mut cfg).await {
+                tracing::error!(error = %e, "certificate authority failed to start");
+                return ExitCode::FAILURE;
+            }
         }
         let cp = match crate::start(cfg).await {
             Ok(cp) => cp,
@@ -172,6 +321,8 @@ mod tests {
         assert_eq!(args.log_level, "info");
         assert_eq!(args.source, Source::Dir);
         assert_eq!(args.kubernetes.lease_name, "sluice-control-plane");
+        assert_eq!(args.ca.trust_domain, "cluster.local");
+        assert!(!args.ca.plaintext);
     }
 
     #[test]
@@ -192,5 +343,87 @@ mod tests {
         ])
         .unwrap();
         assert!(args.kubernetes.needs_client(false));
+    }
+
+    #[test]
+    fn ca_is_generated_in_the_state_dir_and_kept_across_restarts() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = dir.path().join("tokens");
+        std::fs::write(
+            &tokens,
+            r#"{"token":"t","namespace":"shop","serviceAccount":"order"}"#,
+        )
+        .unwrap();
+        let state = dir.path().join("state");
+        let args = Args::try_parse_from([
+            "sluice-control-plane",
+            "--policy-dir",
+            "/p",
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--trust-domain",
+            "mesh.test",
+            "--cert-lifetime",
+            "10s",
+            "--bootstrap-tokens",
+            tokens.to_str().unwrap(),
+            "--server-name",
+            "cp.example,10.0.0.7",
+        ])
+        .unwrap();
+        let first = args.to_config().unwrap().identity.unwrap();
+        assert_eq!(first.ca.trust_domain(), "mesh.test");
+        assert_eq!(first.ca.leaf_ttl(), std::time::Duration::from_secs(10));
+        assert!(first.server_names.iter().any(|n| n == "cp.example"));
+        assert!(first.server_names.iter().any(|n| n == "10.0.0.7"));
+        assert!(first.verifier.verify("t").is_ok());
+        let again = args.to_config().unwrap().identity.unwrap();
+        assert_eq!(first.ca.root_der(), again.ca.root_der());
+        // The persisted files load as --ca-cert/--ca-key too.
+        let loaded = Args::try_parse_from([
+            "sluice-control-plane",
+            "--policy-dir",
+            "/p",
+            "--ca-cert",
+            state.join("ca.pem").to_str().unwrap(),
+            "--ca-key",
+            state.join("ca.key").to_str().unwrap(),
+        ])
+        .unwrap()
+        .to_config()
+        .unwrap()
+        .identity
+        .unwrap();
+        assert_eq!(first.ca.root_der(), loaded.ca.root_der());
+        assert!(loaded.verifier.verify("t").is_err());
+    }
+
+    #[test]
+    fn plaintext_turns_the_ca_off_and_a_missing_ca_file_is_an_error() {
+        let args =
+            Args::try_parse_from(["sluice-control-plane", "--policy-dir", "/p", "--plaintext"])
+                .unwrap();
+        assert!(args.to_config().unwrap().identity.is_none());
+        let args = Args::try_parse_from([
+            "sluice-control-plane",
+            "--policy-dir",
+            "/p",
+            "--ca-cert",
+            "/nonexistent/ca.pem",
+            "--ca-key",
+            "/nonexistent/ca.key",
+        ])
+        .unwrap();
+        assert!(matches!(args.to_config(), Err(Error::CaFile { .. })));
+        assert!(
+            Args::try_parse_from([
+                "sluice-control-plane",
+                "--policy-dir",
+                "/p",
+                "--ca-cert",
+                "x"
+            ])
+            .is_err()
+        );
     }
 }

@@ -17,7 +17,12 @@ use tokio_stream::StreamExt;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::Shared;
+use std::net::SocketAddr;
+
+use tonic::transport::{Identity, ServerTlsConfig};
+
+use crate::identity::IdentityService;
+use crate::{Error, IdentityConfig, Shared};
 
 /// How long a new stream may take to send its `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -29,9 +34,31 @@ pub(crate) struct PolicyService {
     shutdown: watch::Receiver<bool>,
 }
 
+/// What the gRPC port adds when the CA is on: TLS and the Identity service.
+pub(crate) struct GrpcTls {
+    tls: ServerTlsConfig,
+    identity: IdentityService,
+}
+
+/// Issues the gRPC serving certificate: DNS and IP SANs from `id.server_names`,
+/// plus the bound address when it is a specific IP.
+pub(crate) fn tls(id: &IdentityConfig, bound: SocketAddr) -> Result<GrpcTls, Error> {
+    let mut names = id.server_names.clone();
+    let ip = bound.ip().to_string();
+    if !bound.ip().is_unspecified() && !names.contains(&ip) {
+        names.push(ip);
+    }
+    let (cert, key) = id.ca.issue_server_pem(&names, id.server_cert_lifetime)?;
+    Ok(GrpcTls {
+        tls: ServerTlsConfig::new().identity(Identity::from_pem(cert, key)),
+        identity: IdentityService::new(id.ca.clone(), id.verifier.clone()),
+    })
+}
+
 pub(crate) async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
+    tls: Option<GrpcTls>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let svc = PolicyService {
@@ -44,11 +71,26 @@ pub(crate) async fn serve(
             let _ = s.set_nodelay(true);
         })
     });
-    let res = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder()
         // Notices proxies that vanished without closing their connection.
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+    let (tls, identity) = match tls {
+        Some(t) => (Some(t.tls), Some(t.identity.into_server())),
+        None => (None, None),
+    };
+    if let Some(tls) = tls {
+        builder = match builder.tls_config(tls) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "gRPC TLS configuration refused");
+                return;
+            }
+        };
+    }
+    let res = builder
         .add_service(PolicyDiscoveryServer::new(svc))
+        .add_optional_service(identity)
         .serve_with_incoming_shutdown(incoming, async move {
             let _ = shutdown.wait_for(|stop| *stop).await;
         })

@@ -18,6 +18,10 @@
 //! - [`k8s`]: in a cluster, RoutePolicy objects as the source (statuses written by
 //!   the elected replica), Service endpoints for `service` backends, TokenReview
 //!   and the CA Secret.
+//! - [`ca`] and [`identity`]: the mesh certificate authority and the
+//!   `sluice.v1.Identity/Certify` service. With an [`IdentityConfig`] the gRPC
+//!   port is TLS, its serving certificate signed by the mesh root, and serves
+//!   `Certify` beside the policy stream.
 //!
 //! [`start`] wires them together for in-process use (tests, the demo, the
 //! benchmark); [`cli_main`] is the binary.
@@ -169,6 +173,38 @@ pub struct ControlPlaneConfig {
     /// In a cluster: discover Service endpoints and, if asked, take policies from
     /// RoutePolicy objects instead of `policy_dir`.
     pub kubernetes: Option<k8s::KubeConfig>,
+    /// The CA, and TLS on the gRPC port; `None` serves plaintext gRPC without
+    /// the Identity service.
+    pub identity: Option<IdentityConfig>,
+}
+
+/// The certificate authority and how the gRPC port presents itself.
+#[derive(Clone, Debug)]
+pub struct IdentityConfig {
+    /// Signs workload certificates and the gRPC serving certificate.
+    pub ca: Arc<ca::Ca>,
+    /// Proves a proxy's identity from its bootstrap credential.
+    pub verifier: Arc<dyn ca::BootstrapVerifier>,
+    /// DNS names and IP addresses the gRPC serving certificate carries as SANs.
+    pub server_names: Vec<String>,
+    /// Lifetime of the gRPC serving certificate.
+    pub server_cert_lifetime: Duration,
+    /// Where to write the root certificate (PEM) once started, for `--trust-root`.
+    pub write_trust_root: Option<PathBuf>,
+}
+
+impl IdentityConfig {
+    /// A configuration serving `ca` with `verifier`, named `localhost`,
+    /// `127.0.0.1` and `::1` (add the Service's DNS names in a cluster).
+    pub fn new(ca: Arc<ca::Ca>, verifier: Arc<dyn ca::BootstrapVerifier>) -> Self {
+        Self {
+            ca,
+            verifier,
+            server_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
+            server_cert_lifetime: Duration::from_secs(365 * 24 * 3600),
+            write_trust_root: None,
+        }
+    }
 }
 
 impl Default for ControlPlaneConfig {
@@ -182,6 +218,7 @@ impl Default for ControlPlaneConfig {
             debounce: Duration::from_millis(20),
             rescan_interval: Duration::from_secs(30),
             kubernetes: None,
+            identity: None,
         }
     }
 }
@@ -341,6 +378,7 @@ impl Shared {
 pub struct RunningControlPlane {
     grpc_addr: SocketAddr,
     admin_addr: SocketAddr,
+    trust_root: Option<String>,
     shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
     watcher: Option<DirWatcher>,
@@ -356,6 +394,21 @@ impl RunningControlPlane {
     /// The bound admin HTTP address.
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin_addr
+    }
+
+    /// The URL proxies use for `--control-plane`: `https://` when the gRPC port is TLS.
+    pub fn grpc_url(&self) -> String {
+        let scheme = if self.trust_root.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.grpc_addr)
+    }
+
+    /// The mesh root certificate (PEM) when the CA is on: what `--trust-root` holds.
+    pub fn trust_root_pem(&self) -> Option<&str> {
+        self.trust_root.as_deref()
     }
 
     /// The version (content hash) being served, if any policy was loaded.
@@ -467,10 +520,25 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error
         )?)
     };
 
+    let grpc_tls = match &cfg.identity {
+        Some(id) => Some(grpc::tls(id, grpc_addr)?),
+        None => None,
+    };
+    let trust_root = cfg.identity.as_ref().map(|id| id.ca.root_pem());
+    if let (Some(id), Some(pem)) = (&cfg.identity, &trust_root)
+        && let Some(path) = &id.write_trust_root
+    {
+        sluice_api::write_atomic(path, pem.as_bytes()).map_err(|source| Error::Write {
+            path: path.clone(),
+            source,
+        })?;
+    }
+
     let mut tasks = vec![
         tokio::spawn(grpc::serve(
             grpc_listener,
             shared.clone(),
+            grpc_tls,
             shutdown_rx.clone(),
         )),
         tokio::spawn(admin::serve(
@@ -497,14 +565,15 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error
     }
 
     if kube_policies {
-        tracing::info!(%grpc_addr, %admin_addr, "control plane started; policies from RoutePolicy objects");
+        tracing::info!(%grpc_addr, %admin_addr, tls = trust_root.is_some(), "control plane started; policies from RoutePolicy objects");
     } else {
-        tracing::info!(%grpc_addr, %admin_addr, policy_dir = %cfg.policy_dir.display(), "control plane started");
+        tracing::info!(%grpc_addr, %admin_addr, tls = trust_root.is_some(), policy_dir = %cfg.policy_dir.display(), "control plane started");
     }
 
     Ok(RunningControlPlane {
         grpc_addr,
         admin_addr,
+        trust_root,
         shared,
         shutdown: shutdown_tx,
         watcher,

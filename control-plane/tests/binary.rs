@@ -53,6 +53,9 @@ fn binary_serves_from_env_flags_and_exits_cleanly_on_sigterm() {
     assert!(body.starts_with("HTTP/1.1 200"), "{body}");
     assert!(body.contains("\"host\": \"a\""), "{body}");
     assert!(dir.path().join("state/policies/a.yaml").exists());
+    // The CA is generated on first start and kept in the state directory.
+    assert!(dir.path().join("state/ca.pem").exists());
+    assert!(dir.path().join("state/ca.key").exists());
 
     let pid = child.id().to_string();
     assert!(

@@ -151,3 +151,92 @@ async fn control_plane_serving_cert_verifies_against_the_mesh_root() {
             .is_err()
     );
 }
+
+/// The real control plane with its CA: the gRPC port is TLS with a serving
+/// certificate from the mesh root, `Certify` and the policy stream both answer
+/// over it, and a client trusting another root is refused.
+#[tokio::test]
+async fn control_plane_serves_certify_and_policies_over_tls() {
+    use sluice_control_plane::{ControlPlaneConfig, IdentityConfig};
+
+    let dir = tempfile::tempdir().unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir(&policies).unwrap();
+    std::fs::write(
+        policies.join("a.yaml"),
+        "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: { name: a }\nspec:\n  host: a\n",
+    )
+    .unwrap();
+    let ca = Arc::new(Ca::generate("cluster.local", Duration::from_secs(600)).unwrap());
+    let tokens = TokenFile::parse(
+        std::path::Path::new("tokens"),
+        r#"{"token":"tok-log","namespace":"shop","serviceAccount":"log"}"#,
+    )
+    .unwrap();
+    let root_file = dir.path().join("root.pem");
+    let mut identity = IdentityConfig::new(ca.clone(), Arc::new(tokens));
+    identity.write_trust_root = Some(root_file.clone());
+    let cp = sluice_control_plane::start(ControlPlaneConfig {
+        policy_dir: policies,
+        identity: Some(identity),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let url = cp.grpc_url();
+    assert!(url.starts_with("https://127.0.0.1:"), "{url}");
+    let root = std::fs::read(&root_file).unwrap();
+    assert_eq!(cp.trust_root_pem().unwrap().as_bytes(), &root[..]);
+
+    // Certify over TLS, verified against the written root by IP SAN.
+    let channel = sluice_api::control_plane_endpoint(&url, Some(&root))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let resp = IdentityClient::new(channel.clone())
+        .certify(pb::CertifyRequest {
+            token: "tok-log".into(),
+            csr_der: csr(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (_, leaf) = X509Certificate::from_der(&resp.cert_chain_der[0]).unwrap();
+    assert!(format!("{:?}", leaf.subject_alternative_name()).contains("sa/log"));
+
+    // The policy stream shares the port.
+    let mut stream = pb::policy_discovery_client::PolicyDiscoveryClient::new(channel)
+        .stream_policies(tokio_stream::iter([pb::ProxyMessage {
+            message: Some(pb::proxy_message::Message::Hello(pb::Hello {
+                node_id: "n1".into(),
+                schema_version: sluice_config::SCHEMA_VERSION,
+                ..Default::default()
+            })),
+        }]))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(Some(first.version), cp.policy_version());
+
+    // A client trusting another root cannot connect; plaintext gRPC is refused too.
+    let other = Ca::generate("cluster.local", Duration::from_secs(600)).unwrap();
+    let refused = sluice_api::control_plane_endpoint(&url, Some(other.root_pem().as_bytes()))
+        .unwrap()
+        .connect()
+        .await;
+    assert!(refused.is_err());
+    let plain_answered = match IdentityClient::connect(url.replace("https://", "http://")).await {
+        Ok(mut c) => c
+            .certify(pb::CertifyRequest {
+                token: "tok-log".into(),
+                csr_der: csr(),
+            })
+            .await
+            .is_ok(),
+        Err(_) => false,
+    };
+    assert!(!plain_answered);
+    cp.shutdown().await;
+}

@@ -3,7 +3,8 @@
 //! | route | answer |
 //! |---|---|
 //! | `GET /live` | 200 while the process runs |
-//! | `GET /ready` | 200 once a policy is loaded and the proxy is not draining, else 503 |
+//! | `GET /ready` | 200 once a policy (and with mTLS a certificate) is loaded and the proxy is not draining, else 503 |
+//! | `GET /identity` | JSON: mTLS on or off, SPIFFE ID, certificate expiry, next renewal, certificates installed |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /config` | JSON: version, source, applied_at, policies (canonical YAML), last_rejected |
 //! | `GET /breakers` | JSON list of circuit breakers, one per route × backend (route key `<policy>.<route>`) |
@@ -26,6 +27,7 @@ use hyper::body::Incoming;
 use crate::body::{Body, full};
 use crate::config::LogControl;
 use crate::policy::PolicyStore;
+use crate::tls::TlsStore;
 
 /// Largest admin request body read.
 const MAX_BODY: usize = 64 * 1024;
@@ -37,6 +39,8 @@ pub(crate) struct AdminState {
     pub(crate) log: Option<LogControl>,
     pub(crate) token: Option<Arc<str>>,
     pub(crate) probes: Option<Arc<crate::probes::AppProbes>>,
+    /// The workload certificate, when mTLS is on.
+    pub(crate) tls: Option<Arc<TlsStore>>,
 }
 
 /// Handles one admin request from `peer`.
@@ -57,13 +61,18 @@ pub(crate) async fn handle(
     match (&parts.method, path) {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/ready") => {
-            if state.store.is_ready() {
-                text(StatusCode::OK, "ready\n")
-            } else {
+            if !state.store.is_ready() {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "not ready: no policy loaded\n",
                 )
+            } else if state.tls.as_ref().is_some_and(|t| !t.is_ready()) {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "not ready: no workload certificate yet\n",
+                )
+            } else {
+                text(StatusCode::OK, "ready\n")
             }
         }
         (&Method::GET, "/metrics") => {
@@ -74,7 +83,12 @@ pub(crate) async fn handle(
             );
             resp
         }
-        (&Method::GET, "/config") => json(StatusCode::OK, &config_json(&state.store)),
+        (&Method::GET, "/config") => {
+            let mut v = config_json(&state.store);
+            v["identity"] = identity_json(state.tls.as_deref());
+            json(StatusCode::OK, &v)
+        }
+        (&Method::GET, "/identity") => json(StatusCode::OK, &identity_json(state.tls.as_deref())),
         (&Method::GET, "/breakers") => {
             let list = match &state.store.context().breakers {
                 Some(b) => b.list(),
@@ -176,6 +190,22 @@ fn config_json(store: &PolicyStore) -> serde_json::Value {
     })
 }
 
+/// The workload identity as `/identity` and `/config` show it.
+fn identity_json(tls: Option<&TlsStore>) -> serde_json::Value {
+    let Some(tls) = tls else {
+        return serde_json::json!({ "mtls": false });
+    };
+    let held = tls.is_ready();
+    serde_json::json!({
+        "mtls": true,
+        "ready": held,
+        "spiffe_id": tls.spiffe_id(),
+        "not_after": held.then(|| rfc3339(tls.not_after())),
+        "next_renewal": tls.next_renewal().map(rfc3339),
+        "certificates_installed": tls.installs(),
+    })
+}
+
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
     let mut resp = Response::new(full(body));
     *resp.status_mut() = status;
@@ -231,6 +261,7 @@ mod tests {
             log: None,
             token: token.map(Into::into),
             probes: None,
+            tls: None,
         }
     }
 

@@ -140,6 +140,18 @@ pub(crate) struct RunArgs {
     /// Runtime worker threads [default: one per CPU core].
     #[arg(long, env = "SLUICE_WORKER_THREADS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub(crate) worker_threads: Option<u16>,
+    /// Mesh root certificate (PEM): verifies an https:// control plane and mesh peers.
+    #[arg(long, env = "SLUICE_TRUST_ROOT", value_name = "FILE")]
+    pub(crate) trust_root: Option<PathBuf>,
+    /// Bootstrap token for the control plane's CA; turns mTLS on.
+    #[arg(long, env = "SLUICE_IDENTITY_TOKEN_FILE", value_name = "FILE")]
+    pub(crate) identity_token_file: Option<PathBuf>,
+    /// Where to request the certificate [default: --control-plane].
+    #[arg(long, env = "SLUICE_IDENTITY_URL", value_name = "URL")]
+    pub(crate) identity_url: Option<String>,
+    /// With mTLS, also accept plaintext on the inbound listener (served without a peer identity).
+    #[arg(long, env = "SLUICE_INBOUND_PERMISSIVE")]
+    pub(crate) inbound_permissive: bool,
 }
 
 impl From<RunArgs> for ProxyConfig {
@@ -164,6 +176,10 @@ impl From<RunArgs> for ProxyConfig {
             no_outbound: a.no_outbound,
             app_probes: a.app_probes,
             log_control: None,
+            trust_root: a.trust_root,
+            identity_token_file: a.identity_token_file,
+            identity_url: a.identity_url,
+            inbound_permissive: a.inbound_permissive,
         }
     }
 }
@@ -352,6 +368,27 @@ mod tests {
         assert_eq!(cfg.state_dir, Some(PathBuf::from("/var/lib/sluice")));
         assert_eq!(cfg.node_id.as_deref(), Some("order-1"));
         assert_eq!(cfg.namespace, "shop");
+    }
+
+    #[test]
+    fn mtls_flags() {
+        let cfg = run_args(&[
+            "--control-plane",
+            "https://127.0.0.1:15010",
+            "--trust-root",
+            "/etc/sluice/root.pem",
+            "--identity-token-file",
+            "/var/run/sluice/token",
+            "--inbound-permissive",
+        ])
+        .unwrap();
+        assert_eq!(cfg.trust_root, Some(PathBuf::from("/etc/sluice/root.pem")));
+        assert_eq!(
+            cfg.identity_token_file,
+            Some(PathBuf::from("/var/run/sluice/token"))
+        );
+        assert!(cfg.inbound_permissive);
+        assert_eq!(cfg.identity_url, None);
     }
 
     #[test]

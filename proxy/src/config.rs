@@ -48,6 +48,14 @@ pub struct ProxyConfig {
     pub app_probes: Option<String>,
     /// Changes the log filter at run time (`PUT /log-level`); set by the CLI's logger.
     pub log_control: Option<LogControl>,
+    /// The mesh root (PEM) the control plane's and peers' certificates chain to.
+    pub trust_root: Option<PathBuf>,
+    /// Bootstrap token file; turns mTLS on (certificate from the control plane).
+    pub identity_token_file: Option<PathBuf>,
+    /// Where to certify [default: `control_plane`].
+    pub identity_url: Option<String>,
+    /// With mTLS, also serve plaintext inbound clients (without an identity).
+    pub inbound_permissive: bool,
 }
 
 impl Default for ProxyConfig {
@@ -72,6 +80,10 @@ impl Default for ProxyConfig {
             no_outbound: false,
             app_probes: None,
             log_control: None,
+            trust_root: None,
+            identity_token_file: None,
+            identity_url: None,
+            inbound_permissive: false,
         }
     }
 }

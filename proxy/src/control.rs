@@ -61,6 +61,7 @@ pub(crate) fn apply_saved(store: &PolicyStore, dir: &Path) {
 pub(crate) fn subscribe(
     cfg: &ProxyConfig,
     url: &str,
+    trust_root: Option<Vec<u8>>,
     store: PolicyStore,
 ) -> Result<Subscriber, ProxyError> {
     let node_id = cfg.node_id.clone().unwrap_or_else(default_node_id);
@@ -69,6 +70,7 @@ pub(crate) fn subscribe(
     sc.service = cfg.service.clone().unwrap_or_default();
     sc.proxy_version = env!("CARGO_PKG_VERSION").into();
     sc.state_dir = cfg.state_dir.clone();
+    sc.trust_root = trust_root;
     let sink = StoreSink {
         store,
         source: url.to_string(),

@@ -6,6 +6,7 @@ use std::time::Instant;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use sluice_filters::ratelimit::PeerIdentity;
 use sluice_filters::{FilterError, find_filter_error};
 use tower::Service;
 use tracing::debug;
@@ -103,6 +104,7 @@ async fn forward(
     direction: Direction,
 ) -> Response<Body> {
     let grpc = is_grpc(&req);
+    let peer = req.extensions().get::<PeerIdentity>().map(|p| p.0.clone());
     let upgrade = is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
     strip_hop_by_hop(req.headers_mut(), upgrade.is_some());
     let mut svc = entry.service.clone();
@@ -136,9 +138,12 @@ async fn forward(
             (resp, backend)
         }
     };
-    entry
-        .metrics
-        .record(backend, resp.status().as_u16(), started.elapsed());
+    entry.metrics.record(
+        backend,
+        peer.as_deref(),
+        resp.status().as_u16(),
+        started.elapsed(),
+    );
     resp
 }
 

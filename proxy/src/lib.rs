@@ -63,6 +63,8 @@ pub struct RunningProxy {
     admin_task: JoinHandle<()>,
     watcher: Option<JoinHandle<()>>,
     subscriber: Option<sluice_api::Subscriber>,
+    tls: Option<Arc<tls::TlsStore>>,
+    identity_task: Option<JoinHandle<()>>,
 }
 
 impl RunningProxy {
@@ -86,6 +88,11 @@ impl RunningProxy {
         self.store.clone()
     }
 
+    /// The workload certificate, when mTLS is on.
+    pub fn tls_store(&self) -> Option<Arc<tls::TlsStore>> {
+        self.tls.clone()
+    }
+
     /// Stops accepting, lets requests in flight finish within the drain timeout, then
     /// closes the admin listener.
     pub async fn shutdown(self) {
@@ -101,6 +108,9 @@ impl RunningProxy {
         if let Some(w) = self.watcher {
             let _ = w.await;
         }
+        if let Some(t) = self.identity_task {
+            t.abort();
+        }
         let _ = self.admin_shutdown.send(true);
         let _ = tokio::time::timeout(self.drain, self.admin_task).await;
         info!("stopped");
@@ -110,7 +120,42 @@ impl RunningProxy {
 /// Binds every listener, loads the policy and returns once listening.
 pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
     let metrics = Metrics::new()?;
-    let ctx = StackContext::new(forward::Upstream::new(), metrics);
+    let trust_root = match &cfg.trust_root {
+        Some(path) => Some(std::fs::read(path).map_err(|source| ProxyError::File {
+            path: path.clone(),
+            source,
+        })?),
+        None => None,
+    };
+    let (tls, identity_task) = match &cfg.identity_token_file {
+        Some(token_file) => {
+            let url = cfg
+                .identity_url
+                .as_deref()
+                .or(cfg.control_plane.as_deref())
+                .ok_or_else(|| {
+                    ProxyError::Compile(
+                        "--identity-token-file needs --control-plane or --identity-url".into(),
+                    )
+                })?;
+            let store =
+                Arc::new(tls::TlsStore::empty().with_expiry_gauge(metrics.identity_expiry.clone()));
+            let task = tls::identity::spawn(
+                store.clone(),
+                url,
+                trust_root.as_deref(),
+                token_file.clone(),
+            )?;
+            info!(identity_url = %url, permissive = cfg.inbound_permissive, "mTLS on");
+            (Some(store), Some(task))
+        }
+        None => (None, None),
+    };
+    let upstream = match &tls {
+        Some(store) => forward::Upstream::with_mesh(store.clone()),
+        None => forward::Upstream::new(),
+    };
+    let ctx = StackContext::new(upstream, metrics);
     let app = cfg.app.filter(|_| !cfg.no_inbound);
     let app_authority = app
         .map(|a| {
@@ -174,7 +219,12 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
             if let Some(dir) = &cfg.state_dir {
                 control::apply_saved(&store, dir);
             }
-            Some(control::subscribe(&cfg, url, store.clone())?)
+            Some(control::subscribe(
+                &cfg,
+                url,
+                trust_root.clone(),
+                store.clone(),
+            )?)
         }
         None => {
             if cfg.state_dir.is_some() {
@@ -205,23 +255,42 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         let intercept = transparent::Intercept::Inbound {
             app_port: app.port(),
         };
-        data_tasks.push(server::serve(
-            "inbound",
-            l,
-            move |_peer, req| {
-                let store = store.clone();
-                async move { edge::inbound(&store, req).await }
-            },
-            data_rx.clone(),
-            cfg.drain_timeout,
-            Some(intercept),
-        ));
+        let handler = move |_peer, req| {
+            let store = store.clone();
+            async move { edge::inbound(&store, req).await }
+        };
+        data_tasks.push(match &tls {
+            Some(tls) => {
+                let mode = tls::accept::InboundTls {
+                    store: tls.clone(),
+                    permissive: cfg.inbound_permissive,
+                };
+                tls::accept::serve(
+                    "inbound",
+                    l,
+                    handler,
+                    mode,
+                    data_rx.clone(),
+                    cfg.drain_timeout,
+                    Some(intercept),
+                )
+            }
+            None => server::serve(
+                "inbound",
+                l,
+                handler,
+                data_rx.clone(),
+                cfg.drain_timeout,
+                Some(intercept),
+            ),
+        });
     }
     let admin_state = admin::AdminState {
         store: store.clone(),
         log: cfg.log_control.clone(),
         token,
         probes,
+        tls: tls.clone(),
     };
     let admin_task = server::serve(
         "admin",
@@ -253,6 +322,8 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         admin_task,
         watcher,
         subscriber,
+        tls,
+        identity_task,
     })
 }
 

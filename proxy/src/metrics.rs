@@ -2,14 +2,19 @@
 //!
 //! Label handles for the data path are resolved once per route × backend and kept in
 //! [`RouteMetrics`], so a request never formats labels or takes the family's lock
-//! (only a status code outside [`COMMON_CODES`] does, once per request).
+//! (only a status code outside [`COMMON_CODES`] does, once per request). Inbound
+//! requests over mTLS carry the caller's SPIFFE ID as `peer_identity` (empty
+//! otherwise); handles per peer are kept in a copy-on-write map, read without a lock.
 
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
+
+use arc_swap::ArcSwap;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::ProxyError;
@@ -19,6 +24,9 @@ const DURATION_BUCKETS: &[f64] = &[
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
     5.0, 10.0,
 ];
+
+/// Distinct peer identities with their own series per route; later ones share `other`.
+const MAX_PEERS: usize = 1024;
 
 /// Status codes whose counters are cached per route × backend.
 pub const COMMON_CODES: [u16; 20] = [
@@ -31,9 +39,10 @@ pub const COMMON_CODES: [u16; 20] = [
 pub struct Metrics {
     /// The registry `/metrics` encodes.
     pub registry: Registry,
-    /// `sluice_requests_total{direction,route,backend,code}`.
+    /// `sluice_requests_total{direction,route,backend,code,peer_identity}`.
     pub requests: IntCounterVec,
-    /// `sluice_request_duration_seconds{direction,route,backend}`: time to response headers.
+    /// `sluice_request_duration_seconds{direction,route,backend,peer_identity}`: time to
+    /// response headers.
     pub duration: HistogramVec,
     /// `sluice_ratelimit_decisions_total{direction,route,decision}` (allowed, limited, shadow).
     pub ratelimit_decisions: IntCounterVec,
@@ -47,6 +56,9 @@ pub struct Metrics {
     pub policy_info: IntGaugeVec,
     /// `sluice_policy_reloads_total{result}` (applied, unchanged, rejected).
     pub policy_reloads: IntCounterVec,
+    /// `sluice_identity_cert_expiry_timestamp_seconds`: when the workload certificate
+    /// expires (Unix seconds; 0 before the first one, or without mTLS).
+    pub identity_expiry: Gauge,
 }
 
 impl Metrics {
@@ -55,7 +67,7 @@ impl Metrics {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
             Opts::new("sluice_requests_total", "Requests handled, by outcome."),
-            &["direction", "route", "backend", "code"],
+            &["direction", "route", "backend", "code", "peer_identity"],
         )?;
         let duration = HistogramVec::new(
             HistogramOpts::new(
@@ -63,7 +75,7 @@ impl Metrics {
                 "Time from request to response headers.",
             )
             .buckets(DURATION_BUCKETS.to_vec()),
-            &["direction", "route", "backend"],
+            &["direction", "route", "backend", "peer_identity"],
         )?;
         let ratelimit_decisions = IntCounterVec::new(
             Opts::new("sluice_ratelimit_decisions_total", "Rate limit decisions."),
@@ -95,6 +107,11 @@ impl Metrics {
             Opts::new("sluice_policy_reloads_total", "Policy updates, by result."),
             &["result"],
         )?;
+        let identity_expiry = Gauge::new(
+            "sluice_identity_cert_expiry_timestamp_seconds",
+            "When the workload certificate expires, in Unix seconds.",
+        )?;
+        registry.register(Box::new(identity_expiry.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(ratelimit_decisions.clone()))?;
@@ -113,6 +130,7 @@ impl Metrics {
             breaker_transitions,
             policy_info,
             policy_reloads,
+            identity_expiry,
         })
     }
 
@@ -134,36 +152,109 @@ impl Metrics {
 
     /// Label handles for one route (or the inbound pseudo-route) and its backends.
     pub fn route(&self, direction: &'static str, route: &str, backends: &[&str]) -> RouteMetrics {
-        let mk = |backend: &str| BackendMetrics {
+        let labels = RouteLabels {
             metrics: self.clone(),
             direction,
             route: route.into(),
-            backend: backend.into(),
-            handles: OnceLock::new(),
+            backends: backends.iter().map(|b| Arc::from(*b)).collect(),
         };
         RouteMetrics {
-            backends: backends.iter().map(|b| mk(b)).collect(),
-            unresolved: mk(""),
+            plain: labels.set(Arc::from("")),
+            peers: ArcSwap::from_pointee(HashMap::new()),
+            other: OnceLock::new(),
+            labels,
+        }
+    }
+}
+
+/// What the label handles of a route are made from.
+#[derive(Debug)]
+struct RouteLabels {
+    metrics: Metrics,
+    direction: &'static str,
+    route: Arc<str>,
+    backends: Box<[Arc<str>]>,
+}
+
+impl RouteLabels {
+    fn set(&self, peer: Arc<str>) -> LabelSet {
+        let mk = |backend: &Arc<str>| BackendMetrics {
+            metrics: self.metrics.clone(),
+            direction: self.direction,
+            route: self.route.clone(),
+            backend: backend.clone(),
+            peer: peer.clone(),
+            handles: OnceLock::new(),
+        };
+        LabelSet {
+            backends: self.backends.iter().map(mk).collect(),
+            unresolved: mk(&Arc::from("")),
         }
     }
 }
 
 /// Cached label handles for one route: one entry per backend, plus one for requests that
-/// failed before a backend was chosen.
+/// failed before a backend was chosen; per peer identity on inbound mTLS.
 #[derive(Debug)]
 pub struct RouteMetrics {
+    plain: LabelSet,
+    peers: ArcSwap<HashMap<Arc<str>, Arc<LabelSet>>>,
+    /// Peers beyond [`MAX_PEERS`].
+    other: OnceLock<LabelSet>,
+    labels: RouteLabels,
+}
+
+/// The handles of one route for one `peer_identity` value.
+#[derive(Debug)]
+struct LabelSet {
     backends: Box<[BackendMetrics]>,
     unresolved: BackendMetrics,
 }
 
-impl RouteMetrics {
-    /// Counts one request answered with `code` after `elapsed`; `backend` is the index of
-    /// the backend that answered, if one was chosen.
-    pub fn record(&self, backend: Option<usize>, code: u16, elapsed: Duration) {
+impl LabelSet {
+    fn record(&self, backend: Option<usize>, code: u16, elapsed: Duration) {
         let b = backend
             .and_then(|i| self.backends.get(i))
             .unwrap_or(&self.unresolved);
         b.record(code, elapsed);
+    }
+}
+
+impl RouteMetrics {
+    /// Counts one request answered with `code` after `elapsed`; `backend` is the index of
+    /// the backend that answered, if one was chosen; `peer` the caller's SPIFFE ID when
+    /// it came over mTLS.
+    pub fn record(&self, backend: Option<usize>, peer: Option<&str>, code: u16, elapsed: Duration) {
+        let Some(peer) = peer else {
+            return self.plain.record(backend, code, elapsed);
+        };
+        let peers = self.peers.load();
+        if let Some(set) = peers.get(peer) {
+            return set.record(backend, code, elapsed);
+        }
+        if peers.len() >= MAX_PEERS {
+            let other = self
+                .other
+                .get_or_init(|| self.labels.set(Arc::from("other")));
+            return other.record(backend, code, elapsed);
+        }
+        drop(peers);
+        self.peer_set(peer).record(backend, code, elapsed);
+    }
+
+    /// The slow path, once per new peer of this route: copy the map with it added.
+    fn peer_set(&self, peer: &str) -> Arc<LabelSet> {
+        let mut added = None;
+        self.peers.rcu(|map| {
+            let mut map = HashMap::clone(map);
+            let set = map
+                .entry(Arc::from(peer))
+                .or_insert_with(|| Arc::new(self.labels.set(Arc::from(peer))))
+                .clone();
+            added = Some(set);
+            map
+        });
+        added.expect("rcu ran at least once")
     }
 }
 
@@ -174,6 +265,7 @@ struct BackendMetrics {
     direction: &'static str,
     route: Arc<str>,
     backend: Arc<str>,
+    peer: Arc<str>,
     handles: OnceLock<Handles>,
 }
 
@@ -191,6 +283,7 @@ impl BackendMetrics {
                 self.direction,
                 &self.route,
                 &self.backend,
+                &self.peer,
             ]),
             codes: [const { OnceLock::new() }; COMMON_CODES.len()],
         })
@@ -202,6 +295,7 @@ impl BackendMetrics {
             &self.route,
             &self.backend,
             &code.to_string(),
+            &self.peer,
         ])
     }
 
@@ -223,19 +317,37 @@ mod tests {
     fn records_cached_and_rare_codes() {
         let m = Metrics::new().unwrap();
         let r = m.route("outbound", "ingest", &["log-v1"]);
-        r.record(Some(0), 200, Duration::from_millis(1));
-        r.record(Some(0), 418, Duration::from_millis(1));
-        r.record(None, 504, Duration::from_millis(1));
+        r.record(Some(0), None, 200, Duration::from_millis(1));
+        r.record(Some(0), None, 418, Duration::from_millis(1));
+        r.record(None, None, 504, Duration::from_millis(1));
         let text = m.encode();
         assert!(text.contains(
-            r#"sluice_requests_total{backend="log-v1",code="200",direction="outbound",route="ingest"} 1"#
+            r#"sluice_requests_total{backend="log-v1",code="200",direction="outbound",peer_identity="",route="ingest"} 1"#
         ));
         assert!(text.contains(
-            r#"sluice_requests_total{backend="log-v1",code="418",direction="outbound",route="ingest"} 1"#
+            r#"sluice_requests_total{backend="log-v1",code="418",direction="outbound",peer_identity="",route="ingest"} 1"#
         ));
         assert!(text.contains(
-            r#"sluice_requests_total{backend="",code="504",direction="outbound",route="ingest"} 1"#
+            r#"sluice_requests_total{backend="",code="504",direction="outbound",peer_identity="",route="ingest"} 1"#
         ));
         assert!(text.contains("sluice_request_duration_seconds_bucket"));
+    }
+
+    #[test]
+    fn inbound_series_carry_the_peer_identity() {
+        let m = Metrics::new().unwrap();
+        let r = m.route("inbound", "inbound", &["app"]);
+        let order = "spiffe://cluster.local/ns/shop/sa/order";
+        r.record(Some(0), Some(order), 200, Duration::from_millis(1));
+        r.record(Some(0), Some(order), 200, Duration::from_millis(1));
+        r.record(None, Some(order), 403, Duration::from_millis(1));
+        let text = m.encode();
+        assert!(text.contains(&format!(
+            r#"sluice_requests_total{{backend="app",code="200",direction="inbound",peer_identity="{order}",route="inbound"}} 2"#
+        )), "{text}");
+        assert!(text.contains(&format!(
+            r#"sluice_requests_total{{backend="",code="403",direction="inbound",peer_identity="{order}",route="inbound"}} 1"#
+        )));
+        assert!(text.contains("sluice_identity_cert_expiry_timestamp_seconds 0"));
     }
 }

@@ -11,8 +11,9 @@
 //! balancer index per-backend state with it; the balancer turns it into an [`Endpoint`];
 //! the connection step ([`Upstream`]) sends the request there, failing with a typed
 //! [`sluice_filters::UpstreamError`] inside [`ProxyError::Upstream`] so breaker, retry and
-//! balancer can tell connect failures from resets. The inbound stack is the inbound
-//! rate limit in front of the local application (authorization joins it with mTLS).
+//! balancer can tell connect failures from resets. The inbound stack is authorization
+//! of the peer identity (`inbound.allow`), then the inbound rate limit, in front of the
+//! local application.
 //!
 //! State that must survive a swap (rate-limit buckets, breakers, retry budgets, endpoint
 //! latency) lives in the registries of [`Governance`]; [`StackContext::prepare`] tells
@@ -27,6 +28,7 @@ use http::uri::Authority;
 use http::{Request, Response};
 use prometheus::IntCounter;
 use sluice_config::{Route, RoutePolicy};
+use sluice_filters::authz::{AllowList, AuthzLayer};
 use sluice_filters::balance::{BalanceLayer, BalanceParams, BalanceRegistry, EndpointSet};
 use sluice_filters::breaker::{
     BreakerLayer, BreakerObserver, BreakerParams, BreakerRegistry, Circuit, CircuitState,
@@ -498,7 +500,7 @@ pub fn build_outbound(ctx: &StackContext, params: Arc<RouteParams>) -> RouteEntr
         .layer(BreakerLayer::per_backend(circuits))
         .layer(BalanceLayer::new(sets))
         .map_request(|r: Request<sluice_filters::retry::ReplayBody<Body>>| r.map(boxed))
-        .service(ctx.upstream.clone());
+        .service(ctx.upstream.for_backends(&params.backends));
     RouteEntry {
         params,
         service: BoxCloneSyncService::new(service),
@@ -512,8 +514,10 @@ pub fn build_inbound(ctx: &StackContext, app: Authority, own: Option<&RoutePolic
     let params = Arc::new(RouteParams::inbound(app, own));
     let metrics = ctx.metrics.route("inbound", &params.key, &["app"]);
     let limit = limit_layer(ctx, "inbound", LimitKey::Inbound, &params);
-    // Authorization of the peer identity (`inbound.allow`) goes above the limit with mTLS.
+    // A peer outside `inbound.allow` is refused before it spends the inbound quota.
+    let allow = AllowList::from_config(own.and_then(|p| p.spec.inbound.as_ref()));
     let service = ServiceBuilder::new()
+        .layer(AuthzLayer::new(allow))
         .option_layer(limit)
         .layer(AppEndpointLayer::new(params.backends[0].clone()))
         .service(ctx.upstream.clone());

@@ -317,6 +317,16 @@ impl<S> Prefixed<S> {
             inner,
         }
     }
+
+    /// The wrapped stream; its next bytes follow whatever prefix is still unread.
+    pub(crate) fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    /// Whether bytes read ahead are still to be replayed.
+    pub(crate) fn has_prefix(&self) -> bool {
+        self.pos < self.prefix.len()
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {

@@ -52,7 +52,7 @@ async fn tls_server(store: Arc<TlsStore>) -> std::net::SocketAddr {
     tokio::spawn(async move {
         loop {
             let (tcp, _) = listener.accept().await.unwrap();
-            let acceptor = tokio_rustls::TlsAcceptor::from(store.server_config());
+            let acceptor = tokio_rustls::TlsAcceptor::from(store.server_config().unwrap());
             tokio::spawn(async move {
                 let Ok(mut tls) = acceptor.accept(tcp).await else {
                     return;

@@ -4,7 +4,13 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use hyper::StatusCode;
-use sluice_control_plane::{ControlPlaneConfig, RunningControlPlane};
+use std::sync::Arc;
+use std::time::Duration;
+
+use sluice_control_plane::ca::{Ca, TokenFile};
+use sluice_control_plane::{ControlPlaneConfig, IdentityConfig, RunningControlPlane};
+
+use crate::MeshTls;
 use tempfile::TempDir;
 
 use crate::proxy::{admin_get, parse_json, write_atomically};
@@ -14,6 +20,7 @@ use crate::{WAIT, wait_until};
 /// its last good files in `state/` there; restartable on the same ports.
 pub struct TestControlPlane {
     running: Option<RunningControlPlane>,
+    ca: Option<CaOptions>,
     grpc: SocketAddr,
     admin: SocketAddr,
     policy_dir: PathBuf,
@@ -24,6 +31,36 @@ pub struct TestControlPlane {
 impl TestControlPlane {
     /// Starts on ephemeral ports with `files` (name, YAML) in its policy directory.
     pub async fn start(files: &[(&str, &str)]) -> Self {
+        Self::start_inner(files, None).await
+    }
+
+    /// Starts with its CA on (TLS gRPC, `Certify`): the root is generated in its
+    /// state directory and written to [`trust_root`](Self::trust_root); `tokens` are
+    /// `(token, namespace, service account)`; issued certificates live `cert_lifetime`.
+    pub async fn start_with_ca(
+        files: &[(&str, &str)],
+        tokens: &[(&str, &str, &str)],
+        cert_lifetime: Duration,
+    ) -> Self {
+        let lines: String = tokens
+            .iter()
+            .map(|(t, ns, sa)| {
+                format!(
+                    "{{\"token\":\"{t}\",\"namespace\":\"{ns}\",\"serviceAccount\":\"{sa}\"}}\n"
+                )
+            })
+            .collect();
+        Self::start_inner(
+            files,
+            Some(CaOptions {
+                tokens: lines,
+                cert_lifetime,
+            }),
+        )
+        .await
+    }
+
+    async fn start_inner(files: &[(&str, &str)], ca: Option<CaOptions>) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("sluice-e2e-cp-")
             .tempdir()
@@ -35,20 +72,40 @@ impl TestControlPlane {
             std::fs::write(policy_dir.join(name), yaml).expect("write policy file");
         }
         let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
-        let running = launch(&policy_dir, &state_dir, any, any).await;
+        let running = launch(&policy_dir, &state_dir, ca.as_ref(), any, any).await;
         Self {
             grpc: running.grpc_addr(),
             admin: running.admin_addr(),
             running: Some(running),
+            ca,
             policy_dir,
             state_dir,
             _dir: dir,
         }
     }
 
-    /// The URL proxies subscribe to (`--control-plane`).
+    /// The URL proxies subscribe to (`--control-plane`): `https://` with the CA on.
     pub fn url(&self) -> String {
-        format!("http://{}", self.grpc)
+        let scheme = if self.ca.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.grpc)
+    }
+
+    /// The mesh root (PEM file) proxies trust, with the CA on.
+    pub fn trust_root(&self) -> PathBuf {
+        self.state_dir.join("ca.pem")
+    }
+
+    /// Writes `token` to a file of its own and returns the mTLS options of a proxy
+    /// that certifies with it.
+    pub fn mesh_tls(&self, token: &str) -> MeshTls {
+        let file = self.state_dir.join(format!("token-{token}"));
+        std::fs::write(&file, token).expect("write the token file");
+        MeshTls {
+            identity_url: self.url(),
+            trust_root: self.trust_root(),
+            token_file: file,
+            permissive: false,
+        }
     }
 
     /// The admin listener's address.
@@ -113,22 +170,50 @@ impl TestControlPlane {
     /// Starts it again on the same ports, policy directory and state directory.
     pub async fn restart(&mut self) {
         self.stop().await;
-        let running = launch(&self.policy_dir, &self.state_dir, self.grpc, self.admin).await;
+        let running = launch(
+            &self.policy_dir,
+            &self.state_dir,
+            self.ca.as_ref(),
+            self.grpc,
+            self.admin,
+        )
+        .await;
         self.running = Some(running);
     }
+}
+
+/// The CA settings of a test control plane.
+#[derive(Clone, Debug)]
+struct CaOptions {
+    /// Token-file lines.
+    tokens: String,
+    cert_lifetime: Duration,
 }
 
 async fn launch(
     policy_dir: &Path,
     state_dir: &Path,
+    ca: Option<&CaOptions>,
     grpc: SocketAddr,
     admin: SocketAddr,
 ) -> RunningControlPlane {
+    let identity = ca.map(|ca| {
+        let root = Ca::load_or_generate(
+            "cluster.local",
+            &state_dir.join("ca.pem"),
+            &state_dir.join("ca.key"),
+            ca.cert_lifetime,
+        )
+        .expect("the mesh CA");
+        let tokens = TokenFile::parse(Path::new("tokens"), &ca.tokens).expect("token lines");
+        IdentityConfig::new(Arc::new(root), Arc::new(tokens))
+    });
     let cfg = ControlPlaneConfig {
         policy_dir: policy_dir.to_path_buf(),
         state_dir: Some(state_dir.to_path_buf()),
         grpc_addr: grpc,
         admin_addr: admin,
+        identity,
         ..Default::default()
     };
     sluice_control_plane::start(cfg)

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 pub use client::{HttpConn, Reply, ReqBody, full_body};
 pub use control_plane::TestControlPlane;
-pub use proxy::{ChildProxy, ProcMemory, ProxyOptions, TestProxy};
+pub use proxy::{ChildProxy, MeshTls, ProcMemory, ProxyOptions, TestProxy};
 pub use upstream::{Protocol, Stall, Upstream};
 
 /// The error type the harness passes around.

@@ -27,6 +27,21 @@ pub struct ProxyOptions {
     pub service: Option<String>,
     /// Grace period for requests in flight at shutdown.
     pub drain_timeout: Duration,
+    /// mTLS: certify with the control plane and use it on the mesh hops.
+    pub mtls: Option<MeshTls>,
+}
+
+/// How a proxy under test joins the mesh's mTLS.
+#[derive(Clone, Debug)]
+pub struct MeshTls {
+    /// The control plane's gRPC URL (`https://…`) to certify with.
+    pub identity_url: String,
+    /// The mesh root (PEM).
+    pub trust_root: PathBuf,
+    /// The bootstrap token file.
+    pub token_file: PathBuf,
+    /// Accept plaintext inbound too.
+    pub permissive: bool,
 }
 
 impl Default for ProxyOptions {
@@ -37,6 +52,7 @@ impl Default for ProxyOptions {
             app: None,
             service: None,
             drain_timeout: Duration::from_secs(5),
+            mtls: None,
         }
     }
 }
@@ -139,6 +155,10 @@ impl TestProxy {
             policy: Some(policy_path.clone()),
             service: opts.service.clone(),
             drain_timeout: opts.drain_timeout,
+            trust_root: opts.mtls.as_ref().map(|m| m.trust_root.clone()),
+            identity_token_file: opts.mtls.as_ref().map(|m| m.token_file.clone()),
+            identity_url: opts.mtls.as_ref().map(|m| m.identity_url.clone()),
+            inbound_permissive: opts.mtls.as_ref().is_some_and(|m| m.permissive),
             ..Default::default()
         };
         let running = sluice_proxy::start(cfg).await.expect("start the proxy");
@@ -184,6 +204,10 @@ impl TestProxy {
             namespace: "e2e".into(),
             service: opts.service.clone(),
             drain_timeout: opts.drain_timeout,
+            trust_root: opts.mtls.as_ref().map(|m| m.trust_root.clone()),
+            identity_token_file: opts.mtls.as_ref().map(|m| m.token_file.clone()),
+            identity_url: opts.mtls.as_ref().map(|m| m.identity_url.clone()),
+            inbound_permissive: opts.mtls.as_ref().is_some_and(|m| m.permissive),
             ..Default::default()
         };
         let running = sluice_proxy::start(cfg).await.expect("start the proxy");
@@ -197,6 +221,11 @@ impl TestProxy {
         };
         proxy.wait_ready().await;
         proxy
+    }
+
+    /// The proxy's workload certificate store, when mTLS is on.
+    pub fn tls_store(&self) -> Option<std::sync::Arc<sluice_proxy::tls::TlsStore>> {
+        self.running.as_ref().and_then(|r| r.tls_store())
     }
 
     /// The outbound listener's address.

@@ -9,24 +9,38 @@
 //!   without restarting a listener or touching connections already open. Inbound
 //!   requires a client certificate chaining to the trust root; outbound presents
 //!   the proxy's certificate and checks the server's SPIFFE ID ([`SpiffeServerVerifier`]).
-//! - [`renew`]: re-certify at 70–80 % of the certificate's lifetime.
+//!   Mesh connections are TLS 1.3 only.
+//! - [`MeshConnector`]: the outbound connector of pooled mesh clients; it reads the
+//!   store's current credentials per new connection, so a rotation applies to new
+//!   connections while pooled ones live on.
+//! - `accept`: the inbound listener's TLS accept (strict, or permissive: a
+//!   plaintext client is served without an identity).
+//! - `identity`: the first certificate and its renewals, from the control plane.
+//! - [`run_renewal`]: re-certify at 70–80 % of the certificate's lifetime.
 
+pub(crate) mod accept;
+mod connect;
+pub(crate) mod identity;
 mod renew;
 mod verify;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwap;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use arc_swap::ArcSwapOption;
 use rcgen::{CertificateParams, DistinguishedName, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use sluice_api::pb;
 use sluice_api::pb::identity_client::IdentityClient;
+use tokio::sync::watch;
 
 use crate::ProxyError;
 
+pub use connect::{MeshConnector, MeshStream};
 pub use renew::{RENEW_AT, RENEW_JITTER, renew_delay, run_renewal};
 pub use verify::{SpiffeServerVerifier, peer_identity, peer_spiffe_id};
 
@@ -127,7 +141,7 @@ impl Material {
                 .build()
                 .map_err(|e| ProxyError::Tls(e.to_string()))?;
         let mut server = ServerConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| ProxyError::Tls(e.to_string()))?
             .with_client_cert_verifier(client_verifier)
             .with_single_cert(creds.chain.clone(), creds.key())
@@ -142,65 +156,150 @@ impl Material {
 }
 
 /// The current credentials and the TLS configurations built from them.
+///
+/// Empty until the first certificate arrives: then the inbound listener refuses
+/// handshakes and outbound mesh connections fail, and `/ready` says 503.
 pub struct TlsStore {
-    current: ArcSwap<Material>,
+    current: ArcSwapOption<Material>,
+    /// Installs so far; a watch so tests and the admin API can wait on rotations.
+    installs: watch::Sender<u64>,
+    /// When renewal is next due (Unix ms; 0 = not scheduled).
+    next_renewal_ms: AtomicU64,
+    expiry_gauge: Option<prometheus::Gauge>,
 }
 
 impl std::fmt::Debug for TlsStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TlsStore")
-            .field("credentials", &self.current.load().creds)
-            .finish()
+            .field(
+                "credentials",
+                &self.current.load().as_ref().map(|m| m.creds.spiffe_id()),
+            )
+            .finish_non_exhaustive()
     }
 }
 
 impl TlsStore {
     /// A store holding `creds`.
     pub fn new(creds: Credentials) -> Result<Self, ProxyError> {
-        Ok(Self {
-            current: ArcSwap::from_pointee(Material::build(creds)?),
-        })
+        let store = Self::empty();
+        store.install(creds)?;
+        Ok(store)
     }
 
-    /// Replaces the credentials; the next handshake on every listener uses them.
+    /// A store without credentials yet.
+    pub fn empty() -> Self {
+        Self {
+            current: ArcSwapOption::empty(),
+            installs: watch::channel(0).0,
+            next_renewal_ms: AtomicU64::new(0),
+            expiry_gauge: None,
+        }
+    }
+
+    /// Sets `gauge` to the current certificate's expiry (Unix seconds) on every install.
+    pub fn with_expiry_gauge(mut self, gauge: prometheus::Gauge) -> Self {
+        self.expiry_gauge = Some(gauge);
+        self
+    }
+
+    /// Replaces the credentials; the next handshake on every listener and every
+    /// new outbound connection uses them, while open connections keep theirs.
     /// On error the previous credentials stay in force.
     pub fn install(&self, creds: Credentials) -> Result<(), ProxyError> {
         let material = Material::build(creds)?;
         tracing::info!(spiffe_id = ?material.creds.spiffe_id(), not_after = ?material.creds.not_after, "installed workload certificate");
-        self.current.store(Arc::new(material));
+        if let Some(g) = &self.expiry_gauge {
+            g.set(unix_secs(material.creds.not_after) as f64);
+        }
+        self.current.store(Some(Arc::new(material)));
+        self.installs.send_modify(|n| *n += 1);
         Ok(())
     }
 
-    /// The inbound (server) configuration: requires a client certificate chaining
-    /// to the trust root. Load it per accepted connection.
-    pub fn server_config(&self) -> Arc<ServerConfig> {
-        self.current.load().server.clone()
+    /// Whether a certificate is held.
+    pub fn is_ready(&self) -> bool {
+        self.current.load().is_some()
+    }
+
+    /// How many certificates were installed (the first one counts).
+    pub fn installs(&self) -> u64 {
+        *self.installs.borrow()
+    }
+
+    /// A receiver of the install count, changed on every install.
+    pub fn watch_installs(&self) -> watch::Receiver<u64> {
+        self.installs.subscribe()
+    }
+
+    /// The inbound (server) configuration: TLS 1.3, requires a client
+    /// certificate chaining to the trust root. Load it per accepted connection.
+    /// `None` until a certificate is held.
+    pub fn server_config(&self) -> Option<Arc<ServerConfig>> {
+        self.current.load().as_ref().map(|m| m.server.clone())
     }
 
     /// An outbound (client) configuration presenting our certificate and
     /// accepting only a server whose SPIFFE ID is `expected` (any mesh identity
-    /// when `None`).
+    /// when `None`), offering both ALPN protocols.
     pub fn client_config(&self, expected: Option<&str>) -> Result<Arc<ClientConfig>, ProxyError> {
-        let m = self.current.load();
+        self.client_config_for(expected, &ALPN)
+    }
+
+    /// [`client_config`](Self::client_config) offering only `alpn`.
+    pub fn client_config_for(
+        &self,
+        expected: Option<&str>,
+        alpn: &[&[u8]],
+    ) -> Result<Arc<ClientConfig>, ProxyError> {
+        let guard = self.current.load();
+        let m = guard
+            .as_ref()
+            .ok_or_else(|| ProxyError::Tls("no workload certificate yet".into()))?;
         let verifier = SpiffeServerVerifier::new(m.roots.clone(), expected.map(str::to_string));
         let mut cfg = ClientConfig::builder_with_provider(provider())
-            .with_safe_default_protocol_versions()
+            .with_protocol_versions(&[&rustls::version::TLS13])
             .map_err(|e| ProxyError::Tls(e.to_string()))?
             .dangerous()
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_client_auth_cert(m.creds.chain.clone(), m.creds.key())
             .map_err(|e| ProxyError::Tls(e.to_string()))?;
-        cfg.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
+        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(Arc::new(cfg))
     }
 
-    /// End of the current certificate's validity.
+    /// End of the current certificate's validity (`UNIX_EPOCH` when none is held).
     pub fn not_after(&self) -> SystemTime {
-        self.current.load().creds.not_after
+        self.current
+            .load()
+            .as_ref()
+            .map_or(UNIX_EPOCH, |m| m.creds.not_after)
     }
 
     /// Our own SPIFFE ID.
     pub fn spiffe_id(&self) -> Option<String> {
-        self.current.load().creds.spiffe_id()
+        self.current
+            .load()
+            .as_ref()
+            .and_then(|m| m.creds.spiffe_id())
     }
+
+    /// When the renewal task next renews, if it has scheduled one.
+    pub fn next_renewal(&self) -> Option<SystemTime> {
+        match self.next_renewal_ms.load(Ordering::Relaxed) {
+            0 => None,
+            ms => Some(UNIX_EPOCH + Duration::from_millis(ms)),
+        }
+    }
+
+    pub(crate) fn set_next_renewal(&self, at: SystemTime) {
+        let ms = at
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.next_renewal_ms.store(ms, Ordering::Relaxed);
+    }
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }

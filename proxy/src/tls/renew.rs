@@ -25,7 +25,8 @@ pub fn renew_delay(lifetime: Duration, jitter: f64) -> Duration {
 /// Renews the store's credentials forever: waits [`renew_delay`] of what is
 /// left of the current certificate, calls `obtain` (retrying with backoff
 /// capped at 30 s while the current certificate stays in force) and installs
-/// the result. Spawn it; drop the task to stop.
+/// the result. An empty store is certified at once, so this also obtains the
+/// first certificate. Spawn it; abort the task to stop.
 pub async fn run_renewal<F, Fut>(store: Arc<TlsStore>, mut obtain: F)
 where
     F: FnMut() -> Fut,
@@ -36,7 +37,9 @@ where
             .not_after()
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO);
-        tokio::time::sleep(renew_delay(left, rand::random::<f64>())).await;
+        let delay = renew_delay(left, rand::random::<f64>());
+        store.set_next_renewal(SystemTime::now() + delay);
+        tokio::time::sleep(delay).await;
         let mut backoff = RETRY_MIN;
         loop {
             match obtain().await.and_then(|c| store.install(c)) {

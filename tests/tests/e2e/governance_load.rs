@@ -387,13 +387,13 @@ async fn routes_of_the_same_name_in_two_policies_keep_apart_in_metrics_and_break
     let (_, text) = proxy.admin_get("/metrics").await;
     for (route, n) in [("one.main", 1), ("two.main", 2)] {
         let requests = format!(
-            "sluice_requests_total{{backend=\"up\",code=\"200\",direction=\"outbound\",route=\"{route}\"}} {n}\n"
+            "sluice_requests_total{{backend=\"up\",code=\"200\",direction=\"outbound\",peer_identity=\"\",route=\"{route}\"}} {n}\n"
         );
         let decisions = format!(
             "sluice_ratelimit_decisions_total{{decision=\"allowed\",direction=\"outbound\",route=\"{route}\"}} {n}\n"
         );
         let duration = format!(
-            "sluice_request_duration_seconds_count{{backend=\"up\",direction=\"outbound\",route=\"{route}\"}} {n}\n"
+            "sluice_request_duration_seconds_count{{backend=\"up\",direction=\"outbound\",peer_identity=\"\",route=\"{route}\"}} {n}\n"
         );
         for series in [requests, decisions, duration] {
             assert!(text.contains(&series), "{series} missing:\n{text}");

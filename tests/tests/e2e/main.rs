@@ -8,6 +8,7 @@ mod grpc;
 mod kubernetes;
 mod malformed;
 mod mesh;
+mod mtls;
 mod pods;
 mod reliability;
 mod reload;
