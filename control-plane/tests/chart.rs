@@ -267,6 +267,11 @@ fn the_control_plane_accepts_the_charts_flags_and_probes_its_admin_port() {
         let args = parse_args(&d);
         assert_eq!(args.admin.port(), 15014, "{set}");
         assert_eq!(args.grpc.port(), 15010, "{set}");
+        let host = format!("{FULLNAME}.{NAMESPACE}.svc");
+        assert!(
+            args.ca.server_names.contains(&host),
+            "{set}: the gRPC certificate names {host}"
+        );
         let cfg = args.webhook.to_config().expect("the webhooks are on");
         assert_eq!(cfg.addr.port(), 15017);
         let spec = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
