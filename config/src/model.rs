@@ -472,4 +472,7 @@ pub struct Inbound {
     /// What each serving pod accepts at most.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limit: Option<RateLimit>,
+    /// Whether requests to this host's pods are written to the inbound sidecar's access log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<bool>,
 }

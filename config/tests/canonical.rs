@@ -316,10 +316,12 @@ fn inbound() -> impl Strategy<Value = Inbound> {
     (
         proptest::option::of(proptest::collection::btree_set(spiffe(), 1..=3)),
         proptest::option::of(rate_limit()),
+        proptest::option::of(any::<bool>()),
     )
-        .prop_map(|(allow, rate_limit)| Inbound {
+        .prop_map(|(allow, rate_limit, access_log)| Inbound {
             allow: allow.map(|a| a.into_iter().collect()),
             rate_limit,
+            access_log,
         })
 }
 

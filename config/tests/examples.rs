@@ -140,6 +140,15 @@ fn inbound_allows_identities_and_limits_rate() {
 }
 
 #[test]
+fn access_log_is_per_route_and_off_by_default() {
+    let p = one("access-log.yaml");
+    let by_name = |n: &str| p.spec.routes.iter().find(|r| r.name == n).unwrap();
+    assert_eq!(by_name("health").access_log, None);
+    assert_eq!(by_name("writes").access_log, Some(true));
+    assert_eq!(p.spec.inbound.as_ref().unwrap().access_log, Some(true));
+}
+
+#[test]
 fn multi_document_file_holds_several_policies() {
     let hosts: Vec<String> = example("multi-document.yaml")
         .into_iter()

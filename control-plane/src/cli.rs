@@ -10,6 +10,16 @@ use clap::Parser;
 use crate::ca::{BootstrapVerifier, Ca, TokenFile};
 use crate::{ControlPlaneConfig, Error, IdentityConfig};
 
+/// Log line format.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
 /// The control plane's flags.
 #[derive(Clone, Debug, Parser)]
 #[command(
@@ -36,6 +46,9 @@ pub struct Args {
     /// Log filter (`info`, `debug`, `sluice_control_plane=debug,info`, ...).
     #[arg(long, env = "SLUICE_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+    /// Log line format on stdout: `text` (human-readable) or `json` (one object per line).
+    #[arg(long, env = "SLUICE_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
     /// After binding, write the bound addresses here as JSON (`{"grpc": …, "admin": …}`).
     #[arg(long, env = "SLUICE_ADDR_FILE")]
     pub addr_file: Option<PathBuf>,
@@ -229,7 +242,11 @@ pub fn cli_main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    let fmt = tracing_subscriber::fmt().with_env_filter(filter);
+    match args.log_format {
+        LogFormat::Text => fmt.init(),
+        LogFormat::Json => fmt.json().init(),
+    }
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -319,10 +336,26 @@ mod tests {
         assert_eq!(args.grpc, "0.0.0.0:15010".parse().unwrap());
         assert_eq!(args.admin, "0.0.0.0:15014".parse().unwrap());
         assert_eq!(args.log_level, "info");
+        assert_eq!(args.log_format, LogFormat::Text);
         assert_eq!(args.source, Source::Dir);
         assert_eq!(args.kubernetes.lease_name, "sluice-control-plane");
         assert_eq!(args.ca.trust_domain, "cluster.local");
         assert!(!args.ca.plaintext);
+    }
+
+    #[test]
+    fn log_format_json() {
+        let parse = |f: &str| {
+            Args::try_parse_from([
+                "sluice-control-plane",
+                "--policy-dir",
+                "/p",
+                "--log-format",
+                f,
+            ])
+        };
+        assert_eq!(parse("json").unwrap().log_format, LogFormat::Json);
+        assert!(parse("xml").is_err());
     }
 
     #[test]

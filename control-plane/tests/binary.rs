@@ -22,6 +22,7 @@ fn binary_serves_from_env_flags_and_exits_cleanly_on_sigterm() {
         .env("SLUICE_STATE_DIR", dir.path().join("state"))
         .env("SLUICE_ADDR_FILE", &addr_file)
         .env("SLUICE_LOG_LEVEL", "info")
+        .env("SLUICE_LOG_FORMAT", "json")
         .env("NO_COLOR", "1")
         .stdout(Stdio::piped())
         .spawn()
@@ -36,7 +37,11 @@ fn binary_serves_from_env_flags_and_exits_cleanly_on_sigterm() {
             out.read_line(&mut line).unwrap() > 0,
             "exited before starting"
         );
-        if line.contains("control plane started") {
+        // Every line is one JSON object (`--log-format json`).
+        let event: serde_json::Value = serde_json::from_str(&line)
+            .unwrap_or_else(|e| panic!("log line is not JSON ({e}): {line}"));
+        if event["fields"]["message"] == "control plane started" {
+            assert_eq!(event["level"], "INFO", "{line}");
             break;
         }
     }

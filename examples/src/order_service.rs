@@ -5,7 +5,8 @@
 //! with `Host: <log_host>`, and the sidecar decides which log-service version takes it
 //! and with what governance. The headers `x-user-id`, `x-tenant-id`, `x-canary` and
 //! `x-request-id` of the incoming order are passed along, so a caller can steer canary
-//! routing and rate-limit keys from outside. There is no retry, timeout or breaker code
+//! routing and rate-limit keys from outside, and so are `traceparent` and `tracestate`,
+//! so the sidecars' spans join the caller's trace. There is no retry, timeout or breaker code
 //! here on purpose.
 //!
 //! Answers: `201` with `{"order":N,"logged":true,"log_status":202,"log_version":"log-v1"}`
@@ -31,7 +32,15 @@ use crate::RunningService;
 use crate::server::{self, text};
 
 /// Headers of an incoming order that are passed on to the log call.
-const FORWARDED_HEADERS: [&str; 4] = ["x-user-id", "x-tenant-id", "x-canary", "x-request-id"];
+const FORWARDED_HEADERS: [&str; 6] = [
+    "x-user-id",
+    "x-tenant-id",
+    "x-canary",
+    "x-request-id",
+    // The W3C trace context: with it, the sidecars' spans join the caller's trace.
+    "traceparent",
+    "tracestate",
+];
 
 /// Where the order service sends its log calls.
 #[derive(Clone, Debug)]

@@ -12,6 +12,7 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, reload};
 
 use crate::config::{LogControl, LogFormat, ProxyConfig};
+use crate::telemetry::{OtlpProtocol, Propagation, TraceConfig};
 
 /// The Sluice sidecar proxy.
 #[derive(Debug, Parser)]
@@ -152,6 +153,52 @@ pub(crate) struct RunArgs {
     /// With mTLS, also accept plaintext on the inbound listener (served without a peer identity).
     #[arg(long, env = "SLUICE_INBOUND_PERMISSIVE")]
     pub(crate) inbound_permissive: bool,
+    /// Trace export.
+    #[command(flatten)]
+    pub(crate) trace: TraceArgs,
+}
+
+/// Trace flags of `sluice-proxy run`.
+#[derive(Debug, clap::Args)]
+pub(crate) struct TraceArgs {
+    /// OTLP collector to export spans to (e.g. http://127.0.0.1:4317); no spans without it.
+    #[arg(long, env = "SLUICE_OTLP_ENDPOINT", value_name = "URL")]
+    pub(crate) otlp_endpoint: Option<String>,
+    /// OTLP transport: gRPC, or HTTP with protobuf bodies (`/v1/traces` is appended to a bare URL).
+    #[arg(
+        long,
+        env = "SLUICE_OTLP_PROTOCOL",
+        value_name = "PROTOCOL",
+        value_enum,
+        default_value = "grpc"
+    )]
+    pub(crate) otlp_protocol: OtlpProtocol,
+    /// Share of new traces recorded (0.0..=1.0); requests with a trace context follow their parent.
+    #[arg(
+        long,
+        env = "SLUICE_TRACE_SAMPLING",
+        value_name = "RATIO",
+        default_value = "1.0",
+        value_parser = parse_ratio
+    )]
+    pub(crate) trace_sampling: f64,
+    /// Trace-context headers read and written, comma-separated: w3c, b3.
+    #[arg(
+        long,
+        env = "SLUICE_TRACE_PROPAGATION",
+        value_name = "FORMATS",
+        value_enum,
+        value_delimiter = ',',
+        default_value = "w3c"
+    )]
+    pub(crate) trace_propagation: Vec<Propagation>,
+}
+
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("expected a ratio in 0.0..=1.0, got {s:?}")),
+    }
 }
 
 impl From<RunArgs> for ProxyConfig {
@@ -180,6 +227,12 @@ impl From<RunArgs> for ProxyConfig {
             identity_token_file: a.identity_token_file,
             identity_url: a.identity_url,
             inbound_permissive: a.inbound_permissive,
+            trace: TraceConfig {
+                otlp_endpoint: a.trace.otlp_endpoint,
+                otlp_protocol: a.trace.otlp_protocol,
+                sampling: a.trace.trace_sampling,
+                propagation: a.trace.trace_propagation,
+            },
         }
     }
 }
@@ -389,6 +442,40 @@ mod tests {
         );
         assert!(cfg.inbound_permissive);
         assert_eq!(cfg.identity_url, None);
+    }
+
+    #[test]
+    fn trace_flags() {
+        let cfg = run_args(&[]).unwrap();
+        assert_eq!(cfg.trace, TraceConfig::default());
+        let cfg = run_args(&[
+            "--otlp-endpoint",
+            "http://127.0.0.1:4318",
+            "--otlp-protocol",
+            "http",
+            "--trace-sampling",
+            "0.25",
+            "--trace-propagation",
+            "w3c,b3",
+        ])
+        .unwrap();
+        assert_eq!(
+            cfg.trace,
+            TraceConfig {
+                otlp_endpoint: Some("http://127.0.0.1:4318".into()),
+                otlp_protocol: OtlpProtocol::Http,
+                sampling: 0.25,
+                propagation: vec![Propagation::W3c, Propagation::B3],
+            }
+        );
+        for bad in [
+            &["--trace-sampling", "1.5"][..],
+            &["--trace-sampling", "lots"],
+            &["--trace-propagation", "jaeger"],
+            &["--otlp-protocol", "thrift"],
+        ] {
+            assert!(run_args(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -56,6 +56,8 @@ pub struct ProxyConfig {
     pub identity_url: Option<String>,
     /// With mTLS, also serve plaintext inbound clients (without an identity).
     pub inbound_permissive: bool,
+    /// Trace export: OTLP endpoint, protocol, sampling, propagation formats.
+    pub trace: crate::telemetry::TraceConfig,
 }
 
 impl Default for ProxyConfig {
@@ -84,6 +86,7 @@ impl Default for ProxyConfig {
             identity_token_file: None,
             identity_url: None,
             inbound_permissive: false,
+            trace: crate::telemetry::TraceConfig::default(),
         }
     }
 }

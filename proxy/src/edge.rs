@@ -1,12 +1,17 @@
 //! The server edge of the outbound and inbound listeners: pick the stack, hand the
-//! request over, and rescue failures into synthetic responses.
+//! request over, and rescue failures into synthetic responses. Here each request gets
+//! its span ([`crate::telemetry`]), its metrics and, on routes with `accessLog: true`,
+//! one access-log event on the `sluice::access` target.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use opentelemetry::trace::SpanKind;
 use sluice_filters::ratelimit::PeerIdentity;
+use sluice_filters::retry::RetryCount;
 use sluice_filters::{FilterError, find_filter_error};
 use tower::Service;
 use tracing::debug;
@@ -16,6 +21,7 @@ use crate::body::{Body, boxed, synthetic};
 use crate::forward::{is_switching, is_upgrade_request, spawn_tunnel, strip_hop_by_hop};
 use crate::policy::PolicyStore;
 use crate::stack::{RouteEntry, SelectedBackend};
+use crate::telemetry::Telemetry;
 use crate::transparent::OriginalDst;
 
 /// Which listener a request came in on (a metrics label).
@@ -23,6 +29,23 @@ use crate::transparent::OriginalDst;
 pub(crate) enum Direction {
     Outbound,
     Inbound,
+}
+
+impl Direction {
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+
+    /// The span kind: the outbound sidecar calls the mesh, the inbound one serves it.
+    fn span_kind(self) -> SpanKind {
+        match self {
+            Direction::Outbound => SpanKind::Client,
+            Direction::Inbound => SpanKind::Server,
+        }
+    }
 }
 
 /// Handles one request on the outbound listener.
@@ -43,7 +66,8 @@ pub(crate) async fn outbound(store: &PolicyStore, req: Request<Incoming>) -> Res
         debug!(host = ?host, path = req.uri().path(), "no route");
         return synthetic(StatusCode::NOT_FOUND, "no-route", "no route\n");
     };
-    forward(entry, req, started, Direction::Outbound).await
+    let telemetry = store.context().telemetry.as_deref();
+    forward(entry, req, started, Direction::Outbound, telemetry).await
 }
 
 /// Sends a request of a redirected connection to where the application addressed it,
@@ -84,7 +108,8 @@ pub(crate) async fn inbound(store: &PolicyStore, req: Request<Incoming>) -> Resp
     let Some(entry) = snapshot.inbound() else {
         return synthetic(StatusCode::NOT_FOUND, "no-route", "no application\n");
     };
-    forward(entry, req, started, Direction::Inbound).await
+    let telemetry = store.context().telemetry.as_deref();
+    forward(entry, req, started, Direction::Inbound, telemetry).await
 }
 
 /// The authority a request names: absolute-form URI or `:authority` first, then `Host`.
@@ -102,11 +127,16 @@ async fn forward(
     mut req: Request<Incoming>,
     started: Instant,
     direction: Direction,
+    telemetry: Option<&Telemetry>,
 ) -> Response<Body> {
     let grpc = is_grpc(&req);
     let peer = req.extensions().get::<PeerIdentity>().map(|p| p.0.clone());
     let upgrade = is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
     strip_hop_by_hop(req.headers_mut(), upgrade.is_some());
+    // Both are off by default; then a request pays two branches here and two below.
+    let span =
+        telemetry.map(|t| t.start_request(direction.span_kind(), &entry.params.key, &mut req));
+    let access = (entry.params.route.access_log == Some(true)).then(|| AccessEntry::new(&mut req));
     let mut svc = entry.service.clone();
     // The boxed request must not be held across an await: rustc cannot prove such a
     // future `Send` for every lifetime of the boxed error inside the body type.
@@ -138,13 +168,91 @@ async fn forward(
             (resp, backend)
         }
     };
-    entry.metrics.record(
-        backend,
-        peer.as_deref(),
-        resp.status().as_u16(),
-        started.elapsed(),
-    );
+    let elapsed = started.elapsed();
+    let status = resp.status().as_u16();
+    entry.metrics.record(backend, peer.as_deref(), status, elapsed);
+    if span.is_some() || access.is_some() {
+        let backend = backend
+            .and_then(|i| entry.params.backends.get(i))
+            .map(|b| &b.name);
+        if let Some(a) = access {
+            a.emit(direction, entry, backend, &resp, elapsed);
+        }
+        if let Some(s) = span {
+            s.finish(status, backend, resp.headers());
+        }
+    }
     resp
+}
+
+/// What an access-log line needs from the request, taken before it is sent on.
+struct AccessEntry {
+    method: http::Method,
+    path: String,
+    host: Option<String>,
+    peer: Option<Arc<str>>,
+    trace_id: Option<String>,
+    retries: RetryCount,
+}
+
+impl AccessEntry {
+    fn new<B>(req: &mut Request<B>) -> Self {
+        let retries = match req.extensions().get::<RetryCount>() {
+            Some(c) => c.clone(),
+            None => {
+                let c = RetryCount::new();
+                req.extensions_mut().insert(c.clone());
+                c
+            }
+        };
+        // After the span's injection, `traceparent` names this request's trace.
+        let trace_id = req
+            .headers()
+            .get("traceparent")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.get(3..35))
+            .map(str::to_owned);
+        Self {
+            method: req.method().clone(),
+            path: req.uri().path().to_owned(),
+            host: request_host(req).map(str::to_owned),
+            peer: req.extensions().get::<PeerIdentity>().map(|p| p.0.clone()),
+            trace_id,
+            retries,
+        }
+    }
+
+    /// One event on target `sluice::access` at INFO: the request, where it went, how
+    /// it ended. Fields with nothing to say are left out.
+    fn emit(
+        self,
+        direction: Direction,
+        entry: &RouteEntry,
+        backend: Option<&Arc<str>>,
+        resp: &Response<Body>,
+        elapsed: std::time::Duration,
+    ) {
+        let reason = resp
+            .headers()
+            .get("x-sluice-reason")
+            .and_then(|v| v.to_str().ok());
+        tracing::info!(
+            target: "sluice::access",
+            direction = direction.as_str(),
+            route = &*entry.params.key,
+            backend = backend.map(|b| &**b),
+            method = self.method.as_str(),
+            host = self.host.as_deref(),
+            path = self.path,
+            status = resp.status().as_u16(),
+            duration_ms = elapsed.as_secs_f64() * 1000.0,
+            retries = self.retries.get(),
+            reason,
+            peer_identity = self.peer.as_deref(),
+            trace_id = self.trace_id.as_deref(),
+            "access"
+        );
+    }
 }
 
 fn is_grpc<B>(req: &Request<B>) -> bool {

@@ -57,6 +57,9 @@ pub enum ProxyError {
     /// `--app-probes` could not be read.
     #[error("--app-probes: {0}")]
     AppProbes(String),
+    /// Trace export could not be set up (`--otlp-endpoint` and friends).
+    #[error("tracing: {0}")]
+    Telemetry(String),
     /// A TLS configuration could not be built from the certificates at hand.
     #[error("tls: {0}")]
     Tls(String),

@@ -27,6 +27,7 @@ pub mod policy;
 pub mod probes;
 mod server;
 pub mod stack;
+pub mod telemetry;
 pub mod tls;
 pub mod transparent;
 
@@ -111,6 +112,10 @@ impl RunningProxy {
         if let Some(t) = self.identity_task {
             t.abort();
         }
+        // Spans of the drained requests go out before the process ends.
+        if let Some(t) = self.store.context().telemetry.clone() {
+            let _ = tokio::task::spawn_blocking(move || t.shutdown()).await;
+        }
         let _ = self.admin_shutdown.send(true);
         let _ = tokio::time::timeout(self.drain, self.admin_task).await;
         info!("stopped");
@@ -155,7 +160,15 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         Some(store) => forward::Upstream::with_mesh(store.clone()),
         None => forward::Upstream::new(),
     };
-    let ctx = StackContext::new(upstream, metrics);
+    let mut ctx = StackContext::new(upstream, metrics);
+    ctx.telemetry = telemetry::Telemetry::start(
+        &cfg.trace,
+        &telemetry::ResourceInfo {
+            service: cfg.service.clone(),
+            namespace: Some(cfg.namespace.clone()),
+            instance: cfg.node_id.clone(),
+        },
+    )?;
     let app = cfg.app.filter(|_| !cfg.no_inbound);
     let app_authority = app
         .map(|a| {

@@ -134,6 +134,8 @@ pub struct StackContext {
     pub breakers: Option<Arc<dyn BreakerAdmin>>,
     /// Governance registries.
     pub governance: Governance,
+    /// The tracer, when `--otlp-endpoint` is set.
+    pub telemetry: Option<Arc<crate::telemetry::Telemetry>>,
 }
 
 impl std::fmt::Debug for StackContext {
@@ -153,6 +155,7 @@ impl StackContext {
             metrics,
             breakers: Some(governance.breakers.clone() as Arc<dyn BreakerAdmin>),
             governance,
+            telemetry: None,
         }
     }
 
@@ -384,7 +387,12 @@ impl RouteParams {
             endpoints: Arc::new([Arc::from(app.as_str())]),
             identity: None,
         })]);
-        let route = Route::default();
+        let route = Route {
+            access_log: policy
+                .and_then(|p| p.spec.inbound.as_ref())
+                .and_then(|i| i.access_log),
+            ..Route::default()
+        };
         let split = SplitParams::from_config(&route, ["app"])
             .expect("a route without split rules takes its only backend");
         Self {

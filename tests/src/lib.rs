@@ -9,8 +9,9 @@
 //! memory. [`HttpConn`] is a client connection over one TCP stream, HTTP/1.1 or h2c
 //! prior knowledge, so a test controls exactly which protocol and which connection
 //! a request uses. [`grpc`] holds a small tonic service, [`ws`] a WebSocket echo
-//! server. [`reliability`] is the suite that runs load through a child proxy while
-//! faults happen, and [`malformed`] the hand-written bad HTTP it sends.
+//! server, [`otlp`] an OTLP trace receiver (gRPC and HTTP) that keeps the spans it gets.
+//! [`reliability`] is the suite that runs load through a child proxy while faults
+//! happen, and [`malformed`] the hand-written bad HTTP it sends.
 //!
 //! Tests never sleep to wait for something: they wait on a condition with
 //! [`wait_until`], which polls with a bounded deadline and fails the test with a
@@ -22,6 +23,7 @@ mod client;
 mod control_plane;
 pub mod grpc;
 pub mod malformed;
+pub mod otlp;
 mod proxy;
 pub mod reliability;
 mod upstream;

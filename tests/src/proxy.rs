@@ -29,6 +29,8 @@ pub struct ProxyOptions {
     pub drain_timeout: Duration,
     /// mTLS: certify with the control plane and use it on the mesh hops.
     pub mtls: Option<MeshTls>,
+    /// Trace export (`--otlp-endpoint` and friends); off by default.
+    pub trace: sluice_proxy::telemetry::TraceConfig,
 }
 
 /// How a proxy under test joins the mesh's mTLS.
@@ -53,6 +55,7 @@ impl Default for ProxyOptions {
             service: None,
             drain_timeout: Duration::from_secs(5),
             mtls: None,
+            trace: Default::default(),
         }
     }
 }
@@ -159,6 +162,7 @@ impl TestProxy {
             identity_token_file: opts.mtls.as_ref().map(|m| m.token_file.clone()),
             identity_url: opts.mtls.as_ref().map(|m| m.identity_url.clone()),
             inbound_permissive: opts.mtls.as_ref().is_some_and(|m| m.permissive),
+            trace: opts.trace.clone(),
             ..Default::default()
         };
         let running = sluice_proxy::start(cfg).await.expect("start the proxy");
@@ -208,6 +212,7 @@ impl TestProxy {
             identity_token_file: opts.mtls.as_ref().map(|m| m.token_file.clone()),
             identity_url: opts.mtls.as_ref().map(|m| m.identity_url.clone()),
             inbound_permissive: opts.mtls.as_ref().is_some_and(|m| m.permissive),
+            trace: opts.trace.clone(),
             ..Default::default()
         };
         let running = sluice_proxy::start(cfg).await.expect("start the proxy");

@@ -56,10 +56,12 @@ struct State {
 ///
 /// Every answer carries `x-upstream: <name>` and what the upstream saw:
 /// `x-seen-method`, `x-seen-path`, `x-seen-host` (Host or `:authority`),
-/// `x-seen-version`. Paths with a behaviour:
+/// `x-seen-version`, and `x-seen-traceparent` when the request had one. Paths with a
+/// behaviour:
 /// - `/echo…` streams the request body back as it arrives;
 /// - `/sink…` reads the body as it streams, keeping none, and answers its length
 ///   (body and `x-body-bytes`);
+/// - `/status/NNN` answers status NNN;
 /// - `/hold…` waits until [`Upstream::release_held`] is called, then answers `released`;
 /// - anything else answers with the upstream's name.
 ///
@@ -219,7 +221,14 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<RespBody>
         .map(str::to_owned)
         .or_else(|| req.uri().authority().map(|a| a.to_string()))
         .unwrap_or_default();
+    let traceparent = req
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
     let seen = [
+        ("x-seen-traceparent", traceparent),
         ("x-upstream", state.name.clone()),
         ("x-seen-method", req.method().to_string()),
         ("x-seen-path", path.clone()),
@@ -249,6 +258,15 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<RespBody>
         r.headers_mut()
             .insert("x-body-bytes", n.to_string().parse().expect("digits"));
         r
+    } else if let Some(code) = path
+        .strip_prefix("/status/")
+        .and_then(|c| c.parse::<u16>().ok())
+        .and_then(|c| StatusCode::from_u16(c).ok())
+    {
+        let _ = req.into_body().collect().await;
+        let mut r = Response::new(full(code.as_str().to_string()));
+        *r.status_mut() = code;
+        r
     } else if path.starts_with("/hold") {
         let _ = req.into_body().collect().await;
         state.held.fetch_add(1, Ordering::SeqCst);
@@ -261,6 +279,9 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<RespBody>
         Response::new(full(state.name.clone()))
     };
     for (k, v) in seen {
+        if k == "x-seen-traceparent" && v.is_empty() {
+            continue;
+        }
         if let Ok(v) = v.parse() {
             resp.headers_mut().insert(k, v);
         }

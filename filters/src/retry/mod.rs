@@ -87,7 +87,9 @@ pub use params::{
     DEFAULT_BUDGET_RATIO, DEFAULT_BUDGET_WINDOW, DEFAULT_MAX_REPLAY_BYTES, DEFAULT_MAX_RETRY_AFTER,
     RetryClasses, RetryParams, is_idempotent,
 };
-pub use registry::{NoopRetryObserver, RetryObserver, RetryOutcome, RetryRegistry, RouteRetry};
+pub use registry::{
+    NoopRetryObserver, RetryCount, RetryObserver, RetryOutcome, RetryRegistry, RouteRetry,
+};
 pub use service::Retry;
 
 #[cfg(test)]

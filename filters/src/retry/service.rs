@@ -10,7 +10,7 @@ use tower_service::Service;
 use super::body::{BodySource, Reclaim, ReplayBody};
 use super::future::ResponseFuture;
 use super::params::{RetryAfter, retry_after};
-use super::registry::{RetryOutcome, RouteRetry};
+use super::registry::{RetryCount, RetryOutcome, RouteRetry};
 use crate::FilterError;
 use crate::breaker::Deadline;
 use crate::breaker::classify::classify_error;
@@ -215,6 +215,12 @@ where
         }
         retries += 1;
         route.observe(&backend, RetryOutcome::Retried);
+        if let Some(count) = parts
+            .as_ref()
+            .and_then(|p| p.extensions.get::<RetryCount>())
+        {
+            count.add_one();
+        }
         body = source.next();
     }
 }

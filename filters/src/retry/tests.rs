@@ -195,6 +195,16 @@ async fn attempts_bound_the_number_of_tries() {
         ]
     );
 
+    // A `RetryCount` in the request learns how many retries were sent.
+    let (r, _) = route(policy(2, &[RetryOn::GatewayError]));
+    let inner = Scripted::with(&[Step::Status(503); 10]);
+    let mut svc = RetryLayer::new(r, "log-v1").layer(inner.clone());
+    let count = RetryCount::new();
+    let mut req = get();
+    req.extensions_mut().insert(count.clone());
+    send(&mut svc, req).await.unwrap();
+    assert_eq!(count.get(), 2);
+
     // A success ends the tries early.
     let (r, _) = route(policy(2, &[RetryOn::GatewayError]));
     let inner = Scripted::with(&[Step::Status(502), Step::Status(200)]);

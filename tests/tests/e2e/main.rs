@@ -15,4 +15,5 @@ mod reload;
 mod routing;
 mod shutdown;
 mod streaming;
+mod telemetry;
 mod websocket;
