@@ -258,6 +258,9 @@ pub fn cli_main() -> ExitCode {
         }
     };
     rt.block_on(async {
+        // Listen before starting: a SIGTERM right after the start line must not kill
+        // the process with the default action.
+        let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate());
         let mut cfg = match args.to_config() {
             Ok(cfg) => cfg,
             Err(e) => {
@@ -301,7 +304,7 @@ pub fn cli_main() -> ExitCode {
             },
             None => None,
         };
-        wait_for_signal().await;
+        wait_for_signal(term).await;
         tracing::info!("shutting down");
         if let Some(w) = webhook {
             w.shutdown().await;
@@ -311,8 +314,8 @@ pub fn cli_main() -> ExitCode {
     })
 }
 
-async fn wait_for_signal() {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+async fn wait_for_signal(term: std::io::Result<tokio::signal::unix::Signal>) {
+    let mut term = match term {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the control plane");
