@@ -2,6 +2,7 @@
 
 mod cli;
 mod control_plane;
+mod dashboards;
 mod governance;
 mod governance_load;
 mod grpc;
