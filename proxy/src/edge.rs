@@ -170,7 +170,9 @@ async fn forward(
     };
     let elapsed = started.elapsed();
     let status = resp.status().as_u16();
-    entry.metrics.record(backend, peer.as_deref(), status, elapsed);
+    entry
+        .metrics
+        .record(backend, peer.as_deref(), status, elapsed);
     if span.is_some() || access.is_some() {
         let backend = backend
             .and_then(|i| entry.params.backends.get(i))
