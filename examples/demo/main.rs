@@ -10,6 +10,10 @@
 //! log-v2 stopped and restarted while its breaker opens and closes, ~15 s), prints what
 //! happened and what to try, then runs until Ctrl-C.
 //!
+//! The mesh runs mTLS: the control plane's CA (a fresh root per run) certifies each
+//! sidecar from a bootstrap token, the order → log hop is TLS 1.3 with SPIFFE
+//! identities, and the log sidecars admit only the order service's identity.
+//!
 //! Ports (with the default `--base-port 15000`; another base shifts all of them by the
 //! same amount): order app 8080, order sidecar admin 15000 / outbound 15001 / inbound
 //! 15006; log-v1 app 9101, its sidecar admin 15100 / inbound 15106; log-v2 app 9102,
@@ -20,6 +24,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -30,6 +35,7 @@ use hyper::{Method, Request};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use sluice_control_plane::{IdentityConfig, ca};
 use sluice_examples::RunningService;
 use sluice_examples::log_service::{self, LogServiceConfig};
 use sluice_examples::order_service::{self, OrderServiceConfig};
@@ -38,6 +44,12 @@ use sluice_examples::order_service::{self, OrderServiceConfig};
 const LOG_SERVICE_POLICY: &str = include_str!("policies/log-service.yaml");
 /// The base port the embedded policy's addresses are written for.
 const DEFAULT_BASE: u16 = 15000;
+/// The namespace every demo workload runs in.
+const NAMESPACE: &str = "demo";
+/// Bootstrap token and service account of each sidecar's workload: `(token, service account)`.
+const ORDER_TOKEN: (&str, &str) = ("demo-order-token", "order-service");
+/// The log pods share one service account, hence one identity.
+const LOG_TOKEN: (&str, &str) = ("demo-log-token", "log-service");
 
 /// Run the local Sluice mesh demo: order service → sidecars → log service v1/v2.
 #[derive(Parser, Debug)]
@@ -111,17 +123,22 @@ struct SidecarSpec {
     outbound: Option<u16>,
     inbound: Option<u16>,
     app: u16,
+    /// Bootstrap token and service account the sidecar certifies with.
+    token: (&'static str, &'static str),
 }
 
 /// Starts one sidecar in process. Every use of the proxy's library API is here.
 async fn start_sidecar(
     spec: &SidecarSpec,
     control_plane: &str,
+    trust_root: &Path,
     state_dir: &Path,
     log_level: &str,
     log_control: &sluice_proxy::LogControl,
 ) -> anyhow::Result<sluice_proxy::RunningProxy> {
     let defaults = sluice_proxy::ProxyConfig::default();
+    let token_file = state_dir.join(format!("token-{}", spec.admin));
+    std::fs::write(&token_file, spec.token.0).context("writing a sidecar's token file")?;
     let cfg = sluice_proxy::ProxyConfig {
         outbound: spec.outbound.map_or(defaults.outbound, local),
         inbound: spec.inbound.map_or(defaults.inbound, local),
@@ -137,6 +154,8 @@ async fn start_sidecar(
         service: Some(spec.service.to_string()),
         log_level: log_level.to_string(),
         log_control: Some(log_control.clone()),
+        trust_root: Some(trust_root.to_path_buf()),
+        identity_token_file: Some(token_file),
         ..defaults
     };
     sluice_proxy::start(cfg).await.with_context(|| {
@@ -169,12 +188,31 @@ async fn main() -> anyhow::Result<ExitCode> {
         .replace("127.0.0.1:15206", &local(ports.v2_inbound).to_string());
     std::fs::write(&policy_path, policy).context("writing the demo policy")?;
 
-    // The control plane every sidecar subscribes to.
+    // The control plane every sidecar subscribes to, with its CA: a fresh root per
+    // run, certifying the holders of the bootstrap tokens written here.
+    let tokens_path = work_dir.path().join("bootstrap-tokens.jsonl");
+    let tokens: String = [ORDER_TOKEN, LOG_TOKEN]
+        .iter()
+        .map(|(token, sa)| {
+            format!(
+                "{}\n",
+                serde_json::json!({"token": token, "namespace": NAMESPACE, "serviceAccount": sa})
+            )
+        })
+        .collect();
+    std::fs::write(&tokens_path, tokens).context("writing the bootstrap tokens")?;
+    let ca = ca::Ca::generate("cluster.local", Duration::from_secs(24 * 3600))
+        .context("generating the mesh root")?;
+    let verifier = ca::TokenFile::load(&tokens_path).context("reading the bootstrap tokens")?;
+    let trust_root = work_dir.path().join("trust-root.pem");
+    let mut identity = IdentityConfig::new(Arc::new(ca), Arc::new(verifier));
+    identity.write_trust_root = Some(trust_root.clone());
     let control_plane = sluice_control_plane::start(sluice_control_plane::ControlPlaneConfig {
         policy_dir: policy_dir.clone(),
         grpc_addr: local(ports.cp_grpc),
         admin_addr: local(ports.cp_admin),
         state_dir: Some(work_dir.path().join("control-plane-state")),
+        identity: Some(identity),
         ..Default::default()
     })
     .await
@@ -184,7 +222,7 @@ async fn main() -> anyhow::Result<ExitCode> {
             ports.cp_grpc, ports.cp_admin
         )
     })?;
-    let control_plane_url = format!("http://{}", control_plane.grpc_addr());
+    let control_plane_url = format!("https://{}", control_plane.grpc_addr());
 
     // The applications.
     let log_v1 = log_service::start(
@@ -222,6 +260,7 @@ async fn main() -> anyhow::Result<ExitCode> {
             outbound: Some(ports.order_outbound),
             inbound: Some(ports.order_inbound),
             app: ports.order_app,
+            token: ORDER_TOKEN,
         },
         SidecarSpec {
             service: "log-service",
@@ -229,6 +268,7 @@ async fn main() -> anyhow::Result<ExitCode> {
             outbound: None,
             inbound: Some(ports.v1_inbound),
             app: ports.v1_app,
+            token: LOG_TOKEN,
         },
         SidecarSpec {
             service: "log-service",
@@ -236,6 +276,7 @@ async fn main() -> anyhow::Result<ExitCode> {
             outbound: None,
             inbound: Some(ports.v2_inbound),
             app: ports.v2_app,
+            token: LOG_TOKEN,
         },
     ];
     let mut sidecars = Vec::new();
@@ -244,6 +285,7 @@ async fn main() -> anyhow::Result<ExitCode> {
             start_sidecar(
                 spec,
                 &control_plane_url,
+                &trust_root,
                 work_dir.path(),
                 &args.log_level,
                 &log_control,
@@ -283,6 +325,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     );
 
     send_sample_traffic(&client, ports).await;
+    show_mtls(&client, ports).await;
     let log_v2 = governance_scenes(&client, ports, log_v2, &args).await?;
     print_try(ports, &policy_path);
 
@@ -497,6 +540,59 @@ async fn governance_scenes(
     Ok(log_v2)
 }
 
+/// GETs an admin path of a sidecar and returns the body as text.
+async fn admin_text(client: &Client<HttpConnector, Full<Bytes>>, admin: u16, path: &str) -> String {
+    let Ok(req) = Request::get(format!("http://127.0.0.1:{admin}{path}")).body(Full::default())
+    else {
+        return String::new();
+    };
+    let Ok(resp) = client.request(req).await else {
+        return String::new();
+    };
+    match resp.into_body().collect().await {
+        Ok(b) => String::from_utf8_lossy(&b.to_bytes()).into_owned(),
+        Err(_) => String::new(),
+    }
+}
+
+/// Shows that the order → log hop is mTLS: each sidecar's own identity (`/identity`)
+/// and the caller identity log-v1's sidecar authenticated (`peer_identity` on its
+/// inbound series in `/metrics`).
+async fn show_mtls(client: &Client<HttpConnector, Full<Bytes>>, ports: Ports) {
+    println!("mTLS (identities from the control plane's CA):");
+    for (name, admin) in [
+        ("order sidecar", ports.order_admin),
+        ("log-v1 sidecar", ports.v1_admin),
+        ("log-v2 sidecar", ports.v2_admin),
+    ] {
+        let v: serde_json::Value =
+            serde_json::from_str(&admin_text(client, admin, "/identity").await).unwrap_or_default();
+        println!(
+            "  {name:<15} /identity: mtls {}, {} (certificate until {})",
+            v["mtls"],
+            v["spiffe_id"].as_str().unwrap_or("?"),
+            v["not_after"].as_str().unwrap_or("?")
+        );
+    }
+    let metrics = admin_text(client, ports.v1_admin, "/metrics").await;
+    let peers: std::collections::BTreeSet<&str> = metrics
+        .lines()
+        .filter(|l| l.starts_with("sluice_requests_total{") && l.contains("direction=\"inbound\""))
+        .filter_map(|l| l.split("peer_identity=\"").nth(1)?.split('"').next())
+        .filter(|id| !id.is_empty())
+        .collect();
+    if peers.is_empty() {
+        println!("  log-v1 sidecar saw no authenticated caller yet");
+    } else {
+        for peer in peers {
+            println!(
+                "  log-v1 sidecar /metrics: inbound requests over mTLS from peer_identity=\"{peer}\""
+            );
+        }
+    }
+    println!();
+}
+
 /// A few orders, plain and canary, and what each was answered.
 async fn send_sample_traffic(client: &Client<HttpConnector, Full<Bytes>>, ports: Ports) {
     println!("Sample traffic (order-service → its sidecar → log sidecars → log-v1/v2):");
@@ -588,6 +684,7 @@ fn print_try(ports: Ports, policy: &Path) {
     println!("  curl -s http://127.0.0.1:{a}/config");
     println!("  curl -s http://127.0.0.1:{a}/metrics | grep sluice_requests_total");
     println!("  curl -s http://127.0.0.1:{a}/ready");
+    println!("  curl -s http://127.0.0.1:{a}/identity   # its SPIFFE ID and certificate expiry");
     println!("  curl -s -X PUT http://127.0.0.1:{a}/log-level -d debug");
     println!();
     let cp = ports.cp_admin;
