@@ -281,7 +281,7 @@ pub fn cli_main() -> ExitCode {
             };
             cfg.kubernetes = args
                 .kubernetes
-                .to_config(&client, policies, crate::k8s::TRUST_DOMAIN);
+                .to_config(&client, policies, &args.ca.trust_domain);
             if let Err(e) = kube_identity(&args, &client, &mut cfg).await {
                 tracing::error!(error = %e, "certificate authority failed to start");
                 return ExitCode::FAILURE;

@@ -69,9 +69,6 @@ pub use policies::validate_object;
 
 use crate::Shared;
 
-/// The trust domain of identities derived from endpoints' service accounts.
-pub const TRUST_DOMAIN: &str = "cluster.local";
-
 /// What the control plane does with the Kubernetes API.
 #[derive(Clone)]
 pub struct KubeConfig {
