@@ -261,6 +261,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
             data_rx.clone(),
             cfg.drain_timeout,
             Some(intercept),
+            None,
         ));
     }
     if let (Some(l), Some(app)) = (inbound, app) {
@@ -272,31 +273,19 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
             let store = store.clone();
             async move { edge::inbound(&store, req).await }
         };
-        data_tasks.push(match &tls {
-            Some(tls) => {
-                let mode = tls::accept::InboundTls {
-                    store: tls.clone(),
-                    permissive: cfg.inbound_permissive,
-                };
-                tls::accept::serve(
-                    "inbound",
-                    l,
-                    handler,
-                    mode,
-                    data_rx.clone(),
-                    cfg.drain_timeout,
-                    Some(intercept),
-                )
-            }
-            None => server::serve(
-                "inbound",
-                l,
-                handler,
-                data_rx.clone(),
-                cfg.drain_timeout,
-                Some(intercept),
-            ),
+        let mode = tls.as_ref().map(|tls| tls::accept::InboundTls {
+            store: tls.clone(),
+            permissive: cfg.inbound_permissive,
         });
+        data_tasks.push(server::serve(
+            "inbound",
+            l,
+            handler,
+            data_rx.clone(),
+            cfg.drain_timeout,
+            Some(intercept),
+            mode,
+        ));
     }
     let admin_state = admin::AdminState {
         store: store.clone(),
@@ -311,6 +300,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         move |peer, req| admin::handle(admin_state.clone(), peer, req),
         admin_rx,
         Duration::from_secs(1),
+        None,
         None,
     );
 

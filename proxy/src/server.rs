@@ -1,5 +1,6 @@
 //! Accept loops: one task per connection, HTTP/1.1 and HTTP/2 (prior knowledge) on
-//! every listener, graceful drain on shutdown.
+//! every listener, graceful drain on shutdown. Before HTTP, a connection may go through
+//! transparent mode's intercept and then the inbound TLS accept, in that order.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -12,13 +13,16 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
+use sluice_filters::ratelimit::PeerIdentity;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::body::Body;
-use crate::transparent::Intercept;
+use crate::tls::accept::{Accepted, InboundTls};
+use crate::transparent::{Intercept, OriginalDst, Prefixed};
 
 /// The most a request's header section may take, as Envoy's default (60 KiB) and
 /// nginx's largest buffers allow; a larger one is refused with 431 (HTTP/1.1) or a
@@ -30,7 +34,8 @@ const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// to `drain` for requests and passed-through connections in flight. With `intercept`,
 /// each connection is first handed to transparent mode, which may pass it through
 /// itself or return it with its original destination (put in every request's
-/// extensions).
+/// extensions). With `tls`, the connection then goes through the inbound TLS accept,
+/// and the peer's verified identity is put in every request's extensions.
 pub(crate) fn serve<H, F>(
     name: &'static str,
     listener: TcpListener,
@@ -38,6 +43,7 @@ pub(crate) fn serve<H, F>(
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
     intercept: Option<Intercept>,
+    tls: Option<InboundTls>,
 ) -> JoinHandle<()>
 where
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
@@ -74,7 +80,7 @@ where
                 debug!(error = %e, "cannot set TCP_NODELAY");
             }
             let handler = handler.clone();
-            let Some(intercept) = intercept.clone() else {
+            if intercept.is_none() && tls.is_none() {
                 let service = service_fn(move |req| {
                     let fut = handler(peer, req);
                     async move { Ok::<_, Infallible>(fut.await) }
@@ -89,23 +95,35 @@ where
                     }
                 });
                 continue;
-            };
-            // Sniffing awaits the client, so it happens in the connection's own task.
-            let builder = builder.clone();
+            }
+            // Sniffing and handshakes await the client, so they happen in the
+            // connection's own task.
+            let (intercept, tls, builder) = (intercept.clone(), tls.clone(), builder.clone());
             let watcher = graceful.watcher();
             conns.spawn(async move {
-                let Some((io, original)) = intercept.accept(stream).await else {
-                    return;
+                let (io, original) = match intercept {
+                    Some(i) => match i.accept(stream).await {
+                        Some(pair) => pair,
+                        None => return,
+                    },
+                    None => (Prefixed::new(stream, Vec::new()), None),
                 };
-                let service = service_fn(move |mut req: Request<Incoming>| {
-                    if let Some(dst) = &original {
-                        req.extensions_mut().insert(dst.clone());
-                    }
-                    let fut = handler(peer, req);
-                    async move { Ok::<_, Infallible>(fut.await) }
-                });
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-                if let Err(e) = watcher.watch(conn.into_owned()).await {
+                let result = match tls {
+                    None => serve_conn(&builder, watcher, io, handler, peer, original, None).await,
+                    Some(tls) => match crate::tls::accept::accept(&tls, io).await {
+                        Ok(Accepted::Tls(io, id)) => {
+                            serve_conn(&builder, watcher, *io, handler, peer, original, id).await
+                        }
+                        Ok(Accepted::Plain(io)) => {
+                            serve_conn(&builder, watcher, io, handler, peer, original, None).await
+                        }
+                        Err(e) => {
+                            debug!(listener = name, %peer, error = %e, "connection refused");
+                            return;
+                        }
+                    },
+                };
+                if let Err(e) = result {
                     debug!(listener = name, %peer, error = %e, "connection ended with an error");
                 }
             });
@@ -128,4 +146,35 @@ where
         }
         conns.shutdown().await;
     })
+}
+
+/// Serves HTTP on one accepted connection, putting what the accept step learnt about
+/// it in every request's extensions.
+async fn serve_conn<I, H, F>(
+    builder: &auto::Builder<TokioExecutor>,
+    watcher: hyper_util::server::graceful::Watcher,
+    io: I,
+    handler: H,
+    peer: SocketAddr,
+    original: Option<OriginalDst>,
+    identity: Option<PeerIdentity>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
+    F: Future<Output = Response<Body>> + Send + 'static,
+{
+    let service = service_fn(move |mut req: Request<Incoming>| {
+        if let Some(dst) = &original {
+            req.extensions_mut().insert(dst.clone());
+        }
+        // One identity per connection: every request on it carries the same one.
+        if let Some(id) = &identity {
+            req.extensions_mut().insert(id.clone());
+        }
+        let fut = handler(peer, req);
+        async move { Ok::<_, Infallible>(fut.await) }
+    });
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    watcher.watch(conn.into_owned()).await
 }
