@@ -11,7 +11,8 @@
 //! a request uses. [`grpc`] holds a small tonic service, [`ws`] a WebSocket echo
 //! server, [`otlp`] an OTLP trace receiver (gRPC and HTTP) that keeps the spans it gets.
 //! [`reliability`] is the suite that runs load through a child proxy while faults
-//! happen, and [`malformed`] the hand-written bad HTTP it sends.
+//! happen, and [`malformed`] the hand-written bad HTTP it sends. [`netns`] sets up
+//! network namespaces for the transparent-mode and two-pod tests.
 //!
 //! Tests never sleep to wait for something: they wait on a condition with
 //! [`wait_until`], which polls with a bounded deadline and fails the test with a
@@ -23,6 +24,7 @@ mod client;
 mod control_plane;
 pub mod grpc;
 pub mod malformed;
+pub mod netns;
 pub mod otlp;
 mod proxy;
 pub mod reliability;
@@ -35,7 +37,7 @@ use std::time::{Duration, Instant};
 pub use client::{HttpConn, Reply, ReqBody, full_body};
 pub use control_plane::TestControlPlane;
 pub use proxy::{ChildProxy, MeshTls, ProcMemory, ProxyOptions, TestProxy};
-pub use upstream::{Protocol, Stall, Upstream};
+pub use upstream::{Protocol, Stall, Upstream, tcp_echo};
 
 /// The error type the harness passes around.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -14,6 +14,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -287,4 +288,23 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<RespBody>
         }
     }
     resp
+}
+
+/// Serves `listener` as a TCP echo: every byte read is written back until the client
+/// closes. With `banner`, it speaks first on every connection (as MySQL or SMTP
+/// servers do).
+pub fn tcp_echo(listener: TcpListener, banner: Option<&'static [u8]>) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                if let Some(b) = banner
+                    && s.write_all(b).await.is_err()
+                {
+                    return;
+                }
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            });
+        }
+    })
 }

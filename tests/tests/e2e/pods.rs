@@ -14,16 +14,16 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_e2e::{HttpConn, Protocol, Upstream, WAIT, wait_until};
+use sluice_e2e::netns::{self, Killed, Netns};
+use sluice_e2e::{HttpConn, Protocol, Upstream, tcp_echo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const BIN: &str = env!("CARGO_BIN_EXE_e2e-proxy");
-const PROXY_UID: &str = "1337";
 /// Where the pods tell each other things (B's certificate, readiness).
 const SHARED_ENV: &str = "SLUICE_PODS_SHARED_DIR";
 const POD_A: &str = "10.77.0.1";
@@ -32,107 +32,38 @@ const APP_PORT: u16 = 8080;
 const ECHO_PORT: u16 = 7000;
 const TLS_PORT: u16 = 8443;
 
-fn run(program: &str, args: &[&str]) -> Output {
-    Command::new(program)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e} (install iproute2 and iptables)"))
-}
-
-fn must(program: &str, args: &[&str]) {
-    let out = run(program, args);
-    assert!(
-        out.status.success(),
-        "{program} {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// Two namespaces and the veth pair between them, deleted when dropped (also on failure).
+/// Two namespaces on a veth pair, each with the redirect `init` installs; deleted when
+/// dropped (also on failure).
 struct Pods {
-    a: String,
-    b: String,
+    a: Netns,
+    b: Netns,
 }
 
 impl Pods {
     fn new() -> Self {
-        let uid = run("id", &["-u"]);
-        assert_eq!(
-            String::from_utf8_lossy(&uid.stdout).trim(),
-            "0",
-            "this test must run as root (it creates network namespaces)"
-        );
-        for tool in ["ip", "iptables", "setpriv"] {
-            let found = Command::new("sh")
-                .args(["-c", &format!("command -v {tool}")])
-                .output()
-                .is_ok_and(|o| o.status.success());
-            assert!(
-                found,
-                "{tool} is missing: apt-get install iptables iproute2 util-linux"
-            );
-        }
-        let id = std::process::id();
+        let tools = ["iptables", "setpriv"];
         let pods = Pods {
-            a: format!("sluice-pod-a-{id}"),
-            b: format!("sluice-pod-b-{id}"),
+            a: Netns::new("sluice-pod-a", &tools),
+            b: Netns::new("sluice-pod-b", &tools),
         };
-        must("ip", &["netns", "add", &pods.a]);
-        must("ip", &["netns", "add", &pods.b]);
-        // Interface names are at most 15 bytes.
-        let (va, vb) = (
-            format!("sla{}", id % 100_000),
-            format!("slb{}", id % 100_000),
+        netns::veth(
+            &pods.a,
+            &format!("{POD_A}/24"),
+            &pods.b,
+            &format!("{POD_B}/24"),
         );
-        must(
-            "ip",
-            &[
-                "link", "add", &va, "netns", &pods.a, "type", "veth", "peer", "name", &vb, "netns",
-                &pods.b,
-            ],
-        );
-        for (ns, dev, ip) in [(&pods.a, &va, POD_A), (&pods.b, &vb, POD_B)] {
-            let exec = |args: &[&str]| {
-                let mut all = vec!["netns", "exec", ns.as_str()];
-                all.extend_from_slice(args);
-                must("ip", &all);
-            };
-            exec(&["ip", "link", "set", "lo", "up"]);
-            exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", dev]);
-            exec(&["ip", "link", "set", dev, "up"]);
+        for ns in [&pods.a, &pods.b] {
             // The init step exactly as the injected init container runs it.
-            exec(&[BIN, "init"]);
+            ns.must(&[BIN, "init"]);
         }
         pods
     }
 
     /// Runs the ignored test `name` in namespace `ns` as a child process.
-    fn child(&self, ns: &str, name: &str, shared: &Path) -> std::process::Command {
-        let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", ns])
-            .arg(std::env::current_exe().unwrap())
-            .args(["--exact", name, "--ignored", "--nocapture"])
-            .env(SHARED_ENV, shared);
+    fn child(ns: &Netns, name: &str, shared: &Path) -> std::process::Command {
+        let mut cmd = ns.test_command(name);
+        cmd.env(SHARED_ENV, shared);
         cmd
-    }
-}
-
-impl Drop for Pods {
-    fn drop(&mut self) {
-        // Deleting a namespace removes its end of the veth pair, and with it the peer.
-        let _ = run("ip", &["netns", "del", &self.a]);
-        let _ = run("ip", &["netns", "del", &self.b]);
-    }
-}
-
-/// A child process killed when dropped.
-struct Killed(std::process::Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 
@@ -140,19 +71,18 @@ impl Drop for Killed {
 fn an_unchanged_client_in_pod_a_is_governed_on_both_sides_and_other_traffic_passes_through() {
     let pods = Pods::new();
     let shared = tempfile::tempdir().unwrap();
-    open_to_proxy_uid(shared.path());
     let b_log = shared.path().join("pod-b-test.log");
-    let b = pods
-        .child(&pods.b, "pods::pod_b_in_namespace", shared.path())
+    netns::open_to_proxy_uid(shared.path());
+    let b = Pods::child(&pods.b, "pods::pod_b_in_namespace", shared.path())
         .stdout(std::fs::File::create(&b_log).unwrap())
         .stderr(Stdio::inherit())
         .spawn()
         .unwrap();
-    let mut b = Killed(b);
+    let mut b = Killed::new(b, None);
     let ready = shared.path().join("pod-b.ready");
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while !ready.exists() {
-        if let Ok(Some(status)) = b.0.try_wait() {
+        if let Ok(Some(status)) = b.child().try_wait() {
             panic!(
                 "pod B exited ({status}) before it was ready:\n{}",
                 std::fs::read_to_string(&b_log).unwrap_or_default()
@@ -165,8 +95,7 @@ fn an_unchanged_client_in_pod_a_is_governed_on_both_sides_and_other_traffic_pass
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    let out = pods
-        .child(&pods.a, "pods::pod_a_in_namespace", shared.path())
+    let out = Pods::child(&pods.a, "pods::pod_a_in_namespace", shared.path())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -182,12 +111,6 @@ fn an_unchanged_client_in_pod_a_is_governed_on_both_sides_and_other_traffic_pass
     drop(b);
 }
 
-/// Lets the proxy's UID read and write the shared directory.
-fn open_to_proxy_uid(dir: &Path) {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o777)).unwrap();
-}
-
 fn shared_dir() -> PathBuf {
     std::env::var_os(SHARED_ENV)
         .expect("run by the two-pod test only")
@@ -198,39 +121,10 @@ fn shared_dir() -> PathBuf {
 /// runs (admin on 0.0.0.0:15000, inbound on 15006, outbound on 15001); killed with its
 /// parent. Returns once `/ready` answers.
 async fn sidecar(name: &str, policy: &str, extra: &[&str]) -> Killed {
-    let dir = shared_dir();
-    let path = dir.join(format!("{name}.yaml"));
-    std::fs::write(&path, policy).unwrap();
-    let log = std::fs::File::create(dir.join(format!("{name}.log"))).unwrap();
-    let child = Command::new("setpriv")
-        .args(["--reuid", PROXY_UID, "--regid", PROXY_UID, "--clear-groups"])
-        .args([
-            "--pdeathsig",
-            "KILL",
-            BIN,
-            "run",
-            "--admin",
-            "0.0.0.0:15000",
-        ])
-        .arg("--policy")
-        .arg(&path)
-        .args(extra)
-        .stderr(log)
-        .spawn()
-        .expect("setpriv (util-linux) runs the proxy under its own UID");
-    let child = Killed(child);
+    let mut args = vec!["--admin", "0.0.0.0:15000"];
+    args.extend_from_slice(extra);
     let admin: SocketAddr = "127.0.0.1:15000".parse().unwrap();
-    wait_until("the sidecar is ready", WAIT, || async move {
-        match HttpConn::h1(admin).await {
-            Ok(mut c) => c
-                .get("admin", "/ready")
-                .await
-                .is_ok_and(|r| r.status == 200),
-            Err(_) => false,
-        }
-    })
-    .await;
-    child
+    netns::sidecar(BIN.as_ref(), &shared_dir(), name, policy, &args, admin).await
 }
 
 const POLICY: &str = r#"apiVersion: sluice.dev/v1alpha1
@@ -258,7 +152,7 @@ async fn pod_b_in_namespace() {
         SocketAddr::from(([0, 0, 0, 0], APP_PORT)),
     )
     .await;
-    echo(
+    tcp_echo(
         TcpListener::bind(("0.0.0.0", ECHO_PORT)).await.unwrap(),
         None,
     );
@@ -275,9 +169,9 @@ async fn pod_b_in_namespace() {
         rustls::pki_types::PrivateKeyDer::Pkcs8(key.signing_key.serialize_der().into()),
     )
     .unwrap();
-    echo(
+    tls_echo(
         TcpListener::bind(("0.0.0.0", TLS_PORT)).await.unwrap(),
-        Some(tokio_rustls::TlsAcceptor::from(Arc::new(tls))),
+        tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
     );
     let app_addr = format!("127.0.0.1:{APP_PORT}");
     let _proxy = sidecar(
@@ -292,24 +186,16 @@ async fn pod_b_in_namespace() {
     drop(app);
 }
 
-fn echo(listener: TcpListener, tls: Option<tokio_rustls::TlsAcceptor>) {
+/// A TLS echo: the handshake with `tls`, then every byte back.
+fn tls_echo(listener: TcpListener, tls: tokio_rustls::TlsAcceptor) {
     tokio::spawn(async move {
         while let Ok((s, _)) = listener.accept().await {
             let tls = tls.clone();
             tokio::spawn(async move {
-                match tls {
-                    Some(tls) => {
-                        if let Ok(s) = tls.accept(s).await {
-                            let (mut r, mut w) = tokio::io::split(s);
-                            let _ = tokio::io::copy(&mut r, &mut w).await;
-                            let _ = w.shutdown().await;
-                        }
-                    }
-                    None => {
-                        let mut s = s;
-                        let (mut r, mut w) = s.split();
-                        let _ = tokio::io::copy(&mut r, &mut w).await;
-                    }
+                if let Ok(s) = tls.accept(s).await {
+                    let (mut r, mut w) = tokio::io::split(s);
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                    let _ = w.shutdown().await;
                 }
             });
         }
