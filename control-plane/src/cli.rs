@@ -180,6 +180,25 @@ impl Args {
         if self.source == Source::Dir && self.policy_dir.is_none() {
             return Err("--policy-dir is required with --source dir (the default)".to_string());
         }
+        if self.ca.plaintext && self.kubernetes.trust_root_configmap.is_some() {
+            return Err(
+                "--trust-root-configmap publishes the CA's root, and --plaintext turns the CA off"
+                    .to_string(),
+            );
+        }
+        let https = self
+            .webhook
+            .inject_control_plane
+            .as_deref()
+            .is_some_and(|u| u.starts_with("https://"));
+        if self.webhook.webhook.is_some() && https && self.kubernetes.trust_root_configmap.is_none()
+        {
+            return Err(
+                "--inject-control-plane is https://, but injected proxies would have no \
+                 root to verify it with: give --trust-root-configmap"
+                    .to_string(),
+            );
+        }
         Ok(())
     }
 
@@ -282,6 +301,7 @@ pub fn cli_main() -> ExitCode {
             cfg.kubernetes = args
                 .kubernetes
                 .to_config(&client, policies, &args.ca.trust_domain);
+            cfg.publish_trust_root = args.kubernetes.publish_trust_root(&client);
             if let Err(e) = kube_identity(&args, &client, &mut cfg).await {
                 tracing::error!(error = %e, "certificate authority failed to start");
                 return ExitCode::FAILURE;
@@ -294,7 +314,11 @@ pub fn cli_main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let webhook = match args.webhook.to_config() {
+        let webhook_cfg = args.webhook.to_config().map(|mut cfg| {
+            cfg.inject.trust_root_configmap = args.kubernetes.trust_root_configmap.clone();
+            cfg
+        });
+        let webhook = match webhook_cfg {
             Some(cfg) => match crate::inject::start_webhook(cfg).await {
                 Ok(w) => Some(w),
                 Err(e) => {
@@ -379,6 +403,40 @@ mod tests {
         ])
         .unwrap();
         assert!(args.kubernetes.needs_client(false));
+    }
+
+    #[test]
+    fn injected_proxies_get_the_root_of_an_https_control_plane() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec![
+                "sluice-control-plane",
+                "--policy-dir",
+                "/p",
+                "--webhook",
+                "0.0.0.0:15017",
+                "--webhook-cert",
+                "/c",
+                "--webhook-key",
+                "/k",
+            ];
+            argv.extend_from_slice(extra);
+            Args::try_parse_from(argv).unwrap()
+        };
+        let https = ["--inject-control-plane", "https://sluice.sluice:15010"];
+        let err = parse(&https).check().unwrap_err();
+        assert!(err.contains("--trust-root-configmap"), "{err}");
+        let args = parse(&[&https[..], &["--trust-root-configmap", "sluice-trust-root"]].concat());
+        args.check().unwrap();
+        assert!(args.kubernetes.needs_client(false));
+        // A plaintext control plane needs no root.
+        parse(&["--inject-control-plane", "http://sluice.sluice:15010"])
+            .check()
+            .unwrap();
+        // Without the CA there is no root to publish.
+        let err = parse(&["--plaintext", "--trust-root-configmap", "sluice-trust-root"])
+            .check()
+            .unwrap_err();
+        assert!(err.contains("--plaintext"), "{err}");
     }
 
     #[test]

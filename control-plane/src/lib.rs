@@ -176,6 +176,9 @@ pub struct ControlPlaneConfig {
     /// The CA, and TLS on the gRPC port; `None` serves plaintext gRPC without
     /// the Identity service.
     pub identity: Option<IdentityConfig>,
+    /// In a cluster: keep the mesh root in a ConfigMap of every namespace, for
+    /// injected proxies (needs `identity`).
+    pub publish_trust_root: Option<k8s::PublishTrustRoot>,
 }
 
 /// The certificate authority and how the gRPC port presents itself.
@@ -219,6 +222,7 @@ impl Default for ControlPlaneConfig {
             rescan_interval: Duration::from_secs(30),
             kubernetes: None,
             identity: None,
+            publish_trust_root: None,
         }
     }
 }
@@ -549,6 +553,15 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error
     ];
     if let Some(kube) = &cfg.kubernetes {
         tasks.extend(k8s::spawn(kube, &shared, &shutdown_rx));
+    }
+    match (&cfg.publish_trust_root, &trust_root) {
+        (Some(publish), Some(pem)) => {
+            tasks.push(k8s::spawn_trust_root(publish, pem, &shutdown_rx));
+        }
+        (Some(publish), None) => {
+            tracing::warn!(configmap = %publish.configmap, "the CA is off, so there is no trust root to publish");
+        }
+        (None, _) => {}
     }
 
     if let Some(path) = &cfg.addr_file {

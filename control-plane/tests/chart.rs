@@ -254,10 +254,14 @@ fn parse_args(d: &Deployment) -> Args {
             "the chart sets {name}, which no flag reads; flags read {known:?}"
         );
     }
-    Args::try_parse_from(std::iter::once("sluice-control-plane".to_owned()).chain(args.clone()))
-        .unwrap_or_else(|e| {
-            panic!("the control plane refuses the chart's arguments {args:?}:\n{e}")
-        })
+    let parsed = Args::try_parse_from(
+        std::iter::once("sluice-control-plane".to_owned()).chain(args.clone()),
+    )
+    .unwrap_or_else(|e| panic!("the control plane refuses the chart's arguments {args:?}:\n{e}"));
+    if let Err(e) = parsed.check() {
+        panic!("the control plane refuses the chart's arguments {args:?}: {e}");
+    }
+    parsed
 }
 
 #[test]
@@ -428,6 +432,10 @@ fn rbac_grants_exactly_what_the_control_plane_calls() {
     let [cluster] = o.cluster_roles.as_slice() else {
         panic!("one ClusterRole")
     };
+    let root = parse_args(o.deployment.as_ref().unwrap())
+        .kubernetes
+        .trust_root_configmap
+        .expect("--trust-root-configmap with the injector on");
     assert_eq!(
         grants(cluster.rules.as_deref().unwrap_or_default()),
         BTreeSet::from([
@@ -441,6 +449,9 @@ fn rbac_grants_exactly_what_the_control_plane_calls() {
             ),
             grant("", "pods", &["get"], &[]),
             grant("authentication.k8s.io", "tokenreviews", &["create"], &[]),
+            grant("", "namespaces", &["list", "watch"], &[]),
+            grant("", "configmaps", &["list", "patch", "watch"], &[&root]),
+            grant("", "configmaps", &["create"], &[]),
         ])
     );
     let [role] = o.roles.as_slice() else {
@@ -505,6 +516,9 @@ fn rbac_grants_exactly_what_the_control_plane_calls() {
                 &[]
             ),
             grant("", "pods", &["get"], &[]),
+            grant("", "namespaces", &["list", "watch"], &[]),
+            grant("", "configmaps", &["list", "patch", "watch"], &[&root]),
+            grant("", "configmaps", &["create"], &[]),
         ])
     );
     let granted = grants(o.roles[0].rules.as_deref().unwrap_or_default());

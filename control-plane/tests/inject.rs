@@ -14,8 +14,8 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 use sluice_control_plane::inject::{
-    INIT_CONTAINER, InjectConfig, PROXY_CONTAINER, PROXY_UID, RunningWebhook, WebhookConfig,
-    start_webhook,
+    INIT_CONTAINER, InjectConfig, PROXY_CONTAINER, PROXY_UID, RunningWebhook, TRUST_ROOT_DIR,
+    TRUST_ROOT_VOLUME, WebhookConfig, start_webhook,
 };
 
 struct Webhook {
@@ -37,6 +37,7 @@ async fn webhook() -> Webhook {
         inject: InjectConfig {
             proxy_image: "registry.example/sluice-proxy:test".to_owned(),
             control_plane_url: Some("https://sluice-control-plane.sluice:15010".to_owned()),
+            trust_root_configmap: Some("sluice-trust-root".to_owned()),
             ..InjectConfig::default()
         },
     })
@@ -247,16 +248,39 @@ async fn deployment_pod_gets_init_step_native_sidecar_and_rewritten_probes() {
     assert_eq!(sat.audience.as_deref(), Some("sluice"));
     assert_eq!(
         spec.volumes.as_ref().unwrap().len(),
-        2,
+        3,
         "the existing volume is kept"
     );
-    assert!(
+    let mount = |name: &str| {
         proxy
             .volume_mounts
             .as_ref()
             .unwrap()
             .iter()
-            .any(|m| m.name == "sluice-token")
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("{name} is mounted"))
+            .clone()
+    };
+    assert_eq!(mount("sluice-token").read_only, Some(true));
+
+    // The mesh root from the ConfigMap the control plane keeps in the namespace:
+    // what verifies the https:// control plane.
+    let root = spec
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .find(|v| v.name == TRUST_ROOT_VOLUME)
+        .unwrap();
+    let cm = root.config_map.as_ref().unwrap();
+    assert_eq!(cm.name, "sluice-trust-root");
+    assert_ne!(cm.optional, Some(true), "no proxy starts without the root");
+    let m = mount(TRUST_ROOT_VOLUME);
+    assert_eq!(m.mount_path, TRUST_ROOT_DIR);
+    assert_eq!(m.read_only, Some(true));
+    assert_eq!(
+        env(proxy, "SLUICE_TRUST_ROOT"),
+        Some(format!("{TRUST_ROOT_DIR}/root.pem").as_str())
     );
 
     // The app's probes go through the admin port; the originals ride along for the proxy.
@@ -310,6 +334,17 @@ async fn job_pod_keeps_its_init_containers_after_the_sidecar() {
     assert_eq!(names, [INIT_CONTAINER, PROXY_CONTAINER, "migrate"]);
     let spec = pod.spec.as_ref().unwrap();
     assert_eq!(spec.restart_policy.as_deref(), Some("Never"));
+    let volumes: Vec<_> = spec
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| v.name.as_str())
+        .collect();
+    assert_eq!(
+        volumes,
+        ["sluice-token", TRUST_ROOT_VOLUME],
+        "a pod without volumes gets both"
+    );
     let proxy = &init_containers(&pod)[1];
     assert_eq!(
         proxy.args.as_ref().unwrap(),

@@ -4,7 +4,8 @@
 //! API server sends it the pods its `MutatingWebhookConfiguration` selects (namespaces
 //! labelled `sluice.dev/inject=enabled`, and pods labelled so); [`patch::decide`] answers
 //! each with a JSON Patch adding the iptables init step, the proxy as a native sidecar,
-//! its identity token volume and probes rewritten through the proxy's admin port.
+//! its identity token volume, the mesh root (from the ConfigMap the control plane keeps
+//! in every namespace, `--trust-root-configmap`) and probes rewritten through the proxy's admin port.
 
 mod patch;
 mod server;
@@ -16,7 +17,7 @@ pub use patch::{
     ADMIN_PORT, ANNOTATION_CPU, ANNOTATION_INJECT, ANNOTATION_MEMORY, ANNOTATION_SKIP_INBOUND,
     ANNOTATION_SKIP_OUTBOUND, ANNOTATION_STATUS, Decision, ENV_APP_PROBES, INBOUND_PORT,
     INIT_CONTAINER, InjectConfig, OUTBOUND_PORT, PROXY_CONTAINER, PROXY_UID, Refusal,
-    TOKEN_AUDIENCE, TOKEN_DIR, TOKEN_VOLUME, decide,
+    TOKEN_AUDIENCE, TOKEN_DIR, TOKEN_VOLUME, TRUST_ROOT_DIR, TRUST_ROOT_VOLUME, decide,
 };
 pub use server::{RunningWebhook, WebhookConfig, start_webhook};
 

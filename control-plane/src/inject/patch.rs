@@ -20,6 +20,10 @@ pub const INIT_CONTAINER: &str = "sluice-init";
 pub const TOKEN_VOLUME: &str = "sluice-token";
 /// Where the token volume is mounted in the proxy container.
 pub const TOKEN_DIR: &str = "/var/run/secrets/sluice";
+/// Name of the volume holding the mesh root (from the trust-root ConfigMap).
+pub const TRUST_ROOT_VOLUME: &str = "sluice-trust-root";
+/// Where the trust-root volume is mounted in the proxy container.
+pub const TRUST_ROOT_DIR: &str = "/var/run/sluice/trust-root";
 /// Audience of the projected token the proxy presents to the control plane's CA.
 pub const TOKEN_AUDIENCE: &str = "sluice";
 /// The proxy's admin port (probes, `/app-health/...`).
@@ -52,6 +56,9 @@ pub struct InjectConfig {
     pub proxy_image: String,
     /// The control-plane URL the proxy connects to, if any.
     pub control_plane_url: Option<String>,
+    /// The ConfigMap (in the pod's namespace) holding the mesh root the proxy
+    /// verifies the control plane with; mounted as `SLUICE_TRUST_ROOT`.
+    pub trust_root_configmap: Option<String>,
     /// CPU request when the pod has no `sluice.dev/proxy-cpu` annotation.
     pub default_cpu: String,
     /// Memory request and limit when the pod has no `sluice.dev/proxy-memory` annotation.
@@ -66,6 +73,7 @@ impl Default for InjectConfig {
                 env!("CARGO_PKG_VERSION")
             ),
             control_plane_url: None,
+            trust_root_configmap: None,
             default_cpu: "100m".to_owned(),
             default_memory: "128Mi".to_owned(),
         }
@@ -164,14 +172,21 @@ pub fn decide(pod: &Pod, cfg: &InjectConfig) -> Result<Decision, Refusal> {
         }
         _ => ops.push(add("/spec/initContainers", json!([init, proxy]))),
     }
-    let volume = json!({
+    let mut volumes = vec![json!({
         "name": TOKEN_VOLUME,
         "projected": {"sources": [{"serviceAccountToken": {
             "audience": TOKEN_AUDIENCE, "expirationSeconds": 3600, "path": "token"}}]}
-    });
+    })];
+    if let Some(name) = &cfg.trust_root_configmap {
+        // Not optional: a proxy without the root cannot reach the control plane, and
+        // the kubelet waits for the ConfigMap rather than start a proxy that fails.
+        volumes.push(json!({"name": TRUST_ROOT_VOLUME, "configMap": {"name": name}}));
+    }
     match &spec.volumes {
-        Some(v) if !v.is_empty() => ops.push(add("/spec/volumes/-", volume)),
-        _ => ops.push(add("/spec/volumes", json!([volume]))),
+        Some(v) if !v.is_empty() => {
+            ops.extend(volumes.into_iter().map(|v| add("/spec/volumes/-", v)));
+        }
+        _ => ops.push(add("/spec/volumes", Value::Array(volumes))),
     }
     ops.extend(probe_ops);
     let status = json!(format!("injected {}", env!("CARGO_PKG_VERSION")));
@@ -265,6 +280,13 @@ fn proxy_container(
         env.push(json!({"name": name, "valueFrom": {"fieldRef": {"fieldPath": path}}}));
     }
     env.push(json!({"name": "SLUICE_IDENTITY_TOKEN_FILE", "value": format!("{TOKEN_DIR}/token")}));
+    let mut mounts = vec![json!({"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true})];
+    if cfg.trust_root_configmap.is_some() {
+        env.push(json!({"name": "SLUICE_TRUST_ROOT", "value": format!("{TRUST_ROOT_DIR}/{}", crate::k8s::trust_root::TRUST_ROOT_KEY)}));
+        mounts.push(
+            json!({"name": TRUST_ROOT_VOLUME, "mountPath": TRUST_ROOT_DIR, "readOnly": true}),
+        );
+    }
     if !probes.is_empty() {
         env.push(json!({"name": ENV_APP_PROBES, "value": Value::Object(probes.clone().into_iter().collect()).to_string()}));
     }
@@ -292,7 +314,7 @@ fn proxy_container(
             "readOnlyRootFilesystem": true,
             "capabilities": {"drop": ["ALL"]}
         },
-        "volumeMounts": [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true}]
+        "volumeMounts": mounts
     })
 }
 

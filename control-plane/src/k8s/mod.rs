@@ -9,6 +9,8 @@
 //!   EndpointSlices, resolved into the published set.
 //! - [`identity`]: bootstrap tokens checked with TokenReview; the mesh root kept in
 //!   a Secret shared by the replicas.
+//! - [`trust_root`]: the mesh root published as a ConfigMap in every namespace,
+//!   for injected proxies to verify the control plane's TLS gRPC port.
 //! - The validating webhook (`POST /validate` on the webhook server) refuses a
 //!   RoutePolicy that `sluice-config` refuses, with [`policies::validate_object`].
 //!
@@ -25,10 +27,14 @@
 //! | `""` (core) | `pods` (all namespaces) | `get` | same: the service account of each endpoint's pod |
 //! | `authentication.k8s.io` | `tokenreviews` | `create` | `--token-review` |
 //! | `""` (core) | `secrets` (own namespace, name `--ca-secret`) | `get`, `create` | `--ca-secret` |
+//! | `""` (core) | `namespaces` | `list`, `watch` | `--trust-root-configmap` |
+//! | `""` (core) | `configmaps` (all namespaces, name `--trust-root-configmap`) | `list`, `watch`, `patch`, `create` | `--trust-root-configmap` |
 //!
 //! A Role cannot name a resource that does not exist yet for `create`, so the
 //! Secret's `create` is granted without `resourceNames` (its `get` can carry it).
-//! The Lease's `create` likewise.
+//! The Lease's `create` likewise, and the trust-root ConfigMap's (server-side
+//! apply creates it through `patch`); its `list` and `watch` carry a
+//! `metadata.name` field selector, so they can be granted for that name alone.
 //!
 //! # Flags
 //!
@@ -47,11 +53,15 @@
 //!   (keys `ca.crt`, `ca.key`), created on first start.
 //! - `--token-review` (`SLUICE_TOKEN_REVIEW`): check proxies' bootstrap tokens with
 //!   TokenReview (audience `sluice`), instead of a token file.
+//! - `--trust-root-configmap NAME` (`SLUICE_TRUST_ROOT_CONFIGMAP`): keep the mesh
+//!   root in a ConfigMap of this name in every namespace, and have the injection
+//!   webhook mount it into the proxies it adds.
 
 pub mod endpoints;
 pub mod identity;
 pub mod leader;
 pub mod policies;
+pub mod trust_root;
 
 #[cfg(any(test, feature = "test-support"))]
 pub mod testing;
@@ -127,6 +137,37 @@ pub(crate) fn spawn(
     tasks
 }
 
+/// Where to publish the mesh root for injected proxies (`--trust-root-configmap`).
+#[derive(Clone)]
+pub struct PublishTrustRoot {
+    /// The API client.
+    pub client: Client,
+    /// Name of the ConfigMap kept in every namespace.
+    pub configmap: String,
+}
+
+impl fmt::Debug for PublishTrustRoot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PublishTrustRoot")
+            .field("configmap", &self.configmap)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Starts keeping `pem` in the ConfigMap of every namespace.
+pub(crate) fn spawn_trust_root(
+    cfg: &PublishTrustRoot,
+    pem: &str,
+    shutdown: &watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(trust_root::publish(
+        cfg.client.clone(),
+        cfg.configmap.clone(),
+        pem.to_string(),
+        shutdown.clone(),
+    ))
+}
+
 /// The control plane's Kubernetes flags.
 #[derive(Clone, Debug, Default, clap::Args)]
 pub struct KubeArgs {
@@ -155,12 +196,20 @@ pub struct KubeArgs {
     /// Check proxies' bootstrap tokens with TokenReview (audience `sluice`).
     #[arg(long, env = "SLUICE_TOKEN_REVIEW")]
     pub token_review: bool,
+    /// Keep the mesh root (`root.pem`) in a ConfigMap of this name in every
+    /// namespace; the injection webhook mounts it into the proxies it adds.
+    #[arg(long, env = "SLUICE_TRUST_ROOT_CONFIGMAP", value_name = "NAME")]
+    pub trust_root_configmap: Option<String>,
 }
 
 impl KubeArgs {
     /// Whether these flags (with RoutePolicies as the source or not) need the API.
     pub fn needs_client(&self, policies: bool) -> bool {
-        policies || self.discover_endpoints || self.ca_secret.is_some() || self.token_review
+        policies
+            || self.discover_endpoints
+            || self.ca_secret.is_some()
+            || self.token_review
+            || self.trust_root_configmap.is_some()
     }
 
     /// The namespace the Lease and the CA Secret live in.
@@ -191,6 +240,16 @@ impl KubeArgs {
     pub fn verifier(&self, client: &Client) -> Option<TokenReviewVerifier> {
         self.token_review
             .then(|| TokenReviewVerifier::new(client.clone(), identity::TOKEN_AUDIENCE))
+    }
+
+    /// `--trust-root-configmap`: where the mesh root is published.
+    pub fn publish_trust_root(&self, client: &Client) -> Option<PublishTrustRoot> {
+        self.trust_root_configmap
+            .as_ref()
+            .map(|name| PublishTrustRoot {
+                client: client.clone(),
+                configmap: name.clone(),
+            })
     }
 
     /// The control plane's Kubernetes configuration, if it watches anything.

@@ -7,6 +7,7 @@ mod governance;
 mod governance_load;
 mod grpc;
 mod init_netns;
+mod injected;
 mod kubernetes;
 mod malformed;
 mod mesh;

@@ -1,0 +1,294 @@
+//! An injected pod's proxy, started the way the kubelet would start it: the
+//! webhook's patch gives it the control plane's `https://` URL, the projected
+//! token and the trust-root ConfigMap the control plane publishes (here through
+//! kube-rs's mock client, since no API server runs here). With exactly that
+//! environment and those files, the real proxy binary must verify the control
+//! plane's TLS gRPC port, get its certificate and receive the mesh's policies.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::StatusCode;
+use k8s_openapi::api::core::v1::{Container, Pod};
+use serde_json::{Value, json};
+use sluice_control_plane::ca::{Ca, TokenFile};
+use sluice_control_plane::inject::{Decision, InjectConfig, PROXY_CONTAINER, decide};
+use sluice_control_plane::k8s::PublishTrustRoot;
+use sluice_control_plane::k8s::testing::{Reply, fake_api};
+use sluice_control_plane::{ControlPlaneConfig, IdentityConfig, RunningControlPlane};
+use sluice_e2e::{HttpConn, WAIT, wait_until};
+use tokio::sync::mpsc;
+
+const CONFIGMAP: &str = "sluice-trust-root";
+const TOKEN: &str = "projected-token-of-orders";
+const POLICY: &str = r#"apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: { name: log, namespace: shop }
+spec:
+  host: log
+  backends:
+    v1: { addresses: ["127.0.0.1:9"] }
+  routes:
+    - name: all
+"#;
+
+/// A control plane with its CA whose root it publishes through a fake API with
+/// one namespace, `shop`; returns it and the ConfigMaps it applied.
+async fn control_plane(dir: &Path) -> (RunningControlPlane, mpsc::UnboundedReceiver<Value>) {
+    let (applied_tx, applied) = mpsc::unbounded_channel();
+    let (client, _calls) = fake_api(move |c| {
+        let list = |kind: &str, items: Value| {
+            Reply::Json(
+                200,
+                json!({"kind": kind, "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": items}),
+            )
+        };
+        match (c.method.as_str(), c.path.as_str(), c.is_watch()) {
+            (_, _, true) => Reply::Hang,
+            ("GET", "/api/v1/namespaces", _) => list(
+                "NamespaceList",
+                json!([{"metadata": {"name": "shop", "resourceVersion": "1"}, "status": {"phase": "Active"}}]),
+            ),
+            ("GET", "/api/v1/configmaps", _) => list("ConfigMapList", json!([])),
+            ("PATCH", _, _) => {
+                let _ = applied_tx.send(c.body.clone());
+                Reply::Json(200, c.body.clone())
+            }
+            _ => panic!("unexpected API call {c:?}"),
+        }
+    });
+    let policies = dir.join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    std::fs::write(policies.join("log.yaml"), POLICY).unwrap();
+    let ca = Ca::generate("cluster.local", Duration::from_secs(3600)).unwrap();
+    let tokens_path = dir.join("tokens");
+    let tokens = TokenFile::parse(
+        &tokens_path,
+        &format!(r#"{{"token":"{TOKEN}","namespace":"shop","serviceAccount":"orders"}}"#),
+    )
+    .unwrap();
+    let cp = sluice_control_plane::start(ControlPlaneConfig {
+        policy_dir: policies,
+        identity: Some(IdentityConfig::new(Arc::new(ca), Arc::new(tokens))),
+        publish_trust_root: Some(PublishTrustRoot {
+            client,
+            configmap: CONFIGMAP.to_string(),
+        }),
+        ..ControlPlaneConfig::default()
+    })
+    .await
+    .unwrap();
+    (cp, applied)
+}
+
+/// The order service's pod as its Deployment creates it.
+fn pod() -> Value {
+    json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": "orders-7d9f8b6c5-x2kq4", "namespace": "shop",
+                     "labels": {"app.kubernetes.io/name": "orders"}},
+        "spec": {
+            "serviceAccountName": "orders",
+            "containers": [{"name": "orders", "image": "shop/orders:1",
+                            "ports": [{"containerPort": 8080, "protocol": "TCP"}]}]
+        }
+    })
+}
+
+/// Does what the kubelet does with the injected proxy container: materialises its
+/// volumes under `root` (the ConfigMap from `configmap`, the projected token),
+/// resolves `fieldRef`s, and points every mounted path into `root`.
+fn kubelet_env(
+    pod: &Pod,
+    proxy: &Container,
+    configmap: &Value,
+    root: &Path,
+) -> Vec<(String, String)> {
+    let spec = pod.spec.as_ref().unwrap();
+    let mut mounts: Vec<(String, PathBuf)> = Vec::new();
+    for m in proxy.volume_mounts.iter().flatten() {
+        let vol = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == m.name)
+            .unwrap_or_else(|| panic!("mount {} names no volume", m.name));
+        let dir = root.join(&m.name);
+        std::fs::create_dir_all(&dir).unwrap();
+        if let Some(cm) = &vol.config_map {
+            assert_eq!(
+                cm.name, configmap["metadata"]["name"],
+                "the mounted ConfigMap is the published one"
+            );
+            for (key, value) in configmap["data"].as_object().unwrap() {
+                std::fs::write(dir.join(key), value.as_str().unwrap()).unwrap();
+            }
+        } else if let Some(p) = &vol.projected {
+            let sat = p.sources.as_ref().unwrap()[0]
+                .service_account_token
+                .as_ref()
+                .unwrap();
+            std::fs::write(dir.join(sat.path.as_str()), TOKEN).unwrap();
+        } else {
+            panic!("unexpected volume {vol:?}");
+        }
+        mounts.push((m.mount_path.clone(), dir));
+    }
+    let field = |path: &str| match path {
+        "metadata.name" => pod.metadata.name.clone().unwrap(),
+        "metadata.namespace" => pod.metadata.namespace.clone().unwrap(),
+        "spec.serviceAccountName" => spec.service_account_name.clone().unwrap(),
+        other => panic!("unexpected fieldRef {other}"),
+    };
+    proxy
+        .env
+        .iter()
+        .flatten()
+        .map(|e| {
+            let mut value = match (&e.value, &e.value_from) {
+                (Some(v), _) => v.clone(),
+                (None, Some(from)) => field(&from.field_ref.as_ref().unwrap().field_path),
+                (None, None) => String::new(),
+            };
+            for (mount, dir) in &mounts {
+                if let Some(rest) = value.strip_prefix(mount.as_str()) {
+                    value = format!("{}{rest}", dir.display());
+                }
+            }
+            (e.name.clone(), value)
+        })
+        .collect()
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn admin_get(admin: std::net::SocketAddr, path: &str) -> Option<(StatusCode, String)> {
+    let mut conn = HttpConn::h1(admin).await.ok()?;
+    let reply = conn.get(&admin.to_string(), path).await.ok()?;
+    Some((reply.status, reply.text()))
+}
+
+#[tokio::test]
+async fn an_injected_proxy_verifies_the_control_plane_with_the_published_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cp, mut applied) = control_plane(dir.path()).await;
+
+    // What the control plane published into the pod's namespace.
+    let configmap = tokio::time::timeout(WAIT, applied.recv())
+        .await
+        .expect("the root is published")
+        .unwrap();
+    assert_eq!(configmap["metadata"]["namespace"], "shop");
+    assert_eq!(
+        configmap["data"]["root.pem"].as_str(),
+        cp.trust_root_pem(),
+        "the ConfigMap holds the mesh root"
+    );
+
+    // What the webhook makes of the pod.
+    let cfg = InjectConfig {
+        control_plane_url: Some(cp.grpc_url()),
+        trust_root_configmap: Some(CONFIGMAP.to_string()),
+        ..InjectConfig::default()
+    };
+    assert!(cp.grpc_url().starts_with("https://"));
+    let original: Pod = serde_json::from_value(pod()).unwrap();
+    let Decision::Patch { ops, .. } = decide(&original, &cfg).unwrap() else {
+        panic!("the pod is injected");
+    };
+    let mut patched = pod();
+    let patch: json_patch::Patch = serde_json::from_value(Value::Array(ops)).unwrap();
+    json_patch::patch(&mut patched, &patch).unwrap();
+    let patched: Pod = serde_json::from_value(patched).unwrap();
+    let proxy = patched
+        .spec
+        .as_ref()
+        .unwrap()
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|c| c.name == PROXY_CONTAINER)
+        .unwrap()
+        .clone();
+
+    // Started as the kubelet would, on loopback ports instead of the pod's.
+    let root = dir.path().join("pod");
+    let env = kubelet_env(&patched, &proxy, &configmap, &root);
+    let names: Vec<_> = env.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(names.contains(&"SLUICE_TRUST_ROOT"), "{names:?}");
+    let addr_file = dir.path().join("addrs.json");
+    let log_path = dir.path().join("proxy.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_e2e-proxy"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("SLUICE_") {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd.args(proxy.args.clone().unwrap())
+        .envs(env)
+        .env("SLUICE_ADMIN", "127.0.0.1:0")
+        .env("SLUICE_OUTBOUND", "127.0.0.1:0")
+        .env("SLUICE_INBOUND", "127.0.0.1:0")
+        .env("SLUICE_ADDR_FILE", &addr_file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log));
+    let _child = Killed(cmd.spawn().unwrap());
+
+    let mut admin = None;
+    wait_until("the proxy writes its addresses", WAIT, || {
+        let found = std::fs::read_to_string(&addr_file)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .and_then(|v| v["admin"].as_str()?.parse().ok());
+        admin = found;
+        async move { found.is_some() }
+    })
+    .await;
+    let admin = admin.unwrap();
+    let log_for = |what: &str| {
+        format!(
+            "{what}; proxy log:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        )
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        if matches!(admin_get(admin, "/ready").await, Some((StatusCode::OK, _))) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{}",
+            log_for("the injected proxy never became ready")
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // It certified over the verified TLS port, as its service account...
+    let (_, identity) = admin_get(admin, "/identity").await.unwrap();
+    let identity: Value = serde_json::from_str(&identity).unwrap();
+    assert_eq!(
+        identity["spiffe_id"], "spiffe://cluster.local/ns/shop/sa/orders",
+        "{identity}"
+    );
+    // ...and follows the control plane's policies.
+    let (_, config) = admin_get(admin, "/config").await.unwrap();
+    let config: Value = serde_json::from_str(&config).unwrap();
+    assert_eq!(
+        config["version"].as_str(),
+        cp.policy_version().as_deref(),
+        "{config}"
+    );
+    cp.shutdown().await;
+}
