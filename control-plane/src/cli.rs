@@ -302,6 +302,7 @@ pub fn cli_main() -> ExitCode {
                 .kubernetes
                 .to_config(&client, policies, &args.ca.trust_domain);
             cfg.publish_trust_root = args.kubernetes.publish_trust_root(&client);
+            cfg.webhook_bundles = args.kubernetes.webhook_bundles(&client);
             if let Err(e) = kube_identity(&args, &client, &mut cfg).await {
                 tracing::error!(error = %e, "certificate authority failed to start");
                 return ExitCode::FAILURE;
@@ -437,6 +438,30 @@ mod tests {
             .check()
             .unwrap_err();
         assert!(err.contains("--plaintext"), "{err}");
+    }
+
+    #[test]
+    fn webhook_configurations_need_the_ca_they_are_kept_with() {
+        let base = ["sluice-control-plane", "--policy-dir", "/p"];
+        let without = [&base[..], &["--mutating-webhook-config", "sluice-injector"]].concat();
+        let err = Args::try_parse_from(without).unwrap_err().to_string();
+        assert!(err.contains("--webhook-ca"), "{err}");
+        let with = [
+            &base[..],
+            &[
+                "--webhook-ca",
+                "/etc/sluice/webhook/ca.crt",
+                "--validating-webhook-config",
+                "sluice-validator",
+            ],
+        ]
+        .concat();
+        let args = Args::try_parse_from(with).unwrap();
+        assert!(args.kubernetes.needs_client(false));
+        assert_eq!(
+            args.kubernetes.validating_webhook_config.as_deref(),
+            Some("sluice-validator")
+        );
     }
 
     #[test]

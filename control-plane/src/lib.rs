@@ -179,6 +179,9 @@ pub struct ControlPlaneConfig {
     /// In a cluster: keep the mesh root in a ConfigMap of every namespace, for
     /// injected proxies (needs `identity`).
     pub publish_trust_root: Option<k8s::PublishTrustRoot>,
+    /// In a cluster: keep the webhook configurations' `caBundle` in step with the
+    /// webhook's certificate.
+    pub webhook_bundles: Option<k8s::ca_bundle::WebhookBundles>,
 }
 
 /// The certificate authority and how the gRPC port presents itself.
@@ -223,6 +226,7 @@ impl Default for ControlPlaneConfig {
             kubernetes: None,
             identity: None,
             publish_trust_root: None,
+            webhook_bundles: None,
         }
     }
 }
@@ -562,6 +566,12 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error
             tracing::warn!(configmap = %publish.configmap, "the CA is off, so there is no trust root to publish");
         }
         (None, _) => {}
+    }
+    if let Some(bundles) = &cfg.webhook_bundles {
+        tasks.push(tokio::spawn(k8s::ca_bundle::keep(
+            bundles.clone(),
+            shutdown_rx.clone(),
+        )));
     }
 
     if let Some(path) = &cfg.addr_file {

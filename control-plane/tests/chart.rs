@@ -241,6 +241,17 @@ fn container_args(d: &Deployment) -> (Vec<String>, Vec<String>) {
     (c.args.clone().unwrap_or_default(), env)
 }
 
+/// The mount paths of the control plane's container.
+fn container_mounts(d: &Deployment) -> Vec<PathBuf> {
+    let spec = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    spec.containers[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| PathBuf::from(&m.mount_path))
+        .collect()
+}
+
 fn parse_args(d: &Deployment) -> Args {
     let (args, env) = container_args(d);
     let cmd = Args::command();
@@ -436,6 +447,27 @@ fn rbac_grants_exactly_what_the_control_plane_calls() {
         .kubernetes
         .trust_root_configmap
         .expect("--trust-root-configmap with the injector on");
+    // The configurations whose caBundle the control plane keeps are the rendered ones.
+    let (mutating, validating) = (
+        o.mutating[0].metadata.name.clone().unwrap(),
+        o.validating[0].metadata.name.clone().unwrap(),
+    );
+    let cp = parse_args(o.deployment.as_ref().unwrap());
+    assert_eq!(
+        cp.kubernetes.mutating_webhook_config.as_ref(),
+        Some(&mutating)
+    );
+    assert_eq!(
+        cp.kubernetes.validating_webhook_config.as_ref(),
+        Some(&validating)
+    );
+    let mounted = container_mounts(o.deployment.as_ref().unwrap());
+    let ca = cp.kubernetes.webhook_ca.clone().expect("--webhook-ca");
+    assert!(
+        mounted.iter().any(|m| ca.starts_with(m)),
+        "--webhook-ca {} is not in a mounted volume ({mounted:?})",
+        ca.display()
+    );
     assert_eq!(
         grants(cluster.rules.as_deref().unwrap_or_default()),
         BTreeSet::from([
@@ -452,6 +484,18 @@ fn rbac_grants_exactly_what_the_control_plane_calls() {
             grant("", "namespaces", &["list", "watch"], &[]),
             grant("", "configmaps", &["list", "patch", "watch"], &[&root]),
             grant("", "configmaps", &["create"], &[]),
+            grant(
+                "admissionregistration.k8s.io",
+                "mutatingwebhookconfigurations",
+                &["get", "patch"],
+                &[&mutating]
+            ),
+            grant(
+                "admissionregistration.k8s.io",
+                "validatingwebhookconfigurations",
+                &["get", "patch"],
+                &[&validating]
+            ),
         ])
     );
     let [role] = o.roles.as_slice() else {
@@ -501,7 +545,8 @@ fn rbac_grants_exactly_what_the_control_plane_calls() {
         Some(sa)
     );
 
-    // Policies from a ConfigMap: no RoutePolicy, Lease or TokenReview rights.
+    // Policies from a ConfigMap: no RoutePolicy, Lease or TokenReview rights; with
+    // cert-manager's CA injector, no webhook configuration rights.
     let o = objects("dir-certmanager");
     let [cluster] = o.cluster_roles.as_slice() else {
         panic!("one ClusterRole")

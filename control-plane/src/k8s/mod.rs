@@ -9,6 +9,8 @@
 //!   EndpointSlices, resolved into the published set.
 //! - [`identity`]: bootstrap tokens checked with TokenReview; the mesh root kept in
 //!   a Secret shared by the replicas.
+//! - [`ca_bundle`]: the webhook configurations' `caBundle` kept in step with the
+//!   webhook's serving certificate.
 //! - [`trust_root`]: the mesh root published as a ConfigMap in every namespace,
 //!   for injected proxies to verify the control plane's TLS gRPC port.
 //! - The validating webhook (`POST /validate` on the webhook server) refuses a
@@ -27,6 +29,8 @@
 //! | `""` (core) | `pods` (all namespaces) | `get` | same: the service account of each endpoint's pod |
 //! | `authentication.k8s.io` | `tokenreviews` | `create` | `--token-review` |
 //! | `""` (core) | `secrets` (own namespace, name `--ca-secret`) | `get`, `create` | `--ca-secret` |
+//! | `admissionregistration.k8s.io` | `mutatingwebhookconfigurations` (name `--mutating-webhook-config`) | `get`, `patch` | `--mutating-webhook-config` |
+//! | `admissionregistration.k8s.io` | `validatingwebhookconfigurations` (name `--validating-webhook-config`) | `get`, `patch` | `--validating-webhook-config` |
 //! | `""` (core) | `namespaces` | `list`, `watch` | `--trust-root-configmap` |
 //! | `""` (core) | `configmaps` (all namespaces, name `--trust-root-configmap`) | `list`, `watch`, `patch`, `create` | `--trust-root-configmap` |
 //!
@@ -53,10 +57,14 @@
 //!   (keys `ca.crt`, `ca.key`), created on first start.
 //! - `--token-review` (`SLUICE_TOKEN_REVIEW`): check proxies' bootstrap tokens with
 //!   TokenReview (audience `sluice`), instead of a token file.
+//! - `--webhook-ca FILE` (`SLUICE_WEBHOOK_CA`) with `--mutating-webhook-config NAME`
+//!   and/or `--validating-webhook-config NAME`: keep those configurations'
+//!   `caBundle` equal to the CA in FILE (the webhook Secret's `ca.crt`).
 //! - `--trust-root-configmap NAME` (`SLUICE_TRUST_ROOT_CONFIGMAP`): keep the mesh
 //!   root in a ConfigMap of this name in every namespace, and have the injection
 //!   webhook mount it into the proxies it adds.
 
+pub mod ca_bundle;
 pub mod endpoints;
 pub mod identity;
 pub mod leader;
@@ -67,6 +75,7 @@ pub mod trust_root;
 pub mod testing;
 
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use kube::Client;
@@ -200,6 +209,26 @@ pub struct KubeArgs {
     /// namespace; the injection webhook mounts it into the proxies it adds.
     #[arg(long, env = "SLUICE_TRUST_ROOT_CONFIGMAP", value_name = "NAME")]
     pub trust_root_configmap: Option<String>,
+    /// PEM CA of the webhook's serving certificate (its Secret's `ca.crt`), written
+    /// into the named webhook configurations' `caBundle`.
+    #[arg(long, env = "SLUICE_WEBHOOK_CA", value_name = "FILE")]
+    pub webhook_ca: Option<PathBuf>,
+    /// MutatingWebhookConfiguration whose `caBundle` follows `--webhook-ca`.
+    #[arg(
+        long,
+        env = "SLUICE_MUTATING_WEBHOOK_CONFIG",
+        value_name = "NAME",
+        requires = "webhook_ca"
+    )]
+    pub mutating_webhook_config: Option<String>,
+    /// ValidatingWebhookConfiguration whose `caBundle` follows `--webhook-ca`.
+    #[arg(
+        long,
+        env = "SLUICE_VALIDATING_WEBHOOK_CONFIG",
+        value_name = "NAME",
+        requires = "webhook_ca"
+    )]
+    pub validating_webhook_config: Option<String>,
 }
 
 impl KubeArgs {
@@ -210,6 +239,8 @@ impl KubeArgs {
             || self.ca_secret.is_some()
             || self.token_review
             || self.trust_root_configmap.is_some()
+            || self.mutating_webhook_config.is_some()
+            || self.validating_webhook_config.is_some()
     }
 
     /// The namespace the Lease and the CA Secret live in.
@@ -250,6 +281,19 @@ impl KubeArgs {
                 client: client.clone(),
                 configmap: name.clone(),
             })
+    }
+
+    /// `--webhook-ca` with the configurations whose `caBundle` follows it.
+    pub fn webhook_bundles(&self, client: &Client) -> Option<ca_bundle::WebhookBundles> {
+        if self.mutating_webhook_config.is_none() && self.validating_webhook_config.is_none() {
+            return None;
+        }
+        Some(ca_bundle::WebhookBundles {
+            client: client.clone(),
+            ca_file: self.webhook_ca.clone()?,
+            mutating: self.mutating_webhook_config.clone(),
+            validating: self.validating_webhook_config.clone(),
+        })
     }
 
     /// The control plane's Kubernetes configuration, if it watches anything.

@@ -411,6 +411,8 @@ mod tests {
             .ns_events
             .send(json!({"type": "MODIFIED", "object": namespace("billing", "Terminating")}))
             .unwrap();
+        // The two watches are separate streams: let the namespace's event land first.
+        cluster.no_apply().await;
         cluster
             .cm_events
             .send(json!({"type": "DELETED", "object": configmap("billing", ROOT)}))

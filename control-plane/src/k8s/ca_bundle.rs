@@ -1,0 +1,347 @@
+//! The webhook configurations' `caBundle`, kept in step with the webhook's
+//! serving certificate.
+//!
+//! The API server trusts the injection and validation webhooks through the
+//! `caBundle` of their configurations. The serving certificate lives in a Secret
+//! the control plane mounts (and reloads on change, see `inject::server`); this
+//! task reads the CA beside it (`--webhook-ca`, the Secret's `ca.crt`) and writes
+//! it into every webhook of the named configurations whose bundle differs: at
+//! start, whenever the file changes, and every [`RESYNC_EVERY`] in case someone
+//! else wrote a stale one. A rotated certificate is therefore trusted as soon as
+//! the kubelet has swapped the files, without a `helm upgrade`.
+//!
+//! The patch is a strategic merge keyed by webhook name, so it touches only
+//! `clientConfig.caBundle` and cannot disturb webhooks added by others. Every
+//! replica reads the same Secret and writes the same bytes; an unchanged bundle
+//! is never written, so replicas need no election. With cert-manager's CA
+//! injector doing this job, the flags are simply not given.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
+use kube::api::{Patch, PatchParams};
+use kube::{Api, Client};
+use serde_json::json;
+use tokio::sync::{mpsc, watch};
+
+/// How often the bundles are checked even when the CA file did not change.
+pub const RESYNC_EVERY: Duration = Duration::from_secs(60);
+
+/// Which configurations to keep and where the CA is.
+#[derive(Clone)]
+pub struct WebhookBundles {
+    /// The API client.
+    pub client: Client,
+    /// PEM file of the CA that signs the webhook's serving certificate.
+    pub ca_file: PathBuf,
+    /// The `MutatingWebhookConfiguration` of the injection webhook.
+    pub mutating: Option<String>,
+    /// The `ValidatingWebhookConfiguration` of the RoutePolicy webhook.
+    pub validating: Option<String>,
+}
+
+impl std::fmt::Debug for WebhookBundles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WebhookBundles")
+            .field("ca_file", &self.ca_file)
+            .field("mutating", &self.mutating)
+            .field("validating", &self.validating)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Keeps the bundles in step with `cfg.ca_file` until `shutdown`.
+pub(crate) async fn keep(cfg: WebhookBundles, mut shutdown: watch::Receiver<bool>) {
+    let (tx, mut changed) = mpsc::channel(1);
+    // A Secret volume swaps a `..data` symlink: only a directory watch sees it.
+    let _watcher = watch_dir(&cfg.ca_file, tx);
+    let mut resync = tokio::time::interval(RESYNC_EVERY);
+    resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = resync.tick() => {}
+            Some(()) = changed.recv() => {}
+            _ = shutdown.changed() => return,
+        }
+        let pem = match std::fs::read(&cfg.ca_file) {
+            Ok(pem) if !pem.is_empty() => pem,
+            Ok(_) => {
+                tracing::warn!(file = %cfg.ca_file.display(), "the webhook CA file is empty; caBundles left as they are");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(file = %cfg.ca_file.display(), error = %e, "cannot read the webhook CA; caBundles left as they are");
+                continue;
+            }
+        };
+        if let Some(name) = &cfg.mutating {
+            let api: Api<MutatingWebhookConfiguration> = Api::all(cfg.client.clone());
+            sync(&api, name, &pem, |c| {
+                c.webhooks
+                    .iter()
+                    .flatten()
+                    .map(|w| (w.name.clone(), w.client_config.ca_bundle.clone()))
+                    .collect()
+            })
+            .await;
+        }
+        if let Some(name) = &cfg.validating {
+            let api: Api<ValidatingWebhookConfiguration> = Api::all(cfg.client.clone());
+            sync(&api, name, &pem, |c| {
+                c.webhooks
+                    .iter()
+                    .flatten()
+                    .map(|w| (w.name.clone(), w.client_config.ca_bundle.clone()))
+                    .collect()
+            })
+            .await;
+        }
+    }
+}
+
+/// Writes `pem` into every webhook of configuration `name` whose bundle differs.
+async fn sync<K>(
+    api: &Api<K>,
+    name: &str,
+    pem: &[u8],
+    bundles: impl Fn(&K) -> Vec<(String, Option<ByteString>)>,
+) where
+    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let kind = K::kind(&());
+    let config = match api.get_opt(name).await {
+        Ok(Some(c)) => c,
+        Ok(None) => {
+            tracing::warn!(%kind, %name, "webhook configuration not found; its caBundle is not kept");
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(%kind, %name, error = %e, "cannot read the webhook configuration; retrying later");
+            return;
+        }
+    };
+    let stale: Vec<String> = bundles(&config)
+        .into_iter()
+        .filter(|(_, b)| b.as_ref().map(|b| b.0.as_slice()) != Some(pem))
+        .map(|(n, _)| n)
+        .collect();
+    if stale.is_empty() {
+        return;
+    }
+    let bundle = ByteString(pem.to_vec());
+    let webhooks: Vec<_> = stale
+        .iter()
+        .map(|n| json!({"name": n, "clientConfig": {"caBundle": bundle}}))
+        .collect();
+    let patch = json!({ "webhooks": webhooks });
+    match api
+        .patch(name, &PatchParams::default(), &Patch::Strategic(&patch))
+        .await
+    {
+        Ok(_) => {
+            tracing::info!(%kind, %name, webhooks = ?stale, "caBundle brought in step with the webhook certificate")
+        }
+        Err(e) => {
+            tracing::warn!(%kind, %name, error = %e, "cannot write the caBundle; retrying later")
+        }
+    }
+}
+
+fn watch_dir(file: &Path, tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
+    use notify::Watcher as _;
+    let dir = match file.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+        if res.is_ok() {
+            // A full channel already holds a pending sync, which reads the latest file.
+            let _ = tx.try_send(());
+        }
+    });
+    match watcher.and_then(|mut w| {
+        w.watch(&dir, notify::RecursiveMode::NonRecursive)
+            .map(|()| w)
+    }) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot watch the webhook CA; checking every {RESYNC_EVERY:?} only");
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use serde_json::Value;
+
+    use super::*;
+    use crate::k8s::testing::{Call, Reply, fake_api, status};
+
+    const MUTATING: &str =
+        "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/sluice-injector";
+    const VALIDATING: &str =
+        "/apis/admissionregistration.k8s.io/v1/validatingwebhookconfigurations/sluice-validator";
+
+    fn b64(pem: &str) -> Value {
+        serde_json::to_value(ByteString(pem.as_bytes().to_vec())).unwrap()
+    }
+
+    fn config(kind: &str, name: &str, bundles: &[(&str, Option<&str>)]) -> Value {
+        let webhooks: Vec<Value> = bundles
+            .iter()
+            .map(|(n, b)| {
+                let mut cc = json!({"service": {"name": "sluice", "namespace": "sluice-system"}});
+                if let Some(b) = b {
+                    cc["caBundle"] = b64(b);
+                }
+                json!({"name": n, "clientConfig": cc, "sideEffects": "None",
+                       "admissionReviewVersions": ["v1"]})
+            })
+            .collect();
+        json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": kind,
+               "metadata": {"name": name, "resourceVersion": "1"}, "webhooks": webhooks})
+    }
+
+    /// A fake API holding the two configurations; PATCHes are applied to them
+    /// (merging caBundles by webhook name) and reported.
+    fn cluster(
+        mutating: Value,
+        validating: Option<Value>,
+    ) -> (Client, mpsc::UnboundedReceiver<Call>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let objects = Arc::new(Mutex::new((mutating, validating)));
+        let (client, _) = fake_api(move |c| {
+            let mut objects = objects.lock().unwrap();
+            let obj = match c.path.as_str() {
+                MUTATING => Some(&mut objects.0),
+                VALIDATING => objects.1.as_mut(),
+                _ => None,
+            };
+            let Some(obj) = obj else {
+                return status(404, "NotFound");
+            };
+            if c.method == http::Method::PATCH {
+                for w in c.body["webhooks"].as_array().unwrap() {
+                    let target = obj["webhooks"]
+                        .as_array_mut()
+                        .unwrap()
+                        .iter_mut()
+                        .find(|t| t["name"] == w["name"])
+                        .expect("the patch names an existing webhook");
+                    target["clientConfig"]["caBundle"] = w["clientConfig"]["caBundle"].clone();
+                }
+                let _ = tx.send(c.clone());
+            }
+            Reply::Json(200, obj.clone())
+        });
+        (client, rx)
+    }
+
+    async fn next_patch(rx: &mut mpsc::UnboundedReceiver<Call>) -> Call {
+        tokio::time::timeout(RESYNC_EVERY * 3, rx.recv())
+            .await
+            .expect("a caBundle patch")
+            .unwrap()
+    }
+
+    async fn no_patch(rx: &mut mpsc::UnboundedReceiver<Call>) {
+        let r = tokio::time::timeout(RESYNC_EVERY * 2, rx.recv()).await;
+        assert!(r.is_err(), "unexpected patch: {r:?}");
+    }
+
+    fn start(client: Client, ca_file: &Path, validating: bool) -> watch::Sender<bool> {
+        let (stop, rx) = watch::channel(false);
+        tokio::spawn(keep(
+            WebhookBundles {
+                client,
+                ca_file: ca_file.to_path_buf(),
+                mutating: Some("sluice-injector".into()),
+                validating: validating.then(|| "sluice-validator".into()),
+            },
+            rx,
+        ));
+        stop
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn stale_bundles_are_rewritten_and_follow_a_rotated_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.crt");
+        std::fs::write(&ca, "CA-1").unwrap();
+        let (client, mut patches) = cluster(
+            config(
+                "MutatingWebhookConfiguration",
+                "sluice-injector",
+                &[
+                    ("ns.inject.sluice.dev", Some("OLD")),
+                    ("pod.inject.sluice.dev", Some("CA-1")),
+                ],
+            ),
+            Some(config(
+                "ValidatingWebhookConfiguration",
+                "sluice-validator",
+                &[("routepolicies.sluice.dev", None)],
+            )),
+        );
+        let _stop = start(client, &ca, true);
+
+        // Only the webhooks whose bundle differs are named.
+        let p = next_patch(&mut patches).await;
+        assert_eq!(p.path, MUTATING);
+        assert_eq!(
+            p.body,
+            json!({"webhooks": [{"name": "ns.inject.sluice.dev", "clientConfig": {"caBundle": b64("CA-1")}}]})
+        );
+        let p = next_patch(&mut patches).await;
+        assert_eq!(p.path, VALIDATING);
+        assert_eq!(
+            p.body["webhooks"][0]["clientConfig"]["caBundle"],
+            b64("CA-1")
+        );
+        // In step: nothing more is written.
+        no_patch(&mut patches).await;
+
+        // The Secret rotates: both configurations follow.
+        std::fs::write(&ca, "CA-2").unwrap();
+        let p = next_patch(&mut patches).await;
+        assert_eq!(p.path, MUTATING);
+        assert_eq!(p.body["webhooks"].as_array().unwrap().len(), 2);
+        assert_eq!(
+            p.body["webhooks"][1]["clientConfig"]["caBundle"],
+            b64("CA-2")
+        );
+        assert_eq!(next_patch(&mut patches).await.path, VALIDATING);
+        no_patch(&mut patches).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_missing_configuration_or_ca_file_breaks_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.crt");
+        let (client, mut patches) = cluster(
+            config(
+                "MutatingWebhookConfiguration",
+                "sluice-injector",
+                &[("ns.inject.sluice.dev", Some("OLD"))],
+            ),
+            None,
+        );
+        // The validating configuration does not exist, and the CA file is not there yet.
+        let _stop = start(client, &ca, true);
+        no_patch(&mut patches).await;
+        std::fs::write(&ca, "CA-1").unwrap();
+        let p = next_patch(&mut patches).await;
+        assert_eq!(p.path, MUTATING);
+        assert_eq!(
+            p.body["webhooks"][0]["clientConfig"]["caBundle"],
+            b64("CA-1")
+        );
+    }
+}
