@@ -250,7 +250,10 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
     let mut data_tasks = Vec::new();
     if let Some(l) = outbound {
         let store = store.clone();
-        let intercept = transparent::Intercept::Outbound(store.clone());
+        let intercept = transparent::Intercept::Outbound {
+            store: store.clone(),
+            tcp: Arc::new(store.context().metrics.tcp("outbound")),
+        };
         data_tasks.push(server::serve(
             "outbound",
             l,
@@ -268,6 +271,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         let store = store.clone();
         let intercept = transparent::Intercept::Inbound {
             app_port: app.port(),
+            tcp: Arc::new(store.context().metrics.tcp("inbound")),
         };
         let handler = move |_peer, req| {
             let store = store.clone();

@@ -13,8 +13,8 @@ use arc_swap::ArcSwap;
 use std::time::Duration;
 
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 use crate::ProxyError;
@@ -59,6 +59,14 @@ pub struct Metrics {
     /// `sluice_identity_cert_expiry_timestamp_seconds`: when the workload certificate
     /// expires (Unix seconds; 0 before the first one, or without mTLS).
     pub identity_expiry: Gauge,
+    /// `sluice_tcp_connections_total{direction,outcome}`: connections passed through as
+    /// opaque TCP, counted when they end (`passthrough`, `connect_error`, `error`).
+    pub tcp_connections: IntCounterVec,
+    /// `sluice_tcp_bytes_total{direction,flow}`: bytes of passed-through connections as
+    /// they flow, `sent` from the client to its destination, `received` back.
+    pub tcp_bytes: IntCounterVec,
+    /// `sluice_tcp_open_connections{direction}`: passed-through connections open now.
+    pub tcp_open: IntGaugeVec,
 }
 
 impl Metrics {
@@ -111,6 +119,30 @@ impl Metrics {
             "sluice_identity_cert_expiry_timestamp_seconds",
             "When the workload certificate expires, in Unix seconds.",
         )?;
+        let tcp_connections = IntCounterVec::new(
+            Opts::new(
+                "sluice_tcp_connections_total",
+                "Connections passed through as opaque TCP, by outcome, counted when they end.",
+            ),
+            &["direction", "outcome"],
+        )?;
+        let tcp_bytes = IntCounterVec::new(
+            Opts::new(
+                "sluice_tcp_bytes_total",
+                "Bytes of passed-through connections: sent to the destination, received from it.",
+            ),
+            &["direction", "flow"],
+        )?;
+        let tcp_open = IntGaugeVec::new(
+            Opts::new(
+                "sluice_tcp_open_connections",
+                "Passed-through connections open now.",
+            ),
+            &["direction"],
+        )?;
+        registry.register(Box::new(tcp_connections.clone()))?;
+        registry.register(Box::new(tcp_bytes.clone()))?;
+        registry.register(Box::new(tcp_open.clone()))?;
         registry.register(Box::new(identity_expiry.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
@@ -131,7 +163,25 @@ impl Metrics {
             policy_info,
             policy_reloads,
             identity_expiry,
+            tcp_connections,
+            tcp_bytes,
+            tcp_open,
         })
+    }
+
+    /// Label handles for connections passed through as opaque TCP on `direction`'s
+    /// listener, resolved once per listener.
+    pub fn tcp(&self, direction: &'static str) -> TcpMetrics {
+        let outcome = |o: &str| self.tcp_connections.with_label_values(&[direction, o]);
+        let flow = |f: &str| self.tcp_bytes.with_label_values(&[direction, f]);
+        TcpMetrics {
+            passthrough: outcome("passthrough"),
+            connect_error: outcome("connect_error"),
+            error: outcome("error"),
+            sent: flow("sent"),
+            received: flow("received"),
+            open: self.tcp_open.with_label_values(&[direction]),
+        }
     }
 
     /// The registry in Prometheus text format.
@@ -165,6 +215,23 @@ impl Metrics {
             labels,
         }
     }
+}
+
+/// The series of one listener's passed-through connections.
+#[derive(Clone, Debug)]
+pub struct TcpMetrics {
+    /// Ended normally (both sides closed).
+    pub passthrough: IntCounter,
+    /// The original destination could not be reached.
+    pub connect_error: IntCounter,
+    /// Ended with an error (a reset, or cut at shutdown).
+    pub error: IntCounter,
+    /// Bytes from the client to the destination.
+    pub sent: IntCounter,
+    /// Bytes from the destination to the client.
+    pub received: IntCounter,
+    /// Open now.
+    pub open: IntGauge,
 }
 
 /// What the label handles of a route are made from.

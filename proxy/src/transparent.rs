@@ -37,11 +37,13 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use prometheus::IntCounter;
 use sluice_filters::balance::Endpoint;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use crate::metrics::TcpMetrics;
 use crate::policy::PolicyStore;
 
 /// How long a redirected connection may stay silent before it is taken for a
@@ -139,15 +141,112 @@ pub async fn sniff(stream: &mut TcpStream, wait: Duration) -> io::Result<(Protoc
 
 /// Connects to `dst`, sends `prefix`, then copies both ways until both sides close;
 /// returns the bytes sent each way after the prefix (client → server, server → client).
+/// The connection counts into `tcp`: open while it lasts, its bytes as they flow
+/// (the prefix once sent on), its outcome when it ends.
 pub async fn passthrough(
-    mut client: TcpStream,
+    client: TcpStream,
     prefix: &[u8],
     dst: SocketAddr,
+    tcp: &TcpMetrics,
 ) -> io::Result<(u64, u64)> {
-    let mut upstream = TcpStream::connect(dst).await?;
+    let open = Open::new(tcp);
+    let mut upstream = match TcpStream::connect(dst).await {
+        Ok(s) => s,
+        Err(e) => {
+            open.end(&tcp.connect_error);
+            return Err(e);
+        }
+    };
     let _ = upstream.set_nodelay(true);
-    upstream.write_all(prefix).await?;
-    tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+    let copied = async {
+        upstream.write_all(prefix).await?;
+        tcp.sent.inc_by(prefix.len() as u64);
+        let mut client = Counted::new(client, &tcp.sent);
+        let mut upstream = Counted::new(upstream, &tcp.received);
+        tokio::io::copy_bidirectional(&mut client, &mut upstream).await
+    }
+    .await;
+    open.end(match copied {
+        Ok(_) => &tcp.passthrough,
+        Err(_) => &tcp.error,
+    });
+    copied
+}
+
+/// One passed-through connection in `sluice_tcp_open_connections`; a connection dropped
+/// before it ended (cut at shutdown) counts as an `error`.
+struct Open<'a> {
+    tcp: &'a TcpMetrics,
+    ended: bool,
+}
+
+impl<'a> Open<'a> {
+    fn new(tcp: &'a TcpMetrics) -> Self {
+        tcp.open.inc();
+        Self { tcp, ended: false }
+    }
+
+    fn end(mut self, outcome: &IntCounter) {
+        outcome.inc();
+        self.ended = true;
+    }
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        self.tcp.open.dec();
+        if !self.ended {
+            self.tcp.error.inc();
+        }
+    }
+}
+
+/// A stream that adds every byte read from it to a counter, so a long-lived
+/// connection's bytes show up while it lasts, not only when it closes.
+struct Counted<'a, S> {
+    inner: S,
+    read: &'a IntCounter,
+}
+
+impl<'a, S> Counted<'a, S> {
+    fn new(inner: S, read: &'a IntCounter) -> Self {
+        Self { inner, read }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        if n > 0 {
+            this.read.inc_by(n as u64);
+        }
+        polled
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
 }
 
 /// The original destination of a redirected connection, carried in every request's
@@ -174,12 +273,19 @@ impl OriginalDst {
 pub(crate) enum Intercept {
     /// The outbound listener: redirected connections are sniffed and passed through
     /// unless HTTP to a governed host.
-    Outbound(PolicyStore),
+    Outbound {
+        /// Which hosts are governed.
+        store: PolicyStore,
+        /// The series passed-through connections count into.
+        tcp: Arc<TcpMetrics>,
+    },
     /// The inbound listener: redirected connections to ports other than the
     /// application's pass through to that port on loopback.
     Inbound {
         /// The `--app` port.
         app_port: u16,
+        /// The series passed-through connections count into.
+        tcp: Arc<TcpMetrics>,
     },
 }
 
@@ -194,19 +300,20 @@ impl Intercept {
             return Some((Prefixed::new(stream, Vec::new()), None));
         };
         match self {
-            Intercept::Inbound { app_port } => {
+            Intercept::Inbound { app_port, tcp } => {
                 if dst.port() == *app_port {
                     return Some((Prefixed::new(stream, Vec::new()), None));
                 }
                 let local = SocketAddr::from((Ipv4Addr::LOCALHOST, dst.port()));
-                relay(stream, Vec::new(), local).await;
+                relay(stream, Vec::new(), local, tcp).await;
                 None
             }
-            Intercept::Outbound(store) => {
+            Intercept::Outbound { store, tcp } => {
                 let (protocol, mut prefix) = match sniff(&mut stream, SNIFF_WAIT).await {
                     Ok(p) => p,
                     Err(e) => {
                         debug!(%dst, error = %e, "connection ended before its first bytes");
+                        tcp.error.inc();
                         return None;
                     }
                 };
@@ -223,7 +330,7 @@ impl Intercept {
                 if governed {
                     Some((Prefixed::new(stream, prefix), Some(OriginalDst::new(dst))))
                 } else {
-                    relay(stream, prefix, dst).await;
+                    relay(stream, prefix, dst, tcp).await;
                     None
                 }
             }
@@ -237,8 +344,8 @@ fn redirected(stream: &TcpStream) -> Option<SocketAddr> {
     (Some(dst) != stream.local_addr().ok()).then_some(dst)
 }
 
-async fn relay(client: TcpStream, prefix: Vec<u8>, dst: SocketAddr) {
-    match passthrough(client, &prefix, dst).await {
+async fn relay(client: TcpStream, prefix: Vec<u8>, dst: SocketAddr, tcp: &TcpMetrics) {
+    match passthrough(client, &prefix, dst, tcp).await {
         Ok((up, down)) => {
             debug!(%dst, up = up + prefix.len() as u64, down, "opaque connection closed")
         }
@@ -384,6 +491,119 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::Metrics;
+    use tokio::net::TcpListener;
+
+    /// A client connected to a listener standing for the proxy's, and the proxy's end.
+    async fn accepted() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        (client, listener.accept().await.unwrap().0)
+    }
+
+    /// An upstream on loopback that echoes one connection, then (with `reset`) aborts it.
+    async fn echo_once(reset: bool) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            if reset {
+                let mut buf = [0u8; 5];
+                s.read_exact(&mut buf).await.unwrap();
+                socket2::SockRef::from(&s)
+                    .set_linger(Some(Duration::ZERO))
+                    .unwrap();
+                return;
+            }
+            let (mut r, mut w) = s.split();
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        });
+        addr
+    }
+
+    #[tokio::test]
+    async fn passthrough_counts_connections_and_bytes_as_they_flow() {
+        let metrics = Metrics::new().unwrap();
+        let tcp = Arc::new(metrics.tcp("outbound"));
+        let dst = echo_once(false).await;
+        let (mut client, proxy_end) = accepted().await;
+        let relay = tokio::spawn({
+            let tcp = tcp.clone();
+            async move { passthrough(proxy_end, b"hello ", dst, &tcp).await }
+        });
+        client.write_all(b"world").await.unwrap();
+        let mut back = [0u8; 11];
+        client.read_exact(&mut back).await.unwrap();
+        assert_eq!(&back, b"hello world");
+        // Counted while the connection is still open.
+        assert_eq!(
+            (tcp.open.get(), tcp.sent.get(), tcp.received.get()),
+            (1, 11, 11)
+        );
+        assert_eq!(tcp.passthrough.get(), 0);
+
+        client.shutdown().await.unwrap();
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        assert_eq!(relay.await.unwrap().unwrap(), (5, 11));
+        let text = metrics.encode();
+        for series in [
+            r#"sluice_tcp_connections_total{direction="outbound",outcome="passthrough"} 1"#,
+            r#"sluice_tcp_connections_total{direction="outbound",outcome="connect_error"} 0"#,
+            r#"sluice_tcp_connections_total{direction="outbound",outcome="error"} 0"#,
+            r#"sluice_tcp_bytes_total{direction="outbound",flow="sent"} 11"#,
+            r#"sluice_tcp_bytes_total{direction="outbound",flow="received"} 11"#,
+            r#"sluice_tcp_open_connections{direction="outbound"} 0"#,
+        ] {
+            assert!(text.contains(series), "{series} in:\n{text}");
+        }
+    }
+
+    #[tokio::test]
+    async fn unreachable_reset_and_cut_connections_count_as_errors() {
+        let metrics = Metrics::new().unwrap();
+        let tcp = Arc::new(metrics.tcp("inbound"));
+
+        // Nothing listens at the destination.
+        let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let dst = closed.local_addr().unwrap();
+        drop(closed);
+        let (_client, proxy_end) = accepted().await;
+        assert!(passthrough(proxy_end, b"", dst, &tcp).await.is_err());
+        assert_eq!((tcp.connect_error.get(), tcp.open.get()), (1, 0));
+
+        // The destination resets the connection.
+        let dst = echo_once(true).await;
+        let (mut client, proxy_end) = accepted().await;
+        client.write_all(b"hello").await.unwrap();
+        assert!(passthrough(proxy_end, b"", dst, &tcp).await.is_err());
+        assert_eq!((tcp.error.get(), tcp.open.get()), (1, 0));
+
+        // Cut while open (as at the end of a drain): no longer open, and an error.
+        let dst = echo_once(false).await;
+        let (mut client, proxy_end) = accepted().await;
+        let relay = tokio::spawn({
+            let tcp = tcp.clone();
+            async move { passthrough(proxy_end, b"", dst, &tcp).await }
+        });
+        client.write_all(b"x").await.unwrap();
+        client.read_exact(&mut [0u8; 1]).await.unwrap();
+        assert_eq!(tcp.open.get(), 1);
+        relay.abort();
+        assert!(relay.await.unwrap_err().is_cancelled());
+        assert_eq!((tcp.error.get(), tcp.open.get()), (2, 0));
+        assert_eq!(tcp.passthrough.get(), 0);
+        let text = metrics.encode();
+        assert!(
+            text.contains(r#"sluice_tcp_connections_total{direction="inbound",outcome="error"} 2"#),
+            "{text}"
+        );
+        assert!(text.contains(
+            r#"sluice_tcp_connections_total{direction="inbound",outcome="connect_error"} 1"#
+        ));
+    }
 
     #[test]
     fn reads_the_authority_of_the_first_head() {

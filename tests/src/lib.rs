@@ -66,6 +66,20 @@ where
     }
 }
 
+/// The sum of the samples of `family` in Prometheus text whose labels contain every
+/// one of `labels` (each written as in the text, e.g. `direction="inbound"`).
+pub fn metric_sum(text: &str, family: &str, labels: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(family) && labels.iter().all(|x| l.contains(x)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The `/metrics` text of the proxy whose admin listener is `admin`.
+pub async fn scrape(admin: std::net::SocketAddr) -> String {
+    proxy::admin_get(admin, "/metrics").await.1
+}
+
 /// A policy document for `host` with one route sending everything to one backend.
 pub fn single_backend_policy(name: &str, host: &str, backend: std::net::SocketAddr) -> String {
     format!(

@@ -45,6 +45,13 @@ pub fn must(program: &str, args: &[&str]) {
     );
 }
 
+/// Runs a command written as one line, its words separated by spaces (no quoting),
+/// and panics with its stderr unless it succeeds.
+pub fn must_line(line: &str) {
+    let words: Vec<&str> = line.split_whitespace().collect();
+    must(words[0], &words[1..]);
+}
+
 /// A command's stderr as text.
 pub fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()

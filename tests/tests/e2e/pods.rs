@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_e2e::netns::{self, Killed, Netns};
-use sluice_e2e::{HttpConn, Protocol, Upstream, tcp_echo};
+use sluice_e2e::{HttpConn, Protocol, Upstream, WAIT, metric_sum, scrape, tcp_echo, wait_until};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -222,20 +222,6 @@ where
     back
 }
 
-/// A counter of `/metrics` text: the sum of the samples of `family` whose labels
-/// contain every one of `labels`.
-fn metric(text: &str, family: &str, labels: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(family) && labels.iter().all(|x| l.contains(x)))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-async fn metrics(admin: SocketAddr) -> String {
-    let mut c = HttpConn::h1(admin).await.unwrap();
-    c.get("admin", "/metrics").await.unwrap().text()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run inside pod A's namespace by the two-pod test"]
 async fn pod_a_in_namespace() {
@@ -271,12 +257,12 @@ async fn pod_a_in_namespace() {
         answers.iter().any(|a| a.0 == 429),
         "a rate limit refuses: {answers:?}"
     );
-    let a_metrics = metrics("127.0.0.1:15000".parse().unwrap()).await;
+    let a_metrics = scrape("127.0.0.1:15000".parse().unwrap()).await;
     // Pod B's admin port is not redirected on B's side; from here it goes through A's
     // outbound listener as opaque TCP, like any other destination.
-    let b_metrics = metrics(format!("{POD_B}:15000").parse().unwrap()).await;
+    let b_metrics = scrape(format!("{POD_B}:15000").parse().unwrap()).await;
     let limited = |text: &str, direction: &str| {
-        metric(
+        metric_sum(
             text,
             "sluice_ratelimit_decisions_total",
             &[
@@ -294,7 +280,7 @@ async fn pod_a_in_namespace() {
         "B's inbound rate limit refused:\n{b_metrics}"
     );
     let served = |text: &str, direction: &str| {
-        metric(
+        metric_sum(
             text,
             "sluice_requests_total",
             &[&format!("direction=\"{direction}\""), "code=\"200\""],
@@ -334,4 +320,51 @@ async fn pod_a_in_namespace() {
     assert_eq!(tls.get_ref().1.peer_certificates().unwrap()[0], b_cert);
     let back = round_trip(tls, &payload[..64 * 1024]).await;
     assert!(back == payload[..64 * 1024], "TLS echo differs");
+
+    // Both sidecars counted what they passed through (the echo and the TLS session; on
+    // A also the scrapes of B's admin port), with no address in any label.
+    let at_least = (256 + 64) * 1024;
+    let counted = |text: &str, direction: &str| {
+        let d = format!("direction=\"{direction}\"");
+        let bytes = |flow: &str| {
+            let f = format!("flow=\"{flow}\"");
+            metric_sum(text, "sluice_tcp_bytes_total", &[&d, &f])
+        };
+        let ended = metric_sum(
+            text,
+            "sluice_tcp_connections_total",
+            &[&d, "outcome=\"passthrough\""],
+        );
+        let errors = metric_sum(
+            text,
+            "sluice_tcp_connections_total",
+            &[&d, "outcome=\"error\""],
+        );
+        bytes("sent") >= at_least as f64
+            && bytes("received") >= at_least as f64
+            && ended >= 2.0
+            && errors == 0.0
+            && metric_sum(text, "sluice_tcp_open_connections", &[&d]) == 0.0
+    };
+    let (a_admin, b_admin): (SocketAddr, SocketAddr) = (
+        "127.0.0.1:15000".parse().unwrap(),
+        format!("{POD_B}:15000").parse().unwrap(),
+    );
+    wait_until(
+        "A's outbound and B's inbound count the passed-through connections",
+        WAIT,
+        || async move {
+            counted(&scrape(a_admin).await, "outbound")
+                && counted(&scrape(b_admin).await, "inbound")
+        },
+    )
+    .await;
+    for text in [scrape(a_admin).await, scrape(b_admin).await] {
+        let tcp: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("sluice_tcp_"))
+            .collect();
+        assert!(!tcp.is_empty(), "{text}");
+        assert!(!tcp.iter().any(|l| l.contains("10.77.")), "{tcp:#?}");
+    }
 }

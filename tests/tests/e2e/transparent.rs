@@ -8,10 +8,15 @@
 //! `*_in_namespace` test, which is ignored when run directly.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use sluice_e2e::netns::{self, Killed, Netns, PROXY_UID};
-use sluice_e2e::{HttpConn, Protocol as UpstreamProtocol, Upstream, tcp_echo};
+use sluice_e2e::{
+    HttpConn, Protocol as UpstreamProtocol, Upstream, WAIT, metric_sum, scrape, tcp_echo,
+    wait_until,
+};
+use sluice_proxy::metrics::Metrics;
 use sluice_proxy::transparent::{Protocol, original_dst, passthrough, sniff};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -29,26 +34,9 @@ async fn in_namespace() {
     let proxy = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = proxy.local_addr().unwrap().port().to_string();
     // Only port 80 is redirected, so the passthrough's own connection is not.
-    netns::must(
-        "iptables",
-        &[
-            "-w",
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            "127.0.0.1",
-            "--dport",
-            "80",
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            &port,
-        ],
-    );
+    netns::must_line(&format!(
+        "iptables -w -t nat -A OUTPUT -p tcp -d 127.0.0.1 --dport 80 -j REDIRECT --to-ports {port}"
+    ));
 
     // An upstream that echoes everything it reads.
     let upstream = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -64,7 +52,12 @@ async fn in_namespace() {
     client.write_all(request).await.unwrap();
     let (proto, prefix) = sniff(&mut accepted, Duration::from_secs(5)).await.unwrap();
     assert_eq!(proto, Protocol::Http1);
-    let relay = tokio::spawn(async move { passthrough(accepted, &prefix, upstream_addr).await });
+    let metrics = Metrics::new().unwrap();
+    let tcp = Arc::new(metrics.tcp("outbound"));
+    let relay = tokio::spawn({
+        let tcp = tcp.clone();
+        async move { passthrough(accepted, &prefix, upstream_addr, &tcp).await }
+    });
     let mut echoed = vec![0; request.len()];
     client.read_exact(&mut echoed).await.unwrap();
     assert_eq!(echoed, request);
@@ -78,12 +71,19 @@ async fn in_namespace() {
     client.write_all(&hello).await.unwrap();
     let (proto, prefix) = sniff(&mut accepted, Duration::from_secs(5)).await.unwrap();
     assert_eq!(proto, Protocol::Opaque);
-    let relay = tokio::spawn(async move { passthrough(accepted, &prefix, upstream_addr).await });
+    let relay = tokio::spawn({
+        let tcp = tcp.clone();
+        async move { passthrough(accepted, &prefix, upstream_addr, &tcp).await }
+    });
     let mut echoed = [0; 10];
     client.read_exact(&mut echoed).await.unwrap();
     assert_eq!(echoed, hello);
     drop(client);
     relay.await.unwrap().unwrap();
+    // Both connections counted: every byte each way, the sniffed ones included.
+    let bytes = (request.len() + hello.len()) as u64;
+    assert_eq!((tcp.sent.get(), tcp.received.get()), (bytes, bytes));
+    assert_eq!((tcp.passthrough.get(), tcp.open.get()), (2, 0));
 
     // A server-first client sends nothing: opaque once the sniff stops waiting.
     let _client = TcpStream::connect(app_target).await.unwrap();
@@ -188,32 +188,14 @@ async fn outbound_in_namespace() {
     // "Remote" addresses of this namespace; everything the test process (root) sends
     // there is redirected to the proxy, which runs as its own UID and is exempt.
     for cmd in [
-        vec!["ip", "addr", "add", "10.55.0.2/24", "dev", "lo"],
-        vec!["ip", "addr", "add", "10.55.0.3/32", "dev", "lo"],
-        vec!["ip", "addr", "add", "10.55.0.4/32", "dev", "lo"],
-        vec![
-            "iptables",
-            "-w",
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "tcp",
-            "-d",
-            "10.55.0.0/24",
-            "-m",
-            "owner",
-            "!",
-            "--uid-owner",
-            PROXY_UID,
-            "-j",
-            "REDIRECT",
-            "--to-ports",
-            "15001",
-        ],
+        "ip addr add 10.55.0.2/24 dev lo",
+        "ip addr add 10.55.0.3/32 dev lo",
+        "ip addr add 10.55.0.4/32 dev lo",
+        &format!(
+            "iptables -w -t nat -A OUTPUT -p tcp -d 10.55.0.0/24 -m owner ! --uid-owner {PROXY_UID} -j REDIRECT --to-ports 15001"
+        ),
     ] {
-        netns::must(cmd[0], &cmd[1..]);
+        netns::must_line(cmd);
     }
     let _external = http_server("10.55.0.2:80", "external").await;
     let _orders = http_server("10.55.0.3:8080", "orders-v1").await;
@@ -327,4 +309,32 @@ spec:
     assert_eq!((r.status, r.reason.as_str()), (404, "no-route"));
     let r = get(&mut direct, "orders", "/other").await;
     assert_eq!((r.status, r.reason.as_str()), (404, "no-route"));
+
+    // A destination nothing listens on: the client's connection is closed.
+    let mut nobody = TcpStream::connect("10.55.0.2:9").await.unwrap();
+    nobody.write_all(b"\x00ping").await.unwrap();
+    let mut rest = Vec::new();
+    let _ = nobody.read_to_end(&mut rest).await;
+    assert!(rest.is_empty());
+
+    // The passed-through connections in the proxy's metrics: the echo's bytes each way,
+    // the connection that found nobody, the SMTP session still open.
+    let admin: SocketAddr = "127.0.0.1:15000".parse().unwrap();
+    let echoed = payload.len() as f64;
+    wait_until(
+        "the proxy counts its passed-through connections",
+        WAIT,
+        || async move {
+            let text = scrape(admin).await;
+            let out = "direction=\"outbound\"";
+            let m = |family: &str, label: &str| metric_sum(&text, family, &[out, label]);
+            m("sluice_tcp_connections_total", "outcome=\"passthrough\"") >= 1.0
+                && m("sluice_tcp_connections_total", "outcome=\"connect_error\"") == 1.0
+                && m("sluice_tcp_bytes_total", "flow=\"sent\"") >= echoed
+                && m("sluice_tcp_bytes_total", "flow=\"received\"") >= echoed
+                && m("sluice_tcp_open_connections", "") >= 1.0
+        },
+    )
+    .await;
+    drop(smtp);
 }
