@@ -329,8 +329,13 @@ async fn run<S: SnapshotSink>(
         };
         if outcome.established {
             retry.reset();
+            // A stream that was open ending is routine (a control plane restarting).
+            tracing::info!(control_plane = %cfg.control_plane, error = %outcome.error, "policy stream ended; reconnecting");
+        } else {
+            // Never connected: a wrong URL, an untrusted certificate, a control plane
+            // down. The operator has to see this one.
+            tracing::warn!(control_plane = %cfg.control_plane, error = %outcome.error, "cannot reach the control plane; retrying");
         }
-        tracing::info!(control_plane = %cfg.control_plane, error = %outcome.error, "policy stream ended; reconnecting");
         status.send_modify(|s| {
             s.connected = false;
             s.last_error = Some(outcome.error);
