@@ -523,16 +523,23 @@ mod tests {
         addr
     }
 
+    fn relay_in_task(
+        proxy_end: TcpStream,
+        prefix: &'static [u8],
+        dst: SocketAddr,
+        tcp: &Arc<TcpMetrics>,
+    ) -> tokio::task::JoinHandle<io::Result<(u64, u64)>> {
+        let tcp = tcp.clone();
+        tokio::spawn(async move { passthrough(proxy_end, prefix, dst, &tcp).await })
+    }
+
     #[tokio::test]
     async fn passthrough_counts_connections_and_bytes_as_they_flow() {
         let metrics = Metrics::new().unwrap();
         let tcp = Arc::new(metrics.tcp("outbound"));
         let dst = echo_once(false).await;
         let (mut client, proxy_end) = accepted().await;
-        let relay = tokio::spawn({
-            let tcp = tcp.clone();
-            async move { passthrough(proxy_end, b"hello ", dst, &tcp).await }
-        });
+        let relay = relay_in_task(proxy_end, b"hello ", dst, &tcp);
         client.write_all(b"world").await.unwrap();
         let mut back = [0u8; 11];
         client.read_exact(&mut back).await.unwrap();
@@ -584,10 +591,7 @@ mod tests {
         // Cut while open (as at the end of a drain): no longer open, and an error.
         let dst = echo_once(false).await;
         let (mut client, proxy_end) = accepted().await;
-        let relay = tokio::spawn({
-            let tcp = tcp.clone();
-            async move { passthrough(proxy_end, b"", dst, &tcp).await }
-        });
+        let relay = relay_in_task(proxy_end, b"", dst, &tcp);
         client.write_all(b"x").await.unwrap();
         client.read_exact(&mut [0u8; 1]).await.unwrap();
         assert_eq!(tcp.open.get(), 1);
