@@ -64,7 +64,8 @@ pub(crate) async fn outbound(store: &PolicyStore, req: Request<Incoming>) -> Res
             return to_original_destination(store, dst, req).await;
         }
         debug!(host = ?host, path = req.uri().path(), "no route");
-        return synthetic(StatusCode::NOT_FOUND, "no-route", "no route\n");
+        let mut req = req;
+        return unrouted(store, Direction::Outbound, &mut req, "no route\n");
     };
     let telemetry = store.context().telemetry.as_deref();
     forward(entry, req, started, Direction::Outbound, telemetry).await
@@ -106,10 +107,26 @@ pub(crate) async fn inbound(store: &PolicyStore, req: Request<Incoming>) -> Resp
     let started = Instant::now();
     let snapshot = store.current();
     let Some(entry) = snapshot.inbound() else {
-        return synthetic(StatusCode::NOT_FOUND, "no-route", "no application\n");
+        let mut req = req;
+        return unrouted(store, Direction::Inbound, &mut req, "no application\n");
     };
     let telemetry = store.context().telemetry.as_deref();
     forward(entry, req, started, Direction::Inbound, telemetry).await
+}
+
+/// The 404 `no-route` answer to a request no route matches, traced like any other.
+fn unrouted<B>(
+    store: &PolicyStore,
+    direction: Direction,
+    req: &mut Request<B>,
+    text: &'static str,
+) -> Response<Body> {
+    let resp = synthetic(StatusCode::NOT_FOUND, "no-route", text);
+    if let Some(t) = store.context().telemetry.as_deref() {
+        t.start_unrouted(direction.span_kind(), req)
+            .finish(404, None, resp.headers());
+    }
+    resp
 }
 
 /// The authority a request names: absolute-form URI or `:authority` first, then `Host`.
@@ -181,7 +198,9 @@ async fn forward(
             a.emit(direction, entry, backend, &resp, elapsed);
         }
         if let Some(s) = span {
-            s.finish(status, backend, resp.headers());
+            let (parts, body) = resp.into_parts();
+            let body = s.finish_with_body(status, backend, &parts.headers, body);
+            return Response::from_parts(parts, body);
         }
     }
     resp

@@ -12,8 +12,10 @@
 //! `tracing` spans: with no `--otlp-endpoint` there is no [`Telemetry`] at all and a
 //! request pays one `Option` check, and with one the request task does no formatting and
 //! takes no lock (the batch processor's queue is a bounded lock-free channel; a full
-//! queue drops spans rather than waiting). A span ends when the response head is back,
-//! as `sluice_request_duration_seconds` does.
+//! queue drops spans rather than waiting). A span ends when the response body has been
+//! sent to its end (or fails, or the caller goes away), so a streamed answer is timed
+//! whole; a gRPC status in the trailers is recorded as `rpc.grpc.status_code`. A request
+//! no route matches gets a span too, without `sluice.route`.
 //!
 //! Attributes follow the HTTP semantic conventions (`http.request.method`, `url.path`,
 //! `http.response.status_code`, `server.address`, `network.protocol.version`) plus
@@ -29,6 +31,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, Method, Request, Version};
+use http_body::Body as _;
 use opentelemetry::propagation::{TextMapCompositePropagator, TextMapPropagator};
 use opentelemetry::trace::{
     Span as _, SpanKind, Status, TraceContextExt, Tracer as _, TracerProvider as _,
@@ -43,6 +46,7 @@ use sluice_filters::ratelimit::PeerIdentity;
 use sluice_filters::retry::RetryCount;
 
 use crate::ProxyError;
+use crate::body::Body;
 
 /// How spans travel to the collector.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
@@ -180,6 +184,20 @@ impl Telemetry {
         route: &Arc<str>,
         req: &mut Request<B>,
     ) -> RequestSpan {
+        self.start_span(kind, Some(route), req)
+    }
+
+    /// Starts the span of a request no route matched (it is answered by the proxy).
+    pub fn start_unrouted<B>(&self, kind: SpanKind, req: &mut Request<B>) -> RequestSpan {
+        self.start_span(kind, None, req)
+    }
+
+    fn start_span<B>(
+        &self,
+        kind: SpanKind,
+        route: Option<&Arc<str>>,
+        req: &mut Request<B>,
+    ) -> RequestSpan {
         let parent = self
             .propagator
             .extract_with_context(&Context::new(), &HeaderExtractor(req.headers()));
@@ -198,13 +216,17 @@ impl Telemetry {
                 _ => "1.1",
             },
         ));
-        attrs.push(KeyValue::new("sluice.route", route.clone()));
+        if let Some(route) = route {
+            attrs.push(KeyValue::new("sluice.route", route.clone()));
+        }
         if let Some(PeerIdentity(id)) = req.extensions().get::<PeerIdentity>() {
             attrs.push(KeyValue::new("sluice.peer_identity", id.clone()));
         }
-        let name = match &method {
-            Value::String(m) => format!("{} {route}", m.as_str()),
-            _ => route.to_string(),
+        let name = match (&method, route) {
+            (Value::String(m), Some(route)) => format!("{} {route}", m.as_str()),
+            (Value::String(m), None) => m.as_str().to_owned(),
+            (_, Some(route)) => route.to_string(),
+            (_, None) => "HTTP".to_owned(),
         };
         let span = self
             .tracer
@@ -283,9 +305,36 @@ impl RequestSpan {
     /// Records the outcome and ends the span: the status code, the backend that
     /// answered, the retries sent and, for a synthetic answer, its `x-sluice-reason`.
     pub fn finish(mut self, status: u16, backend: Option<&Arc<str>>, headers: &HeaderMap) {
-        if !self.span.is_recording() {
-            return;
+        if self.span.is_recording() {
+            self.record(status, backend, headers);
+            self.span.end();
         }
+    }
+
+    /// Records the response head like [`finish`](Self::finish) and returns `body`
+    /// carrying the span, which ends when the body does.
+    pub fn finish_with_body(
+        mut self,
+        status: u16,
+        backend: Option<&Arc<str>>,
+        headers: &HeaderMap,
+        body: Body,
+    ) -> Body {
+        if !self.span.is_recording() {
+            return body;
+        }
+        self.record(status, backend, headers);
+        if body.is_end_stream() {
+            self.span.end();
+            return body;
+        }
+        crate::body::boxed(SpannedBody {
+            inner: body,
+            span: Some(self),
+        })
+    }
+
+    fn record(&mut self, status: u16, backend: Option<&Arc<str>>, headers: &HeaderMap) {
         self.span.set_attribute(KeyValue::new(
             "http.response.status_code",
             i64::from(status),
@@ -311,7 +360,90 @@ impl RequestSpan {
                 reason.map_or_else(|| status.to_string(), str::to_owned),
             ));
         }
-        self.span.end();
+        self.grpc_status(headers);
+    }
+
+    /// A gRPC status (trailers-only answer, or the trailers of a streamed one).
+    fn grpc_status(&mut self, headers: &HeaderMap) {
+        let Some(code) = headers
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i64>().ok())
+        else {
+            return;
+        };
+        self.span
+            .set_attribute(KeyValue::new("rpc.grpc.status_code", code));
+        if code != 0 {
+            let message = headers
+                .get("grpc-message")
+                .and_then(|v| v.to_str().ok())
+                .map_or_else(|| format!("grpc-status {code}"), str::to_owned);
+            self.span.set_status(Status::error(message));
+        }
+    }
+}
+
+/// A response body that ends its request's span when it ends: after its last frame,
+/// on an error, or when dropped unfinished (the caller went away).
+struct SpannedBody {
+    // Boxed, hence `Unpin`: no pin projection needed.
+    inner: Body,
+    span: Option<RequestSpan>,
+}
+
+impl Drop for SpannedBody {
+    fn drop(&mut self) {
+        if let Some(mut s) = self.span.take() {
+            s.span
+                .set_attribute(KeyValue::new("sluice.body_complete", false));
+            s.span.end();
+        }
+    }
+}
+
+impl http_body::Body for SpannedBody {
+    type Data = Bytes;
+    type Error = crate::body::BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let std::task::Poll::Ready(frame) = &polled else {
+            return polled;
+        };
+        let ended = match frame {
+            None => true,
+            Some(Err(e)) => {
+                if let Some(s) = this.span.as_mut() {
+                    s.span
+                        .set_status(Status::error(format!("response body failed: {e}")));
+                }
+                true
+            }
+            Some(Ok(f)) => {
+                if let (Some(trailers), Some(s)) = (f.trailers_ref(), this.span.as_mut()) {
+                    s.grpc_status(trailers);
+                }
+                // hyper stops polling once the body says it is done.
+                this.inner.is_end_stream()
+            }
+        };
+        if ended && let Some(mut s) = this.span.take() {
+            s.span.end();
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 
@@ -462,6 +594,100 @@ mod tests {
             Some("spiffe://cluster.local/ns/shop/sa/order")
         );
         assert!(matches!(s.status, Status::Error { .. }));
+    }
+
+    fn attr(s: &opentelemetry_sdk::trace::SpanData, k: &str) -> Option<String> {
+        s.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == k)
+            .map(|kv| kv.value.to_string())
+    }
+
+    /// A streamed body the test feeds frame by frame.
+    fn streamed() -> (
+        tokio::sync::mpsc::UnboundedSender<http_body::Frame<Bytes>>,
+        Body,
+    ) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|f| (Ok::<_, crate::body::BoxError>(f), rx))
+        });
+        (
+            tx,
+            crate::body::boxed(http_body_util::StreamBody::new(stream)),
+        )
+    }
+
+    #[tokio::test]
+    async fn the_span_ends_with_the_body_and_records_grpc_trailers() {
+        use http_body_util::BodyExt as _;
+        let (t, exporter) = telemetry(1.0, &[Propagation::W3c]);
+        let mut req = Request::builder()
+            .uri("/echo.Echo/Stream")
+            .body(())
+            .unwrap();
+        let route: Arc<str> = "echo.stream".into();
+        let span = t.start_request(SpanKind::Client, &route, &mut req);
+        let (tx, body) = streamed();
+        let mut body = span.finish_with_body(200, None, &HeaderMap::new(), body);
+
+        tx.send(http_body::Frame::data(Bytes::from_static(b"one")))
+            .unwrap();
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "one");
+        assert!(
+            exporter.get_finished_spans().unwrap().is_empty(),
+            "the head is back but the body is still streaming"
+        );
+
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", "14".parse().unwrap());
+        trailers.insert("grpc-message", "backend gone".parse().unwrap());
+        tx.send(http_body::Frame::trailers(trailers)).unwrap();
+        drop(tx);
+        while body.frame().await.is_some() {}
+        let spans = exporter.get_finished_spans().unwrap();
+        assert_eq!(spans.len(), 1);
+        assert_eq!(
+            attr(&spans[0], "rpc.grpc.status_code").as_deref(),
+            Some("14")
+        );
+        assert_eq!(attr(&spans[0], "sluice.body_complete"), None);
+        assert_eq!(spans[0].status, Status::error("backend gone"));
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_unfinished_ends_the_span_and_says_so() {
+        let (t, exporter) = telemetry(1.0, &[Propagation::W3c]);
+        let mut req = Request::builder().uri("/big").body(()).unwrap();
+        let span = t.start_request(SpanKind::Server, &"inbound".into(), &mut req);
+        let (_tx, body) = streamed();
+        let body = span.finish_with_body(200, None, &HeaderMap::new(), body);
+        drop(body);
+        let spans = exporter.get_finished_spans().unwrap();
+        assert_eq!(spans.len(), 1);
+        assert_eq!(
+            attr(&spans[0], "sluice.body_complete").as_deref(),
+            Some("false")
+        );
+    }
+
+    #[test]
+    fn an_empty_body_ends_the_span_at_once_and_an_unrouted_span_has_no_route() {
+        let (t, exporter) = telemetry(1.0, &[Propagation::W3c]);
+        let mut req = Request::builder()
+            .method("DELETE")
+            .uri("/x")
+            .body(())
+            .unwrap();
+        let span = t.start_unrouted(SpanKind::Client, &mut req);
+        let _body = span.finish_with_body(404, None, &HeaderMap::new(), crate::body::empty());
+        let spans = exporter.get_finished_spans().unwrap();
+        assert_eq!(spans.len(), 1, "ended before the body is even polled");
+        assert_eq!(spans[0].name, "DELETE");
+        assert_eq!(attr(&spans[0], "sluice.route"), None);
     }
 
     #[test]

@@ -119,6 +119,10 @@ async fn order_to_log_is_one_trace_across_both_sidecars_over_otlp_grpc() {
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(app.requests(), 4);
 
+    // A host no policy names: the proxy's own 404 is traced too.
+    let reply = conn.get("nowhere", "/missing").await.unwrap();
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+
     // Shutting down flushes the batch processors.
     order.shutdown().await;
     log.shutdown().await;
@@ -178,6 +182,17 @@ async fn order_to_log_is_one_trace_across_both_sidecars_over_otlp_grpc() {
         .collect();
     assert_eq!(tries.len(), 3, "{tries:#?}");
     assert!(tries.iter().all(|s| s.parent_span_id == retried.span_id));
+
+    // The unrouted call: a client span with the reason and no route.
+    let unrouted = one(&spans, "no-route client span", |s| {
+        s.attr("url.path") == Some("/missing")
+    });
+    assert_eq!(unrouted.kind, KIND_CLIENT);
+    assert_eq!(unrouted.name, "GET");
+    assert_eq!(unrouted.attr("sluice.reason"), Some("no-route"));
+    assert_eq!(unrouted.attr("http.response.status_code"), Some("404"));
+    assert_eq!(unrouted.attr("sluice.route"), None);
+    assert_eq!(unrouted.status, 2, "a client span is an error from 400 on");
 }
 
 fn bin() -> &'static Path {
