@@ -80,37 +80,23 @@ pub(crate) async fn keep(cfg: WebhookBundles, mut shutdown: watch::Receiver<bool
         };
         if let Some(name) = &cfg.mutating {
             let api: Api<MutatingWebhookConfiguration> = Api::all(cfg.client.clone());
-            sync(&api, name, &pem, |c| {
-                c.webhooks
-                    .iter()
-                    .flatten()
-                    .map(|w| (w.name.clone(), w.client_config.ca_bundle.clone()))
-                    .collect()
-            })
-            .await;
+            sync(&api, name, &pem).await;
         }
         if let Some(name) = &cfg.validating {
             let api: Api<ValidatingWebhookConfiguration> = Api::all(cfg.client.clone());
-            sync(&api, name, &pem, |c| {
-                c.webhooks
-                    .iter()
-                    .flatten()
-                    .map(|w| (w.name.clone(), w.client_config.ca_bundle.clone()))
-                    .collect()
-            })
-            .await;
+            sync(&api, name, &pem).await;
         }
     }
 }
 
 /// Writes `pem` into every webhook of configuration `name` whose bundle differs.
-async fn sync<K>(
-    api: &Api<K>,
-    name: &str,
-    pem: &[u8],
-    bundles: impl Fn(&K) -> Vec<(String, Option<ByteString>)>,
-) where
-    K: kube::Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+async fn sync<K>(api: &Api<K>, name: &str, pem: &[u8])
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + serde::Serialize
+        + std::fmt::Debug,
 {
     let kind = K::kind(&());
     let config = match api.get_opt(name).await {
@@ -149,6 +135,22 @@ async fn sync<K>(
             tracing::warn!(%kind, %name, error = %e, "cannot write the caBundle; retrying later")
         }
     }
+}
+
+/// Each webhook's name and `caBundle`: the two kinds of configuration share the
+/// `webhooks[].clientConfig` shape but not a Rust type.
+fn bundles<K: serde::Serialize>(config: &K) -> Vec<(String, Option<ByteString>)> {
+    let value = serde_json::to_value(config).unwrap_or_default();
+    value["webhooks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|w| {
+            let name = w["name"].as_str().unwrap_or_default().to_string();
+            let bundle = serde_json::from_value(w["clientConfig"]["caBundle"].clone()).ok();
+            (name, bundle)
+        })
+        .collect()
 }
 
 fn watch_dir(file: &Path, tx: mpsc::Sender<()>) -> Option<notify::RecommendedWatcher> {
