@@ -49,7 +49,7 @@ def main():
             protos.append(r["proto"])
         if r["system"] not in systems:
             systems.append(r["system"])
-    order = ["direct", "sluice", "sluice-full", "envoy", "nginx", "hop-plain", "hop-mtls"]
+    order = ["direct", "sluice", "sluice-base", "sluice-full", "sluice-full-base", "envoy", "nginx", "hop-plain", "hop-mtls"]
     systems.sort(key=lambda s: order.index(s) if s in order else len(order))
 
     # (round, proto, test, system) -> row

@@ -35,6 +35,10 @@
 #   PROXY_CPUS (0)  LOAD_CPUS (1)  PORT_BASE (18000; uses +0..+99)
 #   OUT_DIR (examples/bench/results; target/bench-quick with QUICK=1)
 #   RECORD (1 unless QUICK: write the summary into BENCHMARKS.md between its markers)
+#   BASELINE_BIN (another sluice-proxy build, e.g. before a change: adds the paths
+#   sluice-base and sluice-full-base, run by it with the same policies, for an A/B
+#   comparison within one run; name them in SYSTEMS)
+#   PROXY_BIN (the sluice-proxy binary to measure; default the release build here)
 #   SKIP_BUILD=1 (reuse the release binaries)  CP_BIN (a control-plane binary for the mTLS
 #   hop; it only issues certificates, so a debug build does)  BENCH_CACHE (~/.cache/sluice-bench)
 set -euo pipefail
@@ -64,7 +68,7 @@ PORT_BASE=${PORT_BASE:-18000}
 BENCH_CACHE=${BENCH_CACHE:-$HOME/.cache/sluice-bench}
 ENVOY_VERSION=${ENVOY_VERSION:-1.40.0}
 TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
-PROXY_BIN=$TARGET_DIR/release/sluice-proxy
+PROXY_BIN=${PROXY_BIN:-$TARGET_DIR/release/sluice-proxy}
 UPSTREAM_BIN=$TARGET_DIR/release/bench-upstream
 PLOT_BIN=$TARGET_DIR/release/bench-plot
 FONT=/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf
@@ -82,6 +86,10 @@ HOP_PLAIN_OUT=$((PORT_BASE + 21))
 HOP_PLAIN_IN=$((PORT_BASE + 22))
 HOP_MTLS_OUT=$((PORT_BASE + 31))
 HOP_MTLS_IN=$((PORT_BASE + 32))
+BASE_ADMIN=$((PORT_BASE + 50))
+BASE_PORT=$((PORT_BASE + 51))
+FULL_BASE_ADMIN=$((PORT_BASE + 60))
+FULL_BASE_PORT=$((PORT_BASE + 61))
 CP_GRPC=$((PORT_BASE + 40))
 CP_ADMIN=$((PORT_BASE + 41))
 CP_BIN=${CP_BIN:-$TARGET_DIR/release/sluice-control-plane}
@@ -227,8 +235,8 @@ spec:
         - weights: { stable: 90, canary: 10 }
 YAML
 
-start_sluice() { # name, policy, outbound port, admin port
-    start "$1" "$PROXY_BIN" run --worker-threads 1 --outbound "127.0.0.1:$3" \
+start_sluice() { # name, policy, outbound port, admin port, [binary]
+    start "$1" "${5:-$PROXY_BIN}" run --worker-threads 1 --outbound "127.0.0.1:$3" \
         --admin "127.0.0.1:$4" --no-inbound --policy "$2" --log-level warn
     PID_OF[$1]=$STARTED_PID
     URL_H1[$1]=http://127.0.0.1:$3/
@@ -236,6 +244,12 @@ start_sluice() { # name, policy, outbound port, admin port
 }
 has sluice && start_sluice sluice "$WORK/plain.yaml" "$SLUICE_PORT" "$SLUICE_ADMIN"
 has sluice-full && start_sluice sluice-full "$WORK/full.yaml" "$FULL_PORT" "$FULL_ADMIN"
+if has sluice-base || has sluice-full-base; then
+    [ -x "${BASELINE_BIN:-}" ] || { echo "sluice-base and sluice-full-base need BASELINE_BIN" >&2; exit 2; }
+fi
+has sluice-base && start_sluice sluice-base "$WORK/plain.yaml" "$BASE_PORT" "$BASE_ADMIN" "$BASELINE_BIN"
+has sluice-full-base && start_sluice sluice-full-base "$WORK/full.yaml" "$FULL_BASE_PORT" \
+    "$FULL_BASE_ADMIN" "$BASELINE_BIN"
 
 if has envoy; then
     envoy_cluster() { # name
