@@ -2,54 +2,118 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
+use http::{Request, Response};
+use http_body::Body;
 use pin_project_lite::pin_project;
+use tokio::time::Sleep;
 use tower::BoxError;
+use tower_service::Service;
 
-/// The boxed retry loop: the slow path.
+use super::body::ReplayBody;
+use super::service::Rest;
+use crate::FilterError;
+
+/// The boxed retry loop: the slow path, once a try has failed in a retryable way.
 pub(crate) type RetryLoop<R> = Pin<Box<dyn Future<Output = Result<R, BoxError>> + Send>>;
 
 pin_project! {
     /// Response future of [`Retry`](super::Retry): the inner future itself when the
-    /// request cannot be retried, the boxed retry loop otherwise.
-    pub struct ResponseFuture<F, R> {
+    /// request cannot be retried; the first try, unboxed, with what a retry would need;
+    /// the boxed retry loop once the first try failed in a way worth retrying.
+    pub struct ResponseFuture<S, B, RB>
+    where
+        S: Service<Request<ReplayBody<B>>>,
+    {
         #[pin]
-        kind: Kind<F, R>,
+        kind: Kind<S, B, RB>,
     }
 }
 
 pin_project! {
     #[project = KindProj]
-    enum Kind<F, R> {
-        Direct { #[pin] fut: F },
-        Retrying { fut: RetryLoop<R> },
+    enum Kind<S, B, RB>
+    where
+        S: Service<Request<ReplayBody<B>>>,
+    {
+        Direct { #[pin] fut: S::Future },
+        First {
+            #[pin]
+            fut: S::Future,
+            #[pin]
+            per_try: Option<Sleep>,
+            rest: Option<Rest<S, B>>,
+        },
+        Retrying { fut: RetryLoop<Response<RB>> },
     }
 }
 
-impl<F, R> ResponseFuture<F, R> {
-    pub(crate) fn direct(fut: F) -> Self {
+impl<S, B, RB> ResponseFuture<S, B, RB>
+where
+    S: Service<Request<ReplayBody<B>>>,
+{
+    pub(crate) fn direct(fut: S::Future) -> Self {
         Self {
             kind: Kind::Direct { fut },
         }
     }
 
-    pub(crate) fn retrying(fut: RetryLoop<R>) -> Self {
+    pub(crate) fn first(fut: S::Future, per_try: Option<Sleep>, rest: Rest<S, B>) -> Self {
         Self {
-            kind: Kind::Retrying { fut },
+            kind: Kind::First {
+                fut,
+                per_try,
+                rest: Some(rest),
+            },
         }
     }
 }
 
-impl<F, R, E> Future for ResponseFuture<F, R>
+impl<S, B, RB> Future for ResponseFuture<S, B, RB>
 where
-    F: Future<Output = Result<R, E>>,
-    E: Into<BoxError>,
+    S: Service<Request<ReplayBody<B>>, Response = Response<RB>> + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Error: Into<BoxError>,
+    RB: Send + 'static,
 {
-    type Output = Result<R, BoxError>;
+    type Output = Result<Response<RB>, BoxError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let next = match self.as_mut().project().kind.project() {
+            KindProj::Direct { fut } => {
+                return Poll::Ready(ready!(fut.poll(cx)).map_err(Into::into));
+            }
+            KindProj::Retrying { fut } => return fut.as_mut().poll(cx),
+            KindProj::First { fut, per_try, rest } => {
+                // The response goes first so that one ready at the deadline wins.
+                let res = match fut.poll(cx) {
+                    Poll::Ready(res) => res.map_err(Into::into),
+                    Poll::Pending => match per_try.as_pin_mut().map(|s| s.poll(cx)) {
+                        Some(Poll::Ready(())) => {
+                            let rest = rest.as_ref().expect("polled after completion");
+                            Err(FilterError::Timeout(rest.per_try_timeout()).into())
+                        }
+                        _ => return Poll::Pending,
+                    },
+                };
+                match rest
+                    .take()
+                    .expect("polled after completion")
+                    .after_first(res)
+                {
+                    Ok(done) => return Poll::Ready(done),
+                    Err(retrying) => retrying,
+                }
+            }
+        };
+        self.as_mut()
+            .project()
+            .kind
+            .set(Kind::Retrying { fut: next });
         match self.project().kind.project() {
-            KindProj::Direct { fut } => Poll::Ready(ready!(fut.poll(cx)).map_err(Into::into)),
             KindProj::Retrying { fut } => fut.as_mut().poll(cx),
+            _ => unreachable!("just set"),
         }
     }
 }

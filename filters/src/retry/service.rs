@@ -3,13 +3,13 @@ use std::task::{Context, Poll};
 
 use http::{Request, Response};
 use http_body::Body;
-use tokio::time::{Instant, sleep, timeout_at};
+use tokio::time::{Instant, sleep, sleep_until, timeout_at};
 use tower::{BoxError, ServiceExt};
 use tower_service::Service;
 
 use super::body::{BodySource, Reclaim, ReplayBody};
-use super::future::ResponseFuture;
-use super::params::{RetryAfter, retry_after};
+use super::future::{ResponseFuture, RetryLoop};
+use super::params::{RetryAfter, RetryParams, retry_after};
 use super::registry::{RetryCount, RetryOutcome, RouteRetry};
 use crate::FilterError;
 use crate::breaker::Deadline;
@@ -22,7 +22,9 @@ use crate::split::SelectedBackend;
 /// last try's response or error). A request that can never be retried (retry off,
 /// non-idempotent method without `nonIdempotent`, or no per-try timeout and a
 /// `Content-Length` over the replay cap) takes the direct path: the inner future
-/// itself, no box, no copy.
+/// itself, no box, no copy. Any other request sends its first try unboxed too (with a
+/// copy of its head kept for replay); the retry loop is boxed only once a try has
+/// failed in a way worth retrying.
 #[derive(Clone, Debug)]
 pub struct Retry<S> {
     inner: S,
@@ -52,7 +54,7 @@ where
 {
     type Response = Response<RB>;
     type Error = BoxError;
-    type Future = ResponseFuture<S::Future, Response<RB>>;
+    type Future = ResponseFuture<S, B, RB>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx).map_err(Into::into)
@@ -80,17 +82,34 @@ where
         if !may_retry && p.per_try_timeout.is_none() {
             return ResponseFuture::direct(self.inner.call(req.map(ReplayBody::passthrough)));
         }
-        // The service that was made ready goes with this request; a clone stays.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
         let backend = backend_of(&req, &self.backend);
-        ResponseFuture::retrying(Box::pin(retry_loop(
-            inner,
-            Arc::clone(route),
+        let (parts, body) = req.into_parts();
+        let outer_deadline = parts.extensions.get::<Deadline>().map(|d| d.0);
+        let (body, source) = BodySource::first(body, may_retry, p.max_replay_bytes);
+        // Later tries need the head as it came; a request that only needs the per-try
+        // timer goes once: no head copy.
+        let (head, kept) = if may_retry {
+            (parts.clone(), Some(parts))
+        } else {
+            (parts, None)
+        };
+        let mut req = Request::from_parts(head, body);
+        let try_deadline = p.per_try_timeout.map(|t| Instant::now() + t);
+        if let Some(d) = earliest(try_deadline, outer_deadline) {
+            req.extensions_mut().insert(Deadline(d));
+        }
+        // The first try runs unboxed on the service that was made ready; only a try
+        // that failed in a retryable way moves into the boxed loop, with a clone.
+        let fut = self.inner.call(req);
+        let rest = Rest {
+            svc: self.inner.clone(),
+            route: Arc::clone(route),
             backend,
-            req,
-            may_retry,
-        )))
+            parts: kept,
+            source,
+            outer_deadline,
+        };
+        ResponseFuture::first(fut, try_deadline.map(sleep_until), rest)
     }
 }
 
@@ -113,115 +132,151 @@ fn known_len<B: Body>(req: &Request<B>) -> u64 {
     declared.max(req.body().size_hint().lower())
 }
 
-/// The slow path: each try gets a fresh copy of the head and a replaying body.
-async fn retry_loop<S, B, RB>(
-    mut svc: S,
+/// Whether a try's result is worth another try, and after what wait; `None` ends.
+fn retry_wait<RB>(p: &RetryParams, res: &Result<Response<RB>, BoxError>) -> Option<RetryAfter> {
+    match res {
+        Ok(rsp) if p.is_retryable_response(rsp) => Some(retry_after(rsp)),
+        Err(e) if p.is_retryable_error(classify_error(&**e)) => Some(RetryAfter::Absent),
+        _ => None,
+    }
+}
+
+/// What a request needs for tries after the first.
+pub(crate) struct Rest<S, B> {
+    svc: S,
     route: Arc<RouteRetry>,
     backend: Arc<str>,
-    req: Request<B>,
-    may_retry: bool,
-) -> Result<Response<RB>, BoxError>
+    /// The head as it came (`None`: the request goes once, for its per-try timer).
+    parts: Option<http::request::Parts>,
+    source: BodySource<B>,
+    outer_deadline: Option<Instant>,
+}
+
+impl<S, B> Rest<S, B>
 where
-    S: Service<Request<ReplayBody<B>>, Response = Response<RB>>,
+    S: Service<Request<ReplayBody<B>>> + Send + 'static,
     S::Error: Into<BoxError>,
-    B: Body,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
     B::Error: Into<BoxError>,
 {
-    let p = route.params();
-    let (parts, body) = req.into_parts();
-    let outer_deadline = parts.extensions.get::<Deadline>().map(|d| d.0);
-    let (mut body, mut source) = BodySource::first(body, may_retry, p.max_replay_bytes);
-    let mut parts = Some(parts);
-    let mut retries = 0u32;
-    loop {
-        // A request that only needs the per-try timer goes once: no head copy.
-        let head = if may_retry {
-            parts.clone()
-        } else {
-            parts.take()
-        };
-        let head = head.expect("the head is kept while tries remain");
-        let mut req = Request::from_parts(head, body);
-        let try_deadline = p.per_try_timeout.map(|t| Instant::now() + t);
-        if let Some(d) = earliest(try_deadline, outer_deadline) {
-            req.extensions_mut().insert(Deadline(d));
-        }
-        let fut = svc.ready().await.map_err(Into::into)?.call(req);
-        let res = match try_deadline {
-            Some(d) => match timeout_at(d, fut).await {
-                Ok(r) => r.map_err(Into::into),
-                Err(_) => Err(FilterError::Timeout(p.per_try_timeout.unwrap_or_default()).into()),
-            },
-            None => fut.await.map_err(Into::into),
-        };
+    pub(crate) fn per_try_timeout(&self) -> std::time::Duration {
+        self.route.params().per_try_timeout.unwrap_or_default()
+    }
 
-        let wait = match &res {
-            Ok(rsp) if p.is_retryable_response(rsp) => retry_after(rsp),
-            Err(e) if p.is_retryable_error(classify_error(&**e)) => RetryAfter::Absent,
-            _ => return res,
-        };
-        if !may_retry {
-            return res;
+    /// Settles the first try: its result when it stands, else the boxed retry loop.
+    pub(crate) fn after_first<RB: Send + 'static>(
+        self,
+        res: Result<Response<RB>, BoxError>,
+    ) -> Result<Result<Response<RB>, BoxError>, RetryLoop<Response<RB>>>
+    where
+        S: Service<Request<ReplayBody<B>>, Response = Response<RB>>,
+    {
+        match retry_wait(self.route.params(), &res) {
+            Some(wait) if self.parts.is_some() => Err(Box::pin(self.retry_loop(res, wait))),
+            _ => Ok(res),
         }
-        if retries >= p.attempts {
-            route.observe(&backend, RetryOutcome::AttemptsExhausted);
-            return res;
-        }
-        let delay = match wait {
-            RetryAfter::Absent => p.backoff(retries),
-            RetryAfter::Wait(d) if d <= p.max_retry_after() => d,
-            RetryAfter::Wait(_) | RetryAfter::Unusable => {
-                route.observe(&backend, RetryOutcome::RetryAfterTooLong);
+    }
+
+    /// The slow path: each later try gets a fresh copy of the head and a replaying body.
+    async fn retry_loop<RB>(
+        self,
+        mut res: Result<Response<RB>, BoxError>,
+        mut wait: RetryAfter,
+    ) -> Result<Response<RB>, BoxError>
+    where
+        S: Service<Request<ReplayBody<B>>, Response = Response<RB>>,
+    {
+        let Rest {
+            mut svc,
+            route,
+            backend,
+            parts,
+            mut source,
+            outer_deadline,
+        } = self;
+        let p = route.params();
+        let mut retries = 0u32;
+        loop {
+            if retries >= p.attempts {
+                route.observe(&backend, RetryOutcome::AttemptsExhausted);
                 return res;
             }
-        };
-        // A retry that could not finish its wait before the caller gives up is pointless.
-        if outer_deadline.is_some_and(|d| Instant::now() + delay >= d) {
-            return res;
-        }
-        let mut slept = false;
-        match source.reclaim() {
-            Reclaim::Ready => {}
-            Reclaim::TooLarge => {
-                route.observe(&backend, RetryOutcome::SkippedBodyTooLarge);
+            let delay = match wait {
+                RetryAfter::Absent => p.backoff(retries),
+                RetryAfter::Wait(d) if d <= p.max_retry_after() => d,
+                RetryAfter::Wait(_) | RetryAfter::Unusable => {
+                    route.observe(&backend, RetryOutcome::RetryAfterTooLong);
+                    return res;
+                }
+            };
+            // A retry that could not finish its wait before the caller gives up is pointless.
+            if outer_deadline.is_some_and(|d| Instant::now() + delay >= d) {
                 return res;
             }
-            Reclaim::InUse => {
-                // The connection below may still be sending the last try's body; give
-                // it the backoff to let go.
-                sleep(delay).await;
-                slept = true;
-                match source.reclaim() {
-                    Reclaim::Ready => {}
-                    Reclaim::TooLarge => {
-                        route.observe(&backend, RetryOutcome::SkippedBodyTooLarge);
-                        return res;
-                    }
-                    Reclaim::InUse => {
-                        route.observe(&backend, RetryOutcome::SkippedBodyInUse);
-                        return res;
+            let mut slept = false;
+            match source.reclaim() {
+                Reclaim::Ready => {}
+                Reclaim::TooLarge => {
+                    route.observe(&backend, RetryOutcome::SkippedBodyTooLarge);
+                    return res;
+                }
+                Reclaim::InUse => {
+                    // The connection below may still be sending the last try's body; give
+                    // it the backoff to let go.
+                    sleep(delay).await;
+                    slept = true;
+                    match source.reclaim() {
+                        Reclaim::Ready => {}
+                        Reclaim::TooLarge => {
+                            route.observe(&backend, RetryOutcome::SkippedBodyTooLarge);
+                            return res;
+                        }
+                        Reclaim::InUse => {
+                            route.observe(&backend, RetryOutcome::SkippedBodyInUse);
+                            return res;
+                        }
                     }
                 }
             }
+            if !route.budget().try_withdraw() {
+                route.observe(&backend, RetryOutcome::BudgetExhausted);
+                tracing::debug!(route = route.route(), %backend, "retry budget exhausted");
+                return res;
+            }
+            drop(res);
+            if !slept {
+                sleep(delay).await;
+            }
+            retries += 1;
+            route.observe(&backend, RetryOutcome::Retried);
+            if let Some(count) = parts
+                .as_ref()
+                .and_then(|p| p.extensions.get::<RetryCount>())
+            {
+                count.add_one();
+            }
+            let head = parts.clone().expect("the head is kept while tries remain");
+            let mut req = Request::from_parts(head, source.next());
+            let try_deadline = p.per_try_timeout.map(|t| Instant::now() + t);
+            if let Some(d) = earliest(try_deadline, outer_deadline) {
+                req.extensions_mut().insert(Deadline(d));
+            }
+            let fut = svc.ready().await.map_err(Into::into)?.call(req);
+            res = match try_deadline {
+                Some(d) => match timeout_at(d, fut).await {
+                    Ok(r) => r.map_err(Into::into),
+                    Err(_) => {
+                        Err(FilterError::Timeout(p.per_try_timeout.unwrap_or_default()).into())
+                    }
+                },
+                None => fut.await.map_err(Into::into),
+            };
+            wait = match retry_wait(p, &res) {
+                Some(w) => w,
+                None => return res,
+            };
         }
-        if !route.budget().try_withdraw() {
-            route.observe(&backend, RetryOutcome::BudgetExhausted);
-            tracing::debug!(route = route.route(), %backend, "retry budget exhausted");
-            return res;
-        }
-        drop(res);
-        if !slept {
-            sleep(delay).await;
-        }
-        retries += 1;
-        route.observe(&backend, RetryOutcome::Retried);
-        if let Some(count) = parts
-            .as_ref()
-            .and_then(|p| p.extensions.get::<RetryCount>())
-        {
-            count.add_one();
-        }
-        body = source.next();
     }
 }
 
