@@ -295,10 +295,19 @@ fn run(mut cfg: ProxyConfig, worker_threads: Option<u16>) -> ExitCode {
         }
     }
     raise_open_files_limit();
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = worker_threads {
-        builder.worker_threads(n.into());
-    }
+    // One worker: a current-thread runtime runs every task on this thread, without the
+    // multi-thread scheduler's shared queues, atomics and cross-thread wake-ups, which
+    // a request pays several times as it hops between the listener's connection task
+    // and the upstream connection's.
+    let mut builder = match worker_threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread(),
+        Some(n) => {
+            let mut b = tokio::runtime::Builder::new_multi_thread();
+            b.worker_threads(n.into());
+            b
+        }
+        None => tokio::runtime::Builder::new_multi_thread(),
+    };
     let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {

@@ -1,4 +1,4 @@
-//! The command line of the real binary: `validate`, and settings from `SLUICE_*`.
+//! The command line of the real binary: `validate`, settings from `SLUICE_*`, one worker thread.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -90,6 +90,42 @@ async fn run_takes_its_settings_from_sluice_environment_variables() {
         .await;
     assert!(status.is_client_error(), "{status} {body}");
 
+    proxy.sigterm();
+    let status = proxy.wait_exit(sluice_e2e::WAIT).await;
+    assert_eq!(status.code(), Some(0), "{}", proxy.log());
+}
+
+/// `--worker-threads 1` runs a current-thread runtime: the proxy still serves both
+/// protocols, with the retry layer's per-try timer on the route, and stops on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_on_one_worker_thread_serves_both_protocols_and_stops() {
+    let upstream = Upstream::auto("one").await;
+    let policy = format!(
+        "apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: {{ name: one }}
+spec:
+  host: one
+  backends:
+    app: {{ addresses: [\"{}\"] }}
+  routes:
+    - name: all
+      timeout: 2s
+      retry: {{ attempts: 2, on: [connect-failure, gateway-error], perTryTimeout: 500ms }}
+",
+        upstream.addr()
+    );
+    let mut proxy = ChildProxy::spawn(bin(), &policy, &["--worker-threads", "1"]).await;
+    for mut conn in [
+        HttpConn::h1(proxy.outbound_addr()).await.unwrap(),
+        HttpConn::h2(proxy.outbound_addr()).await.unwrap(),
+    ] {
+        for _ in 0..3 {
+            let reply = conn.get("one", "/").await.unwrap();
+            assert_eq!(reply.status, StatusCode::OK, "{}", proxy.log());
+            assert_eq!(reply.header("x-upstream"), "one");
+        }
+    }
     proxy.sigterm();
     let status = proxy.wait_exit(sluice_e2e::WAIT).await;
     assert_eq!(status.code(), Some(0), "{}", proxy.log());
