@@ -12,7 +12,7 @@
 //!   DNS name, as the API server does.
 //! - RBAC grants exactly the API calls the control plane makes for the features on.
 //!
-//! The Python interpreter is `$SLUICE_PYTHON`, else the venv `.ci/run` installs
+//! The Python interpreter is `$SLUICE_PYTHON`, else the venv `tests/setup.sh` installs
 //! (`~/.cache/sluice-ci/venv`), else `python3`; it needs `helm-python-sdk` and PyYAML.
 
 use std::collections::BTreeSet;
@@ -50,8 +50,12 @@ fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("SLUICE_PYTHON") {
         return p.into();
     }
-    if let Some(home) = std::env::var_os("HOME") {
-        let venv = Path::new(&home).join(".cache/sluice-ci/venv/bin/python");
+    // Where tests/setup.sh puts it.
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")));
+    if let Some(cache) = cache {
+        let venv = cache.join("sluice-ci/venv/bin/python");
         if venv.exists() {
             return venv;
         }
@@ -75,7 +79,7 @@ fn rendered(set: &str) -> Vec<Value> {
         assert!(
             out.status.success(),
             "charts/check.py --render-only failed (it needs helm-python-sdk and PyYAML; \
-             .ci/run installs them into ~/.cache/sluice-ci/venv):\n{}{}",
+             tests/setup.sh installs them into ~/.cache/sluice-ci/venv):\n{}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
