@@ -418,6 +418,26 @@ fn new_root(trust_domain: &str) -> Result<(String, KeyPair), Error> {
     Ok((cert.pem(), key))
 }
 
+#[cfg(any(test, feature = "test-support"))]
+impl Ca {
+    /// A workload certificate for `spiffe_id`, signed by this root with a fresh key,
+    /// that expired an hour ago: what every peer must refuse. Returns the leaf and
+    /// its PKCS#8 key, both DER.
+    pub fn issue_expired(
+        &self,
+        spiffe_id: &str,
+    ) -> Result<(CertificateDer<'static>, Vec<u8>), Error> {
+        let key = KeyPair::generate()?;
+        let mut params = leaf_params(Duration::ZERO)?;
+        params.subject_alt_names = vec![SanType::URI(spiffe_id.to_string().try_into()?)];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(2);
+        params.not_after = now - time::Duration::hours(1);
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.der().clone(), key.serialize_der()))
+    }
+}
+
 fn leaf_params(ttl: Duration) -> Result<CertificateParams, Error> {
     let mut params = CertificateParams::default();
     // An empty subject: the identity is the URI SAN, as SPIFFE X.509-SVIDs have it.

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use rcgen::{CertificateParams, DistinguishedName, Issuer, KeyPair, SanType};
+use rcgen::{CertificateParams, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer, ServerName};
 use sluice_api::pb::identity_client::IdentityClient;
 use sluice_control_plane::ca::{Ca, TokenFile, WorkloadIdentity};
@@ -155,23 +155,11 @@ async fn expired_client_cert_is_refused() {
     );
     let server = Arc::new(TlsStore::new(creds(&ca, "tok-log").await).unwrap());
 
-    // Sign, with the same root, a leaf that expired an hour ago.
-    let issuer = Issuer::from_ca_cert_pem(
-        &std::fs::read_to_string(&cert).unwrap(),
-        KeyPair::from_pem(&std::fs::read_to_string(&key).unwrap()).unwrap(),
-    )
-    .unwrap();
-    let leaf_key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
-    params.subject_alt_names = vec![SanType::URI(ORDER.to_string().try_into().unwrap())];
-    let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::hours(2);
-    params.not_after = now - time::Duration::hours(1);
-    let leaf = params.signed_by(&leaf_key, &issuer).unwrap();
+    // Signed by the same root, expired an hour ago.
+    let (leaf, leaf_key) = ca.issue_expired(ORDER).unwrap();
     let expired = TlsStore::new(Credentials {
-        chain: vec![leaf.der().clone()],
-        key: PrivatePkcs8KeyDer::from(leaf_key.serialize_der()),
+        chain: vec![leaf],
+        key: PrivatePkcs8KeyDer::from(leaf_key),
         trust_root: ca.root_der().clone(),
         not_after: std::time::SystemTime::now() - Duration::from_secs(3600),
     })

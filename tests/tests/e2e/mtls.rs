@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
-use rcgen::{CertificateParams, DistinguishedName, Issuer, KeyPair, SanType};
+use rcgen::{CertificateParams, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer, ServerName};
 use sluice_api::pb::identity_client::IdentityClient;
 use sluice_control_plane::ca::{Ca, WorkloadIdentity};
@@ -287,18 +287,12 @@ async fn plaintext_another_ca_an_expired_cert_and_a_stranger_are_refused() {
 
     // An expired certificate signed by the mesh root itself.
     let (ca_pem, key_pem) = mesh.ca_files();
-    let issuer = Issuer::from_ca_cert_pem(&ca_pem, KeyPair::from_pem(&key_pem).unwrap()).unwrap();
-    let leaf_key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::default();
-    params.distinguished_name = DistinguishedName::new();
-    params.subject_alt_names = vec![SanType::URI(ORDER.to_string().try_into().unwrap())];
-    let now = time::OffsetDateTime::now_utc();
-    params.not_before = now - time::Duration::hours(2);
-    params.not_after = now - time::Duration::hours(1);
-    let leaf = params.signed_by(&leaf_key, &issuer).unwrap();
+    let ca =
+        Ca::from_pem_pair("cluster.local", &ca_pem, &key_pem, Duration::from_secs(60)).unwrap();
+    let (leaf, leaf_key) = ca.issue_expired(ORDER).unwrap();
     let expired = TlsStore::new(Credentials {
-        chain: vec![CertificateDer::from(leaf.der().to_vec())],
-        key: PrivatePkcs8KeyDer::from(leaf_key.serialize_der()),
+        chain: vec![leaf],
+        key: PrivatePkcs8KeyDer::from(leaf_key),
         trust_root: root,
         not_after: std::time::SystemTime::now() - Duration::from_secs(3600),
     })
