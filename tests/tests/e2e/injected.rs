@@ -162,12 +162,17 @@ fn kubelet_env(
         .collect()
 }
 
-struct Killed(Child);
+/// The proxy process: killed when the test ends, its log printed if the test failed.
+struct Killed(Child, PathBuf);
 
 impl Drop for Killed {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
+        if std::thread::panicking() {
+            let log = std::fs::read_to_string(&self.1).unwrap_or_default();
+            eprintln!("injected proxy log:\n{log}");
+        }
     }
 }
 
@@ -243,7 +248,7 @@ async fn an_injected_proxy_verifies_the_control_plane_with_the_published_root() 
         .stdin(Stdio::null())
         .stdout(Stdio::from(log.try_clone().unwrap()))
         .stderr(Stdio::from(log));
-    let _child = Killed(cmd.spawn().unwrap());
+    let _child = Killed(cmd.spawn().unwrap(), log_path.clone());
 
     let mut admin = None;
     wait_until("the proxy writes its addresses", WAIT, || {
@@ -256,24 +261,10 @@ async fn an_injected_proxy_verifies_the_control_plane_with_the_published_root() 
     })
     .await;
     let admin = admin.unwrap();
-    let log_for = |what: &str| {
-        format!(
-            "{what}; proxy log:\n{}",
-            std::fs::read_to_string(&log_path).unwrap_or_default()
-        )
-    };
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        if matches!(admin_get(admin, "/ready").await, Some((StatusCode::OK, _))) {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{}",
-            log_for("the injected proxy never became ready")
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until("the injected proxy is ready", WAIT, || async move {
+        matches!(admin_get(admin, "/ready").await, Some((StatusCode::OK, _)))
+    })
+    .await;
 
     // It certified over the verified TLS port, as its service account...
     let (_, identity) = admin_get(admin, "/identity").await.unwrap();
