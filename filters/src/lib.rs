@@ -81,6 +81,7 @@ mod classify;
 mod error;
 pub mod extensions;
 pub mod ratelimit;
+pub mod reason;
 pub mod retry;
 pub mod split;
 pub mod timeout;

@@ -5,7 +5,8 @@
 //! [`PolicyStore`], finds its route in the snapshot's host-indexed [`RouteTable`] and
 //! hands the request to that route's tower stack ([`stack`]), built once per policy
 //! swap. The stack ends in pooled upstream clients ([`upstream::Upstream`]); failures
-//! come back as errors that the edge turns into responses carrying `x-sluice-reason`.
+//! come back as errors that the one rescue ([`rescue`]) turns into responses carrying
+//! `x-sluice-reason`.
 //! Policies reach the store from a watched local file (`--policy`) or from the control
 //! plane (`--control-plane`, via `sluice_api::Subscriber`, starting from the snapshot
 //! saved in `--state-dir`); both go through [`PolicyStore::apply`] and
@@ -26,6 +27,7 @@ mod message;
 pub mod metrics;
 pub mod policy;
 pub mod probes;
+mod rescue;
 pub mod route;
 mod server;
 pub mod stack;

@@ -178,4 +178,22 @@ mod tests {
             .unwrap();
         assert!(!is_upgrade_request(&req));
     }
+
+    #[test]
+    fn host_from_authority_or_header() {
+        let req = Request::builder()
+            .uri("http://a:1/x")
+            .header("host", "b")
+            .body(())
+            .unwrap();
+        assert_eq!(request_host(&req), Some("a:1"));
+        let req = Request::builder()
+            .uri("/x")
+            .header("host", "b:2")
+            .body(())
+            .unwrap();
+        assert_eq!(request_host(&req), Some("b:2"));
+        let req = Request::builder().uri("/x").body(()).unwrap();
+        assert_eq!(request_host(&req), None);
+    }
 }

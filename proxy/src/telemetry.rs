@@ -346,7 +346,9 @@ impl RequestSpan {
             self.span
                 .set_attribute(KeyValue::new("sluice.retries", i64::from(count.get())));
         }
-        let reason = headers.get("x-sluice-reason").and_then(|v| v.to_str().ok());
+        let reason = headers
+            .get(sluice_filters::reason::HEADER)
+            .and_then(|v| v.to_str().ok());
         if let Some(r) = reason {
             self.span
                 .set_attribute(KeyValue::new("sluice.reason", r.to_owned()));

@@ -364,7 +364,7 @@ async fn whole_stack_composes() {
         .await
         .unwrap_err();
     assert_eq!(
-        err.downcast_ref::<FilterError>().unwrap().reason(),
+        err.downcast_ref::<FilterError>().unwrap().reason().as_str(),
         "rate-limited"
     );
 }
