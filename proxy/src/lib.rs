@@ -5,7 +5,7 @@
 //! [`PolicyStore`], finds its route in the snapshot's host-indexed [`RouteTable`] and
 //! hands the request to that route's tower stack ([`stack`]), built once per policy
 //! swap. The stack ends in pooled upstream clients ([`upstream::Upstream`]); failures
-//! come back as errors that the one rescue ([`rescue`]) turns into responses carrying
+//! come back as errors that the one rescue (`rescue.rs`) turns into responses carrying
 //! `x-sluice-reason`.
 //! Policies reach the store from a watched local file (`--policy`) or from the control
 //! plane (`--control-plane`, via `sluice_api::Subscriber`, starting from the snapshot

@@ -20,6 +20,70 @@
 //! latency) lives in the registries of [`Governance`] ([`crate::governance`]);
 //! [`StackContext::prepare`] tells them the new settings once per swap, then the stacks
 //! are built from them.
+//!
+//! # How each layer is built and kept across swaps
+//!
+//! Everything below is built once per policy swap; per request nothing is looked up by
+//! name.
+//!
+//! - **Rate limit** ([`ratelimit`](sluice_filters::ratelimit)). Params: [`RateLimitParams::from_config(&cfg)`](sluice_filters::ratelimit::RateLimitParams::from_config)`?.named(route)`.
+//!   At swap: `registry.get_or_rebuild(route_key, &params)` on one
+//!   [`RateLimitRegistry<K>`](sluice_filters::ratelimit::RateLimitRegistry) the proxy keeps for its lifetime
+//!   (keyed by `LimitKey`: the outbound route key, or the inbound limit), then
+//!   `registry.retain(|k| live(k))`; a periodic task calls `registry.sweep()` (every ~10 s)
+//!   to drop idle keys. Layer:
+//!   [`RateLimitLayer::new(limiter)`](sluice_filters::ratelimit::RateLimitLayer::new)`.with_observer(obs)`,
+//!   where `obs: Arc<dyn `[`RateLimitObserver`](sluice_filters::ratelimit::RateLimitObserver)`>` counts
+//!   `sluice_ratelimit_decisions_total` (the proxy bakes `direction`/`route` into it).
+//!   Reads the [`PeerIdentity`](sluice_filters::extensions::PeerIdentity) extension (set by mTLS) for
+//!   `key: {peerIdentity: true}`. Error: [`FilterError::RateLimited`](sluice_filters::FilterError::RateLimited); allowed responses get
+//!   `RateLimit-Policy`/`RateLimit`. The proxy's rescue (`rescue.rs`) answers any `FilterError` by
+//!   its [`Reason`](sluice_filters::reason::Reason) and adds
+//!   [`refusal_headers`](sluice_filters::ratelimit::refusal_headers) (`retry-after`, RateLimit headers).
+//! - **Timeout** ([`timeout`](sluice_filters::timeout)). Params: [`TimeoutParams::from_config(&route)`](sluice_filters::timeout::TimeoutParams::from_config);
+//!   layer `params.total_layer()` (a `None` duration passes through). The per-try
+//!   timeout is the retry layer's own. No state, no extensions. Error: [`FilterError::Timeout`](sluice_filters::FilterError::Timeout) (504 `timeout`).
+//! - **Split** ([`split`](sluice_filters::split)). Params:
+//!   [`SplitParams::from_config(&route, spec.backends.keys().map(String::as_str))`](sluice_filters::split::SplitParams::from_config)`?`
+//!   in an `Arc`; layer [`SplitLayer::new(params)`](sluice_filters::split::SplitLayer::new). No state. Writes
+//!   the [`SelectedBackend`] extension (`index` = position in
+//!   `spec.backends`), which the retry, breaker and balancer read to index per-backend
+//!   state built for that route × backend. Never fails.
+//! - **Balance** ([`balance`](sluice_filters::balance)). Params: [`BalanceParams::from_config(name, &backend)`](sluice_filters::balance::BalanceParams::from_config)
+//!   per backend. At swap: `registry.endpoint_set(&params)` on one
+//!   [`BalanceRegistry`](sluice_filters::balance::BalanceRegistry) (endpoint latency and ejections are kept
+//!   by address), then `registry.retain(|addr| live(addr))`. Layer:
+//!   [`BalanceLayer::new(Arc<[Arc<EndpointSet>]>)`](sluice_filters::balance::BalanceLayer::new) with one set
+//!   per backend in `spec.backends` order. Reads `SelectedBackend`, writes the
+//!   [`Endpoint`] extension: the `host:port` the client must dial. Ejects
+//!   an endpoint when the inner error chain holds an [`UpstreamError`](sluice_filters::UpstreamError) of kind
+//!   `ConnectFailure` (override with `classify_with`). Error:
+//!   [`FilterError::NoHealthyEndpoint`](sluice_filters::FilterError::NoHealthyEndpoint) (503 `no-healthy-endpoint`).
+//! - **Retry** ([`retry`](sluice_filters::retry)). Params: [`RetryParams::from_policy(&route.retry)`](sluice_filters::retry::RetryParams::from_policy).
+//!   At swap: `retries.update([(route_key, params), …])` on one
+//!   [`RetryRegistry`](sluice_filters::retry::RetryRegistry) (built with an
+//!   `Arc<dyn `[`RetryObserver`](sluice_filters::retry::RetryObserver)`>` counting `sluice_retries_total`); a
+//!   route with unchanged params keeps its budget. Layer:
+//!   [`RetryLayer::new(retries.get(route_key)?, backend_label)`](sluice_filters::retry::RetryLayer::new), or
+//!   [`RetryLayer::disabled(label)`](sluice_filters::retry::RetryLayer::disabled) for a route without `retry`
+//!   (same type). It re-calls the same inner service, so every try keeps the split's
+//!   `SelectedBackend`; it enforces `perTryTimeout` itself (so no per-try timeout layer sits
+//!   below it) and puts a [`Deadline`](sluice_filters::extensions::Deadline) on each try.
+//!   The request body becomes [`ReplayBody<B>`](sluice_filters::retry::ReplayBody). Errors: whatever the last
+//!   try gave; never retries [`FilterError::BreakerOpen`](sluice_filters::FilterError::BreakerOpen).
+//! - **Breaker** ([`breaker`](sluice_filters::breaker)). Params: [`BreakerParams::from_policy(&route.circuit_breaker)`](sluice_filters::breaker::BreakerParams::from_policy).
+//!   At swap: `breakers.update([(route_key, backend, params), …])` on one
+//!   [`BreakerRegistry`](sluice_filters::breaker::BreakerRegistry) (built with an
+//!   `Arc<dyn `[`BreakerObserver`](sluice_filters::breaker::BreakerObserver)`>` for `sluice_breaker_state` and
+//!   `sluice_breaker_transitions_total`); unchanged params keep state. Layer:
+//!   [`BreakerLayer::per_backend(Arc<[Option<Arc<Circuit>>]>)`](sluice_filters::breaker::BreakerLayer::per_backend)
+//!   in `spec.backends` order (reads `SelectedBackend`), or
+//!   [`BreakerLayer::new(circuit)`](sluice_filters::breaker::BreakerLayer::new) in a per-backend stack. The
+//!   response body becomes [`breaker::ResponseBody<B>`](sluice_filters::breaker::ResponseBody) (watches gRPC trailers, buffers
+//!   nothing). Admin: `breakers.snapshot()` (serde) for `GET /breakers`,
+//!   `breakers.reset(route, backend)` / `breakers.force_open(route, backend)` for the `POST`s.
+//!   Error: [`FilterError::BreakerOpen`](sluice_filters::FilterError::BreakerOpen) (503 `breaker-open`). Transport errors should reach
+//!   both layers as an [`UpstreamError`](sluice_filters::UpstreamError) so they can tell connect failures from resets.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -55,7 +119,7 @@ pub struct StackContext {
     /// Metric families.
     pub metrics: Metrics,
     /// Circuit breakers as the admin API sees them.
-    pub breakers: Option<Arc<dyn BreakerAdmin>>,
+    pub breakers: Arc<dyn BreakerAdmin>,
     /// Governance registries.
     pub governance: Governance,
     /// The tracer, when `--otlp-endpoint` is set.
@@ -77,7 +141,7 @@ impl StackContext {
         Self {
             upstream,
             metrics,
-            breakers: Some(governance.breakers.clone() as Arc<dyn BreakerAdmin>),
+            breakers: governance.breakers.clone() as Arc<dyn BreakerAdmin>,
             governance,
             telemetry: None,
         }
@@ -285,7 +349,7 @@ spec:
         assert!(g.breakers.get("logs.split", "v2").is_some());
         assert!(g.retries.get("logs.split").is_some());
         assert_eq!(g.limits.len(), 1);
-        let list = ctx.breakers.as_ref().unwrap().list();
+        let list = ctx.breakers.list();
         assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
         assert!(ctx.metrics.encode().contains("sluice_breaker_state"));
         // A swap without the route drops its state.
