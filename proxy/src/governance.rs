@@ -162,15 +162,9 @@ pub(crate) fn limit_observer(
 /// Feeds `sluice_breaker_state` and `sluice_breaker_transitions_total`.
 struct BreakerMetrics(Metrics);
 
-const STATES: [CircuitState; 3] = [
-    CircuitState::Closed,
-    CircuitState::Open,
-    CircuitState::HalfOpen,
-];
-
 impl BreakerMetrics {
     fn set(&self, route: &str, backend: &str, now: CircuitState) {
-        for s in STATES {
+        for s in CircuitState::ALL {
             self.0
                 .breaker_state
                 .with_label_values(&[route, backend, s.as_str()])
@@ -200,7 +194,7 @@ impl BreakerObserver for BreakerMetrics {
     }
 
     fn on_removed(&self, route: &str, backend: &str) {
-        for s in STATES {
+        for s in CircuitState::ALL {
             let _ = self
                 .0
                 .breaker_state
