@@ -1,12 +1,12 @@
 //! The one error type of the governance layers.
 //!
 //! Layers fail with a `FilterError` boxed into tower's `BoxError`; the proxy's
-//! rescue at the server edge finds it with `downcast_ref` and turns it into a
-//! synthetic response carrying `x-sluice-reason`.
+//! rescue at the server edge finds it with `downcast_ref` and answers with its
+//! [`Reason`].
 
 use std::time::Duration;
 
-use http::StatusCode;
+use crate::reason::Reason;
 
 /// Why a governance layer refused or cut off a request.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -41,26 +41,15 @@ pub enum FilterError {
 }
 
 impl FilterError {
-    /// The `x-sluice-reason` value naming this failure.
-    pub fn reason(&self) -> &'static str {
+    /// Why the proxy answers instead of the upstream: its `x-sluice-reason`, HTTP and
+    /// gRPC status.
+    pub fn reason(&self) -> Reason {
         match self {
-            FilterError::RateLimited { .. } => "rate-limited",
-            FilterError::Timeout(_) => "timeout",
-            FilterError::BreakerOpen { .. } => "breaker-open",
-            FilterError::NoHealthyEndpoint(_) => "no-healthy-endpoint",
-            FilterError::Forbidden(_) => "forbidden",
-        }
-    }
-
-    /// The HTTP status a synthetic response for this failure carries.
-    pub fn status(&self) -> StatusCode {
-        match self {
-            FilterError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            FilterError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            FilterError::BreakerOpen { .. } | FilterError::NoHealthyEndpoint(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            FilterError::Forbidden(_) => StatusCode::FORBIDDEN,
+            FilterError::RateLimited { .. } => Reason::RateLimited,
+            FilterError::Timeout(_) => Reason::Timeout,
+            FilterError::BreakerOpen { .. } => Reason::BreakerOpen,
+            FilterError::NoHealthyEndpoint(_) => Reason::NoHealthyEndpoint,
+            FilterError::Forbidden(_) => Reason::Forbidden,
         }
     }
 }

@@ -89,13 +89,7 @@ pub(crate) async fn handle(
             json(StatusCode::OK, &v)
         }
         (&Method::GET, "/identity") => json(StatusCode::OK, &identity_json(state.tls.as_deref())),
-        (&Method::GET, "/breakers") => {
-            let list = match &state.store.context().breakers {
-                Some(b) => b.list(),
-                None => serde_json::Value::Array(Vec::new()),
-            };
-            json(StatusCode::OK, &list)
-        }
+        (&Method::GET, "/breakers") => json(StatusCode::OK, &state.store.context().breakers.list()),
         (&Method::POST, p) if p.starts_with("/breakers/") => breaker_action(&state, p),
         (&Method::GET, p) if p.starts_with("/app-health/") => {
             let answer = match &state.probes {
@@ -137,9 +131,7 @@ fn breaker_action(state: &AdminState, path: &str) -> Response<Body> {
     else {
         return text(StatusCode::NOT_FOUND, "not found\n");
     };
-    let Some(breakers) = &state.store.context().breakers else {
-        return text(StatusCode::NOT_FOUND, "no such breaker\n");
-    };
+    let breakers = &state.store.context().breakers;
     let found = match action {
         "reset" => breakers.reset(route, backend),
         "open" => breakers.open(route, backend),

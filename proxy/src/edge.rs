@@ -1,26 +1,27 @@
 //! The server edge of the outbound and inbound listeners: pick the stack, hand the
-//! request over, and rescue failures into synthetic responses. Here each request gets
+//! request over, and hand failures to the rescue ([`crate::rescue`]). Here each request gets
 //! its span ([`crate::telemetry`]), its metrics and, on routes with `accessLog: true`,
 //! one access-log event on the `sluice::access` target.
 
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{HeaderValue, Request, Response, StatusCode, header};
+use http::{Request, Response};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use opentelemetry::trace::SpanKind;
-use sluice_filters::ratelimit::PeerIdentity;
-use sluice_filters::retry::RetryCount;
-use sluice_filters::{FilterError, find_filter_error};
+use sluice_filters::extensions::{PeerIdentity, RetryCount, SelectedBackend};
+use sluice_filters::reason::{self, Reason};
 use tower::Service;
 use tracing::debug;
 
-use crate::ProxyError;
-use crate::body::{Body, boxed, synthetic};
-use crate::forward::{is_switching, is_upgrade_request, spawn_tunnel, strip_hop_by_hop};
+use crate::body::{Body, boxed};
+use crate::message::{
+    is_grpc, is_switching, is_upgrade_request, request_host, spawn_tunnel, strip_hop_by_hop,
+};
 use crate::policy::PolicyStore;
-use crate::stack::{RouteEntry, SelectedBackend};
+use crate::rescue::{ClientBodyError, refuse, rescue};
+use crate::stack::RouteEntry;
 use crate::telemetry::Telemetry;
 use crate::transparent::OriginalDst;
 
@@ -65,7 +66,7 @@ pub(crate) async fn outbound(store: &PolicyStore, req: Request<Incoming>) -> Res
         }
         debug!(host = ?host, path = req.uri().path(), "no route");
         let mut req = req;
-        return unrouted(store, Direction::Outbound, &mut req, "no route\n");
+        return unrouted(store, Direction::Outbound, &mut req, "no route");
     };
     let telemetry = store.context().telemetry.as_deref();
     forward(entry, req, started, Direction::Outbound, telemetry).await
@@ -93,10 +94,10 @@ async fn to_original_destination(
         }
         Err(err) => {
             debug!(dst = %dst.addr, error = %err, "original destination failed");
-            synthetic(
-                StatusCode::BAD_GATEWAY,
-                "upstream-unavailable",
-                format!("{}: {err}\n", dst.addr),
+            refuse(
+                Reason::UpstreamUnavailable,
+                &format!("{}: {err}", dst.addr),
+                false,
             )
         }
     }
@@ -108,7 +109,7 @@ pub(crate) async fn inbound(store: &PolicyStore, req: Request<Incoming>) -> Resp
     let snapshot = store.current();
     let Some(entry) = snapshot.inbound() else {
         let mut req = req;
-        return unrouted(store, Direction::Inbound, &mut req, "no application\n");
+        return unrouted(store, Direction::Inbound, &mut req, "no application");
     };
     let telemetry = store.context().telemetry.as_deref();
     forward(entry, req, started, Direction::Inbound, telemetry).await
@@ -121,22 +122,12 @@ fn unrouted<B>(
     req: &mut Request<B>,
     text: &'static str,
 ) -> Response<Body> {
-    let resp = synthetic(StatusCode::NOT_FOUND, "no-route", text);
+    let resp = refuse(Reason::NoRoute, text, false);
     if let Some(t) = store.context().telemetry.as_deref() {
         t.start_unrouted(direction.span_kind(), req)
             .finish(404, None, resp.headers());
     }
     resp
-}
-
-/// The authority a request names: absolute-form URI or `:authority` first, then `Host`.
-pub(crate) fn request_host<B>(req: &Request<B>) -> Option<&str> {
-    if let Some(a) = req.uri().authority() {
-        return Some(a.as_str());
-    }
-    req.headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
 }
 
 async fn forward(
@@ -255,7 +246,7 @@ impl AccessEntry {
     ) {
         let reason = resp
             .headers()
-            .get("x-sluice-reason")
+            .get(reason::HEADER)
             .and_then(|v| v.to_str().ok());
         tracing::info!(
             target: "sluice::access",
@@ -273,169 +264,5 @@ impl AccessEntry {
             trace_id = self.trace_id.as_deref(),
             "access"
         );
-    }
-}
-
-fn is_grpc<B>(req: &Request<B>) -> bool {
-    req.headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
-}
-
-/// Turns a failure from a route stack into the answer the client gets, and names the
-/// backend it concerned when known. gRPC callers get a trailers-only gRPC status.
-pub(crate) fn rescue(
-    err: &(dyn std::error::Error + 'static),
-    grpc: bool,
-) -> (Response<Body>, Option<String>) {
-    let (status, reason, backend, text): (StatusCode, &'static str, Option<String>, String) =
-        if let Some(e) = find::<ClientBodyError>(err) {
-            // The client's own body was broken (a bad chunk, a connection cut short):
-            // its fault, not the upstream's.
-            (StatusCode::BAD_REQUEST, "bad-request", None, e.to_string())
-        } else if let Some(f) = find_filter_error(err) {
-            let backend = match f {
-                FilterError::BreakerOpen { backend, .. } => Some(backend.clone()),
-                FilterError::NoHealthyEndpoint(backend) => Some(backend.clone()),
-                _ => None,
-            };
-            // The filters' own answer: status, `x-sluice-reason`, `retry-after` and the
-            // RateLimit headers, or a trailers-only gRPC status.
-            let resp = sluice_filters::ratelimit::refusal_response(f, grpc).map(boxed);
-            return (resp, backend);
-        } else if let Some(p) = find::<ProxyError>(err) {
-            match p {
-                ProxyError::NoRoute(_) => (StatusCode::NOT_FOUND, "no-route", None, p.to_string()),
-                ProxyError::NoEndpoint(b) => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no-healthy-endpoint",
-                    Some(b.to_string()),
-                    p.to_string(),
-                ),
-                ProxyError::Upstream { backend, .. } => (
-                    StatusCode::BAD_GATEWAY,
-                    "upstream-unavailable",
-                    Some(backend.to_string()),
-                    p.to_string(),
-                ),
-                _ => (
-                    StatusCode::BAD_GATEWAY,
-                    "upstream-unavailable",
-                    None,
-                    p.to_string(),
-                ),
-            }
-        } else if find::<tower::timeout::error::Elapsed>(err).is_some() {
-            (
-                StatusCode::GATEWAY_TIMEOUT,
-                "timeout",
-                None,
-                err.to_string(),
-            )
-        } else {
-            (
-                StatusCode::BAD_GATEWAY,
-                "upstream-unavailable",
-                None,
-                err.to_string(),
-            )
-        };
-    (build(status, reason, text, grpc), backend)
-}
-
-fn build(status: StatusCode, reason: &'static str, text: String, grpc: bool) -> Response<Body> {
-    if !grpc {
-        return synthetic(status, reason, format!("{text}\n"));
-    }
-    // gRPC statuses per the HTTP-to-gRPC mapping, so clients see a gRPC error.
-    let code: u32 = match status {
-        StatusCode::TOO_MANY_REQUESTS => 8,
-        StatusCode::GATEWAY_TIMEOUT => 4,
-        StatusCode::FORBIDDEN => 7,
-        StatusCode::NOT_FOUND => 12,
-        _ => 14,
-    };
-    let mut resp = synthetic(StatusCode::OK, reason, "");
-    let h = resp.headers_mut();
-    h.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/grpc"),
-    );
-    h.insert("grpc-status", HeaderValue::from(code));
-    if let Ok(v) = HeaderValue::from_str(&text.replace(['\r', '\n'], " ")) {
-        h.insert("grpc-message", v);
-    }
-    resp
-}
-
-/// A client's request body failed to read (malformed framing, or cut short).
-#[derive(Debug, thiserror::Error)]
-#[error("malformed request body: {0}")]
-struct ClientBodyError(#[source] hyper::Error);
-
-fn find<'a, E: std::error::Error + 'static>(
-    err: &'a (dyn std::error::Error + 'static),
-) -> Option<&'a E> {
-    let mut cur = Some(err);
-    while let Some(e) = cur {
-        if let Some(found) = e.downcast_ref::<E>() {
-            return Some(found);
-        }
-        cur = e.source();
-    }
-    None
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::body::BoxError;
-    use std::time::Duration;
-
-    #[test]
-    fn rescues_filter_errors_with_reason() {
-        let err: BoxError = Box::new(FilterError::RateLimited {
-            retry_after: Duration::from_millis(1500),
-            policy: "\"default\";q=200;w=1".into(),
-            state: "\"default\";r=0;t=2".into(),
-        });
-        let (resp, _) = rescue(&*err, false);
-        assert_eq!(resp.status(), 429);
-        assert_eq!(resp.headers()["x-sluice-reason"], "rate-limited");
-        assert_eq!(resp.headers()["retry-after"], "2");
-        let err: BoxError = Box::new(FilterError::BreakerOpen {
-            route: "r".into(),
-            backend: "v1".into(),
-        });
-        let (resp, backend) = rescue(&*err, false);
-        assert_eq!(resp.status(), 503);
-        assert_eq!(backend.as_deref(), Some("v1"));
-    }
-
-    #[test]
-    fn rescues_grpc_as_trailers_only() {
-        let err: BoxError = Box::new(FilterError::Timeout(Duration::from_secs(1)));
-        let (resp, _) = rescue(&*err, true);
-        assert_eq!(resp.status(), 200);
-        assert_eq!(resp.headers()["grpc-status"], "4");
-        assert_eq!(resp.headers()["x-sluice-reason"], "timeout");
-    }
-
-    #[test]
-    fn host_from_authority_or_header() {
-        let req = Request::builder()
-            .uri("http://a:1/x")
-            .header("host", "b")
-            .body(())
-            .unwrap();
-        assert_eq!(request_host(&req), Some("a:1"));
-        let req = Request::builder()
-            .uri("/x")
-            .header("host", "b:2")
-            .body(())
-            .unwrap();
-        assert_eq!(request_host(&req), Some("b:2"));
-        let req = Request::builder().uri("/x").body(()).unwrap();
-        assert_eq!(request_host(&req), None);
     }
 }

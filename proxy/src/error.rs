@@ -40,9 +40,6 @@ pub enum ProxyError {
     /// A metric could not be registered.
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
-    /// No policy route takes the request.
-    #[error("no route for host {0:?}")]
-    NoRoute(String),
     /// The upstream could not be reached or broke the connection.
     #[error("upstream {backend} unavailable: {source}")]
     Upstream {

@@ -10,117 +10,105 @@
 //! [`SelectedBackend`] (index = position in the policy's `backends`); retry, breaker and
 //! balancer index per-backend state with it; the balancer turns it into an [`Endpoint`];
 //! the connection step ([`Upstream`]) sends the request there, failing with a typed
-//! [`sluice_filters::UpstreamError`] inside [`ProxyError::Upstream`] so breaker, retry and
+//! [`sluice_filters::UpstreamError`] inside [`crate::ProxyError::Upstream`] so breaker, retry and
 //! balancer can tell connect failures from resets. The inbound stack is authorization
 //! of the peer identity (`inbound.allow`), then the inbound rate limit, in front of the
 //! local application.
 //!
-//! State that must survive a swap (rate-limit buckets, breakers, retry budgets, endpoint
-//! latency) lives in the registries of [`Governance`]; [`StackContext::prepare`] tells
-//! them the new settings once per swap, then the stacks are built from them.
+//! The stacks are built from a route's compiled [`RouteParams`] ([`crate::route`]). State
+//! that must survive a swap (rate-limit buckets, breakers, retry budgets, endpoint
+//! latency) lives in the registries of [`Governance`] ([`crate::governance`]);
+//! [`StackContext::prepare`] tells them the new settings once per swap, then the stacks
+//! are built from them.
+//!
+//! # How each layer is built and kept across swaps
+//!
+//! Everything below is built once per policy swap; per request nothing is looked up by
+//! name.
+//!
+//! - **Rate limit** ([`ratelimit`](sluice_filters::ratelimit)). Params: [`RateLimitParams::from_config(&cfg)`](sluice_filters::ratelimit::RateLimitParams::from_config)`?.named(route)`.
+//!   At swap: `registry.get_or_rebuild(route_key, &params)` on one
+//!   [`RateLimitRegistry<K>`](sluice_filters::ratelimit::RateLimitRegistry) the proxy keeps for its lifetime
+//!   (keyed by `LimitKey`: the outbound route key, or the inbound limit), then
+//!   `registry.retain(|k| live(k))`; a periodic task calls `registry.sweep()` (every ~10 s)
+//!   to drop idle keys. Layer:
+//!   [`RateLimitLayer::new(limiter)`](sluice_filters::ratelimit::RateLimitLayer::new)`.with_observer(obs)`,
+//!   where `obs: Arc<dyn `[`RateLimitObserver`](sluice_filters::ratelimit::RateLimitObserver)`>` counts
+//!   `sluice_ratelimit_decisions_total` (the proxy bakes `direction`/`route` into it).
+//!   Reads the [`PeerIdentity`](sluice_filters::extensions::PeerIdentity) extension (set by mTLS) for
+//!   `key: {peerIdentity: true}`. Error: [`FilterError::RateLimited`](sluice_filters::FilterError::RateLimited); allowed responses get
+//!   `RateLimit-Policy`/`RateLimit`. The proxy's rescue (`rescue.rs`) answers any `FilterError` by
+//!   its [`Reason`](sluice_filters::reason::Reason) and adds
+//!   [`refusal_headers`](sluice_filters::ratelimit::refusal_headers) (`retry-after`, RateLimit headers).
+//! - **Timeout** ([`timeout`](sluice_filters::timeout)). Params: [`TimeoutParams::from_config(&route)`](sluice_filters::timeout::TimeoutParams::from_config);
+//!   layer `params.total_layer()` (a `None` duration passes through). The per-try
+//!   timeout is the retry layer's own. No state, no extensions. Error: [`FilterError::Timeout`](sluice_filters::FilterError::Timeout) (504 `timeout`).
+//! - **Split** ([`split`](sluice_filters::split)). Params:
+//!   [`SplitParams::from_config(&route, spec.backends.keys().map(String::as_str))`](sluice_filters::split::SplitParams::from_config)`?`
+//!   in an `Arc`; layer [`SplitLayer::new(params)`](sluice_filters::split::SplitLayer::new). No state. Writes
+//!   the [`SelectedBackend`] extension (`index` = position in
+//!   `spec.backends`), which the retry, breaker and balancer read to index per-backend
+//!   state built for that route × backend. Never fails.
+//! - **Balance** ([`balance`](sluice_filters::balance)). Params: [`BalanceParams::from_config(name, &backend)`](sluice_filters::balance::BalanceParams::from_config)
+//!   per backend. At swap: `registry.endpoint_set(&params)` on one
+//!   [`BalanceRegistry`](sluice_filters::balance::BalanceRegistry) (endpoint latency and ejections are kept
+//!   by address), then `registry.retain(|addr| live(addr))`. Layer:
+//!   [`BalanceLayer::new(Arc<[Arc<EndpointSet>]>)`](sluice_filters::balance::BalanceLayer::new) with one set
+//!   per backend in `spec.backends` order. Reads `SelectedBackend`, writes the
+//!   [`Endpoint`] extension: the `host:port` the client must dial. Ejects
+//!   an endpoint when the inner error chain holds an [`UpstreamError`](sluice_filters::UpstreamError) of kind
+//!   `ConnectFailure` (override with `classify_with`). Error:
+//!   [`FilterError::NoHealthyEndpoint`](sluice_filters::FilterError::NoHealthyEndpoint) (503 `no-healthy-endpoint`).
+//! - **Retry** ([`retry`](sluice_filters::retry)). Params: [`RetryParams::from_policy(&route.retry)`](sluice_filters::retry::RetryParams::from_policy).
+//!   At swap: `retries.update([(route_key, params), …])` on one
+//!   [`RetryRegistry`](sluice_filters::retry::RetryRegistry) (built with an
+//!   `Arc<dyn `[`RetryObserver`](sluice_filters::retry::RetryObserver)`>` counting `sluice_retries_total`); a
+//!   route with unchanged params keeps its budget. Layer:
+//!   [`RetryLayer::new(retries.get(route_key)?, backend_label)`](sluice_filters::retry::RetryLayer::new), or
+//!   [`RetryLayer::disabled(label)`](sluice_filters::retry::RetryLayer::disabled) for a route without `retry`
+//!   (same type). It re-calls the same inner service, so every try keeps the split's
+//!   `SelectedBackend`; it enforces `perTryTimeout` itself (so no per-try timeout layer sits
+//!   below it) and puts a [`Deadline`](sluice_filters::extensions::Deadline) on each try.
+//!   The request body becomes [`ReplayBody<B>`](sluice_filters::retry::ReplayBody). Errors: whatever the last
+//!   try gave; never retries [`FilterError::BreakerOpen`](sluice_filters::FilterError::BreakerOpen).
+//! - **Breaker** ([`breaker`](sluice_filters::breaker)). Params: [`BreakerParams::from_policy(&route.circuit_breaker)`](sluice_filters::breaker::BreakerParams::from_policy).
+//!   At swap: `breakers.update([(route_key, backend, params), …])` on one
+//!   [`BreakerRegistry`](sluice_filters::breaker::BreakerRegistry) (built with an
+//!   `Arc<dyn `[`BreakerObserver`](sluice_filters::breaker::BreakerObserver)`>` for `sluice_breaker_state` and
+//!   `sluice_breaker_transitions_total`); unchanged params keep state. Layer:
+//!   [`BreakerLayer::per_backend(Arc<[Option<Arc<Circuit>>]>)`](sluice_filters::breaker::BreakerLayer::per_backend)
+//!   in `spec.backends` order (reads `SelectedBackend`), or
+//!   [`BreakerLayer::new(circuit)`](sluice_filters::breaker::BreakerLayer::new) in a per-backend stack. The
+//!   response body becomes [`breaker::ResponseBody<B>`](sluice_filters::breaker::ResponseBody) (watches gRPC trailers, buffers
+//!   nothing). Admin: `breakers.snapshot()` (serde) for `GET /breakers`,
+//!   `breakers.reset(route, backend)` / `breakers.force_open(route, backend)` for the `POST`s.
+//!   Error: [`FilterError::BreakerOpen`](sluice_filters::FilterError::BreakerOpen) (503 `breaker-open`). Transport errors should reach
+//!   both layers as an [`UpstreamError`](sluice_filters::UpstreamError) so they can tell connect failures from resets.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use http::uri::Authority;
 use http::{Request, Response};
-use prometheus::IntCounter;
-use sluice_config::{Route, RoutePolicy};
+use sluice_config::RoutePolicy;
 use sluice_filters::authz::{AllowList, AuthzLayer};
-use sluice_filters::balance::{BalanceLayer, BalanceParams, BalanceRegistry, EndpointSet};
-use sluice_filters::breaker::{
-    BreakerLayer, BreakerObserver, BreakerParams, BreakerRegistry, Circuit, CircuitState,
-};
-use sluice_filters::ratelimit::{
-    Decision, RateLimitLayer, RateLimitObserver, RateLimitParams, RateLimitRegistry,
-};
-use sluice_filters::retry::{RetryLayer, RetryObserver, RetryOutcome, RetryParams, RetryRegistry};
-use sluice_filters::split::{SplitLayer, SplitParams};
-use sluice_filters::timeout::TimeoutParams;
+use sluice_filters::balance::{BalanceLayer, BalanceParams, EndpointSet};
+use sluice_filters::breaker::{BreakerLayer, Circuit};
+use sluice_filters::extensions::{Endpoint, SelectedBackend};
+use sluice_filters::ratelimit::RateLimitLayer;
+use sluice_filters::retry::RetryLayer;
+use sluice_filters::split::SplitLayer;
 use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
-use tracing::warn;
 
-use crate::ProxyError;
 use crate::body::{Body, BoxError, boxed};
-use crate::forward::Upstream;
+use crate::governance::{BreakerAdmin, Governance, LimitKey, limit_observer};
 use crate::metrics::{Metrics, RouteMetrics};
+use crate::route::{BackendParams, RouteParams};
+use crate::upstream::Upstream;
 
 /// A route's compiled service: what a matched request is handed to.
 pub type RouteService = BoxCloneSyncService<Request<Body>, Response<Body>, BoxError>;
-
-/// How often idle rate-limit keys are dropped.
-const SWEEP_EVERY: Duration = Duration::from_secs(10);
-
-/// Read-only view of the circuit breakers for the admin API (`/breakers`).
-pub trait BreakerAdmin: Send + Sync + 'static {
-    /// Every breaker as JSON (one object per route × backend).
-    fn list(&self) -> serde_json::Value;
-    /// Closes one breaker by hand; `false` when it does not exist.
-    fn reset(&self, route: &str, backend: &str) -> bool;
-    /// Opens one breaker by hand; `false` when it does not exist.
-    fn open(&self, route: &str, backend: &str) -> bool;
-}
-
-impl BreakerAdmin for BreakerRegistry {
-    fn list(&self) -> serde_json::Value {
-        serde_json::to_value(self.snapshot()).unwrap_or_default()
-    }
-
-    fn reset(&self, route: &str, backend: &str) -> bool {
-        BreakerRegistry::reset(self, route, backend)
-    }
-
-    fn open(&self, route: &str, backend: &str) -> bool {
-        self.force_open(route, backend)
-    }
-}
-
-/// Which rate limit a bucket set belongs to: outbound routes by key, or the inbound one.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-enum LimitKey {
-    Outbound(Arc<str>),
-    Inbound,
-}
-
-/// The governance registries: state kept across policy swaps, shared by every stack.
-#[derive(Clone)]
-pub struct Governance {
-    limits: Arc<RateLimitRegistry<LimitKey>>,
-    breakers: Arc<BreakerRegistry>,
-    retries: Arc<RetryRegistry>,
-    endpoints: Arc<BalanceRegistry>,
-}
-
-impl std::fmt::Debug for Governance {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Governance")
-            .field("limits", &self.limits.len())
-            .field("breakers", &self.breakers.len())
-            .finish_non_exhaustive()
-    }
-}
-
-impl Governance {
-    /// Empty registries whose observers count into `metrics`. Inside a tokio runtime this
-    /// also starts the rate-limit sweeper, which ends by itself once the registries go.
-    pub fn new(metrics: &Metrics) -> Self {
-        let limits = Arc::new(RateLimitRegistry::new());
-        if tokio::runtime::Handle::try_current().is_ok() {
-            drop(limits.spawn_sweeper(SWEEP_EVERY));
-        }
-        Self {
-            limits,
-            breakers: Arc::new(BreakerRegistry::new(Arc::new(BreakerMetrics(
-                metrics.clone(),
-            )))),
-            retries: Arc::new(RetryRegistry::new(Arc::new(RetryMetrics(metrics.clone())))),
-            endpoints: Arc::new(BalanceRegistry::new()),
-        }
-    }
-}
 
 /// What outlives policy swaps and every route stack shares: the upstream pools, the
 /// metrics and the governance registries that keep state across swaps.
@@ -131,7 +119,7 @@ pub struct StackContext {
     /// Metric families.
     pub metrics: Metrics,
     /// Circuit breakers as the admin API sees them.
-    pub breakers: Option<Arc<dyn BreakerAdmin>>,
+    pub breakers: Arc<dyn BreakerAdmin>,
     /// Governance registries.
     pub governance: Governance,
     /// The tracer, when `--otlp-endpoint` is set.
@@ -153,292 +141,18 @@ impl StackContext {
         Self {
             upstream,
             metrics,
-            breakers: Some(governance.breakers.clone() as Arc<dyn BreakerAdmin>),
+            breakers: governance.breakers.clone() as Arc<dyn BreakerAdmin>,
             governance,
             telemetry: None,
         }
     }
 
     /// Called once per policy swap, before any route stack is built from `policies`:
-    /// registries that keep state across swaps (breakers, retry budgets, rate-limit
-    /// buckets, endpoint health) learn the new settings, so that unchanged settings keep
-    /// their state and the stacks built next pick up changed ones. `own` is the policy
-    /// whose `inbound` section applies to this proxy.
+    /// the registries learn the new settings ([`Governance::prepare`]). `own` is the
+    /// policy whose `inbound` section applies to this proxy.
     pub fn prepare(&self, policies: &[RoutePolicy], own: Option<&RoutePolicy>) {
-        let g = &self.governance;
-        let routes = || {
-            policies
-                .iter()
-                .flat_map(|p| p.spec.routes.iter().map(move |r| (p, r)))
-        };
-        g.breakers.update(routes().flat_map(|(p, r)| {
-            let params = r.circuit_breaker.as_ref().map(BreakerParams::from_policy);
-            let key = route_key(p, r);
-            p.spec.backends.keys().filter_map(move |b| {
-                params
-                    .clone()
-                    .map(|params| (key.clone(), b.clone(), params))
-            })
-        }));
-        g.retries.update(routes().filter_map(|(p, r)| {
-            r.retry
-                .as_ref()
-                .map(|retry| (route_key(p, r), RetryParams::from_policy(retry)))
-        }));
-        let mut live = HashSet::new();
-        for (p, r) in routes() {
-            if let Some(params) = r.rate_limit.as_ref().and_then(|c| limit_params(c, &r.name)) {
-                let key = LimitKey::Outbound(route_key(p, r).into());
-                g.limits.get_or_rebuild(key.clone(), &params);
-                live.insert(key);
-            }
-        }
-        if let Some(params) = inbound_limit(own) {
-            g.limits.get_or_rebuild(LimitKey::Inbound, &params);
-            live.insert(LimitKey::Inbound);
-        }
-        g.limits.retain(|k| live.contains(k));
-        let addresses: HashSet<&str> = policies
-            .iter()
-            .flat_map(|p| p.spec.backends.values())
-            .flat_map(|b| b.addresses.iter().map(String::as_str))
-            .collect();
-        g.endpoints.retain(|a| addresses.contains(a));
+        self.governance.prepare(policies, own);
     }
-}
-
-/// The key of a route in the registries, metrics and admin paths: `<policy>.<route>`,
-/// unique across the snapshot (route names alone may repeat across policies).
-fn route_key(policy: &RoutePolicy, route: &Route) -> String {
-    format!("{}.{}", policy.metadata.name, route.name)
-}
-
-fn limit_params(cfg: &sluice_config::RateLimit, name: &str) -> Option<RateLimitParams> {
-    match RateLimitParams::from_config(cfg) {
-        Ok(p) => Some(p.named(name)),
-        // The validator refuses these first; a proxy never drops traffic over one.
-        Err(e) => {
-            warn!(limit = name, "rate limit not applied: {e}");
-            None
-        }
-    }
-}
-
-fn inbound_limit(own: Option<&RoutePolicy>) -> Option<RateLimitParams> {
-    own.and_then(|p| p.spec.inbound.as_ref())
-        .and_then(|i| i.rate_limit.as_ref())
-        .and_then(|c| limit_params(c, "inbound"))
-}
-
-/// Counts rate-limit decisions of one route into pre-resolved counters.
-fn limit_observer(metrics: &Metrics, direction: &str, route: &str) -> Arc<dyn RateLimitObserver> {
-    let c = |d: Decision| -> IntCounter {
-        metrics
-            .ratelimit_decisions
-            .with_label_values(&[direction, route, d.as_str()])
-    };
-    let (allowed, limited, shadow) = (
-        c(Decision::Allowed),
-        c(Decision::Limited),
-        c(Decision::Shadow),
-    );
-    Arc::new(move |_: &str, d: Decision| match d {
-        Decision::Allowed => allowed.inc(),
-        Decision::Limited => limited.inc(),
-        Decision::Shadow => shadow.inc(),
-    })
-}
-
-// === impl BreakerMetrics ===
-
-/// Feeds `sluice_breaker_state` and `sluice_breaker_transitions_total`.
-struct BreakerMetrics(Metrics);
-
-const STATES: [CircuitState; 3] = [
-    CircuitState::Closed,
-    CircuitState::Open,
-    CircuitState::HalfOpen,
-];
-
-impl BreakerMetrics {
-    fn set(&self, route: &str, backend: &str, now: CircuitState) {
-        for s in STATES {
-            self.0
-                .breaker_state
-                .with_label_values(&[route, backend, s.as_str()])
-                .set(i64::from(s == now));
-        }
-    }
-}
-
-impl BreakerObserver for BreakerMetrics {
-    fn on_transition(
-        &self,
-        route: &str,
-        backend: &str,
-        from: CircuitState,
-        to: CircuitState,
-        _reason: &str,
-    ) {
-        self.set(route, backend, to);
-        self.0
-            .breaker_transitions
-            .with_label_values(&[route, backend, from.as_str(), to.as_str()])
-            .inc();
-    }
-
-    fn on_added(&self, route: &str, backend: &str) {
-        self.set(route, backend, CircuitState::Closed);
-    }
-
-    fn on_removed(&self, route: &str, backend: &str) {
-        for s in STATES {
-            let _ = self
-                .0
-                .breaker_state
-                .remove_label_values(&[route, backend, s.as_str()]);
-        }
-    }
-}
-
-// === impl RetryMetrics ===
-
-/// Feeds `sluice_retries_total`; called only when a retry decision is made.
-struct RetryMetrics(Metrics);
-
-impl RetryObserver for RetryMetrics {
-    fn on_outcome(&self, route: &str, backend: &str, outcome: RetryOutcome) {
-        self.0
-            .retries
-            .with_label_values(&[route, backend, outcome.as_str()])
-            .inc();
-    }
-}
-
-/// One backend of a policy, compiled.
-#[derive(Debug)]
-pub struct BackendParams {
-    /// Position in the policy's `backends` (also the metrics index).
-    pub index: usize,
-    /// Name as written in the policy.
-    pub name: Arc<str>,
-    /// `host:port` endpoints in file order (checked to parse as an authority).
-    pub endpoints: Arc<[Arc<str>]>,
-    /// SPIFFE identity to expect (mTLS).
-    pub identity: Option<Arc<str>>,
-}
-
-/// Everything a route's layers are built from, built once per swap.
-#[derive(Debug)]
-pub struct RouteParams {
-    /// The policy's `metadata.name`.
-    pub policy: Arc<str>,
-    /// The policy's host.
-    pub host: Arc<str>,
-    /// Route name as written in the policy.
-    pub name: Arc<str>,
-    /// `<policy>.<route>`: the route's key in breakers, retry budgets, rate-limit buckets,
-    /// `/breakers` and every metric's `route` label (route names repeat across policies).
-    pub key: Arc<str>,
-    /// The route as written: timeout, rate limit, retry, breaker and split rules.
-    pub route: Route,
-    /// The policy's backends, in file order.
-    pub backends: Arc<[Arc<BackendParams>]>,
-    /// The split's rules, compiled.
-    split: Arc<SplitParams>,
-    /// The route's (or the inbound) rate limit.
-    limit: Option<RateLimitParams>,
-    /// Total and per-try timeouts.
-    timeouts: TimeoutParams,
-}
-
-impl RouteParams {
-    /// Compiles route `index` of `policy`, sharing the policy's compiled `backends`.
-    pub fn new(
-        policy: &RoutePolicy,
-        index: usize,
-        backends: Arc<[Arc<BackendParams>]>,
-    ) -> Result<Self, ProxyError> {
-        let route = policy.spec.routes[index].clone();
-        let split = SplitParams::from_config(&route, backends.iter().map(|b| &*b.name))
-            .map_err(|e| ProxyError::Compile(e.to_string()))?;
-        Ok(Self {
-            policy: policy.metadata.name.as_str().into(),
-            host: policy.spec.host.as_str().into(),
-            name: route.name.as_str().into(),
-            key: route_key(policy, &route).into(),
-            limit: route
-                .rate_limit
-                .as_ref()
-                .and_then(|c| limit_params(c, &route.name)),
-            timeouts: TimeoutParams::from_config(&route),
-            split: Arc::new(split),
-            route,
-            backends,
-        })
-    }
-
-    /// Params of the inbound pseudo-route: one backend, the local application, behind
-    /// the inbound rate limit of `policy` (the one whose host is `--service`).
-    pub fn inbound(app: Authority, policy: Option<&RoutePolicy>) -> Self {
-        let backends: Arc<[Arc<BackendParams>]> = Arc::new([Arc::new(BackendParams {
-            index: 0,
-            name: "app".into(),
-            endpoints: Arc::new([Arc::from(app.as_str())]),
-            identity: None,
-        })]);
-        let route = Route {
-            access_log: policy
-                .and_then(|p| p.spec.inbound.as_ref())
-                .and_then(|i| i.access_log),
-            ..Route::default()
-        };
-        let split = SplitParams::from_config(&route, ["app"])
-            .expect("a route without split rules takes its only backend");
-        Self {
-            policy: policy
-                .map(|p| p.metadata.name.as_str())
-                .unwrap_or("")
-                .into(),
-            host: policy.map(|p| p.spec.host.as_str()).unwrap_or("").into(),
-            name: "inbound".into(),
-            key: "inbound".into(),
-            limit: inbound_limit(policy),
-            timeouts: TimeoutParams::default(),
-            split: Arc::new(split),
-            route,
-            backends,
-        }
-    }
-}
-
-/// Compiles a policy's backends.
-pub fn compile_backends(policy: &RoutePolicy) -> Result<Arc<[Arc<BackendParams>]>, ProxyError> {
-    policy
-        .spec
-        .backends
-        .iter()
-        .enumerate()
-        .map(|(index, (name, b))| {
-            let endpoints = b
-                .addresses
-                .iter()
-                .map(|a| match a.parse::<Authority>() {
-                    Ok(_) => Ok(Arc::from(a.as_str())),
-                    Err(_) => Err(ProxyError::Compile(format!(
-                        "policy {} backend {name}: invalid address {a:?}",
-                        policy.metadata.name
-                    ))),
-                })
-                .collect::<Result<Arc<[_]>, _>>()?;
-            Ok(Arc::new(BackendParams {
-                index,
-                name: name.as_str().into(),
-                endpoints,
-                identity: b.identity.as_deref().map(Into::into),
-            }))
-        })
-        .collect()
 }
 
 /// A matched route: its params, its compiled stack and its metric handles.
@@ -538,9 +252,6 @@ pub fn build_inbound(ctx: &StackContext, app: Authority, own: Option<&RoutePolic
 
 // === impl AppEndpoint ===
 
-pub use sluice_filters::balance::Endpoint;
-pub use sluice_filters::split::SelectedBackend;
-
 /// Layer of [`AppEndpoint`].
 #[derive(Clone, Debug)]
 pub struct AppEndpointLayer {
@@ -602,6 +313,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::route::compile_backends;
 
     const POLICY: &str = r#"
 apiVersion: sluice.dev/v1alpha1
@@ -637,7 +349,7 @@ spec:
         assert!(g.breakers.get("logs.split", "v2").is_some());
         assert!(g.retries.get("logs.split").is_some());
         assert_eq!(g.limits.len(), 1);
-        let list = ctx.breakers.as_ref().unwrap().list();
+        let list = ctx.breakers.list();
         assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
         assert!(ctx.metrics.encode().contains("sluice_breaker_state"));
         // A swap without the route drops its state.

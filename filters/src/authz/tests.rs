@@ -8,7 +8,7 @@ use tower_test::mock;
 
 use super::*;
 use crate::FilterError;
-use crate::ratelimit::PeerIdentity;
+use crate::extensions::PeerIdentity;
 
 const ORDER: &str = "spiffe://cluster.local/ns/shop/sa/order";
 
@@ -52,7 +52,7 @@ async fn other_peer_is_forbidden_without_calling_the_service() {
     let f = err.downcast_ref::<FilterError>().unwrap();
     assert_eq!(f, &FilterError::Forbidden(Some(intruder.to_string())));
     assert_eq!(
-        (f.status(), f.reason()),
+        (f.reason().status(), f.reason().as_str()),
         (StatusCode::FORBIDDEN, "forbidden")
     );
     drop(svc);

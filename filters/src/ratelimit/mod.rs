@@ -6,8 +6,8 @@
 //! service with one limiter: a request over the limit fails at once with
 //! [`FilterError::RateLimited`](crate::FilterError::RateLimited), carrying `retry_after` and
 //! the IETF `RateLimit-Policy` / `RateLimit` header values; allowed responses get the same
-//! headers. [`refusal_response`] turns any [`FilterError`](crate::FilterError) into the
-//! response an HTTP or gRPC caller should see.
+//! headers. [`refusal_headers`] adds `retry-after` and those headers to the proxy's
+//! refusal.
 //!
 //! Keyed limits bound their memory: a limiter keeps at most `max_keys` keys (new keys beyond
 //! that share one overflow bucket) and drops idle keys whose bucket has refilled, which a
@@ -22,18 +22,12 @@ mod service;
 #[cfg(test)]
 mod tests;
 
-use std::sync::Arc;
-
 pub use future::ResponseFuture;
 pub use layer::RateLimitLayer;
 pub use limiter::{DEFAULT_MAX_KEYS, KeyedLimiter, RateLimitRegistry, Verdict};
 pub use params::{KeyBy, RateLimitConfigError, RateLimitParams};
-pub use response::{grpc_status_of, is_grpc, refusal_response};
+pub use response::refusal_headers;
 pub use service::RateLimit;
-
-/// The authenticated peer of a request (its SPIFFE ID), set as a request extension by mTLS.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct PeerIdentity(pub Arc<str>);
 
 /// What a rate limit decided about one request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

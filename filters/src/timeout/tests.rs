@@ -24,7 +24,7 @@ async fn elapsed_timeout_fails_with_timeout_error() {
         Some(&FilterError::Timeout(Duration::from_millis(500)))
     );
     assert_eq!(
-        err.downcast_ref::<FilterError>().unwrap().reason(),
+        err.downcast_ref::<FilterError>().unwrap().reason().as_str(),
         "timeout"
     );
 }

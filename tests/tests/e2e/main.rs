@@ -19,5 +19,6 @@ mod routing;
 mod shutdown;
 mod streaming;
 mod telemetry;
+mod tls_identity;
 mod transparent;
 mod websocket;

@@ -1,0 +1,106 @@
+//! Why the proxy answered instead of the upstream: the one list of reasons, each with the
+//! `x-sluice-reason` value, HTTP status and gRPC status its answer carries.
+
+use http::StatusCode;
+
+/// The header naming why the proxy answered instead of the upstream.
+pub const HEADER: &str = "x-sluice-reason";
+
+/// A reason the proxy answers a request itself (DESIGN.md's list of fast failures).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// A rate limit refused the request (429, with `retry-after`).
+    RateLimited,
+    /// The chosen backend's circuit breaker is open (503).
+    BreakerOpen,
+    /// The route's total or per-try timeout elapsed (504).
+    Timeout,
+    /// No route takes the request (404).
+    NoRoute,
+    /// The peer identity is not allowed in (403).
+    Forbidden,
+    /// The upstream refused the connection or reset it (502).
+    UpstreamUnavailable,
+    /// Every endpoint of the chosen backend is ejected (503).
+    NoHealthyEndpoint,
+    /// The client's request was broken (400: bad framing, a body cut short).
+    BadRequest,
+    /// The proxy shed the request under load (503, with `retry-after`).
+    Overloaded,
+}
+
+impl Reason {
+    /// The `x-sluice-reason` value.
+    pub fn as_str(self) -> &'static str {
+        self.row().0
+    }
+
+    /// The HTTP status of the proxy's answer.
+    pub fn status(self) -> StatusCode {
+        self.row().1
+    }
+
+    /// The `grpc-status` a gRPC caller gets (per the HTTP-to-gRPC status mapping).
+    pub fn grpc_code(self) -> u32 {
+        self.row().2
+    }
+
+    /// A fixed `grpc-message` (no percent-encoding needed) when there is nothing more
+    /// specific to say.
+    pub fn grpc_message(self) -> &'static str {
+        self.row().3
+    }
+
+    /// The one table: reason, HTTP status, gRPC status, default gRPC message.
+    fn row(self) -> (&'static str, StatusCode, u32, &'static str) {
+        // gRPC codes: 4 DEADLINE_EXCEEDED, 7 PERMISSION_DENIED, 8 RESOURCE_EXHAUSTED,
+        // 12 UNIMPLEMENTED, 14 UNAVAILABLE.
+        match self {
+            Reason::RateLimited => (
+                "rate-limited",
+                StatusCode::TOO_MANY_REQUESTS,
+                8,
+                "rate limited by sluice",
+            ),
+            Reason::BreakerOpen => (
+                "breaker-open",
+                StatusCode::SERVICE_UNAVAILABLE,
+                14,
+                "circuit breaker open",
+            ),
+            Reason::Timeout => (
+                "timeout",
+                StatusCode::GATEWAY_TIMEOUT,
+                4,
+                "timed out in sluice",
+            ),
+            Reason::NoRoute => ("no-route", StatusCode::NOT_FOUND, 12, "no route"),
+            Reason::Forbidden => ("forbidden", StatusCode::FORBIDDEN, 7, "forbidden by sluice"),
+            Reason::UpstreamUnavailable => (
+                "upstream-unavailable",
+                StatusCode::BAD_GATEWAY,
+                14,
+                "upstream unavailable",
+            ),
+            Reason::NoHealthyEndpoint => (
+                "no-healthy-endpoint",
+                StatusCode::SERVICE_UNAVAILABLE,
+                14,
+                "no healthy endpoint",
+            ),
+            Reason::BadRequest => ("bad-request", StatusCode::BAD_REQUEST, 14, "bad request"),
+            Reason::Overloaded => (
+                "overloaded",
+                StatusCode::SERVICE_UNAVAILABLE,
+                14,
+                "overloaded",
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}

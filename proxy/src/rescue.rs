@@ -1,0 +1,174 @@
+//! The one rescue: every refusal, whether a governance layer's [`FilterError`], a
+//! [`ProxyError`] from the upstream client, a broken client body or a request no route
+//! takes, becomes the caller's answer here, from the one table of
+//! [`Reason`](sluice_filters::reason::Reason): HTTP status, `x-sluice-reason` and, for
+//! gRPC callers, a trailers-only `grpc-status`.
+
+use http::{HeaderValue, Response, StatusCode, header};
+use sluice_filters::reason::{self, Reason};
+use sluice_filters::{FilterError, find_filter_error};
+
+use crate::ProxyError;
+use crate::body::{Body, full};
+
+/// A client's request body failed to read (malformed framing, or cut short).
+#[derive(Debug, thiserror::Error)]
+#[error("malformed request body: {0}")]
+pub(crate) struct ClientBodyError(#[source] pub(crate) hyper::Error);
+
+/// Turns a failure from a route stack into the answer the client gets, and names the
+/// backend it concerned when known. gRPC callers get a trailers-only gRPC status.
+pub(crate) fn rescue(
+    err: &(dyn std::error::Error + 'static),
+    grpc: bool,
+) -> (Response<Body>, Option<String>) {
+    if let Some(f) = find_filter_error(err) {
+        let backend = match f {
+            FilterError::BreakerOpen { backend, .. } => Some(backend.clone()),
+            FilterError::NoHealthyEndpoint(backend) => Some(backend.clone()),
+            _ => None,
+        };
+        let reason = f.reason();
+        let detail = if grpc {
+            reason.grpc_message()
+        } else {
+            reason.as_str()
+        };
+        let mut resp = refuse(reason, detail, grpc);
+        sluice_filters::ratelimit::refusal_headers(f, resp.headers_mut());
+        return (resp, backend);
+    }
+    let (reason, backend) = if find::<ClientBodyError>(err).is_some() {
+        // The client's own body was broken (a bad chunk, a connection cut short):
+        // its fault, not the upstream's.
+        (Reason::BadRequest, None)
+    } else {
+        match find::<ProxyError>(err) {
+            Some(ProxyError::NoEndpoint(b)) => (Reason::NoHealthyEndpoint, Some(b.to_string())),
+            Some(ProxyError::Upstream { backend, .. }) => {
+                (Reason::UpstreamUnavailable, Some(backend.to_string()))
+            }
+            _ => (Reason::UpstreamUnavailable, None),
+        }
+    };
+    (refuse(reason, &err.to_string(), grpc), backend)
+}
+
+/// The proxy's own answer for `reason`: a short text (`detail` and a newline) with
+/// `x-sluice-reason`, or for a gRPC caller a trailers-only HTTP 200 whose headers carry
+/// `grpc-status` and `detail` as `grpc-message`.
+pub(crate) fn refuse(reason: Reason, detail: &str, grpc: bool) -> Response<Body> {
+    let mut resp = if grpc {
+        let mut resp = Response::new(full(""));
+        let h = resp.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from(reason.grpc_code()));
+        if let Ok(v) = HeaderValue::from_str(&detail.replace(['\r', '\n'], " ")) {
+            h.insert("grpc-message", v);
+        }
+        resp
+    } else {
+        let mut resp = Response::new(full(format!("{detail}\n")));
+        *resp.status_mut() = reason.status();
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        resp
+    };
+    if grpc {
+        *resp.status_mut() = StatusCode::OK;
+    }
+    resp.headers_mut()
+        .insert(reason::HEADER, HeaderValue::from_static(reason.as_str()));
+    resp
+}
+
+fn find<'a, E: std::error::Error + 'static>(
+    err: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a E> {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(found) = e.downcast_ref::<E>() {
+            return Some(found);
+        }
+        cur = e.source();
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::body::BoxError;
+    use std::time::Duration;
+
+    #[test]
+    fn rescues_filter_errors_with_reason() {
+        let err: BoxError = Box::new(FilterError::RateLimited {
+            retry_after: Duration::from_millis(1500),
+            policy: "\"default\";q=200;w=1".into(),
+            state: "\"default\";r=0;t=2".into(),
+        });
+        let (resp, _) = rescue(&*err, false);
+        assert_eq!(resp.status(), 429);
+        assert_eq!(resp.headers()["x-sluice-reason"], "rate-limited");
+        assert_eq!(resp.headers()["retry-after"], "2");
+        assert_eq!(resp.headers()["ratelimit-policy"], "\"default\";q=200;w=1");
+        assert_eq!(resp.headers()["ratelimit"], "\"default\";r=0;t=2");
+        let err: BoxError = Box::new(FilterError::BreakerOpen {
+            route: "r".into(),
+            backend: "v1".into(),
+        });
+        let (resp, backend) = rescue(&*err, false);
+        assert_eq!(resp.status(), 503);
+        assert_eq!(backend.as_deref(), Some("v1"));
+        let (resp, _) = rescue(&FilterError::Timeout(Duration::from_secs(2)), false);
+        assert_eq!(resp.status(), 504);
+        assert_eq!(resp.headers()["x-sluice-reason"], "timeout");
+    }
+
+    #[test]
+    fn rescues_grpc_as_trailers_only() {
+        let err: BoxError = Box::new(FilterError::Timeout(Duration::from_secs(1)));
+        let (resp, _) = rescue(&*err, true);
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers()["grpc-status"], "4");
+        assert_eq!(resp.headers()["x-sluice-reason"], "timeout");
+        let err: BoxError = Box::new(FilterError::RateLimited {
+            retry_after: Duration::from_millis(1200),
+            policy: "\"ingest\";q=50;w=1".into(),
+            state: "\"ingest\";r=0;t=2".into(),
+        });
+        let (resp, _) = rescue(&*err, true);
+        let h = resp.headers();
+        assert_eq!(resp.status(), 200);
+        assert_eq!(h["grpc-status"], "8");
+        assert_eq!(h["content-type"], "application/grpc");
+        assert!(h.contains_key("grpc-message"));
+        assert_eq!(h["x-sluice-reason"], "rate-limited");
+        assert_eq!(h["retry-after"], "2");
+    }
+
+    #[test]
+    fn rescues_upstream_failures_naming_the_backend() {
+        let err: BoxError = Box::new(ProxyError::Upstream {
+            backend: "v2".into(),
+            source: sluice_filters::UpstreamError::new(
+                sluice_filters::UpstreamErrorKind::ConnectFailure,
+                "refused",
+            ),
+        });
+        let (resp, backend) = rescue(&*err, false);
+        assert_eq!(resp.status(), 502);
+        assert_eq!(resp.headers()["x-sluice-reason"], "upstream-unavailable");
+        assert_eq!(backend.as_deref(), Some("v2"));
+        let (resp, _) = rescue(&*err, true);
+        assert_eq!(resp.headers()["grpc-status"], "14");
+        let resp = refuse(Reason::NoRoute, "no route", true);
+        assert_eq!(resp.headers()["grpc-status"], "12");
+    }
+}
