@@ -25,22 +25,30 @@
 mod duration;
 mod model;
 mod parse;
+mod port;
 mod precedence;
+mod schema;
 mod spans;
 mod sticky;
 mod validate;
 
 pub use duration::{Duration, DurationParseError};
 pub use model::*;
+pub use port::ServicePort;
+pub use schema::{
+    Capability, EffectiveWeights, FileWeights, SCHEMA_V1, SCHEMA_VERSION, SCHEMA_VERSIONS,
+    proxy_view, required_version,
+};
 pub use precedence::{compare_matches, precedence_order, prefix_matches};
-pub use sticky::{STICKY_POINTS, sticky_point, weighted_backend};
+pub use sticky::{
+    STICKY_POINTS, rendezvous_backend, rendezvous_hash, sticky_point, weighted_backend,
+};
 
 use std::fmt;
 
 use sha2::{Digest, Sha256};
 
-/// Version of the policy schema carried in snapshots; bumped on incompatible change.
-pub const SCHEMA_VERSION: u32 = 1;
+use crate::validate::Input;
 
 /// One problem found in a policy file, located as precisely as the source allows.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,7 +113,7 @@ impl fmt::Display for DisplayList<'_> {
 /// semantic checks continue after the first problem. Two policies of the file with
 /// the same namespace and name, or the same host, are refused.
 pub fn parse_policies(file: &str, text: &str) -> Result<Vec<RoutePolicy>, ConfigError> {
-    let (located, mut errors) = parse::parse_file(file, text);
+    let (located, mut errors) = parse::parse_file(file, text, Input::Source);
     errors.extend(parse::check_unique(&located));
     if errors.is_empty() {
         Ok(located.into_iter().map(|l| l.policy).collect())
@@ -129,7 +137,18 @@ impl PolicySet {
     /// Kubernetes objects). Positions are not known here, so diagnostics name the
     /// policy (`namespace/name`) as their file with line and column 1; use
     /// [`PolicySet::from_files`] to get real positions.
-    pub fn new(mut policies: Vec<RoutePolicy>) -> Result<Self, ConfigError> {
+    pub fn new(policies: Vec<RoutePolicy>) -> Result<Self, ConfigError> {
+        Self::checked(policies, Input::Source)
+    }
+
+    /// Builds a set from policies as proxies receive them: [`proxy_view`]s, whose
+    /// weights (effective during a rollout, proportional from Gateway API) may have
+    /// any total. Otherwise the same checks as [`PolicySet::new`].
+    pub fn from_effective(policies: Vec<RoutePolicy>) -> Result<Self, ConfigError> {
+        Self::checked(policies, Input::Snapshot)
+    }
+
+    fn checked(mut policies: Vec<RoutePolicy>, input: Input) -> Result<Self, ConfigError> {
         let mut errors = Vec::new();
         let mut located = Vec::with_capacity(policies.len());
         for p in &policies {
@@ -138,7 +157,7 @@ impl PolicySet {
                 p.metadata.namespace.as_deref().unwrap_or("default"),
                 p.metadata.name
             );
-            errors.extend(validate::validate(p).into_iter().map(|f| Diagnostic {
+            errors.extend(validate::validate_as(p, input).into_iter().map(|f| Diagnostic {
                 file: file.clone(),
                 line: 1,
                 column: 1,
@@ -167,7 +186,7 @@ impl PolicySet {
         let mut located = Vec::new();
         let mut errors = Vec::new();
         for (name, text) in files {
-            let (ok, errs) = parse::parse_file(name, text);
+            let (ok, errs) = parse::parse_file(name, text, Input::Source);
             located.extend(ok);
             errors.extend(errs);
         }
@@ -212,7 +231,7 @@ impl PolicySet {
                 message: format!("not UTF-8: {e}"),
             }])
         })?;
-        let (located, mut errors) = parse::parse_file(source, text);
+        let (located, mut errors) = parse::parse_file(source, text, Input::Snapshot);
         errors.extend(parse::check_unique(&located));
         if !errors.is_empty() {
             return Err(ConfigError::Invalid(errors));
@@ -233,6 +252,15 @@ impl PolicySet {
     /// The content hash (hex): the policy version.
     pub fn hash(&self) -> &str {
         &self.hash
+    }
+
+    /// The lowest schema version that expresses every policy of the set.
+    pub fn schema_version(&self) -> u32 {
+        self.policies
+            .iter()
+            .map(required_version)
+            .max()
+            .unwrap_or(SCHEMA_V1)
     }
 }
 
