@@ -35,11 +35,11 @@ mod validate;
 pub use duration::{Duration, DurationParseError};
 pub use model::*;
 pub use port::ServicePort;
+pub use precedence::{compare_matches, precedence_order, prefix_matches};
 pub use schema::{
     Capability, EffectiveWeights, FileWeights, SCHEMA_V1, SCHEMA_VERSION, SCHEMA_VERSIONS,
     proxy_view, required_version,
 };
-pub use precedence::{compare_matches, precedence_order, prefix_matches};
 pub use sticky::{
     STICKY_POINTS, rendezvous_backend, rendezvous_hash, sticky_point, weighted_backend,
 };
@@ -157,13 +157,17 @@ impl PolicySet {
                 p.metadata.namespace.as_deref().unwrap_or("default"),
                 p.metadata.name
             );
-            errors.extend(validate::validate_as(p, input).into_iter().map(|f| Diagnostic {
-                file: file.clone(),
-                line: 1,
-                column: 1,
-                path: f.path,
-                message: f.message,
-            }));
+            errors.extend(
+                validate::validate_as(p, input)
+                    .into_iter()
+                    .map(|f| Diagnostic {
+                        file: file.clone(),
+                        line: 1,
+                        column: 1,
+                        path: f.path,
+                        message: f.message,
+                    }),
+            );
             located.push(parse::Located {
                 policy: p.clone(),
                 file,
@@ -304,6 +308,34 @@ mod tests {
         let again = PolicySet::from_canonical("snapshot", set.canonical_bytes()).unwrap();
         assert_eq!(set.hash(), again.hash());
         assert_eq!(set.policies(), again.policies());
+    }
+}
+
+#[cfg(test)]
+mod total_tests {
+    use super::*;
+
+    #[test]
+    fn files_need_100_and_snapshots_take_any_total() {
+        let text = include_str!("../../examples/policies/log-service.yaml");
+        let mut p = parse_policies("log-service.yaml", text).unwrap();
+        let weights = p[0].spec.routes[0].split[1].weights.as_mut().unwrap();
+        weights[0] = 1;
+        weights[1] = 2;
+        let err = PolicySet::new(p.clone()).unwrap_err();
+        assert!(
+            err.to_string().ends_with("weights sum to 3, expected 100"),
+            "{err}"
+        );
+        let set = PolicySet::from_effective(p).unwrap();
+        assert_eq!(set.schema_version(), SCHEMA_VERSION);
+        let again = PolicySet::from_canonical("snapshot", set.canonical_bytes()).unwrap();
+        assert_eq!(again.hash(), set.hash());
+        let mut zero = set.policies().to_vec();
+        let w = zero[0].spec.routes[0].split[1].weights.as_mut().unwrap();
+        w[0] = 0;
+        w[1] = 0;
+        assert!(PolicySet::from_effective(zero).is_err());
     }
 }
 

@@ -187,7 +187,10 @@ spec:
         // `hash: ordered` is the default and leaves the policy expressible in schema 1.
         let explicit = parse_policies(
             "b.yaml",
-            &BASE.replace("{ header: x-user-id }", "{ header: x-user-id, hash: ordered }"),
+            &BASE.replace(
+                "{ header: x-user-id }",
+                "{ header: x-user-id, hash: ordered }",
+            ),
         )
         .unwrap()
         .remove(0);
@@ -222,7 +225,10 @@ spec:
             route: &str,
             rule: usize,
         ) -> Option<IndexMap<String, u32>> {
-            assert_eq!((policy.metadata.name.as_str(), route, rule), ("log", "all", 0));
+            assert_eq!(
+                (policy.metadata.name.as_str(), route, rule),
+                ("log", "all", 0)
+            );
             Some(IndexMap::from([
                 ("log-v1".to_string(), 95),
                 ("log-v2".to_string(), 5),

@@ -75,9 +75,9 @@ fn rendezvous_prefix(value: &[u8]) -> u64 {
 }
 
 fn fnv_continue(state: u64, bytes: &[u8]) -> u64 {
-    bytes.iter().fold(state, |h, b| {
-        (h ^ u64::from(*b)).wrapping_mul(FNV_PRIME)
-    })
+    bytes
+        .iter()
+        .fold(state, |h, b| (h ^ u64::from(*b)).wrapping_mul(FNV_PRIME))
 }
 
 /// The fixed hash of (value, 0, backend name) behind a rendezvous split.

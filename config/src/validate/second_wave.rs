@@ -19,7 +19,10 @@ const ROLLOUT_MIN_REQUESTS: IntRange = IntRange {
 };
 const FALLBACK_STATUS: IntRange = IntRange { min: 200, max: 599 };
 const GRPC_STATUS: IntRange = IntRange { min: 0, max: 16 };
-const PORT_NUMBER: IntRange = IntRange { min: 1, max: 65_535 };
+const PORT_NUMBER: IntRange = IntRange {
+    min: 1,
+    max: 65_535,
+};
 const CONCURRENCY_LIMIT: IntRange = IntRange {
     min: 1,
     max: 1_000_000,
@@ -34,12 +37,12 @@ const MAX_FALLBACK_BODY: usize = 64 * 1024;
 const DURATION_OR_ZERO: &str = "0s (off) or a duration 1ms..=1h";
 
 impl Checker {
-    /// Refuses a field whose capability this build does not enforce.
-    pub(super) fn supported(&mut self, path: &str, capability: Capability) -> bool {
+    /// Refuses a field whose capability this build does not enforce. The field's own
+    /// checks still run, so a policy written today is right once the capability lands.
+    pub(super) fn supported(&mut self, path: &str, capability: Capability) {
         if !capability.enforced() {
             self.err(path, "not supported yet");
         }
-        capability.enforced()
     }
 
     /// Backends named only as some route's fallback: they need no split to choose them.
@@ -50,10 +53,11 @@ impl Checker {
             .iter()
             .flat_map(|r| &r.split)
             .flat_map(|rule| {
-                rule.backend
-                    .iter()
-                    .map(String::as_str)
-                    .chain(rule.weights.iter().flat_map(|w| w.keys().map(String::as_str)))
+                rule.backend.iter().map(String::as_str).chain(
+                    rule.weights
+                        .iter()
+                        .flat_map(|w| w.keys().map(String::as_str)),
+                )
             })
             .collect();
         p.spec
@@ -67,31 +71,31 @@ impl Checker {
     pub(super) fn backend_v2(&mut self, path: &str, b: &Backend) {
         if let Some(port) = &b.port {
             let pp = child_key(path, "port");
-            if self.supported(&pp, Capability::ServicePort) {
-                if b.service.is_none() {
-                    self.err(
-                        &pp,
-                        "only a service backend has a port (addresses carry their own); add service or remove port",
-                    );
-                }
-                match port {
-                    ServicePort::Number(n) => self.int(&pp, *n, PORT_NUMBER),
-                    ServicePort::Name(name) => {
-                        if !is_port_name(name) {
-                            self.err(
-                                &pp,
-                                format!(
-                                    "expected a port number 1..=65535 or a Service port name (lower-case letters, digits and '-', at most 15), got {name:?}"
-                                ),
-                            );
-                        }
+            self.supported(&pp, Capability::ServicePort);
+            if b.service.is_none() {
+                self.err(
+                    &pp,
+                    "only a service backend has a port (addresses carry their own); add service or remove port",
+                );
+            }
+            match port {
+                ServicePort::Number(n) => self.int(&pp, *n, PORT_NUMBER),
+                ServicePort::Name(name) => {
+                    if !is_port_name(name) {
+                        self.err(
+                            &pp,
+                            format!(
+                                "expected a port number 1..=65535 or a Service port name (lower-case letters, digits and '-', at most 15), got {name:?}"
+                            ),
+                        );
                     }
                 }
             }
         }
         if let Some(d) = b.slow_start {
             let sp = child_key(path, "slowStart");
-            if self.supported(&sp, Capability::SlowStart) && !d.get().is_zero() {
+            self.supported(&sp, Capability::SlowStart);
+            if !d.get().is_zero() {
                 let ok = (super::DURATION_MIN..=super::DURATION_MAX).contains(&d.get());
                 if !ok {
                     self.err(&sp, format!("expected {DURATION_OR_ZERO}, got {d}"));
@@ -103,25 +107,23 @@ impl Checker {
     pub(super) fn route_v2(&mut self, path: &str, r: &Route, backends: &IndexMap<String, Backend>) {
         if let Some(f) = &r.fallback {
             let fp = child_key(path, "fallback");
-            if self.supported(&fp, Capability::Fallback) {
-                self.fallback(&fp, f, r, backends);
-            }
+            self.supported(&fp, Capability::Fallback);
+            self.fallback(&fp, f, r, backends);
         }
         if !r.upgrades.is_empty() {
             let up = child_key(path, "upgrades");
-            if self.supported(&up, Capability::Upgrades) {
-                for (i, token) in r.upgrades.iter().enumerate() {
-                    if !is_upgrade_token(token) {
-                        self.err(
-                            child_index(&up, i),
-                            format!(
-                                "expected a lower-case upgrade token such as \"h2c\" or \"proto/2\" (RFC 9110 token, optional /version), got {token:?}"
-                            ),
-                        );
-                    }
+            self.supported(&up, Capability::Upgrades);
+            for (i, token) in r.upgrades.iter().enumerate() {
+                if !is_upgrade_token(token) {
+                    self.err(
+                        child_index(&up, i),
+                        format!(
+                            "expected a lower-case upgrade token such as \"h2c\" or \"proto/2\" (RFC 9110 token, optional /version), got {token:?}"
+                        ),
+                    );
                 }
-                self.no_duplicates(&up, r.upgrades.iter().map(|t| format!("{t:?}")));
             }
+            self.no_duplicates(&up, r.upgrades.iter().map(|t| format!("{t:?}")));
         }
         let mut first_rollout: Option<usize> = None;
         for (k, rule) in r.split.iter().enumerate() {
@@ -150,9 +152,8 @@ impl Checker {
         }
         if let Some(ro) = &rule.rollout {
             let rop = child_key(rp, "rollout");
-            if self.supported(&rop, Capability::Rollout) {
-                self.rollout(&rop, ro, rule);
-            }
+            self.supported(&rop, Capability::Rollout);
+            self.rollout(&rop, ro, rule);
         }
     }
 
@@ -322,7 +323,8 @@ impl Checker {
             return;
         };
         let mp = child_key(bp, "min");
-        if !self.supported(&mp, Capability::BackoffMin) || !self.duration(&mp, min) {
+        self.supported(&mp, Capability::BackoffMin);
+        if !self.duration(&mp, min) {
             return;
         }
         let (max, what) = match b.max {
@@ -338,9 +340,7 @@ impl Checker {
     }
 
     pub(super) fn concurrency(&mut self, path: &str, c: &Concurrency) {
-        if !self.supported(path, Capability::InboundConcurrency) {
-            return;
-        }
+        self.supported(path, Capability::InboundConcurrency);
         self.exactly_one(
             path,
             &["adaptive", "fixed"],
@@ -414,10 +414,11 @@ fn primaries<'a>(r: &'a Route, backends: &'a IndexMap<String, Backend>) -> HashS
     r.split
         .iter()
         .flat_map(|rule| {
-            rule.backend
-                .iter()
-                .map(String::as_str)
-                .chain(rule.weights.iter().flat_map(|w| w.keys().map(String::as_str)))
+            rule.backend.iter().map(String::as_str).chain(
+                rule.weights
+                    .iter()
+                    .flat_map(|w| w.keys().map(String::as_str)),
+            )
         })
         .collect()
 }
@@ -429,7 +430,8 @@ fn is_port_name(s: &str) -> bool {
 
 /// An upgrade protocol as `Upgrade` carries it: `token ["/" token]`, written lower-case.
 fn is_upgrade_token(s: &str) -> bool {
-    let token = |t: &str| !t.is_empty() && t.bytes().all(|b| is_tchar(b) && !b.is_ascii_uppercase());
+    let token =
+        |t: &str| !t.is_empty() && t.bytes().all(|b| is_tchar(b) && !b.is_ascii_uppercase());
     match s.split_once('/') {
         Some((name, version)) => token(name) && token(version),
         None => token(s),
@@ -455,5 +457,97 @@ mod tests {
         assert!(!is_port_name("8080"));
         assert!(!is_port_name("Http"));
         assert!(!is_port_name("a-name-far-too-long"));
+    }
+}
+
+#[cfg(test)]
+mod policy_tests {
+    use crate::parse_policies;
+
+    /// Every second-wave field, written correctly.
+    const ALL_FIELDS: &str = r#"
+apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: { name: quote, namespace: shop }
+spec:
+  host: quote
+  backends:
+    quote-v1: { service: quote-v1.shop, port: http, slowStart: 0s }
+    quote-v2: { service: quote-v2.shop, port: 8080, slowStart: 30s }
+    quote-cache: { addresses: ["127.0.0.1:9200"] }
+  routes:
+    - name: quote
+      upgrades: [h2c, proto/2]
+      rateLimit: { perSecond: 100, scope: fleet }
+      retry: { attempts: 2, on: [reset], backoff: { min: 50ms, max: 200ms } }
+      fallback: { on: [breaker-open, timeout], backend: quote-cache }
+      split:
+        - weights: { quote-v1: 100, quote-v2: 0 }
+          stickyBy: { header: x-user-id, hash: rendezvous }
+          rollout:
+            canary: quote-v2
+            steps: [5, 25, 50, 100]
+            interval: 30s
+            minRequests: 100
+            slo: { errorRate: 0.001, p99: 150ms }
+            baseline: { errorRateIncrease: 0.005, p99Ratio: 1.5 }
+            onInconclusive: rollback
+            deadline: 30m
+    - name: static
+      match: { path: { prefix: /static } }
+      fallback:
+        on: [no-healthy-endpoint, upstream-unavailable]
+        response:
+          status: 200
+          headers: { content-type: application/json }
+          body: '{"degraded":true}'
+          grpcStatus: 14
+          grpcMessage: degraded
+      split:
+        - weights: { quote-v1: 1, quote-v2: 99 }
+  inbound:
+    concurrency:
+      adaptive: { minLimit: 4, maxLimit: 2000 }
+      queue: { max: 100, timeout: 50ms }
+      priority: { header: x-priority, levels: [critical, default, sheddable] }
+"#;
+
+    #[test]
+    fn correct_new_fields_are_refused_only_as_not_supported_yet() {
+        let err = parse_policies("all.yaml", ALL_FIELDS).unwrap_err();
+        let paths: Vec<String> = err
+            .diagnostics()
+            .iter()
+            .map(|d| {
+                assert_eq!(d.message, "not supported yet", "{d}");
+                d.path.clone()
+            })
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                "spec.backends.quote-v1.port",
+                "spec.backends.quote-v1.slowStart",
+                "spec.backends.quote-v2.port",
+                "spec.backends.quote-v2.slowStart",
+                "spec.routes[0].upgrades",
+                "spec.routes[0].rateLimit.scope",
+                "spec.routes[0].fallback",
+                "spec.routes[0].split[0].rollout",
+                "spec.routes[1].fallback",
+                "spec.inbound.concurrency",
+            ]
+        );
+    }
+
+    #[test]
+    fn new_fields_survive_the_canonical_form() {
+        let policy: crate::RoutePolicy = serde_yaml::from_str(ALL_FIELDS).unwrap();
+        let text = serde_yaml::to_string(&policy).unwrap();
+        let again: crate::RoutePolicy = serde_yaml::from_str(&text).unwrap();
+        assert_eq!(policy, again);
+        assert!(text.contains("hash: rendezvous"), "{text}");
+        assert!(text.contains("port: http"), "{text}");
+        assert!(text.contains("port: 8080"), "{text}");
     }
 }
