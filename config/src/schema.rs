@@ -117,7 +117,7 @@ pub fn required_version(policy: &RoutePolicy) -> u32 {
 ///
 /// Proxies never receive `rollout`; they receive the weights this returns for each
 /// weighted rule, keyed by policy, route and the rule's index in `split`.
-pub trait EffectiveWeights {
+pub trait EffectiveWeights: std::fmt::Debug {
     /// The weights in force for `split[rule]` of `route` in the policy
     /// `namespace/name`, or `None` to keep the file's weights.
     fn weights(
@@ -216,6 +216,7 @@ spec:
         assert_eq!(required_version(&slow), SCHEMA_VERSION);
     }
 
+    #[derive(Debug)]
     struct Driven;
 
     impl EffectiveWeights for Driven {
