@@ -109,7 +109,10 @@ fn canary_split_is_sticky_and_weighted_in_file_order() {
 fn canary_rendezvous_is_order_independent_and_needs_the_new_schema() {
     let p = one("canary-rendezvous.yaml");
     let rule = &p.spec.routes[0].split[0];
-    assert_eq!(rule.sticky_by.as_ref().unwrap().hash, StickyHash::Rendezvous);
+    assert_eq!(
+        rule.sticky_by.as_ref().unwrap().hash,
+        StickyHash::Rendezvous
+    );
     assert_eq!(required_version(&p), SCHEMA_VERSION);
     let weights: Vec<(&str, u32)> = rule
         .weights
@@ -127,7 +130,10 @@ fn canary_rendezvous_is_order_independent_and_needs_the_new_schema() {
         assert_eq!(a, b, "{user}");
         canary += usize::from(a == "payments-v2");
     }
-    assert!((800..=1_200).contains(&canary), "{canary} of 10000 in canary");
+    assert!(
+        (800..=1_200).contains(&canary),
+        "{canary} of 10000 in canary"
+    );
 }
 
 #[test]

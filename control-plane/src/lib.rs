@@ -367,10 +367,9 @@ impl Shared {
             v.iter().map(|v| v.snapshot.version.clone()).collect()
         };
         let changed = self.snapshots.send_if_modified(|cur| {
-            if cur
-                .as_ref()
-                .is_some_and(|p| p.set.hash() == set.hash() && versions(&p.views) == versions(&views))
-            {
+            if cur.as_ref().is_some_and(|p| {
+                p.set.hash() == set.hash() && versions(&p.views) == versions(&views)
+            }) {
                 return false;
             }
             *cur = Some(Arc::new(Published {
@@ -381,7 +380,10 @@ impl Shared {
             true
         });
         if changed {
-            let version = views.last().map(|v| v.snapshot.version.as_str()).unwrap_or_default();
+            let version = views
+                .last()
+                .map(|v| v.snapshot.version.as_str())
+                .unwrap_or_default();
             tracing::info!(%version, policies = set.policies().len(), "publishing policy set");
             for v in &views {
                 for h in &v.held_back {
