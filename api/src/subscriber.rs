@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_config::{PolicySet, SCHEMA_VERSION};
+use sluice_config::{PolicySet, SCHEMA_VERSIONS};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
@@ -194,6 +194,10 @@ pub struct SubscriberConfig {
     pub connect_timeout: Duration,
     /// The mesh root (PEM) an `https://` control plane's certificate must chain to.
     pub trust_root: Option<Vec<u8>>,
+    /// The policy schema versions this proxy accepts (default: every version this
+    /// build reads). A snapshot in another version, or whose policies need a newer
+    /// one than it says, is refused.
+    pub schema_versions: Vec<u32>,
 }
 
 impl SubscriberConfig {
@@ -209,6 +213,7 @@ impl SubscriberConfig {
             backoff: Backoff::default(),
             connect_timeout: Duration::from_secs(5),
             trust_root: None,
+            schema_versions: SCHEMA_VERSIONS.to_vec(),
         }
     }
 }
@@ -369,9 +374,10 @@ async fn session<S: SnapshotSink>(
         node_id: cfg.node_id.clone(),
         namespace: cfg.namespace.clone(),
         service: cfg.service.clone(),
-        schema_version: SCHEMA_VERSION,
+        schema_version: cfg.schema_versions.iter().copied().max().unwrap_or(0),
         proxy_version: cfg.proxy_version.clone(),
         last_applied_version: sink.current_version().unwrap_or_default(),
+        accepted_schema_versions: cfg.schema_versions.clone(),
     };
     let _ = tx
         .send(pb::ProxyMessage {
@@ -439,10 +445,10 @@ fn check_and_apply<S: SnapshotSink>(
     sink: &S,
     snapshot: pb::Snapshot,
 ) -> Result<bool, String> {
-    if snapshot.schema_version != SCHEMA_VERSION {
+    if !cfg.schema_versions.contains(&snapshot.schema_version) {
         let error = format!(
-            "snapshot schema version {} is not supported (this proxy understands {})",
-            snapshot.schema_version, SCHEMA_VERSION
+            "snapshot schema version {} is not supported (this proxy understands {:?})",
+            snapshot.schema_version, cfg.schema_versions
         );
         sink.rejected(&snapshot.version, &error);
         return Err(error);
@@ -453,6 +459,17 @@ fn check_and_apply<S: SnapshotSink>(
         sink.rejected(&snapshot.version, &error);
         error
     })?;
+    if set.schema_version() > snapshot.schema_version {
+        // What a proxy of that version would do: its validator does not know the
+        // newer fields.
+        let error = format!(
+            "snapshot says schema version {} but its policies need {}",
+            snapshot.schema_version,
+            set.schema_version()
+        );
+        sink.rejected(&snapshot.version, &error);
+        return Err(error);
+    }
     if set.hash() != snapshot.version {
         // Same policies, different serialisation (e.g. proxy and control plane
         // built from different sluice-config releases): the content is what was

@@ -6,8 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sluice_config::{
-    PolicySet, RateLimitKey, RetryOn, RoutePolicy, parse_policies, precedence_order, sticky_point,
-    weighted_backend,
+    PolicySet, RateLimitKey, RetryOn, RoutePolicy, SCHEMA_VERSION, StickyHash, parse_policies,
+    precedence_order, rendezvous_backend, required_version, sticky_point, weighted_backend,
 };
 
 fn examples_dir() -> PathBuf {
@@ -99,6 +99,37 @@ fn canary_split_is_sticky_and_weighted_in_file_order() {
             weighted_backend(weights, point) == Some("checkout-v2")
         })
         .count();
+    assert!(
+        (800..=1_200).contains(&canary),
+        "{canary} of 10000 in canary"
+    );
+}
+
+#[test]
+fn canary_rendezvous_is_order_independent_and_needs_the_new_schema() {
+    let p = one("canary-rendezvous.yaml");
+    let rule = &p.spec.routes[0].split[0];
+    assert_eq!(
+        rule.sticky_by.as_ref().unwrap().hash,
+        StickyHash::Rendezvous
+    );
+    assert_eq!(required_version(&p), SCHEMA_VERSION);
+    let weights: Vec<(&str, u32)> = rule
+        .weights
+        .as_ref()
+        .unwrap()
+        .iter()
+        .map(|(k, v)| (k.as_str(), *v))
+        .collect();
+    let reversed: Vec<(&str, u32)> = weights.iter().rev().copied().collect();
+    let mut canary = 0;
+    for i in 0..10_000 {
+        let user = format!("user-{i}");
+        let a = weights[rendezvous_backend(user.as_bytes(), weights.iter().copied()).unwrap()].0;
+        let b = reversed[rendezvous_backend(user.as_bytes(), reversed.iter().copied()).unwrap()].0;
+        assert_eq!(a, b, "{user}");
+        canary += usize::from(a == "payments-v2");
+    }
     assert!(
         (800..=1_200).contains(&canary),
         "{canary} of 10000 in canary"

@@ -6,7 +6,9 @@
 //! - `/metrics`: Prometheus text (`sluice_cp_*`).
 //! - `/policies`: JSON, the served version, every policy in force (name,
 //!   namespace, host, source file, its file's version and last validation
-//!   error) and every file (including refused ones with no good version).
+//!   error) and every file (including refused ones with no good version), and
+//!   `schemaViews`: per schema version, the version its proxies receive and the
+//!   policies held back from them (in an older form, or withheld).
 //! - `/proxies`: JSON, every proxy seen (node id, namespace, service, versions
 //!   sent, acknowledged and refused with the reason, last seen, connected).
 
@@ -87,10 +89,29 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 let source = shared.source.lock().unwrap_or_else(|e| e.into_inner());
                 (source.policy_views(), source.file_views())
             };
+            let schema_views: Vec<serde_json::Value> = shared
+                .snapshots
+                .borrow()
+                .as_ref()
+                .map(|p| {
+                    p.views
+                        .iter()
+                        .map(|v| {
+                            serde_json::json!({
+                                "forSchemaVersion": v.schema,
+                                "version": v.snapshot.version,
+                                "schemaVersion": v.snapshot.schema_version,
+                                "heldBack": v.held_back,
+                            })
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
             json(&serde_json::json!({
                 "version": shared.current_version(),
                 "policies": policies,
                 "files": files,
+                "schemaViews": schema_views,
             }))
         }
         "/proxies" => json(&serde_json::json!({

@@ -120,10 +120,14 @@ impl PolicyDiscovery for PolicyService {
             _ => return Err(Status::invalid_argument("the first message must be Hello")),
         };
         tracing::info!(node_id = %hello.node_id, service = %hello.service, has = %hello.last_applied_version, "proxy connected");
-        if hello.schema_version != sluice_config::SCHEMA_VERSION {
+        let accepted = crate::views::accepted(&hello);
+        if !sluice_config::SCHEMA_VERSIONS
+            .iter()
+            .any(|v| accepted.contains(v))
+        {
             // Sent anyway: the proxy's own validation decides, and its NACK
             // shows up in /proxies with the reason.
-            tracing::warn!(node_id = %hello.node_id, proxy = hello.schema_version, ours = sluice_config::SCHEMA_VERSION, "proxy speaks another policy schema version");
+            tracing::warn!(node_id = %hello.node_id, proxy = ?accepted, ours = ?sluice_config::SCHEMA_VERSIONS, "proxy accepts none of our policy schema versions");
         }
         let (tx, rx) = mpsc::channel(2);
         tokio::spawn(stream_task(
@@ -152,6 +156,7 @@ async fn stream_task(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let node = hello.node_id.clone();
+    let accepted = crate::views::accepted(&hello);
     let _guard = shared.proxies.connect(&hello);
     let connected_at = Instant::now();
     let mut snapshots = shared.snapshots.subscribe();
@@ -161,8 +166,11 @@ async fn stream_task(
     let mut refused: Option<String> = None;
     loop {
         let current = snapshots.borrow_and_update().clone();
-        if let Some(published) = current {
-            let version = &published.snapshot.version;
+        let snapshot = current
+            .as_ref()
+            .and_then(|p| crate::views::snapshot_for(&p.views, &accepted));
+        if let (Some(published), Some(snapshot)) = (current, snapshot) {
+            let version = &snapshot.version;
             let expected = in_flight
                 .as_ref()
                 .map(|f| &f.version)
@@ -170,7 +178,7 @@ async fn stream_task(
             // A refused version is not offered again on this stream; the next
             // change (or a new stream) is.
             if expected != Some(version) && refused.as_ref() != Some(version) {
-                let send = tx.send(Ok(published.snapshot.clone()));
+                let send = tx.send(Ok(snapshot.clone()));
                 let sent = tokio::select! {
                     r = send => r.is_ok(),
                     _ = shutdown.wait_for(|stop| *stop) => false,

@@ -39,6 +39,7 @@ pub mod k8s;
 mod metrics;
 pub mod proxies;
 pub mod source;
+pub mod views;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -46,7 +47,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sluice_api::pb;
-use sluice_config::{PolicySet, SCHEMA_VERSION};
+use sluice_config::{EffectiveWeights, FileWeights, PolicySet};
 use tokio::sync::watch;
 
 pub use cli::{Args, Source, cli_main};
@@ -231,11 +232,12 @@ impl Default for ControlPlaneConfig {
     }
 }
 
-/// The snapshot every proxy should have, ready to send.
+/// The policy set in force and what each schema version's proxies receive of it.
 #[derive(Debug)]
 pub(crate) struct Published {
     pub(crate) set: PolicySet,
-    pub(crate) snapshot: pb::Snapshot,
+    /// One per schema version this build writes, oldest first (see [`views`]).
+    pub(crate) views: Vec<views::View>,
     /// When this version replaced the previous one (push latency starts here).
     pub(crate) changed_at: Instant,
 }
@@ -294,6 +296,11 @@ pub(crate) struct Shared {
     /// Service endpoints that `service` backends resolve to.
     pub(crate) endpoints: Mutex<ServiceEndpoints>,
     pub(crate) snapshots: watch::Sender<Option<Arc<Published>>>,
+    /// Last expressible form of each policy per schema version.
+    pub(crate) view_memory: Mutex<views::ViewMemory>,
+    /// The weights proxies receive for each weighted rule: the rollout engine's hook
+    /// (the file's weights while there is none).
+    pub(crate) effective: Box<dyn EffectiveWeights + Send + Sync>,
     pub(crate) proxies: ProxyRegistry,
     pub(crate) metrics: Metrics,
     pub(crate) ready: std::sync::atomic::AtomicBool,
@@ -349,35 +356,53 @@ impl Shared {
         }
     }
 
+    /// Publishes `set` when what any proxy would receive of it changed: the set
+    /// itself or, for the same set, the effective weights (a rollout step).
     fn publish(&self, set: PolicySet, policies: Vec<pb::PolicyMeta>) {
+        let views = {
+            let mut memory = self.view_memory.lock().unwrap_or_else(|e| e.into_inner());
+            views::build(&set, &policies, &*self.effective, &mut memory)
+        };
+        let versions = |v: &[views::View]| -> Vec<String> {
+            v.iter().map(|v| v.snapshot.version.clone()).collect()
+        };
         let changed = self.snapshots.send_if_modified(|cur| {
-            if cur.as_ref().is_some_and(|p| p.set.hash() == set.hash()) {
+            if cur.as_ref().is_some_and(|p| {
+                p.set.hash() == set.hash() && versions(&p.views) == versions(&views)
+            }) {
                 return false;
             }
-            let snapshot = pb::Snapshot {
-                version: set.hash().to_string(),
-                schema_version: SCHEMA_VERSION,
-                canonical: bytes::Bytes::copy_from_slice(set.canonical_bytes()),
-                policies,
-            };
             *cur = Some(Arc::new(Published {
                 set: set.clone(),
-                snapshot,
+                views: views.clone(),
                 changed_at: Instant::now(),
             }));
             true
         });
         if changed {
-            tracing::info!(version = %set.hash(), policies = set.policies().len(), "publishing policy set");
-            self.metrics.set_policy_hash(set.hash());
+            let version = views
+                .last()
+                .map(|v| v.snapshot.version.as_str())
+                .unwrap_or_default();
+            tracing::info!(%version, policies = set.policies().len(), "publishing policy set");
+            for v in &views {
+                for h in &v.held_back {
+                    tracing::warn!(schema = v.schema, policy = %h.policy, needs = h.needs, state = h.state, "policy not expressible in an older schema version; its proxies get the last form they can take");
+                }
+            }
+            self.metrics.set_policy_hash(version);
+            self.metrics.set_held_back(&views);
         }
     }
 
+    /// The version the newest proxies receive: the content hash of the canonical
+    /// policies with their effective weights.
     pub(crate) fn current_version(&self) -> Option<String> {
         self.snapshots
             .borrow()
             .as_ref()
-            .map(|p| p.set.hash().to_string())
+            .and_then(|p| p.views.last())
+            .map(|v| v.snapshot.version.clone())
     }
 }
 
@@ -446,7 +471,8 @@ impl RunningControlPlane {
                 let v = snapshots
                     .borrow_and_update()
                     .as_ref()
-                    .map(|p| p.set.hash().to_string());
+                    .and_then(|p| p.views.last())
+                    .map(|v| v.snapshot.version.clone());
                 tx.send_replace(v);
             }
         });
@@ -504,6 +530,8 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error
         source: Mutex::new(source),
         endpoints: Mutex::new(endpoints),
         snapshots,
+        view_memory: Mutex::new(views::ViewMemory::default()),
+        effective: Box::new(FileWeights),
         changes: changes.clone(),
         proxies: ProxyRegistry::new(metrics.connected.clone(), changes),
         metrics,

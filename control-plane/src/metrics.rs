@@ -20,6 +20,7 @@ pub(crate) struct Metrics {
     /// From a version's publication (or the stream's start, if later) to its ACK.
     pub(crate) push_latency: Histogram,
     policy_info: IntGaugeVec,
+    held_back: IntGaugeVec,
 }
 
 impl Metrics {
@@ -66,6 +67,14 @@ impl Metrics {
             &["hash"],
         )
         .expect("valid metric");
+        let held_back = IntGaugeVec::new(
+            Opts::new(
+                "sluice_cp_policies_held_back",
+                "Policies proxies of an older schema version get in an older form (held) or not at all (withheld); always 1.",
+            ),
+            &["schema_version", "policy", "state"],
+        )
+        .expect("valid metric");
         for m in [
             Box::new(connected.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(pushes.clone()),
@@ -73,6 +82,7 @@ impl Metrics {
             Box::new(validation_failures.clone()),
             Box::new(push_latency.clone()),
             Box::new(policy_info.clone()),
+            Box::new(held_back.clone()),
         ] {
             registry.register(m).expect("metric names are unique");
         }
@@ -87,6 +97,19 @@ impl Metrics {
             validation_failures,
             push_latency,
             policy_info,
+            held_back,
+        }
+    }
+
+    /// One series per policy that a schema version's proxies get held back.
+    pub(crate) fn set_held_back(&self, views: &[crate::views::View]) {
+        self.held_back.reset();
+        for v in views {
+            for h in &v.held_back {
+                self.held_back
+                    .with_label_values(&[&v.schema.to_string(), &h.policy, h.state])
+                    .set(1);
+            }
         }
     }
 

@@ -22,8 +22,10 @@ pub struct ProxyRecord {
     pub service: String,
     /// Its binary version.
     pub proxy_version: String,
-    /// The policy schema version it understands.
+    /// The newest policy schema version it understands.
     pub schema_version: u32,
+    /// Every schema version it accepts; it receives the view of the newest of them.
+    pub accepted_schema_versions: Vec<u32>,
     /// The last version sent to it.
     pub version_sent: Option<String>,
     /// When that version was sent (ms since the Unix epoch).
@@ -89,6 +91,7 @@ impl ProxyRegistry {
         r.service = hello.service.clone();
         r.proxy_version = hello.proxy_version.clone();
         r.schema_version = hello.schema_version;
+        r.accepted_schema_versions = crate::views::accepted(hello);
         if !hello.last_applied_version.is_empty() {
             r.acked_version = Some(hello.last_applied_version.clone());
         }

@@ -280,7 +280,10 @@ fn walk_spine(node: &Value, path: &str, out: &mut Vec<String>) {
             "{path}: x-kubernetes-int-or-string must not have a `type`"
         ));
     }
-    if flag("nullable") && ty.is_none() {
+    // An optional int-or-string is `nullable` without a `type`: kube-core's
+    // `OptionalIntOrString` transform writes it so, as k8s-openapi's optional
+    // IntOrString fields are, and the API server accepts it.
+    if flag("nullable") && ty.is_none() && !int_or_string {
         out.push(format!("{path}: `nullable` needs a `type`"));
     }
     if flag("uniqueItems") {

@@ -13,6 +13,8 @@
 //! [`reliability`] is the suite that runs load through a child proxy while faults
 //! happen, and [`malformed`] the hand-written bad HTTP it sends. [`netns`] sets up
 //! network namespaces for the transparent-mode and two-pod tests.
+//! [`SchemaSubscriber`] is the real policy subscriber without a proxy around it,
+//! accepting only the schema versions a test gives (an older release's).
 //!
 //! Tests never sleep to wait for something: they wait on a condition with
 //! [`wait_until`], which polls with a bounded deadline and fails the test with a
@@ -28,6 +30,7 @@ pub mod netns;
 pub mod otlp;
 mod proxy;
 pub mod reliability;
+mod subscriber;
 mod upstream;
 pub mod ws;
 
@@ -37,6 +40,7 @@ use std::time::{Duration, Instant};
 pub use client::{HttpConn, Reply, ReqBody, full_body};
 pub use control_plane::TestControlPlane;
 pub use proxy::{ChildProxy, MeshTls, ProcMemory, ProxyOptions, TestProxy};
+pub use subscriber::{RecordingSink, SchemaSubscriber};
 pub use upstream::{Protocol, Stall, Upstream, tcp_echo};
 
 /// The error type the harness passes around.

@@ -151,6 +151,7 @@ async fn proxy(
             schema_version: sluice_config::SCHEMA_VERSION,
             proxy_version: "push-bench".into(),
             last_applied_version: String::new(),
+            accepted_schema_versions: sluice_config::SCHEMA_VERSIONS.to_vec(),
         })),
     })
     .await?;

@@ -16,6 +16,7 @@ mod pods;
 mod reliability;
 mod reload;
 mod routing;
+mod schema_versions;
 mod shutdown;
 mod streaming;
 mod telemetry;
