@@ -16,6 +16,10 @@
 //! and the sticky-split hash ([`sticky_point`], [`weighted_backend`]) live here too,
 //! so the proxy and the validator share one definition of each.
 //!
+//! Every parse is bounded ([`Limits`], module `limits`): before serde_yaml builds a
+//! value, a streaming pass refuses a file that is too large, nested too deep,
+//! expands to too many nodes through aliases, or holds too many routes or policies.
+//!
 //! The `crd` feature adds the kube-rs `CustomResource` derive (the Kubernetes type
 //! is `RoutePolicyResource`) and JSON schemas; default builds carry no Kubernetes
 //! crates.
@@ -23,6 +27,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod duration;
+mod limits;
 mod model;
 mod parse;
 mod precedence;
@@ -31,6 +36,7 @@ mod sticky;
 mod validate;
 
 pub use duration::{Duration, DurationParseError};
+pub use limits::{Limits, MAX_DEPTH_CEILING};
 pub use model::*;
 pub use precedence::{compare_matches, precedence_order, prefix_matches};
 pub use sticky::{STICKY_POINTS, sticky_point, weighted_backend};
@@ -105,7 +111,17 @@ impl fmt::Display for DisplayList<'_> {
 /// semantic checks continue after the first problem. Two policies of the file with
 /// the same namespace and name, or the same host, are refused.
 pub fn parse_policies(file: &str, text: &str) -> Result<Vec<RoutePolicy>, ConfigError> {
-    let (located, mut errors) = parse::parse_file(file, text);
+    parse_policies_with(file, text, &Limits::default())
+}
+
+/// [`parse_policies`] within the given limits instead of the defaults.
+pub fn parse_policies_with(
+    file: &str,
+    text: &str,
+    limits: &Limits,
+) -> Result<Vec<RoutePolicy>, ConfigError> {
+    let mut usage = limits::SetUsage::default();
+    let (located, mut errors) = parse::parse_file(file, text, limits, &mut usage);
     errors.extend(parse::check_unique(&located));
     if errors.is_empty() {
         Ok(located.into_iter().map(|l| l.policy).collect())
@@ -129,7 +145,17 @@ impl PolicySet {
     /// Kubernetes objects). Positions are not known here, so diagnostics name the
     /// policy (`namespace/name`) as their file with line and column 1; use
     /// [`PolicySet::from_files`] to get real positions.
-    pub fn new(mut policies: Vec<RoutePolicy>) -> Result<Self, ConfigError> {
+    pub fn new(policies: Vec<RoutePolicy>) -> Result<Self, ConfigError> {
+        Self::new_with(policies, &Limits::default())
+    }
+
+    /// [`PolicySet::new`] with the counts of policies and routes checked against
+    /// `limits` (the other limits are about text, which policies built in code never were).
+    pub fn new_with(mut policies: Vec<RoutePolicy>, limits: &Limits) -> Result<Self, ConfigError> {
+        let over = limits::check_counts(&policies, limits);
+        if !over.is_empty() {
+            return Err(ConfigError::Invalid(over));
+        }
         let mut errors = Vec::new();
         let mut located = Vec::with_capacity(policies.len());
         for p in &policies {
@@ -164,10 +190,20 @@ impl PolicySet {
     pub fn from_files<'a>(
         files: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> Result<Self, ConfigError> {
+        Self::from_files_with(files, &Limits::default())
+    }
+
+    /// [`PolicySet::from_files`] within the given limits; the policies and bytes of
+    /// all files count together against `max_policies` and `max_total_bytes`.
+    pub fn from_files_with<'a>(
+        files: impl IntoIterator<Item = (&'a str, &'a str)>,
+        limits: &Limits,
+    ) -> Result<Self, ConfigError> {
         let mut located = Vec::new();
         let mut errors = Vec::new();
+        let mut usage = limits::SetUsage::default();
         for (name, text) in files {
-            let (ok, errs) = parse::parse_file(name, text);
+            let (ok, errs) = parse::parse_file(name, text, limits, &mut usage);
             located.extend(ok);
             errors.extend(errs);
         }
@@ -203,6 +239,16 @@ impl PolicySet {
 
     /// Parses and validates a set from its canonical bytes (as carried in snapshots).
     pub fn from_canonical(source: &str, bytes: &[u8]) -> Result<Self, ConfigError> {
+        Self::from_canonical_with(source, bytes, &Limits::default())
+    }
+
+    /// [`PolicySet::from_canonical`] within the given limits: the bytes hold a whole
+    /// set, so they are held to [`Limits::for_whole_set`].
+    pub fn from_canonical_with(
+        source: &str,
+        bytes: &[u8],
+        limits: &Limits,
+    ) -> Result<Self, ConfigError> {
         let text = std::str::from_utf8(bytes).map_err(|e| {
             ConfigError::Invalid(vec![Diagnostic {
                 file: source.to_string(),
@@ -212,7 +258,9 @@ impl PolicySet {
                 message: format!("not UTF-8: {e}"),
             }])
         })?;
-        let (located, mut errors) = parse::parse_file(source, text);
+        let mut usage = limits::SetUsage::default();
+        let (located, mut errors) =
+            parse::parse_file(source, text, &limits.for_whole_set(), &mut usage);
         errors.extend(parse::check_unique(&located));
         if !errors.is_empty() {
             return Err(ConfigError::Invalid(errors));

@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_path_to_error::Segment;
 use serde_yaml::Value;
 
+use crate::limits::{self, Limits, SetUsage};
 use crate::spans::{self, DocSpans, Pos, child_index, child_key};
 use crate::validate::{self, Finding};
 use crate::{API_VERSION, Diagnostic, KIND, RoutePolicy};
@@ -28,10 +29,13 @@ pub(crate) struct Located<'a> {
 
 impl Located<'_> {
     /// Where `path` was written. Only called on the error path, so the span pass
-    /// runs again rather than being kept for every valid policy.
-    fn locate(&self, path: &str) -> Pos {
+    /// runs then rather than being kept for every valid policy; `cache` keeps it for
+    /// the other policies of the same text.
+    fn locate(&self, path: &str, cache: &mut HashMap<*const u8, Vec<DocSpans>>) -> Pos {
         match self.source {
-            Some((text, doc)) => spans::collect(text)
+            Some((text, doc)) => cache
+                .entry(text.as_ptr())
+                .or_insert_with(|| spans::collect(text))
                 .get(doc)
                 .map_or(Pos::START, |d| d.locate(path, false)),
             None => Pos::START,
@@ -39,16 +43,54 @@ impl Located<'_> {
     }
 }
 
+/// What `expecting` says when a document yaml-rust2 found broken is refused
+/// before serde_yaml builds anything from it.
+const UNCHECKED: &str = "a document checked against the limits";
+
+/// Refuses whatever serde_yaml loads, so that loading a document surfaces
+/// serde_yaml's own syntax error without materialising anything.
+struct RefuseAny;
+
+impl<'de> serde::de::Visitor<'de> for RefuseAny {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(UNCHECKED)
+    }
+}
+
 /// Parses and validates every document of one file, without cross-policy checks.
 ///
 /// The span-aware pass runs only once something is wrong: valid files (every
 /// snapshot a proxy receives) pay for one YAML parse, not two.
-pub(crate) fn parse_file<'a>(file: &str, text: &'a str) -> (Vec<Located<'a>>, Vec<Diagnostic>) {
+pub(crate) fn parse_file<'a>(
+    file: &str,
+    text: &'a str,
+    limits: &Limits,
+    usage: &mut SetUsage,
+) -> (Vec<Located<'a>>, Vec<Diagnostic>) {
+    let unchecked = match limits::check_text(file, text, limits, usage) {
+        Ok(u) => u,
+        Err(refused) => return (Vec::new(), vec![refused]),
+    };
     let spans = LazyCell::new(|| spans::collect(text));
     let empty = DocSpans::default();
     let mut out = Vec::new();
     let mut errors = Vec::new();
     for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+        if let Some(u) = unchecked.as_ref().filter(|u| i >= u.doc) {
+            // The limits were checked only up to yaml-rust2's syntax error. libyaml
+            // usually refuses the same document, and its wording is kept; if it
+            // accepts it, yaml-rust2's error stands, and nothing is built either way.
+            use serde::Deserializer as _;
+            match doc.deserialize_any(RefuseAny) {
+                Err(e) if !e.to_string().contains(UNCHECKED) => {
+                    errors.push(syntax_error(file, text, &e))
+                }
+                _ => errors.push(u.error.clone()),
+            }
+            break;
+        }
         let sp = || spans.get(i).unwrap_or(&empty);
         let diag = |f: Finding| {
             let pos = sp().locate(&f.path, f.at_key);
@@ -340,24 +382,25 @@ pub(crate) fn check_unique(items: &[Located<'_>]) -> Vec<Diagnostic> {
     let mut names: HashMap<(&str, &str), &Located<'_>> = HashMap::new();
     let mut hosts: HashMap<&str, &Located<'_>> = HashMap::new();
     let mut out = Vec::new();
-    let at = |item: &Located<'_>, path: &str| {
-        let p = item.locate(path);
-        format!("{}:{}:{}", item.file, p.line, p.column)
+    let mut cache = HashMap::new();
+    let mut at = |item: &Located<'_>, path: &str| {
+        let p = item.locate(path, &mut cache);
+        (p, format!("{}:{}:{}", item.file, p.line, p.column))
     };
     for item in items {
         let m = &item.policy.metadata;
         let ns = m.namespace.as_deref().unwrap_or("default");
         if let Some(first) = names.get(&(ns, m.name.as_str())) {
-            let pos = item.locate("metadata.name");
+            let (pos, _) = at(item, "metadata.name");
+            let (_, first_at) = at(first, "metadata.name");
             out.push(Diagnostic {
                 file: item.file.clone(),
                 line: pos.line,
                 column: pos.column,
                 path: "metadata.name".to_string(),
                 message: format!(
-                    "duplicate policy {ns}/{} (also at {})",
+                    "duplicate policy {ns}/{} (also at {first_at})",
                     m.name,
-                    at(first, "metadata.name")
                 ),
             });
         } else {
@@ -366,17 +409,17 @@ pub(crate) fn check_unique(items: &[Located<'_>]) -> Vec<Diagnostic> {
         let host = item.policy.spec.host.as_str();
         if let Some(first) = hosts.get(host) {
             let fm = &first.policy.metadata;
-            let pos = item.locate("spec.host");
+            let (pos, _) = at(item, "spec.host");
+            let (_, first_at) = at(first, "spec.host");
             out.push(Diagnostic {
                 file: item.file.clone(),
                 line: pos.line,
                 column: pos.column,
                 path: "spec.host".to_string(),
                 message: format!(
-                    "host {host:?} already has a policy: {}/{} at {}",
+                    "host {host:?} already has a policy: {}/{} at {first_at}",
                     fm.namespace.as_deref().unwrap_or("default"),
                     fm.name,
-                    at(first, "spec.host")
                 ),
             });
         } else {
