@@ -490,6 +490,112 @@ impl<'a> Walk<'a> {
     }
 }
 
+/// What a walk of an unchecked document says when it runs out of budget.
+const OVER_BUDGET: &str = "over the limits of policy input";
+
+/// Walks one document as serde_yaml loaded it, building nothing and stopping once it
+/// has visited `max_nodes` nodes (aliases replayed included), so the document's own
+/// syntax error, which serde_yaml reports only at the end of what it loaded, can be
+/// told without trusting what comes before it.
+pub(crate) fn walk_unchecked(
+    doc: serde_yaml::Deserializer<'_>,
+    limits: &Limits,
+) -> Result<(), serde_yaml::Error> {
+    use serde::de::DeserializeSeed;
+    let budget = std::cell::Cell::new(limits.max_nodes);
+    Counted(&budget).deserialize(doc)
+}
+
+/// Whether a [`walk_unchecked`] error is its own budget running out.
+pub(crate) fn is_over_budget(e: &serde_yaml::Error) -> bool {
+    e.to_string().contains(OVER_BUDGET)
+}
+
+/// A node of [`walk_unchecked`], charged to the budget it shares with every other.
+#[derive(Clone, Copy)]
+struct Counted<'b>(&'b std::cell::Cell<usize>);
+
+impl Counted<'_> {
+    fn charge<E: serde::de::Error>(self) -> Result<(), E> {
+        match self.0.get().checked_sub(1) {
+            Some(left) => {
+                self.0.set(left);
+                Ok(())
+            }
+            None => Err(E::custom(OVER_BUDGET)),
+        }
+    }
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for Counted<'_> {
+    type Value = ();
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Counted<'_> {
+    type Value = ();
+
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("any YAML node")
+    }
+
+    fn visit_bool<E: serde::de::Error>(self, _: bool) -> Result<(), E> {
+        self.charge()
+    }
+
+    fn visit_i64<E: serde::de::Error>(self, _: i64) -> Result<(), E> {
+        self.charge()
+    }
+
+    fn visit_u64<E: serde::de::Error>(self, _: u64) -> Result<(), E> {
+        self.charge()
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, _: f64) -> Result<(), E> {
+        self.charge()
+    }
+
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<(), E> {
+        self.charge()
+    }
+
+    fn visit_unit<E: serde::de::Error>(self) -> Result<(), E> {
+        self.charge()
+    }
+
+    fn visit_none<E: serde::de::Error>(self) -> Result<(), E> {
+        self.charge()
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<(), D::Error> {
+        d.deserialize_any(self)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        self.charge()?;
+        while seq.next_element_seed(self)?.is_some() {}
+        Ok(())
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<(), A::Error> {
+        self.charge()?;
+        while map.next_key_seed(self)?.is_some() {
+            map.next_value_seed(self)?;
+        }
+        Ok(())
+    }
+
+    fn visit_enum<A: serde::de::EnumAccess<'de>>(self, data: A) -> Result<(), A::Error> {
+        use serde::de::VariantAccess;
+        // A tagged node (`!tag value`): the tag, then its value.
+        let ((), value) = data.variant_seed(self)?;
+        value.newtype_variant_seed(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -43,22 +43,6 @@ impl Located<'_> {
     }
 }
 
-/// What `expecting` says when a document yaml-rust2 found broken is refused
-/// before serde_yaml builds anything from it.
-const UNCHECKED: &str = "a document checked against the limits";
-
-/// Refuses whatever serde_yaml loads, so that loading a document surfaces
-/// serde_yaml's own syntax error without materialising anything.
-struct RefuseAny;
-
-impl<'de> serde::de::Visitor<'de> for RefuseAny {
-    type Value = ();
-
-    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(UNCHECKED)
-    }
-}
-
 /// Parses and validates every document of one file, without cross-policy checks.
 ///
 /// The span-aware pass runs only once something is wrong: valid files (every
@@ -81,13 +65,11 @@ pub(crate) fn parse_file<'a>(
         if let Some(u) = unchecked.as_ref().filter(|u| i >= u.doc) {
             // The limits were checked only up to yaml-rust2's syntax error. libyaml
             // usually refuses the same document, and its wording is kept; if it
-            // accepts it, yaml-rust2's error stands, and nothing is built either way.
-            use serde::Deserializer as _;
-            match doc.deserialize_any(RefuseAny) {
-                Err(e) if !e.to_string().contains(UNCHECKED) => {
-                    errors.push(syntax_error(file, text, &e))
-                }
-                _ => errors.push(u.error.clone()),
+            // accepts it, yaml-rust2's error stands. Nothing is built either way.
+            match limits::walk_unchecked(doc, limits) {
+                Err(e) if limits::is_over_budget(&e) => errors.push(u.error.clone()),
+                Err(e) => errors.push(syntax_error(file, text, &e)),
+                Ok(()) => errors.push(u.error.clone()),
             }
             break;
         }
