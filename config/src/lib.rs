@@ -31,6 +31,7 @@ mod limits;
 mod model;
 mod parse;
 mod precedence;
+mod shadow;
 mod spans;
 mod sticky;
 mod validate;
