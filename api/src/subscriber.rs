@@ -194,6 +194,8 @@ pub struct SubscriberConfig {
     pub connect_timeout: Duration,
     /// The mesh root (PEM) an `https://` control plane's certificate must chain to.
     pub trust_root: Option<Vec<u8>>,
+    /// Bounds on a snapshot's policies (held to [`sluice_config::Limits::for_whole_set`]).
+    pub limits: sluice_config::Limits,
 }
 
 impl SubscriberConfig {
@@ -209,6 +211,7 @@ impl SubscriberConfig {
             backoff: Backoff::default(),
             connect_timeout: Duration::from_secs(5),
             trust_root: None,
+            limits: sluice_config::Limits::default(),
         }
     }
 }
@@ -448,7 +451,8 @@ fn check_and_apply<S: SnapshotSink>(
         return Err(error);
     }
     let source = format!("snapshot {}", snapshot.version);
-    let set = PolicySet::from_canonical(&source, &snapshot.canonical).map_err(|e| {
+    let set = PolicySet::from_canonical_with(&source, &snapshot.canonical, &cfg.limits)
+        .map_err(|e| {
         let error = e.to_string();
         sink.rejected(&snapshot.version, &error);
         error

@@ -131,6 +131,31 @@ pub fn parse_policies_with(
     }
 }
 
+/// [`parse_policies_with`] on the bytes of a file as read (at most one byte past
+/// `limits.max_file_bytes` need be read: more is refused for its size alone).
+pub fn parse_policy_bytes(
+    file: &str,
+    bytes: &[u8],
+    limits: &Limits,
+) -> Result<Vec<RoutePolicy>, ConfigError> {
+    let text = match std::str::from_utf8(bytes) {
+        Ok(text) => std::borrow::Cow::Borrowed(text),
+        // Cut short by the size limit, the last character may be split: the size is
+        // the problem to report.
+        Err(_) if bytes.len() > limits.max_file_bytes => String::from_utf8_lossy(bytes),
+        Err(e) => {
+            return Err(ConfigError::Invalid(vec![Diagnostic {
+                file: file.to_string(),
+                line: 1,
+                column: 1,
+                path: String::new(),
+                message: format!("not UTF-8: {e}"),
+            }]));
+        }
+    };
+    parse_policies_with(file, &text, limits)
+}
+
 /// The validated policies of a mesh in canonical order, with their content hash.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PolicySet {

@@ -18,21 +18,59 @@ use yaml_rust2::scanner::{Marker, TScalarStyle};
 use crate::{Diagnostic, RoutePolicy};
 
 /// How large policy input may be. Every parse is bounded; [`Limits::default`] is
-/// what the proxy and the control plane use unless told otherwise by flag.
+/// what the proxy and the control plane use unless told otherwise by flag (with the
+/// `clap` feature these fields are the `--policy-max-*` flags, `SLUICE_POLICY_MAX_*`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::Args))]
 pub struct Limits {
     /// Bytes in one policy file.
+    #[cfg_attr(feature = "clap", arg(
+        long = "policy-max-file-bytes",
+        env = "SLUICE_POLICY_MAX_FILE_BYTES",
+        value_name = "BYTES",
+        default_value_t = Limits::DEFAULT.max_file_bytes,
+    ))]
     pub max_file_bytes: usize,
-    /// Bytes in all files of one set together (the control plane's directory, a snapshot).
+    /// Bytes in all policy files together (the control plane's directory; a snapshot from it).
+    #[cfg_attr(feature = "clap", arg(
+        long = "policy-max-total-bytes",
+        env = "SLUICE_POLICY_MAX_TOTAL_BYTES",
+        value_name = "BYTES",
+        default_value_t = Limits::DEFAULT.max_total_bytes,
+    ))]
     pub max_total_bytes: usize,
-    /// Nesting depth of mappings and sequences, aliases expanded.
+    /// Nesting depth of mappings and sequences in a policy file, aliases expanded.
+    #[cfg_attr(feature = "clap", arg(
+        long = "policy-max-depth",
+        env = "SLUICE_POLICY_MAX_DEPTH",
+        value_name = "LEVELS",
+        default_value_t = Limits::DEFAULT.max_depth,
+        value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..=MAX_DEPTH_CEILING as u64),
+    ))]
     pub max_depth: usize,
-    /// Nodes one file expands to: every scalar, mapping and sequence, with each alias
-    /// counted as the nodes of its anchor (the alias-expansion budget).
+    /// Nodes a policy file may expand to, each alias counted as the nodes it repeats.
+    #[cfg_attr(feature = "clap", arg(
+        long = "policy-max-nodes",
+        env = "SLUICE_POLICY_MAX_NODES",
+        value_name = "N",
+        default_value_t = Limits::DEFAULT.max_nodes,
+    ))]
     pub max_nodes: usize,
     /// Routes in one policy.
+    #[cfg_attr(feature = "clap", arg(
+        long = "policy-max-routes",
+        env = "SLUICE_POLICY_MAX_ROUTES",
+        value_name = "N",
+        default_value_t = Limits::DEFAULT.max_routes,
+    ))]
     pub max_routes: usize,
-    /// Policies in one set (one file for a proxy, the whole mesh for the control plane).
+    /// Policies in all (a proxy's file; the control plane's whole mesh).
+    #[cfg_attr(feature = "clap", arg(
+        long = "policy-max-policies",
+        env = "SLUICE_POLICY_MAX_POLICIES",
+        value_name = "N",
+        default_value_t = Limits::DEFAULT.max_policies,
+    ))]
     pub max_policies: usize,
 }
 
@@ -41,18 +79,22 @@ pub const MAX_DEPTH_CEILING: usize = 100;
 
 impl Default for Limits {
     fn default() -> Self {
-        Self {
-            max_file_bytes: 1024 * 1024,
-            max_total_bytes: 16 * 1024 * 1024,
-            max_depth: 32,
-            max_nodes: 200_000,
-            max_routes: 1_000,
-            max_policies: 10_000,
-        }
+        Self::DEFAULT
     }
 }
 
 impl Limits {
+    /// The defaults: generous for hand-written policies, and small enough that
+    /// refusing the worst file within them costs a few megabytes.
+    pub const DEFAULT: Limits = Limits {
+        max_file_bytes: 1024 * 1024,
+        max_total_bytes: 16 * 1024 * 1024,
+        max_depth: 32,
+        max_nodes: 200_000,
+        max_routes: 1_000,
+        max_policies: 10_000,
+    };
+
     /// The limits for one text holding a whole set (a snapshot's canonical bytes):
     /// the total size applies to it, and its node budget grows in proportion.
     pub fn for_whole_set(&self) -> Limits {
@@ -97,8 +139,7 @@ pub(crate) fn check_text(
             at,
             1,
             format!(
-                "the file is {} bytes, more than the {} allowed in one policy file (--policy-max-file-bytes)",
-                text.len(),
+                "the file holds more than the {} bytes allowed in one policy file (--policy-max-file-bytes)",
                 limits.max_file_bytes
             ),
         ));
@@ -622,7 +663,7 @@ mod tests {
         };
         assert_eq!(
             refusal("a: 1\nb: 2\nc: 3\n", &limits),
-            "f.yaml:3:1: the file is 15 bytes, more than the 10 allowed in one policy file (--policy-max-file-bytes)"
+            "f.yaml:3:1: the file holds more than the 10 bytes allowed in one policy file (--policy-max-file-bytes)"
         );
     }
 
