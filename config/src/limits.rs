@@ -122,6 +122,23 @@ pub(crate) struct Unchecked {
     pub(crate) doc: usize,
     /// yaml-rust2's account of it, used if serde_yaml accepts the document.
     pub(crate) error: Diagnostic,
+    /// Where serde_yaml's reading must end: the end of the error's line, at most
+    /// [`UNCHECKED_TAIL`] bytes past the error, so libyaml never reads what was not walked.
+    pub(crate) cut: usize,
+}
+
+/// How far past yaml-rust2's syntax error libyaml may read to give its own account.
+const UNCHECKED_TAIL: usize = 4096;
+
+/// The byte offset [`Unchecked::cut`] for an error at character `index` of `text`.
+fn cut_after(text: &str, index: usize) -> usize {
+    let at = text.char_indices().nth(index).map_or(text.len(), |(b, _)| b);
+    let line_end = text[at..].find('\n').map_or(text.len(), |n| at + n + 1);
+    let mut cut = line_end.min(at.saturating_add(UNCHECKED_TAIL)).min(text.len());
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    cut
 }
 
 /// Checks one file against `limits`, counting it into `usage`. `Err` refuses the
@@ -292,9 +309,15 @@ impl<'a> Walk<'a> {
         loop {
             let (event, mark) = match parser.next_token() {
                 Ok(e) => e,
+                // yaml-rust2 scans flow collections ahead of the events it emits and
+                // stops at 255 open levels: the depth limit, reached early.
+                Err(e) if e.info() == "recursion limit exceeded" => {
+                    return Err(self.too_deep(*e.marker()));
+                }
                 Err(e) => {
                     let m = *e.marker();
                     return Ok(Some(Unchecked {
+                        cut: cut_after(text, m.index()),
                         // Between documents, the error belongs to the next one.
                         doc: if in_doc || !started {
                             self.doc

@@ -61,15 +61,23 @@ pub(crate) fn parse_file<'a>(
     let empty = DocSpans::default();
     let mut out = Vec::new();
     let mut errors = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    // Past yaml-rust2's syntax error nothing was checked: libyaml reads no further
+    // than just past it.
+    let yaml = unchecked.as_ref().map_or(text, |u| &text[..u.cut]);
+    for (i, doc) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
         if let Some(u) = unchecked.as_ref().filter(|u| i >= u.doc) {
             // The limits were checked only up to yaml-rust2's syntax error. libyaml
             // usually refuses the same document, and its wording is kept; if it
             // accepts it, yaml-rust2's error stands. Nothing is built either way.
             match limits::walk_unchecked(doc, limits) {
-                Err(e) if limits::is_over_budget(&e) => errors.push(u.error.clone()),
-                Err(e) => errors.push(syntax_error(file, text, &e)),
-                Ok(()) => errors.push(u.error.clone()),
+                // An error past the error's line is the cut's doing.
+                Err(e)
+                    if !limits::is_over_budget(&e)
+                        && e.location().is_some_and(|l| l.line() <= u.error.line) =>
+                {
+                    errors.push(syntax_error(file, text, &e))
+                }
+                _ => errors.push(u.error.clone()),
             }
             break;
         }

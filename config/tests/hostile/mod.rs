@@ -102,13 +102,13 @@ pub fn cases() -> Vec<(&'static str, String, String)> {
         (
             "deep-flow-nesting.yaml",
             deep_flow_nesting(),
-            "deep-flow-nesting.yaml:1:33: nested more than 32 levels deep (--policy-max-depth)"
+            "deep-flow-nesting.yaml:1:256: nested more than 32 levels deep (--policy-max-depth)"
                 .to_string(),
         ),
         (
             "oversized.yaml",
             oversized(),
-            "oversized.yaml:15728:1: the file holds more than the 1048576 bytes allowed in one policy file (--policy-max-file-bytes)".to_string(),
+            "oversized.yaml:15892:1: the file holds more than the 1048576 bytes allowed in one policy file (--policy-max-file-bytes)".to_string(),
         ),
         (
             "too-many-routes.yaml",
