@@ -451,12 +451,12 @@ fn check_and_apply<S: SnapshotSink>(
         return Err(error);
     }
     let source = format!("snapshot {}", snapshot.version);
-    let set = PolicySet::from_canonical_with(&source, &snapshot.canonical, &cfg.limits)
-        .map_err(|e| {
-        let error = e.to_string();
-        sink.rejected(&snapshot.version, &error);
-        error
-    })?;
+    let set =
+        PolicySet::from_canonical_with(&source, &snapshot.canonical, &cfg.limits).map_err(|e| {
+            let error = e.to_string();
+            sink.rejected(&snapshot.version, &error);
+            error
+        })?;
     if set.hash() != snapshot.version {
         // Same policies, different serialisation (e.g. proxy and control plane
         // built from different sluice-config releases): the content is what was

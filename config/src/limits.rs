@@ -132,9 +132,14 @@ const UNCHECKED_TAIL: usize = 4096;
 
 /// The byte offset [`Unchecked::cut`] for an error at character `index` of `text`.
 fn cut_after(text: &str, index: usize) -> usize {
-    let at = text.char_indices().nth(index).map_or(text.len(), |(b, _)| b);
+    let at = text
+        .char_indices()
+        .nth(index)
+        .map_or(text.len(), |(b, _)| b);
     let line_end = text[at..].find('\n').map_or(text.len(), |n| at + n + 1);
-    let mut cut = line_end.min(at.saturating_add(UNCHECKED_TAIL)).min(text.len());
+    let mut cut = line_end
+        .min(at.saturating_add(UNCHECKED_TAIL))
+        .min(text.len());
     while !text.is_char_boundary(cut) {
         cut -= 1;
     }
@@ -223,7 +228,10 @@ pub(crate) fn check_counts(policies: &[RoutePolicy], limits: &Limits) -> Vec<Dia
 /// 1-based line holding byte `at` of `text` (or its last line).
 fn line_of_byte(text: &str, at: usize) -> usize {
     let end = at.min(text.len());
-    1 + text.as_bytes()[..end].iter().filter(|&&b| b == b'\n').count()
+    1 + text.as_bytes()[..end]
+        .iter()
+        .filter(|&&b| b == b'\n')
+        .count()
 }
 
 fn diagnostic(file: &str, line: usize, column: usize, message: String) -> Diagnostic {
@@ -719,7 +727,11 @@ mod tests {
             refusal(text, &limits),
             "f.yaml:3:9: this alias repeats 34 nodes, and with them the file expands to more than the 100 nodes allowed (aliases count as the nodes they repeat; --policy-max-nodes)"
         );
-        assert!(check(&text.replace(", *b]", "]"), &limits).unwrap().is_none());
+        assert!(
+            check(&text.replace(", *b]", "]"), &limits)
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
@@ -744,7 +756,11 @@ mod tests {
             "f.yaml:3:18: more than 2 routes in one policy (--policy-max-routes)"
         );
         // Only spec.routes counts.
-        assert!(check("other: [a, b, c]\nspec: {x: [a, b, c]}\n", &limits).unwrap().is_none());
+        assert!(
+            check("other: [a, b, c]\nspec: {x: [a, b, c]}\n", &limits)
+                .unwrap()
+                .is_none()
+        );
         let aliased = "x: &r [a, b, c]\nspec:\n  routes: *r\n";
         assert_eq!(
             refusal(aliased, &limits),

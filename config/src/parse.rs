@@ -388,10 +388,7 @@ pub(crate) fn check_unique(items: &[Located<'_>]) -> Vec<Diagnostic> {
                 line: pos.line,
                 column: pos.column,
                 path: "metadata.name".to_string(),
-                message: format!(
-                    "duplicate policy {ns}/{} (also at {first_at})",
-                    m.name,
-                ),
+                message: format!("duplicate policy {ns}/{} (also at {first_at})", m.name,),
             });
         } else {
             names.insert((ns, m.name.as_str()), item);

@@ -222,7 +222,8 @@ mod tests {
             Some(("prefix", "")),
         ];
         let methods = [None, Some("GET"), Some("POST")];
-        let headers: [&[(&str, &str)]; 4] = [&[], &[("x", "1")], &[("x", "1"), ("y", "2")], &[("y", "2")]];
+        let headers: [&[(&str, &str)]; 4] =
+            [&[], &[("x", "1")], &[("x", "1"), ("y", "2")], &[("y", "2")]];
         // Every combination, in several file orders: a small deterministic shuffle.
         let mut all = Vec::new();
         for p in paths {
@@ -248,11 +249,25 @@ mod tests {
             .map(|i| route(Some(("prefix", &format!("/api/v1/r{i}"))), None, &[]))
             .collect();
         let headers: Vec<Route> = (0..n)
-            .map(|i| route(Some(("prefix", "/api")), Some("GET"), &[("x-tenant", &i.to_string())]))
+            .map(|i| {
+                route(
+                    Some(("prefix", "/api")),
+                    Some("GET"),
+                    &[("x-tenant", &i.to_string())],
+                )
+            })
             .collect();
-        let copies: Vec<Route> = (0..n).map(|_| route(Some(("exact", "/a")), None, &[])).collect();
+        let copies: Vec<Route> = (0..n)
+            .map(|_| route(Some(("exact", "/a")), None, &[]))
+            .collect();
         let nested: Vec<Route> = (0..n)
-            .map(|i| route(Some(("prefix", &"/a".repeat(i % 50 + 1))), None, &[("t", &(i / 50).to_string())]))
+            .map(|i| {
+                route(
+                    Some(("prefix", &"/a".repeat(i % 50 + 1))),
+                    None,
+                    &[("t", &(i / 50).to_string())],
+                )
+            })
             .collect();
         [&distinct, &headers, &copies, &nested].map(|r| indexed(r).1)
     }

@@ -96,7 +96,11 @@ fn refusing_each_hostile_file_stays_under_64_mib() {
     for (name, text) in &cases {
         let peak = peak_while_refusing(name, text);
         report.push(format!("{name}: {:.2} MiB", peak as f64 / MIB as f64));
-        assert!(peak < 64 * MIB, "{name}: peak {peak} bytes\n{}", report.join("\n"));
+        assert!(
+            peak < 64 * MIB,
+            "{name}: peak {peak} bytes\n{}",
+            report.join("\n")
+        );
     }
     // The figures, for anyone tuning the limits (`--nocapture`).
     eprintln!("{}", report.join("\n"));

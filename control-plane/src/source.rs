@@ -106,7 +106,11 @@ pub struct FileView {
 impl PolicyDir {
     /// Opens the directory (which must exist) and restores last good versions
     /// from the state directory; nothing is read from the policy files yet.
-    pub(crate) fn open(dir: &Path, state_dir: Option<&Path>, limits: Limits) -> Result<Self, Error> {
+    pub(crate) fn open(
+        dir: &Path,
+        state_dir: Option<&Path>,
+        limits: Limits,
+    ) -> Result<Self, Error> {
         std::fs::read_dir(dir).map_err(|source| Error::PolicyDir {
             path: dir.to_path_buf(),
             source,
@@ -502,7 +506,8 @@ mod tests {
                 .starts_with("a.yaml:")
         );
 
-        let mut restarted = PolicyDir::open(dir.path(), Some(state.path()), Limits::default()).unwrap();
+        let mut restarted =
+            PolicyDir::open(dir.path(), Some(state.path()), Limits::default()).unwrap();
         assert_eq!(restarted.rescan().failures, 1);
         let (restored, _) = restarted.build_set().unwrap();
         assert_eq!(restored.hash(), set.hash());

@@ -191,11 +191,18 @@ async fn a_route_policy_over_the_limits_is_denied_without_being_built() {
     }
     deep["routes"][0]["match"] = json!({ "headers": { "x": nested } });
     for (spec, want) in [
-        (many, "more than 1000 routes in one policy (--policy-max-routes)"),
+        (
+            many,
+            "more than 1000 routes in one policy (--policy-max-routes)",
+        ),
         (deep, "nested more than 32 levels deep (--policy-max-depth)"),
     ] {
         let (code, body) = hook
-            .validate(&review("CREATE", ("sluice.dev", "RoutePolicy"), route_policy(spec)))
+            .validate(&review(
+                "CREATE",
+                ("sluice.dev", "RoutePolicy"),
+                route_policy(spec),
+            ))
             .await;
         assert_eq!(code, 200);
         assert_eq!(body["response"]["allowed"], false, "{body}");

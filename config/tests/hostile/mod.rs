@@ -15,19 +15,19 @@ spec:
 ";
 
 /// One anchor of 3,000 items referenced 3,000 times (18 KB): over 1 GB once built.
-pub fn alias_fan_out() -> String {
+pub(crate) fn alias_fan_out() -> String {
     let items = vec!["0"; 3_000].join(",");
     let aliases = vec!["*a"; 3_000].join(", ");
     format!("{HEAD}  x: &a [{items}]\n  y: [{aliases}]\n")
 }
 
 /// Block sequences nested 100,000 levels on one line (200 KB).
-pub fn deep_block_nesting() -> String {
+pub(crate) fn deep_block_nesting() -> String {
     format!("{}x\n", "- ".repeat(100_000))
 }
 
 /// Block mappings nested 1,400 levels, one more space of indent each (1 MB).
-pub fn deep_block_mappings() -> String {
+pub(crate) fn deep_block_mappings() -> String {
     let mut s = String::new();
     for i in 0..1_400 {
         let _ = writeln!(s, "{}a:", " ".repeat(i));
@@ -36,12 +36,12 @@ pub fn deep_block_mappings() -> String {
 }
 
 /// Flow sequences opened 100,000 times (100 KB).
-pub fn deep_flow_nesting() -> String {
+pub(crate) fn deep_flow_nesting() -> String {
     "[".repeat(100_000)
 }
 
 /// A valid policy padded with comments to one byte over the default 1 MiB.
-pub fn oversized() -> String {
+pub(crate) fn oversized() -> String {
     let mut s = format!("{HEAD}  inbound: {{}}\n");
     while s.len() <= 1024 * 1024 {
         s.push_str("# padding padding padding padding padding padding padding padding\n");
@@ -50,8 +50,9 @@ pub fn oversized() -> String {
 }
 
 /// A policy of `n` routes.
-pub fn routes(n: usize) -> String {
-    let mut s = format!("{HEAD}  backends:\n    v1: {{ addresses: [\"127.0.0.1:9101\"] }}\n  routes:\n");
+pub(crate) fn routes(n: usize) -> String {
+    let mut s =
+        format!("{HEAD}  backends:\n    v1: {{ addresses: [\"127.0.0.1:9101\"] }}\n  routes:\n");
     for i in 0..n {
         let _ = writeln!(
             s,
@@ -63,13 +64,13 @@ pub fn routes(n: usize) -> String {
 
 /// `n` documents in one file, each an empty mapping: counted as policies before
 /// anything else is looked at.
-pub fn policies(n: usize) -> String {
+pub(crate) fn policies(n: usize) -> String {
     "--- {}\n".repeat(n)
 }
 
 /// Just within every default limit and still refused (a list of 199,000 nodes where
 /// a name belongs): what refusing the largest file the limits let through costs.
-pub fn dense_within_limits() -> String {
+pub(crate) fn dense_within_limits() -> String {
     format!(
         "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: [{}] }}\n",
         vec!["0"; 199_000].join(",")
@@ -77,7 +78,7 @@ pub fn dense_within_limits() -> String {
 }
 
 /// Every generated case with the exact refusal it gets under the default limits.
-pub fn cases() -> Vec<(&'static str, String, String)> {
+pub(crate) fn cases() -> Vec<(&'static str, String, String)> {
     vec![
         (
             "alias-fan-out.yaml",

@@ -414,7 +414,10 @@ fn admission_request(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, Str
 /// Answers a RoutePolicy review: allowed when `sluice-config` accepts the spec,
 /// denied with the validator's messages (field paths) when it does not. Anything
 /// else (deletes, other kinds) is allowed.
-fn validate_review(body: &[u8], limits: &sluice_config::Limits) -> Result<AdmissionResponse, String> {
+fn validate_review(
+    body: &[u8],
+    limits: &sluice_config::Limits,
+) -> Result<AdmissionResponse, String> {
     let req = admission_request(body)?;
     let resp = AdmissionResponse::from(&req);
     if !matches!(req.operation, Operation::Create | Operation::Update)

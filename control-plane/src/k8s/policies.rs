@@ -145,7 +145,11 @@ impl KubePolicies {
                 let Ok(bytes) = sluice_api::read_policy_file(&path, limits.max_file_bytes) else {
                     continue;
                 };
-                match sluice_config::parse_policy_bytes(&path.display().to_string(), &bytes, &limits) {
+                match sluice_config::parse_policy_bytes(
+                    &path.display().to_string(),
+                    &bytes,
+                    &limits,
+                ) {
                     Ok(mut p) if p.len() == 1 => {
                         let policy = p.remove(0);
                         let key = (

@@ -238,7 +238,8 @@ async fn served(cp: &RunningControlPlane, f: impl Fn(&PolicySet) -> bool) -> Pol
 }
 
 fn single_hash(spec: Value, name: &str) -> String {
-    let policy = super::validate_object("shop", name, &spec, &sluice_config::Limits::default()).unwrap();
+    let policy =
+        super::validate_object("shop", name, &spec, &sluice_config::Limits::default()).unwrap();
     PolicySet::new(vec![policy]).unwrap().hash().to_string()
 }
 

@@ -118,7 +118,11 @@ async fn a_proxy_survives_hostile_files_at_start_and_on_edit() {
         })
         .await;
         assert!(proxy.is_alive(), "{name}:\n{}", proxy.log());
-        assert_eq!(proxy.admin_json("/config").await["version"], version, "{name}");
+        assert_eq!(
+            proxy.admin_json("/config").await["version"],
+            version,
+            "{name}"
+        );
         let mut conn = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
         let reply = conn.get("svc", "/").await.unwrap();
         assert_eq!(reply.status, StatusCode::OK, "{name}");
