@@ -20,7 +20,7 @@ pub mod subscriber;
 
 mod state;
 
-pub use state::{SNAPSHOT_FILE, load_saved, save_snapshot, write_atomic};
+pub use state::{SNAPSHOT_FILE, load_saved, read_policy_file, save_snapshot, write_atomic};
 pub use subscriber::{
     Backoff, Rejected, SnapshotSink, Subscriber, SubscriberConfig, SubscriberStatus,
     control_plane_endpoint,

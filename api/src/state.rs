@@ -37,6 +37,18 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Reads at most `limit + 1` bytes of a policy file: enough for the parser to refuse
+/// a larger file for its size ([`sluice_config::parse_policy_bytes`]) without a huge
+/// file ever being held in memory.
+pub fn read_policy_file(path: &Path, limit: usize) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?
+        .take(u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1))
+        .read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
 /// Persists the canonical bytes of an applied policy set in `state_dir`.
 pub fn save_snapshot(state_dir: &Path, set: &PolicySet) -> Result<(), Error> {
     let path = state_dir.join(SNAPSHOT_FILE);

@@ -198,6 +198,8 @@ pub struct SubscriberConfig {
     /// build reads). A snapshot in another version, or whose policies need a newer
     /// one than it says, is refused.
     pub schema_versions: Vec<u32>,
+    /// Bounds on a snapshot's policies (held to [`sluice_config::Limits::for_whole_set`]).
+    pub limits: sluice_config::Limits,
 }
 
 impl SubscriberConfig {
@@ -214,6 +216,7 @@ impl SubscriberConfig {
             connect_timeout: Duration::from_secs(5),
             trust_root: None,
             schema_versions: SCHEMA_VERSIONS.to_vec(),
+            limits: sluice_config::Limits::default(),
         }
     }
 }
@@ -454,11 +457,12 @@ fn check_and_apply<S: SnapshotSink>(
         return Err(error);
     }
     let source = format!("snapshot {}", snapshot.version);
-    let set = PolicySet::from_canonical(&source, &snapshot.canonical).map_err(|e| {
-        let error = e.to_string();
-        sink.rejected(&snapshot.version, &error);
-        error
-    })?;
+    let set =
+        PolicySet::from_canonical_with(&source, &snapshot.canonical, &cfg.limits).map_err(|e| {
+            let error = e.to_string();
+            sink.rejected(&snapshot.version, &error);
+            error
+        })?;
     if set.schema_version() > snapshot.schema_version {
         // What a proxy of that version would do: its validator does not know the
         // newer fields.

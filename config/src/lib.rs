@@ -16,6 +16,10 @@
 //! and the sticky-split hash ([`sticky_point`], [`weighted_backend`]) live here too,
 //! so the proxy and the validator share one definition of each.
 //!
+//! Every parse is bounded ([`Limits`], module `limits`): before serde_yaml builds a
+//! value, a streaming pass refuses a file that is too large, nested too deep,
+//! expands to too many nodes through aliases, or holds too many routes or policies.
+//!
 //! The `crd` feature adds the kube-rs `CustomResource` derive (the Kubernetes type
 //! is `RoutePolicyResource`) and JSON schemas; default builds carry no Kubernetes
 //! crates.
@@ -23,16 +27,19 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod duration;
+mod limits;
 mod model;
 mod parse;
 mod port;
 mod precedence;
 mod schema;
+mod shadow;
 mod spans;
 mod sticky;
 mod validate;
 
 pub use duration::{Duration, DurationParseError};
+pub use limits::{Limits, MAX_DEPTH_CEILING};
 pub use model::*;
 pub use port::ServicePort;
 pub use precedence::{compare_matches, precedence_order, prefix_matches};
@@ -113,13 +120,48 @@ impl fmt::Display for DisplayList<'_> {
 /// semantic checks continue after the first problem. Two policies of the file with
 /// the same namespace and name, or the same host, are refused.
 pub fn parse_policies(file: &str, text: &str) -> Result<Vec<RoutePolicy>, ConfigError> {
-    let (located, mut errors) = parse::parse_file(file, text, Input::Source);
+    parse_policies_with(file, text, &Limits::default())
+}
+
+/// [`parse_policies`] within the given limits instead of the defaults.
+pub fn parse_policies_with(
+    file: &str,
+    text: &str,
+    limits: &Limits,
+) -> Result<Vec<RoutePolicy>, ConfigError> {
+    let mut usage = limits::SetUsage::default();
+    let (located, mut errors) = parse::parse_file(file, text, Input::Source, limits, &mut usage);
     errors.extend(parse::check_unique(&located));
     if errors.is_empty() {
         Ok(located.into_iter().map(|l| l.policy).collect())
     } else {
         Err(ConfigError::Invalid(errors))
     }
+}
+
+/// [`parse_policies_with`] on the bytes of a file as read (at most one byte past
+/// `limits.max_file_bytes` need be read: more is refused for its size alone).
+pub fn parse_policy_bytes(
+    file: &str,
+    bytes: &[u8],
+    limits: &Limits,
+) -> Result<Vec<RoutePolicy>, ConfigError> {
+    let text = match std::str::from_utf8(bytes) {
+        Ok(text) => std::borrow::Cow::Borrowed(text),
+        // Cut short by the size limit, the last character may be split: the size is
+        // the problem to report.
+        Err(_) if bytes.len() > limits.max_file_bytes => String::from_utf8_lossy(bytes),
+        Err(e) => {
+            return Err(ConfigError::Invalid(vec![Diagnostic {
+                file: file.to_string(),
+                line: 1,
+                column: 1,
+                path: String::new(),
+                message: format!("not UTF-8: {e}"),
+            }]));
+        }
+    };
+    parse_policies_with(file, &text, limits)
 }
 
 /// The validated policies of a mesh in canonical order, with their content hash.
@@ -138,17 +180,35 @@ impl PolicySet {
     /// policy (`namespace/name`) as their file with line and column 1; use
     /// [`PolicySet::from_files`] to get real positions.
     pub fn new(policies: Vec<RoutePolicy>) -> Result<Self, ConfigError> {
-        Self::checked(policies, Input::Source)
+        Self::new_with(policies, &Limits::default())
+    }
+
+    /// [`PolicySet::new`] with the counts of policies and routes checked against
+    /// `limits` (the other limits are about text, which policies built in code never were).
+    pub fn new_with(policies: Vec<RoutePolicy>, limits: &Limits) -> Result<Self, ConfigError> {
+        Self::checked(policies, Input::Source, limits)
     }
 
     /// Builds a set from policies as proxies receive them: [`proxy_view`]s, whose
     /// weights (effective during a rollout, proportional from Gateway API) may have
     /// any total. Otherwise the same checks as [`PolicySet::new`].
     pub fn from_effective(policies: Vec<RoutePolicy>) -> Result<Self, ConfigError> {
-        Self::checked(policies, Input::Snapshot)
+        Self::checked(
+            policies,
+            Input::Snapshot,
+            &Limits::default().for_whole_set(),
+        )
     }
 
-    fn checked(mut policies: Vec<RoutePolicy>, input: Input) -> Result<Self, ConfigError> {
+    fn checked(
+        mut policies: Vec<RoutePolicy>,
+        input: Input,
+        limits: &Limits,
+    ) -> Result<Self, ConfigError> {
+        let over = limits::check_counts(&policies, limits);
+        if !over.is_empty() {
+            return Err(ConfigError::Invalid(over));
+        }
         let mut errors = Vec::new();
         let mut located = Vec::with_capacity(policies.len());
         for p in &policies {
@@ -187,10 +247,20 @@ impl PolicySet {
     pub fn from_files<'a>(
         files: impl IntoIterator<Item = (&'a str, &'a str)>,
     ) -> Result<Self, ConfigError> {
+        Self::from_files_with(files, &Limits::default())
+    }
+
+    /// [`PolicySet::from_files`] within the given limits; the policies and bytes of
+    /// all files count together against `max_policies` and `max_total_bytes`.
+    pub fn from_files_with<'a>(
+        files: impl IntoIterator<Item = (&'a str, &'a str)>,
+        limits: &Limits,
+    ) -> Result<Self, ConfigError> {
         let mut located = Vec::new();
         let mut errors = Vec::new();
+        let mut usage = limits::SetUsage::default();
         for (name, text) in files {
-            let (ok, errs) = parse::parse_file(name, text, Input::Source);
+            let (ok, errs) = parse::parse_file(name, text, Input::Source, limits, &mut usage);
             located.extend(ok);
             errors.extend(errs);
         }
@@ -226,6 +296,16 @@ impl PolicySet {
 
     /// Parses and validates a set from its canonical bytes (as carried in snapshots).
     pub fn from_canonical(source: &str, bytes: &[u8]) -> Result<Self, ConfigError> {
+        Self::from_canonical_with(source, bytes, &Limits::default())
+    }
+
+    /// [`PolicySet::from_canonical`] within the given limits: the bytes hold a whole
+    /// set, so they are held to [`Limits::for_whole_set`].
+    pub fn from_canonical_with(
+        source: &str,
+        bytes: &[u8],
+        limits: &Limits,
+    ) -> Result<Self, ConfigError> {
         let text = std::str::from_utf8(bytes).map_err(|e| {
             ConfigError::Invalid(vec![Diagnostic {
                 file: source.to_string(),
@@ -235,7 +315,14 @@ impl PolicySet {
                 message: format!("not UTF-8: {e}"),
             }])
         })?;
-        let (located, mut errors) = parse::parse_file(source, text, Input::Snapshot);
+        let mut usage = limits::SetUsage::default();
+        let (located, mut errors) = parse::parse_file(
+            source,
+            text,
+            Input::Snapshot,
+            &limits.for_whole_set(),
+            &mut usage,
+        );
         errors.extend(parse::check_unique(&located));
         if !errors.is_empty() {
             return Err(ConfigError::Invalid(errors));

@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde_path_to_error::Segment;
 use serde_yaml::Value;
 
+use crate::limits::{self, Limits, SetUsage};
 use crate::spans::{self, DocSpans, Pos, child_index, child_key};
 use crate::validate::{self, Finding, Input};
 use crate::{API_VERSION, Diagnostic, KIND, RoutePolicy};
@@ -28,10 +29,13 @@ pub(crate) struct Located<'a> {
 
 impl Located<'_> {
     /// Where `path` was written. Only called on the error path, so the span pass
-    /// runs again rather than being kept for every valid policy.
-    fn locate(&self, path: &str) -> Pos {
+    /// runs then rather than being kept for every valid policy; `cache` keeps it for
+    /// the other policies of the same text.
+    fn locate(&self, path: &str, cache: &mut HashMap<*const u8, Vec<DocSpans>>) -> Pos {
         match self.source {
-            Some((text, doc)) => spans::collect(text)
+            Some((text, doc)) => cache
+                .entry(text.as_ptr())
+                .or_insert_with(|| spans::collect(text))
                 .get(doc)
                 .map_or(Pos::START, |d| d.locate(path, false)),
             None => Pos::START,
@@ -47,12 +51,37 @@ pub(crate) fn parse_file<'a>(
     file: &str,
     text: &'a str,
     input: Input,
+    limits: &Limits,
+    usage: &mut SetUsage,
 ) -> (Vec<Located<'a>>, Vec<Diagnostic>) {
+    let unchecked = match limits::check_text(file, text, limits, usage) {
+        Ok(u) => u,
+        Err(refused) => return (Vec::new(), vec![refused]),
+    };
     let spans = LazyCell::new(|| spans::collect(text));
     let empty = DocSpans::default();
     let mut out = Vec::new();
     let mut errors = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
+    // Past yaml-rust2's syntax error nothing was checked: libyaml reads no further
+    // than just past it.
+    let yaml = unchecked.as_ref().map_or(text, |u| &text[..u.cut]);
+    for (i, doc) in serde_yaml::Deserializer::from_str(yaml).enumerate() {
+        if let Some(u) = unchecked.as_ref().filter(|u| i >= u.doc) {
+            // The limits were checked only up to yaml-rust2's syntax error. libyaml
+            // usually refuses the same document, and its wording is kept; if it
+            // accepts it, yaml-rust2's error stands. Nothing is built either way.
+            match limits::walk_unchecked(doc, limits) {
+                // An error past the error's line is the cut's doing.
+                Err(e)
+                    if !limits::is_over_budget(&e)
+                        && e.location().is_some_and(|l| l.line() <= u.error.line) =>
+                {
+                    errors.push(syntax_error(file, text, &e))
+                }
+                _ => errors.push(u.error.clone()),
+            }
+            break;
+        }
         let sp = || spans.get(i).unwrap_or(&empty);
         let diag = |f: Finding| {
             let pos = sp().locate(&f.path, f.at_key);
@@ -344,25 +373,23 @@ pub(crate) fn check_unique(items: &[Located<'_>]) -> Vec<Diagnostic> {
     let mut names: HashMap<(&str, &str), &Located<'_>> = HashMap::new();
     let mut hosts: HashMap<&str, &Located<'_>> = HashMap::new();
     let mut out = Vec::new();
-    let at = |item: &Located<'_>, path: &str| {
-        let p = item.locate(path);
-        format!("{}:{}:{}", item.file, p.line, p.column)
+    let mut cache = HashMap::new();
+    let mut at = |item: &Located<'_>, path: &str| {
+        let p = item.locate(path, &mut cache);
+        (p, format!("{}:{}:{}", item.file, p.line, p.column))
     };
     for item in items {
         let m = &item.policy.metadata;
         let ns = m.namespace.as_deref().unwrap_or("default");
         if let Some(first) = names.get(&(ns, m.name.as_str())) {
-            let pos = item.locate("metadata.name");
+            let (pos, _) = at(item, "metadata.name");
+            let (_, first_at) = at(first, "metadata.name");
             out.push(Diagnostic {
                 file: item.file.clone(),
                 line: pos.line,
                 column: pos.column,
                 path: "metadata.name".to_string(),
-                message: format!(
-                    "duplicate policy {ns}/{} (also at {})",
-                    m.name,
-                    at(first, "metadata.name")
-                ),
+                message: format!("duplicate policy {ns}/{} (also at {first_at})", m.name,),
             });
         } else {
             names.insert((ns, m.name.as_str()), item);
@@ -370,17 +397,17 @@ pub(crate) fn check_unique(items: &[Located<'_>]) -> Vec<Diagnostic> {
         let host = item.policy.spec.host.as_str();
         if let Some(first) = hosts.get(host) {
             let fm = &first.policy.metadata;
-            let pos = item.locate("spec.host");
+            let (pos, _) = at(item, "spec.host");
+            let (_, first_at) = at(first, "spec.host");
             out.push(Diagnostic {
                 file: item.file.clone(),
                 line: pos.line,
                 column: pos.column,
                 path: "spec.host".to_string(),
                 message: format!(
-                    "host {host:?} already has a policy: {}/{} at {}",
+                    "host {host:?} already has a policy: {}/{} at {first_at}",
                     fm.namespace.as_deref().unwrap_or("default"),
                     fm.name,
-                    at(first, "spec.host")
                 ),
             });
         } else {

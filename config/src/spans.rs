@@ -281,14 +281,45 @@ impl MarkedEventReceiver for Collector {
     }
 }
 
+/// Nesting beyond which positions are not recorded: deeper nodes are located at
+/// their nearest recorded ancestor. Policies nest about ten levels; this only bounds
+/// text that was never checked against the limits (each level's path is a string
+/// as long as the path above it).
+const MAX_DEPTH: usize = crate::limits::MAX_DEPTH_CEILING;
+
+/// Bytes of field paths recorded for one text, past which recording stops: a long
+/// key above many nodes would otherwise be copied into every path beneath it.
+const MAX_PATH_BYTES: usize = 16 * 1024 * 1024;
+
 /// Positions for every document of `text`, in document order. Parsing stops at a
 /// syntax error; documents before it keep their positions.
+///
+/// The events are pulled one at a time (yaml-rust2's `load` recurses once per level
+/// of nesting), so no input can exhaust the stack here.
 pub(crate) fn collect(text: &str) -> Vec<DocSpans> {
     let mut collector = Collector::default();
     let mut parser = Parser::new_from_str(text);
+    let mut path_bytes = 0usize;
     // A syntax error is reported by serde_yaml, which decides what the values are;
     // here it only means the positions after it are unknown.
-    let _ = parser.load(&mut collector, true);
+    while let Ok((event, mark)) = parser.next_token() {
+        match event {
+            Event::StreamEnd => break,
+            Event::MappingStart(..) | Event::SequenceStart(..)
+                if collector.stack.len() >= MAX_DEPTH =>
+            {
+                break;
+            }
+            _ => {}
+        }
+        collector.on_event(event, mark);
+        if let Some(Frame::Map { path, .. } | Frame::Seq { path, .. }) = collector.stack.last() {
+            path_bytes = path_bytes.saturating_add(path.len());
+        }
+        if path_bytes > MAX_PATH_BYTES {
+            break;
+        }
+    }
     collector.docs
 }
 
@@ -321,5 +352,24 @@ mod tests {
         let (path, at, first) = &docs[1].duplicate_keys[0];
         assert_eq!(path, "c");
         assert_eq!((at.line, at.column, first.line), (7, 1, 6));
+    }
+
+    #[test]
+    fn deep_nesting_neither_recurses_nor_grows_paths_without_bound() {
+        // 100,000 levels: yaml-rust2's `load` overflows the stack on either.
+        for text in ["- ".repeat(100_000) + "x\n", "[".repeat(100_000)] {
+            let docs = collect(&text);
+            let nodes: usize = docs.iter().map(|d| d.nodes.len()).sum();
+            assert!(nodes <= MAX_DEPTH + 1, "{nodes}");
+        }
+    }
+
+    #[test]
+    fn a_long_key_over_many_nodes_stops_recording() {
+        let key = "k".repeat(64 * 1024);
+        let text = format!("{key}: [{}]\n", vec!["1"; 1000].join(","));
+        let docs = collect(&text);
+        let recorded: usize = docs[0].nodes.keys().map(String::len).sum();
+        assert!(recorded <= MAX_PATH_BYTES + 2 * key.len(), "{recorded}");
     }
 }

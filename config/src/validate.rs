@@ -680,31 +680,20 @@ impl Checker {
     }
 
     fn unreachable_routes(&mut self, routes: &[Route]) {
-        let order = precedence_order(routes);
-        for (pos, &later) in order.iter().enumerate() {
-            let Some(later_path) = valid_path(&routes[later].matches) else {
-                continue;
-            };
-            for &earlier in &order[..pos] {
-                let Some(earlier_path) = valid_path(&routes[earlier].matches) else {
-                    continue;
-                };
-                if covers(
-                    &routes[earlier].matches,
-                    earlier_path,
-                    &routes[later].matches,
-                    later_path,
-                ) {
-                    self.err(
-                        child_index("spec.routes", later),
-                        format!(
-                            "route {:?} is never used: route {:?} (spec.routes[{earlier}]) is tried before it and matches every request it matches",
-                            routes[later].name, routes[earlier].name
-                        ),
-                    );
-                    break;
-                }
-            }
+        let (never_used, _) = crate::shadow::never_used(
+            routes,
+            &precedence_order(routes),
+            |r| valid_path(&routes[r].matches).is_some(),
+            |a, b| route_covers(&routes[a], &routes[b]),
+        );
+        for (later, earlier) in never_used {
+            self.err(
+                child_index("spec.routes", later),
+                format!(
+                    "route {:?} is never used: route {:?} (spec.routes[{earlier}]) is tried before it and matches every request it matches",
+                    routes[later].name, routes[earlier].name
+                ),
+            );
         }
     }
 
@@ -740,6 +729,14 @@ fn valid_path(m: &RouteMatch) -> Option<Option<&PathMatch>> {
         None => Some(None),
         Some(p) if p.exact.is_some() != p.prefix.is_some() => Some(Some(p)),
         Some(_) => None,
+    }
+}
+
+/// Whether route `a` takes every request route `b` takes (both of well-formed matches).
+pub(crate) fn route_covers(a: &Route, b: &Route) -> bool {
+    match (valid_path(&a.matches), valid_path(&b.matches)) {
+        (Some(pa), Some(pb)) => covers(&a.matches, pa, &b.matches, pb),
+        _ => false,
     }
 }
 

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 
 use sluice_config::{PolicySet, parse_policies};
 
+mod hostile;
+
 fn corpus() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/broken");
     let mut files: Vec<PathBuf> = fs::read_dir(&dir)
@@ -114,5 +116,30 @@ fn a_name_in_two_files_is_refused() {
     assert_eq!(
         err.to_string(),
         "b.yaml:4:9: metadata.name: duplicate policy shop/order (also at a.yaml:3:19)"
+    );
+}
+
+#[test]
+fn hostile_files_too_large_to_keep_are_refused_with_their_exact_message() {
+    for (name, text, expected) in hostile::cases() {
+        let got = match parse_policies(name, &text) {
+            Ok(p) => panic!("{name} was accepted ({} policies)", p.len()),
+            Err(e) => e.to_string(),
+        };
+        assert_eq!(got, expected, "{name}");
+    }
+}
+
+#[test]
+fn the_policies_of_a_set_count_together() {
+    let limits = sluice_config::Limits {
+        max_policies: 1,
+        ..Default::default()
+    };
+    let err = PolicySet::from_files_with([("a.yaml", ORDER_A), ("b.yaml", ORDER_B)], &limits)
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "b.yaml:1:1: more than 1 policies (--policy-max-policies)"
     );
 }

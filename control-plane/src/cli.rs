@@ -55,6 +55,9 @@ pub struct Args {
     /// The sidecar-injection webhook (off unless `--webhook` is given).
     #[command(flatten)]
     pub webhook: crate::inject::WebhookArgs,
+    /// Bounds on policy input (files, the directory, RoutePolicy objects).
+    #[command(flatten)]
+    pub policy_limits: sluice_config::Limits,
     /// Kubernetes: discovery, election, identity.
     #[command(flatten)]
     pub kubernetes: crate::k8s::KubeArgs,
@@ -211,6 +214,7 @@ impl Args {
             state_dir: self.state_dir.clone(),
             addr_file: self.addr_file.clone(),
             identity: self.ca.to_config(self.state_dir.as_deref())?,
+            policy_limits: self.policy_limits,
             ..ControlPlaneConfig::default()
         })
     }
@@ -317,6 +321,7 @@ pub fn cli_main() -> ExitCode {
         };
         let webhook_cfg = args.webhook.to_config().map(|mut cfg| {
             cfg.inject.trust_root_configmap = args.kubernetes.trust_root_configmap.clone();
+            cfg.policy_limits = args.policy_limits;
             cfg
         });
         let webhook = match webhook_cfg {

@@ -183,6 +183,8 @@ pub struct ControlPlaneConfig {
     /// In a cluster: keep the webhook configurations' `caBundle` in step with the
     /// webhook's certificate.
     pub webhook_bundles: Option<k8s::ca_bundle::WebhookBundles>,
+    /// Bounds on policy input: each file, the directory, each RoutePolicy object.
+    pub policy_limits: sluice_config::Limits,
 }
 
 /// The certificate authority and how the gRPC port presents itself.
@@ -228,6 +230,7 @@ impl Default for ControlPlaneConfig {
             identity: None,
             publish_trust_root: None,
             webhook_bundles: None,
+            policy_limits: sluice_config::Limits::default(),
         }
     }
 }
@@ -515,9 +518,16 @@ impl Drop for RunningControlPlane {
 pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error> {
     let kube_policies = cfg.kubernetes.as_ref().is_some_and(|k| k.policies);
     let source = if kube_policies {
-        PolicySource::Kubernetes(KubePolicies::new(cfg.state_dir.as_deref()))
+        PolicySource::Kubernetes(KubePolicies::new(
+            cfg.state_dir.as_deref(),
+            cfg.policy_limits,
+        ))
     } else {
-        PolicySource::Dir(PolicyDir::open(&cfg.policy_dir, cfg.state_dir.as_deref())?)
+        PolicySource::Dir(PolicyDir::open(
+            &cfg.policy_dir,
+            cfg.state_dir.as_deref(),
+            cfg.policy_limits,
+        )?)
     };
     let endpoints = match &cfg.kubernetes {
         Some(k) => ServiceEndpoints::enabled(&k.trust_domain),

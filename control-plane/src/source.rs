@@ -17,7 +17,7 @@ use notify::Watcher;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use sluice_api::pb;
-use sluice_config::{PolicySet, RoutePolicy};
+use sluice_config::{Limits, PolicySet, RoutePolicy};
 
 use crate::{Error, Shared};
 
@@ -62,6 +62,8 @@ pub(crate) struct PolicyDir {
     files: BTreeMap<String, FileState>,
     /// Cross-file problems of the last build (duplicate names or hosts), per file.
     conflicts: HashMap<String, String>,
+    /// Bounds on each file and on the directory as a whole.
+    limits: Limits,
 }
 
 /// One policy in `/policies`.
@@ -104,7 +106,11 @@ pub struct FileView {
 impl PolicyDir {
     /// Opens the directory (which must exist) and restores last good versions
     /// from the state directory; nothing is read from the policy files yet.
-    pub(crate) fn open(dir: &Path, state_dir: Option<&Path>) -> Result<Self, Error> {
+    pub(crate) fn open(
+        dir: &Path,
+        state_dir: Option<&Path>,
+        limits: Limits,
+    ) -> Result<Self, Error> {
         std::fs::read_dir(dir).map_err(|source| Error::PolicyDir {
             path: dir.to_path_buf(),
             source,
@@ -117,10 +123,10 @@ impl PolicyDir {
                 source,
             })?;
             for (name, path) in list_yaml(&sub) {
-                let Ok(bytes) = std::fs::read(&path) else {
+                let Ok(bytes) = sluice_api::read_policy_file(&path, limits.max_file_bytes) else {
                     continue;
                 };
-                match parse_file(&name, &bytes) {
+                match parse_file(&name, &bytes, &limits) {
                     Ok(policies) => {
                         files.insert(
                             name,
@@ -146,6 +152,7 @@ impl PolicyDir {
             state_dir: state_dir.map(Path::to_path_buf),
             files,
             conflicts: HashMap::new(),
+            limits,
         })
     }
 
@@ -167,8 +174,9 @@ impl PolicyDir {
                 let _ = std::fs::remove_file(state.join(STATE_SUBDIR).join(&name));
             }
         }
+        let mut total = 0usize;
         for (name, path) in present {
-            let bytes = match std::fs::read(&path) {
+            let bytes = match sluice_api::read_policy_file(&path, self.limits.max_file_bytes) {
                 Ok(b) => b,
                 // Vanished between listing and reading: the next event re-reads.
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
@@ -179,11 +187,25 @@ impl PolicyDir {
             };
             let digest: [u8; 32] = Sha256::digest(&bytes).into();
             let state = self.files.entry(name.clone()).or_default();
+            total = total.saturating_add(bytes.len());
+            if total > self.limits.max_total_bytes {
+                // Read again on every scan: it fits once other files shrink.
+                state.seen = None;
+                report.failures += 1;
+                let error = format!(
+                    "{name}:1:1: with this file the policy directory holds more than the {} bytes allowed together (--policy-max-total-bytes)",
+                    self.limits.max_total_bytes
+                );
+                tracing::warn!(file = %name, %error, "policy file refused; keeping its last good version");
+                state.error = Some(error);
+                state.error_at = Some(SystemTime::now());
+                continue;
+            }
             if state.seen == Some(digest) {
                 continue;
             }
             state.seen = Some(digest);
-            match parse_file(&name, &bytes) {
+            match parse_file(&name, &bytes, &self.limits) {
                 Ok(policies) => {
                     let version = short_hash(&bytes);
                     tracing::info!(file = %name, %version, policies = policies.len(), "policy file accepted");
@@ -256,7 +278,7 @@ impl PolicyDir {
                 policies.push(p.clone());
             }
         }
-        match PolicySet::new(policies) {
+        match PolicySet::new_with(policies, &self.limits) {
             Ok(set) => Some((set, metas)),
             Err(e) => {
                 tracing::warn!(error = %e, "the mesh's policy set is refused; keeping the previous one");
@@ -327,9 +349,8 @@ fn short_hash(bytes: &[u8]) -> String {
     hex::encode(&Sha256::digest(bytes)[..8])
 }
 
-fn parse_file(name: &str, bytes: &[u8]) -> Result<Vec<RoutePolicy>, String> {
-    let text = std::str::from_utf8(bytes).map_err(|e| format!("{name}:1:1: not UTF-8: {e}"))?;
-    sluice_config::parse_policies(name, text).map_err(|e| e.to_string())
+fn parse_file(name: &str, bytes: &[u8], limits: &Limits) -> Result<Vec<RoutePolicy>, String> {
+    sluice_config::parse_policy_bytes(name, bytes, limits).map_err(|e| e.to_string())
 }
 
 /// Visible `*.yaml`/`*.yml` regular files (after following symlinks), sorted.
@@ -468,7 +489,7 @@ mod tests {
         std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
         std::fs::write(dir.path().join(".hidden.yaml"), "garbage: [").unwrap();
         std::fs::write(dir.path().join("notes.txt"), "garbage: [").unwrap();
-        let mut pd = PolicyDir::open(dir.path(), Some(state.path())).unwrap();
+        let mut pd = PolicyDir::open(dir.path(), Some(state.path()), Limits::default()).unwrap();
         assert_eq!(pd.rescan().failures, 0);
         let (set, _) = pd.build_set().unwrap();
         assert_eq!(set.policies().len(), 1);
@@ -485,7 +506,8 @@ mod tests {
                 .starts_with("a.yaml:")
         );
 
-        let mut restarted = PolicyDir::open(dir.path(), Some(state.path())).unwrap();
+        let mut restarted =
+            PolicyDir::open(dir.path(), Some(state.path()), Limits::default()).unwrap();
         assert_eq!(restarted.rescan().failures, 1);
         let (restored, _) = restarted.build_set().unwrap();
         assert_eq!(restored.hash(), set.hash());
@@ -501,7 +523,7 @@ mod tests {
             GOOD.replace("name: a,", "name: b,"),
         )
         .unwrap();
-        let mut pd = PolicyDir::open(dir.path(), None).unwrap();
+        let mut pd = PolicyDir::open(dir.path(), None, Limits::default()).unwrap();
         pd.rescan();
         let (set, metas) = pd.build_set().unwrap();
         assert_eq!(set.policies().len(), 1);
@@ -517,7 +539,7 @@ mod tests {
     fn removed_file_is_dropped() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
-        let mut pd = PolicyDir::open(dir.path(), None).unwrap();
+        let mut pd = PolicyDir::open(dir.path(), None, Limits::default()).unwrap();
         pd.rescan();
         std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
         pd.rescan();

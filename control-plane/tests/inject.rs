@@ -40,6 +40,7 @@ async fn webhook() -> Webhook {
             trust_root_configmap: Some("sluice-trust-root".to_owned()),
             ..InjectConfig::default()
         },
+        policy_limits: sluice_config::Limits::default(),
     })
     .await
     .unwrap();

@@ -28,6 +28,7 @@ async fn webhook() -> Webhook {
         cert,
         key,
         inject: InjectConfig::default(),
+        policy_limits: sluice_config::Limits::default(),
     })
     .await
     .unwrap();
@@ -165,6 +166,49 @@ async fn a_route_policy_sluice_config_refuses_is_denied_with_the_field_path() {
     assert_eq!(body["response"]["allowed"], false, "{body}");
     let message = body["response"]["status"]["message"].as_str().unwrap();
     assert!(message.contains("retries"), "{message}");
+}
+
+#[tokio::test]
+async fn a_route_policy_over_the_limits_is_denied_without_being_built() {
+    let hook = webhook().await;
+    // More routes than allowed in one policy.
+    let mut many = spec((90, 10));
+    let route = many["routes"][0].clone();
+    many["routes"] = Value::Array(
+        (0..=sluice_config::Limits::default().max_routes)
+            .map(|i| {
+                let mut r = route.clone();
+                r["name"] = json!(format!("r{i}"));
+                r
+            })
+            .collect(),
+    );
+    // Nested deeper than allowed (serde_json itself stops at 128 levels).
+    let mut deep = spec((90, 10));
+    let mut nested = json!(1);
+    for _ in 0..100 {
+        nested = json!([nested]);
+    }
+    deep["routes"][0]["match"] = json!({ "headers": { "x": nested } });
+    for (spec, want) in [
+        (
+            many,
+            "more than 1000 routes in one policy (--policy-max-routes)",
+        ),
+        (deep, "nested more than 32 levels deep (--policy-max-depth)"),
+    ] {
+        let (code, body) = hook
+            .validate(&review(
+                "CREATE",
+                ("sluice.dev", "RoutePolicy"),
+                route_policy(spec),
+            ))
+            .await;
+        assert_eq!(code, 200);
+        assert_eq!(body["response"]["allowed"], false, "{body}");
+        let message = body["response"]["status"]["message"].as_str().unwrap();
+        assert!(message.ends_with(want), "{message}");
+    }
 }
 
 #[tokio::test]

@@ -5,12 +5,27 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use sluice_config::{PolicySet, parse_policies};
+use sluice_config::{Limits, PolicySet, parse_policies, parse_policies_with};
+
+/// Limits small enough that the fuzzer's inputs reach every refusal.
+const TIGHT: Limits = Limits {
+    max_file_bytes: 2048,
+    max_total_bytes: 4096,
+    max_depth: 6,
+    max_nodes: 200,
+    max_routes: 3,
+    max_policies: 2,
+};
 
 fuzz_target!(|data: &[u8]| {
     let Ok(text) = std::str::from_utf8(data) else {
         return;
     };
+    // Under tight limits: a verdict, located, whatever the input.
+    if let Err(err) = parse_policies_with("fuzz.yaml", text, &TIGHT) {
+        assert!(!err.diagnostics().is_empty(), "a refusal says why");
+        assert!(err.diagnostics().iter().all(|d| d.line >= 1 && d.column >= 1));
+    }
     match parse_policies("fuzz.yaml", text) {
         Ok(policies) => {
             let set = PolicySet::new(policies.clone())

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use sluice_config::{PolicySet, parse_policies};
+use sluice_config::{Limits, PolicySet, parse_policy_bytes};
 use tracing::{error, info, warn};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -33,6 +33,9 @@ pub(crate) enum Command {
         /// Policy files.
         #[arg(required = true)]
         files: Vec<PathBuf>,
+        /// Bounds on policy input.
+        #[command(flatten)]
+        limits: Limits,
     },
     /// Install the pod's iptables redirect to the proxy (run as root, once per pod).
     Init(crate::init::InitArgs),
@@ -156,6 +159,9 @@ pub(crate) struct RunArgs {
     /// Trace export.
     #[command(flatten)]
     pub(crate) trace: TraceArgs,
+    /// Bounds on policy input (the --policy file, snapshots from the control plane).
+    #[command(flatten)]
+    pub(crate) policy_limits: Limits,
 }
 
 /// Trace flags of `sluice-proxy run`.
@@ -227,6 +233,7 @@ impl From<RunArgs> for ProxyConfig {
             identity_token_file: a.identity_token_file,
             identity_url: a.identity_url,
             inbound_permissive: a.inbound_permissive,
+            policy_limits: a.policy_limits,
             trace: TraceConfig {
                 otlp_endpoint: a.trace.otlp_endpoint,
                 otlp_protocol: a.trace.otlp_protocol,
@@ -241,7 +248,7 @@ impl From<RunArgs> for ProxyConfig {
 pub fn cli_main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Validate { files } => validate(&files),
+        Command::Validate { files, limits } => validate(&files, &limits),
         Command::Run(args) => {
             let workers = args.worker_threads;
             run((*args).into(), workers)
@@ -252,19 +259,21 @@ pub fn cli_main() -> ExitCode {
 
 /// Prints `ok  FILE (N policies, hash H)` or every diagnostic; fails if any file failed.
 #[allow(clippy::print_stdout)] // the command's output
-fn validate(files: &[PathBuf]) -> ExitCode {
+fn validate(files: &[PathBuf], limits: &Limits) -> ExitCode {
     let mut failed = false;
     for file in files {
         let label = file.display().to_string();
-        let text = match std::fs::read_to_string(file) {
-            Ok(t) => t,
+        let bytes = match sluice_api::read_policy_file(file, limits.max_file_bytes) {
+            Ok(b) => b,
             Err(e) => {
                 println!("{label}: {e}");
                 failed = true;
                 continue;
             }
         };
-        match parse_policies(&label, &text).and_then(PolicySet::new) {
+        match parse_policy_bytes(&label, &bytes, limits)
+            .and_then(|p| PolicySet::new_with(p, limits))
+        {
             Ok(set) => println!(
                 "ok  {label} ({} policies, hash {})",
                 set.policies().len(),

@@ -58,6 +58,8 @@ pub struct ProxyConfig {
     pub inbound_permissive: bool,
     /// Trace export: OTLP endpoint, protocol, sampling, propagation formats.
     pub trace: crate::telemetry::TraceConfig,
+    /// Bounds on policy input: the `policy` file and snapshots from the control plane.
+    pub policy_limits: sluice_config::Limits,
 }
 
 impl Default for ProxyConfig {
@@ -87,6 +89,7 @@ impl Default for ProxyConfig {
             identity_url: None,
             inbound_permissive: false,
             trace: crate::telemetry::TraceConfig::default(),
+            policy_limits: sluice_config::Limits::default(),
         }
     }
 }

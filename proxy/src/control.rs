@@ -71,6 +71,7 @@ pub(crate) fn subscribe(
     sc.proxy_version = env!("CARGO_PKG_VERSION").into();
     sc.state_dir = cfg.state_dir.clone();
     sc.trust_root = trust_root;
+    sc.limits = cfg.policy_limits;
     let sink = StoreSink {
         store,
         source: url.to_string(),

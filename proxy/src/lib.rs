@@ -228,6 +228,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
     let watcher = match &cfg.policy {
         Some(path) => Some(policy::watch::spawn(
             path.clone(),
+            cfg.policy_limits,
             store.clone(),
             data_rx.clone(),
         )?),

@@ -337,17 +337,34 @@ impl ChildProxy {
     /// Runs `bin run` on `policy_yaml` with ephemeral outbound and admin listeners,
     /// no inbound listener, and `extra_args` after those.
     pub async fn spawn(bin: &Path, policy_yaml: &str, extra_args: &[&str]) -> Self {
-        Self::spawn_via(bin, policy_yaml, extra_args, false).await
+        Self::spawn_via(bin, policy_yaml, extra_args, false, true).await
+    }
+
+    /// Like [`ChildProxy::spawn`], but returns once listening, without waiting for a
+    /// policy to be in force: for a proxy started on a policy it refuses.
+    pub async fn spawn_unready(bin: &Path, policy_yaml: &str, extra_args: &[&str]) -> Self {
+        Self::spawn_via(bin, policy_yaml, extra_args, false, false).await
+    }
+
+    /// Replaces the child's policy file, atomically, as an editor would.
+    pub fn write_policy(&self, yaml: &str) {
+        write_atomically(&self.dir.path().join("policy.yaml"), yaml);
     }
 
     /// Like [`ChildProxy::spawn`], but gives the child every setting through its
     /// `SLUICE_<FLAG>` environment variables instead of flags (`extra_args` still
     /// go on the command line).
     pub async fn spawn_with_env(bin: &Path, policy_yaml: &str, extra_args: &[&str]) -> Self {
-        Self::spawn_via(bin, policy_yaml, extra_args, true).await
+        Self::spawn_via(bin, policy_yaml, extra_args, true, true).await
     }
 
-    async fn spawn_via(bin: &Path, policy_yaml: &str, extra_args: &[&str], via_env: bool) -> Self {
+    async fn spawn_via(
+        bin: &Path,
+        policy_yaml: &str,
+        extra_args: &[&str],
+        via_env: bool,
+        wait_ready: bool,
+    ) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("sluice-e2e-child-")
             .tempdir()
@@ -429,10 +446,12 @@ impl ChildProxy {
             dir,
         };
         let admin = proxy.admin;
-        wait_until("the child proxy is ready", WAIT, || async move {
-            admin_get(admin, "/ready").await.0 == StatusCode::OK
-        })
-        .await;
+        if wait_ready {
+            wait_until("the child proxy is ready", WAIT, || async move {
+                admin_get(admin, "/ready").await.0 == StatusCode::OK
+            })
+            .await;
+        }
         proxy
     }
 

@@ -55,6 +55,7 @@ impl WebhookArgs {
             cert: self.webhook_cert.clone()?,
             key: self.webhook_key.clone()?,
             inject,
+            policy_limits: sluice_config::Limits::default(),
         })
     }
 }

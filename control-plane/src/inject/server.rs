@@ -56,6 +56,8 @@ pub struct WebhookConfig {
     pub key: PathBuf,
     /// What the injected containers look like.
     pub inject: InjectConfig,
+    /// Bounds on a RoutePolicy under review, as on every other policy input.
+    pub policy_limits: sluice_config::Limits,
 }
 
 /// A webhook server running on the current tokio runtime.
@@ -115,7 +117,7 @@ pub async fn start_webhook(cfg: WebhookConfig) -> Result<RunningWebhook, Error> 
     let task = tokio::spawn(serve(
         listener,
         TlsAcceptor::from(tls),
-        Arc::new(cfg.inject),
+        Arc::new((cfg.inject, cfg.policy_limits)),
         rx,
     ));
     tracing::info!(%addr, "injection webhook listening");
@@ -253,7 +255,7 @@ async fn reload(
 async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    inject: Arc<InjectConfig>,
+    inject: Arc<(InjectConfig, sluice_config::Limits)>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -281,7 +283,7 @@ async fn serve(
             };
             let svc = hyper::service::service_fn(move |req| {
                 let inject = inject.clone();
-                async move { Ok::<_, Infallible>(handle(req, &inject).await) }
+                async move { Ok::<_, Infallible>(handle(req, &inject.0, &inject.1).await) }
             });
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             let conn = builder.serve_connection(TokioIo::new(tls), svc);
@@ -298,7 +300,11 @@ async fn serve(
     }
 }
 
-async fn handle(req: Request<Incoming>, inject: &InjectConfig) -> Response<Full<Bytes>> {
+async fn handle(
+    req: Request<Incoming>,
+    inject: &InjectConfig,
+    limits: &sluice_config::Limits,
+) -> Response<Full<Bytes>> {
     let validating = match req.uri().path() {
         "/inject" => false,
         "/validate" => true,
@@ -322,7 +328,7 @@ async fn handle(req: Request<Incoming>, inject: &InjectConfig) -> Response<Full<
         }
     };
     let answer = if validating {
-        validate_review(&body)
+        validate_review(&body, limits)
     } else {
         review(&body, inject)
     };
@@ -408,7 +414,10 @@ fn admission_request(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, Str
 /// Answers a RoutePolicy review: allowed when `sluice-config` accepts the spec,
 /// denied with the validator's messages (field paths) when it does not. Anything
 /// else (deletes, other kinds) is allowed.
-fn validate_review(body: &[u8]) -> Result<AdmissionResponse, String> {
+fn validate_review(
+    body: &[u8],
+    limits: &sluice_config::Limits,
+) -> Result<AdmissionResponse, String> {
     let req = admission_request(body)?;
     let resp = AdmissionResponse::from(&req);
     if !matches!(req.operation, Operation::Create | Operation::Update)
@@ -433,7 +442,7 @@ fn validate_review(body: &[u8]) -> Result<AdmissionResponse, String> {
         .or(obj.metadata.generate_name.as_deref())
         .unwrap_or(&req.name);
     let spec = obj.data.get("spec").cloned().unwrap_or_default();
-    match crate::k8s::validate_object(ns, name, &spec) {
+    match crate::k8s::validate_object(ns, name, &spec, limits) {
         Ok(_) => Ok(resp),
         Err(error) => {
             tracing::info!(namespace = ns, name, %error, "RoutePolicy refused at admission");

@@ -44,10 +44,17 @@ pub(crate) fn api_resource() -> ApiResource {
     ApiResource::erase::<RoutePolicyResource>(&())
 }
 
-/// Validates one object's spec as a policy document named `namespace/name`.
+/// Validates one object's spec as a policy document named `namespace/name`, within
+/// `limits` like a file (the API's JSON has no aliases, but its size, depth and
+/// routes are bounded the same way).
 ///
 /// The error is the validator's messages, one per line, each `path: message`.
-pub fn validate_object(namespace: &str, name: &str, spec: &Value) -> Result<RoutePolicy, String> {
+pub fn validate_object(
+    namespace: &str,
+    name: &str,
+    spec: &Value,
+    limits: &sluice_config::Limits,
+) -> Result<RoutePolicy, String> {
     let doc = json!({
         "apiVersion": API_VERSION,
         "kind": KIND,
@@ -56,7 +63,7 @@ pub fn validate_object(namespace: &str, name: &str, spec: &Value) -> Result<Rout
     });
     let text = serde_yaml::to_string(&doc).map_err(|e| format!("spec: {e}"))?;
     let label = format!("routepolicy/{namespace}/{name}");
-    match sluice_config::parse_policies(&label, &text) {
+    match sluice_config::parse_policies_with(&label, &text, limits) {
         Ok(mut policies) if policies.len() == 1 => Ok(policies.remove(0)),
         Ok(_) => Err("spec: expected exactly one policy".to_string()),
         Err(e) => Err(field_messages(&e)),
@@ -120,6 +127,8 @@ pub(crate) struct KubePolicies {
     /// Last accepted versions restored from the state directory, not yet seen
     /// in the API.
     saved: HashMap<ObjectKey, Good>,
+    /// Bounds on each object and on the set of them.
+    limits: sluice_config::Limits,
 }
 
 /// Subdirectory of the state directory holding last accepted objects.
@@ -127,16 +136,20 @@ const STATE_SUBDIR: &str = "routepolicies";
 
 impl KubePolicies {
     /// Policies from the API, keeping last accepted versions in `state_dir`.
-    pub(crate) fn new(state_dir: Option<&Path>) -> Self {
+    pub(crate) fn new(state_dir: Option<&Path>, limits: sluice_config::Limits) -> Self {
         let mut saved = HashMap::new();
         if let Some(dir) = state_dir {
             let dir = dir.join(STATE_SUBDIR);
             for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
                 let path = entry.path();
-                let Ok(text) = std::fs::read_to_string(&path) else {
+                let Ok(bytes) = sluice_api::read_policy_file(&path, limits.max_file_bytes) else {
                     continue;
                 };
-                match sluice_config::parse_policies(&path.display().to_string(), &text) {
+                match sluice_config::parse_policy_bytes(
+                    &path.display().to_string(),
+                    &bytes,
+                    &limits,
+                ) {
                     Ok(mut p) if p.len() == 1 => {
                         let policy = p.remove(0);
                         let key = (
@@ -162,6 +175,7 @@ impl KubePolicies {
         Self {
             state_dir: state_dir.map(|d| d.join(STATE_SUBDIR)),
             saved,
+            limits,
             ..Self::default()
         }
     }
@@ -207,7 +221,7 @@ impl KubePolicies {
             if fresh || spec != state.spec || obj.metadata.generation != state.generation {
                 state.generation = obj.metadata.generation;
                 state.spec = spec;
-                match validate_object(ns, name, &state.spec) {
+                match validate_object(ns, name, &state.spec, &self.limits) {
                     Ok(policy) => {
                         let hash = single_hash(&policy);
                         tracing::info!(namespace = %ns, %name, %hash, "RoutePolicy accepted");
@@ -290,7 +304,7 @@ impl KubePolicies {
             });
             policies.push(good.policy.clone());
         }
-        match PolicySet::new(policies) {
+        match PolicySet::new_with(policies, &self.limits) {
             Ok(set) => Some((set, metas)),
             Err(e) => {
                 tracing::warn!(error = %e, "the mesh's policy set is refused; keeping the previous one");

@@ -238,7 +238,8 @@ async fn served(cp: &RunningControlPlane, f: impl Fn(&PolicySet) -> bool) -> Pol
 }
 
 fn single_hash(spec: Value, name: &str) -> String {
-    let policy = super::validate_object("shop", name, &spec).unwrap();
+    let policy =
+        super::validate_object("shop", name, &spec, &sluice_config::Limits::default()).unwrap();
     PolicySet::new(vec![policy]).unwrap().hash().to_string()
 }
 
@@ -535,13 +536,13 @@ fn a_restart_with_a_broken_object_serves_its_last_accepted_version() {
     let obj = |spec: Value| {
         Arc::new(serde_json::from_value::<DynamicObject>(policy("log-service", 1, spec)).unwrap())
     };
-    let mut first = KubePolicies::new(Some(state.path()));
+    let mut first = KubePolicies::new(Some(state.path()), sluice_config::Limits::default());
     assert_eq!(first.sync(&[obj(log_spec("2s"))]), 0);
     let (set, _) = first.build_set().unwrap();
     assert_eq!(set.policies().len(), 1);
 
     // Restarted while the object is broken: its last accepted version is served.
-    let mut again = KubePolicies::new(Some(state.path()));
+    let mut again = KubePolicies::new(Some(state.path()), sluice_config::Limits::default());
     assert_eq!(again.sync(&[obj(log_spec("soon"))]), 1);
     let (restored, _) = again.build_set().unwrap();
     assert_eq!(restored.hash(), set.hash());
@@ -553,7 +554,7 @@ fn a_restart_with_a_broken_object_serves_its_last_accepted_version() {
     );
 
     // Deleted while the replica was down: forgotten, file and all.
-    let mut third = KubePolicies::new(Some(state.path()));
+    let mut third = KubePolicies::new(Some(state.path()), sluice_config::Limits::default());
     third.sync(&[]);
     assert!(third.build_set().unwrap().0.policies().is_empty());
     let files = std::fs::read_dir(state.path().join("routepolicies")).unwrap();

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
-use sluice_config::{PolicySet, parse_policies};
+use sluice_config::{Limits, PolicySet, parse_policy_bytes};
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tracing::trace;
@@ -39,21 +39,23 @@ pub(crate) struct FileSource {
     path: PathBuf,
     label: String,
     last: Option<u64>,
+    limits: Limits,
 }
 
 impl FileSource {
-    pub(crate) fn new(path: PathBuf) -> Self {
+    pub(crate) fn new(path: PathBuf, limits: Limits) -> Self {
         let label = path.display().to_string();
         Self {
             path,
             label,
             last: None,
+            limits,
         }
     }
 
     /// Re-reads the file; applies it if its content changed since the last look.
     pub(crate) fn reload(&mut self, store: &PolicyStore) -> Reload {
-        let read = std::fs::read(&self.path);
+        let read = sluice_api::read_policy_file(&self.path, self.limits.max_file_bytes);
         let digest = {
             let mut h = std::hash::DefaultHasher::new();
             match &read {
@@ -68,12 +70,9 @@ impl FileSource {
         self.last = Some(digest);
         let parsed = match read {
             Err(e) => Err(format!("{}: {e}", self.label)),
-            Ok(bytes) => match String::from_utf8(bytes) {
-                Err(e) => Err(format!("{}:1:1: not UTF-8: {e}", self.label)),
-                Ok(text) => parse_policies(&self.label, &text)
-                    .and_then(PolicySet::new)
-                    .map_err(|e| e.to_string()),
-            },
+            Ok(bytes) => parse_policy_bytes(&self.label, &bytes, &self.limits)
+                .and_then(|p| PolicySet::new_with(p, &self.limits))
+                .map_err(|e| e.to_string()),
         };
         match parsed {
             Ok(set) => match store.apply(&self.label, set) {
@@ -103,6 +102,7 @@ fn concerns(event: &notify::Event, name: Option<&std::ffi::OsStr>) -> bool {
 /// Loads the file now and on every change until `shutdown` flips.
 pub(crate) fn spawn(
     path: PathBuf,
+    limits: Limits,
     store: PolicyStore,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<JoinHandle<()>, ProxyError> {
@@ -137,7 +137,7 @@ pub(crate) fn spawn(
             source,
         })?;
     // Watch first, then read: a write between the two is still seen.
-    let mut source = FileSource::new(path);
+    let mut source = FileSource::new(path, limits);
     source.reload(&store);
     Ok(tokio::spawn(async move {
         let _watcher = watcher;
@@ -182,7 +182,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.yaml");
         let store = store();
-        let mut src = FileSource::new(path.clone());
+        let mut src = FileSource::new(path.clone(), Limits::default());
         std::fs::write(&path, policy("a")).unwrap();
         assert_eq!(src.reload(&store), Reload::Applied);
         let first = store.current().hash().unwrap().to_string();
@@ -197,7 +197,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("p.yaml");
         let store = store();
-        let mut src = FileSource::new(path.clone());
+        let mut src = FileSource::new(path.clone(), Limits::default());
         std::fs::write(&path, policy("a")).unwrap();
         assert_eq!(src.reload(&store), Reload::Applied);
         let good = store.current().hash().unwrap().to_string();
@@ -228,7 +228,7 @@ mod tests {
     fn missing_file_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let store = store();
-        let mut src = FileSource::new(dir.path().join("absent.yaml"));
+        let mut src = FileSource::new(dir.path().join("absent.yaml"), Limits::default());
         assert_eq!(src.reload(&store), Reload::Rejected);
         assert!(!store.is_ready());
     }
