@@ -8,7 +8,7 @@
 //! as a child process, for what needs a process of its own: signals and resident
 //! memory. [`HttpConn`] is a client connection over one TCP stream, HTTP/1.1 or h2c
 //! prior knowledge, so a test controls exactly which protocol and which connection
-//! a request uses. [`grpc`] holds a small tonic service, [`ws`] a WebSocket echo
+//! a request uses. [`grpc`] holds a small tonic service, [`interop`] gRPC's interop cases (server and client), [`ws`] a WebSocket echo
 //! server, [`otlp`] an OTLP trace receiver (gRPC and HTTP) that keeps the spans it gets.
 //! [`reliability`] is the suite that runs load through a child proxy while faults
 //! happen, and [`malformed`] the hand-written bad HTTP it sends. [`netns`] sets up
@@ -23,6 +23,7 @@
 mod client;
 mod control_plane;
 pub mod grpc;
+pub mod interop;
 pub mod malformed;
 pub mod netns;
 pub mod otlp;

@@ -6,6 +6,7 @@ mod dashboards;
 mod governance;
 mod governance_load;
 mod grpc;
+mod grpc_interop;
 mod init_netns;
 mod injected;
 mod kubernetes;
