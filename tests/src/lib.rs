@@ -9,7 +9,7 @@
 //! memory. [`HttpConn`] is a client connection over one TCP stream, HTTP/1.1 or h2c
 //! prior knowledge, so a test controls exactly which protocol and which connection
 //! a request uses. [`grpc`] holds a small tonic service, [`interop`] gRPC's interop cases (server and client), [`ws`] a WebSocket echo
-//! server, [`otlp`] an OTLP trace receiver (gRPC and HTTP) that keeps the spans it gets.
+//! server (and [`autobahn`] runs the Autobahn cases against it), [`otlp`] an OTLP trace receiver (gRPC and HTTP) that keeps the spans it gets.
 //! [`reliability`] is the suite that runs load through a child proxy while faults
 //! happen, and [`malformed`] the hand-written bad HTTP it sends. [`netns`] sets up
 //! network namespaces for the transparent-mode and two-pod tests.
@@ -20,6 +20,7 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod autobahn;
 mod client;
 mod control_plane;
 pub mod grpc;
