@@ -24,6 +24,7 @@ struct Args {
     reports: PathBuf,
 }
 
+#[allow(clippy::print_stdout)] // a command line reporting to its user
 #[tokio::main]
 async fn main() -> Result<()> {
     let args = Args::parse();
