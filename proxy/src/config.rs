@@ -58,6 +58,8 @@ pub struct ProxyConfig {
     pub inbound_permissive: bool,
     /// Trace export: OTLP endpoint, protocol, sampling, propagation formats.
     pub trace: crate::telemetry::TraceConfig,
+    /// Idle connection, request header and request body timeouts.
+    pub timeouts: crate::timeouts::Timeouts,
 }
 
 impl Default for ProxyConfig {
@@ -87,6 +89,7 @@ impl Default for ProxyConfig {
             identity_url: None,
             inbound_permissive: false,
             trace: crate::telemetry::TraceConfig::default(),
+            timeouts: crate::timeouts::Timeouts::default(),
         }
     }
 }

@@ -22,6 +22,7 @@ use crate::forward::{is_switching, is_upgrade_request, spawn_tunnel, strip_hop_b
 use crate::policy::PolicyStore;
 use crate::stack::{RouteEntry, SelectedBackend};
 use crate::telemetry::Telemetry;
+use crate::timeouts::{BodyTimeout, RequestBodyTimeout, Timeouts};
 use crate::transparent::OriginalDst;
 
 /// Which listener a request came in on (a metrics label).
@@ -158,12 +159,27 @@ async fn forward(
     // The boxed request must not be held across an await: rustc cannot prove such a
     // future `Send` for every lifetime of the boxed error inside the body type.
     let ready = std::future::poll_fn(|cx| svc.poll_ready(cx)).await;
-    let result = match ready {
-        Ok(()) => {
+    let body_timeout = req.extensions().get::<Timeouts>().map(|t| t.request_body);
+    let result = match (ready, body_timeout) {
+        (Ok(()), None) => {
             svc.call(req.map(|b| boxed(b.map_err(ClientBodyError))))
                 .await
         }
-        Err(e) => Err(e),
+        (Ok(()), Some(timeout)) => {
+            let mut answered = None;
+            let req = req.map(|b| {
+                let (body, flag) = BodyTimeout::new(b.map_err(ClientBodyError), timeout);
+                answered = Some(flag);
+                boxed(body)
+            });
+            let r = svc.call(req).await;
+            // The upstream answered: from here a quiet request side is a stream's own.
+            if let Some(flag) = answered {
+                flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            r
+        }
+        (Err(e), _) => Err(e),
     };
     let (resp, backend) = match result {
         Ok(mut resp) => {
@@ -289,7 +305,16 @@ pub(crate) fn rescue(
     grpc: bool,
 ) -> (Response<Body>, Option<String>) {
     let (status, reason, backend, text): (StatusCode, &'static str, Option<String>, String) =
-        if let Some(e) = find::<ClientBodyError>(err) {
+        if let Some(e) = find::<RequestBodyTimeout>(err) {
+            // The client stalled mid-body: the upstream request is gone (its connection
+            // freed), and the client is told so.
+            (
+                StatusCode::REQUEST_TIMEOUT,
+                "request-timeout",
+                None,
+                e.to_string(),
+            )
+        } else if let Some(e) = find::<ClientBodyError>(err) {
             // The client's own body was broken (a bad chunk, a connection cut short):
             // its fault, not the upstream's.
             (StatusCode::BAD_REQUEST, "bad-request", None, e.to_string())

@@ -28,6 +28,7 @@ pub mod probes;
 mod server;
 pub mod stack;
 pub mod telemetry;
+pub mod timeouts;
 pub mod tls;
 pub mod transparent;
 
@@ -263,6 +264,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
             },
             data_rx.clone(),
             cfg.drain_timeout,
+            cfg.timeouts,
             Some(intercept),
             None,
         ));
@@ -287,6 +289,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
             handler,
             data_rx.clone(),
             cfg.drain_timeout,
+            cfg.timeouts,
             Some(intercept),
             mode,
         ));
@@ -304,6 +307,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         move |peer, req| admin::handle(admin_state.clone(), peer, req),
         admin_rx,
         Duration::from_secs(1),
+        cfg.timeouts,
         None,
         None,
     );
