@@ -39,7 +39,7 @@ use std::time::{Duration, Instant};
 pub use client::{HttpConn, Reply, ReqBody, full_body};
 pub use control_plane::TestControlPlane;
 pub use proxy::{ChildProxy, MeshTls, ProcMemory, ProxyOptions, TestProxy};
-pub use upstream::{Protocol, Stall, Upstream, tcp_echo};
+pub use upstream::{Protocol, Stall, Upstream, tcp_echo, tcp_sink};
 
 /// The error type the harness passes around.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -20,5 +20,6 @@ mod routing;
 mod shutdown;
 mod streaming;
 mod telemetry;
+mod timeouts;
 mod transparent;
 mod websocket;
