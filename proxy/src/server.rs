@@ -37,6 +37,9 @@ const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// itself or return it with its original destination (put in every request's
 /// extensions). With `tls`, the connection then goes through the inbound TLS accept,
 /// and the peer's verified identity is put in every request's extensions.
+// Each argument is one plain setting of the listener; grouping them belongs to the
+// single accept loop these two functions are to become.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn serve<H, F>(
     name: &'static str,
     listener: TcpListener,
@@ -180,6 +183,7 @@ where
 
 /// Serves HTTP on one accepted connection, putting what the accept step learnt about
 /// it in every request's extensions.
+#[allow(clippy::too_many_arguments)]
 async fn serve_conn<I, H, F>(
     builder: &auto::Builder<TokioExecutor>,
     watcher: hyper_util::server::graceful::Watcher,
