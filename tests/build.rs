@@ -1,4 +1,4 @@
-//! Compiles the test service's protobuf with the vendored `protoc`.
+//! Compiles the test services' protobufs with the vendored `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
@@ -10,6 +10,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
-        .compile_protos(&["proto/echo.proto"], &["proto"])?;
+        .compile_protos(&["proto/echo.proto", "proto/interop.proto"], &["proto"])?;
     Ok(())
 }

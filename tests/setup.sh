@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What `cargo test --workspace` needs beyond Rust, installed once (re-running changes
 # nothing): iptables, iproute2 and util-linux's setpriv for the network-namespace tests
-# (tests/tests/e2e/{init_netns,transparent,pods}.rs, run as root), and a Python venv with
-# the Helm engine for the chart tests (control-plane/tests/chart.rs, charts/check.py).
+# (tests/tests/e2e/{init_netns,transparent,pods}.rs, run as root), a Python venv with
+# the Helm engine for the chart tests (control-plane/tests/chart.rs, charts/check.py), and
+# a test venv with kosoku for the Autobahn WebSocket cases (tests/src/autobahn.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,14 +19,22 @@ if ((${#missing[@]})); then
   apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-# The venv is reused while charts/requirements.txt is unchanged; chart.rs finds it here.
-VENV="${XDG_CACHE_HOME:-$HOME/.cache}/sluice-ci/venv"
-if ! cmp -s charts/requirements.txt "$VENV/requirements.txt"; then
-  rm -rf "$VENV"
-  python3 -m venv "$VENV" || {
-    apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null && python3 -m venv "$VENV"
-  }
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check -r charts/requirements.txt
-  cp charts/requirements.txt "$VENV/requirements.txt"
-fi
-echo "tests/setup.sh: ready (venv: $VENV)"
+# A venv is rebuilt only when its requirements file changed.
+make_venv() {
+  local venv=$1 reqs=$2
+  if ! cmp -s "$reqs" "$venv/requirements.txt"; then
+    rm -rf "$venv"
+    python3 -m venv "$venv" || {
+      apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null && python3 -m venv "$venv"
+    }
+    "$venv/bin/pip" install --quiet --disable-pip-version-check -r "$reqs"
+    cp "$reqs" "$venv/requirements.txt"
+  fi
+}
+
+CACHE="${XDG_CACHE_HOME:-$HOME/.cache}/sluice-ci"
+# chart.rs finds this one; autobahn.rs finds the test venv's kosoku.
+VENV="$CACHE/venv"
+make_venv "$VENV" charts/requirements.txt
+make_venv "$CACHE/test-venv" tests/requirements.txt
+echo "tests/setup.sh: ready (venvs: $VENV, $CACHE/test-venv)"

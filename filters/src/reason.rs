@@ -27,6 +27,8 @@ pub enum Reason {
     BadRequest,
     /// The proxy shed the request under load (503, with `retry-after`).
     Overloaded,
+    /// The client stalled sending its request (408): the upstream request was dropped.
+    RequestTimeout,
 }
 
 impl Reason {
@@ -94,6 +96,12 @@ impl Reason {
                 StatusCode::SERVICE_UNAVAILABLE,
                 14,
                 "overloaded",
+            ),
+            Reason::RequestTimeout => (
+                "request-timeout",
+                StatusCode::REQUEST_TIMEOUT,
+                4,
+                "request body timed out",
             ),
         }
     }

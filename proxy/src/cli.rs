@@ -85,6 +85,30 @@ pub(crate) struct RunArgs {
         default_value = "20s"
     )]
     pub(crate) drain_timeout: sluice_config::Duration,
+    /// Close a client connection with no request in flight and no bytes for this long.
+    #[arg(
+        long,
+        env = "SLUICE_IDLE_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "1h"
+    )]
+    pub(crate) idle_timeout: sluice_config::Duration,
+    /// Time an HTTP/1 client has to send a request's header section.
+    #[arg(
+        long,
+        env = "SLUICE_REQUEST_HEADER_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "30s"
+    )]
+    pub(crate) request_header_timeout: sluice_config::Duration,
+    /// Longest pause in a request body before the upstream answers; then 408.
+    #[arg(
+        long,
+        env = "SLUICE_REQUEST_BODY_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "60s"
+    )]
+    pub(crate) request_body_timeout: sluice_config::Duration,
     /// Log filter: a level or an EnvFilter string.
     #[arg(
         long,
@@ -217,6 +241,11 @@ impl From<RunArgs> for ProxyConfig {
             policy: a.policy,
             service: a.service,
             drain_timeout: a.drain_timeout.get(),
+            timeouts: crate::timeouts::Timeouts {
+                idle: a.idle_timeout.get(),
+                request_header: a.request_header_timeout.get(),
+                request_body: a.request_body_timeout.get(),
+            },
             log_level: a.log_level,
             log_format: a.log_format,
             addr_file: a.addr_file,

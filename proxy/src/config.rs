@@ -60,6 +60,8 @@ pub struct ProxyConfig {
     pub trace: crate::telemetry::TraceConfig,
     /// Bounds on policy input: the `policy` file and snapshots from the control plane.
     pub policy_limits: sluice_config::Limits,
+    /// Idle connection, request header and request body timeouts.
+    pub timeouts: crate::timeouts::Timeouts,
 }
 
 impl Default for ProxyConfig {
@@ -90,6 +92,7 @@ impl Default for ProxyConfig {
             inbound_permissive: false,
             trace: crate::telemetry::TraceConfig::default(),
             policy_limits: sluice_config::Limits::default(),
+            timeouts: crate::timeouts::Timeouts::default(),
         }
     }
 }

@@ -23,6 +23,7 @@ use crate::policy::PolicyStore;
 use crate::rescue::{ClientBodyError, refuse, rescue};
 use crate::stack::RouteEntry;
 use crate::telemetry::Telemetry;
+use crate::timeouts::{BodyTimeout, Timeouts};
 use crate::transparent::OriginalDst;
 
 /// Which listener a request came in on (a metrics label).
@@ -149,12 +150,27 @@ async fn forward(
     // The boxed request must not be held across an await: rustc cannot prove such a
     // future `Send` for every lifetime of the boxed error inside the body type.
     let ready = std::future::poll_fn(|cx| svc.poll_ready(cx)).await;
-    let result = match ready {
-        Ok(()) => {
+    let body_timeout = req.extensions().get::<Timeouts>().map(|t| t.request_body);
+    let result = match (ready, body_timeout) {
+        (Ok(()), None) => {
             svc.call(req.map(|b| boxed(b.map_err(ClientBodyError))))
                 .await
         }
-        Err(e) => Err(e),
+        (Ok(()), Some(timeout)) => {
+            let mut answered = None;
+            let req = req.map(|b| {
+                let (body, flag) = BodyTimeout::new(b.map_err(ClientBodyError), timeout);
+                answered = Some(flag);
+                boxed(body)
+            });
+            let r = svc.call(req).await;
+            // The upstream answered: from here a quiet request side is a stream's own.
+            if let Some(flag) = answered {
+                flag.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
+            r
+        }
+        (Err(e), _) => Err(e),
     };
     let (resp, backend) = match result {
         Ok(mut resp) => {

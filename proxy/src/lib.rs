@@ -32,6 +32,7 @@ pub mod route;
 mod server;
 pub mod stack;
 pub mod telemetry;
+pub mod timeouts;
 pub mod tls;
 pub mod transparent;
 pub mod upstream;
@@ -270,6 +271,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
             },
             data_rx.clone(),
             cfg.drain_timeout,
+            cfg.timeouts,
             Some(intercept),
             None,
         ));
@@ -294,6 +296,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
             handler,
             data_rx.clone(),
             cfg.drain_timeout,
+            cfg.timeouts,
             Some(intercept),
             mode,
         ));
@@ -311,6 +314,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         move |peer, req| admin::handle(admin_state.clone(), peer, req),
         admin_rx,
         Duration::from_secs(1),
+        cfg.timeouts,
         None,
         None,
     );

@@ -10,6 +10,7 @@ use sluice_filters::{FilterError, find_filter_error};
 
 use crate::ProxyError;
 use crate::body::{Body, full};
+use crate::timeouts::RequestBodyTimeout;
 
 /// A client's request body failed to read (malformed framing, or cut short).
 #[derive(Debug, thiserror::Error)]
@@ -38,7 +39,11 @@ pub(crate) fn rescue(
         sluice_filters::ratelimit::refusal_headers(f, resp.headers_mut());
         return (resp, backend);
     }
-    let (reason, backend) = if find::<ClientBodyError>(err).is_some() {
+    let (reason, backend) = if find::<RequestBodyTimeout>(err).is_some() {
+        // The client stalled mid-body: the upstream request is gone (its connection
+        // freed), and the client is told so.
+        (Reason::RequestTimeout, None)
+    } else if find::<ClientBodyError>(err).is_some() {
         // The client's own body was broken (a bad chunk, a connection cut short):
         // its fault, not the upstream's.
         (Reason::BadRequest, None)

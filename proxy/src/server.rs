@@ -21,6 +21,7 @@ use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
 use crate::body::Body;
+use crate::timeouts::{Activity, ActivityIo, Timeouts};
 use crate::tls::accept::{Accepted, InboundTls};
 use crate::transparent::{Intercept, OriginalDst, Prefixed};
 
@@ -36,12 +37,16 @@ const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// itself or return it with its original destination (put in every request's
 /// extensions). With `tls`, the connection then goes through the inbound TLS accept,
 /// and the peer's verified identity is put in every request's extensions.
+// Each argument is one plain setting of the listener; grouping them belongs to the
+// single accept loop these two functions are to become.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn serve<H, F>(
     name: &'static str,
     listener: TcpListener,
     handler: H,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
+    timeouts: Timeouts,
     intercept: Option<Intercept>,
     tls: Option<InboundTls>,
 ) -> JoinHandle<()>
@@ -54,6 +59,7 @@ where
         builder
             .http1()
             .timer(TokioTimer::new())
+            .header_read_timeout(timeouts.request_header)
             .max_buf_size(MAX_HEADER_BYTES);
         builder
             .http2()
@@ -81,16 +87,32 @@ where
             }
             let handler = handler.clone();
             if intercept.is_none() && tls.is_none() {
-                let service = service_fn(move |req| {
+                let activity = Activity::new();
+                let io = ActivityIo::new(stream, activity.clone());
+                let conn_activity = activity.clone();
+                let service = service_fn(move |mut req: Request<Incoming>| {
+                    req.extensions_mut().insert(timeouts);
+                    let in_flight = conn_activity.request();
                     let fut = handler(peer, req);
-                    async move { Ok::<_, Infallible>(fut.await) }
+                    async move {
+                        let resp = fut.await;
+                        drop(in_flight);
+                        Ok::<_, Infallible>(resp)
+                    }
                 });
                 let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                    .serve_connection_with_upgrades(TokioIo::new(io), service)
                     .into_owned();
                 let conn = graceful.watch(conn);
                 conns.spawn(async move {
-                    if let Err(e) = conn.await {
+                    let result = tokio::select! {
+                        r = conn => r,
+                        () = activity.idle_for(timeouts.idle) => {
+                            debug!(listener = name, %peer, "closing an idle connection");
+                            Ok(())
+                        }
+                    };
+                    if let Err(e) = result {
                         debug!(listener = name, %peer, error = %e, "connection ended with an error");
                     }
                 });
@@ -109,13 +131,24 @@ where
                     None => (Prefixed::new(stream, Vec::new()), None),
                 };
                 let result = match tls {
-                    None => serve_conn(&builder, watcher, io, handler, peer, original, None).await,
+                    None => {
+                        serve_conn(
+                            &builder, watcher, io, handler, peer, original, None, timeouts,
+                        )
+                        .await
+                    }
                     Some(tls) => match crate::tls::accept::accept(&tls, io).await {
                         Ok(Accepted::Tls(io, id)) => {
-                            serve_conn(&builder, watcher, *io, handler, peer, original, id).await
+                            serve_conn(
+                                &builder, watcher, *io, handler, peer, original, id, timeouts,
+                            )
+                            .await
                         }
                         Ok(Accepted::Plain(io)) => {
-                            serve_conn(&builder, watcher, io, handler, peer, original, None).await
+                            serve_conn(
+                                &builder, watcher, io, handler, peer, original, None, timeouts,
+                            )
+                            .await
                         }
                         Err(e) => {
                             debug!(listener = name, %peer, error = %e, "connection refused");
@@ -150,6 +183,7 @@ where
 
 /// Serves HTTP on one accepted connection, putting what the accept step learnt about
 /// it in every request's extensions.
+#[allow(clippy::too_many_arguments)]
 async fn serve_conn<I, H, F>(
     builder: &auto::Builder<TokioExecutor>,
     watcher: hyper_util::server::graceful::Watcher,
@@ -158,13 +192,18 @@ async fn serve_conn<I, H, F>(
     peer: SocketAddr,
     original: Option<OriginalDst>,
     identity: Option<PeerIdentity>,
+    timeouts: Timeouts,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    let activity = Activity::new();
+    let io = ActivityIo::new(io, activity.clone());
+    let conn_activity = activity.clone();
     let service = service_fn(move |mut req: Request<Incoming>| {
+        req.extensions_mut().insert(timeouts);
         if let Some(dst) = &original {
             req.extensions_mut().insert(dst.clone());
         }
@@ -172,9 +211,20 @@ where
         if let Some(id) = &identity {
             req.extensions_mut().insert(id.clone());
         }
+        let in_flight = conn_activity.request();
         let fut = handler(peer, req);
-        async move { Ok::<_, Infallible>(fut.await) }
+        async move {
+            let resp = fut.await;
+            drop(in_flight);
+            Ok::<_, Infallible>(resp)
+        }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    watcher.watch(conn.into_owned()).await
+    tokio::select! {
+        r = watcher.watch(conn.into_owned()) => r,
+        () = activity.idle_for(timeouts.idle) => {
+            debug!(%peer, "closing an idle connection");
+            Ok(())
+        }
+    }
 }

@@ -8,8 +8,8 @@
 //! as a child process, for what needs a process of its own: signals and resident
 //! memory. [`HttpConn`] is a client connection over one TCP stream, HTTP/1.1 or h2c
 //! prior knowledge, so a test controls exactly which protocol and which connection
-//! a request uses. [`grpc`] holds a small tonic service, [`ws`] a WebSocket echo
-//! server, [`otlp`] an OTLP trace receiver (gRPC and HTTP) that keeps the spans it gets.
+//! a request uses. [`grpc`] holds a small tonic service, [`interop`] gRPC's interop cases (server and client), [`ws`] a WebSocket echo
+//! server (and [`autobahn`] runs the Autobahn cases against it), [`otlp`] an OTLP trace receiver (gRPC and HTTP) that keeps the spans it gets.
 //! [`reliability`] is the suite that runs load through a child proxy while faults
 //! happen, and [`malformed`] the hand-written bad HTTP it sends. [`netns`] sets up
 //! network namespaces for the transparent-mode and two-pod tests.
@@ -22,9 +22,11 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod autobahn;
 mod client;
 mod control_plane;
 pub mod grpc;
+pub mod interop;
 pub mod malformed;
 pub mod netns;
 pub mod otlp;
@@ -41,7 +43,7 @@ pub use client::{HttpConn, Reply, ReqBody, full_body};
 pub use control_plane::TestControlPlane;
 pub use proxy::{ChildProxy, MeshTls, ProcMemory, ProxyOptions, TestProxy};
 pub use subscriber::{RecordingSink, SchemaSubscriber};
-pub use upstream::{Protocol, Stall, Upstream, tcp_echo};
+pub use upstream::{Protocol, Stall, Upstream, tcp_echo, tcp_sink};
 
 /// The error type the harness passes around.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

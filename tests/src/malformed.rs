@@ -97,6 +97,90 @@ fn hpack_get(host: &str) -> Vec<u8> {
     b
 }
 
+/// An HPACK integer with an `n`-bit prefix, the prefix byte's other bits `flags`.
+fn hpack_int(flags: u8, n: u32, mut value: usize) -> Vec<u8> {
+    let max = (1usize << n) - 1;
+    if value < max {
+        return vec![flags | value as u8];
+    }
+    let mut out = vec![flags | max as u8];
+    value -= max;
+    while value >= 128 {
+        out.push((value % 128) as u8 | 0x80);
+        value /= 128;
+    }
+    out.push(value as u8);
+    out
+}
+
+/// A literal header field without indexing, with a new name.
+fn hpack_literal(name: &str, value: &str) -> Vec<u8> {
+    let mut b = vec![0x00];
+    b.extend(hpack_int(0, 7, name.len()));
+    b.extend_from_slice(name.as_bytes());
+    b.extend(hpack_int(0, 7, value.len()));
+    b.extend_from_slice(value.as_bytes());
+    b
+}
+
+/// HTTP/2 abuse at the frame level, each valid frame by frame but hostile in bulk:
+/// CONTINUATION flood, HPACK bomb, SETTINGS and PING floods, unpaced rapid reset.
+fn h2_floods(host: &str) -> Vec<Attack> {
+    const END_HEADERS: u8 = 0x4;
+    const END_STREAM: u8 = 0x1;
+    // HEADERS without END_HEADERS, then CONTINUATION frames that never end the block.
+    let filler = "a".repeat(100);
+    let mut continuation = vec![frame(0x1, END_STREAM, 1, &hpack_get(host))];
+    for i in 0..10_000 {
+        let field = hpack_literal(&format!("x-c{}", i % 10), &filler);
+        continuation.push(frame(0x9, 0, 1, &field));
+    }
+    // One 4,000-byte header put in the dynamic table, then referenced 12,000 times
+    // (one byte each): a 16 KiB frame that decodes to ~48 MB of headers.
+    let mut bomb = hpack_get(host);
+    bomb.push(0x40); // literal with incremental indexing, new name
+    bomb.extend(hpack_int(0, 7, 6));
+    bomb.extend_from_slice(b"x-bomb");
+    bomb.extend(hpack_int(0, 7, 4_000));
+    bomb.extend(std::iter::repeat_n(b'b', 4_000));
+    bomb.extend(std::iter::repeat_n(0xbe, 12_000)); // indexed: dynamic entry 62
+    let settings: Vec<Vec<u8>> = (0..10_000).map(|_| frame(0x4, 0, 0, &[])).collect();
+    let pings: Vec<Vec<u8>> = (0..10_000u64)
+        .map(|i| frame(0x6, 0, 0, &i.to_be_bytes()))
+        .collect();
+    let mut rapid_reset = Vec::new();
+    for i in 0..2_000u32 {
+        let id = 2 * i + 1;
+        rapid_reset.push(frame(0x1, END_HEADERS | END_STREAM, id, &hpack_get(host)));
+        rapid_reset.push(frame(0x3, 0, id, &8u32.to_be_bytes())); // RST_STREAM CANCEL
+    }
+    vec![
+        h2(
+            "HTTP/2 CONTINUATION flood: 10,000 frames (1 MB) without END_HEADERS",
+            &continuation,
+        ),
+        h2(
+            "HTTP/2 HPACK bomb: one 4 KB dynamic entry referenced 12,000 times",
+            &[frame(0x1, END_HEADERS | END_STREAM, 1, &bomb)],
+        ),
+        Attack {
+            expect: Expect::NoCrash,
+            ..h2("HTTP/2 SETTINGS flood: 10,000 frames", &settings)
+        },
+        Attack {
+            expect: Expect::NoCrash,
+            ..h2("HTTP/2 PING flood: 10,000 frames", &pings)
+        },
+        Attack {
+            expect: Expect::NoCrash,
+            ..h2(
+                "HTTP/2 rapid reset: 2,000 streams opened and cancelled",
+                &rapid_reset,
+            )
+        },
+    ]
+}
+
 /// Every malformed input the suite sends; `host` is a host the proxy routes.
 pub fn attacks(host: &str) -> Vec<Attack> {
     use Expect::*;
@@ -104,12 +188,6 @@ pub fn attacks(host: &str) -> Vec<Attack> {
     const END_STREAM: u8 = 0x1;
     let big = "a".repeat(128 * 1024);
     let many: String = (0..500).map(|i| format!("x-h{i}: v\r\n")).collect();
-    let mut rapid_reset = Vec::new();
-    for i in 0..2_000u32 {
-        let id = 2 * i + 1;
-        rapid_reset.push(frame(0x1, END_HEADERS | END_STREAM, id, &hpack_get(host)));
-        rapid_reset.push(frame(0x3, 0, id, &8u32.to_be_bytes())); // RST_STREAM CANCEL
-    }
     let mut cut_short = h1(
         "body shorter than its Content-Length, then the client hangs up",
         &format!("POST /sink HTTP/1.1\r\nHost: {host}\r\nContent-Length: 100000\r\n\r\nonly this"),
@@ -247,14 +325,10 @@ pub fn attacks(host: &str) -> Vec<Attack> {
             "HTTP/2 CONTINUATION without HEADERS",
             &[frame(0x9, END_HEADERS, 1, &hpack_get(host))],
         ),
-        Attack {
-            expect: NoCrash,
-            ..h2(
-                "HTTP/2 rapid reset: 2,000 streams opened and cancelled",
-                &rapid_reset,
-            )
-        },
     ]
+    .into_iter()
+    .chain(h2_floods(host))
+    .collect()
 }
 
 /// Sends one attack on a fresh connection to `addr` and judges what comes back.

@@ -31,6 +31,8 @@ pub struct ProxyOptions {
     pub mtls: Option<MeshTls>,
     /// Trace export (`--otlp-endpoint` and friends); off by default.
     pub trace: sluice_proxy::telemetry::TraceConfig,
+    /// Idle, request header and request body timeouts (the flags' defaults).
+    pub timeouts: sluice_proxy::timeouts::Timeouts,
 }
 
 /// How a proxy under test joins the mesh's mTLS.
@@ -56,6 +58,7 @@ impl Default for ProxyOptions {
             drain_timeout: Duration::from_secs(5),
             mtls: None,
             trace: Default::default(),
+            timeouts: Default::default(),
         }
     }
 }
@@ -163,6 +166,7 @@ impl TestProxy {
             identity_url: opts.mtls.as_ref().map(|m| m.identity_url.clone()),
             inbound_permissive: opts.mtls.as_ref().is_some_and(|m| m.permissive),
             trace: opts.trace.clone(),
+            timeouts: opts.timeouts,
             ..Default::default()
         };
         let running = sluice_proxy::start(cfg).await.expect("start the proxy");
@@ -213,6 +217,7 @@ impl TestProxy {
             identity_url: opts.mtls.as_ref().map(|m| m.identity_url.clone()),
             inbound_permissive: opts.mtls.as_ref().is_some_and(|m| m.permissive),
             trace: opts.trace.clone(),
+            timeouts: opts.timeouts,
             ..Default::default()
         };
         let running = sluice_proxy::start(cfg).await.expect("start the proxy");

@@ -308,3 +308,22 @@ pub fn tcp_echo(listener: TcpListener, banner: Option<&'static [u8]>) -> JoinHan
         }
     })
 }
+
+/// Serves `listener` as a TCP sink that never answers: it reads every connection
+/// until the other side closes it, and counts the connections open at the moment (an
+/// upstream still waiting for a request body). Returns the count.
+pub fn tcp_sink(listener: TcpListener) -> Arc<AtomicU64> {
+    let open = Arc::new(AtomicU64::new(0));
+    let count = open.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let count = count.clone();
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut s, &mut tokio::io::sink()).await;
+                count.fetch_sub(1, Ordering::SeqCst);
+            });
+        }
+    });
+    open
+}

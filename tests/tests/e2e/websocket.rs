@@ -1,6 +1,7 @@
 //! WebSocket: the HTTP/1.1 upgrade passes through the proxy, then frames flow both ways.
 
 use futures_util::{SinkExt, StreamExt};
+use sluice_e2e::autobahn;
 use sluice_e2e::ws::WsEchoServer;
 use sluice_e2e::{TestProxy, single_backend_policy};
 use tokio::net::TcpStream;
@@ -41,4 +42,31 @@ async fn websocket_echo_through_the_outbound_proxy() {
         }
     }
     proxy.shutdown().await;
+}
+
+/// Autobahn cases 1–7 (framing, pings, reserved bits, opcodes, fragmentation, UTF-8,
+/// closing) through the outbound listener get the verdicts a direct run gets.
+/// `cargo run -p sluice-e2e --bin autobahn` runs the whole set the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn autobahn_cases_1_to_7_through_the_outbound_proxy_match_a_direct_run() {
+    let kosoku = autobahn::kosoku_path();
+    assert!(
+        kosoku.exists(),
+        "{} is missing: run tests/setup.sh (or set SLUICE_KOSOKU)",
+        kosoku.display()
+    );
+    let reports = tempfile::tempdir().unwrap();
+    let cmp = autobahn::compare_through_outbound(&kosoku, autobahn::CI_CASES, reports.path())
+        .await
+        .expect("run the Autobahn cases");
+    assert!(
+        cmp.direct.len() > 200 && cmp.direct.keys().all(|id| id.as_bytes()[0] <= b'7'),
+        "cases 1–7 ran: {:?}",
+        cmp.direct.keys().collect::<Vec<_>>()
+    );
+    let diff = autobahn::differences(&cmp.direct, &cmp.proxied);
+    assert!(
+        diff.is_empty(),
+        "verdicts differ from a direct run: {diff:#?}"
+    );
 }
