@@ -377,6 +377,9 @@ impl ApiServer {
             Answer::Json(code, _) => code.as_u16(),
             Answer::Watch(_) => 200,
         };
+        if call.status >= 400 {
+            tracing::debug!(method = %call.method, path = %call.path, status = call.status, "API double refused a request");
+        }
         self.lock().calls.push(call);
         self.changed.notify_waiters();
         answer
