@@ -84,6 +84,15 @@ pub struct CaArgs {
         value_name = "DURATION"
     )]
     pub cert_lifetime: sluice_config::Duration,
+    /// Lifetime of the gRPC port's own serving certificate, renewed at half of it
+    /// without dropping open streams.
+    #[arg(
+        long,
+        env = "SLUICE_SERVER_CERT_LIFETIME",
+        default_value = "24h",
+        value_name = "DURATION"
+    )]
+    pub server_cert_lifetime: sluice_config::Duration,
     /// Bootstrap tokens: a file (or a directory of files) of JSON lines
     /// `{"token": …, "namespace": …, "serviceAccount": …}`. Without it every
     /// certificate request is refused.
@@ -140,6 +149,7 @@ impl CaArgs {
             }
         };
         let mut cfg = IdentityConfig::new(Arc::new(ca), verifier);
+        cfg.server_cert_lifetime = self.server_cert_lifetime.get();
         if let Some(host) = host_name() {
             cfg.server_names.push(host);
         }

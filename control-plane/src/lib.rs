@@ -38,6 +38,7 @@ pub mod inject;
 pub mod k8s;
 mod metrics;
 pub mod proxies;
+mod serving_cert;
 pub mod source;
 
 use std::net::SocketAddr;
@@ -89,6 +90,9 @@ pub enum Error {
         #[source]
         source: notify::Error,
     },
+    /// The gRPC serving certificate cannot be made into a TLS configuration.
+    #[error("gRPC serving certificate: {0}")]
+    ServingTls(String),
     /// The webhook's serving certificate or key cannot be loaded.
     #[error("webhook TLS {path}: {reason}")]
     WebhookTls {
@@ -193,7 +197,7 @@ pub struct IdentityConfig {
     pub verifier: Arc<dyn ca::BootstrapVerifier>,
     /// DNS names and IP addresses the gRPC serving certificate carries as SANs.
     pub server_names: Vec<String>,
-    /// Lifetime of the gRPC serving certificate.
+    /// Lifetime of the gRPC serving certificate; it is renewed at half of it.
     pub server_cert_lifetime: Duration,
     /// Where to write the root certificate (PEM) once started, for `--trust-root`.
     pub write_trust_root: Option<PathBuf>,
@@ -207,7 +211,7 @@ impl IdentityConfig {
             ca,
             verifier,
             server_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
-            server_cert_lifetime: Duration::from_secs(365 * 24 * 3600),
+            server_cert_lifetime: Duration::from_secs(24 * 3600),
             write_trust_root: None,
         }
     }
@@ -529,7 +533,11 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error
     };
 
     let grpc_tls = match &cfg.identity {
-        Some(id) => Some(grpc::tls(id, grpc_addr)?),
+        Some(id) => Some(grpc::tls(
+            id,
+            grpc_addr,
+            shared.metrics.serving_cert_renewals.clone(),
+        )?),
         None => None,
     };
     let trust_root = cfg.identity.as_ref().map(|id| id.ca.root_pem());
