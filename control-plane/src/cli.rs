@@ -52,6 +52,10 @@ pub struct Args {
     /// After binding, write the bound addresses here as JSON (`{"grpc": …, "admin": …}`).
     #[arg(long, env = "SLUICE_ADDR_FILE")]
     pub addr_file: Option<PathBuf>,
+    /// Tests only: stamp snapshots with this schema version instead of ours, to
+    /// prove proxies refuse one from the future.
+    #[arg(long, hide = true, value_name = "N")]
+    pub test_stamp_schema_version: Option<u32>,
     /// The sidecar-injection webhook (off unless `--webhook` is given).
     #[command(flatten)]
     pub webhook: crate::inject::WebhookArgs,
@@ -220,6 +224,7 @@ impl Args {
             admin_addr: self.admin,
             state_dir: self.state_dir.clone(),
             addr_file: self.addr_file.clone(),
+            stamp_schema_version: self.test_stamp_schema_version,
             identity: self.ca.to_config(self.state_dir.as_deref())?,
             ..ControlPlaneConfig::default()
         })

@@ -186,6 +186,10 @@ pub struct ControlPlaneConfig {
     /// In a cluster: keep the webhook configurations' `caBundle` in step with the
     /// webhook's certificate.
     pub webhook_bundles: Option<k8s::ca_bundle::WebhookBundles>,
+    /// Tests only: the schema version snapshots are stamped with, instead of
+    /// [`SCHEMA_VERSION`].
+    #[doc(hidden)]
+    pub stamp_schema_version: Option<u32>,
 }
 
 /// The certificate authority and how the gRPC port presents itself.
@@ -231,6 +235,7 @@ impl Default for ControlPlaneConfig {
             identity: None,
             publish_trust_root: None,
             webhook_bundles: None,
+            stamp_schema_version: None,
         }
     }
 }
@@ -303,6 +308,8 @@ pub(crate) struct Shared {
     pub(crate) ready: std::sync::atomic::AtomicBool,
     /// Bumped whenever what the admin API shows may have changed.
     pub(crate) changes: watch::Sender<u64>,
+    /// The schema version snapshots carry ([`SCHEMA_VERSION`] but in tests).
+    pub(crate) schema_version: u32,
 }
 
 impl Shared {
@@ -360,7 +367,7 @@ impl Shared {
             }
             let snapshot = pb::Snapshot {
                 version: set.hash().to_string(),
-                schema_version: SCHEMA_VERSION,
+                schema_version: self.schema_version,
                 canonical: bytes::Bytes::copy_from_slice(set.canonical_bytes()),
                 policies,
             };
@@ -512,6 +519,7 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error
         proxies: ProxyRegistry::new(metrics.connected.clone(), changes),
         metrics,
         ready: std::sync::atomic::AtomicBool::new(false),
+        schema_version: cfg.stamp_schema_version.unwrap_or(SCHEMA_VERSION),
     });
     shared.reload();
 

@@ -31,6 +31,9 @@ pub struct ProxyOptions {
     pub mtls: Option<MeshTls>,
     /// Trace export (`--otlp-endpoint` and friends); off by default.
     pub trace: sluice_proxy::telemetry::TraceConfig,
+    /// Return as soon as it listens, without waiting for `/ready` (for tests of
+    /// what keeps it unready).
+    pub skip_ready_wait: bool,
 }
 
 /// How a proxy under test joins the mesh's mTLS.
@@ -56,6 +59,7 @@ impl Default for ProxyOptions {
             drain_timeout: Duration::from_secs(5),
             mtls: None,
             trace: Default::default(),
+            skip_ready_wait: false,
         }
     }
 }
@@ -177,13 +181,16 @@ impl TestProxy {
             policy_path,
             _dir: dir,
         };
-        proxy.wait_ready().await;
+        if !opts.skip_ready_wait {
+            proxy.wait_ready().await;
+        }
         proxy
     }
 
     /// A proxy that takes its policy from the control plane at `url` as `node_id`,
     /// keeping its last snapshot in `state_dir`; returns once `/ready` answers 200
-    /// (from the saved snapshot or the first one streamed).
+    /// (from the saved snapshot or the first one streamed) unless
+    /// `opts.skip_ready_wait`.
     pub async fn start_subscribed(
         url: &str,
         node_id: &str,
@@ -224,7 +231,9 @@ impl TestProxy {
             policy_path: dir.path().join("policy.yaml"),
             _dir: dir,
         };
-        proxy.wait_ready().await;
+        if !opts.skip_ready_wait {
+            proxy.wait_ready().await;
+        }
         proxy
     }
 
