@@ -8,6 +8,7 @@
 #
 #   images/build.sh                 # -> target/images/sluice-{proxy,control-plane}.oci.tar
 #   TAG=0.1.0 OUT=/tmp/img images/build.sh
+#   PROFILE=dev images/build.sh     # debug binaries: a quick check of the image itself
 #
 # Needs root (debootstrap, buildah's vfs storage) and Debian's buildah and debootstrap
 # packages (installed here when missing). The root filesystems are cached in
@@ -17,6 +18,10 @@ cd "$(dirname "$0")/.."
 
 TAG="${TAG:-$(sed -n 's/^version = "\(.*\)"/\1/p' Cargo.toml | head -1)}"
 OUT="${OUT:-target/images}"
+TARGET_DIR="${CARGO_TARGET_DIR:-target}"
+PROFILE="${PROFILE:-release}"
+PROFILE_DIR="$PROFILE"
+[ "$PROFILE" = dev ] && PROFILE_DIR=debug
 CACHE="${CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/sluice-images}"
 SUITE=bookworm
 MIRROR="${MIRROR:-http://deb.debian.org/debian}"
@@ -31,8 +36,8 @@ if ((${#missing[@]})); then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-echo "== release binaries (host build)"
-cargo build --release --locked -p sluice-proxy --bin sluice-proxy \
+echo "== $PROFILE binaries (host build)"
+cargo build --profile "$PROFILE" --locked -p sluice-proxy --bin sluice-proxy \
   -p sluice-control-plane --bin sluice-control-plane
 
 # rootfs NAME EXTRA-PACKAGES: a cached debootstrap root filesystem.
@@ -60,7 +65,7 @@ image() {
   mnt="$("${BUILDAH[@]}" mount "$ctr")"
   cp -a "$root"/. "$mnt"/
   rm -f "$mnt/.complete"
-  install -m 0755 "target/release/$bin" "$mnt/usr/local/bin/$bin"
+  install -m 0755 "$TARGET_DIR/$PROFILE_DIR/$bin" "$mnt/usr/local/bin/$bin"
   "${BUILDAH[@]}" umount "$ctr" >/dev/null
   "${BUILDAH[@]}" config "$@" \
     --label org.opencontainers.image.title="$name" \
@@ -81,12 +86,12 @@ cp_root="$(rootfs control-plane "")"
 image sluice-proxy "$proxy_root" sluice-proxy \
   --user 1337:1337 \
   --env SLUICE_ADMIN=0.0.0.0:15000 \
-  --port 15000 --port 15001 --port 15006 \
+  --port 15000/tcp --port 15001/tcp --port 15006/tcp \
   --entrypoint '["sluice-proxy"]' --cmd '["run"]'
 
 # As control-plane/Dockerfile, whose distroless `nonroot` base runs as 65532, the
 # UID the chart's securityContext names.
 image sluice-control-plane "$cp_root" sluice-control-plane \
   --user 65532:65532 \
-  --port 15010 --port 15014 \
+  --port 15010/tcp --port 15014/tcp \
   --entrypoint '["/usr/local/bin/sluice-control-plane"]' --cmd '[]'

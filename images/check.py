@@ -122,6 +122,8 @@ def main():
         check(ports == df["expose"], f"{name}: ExposedPorts {sorted(ports)} are the Dockerfile's {sorted(df['expose'])}")
 
         with tempfile.TemporaryDirectory(prefix=f"{name}-rootfs-") as root:
+            # mkdtemp makes it 0700: the image's user must be able to enter its `/`.
+            Path(root).chmod(0o755)
             unpack(layers, root)
             entry = config["Entrypoint"]
             code, text = run_in(root, want_user, [*entry, "--version"])
