@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # What `cargo test --workspace` needs beyond Rust, installed once (re-running changes
 # nothing): iptables, iproute2 and util-linux's setpriv for the network-namespace tests
-# (tests/tests/e2e/{init_netns,transparent,pods}.rs, run as root), a Python venv with
-# the Helm engine for the chart tests (control-plane/tests/chart.rs, charts/check.py), and
-# a test venv with kosoku for the Autobahn WebSocket cases (tests/src/autobahn.rs).
+# (tests/tests/e2e/{init_netns,transparent,pods}.rs, run as root), kubectl for
+# `kubectl patch --local` in control-plane/tests/inject.rs (Debian's kubernetes-client
+# where no `kubectl` package is configured), a Python venv with the Helm engine for
+# the chart tests (control-plane/tests/chart.rs, charts/check.py), and a test venv with
+# kosoku for the Autobahn WebSocket cases (tests/src/autobahn.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,12 +13,19 @@ missing=()
 command -v iptables >/dev/null || missing+=(iptables)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v setpriv >/dev/null || missing+=(util-linux)
+command -v kubectl >/dev/null || missing+=(kubectl)
 if ((${#missing[@]})); then
   if [ "$(id -u)" -ne 0 ]; then
     echo "tests/setup.sh: missing ${missing[*]}; install them as root (apt-get install -y ${missing[*]})" >&2
     exit 1
   fi
-  apt-get update -qq && apt-get install -y -qq "${missing[@]}" >/dev/null
+  apt-get update -qq
+  # `kubectl` is a package only where a Kubernetes or cloud SDK repository is
+  # configured; Debian itself ships it as kubernetes-client.
+  if [[ " ${missing[*]} " == *" kubectl "* ]] && ! apt-cache show kubectl >/dev/null 2>&1; then
+    missing=("${missing[@]/kubectl/kubernetes-client}")
+  fi
+  apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
 # A venv is rebuilt only when its requirements file changed.

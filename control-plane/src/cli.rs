@@ -52,6 +52,10 @@ pub struct Args {
     /// After binding, write the bound addresses here as JSON (`{"grpc": …, "admin": …}`).
     #[arg(long, env = "SLUICE_ADDR_FILE")]
     pub addr_file: Option<PathBuf>,
+    /// Tests only: stamp snapshots with this schema version instead of ours, to
+    /// prove proxies refuse one from the future.
+    #[arg(long, hide = true, value_name = "N")]
+    pub test_stamp_schema_version: Option<u32>,
     /// The sidecar-injection webhook (off unless `--webhook` is given).
     #[command(flatten)]
     pub webhook: crate::inject::WebhookArgs,
@@ -87,6 +91,15 @@ pub struct CaArgs {
         value_name = "DURATION"
     )]
     pub cert_lifetime: sluice_config::Duration,
+    /// Lifetime of the gRPC port's own serving certificate, renewed at half of it
+    /// without dropping open streams.
+    #[arg(
+        long,
+        env = "SLUICE_SERVER_CERT_LIFETIME",
+        default_value = "24h",
+        value_name = "DURATION"
+    )]
+    pub server_cert_lifetime: sluice_config::Duration,
     /// Bootstrap tokens: a file (or a directory of files) of JSON lines
     /// `{"token": …, "namespace": …, "serviceAccount": …}`. Without it every
     /// certificate request is refused.
@@ -143,6 +156,7 @@ impl CaArgs {
             }
         };
         let mut cfg = IdentityConfig::new(Arc::new(ca), verifier);
+        cfg.server_cert_lifetime = self.server_cert_lifetime.get();
         if let Some(host) = host_name() {
             cfg.server_names.push(host);
         }
@@ -213,6 +227,7 @@ impl Args {
             admin_addr: self.admin,
             state_dir: self.state_dir.clone(),
             addr_file: self.addr_file.clone(),
+            stamp_schema_version: self.test_stamp_schema_version,
             identity: self.ca.to_config(self.state_dir.as_deref())?,
             policy_limits: self.policy_limits,
             ..ControlPlaneConfig::default()

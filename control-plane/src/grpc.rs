@@ -19,9 +19,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use std::net::SocketAddr;
 
-use tonic::transport::{Identity, ServerTlsConfig};
+use tokio_rustls::TlsAcceptor;
 
 use crate::identity::IdentityService;
+use crate::serving_cert::ServingCert;
 use crate::{Error, IdentityConfig, Shared};
 
 /// How long a new stream may take to send its `Hello`.
@@ -34,25 +35,70 @@ pub(crate) struct PolicyService {
     shutdown: watch::Receiver<bool>,
 }
 
+/// How long a TLS handshake on the gRPC port may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What the gRPC port adds when the CA is on: TLS and the Identity service.
 pub(crate) struct GrpcTls {
-    tls: ServerTlsConfig,
+    cert: Arc<ServingCert>,
     identity: IdentityService,
 }
 
 /// Issues the gRPC serving certificate: DNS and IP SANs from `id.server_names`,
-/// plus the bound address when it is a specific IP.
-pub(crate) fn tls(id: &IdentityConfig, bound: SocketAddr) -> Result<GrpcTls, Error> {
+/// plus the bound address when it is a specific IP. It is renewed while served.
+pub(crate) fn tls(
+    id: &IdentityConfig,
+    bound: SocketAddr,
+    renewals: prometheus::IntCounter,
+) -> Result<GrpcTls, Error> {
     let mut names = id.server_names.clone();
     let ip = bound.ip().to_string();
     if !bound.ip().is_unspecified() && !names.contains(&ip) {
         names.push(ip);
     }
-    let (cert, key) = id.ca.issue_server_pem(&names, id.server_cert_lifetime)?;
     Ok(GrpcTls {
-        tls: ServerTlsConfig::new().identity(Identity::from_pem(cert, key)),
+        cert: ServingCert::issue(id.ca.clone(), names, id.server_cert_lifetime, renewals)?,
         identity: IdentityService::new(id.ca.clone(), id.verifier.clone()),
     })
+}
+
+/// Accepts TCP connections and completes TLS handshakes, each in a task of its
+/// own so a slow client holds up no other; ends with the listener's owner.
+fn tls_incoming(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    mut shutdown: watch::Receiver<bool>,
+) -> ReceiverStream<std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {
+    let (tx, rx) = mpsc::channel(16);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = shutdown.wait_for(|stop| *stop) => return,
+                _ = tx.closed() => return,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "gRPC accept failed");
+                    continue;
+                }
+            };
+            // Snapshots are small writes that must leave at once.
+            let _ = tcp.set_nodelay(true);
+            let (acceptor, tx) = (acceptor.clone(), tx.clone());
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => {
+                        let _ = tx.send(Ok(tls)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "gRPC TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "gRPC TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    ReceiverStream::new(rx)
 }
 
 pub(crate) async fn serve(
@@ -65,36 +111,44 @@ pub(crate) async fn serve(
         shared,
         shutdown: shutdown.clone(),
     };
-    let incoming = TcpListenerStream::new(listener).map(|conn| {
-        conn.inspect(|s| {
-            // Snapshots are small writes that must leave at once.
-            let _ = s.set_nodelay(true);
-        })
-    });
     let mut builder = tonic::transport::Server::builder()
         // Notices proxies that vanished without closing their connection.
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(10)));
-    let (tls, identity) = match tls {
-        Some(t) => (Some(t.tls), Some(t.identity.into_server())),
+    let (cert, identity) = match tls {
+        Some(t) => (Some(t.cert), Some(t.identity.into_server())),
         None => (None, None),
     };
-    if let Some(tls) = tls {
-        builder = match builder.tls_config(tls) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "gRPC TLS configuration refused");
-                return;
-            }
-        };
-    }
-    let res = builder
+    let router = builder
         .add_service(PolicyDiscoveryServer::new(svc))
-        .add_optional_service(identity)
-        .serve_with_incoming_shutdown(incoming, async move {
-            let _ = shutdown.wait_for(|stop| *stop).await;
-        })
-        .await;
+        .add_optional_service(identity);
+    let stop = shutdown.clone();
+    let signal = async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    };
+    let res = match cert {
+        Some(cert) => {
+            let config = match cert.server_config() {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "gRPC TLS configuration refused");
+                    return;
+                }
+            };
+            tokio::spawn(cert.keep_renewed(stop.clone()));
+            let incoming = tls_incoming(listener, TlsAcceptor::from(config), stop);
+            router.serve_with_incoming_shutdown(incoming, signal).await
+        }
+        None => {
+            let incoming = TcpListenerStream::new(listener).map(|conn| {
+                conn.inspect(|s| {
+                    // Snapshots are small writes that must leave at once.
+                    let _ = s.set_nodelay(true);
+                })
+            });
+            router.serve_with_incoming_shutdown(incoming, signal).await
+        }
+    };
     if let Err(e) = res {
         tracing::error!(error = %e, "gRPC server failed");
     }
@@ -158,6 +212,7 @@ async fn stream_task(
     let node = hello.node_id.clone();
     let accepted = crate::views::accepted(&hello);
     let _guard = shared.proxies.connect(&hello);
+    shared.metrics.streams_opened.inc();
     let connected_at = Instant::now();
     let mut snapshots = shared.snapshots.subscribe();
     let mut proxy_has =
@@ -168,7 +223,13 @@ async fn stream_task(
         let current = snapshots.borrow_and_update().clone();
         let snapshot = current
             .as_ref()
-            .and_then(|p| crate::views::snapshot_for(&p.views, &accepted));
+            .and_then(|p| crate::views::snapshot_for(&p.views, &accepted))
+            .map(|mut s| {
+                if let Some(v) = shared.stamp_schema_version {
+                    s.schema_version = v;
+                }
+                s
+            });
         if let (Some(published), Some(snapshot)) = (current, snapshot) {
             let version = &snapshot.version;
             let expected = in_flight

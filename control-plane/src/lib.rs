@@ -38,6 +38,7 @@ pub mod inject;
 pub mod k8s;
 mod metrics;
 pub mod proxies;
+mod serving_cert;
 pub mod source;
 pub mod views;
 
@@ -90,6 +91,9 @@ pub enum Error {
         #[source]
         source: notify::Error,
     },
+    /// The gRPC serving certificate cannot be made into a TLS configuration.
+    #[error("gRPC serving certificate: {0}")]
+    ServingTls(String),
     /// The webhook's serving certificate or key cannot be loaded.
     #[error("webhook TLS {path}: {reason}")]
     WebhookTls {
@@ -185,6 +189,10 @@ pub struct ControlPlaneConfig {
     pub webhook_bundles: Option<k8s::ca_bundle::WebhookBundles>,
     /// Bounds on policy input: each file, the directory, each RoutePolicy object.
     pub policy_limits: sluice_config::Limits,
+    /// Tests only: the schema version snapshots are stamped with, instead of
+    /// [`SCHEMA_VERSION`].
+    #[doc(hidden)]
+    pub stamp_schema_version: Option<u32>,
 }
 
 /// The certificate authority and how the gRPC port presents itself.
@@ -196,7 +204,7 @@ pub struct IdentityConfig {
     pub verifier: Arc<dyn ca::BootstrapVerifier>,
     /// DNS names and IP addresses the gRPC serving certificate carries as SANs.
     pub server_names: Vec<String>,
-    /// Lifetime of the gRPC serving certificate.
+    /// Lifetime of the gRPC serving certificate; it is renewed at half of it.
     pub server_cert_lifetime: Duration,
     /// Where to write the root certificate (PEM) once started, for `--trust-root`.
     pub write_trust_root: Option<PathBuf>,
@@ -210,7 +218,7 @@ impl IdentityConfig {
             ca,
             verifier,
             server_names: vec!["localhost".into(), "127.0.0.1".into(), "::1".into()],
-            server_cert_lifetime: Duration::from_secs(365 * 24 * 3600),
+            server_cert_lifetime: Duration::from_secs(24 * 3600),
             write_trust_root: None,
         }
     }
@@ -231,6 +239,7 @@ impl Default for ControlPlaneConfig {
             publish_trust_root: None,
             webhook_bundles: None,
             policy_limits: sluice_config::Limits::default(),
+            stamp_schema_version: None,
         }
     }
 }
@@ -309,6 +318,8 @@ pub(crate) struct Shared {
     pub(crate) ready: std::sync::atomic::AtomicBool,
     /// Bumped whenever what the admin API shows may have changed.
     pub(crate) changes: watch::Sender<u64>,
+    /// Tests only: the schema version every snapshot is stamped with instead of its own.
+    pub(crate) stamp_schema_version: Option<u32>,
 }
 
 impl Shared {
@@ -546,6 +557,7 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error
         proxies: ProxyRegistry::new(metrics.connected.clone(), changes),
         metrics,
         ready: std::sync::atomic::AtomicBool::new(false),
+        stamp_schema_version: cfg.stamp_schema_version,
     });
     shared.reload();
 
@@ -567,7 +579,11 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error
     };
 
     let grpc_tls = match &cfg.identity {
-        Some(id) => Some(grpc::tls(id, grpc_addr)?),
+        Some(id) => Some(grpc::tls(
+            id,
+            grpc_addr,
+            shared.metrics.serving_cert_renewals.clone(),
+        )?),
         None => None,
     };
     let trust_root = cfg.identity.as_ref().map(|id| id.ca.root_pem());

@@ -19,6 +19,10 @@ pub(crate) struct Metrics {
     pub(crate) validation_failures: IntCounter,
     /// From a version's publication (or the stream's start, if later) to its ACK.
     pub(crate) push_latency: Histogram,
+    /// Renewals of the gRPC serving certificate.
+    pub(crate) serving_cert_renewals: IntCounter,
+    /// Policy streams opened (a proxy that lost its stream opens another).
+    pub(crate) streams_opened: IntCounter,
     policy_info: IntGaugeVec,
     held_back: IntGaugeVec,
 }
@@ -59,6 +63,16 @@ impl Metrics {
             ]),
         )
         .expect("valid metric");
+        let serving_cert_renewals = IntCounter::new(
+            "sluice_cp_serving_cert_renewals_total",
+            "Renewals of the gRPC port's serving certificate.",
+        )
+        .expect("valid metric");
+        let streams_opened = IntCounter::new(
+            "sluice_cp_streams_opened_total",
+            "Policy streams opened by proxies.",
+        )
+        .expect("valid metric");
         let policy_info = IntGaugeVec::new(
             Opts::new(
                 "sluice_cp_policy_info",
@@ -83,6 +97,8 @@ impl Metrics {
             Box::new(push_latency.clone()),
             Box::new(policy_info.clone()),
             Box::new(held_back.clone()),
+            Box::new(serving_cert_renewals.clone()),
+            Box::new(streams_opened.clone()),
         ] {
             registry.register(m).expect("metric names are unique");
         }
@@ -96,6 +112,8 @@ impl Metrics {
             acks,
             validation_failures,
             push_latency,
+            serving_cert_renewals,
+            streams_opened,
             policy_info,
             held_back,
         }

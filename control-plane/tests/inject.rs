@@ -123,11 +123,8 @@ fn apply(name: &str, patch: &Value) -> Pod {
     let ops: json_patch::Patch = serde_json::from_value(patch.clone()).unwrap();
     json_patch::patch(&mut doc, &ops).unwrap();
 
-    let kubectl = Path::new("/usr/bin/kubectl");
-    assert!(
-        kubectl.exists(),
-        "kubectl is required at /usr/bin/kubectl to check the patch applies as the API server would"
-    );
+    // `kubectl` from PATH (tests/setup.sh installs it), or where KUBECTL says.
+    let kubectl = std::env::var_os("KUBECTL").unwrap_or_else(|| "kubectl".into());
     let dir = tempfile::tempdir().unwrap();
     let file: PathBuf = dir.path().join("pod.json");
     std::fs::write(&file, serde_json::to_vec(&original).unwrap()).unwrap();
@@ -136,7 +133,12 @@ fn apply(name: &str, patch: &Value) -> Pod {
         .arg(&file)
         .args(["--type=json", "-p", &patch.to_string(), "-o", "json"])
         .output()
-        .unwrap();
+        .unwrap_or_else(|e| {
+            panic!(
+                "kubectl is needed to check the patch applies as the API server would \
+                 (run tests/setup.sh, or set KUBECTL): {e}"
+            )
+        });
     assert!(
         out.status.success(),
         "kubectl patch failed: {}",

@@ -42,6 +42,18 @@ impl TestControlPlane {
         tokens: &[(&str, &str, &str)],
         cert_lifetime: Duration,
     ) -> Self {
+        Self::start_with_ca_lifetimes(files, tokens, cert_lifetime, Duration::from_secs(24 * 3600))
+            .await
+    }
+
+    /// [`start_with_ca`](Self::start_with_ca) with the gRPC port's own serving
+    /// certificate living `server_cert_lifetime` (renewed at half of it).
+    pub async fn start_with_ca_lifetimes(
+        files: &[(&str, &str)],
+        tokens: &[(&str, &str, &str)],
+        cert_lifetime: Duration,
+        server_cert_lifetime: Duration,
+    ) -> Self {
         let lines: String = tokens
             .iter()
             .map(|(t, ns, sa)| {
@@ -55,6 +67,7 @@ impl TestControlPlane {
             Some(CaOptions {
                 tokens: lines,
                 cert_lifetime,
+                server_cert_lifetime,
             }),
         )
         .await
@@ -111,6 +124,42 @@ impl TestControlPlane {
     /// The admin listener's address.
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin
+    }
+
+    /// The leaf certificate (DER) the gRPC port presents to a new TLS client
+    /// that trusts the mesh root, after a real handshake.
+    pub async fn serving_cert(&self) -> Vec<u8> {
+        use rustls::pki_types::pem::PemObject as _;
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_file_iter(self.trust_root())
+            .expect("read the trust root")
+        {
+            roots.add(cert.expect("a PEM certificate")).expect("a root");
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("TLS versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let tcp = tokio::net::TcpStream::connect(self.grpc)
+            .await
+            .expect("connect to the gRPC port");
+        let name = rustls::pki_types::ServerName::try_from("127.0.0.1").expect("a name");
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+            .connect(name, tcp)
+            .await
+            .expect("a TLS handshake the mesh root verifies");
+        let (_, session) = tls.get_ref();
+        session.peer_certificates().expect("a certificate")[0].to_vec()
+    }
+
+    /// One sample of the control plane's `/metrics`, by exact name (no labels).
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let (_, body) = admin_get(self.admin, "/metrics").await;
+        body.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
     }
 
     /// The watched policy directory.
@@ -188,6 +237,7 @@ struct CaOptions {
     /// Token-file lines.
     tokens: String,
     cert_lifetime: Duration,
+    server_cert_lifetime: Duration,
 }
 
 async fn launch(
@@ -206,7 +256,9 @@ async fn launch(
         )
         .expect("the mesh CA");
         let tokens = TokenFile::parse(Path::new("tokens"), &ca.tokens).expect("token lines");
-        IdentityConfig::new(Arc::new(root), Arc::new(tokens))
+        let mut cfg = IdentityConfig::new(Arc::new(root), Arc::new(tokens));
+        cfg.server_cert_lifetime = ca.server_cert_lifetime;
+        cfg
     });
     let cfg = ControlPlaneConfig {
         policy_dir: policy_dir.to_path_buf(),

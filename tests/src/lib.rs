@@ -6,7 +6,8 @@
 //! `sluice_proxy::start` on a policy file in its own temporary directory, and
 //! [`ChildProxy`] runs the real command line (the `e2e-proxy` binary of this crate)
 //! as a child process, for what needs a process of its own: signals and resident
-//! memory. [`HttpConn`] is a client connection over one TCP stream, HTTP/1.1 or h2c
+//! memory; [`ChildControlPlane`] does the same for `sluice-control-plane`.
+//! [`HttpConn`] is a client connection over one TCP stream, HTTP/1.1 or h2c
 //! prior knowledge, so a test controls exactly which protocol and which connection
 //! a request uses. [`grpc`] holds a small tonic service, [`interop`] gRPC's interop cases (server and client), [`ws`] a WebSocket echo
 //! server (and [`autobahn`] runs the Autobahn cases against it), [`otlp`] an OTLP trace receiver (gRPC and HTTP) that keeps the spans it gets.
@@ -23,6 +24,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod autobahn;
+mod child_control_plane;
 mod client;
 mod control_plane;
 pub mod grpc;
@@ -39,6 +41,7 @@ pub mod ws;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
+pub use child_control_plane::ChildControlPlane;
 pub use client::{HttpConn, Reply, ReqBody, full_body};
 pub use control_plane::TestControlPlane;
 pub use proxy::{ChildProxy, MeshTls, ProcMemory, ProxyOptions, TestProxy};

@@ -33,6 +33,9 @@ pub struct ProxyOptions {
     pub trace: sluice_proxy::telemetry::TraceConfig,
     /// Idle, request header and request body timeouts (the flags' defaults).
     pub timeouts: sluice_proxy::timeouts::Timeouts,
+    /// Return as soon as it listens, without waiting for `/ready` (for tests of
+    /// what keeps it unready).
+    pub skip_ready_wait: bool,
 }
 
 /// How a proxy under test joins the mesh's mTLS.
@@ -59,6 +62,7 @@ impl Default for ProxyOptions {
             mtls: None,
             trace: Default::default(),
             timeouts: Default::default(),
+            skip_ready_wait: false,
         }
     }
 }
@@ -181,13 +185,16 @@ impl TestProxy {
             policy_path,
             _dir: dir,
         };
-        proxy.wait_ready().await;
+        if !opts.skip_ready_wait {
+            proxy.wait_ready().await;
+        }
         proxy
     }
 
     /// A proxy that takes its policy from the control plane at `url` as `node_id`,
     /// keeping its last snapshot in `state_dir`; returns once `/ready` answers 200
-    /// (from the saved snapshot or the first one streamed).
+    /// (from the saved snapshot or the first one streamed) unless
+    /// `opts.skip_ready_wait`.
     pub async fn start_subscribed(
         url: &str,
         node_id: &str,
@@ -229,7 +236,9 @@ impl TestProxy {
             policy_path: dir.path().join("policy.yaml"),
             _dir: dir,
         };
-        proxy.wait_ready().await;
+        if !opts.skip_ready_wait {
+            proxy.wait_ready().await;
+        }
         proxy
     }
 

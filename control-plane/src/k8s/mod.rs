@@ -72,6 +72,8 @@ pub mod policies;
 pub mod trust_root;
 
 #[cfg(any(test, feature = "test-support"))]
+pub mod double;
+#[cfg(any(test, feature = "test-support"))]
 pub mod testing;
 
 use std::fmt;

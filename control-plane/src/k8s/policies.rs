@@ -110,6 +110,9 @@ struct ObjectState {
     error_at: Option<SystemTime>,
     /// The status the object carries now.
     status: Option<RoutePolicyStatus>,
+    /// The object's resourceVersion when last seen: a status write names it, so
+    /// a verdict on a version that has since changed is refused (409), not written.
+    resource_version: Option<String>,
 }
 
 /// Every RoutePolicy object seen and what was concluded about it.
@@ -199,6 +202,7 @@ impl KubePolicies {
             let key = (ns.clone(), name.clone());
             let mut state = self.objects.remove(&key).unwrap_or_default();
             let spec = obj.data.get("spec").cloned().unwrap_or(Value::Null);
+            state.resource_version = obj.metadata.resource_version.clone();
             let status = obj
                 .data
                 .get("status")
@@ -327,8 +331,9 @@ impl KubePolicies {
         }
     }
 
-    /// Objects whose status differs from the verdict (and was not just written).
-    pub(crate) fn pending_statuses(&self) -> Vec<(ObjectKey, RoutePolicyStatus)> {
+    /// Objects whose status differs from the verdict (and was not just written),
+    /// with the resourceVersion the verdict is about.
+    pub(crate) fn pending_statuses(&self) -> Vec<(ObjectKey, RoutePolicyStatus, Option<String>)> {
         if !self.synced {
             return Vec::new();
         }
@@ -337,7 +342,7 @@ impl KubePolicies {
             .filter_map(|(key, state)| {
                 let want = self.desired(key, state);
                 let have = self.written.get(key).or(state.status.as_ref());
-                (have != Some(&want)).then(|| (key.clone(), want))
+                (have != Some(&want)).then(|| (key.clone(), want, state.resource_version.clone()))
             })
             .collect()
     }
@@ -442,10 +447,13 @@ pub(crate) async fn write_statuses(
             let pending = shared
                 .with_kube_policies(|k| k.pending_statuses())
                 .unwrap_or_default();
-            for (key, status) in pending {
+            for (key, status, resource_version) in pending {
                 let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &key.0, &ar);
-                // A merge patch: fields set to null are removed.
-                let patch = json!({ "status": {
+                // A merge patch: fields set to null are removed. The resourceVersion
+                // is a precondition: another writer in between makes it a 409.
+                let patch = json!({
+                    "metadata": { "resourceVersion": resource_version },
+                    "status": {
                     "observedGeneration": status.observed_generation,
                     "accepted": status.accepted,
                     "hash": status.hash,
@@ -461,6 +469,11 @@ pub(crate) async fn write_statuses(
                     }
                     // Deleted meanwhile: its delete event removes it.
                     Err(kube::Error::Api(s)) if s.code == 404 => {}
+                    // Changed meanwhile: its watch event brings the version to judge.
+                    Err(kube::Error::Api(s)) if s.code == 409 => {
+                        failed = true;
+                        tracing::debug!(namespace = %key.0, name = %key.1, "RoutePolicy changed since it was judged; its status waits for the new version");
+                    }
                     Err(e) => {
                         failed = true;
                         tracing::warn!(namespace = %key.0, name = %key.1, error = %e, "cannot write RoutePolicy status; will retry");

@@ -1,162 +1,84 @@
-//! The control plane against a scripted API server: RoutePolicies and
-//! EndpointSlices reach the published set, statuses are written by the leader only.
+//! The control plane against the stateful API double: RoutePolicies and
+//! EndpointSlices reach the published set, statuses are written by the leader
+//! only, and the reflectors survive what a real API server does to watches
+//! (restarts, bookmarks, 410 Gone) and a concurrent writer (409).
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use http::Method;
 use serde_json::{Value, json};
 use sluice_config::PolicySet;
-use tokio::sync::mpsc;
 
-use super::testing::{Call, Reply, fake_api, status};
+use super::double::{ApiCall, ApiServer};
 use super::{KubeConfig, LeaseConfig};
 use crate::{ControlPlaneConfig, RunningControlPlane};
 
-const POLICIES: &str = "/apis/sluice.dev/v1alpha1/routepolicies";
-const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
-const LEASE: &str =
-    "/apis/coordination.k8s.io/v1/namespaces/sluice-system/leases/sluice-control-plane";
-
-/// A fake cluster: RoutePolicies and EndpointSlices with watches the test feeds,
-/// a Lease, and the status patches it receives.
+/// A cluster in the API double: RoutePolicies, EndpointSlices, the pods behind
+/// them, and (maybe) another replica holding the Lease.
 struct Cluster {
-    policy_events: mpsc::UnboundedSender<Value>,
-    slice_events: mpsc::UnboundedSender<Value>,
-    patches: mpsc::UnboundedReceiver<Call>,
+    api: ApiServer,
+    /// Requests already looked at by `next_patch`.
+    seen: usize,
     /// Another replica holds the Lease and renews it while this is true.
     other_leader_alive: Arc<AtomicBool>,
-    /// The RoutePolicy objects as the fake API server has them, by name.
-    objects: Arc<Mutex<std::collections::HashMap<String, Value>>>,
     client: kube::Client,
 }
 
-fn list(kind: &str, items: &[Value]) -> Reply {
-    Reply::Json(
-        200,
-        json!({ "kind": kind, "apiVersion": "v1", "metadata": { "resourceVersion": "1" }, "items": items }),
-    )
+/// Pods at 10.0.0.x run as log-v1, others as log-canary.
+fn pod(ip: &str) -> Value {
+    let sa = if ip.starts_with("10.0.0.") {
+        "log-v1"
+    } else {
+        "log-canary"
+    };
+    json!({ "apiVersion": "v1", "kind": "Pod",
+            "metadata": { "name": format!("pod-{ip}"), "namespace": "shop" },
+            "spec": { "serviceAccountName": sa, "containers": [{ "name": "app" }] } })
+}
+
+fn lease(holder: &str, renew: u64) -> Value {
+    json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": { "name": "sluice-control-plane", "namespace": "sluice-system" },
+        "spec": { "holderIdentity": holder, "leaseDurationSeconds": 15,
+                  "renewTime": format!("2026-01-01T00:{:02}:{:02}.000000Z", renew / 60 % 60, renew % 60) }
+    })
 }
 
 impl Cluster {
     fn new(policies: Vec<Value>, slices: Vec<Value>, other_leader: bool) -> Self {
-        let (policy_tx, policy_rx) = mpsc::unbounded_channel();
-        let (slice_tx, slice_rx) = mpsc::unbounded_channel();
-        let (patch_tx, patches) = mpsc::unbounded_channel();
-        let mut policy_rx = Some(policy_rx);
-        let mut slice_rx = Some(slice_rx);
-        let other_alive = Arc::new(AtomicBool::new(other_leader));
-        let alive = other_alive.clone();
-        let renewals = AtomicU64::new(0);
-        let lease: Arc<Mutex<Option<Value>>> = Arc::new(Mutex::new(other_leader.then(|| {
-            json!({
-                "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                "metadata": { "name": "sluice-control-plane", "namespace": "sluice-system", "resourceVersion": "1" },
-                "spec": { "holderIdentity": "cp-other", "leaseDurationSeconds": 15,
-                          "renewTime": "2026-01-01T00:00:00.000000Z" }
-            })
-        })));
-        let objects: Arc<Mutex<std::collections::HashMap<String, Value>>> = Arc::new(Mutex::new(
-            policies
-                .iter()
-                .map(|p| {
-                    (
-                        p["metadata"]["name"].as_str().unwrap().to_string(),
-                        p.clone(),
-                    )
-                })
-                .collect(),
-        ));
-        let stored = objects.clone();
-        let echo = policy_tx.clone();
-        let (client, _calls) = fake_api(move |c| {
-            if c.path == POLICIES {
-                return match (
-                    c.is_watch(),
-                    c.is_watch().then(|| policy_rx.take()).flatten(),
-                ) {
-                    (true, Some(rx)) => Reply::Stream(rx),
-                    (true, None) => Reply::Hang,
-                    (false, _) => list("RoutePolicyList", &policies),
-                };
-            }
-            if c.path == SLICES {
-                assert!(
-                    c.query
-                        .contains("labelSelector=kubernetes.io%2Fservice-name"),
-                    "{c:?}"
-                );
-                return match (
-                    c.is_watch(),
-                    c.is_watch().then(|| slice_rx.take()).flatten(),
-                ) {
-                    (true, Some(rx)) => Reply::Stream(rx),
-                    (true, None) => Reply::Hang,
-                    (false, _) => list("EndpointSliceList", &slices),
-                };
-            }
-            if c.path == LEASE || c.path == LEASE.trim_end_matches("/sluice-control-plane") {
-                let mut lease = lease.lock().unwrap();
-                return match (c.method.as_str(), lease.as_mut()) {
-                    ("GET", None) => status(404, "NotFound"),
-                    ("GET", Some(l)) => {
-                        if alive.load(Ordering::SeqCst) {
-                            // The other replica renews between our looks.
-                            let n = renewals.fetch_add(1, Ordering::SeqCst);
-                            l["spec"]["renewTime"] = json!(format!(
-                                "2026-01-01T00:{:02}:{:02}.000000Z",
-                                n / 60 % 60,
-                                n % 60
-                            ));
-                            l["metadata"]["resourceVersion"] = json!(format!("r{n}"));
-                        }
-                        Reply::Json(200, l.clone())
-                    }
-                    ("POST", None) | ("PUT", Some(_)) => {
-                        *lease = Some(c.body.clone());
-                        Reply::Json(200, c.body.clone())
-                    }
-                    ("POST", Some(_)) => status(409, "AlreadyExists"),
-                    other => panic!("unexpected lease call {other:?}"),
-                };
-            }
-            if let Some(pod) = c.path.strip_prefix("/api/v1/namespaces/shop/pods/pod-") {
-                // Pods at 10.0.0.x run as log-v1, others as log-canary.
-                assert_eq!(c.method, "GET");
-                let sa = if pod.starts_with("10.0.0.") {
-                    "log-v1"
-                } else {
-                    "log-canary"
-                };
-                return Reply::Json(
-                    200,
-                    json!({ "apiVersion": "v1", "kind": "Pod",
-                            "metadata": { "name": format!("pod-{pod}"), "namespace": "shop", "uid": format!("uid-{pod}") },
-                            "spec": { "serviceAccountName": sa, "containers": [] } }),
-                );
-            }
-            if c.method == "PATCH" && c.path.ends_with("/status") {
-                // Like the API server: the patched object comes back through the watch.
-                let name = c.path.rsplit('/').nth(1).unwrap().to_string();
-                assert_eq!(c.query, "", "a plain merge patch: {c:?}");
-                let _ = patch_tx.send(c.clone());
-                let mut stored = stored.lock().unwrap();
-                let Some(obj) = stored.get_mut(&name) else {
-                    return status(404, "NotFound");
-                };
-                obj["status"] = c.body["status"].clone();
-                let _ = echo.send(json!({ "type": "MODIFIED", "object": obj.clone() }));
-                return Reply::Json(200, obj.clone());
-            }
-            panic!("unexpected call {c:?}");
-        });
+        let api = ApiServer::new();
+        for p in policies {
+            api.put(p);
+        }
+        for ip in ["10.0.0.1", "10.0.0.2", "10.0.0.3", "10.0.0.7", "10.0.1.1"] {
+            api.put(pod(ip));
+        }
+        for s in slices {
+            api.put(with_pod_uids(&api, s));
+        }
+        let alive = Arc::new(AtomicBool::new(other_leader));
+        if other_leader {
+            api.put(lease("cp-other", 0));
+            // The other replica renews between this one's looks.
+            let renewing = alive.clone();
+            let renewals = AtomicU64::new(1);
+            api.before_each(move |c, api| {
+                if c.method == Method::GET
+                    && c.path.ends_with("/leases/sluice-control-plane")
+                    && renewing.load(Ordering::SeqCst)
+                {
+                    api.put(lease("cp-other", renewals.fetch_add(1, Ordering::SeqCst)));
+                }
+            });
+        }
         Self {
-            policy_events: policy_tx,
-            objects,
-            slice_events: slice_tx,
-            patches,
-            other_leader_alive: other_alive,
-            client,
+            client: api.client(),
+            api,
+            seen: 0,
+            other_leader_alive: alive,
         }
     }
 
@@ -176,42 +98,60 @@ impl Cluster {
         .unwrap()
     }
 
-    fn policy_event(&self, kind: &str, obj: Value) {
-        let name = obj["metadata"]["name"].as_str().unwrap().to_string();
-        let mut objects = self.objects.lock().unwrap();
-        if kind == "DELETED" {
-            objects.remove(&name);
-        } else {
-            objects.insert(name, obj.clone());
-        }
-        drop(objects);
-        self.policy_events
-            .send(json!({ "type": kind, "object": obj }))
-            .unwrap();
-    }
-
-    fn slice_event(&self, kind: &str, obj: Value) {
-        self.slice_events
-            .send(json!({ "type": kind, "object": obj }))
-            .unwrap();
-    }
-
-    async fn next_patch(&mut self) -> (String, Value) {
-        let c = tokio::time::timeout(Duration::from_secs(60), self.patches.recv())
-            .await
-            .expect("a status patch")
-            .unwrap();
+    /// The next status write (name, status sent), and whether it was accepted.
+    async fn next_status_write(&mut self) -> (String, Value, u16) {
+        let (i, c) = self.api.wait_call(self.seen, is_status_write).await;
+        self.seen = i + 1;
         let name = c.path.rsplit('/').nth(1).unwrap().to_string();
-        (name, c.body["status"].clone())
+        (name, c.body["status"].clone(), c.status)
+    }
+
+    /// The next successful status write.
+    async fn next_patch(&mut self) -> (String, Value) {
+        loop {
+            let (name, status, code) = self.next_status_write().await;
+            if code == 200 {
+                return (name, status);
+            }
+        }
+    }
+
+    /// Status writes not yet looked at.
+    fn unseen_status_writes(&self) -> usize {
+        self.api.calls()[self.seen..]
+            .iter()
+            .filter(|c| is_status_write(c))
+            .count()
+    }
+
+    fn generation(&self, name: &str) -> Value {
+        self.api.get("routepolicies", "shop", name).unwrap()["metadata"]["generation"].clone()
     }
 }
 
-fn policy(name: &str, generation: i64, spec: Value) -> Value {
+/// `slice` with each endpoint's `targetRef.uid` set to its pod's, as the
+/// EndpointSlice controller writes them (the API server picks pods' uids).
+fn with_pod_uids(api: &ApiServer, mut slice: Value) -> Value {
+    for ep in slice["endpoints"].as_array_mut().into_iter().flatten() {
+        let name = ep["targetRef"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        if let Some(pod) = api.get("pods", "shop", &name) {
+            ep["targetRef"]["uid"] = pod["metadata"]["uid"].clone();
+        }
+    }
+    slice
+}
+
+fn is_status_write(c: &ApiCall) -> bool {
+    c.method == Method::PATCH && c.path.ends_with("/status")
+}
+
+fn policy(name: &str, spec: Value) -> Value {
     json!({
         "apiVersion": "sluice.dev/v1alpha1", "kind": "RoutePolicy",
-        "metadata": { "name": name, "namespace": "shop", "generation": generation, "uid": name,
-                      "resourceVersion": format!("{name}-{generation}"),
-                      "creationTimestamp": "2026-01-01T00:00:00Z" },
+        "metadata": { "name": name, "namespace": "shop" },
         "spec": spec,
     })
 }
@@ -246,11 +186,11 @@ fn single_hash(spec: Value, name: &str) -> String {
 #[tokio::test]
 async fn route_policies_are_served_and_their_verdicts_written_to_status() {
     let broken = json!({ "host": "billing", "backends": { "b": { "addresses": ["10.0.0.1:80"] } },
-                         "routes": [{ "name": "r", "timeout": "2x" }] });
+                         "routes": [{ "name": "r", "timeout": "0s" }] });
     let mut cluster = Cluster::new(
         vec![
-            policy("log-service", 1, log_spec("2s")),
-            policy("broken", 4, broken),
+            policy("log-service", log_spec("2s")),
+            policy("broken", broken),
         ],
         vec![],
         false,
@@ -273,7 +213,10 @@ async fn route_policies_are_served_and_their_verdicts_written_to_status() {
     let (name, broken_status) = &verdicts[0];
     assert_eq!(name, "broken");
     assert_eq!(broken_status["accepted"], false);
-    assert_eq!(broken_status["observedGeneration"], 4);
+    assert_eq!(
+        broken_status["observedGeneration"],
+        cluster.generation("broken")
+    );
     assert!(broken_status["hash"].is_null());
     let error = broken_status["error"].as_str().unwrap();
     assert!(error.starts_with("spec.routes[0].timeout: "), "{error}");
@@ -286,7 +229,7 @@ async fn route_policies_are_served_and_their_verdicts_written_to_status() {
     );
 
     // An edit is served and its new generation acknowledged in status.
-    cluster.policy_event("MODIFIED", policy("log-service", 2, log_spec("3s")));
+    cluster.api.put(policy("log-service", log_spec("3s")));
     let set = served(&cp, |s| {
         s.policies().first().is_some_and(|p| {
             p.spec.routes[0].timeout.map(|t| t.get()) == Some(Duration::from_secs(3))
@@ -302,7 +245,7 @@ async fn route_policies_are_served_and_their_verdicts_written_to_status() {
     assert_eq!(st["hash"], single_hash(log_spec("3s"), "log-service"));
 
     // A broken edit is refused: generation 2 stays in force, status says why.
-    cluster.policy_event("MODIFIED", policy("log-service", 3, log_spec("soon")));
+    cluster.api.put(policy("log-service", log_spec("2h")));
     let (name, st) = cluster.next_patch().await;
     assert_eq!(name, "log-service");
     assert_eq!(st["observedGeneration"], 3);
@@ -318,21 +261,22 @@ async fn route_policies_are_served_and_their_verdicts_written_to_status() {
     assert_eq!(cp.policy_version().as_deref(), Some(v2.as_str()));
 
     // Deleting an object drops its policy.
-    cluster.policy_event("DELETED", policy("log-service", 3, log_spec("soon")));
+    assert!(cluster.api.remove(&policy("log-service", Value::Null)));
     served(&cp, |s| s.policies().is_empty()).await;
     cp.shutdown().await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn only_the_leader_writes_statuses() {
-    let mut cluster = Cluster::new(vec![policy("log-service", 1, log_spec("2s"))], vec![], true);
+    let mut cluster = Cluster::new(vec![policy("log-service", log_spec("2s"))], vec![], true);
     let cp = cluster.start(true).await;
     // Every replica serves.
     served(&cp, |s| s.policies().len() == 1).await;
     // While the other replica keeps renewing, this one writes nothing.
     tokio::time::sleep(Duration::from_secs(60)).await;
-    assert!(
-        cluster.patches.try_recv().is_err(),
+    assert_eq!(
+        cluster.unseen_status_writes(),
+        0,
         "a follower wrote a status"
     );
     // The other replica dies; once its Lease expires this one leads and writes.
@@ -342,14 +286,14 @@ async fn only_the_leader_writes_statuses() {
     assert_eq!(st["accepted"], true);
     // The write's own watch event does not cause another write.
     tokio::time::sleep(Duration::from_secs(30)).await;
-    assert!(cluster.patches.try_recv().is_err());
+    assert_eq!(cluster.unseen_status_writes(), 0);
     cp.shutdown().await;
 }
 
 fn slice(name: &str, service: &str, endpoints: &[(&str, Option<bool>)]) -> Value {
     json!({
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
-        "metadata": { "name": name, "namespace": "shop", "resourceVersion": name,
+        "metadata": { "name": name, "namespace": "shop",
                       "labels": { "kubernetes.io/service-name": service } },
         "ports": [{ "name": "metrics", "port": 9090, "protocol": "TCP" },
                   { "name": "http", "port": 8080, "protocol": "TCP" }],
@@ -376,7 +320,7 @@ fn addresses_of(set: &PolicySet, backend: &str) -> Vec<String> {
 #[tokio::test]
 async fn endpoint_slices_become_the_backends_addresses() {
     let cluster = Cluster::new(
-        vec![policy("log-service", 1, service_spec())],
+        vec![policy("log-service", service_spec())],
         vec![slice(
             "log-v1-a",
             "log-v1",
@@ -412,8 +356,8 @@ async fn endpoint_slices_become_the_backends_addresses() {
     let v1 = set.hash().to_string();
 
     // A pod becomes ready, and a second slice of the same Service appears.
-    cluster.slice_event(
-        "MODIFIED",
+    cluster.api.put(with_pod_uids(
+        &cluster.api,
         slice(
             "log-v1-a",
             "log-v1",
@@ -423,11 +367,11 @@ async fn endpoint_slices_become_the_backends_addresses() {
                 ("10.0.0.3", Some(true)),
             ],
         ),
-    );
-    cluster.slice_event(
-        "ADDED",
+    ));
+    cluster.api.put(with_pod_uids(
+        &cluster.api,
         slice("log-v1-b", "log-v1", &[("10.0.1.1", Some(true))]),
-    );
+    ));
     let set = served(&cp, |s| addresses_of(s, "log-v1").len() == 4).await;
     assert_eq!(
         addresses_of(&set, "log-v1"),
@@ -450,8 +394,8 @@ async fn endpoint_slices_become_the_backends_addresses() {
     assert_eq!(again.hash(), set.hash());
 
     // Every pod goes away: the backend keeps its Service and has no endpoint.
-    cluster.slice_event("DELETED", slice("log-v1-a", "log-v1", &[]));
-    cluster.slice_event("DELETED", slice("log-v1-b", "log-v1", &[]));
+    cluster.api.remove(&slice("log-v1-a", "log-v1", &[]));
+    cluster.api.remove(&slice("log-v1-b", "log-v1", &[]));
     let set = served(&cp, |s| addresses_of(s, "log-v1").is_empty()).await;
     assert_eq!(
         set.policies()[0].spec.backends["log-v1"].service.as_deref(),
@@ -494,11 +438,8 @@ async fn discovery_also_resolves_policies_from_a_directory() {
 
 #[tokio::test]
 async fn the_ca_secret_flag_keeps_the_root_in_the_pods_namespace() {
-    let (client, mut calls) = fake_api(|c| match c.method.as_str() {
-        "GET" => status(404, "NotFound"),
-        "POST" => Reply::Json(201, c.body.clone()),
-        other => panic!("unexpected {other}"),
-    });
+    let api = ApiServer::new();
+    let client = api.client();
     let args = super::KubeArgs {
         ca_secret: Some("sluice-ca".into()),
         pod_namespace: Some("mesh".into()),
@@ -511,10 +452,24 @@ async fn the_ca_secret_flag_keeps_the_root_in_the_pods_namespace() {
         .unwrap()
         .expect("a CA");
     assert_eq!(ca.trust_domain(), "cluster.local");
-    let get = calls.recv().await.unwrap();
-    assert_eq!(get.path, "/api/v1/namespaces/mesh/secrets/sluice-ca");
-    let create = calls.recv().await.unwrap();
-    assert_eq!(create.path, "/api/v1/namespaces/mesh/secrets");
+    let calls = api.calls();
+    assert_eq!(
+        (calls[0].path.as_str(), calls[0].status),
+        ("/api/v1/namespaces/mesh/secrets/sluice-ca", 404)
+    );
+    assert_eq!(
+        (calls[1].path.as_str(), calls[1].status),
+        ("/api/v1/namespaces/mesh/secrets", 201)
+    );
+    let secret = api.get("secrets", "mesh", "sluice-ca").expect("the Secret");
+    assert!(secret["data"]["ca.crt"].is_string(), "{secret}");
+    // A second replica starting later reads the same root.
+    let again = args
+        .ca(&client, "cluster.local", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .expect("a CA");
+    assert_eq!(again.root_pem(), ca.root_pem());
     assert!(args.verifier(&client).is_some());
     let none = super::KubeArgs::default();
     assert!(
@@ -526,6 +481,122 @@ async fn the_ca_secret_flag_keeps_the_root_in_the_pods_namespace() {
     assert!(none.verifier(&client).is_none());
 }
 
+/// RoutePolicy lists the control plane has made since request `after`.
+fn relists(api: &ApiServer, after: usize) -> usize {
+    api.calls()[after..]
+        .iter()
+        .filter(|c| c.is_list_of("routepolicies"))
+        .count()
+}
+
+fn is_policy_watch(c: &ApiCall) -> bool {
+    c.is_watch() && c.path.ends_with("/routepolicies")
+}
+
+fn hosts(set: &PolicySet) -> Vec<String> {
+    set.policies().iter().map(|p| p.spec.host.clone()).collect()
+}
+
+fn other_spec(host: &str) -> Value {
+    json!({ "host": host, "backends": { "b": { "addresses": ["10.0.0.9:8080"] } },
+            "routes": [{ "name": "all" }] })
+}
+
+#[tokio::test]
+async fn a_watch_resumed_after_compaction_is_gone_and_the_reflector_relists() {
+    let cluster = Cluster::new(vec![policy("log-service", log_spec("2s"))], vec![], false);
+    let cp = cluster.start(true).await;
+    served(&cp, |s| s.policies().len() == 1).await;
+    cluster.api.wait_call(0, is_policy_watch).await;
+    let mark = cluster.api.calls().len();
+    // While the watch is down, an object is created and etcd compacts past the
+    // reflector's resourceVersion: resuming is 410 Gone.
+    let compacted = Arc::new(AtomicU64::new(0));
+    let once = compacted.clone();
+    cluster.api.before_each(move |c, api| {
+        if is_policy_watch(c) && once.load(Ordering::SeqCst) == 0 {
+            api.put(policy("billing", other_spec("billing")));
+            api.compact();
+            once.store(api.resource_version(), Ordering::SeqCst);
+        }
+    });
+    cluster.api.close_watches();
+    let set = served(&cp, |s| s.policies().len() == 2).await;
+    assert_eq!(hosts(&set), ["billing", "log-service"]);
+    assert_eq!(relists(&cluster.api, mark), 1, "one relist after the 410");
+    let calls = cluster.api.calls();
+    let resumed = calls[mark..].iter().find(|c| is_policy_watch(c)).unwrap();
+    let from: u64 = resumed.param("resourceVersion").unwrap().parse().unwrap();
+    assert!(
+        from < compacted.load(Ordering::SeqCst),
+        "the watch first resumed where it was, before the compaction"
+    );
+    // The watch after the relist carries on: a later edit arrives.
+    cluster.api.put(policy("billing", other_spec("billing-2")));
+    served(&cp, |s| hosts(s).contains(&"billing-2".to_string())).await;
+    cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_restarted_watch_resumes_from_its_last_bookmark_without_relisting() {
+    let cluster = Cluster::new(vec![policy("log-service", log_spec("2s"))], vec![], false);
+    let cp = cluster.start(true).await;
+    served(&cp, |s| s.policies().len() == 1).await;
+    let (i, watch) = cluster.api.wait_call(0, is_policy_watch).await;
+    assert_eq!(watch.param("allowWatchBookmarks"), Some("true"));
+    // Other resources move the resourceVersion on; a bookmark tells the
+    // reflector, and history up to it is compacted away.
+    for ip in ["10.0.2.1", "10.0.2.2", "10.0.2.3"] {
+        cluster.api.put(pod(ip));
+    }
+    let bookmark = cluster.api.resource_version();
+    cluster.api.bookmark();
+    cluster.api.compact();
+    let mark = cluster.api.calls().len();
+    cluster.api.close_watches();
+    let (_, resumed) = cluster.api.wait_call(i + 1, is_policy_watch).await;
+    assert_eq!(
+        resumed.param("resourceVersion"),
+        Some(bookmark.to_string().as_str()),
+        "resumed from the bookmark, which compaction has not passed"
+    );
+    cluster.api.put(policy("log-service", log_spec("3s")));
+    served(&cp, |s| {
+        s.policies()[0].spec.routes[0].timeout.map(|t| t.get()) == Some(Duration::from_secs(3))
+    })
+    .await;
+    assert_eq!(relists(&cluster.api, mark), 0, "no relist was needed");
+    cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_status_write_that_lost_a_race_is_refused_and_redone_for_the_new_generation() {
+    let mut cluster = Cluster::new(vec![policy("log-service", log_spec("2s"))], vec![], false);
+    // A user edits the object just as the first verdict is being written.
+    let edited = Arc::new(AtomicBool::new(false));
+    let once = edited.clone();
+    cluster.api.before_each(move |c, api| {
+        if is_status_write(c) && !once.swap(true, Ordering::SeqCst) {
+            api.put(policy("log-service", log_spec("3s")));
+        }
+    });
+    let cp = cluster.start(true).await;
+    let (name, st, code) = cluster.next_status_write().await;
+    assert_eq!((name.as_str(), code), ("log-service", 409));
+    assert_eq!(st["observedGeneration"], 1);
+    // The verdict on generation 1 never lands; generation 2's does.
+    let (_, st) = cluster.next_patch().await;
+    assert_eq!(st["observedGeneration"], 2);
+    assert_eq!(st["hash"], single_hash(log_spec("3s"), "log-service"));
+    let stored = cluster
+        .api
+        .get("routepolicies", "shop", "log-service")
+        .unwrap();
+    assert_eq!(stored["status"]["observedGeneration"], 2);
+    assert_eq!(stored["metadata"]["generation"], 2);
+    cp.shutdown().await;
+}
+
 #[test]
 fn a_restart_with_a_broken_object_serves_its_last_accepted_version() {
     use kube::api::DynamicObject;
@@ -534,7 +605,7 @@ fn a_restart_with_a_broken_object_serves_its_last_accepted_version() {
 
     let state = tempfile::tempdir().unwrap();
     let obj = |spec: Value| {
-        Arc::new(serde_json::from_value::<DynamicObject>(policy("log-service", 1, spec)).unwrap())
+        Arc::new(serde_json::from_value::<DynamicObject>(policy("log-service", spec)).unwrap())
     };
     let mut first = KubePolicies::new(Some(state.path()), sluice_config::Limits::default());
     assert_eq!(first.sync(&[obj(log_spec("2s"))]), 0);
@@ -543,10 +614,10 @@ fn a_restart_with_a_broken_object_serves_its_last_accepted_version() {
 
     // Restarted while the object is broken: its last accepted version is served.
     let mut again = KubePolicies::new(Some(state.path()), sluice_config::Limits::default());
-    assert_eq!(again.sync(&[obj(log_spec("soon"))]), 1);
+    assert_eq!(again.sync(&[obj(log_spec("2h"))]), 1);
     let (restored, _) = again.build_set().unwrap();
     assert_eq!(restored.hash(), set.hash());
-    let (_, status) = again.pending_statuses().remove(0);
+    let (_, status, _) = again.pending_statuses().remove(0);
     assert!(!status.accepted);
     assert_eq!(
         status.hash,

@@ -1,19 +1,19 @@
-//! Service discovery end to end: EndpointSlices from a scripted Kubernetes API
-//! (kube-rs's mock client; no API server can run here) become a backend's
+//! Service discovery end to end: EndpointSlices from the stateful Kubernetes API
+//! double (no API server can run here) become a backend's
 //! endpoints in the control plane's snapshot, and a real proxy balances real
 //! requests over exactly the pods that are ready, as they come and go.
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
 
 use hyper::StatusCode;
 use serde_json::{Value, json};
-use sluice_control_plane::k8s::testing::{Reply, fake_api};
+use sluice_control_plane::k8s::double::ApiServer;
 use sluice_control_plane::k8s::{KubeConfig, LeaseConfig};
 use sluice_control_plane::{ControlPlaneConfig, RunningControlPlane};
-use sluice_e2e::{HttpConn, ProxyOptions, TestProxy, Upstream, WAIT, wait_until};
-use tokio::sync::mpsc;
+use sluice_e2e::{
+    ChildControlPlane, HttpConn, ProxyOptions, TestProxy, Upstream, WAIT, wait_until,
+};
 
 const POLICY: &str = r#"apiVersion: sluice.dev/v1alpha1
 kind: RoutePolicy
@@ -30,38 +30,21 @@ spec:
 fn slice(name: &str, pod: SocketAddr, ready: bool) -> Value {
     json!({
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
-        "metadata": { "name": name, "namespace": "shop", "resourceVersion": name,
+        "metadata": { "name": name, "namespace": "shop",
                       "labels": { "kubernetes.io/service-name": "log" } },
         "ports": [{ "name": "http", "port": pod.port(), "protocol": "TCP" }],
         "endpoints": [{ "addresses": [pod.ip().to_string()], "conditions": { "ready": ready } }],
     })
 }
 
-/// A control plane reading `POLICY` from a directory, with EndpointSlices from a
-/// fake API whose watch the returned sender feeds.
-async fn control_plane(
-    slices: Vec<Value>,
-) -> (
-    RunningControlPlane,
-    mpsc::UnboundedSender<Value>,
-    tempfile::TempDir,
-) {
-    let (tx, rx) = mpsc::unbounded_channel();
-    let rx = Arc::new(Mutex::new(Some(rx)));
-    let (client, _calls) = fake_api(move |c| {
-        assert_eq!(c.path, "/apis/discovery.k8s.io/v1/endpointslices", "{c:?}");
-        if !c.is_watch() {
-            return Reply::Json(
-                200,
-                json!({ "kind": "EndpointSliceList", "apiVersion": "discovery.k8s.io/v1",
-                        "metadata": { "resourceVersion": "1" }, "items": slices }),
-            );
-        }
-        match rx.lock().unwrap().take() {
-            Some(rx) => Reply::Stream(rx),
-            None => Reply::Hang,
-        }
-    });
+/// A control plane reading `POLICY` from a directory, with EndpointSlices from
+/// the API double (returned, for the test to change them).
+async fn control_plane(slices: Vec<Value>) -> (RunningControlPlane, ApiServer, tempfile::TempDir) {
+    let api = ApiServer::new();
+    for s in slices {
+        api.put(s);
+    }
+    let client = api.client();
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("log.yaml"), POLICY).unwrap();
     let cp = sluice_control_plane::start(ControlPlaneConfig {
@@ -76,7 +59,7 @@ async fn control_plane(
     })
     .await
     .unwrap();
-    (cp, tx, dir)
+    (cp, api, dir)
 }
 
 /// The upstreams that answered `n` requests through `proxy`.
@@ -129,9 +112,7 @@ async fn pods_coming_and_going_reach_the_proxys_balancer() {
     assert_eq!(reached(&proxy, 10).await.len(), 1);
 
     // pod-b stops being ready: a new version, and only pod-a gets traffic.
-    slices
-        .send(json!({ "type": "MODIFIED", "object": slice("log-b", b.addr(), false) }))
-        .unwrap();
+    slices.put(slice("log-b", b.addr(), false));
     let v2 = next_version(&proxy, &v1).await;
     let before = b.requests();
     assert_eq!(
@@ -141,12 +122,8 @@ async fn pods_coming_and_going_reach_the_proxys_balancer() {
     assert_eq!(b.requests(), before);
 
     // pod-b is back and then pod-a's slice goes away: everything moves to pod-b.
-    slices
-        .send(json!({ "type": "MODIFIED", "object": slice("log-b", b.addr(), true) }))
-        .unwrap();
-    slices
-        .send(json!({ "type": "DELETED", "object": slice("log-a", a.addr(), true) }))
-        .unwrap();
+    slices.put(slice("log-b", b.addr(), true));
+    assert!(slices.remove(&slice("log-a", a.addr(), true)));
     wait_until("the proxy enforces pod-b alone", WAIT, || async {
         proxy.version().await.is_some_and(|v| v != v2)
             && reached(&proxy, 10).await == BTreeSet::from(["pod-b".to_string()])
@@ -154,9 +131,7 @@ async fn pods_coming_and_going_reach_the_proxys_balancer() {
     .await;
 
     // No pod at all: the backend has no endpoint and the proxy says so.
-    slices
-        .send(json!({ "type": "DELETED", "object": slice("log-b", b.addr(), true) }))
-        .unwrap();
+    assert!(slices.remove(&slice("log-b", b.addr(), true)));
     wait_until("the proxy answers no-healthy-endpoint", WAIT, || async {
         let mut conn = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
         let r = conn.get("log", "/logs").await.unwrap();
@@ -166,4 +141,92 @@ async fn pods_coming_and_going_reach_the_proxys_balancer() {
     .await;
     proxy.shutdown().await;
     cp.shutdown().await;
+}
+
+/// A RoutePolicy object for host `log` sending everything to `upstream`.
+fn route_policy(upstream: SocketAddr, timeout: &str) -> Value {
+    json!({
+        "apiVersion": "sluice.dev/v1alpha1", "kind": "RoutePolicy",
+        "metadata": { "name": "log", "namespace": "shop" },
+        "spec": { "host": "log", "backends": { "pods": { "addresses": [upstream.to_string()] } },
+                  "routes": [{ "name": "all", "timeout": timeout }] },
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_with_source_kubernetes_runs_against_an_api_over_http() {
+    let upstream = Upstream::auto("log-pod").await;
+    let api = ApiServer::new();
+    api.put(route_policy(upstream.addr(), "2s"));
+    let dir = tempfile::tempdir().unwrap();
+    let served = api.serve(dir.path()).await.unwrap();
+    let kubeconfig = served.kubeconfig.to_str().unwrap();
+    // The process finds the API through its kubeconfig, as `kubectl` would.
+    let mut cp = ChildControlPlane::spawn(
+        env!("CARGO_BIN_EXE_e2e-control-plane").as_ref(),
+        &[
+            ("KUBECONFIG", kubeconfig),
+            ("SLUICE_SOURCE", "kubernetes"),
+            ("SLUICE_PLAINTEXT", "true"),
+            ("SLUICE_POD_NAME", "cp-0"),
+        ],
+        &[],
+    )
+    .await;
+
+    // It elects itself (the Lease in the kubeconfig's namespace) and writes the
+    // verdict to the object's status, over HTTP.
+    wait_until("the verdict is in the object's status", WAIT, || async {
+        api.get("routepolicies", "shop", "log")
+            .is_some_and(|o| o["status"]["accepted"] == true)
+    })
+    .await;
+    let lease = api
+        .get("leases", "sluice-system", "sluice-control-plane")
+        .expect("the Lease");
+    assert_eq!(lease["spec"]["holderIdentity"], "cp-0");
+
+    // A real proxy subscribed to it reaches the upstream the object names.
+    let state = tempfile::tempdir().unwrap();
+    let proxy = TestProxy::start_subscribed(
+        &format!("http://{}", cp.grpc_addr()),
+        "log-client-0",
+        state.path(),
+        ProxyOptions::default(),
+    )
+    .await;
+    let v1 = proxy.version().await.expect("a version in force");
+    assert_eq!(
+        reached(&proxy, 3).await,
+        BTreeSet::from(["log-pod".to_string()])
+    );
+
+    // An edit reaches the process's watch, then the proxy.
+    api.put(route_policy(upstream.addr(), "3s"));
+    let v2 = next_version(&proxy, &v1).await;
+    let status = api.get("routepolicies", "shop", "log").unwrap()["status"].clone();
+    assert_eq!(status["observedGeneration"], 2, "{status}");
+
+    // The API compacts and drops every watch: the process relists over HTTP and
+    // still follows edits.
+    api.compact();
+    api.close_watches();
+    api.put(route_policy(upstream.addr(), "4s"));
+    next_version(&proxy, &v2).await;
+    assert!(
+        api.calls()
+            .iter()
+            .filter(|c| c.is_list_of("routepolicies"))
+            .count()
+            >= 1
+    );
+
+    // SIGTERM: a clean exit that hands the Lease back.
+    let exit = cp.terminate(WAIT).await;
+    assert!(exit.success(), "{exit}\n{}", cp.log());
+    let lease = api
+        .get("leases", "sluice-system", "sluice-control-plane")
+        .unwrap();
+    assert!(lease["spec"]["holderIdentity"].is_null(), "{lease}");
+    proxy.shutdown().await;
 }

@@ -1,8 +1,10 @@
 //! End-to-end tests: real clients, real Sluice proxies, real upstreams, on loopback.
 
+mod cert_rotation;
 mod cli;
 mod control_plane;
 mod dashboards;
+mod first_contact;
 mod governance;
 mod governance_load;
 mod grpc;
