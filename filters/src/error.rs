@@ -38,6 +38,14 @@ pub enum FilterError {
     /// The peer identity is not in the route's `inbound.allow`.
     #[error("peer {0:?} is not allowed")]
     Forbidden(Option<String>),
+    /// The inbound concurrency limit was reached and the request could not wait in its queue.
+    #[error("overloaded ({priority} request shed); retry after {retry_after:?}")]
+    Overloaded {
+        /// When the caller may try again.
+        retry_after: Duration,
+        /// The priority level of the shed request.
+        priority: std::sync::Arc<str>,
+    },
 }
 
 impl FilterError {
@@ -49,6 +57,7 @@ impl FilterError {
             FilterError::BreakerOpen { .. } => "breaker-open",
             FilterError::NoHealthyEndpoint(_) => "no-healthy-endpoint",
             FilterError::Forbidden(_) => "forbidden",
+            FilterError::Overloaded { .. } => "overloaded",
         }
     }
 
@@ -57,9 +66,9 @@ impl FilterError {
         match self {
             FilterError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             FilterError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            FilterError::BreakerOpen { .. } | FilterError::NoHealthyEndpoint(_) => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            FilterError::BreakerOpen { .. }
+            | FilterError::NoHealthyEndpoint(_)
+            | FilterError::Overloaded { .. } => StatusCode::SERVICE_UNAVAILABLE,
             FilterError::Forbidden(_) => StatusCode::FORBIDDEN,
         }
     }

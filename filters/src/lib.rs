@@ -77,6 +77,7 @@
 pub mod authz;
 pub mod balance;
 pub mod breaker;
+pub mod concurrency;
 mod error;
 pub mod ratelimit;
 pub mod retry;

@@ -32,7 +32,7 @@ pub fn grpc_status_of(err: &FilterError) -> u32 {
 /// The synthetic response a caller gets for `err`.
 ///
 /// HTTP callers get `err.status()` (429 for a rate limit) with `x-sluice-reason` and, for a
-/// rate limit, `retry-after` (whole seconds, rounded up) and the `RateLimit-Policy` /
+/// rate limit or an overload, `retry-after` (whole seconds, rounded up) and the `RateLimit-Policy` /
 /// `RateLimit` headers. gRPC callers (`req_is_grpc`, see [`is_grpc`]) get a trailers-only
 /// HTTP 200 whose headers carry `grpc-status` (8 RESOURCE_EXHAUSTED for a rate limit) and
 /// `grpc-message`, plus the same Sluice headers.
@@ -55,6 +55,12 @@ pub fn refusal_response(err: &FilterError, req_is_grpc: bool) -> Response<Full<B
         if let Ok(v) = HeaderValue::try_from(state.as_str()) {
             headers.insert(RATELIMIT, v);
         }
+    }
+    if let FilterError::Overloaded { retry_after, .. } = err {
+        headers.insert(
+            RETRY_AFTER,
+            HeaderValue::from(ceil_secs(*retry_after).max(1)),
+        );
     }
     let mut rsp = if req_is_grpc {
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
@@ -85,6 +91,7 @@ fn grpc_message(err: &FilterError) -> &'static str {
         "breaker-open" => "circuit breaker open",
         "no-healthy-endpoint" => "no healthy endpoint",
         "forbidden" => "forbidden by sluice",
+        "overloaded" => "overloaded; shed by sluice",
         _ => "refused by sluice",
     }
 }
