@@ -25,22 +25,30 @@
 mod duration;
 mod model;
 mod parse;
+mod port;
 mod precedence;
+mod schema;
 mod spans;
 mod sticky;
 mod validate;
 
 pub use duration::{Duration, DurationParseError};
 pub use model::*;
+pub use port::ServicePort;
 pub use precedence::{compare_matches, precedence_order, prefix_matches};
-pub use sticky::{STICKY_POINTS, sticky_point, weighted_backend};
+pub use schema::{
+    Capability, EffectiveWeights, FileWeights, SCHEMA_V1, SCHEMA_VERSION, SCHEMA_VERSIONS,
+    proxy_view, required_version,
+};
+pub use sticky::{
+    STICKY_POINTS, rendezvous_backend, rendezvous_hash, sticky_point, weighted_backend,
+};
 
 use std::fmt;
 
 use sha2::{Digest, Sha256};
 
-/// Version of the policy schema carried in snapshots; bumped on incompatible change.
-pub const SCHEMA_VERSION: u32 = 1;
+use crate::validate::Input;
 
 /// One problem found in a policy file, located as precisely as the source allows.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -105,7 +113,7 @@ impl fmt::Display for DisplayList<'_> {
 /// semantic checks continue after the first problem. Two policies of the file with
 /// the same namespace and name, or the same host, are refused.
 pub fn parse_policies(file: &str, text: &str) -> Result<Vec<RoutePolicy>, ConfigError> {
-    let (located, mut errors) = parse::parse_file(file, text);
+    let (located, mut errors) = parse::parse_file(file, text, Input::Source);
     errors.extend(parse::check_unique(&located));
     if errors.is_empty() {
         Ok(located.into_iter().map(|l| l.policy).collect())
@@ -129,7 +137,18 @@ impl PolicySet {
     /// Kubernetes objects). Positions are not known here, so diagnostics name the
     /// policy (`namespace/name`) as their file with line and column 1; use
     /// [`PolicySet::from_files`] to get real positions.
-    pub fn new(mut policies: Vec<RoutePolicy>) -> Result<Self, ConfigError> {
+    pub fn new(policies: Vec<RoutePolicy>) -> Result<Self, ConfigError> {
+        Self::checked(policies, Input::Source)
+    }
+
+    /// Builds a set from policies as proxies receive them: [`proxy_view`]s, whose
+    /// weights (effective during a rollout, proportional from Gateway API) may have
+    /// any total. Otherwise the same checks as [`PolicySet::new`].
+    pub fn from_effective(policies: Vec<RoutePolicy>) -> Result<Self, ConfigError> {
+        Self::checked(policies, Input::Snapshot)
+    }
+
+    fn checked(mut policies: Vec<RoutePolicy>, input: Input) -> Result<Self, ConfigError> {
         let mut errors = Vec::new();
         let mut located = Vec::with_capacity(policies.len());
         for p in &policies {
@@ -138,13 +157,17 @@ impl PolicySet {
                 p.metadata.namespace.as_deref().unwrap_or("default"),
                 p.metadata.name
             );
-            errors.extend(validate::validate(p).into_iter().map(|f| Diagnostic {
-                file: file.clone(),
-                line: 1,
-                column: 1,
-                path: f.path,
-                message: f.message,
-            }));
+            errors.extend(
+                validate::validate_as(p, input)
+                    .into_iter()
+                    .map(|f| Diagnostic {
+                        file: file.clone(),
+                        line: 1,
+                        column: 1,
+                        path: f.path,
+                        message: f.message,
+                    }),
+            );
             located.push(parse::Located {
                 policy: p.clone(),
                 file,
@@ -167,7 +190,7 @@ impl PolicySet {
         let mut located = Vec::new();
         let mut errors = Vec::new();
         for (name, text) in files {
-            let (ok, errs) = parse::parse_file(name, text);
+            let (ok, errs) = parse::parse_file(name, text, Input::Source);
             located.extend(ok);
             errors.extend(errs);
         }
@@ -212,7 +235,7 @@ impl PolicySet {
                 message: format!("not UTF-8: {e}"),
             }])
         })?;
-        let (located, mut errors) = parse::parse_file(source, text);
+        let (located, mut errors) = parse::parse_file(source, text, Input::Snapshot);
         errors.extend(parse::check_unique(&located));
         if !errors.is_empty() {
             return Err(ConfigError::Invalid(errors));
@@ -233,6 +256,15 @@ impl PolicySet {
     /// The content hash (hex): the policy version.
     pub fn hash(&self) -> &str {
         &self.hash
+    }
+
+    /// The lowest schema version that expresses every policy of the set.
+    pub fn schema_version(&self) -> u32 {
+        self.policies
+            .iter()
+            .map(required_version)
+            .max()
+            .unwrap_or(SCHEMA_V1)
     }
 }
 
@@ -276,6 +308,34 @@ mod tests {
         let again = PolicySet::from_canonical("snapshot", set.canonical_bytes()).unwrap();
         assert_eq!(set.hash(), again.hash());
         assert_eq!(set.policies(), again.policies());
+    }
+}
+
+#[cfg(test)]
+mod total_tests {
+    use super::*;
+
+    #[test]
+    fn files_need_100_and_snapshots_take_any_total() {
+        let text = include_str!("../../examples/policies/log-service.yaml");
+        let mut p = parse_policies("log-service.yaml", text).unwrap();
+        let weights = p[0].spec.routes[0].split[1].weights.as_mut().unwrap();
+        weights[0] = 1;
+        weights[1] = 2;
+        let err = PolicySet::new(p.clone()).unwrap_err();
+        assert!(
+            err.to_string().ends_with("weights sum to 3, expected 100"),
+            "{err}"
+        );
+        let set = PolicySet::from_effective(p).unwrap();
+        assert_eq!(set.schema_version(), SCHEMA_VERSION);
+        let again = PolicySet::from_canonical("snapshot", set.canonical_bytes()).unwrap();
+        assert_eq!(again.hash(), set.hash());
+        let mut zero = set.policies().to_vec();
+        let w = zero[0].spec.routes[0].split[1].weights.as_mut().unwrap();
+        w[0] = 0;
+        w[1] = 0;
+        assert!(PolicySet::from_effective(zero).is_err());
     }
 }
 

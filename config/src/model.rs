@@ -17,7 +17,7 @@
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};
 
-use crate::Duration;
+use crate::{Duration, ServicePort};
 
 /// The only `apiVersion` this build understands.
 pub const API_VERSION: &str = "sluice.dev/v1alpha1";
@@ -127,6 +127,13 @@ pub struct Backend {
     /// The SPIFFE identity the backend's certificate must carry (mTLS).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<String>,
+    /// The Service port of a `service` backend, by name or number (only with `service`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<ServicePort>,
+    /// How long a new (or returning) endpoint takes to ramp up to its full share
+    /// (default 10s; `0s` turns it off, the one duration allowed to be zero).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_start: Option<Duration>,
 }
 
 /// One route: a match and the governance applied to what it matches.
@@ -162,6 +169,12 @@ pub struct Route {
     /// Whether requests on this route are written to the access log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_log: Option<bool>,
+    /// What answers once the primary backend has failed for one of the listed reasons.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback: Option<Fallback>,
+    /// HTTP upgrade tokens this route lets through besides `websocket` (e.g. `h2c`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub upgrades: Vec<String>,
 }
 
 /// What a route matches. All given parts must match.
@@ -216,6 +229,29 @@ pub struct RateLimit {
     /// Count what would be limited without refusing it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub shadow: bool,
+    /// Who shares the quota: each calling proxy (`local`, the default) or every
+    /// caller of the route together (`fleet`; outbound route limits only).
+    #[serde(default, skip_serializing_if = "RateLimitScope::is_local")]
+    pub scope: RateLimitScope,
+}
+
+/// Who shares a rate limit's quota.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[serde(rename_all = "kebab-case")]
+pub enum RateLimitScope {
+    /// Each proxy enforces the limit on its own.
+    #[default]
+    Local,
+    /// All callers of the route together, counted in Redis.
+    Fleet,
+}
+
+impl RateLimitScope {
+    /// True for the default, which is left out of the canonical form.
+    pub fn is_local(&self) -> bool {
+        *self == RateLimitScope::Local
+    }
 }
 
 /// What a rate limit's buckets are keyed by: exactly one field.
@@ -299,6 +335,10 @@ pub struct Backoff {
     /// Largest delay (default 250ms).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max: Option<Duration>,
+    /// No retry starts sooner than this after the previous try ended (a floor under
+    /// the jittered delay; Gateway API's `retry.backoff`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min: Option<Duration>,
 }
 
 /// Retry budget: at most `ratio × requests + minPerSecond × seconds` retries over `window`.
@@ -440,6 +480,10 @@ pub struct SplitRule {
     /// Keep a user on one side of a weighted split.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sticky_by: Option<StickyBy>,
+    /// Drive the weight of one backend of `weights` in steps, judged by the control
+    /// plane; proxies never see it, only the effective weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
 }
 
 /// Condition of a split rule.
@@ -459,6 +503,28 @@ pub struct SplitWhen {
 pub struct StickyBy {
     /// Requests with the same value of this header go to the same side.
     pub header: String,
+    /// How a header value is mapped to a backend (default `ordered`).
+    #[serde(default, skip_serializing_if = "StickyHash::is_ordered")]
+    pub hash: StickyHash,
+}
+
+/// How a sticky split maps a header value to a backend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[serde(rename_all = "kebab-case")]
+pub enum StickyHash {
+    /// A point in `[0, 10000)` walked over the weights in file order.
+    #[default]
+    Ordered,
+    /// Weighted rendezvous hashing: independent of the order backends are listed in.
+    Rendezvous,
+}
+
+impl StickyHash {
+    /// True for the default, which is left out of the canonical form.
+    pub fn is_ordered(&self) -> bool {
+        *self == StickyHash::Ordered
+    }
 }
 
 /// Rules the serving pod's inbound sidecar applies to requests for this host.
@@ -475,4 +541,190 @@ pub struct Inbound {
     /// Whether requests to this host's pods are written to the inbound sidecar's access log.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_log: Option<bool>,
+    /// Overload protection: requests in flight to the app, a queue, priorities.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<Concurrency>,
+}
+
+/// A progressive rollout of one backend of a weighted split (driven by the control plane).
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Rollout {
+    /// The backend whose weight is driven; one of the rule's `weights`.
+    pub canary: String,
+    /// Canary percentages, strictly increasing, ending at 100.
+    pub steps: Vec<u32>,
+    /// Time at each step (default 30s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<Duration>,
+    /// Canary requests before a window is judged (default 100).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_requests: Option<u32>,
+    /// Absolute guards on the canary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slo: Option<RolloutSlo>,
+    /// Guards relative to the other backends, same callers, same window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<RolloutBaseline>,
+    /// What an inconclusive rollout does once `deadline` passes (default `hold`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_inconclusive: Option<OnInconclusive>,
+    /// How long a rollout may stay inconclusive before `onInconclusive` applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline: Option<Duration>,
+}
+
+/// Absolute guards of a rollout.
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RolloutSlo {
+    /// Highest acceptable canary error ratio, 0..=1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_rate: Option<f64>,
+    /// Highest acceptable canary p99 latency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99: Option<Duration>,
+}
+
+/// Guards of a rollout relative to the other backends.
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RolloutBaseline {
+    /// Largest acceptable increase of the canary's error ratio over the others', 0..=1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error_rate_increase: Option<f64>,
+    /// Largest acceptable ratio of the canary's p99 to the others' (at least 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p99_ratio: Option<f64>,
+}
+
+/// What an inconclusive rollout does at its deadline.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[serde(rename_all = "kebab-case")]
+pub enum OnInconclusive {
+    /// Stay at the current step.
+    Hold,
+    /// Send the canary's weight back to 0.
+    Rollback,
+}
+
+/// Degradation of a route: another backend or a static answer once the primary failed.
+/// Exactly one of `backend` and `response`.
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Fallback {
+    /// The failures that trigger the fallback.
+    pub on: Vec<FallbackOn>,
+    /// Send the request to this backend instead (not one the route's split uses).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    /// Answer with this static response.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response: Option<FallbackResponse>,
+}
+
+/// A failure a fallback answers (never `rate-limited`: a caller's quota is not an outage).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[serde(rename_all = "kebab-case")]
+pub enum FallbackOn {
+    /// The primary's circuit breaker is open.
+    BreakerOpen,
+    /// The primary has no healthy endpoint.
+    NoHealthyEndpoint,
+    /// Connecting to the primary failed or was reset.
+    UpstreamUnavailable,
+    /// The primary did not answer in time.
+    Timeout,
+}
+
+/// A static fallback answer.
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FallbackResponse {
+    /// HTTP status, 200..=599.
+    pub status: u16,
+    /// Response headers.
+    #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
+    pub headers: IndexMap<String, String>,
+    /// Response body, at most 64 KiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<String>,
+    /// For gRPC callers: the numeric `grpc-status` sent (0..=16).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<u32>,
+    /// For gRPC callers: the `grpc-message` sent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_message: Option<String>,
+}
+
+/// Inbound overload protection. Exactly one of `adaptive` and `fixed`.
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Concurrency {
+    /// A limit found from the app's own latency.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive: Option<AdaptiveLimit>,
+    /// A plain cap on requests in flight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fixed: Option<FixedLimit>,
+    /// Where requests over the limit wait briefly instead of being refused at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<ConcurrencyQueue>,
+    /// Priority levels read from a request header; the last level is shed first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority: Option<Priority>,
+}
+
+/// Bounds of an adaptive concurrency limit.
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AdaptiveLimit {
+    /// The limit never goes below this (default 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_limit: Option<u32>,
+    /// The limit never goes above this (default 2000).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_limit: Option<u32>,
+}
+
+/// A fixed concurrency limit.
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FixedLimit {
+    /// Requests in flight at most.
+    pub max: u32,
+}
+
+/// The bounded queue in front of a concurrency limit.
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ConcurrencyQueue {
+    /// Requests waiting at most.
+    pub max: u32,
+    /// Longest wait before a request is refused `overloaded`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+}
+
+/// Request priorities, most important first.
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Priority {
+    /// The request header naming a request's level.
+    pub header: String,
+    /// Level names, most important first; must include `default`, which requests
+    /// without the header or with an unknown value get.
+    pub levels: Vec<String>,
 }

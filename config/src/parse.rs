@@ -14,7 +14,7 @@ use serde_path_to_error::Segment;
 use serde_yaml::Value;
 
 use crate::spans::{self, DocSpans, Pos, child_index, child_key};
-use crate::validate::{self, Finding};
+use crate::validate::{self, Finding, Input};
 use crate::{API_VERSION, Diagnostic, KIND, RoutePolicy};
 
 /// A validated policy and the source it came from, to locate it if it clashes.
@@ -43,7 +43,11 @@ impl Located<'_> {
 ///
 /// The span-aware pass runs only once something is wrong: valid files (every
 /// snapshot a proxy receives) pay for one YAML parse, not two.
-pub(crate) fn parse_file<'a>(file: &str, text: &'a str) -> (Vec<Located<'a>>, Vec<Diagnostic>) {
+pub(crate) fn parse_file<'a>(
+    file: &str,
+    text: &'a str,
+    input: Input,
+) -> (Vec<Located<'a>>, Vec<Diagnostic>) {
     let spans = LazyCell::new(|| spans::collect(text));
     let empty = DocSpans::default();
     let mut out = Vec::new();
@@ -95,7 +99,7 @@ pub(crate) fn parse_file<'a>(file: &str, text: &'a str) -> (Vec<Located<'a>>, Ve
                 continue;
             }
         };
-        let findings = validate::validate(&policy);
+        let findings = validate::validate_as(&policy, input);
         if findings.is_empty() {
             out.push(Located {
                 file: file.to_string(),

@@ -3,7 +3,9 @@
 //! unreachable routes). Each problem is a [`Finding`] on a field path; the parser
 //! turns paths into file positions.
 
-use std::collections::HashMap;
+mod second_wave;
+
+use std::collections::{HashMap, HashSet};
 use std::fmt::Display;
 use std::hash::Hash;
 
@@ -56,6 +58,11 @@ pub(crate) const MIN_PER_SECOND: IntRange = IntRange {
     max: 1_000_000,
 };
 pub(crate) const WEIGHT: IntRange = IntRange { min: 0, max: 100 };
+/// A weight in a snapshot: Gateway API allows up to a million.
+const SNAPSHOT_WEIGHT: IntRange = IntRange {
+    min: 0,
+    max: 1_000_000,
+};
 pub(crate) const PERCENT: IntRange = IntRange { min: 1, max: 100 };
 pub(crate) const CONSECUTIVE_FAILURES: IntRange = IntRange {
     min: 1,
@@ -80,15 +87,33 @@ const DURATION_MAX: std::time::Duration = std::time::Duration::from_secs(3600);
 const DEFAULT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_millis(250);
 const DEFAULT_MAX_OPEN_FOR: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Checks one policy; returns every problem found.
-pub(crate) fn validate(policy: &RoutePolicy) -> Vec<Finding> {
-    let mut v = Checker { out: Vec::new() };
+/// Where a policy comes from, which decides one rule: weights written by people sum
+/// to 100 (a typo check); weights in a snapshot (effective weights, Gateway API
+/// proportions) may have any total above zero.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Input {
+    /// A file or a Kubernetes object written by a person.
+    Source,
+    /// A snapshot's canonical policies, as the control plane sends them.
+    Snapshot,
+}
+
+/// Checks one policy from `input`; returns every problem found.
+pub(crate) fn validate_as(policy: &RoutePolicy, input: Input) -> Vec<Finding> {
+    let mut v = Checker {
+        out: Vec::new(),
+        input,
+        fallback_only: HashSet::new(),
+    };
     v.policy(policy);
     v.out
 }
 
 struct Checker {
     out: Vec<Finding>,
+    input: Input,
+    /// Backends named only as a route's fallback (they need no split).
+    fallback_only: HashSet<String>,
 }
 
 impl Checker {
@@ -256,8 +281,15 @@ impl Checker {
                 "expected at least one backend for the routes to send traffic to",
             );
         }
+        self.fallback_only = self
+            .fallback_only(p)
+            .into_iter()
+            .map(str::to_string)
+            .collect();
         for (name, backend) in &spec.backends {
-            self.backend(&child_key("spec.backends", name), name, backend);
+            let path = child_key("spec.backends", name);
+            self.backend(&path, name, backend);
+            self.backend_v2(&path, backend);
         }
         self.routes(&spec.routes, &spec.backends);
         if let Some(inbound) = &spec.inbound {
@@ -339,7 +371,9 @@ impl Checker {
         self.route_match(&child_key(path, "match"), &r.matches);
         self.opt_duration(&child_key(path, "timeout"), r.timeout);
         if let Some(rl) = &r.rate_limit {
-            self.rate_limit(&child_key(path, "rateLimit"), rl);
+            let rp = child_key(path, "rateLimit");
+            self.rate_limit(&rp, rl);
+            self.rate_limit_scope(&rp, rl, false);
         }
         if let Some(retry) = &r.retry {
             self.retry(&child_key(path, "retry"), retry, r.timeout);
@@ -347,19 +381,20 @@ impl Checker {
         if let Some(cb) = &r.circuit_breaker {
             self.circuit_breaker(&child_key(path, "circuitBreaker"), cb);
         }
+        let primaries = backends.len() - self.fallback_only.len();
         if r.split.is_empty() {
-            if backends.len() > 1 {
+            if primaries > 1 {
                 self.err(
                     path,
                     format!(
-                        "the policy has {} backends, so the route needs a split to choose between them",
-                        backends.len()
+                        "the policy has {primaries} backends, so the route needs a split to choose between them",
                     ),
                 );
             }
         } else {
             self.split(&child_key(path, "split"), &r.split, backends);
         }
+        self.route_v2(path, r, backends);
     }
 
     fn route_match(&mut self, path: &str, m: &RouteMatch) {
@@ -471,6 +506,7 @@ impl Checker {
                     );
                 }
             }
+            self.backoff_min(&bp, b);
         }
         if let Some(bytes) = r.max_replay_bytes {
             self.int(&child_key(path, "maxReplayBytes"), bytes, MAX_REPLAY_BYTES);
@@ -606,11 +642,21 @@ impl Checker {
                             format!("unknown backend {name:?}; defined: {}", known()),
                         );
                     }
-                    self.int(&p, *w, WEIGHT);
+                    let range = match self.input {
+                        Input::Source => WEIGHT,
+                        Input::Snapshot => SNAPSHOT_WEIGHT,
+                    };
+                    self.int(&p, *w, range);
                     sum += u64::from(*w);
                 }
-                if !weights.is_empty() && sum != 100 {
-                    self.err(&wp, format!("weights sum to {sum}, expected 100"));
+                match self.input {
+                    Input::Source if !weights.is_empty() && sum != 100 => {
+                        self.err(&wp, format!("weights sum to {sum}, expected 100"));
+                    }
+                    Input::Snapshot if !weights.is_empty() && sum == 0 => {
+                        self.err(&wp, "weights sum to 0, expected a total above 0");
+                    }
+                    _ => {}
                 }
             }
             if let Some(sticky) = &rule.sticky_by {
@@ -623,6 +669,7 @@ impl Checker {
                 }
                 self.header_name(&child_key(&sp, "header"), false, &sticky.header);
             }
+            self.split_rule_v2(&rp, rule);
         }
         if catch_all.is_none() {
             self.err(
@@ -676,7 +723,12 @@ impl Checker {
             self.no_duplicates(&ap, allow.iter().map(|a| format!("{a:?}")));
         }
         if let Some(rl) = &inbound.rate_limit {
-            self.rate_limit(&child_key(path, "rateLimit"), rl);
+            let rp = child_key(path, "rateLimit");
+            self.rate_limit(&rp, rl);
+            self.rate_limit_scope(&rp, rl, true);
+        }
+        if let Some(c) = &inbound.concurrency {
+            self.concurrency(&child_key(path, "concurrency"), c);
         }
     }
 }

@@ -66,6 +66,7 @@ fn rate_limit() -> impl Strategy<Value = RateLimit> {
             burst,
             key,
             shadow,
+            ..Default::default()
         })
 }
 
@@ -98,6 +99,8 @@ fn retry(timeout: Option<Duration>) -> impl Strategy<Value = Retry> {
             (1..=250u64, 0..=1_000u64).prop_map(|(base, extra)| Backoff {
                 base: Some(Duration::from_millis(base)),
                 max: Some(Duration::from_millis(base + extra)),
+                // The floor is enforced, so it takes part in the round trip.
+                min: (extra % 2 == 0).then(|| Duration::from_millis(base)),
             }),
         );
     let budget = proptest::option::of(
@@ -212,7 +215,7 @@ fn split(backends: Vec<String>) -> impl Strategy<Value = Vec<SplitRule>> {
         header_rules,
         last,
         weights(n),
-        proptest::option::of(header_name()),
+        proptest::option::of((header_name(), any::<bool>())),
     )
         .prop_map(move |(rules, last, weights, sticky)| {
             let mut out: Vec<SplitRule> = rules
@@ -232,7 +235,14 @@ fn split(backends: Vec<String>) -> impl Strategy<Value = Vec<SplitRule>> {
                 },
                 None => SplitRule {
                     weights: Some(backends.iter().cloned().zip(weights).collect()),
-                    sticky_by: sticky.map(|header| StickyBy { header }),
+                    sticky_by: sticky.map(|(header, rendezvous)| StickyBy {
+                        header,
+                        hash: if rendezvous {
+                            StickyHash::Rendezvous
+                        } else {
+                            StickyHash::Ordered
+                        },
+                    }),
                     ..Default::default()
                 },
             });
@@ -290,6 +300,7 @@ fn route(i: usize, backends: Vec<String>) -> impl Strategy<Value = Route> {
                 circuit_breaker: cb,
                 split,
                 access_log,
+                ..Default::default()
             },
         )
 }
@@ -309,6 +320,7 @@ fn backend() -> impl Strategy<Value = Backend> {
         addresses,
         service,
         identity,
+        ..Default::default()
     })
 }
 
@@ -322,6 +334,7 @@ fn inbound() -> impl Strategy<Value = Inbound> {
             allow: allow.map(|a| a.into_iter().collect()),
             rate_limit,
             access_log,
+            ..Default::default()
         })
 }
 

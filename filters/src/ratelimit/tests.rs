@@ -47,6 +47,7 @@ fn from_config_defaults_burst_and_reads_key() {
             ..Default::default()
         }),
         shadow: true,
+        ..Default::default()
     };
     let p = RateLimitParams::from_config(&cfg).unwrap().named("ingest");
     assert_eq!(p.burst.get(), 200);
@@ -65,6 +66,7 @@ fn from_config_defaults_burst_and_reads_key() {
             ..Default::default()
         }),
         shadow: false,
+        ..Default::default()
     };
     let p = RateLimitParams::from_config(&peer).unwrap();
     assert_eq!((p.burst.get(), p.key.clone()), (12, KeyBy::PeerIdentity));

@@ -12,7 +12,7 @@
 //! Only GET, HEAD, OPTIONS, PUT, DELETE and TRACE are retried unless
 //! `nonIdempotent: true`. Between tries the layer waits an exponential backoff with
 //! full jitter (`base × 2^n` capped at `max`, defaults 25 ms and 250 ms, then a
-//! uniform draw below it). A 429 or 503 carrying `Retry-After: <seconds>` is retried
+//! uniform draw below it), never shorter than `backoff.min` when set. A 429 or 503 carrying `Retry-After: <seconds>` is retried
 //! (when its status is retryable) after exactly that wait if it is at most
 //! `max(backoff.max, 1 s)`; a longer wait, or an HTTP-date, is not retried and the
 //! response goes back to the caller (outcome `retry_after_too_long`).

@@ -91,6 +91,8 @@ pub struct RetryParams {
     pub backoff_base: Duration,
     /// Largest backoff delay.
     pub backoff_max: Duration,
+    /// No retry starts sooner than this after the previous try (`backoff.min`).
+    pub backoff_min: Duration,
     /// Full jitter on backoff delays (off in tests for determinism).
     pub jitter: bool,
     /// Retry non-idempotent methods too.
@@ -122,6 +124,11 @@ impl RetryParams {
             .and_then(|b| b.max)
             .map_or(DEFAULT_BACKOFF_MAX, |d| d.get())
             .max(backoff_base);
+        let backoff_min = p
+            .backoff
+            .as_ref()
+            .and_then(|b| b.min)
+            .map_or(Duration::ZERO, |d| d.get());
         let budget = p
             .budget
             .as_ref()
@@ -141,6 +148,7 @@ impl RetryParams {
             per_try_timeout: p.per_try_timeout.map(|d| d.get()),
             backoff_base,
             backoff_max,
+            backoff_min,
             jitter: true,
             non_idempotent: p.non_idempotent,
             max_replay_bytes: p.max_replay_bytes.unwrap_or(DEFAULT_MAX_REPLAY_BYTES),
@@ -165,17 +173,18 @@ impl RetryParams {
     }
 
     /// The delay before retry number `retry` (0-based): exponential, capped, and with
-    /// full jitter a uniform draw below that.
+    /// full jitter a uniform draw below that; never below `backoff.min`.
     pub fn backoff(&self, retry: u32) -> Duration {
         let exp = self
             .backoff_base
             .saturating_mul(1u32.checked_shl(retry.min(31)).unwrap_or(u32::MAX))
             .min(self.backoff_max);
-        if self.jitter {
+        let delay = if self.jitter {
             exp.mul_f64(rand::random::<f64>())
         } else {
             exp
-        }
+        };
+        delay.max(self.backoff_min)
     }
 
     pub(crate) fn is_retryable_response<B>(&self, rsp: &Response<B>) -> bool {

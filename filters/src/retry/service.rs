@@ -204,7 +204,8 @@ where
             }
             let delay = match wait {
                 RetryAfter::Absent => p.backoff(retries),
-                RetryAfter::Wait(d) if d <= p.max_retry_after() => d,
+                // `backoff.min` holds for a server's Retry-After too.
+                RetryAfter::Wait(d) if d <= p.max_retry_after() => d.max(p.backoff_min),
                 RetryAfter::Wait(_) | RetryAfter::Unusable => {
                     route.observe(&backend, RetryOutcome::RetryAfterTooLong);
                     return res;

@@ -593,6 +593,7 @@ async fn backoff_doubles_up_to_max_and_jitter_stays_below() {
     p.backoff = Some(sluice_config::Backoff {
         base: Some(sluice_config::Duration::from_millis(25)),
         max: Some(sluice_config::Duration::from_millis(150)),
+        ..Default::default()
     });
     let (r, _) = route(p.clone());
     let inner = Scripted::with(&[Step::Status(502); 6]);
@@ -622,6 +623,7 @@ async fn budget_bounds_retries_under_a_total_outage() {
     p.backoff = Some(sluice_config::Backoff {
         base: Some(sluice_config::Duration::from_millis(1)),
         max: Some(sluice_config::Duration::from_millis(4)),
+        ..Default::default()
     });
     p.budget = Some(sluice_config::RetryBudget {
         ratio,
@@ -694,6 +696,7 @@ async fn no_retry_past_the_callers_deadline() {
     p.backoff = Some(sluice_config::Backoff {
         base: Some(sluice_config::Duration::from_millis(100)),
         max: Some(sluice_config::Duration::from_millis(100)),
+        ..Default::default()
     });
     let (r, _) = route(p);
     let inner = Scripted::with(&[Step::Status(503); 4]);
@@ -799,4 +802,26 @@ async fn a_body_still_held_below_is_waited_for_during_the_backoff_only() {
     assert_eq!(send(&mut svc, post()).await.unwrap().status(), 503);
     assert_eq!(calls.load(Ordering::SeqCst), 1);
     assert_eq!(obs.all(), [RetryOutcome::SkippedBodyInUse]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_retry_starts_sooner_than_backoff_min() {
+    let mut p = policy(4, &[RetryOn::GatewayError]);
+    p.backoff = Some(sluice_config::Backoff {
+        base: Some(sluice_config::Duration::from_millis(10)),
+        max: Some(sluice_config::Duration::from_millis(200)),
+        min: Some(sluice_config::Duration::from_millis(50)),
+    });
+    let (r, _) = route(p.clone());
+    let inner = Scripted::with(&[Step::Status(502); 5]);
+    let mut svc = RetryLayer::new(r, "log-v1").layer(inner.clone());
+    let _ = send(&mut svc, get()).await;
+    let ms: Vec<u128> = inner.gaps().iter().map(|d| d.as_millis()).collect();
+    // 10, 20 and 40 are raised to the floor; 80 is above it.
+    assert_eq!(ms, [50, 50, 50, 80]);
+    // With jitter, a draw below the floor is raised to it as well.
+    let params = RetryParams::from_policy(&p);
+    for retry in 0..100 {
+        assert!(params.backoff(retry % 6) >= Duration::from_millis(50));
+    }
 }

@@ -2,6 +2,8 @@ use std::sync::Arc;
 
 use http::{HeaderName, HeaderValue, Request};
 
+use sluice_config::{StickyHash, rendezvous_backend};
+
 use super::{POINTS, RandomSource, sticky_point};
 
 /// Why a route's `split` could not be turned into [`SplitParams`].
@@ -25,9 +27,12 @@ pub enum SplitConfigError {
 enum Target {
     Backend(usize),
     Weighted {
-        /// Upper bound (exclusive) of each backend's range of points, in file order.
-        bounds: Box<[(u32, usize)]>,
-        sticky: Option<HeaderName>,
+        /// Running sum of the weights (exclusive upper bound) and backend index, in
+        /// file order, zero weights left out.
+        bounds: Box<[(u64, usize)]>,
+        /// Sum of the weights: any total above zero.
+        total: u64,
+        sticky: Option<(HeaderName, StickyHash)>,
     },
 }
 
@@ -91,15 +96,15 @@ impl SplitParams {
                         continue;
                     }
                     acc += u64::from(*w);
-                    // Scaled so that weights summing to 100 map 1 % to 100 points exactly.
-                    bounds.push(((acc * u64::from(POINTS) / total) as u32, i));
+                    bounds.push((acc, i));
                 }
                 Target::Weighted {
                     bounds: bounds.into(),
+                    total,
                     sticky: rule
                         .sticky_by
                         .as_ref()
-                        .map(|s| header(&s.header))
+                        .map(|s| header(&s.header).map(|h| (h, s.hash)))
                         .transpose()?,
                 }
             } else if let Some(b) = &rule.backend {
@@ -136,24 +141,47 @@ impl SplitParams {
             }
             return match &rule.target {
                 Target::Backend(i) => *i,
-                Target::Weighted { bounds, sticky } => {
-                    let point = match sticky.as_ref().and_then(|h| headers.get(h)) {
-                        Some(v) => sticky_point(v.as_bytes()),
-                        // Without the header there is no user to keep on one side.
-                        None => rng.point(),
-                    };
-                    walk(bounds, point)
-                }
+                Target::Weighted {
+                    bounds,
+                    total,
+                    sticky,
+                } => match sticky
+                    .as_ref()
+                    .and_then(|(h, how)| Some((headers.get(h)?, how)))
+                {
+                    Some((v, StickyHash::Ordered)) => {
+                        // Backend i owns the points p with p × total < bound × POINTS:
+                        // with weights summing to 100, exactly weight × 100 points.
+                        let p = u64::from(sticky_point(v.as_bytes())) * total;
+                        walk(bounds, |bound| p < bound * u64::from(POINTS))
+                    }
+                    Some((v, StickyHash::Rendezvous)) => {
+                        let mut prev = 0;
+                        let candidates = bounds.iter().map(|(bound, i)| {
+                            let w = bound - std::mem::replace(&mut prev, *bound);
+                            (&*self.backends[*i], u32::try_from(w).unwrap_or(u32::MAX))
+                        });
+                        rendezvous_backend(v.as_bytes(), candidates)
+                            .map_or(0, |k| bounds[k].1)
+                    }
+                    // Without the header there is no user to keep on one side: a
+                    // uniform draw in [0, total) keeps the proportions exactly.
+                    None => {
+                        let draw = ((u128::from(rng.next_u64()) * u128::from(*total)) >> 64) as u64;
+                        walk(bounds, |bound| draw < bound)
+                    }
+                },
             };
         }
         0
     }
 }
 
-fn walk(bounds: &[(u32, usize)], point: u32) -> usize {
+/// The first backend whose bound `below` accepts, in file order.
+fn walk(bounds: &[(u64, usize)], below: impl Fn(u64) -> bool) -> usize {
     bounds
         .iter()
-        .find(|(upper, _)| point < *upper)
+        .find(|(upper, _)| below(*upper))
         .or(bounds.last())
         .map_or(0, |(_, i)| *i)
 }

@@ -1,7 +1,8 @@
 use std::sync::Arc;
 
 use http::{Request, Response};
-use sluice_config::{Route, SplitRule, SplitWhen, StickyBy};
+use proptest::prelude::*;
+use sluice_config::{Route, SplitRule, SplitWhen, StickyBy, StickyHash};
 use tower::ServiceExt;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -14,7 +15,10 @@ const BACKENDS: [&str; 3] = ["log-v1", "log-v2", "log-v3"];
 fn weighted(weights: &[(&str, u32)], sticky: Option<&str>) -> SplitRule {
     SplitRule {
         weights: Some(weights.iter().map(|(b, w)| (b.to_string(), *w)).collect()),
-        sticky_by: sticky.map(|h| StickyBy { header: h.into() }),
+        sticky_by: sticky.map(|h| StickyBy {
+            header: h.into(),
+            hash: StickyHash::Ordered,
+        }),
         ..Default::default()
     }
 }
@@ -241,4 +245,98 @@ async fn layer_sets_selected_backend_extension() {
     );
     send.send_response(Response::new(()));
     fut.await.unwrap();
+}
+
+fn rendezvous(weights: &[(&str, u32)]) -> SplitRule {
+    let mut rule = weighted(weights, Some("x-user-id"));
+    if let Some(s) = rule.sticky_by.as_mut() {
+        s.hash = StickyHash::Rendezvous;
+    }
+    rule
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    #[test]
+    fn shares_follow_weights_of_any_total(
+        w in proptest::collection::vec(0u32..5_000, 3)
+            .prop_filter("a weight above zero", |w| w.iter().any(|x| *x > 0)),
+        sticky in any::<bool>(),
+    ) {
+        let weights: Vec<(&str, u32)> = BACKENDS.iter().copied().zip(w.iter().copied()).collect();
+        let p = params(vec![weighted(&weights, sticky.then_some("x-user-id"))]);
+        let rng = RandomSource::seeded(11);
+        let mut counts = [0u32; 3];
+        for id in 0..20_000u64 {
+            counts[p.decide(&user(id), &rng)] += 1;
+        }
+        let total: u32 = w.iter().sum();
+        for (i, weight) in w.iter().enumerate() {
+            let want = f64::from(*weight) / f64::from(total);
+            let got = f64::from(counts[i]) / 20_000.0;
+            // 20,000 draws: six standard deviations stay under 0.021.
+            prop_assert!((got - want).abs() < 0.021, "{i}: {got} for {want} ({w:?})");
+            if *weight == 0 {
+                prop_assert_eq!(counts[i], 0);
+            }
+        }
+    }
+}
+
+#[test]
+fn ordered_sticky_split_is_unchanged_for_weights_of_100() {
+    // The file-order walk of the first wave: point < 100 × running sum of percentages.
+    let p = params(vec![weighted(
+        &[("log-v1", 70), ("log-v3", 20), ("log-v2", 10)],
+        Some("x-user-id"),
+    )]);
+    let rng = RandomSource::seeded(0);
+    for id in 0..20_000u64 {
+        let point = sticky_point(format!("user-{id}").as_bytes());
+        let want = match point {
+            0..7_000 => 0,
+            7_000..9_000 => 2,
+            _ => 1,
+        };
+        assert_eq!(p.decide(&user(id), &rng), want, "user {id} at point {point}");
+    }
+}
+
+#[test]
+fn rendezvous_agrees_with_sluice_config_and_ignores_listing_order() {
+    let a = params(vec![rendezvous(&[("log-v1", 80), ("log-v2", 15), ("log-v3", 5)])]);
+    let b = params(vec![rendezvous(&[("log-v3", 5), ("log-v1", 80), ("log-v2", 15)])]);
+    let rng = RandomSource::seeded(0);
+    let mut counts = [0u32; 3];
+    for id in 0..100_000u64 {
+        let chosen = a.decide(&user(id), &rng);
+        assert_eq!(chosen, b.decide(&user(id), &rng), "user {id}");
+        let key = format!("user-{id}");
+        let same = sluice_config::rendezvous_backend(
+            key.as_bytes(),
+            [("log-v1", 80), ("log-v2", 15), ("log-v3", 5)],
+        );
+        assert_eq!(Some(chosen), same);
+        counts[chosen] += 1;
+    }
+    for (i, want) in [80.0, 15.0, 5.0].iter().enumerate() {
+        let share = f64::from(counts[i]) / 1_000.0;
+        assert!((share - want).abs() < 1.0, "{i}: {share}% for {want}%");
+    }
+}
+
+#[test]
+fn rendezvous_raising_the_canary_moves_users_only_into_it() {
+    let before = params(vec![rendezvous(&[("log-v1", 90), ("log-v2", 10)])]);
+    let after = params(vec![rendezvous(&[("log-v1", 80), ("log-v2", 20)])]);
+    let rng = RandomSource::seeded(0);
+    let mut moved = 0;
+    for id in 0..100_000u64 {
+        let (a, b) = (before.decide(&user(id), &rng), after.decide(&user(id), &rng));
+        assert!(!(a == 1 && b == 0), "user {id} left the canary");
+        moved += u32::from(a != b);
+    }
+    // Rendezvous moves about 100 × (20/100 − 10/100)… of the users: 10 %.
+    assert!((9_000..=11_000).contains(&moved), "{moved} moved");
 }
