@@ -35,7 +35,7 @@ mod tests;
 pub use future::ResponseFuture;
 pub use layer::ConcurrencyLimitLayer;
 pub use limiter::{ConcurrencyRegistry, Limiter, Permit};
-pub use params::{ConcurrencyParams, LimitParams, Priorities, RETRY_AFTER};
+pub use params::{ConcurrencyConfigError, ConcurrencyParams, LimitParams, Priorities, RETRY_AFTER};
 pub use service::ConcurrencyLimit;
 
 /// Receives what a limiter does, e.g. to export `sluice_concurrency_limit` and

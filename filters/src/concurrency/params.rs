@@ -126,3 +126,50 @@ impl ConcurrencyParams {
         self
     }
 }
+
+/// Why an `inbound.concurrency` section could not be turned into [`ConcurrencyParams`].
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ConcurrencyConfigError {
+    /// Neither `adaptive` nor `fixed` is given (the validator refuses this first).
+    #[error("inbound.concurrency needs adaptive or fixed")]
+    NoLimit,
+    /// `priority.header` is not a valid header name.
+    #[error("inbound.concurrency.priority.header {0:?} is not a valid header name")]
+    BadHeader(String),
+}
+
+impl ConcurrencyParams {
+    /// Builds params from a validated `inbound.concurrency` section: `adaptive` bounds
+    /// default to 4..=2000; without `queue` a request over the limit is refused at once;
+    /// `queue.timeout` defaults to 50ms.
+    pub fn from_config(cfg: &sluice_config::Concurrency) -> Result<Self, ConcurrencyConfigError> {
+        let limit = match (&cfg.adaptive, &cfg.fixed) {
+            (Some(a), _) => {
+                let LimitParams::Adaptive { min, max } = Self::DEFAULT_ADAPTIVE else {
+                    unreachable!("the default is adaptive")
+                };
+                LimitParams::Adaptive {
+                    min: a.min_limit.unwrap_or(min),
+                    max: a.max_limit.unwrap_or(max),
+                }
+            }
+            (None, Some(f)) => LimitParams::Fixed { max: f.max },
+            (None, None) => return Err(ConcurrencyConfigError::NoLimit),
+        };
+        let mut params = Self::new(limit);
+        if let Some(q) = &cfg.queue {
+            let timeout = q
+                .timeout
+                .map(|d| d.get())
+                .unwrap_or(Self::DEFAULT_QUEUE_TIMEOUT);
+            params = params.with_queue(q.max as usize, timeout);
+        }
+        if let Some(p) = &cfg.priority {
+            let header = HeaderName::from_bytes(p.header.as_bytes())
+                .map_err(|_| ConcurrencyConfigError::BadHeader(p.header.clone()))?;
+            params = params
+                .with_priorities(Priorities::new(header, p.levels.iter().map(String::as_str)));
+        }
+        Ok(params)
+    }
+}

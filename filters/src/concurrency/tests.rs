@@ -534,3 +534,50 @@ async fn registry_keeps_a_limiter_across_unchanged_swaps_and_reports_refusals() 
     registry.retain(|k| *k != "svc");
     assert!(registry.is_empty());
 }
+
+#[test]
+fn params_from_the_policy() {
+    let yaml = r#"
+apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: { name: log-service, namespace: shop }
+spec:
+  host: log-service
+  inbound:
+    concurrency:
+      adaptive: { minLimit: 8 }
+      queue: { max: 100, timeout: 20ms }
+      priority: { header: x-priority, levels: [critical, default, sheddable] }
+"#;
+    let policies = sluice_config::parse_policies("p.yaml", yaml).unwrap();
+    let cfg = policies[0]
+        .spec
+        .inbound
+        .as_ref()
+        .unwrap()
+        .concurrency
+        .as_ref()
+        .unwrap();
+    let p = ConcurrencyParams::from_config(cfg).unwrap();
+    assert_eq!(p.limit, LimitParams::Adaptive { min: 8, max: 2000 });
+    assert_eq!(
+        (p.queue_max, p.queue_timeout),
+        (100, Duration::from_millis(20))
+    );
+    assert_eq!(p.priorities, priorities());
+    let req = Request::builder()
+        .header("x-priority", "sheddable")
+        .body(())
+        .unwrap();
+    assert_eq!(
+        &**p.priorities.name(p.priorities.level_of(&req)),
+        "sheddable"
+    );
+
+    let fixed = sluice_config::Concurrency {
+        fixed: Some(sluice_config::FixedLimit { max: 200 }),
+        ..Default::default()
+    };
+    let p = ConcurrencyParams::from_config(&fixed).unwrap();
+    assert_eq!(p, ConcurrencyParams::new(LimitParams::Fixed { max: 200 }));
+}

@@ -161,8 +161,7 @@ impl SplitParams {
                             let w = bound - std::mem::replace(&mut prev, *bound);
                             (&*self.backends[*i], u32::try_from(w).unwrap_or(u32::MAX))
                         });
-                        rendezvous_backend(v.as_bytes(), candidates)
-                            .map_or(0, |k| bounds[k].1)
+                        rendezvous_backend(v.as_bytes(), candidates).map_or(0, |k| bounds[k].1)
                     }
                     // Without the header there is no user to keep on one side: a
                     // uniform draw in [0, total) keeps the proportions exactly.

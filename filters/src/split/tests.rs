@@ -299,14 +299,26 @@ fn ordered_sticky_split_is_unchanged_for_weights_of_100() {
             7_000..9_000 => 2,
             _ => 1,
         };
-        assert_eq!(p.decide(&user(id), &rng), want, "user {id} at point {point}");
+        assert_eq!(
+            p.decide(&user(id), &rng),
+            want,
+            "user {id} at point {point}"
+        );
     }
 }
 
 #[test]
 fn rendezvous_agrees_with_sluice_config_and_ignores_listing_order() {
-    let a = params(vec![rendezvous(&[("log-v1", 80), ("log-v2", 15), ("log-v3", 5)])]);
-    let b = params(vec![rendezvous(&[("log-v3", 5), ("log-v1", 80), ("log-v2", 15)])]);
+    let a = params(vec![rendezvous(&[
+        ("log-v1", 80),
+        ("log-v2", 15),
+        ("log-v3", 5),
+    ])]);
+    let b = params(vec![rendezvous(&[
+        ("log-v3", 5),
+        ("log-v1", 80),
+        ("log-v2", 15),
+    ])]);
     let rng = RandomSource::seeded(0);
     let mut counts = [0u32; 3];
     for id in 0..100_000u64 {
@@ -333,7 +345,10 @@ fn rendezvous_raising_the_canary_moves_users_only_into_it() {
     let rng = RandomSource::seeded(0);
     let mut moved = 0;
     for id in 0..100_000u64 {
-        let (a, b) = (before.decide(&user(id), &rng), after.decide(&user(id), &rng));
+        let (a, b) = (
+            before.decide(&user(id), &rng),
+            after.decide(&user(id), &rng),
+        );
         assert!(!(a == 1 && b == 0), "user {id} left the canary");
         moved += u32::from(a != b);
     }
