@@ -12,8 +12,8 @@
 //! the connection step ([`Upstream`]) sends the request there, failing with a typed
 //! [`sluice_filters::UpstreamError`] inside [`ProxyError::Upstream`] so breaker, retry and
 //! balancer can tell connect failures from resets. The inbound stack is authorization
-//! of the peer identity (`inbound.allow`), then the inbound rate limit, in front of the
-//! local application.
+//! of the peer identity (`inbound.allow`), then the inbound rate limit, then the inbound
+//! concurrency limit (`inbound.concurrency`), in front of the local application.
 //!
 //! State that must survive a swap (rate-limit buckets, breakers, retry budgets, endpoint
 //! latency) lives in the registries of [`Governance`]; [`StackContext::prepare`] tells
@@ -32,6 +32,9 @@ use sluice_filters::authz::{AllowList, AuthzLayer};
 use sluice_filters::balance::{BalanceLayer, BalanceParams, BalanceRegistry, EndpointSet};
 use sluice_filters::breaker::{
     BreakerLayer, BreakerObserver, BreakerParams, BreakerRegistry, Circuit, CircuitState,
+};
+use sluice_filters::concurrency::{
+    ConcurrencyLimitLayer, ConcurrencyObserver, ConcurrencyParams, ConcurrencyRegistry,
 };
 use sluice_filters::ratelimit::{
     Decision, RateLimitLayer, RateLimitObserver, RateLimitParams, RateLimitRegistry,
@@ -92,6 +95,9 @@ pub struct Governance {
     breakers: Arc<BreakerRegistry>,
     retries: Arc<RetryRegistry>,
     endpoints: Arc<BalanceRegistry>,
+    /// The inbound concurrency limit (one per proxy: its own service's).
+    concurrency: Arc<ConcurrencyRegistry<()>>,
+    concurrency_observer: Arc<dyn ConcurrencyObserver>,
 }
 
 impl std::fmt::Debug for Governance {
@@ -118,7 +124,29 @@ impl Governance {
             )))),
             retries: Arc::new(RetryRegistry::new(Arc::new(RetryMetrics(metrics.clone())))),
             endpoints: Arc::new(BalanceRegistry::new()),
+            concurrency: Arc::new(ConcurrencyRegistry::new()),
+            concurrency_observer: Arc::new(ConcurrencyMetrics(metrics.clone())),
         }
+    }
+}
+
+/// Exports the inbound concurrency limit: `sluice_concurrency_limit`,
+/// `sluice_concurrency_in_flight`, `sluice_overload_refusals_total{priority}`.
+struct ConcurrencyMetrics(Metrics);
+
+impl ConcurrencyObserver for ConcurrencyMetrics {
+    fn on_limit(&self, limit: usize) {
+        self.0
+            .concurrency_limit
+            .set(i64::try_from(limit).unwrap_or(i64::MAX));
+    }
+
+    fn on_refusal(&self, level: &str) {
+        self.0.overload_refusals.with_label_values(&[level]).inc();
+    }
+
+    fn on_in_flight(&self, delta: i64) {
+        self.0.concurrency_in_flight.add(delta);
     }
 }
 
@@ -198,6 +226,18 @@ impl StackContext {
             live.insert(LimitKey::Inbound);
         }
         g.limits.retain(|k| live.contains(k));
+        match inbound_concurrency(own) {
+            Some(params) => {
+                let observer = g.concurrency_observer.clone();
+                g.concurrency.get_or_rebuild((), &params, || observer);
+            }
+            None => {
+                if !g.concurrency.is_empty() {
+                    g.concurrency.retain(|_| false);
+                    g.concurrency_observer.on_limit(0);
+                }
+            }
+        }
         let addresses: HashSet<&str> = policies
             .iter()
             .flat_map(|p| p.spec.backends.values())
@@ -228,6 +268,21 @@ fn inbound_limit(own: Option<&RoutePolicy>) -> Option<RateLimitParams> {
     own.and_then(|p| p.spec.inbound.as_ref())
         .and_then(|i| i.rate_limit.as_ref())
         .and_then(|c| limit_params(c, "inbound"))
+}
+
+/// The inbound concurrency limit of this proxy's own policy (`inbound.concurrency`).
+pub fn inbound_concurrency(own: Option<&RoutePolicy>) -> Option<ConcurrencyParams> {
+    let cfg = own
+        .and_then(|p| p.spec.inbound.as_ref())
+        .and_then(|i| i.concurrency.as_ref())?;
+    match ConcurrencyParams::from_config(cfg) {
+        Ok(p) => Some(p),
+        // The validator refuses these first; a proxy never drops traffic over one.
+        Err(e) => {
+            warn!("concurrency limit not applied: {e}");
+            None
+        }
+    }
 }
 
 /// Counts rate-limit decisions of one route into pre-resolved counters.
@@ -524,9 +579,16 @@ pub fn build_inbound(ctx: &StackContext, app: Authority, own: Option<&RoutePolic
     let limit = limit_layer(ctx, "inbound", LimitKey::Inbound, &params);
     // A peer outside `inbound.allow` is refused before it spends the inbound quota.
     let allow = AllowList::from_config(own.and_then(|p| p.spec.inbound.as_ref()));
+    // Requests refused above never take a slot of the concurrency limit.
+    let concurrency = ctx
+        .governance
+        .concurrency
+        .get(&())
+        .map(ConcurrencyLimitLayer::new);
     let service = ServiceBuilder::new()
         .layer(AuthzLayer::new(allow))
         .option_layer(limit)
+        .option_layer(concurrency)
         .layer(AppEndpointLayer::new(params.backends[0].clone()))
         .service(ctx.upstream.clone());
     RouteEntry {

@@ -12,7 +12,9 @@
 //! server, [`otlp`] an OTLP trace receiver (gRPC and HTTP) that keeps the spans it gets.
 //! [`reliability`] is the suite that runs load through a child proxy while faults
 //! happen, and [`malformed`] the hand-written bad HTTP it sends. [`netns`] sets up
-//! network namespaces for the transparent-mode and two-pod tests.
+//! network namespaces for the transparent-mode and two-pod tests. [`WorkerUpstream`] is an
+//! app with a fixed number of workers (latency grows past that knee) and [`open_loop`]
+//! the fixed-rate load the overload tests send it.
 //!
 //! Tests never sleep to wait for something: they wait on a condition with
 //! [`wait_until`], which polls with a bounded deadline and fails the test with a
@@ -29,6 +31,7 @@ pub mod otlp;
 mod proxy;
 pub mod reliability;
 mod upstream;
+mod workers;
 pub mod ws;
 
 use std::future::Future;
@@ -38,6 +41,7 @@ pub use client::{HttpConn, Reply, ReqBody, full_body};
 pub use control_plane::TestControlPlane;
 pub use proxy::{ChildProxy, MeshTls, ProcMemory, ProxyOptions, TestProxy};
 pub use upstream::{Protocol, Stall, Upstream, tcp_echo};
+pub use workers::{Tally, WorkerUpstream, open_loop};
 
 /// The error type the harness passes around.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

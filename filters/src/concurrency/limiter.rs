@@ -168,14 +168,22 @@ impl Limiter {
                 Ordering::SeqCst,
                 Ordering::SeqCst,
             ) {
-                Ok(_) => return true,
+                Ok(_) => {
+                    self.observer.on_in_flight(1);
+                    return true;
+                }
                 Err(actual) => cur = actual,
             }
         }
     }
 
-    fn release(self: &Arc<Self>) {
+    fn release_slot(&self) {
         self.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.observer.on_in_flight(-1);
+    }
+
+    fn release(self: &Arc<Self>) {
+        self.release_slot();
         if self.waiting.load(Ordering::SeqCst) > 0 {
             let mut queue = self.lock_queue();
             self.dispatch_locked(&mut queue);
@@ -186,14 +194,14 @@ impl Limiter {
     fn dispatch_locked(self: &Arc<Self>, queue: &mut WaitQueue) {
         while queue.len > 0 && self.try_acquire() {
             let Some(waiter) = queue.pop_best(Instant::now(), self.params.queue_timeout) else {
-                self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                self.release_slot();
                 break;
             };
             self.waiting.fetch_sub(1, Ordering::SeqCst);
             if let Err(permit) = waiter.send(Permit::new(self.clone())) {
                 // The waiter is gone; take the slot back without re-entering dispatch.
                 permit.disarm();
-                self.in_flight.fetch_sub(1, Ordering::SeqCst);
+                self.release_slot();
             }
         }
     }
@@ -572,6 +580,11 @@ impl<K: Hash + Eq + Clone> ConcurrencyRegistry<K> {
                 limiter
             }
         }
+    }
+
+    /// The limiter held for `key`.
+    pub fn get(&self, key: &K) -> Option<Arc<Limiter>> {
+        self.limiters.get(key).map(|l| l.value().clone())
     }
 
     /// Drops the limiters whose key fails `keep` (services gone from the policy).

@@ -38,8 +38,8 @@ pub use limiter::{ConcurrencyRegistry, Limiter, Permit};
 pub use params::{ConcurrencyConfigError, ConcurrencyParams, LimitParams, Priorities, RETRY_AFTER};
 pub use service::ConcurrencyLimit;
 
-/// Receives what a limiter does, e.g. to export `sluice_concurrency_limit` and
-/// `sluice_overload_refusals_total{priority}`.
+/// Receives what a limiter does, e.g. to export `sluice_concurrency_limit`,
+/// `sluice_concurrency_in_flight` and `sluice_overload_refusals_total{priority}`.
 ///
 /// Called on the request path: implementations must be cheap and must not block.
 pub trait ConcurrencyObserver: Send + Sync + 'static {
@@ -47,6 +47,8 @@ pub trait ConcurrencyObserver: Send + Sync + 'static {
     fn on_limit(&self, limit: usize);
     /// A request of this priority level was refused `overloaded`.
     fn on_refusal(&self, level: &str);
+    /// Requests in flight changed by `delta` (+1 admitted, −1 done); a gauge adds it.
+    fn on_in_flight(&self, _delta: i64) {}
 }
 
 /// An observer that ignores everything.

@@ -12,6 +12,7 @@ mod kubernetes;
 mod malformed;
 mod mesh;
 mod mtls;
+mod overload;
 mod pods;
 mod reliability;
 mod reload;
