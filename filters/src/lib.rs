@@ -22,7 +22,7 @@
 //!   [`RateLimitLayer::new(limiter)`](ratelimit::RateLimitLayer::new)`.with_observer(obs)`,
 //!   where `obs: Arc<dyn `[`RateLimitObserver`](ratelimit::RateLimitObserver)`>` counts
 //!   `sluice_ratelimit_decisions_total` (the proxy bakes `direction`/`route` into it).
-//!   Reads the [`PeerIdentity`](ratelimit::PeerIdentity) extension (set by mTLS) for
+//!   Reads the [`PeerIdentity`](extensions::PeerIdentity) extension (set by mTLS) for
 //!   `key: {peerIdentity: true}`. Error: [`FilterError::RateLimited`]; allowed responses get
 //!   `RateLimit-Policy`/`RateLimit`. The proxy's rescue answers any `FilterError` with
 //!   [`refusal_response(&err, is_grpc(req.headers()))`](ratelimit::refusal_response)
@@ -33,7 +33,7 @@
 //! - **Split** ([`split`]). Params:
 //!   [`SplitParams::from_config(&route, spec.backends.keys().map(String::as_str))`](split::SplitParams::from_config)`?`
 //!   in an `Arc`; layer [`SplitLayer::new(params)`](split::SplitLayer::new). No state. Writes
-//!   the [`SelectedBackend`](split::SelectedBackend) extension (`index` = position in
+//!   the [`SelectedBackend`](extensions::SelectedBackend) extension (`index` = position in
 //!   `spec.backends`), which the retry, breaker and balancer read to index per-backend
 //!   state built for that route × backend. Never fails.
 //! - **Balance** ([`balance`]). Params: [`BalanceParams::from_config(name, &backend)`](balance::BalanceParams::from_config)
@@ -42,7 +42,7 @@
 //!   by address), then `registry.retain(|addr| live(addr))`. Layer:
 //!   [`BalanceLayer::new(Arc<[Arc<EndpointSet>]>)`](balance::BalanceLayer::new) with one set
 //!   per backend in `spec.backends` order. Reads `SelectedBackend`, writes the
-//!   [`Endpoint`](balance::Endpoint) extension: the `host:port` the client must dial. Ejects
+//!   [`Endpoint`](extensions::Endpoint) extension: the `host:port` the client must dial. Ejects
 //!   an endpoint when the inner error chain holds an [`UpstreamError`] of kind
 //!   `ConnectFailure` (override with `classify_with`). Error:
 //!   [`FilterError::NoHealthyEndpoint`] (503 `no-healthy-endpoint`).
@@ -55,7 +55,7 @@
 //!   [`RetryLayer::disabled(label)`](retry::RetryLayer::disabled) for a route without `retry`
 //!   (same type). It re-calls the same inner service, so every try keeps the split's
 //!   `SelectedBackend`; it enforces `perTryTimeout` itself (a `Timeout(per try)` layer below
-//!   it is then redundant, harmless) and puts a [`Deadline`](breaker::Deadline) on each try.
+//!   it is then redundant, harmless) and puts a [`Deadline`](extensions::Deadline) on each try.
 //!   The request body becomes [`ReplayBody<B>`](retry::ReplayBody). Errors: whatever the last
 //!   try gave; never retries [`FilterError::BreakerOpen`].
 //! - **Breaker** ([`breaker`]). Params: [`BreakerParams::from_policy(&route.circuit_breaker)`](breaker::BreakerParams::from_policy).
@@ -77,8 +77,10 @@
 pub mod authz;
 pub mod balance;
 pub mod breaker;
+mod classify;
 pub mod concurrency;
 mod error;
+pub mod extensions;
 pub mod ratelimit;
 pub mod retry;
 pub mod split;

@@ -19,8 +19,9 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use sluice_proxy::body::{Body, empty};
-use sluice_proxy::forward::Upstream;
-use sluice_proxy::stack::{RouteEntry, RouteParams, build_outbound, compile_backends};
+use sluice_proxy::route::{RouteParams, compile_backends};
+use sluice_proxy::stack::{RouteEntry, build_outbound};
+use sluice_proxy::upstream::Upstream;
 use sluice_proxy::{Metrics, StackContext};
 use tokio::net::TcpListener;
 use tokio::runtime::Runtime;
@@ -135,7 +136,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| black_box(full.service.clone()))
     });
     let mut client = Upstream::new();
-    let endpoint = sluice_proxy::stack::Endpoint(addr.to_string().into());
+    let endpoint = sluice_filters::extensions::Endpoint(addr.to_string().into());
     g.bench_function("pooled client alone (baseline)", |b| {
         b.iter(|| {
             rt.block_on(async {

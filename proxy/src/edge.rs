@@ -10,17 +10,18 @@ use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use opentelemetry::trace::SpanKind;
-use sluice_filters::ratelimit::PeerIdentity;
-use sluice_filters::retry::RetryCount;
+use sluice_filters::extensions::{PeerIdentity, RetryCount, SelectedBackend};
 use sluice_filters::{FilterError, find_filter_error};
 use tower::Service;
 use tracing::debug;
 
 use crate::ProxyError;
 use crate::body::{Body, boxed, synthetic};
-use crate::forward::{is_switching, is_upgrade_request, spawn_tunnel, strip_hop_by_hop};
+use crate::message::{
+    is_grpc, is_switching, is_upgrade_request, request_host, spawn_tunnel, strip_hop_by_hop,
+};
 use crate::policy::PolicyStore;
-use crate::stack::{RouteEntry, SelectedBackend};
+use crate::stack::RouteEntry;
 use crate::telemetry::Telemetry;
 use crate::transparent::OriginalDst;
 
@@ -127,16 +128,6 @@ fn unrouted<B>(
             .finish(404, None, resp.headers());
     }
     resp
-}
-
-/// The authority a request names: absolute-form URI or `:authority` first, then `Host`.
-pub(crate) fn request_host<B>(req: &Request<B>) -> Option<&str> {
-    if let Some(a) = req.uri().authority() {
-        return Some(a.as_str());
-    }
-    req.headers()
-        .get(header::HOST)
-        .and_then(|h| h.to_str().ok())
 }
 
 async fn forward(
@@ -274,12 +265,6 @@ impl AccessEntry {
             "access"
         );
     }
-}
-
-fn is_grpc<B>(req: &Request<B>) -> bool {
-    req.headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
 /// Turns a failure from a route stack into the answer the client gets, and names the

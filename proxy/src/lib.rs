@@ -4,7 +4,7 @@
 //! [`RunningProxy`]. Every request loads the current [`PolicySnapshot`] once from the
 //! [`PolicyStore`], finds its route in the snapshot's host-indexed [`RouteTable`] and
 //! hands the request to that route's tower stack ([`stack`]), built once per policy
-//! swap. The stack ends in pooled upstream clients ([`forward::Upstream`]); failures
+//! swap. The stack ends in pooled upstream clients ([`upstream::Upstream`]); failures
 //! come back as errors that the edge turns into responses carrying `x-sluice-reason`.
 //! Policies reach the store from a watched local file (`--policy`) or from the control
 //! plane (`--control-plane`, via `sluice_api::Subscriber`, starting from the snapshot
@@ -20,16 +20,19 @@ mod config;
 mod control;
 mod edge;
 mod error;
-pub mod forward;
+pub mod governance;
 pub mod init;
+mod message;
 pub mod metrics;
 pub mod policy;
 pub mod probes;
+pub mod route;
 mod server;
 pub mod stack;
 pub mod telemetry;
 pub mod tls;
 pub mod transparent;
+pub mod upstream;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
@@ -45,9 +48,10 @@ use tracing::{info, warn};
 pub use cli::cli_main;
 pub use config::{LogControl, LogFormat, ProxyConfig};
 pub use error::ProxyError;
+pub use governance::BreakerAdmin;
 pub use metrics::Metrics;
 pub use policy::{ApplyOutcome, PolicySnapshot, PolicyStore, Rejection, RouteTable};
-pub use stack::{BreakerAdmin, StackContext};
+pub use stack::StackContext;
 
 /// A proxy that is listening; dropping it without [`RunningProxy::shutdown`] leaves its
 /// tasks running until the runtime ends.
@@ -157,8 +161,8 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         None => (None, None),
     };
     let upstream = match &tls {
-        Some(store) => forward::Upstream::with_mesh(store.clone()),
-        None => forward::Upstream::new(),
+        Some(store) => upstream::Upstream::with_mesh(store.clone()),
+        None => upstream::Upstream::new(),
     };
     let mut ctx = StackContext::new(upstream, metrics);
     ctx.telemetry = telemetry::Telemetry::start(

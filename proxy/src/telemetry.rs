@@ -42,8 +42,7 @@ use opentelemetry_otlp::{Protocol, WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::{BatchSpanProcessor, Sampler, SdkTracer, SdkTracerProvider, Span};
-use sluice_filters::ratelimit::PeerIdentity;
-use sluice_filters::retry::RetryCount;
+use sluice_filters::extensions::{PeerIdentity, RetryCount};
 
 use crate::ProxyError;
 use crate::body::Body;
@@ -278,7 +277,7 @@ fn method_value(m: &Method) -> Value {
 
 /// The host the request names, without its port.
 fn host_of<B>(req: &Request<B>) -> Option<&str> {
-    let raw = crate::edge::request_host(req)?;
+    let raw = crate::message::request_host(req)?;
     // `[::1]:80` keeps its brackets; `host:80` loses the port.
     Some(match raw.rfind(':') {
         Some(i) if !raw[i..].contains(']') => &raw[..i],

@@ -1,6 +1,6 @@
 //! Identity authorization: the serving side's `inbound.allow`.
 //!
-//! [`AuthzLayer`] reads the [`PeerIdentity`](crate::ratelimit::PeerIdentity)
+//! [`AuthzLayer`] reads the [`PeerIdentity`](crate::extensions::PeerIdentity)
 //! extension the proxy's inbound listener sets from the verified client
 //! certificate, and refuses a peer not in the list with
 //! [`FilterError::Forbidden`](crate::FilterError::Forbidden) (403 `forbidden`).

@@ -5,7 +5,7 @@ use tower_service::Service;
 
 use super::{AllowList, ResponseFuture};
 use crate::FilterError;
-use crate::ratelimit::PeerIdentity;
+use crate::extensions::PeerIdentity;
 
 /// Passes allowed requests to the inner service, refuses the others with
 /// [`FilterError::Forbidden`] without calling it.

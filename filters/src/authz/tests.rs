@@ -8,7 +8,7 @@ use tower_test::mock;
 
 use super::*;
 use crate::FilterError;
-use crate::ratelimit::PeerIdentity;
+use crate::extensions::PeerIdentity;
 
 const ORDER: &str = "spiffe://cluster.local/ns/shop/sa/order";
 

@@ -6,7 +6,8 @@ use std::time::Duration;
 use dashmap::DashMap;
 use tokio::time::Instant;
 
-use super::{BalanceParams, Endpoint};
+use super::BalanceParams;
+use crate::extensions::Endpoint;
 use crate::split::RandomSource;
 
 /// How an endpoint stands at one moment.

@@ -9,8 +9,8 @@ use tokio::time::Instant;
 use tower::BoxError;
 
 use super::BalanceParams;
+use super::ConnectFailureClassifier;
 use super::endpoint::{EndpointState, Pick};
-use super::service::ConnectFailureClassifier;
 use crate::FilterError;
 
 /// Accounts one request to its endpoint: in flight until dropped, then latency or ejection.

@@ -2,7 +2,7 @@ use std::sync::Arc;
 
 use tower_layer::Layer;
 
-use super::service::ConnectFailureClassifier;
+use super::ConnectFailureClassifier;
 use super::{Balance, EndpointSet, is_connect_failure};
 use crate::split::RandomSource;
 
@@ -16,7 +16,7 @@ pub struct BalanceLayer {
 
 impl BalanceLayer {
     /// A layer over `backends`: one [`EndpointSet`] per policy backend, in file order, so
-    /// that [`SelectedBackend::index`](crate::split::SelectedBackend::index) indexes it.
+    /// that [`SelectedBackend::index`](crate::extensions::SelectedBackend::index) indexes it.
     pub fn new(backends: Arc<[Arc<EndpointSet>]>) -> Self {
         Self {
             backends,

@@ -1,10 +1,10 @@
 //! Endpoint balancing: power of two choices over peak-EWMA latency, with ejection.
 //!
 //! Each backend's addresses form an [`EndpointSet`]. Per request, [`Balance`] reads the
-//! [`SelectedBackend`](crate::split::SelectedBackend) chosen by the split (backend 0 when
+//! [`SelectedBackend`](crate::extensions::SelectedBackend) chosen by the split (backend 0 when
 //! absent), samples two endpoints of that backend at random and takes the one with the
 //! lower cost — its peak-EWMA round-trip time times its requests in flight plus one. It
-//! records the choice as an [`Endpoint`] request extension, which tells the proxy's
+//! records the choice as an [`Endpoint`](crate::extensions::Endpoint) request extension, which tells the proxy's
 //! connector what to dial, and calls its single inner service.
 //!
 //! A request whose inner call fails with a connect failure (by default an
@@ -27,18 +27,16 @@ mod service;
 #[cfg(test)]
 mod tests;
 
+use std::error::Error;
 use std::sync::Arc;
 use std::time::Duration;
+
+use crate::{UpstreamError, UpstreamErrorKind};
 
 pub use endpoint::{BalanceRegistry, EndpointSet, EndpointState, Health};
 pub use future::ResponseFuture;
 pub use layer::BalanceLayer;
-pub use service::{Balance, ConnectFailureClassifier, is_connect_failure};
-
-/// The address the request is to be sent to (`host:port`, IP or DNS name), set as a request
-/// extension by [`Balance`] for the proxy's connector.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct Endpoint(pub Arc<str>);
+pub use service::Balance;
 
 /// Balancing settings of one backend, built from the policy once per swap.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -75,4 +73,19 @@ impl BalanceParams {
     pub fn from_config(name: &str, backend: &sluice_config::Backend) -> Self {
         Self::new(name, backend.addresses.iter().map(String::as_str))
     }
+}
+
+/// Decides whether an inner error means the endpoint refused the connection.
+pub type ConnectFailureClassifier = fn(&(dyn Error + 'static)) -> bool;
+
+/// The default classifier: an [`UpstreamError`] of kind `ConnectFailure` anywhere in the chain.
+pub fn is_connect_failure(err: &(dyn Error + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if let Some(u) = e.downcast_ref::<UpstreamError>() {
+            return u.kind == UpstreamErrorKind::ConnectFailure;
+        }
+        cur = e.source();
+    }
+    false
 }

@@ -1,4 +1,3 @@
-use std::error::Error;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -7,26 +6,12 @@ use tower::BoxError;
 use tower_service::Service;
 
 use super::future::Outcome;
-use super::{EndpointSet, ResponseFuture};
-use crate::split::{RandomSource, SelectedBackend};
-use crate::{FilterError, UpstreamError, UpstreamErrorKind};
+use super::{ConnectFailureClassifier, EndpointSet, ResponseFuture};
+use crate::FilterError;
+use crate::extensions::SelectedBackend;
+use crate::split::RandomSource;
 
-/// Decides whether an inner error means the endpoint refused the connection.
-pub type ConnectFailureClassifier = fn(&(dyn Error + 'static)) -> bool;
-
-/// The default classifier: an [`UpstreamError`] of kind `ConnectFailure` anywhere in the chain.
-pub fn is_connect_failure(err: &(dyn Error + 'static)) -> bool {
-    let mut cur = Some(err);
-    while let Some(e) = cur {
-        if let Some(u) = e.downcast_ref::<UpstreamError>() {
-            return u.kind == UpstreamErrorKind::ConnectFailure;
-        }
-        cur = e.source();
-    }
-    false
-}
-
-/// Picks an endpoint of the selected backend, sets [`Endpoint`](super::Endpoint) and calls
+/// Picks an endpoint of the selected backend, sets [`Endpoint`](crate::extensions::Endpoint) and calls
 /// the inner service (the proxy's connector/client).
 #[derive(Clone, Debug)]
 pub struct Balance<S> {

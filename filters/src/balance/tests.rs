@@ -9,7 +9,9 @@ use tower_service::Service;
 use tower_test::mock;
 
 use super::*;
-use crate::split::{RandomSource, SelectedBackend};
+use crate::extensions::Endpoint;
+use crate::extensions::SelectedBackend;
+use crate::split::RandomSource;
 use crate::{FilterError, UpstreamError, UpstreamErrorKind};
 
 type Handle = mock::Handle<Request<()>, Response<()>>;

@@ -13,60 +13,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::time::Instant;
 
+use super::observe::{BreakerObserver, BreakerSnapshot, CircuitState, TransitionRecord};
 use super::params::BreakerParams;
-use super::registry::{BreakerObserver, BreakerSnapshot, TransitionRecord};
 
 /// How many transitions each breaker remembers for the admin API.
 pub const TRANSITION_LOG_LEN: usize = 16;
 
 /// Buckets the failure-rate window is cut into.
 const RATE_BUCKETS: u64 = 10;
-
-/// The state of one breaker.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum CircuitState {
-    /// Requests flow; failures are counted.
-    Closed,
-    /// Requests fail fast with `breaker-open` until the open time ends.
-    Open,
-    /// A few probes are let through; the rest fail fast.
-    HalfOpen,
-}
-
-impl CircuitState {
-    /// The label used in metrics and the admin API (`closed`, `open`, `half_open`).
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CircuitState::Closed => "closed",
-            CircuitState::Open => "open",
-            CircuitState::HalfOpen => "half_open",
-        }
-    }
-
-    /// Every state, for exporters that set one gauge per state.
-    pub const ALL: [CircuitState; 3] = [
-        CircuitState::Closed,
-        CircuitState::Open,
-        CircuitState::HalfOpen,
-    ];
-
-    fn from_bits(b: u64) -> Self {
-        match b & 0b11 {
-            0 => CircuitState::Closed,
-            1 => CircuitState::Open,
-            _ => CircuitState::HalfOpen,
-        }
-    }
-
-    fn bits(self) -> u64 {
-        match self {
-            CircuitState::Closed => 0,
-            CircuitState::Open => 1,
-            CircuitState::HalfOpen => 2,
-        }
-    }
-}
 
 // Packed word: state (2 bits) | probes issued (16) | probes succeeded (16) | generation (30).
 const ISSUED_SHIFT: u32 = 2;

@@ -9,8 +9,8 @@ use pin_project_lite::pin_project;
 use tower::BoxError;
 
 use super::circuit::Permit;
-use super::classify::{classify_error, is_grpc};
 use crate::FilterError;
+use crate::classify::{classify_error, is_grpc};
 
 pin_project! {
     /// Response future of [`Breaker`](super::Breaker).
@@ -85,8 +85,8 @@ where
     }
 }
 
-fn class_name(c: super::classify::ErrorClass) -> &'static str {
-    use super::classify::ErrorClass::*;
+fn class_name(c: crate::classify::ErrorClass) -> &'static str {
+    use crate::classify::ErrorClass::*;
     match c {
         Timeout => "timeout",
         ConnectFailure => "connect-failure",
@@ -184,7 +184,7 @@ where
                 Some(Err(_)) => {
                     if permit
                         .params()
-                        .is_failure_error(super::classify::ErrorClass::Reset)
+                        .is_failure_error(crate::classify::ErrorClass::Reset)
                     {
                         permit.failure("reset");
                     }

@@ -21,7 +21,7 @@ impl BreakerLayer {
     }
 
     /// A layer for a route-level stack below the split: each request feeds the breaker
-    /// at its [`SelectedBackend`](crate::split::SelectedBackend) index (the backend's
+    /// at its [`SelectedBackend`](crate::extensions::SelectedBackend) index (the backend's
     /// position in `spec.backends`); a `None` entry, or a request without the
     /// extension, passes unguarded.
     pub fn per_backend(circuits: Arc<[Option<Arc<Circuit>>]>) -> Self {

@@ -16,7 +16,7 @@
 //!   streams, never buffered; a body error mid-stream counts as a connect failure;
 //! - an error from below: `timeout` for `FilterError::Timeout`, connect-failure for
 //!   everything else ([`UpstreamError`](crate::UpstreamError) of any kind, I/O errors,
-//!   `NoHealthyEndpoint`); a call dropped at or after its [`Deadline`] (a per-try
+//!   `NoHealthyEndpoint`); a call dropped at or after its [`Deadline`](crate::extensions::Deadline) (a per-try
 //!   timeout above fired) counts as a timeout too.
 //!
 //! State lives in a [`Circuit`]: one packed `AtomicU64` (state, generation, probe
@@ -52,7 +52,7 @@
 //! stacks from the registry after each `update` so a changed breaker takes effect
 //! (an unchanged one is the same `Arc`, state and all). The request body passes
 //! through untouched; the response body becomes `ResponseBody<B>`. The request
-//! extension [`Deadline`] (set by the retry layer on each try) lets the breaker count
+//! extension [`Deadline`](crate::extensions::Deadline) (set by the retry layer on each try) lets the breaker count
 //! a per-try timeout that fires above it. Route keys are the proxy's choice (unique
 //! across the snapshot; they appear in metrics and admin paths, so no `/`).
 //!
@@ -61,24 +61,23 @@
 //! admin read after the open time, so a gauge may show `open` a little longer.
 
 mod circuit;
-pub(crate) mod classify;
 mod future;
 mod layer;
+mod observe;
 mod params;
 mod registry;
 mod service;
 
-pub use circuit::{Circuit, CircuitState, TRANSITION_LOG_LEN};
+pub use circuit::{Circuit, TRANSITION_LOG_LEN};
 pub use future::{ResponseBody, ResponseFuture};
 pub use layer::BreakerLayer;
+pub use observe::{BreakerObserver, BreakerSnapshot, CircuitState, NoopObserver, TransitionRecord};
 pub use params::{
     BreakerParams, DEFAULT_CONSECUTIVE_FAILURES, DEFAULT_GRPC_FAILURES, DEFAULT_MAX_OPEN_FOR,
     DEFAULT_OPEN_FOR, DEFAULT_OPEN_JITTER, FailureClasses, RateTrigger,
 };
-pub use registry::{
-    BreakerObserver, BreakerRegistry, BreakerSnapshot, NoopObserver, TransitionRecord,
-};
-pub use service::{Breaker, Deadline};
+pub use registry::BreakerRegistry;
+pub use service::Breaker;
 
 #[cfg(test)]
 mod tests;

@@ -5,7 +5,7 @@ use std::time::Duration;
 use http::{HeaderMap, StatusCode};
 use sluice_config::{FailureClass, GrpcCode};
 
-use super::classify::{ErrorClass, GrpcCodes, grpc_status};
+use crate::classify::{ErrorClass, GrpcCodes, grpc_status};
 
 /// Consecutive failures that open a breaker when the policy names no trigger.
 pub const DEFAULT_CONSECUTIVE_FAILURES: u32 = 5;

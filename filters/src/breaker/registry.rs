@@ -5,92 +5,9 @@ use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 
-use super::circuit::{Circuit, CircuitState};
+use super::circuit::Circuit;
+use super::observe::{BreakerObserver, BreakerSnapshot, NoopObserver};
 use super::params::BreakerParams;
-
-/// Told about every breaker state change, so the proxy can export
-/// `sluice_breaker_state{route,backend,state}` and `sluice_breaker_transitions_total`
-/// without this crate knowing about Prometheus.
-///
-/// Calls happen on the request path of the request that caused the change (rarely),
-/// so implementations must be quick and must not block.
-pub trait BreakerObserver: Send + Sync + 'static {
-    /// A breaker moved from one state to another.
-    fn on_transition(
-        &self,
-        route: &str,
-        backend: &str,
-        from: CircuitState,
-        to: CircuitState,
-        reason: &str,
-    );
-
-    /// A breaker was created (closed) at a policy swap.
-    fn on_added(&self, route: &str, backend: &str) {
-        let _ = (route, backend);
-    }
-
-    /// A breaker was dropped at a policy swap (its route or backend is gone, or its
-    /// params changed and a fresh one replaces it right after).
-    fn on_removed(&self, route: &str, backend: &str) {
-        let _ = (route, backend);
-    }
-}
-
-/// The observer used when none is given.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct NoopObserver;
-
-impl BreakerObserver for NoopObserver {
-    fn on_transition(&self, _: &str, _: &str, _: CircuitState, _: CircuitState, _: &str) {}
-}
-
-/// One remembered transition.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct TransitionRecord {
-    /// Milliseconds since the breaker was created (monotonic clock).
-    #[serde(skip)]
-    pub at_ms: u64,
-    /// When it happened, in milliseconds since the Unix epoch.
-    #[serde(rename = "at")]
-    pub at_unix_ms: u64,
-    /// State before.
-    pub from: CircuitState,
-    /// State after.
-    pub to: CircuitState,
-    /// Why, e.g. `5 consecutive failures (last: 5xx)`.
-    pub reason: String,
-}
-
-/// One breaker as the admin `GET /breakers` shows it.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct BreakerSnapshot {
-    /// Route name.
-    pub route: String,
-    /// Backend name.
-    pub backend: String,
-    /// `closed`, `open` or `half_open`.
-    pub state: CircuitState,
-    /// Results counted as successes since creation.
-    pub successes: u64,
-    /// Results counted as failures since creation.
-    pub failures: u64,
-    /// Failures in a row right now.
-    pub consecutive_failures: u32,
-    /// Requests refused while open or half-open.
-    pub rejected: u64,
-    /// Transitions since creation.
-    pub transitions_total: u64,
-    /// When it last opened (ms since the Unix epoch); absent when closed.
-    pub opened_at: Option<u64>,
-    /// When it next lets a probe through (ms since the Unix epoch); absent unless open,
-    /// and absent when opened by hand (held until reset).
-    pub next_probe_at: Option<u64>,
-    /// Length of the current (or last) open time, jitter included.
-    pub open_for_ms: u64,
-    /// The last transitions, oldest first.
-    pub recent_transitions: Vec<TransitionRecord>,
-}
 
 /// route → backend → breaker; nested so that both lookups take a borrowed `&str`.
 type Map = HashMap<Arc<str>, HashMap<Arc<str>, Arc<Circuit>>>;

@@ -2,21 +2,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
 use http::{Request, Response};
-use tokio::time::Instant;
 use tower::BoxError;
 use tower_service::Service;
 
 use super::circuit::Circuit;
 use super::future::{ResponseBody, ResponseFuture};
-use crate::split::SelectedBackend;
-
-/// The instant at which whoever sent a request stops waiting for it.
-///
-/// The retry layer sets it for each try (its per-try timeout), and a route timeout
-/// above may set it too (the earlier wins). A call the breaker sees dropped at or
-/// after its deadline counts as a `timeout` failure; dropped earlier, as cancelled.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Deadline(pub Instant);
+use crate::extensions::{Deadline, SelectedBackend};
 
 /// Which breaker a request feeds.
 #[derive(Clone, Debug)]

@@ -14,6 +14,7 @@ use tower_test::mock;
 
 use super::*;
 use crate::FilterError;
+use crate::extensions::Deadline;
 
 type ReqBody = Empty<Bytes>;
 
@@ -670,10 +671,11 @@ async fn route_level_stack_picks_the_breaker_of_the_selected_backend() {
     let mut svc = BreakerLayer::per_backend(circuits).layer(inner.clone());
     let to = |index: usize| {
         let mut r = req();
-        r.extensions_mut().insert(crate::split::SelectedBackend {
-            name: Arc::from(format!("b{index}")),
-            index,
-        });
+        r.extensions_mut()
+            .insert(crate::extensions::SelectedBackend {
+                name: Arc::from(format!("b{index}")),
+                index,
+            });
         r
     };
     inner.push(&[500]);

@@ -13,7 +13,8 @@ use governor::state::keyed::ShrinkableKeyedStateStore;
 use governor::{Quota, RateLimiter};
 use http::{HeaderValue, Request};
 
-use super::{KeyBy, PeerIdentity, RateLimitParams};
+use super::{KeyBy, RateLimitParams};
+use crate::extensions::PeerIdentity;
 
 /// Keys a limiter keeps by default before new keys share one overflow bucket.
 pub const DEFAULT_MAX_KEYS: usize = 100_000;

@@ -22,18 +22,12 @@ mod service;
 #[cfg(test)]
 mod tests;
 
-use std::sync::Arc;
-
 pub use future::ResponseFuture;
 pub use layer::RateLimitLayer;
 pub use limiter::{DEFAULT_MAX_KEYS, KeyedLimiter, RateLimitRegistry, Verdict};
 pub use params::{KeyBy, RateLimitConfigError, RateLimitParams};
 pub use response::{grpc_status_of, is_grpc, refusal_response};
 pub use service::RateLimit;
-
-/// The authenticated peer of a request (its SPIFFE ID), set as a request extension by mTLS.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct PeerIdentity(pub Arc<str>);
 
 /// What a rate limit decided about one request.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -12,7 +12,7 @@ pub enum KeyBy {
     Header(HeaderName),
     /// One bucket per request path.
     Path,
-    /// One bucket per [`PeerIdentity`](super::PeerIdentity); unauthenticated requests share one.
+    /// One bucket per [`PeerIdentity`](crate::extensions::PeerIdentity); unauthenticated requests share one.
     PeerIdentity,
 }
 

@@ -12,6 +12,7 @@ use tower_test::mock;
 
 use super::*;
 use crate::FilterError;
+use crate::extensions::PeerIdentity;
 
 fn params(per_second: u32, burst: u32, key: KeyBy) -> RateLimitParams {
     RateLimitParams {

@@ -10,11 +10,8 @@ use tower::BoxError;
 use tower_service::Service;
 
 use super::body::ReplayBody;
-use super::service::Rest;
+use super::tries::{Rest, RetryLoop};
 use crate::FilterError;
-
-/// The boxed retry loop: the slow path, once a try has failed in a retryable way.
-pub(crate) type RetryLoop<R> = Pin<Box<dyn Future<Output = Result<R, BoxError>> + Send>>;
 
 pin_project! {
     /// Response future of [`Retry`](super::Retry): the inner future itself when the

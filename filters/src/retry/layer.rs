@@ -15,7 +15,7 @@ pub struct RetryLayer {
 impl RetryLayer {
     /// A layer retrying with `route`'s params and budget (from
     /// [`RetryRegistry::get`](super::RetryRegistry::get)). Outcomes are labelled with
-    /// the request's [`SelectedBackend`](crate::split::SelectedBackend) name when the
+    /// the request's [`SelectedBackend`](crate::extensions::SelectedBackend) name when the
     /// stack is route-level, else with `backend`.
     pub fn new(route: Arc<RouteRetry>, backend: impl Into<Arc<str>>) -> Self {
         Self {

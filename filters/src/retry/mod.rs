@@ -31,7 +31,7 @@
 //! `ratio × requests + minPerSecond × window`; without `budget` a route gets 0.2,
 //! 10/s over 10 s. Exhausted → no retry, outcome `budget_exhausted`.
 //!
-//! Each try carries a [`Deadline`](crate::breaker::Deadline) extension (its per-try
+//! Each try carries a [`Deadline`](crate::extensions::Deadline) extension (its per-try
 //! deadline, or an earlier one already on the request, e.g. from a route timeout),
 //! so the breaker below can count a try cut off by the per-try timer as a timeout.
 //! A retry whose wait would end past a `Deadline` found on the incoming request is
@@ -77,6 +77,7 @@ mod layer;
 mod params;
 mod registry;
 mod service;
+mod tries;
 
 pub use body::ReplayBody;
 pub use budget::RetryBudget;
@@ -87,9 +88,7 @@ pub use params::{
     DEFAULT_BUDGET_RATIO, DEFAULT_BUDGET_WINDOW, DEFAULT_MAX_REPLAY_BYTES, DEFAULT_MAX_RETRY_AFTER,
     RetryClasses, RetryParams, is_idempotent,
 };
-pub use registry::{
-    NoopRetryObserver, RetryCount, RetryObserver, RetryOutcome, RetryRegistry, RouteRetry,
-};
+pub use registry::{NoopRetryObserver, RetryObserver, RetryOutcome, RetryRegistry, RouteRetry};
 pub use service::Retry;
 
 #[cfg(test)]

@@ -5,7 +5,7 @@ use std::time::Duration;
 use http::{HeaderMap, Method, Response, StatusCode};
 use sluice_config::RetryOn;
 
-use crate::breaker::classify::{ErrorClass, GrpcCodes, grpc_status};
+use crate::classify::{ErrorClass, GrpcCodes, grpc_status};
 
 /// First backoff delay when the policy gives none.
 pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(25);

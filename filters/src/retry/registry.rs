@@ -1,7 +1,6 @@
 //! Per-route retry state (params and budget), kept across policy swaps.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
@@ -40,29 +39,6 @@ impl RetryOutcome {
             RetryOutcome::SkippedBodyInUse => "skipped_body_in_use",
             RetryOutcome::RetryAfterTooLong => "retry_after_too_long",
         }
-    }
-}
-
-/// The number of retries sent for one request. Put one into a request's extensions to
-/// learn it afterwards (the proxy does so for traced requests, for `sluice.retries`):
-/// every try carries a copy of the head, and clones share the count. Requests without
-/// one cost nothing extra.
-#[derive(Clone, Debug, Default)]
-pub struct RetryCount(Arc<AtomicU32>);
-
-impl RetryCount {
-    /// A count at zero.
-    pub fn new() -> Self {
-        Self::default()
-    }
-
-    /// Retries sent so far.
-    pub fn get(&self) -> u32 {
-        self.0.load(Ordering::Relaxed)
-    }
-
-    pub(crate) fn add_one(&self) {
-        self.0.fetch_add(1, Ordering::Relaxed);
     }
 }
 

@@ -15,7 +15,9 @@ use tokio::time::Instant;
 use tower::{BoxError, Layer, Service, ServiceExt};
 
 use super::*;
-use crate::breaker::{BreakerLayer, BreakerParams, BreakerRegistry, Deadline};
+use crate::breaker::{BreakerLayer, BreakerParams, BreakerRegistry};
+use crate::extensions::Deadline;
+use crate::extensions::RetryCount;
 use crate::{FilterError, UpstreamError, UpstreamErrorKind};
 
 #[derive(Clone, Copy, Debug)]
@@ -726,10 +728,11 @@ async fn outcomes_carry_the_selected_backend() {
     let inner = Scripted::with(&[Step::Status(503)]);
     let mut svc = RetryLayer::new(reg.get("ingest").unwrap(), "fallback").layer(inner.clone());
     let mut req = get();
-    req.extensions_mut().insert(crate::split::SelectedBackend {
-        name: Arc::from("log-v2"),
-        index: 1,
-    });
+    req.extensions_mut()
+        .insert(crate::extensions::SelectedBackend {
+            name: Arc::from("log-v2"),
+            index: 1,
+        });
     let _ = send(&mut svc, req).await;
     assert_eq!(inner.calls(), 2);
     assert_eq!(*obs.0.lock().unwrap(), ["log-v2"]);

@@ -4,7 +4,7 @@ use tower_layer::Layer;
 
 use super::{RandomSource, Split, SplitParams};
 
-/// Chooses a backend per request and records it as a [`SelectedBackend`](super::SelectedBackend).
+/// Chooses a backend per request and records it as a [`SelectedBackend`](crate::extensions::SelectedBackend).
 #[derive(Clone, Debug)]
 pub struct SplitLayer {
     params: Arc<SplitParams>,

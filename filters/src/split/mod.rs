@@ -1,7 +1,7 @@
 //! Traffic split: picks the backend of each request (header rules, then weights, sticky).
 //!
 //! [`Split`] does not own one inner service per backend. It decides, records the choice as
-//! a [`SelectedBackend`] request extension and calls its single inner service. The layers
+//! a [`SelectedBackend`](crate::extensions::SelectedBackend) request extension and calls its single inner service. The layers
 //! below (retry, breaker, balancer) read that extension and index per-backend state that the
 //! proxy built once per policy swap in file order (`SelectedBackend::index` is the backend's
 //! position in `spec.backends`). So the whole stack below the split is built once per route
@@ -22,8 +22,6 @@ mod service;
 #[cfg(test)]
 mod tests;
 
-use std::sync::Arc;
-
 pub use layer::SplitLayer;
 pub use params::{SplitConfigError, SplitParams};
 pub use random::RandomSource;
@@ -31,15 +29,6 @@ pub use service::Split;
 
 /// Points a weighted split is walked over: one point is 0.01 %.
 pub const POINTS: u32 = sluice_config::STICKY_POINTS;
-
-/// The backend the split chose, set as a request extension for the layers below.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
-pub struct SelectedBackend {
-    /// Backend name as written in the policy.
-    pub name: Arc<str>,
-    /// Position of the backend in the policy's `backends`, in file order.
-    pub index: usize,
-}
 
 /// The sticky point of a header value: `sluice-config`'s fixed, unseeded FNV-1a 64 mod
 /// 10000, so the proxy, the validator and every release agree on it.

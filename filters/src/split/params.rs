@@ -51,7 +51,7 @@ pub struct SplitParams {
 
 impl SplitParams {
     /// Builds the split of `route`; `backends` are the policy's backend names in file order
-    /// (`spec.backends.keys()`), which fixes each backend's [`index`](super::SelectedBackend::index).
+    /// (`spec.backends.keys()`), which fixes each backend's [`index`](crate::extensions::SelectedBackend::index).
     ///
     /// A route without `split` sends everything to the first backend; so does a request
     /// that matches no rule.

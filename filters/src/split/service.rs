@@ -4,7 +4,8 @@ use std::task::{Context, Poll};
 use http::Request;
 use tower_service::Service;
 
-use super::{RandomSource, SelectedBackend, SplitParams};
+use super::{RandomSource, SplitParams};
+use crate::extensions::SelectedBackend;
 
 /// Sets [`SelectedBackend`] on each request, then calls the inner service.
 #[derive(Clone, Debug)]

@@ -9,6 +9,7 @@ use tower_service::Service;
 use tower_test::mock;
 
 use super::*;
+use crate::extensions::SelectedBackend;
 
 const BACKENDS: [&str; 3] = ["log-v1", "log-v2", "log-v3"];
 

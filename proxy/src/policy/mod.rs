@@ -17,9 +17,8 @@ pub use store::{ApplyOutcome, PolicyStore, Rejection};
 pub use table::{RouteMatcher, RouteTable};
 
 use crate::ProxyError;
-use crate::stack::{
-    RouteEntry, RouteParams, StackContext, build_inbound, build_outbound, compile_backends,
-};
+use crate::route::{RouteParams, compile_backends};
+use crate::stack::{RouteEntry, StackContext, build_inbound, build_outbound};
 
 /// Everything a request needs from the policy, swapped whole: requests load it once and
 /// keep what they loaded until they finish, whatever swaps happen meanwhile.
@@ -132,7 +131,7 @@ impl PolicySnapshot {
 #[cfg(test)]
 pub(crate) fn store_for_tests() -> PolicyStore {
     let ctx = StackContext::new(
-        crate::forward::Upstream::new(),
+        crate::upstream::Upstream::new(),
         crate::metrics::Metrics::new().unwrap(),
     );
     PolicyStore::new(ctx, None, None)

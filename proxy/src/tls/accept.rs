@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sluice_filters::ratelimit::PeerIdentity;
+use sluice_filters::extensions::PeerIdentity;
 use tokio::net::TcpStream;
 
 use super::{TlsStore, peer_identity};

@@ -94,9 +94,9 @@ pub fn peer_spiffe_id(chain: &[CertificateDer<'_>]) -> Option<String> {
 /// inbound listener, from its verified client certificate.
 pub fn peer_identity(
     conn: &rustls::ServerConnection,
-) -> Option<sluice_filters::ratelimit::PeerIdentity> {
+) -> Option<sluice_filters::extensions::PeerIdentity> {
     let id = peer_spiffe_id(conn.peer_certificates()?)?;
-    Some(sluice_filters::ratelimit::PeerIdentity(Arc::from(id)))
+    Some(sluice_filters::extensions::PeerIdentity(Arc::from(id)))
 }
 
 fn spiffe_id_of(leaf: &CertificateDer<'_>) -> Option<String> {

@@ -1,0 +1,178 @@
+//! The tries after the first: what a request keeps for them, and the boxed loop that
+//! sends them (the slow path, entered only once a try failed in a retryable way).
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use http::{Request, Response};
+use http_body::Body;
+use tokio::time::{Instant, sleep, timeout_at};
+use tower::{BoxError, ServiceExt};
+use tower_service::Service;
+
+use super::body::{BodySource, Reclaim, ReplayBody};
+use super::params::{RetryAfter, RetryParams, retry_after};
+use super::registry::{RetryOutcome, RouteRetry};
+use crate::FilterError;
+use crate::classify::classify_error;
+use crate::extensions::{Deadline, RetryCount};
+
+/// The boxed retry loop: the slow path, once a try has failed in a retryable way.
+pub(crate) type RetryLoop<R> = Pin<Box<dyn Future<Output = Result<R, BoxError>> + Send>>;
+
+/// Whether a try's result is worth another try, and after what wait; `None` ends.
+fn retry_wait<RB>(p: &RetryParams, res: &Result<Response<RB>, BoxError>) -> Option<RetryAfter> {
+    match res {
+        Ok(rsp) if p.is_retryable_response(rsp) => Some(retry_after(rsp)),
+        Err(e) if p.is_retryable_error(classify_error(&**e)) => Some(RetryAfter::Absent),
+        _ => None,
+    }
+}
+
+/// What a request needs for tries after the first.
+pub(crate) struct Rest<S, B> {
+    pub(super) svc: S,
+    pub(super) route: Arc<RouteRetry>,
+    pub(super) backend: Arc<str>,
+    /// The head as it came (`None`: the request goes once, for its per-try timer).
+    pub(super) parts: Option<http::request::Parts>,
+    pub(super) source: BodySource<B>,
+    pub(super) outer_deadline: Option<Instant>,
+}
+
+impl<S, B> Rest<S, B>
+where
+    S: Service<Request<ReplayBody<B>>> + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    B: Body + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    pub(crate) fn per_try_timeout(&self) -> std::time::Duration {
+        self.route.params().per_try_timeout.unwrap_or_default()
+    }
+
+    /// Settles the first try: its result when it stands, else the boxed retry loop.
+    pub(crate) fn after_first<RB: Send + 'static>(
+        self,
+        res: Result<Response<RB>, BoxError>,
+    ) -> Result<Result<Response<RB>, BoxError>, RetryLoop<Response<RB>>>
+    where
+        S: Service<Request<ReplayBody<B>>, Response = Response<RB>>,
+    {
+        match retry_wait(self.route.params(), &res) {
+            Some(wait) if self.parts.is_some() => Err(Box::pin(self.retry_loop(res, wait))),
+            _ => Ok(res),
+        }
+    }
+
+    /// The slow path: each later try gets a fresh copy of the head and a replaying body.
+    async fn retry_loop<RB>(
+        self,
+        mut res: Result<Response<RB>, BoxError>,
+        mut wait: RetryAfter,
+    ) -> Result<Response<RB>, BoxError>
+    where
+        S: Service<Request<ReplayBody<B>>, Response = Response<RB>>,
+    {
+        let Rest {
+            mut svc,
+            route,
+            backend,
+            parts,
+            mut source,
+            outer_deadline,
+        } = self;
+        let p = route.params();
+        let mut retries = 0u32;
+        loop {
+            if retries >= p.attempts {
+                route.observe(&backend, RetryOutcome::AttemptsExhausted);
+                return res;
+            }
+            let delay = match wait {
+                RetryAfter::Absent => p.backoff(retries),
+                // `backoff.min` holds for a server's Retry-After too.
+                RetryAfter::Wait(d) if d <= p.max_retry_after() => d.max(p.backoff_min),
+                RetryAfter::Wait(_) | RetryAfter::Unusable => {
+                    route.observe(&backend, RetryOutcome::RetryAfterTooLong);
+                    return res;
+                }
+            };
+            // A retry that could not finish its wait before the caller gives up is pointless.
+            if outer_deadline.is_some_and(|d| Instant::now() + delay >= d) {
+                return res;
+            }
+            let mut slept = false;
+            match source.reclaim() {
+                Reclaim::Ready => {}
+                Reclaim::TooLarge => {
+                    route.observe(&backend, RetryOutcome::SkippedBodyTooLarge);
+                    return res;
+                }
+                Reclaim::InUse => {
+                    // The connection below may still be sending the last try's body; give
+                    // it the backoff to let go.
+                    sleep(delay).await;
+                    slept = true;
+                    match source.reclaim() {
+                        Reclaim::Ready => {}
+                        Reclaim::TooLarge => {
+                            route.observe(&backend, RetryOutcome::SkippedBodyTooLarge);
+                            return res;
+                        }
+                        Reclaim::InUse => {
+                            route.observe(&backend, RetryOutcome::SkippedBodyInUse);
+                            return res;
+                        }
+                    }
+                }
+            }
+            if !route.budget().try_withdraw() {
+                route.observe(&backend, RetryOutcome::BudgetExhausted);
+                tracing::debug!(route = route.route(), %backend, "retry budget exhausted");
+                return res;
+            }
+            drop(res);
+            if !slept {
+                sleep(delay).await;
+            }
+            retries += 1;
+            route.observe(&backend, RetryOutcome::Retried);
+            if let Some(count) = parts
+                .as_ref()
+                .and_then(|p| p.extensions.get::<RetryCount>())
+            {
+                count.add_one();
+            }
+            let head = parts.clone().expect("the head is kept while tries remain");
+            let mut req = Request::from_parts(head, source.next());
+            let try_deadline = p.per_try_timeout.map(|t| Instant::now() + t);
+            if let Some(d) = earliest(try_deadline, outer_deadline) {
+                req.extensions_mut().insert(Deadline(d));
+            }
+            let fut = svc.ready().await.map_err(Into::into)?.call(req);
+            res = match try_deadline {
+                Some(d) => match timeout_at(d, fut).await {
+                    Ok(r) => r.map_err(Into::into),
+                    Err(_) => {
+                        Err(FilterError::Timeout(p.per_try_timeout.unwrap_or_default()).into())
+                    }
+                },
+                None => fut.await.map_err(Into::into),
+            };
+            wait = match retry_wait(p, &res) {
+                Some(w) => w,
+                None => return res,
+            };
+        }
+    }
+}
+
+pub(crate) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}

@@ -1,0 +1,261 @@
+//! The governance registries: state that outlives policy swaps (rate-limit buckets,
+//! breakers, retry budgets, endpoint health, the inbound concurrency limit), the metric observers they report to, and
+//! the admin API's view of the breakers.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus::IntCounter;
+use sluice_config::RoutePolicy;
+use sluice_filters::balance::BalanceRegistry;
+use sluice_filters::breaker::{BreakerObserver, BreakerParams, BreakerRegistry, CircuitState};
+use sluice_filters::concurrency::{ConcurrencyObserver, ConcurrencyRegistry};
+use sluice_filters::ratelimit::{Decision, RateLimitObserver, RateLimitRegistry};
+use sluice_filters::retry::{RetryObserver, RetryOutcome, RetryParams, RetryRegistry};
+
+use crate::metrics::Metrics;
+use crate::route::{inbound_concurrency, inbound_limit, limit_params, route_key};
+
+/// How often idle rate-limit keys are dropped.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
+/// Read-only view of the circuit breakers for the admin API (`/breakers`).
+pub trait BreakerAdmin: Send + Sync + 'static {
+    /// Every breaker as JSON (one object per route × backend).
+    fn list(&self) -> serde_json::Value;
+    /// Closes one breaker by hand; `false` when it does not exist.
+    fn reset(&self, route: &str, backend: &str) -> bool;
+    /// Opens one breaker by hand; `false` when it does not exist.
+    fn open(&self, route: &str, backend: &str) -> bool;
+}
+
+impl BreakerAdmin for BreakerRegistry {
+    fn list(&self) -> serde_json::Value {
+        serde_json::to_value(self.snapshot()).unwrap_or_default()
+    }
+
+    fn reset(&self, route: &str, backend: &str) -> bool {
+        BreakerRegistry::reset(self, route, backend)
+    }
+
+    fn open(&self, route: &str, backend: &str) -> bool {
+        self.force_open(route, backend)
+    }
+}
+
+/// Which rate limit a bucket set belongs to: outbound routes by key, or the inbound one.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub(crate) enum LimitKey {
+    Outbound(Arc<str>),
+    Inbound,
+}
+
+/// The governance registries: state kept across policy swaps, shared by every stack.
+#[derive(Clone)]
+pub struct Governance {
+    pub(crate) limits: Arc<RateLimitRegistry<LimitKey>>,
+    pub(crate) breakers: Arc<BreakerRegistry>,
+    pub(crate) retries: Arc<RetryRegistry>,
+    pub(crate) endpoints: Arc<BalanceRegistry>,
+    /// The inbound concurrency limit (one per proxy: its own service's).
+    pub(crate) concurrency: Arc<ConcurrencyRegistry<()>>,
+    concurrency_observer: Arc<dyn ConcurrencyObserver>,
+}
+
+impl std::fmt::Debug for Governance {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Governance")
+            .field("limits", &self.limits.len())
+            .field("breakers", &self.breakers.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Governance {
+    /// Empty registries whose observers count into `metrics`. Inside a tokio runtime this
+    /// also starts the rate-limit sweeper, which ends by itself once the registries go.
+    pub fn new(metrics: &Metrics) -> Self {
+        let limits = Arc::new(RateLimitRegistry::new());
+        if tokio::runtime::Handle::try_current().is_ok() {
+            drop(limits.spawn_sweeper(SWEEP_EVERY));
+        }
+        Self {
+            limits,
+            breakers: Arc::new(BreakerRegistry::new(Arc::new(BreakerMetrics(
+                metrics.clone(),
+            )))),
+            retries: Arc::new(RetryRegistry::new(Arc::new(RetryMetrics(metrics.clone())))),
+            endpoints: Arc::new(BalanceRegistry::new()),
+            concurrency: Arc::new(ConcurrencyRegistry::new()),
+            concurrency_observer: Arc::new(ConcurrencyMetrics(metrics.clone())),
+        }
+    }
+
+    /// Called once per policy swap, before any route stack is built from `policies`:
+    /// registries that keep state across swaps (breakers, retry budgets, rate-limit
+    /// buckets, endpoint health) learn the new settings, so that unchanged settings keep
+    /// their state and the stacks built next pick up changed ones. `own` is the policy
+    /// whose `inbound` section applies to this proxy.
+    pub fn prepare(&self, policies: &[RoutePolicy], own: Option<&RoutePolicy>) {
+        let g = self;
+        let routes = || {
+            policies
+                .iter()
+                .flat_map(|p| p.spec.routes.iter().map(move |r| (p, r)))
+        };
+        g.breakers.update(routes().flat_map(|(p, r)| {
+            let params = r.circuit_breaker.as_ref().map(BreakerParams::from_policy);
+            let key = route_key(p, r);
+            p.spec.backends.keys().filter_map(move |b| {
+                params
+                    .clone()
+                    .map(|params| (key.clone(), b.clone(), params))
+            })
+        }));
+        g.retries.update(routes().filter_map(|(p, r)| {
+            r.retry
+                .as_ref()
+                .map(|retry| (route_key(p, r), RetryParams::from_policy(retry)))
+        }));
+        let mut live = HashSet::new();
+        for (p, r) in routes() {
+            if let Some(params) = r.rate_limit.as_ref().and_then(|c| limit_params(c, &r.name)) {
+                let key = LimitKey::Outbound(route_key(p, r).into());
+                g.limits.get_or_rebuild(key.clone(), &params);
+                live.insert(key);
+            }
+        }
+        if let Some(params) = inbound_limit(own) {
+            g.limits.get_or_rebuild(LimitKey::Inbound, &params);
+            live.insert(LimitKey::Inbound);
+        }
+        g.limits.retain(|k| live.contains(k));
+        match inbound_concurrency(own) {
+            Some(params) => {
+                let observer = g.concurrency_observer.clone();
+                g.concurrency.get_or_rebuild((), &params, || observer);
+            }
+            None if !g.concurrency.is_empty() => {
+                g.concurrency.retain(|_| false);
+                g.concurrency_observer.on_limit(0);
+            }
+            None => {}
+        }
+        let addresses: HashSet<&str> = policies
+            .iter()
+            .flat_map(|p| p.spec.backends.values())
+            .flat_map(|b| b.addresses.iter().map(String::as_str))
+            .collect();
+        g.endpoints.retain(|a| addresses.contains(a));
+    }
+}
+
+/// Counts rate-limit decisions of one route into pre-resolved counters.
+pub(crate) fn limit_observer(
+    metrics: &Metrics,
+    direction: &str,
+    route: &str,
+) -> Arc<dyn RateLimitObserver> {
+    let c = |d: Decision| -> IntCounter {
+        metrics
+            .ratelimit_decisions
+            .with_label_values(&[direction, route, d.as_str()])
+    };
+    let (allowed, limited, shadow) = (
+        c(Decision::Allowed),
+        c(Decision::Limited),
+        c(Decision::Shadow),
+    );
+    Arc::new(move |_: &str, d: Decision| match d {
+        Decision::Allowed => allowed.inc(),
+        Decision::Limited => limited.inc(),
+        Decision::Shadow => shadow.inc(),
+    })
+}
+
+// === impl BreakerMetrics ===
+
+/// Feeds `sluice_breaker_state` and `sluice_breaker_transitions_total`.
+struct BreakerMetrics(Metrics);
+
+const STATES: [CircuitState; 3] = [
+    CircuitState::Closed,
+    CircuitState::Open,
+    CircuitState::HalfOpen,
+];
+
+impl BreakerMetrics {
+    fn set(&self, route: &str, backend: &str, now: CircuitState) {
+        for s in STATES {
+            self.0
+                .breaker_state
+                .with_label_values(&[route, backend, s.as_str()])
+                .set(i64::from(s == now));
+        }
+    }
+}
+
+impl BreakerObserver for BreakerMetrics {
+    fn on_transition(
+        &self,
+        route: &str,
+        backend: &str,
+        from: CircuitState,
+        to: CircuitState,
+        _reason: &str,
+    ) {
+        self.set(route, backend, to);
+        self.0
+            .breaker_transitions
+            .with_label_values(&[route, backend, from.as_str(), to.as_str()])
+            .inc();
+    }
+
+    fn on_added(&self, route: &str, backend: &str) {
+        self.set(route, backend, CircuitState::Closed);
+    }
+
+    fn on_removed(&self, route: &str, backend: &str) {
+        for s in STATES {
+            let _ = self
+                .0
+                .breaker_state
+                .remove_label_values(&[route, backend, s.as_str()]);
+        }
+    }
+}
+
+// === impl RetryMetrics ===
+
+/// Feeds `sluice_retries_total`; called only when a retry decision is made.
+struct RetryMetrics(Metrics);
+
+impl RetryObserver for RetryMetrics {
+    fn on_outcome(&self, route: &str, backend: &str, outcome: RetryOutcome) {
+        self.0
+            .retries
+            .with_label_values(&[route, backend, outcome.as_str()])
+            .inc();
+    }
+}
+
+/// Exports the inbound concurrency limit: `sluice_concurrency_limit`,
+/// `sluice_concurrency_in_flight`, `sluice_overload_refusals_total{priority}`.
+struct ConcurrencyMetrics(Metrics);
+
+impl ConcurrencyObserver for ConcurrencyMetrics {
+    fn on_limit(&self, limit: usize) {
+        self.0
+            .concurrency_limit
+            .set(i64::try_from(limit).unwrap_or(i64::MAX));
+    }
+
+    fn on_refusal(&self, level: &str) {
+        self.0.overload_refusals.with_label_values(&[level]).inc();
+    }
+
+    fn on_in_flight(&self, delta: i64) {
+        self.0.concurrency_in_flight.add(delta);
+    }
+}

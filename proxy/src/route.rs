@@ -1,0 +1,179 @@
+//! A policy's routes and backends compiled into what the stacks are built from, once
+//! per policy swap: [`RouteParams`], [`BackendParams`] and the route keys that name a
+//! route in registries, metrics and admin paths.
+
+use std::sync::Arc;
+
+use http::uri::Authority;
+use sluice_config::{Route, RoutePolicy};
+use sluice_filters::concurrency::ConcurrencyParams;
+use sluice_filters::ratelimit::RateLimitParams;
+use sluice_filters::split::SplitParams;
+use sluice_filters::timeout::TimeoutParams;
+use tracing::warn;
+
+use crate::ProxyError;
+
+/// One backend of a policy, compiled.
+#[derive(Debug)]
+pub struct BackendParams {
+    /// Position in the policy's `backends` (also the metrics index).
+    pub index: usize,
+    /// Name as written in the policy.
+    pub name: Arc<str>,
+    /// `host:port` endpoints in file order (checked to parse as an authority).
+    pub endpoints: Arc<[Arc<str>]>,
+    /// SPIFFE identity to expect (mTLS).
+    pub identity: Option<Arc<str>>,
+}
+
+/// Everything a route's layers are built from, built once per swap.
+#[derive(Debug)]
+pub struct RouteParams {
+    /// The policy's `metadata.name`.
+    pub policy: Arc<str>,
+    /// The policy's host.
+    pub host: Arc<str>,
+    /// Route name as written in the policy.
+    pub name: Arc<str>,
+    /// `<policy>.<route>`: the route's key in breakers, retry budgets, rate-limit buckets,
+    /// `/breakers` and every metric's `route` label (route names repeat across policies).
+    pub key: Arc<str>,
+    /// The route as written: timeout, rate limit, retry, breaker and split rules.
+    pub route: Route,
+    /// The policy's backends, in file order.
+    pub backends: Arc<[Arc<BackendParams>]>,
+    /// The split's rules, compiled.
+    pub(crate) split: Arc<SplitParams>,
+    /// The route's (or the inbound) rate limit.
+    pub(crate) limit: Option<RateLimitParams>,
+    /// Total and per-try timeouts.
+    pub(crate) timeouts: TimeoutParams,
+}
+
+impl RouteParams {
+    /// Compiles route `index` of `policy`, sharing the policy's compiled `backends`.
+    pub fn new(
+        policy: &RoutePolicy,
+        index: usize,
+        backends: Arc<[Arc<BackendParams>]>,
+    ) -> Result<Self, ProxyError> {
+        let route = policy.spec.routes[index].clone();
+        let split = SplitParams::from_config(&route, backends.iter().map(|b| &*b.name))
+            .map_err(|e| ProxyError::Compile(e.to_string()))?;
+        Ok(Self {
+            policy: policy.metadata.name.as_str().into(),
+            host: policy.spec.host.as_str().into(),
+            name: route.name.as_str().into(),
+            key: route_key(policy, &route).into(),
+            limit: route
+                .rate_limit
+                .as_ref()
+                .and_then(|c| limit_params(c, &route.name)),
+            timeouts: TimeoutParams::from_config(&route),
+            split: Arc::new(split),
+            route,
+            backends,
+        })
+    }
+
+    /// Params of the inbound pseudo-route: one backend, the local application, behind
+    /// the inbound rate limit of `policy` (the one whose host is `--service`).
+    pub fn inbound(app: Authority, policy: Option<&RoutePolicy>) -> Self {
+        let backends: Arc<[Arc<BackendParams>]> = Arc::new([Arc::new(BackendParams {
+            index: 0,
+            name: "app".into(),
+            endpoints: Arc::new([Arc::from(app.as_str())]),
+            identity: None,
+        })]);
+        let route = Route {
+            access_log: policy
+                .and_then(|p| p.spec.inbound.as_ref())
+                .and_then(|i| i.access_log),
+            ..Route::default()
+        };
+        let split = SplitParams::from_config(&route, ["app"])
+            .expect("a route without split rules takes its only backend");
+        Self {
+            policy: policy
+                .map(|p| p.metadata.name.as_str())
+                .unwrap_or("")
+                .into(),
+            host: policy.map(|p| p.spec.host.as_str()).unwrap_or("").into(),
+            name: "inbound".into(),
+            key: "inbound".into(),
+            limit: inbound_limit(policy),
+            timeouts: TimeoutParams::default(),
+            split: Arc::new(split),
+            route,
+            backends,
+        }
+    }
+}
+
+/// Compiles a policy's backends.
+pub fn compile_backends(policy: &RoutePolicy) -> Result<Arc<[Arc<BackendParams>]>, ProxyError> {
+    policy
+        .spec
+        .backends
+        .iter()
+        .enumerate()
+        .map(|(index, (name, b))| {
+            let endpoints = b
+                .addresses
+                .iter()
+                .map(|a| match a.parse::<Authority>() {
+                    Ok(_) => Ok(Arc::from(a.as_str())),
+                    Err(_) => Err(ProxyError::Compile(format!(
+                        "policy {} backend {name}: invalid address {a:?}",
+                        policy.metadata.name
+                    ))),
+                })
+                .collect::<Result<Arc<[_]>, _>>()?;
+            Ok(Arc::new(BackendParams {
+                index,
+                name: name.as_str().into(),
+                endpoints,
+                identity: b.identity.as_deref().map(Into::into),
+            }))
+        })
+        .collect()
+}
+
+/// The key of a route in the registries, metrics and admin paths: `<policy>.<route>`,
+/// unique across the snapshot (route names alone may repeat across policies).
+pub(crate) fn route_key(policy: &RoutePolicy, route: &Route) -> String {
+    format!("{}.{}", policy.metadata.name, route.name)
+}
+
+pub(crate) fn limit_params(cfg: &sluice_config::RateLimit, name: &str) -> Option<RateLimitParams> {
+    match RateLimitParams::from_config(cfg) {
+        Ok(p) => Some(p.named(name)),
+        // The validator refuses these first; a proxy never drops traffic over one.
+        Err(e) => {
+            warn!(limit = name, "rate limit not applied: {e}");
+            None
+        }
+    }
+}
+
+pub(crate) fn inbound_limit(own: Option<&RoutePolicy>) -> Option<RateLimitParams> {
+    own.and_then(|p| p.spec.inbound.as_ref())
+        .and_then(|i| i.rate_limit.as_ref())
+        .and_then(|c| limit_params(c, "inbound"))
+}
+
+/// The inbound concurrency limit of this proxy's own policy (`inbound.concurrency`).
+pub(crate) fn inbound_concurrency(own: Option<&RoutePolicy>) -> Option<ConcurrencyParams> {
+    let cfg = own
+        .and_then(|p| p.spec.inbound.as_ref())
+        .and_then(|i| i.concurrency.as_ref())?;
+    match ConcurrencyParams::from_config(cfg) {
+        Ok(p) => Some(p),
+        // The validator refuses these first; a proxy never drops traffic over one.
+        Err(e) => {
+            warn!("concurrency limit not applied: {e}");
+            None
+        }
+    }
+}
