@@ -126,7 +126,6 @@ impl Limiter {
             }
         }
         let now = Instant::now();
-        let wait = queue.wait_for(now, self.params.queue_timeout);
         let (tx, rx) = oneshot::channel();
         let id = queue.push(level, tx, now);
         // Counted before the dispatch below looks for a slot; a concurrent release that
@@ -139,7 +138,7 @@ impl Limiter {
             id,
             level,
             rx: Some(rx),
-            deadline: now + wait,
+            deadline: now + self.params.queue_timeout,
             finished: false,
         })
     }
@@ -464,18 +463,8 @@ impl WaitQueue {
         }
     }
 
-    /// How long a request queued now may wait. The queue absorbs bursts: a queue that has
-    /// not been empty for longer than `timeout` is standing (sustained overload, as in
-    /// CoDel), and then waiters get a tenth of it, so that admitted requests are not all
-    /// delayed by a full timeout and the excess fails fast.
-    fn wait_for(&self, now: Instant, timeout: Duration) -> Duration {
-        if self.standing(now, timeout) {
-            (timeout / 10).max(Duration::from_millis(1))
-        } else {
-            timeout
-        }
-    }
-
+    /// A queue that has not been empty for longer than `timeout` is standing: sustained
+    /// overload, as in CoDel, rather than a burst.
     fn standing(&self, now: Instant, timeout: Duration) -> bool {
         self.busy_since
             .is_some_and(|since| now.duration_since(since) > timeout)
