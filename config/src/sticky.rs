@@ -93,7 +93,7 @@ const LOG_FRACTION_BITS: u32 = 32;
 /// `log2(x)` for `x` in `[1, 2^64]`, in fixed point with 32 fractional bits, by
 /// repeated squaring of the mantissa: integer arithmetic only, the same everywhere.
 fn log2_fixed(x: u128) -> u64 {
-    debug_assert!(x >= 1 && x <= 1u128 << 64);
+    debug_assert!((1..=1u128 << 64).contains(&x));
     let int_part = 127 - x.leading_zeros();
     // The mantissa x / 2^int_part in [1, 2), with 62 fractional bits.
     let mut m: u128 = if int_part >= 62 {
