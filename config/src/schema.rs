@@ -64,7 +64,7 @@ impl Capability {
             Capability::ServicePort => false,
             Capability::FleetRateLimit => false,
             Capability::Upgrades => false,
-            Capability::InboundConcurrency => false,
+            Capability::InboundConcurrency => true,
         }
     }
 }

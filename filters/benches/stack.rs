@@ -51,6 +51,7 @@ fn route_config(i: usize) -> Route {
                 ..Default::default()
             }),
             shadow: false,
+            scope: Default::default(),
         }),
         retry: Some(sluice_config::Retry {
             attempts: 2,
@@ -65,6 +66,7 @@ fn route_config(i: usize) -> Route {
             ),
             sticky_by: Some(StickyBy {
                 header: "x-user-id".into(),
+                hash: Default::default(),
             }),
             ..Default::default()
         }],

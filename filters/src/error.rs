@@ -38,6 +38,14 @@ pub enum FilterError {
     /// The peer identity is not in the route's `inbound.allow`.
     #[error("peer {0:?} is not allowed")]
     Forbidden(Option<String>),
+    /// The inbound concurrency limit was reached and the request could not wait in its queue.
+    #[error("overloaded ({priority} request shed); retry after {retry_after:?}")]
+    Overloaded {
+        /// When the caller may try again.
+        retry_after: Duration,
+        /// The priority level of the shed request.
+        priority: std::sync::Arc<str>,
+    },
 }
 
 impl FilterError {
@@ -50,6 +58,7 @@ impl FilterError {
             FilterError::BreakerOpen { .. } => Reason::BreakerOpen,
             FilterError::NoHealthyEndpoint(_) => Reason::NoHealthyEndpoint,
             FilterError::Forbidden(_) => Reason::Forbidden,
+            FilterError::Overloaded { .. } => Reason::Overloaded,
         }
     }
 }

@@ -28,6 +28,7 @@ pub mod authz;
 pub mod balance;
 pub mod breaker;
 mod classify;
+pub mod concurrency;
 mod error;
 pub mod extensions;
 pub mod ratelimit;

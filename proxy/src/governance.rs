@@ -1,5 +1,5 @@
 //! The governance registries: state that outlives policy swaps (rate-limit buckets,
-//! breakers, retry budgets, endpoint health), the metric observers they report to, and
+//! breakers, retry budgets, endpoint health, the inbound concurrency limit), the metric observers they report to, and
 //! the admin API's view of the breakers.
 
 use std::collections::HashSet;
@@ -10,11 +10,12 @@ use prometheus::IntCounter;
 use sluice_config::RoutePolicy;
 use sluice_filters::balance::BalanceRegistry;
 use sluice_filters::breaker::{BreakerObserver, BreakerParams, BreakerRegistry, CircuitState};
+use sluice_filters::concurrency::{ConcurrencyObserver, ConcurrencyRegistry};
 use sluice_filters::ratelimit::{Decision, RateLimitObserver, RateLimitRegistry};
 use sluice_filters::retry::{RetryObserver, RetryOutcome, RetryParams, RetryRegistry};
 
 use crate::metrics::Metrics;
-use crate::route::{inbound_limit, limit_params, route_key};
+use crate::route::{inbound_concurrency, inbound_limit, limit_params, route_key};
 
 /// How often idle rate-limit keys are dropped.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
@@ -57,6 +58,9 @@ pub struct Governance {
     pub(crate) breakers: Arc<BreakerRegistry>,
     pub(crate) retries: Arc<RetryRegistry>,
     pub(crate) endpoints: Arc<BalanceRegistry>,
+    /// The inbound concurrency limit (one per proxy: its own service's).
+    pub(crate) concurrency: Arc<ConcurrencyRegistry<()>>,
+    concurrency_observer: Arc<dyn ConcurrencyObserver>,
 }
 
 impl std::fmt::Debug for Governance {
@@ -83,6 +87,8 @@ impl Governance {
             )))),
             retries: Arc::new(RetryRegistry::new(Arc::new(RetryMetrics(metrics.clone())))),
             endpoints: Arc::new(BalanceRegistry::new()),
+            concurrency: Arc::new(ConcurrencyRegistry::new()),
+            concurrency_observer: Arc::new(ConcurrencyMetrics(metrics.clone())),
         }
     }
 
@@ -125,6 +131,17 @@ impl Governance {
             live.insert(LimitKey::Inbound);
         }
         g.limits.retain(|k| live.contains(k));
+        match inbound_concurrency(own) {
+            Some(params) => {
+                let observer = g.concurrency_observer.clone();
+                g.concurrency.get_or_rebuild((), &params, || observer);
+            }
+            None if !g.concurrency.is_empty() => {
+                g.concurrency.retain(|_| false);
+                g.concurrency_observer.on_limit(0);
+            }
+            None => {}
+        }
         let addresses: HashSet<&str> = policies
             .iter()
             .flat_map(|p| p.spec.backends.values())
@@ -214,5 +231,25 @@ impl RetryObserver for RetryMetrics {
             .retries
             .with_label_values(&[route, backend, outcome.as_str()])
             .inc();
+    }
+}
+
+/// Exports the inbound concurrency limit: `sluice_concurrency_limit`,
+/// `sluice_concurrency_in_flight`, `sluice_overload_refusals_total{priority}`.
+struct ConcurrencyMetrics(Metrics);
+
+impl ConcurrencyObserver for ConcurrencyMetrics {
+    fn on_limit(&self, limit: usize) {
+        self.0
+            .concurrency_limit
+            .set(i64::try_from(limit).unwrap_or(i64::MAX));
+    }
+
+    fn on_refusal(&self, level: &str) {
+        self.0.overload_refusals.with_label_values(&[level]).inc();
+    }
+
+    fn on_in_flight(&self, delta: i64) {
+        self.0.concurrency_in_flight.add(delta);
     }
 }

@@ -67,6 +67,12 @@ pub struct Metrics {
     pub tcp_bytes: IntCounterVec,
     /// `sluice_tcp_open_connections{direction}`: passed-through connections open now.
     pub tcp_open: IntGaugeVec,
+    /// `sluice_concurrency_limit`: the inbound limit on requests in flight to the app.
+    pub concurrency_limit: IntGauge,
+    /// `sluice_concurrency_in_flight`: inbound requests in flight to the app now.
+    pub concurrency_in_flight: IntGauge,
+    /// `sluice_overload_refusals_total{priority}`: inbound requests refused `overloaded`.
+    pub overload_refusals: IntCounterVec,
 }
 
 impl Metrics {
@@ -140,6 +146,24 @@ impl Metrics {
             ),
             &["direction"],
         )?;
+        let concurrency_limit = IntGauge::new(
+            "sluice_concurrency_limit",
+            "The inbound limit on requests in flight to the app.",
+        )?;
+        let concurrency_in_flight = IntGauge::new(
+            "sluice_concurrency_in_flight",
+            "Inbound requests in flight to the app.",
+        )?;
+        let overload_refusals = IntCounterVec::new(
+            Opts::new(
+                "sluice_overload_refusals_total",
+                "Inbound requests refused as overloaded, by priority level.",
+            ),
+            &["priority"],
+        )?;
+        registry.register(Box::new(concurrency_limit.clone()))?;
+        registry.register(Box::new(concurrency_in_flight.clone()))?;
+        registry.register(Box::new(overload_refusals.clone()))?;
         registry.register(Box::new(tcp_connections.clone()))?;
         registry.register(Box::new(tcp_bytes.clone()))?;
         registry.register(Box::new(tcp_open.clone()))?;
@@ -166,6 +190,9 @@ impl Metrics {
             tcp_connections,
             tcp_bytes,
             tcp_open,
+            concurrency_limit,
+            concurrency_in_flight,
+            overload_refusals,
         })
     }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 
 use http::uri::Authority;
 use sluice_config::{Route, RoutePolicy};
+use sluice_filters::concurrency::ConcurrencyParams;
 use sluice_filters::ratelimit::RateLimitParams;
 use sluice_filters::split::SplitParams;
 use sluice_filters::timeout::TimeoutParams;
@@ -160,4 +161,19 @@ pub(crate) fn inbound_limit(own: Option<&RoutePolicy>) -> Option<RateLimitParams
     own.and_then(|p| p.spec.inbound.as_ref())
         .and_then(|i| i.rate_limit.as_ref())
         .and_then(|c| limit_params(c, "inbound"))
+}
+
+/// The inbound concurrency limit of this proxy's own policy (`inbound.concurrency`).
+pub(crate) fn inbound_concurrency(own: Option<&RoutePolicy>) -> Option<ConcurrencyParams> {
+    let cfg = own
+        .and_then(|p| p.spec.inbound.as_ref())
+        .and_then(|i| i.concurrency.as_ref())?;
+    match ConcurrencyParams::from_config(cfg) {
+        Ok(p) => Some(p),
+        // The validator refuses these first; a proxy never drops traffic over one.
+        Err(e) => {
+            warn!("concurrency limit not applied: {e}");
+            None
+        }
+    }
 }

@@ -12,8 +12,8 @@
 //! the connection step ([`Upstream`]) sends the request there, failing with a typed
 //! [`sluice_filters::UpstreamError`] inside [`crate::ProxyError::Upstream`] so breaker, retry and
 //! balancer can tell connect failures from resets. The inbound stack is authorization
-//! of the peer identity (`inbound.allow`), then the inbound rate limit, in front of the
-//! local application.
+//! of the peer identity (`inbound.allow`), then the inbound rate limit, then the inbound
+//! concurrency limit (`inbound.concurrency`), in front of the local application.
 //!
 //! The stacks are built from a route's compiled [`RouteParams`] ([`crate::route`]). State
 //! that must survive a swap (rate-limit buckets, breakers, retry budgets, endpoint
@@ -94,6 +94,7 @@ use sluice_config::RoutePolicy;
 use sluice_filters::authz::{AllowList, AuthzLayer};
 use sluice_filters::balance::{BalanceLayer, BalanceParams, EndpointSet};
 use sluice_filters::breaker::{BreakerLayer, Circuit};
+use sluice_filters::concurrency::ConcurrencyLimitLayer;
 use sluice_filters::extensions::{Endpoint, SelectedBackend};
 use sluice_filters::ratelimit::RateLimitLayer;
 use sluice_filters::retry::RetryLayer;
@@ -238,9 +239,16 @@ pub fn build_inbound(ctx: &StackContext, app: Authority, own: Option<&RoutePolic
     let limit = limit_layer(ctx, "inbound", LimitKey::Inbound, &params);
     // A peer outside `inbound.allow` is refused before it spends the inbound quota.
     let allow = AllowList::from_config(own.and_then(|p| p.spec.inbound.as_ref()));
+    // Requests refused above never take a slot of the concurrency limit.
+    let concurrency = ctx
+        .governance
+        .concurrency
+        .get(&())
+        .map(ConcurrencyLimitLayer::new);
     let service = ServiceBuilder::new()
         .layer(AuthzLayer::new(allow))
         .option_layer(limit)
+        .option_layer(concurrency)
         .layer(AppEndpointLayer::new(params.backends[0].clone()))
         .service(ctx.upstream.clone());
     RouteEntry {

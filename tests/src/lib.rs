@@ -16,6 +16,9 @@
 //! network namespaces for the transparent-mode and two-pod tests.
 //! [`SchemaSubscriber`] is the real policy subscriber without a proxy around it,
 //! accepting only the schema versions a test gives (an older release's).
+//! network namespaces for the transparent-mode and two-pod tests. [`WorkerUpstream`] is an
+//! app with a fixed number of workers (latency grows past that knee) and [`open_loop`]
+//! the fixed-rate load the overload tests send it.
 //!
 //! Tests never sleep to wait for something: they wait on a condition with
 //! [`wait_until`], which polls with a bounded deadline and fails the test with a
@@ -36,6 +39,7 @@ mod proxy;
 pub mod reliability;
 mod subscriber;
 mod upstream;
+mod workers;
 pub mod ws;
 
 use std::future::Future;
@@ -47,6 +51,7 @@ pub use control_plane::TestControlPlane;
 pub use proxy::{ChildProxy, MeshTls, ProcMemory, ProxyOptions, TestProxy};
 pub use subscriber::{RecordingSink, SchemaSubscriber};
 pub use upstream::{Protocol, Stall, Upstream, tcp_echo, tcp_sink};
+pub use workers::{Tally, WorkerUpstream, open_loop};
 
 /// The error type the harness passes around.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

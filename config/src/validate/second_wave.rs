@@ -535,7 +535,6 @@ spec:
                 "spec.routes[0].fallback",
                 "spec.routes[0].split[0].rollout",
                 "spec.routes[1].fallback",
-                "spec.inbound.concurrency",
             ]
         );
     }

@@ -9,7 +9,7 @@ use crate::FilterError;
 
 /// Adds what a caller refused by a rate limit needs to back off: `retry-after` (whole
 /// seconds, rounded up, at least 1) and the IETF `RateLimit-Policy` / `RateLimit`
-/// headers. Any other error adds nothing.
+/// headers; an overload refusal gets `retry-after` too. Any other error adds nothing.
 pub fn refusal_headers(err: &FilterError, headers: &mut HeaderMap) {
     if let FilterError::RateLimited {
         retry_after,
@@ -27,5 +27,11 @@ pub fn refusal_headers(err: &FilterError, headers: &mut HeaderMap) {
         if let Ok(v) = HeaderValue::try_from(state.as_str()) {
             headers.insert(RATELIMIT, v);
         }
+    }
+    if let FilterError::Overloaded { retry_after, .. } = err {
+        headers.insert(
+            RETRY_AFTER,
+            HeaderValue::from(ceil_secs(*retry_after).max(1)),
+        );
     }
 }

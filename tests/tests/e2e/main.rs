@@ -16,6 +16,7 @@ mod kubernetes;
 mod malformed;
 mod mesh;
 mod mtls;
+mod overload;
 mod pods;
 mod reliability;
 mod reload;

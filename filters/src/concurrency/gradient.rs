@@ -1,0 +1,152 @@
+//! The adaptive limit: Gradient2 from Netflix's concurrency-limits.
+//!
+//! Once per sample window the limit moves by the *gradient* between a long-term baseline
+//! of the app's latency and the window's latency:
+//!
+//! ```text
+//! gradient = clamp(tolerance × long_rtt / short_rtt, 0.5, 1.0)
+//! target   = limit × gradient + queue_allowance(limit)
+//! limit    = clamp(limit × (1 − smoothing) + target × smoothing, min, max)
+//! ```
+//!
+//! While latency stays within `tolerance` of the baseline the gradient is 1 and the limit
+//! grows by the queue allowance; once requests queue inside the app its latency rises and
+//! the limit settles where `short_rtt ≈ tolerance × long_rtt / (1 − allowance / limit)`.
+//! A window in which fewer than half the limit was in flight leaves the limit alone (the
+//! app was not the bottleneck, so its latency says nothing about the limit).
+//!
+//! There are no probe windows: the baseline is an exponentially smoothed average of past
+//! windows (a plain mean over the first ones), never a measurement taken by pinning
+//! concurrency low. Two rules keep it honest:
+//! - it drops quickly (×0.95 a window) while it is more than twice the current latency,
+//!   so a recovery after a long slowdown is followed at once;
+//! - it is fed only by windows within `tolerance` of it, or taken at the floor (`min`)
+//!   where the latency is the app's own. Latency caused by the limit itself (the overload
+//!   equilibrium sits above `tolerance`) therefore never raises the baseline, so the limit
+//!   does not creep upwards under sustained overload; a lasting slowdown of the app is
+//!   learned once the limit has backed off to the floor.
+
+/// How much faster than the baseline a window's latency may be before counting as queueing.
+pub(crate) const RTT_TOLERANCE: f64 = 1.25;
+/// Weight of the newest target in the limit.
+pub(crate) const SMOOTHING: f64 = 0.2;
+/// Windows the long-term baseline averages over (its exponential smoothing span).
+pub(crate) const LONG_WINDOW: u32 = 600;
+/// Windows averaged plainly before the baseline becomes exponential.
+pub(crate) const WARMUP_WINDOWS: u32 = 10;
+/// Where an adaptive limit starts, clamped to its bounds.
+pub(crate) const INITIAL_LIMIT: f64 = 20.0;
+
+/// Requests the app may queue at the limit's equilibrium: at least 4, √limit for large limits
+/// (so a large limit grows in proportion).
+pub(crate) fn queue_allowance(limit: f64) -> f64 {
+    limit.sqrt().max(4.0)
+}
+
+/// An exponentially smoothed average with a plain-mean warm-up.
+#[derive(Clone, Debug)]
+pub(crate) struct ExpAvg {
+    value: f64,
+    count: u32,
+    factor: f64,
+}
+
+impl ExpAvg {
+    pub(crate) fn new(window: u32) -> Self {
+        Self {
+            value: 0.0,
+            count: 0,
+            factor: 2.0 / (f64::from(window) + 1.0),
+        }
+    }
+
+    pub(crate) fn add(&mut self, sample: f64) -> f64 {
+        if self.count < WARMUP_WINDOWS {
+            self.count += 1;
+            self.value += (sample - self.value) / f64::from(self.count);
+        } else {
+            self.value = self.value * (1.0 - self.factor) + sample * self.factor;
+        }
+        self.value
+    }
+
+    pub(crate) fn get(&self) -> f64 {
+        self.value
+    }
+
+    fn warming_up(&self) -> bool {
+        self.count < WARMUP_WINDOWS
+    }
+
+    fn scale(&mut self, by: f64) {
+        self.value *= by;
+    }
+}
+
+/// The state of one adaptive limit: its estimate and the long-term latency baseline.
+#[derive(Clone, Debug)]
+pub(crate) struct Gradient2 {
+    estimate: f64,
+    min: f64,
+    max: f64,
+    long_rtt: ExpAvg,
+}
+
+/// What one sample window saw.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) struct WindowSample {
+    /// Mean latency of the requests completed in the window, in seconds (any unit works).
+    pub(crate) rtt: f64,
+    /// Most requests in flight at once during the window.
+    pub(crate) max_in_flight: usize,
+}
+
+impl Gradient2 {
+    pub(crate) fn new(min: u32, max: u32) -> Self {
+        let (min, max) = (f64::from(min.max(1)), f64::from(max.max(min).max(1)));
+        Self {
+            estimate: INITIAL_LIMIT.clamp(min, max),
+            min,
+            max,
+            long_rtt: ExpAvg::new(LONG_WINDOW),
+        }
+    }
+
+    /// The current limit, as requests in flight.
+    pub(crate) fn limit(&self) -> usize {
+        self.estimate as usize
+    }
+
+    /// The long-term latency baseline.
+    pub(crate) fn baseline(&self) -> f64 {
+        self.long_rtt.get()
+    }
+
+    /// Moves the limit by one window's sample; returns the new limit.
+    pub(crate) fn update(&mut self, sample: WindowSample) -> usize {
+        let short = sample.rtt;
+        if !(short.is_finite() && short > 0.0) {
+            return self.limit();
+        }
+        let at_floor = self.estimate <= self.min + 0.5;
+        let long = if self.long_rtt.warming_up()
+            || short <= self.long_rtt.get() * RTT_TOLERANCE
+            || at_floor
+        {
+            self.long_rtt.add(short)
+        } else {
+            self.long_rtt.get()
+        };
+        if long / short > 2.0 {
+            self.long_rtt.scale(0.95);
+        }
+        if (sample.max_in_flight as f64) < self.estimate / 2.0 {
+            return self.limit();
+        }
+        let gradient = (RTT_TOLERANCE * long / short).clamp(0.5, 1.0);
+        let target = self.estimate * gradient + queue_allowance(self.estimate);
+        let next = self.estimate * (1.0 - SMOOTHING) + target * SMOOTHING;
+        self.estimate = next.clamp(self.min, self.max);
+        self.limit()
+    }
+}
