@@ -58,6 +58,8 @@ pub struct ProxyConfig {
     pub inbound_permissive: bool,
     /// Trace export: OTLP endpoint, protocol, sampling, propagation formats.
     pub trace: crate::telemetry::TraceConfig,
+    /// Per-connection HTTP/2 stream and reset limits of the outbound and inbound listeners.
+    pub h2_limits: crate::H2Limits,
 }
 
 impl Default for ProxyConfig {
@@ -87,6 +89,7 @@ impl Default for ProxyConfig {
             identity_url: None,
             inbound_permissive: false,
             trace: crate::telemetry::TraceConfig::default(),
+            h2_limits: crate::H2Limits::default(),
         }
     }
 }

@@ -31,6 +31,12 @@ pub struct ProxyOptions {
     pub mtls: Option<MeshTls>,
     /// Trace export (`--otlp-endpoint` and friends); off by default.
     pub trace: sluice_proxy::telemetry::TraceConfig,
+    /// Where the admin listener binds (default `127.0.0.1:0`; `0.0.0.0:0` stands for a pod).
+    pub admin: Option<SocketAddr>,
+    /// The admin token file (`--admin-token-file`).
+    pub admin_token_file: Option<PathBuf>,
+    /// Per-connection HTTP/2 limits (`--h2-max-*`).
+    pub h2_limits: sluice_proxy::H2Limits,
 }
 
 /// How a proxy under test joins the mesh's mTLS.
@@ -56,6 +62,9 @@ impl Default for ProxyOptions {
             drain_timeout: Duration::from_secs(5),
             mtls: None,
             trace: Default::default(),
+            admin: None,
+            admin_token_file: None,
+            h2_limits: Default::default(),
         }
     }
 }
@@ -151,7 +160,9 @@ impl TestProxy {
         let cfg = sluice_proxy::ProxyConfig {
             outbound: any,
             inbound: any,
-            admin: any,
+            admin: opts.admin.unwrap_or(any),
+            admin_token_file: opts.admin_token_file.clone(),
+            h2_limits: opts.h2_limits,
             no_outbound: !opts.outbound,
             no_inbound: !opts.inbound,
             app: opts.app,

@@ -6,6 +6,7 @@ mod dashboards;
 mod governance;
 mod governance_load;
 mod grpc;
+mod hardening;
 mod init_netns;
 mod injected;
 mod kubernetes;
