@@ -13,13 +13,17 @@
 //! acknowledges or refuses them, persists the last applied snapshot, and
 //! reconnects with jittered exponential backoff while the last snapshot stays in
 //! force. The control plane's side lives in `sluice-control-plane`.
+//!
+//! [`admin_gate`] is the token rule both admin ports apply.
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod admin_gate;
 pub mod subscriber;
 
 mod state;
 
+pub use admin_gate::AdminGate;
 pub use state::{SNAPSHOT_FILE, load_saved, read_policy_file, save_snapshot, write_atomic};
 pub use subscriber::{
     Backoff, Rejected, SnapshotSink, Subscriber, SubscriberConfig, SubscriberStatus,

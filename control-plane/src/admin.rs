@@ -11,6 +11,10 @@
 //!   policies held back from them (in an older form, or withheld).
 //! - `/proxies`: JSON, every proxy seen (node id, namespace, service, versions
 //!   sent, acknowledged and refused with the reason, last seen, connected).
+//!
+//! Bound beyond loopback (the default, `0.0.0.0:15014`), `/policies` and `/proxies`
+//! answer only with the admin token (`--admin-token-file`, [`AdminGate`]); the probes
+//! and `/metrics` stay open for the kubelet and Prometheus.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -21,6 +25,8 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use sluice_api::AdminGate;
+use sluice_api::admin_gate::Refusal;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -28,6 +34,7 @@ use crate::Shared;
 
 pub(crate) async fn serve(
     listener: TcpListener,
+    gate: AdminGate,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -43,11 +50,13 @@ pub(crate) async fn serve(
             _ = shutdown.wait_for(|stop| *stop) => return,
         };
         let shared = shared.clone();
+        let gate = gate.clone();
         let mut conn_shutdown = shutdown.clone();
         tokio::spawn(async move {
             let svc = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
-                async move { Ok::<_, Infallible>(route(&shared, &req)) }
+                let gate = gate.clone();
+                async move { Ok::<_, Infallible>(route(&shared, &gate, &req)) }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc);
@@ -64,9 +73,18 @@ pub(crate) async fn serve(
     }
 }
 
-fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn route(shared: &Shared, gate: &AdminGate, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
+    }
+    if !matches!(req.uri().path(), "/live" | "/ready" | "/metrics") {
+        let auth = req
+            .headers()
+            .get(hyper::header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        if let Err(refusal) = gate.check(auth) {
+            return refused(refusal);
+        }
     }
     match req.uri().path() {
         "/live" => text(StatusCode::OK, "live\n"),
@@ -120,6 +138,19 @@ fn route(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         })),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
+}
+
+/// The gate's refusal as an answer, with the challenge on a 401.
+fn refused(refusal: Refusal) -> Response<Full<Bytes>> {
+    let status = StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::FORBIDDEN);
+    let mut resp = text(status, refusal.message());
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static(sluice_api::admin_gate::CHALLENGE),
+        );
+    }
+    resp
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

@@ -40,6 +40,10 @@ pub struct Args {
     /// Admin HTTP listen address (/live, /ready, /metrics, /policies, /proxies).
     #[arg(long, env = "SLUICE_ADMIN", default_value = "0.0.0.0:15014")]
     pub admin: SocketAddr,
+    /// Bearer token file: on an admin bound beyond loopback, /policies and /proxies
+    /// answer only with `Authorization: Bearer <token>` (and not at all without it).
+    #[arg(long, env = "SLUICE_ADMIN_TOKEN_FILE", value_name = "FILE")]
+    pub admin_token_file: Option<PathBuf>,
     /// Directory where the last good version of every policy file is kept.
     #[arg(long, env = "SLUICE_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
@@ -225,6 +229,15 @@ impl Args {
             policy_dir: self.policy_dir.clone().unwrap_or_default(),
             grpc_addr: self.grpc,
             admin_addr: self.admin,
+            admin_token: match &self.admin_token_file {
+                Some(path) => Some(sluice_api::AdminGate::read_token(path).map_err(|source| {
+                    Error::AdminToken {
+                        path: path.clone(),
+                        source,
+                    }
+                })?),
+                None => None,
+            },
             state_dir: self.state_dir.clone(),
             addr_file: self.addr_file.clone(),
             stamp_schema_version: self.test_stamp_schema_version,

@@ -14,7 +14,8 @@
 //! - [`grpc`]: the `StreamPolicies` service. One task per proxy stream watches
 //!   the snapshot channel and sends each version the proxy does not have yet,
 //!   recording ACKs and NACKs in the [`proxies`] registry.
-//! - [`admin`]: `/live`, `/ready`, `/metrics`, `/policies`, `/proxies`.
+//! - [`admin`]: `/live`, `/ready`, `/metrics`, `/policies`, `/proxies` (the last two
+//!   behind the admin token when bound beyond loopback).
 //! - [`k8s`]: in a cluster, RoutePolicy objects as the source (statuses written by
 //!   the elected replica), Service endpoints for `service` backends, TokenReview
 //!   and the CA Secret.
@@ -69,6 +70,15 @@ pub enum Error {
         what: &'static str,
         /// The address asked for.
         addr: SocketAddr,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The admin token file cannot be read, or is empty.
+    #[error("admin token file {path}: {source}")]
+    AdminToken {
+        /// The file.
+        path: PathBuf,
         /// The underlying error.
         #[source]
         source: std::io::Error,
@@ -166,6 +176,9 @@ pub struct ControlPlaneConfig {
     pub grpc_addr: SocketAddr,
     /// Admin HTTP listen address.
     pub admin_addr: SocketAddr,
+    /// The admin token: bound beyond loopback, `/policies` and `/proxies` need it
+    /// (`Authorization: Bearer …`); without one they are closed there.
+    pub admin_token: Option<Arc<str>>,
     /// Where last good policy files are kept; `None` keeps them only in memory.
     pub state_dir: Option<PathBuf>,
     /// After binding, the bound addresses are written here as JSON.
@@ -230,6 +243,7 @@ impl Default for ControlPlaneConfig {
             policy_dir: PathBuf::from("."),
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_token: None,
             state_dir: None,
             addr_file: None,
             debounce: Duration::from_millis(20),
@@ -605,6 +619,7 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error
         )),
         tokio::spawn(admin::serve(
             admin_listener,
+            sluice_api::AdminGate::new(admin_addr, cfg.admin_token.clone()),
             shared.clone(),
             shutdown_rx.clone(),
         )),

@@ -12,8 +12,10 @@
 //! | `PUT /log-level` | body: a level or an `EnvFilter` string |
 //! | `GET /app-health/<container>/<livez\|readyz\|startupz>` | the application's own probe, called as the kubelet would ([`crate::probes`]) |
 //!
-//! Mutating routes answer only to loopback peers or to a request carrying the admin
-//! token (`Authorization: Bearer …`), since the admin port is reachable in a pod.
+//! On an admin port bound beyond loopback (`0.0.0.0:15000` in a pod), only `/live`,
+//! `/ready`, `/metrics` and `/app-health/…` answer without the admin token
+//! (`Authorization: Bearer …`, `--admin-token-file`): the others show every policy in
+//! the mesh or change the proxy ([`sluice_api::AdminGate`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,6 +25,8 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+
+use sluice_api::AdminGate;
 
 use crate::body::{Body, full};
 use crate::config::LogControl;
@@ -37,26 +41,28 @@ const MAX_BODY: usize = 64 * 1024;
 pub(crate) struct AdminState {
     pub(crate) store: PolicyStore,
     pub(crate) log: Option<LogControl>,
-    pub(crate) token: Option<Arc<str>>,
+    pub(crate) gate: AdminGate,
     pub(crate) probes: Option<Arc<crate::probes::AppProbes>>,
     /// The workload certificate, when mTLS is on.
     pub(crate) tls: Option<Arc<TlsStore>>,
 }
 
-/// Handles one admin request from `peer`.
+/// Handles one admin request.
 pub(crate) async fn handle(
     state: AdminState,
-    peer: SocketAddr,
+    _peer: SocketAddr,
     req: Request<Incoming>,
 ) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let path = parts.uri.path();
-    let mutating = !matches!(parts.method, Method::GET | Method::HEAD);
-    if mutating && !authorized(&state, peer, &parts.headers) {
-        return text(
-            StatusCode::FORBIDDEN,
-            "forbidden: loopback or admin token only\n",
-        );
+    if !is_public(&parts.method, path) {
+        let auth = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .map(HeaderValue::as_bytes);
+        if let Err(refusal) = state.gate.check(auth) {
+            return refused(refusal);
+        }
     }
     match (&parts.method, path) {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
@@ -144,24 +150,23 @@ fn breaker_action(state: &AdminState, path: &str) -> Response<Body> {
     }
 }
 
-/// Loopback peers may change things; others need the admin token.
-fn authorized(state: &AdminState, peer: SocketAddr, headers: &http::HeaderMap) -> bool {
-    let ip = peer.ip().to_canonical();
-    if ip.is_loopback() {
-        return true;
-    }
-    let Some(token) = &state.token else {
-        return false;
-    };
-    headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|given| constant_time_eq(given.trim().as_bytes(), token.as_bytes()))
+/// The routes the kubelet and Prometheus call, open on every admin port.
+fn is_public(method: &Method, path: &str) -> bool {
+    *method == Method::GET
+        && (matches!(path, "/live" | "/ready" | "/metrics") || path.starts_with("/app-health/"))
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// The gate's refusal as an answer, with the challenge on a 401.
+fn refused(refusal: sluice_api::admin_gate::Refusal) -> Response<Body> {
+    let status = StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::FORBIDDEN);
+    let mut resp = text(status, refusal.message());
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(sluice_api::admin_gate::CHALLENGE),
+        );
+    }
+    resp
 }
 
 fn config_json(store: &PolicyStore) -> serde_json::Value {
@@ -251,34 +256,32 @@ mod tests {
         AdminState {
             store: crate::policy::store_for_tests(),
             log: None,
-            token: token.map(Into::into),
+            gate: AdminGate::new("0.0.0.0:15000".parse().unwrap(), token.map(Into::into)),
             probes: None,
             tls: None,
         }
     }
 
-    fn headers(auth: Option<&'static str>) -> http::HeaderMap {
-        let mut h = http::HeaderMap::new();
-        if let Some(a) = auth {
-            h.insert(header::AUTHORIZATION, HeaderValue::from_static(a));
-        }
-        h
-    }
-
     #[test]
-    fn mutating_routes_need_loopback_or_token() {
-        let local: SocketAddr = "127.0.0.1:5000".parse().unwrap();
-        let local6: SocketAddr = "[::ffff:127.0.0.1]:5000".parse().unwrap();
-        let remote: SocketAddr = "10.0.0.7:5000".parse().unwrap();
-        let s = state(Some("s3cret"));
-        assert!(authorized(&s, local, &headers(None)));
-        assert!(authorized(&s, local6, &headers(None)));
-        assert!(!authorized(&s, remote, &headers(None)));
-        assert!(!authorized(&s, remote, &headers(Some("Bearer wrong"))));
-        assert!(!authorized(&s, remote, &headers(Some("Basic s3cret"))));
-        assert!(authorized(&s, remote, &headers(Some("Bearer s3cret"))));
-        let s = state(None);
-        assert!(!authorized(&s, remote, &headers(Some("Bearer "))));
+    fn only_probes_and_metrics_are_public() {
+        for (method, path) in [
+            (Method::GET, "/live"),
+            (Method::GET, "/ready"),
+            (Method::GET, "/metrics"),
+            (Method::GET, "/app-health/app/readyz"),
+        ] {
+            assert!(is_public(&method, path), "{method} {path}");
+        }
+        for (method, path) in [
+            (Method::GET, "/config"),
+            (Method::GET, "/breakers"),
+            (Method::GET, "/identity"),
+            (Method::POST, "/breakers/a.b/v1/open"),
+            (Method::PUT, "/log-level"),
+            (Method::POST, "/live"),
+        ] {
+            assert!(!is_public(&method, path), "{method} {path}");
+        }
     }
 
     #[test]

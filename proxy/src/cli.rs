@@ -129,7 +129,8 @@ pub(crate) struct RunArgs {
     /// Write the bound addresses as JSON here once listening.
     #[arg(long, env = "SLUICE_ADDR_FILE", value_name = "FILE")]
     pub(crate) addr_file: Option<PathBuf>,
-    /// Bearer token file unlocking mutating admin routes for non-loopback peers.
+    /// Bearer token file: on an admin bound beyond loopback, every route but /live,
+    /// /ready, /metrics and /app-health/… needs it.
     #[arg(long, env = "SLUICE_ADMIN_TOKEN_FILE", value_name = "FILE")]
     pub(crate) admin_token_file: Option<PathBuf>,
     /// Control-plane URL (e.g. http://127.0.0.1:15010) to receive policies from.
@@ -180,6 +181,31 @@ pub(crate) struct RunArgs {
     /// With mTLS, also accept plaintext on the inbound listener (served without a peer identity).
     #[arg(long, env = "SLUICE_INBOUND_PERMISSIVE")]
     pub(crate) inbound_permissive: bool,
+    /// HTTP/2: streams one client connection may open before it is sent GOAWAY.
+    #[arg(
+        long,
+        env = "SLUICE_H2_MAX_STREAMS_PER_CONNECTION",
+        default_value_t = 10_000,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub(crate) h2_max_streams_per_connection: u32,
+    /// HTTP/2: streams a client connection may reset before their response, per
+    /// --h2-reset-interval, before it is sent GOAWAY (paced rapid reset).
+    #[arg(
+        long,
+        env = "SLUICE_H2_MAX_RESETS",
+        default_value_t = 100,
+        value_parser = clap::value_parser!(u32).range(1..)
+    )]
+    pub(crate) h2_max_resets: u32,
+    /// HTTP/2: the interval --h2-max-resets refills over.
+    #[arg(
+        long,
+        env = "SLUICE_H2_RESET_INTERVAL",
+        default_value = "10s",
+        value_name = "DURATION"
+    )]
+    pub(crate) h2_reset_interval: sluice_config::Duration,
     /// Trace export.
     #[command(flatten)]
     pub(crate) trace: TraceArgs,
@@ -263,6 +289,11 @@ impl From<RunArgs> for ProxyConfig {
             identity_url: a.identity_url,
             inbound_permissive: a.inbound_permissive,
             policy_limits: a.policy_limits,
+            h2_limits: crate::H2Limits {
+                max_streams: a.h2_max_streams_per_connection,
+                max_resets: a.h2_max_resets,
+                reset_interval: a.h2_reset_interval.get(),
+            },
             trace: TraceConfig {
                 otlp_endpoint: a.trace.otlp_endpoint,
                 otlp_protocol: a.trace.otlp_protocol,

@@ -62,6 +62,8 @@ pub struct ProxyConfig {
     pub policy_limits: sluice_config::Limits,
     /// Idle connection, request header and request body timeouts.
     pub timeouts: crate::timeouts::Timeouts,
+    /// Per-connection HTTP/2 stream and reset limits of the outbound and inbound listeners.
+    pub h2_limits: crate::H2Limits,
 }
 
 impl Default for ProxyConfig {
@@ -93,6 +95,7 @@ impl Default for ProxyConfig {
             trace: crate::telemetry::TraceConfig::default(),
             policy_limits: sluice_config::Limits::default(),
             timeouts: crate::timeouts::Timeouts::default(),
+            h2_limits: crate::H2Limits::default(),
         }
     }
 }

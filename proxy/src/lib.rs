@@ -22,6 +22,7 @@ mod control;
 mod edge;
 mod error;
 pub mod governance;
+pub mod h2_limits;
 pub mod init;
 mod message;
 pub mod metrics;
@@ -52,6 +53,7 @@ pub use cli::cli_main;
 pub use config::{LogControl, LogFormat, ProxyConfig};
 pub use error::ProxyError;
 pub use governance::BreakerAdmin;
+pub use h2_limits::H2Limits;
 pub use metrics::Metrics;
 pub use policy::{ApplyOutcome, PolicySnapshot, PolicyStore, Rejection, RouteTable};
 pub use stack::StackContext;
@@ -186,17 +188,16 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         .transpose()?;
     let store = PolicyStore::new(ctx, cfg.service.clone(), app_authority);
 
-    let token = match &cfg.admin_token_file {
-        Some(path) => Some(Arc::<str>::from(
-            std::fs::read_to_string(path)
-                .map_err(|source| ProxyError::File {
+    let token =
+        match &cfg.admin_token_file {
+            Some(path) => Some(sluice_api::AdminGate::read_token(path).map_err(|source| {
+                ProxyError::File {
                     path: path.clone(),
                     source,
-                })?
-                .trim(),
-        )),
-        None => None,
-    };
+                }
+            })?),
+            None => None,
+        };
 
     let probes = match cfg.app_probes.as_deref() {
         Some(json) => Some(Arc::new(probes::AppProbes::from_json(json)?)),
@@ -274,12 +275,19 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
             cfg.timeouts,
             Some(intercept),
             None,
+            cfg.h2_limits,
         ));
     }
     if let (Some(l), Some(app)) = (inbound, app) {
         let store = store.clone();
+        let proxy_ports: Arc<[u16]> = [outbound_addr, inbound_addr, Some(admin_addr)]
+            .into_iter()
+            .flatten()
+            .map(|a| a.port())
+            .collect();
         let intercept = transparent::Intercept::Inbound {
             app_port: app.port(),
+            proxy_ports,
             tcp: Arc::new(store.context().metrics.tcp("inbound")),
         };
         let handler = move |_peer, req| {
@@ -299,12 +307,13 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
             cfg.timeouts,
             Some(intercept),
             mode,
+            cfg.h2_limits,
         ));
     }
     let admin_state = admin::AdminState {
         store: store.clone(),
         log: cfg.log_control.clone(),
-        token,
+        gate: sluice_api::AdminGate::new(admin_addr, token),
         probes,
         tls: tls.clone(),
     };
@@ -317,6 +326,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         cfg.timeouts,
         None,
         None,
+        H2Limits::default(),
     );
 
     if let Some(path) = &cfg.addr_file {

@@ -205,6 +205,7 @@ impl Metrics {
             passthrough: outcome("passthrough"),
             connect_error: outcome("connect_error"),
             error: outcome("error"),
+            refused: outcome("refused"),
             sent: flow("sent"),
             received: flow("received"),
             open: self.tcp_open.with_label_values(&[direction]),
@@ -253,6 +254,9 @@ pub struct TcpMetrics {
     pub connect_error: IntCounter,
     /// Ended with an error (a reset, or cut at shutdown).
     pub error: IntCounter,
+    /// Closed at once: inbound, its original destination was one of the proxy's own
+    /// ports or a loopback address.
+    pub refused: IntCounter,
     /// Bytes from the client to the destination.
     pub sent: IntCounter,
     /// Bytes from the destination to the client.

@@ -2,7 +2,6 @@
 //! every listener, graceful drain on shutdown. Before HTTP, a connection may go through
 //! transparent mode's intercept and then the inbound TLS accept, in that order.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -12,7 +11,6 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use sluice_filters::extensions::PeerIdentity;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -20,7 +18,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::body::Body;
+use crate::body::{Body, BoxError};
+use crate::h2_limits::{H2Limits, StreamBudget};
 use crate::timeouts::{Activity, ActivityIo, Timeouts};
 use crate::tls::accept::{Accepted, InboundTls};
 use crate::transparent::{Intercept, OriginalDst, Prefixed};
@@ -36,10 +35,9 @@ const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// each connection is first handed to transparent mode, which may pass it through
 /// itself or return it with its original destination (put in every request's
 /// extensions). With `tls`, the connection then goes through the inbound TLS accept,
-/// and the peer's verified identity is put in every request's extensions.
-// Each argument is one plain setting of the listener; grouping them belongs to the
-// single accept loop these two functions are to become.
-#[allow(clippy::too_many_arguments)]
+/// and the peer's verified identity is put in every request's extensions. Every
+/// HTTP/2 connection is held to `h2` ([`crate::h2_limits`]).
+#[allow(clippy::too_many_arguments)] // one listener's whole setting, each used once
 pub(crate) fn serve<H, F>(
     name: &'static str,
     listener: TcpListener,
@@ -49,6 +47,7 @@ pub(crate) fn serve<H, F>(
     timeouts: Timeouts,
     intercept: Option<Intercept>,
     tls: Option<InboundTls>,
+    h2: H2Limits,
 ) -> JoinHandle<()>
 where
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
@@ -65,7 +64,6 @@ where
             .http2()
             .timer(TokioTimer::new())
             .max_header_list_size(MAX_HEADER_BYTES as u32);
-        let graceful = GracefulShutdown::new();
         // Owning the connection tasks means none outlives the listener after the drain.
         let mut conns = tokio::task::JoinSet::new();
         loop {
@@ -86,42 +84,13 @@ where
                 debug!(error = %e, "cannot set TCP_NODELAY");
             }
             let handler = handler.clone();
-            if intercept.is_none() && tls.is_none() {
-                let activity = Activity::new();
-                let io = ActivityIo::new(stream, activity.clone());
-                let conn_activity = activity.clone();
-                let service = service_fn(move |mut req: Request<Incoming>| {
-                    req.extensions_mut().insert(timeouts);
-                    let in_flight = conn_activity.request();
-                    let fut = handler(peer, req);
-                    async move {
-                        let resp = fut.await;
-                        drop(in_flight);
-                        Ok::<_, Infallible>(resp)
-                    }
-                });
-                let conn = builder
-                    .serve_connection_with_upgrades(TokioIo::new(io), service)
-                    .into_owned();
-                let conn = graceful.watch(conn);
-                conns.spawn(async move {
-                    let result = tokio::select! {
-                        r = conn => r,
-                        () = activity.idle_for(timeouts.idle) => {
-                            debug!(listener = name, %peer, "closing an idle connection");
-                            Ok(())
-                        }
-                    };
-                    if let Err(e) = result {
-                        debug!(listener = name, %peer, error = %e, "connection ended with an error");
-                    }
-                });
-                continue;
-            }
             // Sniffing and handshakes await the client, so they happen in the
             // connection's own task.
             let (intercept, tls, builder) = (intercept.clone(), tls.clone(), builder.clone());
-            let watcher = graceful.watcher();
+            let watcher = Watcher {
+                shutdown: shutdown.clone(),
+                h2,
+            };
             conns.spawn(async move {
                 let (io, original) = match intercept {
                     Some(i) => match i.accept(stream).await {
@@ -166,11 +135,9 @@ where
         if open > 0 {
             info!(listener = name, open, ?drain, "draining connections");
         }
-        // Passed-through connections cannot be asked to close; they get the same grace.
-        let drained = async {
-            graceful.shutdown().await;
-            while conns.join_next().await.is_some() {}
-        };
+        // Every HTTP connection was asked to close when `shutdown` flipped; passed-through
+        // ones cannot be asked and get the same grace.
+        let drained = async { while conns.join_next().await.is_some() {} };
         if tokio::time::timeout(drain, drained).await.is_err() {
             warn!(
                 listener = name,
@@ -181,19 +148,29 @@ where
     })
 }
 
+/// What a connection task watches besides its client: the listener's shutdown and
+/// the HTTP/2 limits.
+#[derive(Clone, Debug)]
+struct Watcher {
+    shutdown: watch::Receiver<bool>,
+    h2: H2Limits,
+}
+
 /// Serves HTTP on one accepted connection, putting what the accept step learnt about
-/// it in every request's extensions.
+/// it in every request's extensions. The connection is asked to close (GOAWAY on
+/// HTTP/2, `connection: close` on HTTP/1) when the listener shuts down or when an
+/// HTTP/2 client goes over its [`StreamBudget`]; it is closed when idle for `timeouts.idle`.
 #[allow(clippy::too_many_arguments)]
 async fn serve_conn<I, H, F>(
     builder: &auto::Builder<TokioExecutor>,
-    watcher: hyper_util::server::graceful::Watcher,
+    mut watcher: Watcher,
     io: I,
     handler: H,
     peer: SocketAddr,
     original: Option<OriginalDst>,
     identity: Option<PeerIdentity>,
     timeouts: Timeouts,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>>
+) -> Result<(), BoxError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
@@ -202,8 +179,17 @@ where
     let activity = Activity::new();
     let io = ActivityIo::new(io, activity.clone());
     let conn_activity = activity.clone();
+    let budget = StreamBudget::new(&watcher.h2);
+    let conn_budget = budget.clone();
     let service = service_fn(move |mut req: Request<Incoming>| {
         req.extensions_mut().insert(timeouts);
+        let h2 = req.version() == http::Version::HTTP_2;
+        // Refused before any route sees it; the client may retry elsewhere.
+        let admitted = if h2 {
+            budget.open().map(Some)
+        } else {
+            Some(None)
+        };
         if let Some(dst) = &original {
             req.extensions_mut().insert(dst.clone());
         }
@@ -212,19 +198,35 @@ where
             req.extensions_mut().insert(id.clone());
         }
         let in_flight = conn_activity.request();
-        let fut = handler(peer, req);
+        let fut = admitted.map(|guard| (guard, handler(peer, req)));
         async move {
+            let Some((guard, fut)) = fut else {
+                return Err(refused_stream());
+            };
             let resp = fut.await;
             drop(in_flight);
-            Ok::<_, Infallible>(resp)
+            if let Some(g) = guard {
+                g.answered();
+            }
+            Ok(resp)
         }
     });
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
+    tokio::pin!(conn);
     tokio::select! {
-        r = watcher.watch(conn.into_owned()) => r,
+        ended = conn.as_mut() => return ended,
+        _ = watcher.shutdown.wait_for(|stop| *stop) => {}
+        () = conn_budget.tripped() => {}
         () = activity.idle_for(timeouts.idle) => {
             debug!(%peer, "closing an idle connection");
-            Ok(())
+            return Ok(());
         }
     }
+    conn.as_mut().graceful_shutdown();
+    conn.await
+}
+
+/// The error that makes hyper reset an HTTP/2 stream with `REFUSED_STREAM`.
+fn refused_stream() -> h2::Error {
+    h2::Error::from(h2::Reason::REFUSED_STREAM)
 }

@@ -25,13 +25,17 @@
 //!
 //! Inbound ([`Intercept::Inbound`]), a redirected connection to the application's port
 //! (`--app`) is served as HTTP through the inbound stack to `--app`; a connection to any
-//! other port of the pod passes through untouched to that port on `127.0.0.1`.
+//! other port of the pod passes through untouched to the pod address it was sent to,
+//! never to `127.0.0.1`: a server bound to loopback inside the pod stays private, as it
+//! would be without the mesh. A connection whose original destination is one of the
+//! proxy's own ports (its outbound listener would otherwise make the pod an egress for
+//! any peer) or a loopback address is closed at once and counted as `refused`.
 //!
 //! The cost is one `getsockopt` per connection, plus the sniff for redirected ones; a
 //! request on an established connection pays nothing more than in explicit mode.
 
 use std::io;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -280,10 +284,12 @@ pub(crate) enum Intercept {
         tcp: Arc<TcpMetrics>,
     },
     /// The inbound listener: redirected connections to ports other than the
-    /// application's pass through to that port on loopback.
+    /// application's pass through to the address they were sent to.
     Inbound {
         /// The `--app` port.
         app_port: u16,
+        /// The proxy's own listener ports, never reached from the network this way.
+        proxy_ports: Arc<[u16]>,
         /// The series passed-through connections count into.
         tcp: Arc<TcpMetrics>,
     },
@@ -300,14 +306,22 @@ impl Intercept {
             return Some((Prefixed::new(stream, Vec::new()), None));
         };
         match self {
-            Intercept::Inbound { app_port, tcp } => {
-                if dst.port() == *app_port {
-                    return Some((Prefixed::new(stream, Vec::new()), None));
+            Intercept::Inbound {
+                app_port,
+                proxy_ports,
+                tcp,
+            } => match inbound_verdict(dst, *app_port, proxy_ports) {
+                InboundVerdict::App => Some((Prefixed::new(stream, Vec::new()), None)),
+                InboundVerdict::Relay => {
+                    relay(stream, Vec::new(), dst, tcp).await;
+                    None
                 }
-                let local = SocketAddr::from((Ipv4Addr::LOCALHOST, dst.port()));
-                relay(stream, Vec::new(), local, tcp).await;
-                None
-            }
+                InboundVerdict::Refuse => {
+                    debug!(%dst, "inbound connection to a proxy port or loopback refused");
+                    tcp.refused.inc();
+                    None
+                }
+            },
             Intercept::Outbound { store, tcp } => {
                 let (protocol, mut prefix) = match sniff(&mut stream, SNIFF_WAIT).await {
                     Ok(p) => p,
@@ -335,6 +349,27 @@ impl Intercept {
                 }
             }
         }
+    }
+}
+
+/// What the inbound listener does with a redirected connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum InboundVerdict {
+    /// HTTP through the inbound stack to `--app`.
+    App,
+    /// Opaque TCP to the original destination, the pod address.
+    Relay,
+    /// Closed: a proxy port or a loopback destination.
+    Refuse,
+}
+
+fn inbound_verdict(dst: SocketAddr, app_port: u16, proxy_ports: &[u16]) -> InboundVerdict {
+    if dst.ip().is_loopback() || dst.ip().is_unspecified() || proxy_ports.contains(&dst.port()) {
+        InboundVerdict::Refuse
+    } else if dst.port() == app_port {
+        InboundVerdict::App
+    } else {
+        InboundVerdict::Relay
     }
 }
 
@@ -607,6 +642,18 @@ mod tests {
         assert!(text.contains(
             r#"sluice_tcp_connections_total{direction="inbound",outcome="connect_error"} 1"#
         ));
+    }
+
+    #[test]
+    fn inbound_goes_to_the_pod_address_and_never_to_proxy_ports_or_loopback() {
+        let ports = [15000, 15001, 15006];
+        let at = |a: &str| inbound_verdict(a.parse().unwrap(), 8080, &ports);
+        assert_eq!(at("10.1.2.3:8080"), InboundVerdict::App);
+        assert_eq!(at("10.1.2.3:9090"), InboundVerdict::Relay);
+        assert_eq!(at("10.1.2.3:15001"), InboundVerdict::Refuse);
+        assert_eq!(at("10.1.2.3:15000"), InboundVerdict::Refuse);
+        assert_eq!(at("127.0.0.1:9090"), InboundVerdict::Refuse);
+        assert_eq!(at("0.0.0.0:9090"), InboundVerdict::Refuse);
     }
 
     #[test]

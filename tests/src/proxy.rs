@@ -36,6 +36,12 @@ pub struct ProxyOptions {
     /// Return as soon as it listens, without waiting for `/ready` (for tests of
     /// what keeps it unready).
     pub skip_ready_wait: bool,
+    /// Where the admin listener binds (default `127.0.0.1:0`; `0.0.0.0:0` stands for a pod).
+    pub admin: Option<SocketAddr>,
+    /// The admin token file (`--admin-token-file`).
+    pub admin_token_file: Option<PathBuf>,
+    /// Per-connection HTTP/2 limits (`--h2-max-*`).
+    pub h2_limits: sluice_proxy::H2Limits,
 }
 
 /// How a proxy under test joins the mesh's mTLS.
@@ -63,6 +69,9 @@ impl Default for ProxyOptions {
             trace: Default::default(),
             timeouts: Default::default(),
             skip_ready_wait: false,
+            admin: None,
+            admin_token_file: None,
+            h2_limits: Default::default(),
         }
     }
 }
@@ -158,7 +167,9 @@ impl TestProxy {
         let cfg = sluice_proxy::ProxyConfig {
             outbound: any,
             inbound: any,
-            admin: any,
+            admin: opts.admin.unwrap_or(any),
+            admin_token_file: opts.admin_token_file.clone(),
+            h2_limits: opts.h2_limits,
             no_outbound: !opts.outbound,
             no_inbound: !opts.inbound,
             app: opts.app,

@@ -6,6 +6,13 @@
 //! each with a JSON Patch adding the iptables init step, the proxy as a native sidecar,
 //! its identity token volume, the mesh root (from the ConfigMap the control plane keeps
 //! in every namespace, `--trust-root-configmap`) and probes rewritten through the proxy's admin port.
+//!
+//! What joining means for an application: its own port (the first TCP `containerPort`)
+//! is served through the inbound stack; any other port is reached by peers only if the
+//! server listens on the pod address (`0.0.0.0`): a server bound to `127.0.0.1` stays
+//! private to the pod, and the proxy's own ports refuse connections from the network.
+//! The rewritten probes and Prometheus scrapes use the admin port's open routes
+//! (`/app-health/…`, `/metrics`), which need no admin token.
 
 mod patch;
 mod server;

@@ -9,6 +9,7 @@ mod governance;
 mod governance_load;
 mod grpc;
 mod grpc_interop;
+mod hardening;
 mod hostile_policy;
 mod init_netns;
 mod injected;

@@ -6,7 +6,11 @@
 //! - HTTP is intercepted and governed on both sides: A's outbound rate limit and B's
 //!   inbound rate limit each refuse requests, seen in each proxy's metrics;
 //! - a raw TCP echo and a TLS session (rustls on both ends, B's certificate seen by A)
-//!   pass through both proxies byte for byte.
+//!   pass through both proxies byte for byte;
+//! - what pod B keeps to itself stays private: a server bound to 127.0.0.1 in B, B's
+//!   outbound listener (15001) and B's admin routes other than probes and metrics
+//!   answer nothing (or 401/403) to A, while B's application port and a server bound
+//!   to every address do.
 //!
 //! Needs root, `ip`, `iptables` and `setpriv`; without them the test fails saying which
 //! is missing. The test binary re-runs itself inside each namespace (`ip netns exec`)
@@ -31,6 +35,10 @@ const POD_B: &str = "10.77.0.2";
 const APP_PORT: u16 = 8080;
 const ECHO_PORT: u16 = 7000;
 const TLS_PORT: u16 = 8443;
+/// A server in pod B bound to 127.0.0.1 only.
+const LOOPBACK_PORT: u16 = 7001;
+/// Pod B's admin token (`--admin-token-file`).
+const ADMIN_TOKEN: &str = "b-admin-token";
 
 /// Two namespaces on a veth pair, each with the redirect `init` installs; deleted when
 /// dropped (also on failure).
@@ -156,6 +164,14 @@ async fn pod_b_in_namespace() {
         TcpListener::bind(("0.0.0.0", ECHO_PORT)).await.unwrap(),
         None,
     );
+    tcp_echo(
+        TcpListener::bind(("127.0.0.1", LOOPBACK_PORT))
+            .await
+            .unwrap(),
+        None,
+    );
+    let token_file = dir.join("pod-b.token");
+    std::fs::write(&token_file, ADMIN_TOKEN).unwrap();
     let key = rcgen::generate_simple_self_signed(vec!["log-service".to_owned()]).unwrap();
     std::fs::write(dir.join("pod-b.crt"), key.cert.der()).unwrap();
     let tls = rustls::ServerConfig::builder_with_provider(Arc::new(
@@ -177,7 +193,14 @@ async fn pod_b_in_namespace() {
     let _proxy = sidecar(
         "pod-b",
         POLICY,
-        &["--app", &app_addr, "--service", "log-service"],
+        &[
+            "--app",
+            &app_addr,
+            "--service",
+            "log-service",
+            "--admin-token-file",
+            token_file.to_str().unwrap(),
+        ],
     )
     .await;
     std::fs::write(dir.join("pod-b.ready"), "").unwrap();
@@ -200,6 +223,22 @@ fn tls_echo(listener: TcpListener, tls: tokio_rustls::TlsAcceptor) {
             });
         }
     });
+}
+
+/// Connects to `addr` through this pod's redirect, sends `payload`, closes the write
+/// side and returns what came back before the peer closed (nothing when it was
+/// refused or reset).
+async fn answer_of(addr: (&str, u16), payload: &[u8]) -> Vec<u8> {
+    let Ok(stream) = TcpStream::connect(addr).await else {
+        return Vec::new();
+    };
+    let (mut r, mut w) = stream.into_split();
+    let _ = w.write_all(payload).await;
+    let _ = w.shutdown().await;
+    let mut back = Vec::new();
+    let read = tokio::time::timeout(WAIT, r.read_to_end(&mut back)).await;
+    assert!(read.is_ok(), "{addr:?} neither answered nor closed");
+    back
 }
 
 /// Sends `payload`, closes the write side, and returns everything read back.
@@ -367,4 +406,76 @@ async fn pod_a_in_namespace() {
         assert!(!tcp.is_empty(), "{text}");
         assert!(!tcp.iter().any(|l| l.contains("10.77.")), "{tcp:#?}");
     }
+
+    // Last, as they end connections abruptly, which the counts above rule out.
+    // B's loopback-only server, and B's outbound listener, are not B's network face:
+    // the connection reaches B's inbound listener, which closes it (before, it was
+    // relayed to 127.0.0.1 in B and answered). The same bytes to B's echo bound to
+    // every address come back.
+    let probe = b"GET / HTTP/1.1\r\nhost: not-governed\r\n\r\n";
+    assert_eq!(
+        answer_of((POD_B, ECHO_PORT), probe).await,
+        probe.to_vec(),
+        "a server bound to every address in B answers"
+    );
+    for (port, what) in [
+        (LOOPBACK_PORT, "B's server bound to 127.0.0.1"),
+        (15001, "B's outbound listener"),
+        (15006 + 1, "a port nothing listens on"),
+    ] {
+        let back = answer_of((POD_B, port), probe).await;
+        assert!(
+            back.is_empty(),
+            "{what} must not answer A: {:?}",
+            String::from_utf8_lossy(&back)
+        );
+    }
+
+    // B's admin port: probes and metrics are open, everything else needs B's token.
+    let mut admin = HttpConn::h1(format!("{POD_B}:15000").parse().unwrap())
+        .await
+        .unwrap();
+    for path in ["/live", "/ready", "/metrics"] {
+        let r = admin.get("admin", path).await.unwrap();
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+    }
+    for (method, path) in [
+        (http::Method::GET, "/config"),
+        (http::Method::GET, "/breakers"),
+        (http::Method::POST, "/breakers/log-service.ingest/log/open"),
+        (http::Method::PUT, "/log-level"),
+    ] {
+        let r = admin
+            .request(method.clone(), "admin", path, &[])
+            .await
+            .unwrap();
+        assert_eq!(
+            r.status,
+            401,
+            "{method} {path} without the token: {}",
+            r.text()
+        );
+        let r = admin
+            .request(
+                method.clone(),
+                "admin",
+                path,
+                &[("authorization", "Bearer not-it")],
+            )
+            .await
+            .unwrap();
+        assert_eq!(r.status, 401, "{method} {path} with a wrong token");
+    }
+    let bearer = format!("Bearer {ADMIN_TOKEN}");
+    let r = admin
+        .request(
+            http::Method::GET,
+            "admin",
+            "/config",
+            &[("authorization", &bearer)],
+        )
+        .await
+        .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains("log-service"), "{}", r.text());
 }

@@ -1,0 +1,145 @@
+//! Who may read an admin port's protected routes: the rule the proxy's and the control
+//! plane's admin servers share.
+//!
+//! An admin port bound to loopback is reachable only from inside its host or pod, so
+//! every route answers there. Bound beyond loopback (the proxy's `0.0.0.0:15000` in a
+//! pod, the control plane's `0.0.0.0:15014`), only the routes the kubelet and
+//! Prometheus need (`/live`, `/ready`, `/metrics`, the proxy's app probes) answer
+//! without `Authorization: Bearer <token>`; without a configured token the others are
+//! closed. The peer's address plays no part: a relay inside the pod would make any
+//! peer look local.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+
+/// The admin token rule of one admin listener.
+#[derive(Clone, Debug)]
+pub struct AdminGate {
+    token: Option<Arc<str>>,
+    open: bool,
+}
+
+/// Why a protected admin route refused a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// No token is configured: the route is closed on a port bound beyond loopback.
+    NoTokenConfigured,
+    /// The request carried no token or the wrong one.
+    BadToken,
+}
+
+/// The `WWW-Authenticate` challenge sent with a 401.
+pub const CHALLENGE: &str = "Bearer realm=\"sluice-admin\"";
+
+impl Refusal {
+    /// The status it answers with: 401 (send the token, with [`CHALLENGE`]) or 403
+    /// (no token would help).
+    pub fn status(self) -> u16 {
+        match self {
+            Refusal::NoTokenConfigured => 403,
+            Refusal::BadToken => 401,
+        }
+    }
+
+    /// The text the refusal answers with.
+    pub fn message(self) -> &'static str {
+        match self {
+            Refusal::NoTokenConfigured => {
+                "forbidden: this admin port is bound beyond loopback and no admin token is \
+                 configured (--admin-token-file)\n"
+            }
+            Refusal::BadToken => "unauthorized: send Authorization: Bearer <admin token>\n",
+        }
+    }
+}
+
+impl AdminGate {
+    /// The gate of a listener bound at `bound`, with `token` if one is configured.
+    pub fn new(bound: SocketAddr, token: Option<Arc<str>>) -> Self {
+        Self {
+            token,
+            open: bound.ip().to_canonical().is_loopback(),
+        }
+    }
+
+    /// Reads a token file: its content, surrounding whitespace trimmed; an empty file is
+    /// refused (it would match an empty bearer).
+    pub fn read_token(path: &Path) -> std::io::Result<Arc<str>> {
+        let text = std::fs::read_to_string(path)?;
+        let token = text.trim();
+        if token.is_empty() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "the admin token file is empty",
+            ));
+        }
+        Ok(Arc::from(token))
+    }
+
+    /// Whether every route answers without a token (bound to loopback).
+    pub fn is_open(&self) -> bool {
+        self.open
+    }
+
+    /// Checks a protected route's request, given its `Authorization` header value.
+    pub fn check(&self, authorization: Option<&[u8]>) -> Result<(), Refusal> {
+        if self.open {
+            return Ok(());
+        }
+        let Some(token) = &self.token else {
+            return Err(Refusal::NoTokenConfigured);
+        };
+        let given = authorization
+            .and_then(|v| v.strip_prefix(b"Bearer "))
+            .map(<[u8]>::trim_ascii);
+        match given {
+            Some(g) if constant_time_eq(g, token.as_bytes()) => Ok(()),
+            _ => Err(Refusal::BadToken),
+        }
+    }
+}
+
+/// Compares without returning early, so the time taken says nothing of where the
+/// first difference lies.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_is_open_and_beyond_needs_the_token() {
+        let local = AdminGate::new("127.0.0.1:15000".parse().unwrap(), None);
+        assert!(local.is_open());
+        assert_eq!(local.check(None), Ok(()));
+        let mapped = AdminGate::new("[::ffff:127.0.0.1]:15000".parse().unwrap(), None);
+        assert!(mapped.is_open());
+
+        let wide = AdminGate::new("0.0.0.0:15000".parse().unwrap(), Some("s3cret".into()));
+        assert!(!wide.is_open());
+        assert_eq!(wide.check(None), Err(Refusal::BadToken));
+        assert_eq!(wide.check(Some(b"Bearer wrong")), Err(Refusal::BadToken));
+        assert_eq!(wide.check(Some(b"Basic s3cret")), Err(Refusal::BadToken));
+        assert_eq!(wide.check(Some(b"Bearer s3cret")), Ok(()));
+        assert_eq!(wide.check(Some(b"Bearer s3cret ")), Ok(()));
+
+        let closed = AdminGate::new("10.0.0.7:15000".parse().unwrap(), None);
+        assert_eq!(
+            closed.check(Some(b"Bearer ")),
+            Err(Refusal::NoTokenConfigured)
+        );
+    }
+
+    #[test]
+    fn empty_token_files_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "  \n").unwrap();
+        assert!(AdminGate::read_token(&path).is_err());
+        std::fs::write(&path, "abc\n").unwrap();
+        assert_eq!(&*AdminGate::read_token(&path).unwrap(), "abc");
+    }
+}

@@ -1,0 +1,171 @@
+//! Per-connection limits on HTTP/2 streams: what stops a client from making the proxy
+//! forward an unbounded number of requests it cancels at once (rapid reset,
+//! CVE-2023-44487), including the paced kind that waits for each stream to be accepted
+//! before resetting it, which h2's own pending-reset limit never sees.
+//!
+//! Each HTTP/2 connection gets one [`StreamBudget`]. A stream whose handler is dropped
+//! before it produced a response (the client reset it, or left) spends one token of a
+//! per-connection rate ([`H2Limits::max_resets`] per [`H2Limits::reset_interval`],
+//! governor's GCRA); every stream counts towards [`H2Limits::max_streams`]. When either
+//! runs out the budget trips: the server sends GOAWAY and lets the streams in flight
+//! finish, and every stream opened meanwhile is refused with `REFUSED_STREAM` before it
+//! reaches a route. hyper chooses the GOAWAY's code (`NO_ERROR`); it offers no way to
+//! send `ENHANCE_YOUR_CALM` for a limit of ours.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::time::Duration;
+
+use governor::{Quota, RateLimiter};
+use tokio::sync::Notify;
+
+/// The limits of one HTTP/2 connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct H2Limits {
+    /// Streams one connection may open in its life; then GOAWAY (clients reconnect).
+    pub max_streams: u32,
+    /// Streams the client may cancel before their response within `reset_interval`.
+    pub max_resets: u32,
+    /// The interval `max_resets` refills over.
+    pub reset_interval: Duration,
+}
+
+impl Default for H2Limits {
+    fn default() -> Self {
+        Self {
+            max_streams: 10_000,
+            max_resets: 100,
+            reset_interval: Duration::from_secs(10),
+        }
+    }
+}
+
+/// What one HTTP/2 connection may still do.
+#[derive(Debug)]
+pub(crate) struct StreamBudget {
+    max_streams: u32,
+    streams: AtomicU32,
+    resets: RateLimiter<
+        governor::state::NotKeyed,
+        governor::state::InMemoryState,
+        governor::clock::DefaultClock,
+    >,
+    tripped: AtomicBool,
+    trip: Notify,
+}
+
+impl StreamBudget {
+    /// A fresh budget under `limits`.
+    pub(crate) fn new(limits: &H2Limits) -> Arc<Self> {
+        let burst = NonZeroU32::new(limits.max_resets.max(1)).expect("at least 1");
+        let period = (limits.reset_interval / burst.get()).max(Duration::from_nanos(1));
+        let quota = Quota::with_period(period)
+            .expect("a non-zero period")
+            .allow_burst(burst);
+        Arc::new(Self {
+            max_streams: limits.max_streams,
+            streams: AtomicU32::new(0),
+            resets: RateLimiter::direct(quota),
+            tripped: AtomicBool::new(false),
+            trip: Notify::new(),
+        })
+    }
+
+    /// Counts a new stream; `None` when the connection is over its limits and the
+    /// stream must be refused, else a guard to [`StreamGuard::answered`] once the
+    /// response is ready.
+    pub(crate) fn open(self: &Arc<Self>) -> Option<StreamGuard> {
+        if self.tripped.load(Ordering::Relaxed) {
+            return None;
+        }
+        let n = self.streams.fetch_add(1, Ordering::Relaxed) + 1;
+        if n > self.max_streams {
+            self.set_tripped("streams per connection");
+            return None;
+        }
+        Some(StreamGuard {
+            budget: self.clone(),
+            answered: false,
+        })
+    }
+
+    /// Resolves once the connection went over a limit.
+    pub(crate) async fn tripped(&self) {
+        self.trip.notified().await;
+    }
+
+    fn set_tripped(&self, what: &'static str) {
+        if !self.tripped.swap(true, Ordering::Relaxed) {
+            tracing::info!(limit = what, "HTTP/2 connection over its limit: GOAWAY");
+            // `notify_one` keeps a permit, so a trip before the connection task waits
+            // is not lost.
+            self.trip.notify_one();
+        }
+    }
+}
+
+/// One open stream; dropped before [`StreamGuard::answered`], it counts as a reset.
+#[derive(Debug)]
+pub(crate) struct StreamGuard {
+    budget: Arc<StreamBudget>,
+    answered: bool,
+}
+
+impl StreamGuard {
+    /// The stream's response is ready: it was not reset early.
+    pub(crate) fn answered(mut self) {
+        self.answered = true;
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        if !self.answered && self.budget.resets.check().is_err() {
+            self.budget.set_tripped("resets per interval");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(max_streams: u32, max_resets: u32) -> H2Limits {
+        H2Limits {
+            max_streams,
+            max_resets,
+            reset_interval: Duration::from_secs(3600),
+        }
+    }
+
+    #[tokio::test]
+    async fn resets_beyond_the_burst_trip_and_refuse_new_streams() {
+        let b = StreamBudget::new(&limits(1000, 3));
+        for _ in 0..3 {
+            drop(b.open().unwrap());
+        }
+        assert!(!b.tripped.load(Ordering::Relaxed), "3 resets are allowed");
+        b.open().unwrap().answered();
+        assert!(
+            !b.tripped.load(Ordering::Relaxed),
+            "answered streams cost nothing"
+        );
+        drop(b.open().unwrap());
+        assert!(b.tripped.load(Ordering::Relaxed));
+        assert!(b.open().is_none());
+        // The trip left a permit for the connection task.
+        tokio::time::timeout(Duration::from_secs(1), b.tripped())
+            .await
+            .unwrap();
+    }
+
+    #[test]
+    fn streams_per_connection_are_capped() {
+        let b = StreamBudget::new(&limits(2, 100));
+        b.open().unwrap().answered();
+        b.open().unwrap().answered();
+        assert!(b.open().is_none());
+        assert!(b.open().is_none());
+    }
+}
