@@ -128,7 +128,7 @@ fn canary_rendezvous_is_order_independent_and_needs_the_new_schema() {
         let a = weights[rendezvous_backend(user.as_bytes(), weights.iter().copied()).unwrap()].0;
         let b = reversed[rendezvous_backend(user.as_bytes(), reversed.iter().copied()).unwrap()].0;
         assert_eq!(a, b, "{user}");
-        canary += usize::from(a == "payments-v2");
+        canary += usize::from(a == "profiles-v2");
     }
     assert!(
         (800..=1_200).contains(&canary),
