@@ -63,7 +63,7 @@ impl Capability {
             Capability::SlowStart => false,
             Capability::ServicePort => false,
             Capability::FleetRateLimit => false,
-            Capability::Upgrades => false,
+            Capability::Upgrades => true,
             Capability::InboundConcurrency => true,
         }
     }

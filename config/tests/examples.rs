@@ -214,3 +214,11 @@ fn all_examples_form_one_policy_set() {
     assert_eq!(set.hash(), reversed.hash());
     assert_eq!(set.policies().len(), files.len() + 1);
 }
+
+#[test]
+fn upgrades_lists_h2c_on_one_route_and_needs_the_new_schema() {
+    let p = one("upgrades.yaml");
+    assert_eq!(p.spec.routes[0].upgrades, ["h2c"]);
+    assert!(p.spec.routes[1].upgrades.is_empty());
+    assert_eq!(required_version(&p), SCHEMA_VERSION);
+}

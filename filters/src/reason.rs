@@ -29,6 +29,8 @@ pub enum Reason {
     Overloaded,
     /// The client stalled sending its request (408): the upstream request was dropped.
     RequestTimeout,
+    /// The method is not served for this host (405): `CONNECT` to a governed host.
+    MethodNotAllowed,
 }
 
 impl Reason {
@@ -102,6 +104,12 @@ impl Reason {
                 StatusCode::REQUEST_TIMEOUT,
                 4,
                 "request body timed out",
+            ),
+            Reason::MethodNotAllowed => (
+                "method-not-allowed",
+                StatusCode::METHOD_NOT_ALLOWED,
+                12,
+                "method not allowed by sluice",
             ),
         }
     }

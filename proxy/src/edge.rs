@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use opentelemetry::trace::SpanKind;
@@ -15,9 +15,11 @@ use sluice_filters::reason::{self, Reason};
 use tower::Service;
 use tracing::debug;
 
+use crate::authority::{self, Named, Refusal};
 use crate::body::{Body, boxed};
 use crate::message::{
-    is_grpc, is_switching, is_upgrade_request, request_host, spawn_tunnel, strip_hop_by_hop,
+    is_grpc, is_switching, is_upgrade_request, request_host, restrict_upgrade, spawn_tunnel,
+    strip_hop_by_hop, switched_as_offered,
 };
 use crate::policy::PolicyStore;
 use crate::rescue::{ClientBodyError, refuse, rescue};
@@ -51,23 +53,51 @@ impl Direction {
 }
 
 /// Handles one request on the outbound listener.
-pub(crate) async fn outbound(store: &PolicyStore, req: Request<Incoming>) -> Response<Body> {
+pub(crate) async fn outbound(store: &PolicyStore, mut req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let snapshot = store.current();
+    let transparent = req.extensions().get::<OriginalDst>().cloned();
+    let named = match authority::settle(&mut req) {
+        Ok(named) => named,
+        Err(refusal) => return refused(store, Direction::Outbound, &mut req, refusal),
+    };
+    if named == Named::Nothing {
+        // Transparent mode: a request naming no host is none of the mesh's business.
+        if let Some(dst) = transparent {
+            return to_original_destination(store, dst, req).await;
+        }
+        return refused(
+            store,
+            Direction::Outbound,
+            &mut req,
+            authority::NO_AUTHORITY,
+        );
+    }
     let host = request_host(&req);
+    if let Err(refusal) =
+        authority::check_target(&req, || host.is_some_and(|h| snapshot.has_host(h)))
+    {
+        return refused(store, Direction::Outbound, &mut req, refusal);
+    }
     let entry =
         host.and_then(|host| snapshot.route(host, req.method(), req.uri().path(), req.headers()));
     let Some(entry) = entry else {
         // Transparent mode: a host no policy claims is none of the mesh's business.
-        if let Some(dst) = req.extensions().get::<OriginalDst>()
+        if let Some(dst) = transparent
             && !host.is_some_and(|h| snapshot.has_host(h))
         {
-            let dst = dst.clone();
             return to_original_destination(store, dst, req).await;
         }
         debug!(host = ?host, path = req.uri().path(), "no route");
-        let mut req = req;
-        return unrouted(store, Direction::Outbound, &mut req, "no route");
+        return refused(
+            store,
+            Direction::Outbound,
+            &mut req,
+            Refusal {
+                reason: Reason::NoRoute,
+                detail: "no route",
+            },
+        );
     };
     let telemetry = store.context().telemetry.as_deref();
     forward(entry, req, started, Direction::Outbound, telemetry).await
@@ -104,32 +134,56 @@ async fn to_original_destination(
     }
 }
 
-/// Handles one request on the inbound listener.
-pub(crate) async fn inbound(store: &PolicyStore, req: Request<Incoming>) -> Response<Body> {
+/// Handles one request on the inbound listener: the authority rule and the target
+/// checks hold as outbound, and the application counts as a governed host.
+pub(crate) async fn inbound(store: &PolicyStore, mut req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let snapshot = store.current();
+    let checked = match authority::settle(&mut req) {
+        Ok(Named::One) => authority::check_target(&req, || true),
+        Ok(Named::Nothing) => Err(authority::NO_AUTHORITY),
+        Err(refusal) => Err(refusal),
+    };
+    if let Err(refusal) = checked {
+        return refused(store, Direction::Inbound, &mut req, refusal);
+    }
     let Some(entry) = snapshot.inbound() else {
-        let mut req = req;
-        return unrouted(store, Direction::Inbound, &mut req, "no application");
+        let refusal = Refusal {
+            reason: Reason::NoRoute,
+            detail: "no application",
+        };
+        return refused(store, Direction::Inbound, &mut req, refusal);
     };
     let telemetry = store.context().telemetry.as_deref();
     forward(entry, req, started, Direction::Inbound, telemetry).await
 }
 
-/// The 404 `no-route` answer to a request no route matches, traced like any other.
-fn unrouted<B>(
+/// The proxy's answer to a request refused before any route took it (`no-route`, or a
+/// request that breaks the authority or target rules), traced like any other.
+fn refused<B>(
     store: &PolicyStore,
     direction: Direction,
     req: &mut Request<B>,
-    text: &'static str,
+    refusal: Refusal,
 ) -> Response<Body> {
-    let resp = refuse(Reason::NoRoute, text, false);
+    let mut resp = refuse(refusal.reason, refusal.detail, is_grpc(req));
+    if refusal.reason == Reason::MethodNotAllowed {
+        // RFC 9110 §15.5.6: a 405 lists what the target does take.
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(ALLOWED_METHODS));
+    }
     if let Some(t) = store.context().telemetry.as_deref() {
-        t.start_unrouted(direction.span_kind(), req)
-            .finish(404, None, resp.headers());
+        t.start_unrouted(direction.span_kind(), req).finish(
+            resp.status().as_u16(),
+            None,
+            resp.headers(),
+        );
     }
     resp
 }
+
+/// What a governed host takes: every method but `CONNECT`.
+const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH";
 
 async fn forward(
     entry: &RouteEntry,
@@ -140,7 +194,14 @@ async fn forward(
 ) -> Response<Body> {
     let grpc = is_grpc(&req);
     let peer = req.extensions().get::<PeerIdentity>().map(|p| p.0.clone());
-    let upgrade = is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
+    // Only the protocols the route lets through are offered upstream; the rest of an
+    // offer (`h2c` unless listed) goes with the hop-by-hop headers.
+    let upgrade = (is_upgrade_request(&req)
+        && restrict_upgrade(req.headers_mut(), &entry.params.route.upgrades))
+    .then(|| {
+        let offer = req.headers().get(header::UPGRADE).cloned();
+        (hyper::upgrade::on(&mut req), offer)
+    });
     strip_hop_by_hop(req.headers_mut(), upgrade.is_some());
     // Both are off by default; then a request pays two branches here and two below.
     let span =
@@ -179,7 +240,20 @@ async fn forward(
                 .remove::<SelectedBackend>()
                 .map(|b| b.index);
             match upgrade {
-                Some(down) if is_switching(&resp) => spawn_tunnel(down, &mut resp),
+                Some((down, Some(offer)))
+                    if is_switching(&resp) && switched_as_offered(&resp, &offer) =>
+                {
+                    spawn_tunnel(down, &mut resp)
+                }
+                _ if is_switching(&resp) => {
+                    // Switched to what nobody offered: the tunnel is not opened.
+                    debug!(route = %entry.params.name, "upstream switched protocols unasked");
+                    resp = refuse(
+                        Reason::UpstreamUnavailable,
+                        "upstream switched to a protocol not offered",
+                        grpc,
+                    );
+                }
                 _ => strip_hop_by_hop(resp.headers_mut(), false),
             }
             (resp, backend)

@@ -37,9 +37,11 @@ const HOP_BY_HOP: [HeaderName; 6] = [
     header::UPGRADE,
 ];
 
-/// Removes hop-by-hop headers and the ones `Connection` names. `te: trailers` stays, since
-/// gRPC needs it end to end; with `upgrade` the `Connection: upgrade` and `Upgrade`
-/// headers stay so the upstream can accept the upgrade.
+/// Removes hop-by-hop headers and the ones `Connection` names, except `Host`: the
+/// authority the request was routed by is never a connection's to remove
+/// ([`crate::authority`]). `te: trailers` stays, since gRPC needs it end to end; with
+/// `upgrade` the `Connection: upgrade` and `Upgrade` headers stay so the upstream can
+/// accept the upgrade.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     if headers.is_empty() {
         return;
@@ -56,7 +58,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .filter(|n| !(upgrade && n == header::UPGRADE))
+        .filter(|n| !(upgrade && n == header::UPGRADE) && n != header::HOST)
         .collect();
     for name in named {
         headers.remove(name);
@@ -86,6 +88,77 @@ pub(crate) fn is_upgrade_request<B>(req: &Request<B>) -> bool {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// The protocol every route tunnels; a route's `upgrades` lists any others.
+const WEBSOCKET: &str = "websocket";
+
+/// Keeps in `Upgrade` only the protocols a route lets through: `websocket` and those
+/// `allowed` lists (a listed `name` takes any `name/version`, `name/version` only that
+/// one; letter case ignored, as RFC 9110 §7.8 compares them). Returns whether any is
+/// left; if none is, the request goes on as an ordinary one and the caller strips the
+/// rest of the offer with the hop-by-hop headers. This is how an `h2c` offer (and any
+/// unlisted one) is refused: the connection never switches, as Envoy and nginx answer
+/// it, and the client carries on over HTTP/1.1 (RFC 9110 §7.8 lets a server ignore it).
+pub(crate) fn restrict_upgrade(headers: &mut HeaderMap, allowed: &[String]) -> bool {
+    let offered: Vec<&str> = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .collect();
+    let kept: Vec<&str> = offered
+        .iter()
+        .copied()
+        .filter(|t| upgrade_allowed(t, allowed))
+        .collect();
+    if kept.len() == offered.len() {
+        return !kept.is_empty();
+    }
+    let value = (!kept.is_empty())
+        .then(|| HeaderValue::from_str(&kept.join(", ")).ok())
+        .flatten();
+    match value {
+        Some(v) => {
+            headers.insert(header::UPGRADE, v);
+            true
+        }
+        None => {
+            headers.remove(header::UPGRADE);
+            false
+        }
+    }
+}
+
+/// Whether a route with `allowed` tunnels the offered protocol `token`.
+pub(crate) fn upgrade_allowed(token: &str, allowed: &[String]) -> bool {
+    let name = token.split_once('/').map_or(token, |(n, _)| n);
+    name.eq_ignore_ascii_case(WEBSOCKET)
+        || allowed
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(token) || a.eq_ignore_ascii_case(name))
+}
+
+/// Whether a 101 answer switches to a protocol the request (as sent upstream, `offer`
+/// being its `Upgrade` value) offered: an upstream that switches to anything else is
+/// not tunnelled.
+pub(crate) fn switched_as_offered(resp: &Response<Body>, offer: &HeaderValue) -> bool {
+    let Ok(offer) = offer.to_str() else {
+        return false;
+    };
+    let offered = |t: &str| {
+        let name = t.split_once('/').map_or(t, |(n, _)| n);
+        offer
+            .split(',')
+            .map(str::trim)
+            .any(|o| o.eq_ignore_ascii_case(t) || o.eq_ignore_ascii_case(name))
+    };
+    resp.headers()
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.split(',').map(str::trim).all(offered))
 }
 
 /// Once both sides have switched protocols, copies bytes both ways until either closes.
@@ -162,6 +235,58 @@ mod tests {
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["connection"], "upgrade");
         assert!(!h.contains_key("keep-alive"));
+    }
+
+    #[test]
+    fn connection_cannot_remove_host() {
+        let mut h = map(&[
+            ("connection", "host, x-private"),
+            ("host", "orders"),
+            ("x-private", "1"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h["host"], "orders");
+        assert!(!h.contains_key("x-private"));
+        let mut h = map(&[("connection", "Host, upgrade"), ("host", "orders")]);
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["host"], "orders");
+    }
+
+    #[test]
+    fn only_websocket_and_listed_upgrades_are_offered_on() {
+        let none: &[String] = &[];
+        let h2c = ["h2c".to_string()];
+        let versioned = ["proto/2".to_string()];
+        let mut h = map(&[("upgrade", "h2c")]);
+        assert!(!restrict_upgrade(&mut h, none));
+        assert!(!h.contains_key("upgrade"));
+        let mut h = map(&[("upgrade", "h2c")]);
+        assert!(restrict_upgrade(&mut h, &h2c));
+        assert_eq!(h["upgrade"], "h2c");
+        let mut h = map(&[("upgrade", "h2c, WebSocket")]);
+        assert!(restrict_upgrade(&mut h, none));
+        assert_eq!(h["upgrade"], "WebSocket");
+        let mut h = map(&[("upgrade", "proto/2"), ("upgrade", "proto/3")]);
+        assert!(restrict_upgrade(&mut h, &versioned));
+        assert_eq!(h["upgrade"], "proto/2");
+        assert!(upgrade_allowed("proto/7", &["proto".to_string()]));
+        assert!(!upgrade_allowed("proto", &versioned));
+        assert!(!upgrade_allowed("websocketx", none));
+    }
+
+    #[test]
+    fn a_switch_must_be_to_what_was_offered() {
+        let switched = |to: &str| {
+            let mut r = Response::new(crate::body::full(""));
+            *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            r.headers_mut().insert("upgrade", to.parse().unwrap());
+            r
+        };
+        let offer = HeaderValue::from_static("websocket");
+        assert!(switched_as_offered(&switched("WebSocket"), &offer));
+        assert!(!switched_as_offered(&switched("h2c"), &offer));
+        let offer = HeaderValue::from_static("h2c, websocket");
+        assert!(switched_as_offered(&switched("h2c"), &offer));
     }
 
     #[test]

@@ -86,10 +86,19 @@ impl RouteParams {
             endpoints: Arc::new([Arc::from(app.as_str())]),
             identity: None,
         })]);
+        // The app takes every upgrade some route of its own policy lets callers make.
+        let mut upgrades: Vec<String> = policy
+            .iter()
+            .flat_map(|p| &p.spec.routes)
+            .flat_map(|r| r.upgrades.iter().cloned())
+            .collect();
+        upgrades.sort();
+        upgrades.dedup();
         let route = Route {
             access_log: policy
                 .and_then(|p| p.spec.inbound.as_ref())
                 .and_then(|i| i.access_log),
+            upgrades,
             ..Route::default()
         };
         let split = SplitParams::from_config(&route, ["app"])

@@ -530,7 +530,6 @@ spec:
                 "spec.backends.quote-v1.slowStart",
                 "spec.backends.quote-v2.port",
                 "spec.backends.quote-v2.slowStart",
-                "spec.routes[0].upgrades",
                 "spec.routes[0].rateLimit.scope",
                 "spec.routes[0].fallback",
                 "spec.routes[0].split[0].rollout",
