@@ -64,7 +64,12 @@ struct State {
 ///   (body and `x-body-bytes`);
 /// - `/status/NNN` answers status NNN;
 /// - `/hold…` waits until [`Upstream::release_held`] is called, then answers `released`;
+/// - `/upgrade…` with an `Upgrade` offer switches (101) to the first protocol offered,
+///   whatever it is, and echoes every byte of the tunnel back; without one it answers
+///   with the upstream's name;
 /// - anything else answers with the upstream's name.
+///
+/// `x-seen-upgrade` and `x-seen-http2-settings` carry those request headers when present.
 ///
 /// [`Upstream::set_stall`] delays every answer, or holds them all, until lifted.
 #[derive(Debug)]
@@ -228,7 +233,17 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<RespBody>
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
+    let seen_header = |name: &str| {
+        req.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string()
+    };
+    let upgrade = seen_header("upgrade");
     let seen = [
+        ("x-seen-upgrade", upgrade.clone()),
+        ("x-seen-http2-settings", seen_header("http2-settings")),
         ("x-seen-traceparent", traceparent),
         ("x-upstream", state.name.clone()),
         ("x-seen-method", req.method().to_string()),
@@ -237,7 +252,26 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<RespBody>
         ("x-seen-version", format!("{:?}", req.version())),
     ];
 
-    let mut resp = if path.starts_with("/echo") {
+    let mut resp = if path.starts_with("/upgrade") && !upgrade.is_empty() {
+        let mut req = req;
+        let switched = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(io) = switched.await {
+                let mut io = TokioIo::new(io);
+                let (mut r, mut w) = tokio::io::split(&mut io);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        let protocol = upgrade.split(',').next().unwrap_or_default().trim().to_string();
+        let mut r = Response::new(full(""));
+        *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        r.headers_mut()
+            .insert(hyper::header::CONNECTION, "upgrade".parse().expect("token"));
+        if let Ok(v) = protocol.parse() {
+            r.headers_mut().insert(hyper::header::UPGRADE, v);
+        }
+        r
+    } else if path.starts_with("/echo") {
         Response::new(req.into_body().map_err(BoxError::from).boxed())
     } else if path.starts_with("/sink") {
         let mut body = req.into_body();
@@ -280,7 +314,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<RespBody>
         Response::new(full(state.name.clone()))
     };
     for (k, v) in seen {
-        if k == "x-seen-traceparent" && v.is_empty() {
+        if v.is_empty() && k != "x-seen-host" {
             continue;
         }
         if let Ok(v) = v.parse() {

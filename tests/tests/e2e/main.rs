@@ -1,5 +1,6 @@
 //! End-to-end tests: real clients, real Sluice proxies, real upstreams, on loopback.
 
+mod authority;
 mod cert_rotation;
 mod cli;
 mod control_plane;
@@ -29,4 +30,5 @@ mod telemetry;
 mod timeouts;
 mod tls_identity;
 mod transparent;
+mod upgrades;
 mod websocket;
