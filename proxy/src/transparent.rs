@@ -14,10 +14,11 @@
 //! - Not HTTP: [`passthrough`] replays the sniffed bytes to the original destination and
 //!   copies both ways untouched.
 //! - HTTP/1: the first request head is read (with `httparse`, hyper's own parser) to learn
-//!   its authority. A host no policy claims is passed through as opaque TCP, byte for
-//!   byte, for the whole connection (Upgrade and CONNECT included); a governed host hands
-//!   the connection, its read bytes replayed ([`Prefixed`]), to hyper and the route
-//!   stacks. Should a later request on that keep-alive connection name a host no policy
+//!   its authority, by the edge's rule (`authority.rs`): the target's, else `Host`; a
+//!   head with several `Host` lines goes to the edge, which refuses it. A host no policy
+//!   claims is passed through as opaque TCP, byte for byte, for the whole connection
+//!   (Upgrade and CONNECT included); a governed host hands the connection, its read
+//!   bytes replayed ([`Prefixed`]), to hyper and the route stacks. Should a later request on that keep-alive connection name a host no policy
 //!   claims, it is forwarded to the original destination without governance.
 //! - HTTP/2: the authority sits in HPACK-compressed frames, so the connection goes to
 //!   hyper and each request is decided alone: governed hosts through their stacks, the
@@ -424,14 +425,21 @@ fn parse_head(bytes: &[u8]) -> Option<Head> {
     match req.parse(bytes) {
         Ok(httparse::Status::Partial) => None,
         Ok(httparse::Status::Complete(_)) => {
+            let mut hosts = req
+                .headers
+                .iter()
+                .filter(|h| h.name.eq_ignore_ascii_case("host"));
+            let first = hosts.next();
+            if hosts.next().is_some() {
+                // Ambiguous: the edge refuses it (`authority.rs`), never passes it on.
+                return Some(Head::Undecided);
+            }
             let target = req
                 .path
                 .and_then(|p| p.parse::<http::Uri>().ok())
                 .and_then(|u| u.authority().map(|a| a.as_str().to_owned()));
             let host = target.or_else(|| {
-                req.headers
-                    .iter()
-                    .find(|h| h.name.eq_ignore_ascii_case("host"))
+                first
                     .and_then(|h| std::str::from_utf8(h.value).ok())
                     .map(|h| h.trim().to_owned())
             });
@@ -673,6 +681,11 @@ mod tests {
             Some(Head::Authority("db:5432".into()))
         );
         assert_eq!(head(b"GET /x HTTP/1.1\r\nhost: a"), None, "incomplete");
+        assert_eq!(
+            head(b"GET /x HTTP/1.1\r\nhost: a\r\nHost: b\r\n\r\n"),
+            Some(Head::Undecided),
+            "several Hosts: the edge refuses them"
+        );
         assert_eq!(
             head(b"GET /x HTTP/1.0\r\n\r\n"),
             Some(Head::Undecided),

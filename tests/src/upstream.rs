@@ -262,7 +262,12 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<RespBody>
                 let _ = tokio::io::copy(&mut r, &mut w).await;
             }
         });
-        let protocol = upgrade.split(',').next().unwrap_or_default().trim().to_string();
+        let protocol = upgrade
+            .split(',')
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_string();
         let mut r = Response::new(full(""));
         *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         r.headers_mut()

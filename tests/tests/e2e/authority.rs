@@ -84,9 +84,21 @@ async fn http1_host_rules() {
     // the upstream never sees the other one.
     let mut conn = HttpConn::h1(addr).await.unwrap();
     let r = call(&mut conn, get("http://orders/x").header("host", "evil")).await;
-    expect(&r, 200, "orders", "orders", "absolute-form against Host: evil");
+    expect(
+        &r,
+        200,
+        "orders",
+        "orders",
+        "absolute-form against Host: evil",
+    );
     let r = call(&mut conn, get("http://evil:80/x").header("host", "orders")).await;
-    expect(&r, 200, "evil", "evil:80", "absolute-form against Host: orders");
+    expect(
+        &r,
+        200,
+        "evil",
+        "evil:80",
+        "absolute-form against Host: orders",
+    );
     // HTTP/1.0 may leave Host out; the target's authority is then written in.
     let mut conn = HttpConn::h1(addr).await.unwrap();
     let r = call(&mut conn, get("http://orders/x").version(Version::HTTP_10)).await;
@@ -94,7 +106,13 @@ async fn http1_host_rules() {
     // HTTP/1.1 may not (RFC 9112 §3.2).
     let mut conn = HttpConn::h1(addr).await.unwrap();
     let r = call(&mut conn, get("http://orders/x")).await;
-    expect(&r, 400, "bad-request", "", "HTTP/1.1 absolute-form without Host");
+    expect(
+        &r,
+        400,
+        "bad-request",
+        "",
+        "HTTP/1.1 absolute-form without Host",
+    );
 
     // A Host (or target) that is not host[:port].
     for bad in ["user@orders", "orders:http"] {
@@ -103,7 +121,11 @@ async fn http1_host_rules() {
         expect(&r, 400, "bad-request", "", bad);
     }
     let mut conn = HttpConn::h1(addr).await.unwrap();
-    let r = call(&mut conn, get("http://user@orders/x").header("host", "orders")).await;
+    let r = call(
+        &mut conn,
+        get("http://user@orders/x").header("host", "orders"),
+    )
+    .await;
     expect(&r, 400, "bad-request", "", "userinfo in the target");
 
     // Connection cannot name Host away (the upstream client would otherwise write the
@@ -155,8 +177,16 @@ async fn http1_host_rules() {
     expect(&r, 400, "bad-request", "", "GET *");
 
     // None of the refused requests reached an upstream.
-    assert_eq!(orders.requests(), 4, "orders saw only the accepted requests");
-    assert_eq!(evil.requests(), 1, "evil saw only its absolute-form request");
+    assert_eq!(
+        orders.requests(),
+        4,
+        "orders saw only the accepted requests"
+    );
+    assert_eq!(
+        evil.requests(),
+        1,
+        "evil saw only its absolute-form request"
+    );
     proxy.shutdown().await;
 }
 
@@ -177,9 +207,21 @@ async fn http2_authority_follows_the_same_rule() {
 
     // :authority wins over a different Host, which is dropped.
     let r = call(&mut conn, get("http://orders/x").header("host", "evil")).await;
-    expect(&r, 200, "orders", &orders_seen, ":authority against Host: evil");
+    expect(
+        &r,
+        200,
+        "orders",
+        &orders_seen,
+        ":authority against Host: evil",
+    );
     let r = call(&mut conn, get("http://evil/x").header("host", "orders")).await;
-    expect(&r, 200, "evil", &evil_seen, ":authority against Host: orders");
+    expect(
+        &r,
+        200,
+        "evil",
+        &evil_seen,
+        ":authority against Host: orders",
+    );
 
     // Host alone names the authority, as :authority would.
     let r = call(&mut conn, get("/x").header("host", "orders")).await;

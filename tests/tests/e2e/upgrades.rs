@@ -71,7 +71,10 @@ async fn an_h2c_offer_is_dropped_and_the_connection_stays_governed() {
         statuses.push(r.status.as_u16());
     }
     let limited = statuses.iter().filter(|s| **s == 429).count();
-    assert!(limited >= 3, "rate limit holds on the connection: {statuses:?}");
+    assert!(
+        limited >= 3,
+        "rate limit holds on the connection: {statuses:?}"
+    );
     assert_eq!(up.requests() as usize, 1 + statuses.len() - limited);
 
     proxy.shutdown().await;
@@ -107,10 +110,7 @@ async fn a_protocol_the_route_lists_is_tunnelled_and_others_are_not() {
 
     // An offer of several keeps only what the route allows.
     let mut conn = HttpConn::h1(addr).await.unwrap();
-    let resp = conn
-        .send(offer("/upgrade/live", "foo, h2c"))
-        .await
-        .unwrap();
+    let resp = conn.send(offer("/upgrade/live", "foo, h2c")).await.unwrap();
     assert_eq!(resp.status(), 101);
     assert_eq!(resp.headers()["upgrade"], "h2c", "foo was never offered on");
     proxy.shutdown().await;
@@ -167,7 +167,11 @@ spec:
             &[route, &format!(r#"decision="{d}""#)],
         )
     };
-    assert_eq!((decisions("allowed"), decisions("limited")), (2.0, 1.0), "{text}");
+    assert_eq!(
+        (decisions("allowed"), decisions("limited")),
+        (2.0, 1.0),
+        "{text}"
+    );
     let requests = |code: &str| {
         metric_sum(
             &text,
