@@ -226,8 +226,10 @@ async fn routes_by_host_path_method_and_header() {
     let resp = send(f.proxy.outbound_addr().unwrap(), false, req).await;
     assert_eq!(text(&resp), "v2 POST /api/orders HTTP/1.1");
 
-    // HTTP proxy style: absolute-form request target.
+    // HTTP proxy style: absolute-form request target, whose authority routes (HTTP/1.1
+    // still carries a Host, as `curl -x` sends it; a differing one is replaced).
     let req = Request::get("http://logs/logs/a")
+        .header("host", "orders")
         .body(Full::default())
         .unwrap();
     let resp = send(f.proxy.outbound_addr().unwrap(), false, req).await;
@@ -430,7 +432,9 @@ async fn upgrade_echo() -> SocketAddr {
 async fn upgrade_tunnels_bytes_both_ways() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let up = upgrade_echo().await;
-    let (proxy, _dir) = start_with(&single_backend("echo", up), None).await;
+    // `echo` is no WebSocket: the route lists it.
+    let policy = format!("{}      upgrades: [echo]\n", single_backend("echo", up));
+    let (proxy, _dir) = start_with(&policy, None).await;
     let io = TokioIo::new(
         TcpStream::connect(proxy.outbound_addr().unwrap())
             .await
