@@ -275,6 +275,27 @@ pub fn attacks(host: &str) -> Vec<Attack> {
             Refused,
         ),
         cut_short,
+        h1(
+            "two Host headers naming different hosts",
+            &format!("GET / HTTP/1.1\r\nHost: {host}\r\nHost: elsewhere\r\n\r\n"),
+            Refused,
+        ),
+        h1("HTTP/1.1 request without Host", "GET / HTTP/1.1\r\n\r\n", Refused),
+        h1(
+            "absolute-form target with userinfo",
+            &format!("GET http://user:pw@{host}/ HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+            Refused,
+        ),
+        h1(
+            "CONNECT to a governed host",
+            &format!("CONNECT {host}:443 HTTP/1.1\r\nHost: {host}:443\r\n\r\n"),
+            Refused,
+        ),
+        h1(
+            "asterisk-form target to a governed host",
+            &format!("OPTIONS * HTTP/1.1\r\nHost: {host}\r\n\r\n"),
+            Refused,
+        ),
         Attack {
             name: "HTTP/2 preface with a wrong ending",
             bytes: b"PRI * HTTP/2.0\r\n\r\nXX\r\n\r\n".to_vec(),
