@@ -56,14 +56,13 @@ impl Direction {
 pub(crate) async fn outbound(store: &PolicyStore, mut req: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
     let snapshot = store.current();
-    let transparent = req.extensions().get::<OriginalDst>().cloned();
     let named = match authority::settle(&mut req) {
         Ok(named) => named,
         Err(refusal) => return refused(store, Direction::Outbound, &mut req, refusal),
     };
     if named == Named::Nothing {
         // Transparent mode: a request naming no host is none of the mesh's business.
-        if let Some(dst) = transparent {
+        if let Some(dst) = req.extensions().get::<OriginalDst>().cloned() {
             return to_original_destination(store, dst, req).await;
         }
         return refused(
@@ -83,9 +82,10 @@ pub(crate) async fn outbound(store: &PolicyStore, mut req: Request<Incoming>) ->
         host.and_then(|host| snapshot.route(host, req.method(), req.uri().path(), req.headers()));
     let Some(entry) = entry else {
         // Transparent mode: a host no policy claims is none of the mesh's business.
-        if let Some(dst) = transparent
+        if let Some(dst) = req.extensions().get::<OriginalDst>()
             && !host.is_some_and(|h| snapshot.has_host(h))
         {
+            let dst = dst.clone();
             return to_original_destination(store, dst, req).await;
         }
         debug!(host = ?host, path = req.uri().path(), "no route");
