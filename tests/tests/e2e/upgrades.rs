@@ -186,3 +186,27 @@ spec:
     second.close(None).await.unwrap();
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbound_takes_the_upgrades_its_own_policy_lists() {
+    let app = Upstream::http1("app").await;
+    // The app's own policy lists h2c on one route: its inbound sidecar lets h2c through
+    // to the app (callers' sidecars have decided per route already), and nothing else.
+    let proxy = TestProxy::start_with(
+        &policy(app.addr(), "\n      upgrades: [h2c]", 50),
+        sluice_e2e::ProxyOptions {
+            inbound: true,
+            app: Some(app.addr()),
+            service: Some("feeds".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut conn = HttpConn::h1(proxy.inbound_addr()).await.unwrap();
+    let resp = conn.send(offer("/upgrade/any", "h2c")).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    let mut conn = HttpConn::h1(proxy.inbound_addr()).await.unwrap();
+    let r = conn.call(offer("/upgrade/any", "foo")).await.unwrap();
+    assert_eq!((r.status.as_u16(), r.header("x-seen-upgrade")), (200, ""));
+    proxy.shutdown().await;
+}
