@@ -247,6 +247,32 @@ spec:
         (200, "external example.com /x"),
         "{r:?}"
     );
+    // One naming no host at all is none of the mesh's business either; one naming two
+    // is refused, as everywhere (which of them would route it?).
+    let bare = |hosts: &[&str]| {
+        let mut b = http::Request::builder().uri("/bare");
+        for h in hosts {
+            b = b.header("host", *h);
+        }
+        b.body(sluice_e2e::full_body(bytes::Bytes::new())).unwrap()
+    };
+    let r = conn.call(bare(&[])).await.unwrap();
+    assert_eq!(
+        (r.status.as_u16(), r.header("x-upstream")),
+        (200, "external")
+    );
+    let r = conn.call(bare(&["example.com", "orders"])).await.unwrap();
+    assert_eq!(
+        (r.status.as_u16(), r.header("x-sluice-reason")),
+        (400, "bad-request")
+    );
+    // Also as the first request of a connection: the sniff does not pass it through.
+    let mut fresh = h1("10.55.0.2:80").await;
+    let r = fresh.call(bare(&["example.com", "orders"])).await.unwrap();
+    assert_eq!(
+        (r.status.as_u16(), r.header("x-sluice-reason")),
+        (400, "bad-request")
+    );
 
     // A first request to a host no policy claims: the connection passes through byte for
     // byte (header case, order and spacing intact).
