@@ -150,6 +150,21 @@ async fn an_old_proxy_keeps_receiving_other_policies_while_one_uses_a_new_field(
     .expect("the proxy's policies validate");
     assert_eq!(sticky_hash(&new_set), Some(StickyHash::Rendezvous));
     assert_eq!(new_set.schema_version(), SCHEMA_VERSION);
+    // The proxy applies a snapshot before its ack reaches the control plane: wait for
+    // the ack rather than reading `/proxies` the moment the proxy has it.
+    let v3r = v3.as_str();
+    wait_until(
+        "the control plane records the current proxy's ack",
+        WAIT,
+        || async move {
+            let proxies = cpr.admin_json("/proxies").await;
+            proxies["proxies"].as_array().is_some_and(|l| {
+                l.iter()
+                    .any(|p| p["node_id"] == "new-proxy" && p["acked_version"] == v3r)
+            })
+        },
+    )
+    .await;
     let proxies = cp.admin_json("/proxies").await;
     let list = proxies["proxies"].as_array().expect("proxies").clone();
     let find = |node: &str| {
