@@ -8,11 +8,13 @@
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use rustls::pki_types::ServerName;
 use sluice_e2e::{
-    HttpConn, ProxyOptions, TestProxy, Upstream, WAIT, metric_sum, read_until_closed, scrape,
-    single_backend_policy, tcp_sink, wait_until,
+    HttpConn, ProxyOptions, TestControlPlane, TestProxy, Upstream, WAIT, metric_sum,
+    read_until_closed, scrape, single_backend_policy, tcp_sink, wait_until,
 };
 use sluice_proxy::timeouts::Timeouts;
+use sluice_proxy::tls::TlsStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -208,4 +210,74 @@ async fn stalled_and_trickled_heads_get_408_while_quiet_connections_stay() {
     );
     assert_eq!(timed_out, 2.0, "{metrics}");
     proxy.shutdown().await;
+}
+
+const ORDER: &str = "spiffe://cluster.local/ns/shop/sa/order";
+const LOG: &str = "spiffe://cluster.local/ns/shop/sa/log";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_head_over_mtls_gets_408_inside_the_tls_session() {
+    let app = Upstream::http1("log-app").await;
+    let cp = TestControlPlane::start_with_ca(
+        &[],
+        &[("tok-log", "shop", "log"), ("tok-order", "shop", "order")],
+        Duration::from_secs(600),
+    )
+    .await;
+    let policy = format!(
+        r#"apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: {{ name: log-service, namespace: shop }}
+spec:
+  host: log-service
+  backends:
+    log: {{ addresses: ["127.0.0.1:9"] }}
+  routes:
+    - name: all
+  inbound:
+    allow: ["{ORDER}"]
+"#
+    );
+    let log = TestProxy::start_with(
+        &policy,
+        ProxyOptions {
+            outbound: false,
+            inbound: true,
+            app: Some(app.addr()),
+            service: Some("log-service".into()),
+            mtls: Some(cp.mesh_tls("tok-log")),
+            timeouts: Timeouts {
+                request_header: Duration::from_millis(300),
+                ..Timeouts::default()
+            },
+            ..Default::default()
+        },
+    )
+    .await;
+
+    let order = TlsStore::new(cp.certify("tok-order").await).unwrap();
+    let config = order.client_config_for(Some(LOG), &[b"http/1.1"]).unwrap();
+    let tcp = TcpStream::connect(log.inbound_addr()).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::try_from("log.mesh.invalid").unwrap(), tcp)
+        .await
+        .expect("the mTLS handshake");
+    tls.write_all(b"GET /hello HTTP/1.1\r\nHost: log-service\r\n")
+        .await
+        .unwrap();
+    assert_head_timeout_answer(&read_until_closed(&mut tls).await);
+    assert_eq!(app.requests(), 0);
+
+    let metrics = scrape(log.admin_addr()).await;
+    let timed_out = metric_sum(
+        &metrics,
+        "sluice_requests_total",
+        &[
+            r#"direction="inbound""#,
+            r#"code="408""#,
+            &format!(r#"peer_identity="{ORDER}""#),
+        ],
+    );
+    assert_eq!(timed_out, 1.0, "{metrics}");
+    log.shutdown().await;
 }
