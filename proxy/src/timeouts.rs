@@ -424,9 +424,18 @@ pin_project_lite::pin_project! {
     /// while its [`HeadPhase`] waits for a head starts the header timeout; if the
     /// service has not seen the complete head when it passes, the I/O writes `answer`
     /// (a complete `408` with `connection: close`), shuts the connection down and fails
-    /// the read with [`RequestHeaderTimeout`], which ends hyper's connection. The
-    /// timer is polled only while hyper waits for bytes of a started head; a read costs
-    /// one atomic load, and nothing allocates after the first head's timer.
+    /// the read with [`RequestHeaderTimeout`], which ends hyper's connection. A read
+    /// costs one atomic load (and a clock read for a head's first bytes); the timer is
+    /// set only once hyper waits for more bytes of a started head, so a head that
+    /// arrives whole, or an HTTP/2 connection, never touches it, and it is allocated
+    /// once per connection at most.
+    ///
+    /// The phase comes from the service, not from parsing, so two rare cases are
+    /// approximate: a pipelined head that arrived while the previous answer was going
+    /// out is timed from the next byte after that answer (a client that then sends
+    /// nothing is merely idle), and request body bytes still arriving after the whole
+    /// answer was sent count as a head (a body that then pauses past the header timeout
+    /// is cut off with the 408 after its answer instead of being read on).
     pub struct HeaderTimeoutIo<I> {
         #[pin]
         io: I,
@@ -434,8 +443,8 @@ pin_project_lite::pin_project! {
         timeout: Duration,
         answer: Bytes,
         sleep: Option<Pin<Box<Sleep>>>,
-        // The phase word of the head the timer runs for.
-        armed: Option<u64>,
+        // The phase word of the head being timed, and its deadline.
+        armed: Option<(u64, Instant)>,
         // Bytes of the HTTP/2 preface seen so far; `u8::MAX` once it is HTTP/1.
         preface: u8,
         // hyper's last write did not go through: part of its answer may still wait in
@@ -468,13 +477,8 @@ impl<I: AsyncRead + AsyncWrite> HeaderTimeoutIo<I> {
     fn arrived(self: Pin<&mut Self>, bytes: &[u8]) {
         let this = self.project();
         let word = this.phase.load();
-        if word & PHASE == WAITING && *this.armed != Some(word) {
-            let deadline = Instant::now() + *this.timeout;
-            match this.sleep {
-                Some(sleep) => sleep.as_mut().reset(deadline),
-                None => *this.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
-            }
-            *this.armed = Some(word);
+        if word & PHASE == WAITING && this.armed.is_none_or(|(w, _)| w != word) {
+            *this.armed = Some((word, Instant::now() + *this.timeout));
         }
         let seen = usize::from(*this.preface);
         if seen < H2_PREFACE.len() {
@@ -494,7 +498,7 @@ impl<I: AsyncRead + AsyncWrite> HeaderTimeoutIo<I> {
     /// hyper waits for more bytes: has the started head run out of time?
     fn expired(self: Pin<&mut Self>, cx: &mut Context<'_>) -> bool {
         let this = self.project();
-        let Some(armed) = *this.armed else {
+        let Some((armed, deadline)) = *this.armed else {
             return false;
         };
         if this.phase.load() != armed {
@@ -502,8 +506,16 @@ impl<I: AsyncRead + AsyncWrite> HeaderTimeoutIo<I> {
             *this.armed = None;
             return false;
         }
-        let Some(sleep) = this.sleep else {
-            return false;
+        let sleep = match this.sleep {
+            Some(sleep) => {
+                if sleep.deadline() != deadline {
+                    sleep.as_mut().reset(deadline);
+                }
+                sleep
+            }
+            None => this
+                .sleep
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
         };
         if sleep.as_mut().poll(cx).is_pending() || !this.phase.advance(armed, TIMED_OUT) {
             return false;
