@@ -256,19 +256,21 @@ where
             Ok(resp.map(|body| GuardedBody::new(body, head_guard)))
         }
     });
+    // The 408 ends hyper's connection with an I/O error: counted, not an error here.
+    let finish = |ended: Result<(), BoxError>| {
+        if !head.timed_out() {
+            return ended;
+        }
+        debug!(%peer, timeout = ?timeouts.request_header, "request head timed out; answered 408");
+        if let Some(count) = &settings.head_timeouts {
+            count.count(peer_id.as_deref());
+        }
+        Ok(())
+    };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::select! {
-        ended = conn.as_mut() => {
-            if head.timed_out() {
-                debug!(%peer, timeout = ?timeouts.request_header, "request head timed out; answered 408");
-                if let Some(count) = &settings.head_timeouts {
-                    count.count(peer_id.as_deref());
-                }
-                return Ok(());
-            }
-            return ended;
-        }
+        ended = conn.as_mut() => return finish(ended),
         _ = watcher.shutdown.wait_for(|stop| *stop) => {}
         () = conn_budget.tripped() => {}
         () = activity.idle_for(timeouts.idle) => {
@@ -277,7 +279,7 @@ where
         }
     }
     conn.as_mut().graceful_shutdown();
-    conn.await
+    finish(conn.await)
 }
 
 /// The error that makes hyper reset an HTTP/2 stream with `REFUSED_STREAM`.
