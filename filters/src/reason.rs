@@ -27,7 +27,8 @@ pub enum Reason {
     BadRequest,
     /// The proxy shed the request under load (503, with `retry-after`).
     Overloaded,
-    /// The client stalled sending its request (408): the upstream request was dropped.
+    /// The client stalled sending its request (408): a head not complete within the
+    /// header timeout, or a body that paused too long (its upstream request dropped).
     RequestTimeout,
     /// The method is not served for this host (405): `CONNECT` to a governed host.
     MethodNotAllowed,

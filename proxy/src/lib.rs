@@ -260,6 +260,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
     let mut data_tasks = Vec::new();
     if let Some(l) = outbound {
         let store = store.clone();
+        let outbound_head_timeouts = store.context().metrics.head_timeouts("outbound");
         let intercept = transparent::Intercept::Outbound {
             store: store.clone(),
             tcp: Arc::new(store.context().metrics.tcp("outbound")),
@@ -277,6 +278,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
             Some(intercept),
             None,
             cfg.h2_limits,
+            Some(outbound_head_timeouts),
         ));
     }
     if let (Some(l), Some(app)) = (inbound, app) {
@@ -286,6 +288,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
             .flatten()
             .map(|a| a.port())
             .collect();
+        let inbound_head_timeouts = store.context().metrics.head_timeouts("inbound");
         let intercept = transparent::Intercept::Inbound {
             app_port: app.port(),
             proxy_ports,
@@ -309,6 +312,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
             Some(intercept),
             mode,
             cfg.h2_limits,
+            Some(inbound_head_timeouts),
         ));
     }
     let admin_state = admin::AdminState {
@@ -328,6 +332,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         None,
         None,
         H2Limits::default(),
+        None,
     );
 
     if let Some(path) = &cfg.addr_file {

@@ -212,6 +212,14 @@ impl Metrics {
         }
     }
 
+    /// The counter of `direction`'s HTTP/1 request heads that missed the header timeout.
+    pub fn head_timeouts(&self, direction: &'static str) -> HeadTimeouts {
+        HeadTimeouts {
+            requests: self.requests.clone(),
+            direction,
+        }
+    }
+
     /// The registry in Prometheus text format.
     pub fn encode(&self) -> String {
         let mut buf = Vec::new();
@@ -242,6 +250,25 @@ impl Metrics {
             other: OnceLock::new(),
             labels,
         }
+    }
+}
+
+/// Counts one listener's request heads that did not arrive within the header timeout,
+/// answered 408 before any route was known: `sluice_requests_total{route="",backend="",
+/// code="408"}`, beside the 408s of stalled bodies, which carry their route.
+#[derive(Clone, Debug)]
+pub struct HeadTimeouts {
+    requests: IntCounterVec,
+    direction: &'static str,
+}
+
+impl HeadTimeouts {
+    /// Counts one timed-out head from `peer` (its SPIFFE ID over mTLS). Only on the
+    /// timeout's own path, so the label lookup is no hot-path cost.
+    pub fn count(&self, peer: Option<&str>) {
+        self.requests
+            .with_label_values(&[self.direction, "", "", "408", peer.unwrap_or("")])
+            .inc();
     }
 }
 

@@ -92,6 +92,26 @@ pub(crate) fn refuse(reason: Reason, detail: &str, grpc: bool) -> Response<Body>
     resp
 }
 
+/// The whole HTTP/1.1 answer to a request head that did not arrive within `timeout`
+/// ([`crate::timeouts::HeaderTimeoutIo`]): what [`refuse`] answers for
+/// [`Reason::RequestTimeout`], plus `connection: close`, written out once per listener
+/// since there is no request for hyper to answer.
+pub(crate) fn header_timeout_answer(timeout: std::time::Duration) -> bytes::Bytes {
+    let reason = Reason::RequestTimeout;
+    let status = reason.status();
+    let body = format!("no complete request head within {timeout:?}\n");
+    format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: text/plain; charset=utf-8\r\n{}: {}\r\n\
+         connection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or_default(),
+        reason::HEADER,
+        reason.as_str(),
+        body.len(),
+    )
+    .into()
+}
+
 fn find<'a, E: std::error::Error + 'static>(
     err: &'a (dyn std::error::Error + 'static),
 ) -> Option<&'a E> {

@@ -20,7 +20,9 @@ use tracing::{debug, info, warn};
 
 use crate::body::{Body, BoxError};
 use crate::h2_limits::{H2Limits, StreamBudget};
-use crate::timeouts::{Activity, ActivityIo, Timeouts};
+use crate::metrics::HeadTimeouts;
+use crate::rescue::header_timeout_answer;
+use crate::timeouts::{Activity, ActivityIo, GuardedBody, HeadPhase, HeaderTimeoutIo, Timeouts};
 use crate::tls::accept::{Accepted, InboundTls};
 use crate::transparent::{Intercept, OriginalDst, Prefixed};
 
@@ -36,7 +38,8 @@ const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// itself or return it with its original destination (put in every request's
 /// extensions). With `tls`, the connection then goes through the inbound TLS accept,
 /// and the peer's verified identity is put in every request's extensions. Every
-/// HTTP/2 connection is held to `h2` ([`crate::h2_limits`]).
+/// HTTP/2 connection is held to `h2` ([`crate::h2_limits`]). HTTP/1 request heads that
+/// miss the header timeout are answered 408 and counted in `head_timeouts`.
 #[allow(clippy::too_many_arguments)] // one listener's whole setting, each used once
 pub(crate) fn serve<H, F>(
     name: &'static str,
@@ -48,6 +51,7 @@ pub(crate) fn serve<H, F>(
     intercept: Option<Intercept>,
     tls: Option<InboundTls>,
     h2: H2Limits,
+    head_timeouts: Option<HeadTimeouts>,
 ) -> JoinHandle<()>
 where
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
@@ -58,12 +62,18 @@ where
         builder
             .http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(timeouts.request_header)
+            // Heads are timed from their first byte, with a 408: `HeaderTimeoutIo`.
+            .header_read_timeout(None)
             .max_buf_size(MAX_HEADER_BYTES);
         builder
             .http2()
             .timer(TokioTimer::new())
             .max_header_list_size(MAX_HEADER_BYTES as u32);
+        let settings = ConnSettings {
+            timeouts,
+            head_answer: header_timeout_answer(timeouts.request_header),
+            head_timeouts,
+        };
         // Owning the connection tasks means none outlives the listener after the drain.
         let mut conns = tokio::task::JoinSet::new();
         loop {
@@ -87,6 +97,7 @@ where
             // Sniffing and handshakes await the client, so they happen in the
             // connection's own task.
             let (intercept, tls, builder) = (intercept.clone(), tls.clone(), builder.clone());
+            let settings = settings.clone();
             let watcher = Watcher {
                 shutdown: shutdown.clone(),
                 h2,
@@ -102,20 +113,20 @@ where
                 let result = match tls {
                     None => {
                         serve_conn(
-                            &builder, watcher, io, handler, peer, original, None, timeouts,
+                            &builder, watcher, io, handler, peer, original, None, &settings,
                         )
                         .await
                     }
                     Some(tls) => match crate::tls::accept::accept(&tls, io).await {
                         Ok(Accepted::Tls(io, id)) => {
                             serve_conn(
-                                &builder, watcher, *io, handler, peer, original, id, timeouts,
+                                &builder, watcher, *io, handler, peer, original, id, &settings,
                             )
                             .await
                         }
                         Ok(Accepted::Plain(io)) => {
                             serve_conn(
-                                &builder, watcher, io, handler, peer, original, None, timeouts,
+                                &builder, watcher, io, handler, peer, original, None, &settings,
                             )
                             .await
                         }
@@ -156,10 +167,21 @@ struct Watcher {
     h2: H2Limits,
 }
 
+/// What every connection of a listener is held to besides its HTTP/2 limits.
+#[derive(Clone, Debug)]
+struct ConnSettings {
+    timeouts: Timeouts,
+    /// The 408 a head that misses the header timeout gets, written out once per listener.
+    head_answer: bytes::Bytes,
+    head_timeouts: Option<HeadTimeouts>,
+}
+
 /// Serves HTTP on one accepted connection, putting what the accept step learnt about
 /// it in every request's extensions. The connection is asked to close (GOAWAY on
 /// HTTP/2, `connection: close` on HTTP/1) when the listener shuts down or when an
-/// HTTP/2 client goes over its [`StreamBudget`]; it is closed when idle for `timeouts.idle`.
+/// HTTP/2 client goes over its [`StreamBudget`]; it is closed when idle for `timeouts.idle`,
+/// and answered 408 and closed when an HTTP/1 head takes longer than
+/// `timeouts.request_header` from its first byte.
 #[allow(clippy::too_many_arguments)]
 async fn serve_conn<I, H, F>(
     builder: &auto::Builder<TokioExecutor>,
@@ -169,15 +191,24 @@ async fn serve_conn<I, H, F>(
     peer: SocketAddr,
     original: Option<OriginalDst>,
     identity: Option<PeerIdentity>,
-    timeouts: Timeouts,
+    settings: &ConnSettings,
 ) -> Result<(), BoxError>
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
+    let timeouts = settings.timeouts;
     let activity = Activity::new();
-    let io = ActivityIo::new(io, activity.clone());
+    let head = HeadPhase::new();
+    let io = HeaderTimeoutIo::new(
+        ActivityIo::new(io, activity.clone()),
+        head.clone(),
+        timeouts.request_header,
+        settings.head_answer.clone(),
+    );
+    let conn_head = head.clone();
+    let peer_id = identity.as_ref().map(|id| id.0.clone());
     let conn_activity = activity.clone();
     let budget = StreamBudget::new(&watcher.h2);
     let conn_budget = budget.clone();
@@ -198,6 +229,13 @@ where
             req.extensions_mut().insert(id.clone());
         }
         let in_flight = conn_activity.request();
+        // An HTTP/1 head is complete: its timer waits for the next one until the answer ends.
+        let head_guard = if h2 {
+            conn_head.off();
+            None
+        } else {
+            Some(conn_head.request())
+        };
         let fut = admitted.map(|guard| (guard, handler(peer, req)));
         async move {
             let Some((guard, fut)) = fut else {
@@ -208,13 +246,31 @@ where
             if let Some(g) = guard {
                 g.answered();
             }
-            Ok(resp)
+            let head_guard = match head_guard {
+                Some(g) if resp.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
+                    g.upgraded();
+                    None
+                }
+                g => g,
+            };
+            Ok(resp.map(|body| GuardedBody::new(body, head_guard)))
         }
     });
+    // The 408 ends hyper's connection with an I/O error: counted, not an error here.
+    let finish = |ended: Result<(), BoxError>| {
+        if !head.timed_out() {
+            return ended;
+        }
+        debug!(%peer, timeout = ?timeouts.request_header, "request head timed out; answered 408");
+        if let Some(count) = &settings.head_timeouts {
+            count.count(peer_id.as_deref());
+        }
+        Ok(())
+    };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
     tokio::select! {
-        ended = conn.as_mut() => return ended,
+        ended = conn.as_mut() => return finish(ended),
         _ = watcher.shutdown.wait_for(|stop| *stop) => {}
         () = conn_budget.tripped() => {}
         () = activity.idle_for(timeouts.idle) => {
@@ -223,7 +279,7 @@ where
         }
     }
     conn.as_mut().graceful_shutdown();
-    conn.await
+    finish(conn.await)
 }
 
 /// The error that makes hyper reset an HTTP/2 stream with `REFUSED_STREAM`.

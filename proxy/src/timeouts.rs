@@ -4,13 +4,20 @@
 //! - [`Activity`] watches a downstream connection's bytes and requests: one with no
 //!   request in flight and no byte either way for the idle timeout is closed, as
 //!   Envoy's `idle_timeout` (default 1 h) does;
-//! - the request header timeout is hyper's HTTP/1 header read timeout, set in
-//!   `server.rs`;
+//! - [`HeaderTimeoutIo`] times an HTTP/1 request head from its first byte: a head not
+//!   complete within the header timeout gets the fixed 408 `request-timeout` answer it
+//!   was given and the connection is closed, as Envoy's `request_headers_timeout` does.
+//!   Before the first byte the connection is merely idle (the idle timeout's business),
+//!   so pre-opened pool connections and quiet keep-alive ones live on; a client
+//!   trickling a byte now and then is still cut off one header timeout after its first.
+//!   hyper's own `header_read_timeout` is off: it starts before the first byte (closing
+//!   quiet keep-alive connections) and closes without an answer;
 //! - [`BodyTimeout`] wraps a request body on its way upstream: if the client sends
 //!   nothing for the body timeout before the upstream has answered, the body fails
 //!   with [`RequestBodyTimeout`], which ends the upstream request (freeing its
 //!   connection) and is rescued as 408 `request-timeout`.
 
+use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,7 +36,7 @@ use crate::body::BoxError;
 pub struct Timeouts {
     /// A connection with nothing in flight and no bytes for this long is closed.
     pub idle: Duration,
-    /// An HTTP/1 request head must arrive within this.
+    /// An HTTP/1 request head must be complete this long after its first byte.
     pub request_header: Duration,
     /// A request body may pause this long before the upstream answers.
     pub request_body: Duration,
@@ -258,6 +265,382 @@ impl<I: AsyncWrite> AsyncWrite for ActivityIo<I> {
     }
 }
 
+// === impl HeaderTimeoutIo ===
+
+/// An HTTP/1 request head was not complete within the header timeout of its first byte.
+#[derive(Debug, thiserror::Error)]
+#[error("no complete request head within {0:?} of its first byte")]
+pub struct RequestHeaderTimeout(pub Duration);
+
+/// The HTTP/2 connection preface: a connection that opens with it has no HTTP/1 heads
+/// to time (hyper-util's protocol detection looks for the same bytes).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How long the 408 may take to go out once the header timeout passed: a client that
+/// does not read it is cut off without it.
+const ANSWER_GRACE: Duration = Duration::from_secs(1);
+
+/// [`HeadPhase`]'s phases, in the low two bits of its word.
+const PHASE: u64 = 0b11;
+/// Waiting for the next request head.
+const WAITING: u64 = 0;
+/// A head is complete and its request is being answered.
+const BUSY: u64 = 1;
+/// No HTTP/1 heads to time: HTTP/2, or an upgraded connection.
+const OFF: u64 = 2;
+/// The header timeout passed and the connection answers 408 and closes.
+const TIMED_OUT: u64 = 3;
+
+/// Where a connection stands between HTTP/1 requests, shared by [`HeaderTimeoutIo`]
+/// (which sees the bytes) and the connection's service (which sees each complete head
+/// and the end of its answer). One word: the phase in the low two bits and the number
+/// of heads so far above them, so that the I/O tells one head's wait from the next.
+#[derive(Debug, Default)]
+pub struct HeadPhase(AtomicU64);
+
+impl HeadPhase {
+    /// A connection that was just accepted, waiting for its first head.
+    pub fn new() -> Arc<Self> {
+        Arc::default()
+    }
+
+    /// A complete HTTP/1 head reached the service: no timer runs until its answer ends,
+    /// when the returned guard drops.
+    pub fn request(self: &Arc<Self>) -> HeadGuard {
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |word| {
+                (word & PHASE == WAITING).then_some((((word >> 2) + 1) << 2) | BUSY)
+            });
+        HeadGuard(self.clone())
+    }
+
+    /// No more HTTP/1 heads on this connection (it speaks HTTP/2 or was upgraded).
+    pub fn off(&self) {
+        let _ = self
+            .0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |word| {
+                (word & PHASE != TIMED_OUT).then_some((word & !PHASE) | OFF)
+            });
+    }
+
+    /// Whether the connection was answered 408 for a head that did not arrive in time.
+    pub fn timed_out(&self) -> bool {
+        self.0.load(Ordering::Relaxed) & PHASE == TIMED_OUT
+    }
+
+    fn load(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// Moves from `from`'s phase to `to`, unless the phase changed meanwhile.
+    fn advance(&self, from: u64, to: u64) -> bool {
+        self.0
+            .compare_exchange(
+                from,
+                (from & !PHASE) | to,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            )
+            .is_ok()
+    }
+}
+
+/// One HTTP/1 request being answered (see [`HeadPhase::request`]). Dropped with the
+/// answer's body, it starts the wait for the next head; a connection whose answer was
+/// a 101 has no next head ([`HeadGuard::upgraded`]).
+#[derive(Debug)]
+pub struct HeadGuard(Arc<HeadPhase>);
+
+impl HeadGuard {
+    /// The answer switched protocols: what follows is no longer HTTP/1.
+    pub fn upgraded(self) {
+        self.0.off();
+    }
+}
+
+impl Drop for HeadGuard {
+    fn drop(&mut self) {
+        let word = self.0.load();
+        if word & PHASE == BUSY {
+            self.0.advance(word, WAITING);
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A response body that holds its request's [`HeadGuard`] until it is dropped, which
+    /// hyper does once the body is written (or the connection is gone).
+    pub struct GuardedBody<B> {
+        #[pin]
+        inner: B,
+        _guard: Option<HeadGuard>,
+    }
+}
+
+impl<B> GuardedBody<B> {
+    /// Wraps `inner`; `guard` is `None` for HTTP/2 answers, which have no heads to time.
+    pub fn new(inner: B, guard: Option<HeadGuard>) -> Self {
+        Self {
+            inner,
+            _guard: guard,
+        }
+    }
+}
+
+impl<B: HttpBody> HttpBody for GuardedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Where [`HeaderTimeoutIo`] is with its own answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Answer {
+    /// Not timed out.
+    None,
+    /// The header timeout passed; this many bytes of the 408 are written.
+    Writing(usize),
+    /// Written (or given up on) and the connection shut down.
+    Done,
+}
+
+pin_project_lite::pin_project! {
+    /// A connection's I/O that times HTTP/1 request heads: the first byte that arrives
+    /// while its [`HeadPhase`] waits for a head starts the header timeout; if the
+    /// service has not seen the complete head when it passes, the I/O writes `answer`
+    /// (a complete `408` with `connection: close`), shuts the connection down and fails
+    /// the read with [`RequestHeaderTimeout`], which ends hyper's connection. A read
+    /// costs one atomic load (and a clock read for a head's first bytes); the timer is
+    /// set only once hyper waits for more bytes of a started head, so a head that
+    /// arrives whole, or an HTTP/2 connection, never touches it, and it is allocated
+    /// once per connection at most.
+    ///
+    /// The phase comes from the service, not from parsing, so two rare cases are
+    /// approximate: a pipelined head that arrived while the previous answer was going
+    /// out is timed from the next byte after that answer (a client that then sends
+    /// nothing is merely idle), and request body bytes still arriving after the whole
+    /// answer was sent count as a head (a body that then pauses past the header timeout
+    /// is cut off with the 408 after its answer instead of being read on).
+    pub struct HeaderTimeoutIo<I> {
+        #[pin]
+        io: I,
+        phase: Arc<HeadPhase>,
+        timeout: Duration,
+        answer: Bytes,
+        sleep: Option<Pin<Box<Sleep>>>,
+        // The phase word of the head being timed, and its deadline.
+        armed: Option<(u64, Instant)>,
+        // Bytes of the HTTP/2 preface seen so far; `u8::MAX` once it is HTTP/1.
+        preface: u8,
+        // hyper's last write did not go through: part of its answer may still wait in
+        // its buffer, and a 408 written now would cut into it.
+        write_blocked: bool,
+        state: Answer,
+    }
+}
+
+impl<I> HeaderTimeoutIo<I> {
+    /// Wraps `io`, answering `answer` when a head takes longer than `timeout`.
+    pub fn new(io: I, phase: Arc<HeadPhase>, timeout: Duration, answer: Bytes) -> Self {
+        Self {
+            io,
+            phase,
+            timeout,
+            answer,
+            sleep: None,
+            armed: None,
+            preface: 0,
+            write_blocked: false,
+            state: Answer::None,
+        }
+    }
+}
+
+impl<I: AsyncRead + AsyncWrite> HeaderTimeoutIo<I> {
+    /// Notes bytes that just arrived: the first of a head starts its timer, and a
+    /// complete HTTP/2 preface turns the timer off for good.
+    fn arrived(self: Pin<&mut Self>, bytes: &[u8]) {
+        let this = self.project();
+        let word = this.phase.load();
+        if word & PHASE == WAITING && this.armed.is_none_or(|(w, _)| w != word) {
+            *this.armed = Some((word, Instant::now() + *this.timeout));
+        }
+        let seen = usize::from(*this.preface);
+        if seen < H2_PREFACE.len() {
+            let n = bytes.len().min(H2_PREFACE.len() - seen);
+            if bytes[..n] == H2_PREFACE[seen..seen + n] {
+                *this.preface += n as u8;
+                if usize::from(*this.preface) == H2_PREFACE.len() {
+                    this.phase.off();
+                    *this.armed = None;
+                }
+            } else {
+                *this.preface = u8::MAX;
+            }
+        }
+    }
+
+    /// hyper waits for more bytes: has the started head run out of time?
+    fn expired(self: Pin<&mut Self>, cx: &mut Context<'_>) -> bool {
+        let this = self.project();
+        let Some((armed, deadline)) = *this.armed else {
+            return false;
+        };
+        if this.phase.load() != armed {
+            // The head completed (or the connection turned out not to be HTTP/1).
+            *this.armed = None;
+            return false;
+        }
+        let sleep = match this.sleep {
+            Some(sleep) => {
+                if sleep.deadline() != deadline {
+                    sleep.as_mut().reset(deadline);
+                }
+                sleep
+            }
+            None => this
+                .sleep
+                .insert(Box::pin(tokio::time::sleep_until(deadline))),
+        };
+        if sleep.as_mut().poll(cx).is_pending() || !this.phase.advance(armed, TIMED_OUT) {
+            return false;
+        }
+        *this.armed = None;
+        sleep
+            .as_mut()
+            .reset(Instant::now() + ANSWER_GRACE.min(*this.timeout));
+        *this.state = if *this.write_blocked {
+            Answer::Done
+        } else {
+            Answer::Writing(0)
+        };
+        true
+    }
+
+    /// Writes the 408 and shuts the connection down, then fails the read.
+    fn poll_answer(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let mut this = self.project();
+        let timed_out = || {
+            Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                RequestHeaderTimeout(*this.timeout),
+            )))
+        };
+        loop {
+            let step = match *this.state {
+                Answer::None | Answer::Done => return timed_out(),
+                Answer::Writing(n) if n < this.answer.len() => {
+                    this.io.as_mut().poll_write(cx, &this.answer[n..])
+                }
+                Answer::Writing(_) => this.io.as_mut().poll_shutdown(cx).map_ok(|()| 0),
+            };
+            match step {
+                Poll::Ready(Ok(written)) if written > 0 => {
+                    if let Answer::Writing(n) = this.state {
+                        *n += written;
+                    }
+                }
+                // Shut down (or the peer takes no more): done either way.
+                Poll::Ready(_) => {
+                    *this.state = Answer::Done;
+                    return timed_out();
+                }
+                Poll::Pending => {
+                    let gave_up = this
+                        .sleep
+                        .as_mut()
+                        .is_none_or(|s| s.as_mut().poll(cx).is_ready());
+                    if gave_up {
+                        *this.state = Answer::Done;
+                        return timed_out();
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+impl<I: AsyncRead + AsyncWrite> AsyncRead for HeaderTimeoutIo<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        if self.state != Answer::None {
+            return self.poll_answer(cx);
+        }
+        let before = buf.filled().len();
+        match self.as_mut().project().io.poll_read(cx, buf) {
+            Poll::Ready(Ok(())) => {
+                let bytes = &buf.filled()[before..];
+                if !bytes.is_empty() && self.phase.load() & PHASE != OFF {
+                    self.as_mut().arrived(bytes);
+                }
+                Poll::Ready(Ok(()))
+            }
+            Poll::Pending => {
+                if self.as_mut().expired(cx) {
+                    return self.poll_answer(cx);
+                }
+                Poll::Pending
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+        }
+    }
+}
+
+impl<I: AsyncWrite> AsyncWrite for HeaderTimeoutIo<I> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let r = this.io.poll_write(cx, buf);
+        *this.write_blocked = r.is_pending();
+        r
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.project().io.poll_shutdown(cx)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.project();
+        let r = this.io.poll_write_vectored(cx, bufs);
+        *this.write_blocked = r.is_pending();
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -351,6 +734,201 @@ mod tests {
             from.elapsed() <= idle + Duration::from_secs(1),
             "{:?}",
             from.elapsed()
+        );
+    }
+
+    const ANSWER: &[u8] =
+        b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+    const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+    fn head_timed(
+        io: tokio::io::DuplexStream,
+    ) -> (
+        Pin<Box<HeaderTimeoutIo<tokio::io::DuplexStream>>>,
+        Arc<HeadPhase>,
+    ) {
+        let phase = HeadPhase::new();
+        let io = HeaderTimeoutIo::new(io, phase.clone(), HEAD_TIMEOUT, Bytes::from_static(ANSWER));
+        (Box::pin(io), phase)
+    }
+
+    /// Reads what hyper would: the next bytes, or `None` if nothing comes within `wait`.
+    async fn read_within<R: AsyncRead + ?Sized>(
+        io: &mut Pin<Box<R>>,
+        wait: Duration,
+    ) -> Option<std::io::Result<Vec<u8>>> {
+        let mut buf = [0u8; 256];
+        let read = tokio::time::timeout(wait, io.read(&mut buf)).await.ok()?;
+        Some(read.map(|n| buf[..n].to_vec()))
+    }
+
+    /// Nothing is read (no bytes, no answer, no error) for an hour of paused time.
+    async fn assert_silent_for_an_hour<R: AsyncRead + ?Sized>(io: &mut Pin<Box<R>>) {
+        let read = read_within(io, Duration::from_secs(3600)).await;
+        assert!(read.is_none(), "{read:?}");
+    }
+
+    async fn read_to_end(client: &mut tokio::io::DuplexStream) -> Vec<u8> {
+        let mut all = Vec::new();
+        client.read_to_end(&mut all).await.unwrap();
+        all
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_head_is_answered_408_at_its_deadline_and_closed() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let (mut io, phase) = head_timed(server);
+        // No byte for an hour: idle, which is not this timer's business.
+        assert_silent_for_an_hour(&mut io).await;
+
+        client.write_all(b"GET / HT").await.unwrap();
+        let got = read_within(&mut io, Duration::ZERO).await.unwrap().unwrap();
+        assert_eq!(got, b"GET / HT");
+        let started = Instant::now();
+        let err = read_within(&mut io, Duration::from_secs(3600))
+            .await
+            .expect("the head times out")
+            .unwrap_err();
+        assert_eq!(started.elapsed(), HEAD_TIMEOUT);
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert!(
+            err.get_ref()
+                .is_some_and(|e| e.is::<RequestHeaderTimeout>()),
+            "{err}"
+        );
+        assert!(phase.timed_out());
+        assert_eq!(
+            read_to_end(&mut client).await,
+            ANSWER,
+            "the 408, then the end"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_trickled_head_is_cut_off_one_timeout_after_its_first_byte() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let (mut io, _phase) = head_timed(server);
+        // One byte every 3 s: each keeps the connection busy, none restarts the timer.
+        let trickle = tokio::spawn(async move {
+            for b in b"GET /slowly HTTP/1.1\r\n" {
+                if client.write_all(&[*b]).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            }
+            client
+        });
+        let first = read_within(&mut io, Duration::from_secs(3600))
+            .await
+            .unwrap()
+            .unwrap();
+        let started = Instant::now();
+        let mut bytes = first.len();
+        let err = loop {
+            match read_within(&mut io, Duration::from_secs(3600))
+                .await
+                .unwrap()
+            {
+                Ok(got) => bytes += got.len(),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), HEAD_TIMEOUT);
+        assert_eq!(bytes, 4, "bytes at 0, 3, 6 and 9 s");
+        drop(io);
+        let mut client = trickle.await.unwrap();
+        assert!(read_to_end(&mut client).await.starts_with(b"HTTP/1.1 408"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn each_head_gets_its_own_timer_and_answers_stop_it() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let (mut io, phase) = head_timed(server);
+        // A whole head in one read, answered at once, 9 s after which the next head
+        // starts: its deadline is 10 s from its own first byte, not the first head's.
+        client.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+        read_within(&mut io, Duration::ZERO).await.unwrap().unwrap();
+        drop(phase.request());
+        tokio::time::advance(Duration::from_secs(9)).await;
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        read_within(&mut io, Duration::ZERO).await.unwrap().unwrap();
+        let started = Instant::now();
+        let err = read_within(&mut io, Duration::from_secs(3600))
+            .await
+            .expect("the second head times out")
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), HEAD_TIMEOUT);
+
+        // A head complete in time, then a slow answer, then a quiet connection.
+        let (mut client, server) = tokio::io::duplex(1024);
+        let (mut io, phase) = head_timed(server);
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        read_within(&mut io, Duration::ZERO).await.unwrap().unwrap();
+        tokio::time::advance(Duration::from_secs(9)).await;
+        client.write_all(b"host: a\r\n\r\n").await.unwrap();
+        read_within(&mut io, Duration::ZERO).await.unwrap().unwrap();
+        // The head was complete in time: the service has it, and a slow answer is fine.
+        let guard = phase.request();
+        assert_silent_for_an_hour(&mut io).await;
+        // The answer ended; a quiet keep-alive connection is idle, not late.
+        drop(guard);
+        assert_silent_for_an_hour(&mut io).await;
+        // The next head's first byte starts a timer of its own.
+        client.write_all(b"G").await.unwrap();
+        read_within(&mut io, Duration::ZERO).await.unwrap().unwrap();
+        let started = Instant::now();
+        let err = read_within(&mut io, Duration::from_secs(3600))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), HEAD_TIMEOUT);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn http2_and_upgraded_connections_have_no_heads_to_time() {
+        // The HTTP/2 preface, in two reads, then a quiet client.
+        let (mut client, server) = tokio::io::duplex(1024);
+        let (mut io, phase) = head_timed(server);
+        client.write_all(&H2_PREFACE[..10]).await.unwrap();
+        read_within(&mut io, Duration::ZERO).await.unwrap().unwrap();
+        client.write_all(&H2_PREFACE[10..]).await.unwrap();
+        read_within(&mut io, Duration::ZERO).await.unwrap().unwrap();
+        assert_silent_for_an_hour(&mut io).await;
+        assert!(!phase.timed_out());
+
+        // An answered upgrade: what follows is a tunnel.
+        let (mut client, server) = tokio::io::duplex(1024);
+        let (mut io, phase) = head_timed(server);
+        phase.request().upgraded();
+        client.write_all(b"\x81\x05hel").await.unwrap();
+        read_within(&mut io, Duration::ZERO).await.unwrap().unwrap();
+        assert_silent_for_an_hour(&mut io).await;
+        assert!(!phase.timed_out());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_408_never_cuts_into_an_answer_still_queued() {
+        let (mut client, server) = tokio::io::duplex(16);
+        let (mut io, phase) = head_timed(server);
+        // The client reads nothing: the last answer's tail waits to be written.
+        let tail = [b'x'; 32];
+        assert!(io.write_all(&tail).now_or_never().is_none());
+        client.write_all(b"GE").await.unwrap();
+        read_within(&mut io, Duration::ZERO).await.unwrap().unwrap();
+        let err = read_within(&mut io, Duration::from_secs(3600))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert!(phase.timed_out());
+        drop(io);
+        assert_eq!(
+            read_to_end(&mut client).await,
+            [b'x'; 16],
+            "no 408 spliced in"
         );
     }
 }

@@ -10,9 +10,10 @@ use hyper::client::conn::{http1, http2};
 use hyper::header::HeaderMap;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::net::TcpStream;
 
-use crate::BoxError;
+use crate::{BoxError, WAIT};
 
 /// The request body type of [`HttpConn`]: anything that streams `Bytes`.
 pub type ReqBody = BoxBody<Bytes, BoxError>;
@@ -20,6 +21,19 @@ pub type ReqBody = BoxBody<Bytes, BoxError>;
 /// A whole body as a [`ReqBody`].
 pub fn full_body(bytes: impl Into<Bytes>) -> ReqBody {
     Full::new(bytes.into()).map_err(|e| match e {}).boxed()
+}
+
+/// Everything a raw connection receives until the peer closes it (at most [`WAIT`]),
+/// as text; panics if it is not closed by then.
+pub async fn read_until_closed<S: AsyncRead + Unpin>(stream: &mut S) -> String {
+    let mut all = Vec::new();
+    // A reset after the answer still counts as closed; what was read is kept.
+    let read = tokio::time::timeout(WAIT, stream.read_to_end(&mut all)).await;
+    assert!(
+        read.is_ok(),
+        "the peer did not close the connection within {WAIT:?}"
+    );
+    String::from_utf8_lossy(&all).into_owned()
 }
 
 enum Sender {

@@ -121,6 +121,21 @@ impl TestControlPlane {
         }
     }
 
+    /// Credentials the CA issues for `token` (to a client standing for a workload),
+    /// over its TLS gRPC port.
+    pub async fn certify(&self, token: &str) -> sluice_proxy::tls::Credentials {
+        let root = std::fs::read(self.trust_root()).expect("read the trust root");
+        let channel = sluice_api::control_plane_endpoint(&self.url(), Some(&root))
+            .expect("the control plane's endpoint")
+            .connect()
+            .await
+            .expect("connect to the control plane over TLS");
+        let mut client = sluice_api::pb::identity_client::IdentityClient::new(channel);
+        sluice_proxy::tls::Credentials::request(&mut client, token)
+            .await
+            .expect("certify")
+    }
+
     /// The admin listener's address.
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin

@@ -1,11 +1,13 @@
 //! Governance enforced by the outbound sidecar: rate limit, timeout, circuit breaker,
-//! sticky weighted split. The services behind it have none of this code.
+//! sticky weighted split, ejection of a dead endpoint. The services behind it have none
+//! of this code.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use hyper::{Method, StatusCode};
-use sluice_e2e::{HttpConn, TestProxy, Upstream, WAIT};
+use sluice_e2e::{HttpConn, TestProxy, Upstream, WAIT, metric_sum, scrape};
 use sluice_examples::log_service::{self, LogServiceConfig};
 
 fn policy(host: &str, backends: &[(&str, SocketAddr)], route: &str) -> String {
@@ -137,5 +139,85 @@ async fn sticky_weighted_split_keeps_each_user_on_one_side() {
         sides.len(),
         2,
         "100 users at 50/50 use both sides: {sides:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_endpoint_among_live_ones_is_ejected_and_no_request_fails() {
+    let mut ups = vec![
+        Upstream::http1("a").await,
+        Upstream::http1("b").await,
+        Upstream::http1("c").await,
+    ];
+    let addresses = ups
+        .iter()
+        .map(|u| format!("\"{}\"", u.addr()))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let policy = format!(
+        "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: pool, namespace: e2e }}\n\
+         spec:\n  host: pool\n  backends:\n    pool: {{ addresses: [{addresses}] }}\n  routes:\n    - name: main\n\
+         \x20     retry: {{ attempts: 2, on: [connect-failure, reset] }}\n"
+    );
+    let proxy = TestProxy::start(&policy).await;
+    let mut conn = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
+
+    // Warm up to 50 requests: the endpoints that answered have latency samples and
+    // pooled connections (one at a time, P2C keeps to the fastest and rarely tries
+    // one it has not measured).
+    for _ in 0..50 {
+        assert_eq!(conn.get("pool", "/").await.unwrap().status, StatusCode::OK);
+    }
+    // The busiest endpoint dies: its listener and its connections close.
+    let busiest = (0..ups.len()).max_by_key(|&i| ups[i].requests()).unwrap();
+    let doomed = ups.remove(busiest);
+    assert!(doomed.requests() > 0);
+    doomed.shutdown().await;
+
+    let retried = |metrics: &str| {
+        metric_sum(
+            metrics,
+            "sluice_retries_total",
+            &[r#"route="pool.main""#, r#"outcome="retried""#],
+        )
+    };
+    let retried_before = retried(&scrape(proxy.admin_addr()).await);
+    let served_before: Vec<u64> = ups.iter().map(Upstream::requests).collect();
+    let started = Instant::now();
+    const AFTER: u64 = 150;
+    for i in 0..AFTER {
+        let r = conn.get("pool", "/").await.unwrap();
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "request {i} after the death: {r:?}"
+        );
+    }
+    let elapsed = started.elapsed();
+    let retries = retried(&scrape(proxy.admin_addr()).await) - retried_before;
+
+    // Without ejection the dead endpoint, the fastest one measured, would win every
+    // pair it is drawn in (two thirds of the requests), each then retried. Ejected
+    // after its first refused connect (for 1 s, doubling on each failed probe), it
+    // costs one retry for its broken pooled connection, one for the refused connect,
+    // and one per probe after each ejection runs out.
+    let bound = 2 + elapsed.as_secs() + 1;
+    assert!(
+        (1.0..=bound as f64).contains(&retries),
+        "{retries} retries in {elapsed:?} (at most {bound}) for {AFTER} requests"
+    );
+    let served: Vec<u64> = ups
+        .iter()
+        .zip(served_before)
+        .map(|(u, before)| u.requests() - before)
+        .collect();
+    assert_eq!(
+        served.iter().sum::<u64>(),
+        AFTER,
+        "every request was answered by a live endpoint: {served:?}"
+    );
+    assert!(
+        served.iter().all(|&n| n > 0),
+        "both live endpoints serve: {served:?}"
     );
 }

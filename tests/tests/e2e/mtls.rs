@@ -14,7 +14,6 @@ use hyper::{Request, StatusCode};
 use hyper_util::rt::TokioIo;
 use rcgen::{CertificateParams, KeyPair};
 use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer, ServerName};
-use sluice_api::pb::identity_client::IdentityClient;
 use sluice_control_plane::ca::{Ca, WorkloadIdentity};
 use sluice_e2e::grpc::GrpcServer;
 use sluice_e2e::grpc::proto::EchoRequest;
@@ -105,15 +104,7 @@ impl Mesh {
 
     /// Credentials the CA issues for `token`, over its TLS gRPC port.
     async fn certify(&self, token: &str) -> Credentials {
-        let root = std::fs::read(self.cp.trust_root()).unwrap();
-        let channel = sluice_api::control_plane_endpoint(&self.cp.url(), Some(&root))
-            .unwrap()
-            .connect()
-            .await
-            .expect("connect to the control plane over TLS");
-        Credentials::request(&mut IdentityClient::new(channel), token)
-            .await
-            .expect("certify")
+        self.cp.certify(token).await
     }
 
     fn ca_files(&self) -> (String, String) {

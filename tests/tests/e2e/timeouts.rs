@@ -1,13 +1,20 @@
 //! Slow clients: a request body that stops arriving frees its upstream connection
 //! after the request body timeout and gets 408, so stalled clients cannot pin
-//! upstream connections beyond it; an idle keep-alive connection is closed after the
-//! idle timeout.
+//! upstream connections beyond it; a request head that stalls, or trickles in, gets
+//! 408 and a closed connection one header timeout after its first byte, while
+//! connections that sent nothing yet (HTTP/1 or HTTP/2) are left to the idle timeout,
+//! which closes an idle keep-alive connection.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use sluice_e2e::{ProxyOptions, TestProxy, WAIT, single_backend_policy, tcp_sink, wait_until};
+use rustls::pki_types::ServerName;
+use sluice_e2e::{
+    HttpConn, ProxyOptions, TestControlPlane, TestProxy, Upstream, WAIT, metric_sum,
+    read_until_closed, scrape, single_backend_policy, tcp_sink, wait_until,
+};
 use sluice_proxy::timeouts::Timeouts;
+use sluice_proxy::tls::TlsStore;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -107,4 +114,170 @@ async fn idle_keep_alive_connections_are_closed() {
         String::from_utf8_lossy(&all)
     );
     proxy.shutdown().await;
+}
+
+/// The answer to a late head: 408 `request-timeout`, `connection: close`, then the end.
+fn assert_head_timeout_answer(answer: &str) {
+    let text = answer.to_lowercase();
+    assert!(
+        text.starts_with("http/1.1 408 request timeout\r\n"),
+        "{answer}"
+    );
+    assert!(
+        text.contains("\r\nx-sluice-reason: request-timeout\r\n"),
+        "{answer}"
+    );
+    assert!(text.contains("\r\nconnection: close\r\n"), "{answer}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_and_trickled_heads_get_408_while_quiet_connections_stay() {
+    let up = Upstream::http1("heads").await;
+    let header_timeout = Duration::from_millis(300);
+    let proxy = TestProxy::start_with(
+        &single_backend_policy("heads", "heads", up.addr()),
+        with_timeouts(Timeouts {
+            request_header: header_timeout,
+            ..Timeouts::default()
+        }),
+    )
+    .await;
+    let addr = proxy.outbound_addr();
+
+    // Connections that have sent no byte of a head: pre-opened, kept alive after a
+    // request, and HTTP/2 after its preface. None is late; each is merely idle.
+    let mut quiet = TcpStream::connect(addr).await.unwrap();
+    let mut kept = HttpConn::h1(addr).await.unwrap();
+    assert_eq!(kept.get("heads", "/first").await.unwrap().status, 200);
+    let mut h2 = HttpConn::h2(addr).await.unwrap();
+
+    // A head that stops halfway.
+    let mut stalled = TcpStream::connect(addr).await.unwrap();
+    stalled
+        .write_all(b"GET /stalled HTTP/1.1\r\nHost: heads\r\nX-Wait: ")
+        .await
+        .unwrap();
+    // A head trickled one byte every 50 ms: it would take 10 s to complete.
+    let head = format!(
+        "GET /trickled HTTP/1.1\r\nHost: heads\r\nX-Pad: {}\r\n\r\n",
+        "x".repeat(160)
+    );
+    let total = head.len();
+    let trickled = TcpStream::connect(addr).await.unwrap();
+    let (mut trickled_rx, mut trickled_tx) = trickled.into_split();
+    let writer = tokio::spawn(async move {
+        let mut sent = 0;
+        let mut tick = tokio::time::interval(Duration::from_millis(50));
+        for b in head.bytes() {
+            tick.tick().await;
+            if trickled_tx.write_all(&[b]).await.is_err() {
+                break;
+            }
+            sent += 1;
+        }
+        sent
+    });
+
+    assert_head_timeout_answer(&read_until_closed(&mut stalled).await);
+    assert_head_timeout_answer(&read_until_closed(&mut trickled_rx).await);
+    let sent = writer.await.unwrap();
+    assert!(
+        sent < total / 2,
+        "cut off after {sent} of {total} bytes, long before the head was complete"
+    );
+    assert_eq!(up.requests(), 1, "neither late head reached the upstream");
+
+    // By now every quiet connection has waited longer than the header timeout.
+    let mut probe = [0u8; 1];
+    match quiet.try_read(&mut probe) {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the quiet connection was answered or closed: {other:?}"),
+    }
+    quiet
+        .write_all(b"GET /late-but-whole HTTP/1.1\r\nHost: heads\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let answer = read_until_closed(&mut quiet).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert_eq!(kept.get("heads", "/second").await.unwrap().status, 200);
+    assert_eq!(h2.get("heads", "/h2").await.unwrap().status, 200);
+
+    let metrics = scrape(proxy.admin_addr()).await;
+    let timed_out = metric_sum(
+        &metrics,
+        "sluice_requests_total",
+        &[r#"direction="outbound""#, r#"route="""#, r#"code="408""#],
+    );
+    assert_eq!(timed_out, 2.0, "{metrics}");
+    proxy.shutdown().await;
+}
+
+const ORDER: &str = "spiffe://cluster.local/ns/shop/sa/order";
+const LOG: &str = "spiffe://cluster.local/ns/shop/sa/log";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_head_over_mtls_gets_408_inside_the_tls_session() {
+    let app = Upstream::http1("log-app").await;
+    let cp = TestControlPlane::start_with_ca(
+        &[],
+        &[("tok-log", "shop", "log"), ("tok-order", "shop", "order")],
+        Duration::from_secs(600),
+    )
+    .await;
+    let policy = format!(
+        r#"apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: {{ name: log-service, namespace: shop }}
+spec:
+  host: log-service
+  backends:
+    log: {{ addresses: ["127.0.0.1:9"] }}
+  routes:
+    - name: all
+  inbound:
+    allow: ["{ORDER}"]
+"#
+    );
+    let log = TestProxy::start_with(
+        &policy,
+        ProxyOptions {
+            outbound: false,
+            inbound: true,
+            app: Some(app.addr()),
+            service: Some("log-service".into()),
+            mtls: Some(cp.mesh_tls("tok-log")),
+            timeouts: Timeouts {
+                request_header: Duration::from_millis(300),
+                ..Timeouts::default()
+            },
+            ..Default::default()
+        },
+    )
+    .await;
+
+    let order = TlsStore::new(cp.certify("tok-order").await).unwrap();
+    let config = order.client_config_for(Some(LOG), &[b"http/1.1"]).unwrap();
+    let tcp = TcpStream::connect(log.inbound_addr()).await.unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::try_from("log.mesh.invalid").unwrap(), tcp)
+        .await
+        .expect("the mTLS handshake");
+    tls.write_all(b"GET /hello HTTP/1.1\r\nHost: log-service\r\n")
+        .await
+        .unwrap();
+    assert_head_timeout_answer(&read_until_closed(&mut tls).await);
+    assert_eq!(app.requests(), 0);
+
+    let metrics = scrape(log.admin_addr()).await;
+    let timed_out = metric_sum(
+        &metrics,
+        "sluice_requests_total",
+        &[
+            r#"direction="inbound""#,
+            r#"code="408""#,
+            &format!(r#"peer_identity="{ORDER}""#),
+        ],
+    );
+    assert_eq!(timed_out, 1.0, "{metrics}");
+    log.shutdown().await;
 }
