@@ -60,7 +60,7 @@ impl Capability {
             Capability::BackoffMin => true,
             Capability::Rollout => false,
             Capability::Fallback => false,
-            Capability::SlowStart => false,
+            Capability::SlowStart => true,
             Capability::ServicePort => false,
             Capability::FleetRateLimit => false,
             Capability::Upgrades => false,

@@ -25,6 +25,8 @@ pub struct BackendParams {
     pub endpoints: Arc<[Arc<str>]>,
     /// SPIFFE identity to expect (mTLS).
     pub identity: Option<Arc<str>>,
+    /// `slowStart` as written (`None`: the default).
+    pub slow_start: Option<std::time::Duration>,
 }
 
 /// Everything a route's layers are built from, built once per swap.
@@ -85,6 +87,7 @@ impl RouteParams {
             name: "app".into(),
             endpoints: Arc::new([Arc::from(app.as_str())]),
             identity: None,
+            slow_start: None,
         })]);
         let route = Route {
             access_log: policy
@@ -135,6 +138,7 @@ pub fn compile_backends(policy: &RoutePolicy) -> Result<Arc<[Arc<BackendParams>]
                 name: name.as_str().into(),
                 endpoints,
                 identity: b.identity.as_deref().map(Into::into),
+                slow_start: b.slow_start.map(|d| d.get()),
             }))
         })
         .collect()

@@ -207,10 +207,10 @@ pub fn build_outbound(ctx: &StackContext, params: Arc<RouteParams>) -> RouteEntr
         .backends
         .iter()
         .map(|b| {
-            g.endpoints.endpoint_set(&BalanceParams::new(
-                &b.name,
-                b.endpoints.iter().map(|e| &**e),
-            ))
+            g.endpoints.endpoint_set(
+                &BalanceParams::new(&b.name, b.endpoints.iter().map(|e| &**e))
+                    .with_slow_start(b.slow_start),
+            )
         })
         .collect();
     let service = ServiceBuilder::new()

@@ -527,9 +527,7 @@ spec:
             paths,
             [
                 "spec.backends.quote-v1.port",
-                "spec.backends.quote-v1.slowStart",
                 "spec.backends.quote-v2.port",
-                "spec.backends.quote-v2.slowStart",
                 "spec.routes[0].upgrades",
                 "spec.routes[0].rateLimit.scope",
                 "spec.routes[0].fallback",
