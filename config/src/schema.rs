@@ -59,7 +59,7 @@ impl Capability {
             Capability::RendezvousHash => true,
             Capability::BackoffMin => true,
             Capability::Rollout => false,
-            Capability::Fallback => false,
+            Capability::Fallback => true,
             Capability::SlowStart => true,
             Capability::ServicePort => false,
             Capability::FleetRateLimit => false,

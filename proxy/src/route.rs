@@ -7,7 +7,9 @@ use std::sync::Arc;
 use http::uri::Authority;
 use sluice_config::{Route, RoutePolicy};
 use sluice_filters::concurrency::ConcurrencyParams;
+use sluice_filters::fallback::FallbackParams;
 use sluice_filters::ratelimit::RateLimitParams;
+use sluice_filters::retry::DEFAULT_MAX_REPLAY_BYTES;
 use sluice_filters::split::SplitParams;
 use sluice_filters::timeout::TimeoutParams;
 use tracing::warn;
@@ -51,6 +53,8 @@ pub struct RouteParams {
     pub(crate) limit: Option<RateLimitParams>,
     /// Total and per-try timeouts.
     pub(crate) timeouts: TimeoutParams,
+    /// What answers once the primary failed (`fallback`).
+    pub(crate) fallback: Option<Arc<FallbackParams>>,
 }
 
 impl RouteParams {
@@ -63,7 +67,22 @@ impl RouteParams {
         let route = policy.spec.routes[index].clone();
         let split = SplitParams::from_config(&route, backends.iter().map(|b| &*b.name))
             .map_err(|e| ProxyError::Compile(e.to_string()))?;
+        let max_replay_bytes = route
+            .retry
+            .as_ref()
+            .and_then(|r| r.max_replay_bytes)
+            .unwrap_or(DEFAULT_MAX_REPLAY_BYTES);
+        let fallback = route
+            .fallback
+            .as_ref()
+            .map(|f| {
+                FallbackParams::from_config(f, backends.iter().map(|b| &*b.name), max_replay_bytes)
+                    .map(Arc::new)
+                    .map_err(|e| ProxyError::Compile(e.to_string()))
+            })
+            .transpose()?;
         Ok(Self {
+            fallback,
             policy: policy.metadata.name.as_str().into(),
             host: policy.spec.host.as_str().into(),
             name: route.name.as_str().into(),
@@ -107,6 +126,7 @@ impl RouteParams {
             key: "inbound".into(),
             limit: inbound_limit(policy),
             timeouts: TimeoutParams::default(),
+            fallback: None,
             split: Arc::new(split),
             route,
             backends,

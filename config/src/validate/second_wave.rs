@@ -530,9 +530,7 @@ spec:
                 "spec.backends.quote-v2.port",
                 "spec.routes[0].upgrades",
                 "spec.routes[0].rateLimit.scope",
-                "spec.routes[0].fallback",
                 "spec.routes[0].split[0].rollout",
-                "spec.routes[1].fallback",
             ]
         );
     }
