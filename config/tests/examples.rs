@@ -214,3 +214,34 @@ fn all_examples_form_one_policy_set() {
     assert_eq!(set.hash(), reversed.hash());
     assert_eq!(set.policies().len(), files.len() + 1);
 }
+
+#[test]
+fn fallback_examples_show_both_forms() {
+    let p = one("fallback-backend.yaml");
+    let f = p.spec.routes[0].fallback.as_ref().unwrap();
+    assert_eq!(f.backend.as_deref(), Some("quote-cache"));
+    assert!(
+        p.spec.routes[0].split.is_empty(),
+        "a fallback-only backend needs no split"
+    );
+    let p = one("fallback-response.yaml");
+    let r = p.spec.routes[0]
+        .fallback
+        .as_ref()
+        .unwrap()
+        .response
+        .as_ref()
+        .unwrap();
+    assert_eq!((r.status, r.grpc_status), (200, Some(14)));
+    assert_eq!(required_version(&p), SCHEMA_VERSION);
+}
+
+#[test]
+fn slow_start_is_per_backend() {
+    let p = one("slow-start.yaml");
+    let b = &p.spec.backends["shipping-v1"];
+    assert_eq!(
+        b.slow_start.unwrap().get(),
+        std::time::Duration::from_secs(30)
+    );
+}
