@@ -320,3 +320,88 @@ async fn an_endpoint_added_under_load_ramps_in_to_an_equal_share() {
     );
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_try_timeout_falls_back_within_the_route_time() {
+    let slow = Upstream::auto("slow").await;
+    slow.set_stall(sluice_e2e::Stall::Hang);
+    let cache = Upstream::auto("cache").await;
+    let route = r#"      timeout: 5s
+      retry: { attempts: 1, on: [timeout], perTryTimeout: 150ms, backoff: { base: 1ms, max: 2ms } }
+      fallback: { on: [timeout], backend: cache }
+"#;
+    let proxy = TestProxy::start(&policy(slow.addr(), Some(cache.addr()), route)).await;
+    let mut conn = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
+    let started = std::time::Instant::now();
+    let r = get(&mut conn).await;
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(r.header("x-upstream"), "cache");
+    assert_eq!(r.header("x-sluice-degraded"), "timeout");
+    // Both tries of the primary timed out (2 × 150 ms), then the cache answered, well
+    // inside the route's 5 s.
+    assert_eq!(slow.requests(), 2);
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    slow.set_stall(sluice_e2e::Stall::None);
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_answers_show_in_spans_and_access_logs() {
+    let receiver = sluice_e2e::otlp::OtlpReceiver::start().await;
+    let dead = closed_port().await;
+    let route = r#"      accessLog: true
+      fallback:
+        on: [upstream-unavailable, no-healthy-endpoint, breaker-open]
+        response: { status: 200, body: degraded }
+"#;
+    let endpoint = receiver.http_endpoint();
+    let mut proxy = sluice_e2e::ChildProxy::spawn(
+        env!("CARGO_BIN_EXE_e2e-proxy").as_ref(),
+        &policy(dead, None, route),
+        &[
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-protocol",
+            "http",
+            "--log-format",
+            "json",
+        ],
+    )
+    .await;
+    let mut conn = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
+    for _ in 0..3 {
+        let r = get(&mut conn).await;
+        assert_eq!((r.status, r.text().as_str()), (StatusCode::OK, "degraded"));
+    }
+    proxy.sigterm();
+    assert!(proxy.wait_exit(WAIT).await.success());
+    let log = proxy.log();
+    let access: Vec<serde_json::Value> = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "sluice::access")
+        .collect();
+    assert_eq!(access.len(), 3, "{log}");
+    for a in &access {
+        let f = &a["fields"];
+        assert_eq!(f["status"], 200, "{f}");
+        assert!(
+            [
+                "upstream-unavailable",
+                "no-healthy-endpoint",
+                "breaker-open"
+            ]
+            .contains(&f["degraded"].as_str().unwrap_or_default()),
+            "{f}"
+        );
+    }
+    wait_until("the spans arrive", WAIT, || async {
+        receiver
+            .spans()
+            .iter()
+            .filter(|s| s.attributes.contains_key("sluice.degraded"))
+            .count()
+            == 3
+    })
+    .await;
+}
