@@ -113,7 +113,7 @@ impl StaticResponse {
 /// A route's fallback, built from the policy once per swap.
 #[derive(Clone, Debug)]
 pub struct FallbackParams {
-    /// The reasons it answers, as `Reason` bits.
+    /// Whether it answers each reason of `REASONS`.
     on: [bool; 4],
     action: FallbackAction,
     max_replay_bytes: u64,

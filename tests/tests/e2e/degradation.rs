@@ -195,13 +195,7 @@ async fn a_grpc_caller_gets_the_static_fallback_status() {
         response: { status: 503, grpcStatus: 14, grpcMessage: "quotes degraded: try later" }
 "#;
     let proxy = TestProxy::start(&policy(dead, None, route)).await;
-    let channel =
-        tonic::transport::Endpoint::from_shared(format!("http://{}", proxy.outbound_addr()))
-            .unwrap()
-            .origin("http://quote".parse().unwrap())
-            .connect()
-            .await
-            .unwrap();
+    let channel = sluice_e2e::grpc::channel_to(proxy.outbound_addr(), "quote").await;
     let mut client = EchoClient::new(channel);
     for _ in 0..5 {
         let status = client
