@@ -222,3 +222,34 @@ fn upgrades_lists_h2c_on_one_route_and_needs_the_new_schema() {
     assert!(p.spec.routes[1].upgrades.is_empty());
     assert_eq!(required_version(&p), SCHEMA_VERSION);
 }
+
+#[test]
+fn fallback_examples_show_both_forms() {
+    let p = one("fallback-backend.yaml");
+    let f = p.spec.routes[0].fallback.as_ref().unwrap();
+    assert_eq!(f.backend.as_deref(), Some("quote-cache"));
+    assert!(
+        p.spec.routes[0].split.is_empty(),
+        "a fallback-only backend needs no split"
+    );
+    let p = one("fallback-response.yaml");
+    let r = p.spec.routes[0]
+        .fallback
+        .as_ref()
+        .unwrap()
+        .response
+        .as_ref()
+        .unwrap();
+    assert_eq!((r.status, r.grpc_status), (200, Some(14)));
+    assert_eq!(required_version(&p), SCHEMA_VERSION);
+}
+
+#[test]
+fn slow_start_is_per_backend() {
+    let p = one("slow-start.yaml");
+    let b = &p.spec.backends["shipping-v1"];
+    assert_eq!(
+        b.slow_start.unwrap().get(),
+        std::time::Duration::from_secs(30)
+    );
+}

@@ -388,8 +388,9 @@ fn log_v2_config(args: &Args) -> LogServiceConfig {
     }
 }
 
-/// One ingest through the order sidecar's outbound listener: status, `x-sluice-reason`,
-/// body.
+/// One ingest through the order sidecar's outbound listener: status, why the sidecar
+/// answered (`x-sluice-reason`, or `degraded: <reason>` when the route's fallback
+/// answered), body.
 async fn ingest(
     client: &Client<HttpConnector, Full<Bytes>>,
     ports: Ports,
@@ -407,12 +408,17 @@ async fn ingest(
         .await
         .ok()?;
     let status = resp.status().as_u16();
-    let reason = resp
-        .headers()
-        .get("x-sluice-reason")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_string();
+    let header = |name: &str| {
+        resp.headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_string()
+    };
+    let reason = match header("x-sluice-degraded") {
+        d if d.is_empty() => header("x-sluice-reason"),
+        d => format!("degraded: {d}"),
+    };
     let body = resp.into_body().collect().await.ok()?.to_bytes();
     Some((status, reason, String::from_utf8_lossy(&body).into_owned()))
 }
@@ -447,7 +453,8 @@ async fn v2_breaker(client: &Client<HttpConnector, Full<Bytes>>, ports: Ports) -
 }
 
 /// Governance, shown: a burst limited, the 90/10 split as shares, and log-v2's breaker
-/// opening while it is down and closing once it is back. Bounded: about 15 s.
+/// opening while it is down (its ingests then answered by the route's fallback, log-v1's
+/// pod) and closing once it is back. Bounded: about 15 s.
 async fn governance_scenes(
     client: &Client<HttpConnector, Full<Bytes>>,
     ports: Ports,
@@ -497,10 +504,14 @@ async fn governance_scenes(
     RunningService::shutdown(log_v2).await;
     let canary = [("x-tenant-id", "canary"), ("x-canary", "true")];
     let mut answers = Vec::new();
+    let mut fallback_by = String::new();
     for _ in 0..12 {
-        if let Some((status, reason, _)) = ingest(client, ports, &canary).await {
+        if let Some((status, reason, body)) = ingest(client, ports, &canary).await {
             answers.push(format!("{status} {reason}"));
-            if reason == "breaker-open" {
+            if reason == "degraded: breaker-open" || reason == "breaker-open" {
+                if body.contains("\"log-v1\"") {
+                    fallback_by = "log-v1".into();
+                }
                 break;
             }
         }
@@ -509,6 +520,11 @@ async fn governance_scenes(
         "  log-v2 down; canary ingests answered: {}",
         answers.join(", ")
     );
+    if !fallback_by.is_empty() {
+        println!(
+            "  breaker open: the route's fallback (backend log-fallback) answers them, logged by {fallback_by}, marked x-sluice-degraded"
+        );
+    }
     println!(
         "  /breakers ingest × log-v2: {}",
         v2_breaker(client, ports).await
@@ -519,7 +535,10 @@ async fn governance_scenes(
     let deadline = Instant::now() + Duration::from_secs(25);
     let mut recovered = false;
     while Instant::now() < deadline {
-        if let Some((200..=299, _, _)) = ingest(client, ports, &canary).await {
+        // Only an answer log-v2 gave itself, not the fallback's, means it is back.
+        if let Some((200..=299, reason, _)) = ingest(client, ports, &canary).await
+            && reason.is_empty()
+        {
             recovered = true;
             // The policy's `halfOpenRequests: 2`: a second probe closes the breaker.
             let _ = ingest(client, ports, &canary).await;

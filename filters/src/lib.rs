@@ -10,6 +10,8 @@
 //! - [`ratelimit`]: token buckets per route (optionally per key), kept across swaps.
 //! - [`timeout`]: the route's total time.
 //! - [`split`]: picks the backend (header rules, weights, sticky) and records it.
+//! - [`fallback`]: once the primary has failed for a listed reason, another backend or a
+//!   static answer, marked `x-sluice-degraded`.
 //! - [`retry`]: re-sends failed tries within a budget; enforces `perTryTimeout` itself.
 //! - [`breaker`]: one circuit breaker per route × backend.
 //! - [`balance`]: power of two choices over an endpoint set, with ejection.
@@ -31,8 +33,10 @@ mod classify;
 pub mod concurrency;
 mod error;
 pub mod extensions;
+pub mod fallback;
 pub mod ratelimit;
 pub mod reason;
+mod replay;
 pub mod retry;
 pub mod split;
 pub mod timeout;

@@ -6,6 +6,9 @@ use http::StatusCode;
 /// The header naming why the proxy answered instead of the upstream.
 pub const HEADER: &str = "x-sluice-reason";
 
+/// The header on an answer a route's fallback gave, naming the primary's failure.
+pub const DEGRADED_HEADER: &str = "x-sluice-degraded";
+
 /// A reason the proxy answers a request itself (DESIGN.md's list of fast failures).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Reason {

@@ -334,10 +334,9 @@ impl AccessEntry {
         resp: &Response<Body>,
         elapsed: std::time::Duration,
     ) {
-        let reason = resp
-            .headers()
-            .get(reason::HEADER)
-            .and_then(|v| v.to_str().ok());
+        let header = |name: &str| resp.headers().get(name).and_then(|v| v.to_str().ok());
+        let reason = header(reason::HEADER);
+        let degraded = header(reason::DEGRADED_HEADER);
         tracing::info!(
             target: "sluice::access",
             direction = direction.as_str(),
@@ -350,6 +349,7 @@ impl AccessEntry {
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             retries = self.retries.get(),
             reason,
+            degraded,
             peer_identity = self.peer.as_deref(),
             trace_id = self.trace_id.as_deref(),
             "access"

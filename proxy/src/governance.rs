@@ -11,7 +11,9 @@ use sluice_config::RoutePolicy;
 use sluice_filters::balance::BalanceRegistry;
 use sluice_filters::breaker::{BreakerObserver, BreakerParams, BreakerRegistry, CircuitState};
 use sluice_filters::concurrency::{ConcurrencyObserver, ConcurrencyRegistry};
+use sluice_filters::fallback::FallbackObserver;
 use sluice_filters::ratelimit::{Decision, RateLimitObserver, RateLimitRegistry};
+use sluice_filters::reason::Reason;
 use sluice_filters::retry::{RetryObserver, RetryOutcome, RetryParams, RetryRegistry};
 
 use crate::metrics::Metrics;
@@ -171,6 +173,16 @@ pub(crate) fn limit_observer(
         Decision::Allowed => allowed.inc(),
         Decision::Limited => limited.inc(),
         Decision::Shadow => shadow.inc(),
+    })
+}
+
+/// Counts `sluice_fallbacks_total{route,backend,reason}` (only when a fallback answers).
+pub(crate) fn fallback_observer(metrics: &Metrics) -> Arc<dyn FallbackObserver> {
+    let fallbacks = metrics.fallbacks.clone();
+    Arc::new(move |route: &str, backend: &str, reason: Reason| {
+        fallbacks
+            .with_label_values(&[route, backend, reason.as_str()])
+            .inc();
     })
 }
 

@@ -48,6 +48,9 @@ pub struct Metrics {
     pub ratelimit_decisions: IntCounterVec,
     /// `sluice_retries_total{route,backend,outcome}`.
     pub retries: IntCounterVec,
+    /// `sluice_fallbacks_total{route,backend,reason}`: answers a route's fallback gave
+    /// because its primary `backend` failed for `reason`.
+    pub fallbacks: IntCounterVec,
     /// `sluice_breaker_state{route,backend,state}`: 1 for the current state, 0 for the others.
     pub breaker_state: IntGaugeVec,
     /// `sluice_breaker_transitions_total{route,backend,from,to}`.
@@ -98,6 +101,13 @@ impl Metrics {
         let retries = IntCounterVec::new(
             Opts::new("sluice_retries_total", "Retries, by outcome."),
             &["route", "backend", "outcome"],
+        )?;
+        let fallbacks = IntCounterVec::new(
+            Opts::new(
+                "sluice_fallbacks_total",
+                "Answers given by a route's fallback, by the primary backend and its failure.",
+            ),
+            &["route", "backend", "reason"],
         )?;
         let breaker_state = IntGaugeVec::new(
             Opts::new(
@@ -172,6 +182,7 @@ impl Metrics {
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(ratelimit_decisions.clone()))?;
         registry.register(Box::new(retries.clone()))?;
+        registry.register(Box::new(fallbacks.clone()))?;
         registry.register(Box::new(breaker_state.clone()))?;
         registry.register(Box::new(breaker_transitions.clone()))?;
         registry.register(Box::new(policy_info.clone()))?;
@@ -182,6 +193,7 @@ impl Metrics {
             duration,
             ratelimit_decisions,
             retries,
+            fallbacks,
             breaker_state,
             breaker_transitions,
             policy_info,

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use http::uri::Authority;
 use sluice_config::{Route, RoutePolicy};
 use sluice_filters::concurrency::ConcurrencyParams;
+use sluice_filters::fallback::FallbackParams;
 use sluice_filters::ratelimit::RateLimitParams;
+use sluice_filters::retry::DEFAULT_MAX_REPLAY_BYTES;
 use sluice_filters::split::SplitParams;
 use sluice_filters::timeout::TimeoutParams;
 use tracing::warn;
@@ -25,6 +27,8 @@ pub struct BackendParams {
     pub endpoints: Arc<[Arc<str>]>,
     /// SPIFFE identity to expect (mTLS).
     pub identity: Option<Arc<str>>,
+    /// `slowStart` as written (`None`: the default).
+    pub slow_start: Option<std::time::Duration>,
 }
 
 /// Everything a route's layers are built from, built once per swap.
@@ -49,6 +53,8 @@ pub struct RouteParams {
     pub(crate) limit: Option<RateLimitParams>,
     /// Total and per-try timeouts.
     pub(crate) timeouts: TimeoutParams,
+    /// What answers once the primary failed (`fallback`).
+    pub(crate) fallback: Option<Arc<FallbackParams>>,
 }
 
 impl RouteParams {
@@ -61,7 +67,22 @@ impl RouteParams {
         let route = policy.spec.routes[index].clone();
         let split = SplitParams::from_config(&route, backends.iter().map(|b| &*b.name))
             .map_err(|e| ProxyError::Compile(e.to_string()))?;
+        let max_replay_bytes = route
+            .retry
+            .as_ref()
+            .and_then(|r| r.max_replay_bytes)
+            .unwrap_or(DEFAULT_MAX_REPLAY_BYTES);
+        let fallback = route
+            .fallback
+            .as_ref()
+            .map(|f| {
+                FallbackParams::from_config(f, backends.iter().map(|b| &*b.name), max_replay_bytes)
+                    .map(Arc::new)
+                    .map_err(|e| ProxyError::Compile(e.to_string()))
+            })
+            .transpose()?;
         Ok(Self {
+            fallback,
             policy: policy.metadata.name.as_str().into(),
             host: policy.spec.host.as_str().into(),
             name: route.name.as_str().into(),
@@ -85,6 +106,7 @@ impl RouteParams {
             name: "app".into(),
             endpoints: Arc::new([Arc::from(app.as_str())]),
             identity: None,
+            slow_start: None,
         })]);
         // The app takes every upgrade some route of its own policy lets callers make.
         let mut upgrades: Vec<String> = policy
@@ -113,6 +135,7 @@ impl RouteParams {
             key: "inbound".into(),
             limit: inbound_limit(policy),
             timeouts: TimeoutParams::default(),
+            fallback: None,
             split: Arc::new(split),
             route,
             backends,
@@ -144,6 +167,7 @@ pub fn compile_backends(policy: &RoutePolicy) -> Result<Arc<[Arc<BackendParams>]
                 name: name.as_str().into(),
                 endpoints,
                 identity: b.identity.as_deref().map(Into::into),
+                slow_start: b.slow_start.map(|d| d.get()),
             }))
         })
         .collect()

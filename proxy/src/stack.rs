@@ -3,8 +3,10 @@
 //! A route's stack runs, outermost first, in DESIGN.md's order:
 //!
 //! ```text
-//! route rate limit → total timeout → split → retry → circuit breaker → balancer → pooled connection
+//! route rate limit → total timeout → split → [fallback] → retry → circuit breaker → balancer → pooled connection
 //! ```
+//!
+//! The fallback layer is stacked only on routes with `fallback`.
 //!
 //! Every step is a `sluice-filters` layer. The split marks its choice as a
 //! [`SelectedBackend`] (index = position in the policy's `backends`); retry, breaker and
@@ -59,6 +61,13 @@
 //!   an endpoint when the inner error chain holds an [`UpstreamError`](sluice_filters::UpstreamError) of kind
 //!   `ConnectFailure` (override with `classify_with`). Error:
 //!   [`FilterError::NoHealthyEndpoint`](sluice_filters::FilterError::NoHealthyEndpoint) (503 `no-healthy-endpoint`).
+//! - **Fallback** ([`fallback`](sluice_filters::fallback)), only on routes with `fallback`.
+//!   Params: [`FallbackParams::from_config(&f, backend names, maxReplayBytes)`](sluice_filters::fallback::FallbackParams::from_config)
+//!   in [`RouteParams`]. No state. Layer
+//!   [`FallbackLayer::new(params, route_key, observer)`](sluice_filters::fallback::FallbackLayer::new),
+//!   the observer counting `sluice_fallbacks_total`. A fallback backend is re-sent through
+//!   the same retry → breaker → balancer stack with its own `SelectedBackend`, so it has
+//!   its own breaker (route × backend) and endpoint set. Answers carry `x-sluice-degraded`.
 //! - **Retry** ([`retry`](sluice_filters::retry)). Params: [`RetryParams::from_policy(&route.retry)`](sluice_filters::retry::RetryParams::from_policy).
 //!   At swap: `retries.update([(route_key, params), …])` on one
 //!   [`RetryRegistry`](sluice_filters::retry::RetryRegistry) (built with an
@@ -88,22 +97,25 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use bytes::Bytes;
 use http::uri::Authority;
 use http::{Request, Response};
+use http_body_util::{Either, Full};
 use sluice_config::RoutePolicy;
 use sluice_filters::authz::{AllowList, AuthzLayer};
 use sluice_filters::balance::{BalanceLayer, BalanceParams, EndpointSet};
 use sluice_filters::breaker::{BreakerLayer, Circuit};
 use sluice_filters::concurrency::ConcurrencyLimitLayer;
 use sluice_filters::extensions::{Endpoint, SelectedBackend};
+use sluice_filters::fallback::FallbackLayer;
 use sluice_filters::ratelimit::RateLimitLayer;
-use sluice_filters::retry::RetryLayer;
+use sluice_filters::retry::{ReplayBody, RetryLayer};
 use sluice_filters::split::SplitLayer;
 use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
 
 use crate::body::{Body, BoxError, boxed};
-use crate::governance::{BreakerAdmin, Governance, LimitKey, limit_observer};
+use crate::governance::{BreakerAdmin, Governance, LimitKey, fallback_observer, limit_observer};
 use crate::metrics::{Metrics, RouteMetrics};
 use crate::route::{BackendParams, RouteParams};
 use crate::upstream::Upstream;
@@ -207,26 +219,42 @@ pub fn build_outbound(ctx: &StackContext, params: Arc<RouteParams>) -> RouteEntr
         .backends
         .iter()
         .map(|b| {
-            g.endpoints.endpoint_set(&BalanceParams::new(
-                &b.name,
-                b.endpoints.iter().map(|e| &**e),
-            ))
+            g.endpoints.endpoint_set(
+                &BalanceParams::new(&b.name, b.endpoints.iter().map(|e| &**e))
+                    .with_slow_start(b.slow_start),
+            )
         })
         .collect();
-    let service = ServiceBuilder::new()
-        .option_layer(limit)
-        .layer(params.timeouts.total_layer())
-        .layer(SplitLayer::new(params.split.clone()))
+    // Retry enforces `perTryTimeout` itself, so no per-try timeout layer below it.
+    let lower = ServiceBuilder::new()
         .map_response(|r: Response<sluice_filters::breaker::ResponseBody<Body>>| r.map(boxed))
-        // Retry enforces `perTryTimeout` itself, so no per-try timeout layer below it.
         .layer(retry)
         .layer(BreakerLayer::per_backend(circuits))
         .layer(BalanceLayer::new(sets))
-        .map_request(|r: Request<sluice_filters::retry::ReplayBody<Body>>| r.map(boxed))
+        .map_request(|r: Request<ReplayBody<Body>>| r.map(boxed))
         .service(ctx.upstream.for_backends(&params.backends));
+    let upper = ServiceBuilder::new()
+        .option_layer(limit)
+        .layer(params.timeouts.total_layer())
+        .layer(SplitLayer::new(params.split.clone()));
+    // Only a route with a fallback pays for the layer (and for boxing its bodies once more).
+    let service = match &params.fallback {
+        None => BoxCloneSyncService::new(upper.service(lower)),
+        Some(fallback) => BoxCloneSyncService::new(
+            upper
+                .map_response(|r: Response<Either<Body, Full<Bytes>>>| r.map(boxed))
+                .layer(FallbackLayer::new(
+                    fallback.clone(),
+                    params.key.clone(),
+                    fallback_observer(&ctx.metrics),
+                ))
+                .map_request(|r: Request<ReplayBody<Body>>| r.map(boxed))
+                .service(lower),
+        ),
+    };
     RouteEntry {
         params,
-        service: BoxCloneSyncService::new(service),
+        service,
         metrics,
     }
 }

@@ -20,7 +20,8 @@
 //! Attributes follow the HTTP semantic conventions (`http.request.method`, `url.path`,
 //! `http.response.status_code`, `server.address`, `network.protocol.version`) plus
 //! Sluice's own: `sluice.route` (`<policy>.<route>`, or `inbound`), `sluice.backend`,
-//! `sluice.retries`, `sluice.reason` (the `x-sluice-reason` of a synthetic answer) and
+//! `sluice.retries`, `sluice.reason` (the `x-sluice-reason` of a synthetic answer),
+//! `sluice.degraded` (the `x-sluice-degraded` of a fallback's answer) and
 //! `sluice.peer_identity` (the caller's SPIFFE ID, when mTLS proved one).
 
 use std::fmt;
@@ -352,6 +353,13 @@ impl RequestSpan {
         if let Some(r) = reason {
             self.span
                 .set_attribute(KeyValue::new("sluice.reason", r.to_owned()));
+        }
+        if let Some(d) = headers
+            .get(sluice_filters::reason::DEGRADED_HEADER)
+            .and_then(|v| v.to_str().ok())
+        {
+            self.span
+                .set_attribute(KeyValue::new("sluice.degraded", d.to_owned()));
         }
         // Per the HTTP conventions a client span is an error from 400 on, a server span
         // from 500 on (a 4xx there is the caller's mistake, not the server's).

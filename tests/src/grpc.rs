@@ -133,3 +133,14 @@ impl Drop for GrpcServer {
         self.task.abort();
     }
 }
+
+/// A tonic channel to `addr` (a proxy's listener) whose requests carry `:authority: host`.
+pub async fn channel_to(addr: SocketAddr, host: &str) -> tonic::transport::Channel {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("a valid URI")
+        .origin(format!("http://{host}").parse().expect("a valid origin"))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .expect("connect the gRPC client")
+}

@@ -89,6 +89,14 @@ pub fn metric_sum(text: &str, family: &str, labels: &[&str]) -> f64 {
         .sum()
 }
 
+/// A port on 127.0.0.1 that nothing listens on (a dead upstream).
+pub async fn closed_port() -> std::net::SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    addr
+}
+
 /// The `/metrics` text of the proxy whose admin listener is `admin`.
 pub async fn scrape(admin: std::net::SocketAddr) -> String {
     proxy::admin_get(admin, "/metrics").await.1

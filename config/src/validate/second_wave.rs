@@ -527,13 +527,9 @@ spec:
             paths,
             [
                 "spec.backends.quote-v1.port",
-                "spec.backends.quote-v1.slowStart",
                 "spec.backends.quote-v2.port",
-                "spec.backends.quote-v2.slowStart",
                 "spec.routes[0].rateLimit.scope",
-                "spec.routes[0].fallback",
                 "spec.routes[0].split[0].rollout",
-                "spec.routes[1].fallback",
             ]
         );
     }

@@ -38,6 +38,11 @@ pub struct EndpointState {
     /// Length of the next ejection, in nanoseconds (0: the base).
     next_ejection: AtomicU64,
     probing: AtomicBool,
+    /// Nanoseconds since `epoch` (+1) when the slow-start ramp began: when the address
+    /// was first seen, or when it came back from ejection.
+    ramp_from: AtomicU64,
+    /// Whether a request has come back from it yet; until then it is preferred once.
+    heard_from: AtomicBool,
 }
 
 impl fmt::Debug for EndpointState {
@@ -62,6 +67,8 @@ impl EndpointState {
             ejected_until: AtomicU64::new(0),
             next_ejection: AtomicU64::new(0),
             probing: AtomicBool::new(false),
+            ramp_from: AtomicU64::new(1),
+            heard_from: AtomicBool::new(false),
         }
     }
 
@@ -104,6 +111,31 @@ impl EndpointState {
         }
     }
 
+    /// Its share of traffic relative to a ramped-in endpoint, in (0, 1]: the fraction of
+    /// `slow_start` elapsed since it was first seen or came back from ejection.
+    pub fn weight_at(&self, at: Instant, slow_start: Duration) -> f64 {
+        if slow_start.is_zero() {
+            return 1.0;
+        }
+        let since = self
+            .nanos(at)
+            .saturating_sub(self.ramp_from.load(Ordering::Relaxed));
+        (since as f64 / slow_start.as_nanos() as f64).clamp(f64::MIN_POSITIVE, 1.0)
+    }
+
+    /// Not heard from yet and nothing in flight: the next pick that samples it takes it,
+    /// so a new endpoint is reached (and measured) within a few requests at any load.
+    fn unheard(&self) -> bool {
+        !self.heard_from.load(Ordering::Relaxed) && self.pending.load(Ordering::Relaxed) == 0
+    }
+
+    /// A request came back from it without a connect failure.
+    pub(crate) fn heard(&self) {
+        if !self.heard_from.load(Ordering::Relaxed) {
+            self.heard_from.store(true, Ordering::Relaxed);
+        }
+    }
+
     fn cost(&self) -> f64 {
         f64::from_bits(self.rtt.load(Ordering::Relaxed))
             * f64::from(self.pending.load(Ordering::Relaxed) + 1)
@@ -133,6 +165,7 @@ impl EndpointState {
     /// Folds one round-trip sample into the peak-EWMA: a slower sample takes over at once,
     /// faster ones pull the estimate down as older samples decay.
     pub(crate) fn observe_rtt(&self, at: Instant, rtt: Duration, decay: Duration) {
+        self.heard();
         let now = self.nanos(at);
         let sample = rtt.as_nanos() as f64;
         let last = self.rtt_at.swap(now, Ordering::Relaxed);
@@ -142,7 +175,9 @@ impl EndpointState {
             .rtt
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |bits| {
                 let prev = f64::from_bits(bits);
-                let next = if sample > prev {
+                // The first sample replaces the default guess: an endpoint answering
+                // right after it was added would otherwise keep the guess for `decay`.
+                let next = if sample > prev || last == 0 {
                     sample
                 } else {
                     let w = (-elapsed / tau).exp();
@@ -176,6 +211,9 @@ impl EndpointState {
 
     /// The probe got through: the endpoint takes traffic again.
     pub(crate) fn restore(&self) {
+        // Back from ejection it ramps in again instead of taking full load at once.
+        self.ramp_from
+            .store(self.nanos(Instant::now()), Ordering::Relaxed);
         self.next_ejection.store(0, Ordering::Relaxed);
         self.ejected_until.store(0, Ordering::Release);
         self.probing.store(false, Ordering::Release);
@@ -248,10 +286,7 @@ impl EndpointSet {
             }
         }
         match (ha == Health::Healthy, hb == Health::Healthy) {
-            (true, true) => {
-                let i = if at(b).cost() < at(a).cost() { b } else { a };
-                return take(i, false);
-            }
+            (true, true) => return take(self.choose(a, b, t, rng), false),
             (true, false) => return take(a, false),
             (false, true) => return take(b, false),
             (false, false) => {}
@@ -262,6 +297,37 @@ impl EndpointSet {
             .find_map(|i| at(i).try_claim(t).map(|probe| (i, probe)))
             .and_then(|(i, probe)| take(i, probe))
     }
+}
+
+impl EndpointSet {
+    /// Of two healthy endpoints: one never heard from wins (once); else the one still
+    /// ramping in (slow start) competes only with the probability of its weight relative
+    /// to the other's, which makes its share grow linearly with its weight; else the
+    /// cheaper one wins.
+    fn choose(&self, a: usize, b: usize, t: Instant, rng: &RandomSource) -> usize {
+        let (ea, eb) = (&self.endpoints[a], &self.endpoints[b]);
+        if ea.unheard() {
+            return a;
+        }
+        if eb.unheard() {
+            return b;
+        }
+        let slow = self.params.slow_start;
+        let (wa, wb) = (ea.weight_at(t, slow), eb.weight_at(t, slow));
+        if wa < wb && !admitted(wa / wb, rng) {
+            return b;
+        }
+        if wb < wa && !admitted(wb / wa, rng) {
+            return a;
+        }
+        if eb.cost() < ea.cost() { b } else { a }
+    }
+}
+
+/// A draw that succeeds with probability `p`.
+fn admitted(p: f64, rng: &RandomSource) -> bool {
+    const SCALE: f64 = (1u64 << 53) as f64;
+    ((rng.next_u64() >> 11) as f64) < p * SCALE
 }
 
 // === impl BalanceRegistry ===

@@ -61,6 +61,7 @@ impl Outcome {
             }
             // Any other failure still proves the endpoint accepts connections.
             Err(_) => {
+                self.endpoint.heard();
                 if self.probe {
                     self.endpoint.restore();
                 }

@@ -14,6 +14,14 @@
 //! endpoint. With every endpoint ejected the request fails with
 //! [`FilterError::NoHealthyEndpoint`](crate::FilterError::NoHealthyEndpoint).
 //!
+//! Slow start (`slowStart`, default 10 s): an endpoint first seen, or back from ejection,
+//! ramps in. Its weight is the fraction of `slowStart` elapsed since then; when P2C samples
+//! it beside an endpoint of higher weight, it competes only with the probability of the
+//! ratio of their weights, so its share grows linearly to an equal one. An endpoint that
+//! has not answered a request yet is taken the first time it is sampled with nothing in
+//! flight, so at low load a new endpoint is reached within a few requests (and measured)
+//! instead of losing every comparison on the default RTT estimate.
+//!
 //! This is our own implementation over atomics rather than tower's `balance::p2c`: tower's
 //! balancer owns one inner service per endpoint behind a `Discover` stream and a ready
 //! cache, which would make the proxy rebuild services on every policy swap and poll each
@@ -53,11 +61,17 @@ pub struct BalanceParams {
     pub default_rtt: Duration,
     /// How fast old latency samples fade (the EWMA's time constant).
     pub decay: Duration,
+    /// How long an endpoint first seen, or back from ejection, takes to ramp up to its
+    /// full share (`slowStart`; zero: at once).
+    pub slow_start: Duration,
 }
+
+/// `slowStart` when a backend does not say.
+pub const DEFAULT_SLOW_START: Duration = Duration::from_secs(10);
 
 impl BalanceParams {
     /// Params for backend `name` with its `addresses` and default tuning
-    /// (eject 1 s doubling to 30 s, default RTT 30 ms, decay 10 s).
+    /// (eject 1 s doubling to 30 s, default RTT 30 ms, decay 10 s, slow start 10 s).
     pub fn new<'a>(name: &str, addresses: impl IntoIterator<Item = &'a str>) -> Self {
         Self {
             backend: Arc::from(name),
@@ -66,12 +80,20 @@ impl BalanceParams {
             eject_max: Duration::from_secs(30),
             default_rtt: Duration::from_millis(30),
             decay: Duration::from_secs(10),
+            slow_start: DEFAULT_SLOW_START,
         }
+    }
+
+    /// The same params with `slow_start` (a backend's `slowStart`, default 10 s).
+    pub fn with_slow_start(mut self, slow_start: Option<Duration>) -> Self {
+        self.slow_start = slow_start.unwrap_or(DEFAULT_SLOW_START);
+        self
     }
 
     /// Params for one backend of a policy (`spec.backends[name]`).
     pub fn from_config(name: &str, backend: &sluice_config::Backend) -> Self {
         Self::new(name, backend.addresses.iter().map(String::as_str))
+            .with_slow_start(backend.slow_start.map(|d| d.get()))
     }
 }
 

@@ -166,7 +166,7 @@ async fn refused_endpoint_is_ejected_probed_and_restored() {
     let (addr, r) = send(&mut svc, &mut handle, &[]).await;
     assert_eq!((addr.as_deref(), r.is_ok()), (Some("a:1"), true));
     assert_eq!(a.health(), Health::Healthy);
-    let to_a = {
+    let mut to_a = async || {
         let mut n = 0;
         for _ in 0..100 {
             if send(&mut svc, &mut handle, &[]).await.0.as_deref() == Some("a:1") {
@@ -175,7 +175,12 @@ async fn refused_endpoint_is_ejected_probed_and_restored() {
         }
         n
     };
-    assert!(to_a > 20, "{to_a}");
+    // Back from ejection it ramps in over `slowStart` (10 s) rather than at once.
+    let just_back = to_a().await;
+    assert!(just_back < 10, "{just_back}");
+    advance(Duration::from_secs(10)).await;
+    let ramped = to_a().await;
+    assert!(ramped > 20, "{ramped}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -367,4 +372,89 @@ async fn whole_stack_composes() {
         err.downcast_ref::<FilterError>().unwrap().reason().as_str(),
         "rate-limited"
     );
+}
+
+/// The share of endpoint `i` over `n` picks with nothing in flight.
+fn share(set: &EndpointSet, i: usize, n: u32, rng: &RandomSource) -> f64 {
+    let mut hits = 0;
+    for _ in 0..n {
+        let p = set.pick(rng).unwrap();
+        if Arc::ptr_eq(&p.endpoint, &set.endpoints()[i]) {
+            hits += 1;
+        }
+    }
+    f64::from(hits) / f64::from(n)
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_start_ramps_a_new_endpoint_in_linearly() {
+    let reg = BalanceRegistry::new();
+    let slow = Duration::from_secs(10);
+    let params =
+        |addrs: &[&str]| BalanceParams::new("b", addrs.iter().copied()).with_slow_start(Some(slow));
+    let old = reg.endpoint_set(&params(&["a", "b"]));
+    advance(Duration::from_secs(60)).await;
+    let set = reg.endpoint_set(&params(&["a", "b", "c"]));
+    assert!(Arc::ptr_eq(&old.endpoints()[0], &set.endpoints()[0]));
+    let rng = RandomSource::seeded(7);
+    // A new endpoint is taken the first time it is sampled, whatever its weight.
+    let mut reached = None;
+    for k in 1..=10 {
+        let p = set.pick(&rng).unwrap();
+        if Arc::ptr_eq(&p.endpoint, &set.endpoints()[2]) {
+            reached = Some(k);
+            break;
+        }
+        p.endpoint
+            .observe_rtt(Instant::now(), Duration::from_millis(5), slow);
+    }
+    assert!(reached.is_some_and(|k| k <= 4), "reached at {reached:?}");
+    for ep in set.endpoints() {
+        ep.observe_rtt(Instant::now(), Duration::from_millis(5), slow);
+    }
+    // Equal latency: a ramped-in endpoint's share of three is 1/3; the new one's grows
+    // with its weight, elapsed / slowStart.
+    let mut shares = Vec::new();
+    for step in 0..=5u32 {
+        let w = (f64::from(step) * 2.5 / 10.0).min(1.0);
+        let s = share(&set, 2, 12_000, &rng);
+        shares.push(s);
+        assert!(
+            (s - w / 3.0).abs() < 0.025,
+            "at {w}: share {s}, shares {shares:?}"
+        );
+        advance(Duration::from_millis(2_500)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_endpoint_back_from_ejection_ramps_in_again() {
+    let reg = BalanceRegistry::new();
+    let params = BalanceParams::new("b", ["a", "b"]).with_slow_start(Some(Duration::from_secs(10)));
+    let set = reg.endpoint_set(&params);
+    advance(Duration::from_secs(30)).await;
+    for ep in set.endpoints() {
+        ep.observe_rtt(Instant::now(), Duration::from_millis(5), params.decay);
+    }
+    let b = &set.endpoints()[1];
+    b.eject(Instant::now(), false, params.eject_base, params.eject_max);
+    advance(Duration::from_secs(2)).await;
+    let rng = RandomSource::seeded(5);
+    let probe = set.pick(&rng).unwrap();
+    assert!(probe.probe && Arc::ptr_eq(&probe.endpoint, b));
+    b.restore();
+    drop(probe);
+    // Just back: a tiny weight, so it takes almost nothing.
+    assert!(share(&set, 1, 4_000, &rng) < 0.02);
+    advance(Duration::from_secs(5)).await;
+    let half = share(&set, 1, 12_000, &rng);
+    assert!((half - 0.25).abs() < 0.025, "half-way share {half}");
+    advance(Duration::from_secs(5)).await;
+    let full = share(&set, 1, 12_000, &rng);
+    assert!((full - 0.5).abs() < 0.025, "ramped-in share {full}");
+    // Off: a returning endpoint takes its full share at once.
+    let off = reg.endpoint_set(&params.clone().with_slow_start(Some(Duration::ZERO)));
+    b.eject(Instant::now(), false, params.eject_base, params.eject_max);
+    b.restore();
+    assert!((share(&off, 1, 12_000, &rng) - 0.5).abs() < 0.025);
 }

@@ -9,9 +9,9 @@ use tokio::time::Sleep;
 use tower::BoxError;
 use tower_service::Service;
 
-use super::body::ReplayBody;
 use super::tries::{Rest, RetryLoop};
 use crate::FilterError;
+use crate::replay::ReplayBody;
 
 pin_project! {
     /// Response future of [`Retry`](super::Retry): the inner future itself when the

@@ -70,7 +70,6 @@
 //! `retried`, `attempts_exhausted`, `budget_exhausted`, `skipped_body_too_large`,
 //! `skipped_body_in_use`, `retry_after_too_long`.
 
-mod body;
 mod budget;
 mod future;
 mod layer;
@@ -79,7 +78,7 @@ mod registry;
 mod service;
 mod tries;
 
-pub use body::ReplayBody;
+pub use crate::replay::ReplayBody;
 pub use budget::RetryBudget;
 pub use future::ResponseFuture;
 pub use layer::RetryLayer;

@@ -7,11 +7,11 @@ use tokio::time::{Instant, sleep_until};
 use tower::BoxError;
 use tower_service::Service;
 
-use super::body::{BodySource, ReplayBody};
 use super::future::ResponseFuture;
 use super::registry::{RetryOutcome, RouteRetry};
 use super::tries::{Rest, earliest};
 use crate::extensions::{Deadline, SelectedBackend};
+use crate::replay::{BodySource, ReplayBody, known_len};
 
 /// Retries failed tries of a request against the same inner service (one backend).
 ///
@@ -116,15 +116,4 @@ fn backend_of<B>(req: &Request<B>, fixed: &Arc<str>) -> Arc<str> {
     req.extensions()
         .get::<SelectedBackend>()
         .map_or_else(|| Arc::clone(fixed), |s| Arc::clone(&s.name))
-}
-
-/// The body size as far as the head or the body itself tells.
-fn known_len<B: Body>(req: &Request<B>) -> u64 {
-    let declared = req
-        .headers()
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(0);
-    declared.max(req.body().size_hint().lower())
 }

@@ -11,12 +11,12 @@ use tokio::time::{Instant, sleep, timeout_at};
 use tower::{BoxError, ServiceExt};
 use tower_service::Service;
 
-use super::body::{BodySource, Reclaim, ReplayBody};
 use super::params::{RetryAfter, RetryParams, retry_after};
 use super::registry::{RetryOutcome, RouteRetry};
 use crate::FilterError;
 use crate::classify::classify_error;
 use crate::extensions::{Deadline, RetryCount};
+use crate::replay::{BodySource, Reclaim, ReplayBody};
 
 /// The boxed retry loop: the slow path, once a try has failed in a retryable way.
 pub(crate) type RetryLoop<R> = Pin<Box<dyn Future<Output = Result<R, BoxError>> + Send>>;

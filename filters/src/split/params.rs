@@ -47,14 +47,18 @@ struct Rule {
 pub struct SplitParams {
     backends: Arc<[Arc<str>]>,
     rules: Box<[Rule]>,
+    /// Where a request no rule takes goes: the first backend that is not the route's
+    /// fallback.
+    primary: usize,
 }
 
 impl SplitParams {
     /// Builds the split of `route`; `backends` are the policy's backend names in file order
     /// (`spec.backends.keys()`), which fixes each backend's [`index`](crate::extensions::SelectedBackend::index).
     ///
-    /// A route without `split` sends everything to the first backend; so does a request
-    /// that matches no rule.
+    /// A route without `split` sends everything to the first backend that is not its
+    /// `fallback.backend` (a backend named only as a fallback is never a primary); so
+    /// does a request that matches no rule.
     pub fn from_config<'a>(
         route: &sluice_config::Route,
         backends: impl IntoIterator<Item = &'a str>,
@@ -117,9 +121,15 @@ impl SplitParams {
                 target,
             });
         }
+        let fallback = route.fallback.as_ref().and_then(|f| f.backend.as_deref());
+        let primary = backends
+            .iter()
+            .position(|b| Some(&**b) != fallback)
+            .unwrap_or(0);
         Ok(Self {
             backends,
             rules: rules.into(),
+            primary,
         })
     }
 
@@ -172,7 +182,7 @@ impl SplitParams {
                 },
             };
         }
-        0
+        self.primary
     }
 }
 

@@ -224,6 +224,23 @@ fn config_errors_and_defaults() {
     );
 }
 
+#[test]
+fn a_backend_named_only_as_fallback_is_never_the_primary() {
+    let mut r = route(vec![]);
+    r.fallback = Some(sluice_config::Fallback {
+        on: vec![sluice_config::FallbackOn::BreakerOpen],
+        backend: Some("quote-cache".into()),
+        response: None,
+    });
+    // The fallback is listed first: a route without split must still go to the other.
+    let p = SplitParams::from_config(&r, ["quote-cache", "quote"]).unwrap();
+    for seed in 0..20 {
+        assert_eq!(p.decide(&Request::new(()), &RandomSource::seeded(seed)), 1);
+    }
+    let p = SplitParams::from_config(&r, ["quote", "quote-cache"]).unwrap();
+    assert_eq!(p.decide(&Request::new(()), &RandomSource::seeded(0)), 0);
+}
+
 #[tokio::test]
 async fn layer_sets_selected_backend_extension() {
     let p = Arc::new(params(vec![weighted(

@@ -5,6 +5,7 @@ mod cert_rotation;
 mod cli;
 mod control_plane;
 mod dashboards;
+mod degradation;
 mod first_contact;
 mod governance;
 mod governance_load;

@@ -100,14 +100,6 @@ spec:
     )
 }
 
-/// A port on 127.0.0.1 that nothing listens on.
-async fn closed_port() -> std::net::SocketAddr {
-    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = l.local_addr().unwrap();
-    drop(l);
-    addr
-}
-
 /// method, host, path, extra headers, the upstream that must answer
 type Case<'a> = (Method, &'a str, &'a str, &'a [(&'a str, &'a str)], &'a str);
 
@@ -190,7 +182,7 @@ async fn routes_by_host_path_method_and_header_with_precedence() {
     for n in NAMES {
         up.insert(n, Upstream::auto(n).await);
     }
-    let dead = closed_port().await;
+    let dead = sluice_e2e::closed_port().await;
     let proxy = TestProxy::start(&policy(&up, dead)).await;
 
     let mut h1 = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
@@ -215,7 +207,7 @@ async fn unknown_host_is_404_no_route_and_refused_upstream_is_502() {
     for n in NAMES {
         up.insert(n, Upstream::auto(n).await);
     }
-    let dead = closed_port().await;
+    let dead = sluice_e2e::closed_port().await;
     let proxy = TestProxy::start(&policy(&up, dead)).await;
 
     for (first, mut conn) in [

@@ -1,18 +1,19 @@
-//! The request body the retry layer sends: streamed through on the first try while
-//! a copy of its chunks (up to a cap) is kept, then replayed on later tries.
+//! The request body the retry and fallback layers send: streamed through on the first
+//! try while a copy of its chunks (up to a cap) is kept, then replayed on later tries
+//! (a retry, or the request to a fallback backend).
 
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
 use bytes::{Buf, Bytes};
-use http::HeaderMap;
+use http::{HeaderMap, Request};
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 use tokio::sync::oneshot;
 use tower::BoxError;
 
 pin_project! {
-    /// Request body of a try sent by [`Retry`](super::Retry).
+    /// Request body of a try sent by the retry or the fallback layer.
     ///
     /// Three shapes: the original body passed straight through (a request that will
     /// not be retried); an empty body (the original had nothing in it, so nothing
@@ -290,6 +291,19 @@ impl<B: Body> BodySource<B> {
         (body, BodySource::Lent(rx))
     }
 
+    /// Takes the body back from the last try, waiting at most `wait` for the try to let
+    /// go of it.
+    pub(crate) async fn reclaim_within(&mut self, wait: std::time::Duration) -> Reclaim {
+        if let BodySource::Lent(rx) = self {
+            *self = match tokio::time::timeout(wait, rx).await {
+                Ok(Ok(tee)) if !tee.unreplayable => BodySource::Held(tee),
+                Ok(_) => BodySource::TooLarge,
+                Err(_) => return Reclaim::InUse,
+            };
+        }
+        self.reclaim()
+    }
+
     /// Takes the body back from the last try if it has been dropped.
     pub(crate) fn reclaim(&mut self) -> Reclaim {
         if let BodySource::Lent(rx) = self {
@@ -327,4 +341,15 @@ impl<B: Body> BodySource<B> {
             }
         }
     }
+}
+
+/// The body size as far as the head or the body itself tells.
+pub(crate) fn known_len<B: Body>(req: &Request<B>) -> u64 {
+    let declared = req
+        .headers()
+        .get(http::header::CONTENT_LENGTH)
+        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
+        .and_then(|s| s.trim().parse().ok())
+        .unwrap_or(0);
+    declared.max(req.body().size_hint().lower())
 }

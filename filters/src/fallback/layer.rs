@@ -1,0 +1,50 @@
+use std::sync::Arc;
+
+use tower_layer::Layer;
+
+use super::{Fallback, FallbackObserver, FallbackParams};
+
+/// Answers with a route's fallback once its primary has failed.
+#[derive(Clone)]
+pub struct FallbackLayer {
+    params: Arc<FallbackParams>,
+    route: Arc<str>,
+    observer: Arc<dyn FallbackObserver>,
+}
+
+impl std::fmt::Debug for FallbackLayer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FallbackLayer")
+            .field("route", &self.route)
+            .field("params", &self.params)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FallbackLayer {
+    /// A layer for `route` (its key, for the observer) with its compiled `params`.
+    pub fn new(
+        params: Arc<FallbackParams>,
+        route: impl Into<Arc<str>>,
+        observer: Arc<dyn FallbackObserver>,
+    ) -> Self {
+        Self {
+            params,
+            route: route.into(),
+            observer,
+        }
+    }
+}
+
+impl<S> Layer<S> for FallbackLayer {
+    type Service = Fallback<S>;
+
+    fn layer(&self, inner: S) -> Fallback<S> {
+        Fallback::new(
+            inner,
+            self.params.clone(),
+            self.route.clone(),
+            self.observer.clone(),
+        )
+    }
+}
