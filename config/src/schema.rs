@@ -61,7 +61,7 @@ impl Capability {
             Capability::Rollout => false,
             Capability::Fallback => false,
             Capability::SlowStart => false,
-            Capability::ServicePort => false,
+            Capability::ServicePort => true,
             Capability::FleetRateLimit => false,
             Capability::Upgrades => false,
             Capability::InboundConcurrency => true,

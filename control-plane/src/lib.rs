@@ -33,6 +33,7 @@ mod admin;
 pub mod ca;
 mod cli;
 pub mod crd;
+pub mod gateway;
 mod grpc;
 pub mod identity;
 pub mod inject;
@@ -155,6 +156,10 @@ pub enum Error {
     /// A Kubernetes API call failed.
     #[error("kubernetes API: {0}")]
     Kube(#[from] ::kube::Error),
+    /// HTTPRoute files could not be converted: one line per problem, each naming
+    /// its file and field path.
+    #[error("{}", .0.join("\n"))]
+    Convert(Vec<String>),
     /// The CA Secret exists but does not hold a usable root.
     #[error("CA secret {namespace}/{name}: {reason}")]
     CaSecret {

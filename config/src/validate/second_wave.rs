@@ -526,9 +526,7 @@ spec:
         assert_eq!(
             paths,
             [
-                "spec.backends.quote-v1.port",
                 "spec.backends.quote-v1.slowStart",
-                "spec.backends.quote-v2.port",
                 "spec.backends.quote-v2.slowStart",
                 "spec.routes[0].upgrades",
                 "spec.routes[0].rateLimit.scope",

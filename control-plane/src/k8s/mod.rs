@@ -120,11 +120,18 @@ pub(crate) fn spawn(
     shared: &Arc<Shared>,
     shutdown: &watch::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
-    let mut tasks = vec![tokio::spawn(endpoints::watch_endpoints(
-        cfg.client.clone(),
-        shared.clone(),
-        shutdown.clone(),
-    ))];
+    let mut tasks = vec![
+        tokio::spawn(endpoints::watch_endpoints(
+            cfg.client.clone(),
+            shared.clone(),
+            shutdown.clone(),
+        )),
+        tokio::spawn(endpoints::watch_services(
+            cfg.client.clone(),
+            shared.clone(),
+            shutdown.clone(),
+        )),
+    ];
     if cfg.policies {
         let (leading_tx, leading_rx) = watch::channel(false);
         tasks.push(tokio::spawn(policies::watch_policies(
