@@ -66,6 +66,7 @@
 
 pub mod ca_bundle;
 pub mod endpoints;
+pub mod httproutes;
 pub mod identity;
 pub mod leader;
 pub mod policies;
@@ -134,6 +135,11 @@ pub(crate) fn spawn(
     ];
     if cfg.policies {
         let (leading_tx, leading_rx) = watch::channel(false);
+        tasks.push(tokio::spawn(httproutes::watch_httproutes(
+            cfg.client.clone(),
+            shared.clone(),
+            shutdown.clone(),
+        )));
         tasks.push(tokio::spawn(policies::watch_policies(
             cfg.client.clone(),
             shared.clone(),

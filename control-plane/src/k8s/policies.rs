@@ -16,7 +16,7 @@
 //! restarting while an object is broken still serves its last good version. Two objects governing the same host: the older one (by creation time,
 //! then namespace and name) wins and the other is refused with the reason.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -34,6 +34,7 @@ use sluice_config::{
 use tokio::sync::watch;
 
 use crate::Shared;
+use crate::k8s::httproutes::{GatewayRoutes, httproute_resource, now_rfc3339};
 use crate::source::{FileView, PolicyView};
 
 /// `namespace`, `name`.
@@ -132,6 +133,8 @@ pub(crate) struct KubePolicies {
     saved: HashMap<ObjectKey, Good>,
     /// Bounds on each object and on the set of them.
     limits: sluice_config::Limits,
+    /// HTTPRoutes (Gateway API), translated into policies beside these.
+    pub(crate) gateway: GatewayRoutes,
 }
 
 /// Subdirectory of the state directory holding last accepted objects.
@@ -275,7 +278,7 @@ impl KubePolicies {
 
     /// The mesh's set from every object's version in force.
     pub(crate) fn build_set(&mut self) -> Option<(PolicySet, Vec<pb::PolicyMeta>)> {
-        if !self.synced {
+        if !self.synced || !self.gateway.is_ready() {
             return None;
         }
         self.conflicts.clear();
@@ -308,7 +311,18 @@ impl KubePolicies {
             });
             policies.push(good.policy.clone());
         }
-        match PolicySet::new_with(policies, &self.limits) {
+        let taken_hosts: HashMap<String, ObjectKey> = hosts
+            .iter()
+            .map(|(h, k)| (h.to_string(), (*k).clone()))
+            .collect();
+        let taken_names: HashSet<ObjectKey> = self.objects.keys().cloned().collect();
+        for (policy, meta) in self.gateway.translate(&taken_hosts, &taken_names) {
+            policies.push(policy);
+            metas.push(meta);
+        }
+        // Each RoutePolicy was validated on its own (weights summing to 100); the
+        // translated policies keep Gateway API's proportions, of any total.
+        match PolicySet::from_effective_with(policies, &self.limits) {
             Ok(set) => Some((set, metas)),
             Err(e) => {
                 tracing::warn!(error = %e, "the mesh's policy set is refused; keeping the previous one");
@@ -355,7 +369,8 @@ impl KubePolicies {
 
     /// Every policy in force, for `/policies`.
     pub(crate) fn policy_views(&self) -> Vec<PolicyView> {
-        self.objects
+        let mut views: Vec<PolicyView> = self
+            .objects
             .iter()
             .filter(|(k, _)| !self.conflicts.contains_key(*k))
             .filter_map(|(key, state)| {
@@ -369,12 +384,15 @@ impl KubePolicies {
                     file_error: state.error.clone(),
                 })
             })
-            .collect()
+            .collect();
+        views.extend(self.gateway.policy_views());
+        views
     }
 
     /// Every object, for `/policies` (in the `files` list).
     pub(crate) fn file_views(&self) -> Vec<FileView> {
-        self.objects
+        let mut views: Vec<FileView> = self
+            .objects
             .iter()
             .map(|(key, state)| {
                 let conflict = self.conflicts.get(key);
@@ -392,7 +410,9 @@ impl KubePolicies {
                     },
                 }
             })
-            .collect()
+            .collect();
+        views.extend(self.gateway.file_views());
+        views
     }
 }
 
@@ -444,6 +464,7 @@ pub(crate) async fn write_statuses(
     loop {
         let mut failed = false;
         if *leading.borrow_and_update() {
+            failed |= write_route_statuses(&client, &shared).await;
             let pending = shared
                 .with_kube_policies(|k| k.pending_statuses())
                 .unwrap_or_default();
@@ -495,4 +516,42 @@ pub(crate) async fn write_statuses(
             _ = shutdown.changed() => return,
         }
     }
+}
+
+/// Writes the `status.parents` of every HTTPRoute whose verdict changed (Sluice's
+/// entries only; the list is shared with other controllers, and the resourceVersion
+/// precondition keeps a concurrent writer's entries). True if any write failed.
+async fn write_route_statuses(client: &Client, shared: &Shared) -> bool {
+    let ar = httproute_resource();
+    let now = now_rfc3339();
+    let pending = shared
+        .with_kube_policies(|k| k.gateway.pending_statuses(&now))
+        .unwrap_or_default();
+    let mut failed = false;
+    for (key, parents, resource_version) in pending {
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &key.0, &ar);
+        let patch = json!({
+            "metadata": { "resourceVersion": resource_version },
+            "status": { "parents": parents },
+        });
+        match api
+            .patch_status(&key.1, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+        {
+            Ok(_) => {
+                tracing::debug!(namespace = %key.0, name = %key.1, "HTTPRoute status written");
+                shared.with_kube_policies(|k| k.gateway.mark_written(key, parents));
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => {}
+            Err(kube::Error::Api(s)) if s.code == 409 => {
+                failed = true;
+                tracing::debug!(namespace = %key.0, name = %key.1, "HTTPRoute changed since it was judged; its status waits for the new version");
+            }
+            Err(e) => {
+                failed = true;
+                tracing::warn!(namespace = %key.0, name = %key.1, error = %e, "cannot write HTTPRoute status; will retry");
+            }
+        }
+    }
+    failed
 }

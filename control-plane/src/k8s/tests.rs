@@ -608,12 +608,14 @@ fn a_restart_with_a_broken_object_serves_its_last_accepted_version() {
         Arc::new(serde_json::from_value::<DynamicObject>(policy("log-service", spec)).unwrap())
     };
     let mut first = KubePolicies::new(Some(state.path()), sluice_config::Limits::default());
+    first.gateway.set_installed(false);
     assert_eq!(first.sync(&[obj(log_spec("2s"))]), 0);
     let (set, _) = first.build_set().unwrap();
     assert_eq!(set.policies().len(), 1);
 
     // Restarted while the object is broken: its last accepted version is served.
     let mut again = KubePolicies::new(Some(state.path()), sluice_config::Limits::default());
+    again.gateway.set_installed(false);
     assert_eq!(again.sync(&[obj(log_spec("2h"))]), 1);
     let (restored, _) = again.build_set().unwrap();
     assert_eq!(restored.hash(), set.hash());
@@ -626,6 +628,7 @@ fn a_restart_with_a_broken_object_serves_its_last_accepted_version() {
 
     // Deleted while the replica was down: forgotten, file and all.
     let mut third = KubePolicies::new(Some(state.path()), sluice_config::Limits::default());
+    third.gateway.set_installed(false);
     third.sync(&[]);
     assert!(third.build_set().unwrap().0.policies().is_empty());
     let files = std::fs::read_dir(state.path().join("routepolicies")).unwrap();
