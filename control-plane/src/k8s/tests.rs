@@ -634,3 +634,181 @@ fn a_restart_with_a_broken_object_serves_its_last_accepted_version() {
     let files = std::fs::read_dir(state.path().join("routepolicies")).unwrap();
     assert_eq!(files.count(), 0);
 }
+
+// === Gateway API input ===
+
+const MESH: &str = "gateway-conformance-mesh";
+
+/// A Service of the conformance namespace on ports 80 (`http`) and 8080 (`http-alt`).
+fn mesh_service(name: &str) -> Value {
+    json!({ "apiVersion": "v1", "kind": "Service",
+            "metadata": { "name": name, "namespace": MESH },
+            "spec": { "ports": [{ "name": "http", "port": 80 }, { "name": "http-alt", "port": 8080 }] } })
+}
+
+/// One endpoint of `service` at `ip`, serving `http` on 8000 and `http-alt` on 8001.
+fn mesh_slice(service: &str, ip: &str) -> Value {
+    json!({ "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+            "metadata": { "name": format!("{service}-1"), "namespace": MESH,
+                          "labels": { "kubernetes.io/service-name": service } },
+            "ports": [{ "name": "http", "port": 8000, "protocol": "TCP" },
+                      { "name": "http-alt", "port": 8001, "protocol": "TCP" }],
+            "endpoints": [{ "addresses": [ip] }] })
+}
+
+/// The HTTPRoute objects of a fixture file.
+fn fixture_routes(text: &str) -> Vec<Value> {
+    use serde::Deserialize as _;
+    serde_yaml::Deserializer::from_str(text)
+        .map(|d| Value::deserialize(d).unwrap())
+        .collect()
+}
+
+fn gateway_cluster(routes: &[Value]) -> Cluster {
+    let cluster = Cluster::new(vec![], vec![], false);
+    cluster.api.install_gateway_api();
+    for s in ["echo", "echo-v1", "echo-v2"] {
+        cluster.api.put(mesh_service(s));
+    }
+    cluster.api.put(mesh_slice("echo-v1", "10.1.0.1"));
+    cluster.api.put(mesh_slice("echo-v2", "10.1.0.2"));
+    for r in routes {
+        cluster.api.put(r.clone());
+    }
+    cluster
+}
+
+/// The `status.parents` entry of Sluice in HTTPRoute `name`, once written.
+async fn sluice_parent(cluster: &Cluster, name: &str) -> Value {
+    let api = cluster.api.clone();
+    let name = name.to_string();
+    tokio::time::timeout(Duration::from_secs(60), async move {
+        loop {
+            if let Some(obj) = api.get("httproutes", MESH, &name)
+                && let Some(p) = obj["status"]["parents"]
+                    .as_array()
+                    .and_then(|ps| ps.iter().find(|p| p["controllerName"] == "sluice.dev/mesh"))
+            {
+                return p.clone();
+            }
+            api.wait_call(api.calls().len(), |_| true).await;
+        }
+    })
+    .await
+    .expect("a status entry")
+}
+
+fn condition<'a>(parent: &'a Value, ty: &str) -> &'a Value {
+    parent["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == ty)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn httproutes_are_served_and_refusals_written_to_their_status() {
+    let weight = fixture_routes(include_str!(
+        "../../testdata/gateway-api/conformance-mesh/httproute-weight.yaml"
+    ));
+    let mut redirect = fixture_routes(include_str!(
+        "../../testdata/gateway-api/conformance-mesh/httproute-303-redirect.yaml"
+    ));
+    // Another controller's entry for a Gateway parent of the same route.
+    redirect[0]["spec"]["parentRefs"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({ "name": "gw" }));
+    let cluster = gateway_cluster(&[weight[0].clone(), redirect[0].clone()]);
+    let cp = cluster.start(true).await;
+
+    // The weighted route is served with its proportions and the backends' ports.
+    let set = served(&cp, |s| !s.policies().is_empty()).await;
+    let p = set
+        .policies()
+        .iter()
+        .find(|p| p.spec.host == "echo")
+        .expect("the bare Service name");
+    assert_eq!(p.metadata.name, "httproute-echo");
+    let weights = p.spec.routes[0].split[0].weights.as_ref().unwrap();
+    assert_eq!(weights.values().copied().collect::<Vec<_>>(), [70, 30]);
+    assert_eq!(p.spec.backends["echo-v1-8080"].addresses, ["10.1.0.1:8001"]);
+    assert_eq!(p.spec.backends["echo-v2-8080"].addresses, ["10.1.0.2:8001"]);
+    assert_eq!(set.policies().len(), 3, "one per name of the Service");
+
+    let ok = sluice_parent(&cluster, "mesh-weighted-backends").await;
+    assert_eq!(condition(&ok, "Accepted")["status"], "True");
+    assert_eq!(condition(&ok, "Accepted")["observedGeneration"], 1);
+    assert_eq!(condition(&ok, "ResolvedRefs")["status"], "True");
+    let refused = sluice_parent(&cluster, "mesh-303-redirect").await;
+    let accepted = condition(&refused, "Accepted");
+    assert_eq!(accepted["status"], "False");
+    assert_eq!(accepted["reason"], "UnsupportedValue");
+    assert!(
+        accepted["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("spec.rules[0].filters[0]: filter RequestRedirect"),
+        "{accepted}"
+    );
+    // Every status write passed the CRD's schema in the double.
+    assert!(
+        cluster
+            .api
+            .calls()
+            .iter()
+            .filter(|c| is_status_write(c))
+            .all(|c| c.status == 200),
+        "a status write was refused"
+    );
+
+    // A RoutePolicy for the same host: it keeps the host, the HTTPRoute is refused
+    // with both names.
+    let rp = json!({ "apiVersion": "sluice.dev/v1alpha1", "kind": "RoutePolicy",
+                     "metadata": { "name": "echo", "namespace": MESH },
+                     "spec": { "host": "echo", "backends": { "b": { "addresses": ["10.0.0.9:80"] } },
+                               "routes": [{ "name": "all" }] } });
+    cluster.api.put(rp);
+    let set = served(&cp, |s| s.policies().len() == 1).await;
+    assert_eq!(set.policies()[0].metadata.name, "echo");
+    let api = cluster.api.clone();
+    let message = tokio::time::timeout(Duration::from_secs(60), async move {
+        loop {
+            let obj = api.get("httproutes", MESH, "mesh-weighted-backends").unwrap();
+            let m = obj["status"]["parents"][0]["conditions"][0]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if m.contains("RoutePolicy") {
+                return m;
+            }
+            api.wait_call(api.calls().len(), |_| true).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        message.contains("RoutePolicy gateway-conformance-mesh/echo")
+            && message.contains("HTTPRoutes gateway-conformance-mesh/mesh-weighted-backends"),
+        "{message}"
+    );
+    cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn without_the_httproute_crd_route_policies_are_served_as_before() {
+    let cluster = Cluster::new(vec![policy("log-service", log_spec("2s"))], vec![], false);
+    let cp = cluster.start(true).await;
+    let set = served(&cp, |s| !s.policies().is_empty()).await;
+    assert_eq!(set.policies().len(), 1);
+    let probes = cluster
+        .api
+        .calls()
+        .iter()
+        .filter(|c| c.path.ends_with("/httproutes"))
+        .map(|c| c.status)
+        .collect::<Vec<_>>();
+    assert_eq!(probes, [404], "asked once, found no CRD");
+    cp.shutdown().await;
+}
