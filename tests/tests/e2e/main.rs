@@ -5,6 +5,7 @@ mod cli;
 mod control_plane;
 mod dashboards;
 mod first_contact;
+mod gateway_api;
 mod governance;
 mod governance_load;
 mod grpc;

@@ -25,6 +25,7 @@ use http::{Method, StatusCode};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, mpsc};
 
+pub use schema::http_route_schema;
 pub use serve::ServedApi;
 
 use schema::{KINDS, ResourceKind};
@@ -263,6 +264,16 @@ impl ApiServer {
             .iter()
             .find(|((p, ns, n), _)| *p == plural && ns == namespace && n == name)
             .map(|(_, v)| v.clone())
+    }
+
+    /// Every stored object of `plural`, by namespace and name.
+    pub fn list(&self, plural: &str) -> Vec<Value> {
+        let st = self.lock();
+        st.objects
+            .iter()
+            .filter(|((p, _, _), _)| *p == plural)
+            .map(|(_, v)| v.clone())
+            .collect()
     }
 
     /// The last resourceVersion handed out.

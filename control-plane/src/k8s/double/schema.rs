@@ -200,8 +200,9 @@ fn route_policy(obj: &Value) -> Result<(), String> {
 const HTTPROUTE_CRD: &str =
     include_str!("../../../testdata/gateway-api/crd/httproutes-experimental.yaml");
 
-/// The `v1` schema of [`HTTPROUTE_CRD`], parsed once.
-pub(crate) fn http_route_schema() -> &'static Value {
+/// The `v1` `openAPIV3Schema` of Gateway API's HTTPRoute CRD (v1.6.1, experimental
+/// channel), parsed once.
+pub fn http_route_schema() -> &'static Value {
     static SCHEMA: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
     SCHEMA.get_or_init(|| {
         let crd: Value = serde_yaml::from_str(HTTPROUTE_CRD).expect("the HTTPRoute CRD parses");
