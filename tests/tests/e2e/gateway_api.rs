@@ -349,3 +349,16 @@ fn convert_translates_offline_and_refuses_with_file_and_field() {
     );
     assert!(out.stdout.is_empty());
 }
+
+#[test]
+fn the_schema_check_refuses_what_the_crd_refuses() {
+    // The check the tests above rely on does check: an entry without conditions and
+    // with a controllerName that is no domain/path is refused, with both reasons.
+    let bad = json!({ "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                      "metadata": { "name": "x", "namespace": MESH_NAMESPACE }, "spec": {},
+                      "status": { "parents": [{ "parentRef": { "name": "a" },
+                                                "controllerName": "not a controller", "conditions": [] }] } });
+    let err = validate_httproutes(&[bad]).unwrap_err();
+    assert!(err.contains("status/parents/0/controllerName"), "{err}");
+    assert!(err.contains("status/parents/0/conditions"), "{err}");
+}
