@@ -6,7 +6,11 @@
 //!   each object's verdict to its `status`.
 //! - [`leader`]: the election (a `coordination.k8s.io/v1` Lease).
 //! - [`endpoints`]: backends naming a Service get its ready endpoints from its
-//!   EndpointSlices, resolved into the published set.
+//!   EndpointSlices (on the Service port a backend names), resolved into the
+//!   published set.
+//! - [`httproutes`]: Gateway API HTTPRoutes bound to Services, translated
+//!   ([`crate::gateway`]) into policies beside the RoutePolicies; the elected
+//!   replica writes Sluice's entries of their `status.parents`.
 //! - [`identity`]: bootstrap tokens checked with TokenReview; the mesh root kept in
 //!   a Secret shared by the replicas.
 //! - [`ca_bundle`]: the webhook configurations' `caBundle` kept in step with the
@@ -27,6 +31,9 @@
 //! | `coordination.k8s.io` | `leases` (own namespace, name `--lease-name`) | `get`, `create`, `update` | `--source kubernetes` |
 //! | `discovery.k8s.io` | `endpointslices` (all namespaces) | `list`, `watch` | `--source kubernetes` or `--discover-endpoints` |
 //! | `""` (core) | `pods` (all namespaces) | `get` | same: the service account of each endpoint's pod |
+//! | `""` (core) | `services` (all namespaces) | `list`, `watch` | same: port numbers name Service ports |
+//! | `gateway.networking.k8s.io` | `httproutes`, `referencegrants` (all namespaces) | `list`, `watch` | `--source kubernetes` (404 without the CRDs is fine) |
+//! | `gateway.networking.k8s.io` | `httproutes/status` (all namespaces) | `patch` | `--source kubernetes`, elected replica only |
 //! | `authentication.k8s.io` | `tokenreviews` | `create` | `--token-review` |
 //! | `""` (core) | `secrets` (own namespace, name `--ca-secret`) | `get`, `create` | `--ca-secret` |
 //! | `admissionregistration.k8s.io` | `mutatingwebhookconfigurations` (name `--mutating-webhook-config`) | `get`, `patch` | `--mutating-webhook-config` |
