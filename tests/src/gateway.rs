@@ -126,21 +126,25 @@ impl GatewayMesh {
     /// Sluice's `status.parents` entry of HTTPRoute `name`, once one is written.
     pub async fn sluice_parent(&self, name: &str) -> Value {
         let mut found = Value::Null;
-        wait_until(&format!("HTTPRoute {name} has Sluice's status"), WAIT, || {
-            let obj = self.api.get("httproutes", MESH_NAMESPACE, name);
-            let entry = obj.and_then(|o| {
-                o["status"]["parents"]
-                    .as_array()?
-                    .iter()
-                    .find(|p| p["controllerName"] == "sluice.dev/mesh")
-                    .cloned()
-            });
-            let done = entry.is_some();
-            if let Some(e) = entry {
-                found = e;
-            }
-            async move { done }
-        })
+        wait_until(
+            &format!("HTTPRoute {name} has Sluice's status"),
+            WAIT,
+            || {
+                let obj = self.api.get("httproutes", MESH_NAMESPACE, name);
+                let entry = obj.and_then(|o| {
+                    o["status"]["parents"]
+                        .as_array()?
+                        .iter()
+                        .find(|p| p["controllerName"] == "sluice.dev/mesh")
+                        .cloned()
+                });
+                let done = entry.is_some();
+                if let Some(e) = entry {
+                    found = e;
+                }
+                async move { done }
+            },
+        )
         .await;
         found
     }
@@ -179,8 +183,7 @@ pub fn validate_httproutes(objects: &[Value]) -> Result<(), String> {
     let schema = dir.path().join("schema.json");
     let data = dir.path().join("objects.json");
     std::fs::write(&schema, http_route_schema().to_string()).map_err(|e| e.to_string())?;
-    std::fs::write(&data, Value::from(objects.to_vec()).to_string())
-        .map_err(|e| e.to_string())?;
+    std::fs::write(&data, Value::from(objects.to_vec()).to_string()).map_err(|e| e.to_string())?;
     let script = r#"
 import json, sys, jsonschema
 schema = json.load(open(sys.argv[1]))

@@ -189,7 +189,7 @@ pub fn translate(routes: &[RouteObject], cluster: Cluster<'_>) -> Translation {
 
     let mut out = Translation::default();
     // Per Service: the HTTPRoutes in force there, in precedence order.
-    let mut by_service: BTreeMap<Key, Vec<(Key, Option<i32>, Vec<RuleOut>)>> = BTreeMap::new();
+    let mut by_service: BTreeMap<Key, Vec<Contribution>> = BTreeMap::new();
     // The port each Service is routed on, set by its first HTTPRoute.
     let mut service_port: HashMap<Key, (Option<i32>, Key)> = HashMap::new();
 
@@ -212,7 +212,14 @@ pub fn translate(routes: &[RouteObject], cluster: Cluster<'_>) -> Translation {
         {
             let ns = first.namespace.as_deref().unwrap_or(&obj.namespace);
             let service = (ns.to_string(), first.name.clone());
-            if let Err(e) = build_service(&service, &[(obj.key(), None, rules.clone())], true) {
+            if let Err(e) = build_service(
+                &service,
+                &[Contribution {
+                    route: obj.key(),
+                    rules: rules.clone(),
+                }],
+                true,
+            ) {
                 route_problems.push(Problem::unsupported("spec", e));
             }
         }
@@ -247,11 +254,13 @@ pub fn translate(routes: &[RouteObject], cluster: Cluster<'_>) -> Translation {
                 }
             }
             if problems.is_empty() {
-                by_service.entry(service.clone()).or_default().push((
-                    obj.key(),
-                    parent_ref.port,
-                    rules.clone(),
-                ));
+                by_service
+                    .entry(service.clone())
+                    .or_default()
+                    .push(Contribution {
+                        route: obj.key(),
+                        rules: rules.clone(),
+                    });
             }
             verdict.parents.push(ParentVerdict {
                 index,
@@ -408,6 +417,13 @@ struct BackendKey {
 struct MatchOut {
     index: usize,
     matches: RouteMatch,
+}
+
+/// What one HTTPRoute brings to a Service's policy.
+#[derive(Clone, Debug)]
+struct Contribution {
+    route: Key,
+    rules: Vec<RuleOut>,
 }
 
 /// One rule, translated.
@@ -644,7 +660,7 @@ fn backend_out(
             format!("filter {} is not supported", filter_type(&b.filters[0])),
         ));
     }
-    if group != "" || kind != "Service" {
+    if !group.is_empty() || kind != "Service" {
         problems.push(Problem::unresolved(
             "InvalidKind",
             format!("{path}.kind"),
@@ -942,19 +958,25 @@ fn policy(
 /// when the merged policy does not validate (every route in it is refused).
 fn build_service(
     service: &Key,
-    contributions: &[(Key, Option<i32>, Vec<RuleOut>)],
+    contributions: &[Contribution],
     bare: bool,
 ) -> Result<ServicePolicies, String> {
     let mut backends = IndexMap::new();
     let mut names = HashSet::new();
     let mut routes = Vec::new();
-    for (route, _, rules) in contributions {
-        routes.extend(routes_of(service, route, rules, &mut backends, &mut names));
+    for c in contributions {
+        routes.extend(routes_of(
+            service,
+            &c.route,
+            &c.rules,
+            &mut backends,
+            &mut names,
+        ));
     }
     let routes = without_shadowed(routes);
     let sources: Vec<String> = contributions
         .iter()
-        .map(|(k, _, _)| format!("{}/{}", k.0, k.1))
+        .map(|c| format!("{}/{}", c.route.0, c.route.1))
         .collect();
     let sources_text = sources.join(",");
     let (ns, svc) = (&service.0, &service.1);
@@ -989,6 +1011,6 @@ fn build_service(
     Ok(ServicePolicies {
         service: service.clone(),
         policies,
-        routes: contributions.iter().map(|(k, _, _)| k.clone()).collect(),
+        routes: contributions.iter().map(|c| c.route.clone()).collect(),
     })
 }

@@ -114,7 +114,11 @@ impl GatewayRoutes {
             };
             let key = (ns.clone(), name.clone());
             let parents = obj.data["status"]["parents"].clone();
-            if self.routes.get(&key).is_none_or(|old| old.parents != parents) {
+            if self
+                .routes
+                .get(&key)
+                .is_none_or(|old| old.parents != parents)
+            {
                 // Whatever we wrote has come back (or someone else wrote): trust the object.
                 self.written.remove(&key);
             }

@@ -134,7 +134,7 @@ pub(crate) struct KubePolicies {
     /// Bounds on each object and on the set of them.
     limits: sluice_config::Limits,
     /// HTTPRoutes (Gateway API), translated into policies beside these.
-    pub(crate) gateway: GatewayRoutes,
+    pub(crate) gateway: Box<GatewayRoutes>,
 }
 
 /// Subdirectory of the state directory holding last accepted objects.

@@ -775,7 +775,9 @@ async fn httproutes_are_served_and_refusals_written_to_their_status() {
     let api = cluster.api.clone();
     let message = tokio::time::timeout(Duration::from_secs(60), async move {
         loop {
-            let obj = api.get("httproutes", MESH, "mesh-weighted-backends").unwrap();
+            let obj = api
+                .get("httproutes", MESH, "mesh-weighted-backends")
+                .unwrap();
             let m = obj["status"]["parents"][0]["conditions"][0]["message"]
                 .as_str()
                 .unwrap_or_default()

@@ -48,9 +48,20 @@ fn assert_statuses_valid(mesh: &GatewayMesh) {
 
 async fn assert_accepted(mesh: &GatewayMesh, route: &str) {
     let parent = mesh.sluice_parent(route).await;
-    assert_eq!(parent_condition(&parent, "Accepted")["status"], "True", "{parent}");
-    assert_eq!(parent_condition(&parent, "ResolvedRefs")["status"], "True", "{parent}");
-    assert_eq!(parent_condition(&parent, "Accepted")["observedGeneration"], 1);
+    assert_eq!(
+        parent_condition(&parent, "Accepted")["status"],
+        "True",
+        "{parent}"
+    );
+    assert_eq!(
+        parent_condition(&parent, "ResolvedRefs")["status"],
+        "True",
+        "{parent}"
+    );
+    assert_eq!(
+        parent_condition(&parent, "Accepted")["observedGeneration"],
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,7 +189,14 @@ async fn assert_refused(mesh: &GatewayMesh, refusals: &[Refusal]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_other_fixture_is_refused_with_the_condition_it_calls_for() {
-    let filter = |route| (route, "Accepted", "UnsupportedValue", "spec.rules[0].filters[0]: filter");
+    let filter = |route| {
+        (
+            route,
+            "Accepted",
+            "UnsupportedValue",
+            "spec.rules[0].filters[0]: filter",
+        )
+    };
     // All at once (names are unique across these), with a working route beside them:
     // the refused ones never block it.
     let mesh = GatewayMesh::start(&fixture_objects(&[
@@ -223,9 +241,13 @@ async fn every_other_fixture_is_refused_with_the_condition_it_calls_for() {
     // backend in another namespace without a ReferenceGrant does not resolve.
     let api = mesh.api.clone();
     let consumer_status = move || {
-        api.get("httproutes", "gateway-conformance-mesh-consumer", "mesh-echo-add-header")
-            .map(|o| o["status"]["parents"].clone())
-            .unwrap_or(Value::Null)
+        api.get(
+            "httproutes",
+            "gateway-conformance-mesh-consumer",
+            "mesh-echo-add-header",
+        )
+        .map(|o| o["status"]["parents"].clone())
+        .unwrap_or(Value::Null)
     };
     wait_until("the consumer route has a status", WAIT, || {
         let done = consumer_status().as_array().is_some_and(|p| !p.is_empty());
@@ -302,12 +324,14 @@ async fn a_host_a_route_policy_defines_is_refused_to_httroutes_with_both_names()
     let message = accepted["message"].as_str().unwrap();
     assert!(
         message.contains("RoutePolicy gateway-conformance-mesh/echo")
-            && message.contains("HTTPRoutes gateway-conformance-mesh/gateway-conformance-mesh-test"),
+            && message
+                .contains("HTTPRoutes gateway-conformance-mesh/gateway-conformance-mesh-test"),
         "{message}"
     );
     // /policies says the same, and only the RoutePolicy governs the host.
     let mut admin = HttpConn::h1(mesh.cp.admin_addr()).await.unwrap();
-    let policies: Value = serde_json::from_str(&admin.get("cp", "/policies").await.unwrap().text()).unwrap();
+    let policies: Value =
+        serde_json::from_str(&admin.get("cp", "/policies").await.unwrap().text()).unwrap();
     let text = policies.to_string();
     assert!(
         text.contains("httproute/gateway-conformance-mesh/gateway-conformance-mesh-test")
@@ -330,8 +354,16 @@ async fn a_host_a_route_policy_defines_is_refused_to_httroutes_with_both_names()
 fn convert_translates_offline_and_refuses_with_file_and_field() {
     let bin = env!("CARGO_BIN_EXE_e2e-control-plane");
     let weight = conformance_fixture_path("httproute-weight");
-    let out = Command::new(bin).arg("convert").arg(&weight).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(bin)
+        .arg("convert")
+        .arg(&weight)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let set = sluice_config::PolicySet::from_canonical("converted", &out.stdout).unwrap();
     let p = &set.policies()[0];
     assert_eq!(p.metadata.name, "httproute-echo");
@@ -339,12 +371,18 @@ fn convert_translates_offline_and_refuses_with_file_and_field() {
     assert_eq!(w.values().copied().collect::<Vec<_>>(), [70, 30]);
 
     let redirect = conformance_fixture_path("httproute-303-redirect");
-    let out = Command::new(bin).arg("convert").arg(&redirect).output().unwrap();
+    let out = Command::new(bin)
+        .arg("convert")
+        .arg(&redirect)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
-        stderr.starts_with(&format!("{}: HTTPRoute gateway-conformance-mesh/mesh-303-redirect", redirect.display()))
-            && stderr.contains("spec.rules[0].filters[0]: filter RequestRedirect is not supported"),
+        stderr.starts_with(&format!(
+            "{}: HTTPRoute gateway-conformance-mesh/mesh-303-redirect",
+            redirect.display()
+        )) && stderr.contains("spec.rules[0].filters[0]: filter RequestRedirect is not supported"),
         "{stderr}"
     );
     assert!(out.stdout.is_empty());
