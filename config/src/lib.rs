@@ -38,7 +38,7 @@ mod spans;
 mod sticky;
 mod validate;
 
-pub use validate::shadowed_routes;
+pub use validate::{is_dns_label, shadowed_routes};
 
 pub use duration::{Duration, DurationParseError};
 pub use limits::{Limits, MAX_DEPTH_CEILING};

@@ -794,7 +794,9 @@ fn join_and(names: &[&str]) -> String {
 
 // === name syntax ===
 
-fn is_dns_label(s: &str) -> bool {
+/// A Kubernetes-style name part (route and backend names): lower-case letters,
+/// digits and `-`, at most 63, not starting or ending with `-`.
+pub fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()

@@ -19,7 +19,7 @@ use serde_json::Value;
 use sha2::{Digest as _, Sha256};
 use sluice_config::{
     API_VERSION, Backend, Backoff, Duration, KIND, Metadata, PolicySet, RetryOn, Route, RouteMatch,
-    RoutePolicy, RoutePolicySpec, ServicePort, SplitRule, shadowed_routes,
+    RoutePolicy, RoutePolicySpec, ServicePort, SplitRule, is_dns_label, shadowed_routes,
 };
 
 use super::model::{
@@ -807,15 +807,6 @@ fn retry_out(
 
 // === building the policies ===
 
-fn is_label(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 63
-        && s.bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        && !s.starts_with('-')
-        && !s.ends_with('-')
-}
-
 fn hash8(seed: &str) -> String {
     hex::encode(&Sha256::digest(seed.as_bytes())[..4])
 }
@@ -823,7 +814,7 @@ fn hash8(seed: &str) -> String {
 /// `s` as a DNS label: itself when it is one, else shortened (or cleaned up) with
 /// a hash of the whole suffixed, so distinct inputs stay distinct.
 fn label(s: &str) -> String {
-    if is_label(s) {
+    if is_dns_label(s) {
         return s.to_string();
     }
     with_hash(s, s)

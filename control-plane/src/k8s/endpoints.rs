@@ -368,38 +368,26 @@ pub(crate) async fn watch_endpoints(
 pub(crate) async fn watch_services(
     client: Client,
     shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let api: Api<Service> = Api::all(client);
-    let writer = Writer::default();
-    let store = writer.as_reader();
-    let stream =
-        reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
-    let mut stream = std::pin::pin!(stream);
-    loop {
-        let event = tokio::select! {
-            e = stream.next() => e,
-            _ = shutdown.changed() => return,
-        };
-        match event {
-            Some(Ok(
-                watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_),
-            )) => {
-                let services = store.state();
-                let changed = shared
-                    .endpoints
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .sync_services(&services);
-                if changed {
-                    shared.reload();
-                }
+    super::reflect(
+        Api::<Service>::all(client),
+        Writer::default(),
+        watcher::Config::default(),
+        "Service",
+        shutdown,
+        |services| {
+            let changed = shared
+                .endpoints
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .sync_services(services);
+            if changed {
+                shared.reload();
             }
-            Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => {}
-            Some(Err(e)) => tracing::warn!(error = %e, "Service watch failed; retrying"),
-            None => return,
-        }
-    }
+        },
+    )
+    .await
 }
 
 /// The service account a pod runs as (`default` when its spec names none);

@@ -18,10 +18,9 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::StreamExt as _;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams};
-use kube::runtime::reflector::{self, store::Writer};
-use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::watcher;
 use kube::{Api, Client};
 use serde_json::Value;
 use sluice_api::pb;
@@ -416,57 +415,34 @@ pub(crate) async fn watch_httproutes(
             k.gateway.sync_grants(&[]);
         }
     });
-    let route_writer = Writer::new(routes_ar.clone());
-    let route_store = route_writer.as_reader();
-    let routes = reflector::reflector(
-        route_writer,
-        watcher(
-            Api::<DynamicObject>::all_with(client.clone(), &routes_ar),
-            watcher::Config::default(),
-        ),
-    )
-    .default_backoff();
-    let mut routes = std::pin::pin!(routes);
-    let grant_writer = Writer::new(grants_ar.clone());
-    let grant_store = grant_writer.as_reader();
-    let grants = reflector::reflector(
-        grant_writer,
-        watcher(
-            Api::<DynamicObject>::all_with(client, &grants_ar),
-            watcher::Config::default(),
-        ),
-    )
-    .default_backoff();
-    let mut grants = if grants_served {
-        grants.boxed()
-    } else {
-        futures_util::stream::pending().boxed()
-    };
-    loop {
-        tokio::select! {
-            e = routes.next() => match e {
-                Some(Ok(watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_))) => {
-                    let objects = route_store.state();
-                    let _ = shared.with_kube_policies(|k| k.gateway.sync_routes(&objects));
+    let routes = super::reflect(
+        Api::<DynamicObject>::all_with(client.clone(), &routes_ar),
+        Writer::new(routes_ar.clone()),
+        watcher::Config::default(),
+        "HTTPRoute",
+        shutdown.clone(),
+        |objects| {
+            let _ = shared.with_kube_policies(|k| k.gateway.sync_routes(objects));
+            shared.reload();
+        },
+    );
+    let grants = async {
+        if grants_served {
+            super::reflect(
+                Api::<DynamicObject>::all_with(client.clone(), &grants_ar),
+                Writer::new(grants_ar.clone()),
+                watcher::Config::default(),
+                "ReferenceGrant",
+                shutdown.clone(),
+                |objects| {
+                    let _ = shared.with_kube_policies(|k| k.gateway.sync_grants(objects));
                     shared.reload();
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => tracing::warn!(error = %e, "HTTPRoute watch failed; retrying"),
-                None => return,
-            },
-            e = grants.next() => match e {
-                Some(Ok(watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_))) => {
-                    let objects = grant_store.state();
-                    let _ = shared.with_kube_policies(|k| k.gateway.sync_grants(&objects));
-                    shared.reload();
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => tracing::warn!(error = %e, "ReferenceGrant watch failed; retrying"),
-                None => return,
-            },
-            _ = shutdown.changed() => return,
+                },
+            )
+            .await
         }
-    }
+    };
+    tokio::join!(routes, grants);
 }
 
 /// The time a condition changes, as Kubernetes writes it (whole seconds, UTC).

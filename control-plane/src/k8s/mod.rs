@@ -168,6 +168,43 @@ pub(crate) fn spawn(
     tasks
 }
 
+/// Runs a reflector over `api` until `shutdown` (or the stream ends), handing the
+/// whole store to `on_change` once listed and after every change; `what` names the
+/// objects in the log when the watch fails (it is retried with backoff).
+pub(crate) async fn reflect<K>(
+    api: kube::Api<K>,
+    writer: kube::runtime::reflector::store::Writer<K>,
+    config: kube::runtime::watcher::Config,
+    what: &str,
+    mut shutdown: watch::Receiver<bool>,
+    mut on_change: impl FnMut(&[Arc<K>]),
+) where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    use futures_util::StreamExt as _;
+    use kube::runtime::WatchStreamExt as _;
+    use kube::runtime::watcher::{Event, watcher};
+
+    let store = writer.as_reader();
+    let stream = kube::runtime::reflector(writer, watcher(api, config)).default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    loop {
+        let event = tokio::select! {
+            e = stream.next() => e,
+            _ = shutdown.changed() => return,
+        };
+        match event {
+            Some(Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_))) => {
+                on_change(&store.state())
+            }
+            Some(Ok(Event::Init | Event::InitApply(_))) => {}
+            Some(Err(e)) => tracing::warn!(error = %e, "{what} watch failed; retrying"),
+            None => return,
+        }
+    }
+}
+
 /// Where to publish the mesh root for injected proxies (`--trust-root-configmap`).
 #[derive(Clone)]
 pub struct PublishTrustRoot {

@@ -21,10 +21,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use futures_util::StreamExt as _;
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
-use kube::runtime::reflector::{self, store::Writer};
-use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::watcher;
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use sluice_api::pb;
@@ -421,34 +420,22 @@ impl KubePolicies {
 pub(crate) async fn watch_policies(
     client: Client,
     shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let ar = api_resource();
-    let api: Api<DynamicObject> = Api::all_with(client, &ar);
-    let writer = Writer::new(ar);
-    let store = writer.as_reader();
-    let stream =
-        reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
-    let mut stream = std::pin::pin!(stream);
-    loop {
-        let event = tokio::select! {
-            e = stream.next() => e,
-            _ = shutdown.changed() => return,
-        };
-        match event {
-            Some(Ok(
-                watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_),
-            )) => {
-                let objects = store.state();
-                let failures = shared.with_kube_policies(|k| k.sync(&objects)).unwrap_or(0);
-                shared.metrics.validation_failures.inc_by(failures as u64);
-                shared.reload();
-            }
-            Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => {}
-            Some(Err(e)) => tracing::warn!(error = %e, "RoutePolicy watch failed; retrying"),
-            None => return,
-        }
-    }
+    super::reflect(
+        Api::<DynamicObject>::all_with(client, &ar),
+        Writer::new(ar),
+        watcher::Config::default(),
+        "RoutePolicy",
+        shutdown,
+        |objects| {
+            let failures = shared.with_kube_policies(|k| k.sync(objects)).unwrap_or(0);
+            shared.metrics.validation_failures.inc_by(failures as u64);
+            shared.reload();
+        },
+    )
+    .await
 }
 
 /// While this replica leads, writes every object's verdict to its `status`
