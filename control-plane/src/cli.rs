@@ -25,7 +25,8 @@ pub enum LogFormat {
 #[command(
     name = "sluice-control-plane",
     version,
-    about = "Validates Sluice policies and streams them to every proxy."
+    about = "Validates Sluice policies and streams them to every proxy.",
+    after_help = "`sluice-control-plane convert FILE...` translates Gateway API HTTPRoutes into RoutePolicies offline (see `convert --help`)."
 )]
 pub struct Args {
     /// Where policies come from: a directory of YAML files, or RoutePolicy objects.

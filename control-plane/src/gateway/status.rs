@@ -38,7 +38,12 @@ fn joined(problems: &[&Problem]) -> String {
 fn conditions(
     problems: &[Problem],
     policy: Option<&str>,
+    kept: Option<i64>,
 ) -> [(&'static str, bool, String, String); 2] {
+    let kept = |message: String| match kept {
+        Some(g) => format!("{message} (generation {g} stays in force)"),
+        None => message,
+    };
     let accepted: Vec<&Problem> = problems
         .iter()
         .filter(|p| p.condition == Condition::Accepted)
@@ -52,16 +57,16 @@ fn conditions(
             "Accepted",
             false,
             first.reason.to_string(),
-            joined(&accepted),
+            kept(joined(&accepted)),
         ),
         (None, false) => (
             "Accepted",
             false,
             "UnsupportedValue".to_string(),
-            format!(
+            kept(format!(
                 "not in force until every backend resolves (Sluice does not answer a share of a route with 500): {}",
                 joined(&refs)
-            ),
+            )),
         ),
         (None, true) => (
             "Accepted",
@@ -116,32 +121,36 @@ pub fn merged_parents(
         let parent_ref = serde_json::to_value(&parent.parent_ref).unwrap_or(Value::Null);
         let before = ours_before.iter().find(|e| e["parentRef"] == parent_ref);
         let policy_name = policy(parent.index);
-        let conds: Vec<Value> = conditions(&parent.problems, policy_name.as_deref())
-            .into_iter()
-            .map(|(ty, ok, reason, message)| {
-                let status = if ok { "True" } else { "False" };
-                let since = before
-                    .and_then(|b| {
-                        b["conditions"]
-                            .as_array()?
-                            .iter()
-                            .find(|c| c["type"] == ty && c["status"] == status)
-                    })
-                    .and_then(|c| c["lastTransitionTime"].as_str())
-                    .unwrap_or(now);
-                let mut c = json!({
-                    "type": ty,
-                    "status": status,
-                    "reason": reason,
-                    "message": message,
-                    "lastTransitionTime": since,
-                });
-                if let Some(g) = verdict.generation {
-                    c["observedGeneration"] = json!(g);
-                }
-                c
-            })
-            .collect();
+        let conds: Vec<Value> = conditions(
+            &parent.problems,
+            policy_name.as_deref(),
+            verdict.kept_generation,
+        )
+        .into_iter()
+        .map(|(ty, ok, reason, message)| {
+            let status = if ok { "True" } else { "False" };
+            let since = before
+                .and_then(|b| {
+                    b["conditions"]
+                        .as_array()?
+                        .iter()
+                        .find(|c| c["type"] == ty && c["status"] == status)
+                })
+                .and_then(|c| c["lastTransitionTime"].as_str())
+                .unwrap_or(now);
+            let mut c = json!({
+                "type": ty,
+                "status": status,
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": since,
+            });
+            if let Some(g) = verdict.generation {
+                c["observedGeneration"] = json!(g);
+            }
+            c
+        })
+        .collect();
         out.push(json!({
             "parentRef": parent_ref,
             "controllerName": CONTROLLER_NAME,

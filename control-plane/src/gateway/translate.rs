@@ -123,6 +123,9 @@ pub struct RouteVerdict {
     pub generation: Option<i64>,
     /// One per Service parentRef, in `spec.parentRefs` order.
     pub parents: Vec<ParentVerdict>,
+    /// When the judged generation is refused: the last accepted generation, which
+    /// stays in force (the Kubernetes source keeps it, as for RoutePolicies).
+    pub kept_generation: Option<i64>,
 }
 
 /// The policies generated for one Service.
@@ -200,6 +203,7 @@ pub fn translate(routes: &[RouteObject], cluster: Cluster<'_>) -> Translation {
         let mut verdict = RouteVerdict {
             generation: obj.generation,
             parents: Vec::new(),
+            kept_generation: None,
         };
         let (rules, mut route_problems) = match decoded {
             Ok(spec) => rules(obj, &spec, cluster),

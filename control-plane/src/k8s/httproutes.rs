@@ -77,6 +77,9 @@ pub(crate) struct GatewayRoutes {
     hashes: HashMap<Key, String>,
     /// Statuses written whose watch event has not come back yet.
     written: HashMap<Key, Value>,
+    /// The last generation of each HTTPRoute that was in force at every Service
+    /// parent: it stays in force while a later generation is refused.
+    last_good: HashMap<Key, RouteObject>,
 }
 
 impl GatewayRoutes {
@@ -142,6 +145,7 @@ impl GatewayRoutes {
             );
         }
         self.written.retain(|k, _| routes.contains_key(k));
+        self.last_good.retain(|k, _| routes.contains_key(k));
         self.routes = routes;
     }
 
@@ -164,14 +168,7 @@ impl GatewayRoutes {
         taken_hosts: &HashMap<String, Key>,
         taken_names: &HashSet<Key>,
     ) -> Vec<(RoutePolicy, pb::PolicyMeta)> {
-        let objects: Vec<RouteObject> = self.routes.values().map(|r| r.object.clone()).collect();
-        let mut t = translate(
-            &objects,
-            Cluster {
-                services: Some(&self.services),
-                grants: &self.grants,
-            },
-        );
+        let mut t = self.translate_keeping_last_good();
         let mut refused = Vec::new();
         for sp in &t.services {
             let routes = sp
@@ -238,6 +235,56 @@ impl GatewayRoutes {
         }
         self.translation = t;
         out
+    }
+
+    /// Translates the HTTPRoutes as they are; a route refused there whose last
+    /// accepted generation still translates is served in that generation, with the
+    /// refusal of the new one (and the generation kept) as its verdict.
+    fn translate_keeping_last_good(&mut self) -> Translation {
+        let cluster = Cluster {
+            services: Some(&self.services),
+            grants: &self.grants,
+        };
+        let current: Vec<RouteObject> = self.routes.values().map(|r| r.object.clone()).collect();
+        let first = translate(&current, cluster);
+        let mut kept = Vec::new();
+        let objects: Vec<RouteObject> = current
+            .into_iter()
+            .map(|obj| {
+                let key = obj.key();
+                match first.verdicts.get(&key) {
+                    Some(v) if v.parents.iter().all(|p| p.problems.is_empty()) => {
+                        self.last_good.insert(key, obj.clone());
+                        obj
+                    }
+                    Some(_) => match self.last_good.get(&key) {
+                        Some(good) => {
+                            kept.push(key);
+                            good.clone()
+                        }
+                        None => obj,
+                    },
+                    None => obj,
+                }
+            })
+            .collect();
+        if kept.is_empty() {
+            return first;
+        }
+        let mut t = translate(&objects, cluster);
+        for key in kept {
+            let Some(mut verdict) = first.verdicts.get(&key).cloned() else {
+                continue;
+            };
+            // (If the last accepted generation no longer translates either, it is
+            // out like any refused route.)
+            let good = t.verdicts.get(&key);
+            if good.is_some_and(|g| g.parents.iter().all(|p| p.problems.is_empty())) {
+                verdict.kept_generation = good.and_then(|g| g.generation);
+            }
+            t.verdicts.insert(key, verdict);
+        }
+        t
     }
 
     /// The generated policy (`namespace/name`) an HTTPRoute's parent is in force as.

@@ -763,6 +763,46 @@ async fn httproutes_are_served_and_refusals_written_to_their_status() {
         "a status write was refused"
     );
 
+    // An edit Sluice refuses (a filter): generation 2 is refused in status, and
+    // generation 1 stays in force.
+    let mut edited = weight[0].clone();
+    edited["spec"]["rules"][0]["filters"] = json!([{ "type": "RequestHeaderModifier", "requestHeaderModifier": { "set": [{ "name": "x", "value": "y" }] } }]);
+    cluster.api.put(edited);
+    let api = cluster.api.clone();
+    let accepted = tokio::time::timeout(Duration::from_secs(60), async move {
+        loop {
+            let obj = api
+                .get("httproutes", MESH, "mesh-weighted-backends")
+                .unwrap();
+            let c = obj["status"]["parents"][0]["conditions"][0].clone();
+            if c["observedGeneration"] == 2 {
+                return c;
+            }
+            api.wait_call(api.calls().len(), |_| true).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(accepted["status"], "False");
+    assert!(
+        accepted["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("(generation 1 stays in force)"),
+        "{accepted}"
+    );
+    let set = served(&cp, |s| !s.policies().is_empty()).await;
+    assert_eq!(
+        set.policies()[0].spec.routes[0].split[0]
+            .weights
+            .as_ref()
+            .unwrap()
+            .values()
+            .copied()
+            .collect::<Vec<_>>(),
+        [70, 30]
+    );
+
     // A RoutePolicy for the same host: it keeps the host, the HTTPRoute is refused
     // with both names.
     let rp = json!({ "apiVersion": "sluice.dev/v1alpha1", "kind": "RoutePolicy",
@@ -812,5 +852,32 @@ async fn without_the_httproute_crd_route_policies_are_served_as_before() {
         .map(|c| c.status)
         .collect::<Vec<_>>();
     assert_eq!(probes, [404], "asked once, found no CRD");
+    cp.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn gateway_api_installed_later_is_picked_up_without_a_restart() {
+    let cluster = Cluster::new(vec![policy("log-service", log_spec("2s"))], vec![], false);
+    let cp = cluster.start(true).await;
+    served(&cp, |s| s.policies().len() == 1).await;
+    cluster.api.install_gateway_api();
+    for s in ["echo", "echo-v1", "echo-v2"] {
+        cluster.api.put(mesh_service(s));
+    }
+    for r in fixture_routes(include_str!(
+        "../../testdata/gateway-api/conformance-mesh/httproute-simple-same-namespace.yaml"
+    )) {
+        cluster.api.put(r);
+    }
+    // Within a minute the control plane asks again and serves the HTTPRoute.
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    let set = served(&cp, |s| s.policies().len() == 4).await;
+    assert!(
+        set.policies()
+            .iter()
+            .any(|p| p.metadata.name == "httproute-echo"),
+        "{:?}",
+        set.policies()
+    );
     cp.shutdown().await;
 }

@@ -308,7 +308,7 @@ async fn every_other_fixture_is_refused_with_the_condition_it_calls_for() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_host_a_route_policy_defines_is_refused_to_httroutes_with_both_names() {
+async fn a_host_a_route_policy_defines_is_refused_to_httproutes_with_both_names() {
     let route_policy = json!({
         "apiVersion": "sluice.dev/v1alpha1", "kind": "RoutePolicy",
         "metadata": { "name": "echo", "namespace": MESH_NAMESPACE },
