@@ -117,6 +117,7 @@ pub fn merged_parents(
         .filter(|e| e["controllerName"] != CONTROLLER_NAME)
         .cloned()
         .collect();
+    let mut ours = Vec::new();
     for parent in &verdict.parents {
         let parent_ref = serde_json::to_value(&parent.parent_ref).unwrap_or(Value::Null);
         let before = ours_before.iter().find(|e| e["parentRef"] == parent_ref);
@@ -151,11 +152,16 @@ pub fn merged_parents(
             c
         })
         .collect();
-        out.push(json!({
+        ours.push(json!({
             "parentRef": parent_ref,
             "controllerName": CONTROLLER_NAME,
             "conditions": conds,
         }));
     }
+    // Unchanged entries stay where they are, whatever others added around them.
+    if ours.iter().collect::<Vec<_>>() == ours_before {
+        return current.clone();
+    }
+    out.extend(ours);
     Value::Array(out)
 }

@@ -669,3 +669,27 @@ fn convert_names_file_and_field() {
             .starts_with("g.yaml (document 1): GRPCRoute")
     );
 }
+
+#[test]
+fn entries_others_added_after_ours_do_not_move_them() {
+    let t = run(&objects(fixture("httproute-weight")));
+    let verdict = &t.verdicts[&(NS.to_string(), "mesh-weighted-backends".to_string())];
+    let policy = |_| Some(format!("{NS}/httproute-echo"));
+    let ours = merged_parents(&Value::Null, verdict, policy, "2026-01-01T00:00:00Z");
+    let mut list = ours.as_array().unwrap().clone();
+    list.push(json!({ "parentRef": { "name": "gw" }, "controllerName": "example.net/gateway", "conditions": [] }));
+    let current = Value::Array(list);
+    assert_eq!(
+        merged_parents(&current, verdict, policy, "2026-03-03T00:00:00Z"),
+        current
+    );
+    // A route that no longer names a Service loses Sluice's entry, not the others'.
+    let gone = merged_parents(
+        &current,
+        &Default::default(),
+        policy,
+        "2026-03-03T00:00:00Z",
+    );
+    assert_eq!(gone.as_array().unwrap().len(), 1);
+    assert_eq!(gone[0]["controllerName"], "example.net/gateway");
+}

@@ -30,7 +30,8 @@ use tokio::sync::watch;
 use crate::Shared;
 use crate::gateway::translate::{Key, policy_name};
 use crate::gateway::{
-    Cluster, ReferenceGrant, RouteObject, ServiceInfo, Translation, merged_parents, translate,
+    Cluster, ReferenceGrant, RouteObject, RouteVerdict, ServiceInfo, Translation, merged_parents,
+    translate,
 };
 use crate::source::{FileView, PolicyView};
 
@@ -303,17 +304,16 @@ impl GatewayRoutes {
         if !self.is_ready() {
             return Vec::new();
         }
-        self.translation
-            .verdicts
+        // A route that no longer names a Service keeps no entry of Sluice's.
+        let none = RouteVerdict::default();
+        self.routes
             .iter()
-            .filter_map(|(key, verdict)| {
-                let state = self.routes.get(key)?;
+            .filter_map(|(key, state)| {
+                let verdict = self.translation.verdicts.get(key).unwrap_or(&none);
                 let have = self.written.get(key).unwrap_or(&state.parents);
                 let want = merged_parents(have, verdict, |i| self.policy_of(key, i), now);
-                let same = match have {
-                    Value::Null => want.as_array().is_some_and(|a| a.is_empty()),
-                    h => *h == want,
-                };
+                let empty = |v: &Value| v.is_null() || v.as_array().is_some_and(|a| a.is_empty());
+                let same = *have == want || (empty(have) && empty(&want));
                 (!same).then(|| (key.clone(), want, state.resource_version.clone()))
             })
             .collect()
