@@ -75,6 +75,8 @@ pub(crate) struct ServiceEndpoints {
     service_ports: Arc<BTreeMap<(String, String), ServiceInfo>>,
     /// The Services have been listed once.
     services_synced: bool,
+    /// The Services cannot be read (RBAC): their ports are unknown, not absent.
+    services_unreadable: bool,
     /// Service account of each pod seen (`None`: the pod could not be read).
     accounts: HashMap<PodRef, Option<String>>,
 }
@@ -126,9 +128,15 @@ impl ServiceEndpoints {
         !self.enabled || (self.synced && self.services_synced)
     }
 
-    /// Every Service's ports (shared, cheap to clone).
-    pub(crate) fn service_ports(&self) -> Arc<BTreeMap<(String, String), ServiceInfo>> {
-        self.service_ports.clone()
+    /// Every Service's ports (shared, cheap to clone); `None` when they cannot be read.
+    pub(crate) fn service_ports(&self) -> Option<Arc<BTreeMap<(String, String), ServiceInfo>>> {
+        (!self.services_unreadable).then(|| self.service_ports.clone())
+    }
+
+    /// The Services cannot be read: discovery goes on without their ports.
+    fn services_unreadable(&mut self) {
+        self.services_unreadable = true;
+        self.services_synced = true;
     }
 
     /// Replaces the Services from their reflector's store; `true` if any port changed.
@@ -370,6 +378,26 @@ pub(crate) async fn watch_services(
     shared: Arc<Shared>,
     shutdown: watch::Receiver<bool>,
 ) {
+    // An older chart's RBAC may not grant Services: discovery then goes on without
+    // their ports (a backend `port` number does not resolve) rather than never
+    // becoming ready.
+    let probe = Api::<Service>::all(client.clone())
+        .list(&kube::api::ListParams::default().limit(1))
+        .await;
+    if let Err(kube::Error::Api(s)) = &probe
+        && s.code == 403
+    {
+        tracing::warn!(
+            "the control plane may not list Services (RBAC): backend port numbers and HTTPRoute ports cannot be checked"
+        );
+        shared
+            .endpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .services_unreadable();
+        shared.reload();
+        return;
+    }
     super::reflect(
         Api::<Service>::all(client),
         Writer::default(),

@@ -72,7 +72,9 @@ pub(crate) struct GatewayRoutes {
     grants_synced: bool,
     routes: BTreeMap<Key, RouteState>,
     grants: Vec<ReferenceGrant>,
-    services: Arc<BTreeMap<Key, ServiceInfo>>,
+    /// Every Service's ports; `None` when they cannot be read (references are then
+    /// taken as written).
+    services: Option<Arc<BTreeMap<Key, ServiceInfo>>>,
     translation: Translation,
     /// Content hash of each generated policy in force, by namespace and name.
     hashes: HashMap<Key, String>,
@@ -103,7 +105,7 @@ impl GatewayRoutes {
     }
 
     /// Takes in the Services' ports (from endpoint discovery).
-    pub(crate) fn set_services(&mut self, services: Arc<BTreeMap<Key, ServiceInfo>>) {
+    pub(crate) fn set_services(&mut self, services: Option<Arc<BTreeMap<Key, ServiceInfo>>>) {
         self.services = services;
     }
 
@@ -243,7 +245,7 @@ impl GatewayRoutes {
     /// refusal of the new one (and the generation kept) as its verdict.
     fn translate_keeping_last_good(&mut self) -> Translation {
         let cluster = Cluster {
-            services: Some(&self.services),
+            services: self.services.as_deref(),
             grants: &self.grants,
         };
         let current: Vec<RouteObject> = self.routes.values().map(|r| r.object.clone()).collect();
@@ -378,12 +380,21 @@ impl GatewayRoutes {
                 let policies: Vec<String> = v
                     .parents
                     .iter()
-                    .filter(|p| p.problems.is_empty())
+                    .filter(|p| p.problems.is_empty() || v.kept_generation.is_some())
                     .map(|p| format!("{}/{}", p.service.0, policy_name(&p.service.1)))
                     .collect();
                 FileView {
                     file: format!("httproute/{}/{}", key.0, key.1),
-                    version: v.generation.map(|g| format!("generation {g}")),
+                    // The content hash of the (first) generated policy it is part of.
+                    version: v
+                        .parents
+                        .iter()
+                        .filter(|p| p.problems.is_empty() || v.kept_generation.is_some())
+                        .find_map(|p| {
+                            self.hashes
+                                .get(&(p.service.0.clone(), policy_name(&p.service.1)))
+                                .cloned()
+                        }),
                     from_state: false,
                     loaded_at_unix_ms: None,
                     error: (!errors.is_empty()).then(|| errors.join("\n")),
@@ -395,12 +406,18 @@ impl GatewayRoutes {
     }
 }
 
-/// Whether the API serves `ar` (a 404 means its CRD is not installed).
+/// Whether the API serves `ar` to this control plane: a 404 means its CRD is not
+/// installed, a 403 that the RBAC (an older chart's) does not grant it; either way
+/// the control plane runs without it.
 async fn served(client: &Client, ar: &ApiResource) -> Result<bool, kube::Error> {
     let api: Api<DynamicObject> = Api::all_with(client.clone(), ar);
     match api.list(&ListParams::default().limit(1)).await {
         Ok(_) => Ok(true),
         Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+        Err(kube::Error::Api(s)) if s.code == 403 => {
+            tracing::warn!(resource = %ar.plural, "the control plane may not list these (RBAC); Gateway API input goes without them");
+            Ok(false)
+        }
         Err(e) => Err(e),
     }
 }
@@ -421,7 +438,7 @@ pub(crate) async fn watch_httproutes(
             Ok(false) => {
                 if !said_absent {
                     tracing::info!(
-                        "the HTTPRoute CRD (gateway.networking.k8s.io/v1) is not installed: Gateway API input is off until it is"
+                        "HTTPRoutes (gateway.networking.k8s.io/v1) are not served (no CRD, or no RBAC for them): Gateway API input is off until they are"
                     );
                     said_absent = true;
                 }
