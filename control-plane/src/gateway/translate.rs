@@ -170,9 +170,15 @@ impl Translation {
     pub fn refuse_service(&mut self, service: &Key, message: &str) {
         self.services.retain(|s| &s.service != service);
         for v in self.verdicts.values_mut() {
+            let mut hit = false;
             for p in v.parents.iter_mut().filter(|p| &p.service == service) {
                 p.problems
                     .push(Problem::host_conflict(p.index, message.to_string()));
+                hit = true;
+            }
+            if hit {
+                // Nothing of it is in force there now, not even an older generation.
+                v.kept_generation = None;
             }
         }
     }
