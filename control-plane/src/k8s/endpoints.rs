@@ -437,3 +437,72 @@ async fn service_account(client: &Client, pod: &PodRef) -> Option<Option<String>
         }
     }
 }
+
+#[cfg(test)]
+mod port_tests {
+    use serde_json::json;
+    use sluice_config::PolicySet;
+
+    use super::*;
+
+    fn policy(port: Option<&str>) -> PolicySet {
+        let port = port.map(|p| format!(", port: {p}")).unwrap_or_default();
+        let text = format!(
+            "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: p, namespace: shop }}\nspec:\n  host: p\n  backends:\n    b: {{ service: web.shop{port} }}\n  routes: [{{ name: all }}]\n"
+        );
+        PolicySet::from_files([("p.yaml", text.as_str())]).unwrap()
+    }
+
+    fn discovery() -> ServiceEndpoints {
+        let mut eps = ServiceEndpoints::enabled("cluster.local");
+        let slice: EndpointSlice = serde_json::from_value(json!({
+            "addressType": "IPv4",
+            "metadata": { "name": "web-1", "namespace": "shop",
+                          "labels": { "kubernetes.io/service-name": "web" } },
+            "ports": [{ "name": "http", "port": 8000 }, { "name": "admin", "port": 9000 }],
+            "endpoints": [{ "addresses": ["10.0.0.5"] }],
+        }))
+        .unwrap();
+        let service: Service = serde_json::from_value(json!({
+            "metadata": { "name": "web", "namespace": "shop" },
+            "spec": { "ports": [{ "name": "http", "port": 80 }, { "name": "admin", "port": 9090 }] },
+        }))
+        .unwrap();
+        eps.sync(&[Arc::new(slice)]);
+        eps.sync_services(&[Arc::new(service)]);
+        eps
+    }
+
+    fn addresses(set: &PolicySet) -> Vec<String> {
+        set.policies()[0].spec.backends["b"].addresses.clone()
+    }
+
+    #[test]
+    fn a_backend_port_picks_the_slice_port_of_that_service_port() {
+        let eps = discovery();
+        assert!(eps.is_ready());
+        // By number (through the Service's port names) and by name.
+        assert_eq!(
+            addresses(&eps.resolve(policy(Some("9090"))).unwrap()),
+            ["10.0.0.5:9000"]
+        );
+        assert_eq!(
+            addresses(&eps.resolve(policy(Some("admin"))).unwrap()),
+            ["10.0.0.5:9000"]
+        );
+        assert_eq!(
+            addresses(&eps.resolve(policy(Some("80"))).unwrap()),
+            ["10.0.0.5:8000"]
+        );
+        // Without a port: `http`, as before.
+        assert_eq!(
+            addresses(&eps.resolve(policy(None)).unwrap()),
+            ["10.0.0.5:8000"]
+        );
+        // A port the Service lacks: no endpoints, the backend keeps its service.
+        let set = eps.resolve(policy(Some("81"))).unwrap();
+        let b = &set.policies()[0].spec.backends["b"];
+        assert!(b.addresses.is_empty());
+        assert_eq!(b.service.as_deref(), Some("web.shop"));
+    }
+}
