@@ -881,3 +881,32 @@ async fn gateway_api_installed_later_is_picked_up_without_a_restart() {
     );
     cp.shutdown().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn only_the_leader_writes_httproute_statuses() {
+    let routes = fixture_routes(include_str!(
+        "../../testdata/gateway-api/conformance-mesh/httproute-simple-same-namespace.yaml"
+    ));
+    let mut cluster = Cluster::new(vec![], vec![], true);
+    cluster.api.install_gateway_api();
+    for s in ["echo", "echo-v1"] {
+        cluster.api.put(mesh_service(s));
+    }
+    cluster.api.put(routes[0].clone());
+    let cp = cluster.start(true).await;
+    // A follower serves the route and writes nothing.
+    served(&cp, |s| !s.policies().is_empty()).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(
+        cluster.unseen_status_writes(),
+        0,
+        "a follower wrote a status"
+    );
+    // Once it leads, it writes Sluice's entry.
+    cluster.other_leader_alive.store(false, Ordering::SeqCst);
+    let (name, status) = cluster.next_patch().await;
+    assert_eq!(name, "gateway-conformance-mesh-test");
+    assert_eq!(status["parents"][0]["controllerName"], "sluice.dev/mesh");
+    assert_eq!(status["parents"][0]["conditions"][0]["status"], "True");
+    cp.shutdown().await;
+}
