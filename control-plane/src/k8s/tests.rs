@@ -910,3 +910,47 @@ async fn only_the_leader_writes_httproute_statuses() {
     assert_eq!(status["parents"][0]["conditions"][0]["status"], "True");
     cp.shutdown().await;
 }
+
+/// Log lines written while a test runs (the subscriber is this thread's; a paused
+/// test's runtime runs every task on it).
+#[derive(Clone, Default)]
+struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_the_httproute_crd_it_says_so_once_and_keeps_asking() {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let cluster = Cluster::new(vec![policy("log-service", log_spec("2s"))], vec![], false);
+    let cp = cluster.start(true).await;
+    served(&cp, |s| s.policies().len() == 1).await;
+    tokio::time::sleep(Duration::from_secs(200)).await;
+    let probes = cluster
+        .api
+        .calls()
+        .iter()
+        .filter(|c| c.path.ends_with("/httproutes") && c.status == 404)
+        .count();
+    assert!(probes >= 3, "asked {probes} times in 200 s");
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert_eq!(
+        text.matches("Gateway API input is off").count(),
+        1,
+        "{text}"
+    );
+    cp.shutdown().await;
+}
