@@ -457,8 +457,7 @@ pub(crate) async fn write_statuses(
                 .unwrap_or_default();
             for (key, status, resource_version) in pending {
                 let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &key.0, &ar);
-                // A merge patch: fields set to null are removed. The resourceVersion
-                // is a precondition: another writer in between makes it a 409.
+                // A merge patch: fields set to null are removed.
                 let patch = json!({
                     "metadata": { "resourceVersion": resource_version },
                     "status": {
@@ -467,25 +466,12 @@ pub(crate) async fn write_statuses(
                     "hash": status.hash,
                     "error": status.error,
                 }});
-                match api
-                    .patch_status(&key.1, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
-                {
-                    Ok(_) => {
-                        tracing::debug!(namespace = %key.0, name = %key.1, accepted = status.accepted, "RoutePolicy status written");
+                match patch_status(&api, "RoutePolicy", &key, &patch).await {
+                    Some(true) => {
                         shared.with_kube_policies(|k| k.mark_written(key, status));
                     }
-                    // Deleted meanwhile: its delete event removes it.
-                    Err(kube::Error::Api(s)) if s.code == 404 => {}
-                    // Changed meanwhile: its watch event brings the version to judge.
-                    Err(kube::Error::Api(s)) if s.code == 409 => {
-                        failed = true;
-                        tracing::debug!(namespace = %key.0, name = %key.1, "RoutePolicy changed since it was judged; its status waits for the new version");
-                    }
-                    Err(e) => {
-                        failed = true;
-                        tracing::warn!(namespace = %key.0, name = %key.1, error = %e, "cannot write RoutePolicy status; will retry");
-                    }
+                    Some(false) => {}
+                    None => failed = true,
                 }
             }
         }
@@ -521,24 +507,44 @@ async fn write_route_statuses(client: &Client, shared: &Shared) -> bool {
             "metadata": { "resourceVersion": resource_version },
             "status": { "parents": parents },
         });
-        match api
-            .patch_status(&key.1, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => {
-                tracing::debug!(namespace = %key.0, name = %key.1, "HTTPRoute status written");
+        match patch_status(&api, "HTTPRoute", &key, &patch).await {
+            Some(true) => {
                 shared.with_kube_policies(|k| k.gateway.mark_written(key, parents));
             }
-            Err(kube::Error::Api(s)) if s.code == 404 => {}
-            Err(kube::Error::Api(s)) if s.code == 409 => {
-                failed = true;
-                tracing::debug!(namespace = %key.0, name = %key.1, "HTTPRoute changed since it was judged; its status waits for the new version");
-            }
-            Err(e) => {
-                failed = true;
-                tracing::warn!(namespace = %key.0, name = %key.1, error = %e, "cannot write HTTPRoute status; will retry");
-            }
+            Some(false) => {}
+            None => failed = true,
         }
     }
     failed
+}
+
+/// Writes one object's status with `patch` (a merge patch whose resourceVersion is a
+/// precondition: another writer in between makes it a 409). `Some(true)` when
+/// written, `Some(false)` when the object is gone (its delete event removes it),
+/// `None` when it must be tried again (changed meanwhile: its watch event brings
+/// the version to judge; or the API failed).
+async fn patch_status(
+    api: &Api<DynamicObject>,
+    kind: &str,
+    key: &ObjectKey,
+    patch: &Value,
+) -> Option<bool> {
+    match api
+        .patch_status(&key.1, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+    {
+        Ok(_) => {
+            tracing::debug!(namespace = %key.0, name = %key.1, "{kind} status written");
+            Some(true)
+        }
+        Err(kube::Error::Api(s)) if s.code == 404 => Some(false),
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            tracing::debug!(namespace = %key.0, name = %key.1, "{kind} changed since it was judged; its status waits for the new version");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(namespace = %key.0, name = %key.1, error = %e, "cannot write {kind} status; will retry");
+            None
+        }
+    }
 }
