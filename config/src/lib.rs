@@ -38,6 +38,8 @@ mod spans;
 mod sticky;
 mod validate;
 
+pub use validate::{is_dns_label, shadowed_routes};
+
 pub use duration::{Duration, DurationParseError};
 pub use limits::{Limits, MAX_DEPTH_CEILING};
 pub use model::*;
@@ -193,11 +195,17 @@ impl PolicySet {
     /// weights (effective during a rollout, proportional from Gateway API) may have
     /// any total. Otherwise the same checks as [`PolicySet::new`].
     pub fn from_effective(policies: Vec<RoutePolicy>) -> Result<Self, ConfigError> {
-        Self::checked(
-            policies,
-            Input::Snapshot,
-            &Limits::default().for_whole_set(),
-        )
+        Self::from_effective_with(policies, &Limits::default().for_whole_set())
+    }
+
+    /// [`PolicySet::from_effective`] with the counts of policies and routes checked
+    /// against `limits`: a control plane's whole set, where policies from files or
+    /// objects (validated on their own) meet policies translated from Gateway API.
+    pub fn from_effective_with(
+        policies: Vec<RoutePolicy>,
+        limits: &Limits,
+    ) -> Result<Self, ConfigError> {
+        Self::checked(policies, Input::Snapshot, limits)
     }
 
     fn checked(

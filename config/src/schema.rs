@@ -61,7 +61,7 @@ impl Capability {
             Capability::Rollout => false,
             Capability::Fallback => true,
             Capability::SlowStart => true,
-            Capability::ServicePort => false,
+            Capability::ServicePort => true,
             Capability::FleetRateLimit => false,
             Capability::Upgrades => true,
             Capability::InboundConcurrency => true,

@@ -680,13 +680,7 @@ impl Checker {
     }
 
     fn unreachable_routes(&mut self, routes: &[Route]) {
-        let (never_used, _) = crate::shadow::never_used(
-            routes,
-            &precedence_order(routes),
-            |r| valid_path(&routes[r].matches).is_some(),
-            |a, b| route_covers(&routes[a], &routes[b]),
-        );
-        for (later, earlier) in never_used {
+        for (later, earlier) in shadowed_routes(routes) {
             self.err(
                 child_index("spec.routes", later),
                 format!(
@@ -720,6 +714,20 @@ impl Checker {
             self.concurrency(&child_key(path, "concurrency"), c);
         }
     }
+}
+
+/// Routes of one host that are never chosen, each with the route (by index) tried
+/// before it that takes every request it would: the validator refuses these in a
+/// policy file; a translator (Gateway API) drops them, since there precedence
+/// across objects decides and the earlier route simply wins.
+pub fn shadowed_routes(routes: &[Route]) -> Vec<(usize, usize)> {
+    crate::shadow::never_used(
+        routes,
+        &precedence_order(routes),
+        |r| valid_path(&routes[r].matches).is_some(),
+        |a, b| route_covers(&routes[a], &routes[b]),
+    )
+    .0
 }
 
 /// A path match usable for the reachability check: `Some(None)` for "any path",
@@ -786,7 +794,9 @@ fn join_and(names: &[&str]) -> String {
 
 // === name syntax ===
 
-fn is_dns_label(s: &str) -> bool {
+/// A Kubernetes-style name part (route and backend names): lower-case letters,
+/// digits and `-`, at most 63, not starting or ending with `-`.
+pub fn is_dns_label(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && s.bytes()

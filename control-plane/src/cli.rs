@@ -25,7 +25,8 @@ pub enum LogFormat {
 #[command(
     name = "sluice-control-plane",
     version,
-    about = "Validates Sluice policies and streams them to every proxy."
+    about = "Validates Sluice policies and streams them to every proxy.",
+    after_help = "`sluice-control-plane convert FILE...` translates Gateway API HTTPRoutes into RoutePolicies offline (see `convert --help`)."
 )]
 pub struct Args {
     /// Where policies come from: a directory of YAML files, or RoutePolicy objects.
@@ -279,8 +280,71 @@ async fn kube_identity(
     Ok(())
 }
 
-/// The `sluice-control-plane` binary: parse flags, serve until SIGTERM/SIGINT.
+/// `sluice-control-plane convert FILE...`: Gateway API HTTPRoutes to RoutePolicies.
+#[derive(Clone, Debug, Parser)]
+#[command(
+    name = "sluice-control-plane convert",
+    about = "Translates Gateway API HTTPRoute YAML files (with the Services and ReferenceGrants they name, if given) into the RoutePolicy YAML the control plane would serve; refusals name the file and the field."
+)]
+pub(crate) struct ConvertArgs {
+    /// HTTPRoute YAML files (`-` reads standard input).
+    #[arg(required = true, value_name = "FILE")]
+    pub(crate) files: Vec<PathBuf>,
+    /// Write the policies here instead of standard output.
+    #[arg(long, short, value_name = "FILE")]
+    pub(crate) output: Option<PathBuf>,
+}
+
+/// Runs `convert`: the policies on stdout (or `--output`), refusals on stderr.
+fn convert_main(args: impl Iterator<Item = std::ffi::OsString>) -> ExitCode {
+    use std::io::{Read as _, Write as _};
+    let args = ConvertArgs::parse_from(args);
+    let mut texts = Vec::new();
+    for f in &args.files {
+        let read = if f.as_os_str() == "-" {
+            let mut s = String::new();
+            std::io::stdin().read_to_string(&mut s).map(|_| s)
+        } else {
+            std::fs::read_to_string(f)
+        };
+        match read {
+            Ok(t) => texts.push((f.display().to_string(), t)),
+            Err(e) => {
+                eprintln!("{}: {e}", f.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
+    match crate::gateway::convert_files(texts.iter().map(|(f, t)| (f.as_str(), t.as_str()))) {
+        Ok(yaml) => {
+            let written = match &args.output {
+                Some(path) => sluice_api::write_atomic(path, yaml.as_bytes()),
+                None => std::io::stdout().lock().write_all(yaml.as_bytes()),
+            };
+            match written {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("cannot write the policies: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The `sluice-control-plane` binary: parse flags, serve until SIGTERM/SIGINT
+/// (or, as `sluice-control-plane convert FILE...`, translate HTTPRoutes offline).
 pub fn cli_main() -> ExitCode {
+    let mut raw = std::env::args_os();
+    if std::env::args_os().nth(1).is_some_and(|a| a == "convert") {
+        let program = raw.next().unwrap_or_default();
+        raw.next();
+        return convert_main(std::iter::once(program).chain(raw));
+    }
     let args = Args::parse();
     if let Err(e) = args.check() {
         eprintln!("error: {e}");

@@ -33,6 +33,7 @@ mod admin;
 pub mod ca;
 mod cli;
 pub mod crd;
+pub mod gateway;
 mod grpc;
 pub mod identity;
 pub mod inject;
@@ -155,6 +156,10 @@ pub enum Error {
     /// A Kubernetes API call failed.
     #[error("kubernetes API: {0}")]
     Kube(#[from] ::kube::Error),
+    /// HTTPRoute files could not be converted: one line per problem, each naming
+    /// its file and field path.
+    #[error("{}", .0.join("\n"))]
+    Convert(Vec<String>),
     /// The CA Secret exists but does not hold a usable root.
     #[error("CA secret {namespace}/{name}: {reason}")]
     CaSecret {
@@ -340,7 +345,15 @@ impl Shared {
     /// Re-reads the policy directory and publishes the mesh's set if its hash
     /// changed. Called from the watcher thread and once at start.
     pub(crate) fn reload(&self) {
+        let services = self
+            .endpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .service_ports();
         let mut source = self.source.lock().unwrap_or_else(|e| e.into_inner());
+        if let PolicySource::Kubernetes(k) = &mut *source {
+            k.gateway.set_services(services);
+        }
         let report = source.rescan();
         self.metrics
             .validation_failures

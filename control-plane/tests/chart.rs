@@ -478,12 +478,31 @@ fn rbac_grants_exactly_what_the_control_plane_calls() {
             grant("sluice.dev", "routepolicies", &["list", "watch"], &[]),
             grant("sluice.dev", "routepolicies/status", &["patch"], &[]),
             grant(
+                "gateway.networking.k8s.io",
+                "httproutes",
+                &["list", "watch"],
+                &[]
+            ),
+            grant(
+                "gateway.networking.k8s.io",
+                "referencegrants",
+                &["list", "watch"],
+                &[]
+            ),
+            grant(
+                "gateway.networking.k8s.io",
+                "httproutes/status",
+                &["patch"],
+                &[]
+            ),
+            grant(
                 "discovery.k8s.io",
                 "endpointslices",
                 &["list", "watch"],
                 &[]
             ),
             grant("", "pods", &["get"], &[]),
+            grant("", "services", &["list", "watch"], &[]),
             grant("authentication.k8s.io", "tokenreviews", &["create"], &[]),
             grant("", "namespaces", &["list", "watch"], &[]),
             grant("", "configmaps", &["list", "patch", "watch"], &[&root]),
@@ -565,6 +584,7 @@ fn rbac_grants_exactly_what_the_control_plane_calls() {
                 &[]
             ),
             grant("", "pods", &["get"], &[]),
+            grant("", "services", &["list", "watch"], &[]),
             grant("", "namespaces", &["list", "watch"], &[]),
             grant("", "configmaps", &["list", "patch", "watch"], &[&root]),
             grant("", "configmaps", &["create"], &[]),

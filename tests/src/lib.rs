@@ -16,7 +16,9 @@
 //! network namespaces for the transparent-mode and two-pod tests.
 //! [`SchemaSubscriber`] is the real policy subscriber without a proxy around it,
 //! accepting only the schema versions a test gives (an older release's).
-//! network namespaces for the transparent-mode and two-pod tests. [`WorkerUpstream`] is an
+//! network namespaces for the transparent-mode and two-pod tests. [`gateway`] runs the
+//! Gateway API mesh conformance cluster (API double, control plane, proxy, upstreams).
+//! [`WorkerUpstream`] is an
 //! app with a fixed number of workers (latency grows past that knee) and [`open_loop`]
 //! the fixed-rate load the overload tests send it.
 //!
@@ -30,6 +32,7 @@ pub mod autobahn;
 mod child_control_plane;
 mod client;
 mod control_plane;
+pub mod gateway;
 pub mod grpc;
 pub mod interop;
 pub mod malformed;

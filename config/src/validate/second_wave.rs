@@ -526,8 +526,6 @@ spec:
         assert_eq!(
             paths,
             [
-                "spec.backends.quote-v1.port",
-                "spec.backends.quote-v2.port",
                 "spec.routes[0].rateLimit.scope",
                 "spec.routes[0].split[0].rollout",
             ]

@@ -15,8 +15,12 @@
 //! `503 no-healthy-endpoint` (the validator allows exactly one of the two
 //! fields, and a backend with neither would be refused).
 //!
-//! Which port: a slice of a one-port Service has one; for several, the port named
-//! `http`, else the TCP port with the lowest number. Endpoints count as ready
+//! Which port: a backend's `port` names a Service port, by name or by number (a
+//! number is turned into its name through the Service, which a second reflector
+//! watches), and the slice's port of that name is dialled; a backend `port` that
+//! the Service does not have leaves the backend without endpoints. Without `port`:
+//! a slice of a one-port Service has one; for several, the port named `http`,
+//! else the TCP port with the lowest number. Endpoints count as ready
 //! unless their `ready` condition is false (the API's rule for an absent one).
 //!
 //! Identities: each endpoint's `targetRef` names its Pod; the Pod's service
@@ -31,15 +35,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use futures_util::StreamExt as _;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{self, store::Writer};
 use kube::runtime::{WatchStreamExt as _, watcher};
 use kube::{Api, Client};
-use sluice_config::{ConfigError, PolicySet};
+use sluice_config::{ConfigError, PolicySet, ServicePort};
 use tokio::sync::watch;
 
 use crate::Shared;
+use crate::gateway::{ServiceInfo, ServicePortInfo};
 
 /// The label tying an EndpointSlice to its Service.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -62,8 +67,16 @@ pub(crate) struct ServiceEndpoints {
     synced: bool,
     /// Trust domain of the SPIFFE identities derived from service accounts.
     trust_domain: String,
-    /// `name.namespace` → sorted, de-duplicated endpoints.
+    /// `name.namespace` → sorted, de-duplicated endpoints (on the default port).
     services: BTreeMap<String, Vec<Endpoint>>,
+    /// (`name.namespace`, port name) → the endpoints on that named port.
+    named: BTreeMap<(String, String), Vec<Endpoint>>,
+    /// Every Service's ports, by namespace and name.
+    service_ports: Arc<BTreeMap<(String, String), ServiceInfo>>,
+    /// The Services have been listed once.
+    services_synced: bool,
+    /// The Services cannot be read (RBAC): their ports are unknown, not absent.
+    services_unreadable: bool,
     /// Service account of each pod seen (`None`: the pod could not be read).
     accounts: HashMap<PodRef, Option<String>>,
 }
@@ -112,12 +125,79 @@ impl ServiceEndpoints {
 
     /// Nothing to wait for: discovery is off, or it has listed once.
     pub(crate) fn is_ready(&self) -> bool {
-        !self.enabled || self.synced
+        !self.enabled || (self.synced && self.services_synced)
+    }
+
+    /// Every Service's ports (shared, cheap to clone); `None` when they cannot be read.
+    pub(crate) fn service_ports(&self) -> Option<Arc<BTreeMap<(String, String), ServiceInfo>>> {
+        (!self.services_unreadable).then(|| self.service_ports.clone())
+    }
+
+    /// The Services cannot be read: discovery goes on without their ports.
+    fn services_unreadable(&mut self) {
+        self.services_unreadable = true;
+        self.services_synced = true;
+    }
+
+    /// Replaces the Services from their reflector's store; `true` if any port changed.
+    pub(crate) fn sync_services(&mut self, services: &[Arc<Service>]) -> bool {
+        let mut ports = BTreeMap::new();
+        for svc in services {
+            let (Some(ns), Some(name)) = (&svc.metadata.namespace, &svc.metadata.name) else {
+                continue;
+            };
+            let info = ServiceInfo {
+                ports: svc
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.ports.as_ref())
+                    .into_iter()
+                    .flatten()
+                    .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+                    .map(|p| ServicePortInfo {
+                        name: p.name.clone().unwrap_or_default(),
+                        port: p.port,
+                    })
+                    .collect(),
+            };
+            ports.insert((ns.clone(), name.clone()), info);
+        }
+        let changed = !self.services_synced || *self.service_ports != ports;
+        self.services_synced = true;
+        if changed {
+            self.service_ports = Arc::new(ports);
+        }
+        changed
+    }
+
+    /// The ready endpoints of backend `svc` (`name.namespace`) on `port`.
+    fn endpoints_for(&self, svc: &str, port: Option<&ServicePort>) -> Option<&Vec<Endpoint>> {
+        let by_name = |name: &str| self.named.get(&(svc.to_string(), name.to_string()));
+        match port {
+            None => self.services.get(svc),
+            Some(ServicePort::Name(name)) => by_name(name),
+            Some(ServicePort::Number(n)) => {
+                let (name, ns) = svc.split_once('.')?;
+                let info = self
+                    .service_ports
+                    .get(&(ns.to_string(), name.to_string()))?;
+                let port = info
+                    .ports
+                    .iter()
+                    .find(|p| i64::from(p.port) == i64::from(*n))?;
+                if info.ports.len() == 1 {
+                    self.services.get(svc)
+                } else {
+                    by_name(&port.name)
+                }
+            }
+        }
     }
 
     /// Replaces everything from the reflector's store; `true` if anything changed.
     pub(crate) fn sync(&mut self, slices: &[Arc<EndpointSlice>]) -> bool {
         let mut services: BTreeMap<String, Vec<Endpoint>> = BTreeMap::new();
+        let mut named: BTreeMap<(String, String), Vec<Endpoint>> = BTreeMap::new();
         for slice in slices {
             let Some(ns) = &slice.metadata.namespace else {
                 continue;
@@ -130,40 +210,56 @@ impl ServiceEndpoints {
             else {
                 continue;
             };
-            let entry = services.entry(format!("{svc}.{ns}")).or_default();
-            let Some(port) = pick_port(slice) else {
-                continue;
+            let key = format!("{svc}.{ns}");
+            let entry = services.entry(key.clone()).or_default();
+            let ready: Vec<(&String, Option<PodRef>)> = slice
+                .endpoints
+                .iter()
+                .filter(|ep| ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+                .filter_map(|ep| {
+                    let addr = ep.addresses.first()?;
+                    let pod = ep.target_ref.as_ref().and_then(|r| {
+                        (r.kind.as_deref() == Some("Pod")).then_some((
+                            r.namespace.clone().unwrap_or_else(|| ns.clone()),
+                            r.name.clone()?,
+                            r.uid.clone().unwrap_or_default(),
+                        ))
+                    });
+                    Some((addr, pod))
+                })
+                .collect();
+            let on_port = |port: i32| {
+                ready.iter().map(move |(addr, pod)| Endpoint {
+                    address: if addr.contains(':') {
+                        format!("[{addr}]:{port}")
+                    } else {
+                        format!("{addr}:{port}")
+                    },
+                    pod: pod.clone(),
+                })
             };
-            for ep in &slice.endpoints {
-                let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-                if !ready {
-                    continue;
+            if let Some(port) = pick_port(slice) {
+                entry.extend(on_port(port));
+            }
+            for p in slice.ports.as_deref().unwrap_or_default() {
+                if let (Some(name), Some(port)) = (&p.name, p.port)
+                    && p.protocol.as_deref().unwrap_or("TCP") == "TCP"
+                {
+                    named
+                        .entry((key.clone(), name.clone()))
+                        .or_default()
+                        .extend(on_port(port));
                 }
-                let Some(addr) = ep.addresses.first() else {
-                    continue;
-                };
-                let address = if addr.contains(':') {
-                    format!("[{addr}]:{port}")
-                } else {
-                    format!("{addr}:{port}")
-                };
-                let pod = ep.target_ref.as_ref().and_then(|r| {
-                    (r.kind.as_deref() == Some("Pod")).then_some((
-                        r.namespace.clone().unwrap_or_else(|| ns.clone()),
-                        r.name.clone()?,
-                        r.uid.clone().unwrap_or_default(),
-                    ))
-                });
-                entry.push(Endpoint { address, pod });
             }
         }
-        for eps in services.values_mut() {
+        for eps in services.values_mut().chain(named.values_mut()) {
             eps.sort();
             eps.dedup_by(|a, b| a.address == b.address);
         }
-        let changed = !self.synced || services != self.services;
+        let changed = !self.synced || services != self.services || named != self.named;
         self.synced = true;
         self.services = services;
+        self.named = named;
         let live: std::collections::HashSet<&PodRef> = self
             .services
             .values()
@@ -190,16 +286,21 @@ impl ServiceEndpoints {
                 let Some(svc) = &backend.service else {
                     continue;
                 };
-                if let Some(eps) = self.services.get(svc).filter(|e| !e.is_empty()) {
+                if let Some(eps) = self
+                    .endpoints_for(svc, backend.port.as_ref())
+                    .filter(|e| !e.is_empty())
+                {
                     backend.addresses = eps.iter().map(|e| e.address.clone()).collect();
                     backend.service = None;
+                    backend.port = None;
                     if backend.identity.is_none() {
                         backend.identity = self.identity_of(eps);
                     }
                 }
             }
         }
-        PolicySet::new(policies)
+        // Validated already; weights translated from Gateway API may have any total.
+        PolicySet::from_effective(policies)
     }
 }
 
@@ -270,6 +371,53 @@ pub(crate) async fn watch_endpoints(
     }
 }
 
+/// Runs the Service reflector until `shutdown`, republishing whenever a Service's
+/// ports change (backend `port`s and HTTPRoute parents are checked against them).
+pub(crate) async fn watch_services(
+    client: Client,
+    shared: Arc<Shared>,
+    shutdown: watch::Receiver<bool>,
+) {
+    // An older chart's RBAC may not grant Services: discovery then goes on without
+    // their ports (a backend `port` number does not resolve) rather than never
+    // becoming ready.
+    let probe = Api::<Service>::all(client.clone())
+        .list(&kube::api::ListParams::default().limit(1))
+        .await;
+    if let Err(kube::Error::Api(s)) = &probe
+        && s.code == 403
+    {
+        tracing::warn!(
+            "the control plane may not list Services (RBAC): backend port numbers and HTTPRoute ports cannot be checked"
+        );
+        shared
+            .endpoints
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .services_unreadable();
+        shared.reload();
+        return;
+    }
+    super::reflect(
+        Api::<Service>::all(client),
+        Writer::default(),
+        watcher::Config::default(),
+        "Service",
+        shutdown,
+        |services| {
+            let changed = shared
+                .endpoints
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .sync_services(services);
+            if changed {
+                shared.reload();
+            }
+        },
+    )
+    .await
+}
+
 /// The service account a pod runs as (`default` when its spec names none);
 /// `Some(None)` when the pod is gone (or replaced), `None` when the API failed.
 async fn service_account(client: &Client, pod: &PodRef) -> Option<Option<String>> {
@@ -287,5 +435,74 @@ async fn service_account(client: &Client, pod: &PodRef) -> Option<Option<String>
             tracing::warn!(namespace = %pod.0, pod = %pod.1, error = %e, "cannot read an endpoint's pod; its identity stays unknown");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod port_tests {
+    use serde_json::json;
+    use sluice_config::PolicySet;
+
+    use super::*;
+
+    fn policy(port: Option<&str>) -> PolicySet {
+        let port = port.map(|p| format!(", port: {p}")).unwrap_or_default();
+        let text = format!(
+            "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: p, namespace: shop }}\nspec:\n  host: p\n  backends:\n    b: {{ service: web.shop{port} }}\n  routes: [{{ name: all }}]\n"
+        );
+        PolicySet::from_files([("p.yaml", text.as_str())]).unwrap()
+    }
+
+    fn discovery() -> ServiceEndpoints {
+        let mut eps = ServiceEndpoints::enabled("cluster.local");
+        let slice: EndpointSlice = serde_json::from_value(json!({
+            "addressType": "IPv4",
+            "metadata": { "name": "web-1", "namespace": "shop",
+                          "labels": { "kubernetes.io/service-name": "web" } },
+            "ports": [{ "name": "http", "port": 8000 }, { "name": "admin", "port": 9000 }],
+            "endpoints": [{ "addresses": ["10.0.0.5"] }],
+        }))
+        .unwrap();
+        let service: Service = serde_json::from_value(json!({
+            "metadata": { "name": "web", "namespace": "shop" },
+            "spec": { "ports": [{ "name": "http", "port": 80 }, { "name": "admin", "port": 9090 }] },
+        }))
+        .unwrap();
+        eps.sync(&[Arc::new(slice)]);
+        eps.sync_services(&[Arc::new(service)]);
+        eps
+    }
+
+    fn addresses(set: &PolicySet) -> Vec<String> {
+        set.policies()[0].spec.backends["b"].addresses.clone()
+    }
+
+    #[test]
+    fn a_backend_port_picks_the_slice_port_of_that_service_port() {
+        let eps = discovery();
+        assert!(eps.is_ready());
+        // By number (through the Service's port names) and by name.
+        assert_eq!(
+            addresses(&eps.resolve(policy(Some("9090"))).unwrap()),
+            ["10.0.0.5:9000"]
+        );
+        assert_eq!(
+            addresses(&eps.resolve(policy(Some("admin"))).unwrap()),
+            ["10.0.0.5:9000"]
+        );
+        assert_eq!(
+            addresses(&eps.resolve(policy(Some("80"))).unwrap()),
+            ["10.0.0.5:8000"]
+        );
+        // Without a port: `http`, as before.
+        assert_eq!(
+            addresses(&eps.resolve(policy(None)).unwrap()),
+            ["10.0.0.5:8000"]
+        );
+        // A port the Service lacks: no endpoints, the backend keeps its service.
+        let set = eps.resolve(policy(Some("81"))).unwrap();
+        let b = &set.policies()[0].spec.backends["b"];
+        assert!(b.addresses.is_empty());
+        assert_eq!(b.service.as_deref(), Some("web.shop"));
     }
 }

@@ -6,7 +6,11 @@
 //!   each object's verdict to its `status`.
 //! - [`leader`]: the election (a `coordination.k8s.io/v1` Lease).
 //! - [`endpoints`]: backends naming a Service get its ready endpoints from its
-//!   EndpointSlices, resolved into the published set.
+//!   EndpointSlices (on the Service port a backend names), resolved into the
+//!   published set.
+//! - [`httproutes`]: Gateway API HTTPRoutes bound to Services, translated
+//!   ([`crate::gateway`]) into policies beside the RoutePolicies; the elected
+//!   replica writes Sluice's entries of their `status.parents`.
 //! - [`identity`]: bootstrap tokens checked with TokenReview; the mesh root kept in
 //!   a Secret shared by the replicas.
 //! - [`ca_bundle`]: the webhook configurations' `caBundle` kept in step with the
@@ -27,6 +31,9 @@
 //! | `coordination.k8s.io` | `leases` (own namespace, name `--lease-name`) | `get`, `create`, `update` | `--source kubernetes` |
 //! | `discovery.k8s.io` | `endpointslices` (all namespaces) | `list`, `watch` | `--source kubernetes` or `--discover-endpoints` |
 //! | `""` (core) | `pods` (all namespaces) | `get` | same: the service account of each endpoint's pod |
+//! | `""` (core) | `services` (all namespaces) | `list`, `watch` | same: port numbers name Service ports |
+//! | `gateway.networking.k8s.io` | `httproutes`, `referencegrants` (all namespaces) | `list`, `watch` | `--source kubernetes` (404 without the CRDs is fine) |
+//! | `gateway.networking.k8s.io` | `httproutes/status` (all namespaces) | `patch` | `--source kubernetes`, elected replica only |
 //! | `authentication.k8s.io` | `tokenreviews` | `create` | `--token-review` |
 //! | `""` (core) | `secrets` (own namespace, name `--ca-secret`) | `get`, `create` | `--ca-secret` |
 //! | `admissionregistration.k8s.io` | `mutatingwebhookconfigurations` (name `--mutating-webhook-config`) | `get`, `patch` | `--mutating-webhook-config` |
@@ -66,6 +73,7 @@
 
 pub mod ca_bundle;
 pub mod endpoints;
+pub mod httproutes;
 pub mod identity;
 pub mod leader;
 pub mod policies;
@@ -120,13 +128,25 @@ pub(crate) fn spawn(
     shared: &Arc<Shared>,
     shutdown: &watch::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
-    let mut tasks = vec![tokio::spawn(endpoints::watch_endpoints(
-        cfg.client.clone(),
-        shared.clone(),
-        shutdown.clone(),
-    ))];
+    let mut tasks = vec![
+        tokio::spawn(endpoints::watch_endpoints(
+            cfg.client.clone(),
+            shared.clone(),
+            shutdown.clone(),
+        )),
+        tokio::spawn(endpoints::watch_services(
+            cfg.client.clone(),
+            shared.clone(),
+            shutdown.clone(),
+        )),
+    ];
     if cfg.policies {
         let (leading_tx, leading_rx) = watch::channel(false);
+        tasks.push(tokio::spawn(httproutes::watch_httproutes(
+            cfg.client.clone(),
+            shared.clone(),
+            shutdown.clone(),
+        )));
         tasks.push(tokio::spawn(policies::watch_policies(
             cfg.client.clone(),
             shared.clone(),
@@ -146,6 +166,43 @@ pub(crate) fn spawn(
         )));
     }
     tasks
+}
+
+/// Runs a reflector over `api` until `shutdown` (or the stream ends), handing the
+/// whole store to `on_change` once listed and after every change; `what` names the
+/// objects in the log when the watch fails (it is retried with backoff).
+pub(crate) async fn reflect<K>(
+    api: kube::Api<K>,
+    writer: kube::runtime::reflector::store::Writer<K>,
+    config: kube::runtime::watcher::Config,
+    what: &str,
+    mut shutdown: watch::Receiver<bool>,
+    mut on_change: impl FnMut(&[Arc<K>]),
+) where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    use futures_util::StreamExt as _;
+    use kube::runtime::WatchStreamExt as _;
+    use kube::runtime::watcher::{Event, watcher};
+
+    let store = writer.as_reader();
+    let stream = kube::runtime::reflector(writer, watcher(api, config)).default_backoff();
+    let mut stream = std::pin::pin!(stream);
+    loop {
+        let event = tokio::select! {
+            e = stream.next() => e,
+            _ = shutdown.changed() => return,
+        };
+        match event {
+            Some(Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_))) => {
+                on_change(&store.state())
+            }
+            Some(Ok(Event::Init | Event::InitApply(_))) => {}
+            Some(Err(e)) => tracing::warn!(error = %e, "{what} watch failed; retrying"),
+            None => return,
+        }
+    }
 }
 
 /// Where to publish the mesh root for injected proxies (`--trust-root-configmap`).

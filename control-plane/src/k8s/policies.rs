@@ -16,15 +16,14 @@
 //! restarting while an object is broken still serves its last good version. Two objects governing the same host: the older one (by creation time,
 //! then namespace and name) wins and the other is refused with the reason.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use futures_util::StreamExt as _;
 use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
-use kube::runtime::reflector::{self, store::Writer};
-use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::watcher;
 use kube::{Api, Client};
 use serde_json::{Value, json};
 use sluice_api::pb;
@@ -34,6 +33,7 @@ use sluice_config::{
 use tokio::sync::watch;
 
 use crate::Shared;
+use crate::k8s::httproutes::{GatewayRoutes, httproute_resource, now_rfc3339};
 use crate::source::{FileView, PolicyView};
 
 /// `namespace`, `name`.
@@ -132,6 +132,8 @@ pub(crate) struct KubePolicies {
     saved: HashMap<ObjectKey, Good>,
     /// Bounds on each object and on the set of them.
     limits: sluice_config::Limits,
+    /// HTTPRoutes (Gateway API), translated into policies beside these.
+    pub(crate) gateway: Box<GatewayRoutes>,
 }
 
 /// Subdirectory of the state directory holding last accepted objects.
@@ -275,7 +277,7 @@ impl KubePolicies {
 
     /// The mesh's set from every object's version in force.
     pub(crate) fn build_set(&mut self) -> Option<(PolicySet, Vec<pb::PolicyMeta>)> {
-        if !self.synced {
+        if !self.synced || !self.gateway.is_ready() {
             return None;
         }
         self.conflicts.clear();
@@ -308,7 +310,18 @@ impl KubePolicies {
             });
             policies.push(good.policy.clone());
         }
-        match PolicySet::new_with(policies, &self.limits) {
+        let taken_hosts: HashMap<String, ObjectKey> = hosts
+            .iter()
+            .map(|(h, k)| (h.to_string(), (*k).clone()))
+            .collect();
+        let taken_names: HashSet<ObjectKey> = self.objects.keys().cloned().collect();
+        for (policy, meta) in self.gateway.translate(&taken_hosts, &taken_names) {
+            policies.push(policy);
+            metas.push(meta);
+        }
+        // Each RoutePolicy was validated on its own (weights summing to 100); the
+        // translated policies keep Gateway API's proportions, of any total.
+        match PolicySet::from_effective_with(policies, &self.limits) {
             Ok(set) => Some((set, metas)),
             Err(e) => {
                 tracing::warn!(error = %e, "the mesh's policy set is refused; keeping the previous one");
@@ -355,7 +368,8 @@ impl KubePolicies {
 
     /// Every policy in force, for `/policies`.
     pub(crate) fn policy_views(&self) -> Vec<PolicyView> {
-        self.objects
+        let mut views: Vec<PolicyView> = self
+            .objects
             .iter()
             .filter(|(k, _)| !self.conflicts.contains_key(*k))
             .filter_map(|(key, state)| {
@@ -369,12 +383,15 @@ impl KubePolicies {
                     file_error: state.error.clone(),
                 })
             })
-            .collect()
+            .collect();
+        views.extend(self.gateway.policy_views());
+        views
     }
 
     /// Every object, for `/policies` (in the `files` list).
     pub(crate) fn file_views(&self) -> Vec<FileView> {
-        self.objects
+        let mut views: Vec<FileView> = self
+            .objects
             .iter()
             .map(|(key, state)| {
                 let conflict = self.conflicts.get(key);
@@ -392,7 +409,9 @@ impl KubePolicies {
                     },
                 }
             })
-            .collect()
+            .collect();
+        views.extend(self.gateway.file_views());
+        views
     }
 }
 
@@ -401,34 +420,22 @@ impl KubePolicies {
 pub(crate) async fn watch_policies(
     client: Client,
     shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
     let ar = api_resource();
-    let api: Api<DynamicObject> = Api::all_with(client, &ar);
-    let writer = Writer::new(ar);
-    let store = writer.as_reader();
-    let stream =
-        reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
-    let mut stream = std::pin::pin!(stream);
-    loop {
-        let event = tokio::select! {
-            e = stream.next() => e,
-            _ = shutdown.changed() => return,
-        };
-        match event {
-            Some(Ok(
-                watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_),
-            )) => {
-                let objects = store.state();
-                let failures = shared.with_kube_policies(|k| k.sync(&objects)).unwrap_or(0);
-                shared.metrics.validation_failures.inc_by(failures as u64);
-                shared.reload();
-            }
-            Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => {}
-            Some(Err(e)) => tracing::warn!(error = %e, "RoutePolicy watch failed; retrying"),
-            None => return,
-        }
-    }
+    super::reflect(
+        Api::<DynamicObject>::all_with(client, &ar),
+        Writer::new(ar),
+        watcher::Config::default(),
+        "RoutePolicy",
+        shutdown,
+        |objects| {
+            let failures = shared.with_kube_policies(|k| k.sync(objects)).unwrap_or(0);
+            shared.metrics.validation_failures.inc_by(failures as u64);
+            shared.reload();
+        },
+    )
+    .await
 }
 
 /// While this replica leads, writes every object's verdict to its `status`
@@ -444,13 +451,13 @@ pub(crate) async fn write_statuses(
     loop {
         let mut failed = false;
         if *leading.borrow_and_update() {
+            failed |= write_route_statuses(&client, &shared).await;
             let pending = shared
                 .with_kube_policies(|k| k.pending_statuses())
                 .unwrap_or_default();
             for (key, status, resource_version) in pending {
                 let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &key.0, &ar);
-                // A merge patch: fields set to null are removed. The resourceVersion
-                // is a precondition: another writer in between makes it a 409.
+                // A merge patch: fields set to null are removed.
                 let patch = json!({
                     "metadata": { "resourceVersion": resource_version },
                     "status": {
@@ -459,25 +466,12 @@ pub(crate) async fn write_statuses(
                     "hash": status.hash,
                     "error": status.error,
                 }});
-                match api
-                    .patch_status(&key.1, &PatchParams::default(), &Patch::Merge(&patch))
-                    .await
-                {
-                    Ok(_) => {
-                        tracing::debug!(namespace = %key.0, name = %key.1, accepted = status.accepted, "RoutePolicy status written");
+                match patch_status(&api, "RoutePolicy", &key, &patch).await {
+                    Some(true) => {
                         shared.with_kube_policies(|k| k.mark_written(key, status));
                     }
-                    // Deleted meanwhile: its delete event removes it.
-                    Err(kube::Error::Api(s)) if s.code == 404 => {}
-                    // Changed meanwhile: its watch event brings the version to judge.
-                    Err(kube::Error::Api(s)) if s.code == 409 => {
-                        failed = true;
-                        tracing::debug!(namespace = %key.0, name = %key.1, "RoutePolicy changed since it was judged; its status waits for the new version");
-                    }
-                    Err(e) => {
-                        failed = true;
-                        tracing::warn!(namespace = %key.0, name = %key.1, error = %e, "cannot write RoutePolicy status; will retry");
-                    }
+                    Some(false) => {}
+                    None => failed = true,
                 }
             }
         }
@@ -493,6 +487,64 @@ pub(crate) async fn write_statuses(
             r = leading.changed() => if r.is_err() { return },
             _ = retry => {}
             _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Writes the `status.parents` of every HTTPRoute whose verdict changed (Sluice's
+/// entries only; the list is shared with other controllers, and the resourceVersion
+/// precondition keeps a concurrent writer's entries). True if any write failed.
+async fn write_route_statuses(client: &Client, shared: &Shared) -> bool {
+    let ar = httproute_resource();
+    let now = now_rfc3339();
+    let pending = shared
+        .with_kube_policies(|k| k.gateway.pending_statuses(&now))
+        .unwrap_or_default();
+    let mut failed = false;
+    for (key, parents, resource_version) in pending {
+        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &key.0, &ar);
+        let patch = json!({
+            "metadata": { "resourceVersion": resource_version },
+            "status": { "parents": parents },
+        });
+        match patch_status(&api, "HTTPRoute", &key, &patch).await {
+            Some(true) => {
+                shared.with_kube_policies(|k| k.gateway.mark_written(key, parents));
+            }
+            Some(false) => {}
+            None => failed = true,
+        }
+    }
+    failed
+}
+
+/// Writes one object's status with `patch` (a merge patch whose resourceVersion is a
+/// precondition: another writer in between makes it a 409). `Some(true)` when
+/// written, `Some(false)` when the object is gone (its delete event removes it),
+/// `None` when it must be tried again (changed meanwhile: its watch event brings
+/// the version to judge; or the API failed).
+async fn patch_status(
+    api: &Api<DynamicObject>,
+    kind: &str,
+    key: &ObjectKey,
+    patch: &Value,
+) -> Option<bool> {
+    match api
+        .patch_status(&key.1, &PatchParams::default(), &Patch::Merge(patch))
+        .await
+    {
+        Ok(_) => {
+            tracing::debug!(namespace = %key.0, name = %key.1, "{kind} status written");
+            Some(true)
+        }
+        Err(kube::Error::Api(s)) if s.code == 404 => Some(false),
+        Err(kube::Error::Api(s)) if s.code == 409 => {
+            tracing::debug!(namespace = %key.0, name = %key.1, "{kind} changed since it was judged; its status waits for the new version");
+            None
+        }
+        Err(e) => {
+            tracing::warn!(namespace = %key.0, name = %key.1, error = %e, "cannot write {kind} status; will retry");
+            None
         }
     }
 }

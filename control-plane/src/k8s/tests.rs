@@ -608,12 +608,14 @@ fn a_restart_with_a_broken_object_serves_its_last_accepted_version() {
         Arc::new(serde_json::from_value::<DynamicObject>(policy("log-service", spec)).unwrap())
     };
     let mut first = KubePolicies::new(Some(state.path()), sluice_config::Limits::default());
+    first.gateway.set_installed(false);
     assert_eq!(first.sync(&[obj(log_spec("2s"))]), 0);
     let (set, _) = first.build_set().unwrap();
     assert_eq!(set.policies().len(), 1);
 
     // Restarted while the object is broken: its last accepted version is served.
     let mut again = KubePolicies::new(Some(state.path()), sluice_config::Limits::default());
+    again.gateway.set_installed(false);
     assert_eq!(again.sync(&[obj(log_spec("2h"))]), 1);
     let (restored, _) = again.build_set().unwrap();
     assert_eq!(restored.hash(), set.hash());
@@ -626,8 +628,329 @@ fn a_restart_with_a_broken_object_serves_its_last_accepted_version() {
 
     // Deleted while the replica was down: forgotten, file and all.
     let mut third = KubePolicies::new(Some(state.path()), sluice_config::Limits::default());
+    third.gateway.set_installed(false);
     third.sync(&[]);
     assert!(third.build_set().unwrap().0.policies().is_empty());
     let files = std::fs::read_dir(state.path().join("routepolicies")).unwrap();
     assert_eq!(files.count(), 0);
+}
+
+// === Gateway API input ===
+
+const MESH: &str = "gateway-conformance-mesh";
+
+/// A Service of the conformance namespace on ports 80 (`http`) and 8080 (`http-alt`).
+fn mesh_service(name: &str) -> Value {
+    json!({ "apiVersion": "v1", "kind": "Service",
+            "metadata": { "name": name, "namespace": MESH },
+            "spec": { "ports": [{ "name": "http", "port": 80 }, { "name": "http-alt", "port": 8080 }] } })
+}
+
+/// One endpoint of `service` at `ip`, serving `http` on 8000 and `http-alt` on 8001.
+fn mesh_slice(service: &str, ip: &str) -> Value {
+    json!({ "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
+            "metadata": { "name": format!("{service}-1"), "namespace": MESH,
+                          "labels": { "kubernetes.io/service-name": service } },
+            "ports": [{ "name": "http", "port": 8000, "protocol": "TCP" },
+                      { "name": "http-alt", "port": 8001, "protocol": "TCP" }],
+            "endpoints": [{ "addresses": [ip] }] })
+}
+
+/// The HTTPRoute objects of a fixture file.
+fn fixture_routes(text: &str) -> Vec<Value> {
+    use serde::Deserialize as _;
+    serde_yaml::Deserializer::from_str(text)
+        .map(|d| Value::deserialize(d).unwrap())
+        .collect()
+}
+
+fn gateway_cluster(routes: &[Value]) -> Cluster {
+    let cluster = Cluster::new(vec![], vec![], false);
+    cluster.api.install_gateway_api();
+    for s in ["echo", "echo-v1", "echo-v2"] {
+        cluster.api.put(mesh_service(s));
+    }
+    cluster.api.put(mesh_slice("echo-v1", "10.1.0.1"));
+    cluster.api.put(mesh_slice("echo-v2", "10.1.0.2"));
+    for r in routes {
+        cluster.api.put(r.clone());
+    }
+    cluster
+}
+
+/// The `status.parents` entry of Sluice in HTTPRoute `name`, once written.
+async fn sluice_parent(cluster: &Cluster, name: &str) -> Value {
+    let api = cluster.api.clone();
+    let name = name.to_string();
+    tokio::time::timeout(Duration::from_secs(60), async move {
+        loop {
+            if let Some(obj) = api.get("httproutes", MESH, &name)
+                && let Some(p) = obj["status"]["parents"]
+                    .as_array()
+                    .and_then(|ps| ps.iter().find(|p| p["controllerName"] == "sluice.dev/mesh"))
+            {
+                return p.clone();
+            }
+            api.wait_call(api.calls().len(), |_| true).await;
+        }
+    })
+    .await
+    .expect("a status entry")
+}
+
+fn condition<'a>(parent: &'a Value, ty: &str) -> &'a Value {
+    parent["conditions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == ty)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn httproutes_are_served_and_refusals_written_to_their_status() {
+    let weight = fixture_routes(include_str!(
+        "../../testdata/gateway-api/conformance-mesh/httproute-weight.yaml"
+    ));
+    let mut redirect = fixture_routes(include_str!(
+        "../../testdata/gateway-api/conformance-mesh/httproute-303-redirect.yaml"
+    ));
+    // Another controller's entry for a Gateway parent of the same route.
+    redirect[0]["spec"]["parentRefs"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({ "name": "gw" }));
+    let cluster = gateway_cluster(&[weight[0].clone(), redirect[0].clone()]);
+    let cp = cluster.start(true).await;
+
+    // The weighted route is served with its proportions and the backends' ports.
+    let set = served(&cp, |s| !s.policies().is_empty()).await;
+    let p = set
+        .policies()
+        .iter()
+        .find(|p| p.spec.host == "echo")
+        .expect("the bare Service name");
+    assert_eq!(p.metadata.name, "httproute-echo");
+    let weights = p.spec.routes[0].split[0].weights.as_ref().unwrap();
+    assert_eq!(weights.values().copied().collect::<Vec<_>>(), [70, 30]);
+    assert_eq!(p.spec.backends["echo-v1-8080"].addresses, ["10.1.0.1:8001"]);
+    assert_eq!(p.spec.backends["echo-v2-8080"].addresses, ["10.1.0.2:8001"]);
+    assert_eq!(set.policies().len(), 3, "one per name of the Service");
+
+    let ok = sluice_parent(&cluster, "mesh-weighted-backends").await;
+    assert_eq!(condition(&ok, "Accepted")["status"], "True");
+    assert_eq!(condition(&ok, "Accepted")["observedGeneration"], 1);
+    assert_eq!(condition(&ok, "ResolvedRefs")["status"], "True");
+    let refused = sluice_parent(&cluster, "mesh-303-redirect").await;
+    let accepted = condition(&refused, "Accepted");
+    assert_eq!(accepted["status"], "False");
+    assert_eq!(accepted["reason"], "UnsupportedValue");
+    assert!(
+        accepted["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("spec.rules[0].filters[0]: filter RequestRedirect"),
+        "{accepted}"
+    );
+    // Every status write passed the CRD's schema in the double.
+    assert!(
+        cluster
+            .api
+            .calls()
+            .iter()
+            .filter(|c| is_status_write(c))
+            .all(|c| c.status == 200),
+        "a status write was refused"
+    );
+
+    // An edit Sluice refuses (a filter): generation 2 is refused in status, and
+    // generation 1 stays in force.
+    let mut edited = weight[0].clone();
+    edited["spec"]["rules"][0]["filters"] = json!([{ "type": "RequestHeaderModifier", "requestHeaderModifier": { "set": [{ "name": "x", "value": "y" }] } }]);
+    cluster.api.put(edited);
+    let api = cluster.api.clone();
+    let accepted = tokio::time::timeout(Duration::from_secs(60), async move {
+        loop {
+            let obj = api
+                .get("httproutes", MESH, "mesh-weighted-backends")
+                .unwrap();
+            let c = obj["status"]["parents"][0]["conditions"][0].clone();
+            if c["observedGeneration"] == 2 {
+                return c;
+            }
+            api.wait_call(api.calls().len(), |_| true).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(accepted["status"], "False");
+    assert!(
+        accepted["message"]
+            .as_str()
+            .unwrap()
+            .ends_with("(generation 1 stays in force)"),
+        "{accepted}"
+    );
+    let set = served(&cp, |s| !s.policies().is_empty()).await;
+    assert_eq!(
+        set.policies()[0].spec.routes[0].split[0]
+            .weights
+            .as_ref()
+            .unwrap()
+            .values()
+            .copied()
+            .collect::<Vec<_>>(),
+        [70, 30]
+    );
+
+    // A RoutePolicy for the same host: it keeps the host, the HTTPRoute is refused
+    // with both names.
+    let rp = json!({ "apiVersion": "sluice.dev/v1alpha1", "kind": "RoutePolicy",
+                     "metadata": { "name": "echo", "namespace": MESH },
+                     "spec": { "host": "echo", "backends": { "b": { "addresses": ["10.0.0.9:80"] } },
+                               "routes": [{ "name": "all" }] } });
+    cluster.api.put(rp);
+    let set = served(&cp, |s| s.policies().len() == 1).await;
+    assert_eq!(set.policies()[0].metadata.name, "echo");
+    let api = cluster.api.clone();
+    let message = tokio::time::timeout(Duration::from_secs(60), async move {
+        loop {
+            let obj = api
+                .get("httproutes", MESH, "mesh-weighted-backends")
+                .unwrap();
+            let m = obj["status"]["parents"][0]["conditions"][0]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            if m.contains("RoutePolicy") {
+                return m;
+            }
+            api.wait_call(api.calls().len(), |_| true).await;
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        message.contains("RoutePolicy gateway-conformance-mesh/echo")
+            && message.contains("HTTPRoutes gateway-conformance-mesh/mesh-weighted-backends"),
+        "{message}"
+    );
+    cp.shutdown().await;
+}
+
+#[tokio::test]
+async fn without_the_httproute_crd_route_policies_are_served_as_before() {
+    let cluster = Cluster::new(vec![policy("log-service", log_spec("2s"))], vec![], false);
+    let cp = cluster.start(true).await;
+    let set = served(&cp, |s| !s.policies().is_empty()).await;
+    assert_eq!(set.policies().len(), 1);
+    let probes = cluster
+        .api
+        .calls()
+        .iter()
+        .filter(|c| c.path.ends_with("/httproutes"))
+        .map(|c| c.status)
+        .collect::<Vec<_>>();
+    assert_eq!(probes, [404], "asked once, found no CRD");
+    cp.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn gateway_api_installed_later_is_picked_up_without_a_restart() {
+    let cluster = Cluster::new(vec![policy("log-service", log_spec("2s"))], vec![], false);
+    let cp = cluster.start(true).await;
+    served(&cp, |s| s.policies().len() == 1).await;
+    cluster.api.install_gateway_api();
+    for s in ["echo", "echo-v1", "echo-v2"] {
+        cluster.api.put(mesh_service(s));
+    }
+    for r in fixture_routes(include_str!(
+        "../../testdata/gateway-api/conformance-mesh/httproute-simple-same-namespace.yaml"
+    )) {
+        cluster.api.put(r);
+    }
+    // Within a minute the control plane asks again and serves the HTTPRoute.
+    tokio::time::sleep(Duration::from_secs(61)).await;
+    let set = served(&cp, |s| s.policies().len() == 4).await;
+    assert!(
+        set.policies()
+            .iter()
+            .any(|p| p.metadata.name == "httproute-echo"),
+        "{:?}",
+        set.policies()
+    );
+    cp.shutdown().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn only_the_leader_writes_httproute_statuses() {
+    let routes = fixture_routes(include_str!(
+        "../../testdata/gateway-api/conformance-mesh/httproute-simple-same-namespace.yaml"
+    ));
+    let mut cluster = Cluster::new(vec![], vec![], true);
+    cluster.api.install_gateway_api();
+    for s in ["echo", "echo-v1"] {
+        cluster.api.put(mesh_service(s));
+    }
+    cluster.api.put(routes[0].clone());
+    let cp = cluster.start(true).await;
+    // A follower serves the route and writes nothing.
+    served(&cp, |s| !s.policies().is_empty()).await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    assert_eq!(
+        cluster.unseen_status_writes(),
+        0,
+        "a follower wrote a status"
+    );
+    // Once it leads, it writes Sluice's entry.
+    cluster.other_leader_alive.store(false, Ordering::SeqCst);
+    let (name, status) = cluster.next_patch().await;
+    assert_eq!(name, "gateway-conformance-mesh-test");
+    assert_eq!(status["parents"][0]["controllerName"], "sluice.dev/mesh");
+    assert_eq!(status["parents"][0]["conditions"][0]["status"], "True");
+    cp.shutdown().await;
+}
+
+/// Log lines written while a test runs (the subscriber is this thread's; a paused
+/// test's runtime runs every task on it).
+#[derive(Clone, Default)]
+struct Logs(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_the_httproute_crd_it_says_so_once_and_keeps_asking() {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let cluster = Cluster::new(vec![policy("log-service", log_spec("2s"))], vec![], false);
+    let cp = cluster.start(true).await;
+    served(&cp, |s| s.policies().len() == 1).await;
+    tokio::time::sleep(Duration::from_secs(200)).await;
+    let probes = cluster
+        .api
+        .calls()
+        .iter()
+        .filter(|c| c.path.ends_with("/httproutes") && c.status == 404)
+        .count();
+    assert!(probes >= 3, "asked {probes} times in 200 s");
+    let text = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
+    assert_eq!(
+        text.matches("Gateway API input is off").count(),
+        1,
+        "{text}"
+    );
+    cp.shutdown().await;
 }

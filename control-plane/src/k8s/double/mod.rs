@@ -25,6 +25,7 @@ use http::{Method, StatusCode};
 use serde_json::{Value, json};
 use tokio::sync::{Notify, mpsc};
 
+pub use schema::http_route_schema;
 pub use serve::ServedApi;
 
 use schema::{KINDS, ResourceKind};
@@ -97,6 +98,9 @@ struct State {
     calls: Vec<ApiCall>,
     responders: BTreeMap<&'static str, Responder>,
     uid: u64,
+    /// Gateway API's CRDs are installed (HTTPRoute, ReferenceGrant); without,
+    /// their URLs are 404 as on a cluster without them.
+    gateway_api: bool,
 }
 
 /// The API double; clones share one store.
@@ -201,6 +205,13 @@ impl ApiServer {
 
     // === what a test does as another client would (kubectl) ===
 
+    /// Installs Gateway API's CRDs (HTTPRoute, ReferenceGrant): until then their
+    /// URLs answer 404, as on a cluster without them.
+    pub fn install_gateway_api(&self) {
+        self.lock().gateway_api = true;
+        self.changed.notify_waiters();
+    }
+
     /// Creates or replaces `obj` (like `kubectl apply` of a whole object, status
     /// left alone) and returns it as stored. Panics on what the API would refuse.
     pub fn put(&self, obj: Value) -> Value {
@@ -253,6 +264,16 @@ impl ApiServer {
             .iter()
             .find(|((p, ns, n), _)| *p == plural && ns == namespace && n == name)
             .map(|(_, v)| v.clone())
+    }
+
+    /// Every stored object of `plural`, by namespace and name.
+    pub fn list(&self, plural: &str) -> Vec<Value> {
+        let st = self.lock();
+        st.objects
+            .iter()
+            .filter(|((p, _, _), _)| *p == plural)
+            .map(|(_, v)| v.clone())
+            .collect()
     }
 
     /// The last resourceVersion handed out.
@@ -395,6 +416,13 @@ impl State {
                 "the server could not find the requested resource",
             );
         };
+        if t.kind.group == "gateway.networking.k8s.io" && !self.gateway_api {
+            return status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                "the server could not find the requested resource",
+            );
+        }
         if !raw.is_empty() && c.body.is_null() {
             return status(
                 StatusCode::BAD_REQUEST,

@@ -7,7 +7,7 @@ use k8s_openapi::api::admissionregistration::v1::{
 };
 use k8s_openapi::api::authentication::v1::TokenReview;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -20,6 +20,10 @@ pub(super) enum Check {
     Typed(fn(&Value) -> Result<(), String>),
     /// Against the RoutePolicy CRD's schema.
     RoutePolicy,
+    /// Against Gateway API's HTTPRoute CRD (v1.6.1, experimental channel, `v1`).
+    HttpRoute,
+    /// A ReferenceGrant: `spec.from` and `spec.to` lists (no CRD is kept for it).
+    ReferenceGrant,
 }
 
 /// One resource the double serves.
@@ -59,6 +63,8 @@ impl ResourceKind {
         match self.check {
             Check::Typed(f) => f(obj),
             Check::RoutePolicy => route_policy(obj),
+            Check::HttpRoute => http_route(obj),
+            Check::ReferenceGrant => reference_grant(obj),
         }
     }
 }
@@ -97,6 +103,25 @@ pub(super) const KINDS: &[ResourceKind] = &[
         false
     ),
     kind!("", "v1", "pods", Pod, true, true),
+    kind!("", "v1", "services", Service, true, true),
+    ResourceKind {
+        group: "gateway.networking.k8s.io",
+        version: "v1",
+        plural: "httproutes",
+        kind: "HTTPRoute",
+        namespaced: true,
+        status_subresource: true,
+        check: Check::HttpRoute,
+    },
+    ResourceKind {
+        group: "gateway.networking.k8s.io",
+        version: "v1beta1",
+        plural: "referencegrants",
+        kind: "ReferenceGrant",
+        namespaced: true,
+        status_subresource: false,
+        check: Check::ReferenceGrant,
+    },
     kind!("", "v1", "secrets", Secret, true, false),
     kind!("", "v1", "configmaps", ConfigMap, true, false),
     kind!("", "v1", "namespaces", Namespace, false, true),
@@ -164,7 +189,46 @@ fn unknown_fields(sent: &Value, known: &Value, path: &str) -> Result<(), String>
 /// The CRD's schema for `spec` and `status`; `metadata` is the API server's own.
 fn route_policy(obj: &Value) -> Result<(), String> {
     let crd = serde_json::to_value(crate::crd::routepolicy_crd()).map_err(|e| e.to_string())?;
-    let schema = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"];
+    against_schema(
+        obj,
+        &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"],
+    )
+}
+
+/// Gateway API's HTTPRoute CRD (the experimental channel's, a superset of the
+/// standard one), kept as test data beside the crate.
+const HTTPROUTE_CRD: &str =
+    include_str!("../../../testdata/gateway-api/crd/httproutes-experimental.yaml");
+
+/// The `v1` `openAPIV3Schema` of Gateway API's HTTPRoute CRD (v1.6.1, experimental
+/// channel), parsed once.
+pub fn http_route_schema() -> &'static Value {
+    static SCHEMA: std::sync::OnceLock<Value> = std::sync::OnceLock::new();
+    SCHEMA.get_or_init(|| {
+        let crd: Value = serde_yaml::from_str(HTTPROUTE_CRD).expect("the HTTPRoute CRD parses");
+        crd["spec"]["versions"]
+            .as_array()
+            .and_then(|vs| vs.iter().find(|v| v["name"] == "v1"))
+            .map(|v| v["schema"]["openAPIV3Schema"].clone())
+            .expect("the HTTPRoute CRD serves v1")
+    })
+}
+
+fn http_route(obj: &Value) -> Result<(), String> {
+    against_schema(obj, http_route_schema())
+}
+
+fn reference_grant(obj: &Value) -> Result<(), String> {
+    for list in ["from", "to"] {
+        if !obj["spec"][list].is_array() {
+            return Err(format!("spec.{list}: Required value"));
+        }
+    }
+    Ok(())
+}
+
+/// `obj`'s fields beside `apiVersion`, `kind` and `metadata` against a CRD schema.
+fn against_schema(obj: &Value, schema: &Value) -> Result<(), String> {
     let mut errors = Vec::new();
     if let Some(fields) = obj.as_object() {
         for (k, v) in fields {
@@ -222,6 +286,41 @@ fn check(value: &Value, schema: &Value, path: &str, value_only: bool, out: &mut 
         && !allowed.contains(value)
     {
         out.push(format!("{path}: Unsupported value: {value}"));
+    }
+    if let Some(s) = value.as_str() {
+        let chars = s.chars().count() as u64;
+        if schema["maxLength"].as_u64().is_some_and(|m| chars > m) {
+            out.push(format!(
+                "{path}: Too long: may not be more than {} bytes",
+                schema["maxLength"]
+            ));
+        }
+        if schema["minLength"].as_u64().is_some_and(|m| chars < m) {
+            out.push(format!(
+                "{path}: Invalid value: must be at least {} long",
+                schema["minLength"]
+            ));
+        }
+        if schema["format"] == "date-time" && !is_date_time(s) {
+            out.push(format!(
+                "{path}: Invalid value: {s:?} is not an RFC 3339 date-time"
+            ));
+        }
+    }
+    if let Some(items) = value.as_array() {
+        let n = items.len() as u64;
+        if schema["maxItems"].as_u64().is_some_and(|m| n > m) {
+            out.push(format!(
+                "{path}: Too many: {n}: must have at most {} items",
+                schema["maxItems"]
+            ));
+        }
+        if schema["minItems"].as_u64().is_some_and(|m| n < m) {
+            out.push(format!(
+                "{path}: Invalid value: must have at least {} items",
+                schema["minItems"]
+            ));
+        }
     }
     if let (Some(pattern), Some(s)) = (schema["pattern"].as_str(), value.as_str()) {
         match regex::Regex::new(pattern) {
@@ -284,6 +383,11 @@ fn check(value: &Value, schema: &Value, path: &str, value_only: bool, out: &mut 
     {
         out.push(format!("{path}: must match exactly one of oneOf"));
     }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS[.frac](Z|±HH:MM)`, as Kubernetes writes times.
+fn is_date_time(s: &str) -> bool {
+    s.parse::<k8s_openapi::jiff::Timestamp>().is_ok()
 }
 
 #[cfg(test)]

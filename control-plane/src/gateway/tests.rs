@@ -1,0 +1,695 @@
+//! The translation on the mesh conformance fixtures and on what they leave out.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize as _;
+use serde_json::{Value, json};
+use sluice_config::{Duration, RoutePolicy, ServicePort};
+
+use super::model::{ReferenceGrant, RouteObject, ServiceInfo, ServicePortInfo};
+use super::translate::{Cluster, Condition, Key, Translation, translate};
+use super::{CONTROLLER_NAME, convert_files, merged_parents};
+
+const NS: &str = "gateway-conformance-mesh";
+
+/// Every fixture, by file name.
+fn fixture(name: &str) -> &'static str {
+    match name {
+        "httproute-weight" => {
+            include_str!("../../testdata/gateway-api/conformance-mesh/httproute-weight.yaml")
+        }
+        "mesh-split" => include_str!("../../testdata/gateway-api/conformance-mesh/mesh-split.yaml"),
+        "httproute-matching" => {
+            include_str!("../../testdata/gateway-api/conformance-mesh/httproute-matching.yaml")
+        }
+        "httproute-named-rule" => {
+            include_str!("../../testdata/gateway-api/conformance-mesh/httproute-named-rule.yaml")
+        }
+        "httproute-simple-same-namespace" => include_str!(
+            "../../testdata/gateway-api/conformance-mesh/httproute-simple-same-namespace.yaml"
+        ),
+        "httproute-303-redirect" => {
+            include_str!("../../testdata/gateway-api/conformance-mesh/httproute-303-redirect.yaml")
+        }
+        "httproute-307-redirect" => {
+            include_str!("../../testdata/gateway-api/conformance-mesh/httproute-307-redirect.yaml")
+        }
+        "httproute-308-redirect" => {
+            include_str!("../../testdata/gateway-api/conformance-mesh/httproute-308-redirect.yaml")
+        }
+        "httproute-query-param-matching" => include_str!(
+            "../../testdata/gateway-api/conformance-mesh/httproute-query-param-matching.yaml"
+        ),
+        "httproute-redirect-host-and-status" => include_str!(
+            "../../testdata/gateway-api/conformance-mesh/httproute-redirect-host-and-status.yaml"
+        ),
+        "httproute-redirect-path" => {
+            include_str!("../../testdata/gateway-api/conformance-mesh/httproute-redirect-path.yaml")
+        }
+        "httproute-redirect-port" => {
+            include_str!("../../testdata/gateway-api/conformance-mesh/httproute-redirect-port.yaml")
+        }
+        "httproute-redirect-scheme" => include_str!(
+            "../../testdata/gateway-api/conformance-mesh/httproute-redirect-scheme.yaml"
+        ),
+        "httproute-request-header-modifier" => include_str!(
+            "../../testdata/gateway-api/conformance-mesh/httproute-request-header-modifier.yaml"
+        ),
+        "httproute-request-header-modifier-backend" => include_str!(
+            "../../testdata/gateway-api/conformance-mesh/httproute-request-header-modifier-backend.yaml"
+        ),
+        "httproute-rewrite-path" => {
+            include_str!("../../testdata/gateway-api/conformance-mesh/httproute-rewrite-path.yaml")
+        }
+        "mesh-consumer-route" => {
+            include_str!("../../testdata/gateway-api/conformance-mesh/mesh-consumer-route.yaml")
+        }
+        "mesh-frontend" => {
+            include_str!("../../testdata/gateway-api/conformance-mesh/mesh-frontend.yaml")
+        }
+        "mesh-ports" => include_str!("../../testdata/gateway-api/conformance-mesh/mesh-ports.yaml"),
+        other => panic!("no fixture {other}"),
+    }
+}
+
+/// The HTTPRoutes of a YAML stream, created in the order written.
+fn objects(text: &str) -> Vec<RouteObject> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|d| Value::deserialize(d).unwrap())
+        .filter(|v| v["kind"] == "HTTPRoute")
+        .enumerate()
+        .map(|(i, v)| RouteObject {
+            namespace: v["metadata"]["namespace"].as_str().unwrap().to_string(),
+            name: v["metadata"]["name"].as_str().unwrap().to_string(),
+            generation: Some(1),
+            created: format!("2026-01-01T00:00:{i:02}Z"),
+            spec: v["spec"].clone(),
+        })
+        .collect()
+}
+
+/// The conformance suite's Services: echo, echo-v1, echo-v2, each on 80 and 8080.
+fn conformance_services() -> BTreeMap<Key, ServiceInfo> {
+    ["echo", "echo-v1", "echo-v2"]
+        .into_iter()
+        .map(|n| {
+            (
+                (NS.to_string(), n.to_string()),
+                ServiceInfo {
+                    ports: vec![
+                        ServicePortInfo {
+                            name: "http".into(),
+                            port: 80,
+                        },
+                        ServicePortInfo {
+                            name: "http-alt".into(),
+                            port: 8080,
+                        },
+                    ],
+                },
+            )
+        })
+        .collect()
+}
+
+fn run(routes: &[RouteObject]) -> Translation {
+    let services = conformance_services();
+    translate(
+        routes,
+        Cluster {
+            services: Some(&services),
+            grants: &[],
+        },
+    )
+}
+
+/// The policy named `name` (in the conformance namespace).
+fn policy<'a>(t: &'a Translation, name: &str) -> &'a RoutePolicy {
+    t.policies()
+        .find(|p| p.metadata.name == name)
+        .unwrap_or_else(|| {
+            panic!(
+                "no policy {name}: {:#?}",
+                t.policies().map(|p| &p.metadata.name).collect::<Vec<_>>()
+            )
+        })
+}
+
+fn all_accepted(t: &Translation) {
+    for (k, v) in &t.verdicts {
+        for p in &v.parents {
+            assert!(p.problems.is_empty(), "{k:?}: {:?}", p.problems);
+        }
+    }
+}
+
+fn route_names(p: &RoutePolicy) -> Vec<&str> {
+    p.spec.routes.iter().map(|r| r.name.as_str()).collect()
+}
+
+#[test]
+fn weights_keep_their_proportions_and_backends_their_ports() {
+    let t = run(&objects(fixture("httproute-weight")));
+    all_accepted(&t);
+    let p = policy(&t, "httproute-echo");
+    assert_eq!(p.metadata.namespace.as_deref(), Some(NS));
+    assert_eq!(p.spec.host, "echo");
+    assert_eq!(route_names(p), ["mesh-weighted-backends-0-0"]);
+    let weights = p.spec.routes[0].split[0].weights.as_ref().unwrap();
+    assert_eq!(
+        weights
+            .iter()
+            .map(|(k, v)| (k.as_str(), *v))
+            .collect::<Vec<_>>(),
+        [("echo-v1-8080", 70), ("echo-v2-8080", 30)]
+    );
+    let b = &p.spec.backends["echo-v1-8080"];
+    assert_eq!(
+        b.service.as_deref(),
+        Some("echo-v1.gateway-conformance-mesh")
+    );
+    assert_eq!(b.port, Some(ServicePort::Number(8080)));
+    // The same routes under every name a client calls the Service by.
+    let hosts: Vec<&str> = t.policies().map(|p| p.spec.host.as_str()).collect();
+    assert_eq!(
+        hosts,
+        [
+            "echo",
+            "echo.gateway-conformance-mesh",
+            "echo.gateway-conformance-mesh.svc.cluster.local"
+        ]
+    );
+    for q in t.policies() {
+        assert_eq!(q.spec.routes, p.spec.routes);
+    }
+}
+
+#[test]
+fn weights_of_any_total_stay_exact() {
+    let routes = objects(
+        &fixture("httproute-weight")
+            .replace("weight: 70", "weight: 3")
+            .replace("weight: 30", "weight: 1"),
+    );
+    let t = run(&routes);
+    let w = policy(&t, "httproute-echo").spec.routes[0].split[0]
+        .weights
+        .clone()
+        .unwrap();
+    assert_eq!(w.values().copied().collect::<Vec<_>>(), [3, 1]);
+}
+
+#[test]
+fn matching_fixture_becomes_one_route_per_match() {
+    let t = run(&objects(fixture("httproute-matching")));
+    all_accepted(&t);
+    let p = policy(&t, "httproute-echo");
+    assert_eq!(
+        route_names(p),
+        [
+            "mesh-matching-0-0",
+            "mesh-matching-0-1",
+            "mesh-matching-1-0",
+            "mesh-matching-1-1"
+        ]
+    );
+    let m = &p.spec.routes[1].matches;
+    assert_eq!(m.path.as_ref().unwrap().prefix.as_deref(), Some("/"));
+    assert_eq!(m.headers.get("version").map(String::as_str), Some("one"));
+    assert_eq!(
+        p.spec.routes[2].split[0].backend.as_deref(),
+        Some("echo-v2-8080")
+    );
+}
+
+#[test]
+fn named_rules_name_their_routes() {
+    let t = run(&objects(fixture("httproute-named-rule")));
+    all_accepted(&t);
+    assert_eq!(
+        route_names(policy(&t, "httproute-echo")),
+        [
+            "mesh-http-named-rules-named-rule-0",
+            "mesh-http-named-rules-1-0"
+        ]
+    );
+}
+
+#[test]
+fn split_and_simple_fixtures_translate() {
+    let t = run(&objects(fixture("mesh-split")));
+    all_accepted(&t);
+    let p = policy(&t, "httproute-echo");
+    assert_eq!(
+        p.spec.routes[0]
+            .matches
+            .path
+            .as_ref()
+            .unwrap()
+            .exact
+            .as_deref(),
+        Some("/v1")
+    );
+    assert_eq!(
+        p.spec.routes[1].split[0].backend.as_deref(),
+        Some("echo-v2-80")
+    );
+    let t = run(&objects(fixture("httproute-simple-same-namespace")));
+    all_accepted(&t);
+    let p = policy(&t, "httproute-echo");
+    assert_eq!(route_names(p), ["gateway-conformance-mesh-test-0-0"]);
+    assert_eq!(
+        p.spec.routes[0].split[0].backend.as_deref(),
+        Some("echo-v1-8080")
+    );
+}
+
+/// `(condition, reason, path)` of every problem of the first parent of `route`.
+fn problems(t: &Translation, route: &str) -> Vec<(Condition, &'static str, String)> {
+    let (_, v) = t.verdicts.iter().find(|(k, _)| k.1 == route).unwrap();
+    v.parents[0]
+        .problems
+        .iter()
+        .map(|p| (p.condition, p.reason, p.path.clone()))
+        .collect()
+}
+
+#[test]
+fn every_other_fixture_is_refused_with_its_missing_feature() {
+    use Condition::*;
+    let filters = |route: &str, _rules: usize| {
+        let t = run(&objects(fixture(route)));
+        assert_eq!(t.services, vec![], "{route}");
+        t
+    };
+    for (fixture_name, route, rules) in [
+        ("httproute-303-redirect", "mesh-303-redirect", 1),
+        ("httproute-307-redirect", "mesh-307-redirect", 1),
+        ("httproute-308-redirect", "mesh-308-redirect", 1),
+        (
+            "httproute-redirect-host-and-status",
+            "mesh-redirect-host-and-status",
+            2,
+        ),
+        ("httproute-redirect-path", "mesh-redirect-path", 6),
+        ("httproute-redirect-port", "mesh-redirect-port", 4),
+        ("httproute-redirect-scheme", "mesh-redirect-scheme", 4),
+        (
+            "httproute-request-header-modifier",
+            "mesh-request-header-modifier",
+            5,
+        ),
+        ("httproute-rewrite-path", "mesh-rewrite-path", 5),
+    ] {
+        let t = filters(fixture_name, rules);
+        let got = problems(&t, route);
+        let mut want: Vec<_> = (0..rules)
+            .map(|i| {
+                (
+                    Accepted,
+                    "UnsupportedValue",
+                    format!("spec.rules[{i}].filters[0]"),
+                )
+            })
+            .collect();
+        if fixture_name == "httproute-rewrite-path" {
+            want.insert(
+                4,
+                (
+                    Accepted,
+                    "UnsupportedValue",
+                    "spec.rules[3].filters[1]".into(),
+                ),
+            );
+            want.push((
+                Accepted,
+                "UnsupportedValue",
+                "spec.rules[4].filters[1]".into(),
+            ));
+        }
+        assert_eq!(got, want, "{fixture_name}");
+    }
+
+    let t = filters("httproute-request-header-modifier-backend", 5);
+    let got = problems(&t, "mesh-request-header-modifier");
+    assert_eq!(got.len(), 5);
+    assert_eq!(
+        got[0],
+        (
+            Accepted,
+            "UnsupportedValue",
+            "spec.rules[0].backendRefs[0].filters".into()
+        )
+    );
+
+    let t = filters("httproute-query-param-matching", 7);
+    let got = problems(&t, "mesh-query-param-matching");
+    assert!(
+        got.iter().all(|(c, r, p)| *c == Accepted
+            && *r == "UnsupportedValue"
+            && p.ends_with(".queryParams")),
+        "{got:?}"
+    );
+    assert_eq!(got[0].2, "spec.rules[0].matches[0].queryParams");
+    assert_eq!(got.len(), 7);
+
+    // A consumer route, which also names a Service of another namespace without
+    // a ReferenceGrant.
+    let t = filters("mesh-consumer-route", 1);
+    let got = problems(&t, "mesh-echo-add-header");
+    assert!(
+        got.contains(&(
+            Accepted,
+            "UnsupportedValue",
+            "spec.rules[0].filters[0]".into()
+        )),
+        "{got:?}"
+    );
+    assert!(
+        got.contains(&(
+            ResolvedRefs,
+            "RefNotPermitted",
+            "spec.rules[0].backendRefs[0].namespace".into()
+        )),
+        "{got:?}"
+    );
+    assert!(
+        got.contains(&(
+            Accepted,
+            "UnsupportedValue",
+            "spec.parentRefs[0].namespace".into()
+        )),
+        "{got:?}"
+    );
+
+    for (fixture_name, route) in [
+        ("mesh-frontend", "mesh-split-v1"),
+        ("mesh-ports", "mesh-split-v1"),
+        ("mesh-ports", "mesh-split-v2"),
+    ] {
+        let t = filters(fixture_name, 1);
+        assert_eq!(
+            problems(&t, route),
+            [(
+                Accepted,
+                "UnsupportedValue",
+                "spec.rules[0].filters[0]".to_string()
+            )],
+            "{fixture_name}"
+        );
+    }
+}
+
+#[test]
+fn regular_expressions_are_refused_by_path() {
+    let text =
+        fixture("httproute-matching").replacen("type: PathPrefix", "type: RegularExpression", 1);
+    let t = run(&objects(&text));
+    assert_eq!(
+        problems(&t, "mesh-matching"),
+        [(
+            Condition::Accepted,
+            "UnsupportedValue",
+            "spec.rules[0].matches[0].path.type".to_string()
+        )]
+    );
+}
+
+fn route(name: &str, created: &str, spec: Value) -> RouteObject {
+    RouteObject {
+        namespace: NS.into(),
+        name: name.into(),
+        generation: Some(3),
+        created: created.into(),
+        spec,
+    }
+}
+
+fn parent() -> Value {
+    json!([{ "group": "", "kind": "Service", "name": "echo", "port": 80 }])
+}
+
+#[test]
+fn precedence_across_objects_and_shadowed_routes_are_dropped_not_refused() {
+    // Same match in two routes: the older one wins, whatever their names.
+    let same = |backend: &str| {
+        json!({ "parentRefs": parent(), "rules": [
+            { "matches": [{ "path": { "type": "PathPrefix", "value": "/a" } }],
+              "backendRefs": [{ "name": backend, "port": 8080 }] }] })
+    };
+    let t = run(&[
+        route("zz-old", "2026-01-01T00:00:00Z", same("echo-v1")),
+        route("aa-new", "2026-01-02T00:00:00Z", same("echo-v2")),
+    ]);
+    all_accepted(&t);
+    let p = policy(&t, "httproute-echo");
+    assert_eq!(route_names(p), ["zz-old-0-0"]);
+    assert_eq!(
+        p.spec.backends.keys().collect::<Vec<_>>(),
+        ["echo-v1-8080", "echo-v2-8080"]
+    );
+    // Same creation time: namespace and name decide.
+    let t = run(&[
+        route("b", "2026-01-01T00:00:00Z", same("echo-v1")),
+        route("a", "2026-01-01T00:00:00Z", same("echo-v2")),
+    ]);
+    assert_eq!(route_names(policy(&t, "httproute-echo")), ["a-0-0"]);
+    // A more specific match of a newer route still comes first (the proxy orders
+    // by specificity; ties keep this order).
+    let exact = json!({ "parentRefs": parent(), "rules": [
+        { "matches": [{ "path": { "type": "Exact", "value": "/a" } }],
+          "backendRefs": [{ "name": "echo-v2", "port": 8080 }] }] });
+    let t = run(&[
+        route("old", "2026-01-01T00:00:00Z", same("echo-v1")),
+        route("new", "2026-01-02T00:00:00Z", exact),
+    ]);
+    all_accepted(&t);
+    let p = policy(&t, "httproute-echo");
+    assert_eq!(route_names(p), ["old-0-0", "new-0-0"]);
+    let order = sluice_config::precedence_order(&p.spec.routes);
+    assert_eq!(p.spec.routes[order[0]].name, "new-0-0");
+}
+
+#[test]
+fn timeouts_and_retries_translate() {
+    let spec = json!({ "parentRefs": parent(), "rules": [
+        { "matches": [{ "path": { "value": "/slow" } }],
+          "timeouts": { "request": "10s", "backendRequest": "2s" },
+          "retry": { "attempts": 3, "backoff": "500ms", "codes": [503, 502] },
+          "backendRefs": [{ "name": "echo-v1", "port": 8080 }] },
+        { "timeouts": { "request": "0s" },
+          "backendRefs": [{ "name": "echo-v1", "port": 8080 }] }] });
+    let t = run(&[route("r", "2026-01-01T00:00:00Z", spec)]);
+    all_accepted(&t);
+    let p = policy(&t, "httproute-echo");
+    let slow = &p.spec.routes[0];
+    assert_eq!(slow.timeout, Some(Duration::from_secs(10)));
+    let retry = slow.retry.as_ref().unwrap();
+    assert_eq!(retry.attempts, 3);
+    assert_eq!(retry.status_codes, [503, 502]);
+    assert_eq!(retry.per_try_timeout, Some(Duration::from_secs(2)));
+    let backoff = retry.backoff.as_ref().unwrap();
+    assert_eq!(backoff.min, Some(Duration::from_millis(500)));
+    assert_eq!(backoff.max, Some(Duration::from_millis(500)));
+    assert_eq!(p.spec.routes[1].timeout, None);
+    assert_eq!(p.spec.routes[1].retry, None);
+
+    let too_long = json!({ "parentRefs": parent(), "rules": [
+        { "timeouts": { "request": "2h" }, "retry": { "attempts": 11 },
+          "backendRefs": [{ "name": "echo-v1", "port": 8080 }] }] });
+    let t = run(&[route("r", "2026-01-01T00:00:00Z", too_long)]);
+    let paths: Vec<String> = problems(&t, "r").into_iter().map(|p| p.2).collect();
+    assert_eq!(
+        paths,
+        [
+            "spec.rules[0].timeouts.request",
+            "spec.rules[0].retry.attempts"
+        ]
+    );
+}
+
+#[test]
+fn ports_that_cannot_be_honoured_are_refused() {
+    let spec = |parent_port: i64, backend_port: i64| {
+        json!({ "parentRefs": [{ "group": "", "kind": "Service", "name": "echo", "port": parent_port }],
+                "rules": [{ "backendRefs": [{ "name": "echo-v1", "port": backend_port }] }] })
+    };
+    let t = run(&[route("r", "2026-01-01T00:00:00Z", spec(81, 8080))]);
+    assert_eq!(
+        problems(&t, "r"),
+        [(
+            Condition::Accepted,
+            "NoMatchingParent",
+            "spec.parentRefs[0].port".to_string()
+        )]
+    );
+    let t = run(&[route("r", "2026-01-01T00:00:00Z", spec(80, 9999))]);
+    assert_eq!(
+        problems(&t, "r"),
+        [(
+            Condition::ResolvedRefs,
+            "BackendNotFound",
+            "spec.rules[0].backendRefs[0].port".to_string()
+        )]
+    );
+    // Two ports for one host: the older route keeps it.
+    let t = run(&[
+        route("a", "2026-01-01T00:00:00Z", spec(80, 8080)),
+        route("b", "2026-01-02T00:00:00Z", spec(8080, 8080)),
+    ]);
+    assert_eq!(problems(&t, "a"), []);
+    let (_, v) = t.verdicts.iter().find(|(k, _)| k.1 == "b").unwrap();
+    assert_eq!(v.parents[0].problems[0].path, "spec.parentRefs[0].port");
+    assert!(
+        v.parents[0].problems[0]
+            .message
+            .contains("HTTPRoute gateway-conformance-mesh/a"),
+        "{:?}",
+        v.parents[0].problems
+    );
+}
+
+#[test]
+fn cross_namespace_backends_need_a_reference_grant() {
+    let mut services = conformance_services();
+    services.insert(
+        ("other".into(), "store".into()),
+        ServiceInfo {
+            ports: vec![ServicePortInfo {
+                name: String::new(),
+                port: 80,
+            }],
+        },
+    );
+    let spec = json!({ "parentRefs": parent(), "rules": [{ "backendRefs": [{ "name": "store", "namespace": "other", "port": 80 }] }] });
+    let routes = [route("r", "2026-01-01T00:00:00Z", spec)];
+    let t = translate(
+        &routes,
+        Cluster {
+            services: Some(&services),
+            grants: &[],
+        },
+    );
+    assert_eq!(problems(&t, "r")[0].1, "RefNotPermitted");
+    let grant = ReferenceGrant::from_object(&json!({
+        "apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+        "metadata": { "name": "g", "namespace": "other" },
+        "spec": { "from": [{ "group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": NS }],
+                  "to": [{ "group": "", "kind": "Service" }] } }))
+    .unwrap();
+    let t = translate(
+        &routes,
+        Cluster {
+            services: Some(&services),
+            grants: &[grant],
+        },
+    );
+    all_accepted(&t);
+    let p = policy(&t, "httproute-echo");
+    assert_eq!(
+        p.spec.backends["store-other-80"].service.as_deref(),
+        Some("store.other")
+    );
+}
+
+#[test]
+fn a_malformed_route_is_refused_alone_with_its_path() {
+    let bad = json!({ "parentRefs": parent(), "rules": [{ "backendRefs": [{ "name": "echo-v1", "port": 8080, "wieght": 2 }] }] });
+    let good = json!({ "parentRefs": parent(), "rules": [{ "matches": [{ "path": { "value": "/ok" } }], "backendRefs": [{ "name": "echo-v2", "port": 8080 }] }] });
+    let t = run(&[
+        route("bad", "2026-01-01T00:00:00Z", bad),
+        route("good", "2026-01-02T00:00:00Z", good),
+    ]);
+    let got = problems(&t, "bad");
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].2, "spec.rules[0].backendRefs[0].wieght");
+    assert_eq!(route_names(policy(&t, "httproute-echo")), ["good-0-0"]);
+}
+
+#[test]
+fn long_names_are_shortened_with_a_hash() {
+    let name = "a-very-long-httproute-name-that-goes-on-and-on-and-on-for-ever";
+    let spec = json!({ "parentRefs": parent(), "rules": [{ "name": "and-a-long-rule-name", "backendRefs": [{ "name": "echo-v1", "port": 8080 }] }] });
+    let t = run(&[route(name, "2026-01-01T00:00:00Z", spec)]);
+    let r = &policy(&t, "httproute-echo").spec.routes[0].name;
+    assert!(
+        r.len() <= 63 && r.starts_with("a-very-long-httproute-name"),
+        "{r}"
+    );
+}
+
+#[test]
+fn status_keeps_other_controllers_entries_and_unchanged_times() {
+    let t = run(&objects(fixture("httproute-weight")));
+    let verdict = &t.verdicts[&(NS.to_string(), "mesh-weighted-backends".to_string())];
+    let foreign = json!({ "parentRef": { "name": "gw" }, "controllerName": "example.net/gateway",
+                          "conditions": [{ "type": "Accepted", "status": "True", "reason": "Accepted",
+                                          "message": "", "lastTransitionTime": "2025-01-01T00:00:00Z" }] });
+    let first = merged_parents(
+        &json!([foreign]),
+        verdict,
+        |_| Some(format!("{NS}/httproute-echo")),
+        "2026-01-01T00:00:00Z",
+    );
+    let list = first.as_array().unwrap();
+    assert_eq!(list.len(), 2);
+    assert_eq!(list[0], foreign);
+    assert_eq!(list[1]["controllerName"], CONTROLLER_NAME);
+    assert_eq!(
+        list[1]["parentRef"],
+        json!({ "group": "", "kind": "Service", "name": "echo", "port": 80 })
+    );
+    let accepted = &list[1]["conditions"][0];
+    assert_eq!(accepted["status"], "True");
+    assert_eq!(accepted["observedGeneration"], 1);
+    let again = merged_parents(
+        &first,
+        verdict,
+        |_| Some(format!("{NS}/httproute-echo")),
+        "2026-02-02T00:00:00Z",
+    );
+    assert_eq!(again, first, "an unchanged verdict changes nothing");
+}
+
+#[test]
+fn convert_names_file_and_field() {
+    let err = convert_files([("redirect.yaml", fixture("httproute-303-redirect"))]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "redirect.yaml: HTTPRoute gateway-conformance-mesh/mesh-303-redirect (parent Service gateway-conformance-mesh/echo): spec.rules[0].filters[0]: filter RequestRedirect is not supported"
+    );
+    let out = convert_files([("weight.yaml", fixture("httproute-weight"))]).unwrap();
+    let set = sluice_config::PolicySet::from_canonical("converted", out.as_bytes()).unwrap();
+    assert_eq!(set.policies().len(), 3);
+    let grpc = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: { name: g }\n";
+    assert!(
+        convert_files([("g.yaml", grpc)])
+            .unwrap_err()
+            .to_string()
+            .starts_with("g.yaml (document 1): GRPCRoute")
+    );
+}
+
+#[test]
+fn entries_others_added_after_ours_do_not_move_them() {
+    let t = run(&objects(fixture("httproute-weight")));
+    let verdict = &t.verdicts[&(NS.to_string(), "mesh-weighted-backends".to_string())];
+    let policy = |_| Some(format!("{NS}/httproute-echo"));
+    let ours = merged_parents(&Value::Null, verdict, policy, "2026-01-01T00:00:00Z");
+    let mut list = ours.as_array().unwrap().clone();
+    list.push(json!({ "parentRef": { "name": "gw" }, "controllerName": "example.net/gateway", "conditions": [] }));
+    let current = Value::Array(list);
+    assert_eq!(
+        merged_parents(&current, verdict, policy, "2026-03-03T00:00:00Z"),
+        current
+    );
+    // A route that no longer names a Service loses Sluice's entry, not the others'.
+    let gone = merged_parents(
+        &current,
+        &Default::default(),
+        policy,
+        "2026-03-03T00:00:00Z",
+    );
+    assert_eq!(gone.as_array().unwrap().len(), 1);
+    assert_eq!(gone[0]["controllerName"], "example.net/gateway");
+}

@@ -1,0 +1,518 @@
+//! HTTPRoutes (Gateway API, v1) as policy input beside RoutePolicy objects.
+//!
+//! A reflector over every HTTPRoute and one over every ReferenceGrant feed
+//! [`GatewayRoutes`]; the Services come from the endpoint discovery's reflector.
+//! Each time the mesh's set is built, the HTTPRoutes are translated
+//! ([`crate::gateway::translate`]) and their policies join the RoutePolicies'.
+//!
+//! A host is defined either by a RoutePolicy or by HTTPRoutes: when both name one
+//! host, the RoutePolicy keeps it and the HTTPRoutes' policies are left out, with
+//! both names in the HTTPRoutes' status and in `/policies`.
+//!
+//! Without the HTTPRoute CRD the control plane runs as before: it says so once and
+//! looks again every minute, so installing Gateway API later needs no restart.
+//! Objects are read as `DynamicObject`s, so one malformed HTTPRoute is refused in
+//! its own status and never stops the others.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams};
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use serde_json::Value;
+use sluice_api::pb;
+use sluice_config::RoutePolicy;
+use tokio::sync::watch;
+
+use crate::Shared;
+use crate::gateway::translate::{Key, policy_name};
+use crate::gateway::{
+    Cluster, ReferenceGrant, RouteObject, RouteVerdict, ServiceInfo, Translation, merged_parents,
+    translate,
+};
+use crate::source::{FileView, PolicyView};
+
+/// How often a cluster without the HTTPRoute CRD is asked again.
+const PROBE_INTERVAL: Duration = Duration::from_secs(60);
+
+/// The API resource behind HTTPRoute objects.
+pub(crate) fn httproute_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "HTTPRoute"),
+        "httproutes",
+    )
+}
+
+/// The API resource behind ReferenceGrant objects.
+fn reference_grant_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1beta1", "ReferenceGrant"),
+        "referencegrants",
+    )
+}
+
+/// One HTTPRoute as last seen.
+#[derive(Clone, Debug)]
+struct RouteState {
+    object: RouteObject,
+    /// `status.parents` as the object carries it.
+    parents: Value,
+    resource_version: Option<String>,
+}
+
+/// Every HTTPRoute and ReferenceGrant seen, and the last translation.
+#[derive(Debug, Default)]
+pub(crate) struct GatewayRoutes {
+    /// `None` until the API has been asked; `Some(false)`: no HTTPRoute CRD.
+    installed: Option<bool>,
+    routes_synced: bool,
+    grants_synced: bool,
+    routes: BTreeMap<Key, RouteState>,
+    grants: Vec<ReferenceGrant>,
+    /// Every Service's ports; `None` when they cannot be read (references are then
+    /// taken as written).
+    services: Option<Arc<BTreeMap<Key, ServiceInfo>>>,
+    translation: Translation,
+    /// Content hash of each generated policy in force, by namespace and name.
+    hashes: HashMap<Key, String>,
+    /// Statuses written whose watch event has not come back yet.
+    written: HashMap<Key, Value>,
+    /// The last generation of each HTTPRoute that was in force at every Service
+    /// parent: it stays in force while a later generation is refused.
+    last_good: HashMap<Key, RouteObject>,
+}
+
+impl GatewayRoutes {
+    /// Nothing to wait for: the CRD is absent, or everything has been listed once.
+    pub(crate) fn is_ready(&self) -> bool {
+        match self.installed {
+            None => false,
+            Some(false) => true,
+            Some(true) => self.routes_synced && self.grants_synced,
+        }
+    }
+
+    /// Whether the HTTPRoute CRD is installed (known once the API has been asked).
+    pub(crate) fn set_installed(&mut self, installed: bool) {
+        self.installed = Some(installed);
+        if !installed {
+            self.routes.clear();
+            self.grants.clear();
+        }
+    }
+
+    /// Takes in the Services' ports (from endpoint discovery).
+    pub(crate) fn set_services(&mut self, services: Option<Arc<BTreeMap<Key, ServiceInfo>>>) {
+        self.services = services;
+    }
+
+    /// Takes in the HTTPRoute reflector's whole store.
+    fn sync_routes(&mut self, objects: &[Arc<DynamicObject>]) {
+        self.routes_synced = true;
+        let mut routes = BTreeMap::new();
+        for obj in objects {
+            let (Some(ns), Some(name)) = (&obj.metadata.namespace, &obj.metadata.name) else {
+                continue;
+            };
+            let key = (ns.clone(), name.clone());
+            let parents = obj.data["status"]["parents"].clone();
+            if self
+                .routes
+                .get(&key)
+                .is_none_or(|old| old.parents != parents)
+            {
+                // Whatever we wrote has come back (or someone else wrote): trust the object.
+                self.written.remove(&key);
+            }
+            routes.insert(
+                key,
+                RouteState {
+                    object: RouteObject {
+                        namespace: ns.clone(),
+                        name: name.clone(),
+                        generation: obj.metadata.generation,
+                        created: obj
+                            .metadata
+                            .creation_timestamp
+                            .as_ref()
+                            .map(|t| t.0.to_string())
+                            .unwrap_or_default(),
+                        spec: obj.data.get("spec").cloned().unwrap_or(Value::Null),
+                    },
+                    parents,
+                    resource_version: obj.metadata.resource_version.clone(),
+                },
+            );
+        }
+        self.written.retain(|k, _| routes.contains_key(k));
+        self.last_good.retain(|k, _| routes.contains_key(k));
+        self.routes = routes;
+    }
+
+    /// Takes in the ReferenceGrant reflector's whole store.
+    fn sync_grants(&mut self, objects: &[Arc<DynamicObject>]) {
+        self.grants_synced = true;
+        self.grants = objects
+            .iter()
+            .filter_map(|o| {
+                let v = serde_json::to_value(o.as_ref()).ok()?;
+                ReferenceGrant::from_object(&v)
+            })
+            .collect();
+    }
+
+    /// Translates every HTTPRoute; returns the policies to serve. `taken` maps each
+    /// host and each `namespace/name` governed by a RoutePolicy to that policy.
+    pub(crate) fn translate(
+        &mut self,
+        taken_hosts: &HashMap<String, Key>,
+        taken_names: &HashSet<Key>,
+    ) -> Vec<(RoutePolicy, pb::PolicyMeta)> {
+        let mut t = self.translate_keeping_last_good();
+        let mut refused = Vec::new();
+        for sp in &t.services {
+            let routes = sp
+                .routes
+                .iter()
+                .map(|k| format!("{}/{}", k.0, k.1))
+                .collect::<Vec<_>>()
+                .join(", ");
+            for p in &sp.policies {
+                let ns = p.metadata.namespace.clone().unwrap_or_default();
+                if let Some(rp) = taken_hosts.get(&p.spec.host) {
+                    refused.push((
+                        sp.service.clone(),
+                        format!(
+                            "host {:?} is defined both by RoutePolicy {}/{} and by HTTPRoutes {routes}; a host is defined by one or the other, and the RoutePolicy keeps it",
+                            p.spec.host, rp.0, rp.1
+                        ),
+                    ));
+                    break;
+                }
+                if taken_names.contains(&(ns.clone(), p.metadata.name.clone())) {
+                    refused.push((
+                        sp.service.clone(),
+                        format!(
+                            "RoutePolicy {ns}/{} exists, so the policy generated from HTTPRoutes {routes} cannot take that name",
+                            p.metadata.name
+                        ),
+                    ));
+                    break;
+                }
+            }
+        }
+        for (service, message) in refused {
+            tracing::warn!(namespace = %service.0, service = %service.1, %message, "HTTPRoutes refused");
+            t.refuse_service(&service, &message);
+        }
+        let mut out = Vec::new();
+        self.hashes.clear();
+        for sp in &t.services {
+            let source = format!(
+                "httproute/{}",
+                sp.routes
+                    .iter()
+                    .map(|k| format!("{}/{}", k.0, k.1))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            for p in &sp.policies {
+                let ns = p.metadata.namespace.clone().unwrap_or_default();
+                let hash = sluice_config::PolicySet::from_effective(vec![p.clone()])
+                    .map(|s| s.hash().to_string())
+                    .unwrap_or_default();
+                self.hashes
+                    .insert((ns.clone(), p.metadata.name.clone()), hash);
+                out.push((
+                    p.clone(),
+                    pb::PolicyMeta {
+                        name: p.metadata.name.clone(),
+                        namespace: ns,
+                        source: source.clone(),
+                    },
+                ));
+            }
+        }
+        self.translation = t;
+        out
+    }
+
+    /// Translates the HTTPRoutes as they are; a route refused there whose last
+    /// accepted generation still translates is served in that generation, with the
+    /// refusal of the new one (and the generation kept) as its verdict.
+    fn translate_keeping_last_good(&mut self) -> Translation {
+        let cluster = Cluster {
+            services: self.services.as_deref(),
+            grants: &self.grants,
+        };
+        let current: Vec<RouteObject> = self.routes.values().map(|r| r.object.clone()).collect();
+        let first = translate(&current, cluster);
+        let mut kept = Vec::new();
+        let objects: Vec<RouteObject> = current
+            .into_iter()
+            .map(|obj| {
+                let key = obj.key();
+                match first.verdicts.get(&key) {
+                    Some(v) if v.parents.iter().all(|p| p.problems.is_empty()) => {
+                        self.last_good.insert(key, obj.clone());
+                        obj
+                    }
+                    Some(_) => match self.last_good.get(&key) {
+                        Some(good) => {
+                            kept.push(key);
+                            good.clone()
+                        }
+                        None => obj,
+                    },
+                    None => obj,
+                }
+            })
+            .collect();
+        if kept.is_empty() {
+            return first;
+        }
+        let mut t = translate(&objects, cluster);
+        for key in kept {
+            let Some(mut verdict) = first.verdicts.get(&key).cloned() else {
+                continue;
+            };
+            // (If the last accepted generation no longer translates either, it is
+            // out like any refused route.)
+            let good = t.verdicts.get(&key);
+            if good.is_some_and(|g| g.parents.iter().all(|p| p.problems.is_empty())) {
+                verdict.kept_generation = good.and_then(|g| g.generation);
+            }
+            t.verdicts.insert(key, verdict);
+        }
+        t
+    }
+
+    /// The generated policy (`namespace/name`) an HTTPRoute's parent is in force as.
+    fn policy_of(&self, route: &Key, parent: usize) -> Option<String> {
+        let v = self.translation.verdicts.get(route)?;
+        let p = v.parents.iter().find(|p| p.index == parent)?;
+        if !p.problems.is_empty() {
+            return None;
+        }
+        Some(format!("{}/{}", p.service.0, policy_name(&p.service.1)))
+    }
+
+    /// HTTPRoutes whose `status.parents` should change: the whole list to write,
+    /// and the resourceVersion it is about.
+    pub(crate) fn pending_statuses(&self, now: &str) -> Vec<(Key, Value, Option<String>)> {
+        if !self.is_ready() {
+            return Vec::new();
+        }
+        // A route that no longer names a Service keeps no entry of Sluice's.
+        let none = RouteVerdict::default();
+        self.routes
+            .iter()
+            .filter_map(|(key, state)| {
+                let verdict = self.translation.verdicts.get(key).unwrap_or(&none);
+                let have = self.written.get(key).unwrap_or(&state.parents);
+                let want = merged_parents(have, verdict, |i| self.policy_of(key, i), now);
+                let empty = |v: &Value| v.is_null() || v.as_array().is_some_and(|a| a.is_empty());
+                let same = *have == want || (empty(have) && empty(&want));
+                (!same).then(|| (key.clone(), want, state.resource_version.clone()))
+            })
+            .collect()
+    }
+
+    /// Records a status write until its watch event comes back.
+    pub(crate) fn mark_written(&mut self, key: Key, parents: Value) {
+        if self.routes.contains_key(&key) {
+            self.written.insert(key, parents);
+        }
+    }
+
+    /// The generated policies in force, for `/policies`.
+    pub(crate) fn policy_views(&self) -> Vec<PolicyView> {
+        self.translation
+            .services
+            .iter()
+            .flat_map(|sp| {
+                let file = format!(
+                    "httproute/{}",
+                    sp.routes
+                        .iter()
+                        .map(|k| format!("{}/{}", k.0, k.1))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                );
+                sp.policies.iter().map(move |p| {
+                    let ns = p.metadata.namespace.clone().unwrap_or_default();
+                    PolicyView {
+                        file_version: self
+                            .hashes
+                            .get(&(ns.clone(), p.metadata.name.clone()))
+                            .cloned()
+                            .unwrap_or_default(),
+                        name: p.metadata.name.clone(),
+                        namespace: ns,
+                        host: p.spec.host.clone(),
+                        file: file.clone(),
+                        file_error: None,
+                    }
+                })
+            })
+            .collect()
+    }
+
+    /// Every HTTPRoute Sluice serves, for `/policies` (in the `files` list), with
+    /// why it is refused where it is.
+    pub(crate) fn file_views(&self) -> Vec<FileView> {
+        self.translation
+            .verdicts
+            .iter()
+            .map(|(key, v)| {
+                let errors: Vec<String> = v
+                    .parents
+                    .iter()
+                    .flat_map(|p| {
+                        p.problems.iter().map(move |pr| {
+                            format!("parent Service {}/{}: {pr}", p.service.0, p.service.1)
+                        })
+                    })
+                    .collect();
+                let policies: Vec<String> = v
+                    .parents
+                    .iter()
+                    .filter(|p| p.problems.is_empty() || v.kept_generation.is_some())
+                    .map(|p| format!("{}/{}", p.service.0, policy_name(&p.service.1)))
+                    .collect();
+                FileView {
+                    file: format!("httproute/{}/{}", key.0, key.1),
+                    // The content hash of the (first) generated policy it is part of.
+                    version: v
+                        .parents
+                        .iter()
+                        .filter(|p| p.problems.is_empty() || v.kept_generation.is_some())
+                        .find_map(|p| {
+                            self.hashes
+                                .get(&(p.service.0.clone(), policy_name(&p.service.1)))
+                                .cloned()
+                        }),
+                    from_state: false,
+                    loaded_at_unix_ms: None,
+                    error: (!errors.is_empty()).then(|| errors.join("\n")),
+                    error_at_unix_ms: None,
+                    policies,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Whether the API serves `ar` to this control plane: a 404 means its CRD is not
+/// installed, a 403 that the RBAC (an older chart's) does not grant it; either way
+/// the control plane runs without it.
+async fn served(client: &Client, ar: &ApiResource) -> Result<bool, kube::Error> {
+    let api: Api<DynamicObject> = Api::all_with(client.clone(), ar);
+    match api.list(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(true),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
+        Err(kube::Error::Api(s)) if s.code == 403 => {
+            tracing::warn!(resource = %ar.plural, "the control plane may not list these (RBAC); Gateway API input goes without them");
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Runs the HTTPRoute and ReferenceGrant reflectors until `shutdown`; without the
+/// HTTPRoute CRD, says so once and asks again every [`PROBE_INTERVAL`].
+pub(crate) async fn watch_httproutes(
+    client: Client,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let routes_ar = httproute_resource();
+    let grants_ar = reference_grant_resource();
+    let mut said_absent = false;
+    loop {
+        match served(&client, &routes_ar).await {
+            Ok(true) => break,
+            Ok(false) => {
+                if !said_absent {
+                    tracing::info!(
+                        "HTTPRoutes (gateway.networking.k8s.io/v1) are not served (no CRD, or no RBAC for them): Gateway API input is off until they are"
+                    );
+                    said_absent = true;
+                }
+                let newly = shared
+                    .with_kube_policies(|k| {
+                        let first = k.gateway.installed.is_none();
+                        k.gateway.set_installed(false);
+                        first
+                    })
+                    .unwrap_or(false);
+                if newly {
+                    shared.reload();
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot ask the API for HTTPRoutes; retrying"),
+        }
+        let wait = if said_absent {
+            PROBE_INTERVAL
+        } else {
+            Duration::from_secs(5)
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+    tracing::info!("watching HTTPRoutes bound to Services (Gateway API input)");
+    let grants_served = match served(&client, &grants_ar).await {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot ask the API for ReferenceGrants; taking none");
+            false
+        }
+    };
+    let _ = shared.with_kube_policies(|k| {
+        k.gateway.set_installed(true);
+        if !grants_served {
+            k.gateway.sync_grants(&[]);
+        }
+    });
+    let routes = super::reflect(
+        Api::<DynamicObject>::all_with(client.clone(), &routes_ar),
+        Writer::new(routes_ar.clone()),
+        watcher::Config::default(),
+        "HTTPRoute",
+        shutdown.clone(),
+        |objects| {
+            let _ = shared.with_kube_policies(|k| k.gateway.sync_routes(objects));
+            shared.reload();
+        },
+    );
+    let grants = async {
+        if grants_served {
+            super::reflect(
+                Api::<DynamicObject>::all_with(client.clone(), &grants_ar),
+                Writer::new(grants_ar.clone()),
+                watcher::Config::default(),
+                "ReferenceGrant",
+                shutdown.clone(),
+                |objects| {
+                    let _ = shared.with_kube_policies(|k| k.gateway.sync_grants(objects));
+                    shared.reload();
+                },
+            )
+            .await
+        }
+    };
+    tokio::join!(routes, grants);
+}
+
+/// The time a condition changes, as Kubernetes writes it (whole seconds, UTC).
+pub(crate) fn now_rfc3339() -> String {
+    let now = k8s_openapi::jiff::Timestamp::now();
+    now.round(k8s_openapi::jiff::Unit::Second)
+        .unwrap_or(now)
+        .to_string()
+}
