@@ -73,8 +73,6 @@ pub mod trust_root;
 
 #[cfg(any(test, feature = "test-support"))]
 pub mod double;
-#[cfg(any(test, feature = "test-support"))]
-pub mod testing;
 
 use std::fmt;
 use std::path::PathBuf;
