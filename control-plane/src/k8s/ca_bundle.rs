@@ -15,6 +15,11 @@
 //! replica reads the same Secret and writes the same bytes; an unchanged bundle
 //! is never written, so replicas need no election. With cert-manager's CA
 //! injector doing this job, the flags are simply not given.
+//!
+//! When the mesh CA issues the webhook's certificate (no `--webhook-cert`), the
+//! bundle is the mesh root: its leaf certificates rotate under it without the
+//! bundle changing, and every replica sharing the root (`--ca-secret`) writes
+//! the same bytes.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -36,18 +41,27 @@ pub const RESYNC_EVERY: Duration = Duration::from_secs(60);
 pub struct WebhookBundles {
     /// The API client.
     pub client: Client,
-    /// PEM file of the CA that signs the webhook's serving certificate.
-    pub ca_file: PathBuf,
+    /// The CA that signs the webhook's serving certificate.
+    pub ca: BundleSource,
     /// The `MutatingWebhookConfiguration` of the injection webhook.
     pub mutating: Option<String>,
     /// The `ValidatingWebhookConfiguration` of the RoutePolicy webhook.
     pub validating: Option<String>,
 }
 
+/// Where the bundle's CA comes from.
+#[derive(Clone, Debug)]
+pub enum BundleSource {
+    /// A PEM file (the webhook Secret's `ca.crt`), followed when it changes.
+    File(PathBuf),
+    /// The mesh root (PEM), which issues the webhook's certificate itself.
+    MeshRoot(String),
+}
+
 impl std::fmt::Debug for WebhookBundles {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WebhookBundles")
-            .field("ca_file", &self.ca_file)
+            .field("ca", &self.ca)
             .field("mutating", &self.mutating)
             .field("validating", &self.validating)
             .finish_non_exhaustive()
@@ -58,7 +72,10 @@ impl std::fmt::Debug for WebhookBundles {
 pub(crate) async fn keep(cfg: WebhookBundles, mut shutdown: watch::Receiver<bool>) {
     let (tx, mut changed) = mpsc::channel(1);
     // A Secret volume swaps a `..data` symlink: only a directory watch sees it.
-    let _watcher = watch_dir(&cfg.ca_file, tx);
+    let _watcher = match &cfg.ca {
+        BundleSource::File(path) => watch_dir(path, tx),
+        BundleSource::MeshRoot(_) => None,
+    };
     let mut resync = tokio::time::interval(RESYNC_EVERY);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -67,16 +84,19 @@ pub(crate) async fn keep(cfg: WebhookBundles, mut shutdown: watch::Receiver<bool
             Some(()) = changed.recv() => {}
             _ = shutdown.changed() => return,
         }
-        let pem = match std::fs::read(&cfg.ca_file) {
-            Ok(pem) if !pem.is_empty() => pem,
-            Ok(_) => {
-                tracing::warn!(file = %cfg.ca_file.display(), "the webhook CA file is empty; caBundles left as they are");
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!(file = %cfg.ca_file.display(), error = %e, "cannot read the webhook CA; caBundles left as they are");
-                continue;
-            }
+        let pem = match &cfg.ca {
+            BundleSource::MeshRoot(pem) => pem.as_bytes().to_vec(),
+            BundleSource::File(path) => match std::fs::read(path) {
+                Ok(pem) if !pem.is_empty() => pem,
+                Ok(_) => {
+                    tracing::warn!(file = %path.display(), "the webhook CA file is empty; caBundles left as they are");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot read the webhook CA; caBundles left as they are");
+                    continue;
+                }
+            },
         };
         if let Some(name) = &cfg.mutating {
             let api: Api<MutatingWebhookConfiguration> = Api::all(cfg.client.clone());
@@ -251,10 +271,7 @@ mod tests {
             .expect("a caBundle patch");
             self.seen = i + 1;
             assert_eq!(call.status, 200, "{call:?}");
-            assert_eq!(
-                call.content_type,
-                "application/strategic-merge-patch+json"
-            );
+            assert_eq!(call.content_type, "application/strategic-merge-patch+json");
             call
         }
 
@@ -281,7 +298,7 @@ mod tests {
         tokio::spawn(keep(
             WebhookBundles {
                 client,
-                ca_file: ca_file.to_path_buf(),
+                ca: BundleSource::File(ca_file.to_path_buf()),
                 mutating: Some("sluice-injector".into()),
                 validating: validating.then(|| "sluice-validator".into()),
             },

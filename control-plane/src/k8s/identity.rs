@@ -338,7 +338,10 @@ mod tests {
             [("GET".to_string(), 404), ("POST".to_string(), 201)]
         );
         let stored = api.get("secrets", "sluice-system", "sluice-ca").unwrap();
-        assert_eq!(stored["metadata"]["labels"]["app.kubernetes.io/part-of"], "sluice");
+        assert_eq!(
+            stored["metadata"]["labels"]["app.kubernetes.io/part-of"],
+            "sluice"
+        );
         assert!(stored["data"]["ca.key"].is_string());
 
         // A second replica (or a restart) loads the same root and writes nothing.
@@ -363,7 +366,9 @@ mod tests {
         let api = ApiServer::new();
         // Absent when first asked; the other replica creates it just before our create.
         api.before_each(move |c, api| {
-            if c.method == Method::POST && api.get("secrets", "sluice-system", "sluice-ca").is_none() {
+            if c.method == Method::POST
+                && api.get("secrets", "sluice-system", "sluice-ca").is_none()
+            {
                 api.put(winner.clone());
             }
         });
@@ -404,7 +409,11 @@ mod tests {
         .await
         .unwrap_err();
         assert!(err.to_string().contains("no \"ca.key\" entry"), "{err}");
-        assert_eq!(requests(&api, 0), [("GET".to_string(), 200)], "nothing is written");
+        assert_eq!(
+            requests(&api, 0),
+            [("GET".to_string(), 200)],
+            "nothing is written"
+        );
         let stored = api.get("secrets", "sluice-system", "sluice-ca").unwrap();
         assert_eq!(stored["data"], broken["data"]);
     }

@@ -290,7 +290,13 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(500)).await;
             let (a, b) = (*a.borrow(), *b.borrow());
             assert!(!(a && b), "two leaders");
-            let now = if a { Some("cp-a") } else if b { Some("cp-b") } else { None };
+            let now = if a {
+                Some("cp-a")
+            } else if b {
+                Some("cp-b")
+            } else {
+                None
+            };
             if leader.is_some() {
                 assert_eq!(now, leader, "the leader keeps the Lease while it renews");
             }

@@ -213,21 +213,13 @@ pub struct KubeArgs {
     /// into the named webhook configurations' `caBundle`.
     #[arg(long, env = "SLUICE_WEBHOOK_CA", value_name = "FILE")]
     pub webhook_ca: Option<PathBuf>,
-    /// MutatingWebhookConfiguration whose `caBundle` follows `--webhook-ca`.
-    #[arg(
-        long,
-        env = "SLUICE_MUTATING_WEBHOOK_CONFIG",
-        value_name = "NAME",
-        requires = "webhook_ca"
-    )]
+    /// MutatingWebhookConfiguration whose `caBundle` follows `--webhook-ca` (or
+    /// the mesh root, when the mesh CA issues the webhook's certificate).
+    #[arg(long, env = "SLUICE_MUTATING_WEBHOOK_CONFIG", value_name = "NAME")]
     pub mutating_webhook_config: Option<String>,
-    /// ValidatingWebhookConfiguration whose `caBundle` follows `--webhook-ca`.
-    #[arg(
-        long,
-        env = "SLUICE_VALIDATING_WEBHOOK_CONFIG",
-        value_name = "NAME",
-        requires = "webhook_ca"
-    )]
+    /// ValidatingWebhookConfiguration whose `caBundle` follows `--webhook-ca` (or
+    /// the mesh root, as above).
+    #[arg(long, env = "SLUICE_VALIDATING_WEBHOOK_CONFIG", value_name = "NAME")]
     pub validating_webhook_config: Option<String>,
 }
 
@@ -283,14 +275,24 @@ impl KubeArgs {
             })
     }
 
-    /// `--webhook-ca` with the configurations whose `caBundle` follows it.
-    pub fn webhook_bundles(&self, client: &Client) -> Option<ca_bundle::WebhookBundles> {
+    /// `--webhook-ca` (or, when the mesh CA issues the webhook's certificate,
+    /// `mesh_root`) with the configurations whose `caBundle` follows it.
+    pub fn webhook_bundles(
+        &self,
+        client: &Client,
+        mesh_root: Option<&str>,
+    ) -> Option<ca_bundle::WebhookBundles> {
         if self.mutating_webhook_config.is_none() && self.validating_webhook_config.is_none() {
             return None;
         }
+        let ca = match (&self.webhook_ca, mesh_root) {
+            (Some(file), _) => ca_bundle::BundleSource::File(file.clone()),
+            (None, Some(pem)) => ca_bundle::BundleSource::MeshRoot(pem.to_string()),
+            (None, None) => return None,
+        };
         Some(ca_bundle::WebhookBundles {
             client: client.clone(),
-            ca_file: self.webhook_ca.clone()?,
+            ca,
             mutating: self.mutating_webhook_config.clone(),
             validating: self.validating_webhook_config.clone(),
         })

@@ -287,7 +287,12 @@ mod tests {
                 });
             }
             let (shutdown, rx) = watch::channel(false);
-            tokio::spawn(publish(api.client(), NAME.to_string(), ROOT.to_string(), rx));
+            tokio::spawn(publish(
+                api.client(),
+                NAME.to_string(),
+                ROOT.to_string(),
+                rx,
+            ));
             Self {
                 api,
                 seen: 0,
@@ -399,7 +404,10 @@ mod tests {
     async fn a_failed_write_is_retried_later() {
         let mut cluster = Cluster::start(vec![namespace("shop", "Active")], vec![], &["shop"]);
         assert_eq!(cluster.next_apply().await, "shop");
-        assert!(cluster.api.get("configmaps", "shop", NAME).is_none(), "refused");
+        assert!(
+            cluster.api.get("configmaps", "shop", NAME).is_none(),
+            "refused"
+        );
         // Not hammered: the retry waits for the tick.
         let before = tokio::time::Instant::now();
         assert_eq!(cluster.next_apply().await, "shop");

@@ -331,11 +331,7 @@ impl ApiServer {
 
     /// Answers the next request that satisfies `f` with a `code` Status instead
     /// of handling it (an API server or etcd in trouble); once.
-    pub fn fail_next(
-        &self,
-        code: StatusCode,
-        f: impl FnMut(&ApiCall) -> bool + Send + 'static,
-    ) {
+    pub fn fail_next(&self, code: StatusCode, f: impl FnMut(&ApiCall) -> bool + Send + 'static) {
         self.lock().failures.push((Box::new(f), code));
     }
 
