@@ -235,3 +235,21 @@ pub(crate) async fn read_reply(resp: Response<Incoming>) -> Result<Reply, BoxErr
         trailers,
     })
 }
+
+/// An AdmissionReview as the API server sends it for a Deployment's pod.
+const REVIEW: &str =
+    include_str!("../../control-plane/tests/fixtures/admission/deployment-pod.json");
+
+/// POSTs that review to the injection webhook's `/inject` on `conn`; panics unless
+/// it is answered and allowed.
+pub async fn admit(conn: &mut HttpConn) {
+    let req = Request::post("/inject?timeout=10s")
+        .header("host", "sluice.sluice-system.svc")
+        .header("content-type", "application/json")
+        .body(full_body(REVIEW))
+        .expect("a valid request");
+    let reply = conn.call(req).await.expect("the webhook answers");
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let review: serde_json::Value = serde_json::from_slice(&reply.body).expect("JSON");
+    assert_eq!(review["response"]["allowed"], true, "{review}");
+}

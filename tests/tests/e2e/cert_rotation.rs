@@ -89,23 +89,6 @@ async fn the_serving_certificate_rotates_under_open_proxy_streams() {
     }
 }
 
-/// An AdmissionReview as the API server sends it for a Deployment's pod.
-const REVIEW: &str =
-    include_str!("../../../control-plane/tests/fixtures/admission/deployment-pod.json");
-
-/// POSTs the review to `/inject` on `conn`; panics unless it is answered and allowed.
-async fn admit(conn: &mut sluice_e2e::HttpConn) {
-    let req = hyper::Request::post("/inject?timeout=10s")
-        .header("host", "sluice.sluice-system.svc")
-        .header("content-type", "application/json")
-        .body(sluice_e2e::full_body(REVIEW))
-        .unwrap();
-    let reply = conn.call(req).await.expect("the webhook answers");
-    assert_eq!(reply.status, 200, "{}", reply.text());
-    let review: serde_json::Value = serde_json::from_slice(&reply.body).unwrap();
-    assert_eq!(review["response"]["allowed"], true, "{review}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_webhook_certificate_from_the_mesh_ca_rotates_and_its_ca_bundle_is_the_root() {
     use std::sync::Arc;
@@ -178,7 +161,7 @@ async fn the_webhook_certificate_from_the_mesh_ca_rotates_and_its_ca_bundle_is_t
     let (mut kept, first) = sluice_e2e::HttpConn::h1_tls(webhook.addr(), &bundle, "127.0.0.1")
         .await
         .expect("a TLS handshake the caBundle verifies");
-    admit(&mut kept).await;
+    sluice_e2e::admit(&mut kept).await;
 
     // Three renewals, each met by a new connection verified with the same bundle.
     let mut seen = vec![first];
@@ -204,8 +187,8 @@ async fn the_webhook_certificate_from_the_mesh_ca_rotates_and_its_ca_bundle_is_t
         )
         .await;
         let (mut conn, leaf) = fresh.into_inner().unwrap().unwrap();
-        admit(&mut conn).await;
-        admit(&mut kept).await;
+        sluice_e2e::admit(&mut conn).await;
+        sluice_e2e::admit(&mut kept).await;
         seen.push(leaf);
     }
     let metrics = sluice_e2e::scrape(cp.admin_addr()).await;
@@ -219,7 +202,7 @@ async fn the_webhook_certificate_from_the_mesh_ca_rotates_and_its_ca_bundle_is_t
         first.validity().time_to_expiration().is_none(),
         "the first leaf expired"
     );
-    admit(&mut kept).await;
+    sluice_e2e::admit(&mut kept).await;
     // The bundle never had to change: leaves rotate under the same root.
     assert_eq!(
         api.calls()
