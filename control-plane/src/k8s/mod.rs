@@ -59,7 +59,9 @@
 //!   TokenReview (audience `sluice`), instead of a token file.
 //! - `--webhook-ca FILE` (`SLUICE_WEBHOOK_CA`) with `--mutating-webhook-config NAME`
 //!   and/or `--validating-webhook-config NAME`: keep those configurations'
-//!   `caBundle` equal to the CA in FILE (the webhook Secret's `ca.crt`).
+//!   `caBundle` equal to the CA in FILE (the webhook Secret's `ca.crt`). When the
+//!   mesh CA issues the webhook's certificate (`--webhook` without
+//!   `--webhook-cert`), the bundle is the mesh root and no FILE is needed.
 //! - `--trust-root-configmap NAME` (`SLUICE_TRUST_ROOT_CONFIGMAP`): keep the mesh
 //!   root in a ConfigMap of this name in every namespace, and have the injection
 //!   webhook mount it into the proxies it adds.
