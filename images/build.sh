@@ -9,6 +9,8 @@
 #   images/build.sh                 # -> target/images/sluice-{proxy,control-plane}.oci.tar
 #   TAG=0.1.0 OUT=/tmp/img images/build.sh
 #   PROFILE=dev images/build.sh     # debug binaries: a quick check of the image itself
+#   PREBUILT=1 PROFILE=dev images/build.sh   # the debug binaries `cargo test --workspace`
+#                                   # already built, as they are (what .ci/run does)
 #
 # Needs root (debootstrap, buildah's vfs storage) and Debian's buildah and debootstrap
 # packages (installed here when missing). The root filesystems are cached in
@@ -36,9 +38,21 @@ if ((${#missing[@]})); then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-echo "== $PROFILE binaries (host build)"
-cargo build --profile "$PROFILE" --locked -p sluice-proxy --bin sluice-proxy \
-  -p sluice-control-plane --bin sluice-control-plane
+if [ -n "${PREBUILT:-}" ]; then
+  # Building only these two packages would resolve features apart from the workspace
+  # test build and compile the control plane again; the test run's binaries will do.
+  for bin in sluice-proxy sluice-control-plane; do
+    [ -x "$TARGET_DIR/$PROFILE_DIR/$bin" ] || {
+      echo "images/build.sh: PREBUILT is set but $TARGET_DIR/$PROFILE_DIR/$bin is not built" >&2
+      exit 1
+    }
+  done
+  echo "== $PROFILE binaries already built in $TARGET_DIR/$PROFILE_DIR"
+else
+  echo "== $PROFILE binaries (host build)"
+  cargo build --profile "$PROFILE" --locked -p sluice-proxy --bin sluice-proxy \
+    -p sluice-control-plane --bin sluice-control-plane
+fi
 
 # rootfs NAME EXTRA-PACKAGES: a cached debootstrap root filesystem.
 rootfs() {

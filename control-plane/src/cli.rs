@@ -208,6 +208,24 @@ impl Args {
                     .to_string(),
             );
         }
+        let kept = self.kubernetes.mutating_webhook_config.is_some()
+            || self.kubernetes.validating_webhook_config.is_some();
+        let mesh_webhook = self.webhook.from_mesh_ca();
+        if mesh_webhook && self.ca.plaintext {
+            return Err(
+                "--webhook without --webhook-cert/--webhook-key has the mesh CA issue its \
+                 certificate, and --plaintext turns the CA off"
+                    .to_string(),
+            );
+        }
+        if kept && self.kubernetes.webhook_ca.is_none() && !mesh_webhook {
+            return Err(
+                "a webhook configuration's caBundle follows --webhook-ca, or the mesh root \
+                 when the mesh CA issues the webhook's certificate (--webhook without \
+                 --webhook-cert): give one of them"
+                    .to_string(),
+            );
+        }
         let https = self
             .webhook
             .inject_control_plane
@@ -398,11 +416,19 @@ pub fn cli_main() -> ExitCode {
                 .kubernetes
                 .to_config(&client, policies, &args.ca.trust_domain);
             cfg.publish_trust_root = args.kubernetes.publish_trust_root(&client);
-            cfg.webhook_bundles = args.kubernetes.webhook_bundles(&client);
             if let Err(e) = kube_identity(&args, &client, &mut cfg).await {
                 tracing::error!(error = %e, "certificate authority failed to start");
                 return ExitCode::FAILURE;
             }
+            // After `kube_identity`: the root may come from the CA Secret.
+            let mesh_root = cfg
+                .identity
+                .as_ref()
+                .filter(|_| args.webhook.from_mesh_ca())
+                .map(|id| id.ca.root_pem());
+            cfg.webhook_bundles = args
+                .kubernetes
+                .webhook_bundles(&client, mesh_root.as_deref());
         }
         let cp = match crate::start(cfg).await {
             Ok(cp) => cp,
@@ -411,7 +437,7 @@ pub fn cli_main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        let webhook_cfg = args.webhook.to_config().map(|mut cfg| {
+        let webhook_cfg = args.webhook.to_config(cp.webhook_tls()).map(|mut cfg| {
             cfg.inject.trust_root_configmap = args.kubernetes.trust_root_configmap.clone();
             cfg.policy_limits = args.policy_limits;
             cfg
@@ -503,20 +529,21 @@ mod tests {
         assert!(args.kubernetes.needs_client(false));
     }
 
+    /// The webhook serving a certificate from files.
+    const WEBHOOK_FROM_FILES: [&str; 6] = [
+        "--webhook",
+        "0.0.0.0:15017",
+        "--webhook-cert",
+        "/c",
+        "--webhook-key",
+        "/k",
+    ];
+
     #[test]
     fn injected_proxies_get_the_root_of_an_https_control_plane() {
         let parse = |extra: &[&str]| {
-            let mut argv = vec![
-                "sluice-control-plane",
-                "--policy-dir",
-                "/p",
-                "--webhook",
-                "0.0.0.0:15017",
-                "--webhook-cert",
-                "/c",
-                "--webhook-key",
-                "/k",
-            ];
+            let mut argv = vec!["sluice-control-plane", "--policy-dir", "/p"];
+            argv.extend_from_slice(&WEBHOOK_FROM_FILES);
             argv.extend_from_slice(extra);
             Args::try_parse_from(argv).unwrap()
         };
@@ -541,8 +568,33 @@ mod tests {
     fn webhook_configurations_need_the_ca_they_are_kept_with() {
         let base = ["sluice-control-plane", "--policy-dir", "/p"];
         let without = [&base[..], &["--mutating-webhook-config", "sluice-injector"]].concat();
-        let err = Args::try_parse_from(without).unwrap_err().to_string();
+        let err = Args::try_parse_from(&without).unwrap().check().unwrap_err();
         assert!(err.contains("--webhook-ca"), "{err}");
+        // A webhook whose certificate comes from files still needs their CA.
+        let files = [&without[..], &WEBHOOK_FROM_FILES].concat();
+        let err = Args::try_parse_from(files).unwrap().check().unwrap_err();
+        assert!(err.contains("--webhook-ca"), "{err}");
+        // Issued by the mesh CA: the bundle is the mesh root.
+        let mesh = [&without[..], &["--webhook", "0.0.0.0:15017"]].concat();
+        let args = Args::try_parse_from(&mesh).unwrap();
+        args.check().unwrap();
+        assert!(args.webhook.from_mesh_ca());
+        let err = Args::try_parse_from([&mesh[..], &["--plaintext"]].concat())
+            .unwrap()
+            .check()
+            .unwrap_err();
+        assert!(err.contains("--plaintext"), "{err}");
+        // A certificate without its key is refused by the parser.
+        assert!(
+            Args::try_parse_from(
+                [
+                    &base[..],
+                    &["--webhook", "0.0.0.0:15017", "--webhook-cert", "/c"]
+                ]
+                .concat()
+            )
+            .is_err()
+        );
         let with = [
             &base[..],
             &[

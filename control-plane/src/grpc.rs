@@ -57,7 +57,13 @@ pub(crate) fn tls(
         names.push(ip);
     }
     Ok(GrpcTls {
-        cert: ServingCert::issue(id.ca.clone(), names, id.server_cert_lifetime, renewals)?,
+        cert: ServingCert::issue(
+            "gRPC",
+            id.ca.clone(),
+            names,
+            id.server_cert_lifetime,
+            renewals,
+        )?,
         identity: IdentityService::new(id.ca.clone(), id.verifier.clone()),
     })
 }

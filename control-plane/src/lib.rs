@@ -453,6 +453,7 @@ pub struct RunningControlPlane {
     grpc_addr: SocketAddr,
     admin_addr: SocketAddr,
     trust_root: Option<String>,
+    webhook_tls: Option<inject::WebhookTls>,
     shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
     watcher: Option<DirWatcher>,
@@ -483,6 +484,13 @@ impl RunningControlPlane {
     /// The mesh root certificate (PEM) when the CA is on: what `--trust-root` holds.
     pub fn trust_root_pem(&self) -> Option<&str> {
         self.trust_root.as_deref()
+    }
+
+    /// When the CA is on: the injection webhook's serving certificate issued by
+    /// it, for the gRPC port's names and lifetime, renewed at half of it (counted
+    /// in `sluice_cp_webhook_cert_renewals_total`). Its `caBundle` is the mesh root.
+    pub fn webhook_tls(&self) -> Option<inject::WebhookTls> {
+        self.webhook_tls.clone()
     }
 
     /// The version (content hash) being served, if any policy was loaded.
@@ -675,10 +683,19 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error
         tracing::info!(%grpc_addr, %admin_addr, tls = trust_root.is_some(), policy_dir = %cfg.policy_dir.display(), "control plane started");
     }
 
+    let webhook_tls = cfg.identity.as_ref().map(|id| {
+        inject::WebhookTls::MeshCa(inject::MeshCaCert {
+            ca: id.ca.clone(),
+            names: id.server_names.clone(),
+            lifetime: id.server_cert_lifetime,
+            renewals: shared.metrics.webhook_cert_renewals.clone(),
+        })
+    });
     Ok(RunningControlPlane {
         grpc_addr,
         admin_addr,
         trust_root,
+        webhook_tls,
         shared,
         shutdown: shutdown_tx,
         watcher,

@@ -21,6 +21,8 @@ pub(crate) struct Metrics {
     pub(crate) push_latency: Histogram,
     /// Renewals of the gRPC serving certificate.
     pub(crate) serving_cert_renewals: IntCounter,
+    /// Renewals of the webhook's serving certificate, when the mesh CA issues it.
+    pub(crate) webhook_cert_renewals: IntCounter,
     /// Policy streams opened (a proxy that lost its stream opens another).
     pub(crate) streams_opened: IntCounter,
     policy_info: IntGaugeVec,
@@ -68,6 +70,11 @@ impl Metrics {
             "Renewals of the gRPC port's serving certificate.",
         )
         .expect("valid metric");
+        let webhook_cert_renewals = IntCounter::new(
+            "sluice_cp_webhook_cert_renewals_total",
+            "Renewals of the injection webhook's serving certificate issued by the mesh CA.",
+        )
+        .expect("valid metric");
         let streams_opened = IntCounter::new(
             "sluice_cp_streams_opened_total",
             "Policy streams opened by proxies.",
@@ -98,6 +105,7 @@ impl Metrics {
             Box::new(policy_info.clone()),
             Box::new(held_back.clone()),
             Box::new(serving_cert_renewals.clone()),
+            Box::new(webhook_cert_renewals.clone()),
             Box::new(streams_opened.clone()),
         ] {
             registry.register(m).expect("metric names are unique");
@@ -113,6 +121,7 @@ impl Metrics {
             validation_failures,
             push_latency,
             serving_cert_renewals,
+            webhook_cert_renewals,
             streams_opened,
             policy_info,
             held_back,

@@ -1,5 +1,6 @@
-//! The gRPC port's serving certificate: issued by the mesh CA, short-lived, and
-//! renewed at half its lifetime.
+//! A serving certificate issued by the mesh CA, short-lived, and renewed at half
+//! its lifetime: the gRPC port's always, the injection webhook's when no
+//! certificate files are given for it.
 //!
 //! Each TLS handshake is handed the certificate current at that moment (a
 //! `ResolvesServerCert` over an `ArcSwap`), so a renewal needs no restart and
@@ -23,9 +24,11 @@ use tokio::sync::watch;
 use crate::Error;
 use crate::ca::Ca;
 
-/// The certificate every new handshake on the gRPC port gets.
+/// The certificate every new handshake on a port gets.
 #[derive(Debug)]
 pub(crate) struct ServingCert {
+    /// What serves with it, for the logs (`gRPC`, `webhook`).
+    what: &'static str,
     current: ArcSwap<CertifiedKey>,
     ca: Arc<Ca>,
     names: Vec<String>,
@@ -41,8 +44,10 @@ impl ResolvesServerCert for ServingCert {
 }
 
 impl ServingCert {
-    /// Issues the first certificate for `names` (DNS names and IP addresses).
+    /// Issues the first certificate for `names` (DNS names and IP addresses) of
+    /// the `what` port.
     pub(crate) fn issue(
+        what: &'static str,
         ca: Arc<Ca>,
         names: Vec<String>,
         lifetime: Duration,
@@ -51,6 +56,7 @@ impl ServingCert {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let first = certified(&ca, &names, lifetime, &provider)?;
         Ok(Arc::new(Self {
+            what,
             current: ArcSwap::from_pointee(first),
             ca,
             names,
@@ -95,11 +101,11 @@ impl ServingCert {
             }
             wait = match self.renew() {
                 Ok(()) => {
-                    tracing::info!(lifetime = ?self.lifetime, "gRPC serving certificate renewed");
+                    tracing::info!(port = self.what, lifetime = ?self.lifetime, "serving certificate renewed");
                     self.lifetime / 2
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot renew the gRPC serving certificate; retrying");
+                    tracing::warn!(port = self.what, error = %e, "cannot renew the serving certificate; retrying");
                     self.lifetime / 10
                 }
             };
@@ -131,6 +137,7 @@ mod tests {
         let ca = Arc::new(Ca::generate("cluster.local", Duration::from_secs(60)).unwrap());
         let renewals = IntCounter::new("renewals", "renewals").unwrap();
         let cert = ServingCert::issue(
+            "gRPC",
             ca,
             vec!["localhost".into()],
             Duration::from_secs(10),

@@ -37,7 +37,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sluice_control_plane::Args;
-use sluice_control_plane::inject::start_webhook;
+use sluice_control_plane::inject::{WebhookTls, start_webhook};
 
 const NAMESPACE: &str = "sluice-system";
 const FULLNAME: &str = "sluice-control-plane";
@@ -291,8 +291,12 @@ fn the_control_plane_accepts_the_charts_flags_and_probes_its_admin_port() {
             args.ca.server_names.contains(&host),
             "{set}: the gRPC certificate names {host}"
         );
-        let cfg = args.webhook.to_config().expect("the webhooks are on");
+        let cfg = args.webhook.to_config(None).expect("the webhooks are on");
         assert_eq!(cfg.addr.port(), 15017);
+        assert!(
+            matches!(cfg.tls, WebhookTls::Files { .. }),
+            "{set}: the webhook serves the chart's certificate"
+        );
         let spec = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
         let c = &spec.containers[0];
         for (probe, path) in [(&c.liveness_probe, "/live"), (&c.readiness_probe, "/ready")] {
@@ -713,12 +717,12 @@ async fn the_webhook_certificate_is_trusted_through_the_rendered_ca_bundle() {
     // Service as the API server does.
     let dir = tempfile::tempdir().unwrap();
     let d = o.deployment.unwrap();
-    let mut cfg = parse_args(&d).webhook.to_config().unwrap();
+    let mut cfg = parse_args(&d).webhook.to_config(None).unwrap();
     cfg.addr = "127.0.0.1:0".parse().unwrap();
-    cfg.cert = dir.path().join("tls.crt");
-    cfg.key = dir.path().join("tls.key");
-    std::fs::write(&cfg.cert, &data["tls.crt"].0).unwrap();
-    std::fs::write(&cfg.key, &data["tls.key"].0).unwrap();
+    let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert, &data["tls.crt"].0).unwrap();
+    std::fs::write(&key, &data["tls.key"].0).unwrap();
+    cfg.tls = WebhookTls::Files { cert, key };
     let hook = start_webhook(cfg).await.unwrap();
 
     let mut roots = rustls::RootCertStore::empty();

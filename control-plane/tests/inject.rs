@@ -15,7 +15,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::Value;
 use sluice_control_plane::inject::{
     INIT_CONTAINER, InjectConfig, PROXY_CONTAINER, PROXY_UID, RunningWebhook, TRUST_ROOT_DIR,
-    TRUST_ROOT_VOLUME, WebhookConfig, start_webhook,
+    TRUST_ROOT_VOLUME, WebhookConfig, WebhookTls, start_webhook,
 };
 
 struct Webhook {
@@ -32,8 +32,7 @@ async fn webhook() -> Webhook {
     std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
     let running = start_webhook(WebhookConfig {
         addr: "127.0.0.1:0".parse().unwrap(),
-        cert,
-        key,
+        tls: WebhookTls::Files { cert, key },
         inject: InjectConfig {
             proxy_image: "registry.example/sluice-proxy:test".to_owned(),
             control_plane_url: Some("https://sluice-control-plane.sluice:15010".to_owned()),

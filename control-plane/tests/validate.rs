@@ -9,7 +9,9 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
-use sluice_control_plane::inject::{InjectConfig, RunningWebhook, WebhookConfig, start_webhook};
+use sluice_control_plane::inject::{
+    InjectConfig, RunningWebhook, WebhookConfig, WebhookTls, start_webhook,
+};
 
 struct Webhook {
     running: RunningWebhook,
@@ -25,8 +27,7 @@ async fn webhook() -> Webhook {
     std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
     let running = start_webhook(WebhookConfig {
         addr: "127.0.0.1:0".parse().unwrap(),
-        cert,
-        key,
+        tls: WebhookTls::Files { cert, key },
         inject: InjectConfig::default(),
         policy_limits: sluice_config::Limits::default(),
     })

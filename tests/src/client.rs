@@ -89,6 +89,50 @@ impl HttpConn {
         })
     }
 
+    /// Opens an HTTP/1.1 connection over TLS to `addr`, trusting only the PEM
+    /// certificates in `roots` and verifying `server_name`; also returns the leaf
+    /// certificate (DER) the server presented.
+    pub async fn h1_tls(
+        addr: SocketAddr,
+        roots: &[u8],
+        server_name: &str,
+    ) -> Result<(Self, Vec<u8>), BoxError> {
+        use rustls::pki_types::pem::PemObject as _;
+        let mut store = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(roots) {
+            store.add(cert?)?;
+        }
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(store)
+            .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        let stream = TcpStream::connect(addr).await?;
+        stream.set_nodelay(true)?;
+        let name = rustls::pki_types::ServerName::try_from(server_name.to_string())?;
+        let tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
+            .connect(name, stream)
+            .await?;
+        let leaf = tls
+            .get_ref()
+            .1
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .ok_or("the server presented no certificate")?
+            .to_vec();
+        let (sender, conn) = http1::handshake(TokioIo::new(tls)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok((
+            Self {
+                sender: Sender::H1(sender),
+            },
+            leaf,
+        ))
+    }
+
     /// Opens an h2c (prior knowledge) connection to `addr`.
     pub async fn h2(addr: SocketAddr) -> Result<Self, BoxError> {
         let stream = TcpStream::connect(addr).await?;
@@ -190,4 +234,22 @@ pub(crate) async fn read_reply(resp: Response<Incoming>) -> Result<Reply, BoxErr
         body: collected.to_bytes(),
         trailers,
     })
+}
+
+/// An AdmissionReview as the API server sends it for a Deployment's pod.
+const REVIEW: &str =
+    include_str!("../../control-plane/tests/fixtures/admission/deployment-pod.json");
+
+/// POSTs that review to the injection webhook's `/inject` on `conn`; panics unless
+/// it is answered and allowed.
+pub async fn admit(conn: &mut HttpConn) {
+    let req = Request::post("/inject?timeout=10s")
+        .header("host", "sluice.sluice-system.svc")
+        .header("content-type", "application/json")
+        .body(full_body(REVIEW))
+        .expect("a valid request");
+    let reply = conn.call(req).await.expect("the webhook answers");
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let review: serde_json::Value = serde_json::from_slice(&reply.body).expect("JSON");
+    assert_eq!(review["response"]["allowed"], true, "{review}");
 }

@@ -49,7 +49,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 pub use child_control_plane::ChildControlPlane;
-pub use client::{HttpConn, Reply, ReqBody, full_body, read_until_closed};
+pub use client::{HttpConn, Reply, ReqBody, admit, full_body, read_until_closed};
 pub use control_plane::TestControlPlane;
 pub use proxy::{ChildProxy, MeshTls, ProcMemory, ProxyOptions, TestProxy};
 pub use subscriber::{RecordingSink, SchemaSubscriber};

@@ -26,19 +26,31 @@ pub use patch::{
     INIT_CONTAINER, InjectConfig, OUTBOUND_PORT, PROXY_CONTAINER, PROXY_UID, Refusal,
     TOKEN_AUDIENCE, TOKEN_DIR, TOKEN_VOLUME, TRUST_ROOT_DIR, TRUST_ROOT_VOLUME, decide,
 };
-pub use server::{RunningWebhook, WebhookConfig, start_webhook};
+pub use server::{MeshCaCert, RunningWebhook, WebhookConfig, WebhookTls, start_webhook};
 
 /// The control plane's webhook flags (`--webhook ADDR` turns it on).
 #[derive(Clone, Debug, clap::Args)]
 pub struct WebhookArgs {
     /// Serve the injection webhook (TLS) here, e.g. 0.0.0.0:15017.
-    #[arg(long, env = "SLUICE_WEBHOOK", value_name = "ADDR", requires_all = ["webhook_cert", "webhook_key"])]
+    #[arg(long, env = "SLUICE_WEBHOOK", value_name = "ADDR")]
     pub webhook: Option<SocketAddr>,
-    /// PEM certificate chain of the webhook.
-    #[arg(long, env = "SLUICE_WEBHOOK_CERT", value_name = "FILE")]
+    /// PEM certificate chain of the webhook. Without it (and its key) the mesh CA
+    /// issues the webhook's certificate, for the gRPC port's names, and renews it
+    /// like the gRPC port's (`--server-cert-lifetime`).
+    #[arg(
+        long,
+        env = "SLUICE_WEBHOOK_CERT",
+        value_name = "FILE",
+        requires = "webhook_key"
+    )]
     pub webhook_cert: Option<PathBuf>,
     /// PEM private key of the webhook.
-    #[arg(long, env = "SLUICE_WEBHOOK_KEY", value_name = "FILE")]
+    #[arg(
+        long,
+        env = "SLUICE_WEBHOOK_KEY",
+        value_name = "FILE",
+        requires = "webhook_cert"
+    )]
     pub webhook_key: Option<PathBuf>,
     /// Image of the injected proxy and init containers.
     #[arg(long, env = "SLUICE_PROXY_IMAGE", value_name = "IMAGE")]
@@ -49,18 +61,30 @@ pub struct WebhookArgs {
 }
 
 impl WebhookArgs {
-    /// The webhook's configuration, if `--webhook` was given.
-    pub fn to_config(&self) -> Option<WebhookConfig> {
+    /// Whether the mesh CA issues the webhook's certificate (no files given).
+    pub fn from_mesh_ca(&self) -> bool {
+        self.webhook.is_some() && self.webhook_cert.is_none()
+    }
+
+    /// The webhook's configuration, if `--webhook` was given; `mesh_ca` is where
+    /// the certificate comes from when no files are given (`None`: the CA is off).
+    pub fn to_config(&self, mesh_ca: Option<WebhookTls>) -> Option<WebhookConfig> {
         let addr = self.webhook?;
         let mut inject = InjectConfig::default();
         if let Some(image) = &self.proxy_image {
             inject.proxy_image = image.clone();
         }
         inject.control_plane_url = self.inject_control_plane.clone();
+        let tls = match (&self.webhook_cert, &self.webhook_key) {
+            (Some(cert), Some(key)) => WebhookTls::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            _ => mesh_ca?,
+        };
         Some(WebhookConfig {
             addr,
-            cert: self.webhook_cert.clone()?,
-            key: self.webhook_key.clone()?,
+            tls,
             inject,
             policy_limits: sluice_config::Limits::default(),
         })

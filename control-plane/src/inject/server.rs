@@ -2,11 +2,18 @@
 //! `POST /inject` (mutating: sidecar injection) and `POST /validate` (validating:
 //! RoutePolicy objects get `sluice-config`'s verdict before they are stored).
 //!
-//! The serving certificate is reloaded when its files change (cert-manager renewing it,
-//! a Secret volume's `..data` swap): the directories holding them are watched with
-//! notify, and each TLS handshake takes the certificate in force at that moment. A pair
-//! that does not load (half written, key not matching) is refused with a warning and the
-//! previous certificate stays in service.
+//! The serving certificate comes from one of two places ([`WebhookTls`]):
+//! - files (a Secret the chart or cert-manager fills), reloaded when they change
+//!   (cert-manager renewing it, a Secret volume's `..data` swap): the directories
+//!   holding them are watched with notify. A pair that does not load (half written,
+//!   key not matching) is refused with a warning and the previous certificate stays
+//!   in service;
+//! - the mesh CA, when the control plane runs it: issued short-lived and renewed at
+//!   half its lifetime by the same rotator as the gRPC port's (`serving_cert`); the
+//!   configurations' `caBundle` is then the mesh root.
+//!
+//! Either way each TLS handshake takes the certificate in force at that moment, so
+//! a rotation touches no open connection.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -37,6 +44,7 @@ use tokio_rustls::TlsAcceptor;
 
 use super::patch::{Decision, InjectConfig, decide};
 use crate::Error;
+use crate::serving_cert::ServingCert;
 
 /// The largest review read; the API server caps objects at 1.5 MiB and a review of an
 /// update carries two.
@@ -49,15 +57,46 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct WebhookConfig {
     /// Listen address (`0.0.0.0:15017` in a cluster).
     pub addr: SocketAddr,
-    /// PEM certificate chain the API server verifies (the `caBundle` of the
-    /// `MutatingWebhookConfiguration` signs it).
-    pub cert: PathBuf,
-    /// PEM private key of that certificate.
-    pub key: PathBuf,
+    /// Where the serving certificate the API server verifies comes from.
+    pub tls: WebhookTls,
     /// What the injected containers look like.
     pub inject: InjectConfig,
     /// Bounds on a RoutePolicy under review, as on every other policy input.
     pub policy_limits: sluice_config::Limits,
+}
+
+/// Where the webhook's serving certificate comes from.
+#[derive(Clone, Debug)]
+pub enum WebhookTls {
+    /// PEM files (the `caBundle` of the configurations signs them), reloaded when
+    /// they change.
+    Files {
+        /// PEM certificate chain.
+        cert: PathBuf,
+        /// PEM private key of that certificate.
+        key: PathBuf,
+    },
+    /// Issued by the mesh CA and renewed at half its lifetime
+    /// ([`RunningControlPlane::webhook_tls`](crate::RunningControlPlane::webhook_tls)).
+    MeshCa(MeshCaCert),
+}
+
+/// A serving certificate the mesh CA issues and renews.
+#[derive(Clone)]
+pub struct MeshCaCert {
+    pub(crate) ca: Arc<crate::ca::Ca>,
+    pub(crate) names: Vec<String>,
+    pub(crate) lifetime: Duration,
+    pub(crate) renewals: prometheus::IntCounter,
+}
+
+impl std::fmt::Debug for MeshCaCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MeshCaCert")
+            .field("names", &self.names)
+            .field("lifetime", &self.lifetime)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A webhook server running on the current tokio runtime.
@@ -84,15 +123,40 @@ impl RunningWebhook {
     }
 }
 
-/// Loads the serving certificate, binds and starts serving.
+/// Loads (or has the mesh CA issue) the serving certificate, binds and starts serving.
 pub async fn start_webhook(cfg: WebhookConfig) -> Result<RunningWebhook, Error> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let resolver = Arc::new(CurrentCert(ArcSwap::from_pointee(load_certified_key(
-        &cfg.cert, &cfg.key, &provider,
-    )?)));
-    let (events, changed) = mpsc::channel(1);
-    let watcher = watch_files(&cfg.cert, &cfg.key, events)?;
-    let tls = server_tls(resolver.clone(), provider.clone())?;
+    let (shutdown, rx) = watch::channel(false);
+    let (resolver, reload): (Arc<dyn ResolvesServerCert>, JoinHandle<()>) = match &cfg.tls {
+        WebhookTls::Files { cert, key } => {
+            let resolver = Arc::new(CurrentCert(ArcSwap::from_pointee(load_certified_key(
+                cert, key, &provider,
+            )?)));
+            let (events, changed) = mpsc::channel(1);
+            let watcher = watch_files(cert, key, events)?;
+            let task = tokio::spawn(reload(
+                watcher,
+                changed,
+                resolver.clone(),
+                provider.clone(),
+                (cert.clone(), key.clone()),
+                rx.clone(),
+            ));
+            (resolver, task)
+        }
+        WebhookTls::MeshCa(m) => {
+            let cert = ServingCert::issue(
+                "webhook",
+                m.ca.clone(),
+                m.names.clone(),
+                m.lifetime,
+                m.renewals.clone(),
+            )?;
+            let task = tokio::spawn(cert.clone().keep_renewed(rx.clone()));
+            (cert, task)
+        }
+    };
+    let tls = server_tls(resolver, provider)?;
     let listener = TcpListener::bind(cfg.addr)
         .await
         .map_err(|source| Error::Bind {
@@ -105,15 +169,6 @@ pub async fn start_webhook(cfg: WebhookConfig) -> Result<RunningWebhook, Error> 
         addr: cfg.addr,
         source,
     })?;
-    let (shutdown, rx) = watch::channel(false);
-    let reload = tokio::spawn(reload(
-        watcher,
-        changed,
-        resolver,
-        provider,
-        (cfg.cert.clone(), cfg.key.clone()),
-        rx.clone(),
-    ));
     let task = tokio::spawn(serve(
         listener,
         TlsAcceptor::from(tls),
@@ -167,7 +222,7 @@ fn load_certified_key(
 }
 
 fn server_tls(
-    resolver: Arc<CurrentCert>,
+    resolver: Arc<dyn ResolvesServerCert>,
     provider: Arc<rustls::crypto::CryptoProvider>,
 ) -> Result<Arc<rustls::ServerConfig>, Error> {
     let mut config = rustls::ServerConfig::builder_with_provider(provider)

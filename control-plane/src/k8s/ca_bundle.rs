@@ -15,6 +15,11 @@
 //! replica reads the same Secret and writes the same bytes; an unchanged bundle
 //! is never written, so replicas need no election. With cert-manager's CA
 //! injector doing this job, the flags are simply not given.
+//!
+//! When the mesh CA issues the webhook's certificate (no `--webhook-cert`), the
+//! bundle is the mesh root: its leaf certificates rotate under it without the
+//! bundle changing, and every replica sharing the root (`--ca-secret`) writes
+//! the same bytes.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -36,18 +41,27 @@ pub const RESYNC_EVERY: Duration = Duration::from_secs(60);
 pub struct WebhookBundles {
     /// The API client.
     pub client: Client,
-    /// PEM file of the CA that signs the webhook's serving certificate.
-    pub ca_file: PathBuf,
+    /// The CA that signs the webhook's serving certificate.
+    pub ca: BundleSource,
     /// The `MutatingWebhookConfiguration` of the injection webhook.
     pub mutating: Option<String>,
     /// The `ValidatingWebhookConfiguration` of the RoutePolicy webhook.
     pub validating: Option<String>,
 }
 
+/// Where the bundle's CA comes from.
+#[derive(Clone, Debug)]
+pub enum BundleSource {
+    /// A PEM file (the webhook Secret's `ca.crt`), followed when it changes.
+    File(PathBuf),
+    /// The mesh root (PEM), which issues the webhook's certificate itself.
+    MeshRoot(String),
+}
+
 impl std::fmt::Debug for WebhookBundles {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WebhookBundles")
-            .field("ca_file", &self.ca_file)
+            .field("ca", &self.ca)
             .field("mutating", &self.mutating)
             .field("validating", &self.validating)
             .finish_non_exhaustive()
@@ -58,7 +72,10 @@ impl std::fmt::Debug for WebhookBundles {
 pub(crate) async fn keep(cfg: WebhookBundles, mut shutdown: watch::Receiver<bool>) {
     let (tx, mut changed) = mpsc::channel(1);
     // A Secret volume swaps a `..data` symlink: only a directory watch sees it.
-    let _watcher = watch_dir(&cfg.ca_file, tx);
+    let _watcher = match &cfg.ca {
+        BundleSource::File(path) => watch_dir(path, tx),
+        BundleSource::MeshRoot(_) => None,
+    };
     let mut resync = tokio::time::interval(RESYNC_EVERY);
     resync.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -67,16 +84,19 @@ pub(crate) async fn keep(cfg: WebhookBundles, mut shutdown: watch::Receiver<bool
             Some(()) = changed.recv() => {}
             _ = shutdown.changed() => return,
         }
-        let pem = match std::fs::read(&cfg.ca_file) {
-            Ok(pem) if !pem.is_empty() => pem,
-            Ok(_) => {
-                tracing::warn!(file = %cfg.ca_file.display(), "the webhook CA file is empty; caBundles left as they are");
-                continue;
-            }
-            Err(e) => {
-                tracing::warn!(file = %cfg.ca_file.display(), error = %e, "cannot read the webhook CA; caBundles left as they are");
-                continue;
-            }
+        let pem = match &cfg.ca {
+            BundleSource::MeshRoot(pem) => pem.as_bytes().to_vec(),
+            BundleSource::File(path) => match std::fs::read(path) {
+                Ok(pem) if !pem.is_empty() => pem,
+                Ok(_) => {
+                    tracing::warn!(file = %path.display(), "the webhook CA file is empty; caBundles left as they are");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot read the webhook CA; caBundles left as they are");
+                    continue;
+                }
+            },
         };
         if let Some(name) = &cfg.mutating {
             let api: Api<MutatingWebhookConfiguration> = Api::all(cfg.client.clone());
@@ -179,12 +199,11 @@ fn watch_dir(file: &Path, tx: mpsc::Sender<()>) -> Option<notify::RecommendedWat
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-
+    use http::Method;
     use serde_json::Value;
 
     use super::*;
-    use crate::k8s::testing::{Call, Reply, fake_api, status};
+    use crate::k8s::double::{ApiCall, ApiServer};
 
     const MUTATING: &str =
         "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/sluice-injector";
@@ -208,54 +227,70 @@ mod tests {
             })
             .collect();
         json!({"apiVersion": "admissionregistration.k8s.io/v1", "kind": kind,
-               "metadata": {"name": name, "resourceVersion": "1"}, "webhooks": webhooks})
+               "metadata": {"name": name}, "webhooks": webhooks})
     }
 
-    /// A fake API holding the two configurations; PATCHes are applied to them
-    /// (merging caBundles by webhook name) and reported.
-    fn cluster(
-        mutating: Value,
-        validating: Option<Value>,
-    ) -> (Client, mpsc::UnboundedReceiver<Call>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let objects = Arc::new(Mutex::new((mutating, validating)));
-        let (client, _) = fake_api(move |c| {
-            let mut objects = objects.lock().unwrap();
-            let obj = match c.path.as_str() {
-                MUTATING => Some(&mut objects.0),
-                VALIDATING => objects.1.as_mut(),
-                _ => None,
-            };
-            let Some(obj) = obj else {
-                return status(404, "NotFound");
-            };
-            if c.method == http::Method::PATCH {
-                for w in c.body["webhooks"].as_array().unwrap() {
-                    let target = obj["webhooks"]
-                        .as_array_mut()
-                        .unwrap()
-                        .iter_mut()
-                        .find(|t| t["name"] == w["name"])
-                        .expect("the patch names an existing webhook");
-                    target["clientConfig"]["caBundle"] = w["clientConfig"]["caBundle"].clone();
-                }
-                let _ = tx.send(c.clone());
+    /// The API double holding the two configurations (the validating one maybe
+    /// absent), and the PATCHes it received.
+    struct Cluster {
+        api: ApiServer,
+        seen: usize,
+    }
+
+    impl Cluster {
+        fn new(mutating: Value, validating: Option<Value>) -> Self {
+            let api = ApiServer::new();
+            api.put(mutating);
+            if let Some(v) = validating {
+                api.put(v);
             }
-            Reply::Json(200, obj.clone())
-        });
-        (client, rx)
-    }
+            Self { api, seen: 0 }
+        }
 
-    async fn next_patch(rx: &mut mpsc::UnboundedReceiver<Call>) -> Call {
-        tokio::time::timeout(RESYNC_EVERY * 3, rx.recv())
+        fn patches_since(&self, seen: usize) -> Vec<(usize, ApiCall)> {
+            self.api
+                .calls()
+                .into_iter()
+                .enumerate()
+                .skip(seen)
+                .filter(|(_, c)| c.method == Method::PATCH)
+                .collect()
+        }
+
+        /// The next PATCH, after checking the double took it.
+        async fn next_patch(&mut self) -> ApiCall {
+            let (i, call) = tokio::time::timeout(RESYNC_EVERY * 3, async {
+                loop {
+                    if let Some(p) = self.patches_since(self.seen).into_iter().next() {
+                        return p;
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            })
             .await
-            .expect("a caBundle patch")
-            .unwrap()
-    }
+            .expect("a caBundle patch");
+            self.seen = i + 1;
+            assert_eq!(call.status, 200, "{call:?}");
+            assert_eq!(call.content_type, "application/strategic-merge-patch+json");
+            call
+        }
 
-    async fn no_patch(rx: &mut mpsc::UnboundedReceiver<Call>) {
-        let r = tokio::time::timeout(RESYNC_EVERY * 2, rx.recv()).await;
-        assert!(r.is_err(), "unexpected patch: {r:?}");
+        async fn no_patch(&mut self) {
+            tokio::time::sleep(RESYNC_EVERY * 2).await;
+            let unexpected = self.patches_since(self.seen);
+            assert!(unexpected.is_empty(), "unexpected patch: {unexpected:?}");
+        }
+
+        /// The stored bundles of configuration `plural`/`name`.
+        fn bundles(&self, plural: &str, name: &str) -> Vec<Value> {
+            let obj = self.api.get(plural, "", name).unwrap();
+            obj["webhooks"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|w| w["clientConfig"]["caBundle"].clone())
+                .collect()
+        }
     }
 
     fn start(client: Client, ca_file: &Path, validating: bool) -> watch::Sender<bool> {
@@ -263,7 +298,7 @@ mod tests {
         tokio::spawn(keep(
             WebhookBundles {
                 client,
-                ca_file: ca_file.to_path_buf(),
+                ca: BundleSource::File(ca_file.to_path_buf()),
                 mutating: Some("sluice-injector".into()),
                 validating: validating.then(|| "sluice-validator".into()),
             },
@@ -277,7 +312,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca.crt");
         std::fs::write(&ca, "CA-1").unwrap();
-        let (client, mut patches) = cluster(
+        let mut cluster = Cluster::new(
             config(
                 "MutatingWebhookConfiguration",
                 "sluice-injector",
@@ -292,42 +327,54 @@ mod tests {
                 &[("routepolicies.sluice.dev", None)],
             )),
         );
-        let _stop = start(client, &ca, true);
+        let _stop = start(cluster.api.client(), &ca, true);
 
         // Only the webhooks whose bundle differs are named.
-        let p = next_patch(&mut patches).await;
+        let p = cluster.next_patch().await;
         assert_eq!(p.path, MUTATING);
         assert_eq!(
             p.body,
             json!({"webhooks": [{"name": "ns.inject.sluice.dev", "clientConfig": {"caBundle": b64("CA-1")}}]})
         );
-        let p = next_patch(&mut patches).await;
+        let p = cluster.next_patch().await;
         assert_eq!(p.path, VALIDATING);
         assert_eq!(
             p.body["webhooks"][0]["clientConfig"]["caBundle"],
             b64("CA-1")
         );
+        assert_eq!(
+            cluster.bundles("mutatingwebhookconfigurations", "sluice-injector"),
+            [b64("CA-1"), b64("CA-1")]
+        );
         // In step: nothing more is written.
-        no_patch(&mut patches).await;
+        cluster.no_patch().await;
 
         // The Secret rotates: both configurations follow.
         std::fs::write(&ca, "CA-2").unwrap();
-        let p = next_patch(&mut patches).await;
+        let p = cluster.next_patch().await;
         assert_eq!(p.path, MUTATING);
         assert_eq!(p.body["webhooks"].as_array().unwrap().len(), 2);
         assert_eq!(
             p.body["webhooks"][1]["clientConfig"]["caBundle"],
             b64("CA-2")
         );
-        assert_eq!(next_patch(&mut patches).await.path, VALIDATING);
-        no_patch(&mut patches).await;
+        assert_eq!(cluster.next_patch().await.path, VALIDATING);
+        cluster.no_patch().await;
+        assert_eq!(
+            cluster.bundles("mutatingwebhookconfigurations", "sluice-injector"),
+            [b64("CA-2"), b64("CA-2")]
+        );
+        assert_eq!(
+            cluster.bundles("validatingwebhookconfigurations", "sluice-validator"),
+            [b64("CA-2")]
+        );
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_missing_configuration_or_ca_file_breaks_nothing() {
         let dir = tempfile::tempdir().unwrap();
         let ca = dir.path().join("ca.crt");
-        let (client, mut patches) = cluster(
+        let mut cluster = Cluster::new(
             config(
                 "MutatingWebhookConfiguration",
                 "sluice-injector",
@@ -336,10 +383,10 @@ mod tests {
             None,
         );
         // The validating configuration does not exist, and the CA file is not there yet.
-        let _stop = start(client, &ca, true);
-        no_patch(&mut patches).await;
+        let _stop = start(cluster.api.client(), &ca, true);
+        cluster.no_patch().await;
         std::fs::write(&ca, "CA-1").unwrap();
-        let p = next_patch(&mut patches).await;
+        let p = cluster.next_patch().await;
         assert_eq!(p.path, MUTATING);
         assert_eq!(
             p.body["webhooks"][0]["clientConfig"]["caBundle"],

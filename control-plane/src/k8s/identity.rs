@@ -200,46 +200,45 @@ fn ca_from_secret(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::VecDeque;
     use std::sync::{Arc, Mutex};
 
-    use serde_json::json;
+    use http::{Method, StatusCode};
+    use serde_json::{Value, json};
 
     use super::*;
-    use crate::k8s::testing::{Reply, fake_api, status};
+    use crate::k8s::double::ApiServer;
 
-    fn review_answer(authenticated: bool, username: &str, audiences: &[&str]) -> Reply {
-        Reply::Json(
-            201,
-            json!({
-                "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
-                "metadata": {}, "spec": {},
-                "status": {
-                    "authenticated": authenticated,
-                    "user": { "username": username, "uid": "u1" },
-                    "audiences": audiences,
-                }
-            }),
-        )
+    const REVIEWS: &str = "/apis/authentication.k8s.io/v1/tokenreviews";
+
+    fn review_answer(authenticated: bool, username: &str, audiences: &[&str]) -> Value {
+        json!({
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+            "metadata": {}, "spec": {},
+            "status": {
+                "authenticated": authenticated,
+                "user": { "username": username, "uid": "u1" },
+                "audiences": audiences,
+            }
+        })
     }
 
     #[tokio::test]
     async fn token_review_accepts_a_service_account_token_for_the_mesh_audience() {
-        let (client, mut calls) = fake_api(|c| {
-            assert_eq!(
-                c.path, "/apis/authentication.k8s.io/v1/tokenreviews",
-                "{c:?}"
-            );
-            if c.body["spec"]["token"] == "good" {
+        let api = ApiServer::new();
+        api.respond("tokenreviews", |review| {
+            if review["spec"]["token"] == "good" {
                 review_answer(true, "system:serviceaccount:shop:order", &["sluice"])
             } else {
                 review_answer(false, "", &[])
             }
         });
-        let v = TokenReviewVerifier::new(client, TOKEN_AUDIENCE);
+        let v = TokenReviewVerifier::new(api.client(), TOKEN_AUDIENCE);
         let id = v.verify_async("good").await.unwrap();
         assert_eq!(id, WorkloadIdentity::new("shop", "order").unwrap());
-        let call = calls.recv().await.unwrap();
-        assert_eq!(call.method, http::Method::POST);
+        let call = api.calls().remove(0);
+        assert_eq!((call.method, call.path.as_str()), (Method::POST, REVIEWS));
+        assert_eq!(call.status, 201);
         assert_eq!(call.body["spec"]["audiences"], json!(["sluice"]));
 
         assert!(matches!(
@@ -250,31 +249,43 @@ mod tests {
 
     #[tokio::test]
     async fn token_review_refuses_other_audiences_users_and_api_failures() {
-        let answers = Arc::new(Mutex::new(vec![
+        let api = ApiServer::new();
+        let answers = Arc::new(Mutex::new(VecDeque::from([
             review_answer(true, "system:serviceaccount:shop:order", &["api"]),
             review_answer(true, "jane@example.com", &["sluice"]),
             review_answer(true, "system:serviceaccount:Shop/x:order", &["sluice"]),
-            status(500, "InternalError"),
-        ]));
+        ])));
         let a = answers.clone();
-        let (client, _calls) = fake_api(move |_| a.lock().unwrap().remove(0));
-        let v = TokenReviewVerifier::new(client, TOKEN_AUDIENCE);
-        for _ in 0..4 {
+        api.respond("tokenreviews", move |_| {
+            a.lock().unwrap().pop_front().expect("an answer")
+        });
+        let v = TokenReviewVerifier::new(api.client(), TOKEN_AUDIENCE);
+        for _ in 0..3 {
             assert!(matches!(
                 v.verify_async("t").await,
                 Err(Error::BootstrapRefused)
             ));
         }
         assert!(answers.lock().unwrap().is_empty());
+        // The API server failing is a refusal too, never an identity.
+        api.fail_next(StatusCode::INTERNAL_SERVER_ERROR, |c| c.path == REVIEWS);
+        assert!(matches!(
+            v.verify_async("t").await,
+            Err(Error::BootstrapRefused)
+        ));
+        assert_eq!(api.calls().last().unwrap().status, 500);
         // An empty token never reaches the API.
         assert!(matches!(v.review("").await, Err(Error::BootstrapRefused)));
+        assert_eq!(api.calls().len(), 4);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn blocking_verify_works_on_a_multi_threaded_runtime() {
-        let (client, _calls) =
-            fake_api(|_| review_answer(true, "system:serviceaccount:shop:log", &["sluice"]));
-        let v = TokenReviewVerifier::new(client, TOKEN_AUDIENCE);
+        let api = ApiServer::new();
+        api.respond("tokenreviews", |_| {
+            review_answer(true, "system:serviceaccount:shop:log", &["sluice"])
+        });
+        let v = TokenReviewVerifier::new(api.client(), TOKEN_AUDIENCE);
         assert_eq!(
             v.verify("t").unwrap(),
             WorkloadIdentity::new("shop", "log").unwrap()
@@ -284,7 +295,7 @@ mod tests {
         assert!(matches!(outside, Err(Error::BootstrapRefused)));
     }
 
-    fn secret_json(cert: &str, key: &str) -> serde_json::Value {
+    fn secret_json(cert: &str, key: &str) -> Value {
         // `ByteString` serialises as the base64 a Secret carries.
         let b64 = |s: &str| serde_json::to_value(ByteString(s.as_bytes().to_vec())).unwrap();
         json!({
@@ -295,29 +306,26 @@ mod tests {
         })
     }
 
+    /// `(method, status)` of every request since `after`.
+    fn requests(api: &ApiServer, after: usize) -> Vec<(String, u16)> {
+        api.calls()[after..]
+            .iter()
+            .map(|c| {
+                assert_eq!(
+                    c.path.trim_end_matches("/sluice-ca"),
+                    "/api/v1/namespaces/sluice-system/secrets"
+                );
+                (c.method.to_string(), c.status)
+            })
+            .collect()
+    }
+
     #[tokio::test]
     async fn ca_secret_is_created_when_absent_and_loaded_when_present() {
-        let stored: Arc<Mutex<Option<serde_json::Value>>> = Arc::default();
-        let s = stored.clone();
-        let (client, mut calls) = fake_api(move |c| {
-            assert_eq!(
-                c.path.trim_end_matches("/sluice-ca"),
-                "/api/v1/namespaces/sluice-system/secrets"
-            );
-            let mut s = s.lock().unwrap();
-            match (c.method.as_str(), s.as_ref()) {
-                ("GET", None) => status(404, "NotFound"),
-                ("GET", Some(v)) => Reply::Json(200, v.clone()),
-                ("POST", _) => {
-                    *s = Some(c.body.clone());
-                    Reply::Json(201, c.body.clone())
-                }
-                other => panic!("unexpected {other:?}"),
-            }
-        });
+        let api = ApiServer::new();
         let ttl = Duration::from_secs(3600);
         let first = load_or_create_ca_secret(
-            client.clone(),
+            api.client(),
             "sluice-system",
             "sluice-ca",
             "cluster.local",
@@ -325,42 +333,47 @@ mod tests {
         )
         .await
         .unwrap();
-        let methods: Vec<String> = [calls.recv().await.unwrap(), calls.recv().await.unwrap()]
-            .iter()
-            .map(|c| c.method.to_string())
-            .collect();
-        assert_eq!(methods, ["GET", "POST"]);
-        let body = stored.lock().unwrap().clone().unwrap();
-        assert_eq!(body["metadata"]["name"], "sluice-ca");
-        assert!(body["data"]["ca.key"].is_string());
+        assert_eq!(
+            requests(&api, 0),
+            [("GET".to_string(), 404), ("POST".to_string(), 201)]
+        );
+        let stored = api.get("secrets", "sluice-system", "sluice-ca").unwrap();
+        assert_eq!(
+            stored["metadata"]["labels"]["app.kubernetes.io/part-of"],
+            "sluice"
+        );
+        assert!(stored["data"]["ca.key"].is_string());
 
         // A second replica (or a restart) loads the same root and writes nothing.
-        let again =
-            load_or_create_ca_secret(client, "sluice-system", "sluice-ca", "cluster.local", ttl)
-                .await
-                .unwrap();
+        let mark = api.calls().len();
+        let again = load_or_create_ca_secret(
+            api.client(),
+            "sluice-system",
+            "sluice-ca",
+            "cluster.local",
+            ttl,
+        )
+        .await
+        .unwrap();
         assert_eq!(first.root_der(), again.root_der());
-        assert_eq!(calls.recv().await.unwrap().method, http::Method::GET);
-        assert!(calls.try_recv().is_err());
+        assert_eq!(requests(&api, mark), [("GET".to_string(), 200)]);
     }
 
     #[tokio::test]
     async fn losing_the_create_race_uses_the_winners_root() {
         let (winner_cert, winner_key) = Ca::generate_pem("cluster.local").unwrap();
         let winner = secret_json(&winner_cert, &winner_key);
-        let mut gets = 0;
-        let (client, _calls) = fake_api(move |c| match c.method.as_str() {
-            // Absent when first asked; the other replica creates it meanwhile.
-            "GET" if gets == 0 => {
-                gets += 1;
-                status(404, "NotFound")
+        let api = ApiServer::new();
+        // Absent when first asked; the other replica creates it just before our create.
+        api.before_each(move |c, api| {
+            if c.method == Method::POST
+                && api.get("secrets", "sluice-system", "sluice-ca").is_none()
+            {
+                api.put(winner.clone());
             }
-            "GET" => Reply::Json(200, winner.clone()),
-            "POST" => status(409, "AlreadyExists"),
-            other => panic!("unexpected {other}"),
         });
         let ca = load_or_create_ca_secret(
-            client,
+            api.client(),
             "sluice-system",
             "sluice-ca",
             "cluster.local",
@@ -369,6 +382,14 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(ca.root_pem(), winner_cert);
+        assert_eq!(
+            requests(&api, 0),
+            [
+                ("GET".to_string(), 404),
+                ("POST".to_string(), 409),
+                ("GET".to_string(), 200)
+            ]
+        );
     }
 
     #[tokio::test]
@@ -376,12 +397,10 @@ mod tests {
         let (cert, _key) = Ca::generate_pem("cluster.local").unwrap();
         let mut broken = secret_json(&cert, "x");
         broken["data"].as_object_mut().unwrap().remove("ca.key");
-        let (client, _calls) = fake_api(move |c| {
-            assert_eq!(c.method, http::Method::GET, "nothing is written");
-            Reply::Json(200, broken.clone())
-        });
+        let api = ApiServer::new();
+        api.put(broken.clone());
         let err = load_or_create_ca_secret(
-            client,
+            api.client(),
             "sluice-system",
             "sluice-ca",
             "cluster.local",
@@ -390,5 +409,12 @@ mod tests {
         .await
         .unwrap_err();
         assert!(err.to_string().contains("no \"ca.key\" entry"), "{err}");
+        assert_eq!(
+            requests(&api, 0),
+            [("GET".to_string(), 200)],
+            "nothing is written"
+        );
+        let stored = api.get("secrets", "sluice-system", "sluice-ca").unwrap();
+        assert_eq!(stored["data"], broken["data"]);
     }
 }

@@ -195,58 +195,21 @@ async fn release(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<(), kube::Error>
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::k8s::testing::{Reply, fake_api, status};
+    use crate::k8s::double::ApiServer;
 
-    /// A fake Lease store with resourceVersion checks, as the API server has them.
-    fn lease_server(initial: Option<Value>) -> (Client, Arc<Mutex<Option<Value>>>) {
-        let store = Arc::new(Mutex::new(initial));
-        let s = store.clone();
-        let (client, _calls) = fake_api(move |c| {
-            assert!(
-                c.path
-                    .starts_with("/apis/coordination.k8s.io/v1/namespaces/sluice-system/leases"),
-                "{c:?}"
-            );
-            let mut cur = s.lock().unwrap();
-            match c.method.as_str() {
-                "GET" => match cur.as_ref() {
-                    Some(v) => Reply::Json(200, v.clone()),
-                    None => status(404, "NotFound"),
-                },
-                "POST" if cur.is_some() => status(409, "AlreadyExists"),
-                "POST" | "PUT" => {
-                    let rv = cur
-                        .as_ref()
-                        .map(|v| v["metadata"]["resourceVersion"].clone());
-                    if c.method == "PUT"
-                        && rv != Some(c.body["metadata"]["resourceVersion"].clone())
-                    {
-                        return status(409, "Conflict");
-                    }
-                    let next = rv
-                        .and_then(|v| v.as_str().and_then(|s| s.parse::<u64>().ok()))
-                        .unwrap_or(0)
-                        + 1;
-                    let mut v = c.body.clone();
-                    v["metadata"]["resourceVersion"] = json!(next.to_string());
-                    *cur = Some(v.clone());
-                    Reply::Json(200, v)
-                }
-                other => panic!("unexpected {other}"),
-            }
-        });
-        (client, store)
+    /// The Lease as stored in the API double.
+    fn stored(api: &ApiServer) -> Value {
+        api.get("leases", "sluice-system", "sluice-control-plane")
+            .expect("the Lease exists")
     }
 
     fn held_by(holder: &str) -> Value {
         json!({
             "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-            "metadata": { "name": "sluice-control-plane", "namespace": "sluice-system", "resourceVersion": "7" },
+            "metadata": { "name": "sluice-control-plane", "namespace": "sluice-system" },
             "spec": { "holderIdentity": holder, "leaseDurationSeconds": 15,
                       "renewTime": "2026-01-01T00:00:00.000000Z" }
         })
@@ -258,38 +221,43 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn first_replica_creates_the_lease_and_leads_until_shutdown() {
-        let (client, store) = lease_server(None);
+        let api = ApiServer::new();
         let (tx, mut rx) = watch::channel(false);
         let (stop_tx, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(run(client, cfg("cp-a"), tx, stop_rx));
+        let task = tokio::spawn(run(api.client(), cfg("cp-a"), tx, stop_rx));
         rx.wait_for(|l| *l).await.unwrap();
-        assert_eq!(
-            store.lock().unwrap().as_ref().unwrap()["spec"]["holderIdentity"],
-            "cp-a"
-        );
+        assert_eq!(stored(&api)["spec"]["holderIdentity"], "cp-a");
+        let created = stored(&api)["metadata"]["resourceVersion"].clone();
         // Renewals keep it.
         tokio::time::sleep(Duration::from_secs(60)).await;
         assert!(*rx.borrow());
+        assert_ne!(
+            stored(&api)["metadata"]["resourceVersion"],
+            created,
+            "renewed"
+        );
         stop_tx.send(true).unwrap();
         task.await.unwrap();
         assert!(!*rx.borrow());
         // Released: the next replica need not wait for expiry.
-        assert!(store.lock().unwrap().as_ref().unwrap()["spec"]["holderIdentity"].is_null());
+        assert!(stored(&api)["spec"]["holderIdentity"].is_null());
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_follower_waits_for_a_live_holder_and_takes_over_a_stale_one() {
-        let (client, store) = lease_server(Some(held_by("cp-other")));
+        let api = ApiServer::new();
+        api.put(held_by("cp-other"));
         let (tx, mut rx) = watch::channel(false);
         let (_stop_tx, stop_rx) = watch::channel(false);
         let start = Instant::now();
-        tokio::spawn(run(client, cfg("cp-b"), tx, stop_rx));
+        tokio::spawn(run(api.client(), cfg("cp-b"), tx, stop_rx));
         // The holder keeps renewing for a while: we must not take it.
         for i in 0..10 {
             tokio::time::sleep(Duration::from_secs(3)).await;
             assert!(!*rx.borrow(), "took a live lease after {i} renewals");
-            store.lock().unwrap().as_mut().unwrap()["spec"]["renewTime"] =
-                json!(format!("2026-01-01T00:00:{:02}.000000Z", i + 1));
+            let mut renewed = stored(&api);
+            renewed["spec"]["renewTime"] = json!(format!("2026-01-01T00:00:{:02}.000000Z", i + 1));
+            api.put(renewed);
         }
         // Then it stops renewing: after the lease duration it is ours.
         let stopped = Instant::now();
@@ -304,8 +272,46 @@ mod tests {
             "took over after {waited:?}"
         );
         assert!(start.elapsed() > Duration::from_secs(30));
-        let lease = store.lock().unwrap().clone().unwrap();
+        let lease = stored(&api);
         assert_eq!(lease["spec"]["holderIdentity"], "cp-b");
         assert_eq!(lease["spec"]["leaseTransitions"], 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn two_replicas_starting_together_elect_one() {
+        let api = ApiServer::new();
+        let (a_tx, a) = watch::channel(false);
+        let (b_tx, b) = watch::channel(false);
+        let (_stop_tx, stop_rx) = watch::channel(false);
+        tokio::spawn(run(api.client(), cfg("cp-a"), a_tx, stop_rx.clone()));
+        tokio::spawn(run(api.client(), cfg("cp-b"), b_tx, stop_rx));
+        let mut leader = None;
+        for _ in 0..120 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            let (a, b) = (*a.borrow(), *b.borrow());
+            assert!(!(a && b), "two leaders");
+            let now = if a {
+                Some("cp-a")
+            } else if b {
+                Some("cp-b")
+            } else {
+                None
+            };
+            if leader.is_some() {
+                assert_eq!(now, leader, "the leader keeps the Lease while it renews");
+            }
+            leader = leader.or(now);
+        }
+        let leader = leader.expect("a leader");
+        assert_eq!(stored(&api)["spec"]["holderIdentity"], leader);
+        // A create that lost the race was refused by the store.
+        let creates: Vec<u16> = api
+            .calls()
+            .iter()
+            .filter(|c| c.method == http::Method::POST)
+            .map(|c| c.status)
+            .collect();
+        assert_eq!(creates[0], 201);
+        assert!(creates[1..].iter().all(|c| *c == 409), "{creates:?}");
     }
 }

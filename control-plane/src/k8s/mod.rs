@@ -66,7 +66,9 @@
 //!   TokenReview (audience `sluice`), instead of a token file.
 //! - `--webhook-ca FILE` (`SLUICE_WEBHOOK_CA`) with `--mutating-webhook-config NAME`
 //!   and/or `--validating-webhook-config NAME`: keep those configurations'
-//!   `caBundle` equal to the CA in FILE (the webhook Secret's `ca.crt`).
+//!   `caBundle` equal to the CA in FILE (the webhook Secret's `ca.crt`). When the
+//!   mesh CA issues the webhook's certificate (`--webhook` without
+//!   `--webhook-cert`), the bundle is the mesh root and no FILE is needed.
 //! - `--trust-root-configmap NAME` (`SLUICE_TRUST_ROOT_CONFIGMAP`): keep the mesh
 //!   root in a ConfigMap of this name in every namespace, and have the injection
 //!   webhook mount it into the proxies it adds.
@@ -81,8 +83,6 @@ pub mod trust_root;
 
 #[cfg(any(test, feature = "test-support"))]
 pub mod double;
-#[cfg(any(test, feature = "test-support"))]
-pub mod testing;
 
 use std::fmt;
 use std::path::PathBuf;
@@ -272,21 +272,13 @@ pub struct KubeArgs {
     /// into the named webhook configurations' `caBundle`.
     #[arg(long, env = "SLUICE_WEBHOOK_CA", value_name = "FILE")]
     pub webhook_ca: Option<PathBuf>,
-    /// MutatingWebhookConfiguration whose `caBundle` follows `--webhook-ca`.
-    #[arg(
-        long,
-        env = "SLUICE_MUTATING_WEBHOOK_CONFIG",
-        value_name = "NAME",
-        requires = "webhook_ca"
-    )]
+    /// MutatingWebhookConfiguration whose `caBundle` follows `--webhook-ca` (or
+    /// the mesh root, when the mesh CA issues the webhook's certificate).
+    #[arg(long, env = "SLUICE_MUTATING_WEBHOOK_CONFIG", value_name = "NAME")]
     pub mutating_webhook_config: Option<String>,
-    /// ValidatingWebhookConfiguration whose `caBundle` follows `--webhook-ca`.
-    #[arg(
-        long,
-        env = "SLUICE_VALIDATING_WEBHOOK_CONFIG",
-        value_name = "NAME",
-        requires = "webhook_ca"
-    )]
+    /// ValidatingWebhookConfiguration whose `caBundle` follows `--webhook-ca` (or
+    /// the mesh root, as above).
+    #[arg(long, env = "SLUICE_VALIDATING_WEBHOOK_CONFIG", value_name = "NAME")]
     pub validating_webhook_config: Option<String>,
 }
 
@@ -342,14 +334,24 @@ impl KubeArgs {
             })
     }
 
-    /// `--webhook-ca` with the configurations whose `caBundle` follows it.
-    pub fn webhook_bundles(&self, client: &Client) -> Option<ca_bundle::WebhookBundles> {
+    /// `--webhook-ca` (or, when the mesh CA issues the webhook's certificate,
+    /// `mesh_root`) with the configurations whose `caBundle` follows it.
+    pub fn webhook_bundles(
+        &self,
+        client: &Client,
+        mesh_root: Option<&str>,
+    ) -> Option<ca_bundle::WebhookBundles> {
         if self.mutating_webhook_config.is_none() && self.validating_webhook_config.is_none() {
             return None;
         }
+        let ca = match (&self.webhook_ca, mesh_root) {
+            (Some(file), _) => ca_bundle::BundleSource::File(file.clone()),
+            (None, Some(pem)) => ca_bundle::BundleSource::MeshRoot(pem.to_string()),
+            (None, None) => return None,
+        };
         Some(ca_bundle::WebhookBundles {
             client: client.clone(),
-            ca_file: self.webhook_ca.clone()?,
+            ca,
             mutating: self.mutating_webhook_config.clone(),
             validating: self.validating_webhook_config.clone(),
         })

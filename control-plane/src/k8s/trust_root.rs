@@ -240,130 +240,127 @@ async fn apply(client: &Client, name: &str, ns: &str, pem: &str) -> Result<(), k
 
 #[cfg(test)]
 mod tests {
-    use std::sync::{Arc, Mutex};
-
+    use http::{Method, StatusCode};
     use serde_json::{Value, json};
-    use tokio::sync::mpsc;
 
     use super::*;
-    use crate::k8s::testing::{Call, Reply, fake_api, status};
+    use crate::k8s::double::ApiServer;
 
     const ROOT: &str = "-----BEGIN CERTIFICATE-----\nroot\n-----END CERTIFICATE-----\n";
     const NAME: &str = "sluice-trust-root";
 
     fn namespace(name: &str, phase: &str) -> Value {
         json!({"apiVersion": "v1", "kind": "Namespace",
-               "metadata": {"name": name, "resourceVersion": "1"},
+               "metadata": {"name": name},
                "status": {"phase": phase}})
     }
 
     fn configmap(ns: &str, pem: &str) -> Value {
         json!({"apiVersion": "v1", "kind": "ConfigMap",
-               "metadata": {"name": NAME, "namespace": ns, "resourceVersion": "1"},
+               "metadata": {"name": NAME, "namespace": ns},
                "data": {TRUST_ROOT_KEY: pem}})
     }
 
-    fn list(kind: &str, items: Vec<Value>) -> Reply {
-        Reply::Json(
-            200,
-            json!({"kind": kind, "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": items}),
-        )
-    }
-
-    /// A fake cluster: the two watches the test feeds, and the applies it receives.
+    /// The API double with the publisher running against it.
     struct Cluster {
-        ns_events: mpsc::UnboundedSender<Value>,
-        cm_events: mpsc::UnboundedSender<Value>,
-        applies: mpsc::UnboundedReceiver<Call>,
+        api: ApiServer,
+        /// Requests already looked at.
+        seen: usize,
         _shutdown: watch::Sender<bool>,
     }
 
     impl Cluster {
-        /// Namespaces and ConfigMaps as first listed; applies to a namespace in
-        /// `failing` answer 500 the first time.
+        /// Namespaces and ConfigMaps as they are at start; applies to a
+        /// namespace in `failing` answer 500 the first time.
         fn start(namespaces: Vec<Value>, configmaps: Vec<Value>, failing: &[&str]) -> Self {
-            let (ns_tx, ns_rx) = mpsc::unbounded_channel();
-            let (cm_tx, cm_rx) = mpsc::unbounded_channel();
-            let (apply_tx, applies) = mpsc::unbounded_channel();
-            let mut ns_rx = Some(ns_rx);
-            let mut cm_rx = Some(cm_rx);
-            let failing: Arc<Mutex<Vec<String>>> =
-                Arc::new(Mutex::new(failing.iter().map(|s| s.to_string()).collect()));
-            let (client, _calls) = fake_api(move |c| {
-                if c.path == "/api/v1/namespaces" {
-                    return match (c.is_watch(), ns_rx.take_if(|_| c.is_watch())) {
-                        (true, Some(rx)) => Reply::Stream(rx),
-                        (true, None) => Reply::Hang,
-                        (false, _) => list("NamespaceList", namespaces.clone()),
-                    };
-                }
-                if c.path == "/api/v1/configmaps" {
-                    assert!(
-                        c.query
-                            .contains(&format!("fieldSelector=metadata.name%3D{NAME}")),
-                        "ConfigMaps are watched by name only: {}",
-                        c.query
-                    );
-                    return match (c.is_watch(), cm_rx.take_if(|_| c.is_watch())) {
-                        (true, Some(rx)) => Reply::Stream(rx),
-                        (true, None) => Reply::Hang,
-                        (false, _) => list("ConfigMapList", configmaps.clone()),
-                    };
-                }
-                if c.method == http::Method::PATCH {
-                    let ns = c.body["metadata"]["namespace"]
-                        .as_str()
-                        .unwrap_or("")
-                        .to_string();
-                    let _ = apply_tx.send(c.clone());
-                    let mut failing = failing.lock().unwrap();
-                    if let Some(i) = failing.iter().position(|f| *f == ns) {
-                        failing.remove(i);
-                        return status(500, "InternalError");
-                    }
-                    return Reply::Json(200, c.body.clone());
-                }
-                status(404, "NotFound")
-            });
+            let api = ApiServer::new();
+            for ns in namespaces {
+                set_namespace(&api, ns);
+            }
+            for cm in configmaps {
+                api.put(cm);
+            }
+            for ns in failing {
+                let path = format!("/api/v1/namespaces/{ns}/configmaps/{NAME}");
+                api.fail_next(StatusCode::INTERNAL_SERVER_ERROR, move |c| {
+                    c.method == Method::PATCH && c.path == path
+                });
+            }
             let (shutdown, rx) = watch::channel(false);
-            tokio::spawn(publish(client, NAME.to_string(), ROOT.to_string(), rx));
+            tokio::spawn(publish(
+                api.client(),
+                NAME.to_string(),
+                ROOT.to_string(),
+                rx,
+            ));
             Self {
-                ns_events: ns_tx,
-                cm_events: cm_tx,
-                applies,
+                api,
+                seen: 0,
                 _shutdown: shutdown,
             }
         }
 
-        /// The namespace of the next apply, after checking it is the whole object.
+        /// The namespace of the next apply, after checking it is the whole object
+        /// under its field manager, and that ConfigMaps are read by name only.
         async fn next_apply(&mut self) -> String {
-            let c = tokio::time::timeout(Duration::from_secs(300), self.applies.recv())
-                .await
-                .expect("an apply")
-                .expect("the fake API is running");
+            let (i, c) = tokio::time::timeout(
+                Duration::from_secs(300),
+                self.api.wait_call(self.seen, |c| c.method == Method::PATCH),
+            )
+            .await
+            .expect("an apply");
+            self.check_reads(i);
+            self.seen = i + 1;
             let ns = c.body["metadata"]["namespace"]
                 .as_str()
                 .unwrap()
                 .to_string();
             assert_eq!(c.path, format!("/api/v1/namespaces/{ns}/configmaps/{NAME}"));
-            assert!(
-                c.query.contains("fieldManager=sluice-control-plane"),
-                "{}",
-                c.query
-            );
-            assert!(c.query.contains("force=true"), "{}", c.query);
+            assert_eq!(c.content_type, "application/apply-patch+yaml");
+            assert_eq!(c.param("fieldManager"), Some("sluice-control-plane"));
+            assert_eq!(c.param("force"), Some("true"));
             assert_eq!(c.body["apiVersion"], "v1");
             assert_eq!(c.body["kind"], "ConfigMap");
             assert_eq!(c.body["metadata"]["name"], NAME);
             assert_eq!(c.body["data"][TRUST_ROOT_KEY], ROOT);
+            if c.status == 200 || c.status == 201 {
+                let stored = self.api.get("configmaps", &ns, NAME).unwrap();
+                assert_eq!(stored["data"][TRUST_ROOT_KEY], ROOT);
+            }
             ns
         }
 
         /// No apply arrives while the publisher has nothing left to do.
         async fn no_apply(&mut self) {
-            let r = tokio::time::timeout(Duration::from_secs(5), self.applies.recv()).await;
-            assert!(r.is_err(), "unexpected apply: {r:?}");
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            let calls = self.api.calls();
+            let applies: Vec<_> = calls[self.seen..]
+                .iter()
+                .filter(|c| c.method == Method::PATCH)
+                .collect();
+            assert!(applies.is_empty(), "unexpected apply: {applies:?}");
+            self.check_reads(calls.len());
+            self.seen = calls.len();
         }
+
+        /// ConfigMaps among the first `upto` requests are listed and watched by name.
+        fn check_reads(&self, upto: usize) {
+            for c in &self.api.calls()[..upto] {
+                if c.path == "/api/v1/configmaps" {
+                    assert_eq!(
+                        c.param("fieldSelector"),
+                        Some(format!("metadata.name={NAME}").as_str()),
+                        "ConfigMaps are watched by name only"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Creates or updates a Namespace, its phase included.
+    fn set_namespace(api: &ApiServer, ns: Value) {
+        api.put(ns.clone());
+        api.put_status(ns);
     }
 
     #[tokio::test(start_paused = true)]
@@ -382,48 +379,35 @@ mod tests {
         assert_eq!(cluster.next_apply().await, "default");
         cluster.no_apply().await;
 
-        // A new namespace gets it at once.
-        cluster
-            .ns_events
-            .send(json!({"type": "ADDED", "object": namespace("billing", "Active")}))
-            .unwrap();
+        // A new namespace gets it at once; the stored ConfigMap then satisfies it.
+        set_namespace(&cluster.api, namespace("billing", "Active"));
         assert_eq!(cluster.next_apply().await, "billing");
-        cluster
-            .cm_events
-            .send(json!({"type": "ADDED", "object": configmap("billing", ROOT)}))
-            .unwrap();
         cluster.no_apply().await;
 
         // Deleted or edited by hand: written back.
-        cluster
-            .cm_events
-            .send(json!({"type": "DELETED", "object": configmap("shop", ROOT)}))
-            .unwrap();
+        assert!(cluster.api.remove(&configmap("shop", ROOT)));
         assert_eq!(cluster.next_apply().await, "shop");
-        cluster
-            .cm_events
-            .send(json!({"type": "MODIFIED", "object": configmap("billing", "edited")}))
-            .unwrap();
+        cluster.api.put(configmap("billing", "edited"));
         assert_eq!(cluster.next_apply().await, "billing");
+        cluster.no_apply().await;
 
         // A namespace going away is left alone.
-        cluster
-            .ns_events
-            .send(json!({"type": "MODIFIED", "object": namespace("billing", "Terminating")}))
-            .unwrap();
+        set_namespace(&cluster.api, namespace("billing", "Terminating"));
         // The two watches are separate streams: let the namespace's event land first.
         cluster.no_apply().await;
-        cluster
-            .cm_events
-            .send(json!({"type": "DELETED", "object": configmap("billing", ROOT)}))
-            .unwrap();
+        assert!(cluster.api.remove(&configmap("billing", ROOT)));
         cluster.no_apply().await;
+        assert!(cluster.api.get("configmaps", "billing", NAME).is_none());
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_failed_write_is_retried_later() {
         let mut cluster = Cluster::start(vec![namespace("shop", "Active")], vec![], &["shop"]);
         assert_eq!(cluster.next_apply().await, "shop");
+        assert!(
+            cluster.api.get("configmaps", "shop", NAME).is_none(),
+            "refused"
+        );
         // Not hammered: the retry waits for the tick.
         let before = tokio::time::Instant::now();
         assert_eq!(cluster.next_apply().await, "shop");

@@ -1,7 +1,7 @@
 //! An injected pod's proxy, started the way the kubelet would start it: the
 //! webhook's patch gives it the control plane's `https://` URL, the projected
-//! token and the trust-root ConfigMap the control plane publishes (here through
-//! kube-rs's mock client, since no API server runs here). With exactly that
+//! token and the trust-root ConfigMap the control plane publishes (here into the
+//! stateful API double, since no API server runs here). With exactly that
 //! environment and those files, the real proxy binary must verify the control
 //! plane's TLS gRPC port, get its certificate and receive the mesh's policies.
 
@@ -16,10 +16,9 @@ use serde_json::{Value, json};
 use sluice_control_plane::ca::{Ca, TokenFile};
 use sluice_control_plane::inject::{Decision, InjectConfig, PROXY_CONTAINER, decide};
 use sluice_control_plane::k8s::PublishTrustRoot;
-use sluice_control_plane::k8s::testing::{Reply, fake_api};
+use sluice_control_plane::k8s::double::ApiServer;
 use sluice_control_plane::{ControlPlaneConfig, IdentityConfig, RunningControlPlane};
 use sluice_e2e::{HttpConn, WAIT, wait_until};
-use tokio::sync::mpsc;
 
 const CONFIGMAP: &str = "sluice-trust-root";
 const TOKEN: &str = "projected-token-of-orders";
@@ -34,31 +33,15 @@ spec:
     - name: all
 "#;
 
-/// A control plane with its CA whose root it publishes through a fake API with
-/// one namespace, `shop`; returns it and the ConfigMaps it applied.
-async fn control_plane(dir: &Path) -> (RunningControlPlane, mpsc::UnboundedReceiver<Value>) {
-    let (applied_tx, applied) = mpsc::unbounded_channel();
-    let (client, _calls) = fake_api(move |c| {
-        let list = |kind: &str, items: Value| {
-            Reply::Json(
-                200,
-                json!({"kind": kind, "apiVersion": "v1", "metadata": {"resourceVersion": "1"}, "items": items}),
-            )
-        };
-        match (c.method.as_str(), c.path.as_str(), c.is_watch()) {
-            (_, _, true) => Reply::Hang,
-            ("GET", "/api/v1/namespaces", _) => list(
-                "NamespaceList",
-                json!([{"metadata": {"name": "shop", "resourceVersion": "1"}, "status": {"phase": "Active"}}]),
-            ),
-            ("GET", "/api/v1/configmaps", _) => list("ConfigMapList", json!([])),
-            ("PATCH", _, _) => {
-                let _ = applied_tx.send(c.body.clone());
-                Reply::Json(200, c.body.clone())
-            }
-            _ => panic!("unexpected API call {c:?}"),
-        }
-    });
+/// A control plane with its CA whose root it publishes into the API double,
+/// which holds one namespace, `shop`; returns it and the double.
+async fn control_plane(dir: &Path) -> (RunningControlPlane, ApiServer) {
+    let api = ApiServer::new();
+    let shop = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "shop"},
+                      "status": {"phase": "Active"}});
+    api.put(shop.clone());
+    api.put_status(shop);
+    let client = api.client();
     let policies = dir.join("policies");
     std::fs::create_dir_all(&policies).unwrap();
     std::fs::write(policies.join("log.yaml"), POLICY).unwrap();
@@ -80,7 +63,7 @@ async fn control_plane(dir: &Path) -> (RunningControlPlane, mpsc::UnboundedRecei
     })
     .await
     .unwrap();
-    (cp, applied)
+    (cp, api)
 }
 
 /// The order service's pod as its Deployment creates it.
@@ -185,14 +168,15 @@ async fn admin_get(admin: std::net::SocketAddr, path: &str) -> Option<(StatusCod
 #[tokio::test]
 async fn an_injected_proxy_verifies_the_control_plane_with_the_published_root() {
     let dir = tempfile::tempdir().unwrap();
-    let (cp, mut applied) = control_plane(dir.path()).await;
+    let (cp, api) = control_plane(dir.path()).await;
 
     // What the control plane published into the pod's namespace.
-    let configmap = tokio::time::timeout(WAIT, applied.recv())
-        .await
-        .expect("the root is published")
-        .unwrap();
-    assert_eq!(configmap["metadata"]["namespace"], "shop");
+    wait_until("the root is published", WAIT, || {
+        let found = api.get("configmaps", "shop", CONFIGMAP).is_some();
+        async move { found }
+    })
+    .await;
+    let configmap = api.get("configmaps", "shop", CONFIGMAP).unwrap();
     assert_eq!(
         configmap["data"]["root.pem"].as_str(),
         cp.trust_root_pem(),

@@ -234,3 +234,95 @@ async fn the_binary_with_source_kubernetes_runs_against_an_api_over_http() {
     assert!(lease["spec"]["holderIdentity"].is_null(), "{lease}");
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_serves_its_webhook_with_a_mesh_ca_certificate_and_publishes_the_root_as_ca_bundle()
+ {
+    let api = ApiServer::new();
+    api.put(json!({
+        "apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+        "metadata": { "name": "sluice-injector" },
+        "webhooks": [{ "name": "pod.inject.sluice.dev", "sideEffects": "None",
+                       "admissionReviewVersions": ["v1"],
+                       "clientConfig": { "service": { "name": "sluice", "namespace": "sluice-system" } } }],
+    }));
+    let dir = tempfile::tempdir().unwrap();
+    let served = api.serve(dir.path()).await.unwrap();
+    let policies = dir.path().join("policies");
+    std::fs::create_dir_all(&policies).unwrap();
+    // No --webhook-cert: the mesh CA (kept in the Secret) issues the webhook's.
+    let mut cp = ChildControlPlane::spawn(
+        env!("CARGO_BIN_EXE_e2e-control-plane").as_ref(),
+        &[
+            ("KUBECONFIG", served.kubeconfig.to_str().unwrap()),
+            ("SLUICE_POLICY_DIR", policies.to_str().unwrap()),
+            ("SLUICE_CA_SECRET", "sluice-ca"),
+            ("SLUICE_WEBHOOK", "127.0.0.1:0"),
+            ("SLUICE_MUTATING_WEBHOOK_CONFIG", "sluice-injector"),
+            ("SLUICE_SERVER_CERT_LIFETIME", "4s"),
+        ],
+        &[],
+    )
+    .await;
+
+    let bytes = |v: &Value| -> Vec<u8> {
+        serde_json::from_value::<k8s_openapi::ByteString>(v.clone())
+            .map(|b| b.0)
+            .unwrap_or_default()
+    };
+    let mut bundle = Vec::new();
+    wait_until("the caBundle is the root in the CA Secret", WAIT, || {
+        let root = api
+            .get("secrets", "sluice-system", "sluice-ca")
+            .map(|s| bytes(&s["data"]["ca.crt"]));
+        let now = api
+            .get("mutatingwebhookconfigurations", "", "sluice-injector")
+            .map(|c| bytes(&c["webhooks"][0]["clientConfig"]["caBundle"]));
+        let done = root.is_some() && root == now;
+        if done {
+            bundle = now.unwrap();
+        }
+        async move { done }
+    })
+    .await;
+    let mut addr: Option<SocketAddr> = None;
+    wait_until("the webhook listens", WAIT, || {
+        addr = cp.log().lines().find_map(|l| {
+            let rest = l.split("injection webhook listening").nth(1)?;
+            rest.split("addr=")
+                .nth(1)?
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        });
+        async move { addr.is_some() }
+    })
+    .await;
+    let addr = addr.unwrap();
+
+    // The API server's view: trusting only the caBundle, across a renewal.
+    let (mut first, leaf) = HttpConn::h1_tls(addr, &bundle, "localhost")
+        .await
+        .expect("a TLS handshake the caBundle verifies");
+    sluice_e2e::admit(&mut first).await;
+    let renewed = std::sync::Mutex::new(None);
+    wait_until("a renewed webhook certificate", WAIT, || {
+        let (bundle, leaf, renewed) = (bundle.clone(), leaf.clone(), &renewed);
+        async move {
+            let (conn, now) = HttpConn::h1_tls(addr, &bundle, "localhost")
+                .await
+                .expect("a TLS handshake the caBundle verifies");
+            if now == leaf {
+                return false;
+            }
+            *renewed.lock().unwrap() = Some(conn);
+            true
+        }
+    })
+    .await;
+    sluice_e2e::admit(&mut renewed.into_inner().unwrap().unwrap()).await;
+    sluice_e2e::admit(&mut first).await;
+    let exit = cp.terminate(WAIT).await;
+    assert!(exit.success(), "{exit}\n{}", cp.log());
+}

@@ -77,6 +77,9 @@ type Responder = Box<dyn FnMut(&Value) -> Value + Send>;
 /// Runs just before a request is handled (to stage a concurrent writer).
 type BeforeHook = Box<dyn FnMut(&ApiCall, &ApiServer) + Send>;
 
+/// Picks a request to fail.
+type FailWhen = Box<dyn FnMut(&ApiCall) -> bool + Send>;
+
 struct Watcher {
     plural: &'static str,
     namespace: Option<String>,
@@ -97,6 +100,8 @@ struct State {
     watchers: Vec<Watcher>,
     calls: Vec<ApiCall>,
     responders: BTreeMap<&'static str, Responder>,
+    /// Requests to answer with an error status instead, each once.
+    failures: Vec<(FailWhen, StatusCode)>,
     uid: u64,
     /// Gateway API's CRDs are installed (HTTPRoute, ReferenceGrant); without,
     /// their URLs are 404 as on a cluster without them.
@@ -241,6 +246,34 @@ impl ApiServer {
         }
     }
 
+    /// Writes `obj`'s status through the status subresource, as the object's
+    /// controller would (a Namespace's phase, a Pod's conditions); returns it as
+    /// stored. Panics when the object does not exist.
+    pub fn put_status(&self, obj: Value) -> Value {
+        let kind = kind_of(&obj).expect("a kind the double serves");
+        assert!(kind.status_subresource, "{} has no status", kind.plural);
+        let key: Key = (
+            kind.plural,
+            obj["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+            obj["metadata"]["name"].as_str().unwrap_or("").to_string(),
+        );
+        let mut st = self.lock();
+        let old = st.objects.get(&key).cloned().expect("the object exists");
+        let mut new = obj;
+        new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
+        let result = st.update(kind, key, old, new, true);
+        drop(st);
+        self.changed.notify_waiters();
+        match result {
+            Answer::Json(code, v) if code.is_success() => v,
+            Answer::Json(_, v) => panic!("the API refused the status: {v}"),
+            Answer::Watch(_) => unreachable!(),
+        }
+    }
+
     /// Deletes an object like `obj` (kind, namespace, name); whether it existed.
     pub fn remove(&self, obj: &Value) -> bool {
         let kind = kind_of(obj).expect("a kind the double serves");
@@ -315,6 +348,12 @@ impl ApiServer {
     /// with `f(body)`.
     pub fn respond(&self, plural: &'static str, f: impl FnMut(&Value) -> Value + Send + 'static) {
         self.lock().responders.insert(plural, Box::new(f));
+    }
+
+    /// Answers the next request that satisfies `f` with a `code` Status instead
+    /// of handling it (an API server or etcd in trouble); once.
+    pub fn fail_next(&self, code: StatusCode, f: impl FnMut(&ApiCall) -> bool + Send + 'static) {
+        self.lock().failures.push((Box::new(f), code));
     }
 
     /// Runs `f` just before each request is handled, with the request as it came.
@@ -393,7 +432,20 @@ impl ApiServer {
         {
             hook(&call, self);
         }
-        let answer = self.lock().answer(&call, body);
+        let answer = {
+            let mut st = self.lock();
+            match st.failures.iter_mut().position(|(f, _)| f(&call)) {
+                Some(i) => {
+                    let (_, code) = st.failures.remove(i);
+                    status(
+                        code,
+                        code.canonical_reason().unwrap_or("Failure"),
+                        "injected by the test",
+                    )
+                }
+                None => st.answer(&call, body),
+            }
+        };
         call.status = match &answer {
             Answer::Json(code, _) => code.as_u16(),
             Answer::Watch(_) => 200,
