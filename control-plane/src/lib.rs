@@ -345,11 +345,12 @@ impl Shared {
     /// Re-reads the policy directory and publishes the mesh's set if its hash
     /// changed. Called from the watcher thread and once at start.
     pub(crate) fn reload(&self) {
-        let services = self
-            .endpoints
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .service_ports();
+        let services = {
+            let endpoints = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+            endpoints
+                .services_known()
+                .then(|| endpoints.service_ports())
+        };
         let mut source = self.source.lock().unwrap_or_else(|e| e.into_inner());
         if let PolicySource::Kubernetes(k) = &mut *source {
             k.gateway.set_services(services);

@@ -128,6 +128,11 @@ impl ServiceEndpoints {
         !self.enabled || (self.synced && self.services_synced)
     }
 
+    /// Whether the Services have been listed once (or found unreadable).
+    pub(crate) fn services_known(&self) -> bool {
+        self.services_synced
+    }
+
     /// Every Service's ports (shared, cheap to clone); `None` when they cannot be read.
     pub(crate) fn service_ports(&self) -> Option<Arc<BTreeMap<(String, String), ServiceInfo>>> {
         (!self.services_unreadable).then(|| self.service_ports.clone())

@@ -70,6 +70,9 @@ pub(crate) struct GatewayRoutes {
     installed: Option<bool>,
     routes_synced: bool,
     grants_synced: bool,
+    /// The Services have been listed once (or found unreadable): until then a parent or
+    /// backend Service missing from `services` may only be not listed yet.
+    services_known: bool,
     routes: BTreeMap<Key, RouteState>,
     grants: Vec<ReferenceGrant>,
     /// Every Service's ports; `None` when they cannot be read (references are then
@@ -91,7 +94,7 @@ impl GatewayRoutes {
         match self.installed {
             None => false,
             Some(false) => true,
-            Some(true) => self.routes_synced && self.grants_synced,
+            Some(true) => self.routes_synced && self.grants_synced && self.services_known,
         }
     }
 
@@ -104,9 +107,13 @@ impl GatewayRoutes {
         }
     }
 
-    /// Takes in the Services' ports (from endpoint discovery).
-    pub(crate) fn set_services(&mut self, services: Option<Arc<BTreeMap<Key, ServiceInfo>>>) {
-        self.services = services;
+    /// Takes in the Services' ports (from endpoint discovery): `None` while the Services
+    /// have not been listed yet, which keeps every HTTPRoute verdict (and status) back.
+    pub(crate) fn set_services(&mut self, known: Option<Option<Arc<BTreeMap<Key, ServiceInfo>>>>) {
+        if let Some(services) = known {
+            self.services = services;
+            self.services_known = true;
+        }
     }
 
     /// Takes in the HTTPRoute reflector's whole store.
