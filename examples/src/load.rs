@@ -135,18 +135,7 @@ pub async fn run(load: &Load) -> io::Result<Report> {
     }
     let mut senders = Vec::new();
     for _ in 0..load.connections.max(1) {
-        let stream = TcpStream::connect(load.target).await?;
-        stream.set_nodelay(true)?;
-        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
-            .handshake::<_, Full<Bytes>>(TokioIo::new(stream))
-            .await
-            .map_err(io::Error::other)?;
-        tokio::spawn(async move {
-            if let Err(e) = conn.await {
-                tracing::debug!(error = %e, "a load connection ended");
-            }
-        });
-        senders.push(sender);
+        senders.push(connect(load.target).await?);
     }
     let uri = format!("http://{}{}", load.host, load.path);
     let total = (load.rate * load.duration.as_secs_f64()).round() as u64;
@@ -185,7 +174,17 @@ pub async fn run(load: &Load) -> io::Result<Report> {
             let req = req
                 .body(Full::new(load.body.clone()))
                 .map_err(io::Error::other)?;
-            let mut sender = senders[sent as usize % senders.len()].clone();
+            // A server may close a connection (a GOAWAY, e.g. after many streams the
+            // client gave up on): the next request goes over a new one, as a client's pool
+            // would do.
+            let slot = sent as usize % senders.len();
+            if senders[slot].is_closed() {
+                match connect(load.target).await {
+                    Ok(fresh) => senders[slot] = fresh,
+                    Err(e) => tracing::debug!(error = %e, "reconnecting for load"),
+                }
+            }
+            let mut sender = senders[slot].clone();
             let deadline = due + load.timeout;
             tasks.spawn(async move {
                 let answer = tokio::time::timeout_at(deadline, async move {
@@ -239,6 +238,22 @@ pub async fn run(load: &Load) -> io::Result<Report> {
         o.ok_latency.sort_unstable();
     }
     Ok(report)
+}
+
+/// One HTTP/2 (prior knowledge) connection, driven by a task of its own.
+async fn connect(target: SocketAddr) -> io::Result<http2::SendRequest<Full<Bytes>>> {
+    let stream = TcpStream::connect(target).await?;
+    stream.set_nodelay(true)?;
+    let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+        .handshake::<_, Full<Bytes>>(TokioIo::new(stream))
+        .await
+        .map_err(io::Error::other)?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(error = %e, "a load connection ended");
+        }
+    });
+    Ok(sender)
 }
 
 fn record(answers: &mut [Outcome], done: Result<(usize, Answer), tokio::task::JoinError>) {
