@@ -130,7 +130,7 @@ pub async fn run(load: &Load) -> io::Result<Report> {
             "a load needs a level with a weight above 0",
         ));
     }
-    if !(load.rate > 0.0) {
+    if load.rate.is_nan() || load.rate <= 0.0 {
         return Err(io::Error::other("a load needs a rate above 0"));
     }
     let mut senders = Vec::new();
