@@ -288,18 +288,8 @@ MACHINE="$(nproc) CPUs ($(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpui
     --command "$( [ "$QUICK" = 1 ] && echo "QUICK=1 " )examples/bench/overload.sh"
 
 if [ "$RECORD" = 1 ]; then
-    python3 - "$REPO/BENCHMARKS.md" "$OUT_DIR/summary.md" <<'PY'
-import sys
-doc, summary = sys.argv[1:]
-text = open(doc).read()
-begin, end = "<!-- overload-results:begin -->", "<!-- overload-results:end -->"
-if begin not in text or end not in text:
-    sys.exit(f"{doc} has no {begin} ... {end} section")
-head, rest = text.split(begin, 1)
-_, tail = rest.split(end, 1)
-plot = "![The overload scene: no limit, Sluice, Envoy](examples/bench/results/overload/overload.png)\n\n"
-open(doc, "w").write(head + begin + "\n" + open(summary).read() + "\n" + plot + end + tail)
-PY
+    record_section "$REPO/BENCHMARKS.md" overload-results "$OUT_DIR/summary.md" \
+        "![The overload scene: no limit, Sluice, Envoy](examples/bench/results/overload/overload.png)"
     log "BENCHMARKS.md updated"
 fi
 log "results in $OUT_DIR (summary.md, summary.csv, raw.jsonl, overload.png)"

@@ -553,18 +553,8 @@ python3 "$REPO/examples/bench/report.py" \
     --subtitle "$STARTED_AT UTC; $MACHINE; loadavg $LOAD_BEFORE before, $LOAD_AFTER after; $ROUNDS rounds x ${DURATION}s"
 
 if [ "$RECORD" = 1 ]; then
-    python3 - "$REPO/BENCHMARKS.md" "$OUT_DIR/summary.md" <<'PY'
-import sys
-doc, summary = sys.argv[1:]
-text = open(doc).read()
-begin, end = "<!-- bench-results:begin -->", "<!-- bench-results:end -->"
-if begin not in text or end not in text:
-    sys.exit(f"{doc} has no {begin} ... {end} section")
-head, rest = text.split(begin, 1)
-_, tail = rest.split(end, 1)
-plot = "![Sluice, Envoy and nginx side by side](examples/bench/results/bench.png)\n\n"
-open(doc, "w").write(head + begin + "\n" + open(summary).read() + "\n" + plot + end + tail)
-PY
+    record_section "$REPO/BENCHMARKS.md" bench-results "$OUT_DIR/summary.md" \
+        "![Sluice, Envoy and nginx side by side](examples/bench/results/bench.png)"
     log "BENCHMARKS.md updated"
 fi
 log "results in $OUT_DIR (summary.md, summary.csv, raw.csv, bench.png)"

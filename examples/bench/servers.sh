@@ -47,3 +47,19 @@ wait_http() { # url, [curl options...]
     done
     echo "no answer from $url" >&2; tail -n 20 "$WORK"/*.log >&2; exit 1
 }
+
+# Replaces what stands between `<!-- NAME:begin -->` and `<!-- NAME:end -->` in DOC with
+# the text of SUMMARY and, after it, a paragraph of markdown (the plot).
+record_section() { # doc, name, summary file, markdown
+    python3 - "$@" <<'PY'
+import sys
+doc, name, summary, after = sys.argv[1:]
+text = open(doc).read()
+begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+if begin not in text or end not in text:
+    sys.exit(f"{doc} has no {begin} ... {end} section")
+head, rest = text.split(begin, 1)
+_, tail = rest.split(end, 1)
+open(doc, "w").write(head + begin + "\n" + open(summary).read() + "\n" + after + "\n\n" + end + tail)
+PY
+}
