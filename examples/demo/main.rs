@@ -836,6 +836,10 @@ fn print_try(ports: Ports, policy: &Path) {
     println!("  curl -s http://127.0.0.1:{a}/ready");
     println!("  curl -s http://127.0.0.1:{a}/identity   # its SPIFFE ID and certificate expiry");
     println!("  curl -s -X PUT http://127.0.0.1:{a}/log-level -d debug");
+    println!(
+        "  curl -s http://127.0.0.1:{}/metrics | grep -E 'sluice_concurrency|sluice_overload'   # log-v1's learned limit, refusals by priority",
+        ports.v1_admin
+    );
     println!();
     let cp = ports.cp_admin;
     println!(
