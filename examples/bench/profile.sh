@@ -41,14 +41,8 @@ if [ -z "${SKIP_BUILD:-}" ] || [ ! -x "$TARGET_DIR/release/sluice-proxy" ]; then
     (cd "$REPO" && cargo build --release -p sluice-proxy -p sluice-bench)
 fi
 
-WORK=$(mktemp -d /tmp/sluice-profile.XXXXXX)
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+. "$REPO/examples/bench/servers.sh"
+bench_workdir sluice-profile
 
 if [ -n "${PLAIN:-}" ]; then
     ROUTE=""

@@ -147,46 +147,9 @@ if has hop-mtls && [ "$CP_BIN" = "$TARGET_DIR/release/sluice-control-plane" ] \
 fi
 
 # --- servers, stopped by the PIDs recorded here -------------------------------------
-WORK=$(mktemp -d /tmp/sluice-bench.XXXXXX)
-PIDS=()
-cleanup() {
-    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
-    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-
-for port in $(seq "$PORT_BASE" $((PORT_BASE + 99))); do
-    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
-        echo "port $port is already in use; pick other ports with PORT_BASE=..." >&2
-        exit 1
-    fi
-done
-
-# Starts a server pinned to the proxy cores; `setsid` and `taskset` exec, so $! is the
-# server itself. Sets STARTED_PID.
-start() { # name, command...
-    local name=$1; shift
-    setsid taskset -c "$PROXY_CPUS" "$@" >"$WORK/$name.log" 2>&1 &
-    STARTED_PID=$!
-    PIDS+=("$STARTED_PID")
-}
-
-wait_http() { # url, [curl options...]
-    local url=$1; shift
-    for _ in $(seq 400); do
-        for pid in "${PIDS[@]}"; do
-            if ! kill -0 "$pid" 2>/dev/null; then
-                echo "a server (pid $pid) exited early; its logs:" >&2
-                tail -n 20 "$WORK"/*.log >&2
-                exit 1
-            fi
-        done
-        if curl -fsS -o /dev/null "$@" "$url" 2>/dev/null; then return 0; fi
-        sleep 0.05
-    done
-    echo "no answer from $url" >&2; tail -n 20 "$WORK"/*.log >&2; exit 1
-}
+. "$REPO/examples/bench/servers.sh"
+bench_workdir sluice-bench
+ports_free "$PORT_BASE" $((PORT_BASE + 99))
 
 start upstream "$UPSTREAM_BIN" --listen "127.0.0.1:$UPSTREAM_PORT"
 UPSTREAM_PID=$STARTED_PID
@@ -590,18 +553,8 @@ python3 "$REPO/examples/bench/report.py" \
     --subtitle "$STARTED_AT UTC; $MACHINE; loadavg $LOAD_BEFORE before, $LOAD_AFTER after; $ROUNDS rounds x ${DURATION}s"
 
 if [ "$RECORD" = 1 ]; then
-    python3 - "$REPO/BENCHMARKS.md" "$OUT_DIR/summary.md" <<'PY'
-import sys
-doc, summary = sys.argv[1:]
-text = open(doc).read()
-begin, end = "<!-- bench-results:begin -->", "<!-- bench-results:end -->"
-if begin not in text or end not in text:
-    sys.exit(f"{doc} has no {begin} ... {end} section")
-head, rest = text.split(begin, 1)
-_, tail = rest.split(end, 1)
-plot = "![Sluice, Envoy and nginx side by side](examples/bench/results/bench.png)\n\n"
-open(doc, "w").write(head + begin + "\n" + open(summary).read() + "\n" + plot + end + tail)
-PY
+    record_section "$REPO/BENCHMARKS.md" bench-results "$OUT_DIR/summary.md" \
+        "![Sluice, Envoy and nginx side by side](examples/bench/results/bench.png)"
     log "BENCHMARKS.md updated"
 fi
 log "results in $OUT_DIR (summary.md, summary.csv, raw.csv, bench.png)"

@@ -7,8 +7,9 @@
 //! plane (`--control-plane`), so editing a file there changes the mesh live and the
 //! control plane's `/proxies` shows which version each sidecar acknowledged. Sends a
 //! little traffic, then shows governance (a burst rate-limited, the 90/10 split as shares,
-//! log-v2 stopped and restarted while its breaker opens and closes, ~15 s), prints what
-//! happened and what to try, then runs until Ctrl-C.
+//! log-v2 stopped and restarted while its breaker opens and closes, ~15 s), then overload
+//! (log-v1 given three times the batches it can take, in a mix of priorities, ~6 s),
+//! prints what happened and what to try, then runs until Ctrl-C.
 //!
 //! The mesh runs mTLS: the control plane's CA (a fresh root per run) certifies each
 //! sidecar from a bootstrap token, the order → log hop is TLS 1.3 with SPIFFE
@@ -37,6 +38,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use sluice_control_plane::{IdentityConfig, ca};
 use sluice_examples::RunningService;
+use sluice_examples::load;
 use sluice_examples::log_service::{self, LogServiceConfig};
 use sluice_examples::order_service::{self, OrderServiceConfig};
 
@@ -46,6 +48,12 @@ const LOG_SERVICE_POLICY: &str = include_str!("policies/log-service.yaml");
 const DEFAULT_BASE: u16 = 15000;
 /// The namespace every demo workload runs in.
 const NAMESPACE: &str = "demo";
+/// Workers of each log pod: its capacity, which the overload scene exceeds threefold.
+const LOG_WORKERS: usize = 4;
+/// A log pod's work per KiB of an ingest: a batch of [`BATCH_BYTES`] takes 40 ms.
+const LOG_WORK_PER_KIB: Duration = Duration::from_millis(10);
+/// The size of a batch in the overload scene (one-line ingests cost no work).
+const BATCH_BYTES: usize = 4096;
 /// Bootstrap token and service account of each sidecar's workload: `(token, service account)`.
 const ORDER_TOKEN: (&str, &str) = ("demo-order-token", "order-service");
 /// The log pods share one service account, hence one identity.
@@ -225,15 +233,9 @@ async fn main() -> anyhow::Result<ExitCode> {
     let control_plane_url = format!("https://{}", control_plane.grpc_addr());
 
     // The applications.
-    let log_v1 = log_service::start(
-        local(ports.v1_app),
-        LogServiceConfig {
-            name: "log-v1".into(),
-            ..Default::default()
-        },
-    )
-    .await
-    .with_context(|| format!("log-v1 on port {} (try --base-port)", ports.v1_app))?;
+    let log_v1 = log_service::start(local(ports.v1_app), log_pod_config("log-v1"))
+        .await
+        .with_context(|| format!("log-v1 on port {} (try --base-port)", ports.v1_app))?;
     let log_v2 = log_service::start(local(ports.v2_app), log_v2_config(&args))
         .await
         .with_context(|| format!("log-v2 on port {} (try --base-port)", ports.v2_app))?;
@@ -327,6 +329,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     send_sample_traffic(&client, ports).await;
     show_mtls(&client, ports).await;
     let log_v2 = governance_scenes(&client, ports, log_v2, &args).await?;
+    overload_scene(&client, ports).await?;
     print_try(ports, &policy_path);
 
     tokio::signal::ctrl_c()
@@ -379,12 +382,23 @@ async fn wait_ready(client: &Client<HttpConnector, Full<Bytes>>, admin: u16) -> 
     }
 }
 
+/// A log pod's settings: its name and its capacity.
+fn log_pod_config(name: &str) -> LogServiceConfig {
+    LogServiceConfig {
+        name: name.into(),
+        workers: Some(LOG_WORKERS),
+        work_per_kib: LOG_WORK_PER_KIB,
+        ..Default::default()
+    }
+}
+
 /// log-v2's settings from the command line.
 fn log_v2_config(args: &Args) -> LogServiceConfig {
     LogServiceConfig {
         name: "log-v2".into(),
         fail_rate: args.log_v2_fail_rate,
         delay: args.log_v2_delay.get(),
+        ..log_pod_config("log-v2")
     }
 }
 
@@ -559,6 +573,142 @@ async fn governance_scenes(
     Ok(log_v2)
 }
 
+/// A sample of log-v1 during the overload burst: its sidecar's learned limit and the
+/// batches in flight at the app.
+async fn sample_log_v1(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    ports: Ports,
+) -> (Option<f64>, Option<u64>) {
+    let metrics = admin_text(client, ports.v1_admin, "/metrics").await;
+    let limit = metric_value(&metrics, "sluice_concurrency_limit");
+    let stats: serde_json::Value =
+        serde_json::from_str(&admin_text(client, ports.v1_app, "/logs/stats").await)
+            .unwrap_or_default();
+    (limit, stats["in_flight"].as_u64())
+}
+
+/// The value of the first sample named exactly `series` (with its labels, if any).
+fn metric_value(metrics: &str, series: &str) -> Option<f64> {
+    metrics.lines().find_map(|l| {
+        let (name, value) = l.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok())?
+    })
+}
+
+/// Overload, shown: log-v1 takes about 100 batches a second; a burst of three times that
+/// in a mix of priorities goes through the order sidecar. log-v1's sidecar learns the
+/// limit from log-v1's latency, queues briefly and refuses the excess, sheddable first.
+/// Bounded: about 6 s.
+async fn overload_scene(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    ports: Ports,
+) -> anyhow::Result<()> {
+    let capacity =
+        LOG_WORKERS as f64 / (LOG_WORK_PER_KIB * u32::try_from(BATCH_BYTES / 1024)?).as_secs_f64();
+    println!(
+        "Overload (log-v1: {LOG_WORKERS} workers, a {} KiB batch takes {} ms: about {capacity:.0} batches/s):",
+        BATCH_BYTES / 1024,
+        (LOG_WORK_PER_KIB * u32::try_from(BATCH_BYTES / 1024)?).as_millis()
+    );
+    let mut spec = load::Load {
+        target: local(ports.order_outbound),
+        host: "log-service".into(),
+        path: "/logs".into(),
+        rate: capacity / 4.0,
+        duration: Duration::from_secs(1),
+        body: Bytes::from(vec![b'x'; BATCH_BYTES]),
+        headers: vec![("x-log-batch".into(), "true".into())],
+        priority_header: "x-priority".into(),
+        mix: vec![
+            ("critical".into(), 20),
+            ("default".into(), 50),
+            ("sheddable".into(), 30),
+        ],
+        timeout: Duration::from_secs(2),
+        connections: 4,
+    };
+    let calm = load::run(&spec).await.context("the calm load")?.total();
+    println!(
+        "  at a quarter of that ({:.0}/s for 1 s): {} of {} admitted, p50 {}",
+        spec.rate,
+        calm.ok,
+        calm.sent,
+        fmt_ms(calm.ok_percentile(0.5))
+    );
+
+    spec.rate = capacity * 3.0;
+    spec.duration = Duration::from_secs(4);
+    let burst = spec.clone();
+    let running = tokio::spawn(async move { load::run(&burst).await });
+    let mut limits = Vec::new();
+    let mut app_peak = 0;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    while !running.is_finished() {
+        tick.tick().await;
+        let (limit, in_flight) = sample_log_v1(client, ports).await;
+        limits.extend(limit);
+        app_peak = app_peak.max(in_flight.unwrap_or(0));
+    }
+    let report = running.await?.context("the burst")?;
+    println!(
+        "  a burst of {:.0} batches/s for {} s, 20 % critical, 50 % default, 30 % sheddable (x-priority):",
+        spec.rate,
+        spec.duration.as_secs()
+    );
+    for level in ["critical", "default", "sheddable"] {
+        let o = report.levels.get(level).cloned().unwrap_or_default();
+        let lost = o.other + o.timed_out + o.failed;
+        println!(
+            "    {level:<10} {:>5} sent: {:>5} admitted, {:>5} refused 503 overloaded ({:.1} %){}",
+            o.sent,
+            o.ok,
+            o.overloaded,
+            o.overloaded as f64 * 100.0 / o.sent.max(1) as f64,
+            if lost > 0 {
+                format!(
+                    "; {} timed out, {} other status, {} failed",
+                    o.timed_out, o.other, o.failed
+                )
+            } else {
+                String::new()
+            }
+        );
+    }
+    let all = report.total();
+    println!(
+        "    admitted p50 {}, p99 {}; log-v1 had at most {app_peak} batches in flight ({LOG_WORKERS} workers)",
+        fmt_ms(all.ok_percentile(0.5)),
+        fmt_ms(all.ok_percentile(0.99)),
+    );
+    if let (Some(first), Some(last)) = (limits.first(), limits.last()) {
+        let low = limits.iter().copied().fold(f64::INFINITY, f64::min);
+        println!(
+            "  log-v1 sidecar /metrics: sluice_concurrency_limit {first} at the start of the burst, {last} at its end (lowest {low})"
+        );
+    }
+    let metrics = admin_text(client, ports.v1_admin, "/metrics").await;
+    let refusals: Vec<String> = ["critical", "default", "sheddable"]
+        .iter()
+        .map(|l| {
+            let series = format!("sluice_overload_refusals_total{{priority=\"{l}\"}}");
+            format!("{l} {}", metric_value(&metrics, &series).unwrap_or(0.0))
+        })
+        .collect();
+    println!(
+        "  log-v1 sidecar /metrics: sluice_overload_refusals_total {}",
+        refusals.join(", ")
+    );
+    println!();
+    Ok(())
+}
+
+fn fmt_ms(d: Option<Duration>) -> String {
+    d.map_or_else(
+        || "-".into(),
+        |d| format!("{:.1} ms", d.as_secs_f64() * 1000.0),
+    )
+}
+
 /// GETs an admin path of a sidecar and returns the body as text.
 async fn admin_text(client: &Client<HttpConnector, Full<Bytes>>, admin: u16, path: &str) -> String {
     let Ok(req) = Request::get(format!("http://127.0.0.1:{admin}{path}")).body(Full::default())
@@ -705,6 +855,10 @@ fn print_try(ports: Ports, policy: &Path) {
     println!("  curl -s http://127.0.0.1:{a}/ready");
     println!("  curl -s http://127.0.0.1:{a}/identity   # its SPIFFE ID and certificate expiry");
     println!("  curl -s -X PUT http://127.0.0.1:{a}/log-level -d debug");
+    println!(
+        "  curl -s http://127.0.0.1:{}/metrics | grep -E 'sluice_concurrency|sluice_overload'   # log-v1's learned limit, refusals by priority",
+        ports.v1_admin
+    );
     println!();
     let cp = ports.cp_admin;
     println!(

@@ -8,10 +8,13 @@
 //! one by calling the log service through its outbound sidecar. Both are started with
 //! a `start(addr, config)` function that binds, spawns the server and returns a
 //! [`RunningService`] (its bound address and a way to stop it), so the binaries, the
-//! demo and the end-to-end tests all run the same code.
+//! demo and the end-to-end tests all run the same code. [`load`] sends the log service
+//! open-loop load in a mix of priorities (the demo's overload scene and the overload
+//! benchmark).
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod load;
 pub mod log_service;
 pub mod order_service;
 mod server;

@@ -5,6 +5,13 @@
 //! this instance's version (`{"accepted":true,"version":"log-v1","bytes":42}`) and the
 //! same name in `x-log-version`. With a fail rate above zero, that share of ingests is
 //! answered `503` instead, so a sidecar's retries and breakers have something to do.
+//!
+//! With `workers` set the service has a capacity, like an app with a thread pool: an
+//! ingest holds one of `workers` workers for `work_per_kib` per whole KiB of its body
+//! (a one-line ingest costs nothing, a 4 KiB batch four times `work_per_kib`). Up to
+//! `workers` batches in flight are answered in their work time; past that knee they wait
+//! for a worker and latency grows with concurrency, which is what a sidecar's adaptive
+//! concurrency limit learns from. `GET /logs/stats` reports the ingests in flight.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -17,6 +24,7 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use serde_json::json;
+use tokio::sync::Semaphore;
 
 use crate::RunningService;
 use crate::server::{self, text};
@@ -30,6 +38,10 @@ pub struct LogServiceConfig {
     pub fail_rate: f64,
     /// Time to wait before answering an ingest.
     pub delay: Duration,
+    /// Workers that ingests share; `None`: as many as there are ingests.
+    pub workers: Option<usize>,
+    /// Work time on a worker per whole KiB of an ingest's body.
+    pub work_per_kib: Duration,
 }
 
 impl Default for LogServiceConfig {
@@ -38,6 +50,8 @@ impl Default for LogServiceConfig {
             name: "log-v1".to_string(),
             fail_rate: 0.0,
             delay: Duration::ZERO,
+            workers: None,
+            work_per_kib: Duration::ZERO,
         }
     }
 }
@@ -48,6 +62,14 @@ struct Stats {
     accepted: AtomicU64,
     failed: AtomicU64,
     bytes: AtomicU64,
+    in_flight: AtomicU64,
+}
+
+/// One instance: its settings, counters and workers.
+struct State {
+    config: LogServiceConfig,
+    stats: Stats,
+    workers: Option<Semaphore>,
 }
 
 impl fmt::Debug for Stats {
@@ -56,23 +78,29 @@ impl fmt::Debug for Stats {
             .field("accepted", &self.accepted.load(Ordering::Relaxed))
             .field("failed", &self.failed.load(Ordering::Relaxed))
             .field("bytes", &self.bytes.load(Ordering::Relaxed))
+            .field("in_flight", &self.in_flight.load(Ordering::Relaxed))
             .finish()
     }
 }
 
 /// Binds `addr` and serves the log service until the returned handle is shut down.
 pub async fn start(addr: SocketAddr, config: LogServiceConfig) -> io::Result<RunningService> {
-    let state = Arc::new((config, Stats::default()));
+    let workers = config.workers.map(|n| Semaphore::new(n.max(1)));
+    let state = Arc::new(State {
+        config,
+        stats: Stats::default(),
+        workers,
+    });
     server::serve(addr, move |req| handle(state.clone(), req)).await
 }
 
-async fn handle(
-    state: Arc<(LogServiceConfig, Stats)>,
-    req: Request<Incoming>,
-) -> Response<Full<Bytes>> {
-    let (config, stats) = &*state;
+async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let State { config, stats, .. } = &*state;
     match (req.method(), req.uri().path()) {
-        (&Method::POST, "/logs") => ingest(config, stats, req.into_body()).await,
+        (&Method::POST, "/logs") => {
+            let _counted = InFlight::enter(&stats.in_flight);
+            ingest(&state, req.into_body()).await
+        }
         (&Method::GET, "/logs/stats") => server::json(
             StatusCode::OK,
             &json!({
@@ -80,6 +108,8 @@ async fn handle(
                 "accepted": stats.accepted.load(Ordering::Relaxed),
                 "failed": stats.failed.load(Ordering::Relaxed),
                 "bytes": stats.bytes.load(Ordering::Relaxed),
+                "in_flight": stats.in_flight.load(Ordering::Relaxed),
+                "workers": config.workers,
             }),
         ),
         (&Method::GET, "/health") => text(StatusCode::OK, "ok\n"),
@@ -87,11 +117,28 @@ async fn handle(
     }
 }
 
-async fn ingest(
-    config: &LogServiceConfig,
-    stats: &Stats,
-    mut body: Incoming,
-) -> Response<Full<Bytes>> {
+/// Counts an ingest in flight until dropped, also when its caller goes away mid-way.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn enter(counter: &'a AtomicU64) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn ingest(state: &State, mut body: Incoming) -> Response<Full<Bytes>> {
+    let State {
+        config,
+        stats,
+        workers,
+    } = state;
     let mut bytes = 0u64;
     while let Some(frame) = body.frame().await {
         match frame {
@@ -104,6 +151,15 @@ async fn ingest(
                 tracing::debug!(error = %e, "request body broke off");
                 return text(StatusCode::BAD_REQUEST, "request body broke off\n");
             }
+        }
+    }
+    let work = config.work_per_kib * u32::try_from(bytes / 1024).unwrap_or(u32::MAX);
+    if let Some(workers) = workers
+        && !work.is_zero()
+    {
+        // Never closed, so acquiring only waits.
+        if let Ok(_worker) = workers.acquire().await {
+            tokio::time::sleep(work).await;
         }
     }
     if !config.delay.is_zero() {

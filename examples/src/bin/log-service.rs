@@ -22,6 +22,12 @@ struct Args {
     /// Delay before answering an ingest (e.g. 0s, 150ms, 2s).
     #[arg(long, default_value = "0s")]
     delay: sluice_config::Duration,
+    /// Workers ingests share (a capacity, as an app's thread pool); absent: unlimited.
+    #[arg(long)]
+    workers: Option<usize>,
+    /// Work time on a worker per whole KiB of an ingest (e.g. 25ms); with --workers.
+    #[arg(long, default_value = "0s")]
+    work_per_kib: sluice_config::Duration,
 }
 
 #[tokio::main]
@@ -39,6 +45,8 @@ async fn main() -> anyhow::Result<ExitCode> {
             name: args.name.clone(),
             fail_rate: args.fail_rate,
             delay: args.delay.get(),
+            workers: args.workers,
+            work_per_kib: args.work_per_kib.get(),
         },
     )
     .await?;
