@@ -255,6 +255,12 @@ async fn stream_task(
                 }
                 shared.metrics.pushes.inc();
                 shared.proxies.sent(&node, version);
+                let held = crate::views::view_for(&published.views, &accepted)
+                    .map(|v| v.held_back.as_slice())
+                    .unwrap_or_default();
+                for h in held {
+                    tracing::warn!(node_id = %node, policy = %h.policy, needs = h.needs, state = h.state, accepted = ?accepted, "this proxy's schema cannot express a policy; it gets the last form it can take");
+                }
                 tracing::debug!(node_id = %node, %version, "snapshot sent");
                 in_flight = Some(InFlight {
                     version: version.clone(),

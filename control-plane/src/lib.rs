@@ -429,7 +429,9 @@ impl Shared {
             tracing::info!(%version, policies = set.policies().len(), "publishing policy set");
             for v in &views {
                 for h in &v.held_back {
-                    tracing::warn!(schema = v.schema, policy = %h.policy, needs = h.needs, state = h.state, "policy not expressible in an older schema version; its proxies get the last form they can take");
+                    // Only news for proxies that old: each one's stream warns when it
+                    // is served this view.
+                    tracing::info!(schema = v.schema, policy = %h.policy, needs = h.needs, state = h.state, "policy not expressible in an older schema version; its proxies get the last form they can take");
                 }
             }
             self.metrics.set_policy_hash(version);

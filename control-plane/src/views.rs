@@ -159,15 +159,21 @@ pub(crate) fn accepted(hello: &pb::Hello) -> Vec<u32> {
     }
 }
 
+/// The view a proxy accepting `accepted` is served: the newest schema it accepts, else
+/// the newest of all.
+pub(crate) fn view_for<'a>(views: &'a [View], accepted: &[u32]) -> Option<&'a View> {
+    views
+        .iter()
+        .rev()
+        .find(|v| accepted.contains(&v.schema))
+        .or(views.last())
+}
+
 /// The snapshot for a proxy accepting `accepted`: the view of the newest schema it
 /// accepts, labelled with the lowest accepted version that expresses it. A proxy
 /// accepting none of ours gets the newest view, and its NACK says why.
 pub(crate) fn snapshot_for(views: &[View], accepted: &[u32]) -> Option<pb::Snapshot> {
-    let view = views
-        .iter()
-        .rev()
-        .find(|v| accepted.contains(&v.schema))
-        .or(views.last())?;
+    let view = view_for(views, accepted)?;
     let mut snapshot = view.snapshot.clone();
     if let Some(label) = accepted
         .iter()
