@@ -96,6 +96,13 @@ pub(crate) async fn handle(
         }
         (&Method::GET, "/identity") => json(StatusCode::OK, &identity_json(state.tls.as_deref())),
         (&Method::GET, "/breakers") => json(StatusCode::OK, &state.store.context().breakers.list()),
+        (&Method::GET, "/endpoints") => {
+            let list = state.store.context().governance.endpoints.list();
+            json(
+                StatusCode::OK,
+                &serde_json::to_value(list).unwrap_or_default(),
+            )
+        }
         (&Method::POST, p) if p.starts_with("/breakers/") => breaker_action(&state, p),
         (&Method::GET, p) if p.starts_with("/app-health/") => {
             let answer = match &state.probes {
@@ -275,6 +282,7 @@ mod tests {
         for (method, path) in [
             (Method::GET, "/config"),
             (Method::GET, "/breakers"),
+            (Method::GET, "/endpoints"),
             (Method::GET, "/identity"),
             (Method::POST, "/breakers/a.b/v1/open"),
             (Method::PUT, "/log-level"),

@@ -123,6 +123,14 @@ impl EndpointState {
         (since as f64 / slow_start.as_nanos() as f64).clamp(f64::MIN_POSITIVE, 1.0)
     }
 
+    /// How long ago its slow-start ramp began (first seen, or back from ejection).
+    pub fn ramp_age(&self, at: Instant) -> Duration {
+        Duration::from_nanos(
+            self.nanos(at)
+                .saturating_sub(self.ramp_from.load(Ordering::Relaxed)),
+        )
+    }
+
     /// Not heard from yet and nothing in flight: the next pick that samples it takes it,
     /// so a new endpoint is reached (and measured) within a few requests at any load.
     fn unheard(&self) -> bool {
@@ -330,6 +338,22 @@ fn admitted(p: f64, rng: &RandomSource) -> bool {
     ((rng.next_u64() >> 11) as f64) < p * SCALE
 }
 
+/// One address as `GET /endpoints` shows it.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct EndpointView {
+    /// The address, as the policy lists it.
+    pub address: String,
+    /// `healthy`, `ejected`, `probe_due` or `probing`.
+    pub health: &'static str,
+    /// The peak-EWMA round-trip estimate, in milliseconds.
+    pub rtt_ms: f64,
+    /// Requests in flight.
+    pub pending: u32,
+    /// Seconds since its slow-start ramp began (first seen, or back from ejection); its
+    /// weight is this over the backend's `slowStart`, capped at 1.
+    pub ramp_age_s: f64,
+}
+
 // === impl BalanceRegistry ===
 
 /// Endpoint state of the whole mesh, keyed by address so that latency and ejections
@@ -389,6 +413,32 @@ impl BalanceRegistry {
     /// The state of one address, if known.
     pub fn get(&self, addr: &str) -> Option<Arc<EndpointState>> {
         self.endpoints.get(addr).map(|e| e.value().clone())
+    }
+
+    /// What the admin API shows of every address held, sorted by address.
+    pub fn list(&self) -> Vec<EndpointView> {
+        let now = Instant::now();
+        let mut out: Vec<EndpointView> = self
+            .endpoints
+            .iter()
+            .map(|e| {
+                let ep = e.value();
+                EndpointView {
+                    address: ep.addr.0.to_string(),
+                    health: match ep.health_at(now) {
+                        Health::Healthy => "healthy",
+                        Health::Ejected => "ejected",
+                        Health::ProbeDue => "probe_due",
+                        Health::Probing => "probing",
+                    },
+                    rtt_ms: ep.rtt_estimate().as_secs_f64() * 1e3,
+                    pending: ep.pending(),
+                    ramp_age_s: ep.ramp_age(now).as_secs_f64(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.address.cmp(&b.address));
+        out
     }
 
     /// Number of addresses held.

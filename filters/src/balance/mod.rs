@@ -41,7 +41,7 @@ use std::time::Duration;
 
 use crate::{UpstreamError, UpstreamErrorKind};
 
-pub use endpoint::{BalanceRegistry, EndpointSet, EndpointState, Health};
+pub use endpoint::{BalanceRegistry, EndpointSet, EndpointState, EndpointView, Health};
 pub use future::ResponseFuture;
 pub use layer::BalanceLayer;
 pub use service::Balance;
