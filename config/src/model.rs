@@ -80,6 +80,10 @@ pub struct Metadata {
 pub struct RoutePolicySpec {
     /// The authority clients call (`Host` / `:authority`, without port).
     pub host: String,
+    /// Other names clients call the same host by (e.g. `log-service.prod` and
+    /// `log-service.prod.svc.cluster.local`); each routes exactly like `host`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
     /// Named backends, in file order.
     #[serde(default, skip_serializing_if = "IndexMap::is_empty")]
     pub backends: IndexMap<String, Backend>,
@@ -89,6 +93,13 @@ pub struct RoutePolicySpec {
     /// Rules the serving pod's inbound sidecar applies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inbound: Option<Inbound>,
+}
+
+impl RoutePolicySpec {
+    /// Every name the policy answers: `host`, then its `aliases`.
+    pub fn hosts(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.host.as_str()).chain(self.aliases.iter().map(String::as_str))
+    }
 }
 
 /// The control plane's verdict on a `RoutePolicy` object in Kubernetes (its `status`

@@ -371,7 +371,7 @@ fn edit_distance(a: &str, b: &str) -> usize {
 /// Refuses a second policy with the same namespace and name, or the same host.
 pub(crate) fn check_unique(items: &[Located<'_>]) -> Vec<Diagnostic> {
     let mut names: HashMap<(&str, &str), &Located<'_>> = HashMap::new();
-    let mut hosts: HashMap<&str, &Located<'_>> = HashMap::new();
+    let mut hosts: HashMap<&str, (&Located<'_>, String)> = HashMap::new();
     let mut out = Vec::new();
     let mut cache = HashMap::new();
     let mut at = |item: &Located<'_>, path: &str| {
@@ -394,24 +394,37 @@ pub(crate) fn check_unique(items: &[Located<'_>]) -> Vec<Diagnostic> {
         } else {
             names.insert((ns, m.name.as_str()), item);
         }
-        let host = item.policy.spec.host.as_str();
-        if let Some(first) = hosts.get(host) {
-            let fm = &first.policy.metadata;
-            let (pos, _) = at(item, "spec.host");
-            let (_, first_at) = at(first, "spec.host");
-            out.push(Diagnostic {
-                file: item.file.clone(),
-                line: pos.line,
-                column: pos.column,
-                path: "spec.host".to_string(),
-                message: format!(
-                    "host {host:?} already has a policy: {}/{} at {first_at}",
-                    fm.namespace.as_deref().unwrap_or("default"),
-                    fm.name,
-                ),
-            });
-        } else {
-            hosts.insert(host, item);
+        let spec = &item.policy.spec;
+        let claimed = std::iter::once(("spec.host".to_string(), spec.host.as_str())).chain(
+            spec.aliases
+                .iter()
+                .enumerate()
+                .map(|(i, a)| (format!("spec.aliases[{i}]"), a.as_str())),
+        );
+        for (path, host) in claimed {
+            match hosts.get(host) {
+                // A repeat inside one policy is the validator's to report.
+                Some((first, _)) if std::ptr::eq(*first, item) => {}
+                Some((first, first_path)) => {
+                    let fm = &first.policy.metadata;
+                    let (pos, _) = at(item, &path);
+                    let (_, first_at) = at(first, first_path);
+                    out.push(Diagnostic {
+                        file: item.file.clone(),
+                        line: pos.line,
+                        column: pos.column,
+                        path,
+                        message: format!(
+                            "host {host:?} already has a policy: {}/{} at {first_at}",
+                            fm.namespace.as_deref().unwrap_or("default"),
+                            fm.name,
+                        ),
+                    });
+                }
+                None => {
+                    hosts.insert(host, (item, path));
+                }
+            }
         }
     }
     out

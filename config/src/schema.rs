@@ -106,7 +106,9 @@ pub fn required_version(policy: &RoutePolicy) -> u32 {
                 .as_ref()
                 .is_some_and(|rl| rl.scope != RateLimitScope::Local)
     });
-    if backends || routes || inbound {
+    // A schema-1 proxy refuses the unknown `aliases` key.
+    let aliases = !spec.aliases.is_empty();
+    if backends || routes || inbound || aliases {
         SCHEMA_VERSION
     } else {
         SCHEMA_V1

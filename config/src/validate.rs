@@ -272,6 +272,20 @@ impl Checker {
                 ),
             );
         }
+        let mut seen = std::collections::HashSet::from([spec.host.as_str()]);
+        for (i, alias) in spec.aliases.iter().enumerate() {
+            let path = format!("spec.aliases[{i}]");
+            if !is_host(alias) {
+                self.err(
+                    path,
+                    format!(
+                        "expected a lower-case host name without scheme or port (e.g. \"log-service.prod\"), got {alias:?}"
+                    ),
+                );
+            } else if !seen.insert(alias) {
+                self.err(path, format!("{alias:?} is already a name of this policy"));
+            }
+        }
         if spec.routes.is_empty() && spec.inbound.is_none() {
             self.err("spec", "expected at least one route or an inbound section");
         }

@@ -107,6 +107,32 @@ fn a_host_in_two_files_is_refused_with_both_positions() {
 }
 
 #[test]
+fn an_alias_is_a_host_like_any_other() {
+    // Another policy's alias takes the host: refused with both positions.
+    let aliased = ORDER_B.replace("order-again", "order-alias").replace(
+        "host: order-service\n",
+        "host: order-service.shop\n  aliases: [orders, order-service]\n",
+    );
+    let err =
+        PolicySet::from_files([("a.yaml", ORDER_A), ("b.yaml", aliased.as_str())]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "b.yaml:8:21: spec.aliases[1]: host \"order-service\" already has a policy: shop/order at a.yaml:5:9"
+    );
+    // A malformed alias, or one naming the policy's own host, points at the entry.
+    let bad = ORDER_B.replace(
+        "host: order-service\n",
+        "host: order-service\n  aliases: [Orders:80, order-service]\n",
+    );
+    let err = PolicySet::from_files([("b.yaml", bad.as_str())]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "b.yaml:8:13: spec.aliases[0]: expected a lower-case host name without scheme or port (e.g. \"log-service.prod\"), got \"Orders:80\"\n\
+         b.yaml:8:24: spec.aliases[1]: \"order-service\" is already a name of this policy"
+    );
+}
+
+#[test]
 fn a_name_in_two_files_is_refused() {
     let renamed = ORDER_B
         .replace("order-again", "order")

@@ -357,6 +357,7 @@ fn spec() -> impl Strategy<Value = RoutePolicySpec> {
         .prop_map(
             |(backends, routes, inbound): (IndexMap<_, _>, Vec<Route>, _)| RoutePolicySpec {
                 host: String::new(),
+                aliases: Vec::new(),
                 backends: if routes.is_empty() {
                     IndexMap::new()
                 } else {

@@ -75,6 +75,9 @@ pub struct PolicyView {
     pub namespace: String,
     /// The host it governs.
     pub host: String,
+    /// The other names it answers (`spec.aliases`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
     /// The file it comes from.
     pub file: String,
     /// Content hash of the file version in force.
@@ -255,11 +258,10 @@ impl PolicyDir {
                         key.0, key.1
                     ));
                 }
-                hosts.get(&p.spec.host).map(|other| {
-                    format!(
-                        "host {:?} is also governed by a policy in {other}",
-                        p.spec.host
-                    )
+                p.spec.hosts().find_map(|h| {
+                    hosts
+                        .get(h)
+                        .map(|other| format!("host {h:?} is also governed by a policy in {other}"))
                 })
             });
             if let Some(msg) = clash {
@@ -269,7 +271,9 @@ impl PolicyDir {
             }
             for p in &good.policies {
                 names.insert((namespace_of(p), p.metadata.name.clone()), file.clone());
-                hosts.insert(p.spec.host.clone(), file.clone());
+                for h in p.spec.hosts() {
+                    hosts.insert(h.to_string(), file.clone());
+                }
                 metas.push(pb::PolicyMeta {
                     name: p.metadata.name.clone(),
                     namespace: namespace_of(p),
@@ -300,6 +304,7 @@ impl PolicyDir {
                     name: p.metadata.name.clone(),
                     namespace: namespace_of(p),
                     host: p.spec.host.clone(),
+                    aliases: p.spec.aliases.clone(),
                     file: file.clone(),
                     file_version: good.version.clone(),
                     file_error: state.error.clone(),

@@ -5,7 +5,7 @@
 //!   Services and ReferenceGrants.
 //! - [`translate`]: the pure translation. All HTTPRoutes bound to one Service merge
 //!   into one generated policy named `httproute-<svc>` in the Service's namespace,
-//!   served under each name a mesh client calls the Service by (`<svc>`,
+//!   answering each name a mesh client calls the Service by (`spec.host` and `aliases`: `<svc>`,
 //!   `<svc>.<ns>`, `<svc>.<ns>.svc.cluster.local`). Each match is one route named
 //!   `<httproute>-<rule name or index>-<match index>`; each backendRef a `service:`
 //!   backend with its `port`; weights keep their proportions exactly; `timeouts`

@@ -128,15 +128,15 @@ pub struct RouteVerdict {
     pub kept_generation: Option<i64>,
 }
 
-/// The policies generated for one Service.
+/// The policy generated for one Service.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ServicePolicies {
     /// The Service.
     pub service: Key,
-    /// One policy per name a mesh client calls the Service by (`<svc>`,
-    /// `<svc>.<ns>`, `<svc>.<ns>.svc.cluster.local`), the first named
-    /// `httproute-<svc>`.
-    pub policies: Vec<RoutePolicy>,
+    /// `httproute-<svc>`, answering each name a mesh client calls the Service by:
+    /// `<svc>.<ns>.svc.cluster.local` as its host, `<svc>` (when this namespace has
+    /// the bare name) and `<svc>.<ns>` as its aliases.
+    pub policy: RoutePolicy,
     /// The HTTPRoutes it was made from, in precedence order.
     pub routes: Vec<Key>,
 }
@@ -162,7 +162,7 @@ pub struct Translation {
 impl Translation {
     /// Every generated policy.
     pub fn policies(&self) -> impl Iterator<Item = &RoutePolicy> {
-        self.services.iter().flat_map(|s| s.policies.iter())
+        self.services.iter().map(|s| &s.policy)
     }
 
     /// Drops the policies of `service` and records `message` on every HTTPRoute
@@ -930,7 +930,7 @@ fn without_shadowed(routes: Vec<Route>) -> Vec<Route> {
 fn policy(
     service: &Key,
     name: String,
-    host: String,
+    (host, aliases): (String, Vec<String>),
     sources: &str,
     backends: IndexMap<String, Backend>,
     routes: Vec<Route>,
@@ -948,6 +948,7 @@ fn policy(
         },
         spec: RoutePolicySpec {
             host,
+            aliases,
             backends,
             routes,
             inbound: None,
@@ -981,29 +982,20 @@ fn build_service(
         .collect();
     let sources_text = sources.join(",");
     let (ns, svc) = (&service.0, &service.1);
-    let mut hosts = Vec::new();
+    let mut aliases = Vec::new();
     if bare {
-        hosts.push((policy_name(svc), svc.clone()));
+        aliases.push(svc.clone());
     }
-    hosts.push((format!("{}.{ns}", policy_name(svc)), format!("{svc}.{ns}")));
-    hosts.push((
-        format!("{}.{ns}.svc.cluster.local", policy_name(svc)),
-        format!("{svc}.{ns}.svc.cluster.local"),
-    ));
-    let policies: Vec<RoutePolicy> = hosts
-        .into_iter()
-        .map(|(name, host)| {
-            policy(
-                service,
-                name,
-                host,
-                &sources_text,
-                backends.clone(),
-                routes.clone(),
-            )
-        })
-        .collect();
-    if let Err(e) = PolicySet::from_effective(policies.clone()) {
+    aliases.push(format!("{svc}.{ns}"));
+    let policy = policy(
+        service,
+        policy_name(svc),
+        (format!("{svc}.{ns}.svc.cluster.local"), aliases),
+        &sources_text,
+        backends,
+        routes,
+    );
+    if let Err(e) = PolicySet::from_effective(vec![policy.clone()]) {
         return Err(format!(
             "the policy generated for Service {ns}/{svc} from {} is refused: {e}",
             sources.join(", ")
@@ -1011,7 +1003,7 @@ fn build_service(
     }
     Ok(ServicePolicies {
         service: service.clone(),
-        policies,
+        policy,
         routes: contributions.iter().map(|c| c.route.clone()).collect(),
     })
 }

@@ -187,14 +187,18 @@ impl GatewayRoutes {
                 .map(|k| format!("{}/{}", k.0, k.1))
                 .collect::<Vec<_>>()
                 .join(", ");
-            for p in &sp.policies {
+            for p in std::slice::from_ref(&sp.policy) {
                 let ns = p.metadata.namespace.clone().unwrap_or_default();
-                if let Some(rp) = taken_hosts.get(&p.spec.host) {
+                if let Some((host, rp)) = p
+                    .spec
+                    .hosts()
+                    .find_map(|h| taken_hosts.get(h).map(|rp| (h, rp)))
+                {
                     refused.push((
                         sp.service.clone(),
                         format!(
-                            "host {:?} is defined both by RoutePolicy {}/{} and by HTTPRoutes {routes}; a host is defined by one or the other, and the RoutePolicy keeps it",
-                            p.spec.host, rp.0, rp.1
+                            "host {host:?} is defined both by RoutePolicy {}/{} and by HTTPRoutes {routes}; a host is defined by one or the other, and the RoutePolicy keeps it",
+                            rp.0, rp.1
                         ),
                     ));
                     break;
@@ -226,7 +230,7 @@ impl GatewayRoutes {
                     .collect::<Vec<_>>()
                     .join(",")
             );
-            for p in &sp.policies {
+            for p in std::slice::from_ref(&sp.policy) {
                 let ns = p.metadata.namespace.clone().unwrap_or_default();
                 let hash = sluice_config::PolicySet::from_effective(vec![p.clone()])
                     .map(|s| s.hash().to_string())
@@ -349,7 +353,7 @@ impl GatewayRoutes {
                         .collect::<Vec<_>>()
                         .join(",")
                 );
-                sp.policies.iter().map(move |p| {
+                std::iter::once(&sp.policy).map(move |p| {
                     let ns = p.metadata.namespace.clone().unwrap_or_default();
                     PolicyView {
                         file_version: self
@@ -360,6 +364,7 @@ impl GatewayRoutes {
                         name: p.metadata.name.clone(),
                         namespace: ns,
                         host: p.spec.host.clone(),
+                        aliases: p.spec.aliases.clone(),
                         file: file.clone(),
                         file_error: None,
                     }

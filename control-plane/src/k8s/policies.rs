@@ -292,17 +292,29 @@ impl KubePolicies {
         let mut metas = Vec::new();
         for (key, state) in order {
             let Some(good) = &state.good else { continue };
-            if let Some(other) = hosts.get(good.policy.spec.host.as_str()) {
+            if let Some((host, other)) = good
+                .policy
+                .spec
+                .hosts()
+                .find_map(|h| hosts.get(h).map(|other| (h, other)))
+            {
+                let field = if host == good.policy.spec.host {
+                    "spec.host"
+                } else {
+                    "spec.aliases"
+                };
                 self.conflicts.insert(
                     key.clone(),
                     format!(
-                        "spec.host: host {:?} is already governed by RoutePolicy {}/{}",
-                        good.policy.spec.host, other.0, other.1
+                        "{field}: host {host:?} is already governed by RoutePolicy {}/{}",
+                        other.0, other.1
                     ),
                 );
                 continue;
             }
-            hosts.insert(&good.policy.spec.host, key);
+            for h in good.policy.spec.hosts() {
+                hosts.insert(h, key);
+            }
             metas.push(pb::PolicyMeta {
                 name: key.1.clone(),
                 namespace: key.0.clone(),
@@ -378,6 +390,7 @@ impl KubePolicies {
                     name: key.1.clone(),
                     namespace: key.0.clone(),
                     host: good.policy.spec.host.clone(),
+                    aliases: good.policy.spec.aliases.clone(),
                     file: format!("routepolicy/{}/{}", key.0, key.1),
                     file_version: good.hash.clone(),
                     file_error: state.error.clone(),

@@ -728,14 +728,22 @@ async fn httproutes_are_served_and_refusals_written_to_their_status() {
     let p = set
         .policies()
         .iter()
-        .find(|p| p.spec.host == "echo")
+        .find(|p| p.spec.hosts().any(|h| h == "echo"))
         .expect("the bare Service name");
     assert_eq!(p.metadata.name, "httproute-echo");
     let weights = p.spec.routes[0].split[0].weights.as_ref().unwrap();
     assert_eq!(weights.values().copied().collect::<Vec<_>>(), [70, 30]);
     assert_eq!(p.spec.backends["echo-v1-8080"].addresses, ["10.1.0.1:8001"]);
     assert_eq!(p.spec.backends["echo-v2-8080"].addresses, ["10.1.0.2:8001"]);
-    assert_eq!(set.policies().len(), 3, "one per name of the Service");
+    assert_eq!(set.policies().len(), 1, "one policy for the Service");
+    assert_eq!(
+        p.spec.hosts().collect::<Vec<_>>(),
+        [
+            &format!("echo.{MESH}.svc.cluster.local"),
+            "echo",
+            &format!("echo.{MESH}")
+        ]
+    );
 
     let ok = sluice_parent(&cluster, "mesh-weighted-backends").await;
     assert_eq!(condition(&ok, "Accepted")["status"], "True");
@@ -810,8 +818,11 @@ async fn httproutes_are_served_and_refusals_written_to_their_status() {
                      "spec": { "host": "echo", "backends": { "b": { "addresses": ["10.0.0.9:80"] } },
                                "routes": [{ "name": "all" }] } });
     cluster.api.put(rp);
-    let set = served(&cp, |s| s.policies().len() == 1).await;
-    assert_eq!(set.policies()[0].metadata.name, "echo");
+    let set = served(&cp, |s| {
+        s.policies().len() == 1 && s.policies()[0].metadata.name == "echo"
+    })
+    .await;
+    assert_eq!(set.policies()[0].spec.host, "echo");
     let api = cluster.api.clone();
     let message = tokio::time::timeout(Duration::from_secs(60), async move {
         loop {
@@ -871,7 +882,7 @@ async fn gateway_api_installed_later_is_picked_up_without_a_restart() {
     }
     // Within a minute the control plane asks again and serves the HTTPRoute.
     tokio::time::sleep(Duration::from_secs(61)).await;
-    let set = served(&cp, |s| s.policies().len() == 4).await;
+    let set = served(&cp, |s| s.policies().len() == 2).await;
     assert!(
         set.policies()
             .iter()

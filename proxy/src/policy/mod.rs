@@ -51,7 +51,11 @@ impl PolicySnapshot {
         service: Option<&str>,
         app: Option<&Authority>,
     ) -> Result<Self, ProxyError> {
-        let own = service.and_then(|s| set.policies().iter().find(|p| p.spec.host == s));
+        let own = service.and_then(|s| {
+            set.policies()
+                .iter()
+                .find(|p| p.spec.hosts().any(|h| h == s))
+        });
         ctx.prepare(set.policies(), own);
         let mut backends_of = None;
         let (table, warnings) = RouteTable::build(set.policies(), |policy, index| {

@@ -5,7 +5,7 @@
 
 use std::borrow::Cow;
 use std::collections::HashMap;
-use std::collections::hash_map::Entry;
+use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use sluice_config::{PathMatch, RouteMatch, RoutePolicy, precedence_order};
@@ -84,7 +84,7 @@ pub(crate) fn headers_match(conds: &[(HeaderName, HeaderValue)], headers: &Heade
 /// the proxy, anything in benchmarks).
 #[derive(Debug)]
 pub struct RouteTable<T> {
-    hosts: HashMap<Box<str>, Box<[(RouteMatcher, T)]>>,
+    hosts: HashMap<Box<str>, Arc<[(RouteMatcher, T)]>>,
 }
 
 impl<T> Default for RouteTable<T> {
@@ -106,18 +106,18 @@ impl<T> RouteTable<T> {
         let mut hosts = HashMap::with_capacity(policies.len());
         let mut warnings = Vec::new();
         for policy in policies {
-            let host = policy.spec.host.to_ascii_lowercase().into_boxed_str();
-            let slot = match hosts.entry(host) {
-                Entry::Occupied(e) => {
-                    warnings.push(format!(
-                        "policy {} ignored: host {:?} already belongs to another policy",
-                        policy.metadata.name,
-                        e.key()
-                    ));
-                    continue;
-                }
-                Entry::Vacant(v) => v,
-            };
+            let names: Vec<Box<str>> = policy
+                .spec
+                .hosts()
+                .map(|h| h.to_ascii_lowercase().into_boxed_str())
+                .collect();
+            if let Some(taken) = names.iter().find(|h| hosts.contains_key(*h)) {
+                warnings.push(format!(
+                    "policy {} ignored: host {taken:?} already belongs to another policy",
+                    policy.metadata.name,
+                ));
+                continue;
+            }
             let routes = precedence_order(&policy.spec.routes)
                 .into_iter()
                 .map(|i| {
@@ -130,8 +130,16 @@ impl<T> RouteTable<T> {
                         })?;
                     Ok((matcher, build(policy, i)?))
                 })
-                .collect::<Result<Box<[_]>, ProxyError>>()?;
-            slot.insert(routes);
+                .collect::<Result<Arc<[_]>, ProxyError>>()?;
+            // Every alias answers like `host`: each name gets the same compiled routes
+            // (one shared list).
+            let mut names = names.into_iter();
+            if let Some(last) = names.next_back() {
+                for name in names {
+                    hosts.insert(name, routes.clone());
+                }
+                hosts.insert(last, routes);
+            }
         }
         Ok((Self { hosts }, warnings))
     }
@@ -321,5 +329,49 @@ spec:
             RouteTable::build(&policies, |p, _| Ok(p.metadata.name.clone())).unwrap();
         assert_eq!(warnings.len(), 1);
         assert_eq!(pick(&t, "orders", Method::GET, "/", &[]), Some("orders"));
+    }
+
+    #[test]
+    fn every_alias_answers_like_the_host() {
+        let text = POLICY.replace(
+            "  host: orders\n",
+            "  host: orders\n  aliases: [orders.shop, orders.shop.svc.cluster.local]\n",
+        );
+        let policies = sluice_config::parse_policies("t.yaml", &text).unwrap();
+        let (t, warnings) =
+            RouteTable::build(&policies, |p, i| Ok(p.spec.routes[i].name.clone())).unwrap();
+        assert!(warnings.is_empty());
+        for host in [
+            "orders",
+            "orders.shop",
+            "Orders.Shop.svc.cluster.local:8080",
+        ] {
+            assert_eq!(
+                pick(&t, host, Method::POST, "/api/x", &[]),
+                Some("api-post"),
+                "{host}"
+            );
+            assert!(t.has_host(host), "{host}");
+        }
+        assert_eq!(pick(&t, "orders.other", Method::GET, "/", &[]), None);
+        // A later policy naming a taken alias as its own host is left out whole.
+        let mut more = policies.clone();
+        more.extend(
+            sluice_config::parse_policies(
+                "u.yaml",
+                &POLICY
+                    .split("---")
+                    .nth(1)
+                    .unwrap()
+                    .replace("host: logs", "host: orders.shop"),
+            )
+            .unwrap(),
+        );
+        let (t, warnings) = RouteTable::build(&more, |p, _| Ok(p.metadata.name.clone())).unwrap();
+        assert_eq!(warnings.len(), 1, "{warnings:?}");
+        assert_eq!(
+            pick(&t, "orders.shop", Method::GET, "/", &[]),
+            Some("orders")
+        );
     }
 }

@@ -159,6 +159,48 @@ async fn named_rules_and_the_simple_route_reach_their_backends() {
     mesh.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_policy_per_service_answers_every_name_of_it() {
+    let mesh = GatewayMesh::start(&fixture_objects(&["httproute-simple-same-namespace"])).await;
+    assert_accepted(&mesh, "gateway-conformance-mesh-test").await;
+    // Each name a mesh client calls the Service by reaches the route's backend.
+    let fqdn = format!("echo.{MESH_NAMESPACE}.svc.cluster.local");
+    let short = format!("echo.{MESH_NAMESPACE}");
+    for host in ["echo", short.as_str(), fqdn.as_str()] {
+        let mut conn = HttpConn::h1(mesh.proxy.outbound_addr()).await.unwrap();
+        let r = conn.get(host, "/").await.unwrap();
+        assert_eq!(r.status, 200, "{host}: {}", r.text());
+        assert_eq!(r.header("x-upstream"), "echo-v1", "{host}");
+    }
+    // A name of no Service is still no route.
+    let mut conn = HttpConn::h1(mesh.proxy.outbound_addr()).await.unwrap();
+    let r = conn.get("echo.elsewhere", "/").await.unwrap();
+    assert_eq!(r.status, 404, "{}", r.text());
+    // One generated policy, in the control plane's /policies and the proxy's /config.
+    let mut admin = HttpConn::h1(mesh.cp.admin_addr()).await.unwrap();
+    let policies: Value =
+        serde_json::from_str(&admin.get("cp", "/policies").await.unwrap().text()).unwrap();
+    let listed: Vec<&Value> = policies["policies"].as_array().unwrap().iter().collect();
+    assert_eq!(listed.len(), 1, "{policies}");
+    assert_eq!(listed[0]["name"], "httproute-echo", "{policies}");
+    assert_eq!(listed[0]["namespace"], MESH_NAMESPACE, "{policies}");
+    assert_eq!(listed[0]["host"], fqdn.as_str(), "{policies}");
+    assert_eq!(listed[0]["aliases"], json!(["echo", short]), "{policies}");
+    let config = mesh.proxy.admin_json("/config").await;
+    let served = sluice_config::PolicySet::from_canonical(
+        "served",
+        config["policies"].as_str().unwrap().as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(served.policies().len(), 1);
+    assert_eq!(
+        served.policies()[0].spec.hosts().collect::<Vec<_>>(),
+        [fqdn.as_str(), "echo", short.as_str()]
+    );
+    assert_statuses_valid(&mesh);
+    mesh.shutdown().await;
+}
+
 /// `(route, condition, reason, start of the message)` expected of a refused fixture.
 type Refusal = (&'static str, &'static str, &'static str, &'static str);
 
@@ -358,8 +400,17 @@ fn convert_translates_offline_and_refuses_with_file_and_field() {
         String::from_utf8_lossy(&out.stderr)
     );
     let set = sluice_config::PolicySet::from_canonical("converted", &out.stdout).unwrap();
+    assert_eq!(set.policies().len(), 1, "one policy per Service");
     let p = &set.policies()[0];
     assert_eq!(p.metadata.name, "httproute-echo");
+    assert_eq!(
+        p.spec.hosts().collect::<Vec<_>>(),
+        [
+            "echo.gateway-conformance-mesh.svc.cluster.local",
+            "echo",
+            "echo.gateway-conformance-mesh"
+        ]
+    );
     let w = p.spec.routes[0].split[0].weights.as_ref().unwrap();
     assert_eq!(w.values().copied().collect::<Vec<_>>(), [70, 30]);
 
