@@ -922,6 +922,48 @@ async fn only_the_leader_writes_httproute_statuses() {
     cp.shutdown().await;
 }
 
+#[tokio::test]
+async fn a_forbidden_httproute_status_write_keeps_the_route_served_and_is_tried_again() {
+    let routes = fixture_routes(include_str!(
+        "../../testdata/gateway-api/conformance-mesh/httproute-simple-same-namespace.yaml"
+    ));
+    let mut cluster = Cluster::new(vec![], vec![], false);
+    cluster.api.install_gateway_api();
+    for s in ["echo", "echo-v1"] {
+        cluster.api.put(mesh_service(s));
+    }
+    cluster.api.put(routes[0].clone());
+    // RBAC without `httproutes/status` (an older chart): the first write is a 403.
+    cluster.api.fail_next(http::StatusCode::FORBIDDEN, |c| {
+        is_status_write(c) && c.path.contains("/httproutes/")
+    });
+    let cp = cluster.start(true).await;
+    let set = served(&cp, |s| !s.policies().is_empty()).await;
+    assert_eq!(set.policies()[0].metadata.name, "httproute-echo");
+    let (name, _, code) = cluster.next_status_write().await;
+    assert_eq!(
+        (name.as_str(), code),
+        ("gateway-conformance-mesh-test", 403)
+    );
+    // The route stays served meanwhile, and the write is tried again until it lands.
+    assert_eq!(
+        cp.shared
+            .snapshots
+            .borrow()
+            .as_ref()
+            .unwrap()
+            .set
+            .policies()
+            .len(),
+        1
+    );
+    let (name, status) = cluster.next_patch().await;
+    assert_eq!(name, "gateway-conformance-mesh-test");
+    assert_eq!(status["parents"][0]["controllerName"], "sluice.dev/mesh");
+    assert_eq!(status["parents"][0]["conditions"][0]["status"], "True");
+    cp.shutdown().await;
+}
+
 /// Log lines written while a test runs (the subscriber is this thread's; a paused
 /// test's runtime runs every task on it).
 #[derive(Clone, Default)]
