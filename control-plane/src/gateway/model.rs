@@ -185,7 +185,7 @@ pub struct Retry {
 }
 
 /// One HTTPRoute object as the translation takes it.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq, Deserialize, Serialize)]
 pub struct RouteObject {
     /// Its namespace.
     pub namespace: String,

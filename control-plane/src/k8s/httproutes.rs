@@ -15,6 +15,7 @@
 //! its own status and never stops the others.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -86,6 +87,69 @@ pub(crate) struct GatewayRoutes {
     /// The last generation of each HTTPRoute that was in force at every Service
     /// parent: it stays in force while a later generation is refused.
     last_good: HashMap<Key, RouteObject>,
+    /// Where `last_good` is kept (`<state-dir>/httproutes`), so that a restarted
+    /// replica still serves it while the object's current generation is refused.
+    state_dir: Option<PathBuf>,
+}
+
+/// Under `--state-dir`: one JSON file per HTTPRoute, its last accepted generation.
+const STATE_SUBDIR: &str = "httproutes";
+
+impl GatewayRoutes {
+    /// No HTTPRoute seen yet; the last accepted generations kept in `state_dir` (if
+    /// any) are read back.
+    pub(crate) fn new(state_dir: Option<&Path>) -> Self {
+        let state_dir = state_dir.map(|d| d.join(STATE_SUBDIR));
+        let mut last_good = HashMap::new();
+        if let Some(dir) = &state_dir {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                let path = entry.path();
+                let read = std::fs::read(&path)
+                    .map_err(|e| e.to_string())
+                    .and_then(|b| {
+                        serde_json::from_slice::<RouteObject>(&b).map_err(|e| e.to_string())
+                    });
+                match read {
+                    Ok(obj) => {
+                        last_good.insert(obj.key(), obj);
+                    }
+                    Err(e) => {
+                        tracing::warn!(file = %path.display(), error = %e, "saved HTTPRoute unreadable; ignoring it")
+                    }
+                }
+            }
+        }
+        Self {
+            last_good,
+            state_dir,
+            ..Self::default()
+        }
+    }
+
+    fn state_file(&self, key: &Key) -> Option<PathBuf> {
+        state_file(self.state_dir.as_deref(), key)
+    }
+}
+
+fn state_file(dir: Option<&Path>, key: &Key) -> Option<PathBuf> {
+    dir.map(|d| d.join(format!("{}.{}.json", key.0, key.1)))
+}
+
+/// Records `obj` as its route's last accepted generation, in `dir` too.
+fn keep_good(last_good: &mut HashMap<Key, RouteObject>, dir: Option<&Path>, obj: &RouteObject) {
+    let key = obj.key();
+    if last_good.get(&key) == Some(obj) {
+        return;
+    }
+    if let Some(path) = state_file(dir, &key) {
+        let written = serde_json::to_vec(obj)
+            .map_err(|e| e.to_string())
+            .and_then(|bytes| sluice_api::write_atomic(&path, &bytes).map_err(|e| e.to_string()));
+        if let Err(e) = written {
+            tracing::warn!(file = %path.display(), error = %e, "cannot keep the accepted HTTPRoute");
+        }
+    }
+    last_good.insert(key, obj.clone());
 }
 
 impl GatewayRoutes {
@@ -155,7 +219,18 @@ impl GatewayRoutes {
             );
         }
         self.written.retain(|k, _| routes.contains_key(k));
-        self.last_good.retain(|k, _| routes.contains_key(k));
+        let gone: Vec<Key> = self
+            .last_good
+            .keys()
+            .filter(|k| !routes.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in gone {
+            if let Some(path) = self.state_file(&key) {
+                let _ = std::fs::remove_file(path);
+            }
+            self.last_good.remove(&key);
+        }
         self.routes = routes;
     }
 
@@ -268,7 +343,7 @@ impl GatewayRoutes {
                 let key = obj.key();
                 match first.verdicts.get(&key) {
                     Some(v) if v.parents.iter().all(|p| p.problems.is_empty()) => {
-                        self.last_good.insert(key, obj.clone());
+                        keep_good(&mut self.last_good, self.state_dir.as_deref(), &obj);
                         obj
                     }
                     Some(_) => match self.last_good.get(&key) {
@@ -527,4 +602,73 @@ pub(crate) fn now_rfc3339() -> String {
     now.round(k8s_openapi::jiff::Unit::Second)
         .unwrap_or(now)
         .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn route(generation: i64, matches: Value) -> Arc<DynamicObject> {
+        Arc::new(
+            serde_json::from_value(json!({
+                "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+                "metadata": { "name": "r", "namespace": "mesh", "generation": generation,
+                              "creationTimestamp": "2026-01-01T00:00:00Z" },
+                "spec": {
+                    "parentRefs": [{ "group": "", "kind": "Service", "name": "echo" }],
+                    "rules": [{ "matches": matches,
+                                "backendRefs": [{ "name": "echo-v1", "port": 8080 }] }],
+                },
+            }))
+            .unwrap(),
+        )
+    }
+
+    /// A replica that has listed everything (Services unreadable: references as written).
+    fn replica(dir: &Path, routes: &[Arc<DynamicObject>]) -> GatewayRoutes {
+        let mut g = GatewayRoutes::new(Some(dir));
+        g.set_installed(true);
+        g.set_services(Some(None));
+        g.sync_grants(&[]);
+        g.sync_routes(routes);
+        g
+    }
+
+    fn served_paths(g: &mut GatewayRoutes) -> Vec<Value> {
+        g.translate(&HashMap::new(), &HashSet::new())
+            .iter()
+            .flat_map(|(p, _)| &p.spec.routes)
+            .map(|r| serde_json::to_value(&r.matches).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_restarted_replica_keeps_serving_the_last_accepted_generation() {
+        let state = tempfile::tempdir().unwrap();
+        let good = json!([{ "path": { "type": "PathPrefix", "value": "/v1" } }]);
+        let mut first = replica(state.path(), &[route(1, good.clone())]);
+        let accepted = served_paths(&mut first);
+        assert_eq!(accepted.len(), 1);
+        let file = state.path().join("httproutes").join("mesh.r.json");
+        assert!(file.exists());
+
+        // Restarted while generation 2 is refused (a RegularExpression match): the
+        // saved generation 1 is served, and the status says so.
+        let broken = json!([{ "path": { "type": "RegularExpression", "value": "/v.*" } }]);
+        let mut again = replica(state.path(), &[route(2, broken)]);
+        assert_eq!(served_paths(&mut again), accepted);
+        let (_, parents, _) = again.pending_statuses("2026-01-02T00:00:00Z").remove(0);
+        let message = parents[0]["conditions"][0]["message"].as_str().unwrap();
+        assert!(
+            message.ends_with("(generation 1 stays in force)"),
+            "{message}"
+        );
+
+        // Deleted while the replica was down: forgotten, file and all.
+        let mut third = replica(state.path(), &[]);
+        assert!(served_paths(&mut third).is_empty());
+        assert!(!file.exists());
+    }
 }

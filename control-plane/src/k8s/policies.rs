@@ -179,6 +179,7 @@ impl KubePolicies {
         }
         Self {
             state_dir: state_dir.map(|d| d.join(STATE_SUBDIR)),
+            gateway: Box::new(GatewayRoutes::new(state_dir)),
             saved,
             limits,
             ..Self::default()
