@@ -181,6 +181,39 @@ fn weights_keep_their_proportions_and_backends_their_ports() {
 }
 
 #[test]
+fn a_bare_service_name_two_namespaces_share_goes_to_the_first() {
+    let simple = fixture("httproute-simple-same-namespace");
+    let mut routes = objects(&simple);
+    routes.extend(objects(&simple.replace(NS, "aaa")));
+    let t = translate(
+        &routes,
+        Cluster {
+            services: None,
+            grants: &[],
+        },
+    );
+    all_accepted(&t);
+    let names = |ns: &str| {
+        let p = t
+            .policies()
+            .find(|p| p.metadata.namespace.as_deref() == Some(ns))
+            .unwrap();
+        assert_eq!(p.metadata.name, "httproute-echo");
+        p.spec.hosts().map(str::to_string).collect::<Vec<_>>()
+    };
+    assert_eq!(
+        names("aaa"),
+        ["echo.aaa.svc.cluster.local", "echo", "echo.aaa"]
+    );
+    assert_eq!(
+        names(NS),
+        [format!("echo.{NS}.svc.cluster.local"), format!("echo.{NS}")]
+    );
+    // Together they validate: no name is claimed twice.
+    sluice_config::PolicySet::from_effective(t.policies().cloned().collect()).unwrap();
+}
+
+#[test]
 fn weights_of_any_total_stay_exact() {
     let routes = objects(
         &fixture("httproute-weight")
