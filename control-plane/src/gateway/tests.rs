@@ -183,7 +183,7 @@ fn weights_keep_their_proportions_and_backends_their_ports() {
 #[test]
 fn a_bare_service_name_two_namespaces_share_goes_to_the_first() {
     let simple = fixture("httproute-simple-same-namespace");
-    let mut routes = objects(&simple);
+    let mut routes = objects(simple);
     routes.extend(objects(&simple.replace(NS, "aaa")));
     let t = translate(
         &routes,
