@@ -1,0 +1,14 @@
+//! One module per command; [`run`] dispatches.
+
+pub mod breakers;
+
+use crate::args::Command;
+use crate::error::CliError;
+use crate::{Ctx, Verdict};
+
+/// Runs one command.
+pub async fn run(ctx: &mut Ctx<'_>, command: Command) -> Result<Verdict, CliError> {
+    match command {
+        Command::Breakers(args) => breakers::run(ctx, args).await,
+    }
+}
