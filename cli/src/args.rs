@@ -94,6 +94,20 @@ Examples:
   sluicectl breakers open log-service.ingest log-v2
   sluicectl --proxy 127.0.0.1:15000 breakers reset log-service.ingest log-v2")]
     Breakers(BreakersArgs),
+    /// Which route, backend and governance a request would get, from policy files,
+    /// offline, with the proxy's own route table and split.
+    #[command(after_help = "\
+Examples:
+  sluicectl explain -f policies/ log-service POST /logs -H x-user-id:alice
+  sluicectl explain -f log-service.yaml log-service GET /healthz -o json")]
+    Explain(ExplainArgs),
+    /// Validate policy files (files or directories of `*.yaml`) as the control plane
+    /// and the proxies do; exits 1 when any is refused.
+    #[command(after_help = "\
+Examples:
+  sluicectl validate examples/policies/
+  sluicectl validate log-service.yaml order-service.yaml -o json")]
+    Validate(ValidateArgs),
 }
 
 /// `status`.

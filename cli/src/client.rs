@@ -128,7 +128,11 @@ impl AdminClient {
             .body(Full::new(Bytes::new()))
             .map_err(|e| CliError::Usage(format!("{path}: {e}")))?;
         let exchange = async {
-            let resp = self.client.request(req).await.map_err(|e| self.unreachable(&e))?;
+            let resp = self
+                .client
+                .request(req)
+                .await
+                .map_err(|e| self.unreachable(&e))?;
             let status = resp.status();
             let body = Limited::new(resp.into_body(), MAX_ANSWER)
                 .collect()
@@ -247,7 +251,10 @@ mod tests {
 
     #[test]
     fn normalizes_base_urls() {
-        assert_eq!(normalize("127.0.0.1:15000").unwrap(), "http://127.0.0.1:15000");
+        assert_eq!(
+            normalize("127.0.0.1:15000").unwrap(),
+            "http://127.0.0.1:15000"
+        );
         assert_eq!(normalize("http://a:1/").unwrap(), "http://a:1");
         assert_eq!(normalize("http://a:1/x/y/").unwrap(), "http://a:1/x/y");
         assert!(normalize("https://a:1").unwrap_err().contains("plain HTTP"));
@@ -320,7 +327,10 @@ mod tests {
 
         let refused = c.get_json::<State>("/secret").await.unwrap_err();
         let line = refused.to_string();
-        assert!(line.contains("(401)") && line.contains("--token-file"), "{line}");
+        assert!(
+            line.contains("(401)") && line.contains("--token-file"),
+            "{line}"
+        );
         assert!(!line.contains('\n'));
 
         let wrong = client(addr, Some("nope"))
@@ -329,11 +339,17 @@ mod tests {
             .unwrap_err();
         assert!(wrong.to_string().contains("was not accepted"), "{wrong}");
 
-        let right: State = client(addr, Some("s3cret")).get_json("/secret").await.unwrap();
+        let right: State = client(addr, Some("s3cret"))
+            .get_json("/secret")
+            .await
+            .unwrap();
         assert_eq!(right.state, "open");
 
         let missing = c.get_text("/nothing").await.unwrap_err();
-        assert!(matches!(missing, CliError::Status { status: 404, .. }), "{missing}");
+        assert!(
+            matches!(missing, CliError::Status { status: 404, .. }),
+            "{missing}"
+        );
     }
 
     #[tokio::test]
@@ -346,7 +362,10 @@ mod tests {
         let err = client(addr, None).get_text("/live").await.unwrap_err();
         let line = err.to_string();
         assert!(matches!(err, CliError::Unreachable { .. }), "{line}");
-        assert!(line.starts_with("cannot reach the proxy admin at http://127.0.0.1:"), "{line}");
+        assert!(
+            line.starts_with("cannot reach the proxy admin at http://127.0.0.1:"),
+            "{line}"
+        );
         assert!(!line.contains('\n'));
         assert_eq!(err.exit_code(), 3);
     }

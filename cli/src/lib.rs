@@ -18,6 +18,8 @@ pub mod args;
 pub mod client;
 pub mod cmd;
 pub mod error;
+pub mod explain;
+pub mod policies;
 pub mod table;
 
 use std::io::Write;

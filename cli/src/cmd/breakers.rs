@@ -79,7 +79,15 @@ async fn list(ctx: &mut Ctx<'_>) -> Result<Verdict, CliError> {
     }
     let now = now_ms();
     let mut t = Table::new([
-        "PROXY", "ROUTE", "BACKEND", "STATE", "IN-A-ROW", "OK", "FAILED", "REJECTED", "SINCE",
+        "PROXY",
+        "ROUTE",
+        "BACKEND",
+        "STATE",
+        "IN-A-ROW",
+        "OK",
+        "FAILED",
+        "REJECTED",
+        "SINCE",
         "LAST CHANGE",
     ]);
     for (proxy, breakers) in &all {

@@ -1,6 +1,8 @@
 //! One module per command; [`run`] dispatches.
 
 pub mod breakers;
+pub mod explain;
+pub mod validate;
 
 use crate::args::Command;
 use crate::error::CliError;
@@ -10,5 +12,7 @@ use crate::{Ctx, Verdict};
 pub async fn run(ctx: &mut Ctx<'_>, command: Command) -> Result<Verdict, CliError> {
     match command {
         Command::Breakers(args) => breakers::run(ctx, args).await,
+        Command::Explain(args) => explain::run(ctx, args).await,
+        Command::Validate(args) => validate::run(ctx, args).await,
     }
 }
