@@ -9,6 +9,7 @@
 //! | `GET /config` | JSON: version, source, applied_at, policies (canonical YAML), last_rejected |
 //! | `GET /breakers` | JSON list of circuit breakers, one per route × backend (route key `<policy>.<route>`) |
 //! | `POST /breakers/<route>/<backend>/reset` or `/open` | change one breaker by hand |
+//! | `GET /recent` | JSON: the last requests the ring kept (`--recent-requests N`), filtered by `since`, `status` (`503`, `5xx`), `reason`, `route`, `backend`, `min_ms`, `limit`; `secrets=true` shows secret headers a proxy kept ([`crate::recent`]) |
 //! | `PUT /log-level` | body: a level or an `EnvFilter` string |
 //! | `GET /app-health/<container>/<livez\|readyz\|startupz>` | the application's own probe, called as the kubelet would ([`crate::probes`]) |
 //!
@@ -31,6 +32,7 @@ use sluice_api::AdminGate;
 use crate::body::{Body, full};
 use crate::config::LogControl;
 use crate::policy::PolicyStore;
+use crate::recent::RecentFilter;
 use crate::tls::TlsStore;
 
 /// Largest admin request body read.
@@ -97,6 +99,7 @@ pub(crate) async fn handle(
         (&Method::GET, "/identity") => json(StatusCode::OK, &identity_json(state.tls.as_deref())),
         (&Method::GET, "/breakers") => json(StatusCode::OK, &state.store.context().breakers.list()),
         (&Method::POST, p) if p.starts_with("/breakers/") => breaker_action(&state, p),
+        (&Method::GET, "/recent") => recent(&state, parts.uri.query()),
         (&Method::GET, p) if p.starts_with("/app-health/") => {
             let answer = match &state.probes {
                 Some(probes) => probes.answer(p, &parts.headers).await,
@@ -147,6 +150,18 @@ fn breaker_action(state: &AdminState, path: &str) -> Response<Body> {
         text(StatusCode::OK, format!("{route}/{backend}: {action}\n"))
     } else {
         text(StatusCode::NOT_FOUND, "no such breaker\n")
+    }
+}
+
+/// `GET /recent`: the ring's entries the query's filters let through.
+fn recent(state: &AdminState, query: Option<&str>) -> Response<Body> {
+    let filter = match RecentFilter::from_query(query) {
+        Ok(f) => f,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
+    match state.store.context().recent.as_deref() {
+        Some(ring) => json(StatusCode::OK, &ring.to_json(&filter)),
+        None => json(StatusCode::OK, &crate::recent::disabled_json()),
     }
 }
 
@@ -276,6 +291,7 @@ mod tests {
             (Method::GET, "/config"),
             (Method::GET, "/breakers"),
             (Method::GET, "/identity"),
+            (Method::GET, "/recent"),
             (Method::POST, "/breakers/a.b/v1/open"),
             (Method::PUT, "/log-level"),
             (Method::POST, "/live"),

@@ -29,6 +29,7 @@ mod message;
 pub mod metrics;
 pub mod policy;
 pub mod probes;
+pub mod recent;
 mod rescue;
 pub mod route;
 mod server;
@@ -179,6 +180,12 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
             instance: cfg.node_id.clone(),
         },
     )?;
+    ctx.recent = (cfg.recent_requests > 0).then(|| {
+        Arc::new(recent::RecentRequests::new(
+            cfg.recent_requests,
+            cfg.recent_requests_secrets,
+        ))
+    });
     let app = cfg.app.filter(|_| !cfg.no_inbound);
     let app_authority = app
         .map(|a| {

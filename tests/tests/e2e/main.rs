@@ -27,6 +27,7 @@ mod reload;
 mod routing;
 mod schema_versions;
 mod shutdown;
+mod sluicectl;
 mod streaming;
 mod telemetry;
 mod timeouts;
