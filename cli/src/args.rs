@@ -47,12 +47,13 @@ pub struct Global {
     )]
     pub control_plane: String,
     /// A proxy's admin URL; repeat the flag (or separate with commas) for several.
+    /// Commands about proxies use http://127.0.0.1:15000 when none is given; `status`
+    /// asks only the proxies given (for their certificates).
     #[arg(
         long,
         global = true,
         env = "SLUICECTL_PROXY",
         value_delimiter = ',',
-        default_value = "http://127.0.0.1:15000",
         value_name = "URL"
     )]
     pub proxy: Vec<String>,
@@ -108,6 +109,29 @@ Examples:
   sluicectl validate examples/policies/
   sluicectl validate log-service.yaml order-service.yaml -o json")]
     Validate(ValidateArgs),
+    /// Every proxy's acked and refused (NACK) version, drift from what was sent, and
+    /// certificate expiry; exits 1 on drift or NACK.
+    #[command(after_help = "\
+Examples:
+  sluicectl status
+  sluicectl status --proxy 10.0.0.7:15000,10.0.0.8:15000 --token-file token   (adds certificate expiry)
+  sluicectl status -o json | jq '.proxies[] | select(.state != \"in-sync\")'")]
+    Status(StatusArgs),
+    /// Requests, errors and latency per route × backend from the proxies' counters,
+    /// refreshed in place.
+    #[command(after_help = "\
+Examples:
+  sluicectl top
+  sluicectl top --interval 5s --proxy a:15000,b:15000
+  sluicectl top --once -o json")]
+    Top(TopArgs),
+    /// Policy files against the policies the control plane serves (weights a rollout
+    /// drives aside); exits 1 when they differ.
+    #[command(after_help = "\
+Examples:
+  sluicectl diff policies/
+  sluicectl diff log-service.yaml -o json")]
+    Diff(DiffArgs),
 }
 
 /// `status`.
@@ -265,6 +289,10 @@ pub struct DiffArgs {
     /// Policy files or directories of `*.yaml`.
     #[arg(required = true, value_name = "PATH")]
     pub files: Vec<PathBuf>,
+    /// Count policies the control plane serves that the files do not hold as
+    /// differences (for a whole policy directory).
+    #[arg(long)]
+    pub all: bool,
 }
 
 #[cfg(test)]

@@ -32,6 +32,9 @@ use crate::args::{Cli, Global, Output};
 use crate::client::{AdminClient, Side};
 use crate::error::CliError;
 
+/// The proxy admin asked when `--proxy` is not given (DESIGN's default admin port).
+pub const DEFAULT_PROXY: &str = "http://127.0.0.1:15000";
+
 /// What a command found: all well, or an answer of "no" (exit 1).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -75,8 +78,22 @@ impl Ctx<'_> {
         )
     }
 
-    /// A client per `--proxy`.
+    /// A client per `--proxy`, or of the local proxy's admin port when none is given.
     pub fn proxies(&self) -> Result<Vec<AdminClient>, CliError> {
+        let mut clients = self.explicit_proxies()?;
+        if clients.is_empty() {
+            clients.push(AdminClient::new(
+                Side::Proxy,
+                DEFAULT_PROXY,
+                self.token.clone(),
+                self.global.timeout.get(),
+            )?);
+        }
+        Ok(clients)
+    }
+
+    /// A client per `--proxy` given (none when the flag is absent).
+    pub fn explicit_proxies(&self) -> Result<Vec<AdminClient>, CliError> {
         self.global
             .proxy
             .iter()

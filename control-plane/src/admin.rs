@@ -11,10 +11,12 @@
 //!   policies held back from them (in an older form, or withheld).
 //! - `/proxies`: JSON, every proxy seen (node id, namespace, service, versions
 //!   sent, acknowledged and refused with the reason, last seen, connected).
+//! - `/served`: JSON, the policies served in canonical form and the newest snapshot
+//!   proxies receive ([`crate::operator`]).
 //!
-//! Bound beyond loopback (the default, `0.0.0.0:15014`), `/policies` and `/proxies`
-//! answer only with the admin token (`--admin-token-file`, [`AdminGate`]); the probes
-//! and `/metrics` stay open for the kubelet and Prometheus.
+//! Bound beyond loopback (the default, `0.0.0.0:15014`), every route but the probes
+//! and `/metrics` answers only with the admin token (`--admin-token-file`,
+//! [`AdminGate`]); the probes and `/metrics` stay open for the kubelet and Prometheus.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -132,6 +134,7 @@ fn route(shared: &Shared, gate: &AdminGate, req: &Request<Incoming>) -> Response
                 "schemaViews": schema_views,
             }))
         }
+        "/served" => json(&crate::operator::served(shared)),
         "/proxies" => json(&serde_json::json!({
             "version": shared.current_version(),
             "proxies": shared.proxies.snapshot(),

@@ -6,7 +6,7 @@
 //! | `GET /ready` | 200 once a policy (and with mTLS a certificate) is loaded and the proxy is not draining, else 503 |
 //! | `GET /identity` | JSON: mTLS on or off, SPIFFE ID, certificate expiry, next renewal, certificates installed |
 //! | `GET /metrics` | Prometheus text |
-//! | `GET /config` | JSON: version, source, applied_at, policies (canonical YAML), last_rejected |
+//! | `GET /config` | JSON: version, source, applied_at, policies (canonical YAML), last_rejected, identity, node_id (with a control plane) |
 //! | `GET /breakers` | JSON list of circuit breakers, one per route × backend (route key `<policy>.<route>`) |
 //! | `POST /breakers/<route>/<backend>/reset` or `/open` | change one breaker by hand |
 //! | `GET /recent` | JSON: the last requests the ring kept (`--recent-requests N`), filtered by `since`, `status` (`503`, `5xx`), `reason`, `route`, `backend`, `min_ms`, `limit`; `secrets=true` shows secret headers a proxy kept ([`crate::recent`]) |
@@ -47,6 +47,9 @@ pub(crate) struct AdminState {
     pub(crate) probes: Option<Arc<crate::probes::AppProbes>>,
     /// The workload certificate, when mTLS is on.
     pub(crate) tls: Option<Arc<TlsStore>>,
+    /// The node id this proxy gives the control plane, when it follows one (so
+    /// `sluicectl status` can join `/proxies` to this admin port).
+    pub(crate) node_id: Option<Arc<str>>,
 }
 
 /// Handles one admin request.
@@ -94,6 +97,7 @@ pub(crate) async fn handle(
         (&Method::GET, "/config") => {
             let mut v = config_json(&state.store);
             v["identity"] = identity_json(state.tls.as_deref());
+            v["node_id"] = state.node_id.as_deref().into();
             json(StatusCode::OK, &v)
         }
         (&Method::GET, "/identity") => json(StatusCode::OK, &identity_json(state.tls.as_deref())),
@@ -274,6 +278,7 @@ mod tests {
             gate: AdminGate::new("0.0.0.0:15000".parse().unwrap(), token.map(Into::into)),
             probes: None,
             tls: None,
+            node_id: None,
         }
     }
 

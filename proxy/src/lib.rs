@@ -328,6 +328,10 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         gate: sluice_api::AdminGate::new(admin_addr, token),
         probes,
         tls: tls.clone(),
+        node_id: cfg
+            .control_plane
+            .as_ref()
+            .map(|_| Arc::from(cfg.node_id.clone().unwrap_or_else(control::default_node_id))),
     };
     let admin_task = server::serve(
         "admin",

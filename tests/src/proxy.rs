@@ -240,6 +240,7 @@ impl TestProxy {
             inbound_permissive: opts.mtls.as_ref().is_some_and(|m| m.permissive),
             trace: opts.trace.clone(),
             timeouts: opts.timeouts,
+            recent_requests: opts.recent_requests,
             ..Default::default()
         };
         let running = sluice_proxy::start(cfg).await.expect("start the proxy");

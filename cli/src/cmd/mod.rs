@@ -1,7 +1,10 @@
 //! One module per command; [`run`] dispatches.
 
 pub mod breakers;
+pub mod diff;
 pub mod explain;
+pub mod status;
+pub mod top;
 pub mod validate;
 
 use crate::args::Command;
@@ -14,5 +17,8 @@ pub async fn run(ctx: &mut Ctx<'_>, command: Command) -> Result<Verdict, CliErro
         Command::Breakers(args) => breakers::run(ctx, args).await,
         Command::Explain(args) => explain::run(ctx, args).await,
         Command::Validate(args) => validate::run(ctx, args).await,
+        Command::Status(args) => status::run(ctx, args).await,
+        Command::Top(args) => top::run(ctx, args).await,
+        Command::Diff(args) => diff::run(ctx, args).await,
     }
 }

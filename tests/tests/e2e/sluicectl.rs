@@ -8,7 +8,10 @@ use std::path::Path;
 use std::process::{Command, Output};
 
 use hyper::{Method, StatusCode};
-use sluice_e2e::{HttpConn, ProxyOptions, TestProxy, Upstream};
+use sluice_e2e::{
+    ChildControlPlane, HttpConn, ProxyOptions, TestControlPlane, TestProxy, Upstream, WAIT,
+    wait_until,
+};
 use sluicectl::explain::{Explainer, Probe};
 
 fn bin() -> &'static Path {
@@ -250,4 +253,424 @@ async fn explain_agrees_with_a_live_proxy_on_route_and_sticky_backend() {
         "every route chosen at least once: {routes:?}"
     );
     proxy.shutdown().await;
+}
+
+const LOG_POLICY: &str = r#"apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: { name: log, namespace: e2e }
+spec:
+  host: log
+  backends:
+    v1: { addresses: ["127.0.0.1:9"] }
+  routes:
+    - name: all
+      timeout: 2s
+"#;
+
+/// A policy for `host` with one breaker-guarded route to `backend`.
+fn breaker_policy(backend: SocketAddr) -> String {
+    format!(
+        r#"apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: {{ name: shop, namespace: e2e }}
+spec:
+  host: shop
+  backends:
+    v1: {{ addresses: ["{backend}"] }}
+  routes:
+    - name: api
+      circuitBreaker: {{ consecutiveFailures: 50, openFor: 30s }}
+"#
+    )
+}
+
+#[test]
+fn validate_gives_the_verdict_with_positions_and_exit_codes() {
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/policies");
+    let out = sluicectl(&["validate", examples.to_str().unwrap()]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(stdout(&out).contains("valid: "), "{}", stdout(&out));
+
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.yaml");
+    std::fs::write(&broken, LOG_POLICY.replace("timeout: 2s", "timeout: soon")).unwrap();
+    let out = sluicectl(&["validate", broken.to_str().unwrap(), "-o", "json"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let v = json(&out);
+    assert_eq!(v["ok"], false);
+    let e = &v["errors"][0];
+    assert_eq!(e["file"], broken.to_str().unwrap());
+    assert_eq!(
+        (e["line"].as_u64(), e["field"].as_str()),
+        (Some(10), Some("spec.routes[0].timeout"))
+    );
+
+    let out = sluicectl(&[
+        "validate",
+        dir.path().join("missing.yaml").to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(stderr(&out).lines().count(), 1, "{}", stderr(&out));
+}
+
+#[test]
+fn explain_from_the_command_line_names_route_losers_and_sticky_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
+    std::fs::write(dir.path().join("shop.yaml"), shop_policy(addr, addr, addr)).unwrap();
+    let f = dir.path().to_str().unwrap();
+    let out = sluicectl(&[
+        "explain",
+        "-f",
+        f,
+        "shop",
+        "POST",
+        "/logs/x",
+        "-H",
+        "x-user-id:alice",
+        "-o",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v = json(&out);
+    assert_eq!(v["policy"], "e2e/shop");
+    assert_eq!(v["route"], "shop.ingest");
+    assert_eq!(v["backend"]["by"], "sticky");
+    let point = sluice_config::sticky_point(b"alice");
+    let expected = if point < 7000 {
+        "v1"
+    } else if point < 9000 {
+        "v2"
+    } else {
+        "v3"
+    };
+    assert_eq!(v["backend"]["backend"], expected);
+    let lost: Vec<&str> = v["routes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["verdict"] == "precedence")
+        .map(|r| r["route"].as_str().unwrap())
+        .collect();
+    assert_eq!(lost, ["shop.read"]);
+
+    let out = sluicectl(&[
+        "explain",
+        "-f",
+        f,
+        "shop",
+        "POST",
+        "/logs/x",
+        "-H",
+        "x-user-id:alice",
+    ]);
+    let text = stdout(&out);
+    assert!(text.contains("route     shop.ingest"), "{text}");
+    assert!(text.contains("lost on precedence: matches too, but shop.ingest goes first: a method match goes before none"), "{text}");
+    assert!(text.contains(&format!("point {point} of 10000")), "{text}");
+
+    let out = sluicectl(&["explain", "-f", f, "shop", "GET", "/", "-H", "broken"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        stderr(&out).contains("is not name:value"),
+        "{}",
+        stderr(&out)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_acks_certificates_and_fails_on_a_nack() {
+    let cp = TestControlPlane::start_with_ca(
+        &[("log.yaml", LOG_POLICY)],
+        &[("tok-order", "e2e", "order")],
+        std::time::Duration::from_secs(3600),
+    )
+    .await;
+    let state = tempfile::tempdir().unwrap();
+    let proxy = TestProxy::start_subscribed(
+        &cp.url(),
+        "order-0",
+        state.path(),
+        ProxyOptions {
+            mtls: Some(cp.mesh_tls("tok-order")),
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    let version = cp.version().unwrap();
+    cp.wait_acked_everywhere(&version, 1).await;
+    let cp_url = format!("http://{}", cp.admin_addr());
+    let proxy_url = proxy.admin_addr().to_string();
+    let out = sluicectl(&[
+        "--control-plane",
+        &cp_url,
+        "--proxy",
+        &proxy_url,
+        "status",
+        "-o",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let v = json(&out);
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["version"], version.as_str());
+    let p = &v["proxies"][0];
+    assert_eq!(
+        (p["node_id"].as_str(), p["state"].as_str()),
+        (Some("order-0"), Some("in-sync"))
+    );
+    assert_eq!(p["acked_version"], version.as_str());
+    assert_eq!(p["spiffe_id"], "spiffe://cluster.local/ns/e2e/sa/order");
+    let not_after = p["cert_not_after"].as_str().expect("certificate expiry");
+    assert!(not_after.ends_with('Z'), "{not_after}");
+
+    let out = sluicectl(&["--control-plane", &cp_url, "--proxy", &proxy_url, "status"]);
+    let text = stdout(&out);
+    assert!(
+        text.contains("order-0") && text.contains("in-sync") && text.contains(&not_after[..10]),
+        "{text}"
+    );
+    proxy.shutdown().await;
+
+    // A snapshot the proxy cannot take: refused, and status says so with exit 1.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("log.yaml"), LOG_POLICY).unwrap();
+    let future = sluice_config::SCHEMA_VERSION + 1;
+    let child = ChildControlPlane::spawn(
+        env!("CARGO_BIN_EXE_e2e-control-plane").as_ref(),
+        &[
+            ("SLUICE_POLICY_DIR", dir.path().to_str().unwrap()),
+            ("SLUICE_PLAINTEXT", "true"),
+        ],
+        &["--test-stamp-schema-version", &future.to_string()],
+    )
+    .await;
+    let state = tempfile::tempdir().unwrap();
+    let refusing = TestProxy::start_subscribed(
+        &format!("http://{}", child.grpc_addr()),
+        "log-0",
+        state.path(),
+        ProxyOptions {
+            skip_ready_wait: true,
+            ..ProxyOptions::default()
+        },
+    )
+    .await;
+    wait_until("the control plane records a NACK", WAIT, || async {
+        child.admin_json("/proxies").await["proxies"][0]["nacked_version"].is_string()
+    })
+    .await;
+    let cp_url = format!("http://{}", child.admin_addr());
+    let out = sluicectl(&["--control-plane", &cp_url, "status"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let text = stdout(&out);
+    assert!(text.contains("log-0") && text.contains("NACK"), "{text}");
+    assert!(
+        text.contains(&format!("schema version {future} is not supported")),
+        "{text}"
+    );
+    refusing.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breakers_list_open_and_reset_a_live_proxys_breaker() {
+    let upstream = Upstream::http1("v1").await;
+    let proxy = TestProxy::start(&breaker_policy(upstream.addr())).await;
+    let url = proxy.admin_addr().to_string();
+    let list = || sluicectl(&["--proxy", &url, "breakers", "-o", "json"]);
+    let state = |out: &Output| json(out)["proxies"][0]["breakers"][0]["state"].clone();
+    assert_eq!(state(&list()), "closed");
+
+    let out = sluicectl(&["--proxy", &url, "breakers", "open", "shop.api", "v1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains("shop.api/v1: open done"),
+        "{}",
+        stdout(&out)
+    );
+    assert_eq!(state(&list()), "open");
+    let mut conn = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
+    let reply = conn.get("shop", "/").await.unwrap();
+    assert_eq!(reply.header("x-sluice-reason"), "breaker-open");
+    let out = sluicectl(&["--proxy", &url, "breakers"]);
+    let text = stdout(&out);
+    assert!(
+        text.contains("shop.api") && text.contains("open") && text.contains("held"),
+        "{text}"
+    );
+
+    let out = sluicectl(&["--proxy", &url, "breakers", "reset", "shop.api", "v1"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(state(&list()), "closed");
+    assert_eq!(conn.get("shop", "/").await.unwrap().status, StatusCode::OK);
+
+    let out = sluicectl(&["--proxy", &url, "breakers", "reset", "shop.api", "v9"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stdout(&out).contains("no such breaker"), "{}", stdout(&out));
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_refused_and_malformed_admins_are_one_line_and_exit_3() {
+    let upstream = Upstream::http1("not-an-admin").await;
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    let wrong = dir.path().join("wrong");
+    std::fs::write(&wrong, "guess").unwrap();
+    let proxy = TestProxy::start_with(
+        &breaker_policy(upstream.addr()),
+        ProxyOptions {
+            admin: Some("0.0.0.0:0".parse().unwrap()),
+            admin_token_file: Some(token.clone()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let url = format!("127.0.0.1:{}", proxy.admin_addr().port());
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let cases: [(&[&str], &str); 4] = [
+        (
+            &["--proxy", &closed, "breakers"],
+            "cannot reach the proxy admin",
+        ),
+        (
+            &["--proxy", &url, "breakers"],
+            "(401): this admin port is bound beyond loopback: pass its admin token with --token-file",
+        ),
+        (
+            &[
+                "--proxy",
+                &url,
+                "--token-file",
+                wrong.to_str().unwrap(),
+                "breakers",
+            ],
+            "(401): the token from --token-file was not accepted",
+        ),
+        (
+            &["--proxy", &upstream.addr().to_string(), "breakers"],
+            "answered /breakers with something unexpected",
+        ),
+    ];
+    for (args, says) in cases {
+        let out = sluicectl(args);
+        let err = stderr(&out);
+        assert_eq!(out.status.code(), Some(3), "{args:?}: {err}");
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
+        assert!(
+            err.starts_with("sluicectl: ") && err.contains(says),
+            "{args:?}: {err}"
+        );
+        assert!(!err.contains("panicked"), "{err}");
+    }
+    let out = sluicectl(&[
+        "--proxy",
+        &url,
+        "--token-file",
+        token.to_str().unwrap(),
+        "breakers",
+        "-o",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(json(&out)["proxies"][0]["breakers"][0]["route"], "shop.api");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn top_shows_requests_errors_and_latency_per_route_and_backend() {
+    let upstream = Upstream::http1("v1").await;
+    let proxy = TestProxy::start(&breaker_policy(upstream.addr())).await;
+    let mut conn = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
+    for i in 0..20 {
+        let path = if i % 4 == 0 { "/status/503" } else { "/" };
+        conn.get("shop", path).await.unwrap();
+    }
+    let url = proxy.admin_addr().to_string();
+    let out = sluicectl(&[
+        "--proxy",
+        &url,
+        "top",
+        "--once",
+        "--interval",
+        "100ms",
+        "-o",
+        "json",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let v = json(&out);
+    let row = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["route"] == "shop.api" && r["backend"] == "v1")
+        .cloned()
+        .unwrap_or_else(|| panic!("no shop.api × v1 row: {v}"));
+    assert_eq!(row["requests_total"], 20.0);
+    assert_eq!(row["errors_total"], 5.0);
+    assert_eq!(row["direction"], "outbound");
+
+    let out = sluicectl(&["--proxy", &url, "top", "--once", "--interval", "100ms"]);
+    let text = stdout(&out);
+    let line = text
+        .lines()
+        .find(|l| l.contains("shop.api"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        line.contains(" 20 ") && line.trim_end().ends_with('5'),
+        "{line}"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diff_compares_files_with_what_the_control_plane_serves() {
+    let cp = TestControlPlane::start(&[("log.yaml", LOG_POLICY)]).await;
+    wait_until("the control plane serves a version", WAIT, || async {
+        cp.version().is_some()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("log.yaml"), LOG_POLICY).unwrap();
+    let cp_url = format!("http://{}", cp.admin_addr());
+    let d = dir.path().to_str().unwrap();
+    let out = sluicectl(&["--control-plane", &cp_url, "diff", d]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert!(
+        stdout(&out).contains("same     e2e/log"),
+        "{}",
+        stdout(&out)
+    );
+
+    std::fs::write(
+        dir.path().join("log.yaml"),
+        LOG_POLICY.replace("timeout: 2s", "timeout: 5s"),
+    )
+    .unwrap();
+    let out = sluicectl(&["--control-plane", &cp_url, "diff", d]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let text = stdout(&out);
+    assert!(text.contains("changed  e2e/log"), "{text}");
+    assert!(
+        text.contains("-    timeout: 5s") && text.contains("+    timeout: 2s"),
+        "{text}"
+    );
+
+    // Once the control plane takes the edit, they match again.
+    cp.write_policy(
+        "log.yaml",
+        &LOG_POLICY.replace("timeout: 2s", "timeout: 5s"),
+    );
+    wait_until("the control plane serves the edit", WAIT, || async {
+        sluicectl(&["--control-plane", &cp_url, "diff", d])
+            .status
+            .success()
+    })
+    .await;
+    let out = sluicectl(&["--control-plane", &cp_url, "diff", d, "-o", "json"]);
+    assert_eq!(json(&out)["identical"], true);
 }
