@@ -132,6 +132,14 @@ Examples:
   sluicectl diff policies/
   sluicectl diff log-service.yaml -o json")]
     Diff(DiffArgs),
+    /// Recent requests from each proxy's bounded ring (`--recent-requests N` on the
+    /// proxy), filtered after the response.
+    #[command(after_help = "\
+Examples:
+  sluicectl tap
+  sluicectl tap --status 5xx --reason timeout
+  sluicectl tap --route log-service.ingest --backend log-v2 --min-latency 250ms --follow")]
+    Tap(TapArgs),
 }
 
 /// `status`.

@@ -4,6 +4,7 @@ pub mod breakers;
 pub mod diff;
 pub mod explain;
 pub mod status;
+pub mod tap;
 pub mod top;
 pub mod validate;
 
@@ -20,5 +21,6 @@ pub async fn run(ctx: &mut Ctx<'_>, command: Command) -> Result<Verdict, CliErro
         Command::Status(args) => status::run(ctx, args).await,
         Command::Top(args) => top::run(ctx, args).await,
         Command::Diff(args) => diff::run(ctx, args).await,
+        Command::Tap(args) => tap::run(ctx, args).await,
     }
 }

@@ -674,3 +674,126 @@ async fn diff_compares_files_with_what_the_control_plane_serves() {
     let out = sluicectl(&["--control-plane", &cp_url, "diff", d, "-o", "json"]);
     assert_eq!(json(&out)["identical"], true);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tap_filters_a_live_proxys_recent_requests_after_the_response() {
+    let upstream = Upstream::http1("v1").await;
+    let proxy = TestProxy::start_with(
+        &breaker_policy(upstream.addr()),
+        ProxyOptions {
+            recent_requests: 100,
+            ..Default::default()
+        },
+    )
+    .await;
+    let url = proxy.admin_addr().to_string();
+    let mut conn = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
+    let secret = [("authorization", "Bearer abc"), ("cookie", "session=1")];
+    for _ in 0..6 {
+        conn.request(Method::GET, "shop", "/ok?token=q", &secret)
+            .await
+            .unwrap();
+    }
+    for _ in 0..3 {
+        conn.get("shop", "/status/503").await.unwrap();
+    }
+    assert!(
+        sluicectl(&["--proxy", &url, "breakers", "open", "shop.api", "v1"])
+            .status
+            .success()
+    );
+    for _ in 0..2 {
+        let r = conn.get("shop", "/refused").await.unwrap();
+        assert_eq!(r.header("x-sluice-reason"), "breaker-open");
+    }
+    conn.get("nobody", "/").await.unwrap();
+
+    let tap = |args: &[&str]| {
+        let mut all = vec!["--proxy", url.as_str(), "tap", "-o", "json"];
+        all.extend_from_slice(args);
+        let out = sluicectl(&all);
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        json(&out)["proxies"][0]["requests"]
+            .as_array()
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(tap(&[]).len(), 12);
+    let failed = tap(&["--status", "5xx"]);
+    assert_eq!(failed.len(), 5, "{failed:?}");
+    let refused = tap(&["--reason", "breaker-open"]);
+    assert_eq!(refused.len(), 2);
+    assert!(
+        refused
+            .iter()
+            .all(|e| e["status"] == 503 && e["path"] == "/refused")
+    );
+    let no_route = tap(&["--reason", "no-route"]);
+    assert_eq!((no_route.len(), no_route[0]["route"].is_null()), (1, true));
+    assert_eq!(
+        tap(&["--status", "503", "--route", "shop.api", "--backend", "v1"]).len(),
+        5
+    );
+    assert_eq!(tap(&["--backend", "v2"]).len(), 0);
+    assert_eq!(tap(&["--min-latency", "1h"]).len(), 0);
+    assert_eq!(tap(&["--limit", "3"]).len(), 3);
+
+    // Secrets: redacted in the ring itself, whatever the command asks.
+    let ok = tap(&["--status", "200", "--show-secrets"]);
+    assert_eq!(ok.len(), 6);
+    let e = &ok[0];
+    assert_eq!(e["path"], "/ok", "no query kept");
+    assert_eq!(e["requestHeaders"]["authorization"][0], "[redacted]");
+    assert_eq!(e["requestHeaders"]["cookie"][0], "[redacted]");
+    assert_eq!(e["responseHeaders"]["x-upstream"][0], "v1");
+
+    let out = sluicectl(&["--proxy", &url, "tap", "--reason", "breaker-open"]);
+    let text = stdout(&out);
+    assert_eq!(text.lines().count(), 3, "a title and two rows: {text}");
+    assert!(
+        text.lines().nth(1).unwrap().contains("breaker-open"),
+        "{text}"
+    );
+    proxy.shutdown().await;
+
+    // A proxy without the ring says so, and tap exits 1.
+    let plain = TestProxy::start(&breaker_policy(upstream.addr())).await;
+    let out = sluicectl(&["--proxy", &plain.admin_addr().to_string(), "tap"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stdout(&out).contains("recent requests are off"),
+        "{}",
+        stdout(&out)
+    );
+    plain.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tap_shows_secrets_only_when_the_proxy_kept_them_and_they_are_asked_for() {
+    let upstream = Upstream::http1("v1").await;
+    let proxy = sluice_e2e::ChildProxy::spawn(
+        env!("CARGO_BIN_EXE_e2e-proxy").as_ref(),
+        &breaker_policy(upstream.addr()),
+        &["--recent-requests", "10", "--recent-requests-secrets"],
+    )
+    .await;
+    let mut conn = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
+    conn.request(Method::GET, "shop", "/", &[("authorization", "Bearer abc")])
+        .await
+        .unwrap();
+    let url = proxy.admin_addr().to_string();
+    let auth = |args: &[&str]| {
+        let mut all = vec!["--proxy", url.as_str(), "tap", "-o", "json"];
+        all.extend_from_slice(args);
+        json(&sluicectl(&all))["proxies"][0]["requests"][0]["requestHeaders"]["authorization"][0]
+            .clone()
+    };
+    assert_eq!(auth(&[]), "[redacted]");
+    assert_eq!(auth(&["--show-secrets"]), "Bearer abc");
+    let out = sluicectl(&["--proxy", &url, "tap", "--headers"]);
+    assert!(
+        stdout(&out).contains("> authorization: [redacted]"),
+        "{}",
+        stdout(&out)
+    );
+}
