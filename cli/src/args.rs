@@ -132,6 +132,10 @@ Examples:
   sluicectl diff policies/
   sluicectl diff log-service.yaml -o json")]
     Diff(DiffArgs),
+    /// Progressive rollouts on the control plane: status, or pause / resume / promote /
+    /// abort one.
+    #[command(subcommand)]
+    Rollout(RolloutCommand),
     /// Recent requests from each proxy's bounded ring (`--recent-requests N` on the
     /// proxy), filtered after the response.
     #[command(after_help = "\

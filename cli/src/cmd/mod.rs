@@ -3,6 +3,7 @@
 pub mod breakers;
 pub mod diff;
 pub mod explain;
+pub mod rollout;
 pub mod status;
 pub mod tap;
 pub mod top;
@@ -22,5 +23,6 @@ pub async fn run(ctx: &mut Ctx<'_>, command: Command) -> Result<Verdict, CliErro
         Command::Top(args) => top::run(ctx, args).await,
         Command::Diff(args) => diff::run(ctx, args).await,
         Command::Tap(args) => tap::run(ctx, args).await,
+        Command::Rollout(command) => rollout::run(ctx, command).await,
     }
 }
