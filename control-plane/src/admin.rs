@@ -1,6 +1,7 @@
 //! The control plane's admin HTTP server.
 //!
 //! Routes (all `GET`):
+//! - `/`: the admin page ([`crate::operator`]).
 //! - `/live`: 200 while the process runs.
 //! - `/ready`: 200 once the policy source has been loaded, else 503.
 //! - `/metrics`: Prometheus text (`sluice_cp_*`).
@@ -134,6 +135,7 @@ fn route(shared: &Shared, gate: &AdminGate, req: &Request<Incoming>) -> Response
                 "schemaViews": schema_views,
             }))
         }
+        "/" => crate::operator::page(),
         "/served" => json(&crate::operator::served(shared)),
         "/proxies" => json(&serde_json::json!({
             "version": shared.current_version(),
@@ -148,10 +150,15 @@ fn refused(refusal: Refusal) -> Response<Full<Bytes>> {
     let status = StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::FORBIDDEN);
     let mut resp = text(status, refusal.message());
     if status == StatusCode::UNAUTHORIZED {
-        resp.headers_mut().insert(
-            hyper::header::WWW_AUTHENTICATE,
-            hyper::header::HeaderValue::from_static(sluice_api::admin_gate::CHALLENGE),
-        );
+        for challenge in [
+            sluice_api::admin_gate::CHALLENGE,
+            sluice_api::admin_gate::BASIC_CHALLENGE,
+        ] {
+            resp.headers_mut().append(
+                hyper::header::WWW_AUTHENTICATE,
+                hyper::header::HeaderValue::from_static(challenge),
+            );
+        }
     }
     resp
 }

@@ -2,6 +2,7 @@
 //!
 //! | route | answer |
 //! |---|---|
+//! | `GET /` | the admin page: one static HTML page built into the binary that reads the routes below ([`crate::admin_page`]) |
 //! | `GET /live` | 200 while the process runs |
 //! | `GET /ready` | 200 once a policy (and with mTLS a certificate) is loaded and the proxy is not draining, else 503 |
 //! | `GET /identity` | JSON: mTLS on or off, SPIFFE ID, certificate expiry, next renewal, certificates installed |
@@ -10,6 +11,7 @@
 //! | `GET /breakers` | JSON list of circuit breakers, one per route × backend (route key `<policy>.<route>`) |
 //! | `POST /breakers/<route>/<backend>/reset` or `/open` | change one breaker by hand |
 //! | `GET /recent` | JSON: the last requests the ring kept (`--recent-requests N`), filtered by `since`, `status` (`503`, `5xx`), `reason`, `route`, `backend`, `min_ms`, `limit`; `secrets=true` shows secret headers a proxy kept ([`crate::recent`]) |
+//! | `GET /routes` | JSON: the routes of the policy in force, per host in the order they are tried |
 //! | `PUT /log-level` | body: a level or an `EnvFilter` string |
 //! | `GET /app-health/<container>/<livez\|readyz\|startupz>` | the application's own probe, called as the kubelet would ([`crate::probes`]) |
 //!
@@ -29,6 +31,7 @@ use hyper::body::Incoming;
 
 use sluice_api::AdminGate;
 
+use crate::admin_page;
 use crate::body::{Body, full};
 use crate::config::LogControl;
 use crate::policy::PolicyStore;
@@ -104,6 +107,15 @@ pub(crate) async fn handle(
         (&Method::GET, "/breakers") => json(StatusCode::OK, &state.store.context().breakers.list()),
         (&Method::POST, p) if p.starts_with("/breakers/") => breaker_action(&state, p),
         (&Method::GET, "/recent") => recent(&state, parts.uri.query()),
+        (&Method::GET, "/routes") => json(StatusCode::OK, &admin_page::routes_json(&state.store)),
+        (&Method::GET, "/") => {
+            let mut resp = Response::new(full(admin_page::PAGE));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            resp
+        }
         (&Method::GET, p) if p.starts_with("/app-health/") => {
             let answer = match &state.probes {
                 Some(probes) => probes.answer(p, &parts.headers).await,
@@ -180,10 +192,15 @@ fn refused(refusal: sluice_api::admin_gate::Refusal) -> Response<Body> {
     let status = StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::FORBIDDEN);
     let mut resp = text(status, refusal.message());
     if status == StatusCode::UNAUTHORIZED {
-        resp.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static(sluice_api::admin_gate::CHALLENGE),
-        );
+        for challenge in [
+            sluice_api::admin_gate::CHALLENGE,
+            sluice_api::admin_gate::BASIC_CHALLENGE,
+        ] {
+            resp.headers_mut().append(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
+        }
     }
     resp
 }

@@ -15,6 +15,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod admin;
+mod admin_page;
 mod authority;
 pub mod body;
 mod cli;
