@@ -5,7 +5,8 @@
 # `kubectl patch --local` in control-plane/tests/inject.rs (Debian's kubernetes-client
 # where no `kubectl` package is configured), a Python venv with the Helm engine for
 # the chart tests (control-plane/tests/chart.rs, charts/check.py), and a test venv with
-# kosoku for the Autobahn WebSocket cases (tests/src/autobahn.rs).
+# kosoku for the Autobahn WebSocket cases (tests/src/autobahn.rs), and Chromium with its
+# WebDriver for the admin pages (tests/tests/e2e/admin_pages.rs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +15,9 @@ command -v iptables >/dev/null || missing+=(iptables)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v setpriv >/dev/null || missing+=(util-linux)
 command -v kubectl >/dev/null || missing+=(kubectl)
+# the admin pages driven in headless Chromium (tests/tests/e2e/admin_pages.rs)
+command -v chromium >/dev/null || missing+=(chromium)
+command -v chromedriver >/dev/null || missing+=(chromium-driver)
 if ((${#missing[@]})); then
   if [ "$(id -u)" -ne 0 ]; then
     echo "tests/setup.sh: missing ${missing[*]}; install them as root (apt-get install -y ${missing[*]})" >&2

@@ -8,10 +8,17 @@
 //! without `Authorization: Bearer <token>`; without a configured token the others are
 //! closed. The peer's address plays no part: a relay inside the pod would make any
 //! peer look local.
+//!
+//! The token is taken as `Authorization: Bearer <token>` (`sluicectl`, scripts) or as
+//! the password of HTTP Basic (`Authorization: Basic base64(any-user:token)`), which is
+//! what a browser sends for the admin page after its own login prompt
+//! ([`BASIC_CHALLENGE`]) and then on every call the page makes.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
+
+use base64::Engine as _;
 
 /// The admin token rule of one admin listener.
 #[derive(Clone, Debug)]
@@ -31,6 +38,10 @@ pub enum Refusal {
 
 /// The `WWW-Authenticate` challenge sent with a 401.
 pub const CHALLENGE: &str = "Bearer realm=\"sluice-admin\"";
+
+/// The second challenge sent with a 401, which makes a browser ask for the token
+/// (as the password) on the admin page.
+pub const BASIC_CHALLENGE: &str = "Basic realm=\"sluice-admin\", charset=\"UTF-8\"";
 
 impl Refusal {
     /// The status it answers with: 401 (send the token, with [`CHALLENGE`]) or 403
@@ -90,11 +101,20 @@ impl AdminGate {
         let Some(token) = &self.token else {
             return Err(Refusal::NoTokenConfigured);
         };
-        let given = authorization
-            .and_then(|v| v.strip_prefix(b"Bearer "))
-            .map(<[u8]>::trim_ascii);
+        let given = authorization.and_then(|v| {
+            if let Some(bearer) = v.strip_prefix(b"Bearer ") {
+                return Some(bearer.trim_ascii().to_vec());
+            }
+            let basic = v.strip_prefix(b"Basic ")?;
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(basic.trim_ascii())
+                .ok()?;
+            // The user name is anything; the password is the token.
+            let colon = decoded.iter().position(|b| *b == b':')?;
+            Some(decoded[colon + 1..].to_vec())
+        });
         match given {
-            Some(g) if constant_time_eq(g, token.as_bytes()) => Ok(()),
+            Some(g) if constant_time_eq(&g, token.as_bytes()) => Ok(()),
             _ => Err(Refusal::BadToken),
         }
     }
@@ -125,6 +145,15 @@ mod tests {
         assert_eq!(wide.check(Some(b"Basic s3cret")), Err(Refusal::BadToken));
         assert_eq!(wide.check(Some(b"Bearer s3cret")), Ok(()));
         assert_eq!(wide.check(Some(b"Bearer s3cret ")), Ok(()));
+        // A browser's Basic login: any user, the token as the password.
+        assert_eq!(wide.check(Some(b"Basic YWRtaW46czNjcmV0")), Ok(())); // admin:s3cret
+        assert_eq!(wide.check(Some(b"Basic OnMzY3JldA==")), Ok(())); // :s3cret
+        assert_eq!(
+            wide.check(Some(b"Basic YWRtaW46d3Jvbmc=")), // admin:wrong
+            Err(Refusal::BadToken)
+        );
+        assert_eq!(wide.check(Some(b"Basic czNjcmV0")), Err(Refusal::BadToken)); // no colon
+        assert_eq!(wide.check(Some(b"Basic !!!")), Err(Refusal::BadToken));
 
         let closed = AdminGate::new("10.0.0.7:15000".parse().unwrap(), None);
         assert_eq!(

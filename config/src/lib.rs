@@ -44,7 +44,9 @@ pub use duration::{Duration, DurationParseError};
 pub use limits::{Limits, MAX_DEPTH_CEILING};
 pub use model::*;
 pub use port::ServicePort;
-pub use precedence::{compare_matches, precedence_order, prefix_matches};
+pub use precedence::{
+    PrecedenceRule, compare_matches, precedence_order, precedence_rule, prefix_matches,
+};
 pub use schema::{
     Capability, EffectiveWeights, FileWeights, SCHEMA_V1, SCHEMA_VERSION, SCHEMA_VERSIONS,
     proxy_view, required_version,

@@ -53,6 +53,60 @@ pub fn compare_matches(a: &RouteMatch, b: &RouteMatch) -> Ordering {
     rank(a).cmp(&rank(b))
 }
 
+/// Which step of the precedence order puts one match before another: what an operator
+/// is told when a route that also matches a request loses to the chosen one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PrecedenceRule {
+    /// An exact path goes before a prefix or no path.
+    ExactPath,
+    /// A path prefix goes before no path.
+    HasPath,
+    /// Between two exact paths or two prefixes, the longer goes first.
+    LongerPath,
+    /// A route naming a method goes before one that does not.
+    Method,
+    /// More header matches go before fewer.
+    MoreHeaders,
+    /// Every rule ties: the one written first in the file goes first.
+    FileOrder,
+}
+
+impl PrecedenceRule {
+    /// The rule in words, as `sluicectl explain` prints it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            PrecedenceRule::ExactPath => "an exact path goes before a prefix",
+            PrecedenceRule::HasPath => "a path match goes before none",
+            PrecedenceRule::LongerPath => "a longer path goes first",
+            PrecedenceRule::Method => "a method match goes before none",
+            PrecedenceRule::MoreHeaders => "more header matches go first",
+            PrecedenceRule::FileOrder => "a tie: the route written first goes first",
+        }
+    }
+}
+
+/// The rule by which `first` precedes `second` (or `FileOrder` when they tie), given
+/// that `first` is tried first.
+pub fn precedence_rule(first: &RouteMatch, second: &RouteMatch) -> PrecedenceRule {
+    let (a, b) = (rank(first), rank(second));
+    if a.0 != b.0 {
+        return if a.0 == 0 {
+            PrecedenceRule::ExactPath
+        } else {
+            PrecedenceRule::HasPath
+        };
+    }
+    if a.1 != b.1 {
+        PrecedenceRule::LongerPath
+    } else if a.2 != b.2 {
+        PrecedenceRule::Method
+    } else if a.3 != b.3 {
+        PrecedenceRule::MoreHeaders
+    } else {
+        PrecedenceRule::FileOrder
+    }
+}
+
 /// Indices of `routes` in the order they are tried (stable: ties keep file order).
 pub fn precedence_order(routes: &[Route]) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..routes.len()).collect();
@@ -125,6 +179,53 @@ mod tests {
                 "catch-all"
             ]
         );
+    }
+
+    #[test]
+    fn names_the_rule_that_orders_two_routes() {
+        let m = |path, method: Option<&str>, headers: &[(&str, &str)]| {
+            route("r", path, method, headers).matches
+        };
+        let cases = [
+            (
+                m(exact("/a"), None, &[]),
+                m(prefix("/a"), Some("GET"), &[]),
+                PrecedenceRule::ExactPath,
+            ),
+            (
+                m(prefix("/a"), None, &[]),
+                m(None, Some("GET"), &[]),
+                PrecedenceRule::HasPath,
+            ),
+            (
+                m(prefix("/a/b"), None, &[]),
+                m(prefix("/a"), Some("GET"), &[]),
+                PrecedenceRule::LongerPath,
+            ),
+            (
+                m(prefix("/a"), Some("GET"), &[]),
+                m(prefix("/a"), None, &[("x", "1")]),
+                PrecedenceRule::Method,
+            ),
+            (
+                m(None, None, &[("x", "1")]),
+                m(None, None, &[]),
+                PrecedenceRule::MoreHeaders,
+            ),
+            (
+                m(prefix("/a"), None, &[]),
+                m(prefix("/b"), None, &[]),
+                PrecedenceRule::FileOrder,
+            ),
+        ];
+        for (first, second, rule) in cases {
+            assert_ne!(compare_matches(&first, &second), Ordering::Greater);
+            assert_eq!(
+                precedence_rule(&first, &second),
+                rule,
+                "{first:?} before {second:?}"
+            );
+        }
     }
 
     #[test]

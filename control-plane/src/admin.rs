@@ -1,6 +1,7 @@
 //! The control plane's admin HTTP server.
 //!
 //! Routes (all `GET`):
+//! - `/`: the admin page ([`crate::operator`]).
 //! - `/live`: 200 while the process runs.
 //! - `/ready`: 200 once the policy source has been loaded, else 503.
 //! - `/metrics`: Prometheus text (`sluice_cp_*`).
@@ -11,10 +12,12 @@
 //!   policies held back from them (in an older form, or withheld).
 //! - `/proxies`: JSON, every proxy seen (node id, namespace, service, versions
 //!   sent, acknowledged and refused with the reason, last seen, connected).
+//! - `/served`: JSON, the policies served in canonical form and the newest snapshot
+//!   proxies receive ([`crate::operator`]).
 //!
-//! Bound beyond loopback (the default, `0.0.0.0:15014`), `/policies` and `/proxies`
-//! answer only with the admin token (`--admin-token-file`, [`AdminGate`]); the probes
-//! and `/metrics` stay open for the kubelet and Prometheus.
+//! Bound beyond loopback (the default, `0.0.0.0:15014`), every route but the probes
+//! and `/metrics` answers only with the admin token (`--admin-token-file`,
+//! [`AdminGate`]); the probes and `/metrics` stay open for the kubelet and Prometheus.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -132,6 +135,8 @@ fn route(shared: &Shared, gate: &AdminGate, req: &Request<Incoming>) -> Response
                 "schemaViews": schema_views,
             }))
         }
+        "/" => crate::operator::page(),
+        "/served" => json(&crate::operator::served(shared)),
         "/proxies" => json(&serde_json::json!({
             "version": shared.current_version(),
             "proxies": shared.proxies.snapshot(),
@@ -145,10 +150,15 @@ fn refused(refusal: Refusal) -> Response<Full<Bytes>> {
     let status = StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::FORBIDDEN);
     let mut resp = text(status, refusal.message());
     if status == StatusCode::UNAUTHORIZED {
-        resp.headers_mut().insert(
-            hyper::header::WWW_AUTHENTICATE,
-            hyper::header::HeaderValue::from_static(sluice_api::admin_gate::CHALLENGE),
-        );
+        for challenge in [
+            sluice_api::admin_gate::CHALLENGE,
+            sluice_api::admin_gate::BASIC_CHALLENGE,
+        ] {
+            resp.headers_mut().append(
+                hyper::header::WWW_AUTHENTICATE,
+                hyper::header::HeaderValue::from_static(challenge),
+            );
+        }
     }
     resp
 }

@@ -39,6 +39,7 @@ pub mod identity;
 pub mod inject;
 pub mod k8s;
 mod metrics;
+mod operator;
 pub mod proxies;
 mod serving_cert;
 pub mod source;

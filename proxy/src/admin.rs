@@ -2,13 +2,16 @@
 //!
 //! | route | answer |
 //! |---|---|
+//! | `GET /` | the admin page: one static HTML page built into the binary that reads the routes below ([`crate::admin_page`]) |
 //! | `GET /live` | 200 while the process runs |
 //! | `GET /ready` | 200 once a policy (and with mTLS a certificate) is loaded and the proxy is not draining, else 503 |
 //! | `GET /identity` | JSON: mTLS on or off, SPIFFE ID, certificate expiry, next renewal, certificates installed |
 //! | `GET /metrics` | Prometheus text |
-//! | `GET /config` | JSON: version, source, applied_at, policies (canonical YAML), last_rejected |
+//! | `GET /config` | JSON: version, source, applied_at, policies (canonical YAML), last_rejected, identity, node_id (with a control plane) |
 //! | `GET /breakers` | JSON list of circuit breakers, one per route × backend (route key `<policy>.<route>`) |
 //! | `POST /breakers/<route>/<backend>/reset` or `/open` | change one breaker by hand |
+//! | `GET /recent` | JSON: the last requests the ring kept (`--recent-requests N`), filtered by `since`, `status` (`503`, `5xx`), `reason`, `route`, `backend`, `min_ms`, `limit`; `secrets=true` shows secret headers a proxy kept ([`crate::recent`]) |
+//! | `GET /routes` | JSON: the routes of the policy in force, per host in the order they are tried |
 //! | `PUT /log-level` | body: a level or an `EnvFilter` string |
 //! | `GET /app-health/<container>/<livez\|readyz\|startupz>` | the application's own probe, called as the kubelet would ([`crate::probes`]) |
 //!
@@ -28,9 +31,11 @@ use hyper::body::Incoming;
 
 use sluice_api::AdminGate;
 
+use crate::admin_page;
 use crate::body::{Body, full};
 use crate::config::LogControl;
 use crate::policy::PolicyStore;
+use crate::recent::RecentFilter;
 use crate::tls::TlsStore;
 
 /// Largest admin request body read.
@@ -45,6 +50,9 @@ pub(crate) struct AdminState {
     pub(crate) probes: Option<Arc<crate::probes::AppProbes>>,
     /// The workload certificate, when mTLS is on.
     pub(crate) tls: Option<Arc<TlsStore>>,
+    /// The node id this proxy gives the control plane, when it follows one (so
+    /// `sluicectl status` can join `/proxies` to this admin port).
+    pub(crate) node_id: Option<Arc<str>>,
 }
 
 /// Handles one admin request.
@@ -92,6 +100,7 @@ pub(crate) async fn handle(
         (&Method::GET, "/config") => {
             let mut v = config_json(&state.store);
             v["identity"] = identity_json(state.tls.as_deref());
+            v["node_id"] = state.node_id.as_deref().into();
             json(StatusCode::OK, &v)
         }
         (&Method::GET, "/identity") => json(StatusCode::OK, &identity_json(state.tls.as_deref())),
@@ -104,6 +113,16 @@ pub(crate) async fn handle(
             )
         }
         (&Method::POST, p) if p.starts_with("/breakers/") => breaker_action(&state, p),
+        (&Method::GET, "/recent") => recent(&state, parts.uri.query()),
+        (&Method::GET, "/routes") => json(StatusCode::OK, &admin_page::routes_json(&state.store)),
+        (&Method::GET, "/") => {
+            let mut resp = Response::new(full(admin_page::PAGE));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            );
+            resp
+        }
         (&Method::GET, p) if p.starts_with("/app-health/") => {
             let answer = match &state.probes {
                 Some(probes) => probes.answer(p, &parts.headers).await,
@@ -157,6 +176,18 @@ fn breaker_action(state: &AdminState, path: &str) -> Response<Body> {
     }
 }
 
+/// `GET /recent`: the ring's entries the query's filters let through.
+fn recent(state: &AdminState, query: Option<&str>) -> Response<Body> {
+    let filter = match RecentFilter::from_query(query) {
+        Ok(f) => f,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
+    match state.store.context().recent.as_deref() {
+        Some(ring) => json(StatusCode::OK, &ring.to_json(&filter)),
+        None => json(StatusCode::OK, &crate::recent::disabled_json()),
+    }
+}
+
 /// The routes the kubelet and Prometheus call, open on every admin port.
 fn is_public(method: &Method, path: &str) -> bool {
     *method == Method::GET
@@ -168,10 +199,15 @@ fn refused(refusal: sluice_api::admin_gate::Refusal) -> Response<Body> {
     let status = StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::FORBIDDEN);
     let mut resp = text(status, refusal.message());
     if status == StatusCode::UNAUTHORIZED {
-        resp.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            HeaderValue::from_static(sluice_api::admin_gate::CHALLENGE),
-        );
+        for challenge in [
+            sluice_api::admin_gate::CHALLENGE,
+            sluice_api::admin_gate::BASIC_CHALLENGE,
+        ] {
+            resp.headers_mut().append(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
+        }
     }
     resp
 }
@@ -266,6 +302,7 @@ mod tests {
             gate: AdminGate::new("0.0.0.0:15000".parse().unwrap(), token.map(Into::into)),
             probes: None,
             tls: None,
+            node_id: None,
         }
     }
 
@@ -284,6 +321,7 @@ mod tests {
             (Method::GET, "/breakers"),
             (Method::GET, "/endpoints"),
             (Method::GET, "/identity"),
+            (Method::GET, "/recent"),
             (Method::POST, "/breakers/a.b/v1/open"),
             (Method::PUT, "/log-level"),
             (Method::POST, "/live"),

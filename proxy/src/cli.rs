@@ -212,6 +212,9 @@ pub(crate) struct RunArgs {
     /// Bounds on policy input (the --policy file, snapshots from the control plane).
     #[command(flatten)]
     pub(crate) policy_limits: Limits,
+    /// The ring of recent requests (`GET /recent` on the admin port).
+    #[command(flatten)]
+    pub(crate) recent: crate::recent::RecentArgs,
 }
 
 /// Trace flags of `sluice-proxy run`.
@@ -289,6 +292,8 @@ impl From<RunArgs> for ProxyConfig {
             identity_url: a.identity_url,
             inbound_permissive: a.inbound_permissive,
             policy_limits: a.policy_limits,
+            recent_requests: a.recent.recent_requests as usize,
+            recent_requests_secrets: a.recent.recent_requests_secrets,
             h2_limits: crate::H2Limits {
                 max_streams: a.h2_max_streams_per_connection,
                 max_resets: a.h2_max_resets,

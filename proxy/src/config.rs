@@ -64,6 +64,10 @@ pub struct ProxyConfig {
     pub timeouts: crate::timeouts::Timeouts,
     /// Per-connection HTTP/2 stream and reset limits of the outbound and inbound listeners.
     pub h2_limits: crate::H2Limits,
+    /// How many finished requests the admin's `/recent` keeps (0: none, no cost).
+    pub recent_requests: usize,
+    /// Keep secret header values in that ring (redacted otherwise).
+    pub recent_requests_secrets: bool,
 }
 
 impl Default for ProxyConfig {
@@ -96,6 +100,8 @@ impl Default for ProxyConfig {
             policy_limits: sluice_config::Limits::default(),
             timeouts: crate::timeouts::Timeouts::default(),
             h2_limits: crate::H2Limits::default(),
+            recent_requests: 0,
+            recent_requests_secrets: false,
         }
     }
 }

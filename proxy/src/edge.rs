@@ -22,6 +22,7 @@ use crate::message::{
     strip_hop_by_hop, switched_as_offered,
 };
 use crate::policy::PolicyStore;
+use crate::recent::{RecentRequests, Seen};
 use crate::rescue::{ClientBodyError, refuse, rescue};
 use crate::stack::RouteEntry;
 use crate::telemetry::Telemetry;
@@ -58,7 +59,7 @@ pub(crate) async fn outbound(store: &PolicyStore, mut req: Request<Incoming>) ->
     let snapshot = store.current();
     let named = match authority::settle(&mut req) {
         Ok(named) => named,
-        Err(refusal) => return refused(store, Direction::Outbound, &mut req, refusal),
+        Err(refusal) => return refused(store, Direction::Outbound, &mut req, refusal, started),
     };
     if named == Named::Nothing {
         // Transparent mode: a request naming no host is none of the mesh's business.
@@ -70,13 +71,14 @@ pub(crate) async fn outbound(store: &PolicyStore, mut req: Request<Incoming>) ->
             Direction::Outbound,
             &mut req,
             authority::NO_AUTHORITY,
+            started,
         );
     }
     let host = request_host(&req);
     if let Err(refusal) =
         authority::check_target(&req, || host.is_some_and(|h| snapshot.has_host(h)))
     {
-        return refused(store, Direction::Outbound, &mut req, refusal);
+        return refused(store, Direction::Outbound, &mut req, refusal, started);
     }
     let entry =
         host.and_then(|host| snapshot.route(host, req.method(), req.uri().path(), req.headers()));
@@ -97,10 +99,12 @@ pub(crate) async fn outbound(store: &PolicyStore, mut req: Request<Incoming>) ->
                 reason: Reason::NoRoute,
                 detail: "no route",
             },
+            started,
         );
     };
-    let telemetry = store.context().telemetry.as_deref();
-    forward(entry, req, started, Direction::Outbound, telemetry).await
+    let ctx = store.context();
+    let (telemetry, recent) = (ctx.telemetry.as_deref(), ctx.recent.as_deref());
+    forward(entry, req, started, Direction::Outbound, telemetry, recent).await
 }
 
 /// Sends a request of a redirected connection to where the application addressed it,
@@ -145,17 +149,18 @@ pub(crate) async fn inbound(store: &PolicyStore, mut req: Request<Incoming>) -> 
         Err(refusal) => Err(refusal),
     };
     if let Err(refusal) = checked {
-        return refused(store, Direction::Inbound, &mut req, refusal);
+        return refused(store, Direction::Inbound, &mut req, refusal, started);
     }
     let Some(entry) = snapshot.inbound() else {
         let refusal = Refusal {
             reason: Reason::NoRoute,
             detail: "no application",
         };
-        return refused(store, Direction::Inbound, &mut req, refusal);
+        return refused(store, Direction::Inbound, &mut req, refusal, started);
     };
-    let telemetry = store.context().telemetry.as_deref();
-    forward(entry, req, started, Direction::Inbound, telemetry).await
+    let ctx = store.context();
+    let (telemetry, recent) = (ctx.telemetry.as_deref(), ctx.recent.as_deref());
+    forward(entry, req, started, Direction::Inbound, telemetry, recent).await
 }
 
 /// The proxy's answer to a request refused before any route took it (`no-route`, or a
@@ -165,6 +170,7 @@ fn refused<B>(
     direction: Direction,
     req: &mut Request<B>,
     refusal: Refusal,
+    started: Instant,
 ) -> Response<Body> {
     let mut resp = refuse(refusal.reason, refusal.detail, is_grpc(req));
     if refusal.reason == Reason::MethodNotAllowed {
@@ -179,6 +185,17 @@ fn refused<B>(
             resp.headers(),
         );
     }
+    if let Some(r) = store.context().recent.as_deref() {
+        let elapsed = started.elapsed();
+        r.record(
+            Seen::new(req),
+            direction.as_str(),
+            None,
+            None,
+            &resp,
+            elapsed,
+        );
+    }
     resp
 }
 
@@ -191,7 +208,10 @@ async fn forward(
     started: Instant,
     direction: Direction,
     telemetry: Option<&Telemetry>,
+    recent: Option<&RecentRequests>,
 ) -> Response<Body> {
+    // Off by default: then this is the ring's whole cost.
+    let seen = recent.map(|_| Seen::new(&req));
     let grpc = is_grpc(&req);
     let peer = req.extensions().get::<PeerIdentity>().map(|p| p.0.clone());
     // Only the protocols the route lets through are offered upstream; the rest of an
@@ -271,6 +291,13 @@ async fn forward(
     entry
         .metrics
         .record(backend, peer.as_deref(), status, elapsed);
+    if let (Some(r), Some(seen)) = (recent, seen) {
+        let name = backend
+            .and_then(|i| entry.params.backends.get(i))
+            .map(|b| &b.name);
+        let route = Some(&entry.params.key);
+        r.record(seen, direction.as_str(), route, name, &resp, elapsed);
+    }
     if span.is_some() || access.is_some() {
         let backend = backend
             .and_then(|i| entry.params.backends.get(i))

@@ -15,6 +15,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod admin;
+mod admin_page;
 mod authority;
 pub mod body;
 mod cli;
@@ -29,6 +30,7 @@ mod message;
 pub mod metrics;
 pub mod policy;
 pub mod probes;
+pub mod recent;
 mod rescue;
 pub mod route;
 mod server;
@@ -179,6 +181,12 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
             instance: cfg.node_id.clone(),
         },
     )?;
+    ctx.recent = (cfg.recent_requests > 0).then(|| {
+        Arc::new(recent::RecentRequests::new(
+            cfg.recent_requests,
+            cfg.recent_requests_secrets,
+        ))
+    });
     let app = cfg.app.filter(|_| !cfg.no_inbound);
     let app_authority = app
         .map(|a| {
@@ -321,6 +329,10 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         gate: sluice_api::AdminGate::new(admin_addr, token),
         probes,
         tls: tls.clone(),
+        node_id: cfg
+            .control_plane
+            .as_ref()
+            .map(|_| Arc::from(cfg.node_id.clone().unwrap_or_else(control::default_node_id))),
     };
     let admin_task = server::serve(
         "admin",

@@ -47,8 +47,9 @@ pub struct RouteParams {
     pub route: Route,
     /// The policy's backends, in file order.
     pub backends: Arc<[Arc<BackendParams>]>,
-    /// The split's rules, compiled.
-    pub(crate) split: Arc<SplitParams>,
+    /// The split's rules, compiled: what picks a request's backend (and what
+    /// `sluicectl explain` asks which backend a header value goes to).
+    pub split: Arc<SplitParams>,
     /// The route's (or the inbound) rate limit.
     pub(crate) limit: Option<RateLimitParams>,
     /// Total and per-try timeouts.

@@ -137,6 +137,8 @@ pub struct StackContext {
     pub governance: Governance,
     /// The tracer, when `--otlp-endpoint` is set.
     pub telemetry: Option<Arc<crate::telemetry::Telemetry>>,
+    /// The ring of recent requests, when `--recent-requests` is above 0.
+    pub recent: Option<Arc<crate::recent::RecentRequests>>,
 }
 
 impl std::fmt::Debug for StackContext {
@@ -157,6 +159,7 @@ impl StackContext {
             breakers: governance.breakers.clone() as Arc<dyn BreakerAdmin>,
             governance,
             telemetry: None,
+            recent: None,
         }
     }
 

@@ -42,6 +42,8 @@ pub struct ProxyOptions {
     pub admin_token_file: Option<PathBuf>,
     /// Per-connection HTTP/2 limits (`--h2-max-*`).
     pub h2_limits: sluice_proxy::H2Limits,
+    /// The ring of recent requests behind `/recent` (`--recent-requests`; 0 is off).
+    pub recent_requests: usize,
 }
 
 /// How a proxy under test joins the mesh's mTLS.
@@ -72,6 +74,7 @@ impl Default for ProxyOptions {
             admin: None,
             admin_token_file: None,
             h2_limits: Default::default(),
+            recent_requests: 0,
         }
     }
 }
@@ -170,6 +173,7 @@ impl TestProxy {
             admin: opts.admin.unwrap_or(any),
             admin_token_file: opts.admin_token_file.clone(),
             h2_limits: opts.h2_limits,
+            recent_requests: opts.recent_requests,
             no_outbound: !opts.outbound,
             no_inbound: !opts.inbound,
             app: opts.app,
@@ -236,6 +240,7 @@ impl TestProxy {
             inbound_permissive: opts.mtls.as_ref().is_some_and(|m| m.permissive),
             trace: opts.trace.clone(),
             timeouts: opts.timeouts,
+            recent_requests: opts.recent_requests,
             ..Default::default()
         };
         let running = sluice_proxy::start(cfg).await.expect("start the proxy");

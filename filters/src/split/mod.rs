@@ -23,7 +23,7 @@ mod service;
 mod tests;
 
 pub use layer::SplitLayer;
-pub use params::{SplitConfigError, SplitParams};
+pub use params::{SplitChoice, SplitConfigError, SplitParams};
 pub use random::RandomSource;
 pub use service::Split;
 

@@ -1,6 +1,6 @@
 use std::sync::Arc;
 
-use http::{HeaderName, HeaderValue, Request};
+use http::{HeaderMap, HeaderName, HeaderValue, Request};
 
 use sluice_config::{StickyHash, rendezvous_backend};
 
@@ -38,8 +38,54 @@ enum Target {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Rule {
+    /// Position in the route's `split`, as written.
+    source: usize,
     when: Box<[(HeaderName, HeaderValue)]>,
     target: Target,
+}
+
+/// How the split decides a request, before any random draw: what
+/// [`SplitParams::decide`] acts on, and what `sluicectl explain` reports.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SplitChoice {
+    /// No rule takes the request: the route's primary backend (its first that is not
+    /// the fallback).
+    Primary {
+        /// The backend's index in the policy's `backends`.
+        backend: usize,
+    },
+    /// A rule that names one backend takes it.
+    Fixed {
+        /// The rule's position in the route's `split`.
+        rule: usize,
+        /// The backend's index in the policy's `backends`.
+        backend: usize,
+    },
+    /// A sticky weighted rule takes it, and the sticky header's value decides.
+    Sticky {
+        /// The rule's position in the route's `split`.
+        rule: usize,
+        /// The backend's index in the policy's `backends`.
+        backend: usize,
+        /// How the value was hashed.
+        hash: StickyHash,
+    },
+    /// A weighted rule takes it and a random draw decides (no `stickyBy`, or the
+    /// request lacks the sticky header).
+    Random {
+        /// The rule's position in the route's `split`.
+        rule: usize,
+    },
+}
+
+/// What the first rule that takes a request leaves to do.
+enum Pick<'a> {
+    Decided(SplitChoice),
+    Draw {
+        source: usize,
+        bounds: &'a [(u64, usize)],
+        total: u64,
+    },
 }
 
 /// The split of one route, built from the policy once per swap.
@@ -78,7 +124,7 @@ impl SplitParams {
                 .map_err(|_| SplitConfigError::BadHeader(name.to_string()))
         };
         let mut rules = Vec::with_capacity(route.split.len());
-        for rule in &route.split {
+        for (source, rule) in route.split.iter().enumerate() {
             let mut when = Vec::new();
             if let Some(w) = &rule.when {
                 for (name, value) in &w.headers {
@@ -117,6 +163,7 @@ impl SplitParams {
                 continue;
             };
             rules.push(Rule {
+                source,
                 when: when.into(),
                 target,
             });
@@ -140,7 +187,33 @@ impl SplitParams {
 
     /// The index of the backend `req` goes to.
     pub fn decide<B>(&self, req: &Request<B>, rng: &RandomSource) -> usize {
-        let headers = req.headers();
+        match self.pick(req.headers()) {
+            Pick::Decided(
+                SplitChoice::Primary { backend }
+                | SplitChoice::Fixed { backend, .. }
+                | SplitChoice::Sticky { backend, .. },
+            ) => backend,
+            // `pick` leaves every random rule to a draw.
+            Pick::Decided(SplitChoice::Random { .. }) => self.primary,
+            // Without the header there is no user to keep on one side: a uniform draw
+            // in [0, total) keeps the proportions exactly.
+            Pick::Draw { bounds, total, .. } => {
+                let draw = ((u128::from(rng.next_u64()) * u128::from(total)) >> 64) as u64;
+                walk(bounds, |bound| draw < bound)
+            }
+        }
+    }
+
+    /// How a request with these headers is decided: the rule that takes it and, unless
+    /// a random draw is left to make, the backend.
+    pub fn choose(&self, headers: &HeaderMap) -> SplitChoice {
+        match self.pick(headers) {
+            Pick::Decided(choice) => choice,
+            Pick::Draw { source, .. } => SplitChoice::Random { rule: source },
+        }
+    }
+
+    fn pick(&self, headers: &HeaderMap) -> Pick<'_> {
         for rule in &self.rules {
             if !rule
                 .when
@@ -149,40 +222,56 @@ impl SplitParams {
             {
                 continue;
             }
+            let source = rule.source;
             return match &rule.target {
-                Target::Backend(i) => *i,
+                Target::Backend(i) => Pick::Decided(SplitChoice::Fixed {
+                    rule: source,
+                    backend: *i,
+                }),
                 Target::Weighted {
                     bounds,
                     total,
                     sticky,
                 } => match sticky
                     .as_ref()
-                    .and_then(|(h, how)| Some((headers.get(h)?, how)))
+                    .and_then(|(h, how)| Some((headers.get(h)?, *how)))
                 {
-                    Some((v, StickyHash::Ordered)) => {
-                        // Backend i owns the points p with p × total < bound × POINTS:
-                        // with weights summing to 100, exactly weight × 100 points.
-                        let p = u64::from(sticky_point(v.as_bytes())) * total;
-                        walk(bounds, |bound| p < bound * u64::from(POINTS))
+                    Some((v, hash)) => {
+                        let backend = match hash {
+                            StickyHash::Ordered => {
+                                // Backend i owns the points p with p × total < bound ×
+                                // POINTS: with weights summing to 100, exactly
+                                // weight × 100 points.
+                                let p = u64::from(sticky_point(v.as_bytes())) * total;
+                                walk(bounds, |bound| p < bound * u64::from(POINTS))
+                            }
+                            StickyHash::Rendezvous => {
+                                let mut prev = 0;
+                                let candidates = bounds.iter().map(|(bound, i)| {
+                                    let w = bound - std::mem::replace(&mut prev, *bound);
+                                    (&*self.backends[*i], u32::try_from(w).unwrap_or(u32::MAX))
+                                });
+                                rendezvous_backend(v.as_bytes(), candidates)
+                                    .map_or(0, |k| bounds[k].1)
+                            }
+                        };
+                        Pick::Decided(SplitChoice::Sticky {
+                            rule: source,
+                            backend,
+                            hash,
+                        })
                     }
-                    Some((v, StickyHash::Rendezvous)) => {
-                        let mut prev = 0;
-                        let candidates = bounds.iter().map(|(bound, i)| {
-                            let w = bound - std::mem::replace(&mut prev, *bound);
-                            (&*self.backends[*i], u32::try_from(w).unwrap_or(u32::MAX))
-                        });
-                        rendezvous_backend(v.as_bytes(), candidates).map_or(0, |k| bounds[k].1)
-                    }
-                    // Without the header there is no user to keep on one side: a
-                    // uniform draw in [0, total) keeps the proportions exactly.
-                    None => {
-                        let draw = ((u128::from(rng.next_u64()) * u128::from(*total)) >> 64) as u64;
-                        walk(bounds, |bound| draw < bound)
-                    }
+                    None => Pick::Draw {
+                        source,
+                        bounds,
+                        total: *total,
+                    },
                 },
             };
         }
-        self.primary
+        Pick::Decided(SplitChoice::Primary {
+            backend: self.primary,
+        })
     }
 }
 

@@ -373,3 +373,54 @@ fn rendezvous_raising_the_canary_moves_users_only_into_it() {
     // Rendezvous moves about 100 × (20/100 − 10/100)… of the users: 10 %.
     assert!((9_000..=11_000).contains(&moved), "{moved} moved");
 }
+
+#[test]
+fn choose_names_the_rule_and_agrees_with_decide() {
+    let canary_rule = SplitRule {
+        when: Some(SplitWhen {
+            headers: [("x-canary".to_string(), "true".to_string())]
+                .into_iter()
+                .collect(),
+        }),
+        backend: Some("log-v2".into()),
+        ..Default::default()
+    };
+    let p = params(vec![
+        canary_rule,
+        weighted(&[("log-v1", 60), ("log-v3", 40)], Some("x-user-id")),
+    ]);
+    let rng = RandomSource::seeded(11);
+    let canary = Request::builder()
+        .header("x-canary", "true")
+        .body(())
+        .unwrap();
+    assert_eq!(
+        p.choose(canary.headers()),
+        SplitChoice::Fixed {
+            rule: 0,
+            backend: 1
+        }
+    );
+    for id in 0..500 {
+        let req = user(id);
+        let choice = p.choose(req.headers());
+        let SplitChoice::Sticky {
+            rule: 1,
+            backend,
+            hash: StickyHash::Ordered,
+        } = choice
+        else {
+            panic!("a user goes by the sticky rule: {choice:?}");
+        };
+        assert_eq!(backend, p.decide(&req, &rng));
+    }
+    assert_eq!(
+        p.choose(&http::HeaderMap::new()),
+        SplitChoice::Random { rule: 1 }
+    );
+    let plain = params(Vec::new());
+    assert_eq!(
+        plain.choose(&http::HeaderMap::new()),
+        SplitChoice::Primary { backend: 0 }
+    );
+}

@@ -14,7 +14,7 @@ use sluice_config::PolicySet;
 use tracing::warn;
 
 pub use store::{ApplyOutcome, PolicyStore, Rejection};
-pub use table::{RouteMatcher, RouteTable};
+pub use table::{Mismatch, RouteMatcher, RouteTable};
 
 use crate::ProxyError;
 use crate::route::{RouteParams, compile_backends};

@@ -40,17 +40,63 @@ impl RouteMatcher {
 
     /// Whether a request with this method, path (query excluded) and headers matches.
     pub fn matches(&self, method: &Method, path: &str, headers: &HeaderMap) -> bool {
+        self.mismatch(method, path, headers).is_none()
+    }
+
+    /// The first condition, in the order they are checked (method, path, headers), that
+    /// keeps this route from taking the request; `None` when it takes it. What
+    /// [`Self::matches`] decides by, and what `sluicectl explain` reports.
+    pub fn mismatch(
+        &self,
+        method: &Method,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Option<Mismatch<'_>> {
         if let Some(m) = &self.method
             && m != method
         {
-            return false;
+            return Some(Mismatch::Method(m));
         }
         if let Some(p) = &self.path
             && !p.matches(path)
         {
-            return false;
+            return Some(Mismatch::Path(p));
         }
-        headers_match(&self.headers, headers)
+        // Every condition must hold; a repeated request header matches if any of its
+        // values does.
+        self.headers
+            .iter()
+            .find(|(name, value)| !headers.get_all(name).iter().any(|v| v == value))
+            .map(|(name, value)| Mismatch::Header(name, value))
+    }
+}
+
+/// Why a route does not take a request: the condition it wants that the request fails.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mismatch<'a> {
+    /// The route takes only this method.
+    Method(&'a Method),
+    /// The path is not the route's exact path, nor under its prefix.
+    Path(&'a PathMatch),
+    /// The route wants this header with this value, and the request has no such value.
+    Header(&'a HeaderName, &'a HeaderValue),
+}
+
+impl std::fmt::Display for Mismatch<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Mismatch::Method(m) => write!(f, "wants method {m}"),
+            Mismatch::Path(PathMatch { exact: Some(e), .. }) => write!(f, "wants path exactly {e}"),
+            Mismatch::Path(PathMatch {
+                prefix: Some(p), ..
+            }) => write!(f, "wants a path under {p}"),
+            Mismatch::Path(_) => f.write_str("wants another path"),
+            Mismatch::Header(name, value) => write!(
+                f,
+                "wants header {name}: {}",
+                String::from_utf8_lossy(value.as_bytes())
+            ),
+        }
     }
 }
 
@@ -71,13 +117,6 @@ pub(crate) fn compile_headers<'a>(
             Ok((name, value))
         })
         .collect()
-}
-
-/// Every condition must hold; a repeated request header matches if any of its values does.
-pub(crate) fn headers_match(conds: &[(HeaderName, HeaderValue)], headers: &HeaderMap) -> bool {
-    conds
-        .iter()
-        .all(|(name, value)| headers.get_all(name).iter().any(|v| v == value))
 }
 
 /// Policies indexed by host; `T` is what a matched route yields (its compiled stack in
@@ -159,6 +198,12 @@ impl<T> RouteTable<T> {
             .iter()
             .find(|(m, _)| m.matches(method, path, headers))
             .map(|(_, t)| t)
+    }
+
+    /// Every route of `host`'s policy with its matcher, in the order [`Self::select`]
+    /// tries them (port and letter case of `host` ignored); `None` when no policy claims it.
+    pub fn routes(&self, host: &str) -> Option<&[(RouteMatcher, T)]> {
+        self.hosts.get(normalize_host(host).as_ref()).map(|r| &**r)
     }
 
     /// Whether a policy claims `host` (port and letter case ignored, as in [`Self::select`]).
@@ -306,6 +351,37 @@ spec:
         assert_eq!(pick(&t, "logs", Method::GET, "/other", &[]), None);
         assert_eq!(pick(&t, "unknown", Method::GET, "/", &[]), None);
         assert_eq!(pick(&t, "orders.example", Method::GET, "/", &[]), None);
+    }
+
+    #[test]
+    fn names_the_first_failing_condition() {
+        let t = table();
+        let routes = t.routes("ORDERS:80").unwrap();
+        let names: Vec<&str> = routes.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            ["health", "api-post", "api-canary", "api", "catch-all"]
+        );
+        let mut h = HeaderMap::new();
+        h.append("x-canary", HeaderValue::from_static("no"));
+        let why: Vec<Option<String>> = routes
+            .iter()
+            .map(|(m, _)| {
+                m.mismatch(&Method::GET, "/api/x", &h)
+                    .map(|w| w.to_string())
+            })
+            .collect();
+        assert_eq!(
+            why,
+            [
+                Some("wants path exactly /api/health".to_string()),
+                Some("wants method POST".to_string()),
+                Some("wants header x-canary: true".to_string()),
+                None,
+                None,
+            ]
+        );
+        assert!(t.routes("unknown").is_none());
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! End-to-end tests: real clients, real Sluice proxies, real upstreams, on loopback.
 
+mod admin_pages;
 mod authority;
 mod cert_rotation;
 mod cli;
@@ -27,6 +28,7 @@ mod reload;
 mod routing;
 mod schema_versions;
 mod shutdown;
+mod sluicectl;
 mod streaming;
 mod telemetry;
 mod timeouts;

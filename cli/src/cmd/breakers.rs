@@ -1,0 +1,167 @@
+//! `breakers`: every circuit breaker (route × backend) of each proxy, and opening or
+//! resetting one by hand (`POST /breakers/<route>/<backend>/{open,reset}`).
+
+use serde::{Deserialize, Serialize};
+
+use crate::args::{BreakerAction, BreakerRef, BreakersArgs};
+use crate::error::CliError;
+use crate::table::{Table, now_ms, span, utc};
+use crate::{Ctx, Verdict};
+
+/// One breaker as a proxy's `GET /breakers` shows it (the fields this command uses).
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct Breaker {
+    /// Route key, `<policy>.<route>`.
+    pub route: String,
+    /// Backend name.
+    pub backend: String,
+    /// `closed`, `open` or `half_open`.
+    pub state: String,
+    /// Results counted as successes.
+    #[serde(default)]
+    pub successes: u64,
+    /// Results counted as failures.
+    #[serde(default)]
+    pub failures: u64,
+    /// Failures in a row now.
+    #[serde(default)]
+    pub consecutive_failures: u32,
+    /// Requests refused while open or half-open.
+    #[serde(default)]
+    pub rejected: u64,
+    /// When it last opened (ms since the Unix epoch).
+    #[serde(default)]
+    pub opened_at: Option<u64>,
+    /// When it next lets a probe through (ms since the Unix epoch).
+    #[serde(default)]
+    pub next_probe_at: Option<u64>,
+    /// The last transitions, oldest first.
+    #[serde(default)]
+    pub recent_transitions: Vec<Transition>,
+}
+
+/// One remembered breaker transition.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+pub struct Transition {
+    /// When (ms since the Unix epoch).
+    pub at: u64,
+    /// State before.
+    pub from: String,
+    /// State after.
+    pub to: String,
+    /// Why.
+    pub reason: String,
+}
+
+/// Runs `breakers`.
+pub async fn run(ctx: &mut Ctx<'_>, args: BreakersArgs) -> Result<Verdict, CliError> {
+    match args.action.unwrap_or(BreakerAction::List) {
+        BreakerAction::List => list(ctx).await,
+        BreakerAction::Open(b) => act(ctx, &b, "open").await,
+        BreakerAction::Reset(b) => act(ctx, &b, "reset").await,
+    }
+}
+
+async fn list(ctx: &mut Ctx<'_>) -> Result<Verdict, CliError> {
+    let proxies = ctx.proxies()?;
+    let mut all = Vec::new();
+    for p in &proxies {
+        let breakers: Vec<Breaker> = p.get_json("/breakers").await?;
+        all.push((p.url().to_string(), breakers));
+    }
+    if ctx.json() {
+        let v: Vec<_> = all
+            .iter()
+            .map(|(proxy, b)| serde_json::json!({ "proxy": proxy, "breakers": b }))
+            .collect();
+        ctx.print_json(&serde_json::json!({ "proxies": v }))?;
+        return Ok(Verdict::Ok);
+    }
+    let now = now_ms();
+    let mut t = Table::new([
+        "PROXY",
+        "ROUTE",
+        "BACKEND",
+        "STATE",
+        "IN-A-ROW",
+        "OK",
+        "FAILED",
+        "REJECTED",
+        "SINCE",
+        "LAST CHANGE",
+    ]);
+    for (proxy, breakers) in &all {
+        for b in breakers {
+            let since = match (b.state.as_str(), b.opened_at, b.next_probe_at) {
+                ("closed", ..) => "-".to_string(),
+                (_, Some(at), Some(probe)) => format!(
+                    "{} ago, probe in {}",
+                    span(ms(now.saturating_sub(at))),
+                    span(ms(probe.saturating_sub(now)))
+                ),
+                (_, Some(at), None) => format!("{} ago, held", span(ms(now.saturating_sub(at)))),
+                _ => "-".to_string(),
+            };
+            let last = b
+                .recent_transitions
+                .last()
+                .map(|t| format!("{} → {} at {}: {}", t.from, t.to, utc(t.at), t.reason))
+                .unwrap_or_else(|| "-".into());
+            t.row([
+                proxy.clone(),
+                b.route.clone(),
+                b.backend.clone(),
+                b.state.clone(),
+                b.consecutive_failures.to_string(),
+                b.successes.to_string(),
+                b.failures.to_string(),
+                b.rejected.to_string(),
+                since,
+                last,
+            ]);
+        }
+    }
+    if t.is_empty() {
+        ctx.print("no breakers (no policy loaded, or no routes yet)\n")?;
+    } else {
+        ctx.print(&t.render())?;
+    }
+    Ok(Verdict::Ok)
+}
+
+fn ms(ms: u64) -> std::time::Duration {
+    std::time::Duration::from_millis(ms)
+}
+
+async fn act(ctx: &mut Ctx<'_>, b: &BreakerRef, action: &str) -> Result<Verdict, CliError> {
+    let path = format!("/breakers/{}/{}/{action}", b.route, b.backend);
+    let mut results = Vec::new();
+    for p in ctx.proxies()? {
+        let done = match p.post(&path).await {
+            Ok(_) => true,
+            Err(CliError::Status { status: 404, .. }) => false,
+            Err(e) => return Err(e),
+        };
+        results.push((p.url().to_string(), done));
+    }
+    let found = results.iter().any(|(_, d)| *d);
+    if ctx.json() {
+        let v: Vec<_> = results
+            .iter()
+            .map(|(proxy, done)| serde_json::json!({ "proxy": proxy, "found": done }))
+            .collect();
+        ctx.print_json(&serde_json::json!({
+            "route": b.route, "backend": b.backend, "action": action, "proxies": v,
+        }))?;
+    } else {
+        for (proxy, done) in &results {
+            let what = if *done {
+                format!("{action} done")
+            } else {
+                "no such breaker".into()
+            };
+            ctx.print(&format!("{proxy}: {}/{}: {what}\n", b.route, b.backend))?;
+        }
+    }
+    Ok(if found { Verdict::Ok } else { Verdict::Failing })
+}

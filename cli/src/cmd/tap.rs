@@ -1,0 +1,269 @@
+//! `tap`: recent requests from each proxy's ring (`GET /recent`), filtered by the
+//! proxy after the response (status or class, `x-sluice-reason`, route, backend,
+//! latency); with `--follow`, new ones as they come. Secret headers stay redacted
+//! unless `--show-secrets` asks a proxy that kept them.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::args::TapArgs;
+use crate::client::AdminClient;
+use crate::error::CliError;
+use crate::table::{Table, utc};
+use crate::{Ctx, Verdict};
+
+/// `GET /recent` of a proxy (the fields used here).
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RecentAnswer {
+    /// Whether the proxy keeps a ring at all.
+    pub enabled: bool,
+    /// The entries the filters let through, oldest first.
+    pub requests: Vec<Entry>,
+}
+
+/// One request as `/recent` shows it.
+#[derive(Clone, Debug, Default, Deserialize, serde::Serialize)]
+#[serde(default, rename_all = "camelCase")]
+pub struct Entry {
+    /// Order in which requests finished.
+    pub seq: u64,
+    /// When (ms since the Unix epoch).
+    pub at: u64,
+    /// `outbound` or `inbound`.
+    pub direction: String,
+    /// Method.
+    pub method: String,
+    /// Host.
+    pub host: Option<String>,
+    /// Path, without query.
+    pub path: String,
+    /// Route key.
+    pub route: Option<String>,
+    /// Backend.
+    pub backend: Option<String>,
+    /// Status.
+    pub status: u16,
+    /// `x-sluice-reason`.
+    pub reason: Option<String>,
+    /// `x-sluice-degraded`.
+    pub degraded: Option<String>,
+    /// Time to response headers, ms.
+    pub duration_ms: f64,
+    /// Request headers, each name with its values.
+    pub request_headers: serde_json::Map<String, serde_json::Value>,
+    /// Response headers.
+    pub response_headers: serde_json::Map<String, serde_json::Value>,
+}
+
+/// The `/recent` query for these filters, after `since` when following.
+pub fn query(args: &TapArgs, since: Option<u64>) -> String {
+    let enc = |v: &str| {
+        v.bytes()
+            .map(|b| match b {
+                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                    (b as char).to_string()
+                }
+                _ => format!("%{b:02X}"),
+            })
+            .collect::<String>()
+    };
+    let mut q = vec![format!("limit={}", args.limit)];
+    for (k, v) in [
+        ("status", &args.status),
+        ("reason", &args.reason),
+        ("route", &args.route),
+        ("backend", &args.backend),
+    ] {
+        if let Some(v) = v {
+            q.push(format!("{k}={}", enc(v)));
+        }
+    }
+    if let Some(d) = args.min_latency {
+        q.push(format!("min_ms={}", d.get().as_millis()));
+    }
+    if let Some(s) = since {
+        q.push(format!("since={s}"));
+    }
+    if args.show_secrets {
+        q.push("secrets=true".into());
+    }
+    format!("/recent?{}", q.join("&"))
+}
+
+fn row(proxy: &str, e: &Entry) -> Vec<String> {
+    let dash = || "-".to_string();
+    vec![
+        utc(e.at),
+        proxy.to_string(),
+        e.direction.clone(),
+        e.method.clone(),
+        e.host.clone().unwrap_or_else(dash),
+        e.path.clone(),
+        e.route.clone().unwrap_or_else(dash),
+        e.backend.clone().unwrap_or_else(dash),
+        e.status.to_string(),
+        e.reason
+            .clone()
+            .or_else(|| e.degraded.clone().map(|d| format!("degraded: {d}")))
+            .unwrap_or_else(dash),
+        format!("{:.1}ms", e.duration_ms),
+    ]
+}
+
+const HEADER: [&str; 11] = [
+    "TIME", "PROXY", "DIR", "METHOD", "HOST", "PATH", "ROUTE", "BACKEND", "STATUS", "REASON",
+    "LATENCY",
+];
+
+fn headers_text(e: &Entry) -> String {
+    let mut text = String::new();
+    for (side, map) in [(">", &e.request_headers), ("<", &e.response_headers)] {
+        for (name, values) in map {
+            for v in values.as_array().into_iter().flatten() {
+                text.push_str(&format!(
+                    "    {side} {name}: {}\n",
+                    v.as_str().unwrap_or("")
+                ));
+            }
+        }
+    }
+    text
+}
+
+async fn fetch(
+    proxies: &[AdminClient],
+    args: &TapArgs,
+    since: &[Option<u64>],
+) -> Result<Vec<RecentAnswer>, CliError> {
+    let mut out = Vec::with_capacity(proxies.len());
+    for (p, since) in proxies.iter().zip(since) {
+        out.push(p.get_json(&query(args, *since)).await?);
+    }
+    Ok(out)
+}
+
+/// Runs `tap`.
+pub async fn run(ctx: &mut Ctx<'_>, args: TapArgs) -> Result<Verdict, CliError> {
+    let proxies = ctx.proxies()?;
+    let mut since: Vec<Option<u64>> = vec![None; proxies.len()];
+    let answers = fetch(&proxies, &args, &since).await?;
+    let off: Vec<&str> = proxies
+        .iter()
+        .zip(&answers)
+        .filter(|(_, a)| !a.enabled)
+        .map(|(p, _)| p.url())
+        .collect();
+    if !off.is_empty() && !ctx.json() {
+        for p in &off {
+            ctx.print(&format!(
+                "{p}: recent requests are off (start the proxy with --recent-requests N)\n"
+            ))?;
+        }
+    }
+    let all_off = off.len() == proxies.len();
+    if ctx.json() && !args.follow {
+        let v: Vec<_> = proxies
+            .iter()
+            .zip(&answers)
+            .map(|(p, a)| {
+                serde_json::json!({ "proxy": p.url(), "enabled": a.enabled, "requests": a.requests })
+            })
+            .collect();
+        ctx.print_json(&serde_json::json!({ "proxies": v }))?;
+        return Ok(if all_off {
+            Verdict::Failing
+        } else {
+            Verdict::Ok
+        });
+    }
+    if all_off {
+        return Ok(Verdict::Failing);
+    }
+    let mut answers = answers;
+    let mut first = true;
+    loop {
+        let mut t = Table::new(HEADER);
+        let mut lines = Vec::new();
+        let mut entries: Vec<(&str, &Entry)> = proxies
+            .iter()
+            .zip(&answers)
+            .flat_map(|(p, a)| a.requests.iter().map(move |e| (p.url(), e)))
+            .collect();
+        entries.sort_by_key(|(_, e)| e.at);
+        for (proxy, e) in &entries {
+            if ctx.json() {
+                let mut v = serde_json::to_value(e).unwrap_or_default();
+                v["proxy"] = (*proxy).into();
+                lines.push(format!("{v}\n"));
+            } else if args.headers {
+                let mut one = Table::new(HEADER);
+                one.row(row(proxy, e));
+                let rendered = one.render();
+                let body = rendered.lines().nth(1).unwrap_or("");
+                lines.push(format!("{body}\n{}", headers_text(e)));
+            } else {
+                t.row(row(proxy, e));
+            }
+        }
+        if !ctx.json() && !args.headers {
+            if !t.is_empty() {
+                let rendered = t.render();
+                // Following, the column titles are printed once.
+                let skip = usize::from(!first);
+                lines.extend(rendered.lines().skip(skip).map(|l| format!("{l}\n")));
+            } else if first && !args.follow {
+                lines.push("no request matches\n".into());
+            }
+        }
+        for l in lines {
+            ctx.print(&l)?;
+        }
+        ctx.out
+            .flush()
+            .map_err(|e| CliError::Usage(format!("cannot write the answer: {e}")))?;
+        if !args.follow {
+            return Ok(Verdict::Ok);
+        }
+        for (s, a) in since.iter_mut().zip(&answers) {
+            if let Some(last) = a.requests.last() {
+                *s = Some(last.seq);
+            }
+        }
+        first = first && entries.is_empty();
+        tokio::time::sleep(args.interval.get().max(Duration::from_millis(100))).await;
+        answers = fetch(&proxies, &args, &since).await?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn builds_the_recent_query_from_the_filters() {
+        let cli = crate::args::Cli::try_parse_from([
+            "sluicectl",
+            "tap",
+            "--status",
+            "5xx",
+            "--reason",
+            "breaker-open",
+            "--route",
+            "shop.api",
+            "--min-latency",
+            "250ms",
+            "--show-secrets",
+        ])
+        .unwrap();
+        let crate::args::Command::Tap(args) = cli.command else {
+            panic!("tap");
+        };
+        assert_eq!(
+            query(&args, Some(7)),
+            "/recent?limit=50&status=5xx&reason=breaker-open&route=shop.api&min_ms=250&since=7&secrets=true"
+        );
+    }
+}

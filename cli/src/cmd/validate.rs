@@ -1,0 +1,59 @@
+//! `validate`: the verdict the control plane and the proxies give on policy files.
+
+use crate::args::ValidateArgs;
+use crate::error::CliError;
+use crate::policies;
+use crate::{Ctx, Verdict};
+
+/// Runs `validate`.
+pub async fn run(ctx: &mut Ctx<'_>, args: ValidateArgs) -> Result<Verdict, CliError> {
+    let loaded = policies::load(&args.files)?;
+    let ok = loaded.set.is_some();
+    if ctx.json() {
+        let files: Vec<_> = loaded
+            .files
+            .iter()
+            .map(|f| {
+                serde_json::json!({
+                    "file": f.file,
+                    "ok": f.diagnostics.is_empty(),
+                    "policies": f.policies,
+                })
+            })
+            .collect();
+        let errors: Vec<_> = loaded
+            .diagnostics()
+            .map(|d| {
+                serde_json::json!({
+                    "file": d.file, "line": d.line, "column": d.column,
+                    "field": d.path, "message": d.message,
+                })
+            })
+            .collect();
+        ctx.print_json(&serde_json::json!({
+            "ok": ok,
+            "hash": loaded.set.as_ref().map(|s| s.hash()),
+            "files": files,
+            "errors": errors,
+        }))?;
+    } else {
+        let mut text = String::new();
+        for f in &loaded.files {
+            if f.diagnostics.is_empty() {
+                text.push_str(&format!("ok  {} ({} policies)\n", f.file, f.policies));
+            }
+        }
+        for d in loaded.diagnostics() {
+            text.push_str(&format!("{d}\n"));
+        }
+        if let Some(set) = &loaded.set {
+            text.push_str(&format!(
+                "valid: {} policies, version {}\n",
+                set.policies().len(),
+                set.hash()
+            ));
+        }
+        ctx.print(&text)?;
+    }
+    Ok(if ok { Verdict::Ok } else { Verdict::Failing })
+}

@@ -1,0 +1,568 @@
+//! Why a request takes the route and backend it takes, decided offline from policy
+//! files by the proxy's own code: [`RouteTable`] (host index, precedence order,
+//! [`RouteMatcher::mismatch`](sluice_proxy::policy::RouteMatcher::mismatch)), the
+//! compiled [`RouteParams`] and its [`SplitParams::choose`](sluice_filters::split::SplitParams::choose).
+//! Nothing here decides by itself; it reports what those decide.
+
+use std::sync::Arc;
+
+use http::{HeaderMap, HeaderName, HeaderValue, Method};
+use serde::Serialize;
+use sluice_config::{PolicySet, RouteMatch, StickyHash, precedence_rule, sticky_point};
+use sluice_filters::breaker::BreakerParams;
+use sluice_filters::split::SplitChoice;
+use sluice_proxy::RouteTable;
+use sluice_proxy::route::{RouteParams, compile_backends};
+
+use crate::error::CliError;
+
+/// The request to explain.
+#[derive(Clone, Debug)]
+pub struct Probe {
+    /// Host (a port is ignored, as the proxy ignores it).
+    pub host: String,
+    /// Method.
+    pub method: Method,
+    /// Path, without query.
+    pub path: String,
+    /// Request headers.
+    pub headers: HeaderMap,
+}
+
+impl Probe {
+    /// A probe from the command line's words; `headers` are `name:value`.
+    pub fn parse(
+        host: &str,
+        method: &str,
+        path: &str,
+        headers: &[String],
+    ) -> Result<Self, CliError> {
+        let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes())
+            .map_err(|_| CliError::Usage(format!("{method:?} is not an HTTP method")))?;
+        let path = path.split('?').next().unwrap_or("/");
+        if !path.starts_with('/') {
+            return Err(CliError::Usage(format!("path {path:?} must start with /")));
+        }
+        let mut map = HeaderMap::new();
+        for h in headers {
+            let Some((name, value)) = h.split_once(':') else {
+                return Err(CliError::Usage(format!(
+                    "header {h:?} is not name:value (e.g. -H x-user-id:alice)"
+                )));
+            };
+            let name = HeaderName::from_bytes(name.trim().as_bytes())
+                .map_err(|_| CliError::Usage(format!("{name:?} is not a header name")))?;
+            let value = HeaderValue::from_str(value.trim())
+                .map_err(|_| CliError::Usage(format!("{value:?} is not a header value")))?;
+            map.append(name, value);
+        }
+        Ok(Self {
+            host: host.to_string(),
+            method,
+            path: path.to_string(),
+            headers: map,
+        })
+    }
+}
+
+/// The policies compiled as a proxy compiles them, ready to explain many requests.
+#[derive(Debug)]
+pub struct Explainer {
+    table: RouteTable<Arc<RouteParams>>,
+    /// `namespace/name` of each policy by name, for the report.
+    names: Vec<(String, String)>,
+    warnings: Vec<String>,
+}
+
+/// What a request gets, and why.
+#[derive(Clone, Debug, Serialize)]
+pub struct Explanation {
+    /// The request's host.
+    pub host: String,
+    /// Its method.
+    pub method: String,
+    /// Its path.
+    pub path: String,
+    /// `namespace/name` of the policy that claims the host.
+    pub policy: Option<String>,
+    /// The chosen route's key (`<policy>.<route>`); `None`: 404 `no-route`.
+    pub route: Option<String>,
+    /// Every route of the host in the order they are tried, with its verdict.
+    pub routes: Vec<RouteVerdict>,
+    /// Where the chosen route sends it.
+    pub backend: Option<BackendVerdict>,
+    /// The governance of the chosen route.
+    pub governance: Option<Governance>,
+    /// Policies a proxy would ignore (a host claimed twice).
+    pub warnings: Vec<String>,
+}
+
+/// One route of the host and why it took the request or not.
+#[derive(Clone, Debug, Serialize)]
+pub struct RouteVerdict {
+    /// Route key, `<policy>.<route>`.
+    pub route: String,
+    /// What it matches, in words.
+    #[serde(rename = "match")]
+    pub matches: String,
+    /// `chosen`, `mismatch` or `precedence`.
+    pub verdict: &'static str,
+    /// The condition it failed, or the precedence rule it lost by.
+    pub why: String,
+}
+
+/// The backend the split picks.
+#[derive(Clone, Debug, Serialize)]
+pub struct BackendVerdict {
+    /// The backend, unless a random draw decides.
+    pub backend: Option<String>,
+    /// `primary`, `rule`, `sticky` or `random`.
+    pub by: &'static str,
+    /// The split rule that decides (its position in the route's `split`).
+    pub rule: Option<usize>,
+    /// How, in words.
+    pub why: String,
+}
+
+/// The governance that applies on the chosen route (and backend).
+#[derive(Clone, Debug, Serialize)]
+pub struct Governance {
+    /// The rate limit and this request's bucket key.
+    pub rate_limit: Option<String>,
+    /// Total and per-try timeouts.
+    pub timeout: Option<String>,
+    /// Retry rules.
+    pub retry: Option<String>,
+    /// The breaker of route × backend.
+    pub breaker: Option<String>,
+    /// The fallback.
+    pub fallback: Option<String>,
+}
+
+impl Explainer {
+    /// Compiles every route of `set` as the proxy does.
+    pub fn new(set: &PolicySet) -> Result<Self, CliError> {
+        let mut backends_of: Option<(String, _)> = None;
+        let (table, warnings) = RouteTable::build(set.policies(), |policy, index| {
+            let backends = match &backends_of {
+                Some((name, b)) if *name == policy.metadata.name => Arc::clone(b),
+                _ => {
+                    let b = compile_backends(policy)?;
+                    backends_of = Some((policy.metadata.name.clone(), Arc::clone(&b)));
+                    b
+                }
+            };
+            RouteParams::new(policy, index, backends).map(Arc::new)
+        })
+        .map_err(|e| CliError::Usage(format!("the policies do not compile: {e}")))?;
+        let names = set
+            .policies()
+            .iter()
+            .map(|p| {
+                (
+                    p.metadata.name.clone(),
+                    format!(
+                        "{}/{}",
+                        p.metadata.namespace.as_deref().unwrap_or("default"),
+                        p.metadata.name
+                    ),
+                )
+            })
+            .collect();
+        Ok(Self {
+            table,
+            names,
+            warnings,
+        })
+    }
+
+    /// Explains one request.
+    pub fn explain(&self, probe: &Probe) -> Explanation {
+        let (method, path, headers) = (&probe.method, probe.path.as_str(), &probe.headers);
+        let routes = self.table.routes(&probe.host).unwrap_or_default();
+        let chosen = self.table.select(&probe.host, method, path, headers);
+        let policy = routes.first().map(|(_, p)| {
+            self.names
+                .iter()
+                .find(|(n, _)| **n == *p.policy)
+                .map_or_else(|| p.policy.to_string(), |(_, full)| full.clone())
+        });
+        let verdicts = routes
+            .iter()
+            .map(|(matcher, params)| {
+                let mut v = RouteVerdict {
+                    route: params.key.to_string(),
+                    matches: describe_match(&params.route.matches),
+                    verdict: "mismatch",
+                    why: String::new(),
+                };
+                if let Some(why) = matcher.mismatch(method, path, headers) {
+                    v.why = why.to_string();
+                } else if chosen.is_some_and(|c| Arc::ptr_eq(c, params)) {
+                    v.verdict = "chosen";
+                    v.why = "first by precedence to take the request".into();
+                } else if let Some(c) = chosen {
+                    v.verdict = "precedence";
+                    v.why = format!(
+                        "matches too, but {} goes first: {}",
+                        c.key,
+                        precedence_rule(&c.route.matches, &params.route.matches).describe()
+                    );
+                }
+                v
+            })
+            .collect();
+        let backend = chosen.map(|c| backend_verdict(c, headers));
+        let governance = chosen.map(|c| {
+            let picked = backend.as_ref().and_then(|b| b.backend.clone());
+            governance(c, headers, picked.as_deref())
+        });
+        Explanation {
+            host: probe.host.clone(),
+            method: method.to_string(),
+            path: path.to_string(),
+            policy,
+            route: chosen.map(|c| c.key.to_string()),
+            routes: verdicts,
+            backend,
+            governance,
+            warnings: self.warnings.clone(),
+        }
+    }
+}
+
+fn describe_match(m: &RouteMatch) -> String {
+    let mut parts = Vec::new();
+    match &m.path {
+        Some(p) if p.exact.is_some() => {
+            parts.push(format!("path = {}", p.exact.as_deref().unwrap_or("")))
+        }
+        Some(p) if p.prefix.is_some() => {
+            parts.push(format!("path under {}", p.prefix.as_deref().unwrap_or("")))
+        }
+        _ => {}
+    }
+    if let Some(method) = &m.method {
+        parts.push(format!("method {method}"));
+    }
+    for (k, v) in &m.headers {
+        parts.push(format!("{k}: {v}"));
+    }
+    if parts.is_empty() {
+        "any request".into()
+    } else {
+        parts.join(", ")
+    }
+}
+
+fn backend_verdict(params: &RouteParams, headers: &HeaderMap) -> BackendVerdict {
+    let name = |i: usize| params.backends.get(i).map(|b| b.name.to_string());
+    let weights_of = |rule: usize| {
+        params.route.split[rule]
+            .weights
+            .iter()
+            .flatten()
+            .map(|(b, w)| format!("{b} {w}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    match params.split.choose(headers) {
+        SplitChoice::Primary { backend } => BackendVerdict {
+            backend: name(backend),
+            by: "primary",
+            rule: None,
+            why: if params.route.split.is_empty() {
+                "the route has no split: its first backend".into()
+            } else {
+                "no split rule takes the request: the route's first backend".into()
+            },
+        },
+        SplitChoice::Fixed { rule, backend } => BackendVerdict {
+            backend: name(backend),
+            by: "rule",
+            rule: Some(rule),
+            why: format!(
+                "split rule {} ({}) names it",
+                rule + 1,
+                when_of(params, rule)
+            ),
+        },
+        SplitChoice::Sticky {
+            rule,
+            backend,
+            hash,
+        } => {
+            let header = params.route.split[rule]
+                .sticky_by
+                .as_ref()
+                .map(|s| s.header.clone())
+                .unwrap_or_default();
+            let value = headers
+                .get(&header)
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+                .unwrap_or_default();
+            let how = match hash {
+                StickyHash::Ordered => format!(
+                    "point {} of 10000, walked over weights {} in file order",
+                    sticky_point(value.as_bytes()),
+                    weights_of(rule)
+                ),
+                StickyHash::Rendezvous => {
+                    format!("rendezvous hash over weights {}", weights_of(rule))
+                }
+            };
+            BackendVerdict {
+                backend: name(backend),
+                by: "sticky",
+                rule: Some(rule),
+                why: format!(
+                    "split rule {} sticks {header}={value:?} to it: {how}",
+                    rule + 1
+                ),
+            }
+        }
+        SplitChoice::Random { rule } => {
+            let sticky = params.route.split[rule]
+                .sticky_by
+                .as_ref()
+                .map(|s| format!(" (no {} header to stick by)", s.header))
+                .unwrap_or_default();
+            BackendVerdict {
+                backend: None,
+                by: "random",
+                rule: Some(rule),
+                why: format!(
+                    "split rule {} draws at random by weights {}{sticky}",
+                    rule + 1,
+                    weights_of(rule)
+                ),
+            }
+        }
+    }
+}
+
+fn when_of(params: &RouteParams, rule: usize) -> String {
+    let when: Vec<String> = params.route.split[rule]
+        .when
+        .iter()
+        .flat_map(|w| &w.headers)
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect();
+    if when.is_empty() {
+        "every request".into()
+    } else {
+        format!("when {}", when.join(", "))
+    }
+}
+
+fn compact<T: Serialize>(v: &T) -> String {
+    serde_json::to_string(v).unwrap_or_default()
+}
+
+fn governance(params: &RouteParams, headers: &HeaderMap, backend: Option<&str>) -> Governance {
+    let route = &params.route;
+    let rate_limit = route.rate_limit.as_ref().map(|rl| {
+        let key = match &rl.key {
+            Some(k) if k.header.is_some() => {
+                let h = k.header.as_deref().unwrap_or("");
+                match headers.get(h) {
+                    Some(v) => format!("bucket of {h}={:?}", String::from_utf8_lossy(v.as_bytes())),
+                    None => format!("no {h} header: the bucket every such request shares"),
+                }
+            }
+            Some(k) if k.path == Some(true) => "bucket of this path".into(),
+            Some(k) if k.peer_identity == Some(true) => {
+                "bucket of the caller's identity (mTLS)".into()
+            }
+            _ => "one bucket for the whole route".into(),
+        };
+        format!(
+            "{}/s, burst {}, {}{}; {key}",
+            rl.per_second,
+            rl.burst.unwrap_or(rl.per_second),
+            match rl.scope {
+                sluice_config::RateLimitScope::Fleet => "fleet-wide",
+                _ => "per calling proxy",
+            },
+            if rl.shadow {
+                ", shadow (counted, never refused)"
+            } else {
+                ""
+            },
+        )
+    });
+    let per_try = route.retry.as_ref().and_then(|r| r.per_try_timeout);
+    let timeout = match (route.timeout, per_try) {
+        (None, None) => None,
+        (t, p) => Some(format!(
+            "total {}, per try {}",
+            t.map_or("none".into(), |d| d.to_string()),
+            p.map_or("none".into(), |d| d.to_string())
+        )),
+    };
+    let retry = route.retry.as_ref().map(compact);
+    let breaker = route.circuit_breaker.as_ref().map(|cb| {
+        let p = BreakerParams::from_policy(cb);
+        let trigger = match (p.consecutive_failures, &p.failure_rate) {
+            (Some(n), None) => format!("opens after {n} failures in a row"),
+            (None, Some(r)) => format!(
+                "opens at {}% failures over {:?} (at least {} requests)",
+                r.percent, r.window, r.min_requests
+            ),
+            (Some(n), Some(r)) => format!(
+                "opens after {n} failures in a row or at {}% over {:?}",
+                r.percent, r.window
+            ),
+            (None, None) => "never opens by itself".into(),
+        };
+        format!(
+            "{} × {}: {trigger}, open {:?} (up to {:?}), {} half-open probes",
+            params.key,
+            backend.unwrap_or("the backend drawn"),
+            p.open_for,
+            p.max_open_for,
+            p.half_open_requests
+        )
+    });
+    let fallback = route.fallback.as_ref().map(compact);
+    Governance {
+        rate_limit,
+        timeout,
+        retry,
+        breaker,
+        fallback,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: &str = r#"
+apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: { name: log-service, namespace: shop }
+spec:
+  host: log-service
+  backends:
+    log-v1: { addresses: ["127.0.0.1:9101"] }
+    log-v2: { addresses: ["127.0.0.1:9102"] }
+  routes:
+    - name: ingest
+      match: { path: { prefix: /logs }, method: POST }
+      timeout: 2s
+      rateLimit: { perSecond: 200, burst: 50, key: { header: x-tenant-id } }
+      retry: { attempts: 2, on: [connect-failure], perTryTimeout: 500ms, nonIdempotent: true }
+      circuitBreaker: { consecutiveFailures: 5, openFor: 10s, halfOpenRequests: 2 }
+      split:
+        - when: { headers: { x-canary: "true" } }
+          backend: log-v2
+        - weights: { log-v1: 90, log-v2: 10 }
+          stickyBy: { header: x-user-id }
+    - name: read
+      match: { path: { prefix: /logs } }
+      split: [{ backend: log-v1 }]
+    - name: health
+      match: { path: { exact: /healthz } }
+      split: [{ backend: log-v1 }]
+"#;
+
+    fn explainer() -> Explainer {
+        let set = PolicySet::from_files([("p.yaml", POLICY)]).unwrap();
+        Explainer::new(&set).unwrap()
+    }
+
+    fn probe(method: &str, path: &str, headers: &[&str]) -> Probe {
+        let headers: Vec<String> = headers.iter().map(|h| h.to_string()).collect();
+        Probe::parse("log-service:8080", method, path, &headers).unwrap()
+    }
+
+    #[test]
+    fn explains_the_route_the_losers_and_the_sticky_backend() {
+        let e = explainer().explain(&probe("POST", "/logs", &["x-user-id:alice"]));
+        assert_eq!(e.policy.as_deref(), Some("shop/log-service"));
+        assert_eq!(e.route.as_deref(), Some("log-service.ingest"));
+        let verdicts: Vec<(&str, &str)> = e
+            .routes
+            .iter()
+            .map(|r| (r.route.as_str(), r.verdict))
+            .collect();
+        assert_eq!(
+            verdicts,
+            [
+                ("log-service.health", "mismatch"),
+                ("log-service.ingest", "chosen"),
+                ("log-service.read", "precedence"),
+            ]
+        );
+        assert!(e.routes[0].why.contains("/healthz"));
+        assert!(
+            e.routes[2].why.contains("a method match goes before none"),
+            "{}",
+            e.routes[2].why
+        );
+        let b = e.backend.unwrap();
+        assert_eq!(b.by, "sticky");
+        // FNV-1a of "alice" mod 10000, walked over 90/10.
+        let point = sticky_point(b"alice");
+        let expected = if point < 9000 { "log-v1" } else { "log-v2" };
+        assert_eq!(b.backend.as_deref(), Some(expected));
+        assert!(
+            b.why.contains(&format!("point {point} of 10000")),
+            "{}",
+            b.why
+        );
+        let g = e.governance.unwrap();
+        assert!(g.rate_limit.unwrap().contains("no x-tenant-id header"));
+        assert_eq!(g.timeout.as_deref(), Some("total 2s, per try 500ms"));
+        assert!(g.breaker.unwrap().contains("after 5 failures in a row"));
+        assert!(g.fallback.is_none());
+    }
+
+    #[test]
+    fn explains_header_rules_random_draws_and_no_route() {
+        let x = explainer();
+        let canary = x.explain(&probe(
+            "POST",
+            "/logs/a",
+            &["x-canary:true", "x-tenant-id:acme"],
+        ));
+        let b = canary.backend.unwrap();
+        assert_eq!((b.backend.as_deref(), b.by), (Some("log-v2"), "rule"));
+        assert!(
+            canary
+                .governance
+                .unwrap()
+                .rate_limit
+                .unwrap()
+                .contains("x-tenant-id=\"acme\"")
+        );
+
+        let random = x.explain(&probe("POST", "/logs", &[]));
+        let b = random.backend.unwrap();
+        assert_eq!((b.backend, b.by), (None, "random"));
+
+        let get = x.explain(&probe("GET", "/logs", &[]));
+        assert_eq!(get.route.as_deref(), Some("log-service.read"));
+        assert_eq!(get.routes[1].why, "wants method POST");
+        let b = get.backend.unwrap();
+        assert_eq!((b.backend.as_deref(), b.by), (Some("log-v1"), "rule"));
+
+        let none = x.explain(&probe("GET", "/other", &[]));
+        assert!(none.route.is_none() && none.backend.is_none());
+        assert!(none.routes.iter().all(|r| r.verdict == "mismatch"));
+
+        let unknown = x.explain(&Probe::parse("nobody", "GET", "/", &[]).unwrap());
+        assert!(unknown.policy.is_none() && unknown.routes.is_empty());
+    }
+
+    #[test]
+    fn refuses_bad_probe_words() {
+        assert!(Probe::parse("h", "GET", "/", &["novalue".into()]).is_err());
+        assert!(Probe::parse("h", "G ET", "/", &[]).is_err());
+        assert!(Probe::parse("h", "GET", "logs", &[]).is_err());
+        let p = Probe::parse("h", "post", "/a?b=c", &["X-A: 1".into()]).unwrap();
+        assert_eq!((p.method, p.path.as_str()), (Method::POST, "/a"));
+        assert_eq!(p.headers["x-a"], "1");
+    }
+}

@@ -1,0 +1,177 @@
+//! `sluicectl`: see, explain and act on a Sluice mesh in one command.
+//!
+//! The commands speak to the admin APIs of the control plane (`--control-plane`) and
+//! of proxies (`--proxy`, several allowed) through [`client::AdminClient`], which
+//! sends the `--token-file` token on every call and turns every failure into one
+//! line. Offline commands (`validate`, `explain`) read policy files with the same
+//! `sluice-config` validator the control plane and the proxies use; `explain` decides
+//! with the proxy's own route table and split ([`sluice_proxy::RouteTable`],
+//! [`sluice_filters::split::SplitParams`]). Each command lives in a module of [`cmd`]
+//! and prints a table ([`table`]) or, with `-o json`, one JSON document.
+//!
+//! Exit codes: 0 all well; 1 the answer is no (drift, NACK, invalid policy,
+//! differences); 2 bad flags or unreadable files; 3 an admin API could not be used.
+
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod args;
+pub mod client;
+pub mod cmd;
+pub mod error;
+pub mod explain;
+pub mod policies;
+pub mod table;
+
+use std::io::Write;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+
+use crate::args::{Cli, Global, Output};
+use crate::client::{AdminClient, Side};
+use crate::error::CliError;
+
+/// The proxy admin asked when `--proxy` is not given (DESIGN's default admin port).
+pub const DEFAULT_PROXY: &str = "http://127.0.0.1:15000";
+
+/// What a command found: all well, or an answer of "no" (exit 1).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Exit 0.
+    Ok,
+    /// Exit 1: drift, NACK, an invalid policy, differences.
+    Failing,
+}
+
+/// What every command is given: the global flags, the token, and where to print.
+pub struct Ctx<'a> {
+    /// The global flags.
+    pub global: &'a Global,
+    /// The admin token from `--token-file`.
+    pub token: Option<Arc<str>>,
+    /// Where answers go (stdout in the binary).
+    pub out: &'a mut dyn Write,
+}
+
+impl std::fmt::Debug for Ctx<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Ctx")
+            .field("global", &self.global)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ctx<'_> {
+    /// Whether `-o json` was asked for.
+    pub fn json(&self) -> bool {
+        self.global.output == Output::Json
+    }
+
+    /// A client of the control plane's admin API.
+    pub fn control_plane(&self) -> Result<AdminClient, CliError> {
+        AdminClient::new(
+            Side::ControlPlane,
+            &self.global.control_plane,
+            self.token.clone(),
+            self.global.timeout.get(),
+        )
+    }
+
+    /// A client per `--proxy`, or of the local proxy's admin port when none is given.
+    pub fn proxies(&self) -> Result<Vec<AdminClient>, CliError> {
+        let mut clients = self.explicit_proxies()?;
+        if clients.is_empty() {
+            clients.push(AdminClient::new(
+                Side::Proxy,
+                DEFAULT_PROXY,
+                self.token.clone(),
+                self.global.timeout.get(),
+            )?);
+        }
+        Ok(clients)
+    }
+
+    /// A client per `--proxy` given (none when the flag is absent).
+    pub fn explicit_proxies(&self) -> Result<Vec<AdminClient>, CliError> {
+        self.global
+            .proxy
+            .iter()
+            .filter(|u| !u.trim().is_empty())
+            .map(|u| {
+                AdminClient::new(
+                    Side::Proxy,
+                    u.trim(),
+                    self.token.clone(),
+                    self.global.timeout.get(),
+                )
+            })
+            .collect()
+    }
+
+    /// Prints text as it is.
+    pub fn print(&mut self, text: &str) -> Result<(), CliError> {
+        self.out
+            .write_all(text.as_bytes())
+            .map_err(|e| CliError::Usage(format!("cannot write the answer: {e}")))
+    }
+
+    /// Prints a value as pretty JSON, with a final newline.
+    pub fn print_json(&mut self, value: &serde_json::Value) -> Result<(), CliError> {
+        let text = serde_json::to_string_pretty(value).unwrap_or_default();
+        self.print(&text)?;
+        self.print("\n")
+    }
+}
+
+/// Reads the token file: its content, surrounding whitespace trimmed.
+fn read_token(global: &Global) -> Result<Option<Arc<str>>, CliError> {
+    let Some(path) = &global.token_file else {
+        return Ok(None);
+    };
+    sluice_api::AdminGate::read_token(path)
+        .map(Some)
+        .map_err(|e| CliError::File {
+            path: path.clone(),
+            reason: e.to_string(),
+        })
+}
+
+/// Runs a parsed command line, printing to `out`.
+pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<Verdict, CliError> {
+    let token = read_token(&cli.global)?;
+    let mut ctx = Ctx {
+        global: &cli.global,
+        token,
+        out,
+    };
+    cmd::run(&mut ctx, cli.command).await
+}
+
+/// Parses the command line, runs it and maps the outcome to the exit code; errors are
+/// one line on stderr.
+#[allow(clippy::print_stderr)] // the command's own error line
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("sluicectl: cannot start: {e}");
+            return ExitCode::from(3);
+        }
+    };
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    match runtime.block_on(run(cli, &mut out)) {
+        Ok(Verdict::Ok) => ExitCode::SUCCESS,
+        Ok(Verdict::Failing) => ExitCode::from(1),
+        Err(e) => {
+            let _ = out.flush();
+            eprintln!("sluicectl: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

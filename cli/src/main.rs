@@ -1,0 +1,5 @@
+//! `sluicectl`: the binary is just [`sluicectl::main`].
+
+fn main() -> std::process::ExitCode {
+    sluicectl::main()
+}
