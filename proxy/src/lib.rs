@@ -29,6 +29,7 @@ mod message;
 pub mod metrics;
 pub mod policy;
 pub mod probes;
+mod report;
 mod rescue;
 pub mod route;
 mod server;
@@ -97,6 +98,12 @@ impl RunningProxy {
     /// The store whose snapshot the listeners serve.
     pub fn policy_store(&self) -> PolicyStore {
         self.store.clone()
+    }
+
+    /// How many proxies have traffic on each (policy, route), as the control plane last
+    /// said: the table a fleet-wide rate limit reads when Redis is out of reach.
+    pub fn route_traffic(&self) -> Arc<sluice_api::RouteTraffic> {
+        self.store.context().route_traffic.clone()
     }
 
     /// The workload certificate, when mTLS is on.

@@ -42,6 +42,8 @@ pub struct ProxyOptions {
     pub admin_token_file: Option<PathBuf>,
     /// Per-connection HTTP/2 limits (`--h2-max-*`).
     pub h2_limits: sluice_proxy::H2Limits,
+    /// How often a subscribed proxy reports its traffic (`--report-interval`).
+    pub report_interval: Duration,
 }
 
 /// How a proxy under test joins the mesh's mTLS.
@@ -72,6 +74,7 @@ impl Default for ProxyOptions {
             admin: None,
             admin_token_file: None,
             h2_limits: Default::default(),
+            report_interval: sluice_api::DEFAULT_REPORT_INTERVAL,
         }
     }
 }
@@ -225,6 +228,7 @@ impl TestProxy {
             no_inbound: !opts.inbound,
             app: opts.app,
             control_plane: Some(url.to_string()),
+            report_interval: opts.report_interval,
             state_dir: Some(state_dir.to_path_buf()),
             node_id: Some(node_id.to_string()),
             namespace: "e2e".into(),
@@ -251,6 +255,15 @@ impl TestProxy {
             proxy.wait_ready().await;
         }
         proxy
+    }
+
+    /// How many proxies have traffic on each (policy, route), as the control plane
+    /// last told this proxy.
+    pub fn route_traffic(&self) -> std::sync::Arc<sluice_api::RouteTraffic> {
+        self.running
+            .as_ref()
+            .expect("the proxy is running")
+            .route_traffic()
     }
 
     /// The proxy's workload certificate store, when mTLS is on.
