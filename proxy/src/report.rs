@@ -209,7 +209,7 @@ impl ReportSource for CounterReports {
             })
             .collect();
         // The busiest go first; the rest keep their old baseline and come next time.
-        news.sort_by(|a, b| b.2.requests.cmp(&a.2.requests));
+        news.sort_by_key(|n| std::cmp::Reverse(n.2.requests));
         let deferred = u32::try_from(news.len().saturating_sub(max_entries)).unwrap_or(u32::MAX);
         news.truncate(max_entries);
         let mut entries = Vec::with_capacity(news.len());
