@@ -3,7 +3,10 @@
 //! - [`reports`]: the proxies' traffic reports, summed per (policy, route, backend)
 //!   until the driver takes them, and the per-route count of proxies with traffic
 //!   that is sent back to proxies outside the policy version.
+//! - [`engine`]: one rollout as a pure state machine (steps, acks, windows,
+//!   significance, terminal states), tested on a fake clock.
 
+pub mod engine;
 pub mod reports;
 
 pub use reports::{ReportBook, Window};
