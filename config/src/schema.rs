@@ -58,7 +58,7 @@ impl Capability {
         match self {
             Capability::RendezvousHash => true,
             Capability::BackoffMin => true,
-            Capability::Rollout => false,
+            Capability::Rollout => true,
             Capability::Fallback => true,
             Capability::SlowStart => true,
             Capability::ServicePort => true,

@@ -11,6 +11,8 @@
 //!   policies held back from them (in an older form, or withheld).
 //! - `/proxies`: JSON, every proxy seen (node id, namespace, service, versions
 //!   sent, acknowledged and refused with the reason, last seen, connected).
+//! - `/rollouts` (GET) and `/rollouts/<ns>/<policy>/<route>/<command>` (POST): see
+//!   [`crate::rollout`]'s admin module.
 //!
 //! Bound beyond loopback (the default, `0.0.0.0:15014`), `/policies` and `/proxies`
 //! answer only with the admin token (`--admin-token-file`, [`AdminGate`]); the probes
@@ -74,6 +76,10 @@ pub(crate) async fn serve(
 }
 
 fn route(shared: &Shared, gate: &AdminGate, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if path == "/rollouts" || path.starts_with("/rollouts/") {
+        return crate::rollout::admin::route(shared, gate, req);
+    }
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }

@@ -354,10 +354,11 @@ fn on_answer(
         Message::Hello(_) => {
             tracing::debug!(node_id = %node, "ignoring a second Hello");
         }
-        Message::Report(report) => {
-            if let Err(e) = shared.reports.ingest(node, &report, Instant::now()) {
-                tracing::debug!(node_id = %node, error = %e, "malformed traffic report dropped");
+        Message::Report(report) => match shared.reports.ingest(node, &report, Instant::now()) {
+            Ok(()) => shared.judge_reports(),
+            Err(e) => {
+                tracing::debug!(node_id = %node, error = %e, "malformed traffic report dropped")
             }
-        }
+        },
     }
 }

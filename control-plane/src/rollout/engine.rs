@@ -435,6 +435,12 @@ impl RolloutState {
         self.acked_at
     }
 
+    /// When the window being judged opened: every proxy acked the step, or the step
+    /// began while they have not.
+    pub fn window_opened(&self) -> Instant {
+        self.acked_at.unwrap_or(self.step_since)
+    }
+
     /// Proxies left out of the last "every proxy acked".
     pub fn left_out(&self) -> &[String] {
         &self.left_out
