@@ -200,6 +200,11 @@ impl TestControlPlane {
             .map_or(0, |r| r.proxies_with_traffic(policy, route))
     }
 
+    /// A POST on the admin port: status and body.
+    pub async fn admin_post(&self, path: &str) -> (StatusCode, String) {
+        crate::proxy::admin_send(self.admin, hyper::Method::POST, path, "").await
+    }
+
     /// The version the control plane serves.
     pub fn version(&self) -> Option<String> {
         self.running

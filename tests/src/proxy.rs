@@ -101,7 +101,7 @@ pub(crate) async fn admin_get(admin: SocketAddr, path: &str) -> (StatusCode, Str
 }
 
 /// An HTTP request with a body to an admin port, read to its end.
-async fn admin_send(
+pub(crate) async fn admin_send(
     admin: SocketAddr,
     method: Method,
     path: &str,
@@ -255,6 +255,21 @@ impl TestProxy {
             proxy.wait_ready().await;
         }
         proxy
+    }
+
+    /// The weights of the first weighted rule of `route` in the policy named `policy`,
+    /// as this proxy enforces them now.
+    pub fn split_weights(&self, policy: &str, route: &str) -> Option<Vec<(String, u32)>> {
+        let snapshot = self.running.as_ref()?.policy_store().current();
+        let p = snapshot
+            .policy_set()?
+            .policies()
+            .iter()
+            .find(|p| p.metadata.name == policy)?
+            .clone();
+        let r = p.spec.routes.iter().find(|r| r.name == route)?;
+        let w = r.split.iter().find_map(|rule| rule.weights.clone())?;
+        Some(w.into_iter().collect())
     }
 
     /// How many proxies have traffic on each (policy, route), as the control plane

@@ -98,13 +98,13 @@ impl Spec {
             .collect();
         let rest = 100 - canary;
         let total: u64 = others.iter().map(|(_, w)| u64::from(*w)).sum();
+        let n = others.len().max(1) as u64;
         let share = |w: u32| -> (u64, u64) {
-            if total == 0 {
-                let n = others.len().max(1) as u64;
-                (u64::from(rest) / n, u64::from(rest) % n)
-            } else {
-                let x = u64::from(rest) * u64::from(w);
-                (x / total, x % total)
+            let x = u64::from(rest) * u64::from(w);
+            match (x.checked_div(total), x.checked_rem(total)) {
+                (Some(q), Some(r)) => (q, r),
+                // All others at 0 in the file: they share equally.
+                _ => (u64::from(rest) / n, u64::from(rest) % n),
             }
         };
         let mut out: Vec<(String, u64, u64)> = others

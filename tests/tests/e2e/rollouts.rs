@@ -1,11 +1,13 @@
 //! Canary rollouts: the proxies' traffic reports reach the control plane, which
-//! counts the proxies with traffic per route and tells the proxies.
+//! counts the proxies with traffic per route and tells the proxies, and drives each
+//! rollout from them: asserted from `/rollouts` and the weights the proxies enforce.
 
 use std::time::Duration;
 
 use hyper::StatusCode;
+use sluice_e2e::rollout::{RolloutMesh, canary_weight, history};
 use sluice_e2e::{
-    HttpConn, ProxyOptions, TestControlPlane, TestProxy, Upstream, WAIT, metric_sum, scrape,
+    HttpConn, ProxyOptions, Stall, TestControlPlane, TestProxy, Upstream, WAIT, metric_sum, scrape,
     wait_until,
 };
 
@@ -109,4 +111,293 @@ async fn reports_count_the_proxies_with_traffic_and_the_count_reaches_the_proxie
     for p in proxies {
         p.shutdown().await;
     }
+}
+
+// === Rollouts driven by the control plane ===
+
+/// A block stepping 10 → 50 → 100 every second, judged on 20 canary requests. Its
+/// p99 bound is far above what loopback takes even on a busy machine.
+const HEALTHY: &str = "            canary: v2
+            steps: [10, 50, 100]
+            interval: 1s
+            minRequests: 20
+            slo: { errorRate: 0.01, p99: 2s }
+            baseline: { errorRateIncrease: 0.01 }
+";
+
+/// [`HEALTHY`] with a p99 bound of 150 ms.
+const FAST: &str = "            canary: v2
+            steps: [10, 50, 100]
+            interval: 1s
+            minRequests: 20
+            slo: { errorRate: 0.01, p99: 150ms }
+";
+
+fn passed_each_step(r: &serde_json::Value) {
+    let h = history(r);
+    assert!(!h.iter().any(|x| x == "rolled-back"), "{r:#}");
+    // One conclusive window per step: each step ends with a pass.
+    let advanced = h.iter().filter(|x| *x == "advanced").count();
+    assert_eq!(advanced, 2, "{r:#}");
+    assert_eq!(h.last().map(String::as_str), Some("promoted"), "{r:#}");
+    assert_eq!(r["lastWindow"]["decision"], "pass", "{r:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_canary_is_promoted_at_200_requests_a_second() {
+    let mesh = RolloutMesh::start(HEALTHY).await;
+    mesh.wait_canary_everywhere(10).await;
+    let load = mesh.load(200.0).await;
+    let r = mesh
+        .wait_rollout("the canary is promoted", |r| r["phase"] == "promoted")
+        .await;
+    let statuses = load.stop().await;
+    passed_each_step(&r);
+    mesh.wait_canary_everywhere(100).await;
+    assert_eq!(
+        statuses.keys().copied().collect::<Vec<_>>(),
+        [200],
+        "{statuses:?}"
+    );
+    assert!(mesh.canary.requests() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_canary_at_5_requests_a_second_waits_for_enough_requests() {
+    let block = "            canary: v2
+            steps: [50, 100]
+            interval: 1s
+            minRequests: 10
+            slo: { errorRate: 0.01 }
+";
+    let mesh = RolloutMesh::start(block).await;
+    mesh.wait_canary_everywhere(50).await;
+    let load = mesh.load(5.0).await;
+    let r = mesh
+        .wait_rollout("the canary is promoted", |r| r["phase"] == "promoted")
+        .await;
+    load.stop().await;
+    let h = history(&r);
+    assert!(!h.iter().any(|x| x == "rolled-back"), "{r:#}");
+    // At 2.5 canary requests a second, the first one-second windows cannot hold 10:
+    // they are inconclusive and add up until one is conclusive.
+    let first_advance = h.iter().position(|x| x == "advanced").expect("advanced");
+    assert!(
+        h[..first_advance].iter().any(|x| x == "inconclusive"),
+        "{r:#}"
+    );
+    assert_eq!(h.last().map(String::as_str), Some("promoted"));
+    mesh.wait_canary_everywhere(100).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_failing_half_its_requests_is_rolled_back_at_the_first_report() {
+    let mesh = RolloutMesh::start(HEALTHY).await;
+    mesh.canary.set_fail_every(2);
+    mesh.wait_canary_everywhere(10).await;
+    let load = mesh.load(200.0).await;
+    let r = mesh
+        .wait_rollout("the canary is rolled back", |r| r["phase"] == "rolled-back")
+        .await;
+    load.stop().await;
+    assert_eq!(history(&r), ["started", "rolled-back"], "{r:#}");
+    let reason = r["history"][1]["reason"].as_str().unwrap();
+    assert!(reason.contains("gross"), "{r:#}");
+    assert_eq!(
+        r["lastWindow"]["checks"]
+            .as_array()
+            .unwrap()
+            .last()
+            .unwrap()["name"],
+        "grossErrorRate"
+    );
+    mesh.wait_canary_everywhere(0).await;
+    // From now on the canary gets nothing.
+    let before = mesh.canary.requests();
+    for p in &mesh.proxies {
+        let mut c = HttpConn::h1(p.outbound_addr()).await.unwrap();
+        for _ in 0..30 {
+            assert_eq!(c.get("log", "/").await.unwrap().status, StatusCode::OK);
+        }
+    }
+    assert_eq!(mesh.canary.requests(), before);
+    // The rolled-back state holds.
+    assert_eq!(mesh.rollout().await["phase"], "rolled-back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_300ms_slower_breaches_p99_and_is_rolled_back() {
+    let mesh = RolloutMesh::start(FAST).await;
+    mesh.canary
+        .set_stall(Stall::Delay(Duration::from_millis(300)));
+    mesh.wait_canary_everywhere(10).await;
+    let load = mesh.load(200.0).await;
+    let r = mesh
+        .wait_rollout("the canary is rolled back", |r| r["phase"] == "rolled-back")
+        .await;
+    load.stop().await;
+    let reason = r["history"].as_array().unwrap().last().unwrap()["reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(reason.contains("p99"), "{r:#}");
+    let p99 = r["lastWindow"]["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "p99")
+        .unwrap()
+        .clone();
+    assert_eq!(p99["verdict"], "breach", "{r:#}");
+    assert!(p99["value"].as_f64().unwrap() >= 0.25, "{r:#}");
+    mesh.wait_canary_everywhere(0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_resume_promote_and_abort_by_hand() {
+    // Held at its first step: the interval is long.
+    let block = |steps: &str| {
+        format!(
+            "            canary: v2
+            steps: {steps}
+            interval: 10m
+            minRequests: 1
+"
+        )
+    };
+    let mesh = RolloutMesh::start(&block("[10, 50, 100]")).await;
+    mesh.wait_canary_everywhere(10).await;
+    let base = "/rollouts/e2e/log/ingest";
+    let (s, body) = mesh.cp.admin_post(&format!("{base}/pause")).await;
+    assert_eq!(s, StatusCode::OK, "{body}");
+    assert_eq!(mesh.rollout().await["phase"], "paused");
+    assert_eq!(
+        mesh.cp.admin_post(&format!("{base}/pause")).await.0,
+        StatusCode::CONFLICT
+    );
+    assert_eq!(
+        mesh.cp.admin_post(&format!("{base}/resume")).await.0,
+        StatusCode::OK
+    );
+    assert_eq!(mesh.rollout().await["phase"], "progressing");
+    assert_eq!(
+        mesh.cp.admin_post(&format!("{base}/promote")).await.0,
+        StatusCode::OK
+    );
+    mesh.wait_canary_everywhere(100).await;
+    let r = mesh.rollout().await;
+    assert_eq!(
+        history(&r),
+        ["started", "paused", "resumed", "promoted"],
+        "{r:#}"
+    );
+    // Terminal: held until the block changes.
+    assert_eq!(
+        mesh.cp.admin_post(&format!("{base}/abort")).await.0,
+        StatusCode::CONFLICT
+    );
+    assert_eq!(
+        mesh.cp.admin_post("/rollouts/e2e/log/nope/abort").await.0,
+        StatusCode::NOT_FOUND
+    );
+    assert_eq!(
+        mesh.cp.admin_post(&format!("{base}/explode")).await.0,
+        StatusCode::NOT_FOUND
+    );
+
+    // A new block starts a new rollout, which is aborted by hand.
+    mesh.write_policy(&block("[20, 100]"), "");
+    mesh.wait_rollout("the new block starts", |r| r["canaryWeight"] == 20)
+        .await;
+    mesh.wait_canary_everywhere(20).await;
+    assert_eq!(
+        mesh.cp.admin_post(&format!("{base}/abort")).await.0,
+        StatusCode::OK
+    );
+    mesh.wait_canary_everywhere(0).await;
+    let r = mesh.rollout().await;
+    assert_eq!(history(&r), ["started", "rolled-back"], "{r:#}");
+    assert_eq!(r["history"][1]["reason"], "aborted by hand");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_elsewhere_in_the_policy_does_not_reset_the_rollout() {
+    let block = "            canary: v2
+            steps: [10, 50, 100]
+            interval: 10m
+            minRequests: 1
+";
+    let mesh = RolloutMesh::start(block).await;
+    mesh.wait_canary_everywhere(10).await;
+    let before = mesh.rollout().await;
+    let version = mesh.cp.version().unwrap();
+    mesh.write_policy(block, "      timeout: 7s\n");
+    wait_until("the edit is published", WAIT, || {
+        let v = mesh.cp.version();
+        let old = version.clone();
+        async move { v.is_some_and(|v| v != old) }
+    })
+    .await;
+    let new = mesh.cp.version().unwrap();
+    mesh.cp.wait_acked_everywhere(&new, 3).await;
+    let after = mesh.rollout().await;
+    assert_eq!(after["block"], before["block"]);
+    assert_eq!(history(&after), ["started"], "{after:#}");
+    // The new version carries the edit and the rollout's weights, not the file's.
+    for p in &mesh.proxies {
+        assert_eq!(canary_weight(p), Some(10));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_down_freezes_the_weights_and_its_restart_resumes_the_step() {
+    let mut mesh = RolloutMesh::start(HEALTHY).await;
+    mesh.wait_canary_everywhere(10).await;
+    // Traffic until the first step passes, then none: the second step waits.
+    let load = mesh.load(200.0).await;
+    mesh.wait_rollout("the first step passes", |r| r["step"] == 1)
+        .await;
+    load.stop().await;
+    mesh.wait_canary_everywhere(50).await;
+    let r = mesh
+        .wait_rollout("the second step is inconclusive", |r| {
+            history(r).last().map(String::as_str) == Some("inconclusive")
+        })
+        .await;
+    assert_eq!(r["step"], 1);
+    let version = mesh.cp.version().unwrap();
+
+    mesh.cp.stop().await;
+    // The proxies keep serving with the step's weights.
+    for p in &mesh.proxies {
+        assert_eq!(canary_weight(p), Some(50));
+        let mut c = HttpConn::h1(p.outbound_addr()).await.unwrap();
+        for _ in 0..10 {
+            assert_eq!(c.get("log", "/").await.unwrap().status, StatusCode::OK);
+        }
+    }
+
+    mesh.cp.restart().await;
+    let r = mesh.rollout().await;
+    assert_eq!(r["step"], 1, "{r:#}");
+    assert_eq!(r["canaryWeight"], 50);
+    assert_eq!(history(&r).last().map(String::as_str), Some("restarted"));
+    assert_eq!(
+        mesh.cp.version().as_deref(),
+        Some(version.as_str()),
+        "the same weights, the same version"
+    );
+    mesh.cp.wait_acked_everywhere(&version, 3).await;
+    // With traffic again it carries on from there.
+    let load = mesh.load(200.0).await;
+    let r = mesh
+        .wait_rollout("the canary is promoted", |r| r["phase"] == "promoted")
+        .await;
+    load.stop().await;
+    assert!(!history(&r).iter().any(|x| x == "rolled-back"), "{r:#}");
+    assert_eq!(
+        history(&r).iter().filter(|x| *x == "started").count(),
+        1,
+        "{r:#}"
+    );
 }
