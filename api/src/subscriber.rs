@@ -650,6 +650,57 @@ mod tests {
         }
     }
 
+    /// Counts its calls; every report carries one entry.
+    #[derive(Debug, Default)]
+    struct Counting {
+        dropped: std::sync::atomic::AtomicU64,
+    }
+
+    impl ReportSource for Counting {
+        fn deltas(&self, _: usize) -> crate::Deltas {
+            crate::Deltas {
+                bucket_bounds: vec![0.1],
+                entries: vec![pb::BackendCounts {
+                    route: "r".into(),
+                    backend: "b".into(),
+                    requests: 1,
+                    ..Default::default()
+                }],
+                deferred: 0,
+            }
+        }
+
+        fn dropped(&self) {
+            self.dropped
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_report_that_finds_the_queue_full_is_dropped_and_counted() {
+        let source = Arc::new(Counting::default());
+        let mut reporter = Reporter::new(source.clone(), Duration::from_secs(2));
+        let (tx, mut rx) = mpsc::channel(1);
+        tokio::time::advance(Duration::from_secs(2)).await;
+        reporter.send(&tx);
+        reporter.send(&tx);
+        reporter.send(&tx);
+        assert_eq!(source.dropped.load(std::sync::atomic::Ordering::Relaxed), 2);
+        let first = match rx.recv().await.unwrap().message {
+            Some(pb::proxy_message::Message::Report(r)) => r,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((first.seq, first.dropped, first.interval_ms), (1, 0, 2000));
+        // The next one that goes out says how many were lost, and its number shows the gap.
+        reporter.send(&tx);
+        let next = match rx.recv().await.unwrap().message {
+            Some(pb::proxy_message::Message::Report(r)) => r,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!((next.seq, next.dropped), (4, 2));
+        assert_eq!(next.entries.len(), 1);
+    }
+
     #[test]
     fn bad_url_is_refused_up_front() {
         let cfg = SubscriberConfig::new("not a url\n", "n1");

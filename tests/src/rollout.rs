@@ -19,8 +19,9 @@ pub const FILE: &str = "log.yaml";
 /// busy machine slows everything, and no test asserts how long it took.
 pub const ROLLOUT_WAIT: Duration = Duration::from_secs(90);
 
-/// A `log` policy whose route `ingest` splits `v1: 100, v2: 0` with `rollout` (the
-/// block's YAML, indented under `rollout:`), `extra` lines added to the route.
+/// A `log` policy whose route `ingest` sends `x-canary: true` to `v2` and splits the
+/// rest `v1: 100, v2: 0` with `rollout` (the block's YAML, indented under
+/// `rollout:`), `extra` lines added to the route.
 pub fn rollout_policy(v1: SocketAddr, v2: SocketAddr, rollout: &str, extra: &str) -> String {
     format!(
         r#"apiVersion: sluice.dev/v1alpha1
@@ -34,6 +35,8 @@ spec:
   routes:
     - name: ingest
 {extra}      split:
+        - when: {{ headers: {{ x-canary: "true" }} }}
+          backend: v2
         - weights: {{ v1: 100, v2: 0 }}
           rollout:
 {rollout}"#

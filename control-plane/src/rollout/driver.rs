@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use sluice_config::{EffectiveWeights, PolicySet, RoutePolicy};
 use tokio::sync::watch;
 
-use super::engine::{Command, Now, ProxyAck, RolloutState, Saved, Spec, Transition};
+use super::engine::{Command, Now, Phase, ProxyAck, RolloutState, Saved, Spec, Transition};
 use super::reports::Window;
 use crate::proxies::ProxyRecord;
 
@@ -450,6 +450,12 @@ impl EffectiveWeights for Rollouts {
         let book = self.book();
         let e = book.entries.get(&RolloutId::of(policy, route))?;
         (e.rule == rule).then(|| e.state.weights(&e.spec))
+    }
+
+    fn withdrawn(&self, policy: &RoutePolicy, route: &str) -> Option<String> {
+        let book = self.book();
+        let e = book.entries.get(&RolloutId::of(policy, route))?;
+        (e.state.phase() == Phase::RolledBack).then(|| e.spec.rollout.canary.clone())
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use hyper::StatusCode;
+use hyper::{Method, StatusCode};
 use sluice_e2e::rollout::{RolloutMesh, canary_weight, history};
 use sluice_e2e::{
     HttpConn, ProxyOptions, Stall, TestControlPlane, TestProxy, Upstream, WAIT, metric_sum, scrape,
@@ -226,6 +226,14 @@ async fn a_canary_failing_half_its_requests_is_rolled_back_at_the_first_report()
             assert_eq!(c.get("log", "/").await.unwrap().status, StatusCode::OK);
         }
     }
+    assert_eq!(mesh.canary.requests(), before);
+    // Not even by the header rule that named it.
+    let mut c = HttpConn::h1(mesh.proxies[0].outbound_addr()).await.unwrap();
+    let r = c
+        .request(Method::GET, "log", "/", &[("x-canary", "true")])
+        .await
+        .unwrap();
+    assert_eq!(r.header("x-upstream"), "v1");
     assert_eq!(mesh.canary.requests(), before);
     // The rolled-back state holds.
     assert_eq!(mesh.rollout().await["phase"], "rolled-back");
