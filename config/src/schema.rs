@@ -58,7 +58,7 @@ impl Capability {
         match self {
             Capability::RendezvousHash => true,
             Capability::BackoffMin => true,
-            Capability::Rollout => false,
+            Capability::Rollout => true,
             Capability::Fallback => true,
             Capability::SlowStart => true,
             Capability::ServicePort => true,
@@ -128,6 +128,13 @@ pub trait EffectiveWeights: std::fmt::Debug {
         route: &str,
         rule: usize,
     ) -> Option<IndexMap<String, u32>>;
+
+    /// A backend that header rules (`when` … `backend`) of `route` no longer send to:
+    /// a rolled-back canary. Their rules are left out of what proxies receive.
+    fn withdrawn(&self, policy: &RoutePolicy, route: &str) -> Option<String> {
+        let _ = (policy, route);
+        None
+    }
 }
 
 /// The effective weights with no rollout engine: the file's weights.
@@ -140,8 +147,8 @@ impl EffectiveWeights for FileWeights {
     }
 }
 
-/// `policy` as proxies receive it: every `rollout` removed and its rule's weights
-/// replaced by the effective ones.
+/// `policy` as proxies receive it: every `rollout` removed, its rule's weights
+/// replaced by the effective ones, and header rules to a withdrawn backend left out.
 pub fn proxy_view(policy: &RoutePolicy, effective: &dyn EffectiveWeights) -> RoutePolicy {
     let mut out = policy.clone();
     for route in &mut out.spec.routes {
@@ -152,6 +159,11 @@ pub fn proxy_view(policy: &RoutePolicy, effective: &dyn EffectiveWeights) -> Rou
                 rule.weights = Some(w);
             }
             rule.rollout = None;
+        }
+        if let Some(gone) = effective.withdrawn(policy, &route.name) {
+            route
+                .split
+                .retain(|rule| rule.backend.as_deref() != Some(gone.as_str()));
         }
     }
     out
@@ -258,5 +270,34 @@ spec:
         let w = driven.spec.routes[0].split[0].weights.as_ref().unwrap();
         assert_eq!(w.values().copied().collect::<Vec<_>>(), [95, 5]);
         assert_eq!(driven.spec.routes[0].split[0].rollout, None);
+    }
+
+    #[derive(Debug)]
+    struct RolledBack;
+
+    impl EffectiveWeights for RolledBack {
+        fn weights(&self, _: &RoutePolicy, _: &str, _: usize) -> Option<IndexMap<String, u32>> {
+            None
+        }
+        fn withdrawn(&self, _: &RoutePolicy, route: &str) -> Option<String> {
+            (route == "all").then(|| "log-v2".to_string())
+        }
+    }
+
+    #[test]
+    fn header_rules_to_a_withdrawn_backend_are_left_out() {
+        let mut p = base();
+        let weighted = p.spec.routes[0].split[0].clone();
+        let to = |b: &str| crate::SplitRule {
+            when: Some(crate::SplitWhen {
+                headers: IndexMap::from([("x-canary".to_string(), "true".to_string())]),
+            }),
+            backend: Some(b.into()),
+            ..Default::default()
+        };
+        p.spec.routes[0].split = vec![to("log-v2"), to("log-v1"), weighted.clone()];
+        let view = proxy_view(&p, &RolledBack);
+        assert_eq!(view.spec.routes[0].split, [to("log-v1"), weighted]);
+        assert_eq!(proxy_view(&p, &FileWeights).spec.routes[0].split.len(), 3);
     }
 }

@@ -253,3 +253,19 @@ fn slow_start_is_per_backend() {
         std::time::Duration::from_secs(30)
     );
 }
+
+#[test]
+fn canary_rollout_steps_to_100_and_needs_the_new_schema() {
+    let p = one("canary-rollout.yaml");
+    let rule = &p.spec.routes[0].split[0];
+    let rollout = rule.rollout.as_ref().unwrap();
+    assert_eq!(rollout.canary, "log-v2");
+    assert_eq!(rule.weights.as_ref().unwrap()["log-v2"], 0);
+    assert_eq!(rollout.steps, [5, 25, 50, 100]);
+    assert_eq!(
+        rollout.slo.as_ref().unwrap().p99.unwrap().get(),
+        Duration::from_millis(150)
+    );
+    assert_eq!(rollout.baseline.as_ref().unwrap().p99_ratio, Some(1.5));
+    assert_eq!(required_version(&p), SCHEMA_VERSION);
+}

@@ -14,6 +14,8 @@
 //!   sent, acknowledged and refused with the reason, last seen, connected).
 //! - `/served`: JSON, the policies served in canonical form and the newest snapshot
 //!   proxies receive ([`crate::operator`]).
+//! - `/rollouts` (GET) and `/rollouts/<ns>/<policy>/<route>/<command>` (POST): see
+//!   [`crate::rollout`]'s admin module.
 //!
 //! Bound beyond loopback (the default, `0.0.0.0:15014`), every route but the probes
 //! and `/metrics` answers only with the admin token (`--admin-token-file`,
@@ -77,6 +79,10 @@ pub(crate) async fn serve(
 }
 
 fn route(shared: &Shared, gate: &AdminGate, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    let path = req.uri().path();
+    if path == "/rollouts" || path.starts_with("/rollouts/") {
+        return crate::rollout::admin::route(shared, gate, req);
+    }
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }

@@ -41,6 +41,7 @@ pub mod k8s;
 mod metrics;
 mod operator;
 pub mod proxies;
+pub mod rollout;
 mod serving_cert;
 pub mod source;
 pub mod views;
@@ -51,7 +52,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use sluice_api::pb;
-use sluice_config::{EffectiveWeights, FileWeights, PolicySet};
+use sluice_config::{EffectiveWeights, PolicySet};
 use tokio::sync::watch;
 
 pub use cli::{Args, Source, cli_main};
@@ -268,6 +269,8 @@ impl Default for ControlPlaneConfig {
 #[derive(Debug)]
 pub(crate) struct Published {
     pub(crate) set: PolicySet,
+    /// Where each policy came from, as published with it.
+    pub(crate) metas: Vec<pb::PolicyMeta>,
     /// One per schema version this build writes, oldest first (see [`views`]).
     pub(crate) views: Vec<views::View>,
     /// When this version replaced the previous one (push latency starts here).
@@ -330,10 +333,14 @@ pub(crate) struct Shared {
     pub(crate) snapshots: watch::Sender<Option<Arc<Published>>>,
     /// Last expressible form of each policy per schema version.
     pub(crate) view_memory: Mutex<views::ViewMemory>,
-    /// The weights proxies receive for each weighted rule: the rollout engine's hook
-    /// (the file's weights while there is none).
+    /// The weights proxies receive for each weighted rule: the rollouts' (the file's
+    /// weights where there is none).
     pub(crate) effective: Box<dyn EffectiveWeights + Send + Sync>,
+    /// Every rollout of the published set.
+    pub(crate) rollouts: rollout::Rollouts,
     pub(crate) proxies: ProxyRegistry,
+    /// The proxies' traffic reports and the per-route count of proxies with traffic.
+    pub(crate) reports: rollout::ReportBook,
     pub(crate) metrics: Metrics,
     pub(crate) ready: std::sync::atomic::AtomicBool,
     /// Bumped whenever what the admin API shows may have changed.
@@ -402,10 +409,14 @@ impl Shared {
     /// Publishes `set` when what any proxy would receive of it changed: the set
     /// itself or, for the same set, the effective weights (a rollout step).
     fn publish(&self, set: PolicySet, policies: Vec<pb::PolicyMeta>) {
+        self.rollouts.sync(&set);
         let views = {
             let mut memory = self.view_memory.lock().unwrap_or_else(|e| e.into_inner());
             views::build(&set, &policies, &*self.effective, &mut memory)
         };
+        for v in &views {
+            self.rollouts.record_version(&v.snapshot.version);
+        }
         let versions = |v: &[views::View]| -> Vec<String> {
             v.iter().map(|v| v.snapshot.version.clone()).collect()
         };
@@ -417,6 +428,7 @@ impl Shared {
             }
             *cur = Some(Arc::new(Published {
                 set: set.clone(),
+                metas: policies.clone(),
                 views: views.clone(),
                 changed_at: Instant::now(),
             }));
@@ -437,6 +449,24 @@ impl Shared {
             }
             self.metrics.set_policy_hash(version);
             self.metrics.set_held_back(&views);
+        }
+    }
+
+    /// Publishes the set in force again, with the rollouts' current weights.
+    pub(crate) fn republish(&self) {
+        let current = self.snapshots.borrow().clone();
+        if let Some(p) = current {
+            self.publish(p.set.clone(), p.metas.clone());
+        }
+        self.changes.send_modify(|c| *c += 1);
+    }
+
+    /// Feeds the reports received so far to the rollouts, publishing new weights at
+    /// once when one moved.
+    pub(crate) fn judge_reports(&self) {
+        let (taken, bounds) = self.reports.take();
+        if !taken.is_empty() && self.rollouts.on_reports(&taken, &bounds) {
+            self.republish();
         }
     }
 
@@ -507,6 +537,14 @@ impl RunningControlPlane {
     /// callers can wait for a condition instead of polling.
     pub fn watch_changes(&self) -> watch::Receiver<u64> {
         self.shared.changes.subscribe()
+    }
+
+    /// How many proxies reported requests on `route` of the policy named `policy`
+    /// (its `metadata.name`) in the last few seconds.
+    pub fn proxies_with_traffic(&self, policy: &str, route: &str) -> u32 {
+        self.shared
+            .reports
+            .proxies_with_traffic(policy, route, Instant::now())
     }
 
     /// A receiver that changes whenever a new version is published.
@@ -584,6 +622,12 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error
         None => ServiceEndpoints::default(),
     };
     let metrics = Metrics::new();
+    let reports = rollout::reports::counter();
+    metrics.register(Box::new(reports.clone()));
+    let rollouts = rollout::Rollouts::new(cfg.state_dir.as_deref());
+    for c in rollouts.collectors() {
+        metrics.register(c);
+    }
     let (snapshots, _) = watch::channel(None);
     let (changes, _) = watch::channel(0);
     let shared = Arc::new(Shared {
@@ -591,9 +635,11 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error
         endpoints: Mutex::new(endpoints),
         snapshots,
         view_memory: Mutex::new(views::ViewMemory::default()),
-        effective: Box::new(FileWeights),
+        effective: Box::new(rollouts.clone()),
+        rollouts,
         changes: changes.clone(),
         proxies: ProxyRegistry::new(metrics.connected.clone(), changes),
+        reports: rollout::ReportBook::new(reports),
         metrics,
         ready: std::sync::atomic::AtomicBool::new(false),
         stamp_schema_version: cfg.stamp_schema_version,
@@ -649,6 +695,14 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error
             shutdown_rx.clone(),
         )),
     ];
+    tasks.push(tokio::spawn(rollout::driver::drive(
+        shared.clone(),
+        shutdown_rx.clone(),
+    )));
+    tasks.push(tokio::spawn(rollout::reports::keep_fresh(
+        shared.clone(),
+        shutdown_rx.clone(),
+    )));
     if let Some(kube) = &cfg.kubernetes {
         tasks.extend(k8s::spawn(kube, &shared, &shutdown_rx));
     }

@@ -31,6 +31,7 @@ pub mod metrics;
 pub mod policy;
 pub mod probes;
 pub mod recent;
+mod report;
 mod rescue;
 pub mod route;
 mod server;
@@ -99,6 +100,12 @@ impl RunningProxy {
     /// The store whose snapshot the listeners serve.
     pub fn policy_store(&self) -> PolicyStore {
         self.store.clone()
+    }
+
+    /// How many proxies have traffic on each (policy, route), as the control plane last
+    /// said: the table a fleet-wide rate limit reads when Redis is out of reach.
+    pub fn route_traffic(&self) -> Arc<sluice_api::RouteTraffic> {
+        self.store.context().route_traffic.clone()
     }
 
     /// The workload certificate, when mTLS is on.

@@ -139,6 +139,10 @@ pub struct StackContext {
     pub telemetry: Option<Arc<crate::telemetry::Telemetry>>,
     /// The ring of recent requests, when `--recent-requests` is above 0.
     pub recent: Option<Arc<crate::recent::RecentRequests>>,
+    /// How many proxies have traffic on each (policy, route), as the control plane
+    /// last said (empty without one): what a fleet-wide limit divides by when its
+    /// shared counter is out of reach. Read without a lock.
+    pub route_traffic: Arc<sluice_api::RouteTraffic>,
 }
 
 impl std::fmt::Debug for StackContext {
@@ -160,6 +164,7 @@ impl StackContext {
             governance,
             telemetry: None,
             recent: None,
+            route_traffic: sluice_api::RouteTraffic::new(),
         }
     }
 

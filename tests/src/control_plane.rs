@@ -193,6 +193,18 @@ impl TestControlPlane {
         parse_json(path, status, &body)
     }
 
+    /// How many proxies reported requests on `route` of policy `policy` recently.
+    pub fn proxies_with_traffic(&self, policy: &str, route: &str) -> u32 {
+        self.running
+            .as_ref()
+            .map_or(0, |r| r.proxies_with_traffic(policy, route))
+    }
+
+    /// A POST on the admin port: status and body.
+    pub async fn admin_post(&self, path: &str) -> (StatusCode, String) {
+        crate::proxy::admin_send(self.admin, hyper::Method::POST, path, "").await
+    }
+
     /// The version the control plane serves.
     pub fn version(&self) -> Option<String> {
         self.running

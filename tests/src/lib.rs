@@ -40,6 +40,7 @@ pub mod netns;
 pub mod otlp;
 mod proxy;
 pub mod reliability;
+pub mod rollout;
 mod subscriber;
 mod upstream;
 mod workers;

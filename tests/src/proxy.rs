@@ -44,6 +44,8 @@ pub struct ProxyOptions {
     pub h2_limits: sluice_proxy::H2Limits,
     /// The ring of recent requests behind `/recent` (`--recent-requests`; 0 is off).
     pub recent_requests: usize,
+    /// How often a subscribed proxy reports its traffic (`--report-interval`).
+    pub report_interval: Duration,
 }
 
 /// How a proxy under test joins the mesh's mTLS.
@@ -75,6 +77,7 @@ impl Default for ProxyOptions {
             admin_token_file: None,
             h2_limits: Default::default(),
             recent_requests: 0,
+            report_interval: sluice_api::DEFAULT_REPORT_INTERVAL,
         }
     }
 }
@@ -101,7 +104,7 @@ pub(crate) async fn admin_get(admin: SocketAddr, path: &str) -> (StatusCode, Str
 }
 
 /// An HTTP request with a body to an admin port, read to its end.
-async fn admin_send(
+pub(crate) async fn admin_send(
     admin: SocketAddr,
     method: Method,
     path: &str,
@@ -229,6 +232,7 @@ impl TestProxy {
             no_inbound: !opts.inbound,
             app: opts.app,
             control_plane: Some(url.to_string()),
+            report_interval: opts.report_interval,
             state_dir: Some(state_dir.to_path_buf()),
             node_id: Some(node_id.to_string()),
             namespace: "e2e".into(),
@@ -256,6 +260,30 @@ impl TestProxy {
             proxy.wait_ready().await;
         }
         proxy
+    }
+
+    /// The weights of the first weighted rule of `route` in the policy named `policy`,
+    /// as this proxy enforces them now.
+    pub fn split_weights(&self, policy: &str, route: &str) -> Option<Vec<(String, u32)>> {
+        let snapshot = self.running.as_ref()?.policy_store().current();
+        let p = snapshot
+            .policy_set()?
+            .policies()
+            .iter()
+            .find(|p| p.metadata.name == policy)?
+            .clone();
+        let r = p.spec.routes.iter().find(|r| r.name == route)?;
+        let w = r.split.iter().find_map(|rule| rule.weights.clone())?;
+        Some(w.into_iter().collect())
+    }
+
+    /// How many proxies have traffic on each (policy, route), as the control plane
+    /// last told this proxy.
+    pub fn route_traffic(&self) -> std::sync::Arc<sluice_api::RouteTraffic> {
+        self.running
+            .as_ref()
+            .expect("the proxy is running")
+            .route_traffic()
     }
 
     /// The proxy's workload certificate store, when mTLS is on.

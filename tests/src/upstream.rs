@@ -51,6 +51,8 @@ struct State {
     held: AtomicU64,
     gate: watch::Sender<bool>,
     stall: watch::Sender<Stall>,
+    /// Every this many requests one is answered 500 (0: never).
+    fail_every: AtomicU64,
 }
 
 /// A running upstream server.
@@ -114,6 +116,7 @@ impl Upstream {
             held: AtomicU64::new(0),
             gate: watch::channel(false).0,
             stall: watch::channel(Stall::None).0,
+            fail_every: AtomicU64::new(0),
         });
         let (stop_tx, mut stop_rx) = oneshot::channel();
         let st = state.clone();
@@ -181,6 +184,11 @@ impl Upstream {
         self.state.gate.send_replace(true);
     }
 
+    /// Answers 500 to one request in every `n` from now on (0: to none).
+    pub fn set_fail_every(&self, n: u64) {
+        self.state.fail_every.store(n, Ordering::SeqCst);
+    }
+
     /// Delays (or stops) every answer from now on; `Stall::None` lifts it, and answers
     /// hanging until then go out.
     pub fn set_stall(&self, stall: Stall) {
@@ -209,7 +217,15 @@ fn full(bytes: impl Into<Bytes>) -> RespBody {
 }
 
 async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<RespBody> {
-    state.requests.fetch_add(1, Ordering::SeqCst);
+    let n = state.requests.fetch_add(1, Ordering::SeqCst);
+    let every = state.fail_every.load(Ordering::SeqCst);
+    if every > 0 && n.is_multiple_of(every) {
+        let mut r = Response::new(full("failing on purpose"));
+        *r.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+        r.headers_mut()
+            .insert("x-upstream", state.name.parse().expect("a header value"));
+        return r;
+    }
     let stall = *state.stall.borrow();
     match stall {
         Stall::None => {}

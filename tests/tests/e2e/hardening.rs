@@ -158,7 +158,7 @@ async fn control_plane_admin_token_file_guards_policies_and_proxies() {
     for path in ["/live", "/metrics"] {
         assert_eq!(status(admin, Method::GET, path, None).await, 200, "{path}");
     }
-    for path in ["/policies", "/proxies"] {
+    for path in ["/policies", "/proxies", "/rollouts"] {
         assert_eq!(status(admin, Method::GET, path, None).await, 401, "{path}");
         assert_eq!(
             status(admin, Method::GET, path, Some("nope")).await,
@@ -171,6 +171,14 @@ async fn control_plane_admin_token_file_guards_policies_and_proxies() {
             "{path}"
         );
     }
+
+    // Commands on rollouts too: without the token nothing is looked up.
+    let pause = "/rollouts/shop/orders/all/pause";
+    assert_eq!(status(admin, Method::POST, pause, None).await, 401);
+    assert_eq!(
+        status(admin, Method::POST, pause, Some("cp-t0ken")).await,
+        404
+    );
 
     // An empty token file is refused at start, not taken as "no token needed".
     std::fs::write(&token, "\n").unwrap();

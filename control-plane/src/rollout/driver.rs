@@ -1,0 +1,502 @@
+//! The rollouts of the published policy set, driven by the engine.
+//!
+//! [`Rollouts`] is the control plane's [`EffectiveWeights`]: the views proxies
+//! receive carry each rollout's current weights, so every step is a snapshot
+//! version. It keeps one [`RolloutState`] per route with a rollout, keyed by a hash
+//! of the block (edits elsewhere in the policy keep it; a changed block starts over),
+//! remembers which versions carried which weights (to tell when every connected
+//! proxy acked a step), feeds the engine the proxies' reports as they arrive and
+//! the time every [`TICK`], and keeps the states in `--state-dir` so a restart
+//! resumes the same step.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use indexmap::IndexMap;
+use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts};
+use serde::{Deserialize, Serialize};
+use sluice_config::{EffectiveWeights, PolicySet, RoutePolicy};
+use tokio::sync::watch;
+
+use super::engine::{Command, Now, Phase, ProxyAck, RolloutState, Saved, Spec, Transition};
+use super::reports::Window;
+use crate::proxies::ProxyRecord;
+
+/// How often acks and interval ends are looked at.
+pub const TICK: Duration = Duration::from_millis(200);
+
+/// The file in `--state-dir` holding every rollout's state.
+pub const STATE_FILE: &str = "rollouts.json";
+
+/// Versions remembered with the weights they carried.
+const VERSIONS: usize = 256;
+
+/// A route with a rollout.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct RolloutId {
+    /// Namespace of the policy.
+    pub namespace: String,
+    /// Name of the policy.
+    pub policy: String,
+    /// Name of the route.
+    pub route: String,
+}
+
+impl RolloutId {
+    fn of(p: &RoutePolicy, route: &str) -> Self {
+        Self {
+            namespace: p
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| "default".into()),
+            policy: p.metadata.name.clone(),
+            route: route.into(),
+        }
+    }
+
+    fn label(&self) -> String {
+        format!("{}/{}/{}", self.namespace, self.policy, self.route)
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    rule: usize,
+    spec: Spec,
+    state: RolloutState,
+}
+
+#[derive(Debug, Default)]
+struct Book {
+    entries: BTreeMap<RolloutId, Entry>,
+    /// Read from `--state-dir` at start, used when their rollout shows up.
+    saved: HashMap<RolloutId, Saved>,
+    /// Each published version with the canary weight it carried per rollout.
+    versions: VecDeque<(String, HashMap<RolloutId, u32>)>,
+}
+
+/// The rollout metrics.
+#[derive(Clone, Debug)]
+struct RolloutMetrics {
+    step: IntGaugeVec,
+    transitions: IntCounterVec,
+    decision: Histogram,
+}
+
+impl RolloutMetrics {
+    fn new() -> Self {
+        Self {
+            step: IntGaugeVec::new(
+                Opts::new(
+                    "sluice_rollout_step",
+                    "The canary's weight (percent) at the step each rollout stands at.",
+                ),
+                &["namespace", "policy", "route", "canary"],
+            )
+            .expect("valid metric"),
+            transitions: IntCounterVec::new(
+                Opts::new(
+                    "sluice_rollout_transitions_total",
+                    "Rollout transitions, by result (advanced, promoted, rolled-back, paused, resumed, inconclusive, started, restarted).",
+                ),
+                &["result"],
+            )
+            .expect("valid metric"),
+            decision: Histogram::with_opts(
+                HistogramOpts::new(
+                    "sluice_rollout_decision_seconds",
+                    "Time from a window's start (every proxy acked the step, or the step began for a gross breach) to the decision that ended it.",
+                )
+                .buckets(vec![0.5, 1.0, 2.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0]),
+            )
+            .expect("valid metric"),
+        }
+    }
+}
+
+/// Every rollout of the published set.
+#[derive(Clone, Debug)]
+pub struct Rollouts {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    book: Mutex<Book>,
+    state_dir: Option<PathBuf>,
+    metrics: RolloutMetrics,
+}
+
+/// Why a command by hand was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CommandError {
+    /// No route with a rollout by that name.
+    #[error("no rollout on {0}")]
+    NotFound(String),
+    /// The rollout's state does not allow it.
+    #[error("{0}")]
+    Refused(String),
+}
+
+fn now() -> Now {
+    Now {
+        at: Instant::now(),
+        unix_ms: crate::unix_ms(SystemTime::now()),
+    }
+}
+
+impl Rollouts {
+    /// No rollouts yet; states saved in `state_dir` are resumed when their block shows up.
+    pub fn new(state_dir: Option<&Path>) -> Self {
+        let saved = state_dir.map(load).unwrap_or_default();
+        Self {
+            inner: Arc::new(Inner {
+                book: Mutex::new(Book {
+                    saved,
+                    ..Default::default()
+                }),
+                state_dir: state_dir.map(Path::to_path_buf),
+                metrics: RolloutMetrics::new(),
+            }),
+        }
+    }
+
+    /// The metric families, for the control plane's registry.
+    pub fn collectors(&self) -> Vec<Box<dyn prometheus::core::Collector>> {
+        let m = &self.inner.metrics;
+        vec![
+            Box::new(m.step.clone()),
+            Box::new(m.transitions.clone()),
+            Box::new(m.decision.clone()),
+        ]
+    }
+
+    fn book(&self) -> std::sync::MutexGuard<'_, Book> {
+        self.inner.book.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Brings the rollouts in line with `set`: a new block starts (or resumes its
+    /// saved state), an unchanged one keeps its state, a removed one ends.
+    pub fn sync(&self, set: &PolicySet) {
+        let now = now();
+        let mut book = self.book();
+        let mut seen = Vec::new();
+        let mut changed = false;
+        for p in set.policies() {
+            for r in &p.spec.routes {
+                let Some((rule, spec)) = r
+                    .split
+                    .iter()
+                    .enumerate()
+                    .find_map(|(i, rule)| Spec::of(rule).map(|s| (i, s)))
+                else {
+                    continue;
+                };
+                let id = RolloutId::of(p, &r.name);
+                let key = super::engine::block_key(&spec.rollout);
+                seen.push(id.clone());
+                match book.entries.get_mut(&id) {
+                    Some(e) if e.state.block == key => {
+                        e.rule = rule;
+                        e.spec = spec;
+                        continue;
+                    }
+                    _ => {}
+                }
+                let state = match book.saved.remove(&id) {
+                    Some(saved) if saved.block == key => {
+                        tracing::info!(rollout = %id.label(), step = saved.step, phase = ?saved.phase, "rollout resumed from the state directory");
+                        RolloutState::restore(saved, &spec, now)
+                    }
+                    _ => {
+                        tracing::info!(rollout = %id.label(), canary = %spec.rollout.canary, steps = ?spec.rollout.steps, "rollout started");
+                        RolloutState::start(key, &spec, now)
+                    }
+                };
+                self.inner
+                    .metrics
+                    .transitions
+                    .with_label_values(&[state
+                        .history()
+                        .last()
+                        .map_or("started", |t| t.result.as_str())])
+                    .inc();
+                book.entries.insert(id, Entry { rule, spec, state });
+                changed = true;
+            }
+        }
+        let before = book.entries.len();
+        book.entries.retain(|id, _| seen.contains(id));
+        changed |= before != book.entries.len();
+        self.update_gauges(&book);
+        if changed {
+            self.persist(&book);
+        }
+    }
+
+    /// Remembers that `version` carries the current weights.
+    pub fn record_version(&self, version: &str) {
+        let mut book = self.book();
+        if book.versions.iter().any(|(v, _)| v == version) {
+            return;
+        }
+        let weights = book
+            .entries
+            .iter()
+            .map(|(id, e)| (id.clone(), e.state.canary_weight(&e.spec)))
+            .collect();
+        book.versions.push_back((version.to_string(), weights));
+        while book.versions.len() > VERSIONS {
+            book.versions.pop_front();
+        }
+    }
+
+    /// Feeds the windows taken from the reports to each rollout; `true` when a
+    /// weight changed (the set must be published again).
+    pub fn on_reports(&self, taken: &super::reports::Taken, bounds: &[f64]) -> bool {
+        let now = now();
+        let mut book = self.book();
+        let mut transitions = Vec::new();
+        for (id, e) in &mut book.entries {
+            let Some(backends) = taken.get(&(id.policy.clone(), id.route.clone())) else {
+                continue;
+            };
+            let mut canary = Window::default();
+            let mut others = Window::default();
+            for (b, w) in backends {
+                if *b == e.spec.rollout.canary {
+                    canary.add(w);
+                } else {
+                    others.add(w);
+                }
+            }
+            let opened = e.state.window_opened();
+            if let Some(t) = e.state.on_report(&e.spec, now, &canary, &others, bounds) {
+                transitions.push((id.clone(), t, opened));
+            }
+        }
+        self.after(&mut book, transitions, now)
+    }
+
+    /// Time passed: acks of every connected proxy, interval ends; `true` when a
+    /// weight changed.
+    pub fn tick(&self, proxies: &[ProxyRecord]) -> bool {
+        let now = now();
+        let mut book = self.book();
+        let Book {
+            entries, versions, ..
+        } = &mut *book;
+        let mut transitions = Vec::new();
+        for (id, e) in entries.iter_mut() {
+            if e.state.acked_at().is_none() && !e.state.phase().is_terminal() {
+                let w = e.state.canary_weight(&e.spec);
+                let carries = |v: &Option<String>| {
+                    v.as_ref().is_some_and(|v| {
+                        versions
+                            .iter()
+                            .any(|(ver, m)| ver == v && m.get(id) == Some(&w))
+                    })
+                };
+                let acks: Vec<ProxyAck> = proxies
+                    .iter()
+                    .filter(|p| p.connected)
+                    .map(|p| {
+                        let acked = carries(&p.acked_version);
+                        ProxyAck {
+                            node: p.node_id.clone(),
+                            acked,
+                            nacked: !acked && carries(&p.nacked_version),
+                        }
+                    })
+                    .collect();
+                e.state.on_acks(now, &acks);
+                if e.state.acked_at().is_some() && !e.state.left_out().is_empty() {
+                    tracing::warn!(rollout = %id.label(), left_out = ?e.state.left_out(), "proxies left out of the step's acks (refused or silent for 30s)");
+                }
+            }
+            let opened = e.state.window_opened();
+            if let Some(t) = e.state.on_tick(&e.spec, now) {
+                transitions.push((id.clone(), t, opened));
+            }
+        }
+        self.after(&mut book, transitions, now)
+    }
+
+    /// A command by hand on the rollout of `id`; `Ok` with the transition.
+    pub fn command(&self, id: &RolloutId, cmd: Command) -> Result<Transition, CommandError> {
+        let now = now();
+        let mut book = self.book();
+        let e = book
+            .entries
+            .get_mut(id)
+            .ok_or_else(|| CommandError::NotFound(id.label()))?;
+        let opened = e.state.window_opened();
+        let t = e
+            .state
+            .command(&e.spec, now, cmd)
+            .map_err(CommandError::Refused)?;
+        self.after(&mut book, vec![(id.clone(), t.clone(), opened)], now);
+        Ok(t)
+    }
+
+    /// Logs, counts and persists transitions; `true` if there were any.
+    fn after(
+        &self,
+        book: &mut Book,
+        transitions: Vec<(RolloutId, Transition, Instant)>,
+        now: Now,
+    ) -> bool {
+        if transitions.is_empty() {
+            return false;
+        }
+        let m = &self.inner.metrics;
+        for (id, t, opened) in &transitions {
+            m.transitions.with_label_values(&[&t.result]).inc();
+            if matches!(t.result.as_str(), "advanced" | "promoted" | "rolled-back") {
+                m.decision
+                    .observe(now.at.saturating_duration_since(*opened).as_secs_f64());
+            }
+            tracing::info!(
+                namespace = %id.namespace,
+                policy = %id.policy,
+                route = %id.route,
+                result = %t.result,
+                step = t.step,
+                canary_weight = t.canary_weight,
+                reason = %t.reason,
+                "rollout transition"
+            );
+        }
+        self.update_gauges(book);
+        self.persist(book);
+        true
+    }
+
+    fn update_gauges(&self, book: &Book) {
+        let g = &self.inner.metrics.step;
+        g.reset();
+        for (id, e) in &book.entries {
+            g.with_label_values(&[&id.namespace, &id.policy, &id.route, &e.spec.rollout.canary])
+                .set(i64::from(e.state.canary_weight(&e.spec)));
+        }
+    }
+
+    fn persist(&self, book: &Book) {
+        let Some(dir) = &self.inner.state_dir else {
+            return;
+        };
+        let mut all: BTreeMap<String, (RolloutId, Saved)> = book
+            .saved
+            .iter()
+            .map(|(id, s)| (id.label(), (id.clone(), s.clone())))
+            .collect();
+        for (id, e) in &book.entries {
+            all.insert(id.label(), (id.clone(), e.state.saved()));
+        }
+        let list: Vec<SavedRollout> = all
+            .into_values()
+            .map(|(id, state)| SavedRollout { id, state })
+            .collect();
+        let bytes = serde_json::to_vec_pretty(&list).unwrap_or_default();
+        if let Err(e) = std::fs::create_dir_all(dir)
+            .and_then(|()| sluice_api::write_atomic(&dir.join(STATE_FILE), &bytes))
+        {
+            tracing::warn!(state_dir = %dir.display(), error = %e, "cannot save the rollouts' state");
+        }
+    }
+
+    /// `GET /rollouts`: every rollout with its step, weights, windows and history.
+    pub fn view(&self) -> serde_json::Value {
+        let book = self.book();
+        let list: Vec<serde_json::Value> = book
+            .entries
+            .iter()
+            .map(|(id, e)| {
+                let s = &e.state;
+                serde_json::json!({
+                    "namespace": id.namespace,
+                    "policy": id.policy,
+                    "route": id.route,
+                    "canary": e.spec.rollout.canary,
+                    "block": s.block,
+                    "phase": s.phase(),
+                    "step": s.step(),
+                    "steps": e.spec.rollout.steps,
+                    "canaryWeight": s.canary_weight(&e.spec),
+                    "weights": s.weights(&e.spec),
+                    "stepAcked": s.acked_at().is_some(),
+                    "conclusiveWindows": s.conclusive_windows(),
+                    "proxiesLeftOut": s.left_out(),
+                    "currentWindow": (!s.phase().is_terminal()).then(|| s.current_window(&e.spec)),
+                    "lastWindow": s.last_window(),
+                    "history": s.history(),
+                })
+            })
+            .collect();
+        serde_json::json!({ "rollouts": list })
+    }
+}
+
+impl EffectiveWeights for Rollouts {
+    fn weights(
+        &self,
+        policy: &RoutePolicy,
+        route: &str,
+        rule: usize,
+    ) -> Option<IndexMap<String, u32>> {
+        let book = self.book();
+        let e = book.entries.get(&RolloutId::of(policy, route))?;
+        (e.rule == rule).then(|| e.state.weights(&e.spec))
+    }
+
+    fn withdrawn(&self, policy: &RoutePolicy, route: &str) -> Option<String> {
+        let book = self.book();
+        let e = book.entries.get(&RolloutId::of(policy, route))?;
+        (e.state.phase() == Phase::RolledBack).then(|| e.spec.rollout.canary.clone())
+    }
+}
+
+/// One rollout in the state file.
+#[derive(Debug, Serialize, Deserialize)]
+struct SavedRollout {
+    id: RolloutId,
+    state: Saved,
+}
+
+fn load(dir: &Path) -> HashMap<RolloutId, Saved> {
+    let path = dir.join(STATE_FILE);
+    let bytes = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return HashMap::new(),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "cannot read the rollouts' state; starting them afresh");
+            return HashMap::new();
+        }
+    };
+    match serde_json::from_slice::<Vec<SavedRollout>>(&bytes) {
+        Ok(list) => list.into_iter().map(|s| (s.id, s.state)).collect(),
+        Err(e) => {
+            tracing::warn!(file = %path.display(), error = %e, "the rollouts' state is unreadable; starting them afresh");
+            HashMap::new()
+        }
+    }
+}
+
+/// Looks at acks and interval ends every [`TICK`]; ends at shutdown.
+pub(crate) async fn drive(shared: Arc<crate::Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+        let proxies = shared.proxies.snapshot();
+        if shared.rollouts.tick(&proxies) {
+            shared.republish();
+        }
+    }
+}

@@ -1,0 +1,527 @@
+use std::time::{Duration, Instant};
+
+use indexmap::IndexMap;
+use sluice_config::{Rollout, RolloutBaseline, RolloutSlo};
+
+use super::*;
+
+const S: Duration = Duration::from_secs(1);
+
+/// A fake clock: a fixed origin and an offset moved by hand.
+struct Clock {
+    origin: Instant,
+    offset: Duration,
+}
+
+impl Clock {
+    fn new() -> Self {
+        Self {
+            origin: Instant::now(),
+            offset: Duration::ZERO,
+        }
+    }
+    fn now(&self) -> Now {
+        Now {
+            at: self.origin + self.offset,
+            unix_ms: 1_700_000_000_000 + self.offset.as_millis() as u64,
+        }
+    }
+    fn advance(&mut self, d: Duration) -> Now {
+        self.offset += d;
+        self.now()
+    }
+}
+
+fn spec(steps: &[u32], min_requests: u32) -> Spec {
+    Spec {
+        rollout: Rollout {
+            canary: "v2".into(),
+            steps: steps.to_vec(),
+            interval: Some(sluice_config::Duration::from_secs(10)),
+            min_requests: Some(min_requests),
+            slo: Some(RolloutSlo {
+                error_rate: Some(0.01),
+                p99: Some(sluice_config::Duration::from_millis(150)),
+            }),
+            baseline: None,
+            on_inconclusive: None,
+            deadline: None,
+        },
+        file_weights: IndexMap::from([("v1".to_string(), 100), ("v2".to_string(), 0)]),
+    }
+}
+
+const BOUNDS: [f64; 4] = [0.01, 0.1, 0.25, 0.5];
+
+/// `n` requests, `failures` of them failed, all in the bucket of `secs`.
+fn window(n: u64, failures: u64, secs: f64) -> Window {
+    let mut durations = vec![0; BOUNDS.len() + 1];
+    let i = BOUNDS
+        .iter()
+        .position(|b| secs <= *b)
+        .unwrap_or(BOUNDS.len());
+    durations[i] = n;
+    Window {
+        requests: n,
+        failures,
+        durations,
+    }
+}
+
+fn all_acked() -> Vec<ProxyAck> {
+    ["a", "b"]
+        .iter()
+        .map(|n| ProxyAck {
+            node: (*n).into(),
+            acked: true,
+            nacked: false,
+        })
+        .collect()
+}
+
+fn results(s: &RolloutState) -> Vec<String> {
+    s.history().iter().map(|t| t.result.clone()).collect()
+}
+
+#[test]
+fn weights_share_the_rest_in_file_proportions_and_keep_file_order() {
+    let s = spec(&[5, 100], 1);
+    assert_eq!(
+        s.weights_at(5),
+        IndexMap::from([("v1".into(), 95), ("v2".into(), 5)])
+    );
+    let mut three = s.clone();
+    three.file_weights = IndexMap::from([
+        ("a".to_string(), 60),
+        ("v2".to_string(), 10),
+        ("b".to_string(), 30),
+    ]);
+    let w = three.weights_at(25);
+    assert_eq!(w.keys().collect::<Vec<_>>(), ["a", "v2", "b"]);
+    assert_eq!(w.values().copied().collect::<Vec<_>>(), [50, 25, 25]);
+    // Remainders go to the largest fractions; the total is always 100.
+    three.file_weights = IndexMap::from([
+        ("a".to_string(), 1),
+        ("b".to_string(), 1),
+        ("c".to_string(), 1),
+        ("v2".to_string(), 0),
+    ]);
+    let w = three.weights_at(0);
+    assert_eq!(w.values().sum::<u32>(), 100);
+    assert_eq!(three.weights_at(100).values().sum::<u32>(), 100);
+}
+
+#[test]
+fn the_block_key_changes_with_the_block_only() {
+    let a = spec(&[5, 100], 100);
+    let mut b = a.clone();
+    b.file_weights.insert("v1".into(), 90);
+    assert_eq!(block_key(&a.rollout), block_key(&b.rollout));
+    b.rollout.interval = Some(sluice_config::Duration::from_secs(11));
+    assert_ne!(block_key(&a.rollout), block_key(&b.rollout));
+    let mut c = a.clone();
+    c.rollout.canary = "v3".into();
+    assert_ne!(block_key(&a.rollout), block_key(&c.rollout));
+}
+
+#[test]
+fn wilson_bounds_at_the_edges() {
+    assert_eq!(wilson(0, 0, Z99), (0.0, 1.0));
+    let (lo, hi) = wilson(0, 100, Z99);
+    assert_eq!(lo, 0.0);
+    assert!(hi > 0.0 && hi < 0.06, "{hi}");
+    // n failures out of n: the lower bound is n / (n + z²).
+    let (lo, hi) = wilson(3, 3, Z99);
+    assert!((lo - 3.0 / (3.0 + Z99 * Z99)).abs() < 1e-12, "{lo}");
+    assert!((hi - 1.0).abs() < 1e-12);
+    let (lo, hi) = wilson(50, 100, Z99);
+    assert!(lo < 0.5 && hi > 0.5 && (0.5 - lo - (hi - 0.5)).abs() < 1e-12);
+}
+
+#[test]
+fn steps_advance_after_a_conclusive_interval_from_all_acked_and_end_promoted() {
+    let sp = spec(&[10, 50, 100], 100);
+    let mut c = Clock::new();
+    let mut s = RolloutState::start("k".into(), &sp, c.now());
+    assert_eq!(s.canary_weight(&sp), 10);
+    // Not acked yet: the interval has not started, whatever the time.
+    c.advance(20 * S);
+    assert_eq!(
+        s.on_report(
+            &sp,
+            c.now(),
+            &window(500, 0, 0.005),
+            &window(5000, 0, 0.005),
+            &BOUNDS
+        ),
+        None
+    );
+    assert_eq!(s.on_tick(&sp, c.now()), None);
+    assert_eq!(s.step(), 0);
+    s.on_acks(c.now(), &all_acked());
+    // Reports before the ack do not count in the window.
+    assert_eq!(s.current_window(&sp).canary_requests, 0);
+    for weight in [50, 100] {
+        s.on_report(
+            &sp,
+            c.now(),
+            &window(150, 0, 0.005),
+            &window(900, 0, 0.005),
+            &BOUNDS,
+        );
+        assert_eq!(
+            s.on_tick(&sp, c.advance(9 * S)),
+            None,
+            "the interval is not over"
+        );
+        let t = s.on_tick(&sp, c.advance(S)).expect("judged");
+        assert_eq!((t.result.as_str(), t.canary_weight), ("advanced", weight));
+        assert_eq!(s.last_window().unwrap().decision, "pass");
+        s.on_acks(c.now(), &all_acked());
+    }
+    s.on_report(
+        &sp,
+        c.now(),
+        &window(1000, 0, 0.005),
+        &Window::default(),
+        &BOUNDS,
+    );
+    let t = s.on_tick(&sp, c.advance(10 * S)).unwrap();
+    assert_eq!(t.result, "promoted");
+    assert_eq!(s.phase(), Phase::Promoted);
+    assert_eq!(
+        s.weights(&sp),
+        IndexMap::from([("v1".into(), 0), ("v2".into(), 100)])
+    );
+    assert_eq!(results(&s), ["started", "advanced", "advanced", "promoted"]);
+}
+
+#[test]
+fn a_proxy_that_never_acks_is_left_out_after_the_grace() {
+    let sp = spec(&[10, 100], 10);
+    let mut c = Clock::new();
+    let mut s = RolloutState::start("k".into(), &sp, c.now());
+    let mut proxies = all_acked();
+    proxies[1].acked = false;
+    s.on_acks(c.advance(29 * S), &proxies);
+    assert_eq!(s.acked_at(), None, "still within the grace");
+    s.on_acks(c.advance(S), &proxies);
+    assert_eq!(s.acked_at(), Some(c.now().at));
+    assert_eq!(s.left_out(), ["b"]);
+}
+
+#[test]
+fn a_proxy_that_nacks_is_left_out_at_once() {
+    let sp = spec(&[10, 100], 10);
+    let c = Clock::new();
+    let mut s = RolloutState::start("k".into(), &sp, c.now());
+    let mut proxies = all_acked();
+    proxies[0].acked = false;
+    proxies[0].nacked = true;
+    s.on_acks(c.now(), &proxies);
+    assert!(s.acked_at().is_some());
+    assert_eq!(s.left_out(), ["a"]);
+}
+
+#[test]
+fn inconclusive_windows_accumulate_and_hold_never_rolls_back() {
+    let mut sp = spec(&[10, 100], 100);
+    sp.rollout.deadline = Some(sluice_config::Duration::from_secs(15));
+    let mut c = Clock::new();
+    let mut s = RolloutState::start("k".into(), &sp, c.now());
+    s.on_acks(c.now(), &all_acked());
+    for _ in 0..3 {
+        s.on_report(
+            &sp,
+            c.now(),
+            &window(30, 0, 0.005),
+            &window(300, 0, 0.005),
+            &BOUNDS,
+        );
+        let t = s.on_tick(&sp, c.advance(10 * S)).unwrap();
+        assert_eq!(t.result, "inconclusive");
+        assert_eq!(s.phase(), Phase::Progressing, "hold: past the deadline too");
+    }
+    assert_eq!(s.last_window().unwrap().canary_requests, 90);
+    s.on_report(
+        &sp,
+        c.now(),
+        &window(30, 0, 0.005),
+        &window(300, 0, 0.005),
+        &BOUNDS,
+    );
+    // Enough now, but judged at the end of the running interval.
+    assert_eq!(s.on_tick(&sp, c.now()), None);
+    let t = s.on_tick(&sp, c.advance(10 * S)).unwrap();
+    assert_eq!(t.result, "advanced");
+    assert_eq!(s.last_window().unwrap().canary_requests, 120);
+    assert_eq!(
+        results(&s),
+        [
+            "started",
+            "inconclusive",
+            "inconclusive",
+            "inconclusive",
+            "advanced"
+        ]
+    );
+}
+
+#[test]
+fn inconclusive_past_the_deadline_rolls_back_when_asked_to() {
+    let mut sp = spec(&[10, 100], 100);
+    sp.rollout.on_inconclusive = Some(OnInconclusive::Rollback);
+    sp.rollout.deadline = Some(sluice_config::Duration::from_secs(25));
+    let mut c = Clock::new();
+    let mut s = RolloutState::start("k".into(), &sp, c.now());
+    s.on_acks(c.now(), &all_acked());
+    assert_eq!(
+        s.on_tick(&sp, c.advance(10 * S)).unwrap().result,
+        "inconclusive"
+    );
+    assert_eq!(
+        s.on_tick(&sp, c.advance(10 * S)).unwrap().result,
+        "inconclusive"
+    );
+    assert_eq!(
+        s.on_tick(&sp, c.advance(10 * S)).unwrap().result,
+        "inconclusive"
+    );
+    let t = s.on_tick(&sp, c.advance(10 * S)).unwrap();
+    assert_eq!(t.result, "rolled-back");
+    assert!(t.reason.contains("deadline"), "{}", t.reason);
+    assert_eq!(s.canary_weight(&sp), 0);
+}
+
+#[test]
+fn a_gross_breach_rolls_back_at_the_report_that_shows_it() {
+    let sp = spec(&[5, 100], 100);
+    let c = Clock::new();
+    let mut s = RolloutState::start("k".into(), &sp, c.now());
+    // Two failures in two requests are not enough evidence.
+    assert_eq!(
+        s.on_report(
+            &sp,
+            c.now(),
+            &window(2, 2, 0.005),
+            &Window::default(),
+            &BOUNDS
+        ),
+        None
+    );
+    // Not acked, far below minRequests, long before the interval: still rolled back.
+    let t = s
+        .on_report(
+            &sp,
+            c.now(),
+            &window(18, 8, 0.005),
+            &window(400, 0, 0.005),
+            &BOUNDS,
+        )
+        .unwrap();
+    assert_eq!(t.result, "rolled-back");
+    assert!(t.reason.contains("gross"), "{}", t.reason);
+    let w = s.last_window().unwrap();
+    assert!(
+        w.checks
+            .iter()
+            .any(|c| c.name == "grossErrorRate" && c.verdict == "breach")
+    );
+    assert_eq!(
+        s.weights(&sp),
+        IndexMap::from([("v1".into(), 100), ("v2".into(), 0)])
+    );
+}
+
+#[test]
+fn a_breach_must_be_significant() {
+    let sp = spec(&[10, 100], 100);
+    let mut c = Clock::new();
+    // 2 % errors in 100 requests against a 1 % SLO: not significant.
+    let mut s = RolloutState::start("k".into(), &sp, c.now());
+    s.on_acks(c.now(), &all_acked());
+    s.on_report(
+        &sp,
+        c.now(),
+        &window(100, 2, 0.005),
+        &Window::default(),
+        &BOUNDS,
+    );
+    assert_eq!(
+        s.on_tick(&sp, c.advance(10 * S)).unwrap().result,
+        "advanced"
+    );
+    // 6 % in 100: significant (and not gross).
+    let mut s = RolloutState::start("k".into(), &sp, c.now());
+    s.on_acks(c.now(), &all_acked());
+    assert_eq!(
+        s.on_report(
+            &sp,
+            c.now(),
+            &window(100, 6, 0.005),
+            &Window::default(),
+            &BOUNDS
+        ),
+        None
+    );
+    let t = s.on_tick(&sp, c.advance(10 * S)).unwrap();
+    assert_eq!(t.result, "rolled-back");
+    assert!(t.reason.contains("errorRate"), "{}", t.reason);
+}
+
+#[test]
+fn a_slow_canary_breaches_p99() {
+    let sp = spec(&[10, 100], 100);
+    let mut c = Clock::new();
+    let mut s = RolloutState::start("k".into(), &sp, c.now());
+    s.on_acks(c.now(), &all_acked());
+    s.on_report(
+        &sp,
+        c.now(),
+        &window(120, 0, 0.3),
+        &window(1000, 0, 0.005),
+        &BOUNDS,
+    );
+    let t = s.on_tick(&sp, c.advance(10 * S)).unwrap();
+    assert_eq!(t.result, "rolled-back");
+    let p99 = s
+        .last_window()
+        .unwrap()
+        .checks
+        .iter()
+        .find(|c| c.name == "p99")
+        .unwrap()
+        .clone();
+    assert_eq!((p99.verdict.as_str(), p99.value), ("breach", Some(0.5)));
+}
+
+#[test]
+fn the_baseline_is_the_other_backends_over_the_same_window() {
+    let mut sp = spec(&[10, 100], 100);
+    sp.rollout.slo = None;
+    sp.rollout.baseline = Some(RolloutBaseline {
+        error_rate_increase: Some(0.02),
+        p99_ratio: Some(1.5),
+    });
+    let mut c = Clock::new();
+    let judge = |sp: &Spec, c: &mut Clock, canary: Window, others: Window| {
+        let mut s = RolloutState::start("k".into(), sp, c.now());
+        s.on_acks(c.now(), &all_acked());
+        s.on_report(sp, c.now(), &canary, &others, &BOUNDS);
+        let t = s.on_tick(sp, c.advance(10 * S)).unwrap();
+        (t.result, s.last_window().unwrap().clone())
+    };
+    // 5 % against 0.5 %: the increase is not significantly above 2 points.
+    let (r, w) = judge(&sp, &mut c, window(200, 10, 0.005), window(2000, 10, 0.005));
+    assert_eq!(r, "advanced", "{w:?}");
+    // Against 2 points of allowed increase at 0.5 %: a breach.
+    sp.rollout.baseline.as_mut().unwrap().error_rate_increase = Some(0.005);
+    let (r, w) = judge(&sp, &mut c, window(200, 10, 0.005), window(2000, 10, 0.005));
+    assert_eq!(r, "rolled-back", "{w:?}");
+    // Latency against the others: 10x slower breaches the ratio; same speed passes.
+    sp.rollout.baseline.as_mut().unwrap().error_rate_increase = None;
+    let (r, _) = judge(&sp, &mut c, window(200, 0, 0.2), window(2000, 0, 0.005));
+    assert_eq!(r, "rolled-back");
+    let (r, _) = judge(&sp, &mut c, window(200, 0, 0.005), window(2000, 0, 0.005));
+    assert_eq!(r, "advanced");
+    // Without traffic to the others the baseline is not judged, and is no breach.
+    let (r, w) = judge(&sp, &mut c, window(200, 0, 0.2), Window::default());
+    assert_eq!(r, "advanced");
+    assert_eq!(w.checks[0].verdict, "not-judged");
+}
+
+#[test]
+fn terminal_states_hold_and_refuse_commands() {
+    let sp = spec(&[10, 100], 100);
+    let mut c = Clock::new();
+    let mut s = RolloutState::start("k".into(), &sp, c.now());
+    s.command(&sp, c.now(), Command::Abort).unwrap();
+    assert_eq!(s.phase(), Phase::RolledBack);
+    s.on_acks(c.now(), &all_acked());
+    assert_eq!(
+        s.on_report(
+            &sp,
+            c.now(),
+            &window(1000, 0, 0.005),
+            &Window::default(),
+            &BOUNDS
+        ),
+        None
+    );
+    assert_eq!(s.on_tick(&sp, c.advance(3600 * S)), None);
+    assert_eq!(s.canary_weight(&sp), 0);
+    assert!(s.command(&sp, c.now(), Command::Resume).is_err());
+    assert!(s.command(&sp, c.now(), Command::Promote).is_err());
+}
+
+#[test]
+fn pause_holds_the_step_resume_restarts_its_interval_promote_goes_to_100() {
+    let sp = spec(&[10, 50, 100], 10);
+    let mut c = Clock::new();
+    let mut s = RolloutState::start("k".into(), &sp, c.now());
+    s.on_acks(c.now(), &all_acked());
+    s.command(&sp, c.now(), Command::Pause).unwrap();
+    assert!(s.command(&sp, c.now(), Command::Pause).is_err());
+    s.on_report(
+        &sp,
+        c.now(),
+        &window(100, 0, 0.005),
+        &Window::default(),
+        &BOUNDS,
+    );
+    assert_eq!(s.on_tick(&sp, c.advance(60 * S)), None);
+    assert_eq!(s.canary_weight(&sp), 10);
+    s.command(&sp, c.now(), Command::Resume).unwrap();
+    assert_eq!(s.acked_at(), None, "the interval waits for the acks again");
+    s.on_acks(c.now(), &all_acked());
+    s.on_report(
+        &sp,
+        c.now(),
+        &window(100, 0, 0.005),
+        &Window::default(),
+        &BOUNDS,
+    );
+    assert_eq!(
+        s.on_tick(&sp, c.advance(10 * S)).unwrap().result,
+        "advanced"
+    );
+    s.command(&sp, c.now(), Command::Promote).unwrap();
+    assert_eq!(s.canary_weight(&sp), 100);
+    assert_eq!(
+        results(&s),
+        ["started", "paused", "resumed", "advanced", "promoted"]
+    );
+}
+
+#[test]
+fn a_restored_rollout_resumes_its_step_after_the_acks() {
+    let sp = spec(&[10, 50, 100], 10);
+    let mut c = Clock::new();
+    let mut s = RolloutState::start("k".into(), &sp, c.now());
+    s.on_acks(c.now(), &all_acked());
+    s.on_report(
+        &sp,
+        c.now(),
+        &window(100, 0, 0.005),
+        &Window::default(),
+        &BOUNDS,
+    );
+    s.on_tick(&sp, c.advance(10 * S)).unwrap();
+    let saved: Saved = serde_json::from_str(&serde_json::to_string(&s.saved()).unwrap()).unwrap();
+    let mut r = RolloutState::restore(saved, &sp, c.advance(5 * S));
+    assert_eq!((r.step(), r.canary_weight(&sp)), (1, 50));
+    assert_eq!(r.acked_at(), None);
+    assert_eq!(results(&r).last().unwrap(), "restarted");
+    r.on_acks(c.now(), &all_acked());
+    r.on_report(
+        &sp,
+        c.now(),
+        &window(100, 0, 0.005),
+        &Window::default(),
+        &BOUNDS,
+    );
+    assert_eq!(
+        r.on_tick(&sp, c.advance(10 * S)).unwrap().canary_weight,
+        100
+    );
+}

@@ -1,0 +1,19 @@
+//! Canary rollouts driven by the proxies' own counters.
+//!
+//! - [`reports`]: the proxies' traffic reports, summed per (policy, route, backend)
+//!   until the driver takes them, and the per-route count of proxies with traffic
+//!   that is sent back to proxies outside the policy version.
+//! - [`engine`]: one rollout as a pure state machine (steps, acks, windows,
+//!   significance, terminal states), tested on a fake clock.
+//! - [`driver`]: the rollouts of the published set: the effective weights in the
+//!   snapshots, acks, the reports and the time fed to the engine, persistence in
+//!   `--state-dir`, metrics and a log event per transition.
+//! - `admin`: `GET /rollouts` and `POST /rollouts/<ns>/<policy>/<route>/<command>`.
+
+pub(crate) mod admin;
+pub mod driver;
+pub mod engine;
+pub mod reports;
+
+pub use driver::{RolloutId, Rollouts};
+pub use reports::{ReportBook, Window};
