@@ -5,7 +5,9 @@
 # `kubectl patch --local` in control-plane/tests/inject.rs (Debian's kubernetes-client
 # where no `kubectl` package is configured), a Python venv with the Helm engine for
 # the chart tests (control-plane/tests/chart.rs, charts/check.py), and a test venv with
-# kosoku for the Autobahn WebSocket cases (tests/src/autobahn.rs).
+# kosoku for the Autobahn WebSocket cases (tests/src/autobahn.rs), and redis-server for
+# the fleet rate-limit tests (tests/tests/e2e/fleet_limits.rs; the harness starts one per
+# test on an ephemeral port).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,6 +16,7 @@ command -v iptables >/dev/null || missing+=(iptables)
 command -v ip >/dev/null || missing+=(iproute2)
 command -v setpriv >/dev/null || missing+=(util-linux)
 command -v kubectl >/dev/null || missing+=(kubectl)
+command -v redis-server >/dev/null || missing+=(redis-server)
 if ((${#missing[@]})); then
   if [ "$(id -u)" -ne 0 ]; then
     echo "tests/setup.sh: missing ${missing[*]}; install them as root (apt-get install -y ${missing[*]})" >&2

@@ -151,6 +151,11 @@ impl StackContext {
     /// A context over `upstream` counting into `metrics`, with fresh registries.
     pub fn new(upstream: Upstream, metrics: Metrics) -> Self {
         let governance = Governance::new(&metrics);
+        Self::with_governance(upstream, metrics, governance)
+    }
+
+    /// A context over `upstream` counting into `metrics`, with these registries.
+    pub fn with_governance(upstream: Upstream, metrics: Metrics, governance: Governance) -> Self {
         Self {
             upstream,
             metrics,
@@ -186,12 +191,19 @@ fn limit_layer(
     params: &RouteParams,
 ) -> Option<RateLimitLayer> {
     let limit = params.limit.as_ref()?;
-    let limiter = ctx.governance.limits.get_or_rebuild(key, limit);
-    Some(RateLimitLayer::new(limiter).with_observer(limit_observer(
-        &ctx.metrics,
-        direction,
-        &params.key,
-    )))
+    let layer = match &key {
+        LimitKey::Outbound(id) if limit.fleet => {
+            RateLimitLayer::fleet(ctx.governance.fleet.get_or_rebuild(
+                key.clone(),
+                id,
+                &params.policy,
+                &params.name,
+                limit,
+            ))
+        }
+        _ => RateLimitLayer::new(ctx.governance.limits.get_or_rebuild(key, limit)),
+    };
+    Some(layer.with_observer(limit_observer(&ctx.metrics, direction, &params.key)))
 }
 
 /// Builds the outbound stack of one route.

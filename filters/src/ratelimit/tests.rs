@@ -21,6 +21,7 @@ fn params(per_second: u32, burst: u32, key: KeyBy) -> RateLimitParams {
         burst: NonZeroU32::new(burst).unwrap(),
         key,
         shadow: false,
+        fleet: false,
     }
 }
 
