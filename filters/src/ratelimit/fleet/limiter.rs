@@ -265,11 +265,12 @@ impl FleetLimiter {
             }
             plans.push((share.clone(), plan));
         }
-        let mut plan = self.overflow.plan(&Sizing {
-            idle_syncs: u32::MAX,
-            ..sizing
-        });
-        plan.retire = false;
+        // The overflow share is never dropped; idle, it gives its tokens back.
+        let mut plan = self.overflow.plan(&sizing);
+        if plan.retire {
+            plan.delta = -i64::try_from(self.overflow.give_back_all()).unwrap_or(0);
+            plan.retire = false;
+        }
         plans.push((self.overflow.clone(), plan));
         plans
     }

@@ -123,8 +123,9 @@ impl Share {
     }
 
     /// Decides what to ask the bucket for: enough for twice the demand of the last
-    /// interval (admitted and refused), at least `floor`, at most `capacity`; tokens
-    /// beyond twice that target go back. Resets the interval's demand counters.
+    /// interval (admitted and refused), at least `floor`, at most `capacity`, when
+    /// there was demand; tokens beyond twice that target go back. Resets the interval's
+    /// demand counters.
     pub(crate) fn plan(&self, s: &Sizing) -> Plan {
         let demand =
             self.spent.swap(0, Ordering::Relaxed) + self.refused.swap(0, Ordering::Relaxed);
@@ -147,7 +148,8 @@ impl Share {
         if held == CLOSED {
             return Plan::default();
         }
-        let delta = if held < target {
+        // A share nobody asked of in the last interval is not topped up.
+        let delta = if held < target && demand > 0 {
             target - held
         } else if held > target.saturating_mul(2) {
             -i64::try_from(self.give_back(held - target)).unwrap_or(0)
@@ -179,6 +181,11 @@ impl Share {
                 Err(actual) => cur = actual,
             }
         }
+    }
+
+    /// Takes every token out of the hand (an idle share that stays in place).
+    pub(crate) fn give_back_all(&self) -> u64 {
+        self.give_back(i64::MAX)
     }
 
     /// Retires the share (already out of the map): returns the tokens it held, which
