@@ -525,10 +525,7 @@ spec:
             .collect();
         assert_eq!(
             paths,
-            [
-                "spec.routes[0].rateLimit.scope",
-                "spec.routes[0].split[0].rollout",
-            ]
+            ["spec.routes[0].split[0].rollout"]
         );
     }
 
