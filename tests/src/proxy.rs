@@ -42,6 +42,8 @@ pub struct ProxyOptions {
     pub admin_token_file: Option<PathBuf>,
     /// Per-connection HTTP/2 limits (`--h2-max-*`).
     pub h2_limits: sluice_proxy::H2Limits,
+    /// Fleet rate limits: Redis URL, timeout, sync interval, fleet size.
+    pub fleet: sluice_proxy::fleet::FleetConfig,
 }
 
 /// How a proxy under test joins the mesh's mTLS.
@@ -72,6 +74,7 @@ impl Default for ProxyOptions {
             admin: None,
             admin_token_file: None,
             h2_limits: Default::default(),
+            fleet: Default::default(),
         }
     }
 }
@@ -182,6 +185,7 @@ impl TestProxy {
             inbound_permissive: opts.mtls.as_ref().is_some_and(|m| m.permissive),
             trace: opts.trace.clone(),
             timeouts: opts.timeouts,
+            fleet: opts.fleet.clone(),
             ..Default::default()
         };
         let running = sluice_proxy::start(cfg).await.expect("start the proxy");
