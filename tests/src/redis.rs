@@ -93,7 +93,6 @@ impl TestRedis {
     pub async fn dbsize(&self) -> u64 {
         self.query(&["DBSIZE"]).await.expect("DBSIZE")
     }
-
 }
 
 impl Drop for TestRedis {

@@ -523,10 +523,7 @@ spec:
                 d.path.clone()
             })
             .collect();
-        assert_eq!(
-            paths,
-            ["spec.routes[0].split[0].rollout"]
-        );
+        assert_eq!(paths, ["spec.routes[0].split[0].rollout"]);
     }
 
     #[test]

@@ -140,7 +140,11 @@ async fn stop_load(stop: &AtomicBool, tasks: Vec<tokio::task::JoinHandle<()>>) {
 }
 
 async fn degraded_gauge(p: &TestProxy) -> f64 {
-    metric_sum(&scrape(p.admin_addr()).await, "sluice_ratelimit_fleet_degraded", &[])
+    metric_sum(
+        &scrape(p.admin_addr()).await,
+        "sluice_ratelimit_fleet_degraded",
+        &[],
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -161,7 +165,12 @@ async fn three_proxies_with_uneven_load_admit_within_the_stated_bound() {
     let mut tasks = Vec::new();
     // Uneven: 4, 2 and 1 connections, each as fast as it goes.
     for (i, conns) in [4, 2, 1].into_iter().enumerate() {
-        tasks.extend(load(ps[i].outbound_addr(), conns, tallies[i].clone(), stop.clone()));
+        tasks.extend(load(
+            ps[i].outbound_addr(),
+            conns,
+            tallies[i].clone(),
+            stop.clone(),
+        ));
     }
     let admitted = || tallies.iter().map(|t| Tally::get(&t.admitted)).sum::<u64>();
     wait_until("the fleet admitted 400 requests", WAIT * 3, || async {
@@ -174,7 +183,10 @@ async fn three_proxies_with_uneven_load_admit_within_the_stated_bound() {
     let total = admitted();
     let requests: u64 = tallies.iter().map(|t| t.requests()).sum();
     let failed: u64 = tallies.iter().map(|t| Tally::get(&t.failed)).sum();
-    let degraded: u64 = tallies.iter().map(|t| Tally::get(&t.degraded_admitted)).sum();
+    let degraded: u64 = tallies
+        .iter()
+        .map(|t| Tally::get(&t.degraded_admitted))
+        .sum();
     assert_eq!(failed, 0, "every request is answered 200 or 429");
     // The README's bound: capacity + perSecond × t + ⌈burst / N⌉ per proxy of credit.
     // (Answers of the local fallback, if Redis was ever slower than three intervals on a
@@ -193,7 +205,10 @@ async fn three_proxies_with_uneven_load_admit_within_the_stated_bound() {
     );
     // Every proxy, even the one with one connection, got part of it.
     for (i, tally) in tallies.iter().enumerate() {
-        assert!(Tally::get(&tally.admitted) > 0, "proxy {i} admitted nothing");
+        assert!(
+            Tally::get(&tally.admitted) > 0,
+            "proxy {i} admitted nothing"
+        );
     }
     // Fleet answers are the rule here.
     assert!(tallies.iter().map(|t| t.fleet_answers()).sum::<u64>() > requests / 2);
@@ -250,7 +265,10 @@ async fn redis_killed_and_restarted_under_load_fails_no_request() {
         "no request failed beyond the limit's own 429s ({} requests)",
         tally.requests()
     );
-    assert!(redis.dbsize().await >= 1, "the bucket is back in the new Redis");
+    assert!(
+        redis.dbsize().await >= 1,
+        "the bucket is back in the new Redis"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -274,9 +292,11 @@ async fn redis_paused_under_load_every_request_still_completes() {
     .await;
 
     redis.pause();
-    wait_until("answers from the local fallback while Redis is paused", WAIT, || async {
-        tally.degraded() >= 100
-    })
+    wait_until(
+        "answers from the local fallback while Redis is paused",
+        WAIT,
+        || async { tally.degraded() >= 100 },
+    )
     .await;
     assert_eq!(degraded_gauge(&ps[0]).await, 1.0);
     let during = tally.requests();

@@ -14,11 +14,14 @@ use crate::ratelimit::{KeyBy, RateLimitParams, Verdict};
 
 const INTERVAL: Duration = Duration::from_millis(100);
 
+/// Per key: thousandths of a token, and when they were counted.
+type Buckets = HashMap<Arc<str>, (i64, Instant)>;
+
 /// Token buckets in thousandths of a token, refilled on (paused) tokio time: the
 /// Redis script's arithmetic.
 #[derive(Clone, Default)]
 struct MemoryBuckets {
-    buckets: Arc<Mutex<HashMap<Arc<str>, (i64, Instant)>>>,
+    buckets: Arc<Mutex<Buckets>>,
     round_trips: Arc<Mutex<usize>>,
 }
 
