@@ -14,20 +14,26 @@
 //! reconnects with jittered exponential backoff while the last snapshot stays in
 //! force. The control plane's side lives in `sluice-control-plane`.
 //!
+//! [`report`] is what the proxy says about its traffic on the same stream (counter
+//! deltas per route × backend) and what the control plane answers (how many proxies
+//! have traffic on each route).
+//!
 //! [`admin_gate`] is the token rule both admin ports apply.
 
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod admin_gate;
+pub mod report;
 pub mod subscriber;
 
 mod state;
 
 pub use admin_gate::AdminGate;
+pub use report::{Deltas, MAX_REPORT_ENTRIES, ReportSource, RouteTraffic};
 pub use state::{SNAPSHOT_FILE, load_saved, read_policy_file, save_snapshot, write_atomic};
 pub use subscriber::{
-    Backoff, Rejected, SnapshotSink, Subscriber, SubscriberConfig, SubscriberStatus,
-    control_plane_endpoint,
+    Backoff, DEFAULT_REPORT_INTERVAL, Rejected, SnapshotSink, Subscriber, SubscriberConfig,
+    SubscriberStatus, control_plane_endpoint,
 };
 
 /// Generated protobuf messages and tonic client/server for `sluice.v1`.

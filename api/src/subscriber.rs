@@ -26,6 +26,7 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use crate::Error;
 use crate::pb;
 use crate::pb::policy_discovery_client::PolicyDiscoveryClient;
+use crate::report::{MAX_REPORT_ENTRIES, ReportSource, RouteTraffic};
 
 /// Where the subscriber puts validated policy sets: the proxy's snapshot holder.
 ///
@@ -200,6 +201,12 @@ pub struct SubscriberConfig {
     pub schema_versions: Vec<u32>,
     /// Bounds on a snapshot's policies (held to [`sluice_config::Limits::for_whole_set`]).
     pub limits: sluice_config::Limits,
+    /// Where traffic reports come from; `None` sends none.
+    pub reports: Option<Arc<dyn ReportSource>>,
+    /// How often a report is sent while the stream is open (`--report-interval`).
+    pub report_interval: Duration,
+    /// Where the control plane's per-route proxy counts go; `None` does not ask for them.
+    pub route_traffic: Option<Arc<RouteTraffic>>,
 }
 
 impl SubscriberConfig {
@@ -217,9 +224,15 @@ impl SubscriberConfig {
             trust_root: None,
             schema_versions: SCHEMA_VERSIONS.to_vec(),
             limits: sluice_config::Limits::default(),
+            reports: None,
+            report_interval: DEFAULT_REPORT_INTERVAL,
+            route_traffic: None,
         }
     }
 }
+
+/// How often a proxy reports its traffic by default.
+pub const DEFAULT_REPORT_INTERVAL: Duration = Duration::from_secs(2);
 
 /// A snapshot this proxy refused.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -381,6 +394,7 @@ async fn session<S: SnapshotSink>(
         proxy_version: cfg.proxy_version.clone(),
         last_applied_version: sink.current_version().unwrap_or_default(),
         accepted_schema_versions: cfg.schema_versions.clone(),
+        accepts_route_traffic: cfg.route_traffic.is_some(),
     };
     let _ = tx
         .send(pb::ProxyMessage {
@@ -397,15 +411,104 @@ async fn session<S: SnapshotSink>(
         s.connects += 1;
         s.last_error = None;
     });
+    let mut reporter = cfg.reports.as_ref().map(|source| {
+        // Counts from before this stream were either sent on the last one or are
+        // stale: the first report covers this stream only.
+        let _ = source.deltas(usize::MAX);
+        Reporter::new(source.clone(), cfg.report_interval)
+    });
     loop {
-        let snapshot = match inbound.message().await {
+        let next = tokio::select! {
+            m = inbound.message() => m,
+            _ = tick(&mut reporter) => {
+                if let Some(r) = &mut reporter {
+                    r.send(&tx);
+                }
+                continue;
+            }
+        };
+        let snapshot = match next {
             Ok(Some(s)) => s,
             Ok(None) => return fail(true, "control plane closed the stream".into()),
             Err(e) => return fail(true, format!("stream: {e}")),
         };
+        if snapshot.version.is_empty() && snapshot.canonical.is_empty() {
+            // Not a policy: the control plane's per-route proxy counts, never acknowledged.
+            if let (Some(table), Some(msg)) = (&cfg.route_traffic, &snapshot.route_traffic) {
+                table.replace(msg);
+            }
+            continue;
+        }
         let reply = handle_snapshot(cfg, sink, snapshot, status);
         if tx.send(reply).await.is_err() {
             return fail(true, "request stream closed".into());
+        }
+    }
+}
+
+/// Waits for the next report, or forever without a reporter.
+async fn tick(reporter: &mut Option<Reporter>) {
+    match reporter {
+        Some(r) => {
+            r.interval.tick().await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Numbers reports and queues them without waiting.
+struct Reporter {
+    source: Arc<dyn ReportSource>,
+    interval: tokio::time::Interval,
+    seq: u64,
+    dropped: u64,
+    last: tokio::time::Instant,
+}
+
+impl Reporter {
+    fn new(source: Arc<dyn ReportSource>, every: Duration) -> Self {
+        let every = every.max(Duration::from_millis(10));
+        let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        // A report covers whatever time passed; a late tick is not made up for.
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Self {
+            source,
+            interval,
+            seq: 0,
+            dropped: 0,
+            last: tokio::time::Instant::now(),
+        }
+    }
+
+    /// Sends the deltas since the last report, or drops them if the queue is full.
+    fn send(&mut self, tx: &mpsc::Sender<pb::ProxyMessage>) {
+        let deltas = self.source.deltas(MAX_REPORT_ENTRIES);
+        let now = tokio::time::Instant::now();
+        let interval_ms =
+            u32::try_from(now.duration_since(self.last).as_millis()).unwrap_or(u32::MAX);
+        self.last = now;
+        self.seq += 1;
+        let report = pb::Report {
+            seq: self.seq,
+            interval_ms,
+            bucket_bounds: deltas.bucket_bounds,
+            entries: deltas.entries,
+            dropped: self.dropped,
+            deferred: deltas.deferred,
+        };
+        let msg = pb::ProxyMessage {
+            message: Some(pb::proxy_message::Message::Report(report)),
+        };
+        match tx.try_send(msg) {
+            Ok(()) => self.dropped = 0,
+            Err(_) => {
+                self.dropped += 1;
+                self.source.dropped();
+                tracing::debug!(
+                    seq = self.seq,
+                    "traffic report dropped: the stream's queue is full"
+                );
+            }
         }
     }
 }

@@ -120,6 +120,7 @@ fn snapshot(version: &str, canonical: &[u8]) -> pb::Snapshot {
         schema_version: SCHEMA_VERSION,
         canonical: canonical.to_vec().into(),
         policies: Vec::new(),
+        route_traffic: None,
     }
 }
 

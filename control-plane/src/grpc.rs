@@ -225,6 +225,18 @@ async fn stream_task(
         (!hello.last_applied_version.is_empty()).then_some(hello.last_applied_version);
     let mut in_flight: Option<InFlight> = None;
     let mut refused: Option<String> = None;
+    // Only a proxy that says it takes them is sent the per-route proxy counts.
+    let mut traffic = hello
+        .accepts_route_traffic
+        .then(|| shared.reports.watch_traffic());
+    if let Some(t) = &mut traffic {
+        // The first table goes out once there is one.
+        if t.borrow().routes.is_empty() {
+            t.mark_unchanged();
+        } else {
+            t.mark_changed();
+        }
+    }
     loop {
         let current = snapshots.borrow_and_update().clone();
         let snapshot = current
@@ -270,6 +282,16 @@ async fn stream_task(
         }
         tokio::select! {
             changed = snapshots.changed() => if changed.is_err() { break },
+            Some(table) = next_traffic(&mut traffic) => {
+                let msg = pb::Snapshot {
+                    route_traffic: Some((*table).clone()),
+                    ..Default::default()
+                };
+                // Never waits behind a slow proxy: the next change carries the whole table.
+                if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(Ok(msg)) {
+                    break;
+                }
+            }
             msg = inbound.message() => match msg {
                 Ok(Some(pb::ProxyMessage { message: Some(m) })) => {
                     on_answer(&shared, &node, m, &mut proxy_has, &mut in_flight, &mut refused);
@@ -285,6 +307,19 @@ async fn stream_task(
         }
     }
     tracing::info!(node_id = %node, "proxy disconnected");
+}
+
+/// The next per-route proxy count table, or never when this proxy takes none.
+async fn next_traffic(
+    traffic: &mut Option<watch::Receiver<Arc<pb::RouteTraffic>>>,
+) -> Option<Arc<pb::RouteTraffic>> {
+    let Some(rx) = traffic else {
+        return std::future::pending().await;
+    };
+    if rx.changed().await.is_err() {
+        return std::future::pending().await;
+    }
+    Some(rx.borrow_and_update().clone())
 }
 
 fn on_answer(
@@ -318,6 +353,11 @@ fn on_answer(
         }
         Message::Hello(_) => {
             tracing::debug!(node_id = %node, "ignoring a second Hello");
+        }
+        Message::Report(report) => {
+            if let Err(e) = shared.reports.ingest(node, &report, Instant::now()) {
+                tracing::debug!(node_id = %node, error = %e, "malformed traffic report dropped");
+            }
         }
     }
 }

@@ -40,6 +40,7 @@ pub mod inject;
 pub mod k8s;
 mod metrics;
 pub mod proxies;
+pub mod rollout;
 mod serving_cert;
 pub mod source;
 pub mod views;
@@ -333,6 +334,8 @@ pub(crate) struct Shared {
     /// (the file's weights while there is none).
     pub(crate) effective: Box<dyn EffectiveWeights + Send + Sync>,
     pub(crate) proxies: ProxyRegistry,
+    /// The proxies' traffic reports and the per-route count of proxies with traffic.
+    pub(crate) reports: rollout::ReportBook,
     pub(crate) metrics: Metrics,
     pub(crate) ready: std::sync::atomic::AtomicBool,
     /// Bumped whenever what the admin API shows may have changed.
@@ -508,6 +511,14 @@ impl RunningControlPlane {
         self.shared.changes.subscribe()
     }
 
+    /// How many proxies reported requests on `route` of the policy named `policy`
+    /// (its `metadata.name`) in the last few seconds.
+    pub fn proxies_with_traffic(&self, policy: &str, route: &str) -> u32 {
+        self.shared
+            .reports
+            .proxies_with_traffic(policy, route, Instant::now())
+    }
+
     /// A receiver that changes whenever a new version is published.
     pub fn watch_version(&self) -> watch::Receiver<Option<String>> {
         let mut snapshots = self.shared.snapshots.subscribe();
@@ -583,6 +594,8 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error
         None => ServiceEndpoints::default(),
     };
     let metrics = Metrics::new();
+    let reports = rollout::reports::counter();
+    metrics.register(Box::new(reports.clone()));
     let (snapshots, _) = watch::channel(None);
     let (changes, _) = watch::channel(0);
     let shared = Arc::new(Shared {
@@ -593,6 +606,7 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error
         effective: Box::new(FileWeights),
         changes: changes.clone(),
         proxies: ProxyRegistry::new(metrics.connected.clone(), changes),
+        reports: rollout::ReportBook::new(reports),
         metrics,
         ready: std::sync::atomic::AtomicBool::new(false),
         stamp_schema_version: cfg.stamp_schema_version,
@@ -648,6 +662,10 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error
             shutdown_rx.clone(),
         )),
     ];
+    tasks.push(tokio::spawn(rollout::reports::keep_fresh(
+        shared.clone(),
+        shutdown_rx.clone(),
+    )));
     if let Some(kube) = &cfg.kubernetes {
         tasks.extend(k8s::spawn(kube, &shared, &shutdown_rx));
     }

@@ -145,6 +145,13 @@ impl Metrics {
         self.policy_info.with_label_values(&[hash]).set(1);
     }
 
+    /// Registers a family kept by another module (the rollout engine's).
+    pub(crate) fn register(&self, c: Box<dyn prometheus::core::Collector>) {
+        if let Err(e) = self.registry.register(c) {
+            tracing::error!(error = %e, "metric not registered");
+        }
+    }
+
     pub(crate) fn render(&self) -> Vec<u8> {
         let mut buf = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buf);

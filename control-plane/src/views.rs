@@ -143,6 +143,7 @@ pub(crate) fn build(
                     schema_version: view_set.schema_version(),
                     canonical: bytes::Bytes::copy_from_slice(view_set.canonical_bytes()),
                     policies,
+                    route_traffic: None,
                 },
                 held_back,
             })

@@ -142,6 +142,14 @@ pub(crate) struct RunArgs {
         conflicts_with = "policy"
     )]
     pub(crate) control_plane: Option<String>,
+    /// How often traffic counts (per route × backend deltas) are reported to the control plane.
+    #[arg(
+        long,
+        env = "SLUICE_REPORT_INTERVAL",
+        value_name = "DURATION",
+        default_value = "2s"
+    )]
+    pub(crate) report_interval: sluice_config::Duration,
     /// Directory for the last applied snapshot, served at start until the control plane answers.
     #[arg(long, env = "SLUICE_STATE_DIR", value_name = "DIR")]
     pub(crate) state_dir: Option<PathBuf>,
@@ -280,6 +288,7 @@ impl From<RunArgs> for ProxyConfig {
             addr_file: a.addr_file,
             admin_token_file: a.admin_token_file,
             control_plane: a.control_plane,
+            report_interval: a.report_interval.get(),
             state_dir: a.state_dir,
             node_id: a.node_id,
             namespace: a.namespace,

@@ -33,6 +33,8 @@ pub struct ProxyConfig {
     pub admin_token_file: Option<PathBuf>,
     /// Control-plane URL to receive policies from.
     pub control_plane: Option<String>,
+    /// How often traffic counts are reported to the control plane.
+    pub report_interval: Duration,
     /// Where the last good snapshot is persisted, and read back at start.
     pub state_dir: Option<PathBuf>,
     /// This proxy's id towards the control plane; `None` means the host name.
@@ -83,6 +85,7 @@ impl Default for ProxyConfig {
             addr_file: None,
             admin_token_file: None,
             control_plane: None,
+            report_interval: sluice_api::DEFAULT_REPORT_INTERVAL,
             state_dir: None,
             node_id: None,
             namespace: "default".into(),

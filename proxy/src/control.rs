@@ -72,6 +72,9 @@ pub(crate) fn subscribe(
     sc.state_dir = cfg.state_dir.clone();
     sc.trust_root = trust_root;
     sc.limits = cfg.policy_limits;
+    sc.report_interval = cfg.report_interval;
+    sc.reports = Some(crate::report::CounterReports::new(store.clone()));
+    sc.route_traffic = Some(store.context().route_traffic.clone());
     let sink = StoreSink {
         store,
         source: url.to_string(),

@@ -30,6 +30,7 @@ mod message;
 pub mod metrics;
 pub mod policy;
 pub mod probes;
+mod report;
 mod rescue;
 pub mod route;
 mod server;
@@ -98,6 +99,12 @@ impl RunningProxy {
     /// The store whose snapshot the listeners serve.
     pub fn policy_store(&self) -> PolicyStore {
         self.store.clone()
+    }
+
+    /// How many proxies have traffic on each (policy, route), as the control plane last
+    /// said: the table a fleet-wide rate limit reads when Redis is out of reach.
+    pub fn route_traffic(&self) -> Arc<sluice_api::RouteTraffic> {
+        self.store.context().route_traffic.clone()
     }
 
     /// The workload certificate, when mTLS is on.
@@ -177,13 +184,15 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         connected: cfg.fleet.redis_url.is_some(),
     };
     let governance = governance::Governance::with_fleet(&metrics, fleet_settings);
+    let mut ctx = StackContext::with_governance(upstream, metrics, governance);
+    // The control plane's count of proxies with traffic on a route wins over --fleet-size.
+    let traffic = ctx.route_traffic.clone();
     fleet::spawn(
         &cfg.fleet,
-        &governance.fleet,
-        Arc::new(|_: &str| None),
-        &metrics,
+        &ctx.governance.fleet,
+        Arc::new(move |policy: &str, route: &str| traffic.proxies(policy, route)),
+        &ctx.metrics,
     )?;
-    let mut ctx = StackContext::with_governance(upstream, metrics, governance);
     ctx.telemetry = telemetry::Telemetry::start(
         &cfg.trace,
         &telemetry::ResourceInfo {

@@ -81,6 +81,9 @@ pub struct Metrics {
     pub concurrency_in_flight: IntGauge,
     /// `sluice_overload_refusals_total{priority}`: inbound requests refused `overloaded`.
     pub overload_refusals: IntCounterVec,
+    /// `sluice_reports_dropped_total`: traffic reports to the control plane dropped
+    /// because the stream's queue was full.
+    pub reports_dropped: IntCounter,
 }
 
 impl Metrics {
@@ -187,6 +190,11 @@ impl Metrics {
             ),
             &["priority"],
         )?;
+        let reports_dropped = IntCounter::new(
+            "sluice_reports_dropped_total",
+            "Traffic reports to the control plane dropped because the stream's queue was full.",
+        )?;
+        registry.register(Box::new(reports_dropped.clone()))?;
         registry.register(Box::new(concurrency_limit.clone()))?;
         registry.register(Box::new(concurrency_in_flight.clone()))?;
         registry.register(Box::new(overload_refusals.clone()))?;
@@ -225,6 +233,7 @@ impl Metrics {
             concurrency_limit,
             concurrency_in_flight,
             overload_refusals,
+            reports_dropped,
         })
     }
 

@@ -137,6 +137,10 @@ pub struct StackContext {
     pub governance: Governance,
     /// The tracer, when `--otlp-endpoint` is set.
     pub telemetry: Option<Arc<crate::telemetry::Telemetry>>,
+    /// How many proxies have traffic on each (policy, route), as the control plane
+    /// last said (empty without one): what a fleet-wide limit divides by when its
+    /// shared counter is out of reach. Read without a lock.
+    pub route_traffic: Arc<sluice_api::RouteTraffic>,
 }
 
 impl std::fmt::Debug for StackContext {
@@ -162,6 +166,7 @@ impl StackContext {
             breakers: governance.breakers.clone() as Arc<dyn BreakerAdmin>,
             governance,
             telemetry: None,
+            route_traffic: sluice_api::RouteTraffic::new(),
         }
     }
 

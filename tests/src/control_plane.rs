@@ -193,6 +193,13 @@ impl TestControlPlane {
         parse_json(path, status, &body)
     }
 
+    /// How many proxies reported requests on `route` of policy `policy` recently.
+    pub fn proxies_with_traffic(&self, policy: &str, route: &str) -> u32 {
+        self.running
+            .as_ref()
+            .map_or(0, |r| r.proxies_with_traffic(policy, route))
+    }
+
     /// The version the control plane serves.
     pub fn version(&self) -> Option<String> {
         self.running

@@ -44,6 +44,8 @@ pub struct ProxyOptions {
     pub h2_limits: sluice_proxy::H2Limits,
     /// Fleet rate limits: Redis URL, timeout, sync interval, fleet size.
     pub fleet: sluice_proxy::fleet::FleetConfig,
+    /// How often a subscribed proxy reports its traffic (`--report-interval`).
+    pub report_interval: Duration,
 }
 
 /// How a proxy under test joins the mesh's mTLS.
@@ -75,6 +77,7 @@ impl Default for ProxyOptions {
             admin_token_file: None,
             h2_limits: Default::default(),
             fleet: Default::default(),
+            report_interval: sluice_api::DEFAULT_REPORT_INTERVAL,
         }
     }
 }
@@ -229,6 +232,7 @@ impl TestProxy {
             no_inbound: !opts.inbound,
             app: opts.app,
             control_plane: Some(url.to_string()),
+            report_interval: opts.report_interval,
             state_dir: Some(state_dir.to_path_buf()),
             node_id: Some(node_id.to_string()),
             namespace: "e2e".into(),
@@ -240,6 +244,7 @@ impl TestProxy {
             inbound_permissive: opts.mtls.as_ref().is_some_and(|m| m.permissive),
             trace: opts.trace.clone(),
             timeouts: opts.timeouts,
+            fleet: opts.fleet.clone(),
             ..Default::default()
         };
         let running = sluice_proxy::start(cfg).await.expect("start the proxy");
@@ -255,6 +260,15 @@ impl TestProxy {
             proxy.wait_ready().await;
         }
         proxy
+    }
+
+    /// How many proxies have traffic on each (policy, route), as the control plane
+    /// last told this proxy.
+    pub fn route_traffic(&self) -> std::sync::Arc<sluice_api::RouteTraffic> {
+        self.running
+            .as_ref()
+            .expect("the proxy is running")
+            .route_traffic()
     }
 
     /// The proxy's workload certificate store, when mTLS is on.

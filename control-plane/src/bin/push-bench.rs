@@ -152,6 +152,7 @@ async fn proxy(
             proxy_version: "push-bench".into(),
             last_applied_version: String::new(),
             accepted_schema_versions: sluice_config::SCHEMA_VERSIONS.to_vec(),
+            accepts_route_traffic: false,
         })),
     })
     .await?;

@@ -22,19 +22,20 @@ pub use self::redis::RedisLeases;
 use crate::ProxyError;
 use crate::metrics::Metrics;
 
-/// Starts reconciling `registry` with the Redis of `cfg`, if one is configured; the
-/// task ends once the registry is dropped.
+/// Starts reconciling `registry` with the Redis of `cfg`; without one, only keeps the
+/// fallback's N current (from `sizes`, else `--fleet-size`). The task ends once the
+/// registry is dropped.
 pub fn spawn<K>(
     cfg: &FleetConfig,
     registry: &Arc<FleetRegistry<K>>,
     sizes: FleetSizes,
     metrics: &Metrics,
-) -> Result<Option<JoinHandle<()>>, ProxyError>
+) -> Result<JoinHandle<()>, ProxyError>
 where
     K: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
 {
     let Some(url) = &cfg.redis_url else {
-        return Ok(None);
+        return Ok(registry.spawn_sizes(sizes));
     };
     if url.starts_with("rediss://") {
         // The process's rustls provider is ring, as everywhere in the mesh.
@@ -55,7 +56,7 @@ where
     );
     let opts = SyncOptions::new(cfg.redis_timeout, cfg.sync_interval);
     let observer = Arc::new(FleetMetrics(metrics.clone()));
-    Ok(Some(registry.spawn_sync(store, opts, sizes, observer)))
+    Ok(registry.spawn_sync(store, opts, sizes, observer))
 }
 
 /// Feeds `sluice_ratelimit_backend_errors_total{reason}` and `sluice_ratelimit_fleet_degraded`.

@@ -228,6 +228,7 @@ fn snapshot_of(version: &str, schema_version: u32, yaml: &str) -> pb::Snapshot {
         schema_version,
         canonical: yaml.as_bytes().to_vec().into(),
         policies: Vec::new(),
+        route_traffic: None,
     }
 }
 

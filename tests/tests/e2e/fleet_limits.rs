@@ -1,6 +1,7 @@
 //! Fleet-wide rate limits (`rateLimit.scope: fleet`) through real proxies sharing a real
 //! `redis-server`: the fleet admits within the README's bound, Redis killed, restarted
-//! or paused under load fails no request, and Redis keys expire.
+//! or paused under load fails no request, and Redis keys expire; without Redis each
+//! proxy enforces perSecond / N with N from the control plane.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,8 +10,8 @@ use std::time::{Duration, Instant};
 
 use hyper::{Method, StatusCode};
 use sluice_e2e::{
-    HttpConn, ProxyOptions, TestProxy, TestRedis, Upstream, WAIT, metric_sum, scrape, wait_keys,
-    wait_until,
+    HttpConn, ProxyOptions, TestControlPlane, TestProxy, TestRedis, Upstream, WAIT, metric_sum,
+    scrape, wait_keys, wait_until,
 };
 use sluice_proxy::fleet::FleetConfig;
 
@@ -352,4 +353,57 @@ async fn fleet_keys_expire_from_redis() {
     }
     // Idle shares go back to their buckets, which then expire once full.
     wait_keys(&redis, "every bucket expired", 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_redis_each_proxy_takes_the_control_planes_share() {
+    let up = Upstream::auto("quota").await;
+    let cp = TestControlPlane::start(&[("quota.yaml", &policy(up.addr(), 1000, 1000))]).await;
+    let states = tempfile::tempdir().unwrap();
+    let mut ps = Vec::new();
+    for i in 0..2 {
+        let opts = ProxyOptions {
+            report_interval: Duration::from_millis(200),
+            // No Redis: fleet limits run on their fallback, perSecond / N.
+            fleet: FleetConfig::default(),
+            ..Default::default()
+        };
+        let dir = states.path().join(format!("p{i}"));
+        ps.push(TestProxy::start_subscribed(&cp.url(), &format!("p{i}"), &dir, opts).await);
+    }
+    let addrs = [ps[0].outbound_addr(), ps[1].outbound_addr()];
+    // --fleet-size is 1 here: the first answer's bucket is the whole burst.
+    let mut conn = HttpConn::h1(addrs[0]).await.unwrap();
+    let r = conn
+        .request(Method::GET, "quota", "/", &[("x-tenant", "acme")])
+        .await
+        .unwrap();
+    assert_eq!(r.header("x-sluice-ratelimit-scope"), "degraded-local");
+    assert_eq!(r.header("ratelimit"), "\"api\";r=999;t=1");
+    // Both proxies send; the control plane counts two, and the fallback halves.
+    wait_until("the fallback's bucket is burst / 2", WAIT, || async move {
+        let mut last = String::new();
+        for addr in addrs {
+            let mut c = HttpConn::h1(addr).await.unwrap();
+            let r = c
+                .request(Method::GET, "quota", "/", &[("x-tenant", "acme")])
+                .await
+                .unwrap();
+            assert_eq!(r.status, StatusCode::OK);
+            assert_eq!(r.header("x-sluice-ratelimit-scope"), "degraded-local");
+            last = r.header("ratelimit").to_string();
+        }
+        let remaining: u32 = last
+            .split(";r=")
+            .nth(1)
+            .and_then(|s| s.split(';').next())
+            .and_then(|s| s.parse().ok())
+            .unwrap();
+        remaining < 500
+    })
+    .await;
+    assert_eq!(ps[0].route_traffic().proxies("quota", "api"), Some(2));
+    for p in ps {
+        p.shutdown().await;
+    }
 }

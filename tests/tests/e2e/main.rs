@@ -25,6 +25,7 @@ mod overload;
 mod pods;
 mod reliability;
 mod reload;
+mod rollouts;
 mod routing;
 mod schema_versions;
 mod shutdown;

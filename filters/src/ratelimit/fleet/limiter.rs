@@ -60,6 +60,8 @@ pub struct FleetVerdict {
 pub struct FleetLimiter {
     params: RateLimitParams,
     id: Arc<str>,
+    policy: Arc<str>,
+    route: Arc<str>,
     scope: [u8; 32],
     shares: papaya::HashMap<u64, Arc<Share>, BuildHasherDefault<KeyMix>>,
     len: AtomicUsize,
@@ -112,6 +114,8 @@ impl FleetLimiter {
             policy_header: policy_header(&params),
             params,
             id,
+            policy: policy.into(),
+            route: route.into(),
             scope,
             shares: papaya::HashMap::default(),
             len: AtomicUsize::new(0),
@@ -129,9 +133,14 @@ impl FleetLimiter {
         &self.params
     }
 
-    /// The route key the fleet size is looked up by.
+    /// The route key (`<policy>.<route>`) this limit was built for.
     pub fn id(&self) -> &str {
         &self.id
+    }
+
+    /// The policy's and the route's names, by which the control plane counts proxies.
+    pub fn names(&self) -> (&str, &str) {
+        (&self.policy, &self.route)
     }
 
     /// The capacity of each key's bucket in Redis: `burst`, or two intervals of

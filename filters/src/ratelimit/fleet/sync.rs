@@ -84,9 +84,9 @@ impl FleetObserver for NoopFleetObserver {
     fn on_degraded(&self, _: bool) {}
 }
 
-/// The fleet size N each limit's fallback divides by, by route key; `None` keeps the
-/// registry's default (the `--fleet-size` flag).
-pub type FleetSizes = Arc<dyn Fn(&str) -> Option<u32> + Send + Sync>;
+/// The fleet size N each limit's fallback divides by, by (policy name, route name);
+/// `None` keeps the registry's default (the `--fleet-size` flag).
+pub type FleetSizes = Arc<dyn Fn(&str, &str) -> Option<u32> + Send + Sync>;
 
 /// How the sync task talks to the store.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,15 +139,13 @@ where
         &self,
         store: &mut S,
         opts: &SyncOptions,
-        sizes: &(dyn Fn(&str) -> Option<u32> + Send + Sync),
+        sizes: &(dyn Fn(&str, &str) -> Option<u32> + Send + Sync),
         observer: &dyn FleetObserver,
     ) -> bool {
-        let limiters: Vec<_> = self.limiters.iter().map(|e| e.value().clone()).collect();
+        let limiters = self.refresh_sizes(sizes);
         let mut batch = Vec::new();
         let mut owners = Vec::new();
         for limiter in &limiters {
-            let n = sizes(limiter.id()).unwrap_or(self.backend.default_size);
-            limiter.set_fleet_size(n);
             for (share, plan) in limiter.plan() {
                 if plan.is_empty() {
                     continue;
@@ -197,6 +195,36 @@ where
         }
         self.set_degraded(grants.is_none(), observer);
         grants.is_some()
+    }
+
+    /// Sets every limit's N from `sizes` (the control plane's count of proxies with
+    /// traffic on its route), else the default; returns the limits.
+    pub fn refresh_sizes(
+        &self,
+        sizes: &(dyn Fn(&str, &str) -> Option<u32> + Send + Sync),
+    ) -> Vec<Arc<super::FleetLimiter>> {
+        let limiters: Vec<_> = self.limiters.iter().map(|e| e.value().clone()).collect();
+        for limiter in &limiters {
+            let (policy, route) = limiter.names();
+            limiter.set_fleet_size(sizes(policy, route).unwrap_or(self.backend.default_size));
+        }
+        limiters
+    }
+
+    /// Without a store (no `--redis-url`) the limits stay on their fallback: this task
+    /// only keeps each one's N current, once per interval, until the registry is dropped.
+    pub fn spawn_sizes(self: &Arc<Self>, sizes: FleetSizes) -> tokio::task::JoinHandle<()> {
+        let registry = Arc::downgrade(self);
+        let every = self.backend.interval;
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let Some(r) = registry.upgrade() else { return };
+                r.refresh_sizes(&*sizes);
+            }
+        })
     }
 
     fn set_degraded(&self, degraded: bool, observer: &dyn FleetObserver) {

@@ -114,7 +114,7 @@ fn opts() -> SyncOptions {
     SyncOptions::new(Duration::from_secs(1), INTERVAL)
 }
 
-fn no_sizes(_: &str) -> Option<u32> {
+fn no_sizes(_: &str, _: &str) -> Option<u32> {
     None
 }
 
@@ -293,7 +293,7 @@ async fn the_fleet_size_from_the_control_plane_wins_over_the_flag() {
     let p = params(100, 100);
     let (reg, lim) = proxy(2, &p);
     assert_eq!(lim.fleet_size(), 2);
-    let sizes = |route: &str| (route == "shop.quota").then_some(4);
+    let sizes = |policy: &str, route: &str| (policy == "shop" && route == "quota").then_some(4);
     reg.sync_once(&mut Down, &opts(), &sizes, &NoopFleetObserver)
         .await;
     assert_eq!(lim.fleet_size(), 4);

@@ -1,0 +1,446 @@
+//! Ingestion of the proxies' traffic reports.
+//!
+//! Each [`pb::Report`] is checked (a malformed one is dropped and counted, never
+//! fatal) and added to the [`Window`] of every (policy, route, backend) it names;
+//! the rollout driver takes those windows when it judges. The book also remembers
+//! which proxy last had traffic on which route, which gives "how many proxies have
+//! traffic on (policy, route)": the [`pb::RouteTraffic`] table sent to proxies
+//! outside the policy version whenever a count changes.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use sluice_api::pb;
+use tokio::sync::watch;
+
+/// A proxy counts for a route while its last report with requests there is this recent.
+pub const TRAFFIC_RECENT: Duration = Duration::from_secs(10);
+
+/// Most entries a report may carry; a longer one is malformed.
+const MAX_ENTRIES: usize = 4096;
+
+/// Most duration buckets a report may carry.
+const MAX_BUCKETS: usize = 64;
+
+/// (policy name, route name): how proxies name a route in their reports.
+pub type RouteName = (String, String);
+
+/// What one backend of one route did over a window, summed over proxies.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Window {
+    /// Answers counted.
+    pub requests: u64,
+    /// Answers counted against the backend: 5xx (but not the caller's own
+    /// `breaker-open`), connect failures and resets, timeouts, fallback answers.
+    pub failures: u64,
+    /// Requests per duration bucket (not cumulative), the last above the last bound.
+    pub durations: Vec<u64>,
+}
+
+impl Window {
+    /// Adds `other` to this window.
+    pub fn add(&mut self, other: &Window) {
+        self.requests += other.requests;
+        self.failures += other.failures;
+        if self.durations.len() < other.durations.len() {
+            self.durations.resize(other.durations.len(), 0);
+        }
+        for (a, b) in self.durations.iter_mut().zip(&other.durations) {
+            *a += b;
+        }
+    }
+
+    /// The upper bound (seconds) of the bucket holding quantile `q` of the durations,
+    /// given the buckets' `bounds`; `f64::INFINITY` when it lies above the last bound,
+    /// `None` without samples.
+    pub fn quantile(&self, q: f64, bounds: &[f64]) -> Option<f64> {
+        let total: u64 = self.durations.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = (q * total as f64).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, n) in self.durations.iter().enumerate() {
+            seen += n;
+            if seen >= rank {
+                return Some(bounds.get(i).copied().unwrap_or(f64::INFINITY));
+            }
+        }
+        Some(f64::INFINITY)
+    }
+
+    /// Requests whose duration is known (the sum of the buckets).
+    pub fn timed(&self) -> u64 {
+        self.durations.iter().sum()
+    }
+
+    /// Of the timed requests, those slower than `secs` (counting whole buckets whose
+    /// lower bound is at or above it).
+    pub fn slower_than(&self, secs: f64, bounds: &[f64]) -> u64 {
+        self.durations
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| {
+                let lower = if *i == 0 { 0.0 } else { bounds[*i - 1] };
+                lower >= secs
+            })
+            .map(|(_, n)| *n)
+            .sum()
+    }
+}
+
+/// Why a report was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Malformed {
+    /// More entries than any proxy sends.
+    #[error("{0} entries (at most {MAX_ENTRIES})")]
+    TooManyEntries(usize),
+    /// Bucket bounds that are not finite, positive and ascending, or too many.
+    #[error("bucket bounds not finite and ascending, or more than {MAX_BUCKETS}")]
+    Bounds,
+    /// An entry whose duration counts do not match the bounds.
+    #[error("entry {index}: {got} duration counts for {bounds} bounds")]
+    Durations {
+        /// Index of the entry.
+        index: usize,
+        /// Counts it carries.
+        got: usize,
+        /// Bounds in the report.
+        bounds: usize,
+    },
+    /// An entry without a route or backend name.
+    #[error("entry {0}: empty route or backend name")]
+    Names(usize),
+}
+
+/// Checks a report before anything of it is used.
+pub fn check(report: &pb::Report) -> Result<(), Malformed> {
+    if report.entries.len() > MAX_ENTRIES {
+        return Err(Malformed::TooManyEntries(report.entries.len()));
+    }
+    let b = &report.bucket_bounds;
+    if b.len() > MAX_BUCKETS
+        || b.iter().any(|x| !x.is_finite() || *x <= 0.0)
+        || b.windows(2).any(|w| w[0] >= w[1])
+    {
+        return Err(Malformed::Bounds);
+    }
+    for (index, e) in report.entries.iter().enumerate() {
+        if e.route.is_empty() || e.backend.is_empty() {
+            return Err(Malformed::Names(index));
+        }
+        if !e.duration_counts.is_empty() && e.duration_counts.len() != b.len() + 1 {
+            return Err(Malformed::Durations {
+                index,
+                got: e.duration_counts.len(),
+                bounds: b.len(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Windows taken by the rollout driver: per (policy, route) and backend.
+pub type Taken = HashMap<RouteName, BTreeMap<String, Window>>;
+
+#[derive(Debug, Default)]
+struct Book {
+    /// Added since the driver last took them.
+    pending: Taken,
+    /// The duration bucket bounds of the pending windows (the first report's).
+    bounds: Vec<f64>,
+    /// When each proxy last reported requests on each route.
+    seen: HashMap<RouteName, HashMap<String, Instant>>,
+    /// The table last sent to proxies.
+    sent: BTreeMap<RouteName, u32>,
+}
+
+/// The control plane's record of what the proxies reported.
+#[derive(Debug)]
+pub struct ReportBook {
+    book: Mutex<Book>,
+    traffic: watch::Sender<Arc<pb::RouteTraffic>>,
+    reports: prometheus::IntCounterVec,
+}
+
+impl ReportBook {
+    /// An empty book counting reports into `reports{result}`.
+    pub fn new(reports: prometheus::IntCounterVec) -> Self {
+        let (traffic, _) = watch::channel(Arc::new(pb::RouteTraffic::default()));
+        Self {
+            book: Mutex::new(Book::default()),
+            traffic,
+            reports,
+        }
+    }
+
+    /// Adds `report` from the proxy `node`, received at `now`. A malformed report
+    /// changes nothing; its error is returned (and counted) for the caller's log.
+    pub fn ingest(&self, node: &str, report: &pb::Report, now: Instant) -> Result<(), Malformed> {
+        if let Err(e) = check(report) {
+            self.reports.with_label_values(&["malformed"]).inc();
+            return Err(e);
+        }
+        self.reports.with_label_values(&["accepted"]).inc();
+        if report.dropped > 0 {
+            self.reports
+                .with_label_values(&["dropped_by_proxy"])
+                .inc_by(report.dropped);
+        }
+        let mut book = self.book.lock().unwrap_or_else(|e| e.into_inner());
+        let timed = if book.bounds.is_empty() || book.bounds == report.bucket_bounds {
+            book.bounds.clone_from(&report.bucket_bounds);
+            true
+        } else {
+            // Another build's buckets: its counts are used, its durations cannot be.
+            false
+        };
+        for e in &report.entries {
+            let route = (e.policy.clone(), e.route.clone());
+            if e.requests > 0 {
+                book.seen
+                    .entry(route.clone())
+                    .or_default()
+                    .insert(node.to_string(), now);
+            }
+            let w = Window {
+                requests: e.requests,
+                failures: e
+                    .server_errors
+                    .saturating_add(e.unavailable)
+                    .saturating_add(e.timeouts)
+                    .saturating_add(e.fallbacks),
+                durations: if timed {
+                    e.duration_counts.clone()
+                } else {
+                    Vec::new()
+                },
+            };
+            book.pending
+                .entry(route)
+                .or_default()
+                .entry(e.backend.clone())
+                .or_default()
+                .add(&w);
+        }
+        drop(book);
+        self.refresh(now);
+        Ok(())
+    }
+
+    /// Takes the windows added since the last call, with their bucket bounds.
+    pub fn take(&self) -> (Taken, Vec<f64>) {
+        let mut book = self.book.lock().unwrap_or_else(|e| e.into_inner());
+        let bounds = book.bounds.clone();
+        (std::mem::take(&mut book.pending), bounds)
+    }
+
+    /// How many proxies reported requests on `route` of policy `policy` within
+    /// [`TRAFFIC_RECENT`] of `now`.
+    pub fn proxies_with_traffic(&self, policy: &str, route: &str, now: Instant) -> u32 {
+        let book = self.book.lock().unwrap_or_else(|e| e.into_inner());
+        book.seen
+            .get(&(policy.to_string(), route.to_string()))
+            .map(|nodes| recent(nodes, now))
+            .unwrap_or(0)
+    }
+
+    /// Forgets proxies whose traffic is no longer recent and, if any route's count
+    /// changed, publishes the new table.
+    pub fn refresh(&self, now: Instant) {
+        let mut book = self.book.lock().unwrap_or_else(|e| e.into_inner());
+        book.seen.retain(|_, nodes| {
+            nodes.retain(|_, at| now.saturating_duration_since(*at) <= TRAFFIC_RECENT);
+            !nodes.is_empty()
+        });
+        let table: BTreeMap<RouteName, u32> = book
+            .seen
+            .iter()
+            .map(|(r, nodes)| (r.clone(), recent(nodes, now)))
+            .collect();
+        if table == book.sent {
+            return;
+        }
+        book.sent = table.clone();
+        drop(book);
+        let msg = pb::RouteTraffic {
+            routes: table
+                .into_iter()
+                .map(|((policy, route), proxies)| pb::RouteProxies {
+                    policy,
+                    route,
+                    proxies,
+                })
+                .collect(),
+        };
+        self.traffic.send_replace(Arc::new(msg));
+    }
+
+    /// The per-route proxy counts, changed whenever one changes.
+    pub fn watch_traffic(&self) -> watch::Receiver<Arc<pb::RouteTraffic>> {
+        self.traffic.subscribe()
+    }
+}
+
+/// `sluice_cp_reports_total{result}`: traffic reports `accepted` or `malformed`, and
+/// reports the proxies say they dropped (`dropped_by_proxy`).
+pub fn counter() -> prometheus::IntCounterVec {
+    prometheus::IntCounterVec::new(
+        prometheus::Opts::new(
+            "sluice_cp_reports_total",
+            "Traffic reports from proxies, by result (accepted, malformed, dropped_by_proxy).",
+        ),
+        &["result"],
+    )
+    .expect("valid metric")
+}
+
+/// Ages the per-route proxy counts once a second, so a proxy that went quiet stops
+/// counting even when no report arrives; ends at shutdown.
+pub(crate) async fn keep_fresh(shared: Arc<crate::Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => shared.reports.refresh(Instant::now()),
+            _ = shutdown.wait_for(|stop| *stop) => return,
+        }
+    }
+}
+
+fn recent(nodes: &HashMap<String, Instant>, now: Instant) -> u32 {
+    let n = nodes
+        .values()
+        .filter(|at| now.saturating_duration_since(**at) <= TRAFFIC_RECENT)
+        .count();
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counter() -> prometheus::IntCounterVec {
+        prometheus::IntCounterVec::new(prometheus::Opts::new("r", "r"), &["result"]).unwrap()
+    }
+
+    fn entry(route: &str, backend: &str, requests: u64, errors: u64) -> pb::BackendCounts {
+        pb::BackendCounts {
+            policy: "log".into(),
+            route: route.into(),
+            backend: backend.into(),
+            requests,
+            server_errors: errors,
+            duration_counts: vec![requests - 1, 1, 0],
+            ..Default::default()
+        }
+    }
+
+    fn report(entries: Vec<pb::BackendCounts>) -> pb::Report {
+        pb::Report {
+            seq: 1,
+            interval_ms: 2000,
+            bucket_bounds: vec![0.01, 0.1],
+            entries,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn windows_sum_over_proxies_until_taken() {
+        let book = ReportBook::new(counter());
+        let now = Instant::now();
+        book.ingest("a", &report(vec![entry("ingest", "v1", 10, 1)]), now)
+            .unwrap();
+        book.ingest(
+            "b",
+            &report(vec![
+                entry("ingest", "v1", 5, 0),
+                entry("ingest", "v2", 4, 2),
+            ]),
+            now,
+        )
+        .unwrap();
+        let (taken, bounds) = book.take();
+        assert_eq!(bounds, [0.01, 0.1]);
+        let r = &taken[&("log".to_string(), "ingest".to_string())];
+        assert_eq!(r["v1"].requests, 15);
+        assert_eq!(r["v1"].failures, 1);
+        assert_eq!(r["v1"].durations, [13, 2, 0]);
+        assert_eq!(r["v2"].failures, 2);
+        assert!(book.take().0.is_empty(), "taken once");
+    }
+
+    #[test]
+    fn proxies_with_traffic_counts_recent_reporters_and_publishes_changes() {
+        let book = ReportBook::new(counter());
+        let mut rx = book.watch_traffic();
+        let t0 = Instant::now();
+        book.ingest("a", &report(vec![entry("ingest", "v1", 3, 0)]), t0)
+            .unwrap();
+        book.ingest("b", &report(vec![entry("ingest", "v1", 3, 0)]), t0)
+            .unwrap();
+        assert_eq!(book.proxies_with_traffic("log", "ingest", t0), 2);
+        assert!(rx.has_changed().unwrap());
+        let table = rx.borrow_and_update().clone();
+        assert_eq!(table.routes.len(), 1);
+        assert_eq!(table.routes[0].proxies, 2);
+        // The same count again publishes nothing.
+        book.ingest("a", &report(vec![entry("ingest", "v1", 3, 0)]), t0)
+            .unwrap();
+        assert!(!rx.has_changed().unwrap());
+        // `b` goes quiet; `a` keeps reporting.
+        let later = t0 + TRAFFIC_RECENT + Duration::from_secs(1);
+        book.ingest("a", &report(vec![entry("ingest", "v1", 3, 0)]), later)
+            .unwrap();
+        assert_eq!(book.proxies_with_traffic("log", "ingest", later), 1);
+        assert_eq!(rx.borrow_and_update().routes[0].proxies, 1);
+        book.refresh(later + TRAFFIC_RECENT + Duration::from_secs(1));
+        assert!(rx.borrow_and_update().routes.is_empty());
+    }
+
+    #[test]
+    fn a_malformed_report_is_dropped_and_counted() {
+        let reports = counter();
+        let book = ReportBook::new(reports.clone());
+        let mut bad = report(vec![entry("ingest", "v1", 3, 0)]);
+        bad.bucket_bounds = vec![0.1, 0.01];
+        assert_eq!(
+            book.ingest("a", &bad, Instant::now()),
+            Err(Malformed::Bounds)
+        );
+        let mut bad = report(vec![entry("ingest", "v1", 3, 0)]);
+        bad.entries[0].duration_counts.pop();
+        assert!(matches!(
+            book.ingest("a", &bad, Instant::now()),
+            Err(Malformed::Durations { .. })
+        ));
+        let mut bad = report(vec![entry("ingest", "v1", 3, 0)]);
+        bad.entries[0].backend.clear();
+        assert_eq!(
+            book.ingest("a", &bad, Instant::now()),
+            Err(Malformed::Names(0))
+        );
+        assert_eq!(reports.with_label_values(&["malformed"]).get(), 3);
+        assert!(book.take().0.is_empty());
+        assert_eq!(
+            book.proxies_with_traffic("log", "ingest", Instant::now()),
+            0
+        );
+    }
+
+    #[test]
+    fn quantiles_come_from_bucket_bounds() {
+        let w = Window {
+            requests: 100,
+            failures: 0,
+            durations: vec![98, 1, 1],
+        };
+        let bounds = [0.01, 0.1];
+        assert_eq!(w.quantile(0.5, &bounds), Some(0.01));
+        assert_eq!(w.quantile(0.99, &bounds), Some(0.1));
+        assert_eq!(w.quantile(1.0, &bounds), Some(f64::INFINITY));
+        assert_eq!(w.slower_than(0.01, &bounds), 2);
+        assert_eq!(Window::default().quantile(0.99, &bounds), None);
+    }
+}

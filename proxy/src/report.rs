@@ -1,0 +1,334 @@
+//! The proxy's traffic reports: deltas of the counters it keeps anyway.
+//!
+//! When a report is due (every `--report-interval`, from the subscriber task) the
+//! outbound series of `sluice_requests_total`, `sluice_request_duration_seconds` and
+//! `sluice_fallbacks_total`, and the breakers' refusal counts, are read and compared
+//! with what the previous report saw. Requests pay nothing for it: the counters are
+//! the ones `/metrics` shows, and nothing here runs on a request's path.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use prometheus::IntCounter;
+use prometheus::core::Collector;
+use prometheus::proto::Metric;
+use sluice_api::pb;
+use sluice_api::{Deltas, ReportSource};
+
+use crate::PolicyStore;
+
+/// One outbound route × backend, as metrics name it (route `<policy>.<route>`).
+type Series = (String, String);
+
+/// Running totals of one route × backend.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+struct Totals {
+    requests: u64,
+    server_errors: u64,
+    unavailable: u64,
+    timeouts: u64,
+    fallbacks: u64,
+    breaker_open: u64,
+    /// Per bucket, not cumulative, the last one above the last bound.
+    durations: Vec<u64>,
+}
+
+impl Totals {
+    /// What happened since `before` (a counter that went backwards was rebuilt: all
+    /// of it is new).
+    fn since(&self, before: &Totals) -> Totals {
+        let d = |now: u64, then: u64| if now >= then { now - then } else { now };
+        let breaker_open = d(self.breaker_open, before.breaker_open);
+        Totals {
+            requests: d(self.requests, before.requests),
+            // Refusals of this proxy's own breaker are counted as 503s too: they are
+            // not the backend's answers.
+            server_errors: d(self.server_errors, before.server_errors).saturating_sub(breaker_open),
+            unavailable: d(self.unavailable, before.unavailable),
+            timeouts: d(self.timeouts, before.timeouts),
+            fallbacks: d(self.fallbacks, before.fallbacks),
+            breaker_open,
+            durations: self
+                .durations
+                .iter()
+                .enumerate()
+                .map(|(i, n)| d(*n, before.durations.get(i).copied().unwrap_or(0)))
+                .collect(),
+        }
+    }
+
+    fn is_zero(&self) -> bool {
+        self.requests == 0
+            && self.fallbacks == 0
+            && self.breaker_open == 0
+            && self.durations.iter().all(|n| *n == 0)
+    }
+}
+
+/// Reads the proxy's counters into reports.
+#[derive(Debug)]
+pub(crate) struct CounterReports {
+    store: PolicyStore,
+    /// What the last report (or the stream's start) saw. Only the subscriber task
+    /// takes this lock.
+    seen: Mutex<HashMap<Series, Totals>>,
+    dropped: IntCounter,
+}
+
+impl CounterReports {
+    pub(crate) fn new(store: PolicyStore) -> Arc<Self> {
+        let dropped = store.context().metrics.reports_dropped.clone();
+        Arc::new(Self {
+            store,
+            seen: Mutex::new(HashMap::new()),
+            dropped,
+        })
+    }
+
+    /// Every outbound route × backend's totals now, and the duration buckets' bounds.
+    fn totals(&self) -> (Vec<f64>, HashMap<Series, Totals>) {
+        let ctx = self.store.context();
+        let m = &ctx.metrics;
+        let mut all: HashMap<Series, Totals> = HashMap::new();
+        let mut bounds = Vec::new();
+        for family in m.requests.collect() {
+            for metric in family.get_metric() {
+                let Some((series, labels)) = outbound_series(metric) else {
+                    continue;
+                };
+                let n = metric.get_counter().get_value() as u64;
+                let t = all.entry(series).or_default();
+                t.requests += n;
+                match labels.code {
+                    502 => t.unavailable += n,
+                    504 => t.timeouts += n,
+                    500..=599 => t.server_errors += n,
+                    _ => {}
+                }
+            }
+        }
+        for family in m.duration.collect() {
+            for metric in family.get_metric() {
+                let Some((series, _)) = outbound_series(metric) else {
+                    continue;
+                };
+                let h = metric.get_histogram();
+                let buckets = h.get_bucket();
+                if bounds.is_empty() {
+                    bounds = buckets.iter().map(|b| b.upper_bound()).collect();
+                }
+                let t = all.entry(series).or_default();
+                t.durations.resize(buckets.len() + 1, 0);
+                let mut below = 0;
+                for (i, b) in buckets.iter().enumerate() {
+                    let c = b.cumulative_count();
+                    t.durations[i] += c.saturating_sub(below);
+                    below = c;
+                }
+                t.durations[buckets.len()] += h.get_sample_count().saturating_sub(below);
+            }
+        }
+        for family in m.fallbacks.collect() {
+            for metric in family.get_metric() {
+                let (mut route, mut backend) = (None, None);
+                for l in metric.get_label() {
+                    match l.name() {
+                        "route" => route = Some(l.value()),
+                        "backend" => backend = Some(l.value()),
+                        _ => {}
+                    }
+                }
+                if let (Some(r), Some(b)) = (route, backend) {
+                    all.entry((r.into(), b.into())).or_default().fallbacks +=
+                        metric.get_counter().get_value() as u64;
+                }
+            }
+        }
+        for b in ctx.governance.breakers.snapshot() {
+            if b.rejected > 0 {
+                all.entry((b.route, b.backend)).or_default().breaker_open += b.rejected;
+            }
+        }
+        (bounds, all)
+    }
+
+    /// `<policy>.<route>` back into its two names, from the policies in force.
+    fn names(&self) -> HashMap<String, (String, String)> {
+        let snapshot = self.store.current();
+        let Some(set) = snapshot.policy_set() else {
+            return HashMap::new();
+        };
+        set.policies()
+            .iter()
+            .flat_map(|p| {
+                p.spec.routes.iter().map(|r| {
+                    (
+                        crate::route::route_key(p, r),
+                        (p.metadata.name.clone(), r.name.clone()),
+                    )
+                })
+            })
+            .collect()
+    }
+}
+
+/// The labels of an outbound `sluice_requests_total` or duration series that has a
+/// backend.
+struct Labels {
+    code: u16,
+}
+
+fn outbound_series(metric: &Metric) -> Option<(Series, Labels)> {
+    let (mut outbound, mut route, mut backend, mut code) = (false, "", "", 0);
+    for l in metric.get_label() {
+        match l.name() {
+            "direction" => outbound = l.value() == "outbound",
+            "route" => route = l.value(),
+            "backend" => backend = l.value(),
+            "code" => code = l.value().parse().unwrap_or(0),
+            _ => {}
+        }
+    }
+    (outbound && !route.is_empty() && !backend.is_empty())
+        .then(|| ((route.to_string(), backend.to_string()), Labels { code }))
+}
+
+impl ReportSource for CounterReports {
+    fn deltas(&self, max_entries: usize) -> Deltas {
+        let (bucket_bounds, now) = self.totals();
+        let names = self.names();
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        let mut news: Vec<(Series, Totals, Totals)> = now
+            .into_iter()
+            .filter_map(|(series, total)| {
+                let delta = match seen.get(&series) {
+                    Some(before) => total.since(before),
+                    None => total.since(&Totals::default()),
+                };
+                (!delta.is_zero()).then_some((series, total, delta))
+            })
+            .collect();
+        // The busiest go first; the rest keep their old baseline and come next time.
+        news.sort_by_key(|n| std::cmp::Reverse(n.2.requests));
+        let deferred = u32::try_from(news.len().saturating_sub(max_entries)).unwrap_or(u32::MAX);
+        news.truncate(max_entries);
+        let mut entries = Vec::with_capacity(news.len());
+        for (series, total, delta) in news {
+            seen.insert(series.clone(), total);
+            let (policy, route) = names.get(&series.0).cloned().unwrap_or_else(|| {
+                // A route no longer in force: its last counts still belong to it.
+                match series.0.split_once('.') {
+                    Some((p, r)) => (p.to_string(), r.to_string()),
+                    None => (String::new(), series.0.clone()),
+                }
+            });
+            entries.push(pb::BackendCounts {
+                policy,
+                route,
+                backend: series.1,
+                requests: delta.requests,
+                server_errors: delta.server_errors,
+                unavailable: delta.unavailable,
+                timeouts: delta.timeouts,
+                fallbacks: delta.fallbacks,
+                breaker_open: delta.breaker_open,
+                duration_counts: delta.durations,
+            });
+        }
+        Deltas {
+            bucket_bounds,
+            entries,
+            deferred,
+        }
+    }
+
+    fn dropped(&self) {
+        self.dropped.inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::policy::store_for_tests;
+
+    fn policy_set() -> sluice_config::PolicySet {
+        let text = "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: { name: log.svc }\nspec:\n  host: log\n  backends:\n    v1: { addresses: [\"127.0.0.1:1\"] }\n    v2: { addresses: [\"127.0.0.1:2\"] }\n  routes:\n    - name: ingest\n      split:\n        - weights: { v1: 90, v2: 10 }\n";
+        sluice_config::PolicySet::new(sluice_config::parse_policies("t.yaml", text).unwrap())
+            .unwrap()
+    }
+
+    #[test]
+    fn reports_carry_deltas_by_class_and_bucket() {
+        let store = store_for_tests();
+        store.apply("t", policy_set()).unwrap();
+        let m = store.context().metrics.clone();
+        let route = m.route("outbound", "log.svc.ingest", &["v1", "v2"]);
+        let inbound = m.route("inbound", "inbound", &["app"]);
+        let reports = CounterReports::new(store);
+        assert_eq!(reports.deltas(10), Deltas::default());
+
+        for _ in 0..7 {
+            route.record(Some(0), None, 200, Duration::from_millis(1));
+        }
+        route.record(Some(1), None, 500, Duration::from_millis(30));
+        route.record(Some(1), None, 502, Duration::from_millis(1));
+        route.record(Some(1), None, 504, Duration::from_secs(20));
+        route.record(None, None, 429, Duration::from_millis(1));
+        inbound.record(Some(0), None, 500, Duration::from_millis(1));
+        let d = reports.deltas(10);
+        assert_eq!(d.deferred, 0);
+        assert_eq!(d.bucket_bounds.len(), 16);
+        assert_eq!(d.entries.len(), 2, "{:?}", d.entries);
+        let v1 = &d.entries[0];
+        assert_eq!(
+            (&*v1.policy, &*v1.route, &*v1.backend),
+            ("log.svc", "ingest", "v1")
+        );
+        assert_eq!((v1.requests, v1.server_errors), (7, 0));
+        assert_eq!(v1.duration_counts.iter().sum::<u64>(), 7);
+        let v2 = &d.entries[1];
+        assert_eq!(v2.requests, 3);
+        assert_eq!((v2.server_errors, v2.unavailable, v2.timeouts), (1, 1, 1));
+        assert_eq!(v2.duration_counts.len(), 17);
+        assert_eq!(v2.duration_counts[16], 1, "20 s is above the last bound");
+
+        // Only what is new shows up next time.
+        route.record(Some(1), None, 200, Duration::from_millis(1));
+        let d = reports.deltas(10);
+        assert_eq!(d.entries.len(), 1);
+        assert_eq!(
+            (d.entries[0].backend.as_str(), d.entries[0].requests),
+            ("v2", 1)
+        );
+        assert!(reports.deltas(10).entries.is_empty());
+    }
+
+    #[test]
+    fn a_full_report_defers_the_rest_to_the_next() {
+        let store = store_for_tests();
+        let m = store.context().metrics.clone();
+        let route = m.route("outbound", "p.r", &["a", "b", "c"]);
+        let reports = CounterReports::new(store);
+        for (i, n) in [(0, 3), (1, 2), (2, 1)] {
+            for _ in 0..n {
+                route.record(Some(i), None, 200, Duration::from_millis(1));
+            }
+        }
+        let d = reports.deltas(2);
+        assert_eq!(d.deferred, 1);
+        let names: Vec<_> = d.entries.iter().map(|e| e.backend.as_str()).collect();
+        assert_eq!(names, ["a", "b"], "the busiest first");
+        let d = reports.deltas(2);
+        assert_eq!(d.entries.len(), 1);
+        assert_eq!(
+            (d.entries[0].backend.as_str(), d.entries[0].requests),
+            ("c", 1)
+        );
+        assert_eq!(d.deferred, 0);
+        reports.dropped();
+        assert_eq!(reports.dropped.get(), 1);
+    }
+}
