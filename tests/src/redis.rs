@@ -15,29 +15,47 @@ use crate::{WAIT, wait_until};
 pub struct TestRedis {
     child: Option<Child>,
     addr: SocketAddr,
+    /// The TLS port, when started with [`start_tls`](Self::start_tls).
+    tls: Option<SocketAddr>,
     dir: TempDir,
 }
 
 impl TestRedis {
     /// Starts a server on a free port and waits until it answers `PING`.
     pub async fn start() -> Self {
+        Self::start_with(false).await
+    }
+
+    /// Like [`start`](Self::start), plus a TLS port with a certificate for 127.0.0.1
+    /// (its root: [`ca_file`](Self::ca_file)); the plain port stays for the test's own
+    /// queries.
+    pub async fn start_tls() -> Self {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(tls: bool) -> Self {
         let dir = tempfile::Builder::new()
             .prefix("sluice-redis-")
             .tempdir()
             .expect("temporary directory");
+        if tls {
+            let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".to_owned()])
+                .expect("certificate");
+            std::fs::write(dir.path().join("tls.crt"), ck.cert.pem()).expect("write cert");
+            std::fs::write(dir.path().join("tls.key"), ck.signing_key.serialize_pem())
+                .expect("write key");
+        }
         for _ in 0..20 {
             // The port is free when picked; another process may take it before
             // redis-server binds it, so a failed start picks another.
-            let port = TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("pick a port")
-                .port();
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
-            let mut child = spawn(addr, dir.path());
+            let addr = free_port();
+            let tls = tls.then(free_port);
+            let mut child = spawn(addr, tls, dir.path());
             if wait_up(&mut child, addr).await {
                 return Self {
                     child: Some(child),
                     addr,
+                    tls,
                     dir,
                 };
             }
@@ -50,6 +68,16 @@ impl TestRedis {
     /// `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("redis://{}", self.addr)
+    }
+
+    /// `rediss://127.0.0.1:TLS_PORT`, when started with [`start_tls`](Self::start_tls).
+    pub fn tls_url(&self) -> String {
+        format!("rediss://{}", self.tls.expect("started with TLS"))
+    }
+
+    /// The PEM root the TLS port's certificate is verified with.
+    pub fn ca_file(&self) -> std::path::PathBuf {
+        self.dir.path().join("tls.crt")
     }
 
     /// The server's process id.
@@ -68,7 +96,7 @@ impl TestRedis {
     /// Starts a fresh server on the same port after [`kill`](Self::kill).
     pub async fn restart(&mut self) {
         assert!(self.child.is_none(), "kill it first");
-        let mut child = spawn(self.addr, self.dir.path());
+        let mut child = spawn(self.addr, self.tls, self.dir.path());
         let up = wait_up(&mut child, self.addr).await;
         self.child = Some(child);
         assert!(up, "redis-server did not come back on {}", self.addr);
@@ -132,24 +160,38 @@ async fn wait_up(child: &mut Child, addr: SocketAddr) -> bool {
     false
 }
 
-fn spawn(addr: SocketAddr, dir: &Path) -> Child {
-    Command::new("redis-server")
-        .args([
-            "--port",
-            &addr.port().to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-        ])
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("run redis-server (tests/setup.sh installs it)")
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("pick a port")
+}
+
+fn spawn(addr: SocketAddr, tls: Option<SocketAddr>, dir: &Path) -> Child {
+    let mut cmd = Command::new("redis-server");
+    if let Some(tls) = tls {
+        cmd.args(["--tls-port", &tls.port().to_string()])
+            .arg("--tls-cert-file")
+            .arg(dir.join("tls.crt"))
+            .arg("--tls-key-file")
+            .arg(dir.join("tls.key"))
+            .args(["--tls-auth-clients", "no"]);
+    }
+    cmd.args([
+        "--port",
+        &addr.port().to_string(),
+        "--bind",
+        "127.0.0.1",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--dir",
+    ])
+    .arg(dir)
+    .stdout(Stdio::null())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("run redis-server (tests/setup.sh installs it)")
 }
 
 fn signal(sig: &str, pid: u32) {
