@@ -42,6 +42,10 @@
 //!   `RateLimit-Policy`/`RateLimit`. The proxy's rescue (`rescue.rs`) answers any `FilterError` by
 //!   its [`Reason`](sluice_filters::reason::Reason) and adds
 //!   [`refusal_headers`](sluice_filters::ratelimit::refusal_headers) (`retry-after`, RateLimit headers).
+//!   A `scope: fleet` route limit instead comes from the
+//!   [`FleetRegistry`](sluice_filters::ratelimit::fleet::FleetRegistry) (reconciled with Redis by
+//!   [`crate::fleet::spawn`]) as [`RateLimitLayer::fleet(limiter)`](sluice_filters::ratelimit::RateLimitLayer::fleet);
+//!   answers of its local fallback carry `x-sluice-ratelimit-scope: degraded-local`.
 //! - **Timeout** ([`timeout`](sluice_filters::timeout)). Params: [`TimeoutParams::from_config(&route)`](sluice_filters::timeout::TimeoutParams::from_config);
 //!   layer `params.total_layer()` (a `None` duration passes through). The per-try
 //!   timeout is the retry layer's own. No state, no extensions. Error: [`FilterError::Timeout`](sluice_filters::FilterError::Timeout) (504 `timeout`).
