@@ -1,7 +1,7 @@
 //! [`FleetLimiter`]: one fleet limit's shares, spent by requests; and
 //! [`FleetRegistry`]: every fleet limit of the proxy, kept across policy swaps.
 
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::hash::{BuildHasher, BuildHasherDefault, Hash, RandomState};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
@@ -301,7 +301,7 @@ fn redis_key(scope: &[u8; 32], tag: u8, bytes: &[u8]) -> Arc<str> {
     let mut key = String::with_capacity(REDIS_KEY_PREFIX.len() + 32);
     key.push_str(REDIS_KEY_PREFIX);
     for b in &digest[..16] {
-        key.push_str(&format!("{b:02x}"));
+        let _ = write!(key, "{b:02x}");
     }
     key.into()
 }
