@@ -97,6 +97,12 @@ proxy() { # name, index, policy file, extra flags...
     wait_http "http://127.0.0.1:$((PORT_BASE + 15 + i))/ready"
 }
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+stop_pid() { # pid: stops one server started here and forgets it
+    local keep=() p
+    kill "$1" 2>/dev/null || true; wait "$1" 2>/dev/null || true
+    for p in "${PIDS[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done
+    PIDS=("${keep[@]}")
+}
 WRK_LUA=$WORK/tenant.lua
 echo 'wrk.headers["Host"] = "bench"; wrk.headers["x-tenant"] = "acme"' >"$WRK_LUA"
 wrk_run() { # port, conns, seconds, out
@@ -112,8 +118,8 @@ fi
 RAW=$OUT_DIR/overhead.csv
 if has overhead || has commands; then
     echo "round,scope,requests,seconds,p50_us,cpu_us_per_req,evalsha,ping" >"$RAW"
-    policy "$WORK/local.yaml" 100000000 100000000 local
-    policy "$WORK/fleet.yaml" 100000000 100000000 fleet
+    policy "$WORK/local.yaml" 1000000 1000000 local
+    policy "$WORK/fleet.yaml" 1000000 1000000 fleet
     for round in $(seq "$ROUNDS"); do
         for scope in local fleet; do
             if [ "$scope" = fleet ]; then
@@ -128,7 +134,7 @@ if has overhead || has commands; then
             wrk_run $((PORT_BASE + 10)) "$CONNS" "$DURATION" "$WORK/wrk.txt"
             after=$(cpu_ticks "$pid")
             stats=$(rcli info commandstats)
-            kill "$pid"; wait "$pid" 2>/dev/null || true
+            stop_pid "$pid"
             python3 - "$WORK/wrk.txt" "$before" "$after" "$(getconf CLK_TCK)" "$round" "$scope" "$DURATION" "$stats" >>"$RAW" <<'PY'
 import re, sys
 text, before, after, hz, rnd, scope, secs, stats = sys.argv[1:]
@@ -170,10 +176,12 @@ if has accuracy; then
     done
     conns=(8 4 1)
     start_ns=$(date +%s%N)
+    loads=()
     for i in 0 1 2; do
         wrk_run $((PORT_BASE + 10 + i)) "${conns[$i]}" "$ACCURACY_SECS" "$WORK/acc-$i.txt" &
+        loads+=($!)
     done
-    wait %1 %2 %3 2>/dev/null || wait
+    wait "${loads[@]}"
     end_ns=$(date +%s%N)
     python3 - "$start_ns" "$end_ns" "$WORK"/acc-{0,1,2}.txt >>"$SUMMARY" <<'PY'
 import re, sys
