@@ -50,7 +50,7 @@ def values_sets() -> dict[str, dict]:
         "ha": ha,
         # The other branches of the templates: policies from the ConfigMap, endpoint
         # discovery beside it, no TokenReview, cert-manager issuing the webhook cert,
-        # alert rules as PrometheusRules.
+        # alert rules as PrometheusRules, the fleet limits' Redis URL Secret for proxies.
         "dir-certmanager": {
             "policies": {"source": "dir", "extraFiles": {"extra.yaml": EXTRA_POLICY}},
             "discovery": {"endpoints": True},
@@ -58,6 +58,7 @@ def values_sets() -> dict[str, dict]:
             "certManager": {"enabled": True},
             "controlPlane": {"podAntiAffinity": ""},
             "dashboards": {"prometheusRules": True},
+            "injector": {"redisUrlSecret": "sluice-redis"},
         },
     }
 

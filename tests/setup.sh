@@ -5,8 +5,10 @@
 # `kubectl patch --local` in control-plane/tests/inject.rs (Debian's kubernetes-client
 # where no `kubectl` package is configured), a Python venv with the Helm engine for
 # the chart tests (control-plane/tests/chart.rs, charts/check.py), and a test venv with
-# kosoku for the Autobahn WebSocket cases (tests/src/autobahn.rs), and Chromium with its
-# WebDriver for the admin pages (tests/tests/e2e/admin_pages.rs).
+# kosoku for the Autobahn WebSocket cases (tests/src/autobahn.rs), Chromium with its
+# WebDriver for the admin pages (tests/tests/e2e/admin_pages.rs), and redis-server for
+# the fleet rate-limit tests (tests/tests/e2e/fleet_limits.rs; the harness starts one per
+# test on an ephemeral port).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,6 +20,7 @@ command -v kubectl >/dev/null || missing+=(kubectl)
 # the admin pages driven in headless Chromium (tests/tests/e2e/admin_pages.rs)
 command -v chromium >/dev/null || missing+=(chromium)
 command -v chromedriver >/dev/null || missing+=(chromium-driver)
+command -v redis-server >/dev/null || missing+=(redis-server)
 if ((${#missing[@]})); then
   if [ "$(id -u)" -ne 0 ]; then
     echo "tests/setup.sh: missing ${missing[*]}; install them as root (apt-get install -y ${missing[*]})" >&2

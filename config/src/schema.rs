@@ -62,7 +62,7 @@ impl Capability {
             Capability::Fallback => true,
             Capability::SlowStart => true,
             Capability::ServicePort => true,
-            Capability::FleetRateLimit => false,
+            Capability::FleetRateLimit => true,
             Capability::Upgrades => true,
             Capability::InboundConcurrency => true,
         }

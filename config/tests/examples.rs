@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use sluice_config::{
-    PolicySet, RateLimitKey, RetryOn, RoutePolicy, SCHEMA_VERSION, StickyHash, parse_policies,
-    precedence_order, rendezvous_backend, required_version, sticky_point, weighted_backend,
+    PolicySet, RateLimitKey, RateLimitScope, RetryOn, RoutePolicy, SCHEMA_VERSION, StickyHash,
+    parse_policies, precedence_order, rendezvous_backend, required_version, sticky_point,
+    weighted_backend,
 };
 
 fn examples_dir() -> PathBuf {
@@ -57,6 +58,23 @@ fn rate_limit_is_keyed_by_a_header() {
         })
     );
     assert!(p.spec.routes[1].rate_limit.as_ref().unwrap().shadow);
+}
+
+#[test]
+fn fleet_rate_limit_shares_one_quota_per_tenant() {
+    let p = one("fleet-rate-limit.yaml");
+    let rl = p.spec.routes[0].rate_limit.as_ref().unwrap();
+    assert_eq!((rl.per_second, rl.burst), (200, Some(400)));
+    assert_eq!(rl.scope, RateLimitScope::Fleet);
+    assert_eq!(
+        rl.key.as_ref().unwrap().header.as_deref(),
+        Some("x-tenant-id")
+    );
+    assert_eq!(
+        p.spec.routes[1].rate_limit.as_ref().unwrap().scope,
+        RateLimitScope::Local
+    );
+    assert_eq!(required_version(&p), SCHEMA_VERSION);
 }
 
 #[test]

@@ -37,6 +37,7 @@ async fn webhook() -> Webhook {
             proxy_image: "registry.example/sluice-proxy:test".to_owned(),
             control_plane_url: Some("https://sluice-control-plane.sluice:15010".to_owned()),
             trust_root_configmap: Some("sluice-trust-root".to_owned()),
+            redis_url_secret: Some("sluice-redis".to_owned()),
             ..InjectConfig::default()
         },
         policy_limits: sluice_config::Limits::default(),
@@ -214,6 +215,18 @@ async fn deployment_pod_gets_init_step_native_sidecar_and_rewritten_probes() {
     };
     assert_eq!(field("SLUICE_NODE_ID"), "metadata.name");
     assert_eq!(field("SLUICE_NAMESPACE"), "metadata.namespace");
+    // The fleet rate limits' Redis URL, from a Secret that may be missing.
+    let redis = proxy
+        .env
+        .iter()
+        .flatten()
+        .find(|e| e.name == "SLUICE_REDIS_URL")
+        .and_then(|e| e.value_from.as_ref()?.secret_key_ref.as_ref())
+        .unwrap();
+    assert_eq!(
+        (redis.name.as_str(), redis.key.as_str(), redis.optional),
+        ("sluice-redis", "url", Some(true))
+    );
     let ready = proxy
         .readiness_probe
         .as_ref()

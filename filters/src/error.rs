@@ -20,6 +20,8 @@ pub enum FilterError {
         policy: String,
         /// `RateLimit` header value (IETF draft), e.g. `"default";r=0;t=1`.
         state: String,
+        /// Decided by a fleet limit's local fallback while Redis is unreachable.
+        degraded: bool,
     },
     /// The route's total timeout or the per-try timeout elapsed.
     #[error("request timed out after {0:?}")]

@@ -217,6 +217,9 @@ pub(crate) struct RunArgs {
     /// Trace export.
     #[command(flatten)]
     pub(crate) trace: TraceArgs,
+    /// Fleet-wide rate limits (Redis).
+    #[command(flatten)]
+    pub(crate) fleet: crate::fleet::FleetArgs,
     /// Bounds on policy input (the --policy file, snapshots from the control plane).
     #[command(flatten)]
     pub(crate) policy_limits: Limits,
@@ -308,6 +311,7 @@ impl From<RunArgs> for ProxyConfig {
                 max_resets: a.h2_max_resets,
                 reset_interval: a.h2_reset_interval.get(),
             },
+            fleet: a.fleet.into(),
             trace: TraceConfig {
                 otlp_endpoint: a.trace.otlp_endpoint,
                 otlp_protocol: a.trace.otlp_protocol,

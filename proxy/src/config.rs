@@ -60,6 +60,8 @@ pub struct ProxyConfig {
     pub inbound_permissive: bool,
     /// Trace export: OTLP endpoint, protocol, sampling, propagation formats.
     pub trace: crate::telemetry::TraceConfig,
+    /// Fleet-wide rate limits: Redis, reconciliation interval, fallback fleet size.
+    pub fleet: crate::fleet::FleetConfig,
     /// Bounds on policy input: the `policy` file and snapshots from the control plane.
     pub policy_limits: sluice_config::Limits,
     /// Idle connection, request header and request body timeouts.
@@ -100,6 +102,7 @@ impl Default for ProxyConfig {
             identity_url: None,
             inbound_permissive: false,
             trace: crate::telemetry::TraceConfig::default(),
+            fleet: crate::fleet::FleetConfig::default(),
             policy_limits: sluice_config::Limits::default(),
             timeouts: crate::timeouts::Timeouts::default(),
             h2_limits: crate::H2Limits::default(),

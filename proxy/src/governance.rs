@@ -12,6 +12,7 @@ use sluice_filters::balance::BalanceRegistry;
 use sluice_filters::breaker::{BreakerObserver, BreakerParams, BreakerRegistry, CircuitState};
 use sluice_filters::concurrency::{ConcurrencyObserver, ConcurrencyRegistry};
 use sluice_filters::fallback::FallbackObserver;
+use sluice_filters::ratelimit::fleet::{FleetRegistry, FleetSettings};
 use sluice_filters::ratelimit::{Decision, RateLimitObserver, RateLimitRegistry};
 use sluice_filters::reason::Reason;
 use sluice_filters::retry::{RetryObserver, RetryOutcome, RetryParams, RetryRegistry};
@@ -57,6 +58,8 @@ pub(crate) enum LimitKey {
 #[derive(Clone)]
 pub struct Governance {
     pub(crate) limits: Arc<RateLimitRegistry<LimitKey>>,
+    /// The `scope: fleet` route limits (shares of quotas counted in Redis).
+    pub(crate) fleet: Arc<FleetRegistry<LimitKey>>,
     pub(crate) breakers: Arc<BreakerRegistry>,
     pub(crate) retries: Arc<RetryRegistry>,
     pub(crate) endpoints: Arc<BalanceRegistry>,
@@ -78,12 +81,22 @@ impl Governance {
     /// Empty registries whose observers count into `metrics`. Inside a tokio runtime this
     /// also starts the rate-limit sweeper, which ends by itself once the registries go.
     pub fn new(metrics: &Metrics) -> Self {
+        Self::with_fleet(metrics, FleetSettings::default())
+    }
+
+    /// Like [`new`](Self::new), with fleet limits reconciled as `fleet` says (the
+    /// reconciliation task itself is started by [`crate::fleet::spawn`]).
+    pub fn with_fleet(metrics: &Metrics, fleet: FleetSettings) -> Self {
         let limits = Arc::new(RateLimitRegistry::new());
         if tokio::runtime::Handle::try_current().is_ok() {
             drop(limits.spawn_sweeper(SWEEP_EVERY));
         }
+        metrics
+            .ratelimit_fleet_degraded
+            .set(i64::from(!fleet.connected));
         Self {
             limits,
+            fleet: Arc::new(FleetRegistry::new(fleet)),
             breakers: Arc::new(BreakerRegistry::new(Arc::new(BreakerMetrics(
                 metrics.clone(),
             )))),
@@ -121,11 +134,19 @@ impl Governance {
                 .map(|retry| (route_key(p, r), RetryParams::from_policy(retry)))
         }));
         let mut live = HashSet::new();
+        let mut fleet = HashSet::new();
         for (p, r) in routes() {
             if let Some(params) = r.rate_limit.as_ref().and_then(|c| limit_params(c, &r.name)) {
-                let key = LimitKey::Outbound(route_key(p, r).into());
-                g.limits.get_or_rebuild(key.clone(), &params);
-                live.insert(key);
+                let id = route_key(p, r);
+                let key = LimitKey::Outbound(id.as_str().into());
+                if params.fleet {
+                    g.fleet
+                        .get_or_rebuild(key.clone(), &id, &p.metadata.name, &r.name, &params);
+                    fleet.insert(key);
+                } else {
+                    g.limits.get_or_rebuild(key.clone(), &params);
+                    live.insert(key);
+                }
             }
         }
         if let Some(params) = inbound_limit(own) {
@@ -133,6 +154,13 @@ impl Governance {
             live.insert(LimitKey::Inbound);
         }
         g.limits.retain(|k| live.contains(k));
+        g.fleet.retain(|k| fleet.contains(k));
+        if !fleet.is_empty() && g.fleet.is_degraded() {
+            tracing::warn!(
+                limits = fleet.len(),
+                "fleet rate limits enforced locally (perSecond / N): Redis unreachable or no --redis-url"
+            );
+        }
         match inbound_concurrency(own) {
             Some(params) => {
                 let observer = g.concurrency_observer.clone();

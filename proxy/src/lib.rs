@@ -23,6 +23,7 @@ mod config;
 mod control;
 mod edge;
 mod error;
+pub mod fleet;
 pub mod governance;
 pub mod h2_limits;
 pub mod init;
@@ -179,7 +180,21 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
         Some(store) => upstream::Upstream::with_mesh(store.clone()),
         None => upstream::Upstream::new(),
     };
-    let mut ctx = StackContext::new(upstream, metrics);
+    let fleet_settings = sluice_filters::ratelimit::fleet::FleetSettings {
+        interval: cfg.fleet.sync_interval,
+        default_size: cfg.fleet.fleet_size.get(),
+        connected: cfg.fleet.redis_url.is_some(),
+    };
+    let governance = governance::Governance::with_fleet(&metrics, fleet_settings);
+    let mut ctx = StackContext::with_governance(upstream, metrics, governance);
+    // The control plane's count of proxies with traffic on a route wins over --fleet-size.
+    let traffic = ctx.route_traffic.clone();
+    fleet::spawn(
+        &cfg.fleet,
+        &ctx.governance.fleet,
+        Arc::new(move |policy: &str, route: &str| traffic.proxies(policy, route)),
+        &ctx.metrics,
+    )?;
     ctx.telemetry = telemetry::Telemetry::start(
         &cfg.trace,
         &telemetry::ResourceInfo {

@@ -46,6 +46,11 @@ pub struct Metrics {
     pub duration: HistogramVec,
     /// `sluice_ratelimit_decisions_total{direction,route,decision}` (allowed, limited, shadow).
     pub ratelimit_decisions: IntCounterVec,
+    /// `sluice_ratelimit_backend_errors_total{reason}` (timeout, error): failed
+    /// reconciliations of the fleet limits with Redis.
+    pub ratelimit_backend_errors: IntCounterVec,
+    /// `sluice_ratelimit_fleet_degraded`: 1 while fleet limits run on their local fallback.
+    pub ratelimit_fleet_degraded: IntGauge,
     /// `sluice_retries_total{route,backend,outcome}`.
     pub retries: IntCounterVec,
     /// `sluice_fallbacks_total{route,backend,reason}`: answers a route's fallback gave
@@ -100,6 +105,17 @@ impl Metrics {
         let ratelimit_decisions = IntCounterVec::new(
             Opts::new("sluice_ratelimit_decisions_total", "Rate limit decisions."),
             &["direction", "route", "decision"],
+        )?;
+        let ratelimit_backend_errors = IntCounterVec::new(
+            Opts::new(
+                "sluice_ratelimit_backend_errors_total",
+                "Failed reconciliations of the fleet rate limits with Redis.",
+            ),
+            &["reason"],
+        )?;
+        let ratelimit_fleet_degraded = IntGauge::new(
+            "sluice_ratelimit_fleet_degraded",
+            "1 while fleet rate limits are enforced locally (perSecond / N) because Redis is unreachable.",
         )?;
         let retries = IntCounterVec::new(
             Opts::new("sluice_retries_total", "Retries, by outcome."),
@@ -189,6 +205,8 @@ impl Metrics {
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(duration.clone()))?;
         registry.register(Box::new(ratelimit_decisions.clone()))?;
+        registry.register(Box::new(ratelimit_backend_errors.clone()))?;
+        registry.register(Box::new(ratelimit_fleet_degraded.clone()))?;
         registry.register(Box::new(retries.clone()))?;
         registry.register(Box::new(fallbacks.clone()))?;
         registry.register(Box::new(breaker_state.clone()))?;
@@ -200,6 +218,8 @@ impl Metrics {
             requests,
             duration,
             ratelimit_decisions,
+            ratelimit_backend_errors,
+            ratelimit_fleet_degraded,
             retries,
             fallbacks,
             breaker_state,

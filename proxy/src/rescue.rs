@@ -137,6 +137,7 @@ mod tests {
             retry_after: Duration::from_millis(1500),
             policy: "\"default\";q=200;w=1".into(),
             state: "\"default\";r=0;t=2".into(),
+            degraded: false,
         });
         let (resp, _) = rescue(&*err, false);
         assert_eq!(resp.status(), 429);
@@ -167,6 +168,7 @@ mod tests {
             retry_after: Duration::from_millis(1200),
             policy: "\"ingest\";q=50;w=1".into(),
             state: "\"ingest\";r=0;t=2".into(),
+            degraded: true,
         });
         let (resp, _) = rescue(&*err, true);
         let h = resp.headers();
@@ -176,6 +178,7 @@ mod tests {
         assert!(h.contains_key("grpc-message"));
         assert_eq!(h["x-sluice-reason"], "rate-limited");
         assert_eq!(h["retry-after"], "2");
+        assert_eq!(h["x-sluice-ratelimit-scope"], "degraded-local");
     }
 
     #[test]

@@ -42,6 +42,10 @@
 //!   `RateLimit-Policy`/`RateLimit`. The proxy's rescue (`rescue.rs`) answers any `FilterError` by
 //!   its [`Reason`](sluice_filters::reason::Reason) and adds
 //!   [`refusal_headers`](sluice_filters::ratelimit::refusal_headers) (`retry-after`, RateLimit headers).
+//!   A `scope: fleet` route limit instead comes from the
+//!   [`FleetRegistry`](sluice_filters::ratelimit::fleet::FleetRegistry) (reconciled with Redis by
+//!   [`crate::fleet::spawn`]) as [`RateLimitLayer::fleet(limiter)`](sluice_filters::ratelimit::RateLimitLayer::fleet);
+//!   answers of its local fallback carry `x-sluice-ratelimit-scope: degraded-local`.
 //! - **Timeout** ([`timeout`](sluice_filters::timeout)). Params: [`TimeoutParams::from_config(&route)`](sluice_filters::timeout::TimeoutParams::from_config);
 //!   layer `params.total_layer()` (a `None` duration passes through). The per-try
 //!   timeout is the retry layer's own. No state, no extensions. Error: [`FilterError::Timeout`](sluice_filters::FilterError::Timeout) (504 `timeout`).
@@ -157,6 +161,11 @@ impl StackContext {
     /// A context over `upstream` counting into `metrics`, with fresh registries.
     pub fn new(upstream: Upstream, metrics: Metrics) -> Self {
         let governance = Governance::new(&metrics);
+        Self::with_governance(upstream, metrics, governance)
+    }
+
+    /// A context over `upstream` counting into `metrics`, with these registries.
+    pub fn with_governance(upstream: Upstream, metrics: Metrics, governance: Governance) -> Self {
         Self {
             upstream,
             metrics,
@@ -194,12 +203,19 @@ fn limit_layer(
     params: &RouteParams,
 ) -> Option<RateLimitLayer> {
     let limit = params.limit.as_ref()?;
-    let limiter = ctx.governance.limits.get_or_rebuild(key, limit);
-    Some(RateLimitLayer::new(limiter).with_observer(limit_observer(
-        &ctx.metrics,
-        direction,
-        &params.key,
-    )))
+    let layer = match &key {
+        LimitKey::Outbound(id) if limit.fleet => {
+            RateLimitLayer::fleet(ctx.governance.fleet.get_or_rebuild(
+                key.clone(),
+                id,
+                &params.policy,
+                &params.name,
+                limit,
+            ))
+        }
+        _ => RateLimitLayer::new(ctx.governance.limits.get_or_rebuild(key, limit)),
+    };
+    Some(layer.with_observer(limit_observer(&ctx.metrics, direction, &params.key)))
 }
 
 /// Builds the outbound stack of one route.

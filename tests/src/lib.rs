@@ -20,7 +20,8 @@
 //! Gateway API mesh conformance cluster (API double, control plane, proxy, upstreams).
 //! [`WorkerUpstream`] is an
 //! app with a fixed number of workers (latency grows past that knee) and [`open_loop`]
-//! the fixed-rate load the overload tests send it.
+//! the fixed-rate load the overload tests send it. [`TestRedis`] is a real
+//! `redis-server` on an ephemeral port for the fleet rate-limit tests.
 //!
 //! Tests never sleep to wait for something: they wait on a condition with
 //! [`wait_until`], which polls with a bounded deadline and fails the test with a
@@ -39,6 +40,7 @@ pub mod malformed;
 pub mod netns;
 pub mod otlp;
 mod proxy;
+mod redis;
 pub mod reliability;
 pub mod rollout;
 mod subscriber;
@@ -53,6 +55,7 @@ pub use child_control_plane::ChildControlPlane;
 pub use client::{HttpConn, Reply, ReqBody, admit, full_body, read_until_closed};
 pub use control_plane::TestControlPlane;
 pub use proxy::{ChildProxy, MeshTls, ProcMemory, ProxyOptions, TestProxy};
+pub use redis::{TestRedis, wait_keys};
 pub use subscriber::{RecordingSink, SchemaSubscriber};
 pub use upstream::{Protocol, Stall, Upstream, tcp_echo, tcp_sink};
 pub use workers::{Tally, WorkerUpstream, open_loop};

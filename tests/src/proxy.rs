@@ -44,6 +44,8 @@ pub struct ProxyOptions {
     pub h2_limits: sluice_proxy::H2Limits,
     /// The ring of recent requests behind `/recent` (`--recent-requests`; 0 is off).
     pub recent_requests: usize,
+    /// Fleet rate limits: Redis URL, timeout, sync interval, fleet size.
+    pub fleet: sluice_proxy::fleet::FleetConfig,
     /// How often a subscribed proxy reports its traffic (`--report-interval`).
     pub report_interval: Duration,
 }
@@ -77,6 +79,7 @@ impl Default for ProxyOptions {
             admin_token_file: None,
             h2_limits: Default::default(),
             recent_requests: 0,
+            fleet: Default::default(),
             report_interval: sluice_api::DEFAULT_REPORT_INTERVAL,
         }
     }
@@ -189,6 +192,7 @@ impl TestProxy {
             inbound_permissive: opts.mtls.as_ref().is_some_and(|m| m.permissive),
             trace: opts.trace.clone(),
             timeouts: opts.timeouts,
+            fleet: opts.fleet.clone(),
             ..Default::default()
         };
         let running = sluice_proxy::start(cfg).await.expect("start the proxy");
@@ -245,6 +249,7 @@ impl TestProxy {
             trace: opts.trace.clone(),
             timeouts: opts.timeouts,
             recent_requests: opts.recent_requests,
+            fleet: opts.fleet.clone(),
             ..Default::default()
         };
         let running = sluice_proxy::start(cfg).await.expect("start the proxy");

@@ -58,6 +58,10 @@ pub struct WebhookArgs {
     /// Control-plane URL given to injected proxies.
     #[arg(long, env = "SLUICE_INJECT_CONTROL_PLANE", value_name = "URL")]
     pub inject_control_plane: Option<String>,
+    /// Secret (key `url`, in each injected pod's namespace) with the Redis URL of the
+    /// fleet rate limits, given to injected proxies as `SLUICE_REDIS_URL`.
+    #[arg(long, env = "SLUICE_INJECT_REDIS_SECRET", value_name = "NAME")]
+    pub inject_redis_secret: Option<String>,
 }
 
 impl WebhookArgs {
@@ -75,6 +79,7 @@ impl WebhookArgs {
             inject.proxy_image = image.clone();
         }
         inject.control_plane_url = self.inject_control_plane.clone();
+        inject.redis_url_secret = self.inject_redis_secret.clone();
         let tls = match (&self.webhook_cert, &self.webhook_key) {
             (Some(cert), Some(key)) => WebhookTls::Files {
                 cert: cert.clone(),

@@ -63,6 +63,9 @@ pub struct InjectConfig {
     pub default_cpu: String,
     /// Memory request and limit when the pod has no `sluice.dev/proxy-memory` annotation.
     pub default_memory: String,
+    /// A Secret (in the pod's namespace, key `url`) holding the Redis URL of the fleet
+    /// rate limits; given to the proxy as `SLUICE_REDIS_URL` when the Secret exists.
+    pub redis_url_secret: Option<String>,
 }
 
 impl Default for InjectConfig {
@@ -76,6 +79,7 @@ impl Default for InjectConfig {
             trust_root_configmap: None,
             default_cpu: "100m".to_owned(),
             default_memory: "128Mi".to_owned(),
+            redis_url_secret: None,
         }
     }
 }
@@ -270,6 +274,10 @@ fn proxy_container(
     }
     if let Some(port) = app_port {
         env.push(json!({"name": "SLUICE_APP", "value": format!("127.0.0.1:{port}")}));
+    }
+    if let Some(secret) = &cfg.redis_url_secret {
+        // Optional: a namespace without the Secret runs fleet limits on their fallback.
+        env.push(json!({"name": "SLUICE_REDIS_URL", "valueFrom": {"secretKeyRef": {"name": secret, "key": "url", "optional": true}}}));
     }
     for (name, path) in [
         // The proxy's --node-id and --namespace, as the control plane lists them.

@@ -12,6 +12,10 @@ use crate::FilterError;
 pub(crate) const RATELIMIT_POLICY: HeaderName = HeaderName::from_static("ratelimit-policy");
 /// `RateLimit` (draft-ietf-httpapi-ratelimit-headers).
 pub(crate) const RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
+/// Marks an answer decided by a fleet limit's local fallback while Redis is unreachable.
+pub(crate) const RATELIMIT_SCOPE: HeaderName = HeaderName::from_static("x-sluice-ratelimit-scope");
+/// The value of [`RATELIMIT_SCOPE`].
+pub(crate) const DEGRADED_LOCAL: HeaderValue = HeaderValue::from_static("degraded-local");
 
 pin_project! {
     /// Response future of [`RateLimit`](super::RateLimit).
@@ -28,6 +32,7 @@ pin_project! {
             #[pin]
             fut: F,
             headers: Option<(HeaderValue, HeaderValue)>,
+            degraded: bool,
         },
         Refused {
             err: Option<FilterError>,
@@ -36,9 +41,17 @@ pin_project! {
 }
 
 impl<F> ResponseFuture<F> {
-    pub(crate) fn inner(fut: F, headers: Option<(HeaderValue, HeaderValue)>) -> Self {
+    pub(crate) fn inner(
+        fut: F,
+        headers: Option<(HeaderValue, HeaderValue)>,
+        degraded: bool,
+    ) -> Self {
         Self {
-            kind: Kind::Inner { fut, headers },
+            kind: Kind::Inner {
+                fut,
+                headers,
+                degraded,
+            },
         }
     }
 
@@ -58,8 +71,15 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().kind.project() {
-            KindProj::Inner { fut, headers } => {
+            KindProj::Inner {
+                fut,
+                headers,
+                degraded,
+            } => {
                 let mut rsp = ready!(fut.poll(cx)).map_err(Into::into)?;
+                if *degraded {
+                    rsp.headers_mut().insert(RATELIMIT_SCOPE, DEGRADED_LOCAL);
+                }
                 if let Some((policy, state)) = headers.take() {
                     let h = rsp.headers_mut();
                     // An upstream that limits on its own knows its quota better.

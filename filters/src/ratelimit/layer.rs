@@ -4,11 +4,12 @@ use std::sync::Arc;
 use governor::clock::{Clock, DefaultClock};
 use tower_layer::Layer;
 
-use super::{KeyedLimiter, NoopObserver, RateLimit, RateLimitObserver};
+use super::fleet::FleetLimiter;
+use super::{KeyedLimiter, Limiter, NoopObserver, RateLimit, RateLimitObserver};
 
-/// Applies one [`KeyedLimiter`] to the wrapped service.
+/// Applies one [`KeyedLimiter`] (or one [`FleetLimiter`]) to the wrapped service.
 pub struct RateLimitLayer<C: Clock = DefaultClock> {
-    limiter: Arc<KeyedLimiter<C>>,
+    limiter: Limiter<C>,
     observer: Arc<dyn RateLimitObserver>,
     headers_on_allowed: bool,
 }
@@ -17,7 +18,17 @@ impl<C: Clock> RateLimitLayer<C> {
     /// A layer enforcing `limiter` (from [`RateLimitRegistry::get_or_rebuild`](super::RateLimitRegistry::get_or_rebuild)).
     pub fn new(limiter: Arc<KeyedLimiter<C>>) -> Self {
         Self {
-            limiter,
+            limiter: Limiter::Local(limiter),
+            observer: Arc::new(NoopObserver),
+            headers_on_allowed: true,
+        }
+    }
+
+    /// A layer enforcing a fleet-wide limit (from
+    /// [`FleetRegistry::get_or_rebuild`](super::fleet::FleetRegistry::get_or_rebuild)).
+    pub fn fleet(limiter: Arc<FleetLimiter>) -> Self {
+        Self {
+            limiter: Limiter::Fleet(limiter),
             observer: Arc::new(NoopObserver),
             headers_on_allowed: true,
         }
@@ -58,7 +69,7 @@ impl<S, C: Clock> Layer<S> for RateLimitLayer<C> {
     type Service = RateLimit<S, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RateLimit::new(
+        RateLimit::with_limiter(
             inner,
             self.limiter.clone(),
             self.observer.clone(),

@@ -29,7 +29,7 @@ const MIN_INLINE_SWEEP: Duration = Duration::from_secs(1);
 /// is enough to spread any `u64` (also small integers passed to `check_key`) over the
 /// high bits the map's shards and control bytes use.
 #[derive(Default)]
-struct KeyMix(u64);
+pub(crate) struct KeyMix(u64);
 
 impl Hasher for KeyMix {
     fn finish(&self) -> u64 {
@@ -267,37 +267,14 @@ impl<C: Clock> KeyedLimiter<C> {
 
     /// The `RateLimit` header value for `remaining` tokens left, e.g. `"ingest";r=49;t=1`.
     pub fn state_header(&self, verdict: Verdict) -> HeaderValue {
-        let (r, t) = match verdict {
-            Verdict::Allowed { remaining } => {
-                // Seconds until the bucket is full again, i.e. until the quota resets.
-                let missing = self.params.burst.get().saturating_sub(remaining);
-                (
-                    remaining,
-                    u64::from(missing).div_ceil(u64::from(self.params.per_second.get())),
-                )
-            }
-            Verdict::Limited { retry_after } => (0, ceil_secs(retry_after)),
-        };
-        let v = format!("\"{}\";r={r};t={t}", self.params.name);
-        HeaderValue::try_from(v).unwrap_or_else(|_| HeaderValue::from_static("\"default\""))
+        state_header(&self.params, verdict)
     }
 
     /// The bucket key of a request under this limit's [`KeyBy`].
     pub fn key_of<B>(&self, req: &Request<B>) -> u64 {
-        let h = &self.buckets.hasher;
-        // The tag keeps "no key present" and the different key sources apart.
-        match &self.params.key {
-            KeyBy::None => 0,
-            KeyBy::Header(name) => match req.headers().get(name) {
-                Some(v) => h.hash_one((1u8, v.as_bytes())),
-                None => h.hash_one(0u8),
-            },
-            KeyBy::Path => h.hash_one((2u8, req.uri().path().as_bytes())),
-            KeyBy::PeerIdentity => match req.extensions().get::<PeerIdentity>() {
-                Some(id) => h.hash_one((3u8, id.0.as_bytes())),
-                None => h.hash_one(0u8),
-            },
-        }
+        self.buckets
+            .hasher
+            .hash_one(key_material(&self.params.key, req))
     }
 
     /// Checks (and, when allowed, spends) one token of the request's bucket.
@@ -360,7 +337,41 @@ impl<C: Clock> KeyedLimiter<C> {
     }
 }
 
-fn policy_header(p: &RateLimitParams) -> HeaderValue {
+/// What a request's bucket is keyed by under `key`: a tag telling "no key present" and
+/// the key sources apart, and the key's bytes (borrowed from the request).
+pub(crate) fn key_material<'a, B>(key: &KeyBy, req: &'a Request<B>) -> (u8, &'a [u8]) {
+    match key {
+        KeyBy::None => (0, b""),
+        KeyBy::Header(name) => match req.headers().get(name) {
+            Some(v) => (1, v.as_bytes()),
+            None => (0, b""),
+        },
+        KeyBy::Path => (2, req.uri().path().as_bytes()),
+        KeyBy::PeerIdentity => match req.extensions().get::<PeerIdentity>() {
+            Some(id) => (3, id.0.as_bytes()),
+            None => (0, b""),
+        },
+    }
+}
+
+/// The `RateLimit` header value of `verdict` under `p`, e.g. `"ingest";r=49;t=1`.
+pub(crate) fn state_header(p: &RateLimitParams, verdict: Verdict) -> HeaderValue {
+    let (r, t) = match verdict {
+        Verdict::Allowed { remaining } => {
+            // Seconds until the bucket is full again, i.e. until the quota resets.
+            let missing = p.burst.get().saturating_sub(remaining);
+            (
+                remaining,
+                u64::from(missing).div_ceil(u64::from(p.per_second.get())),
+            )
+        }
+        Verdict::Limited { retry_after } => (0, ceil_secs(retry_after)),
+    };
+    let v = format!("\"{}\";r={r};t={t}", p.name);
+    HeaderValue::try_from(v).unwrap_or_else(|_| HeaderValue::from_static("\"default\""))
+}
+
+pub(crate) fn policy_header(p: &RateLimitParams) -> HeaderValue {
     let v = format!("\"{}\";q={};w={}", p.name, p.burst.get(), p.window_secs());
     HeaderValue::try_from(v).unwrap_or_else(|_| HeaderValue::from_static("\"default\""))
 }

@@ -12,7 +12,11 @@
 //! Keyed limits bound their memory: a limiter keeps at most `max_keys` keys (new keys beyond
 //! that share one overflow bucket) and drops idle keys whose bucket has refilled, which a
 //! returning key gets back as exactly one full bucket.
+//!
+//! A `scope: fleet` limit ([`fleet`]) shares one quota between every proxy through
+//! Redis; [`RateLimitLayer::fleet`] enforces it with the same headers and refusals.
 
+pub mod fleet;
 mod future;
 mod layer;
 mod limiter;
@@ -27,6 +31,7 @@ pub use layer::RateLimitLayer;
 pub use limiter::{DEFAULT_MAX_KEYS, KeyedLimiter, RateLimitRegistry, Verdict};
 pub use params::{KeyBy, RateLimitConfigError, RateLimitParams};
 pub use response::refusal_headers;
+pub(crate) use service::Limiter;
 pub use service::RateLimit;
 
 /// What a rate limit decided about one request.

@@ -40,6 +40,8 @@ pub struct RateLimitParams {
     pub key: KeyBy,
     /// Count what would be limited without refusing it.
     pub shadow: bool,
+    /// `scope: fleet`: one quota for every caller of the route, counted in Redis.
+    pub fleet: bool,
 }
 
 impl RateLimitParams {
@@ -76,6 +78,7 @@ impl RateLimitParams {
             burst,
             key,
             shadow: cfg.shadow,
+            fleet: cfg.scope == sluice_config::RateLimitScope::Fleet,
         })
     }
 
@@ -85,9 +88,12 @@ impl RateLimitParams {
         self
     }
 
-    /// True when `other` needs the same buckets (rate, burst and key), so state may be kept.
+    /// True when `other` needs the same buckets (rate, burst, key and scope), so state may be kept.
     pub fn same_buckets(&self, other: &Self) -> bool {
-        self.per_second == other.per_second && self.burst == other.burst && self.key == other.key
+        self.per_second == other.per_second
+            && self.burst == other.burst
+            && self.key == other.key
+            && self.fleet == other.fleet
     }
 
     /// The `w` of `RateLimit-Policy`: whole seconds a drained bucket takes to refill, at least 1.

@@ -7,13 +7,72 @@ use http::{Request, Response};
 use tower::BoxError;
 use tower_service::Service;
 
+use super::fleet::{FleetLimiter, FleetVerdict};
 use super::{Decision, KeyedLimiter, RateLimitObserver, ResponseFuture, Verdict};
 use crate::FilterError;
+
+/// The limiter a [`RateLimit`] enforces: this proxy's own buckets, or a share of a
+/// fleet-wide quota.
+pub(crate) enum Limiter<C: Clock> {
+    Local(Arc<KeyedLimiter<C>>),
+    Fleet(Arc<FleetLimiter>),
+}
+
+impl<C: Clock> Clone for Limiter<C> {
+    fn clone(&self) -> Self {
+        match self {
+            Limiter::Local(l) => Limiter::Local(l.clone()),
+            Limiter::Fleet(l) => Limiter::Fleet(l.clone()),
+        }
+    }
+}
+
+impl<C: Clock> fmt::Debug for Limiter<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Limiter::Local(l) => l.fmt(f),
+            Limiter::Fleet(l) => l.fmt(f),
+        }
+    }
+}
+
+impl<C: Clock> Limiter<C> {
+    fn params(&self) -> &super::RateLimitParams {
+        match self {
+            Limiter::Local(l) => l.params(),
+            Limiter::Fleet(l) => l.params(),
+        }
+    }
+
+    fn check<B>(&self, req: &Request<B>) -> FleetVerdict {
+        match self {
+            Limiter::Local(l) => FleetVerdict {
+                verdict: l.check(req),
+                degraded: false,
+            },
+            Limiter::Fleet(l) => l.check(req),
+        }
+    }
+
+    fn policy_header(&self) -> &http::HeaderValue {
+        match self {
+            Limiter::Local(l) => l.policy_header(),
+            Limiter::Fleet(l) => l.policy_header(),
+        }
+    }
+
+    fn state_header(&self, v: FleetVerdict) -> http::HeaderValue {
+        match self {
+            Limiter::Local(l) => l.state_header(v.verdict),
+            Limiter::Fleet(l) => l.state_header(v),
+        }
+    }
+}
 
 /// Refuses requests over its limiter's rate with [`FilterError::RateLimited`].
 pub struct RateLimit<S, C: Clock = DefaultClock> {
     inner: S,
-    limiter: Arc<KeyedLimiter<C>>,
+    limiter: Limiter<C>,
     observer: Arc<dyn RateLimitObserver>,
     headers_on_allowed: bool,
 }
@@ -23,6 +82,15 @@ impl<S, C: Clock> RateLimit<S, C> {
     pub fn new(
         inner: S,
         limiter: Arc<KeyedLimiter<C>>,
+        observer: Arc<dyn RateLimitObserver>,
+        headers_on_allowed: bool,
+    ) -> Self {
+        Self::with_limiter(inner, Limiter::Local(limiter), observer, headers_on_allowed)
+    }
+
+    pub(crate) fn with_limiter(
+        inner: S,
+        limiter: Limiter<C>,
         observer: Arc<dyn RateLimitObserver>,
         headers_on_allowed: bool,
     ) -> Self {
@@ -72,28 +140,31 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let params = self.limiter.params();
-        match self.limiter.check(&req) {
-            verdict @ Verdict::Allowed { .. } => {
+        let checked = self.limiter.check(&req);
+        let degraded = checked.degraded;
+        match checked.verdict {
+            Verdict::Allowed { .. } => {
                 self.observer.on_decision(&params.name, Decision::Allowed);
                 let headers = self.headers_on_allowed.then(|| {
                     (
                         self.limiter.policy_header().clone(),
-                        self.limiter.state_header(verdict),
+                        self.limiter.state_header(checked),
                     )
                 });
-                ResponseFuture::inner(self.inner.call(req), headers)
+                ResponseFuture::inner(self.inner.call(req), headers, degraded)
             }
             Verdict::Limited { .. } if params.shadow => {
                 self.observer.on_decision(&params.name, Decision::Shadow);
-                ResponseFuture::inner(self.inner.call(req), None)
+                ResponseFuture::inner(self.inner.call(req), None, degraded)
             }
-            verdict @ Verdict::Limited { retry_after } => {
+            Verdict::Limited { retry_after } => {
                 self.observer.on_decision(&params.name, Decision::Limited);
-                tracing::debug!(limit = %params.name, ?retry_after, "rate limited");
+                tracing::debug!(limit = %params.name, ?retry_after, degraded, "rate limited");
                 ResponseFuture::refused(FilterError::RateLimited {
                     retry_after,
                     policy: header_string(self.limiter.policy_header()),
-                    state: header_string(&self.limiter.state_header(verdict)),
+                    state: header_string(&self.limiter.state_header(checked)),
+                    degraded,
                 })
             }
         }

@@ -21,6 +21,7 @@ fn params(per_second: u32, burst: u32, key: KeyBy) -> RateLimitParams {
         burst: NonZeroU32::new(burst).unwrap(),
         key,
         shadow: false,
+        fleet: false,
     }
 }
 
@@ -341,6 +342,7 @@ async fn layer_refuses_with_headers_and_reports_decisions() {
         retry_after,
         policy,
         state,
+        degraded: false,
     } = err
     else {
         panic!("{err:?}")
@@ -390,6 +392,7 @@ fn refusal_headers_tell_the_caller_when_to_come_back() {
         retry_after: Duration::from_millis(1200),
         policy: "\"ingest\";q=50;w=1".into(),
         state: "\"ingest\";r=0;t=2".into(),
+        degraded: false,
     };
     let mut h = http::HeaderMap::new();
     refusal_headers(&err, &mut h);

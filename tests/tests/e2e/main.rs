@@ -8,6 +8,7 @@ mod control_plane;
 mod dashboards;
 mod degradation;
 mod first_contact;
+mod fleet_limits;
 mod gateway_api;
 mod governance;
 mod governance_load;

@@ -1,0 +1,319 @@
+//! The share accounting on paused time, against an in-memory bucket store that does
+//! what the Redis script does (the end-to-end tests run the script in a real Redis).
+
+use std::collections::HashMap;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::Request;
+use tokio::time::Instant;
+
+use super::*;
+use crate::ratelimit::{KeyBy, RateLimitParams, Verdict};
+
+const INTERVAL: Duration = Duration::from_millis(100);
+
+/// Per key: thousandths of a token, and when they were counted.
+type Buckets = HashMap<Arc<str>, (i64, Instant)>;
+
+/// Token buckets in thousandths of a token, refilled on (paused) tokio time: the
+/// Redis script's arithmetic.
+#[derive(Clone, Default)]
+struct MemoryBuckets {
+    buckets: Arc<Mutex<Buckets>>,
+    round_trips: Arc<Mutex<usize>>,
+}
+
+impl MemoryBuckets {
+    fn apply(&self, r: &LeaseRequest) -> LeaseGrant {
+        let now = Instant::now();
+        let cap = i64::try_from(r.capacity).unwrap() * 1000;
+        let mut b = self.buckets.lock().unwrap();
+        let (m, at) = b.get(&r.key).copied().unwrap_or((cap, now));
+        let ms = i64::try_from(now.duration_since(at).as_millis()).unwrap();
+        let mut m = (m + ms * i64::from(r.per_second)).min(cap);
+        m -= i64::try_from(r.debt).unwrap() * 1000;
+        let mut granted = 0;
+        if r.delta < 0 {
+            m = (m - r.delta * 1000).min(cap);
+        } else if r.delta > 0 && m >= 1000 {
+            granted = r.delta.min(m / 1000);
+            m -= granted * 1000;
+        }
+        b.insert(r.key.clone(), (m, now));
+        LeaseGrant {
+            granted: u64::try_from(granted).unwrap(),
+            balance: m.div_euclid(1000),
+        }
+    }
+}
+
+impl LeaseStore for MemoryBuckets {
+    fn exchange<'a>(&'a mut self, batch: &'a [LeaseRequest]) -> LeaseFuture<'a> {
+        *self.round_trips.lock().unwrap() += 1;
+        let answers = batch.iter().map(|r| self.apply(r)).collect();
+        Box::pin(async move { Ok(answers) })
+    }
+}
+
+/// A store that never answers (Redis stopped).
+struct Silent;
+
+impl LeaseStore for Silent {
+    fn exchange<'a>(&'a mut self, _: &'a [LeaseRequest]) -> LeaseFuture<'a> {
+        Box::pin(std::future::pending())
+    }
+}
+
+/// A store that refuses at once (Redis down).
+struct Down;
+
+impl LeaseStore for Down {
+    fn exchange<'a>(&'a mut self, _: &'a [LeaseRequest]) -> LeaseFuture<'a> {
+        Box::pin(async { Err("connection refused".into()) })
+    }
+}
+
+fn params(per_second: u32, burst: u32) -> RateLimitParams {
+    RateLimitParams {
+        name: Arc::from("quota"),
+        per_second: NonZeroU32::new(per_second).unwrap(),
+        burst: NonZeroU32::new(burst).unwrap(),
+        key: KeyBy::Header(http::HeaderName::from_static("x-tenant")),
+        shadow: false,
+        fleet: true,
+    }
+}
+
+fn proxy(n: u32, p: &RateLimitParams) -> (FleetRegistry<&'static str>, Arc<FleetLimiter>) {
+    let reg = FleetRegistry::new(FleetSettings {
+        interval: INTERVAL,
+        default_size: n,
+        connected: true,
+    });
+    let lim = reg.get_or_rebuild("r", "shop.quota", "shop", "quota", p);
+    (reg, lim)
+}
+
+fn req(tenant: &str) -> Request<()> {
+    Request::builder()
+        .header("x-tenant", tenant)
+        .body(())
+        .unwrap()
+}
+
+fn allowed(lim: &FleetLimiter, tenant: &str, n: usize) -> usize {
+    let r = req(tenant);
+    (0..n)
+        .filter(|_| matches!(lim.check(&r).verdict, Verdict::Allowed { .. }))
+        .count()
+}
+
+fn opts() -> SyncOptions {
+    SyncOptions::new(Duration::from_secs(1), INTERVAL)
+}
+
+fn no_sizes(_: &str, _: &str) -> Option<u32> {
+    None
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_first_seen_key_spends_its_part_of_the_burst_at_once_and_pays_it_as_debt() {
+    let p = params(10, 30);
+    let (reg, lim) = proxy(3, &p);
+    let mut store = MemoryBuckets::default();
+    // ⌈30 / 3⌉ on credit, before any round trip.
+    assert_eq!(allowed(&lim, "acme", 50), 10);
+    assert!(
+        reg.sync_once(&mut store, &opts(), &no_sizes, &NoopFleetObserver)
+            .await
+    );
+    // The bucket paid the 10 of credit and granted twice the 50 asked for, capped by
+    // what is left of the burst: 30 - 10 = 20.
+    assert_eq!(lim.held(), 20);
+    let key = lim.redis_key_of(&req("acme"));
+    assert_eq!(store.buckets.lock().unwrap()[key.as_str()].0, 0);
+    assert_eq!(allowed(&lim, "acme", 50), 20);
+}
+
+#[tokio::test(start_paused = true)]
+async fn three_proxies_with_uneven_load_admit_at_most_the_fleet_quota() {
+    let p = params(100, 100);
+    let store = MemoryBuckets::default();
+    let proxies: Vec<_> = (0..3).map(|_| proxy(3, &p)).collect();
+    let mut stores: Vec<_> = (0..3).map(|_| store.clone()).collect();
+    // Requests per 10 ms tick: 3/s, 60/s and 400/s offered, 463/s together.
+    let load = [0.03, 0.6, 4.0];
+    let mut owed = [0.0f64; 3];
+    let mut admitted = [0usize; 3];
+    let start = Instant::now();
+    let secs = 30;
+    for tick in 0..(secs * 100) {
+        for (i, (_, lim)) in proxies.iter().enumerate() {
+            owed[i] += load[i];
+            let n = owed[i].floor();
+            owed[i] -= n;
+            admitted[i] += allowed(lim, "acme", n as usize);
+        }
+        // Each proxy reconciles on its own phase of the interval.
+        if tick % 10 < 3 {
+            let i = (tick % 10) as usize;
+            proxies[i]
+                .0
+                .sync_once(&mut stores[i], &opts(), &no_sizes, &NoopFleetObserver)
+                .await;
+        }
+        tokio::time::advance(Duration::from_millis(10)).await;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let total: usize = admitted.iter().sum();
+    // The stated bound: capacity + perSecond × t + the first-seen credit of each proxy.
+    let upper = 100.0 + 100.0 * elapsed + 3.0 * 34.0;
+    assert!((total as f64) <= upper, "admitted {total} > {upper}");
+    // And the quota is used: the shortfall is at most what the shares hold.
+    assert!(
+        (total as f64) >= 100.0 * elapsed * 0.95,
+        "admitted {total} of {}",
+        100.0 * elapsed
+    );
+    // The lightly loaded proxy is never starved by the heavy one.
+    assert_eq!(
+        admitted[0],
+        (0.03f64 * 100.0 * secs as f64).round() as usize
+    );
+    // At most one round trip per proxy per interval (none with nothing to tell).
+    let trips = *store.round_trips.lock().unwrap();
+    assert!(
+        trips <= (secs * 100 / 10 * 3) as usize,
+        "{trips} round trips"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_store_switches_to_the_local_fallback_and_an_answer_ends_it() {
+    let p = params(90, 90);
+    let (reg, lim) = proxy(3, &p);
+    let mut store = MemoryBuckets::default();
+    assert_eq!(allowed(&lim, "acme", 1), 1);
+    assert!(
+        reg.sync_once(&mut store, &opts(), &no_sizes, &NoopFleetObserver)
+            .await
+    );
+    assert!(!lim.is_degraded());
+
+    // Redis stops answering: after three intervals of silence requests fall back,
+    // while the round trip itself waits out its timeout.
+    assert_eq!(allowed(&lim, "acme", 1), 1);
+    let reg = Arc::new(reg);
+    let sync = {
+        let reg = reg.clone();
+        tokio::spawn(async move {
+            reg.sync_once(&mut Silent, &opts(), &no_sizes, &NoopFleetObserver)
+                .await
+        })
+    };
+    tokio::time::sleep(INTERVAL * 3 + Duration::from_millis(1)).await;
+    assert!(lim.is_degraded());
+    let v = lim.check(&req("acme"));
+    assert!(v.degraded);
+    // perSecond / N = 30: the fallback's burst is 30.
+    assert_eq!(allowed(&lim, "acme", 100), 29);
+    assert!(
+        !sync.await.unwrap(),
+        "a timed-out round trip counts as failed"
+    );
+
+    // Down: still degraded, errors counted.
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    struct Errors(Arc<Mutex<Vec<(BackendError, bool)>>>);
+    impl FleetObserver for Errors {
+        fn on_backend_error(&self, e: BackendError) {
+            self.0.lock().unwrap().push((e, true));
+        }
+        fn on_degraded(&self, d: bool) {
+            self.0.lock().unwrap().push((BackendError::Error, d));
+        }
+    }
+    let obs = Errors(errors.clone());
+    assert!(!reg.sync_once(&mut Down, &opts(), &no_sizes, &obs).await);
+    assert!(lim.is_degraded());
+    // Back: the next round trip (a health check even without demand) ends it.
+    assert!(reg.sync_once(&mut store, &opts(), &no_sizes, &obs).await);
+    assert!(!lim.is_degraded());
+    assert!(!lim.check(&req("acme")).degraded);
+    assert_eq!(
+        *errors.lock().unwrap(),
+        [(BackendError::Error, true), (BackendError::Error, false)]
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_failed_round_trip_keeps_the_debt_for_the_next_one() {
+    let p = params(10, 30);
+    let (reg, lim) = proxy(1, &p);
+    assert_eq!(allowed(&lim, "acme", 5), 5);
+    assert!(
+        !reg.sync_once(&mut Down, &opts(), &no_sizes, &NoopFleetObserver)
+            .await
+    );
+    let mut store = MemoryBuckets::default();
+    assert!(
+        reg.sync_once(&mut store, &opts(), &no_sizes, &NoopFleetObserver)
+            .await
+    );
+    // The 30 of credit was paid once, when the store answered.
+    let key = lim.redis_key_of(&req("acme"));
+    let (m, _) = store.buckets.lock().unwrap()[key.as_str()];
+    assert_eq!(m, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_idle_share_goes_back_to_the_bucket_and_its_key_is_dropped() {
+    let p = params(10, 30);
+    let (reg, lim) = proxy(1, &p);
+    let mut store = MemoryBuckets::default();
+    assert_eq!(allowed(&lim, "acme", 1), 1);
+    assert_eq!(lim.keys(), 1);
+    for _ in 0..30 {
+        reg.sync_once(&mut store, &opts(), &no_sizes, &NoopFleetObserver)
+            .await;
+        tokio::time::advance(INTERVAL).await;
+    }
+    assert_eq!(lim.keys(), 0);
+    assert_eq!(lim.held(), 0);
+    // The 29 unspent tokens went back: the bucket is full again.
+    let key = lim.redis_key_of(&req("acme"));
+    let (m, _) = store.buckets.lock().unwrap()[key.as_str()];
+    assert_eq!(m, 30_000);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_fleet_size_from_the_control_plane_wins_over_the_flag() {
+    let p = params(100, 100);
+    let (reg, lim) = proxy(2, &p);
+    assert_eq!(lim.fleet_size(), 2);
+    let sizes = |policy: &str, route: &str| (policy == "shop" && route == "quota").then_some(4);
+    reg.sync_once(&mut Down, &opts(), &sizes, &NoopFleetObserver)
+        .await;
+    assert_eq!(lim.fleet_size(), 4);
+    // perSecond / 4 = 25 while degraded.
+    assert_eq!(allowed(&lim, "acme", 100), 25);
+}
+
+#[test]
+fn redis_keys_are_a_fixed_hash_of_policy_route_and_key_value() {
+    let p = params(10, 10);
+    let (_, a) = proxy(1, &p);
+    let (_, b) = proxy(1, &p);
+    let key = a.redis_key_of(&req("acme"));
+    assert_eq!(key, b.redis_key_of(&req("acme")), "every proxy agrees");
+    assert_ne!(key, a.redis_key_of(&req("globex")));
+    assert!(
+        key.starts_with(REDIS_KEY_PREFIX) && !key.contains("acme"),
+        "{key}"
+    );
+    assert_eq!(key.len(), REDIS_KEY_PREFIX.len() + 32);
+    // Pinned: a change of the hash would split one quota in two during a rollout.
+    assert_eq!(key, "sluice:rl:0588b96c793755e9fafcb0d83fc754f6");
+}
