@@ -797,3 +797,83 @@ async fn tap_shows_secrets_only_when_the_proxy_kept_them_and_they_are_asked_for(
         stdout(&out)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_status_pause_resume_promote_and_abort_drive_a_live_rollout() {
+    use sluice_e2e::rollout::{RolloutMesh, history};
+    // Held at its first step by a long interval, so only the commands move it.
+    let block = |steps: &str| {
+        format!(
+            "            canary: v2
+            steps: {steps}
+            interval: 10m
+            minRequests: 1
+"
+        )
+    };
+    let mesh = RolloutMesh::start(&block("[10, 50, 100]")).await;
+    mesh.wait_canary_everywhere(10).await;
+    let cp_url = format!("http://{}", mesh.cp.admin_addr());
+    let cp = cp_url.as_str();
+    let id = "e2e/log/ingest";
+
+    let out = sluicectl(&["--control-plane", cp, "rollout", "status"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let text = stdout(&out);
+    for part in [id, "v2", "progressing", "1/3 (10%)", "v1 90, v2 10"] {
+        assert!(text.contains(part), "{part:?} in\n{text}");
+    }
+    let out = sluicectl(&["--control-plane", cp, "rollout", "status", id, "-o", "json"]);
+    let v = json(&out);
+    assert_eq!(v["rollouts"][0]["canaryWeight"], 10, "{v:#}");
+
+    let out = sluicectl(&["--control-plane", cp, "rollout", "pause", id, "-o", "json"]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(json(&out)["now"]["phase"], "paused");
+    assert_eq!(mesh.rollout().await["phase"], "paused");
+    // A second pause is refused by the control plane: an answer of no, exit 1.
+    let out = sluicectl(&["--control-plane", cp, "rollout", "pause", id]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
+    assert!(stdout(&out).contains("pause refused"), "{}", stdout(&out));
+
+    let out = sluicectl(&["--control-plane", cp, "rollout", "resume", id]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(mesh.rollout().await["phase"], "progressing");
+
+    let out = sluicectl(&["--control-plane", cp, "rollout", "promote", id]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    mesh.wait_canary_everywhere(100).await;
+    let r = mesh.rollout().await;
+    assert_eq!(
+        history(&r),
+        ["started", "paused", "resumed", "promoted"],
+        "{r:#}"
+    );
+    // Promoted is terminal until the block changes; an unknown rollout is a no too.
+    let out = sluicectl(&["--control-plane", cp, "rollout", "abort", id]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    let out = sluicectl(&["--control-plane", cp, "rollout", "abort", "e2e/log/nope"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    // A name that is not <namespace>/<policy>/<route> is a usage error.
+    let out = sluicectl(&["--control-plane", cp, "rollout", "abort", "log/ingest"]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+
+    // A new block starts a new rollout; abort sends the canary back to 0 everywhere.
+    mesh.write_policy(&block("[20, 100]"), "");
+    mesh.wait_rollout("the new block starts", |r| r["canaryWeight"] == 20)
+        .await;
+    let out = sluicectl(&["--control-plane", cp, "rollout", "abort", id]);
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    mesh.wait_canary_everywhere(0).await;
+    let out = sluicectl(&["--control-plane", cp, "rollout", "status", "-o", "json"]);
+    let v = json(&out);
+    let r = &v["rollouts"][0];
+    assert_eq!(r["phase"], "rolled-back", "{v:#}");
+    assert_eq!(history(r), ["started", "rolled-back"], "{v:#}");
+}
