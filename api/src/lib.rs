@@ -18,11 +18,13 @@
 //! deltas per route × backend) and what the control plane answers (how many proxies
 //! have traffic on each route).
 //!
-//! [`admin_gate`] is the token rule both admin ports apply.
+//! [`admin_gate`] is the token rule both admin ports apply; [`clock`] the timestamps
+//! they print.
 
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod admin_gate;
+pub mod clock;
 pub mod report;
 pub mod subscriber;
 

@@ -8,11 +8,11 @@ use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde::Serialize;
-use sluice_config::{PolicySet, RouteMatch, StickyHash, precedence_rule, sticky_point};
+use sluice_config::{PolicySet, StickyHash, precedence_rule, sticky_point};
 use sluice_filters::breaker::BreakerParams;
 use sluice_filters::split::SplitChoice;
 use sluice_proxy::RouteTable;
-use sluice_proxy::route::{RouteParams, compile_backends};
+use sluice_proxy::route::RouteParams;
 
 use crate::error::CliError;
 
@@ -142,19 +142,8 @@ pub struct Governance {
 impl Explainer {
     /// Compiles every route of `set` as the proxy does.
     pub fn new(set: &PolicySet) -> Result<Self, CliError> {
-        let mut backends_of: Option<(String, _)> = None;
-        let (table, warnings) = RouteTable::build(set.policies(), |policy, index| {
-            let backends = match &backends_of {
-                Some((name, b)) if *name == policy.metadata.name => Arc::clone(b),
-                _ => {
-                    let b = compile_backends(policy)?;
-                    backends_of = Some((policy.metadata.name.clone(), Arc::clone(&b)));
-                    b
-                }
-            };
-            RouteParams::new(policy, index, backends).map(Arc::new)
-        })
-        .map_err(|e| CliError::Usage(format!("the policies do not compile: {e}")))?;
+        let (table, warnings) = RouteTable::compile(set.policies(), |params| params)
+            .map_err(|e| CliError::Usage(format!("the policies do not compile: {e}")))?;
         let names = set
             .policies()
             .iter()
@@ -192,7 +181,7 @@ impl Explainer {
             .map(|(matcher, params)| {
                 let mut v = RouteVerdict {
                     route: params.key.to_string(),
-                    matches: describe_match(&params.route.matches),
+                    matches: params.route.matches.describe(),
                     verdict: "mismatch",
                     why: String::new(),
                 };
@@ -228,30 +217,6 @@ impl Explainer {
             governance,
             warnings: self.warnings.clone(),
         }
-    }
-}
-
-fn describe_match(m: &RouteMatch) -> String {
-    let mut parts = Vec::new();
-    match &m.path {
-        Some(p) if p.exact.is_some() => {
-            parts.push(format!("path = {}", p.exact.as_deref().unwrap_or("")))
-        }
-        Some(p) if p.prefix.is_some() => {
-            parts.push(format!("path under {}", p.prefix.as_deref().unwrap_or("")))
-        }
-        _ => {}
-    }
-    if let Some(method) = &m.method {
-        parts.push(format!("method {method}"));
-    }
-    for (k, v) in &m.headers {
-        parts.push(format!("{k}: {v}"));
-    }
-    if parts.is_empty() {
-        "any request".into()
-    } else {
-        parts.join(", ")
     }
 }
 

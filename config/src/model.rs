@@ -209,6 +209,30 @@ impl RouteMatch {
     pub fn is_empty(&self) -> bool {
         self.path.is_none() && self.method.is_none() && self.headers.is_empty()
     }
+
+    /// One line for people (admin page, `sluicectl explain`): `path under /logs,
+    /// method POST, x-canary: true`, or `any request`.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(p) = &self.path {
+            if let Some(e) = &p.exact {
+                parts.push(format!("path = {e}"));
+            } else if let Some(pre) = &p.prefix {
+                parts.push(format!("path under {pre}"));
+            }
+        }
+        if let Some(method) = &self.method {
+            parts.push(format!("method {method}"));
+        }
+        for (k, v) in &self.headers {
+            parts.push(format!("{k}: {v}"));
+        }
+        if parts.is_empty() {
+            "any request".into()
+        } else {
+            parts.join(", ")
+        }
+    }
 }
 
 /// A path match: exactly one of `exact` and `prefix`.

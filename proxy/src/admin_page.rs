@@ -3,7 +3,7 @@
 //! `GET /routes`, the routes of the policy in force in the order they are tried,
 //! which the page lists.
 
-use sluice_config::{RouteMatch, precedence_order};
+use sluice_config::precedence_order;
 
 use crate::policy::PolicyStore;
 
@@ -39,33 +39,11 @@ pub(crate) fn routes_json(store: &PolicyStore) -> serde_json::Value {
                 "host": p.spec.host,
                 "policy": p.metadata.name,
                 "route": format!("{}.{}", p.metadata.name, r.name),
-                "match": describe(&r.matches),
+                "match": r.matches.describe(),
                 "backends": p.spec.backends.keys().collect::<Vec<_>>(),
                 "governance": governance,
             }));
         }
     }
     serde_json::json!({ "version": snap.hash(), "routes": routes })
-}
-
-fn describe(m: &RouteMatch) -> String {
-    let mut parts = Vec::new();
-    if let Some(p) = &m.path {
-        if let Some(e) = &p.exact {
-            parts.push(format!("path = {e}"));
-        } else if let Some(pre) = &p.prefix {
-            parts.push(format!("path under {pre}"));
-        }
-    }
-    if let Some(method) = &m.method {
-        parts.push(format!("method {method}"));
-    }
-    for (k, v) in &m.headers {
-        parts.push(format!("{k}: {v}"));
-    }
-    if parts.is_empty() {
-        "any request".into()
-    } else {
-        parts.join(", ")
-    }
 }

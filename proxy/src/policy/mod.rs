@@ -17,7 +17,6 @@ pub use store::{ApplyOutcome, PolicyStore, Rejection};
 pub use table::{Mismatch, RouteMatcher, RouteTable};
 
 use crate::ProxyError;
-use crate::route::{RouteParams, compile_backends};
 use crate::stack::{RouteEntry, StackContext, build_inbound, build_outbound};
 
 /// Everything a request needs from the policy, swapped whole: requests load it once and
@@ -57,25 +56,8 @@ impl PolicySnapshot {
                 .find(|p| p.spec.hosts().any(|h| h == s))
         });
         ctx.prepare(set.policies(), own);
-        let mut backends_of = None;
-        let (table, warnings) = RouteTable::build(set.policies(), |policy, index| {
-            // Routes of one policy come in a row: compile its backends once for all of them.
-            let backends = match &backends_of {
-                Some((name, b)) if *name == policy.metadata.name => Arc::clone(b),
-                _ => {
-                    let b = compile_backends(policy)?;
-                    backends_of = Some((policy.metadata.name.clone(), Arc::clone(&b)));
-                    b
-                }
-            };
-            let params = RouteParams::new(policy, index, backends).map_err(|e| {
-                ProxyError::Compile(format!(
-                    "policy {} route {}: {e}",
-                    policy.metadata.name, policy.spec.routes[index].name
-                ))
-            })?;
-            Ok(build_outbound(ctx, Arc::new(params)))
-        })?;
+        let (table, warnings) =
+            RouteTable::compile(set.policies(), |params| build_outbound(ctx, params))?;
         for w in warnings {
             warn!(source, "{w}");
         }

@@ -11,6 +11,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use sluice_config::{PathMatch, RouteMatch, RoutePolicy, precedence_order};
 
 use crate::ProxyError;
+use crate::route::{RouteParams, compile_backends};
 
 /// A route's match, compiled once per policy swap.
 #[derive(Clone, Debug)]
@@ -135,6 +136,35 @@ impl<T> Default for RouteTable<T> {
 }
 
 impl<T> RouteTable<T> {
+    /// Compiles every route of `policies` as the proxy does (each policy's backends once,
+    /// then each route's [`RouteParams`]) and builds the table from what `make` turns
+    /// them into; also returns the table's warnings. `sluicectl explain` uses it too, so
+    /// its answer is the proxy's.
+    pub fn compile(
+        policies: &[RoutePolicy],
+        mut make: impl FnMut(Arc<RouteParams>) -> T,
+    ) -> Result<(Self, Vec<String>), ProxyError> {
+        let mut backends_of = None;
+        Self::build(policies, |policy, index| {
+            // Routes of one policy come in a row: compile its backends once for all of them.
+            let backends = match &backends_of {
+                Some((name, b)) if *name == policy.metadata.name => Arc::clone(b),
+                _ => {
+                    let b = compile_backends(policy)?;
+                    backends_of = Some((policy.metadata.name.clone(), Arc::clone(&b)));
+                    b
+                }
+            };
+            let params = RouteParams::new(policy, index, backends).map_err(|e| {
+                ProxyError::Compile(format!(
+                    "policy {} route {}: {e}",
+                    policy.metadata.name, policy.spec.routes[index].name
+                ))
+            })?;
+            Ok(make(Arc::new(params)))
+        })
+    }
+
     /// Builds the table, calling `build` for every route of every policy. When two
     /// policies claim one host, the first (in canonical order) wins and the other is
     /// reported in the returned warnings.
