@@ -153,3 +153,58 @@ impl Drop for ChildControlPlane {
         }
     }
 }
+
+/// A control-plane child whose snapshots claim a schema version one past this build's,
+/// and a proxy subscribed to it that refuses them: a real NACK, already recorded.
+pub struct NackingMesh {
+    /// The control plane (`bin`, e.g. the `e2e-control-plane` binary).
+    pub cp: ChildControlPlane,
+    /// The proxy that NACKed; it applied nothing.
+    pub proxy: crate::TestProxy,
+    /// The schema version the snapshots claim.
+    pub future: u32,
+    _dirs: (TempDir, TempDir),
+}
+
+impl NackingMesh {
+    /// Serves `policy` (one file) to a proxy named `node` and waits until the control
+    /// plane's `/proxies` shows the proxy's NACK.
+    pub async fn start(bin: &Path, policy: &str, node: &str) -> Self {
+        let policies = tempfile::tempdir().expect("temporary directory");
+        fs::write(policies.path().join("policy.yaml"), policy).expect("write the policy");
+        let future = sluice_config::SCHEMA_VERSION + 1;
+        let cp = ChildControlPlane::spawn(
+            bin,
+            &[
+                (
+                    "SLUICE_POLICY_DIR",
+                    policies.path().to_str().expect("UTF-8 path"),
+                ),
+                ("SLUICE_PLAINTEXT", "true"),
+            ],
+            &["--test-stamp-schema-version", &future.to_string()],
+        )
+        .await;
+        let state = tempfile::tempdir().expect("temporary directory");
+        let proxy = crate::TestProxy::start_subscribed(
+            &format!("http://{}", cp.grpc_addr()),
+            node,
+            state.path(),
+            crate::ProxyOptions {
+                skip_ready_wait: true,
+                ..crate::ProxyOptions::default()
+            },
+        )
+        .await;
+        crate::wait_until("the control plane records the NACK", WAIT, || async {
+            cp.admin_json("/proxies").await["proxies"][0]["nacked_version"].is_string()
+        })
+        .await;
+        Self {
+            cp,
+            proxy,
+            future,
+            _dirs: (policies, state),
+        }
+    }
+}

@@ -51,7 +51,7 @@ pub mod ws;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-pub use child_control_plane::ChildControlPlane;
+pub use child_control_plane::{ChildControlPlane, NackingMesh};
 pub use client::{HttpConn, Reply, ReqBody, admit, full_body, read_until_closed};
 pub use control_plane::TestControlPlane;
 pub use proxy::{ChildProxy, MeshTls, ProcMemory, ProxyOptions, TestProxy};

@@ -11,8 +11,7 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use hyper::{Method, StatusCode};
 use hyper_util::client::legacy::connect::HttpConnector;
 use sluice_e2e::{
-    ChildControlPlane, HttpConn, ProxyOptions, TestControlPlane, TestProxy, Upstream, WAIT,
-    wait_until,
+    HttpConn, NackingMesh, ProxyOptions, TestControlPlane, TestProxy, Upstream, WAIT, wait_until,
 };
 
 /// chromedriver and a Chromium session with a fresh profile; both end when dropped.
@@ -252,37 +251,19 @@ async fn the_control_plane_page_shows_proxies_and_nack_reasons() {
             .await;
     cp.wait_acked_everywhere(&cp.version().unwrap(), 1).await;
 
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("shop.yaml"),
-        policy("127.0.0.1:9".parse().unwrap()),
-    )
-    .unwrap();
-    let future = sluice_config::SCHEMA_VERSION + 1;
-    let child = ChildControlPlane::spawn(
+    let mesh = NackingMesh::start(
         env!("CARGO_BIN_EXE_e2e-control-plane").as_ref(),
-        &[
-            ("SLUICE_POLICY_DIR", dir.path().to_str().unwrap()),
-            ("SLUICE_PLAINTEXT", "true"),
-        ],
-        &["--test-stamp-schema-version", &future.to_string()],
-    )
-    .await;
-    let state2 = tempfile::tempdir().unwrap();
-    let refusing = TestProxy::start_subscribed(
-        &format!("http://{}", child.grpc_addr()),
+        &policy("127.0.0.1:9".parse().unwrap()),
         "log-0",
-        state2.path(),
-        ProxyOptions {
-            skip_ready_wait: true,
-            ..ProxyOptions::default()
-        },
     )
     .await;
-    wait_until("the NACK is recorded", WAIT, || async {
-        child.admin_json("/proxies").await["proxies"][0]["nacked_version"].is_string()
-    })
-    .await;
+    // The policy and state directories live as long as `mesh`.
+    let NackingMesh {
+        cp: child,
+        proxy: refusing,
+        future,
+        ..
+    } = mesh;
 
     let browser = Browser::start().await;
     let c = browser.client();

@@ -4,41 +4,21 @@
 //! until it arrives).
 
 use hyper::StatusCode;
-use sluice_e2e::{ChildControlPlane, ProxyOptions, TestControlPlane, TestProxy, WAIT, wait_until};
+use sluice_e2e::{NackingMesh, ProxyOptions, TestControlPlane, TestProxy};
 
 const POLICY: &str = "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: { name: log }\nspec:\n  host: log\n  backends:\n    v1: { addresses: [\"127.0.0.1:9\"] }\n  routes:\n    - name: all\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_snapshot_from_a_future_schema_is_nacked_by_a_real_proxy() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("log.yaml"), POLICY).unwrap();
-    let future = sluice_config::SCHEMA_VERSION + 1;
-    let cp = ChildControlPlane::spawn(
+    let mesh = NackingMesh::start(
         env!("CARGO_BIN_EXE_e2e-control-plane").as_ref(),
-        &[
-            ("SLUICE_POLICY_DIR", dir.path().to_str().unwrap()),
-            ("SLUICE_PLAINTEXT", "true"),
-        ],
-        &["--test-stamp-schema-version", &future.to_string()],
-    )
-    .await;
-    let state = tempfile::tempdir().unwrap();
-    let proxy = TestProxy::start_subscribed(
-        &format!("http://{}", cp.grpc_addr()),
+        POLICY,
         "order-0",
-        state.path(),
-        ProxyOptions {
-            skip_ready_wait: true,
-            ..ProxyOptions::default()
-        },
     )
     .await;
-    // The control plane hears the NACK, with the proxy's reason.
-    wait_until("the control plane records a NACK", WAIT, || async {
-        let v = cp.admin_json("/proxies").await;
-        v["proxies"][0]["nacked_version"].is_string()
-    })
-    .await;
+    let NackingMesh {
+        cp, proxy, future, ..
+    } = mesh;
     let v = cp.admin_json("/proxies").await;
     let p = &v["proxies"][0];
     assert_eq!(p["node_id"], "order-0");

@@ -9,8 +9,7 @@ use std::process::{Command, Output};
 
 use hyper::{Method, StatusCode};
 use sluice_e2e::{
-    ChildControlPlane, HttpConn, ProxyOptions, TestControlPlane, TestProxy, Upstream, WAIT,
-    wait_until,
+    HttpConn, NackingMesh, ProxyOptions, TestControlPlane, TestProxy, Upstream, WAIT, wait_until,
 };
 use sluicectl::explain::{Explainer, Probe};
 
@@ -433,33 +432,19 @@ async fn status_shows_acks_certificates_and_fails_on_a_nack() {
     proxy.shutdown().await;
 
     // A snapshot the proxy cannot take: refused, and status says so with exit 1.
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("log.yaml"), LOG_POLICY).unwrap();
-    let future = sluice_config::SCHEMA_VERSION + 1;
-    let child = ChildControlPlane::spawn(
+    let mesh = NackingMesh::start(
         env!("CARGO_BIN_EXE_e2e-control-plane").as_ref(),
-        &[
-            ("SLUICE_POLICY_DIR", dir.path().to_str().unwrap()),
-            ("SLUICE_PLAINTEXT", "true"),
-        ],
-        &["--test-stamp-schema-version", &future.to_string()],
-    )
-    .await;
-    let state = tempfile::tempdir().unwrap();
-    let refusing = TestProxy::start_subscribed(
-        &format!("http://{}", child.grpc_addr()),
+        LOG_POLICY,
         "log-0",
-        state.path(),
-        ProxyOptions {
-            skip_ready_wait: true,
-            ..ProxyOptions::default()
-        },
     )
     .await;
-    wait_until("the control plane records a NACK", WAIT, || async {
-        child.admin_json("/proxies").await["proxies"][0]["nacked_version"].is_string()
-    })
-    .await;
+    // The policy and state directories live as long as `mesh`.
+    let NackingMesh {
+        cp: child,
+        proxy: refusing,
+        future,
+        ..
+    } = mesh;
     let cp_url = format!("http://{}", child.admin_addr());
     let out = sluicectl(&["--control-plane", &cp_url, "status"]);
     assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
