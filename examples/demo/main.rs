@@ -9,7 +9,9 @@
 //! little traffic, then shows governance (a burst rate-limited, the 90/10 split as shares,
 //! log-v2 stopped and restarted while its breaker opens and closes, ~15 s), then overload
 //! (log-v1 given three times the batches it can take, in a mix of priorities, ~6 s),
-//! prints what happened and what to try, then runs until Ctrl-C.
+//! then a canary rollout (log-v2 promoted step by step by the control plane from the
+//! sidecars' reports, then a bad log-v2 rolled back, ~10 s), prints what happened and
+//! what to try, then runs until Ctrl-C.
 //!
 //! The mesh runs mTLS: the control plane's CA (a fresh root per run) certifies each
 //! sidecar from a bootstrap token, the order → log hop is TLS 1.3 with SPIFFE
@@ -58,6 +60,29 @@ const BATCH_BYTES: usize = 4096;
 const ORDER_TOKEN: (&str, &str) = ("demo-order-token", "order-service");
 /// The log pods share one service account, hence one identity.
 const LOG_TOKEN: (&str, &str) = ("demo-log-token", "log-service");
+/// How often each sidecar reports its traffic to the control plane.
+const REPORT_INTERVAL: Duration = Duration::from_millis(500);
+/// The rollout scene's route, inserted before `ingest`; `{STEPS}` is its steps list.
+const ROLLOUT_ROUTE: &str =
+    "    # the rollout scene: the control plane moves log-v2 in, step by step, from the
+    # sidecars' own reports, and back to 0 at the first report that shows it failing
+    - name: rollout
+      match: { path: { prefix: /logs }, method: POST, headers: { x-demo: rollout } }
+      timeout: 2s
+      split:
+        - weights: { log-v1: 100, log-v2: 0 }
+          rollout:
+            canary: log-v2
+            steps: {STEPS}
+            interval: 1s
+            minRequests: 20
+            slo: { errorRate: 0.01, p99: 1s }
+            baseline: { errorRateIncrease: 0.01 }
+";
+/// Requests a second the rollout scene sends through the order sidecar.
+const ROLLOUT_RATE: u32 = 100;
+/// The share of ingests the bad log-v2 fails.
+const BAD_FAIL_RATE: f64 = 0.5;
 
 /// Run the local Sluice mesh demo: order service → sidecars → log service v1/v2.
 #[derive(Parser, Debug)]
@@ -164,6 +189,8 @@ async fn start_sidecar(
         log_control: Some(log_control.clone()),
         trust_root: Some(trust_root.to_path_buf()),
         identity_token_file: Some(token_file),
+        // Frequent reports let the rollout scene judge each one-second step on time.
+        report_interval: REPORT_INTERVAL,
         ..defaults
     };
     sluice_proxy::start(cfg).await.with_context(|| {
@@ -194,7 +221,7 @@ async fn main() -> anyhow::Result<ExitCode> {
     let policy = LOG_SERVICE_POLICY
         .replace("127.0.0.1:15106", &local(ports.v1_inbound).to_string())
         .replace("127.0.0.1:15206", &local(ports.v2_inbound).to_string());
-    std::fs::write(&policy_path, policy).context("writing the demo policy")?;
+    std::fs::write(&policy_path, &policy).context("writing the demo policy")?;
 
     // The control plane every sidecar subscribes to, with its CA: a fresh root per
     // run, certifying the holders of the bootstrap tokens written here.
@@ -330,6 +357,18 @@ async fn main() -> anyhow::Result<ExitCode> {
     show_mtls(&client, ports).await;
     let log_v2 = governance_scenes(&client, ports, log_v2, &args).await?;
     overload_scene(&client, ports).await?;
+    let log_v2 = rollout_scene(
+        &client,
+        ports,
+        &sidecars[0],
+        RolloutFiles {
+            path: &policy_path,
+            policy: &policy,
+        },
+        log_v2,
+        &args,
+    )
+    .await?;
     print_try(ports, &policy_path);
 
     tokio::signal::ctrl_c()
@@ -879,4 +918,320 @@ fn print_try(ports: Ports, policy: &Path) {
         "Restart with --log-v2-fail-rate 0.5 or --log-v2-delay 800ms to watch retries, timeouts and the breaker."
     );
     println!("Ctrl-C to stop.");
+}
+
+/// Where the rollout scene writes its route: the demo's policy file and its text.
+struct RolloutFiles<'a> {
+    path: &'a Path,
+    policy: &'a str,
+}
+
+impl RolloutFiles<'_> {
+    /// Writes the policy with the rollout route, stepping through `steps`.
+    fn write(&self, steps: &str) -> anyhow::Result<()> {
+        let route = ROLLOUT_ROUTE.replace("{STEPS}", steps);
+        let text = self.policy.replacen(
+            "    - name: ingest\n",
+            &format!("{route}    - name: ingest\n"),
+            1,
+        );
+        std::fs::write(self.path, text).context("writing the rollout into the demo policy")
+    }
+
+    /// Writes the policy back as it was, without the rollout route.
+    fn restore(&self) -> anyhow::Result<()> {
+        std::fs::write(self.path, self.policy).context("restoring the demo policy")
+    }
+}
+
+/// What the rollout scene's load was answered.
+#[derive(Debug, Default)]
+struct Tally {
+    sent: u64,
+    failed: u64,
+    by_v2: u64,
+    first_failure: Option<Instant>,
+    last_by_v2: Option<Instant>,
+}
+
+/// Ingests on the rollout route at [`ROLLOUT_RATE`] a second until the task is aborted.
+fn start_rollout_load(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    ports: Ports,
+) -> (tokio::task::JoinHandle<()>, Arc<std::sync::Mutex<Tally>>) {
+    let tally: Arc<std::sync::Mutex<Tally>> = Arc::default();
+    let (client, shared) = (client.clone(), tally.clone());
+    let task = tokio::spawn(async move {
+        let mut pace = tokio::time::interval(Duration::from_secs(1) / ROLLOUT_RATE);
+        pace.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        loop {
+            pace.tick().await;
+            let (client, shared) = (client.clone(), shared.clone());
+            tokio::spawn(async move {
+                let answer = ingest(&client, ports, &[("x-demo", "rollout")]).await;
+                let now = Instant::now();
+                let mut t = shared
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                t.sent += 1;
+                let failed = answer.as_ref().is_none_or(|(status, _, _)| *status >= 500);
+                if failed {
+                    t.failed += 1;
+                    t.first_failure.get_or_insert(now);
+                }
+                if answer.is_some_and(|(_, _, body)| body.contains("\"log-v2\"")) {
+                    t.by_v2 += 1;
+                    t.last_by_v2 = Some(now);
+                }
+            });
+        }
+    });
+    (task, tally)
+}
+
+/// The rollout scene's entry in the control plane's `/rollouts`, or `Null`.
+async fn scene_rollout(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    ports: Ports,
+) -> serde_json::Value {
+    let v: serde_json::Value =
+        serde_json::from_str(&admin_text(client, ports.cp_admin, "/rollouts").await)
+            .unwrap_or_default();
+    v["rollouts"]
+        .as_array()
+        .and_then(|l| l.iter().find(|r| r["route"] == "rollout").cloned())
+        .unwrap_or_default()
+}
+
+/// The weight the order sidecar gives log-v2 on the rollout route right now.
+fn order_v2_weight(order: &sluice_proxy::RunningProxy) -> Option<u32> {
+    let snapshot = order.policy_store().current();
+    let policy = snapshot
+        .policy_set()?
+        .policies()
+        .iter()
+        .find(|p| p.metadata.name == "log-service")?
+        .clone();
+    let route = policy.spec.routes.iter().find(|r| r.name == "rollout")?;
+    route
+        .split
+        .iter()
+        .find_map(|rule| rule.weights.as_ref()?.get("log-v2").copied())
+}
+
+/// Prints each step of a rollout as the control plane decides it and as the order
+/// sidecar enforces it, remembering what it printed across calls.
+struct Follower<'a> {
+    client: &'a Client<HttpConnector, Full<Bytes>>,
+    ports: Ports,
+    order: &'a sluice_proxy::RunningProxy,
+    since: Instant,
+    /// The block of an earlier rollout, whose entry is ignored until the new one shows.
+    old_block: Option<String>,
+    printed: usize,
+    enforced: Option<u32>,
+}
+
+impl Follower<'_> {
+    /// Prints until `done` holds or `limit` has passed since the start; returns the rollout.
+    async fn until(
+        &mut self,
+        limit: Duration,
+        done: impl Fn(&serde_json::Value, Option<u32>) -> bool,
+    ) -> serde_json::Value {
+        loop {
+            let mut r = scene_rollout(self.client, self.ports).await;
+            if self.old_block.is_some() && r["block"].as_str() == self.old_block.as_deref() {
+                r = serde_json::Value::Null;
+            }
+            let history = r["history"].as_array().cloned().unwrap_or_default();
+            for t in history.iter().skip(self.printed) {
+                let result = t["result"].as_str().unwrap_or("?");
+                // Windows without enough requests yet are many and say nothing new.
+                if result != "inconclusive" {
+                    println!(
+                        "  {:>5.1} s  /rollouts: {result:<11} step {}, log-v2 at {:>3} %  ({})",
+                        self.since.elapsed().as_secs_f64(),
+                        t["step"],
+                        t["canaryWeight"],
+                        t["reason"].as_str().unwrap_or("")
+                    );
+                }
+            }
+            self.printed = self.printed.max(history.len());
+            let weight = order_v2_weight(self.order);
+            if weight != self.enforced {
+                if let Some(w) = weight {
+                    println!(
+                        "  {:>5.1} s  order sidecar now sends log-v2 {w:>3} % of the route",
+                        self.since.elapsed().as_secs_f64()
+                    );
+                }
+                self.enforced = weight;
+            }
+            if done(&r, weight) || self.since.elapsed() > limit {
+                return r;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The last judged window of a rollout: its decision, why, and each check.
+fn print_last_window(r: &serde_json::Value) {
+    let w = &r["lastWindow"];
+    println!(
+        "  /rollouts: phase {}, last window {}: {}",
+        r["phase"].as_str().unwrap_or("?"),
+        w["decision"].as_str().unwrap_or("?"),
+        w["reason"].as_str().unwrap_or("?")
+    );
+    for c in w["checks"].as_array().into_iter().flatten() {
+        println!(
+            "    check {:<16} value {:<10} threshold {:<8} samples {:<5} {}",
+            c["name"].as_str().unwrap_or("?"),
+            c["value"]
+                .as_f64()
+                .map_or_else(|| "-".into(), |v| format!("{v:.4}")),
+            c["threshold"],
+            c["samples"],
+            c["verdict"].as_str().unwrap_or("?")
+        );
+    }
+}
+
+/// Canary rollouts, shown: the control plane moves log-v2 into a route step by step,
+/// judged from the sidecars' own reports, and promotes it; then a bad log-v2 (failing
+/// half its ingests) is rolled back at the first report that shows it. Bounded: about
+/// 10 s on a quiet machine, 60 s at most.
+async fn rollout_scene(
+    client: &Client<HttpConnector, Full<Bytes>>,
+    ports: Ports,
+    order: &sluice_proxy::RunningProxy,
+    files: RolloutFiles<'_>,
+    log_v2: RunningService,
+    args: &Args,
+) -> anyhow::Result<RunningService> {
+    println!(
+        "Canary rollout (route `rollout`, x-demo: rollout; {ROLLOUT_RATE} ingests/s through the order sidecar;"
+    );
+    println!(
+        "  steps of 1 s judged on at least 20 log-v2 requests: error rate ≤ 1 %, p99 ≤ 1 s, and no worse than log-v1;"
+    );
+    println!(
+        "  every sidecar reports its traffic every {} ms):",
+        REPORT_INTERVAL.as_millis()
+    );
+    files.write("[10, 50, 100]")?;
+    let since = Instant::now();
+    let (load, tally) = start_rollout_load(client, ports);
+    let mut follow = Follower {
+        client,
+        ports,
+        order,
+        since,
+        old_block: None,
+        printed: 0,
+        enforced: None,
+    };
+    let r = follow
+        .until(Duration::from_secs(30), |r, w| {
+            r["phase"] == "promoted" && w == Some(100)
+        })
+        .await;
+    load.abort();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    {
+        let t = tally
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        println!(
+            "  {} ingests: {} answered by log-v2, {} failed",
+            t.sent, t.by_v2, t.failed
+        );
+    }
+    print_last_window(&r);
+    println!();
+
+    println!(
+        "A bad log-v2 (fails {:.0} % of its ingests), rolled out again with steps [10, 25, 50, 100]:",
+        BAD_FAIL_RATE * 100.0
+    );
+    RunningService::shutdown(log_v2).await;
+    let bad = log_service::start(
+        local(ports.v2_app),
+        LogServiceConfig {
+            fail_rate: BAD_FAIL_RATE,
+            ..log_v2_config(args)
+        },
+    )
+    .await
+    .context("starting the bad log-v2")?;
+    // A changed rollout block is a new rollout: log-v2 starts again at its first step.
+    files.write("[10, 25, 50, 100]")?;
+    let mut follow = Follower {
+        since: Instant::now(),
+        old_block: r["block"].as_str().map(str::to_string),
+        printed: 0,
+        ..follow
+    };
+    follow
+        .until(Duration::from_secs(15), |r, w| {
+            !r.is_null() && w == Some(10)
+        })
+        .await;
+    let (load, tally) = start_rollout_load(client, ports);
+    let r = follow
+        .until(Duration::from_secs(30), |r, w| {
+            r["phase"] == "rolled-back" && w == Some(0)
+        })
+        .await;
+    let enforced = Instant::now();
+    let v2_at_rollback = tally
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .by_v2;
+    // A second more, to show what log-v2 gets once it is rolled back.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    load.abort();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    {
+        let t = tally
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        println!(
+            "  {} ingests: {} answered by log-v2, {} failed (5xx)",
+            t.sent, t.by_v2, t.failed
+        );
+        if let Some(first) = t.first_failure {
+            if r["phase"] == "rolled-back" {
+                println!(
+                    "  time to rollback: {:.2} s from the first failed ingest to log-v2 at 0 % in the order sidecar",
+                    enforced.saturating_duration_since(first).as_secs_f64()
+                );
+            } else {
+                println!("  not rolled back yet: see /rollouts");
+            }
+            if let Some(last) = t.last_by_v2 {
+                println!(
+                    "  log-v2 answered its last ingest {:.2} s after the first failure, {} of them in the second after the rollback",
+                    last.saturating_duration_since(first).as_secs_f64(),
+                    t.by_v2 - v2_at_rollback
+                );
+            }
+        }
+    }
+    print_last_window(&r);
+    println!(
+        "  (a rolled-back rollout holds at 0 until its block changes: curl -s http://127.0.0.1:{}/rollouts)",
+        ports.cp_admin
+    );
+    println!();
+
+    // Back to the demo's own policy and a healthy log-v2 for what follows.
+    files.restore()?;
+    RunningService::shutdown(bad).await;
+    log_service::start(local(ports.v2_app), log_v2_config(args))
+        .await
+        .context("restarting log-v2")
 }
