@@ -40,6 +40,7 @@ mod replay;
 pub mod retry;
 pub mod split;
 pub mod timeout;
+mod window;
 
 pub use error::{FilterError, find_filter_error};
 pub use error::{UpstreamError, UpstreamErrorKind};

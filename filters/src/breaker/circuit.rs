@@ -15,12 +15,10 @@ use tokio::time::Instant;
 
 use super::observe::{BreakerObserver, BreakerSnapshot, CircuitState, TransitionRecord};
 use super::params::BreakerParams;
+use crate::window::SlidingWindow;
 
 /// How many transitions each breaker remembers for the admin API.
 pub const TRANSITION_LOG_LEN: usize = 16;
-
-/// Buckets the failure-rate window is cut into.
-const RATE_BUCKETS: u64 = 10;
 
 // Packed word: state (2 bits) | probes issued (16) | probes succeeded (16) | generation (30).
 const ISSUED_SHIFT: u32 = 2;
@@ -61,73 +59,16 @@ fn tag_deadline(generation: u64, ms: u64) -> u64 {
     (generation & 0xffff) << DEADLINE_BITS | ms.min(NEVER)
 }
 
-/// A failure-rate window: a ring of buckets, each stamped with its time slot.
-struct Window {
-    bucket_ms: u64,
-    buckets: Box<[Bucket]>,
-}
+// The failure-rate window's two counters.
+const TOTAL: usize = 0;
+const FAILED: usize = 1;
 
-struct Bucket {
-    slot: AtomicU64,
-    total: AtomicU32,
-    failures: AtomicU32,
-}
-
-const EMPTY_SLOT: u64 = u64::MAX;
-
-impl Window {
-    fn new(window: Duration) -> Self {
-        let bucket_ms = (window.as_millis() as u64 / RATE_BUCKETS).max(1);
-        let buckets = (0..RATE_BUCKETS)
-            .map(|_| Bucket {
-                slot: AtomicU64::new(EMPTY_SLOT),
-                total: AtomicU32::new(0),
-                failures: AtomicU32::new(0),
-            })
-            .collect();
-        Self { bucket_ms, buckets }
-    }
-
-    /// Counts one result. A bucket is recycled by whoever first sees it stale; a
-    /// result racing that recycling may be lost, which only makes the rate
-    /// trigger a little less eager.
-    fn record(&self, now_ms: u64, failed: bool) {
-        let slot = now_ms / self.bucket_ms;
-        let b = &self.buckets[(slot % RATE_BUCKETS) as usize];
-        let seen = b.slot.load(Ordering::Acquire);
-        if seen != slot
-            && b.slot
-                .compare_exchange(seen, slot, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            b.total.store(0, Ordering::Release);
-            b.failures.store(0, Ordering::Release);
-        }
-        b.total.fetch_add(1, Ordering::AcqRel);
-        if failed {
-            b.failures.fetch_add(1, Ordering::AcqRel);
-        }
-    }
-
-    /// (requests, failures) over the last window.
-    fn sum(&self, now_ms: u64) -> (u64, u64) {
-        let cur = now_ms / self.bucket_ms;
-        let mut total = 0;
-        let mut failures = 0;
-        for b in self.buckets.iter() {
-            let s = b.slot.load(Ordering::Acquire);
-            if s != EMPTY_SLOT && s <= cur && cur - s < RATE_BUCKETS {
-                total += u64::from(b.total.load(Ordering::Acquire));
-                failures += u64::from(b.failures.load(Ordering::Acquire));
-            }
-        }
-        (total, failures)
-    }
-
-    fn clear(&self) {
-        for b in self.buckets.iter() {
-            b.slot.store(EMPTY_SLOT, Ordering::Release);
-        }
+/// Counts one result in the failure-rate window.
+fn record(window: &SlidingWindow, now_ms: u64, failed: bool) {
+    let b = window.bucket(now_ms);
+    b.add(TOTAL);
+    if failed {
+        b.add(FAILED);
     }
 }
 
@@ -153,7 +94,7 @@ pub struct Circuit {
     failures: AtomicU64,
     rejected: AtomicU64,
     transitions: AtomicU64,
-    window: Option<Window>,
+    window: Option<SlidingWindow>,
     log: Mutex<VecDeque<TransitionRecord>>,
 }
 
@@ -220,7 +161,10 @@ impl Circuit {
         Self {
             route,
             backend,
-            window: params.failure_rate.as_ref().map(|r| Window::new(r.window)),
+            window: params
+                .failure_rate
+                .as_ref()
+                .map(|r| SlidingWindow::new(r.window)),
             params,
             observer,
             epoch: Instant::now(),
@@ -337,7 +281,7 @@ impl Circuit {
             CircuitState::Closed => {
                 self.consecutive.store(0, Ordering::Relaxed);
                 if let Some(win) = &self.window {
-                    win.record(self.now_ms(), false);
+                    record(win, self.now_ms(), false);
                 }
             }
             CircuitState::Open => {}
@@ -374,7 +318,7 @@ impl Circuit {
                 let n = self.consecutive.fetch_add(1, Ordering::AcqRel) + 1;
                 let now = self.now_ms();
                 if let Some(win) = &self.window {
-                    win.record(now, true);
+                    record(win, now, true);
                 }
                 if let Some(limit) = self.params.consecutive_failures
                     && n >= limit
@@ -385,7 +329,7 @@ impl Circuit {
                     return;
                 }
                 if let (Some(rate), Some(win)) = (&self.params.failure_rate, &self.window) {
-                    let (total, failed) = win.sum(now);
+                    let [total, failed] = win.sums(now);
                     if total >= u64::from(rate.min_requests.max(1))
                         && failed * 100 >= u64::from(rate.percent) * total
                     {
