@@ -36,6 +36,7 @@ pub mod extensions;
 pub mod fallback;
 pub mod ratelimit;
 pub mod reason;
+mod registry;
 mod replay;
 pub mod retry;
 pub mod split;

@@ -3,11 +3,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use dashmap::DashMap;
 use tokio::time::Instant;
 
 use super::BalanceParams;
 use crate::extensions::Endpoint;
+use crate::registry::Registry;
 use crate::split::RandomSource;
 
 /// How an endpoint stands at one moment.
@@ -359,7 +359,7 @@ pub struct EndpointView {
 /// Endpoint state of the whole mesh, keyed by address so that latency and ejections
 /// survive policy swaps (and are shared by backends listing the same address).
 pub struct BalanceRegistry {
-    endpoints: DashMap<Arc<str>, Arc<EndpointState>>,
+    endpoints: Registry<Arc<str>, EndpointState>,
 }
 
 impl fmt::Debug for BalanceRegistry {
@@ -380,7 +380,7 @@ impl BalanceRegistry {
     /// An empty registry.
     pub fn new() -> Self {
         Self {
-            endpoints: DashMap::new(),
+            endpoints: Registry::default(),
         }
     }
 
@@ -391,12 +391,12 @@ impl BalanceRegistry {
             .addresses
             .iter()
             .map(|addr| {
-                self.endpoints
-                    .entry(addr.clone())
-                    .or_insert_with(|| {
-                        Arc::new(EndpointState::new(addr.clone(), params.default_rtt))
-                    })
-                    .clone()
+                // An address keeps its state whatever the backend's settings.
+                self.endpoints.get_or_rebuild(
+                    addr.clone(),
+                    |_| true,
+                    |_| EndpointState::new(addr.clone(), params.default_rtt),
+                )
             })
             .collect();
         Arc::new(EndpointSet {
@@ -407,12 +407,12 @@ impl BalanceRegistry {
 
     /// Forgets addresses for which `keep` is false (call after a swap with the live set).
     pub fn retain(&self, mut keep: impl FnMut(&str) -> bool) {
-        self.endpoints.retain(|k, _| keep(k));
+        self.endpoints.retain(|k| keep(k));
     }
 
     /// The state of one address, if known.
     pub fn get(&self, addr: &str) -> Option<Arc<EndpointState>> {
-        self.endpoints.get(addr).map(|e| e.value().clone())
+        self.endpoints.get(addr)
     }
 
     /// What the admin API shows of every address held, sorted by address.
@@ -420,21 +420,19 @@ impl BalanceRegistry {
         let now = Instant::now();
         let mut out: Vec<EndpointView> = self
             .endpoints
+            .values()
             .iter()
-            .map(|e| {
-                let ep = e.value();
-                EndpointView {
-                    address: ep.addr.0.to_string(),
-                    health: match ep.health_at(now) {
-                        Health::Healthy => "healthy",
-                        Health::Ejected => "ejected",
-                        Health::ProbeDue => "probe_due",
-                        Health::Probing => "probing",
-                    },
-                    rtt_ms: ep.rtt_estimate().as_secs_f64() * 1e3,
-                    pending: ep.pending(),
-                    ramp_age_s: ep.ramp_age(now).as_secs_f64(),
-                }
+            .map(|ep| EndpointView {
+                address: ep.addr.0.to_string(),
+                health: match ep.health_at(now) {
+                    Health::Healthy => "healthy",
+                    Health::Ejected => "ejected",
+                    Health::ProbeDue => "probe_due",
+                    Health::Probing => "probing",
+                },
+                rtt_ms: ep.rtt_estimate().as_secs_f64() * 1e3,
+                pending: ep.pending(),
+                ramp_age_s: ep.ramp_age(now).as_secs_f64(),
             })
             .collect();
         out.sort_by(|a, b| a.address.cmp(&b.address));

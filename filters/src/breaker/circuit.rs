@@ -192,14 +192,6 @@ impl Circuit {
         &self.backend
     }
 
-    pub(crate) fn route_arc(&self) -> &Arc<str> {
-        &self.route
-    }
-
-    pub(crate) fn backend_arc(&self) -> &Arc<str> {
-        &self.backend
-    }
-
     /// The params this breaker was built with.
     pub fn params(&self) -> &BreakerParams {
         &self.params

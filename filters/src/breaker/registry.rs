@@ -1,31 +1,27 @@
 //! Every breaker of the proxy, keyed by (route, backend), updated at each policy swap.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-
-use arc_swap::ArcSwap;
+use std::sync::Arc;
 
 use super::circuit::Circuit;
 use super::observe::{BreakerObserver, BreakerSnapshot, NoopObserver};
 use super::params::BreakerParams;
+use crate::registry::Registry;
 
-/// route → backend → breaker; nested so that both lookups take a borrowed `&str`.
-type Map = HashMap<Arc<str>, HashMap<Arc<str>, Arc<Circuit>>>;
+/// (route, backend).
+type Key = (Arc<str>, Arc<str>);
 
 /// All breakers, keyed by (route, backend). Cheap to clone (one `Arc`).
 ///
-/// Reads ([`get`](Self::get), [`snapshot`](Self::snapshot)) are lock-free loads of
-/// the current map; [`update`](Self::update) builds a new map and swaps it in.
+/// [`update`](Self::update) is called at each policy swap; [`get`](Self::get) when the
+/// stacks are built from it.
 #[derive(Clone)]
 pub struct BreakerRegistry {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    map: ArcSwap<Map>,
+    map: Registry<Key, Circuit>,
     observer: Arc<dyn BreakerObserver>,
-    /// Serialises updates against each other (policy swaps only).
-    updating: Mutex<()>,
 }
 
 impl Default for BreakerRegistry {
@@ -47,9 +43,8 @@ impl BreakerRegistry {
     pub fn new(observer: Arc<dyn BreakerObserver>) -> Self {
         Self {
             inner: Arc::new(Inner {
-                map: ArcSwap::from_pointee(HashMap::new()),
+                map: Registry::default(),
                 observer,
-                updating: Mutex::new(()),
             }),
         }
     }
@@ -65,58 +60,37 @@ impl BreakerRegistry {
         R: AsRef<str>,
         B: AsRef<str>,
     {
-        let _guard = self
-            .inner
-            .updating
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let old = self.inner.map.load_full();
         let obs = &self.inner.observer;
-        let mut next = Map::new();
-        for (route, backend, params) in entries {
-            let (route, backend) = (route.as_ref(), backend.as_ref());
-            let existing = old.get(route).and_then(|m| m.get(backend));
-            let circuit = match existing {
-                Some(c) if *c.params() == params => Arc::clone(c),
-                _ => {
-                    if existing.is_some() {
-                        obs.on_removed(route, backend);
-                    }
-                    obs.on_added(route, backend);
-                    Arc::new(Circuit::new(
-                        Arc::from(route),
-                        Arc::from(backend),
-                        params,
-                        Arc::clone(obs),
-                    ))
-                }
-            };
-            next.entry(Arc::clone(circuit.route_arc()))
-                .or_default()
-                .insert(Arc::clone(circuit.backend_arc()), circuit);
-        }
-        for (route, backends) in old.iter() {
-            for backend in backends.keys() {
-                let kept = next.get(route).is_some_and(|m| m.contains_key(backend));
-                if !kept {
+        let entries = entries.into_iter().map(|(route, backend, params)| {
+            let key: Key = (route.as_ref().into(), backend.as_ref().into());
+            (key, params)
+        });
+        self.inner.map.update(
+            entries,
+            |circuit, params| circuit.params() == params,
+            |(route, backend), params, held| {
+                if held.is_some() {
                     obs.on_removed(route, backend);
                 }
-            }
-        }
-        self.inner.map.store(Arc::new(next));
+                obs.on_added(route, backend);
+                Circuit::new(route.clone(), backend.clone(), params.clone(), obs.clone())
+            },
+            |(route, backend)| obs.on_removed(route, backend),
+        );
     }
 
     /// The breaker of a route × backend, to build a [`BreakerLayer`](super::BreakerLayer) with.
     pub fn get(&self, route: &str, backend: &str) -> Option<Arc<Circuit>> {
-        self.inner.map.load().get(route)?.get(backend).cloned()
+        self.inner.map.get(&(Arc::from(route), Arc::from(backend)))
     }
 
     /// Every breaker, sorted by route then backend, for `GET /breakers`.
     pub fn snapshot(&self) -> Vec<BreakerSnapshot> {
-        let map = self.inner.map.load();
-        let mut all: Vec<_> = map
+        let mut all: Vec<_> = self
+            .inner
+            .map
             .values()
-            .flat_map(|m| m.values())
+            .iter()
             .map(|c| c.snapshot())
             .collect();
         all.sort_by(|a, b| (&a.route, &a.backend).cmp(&(&b.route, &b.backend)));
@@ -136,11 +110,11 @@ impl BreakerRegistry {
 
     /// Number of breakers.
     pub fn len(&self) -> usize {
-        self.inner.map.load().values().map(HashMap::len).sum()
+        self.inner.map.len()
     }
 
     /// True when there are no breakers.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.inner.map.is_empty()
     }
 }

@@ -5,13 +5,13 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use dashmap::DashMap;
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use super::gradient::{Gradient2, WindowSample};
 use super::{ConcurrencyObserver, ConcurrencyParams, LimitParams, NoopObserver, RETRY_AFTER};
 use crate::FilterError;
+use crate::registry::Registry;
 
 /// Responses a sample window needs before it may close early.
 const MIN_WINDOW_SAMPLES: u64 = 10;
@@ -530,13 +530,13 @@ impl WaitQueue {
 
 /// The limiters of a proxy, one per key (e.g. per inbound service), kept across policy swaps.
 pub struct ConcurrencyRegistry<K> {
-    limiters: DashMap<K, Arc<Limiter>>,
+    limiters: Registry<K, Limiter>,
 }
 
 impl<K: Hash + Eq + Clone> Default for ConcurrencyRegistry<K> {
     fn default() -> Self {
         Self {
-            limiters: DashMap::new(),
+            limiters: Registry::default(),
         }
     }
 }
@@ -555,30 +555,21 @@ impl<K: Hash + Eq + Clone> ConcurrencyRegistry<K> {
         params: &ConcurrencyParams,
         observer: impl FnOnce() -> Arc<dyn ConcurrencyObserver>,
     ) -> Arc<Limiter> {
-        use dashmap::mapref::entry::Entry;
-        match self.limiters.entry(key) {
-            Entry::Occupied(held) if held.get().params() == params => held.get().clone(),
-            Entry::Occupied(mut held) => {
-                let limiter = Arc::new(Limiter::new(params.clone(), observer()));
-                held.insert(limiter.clone());
-                limiter
-            }
-            Entry::Vacant(slot) => {
-                let limiter = Arc::new(Limiter::new(params.clone(), observer()));
-                slot.insert(limiter.clone());
-                limiter
-            }
-        }
+        self.limiters.get_or_rebuild(
+            key,
+            |held| held.params() == params,
+            |_| Limiter::new(params.clone(), observer()),
+        )
     }
 
     /// The limiter held for `key`.
     pub fn get(&self, key: &K) -> Option<Arc<Limiter>> {
-        self.limiters.get(key).map(|l| l.value().clone())
+        self.limiters.get(key)
     }
 
     /// Drops the limiters whose key fails `keep` (services gone from the policy).
-    pub fn retain(&self, mut keep: impl FnMut(&K) -> bool) {
-        self.limiters.retain(|k, _| keep(k));
+    pub fn retain(&self, keep: impl FnMut(&K) -> bool) {
+        self.limiters.retain(keep);
     }
 
     /// Number of limiters held.

@@ -15,6 +15,7 @@ use http::{HeaderValue, Request};
 
 use super::{KeyBy, RateLimitParams};
 use crate::extensions::PeerIdentity;
+use crate::registry::Registry;
 
 /// Keys a limiter keeps by default before new keys share one overflow bucket.
 pub const DEFAULT_MAX_KEYS: usize = 100_000;
@@ -390,7 +391,7 @@ pub(crate) fn ceil_secs(d: Duration) -> u64 {
 /// Unchanged params get the very same limiter back (buckets survive the swap); a change of
 /// rate, burst or key builds fresh buckets; a change of only name or shadow keeps them.
 pub struct RateLimitRegistry<K, C: Clock = DefaultClock> {
-    limiters: DashMap<K, Arc<KeyedLimiter<C>>>,
+    limiters: Registry<K, KeyedLimiter<C>>,
     clock: C,
     max_keys: usize,
 }
@@ -412,7 +413,7 @@ impl<K: Hash + Eq + Clone, C: Clock + Clone> RateLimitRegistry<K, C> {
     /// An empty registry on `clock` (tests pass governor's `FakeRelativeClock`).
     pub fn with_clock(clock: C) -> Self {
         Self {
-            limiters: DashMap::new(),
+            limiters: Registry::default(),
             clock,
             max_keys: DEFAULT_MAX_KEYS,
         }
@@ -427,35 +428,26 @@ impl<K: Hash + Eq + Clone, C: Clock + Clone> RateLimitRegistry<K, C> {
     /// The limiter for `key` under `params`: the current one when its params are equal,
     /// its buckets under new settings when only name/shadow changed, else a fresh one.
     pub fn get_or_rebuild(&self, key: K, params: &RateLimitParams) -> Arc<KeyedLimiter<C>> {
-        let mut slot = self.limiters.entry(key).or_insert_with(|| {
-            Arc::new(KeyedLimiter::new(
-                params.clone(),
-                self.clock.clone(),
-                self.max_keys,
-            ))
-        });
-        let current = slot.value();
-        if current.params != *params {
-            let next = if current.params.same_buckets(params) {
-                current.with_params(params.clone())
-            } else {
-                KeyedLimiter::new(params.clone(), self.clock.clone(), self.max_keys)
-            };
-            *slot.value_mut() = Arc::new(next);
-        }
-        slot.value().clone()
+        self.limiters.get_or_rebuild(
+            key,
+            |current| current.params == *params,
+            |current| match current {
+                Some(current) if current.params.same_buckets(params) => {
+                    current.with_params(params.clone())
+                }
+                _ => KeyedLimiter::new(params.clone(), self.clock.clone(), self.max_keys),
+            },
+        )
     }
 
     /// Keeps only the routes for which `keep` is true (call after a swap).
-    pub fn retain(&self, mut keep: impl FnMut(&K) -> bool) {
-        self.limiters.retain(|k, _| keep(k));
+    pub fn retain(&self, keep: impl FnMut(&K) -> bool) {
+        self.limiters.retain(keep);
     }
 
     /// Sweeps idle keys from every limiter; the proxy calls this periodically (e.g. every 10 s).
     pub fn sweep(&self) {
-        // Collected first so that no map shard stays locked while limiters are swept.
-        let limiters: Vec<_> = self.limiters.iter().map(|e| e.value().clone()).collect();
-        for limiter in limiters {
+        for limiter in self.limiters.values() {
             limiter.sweep();
         }
     }

@@ -1,12 +1,10 @@
 //! Per-route retry state (params and budget), kept across policy swaps.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
-
-use arc_swap::ArcSwap;
+use std::sync::Arc;
 
 use super::budget::RetryBudget;
 use super::params::RetryParams;
+use crate::registry::Registry;
 
 /// What happened to a request the retry layer might have retried; the `outcome`
 /// label of `sluice_retries_total{route,backend,outcome}`.
@@ -120,10 +118,8 @@ pub struct RetryRegistry {
 }
 
 struct Inner {
-    map: ArcSwap<HashMap<Arc<str>, Arc<RouteRetry>>>,
+    map: Registry<Arc<str>, RouteRetry>,
     observer: Arc<dyn RetryObserver>,
-    /// Serialises updates against each other (policy swaps only).
-    updating: Mutex<()>,
 }
 
 impl Default for RetryRegistry {
@@ -135,7 +131,7 @@ impl Default for RetryRegistry {
 impl std::fmt::Debug for RetryRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RetryRegistry")
-            .field("routes", &self.inner.map.load().len())
+            .field("routes", &self.inner.map.len())
             .finish()
     }
 }
@@ -145,9 +141,8 @@ impl RetryRegistry {
     pub fn new(observer: Arc<dyn RetryObserver>) -> Self {
         Self {
             inner: Arc::new(Inner {
-                map: ArcSwap::from_pointee(HashMap::new()),
+                map: Registry::default(),
                 observer,
-                updating: Mutex::new(()),
             }),
         }
     }
@@ -156,30 +151,24 @@ impl RetryRegistry {
     /// params are unchanged keeps its budget; a changed one starts with a fresh
     /// budget; a route no longer listed is dropped.
     pub fn update<R: AsRef<str>>(&self, entries: impl IntoIterator<Item = (R, RetryParams)>) {
-        let _guard = self
-            .inner
-            .updating
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
-        let old = self.inner.map.load_full();
-        let mut next = HashMap::new();
-        for (route, params) in entries {
-            let route = route.as_ref();
-            let kept = old.get(route).filter(|r| r.params == params).cloned();
-            let state = kept.unwrap_or_else(|| {
-                Arc::new(RouteRetry::new(
-                    route,
-                    params,
+        self.inner.map.update(
+            entries
+                .into_iter()
+                .map(|(route, params)| (Arc::from(route.as_ref()), params)),
+            |held, params| held.params == *params,
+            |route, params, _| {
+                RouteRetry::new(
+                    route.clone(),
+                    params.clone(),
                     Arc::clone(&self.inner.observer),
-                ))
-            });
-            next.insert(Arc::from(route), state);
-        }
-        self.inner.map.store(Arc::new(next));
+                )
+            },
+            |_| {},
+        );
     }
 
     /// The retry state of a route, to build a [`RetryLayer`](super::RetryLayer) with.
     pub fn get(&self, route: &str) -> Option<Arc<RouteRetry>> {
-        self.inner.map.load().get(route).cloned()
+        self.inner.map.get(route)
     }
 }

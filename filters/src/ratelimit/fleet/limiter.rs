@@ -8,7 +8,6 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use dashmap::DashMap;
 use governor::clock::DefaultClock;
 use http::{HeaderValue, Request};
 use sha2::{Digest, Sha256};
@@ -16,6 +15,7 @@ use sha2::{Digest, Sha256};
 use super::share::{Plan, Share, Sizing, Take};
 use crate::ratelimit::limiter::{KeyMix, key_material, policy_header, state_header};
 use crate::ratelimit::{DEFAULT_MAX_KEYS, KeyedLimiter, RateLimitParams, Verdict};
+use crate::registry::Registry;
 
 /// Prefix of every bucket key in Redis.
 pub const REDIS_KEY_PREFIX: &str = "sluice:rl:";
@@ -346,7 +346,7 @@ impl Default for FleetSettings {
 /// Every fleet limit of a proxy, by route; limits with unchanged params keep their
 /// shares across a policy swap.
 pub struct FleetRegistry<K> {
-    pub(crate) limiters: DashMap<K, Arc<FleetLimiter>>,
+    pub(crate) limiters: Registry<K, FleetLimiter>,
     pub(crate) backend: Arc<FleetBackend>,
     max_keys: usize,
 }
@@ -364,7 +364,7 @@ impl<K: Hash + Eq + Clone> FleetRegistry<K> {
     /// An empty registry.
     pub fn new(settings: FleetSettings) -> Self {
         Self {
-            limiters: DashMap::new(),
+            limiters: Registry::default(),
             backend: Arc::new(FleetBackend {
                 degraded: AtomicBool::new(!settings.connected),
                 interval: settings.interval.max(Duration::from_millis(1)),
@@ -390,26 +390,25 @@ impl<K: Hash + Eq + Clone> FleetRegistry<K> {
         route: &str,
         params: &RateLimitParams,
     ) -> Arc<FleetLimiter> {
-        let build = || {
-            Arc::new(FleetLimiter::new(
-                params.clone(),
-                policy,
-                route,
-                id.into(),
-                self.backend.clone(),
-                self.max_keys,
-            ))
-        };
-        let mut slot = self.limiters.entry(key).or_insert_with(build);
-        if slot.params != *params || *slot.id != *id {
-            *slot.value_mut() = build();
-        }
-        slot.value().clone()
+        self.limiters.get_or_rebuild(
+            key,
+            |held| held.params == *params && *held.id == *id,
+            |_| {
+                FleetLimiter::new(
+                    params.clone(),
+                    policy,
+                    route,
+                    id.into(),
+                    self.backend.clone(),
+                    self.max_keys,
+                )
+            },
+        )
     }
 
     /// Keeps only the routes for which `keep` is true (call after a swap).
-    pub fn retain(&self, mut keep: impl FnMut(&K) -> bool) {
-        self.limiters.retain(|k, _| keep(k));
+    pub fn retain(&self, keep: impl FnMut(&K) -> bool) {
+        self.limiters.retain(keep);
     }
 
     /// True while the limits run on their local fallback.

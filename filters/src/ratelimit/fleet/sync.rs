@@ -203,7 +203,7 @@ where
         &self,
         sizes: &(dyn Fn(&str, &str) -> Option<u32> + Send + Sync),
     ) -> Vec<Arc<super::FleetLimiter>> {
-        let limiters: Vec<_> = self.limiters.iter().map(|e| e.value().clone()).collect();
+        let limiters = self.limiters.values();
         for limiter in &limiters {
             let (policy, route) = limiter.names();
             limiter.set_fleet_size(sizes(policy, route).unwrap_or(self.backend.default_size));
