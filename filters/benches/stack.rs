@@ -11,6 +11,7 @@ use std::convert::Infallible;
 use std::future::{Ready, ready};
 use std::hint::black_box;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
@@ -21,7 +22,7 @@ use sluice_config::{Route, SplitRule, StickyBy};
 use sluice_filters::balance::{BalanceLayer, BalanceParams, BalanceRegistry};
 use sluice_filters::ratelimit::{RateLimitLayer, RateLimitParams, RateLimitRegistry};
 use sluice_filters::split::{SplitLayer, SplitParams};
-use sluice_filters::timeout::TimeoutParams;
+use sluice_filters::timeout::{TimeoutLayer, TimeoutParams};
 use tower::ServiceExt;
 use tower::util::ServiceFn;
 use tower_layer::Layer;
@@ -101,7 +102,7 @@ fn build_routes(
                 })
                 .collect();
             let stack = BalanceLayer::new(Arc::from(sets)).layer(inner());
-            let stack = timeouts.per_try_layer().layer(stack);
+            let stack = TimeoutLayer::new(Some(Duration::from_millis(500))).layer(stack);
             let stack = SplitLayer::new(split).layer(stack);
             let stack = timeouts.total_layer().layer(stack);
             RateLimitLayer::new(limiter).layer(stack)

@@ -293,7 +293,7 @@ async fn registry_keeps_endpoint_state_across_swaps() {
 async fn whole_stack_composes() {
     use crate::ratelimit::{KeyBy, RateLimitLayer, RateLimitParams, RateLimitRegistry};
     use crate::split::{SplitLayer, SplitParams};
-    use crate::timeout::TimeoutParams;
+    use crate::timeout::{TimeoutLayer, TimeoutParams};
 
     let route = sluice_config::Route {
         name: "ingest".into(),
@@ -335,7 +335,8 @@ async fn whole_stack_composes() {
     let (mock, mut handle) = mock::pair::<Request<()>, Response<()>>();
     handle.allow(10);
     let svc = BalanceLayer::new(Arc::from(sets)).layer(mock);
-    let svc = timeouts.per_try_layer().layer(svc);
+    // A per-try deadline, as the retry layer keeps one.
+    let svc = TimeoutLayer::new(Some(Duration::from_millis(500))).layer(svc);
     let svc = SplitLayer::new(split).layer(svc);
     let svc = timeouts.total_layer().layer(svc);
     let mut svc = RateLimitLayer::new(limits.get_or_rebuild("ingest", &rl)).layer(svc);

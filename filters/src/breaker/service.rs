@@ -57,11 +57,6 @@ impl<S: Clone> Clone for Breaker<S> {
 }
 
 impl<S> Breaker<S> {
-    /// Wraps `inner` with `circuit`.
-    pub fn new(inner: S, circuit: Arc<Circuit>) -> Self {
-        Self::with_circuits(inner, Circuits::One(circuit))
-    }
-
     pub(crate) fn with_circuits(inner: S, circuits: Circuits) -> Self {
         Self {
             inner,

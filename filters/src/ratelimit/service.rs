@@ -78,16 +78,6 @@ pub struct RateLimit<S, C: Clock = DefaultClock> {
 }
 
 impl<S, C: Clock> RateLimit<S, C> {
-    /// Wraps `inner` with `limiter`, reporting decisions to `observer`.
-    pub fn new(
-        inner: S,
-        limiter: Arc<KeyedLimiter<C>>,
-        observer: Arc<dyn RateLimitObserver>,
-        headers_on_allowed: bool,
-    ) -> Self {
-        Self::with_limiter(inner, Limiter::Local(limiter), observer, headers_on_allowed)
-    }
-
     pub(crate) fn with_limiter(
         inner: S,
         limiter: Limiter<C>,

@@ -67,7 +67,7 @@ async fn inner_errors_pass_through() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn total_and_per_try_from_one_route() {
+async fn total_from_the_route_and_an_inner_deadline_fires_first() {
     let route = sluice_config::Route {
         name: "ingest".into(),
         timeout: Some(sluice_config::Duration::from_secs(2)),
@@ -79,12 +79,18 @@ async fn total_and_per_try_from_one_route() {
         ..Default::default()
     };
     let p = TimeoutParams::from_config(&route);
-    assert_eq!(p.total, Some(Duration::from_secs(2)));
-    assert_eq!(p.per_try, Some(Duration::from_millis(500)));
+    // `perTryTimeout` is the retry layer's: only the total is read here.
+    assert_eq!(
+        p,
+        TimeoutParams {
+            total: Some(Duration::from_secs(2))
+        }
+    );
 
-    // Per-try inside total: the per-try deadline fires first.
+    // A shorter deadline inside the total one fires first.
     let (mock, mut handle) = mock::pair::<Request<()>, Response<()>>();
-    let mut svc = p.total_layer().layer(p.per_try_layer().layer(mock));
+    let inner = TimeoutLayer::new(Some(Duration::from_millis(500)));
+    let mut svc = p.total_layer().layer(inner.layer(mock));
     handle.allow(1);
     let fut = svc.ready().await.unwrap().call(Request::new(()));
     let (_req, _send) = handle.next_request().await.unwrap();
