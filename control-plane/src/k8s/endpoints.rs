@@ -34,11 +34,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
-use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::reflector::{self, store::Writer};
-use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::watcher;
 use kube::{Api, Client};
 use sluice_config::{ConfigError, PolicySet, ServicePort};
 use tokio::sync::watch;
@@ -331,49 +330,38 @@ fn pick_port(slice: &EndpointSlice) -> Option<i32> {
 pub(crate) async fn watch_endpoints(
     client: Client,
     shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    let api: Api<EndpointSlice> = Api::all(client.clone());
-    let writer = Writer::default();
-    let store = writer.as_reader();
-    let config = watcher::Config::default().labels(SERVICE_NAME_LABEL);
-    let stream = reflector::reflector(writer, watcher(api, config)).default_backoff();
-    let mut stream = std::pin::pin!(stream);
-    loop {
-        let event = tokio::select! {
-            e = stream.next() => e,
-            _ = shutdown.changed() => return,
-        };
-        match event {
-            Some(Ok(
-                watcher::Event::InitDone | watcher::Event::Apply(_) | watcher::Event::Delete(_),
-            )) => {
-                let slices = store.state();
-                let (changed, unknown) = {
-                    let mut eps = shared.endpoints.lock().unwrap_or_else(|e| e.into_inner());
-                    (eps.sync(&slices), eps.unknown_pods())
-                };
-                let learned = !unknown.is_empty();
-                for pod in unknown {
-                    // A failed read is not cached: the next event tries again.
-                    if let Some(account) = service_account(&client, &pod).await {
-                        shared
-                            .endpoints
-                            .lock()
-                            .unwrap_or_else(|e| e.into_inner())
-                            .accounts
-                            .insert(pod, account);
-                    }
-                }
-                if changed || learned {
-                    shared.reload();
+    let (client, shared) = (&client, &shared);
+    super::reflect_async(
+        Api::<EndpointSlice>::all(client.clone()),
+        Writer::default(),
+        watcher::Config::default().labels(SERVICE_NAME_LABEL),
+        "EndpointSlice",
+        shutdown,
+        |slices| async move {
+            let (changed, unknown) = {
+                let mut eps = shared.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+                (eps.sync(&slices), eps.unknown_pods())
+            };
+            let learned = !unknown.is_empty();
+            for pod in unknown {
+                // A failed read is not cached: the next event tries again.
+                if let Some(account) = service_account(client, &pod).await {
+                    shared
+                        .endpoints
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .accounts
+                        .insert(pod, account);
                 }
             }
-            Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => {}
-            Some(Err(e)) => tracing::warn!(error = %e, "EndpointSlice watch failed; retrying"),
-            None => return,
-        }
-    }
+            if changed || learned {
+                shared.reload();
+            }
+        },
+    )
+    .await
 }
 
 /// Runs the Service reflector until `shutdown`, republishing whenever a Service's

@@ -176,11 +176,32 @@ pub(crate) async fn reflect<K>(
     writer: kube::runtime::reflector::store::Writer<K>,
     config: kube::runtime::watcher::Config,
     what: &str,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     mut on_change: impl FnMut(&[Arc<K>]),
 ) where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    reflect_async(api, writer, config, what, shutdown, |objects| {
+        on_change(&objects);
+        std::future::ready(())
+    })
+    .await
+}
+
+/// [`reflect`] with an `on_change` that may wait (for reads of other objects); the
+/// next event is taken once it is done.
+pub(crate) async fn reflect_async<K, F>(
+    api: kube::Api<K>,
+    writer: kube::runtime::reflector::store::Writer<K>,
+    config: kube::runtime::watcher::Config,
+    what: &str,
+    mut shutdown: watch::Receiver<bool>,
+    mut on_change: impl FnMut(Vec<Arc<K>>) -> F,
+) where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+    F: std::future::Future<Output = ()>,
 {
     use futures_util::StreamExt as _;
     use kube::runtime::WatchStreamExt as _;
@@ -196,7 +217,7 @@ pub(crate) async fn reflect<K>(
         };
         match event {
             Some(Ok(Event::InitDone | Event::Apply(_) | Event::Delete(_))) => {
-                on_change(&store.state())
+                on_change(store.state()).await
             }
             Some(Ok(Event::Init | Event::InitApply(_))) => {}
             Some(Err(e)) => tracing::warn!(error = %e, "{what} watch failed; retrying"),
