@@ -35,7 +35,7 @@ use sluice_api::admin_gate::Refusal;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::Shared;
+use crate::state::Shared;
 
 pub(crate) async fn serve(
     listener: TcpListener,

@@ -23,7 +23,8 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::identity::IdentityService;
 use crate::serving_cert::ServingCert;
-use crate::{Error, IdentityConfig, Shared};
+use crate::state::Shared;
+use crate::{Error, IdentityConfig};
 
 /// How long a new stream may take to send its `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);

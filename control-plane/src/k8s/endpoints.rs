@@ -32,7 +32,7 @@
 //! backend has one identity), so peers are then checked against the mesh root only.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures_util::StreamExt as _;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -43,7 +43,6 @@ use kube::{Api, Client};
 use sluice_config::{ConfigError, PolicySet, ServicePort};
 use tokio::sync::watch;
 
-use crate::Shared;
 use crate::gateway::{ServiceInfo, ServicePortInfo};
 
 /// The label tying an EndpointSlice to its Service.
@@ -330,7 +329,8 @@ fn pick_port(slice: &EndpointSlice) -> Option<i32> {
 /// Service's ready endpoints change.
 pub(crate) async fn watch_endpoints(
     client: Client,
-    shared: Arc<Shared>,
+    endpoints: Arc<Mutex<ServiceEndpoints>>,
+    reload: impl Fn(),
     mut shutdown: watch::Receiver<bool>,
 ) {
     let api: Api<EndpointSlice> = Api::all(client.clone());
@@ -350,15 +350,14 @@ pub(crate) async fn watch_endpoints(
             )) => {
                 let slices = store.state();
                 let (changed, unknown) = {
-                    let mut eps = shared.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut eps = endpoints.lock().unwrap_or_else(|e| e.into_inner());
                     (eps.sync(&slices), eps.unknown_pods())
                 };
                 let learned = !unknown.is_empty();
                 for pod in unknown {
                     // A failed read is not cached: the next event tries again.
                     if let Some(account) = service_account(&client, &pod).await {
-                        shared
-                            .endpoints
+                        endpoints
                             .lock()
                             .unwrap_or_else(|e| e.into_inner())
                             .accounts
@@ -366,7 +365,7 @@ pub(crate) async fn watch_endpoints(
                     }
                 }
                 if changed || learned {
-                    shared.reload();
+                    reload();
                 }
             }
             Some(Ok(watcher::Event::Init | watcher::Event::InitApply(_))) => {}
@@ -380,7 +379,8 @@ pub(crate) async fn watch_endpoints(
 /// ports change (backend `port`s and HTTPRoute parents are checked against them).
 pub(crate) async fn watch_services(
     client: Client,
-    shared: Arc<Shared>,
+    endpoints: Arc<Mutex<ServiceEndpoints>>,
+    reload: impl Fn(),
     shutdown: watch::Receiver<bool>,
 ) {
     // An older chart's RBAC may not grant Services: discovery then goes on without
@@ -395,12 +395,11 @@ pub(crate) async fn watch_services(
         tracing::warn!(
             "the control plane may not list Services (RBAC): backend port numbers and HTTPRoute ports cannot be checked"
         );
-        shared
-            .endpoints
+        endpoints
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .services_unreadable();
-        shared.reload();
+        reload();
         return;
     }
     super::reflect(
@@ -410,13 +409,12 @@ pub(crate) async fn watch_services(
         "Service",
         shutdown,
         |services| {
-            let changed = shared
-                .endpoints
+            let changed = endpoints
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .sync_services(services);
             if changed {
-                shared.reload();
+                reload();
             }
         },
     )

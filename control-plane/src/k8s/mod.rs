@@ -4,6 +4,8 @@
 //!   (`sluice.dev/v1alpha1`) through a reflector, validates each with
 //!   `sluice-config` and publishes them like files; the elected replica writes
 //!   each object's verdict to its `status`.
+//! - `policy_watch`: the RoutePolicy and HTTPRoute reflector tasks and the status
+//!   writer, which feed the control plane's state.
 //! - [`leader`]: the election (a `coordination.k8s.io/v1` Lease).
 //! - [`endpoints`]: backends naming a Service get its ready endpoints from its
 //!   EndpointSlices (on the Service port a backend names), resolved into the
@@ -79,6 +81,7 @@ pub mod httproutes;
 pub mod identity;
 pub mod leader;
 pub mod policies;
+mod policy_watch;
 pub mod trust_root;
 
 #[cfg(any(test, feature = "test-support"))]
@@ -96,7 +99,7 @@ pub use identity::{TokenReviewVerifier, load_or_create_ca_secret};
 pub use leader::LeaseConfig;
 pub use policies::validate_object;
 
-use crate::Shared;
+use crate::state::Shared;
 
 /// What the control plane does with the Kubernetes API.
 #[derive(Clone)]
@@ -131,23 +134,25 @@ pub(crate) fn spawn(
     let mut tasks = vec![
         tokio::spawn(endpoints::watch_endpoints(
             cfg.client.clone(),
-            shared.clone(),
+            shared.endpoints.clone(),
+            reload(shared),
             shutdown.clone(),
         )),
         tokio::spawn(endpoints::watch_services(
             cfg.client.clone(),
-            shared.clone(),
+            shared.endpoints.clone(),
+            reload(shared),
             shutdown.clone(),
         )),
     ];
     if cfg.policies {
         let (leading_tx, leading_rx) = watch::channel(false);
-        tasks.push(tokio::spawn(httproutes::watch_httproutes(
+        tasks.push(tokio::spawn(policy_watch::watch_httproutes(
             cfg.client.clone(),
             shared.clone(),
             shutdown.clone(),
         )));
-        tasks.push(tokio::spawn(policies::watch_policies(
+        tasks.push(tokio::spawn(policy_watch::watch_policies(
             cfg.client.clone(),
             shared.clone(),
             shutdown.clone(),
@@ -158,7 +163,7 @@ pub(crate) fn spawn(
             leading_tx,
             shutdown.clone(),
         )));
-        tasks.push(tokio::spawn(policies::write_statuses(
+        tasks.push(tokio::spawn(policy_watch::write_statuses(
             cfg.client.clone(),
             shared.clone(),
             leading_rx,
@@ -166,6 +171,12 @@ pub(crate) fn spawn(
         )));
     }
     tasks
+}
+
+/// Re-reads the sources and publishes: what the endpoint watches call on a change.
+fn reload(shared: &Arc<Shared>) -> impl Fn() + Send + Sync + 'static {
+    let shared = shared.clone();
+    move || shared.reload()
 }
 
 /// Runs a reflector over `api` until `shutdown` (or the stream ends), handing the

@@ -19,25 +19,20 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
-use kube::runtime::reflector::store::Writer;
-use kube::runtime::watcher;
-use kube::{Api, Client};
+use kube::api::{ApiResource, DynamicObject};
 use serde_json::{Value, json};
 use sluice_api::pb;
 use sluice_config::{
     API_VERSION, ConfigError, KIND, PolicySet, RoutePolicy, RoutePolicyResource, RoutePolicyStatus,
 };
-use tokio::sync::watch;
 
-use crate::Shared;
-use crate::k8s::httproutes::{GatewayRoutes, httproute_resource, now_rfc3339};
+use crate::k8s::httproutes::GatewayRoutes;
 use crate::source::{FileView, PolicyView};
 
 /// `namespace`, `name`.
-type ObjectKey = (String, String);
+pub(crate) type ObjectKey = (String, String);
 
 /// The API resource behind `RoutePolicy` objects.
 pub(crate) fn api_resource() -> ApiResource {
@@ -373,7 +368,7 @@ impl KubePolicies {
             .collect()
     }
 
-    fn mark_written(&mut self, key: ObjectKey, status: RoutePolicyStatus) {
+    pub(crate) fn mark_written(&mut self, key: ObjectKey, status: RoutePolicyStatus) {
         if self.objects.contains_key(&key) {
             self.written.insert(key, status);
         }
@@ -426,139 +421,5 @@ impl KubePolicies {
             .collect();
         views.extend(self.gateway.file_views());
         views
-    }
-}
-
-/// Runs the RoutePolicy reflector until `shutdown`: every change to the objects
-/// re-validates what changed and republishes the mesh's set.
-pub(crate) async fn watch_policies(
-    client: Client,
-    shared: Arc<Shared>,
-    shutdown: watch::Receiver<bool>,
-) {
-    let ar = api_resource();
-    super::reflect(
-        Api::<DynamicObject>::all_with(client, &ar),
-        Writer::new(ar),
-        watcher::Config::default(),
-        "RoutePolicy",
-        shutdown,
-        |objects| {
-            let failures = shared.with_kube_policies(|k| k.sync(objects)).unwrap_or(0);
-            shared.metrics.validation_failures.inc_by(failures as u64);
-            shared.reload();
-        },
-    )
-    .await
-}
-
-/// While this replica leads, writes every object's verdict to its `status`
-/// (only where it differs, so the writes' own watch events change nothing).
-pub(crate) async fn write_statuses(
-    client: Client,
-    shared: Arc<Shared>,
-    mut leading: watch::Receiver<bool>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let ar = api_resource();
-    let mut changes = shared.changes.subscribe();
-    loop {
-        let mut failed = false;
-        if *leading.borrow_and_update() {
-            failed |= write_route_statuses(&client, &shared).await;
-            let pending = shared
-                .with_kube_policies(|k| k.pending_statuses())
-                .unwrap_or_default();
-            for (key, status, resource_version) in pending {
-                let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &key.0, &ar);
-                // A merge patch: fields set to null are removed.
-                let patch = json!({
-                    "metadata": { "resourceVersion": resource_version },
-                    "status": {
-                    "observedGeneration": status.observed_generation,
-                    "accepted": status.accepted,
-                    "hash": status.hash,
-                    "error": status.error,
-                }});
-                match patch_status(&api, "RoutePolicy", &key, &patch).await {
-                    Some(true) => {
-                        shared.with_kube_policies(|k| k.mark_written(key, status));
-                    }
-                    Some(false) => {}
-                    None => failed = true,
-                }
-            }
-        }
-        let retry = async {
-            if failed {
-                tokio::time::sleep(Duration::from_secs(5)).await
-            } else {
-                std::future::pending().await
-            }
-        };
-        tokio::select! {
-            r = changes.changed() => if r.is_err() { return },
-            r = leading.changed() => if r.is_err() { return },
-            _ = retry => {}
-            _ = shutdown.changed() => return,
-        }
-    }
-}
-
-/// Writes the `status.parents` of every HTTPRoute whose verdict changed (Sluice's
-/// entries only; the list is shared with other controllers, and the resourceVersion
-/// precondition keeps a concurrent writer's entries). True if any write failed.
-async fn write_route_statuses(client: &Client, shared: &Shared) -> bool {
-    let ar = httproute_resource();
-    let now = now_rfc3339();
-    let pending = shared
-        .with_kube_policies(|k| k.gateway.pending_statuses(&now))
-        .unwrap_or_default();
-    let mut failed = false;
-    for (key, parents, resource_version) in pending {
-        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &key.0, &ar);
-        let patch = json!({
-            "metadata": { "resourceVersion": resource_version },
-            "status": { "parents": parents },
-        });
-        match patch_status(&api, "HTTPRoute", &key, &patch).await {
-            Some(true) => {
-                shared.with_kube_policies(|k| k.gateway.mark_written(key, parents));
-            }
-            Some(false) => {}
-            None => failed = true,
-        }
-    }
-    failed
-}
-
-/// Writes one object's status with `patch` (a merge patch whose resourceVersion is a
-/// precondition: another writer in between makes it a 409). `Some(true)` when
-/// written, `Some(false)` when the object is gone (its delete event removes it),
-/// `None` when it must be tried again (changed meanwhile: its watch event brings
-/// the version to judge; or the API failed).
-async fn patch_status(
-    api: &Api<DynamicObject>,
-    kind: &str,
-    key: &ObjectKey,
-    patch: &Value,
-) -> Option<bool> {
-    match api
-        .patch_status(&key.1, &PatchParams::default(), &Patch::Merge(patch))
-        .await
-    {
-        Ok(_) => {
-            tracing::debug!(namespace = %key.0, name = %key.1, "{kind} status written");
-            Some(true)
-        }
-        Err(kube::Error::Api(s)) if s.code == 404 => Some(false),
-        Err(kube::Error::Api(s)) if s.code == 409 => {
-            tracing::debug!(namespace = %key.0, name = %key.1, "{kind} changed since it was judged; its status waits for the new version");
-            None
-        }
-        Err(e) => {
-            tracing::warn!(namespace = %key.0, name = %key.1, error = %e, "cannot write {kind} status; will retry");
-            None
-        }
     }
 }

@@ -17,7 +17,7 @@ use sluice_api::AdminGate;
 
 use super::driver::{CommandError, RolloutId};
 use super::engine::Command;
-use crate::Shared;
+use crate::state::Shared;
 
 /// Answers a request under `/rollouts`.
 pub(crate) fn route<B>(

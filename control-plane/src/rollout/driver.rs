@@ -486,7 +486,7 @@ fn load(dir: &Path) -> HashMap<RolloutId, Saved> {
 }
 
 /// Looks at acks and interval ends every [`TICK`]; ends at shutdown.
-pub(crate) async fn drive(shared: Arc<crate::Shared>, mut shutdown: watch::Receiver<bool>) {
+pub(crate) async fn drive(shared: Arc<crate::state::Shared>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
