@@ -61,7 +61,13 @@ pub(crate) async fn serve(
             let svc = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
                 let gate = gate.clone();
-                async move { Ok::<_, Infallible>(route(&shared, &gate, &req)) }
+                async move {
+                    if req.uri().path() == "/rollouts/reports" && req.method() == Method::POST {
+                        let resp = crate::rollout::admin::relayed_report(&shared, &gate, req).await;
+                        return Ok::<_, Infallible>(resp);
+                    }
+                    Ok::<_, Infallible>(route(&shared, &gate, &req))
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc);

@@ -356,7 +356,7 @@ fn on_answer(
             tracing::debug!(node_id = %node, "ignoring a second Hello");
         }
         Message::Report(report) => match shared.reports.ingest(node, &report, Instant::now()) {
-            Ok(()) => shared.judge_reports(),
+            Ok(()) => shared.on_report(node, report),
             Err(e) => {
                 tracing::debug!(node_id = %node, error = %e, "malformed traffic report dropped")
             }

@@ -409,6 +409,10 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error
         cfg.state_dir.as_deref(),
         cfg.stamp_schema_version,
     ));
+    if kube_policies {
+        // With several replicas, the lease holder drives; until elected, follow.
+        shared.rollouts.set_leading(false);
+    }
     shared.reload();
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -473,7 +477,21 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error
         aging.reports.keep_fresh(stop).await;
     }));
     if let Some(kube) = &cfg.kubernetes {
-        tasks.extend(k8s::spawn(kube, &shared, &shutdown_rx));
+        let mut kube = kube.clone();
+        if kube.lease.admin_url.is_none() {
+            let reachable = match kube.pod_ip {
+                _ if !admin_addr.ip().is_unspecified() => Some(admin_addr),
+                Some(ip) => Some(SocketAddr::new(ip, admin_addr.port())),
+                None => None,
+            };
+            kube.lease.admin_url = reachable.map(|a| format!("http://{a}"));
+        }
+        tasks.extend(k8s::spawn(
+            &kube,
+            &shared,
+            cfg.admin_token.clone(),
+            &shutdown_rx,
+        ));
     }
     match (&cfg.publish_trust_root, &trust_root) {
         (Some(publish), Some(pem)) => {

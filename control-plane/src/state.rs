@@ -10,13 +10,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use sluice_api::pb;
-use sluice_config::{EffectiveWeights, PolicySet};
+use sluice_config::PolicySet;
 use tokio::sync::watch;
 
 use crate::k8s::endpoints::ServiceEndpoints;
 use crate::k8s::policies::KubePolicies;
 use crate::metrics::Metrics;
 use crate::proxies::ProxyRegistry;
+use crate::rollout::forward::ReportForwarder;
 use crate::rollout::{ReportBook, Rollouts};
 use crate::source::{FileView, PolicyDir, PolicyView, ScanReport};
 use crate::views;
@@ -89,14 +90,18 @@ pub(crate) struct Shared {
     pub(crate) snapshots: watch::Sender<Option<Arc<Published>>>,
     /// Last expressible form of each policy per schema version.
     pub(crate) view_memory: Mutex<views::ViewMemory>,
-    /// The weights proxies receive for each weighted rule: the rollouts' (the file's
-    /// weights where there is none).
-    pub(crate) effective: Box<dyn EffectiveWeights + Send + Sync>,
-    /// Every rollout of the published set.
+    /// Held from reading the weights to sending the snapshot built with them, so
+    /// publications are sent in the order their weights were read: a build that read
+    /// a canary's old weight can never be sent after the build that read its rollback.
+    pub(crate) publishing: Mutex<()>,
+    /// Every rollout of the published set; their weights are what proxies receive
+    /// for each weighted rule (the file's weights where there is none).
     pub(crate) rollouts: Rollouts,
     pub(crate) proxies: ProxyRegistry,
     /// The proxies' traffic reports and the per-route count of proxies with traffic.
     pub(crate) reports: ReportBook,
+    /// Reports relayed to the lease holder while this replica does not hold it.
+    pub(crate) forwarder: ReportForwarder,
     pub(crate) metrics: Metrics,
     pub(crate) ready: std::sync::atomic::AtomicBool,
     /// Bumped whenever what the admin API shows may have changed.
@@ -128,10 +133,11 @@ impl Shared {
             endpoints: Arc::new(Mutex::new(endpoints)),
             snapshots,
             view_memory: Mutex::new(views::ViewMemory::default()),
-            effective: Box::new(rollouts.clone()),
+            publishing: Mutex::new(()),
             rollouts,
             changes: changes.clone(),
             proxies: ProxyRegistry::new(metrics.connected.clone(), changes),
+            forwarder: ReportForwarder::new(reports.clone()),
             reports: ReportBook::new(reports),
             metrics,
             ready: std::sync::atomic::AtomicBool::new(false),
@@ -142,6 +148,9 @@ impl Shared {
     /// Re-reads the policy directory and publishes the mesh's set if its hash
     /// changed. Called from the watcher thread and once at start.
     pub(crate) fn reload(&self) {
+        // The whole re-read is one publication: two re-reads at once must not send
+        // their sets in the opposite order to reading them.
+        let _publishing = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
         let services = {
             let endpoints = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
             endpoints
@@ -196,15 +205,18 @@ impl Shared {
     }
 
     /// Publishes `set` when what any proxy would receive of it changed: the set
-    /// itself or, for the same set, the effective weights (a rollout step).
+    /// itself or, for the same set, the effective weights (a rollout step). The
+    /// caller holds `publishing`.
     fn publish(&self, set: PolicySet, policies: Vec<pb::PolicyMeta>) {
         self.rollouts.sync(&set);
+        // One read of the weights serves the build and the record of its versions.
+        let weights = self.rollouts.frozen();
         let views = {
             let mut memory = self.view_memory.lock().unwrap_or_else(|e| e.into_inner());
-            views::build(&set, &policies, &*self.effective, &mut memory)
+            views::build(&set, &policies, &weights, &mut memory)
         };
         for v in &views {
-            self.rollouts.record_version(&v.snapshot.version);
+            self.rollouts.record_version(&v.snapshot.version, &weights);
         }
         let versions = |v: &[views::View]| -> Vec<String> {
             v.iter().map(|v| v.snapshot.version.clone()).collect()
@@ -243,11 +255,29 @@ impl Shared {
 
     /// Publishes the set in force again, with the rollouts' current weights.
     pub(crate) fn republish(&self) {
-        let current = self.snapshots.borrow().clone();
-        if let Some(p) = current {
-            self.publish(p.set.clone(), p.metas.clone());
+        {
+            let _publishing = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
+            // Read under the lock: a set published by a re-read meanwhile is the one
+            // to send again, never the one it replaced.
+            let current = self.snapshots.borrow().clone();
+            if let Some(p) = current {
+                self.publish(p.set.clone(), p.metas.clone());
+            }
         }
         self.changes.send_modify(|c| *c += 1);
+    }
+
+    /// A well-formed report from proxy `node`, received on its stream or relayed by
+    /// another replica: judged here when this replica drives the rollouts, else
+    /// relayed to the one that does.
+    pub(crate) fn on_report(&self, node: &str, report: pb::Report) {
+        if self.rollouts.is_leading() {
+            self.judge_reports();
+        } else {
+            // Counted here for the traffic table; judged by the holder.
+            drop(self.reports.take());
+            self.forwarder.forward(node, report);
+        }
     }
 
     /// Feeds the reports received so far to the rollouts, publishing new weights at
@@ -267,5 +297,102 @@ impl Shared {
             .as_ref()
             .and_then(|p| p.views.last())
             .map(|v| v.snapshot.version.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use super::*;
+    use crate::rollout::RolloutId;
+    use crate::rollout::engine::Command;
+
+    const POLICY: &str = r#"apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: { name: log, namespace: bench }
+spec:
+  host: log
+  backends:
+    v1: { addresses: ["127.0.0.1:1"] }
+    v2: { addresses: ["127.0.0.1:2"] }
+  routes:
+    - name: ingest
+      split:
+        - weights: { v1: 100, v2: 0 }
+          rollout:
+            canary: v2
+            steps: [10, 50, 100]
+            interval: 1s
+"#;
+
+    fn id() -> RolloutId {
+        RolloutId {
+            namespace: "bench".into(),
+            policy: "log".into(),
+            route: "ingest".into(),
+        }
+    }
+
+    fn shared(dir: &Path) -> Shared {
+        std::fs::write(dir.join("log.yaml"), POLICY).expect("write the policy");
+        let source = PolicySource::Dir(
+            PolicyDir::open(dir, None, sluice_config::Limits::default()).expect("open the dir"),
+        );
+        let shared = Shared::new(source, ServiceEndpoints::default(), None, None);
+        shared.reload();
+        shared
+    }
+
+    /// The canary weight the newest proxies receive, and the one recorded for that
+    /// version.
+    fn published(shared: &Shared) -> (u32, Option<u32>) {
+        let p = shared.snapshots.borrow().clone().expect("published");
+        let view = p.views.last().expect("a view");
+        let set = PolicySet::from_canonical("snapshot", &view.snapshot.canonical).expect("decodes");
+        let weight = set.policies()[0].spec.routes[0].split[0]
+            .weights
+            .as_ref()
+            .and_then(|w| w.get("v2").copied())
+            .expect("a canary weight");
+        let recorded = shared
+            .rollouts
+            .recorded_weight(&view.snapshot.version, &id());
+        (weight, recorded)
+    }
+
+    /// A rollback published while other publications of the old weight are in flight
+    /// (the driver's tick, another proxy's report) is the last one sent, and every
+    /// version is recorded with the weights it carries. Each round races two threads
+    /// republishing against one rolling back.
+    #[test]
+    fn a_rollback_is_never_overwritten_by_a_publication_of_the_old_weight() {
+        for round in 0..200 {
+            let dir = tempfile::tempdir().expect("tempdir");
+            let shared = Arc::new(shared(dir.path()));
+            assert_eq!(published(&shared), (10, Some(10)), "round {round}: before");
+            let stop = Arc::new(AtomicBool::new(false));
+            let racers: Vec<_> = (0..2)
+                .map(|_| {
+                    let (shared, stop) = (shared.clone(), stop.clone());
+                    std::thread::spawn(move || {
+                        while !stop.load(Ordering::Relaxed) {
+                            shared.republish();
+                        }
+                    })
+                })
+                .collect();
+            std::thread::yield_now();
+            shared
+                .rollouts
+                .command(&id(), Command::Abort)
+                .expect("abort applies");
+            shared.republish();
+            stop.store(true, Ordering::Relaxed);
+            for r in racers {
+                r.join().expect("racer");
+            }
+            assert_eq!(published(&shared), (0, Some(0)), "round {round}: after");
+        }
     }
 }

@@ -5,7 +5,11 @@
 //!   `sluice-config` and publishes them like files; the elected replica writes
 //!   each object's verdict to its `status`.
 //! - `policy_watch`: the RoutePolicy and HTTPRoute reflector tasks and the status
-//!   writer, which feed the control plane's state.
+//!   writer. The status also carries each route's rollout state: only the elected
+//!   replica judges and drives rollouts and writes it; the others serve the weights
+//!   it says (so every replica publishes the same versions and `/rollouts`), relay
+//!   the proxies' reports to the elected one ([`crate::rollout::forward`]), and a
+//!   newly elected replica resumes from it.
 //! - [`leader`]: the election (a `coordination.k8s.io/v1` Lease).
 //! - [`endpoints`]: backends naming a Service get its ready endpoints from its
 //!   EndpointSlices (on the Service port a backend names), resolved into the
@@ -61,6 +65,8 @@
 //!   Secret live.
 //! - `--pod-name NAME` (`SLUICE_POD_NAME`, default `$HOSTNAME`): this replica's
 //!   name in the Lease.
+//! - `--pod-ip IP` (`SLUICE_POD_IP`): where the other replicas relay the proxies'
+//!   traffic reports (to the admin port) while this replica holds the Lease.
 //! - `--lease-name NAME` (`SLUICE_LEASE_NAME`, default `sluice-control-plane`).
 //! - `--ca-secret NAME` (`SLUICE_CA_SECRET`): keep the mesh root in this Secret
 //!   (keys `ca.crt`, `ca.key`), created on first start.
@@ -113,6 +119,9 @@ pub struct KubeConfig {
     pub lease: LeaseConfig,
     /// Trust domain of the identities derived from endpoints' service accounts.
     pub trust_domain: String,
+    /// This replica's pod IP: other replicas reach its admin port there (when the
+    /// admin port is bound to a specific address, that address is used instead).
+    pub pod_ip: Option<std::net::IpAddr>,
 }
 
 impl fmt::Debug for KubeConfig {
@@ -129,6 +138,7 @@ impl fmt::Debug for KubeConfig {
 pub(crate) fn spawn(
     cfg: &KubeConfig,
     shared: &Arc<Shared>,
+    admin_token: Option<Arc<str>>,
     shutdown: &watch::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
     let mut tasks = vec![
@@ -166,11 +176,55 @@ pub(crate) fn spawn(
         tasks.push(tokio::spawn(policy_watch::write_statuses(
             cfg.client.clone(),
             shared.clone(),
+            leading_rx.clone(),
+            shutdown.clone(),
+        )));
+        tasks.push(tokio::spawn(drive_while_leading(
+            shared.clone(),
             leading_rx,
             shutdown.clone(),
         )));
+        let (holder_tx, holder_rx) = watch::channel(None);
+        tasks.push(tokio::spawn(leader::watch_holder(
+            cfg.client.clone(),
+            cfg.lease.clone(),
+            holder_tx,
+            shutdown.clone(),
+        )));
+        let relaying = shared.clone();
+        let stop = shutdown.clone();
+        tasks.push(tokio::spawn(async move {
+            relaying.forwarder.run(holder_rx, admin_token, stop).await;
+        }));
     }
     tasks
+}
+
+/// Only the lease holder judges and drives rollouts; the others serve the states
+/// it writes into the statuses. Mirrors leadership into the rollouts until
+/// `shutdown`.
+async fn drive_while_leading(
+    shared: Arc<Shared>,
+    mut leading: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let now = *leading.borrow_and_update();
+        shared.rollouts.set_leading(now);
+        if !now {
+            // What the statuses say now, at once rather than at their next change.
+            let statuses = shared
+                .with_kube_policies(|k| k.rollout_statuses())
+                .unwrap_or_default();
+            if shared.rollouts.follow(statuses) {
+                shared.republish();
+            }
+        }
+        tokio::select! {
+            r = leading.changed() => if r.is_err() { return },
+            _ = shutdown.changed() => return,
+        }
+    }
 }
 
 /// Re-reads the sources and publishes: what the endpoint watches call on a change.
@@ -260,6 +314,10 @@ pub struct KubeArgs {
     /// This replica's name in the Lease (default: `$HOSTNAME`).
     #[arg(long, env = "SLUICE_POD_NAME", value_name = "NAME")]
     pub pod_name: Option<String>,
+    /// This replica's pod IP: while it holds the Lease, the other replicas relay the
+    /// proxies' traffic reports to its admin port there.
+    #[arg(long, env = "SLUICE_POD_IP", value_name = "IP")]
+    pub pod_ip: Option<std::net::IpAddr>,
     /// Name of the Lease electing the replica that writes RoutePolicy statuses.
     #[arg(
         long,
@@ -388,6 +446,7 @@ impl KubeArgs {
             policies,
             lease: LeaseConfig::new(&self.namespace(client), &self.lease_name, &holder),
             trust_domain: trust_domain.to_string(),
+            pod_ip: self.pod_ip,
         })
     }
 }

@@ -25,10 +25,12 @@ use kube::api::{ApiResource, DynamicObject};
 use serde_json::{Value, json};
 use sluice_api::pb;
 use sluice_config::{
-    API_VERSION, ConfigError, KIND, PolicySet, RoutePolicy, RoutePolicyResource, RoutePolicyStatus,
+    API_VERSION, ConfigError, KIND, PolicySet, RolloutStatus, RoutePolicy, RoutePolicyResource,
+    RoutePolicyStatus,
 };
 
 use crate::k8s::httproutes::GatewayRoutes;
+use crate::rollout::RolloutId;
 use crate::source::{FileView, PolicyView};
 
 /// `namespace`, `name`.
@@ -339,7 +341,12 @@ impl KubePolicies {
     }
 
     /// What each object's status should say.
-    fn desired(&self, key: &ObjectKey, state: &ObjectState) -> RoutePolicyStatus {
+    fn desired(
+        &self,
+        key: &ObjectKey,
+        state: &ObjectState,
+        rollouts: &BTreeMap<ObjectKey, Vec<RolloutStatus>>,
+    ) -> RoutePolicyStatus {
         let error = state
             .error
             .clone()
@@ -349,19 +356,42 @@ impl KubePolicies {
             accepted: error.is_none() && state.good.is_some(),
             hash: state.good.as_ref().map(|g| g.hash.clone()),
             error,
+            rollouts: rollouts.get(key).cloned().unwrap_or_default(),
         }
+    }
+
+    /// The rollout states the objects' statuses carry now (the elected replica's).
+    pub(crate) fn rollout_statuses(&self) -> HashMap<RolloutId, RolloutStatus> {
+        self.objects
+            .iter()
+            .flat_map(|(key, state)| {
+                state.status.iter().flat_map(move |st| {
+                    st.rollouts.iter().map(move |r| {
+                        let id = RolloutId {
+                            namespace: key.0.clone(),
+                            policy: key.1.clone(),
+                            route: r.route.clone(),
+                        };
+                        (id, r.clone())
+                    })
+                })
+            })
+            .collect()
     }
 
     /// Objects whose status differs from the verdict (and was not just written),
     /// with the resourceVersion the verdict is about.
-    pub(crate) fn pending_statuses(&self) -> Vec<(ObjectKey, RoutePolicyStatus, Option<String>)> {
+    pub(crate) fn pending_statuses(
+        &self,
+        rollouts: &BTreeMap<ObjectKey, Vec<RolloutStatus>>,
+    ) -> Vec<(ObjectKey, RoutePolicyStatus, Option<String>)> {
         if !self.synced {
             return Vec::new();
         }
         self.objects
             .iter()
             .filter_map(|(key, state)| {
-                let want = self.desired(key, state);
+                let want = self.desired(key, state, rollouts);
                 let have = self.written.get(key).or(state.status.as_ref());
                 (have != Some(&want)).then(|| (key.clone(), want, state.resource_version.clone()))
             })

@@ -34,8 +34,12 @@ pub(crate) async fn watch_policies(
         "RoutePolicy",
         shutdown,
         |objects| {
-            let failures = shared.with_kube_policies(|k| k.sync(objects)).unwrap_or(0);
+            let (failures, rollouts) = shared
+                .with_kube_policies(|k| (k.sync(objects), k.rollout_statuses()))
+                .unwrap_or_default();
             shared.metrics.validation_failures.inc_by(failures as u64);
+            // Before the reload: a rollout showing up in it resumes from its status.
+            shared.rollouts.follow(rollouts);
             shared.reload();
         },
     )
@@ -56,8 +60,9 @@ pub(crate) async fn write_statuses(
         let mut failed = false;
         if *leading.borrow_and_update() {
             failed |= write_route_statuses(&client, &shared).await;
+            let rollouts = shared.rollouts.statuses();
             let pending = shared
-                .with_kube_policies(|k| k.pending_statuses())
+                .with_kube_policies(|k| k.pending_statuses(&rollouts))
                 .unwrap_or_default();
             for (key, status, resource_version) in pending {
                 let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &key.0, &ar);
@@ -69,6 +74,8 @@ pub(crate) async fn write_statuses(
                     "accepted": status.accepted,
                     "hash": status.hash,
                     "error": status.error,
+                    // Null removes the field when no route has a rollout.
+                    "rollouts": (!status.rollouts.is_empty()).then_some(&status.rollouts),
                 }});
                 match patch_status(&api, "RoutePolicy", &key, &patch).await {
                     Some(true) => {

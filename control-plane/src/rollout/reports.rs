@@ -289,7 +289,7 @@ pub fn counter() -> prometheus::IntCounterVec {
     prometheus::IntCounterVec::new(
         prometheus::Opts::new(
             "sluice_cp_reports_total",
-            "Traffic reports from proxies, by result (accepted, malformed, dropped_by_proxy).",
+            "Traffic reports from proxies, by result (accepted, malformed, dropped_by_proxy; on a replica not holding the lease, forwarded or forward_dropped).",
         ),
         &["result"],
     )
