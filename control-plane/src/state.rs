@@ -395,4 +395,23 @@ spec:
             assert_eq!(published(&shared), (0, Some(0)), "round {round}: after");
         }
     }
+
+    /// A rollout whose block leaves the policy ends: it is no longer listed, and
+    /// proxies get the file's weights (here the canary's 0), whatever its step.
+    #[test]
+    fn a_rollout_whose_block_is_removed_ends_and_the_file_weights_are_served() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shared = shared(dir.path());
+        assert_eq!(published(&shared), (10, Some(10)));
+        let without = POLICY
+            .split("          rollout:")
+            .next()
+            .expect("the policy")
+            .to_string();
+        std::fs::write(dir.path().join("log.yaml"), without).expect("write the policy");
+        shared.reload();
+        assert_eq!(shared.rollouts.view()["rollouts"], serde_json::json!([]));
+        assert_eq!(published(&shared).0, 0);
+        assert!(shared.rollouts.statuses().is_empty());
+    }
 }

@@ -277,6 +277,11 @@ impl Rollouts {
             }
         }
         let before = book.entries.len();
+        for (id, e) in book.entries.iter().filter(|(id, _)| !seen.contains(id)) {
+            // Its block, route or policy is gone (or its canary with it, in a version
+            // that validates): proxies get the file's weights from now on.
+            tracing::info!(rollout = %id.label(), canary = %e.spec.rollout.canary, phase = ?e.state.phase(), step = e.state.step(), "rollout ended: its block is no longer in the policy");
+        }
         book.entries.retain(|id, _| seen.contains(id));
         changed |= before != book.entries.len();
         self.update_gauges(&book);
