@@ -62,9 +62,22 @@ pub(crate) async fn serve(
                 let shared = shared.clone();
                 let gate = gate.clone();
                 async move {
-                    if req.uri().path() == "/rollouts/reports" && req.method() == Method::POST {
-                        let resp = crate::rollout::admin::relayed_report(&shared, &gate, req).await;
-                        return Ok::<_, Infallible>(resp);
+                    if req.method() == Method::POST {
+                        match req.uri().path() {
+                            "/rollouts/reports" => {
+                                let resp =
+                                    crate::rollout::admin::relayed_report(&shared, &gate, req)
+                                        .await;
+                                return Ok::<_, Infallible>(resp);
+                            }
+                            "/rollouts/proxies" => {
+                                let resp =
+                                    crate::rollout::admin::remote_proxies(&shared, &gate, req)
+                                        .await;
+                                return Ok::<_, Infallible>(resp);
+                            }
+                            _ => {}
+                        }
                     }
                     Ok::<_, Infallible>(route(&shared, &gate, &req))
                 }

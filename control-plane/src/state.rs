@@ -5,6 +5,7 @@
 //! admin server, the rollout driver) holds an `Arc<Shared>`; [`Shared::reload`] and
 //! [`Shared::republish`] are the one way a new snapshot is published.
 
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -17,7 +18,7 @@ use crate::k8s::endpoints::ServiceEndpoints;
 use crate::k8s::policies::KubePolicies;
 use crate::metrics::Metrics;
 use crate::proxies::ProxyRegistry;
-use crate::rollout::forward::ReportForwarder;
+use crate::rollout::forward::{REMOTE_FRESH, RemoteProxy, ReportForwarder};
 use crate::rollout::{ReportBook, Rollouts};
 use crate::source::{FileView, PolicyDir, PolicyView, ScanReport};
 use crate::views;
@@ -102,6 +103,9 @@ pub(crate) struct Shared {
     pub(crate) reports: ReportBook,
     /// Reports relayed to the lease holder while this replica does not hold it.
     pub(crate) forwarder: ReportForwarder,
+    /// While this replica holds the lease: the proxies connected to each other
+    /// replica, as it last sent them, and when.
+    pub(crate) remote_proxies: Mutex<HashMap<String, (Instant, Vec<RemoteProxy>)>>,
     pub(crate) metrics: Metrics,
     pub(crate) ready: std::sync::atomic::AtomicBool,
     /// Bumped whenever what the admin API shows may have changed.
@@ -138,6 +142,7 @@ impl Shared {
             changes: changes.clone(),
             proxies: ProxyRegistry::new(metrics.connected.clone(), changes),
             forwarder: ReportForwarder::new(reports.clone()),
+            remote_proxies: Mutex::default(),
             reports: ReportBook::new(reports),
             metrics,
             ready: std::sync::atomic::AtomicBool::new(false),
@@ -287,6 +292,29 @@ impl Shared {
         if !taken.is_empty() && self.rollouts.on_reports(&taken, &bounds) {
             self.republish();
         }
+    }
+
+    /// Every connected proxy whose acks a step waits for: this replica's own and, on
+    /// the lease holder, those the other replicas listed within [`REMOTE_FRESH`].
+    pub(crate) fn proxies_everywhere(&self) -> Vec<crate::proxies::ProxyRecord> {
+        let mut all = self.proxies.snapshot();
+        let now = Instant::now();
+        let mut remote = self
+            .remote_proxies
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        remote.retain(|_, (at, _)| now.saturating_duration_since(*at) <= REMOTE_FRESH);
+        for (_, list) in remote.values() {
+            all.extend(list.iter().map(|p| {
+                let mut r = crate::proxies::ProxyRecord::default();
+                r.node_id.clone_from(&p.node_id);
+                r.acked_version.clone_from(&p.acked_version);
+                r.nacked_version.clone_from(&p.nacked_version);
+                r.connected = true;
+                r
+            }));
+        }
+        all
     }
 
     /// The version the newest proxies receive: the content hash of the canonical

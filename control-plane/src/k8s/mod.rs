@@ -105,6 +105,7 @@ pub use identity::{TokenReviewVerifier, load_or_create_ca_secret};
 pub use leader::LeaseConfig;
 pub use policies::validate_object;
 
+use crate::rollout::forward::RemoteProxy;
 use crate::state::Shared;
 
 /// What the control plane does with the Kubernetes API.
@@ -193,8 +194,25 @@ pub(crate) fn spawn(
         )));
         let relaying = shared.clone();
         let stop = shutdown.clone();
+        let replica = cfg.lease.holder.clone();
         tasks.push(tokio::spawn(async move {
-            relaying.forwarder.run(holder_rx, admin_token, stop).await;
+            let acks = || {
+                relaying
+                    .proxies
+                    .snapshot()
+                    .into_iter()
+                    .filter(|p| p.connected)
+                    .map(|p| RemoteProxy {
+                        node_id: p.node_id,
+                        acked_version: p.acked_version,
+                        nacked_version: p.nacked_version,
+                    })
+                    .collect()
+            };
+            let forwarder = &relaying.forwarder;
+            forwarder
+                .run(holder_rx, admin_token, replica, acks, stop)
+                .await;
         }));
     }
     tasks

@@ -1101,6 +1101,23 @@ async fn the_lease_holder_drives_a_rollout_the_follower_serves_and_resumes_it() 
     assert_eq!(served_canary_weight(&a), Some(10));
     assert_eq!(served_canary_weight(&b), Some(10));
 
+    // A proxy connected to the follower only, at the version it serves.
+    let hello = sluice_api::pb::Hello {
+        node_id: "proxy-b".into(),
+        last_applied_version: b.policy_version().unwrap(),
+        ..Default::default()
+    };
+    let stream = b.shared.proxies.connect(&hello);
+    eventually("the holder knows the follower's proxy", || {
+        a.shared
+            .remote_proxies
+            .lock()
+            .unwrap()
+            .values()
+            .any(|(_, list)| list.iter().any(|p| p.node_id == "proxy-b"))
+    })
+    .await;
+
     // Reports reach the follower only: it relays them, the holder judges the
     // window, advances, writes step 1, and the follower serves 50 % from the status.
     let mut relayed = 0;
@@ -1122,6 +1139,34 @@ async fn the_lease_holder_drives_a_rollout_the_follower_serves_and_resumes_it() 
         "{st}"
     );
     assert_eq!(served_canary_weight(&a), Some(50));
+    // The holder's step 1 waits for the follower's proxy, which has not acked it:
+    // however many reports arrive, no window opens.
+    for _ in 0..30 {
+        let report = healthy_report(20, 80);
+        b.shared
+            .reports
+            .ingest("proxy-1", &report, std::time::Instant::now())
+            .unwrap();
+        b.shared.on_report("proxy-1", report);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let view = a.shared.rollouts.view();
+    assert_eq!(
+        (
+            view["rollouts"][0]["step"].clone(),
+            view["rollouts"][0]["stepAcked"].clone()
+        ),
+        (json!(1), json!(false)),
+        "{view}"
+    );
+    // Once it acks the follower's version (the same as the holder's), the window opens.
+    let v = b.policy_version().unwrap();
+    assert_eq!(a.policy_version().as_deref(), Some(v.as_str()));
+    b.shared.proxies.acked("proxy-b", &v);
+    eventually("the holder counts the follower's proxy's ack", || {
+        a.shared.rollouts.view()["rollouts"][0]["stepAcked"] == true
+    })
+    .await;
     let metrics = String::from_utf8(b.shared.metrics.render()).unwrap();
     assert!(
         metrics.lines().any(
@@ -1164,6 +1209,10 @@ async fn the_lease_holder_drives_a_rollout_the_follower_serves_and_resumes_it() 
             "the new holder never promoted: {}",
             status_rollout(&cluster)
         );
+        // Its proxy acks whatever it is served.
+        b.shared
+            .proxies
+            .acked("proxy-b", &b.policy_version().unwrap());
         let report = healthy_report(20, 80);
         b.shared
             .reports
@@ -1181,5 +1230,6 @@ async fn the_lease_holder_drives_a_rollout_the_follower_serves_and_resumes_it() 
         .map(|t| t["result"].as_str().unwrap())
         .collect();
     assert!(!results[1..].contains(&"started"), "{results:?}");
+    drop(stream);
     b.shutdown().await;
 }

@@ -9,6 +9,8 @@
 //! - `POST /rollouts/reports`: a proxy's traffic report relayed by a replica that
 //!   does not hold the lease (see [`super::forward`]); 204 once taken in, 409 when
 //!   this replica does not hold the lease either.
+//! - `POST /rollouts/proxies`: the proxies connected to a replica that does not hold
+//!   the lease and the versions they acked (JSON); 204, or 409 as above.
 //!
 //! Both answer under the admin port's token rule ([`AdminGate`]): on loopback, or
 //! with the admin token.
@@ -97,6 +99,60 @@ pub(crate) async fn relayed_report(
         }
         Err(e) => text(StatusCode::BAD_REQUEST, format!("malformed report: {e}\n")),
     }
+}
+
+/// `POST /rollouts/proxies`: takes in another replica's list of connected proxies.
+pub(crate) async fn remote_proxies(
+    shared: &Shared,
+    gate: &AdminGate,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    if let Some(refused) = refusal(gate, &req) {
+        return refused;
+    }
+    let Some(replica) = req
+        .headers()
+        .get(super::forward::REPLICA_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+    else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!("missing {}\n", super::forward::REPLICA_HEADER),
+        );
+    };
+    let body = match Limited::new(req.into_body(), MAX_REPORT_BYTES)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("body: {e}\n")),
+    };
+    let list: Vec<super::forward::RemoteProxy> = match serde_json::from_slice(&body) {
+        Ok(l) => l,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("not a list of proxies: {e}\n"),
+            );
+        }
+    };
+    if !shared.rollouts.is_leading() {
+        return text(
+            StatusCode::CONFLICT,
+            "this replica does not hold the lease\n".into(),
+        );
+    }
+    shared
+        .remote_proxies
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(replica, (Instant::now(), list));
+    Response::builder()
+        .status(StatusCode::NO_CONTENT)
+        .body(Full::default())
+        .expect("valid response")
 }
 
 /// Answers a request under `/rollouts`.

@@ -704,7 +704,7 @@ pub(crate) async fn drive(shared: Arc<crate::state::Shared>, mut shutdown: watch
             _ = tick.tick() => {}
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
-        let proxies = shared.proxies.snapshot();
+        let proxies = shared.proxies_everywhere();
         if shared.rollouts.tick(&proxies) {
             shared.republish();
         }
