@@ -122,6 +122,43 @@ pub struct RoutePolicyStatus {
     /// its field path (`spec.routes[0].retry.attempts: ...`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Each route's rollout as the elected replica drives it: every replica serves
+    /// these weights, and a newly elected one resumes from here.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rollouts: Vec<RolloutStatus>,
+}
+
+/// One route's rollout in a `RoutePolicy` status.
+#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutStatus {
+    /// The route's `name`.
+    pub route: String,
+    /// Hash of the rollout block (which names the canary) this state belongs to: a
+    /// changed block starts over, edits elsewhere keep it.
+    pub block: String,
+    /// The canary backend.
+    pub canary: String,
+    /// `progressing`, `paused`, `promoted` or `rolled-back`.
+    pub phase: String,
+    /// The step, a 0-based index into `steps`.
+    pub step: u32,
+    /// The weights proxies receive for the rule now.
+    pub weights: IndexMap<String, u32>,
+    /// The last window's decision: `pass`, `breach` or `inconclusive`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decision: Option<String>,
+    /// The last transition: `started`, `advanced`, `promoted`, `rolled-back`,
+    /// `paused`, `resumed`, `inconclusive` or `restarted`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition: Option<String>,
+    /// When it happened, in milliseconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_ms: Option<u64>,
+    /// Why it happened.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A set of endpoints that a split can send traffic to.

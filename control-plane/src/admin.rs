@@ -35,7 +35,7 @@ use sluice_api::admin_gate::Refusal;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::Shared;
+use crate::state::Shared;
 
 pub(crate) async fn serve(
     listener: TcpListener,
@@ -61,7 +61,26 @@ pub(crate) async fn serve(
             let svc = hyper::service::service_fn(move |req| {
                 let shared = shared.clone();
                 let gate = gate.clone();
-                async move { Ok::<_, Infallible>(route(&shared, &gate, &req)) }
+                async move {
+                    if req.method() == Method::POST {
+                        match req.uri().path() {
+                            "/rollouts/reports" => {
+                                let resp =
+                                    crate::rollout::admin::relayed_report(&shared, &gate, req)
+                                        .await;
+                                return Ok::<_, Infallible>(resp);
+                            }
+                            "/rollouts/proxies" => {
+                                let resp =
+                                    crate::rollout::admin::remote_proxies(&shared, &gate, req)
+                                        .await;
+                                return Ok::<_, Infallible>(resp);
+                            }
+                            _ => {}
+                        }
+                    }
+                    Ok::<_, Infallible>(route(&shared, &gate, &req))
+                }
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), svc);

@@ -23,7 +23,8 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::identity::IdentityService;
 use crate::serving_cert::ServingCert;
-use crate::{Error, IdentityConfig, Shared};
+use crate::state::Shared;
+use crate::{Error, IdentityConfig};
 
 /// How long a new stream may take to send its `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -355,7 +356,7 @@ fn on_answer(
             tracing::debug!(node_id = %node, "ignoring a second Hello");
         }
         Message::Report(report) => match shared.reports.ingest(node, &report, Instant::now()) {
-            Ok(()) => shared.judge_reports(),
+            Ok(()) => shared.on_report(node, report),
             Err(e) => {
                 tracing::debug!(node_id = %node, error = %e, "malformed traffic report dropped")
             }

@@ -44,24 +44,22 @@ pub mod proxies;
 pub mod rollout;
 mod serving_cert;
 pub mod source;
+mod state;
 pub mod views;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sluice_api::pb;
-use sluice_config::{EffectiveWeights, PolicySet};
 use tokio::sync::watch;
 
 pub use cli::{Args, Source, cli_main};
 
 use crate::k8s::endpoints::ServiceEndpoints;
 use crate::k8s::policies::KubePolicies;
-use crate::metrics::Metrics;
-use crate::proxies::ProxyRegistry;
-use crate::source::{DirWatcher, FileView, PolicyDir, PolicyView, ScanReport};
+use crate::source::{DirWatcher, PolicyDir};
+use crate::state::{PolicySource, Shared};
 
 /// Errors of the control plane.
 #[derive(Debug, thiserror::Error)]
@@ -265,222 +263,6 @@ impl Default for ControlPlaneConfig {
     }
 }
 
-/// The policy set in force and what each schema version's proxies receive of it.
-#[derive(Debug)]
-pub(crate) struct Published {
-    pub(crate) set: PolicySet,
-    /// Where each policy came from, as published with it.
-    pub(crate) metas: Vec<pb::PolicyMeta>,
-    /// One per schema version this build writes, oldest first (see [`views`]).
-    pub(crate) views: Vec<views::View>,
-    /// When this version replaced the previous one (push latency starts here).
-    pub(crate) changed_at: Instant,
-}
-
-/// Where policies come from.
-#[derive(Debug)]
-pub(crate) enum PolicySource {
-    /// A directory of YAML files.
-    Dir(PolicyDir),
-    /// RoutePolicy objects in the Kubernetes API.
-    Kubernetes(KubePolicies),
-}
-
-impl PolicySource {
-    fn rescan(&mut self) -> ScanReport {
-        match self {
-            Self::Dir(d) => d.rescan(),
-            // Objects arrive through the reflector, which syncs before reloading.
-            Self::Kubernetes(_) => ScanReport::default(),
-        }
-    }
-
-    fn is_ready(&self) -> bool {
-        match self {
-            Self::Dir(_) => true,
-            Self::Kubernetes(k) => k.is_synced(),
-        }
-    }
-
-    fn build_set(&mut self) -> Option<(PolicySet, Vec<pb::PolicyMeta>)> {
-        match self {
-            Self::Dir(d) => d.build_set(),
-            Self::Kubernetes(k) => k.build_set(),
-        }
-    }
-
-    pub(crate) fn policy_views(&self) -> Vec<PolicyView> {
-        match self {
-            Self::Dir(d) => d.policy_views(),
-            Self::Kubernetes(k) => k.policy_views(),
-        }
-    }
-
-    pub(crate) fn file_views(&self) -> Vec<FileView> {
-        match self {
-            Self::Dir(d) => d.file_views(),
-            Self::Kubernetes(k) => k.file_views(),
-        }
-    }
-}
-
-/// State shared by the source, the gRPC service and the admin server.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) source: Mutex<PolicySource>,
-    /// Service endpoints that `service` backends resolve to.
-    pub(crate) endpoints: Mutex<ServiceEndpoints>,
-    pub(crate) snapshots: watch::Sender<Option<Arc<Published>>>,
-    /// Last expressible form of each policy per schema version.
-    pub(crate) view_memory: Mutex<views::ViewMemory>,
-    /// The weights proxies receive for each weighted rule: the rollouts' (the file's
-    /// weights where there is none).
-    pub(crate) effective: Box<dyn EffectiveWeights + Send + Sync>,
-    /// Every rollout of the published set.
-    pub(crate) rollouts: rollout::Rollouts,
-    pub(crate) proxies: ProxyRegistry,
-    /// The proxies' traffic reports and the per-route count of proxies with traffic.
-    pub(crate) reports: rollout::ReportBook,
-    pub(crate) metrics: Metrics,
-    pub(crate) ready: std::sync::atomic::AtomicBool,
-    /// Bumped whenever what the admin API shows may have changed.
-    pub(crate) changes: watch::Sender<u64>,
-    /// Tests only: the schema version every snapshot is stamped with instead of its own.
-    pub(crate) stamp_schema_version: Option<u32>,
-}
-
-impl Shared {
-    /// Re-reads the policy directory and publishes the mesh's set if its hash
-    /// changed. Called from the watcher thread and once at start.
-    pub(crate) fn reload(&self) {
-        let services = {
-            let endpoints = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
-            endpoints
-                .services_known()
-                .then(|| endpoints.service_ports())
-        };
-        let mut source = self.source.lock().unwrap_or_else(|e| e.into_inner());
-        if let PolicySource::Kubernetes(k) = &mut *source {
-            k.gateway.set_services(services);
-        }
-        let report = source.rescan();
-        self.metrics
-            .validation_failures
-            .inc_by(report.failures as u64);
-        let ready = source.is_ready();
-        let built = source.build_set();
-        drop(source);
-        let endpoints = self.endpoints.lock().unwrap_or_else(|e| e.into_inner());
-        // Nothing is published before every source has listed once: a restarted
-        // replica must not hand proxies an empty or unresolved set.
-        let ready = ready && endpoints.is_ready();
-        let resolved = match built {
-            Some((set, metas)) if ready => match endpoints.resolve(set) {
-                Ok(set) => Some((set, metas)),
-                Err(e) => {
-                    tracing::warn!(error = %e, "the set with resolved endpoints is refused; keeping the previous one");
-                    None
-                }
-            },
-            _ => None,
-        };
-        drop(endpoints);
-        if let Some((set, metas)) = resolved {
-            self.publish(set, metas);
-        }
-        if ready {
-            self.ready.store(true, std::sync::atomic::Ordering::Release);
-        }
-        self.changes.send_modify(|c| *c += 1);
-    }
-
-    /// Runs `f` on the Kubernetes policy state, if that is the source.
-    pub(crate) fn with_kube_policies<T>(
-        &self,
-        f: impl FnOnce(&mut KubePolicies) -> T,
-    ) -> Option<T> {
-        let mut source = self.source.lock().unwrap_or_else(|e| e.into_inner());
-        match &mut *source {
-            PolicySource::Kubernetes(k) => Some(f(k)),
-            PolicySource::Dir(_) => None,
-        }
-    }
-
-    /// Publishes `set` when what any proxy would receive of it changed: the set
-    /// itself or, for the same set, the effective weights (a rollout step).
-    fn publish(&self, set: PolicySet, policies: Vec<pb::PolicyMeta>) {
-        self.rollouts.sync(&set);
-        let views = {
-            let mut memory = self.view_memory.lock().unwrap_or_else(|e| e.into_inner());
-            views::build(&set, &policies, &*self.effective, &mut memory)
-        };
-        for v in &views {
-            self.rollouts.record_version(&v.snapshot.version);
-        }
-        let versions = |v: &[views::View]| -> Vec<String> {
-            v.iter().map(|v| v.snapshot.version.clone()).collect()
-        };
-        let changed = self.snapshots.send_if_modified(|cur| {
-            if cur.as_ref().is_some_and(|p| {
-                p.set.hash() == set.hash() && versions(&p.views) == versions(&views)
-            }) {
-                return false;
-            }
-            *cur = Some(Arc::new(Published {
-                set: set.clone(),
-                metas: policies.clone(),
-                views: views.clone(),
-                changed_at: Instant::now(),
-            }));
-            true
-        });
-        if changed {
-            let version = views
-                .last()
-                .map(|v| v.snapshot.version.as_str())
-                .unwrap_or_default();
-            tracing::info!(%version, policies = set.policies().len(), "publishing policy set");
-            for v in &views {
-                for h in &v.held_back {
-                    // Only news for proxies that old: each one's stream warns when it
-                    // is served this view.
-                    tracing::info!(schema = v.schema, policy = %h.policy, needs = h.needs, state = h.state, "policy not expressible in an older schema version; its proxies get the last form they can take");
-                }
-            }
-            self.metrics.set_policy_hash(version);
-            self.metrics.set_held_back(&views);
-        }
-    }
-
-    /// Publishes the set in force again, with the rollouts' current weights.
-    pub(crate) fn republish(&self) {
-        let current = self.snapshots.borrow().clone();
-        if let Some(p) = current {
-            self.publish(p.set.clone(), p.metas.clone());
-        }
-        self.changes.send_modify(|c| *c += 1);
-    }
-
-    /// Feeds the reports received so far to the rollouts, publishing new weights at
-    /// once when one moved.
-    pub(crate) fn judge_reports(&self) {
-        let (taken, bounds) = self.reports.take();
-        if !taken.is_empty() && self.rollouts.on_reports(&taken, &bounds) {
-            self.republish();
-        }
-    }
-
-    /// The version the newest proxies receive: the content hash of the canonical
-    /// policies with their effective weights.
-    pub(crate) fn current_version(&self) -> Option<String> {
-        self.snapshots
-            .borrow()
-            .as_ref()
-            .and_then(|p| p.views.last())
-            .map(|v| v.snapshot.version.clone())
-    }
-}
-
 /// A control plane running on the current tokio runtime.
 #[derive(Debug)]
 pub struct RunningControlPlane {
@@ -621,29 +403,16 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error
         Some(k) => ServiceEndpoints::enabled(&k.trust_domain),
         None => ServiceEndpoints::default(),
     };
-    let metrics = Metrics::new();
-    let reports = rollout::reports::counter();
-    metrics.register(Box::new(reports.clone()));
-    let rollouts = rollout::Rollouts::new(cfg.state_dir.as_deref());
-    for c in rollouts.collectors() {
-        metrics.register(c);
+    let shared = Arc::new(Shared::new(
+        source,
+        endpoints,
+        cfg.state_dir.as_deref(),
+        cfg.stamp_schema_version,
+    ));
+    if kube_policies {
+        // With several replicas, the lease holder drives; until elected, follow.
+        shared.rollouts.set_leading(false);
     }
-    let (snapshots, _) = watch::channel(None);
-    let (changes, _) = watch::channel(0);
-    let shared = Arc::new(Shared {
-        source: Mutex::new(source),
-        endpoints: Mutex::new(endpoints),
-        snapshots,
-        view_memory: Mutex::new(views::ViewMemory::default()),
-        effective: Box::new(rollouts.clone()),
-        rollouts,
-        changes: changes.clone(),
-        proxies: ProxyRegistry::new(metrics.connected.clone(), changes),
-        reports: rollout::ReportBook::new(reports),
-        metrics,
-        ready: std::sync::atomic::AtomicBool::new(false),
-        stamp_schema_version: cfg.stamp_schema_version,
-    });
     shared.reload();
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
@@ -657,7 +426,10 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error
     } else {
         Some(DirWatcher::start(
             &cfg.policy_dir,
-            shared.clone(),
+            {
+                let shared = shared.clone();
+                move || shared.reload()
+            },
             cfg.debounce,
             cfg.rescan_interval,
         )?)
@@ -699,12 +471,27 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error
         shared.clone(),
         shutdown_rx.clone(),
     )));
-    tasks.push(tokio::spawn(rollout::reports::keep_fresh(
-        shared.clone(),
-        shutdown_rx.clone(),
-    )));
+    let aging = shared.clone();
+    let stop = shutdown_rx.clone();
+    tasks.push(tokio::spawn(async move {
+        aging.reports.keep_fresh(stop).await;
+    }));
     if let Some(kube) = &cfg.kubernetes {
-        tasks.extend(k8s::spawn(kube, &shared, &shutdown_rx));
+        let mut kube = kube.clone();
+        if kube.lease.admin_url.is_none() {
+            let reachable = match kube.pod_ip {
+                _ if !admin_addr.ip().is_unspecified() => Some(admin_addr),
+                Some(ip) => Some(SocketAddr::new(ip, admin_addr.port())),
+                None => None,
+            };
+            kube.lease.admin_url = reachable.map(|a| format!("http://{a}"));
+        }
+        tasks.extend(k8s::spawn(
+            &kube,
+            &shared,
+            cfg.admin_token.clone(),
+            &shutdown_rx,
+        ));
     }
     match (&cfg.publish_trust_root, &trust_root) {
         (Some(publish), Some(pem)) => {

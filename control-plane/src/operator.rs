@@ -10,7 +10,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::Response;
 
-use crate::Shared;
+use crate::state::Shared;
 
 /// The page: proxies with their versions and NACK reasons, policy files, rollouts.
 const PAGE: &str = include_str!("operator_page.html");

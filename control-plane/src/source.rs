@@ -9,7 +9,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -19,7 +18,7 @@ use sha2::{Digest, Sha256};
 use sluice_api::pb;
 use sluice_config::{Limits, PolicySet, RoutePolicy};
 
-use crate::{Error, Shared};
+use crate::Error;
 
 /// Subdirectory of the state directory holding last good policy files.
 const STATE_SUBDIR: &str = "policies";
@@ -404,9 +403,11 @@ impl Drop for DirWatcher {
 }
 
 impl DirWatcher {
+    /// Watches `dir`, calling `reload` after each quiet moment following a change
+    /// and every `rescan_interval` without one.
     pub(crate) fn start(
         dir: &Path,
-        shared: Arc<Shared>,
+        reload: impl Fn() + Send + 'static,
         debounce: Duration,
         rescan_interval: Duration,
     ) -> Result<Self, Error> {
@@ -435,7 +436,7 @@ impl DirWatcher {
             })?;
         std::thread::Builder::new()
             .name("policy-dir-watch".into())
-            .spawn(move || watch_loop(rx, shared, debounce, rescan_interval))
+            .spawn(move || watch_loop(rx, reload, debounce, rescan_interval))
             .map_err(|source| Error::Write {
                 path: dir.to_path_buf(),
                 source,
@@ -449,7 +450,7 @@ impl DirWatcher {
 
 fn watch_loop(
     events: std_mpsc::Receiver<WatchMsg>,
-    shared: Arc<Shared>,
+    reload: impl Fn(),
     debounce: Duration,
     rescan_interval: Duration,
 ) {
@@ -459,7 +460,7 @@ fn watch_loop(
             Ok(WatchMsg::Changed) => {}
             Ok(WatchMsg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
             Err(RecvTimeoutError::Timeout) => {
-                shared.reload();
+                reload();
                 continue;
             }
         }
@@ -477,7 +478,7 @@ fn watch_loop(
                 Err(RecvTimeoutError::Timeout) => break,
             }
         }
-        shared.reload();
+        reload();
     }
 }
 

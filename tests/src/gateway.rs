@@ -97,6 +97,7 @@ impl GatewayMesh {
                 policies: true,
                 lease: LeaseConfig::new("sluice-system", "sluice-control-plane", "cp-0"),
                 trust_domain: "cluster.local".into(),
+                pod_ip: None,
             }),
             ..ControlPlaneConfig::default()
         })

@@ -32,7 +32,7 @@
 //! backend has one identity), so peers are then checked against the mesh root only.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -42,7 +42,6 @@ use kube::{Api, Client};
 use sluice_config::{ConfigError, PolicySet, ServicePort};
 use tokio::sync::watch;
 
-use crate::Shared;
 use crate::gateway::{ServiceInfo, ServicePortInfo};
 
 /// The label tying an EndpointSlice to its Service.
@@ -329,10 +328,11 @@ fn pick_port(slice: &EndpointSlice) -> Option<i32> {
 /// Service's ready endpoints change.
 pub(crate) async fn watch_endpoints(
     client: Client,
-    shared: Arc<Shared>,
+    endpoints: Arc<Mutex<ServiceEndpoints>>,
+    reload: impl Fn(),
     shutdown: watch::Receiver<bool>,
 ) {
-    let (client, shared) = (&client, &shared);
+    let (client, endpoints, reload) = (&client, &endpoints, &reload);
     super::reflect_async(
         Api::<EndpointSlice>::all(client.clone()),
         Writer::default(),
@@ -341,15 +341,14 @@ pub(crate) async fn watch_endpoints(
         shutdown,
         |slices| async move {
             let (changed, unknown) = {
-                let mut eps = shared.endpoints.lock().unwrap_or_else(|e| e.into_inner());
+                let mut eps = endpoints.lock().unwrap_or_else(|e| e.into_inner());
                 (eps.sync(&slices), eps.unknown_pods())
             };
             let learned = !unknown.is_empty();
             for pod in unknown {
                 // A failed read is not cached: the next event tries again.
                 if let Some(account) = service_account(client, &pod).await {
-                    shared
-                        .endpoints
+                    endpoints
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
                         .accounts
@@ -357,7 +356,7 @@ pub(crate) async fn watch_endpoints(
                 }
             }
             if changed || learned {
-                shared.reload();
+                reload();
             }
         },
     )
@@ -368,7 +367,8 @@ pub(crate) async fn watch_endpoints(
 /// ports change (backend `port`s and HTTPRoute parents are checked against them).
 pub(crate) async fn watch_services(
     client: Client,
-    shared: Arc<Shared>,
+    endpoints: Arc<Mutex<ServiceEndpoints>>,
+    reload: impl Fn(),
     shutdown: watch::Receiver<bool>,
 ) {
     // An older chart's RBAC may not grant Services: discovery then goes on without
@@ -383,12 +383,11 @@ pub(crate) async fn watch_services(
         tracing::warn!(
             "the control plane may not list Services (RBAC): backend port numbers and HTTPRoute ports cannot be checked"
         );
-        shared
-            .endpoints
+        endpoints
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .services_unreadable();
-        shared.reload();
+        reload();
         return;
     }
     super::reflect(
@@ -398,13 +397,12 @@ pub(crate) async fn watch_services(
         "Service",
         shutdown,
         |services| {
-            let changed = shared
-                .endpoints
+            let changed = endpoints
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .sync_services(services);
             if changed {
-                shared.reload();
+                reload();
             }
         },
     )

@@ -17,27 +17,18 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
-use kube::api::{ApiResource, DynamicObject, GroupVersionKind, ListParams};
-use kube::runtime::reflector::store::Writer;
-use kube::runtime::watcher;
-use kube::{Api, Client};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use serde_json::Value;
 use sluice_api::pb;
 use sluice_config::RoutePolicy;
-use tokio::sync::watch;
 
-use crate::Shared;
 use crate::gateway::translate::{Key, policy_name};
 use crate::gateway::{
     Cluster, ReferenceGrant, RouteObject, RouteVerdict, ServiceInfo, Translation, merged_parents,
     translate,
 };
 use crate::source::{FileView, PolicyView};
-
-/// How often a cluster without the HTTPRoute CRD is asked again.
-const PROBE_INTERVAL: Duration = Duration::from_secs(60);
 
 /// The API resource behind HTTPRoute objects.
 pub(crate) fn httproute_resource() -> ApiResource {
@@ -48,7 +39,7 @@ pub(crate) fn httproute_resource() -> ApiResource {
 }
 
 /// The API resource behind ReferenceGrant objects.
-fn reference_grant_resource() -> ApiResource {
+pub(crate) fn reference_grant_resource() -> ApiResource {
     ApiResource::from_gvk_with_plural(
         &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1beta1", "ReferenceGrant"),
         "referencegrants",
@@ -68,7 +59,7 @@ struct RouteState {
 #[derive(Debug, Default)]
 pub(crate) struct GatewayRoutes {
     /// `None` until the API has been asked; `Some(false)`: no HTTPRoute CRD.
-    installed: Option<bool>,
+    pub(crate) installed: Option<bool>,
     routes_synced: bool,
     grants_synced: bool,
     /// The Services have been listed once (or found unreadable): until then a parent or
@@ -181,7 +172,7 @@ impl GatewayRoutes {
     }
 
     /// Takes in the HTTPRoute reflector's whole store.
-    fn sync_routes(&mut self, objects: &[Arc<DynamicObject>]) {
+    pub(crate) fn sync_routes(&mut self, objects: &[Arc<DynamicObject>]) {
         self.routes_synced = true;
         let mut routes = BTreeMap::new();
         for obj in objects {
@@ -235,7 +226,7 @@ impl GatewayRoutes {
     }
 
     /// Takes in the ReferenceGrant reflector's whole store.
-    fn sync_grants(&mut self, objects: &[Arc<DynamicObject>]) {
+    pub(crate) fn sync_grants(&mut self, objects: &[Arc<DynamicObject>]) {
         self.grants_synced = true;
         self.grants = objects
             .iter()
@@ -491,109 +482,6 @@ impl GatewayRoutes {
             })
             .collect()
     }
-}
-
-/// Whether the API serves `ar` to this control plane: a 404 means its CRD is not
-/// installed, a 403 that the RBAC (an older chart's) does not grant it; either way
-/// the control plane runs without it.
-async fn served(client: &Client, ar: &ApiResource) -> Result<bool, kube::Error> {
-    let api: Api<DynamicObject> = Api::all_with(client.clone(), ar);
-    match api.list(&ListParams::default().limit(1)).await {
-        Ok(_) => Ok(true),
-        Err(kube::Error::Api(s)) if s.code == 404 => Ok(false),
-        Err(kube::Error::Api(s)) if s.code == 403 => {
-            tracing::warn!(resource = %ar.plural, "the control plane may not list these (RBAC); Gateway API input goes without them");
-            Ok(false)
-        }
-        Err(e) => Err(e),
-    }
-}
-
-/// Runs the HTTPRoute and ReferenceGrant reflectors until `shutdown`; without the
-/// HTTPRoute CRD, says so once and asks again every [`PROBE_INTERVAL`].
-pub(crate) async fn watch_httproutes(
-    client: Client,
-    shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let routes_ar = httproute_resource();
-    let grants_ar = reference_grant_resource();
-    let mut said_absent = false;
-    loop {
-        match served(&client, &routes_ar).await {
-            Ok(true) => break,
-            Ok(false) => {
-                if !said_absent {
-                    tracing::info!(
-                        "HTTPRoutes (gateway.networking.k8s.io/v1) are not served (no CRD, or no RBAC for them): Gateway API input is off until they are"
-                    );
-                    said_absent = true;
-                }
-                let newly = shared
-                    .with_kube_policies(|k| {
-                        let first = k.gateway.installed.is_none();
-                        k.gateway.set_installed(false);
-                        first
-                    })
-                    .unwrap_or(false);
-                if newly {
-                    shared.reload();
-                }
-            }
-            Err(e) => tracing::warn!(error = %e, "cannot ask the API for HTTPRoutes; retrying"),
-        }
-        let wait = if said_absent {
-            PROBE_INTERVAL
-        } else {
-            Duration::from_secs(5)
-        };
-        tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.changed() => return,
-        }
-    }
-    tracing::info!("watching HTTPRoutes bound to Services (Gateway API input)");
-    let grants_served = match served(&client, &grants_ar).await {
-        Ok(s) => s,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot ask the API for ReferenceGrants; taking none");
-            false
-        }
-    };
-    let _ = shared.with_kube_policies(|k| {
-        k.gateway.set_installed(true);
-        if !grants_served {
-            k.gateway.sync_grants(&[]);
-        }
-    });
-    let routes = super::reflect(
-        Api::<DynamicObject>::all_with(client.clone(), &routes_ar),
-        Writer::new(routes_ar.clone()),
-        watcher::Config::default(),
-        "HTTPRoute",
-        shutdown.clone(),
-        |objects| {
-            let _ = shared.with_kube_policies(|k| k.gateway.sync_routes(objects));
-            shared.reload();
-        },
-    );
-    let grants = async {
-        if grants_served {
-            super::reflect(
-                Api::<DynamicObject>::all_with(client.clone(), &grants_ar),
-                Writer::new(grants_ar.clone()),
-                watcher::Config::default(),
-                "ReferenceGrant",
-                shutdown.clone(),
-                |objects| {
-                    let _ = shared.with_kube_policies(|k| k.gateway.sync_grants(objects));
-                    shared.reload();
-                },
-            )
-            .await
-        }
-    };
-    tokio::join!(routes, grants);
 }
 
 /// The time a condition changes, as Kubernetes writes it (whole seconds, UTC).

@@ -8,6 +8,10 @@
 //! `resourceVersion` read, so two replicas racing for it cannot both win (the
 //! loser gets 409 Conflict). The leader renews every `renew_every`; a leader that
 //! fails to renew steps down at once, before anyone else can take over.
+//!
+//! The holder also writes where its admin port answers into the Lease
+//! ([`ADMIN_URL_ANNOTATION`]): followers forward the proxies' traffic reports there,
+//! since only the holder judges rollouts.
 
 use std::time::Duration;
 
@@ -33,7 +37,13 @@ pub struct LeaseConfig {
     pub renew_every: Duration,
     /// How often a follower checks whether the Lease has become free.
     pub retry_every: Duration,
+    /// Where this replica's admin port answers other replicas (`http://POD_IP:PORT`),
+    /// written into the Lease while it holds it.
+    pub admin_url: Option<String>,
 }
+
+/// The Lease annotation naming the holder's admin URL.
+pub const ADMIN_URL_ANNOTATION: &str = "sluice.dev/admin-url";
 
 impl LeaseConfig {
     /// client-go's defaults: 15 s lease, renew every 5 s, retry every 2 s.
@@ -45,6 +55,7 @@ impl LeaseConfig {
             lease_duration: Duration::from_secs(15),
             renew_every: Duration::from_secs(5),
             retry_every: Duration::from_secs(2),
+            admin_url: None,
         }
     }
 }
@@ -117,6 +128,10 @@ async fn try_acquire_or_renew(
             metadata: ObjectMeta {
                 name: Some(cfg.name.clone()),
                 namespace: Some(cfg.namespace.clone()),
+                annotations: cfg
+                    .admin_url
+                    .as_ref()
+                    .map(|u| [(ADMIN_URL_ANNOTATION.to_string(), u.clone())].into()),
                 ..ObjectMeta::default()
             },
             spec: Some(LeaseSpec {
@@ -162,6 +177,14 @@ async fn try_acquire_or_renew(
     spec.holder_identity = Some(cfg.holder.clone());
     spec.lease_duration_seconds = Some(duration_secs);
     spec.renew_time = Some(now);
+    let annotations = lease
+        .metadata
+        .annotations
+        .get_or_insert_with(Default::default);
+    match &cfg.admin_url {
+        Some(url) => annotations.insert(ADMIN_URL_ANNOTATION.to_string(), url.clone()),
+        None => annotations.remove(ADMIN_URL_ANNOTATION),
+    };
     // `replace` sends the resourceVersion we read: a concurrent writer makes it 409.
     let result = api.replace(&cfg.name, &PostParams::default(), &lease).await;
     let won = conflict_is_false(result)?;
@@ -169,6 +192,46 @@ async fn try_acquire_or_renew(
         *observed = None;
     }
     Ok(won)
+}
+
+/// Keeps `holder` at the admin URL of the Lease's current holder when that is
+/// another replica (`None` while this one holds it, or nobody does, or the holder
+/// names none), looking every `retry_every`, until `shutdown`.
+pub async fn watch_holder(
+    client: Client,
+    cfg: LeaseConfig,
+    holder: watch::Sender<Option<String>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let api: Api<Lease> = Api::namespaced(client, &cfg.namespace);
+    loop {
+        match api.get_opt(&cfg.name).await {
+            Ok(lease) => {
+                let url = lease.and_then(|l| {
+                    let who = l.spec.as_ref()?.holder_identity.clone()?;
+                    if who.is_empty() || who == cfg.holder {
+                        return None;
+                    }
+                    l.metadata.annotations?.remove(ADMIN_URL_ANNOTATION)
+                });
+                holder.send_if_modified(|cur| {
+                    if *cur == url {
+                        return false;
+                    }
+                    tracing::info!(holder_admin_url = ?url, "rollout reports now go to the lease holder there");
+                    *cur = url;
+                    true
+                });
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot read the lease; keeping the holder's last address")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(cfg.retry_every) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
 }
 
 fn conflict_is_false(result: Result<Lease, kube::Error>) -> Result<bool, kube::Error> {

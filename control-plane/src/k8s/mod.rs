@@ -4,6 +4,12 @@
 //!   (`sluice.dev/v1alpha1`) through a reflector, validates each with
 //!   `sluice-config` and publishes them like files; the elected replica writes
 //!   each object's verdict to its `status`.
+//! - `policy_watch`: the RoutePolicy and HTTPRoute reflector tasks and the status
+//!   writer. The status also carries each route's rollout state: only the elected
+//!   replica judges and drives rollouts and writes it; the others serve the weights
+//!   it says (so every replica publishes the same versions and `/rollouts`), relay
+//!   the proxies' reports to the elected one ([`crate::rollout::forward`]), and a
+//!   newly elected replica resumes from it.
 //! - [`leader`]: the election (a `coordination.k8s.io/v1` Lease).
 //! - [`endpoints`]: backends naming a Service get its ready endpoints from its
 //!   EndpointSlices (on the Service port a backend names), resolved into the
@@ -59,6 +65,8 @@
 //!   Secret live.
 //! - `--pod-name NAME` (`SLUICE_POD_NAME`, default `$HOSTNAME`): this replica's
 //!   name in the Lease.
+//! - `--pod-ip IP` (`SLUICE_POD_IP`): where the other replicas relay the proxies'
+//!   traffic reports (to the admin port) while this replica holds the Lease.
 //! - `--lease-name NAME` (`SLUICE_LEASE_NAME`, default `sluice-control-plane`).
 //! - `--ca-secret NAME` (`SLUICE_CA_SECRET`): keep the mesh root in this Secret
 //!   (keys `ca.crt`, `ca.key`), created on first start.
@@ -79,6 +87,7 @@ pub mod httproutes;
 pub mod identity;
 pub mod leader;
 pub mod policies;
+mod policy_watch;
 pub mod trust_root;
 
 #[cfg(any(test, feature = "test-support"))]
@@ -96,7 +105,8 @@ pub use identity::{TokenReviewVerifier, load_or_create_ca_secret};
 pub use leader::LeaseConfig;
 pub use policies::validate_object;
 
-use crate::Shared;
+use crate::rollout::forward::RemoteProxy;
+use crate::state::Shared;
 
 /// What the control plane does with the Kubernetes API.
 #[derive(Clone)]
@@ -110,6 +120,9 @@ pub struct KubeConfig {
     pub lease: LeaseConfig,
     /// Trust domain of the identities derived from endpoints' service accounts.
     pub trust_domain: String,
+    /// This replica's pod IP: other replicas reach its admin port there (when the
+    /// admin port is bound to a specific address, that address is used instead).
+    pub pod_ip: Option<std::net::IpAddr>,
 }
 
 impl fmt::Debug for KubeConfig {
@@ -126,28 +139,31 @@ impl fmt::Debug for KubeConfig {
 pub(crate) fn spawn(
     cfg: &KubeConfig,
     shared: &Arc<Shared>,
+    admin_token: Option<Arc<str>>,
     shutdown: &watch::Receiver<bool>,
 ) -> Vec<JoinHandle<()>> {
     let mut tasks = vec![
         tokio::spawn(endpoints::watch_endpoints(
             cfg.client.clone(),
-            shared.clone(),
+            shared.endpoints.clone(),
+            reload(shared),
             shutdown.clone(),
         )),
         tokio::spawn(endpoints::watch_services(
             cfg.client.clone(),
-            shared.clone(),
+            shared.endpoints.clone(),
+            reload(shared),
             shutdown.clone(),
         )),
     ];
     if cfg.policies {
         let (leading_tx, leading_rx) = watch::channel(false);
-        tasks.push(tokio::spawn(httproutes::watch_httproutes(
+        tasks.push(tokio::spawn(policy_watch::watch_httproutes(
             cfg.client.clone(),
             shared.clone(),
             shutdown.clone(),
         )));
-        tasks.push(tokio::spawn(policies::watch_policies(
+        tasks.push(tokio::spawn(policy_watch::watch_policies(
             cfg.client.clone(),
             shared.clone(),
             shutdown.clone(),
@@ -158,14 +174,81 @@ pub(crate) fn spawn(
             leading_tx,
             shutdown.clone(),
         )));
-        tasks.push(tokio::spawn(policies::write_statuses(
+        tasks.push(tokio::spawn(policy_watch::write_statuses(
             cfg.client.clone(),
+            shared.clone(),
+            leading_rx.clone(),
+            shutdown.clone(),
+        )));
+        tasks.push(tokio::spawn(drive_while_leading(
             shared.clone(),
             leading_rx,
             shutdown.clone(),
         )));
+        let (holder_tx, holder_rx) = watch::channel(None);
+        tasks.push(tokio::spawn(leader::watch_holder(
+            cfg.client.clone(),
+            cfg.lease.clone(),
+            holder_tx,
+            shutdown.clone(),
+        )));
+        let relaying = shared.clone();
+        let stop = shutdown.clone();
+        let replica = cfg.lease.holder.clone();
+        tasks.push(tokio::spawn(async move {
+            let acks = || {
+                relaying
+                    .proxies
+                    .snapshot()
+                    .into_iter()
+                    .filter(|p| p.connected)
+                    .map(|p| RemoteProxy {
+                        node_id: p.node_id,
+                        acked_version: p.acked_version,
+                        nacked_version: p.nacked_version,
+                    })
+                    .collect()
+            };
+            let forwarder = &relaying.forwarder;
+            forwarder
+                .run(holder_rx, admin_token, replica, acks, stop)
+                .await;
+        }));
     }
     tasks
+}
+
+/// Only the lease holder judges and drives rollouts; the others serve the states
+/// it writes into the statuses. Mirrors leadership into the rollouts until
+/// `shutdown`.
+async fn drive_while_leading(
+    shared: Arc<Shared>,
+    mut leading: watch::Receiver<bool>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let now = *leading.borrow_and_update();
+        shared.rollouts.set_leading(now);
+        if !now {
+            // What the statuses say now, at once rather than at their next change.
+            let statuses = shared
+                .with_kube_policies(|k| k.rollout_statuses())
+                .unwrap_or_default();
+            if shared.rollouts.follow(statuses) {
+                shared.republish();
+            }
+        }
+        tokio::select! {
+            r = leading.changed() => if r.is_err() { return },
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
+/// Re-reads the sources and publishes: what the endpoint watches call on a change.
+fn reload(shared: &Arc<Shared>) -> impl Fn() + Send + Sync + 'static {
+    let shared = shared.clone();
+    move || shared.reload()
 }
 
 /// Runs a reflector over `api` until `shutdown` (or the stream ends), handing the
@@ -270,6 +353,10 @@ pub struct KubeArgs {
     /// This replica's name in the Lease (default: `$HOSTNAME`).
     #[arg(long, env = "SLUICE_POD_NAME", value_name = "NAME")]
     pub pod_name: Option<String>,
+    /// This replica's pod IP: while it holds the Lease, the other replicas relay the
+    /// proxies' traffic reports to its admin port there.
+    #[arg(long, env = "SLUICE_POD_IP", value_name = "IP")]
+    pub pod_ip: Option<std::net::IpAddr>,
     /// Name of the Lease electing the replica that writes RoutePolicy statuses.
     #[arg(
         long,
@@ -398,6 +485,7 @@ impl KubeArgs {
             policies,
             lease: LeaseConfig::new(&self.namespace(client), &self.lease_name, &holder),
             trust_domain: trust_domain.to_string(),
+            pod_ip: self.pod_ip,
         })
     }
 }

@@ -19,25 +19,22 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
-use kube::api::{ApiResource, DynamicObject, Patch, PatchParams};
-use kube::runtime::reflector::store::Writer;
-use kube::runtime::watcher;
-use kube::{Api, Client};
+use kube::api::{ApiResource, DynamicObject};
 use serde_json::{Value, json};
 use sluice_api::pb;
 use sluice_config::{
-    API_VERSION, ConfigError, KIND, PolicySet, RoutePolicy, RoutePolicyResource, RoutePolicyStatus,
+    API_VERSION, ConfigError, KIND, PolicySet, RolloutStatus, RoutePolicy, RoutePolicyResource,
+    RoutePolicyStatus,
 };
-use tokio::sync::watch;
 
-use crate::Shared;
-use crate::k8s::httproutes::{GatewayRoutes, httproute_resource, now_rfc3339};
+use crate::k8s::httproutes::GatewayRoutes;
+use crate::rollout::RolloutId;
 use crate::source::{FileView, PolicyView};
 
 /// `namespace`, `name`.
-type ObjectKey = (String, String);
+pub(crate) type ObjectKey = (String, String);
 
 /// The API resource behind `RoutePolicy` objects.
 pub(crate) fn api_resource() -> ApiResource {
@@ -344,7 +341,12 @@ impl KubePolicies {
     }
 
     /// What each object's status should say.
-    fn desired(&self, key: &ObjectKey, state: &ObjectState) -> RoutePolicyStatus {
+    fn desired(
+        &self,
+        key: &ObjectKey,
+        state: &ObjectState,
+        rollouts: &BTreeMap<ObjectKey, Vec<RolloutStatus>>,
+    ) -> RoutePolicyStatus {
         let error = state
             .error
             .clone()
@@ -354,26 +356,49 @@ impl KubePolicies {
             accepted: error.is_none() && state.good.is_some(),
             hash: state.good.as_ref().map(|g| g.hash.clone()),
             error,
+            rollouts: rollouts.get(key).cloned().unwrap_or_default(),
         }
+    }
+
+    /// The rollout states the objects' statuses carry now (the elected replica's).
+    pub(crate) fn rollout_statuses(&self) -> HashMap<RolloutId, RolloutStatus> {
+        self.objects
+            .iter()
+            .flat_map(|(key, state)| {
+                state.status.iter().flat_map(move |st| {
+                    st.rollouts.iter().map(move |r| {
+                        let id = RolloutId {
+                            namespace: key.0.clone(),
+                            policy: key.1.clone(),
+                            route: r.route.clone(),
+                        };
+                        (id, r.clone())
+                    })
+                })
+            })
+            .collect()
     }
 
     /// Objects whose status differs from the verdict (and was not just written),
     /// with the resourceVersion the verdict is about.
-    pub(crate) fn pending_statuses(&self) -> Vec<(ObjectKey, RoutePolicyStatus, Option<String>)> {
+    pub(crate) fn pending_statuses(
+        &self,
+        rollouts: &BTreeMap<ObjectKey, Vec<RolloutStatus>>,
+    ) -> Vec<(ObjectKey, RoutePolicyStatus, Option<String>)> {
         if !self.synced {
             return Vec::new();
         }
         self.objects
             .iter()
             .filter_map(|(key, state)| {
-                let want = self.desired(key, state);
+                let want = self.desired(key, state, rollouts);
                 let have = self.written.get(key).or(state.status.as_ref());
                 (have != Some(&want)).then(|| (key.clone(), want, state.resource_version.clone()))
             })
             .collect()
     }
 
-    fn mark_written(&mut self, key: ObjectKey, status: RoutePolicyStatus) {
+    pub(crate) fn mark_written(&mut self, key: ObjectKey, status: RoutePolicyStatus) {
         if self.objects.contains_key(&key) {
             self.written.insert(key, status);
         }
@@ -426,139 +451,5 @@ impl KubePolicies {
             .collect();
         views.extend(self.gateway.file_views());
         views
-    }
-}
-
-/// Runs the RoutePolicy reflector until `shutdown`: every change to the objects
-/// re-validates what changed and republishes the mesh's set.
-pub(crate) async fn watch_policies(
-    client: Client,
-    shared: Arc<Shared>,
-    shutdown: watch::Receiver<bool>,
-) {
-    let ar = api_resource();
-    super::reflect(
-        Api::<DynamicObject>::all_with(client, &ar),
-        Writer::new(ar),
-        watcher::Config::default(),
-        "RoutePolicy",
-        shutdown,
-        |objects| {
-            let failures = shared.with_kube_policies(|k| k.sync(objects)).unwrap_or(0);
-            shared.metrics.validation_failures.inc_by(failures as u64);
-            shared.reload();
-        },
-    )
-    .await
-}
-
-/// While this replica leads, writes every object's verdict to its `status`
-/// (only where it differs, so the writes' own watch events change nothing).
-pub(crate) async fn write_statuses(
-    client: Client,
-    shared: Arc<Shared>,
-    mut leading: watch::Receiver<bool>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let ar = api_resource();
-    let mut changes = shared.changes.subscribe();
-    loop {
-        let mut failed = false;
-        if *leading.borrow_and_update() {
-            failed |= write_route_statuses(&client, &shared).await;
-            let pending = shared
-                .with_kube_policies(|k| k.pending_statuses())
-                .unwrap_or_default();
-            for (key, status, resource_version) in pending {
-                let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &key.0, &ar);
-                // A merge patch: fields set to null are removed.
-                let patch = json!({
-                    "metadata": { "resourceVersion": resource_version },
-                    "status": {
-                    "observedGeneration": status.observed_generation,
-                    "accepted": status.accepted,
-                    "hash": status.hash,
-                    "error": status.error,
-                }});
-                match patch_status(&api, "RoutePolicy", &key, &patch).await {
-                    Some(true) => {
-                        shared.with_kube_policies(|k| k.mark_written(key, status));
-                    }
-                    Some(false) => {}
-                    None => failed = true,
-                }
-            }
-        }
-        let retry = async {
-            if failed {
-                tokio::time::sleep(Duration::from_secs(5)).await
-            } else {
-                std::future::pending().await
-            }
-        };
-        tokio::select! {
-            r = changes.changed() => if r.is_err() { return },
-            r = leading.changed() => if r.is_err() { return },
-            _ = retry => {}
-            _ = shutdown.changed() => return,
-        }
-    }
-}
-
-/// Writes the `status.parents` of every HTTPRoute whose verdict changed (Sluice's
-/// entries only; the list is shared with other controllers, and the resourceVersion
-/// precondition keeps a concurrent writer's entries). True if any write failed.
-async fn write_route_statuses(client: &Client, shared: &Shared) -> bool {
-    let ar = httproute_resource();
-    let now = now_rfc3339();
-    let pending = shared
-        .with_kube_policies(|k| k.gateway.pending_statuses(&now))
-        .unwrap_or_default();
-    let mut failed = false;
-    for (key, parents, resource_version) in pending {
-        let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &key.0, &ar);
-        let patch = json!({
-            "metadata": { "resourceVersion": resource_version },
-            "status": { "parents": parents },
-        });
-        match patch_status(&api, "HTTPRoute", &key, &patch).await {
-            Some(true) => {
-                shared.with_kube_policies(|k| k.gateway.mark_written(key, parents));
-            }
-            Some(false) => {}
-            None => failed = true,
-        }
-    }
-    failed
-}
-
-/// Writes one object's status with `patch` (a merge patch whose resourceVersion is a
-/// precondition: another writer in between makes it a 409). `Some(true)` when
-/// written, `Some(false)` when the object is gone (its delete event removes it),
-/// `None` when it must be tried again (changed meanwhile: its watch event brings
-/// the version to judge; or the API failed).
-async fn patch_status(
-    api: &Api<DynamicObject>,
-    kind: &str,
-    key: &ObjectKey,
-    patch: &Value,
-) -> Option<bool> {
-    match api
-        .patch_status(&key.1, &PatchParams::default(), &Patch::Merge(patch))
-        .await
-    {
-        Ok(_) => {
-            tracing::debug!(namespace = %key.0, name = %key.1, "{kind} status written");
-            Some(true)
-        }
-        Err(kube::Error::Api(s)) if s.code == 404 => Some(false),
-        Err(kube::Error::Api(s)) if s.code == 409 => {
-            tracing::debug!(namespace = %key.0, name = %key.1, "{kind} changed since it was judged; its status waits for the new version");
-            None
-        }
-        Err(e) => {
-            tracing::warn!(namespace = %key.0, name = %key.1, error = %e, "cannot write {kind} status; will retry");
-            None
-        }
     }
 }

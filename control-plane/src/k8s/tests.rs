@@ -83,13 +83,21 @@ impl Cluster {
     }
 
     async fn start(&self, policies: bool) -> RunningControlPlane {
+        self.start_as(policies, "cp-a").await
+    }
+
+    /// A replica named `holder` in the Lease.
+    async fn start_as(&self, policies: bool, holder: &str) -> RunningControlPlane {
         let dir = std::env::temp_dir();
+        let mut lease = LeaseConfig::new("sluice-system", "sluice-control-plane", holder);
+        lease.retry_every = Duration::from_millis(500);
         crate::start(ControlPlaneConfig {
             policy_dir: dir,
             kubernetes: Some(KubeConfig {
                 client: self.client.clone(),
                 policies,
-                lease: LeaseConfig::new("sluice-system", "sluice-control-plane", "cp-a"),
+                lease,
+                pod_ip: None,
                 trust_domain: "cluster.local".to_string(),
             }),
             ..ControlPlaneConfig::default()
@@ -225,7 +233,8 @@ async fn route_policies_are_served_and_their_verdicts_written_to_status() {
     assert_eq!(
         good,
         &json!({ "observedGeneration": 1, "accepted": true,
-                 "hash": single_hash(log_spec("2s"), "log-service"), "error": null })
+                 "hash": single_hash(log_spec("2s"), "log-service"), "error": null,
+                 "rollouts": null })
     );
 
     // An edit is served and its new generation acknowledged in status.
@@ -425,6 +434,7 @@ async fn discovery_also_resolves_policies_from_a_directory() {
             client: cluster.client.clone(),
             policies: false,
             lease: LeaseConfig::new("sluice-system", "sluice-control-plane", "cp-a"),
+            pod_ip: None,
             trust_domain: "cluster.local".to_string(),
         }),
         ..ControlPlaneConfig::default()
@@ -619,7 +629,7 @@ fn a_restart_with_a_broken_object_serves_its_last_accepted_version() {
     assert_eq!(again.sync(&[obj(log_spec("2h"))]), 1);
     let (restored, _) = again.build_set().unwrap();
     assert_eq!(restored.hash(), set.hash());
-    let (_, status, _) = again.pending_statuses().remove(0);
+    let (_, status, _) = again.pending_statuses(&Default::default()).remove(0);
     assert!(!status.accepted);
     assert_eq!(
         status.hash,
@@ -1006,4 +1016,220 @@ async fn without_the_httproute_crd_it_says_so_once_and_keeps_asking() {
         "{text}"
     );
     cp.shutdown().await;
+}
+
+fn rollout_spec() -> Value {
+    json!({
+        "host": "log-service",
+        "backends": { "log-v1": { "addresses": ["10.0.0.9:8080"] },
+                      "log-v2": { "addresses": ["10.0.0.8:8080"] } },
+        "routes": [{ "name": "ingest", "split": [{
+            "weights": { "log-v1": 100, "log-v2": 0 },
+            "rollout": { "canary": "log-v2", "steps": [10, 50, 100], "interval": "1s",
+                         "minRequests": 5 },
+        }] }],
+    })
+}
+
+/// A healthy report of `canary` and `stable` requests on the rollout's route.
+fn healthy_report(canary: u64, stable: u64) -> sluice_api::pb::Report {
+    let entry = |backend: &str, requests| sluice_api::pb::BackendCounts {
+        policy: "log-service".into(),
+        route: "ingest".into(),
+        backend: backend.into(),
+        requests,
+        ..Default::default()
+    };
+    sluice_api::pb::Report {
+        seq: 1,
+        interval_ms: 200,
+        entries: vec![entry("log-v2", canary), entry("log-v1", stable)],
+        ..Default::default()
+    }
+}
+
+/// The canary's weight in the set `cp` serves proxies now.
+fn served_canary_weight(cp: &RunningControlPlane) -> Option<u32> {
+    let p = cp.shared.snapshots.borrow().clone()?;
+    let view = p.views.last()?;
+    let set = PolicySet::from_canonical("snapshot", &view.snapshot.canonical).ok()?;
+    let policy = set.policies().first()?.clone();
+    policy.spec.routes[0].split[0]
+        .weights
+        .as_ref()?
+        .get("log-v2")
+        .copied()
+}
+
+/// The rollout state the RoutePolicy's status carries now.
+fn status_rollout(cluster: &Cluster) -> Value {
+    cluster
+        .api
+        .get("routepolicies", "shop", "log-service")
+        .map(|o| o["status"]["rollouts"][0].clone())
+        .unwrap_or(Value::Null)
+}
+
+/// Waits (real time, generous) until `f` holds; `what` names it on failure.
+async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while !f() {
+        assert!(tokio::time::Instant::now() < deadline, "never: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Two replicas: the lease holder judges and writes the step into the status, the
+/// follower serves the same weights from it and relays its proxies' reports to the
+/// holder; when the holder goes, the follower takes the lease and resumes the same
+/// step (it does not start over).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lease_holder_drives_a_rollout_the_follower_serves_and_resumes_it() {
+    let cluster = Cluster::new(vec![policy("log-service", rollout_spec())], vec![], false);
+    let a = cluster.start_as(true, "cp-a").await;
+    eventually("cp-a holds the lease", || a.shared.rollouts.is_leading()).await;
+    let b = cluster.start_as(true, "cp-b").await;
+    served(&b, |s| s.policies().len() == 1).await;
+    assert!(!b.shared.rollouts.is_leading());
+
+    // The holder writes the first step into the status; both serve 10 %.
+    eventually("the status shows step 0 at 10 %", || {
+        let st = status_rollout(&cluster);
+        st["step"] == 0 && st["weights"]["log-v2"] == 10 && st["phase"] == "progressing"
+    })
+    .await;
+    assert_eq!(served_canary_weight(&a), Some(10));
+    assert_eq!(served_canary_weight(&b), Some(10));
+
+    // A proxy connected to the follower only, at the version it serves.
+    let hello = sluice_api::pb::Hello {
+        node_id: "proxy-b".into(),
+        last_applied_version: b.policy_version().unwrap(),
+        ..Default::default()
+    };
+    let stream = b.shared.proxies.connect(&hello);
+    eventually("the holder knows the follower's proxy", || {
+        a.shared
+            .remote_proxies
+            .lock()
+            .unwrap()
+            .values()
+            .any(|(_, list)| list.iter().any(|p| p.node_id == "proxy-b"))
+    })
+    .await;
+
+    // Reports reach the follower only: it relays them, the holder judges the
+    // window, advances, writes step 1, and the follower serves 50 % from the status.
+    let mut relayed = 0;
+    while served_canary_weight(&b) != Some(50) {
+        relayed += 1;
+        assert!(relayed < 600, "the follower never served step 1");
+        let report = healthy_report(20, 80);
+        b.shared
+            .reports
+            .ingest("proxy-1", &report, std::time::Instant::now())
+            .unwrap();
+        b.shared.on_report("proxy-1", report);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let st = status_rollout(&cluster);
+    assert_eq!(
+        (st["step"].clone(), st["decision"].clone()),
+        (json!(1), json!("pass")),
+        "{st}"
+    );
+    assert_eq!(served_canary_weight(&a), Some(50));
+    // The holder's step 1 waits for the follower's proxy, which has not acked it:
+    // however many reports arrive, no window opens.
+    for _ in 0..30 {
+        let report = healthy_report(20, 80);
+        b.shared
+            .reports
+            .ingest("proxy-1", &report, std::time::Instant::now())
+            .unwrap();
+        b.shared.on_report("proxy-1", report);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let view = a.shared.rollouts.view();
+    assert_eq!(
+        (
+            view["rollouts"][0]["step"].clone(),
+            view["rollouts"][0]["stepAcked"].clone()
+        ),
+        (json!(1), json!(false)),
+        "{view}"
+    );
+    // Once it acks the follower's version (the same as the holder's), the window opens.
+    let v = b.policy_version().unwrap();
+    assert_eq!(a.policy_version().as_deref(), Some(v.as_str()));
+    b.shared.proxies.acked("proxy-b", &v);
+    eventually("the holder counts the follower's proxy's ack", || {
+        a.shared.rollouts.view()["rollouts"][0]["stepAcked"] == true
+    })
+    .await;
+    let metrics = String::from_utf8(b.shared.metrics.render()).unwrap();
+    assert!(
+        metrics.lines().any(
+            |l| l.starts_with("sluice_cp_reports_total{result=\"forwarded\"}")
+                && !l.ends_with(" 0")
+        ),
+        "{metrics}"
+    );
+    // The follower's `/rollouts` shows the holder's step, and it refuses commands.
+    let view = b.shared.rollouts.view();
+    assert_eq!(view["rollouts"][0]["step"], 1, "{view}");
+    assert_eq!(view["rollouts"][0]["drivenHere"], false);
+    let id = crate::rollout::RolloutId {
+        namespace: "shop".into(),
+        policy: "log-service".into(),
+        route: "ingest".into(),
+    };
+    assert_eq!(
+        b.shared
+            .rollouts
+            .command(&id, crate::rollout::engine::Command::Pause),
+        Err(crate::rollout::driver::CommandError::NotLeading)
+    );
+
+    // The holder goes (releasing the lease): the follower takes over at step 1.
+    a.shutdown().await;
+    eventually("cp-b holds the lease", || b.shared.rollouts.is_leading()).await;
+    assert_eq!(
+        served_canary_weight(&b),
+        Some(50),
+        "the new holder started over"
+    );
+    assert_eq!(b.shared.rollouts.view()["rollouts"][0]["step"], 1);
+    // It drives on from there: its own proxies' reports promote the canary.
+    let mut sent = 0;
+    while status_rollout(&cluster)["phase"] != "promoted" {
+        sent += 1;
+        assert!(
+            sent < 600,
+            "the new holder never promoted: {}",
+            status_rollout(&cluster)
+        );
+        // Its proxy acks whatever it is served.
+        b.shared
+            .proxies
+            .acked("proxy-b", &b.policy_version().unwrap());
+        let report = healthy_report(20, 80);
+        b.shared
+            .reports
+            .ingest("proxy-1", &report, std::time::Instant::now())
+            .unwrap();
+        b.shared.on_report("proxy-1", report);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(served_canary_weight(&b), Some(100));
+    let history = b.shared.rollouts.view()["rollouts"][0]["history"].clone();
+    let results: Vec<&str> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["result"].as_str().unwrap())
+        .collect();
+    assert!(!results[1..].contains(&"started"), "{results:?}");
+    drop(stream);
+    b.shutdown().await;
 }

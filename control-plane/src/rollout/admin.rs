@@ -5,19 +5,155 @@
 //!   decision and why, the history, and the proxies left out of the step's acks.
 //! - `POST /rollouts/<namespace>/<policy>/<route>/{pause,resume,promote,abort}`:
 //!   a command by hand; 200 with the transition, 404 for no such rollout, 409 when
-//!   its state does not allow it.
+//!   its state does not allow it (or this replica does not hold the lease).
+//! - `POST /rollouts/reports`: a proxy's traffic report relayed by a replica that
+//!   does not hold the lease (see [`super::forward`]); 204 once taken in, 409 when
+//!   this replica does not hold the lease either.
+//! - `POST /rollouts/proxies`: the proxies connected to a replica that does not hold
+//!   the lease and the versions they acked (JSON); 204, or 409 as above.
 //!
 //! Both answer under the admin port's token rule ([`AdminGate`]): on loopback, or
 //! with the admin token.
 
+use std::time::Instant;
+
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use sluice_api::AdminGate;
+use prost::Message as _;
+use sluice_api::{AdminGate, pb};
 
 use super::driver::{CommandError, RolloutId};
 use super::engine::Command;
-use crate::Shared;
+use crate::state::Shared;
+
+/// Most bytes of a relayed report (a proxy's report is bounded well below).
+const MAX_REPORT_BYTES: usize = 1 << 20;
+
+/// The refusal when the request passes neither the loopback nor the token rule.
+fn refusal<B>(gate: &AdminGate, req: &Request<B>) -> Option<Response<Full<Bytes>>> {
+    let auth = req
+        .headers()
+        .get(hyper::header::AUTHORIZATION)
+        .map(|v| v.as_bytes());
+    let refusal = gate.check(auth).err()?;
+    let status = StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::FORBIDDEN);
+    let mut resp = text(status, refusal.message().to_string());
+    if status == StatusCode::UNAUTHORIZED {
+        resp.headers_mut().insert(
+            hyper::header::WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static(sluice_api::admin_gate::CHALLENGE),
+        );
+    }
+    Some(resp)
+}
+
+/// `POST /rollouts/reports`: takes in a report another replica relayed.
+pub(crate) async fn relayed_report(
+    shared: &Shared,
+    gate: &AdminGate,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    if let Some(refused) = refusal(gate, &req) {
+        return refused;
+    }
+    let Some(node) = req
+        .headers()
+        .get(super::forward::NODE_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+    else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!("missing {}\n", super::forward::NODE_HEADER),
+        );
+    };
+    let body = match Limited::new(req.into_body(), MAX_REPORT_BYTES)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("report body: {e}\n")),
+    };
+    let report = match pb::Report::decode(body) {
+        Ok(r) => r,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("not a report: {e}\n")),
+    };
+    if !shared.rollouts.is_leading() {
+        // Never relayed on: two replicas that both think the other leads must not
+        // pass a report back and forth.
+        return text(
+            StatusCode::CONFLICT,
+            "this replica does not hold the lease\n".into(),
+        );
+    }
+    match shared.reports.ingest(&node, &report, Instant::now()) {
+        Ok(()) => {
+            shared.judge_reports();
+            Response::builder()
+                .status(StatusCode::NO_CONTENT)
+                .body(Full::default())
+                .expect("valid response")
+        }
+        Err(e) => text(StatusCode::BAD_REQUEST, format!("malformed report: {e}\n")),
+    }
+}
+
+/// `POST /rollouts/proxies`: takes in another replica's list of connected proxies.
+pub(crate) async fn remote_proxies(
+    shared: &Shared,
+    gate: &AdminGate,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    if let Some(refused) = refusal(gate, &req) {
+        return refused;
+    }
+    let Some(replica) = req
+        .headers()
+        .get(super::forward::REPLICA_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+    else {
+        return text(
+            StatusCode::BAD_REQUEST,
+            format!("missing {}\n", super::forward::REPLICA_HEADER),
+        );
+    };
+    let body = match Limited::new(req.into_body(), MAX_REPORT_BYTES)
+        .collect()
+        .await
+    {
+        Ok(b) => b.to_bytes(),
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("body: {e}\n")),
+    };
+    let list: Vec<super::forward::RemoteProxy> = match serde_json::from_slice(&body) {
+        Ok(l) => l,
+        Err(e) => {
+            return text(
+                StatusCode::BAD_REQUEST,
+                format!("not a list of proxies: {e}\n"),
+            );
+        }
+    };
+    if !shared.rollouts.is_leading() {
+        return text(
+            StatusCode::CONFLICT,
+            "this replica does not hold the lease\n".into(),
+        );
+    }
+    shared
+        .remote_proxies
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(replica, (Instant::now(), list));
+    Response::builder()
+        .status(StatusCode::NO_CONTENT)
+        .body(Full::default())
+        .expect("valid response")
+}
 
 /// Answers a request under `/rollouts`.
 pub(crate) fn route<B>(
@@ -25,20 +161,8 @@ pub(crate) fn route<B>(
     gate: &AdminGate,
     req: &Request<B>,
 ) -> Response<Full<Bytes>> {
-    let auth = req
-        .headers()
-        .get(hyper::header::AUTHORIZATION)
-        .map(|v| v.as_bytes());
-    if let Err(refusal) = gate.check(auth) {
-        let status = StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::FORBIDDEN);
-        let mut resp = text(status, refusal.message().to_string());
-        if status == StatusCode::UNAUTHORIZED {
-            resp.headers_mut().insert(
-                hyper::header::WWW_AUTHENTICATE,
-                hyper::header::HeaderValue::from_static(sluice_api::admin_gate::CHALLENGE),
-            );
-        }
-        return resp;
+    if let Some(refused) = refusal(gate, req) {
+        return refused;
     }
     let path = req.uri().path().trim_end_matches('/');
     let parts: Vec<&str> = path.split('/').skip(2).collect();
@@ -62,7 +186,9 @@ pub(crate) fn route<B>(
                     json(StatusCode::OK, &serde_json::to_value(t).unwrap_or_default())
                 }
                 Err(e @ CommandError::NotFound(_)) => text(StatusCode::NOT_FOUND, format!("{e}\n")),
-                Err(e @ CommandError::Refused(_)) => text(StatusCode::CONFLICT, format!("{e}\n")),
+                Err(e @ (CommandError::Refused(_) | CommandError::NotLeading)) => {
+                    text(StatusCode::CONFLICT, format!("{e}\n"))
+                }
             }
         }
         (_, []) => text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into()),

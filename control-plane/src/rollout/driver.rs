@@ -11,16 +11,19 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use indexmap::IndexMap;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts};
 use serde::{Deserialize, Serialize};
-use sluice_config::{EffectiveWeights, PolicySet, RoutePolicy};
+use sluice_config::{EffectiveWeights, PolicySet, RolloutStatus, RoutePolicy};
 use tokio::sync::watch;
 
-use super::engine::{Command, Now, Phase, ProxyAck, RolloutState, Saved, Spec, Transition};
+use super::engine::{
+    Command, Now, Phase, ProxyAck, RolloutState, Saved, Spec, Transition, WindowView,
+};
 use super::reports::Window;
 use crate::proxies::ProxyRecord;
 
@@ -74,6 +77,8 @@ struct Book {
     entries: BTreeMap<RolloutId, Entry>,
     /// Read from `--state-dir` at start, used when their rollout shows up.
     saved: HashMap<RolloutId, Saved>,
+    /// The states the elected replica last wrote into the RoutePolicy statuses.
+    from_status: HashMap<RolloutId, RolloutStatus>,
     /// Each published version with the canary weight it carried per rollout.
     versions: VecDeque<(String, HashMap<RolloutId, u32>)>,
 }
@@ -126,6 +131,9 @@ pub struct Rollouts {
 #[derive(Debug)]
 struct Inner {
     book: Mutex<Book>,
+    /// This replica judges and drives (the only one, or the lease holder); a
+    /// follower serves the states the holder writes into the statuses.
+    leading: AtomicBool,
     state_dir: Option<PathBuf>,
     metrics: RolloutMetrics,
 }
@@ -139,6 +147,11 @@ pub enum CommandError {
     /// The rollout's state does not allow it.
     #[error("{0}")]
     Refused(String),
+    /// This replica does not hold the lease; the holder drives the rollouts.
+    #[error(
+        "this control-plane replica does not drive rollouts: send the command to the lease holder"
+    )]
+    NotLeading,
 }
 
 fn now() -> Now {
@@ -159,6 +172,7 @@ impl Rollouts {
                     ..Default::default()
                 }),
                 state_dir: state_dir.map(Path::to_path_buf),
+                leading: AtomicBool::new(true),
                 metrics: RolloutMetrics::new(),
             }),
         }
@@ -172,6 +186,28 @@ impl Rollouts {
             Box::new(m.transitions.clone()),
             Box::new(m.decision.clone()),
         ]
+    }
+
+    /// Whether this replica judges and drives the rollouts.
+    pub fn is_leading(&self) -> bool {
+        self.inner.leading.load(Ordering::Acquire)
+    }
+
+    /// This replica starts or stops driving. A replica that starts drives on from the
+    /// states it followed (the statuses): each step waits for every proxy's ack again.
+    pub fn set_leading(&self, leading: bool) {
+        let was = self.inner.leading.swap(leading, Ordering::AcqRel);
+        if was != leading {
+            tracing::info!(
+                leading,
+                "rollouts: this replica {}",
+                if leading {
+                    "judges and drives them"
+                } else {
+                    "follows the lease holder's"
+                }
+            );
+        }
     }
 
     fn book(&self) -> std::sync::MutexGuard<'_, Book> {
@@ -206,12 +242,24 @@ impl Rollouts {
                     }
                     _ => {}
                 }
-                let state = match book.saved.remove(&id) {
-                    Some(saved) if saved.block == key => {
+                let status = book
+                    .from_status
+                    .get(&id)
+                    .filter(|st| st.block == key)
+                    .and_then(|st| saved_of(st, Vec::new()));
+                let state = match (status, book.saved.remove(&id)) {
+                    (Some(saved), _) if !self.is_leading() => {
+                        RolloutState::mirror(saved, &spec, now)
+                    }
+                    (Some(saved), _) => {
+                        tracing::info!(rollout = %id.label(), step = saved.step, phase = ?saved.phase, "rollout resumed from the RoutePolicy status");
+                        RolloutState::restore(saved, &spec, now)
+                    }
+                    (None, Some(saved)) if saved.block == key => {
                         tracing::info!(rollout = %id.label(), step = saved.step, phase = ?saved.phase, "rollout resumed from the state directory");
                         RolloutState::restore(saved, &spec, now)
                     }
-                    _ => {
+                    (None, _) => {
                         tracing::info!(rollout = %id.label(), canary = %spec.rollout.canary, steps = ?spec.rollout.steps, "rollout started");
                         RolloutState::start(key, &spec, now)
                     }
@@ -229,6 +277,11 @@ impl Rollouts {
             }
         }
         let before = book.entries.len();
+        for (id, e) in book.entries.iter().filter(|(id, _)| !seen.contains(id)) {
+            // Its block, route or policy is gone (or its canary with it, in a version
+            // that validates): proxies get the file's weights from now on.
+            tracing::info!(rollout = %id.label(), canary = %e.spec.rollout.canary, phase = ?e.state.phase(), step = e.state.step(), "rollout ended: its block is no longer in the policy");
+        }
         book.entries.retain(|id, _| seen.contains(id));
         changed |= before != book.entries.len();
         self.update_gauges(&book);
@@ -237,16 +290,40 @@ impl Rollouts {
         }
     }
 
-    /// Remembers that `version` carries the current weights.
-    pub fn record_version(&self, version: &str) {
+    /// Every rollout's weights now, read under one lock: one build of the views
+    /// uses these, and its versions are recorded with these (see [`Self::record_version`]).
+    pub fn frozen(&self) -> FrozenWeights {
+        let book = self.book();
+        FrozenWeights {
+            entries: book
+                .entries
+                .iter()
+                .map(|(id, e)| {
+                    let frozen = Frozen {
+                        rule: e.rule,
+                        weights: e.state.weights(&e.spec),
+                        canary_weight: e.state.canary_weight(&e.spec),
+                        withdrawn: (e.state.phase() == Phase::RolledBack)
+                            .then(|| e.spec.rollout.canary.clone()),
+                    };
+                    (id.clone(), frozen)
+                })
+                .collect(),
+        }
+    }
+
+    /// Remembers that `version` carries `used`, the weights its views were built
+    /// with. Reading the rollouts again here instead would record a step taken
+    /// meanwhile, and an ack of the older version would count for the newer step.
+    pub fn record_version(&self, version: &str, used: &FrozenWeights) {
         let mut book = self.book();
         if book.versions.iter().any(|(v, _)| v == version) {
             return;
         }
-        let weights = book
+        let weights = used
             .entries
             .iter()
-            .map(|(id, e)| (id.clone(), e.state.canary_weight(&e.spec)))
+            .map(|(id, f)| (id.clone(), f.canary_weight))
             .collect();
         book.versions.push_back((version.to_string(), weights));
         while book.versions.len() > VERSIONS {
@@ -254,9 +331,22 @@ impl Rollouts {
         }
     }
 
+    /// The canary weight recorded for `version` of rollout `id`, if that version is
+    /// remembered and carried the rollout.
+    pub fn recorded_weight(&self, version: &str, id: &RolloutId) -> Option<u32> {
+        let book = self.book();
+        book.versions
+            .iter()
+            .find(|(v, _)| v == version)
+            .and_then(|(_, m)| m.get(id).copied())
+    }
+
     /// Feeds the windows taken from the reports to each rollout; `true` when a
     /// weight changed (the set must be published again).
     pub fn on_reports(&self, taken: &super::reports::Taken, bounds: &[f64]) -> bool {
+        if !self.is_leading() {
+            return false;
+        }
         let now = now();
         let mut book = self.book();
         let mut transitions = Vec::new();
@@ -284,6 +374,9 @@ impl Rollouts {
     /// Time passed: acks of every connected proxy, interval ends; `true` when a
     /// weight changed.
     pub fn tick(&self, proxies: &[ProxyRecord]) -> bool {
+        if !self.is_leading() {
+            return false;
+        }
         let now = now();
         let mut book = self.book();
         let Book {
@@ -327,6 +420,9 @@ impl Rollouts {
 
     /// A command by hand on the rollout of `id`; `Ok` with the transition.
     pub fn command(&self, id: &RolloutId, cmd: Command) -> Result<Transition, CommandError> {
+        if !self.is_leading() {
+            return Err(CommandError::NotLeading);
+        }
         let now = now();
         let mut book = self.book();
         let e = book
@@ -408,6 +504,52 @@ impl Rollouts {
         }
     }
 
+    /// Every rollout's state as the RoutePolicy statuses carry it, per (namespace,
+    /// policy name).
+    pub fn statuses(&self) -> BTreeMap<(String, String), Vec<RolloutStatus>> {
+        let book = self.book();
+        let mut out: BTreeMap<(String, String), Vec<RolloutStatus>> = BTreeMap::new();
+        for (id, e) in &book.entries {
+            out.entry((id.namespace.clone(), id.policy.clone()))
+                .or_default()
+                .push(status_of(id, e));
+        }
+        out
+    }
+
+    /// Takes in the states the elected replica wrote into the statuses. A follower
+    /// serves them at once; the elected replica keeps its own and only resumes from
+    /// them when a rollout shows up. `true` when a weight changed.
+    pub fn follow(&self, statuses: HashMap<RolloutId, RolloutStatus>) -> bool {
+        let now = now();
+        let leading = self.is_leading();
+        let mut book = self.book();
+        let mut changed = false;
+        let mut moved = false;
+        if !leading {
+            for (id, e) in &mut book.entries {
+                let Some(st) = statuses.get(id) else { continue };
+                if st.block != e.state.block || *st == status_of(id, e) {
+                    continue;
+                }
+                let Some(saved) = saved_of(st, e.state.history().to_vec()) else {
+                    tracing::warn!(rollout = %id.label(), phase = %st.phase, "unknown rollout phase in the RoutePolicy status; ignoring it");
+                    continue;
+                };
+                let before = e.state.canary_weight(&e.spec);
+                e.state = RolloutState::mirror(saved, &e.spec, now);
+                moved = true;
+                changed |= before != e.state.canary_weight(&e.spec);
+            }
+        }
+        book.from_status = statuses;
+        if moved {
+            self.update_gauges(&book);
+            self.persist(&book);
+        }
+        changed
+    }
+
     /// `GET /rollouts`: every rollout with its step, weights, windows and history.
     pub fn view(&self) -> serde_json::Value {
         let book = self.book();
@@ -422,6 +564,7 @@ impl Rollouts {
                     "route": id.route,
                     "canary": e.spec.rollout.canary,
                     "block": s.block,
+                    "drivenHere": self.is_leading(),
                     "phase": s.phase(),
                     "step": s.step(),
                     "steps": e.spec.rollout.steps,
@@ -440,23 +583,90 @@ impl Rollouts {
     }
 }
 
-impl EffectiveWeights for Rollouts {
+/// Every rollout's weights at one moment (see [`Rollouts::frozen`]).
+#[derive(Clone, Debug, Default)]
+pub struct FrozenWeights {
+    entries: HashMap<RolloutId, Frozen>,
+}
+
+#[derive(Clone, Debug)]
+struct Frozen {
+    rule: usize,
+    weights: IndexMap<String, u32>,
+    canary_weight: u32,
+    withdrawn: Option<String>,
+}
+
+impl EffectiveWeights for FrozenWeights {
     fn weights(
         &self,
         policy: &RoutePolicy,
         route: &str,
         rule: usize,
     ) -> Option<IndexMap<String, u32>> {
-        let book = self.book();
-        let e = book.entries.get(&RolloutId::of(policy, route))?;
-        (e.rule == rule).then(|| e.state.weights(&e.spec))
+        let f = self.entries.get(&RolloutId::of(policy, route))?;
+        (f.rule == rule).then(|| f.weights.clone())
     }
 
     fn withdrawn(&self, policy: &RoutePolicy, route: &str) -> Option<String> {
-        let book = self.book();
-        let e = book.entries.get(&RolloutId::of(policy, route))?;
-        (e.state.phase() == Phase::RolledBack).then(|| e.spec.rollout.canary.clone())
+        self.entries
+            .get(&RolloutId::of(policy, route))?
+            .withdrawn
+            .clone()
     }
+}
+
+/// The status form of the rollout `id`.
+fn status_of(id: &RolloutId, e: &Entry) -> RolloutStatus {
+    let s = &e.state;
+    let last = s.history().last();
+    RolloutStatus {
+        route: id.route.clone(),
+        block: s.block.clone(),
+        canary: e.spec.rollout.canary.clone(),
+        phase: serde_json::to_value(s.phase())
+            .ok()
+            .and_then(|v| v.as_str().map(str::to_string))
+            .unwrap_or_default(),
+        step: u32::try_from(s.step()).unwrap_or(u32::MAX),
+        weights: s.weights(&e.spec),
+        decision: s.last_window().map(|w| w.decision.clone()),
+        last_transition: last.map(|t| t.result.clone()),
+        last_transition_ms: last.map(|t| t.at_ms),
+        reason: last.map(|t| t.reason.clone()),
+    }
+}
+
+/// What the engine restores from a status: `history` with the status's last
+/// transition added (a follower's history gathers the transitions it saw). `None`
+/// for an unknown phase.
+fn saved_of(st: &RolloutStatus, mut history: Vec<Transition>) -> Option<Saved> {
+    let phase: Phase = serde_json::from_value(serde_json::Value::String(st.phase.clone())).ok()?;
+    if let (Some(result), Some(at_ms)) = (&st.last_transition, st.last_transition_ms)
+        && !history
+            .iter()
+            .any(|t| t.at_ms == at_ms && t.result == *result)
+    {
+        history.push(Transition {
+            at_ms,
+            result: result.clone(),
+            step: st.step as usize,
+            canary_weight: st.weights.get(&st.canary).copied().unwrap_or(0),
+            reason: st.reason.clone().unwrap_or_default(),
+        });
+    }
+    Some(Saved {
+        block: st.block.clone(),
+        phase,
+        step: st.step as usize,
+        history,
+        last_window: st.decision.as_ref().map(|d| WindowView {
+            step: st.step as usize,
+            decision: d.clone(),
+            reason: st.reason.clone().unwrap_or_default(),
+            ..WindowView::default()
+        }),
+    })
 }
 
 /// One rollout in the state file.
@@ -486,7 +696,7 @@ fn load(dir: &Path) -> HashMap<RolloutId, Saved> {
 }
 
 /// Looks at acks and interval ends every [`TICK`]; ends at shutdown.
-pub(crate) async fn drive(shared: Arc<crate::Shared>, mut shutdown: watch::Receiver<bool>) {
+pub(crate) async fn drive(shared: Arc<crate::state::Shared>, mut shutdown: watch::Receiver<bool>) {
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -494,7 +704,7 @@ pub(crate) async fn drive(shared: Arc<crate::Shared>, mut shutdown: watch::Recei
             _ = tick.tick() => {}
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
-        let proxies = shared.proxies.snapshot();
+        let proxies = shared.proxies_everywhere();
         if shared.rollouts.tick(&proxies) {
             shared.republish();
         }

@@ -374,6 +374,22 @@ impl RolloutState {
         s
     }
 
+    /// The state another replica drives, as its status describes it (`saved`): the
+    /// same step and phase, no windows, nothing recorded. A replica following the
+    /// elected one serves its weights; once elected itself, the step's interval
+    /// starts again when every proxy acked.
+    pub fn mirror(saved: Saved, spec: &Spec, now: Now) -> Self {
+        let step = saved.step.min(spec.rollout.steps.len().saturating_sub(1));
+        let mut s = Self::at(saved.block, saved.phase, step, now.at);
+        s.history = saved.history;
+        if s.history.len() > HISTORY {
+            let extra = s.history.len() - HISTORY;
+            s.history.drain(..extra);
+        }
+        s.last_window = saved.last_window;
+        s
+    }
+
     fn at(block: String, phase: Phase, step: usize, now: Instant) -> Self {
         Self {
             block,

@@ -8,12 +8,15 @@
 //! - [`driver`]: the rollouts of the published set: the effective weights in the
 //!   snapshots, acks, the reports and the time fed to the engine, persistence in
 //!   `--state-dir`, metrics and a log event per transition.
+//! - [`forward`]: on a replica that does not hold the lease, the proxies' reports
+//!   relayed to the one that does (only the holder judges).
 //! - `admin`: `GET /rollouts` and `POST /rollouts/<ns>/<policy>/<route>/<command>`.
 
 pub(crate) mod admin;
 pub mod driver;
 pub mod engine;
+pub mod forward;
 pub mod reports;
 
-pub use driver::{RolloutId, Rollouts};
+pub use driver::{FrozenWeights, RolloutId, Rollouts};
 pub use reports::{ReportBook, Window};

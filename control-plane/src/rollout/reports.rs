@@ -289,21 +289,23 @@ pub fn counter() -> prometheus::IntCounterVec {
     prometheus::IntCounterVec::new(
         prometheus::Opts::new(
             "sluice_cp_reports_total",
-            "Traffic reports from proxies, by result (accepted, malformed, dropped_by_proxy).",
+            "Traffic reports from proxies, by result (accepted, malformed, dropped_by_proxy; on a replica not holding the lease, forwarded or forward_dropped).",
         ),
         &["result"],
     )
     .expect("valid metric")
 }
 
-/// Ages the per-route proxy counts once a second, so a proxy that went quiet stops
-/// counting even when no report arrives; ends at shutdown.
-pub(crate) async fn keep_fresh(shared: Arc<crate::Shared>, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
-    loop {
-        tokio::select! {
-            _ = tick.tick() => shared.reports.refresh(Instant::now()),
-            _ = shutdown.wait_for(|stop| *stop) => return,
+impl ReportBook {
+    /// Ages the per-route proxy counts once a second, so a proxy that went quiet
+    /// stops counting even when no report arrives; ends at shutdown.
+    pub(crate) async fn keep_fresh(&self, mut shutdown: watch::Receiver<bool>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => self.refresh(Instant::now()),
+                _ = shutdown.wait_for(|stop| *stop) => return,
+            }
         }
     }
 }

@@ -54,6 +54,7 @@ async fn control_plane(slices: Vec<Value>) -> (RunningControlPlane, ApiServer, t
             policies: false,
             lease: LeaseConfig::new("sluice-system", "sluice-control-plane", "cp-0"),
             trust_domain: "cluster.local".into(),
+            pod_ip: None,
         }),
         ..ControlPlaneConfig::default()
     })

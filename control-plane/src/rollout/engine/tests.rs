@@ -525,3 +525,35 @@ fn a_restored_rollout_resumes_its_step_after_the_acks() {
         100
     );
 }
+
+/// The rollback bench's slow case at 2 s reports, on the engine's side: the step is
+/// acked, its 1 s interval ends before the first report (inconclusive, which the
+/// driver republishes), then the report carrying the failures arrives. The engine
+/// rolls back at that report, waiting for nothing; the 30 s the canary stayed at
+/// 10 % came from the publication of that inconclusive tick being sent after the
+/// rollback's (`state::tests::a_rollback_is_never_overwritten_by_a_publication_of_the_old_weight`).
+#[test]
+fn a_gross_breach_right_after_an_inconclusive_interval_rolls_back_at_its_report() {
+    let mut sp = spec(&[10, 50, 100], 20);
+    sp.rollout.interval = Some(sluice_config::Duration::from_secs(1));
+    let mut c = Clock::new();
+    let mut s = RolloutState::start("k".into(), &sp, c.now());
+    s.on_acks(c.advance(S / 5), &all_acked());
+    assert!(s.acked_at().is_some());
+    let t = s.on_tick(&sp, c.advance(S)).expect("the interval ended");
+    assert_eq!(t.result, "inconclusive");
+    assert_eq!(s.canary_weight(&sp), 10);
+    // The first report, 2 s after the load began: 13 canary requests, 7 failed.
+    let t = s
+        .on_report(
+            &sp,
+            c.advance(S * 4 / 5),
+            &window(13, 7, 0.005),
+            &window(120, 0, 0.005),
+            &BOUNDS,
+        )
+        .expect("rolled back at the report");
+    assert_eq!(t.result, "rolled-back");
+    assert_eq!((s.phase(), s.canary_weight(&sp)), (Phase::RolledBack, 0));
+    assert_eq!(results(&s), ["started", "inconclusive", "rolled-back"]);
+}

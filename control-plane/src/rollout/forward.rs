@@ -1,0 +1,197 @@
+//! A follower's road for the proxies' traffic reports to the lease holder.
+//!
+//! With several replicas, only the lease holder judges rollouts, but a proxy reports
+//! on its own stream to whichever replica it is connected to. A follower therefore
+//! relays each well-formed report, as received, to the holder's admin port
+//! (`POST /rollouts/reports`, the report's protobuf bytes, the proxy's node id in
+//! [`NODE_HEADER`], the admin token when there is one), whose address the holder
+//! writes into the Lease. Push rather than pull: a report reaches the holder at the
+//! moment it arrives, so a gross breach seen by a follower's proxies rolls back as
+//! fast as one seen by the holder's own, and the holder keeps no per-follower state.
+//! HTTP on the admin port rather than the policy stream: the stream's peer is a proxy
+//! that acks versions, and a relay counted as a connected proxy would hold every
+//! step's interval back.
+//!
+//! Bounded: reports wait in a queue of [`QUEUE`], sent one at a time; a full queue,
+//! an unknown holder or a failed send drops the report and counts it in
+//! `sluice_cp_reports_total{result="forward_dropped"}`. Proxies keep serving whatever
+//! happens here.
+//!
+//! The holder also needs the follower's proxies' acks: a step's interval starts once
+//! every connected proxy, wherever it is connected, acked the step's weights. Every
+//! [`ACKS_EVERY`] the follower sends the holder the versions its connected proxies
+//! acked and refused (`POST /rollouts/proxies`, JSON, the replica's name in
+//! [`REPLICA_HEADER`]); the holder counts a replica's list while it is fresher than
+//! [`REMOTE_FRESH`].
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use prometheus::IntCounterVec;
+use prost::Message as _;
+use serde::{Deserialize, Serialize};
+use sluice_api::pb;
+use tokio::sync::{mpsc, watch};
+
+/// Reports waiting to be relayed, at most.
+pub const QUEUE: usize = 256;
+
+/// The header naming the proxy a relayed report came from.
+pub const NODE_HEADER: &str = "x-sluice-node";
+
+/// The header naming the replica a list of proxies comes from.
+pub const REPLICA_HEADER: &str = "x-sluice-replica";
+
+/// How often a follower sends the holder its proxies' acks.
+pub const ACKS_EVERY: Duration = Duration::from_secs(1);
+
+/// How long the holder counts a follower's list of proxies after receiving it.
+pub const REMOTE_FRESH: Duration = Duration::from_secs(5);
+
+/// How long one relay may take.
+const SEND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A proxy connected to a follower, as the holder counts its acks.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RemoteProxy {
+    /// Its node id.
+    pub node_id: String,
+    /// The last version it acked.
+    pub acked_version: Option<String>,
+    /// The last version it refused.
+    pub nacked_version: Option<String>,
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// The follower's side: a bounded queue of reports for the holder.
+#[derive(Debug)]
+pub struct ReportForwarder {
+    tx: mpsc::Sender<(String, pb::Report)>,
+    rx: Mutex<Option<mpsc::Receiver<(String, pb::Report)>>>,
+    counter: IntCounterVec,
+}
+
+impl ReportForwarder {
+    /// An empty queue counting into `counter{result}`.
+    pub fn new(counter: IntCounterVec) -> Self {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        Self {
+            tx,
+            rx: Mutex::new(Some(rx)),
+            counter,
+        }
+    }
+
+    /// Queues `report` from proxy `node` for the holder; drops and counts it when the
+    /// queue is full. Never waits.
+    pub fn forward(&self, node: &str, report: pb::Report) {
+        if self.tx.try_send((node.to_string(), report)).is_err() {
+            self.counter.with_label_values(&["forward_dropped"]).inc();
+        }
+    }
+
+    /// Relays queued reports, and every [`ACKS_EVERY`] the proxies `acks` lists, to
+    /// the holder named by `holder`, as replica `replica`, until `shutdown`; runs
+    /// once (a second call returns at once).
+    pub(crate) async fn run(
+        &self,
+        holder: watch::Receiver<Option<String>>,
+        token: Option<Arc<str>>,
+        replica: String,
+        acks: impl Fn() -> Vec<RemoteProxy>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        let Some(mut rx) = self.rx.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+            return;
+        };
+        let client: HttpClient = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+        let mut every = tokio::time::interval(ACKS_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let (node, report) = tokio::select! {
+                r = rx.recv() => match r {
+                    Some(r) => r,
+                    None => return,
+                },
+                _ = every.tick() => {
+                    let url = holder.borrow().clone();
+                    if let Some(url) = url {
+                        let body = serde_json::to_vec(&acks()).unwrap_or_default();
+                        let send = Post {
+                            path: "/rollouts/proxies",
+                            content_type: "application/json",
+                            header: (REPLICA_HEADER, &replica),
+                            token: token.as_deref(),
+                        }
+                        .send(&client, &url, body);
+                        if let Ok(Err(why)) = tokio::time::timeout(SEND_TIMEOUT, send).await {
+                            tracing::debug!(%url, %why, "cannot send the proxies' acks to the lease holder");
+                        }
+                    }
+                    continue;
+                }
+                _ = shutdown.changed() => return,
+            };
+            let url = holder.borrow().clone();
+            let sent = match url {
+                Some(url) => {
+                    let send = Post {
+                        path: "/rollouts/reports",
+                        content_type: "application/x-protobuf",
+                        header: (NODE_HEADER, &node),
+                        token: token.as_deref(),
+                    }
+                    .send(&client, &url, report.encode_to_vec());
+                    match tokio::time::timeout(SEND_TIMEOUT, send).await {
+                        Ok(Ok(())) => true,
+                        Ok(Err(why)) => {
+                            tracing::debug!(%url, %why, "cannot relay a traffic report to the lease holder");
+                            false
+                        }
+                        Err(_) => false,
+                    }
+                }
+                None => false,
+            };
+            let result = if sent { "forwarded" } else { "forward_dropped" };
+            self.counter.with_label_values(&[result]).inc();
+        }
+    }
+}
+
+/// One POST to the holder's admin port.
+struct Post<'a> {
+    path: &'a str,
+    content_type: &'a str,
+    header: (&'a str, &'a str),
+    token: Option<&'a str>,
+}
+
+impl Post<'_> {
+    async fn send(self, client: &HttpClient, base: &str, body: Vec<u8>) -> Result<(), String> {
+        let mut req = hyper::Request::post(format!("{}{}", base.trim_end_matches('/'), self.path))
+            .header(hyper::header::CONTENT_TYPE, self.content_type)
+            .header(self.header.0, self.header.1);
+        if let Some(token) = self.token {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| e.to_string())?;
+        let resp = client.request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let _ = resp.into_body().collect().await;
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("answered {status}"))
+        }
+    }
+}
