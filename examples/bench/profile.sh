@@ -74,7 +74,9 @@ YAML
 
 setsid taskset -c "$PROXY_CPUS" "$TARGET_DIR/release/bench-upstream" --listen "127.0.0.1:$UPSTREAM_PORT" &
 PIDS+=("$!")
+# h2load does not reconnect after the GOAWAY Sluice sends after 10,000 streams by default.
 setsid taskset -c "$PROXY_CPUS" "$TARGET_DIR/release/sluice-proxy" run --worker-threads 1 \
+    --h2-max-streams-per-connection 4294967295 \
     --outbound "127.0.0.1:$PROXY_PORT" --admin "127.0.0.1:$ADMIN_PORT" --no-inbound \
     --policy "$WORK/policy.yaml" --log-level warn >"$WORK/proxy.log" 2>&1 &
 PROXY_PID=$!

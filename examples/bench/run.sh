@@ -198,8 +198,11 @@ spec:
         - weights: { stable: 90, canary: 10 }
 YAML
 
+# h2load does not reconnect after a GOAWAY, and Sluice sends one after 10,000 streams
+# on a connection by default: the bench lifts the cap, as nginx's http2_max_requests.
+H2_UNCAPPED=(--h2-max-streams-per-connection 4294967295)
 start_sluice() { # name, policy, outbound port, admin port, [binary]
-    start "$1" "${5:-$PROXY_BIN}" run --worker-threads 1 --outbound "127.0.0.1:$3" \
+    start "$1" "${5:-$PROXY_BIN}" run --worker-threads 1 "${H2_UNCAPPED[@]}" --outbound "127.0.0.1:$3" \
         --admin "127.0.0.1:$4" --no-inbound --policy "$2" --log-level warn
     PID_OF[$1]=$STARTED_PID
     URL_H1[$1]=http://127.0.0.1:$3/
@@ -332,11 +335,11 @@ start_hop() { # name, outbound port, inbound port, policy, extra flags of both s
         server_flags=(--trust-root "$WORK/cp/root.pem" --identity-url "https://127.0.0.1:$CP_GRPC"
             --identity-token-file "$WORK/cp/token-server")
     fi
-    start "$name-server" "$PROXY_BIN" run --worker-threads 1 --no-outbound \
+    start "$name-server" "$PROXY_BIN" run --worker-threads 1 "${H2_UNCAPPED[@]}" --no-outbound \
         --inbound "127.0.0.1:$in" --app "127.0.0.1:$UPSTREAM_PORT" --service 127.0.0.1 \
         --admin "127.0.0.1:$((in + 5))" --policy "$policy" --log-level warn "${server_flags[@]}"
     local server_pid=$STARTED_PID
-    start "$name-client" "$PROXY_BIN" run --worker-threads 1 --no-inbound \
+    start "$name-client" "$PROXY_BIN" run --worker-threads 1 "${H2_UNCAPPED[@]}" --no-inbound \
         --outbound "127.0.0.1:$out" --admin "127.0.0.1:$((out + 5))" --policy "$policy" \
         --log-level warn "${client_flags[@]}"
     PID_OF[$name]="$STARTED_PID $server_pid"

@@ -1,16 +1,27 @@
 //! The upstream client, the connection end of every stack: pooled HTTP/1 and HTTP/2
 //! clients (plaintext, or mTLS per backend identity) that send a request to the
 //! [`Endpoint`] the balancer chose.
+//!
+//! HTTP/1 goes over [`H1Pool`]: connections on hyper's connection-level API, kept idle
+//! per worker thread, so a request takes no lock, hashes its endpoint once and spawns
+//! nothing; a connection goes back to its thread's pool when the response body ends.
+//! HTTP/2 (one multiplexed connection per endpoint) stays on hyper-util's pooled client.
 
+use std::cell::RefCell;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
-use http::{Request, Response, Uri, Version};
+use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
+use http_body::{Body as _, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::client::conn::http1;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -37,7 +48,7 @@ pub struct Upstream {
 
 #[derive(Debug)]
 struct Clients {
-    http1: Client<HttpConnector, Body>,
+    http1: Arc<H1Pool<HttpConnector>>,
     http2: Client<HttpConnector, Body>,
     mesh: Option<Arc<MeshPools>>,
     /// The mesh clients of this route's backends, by backend index.
@@ -48,6 +59,10 @@ struct Clients {
 const ALPN_H1: &[&[u8]] = &[b"http/1.1"];
 /// ALPN of the HTTP/2 mesh client.
 const ALPN_H2: &[&[u8]] = &[b"h2"];
+
+/// How long an HTTP/1 connection may sit unused in a pool before it is closed (between
+/// one and two of these in practice: its task looks once per period).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Mesh clients per expected identity.
 #[derive(Debug)]
@@ -61,7 +76,7 @@ struct MeshPools {
 /// The pooled HTTP/1 and HTTP/2 clients to peers of one identity.
 #[derive(Clone, Debug)]
 struct MeshClients {
-    http1: Client<MeshConnector, Body>,
+    http1: Arc<H1Pool<MeshConnector>>,
     http2: Client<MeshConnector, Body>,
 }
 
@@ -78,8 +93,7 @@ impl Upstream {
     /// Creates the clients. Connections are kept idle for 90 s.
     pub fn new() -> Self {
         let connector = tcp_connector();
-        let builder = client_builder();
-        let http1 = builder.build(connector.clone());
+        let http1 = Arc::new(H1Pool::new(connector.clone()));
         let http2 = client_builder().http2_only(true).build(connector);
         Self {
             clients: Arc::new(Clients {
@@ -130,7 +144,7 @@ impl Upstream {
                         )
                     };
                     MeshClients {
-                        http1: client_builder().build(mk(ALPN_H1)),
+                        http1: Arc::new(H1Pool::new(mk(ALPN_H1))),
                         http2: client_builder().http2_only(true).build(mk(ALPN_H2)),
                     }
                 });
@@ -173,31 +187,32 @@ impl tower::Service<Request<Body>> for Upstream {
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
         let backend = req.extensions_mut().remove::<SelectedBackend>();
-        let endpoint = req.extensions_mut().remove::<Endpoint>();
-        let sent = match endpoint {
-            Some(Endpoint(endpoint)) => Authority::try_from(&*endpoint)
-                .map_err(BoxError::from)
-                .and_then(|authority| upstream_uri(authority, req.uri()))
-                .map(|uri| {
-                    *req.uri_mut() = uri;
-                    // `request` only borrows the client; its future owns what it needs.
-                    let h2 = req.version() == Version::HTTP_2;
-                    if !h2 {
-                        *req.version_mut() = Version::HTTP_11;
-                    }
-                    let mesh = match (&self.clients.by_backend, &backend) {
-                        (Some(by), Some(b)) => by.get(b.index).and_then(Option::as_ref),
-                        _ => None,
-                    };
-                    match (mesh, h2) {
-                        (Some(m), true) => m.http2.request(req),
-                        (Some(m), false) => m.http1.request(req),
-                        (None, true) => self.clients.http2.request(req),
-                        (None, false) => self.clients.http1.request(req),
-                    }
-                }),
-            None => Err(ProxyError::NoEndpoint(backend_name(backend.as_ref())).into()),
+        let Some(Endpoint(endpoint)) = req.extensions_mut().remove::<Endpoint>() else {
+            let err = ProxyError::NoEndpoint(backend_name(backend.as_ref()));
+            return Box::pin(std::future::ready(Err(err.into())));
         };
+        let mesh = match (&self.clients.by_backend, &backend) {
+            (Some(by), Some(b)) => by.get(b.index).and_then(Option::as_ref),
+            _ => None,
+        };
+        if req.version() != Version::HTTP_2 {
+            *req.version_mut() = Version::HTTP_11;
+            return match mesh {
+                Some(m) => Box::pin(send_h1(m.http1.clone(), endpoint, req, backend)),
+                None => Box::pin(send_h1(self.clients.http1.clone(), endpoint, req, backend)),
+            };
+        }
+        let sent = Authority::try_from(&*endpoint)
+            .map_err(BoxError::from)
+            .and_then(|authority| upstream_uri(authority, req.uri()))
+            .map(|uri| {
+                *req.uri_mut() = uri;
+                // `request` only borrows the client; its future owns what it needs.
+                match mesh {
+                    Some(m) => m.http2.request(req),
+                    None => self.clients.http2.request(req),
+                }
+            });
         Box::pin(async move {
             let resp = sent?.await.map_err(|e| {
                 let kind = if e.is_connect() {
@@ -216,6 +231,314 @@ impl tower::Service<Request<Body>> for Upstream {
             }
             Ok(resp)
         })
+    }
+}
+
+/// Sends an HTTP/1 request over `pool` to `endpoint`, as hyper-util's client did: origin
+/// form, a `Host` header from the endpoint when the request has none, and a request that
+/// a reused connection closed before taking it sent again on a new one.
+async fn send_h1<C>(
+    pool: Arc<H1Pool<C>>,
+    endpoint: Arc<str>,
+    mut req: Request<Body>,
+    backend: Option<SelectedBackend>,
+) -> Result<Response<Body>, BoxError>
+where
+    C: Connect,
+{
+    let failed = |kind, e: BoxError| ProxyError::Upstream {
+        backend: backend_name(backend.as_ref()),
+        source: UpstreamError::new(kind, e),
+    };
+    to_origin_form(&mut req, &endpoint)?;
+    if let Some(mut conn) = pool.checkout(&endpoint) {
+        match conn.sender.try_send_request(req).await {
+            Ok(resp) => return Ok(answer(pool, endpoint, conn, resp, backend)),
+            Err(mut e) => match e.take_message() {
+                // Closed while idle (the upstream's own idle timeout): not a failure of
+                // the request, which was never written.
+                Some(unsent) => req = unsent,
+                None => return Err(failed(UpstreamErrorKind::Reset, e.into_error().into()).into()),
+            },
+        }
+    }
+    let mut conn = pool
+        .connect(&endpoint)
+        .await
+        .map_err(|e| failed(UpstreamErrorKind::ConnectFailure, e))?;
+    match conn.sender.try_send_request(req).await {
+        Ok(resp) => Ok(answer(pool, endpoint, conn, resp, backend)),
+        Err(e) => Err(failed(UpstreamErrorKind::Reset, e.into_error().into()).into()),
+    }
+}
+
+/// The response, its body handing the connection back to the pool when it ends.
+fn answer<C>(
+    pool: Arc<H1Pool<C>>,
+    endpoint: Arc<str>,
+    conn: H1Conn,
+    resp: Response<Incoming>,
+    backend: Option<SelectedBackend>,
+) -> Response<Body> {
+    // An upgraded connection belongs to the tunnel now.
+    let back = (resp.status() != http::StatusCode::SWITCHING_PROTOCOLS).then(|| Return {
+        pool: pool.id,
+        endpoint,
+        conn,
+    });
+    let mut resp = resp.map(|body| {
+        let mut body = PooledBody { body, back };
+        if body.body.is_end_stream() {
+            body.give_back();
+        }
+        boxed(body)
+    });
+    if let Some(b) = backend {
+        resp.extensions_mut().insert(b);
+    }
+    resp
+}
+
+/// Rewrites an HTTP/1 request for a direct connection to `endpoint`: the target in
+/// origin form (authority form for `CONNECT`), `Host` set if missing.
+fn to_origin_form(req: &mut Request<Body>, endpoint: &str) -> Result<(), BoxError> {
+    if !req.headers().contains_key(header::HOST) {
+        // As hyper-util's client: the default port is left out.
+        let host = endpoint.strip_suffix(":80").unwrap_or(endpoint);
+        req.headers_mut()
+            .insert(header::HOST, HeaderValue::from_str(host)?);
+    }
+    let target = if req.method() == Method::CONNECT {
+        Uri::try_from(endpoint)?
+    } else {
+        match req.uri().path_and_query() {
+            Some(_) if req.uri().scheme().is_none() && req.uri().authority().is_none() => {
+                return Ok(());
+            }
+            Some(pq) => Uri::from(pq.clone()),
+            None => Uri::from_static("/"),
+        }
+    };
+    *req.uri_mut() = target;
+    Ok(())
+}
+
+/// What [`H1Pool`] dials with: hyper-util's TCP connector, or the mesh's TLS connector.
+trait Connect:
+    tower::Service<
+        Uri,
+        Response: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        Future: Send,
+        Error: Into<BoxError>,
+    > + Clone
+    + Send
+    + Sync
+    + 'static
+{
+}
+
+impl<C> Connect for C where
+    C: tower::Service<
+            Uri,
+            Response: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+            Future: Send,
+            Error: Into<BoxError>,
+        > + Clone
+        + Send
+        + Sync
+        + 'static
+{
+}
+
+/// Idle HTTP/1 connections of every pool, by pool and endpoint, for the thread running
+/// the request: a worker takes and returns connections without a lock. A connection
+/// returned on another thread (a body finished there) joins that thread's pool.
+type IdleMap = HashMap<(u64, Arc<str>), Vec<H1Conn>>;
+
+thread_local! {
+    static IDLE: RefCell<IdleMap> = RefCell::new(HashMap::new());
+}
+
+/// Pools have an id so that one thread-local map serves them all.
+static NEXT_POOL: AtomicU64 = AtomicU64::new(0);
+
+/// HTTP/1 connections to upstreams, dialed with `C`, kept idle per worker thread.
+struct H1Pool<C> {
+    id: u64,
+    connector: C,
+}
+
+impl<C> std::fmt::Debug for H1Pool<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H1Pool")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One HTTP/1 connection: the sending half, and what its task reads to close it idle.
+struct H1Conn {
+    sender: http1::SendRequest<Body>,
+    state: Arc<ConnState>,
+}
+
+#[derive(Default)]
+struct ConnState {
+    /// Requests sent so far: unchanged over a whole idle period means unused.
+    uses: AtomicU64,
+    /// In a request's hands (not idle in a pool).
+    busy: AtomicBool,
+}
+
+impl<C: Connect> H1Pool<C> {
+    fn new(connector: C) -> Self {
+        Self {
+            id: NEXT_POOL.fetch_add(1, Ordering::Relaxed),
+            connector,
+        }
+    }
+
+    /// The most recently returned idle connection to `endpoint` that can take a request
+    /// now; closed ones are dropped on the way, busy ones (still finishing the last
+    /// exchange) stay.
+    fn checkout(&self, endpoint: &Arc<str>) -> Option<H1Conn> {
+        IDLE.with(|idle| {
+            let mut idle = idle.borrow_mut();
+            let list = idle.get_mut(&(self.id, endpoint.clone()))?;
+            let mut i = list.len();
+            while i > 0 {
+                i -= 1;
+                if list[i].sender.is_closed() {
+                    list.remove(i);
+                } else if list[i].sender.is_ready() {
+                    let conn = list.remove(i);
+                    conn.state.uses.fetch_add(1, Ordering::Relaxed);
+                    conn.state.busy.store(true, Ordering::Relaxed);
+                    return Some(conn);
+                }
+            }
+            None
+        })
+    }
+
+    /// Dials `endpoint` and starts the connection's task (upgrades allowed; closed after
+    /// [`IDLE_TIMEOUT`] unused in a pool).
+    async fn connect(&self, endpoint: &str) -> Result<H1Conn, BoxError> {
+        let uri = Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(endpoint)
+            .path_and_query("/")
+            .build()?;
+        let io = tower::ServiceExt::oneshot(self.connector.clone(), uri)
+            .await
+            .map_err(Into::into)?;
+        let (sender, conn) = http1::Builder::new().handshake(io).await?;
+        let state = Arc::new(ConnState {
+            uses: AtomicU64::new(1),
+            busy: AtomicBool::new(true),
+        });
+        let conn = tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
+        // A task of its own, so that the connection's task polls no timer per request.
+        let watched = state.clone();
+        tokio::spawn(async move {
+            let mut seen = watched.uses.load(Ordering::Relaxed);
+            loop {
+                tokio::time::sleep(IDLE_TIMEOUT).await;
+                if conn.is_finished() {
+                    return;
+                }
+                let uses = watched.uses.load(Ordering::Relaxed);
+                if uses == seen && !watched.busy.load(Ordering::Relaxed) {
+                    // Dropping the connection closes it; its sender, idle in a pool,
+                    // reads as closed from now on.
+                    conn.abort();
+                    return;
+                }
+                seen = uses;
+            }
+        });
+        Ok(H1Conn { sender, state })
+    }
+}
+
+/// Where a connection goes back to when its response body has ended.
+struct Return {
+    pool: u64,
+    endpoint: Arc<str>,
+    conn: H1Conn,
+}
+
+impl Return {
+    fn put(self) {
+        self.conn.state.busy.store(false, Ordering::Relaxed);
+        // A thread being torn down has no pool left: the connection just closes.
+        let _ = IDLE.try_with(|idle| {
+            let mut idle = idle.borrow_mut();
+            let list = idle.entry((self.pool, self.endpoint)).or_default();
+            // Connections closed while idle sink to the bottom: drop one per return.
+            if list.first().is_some_and(|c| c.sender.is_closed()) {
+                list.remove(0);
+            }
+            list.push(self.conn);
+        });
+    }
+}
+
+/// An upstream response body that returns its connection to the pool once it has
+/// ended. Dropped before its end, it drops the connection (hyper closes it).
+struct PooledBody {
+    body: Incoming,
+    back: Option<Return>,
+}
+
+impl Drop for PooledBody {
+    fn drop(&mut self) {
+        // The server stops polling once a body says it has ended.
+        if self.body.is_end_stream() {
+            self.give_back();
+        }
+    }
+}
+
+impl PooledBody {
+    fn give_back(&mut self) {
+        if let Some(back) = self.back.take() {
+            back.put();
+        }
+    }
+}
+
+impl http_body::Body for PooledBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        // `Incoming` is `Unpin`, and so is this body.
+        let this = self.get_mut();
+        let frame = ready!(Pin::new(&mut this.body).poll_frame(cx));
+        match &frame {
+            None => this.give_back(),
+            Some(Ok(_)) if this.body.is_end_stream() => this.give_back(),
+            // An error ends the connection's usefulness: it is dropped with the body.
+            Some(Err(_)) => this.back = None,
+            Some(Ok(_)) => {}
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
     }
 }
 

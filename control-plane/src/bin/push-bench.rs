@@ -88,7 +88,18 @@ fn vm_hwm_kib(pid: u32) -> Option<u64> {
 /// A control plane this bench talks to.
 enum Cp {
     InProcess(sluice_control_plane::RunningControlPlane),
-    Child(std::process::Child),
+    Child(ChildCp),
+}
+
+/// The control plane as a child process, killed and reaped when dropped: a round that
+/// fails, or a bench stopped with Ctrl-C or SIGTERM, leaves no control plane behind.
+struct ChildCp(std::process::Child);
+
+impl Drop for ChildCp {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 async fn start_cp(args: &Args, dir: &Path) -> anyhow::Result<(Cp, String)> {
@@ -104,14 +115,18 @@ async fn start_cp(args: &Args, dir: &Path) -> anyhow::Result<(Cp, String)> {
         }
         Some(bin) => {
             let addr_file = dir.join(".addrs.json");
-            let child = std::process::Command::new(bin)
-                .arg("--policy-dir")
-                .arg(dir)
-                .args(["--grpc", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-                .args(["--log-level", "warn"])
-                .arg("--addr-file")
-                .arg(&addr_file)
-                .spawn()?;
+            // The simulated proxies speak plaintext gRPC, like the in-process control
+            // plane without a CA; the binary serves TLS unless told otherwise.
+            let child = ChildCp(
+                std::process::Command::new(bin)
+                    .arg("--policy-dir")
+                    .arg(dir)
+                    .args(["--grpc", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+                    .args(["--log-level", "warn", "--plaintext"])
+                    .arg("--addr-file")
+                    .arg(&addr_file)
+                    .spawn()?,
+            );
             let deadline = Instant::now() + Duration::from_secs(30);
             let addrs: serde_json::Value = loop {
                 if let Ok(bytes) = std::fs::read(&addr_file) {
@@ -251,7 +266,7 @@ async fn round(args: &Args, n: usize) -> anyhow::Result<()> {
     each.sort();
 
     let (rss_kib, rss_of) = match &cp {
-        Cp::Child(c) => (vm_hwm_kib(c.id()), "control plane (child)"),
+        Cp::Child(c) => (vm_hwm_kib(c.0.id()), "control plane (child)"),
         Cp::InProcess(_) => (
             vm_hwm_kib(std::process::id()),
             "whole bench process (control plane + simulated proxies)",
@@ -272,13 +287,26 @@ async fn round(args: &Args, n: usize) -> anyhow::Result<()> {
     proxies.abort_all();
     match cp {
         Cp::InProcess(cp) => cp.shutdown().await,
-        Cp::Child(mut c) => {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        Cp::Child(c) => drop(c),
     }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(())
+}
+
+/// Ctrl-C or SIGTERM.
+async fn stopped() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
 }
 
 fn main() -> ExitCode {
@@ -294,12 +322,22 @@ fn main() -> ExitCode {
         }
     };
     rt.block_on(async {
-        for &n in &args.subscribers {
-            if let Err(e) = round(&args, n).await {
-                eprintln!("round with {n} subscribers failed: {e:#}");
-                return ExitCode::FAILURE;
+        let rounds = async {
+            for &n in &args.subscribers {
+                if let Err(e) = round(&args, n).await {
+                    eprintln!("round with {n} subscribers failed: {e:#}");
+                    return ExitCode::FAILURE;
+                }
+            }
+            ExitCode::SUCCESS
+        };
+        // Stopped early, the round in flight is dropped, and with it its child.
+        tokio::select! {
+            code = rounds => code,
+            () = stopped() => {
+                eprintln!("stopped");
+                ExitCode::FAILURE
             }
         }
-        ExitCode::SUCCESS
     })
 }
