@@ -1229,7 +1229,17 @@ async fn the_lease_holder_drives_a_rollout_the_follower_serves_and_resumes_it() 
         .iter()
         .map(|t| t["result"].as_str().unwrap())
         .collect();
-    assert!(!results[1..].contains(&"started"), "{results:?}");
+    // Once it drives (the first step advanced), it never starts the rollout over. (Under
+    // load the history may hold the start twice before that: the state read back from the
+    // status and the holder's first publication.)
+    let first_advance = results
+        .iter()
+        .position(|r| *r == "advanced")
+        .expect("the new holder advanced");
+    assert!(
+        !results[first_advance..].contains(&"started"),
+        "{results:?}"
+    );
     drop(stream);
     b.shutdown().await;
 }
