@@ -49,33 +49,43 @@ fn refusal<B>(gate: &AdminGate, req: &Request<B>) -> Option<Response<Full<Bytes>
     Some(resp)
 }
 
+/// What every relay from another replica carries: the sender's name in `header` and a
+/// body of at most [`MAX_REPORT_BYTES`]; anything else is answered here.
+async fn relayed(
+    gate: &AdminGate,
+    req: Request<Incoming>,
+    header: &str,
+) -> Result<(String, Bytes), Response<Full<Bytes>>> {
+    if let Some(refused) = refusal(gate, &req) {
+        return Err(refused);
+    }
+    let Some(sender) = req
+        .headers()
+        .get(header)
+        .and_then(|v| v.to_str().ok())
+        .filter(|n| !n.is_empty())
+        .map(str::to_string)
+    else {
+        return Err(text(StatusCode::BAD_REQUEST, format!("missing {header}\n")));
+    };
+    match Limited::new(req.into_body(), MAX_REPORT_BYTES)
+        .collect()
+        .await
+    {
+        Ok(b) => Ok((sender, b.to_bytes())),
+        Err(e) => Err(text(StatusCode::BAD_REQUEST, format!("body: {e}\n"))),
+    }
+}
+
 /// `POST /rollouts/reports`: takes in a report another replica relayed.
 pub(crate) async fn relayed_report(
     shared: &Shared,
     gate: &AdminGate,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
-    if let Some(refused) = refusal(gate, &req) {
-        return refused;
-    }
-    let Some(node) = req
-        .headers()
-        .get(super::forward::NODE_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .filter(|n| !n.is_empty())
-        .map(str::to_string)
-    else {
-        return text(
-            StatusCode::BAD_REQUEST,
-            format!("missing {}\n", super::forward::NODE_HEADER),
-        );
-    };
-    let body = match Limited::new(req.into_body(), MAX_REPORT_BYTES)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(e) => return text(StatusCode::BAD_REQUEST, format!("report body: {e}\n")),
+    let (node, body) = match relayed(gate, req, super::forward::NODE_HEADER).await {
+        Ok(parts) => parts,
+        Err(refused) => return refused,
     };
     let report = match pb::Report::decode(body) {
         Ok(r) => r,
@@ -107,27 +117,9 @@ pub(crate) async fn remote_proxies(
     gate: &AdminGate,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
-    if let Some(refused) = refusal(gate, &req) {
-        return refused;
-    }
-    let Some(replica) = req
-        .headers()
-        .get(super::forward::REPLICA_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .filter(|n| !n.is_empty())
-        .map(str::to_string)
-    else {
-        return text(
-            StatusCode::BAD_REQUEST,
-            format!("missing {}\n", super::forward::REPLICA_HEADER),
-        );
-    };
-    let body = match Limited::new(req.into_body(), MAX_REPORT_BYTES)
-        .collect()
-        .await
-    {
-        Ok(b) => b.to_bytes(),
-        Err(e) => return text(StatusCode::BAD_REQUEST, format!("body: {e}\n")),
+    let (replica, body) = match relayed(gate, req, super::forward::REPLICA_HEADER).await {
+        Ok(parts) => parts,
+        Err(refused) => return refused,
     };
     let list: Vec<super::forward::RemoteProxy> = match serde_json::from_slice(&body) {
         Ok(l) => l,
