@@ -50,13 +50,14 @@ def values_sets() -> dict[str, dict]:
         "ha": ha,
         # The other branches of the templates: policies from the ConfigMap, endpoint
         # discovery beside it, no TokenReview, cert-manager issuing the webhook cert,
-        # alert rules as PrometheusRules, the fleet limits' Redis URL Secret for proxies.
+        # alert rules as PrometheusRules, the fleet limits' Redis URL Secret for proxies,
+        # an admin token Secret of the operator's own.
         "dir-certmanager": {
             "policies": {"source": "dir", "extraFiles": {"extra.yaml": EXTRA_POLICY}},
             "discovery": {"endpoints": True},
             "identity": {"tokenReview": False},
             "certManager": {"enabled": True},
-            "controlPlane": {"podAntiAffinity": ""},
+            "controlPlane": {"podAntiAffinity": "", "adminTokenSecret": "sluice-admin"},
             "dashboards": {"prometheusRules": True},
             "injector": {"redisUrlSecret": "sluice-redis"},
         },

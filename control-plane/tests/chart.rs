@@ -232,7 +232,7 @@ fn every_rendered_object_reads_back_as_its_kubernetes_type() {
     assert_eq!(cm.cert_manager.len(), 4, "{:?}", cm.cert_manager);
     assert!(
         cm.secrets.is_empty(),
-        "cert-manager makes the webhook Secret"
+        "cert-manager makes the webhook Secret, and the admin token's is the operator's own"
     );
 }
 
@@ -690,9 +690,7 @@ fn webhooks_select_pods_and_policies_as_the_readme_says() {
 #[tokio::test]
 async fn the_webhook_certificate_is_trusted_through_the_rendered_ca_bundle() {
     let o = objects("default");
-    let [secret] = o.secrets.as_slice() else {
-        panic!("one Secret (the webhook certificate)")
-    };
+    let secret = secret_named(&o, &format!("{FULLNAME}-webhook-tls"));
     let data = secret.data.as_ref().unwrap();
     let ca = &data["ca.crt"].0;
     for bundle in o
@@ -716,7 +714,7 @@ async fn the_webhook_certificate_is_trusted_through_the_rendered_ca_bundle() {
     // rendered certificate; the client trusts only the rendered CA bundle and names the
     // Service as the API server does.
     let dir = tempfile::tempdir().unwrap();
-    let d = o.deployment.unwrap();
+    let d = o.deployment.clone().unwrap();
     let mut cfg = parse_args(&d).webhook.to_config(None).unwrap();
     cfg.addr = "127.0.0.1:0".parse().unwrap();
     let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
@@ -768,6 +766,102 @@ async fn the_webhook_certificate_is_trusted_through_the_rendered_ca_bundle() {
         "{patch}"
     );
     hook.shutdown().await;
+}
+
+/// The rendered Secret called `name`.
+fn secret_named<'a>(o: &'a Objects, name: &str) -> &'a Secret {
+    o.secrets
+        .iter()
+        .find(|s| s.metadata.name.as_deref() == Some(name))
+        .unwrap_or_else(|| {
+            let names: Vec<_> = o.secrets.iter().map(|s| &s.metadata.name).collect();
+            panic!("no Secret {name} among {names:?}")
+        })
+}
+
+/// The file `--admin-token-file` names, as the kubelet would lay out the volume mounted
+/// over it: (the Secret it comes from, the key it holds).
+fn admin_token_source(d: &Deployment) -> (String, String) {
+    let args = parse_args(d);
+    let file = args
+        .admin_token_file
+        .clone()
+        .expect("--admin-token-file: the replicas' relays need the token");
+    let spec = d.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let mount = spec.containers[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| file.starts_with(&m.mount_path))
+        .unwrap_or_else(|| panic!("{} is not in a mounted volume", file.display()));
+    assert_eq!(
+        mount.read_only,
+        Some(true),
+        "the token is mounted read-only"
+    );
+    let volume = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .expect("the mount's volume");
+    let secret = volume
+        .secret
+        .as_ref()
+        .unwrap_or_else(|| panic!("volume {} is not a Secret", volume.name));
+    let rel = file.strip_prefix(&mount.mount_path).unwrap();
+    let item = secret
+        .items
+        .iter()
+        .flatten()
+        .find(|i| Path::new(&i.path) == rel)
+        .unwrap_or_else(|| panic!("no item of the Secret lands at {}", file.display()));
+    (secret.secret_name.clone().unwrap(), item.key.clone())
+}
+
+/// Every replica reads the same admin token from one Secret, so the followers' relays
+/// to the lease holder (reports, acks, commands) pass its admin port's token rule,
+/// which it is bound beyond loopback to need. The chart makes the Secret (a random
+/// 48-character token) unless the values name one of the operator's own.
+#[test]
+fn every_replica_reads_the_admin_token_from_one_secret() {
+    for set in ["default", "ha"] {
+        let o = objects(set);
+        let d = o.deployment.as_ref().unwrap();
+        let (name, key) = admin_token_source(d);
+        assert_eq!(name, format!("{FULLNAME}-admin-token"), "{set}");
+        let secret = secret_named(&o, &name);
+        let token = &secret.data.as_ref().unwrap()[&key].0;
+        assert_eq!(token.len(), 48, "{set}");
+        assert!(token.iter().all(u8::is_ascii_alphanumeric), "{set}");
+
+        // The file as the kubelet writes it, read by the control plane's own code: the
+        // admin port the chart binds beyond loopback takes that token and nothing else.
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, token).unwrap();
+        let args = parse_args(d);
+        assert!(!args.admin.ip().is_loopback(), "{set}");
+        let gate = sluice_api::AdminGate::new(
+            args.admin,
+            Some(sluice_api::AdminGate::read_token(&file).unwrap()),
+        );
+        let bearer = [b"Bearer ".as_slice(), token].concat();
+        assert_eq!(gate.check(Some(&bearer)), Ok(()), "{set}");
+        assert!(gate.check(None).is_err(), "{set}");
+    }
+    // An operator's own Secret: mounted, and the chart makes none.
+    let o = objects("dir-certmanager");
+    assert_eq!(
+        admin_token_source(o.deployment.as_ref().unwrap()),
+        ("sluice-admin".to_owned(), "token".to_owned())
+    );
+    assert!(
+        !o.secrets
+            .iter()
+            .any(|s| s.metadata.name.as_deref() == Some(&format!("{FULLNAME}-admin-token"))),
+        "no token Secret of the chart's beside the operator's"
+    );
 }
 
 /// The DER certificates of a PEM bundle.

@@ -58,3 +58,8 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- define "sluice.caSecretName" -}}
 {{- default (printf "%s-ca" (include "sluice.fullname" .)) .Values.identity.caSecretName -}}
 {{- end -}}
+
+{{/* The Secret holding the control plane's admin token (key `token`). */}}
+{{- define "sluice.adminTokenSecretName" -}}
+{{- default (printf "%s-admin-token" (include "sluice.fullname" .)) .Values.controlPlane.adminTokenSecret -}}
+{{- end -}}
