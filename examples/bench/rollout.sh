@@ -10,7 +10,8 @@
 #
 # Knobs: BAD_RUNS (20) HEALTHY_RUNS (20) RATE (200) REPORT_INTERVALS ("500ms 2s": the
 # proxies' report interval, one table each; 2s is the proxy's default)
-# PROFILE (demo: builds without LTO) SKIP_BUILD=1 RECORD (1 unless QUICK)
+# PROFILE (demo: builds without LTO; dev: the debug build the tests use) SKIP_BUILD=1
+# RECORD (1 unless QUICK)
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -26,7 +27,9 @@ RATE=${RATE:-200}
 REPORT_INTERVALS=${REPORT_INTERVALS:-500ms 2s}
 PROFILE=${PROFILE:-demo}
 TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
-BIN=$TARGET_DIR/$PROFILE/rollout-bench
+# Cargo puts the dev profile's output in target/debug.
+if [ "$PROFILE" = dev ]; then PROFILE_DIR=debug; else PROFILE_DIR=$PROFILE; fi
+BIN=$TARGET_DIR/$PROFILE_DIR/rollout-bench
 
 # shellcheck source=servers.sh
 source "$REPO/examples/bench/servers.sh"
