@@ -104,7 +104,7 @@ impl RoutePolicySpec {
 
 /// The control plane's verdict on a `RoutePolicy` object in Kubernetes (its `status`
 /// subresource), written by the elected control-plane replica.
-#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct RoutePolicyStatus {
@@ -129,7 +129,7 @@ pub struct RoutePolicyStatus {
 }
 
 /// One route's rollout in a `RoutePolicy` status.
-#[derive(Clone, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
 #[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
 #[serde(rename_all = "camelCase")]
 pub struct RolloutStatus {
@@ -159,6 +159,86 @@ pub struct RolloutStatus {
     /// Why it happened.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The first transition and the last ones (at most [`ROLLOUT_STATUS_HISTORY`] in
+    /// all), oldest first: what every replica shows as the history.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<RolloutTransition>,
+    /// The last judged window with each check's value, threshold, bound and samples.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_window: Option<RolloutWindow>,
+}
+
+/// Most transitions a rollout's status carries.
+pub const ROLLOUT_STATUS_HISTORY: usize = 10;
+
+/// One check of a judged window.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutCheck {
+    /// `errorRate`, `p99`, `errorRateIncrease`, `p99Ratio` or `grossErrorRate`.
+    pub name: String,
+    /// The measured value (a ratio, or seconds for `p99`; the canary's ratio to the
+    /// others' for `p99Ratio`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub value: Option<f64>,
+    /// The threshold from the block (seconds for `p99`).
+    pub threshold: f64,
+    /// The bound compared with the threshold: the Wilson lower bound of the failing
+    /// ratio (for latencies, of the ratio of requests above the threshold).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bound: Option<f64>,
+    /// Canary samples (and the others', for baseline checks).
+    pub samples: u64,
+    /// The others' samples, for baseline checks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline_samples: Option<u64>,
+    /// `pass`, `breach` or `not-judged` (with why in `note`).
+    pub verdict: String,
+    /// Why a check was not judged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// A judged (or still open) window.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutWindow {
+    /// The step it belongs to (0-based).
+    pub step: usize,
+    /// Canary requests and failures.
+    pub canary_requests: u64,
+    /// Canary failures.
+    pub canary_failures: u64,
+    /// Requests and failures of the other backends, same route, same window.
+    pub baseline_requests: u64,
+    /// Failures of the other backends.
+    pub baseline_failures: u64,
+    /// `pass`, `breach`, `inconclusive` or `open`.
+    pub decision: String,
+    /// Why.
+    pub reason: String,
+    /// Every check.
+    pub checks: Vec<RolloutCheck>,
+}
+
+/// One entry of a rollout's history.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "crd", derive(schemars::JsonSchema))]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutTransition {
+    /// When (ms since the Unix epoch).
+    pub at_ms: u64,
+    /// `started`, `advanced`, `promoted`, `rolled-back`, `paused`, `resumed`,
+    /// `inconclusive`, `restarted`.
+    pub result: String,
+    /// The step after it (0-based index into `steps`).
+    pub step: usize,
+    /// The canary's weight after it.
+    pub canary_weight: u32,
+    /// Why.
+    pub reason: String,
 }
 
 /// A set of endpoints that a split can send traffic to.

@@ -62,22 +62,9 @@ pub(crate) async fn serve(
                 let shared = shared.clone();
                 let gate = gate.clone();
                 async move {
-                    if req.method() == Method::POST {
-                        match req.uri().path() {
-                            "/rollouts/reports" => {
-                                let resp =
-                                    crate::rollout::admin::relayed_report(&shared, &gate, req)
-                                        .await;
-                                return Ok::<_, Infallible>(resp);
-                            }
-                            "/rollouts/proxies" => {
-                                let resp =
-                                    crate::rollout::admin::remote_proxies(&shared, &gate, req)
-                                        .await;
-                                return Ok::<_, Infallible>(resp);
-                            }
-                            _ => {}
-                        }
+                    if req.method() == Method::POST && req.uri().path().starts_with("/rollouts/") {
+                        let resp = crate::rollout::admin::post(&shared, &gate, req).await;
+                        return Ok::<_, Infallible>(resp);
                     }
                     Ok::<_, Infallible>(route(&shared, &gate, &req))
                 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 use tempfile::TempDir;
 use tokio::task::JoinSet;
 
-use crate::{HttpConn, ProxyOptions, TestControlPlane, TestProxy, Upstream, WAIT, wait_until};
+use crate::{HttpConn, ProxyOptions, TestControlPlane, TestProxy, Upstream, wait_until};
 
 /// The policy file the mesh's control plane watches.
 pub const FILE: &str = "log.yaml";
@@ -117,11 +117,12 @@ impl RolloutMesh {
         }
     }
 
-    /// Waits until every proxy enforces the canary weight `weight`.
+    /// Waits until every proxy enforces the canary weight `weight` (within
+    /// [`ROLLOUT_WAIT`]: on a machine running the whole suite, pushes can be slow).
     pub async fn wait_canary_everywhere(&self, weight: u32) {
         wait_until(
             &format!("every proxy sends {weight}% to the canary"),
-            WAIT,
+            ROLLOUT_WAIT,
             || {
                 let all = self
                     .proxies
@@ -163,24 +164,40 @@ pub fn history(r: &serde_json::Value) -> Vec<String> {
 /// Requests sent at a steady rate in background tasks until stopped.
 pub struct Load {
     tasks: JoinSet<()>,
+    stop: tokio::sync::watch::Sender<bool>,
     /// Answers by status code.
     statuses: Arc<Mutex<BTreeMap<u16, u64>>>,
 }
+
+/// How long [`Load::stop`] waits for the requests in flight to be answered.
+const DRAIN: Duration = Duration::from_secs(30);
 
 impl Load {
     async fn start(addrs: &[SocketAddr], rate: f64) -> Self {
         let statuses: Arc<Mutex<BTreeMap<u16, u64>>> = Arc::default();
         let mut tasks = JoinSet::new();
+        let (stop, stopped) = tokio::sync::watch::channel(false);
         let every = Duration::from_secs_f64(addrs.len() as f64 / rate);
         for addr in addrs {
             let conn = HttpConn::h2(*addr).await.expect("connect for load");
             let statuses = statuses.clone();
+            let mut stopped = stopped.clone();
             tasks.spawn(async move {
                 let mut tick = tokio::time::interval(every);
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
                 let mut inflight = JoinSet::new();
                 loop {
-                    tick.tick().await;
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        _ = stopped.wait_for(|s| *s) => {
+                            // Every request sent is answered before the load counts as
+                            // stopped: one still inside a proxy could otherwise reach
+                            // an upstream after the caller looked at its count.
+                            let drain = async { while inflight.join_next().await.is_some() {} };
+                            let _ = tokio::time::timeout(DRAIN, drain).await;
+                            return;
+                        }
+                    }
                     while inflight.try_join_next().is_some() {}
                     let Some(mut c) = conn.try_clone() else {
                         return;
@@ -196,7 +213,11 @@ impl Load {
                 }
             });
         }
-        Self { tasks, statuses }
+        Self {
+            tasks,
+            stop,
+            statuses,
+        }
     }
 
     /// Answers so far by status code (0: the request failed).
@@ -204,9 +225,10 @@ impl Load {
         self.statuses.lock().unwrap().clone()
     }
 
-    /// Stops sending.
+    /// Stops sending, once every request sent is answered (or after [`DRAIN`]).
     pub async fn stop(mut self) -> BTreeMap<u16, u64> {
-        self.tasks.shutdown().await;
+        self.stop.send_replace(true);
+        while self.tasks.join_next().await.is_some() {}
         self.statuses()
     }
 }

@@ -1229,17 +1229,132 @@ async fn the_lease_holder_drives_a_rollout_the_follower_serves_and_resumes_it() 
         .iter()
         .map(|t| t["result"].as_str().unwrap())
         .collect();
-    // Once it drives (the first step advanced), it never starts the rollout over. (Under
-    // load the history may hold the start twice before that: the state read back from the
-    // status and the holder's first publication.)
-    let first_advance = results
-        .iter()
-        .position(|r| *r == "advanced")
-        .expect("the new holder advanced");
-    assert!(
-        !results[first_advance..].contains(&"started"),
+    // One start, the first holder's: the follower recorded none of its own while it
+    // waited for the status, and the new holder never started the rollout over.
+    assert_eq!(
+        results.iter().filter(|r| **r == "started").count(),
+        1,
         "{results:?}"
     );
+    assert_eq!(results.first(), Some(&"started"), "{results:?}");
+    assert!(results.contains(&"advanced"), "{results:?}");
     drop(stream);
+    b.shutdown().await;
+}
+
+/// `POST path` on an admin port (with `headers`): the status and the body.
+async fn admin_post(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    use http_body_util::BodyExt;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let mut req = hyper::Request::post(path).header("host", addr.to_string());
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let resp = send
+        .send_request(
+            req.body(http_body_util::Full::<bytes::Bytes>::default())
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned())
+}
+
+/// A command by hand sent to a follower reaches the lease holder, which applies it;
+/// the follower answers with the holder's answer (refusals included) and shows the
+/// new state once the holder wrote it into the status. A command another replica
+/// relayed is never relayed on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_sent_to_a_follower_is_relayed_to_the_lease_holder() {
+    let cluster = Cluster::new(vec![policy("log-service", rollout_spec())], vec![], false);
+    let a = cluster.start_as(true, "cp-a").await;
+    eventually("cp-a holds the lease", || a.shared.rollouts.is_leading()).await;
+    let b = cluster.start_as(true, "cp-b").await;
+    served(&b, |s| s.policies().len() == 1).await;
+    assert!(!b.shared.rollouts.is_leading());
+    let base = "/rollouts/shop/log-service/ingest";
+
+    // Until the follower has read the holder's address from the Lease it says so.
+    let (code, body) = loop {
+        let (code, body) = admin_post(b.admin_addr(), &format!("{base}/pause"), &[]).await;
+        if code != 503 {
+            break (code, body);
+        }
+        assert!(
+            body.contains("no control-plane replica is known to hold the lease"),
+            "{body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(code, 200, "{body}");
+    let t: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(t["result"], "paused", "{t}");
+    // The holder applied it; the follower shows it from the status.
+    assert_eq!(a.shared.rollouts.view()["rollouts"][0]["phase"], "paused");
+    eventually("the follower shows the pause", || {
+        b.shared.rollouts.view()["rollouts"][0]["phase"] == "paused"
+    })
+    .await;
+    // The holder's refusal comes back as it is.
+    let (code, body) = admin_post(b.admin_addr(), &format!("{base}/pause"), &[]).await;
+    assert_eq!((code, body.as_str()), (409, "already paused\n"));
+    let (code, _) = admin_post(b.admin_addr(), "/rollouts/shop/log-service/nope/pause", &[]).await;
+    assert_eq!(code, 404);
+    // A relayed command is never relayed on.
+    let (code, body) = admin_post(
+        b.admin_addr(),
+        &format!("{base}/resume"),
+        &[(crate::rollout::forward::RELAYED_HEADER, "cp-x")],
+    )
+    .await;
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(a.shared.rollouts.view()["rollouts"][0]["phase"], "paused");
+    let (code, body) = admin_post(b.admin_addr(), &format!("{base}/resume"), &[]).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        a.shared.rollouts.view()["rollouts"][0]["phase"],
+        "progressing"
+    );
+    let results: Vec<Value> = a.shared.rollouts.view()["rollouts"][0]["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["result"].clone())
+        .filter(|r| r != "inconclusive")
+        .collect();
+    assert_eq!(
+        results,
+        [json!("started"), json!("paused"), json!("resumed")]
+    );
+    b.shutdown().await;
+    a.shutdown().await;
+}
+
+/// While the Lease names no holder's admin address, a follower answers a command
+/// with 503 and why, rather than taking it or refusing it for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_that_knows_no_holder_answers_commands_with_503() {
+    let cluster = Cluster::new(vec![policy("log-service", rollout_spec())], vec![], true);
+    let b = cluster.start_as(true, "cp-b").await;
+    served(&b, |s| s.policies().len() == 1).await;
+    assert!(!b.shared.rollouts.is_leading());
+    let (code, body) = admin_post(
+        b.admin_addr(),
+        "/rollouts/shop/log-service/ingest/abort",
+        &[],
+    )
+    .await;
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("only the holder drives rollouts"), "{body}");
     b.shutdown().await;
 }

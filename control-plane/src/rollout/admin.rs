@@ -5,7 +5,11 @@
 //!   decision and why, the history, and the proxies left out of the step's acks.
 //! - `POST /rollouts/<namespace>/<policy>/<route>/{pause,resume,promote,abort}`:
 //!   a command by hand; 200 with the transition, 404 for no such rollout, 409 when
-//!   its state does not allow it (or this replica does not hold the lease).
+//!   its state does not allow it. A replica that does not hold the lease relays the
+//!   command to the one that does ([`super::forward`]) and answers with its answer;
+//!   503 while it knows no holder, 502 when the holder does not answer, 409 when the
+//!   command was itself relayed (two replicas that both think the other leads must
+//!   not pass it back and forth).
 //! - `POST /rollouts/reports`: a proxy's traffic report relayed by a replica that
 //!   does not hold the lease (see [`super::forward`]); 204 once taken in, 409 when
 //!   this replica does not hold the lease either.
@@ -78,7 +82,7 @@ async fn relayed(
 }
 
 /// `POST /rollouts/reports`: takes in a report another replica relayed.
-pub(crate) async fn relayed_report(
+async fn relayed_report(
     shared: &Shared,
     gate: &AdminGate,
     req: Request<Incoming>,
@@ -112,7 +116,7 @@ pub(crate) async fn relayed_report(
 }
 
 /// `POST /rollouts/proxies`: takes in another replica's list of connected proxies.
-pub(crate) async fn remote_proxies(
+async fn remote_proxies(
     shared: &Shared,
     gate: &AdminGate,
     req: Request<Incoming>,
@@ -147,6 +151,58 @@ pub(crate) async fn remote_proxies(
         .expect("valid response")
 }
 
+/// Answers a `POST` under `/rollouts/`: a relayed report, another replica's list of
+/// proxies, or a command by hand (relayed to the lease holder when this replica does
+/// not hold the lease).
+pub(crate) async fn post(
+    shared: &Shared,
+    gate: &AdminGate,
+    req: Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/rollouts/reports" => return relayed_report(shared, gate, req).await,
+        "/rollouts/proxies" => return remote_proxies(shared, gate, req).await,
+        _ => {}
+    }
+    if let Some(refused) = refusal(gate, &req) {
+        return refused;
+    }
+    let path = req.uri().path().trim_end_matches('/');
+    let is_command = path.split('/').skip(2).count() == 4;
+    if !is_command || shared.rollouts.is_leading() {
+        return route(shared, gate, &req);
+    }
+    if let Some(by) = req.headers().get(super::forward::RELAYED_HEADER) {
+        return text(
+            StatusCode::CONFLICT,
+            format!(
+                "relayed by {}, but this replica does not hold the lease either\n",
+                String::from_utf8_lossy(by.as_bytes())
+            ),
+        );
+    }
+    match shared.forwarder.relay_command(path).await {
+        Ok(answer) => {
+            let mut resp = Response::builder().status(answer.status);
+            if let Some(ct) = answer.content_type {
+                resp = resp.header(hyper::header::CONTENT_TYPE, ct);
+            }
+            resp.body(Full::new(answer.body)).expect("valid response")
+        }
+        Err(e) => text(command_error_status(&e), format!("{e}\n")),
+    }
+}
+
+/// The status a refused command answers with.
+fn command_error_status(e: &CommandError) -> StatusCode {
+    match e {
+        CommandError::NotFound(_) => StatusCode::NOT_FOUND,
+        CommandError::Refused(_) | CommandError::NotLeading => StatusCode::CONFLICT,
+        CommandError::NoHolder => StatusCode::SERVICE_UNAVAILABLE,
+        CommandError::HolderUnreachable { .. } => StatusCode::BAD_GATEWAY,
+    }
+}
+
 /// Answers a request under `/rollouts`.
 pub(crate) fn route<B>(
     shared: &Shared,
@@ -177,10 +233,7 @@ pub(crate) fn route<B>(
                     shared.republish();
                     json(StatusCode::OK, &serde_json::to_value(t).unwrap_or_default())
                 }
-                Err(e @ CommandError::NotFound(_)) => text(StatusCode::NOT_FOUND, format!("{e}\n")),
-                Err(e @ (CommandError::Refused(_) | CommandError::NotLeading)) => {
-                    text(StatusCode::CONFLICT, format!("{e}\n"))
-                }
+                Err(e) => text(command_error_status(&e), format!("{e}\n")),
             }
         }
         (_, []) => text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into()),

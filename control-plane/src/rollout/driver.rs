@@ -18,7 +18,9 @@ use std::time::{Duration, Instant, SystemTime};
 use indexmap::IndexMap;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts};
 use serde::{Deserialize, Serialize};
-use sluice_config::{EffectiveWeights, PolicySet, RolloutStatus, RoutePolicy};
+use sluice_config::{
+    EffectiveWeights, PolicySet, ROLLOUT_STATUS_HISTORY, RolloutStatus, RoutePolicy,
+};
 use tokio::sync::watch;
 
 use super::engine::{
@@ -152,6 +154,19 @@ pub enum CommandError {
         "this control-plane replica does not drive rollouts: send the command to the lease holder"
     )]
     NotLeading,
+    /// A follower knows no lease holder to relay the command to.
+    #[error(
+        "no control-plane replica is known to hold the lease yet, and only the holder drives rollouts; try again in a few seconds"
+    )]
+    NoHolder,
+    /// A follower could not reach the lease holder with the command.
+    #[error("the lease holder at {url} did not answer: {why}")]
+    HolderUnreachable {
+        /// Its admin URL.
+        url: String,
+        /// What failed.
+        why: String,
+    },
 }
 
 fn now() -> Now {
@@ -196,17 +211,51 @@ impl Rollouts {
     /// This replica starts or stops driving. A replica that starts drives on from the
     /// states it followed (the statuses): each step waits for every proxy's ack again.
     pub fn set_leading(&self, leading: bool) {
+        let mut book = self.book();
         let was = self.inner.leading.swap(leading, Ordering::AcqRel);
-        if was != leading {
-            tracing::info!(
-                leading,
-                "rollouts: this replica {}",
-                if leading {
-                    "judges and drives them"
-                } else {
-                    "follows the lease holder's"
-                }
-            );
+        if was == leading {
+            return;
+        }
+        tracing::info!(
+            leading,
+            "rollouts: this replica {}",
+            if leading {
+                "judges and drives them"
+            } else {
+                "follows the lease holder's"
+            }
+        );
+        if !leading {
+            return;
+        }
+        // A rollout no status described while this replica followed was only served
+        // at its first step, never started: it starts here, once.
+        let now = now();
+        let Book {
+            entries,
+            from_status,
+            ..
+        } = &mut *book;
+        let mut started = false;
+        for (id, e) in entries.iter_mut() {
+            let described = from_status
+                .get(id)
+                .is_some_and(|st| st.block == e.state.block);
+            if described || !e.state.history().is_empty() {
+                continue;
+            }
+            tracing::info!(rollout = %id.label(), canary = %e.spec.rollout.canary, steps = ?e.spec.rollout.steps, "rollout started");
+            e.state = RolloutState::start(e.state.block.clone(), &e.spec, now);
+            self.inner
+                .metrics
+                .transitions
+                .with_label_values(&["started"])
+                .inc();
+            started = true;
+        }
+        if started {
+            self.update_gauges(&book);
+            self.persist(&book);
         }
     }
 
@@ -247,31 +296,37 @@ impl Rollouts {
                     .get(&id)
                     .filter(|st| st.block == key)
                     .and_then(|st| saved_of(st, Vec::new()));
-                let state = match (status, book.saved.remove(&id)) {
-                    (Some(saved), _) if !self.is_leading() => {
+                let saved = book.saved.remove(&id).filter(|s| s.block == key);
+                // A follower records nothing of its own: the holder's status brings the
+                // history (a start recorded here too would show twice once it arrives).
+                let leading = self.is_leading();
+                let state = match (status, saved) {
+                    (Some(saved), _) | (None, Some(saved)) if !leading => {
                         RolloutState::mirror(saved, &spec, now)
+                    }
+                    (None, None) if !leading => {
+                        RolloutState::mirror(Saved::first_step(key), &spec, now)
                     }
                     (Some(saved), _) => {
                         tracing::info!(rollout = %id.label(), step = saved.step, phase = ?saved.phase, "rollout resumed from the RoutePolicy status");
                         RolloutState::restore(saved, &spec, now)
                     }
-                    (None, Some(saved)) if saved.block == key => {
+                    (None, Some(saved)) => {
                         tracing::info!(rollout = %id.label(), step = saved.step, phase = ?saved.phase, "rollout resumed from the state directory");
                         RolloutState::restore(saved, &spec, now)
                     }
-                    (None, _) => {
+                    (None, None) => {
                         tracing::info!(rollout = %id.label(), canary = %spec.rollout.canary, steps = ?spec.rollout.steps, "rollout started");
                         RolloutState::start(key, &spec, now)
                     }
                 };
-                self.inner
-                    .metrics
-                    .transitions
-                    .with_label_values(&[state
-                        .history()
-                        .last()
-                        .map_or("started", |t| t.result.as_str())])
-                    .inc();
+                if leading && let Some(t) = state.history().last() {
+                    self.inner
+                        .metrics
+                        .transitions
+                        .with_label_values(&[t.result.as_str()])
+                        .inc();
+                }
                 book.entries.insert(id, Entry { rule, spec, state });
                 changed = true;
             }
@@ -634,20 +689,33 @@ fn status_of(id: &RolloutId, e: &Entry) -> RolloutStatus {
         last_transition: last.map(|t| t.result.clone()),
         last_transition_ms: last.map(|t| t.at_ms),
         reason: last.map(|t| t.reason.clone()),
+        history: status_history(s.history()),
+        last_window: s.last_window().cloned(),
     }
 }
 
-/// What the engine restores from a status: `history` with the status's last
-/// transition added (a follower's history gathers the transitions it saw). `None`
-/// for an unknown phase.
+/// The history a status carries: the first transition (the start, while it is
+/// remembered) and the latest ones, [`ROLLOUT_STATUS_HISTORY`] in all.
+fn status_history(history: &[Transition]) -> Vec<Transition> {
+    if history.len() <= ROLLOUT_STATUS_HISTORY {
+        return history.to_vec();
+    }
+    let latest = &history[history.len() - (ROLLOUT_STATUS_HISTORY - 1)..];
+    std::iter::once(&history[0])
+        .chain(latest)
+        .cloned()
+        .collect()
+}
+
+/// What the engine restores from a status: `history` (what this replica gathered so
+/// far) with the status's transitions it lacks, in time order, each once (a follower's
+/// history gathers every transition it saw). `None` for an unknown phase.
 fn saved_of(st: &RolloutStatus, mut history: Vec<Transition>) -> Option<Saved> {
     let phase: Phase = serde_json::from_value(serde_json::Value::String(st.phase.clone())).ok()?;
-    if let (Some(result), Some(at_ms)) = (&st.last_transition, st.last_transition_ms)
-        && !history
-            .iter()
-            .any(|t| t.at_ms == at_ms && t.result == *result)
-    {
-        history.push(Transition {
+    let mut theirs = st.history.clone();
+    // A status written before it carried the history names the last transition only.
+    if let (Some(result), Some(at_ms)) = (&st.last_transition, st.last_transition_ms) {
+        theirs.push(Transition {
             at_ms,
             result: result.clone(),
             step: st.step as usize,
@@ -655,17 +723,30 @@ fn saved_of(st: &RolloutStatus, mut history: Vec<Transition>) -> Option<Saved> {
             reason: st.reason.clone().unwrap_or_default(),
         });
     }
+    for t in theirs {
+        if !history
+            .iter()
+            .any(|h| h.at_ms == t.at_ms && h.result == t.result)
+        {
+            history.push(t);
+        }
+    }
+    // Stable: transitions recorded in one millisecond keep their order.
+    history.sort_by_key(|t| t.at_ms);
+    let last_window = st.last_window.clone().or_else(|| {
+        st.decision.as_ref().map(|d| WindowView {
+            step: st.step as usize,
+            decision: d.clone(),
+            reason: st.reason.clone().unwrap_or_default(),
+            ..WindowView::default()
+        })
+    });
     Some(Saved {
         block: st.block.clone(),
         phase,
         step: st.step as usize,
         history,
-        last_window: st.decision.as_ref().map(|d| WindowView {
-            step: st.step as usize,
-            decision: d.clone(),
-            reason: st.reason.clone().unwrap_or_default(),
-            ..WindowView::default()
-        }),
+        last_window,
     })
 }
 

@@ -225,70 +225,11 @@ impl Command {
     }
 }
 
-/// One check of a judged window.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Check {
-    /// `errorRate`, `p99`, `errorRateIncrease`, `p99Ratio` or `grossErrorRate`.
-    pub name: String,
-    /// The measured value (a ratio, or seconds for `p99`; the canary's ratio to the
-    /// others' for `p99Ratio`).
-    pub value: Option<f64>,
-    /// The threshold from the block (seconds for `p99`).
-    pub threshold: f64,
-    /// The bound compared with the threshold: the Wilson lower bound of the failing
-    /// ratio (for latencies, of the ratio of requests above the threshold).
-    pub bound: Option<f64>,
-    /// Canary samples (and the others', for baseline checks).
-    pub samples: u64,
-    /// The others' samples, for baseline checks.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub baseline_samples: Option<u64>,
-    /// `pass`, `breach` or `not-judged` (with why in `note`).
-    pub verdict: String,
-    /// Why a check was not judged.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub note: Option<String>,
-}
-
-/// A judged (or still open) window.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct WindowView {
-    /// The step it belongs to (0-based).
-    pub step: usize,
-    /// Canary requests and failures.
-    pub canary_requests: u64,
-    /// Canary failures.
-    pub canary_failures: u64,
-    /// Requests and failures of the other backends, same route, same window.
-    pub baseline_requests: u64,
-    /// Failures of the other backends.
-    pub baseline_failures: u64,
-    /// `pass`, `breach`, `inconclusive` or `open`.
-    pub decision: String,
-    /// Why.
-    pub reason: String,
-    /// Every check.
-    pub checks: Vec<Check>,
-}
-
-/// One entry of a rollout's history.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Transition {
-    /// When (ms since the Unix epoch).
-    pub at_ms: u64,
-    /// `started`, `advanced`, `promoted`, `rolled-back`, `paused`, `resumed`,
-    /// `inconclusive`, `restarted`.
-    pub result: String,
-    /// The step after it (0-based index into `steps`).
-    pub step: usize,
-    /// The canary's weight after it.
-    pub canary_weight: u32,
-    /// Why.
-    pub reason: String,
-}
+// The window and transition types are the RoutePolicy status's own: a follower
+// shows what the lease holder judged, as it judged it.
+pub use sluice_config::{
+    RolloutCheck as Check, RolloutTransition as Transition, RolloutWindow as WindowView,
+};
 
 /// The time as the engine sees it: a monotonic instant and the wall clock.
 #[derive(Clone, Copy, Debug)]
@@ -326,6 +267,20 @@ pub struct Saved {
     /// The last judged window.
     #[serde(default)]
     pub last_window: Option<WindowView>,
+}
+
+impl Saved {
+    /// A rollout of `block` at its first step with nothing recorded: what a replica
+    /// that does not drive it serves until the driving one's status says more.
+    pub fn first_step(block: String) -> Self {
+        Self {
+            block,
+            phase: Phase::Progressing,
+            step: 0,
+            history: Vec::new(),
+            last_window: None,
+        }
+    }
 }
 
 /// One rollout's state.

@@ -23,8 +23,14 @@
 //! acked and refused (`POST /rollouts/proxies`, JSON, the replica's name in
 //! [`REPLICA_HEADER`]); the holder counts a replica's list while it is fresher than
 //! [`REMOTE_FRESH`].
+//!
+//! Commands by hand (`POST /rollouts/<ns>/<policy>/<route>/<command>`) sent to a
+//! follower go the same road ([`ReportForwarder::relay_command`]): the follower
+//! passes the request to the holder, with its own admin token and the
+//! [`RELAYED_HEADER`] (so a replica that does not hold the lease either answers 409
+//! instead of passing it on), and returns the holder's answer.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -38,6 +44,8 @@ use serde::{Deserialize, Serialize};
 use sluice_api::pb;
 use tokio::sync::{mpsc, watch};
 
+use super::driver::CommandError;
+
 /// Reports waiting to be relayed, at most.
 pub const QUEUE: usize = 256;
 
@@ -47,6 +55,9 @@ pub const NODE_HEADER: &str = "x-sluice-node";
 /// The header naming the replica a list of proxies comes from.
 pub const REPLICA_HEADER: &str = "x-sluice-replica";
 
+/// The header naming the replica that relayed a command by hand.
+pub const RELAYED_HEADER: &str = "x-sluice-relayed-by";
+
 /// How often a follower sends the holder its proxies' acks.
 pub const ACKS_EVERY: Duration = Duration::from_secs(1);
 
@@ -55,6 +66,9 @@ pub const REMOTE_FRESH: Duration = Duration::from_secs(5);
 
 /// How long one relay may take.
 const SEND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How long a relayed command may take (the holder answers once it applied it).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A proxy connected to a follower, as the holder counts its acks.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,6 +90,27 @@ pub struct ReportForwarder {
     tx: mpsc::Sender<(String, pb::Report)>,
     rx: Mutex<Option<mpsc::Receiver<(String, pb::Report)>>>,
     counter: IntCounterVec,
+    /// Where the holder is and how to reach it, once [`Self::run`] started.
+    road: OnceLock<Road>,
+}
+
+/// The holder's admin URL as the Lease names it, and what a relay sends with it.
+#[derive(Debug)]
+struct Road {
+    holder: watch::Receiver<Option<String>>,
+    token: Option<Arc<str>>,
+    replica: String,
+}
+
+/// The holder's answer to a relayed command.
+#[derive(Debug)]
+pub struct Relayed {
+    /// Its status.
+    pub status: hyper::StatusCode,
+    /// Its content type, if it named one.
+    pub content_type: Option<hyper::header::HeaderValue>,
+    /// Its body.
+    pub body: Bytes,
 }
 
 impl ReportForwarder {
@@ -86,6 +121,49 @@ impl ReportForwarder {
             tx,
             rx: Mutex::new(Some(rx)),
             counter,
+            road: OnceLock::new(),
+        }
+    }
+
+    /// Relays a command by hand (`path`, e.g. `/rollouts/ns/policy/route/pause`) to
+    /// the holder and returns its answer. Only once [`Self::run`] started (in a
+    /// cluster); before, or while no holder is known, [`CommandError::NoHolder`].
+    pub async fn relay_command(&self, path: &str) -> Result<Relayed, CommandError> {
+        let road = self.road.get().ok_or(CommandError::NoHolder)?;
+        let url = road.holder.borrow().clone().ok_or(CommandError::NoHolder)?;
+        let unreachable = |why: String| CommandError::HolderUnreachable {
+            url: url.clone(),
+            why,
+        };
+        let mut req = hyper::Request::post(format!("{}{path}", url.trim_end_matches('/')))
+            .header(RELAYED_HEADER, &road.replica);
+        if let Some(token) = &road.token {
+            req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+        }
+        let req = req
+            .body(Full::default())
+            .map_err(|e| unreachable(e.to_string()))?;
+        let client: HttpClient = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+        let answer = async {
+            let resp = client.request(req).await.map_err(|e| e.to_string())?;
+            let status = resp.status();
+            let content_type = resp.headers().get(hyper::header::CONTENT_TYPE).cloned();
+            let body = resp
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok::<_, String>(Relayed {
+                status,
+                content_type,
+                body,
+            })
+        };
+        match tokio::time::timeout(COMMAND_TIMEOUT, answer).await {
+            Ok(Ok(relayed)) => Ok(relayed),
+            Ok(Err(why)) => Err(unreachable(why)),
+            Err(_) => Err(unreachable(format!("no answer within {COMMAND_TIMEOUT:?}"))),
         }
     }
 
@@ -111,6 +189,11 @@ impl ReportForwarder {
         let Some(mut rx) = self.rx.lock().unwrap_or_else(|e| e.into_inner()).take() else {
             return;
         };
+        let _ = self.road.set(Road {
+            holder: holder.clone(),
+            token: token.clone(),
+            replica: replica.clone(),
+        });
         let client: HttpClient = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
         let mut every = tokio::time::interval(ACKS_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
