@@ -1175,10 +1175,28 @@ async fn the_lease_holder_drives_a_rollout_the_follower_serves_and_resumes_it() 
         ),
         "{metrics}"
     );
-    // The follower's `/rollouts` shows the holder's step, and it refuses commands.
+    // The follower's `/rollouts` shows the holder's step and the window it judged,
+    // with its numbers, from the status; it applies no command itself (its admin
+    // relays them to the holder).
     let view = b.shared.rollouts.view();
     assert_eq!(view["rollouts"][0]["step"], 1, "{view}");
     assert_eq!(view["rollouts"][0]["drivenHere"], false);
+    assert_eq!(
+        view["rollouts"][0]["lastWindow"]["decision"], "pass",
+        "{view}"
+    );
+    assert!(
+        view["rollouts"][0]["lastWindow"]["canaryRequests"]
+            .as_u64()
+            .is_some_and(|n| n >= 5),
+        "{view}"
+    );
+    let follower_history = view["rollouts"][0]["history"].to_string();
+    assert_eq!(
+        follower_history.matches("\"started\"").count(),
+        1,
+        "{follower_history}"
+    );
     let id = crate::rollout::RolloutId {
         namespace: "shop".into(),
         policy: "log-service".into(),

@@ -38,6 +38,12 @@ pub const STATE_FILE: &str = "rollouts.json";
 /// Versions remembered with the weights they carried.
 const VERSIONS: usize = 256;
 
+/// After this replica becomes the lease holder, how long no step's interval starts:
+/// the other replicas learn the new holder from the Lease (looked at every 2 s) and
+/// then send it their proxies' acks (every [`super::forward::ACKS_EVERY`]); a step
+/// whose interval started sooner would count only this replica's own proxies.
+pub const TAKEOVER_GRACE: Duration = Duration::from_secs(4);
+
 /// A route with a rollout.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct RolloutId {
@@ -83,6 +89,8 @@ struct Book {
     from_status: HashMap<RolloutId, RolloutStatus>,
     /// Each published version with the canary weight it carried per rollout.
     versions: VecDeque<(String, HashMap<RolloutId, u32>)>,
+    /// Acks start no step's interval before this (see [`TAKEOVER_GRACE`]).
+    acks_count_from: Option<Instant>,
 }
 
 /// The rollout metrics.
@@ -211,6 +219,10 @@ impl Rollouts {
     /// This replica starts or stops driving. A replica that starts drives on from the
     /// states it followed (the statuses): each step waits for every proxy's ack again.
     pub fn set_leading(&self, leading: bool) {
+        self.set_leading_at(leading, now());
+    }
+
+    fn set_leading_at(&self, leading: bool, now: Now) {
         let mut book = self.book();
         let was = self.inner.leading.swap(leading, Ordering::AcqRel);
         if was == leading {
@@ -228,9 +240,9 @@ impl Rollouts {
         if !leading {
             return;
         }
+        book.acks_count_from = Some(now.at + TAKEOVER_GRACE);
         // A rollout no status described while this replica followed was only served
         // at its first step, never started: it starts here, once.
-        let now = now();
         let Book {
             entries,
             from_status,
@@ -429,17 +441,24 @@ impl Rollouts {
     /// Time passed: acks of every connected proxy, interval ends; `true` when a
     /// weight changed.
     pub fn tick(&self, proxies: &[ProxyRecord]) -> bool {
+        self.tick_at(proxies, now())
+    }
+
+    fn tick_at(&self, proxies: &[ProxyRecord], now: Now) -> bool {
         if !self.is_leading() {
             return false;
         }
-        let now = now();
         let mut book = self.book();
         let Book {
-            entries, versions, ..
+            entries,
+            versions,
+            acks_count_from,
+            ..
         } = &mut *book;
+        let count_acks = acks_count_from.is_none_or(|from| now.at >= from);
         let mut transitions = Vec::new();
         for (id, e) in entries.iter_mut() {
-            if e.state.acked_at().is_none() && !e.state.phase().is_terminal() {
+            if count_acks && e.state.acked_at().is_none() && !e.state.phase().is_terminal() {
                 let w = e.state.canary_weight(&e.spec);
                 let carries = |v: &Option<String>| {
                     v.as_ref().is_some_and(|v| {
@@ -789,5 +808,121 @@ pub(crate) async fn drive(shared: Arc<crate::state::Shared>, mut shutdown: watch
         if shared.rollouts.tick(&proxies) {
             shared.republish();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: &str = r#"apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: { name: log, namespace: shop }
+spec:
+  host: log
+  backends:
+    v1: { addresses: ["127.0.0.1:1"] }
+    v2: { addresses: ["127.0.0.1:2"] }
+  routes:
+    - name: ingest
+      split:
+        - weights: { v1: 100, v2: 0 }
+          rollout:
+            canary: v2
+            steps: [10, 50, 100]
+            interval: 1s
+"#;
+
+    fn set() -> PolicySet {
+        PolicySet::new(sluice_config::parse_policies("log.yaml", POLICY).expect("parses"))
+            .expect("a valid set")
+    }
+
+    fn results(r: &Rollouts) -> Vec<String> {
+        r.view()["rollouts"][0]["history"]
+            .as_array()
+            .expect("a history")
+            .iter()
+            .map(|t| t["result"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    fn at(base: Now, after: Duration) -> Now {
+        Now {
+            at: base.at + after,
+            unix_ms: base.unix_ms + after.as_millis() as u64,
+        }
+    }
+
+    /// A replica that follows serves a rollout it has no status for at its first
+    /// step without recording anything; once it holds the lease it starts it, once,
+    /// and starts no step's interval before the other replicas can have sent it
+    /// their proxies' acks.
+    #[test]
+    fn a_new_holder_starts_an_undescribed_rollout_once_and_waits_for_the_acks() {
+        let r = Rollouts::new(None);
+        r.set_leading(false);
+        r.sync(&set());
+        assert_eq!(results(&r), Vec::<String>::new());
+        assert_eq!(r.view()["rollouts"][0]["canaryWeight"], 10);
+        let t0 = now();
+        r.set_leading_at(true, t0);
+        assert_eq!(results(&r), ["started"]);
+        // A second election (lost and won again) starts nothing.
+        r.set_leading_at(false, t0);
+        r.set_leading_at(true, t0);
+        assert_eq!(results(&r), ["started"]);
+
+        // No proxy is connected here: only the other replicas' acks are missing.
+        r.tick_at(&[], at(t0, TAKEOVER_GRACE - Duration::from_millis(1)));
+        assert_eq!(r.view()["rollouts"][0]["stepAcked"], false);
+        r.tick_at(&[], at(t0, TAKEOVER_GRACE));
+        assert_eq!(r.view()["rollouts"][0]["stepAcked"], true);
+    }
+
+    /// The status a follower reads: the history it brings is merged with what the
+    /// follower gathered, each transition once and in time order, and it carries the
+    /// first transition and the latest ones.
+    #[test]
+    fn a_followers_history_holds_each_of_the_holders_transitions_once() {
+        let holder = Rollouts::new(None);
+        holder.sync(&set());
+        let base = now();
+        for i in 1..=12 {
+            let mut book = holder.book();
+            let e = book.entries.values_mut().next().expect("the rollout");
+            let spec = e.spec.clone();
+            let t = at(base, Duration::from_millis(i));
+            e.state.command(&spec, t, Command::Pause).expect("pauses");
+            e.state.command(&spec, t, Command::Resume).expect("resumes");
+        }
+        let statuses = holder.statuses();
+        let st = &statuses[&("shop".to_string(), "log".to_string())][0];
+        assert_eq!(st.history.len(), ROLLOUT_STATUS_HISTORY);
+        assert_eq!(st.history[0].result, "started");
+
+        let follower = Rollouts::new(None);
+        follower.set_leading(false);
+        follower.sync(&set());
+        let id = RolloutId {
+            namespace: "shop".into(),
+            policy: "log".into(),
+            route: "ingest".into(),
+        };
+        let statuses = HashMap::from([(id.clone(), st.clone())]);
+        follower.follow(statuses.clone());
+        // The same status read again (every watch event brings it) adds nothing.
+        follower.follow(statuses);
+        let seen = results(&follower);
+        assert_eq!(seen.len(), ROLLOUT_STATUS_HISTORY, "{seen:?}");
+        assert_eq!(seen.iter().filter(|r| *r == "started").count(), 1);
+        assert_eq!(seen.last().map(String::as_str), Some("resumed"));
+        let times: Vec<u64> = follower.view()["rollouts"][0]["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["atMs"].as_u64().unwrap())
+            .collect();
+        assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
     }
 }
