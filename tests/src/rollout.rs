@@ -187,16 +187,17 @@ impl Load {
                 tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
                 let mut inflight = JoinSet::new();
                 loop {
-                    tokio::select! {
-                        _ = tick.tick() => {}
-                        _ = stopped.wait_for(|s| *s) => {
-                            // Every request sent is answered before the load counts as
-                            // stopped: one still inside a proxy could otherwise reach
-                            // an upstream after the caller looked at its count.
-                            let drain = async { while inflight.join_next().await.is_some() {} };
-                            let _ = tokio::time::timeout(DRAIN, drain).await;
-                            return;
-                        }
+                    let stop = tokio::select! {
+                        _ = tick.tick() => false,
+                        r = stopped.wait_for(|s| *s) => r.is_ok(),
+                    };
+                    if stop {
+                        // Every request sent is answered before the load counts as
+                        // stopped: one still inside a proxy could otherwise reach an
+                        // upstream after the caller looked at its count.
+                        let drain = async { while inflight.join_next().await.is_some() {} };
+                        let _ = tokio::time::timeout(DRAIN, drain).await;
+                        return;
                     }
                     while inflight.try_join_next().is_some() {}
                     let Some(mut c) = conn.try_clone() else {
