@@ -30,6 +30,7 @@ use sluice_api::{AdminGate, pb};
 
 use super::driver::{CommandError, RolloutId};
 use super::engine::Command;
+use super::forward::RelayError;
 use crate::state::Shared;
 
 /// Most bytes of a relayed report (a proxy's report is bounded well below).
@@ -189,17 +190,8 @@ pub(crate) async fn post(
             }
             resp.body(Full::new(answer.body)).expect("valid response")
         }
-        Err(e) => text(command_error_status(&e), format!("{e}\n")),
-    }
-}
-
-/// The status a refused command answers with.
-fn command_error_status(e: &CommandError) -> StatusCode {
-    match e {
-        CommandError::NotFound(_) => StatusCode::NOT_FOUND,
-        CommandError::Refused(_) | CommandError::NotLeading => StatusCode::CONFLICT,
-        CommandError::NoHolder => StatusCode::SERVICE_UNAVAILABLE,
-        CommandError::HolderUnreachable { .. } => StatusCode::BAD_GATEWAY,
+        Err(e @ RelayError::NoHolder) => text(StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")),
+        Err(e @ RelayError::Unreachable { .. }) => text(StatusCode::BAD_GATEWAY, format!("{e}\n")),
     }
 }
 
@@ -233,7 +225,10 @@ pub(crate) fn route<B>(
                     shared.republish();
                     json(StatusCode::OK, &serde_json::to_value(t).unwrap_or_default())
                 }
-                Err(e) => text(command_error_status(&e), format!("{e}\n")),
+                Err(e @ CommandError::NotFound(_)) => text(StatusCode::NOT_FOUND, format!("{e}\n")),
+                Err(e @ (CommandError::Refused(_) | CommandError::NotLeading)) => {
+                    text(StatusCode::CONFLICT, format!("{e}\n"))
+                }
             }
         }
         (_, []) => text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n".into()),

@@ -162,19 +162,6 @@ pub enum CommandError {
         "this control-plane replica does not drive rollouts: send the command to the lease holder"
     )]
     NotLeading,
-    /// A follower knows no lease holder to relay the command to.
-    #[error(
-        "no control-plane replica is known to hold the lease yet, and only the holder drives rollouts; try again in a few seconds"
-    )]
-    NoHolder,
-    /// A follower could not reach the lease holder with the command.
-    #[error("the lease holder at {url} did not answer: {why}")]
-    HolderUnreachable {
-        /// Its admin URL.
-        url: String,
-        /// What failed.
-        why: String,
-    },
 }
 
 fn now() -> Now {

@@ -44,8 +44,6 @@ use serde::{Deserialize, Serialize};
 use sluice_api::pb;
 use tokio::sync::{mpsc, watch};
 
-use super::driver::CommandError;
-
 /// Reports waiting to be relayed, at most.
 pub const QUEUE: usize = 256;
 
@@ -102,6 +100,24 @@ struct Road {
     replica: String,
 }
 
+/// Why a command could not be relayed to the holder.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum RelayError {
+    /// No replica is known to hold the lease (or it names no admin URL).
+    #[error(
+        "no control-plane replica is known to hold the lease yet, and only the holder drives rollouts; try again in a few seconds"
+    )]
+    NoHolder,
+    /// The holder did not answer.
+    #[error("the lease holder at {url} did not answer: {why}")]
+    Unreachable {
+        /// Its admin URL.
+        url: String,
+        /// What failed.
+        why: String,
+    },
+}
+
 /// The holder's answer to a relayed command.
 #[derive(Debug)]
 pub struct Relayed {
@@ -127,11 +143,11 @@ impl ReportForwarder {
 
     /// Relays a command by hand (`path`, e.g. `/rollouts/ns/policy/route/pause`) to
     /// the holder and returns its answer. Only once [`Self::run`] started (in a
-    /// cluster); before, or while no holder is known, [`CommandError::NoHolder`].
-    pub async fn relay_command(&self, path: &str) -> Result<Relayed, CommandError> {
-        let road = self.road.get().ok_or(CommandError::NoHolder)?;
-        let url = road.holder.borrow().clone().ok_or(CommandError::NoHolder)?;
-        let unreachable = |why: String| CommandError::HolderUnreachable {
+    /// cluster); before, or while no holder is known, [`RelayError::NoHolder`].
+    pub async fn relay_command(&self, path: &str) -> Result<Relayed, RelayError> {
+        let road = self.road.get().ok_or(RelayError::NoHolder)?;
+        let url = road.holder.borrow().clone().ok_or(RelayError::NoHolder)?;
+        let unreachable = |why: String| RelayError::Unreachable {
             url: url.clone(),
             why,
         };
