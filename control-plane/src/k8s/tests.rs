@@ -88,9 +88,23 @@ impl Cluster {
 
     /// A replica named `holder` in the Lease.
     async fn start_as(&self, policies: bool, holder: &str) -> RunningControlPlane {
+        self.start_with(policies, holder, ControlPlaneConfig::default(), None)
+            .await
+    }
+
+    /// A replica named `holder` started from `base`, naming `admin_url` in the Lease
+    /// while it holds it (by default, its admin address).
+    async fn start_with(
+        &self,
+        policies: bool,
+        holder: &str,
+        base: ControlPlaneConfig,
+        admin_url: Option<String>,
+    ) -> RunningControlPlane {
         let dir = std::env::temp_dir();
         let mut lease = LeaseConfig::new("sluice-system", "sluice-control-plane", holder);
         lease.retry_every = Duration::from_millis(500);
+        lease.admin_url = admin_url;
         crate::start(ControlPlaneConfig {
             policy_dir: dir,
             kubernetes: Some(KubeConfig {
@@ -100,7 +114,7 @@ impl Cluster {
                 pod_ip: None,
                 trust_domain: "cluster.local".to_string(),
             }),
-            ..ControlPlaneConfig::default()
+            ..base
         })
         .await
         .unwrap()
@@ -1375,4 +1389,87 @@ async fn a_follower_that_knows_no_holder_answers_commands_with_503() {
     assert_eq!(code, 503, "{body}");
     assert!(body.contains("only the holder drives rollouts"), "{body}");
     b.shutdown().await;
+}
+
+/// Replicas whose admin ports are bound beyond loopback, as in a pod, with one admin
+/// token (what the chart mounts into each): the follower's relays to the holder, its
+/// proxies' reports and a command by hand, pass the holder's token rule; a caller
+/// without the token is refused by the follower itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_between_replicas_bound_beyond_loopback_carry_the_shared_admin_token() {
+    // Ports picked now, so the holder's address can be named before it binds.
+    let free_port = || {
+        std::net::TcpListener::bind("0.0.0.0:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let token: std::sync::Arc<str> = "s3cret-shared-by-every-replica".into();
+    let replica = |port: u16| ControlPlaneConfig {
+        admin_addr: std::net::SocketAddr::from(([0, 0, 0, 0], port)),
+        admin_token: Some(token.clone()),
+        ..ControlPlaneConfig::default()
+    };
+    let (port_a, port_b) = (free_port(), free_port());
+    let cluster = Cluster::new(vec![policy("log-service", rollout_spec())], vec![], false);
+    let a = cluster
+        .start_with(
+            true,
+            "cp-a",
+            replica(port_a),
+            Some(format!("http://127.0.0.1:{port_a}")),
+        )
+        .await;
+    eventually("cp-a holds the lease", || a.shared.rollouts.is_leading()).await;
+    let b = cluster
+        .start_with(
+            true,
+            "cp-b",
+            replica(port_b),
+            Some(format!("http://127.0.0.1:{port_b}")),
+        )
+        .await;
+    served(&b, |s| s.policies().len() == 1).await;
+    let b_admin = std::net::SocketAddr::from(([127, 0, 0, 1], port_b));
+    let base = "/rollouts/shop/log-service/ingest";
+
+    // Without the token the follower refuses the caller; it never reaches the holder.
+    let (code, _) = admin_post(b_admin, &format!("{base}/pause"), &[]).await;
+    assert_eq!(code, 401);
+    // With it, the command goes through the follower to the holder.
+    let bearer = format!("Bearer {token}");
+    let auth = [("authorization", bearer.as_str())];
+    let (code, body) = loop {
+        let (code, body) = admin_post(b_admin, &format!("{base}/pause"), &auth).await;
+        if code != 503 {
+            break (code, body);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(a.shared.rollouts.view()["rollouts"][0]["phase"], "paused");
+
+    // The follower's proxies' reports reach the holder too: relayed, not dropped.
+    let report = healthy_report(20, 80);
+    b.shared
+        .reports
+        .ingest("proxy-1", &report, std::time::Instant::now())
+        .unwrap();
+    b.shared.on_report("proxy-1", report);
+    let relayed = |result: &str| {
+        let metrics = String::from_utf8(b.shared.metrics.render()).unwrap();
+        let line = format!("sluice_cp_reports_total{{result=\"{result}\"}}");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(&line))
+            .map_or(0.0, |v| v.trim().parse::<f64>().unwrap())
+    };
+    eventually("the follower relayed the report", || {
+        relayed("forwarded") >= 1.0
+    })
+    .await;
+    assert_eq!(relayed("forward_dropped"), 0.0);
+    b.shutdown().await;
+    a.shutdown().await;
 }
