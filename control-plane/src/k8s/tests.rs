@@ -1199,6 +1199,7 @@ async fn the_lease_holder_drives_a_rollout_the_follower_serves_and_resumes_it() 
         view["rollouts"][0]["lastWindow"]["decision"], "pass",
         "{view}"
     );
+    assert!(view["rollouts"][0]["currentWindow"].is_null(), "{view}");
     assert!(
         view["rollouts"][0]["lastWindow"]["canaryRequests"]
             .as_u64()

@@ -614,6 +614,9 @@ impl Rollouts {
     /// `GET /rollouts`: every rollout with its step, weights, windows and history.
     pub fn view(&self) -> serde_json::Value {
         let book = self.book();
+        // The open window lives on the replica that drives; a follower shows the
+        // holder's last judged window (from the status) and no open one of its own.
+        let driving = self.is_leading();
         let list: Vec<serde_json::Value> = book
             .entries
             .iter()
@@ -625,7 +628,7 @@ impl Rollouts {
                     "route": id.route,
                     "canary": e.spec.rollout.canary,
                     "block": s.block,
-                    "drivenHere": self.is_leading(),
+                    "drivenHere": driving,
                     "phase": s.phase(),
                     "step": s.step(),
                     "steps": e.spec.rollout.steps,
@@ -634,7 +637,7 @@ impl Rollouts {
                     "stepAcked": s.acked_at().is_some(),
                     "conclusiveWindows": s.conclusive_windows(),
                     "proxiesLeftOut": s.left_out(),
-                    "currentWindow": (!s.phase().is_terminal()).then(|| s.current_window(&e.spec)),
+                    "currentWindow": (driving && !s.phase().is_terminal()).then(|| s.current_window(&e.spec)),
                     "lastWindow": s.last_window(),
                     "history": s.history(),
                 })
