@@ -42,6 +42,7 @@ mod metrics;
 mod operator;
 pub mod proxies;
 pub mod rollout;
+mod serve;
 mod serving_cert;
 pub mod source;
 mod state;
