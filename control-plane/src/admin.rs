@@ -29,59 +29,33 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use sluice_api::AdminGate;
 use sluice_api::admin_gate::Refusal;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::serve::Http;
 use crate::state::Shared;
 
+/// Serves the admin routes on `listener` until shutdown.
 pub(crate) async fn serve(
     listener: TcpListener,
     gate: AdminGate,
     shared: Arc<Shared>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    loop {
-        let (stream, _) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
-                    continue;
-                }
-            },
-            _ = shutdown.wait_for(|stop| *stop) => return,
-        };
+    let svc = hyper::service::service_fn(move |req| {
         let shared = shared.clone();
         let gate = gate.clone();
-        let mut conn_shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let svc = hyper::service::service_fn(move |req| {
-                let shared = shared.clone();
-                let gate = gate.clone();
-                async move {
-                    if req.method() == Method::POST && req.uri().path().starts_with("/rollouts/") {
-                        let resp = crate::rollout::admin::post(&shared, &gate, req).await;
-                        return Ok::<_, Infallible>(resp);
-                    }
-                    Ok::<_, Infallible>(route(&shared, &gate, &req))
-                }
-            });
-            let conn = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc);
-            tokio::pin!(conn);
-            let stopping = tokio::select! {
-                _ = conn.as_mut() => false,
-                r = conn_shutdown.wait_for(|stop| *stop) => r.is_ok(),
-            };
-            if stopping {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
+        async move {
+            if req.method() == Method::POST && req.uri().path().starts_with("/rollouts/") {
+                let resp = crate::rollout::admin::post(&shared, &gate, req).await;
+                return Ok::<_, Infallible>(resp);
             }
-        });
-    }
+            Ok::<_, Infallible>(route(&shared, &gate, &req))
+        }
+    });
+    crate::serve::serve_http(listener, "admin", None, Http::One, svc, shutdown).await;
 }
 
 fn route(shared: &Shared, gate: &AdminGate, req: &Request<Incoming>) -> Response<Full<Bytes>> {

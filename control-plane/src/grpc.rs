@@ -36,9 +36,6 @@ pub(crate) struct PolicyService {
     shutdown: watch::Receiver<bool>,
 }
 
-/// How long a TLS handshake on the gRPC port may take.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// What the gRPC port adds when the CA is on: TLS and the Identity service.
 pub(crate) struct GrpcTls {
     cert: Arc<ServingCert>,
@@ -69,45 +66,7 @@ pub(crate) fn tls(
     })
 }
 
-/// Accepts TCP connections and completes TLS handshakes, each in a task of its
-/// own so a slow client holds up no other; ends with the listener's owner.
-fn tls_incoming(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    mut shutdown: watch::Receiver<bool>,
-) -> ReceiverStream<std::io::Result<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>> {
-    let (tx, rx) = mpsc::channel(16);
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                _ = shutdown.wait_for(|stop| *stop) => return,
-                _ = tx.closed() => return,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "gRPC accept failed");
-                    continue;
-                }
-            };
-            // Snapshots are small writes that must leave at once.
-            let _ = tcp.set_nodelay(true);
-            let (acceptor, tx) = (acceptor.clone(), tx.clone());
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "gRPC TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "gRPC TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    ReceiverStream::new(rx)
-}
-
+/// Serves the policy stream (and the Identity service when the CA is on) until shutdown.
 pub(crate) async fn serve(
     listener: TcpListener,
     shared: Arc<Shared>,
@@ -143,7 +102,8 @@ pub(crate) async fn serve(
                 }
             };
             tokio::spawn(cert.keep_renewed(stop.clone()));
-            let incoming = tls_incoming(listener, TlsAcceptor::from(config), stop);
+            let incoming =
+                crate::serve::tls_incoming(listener, "gRPC", TlsAcceptor::from(config), stop);
             router.serve_with_incoming_shutdown(incoming, signal).await
         }
         None => {

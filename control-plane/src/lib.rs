@@ -7,6 +7,8 @@
 //!   and the last good version of that file stays in force. Last good versions
 //!   are persisted in the state directory so a restart with a broken file on
 //!   disk still serves them. A watcher re-reads the directory on any change.
+//! - [`state`]: what every part shares (`Shared`): the published snapshot, the
+//!   policy source, readiness; `source` and `k8s` depend on it, not on this file.
 //! - The published snapshot: one `watch` channel holding the mesh's
 //!   [`sluice_config::PolicySet`] as a ready-to-send `Snapshot`; it is replaced
 //!   with `send_if_modified` only when the content hash changes, so a no-op edit
@@ -14,8 +16,13 @@
 //! - [`grpc`]: the `StreamPolicies` service. One task per proxy stream watches
 //!   the snapshot channel and sends each version the proxy does not have yet,
 //!   recording ACKs and NACKs in the [`proxies`] registry.
-//! - [`admin`]: `/live`, `/ready`, `/metrics`, `/policies`, `/proxies` (the last two
-//!   behind the admin token when bound beyond loopback).
+//! - [`admin`]: `/live`, `/ready`, `/metrics`, `/policies`, `/proxies`, `/served`,
+//!   `/rollouts` (all but the probes and metrics behind the admin token when bound
+//!   beyond loopback).
+//! - [`serve`]: the one accept loop (accept, bounded TLS handshake, graceful drain)
+//!   behind the admin, webhook and gRPC listeners.
+//! - [`rollout`]: canary rollouts driven from the proxies' reports.
+//! - [`inject`]: the sidecar-injection and RoutePolicy-validation webhook.
 //! - [`k8s`]: in a cluster, RoutePolicy objects as the source (statuses written by
 //!   the elected replica), Service endpoints for `service` backends, TokenReview
 //!   and the CA Secret.
@@ -42,6 +49,7 @@ mod metrics;
 mod operator;
 pub mod proxies;
 pub mod rollout;
+mod serve;
 mod serving_cert;
 pub mod source;
 mod state;

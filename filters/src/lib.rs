@@ -34,6 +34,7 @@ pub mod concurrency;
 mod error;
 pub mod extensions;
 pub mod fallback;
+pub mod random;
 pub mod ratelimit;
 pub mod reason;
 mod registry;

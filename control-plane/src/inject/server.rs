@@ -26,7 +26,6 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use k8s_openapi::api::core::v1::Pod;
 use kube_core::DynamicObject;
 use kube_core::admission::{
@@ -44,13 +43,12 @@ use tokio_rustls::TlsAcceptor;
 
 use super::patch::{Decision, InjectConfig, decide};
 use crate::Error;
+use crate::serve::Http;
 use crate::serving_cert::ServingCert;
 
 /// The largest review read; the API server caps objects at 1.5 MiB and a review of an
 /// update carries two.
 const MAX_BODY: usize = 4 << 20;
-/// A client that has not finished its TLS handshake by then is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Where and how the webhook serves.
 #[derive(Clone, Debug)]
@@ -307,52 +305,26 @@ async fn reload(
     }
 }
 
+/// Serves the webhook's routes over TLS on `listener` until shutdown.
 async fn serve(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     inject: Arc<(InjectConfig, sluice_config::Limits)>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
 ) {
-    loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "webhook accept failed");
-                    continue;
-                }
-            },
-            _ = shutdown.wait_for(|stop| *stop) => return,
-        };
-        let acceptor = acceptor.clone();
+    let svc = hyper::service::service_fn(move |req| {
         let inject = inject.clone();
-        let mut conn_shutdown = shutdown.clone();
-        tokio::spawn(async move {
-            let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "webhook TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let svc = hyper::service::service_fn(move |req| {
-                let inject = inject.clone();
-                async move { Ok::<_, Infallible>(handle(req, &inject.0, &inject.1).await) }
-            });
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection(TokioIo::new(tls), svc);
-            tokio::pin!(conn);
-            let stopping = tokio::select! {
-                _ = conn.as_mut() => false,
-                r = conn_shutdown.wait_for(|stop| *stop) => r.is_ok(),
-            };
-            if stopping {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            }
-        });
-    }
+        async move { Ok::<_, Infallible>(handle(req, &inject.0, &inject.1).await) }
+    });
+    crate::serve::serve_http(
+        listener,
+        "webhook",
+        Some(acceptor),
+        Http::Auto,
+        svc,
+        shutdown,
+    )
+    .await;
 }
 
 async fn handle(

@@ -7,8 +7,8 @@ use tokio::time::Instant;
 
 use super::BalanceParams;
 use crate::extensions::Endpoint;
+use crate::random::RandomSource;
 use crate::registry::Registry;
-use crate::split::RandomSource;
 
 /// How an endpoint stands at one moment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

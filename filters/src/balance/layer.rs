@@ -4,7 +4,7 @@ use tower_layer::Layer;
 
 use super::ConnectFailureClassifier;
 use super::{Balance, EndpointSet, is_connect_failure};
-use crate::split::RandomSource;
+use crate::random::RandomSource;
 
 /// Balances each request over the endpoints of its selected backend.
 #[derive(Clone, Debug)]

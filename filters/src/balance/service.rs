@@ -9,7 +9,7 @@ use super::future::Outcome;
 use super::{ConnectFailureClassifier, EndpointSet, ResponseFuture};
 use crate::FilterError;
 use crate::extensions::SelectedBackend;
-use crate::split::RandomSource;
+use crate::random::RandomSource;
 
 /// Picks an endpoint of the selected backend, sets [`Endpoint`](crate::extensions::Endpoint) and calls
 /// the inner service (the proxy's connector/client).

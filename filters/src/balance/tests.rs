@@ -11,7 +11,7 @@ use tower_test::mock;
 use super::*;
 use crate::extensions::Endpoint;
 use crate::extensions::SelectedBackend;
-use crate::split::RandomSource;
+use crate::random::RandomSource;
 use crate::{FilterError, UpstreamError, UpstreamErrorKind};
 
 type Handle = mock::Handle<Request<()>, Response<()>>;

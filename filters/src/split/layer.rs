@@ -2,7 +2,8 @@ use std::sync::Arc;
 
 use tower_layer::Layer;
 
-use super::{RandomSource, Split, SplitParams};
+use super::{Split, SplitParams};
+use crate::random::RandomSource;
 
 /// Chooses a backend per request and records it as a [`SelectedBackend`](crate::extensions::SelectedBackend).
 #[derive(Clone, Debug)]

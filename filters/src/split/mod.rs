@@ -17,14 +17,12 @@
 
 mod layer;
 mod params;
-mod random;
 mod service;
 #[cfg(test)]
 mod tests;
 
 pub use layer::SplitLayer;
 pub use params::{SplitChoice, SplitConfigError, SplitParams};
-pub use random::RandomSource;
 pub use service::Split;
 
 /// Points a weighted split is walked over: one point is 0.01 %.

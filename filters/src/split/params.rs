@@ -4,7 +4,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Request};
 
 use sluice_config::{StickyHash, rendezvous_backend};
 
-use super::{POINTS, RandomSource, sticky_point};
+use super::{POINTS, sticky_point};
+use crate::random::RandomSource;
 
 /// Why a route's `split` could not be turned into [`SplitParams`].
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

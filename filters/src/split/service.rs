@@ -4,8 +4,9 @@ use std::task::{Context, Poll};
 use http::Request;
 use tower_service::Service;
 
-use super::{RandomSource, SplitParams};
+use super::SplitParams;
 use crate::extensions::SelectedBackend;
+use crate::random::RandomSource;
 
 /// Sets [`SelectedBackend`] on each request, then calls the inner service.
 #[derive(Clone, Debug)]

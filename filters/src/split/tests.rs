@@ -10,6 +10,7 @@ use tower_test::mock;
 
 use super::*;
 use crate::extensions::SelectedBackend;
+use crate::random::RandomSource;
 
 const BACKENDS: [&str; 3] = ["log-v1", "log-v2", "log-v3"];
 

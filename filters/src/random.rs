@@ -1,3 +1,6 @@
+//! The randomness splits and balancers share: one per-thread generator on the hot
+//! path, a seeded one for reproducible tests.
+
 use std::cell::Cell;
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
@@ -55,6 +58,6 @@ impl RandomSource {
 
     /// A uniform point in `[0, 10000)`, the unit a weighted split walks.
     pub fn point(&self) -> u32 {
-        self.below(super::POINTS)
+        self.below(sluice_config::STICKY_POINTS)
     }
 }
