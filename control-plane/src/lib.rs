@@ -13,7 +13,8 @@
 //!   sends nothing.
 //! - [`grpc`]: the `StreamPolicies` service. One task per proxy stream watches
 //!   the snapshot channel and sends each version the proxy does not have yet,
-//!   recording ACKs and NACKs in the [`proxies`] registry.
+//!   recording ACKs and NACKs in the [`proxies`] registry; [`push`] sends each
+//!   version as bytes encoded once and shared by every stream.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`, `/policies`, `/proxies` (the last two
 //!   behind the admin token when bound beyond loopback).
 //! - [`k8s`]: in a cluster, RoutePolicy objects as the source (statuses written by
@@ -41,6 +42,7 @@ pub mod k8s;
 mod metrics;
 mod operator;
 pub mod proxies;
+mod push;
 pub mod rollout;
 mod serving_cert;
 pub mod source;
