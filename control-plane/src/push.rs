@@ -2,9 +2,9 @@
 //! publication and shared by every stream, instead of a copy of the message built
 //! and encoded for each connected proxy.
 //!
-//! The service is tonic's (`tonic::server::Grpc` with the stream of
-//! [`crate::grpc::PolicyService`]) under the generated service's name and path; only
-//! the codec differs from the generated one, so proxies see the same protocol.
+//! The service is tonic's (`tonic::server::Grpc` around the policy stream service)
+//! under the generated service's name and path; only the codec differs from the
+//! generated one, so proxies see the same protocol.
 
 use std::convert::Infallible;
 use std::task::{Context, Poll};
@@ -15,8 +15,7 @@ use sluice_api::pb;
 use tonic::Status;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::{Body, BoxFuture, Service, StdError, http};
-
-use crate::grpc::PolicyService;
+use tonic::server::StreamingService;
 
 /// The one method's path, as in the generated service.
 const STREAM_POLICIES: &str = "/sluice.v1.PolicyDiscovery/StreamPolicies";
@@ -39,7 +38,7 @@ pub(crate) enum Outgoing {
     /// of its own ahead of the shared bytes; protobuf readers take fields in any
     /// order, so the proxy decodes the same `Snapshot` as if it had been encoded whole.
     Snapshot {
-        /// The proxy's label ([`crate::views::label_for`]).
+        /// The schema version this proxy's stream labels the snapshot with.
         schema_version: u32,
         /// Shared by every stream sent this version.
         encoded: Bytes,
@@ -111,22 +110,25 @@ impl Decoder for PushCodec {
     }
 }
 
-/// `sluice.v1.PolicyDiscovery` served with [`PushCodec`].
+/// `sluice.v1.PolicyDiscovery` served by the stream service `S` with [`PushCodec`].
 #[derive(Debug, Clone)]
-pub(crate) struct PolicyServer(PolicyService);
+pub(crate) struct PolicyServer<S>(S);
 
-impl PolicyServer {
-    pub(crate) fn new(svc: PolicyService) -> Self {
+impl<S> PolicyServer<S> {
+    pub(crate) fn new(svc: S) -> Self {
         Self(svc)
     }
 }
 
-impl tonic::server::NamedService for PolicyServer {
+impl<S> tonic::server::NamedService for PolicyServer<S> {
     const NAME: &'static str = pb::policy_discovery_server::SERVICE_NAME;
 }
 
-impl<B> Service<http::Request<B>> for PolicyServer
+impl<S, B> Service<http::Request<B>> for PolicyServer<S>
 where
+    S: StreamingService<pb::ProxyMessage, Response = Outgoing> + Clone + Send + 'static,
+    S::ResponseStream: Send + 'static,
+    S::Future: Send + 'static,
     B: Body + Send + 'static,
     B::Error: Into<StdError> + Send + 'static,
 {
