@@ -10,7 +10,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_api::pb;
-use sluice_api::pb::policy_discovery_server::{PolicyDiscovery, PolicyDiscoveryServer};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
@@ -22,6 +21,7 @@ use std::net::SocketAddr;
 use tokio_rustls::TlsAcceptor;
 
 use crate::identity::IdentityService;
+use crate::push::{Outgoing, PolicyServer};
 use crate::serving_cert::ServingCert;
 use crate::state::Shared;
 use crate::{Error, IdentityConfig};
@@ -86,7 +86,7 @@ pub(crate) async fn serve(
         None => (None, None),
     };
     let router = builder
-        .add_service(PolicyDiscoveryServer::new(svc))
+        .add_service(PolicyServer::new(svc))
         .add_optional_service(identity);
     let stop = shutdown.clone();
     let signal = async move {
@@ -121,14 +121,22 @@ pub(crate) async fn serve(
     }
 }
 
-#[tonic::async_trait]
-impl PolicyDiscovery for PolicyService {
-    type StreamPoliciesStream = ReceiverStream<Result<pb::Snapshot, Status>>;
+impl tonic::server::StreamingService<pb::ProxyMessage> for PolicyService {
+    type Response = Outgoing;
+    type ResponseStream = ReceiverStream<Result<Outgoing, Status>>;
+    type Future = tonic::codegen::BoxFuture<Response<Self::ResponseStream>, Status>;
 
+    fn call(&mut self, request: Request<Streaming<pb::ProxyMessage>>) -> Self::Future {
+        Box::pin(self.clone().stream_policies(request))
+    }
+}
+
+impl PolicyService {
+    /// `StreamPolicies`: waits for the proxy's `Hello`, then hands the stream to its task.
     async fn stream_policies(
-        &self,
+        self,
         request: Request<Streaming<pb::ProxyMessage>>,
-    ) -> Result<Response<Self::StreamPoliciesStream>, Status> {
+    ) -> Result<Response<ReceiverStream<Result<Outgoing, Status>>>, Status> {
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -173,7 +181,7 @@ async fn stream_task(
     shared: Arc<Shared>,
     hello: pb::Hello,
     mut inbound: Streaming<pb::ProxyMessage>,
-    tx: mpsc::Sender<Result<pb::Snapshot, Status>>,
+    tx: mpsc::Sender<Result<Outgoing, Status>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let node = hello.node_id.clone();
@@ -198,19 +206,20 @@ async fn stream_task(
             t.mark_changed();
         }
     }
+    // Only a new publication can call for a send: the proxy's answers confirm or
+    // refuse what was already sent.
+    let mut published_changed = true;
     loop {
-        let current = snapshots.borrow_and_update().clone();
-        let snapshot = current
+        let current = if std::mem::take(&mut published_changed) {
+            snapshots.borrow_and_update().clone()
+        } else {
+            None
+        };
+        let view = current
             .as_ref()
-            .and_then(|p| crate::views::snapshot_for(&p.views, &accepted))
-            .map(|mut s| {
-                if let Some(v) = shared.stamp_schema_version {
-                    s.schema_version = v;
-                }
-                s
-            });
-        if let (Some(published), Some(snapshot)) = (current, snapshot) {
-            let version = &snapshot.version;
+            .and_then(|p| crate::views::view_for(&p.views, &accepted));
+        if let (Some(published), Some(view)) = (&current, view) {
+            let version = &view.snapshot.version;
             let expected = in_flight
                 .as_ref()
                 .map(|f| &f.version)
@@ -218,7 +227,13 @@ async fn stream_task(
             // A refused version is not offered again on this stream; the next
             // change (or a new stream) is.
             if expected != Some(version) && refused.as_ref() != Some(version) {
-                let send = tx.send(Ok(snapshot.clone()));
+                let snapshot = Outgoing::Snapshot {
+                    schema_version: shared
+                        .stamp_schema_version
+                        .unwrap_or_else(|| crate::views::label_for(view, &accepted)),
+                    encoded: view.encoded.clone(),
+                };
+                let send = tx.send(Ok(snapshot));
                 let sent = tokio::select! {
                     r = send => r.is_ok(),
                     _ = shutdown.wait_for(|stop| *stop) => false,
@@ -228,10 +243,7 @@ async fn stream_task(
                 }
                 shared.metrics.pushes.inc();
                 shared.proxies.sent(&node, version);
-                let held = crate::views::view_for(&published.views, &accepted)
-                    .map(|v| v.held_back.as_slice())
-                    .unwrap_or_default();
-                for h in held {
+                for h in &view.held_back {
                     tracing::warn!(node_id = %node, policy = %h.policy, needs = h.needs, state = h.state, accepted = ?accepted, "this proxy's schema cannot express a policy; it gets the last form it can take");
                 }
                 tracing::debug!(node_id = %node, %version, "snapshot sent");
@@ -242,14 +254,19 @@ async fn stream_task(
             }
         }
         tokio::select! {
-            changed = snapshots.changed() => if changed.is_err() { break },
+            changed = snapshots.changed() => match changed {
+                Ok(()) => published_changed = true,
+                Err(_) => break,
+            },
             Some(table) = next_traffic(&mut traffic) => {
                 let msg = pb::Snapshot {
                     route_traffic: Some((*table).clone()),
                     ..Default::default()
                 };
                 // Never waits behind a slow proxy: the next change carries the whole table.
-                if let Err(mpsc::error::TrySendError::Closed(_)) = tx.try_send(Ok(msg)) {
+                if let Err(mpsc::error::TrySendError::Closed(_)) =
+                    tx.try_send(Ok(Outgoing::Message(msg)))
+                {
                     break;
                 }
             }

@@ -15,7 +15,8 @@
 //!   sends nothing.
 //! - [`grpc`]: the `StreamPolicies` service. One task per proxy stream watches
 //!   the snapshot channel and sends each version the proxy does not have yet,
-//!   recording ACKs and NACKs in the [`proxies`] registry.
+//!   recording ACKs and NACKs in the [`proxies`] registry; [`push`] sends each
+//!   version as bytes encoded once and shared by every stream.
 //! - [`admin`]: `/live`, `/ready`, `/metrics`, `/policies`, `/proxies`, `/served`,
 //!   `/rollouts` (all but the probes and metrics behind the admin token when bound
 //!   beyond loopback).
@@ -48,6 +49,7 @@ pub mod k8s;
 mod metrics;
 mod operator;
 pub mod proxies;
+mod push;
 pub mod rollout;
 mod serve;
 mod serving_cert;
@@ -196,8 +198,10 @@ pub struct ControlPlaneConfig {
     pub state_dir: Option<PathBuf>,
     /// After binding, the bound addresses are written here as JSON.
     pub addr_file: Option<PathBuf>,
-    /// Quiet time after a directory event before re-reading, so that an editor's
-    /// write-then-rename or a ConfigMap swap is read once, complete.
+    /// Quiet time before re-reading while a policy file is being written (created
+    /// or changed and not closed yet), so it is never read half written. A change
+    /// already complete on disk (an editor's write-then-rename, a ConfigMap swap, a
+    /// file closed after writing) is read after 2 ms of quiet, or this if shorter.
     pub debounce: Duration,
     /// Full re-read even without events, in case the OS dropped some.
     pub rescan_interval: Duration,

@@ -357,6 +357,11 @@ fn parse_file(name: &str, bytes: &[u8], limits: &Limits) -> Result<Vec<RoutePoli
     sluice_config::parse_policy_bytes(name, bytes, limits).map_err(|e| e.to_string())
 }
 
+/// A name the directory reads as a policy file: visible, `*.yaml` or `*.yml`.
+fn is_policy_name(name: &str) -> bool {
+    !name.starts_with('.') && (name.ends_with(".yaml") || name.ends_with(".yml"))
+}
+
 /// Visible `*.yaml`/`*.yml` regular files (after following symlinks), sorted.
 fn list_yaml(dir: &Path) -> Vec<(String, PathBuf)> {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -366,7 +371,7 @@ fn list_yaml(dir: &Path) -> Vec<(String, PathBuf)> {
         .filter_map(Result::ok)
         .filter_map(|e| {
             let name = e.file_name().to_str()?.to_string();
-            if name.starts_with('.') || !(name.ends_with(".yaml") || name.ends_with(".yml")) {
+            if !is_policy_name(&name) {
                 return None;
             }
             let path = e.path();
@@ -383,9 +388,79 @@ fn list_yaml(dir: &Path) -> Vec<(String, PathBuf)> {
 
 // === impl DirWatcher ===
 
+/// Quiet time after a change that is complete on disk (every policy file written
+/// since the last re-read is closed, renamed into place or removed): enough for the
+/// rest of one burst (the other half of a rename, the next file of a copy) to
+/// arrive, far less than a write in progress may pause for.
+const SETTLE: Duration = Duration::from_millis(2);
+
+#[derive(Debug)]
 enum WatchMsg {
-    Changed,
+    /// A policy file was created or changed and is not closed yet: its writer may
+    /// still be writing it.
+    Writing(PathBuf),
+    /// A change that is complete as it stands: a file closed after writing, a name
+    /// renamed or removed, or an entry the directory does not read as a policy.
+    Done(Vec<PathBuf>),
     Stop,
+}
+
+/// What a directory event means for the next re-read; `None` for events that
+/// change no content (opening or reading a file, which every re-read does itself:
+/// reacting to those re-read the directory in a loop after the first edit).
+fn watch_msg(event: notify::Event) -> Option<WatchMsg> {
+    use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
+    match event.kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+        | EventKind::Modify(ModifyKind::Name(_))
+        | EventKind::Remove(_) => Some(WatchMsg::Done(event.paths)),
+        EventKind::Access(_) => None,
+        // Any event in the directory may change what a file resolves to (a
+        // ConfigMap swap renames `..data`), so each one triggers a full re-read;
+        // unchanged files are skipped by content hash.
+        _ => Some(
+            match event.paths.into_iter().find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(is_policy_name)
+            }) {
+                Some(path) => WatchMsg::Writing(path),
+                None => WatchMsg::Done(Vec::new()),
+            },
+        ),
+    }
+}
+
+/// The policy files being written since the last re-read, and so how long a quiet
+/// moment must last before the directory is read.
+#[derive(Debug, Default)]
+struct Writes {
+    open: std::collections::HashSet<PathBuf>,
+}
+
+impl Writes {
+    fn note(&mut self, msg: WatchMsg) {
+        match msg {
+            WatchMsg::Writing(path) => {
+                self.open.insert(path);
+            }
+            WatchMsg::Done(paths) => {
+                for p in &paths {
+                    self.open.remove(p);
+                }
+            }
+            WatchMsg::Stop => {}
+        }
+    }
+
+    /// `debounce` while a file may be half written, [`SETTLE`] once none is.
+    fn quiet(&self, debounce: Duration) -> Duration {
+        if self.open.is_empty() {
+            debounce.min(SETTLE)
+        } else {
+            debounce
+        }
+    }
 }
 
 /// Watches the policy directory and reloads on change; dropping it stops the
@@ -404,7 +479,10 @@ impl Drop for DirWatcher {
 
 impl DirWatcher {
     /// Watches `dir`, calling `reload` after each quiet moment following a change
-    /// and every `rescan_interval` without one.
+    /// and every `rescan_interval` without one. The quiet moment is `debounce` while
+    /// a policy file is being written, so a file is never read half written; a
+    /// change already complete on disk (an editor's write-then-rename, a ConfigMap
+    /// swap, a file closed after writing) is read after [`SETTLE`].
     pub(crate) fn start(
         dir: &Path,
         reload: impl Fn() + Send + 'static,
@@ -413,21 +491,19 @@ impl DirWatcher {
     ) -> Result<Self, Error> {
         let (tx, rx) = std_mpsc::channel::<WatchMsg>();
         let events = tx.clone();
-        let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
-            match res {
-                // Any event in the directory may change what a file resolves to
-                // (a ConfigMap swap renames `..data`), so each one triggers a
-                // full re-read; unchanged files are skipped by content hash.
-                Ok(_) => {
-                    let _ = events.send(WatchMsg::Changed);
+        let mut watcher =
+            notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+                Ok(event) => {
+                    if let Some(msg) = watch_msg(event) {
+                        let _ = events.send(msg);
+                    }
                 }
                 Err(e) => tracing::warn!(error = %e, "policy directory watch error"),
-            }
-        })
-        .map_err(|source| Error::Watch {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+            })
+            .map_err(|source| Error::Watch {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         watcher
             .watch(dir, notify::RecursiveMode::NonRecursive)
             .map_err(|source| Error::Watch {
@@ -455,10 +531,11 @@ fn watch_loop(
     rescan_interval: Duration,
 ) {
     use std_mpsc::RecvTimeoutError;
+    let mut writes = Writes::default();
     loop {
         match events.recv_timeout(rescan_interval) {
-            Ok(WatchMsg::Changed) => {}
             Ok(WatchMsg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+            Ok(msg) => writes.note(msg),
             Err(RecvTimeoutError::Timeout) => {
                 reload();
                 continue;
@@ -472,12 +549,15 @@ fn watch_loop(
             if now >= deadline {
                 break;
             }
-            match events.recv_timeout(debounce.min(deadline - now)) {
-                Ok(WatchMsg::Changed) => continue,
+            match events.recv_timeout(writes.quiet(debounce).min(deadline - now)) {
                 Ok(WatchMsg::Stop) | Err(RecvTimeoutError::Disconnected) => return,
+                Ok(msg) => writes.note(msg),
                 Err(RecvTimeoutError::Timeout) => break,
             }
         }
+        // A writer still busy after the bound sends more events, and its file is
+        // read again once they settle.
+        writes.open.clear();
         reload();
     }
 }
@@ -550,5 +630,123 @@ mod tests {
         std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
         pd.rescan();
         assert!(pd.build_set().unwrap().0.policies().is_empty());
+    }
+
+    fn event(kind: notify::EventKind, path: &Path) -> notify::Event {
+        notify::Event::new(kind).add_path(path.to_path_buf())
+    }
+
+    /// Opening and reading a file is what every re-read does; treating it as a
+    /// change re-read the directory in a loop after the first edit.
+    #[test]
+    fn opening_or_reading_a_file_is_no_change() {
+        use notify::event::{AccessKind, AccessMode, EventKind};
+        let a = Path::new("/policies/a.yaml");
+        for kind in [
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+            EventKind::Access(AccessKind::Read),
+        ] {
+            assert!(watch_msg(event(kind, a)).is_none(), "{kind:?}");
+        }
+        assert!(matches!(
+            watch_msg(event(EventKind::Access(AccessKind::Close(AccessMode::Write)), a)),
+            Some(WatchMsg::Done(p)) if p == vec![a.to_path_buf()]
+        ));
+    }
+
+    /// A policy file written in place holds the full debounce from its first event
+    /// until it is closed; the editor's temporary file of a write-then-rename does
+    /// not, and its rename into place is complete at once.
+    #[test]
+    fn a_file_being_written_holds_the_debounce_until_closed_or_renamed() {
+        use notify::event::{
+            AccessKind, AccessMode, CreateKind, DataChange, EventKind, ModifyKind, RenameMode,
+        };
+        let debounce = Duration::from_millis(20);
+        let (a, b) = (Path::new("/p/a.yaml"), Path::new("/p/b.yml"));
+        let tmp = Path::new("/p/.a.yaml.swp");
+        let mut w = Writes::default();
+        assert_eq!(w.quiet(debounce), SETTLE);
+
+        // In place: created, written, then closed.
+        for kind in [
+            EventKind::Create(CreateKind::File),
+            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+        ] {
+            w.note(watch_msg(event(kind, a)).expect("a change"));
+            assert_eq!(w.quiet(debounce), debounce, "{kind:?}");
+        }
+        w.note(
+            watch_msg(event(
+                EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+                b,
+            ))
+            .unwrap(),
+        );
+        let closed = EventKind::Access(AccessKind::Close(AccessMode::Write));
+        w.note(watch_msg(event(closed, a)).unwrap());
+        assert_eq!(w.quiet(debounce), debounce, "b is still open");
+        w.note(watch_msg(event(closed, b)).unwrap());
+        assert_eq!(w.quiet(debounce), SETTLE);
+
+        // Write-then-rename: the hidden temporary file is not read, the rename is whole.
+        w.note(watch_msg(event(EventKind::Create(CreateKind::File), tmp)).unwrap());
+        w.note(
+            watch_msg(event(
+                EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+                tmp,
+            ))
+            .unwrap(),
+        );
+        assert_eq!(w.quiet(debounce), SETTLE);
+        let renamed = notify::Event::new(EventKind::Modify(ModifyKind::Name(RenameMode::Both)))
+            .add_path(tmp.to_path_buf())
+            .add_path(a.to_path_buf());
+        assert!(matches!(watch_msg(renamed), Some(WatchMsg::Done(_))));
+
+        // A debounce shorter than the settle time is kept as it is.
+        assert_eq!(w.quiet(Duration::ZERO), Duration::ZERO);
+    }
+
+    /// Over a real directory watch with a one-hour debounce: an editor's
+    /// write-then-rename and a file written and closed are each read without
+    /// waiting for it, and the re-read sees the whole file.
+    #[test]
+    fn a_change_complete_on_disk_is_read_without_waiting_the_debounce() {
+        let dir = tempfile::tempdir().unwrap();
+        let (tx, rx) = std_mpsc::channel();
+        let path = dir.path().join("a.yaml");
+        let watcher = DirWatcher::start(
+            dir.path(),
+            {
+                let path = path.clone();
+                move || {
+                    let _ = tx.send(std::fs::read_to_string(&path).unwrap_or_default());
+                }
+            },
+            Duration::from_secs(3600),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        // Re-reads may come between the steps of a write on a loaded machine; each
+        // change must be followed by one that sees it whole.
+        let read_until = |want: &str| {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while rx
+                .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+                .expect("a re-read")
+                != want
+            {}
+        };
+        let tmp = dir.path().join(".a.yaml.tmp");
+        std::fs::write(&tmp, GOOD).unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        read_until(GOOD);
+
+        let edited = GOOD.replace("100", "200");
+        std::fs::write(&path, &edited).unwrap();
+        read_until(&edited);
+        drop(watcher);
     }
 }

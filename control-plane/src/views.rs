@@ -47,6 +47,9 @@ pub(crate) struct View {
     pub(crate) schema: u32,
     /// Ready to send; its `schema_version` is the lowest that expresses it.
     pub(crate) snapshot: pb::Snapshot,
+    /// `snapshot` encoded once for every stream, without its `schema_version`, which
+    /// differs by proxy and each stream adds (see [`crate::push::Outgoing`]).
+    pub(crate) encoded: bytes::Bytes,
     /// Policies carried in an older form, or not at all.
     pub(crate) held_back: Vec<HeldBack>,
 }
@@ -136,15 +139,18 @@ pub(crate) fn build(
                 })
                 .cloned()
                 .collect();
+            let snapshot = pb::Snapshot {
+                version: view_set.hash().to_string(),
+                schema_version: view_set.schema_version(),
+                canonical: bytes::Bytes::copy_from_slice(view_set.canonical_bytes()),
+                policies,
+                route_traffic: None,
+            };
+            let encoded = crate::push::encode_shared(&snapshot);
             Some(View {
                 schema,
-                snapshot: pb::Snapshot {
-                    version: view_set.hash().to_string(),
-                    schema_version: view_set.schema_version(),
-                    canonical: bytes::Bytes::copy_from_slice(view_set.canonical_bytes()),
-                    policies,
-                    route_traffic: None,
-                },
+                snapshot,
+                encoded,
                 held_back,
             })
         })
@@ -173,18 +179,24 @@ pub(crate) fn view_for<'a>(views: &'a [View], accepted: &[u32]) -> Option<&'a Vi
 /// The snapshot for a proxy accepting `accepted`: the view of the newest schema it
 /// accepts, labelled with the lowest accepted version that expresses it. A proxy
 /// accepting none of ours gets the newest view, and its NACK says why.
+#[cfg(test)]
 pub(crate) fn snapshot_for(views: &[View], accepted: &[u32]) -> Option<pb::Snapshot> {
     let view = view_for(views, accepted)?;
     let mut snapshot = view.snapshot.clone();
-    if let Some(label) = accepted
+    snapshot.schema_version = label_for(view, accepted);
+    Some(snapshot)
+}
+
+/// The schema version `view`'s snapshot is labelled with for a proxy accepting
+/// `accepted`: the lowest accepted version that expresses it, else its own.
+pub(crate) fn label_for(view: &View, accepted: &[u32]) -> u32 {
+    let own = view.snapshot.schema_version;
+    accepted
         .iter()
         .copied()
-        .filter(|a| *a >= snapshot.schema_version)
+        .filter(|a| *a >= own)
         .min()
-    {
-        snapshot.schema_version = label;
-    }
-    Some(snapshot)
+        .unwrap_or(own)
 }
 
 #[cfg(test)]
