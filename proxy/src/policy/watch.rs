@@ -90,8 +90,14 @@ impl FileSource {
 /// Whether a directory event may have changed the policy file: it names the file, or a
 /// `..`-prefixed entry (Kubernetes' `..data` symlink swap), or nothing in particular.
 /// Other files in the directory (a log file beside the policy, say) are ignored, so
-/// writing them cannot keep the watcher busy.
+/// writing them cannot keep the watcher busy. Opening or reading a file changes
+/// nothing: every re-read opens the file itself, and counting those re-read it in a
+/// loop for as long as the proxy ran.
 fn concerns(event: &notify::Event, name: Option<&std::ffi::OsStr>) -> bool {
+    use notify::event::{AccessKind, AccessMode, EventKind};
+    if matches!(event.kind, EventKind::Access(a) if a != AccessKind::Close(AccessMode::Write)) {
+        return false;
+    }
     event.paths.is_empty()
         || event.paths.iter().any(|p| match p.file_name() {
             Some(f) => Some(f) == name || f.as_encoded_bytes().starts_with(b".."),
@@ -175,6 +181,32 @@ mod tests {
         format!(
             "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: p }}\nspec:\n  host: {host}\n  backends:\n    b: {{ addresses: [\"127.0.0.1:1\"] }}\n  routes:\n    - name: r\n"
         )
+    }
+
+    #[test]
+    fn opening_or_reading_the_file_is_no_change() {
+        use notify::event::{
+            AccessKind, AccessMode, CreateKind, DataChange, EventKind, ModifyKind,
+        };
+        let name = Some(std::ffi::OsStr::new("p.yaml"));
+        let on = |kind| notify::Event::new(kind).add_path(PathBuf::from("/d/p.yaml"));
+        for quiet in [
+            EventKind::Access(AccessKind::Open(AccessMode::Any)),
+            EventKind::Access(AccessKind::Close(AccessMode::Read)),
+            EventKind::Access(AccessKind::Read),
+        ] {
+            assert!(!concerns(&on(quiet), name), "{quiet:?}");
+        }
+        for change in [
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Modify(ModifyKind::Data(DataChange::Any)),
+            EventKind::Create(CreateKind::File),
+        ] {
+            assert!(concerns(&on(change), name), "{change:?}");
+        }
+        let other = notify::Event::new(EventKind::Modify(ModifyKind::Data(DataChange::Any)))
+            .add_path(PathBuf::from("/d/app.log"));
+        assert!(!concerns(&other, name));
     }
 
     #[test]
