@@ -108,6 +108,10 @@ wait "$LOAD_PID"
     echo
     echo "## by symbol (self time)"
     perf report -i "$OUT_DIR/perf.data" --stdio --no-children --sort dso,symbol -g none --percent-limit 0.7 2>/dev/null | grep -v '^$'
+    echo
+    echo "## by where the symbol lives (BENCHMARKS.md's rows)"
+    perf report -i "$OUT_DIR/perf.data" --stdio --no-children --sort dso,symbol -g none --percent-limit 0 2>/dev/null \
+        | python3 "$REPO/examples/bench/profile_groups.py"
 } >"$OUT_DIR/report.txt"
 cat "$OUT_DIR/report.txt"
 log "perf data in $OUT_DIR/perf.data; report in $OUT_DIR/report.txt"

@@ -39,11 +39,12 @@ def ratio(v, base):
 def main():
     ap = argparse.ArgumentParser()
     for flag in ("raw", "rss", "out-dir", "started", "rounds", "duration", "rates", "conns",
-                 "h2", "proxy-cpus", "load-cpus", "load-before", "load-after", "versions",
+                 "h2", "proxy-cpus", "load-cpus", "workers", "load-before", "load-after", "versions",
                  "machine", "split", "command"):
         ap.add_argument("--" + flag, default="")
     a = ap.parse_args()
     rates = a.rates.split()
+    workers = a.workers or "1"
 
     rows = list(csv.DictReader(open(a.raw)))
     rss = {r["system"]: int(r["vmhwm_kib"]) / 1024 for r in csv.DictReader(open(a.rss))}
@@ -101,8 +102,8 @@ def main():
     w(f"- Machine: {a.machine}. Load average (1, 5, 15 min) {a.load_before} before the run and "
       f"{a.load_after} after it: other work shared the machine, so compare paths within this run only.")
     w(f"- Pinning (`taskset`): the proxies and the upstream on CPU {a.proxy_cpus}, the load generator "
-      f"alone on CPU {a.load_cpus}. Sluice with `--worker-threads 1`, Envoy `--concurrency 1`, "
-      f"nginx one worker process, the upstream one thread.")
+      f"on CPU {a.load_cpus}. Sluice with `--worker-threads {workers}`, Envoy `--concurrency {workers}`, "
+      f"nginx {workers} worker process{'es' if workers != '1' else ''}, the upstream one thread.")
     w(f"- Versions: {a.versions}.")
     w(f"- Load: fixed rates with `oha -q` (latency-corrected) over {a.conns} HTTP/1.1 connections or "
       f"{a.h2.replace('x', ' connections × ')} streams of HTTP/2 (prior knowledge); maximum "
@@ -168,7 +169,21 @@ def main():
       "request, maximum throughput and peak RSS are the figures that decide.")
     w("")
 
-    if "sluice-full" in systems and "nginx" in systems:
+    if workers != "1" and "nginx" in systems:
+        # Goal 5: several workers at a fixed rate, CPU per request beside nginx's.
+        w(f"#### CPU per request with {workers} workers beside nginx with {workers}")
+        w("")
+        w("| path | protocol | rate | CPU µs per request | ÷ nginx's |")
+        w("|---|---|---|---|---|")
+        for proto in protos:
+            for rate in rates:
+                n = g(proto, "nginx", f"cpu_s_per_10k_{rate}")
+                for s in proxies:
+                    v = g(proto, s, f"cpu_s_per_10k_{rate}")
+                    us = None if v is None else v * 100
+                    w(f"| {s} | {PROTO_NAME.get(proto, proto)} | {rate} | {fmt(us, 1)} | {ratio(v, n)} |")
+        w("")
+    elif "sluice-full" in systems and "nginx" in systems:
         w("#### Goals")
         w("")
         w("| goal | measured | met |")

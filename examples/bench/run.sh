@@ -33,6 +33,10 @@
 #   add hop-mtls for the mTLS hop, which needs the sidecars' mTLS flags)
 #   CONNS (16, HTTP/1.1 connections)  H2_CONNS (4) x H2_STREAMS (4) for HTTP/2
 #   PROXY_CPUS (0)  LOAD_CPUS (1)  PORT_BASE (18000; uses +0..+99)
+#   WORKERS (1: Sluice --worker-threads, nginx worker_processes, Envoy --concurrency);
+#   with WORKERS=2 on two cores give both sides both CPUs (PROXY_CPUS=0,1 LOAD_CPUS=0,1)
+#   and measure at a fixed rate only (TESTS="5000"): CPU per request, not a maximum
+#   TESTS (RATES and "max": the measurements of a round, e.g. "max" alone for an A/B)
 #   OUT_DIR (examples/bench/results; target/bench-quick with QUICK=1)
 #   RECORD (1 unless QUICK: write the summary into BENCHMARKS.md between its markers)
 #   BASELINE_BIN (another sluice-proxy build, e.g. before a change: adds the paths
@@ -65,6 +69,8 @@ H2_STREAMS=${H2_STREAMS:-4}
 PROXY_CPUS=${PROXY_CPUS:-0}
 LOAD_CPUS=${LOAD_CPUS:-1}
 PORT_BASE=${PORT_BASE:-18000}
+WORKERS=${WORKERS:-1}
+TESTS=${TESTS:-"$RATES max"}
 BENCH_CACHE=${BENCH_CACHE:-$HOME/.cache/sluice-bench}
 ENVOY_VERSION=${ENVOY_VERSION:-1.40.0}
 TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
@@ -202,7 +208,7 @@ YAML
 # on a connection by default: the bench lifts the cap, as nginx's http2_max_requests.
 H2_UNCAPPED=(--h2-max-streams-per-connection 4294967295)
 start_sluice() { # name, policy, outbound port, admin port, [binary]
-    start "$1" "${5:-$PROXY_BIN}" run --worker-threads 1 "${H2_UNCAPPED[@]}" --outbound "127.0.0.1:$3" \
+    start "$1" "${5:-$PROXY_BIN}" run --worker-threads "$WORKERS" "${H2_UNCAPPED[@]}" --outbound "127.0.0.1:$3" \
         --admin "127.0.0.1:$4" --no-inbound --policy "$2" --log-level warn
     PID_OF[$1]=$STARTED_PID
     URL_H1[$1]=http://127.0.0.1:$3/
@@ -302,7 +308,7 @@ static_resources:
 $(envoy_cluster stable)
 $(envoy_cluster canary)
 YAML
-    start envoy "$ENVOY" -c "$WORK/envoy.yaml" --concurrency 1 --log-level warn \
+    start envoy "$ENVOY" -c "$WORK/envoy.yaml" --concurrency "$WORKERS" --log-level warn \
         --disable-hot-restart --use-dynamic-base-id
     PID_OF[envoy]=$STARTED_PID
     URL_H1[envoy]=http://127.0.0.1:$ENVOY_PORT/
@@ -369,11 +375,14 @@ fi
 
 if has nginx; then
     mkdir -p "$WORK/nginx"
+    # One worker runs in the master's process; more need the master to fork them.
+    NGINX_MASTER=off
+    [ "$WORKERS" != 1 ] && NGINX_MASTER=on
     # nginx takes HTTP/2 without TLS only with prior knowledge, on a port of its own.
     cat >"$WORK/nginx/nginx.conf" <<CONF
 daemon off;
-master_process off;
-worker_processes 1;
+master_process $NGINX_MASTER;
+worker_processes $WORKERS;
 pid $WORK/nginx/nginx.pid;
 error_log $WORK/nginx/error.log warn;
 events { worker_connections 4096; }
@@ -406,6 +415,10 @@ for system in $SYSTEMS; do
     wait_http "${URL_H1[$system]}"
     wait_http "${URL_H2[$system]}" --http2-prior-knowledge
 done
+# nginx's forked workers carry its load: their CPU and memory count with the master's.
+if has nginx && [ "$NGINX_MASTER" = on ]; then
+    PID_OF[nginx]="${PID_OF[nginx]} $(pgrep -P "${PID_OF[nginx]}" | tr '\n' ' ')"
+fi
 for system in "${!PID_OF[@]}"; do
     for pid in ${PID_OF[$system]}; do
         log "$system runs as pid $pid ($(cat "/proc/$pid/comm")), pinned to CPUs $(taskset -pc "$pid" | awk '{print $NF}')"
@@ -500,7 +513,7 @@ for round in $(seq "$ROUNDS"); do
         order+=("${SYSTEM_LIST[$(((i + round - 1) % N_SYSTEMS))]}")
     done
     for proto in $PROTOCOLS; do
-        for test in $RATES max; do
+        for test in $TESTS; do
             for system in "${order[@]}"; do
                 url=$(url_of "$system" "$proto")
                 pid=${PID_OF[$system]:-}
@@ -537,7 +550,7 @@ if has envoy; then
         | awk -F': ' '/^cluster\.(stable|canary)\.upstream_rq_total/ { split($1, a, "."); printf "%s %s; ", a[2], $2 }')"
 fi
 
-VERSIONS="sluice-proxy $(git -C "$REPO" rev-parse --short HEAD) (release; --worker-threads 1)"
+VERSIONS="sluice-proxy $(git -C "$REPO" rev-parse --short HEAD) (release; --worker-threads $WORKERS)"
 has envoy && VERSIONS+=", Envoy $("$ENVOY" --version | sed -n 's/.*version: [0-9a-f]*\/\([0-9.]*\)\/.*/\1/p')"
 VERSIONS+=", $("$NGINX" -v 2>&1 | sed 's/^nginx version: //')"
 VERSIONS+=", $(oha --version | head -1), $(wrk -v 2>&1 | head -1 | awk '{print $1, $2}'), h2load $(h2load --version | awk '{print $NF}')"
@@ -547,10 +560,10 @@ python3 "$REPO/examples/bench/report.py" \
     --raw "$RAW" --rss "$RSS" --out-dir "$OUT_DIR" \
     --started "$STARTED_AT" --rounds "$ROUNDS" --duration "$DURATION" \
     --rates "$RATES" --conns "$CONNS" --h2 "${H2_CONNS}x${H2_STREAMS}" \
-    --proxy-cpus "$PROXY_CPUS" --load-cpus "$LOAD_CPUS" \
+    --proxy-cpus "$PROXY_CPUS" --load-cpus "$LOAD_CPUS" --workers "$WORKERS" \
     --load-before "$LOAD_BEFORE" --load-after "$LOAD_AFTER" \
     --versions "$VERSIONS" --machine "$MACHINE" --split "$SPLIT" \
-    --command "$( [ "$QUICK" = 1 ] && echo "QUICK=1 " )examples/bench/run.sh"
+    --command "$( [ "$QUICK" = 1 ] && echo "QUICK=1 " )$( [ "$WORKERS" != 1 ] && echo "WORKERS=$WORKERS " )examples/bench/run.sh"
 
 "$PLOT_BIN" --input "$OUT_DIR/summary.csv" --output "$OUT_DIR/bench.png" --font "$FONT" \
     --subtitle "$STARTED_AT UTC; $MACHINE; loadavg $LOAD_BEFORE before, $LOAD_AFTER after; $ROUNDS rounds x ${DURATION}s"

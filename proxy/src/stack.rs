@@ -6,6 +6,11 @@
 //! route rate limit → total timeout → split → [fallback] → retry → circuit breaker → balancer → pooled connection
 //! ```
 //!
+//! On a route without a fallback the retry layer enforces the total timeout itself
+//! ([`RetryLayer::with_total`](sluice_filters::retry::RetryLayer::with_total)): the split
+//! between them never waits, so the request sees the same deadline and the same
+//! 504, with one timer instead of two.
+//!
 //! The fallback layer is stacked only on routes with `fallback`.
 //!
 //! Every step is a `sluice-filters` layer. The split marks its choice as a
@@ -115,6 +120,7 @@ use sluice_filters::fallback::FallbackLayer;
 use sluice_filters::ratelimit::RateLimitLayer;
 use sluice_filters::retry::{ReplayBody, RetryLayer};
 use sluice_filters::split::SplitLayer;
+use sluice_filters::timeout::TimeoutLayer;
 use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
 
@@ -229,11 +235,18 @@ pub fn build_outbound(ctx: &StackContext, params: Arc<RouteParams>) -> RouteEntr
         LimitKey::Outbound(params.key.clone()),
         &params,
     );
+    // Without a fallback between them, the retry layer enforces the total timeout
+    // itself: one timer per request for the earlier of it and the per-try deadline.
+    let (total_above, total_in_retry) = match params.fallback {
+        None => (None, params.timeouts.total),
+        Some(_) => (params.timeouts.total, None),
+    };
     // The retry layer labels outcomes with the split's backend; "-" is never seen.
     let retry = match g.retries.get(&params.key) {
         Some(r) => RetryLayer::new(r, "-"),
         None => RetryLayer::disabled("-"),
-    };
+    }
+    .with_total(total_in_retry);
     let circuits: Arc<[Option<Arc<Circuit>>]> = params
         .backends
         .iter()
@@ -259,7 +272,7 @@ pub fn build_outbound(ctx: &StackContext, params: Arc<RouteParams>) -> RouteEntr
         .service(ctx.upstream.for_backends(&params.backends));
     let upper = ServiceBuilder::new()
         .option_layer(limit)
-        .layer(params.timeouts.total_layer())
+        .layer(TimeoutLayer::new(total_above))
         .layer(SplitLayer::new(params.split.clone()));
     // Only a route with a fallback pays for the layer (and for boxing its bodies once more).
     let service = match &params.fallback {

@@ -45,14 +45,21 @@ impl RetryBudget {
     }
 
     fn now_ms(&self) -> u64 {
-        Instant::now()
-            .saturating_duration_since(self.epoch)
-            .as_millis() as u64
+        self.ms_at(Instant::now())
+    }
+
+    fn ms_at(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_millis() as u64
     }
 
     /// Counts one original request.
     pub fn deposit(&self) {
-        self.window.bucket(self.now_ms()).add(REQUESTS);
+        self.deposit_at(Instant::now());
+    }
+
+    /// Counts one original request that arrived at `now` (a clock the caller read anyway).
+    pub fn deposit_at(&self, now: Instant) {
+        self.window.bucket(self.ms_at(now)).add(REQUESTS);
     }
 
     /// Takes one retry from the budget; false when it is spent.

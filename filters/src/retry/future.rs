@@ -1,6 +1,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use http::{Request, Response};
 use http_body::Body;
@@ -32,7 +33,14 @@ pin_project! {
     where
         S: Service<Request<ReplayBody<B>>>,
     {
-        Direct { #[pin] fut: S::Future },
+        Direct {
+            #[pin]
+            fut: S::Future,
+            // The route's total timeout, when this layer enforces it.
+            #[pin]
+            total: Option<Sleep>,
+            after: Duration,
+        },
         First {
             #[pin]
             fut: S::Future,
@@ -48,9 +56,13 @@ impl<S, B, RB> ResponseFuture<S, B, RB>
 where
     S: Service<Request<ReplayBody<B>>>,
 {
-    pub(crate) fn direct(fut: S::Future) -> Self {
+    pub(crate) fn direct(fut: S::Future, total: Option<(Sleep, Duration)>) -> Self {
+        let (total, after) = match total {
+            Some((s, d)) => (Some(s), d),
+            None => (None, Duration::ZERO),
+        };
         Self {
-            kind: Kind::Direct { fut },
+            kind: Kind::Direct { fut, total, after },
         }
     }
 
@@ -78,8 +90,16 @@ where
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let next = match self.as_mut().project().kind.project() {
-            KindProj::Direct { fut } => {
-                return Poll::Ready(ready!(fut.poll(cx)).map_err(Into::into));
+            KindProj::Direct { fut, total, after } => {
+                // The response goes first so that one ready at the deadline wins.
+                if let Poll::Ready(res) = fut.poll(cx) {
+                    return Poll::Ready(res.map_err(Into::into));
+                }
+                if let Some(sleep) = total.as_pin_mut() {
+                    ready!(sleep.poll(cx));
+                    return Poll::Ready(Err(FilterError::Timeout(*after).into()));
+                }
+                return Poll::Pending;
             }
             KindProj::Retrying { fut } => return fut.as_mut().poll(cx),
             KindProj::First { fut, per_try, rest } => {
@@ -89,6 +109,11 @@ where
                     Poll::Pending => match per_try.as_pin_mut().map(|s| s.poll(cx)) {
                         Some(Poll::Ready(())) => {
                             let rest = rest.as_ref().expect("polled after completion");
+                            if let Some(total) = rest.total_due() {
+                                // The whole request is over: no retry, as when a layer
+                                // above dropped this future.
+                                return Poll::Ready(Err(FilterError::Timeout(total).into()));
+                            }
                             Err(FilterError::Timeout(rest.per_try_timeout()).into())
                         }
                         _ => return Poll::Pending,

@@ -1,4 +1,5 @@
 use std::sync::Arc;
+use std::time::Duration;
 
 use tower_layer::Layer;
 
@@ -10,6 +11,7 @@ use super::service::Retry;
 pub struct RetryLayer {
     route: Option<Arc<RouteRetry>>,
     backend: Arc<str>,
+    total: Option<Duration>,
 }
 
 impl RetryLayer {
@@ -21,6 +23,7 @@ impl RetryLayer {
         Self {
             route: Some(route),
             backend: backend.into(),
+            total: None,
         }
     }
 
@@ -30,7 +33,19 @@ impl RetryLayer {
         Self {
             route: None,
             backend: backend.into(),
+            total: None,
         }
+    }
+
+    /// Enforces the route's total timeout here too, as [`TimeoutLayer`](crate::timeout::TimeoutLayer)
+    /// directly above this layer would (the request fails with
+    /// [`FilterError::Timeout`](crate::FilterError::Timeout) of `total`, retries
+    /// included), with one timer per request for whichever of the total and the per-try
+    /// deadline comes first instead of one each. Only for a stack where nothing between
+    /// the two layers waits or sends a request twice (no fallback in between).
+    pub fn with_total(mut self, total: Option<Duration>) -> Self {
+        self.total = total;
+        self
     }
 }
 
@@ -38,6 +53,6 @@ impl<S> Layer<S> for RetryLayer {
     type Service = Retry<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Retry::new(inner, self.route.clone(), Arc::clone(&self.backend))
+        Retry::new(inner, self.route.clone(), Arc::clone(&self.backend)).with_total(self.total)
     }
 }

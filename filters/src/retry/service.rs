@@ -1,15 +1,16 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::{Request, Response};
 use http_body::Body;
-use tokio::time::{Instant, sleep_until};
+use tokio::time::{Instant, Sleep, sleep, sleep_until};
 use tower::BoxError;
 use tower_service::Service;
 
 use super::future::ResponseFuture;
 use super::registry::{RetryOutcome, RouteRetry};
-use super::tries::{Rest, earliest};
+use super::tries::{Rest, Total, earliest};
 use crate::extensions::{Deadline, SelectedBackend};
 use crate::replay::{BodySource, ReplayBody, known_len};
 
@@ -27,6 +28,7 @@ pub struct Retry<S> {
     inner: S,
     route: Option<Arc<RouteRetry>>,
     backend: Arc<str>,
+    total: Option<Duration>,
 }
 
 impl<S> Retry<S> {
@@ -36,7 +38,19 @@ impl<S> Retry<S> {
             inner,
             route,
             backend,
+            total: None,
         }
+    }
+
+    /// Also enforces the route's total timeout (see [`RetryLayer::with_total`](super::RetryLayer::with_total)).
+    pub fn with_total(mut self, total: Option<Duration>) -> Self {
+        self.total = total;
+        self
+    }
+
+    /// The total timeout's timer for a request that takes no per-try timer.
+    fn total_alone(&self) -> Option<(Sleep, Duration)> {
+        self.total.map(|d| (sleep(d), d))
     }
 }
 
@@ -59,9 +73,15 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let Some(route) = &self.route else {
-            return ResponseFuture::direct(self.inner.call(req.map(ReplayBody::passthrough)));
+            let total = self.total_alone();
+            return ResponseFuture::direct(
+                self.inner.call(req.map(ReplayBody::passthrough)),
+                total,
+            );
         };
-        route.budget().deposit();
+        // One clock read serves the budget, the per-try deadline and the total's.
+        let now = Instant::now();
+        route.budget().deposit_at(now);
         let p = route.params();
         let mut may_retry = p.attempts > 0 && p.method_allowed(req.method());
         if may_retry && known_len(&req) > p.max_replay_bytes {
@@ -77,7 +97,11 @@ where
             );
         }
         if !may_retry && p.per_try_timeout.is_none() {
-            return ResponseFuture::direct(self.inner.call(req.map(ReplayBody::passthrough)));
+            let total = self.total.map(|d| (sleep_until(now + d), d));
+            return ResponseFuture::direct(
+                self.inner.call(req.map(ReplayBody::passthrough)),
+                total,
+            );
         }
         let backend = backend_of(&req, &self.backend);
         let (parts, body) = req.into_parts();
@@ -91,10 +115,17 @@ where
             (parts, None)
         };
         let mut req = Request::from_parts(head, body);
-        let try_deadline = p.per_try_timeout.map(|t| Instant::now() + t);
+        let try_deadline = p.per_try_timeout.map(|t| now + t);
+        // The total is not the try's `Deadline`: a route timeout never was one.
         if let Some(d) = earliest(try_deadline, outer_deadline) {
             req.extensions_mut().insert(Deadline(d));
         }
+        let total = self.total.map(|after| Total {
+            at: now + after,
+            after,
+        });
+        // One timer for the first try: whichever deadline comes first.
+        let timer = earliest(try_deadline, total.map(|t| t.at));
         // The first try runs unboxed on the service that was made ready; only a try
         // that failed in a retryable way moves into the boxed loop, with a clone.
         let fut = self.inner.call(req);
@@ -105,8 +136,10 @@ where
             parts: kept,
             source,
             outer_deadline,
+            try_deadline,
+            total,
         };
-        ResponseFuture::first(fut, try_deadline.map(sleep_until), rest)
+        ResponseFuture::first(fut, timer.map(sleep_until), rest)
     }
 }
 

@@ -828,3 +828,112 @@ async fn no_retry_starts_sooner_than_backoff_min() {
         assert!(params.backoff(retry % 6) >= Duration::from_millis(50));
     }
 }
+
+/// What one request through a stack ended with: status or filter error, time taken,
+/// tries sent, retry outcomes.
+type Ending = (
+    Result<u16, Option<FilterError>>,
+    Duration,
+    usize,
+    Vec<RetryOutcome>,
+);
+
+/// Sends one request through a retry layer (`None`: disabled) with a total timeout of
+/// `total`, either as a timeout layer above it (`above`) or enforced by the retry layer.
+async fn with_total(
+    p: Option<&sluice_config::Retry>,
+    total: Duration,
+    steps: &[Step],
+    post: bool,
+    above: bool,
+) -> Ending {
+    let (layer, obs) = match p {
+        Some(p) => {
+            let (r, obs) = route(p.clone());
+            (RetryLayer::new(r, "log-v1"), obs)
+        }
+        None => (
+            RetryLayer::disabled("log-v1"),
+            Arc::new(Outcomes::default()),
+        ),
+    };
+    let inner = Scripted::with(steps);
+    let req: Request<Full<Bytes>> = Request::builder()
+        .method(if post { Method::POST } else { Method::GET })
+        .body(Full::new(Bytes::from_static(b"x")))
+        .unwrap();
+    let start = Instant::now();
+    let res = if above {
+        let mut svc =
+            crate::timeout::TimeoutLayer::new(Some(total)).layer(layer.layer(inner.clone()));
+        send(&mut svc, req).await
+    } else {
+        let mut svc = layer.with_total(Some(total)).layer(inner.clone());
+        send(&mut svc, req).await
+    };
+    let res = res
+        .map(|r| r.status().as_u16())
+        .map_err(|e| crate::find_filter_error(&*e).cloned());
+    (res, start.elapsed(), inner.calls(), obs.all())
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_total_enforced_here_ends_requests_as_a_timeout_layer_above_did() {
+    let ms = Duration::from_millis;
+    let mut per_try = policy(2, &[RetryOn::Timeout, RetryOn::GatewayError]);
+    per_try.per_try_timeout = Some(sluice_config::Duration::from_millis(500));
+    let no_per_try = policy(2, &[RetryOn::GatewayError]);
+    let hang = [Step::Hang; 4];
+    let cases: Vec<(Option<&sluice_config::Retry>, u64, &[Step], bool)> = vec![
+        // Per-try timers fire first every time: the total never does.
+        (Some(&per_try), 2000, &hang, false),
+        // The total ends the second try, and the first one before its per-try timer.
+        (Some(&per_try), 1000, &hang, false),
+        (Some(&per_try), 400, &hang, false),
+        // A tie: the per-try timeout is seen first, then the total ends the retries.
+        (Some(&per_try), 500, &hang, false),
+        // Answers within the total.
+        (
+            Some(&per_try),
+            2000,
+            &[Step::Status(503), Step::Status(503), Step::Status(200)],
+            false,
+        ),
+        // A Retry-After wait the total cuts short.
+        (
+            Some(&per_try),
+            800,
+            &[Step::RetryAfter(503, "1"), Step::Status(200)],
+            false,
+        ),
+        // Not retryable, yet timed.
+        (Some(&per_try), 300, &hang, true),
+        (Some(&per_try), 700, &hang, true),
+        (Some(&no_per_try), 300, &hang, false),
+        (
+            Some(&no_per_try),
+            300,
+            &[Step::Status(503), Step::Hang],
+            false,
+        ),
+        (Some(&no_per_try), 300, &hang, true),
+        (None, 300, &hang, false),
+        (None, 300, &[Step::Status(503)], false),
+    ];
+    for (i, (p, total, steps, post)) in cases.into_iter().enumerate() {
+        let above = with_total(p, ms(total), steps, post, true).await;
+        let here = with_total(p, ms(total), steps, post, false).await;
+        assert_eq!(here.0, above.0, "case {i}: result");
+        assert_eq!(here.1, above.1, "case {i}: time taken");
+        assert_eq!(here.2, above.2, "case {i}: tries");
+        assert_eq!(here.3, above.3, "case {i}: outcomes");
+    }
+    // And the figures themselves, for two of them.
+    let (res, took, tries, _) = with_total(Some(&per_try), ms(1000), &hang, false, false).await;
+    assert_eq!(res, Err(Some(FilterError::Timeout(ms(1000)))));
+    assert_eq!((took, tries), (ms(1000), 2));
+    let (res, took, tries, _) = with_total(Some(&per_try), ms(2000), &hang, false, false).await;
+    assert_eq!(res, Err(Some(FilterError::Timeout(ms(500)))));
+    // Three timed-out tries plus backoffs of 25 and 50 ms.
+    assert_eq!((took, tries), (ms(1575), 3));
+}

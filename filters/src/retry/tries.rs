@@ -4,6 +4,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::{Request, Response};
 use http_body::Body;
@@ -39,6 +40,18 @@ pub(crate) struct Rest<S, B> {
     pub(super) parts: Option<http::request::Parts>,
     pub(super) source: BodySource<B>,
     pub(super) outer_deadline: Option<Instant>,
+    /// The first try's per-try deadline.
+    pub(super) try_deadline: Option<Instant>,
+    /// The route's total timeout, when this layer enforces it.
+    pub(super) total: Option<Total>,
+}
+
+/// The route's total timeout as the retry layer enforces it: when it ends, and after
+/// how long (what the error says).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Total {
+    pub(crate) at: Instant,
+    pub(crate) after: Duration,
 }
 
 impl<S, B> Rest<S, B>
@@ -53,6 +66,18 @@ where
         self.route.params().per_try_timeout.unwrap_or_default()
     }
 
+    /// When the first try's timer fired: the total timeout if it was the one due (it
+    /// ends the request), `None` when it was the per-try deadline.
+    pub(crate) fn total_due(&self) -> Option<Duration> {
+        let total = self.total?;
+        match self.try_deadline {
+            // On a tie the per-try timeout is what the try sees first, as it was when
+            // the total's timer sat in a layer above.
+            Some(d) if d <= total.at => None,
+            _ => Some(total.after),
+        }
+    }
+
     /// Settles the first try: its result when it stands, else the boxed retry loop.
     pub(crate) fn after_first<RB: Send + 'static>(
         self,
@@ -62,7 +87,19 @@ where
         S: Service<Request<ReplayBody<B>>, Response = Response<RB>>,
     {
         match retry_wait(self.route.params(), &res) {
-            Some(wait) if self.parts.is_some() => Err(Box::pin(self.retry_loop(res, wait))),
+            Some(wait) if self.parts.is_some() => match self.total {
+                None => Err(Box::pin(self.retry_loop(res, wait))),
+                // The later tries and their waits run within what is left of the total.
+                Some(Total { at, after }) => {
+                    let tries = self.retry_loop(res, wait);
+                    Err(Box::pin(async move {
+                        match timeout_at(at, tries).await {
+                            Ok(res) => res,
+                            Err(_) => Err(FilterError::Timeout(after).into()),
+                        }
+                    }))
+                }
+            },
             _ => Ok(res),
         }
     }
@@ -83,6 +120,7 @@ where
             parts,
             mut source,
             outer_deadline,
+            ..
         } = self;
         let p = route.params();
         let mut retries = 0u32;
