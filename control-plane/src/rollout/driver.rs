@@ -426,12 +426,14 @@ impl Rollouts {
     }
 
     /// Time passed: acks of every connected proxy, interval ends; `true` when a
-    /// weight changed.
-    pub fn tick(&self, proxies: &[ProxyRecord]) -> bool {
+    /// weight changed. `proxies` is called only when a step waits for acks: at
+    /// thousands of proxies, listing them every tick for nothing costs more than
+    /// the rest of the tick.
+    pub fn tick(&self, proxies: impl FnOnce() -> Vec<ProxyRecord>) -> bool {
         self.tick_at(proxies, now())
     }
 
-    fn tick_at(&self, proxies: &[ProxyRecord], now: Now) -> bool {
+    fn tick_at(&self, proxies: impl FnOnce() -> Vec<ProxyRecord>, now: Now) -> bool {
         if !self.is_leading() {
             return false;
         }
@@ -443,6 +445,7 @@ impl Rollouts {
             ..
         } = &mut *book;
         let count_acks = acks_count_from.is_none_or(|from| now.at >= from);
+        let (mut list, mut proxies) = (None, Some(proxies));
         let mut transitions = Vec::new();
         for (id, e) in entries.iter_mut() {
             if count_acks && e.state.acked_at().is_none() && !e.state.phase().is_terminal() {
@@ -454,6 +457,8 @@ impl Rollouts {
                             .any(|(ver, m)| ver == v && m.get(id) == Some(&w))
                     })
                 };
+                let proxies: &Vec<ProxyRecord> =
+                    list.get_or_insert_with(|| proxies.take().map_or_else(Vec::new, |f| f()));
                 let acks: Vec<ProxyAck> = proxies
                     .iter()
                     .filter(|p| p.connected)
@@ -794,8 +799,7 @@ pub(crate) async fn drive(shared: Arc<crate::state::Shared>, mut shutdown: watch
             _ = tick.tick() => {}
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
-        let proxies = shared.proxies_everywhere();
-        if shared.rollouts.tick(&proxies) {
+        if shared.rollouts.tick(|| shared.proxies_everywhere()) {
             shared.republish();
         }
     }
@@ -864,9 +868,9 @@ spec:
         assert_eq!(results(&r), ["started"]);
 
         // No proxy is connected here: only the other replicas' acks are missing.
-        r.tick_at(&[], at(t0, TAKEOVER_GRACE - Duration::from_millis(1)));
+        r.tick_at(Vec::new, at(t0, TAKEOVER_GRACE - Duration::from_millis(1)));
         assert_eq!(r.view()["rollouts"][0]["stepAcked"], false);
-        r.tick_at(&[], at(t0, TAKEOVER_GRACE));
+        r.tick_at(Vec::new, at(t0, TAKEOVER_GRACE));
         assert_eq!(r.view()["rollouts"][0]["stepAcked"], true);
     }
 
