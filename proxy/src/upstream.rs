@@ -767,6 +767,157 @@ fn upstream_uri(endpoint: &str, uri: &Uri) -> Result<Uri, BoxError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
+    use tokio::task::JoinHandle;
+
+    /// An HTTP/2 server on 127.0.0.1 answering with the `:authority` it saw and whether a
+    /// `Host` came beside it; the tasks of its connections, so that a test can cut them.
+    struct H2Server {
+        addr: Arc<str>,
+        conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    }
+
+    impl H2Server {
+        async fn start() -> Self {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr: Arc<str> = listener.local_addr().unwrap().to_string().into();
+            let conns = Arc::new(Mutex::new(Vec::new()));
+            let kept = conns.clone();
+            tokio::spawn(async move {
+                while let Ok((io, _)) = listener.accept().await {
+                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        let seen = req.uri().authority().map(ToString::to_string);
+                        let host = req.headers().contains_key(header::HOST);
+                        let text = format!("{} host={host}", seen.unwrap_or_default());
+                        Ok::<_, std::convert::Infallible>(Response::new(crate::body::full(text)))
+                    });
+                    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+                    let task = tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                    kept.lock().unwrap().push(task);
+                }
+            });
+            Self { addr, conns }
+        }
+
+        fn connections(&self) -> usize {
+            self.conns.lock().unwrap().len()
+        }
+
+        fn cut(&self) {
+            for conn in self.conns.lock().unwrap().iter() {
+                conn.abort();
+            }
+        }
+    }
+
+    async fn send(
+        up: &Upstream,
+        endpoint: &Arc<str>,
+        uri: &str,
+    ) -> Result<Response<Body>, BoxError> {
+        let mut req = Request::builder()
+            .version(Version::HTTP_2)
+            .uri(uri)
+            .body(crate::body::empty())
+            .unwrap();
+        req.extensions_mut().insert(Endpoint(endpoint.clone()));
+        tower::ServiceExt::oneshot(up.clone(), req).await
+    }
+
+    async fn text(resp: Response<Body>) -> String {
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    /// Whether this thread's pooled connection of `up` to `endpoint` reads as closed.
+    fn closed(up: &Upstream, endpoint: &Arc<str>) -> Option<bool> {
+        let key = (up.clients.http2.id, endpoint.clone());
+        LIVE.with(|live| live.borrow().get(&key).map(|c| c.sender.is_closed()))
+    }
+
+    #[tokio::test]
+    async fn h2_keeps_the_called_authority_over_one_connection() {
+        let server = H2Server::start().await;
+        let up = Upstream::new();
+        let first = send(&up, &server.addr, "http://orders/x").await.unwrap();
+        assert_eq!(text(first).await, "orders host=false");
+        let port = send(&up, &server.addr, "http://orders:8080/x?q")
+            .await
+            .unwrap();
+        assert_eq!(text(port).await, "orders:8080 host=false");
+        // A request naming no authority (transparent, original destination) names the
+        // endpoint.
+        let none = send(&up, &server.addr, "/x").await.unwrap();
+        assert_eq!(text(none).await, format!("{} host=false", server.addr));
+        assert_eq!(server.connections(), 1, "one multiplexed connection");
+    }
+
+    #[tokio::test]
+    async fn h2_replaces_a_closed_connection() {
+        let server = H2Server::start().await;
+        let up = Upstream::new();
+        let resp = send(&up, &server.addr, "http://orders/x").await.unwrap();
+        assert_eq!(text(resp).await, "orders host=false");
+        server.cut();
+        // Wait until the client has seen the close, so that the next request meets a
+        // closed connection rather than racing the close.
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while closed(&up, &server.addr) != Some(true) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the cut connection reads as closed");
+        let resp = send(&up, &server.addr, "http://orders/x").await.unwrap();
+        assert_eq!(text(resp).await, "orders host=false");
+        assert_eq!(server.connections(), 2);
+        assert_eq!(
+            closed(&up, &server.addr),
+            Some(false),
+            "the new one is pooled"
+        );
+    }
+
+    #[tokio::test]
+    async fn h2_connect_failure_is_typed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: Arc<str> = listener.local_addr().unwrap().to_string().into();
+        drop(listener);
+        let err = send(&Upstream::new(), &addr, "http://orders/x")
+            .await
+            .expect_err("nothing listens");
+        match err.downcast_ref::<ProxyError>() {
+            Some(ProxyError::Upstream { source, .. }) => {
+                assert_eq!(source.kind, UpstreamErrorKind::ConnectFailure, "{err}");
+            }
+            _ => panic!("not an upstream error: {err}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn h2_idle_connection_closes_but_not_under_a_stream() {
+        let server = H2Server::start().await;
+        let up = Upstream::new();
+        let held = send(&up, &server.addr, "http://orders/x").await.unwrap();
+        tokio::time::pause();
+        let settle = || async {
+            for _ in 0..100 {
+                tokio::task::yield_now().await;
+            }
+        };
+        // A response body still held is a stream in flight: two idle periods pass and
+        // the connection stays.
+        tokio::time::advance(IDLE_TIMEOUT * 2 + Duration::from_secs(1)).await;
+        settle().await;
+        assert_eq!(closed(&up, &server.addr), Some(false));
+        assert_eq!(text(held).await, "orders host=false");
+        tokio::time::advance(IDLE_TIMEOUT + Duration::from_secs(1)).await;
+        settle().await;
+        assert_eq!(closed(&up, &server.addr), Some(true), "closed once idle");
+    }
 
     #[test]
     fn keeps_the_called_authority() {

@@ -204,21 +204,9 @@ async fn http2_authority_follows_the_same_rule() {
 
     // :authority wins over a different Host, which is dropped.
     let r = call(&mut conn, get("http://orders/x").header("host", "evil")).await;
-    expect(
-        &r,
-        200,
-        "orders",
-        "orders",
-        ":authority against Host: evil",
-    );
+    expect(&r, 200, "orders", "orders", ":authority against Host: evil");
     let r = call(&mut conn, get("http://evil/x").header("host", "orders")).await;
-    expect(
-        &r,
-        200,
-        "evil",
-        "evil",
-        ":authority against Host: orders",
-    );
+    expect(&r, 200, "evil", "evil", ":authority against Host: orders");
 
     // Host alone names the authority, as :authority would.
     let r = call(&mut conn, get("/x").header("host", "orders")).await;
