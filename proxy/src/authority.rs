@@ -19,7 +19,8 @@
 //!    `Host` carrying it (a differing `Host` is replaced, never forwarded); HTTP/2 carries
 //!    it as `:authority` and drops any `Host` header (the target wins over `Host`, as RFC
 //!    9112 says for absolute-form and as Envoy does for HTTP/2). Hop-by-hop stripping
-//!    never removes `Host` ([`crate::message::strip_hop_by_hop`]).
+//!    never removes `Host` ([`crate::message::strip_hop_by_hop`]), and the upstream
+//!    clients dial the endpoint without replacing it ([`crate::upstream`]).
 //!
 //! [`check_target`] then refuses targets a governed host never takes: `CONNECT` (405
 //! `method-not-allowed`: a governed host is served per request, never as a raw tunnel)

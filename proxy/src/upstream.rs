@@ -5,7 +5,14 @@
 //! HTTP/1 goes over [`H1Pool`]: connections on hyper's connection-level API, kept idle
 //! per worker thread, so a request takes no lock, hashes its endpoint once and spawns
 //! nothing; a connection goes back to its thread's pool when the response body ends.
-//! HTTP/2 (one multiplexed connection per endpoint) stays on hyper-util's pooled client.
+//! HTTP/2 goes over [`H2Pool`], the same per-worker design on hyper's HTTP/2 connections:
+//! one multiplexed connection per endpoint per worker thread, replaced when it closes
+//! (GOAWAY, an error, idleness).
+//!
+//! Both pools key connections by the endpoint dialled (and by pool, so by the mesh
+//! identity expected), never by the request's authority: the request keeps the authority
+//! the client called (`Host`, `:authority`), as Envoy and Linkerd forward it, so
+//! virtual-hosted and gRPC upstreams see the name they serve, not an address.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -21,8 +28,7 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
 use http_body::{Body as _, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::client::conn::http1;
-use hyper_util::client::legacy::Client;
+use hyper::client::conn::{http1, http2};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use sluice_filters::extensions::{Endpoint, SelectedBackend};
@@ -49,7 +55,7 @@ pub struct Upstream {
 #[derive(Debug)]
 struct Clients {
     http1: Arc<H1Pool<HttpConnector>>,
-    http2: Client<HttpConnector, Body>,
+    http2: Arc<H2Pool<HttpConnector>>,
     mesh: Option<Arc<MeshPools>>,
     /// The mesh clients of this route's backends, by backend index.
     by_backend: Option<Arc<[Option<MeshClients>]>>,
@@ -60,8 +66,8 @@ const ALPN_H1: &[&[u8]] = &[b"http/1.1"];
 /// ALPN of the HTTP/2 mesh client.
 const ALPN_H2: &[&[u8]] = &[b"h2"];
 
-/// How long an HTTP/1 connection may sit unused in a pool before it is closed (between
-/// one and two of these in practice: its task looks once per period).
+/// How long a connection may sit unused in a pool before it is closed (between one and
+/// two of these in practice: its task looks once per period).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// Mesh clients per expected identity.
@@ -77,16 +83,7 @@ struct MeshPools {
 #[derive(Clone, Debug)]
 struct MeshClients {
     http1: Arc<H1Pool<MeshConnector>>,
-    http2: Client<MeshConnector, Body>,
-}
-
-fn client_builder() -> hyper_util::client::legacy::Builder {
-    let mut builder = Client::builder(TokioExecutor::new());
-    builder
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(90));
-    builder
+    http2: Arc<H2Pool<MeshConnector>>,
 }
 
 impl Upstream {
@@ -94,7 +91,7 @@ impl Upstream {
     pub fn new() -> Self {
         let connector = tcp_connector();
         let http1 = Arc::new(H1Pool::new(connector.clone()));
-        let http2 = client_builder().http2_only(true).build(connector);
+        let http2 = Arc::new(H2Pool::new(connector));
         Self {
             clients: Arc::new(Clients {
                 http1,
@@ -145,7 +142,7 @@ impl Upstream {
                     };
                     MeshClients {
                         http1: Arc::new(H1Pool::new(mk(ALPN_H1))),
-                        http2: client_builder().http2_only(true).build(mk(ALPN_H2)),
+                        http2: Arc::new(H2Pool::new(mk(ALPN_H2))),
                     }
                 });
                 Some(clients.clone())
@@ -202,36 +199,69 @@ impl tower::Service<Request<Body>> for Upstream {
                 None => Box::pin(send_h1(self.clients.http1.clone(), endpoint, req, backend)),
             };
         }
-        let sent = Authority::try_from(&*endpoint)
-            .map_err(BoxError::from)
-            .and_then(|authority| upstream_uri(authority, req.uri()))
-            .map(|uri| {
-                *req.uri_mut() = uri;
-                // `request` only borrows the client; its future owns what it needs.
-                match mesh {
-                    Some(m) => m.http2.request(req),
-                    None => self.clients.http2.request(req),
-                }
-            });
-        Box::pin(async move {
-            let resp = sent?.await.map_err(|e| {
-                let kind = if e.is_connect() {
-                    UpstreamErrorKind::ConnectFailure
-                } else {
-                    UpstreamErrorKind::Reset
-                };
-                ProxyError::Upstream {
-                    backend: backend_name(backend.as_ref()),
-                    source: UpstreamError::new(kind, e),
-                }
-            })?;
-            let mut resp = resp.map(boxed);
-            if let Some(b) = backend {
-                resp.extensions_mut().insert(b);
-            }
-            Ok(resp)
-        })
+        match mesh {
+            Some(m) => Box::pin(send_h2(m.http2.clone(), endpoint, req, backend)),
+            None => Box::pin(send_h2(self.clients.http2.clone(), endpoint, req, backend)),
+        }
     }
+}
+
+/// Sends an HTTP/2 request over `pool` to `endpoint`. The URI goes absolute with the
+/// authority the client called (the endpoint's only when the request names none, as a
+/// transparent request to its original destination may not); a request a reused
+/// connection closed before taking it (GOAWAY, idle close) is sent again on a new one.
+async fn send_h2<C>(
+    pool: Arc<H2Pool<C>>,
+    endpoint: Arc<str>,
+    mut req: Request<Body>,
+    backend: Option<SelectedBackend>,
+) -> Result<Response<Body>, BoxError>
+where
+    C: Connect,
+{
+    let failed = |kind, e: BoxError| ProxyError::Upstream {
+        backend: backend_name(backend.as_ref()),
+        source: UpstreamError::new(kind, e),
+    };
+    *req.uri_mut() = upstream_uri(&endpoint, req.uri())?;
+    if let Some(mut conn) = pool.checkout(&endpoint) {
+        let in_flight = InFlight::new(&conn.state);
+        match conn.sender.try_send_request(req).await {
+            Ok(resp) => return Ok(answer_h2(resp, in_flight, backend)),
+            Err(mut e) => match e.take_message() {
+                Some(unsent) => req = unsent,
+                None => return Err(failed(UpstreamErrorKind::Reset, e.into_error().into()).into()),
+            },
+        }
+    }
+    let mut conn = pool
+        .connect(&endpoint)
+        .await
+        .map_err(|e| failed(UpstreamErrorKind::ConnectFailure, e))?;
+    let in_flight = InFlight::new(&conn.state);
+    match conn.sender.try_send_request(req).await {
+        Ok(resp) => Ok(answer_h2(resp, in_flight, backend)),
+        Err(e) => Err(failed(UpstreamErrorKind::Reset, e.into_error().into()).into()),
+    }
+}
+
+/// The response, its body counting as a stream in flight on its connection until it is
+/// dropped, so that the idle check never closes a connection under a long stream.
+fn answer_h2(
+    resp: Response<Incoming>,
+    in_flight: InFlight,
+    backend: Option<SelectedBackend>,
+) -> Response<Body> {
+    let mut resp = resp.map(|body| {
+        boxed(H2Body {
+            body,
+            _in_flight: in_flight,
+        })
+    });
+    if let Some(b) = backend {
+        resp.extensions_mut().insert(b);
+    }
+    resp
 }
 
 /// Sends an HTTP/1 request over `pool` to `endpoint`, as hyper-util's client did: origin
@@ -465,6 +495,176 @@ impl<C: Connect> H1Pool<C> {
     }
 }
 
+/// The live HTTP/2 connection of every pool, by pool and endpoint, for the thread running
+/// the request: requests on one worker share it without a lock.
+type LiveMap = HashMap<(u64, Arc<str>), H2Conn>;
+
+thread_local! {
+    static LIVE: RefCell<LiveMap> = RefCell::new(HashMap::new());
+}
+
+/// HTTP/2 connections to upstreams, dialed with `C`: one per endpoint per worker thread,
+/// multiplexing that thread's requests.
+struct H2Pool<C> {
+    id: u64,
+    connector: C,
+    builder: http2::Builder<TokioExecutor>,
+}
+
+impl<C> std::fmt::Debug for H2Pool<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("H2Pool")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One HTTP/2 connection: a sending half (each request uses a clone), and what its task
+/// reads to close it idle.
+#[derive(Clone)]
+struct H2Conn {
+    sender: http2::SendRequest<Body>,
+    state: Arc<H2State>,
+}
+
+struct H2State {
+    /// Requests sent so far: unchanged over a whole idle period means unused.
+    uses: AtomicU64,
+    /// Responses whose bodies are still held.
+    in_flight: AtomicU64,
+}
+
+/// One stream in flight on a connection, for as long as it lives.
+struct InFlight(Arc<H2State>);
+
+impl InFlight {
+    fn new(state: &Arc<H2State>) -> Self {
+        state.in_flight.fetch_add(1, Ordering::Relaxed);
+        Self(state.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl<C: Connect> H2Pool<C> {
+    fn new(connector: C) -> Self {
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        // As hyper-util's client had it: a timer for hyper's HTTP/2 timeouts, the
+        // protocol's settings left at hyper's defaults.
+        builder.timer(TokioTimer::new());
+        Self {
+            id: NEXT_POOL.fetch_add(1, Ordering::Relaxed),
+            connector,
+            builder,
+        }
+    }
+
+    /// This thread's connection to `endpoint` when it can take a request now; a closed
+    /// one is forgotten, so the caller dials a new one.
+    fn checkout(&self, endpoint: &Arc<str>) -> Option<H2Conn> {
+        LIVE.with(|live| {
+            let mut live = live.borrow_mut();
+            let key = (self.id, endpoint.clone());
+            let conn = live.get(&key)?;
+            if !conn.sender.is_closed() && conn.sender.is_ready() {
+                conn.state.uses.fetch_add(1, Ordering::Relaxed);
+                return Some(conn.clone());
+            }
+            live.remove(&key);
+            None
+        })
+    }
+
+    /// Dials `endpoint`, starts the connection's task (closed after [`IDLE_TIMEOUT`]
+    /// without a request or a stream in flight) and makes it this thread's connection to
+    /// `endpoint` unless another request got a live one there first (this one then
+    /// serves its request only, and closes when the request is done).
+    async fn connect(&self, endpoint: &Arc<str>) -> Result<H2Conn, BoxError> {
+        let uri = Uri::builder()
+            .scheme(Scheme::HTTP)
+            .authority(&**endpoint)
+            .path_and_query("/")
+            .build()?;
+        let io = tower::ServiceExt::oneshot(self.connector.clone(), uri)
+            .await
+            .map_err(Into::into)?;
+        let (mut sender, conn) = self.builder.handshake(io).await?;
+        let state = Arc::new(H2State {
+            uses: AtomicU64::new(1),
+            in_flight: AtomicU64::new(0),
+        });
+        let conn = tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "upstream connection ended");
+            }
+        });
+        let watched = state.clone();
+        tokio::spawn(async move {
+            let mut seen = watched.uses.load(Ordering::Relaxed);
+            loop {
+                tokio::time::sleep(IDLE_TIMEOUT).await;
+                if conn.is_finished() {
+                    return;
+                }
+                let uses = watched.uses.load(Ordering::Relaxed);
+                if uses == seen && watched.in_flight.load(Ordering::Relaxed) == 0 {
+                    // Dropping the connection's task shuts the connection down; its
+                    // sender reads as closed from then on.
+                    conn.abort();
+                    return;
+                }
+                seen = uses;
+            }
+        });
+        // As hyper-util's client: usable once its task has it ready.
+        sender.ready().await?;
+        let conn = H2Conn { sender, state };
+        // A thread being torn down keeps nothing: the connection serves this request.
+        let _ = LIVE.try_with(|live| {
+            let mut live = live.borrow_mut();
+            let kept = live
+                .entry((self.id, endpoint.clone()))
+                .or_insert_with(|| conn.clone());
+            if kept.sender.is_closed() || !kept.sender.is_ready() {
+                *kept = conn.clone();
+            }
+        });
+        Ok(conn)
+    }
+}
+
+/// An upstream HTTP/2 response body, holding its stream's place in its connection's
+/// in-flight count until dropped.
+struct H2Body {
+    body: Incoming,
+    _in_flight: InFlight,
+}
+
+impl http_body::Body for H2Body {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        // `Incoming` is `Unpin`, and so is this body.
+        Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 /// Where a connection goes back to when its response body has ended.
 struct Return {
     pool: u64,
@@ -546,10 +746,16 @@ fn backend_name(backend: Option<&SelectedBackend>) -> Arc<str> {
     backend.map_or_else(|| Arc::from(""), |b| b.name.clone())
 }
 
-fn upstream_uri(authority: Authority, uri: &Uri) -> Result<Uri, BoxError> {
+/// The URI an HTTP/2 request goes upstream with: scheme `http` (TLS, when the mesh dials,
+/// is the connection's business), the authority the request names (the endpoint's when
+/// it names none), its path and query.
+fn upstream_uri(endpoint: &str, uri: &Uri) -> Result<Uri, BoxError> {
     let mut parts = http::uri::Parts::default();
     parts.scheme = Some(Scheme::HTTP);
-    parts.authority = Some(authority);
+    parts.authority = Some(match uri.authority() {
+        Some(a) => a.clone(),
+        None => Authority::try_from(endpoint)?,
+    });
     parts.path_and_query = Some(
         uri.path_and_query()
             .cloned()
@@ -561,14 +767,172 @@ fn upstream_uri(authority: Authority, uri: &Uri) -> Result<Uri, BoxError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http_body_util::BodyExt;
+    use tokio::task::JoinHandle;
+
+    /// An HTTP/2 server on 127.0.0.1 answering with the `:authority` it saw and whether a
+    /// `Host` came beside it; the tasks of its connections, so that a test can cut them.
+    struct H2Server {
+        addr: Arc<str>,
+        conns: Arc<Mutex<Vec<JoinHandle<()>>>>,
+    }
+
+    impl H2Server {
+        async fn start() -> Self {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr: Arc<str> = listener.local_addr().unwrap().to_string().into();
+            let conns = Arc::new(Mutex::new(Vec::new()));
+            let kept = conns.clone();
+            tokio::spawn(async move {
+                while let Ok((io, _)) = listener.accept().await {
+                    let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
+                        let seen = req.uri().authority().map(ToString::to_string);
+                        let host = req.headers().contains_key(header::HOST);
+                        let text = format!("{} host={host}", seen.unwrap_or_default());
+                        Ok::<_, std::convert::Infallible>(Response::new(crate::body::full(text)))
+                    });
+                    let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+                    let task = tokio::spawn(async move {
+                        let _ = conn.await;
+                    });
+                    kept.lock().unwrap().push(task);
+                }
+            });
+            Self { addr, conns }
+        }
+
+        fn connections(&self) -> usize {
+            self.conns.lock().unwrap().len()
+        }
+
+        fn cut(&self) {
+            for conn in self.conns.lock().unwrap().iter() {
+                conn.abort();
+            }
+        }
+    }
+
+    async fn send(
+        up: &Upstream,
+        endpoint: &Arc<str>,
+        uri: &str,
+    ) -> Result<Response<Body>, BoxError> {
+        let mut req = Request::builder()
+            .version(Version::HTTP_2)
+            .uri(uri)
+            .body(crate::body::empty())
+            .unwrap();
+        req.extensions_mut().insert(Endpoint(endpoint.clone()));
+        tower::ServiceExt::oneshot(up.clone(), req).await
+    }
+
+    async fn text(resp: Response<Body>) -> String {
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        String::from_utf8(body.to_vec()).unwrap()
+    }
+
+    /// Whether this thread's pooled connection of `up` to `endpoint` reads as closed.
+    fn closed(up: &Upstream, endpoint: &Arc<str>) -> Option<bool> {
+        let key = (up.clients.http2.id, endpoint.clone());
+        LIVE.with(|live| live.borrow().get(&key).map(|c| c.sender.is_closed()))
+    }
+
+    #[tokio::test]
+    async fn h2_keeps_the_called_authority_over_one_connection() {
+        let server = H2Server::start().await;
+        let up = Upstream::new();
+        let first = send(&up, &server.addr, "http://orders/x").await.unwrap();
+        assert_eq!(text(first).await, "orders host=false");
+        let port = send(&up, &server.addr, "http://orders:8080/x?q")
+            .await
+            .unwrap();
+        assert_eq!(text(port).await, "orders:8080 host=false");
+        // A request naming no authority (transparent, original destination) names the
+        // endpoint.
+        let none = send(&up, &server.addr, "/x").await.unwrap();
+        assert_eq!(text(none).await, format!("{} host=false", server.addr));
+        assert_eq!(server.connections(), 1, "one multiplexed connection");
+    }
+
+    #[tokio::test]
+    async fn h2_replaces_a_closed_connection() {
+        let server = H2Server::start().await;
+        let up = Upstream::new();
+        let resp = send(&up, &server.addr, "http://orders/x").await.unwrap();
+        assert_eq!(text(resp).await, "orders host=false");
+        server.cut();
+        // Wait until the client has seen the close, so that the next request meets a
+        // closed connection rather than racing the close.
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while closed(&up, &server.addr) != Some(true) {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("the cut connection reads as closed");
+        let resp = send(&up, &server.addr, "http://orders/x").await.unwrap();
+        assert_eq!(text(resp).await, "orders host=false");
+        assert_eq!(server.connections(), 2);
+        assert_eq!(
+            closed(&up, &server.addr),
+            Some(false),
+            "the new one is pooled"
+        );
+    }
+
+    #[tokio::test]
+    async fn h2_connect_failure_is_typed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: Arc<str> = listener.local_addr().unwrap().to_string().into();
+        drop(listener);
+        let err = send(&Upstream::new(), &addr, "http://orders/x")
+            .await
+            .expect_err("nothing listens");
+        match err.downcast_ref::<ProxyError>() {
+            Some(ProxyError::Upstream { source, .. }) => {
+                assert_eq!(source.kind, UpstreamErrorKind::ConnectFailure, "{err}");
+            }
+            _ => panic!("not an upstream error: {err}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn h2_idle_connection_closes_but_not_under_a_stream() {
+        let server = H2Server::start().await;
+        let up = Upstream::new();
+        let held = send(&up, &server.addr, "http://orders/x").await.unwrap();
+        tokio::time::pause();
+        let settle = || async {
+            for _ in 0..100 {
+                tokio::task::yield_now().await;
+            }
+        };
+        // A response body still held is a stream in flight: two idle periods pass and
+        // the connection stays.
+        tokio::time::advance(IDLE_TIMEOUT * 2 + Duration::from_secs(1)).await;
+        settle().await;
+        assert_eq!(closed(&up, &server.addr), Some(false));
+        assert_eq!(text(held).await, "orders host=false");
+        tokio::time::advance(IDLE_TIMEOUT + Duration::from_secs(1)).await;
+        settle().await;
+        assert_eq!(closed(&up, &server.addr), Some(true), "closed once idle");
+    }
 
     #[test]
-    fn rewrites_uri_to_endpoint() {
-        let uri: Uri = "http://orders:80/a/b?x=1".parse().unwrap();
-        let up = upstream_uri(Authority::from_static("127.0.0.1:9000"), &uri).unwrap();
-        assert_eq!(up, "http://127.0.0.1:9000/a/b?x=1");
-        let uri: Uri = "/p".parse().unwrap();
-        let up = upstream_uri(Authority::from_static("h:1"), &uri).unwrap();
-        assert_eq!(up, "http://h:1/p");
+    fn keeps_the_called_authority() {
+        let uri: Uri = "https://orders:80/a/b?x=1".parse().unwrap();
+        let up = upstream_uri("127.0.0.1:9000", &uri).unwrap();
+        assert_eq!(up, "http://orders:80/a/b?x=1");
+        let uri: Uri = "http://orders".parse().unwrap();
+        let up = upstream_uri("127.0.0.1:9000", &uri).unwrap();
+        assert_eq!(up, "http://orders/");
+    }
+
+    #[test]
+    fn falls_back_to_the_endpoint_without_an_authority() {
+        let uri: Uri = "/p?q".parse().unwrap();
+        let up = upstream_uri("h:1", &uri).unwrap();
+        assert_eq!(up, "http://h:1/p?q");
     }
 }
