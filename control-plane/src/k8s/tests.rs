@@ -1318,6 +1318,7 @@ async fn a_command_sent_to_a_follower_is_relayed_to_the_lease_holder() {
     let base = "/rollouts/shop/log-service/ingest";
 
     // Until the follower has read the holder's address from the Lease it says so.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let (code, body) = loop {
         let (code, body) = admin_post(b.admin_addr(), &format!("{base}/pause"), &[]).await;
         if code != 503 {
@@ -1326,6 +1327,10 @@ async fn a_command_sent_to_a_follower_is_relayed_to_the_lease_holder() {
         assert!(
             body.contains("no control-plane replica is known to hold the lease"),
             "{body}"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the follower never learned the holder's address"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
@@ -1441,11 +1446,16 @@ async fn relays_between_replicas_bound_beyond_loopback_carry_the_shared_admin_to
     // With it, the command goes through the follower to the holder.
     let bearer = format!("Bearer {token}");
     let auth = [("authorization", bearer.as_str())];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     let (code, body) = loop {
         let (code, body) = admin_post(b_admin, &format!("{base}/pause"), &auth).await;
         if code != 503 {
             break (code, body);
         }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the follower never learned the holder's address"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert_eq!(code, 200, "{body}");
