@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use http::{HeaderValue, Request, Response, header};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use opentelemetry::trace::SpanKind;
@@ -16,7 +17,7 @@ use tower::Service;
 use tracing::debug;
 
 use crate::authority::{self, Named, Refusal};
-use crate::body::{Body, boxed};
+use crate::body::{Body, boxed, empty};
 use crate::message::{
     is_grpc, is_switching, is_upgrade_request, request_host, restrict_upgrade, spawn_tunnel,
     strip_hop_by_hop, switched_as_offered,
@@ -232,7 +233,11 @@ async fn forward(
     // future `Send` for every lifetime of the boxed error inside the body type.
     let ready = std::future::poll_fn(|cx| svc.poll_ready(cx)).await;
     let body_timeout = req.extensions().get::<Timeouts>().map(|t| t.request_body);
+    // A request that came whole without a body (most GETs) has nothing to time or
+    // stream: it goes on with an empty body, which boxes without allocating.
+    let ended = req.body().is_end_stream();
     let result = match (ready, body_timeout) {
+        (Ok(()), _) if ended => svc.call(req.map(|_| empty())).await,
         (Ok(()), None) => {
             svc.call(req.map(|b| boxed(b.map_err(ClientBodyError))))
                 .await

@@ -273,6 +273,10 @@ impl<C: Clock> KeyedLimiter<C> {
 
     /// The bucket key of a request under this limit's [`KeyBy`].
     pub fn key_of<B>(&self, req: &Request<B>) -> u64 {
+        // One bucket for all: the store ignores the key, so it is not hashed.
+        if self.params.key == KeyBy::None {
+            return 0;
+        }
         self.buckets
             .hasher
             .hash_one(key_material(&self.params.key, req))
@@ -368,8 +372,19 @@ pub(crate) fn state_header(p: &RateLimitParams, verdict: Verdict) -> HeaderValue
         }
         Verdict::Limited { retry_after } => (0, ceil_secs(retry_after)),
     };
-    let v = format!("\"{}\";r={r};t={t}", p.name);
-    HeaderValue::try_from(v).unwrap_or_else(|_| HeaderValue::from_static("\"default\""))
+    // Written on every allowed request when the route sends its limit headers: built
+    // in place rather than through `format!`, one allocation (the header's own bytes).
+    let (mut r_buf, mut t_buf) = (itoa::Buffer::new(), itoa::Buffer::new());
+    let (r, t) = (r_buf.format(r), t_buf.format(t));
+    let mut v = Vec::with_capacity(p.name.len() + r.len() + t.len() + 8);
+    v.push(b'"');
+    v.extend_from_slice(p.name.as_bytes());
+    v.extend_from_slice(b"\";r=");
+    v.extend_from_slice(r.as_bytes());
+    v.extend_from_slice(b";t=");
+    v.extend_from_slice(t.as_bytes());
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(v))
+        .unwrap_or_else(|_| HeaderValue::from_static("\"default\""))
 }
 
 pub(crate) fn policy_header(p: &RateLimitParams) -> HeaderValue {
