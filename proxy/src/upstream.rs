@@ -383,10 +383,10 @@ impl<C> Connect for C where
 /// Idle HTTP/1 connections of every pool, by pool and endpoint, for the thread running
 /// the request: a worker takes and returns connections without a lock. A connection
 /// returned on another thread (a body finished there) joins that thread's pool.
-type IdleMap = HashMap<(u64, Arc<str>), Vec<H1Conn>>;
+type IdleMap = HashMap<(u64, Arc<str>), Vec<H1Conn>, foldhash::fast::RandomState>;
 
 thread_local! {
-    static IDLE: RefCell<IdleMap> = RefCell::new(HashMap::new());
+    static IDLE: RefCell<IdleMap> = RefCell::new(HashMap::default());
 }
 
 /// Pools have an id so that one thread-local map serves them all.
@@ -497,10 +497,10 @@ impl<C: Connect> H1Pool<C> {
 
 /// The live HTTP/2 connection of every pool, by pool and endpoint, for the thread running
 /// the request: requests on one worker share it without a lock.
-type LiveMap = HashMap<(u64, Arc<str>), H2Conn>;
+type LiveMap = HashMap<(u64, Arc<str>), H2Conn, foldhash::fast::RandomState>;
 
 thread_local! {
-    static LIVE: RefCell<LiveMap> = RefCell::new(HashMap::new());
+    static LIVE: RefCell<LiveMap> = RefCell::new(HashMap::default());
 }
 
 /// HTTP/2 connections to upstreams, dialed with `C`: one per endpoint per worker thread,

@@ -124,13 +124,15 @@ pub(crate) fn compile_headers<'a>(
 /// the proxy, anything in benchmarks).
 #[derive(Debug)]
 pub struct RouteTable<T> {
-    hosts: HashMap<Box<str>, Arc<[(RouteMatcher, T)]>>,
+    // Looked up once per request. foldhash, not SipHash: the keys come from the
+    // policy, so a client's Host can only be looked up, never collide its way in.
+    hosts: HashMap<Box<str>, Arc<[(RouteMatcher, T)]>, foldhash::fast::RandomState>,
 }
 
 impl<T> Default for RouteTable<T> {
     fn default() -> Self {
         Self {
-            hosts: HashMap::new(),
+            hosts: HashMap::default(),
         }
     }
 }
@@ -172,7 +174,7 @@ impl<T> RouteTable<T> {
         policies: &[RoutePolicy],
         mut build: impl FnMut(&RoutePolicy, usize) -> Result<T, ProxyError>,
     ) -> Result<(Self, Vec<String>), ProxyError> {
-        let mut hosts = HashMap::with_capacity(policies.len());
+        let mut hosts = HashMap::with_capacity_and_hasher(policies.len(), Default::default());
         let mut warnings = Vec::new();
         for policy in policies {
             let names: Vec<Box<str>> = policy
