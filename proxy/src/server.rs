@@ -4,7 +4,13 @@
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
 use std::time::Duration;
+
+use futures_util::task::AtomicWaker;
 
 use http::{Request, Response};
 use hyper::body::{Body as _, Incoming};
@@ -276,20 +282,159 @@ where
     };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     tokio::pin!(conn);
+    // What ends a connection from outside, polled only when one of them was woken: the
+    // task wakes a few times per request for its I/O, and polling all three each time
+    // cost more than the rest of the connection's own bookkeeping.
+    let outside = WokenOnly::new(async {
+        tokio::select! {
+            _ = watcher.shutdown.wait_for(|stop| *stop) => Outside::Close,
+            () = conn_budget.tripped() => Outside::Close,
+            () = activity.idle_for(timeouts.idle) => Outside::Idle,
+        }
+    });
     tokio::select! {
+        biased;
         ended = conn.as_mut() => return finish(ended),
-        _ = watcher.shutdown.wait_for(|stop| *stop) => {}
-        () = conn_budget.tripped() => {}
-        () = activity.idle_for(timeouts.idle) => {
+        outside = outside => if outside == Outside::Idle {
             debug!(%peer, "closing an idle connection");
             return Ok(());
-        }
+        },
     }
     conn.as_mut().graceful_shutdown();
     finish(conn.await)
 }
 
+/// Why a connection ends from outside its client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outside {
+    /// Shutdown, or an HTTP/2 client over its stream budget: asked to close.
+    Close,
+    /// Nothing moved for the idle timeout: closed.
+    Idle,
+}
+
+pin_project_lite::pin_project! {
+    /// A future polled only once its own waker has fired since its last poll (and on
+    /// its first poll), however often the task that awaits it wakes for other reasons.
+    struct WokenOnly<F> {
+        #[pin]
+        inner: F,
+        flag: Arc<WakeFlag>,
+        waker: Waker,
+    }
+}
+
+/// The waker [`WokenOnly`] polls its future with: notes the wake-up, then wakes the
+/// task.
+#[derive(Debug, Default)]
+struct WakeFlag {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for WakeFlag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl<F: Future> WokenOnly<F> {
+    fn new(inner: F) -> Self {
+        let flag = Arc::new(WakeFlag {
+            woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        });
+        Self {
+            inner,
+            waker: Waker::from(flag.clone()),
+            flag,
+        }
+    }
+}
+
+impl<F: Future> Future for WokenOnly<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        this.flag.task.register(cx.waker());
+        if !this.flag.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        this.inner.poll(&mut Context::from_waker(this.waker))
+    }
+}
+
 /// The error that makes hyper reset an HTTP/2 stream with `REFUSED_STREAM`.
 fn refused_stream() -> h2::Error {
     h2::Error::from(h2::Reason::REFUSED_STREAM)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// A future that counts its polls and hands out the waker it was last polled with.
+    struct Counted {
+        polls: Arc<AtomicUsize>,
+        waker: Arc<std::sync::Mutex<Option<Waker>>>,
+        ready: Arc<AtomicBool>,
+    }
+
+    impl Future for Counted {
+        type Output = ();
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            self.polls.fetch_add(1, Ordering::SeqCst);
+            *self.waker.lock().unwrap() = Some(cx.waker().clone());
+            if self.ready.load(Ordering::SeqCst) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        }
+    }
+
+    #[test]
+    fn a_woken_only_future_is_polled_first_and_then_only_after_its_own_wake_up() {
+        let (polls, waker, ready) = Default::default();
+        let inner = Counted {
+            polls: Arc::clone(&polls),
+            waker: Arc::clone(&waker),
+            ready: Arc::clone(&ready),
+        };
+        let task_wakes = Arc::new(TaskWakes::default());
+        let task_waker = Waker::from(task_wakes.clone());
+        let mut cx = Context::from_waker(&task_waker);
+        let mut fut = std::pin::pin!(WokenOnly::new(inner));
+
+        assert!(fut.as_mut().poll(&mut cx).is_pending());
+        assert_eq!(polls.load(Ordering::SeqCst), 1, "the first poll reaches it");
+        // The task wakes for other reasons: the inner future is left alone.
+        for _ in 0..5 {
+            assert!(fut.as_mut().poll(&mut cx).is_pending());
+        }
+        assert_eq!(polls.load(Ordering::SeqCst), 1);
+
+        // Its own wake-up wakes the task and lets the next poll through.
+        ready.store(true, Ordering::SeqCst);
+        waker.lock().unwrap().take().unwrap().wake();
+        assert_eq!(task_wakes.0.load(Ordering::SeqCst), 1);
+        assert!(fut.as_mut().poll(&mut cx).is_ready());
+        assert_eq!(polls.load(Ordering::SeqCst), 2);
+    }
+
+    #[derive(Default)]
+    struct TaskWakes(AtomicUsize);
+
+    impl Wake for TaskWakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
 }
