@@ -264,7 +264,10 @@ pub fn build_outbound(ctx: &StackContext, params: Arc<RouteParams>) -> RouteEntr
         .collect();
     // Retry enforces `perTryTimeout` itself, so no per-try timeout layer below it.
     let lower = ServiceBuilder::new()
-        .map_response(|r: Response<sluice_filters::breaker::ResponseBody<Body>>| r.map(boxed))
+        // A body the breaker no longer watches goes on as it came, not boxed once more.
+        .map_response(|r: Response<sluice_filters::breaker::ResponseBody<Body>>| {
+            r.map(|b| b.into_untracked().unwrap_or_else(boxed))
+        })
         .layer(retry)
         .layer(BreakerLayer::per_backend(circuits))
         .layer(BalanceLayer::new(sets))

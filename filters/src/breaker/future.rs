@@ -147,6 +147,15 @@ impl<B> ResponseBody<B> {
     pub fn into_inner(self) -> B {
         self.inner
     }
+
+    /// The upstream body when nothing is left to watch in it (every response but a
+    /// gRPC one whose status waits for the trailers), else the body as it is.
+    pub fn into_untracked(self) -> Result<B, Self> {
+        match self.permit {
+            None => Ok(self.inner),
+            Some(_) => Err(self),
+        }
+    }
 }
 
 impl<B: std::fmt::Debug> std::fmt::Debug for ResponseBody<B> {
