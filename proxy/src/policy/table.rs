@@ -124,10 +124,12 @@ pub(crate) fn compile_headers<'a>(
 /// the proxy, anything in benchmarks).
 #[derive(Debug)]
 pub struct RouteTable<T> {
-    // Looked up once per request. foldhash, not SipHash: the keys come from the
-    // policy, so a client's Host can only be looked up, never collide its way in.
-    hosts: HashMap<Box<str>, Arc<[(RouteMatcher, T)]>, foldhash::fast::RandomState>,
+    hosts: HostMap<T>,
 }
+
+/// Each host's routes. Looked up once per request; foldhash, not SipHash: the keys come
+/// from the policy, so a client's Host can only be looked up, never collide its way in.
+type HostMap<T> = HashMap<Box<str>, Arc<[(RouteMatcher, T)]>, foldhash::fast::RandomState>;
 
 impl<T> Default for RouteTable<T> {
     fn default() -> Self {
