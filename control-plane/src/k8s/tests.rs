@@ -1370,10 +1370,11 @@ async fn a_command_sent_to_a_follower_is_relayed_to_the_lease_holder() {
         .map(|t| t["result"].clone())
         .filter(|r| r != "inconclusive")
         .collect();
-    assert_eq!(
-        results,
-        [json!("started"), json!("paused"), json!("resumed")]
-    );
+    // The history keeps its last 64 entries: when the follower is slow to learn the
+    // holder's address, the windows judged inconclusive meanwhile can push "started" out.
+    let (before, tail) = results.split_at(results.len().saturating_sub(2));
+    assert_eq!(tail, [json!("paused"), json!("resumed")], "{results:?}");
+    assert!(before.iter().all(|r| r == "started"), "{results:?}");
     b.shutdown().await;
     a.shutdown().await;
 }
