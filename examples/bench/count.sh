@@ -74,85 +74,23 @@ mkdir -p "$OUT_DIR"
 start upstream "$UPSTREAM_BIN" --listen "127.0.0.1:$UPSTREAM_PORT"
 wait_http "http://127.0.0.1:$UPSTREAM_PORT/"
 
-# The policies of run.sh: one plain route, and the full governance stack.
-cat >"$WORK/sluice.yaml" <<YAML
-apiVersion: sluice.dev/v1alpha1
-kind: RoutePolicy
-metadata: { name: bench-plain, namespace: bench }
-spec:
-  host: 127.0.0.1
-  backends:
-    upstream: { addresses: ["127.0.0.1:$UPSTREAM_PORT"] }
-  routes:
-    - name: all
-YAML
-cat >"$WORK/sluice-full.yaml" <<YAML
-apiVersion: sluice.dev/v1alpha1
-kind: RoutePolicy
-metadata: { name: bench-full, namespace: bench }
-spec:
-  host: 127.0.0.1
-  backends:
-    stable: { addresses: ["127.0.0.1:$UPSTREAM_PORT"] }
-    canary: { addresses: ["127.0.0.1:$UPSTREAM_PORT"] }
-  routes:
-    - name: all
-      timeout: 2s
-      rateLimit: { perSecond: 1000000, burst: 100000 }
-      retry:
-        attempts: 2
-        on: [connect-failure, refused-stream, gateway-error]
-        perTryTimeout: 500ms
-        budget: { ratio: 0.2, minPerSecond: 10 }
-      circuitBreaker:
-        consecutiveFailures: 5
-        failureRate: { percent: 50, window: 30s, minRequests: 20 }
-        openFor: 10s
-        halfOpenRequests: 2
-      split:
-        - weights: { stable: 90, canary: 10 }
-YAML
-cp "$WORK/sluice.yaml" "$WORK/sluice-base.yaml"
-cp "$WORK/sluice-full.yaml" "$WORK/sluice-full-base.yaml"
+# The policies and the nginx of run.sh.
+bench_policies "$WORK" "$UPSTREAM_PORT"
 mkdir -p "$WORK/nginx"
-cat >"$WORK/nginx/nginx.conf" <<CONF
-daemon off;
-master_process off;
-worker_processes 1;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/nginx;
-    proxy_temp_path $WORK/nginx;
-    fastcgi_temp_path $WORK/nginx;
-    uwsgi_temp_path $WORK/nginx;
-    scgi_temp_path $WORK/nginx;
-    keepalive_requests 1000000;
-    http2_max_requests 1000000;
-    upstream up { server 127.0.0.1:$UPSTREAM_PORT; keepalive 64; keepalive_requests 1000000; }
-    server {
-        listen 127.0.0.1:$PROXY_PORT;
-        listen 127.0.0.1:$((PROXY_PORT + 1)) http2;
-        location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }
-    }
-}
-CONF
+bench_nginx_conf "$WORK/nginx" off 1 "$PROXY_PORT" $((PROXY_PORT + 1)) "$UPSTREAM_PORT"
 
 # Starts SYSTEM under the command prefix given (valgrind, or nothing); sets SERVER_PID.
 start_system() { # system, prefix...
     local system=$1; shift
     case $system in
         nginx) start "$system" "$@" "$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" ;;
-        sluice-base | sluice-full-base)
-            start "$system" "$@" "$BASELINE_BIN" run --worker-threads 1 \
-                --h2-max-streams-per-connection 4294967295 --outbound "127.0.0.1:$PROXY_PORT" \
-                --admin "127.0.0.1:$ADMIN_PORT" --no-inbound --policy "$WORK/$system.yaml" --log-level warn ;;
         *)
-            start "$system" "$@" "$PROXY_BIN" run --worker-threads 1 \
+            local bin=$PROXY_BIN policy=$WORK/plain.yaml
+            case $system in *-base) bin=$BASELINE_BIN ;; esac
+            case $system in sluice-full*) policy=$WORK/full.yaml ;; esac
+            start "$system" "$@" "$bin" run --worker-threads 1 \
                 --h2-max-streams-per-connection 4294967295 --outbound "127.0.0.1:$PROXY_PORT" \
-                --admin "127.0.0.1:$ADMIN_PORT" --no-inbound --policy "$WORK/$system.yaml" --log-level warn ;;
+                --admin "127.0.0.1:$ADMIN_PORT" --no-inbound --policy "$policy" --log-level warn ;;
     esac
     SERVER_PID=$STARTED_PID
 }

@@ -166,43 +166,7 @@ URL_H2[direct]=http://127.0.0.1:$UPSTREAM_PORT/
 
 # The policies name the host 127.0.0.1, so every load generator sends the same request
 # (http://127.0.0.1:PORT/) to every path and no Host override is needed.
-cat >"$WORK/plain.yaml" <<YAML
-apiVersion: sluice.dev/v1alpha1
-kind: RoutePolicy
-metadata: { name: bench-plain, namespace: bench }
-spec:
-  host: 127.0.0.1
-  backends:
-    upstream: { addresses: ["127.0.0.1:$UPSTREAM_PORT"] }
-  routes:
-    - name: all
-YAML
-cat >"$WORK/full.yaml" <<YAML
-apiVersion: sluice.dev/v1alpha1
-kind: RoutePolicy
-metadata: { name: bench-full, namespace: bench }
-spec:
-  host: 127.0.0.1
-  backends:
-    stable: { addresses: ["127.0.0.1:$UPSTREAM_PORT"] }
-    canary: { addresses: ["127.0.0.1:$UPSTREAM_PORT"] }
-  routes:
-    - name: all
-      timeout: 2s
-      rateLimit: { perSecond: 1000000, burst: 100000 }
-      retry:
-        attempts: 2
-        on: [connect-failure, refused-stream, gateway-error]
-        perTryTimeout: 500ms
-        budget: { ratio: 0.2, minPerSecond: 10 }
-      circuitBreaker:
-        consecutiveFailures: 5
-        failureRate: { percent: 50, window: 30s, minRequests: 20 }
-        openFor: 10s
-        halfOpenRequests: 2
-      split:
-        - weights: { stable: 90, canary: 10 }
-YAML
+bench_policies "$WORK" "$UPSTREAM_PORT"
 
 # h2load does not reconnect after a GOAWAY, and Sluice sends one after 10,000 streams
 # on a connection by default: the bench lifts the cap, as nginx's http2_max_requests.
@@ -379,30 +343,7 @@ if has nginx; then
     NGINX_MASTER=off
     [ "$WORKERS" != 1 ] && NGINX_MASTER=on
     # nginx takes HTTP/2 without TLS only with prior knowledge, on a port of its own.
-    cat >"$WORK/nginx/nginx.conf" <<CONF
-daemon off;
-master_process $NGINX_MASTER;
-worker_processes $WORKERS;
-pid $WORK/nginx/nginx.pid;
-error_log $WORK/nginx/error.log warn;
-events { worker_connections 4096; }
-http {
-    access_log off;
-    client_body_temp_path $WORK/nginx;
-    proxy_temp_path $WORK/nginx;
-    fastcgi_temp_path $WORK/nginx;
-    uwsgi_temp_path $WORK/nginx;
-    scgi_temp_path $WORK/nginx;
-    keepalive_requests 1000000;
-    http2_max_requests 1000000;
-    upstream up { server 127.0.0.1:$UPSTREAM_PORT; keepalive 64; keepalive_requests 1000000; }
-    server {
-        listen 127.0.0.1:$NGINX_H1_PORT;
-        listen 127.0.0.1:$NGINX_H2_PORT http2;
-        location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }
-    }
-}
-CONF
+    bench_nginx_conf "$WORK/nginx" "$NGINX_MASTER" "$WORKERS" "$NGINX_H1_PORT" "$NGINX_H2_PORT" "$UPSTREAM_PORT"
     start nginx "$NGINX" -e "$WORK/nginx/error.log" -c "$WORK/nginx/nginx.conf"
     PID_OF[nginx]=$STARTED_PID
     URL_H1[nginx]=http://127.0.0.1:$NGINX_H1_PORT/

@@ -63,3 +63,77 @@ _, tail = rest.split(end, 1)
 open(doc, "w").write(head + begin + "\n" + open(summary).read() + "\n" + after + "\n\n" + end + tail)
 PY
 }
+
+# The policies every bench script measures: DIR/plain.yaml (one plain route) and
+# DIR/full.yaml (the full governance stack), both to the upstream on 127.0.0.1:PORT.
+bench_policies() { # dir, upstream port
+    local WORK=$1 UPSTREAM_PORT=$2
+    cat >"$WORK/plain.yaml" <<YAML
+apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: { name: bench-plain, namespace: bench }
+spec:
+  host: 127.0.0.1
+  backends:
+    upstream: { addresses: ["127.0.0.1:$UPSTREAM_PORT"] }
+  routes:
+    - name: all
+YAML
+    cat >"$WORK/full.yaml" <<YAML
+apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: { name: bench-full, namespace: bench }
+spec:
+  host: 127.0.0.1
+  backends:
+    stable: { addresses: ["127.0.0.1:$UPSTREAM_PORT"] }
+    canary: { addresses: ["127.0.0.1:$UPSTREAM_PORT"] }
+  routes:
+    - name: all
+      timeout: 2s
+      rateLimit: { perSecond: 1000000, burst: 100000 }
+      retry:
+        attempts: 2
+        on: [connect-failure, refused-stream, gateway-error]
+        perTryTimeout: 500ms
+        budget: { ratio: 0.2, minPerSecond: 10 }
+      circuitBreaker:
+        consecutiveFailures: 5
+        failureRate: { percent: 50, window: 30s, minRequests: 20 }
+        openFor: 10s
+        halfOpenRequests: 2
+      split:
+        - weights: { stable: 90, canary: 10 }
+YAML
+}
+
+# nginx as the bench runs it: a reverse proxy with upstream keep-alive to 127.0.0.1:UP,
+# HTTP/1.1 on one port and HTTP/2 (prior knowledge, which nginx takes only on a port of
+# its own) on another; writes DIR/nginx.conf, with DIR for its pid and temporary files.
+bench_nginx_conf() { # dir, master_process (on/off), workers, h1 port, h2 port, upstream port
+    local dir=$1 NGINX_MASTER=$2 WORKERS=$3 NGINX_H1_PORT=$4 NGINX_H2_PORT=$5 UPSTREAM_PORT=$6
+    cat >"$dir/nginx.conf" <<CONF
+daemon off;
+master_process $NGINX_MASTER;
+worker_processes $WORKERS;
+pid $dir/nginx.pid;
+error_log $dir/error.log warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    client_body_temp_path $dir;
+    proxy_temp_path $dir;
+    fastcgi_temp_path $dir;
+    uwsgi_temp_path $dir;
+    scgi_temp_path $dir;
+    keepalive_requests 1000000;
+    http2_max_requests 1000000;
+    upstream up { server 127.0.0.1:$UPSTREAM_PORT; keepalive 64; keepalive_requests 1000000; }
+    server {
+        listen 127.0.0.1:$NGINX_H1_PORT;
+        listen 127.0.0.1:$NGINX_H2_PORT http2;
+        location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }
+    }
+}
+CONF
+}
