@@ -533,23 +533,18 @@ async fn grpc_status_counts_from_headers_at_once_and_from_trailers_at_body_end()
 #[tokio::test(start_paused = true)]
 async fn only_a_body_still_watched_for_its_grpc_status_stays_wrapped() {
     let (_reg, c) = registry_with(params(2, 10, 60, 1));
-    let script: Arc<Mutex<VecDeque<Response<BoxBody>>>> = Arc::default();
-    let s2 = script.clone();
-    let inner = tower::service_fn(move |_: Request<ReqBody>| {
-        let r = s2.lock().unwrap().pop_front().unwrap();
-        async move { Ok::<_, BoxError>(r) }
-    });
-    let mut svc = BreakerLayer::new(c.clone()).layer(inner);
-    script
-        .lock()
-        .unwrap()
-        .push_back(grpc_rsp(&[("grpc-status", "0")], None));
-    script.lock().unwrap().push_back(grpc_rsp(&[], Some("13")));
+    let answering = |rsp: fn() -> Response<BoxBody>| {
+        BreakerLayer::new(c.clone()).layer(tower::service_fn(
+            move |_: Request<ReqBody>| async move { Ok::<_, BoxError>(rsp()) },
+        ))
+    };
 
     // Status in the head: judged already, the body is handed back bare.
+    let mut svc = answering(|| grpc_rsp(&[("grpc-status", "0")], None));
     let r = svc.ready().await.unwrap().call(req()).await.unwrap();
     assert!(r.into_body().into_untracked().is_ok());
     // Status in the trailers: the body keeps its watch, and still counts when it ends.
+    let mut svc = answering(|| grpc_rsp(&[], Some("13")));
     let r = svc.ready().await.unwrap().call(req()).await.unwrap();
     let body = r.into_body().into_untracked().expect_err("still watched");
     body.collect().await.unwrap();
