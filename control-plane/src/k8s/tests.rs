@@ -1303,6 +1303,33 @@ async fn admin_post(
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
+/// POSTs `path` to a follower until it knows the lease holder's address: until it has
+/// read it from the Lease, it answers 503 saying so. Gives up after 60 s.
+async fn post_once_holder_known(
+    addr: std::net::SocketAddr,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, String) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (code, body) = admin_post(addr, path, headers).await;
+        if code != 503 {
+            return (code, body);
+        }
+        assert!(
+            body.contains("no control-plane replica is known to hold the lease"),
+            "{body}"
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the follower never learned the holder's address"
+        );
+        // The follower learns the address from the Lease it re-reads on its own
+        // schedule; nothing here can be awaited instead.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A command by hand sent to a follower reaches the lease holder, which applies it;
 /// the follower answers with the holder's answer (refusals included) and shows the
 /// new state once the holder wrote it into the status. A command another replica
@@ -1317,23 +1344,7 @@ async fn a_command_sent_to_a_follower_is_relayed_to_the_lease_holder() {
     assert!(!b.shared.rollouts.is_leading());
     let base = "/rollouts/shop/log-service/ingest";
 
-    // Until the follower has read the holder's address from the Lease it says so.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let (code, body) = loop {
-        let (code, body) = admin_post(b.admin_addr(), &format!("{base}/pause"), &[]).await;
-        if code != 503 {
-            break (code, body);
-        }
-        assert!(
-            body.contains("no control-plane replica is known to hold the lease"),
-            "{body}"
-        );
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the follower never learned the holder's address"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (code, body) = post_once_holder_known(b.admin_addr(), &format!("{base}/pause"), &[]).await;
     assert_eq!(code, 200, "{body}");
     let t: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(t["result"], "paused", "{t}");
@@ -1447,18 +1458,7 @@ async fn relays_between_replicas_bound_beyond_loopback_carry_the_shared_admin_to
     // With it, the command goes through the follower to the holder.
     let bearer = format!("Bearer {token}");
     let auth = [("authorization", bearer.as_str())];
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let (code, body) = loop {
-        let (code, body) = admin_post(b_admin, &format!("{base}/pause"), &auth).await;
-        if code != 503 {
-            break (code, body);
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the follower never learned the holder's address"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (code, body) = post_once_holder_known(b_admin, &format!("{base}/pause"), &auth).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(a.shared.rollouts.view()["rollouts"][0]["phase"], "paused");
 
