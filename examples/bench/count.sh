@@ -44,14 +44,7 @@ PROXY_PORT=$((PORT_BASE + 1))
 ADMIN_PORT=$((PORT_BASE + 0))
 
 log() { printf '== %s\n' "$*" >&2; }
-need_apt() { # package, command
-    if ! command -v "$2" >/dev/null 2>&1; then
-        log "installing $1"
-        if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
-        $SUDO apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$1" >/dev/null
-    fi
-}
+. "$REPO/examples/bench/servers.sh"
 need_apt valgrind valgrind
 need_apt linux-perf perf
 need_apt nginx-light nginx
@@ -66,7 +59,6 @@ case " $SYSTEMS " in *" sluice-base "* | *" sluice-full-base "*)
 esac
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 
-. "$REPO/examples/bench/servers.sh"
 bench_workdir sluice-count
 ports_free "$PORT_BASE" $((PORT_BASE + 99))
 mkdir -p "$OUT_DIR"

@@ -25,14 +25,7 @@ PROXY_PORT=$((PORT_BASE + 1))
 ADMIN_PORT=$((PORT_BASE + 0))
 
 log() { printf '== %s\n' "$*" >&2; }
-need_apt() { # package, command
-    if ! command -v "$2" >/dev/null 2>&1; then
-        log "installing $1"
-        if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
-        $SUDO apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$1" >/dev/null
-    fi
-}
+. "$REPO/examples/bench/servers.sh"
 need_apt linux-perf perf
 need_apt wrk wrk
 need_apt nghttp2-client h2load
@@ -41,7 +34,6 @@ if [ -z "${SKIP_BUILD:-}" ] || [ ! -x "$TARGET_DIR/release/sluice-proxy" ]; then
     (cd "$REPO" && cargo build --release -p sluice-proxy -p sluice-bench)
 fi
 
-. "$REPO/examples/bench/servers.sh"
 bench_workdir sluice-profile
 
 if [ -n "${PLAIN:-}" ]; then

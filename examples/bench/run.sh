@@ -104,15 +104,7 @@ log() { printf '== %s\n' "$*" >&2; }
 has() { [[ " $SYSTEMS " == *" $1 "* ]]; }
 
 # --- tools, installed once and reused ------------------------------------------------
-APT_UPDATED=
-need_apt() { # package, file or command that proves it is there
-    if ! command -v "$2" >/dev/null 2>&1 && [ ! -e "$2" ]; then
-        log "installing $1"
-        if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
-        if [ -z "$APT_UPDATED" ]; then $SUDO apt-get update -qq; APT_UPDATED=1; fi
-        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$1" >/dev/null
-    fi
-}
+. "$REPO/examples/bench/servers.sh"
 need_apt nginx-light nginx
 need_apt wrk wrk
 need_apt nghttp2-client h2load
@@ -152,8 +144,7 @@ if has hop-mtls && [ "$CP_BIN" = "$TARGET_DIR/release/sluice-control-plane" ] \
     (cd "$REPO" && cargo build --release -p sluice-control-plane --bin sluice-control-plane)
 fi
 
-# --- servers, stopped by the PIDs recorded here -------------------------------------
-. "$REPO/examples/bench/servers.sh"
+# --- servers, stopped by the PIDs recorded here (servers.sh) -------------------------
 bench_workdir sluice-bench
 ports_free "$PORT_BASE" $((PORT_BASE + 99))
 

@@ -3,6 +3,18 @@
 # exit) and sets the trap; `start` needs PROXY_CPUS.
 
 PIDS=()
+
+# Installs a Debian package when what proves it is there (a command or a file) is missing;
+# the package lists are updated once per script.
+APT_UPDATED=
+need_apt() { # package, file or command that proves it is there
+    if ! command -v "$2" >/dev/null 2>&1 && [ ! -e "$2" ]; then
+        printf '== installing %s\n' "$1" >&2
+        if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; else SUDO=; fi
+        if [ -z "$APT_UPDATED" ]; then $SUDO apt-get update -qq; APT_UPDATED=1; fi
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "$1" >/dev/null
+    fi
+}
 bench_cleanup() {
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
