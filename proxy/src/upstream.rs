@@ -1081,6 +1081,124 @@ mod tests {
         assert_eq!(closed(&up, &server.addr), Some(true), "closed once idle");
     }
 
+    /// An HTTP/1 upstream answering "ok": its address, a permit per connection that
+    /// ended, and its connections' tasks, so that a test can cut them.
+    async fn h1_server() -> (
+        Arc<str>,
+        Arc<tokio::sync::Semaphore>,
+        Arc<Mutex<Vec<JoinHandle<()>>>>,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr: Arc<str> = listener.local_addr().unwrap().to_string().into();
+        let ended = Arc::new(tokio::sync::Semaphore::new(0));
+        let conns = Arc::new(Mutex::new(Vec::new()));
+        let (count, kept) = (ended.clone(), conns.clone());
+        tokio::spawn(async move {
+            while let Ok((io, _)) = listener.accept().await {
+                let svc = hyper::service::service_fn(|_: Request<Incoming>| async {
+                    Ok::<_, std::convert::Infallible>(Response::new(crate::body::full("ok")))
+                });
+                let count = count.clone();
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(io), svc);
+                kept.lock().unwrap().push(tokio::spawn(async move {
+                    let _ = conn.await;
+                    count.add_permits(1);
+                }));
+            }
+        });
+        (addr, ended, conns)
+    }
+
+    /// This thread's idle HTTP/1 connections of `up` to `endpoint` that are open.
+    fn idle_h1(up: &Upstream, endpoint: &Arc<str>) -> usize {
+        let key = (up.clients.http1.id, endpoint.clone());
+        IDLE.with(|idle| {
+            idle.borrow()
+                .get(&key)
+                .map_or(0, |l| l.iter().filter(|c| !c.sender.is_closed()).count())
+        })
+    }
+
+    #[tokio::test]
+    async fn h1_idle_connection_closes_but_not_under_a_body() {
+        let (addr, ended, _) = h1_server().await;
+        let up = Upstream::new();
+        let get = || {
+            let mut req = Request::builder()
+                .uri("http://orders/x")
+                .body(crate::body::empty())
+                .unwrap();
+            req.extensions_mut().insert(Endpoint(addr.clone()));
+            tower::ServiceExt::oneshot(up.clone(), req)
+        };
+        // Two exchanges over one connection, which the second's body, read to its end,
+        // hands back to the pool.
+        assert_eq!(text(get().await.unwrap()).await, "ok");
+        let held = get().await.unwrap();
+        assert_eq!(
+            idle_h1(&up, &addr),
+            0,
+            "the connection is in the response's hands"
+        );
+        tokio::time::pause();
+        let settle = || async {
+            for _ in 0..100 {
+                tokio::task::yield_now().await;
+            }
+        };
+        // A body still held keeps its connection through two idle periods.
+        tokio::time::advance(IDLE_TIMEOUT * 2 + Duration::from_secs(1)).await;
+        settle().await;
+        assert_eq!(ended.available_permits(), 0);
+        assert_eq!(text(held).await, "ok");
+        assert_eq!(
+            idle_h1(&up, &addr),
+            1,
+            "back in the pool once its body ended"
+        );
+        tokio::time::advance(IDLE_TIMEOUT + Duration::from_secs(1)).await;
+        settle().await;
+        assert_eq!(idle_h1(&up, &addr), 0, "closed once idle");
+        // The upstream sees the connection end.
+        let _ = ended.acquire().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn h1_connection_the_upstream_closed_while_idle_is_replaced() {
+        let (addr, _, conns) = h1_server().await;
+        let up = Upstream::new();
+        let get = || {
+            let mut req = Request::builder()
+                .uri("http://orders/x")
+                .body(crate::body::empty())
+                .unwrap();
+            req.extensions_mut().insert(Endpoint(addr.clone()));
+            tower::ServiceExt::oneshot(up.clone(), req)
+        };
+        assert_eq!(text(get().await.unwrap()).await, "ok");
+        assert_eq!(idle_h1(&up, &addr), 1);
+        // The upstream closes the idle connection (as its own idle timeout would): the
+        // next request does not fail but goes over a new connection.
+        let first = conns.lock().unwrap().pop().unwrap();
+        first.abort();
+        assert!(first.await.unwrap_err().is_cancelled());
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(text(get().await.unwrap()).await, "ok");
+        assert_eq!(
+            conns.lock().unwrap().len(),
+            1,
+            "a second connection was dialed"
+        );
+        assert_eq!(
+            idle_h1(&up, &addr),
+            1,
+            "the closed one is gone from the pool"
+        );
+    }
+
     #[test]
     fn keeps_the_called_authority() {
         let uri: Uri = "https://orders:80/a/b?x=1".parse().unwrap();
