@@ -174,7 +174,8 @@ pub(crate) struct RunArgs {
     /// served on the admin port under /app-health/.
     #[arg(long, env = "SLUICE_APP_PROBES", value_name = "JSON")]
     pub(crate) app_probes: Option<String>,
-    /// Runtime worker threads [default: one per CPU core].
+    /// Worker threads, each serving its share of the connections whole on a runtime of
+    /// its own [default: one per CPU core].
     #[arg(long, env = "SLUICE_WORKER_THREADS", value_name = "N", value_parser = clap::value_parser!(u16).range(1..))]
     pub(crate) worker_threads: Option<u16>,
     /// Mesh root certificate (PEM): verifies an https:// control plane and mesh peers.
@@ -306,6 +307,7 @@ impl From<RunArgs> for ProxyConfig {
             policy_limits: a.policy_limits,
             recent_requests: a.recent.recent_requests as usize,
             recent_requests_secrets: a.recent.recent_requests_secrets,
+            workers: crate::workers::Workers::here(),
             h2_limits: crate::H2Limits {
                 max_streams: a.h2_max_streams_per_connection,
                 max_resets: a.h2_max_resets,
@@ -382,23 +384,32 @@ fn run(mut cfg: ProxyConfig, worker_threads: Option<u16>) -> ExitCode {
         }
     }
     raise_open_files_limit();
-    // One worker: a current-thread runtime runs every task on this thread, without the
-    // multi-thread scheduler's shared queues, atomics and cross-thread wake-ups, which
-    // a request pays several times as it hops between the listener's connection task
-    // and the upstream connection's.
-    let mut builder = match worker_threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread(),
-        Some(n) => {
-            let mut b = tokio::runtime::Builder::new_multi_thread();
-            b.worker_threads(n.into());
-            b
-        }
-        None => tokio::runtime::Builder::new_multi_thread(),
-    };
-    let runtime = match builder.enable_all().build() {
+    // Each worker a current-thread runtime, this thread the first: no work-stealing
+    // scheduler's shared queues, atomics and cross-thread wake-ups, which a request
+    // paid several times as it hopped between its connection's task and the upstream
+    // connection's ([`crate::workers`]).
+    let workers = worker_threads.map_or_else(
+        || std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
+        usize::from,
+    );
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             error!(error = %e, "cannot start the runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    // Dropped after the runtime's `block_on` returns: the workers stop once drained.
+    let _threads = match crate::workers::Workers::start(workers - 1) {
+        Ok((w, threads)) => {
+            cfg.workers = w;
+            threads
+        }
+        Err(e) => {
+            error!(error = %e, "cannot start the worker threads");
             return ExitCode::FAILURE;
         }
     };

@@ -72,6 +72,9 @@ pub struct ProxyConfig {
     pub recent_requests: usize,
     /// Keep secret header values in that ring (redacted otherwise).
     pub recent_requests_secrets: bool,
+    /// The runtimes that serve outbound and inbound connections (default: the one
+    /// that accepts them).
+    pub workers: crate::workers::Workers,
 }
 
 impl Default for ProxyConfig {
@@ -108,6 +111,7 @@ impl Default for ProxyConfig {
             h2_limits: crate::H2Limits::default(),
             recent_requests: 0,
             recent_requests_secrets: false,
+            workers: crate::workers::Workers::here(),
         }
     }
 }

@@ -44,6 +44,7 @@ pub mod timeouts;
 pub mod tls;
 pub mod transparent;
 pub mod upstream;
+pub mod workers;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

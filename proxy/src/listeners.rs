@@ -244,6 +244,7 @@ pub(crate) fn serve_outbound(
     server::serve(
         "outbound",
         listener,
+        cfg.workers.clone(),
         move |_peer, req| {
             let store = store.clone();
             async move { edge::outbound(&store, req).await }
@@ -296,6 +297,7 @@ pub(crate) fn serve_inbound(
     server::serve(
         "inbound",
         listener,
+        cfg.workers.clone(),
         handler,
         shutdown,
         cfg.drain_timeout,
@@ -317,6 +319,7 @@ pub(crate) fn serve_admin(
     server::serve(
         "admin",
         listener,
+        crate::workers::Workers::here(),
         move |peer, req| admin::handle(state.clone(), peer, req),
         shutdown,
         Duration::from_secs(1),

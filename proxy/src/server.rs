@@ -31,6 +31,7 @@ use crate::rescue::header_timeout_answer;
 use crate::timeouts::{Activity, ActivityIo, GuardedBody, HeadPhase, HeaderTimeoutIo, Timeouts};
 use crate::tls::accept::{Accepted, InboundTls};
 use crate::transparent::{Intercept, OriginalDst, Prefixed};
+use crate::workers::Workers;
 
 /// The most a request's header section may take, as Envoy's default (60 KiB) and
 /// nginx's largest buffers allow; a larger one is refused with 431 (HTTP/1.1) or a
@@ -45,11 +46,13 @@ const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// extensions). With `tls`, the connection then goes through the inbound TLS accept,
 /// and the peer's verified identity is put in every request's extensions. Every
 /// HTTP/2 connection is held to `h2` ([`crate::h2_limits`]). HTTP/1 request heads that
-/// miss the header timeout are answered 408 and counted in `head_timeouts`.
+/// miss the header timeout are answered 408 and counted in `head_timeouts`. Each
+/// connection runs whole on one of `workers`.
 #[allow(clippy::too_many_arguments)] // one listener's whole setting, each used once
 pub(crate) fn serve<H, F>(
     name: &'static str,
     listener: TcpListener,
+    workers: Workers,
     handler: H,
     mut shutdown: watch::Receiver<bool>,
     drain: Duration,
@@ -108,7 +111,7 @@ where
                 shutdown: shutdown.clone(),
                 h2,
             };
-            conns.spawn(async move {
+            workers.spawn(&mut conns, stream, move |stream| async move {
                 let (io, original) = match intercept {
                     Some(i) => match i.accept(stream).await {
                         Some(pair) => pair,

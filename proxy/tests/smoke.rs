@@ -15,6 +15,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
+use sluice_proxy::workers::Workers;
 use sluice_proxy::{ProxyConfig, RunningProxy, start};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Notify;
@@ -379,6 +380,15 @@ fn single_backend(host: &str, addr: SocketAddr) -> String {
 }
 
 async fn start_with(policy: &str, app: Option<SocketAddr>) -> (RunningProxy, tempfile::TempDir) {
+    start_on(policy, app, Workers::here()).await
+}
+
+/// `start_with`, its connections served by `workers`.
+async fn start_on(
+    policy: &str,
+    app: Option<SocketAddr>,
+    workers: Workers,
+) -> (RunningProxy, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("policy.yaml");
     std::fs::write(&path, policy).unwrap();
@@ -390,6 +400,7 @@ async fn start_with(policy: &str, app: Option<SocketAddr>) -> (RunningProxy, tem
         service: Some("echo".into()),
         policy: Some(path),
         drain_timeout: Duration::from_secs(5),
+        workers,
         ..Default::default()
     })
     .await
@@ -642,4 +653,78 @@ async fn log_level_is_set_through_the_admin_api() {
         StatusCode::SERVICE_UNAVAILABLE
     );
     proxy.shutdown().await;
+}
+
+/// With worker threads, each connection runs whole on one of them, the accepting
+/// runtime taking its turn: HTTP/1.1 and HTTP/2 requests over connections on every
+/// worker are answered, a policy edit reaches them all, and shutdown drains requests in
+/// flight on the worker threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_threads_serve_connections_apply_edits_and_drain() {
+    let (workers, threads) = Workers::start(2).unwrap();
+    let (v1, v2) = (upstream("v1").await, upstream("v2").await);
+    let (proxy, dir) = start_on(&single_backend("orders", v1), None, workers).await;
+    let outbound = proxy.outbound_addr().unwrap();
+    let get = |h2: bool| {
+        let req = Request::get("http://orders/x")
+            .header("host", "orders")
+            .body(Full::default())
+            .unwrap();
+        send(outbound, h2, req)
+    };
+    // Six connections: two turns of the three workers, over both protocols.
+    for i in 0..6 {
+        let h2 = i % 2 == 1;
+        let want = if h2 {
+            "v1 GET /x HTTP/2.0"
+        } else {
+            "v1 GET /x HTTP/1.1"
+        };
+        assert_eq!(text(&get(h2).await), want, "connection {i}");
+    }
+    // The policy store is shared: an edit applies on every worker.
+    let path = dir.path().join("policy.yaml");
+    let tmp = dir.path().join("policy.yaml.new");
+    std::fs::write(&tmp, single_backend("orders", v2)).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    eventually("the edit to apply", || async {
+        text(&get(false).await).starts_with("v2")
+    })
+    .await;
+    for i in 0..6 {
+        assert!(
+            text(&get(i % 2 == 1).await).starts_with("v2 GET /x"),
+            "connection {i}"
+        );
+    }
+    // Requests in flight on three connections, one per worker, drain on shutdown.
+    let (held, release, arrived) = held_upstream().await;
+    std::fs::write(&tmp, single_backend("orders", held)).unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    eventually("the second edit to apply", || async {
+        // A request that reaches the held upstream waits there; ask with a timeout.
+        tokio::time::timeout(Duration::from_millis(200), get(false))
+            .await
+            .is_err()
+    })
+    .await;
+    release.notify_waiters();
+    let before = arrived.load(Ordering::SeqCst);
+    let in_flight: Vec<_> = (0..3).map(|i| tokio::spawn(get(i == 1))).collect();
+    eventually("three requests to reach the upstream", || async {
+        arrived.load(Ordering::SeqCst) >= before + 3
+    })
+    .await;
+    let shutdown = tokio::spawn(proxy.shutdown());
+    eventually("the listener to close", || async {
+        TcpStream::connect(outbound).await.is_err()
+    })
+    .await;
+    assert!(!shutdown.is_finished(), "requests are still in flight");
+    release.notify_waiters();
+    for r in in_flight {
+        assert_eq!(text(&r.await.unwrap()), "released");
+    }
+    shutdown.await.unwrap();
+    drop(threads);
 }
