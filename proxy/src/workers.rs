@@ -24,6 +24,9 @@ use tokio::sync::oneshot;
 use tokio::task::JoinSet;
 use tracing::debug;
 
+/// How long a stopping worker waits for its blocking tasks (name lookups).
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The runtimes that serve accepted outbound and inbound connections.
 ///
 /// [`Workers::here`] (the default) keeps every connection on the runtime that accepted
@@ -75,6 +78,9 @@ impl Workers {
                 .spawn(move || {
                     // Either outcome (sent or dropped) means stop.
                     let _ = runtime.block_on(stopped);
+                    // A name lookup still running in the blocking pool does not hold
+                    // the process's exit.
+                    runtime.shutdown_timeout(SHUTDOWN_GRACE);
                 })?;
             threads.push((thread, stop));
         }
