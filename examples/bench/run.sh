@@ -414,7 +414,9 @@ m = re.search(r"requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded"
 total, done, ok = (int(g) for g in m.groups())
 m = re.search(r"status codes: (\d+) 2xx", t)
 ok2 = int(m.group(1)) if m else 0
-print(done, rps, "", "", "", total - ok2, sep=",")
+# In duration mode (-D) h2load can count one 2xx more than its `total` (a response to a
+# request in flight at the deadline): not a negative error count.
+print(done, rps, "", "", "", max(total - ok2, 0), sep=",")
 PY
     fi
 }
