@@ -1110,6 +1110,16 @@ mod tests {
         (addr, ended, conns)
     }
 
+    /// An HTTP/1.1 GET of `http://orders/x` through `up` to `endpoint`.
+    fn h1_get(up: &Upstream, endpoint: &Arc<str>) -> tower::util::Oneshot<Upstream, Request<Body>> {
+        let mut req = Request::builder()
+            .uri("http://orders/x")
+            .body(crate::body::empty())
+            .unwrap();
+        req.extensions_mut().insert(Endpoint(endpoint.clone()));
+        tower::ServiceExt::oneshot(up.clone(), req)
+    }
+
     /// This thread's idle HTTP/1 connections of `up` to `endpoint` that are open.
     fn idle_h1(up: &Upstream, endpoint: &Arc<str>) -> usize {
         let key = (up.clients.http1.id, endpoint.clone());
@@ -1124,14 +1134,7 @@ mod tests {
     async fn h1_idle_connection_closes_but_not_under_a_body() {
         let (addr, ended, _) = h1_server().await;
         let up = Upstream::new();
-        let get = || {
-            let mut req = Request::builder()
-                .uri("http://orders/x")
-                .body(crate::body::empty())
-                .unwrap();
-            req.extensions_mut().insert(Endpoint(addr.clone()));
-            tower::ServiceExt::oneshot(up.clone(), req)
-        };
+        let get = || h1_get(&up, &addr);
         // Two exchanges over one connection, which the second's body, read to its end,
         // hands back to the pool.
         assert_eq!(text(get().await.unwrap()).await, "ok");
@@ -1168,14 +1171,7 @@ mod tests {
     async fn h1_connection_the_upstream_closed_while_idle_is_replaced() {
         let (addr, _, conns) = h1_server().await;
         let up = Upstream::new();
-        let get = || {
-            let mut req = Request::builder()
-                .uri("http://orders/x")
-                .body(crate::body::empty())
-                .unwrap();
-            req.extensions_mut().insert(Endpoint(addr.clone()));
-            tower::ServiceExt::oneshot(up.clone(), req)
-        };
+        let get = || h1_get(&up, &addr);
         assert_eq!(text(get().await.unwrap()).await, "ok");
         assert_eq!(idle_h1(&up, &addr), 1);
         // The upstream closes the idle connection (as its own idle timeout would): the

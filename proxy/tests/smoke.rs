@@ -519,6 +519,21 @@ async fn held_upstream() -> (SocketAddr, Arc<Notify>, Arc<AtomicUsize>) {
     (addr, release, arrived)
 }
 
+/// Starts `proxy`'s shutdown while requests are held upstream, and waits until its
+/// listener has closed while the shutdown still waits for them.
+async fn shut_down_with_requests_in_flight(
+    proxy: RunningProxy,
+    outbound: SocketAddr,
+) -> tokio::task::JoinHandle<()> {
+    let shutdown = tokio::spawn(proxy.shutdown());
+    eventually("the listener to close", || async {
+        TcpStream::connect(outbound).await.is_err()
+    })
+    .await;
+    assert!(!shutdown.is_finished(), "requests are still in flight");
+    shutdown
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_stops_accepting_and_drains_in_flight_requests() {
     let (up, release, arrived) = held_upstream().await;
@@ -541,12 +556,7 @@ async fn shutdown_stops_accepting_and_drains_in_flight_requests() {
         arrived.load(Ordering::SeqCst) == 2
     })
     .await;
-    let shutdown = tokio::spawn(proxy.shutdown());
-    eventually("the listener to close", || async {
-        TcpStream::connect(outbound).await.is_err()
-    })
-    .await;
-    assert!(!shutdown.is_finished(), "requests are still in flight");
+    let shutdown = shut_down_with_requests_in_flight(proxy, outbound).await;
     release.notify_waiters();
     let (h1, h2) = (h1.await.unwrap(), h2.await.unwrap());
     assert_eq!(text(&h1), "released");
@@ -715,12 +725,7 @@ async fn worker_threads_serve_connections_apply_edits_and_drain() {
         arrived.load(Ordering::SeqCst) >= before + 3
     })
     .await;
-    let shutdown = tokio::spawn(proxy.shutdown());
-    eventually("the listener to close", || async {
-        TcpStream::connect(outbound).await.is_err()
-    })
-    .await;
-    assert!(!shutdown.is_finished(), "requests are still in flight");
+    let shutdown = shut_down_with_requests_in_flight(proxy, outbound).await;
     release.notify_waiters();
     for r in in_flight {
         assert_eq!(text(&r.await.unwrap()), "released");
