@@ -1065,19 +1065,12 @@ mod tests {
         let up = Upstream::new();
         let held = send(&up, &server.addr, "http://orders/x").await.unwrap();
         tokio::time::pause();
-        let settle = || async {
-            for _ in 0..100 {
-                tokio::task::yield_now().await;
-            }
-        };
         // A response body still held is a stream in flight: two idle periods pass and
         // the connection stays.
-        tokio::time::advance(IDLE_TIMEOUT * 2 + Duration::from_secs(1)).await;
-        settle().await;
+        advance_and_settle(IDLE_TIMEOUT * 2 + Duration::from_secs(1)).await;
         assert_eq!(closed(&up, &server.addr), Some(false));
         assert_eq!(text(held).await, "orders host=false");
-        tokio::time::advance(IDLE_TIMEOUT + Duration::from_secs(1)).await;
-        settle().await;
+        advance_and_settle(IDLE_TIMEOUT + Duration::from_secs(1)).await;
         assert_eq!(closed(&up, &server.addr), Some(true), "closed once idle");
     }
 
@@ -1108,6 +1101,14 @@ mod tests {
             }
         });
         (addr, ended, conns)
+    }
+
+    /// Moves paused time on by `by` and lets the tasks it woke (idle watchers) run.
+    async fn advance_and_settle(by: Duration) {
+        tokio::time::advance(by).await;
+        for _ in 0..100 {
+            tokio::task::yield_now().await;
+        }
     }
 
     /// An HTTP/1.1 GET of `http://orders/x` through `up` to `endpoint`.
@@ -1145,14 +1146,8 @@ mod tests {
             "the connection is in the response's hands"
         );
         tokio::time::pause();
-        let settle = || async {
-            for _ in 0..100 {
-                tokio::task::yield_now().await;
-            }
-        };
         // A body still held keeps its connection through two idle periods.
-        tokio::time::advance(IDLE_TIMEOUT * 2 + Duration::from_secs(1)).await;
-        settle().await;
+        advance_and_settle(IDLE_TIMEOUT * 2 + Duration::from_secs(1)).await;
         assert_eq!(ended.available_permits(), 0);
         assert_eq!(text(held).await, "ok");
         assert_eq!(
@@ -1160,8 +1155,7 @@ mod tests {
             1,
             "back in the pool once its body ended"
         );
-        tokio::time::advance(IDLE_TIMEOUT + Duration::from_secs(1)).await;
-        settle().await;
+        advance_and_settle(IDLE_TIMEOUT + Duration::from_secs(1)).await;
         assert_eq!(idle_h1(&up, &addr), 0, "closed once idle");
         // The upstream sees the connection end.
         let _ = ended.acquire().await.unwrap();
