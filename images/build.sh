@@ -11,6 +11,8 @@
 #   PROFILE=dev images/build.sh     # debug binaries: a quick check of the image itself
 #   PREBUILT=1 PROFILE=dev images/build.sh   # the debug binaries `cargo test --workspace`
 #                                   # already built, as they are (what .ci/run does)
+#   PGO=1 images/build.sh           # the proxy profile-guided (examples/bench/pgo.sh: two
+#                                   # more release builds and a short training load)
 #
 # Needs root (debootstrap, buildah's vfs storage) and Debian's buildah and debootstrap
 # packages (installed here when missing). The root filesystems are cached in
@@ -54,6 +56,16 @@ else
     -p sluice-control-plane --bin sluice-control-plane
 fi
 
+# Where each image's binary comes from.
+declare -A SRC=(
+  [sluice-proxy]="$TARGET_DIR/$PROFILE_DIR/sluice-proxy"
+  [sluice-control-plane]="$TARGET_DIR/$PROFILE_DIR/sluice-control-plane"
+)
+if [ -n "${PGO:-}" ]; then
+  echo "== sluice-proxy, profile-guided (examples/bench/pgo.sh)"
+  SRC[sluice-proxy]="$(CARGO_TARGET_DIR="$TARGET_DIR" examples/bench/pgo.sh | tail -1)"
+fi
+
 # rootfs NAME EXTRA-PACKAGES: a cached debootstrap root filesystem.
 rootfs() {
   local dir="$CACHE/rootfs-$1"
@@ -79,7 +91,7 @@ image() {
   mnt="$("${BUILDAH[@]}" mount "$ctr")"
   cp -a "$root"/. "$mnt"/
   rm -f "$mnt/.complete"
-  install -m 0755 "$TARGET_DIR/$PROFILE_DIR/$bin" "$mnt/usr/local/bin/$bin"
+  install -m 0755 "${SRC[$bin]}" "$mnt/usr/local/bin/$bin"
   "${BUILDAH[@]}" umount "$ctr" >/dev/null
   "${BUILDAH[@]}" config "$@" \
     --label org.opencontainers.image.title="$name" \

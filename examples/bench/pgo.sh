@@ -17,7 +17,8 @@
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
-TARGET_DIR=${CARGO_TARGET_DIR:-$REPO/target}
+# Absolute, as cargo reads a relative CARGO_TARGET_DIR from the caller's directory.
+TARGET_DIR=$(realpath -m "${CARGO_TARGET_DIR:-$REPO/target}")
 PGO_DIR=${PGO_DIR:-$TARGET_DIR/pgo}
 DURATION=${DURATION:-5}
 export PATH="$HOME/.cargo/bin:$PATH"
@@ -51,6 +52,9 @@ ls "$PGO_DIR"/raw/*.profraw >/dev/null
 "$PROFDATA" merge -o "$PGO_DIR/merged.profdata" "$PGO_DIR"/raw/*.profraw
 
 log "optimised build with the profile (target/pgo-use)"
+# Cargo does not see a new profile behind the same flags: build afresh, or the link
+# would keep code optimised for the previous one.
+rm -rf "$TARGET_DIR/pgo-use/release"
 (cd "$REPO" && RUSTFLAGS="-Cprofile-use=$PGO_DIR/merged.profdata" \
     CARGO_TARGET_DIR="$TARGET_DIR/pgo-use" cargo build --release -p sluice-proxy)
 echo "$TARGET_DIR/pgo-use/release/sluice-proxy"
