@@ -384,10 +384,10 @@ fn run(mut cfg: ProxyConfig, worker_threads: Option<u16>) -> ExitCode {
         }
     }
     raise_open_files_limit();
-    // Each worker a current-thread runtime, this thread the first: no work-stealing
-    // scheduler's shared queues, atomics and cross-thread wake-ups, which a request
-    // paid several times as it hopped between its connection's task and the upstream
-    // connection's ([`crate::workers`]).
+    // Each worker a current-thread runtime: no work-stealing scheduler's shared queues,
+    // atomics and cross-thread wake-ups, which a request paid several times as it
+    // hopped between its connection's task and the upstream connection's. One worker
+    // is this thread; with more, this thread serves no connection ([`crate::workers`]).
     let workers = worker_threads.map_or_else(
         || std::thread::available_parallelism().map_or(1, std::num::NonZero::get),
         usize::from,
@@ -403,7 +403,7 @@ fn run(mut cfg: ProxyConfig, worker_threads: Option<u16>) -> ExitCode {
         }
     };
     // Dropped after the runtime's `block_on` returns: the workers stop once drained.
-    let _threads = match crate::workers::Workers::start(workers - 1) {
+    let _threads = match crate::workers::Workers::start(if workers > 1 { workers } else { 0 }) {
         Ok((w, threads)) => {
             cfg.workers = w;
             threads

@@ -10,9 +10,11 @@
 //! connection starts (its HTTP/2 streams, its upstream connections, their timers) stays
 //! on that thread, and so do the upstream connection pools, which are per thread.
 //!
-//! The runtime that accepts is one of the workers: `--worker-threads N` runs the
-//! accept loops, the admin listener and the control-plane client on the first thread,
-//! which also takes its turn with connections, and N − 1 threads that only serve them.
+//! `--worker-threads 1` runs everything on one thread. `--worker-threads N` (N > 1) runs
+//! N worker threads that only serve connections, beside the main thread, which runs the
+//! accept loops, the admin listener, the control-plane client and the policy reloads
+//! and serves no connection: a policy set compiled or a snapshot saved there never
+//! holds up a request, as Envoy's main thread keeps xDS away from its workers.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -30,10 +32,10 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 /// The runtimes that serve accepted outbound and inbound connections.
 ///
 /// [`Workers::here`] (the default) keeps every connection on the runtime that accepted
-/// it; [`Workers::start`] adds threads that take their turns.
+/// it; [`Workers::start`] hands them to threads of their own, in turn.
 #[derive(Clone, Debug, Default)]
 pub struct Workers {
-    /// The other workers' runtimes; the accepting runtime is the turn before the first.
+    /// The workers' runtimes; none: the accepting runtime serves every connection.
     others: Arc<[Handle]>,
     next: Arc<AtomicUsize>,
 }
@@ -62,12 +64,13 @@ impl Workers {
         Self::default()
     }
 
-    /// Starts `extra` worker threads (named `sluice-worker-1` …), each running a
-    /// current-thread runtime until the returned [`WorkerThreads`] is dropped.
-    pub fn start(extra: usize) -> std::io::Result<(Self, WorkerThreads)> {
-        let mut handles = Vec::with_capacity(extra);
-        let mut threads = Vec::with_capacity(extra);
-        for i in 1..=extra {
+    /// Starts `count` worker threads (named `sluice-worker-1` …), each running a
+    /// current-thread runtime until the returned [`WorkerThreads`] is dropped; they
+    /// serve every connection, the accepting runtime none.
+    pub fn start(count: usize) -> std::io::Result<(Self, WorkerThreads)> {
+        let mut handles = Vec::with_capacity(count);
+        let mut threads = Vec::with_capacity(count);
+        for i in 1..=count {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
@@ -91,9 +94,9 @@ impl Workers {
         Ok((workers, WorkerThreads { threads }))
     }
 
-    /// How many runtimes serve connections, the accepting one included.
+    /// How many runtimes serve connections.
     pub fn count(&self) -> usize {
-        self.others.len() + 1
+        self.others.len().max(1)
     }
 
     /// Runs `serve(stream)` in `conns` on the next worker in turn. A connection handed
@@ -111,11 +114,7 @@ impl Workers {
             conns.spawn(serve(stream));
             return;
         }
-        let turn = self.next.fetch_add(1, Ordering::Relaxed) % self.count();
-        let Some(worker) = turn.checked_sub(1).map(|i| &self.others[i]) else {
-            conns.spawn(serve(stream));
-            return;
-        };
+        let worker = &self.others[self.next.fetch_add(1, Ordering::Relaxed) % self.others.len()];
         let stream = match stream.into_std() {
             Ok(s) => s,
             Err(e) => {
@@ -140,12 +139,13 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// Connections go to the workers in turn, the accepting runtime included, and each
-    /// is served whole on its worker's thread over its own socket.
+    /// Connections go to the worker threads in turn, never to the accepting runtime,
+    /// and each is served whole on its worker's thread over its own socket.
     #[tokio::test]
     async fn connections_take_turns_across_worker_threads() {
         let (workers, threads) = Workers::start(2).unwrap();
-        assert_eq!(workers.count(), 3);
+        assert_eq!(workers.count(), 2);
+        assert_eq!(Workers::here().count(), 1);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut conns = JoinSet::new();
@@ -174,14 +174,13 @@ mod tests {
             served.push(c.await.unwrap());
         }
         while conns.join_next().await.is_some() {}
-        let here = std::thread::current().name().unwrap_or("").to_owned();
         assert_eq!(
             served,
             [
-                here.as_str(),
                 "sluice-worker-1",
                 "sluice-worker-2",
-                here.as_str(),
+                "sluice-worker-1",
+                "sluice-worker-2",
                 "sluice-worker-1",
                 "sluice-worker-2"
             ]

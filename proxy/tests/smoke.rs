@@ -665,10 +665,9 @@ async fn log_level_is_set_through_the_admin_api() {
     proxy.shutdown().await;
 }
 
-/// With worker threads, each connection runs whole on one of them, the accepting
-/// runtime taking its turn: HTTP/1.1 and HTTP/2 requests over connections on every
-/// worker are answered, a policy edit reaches them all, and shutdown drains requests in
-/// flight on the worker threads.
+/// With worker threads, each connection runs whole on one of them: HTTP/1.1 and HTTP/2
+/// requests over connections on every worker are answered, a policy edit reaches them
+/// all, and shutdown drains requests in flight on the worker threads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn worker_threads_serve_connections_apply_edits_and_drain() {
     let (workers, threads) = Workers::start(2).unwrap();
@@ -682,7 +681,7 @@ async fn worker_threads_serve_connections_apply_edits_and_drain() {
             .unwrap();
         send(outbound, h2, req)
     };
-    // Six connections: two turns of the three workers, over both protocols.
+    // Six connections: three turns of the two workers, over both protocols.
     for i in 0..6 {
         let h2 = i % 2 == 1;
         let want = if h2 {
@@ -707,7 +706,7 @@ async fn worker_threads_serve_connections_apply_edits_and_drain() {
             "connection {i}"
         );
     }
-    // Requests in flight on three connections, one per worker, drain on shutdown.
+    // Requests in flight on three connections, on both workers, drain on shutdown.
     let (held, release, arrived) = held_upstream().await;
     std::fs::write(&tmp, single_backend("orders", held)).unwrap();
     std::fs::rename(&tmp, &path).unwrap();
