@@ -295,13 +295,16 @@ where
             () = activity.idle_for(timeouts.idle) => Outside::Idle,
         }
     });
+    // The outside first: a shutdown already signalled when a response becomes ready
+    // must mark that response `connection: close`, not the one after it (the flag check
+    // costs nothing when nothing outside woke the task).
     tokio::select! {
         biased;
-        ended = conn.as_mut() => return finish(ended),
         outside = outside => if outside == Outside::Idle {
             debug!(%peer, "closing an idle connection");
             return Ok(());
         },
+        ended = conn.as_mut() => return finish(ended),
     }
     conn.as_mut().graceful_shutdown();
     finish(conn.await)
