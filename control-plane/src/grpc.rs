@@ -13,7 +13,7 @@ use sluice_api::pb;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, WatchStream};
 use tonic::{Request, Response, Status, Streaming};
 
 use std::net::SocketAddr;
@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 use tokio_rustls::TlsAcceptor;
 
 use crate::identity::IdentityService;
+use crate::proxies::StreamGuard;
 use crate::push::{Outgoing, PolicyServer};
 use crate::serving_cert::ServingCert;
 use crate::state::Shared;
@@ -186,10 +187,21 @@ async fn stream_task(
 ) {
     let node = hello.node_id.clone();
     let accepted = crate::views::accepted(&hello);
-    let _guard = shared.proxies.connect(&hello);
+    let record = shared.proxies.connect(&hello);
     shared.metrics.streams_opened.inc();
     let connected_at = Instant::now();
     let mut snapshots = shared.snapshots.subscribe();
+    // Only a new publication can call for a send: the proxy's answers confirm or
+    // refuse what was already sent.
+    let mut next = snapshots.borrow_and_update().clone();
+    // Waits that live across the loop's turns: a proxy's every answer turns the loop,
+    // and a wait made afresh each turn joins and leaves the channel's waiter list,
+    // under its lock, beside a thousand other streams' doing the same.
+    let mut published = WatchStream::from_changes(snapshots);
+    let stopped = async move {
+        let _ = shutdown.wait_for(|stop| *stop).await;
+    };
+    tokio::pin!(stopped);
     let mut proxy_has =
         (!hello.last_applied_version.is_empty()).then_some(hello.last_applied_version);
     let mut in_flight: Option<InFlight> = None;
@@ -206,15 +218,8 @@ async fn stream_task(
             t.mark_changed();
         }
     }
-    // Only a new publication can call for a send: the proxy's answers confirm or
-    // refuse what was already sent.
-    let mut published_changed = true;
     loop {
-        let current = if std::mem::take(&mut published_changed) {
-            snapshots.borrow_and_update().clone()
-        } else {
-            None
-        };
+        let current = next.take();
         let view = current
             .as_ref()
             .and_then(|p| crate::views::view_for(&p.views, &accepted));
@@ -236,13 +241,13 @@ async fn stream_task(
                 let send = tx.send(Ok(snapshot));
                 let sent = tokio::select! {
                     r = send => r.is_ok(),
-                    _ = shutdown.wait_for(|stop| *stop) => false,
+                    () = &mut stopped => false,
                 };
                 if !sent {
                     break;
                 }
                 shared.metrics.pushes.inc();
-                shared.proxies.sent(&node, version);
+                record.sent(version);
                 for h in &view.held_back {
                     tracing::warn!(node_id = %node, policy = %h.policy, needs = h.needs, state = h.state, accepted = ?accepted, "this proxy's schema cannot express a policy; it gets the last form it can take");
                 }
@@ -254,9 +259,9 @@ async fn stream_task(
             }
         }
         tokio::select! {
-            changed = snapshots.changed() => match changed {
-                Ok(()) => published_changed = true,
-                Err(_) => break,
+            changed = published.next() => match changed {
+                Some(p) => next = p,
+                None => break,
             },
             Some(table) = next_traffic(&mut traffic) => {
                 let msg = pb::Snapshot {
@@ -272,7 +277,7 @@ async fn stream_task(
             }
             msg = inbound.message() => match msg {
                 Ok(Some(pb::ProxyMessage { message: Some(m) })) => {
-                    on_answer(&shared, &node, m, &mut proxy_has, &mut in_flight, &mut refused);
+                    on_answer(&shared, &record, &node, m, &mut proxy_has, &mut in_flight, &mut refused);
                 }
                 Ok(Some(pb::ProxyMessage { message: None })) => {}
                 Ok(None) => break,
@@ -281,7 +286,7 @@ async fn stream_task(
                     break;
                 }
             },
-            _ = shutdown.wait_for(|stop| *stop) => break,
+            () = &mut stopped => break,
         }
     }
     tracing::info!(node_id = %node, "proxy disconnected");
@@ -302,6 +307,7 @@ async fn next_traffic(
 
 fn on_answer(
     shared: &Shared,
+    record: &StreamGuard<'_>,
     node: &str,
     msg: pb::proxy_message::Message,
     proxy_has: &mut Option<String>,
@@ -312,7 +318,7 @@ fn on_answer(
     match msg {
         Message::Ack(ack) => {
             shared.metrics.acks.with_label_values(&["ack"]).inc();
-            shared.proxies.acked(node, &ack.version);
+            record.acked(&ack.version);
             if let Some(f) = in_flight.take_if(|f| f.version == ack.version) {
                 shared
                     .metrics
@@ -324,7 +330,7 @@ fn on_answer(
         }
         Message::Nack(nack) => {
             shared.metrics.acks.with_label_values(&["nack"]).inc();
-            shared.proxies.nacked(node, &nack.version, &nack.error);
+            record.nacked(&nack.version, &nack.error);
             in_flight.take_if(|f| f.version == nack.version);
             *refused = Some(nack.version.clone());
             tracing::warn!(node_id = %node, version = %nack.version, error = %nack.error, "proxy refused policy snapshot");

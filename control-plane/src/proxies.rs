@@ -1,7 +1,7 @@
 //! What the control plane knows about each proxy, for `/proxies`.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use prometheus::IntGauge;
@@ -51,22 +51,62 @@ pub struct ProxyRecord {
 /// Every proxy that ever connected since the control plane started.
 #[derive(Debug)]
 pub(crate) struct ProxyRegistry {
-    records: Mutex<BTreeMap<String, ProxyRecord>>,
+    /// A record per node id, shared with that proxy's open streams: a stream updates
+    /// its own record without the map's lock or a search by name.
+    records: Mutex<BTreeMap<String, Arc<Mutex<ProxyRecord>>>>,
     connected: IntGauge,
     changes: watch::Sender<u64>,
 }
 
-/// Marks a proxy's stream open; dropping it marks the stream closed.
+/// One open stream of a proxy: records what is sent to it and what it answers; dropping
+/// it marks the stream closed.
 #[derive(Debug)]
 pub(crate) struct StreamGuard<'a> {
     registry: &'a ProxyRegistry,
-    node_id: String,
+    record: Arc<Mutex<ProxyRecord>>,
+}
+
+impl StreamGuard<'_> {
+    /// `version` was sent on this stream.
+    pub(crate) fn sent(&self, version: &str) {
+        self.update(|r, now| {
+            r.version_sent = Some(version.to_string());
+            r.sent_at_unix_ms = Some(now);
+        });
+    }
+
+    /// The proxy acknowledged `version`.
+    pub(crate) fn acked(&self, version: &str) {
+        self.update(|r, now| {
+            r.acked_version = Some(version.to_string());
+            r.acked_at_unix_ms = Some(now);
+        });
+    }
+
+    /// The proxy refused `version` because of `error`.
+    pub(crate) fn nacked(&self, version: &str, error: &str) {
+        self.update(|r, now| {
+            r.nacked_version = Some(version.to_string());
+            r.nack_error = Some(error.to_string());
+            r.nacked_at_unix_ms = Some(now);
+        });
+    }
+
+    fn update(&self, f: impl FnOnce(&mut ProxyRecord, u64)) {
+        let now = unix_ms(SystemTime::now());
+        {
+            let mut r = self.record.lock().unwrap_or_else(|e| e.into_inner());
+            f(&mut r, now);
+            r.last_seen_unix_ms = now;
+        }
+        self.registry.changed();
+    }
 }
 
 impl Drop for StreamGuard<'_> {
     fn drop(&mut self) {
         self.registry.connected.dec();
-        self.registry.update(&self.node_id, |r| {
+        self.update(|r, _| {
             r.streams = r.streams.saturating_sub(1);
             r.connected = r.streams > 0;
         });
@@ -82,64 +122,103 @@ impl ProxyRegistry {
         }
     }
 
+    /// A stream of the proxy that sent `hello` opened.
     pub(crate) fn connect(&self, hello: &pb::Hello) -> StreamGuard<'_> {
         self.connected.inc();
-        let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
-        let r = records.entry(hello.node_id.clone()).or_default();
-        r.node_id = hello.node_id.clone();
-        r.namespace = hello.namespace.clone();
-        r.service = hello.service.clone();
-        r.proxy_version = hello.proxy_version.clone();
-        r.schema_version = hello.schema_version;
-        r.accepted_schema_versions = crate::views::accepted(hello);
-        if !hello.last_applied_version.is_empty() {
-            r.acked_version = Some(hello.last_applied_version.clone());
-        }
-        r.streams += 1;
-        r.connected = true;
-        r.last_seen_unix_ms = unix_ms(SystemTime::now());
-        drop(records);
-        self.changes.send_modify(|c| *c += 1);
-        StreamGuard {
-            registry: self,
-            node_id: hello.node_id.clone(),
-        }
-    }
-
-    pub(crate) fn sent(&self, node_id: &str, version: &str) {
-        self.update(node_id, |r| {
-            r.version_sent = Some(version.to_string());
-            r.sent_at_unix_ms = Some(unix_ms(SystemTime::now()));
-        });
-    }
-
-    pub(crate) fn acked(&self, node_id: &str, version: &str) {
-        self.update(node_id, |r| {
-            r.acked_version = Some(version.to_string());
-            r.acked_at_unix_ms = Some(unix_ms(SystemTime::now()));
-        });
-    }
-
-    pub(crate) fn nacked(&self, node_id: &str, version: &str, error: &str) {
-        self.update(node_id, |r| {
-            r.nacked_version = Some(version.to_string());
-            r.nack_error = Some(error.to_string());
-            r.nacked_at_unix_ms = Some(unix_ms(SystemTime::now()));
-        });
-    }
-
-    pub(crate) fn snapshot(&self) -> Vec<ProxyRecord> {
-        let records = self.records.lock().unwrap_or_else(|e| e.into_inner());
-        records.values().cloned().collect()
-    }
-
-    fn update(&self, node_id: &str, f: impl FnOnce(&mut ProxyRecord)) {
-        let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(r) = records.get_mut(node_id) {
-            f(r);
+        let record = {
+            let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+            records.entry(hello.node_id.clone()).or_default().clone()
+        };
+        {
+            let mut r = record.lock().unwrap_or_else(|e| e.into_inner());
+            r.node_id = hello.node_id.clone();
+            r.namespace = hello.namespace.clone();
+            r.service = hello.service.clone();
+            r.proxy_version = hello.proxy_version.clone();
+            r.schema_version = hello.schema_version;
+            r.accepted_schema_versions = crate::views::accepted(hello);
+            if !hello.last_applied_version.is_empty() {
+                r.acked_version = Some(hello.last_applied_version.clone());
+            }
+            r.streams += 1;
+            r.connected = true;
             r.last_seen_unix_ms = unix_ms(SystemTime::now());
         }
-        drop(records);
-        self.changes.send_modify(|c| *c += 1);
+        self.changed();
+        StreamGuard {
+            registry: self,
+            record,
+        }
+    }
+
+    /// Every proxy's record, by node id.
+    pub(crate) fn snapshot(&self) -> Vec<ProxyRecord> {
+        let records = self.records.lock().unwrap_or_else(|e| e.into_inner());
+        records
+            .values()
+            .map(|r| r.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .collect()
+    }
+
+    /// Wakes whoever waits on [`crate::RunningControlPlane::watch_changes`]. Nobody
+    /// waiting, nothing to wake: each send and answer of every proxy comes here, and
+    /// a bump nobody reads still takes the channel's locks (a later subscriber reads
+    /// the records as they are then).
+    fn changed(&self) {
+        if self.changes.receiver_count() > 0 {
+            self.changes.send_modify(|c| *c += 1);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hello(node: &str) -> pb::Hello {
+        pb::Hello {
+            node_id: node.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Two streams of one node id share its record: an answer on either shows, and the
+    /// proxy reads as connected until both have closed.
+    #[test]
+    fn streams_of_one_proxy_share_its_record_until_the_last_closes() {
+        let (tx, mut rx) = watch::channel(0);
+        let gauge = IntGauge::new("connected", "open streams").unwrap();
+        let registry = ProxyRegistry::new(gauge.clone(), tx);
+        let first = registry.connect(&hello("a"));
+        let second = registry.connect(&hello("a"));
+        let other = registry.connect(&hello("b"));
+        assert_eq!(gauge.get(), 3);
+        rx.mark_unchanged();
+        first.sent("v1");
+        second.acked("v1");
+        other.nacked("v1", "bad route");
+        assert!(rx.has_changed().unwrap(), "a watcher is woken");
+        let all = registry.snapshot();
+        assert_eq!(all.len(), 2);
+        let a = &all[0];
+        assert_eq!(
+            (
+                a.node_id.as_str(),
+                a.version_sent.as_deref(),
+                a.acked_version.as_deref()
+            ),
+            ("a", Some("v1"), Some("v1"))
+        );
+        assert_eq!(all[1].nack_error.as_deref(), Some("bad route"));
+        drop(first);
+        assert!(
+            registry.snapshot()[0].connected,
+            "the second stream is open"
+        );
+        drop(second);
+        assert!(!registry.snapshot()[0].connected);
+        assert_eq!(gauge.get(), 1);
+        drop(other);
+        assert_eq!(gauge.get(), 0);
     }
 }

@@ -1176,7 +1176,7 @@ async fn the_lease_holder_drives_a_rollout_the_follower_serves_and_resumes_it() 
     // Once it acks the follower's version (the same as the holder's), the window opens.
     let v = b.policy_version().unwrap();
     assert_eq!(a.policy_version().as_deref(), Some(v.as_str()));
-    b.shared.proxies.acked("proxy-b", &v);
+    stream.acked(&v);
     eventually("the holder counts the follower's proxy's ack", || {
         a.shared.rollouts.view()["rollouts"][0]["stepAcked"] == true
     })
@@ -1243,9 +1243,7 @@ async fn the_lease_holder_drives_a_rollout_the_follower_serves_and_resumes_it() 
             status_rollout(&cluster)
         );
         // Its proxy acks whatever it is served.
-        b.shared
-            .proxies
-            .acked("proxy-b", &b.policy_version().unwrap());
+        stream.acked(&b.policy_version().unwrap());
         let report = healthy_report(20, 80);
         b.shared
             .reports
