@@ -1301,31 +1301,24 @@ async fn admin_post(
     (status, String::from_utf8_lossy(&body).into_owned())
 }
 
-/// POSTs `path` to a follower until it knows the lease holder's address: until it has
-/// read it from the Lease, it answers 503 saying so. Gives up after 60 s.
+/// POSTs `path` to the follower `cp` at `addr` once it knows the lease holder's
+/// address (read from the Lease on its own schedule; before, it answers 503).
 async fn post_once_holder_known(
+    cp: &RunningControlPlane,
     addr: std::net::SocketAddr,
     path: &str,
     headers: &[(&str, &str)],
 ) -> (u16, String) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        let (code, body) = admin_post(addr, path, headers).await;
-        if code != 503 {
-            return (code, body);
-        }
-        assert!(
-            body.contains("no control-plane replica is known to hold the lease"),
-            "{body}"
-        );
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the follower never learned the holder's address"
-        );
-        // The follower learns the address from the Lease it re-reads on its own
-        // schedule; nothing here can be awaited instead.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually("the follower's relay starts", || {
+        cp.shared.forwarder.holder().is_some()
+    })
+    .await;
+    let mut holder = cp.shared.forwarder.holder().unwrap();
+    tokio::time::timeout(Duration::from_secs(60), holder.wait_for(Option::is_some))
+        .await
+        .expect("the follower never learned the holder's address")
+        .unwrap();
+    admin_post(addr, path, headers).await
 }
 
 /// A command by hand sent to a follower reaches the lease holder, which applies it;
@@ -1342,7 +1335,8 @@ async fn a_command_sent_to_a_follower_is_relayed_to_the_lease_holder() {
     assert!(!b.shared.rollouts.is_leading());
     let base = "/rollouts/shop/log-service/ingest";
 
-    let (code, body) = post_once_holder_known(b.admin_addr(), &format!("{base}/pause"), &[]).await;
+    let (code, body) =
+        post_once_holder_known(&b, b.admin_addr(), &format!("{base}/pause"), &[]).await;
     assert_eq!(code, 200, "{body}");
     let t: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(t["result"], "paused", "{t}");
@@ -1456,7 +1450,7 @@ async fn relays_between_replicas_bound_beyond_loopback_carry_the_shared_admin_to
     // With it, the command goes through the follower to the holder.
     let bearer = format!("Bearer {token}");
     let auth = [("authorization", bearer.as_str())];
-    let (code, body) = post_once_holder_known(b_admin, &format!("{base}/pause"), &auth).await;
+    let (code, body) = post_once_holder_known(&b, b_admin, &format!("{base}/pause"), &auth).await;
     assert_eq!(code, 200, "{body}");
     assert_eq!(a.shared.rollouts.view()["rollouts"][0]["phase"], "paused");
 

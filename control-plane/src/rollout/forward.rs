@@ -129,6 +129,14 @@ pub struct Relayed {
     pub body: Bytes,
 }
 
+#[cfg(test)]
+impl ReportForwarder {
+    /// The lease holder's admin URL as this follower knows it, once [`Self::run`] started.
+    pub(crate) fn holder(&self) -> Option<watch::Receiver<Option<String>>> {
+        self.road.get().map(|r| r.holder.clone())
+    }
+}
+
 impl ReportForwarder {
     /// An empty queue counting into `counter{result}`.
     pub fn new(counter: IntCounterVec) -> Self {
