@@ -11,8 +11,11 @@
 #   PROFILE=dev images/build.sh     # debug binaries: a quick check of the image itself
 #   PREBUILT=1 PROFILE=dev images/build.sh   # the debug binaries `cargo test --workspace`
 #                                   # already built, as they are (what .ci/run does)
-#   PGO=1 images/build.sh           # the proxy profile-guided (examples/bench/pgo.sh: two
-#                                   # more release builds and a short training load)
+#   PGO=0 images/build.sh           # the proxy without profile guidance: a release image's
+#                                   # proxy is otherwise built by examples/bench/pgo.sh (two
+#                                   # more release builds and a short training load; about
+#                                   # 0.8x the CPU per request of the plain build, BENCHMARKS.md)
+#   PGO=1 PROFILE=... images/build.sh   # profile-guided whatever the profile
 #
 # Needs root (debootstrap, buildah's vfs storage) and Debian's buildah and debootstrap
 # packages (installed here when missing). The root filesystems are cached in
@@ -61,7 +64,11 @@ declare -A SRC=(
   [sluice-proxy]="$TARGET_DIR/$PROFILE_DIR/sluice-proxy"
   [sluice-control-plane]="$TARGET_DIR/$PROFILE_DIR/sluice-control-plane"
 )
-if [ -n "${PGO:-}" ]; then
+# Release images ship the profile-guided proxy, as measured; a quick or prebuilt image
+# (PROFILE=dev, PREBUILT=1) does not wait for two more builds.
+PGO_DEFAULT=0
+[ "$PROFILE" = release ] && [ -z "${PREBUILT:-}" ] && PGO_DEFAULT=1
+if [ "${PGO:-$PGO_DEFAULT}" = 1 ]; then
   echo "== sluice-proxy, profile-guided (examples/bench/pgo.sh)"
   SRC[sluice-proxy]="$(CARGO_TARGET_DIR="$TARGET_DIR" examples/bench/pgo.sh | tail -1)"
 fi

@@ -43,6 +43,8 @@
 #   sluice-base and sluice-full-base, run by it with the same policies, for an A/B
 #   comparison within one run; name them in SYSTEMS)
 #   PROXY_BIN (the sluice-proxy binary to measure; default the release build here)
+#   PROXY_LABEL, BASELINE_LABEL (what PROXY_BIN and BASELINE_BIN are, for the summary's
+#   versions line: "release" unless told, e.g. "profile-guided (pgo.sh)")
 #   SKIP_BUILD=1 (reuse the release binaries)  CP_BIN (a control-plane binary for the mTLS
 #   hop; it only issues certificates, so a debug build does)  BENCH_CACHE (~/.cache/sluice-bench)
 set -euo pipefail
@@ -484,7 +486,9 @@ if has envoy; then
         | awk -F': ' '/^cluster\.(stable|canary)\.upstream_rq_total/ { split($1, a, "."); printf "%s %s; ", a[2], $2 }')"
 fi
 
-VERSIONS="sluice-proxy $(git -C "$REPO" rev-parse --short HEAD) (release; --worker-threads $WORKERS)"
+BUILD_NOTE="${PROXY_LABEL:-release}"
+[ -n "${BASELINE_BIN:-}" ] && BUILD_NOTE="sluice, sluice-full: $BUILD_NOTE; -base: ${BASELINE_LABEL:-$BASELINE_BIN}"
+VERSIONS="sluice-proxy $(git -C "$REPO" rev-parse --short HEAD) ($BUILD_NOTE; --worker-threads $WORKERS)"
 has envoy && VERSIONS+=", Envoy $("$ENVOY" --version | sed -n 's/.*version: [0-9a-f]*\/\([0-9.]*\)\/.*/\1/p')"
 VERSIONS+=", $("$NGINX" -v 2>&1 | sed 's/^nginx version: //')"
 VERSIONS+=", $(oha --version | head -1), $(wrk -v 2>&1 | head -1 | awk '{print $1, $2}'), h2load $(h2load --version | awk '{print $NF}')"
