@@ -946,14 +946,7 @@ mod tests {
         let server_rt = tokio::runtime::Runtime::new().unwrap();
         let release = Arc::new(tokio::sync::Notify::new());
         let (addr, accepted) = h1_server_with_held_bodies(&server_rt, release.clone());
-        let get = |up: &Upstream| {
-            let mut req = Request::builder()
-                .uri("http://orders/x")
-                .body(crate::body::empty())
-                .unwrap();
-            req.extensions_mut().insert(Endpoint(addr.clone()));
-            tower::ServiceExt::oneshot(up.clone(), req)
-        };
+        let get = |up: &Upstream| h1_get(up, &addr);
 
         // Thread B: reads a response body to its end, which hands the connection back
         // there; then says whether B's own pool kept anything.
