@@ -1,19 +1,26 @@
-//! The `StreamPolicies` service: one task per proxy stream.
+//! The `StreamPolicies` service: each proxy stream's loop is its response body.
 //!
-//! Like tonic-health's watch, every stream task holds a receiver of the one
-//! `watch` channel carrying the published snapshot. The task sends a version
-//! only if it differs from what the proxy will have once everything already
-//! sent is processed (its `Hello` version, then whatever was last sent), so the
-//! proxy never receives a version it already has.
+//! Like tonic-health's watch, every stream holds a receiver of the one `watch`
+//! channel carrying the published snapshot. The stream sends a version only if it
+//! differs from what the proxy will have once everything already sent is processed
+//! (its `Hello` version, then whatever was last sent), so the proxy never receives a
+//! version it already has.
+//!
+//! The loop runs inside the response stream that hyper's per-stream task polls,
+//! not in a task of its own handing messages over a channel: at a thousand proxies
+//! every publication would otherwise wake two tasks per proxy instead of one.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_api::pb;
+use std::pin::Pin;
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream, WatchStream};
+
+use prometheus::IntCounter;
+use tokio::sync::watch;
+use tokio_stream::wrappers::{TcpListenerStream, WatchStream};
+use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use std::net::SocketAddr;
@@ -124,7 +131,7 @@ pub(crate) async fn serve(
 
 impl tonic::server::StreamingService<pb::ProxyMessage> for PolicyService {
     type Response = Outgoing;
-    type ResponseStream = ReceiverStream<Result<Outgoing, Status>>;
+    type ResponseStream = PolicyStream;
     type Future = tonic::codegen::BoxFuture<Response<Self::ResponseStream>, Status>;
 
     fn call(&mut self, request: Request<Streaming<pb::ProxyMessage>>) -> Self::Future {
@@ -133,11 +140,11 @@ impl tonic::server::StreamingService<pb::ProxyMessage> for PolicyService {
 }
 
 impl PolicyService {
-    /// `StreamPolicies`: waits for the proxy's `Hello`, then hands the stream to its task.
+    /// `StreamPolicies`: waits for the proxy's `Hello`, then answers with its stream.
     async fn stream_policies(
         self,
         request: Request<Streaming<pb::ProxyMessage>>,
-    ) -> Result<Response<ReceiverStream<Result<Outgoing, Status>>>, Status> {
+    ) -> Result<Response<PolicyStream>, Status> {
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -159,16 +166,26 @@ impl PolicyService {
             // shows up in /proxies with the reason.
             tracing::warn!(node_id = %hello.node_id, proxy = ?accepted, ours = ?sluice_config::SCHEMA_VERSIONS, "proxy accepts none of our policy schema versions");
         }
-        let (tx, rx) = mpsc::channel(2);
-        tokio::spawn(stream_task(
+        Ok(Response::new(Box::pin(policy_stream(
             self.shared.clone(),
             hello,
             inbound,
-            tx,
             self.shutdown.clone(),
-        ));
-        Ok(Response::new(ReceiverStream::new(rx)))
+        ))))
     }
+}
+
+/// A proxy's policy stream as tonic encodes it.
+pub(crate) type PolicyStream = Pin<Box<dyn Stream<Item = Result<Outgoing, Status>> + Send>>;
+
+/// What wakes a stream's loop.
+enum Event {
+    /// A new publication, or `None` once the publisher is gone.
+    Published(Option<Option<Arc<crate::state::Published>>>),
+    /// A new per-route proxy count table.
+    Traffic(Arc<pb::RouteTraffic>),
+    /// The proxy said something, ended its stream, or its stream failed.
+    Answer(Result<Option<pb::ProxyMessage>, Status>),
 }
 
 /// A version sent on this stream and not yet answered.
@@ -178,118 +195,114 @@ struct InFlight {
     since: Instant,
 }
 
-async fn stream_task(
+/// The messages sent to the proxy that said `hello`, answering what it sends on
+/// `inbound`, until it goes, the publisher stops, or the control plane shuts down.
+/// Dropped with the stream (the connection gone), it marks the proxy's stream closed.
+fn policy_stream(
     shared: Arc<Shared>,
     hello: pb::Hello,
     mut inbound: Streaming<pb::ProxyMessage>,
-    tx: mpsc::Sender<Result<Outgoing, Status>>,
     mut shutdown: watch::Receiver<bool>,
-) {
-    let node = hello.node_id.clone();
-    let accepted = crate::views::accepted(&hello);
-    let record = shared.proxies.connect(&hello);
-    shared.metrics.streams_opened.inc();
-    let connected_at = Instant::now();
-    let mut snapshots = shared.snapshots.subscribe();
-    // Only a new publication can call for a send: the proxy's answers confirm or
-    // refuse what was already sent.
-    let mut next = snapshots.borrow_and_update().clone();
-    // Waits that live across the loop's turns: a proxy's every answer turns the loop,
-    // and a wait made afresh each turn joins and leaves the channel's waiter list,
-    // under its lock, beside a thousand other streams' doing the same.
-    let mut published = WatchStream::from_changes(snapshots);
-    let stopped = async move {
-        let _ = shutdown.wait_for(|stop| *stop).await;
-    };
-    tokio::pin!(stopped);
-    let mut proxy_has =
-        (!hello.last_applied_version.is_empty()).then_some(hello.last_applied_version);
-    let mut in_flight: Option<InFlight> = None;
-    let mut refused: Option<String> = None;
-    // Only a proxy that says it takes them is sent the per-route proxy counts.
-    let mut traffic = hello
-        .accepts_route_traffic
-        .then(|| shared.reports.watch_traffic());
-    if let Some(t) = &mut traffic {
-        // The first table goes out once there is one.
-        if t.borrow().routes.is_empty() {
-            t.mark_unchanged();
-        } else {
-            t.mark_changed();
-        }
-    }
-    loop {
-        let current = next.take();
-        let view = current
-            .as_ref()
-            .and_then(|p| crate::views::view_for(&p.views, &accepted));
-        if let (Some(published), Some(view)) = (&current, view) {
-            let version = &view.snapshot.version;
-            let expected = in_flight
-                .as_ref()
-                .map(|f| &f.version)
-                .or(proxy_has.as_ref());
-            // A refused version is not offered again on this stream; the next
-            // change (or a new stream) is.
-            if expected != Some(version) && refused.as_ref() != Some(version) {
-                let snapshot = Outgoing::Snapshot {
-                    schema_version: shared
-                        .stamp_schema_version
-                        .unwrap_or_else(|| crate::views::label_for(view, &accepted)),
-                    encoded: view.encoded.clone(),
-                };
-                let send = tx.send(Ok(snapshot));
-                let sent = tokio::select! {
-                    r = send => r.is_ok(),
-                    () = &mut stopped => false,
-                };
-                if !sent {
-                    break;
-                }
-                shared.metrics.pushes.inc();
-                record.sent(version);
-                for h in &view.held_back {
-                    tracing::warn!(node_id = %node, policy = %h.policy, needs = h.needs, state = h.state, accepted = ?accepted, "this proxy's schema cannot express a policy; it gets the last form it can take");
-                }
-                tracing::debug!(node_id = %node, %version, "snapshot sent");
-                in_flight = Some(InFlight {
-                    version: version.clone(),
-                    since: published.changed_at.max(connected_at),
-                });
+) -> impl Stream<Item = Result<Outgoing, Status>> + Send {
+    async_stream::stream! {
+        let node = hello.node_id.clone();
+        let accepted = crate::views::accepted(&hello);
+        let record = shared.proxies.connect(&hello);
+        shared.metrics.streams_opened.inc();
+        let acks = shared.metrics.acks.with_label_values(&["ack"]);
+        let nacks = shared.metrics.acks.with_label_values(&["nack"]);
+        let connected_at = Instant::now();
+        let mut snapshots = shared.snapshots.subscribe();
+        // Only a new publication can call for a send: the proxy's answers confirm or
+        // refuse what was already sent.
+        let mut next = snapshots.borrow_and_update().clone();
+        // Waits that live across the loop's turns: a proxy's every answer turns the loop,
+        // and a wait made afresh each turn joins and leaves the channel's waiter list,
+        // under its lock, beside a thousand other streams' doing the same.
+        let mut published = WatchStream::from_changes(snapshots);
+        let stopped = async move {
+            let _ = shutdown.wait_for(|stop| *stop).await;
+        };
+        tokio::pin!(stopped);
+        let mut answers = Answers {
+            proxy_has: (!hello.last_applied_version.is_empty())
+                .then_some(hello.last_applied_version),
+            in_flight: None,
+            refused: None,
+        };
+        // Only a proxy that says it takes them is sent the per-route proxy counts.
+        let mut traffic = hello
+            .accepts_route_traffic
+            .then(|| shared.reports.watch_traffic());
+        if let Some(t) = &mut traffic {
+            // The first table goes out once there is one.
+            if t.borrow().routes.is_empty() {
+                t.mark_unchanged();
+            } else {
+                t.mark_changed();
             }
         }
-        tokio::select! {
-            changed = published.next() => match changed {
-                Some(p) => next = p,
-                None => break,
-            },
-            Some(table) = next_traffic(&mut traffic) => {
-                let msg = pb::Snapshot {
+        loop {
+            let current = next.take();
+            let view = current
+                .as_ref()
+                .and_then(|p| crate::views::view_for(&p.views, &accepted));
+            if let (Some(published), Some(view)) = (&current, view) {
+                let version = &view.snapshot.version;
+                let expected = answers
+                    .in_flight
+                    .as_ref()
+                    .map(|f| &f.version)
+                    .or(answers.proxy_has.as_ref());
+                // A refused version is not offered again on this stream; the next
+                // change (or a new stream) is.
+                if expected != Some(version) && answers.refused.as_ref() != Some(version) {
+                    yield Ok(Outgoing::Snapshot {
+                        schema_version: shared
+                            .stamp_schema_version
+                            .unwrap_or_else(|| crate::views::label_for(view, &accepted)),
+                        encoded: view.encoded.clone(),
+                    });
+                    shared.metrics.pushes.inc();
+                    record.sent(version);
+                    for h in &view.held_back {
+                        tracing::warn!(node_id = %node, policy = %h.policy, needs = h.needs, state = h.state, accepted = ?accepted, "this proxy's schema cannot express a policy; it gets the last form it can take");
+                    }
+                    tracing::debug!(node_id = %node, %version, "snapshot sent");
+                    answers.in_flight = Some(InFlight {
+                        version: version.clone(),
+                        since: published.changed_at.max(connected_at),
+                    });
+                }
+            }
+            let event = tokio::select! {
+                changed = published.next() => Event::Published(changed),
+                Some(table) = next_traffic(&mut traffic) => Event::Traffic(table),
+                msg = inbound.message() => Event::Answer(msg),
+                () = &mut stopped => break,
+            };
+            match event {
+                Event::Published(Some(p)) => next = p,
+                Event::Published(None) => break,
+                // The next change carries the whole table: a proxy too slow to take
+                // this one holds its own stream only.
+                Event::Traffic(table) => yield Ok(Outgoing::Message(pb::Snapshot {
                     route_traffic: Some((*table).clone()),
                     ..Default::default()
-                };
-                // Never waits behind a slow proxy: the next change carries the whole table.
-                if let Err(mpsc::error::TrySendError::Closed(_)) =
-                    tx.try_send(Ok(Outgoing::Message(msg)))
-                {
-                    break;
+                })),
+                Event::Answer(Ok(Some(pb::ProxyMessage { message: Some(m) }))) => {
+                    answers.on(&shared, &record, &acks, &nacks, &node, m);
                 }
-            }
-            msg = inbound.message() => match msg {
-                Ok(Some(pb::ProxyMessage { message: Some(m) })) => {
-                    on_answer(&shared, &record, &node, m, &mut proxy_has, &mut in_flight, &mut refused);
-                }
-                Ok(Some(pb::ProxyMessage { message: None })) => {}
-                Ok(None) => break,
-                Err(e) => {
+                Event::Answer(Ok(Some(pb::ProxyMessage { message: None }))) => {}
+                Event::Answer(Ok(None)) => break,
+                Event::Answer(Err(e)) => {
                     tracing::debug!(node_id = %node, error = %e, "proxy stream failed");
                     break;
                 }
-            },
-            () = &mut stopped => break,
+            }
         }
+        // `record` goes with the stream, however it ends, and says so in the log.
     }
-    tracing::info!(node_id = %node, "proxy disconnected");
 }
 
 /// The next per-route proxy count table, or never when this proxy takes none.
@@ -305,44 +318,58 @@ async fn next_traffic(
     Some(rx.borrow_and_update().clone())
 }
 
-fn on_answer(
-    shared: &Shared,
-    record: &StreamGuard<'_>,
-    node: &str,
-    msg: pb::proxy_message::Message,
-    proxy_has: &mut Option<String>,
-    in_flight: &mut Option<InFlight>,
-    refused: &mut Option<String>,
-) {
-    use pb::proxy_message::Message;
-    match msg {
-        Message::Ack(ack) => {
-            shared.metrics.acks.with_label_values(&["ack"]).inc();
-            record.acked(&ack.version);
-            if let Some(f) = in_flight.take_if(|f| f.version == ack.version) {
-                shared
-                    .metrics
-                    .push_latency
-                    .observe(f.since.elapsed().as_secs_f64());
+/// What a stream knows of its proxy's answers.
+struct Answers {
+    /// The version the proxy has: its `Hello`'s, then the last it acknowledged.
+    proxy_has: Option<String>,
+    /// The version sent and not yet answered.
+    in_flight: Option<InFlight>,
+    /// The last version it refused; not offered again on this stream.
+    refused: Option<String>,
+}
+
+impl Answers {
+    /// Takes in one message from the proxy; `acks` and `nacks` are this stream's
+    /// handles on the answer counter, looked up once instead of per answer.
+    fn on(
+        &mut self,
+        shared: &Shared,
+        record: &StreamGuard<'_>,
+        acks: &IntCounter,
+        nacks: &IntCounter,
+        node: &str,
+        msg: pb::proxy_message::Message,
+    ) {
+        use pb::proxy_message::Message;
+        match msg {
+            Message::Ack(ack) => {
+                acks.inc();
+                record.acked(&ack.version);
+                if let Some(f) = self.in_flight.take_if(|f| f.version == ack.version) {
+                    shared
+                        .metrics
+                        .push_latency
+                        .observe(f.since.elapsed().as_secs_f64());
+                }
+                tracing::debug!(node_id = %node, version = %ack.version, "ACK");
+                self.proxy_has = Some(ack.version);
             }
-            tracing::debug!(node_id = %node, version = %ack.version, "ACK");
-            *proxy_has = Some(ack.version);
-        }
-        Message::Nack(nack) => {
-            shared.metrics.acks.with_label_values(&["nack"]).inc();
-            record.nacked(&nack.version, &nack.error);
-            in_flight.take_if(|f| f.version == nack.version);
-            *refused = Some(nack.version.clone());
-            tracing::warn!(node_id = %node, version = %nack.version, error = %nack.error, "proxy refused policy snapshot");
-        }
-        Message::Hello(_) => {
-            tracing::debug!(node_id = %node, "ignoring a second Hello");
-        }
-        Message::Report(report) => match shared.reports.ingest(node, &report, Instant::now()) {
-            Ok(()) => shared.on_report(node, report),
-            Err(e) => {
-                tracing::debug!(node_id = %node, error = %e, "malformed traffic report dropped")
+            Message::Nack(nack) => {
+                nacks.inc();
+                record.nacked(&nack.version, &nack.error);
+                self.in_flight.take_if(|f| f.version == nack.version);
+                self.refused = Some(nack.version.clone());
+                tracing::warn!(node_id = %node, version = %nack.version, error = %nack.error, "proxy refused policy snapshot");
             }
-        },
+            Message::Hello(_) => {
+                tracing::debug!(node_id = %node, "ignoring a second Hello");
+            }
+            Message::Report(report) => match shared.reports.ingest(node, &report, Instant::now()) {
+                Ok(()) => shared.on_report(node, report),
+                Err(e) => {
+                    tracing::debug!(node_id = %node, error = %e, "malformed traffic report dropped")
+                }
+            },
+        }
     }
 }

@@ -109,6 +109,9 @@ impl Drop for StreamGuard<'_> {
         self.update(|r, _| {
             r.streams = r.streams.saturating_sub(1);
             r.connected = r.streams > 0;
+            // Here rather than where a stream's loop ends: a stream whose connection
+            // is gone is dropped without its loop ever ending.
+            tracing::info!(node_id = %r.node_id, "proxy disconnected");
         });
     }
 }

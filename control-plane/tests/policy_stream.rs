@@ -310,6 +310,61 @@ async fn snapshot_refused_by_the_proxy_is_nacked_and_shown() {
     cp.shutdown().await;
 }
 
+/// A proxy that goes is shown disconnected and leaves the connected gauge, whether it
+/// ends its stream or its connection is cut under it (no HTTP/2 frame says goodbye);
+/// the proxy that stays still gets the next edit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_goes_is_shown_disconnected_and_the_others_keep_their_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    save(dir.path(), "a.yaml", &policy("a", 100));
+    let cp = sluice_control_plane::start(cp_config(dir.path(), None))
+        .await
+        .unwrap();
+    let v1 = cp.policy_version().unwrap();
+
+    // "cut" reaches the control plane through a relay whose sockets are dropped at once.
+    let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let relay_addr = relay.local_addr().unwrap();
+    let grpc = cp.grpc_addr();
+    let relaying = tokio::spawn(async move {
+        let (mut proxy_side, _) = relay.accept().await.unwrap();
+        let mut cp_side = tokio::net::TcpStream::connect(grpc).await.unwrap();
+        let _ = tokio::io::copy_bidirectional(&mut proxy_side, &mut cp_side).await;
+    });
+    let (stays, ends, cut) = (TestSink::new(), TestSink::new(), TestSink::new());
+    let _stays = subscriber(grpc, "stays", stays.clone(), None);
+    let ends_sub = subscriber(grpc, "ends", ends.clone(), None);
+    let _cut = subscriber(relay_addr, "cut", cut.clone(), None);
+    for sink in [&stays, &ends, &cut] {
+        sink.wait_version(&v1).await;
+    }
+    admin_until(&cp, "/proxies", |d| {
+        ["stays", "ends", "cut"]
+            .iter()
+            .all(|n| proxy(d, n).is_some_and(|p| p["connected"] == true))
+    })
+    .await;
+
+    ends_sub.shutdown().await;
+    relaying.abort();
+    let _ = relaying.await;
+    let doc = admin_until(&cp, "/proxies", |d| {
+        ["ends", "cut"]
+            .iter()
+            .all(|n| proxy(d, n).is_some_and(|p| p["connected"] == false))
+    })
+    .await;
+    assert_eq!(proxy(&doc, "stays").unwrap()["connected"], true);
+    let (_, metrics) = http_get(cp.admin_addr(), "/metrics").await;
+    assert_eq!(metric(&metrics, "sluice_cp_connected_proxies"), 1.0);
+
+    let mut versions = cp.watch_version();
+    save(dir.path(), "a.yaml", &policy("a", 300));
+    let v2 = next_version(&mut versions, &v1).await;
+    stays.wait_version(&v2).await;
+    cp.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscriber_keeps_policy_while_control_plane_is_down_and_resyncs_after_restart() {
     let dir = tempfile::tempdir().unwrap();
