@@ -13,7 +13,7 @@
 //!   [`sluice_config::PolicySet`] as a ready-to-send `Snapshot`; it is replaced
 //!   with `send_if_modified` only when the content hash changes, so a no-op edit
 //!   sends nothing.
-//! - [`grpc`]: the `StreamPolicies` service. One task per proxy stream watches
+//! - [`grpc`]: the `StreamPolicies` service. Each proxy stream's response body watches
 //!   the snapshot channel and sends each version the proxy does not have yet,
 //!   recording ACKs and NACKs in the [`proxies`] registry; [`push`] sends each
 //!   version as bytes encoded once and shared by every stream.
