@@ -276,11 +276,16 @@ async fn send_h1<C>(
 where
     C: Connect,
 {
+    to_origin_form(&mut req, &endpoint)?;
+    // hyper's HTTP/1 client reads none of the request's extensions (the upgrade was
+    // taken at the edge); their map, emptied, carries the response's, where a new one
+    // would cost two allocations per request.
+    let ext = std::mem::take(req.extensions_mut());
+    let backend = Answer { backend, ext };
     let failed = |kind, e: BoxError| ProxyError::Upstream {
-        backend: backend_name(backend.as_ref()),
+        backend: backend_name(backend.backend.as_ref()),
         source: UpstreamError::new(kind, e),
     };
-    to_origin_form(&mut req, &endpoint)?;
     if let Some(mut conn) = pool.checkout(&endpoint) {
         match conn.sender.try_send_request(req).await {
             Ok(resp) => return Ok(answer(pool, endpoint, conn, resp, backend)),
@@ -302,13 +307,20 @@ where
     }
 }
 
+/// What an HTTP/1 response is given besides its body: the backend that answered and
+/// the request's extension map to hold it.
+struct Answer {
+    backend: Option<SelectedBackend>,
+    ext: http::Extensions,
+}
+
 /// The response, its body handing the connection back to the pool when it ends.
 fn answer<C>(
     pool: Arc<H1Pool<C>>,
     endpoint: Arc<str>,
     conn: H1Conn,
     resp: Response<Incoming>,
-    backend: Option<SelectedBackend>,
+    Answer { backend, mut ext }: Answer,
 ) -> Response<Body> {
     // An upgraded connection belongs to the tunnel now.
     let back = (resp.status() != http::StatusCode::SWITCHING_PROTOCOLS).then(|| Return {
@@ -324,7 +336,11 @@ fn answer<C>(
         boxed(body)
     });
     if let Some(b) = backend {
-        resp.extensions_mut().insert(b);
+        ext.clear();
+        // What hyper put there (an upgrade, a reason phrase) stays.
+        ext.extend(std::mem::take(resp.extensions_mut()));
+        ext.insert(b);
+        *resp.extensions_mut() = ext;
     }
     resp
 }
@@ -1152,6 +1168,33 @@ mod tests {
         assert_eq!(idle_h1(&up, &addr), 0, "closed once idle");
         // The upstream sees the connection end.
         let _ = ended.acquire().await.unwrap();
+    }
+
+    /// The HTTP/1 response names the backend the split chose, and carries none of the
+    /// request's own extensions (their map is the response's now, emptied first).
+    #[tokio::test]
+    async fn h1_response_names_its_backend_and_nothing_of_the_request() {
+        let (addr, _, _) = h1_server().await;
+        let mut req = Request::builder()
+            .uri("http://orders/x")
+            .body(crate::body::empty())
+            .unwrap();
+        req.extensions_mut().insert(Endpoint(addr.clone()));
+        req.extensions_mut().insert(SelectedBackend {
+            name: "canary".into(),
+            index: 1,
+        });
+        req.extensions_mut()
+            .insert(sluice_filters::extensions::Deadline(
+                tokio::time::Instant::now() + Duration::from_secs(5),
+            ));
+        let resp = tower::ServiceExt::oneshot(Upstream::new(), req)
+            .await
+            .unwrap();
+        let backend = resp.extensions().get::<SelectedBackend>().unwrap();
+        assert_eq!((&*backend.name, backend.index), ("canary", 1));
+        assert_eq!(resp.extensions().len(), 1, "only the backend");
+        assert_eq!(text(resp).await, "ok");
     }
 
     #[tokio::test]
