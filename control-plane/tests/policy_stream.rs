@@ -103,6 +103,18 @@ fn cp_config(dir: &Path, state: Option<&Path>) -> ControlPlaneConfig {
     }
 }
 
+/// A control plane serving one policy file (`a.yaml`), its directory, and the version it
+/// serves.
+async fn one_policy_control_plane() -> (tempfile::TempDir, RunningControlPlane, String) {
+    let dir = tempfile::tempdir().unwrap();
+    save(dir.path(), "a.yaml", &policy("a", 100));
+    let cp = sluice_control_plane::start(cp_config(dir.path(), None))
+        .await
+        .unwrap();
+    let v1 = cp.policy_version().unwrap();
+    (dir, cp, v1)
+}
+
 fn subscriber(
     cp_grpc: SocketAddr,
     node: &str,
@@ -243,12 +255,7 @@ async fn edit_reaches_two_subscribers_and_is_acked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn broken_edit_is_refused_at_the_control_plane_and_never_sent() {
-    let dir = tempfile::tempdir().unwrap();
-    save(dir.path(), "a.yaml", &policy("a", 100));
-    let cp = sluice_control_plane::start(cp_config(dir.path(), None))
-        .await
-        .unwrap();
-    let v1 = cp.policy_version().unwrap();
+    let (dir, cp, v1) = one_policy_control_plane().await;
     let sink = TestSink::new();
     let _s = subscriber(cp.grpc_addr(), "one", sink.clone(), None);
     sink.wait_version(&v1).await;
@@ -284,12 +291,7 @@ async fn broken_edit_is_refused_at_the_control_plane_and_never_sent() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_refused_by_the_proxy_is_nacked_and_shown() {
-    let dir = tempfile::tempdir().unwrap();
-    save(dir.path(), "a.yaml", &policy("a", 100));
-    let cp = sluice_control_plane::start(cp_config(dir.path(), None))
-        .await
-        .unwrap();
-    let v1 = cp.policy_version().unwrap();
+    let (_dir, cp, v1) = one_policy_control_plane().await;
     let strict = TestSink::refusing();
     let sub = subscriber(cp.grpc_addr(), "strict", strict.clone(), None);
     let doc = admin_until(&cp, "/proxies", |d| {
@@ -315,12 +317,7 @@ async fn snapshot_refused_by_the_proxy_is_nacked_and_shown() {
 /// the proxy that stays still gets the next edit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_that_goes_is_shown_disconnected_and_the_others_keep_their_stream() {
-    let dir = tempfile::tempdir().unwrap();
-    save(dir.path(), "a.yaml", &policy("a", 100));
-    let cp = sluice_control_plane::start(cp_config(dir.path(), None))
-        .await
-        .unwrap();
-    let v1 = cp.policy_version().unwrap();
+    let (dir, cp, v1) = one_policy_control_plane().await;
 
     // "cut" reaches the control plane through a relay whose sockets are dropped at once.
     let relay = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
