@@ -10,11 +10,11 @@
 //! not in a task of its own handing messages over a channel: at a thousand proxies
 //! every publication would otherwise wake two tasks per proxy instead of one.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use sluice_api::pb;
-use std::pin::Pin;
 use tokio::net::TcpListener;
 
 use prometheus::IntCounter;

@@ -92,27 +92,29 @@ impl StreamGuard<'_> {
         });
     }
 
-    fn update(&self, f: impl FnOnce(&mut ProxyRecord, u64)) {
+    fn update<T>(&self, f: impl FnOnce(&mut ProxyRecord, u64) -> T) -> T {
         let now = unix_ms(SystemTime::now());
-        {
+        let out = {
             let mut r = self.record.lock().unwrap_or_else(|e| e.into_inner());
-            f(&mut r, now);
             r.last_seen_unix_ms = now;
-        }
+            f(&mut r, now)
+        };
         self.registry.changed();
+        out
     }
 }
 
 impl Drop for StreamGuard<'_> {
     fn drop(&mut self) {
         self.registry.connected.dec();
-        self.update(|r, _| {
+        let node = self.update(|r, _| {
             r.streams = r.streams.saturating_sub(1);
             r.connected = r.streams > 0;
-            // Here rather than where a stream's loop ends: a stream whose connection
-            // is gone is dropped without its loop ever ending.
-            tracing::info!(node_id = %r.node_id, "proxy disconnected");
+            r.node_id.clone()
         });
+        // Here rather than where a stream's loop ends: a stream whose connection is
+        // gone is dropped without its loop ever ending.
+        tracing::info!(node_id = %node, "proxy disconnected");
     }
 }
 

@@ -281,14 +281,14 @@ where
     // taken at the edge); their map, emptied, carries the response's, where a new one
     // would cost two allocations per request.
     let ext = std::mem::take(req.extensions_mut());
-    let backend = Answer { backend, ext };
+    let given = Answer { backend, ext };
     let failed = |kind, e: BoxError| ProxyError::Upstream {
-        backend: backend_name(backend.backend.as_ref()),
+        backend: backend_name(given.backend.as_ref()),
         source: UpstreamError::new(kind, e),
     };
     if let Some(mut conn) = pool.checkout(&endpoint) {
         match conn.sender.try_send_request(req).await {
-            Ok(resp) => return Ok(answer(pool, endpoint, conn, resp, backend)),
+            Ok(resp) => return Ok(answer(pool, endpoint, conn, resp, given)),
             Err(mut e) => match e.take_message() {
                 // Closed while idle (the upstream's own idle timeout): not a failure of
                 // the request, which was never written.
@@ -302,7 +302,7 @@ where
         .await
         .map_err(|e| failed(UpstreamErrorKind::ConnectFailure, e))?;
     match conn.sender.try_send_request(req).await {
-        Ok(resp) => Ok(answer(pool, endpoint, conn, resp, backend)),
+        Ok(resp) => Ok(answer(pool, endpoint, conn, resp, given)),
         Err(e) => Err(failed(UpstreamErrorKind::Reset, e.into_error().into()).into()),
     }
 }
