@@ -4,8 +4,9 @@
 //! It starts a control plane (in this process, or with `--cp-bin PATH` as a
 //! child process so its memory can be read on its own), connects N light
 //! simulated proxies (one tonic channel each, all in this process; they read
-//! each snapshot's version only and ACK it without validating it), then rewrites a policy file E times
-//! and waits each time until all N have acknowledged the new version.
+//! each snapshot's version only and ACK it without validating it), then
+//! rewrites a policy file E times and waits each time until all N have
+//! acknowledged the new version.
 //!
 //! Reported per N: p50/p99/max over the edits of "save → last proxy ACKed", the
 //! p50/p99 of every single proxy's "save → ACK", and peak RSS (`VmHWM`) of the
