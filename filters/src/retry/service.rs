@@ -10,7 +10,7 @@ use tower_service::Service;
 
 use super::future::ResponseFuture;
 use super::registry::{RetryOutcome, RouteRetry};
-use super::tries::{Rest, Total, earliest};
+use super::tries::{KeptHead, Rest, Total, earliest};
 use crate::extensions::{Deadline, SelectedBackend};
 use crate::replay::{BodySource, ReplayBody, known_len};
 
@@ -109,12 +109,8 @@ where
         let (body, source) = BodySource::first(body, may_retry, p.max_replay_bytes);
         // Later tries need the head as it came; a request that only needs the per-try
         // timer goes once: no head copy.
-        let (head, kept) = if may_retry {
-            (parts.clone(), Some(parts))
-        } else {
-            (parts, None)
-        };
-        let mut req = Request::from_parts(head, body);
+        let kept = may_retry.then(|| KeptHead::copy(&parts));
+        let mut req = Request::from_parts(parts, body);
         let try_deadline = p.per_try_timeout.map(|t| now + t);
         // The total is not the try's `Deadline`: a route timeout never was one.
         if let Some(d) = earliest(try_deadline, outer_deadline) {

@@ -41,6 +41,8 @@ struct Scripted {
     trailers: Arc<Mutex<Vec<Option<HeaderMap>>>>,
     times: Arc<Mutex<Vec<Instant>>>,
     deadlines: Arc<Mutex<Vec<Option<Instant>>>>,
+    /// Each try's head and the extensions the layers share, as text.
+    heads: Arc<Mutex<Vec<String>>>,
     /// Read only the first frame of the body on the first call.
     partial_first_read: bool,
 }
@@ -83,6 +85,17 @@ where
             .lock()
             .unwrap()
             .push(req.extensions().get::<Deadline>().map(|d| d.0));
+        let ext = req.extensions();
+        self.heads.lock().unwrap().push(format!(
+            "{} {} {:?} {:?} backend={:?} peer={:?} count={:?}",
+            req.method(),
+            req.uri(),
+            req.version(),
+            req.headers(),
+            ext.get::<crate::extensions::SelectedBackend>(),
+            ext.get::<crate::extensions::PeerIdentity>(),
+            ext.get::<RetryCount>().map(RetryCount::get),
+        ));
         let step = self
             .script
             .lock()
@@ -708,6 +721,68 @@ async fn no_retry_past_the_callers_deadline() {
         .insert(Deadline(Instant::now() + Duration::from_millis(150)));
     let _ = send(&mut svc, req).await;
     assert_eq!(inner.calls(), 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_try_carries_the_head_and_extensions_that_came() {
+    use crate::extensions::{PeerIdentity, SelectedBackend};
+    let choice = SelectedBackend {
+        name: Arc::from("log-v1"),
+        index: 1,
+    };
+    let peer = PeerIdentity(Arc::from("spiffe://mesh/ns/a/sa/b"));
+    // Extensions: none; the split's choice alone (kept without a copy of the map);
+    // the choice beside others (the map copied).
+    let alone = {
+        let mut e = http::Extensions::new();
+        e.insert(choice.clone());
+        e
+    };
+    let beside = {
+        let mut e = alone.clone();
+        e.insert(peer);
+        e.insert(RetryCount::new());
+        e
+    };
+    for ext in [http::Extensions::new(), alone, beside] {
+        let (r, _) = route(policy(2, &[RetryOn::GatewayError]));
+        let inner = Scripted::with(&[Step::Status(503), Step::Status(502)]);
+        let mut svc = RetryLayer::new(r, "log-v1").layer(inner.clone());
+        let mut req = Request::builder()
+            .method(Method::PUT)
+            .uri("http://orders:8080/a?b=c")
+            .header("x-one", "1")
+            .header("x-two", "2")
+            .body(Full::new(Bytes::from_static(b"body")))
+            .unwrap();
+        let (had_choice, expect_peer) = (!ext.is_empty(), ext.len() > 1);
+        *req.extensions_mut() = ext;
+        let resp = send(&mut svc, req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let heads = inner.heads.lock().unwrap().clone();
+        assert_eq!(heads.len(), 3, "{heads:?}");
+        for (i, h) in heads.iter().enumerate() {
+            assert!(
+                h.starts_with("PUT http://orders:8080/a?b=c HTTP/1.1"),
+                "{h}"
+            );
+            assert!(h.contains(r#""x-one": "1", "x-two": "2""#), "{h}");
+            assert_eq!(
+                h.contains(r#"backend=Some(SelectedBackend { name: "log-v1", index: 1 })"#),
+                had_choice,
+                "{h}"
+            );
+            assert_eq!(h.contains("spiffe://mesh/ns/a/sa/b"), expect_peer, "{h}");
+            // Clones share the count: each try sees the retries sent before it.
+            let count = if expect_peer {
+                format!("count=Some({i})")
+            } else {
+                "count=None".into()
+            };
+            assert!(h.ends_with(&count), "{h}");
+        }
+        assert_eq!(*inner.bodies.lock().unwrap(), [&b"body"[..]; 3]);
+    }
 }
 
 #[tokio::test(start_paused = true)]

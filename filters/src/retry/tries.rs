@@ -16,7 +16,7 @@ use super::params::{RetryAfter, RetryParams, retry_after};
 use super::registry::{RetryOutcome, RouteRetry};
 use crate::FilterError;
 use crate::classify::classify_error;
-use crate::extensions::{Deadline, RetryCount};
+use crate::extensions::{Deadline, RetryCount, SelectedBackend};
 use crate::replay::{BodySource, Reclaim, ReplayBody};
 
 /// The boxed retry loop: the slow path, once a try has failed in a retryable way.
@@ -37,13 +37,64 @@ pub(crate) struct Rest<S, B> {
     pub(super) route: Arc<RouteRetry>,
     pub(super) backend: Arc<str>,
     /// The head as it came (`None`: the request goes once, for its per-try timer).
-    pub(super) parts: Option<http::request::Parts>,
+    pub(super) parts: Option<KeptHead>,
     pub(super) source: BodySource<B>,
     pub(super) outer_deadline: Option<Instant>,
     /// The first try's per-try deadline.
     pub(super) try_deadline: Option<Instant>,
     /// The route's total timeout, when this layer enforces it.
     pub(super) total: Option<Total>,
+}
+
+/// The head kept for the tries after the first, copied before the first goes.
+///
+/// Every request that may be retried pays for this copy, and few are retried: a head
+/// whose extensions hold the split's choice and nothing else keeps that choice, not a
+/// copy of the map (three allocations fewer); later tries get the same extensions either
+/// way.
+pub(crate) struct KeptHead {
+    /// Method, target, version, headers; extensions too unless `choice` stands for them.
+    head: http::request::Parts,
+    /// `Some`: the extensions were this choice of the split's (or none) and nothing more.
+    choice: Option<Option<SelectedBackend>>,
+}
+
+impl KeptHead {
+    /// Copies `parts` for later tries.
+    pub(crate) fn copy(parts: &http::request::Parts) -> Self {
+        let ext = &parts.extensions;
+        let choice = match ext.len() {
+            0 => Some(None),
+            1 => ext.get::<SelectedBackend>().cloned().map(Some),
+            _ => None,
+        };
+        let head = match choice {
+            None => parts.clone(),
+            Some(_) => {
+                let (mut head, ()) = Request::new(()).into_parts();
+                head.method = parts.method.clone();
+                head.uri = parts.uri.clone();
+                head.version = parts.version;
+                head.headers = parts.headers.clone();
+                head
+            }
+        };
+        Self { head, choice }
+    }
+
+    /// A fresh head for one more try: the one that came, extensions and all.
+    fn head(&self) -> http::request::Parts {
+        let mut head = self.head.clone();
+        if let Some(Some(b)) = &self.choice {
+            head.extensions.insert(b.clone());
+        }
+        head
+    }
+
+    /// The request's retry count, if it carries one.
+    fn retry_count(&self) -> Option<&RetryCount> {
+        self.head.extensions.get::<RetryCount>()
+    }
 }
 
 /// The route's total timeout as the retry layer enforces it: when it ends, and after
@@ -178,13 +229,13 @@ where
             }
             retries += 1;
             route.observe(&backend, RetryOutcome::Retried);
-            if let Some(count) = parts
-                .as_ref()
-                .and_then(|p| p.extensions.get::<RetryCount>())
-            {
+            if let Some(count) = parts.as_ref().and_then(KeptHead::retry_count) {
                 count.add_one();
             }
-            let head = parts.clone().expect("the head is kept while tries remain");
+            let head = parts
+                .as_ref()
+                .expect("the head is kept while tries remain")
+                .head();
             let mut req = Request::from_parts(head, source.next());
             let try_deadline = p.per_try_timeout.map(|t| Instant::now() + t);
             if let Some(d) = earliest(try_deadline, outer_deadline) {
