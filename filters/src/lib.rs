@@ -30,6 +30,7 @@ pub mod authz;
 pub mod balance;
 pub mod breaker;
 mod classify;
+pub mod clock;
 pub mod concurrency;
 mod error;
 pub mod extensions;

@@ -4,15 +4,16 @@
 //! one access-log event on the `sluice::access` target.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use http::{HeaderValue, Request, Response, header};
 use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use opentelemetry::trace::SpanKind;
+use sluice_filters::clock;
 use sluice_filters::extensions::{PeerIdentity, RetryCount, SelectedBackend};
 use sluice_filters::reason::{self, Reason};
+use tokio::time::Instant;
 use tower::Service;
 use tracing::debug;
 
@@ -56,7 +57,7 @@ impl Direction {
 
 /// Handles one request on the outbound listener.
 pub(crate) async fn outbound(store: &PolicyStore, mut req: Request<Incoming>) -> Response<Body> {
-    let started = Instant::now();
+    let started = clock::now();
     let snapshot = store.current();
     let named = match authority::settle(&mut req) {
         Ok(named) => named,
@@ -142,7 +143,7 @@ async fn to_original_destination(
 /// Handles one request on the inbound listener: the authority rule and the target
 /// checks hold as outbound, and the application counts as a governed host.
 pub(crate) async fn inbound(store: &PolicyStore, mut req: Request<Incoming>) -> Response<Body> {
-    let started = Instant::now();
+    let started = clock::now();
     let snapshot = store.current();
     let checked = match authority::settle(&mut req) {
         Ok(Named::One) => authority::check_target(&req, || true),
@@ -187,7 +188,7 @@ fn refused<B>(
         );
     }
     if let Some(r) = store.context().recent.as_deref() {
-        let elapsed = started.elapsed();
+        let elapsed = clock::now().saturating_duration_since(started);
         r.record(
             Seen::new(req),
             direction.as_str(),
@@ -291,7 +292,7 @@ async fn forward(
             (resp, backend)
         }
     };
-    let elapsed = started.elapsed();
+    let elapsed = clock::now().saturating_duration_since(started);
     let status = resp.status().as_u16();
     entry
         .metrics

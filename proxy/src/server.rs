@@ -15,8 +15,9 @@ use futures_util::task::AtomicWaker;
 use http::{Request, Response};
 use hyper::body::{Body as _, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
+use sluice_filters::clock::Frozen;
 use sluice_filters::extensions::PeerIdentity;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpListener;
@@ -38,6 +39,21 @@ use crate::workers::Workers;
 /// stream error (HTTP/2) instead of being buffered. hyper's own default is ~400 KiB.
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 
+/// Runs the tasks hyper spawns for a connection (an HTTP/2 stream each) with one clock
+/// reading per poll, as the connection's own task ([`sluice_filters::clock`]).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct StreamExecutor;
+
+impl<F> hyper::rt::Executor<F> for StreamExecutor
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    fn execute(&self, fut: F) {
+        tokio::spawn(Frozen::new(fut));
+    }
+}
+
 /// Serves `listener` until `shutdown` flips, then stops accepting, asks every open
 /// connection to close (GOAWAY on HTTP/2, `connection: close` on HTTP/1) and waits up
 /// to `drain` for requests and passed-through connections in flight. With `intercept`,
@@ -47,7 +63,8 @@ const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// and the peer's verified identity is put in every request's extensions. Every
 /// HTTP/2 connection is held to `h2` ([`crate::h2_limits`]). HTTP/1 request heads that
 /// miss the header timeout are answered 408 and counted in `head_timeouts`. Each
-/// connection runs whole on one of `workers`.
+/// connection runs whole on one of `workers`, reading the clock once per poll
+/// ([`sluice_filters::clock`]).
 #[allow(clippy::too_many_arguments)] // one listener's whole setting, each used once
 pub(crate) fn serve<H, F>(
     name: &'static str,
@@ -67,7 +84,7 @@ where
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     tokio::spawn(async move {
-        let mut builder = auto::Builder::new(TokioExecutor::new());
+        let mut builder = auto::Builder::new(StreamExecutor);
         builder
             .http1()
             .timer(TokioTimer::new())
@@ -111,7 +128,7 @@ where
                 shutdown: shutdown.clone(),
                 h2,
             };
-            workers.spawn(&mut conns, stream, move |stream| async move {
+            workers.spawn(&mut conns, stream, move |stream| Frozen::new(async move {
                 let (io, original) = match intercept {
                     Some(i) => match i.accept(stream).await {
                         Some(pair) => pair,
@@ -148,7 +165,7 @@ where
                 if let Err(e) = result {
                     debug!(listener = name, %peer, error = %e, "connection ended with an error");
                 }
-            });
+            }));
         }
         drop(listener);
         let open = conns.len();
@@ -193,7 +210,7 @@ struct ConnSettings {
 /// `timeouts.request_header` from its first byte.
 #[allow(clippy::too_many_arguments)]
 async fn serve_conn<I, H, F>(
-    builder: &auto::Builder<TokioExecutor>,
+    builder: &auto::Builder<StreamExecutor>,
     mut watcher: Watcher,
     io: I,
     handler: H,

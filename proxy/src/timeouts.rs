@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
+use sluice_filters::clock;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
@@ -156,7 +157,8 @@ impl Activity {
     }
 
     fn touch(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let since = clock::now().saturating_duration_since(self.start);
+        let ms = u64::try_from(since.as_millis()).unwrap_or(u64::MAX);
         self.last_ms.store(ms, Ordering::Relaxed);
     }
 
@@ -478,7 +480,7 @@ impl<I: AsyncRead + AsyncWrite> HeaderTimeoutIo<I> {
         let this = self.project();
         let word = this.phase.load();
         if word & PHASE == WAITING && this.armed.is_none_or(|(w, _)| w != word) {
-            *this.armed = Some((word, Instant::now() + *this.timeout));
+            *this.armed = Some((word, clock::now() + *this.timeout));
         }
         let seen = usize::from(*this.preface);
         if seen < H2_PREFACE.len() {

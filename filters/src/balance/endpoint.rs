@@ -267,7 +267,7 @@ impl EndpointSet {
         let n = self.endpoints.len();
         let eps = &self.endpoints;
         let at = |i: usize| &eps[i];
-        let t = Instant::now();
+        let t = crate::clock::now();
         let take = |i: usize, probe: bool| {
             Some(Pick {
                 endpoint: eps[i].clone(),

@@ -46,7 +46,7 @@ impl Outcome {
 
     fn settle<T>(&mut self, result: &Result<T, BoxError>) {
         self.settled = true;
-        let now = Instant::now();
+        let now = crate::clock::now();
         match result {
             Err(e) if (self.classify)(&**e) => {
                 self.endpoint

@@ -141,7 +141,7 @@ impl Drop for Permit {
         if self.done {
             return;
         }
-        let timed_out = self.deadline.is_some_and(|d| Instant::now() >= d);
+        let timed_out = self.deadline.is_some_and(|d| crate::clock::now() >= d);
         if timed_out && self.circuit.params.counts_timeouts() {
             self.circuit.on_failure(self.generation, "timeout");
         } else if self.probe {
@@ -208,7 +208,7 @@ impl Circuit {
     }
 
     fn now_ms(&self) -> u64 {
-        Instant::now()
+        crate::clock::now()
             .saturating_duration_since(self.epoch)
             .as_millis() as u64
     }

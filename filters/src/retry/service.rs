@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use http_body::Body;
-use tokio::time::{Instant, Sleep, sleep, sleep_until};
+use tokio::time::{Sleep, sleep, sleep_until};
 use tower::BoxError;
 use tower_service::Service;
 
@@ -80,7 +80,7 @@ where
             );
         };
         // One clock read serves the budget, the per-try deadline and the total's.
-        let now = Instant::now();
+        let now = crate::clock::now();
         route.budget().deposit_at(now);
         let p = route.params();
         let mut may_retry = p.attempts > 0 && p.method_allowed(req.method());
