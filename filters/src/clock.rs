@@ -48,6 +48,22 @@ pub fn now() -> Instant {
         .unwrap_or_else(|_| Instant::now())
 }
 
+/// governor's clock for the rate limiters: [`now`] as a [`std::time::Instant`]. A limit's
+/// check takes the poll's reading like every other layer, and no TSC calibration (up to
+/// 200 ms of spinning in `quanta`) runs when the first limiter is built.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct PollClock;
+
+impl governor::clock::Clock for PollClock {
+    type Instant = std::time::Instant;
+
+    fn now(&self) -> std::time::Instant {
+        now().into_std()
+    }
+}
+
+impl governor::clock::ReasonablyRealtime for PollClock {}
+
 pin_project_lite::pin_project! {
     /// Runs `inner` with one clock reading per poll (module docs).
     pub struct Frozen<F> {
@@ -127,6 +143,18 @@ mod tests {
         assert_eq!(first, later);
         assert_eq!(live - first, Duration::from_millis(7));
         assert_eq!(now(), live, "live again after the poll");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_limit_on_the_poll_clock_refills_with_tokio_time() {
+        let quota = governor::Quota::per_second(std::num::NonZeroU32::new(1).unwrap());
+        let limit = governor::RateLimiter::direct_with_clock(quota, PollClock);
+        assert!(limit.check().is_ok());
+        assert!(limit.check().is_err());
+        tokio::time::advance(Duration::from_millis(999)).await;
+        assert!(limit.check().is_err(), "not a whole period yet");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(limit.check().is_ok());
     }
 
     #[test]

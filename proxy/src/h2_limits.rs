@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::time::Duration;
 
 use governor::{Quota, RateLimiter};
+use sluice_filters::clock::PollClock;
 use tokio::sync::Notify;
 
 /// The limits of one HTTP/2 connection.
@@ -46,11 +47,7 @@ impl Default for H2Limits {
 pub(crate) struct StreamBudget {
     max_streams: u32,
     streams: AtomicU32,
-    resets: RateLimiter<
-        governor::state::NotKeyed,
-        governor::state::InMemoryState,
-        governor::clock::DefaultClock,
-    >,
+    resets: RateLimiter<governor::state::NotKeyed, governor::state::InMemoryState, PollClock>,
     tripped: AtomicBool,
     trip: Notify,
 }
@@ -66,7 +63,7 @@ impl StreamBudget {
         Arc::new(Self {
             max_streams: limits.max_streams,
             streams: AtomicU32::new(0),
-            resets: RateLimiter::direct(quota),
+            resets: RateLimiter::direct_with_clock(quota, PollClock),
             tripped: AtomicBool::new(false),
             trip: Notify::new(),
         })

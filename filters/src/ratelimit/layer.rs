@@ -1,14 +1,15 @@
 use std::fmt;
 use std::sync::Arc;
 
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::Clock;
 use tower_layer::Layer;
 
 use super::fleet::FleetLimiter;
 use super::{KeyedLimiter, Limiter, NoopObserver, RateLimit, RateLimitObserver};
+use crate::clock::PollClock;
 
 /// Applies one [`KeyedLimiter`] (or one [`FleetLimiter`]) to the wrapped service.
-pub struct RateLimitLayer<C: Clock = DefaultClock> {
+pub struct RateLimitLayer<C: Clock = PollClock> {
     limiter: Limiter<C>,
     observer: Arc<dyn RateLimitObserver>,
     headers_on_allowed: bool,

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use dashmap::DashMap;
-use governor::clock::{Clock, DefaultClock, Reference};
+use governor::clock::{Clock, Reference};
 use governor::middleware::{NoOpMiddleware, StateInformationMiddleware};
 use governor::nanos::Nanos;
 use governor::state::StateStore;
@@ -14,6 +14,7 @@ use governor::{Quota, RateLimiter};
 use http::{HeaderValue, Request};
 
 use super::{KeyBy, RateLimitParams};
+use crate::clock::PollClock;
 use crate::extensions::PeerIdentity;
 use crate::registry::Registry;
 
@@ -193,7 +194,7 @@ struct Buckets<C: Clock> {
 /// Built by [`RateLimitRegistry::get_or_rebuild`] once per policy swap and shared by every
 /// request through an `Arc`. Checking a request takes no lock beyond a sharded map's read
 /// guard and allocates nothing once its key is known.
-pub struct KeyedLimiter<C: Clock = DefaultClock> {
+pub struct KeyedLimiter<C: Clock = PollClock> {
     params: RateLimitParams,
     buckets: Arc<Buckets<C>>,
     policy_header: HeaderValue,
@@ -405,20 +406,20 @@ pub(crate) fn ceil_secs(d: Duration) -> u64 {
 /// route that has a limit, then [`retain`](Self::retain) with the routes still present.
 /// Unchanged params get the very same limiter back (buckets survive the swap); a change of
 /// rate, burst or key builds fresh buckets; a change of only name or shadow keeps them.
-pub struct RateLimitRegistry<K, C: Clock = DefaultClock> {
+pub struct RateLimitRegistry<K, C: Clock = PollClock> {
     limiters: Registry<K, KeyedLimiter<C>>,
     clock: C,
     max_keys: usize,
 }
 
-impl<K: Hash + Eq + Clone> RateLimitRegistry<K, DefaultClock> {
+impl<K: Hash + Eq + Clone> RateLimitRegistry<K, PollClock> {
     /// An empty registry on the monotonic clock, keeping [`DEFAULT_MAX_KEYS`] keys per limit.
     pub fn new() -> Self {
-        Self::with_clock(DefaultClock::default())
+        Self::with_clock(PollClock)
     }
 }
 
-impl<K: Hash + Eq + Clone> Default for RateLimitRegistry<K, DefaultClock> {
+impl<K: Hash + Eq + Clone> Default for RateLimitRegistry<K, PollClock> {
     fn default() -> Self {
         Self::new()
     }

@@ -2,7 +2,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use governor::clock::{Clock, DefaultClock};
+use governor::clock::Clock;
 use http::{Request, Response};
 use tower::BoxError;
 use tower_service::Service;
@@ -10,6 +10,7 @@ use tower_service::Service;
 use super::fleet::{FleetLimiter, FleetVerdict};
 use super::{Decision, KeyedLimiter, RateLimitObserver, ResponseFuture, Verdict};
 use crate::FilterError;
+use crate::clock::PollClock;
 
 /// The limiter a [`RateLimit`] enforces: this proxy's own buckets, or a share of a
 /// fleet-wide quota.
@@ -70,7 +71,7 @@ impl<C: Clock> Limiter<C> {
 }
 
 /// Refuses requests over its limiter's rate with [`FilterError::RateLimited`].
-pub struct RateLimit<S, C: Clock = DefaultClock> {
+pub struct RateLimit<S, C: Clock = PollClock> {
     inner: S,
     limiter: Limiter<C>,
     observer: Arc<dyn RateLimitObserver>,

@@ -8,11 +8,11 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use governor::clock::DefaultClock;
 use http::{HeaderValue, Request};
 use sha2::{Digest, Sha256};
 
 use super::share::{Plan, Share, Sizing, Take};
+use crate::clock::PollClock;
 use crate::ratelimit::limiter::{KeyMix, key_material, policy_header, state_header};
 use crate::ratelimit::{DEFAULT_MAX_KEYS, KeyedLimiter, RateLimitParams, Verdict};
 use crate::registry::Registry;
@@ -70,7 +70,7 @@ pub struct FleetLimiter {
     hasher: RandomState,
     backend: Arc<FleetBackend>,
     fleet_size: AtomicU32,
-    fallback: ArcSwap<KeyedLimiter<DefaultClock>>,
+    fallback: ArcSwap<KeyedLimiter<PollClock>>,
     policy_header: HeaderValue,
     capacity: u64,
 }
@@ -307,7 +307,7 @@ fn redis_key(scope: &[u8; 32], tag: u8, bytes: &[u8]) -> Arc<str> {
 }
 
 /// The local limiter used while Redis is unreachable: `perSecond / N`, `burst / N`.
-fn fallback(p: &RateLimitParams, n: u32, max_keys: usize) -> KeyedLimiter<DefaultClock> {
+fn fallback(p: &RateLimitParams, n: u32, max_keys: usize) -> KeyedLimiter<PollClock> {
     let div = |v: std::num::NonZeroU32| {
         std::num::NonZeroU32::new(v.get().div_ceil(n)).unwrap_or(std::num::NonZeroU32::MIN)
     };
@@ -316,7 +316,7 @@ fn fallback(p: &RateLimitParams, n: u32, max_keys: usize) -> KeyedLimiter<Defaul
         burst: div(p.burst),
         ..p.clone()
     };
-    KeyedLimiter::new(local, DefaultClock::default(), max_keys)
+    KeyedLimiter::new(local, PollClock, max_keys)
 }
 
 // === impl FleetRegistry ===
