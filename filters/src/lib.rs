@@ -20,9 +20,10 @@
 //! The layers pass what they decided to each other only through the request extensions
 //! of [`extensions`] (the chosen backend, the endpoint, a try's deadline, the peer's
 //! identity), never through each other's types. [`reason::Reason`] is the one list of
-//! `x-sluice-reason` values with their HTTP and gRPC status. The order the proxy stacks
-//! them in, and how it builds them from the policy at each swap, is documented with the
-//! proxy's stack builder (`sluice_proxy::stack`).
+//! `x-sluice-reason` values with their HTTP and gRPC status. The layers tell the time
+//! with [`clock::now`], which a connection's task run under [`clock::Frozen`] reads once
+//! per poll. The order the proxy stacks them in, and how it builds them from the policy
+//! at each swap, is documented with the proxy's stack builder (`sluice_proxy::stack`).
 
 #![warn(missing_docs, unreachable_pub)]
 
