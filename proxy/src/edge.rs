@@ -212,8 +212,10 @@ async fn forward(
     telemetry: Option<&Telemetry>,
     recent: Option<&RecentRequests>,
 ) -> Response<Body> {
-    // Off by default: then this is the ring's whole cost.
-    let seen = recent.map(|_| Seen::new(&req));
+    // Off by default: then this is the ring's whole cost. Boxed, like the access entry
+    // below: this future is moved whole into its box and through hyper, and a field
+    // that is nearly always `None` should not make every move larger.
+    let seen = recent.map(|_| Box::new(Seen::new(&req)));
     let grpc = is_grpc(&req);
     let peer = req.extensions().get::<PeerIdentity>().map(|p| p.0.clone());
     // Only the protocols the route lets through are offered upstream; the rest of an
@@ -228,7 +230,8 @@ async fn forward(
     // Both are off by default; then a request pays two branches here and two below.
     let span =
         telemetry.map(|t| t.start_request(direction.span_kind(), &entry.params.key, &mut req));
-    let access = (entry.params.route.access_log == Some(true)).then(|| AccessEntry::new(&mut req));
+    let access =
+        (entry.params.route.access_log == Some(true)).then(|| Box::new(AccessEntry::new(&mut req)));
     let mut svc = entry.service.clone();
     // The boxed request must not be held across an await: rustc cannot prove such a
     // future `Send` for every lifetime of the boxed error inside the body type.
@@ -302,7 +305,7 @@ async fn forward(
             .and_then(|i| entry.params.backends.get(i))
             .map(|b| &b.name);
         let route = Some(&entry.params.key);
-        r.record(seen, direction.as_str(), route, name, &resp, elapsed);
+        r.record(*seen, direction.as_str(), route, name, &resp, elapsed);
     }
     if span.is_some() || access.is_some() {
         let backend = backend
