@@ -116,8 +116,9 @@ mod tests {
             for _ in 0..3 {
                 let (a, b) = (now(), now());
                 polls.push((a, b));
-                // A sleep ends the poll; the next one reads the clock again.
-                tokio::time::sleep(Duration::from_millis(10)).await;
+                // Moving the paused clock yields, which ends the poll; the next poll
+                // reads the clock again.
+                tokio::time::advance(Duration::from_millis(10)).await;
             }
         })
         .await;
