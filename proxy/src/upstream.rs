@@ -70,6 +70,10 @@ const ALPN_H2: &[&[u8]] = &[b"h2"];
 /// two of these in practice: its task looks once per period).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
 
+/// The most an HTTP/1 upstream connection buffers each way: a response head larger
+/// than this is refused (502), as the serving side refuses a request head (64 KiB).
+const H1_MAX_BUF_BYTES: usize = 64 * 1024;
+
 /// Mesh clients per expected identity.
 #[derive(Debug)]
 struct MeshPools {
@@ -514,7 +518,15 @@ impl<C: Connect> H1Pool<C> {
         let io = tower::ServiceExt::oneshot(self.connector.clone(), uri)
             .await
             .map_err(Into::into)?;
-        let (sender, conn) = http1::Builder::new().handshake(io).await?;
+        // One contiguous write buffer, as on the serving side (`server::serve`), bounded
+        // here too: hyper's default (~400 KiB) would let one large upload leave that much
+        // buffer behind on every pooled connection.
+        let (sender, conn) = http1::Builder::new()
+            .writev(false)
+            .max_buf_size(H1_MAX_BUF_BYTES)
+            .max_header_size(H1_MAX_BUF_BYTES)
+            .handshake(io)
+            .await?;
         let state = Arc::new(ConnState {
             uses: AtomicU64::new(1),
             busy: AtomicBool::new(true),
