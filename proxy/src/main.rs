@@ -135,11 +135,14 @@ mod tests {
                 // with its own layout.
                 unsafe {
                     let p = a.alloc(layout);
-                    assert!(!p.is_null() && p.addr() % align == 0, "{size} @ {align}");
+                    assert!(
+                        !p.is_null() && p.addr().is_multiple_of(align),
+                        "{size} @ {align}"
+                    );
                     p.write_bytes(0xA5, size);
                     let q = a.realloc(p, layout, size * 3);
                     assert!(
-                        !q.is_null() && q.addr() % align == 0,
+                        !q.is_null() && q.addr().is_multiple_of(align),
                         "{size} @ {align} grown"
                     );
                     assert!(
@@ -149,7 +152,7 @@ mod tests {
                     );
                     let grown = Layout::from_size_align(size * 3, align).unwrap();
                     let r = a.realloc(q, grown, size.div_ceil(2));
-                    assert!(r.addr() % align == 0, "{size} @ {align} shrunk");
+                    assert!(r.addr().is_multiple_of(align), "{size} @ {align} shrunk");
                     assert!(
                         std::slice::from_raw_parts(r, size.div_ceil(2))
                             .iter()
@@ -159,7 +162,7 @@ mod tests {
 
                     let z = a.alloc_zeroed(layout);
                     assert!(
-                        !z.is_null() && z.addr() % align == 0,
+                        !z.is_null() && z.addr().is_multiple_of(align),
                         "{size} @ {align} zeroed"
                     );
                     assert!(std::slice::from_raw_parts(z, size).iter().all(|&b| b == 0));
