@@ -345,11 +345,17 @@ impl<B: Body> BodySource<B> {
 
 /// The body size as far as the head or the body itself tells.
 pub(crate) fn known_len<B: Body>(req: &Request<B>) -> u64 {
+    let hint = req.body().size_hint();
+    // A body that knows its length exactly (an empty one, or hyper's under a
+    // `content-length`) says all the head could; the lookup is left for the others.
+    if let Some(exact) = hint.exact() {
+        return exact;
+    }
     let declared = req
         .headers()
         .get(http::header::CONTENT_LENGTH)
         .and_then(|v| std::str::from_utf8(v.as_bytes()).ok())
         .and_then(|s| s.trim().parse().ok())
         .unwrap_or(0);
-    declared.max(req.body().size_hint().lower())
+    declared.max(hint.lower())
 }

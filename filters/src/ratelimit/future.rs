@@ -82,10 +82,11 @@ where
                 }
                 if let Some((policy, state)) = headers.take() {
                     let h = rsp.headers_mut();
-                    // An upstream that limits on its own knows its quota better.
-                    if !h.contains_key(&RATELIMIT) {
+                    // An upstream that limits on its own knows its quota better. One
+                    // lookup for the check and the insert: the name is hashed once.
+                    if let http::header::Entry::Vacant(e) = h.entry(RATELIMIT) {
+                        e.insert(state);
                         h.insert(RATELIMIT_POLICY, policy);
-                        h.insert(RATELIMIT, state);
                     }
                 }
                 Poll::Ready(Ok(rsp))
