@@ -25,9 +25,31 @@ struct MiMalloc;
 /// The alignment plain `mi_malloc` gives a block at least that large (`MI_MAX_ALIGN_SIZE`).
 const NATURAL_ALIGN: usize = 16;
 
-/// Whether `p` (possibly null) satisfies `align`, a power of two.
-fn aligned(p: *mut c_void, align: usize) -> bool {
-    p.addr() & (align - 1) == 0
+/// A block for `layout` from `plain` (`mi_malloc` or `mi_zalloc`) when its alignment is
+/// one plain blocks have and the block got meets it, else from `aligned`, the matching
+/// `*_aligned` call.
+///
+/// # Safety
+/// `plain` and `aligned` are mimalloc's allocation functions, as named above.
+#[inline(always)]
+#[allow(unsafe_code)]
+unsafe fn allocate(
+    layout: Layout,
+    plain: unsafe extern "C" fn(usize) -> *mut c_void,
+    aligned: unsafe extern "C" fn(usize, usize) -> *mut c_void,
+) -> *mut u8 {
+    let (size, align) = (layout.size(), layout.align());
+    if align <= NATURAL_ALIGN && align <= size {
+        // SAFETY: any size may be asked for; the result is checked below.
+        let p = unsafe { plain(size) };
+        if p.addr() & (align - 1) == 0 {
+            return p.cast();
+        }
+        // SAFETY: `p` is a live block from mimalloc, never handed out.
+        unsafe { mi_free(p) };
+    }
+    // SAFETY: `align` is a power of two (a `Layout`'s is).
+    unsafe { aligned(size, align) }.cast()
 }
 
 // SAFETY: every pointer returned comes from mimalloc, is null or valid for
@@ -41,34 +63,14 @@ fn aligned(p: *mut c_void, align: usize) -> bool {
 unsafe impl GlobalAlloc for MiMalloc {
     #[inline]
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        let (size, align) = (layout.size(), layout.align());
-        if align <= NATURAL_ALIGN && align <= size {
-            // SAFETY: any size may be asked for; the result is checked below.
-            let p = unsafe { mi_malloc(size) };
-            if aligned(p, align) {
-                return p.cast();
-            }
-            // SAFETY: `p` is a live block from `mi_malloc`, never handed out.
-            unsafe { mi_free(p) };
-        }
-        // SAFETY: `align` is a power of two (a `Layout`'s is).
-        unsafe { mi_malloc_aligned(size, align) }.cast()
+        // SAFETY: mimalloc's plain and aligned allocation functions.
+        unsafe { allocate(layout, mi_malloc, mi_malloc_aligned) }
     }
 
     #[inline]
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        let (size, align) = (layout.size(), layout.align());
-        if align <= NATURAL_ALIGN && align <= size {
-            // SAFETY: as in `alloc`.
-            let p = unsafe { mi_zalloc(size) };
-            if aligned(p, align) {
-                return p.cast();
-            }
-            // SAFETY: as in `alloc`.
-            unsafe { mi_free(p) };
-        }
-        // SAFETY: as in `alloc`.
-        unsafe { mi_zalloc_aligned(size, align) }.cast()
+        // SAFETY: mimalloc's plain and aligned zeroing allocation functions.
+        unsafe { allocate(layout, mi_zalloc, mi_zalloc_aligned) }
     }
 
     #[inline]
