@@ -27,6 +27,12 @@ pub(crate) fn is_grpc<B>(req: &Request<B>) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
 
+/// The most a request's header section may take, as Envoy's default (60 KiB) and
+/// nginx's largest buffers allow; a larger one is refused with 431 (HTTP/1.1) or a
+/// stream error (HTTP/2) instead of being buffered, and an upstream's HTTP/1 response head
+/// larger than this is a 502. hyper's own default is ~400 KiB.
+pub(crate) const MAX_HEADER_BYTES: usize = 64 * 1024;
+
 /// Headers that describe one connection and never travel past a proxy (RFC 9110 §7.6.1).
 const HOP_BY_HOP: [HeaderName; 6] = [
     header::CONNECTION,

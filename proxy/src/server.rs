@@ -27,17 +27,13 @@ use tracing::{debug, info, warn};
 
 use crate::body::{Body, BoxError};
 use crate::h2_limits::{H2Limits, StreamBudget};
+use crate::message::MAX_HEADER_BYTES;
 use crate::metrics::HeadTimeouts;
 use crate::rescue::header_timeout_answer;
 use crate::timeouts::{Activity, ActivityIo, GuardedBody, HeadPhase, HeaderTimeoutIo, Timeouts};
 use crate::tls::accept::{Accepted, InboundTls};
 use crate::transparent::{Intercept, OriginalDst, Prefixed};
 use crate::workers::Workers;
-
-/// The most a request's header section may take, as Envoy's default (60 KiB) and
-/// nginx's largest buffers allow; a larger one is refused with 431 (HTTP/1.1) or a
-/// stream error (HTTP/2) instead of being buffered. hyper's own default is ~400 KiB.
-const MAX_HEADER_BYTES: usize = 64 * 1024;
 
 /// Runs the tasks hyper spawns for a connection (an HTTP/2 stream each) with one clock
 /// reading per poll, as the connection's own task ([`sluice_filters::clock`]).

@@ -36,6 +36,7 @@ use sluice_filters::{UpstreamError, UpstreamErrorKind};
 
 use crate::ProxyError;
 use crate::body::{Body, BoxError, boxed};
+use crate::message::MAX_HEADER_BYTES;
 use crate::route::BackendParams;
 use crate::tls::{MeshConnector, TlsStore};
 
@@ -69,10 +70,6 @@ const ALPN_H2: &[&[u8]] = &[b"h2"];
 /// How long a connection may sit unused in a pool before it is closed (between one and
 /// two of these in practice: its task looks once per period).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(90);
-
-/// The most an HTTP/1 upstream connection buffers each way: a response head larger
-/// than this is refused (502), as the serving side refuses a request head (64 KiB).
-const H1_MAX_BUF_BYTES: usize = 64 * 1024;
 
 /// Mesh clients per expected identity.
 #[derive(Debug)]
@@ -520,11 +517,12 @@ impl<C: Connect> H1Pool<C> {
             .map_err(Into::into)?;
         // One contiguous write buffer, as on the serving side (`server::serve`), bounded
         // here too: hyper's default (~400 KiB) would let one large upload leave that much
-        // buffer behind on every pooled connection.
+        // buffer behind on every pooled connection. A response head is held to the
+        // serving side's limit for request heads; a larger one is a 502.
         let (sender, conn) = http1::Builder::new()
             .writev(false)
-            .max_buf_size(H1_MAX_BUF_BYTES)
-            .max_header_size(H1_MAX_BUF_BYTES)
+            .max_buf_size(MAX_HEADER_BYTES)
+            .max_header_size(MAX_HEADER_BYTES)
             .handshake(io)
             .await?;
         let state = Arc::new(ConnState {

@@ -65,6 +65,7 @@ struct State {
 /// - `/sink…` reads the body as it streams, keeping none, and answers its length
 ///   (body and `x-body-bytes`);
 /// - `/status/NNN` answers status NNN;
+/// - `/head-bytes/N` answers with an `x-filler` header of N bytes (an oversized head);
 /// - `/hold…` waits until [`Upstream::release_held`] is called, then answers `released`;
 /// - `/upgrade…` with an `Upgrade` offer switches (101) to the first protocol offered,
 ///   whatever it is, and echoes every byte of the tunnel back; without one it answers
@@ -322,6 +323,15 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<RespBody>
         let _ = req.into_body().collect().await;
         let mut r = Response::new(full(code.as_str().to_string()));
         *r.status_mut() = code;
+        r
+    } else if let Some(n) = path
+        .strip_prefix("/head-bytes/")
+        .and_then(|n| n.parse::<usize>().ok())
+    {
+        let _ = req.into_body().collect().await;
+        let mut r = Response::new(full(state.name.clone()));
+        r.headers_mut()
+            .insert("x-filler", "h".repeat(n).parse().expect("letters"));
         r
     } else if path.starts_with("/hold") {
         let _ = req.into_body().collect().await;

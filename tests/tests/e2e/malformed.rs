@@ -33,43 +33,10 @@ async fn a_broken_request_body_is_the_clients_fault_400_not_502() {
     assert_eq!(outcome.seen, "400", "{outcome:?}");
 }
 
-/// An upstream (HTTP/1.1 and HTTP/2) that answers `/huge-head` with a header section over
-/// 64 KiB and anything else with a short 200.
-async fn huge_head_upstream() -> std::net::SocketAddr {
-    use http_body_util::Full;
-    use hyper::service::service_fn;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        loop {
-            let Ok((io, _)) = listener.accept().await else {
-                return;
-            };
-            tokio::spawn(async move {
-                let svc = service_fn(|req: hyper::Request<hyper::body::Incoming>| async move {
-                    let mut resp =
-                        hyper::Response::new(Full::new(bytes::Bytes::from_static(b"ok")));
-                    if req.uri().path() == "/huge-head" {
-                        let big = "h".repeat(70 * 1024);
-                        resp.headers_mut().insert("x-big", big.parse().unwrap());
-                    }
-                    Ok::<_, std::convert::Infallible>(resp)
-                });
-                let _ = hyper_util::server::conn::auto::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
-                .await;
-            });
-        }
-    });
-    addr
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstream_head_over_64_kib_is_a_502_and_the_proxy_keeps_serving() {
-    let up = huge_head_upstream().await;
-    let proxy = TestProxy::start(&single_backend_policy("steady", "steady", up)).await;
+    let up = Upstream::auto("steady").await;
+    let proxy = TestProxy::start(&single_backend_policy("steady", "steady", up.addr())).await;
     for (protocol, conn) in [
         (
             "HTTP/1.1",
@@ -78,12 +45,12 @@ async fn an_upstream_head_over_64_kib_is_a_502_and_the_proxy_keeps_serving() {
         ("HTTP/2", HttpConn::h2(proxy.outbound_addr()).await.unwrap()),
     ] {
         let mut conn = conn;
-        let r = conn.get("steady", "/huge-head").await.unwrap();
+        let r = conn.get("steady", "/head-bytes/71680").await.unwrap();
         let reason = r.headers.get("x-sluice-reason");
         assert_eq!(r.status, 502, "{protocol}: {reason:?}");
-        let r = conn.get("steady", "/").await.unwrap();
+        let r = conn.get("steady", "/head-bytes/1024").await.unwrap();
         let reason = r.headers.get("x-sluice-reason");
         assert_eq!(r.status, 200, "{protocol}: {reason:?}");
-        assert_eq!(&r.body[..], b"ok");
+        assert_eq!(&r.body[..], b"steady");
     }
 }
