@@ -1,17 +1,17 @@
 //! The `sluice-proxy` binary.
 
-// Every request makes and frees dozens of small allocations (header maps, boxed bodies
-// and futures, request extensions) on one thread; mimalloc serves them from per-thread
-// free lists, where glibc's malloc spent about a tenth of the proxy's CPU.
-#[global_allocator]
-static ALLOCATOR: MiMalloc = MiMalloc;
-
 use std::alloc::{GlobalAlloc, Layout};
 use std::ffi::c_void;
 
 use libmimalloc_sys::{
     mi_free, mi_malloc, mi_malloc_aligned, mi_realloc_aligned, mi_zalloc, mi_zalloc_aligned,
 };
+
+// Every request makes and frees dozens of small allocations (header maps, boxed bodies
+// and futures, request extensions) on one thread; mimalloc serves them from per-thread
+// free lists, where glibc's malloc spent about a tenth of the proxy's CPU.
+#[global_allocator]
+static ALLOCATOR: MiMalloc = MiMalloc;
 
 /// mimalloc as the global allocator, asking for an alignment only when one is needed.
 ///
