@@ -19,11 +19,11 @@ def main():
     rows = list(csv.DictReader(open(sys.argv[1])))
     at = {(r["round"], r["proto"], r["test"], r["system"]): r for r in rows}
     keys = sorted({(r["proto"], r["test"]) for r in rows})
-    print("| path | protocol | test | max req/s (new ÷ base) | better in | CPU per request (new ÷ base) | lower in |")
-    print("|---|---|---|---|---|---|---|")
+    print("| path | protocol | test | max req/s (new ÷ base) | better in | CPU per request (new ÷ base) | lower in | user space (new ÷ base) | lower in |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for new, base in PAIRS:
         for proto, test in keys:
-            rps, cpu = [], []
+            rps, cpu, user = [], [], []
             for rnd in sorted({r["round"] for r in rows}, key=int):
                 a, b = at.get((rnd, proto, test, new)), at.get((rnd, proto, test, base))
                 if not a or not b:
@@ -32,13 +32,19 @@ def main():
                     rps.append(float(a["rps"]) / float(b["rps"]))
                 if a["cpu_s_per_10k"] and b["cpu_s_per_10k"] and float(b["cpu_s_per_10k"]) > 0:
                     cpu.append(float(a["cpu_s_per_10k"]) / float(b["cpu_s_per_10k"]))
+                # Older raw files have no user-space column.
+                ua, ub = a.get("user_s_per_10k"), b.get("user_s_per_10k")
+                if ua and ub and float(ub) > 0:
+                    user.append(float(ua) / float(ub))
             if not cpu:
                 continue
             r = f"{statistics.median(rps):.3f}×" if rps else "–"
             rb = f"{sum(x > 1 for x in rps)} of {len(rps)}" if rps else "–"
             c = f"{statistics.median(cpu):.3f}×"
             cb = f"{sum(x < 1 for x in cpu)} of {len(cpu)}"
-            print(f"| {new} | {proto} | {test} | {r} | {rb} | {c} | {cb} |")
+            u = f"{statistics.median(user):.3f}×" if user else "–"
+            ub = f"{sum(x < 1 for x in user)} of {len(user)}" if user else "–"
+            print(f"| {new} | {proto} | {test} | {r} | {rb} | {c} | {cb} | {u} | {ub} |")
 
 
 if __name__ == "__main__":

@@ -85,6 +85,9 @@ def main():
                 num(at[k]["rps"]) for k in at if k[1:] == (proto, "max", system))
             m[(proto, system, "cpu_s_per_10k_max")] = med(
                 num(at[k]["cpu_s_per_10k"]) for k in at if k[1:] == (proto, "max", system))
+            # Older raw files have no user-space column.
+            m[(proto, system, "user_s_per_10k_max")] = med(
+                num(at[k].get("user_s_per_10k")) for k in at if k[1:] == (proto, "max", system))
     for system, mib in rss.items():
         m[("all", system, "rss_mib")] = mib
 
@@ -222,6 +225,20 @@ def main():
                            f"{fmt(g(proto, 'nginx', key))} ms")
         w(f"| Added p50, full stack beside nginx (reported) | {'; '.join(cmp)} | reported |")
         w("")
+        # Where CPU per request goes at maximum: the kernel's share (the same sockets and
+        # system calls for every proxy) apart from the proxy's own code.
+        split = []
+        for proto in protos:
+            v, n = g(proto, "sluice-full", "cpu_s_per_10k_max"), g(proto, "nginx", "cpu_s_per_10k_max")
+            vu, nu = g(proto, "sluice-full", "user_s_per_10k_max"), g(proto, "nginx", "user_s_per_10k_max")
+            if None in (v, n, vu, nu):
+                continue
+            split.append(f"{PROTO_NAME.get(proto, proto)} user space {fmt(vu * 100, 1)} vs {fmt(nu * 100, 1)} µs "
+                         f"({ratio(vu, nu)}), kernel {fmt((v - vu) * 100, 1)} vs {fmt((n - nu) * 100, 1)} µs "
+                         f"({ratio(v - vu, n - nu)})")
+        if split:
+            w(f"CPU per request at maximum, full stack vs nginx: {'; '.join(split)}.")
+            w("")
 
     if "hop-plain" in systems and "hop-mtls" in systems:
         w("#### The sidecar-to-sidecar hop: plaintext and mTLS")

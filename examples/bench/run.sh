@@ -359,8 +359,16 @@ for system in "${!PID_OF[@]}"; do
     done
 done
 
-# CPU ticks and peak RSS of a path: summed over its processes (both sidecars of a hop).
-cpu_ticks() { local t=0; for pid in "$@"; do t=$((t + $(awk '{print $14 + $15}' "/proc/$pid/stat"))); done; echo "$t"; }
+# CPU ticks (user + kernel, and user alone) and peak RSS of a path: summed over its
+# processes (both sidecars of a hop).
+cpu_ticks() {
+    local t=0 u=0 pu ps
+    for pid in "$@"; do
+        read -r pu ps < <(awk '{print $14, $15}' "/proc/$pid/stat")
+        t=$((t + pu + ps)); u=$((u + pu))
+    done
+    echo "$t $u"
+}
 hwm_kib() { local k=0; for pid in "$@"; do k=$((k + $(awk '/^VmHWM:/ {print $2}' "/proc/$pid/status"))); done; echo "$k"; }
 CLK_TCK=$(getconf CLK_TCK)
 
@@ -429,7 +437,7 @@ url_of() { # system, proto
 
 mkdir -p "$OUT_DIR"
 RAW=$OUT_DIR/raw.csv
-echo "round,proto,test,system,requests,rps,p50_ms,p99_ms,p999_ms,errors,cpu_s_per_10k" >"$RAW"
+echo "round,proto,test,system,requests,rps,p50_ms,p99_ms,p999_ms,errors,cpu_s_per_10k,user_s_per_10k" >"$RAW"
 LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 STARTED_AT=$(date -u '+%Y-%m-%d %H:%M')
 
@@ -453,17 +461,21 @@ for round in $(seq "$ROUNDS"); do
             for system in "${order[@]}"; do
                 url=$(url_of "$system" "$proto")
                 pid=${PID_OF[$system]:-}
-                before=0; [ -n "$pid" ] && before=$(cpu_ticks $pid)
+                before="0 0"; [ -n "$pid" ] && before=$(cpu_ticks $pid)
                 if [ "$test" = max ]; then
                     IFS=, read -r reqs rps p50 p99 p999 errs < <(max_rate "$url" "$proto" "$DURATION")
                 else
                     IFS=, read -r reqs rps p50 p99 p999 errs < <(fixed_rate "$url" "$proto" "$test" "$DURATION")
                 fi
-                after=0; [ -n "$pid" ] && after=$(cpu_ticks $pid)
-                cpu=""
-                [ -n "$pid" ] && cpu=$(python3 -c "print(f'{($after-$before)/$CLK_TCK*10000/max($reqs,1):.4f}')")
-                log "round $round $proto $test $system: $reqs req, $rps req/s, p50 ${p50:-} p99 ${p99:-} p99.9 ${p999:-} ms, CPU ${cpu:--} s/10k, errors $errs"
-                echo "$round,$proto,$test,$system,$reqs,$rps,${p50:-},${p99:-},${p999:-},$errs,$cpu" >>"$RAW"
+                after="0 0"; [ -n "$pid" ] && after=$(cpu_ticks $pid)
+                cpu="" user=""
+                if [ -n "$pid" ]; then
+                    read -r cpu user < <(python3 -c "
+b, a = '$before'.split(), '$after'.split()
+print(*(f'{(int(a[i]) - int(b[i])) / $CLK_TCK * 10000 / max($reqs, 1):.4f}' for i in (0, 1)))")
+                fi
+                log "round $round $proto $test $system: $reqs req, $rps req/s, p50 ${p50:-} p99 ${p99:-} p99.9 ${p999:-} ms, CPU ${cpu:--} s/10k (user space ${user:--}), errors $errs"
+                echo "$round,$proto,$test,$system,$reqs,$rps,${p50:-},${p99:-},${p999:-},$errs,$cpu,$user" >>"$RAW"
             done
         done
     done
