@@ -23,7 +23,7 @@ use crate::message::{
     is_grpc, is_switching, is_upgrade_request, request_host, restrict_upgrade, spawn_tunnel,
     strip_hop_by_hop, switched_as_offered,
 };
-use crate::policy::PolicyStore;
+use crate::policy::{PolicySnapshot, PolicyStore};
 use crate::recent::{RecentRequests, Seen};
 use crate::rescue::{ClientBodyError, refuse, rescue};
 use crate::stack::RouteEntry;
@@ -106,7 +106,16 @@ pub(crate) async fn outbound(store: &PolicyStore, mut req: Request<Incoming>) ->
     };
     let ctx = store.context();
     let (telemetry, recent) = (ctx.telemetry.as_deref(), ctx.recent.as_deref());
-    forward(entry, req, started, Direction::Outbound, telemetry, recent).await
+    forward(
+        &snapshot,
+        entry,
+        req,
+        started,
+        Direction::Outbound,
+        telemetry,
+        recent,
+    )
+    .await
 }
 
 /// Sends a request of a redirected connection to where the application addressed it,
@@ -162,7 +171,16 @@ pub(crate) async fn inbound(store: &PolicyStore, mut req: Request<Incoming>) -> 
     };
     let ctx = store.context();
     let (telemetry, recent) = (ctx.telemetry.as_deref(), ctx.recent.as_deref());
-    forward(entry, req, started, Direction::Inbound, telemetry, recent).await
+    forward(
+        &snapshot,
+        entry,
+        req,
+        started,
+        Direction::Inbound,
+        telemetry,
+        recent,
+    )
+    .await
 }
 
 /// The proxy's answer to a request refused before any route took it (`no-route`, or a
@@ -205,6 +223,7 @@ fn refused<B>(
 const ALLOWED_METHODS: &str = "GET, HEAD, POST, PUT, DELETE, OPTIONS, TRACE, PATCH";
 
 async fn forward(
+    snapshot: &Arc<PolicySnapshot>,
     entry: &RouteEntry,
     mut req: Request<Incoming>,
     started: Instant,
@@ -232,7 +251,7 @@ async fn forward(
         telemetry.map(|t| t.start_request(direction.span_kind(), &entry.params.key, &mut req));
     let access =
         (entry.params.route.access_log == Some(true)).then(|| Box::new(AccessEntry::new(&mut req)));
-    let mut svc = entry.service.clone();
+    let mut svc = crate::kept::take(snapshot, entry);
     // The boxed request must not be held across an await: rustc cannot prove such a
     // future `Send` for every lifetime of the boxed error inside the body type.
     let ready = std::future::poll_fn(|cx| svc.poll_ready(cx)).await;
@@ -240,28 +259,30 @@ async fn forward(
     // A request that came whole without a body (most GETs) has nothing to time or
     // stream: it goes on with an empty body, which boxes without allocating.
     let ended = req.body().is_end_stream();
-    let result = match (ready, body_timeout) {
-        (Ok(()), _) if ended => svc.call(req.map(|_| empty())).await,
-        (Ok(()), None) => {
-            svc.call(req.map(|b| boxed(b.map_err(ClientBodyError))))
-                .await
-        }
-        (Ok(()), Some(timeout)) => {
-            let mut answered = None;
-            let req = req.map(|b| {
-                let (body, flag) = BodyTimeout::new(b.map_err(ClientBodyError), timeout);
-                answered = Some(flag);
-                boxed(body)
-            });
-            let r = svc.call(req).await;
-            // The upstream answered: from here a quiet request side is a stream's own.
-            if let Some(flag) = answered {
-                flag.store(true, std::sync::atomic::Ordering::Relaxed);
-            }
-            r
-        }
+    let mut answered = None;
+    let called = match (ready, body_timeout) {
+        (Ok(()), _) if ended => Ok(svc.call(req.map(|_| empty()))),
+        (Ok(()), None) => Ok(svc.call(req.map(|b| boxed(b.map_err(ClientBodyError))))),
+        (Ok(()), Some(timeout)) => Ok(svc.call(req.map(|b| {
+            let (body, flag) = BodyTimeout::new(b.map_err(ClientBodyError), timeout);
+            answered = Some(flag);
+            boxed(body)
+        }))),
         (Err(e), _) => Err(e),
     };
+    // Called, the stack is free for this worker's next request to the route; one that
+    // failed to become ready is not called again.
+    if called.is_ok() {
+        crate::kept::keep(snapshot, entry, svc);
+    }
+    let result = match called {
+        Ok(future) => future.await,
+        Err(e) => Err(e),
+    };
+    // The upstream answered: from here a quiet request side is a stream's own.
+    if let Some(flag) = answered {
+        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
     let (resp, backend) = match result {
         Ok(mut resp) => {
             let backend = resp

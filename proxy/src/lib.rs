@@ -28,6 +28,7 @@ pub mod fleet;
 pub mod governance;
 pub mod h2_limits;
 pub mod init;
+mod kept;
 mod listeners;
 mod message;
 pub mod metrics;

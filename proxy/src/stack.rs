@@ -196,7 +196,8 @@ impl StackContext {
 pub struct RouteEntry {
     /// What the stack was built from.
     pub params: Arc<RouteParams>,
-    /// The stack a request is handed to (cloned per request).
+    /// The stack a request is handed to: cloned for it, unless its worker kept one
+    /// (`crate::kept`).
     pub service: RouteService,
     /// Metric handles for this route × each backend.
     pub metrics: RouteMetrics,
