@@ -79,7 +79,7 @@ where
 
 impl<S, B, RB> Future for ResponseFuture<S, B, RB>
 where
-    S: Service<Request<ReplayBody<B>>, Response = Response<RB>> + Send + 'static,
+    S: Service<Request<ReplayBody<B>>, Response = Response<RB>> + Clone + Send + Sync + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
     B: Body + Send + 'static,

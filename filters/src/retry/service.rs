@@ -26,15 +26,20 @@ use crate::replay::{BodySource, ReplayBody, known_len};
 #[derive(Clone, Debug)]
 pub struct Retry<S> {
     inner: S,
+    /// What later tries are sent through: a request that may be retried holds it by
+    /// reference count and clones a service of its own only when it is retried, where
+    /// cloning `inner` for every request would count up and down every layer below.
+    template: Arc<S>,
     route: Option<Arc<RouteRetry>>,
     backend: Arc<str>,
     total: Option<Duration>,
 }
 
-impl<S> Retry<S> {
+impl<S: Clone> Retry<S> {
     /// Wraps `inner`; `route` `None` never retries.
     pub fn new(inner: S, route: Option<Arc<RouteRetry>>, backend: Arc<str>) -> Self {
         Self {
+            template: Arc::new(inner.clone()),
             inner,
             route,
             backend,
@@ -56,7 +61,7 @@ impl<S> Retry<S> {
 
 impl<S, B, RB> Service<Request<B>> for Retry<S>
 where
-    S: Service<Request<ReplayBody<B>>, Response = Response<RB>> + Clone + Send + 'static,
+    S: Service<Request<ReplayBody<B>>, Response = Response<RB>> + Clone + Send + Sync + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
     B: Body + Send + 'static,
@@ -126,7 +131,7 @@ where
         // that failed in a retryable way moves into the boxed loop, with a clone.
         let fut = self.inner.call(req);
         let rest = Rest {
-            svc: self.inner.clone(),
+            svc: Arc::clone(&self.template),
             route: Arc::clone(route),
             backend,
             parts: kept,

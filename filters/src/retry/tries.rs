@@ -33,7 +33,8 @@ fn retry_wait<RB>(p: &RetryParams, res: &Result<Response<RB>, BoxError>) -> Opti
 
 /// What a request needs for tries after the first.
 pub(crate) struct Rest<S, B> {
-    pub(super) svc: S,
+    /// Cloned into a service of the retry's own once a try is retried.
+    pub(super) svc: Arc<S>,
     pub(super) route: Arc<RouteRetry>,
     pub(super) backend: Arc<str>,
     /// The head as it came (`None`: the request goes once, for its per-try timer).
@@ -107,7 +108,7 @@ pub(crate) struct Total {
 
 impl<S, B> Rest<S, B>
 where
-    S: Service<Request<ReplayBody<B>>> + Send + 'static,
+    S: Service<Request<ReplayBody<B>>> + Clone + Send + Sync + 'static,
     S::Error: Into<BoxError>,
     S::Future: Send + 'static,
     B: Body + Send + 'static,
@@ -165,7 +166,7 @@ where
         S: Service<Request<ReplayBody<B>>, Response = Response<RB>>,
     {
         let Rest {
-            mut svc,
+            svc: template,
             route,
             backend,
             parts,
@@ -173,6 +174,8 @@ where
             outer_deadline,
             ..
         } = self;
+        let mut svc = S::clone(&template);
+        drop(template);
         let p = route.params();
         let mut retries = 0u32;
         loop {
