@@ -213,14 +213,20 @@ async fn the_proxy_page_shows_breakers_and_resets_an_open_one() {
     browser.screenshot("proxy-admin-page.png").await;
 
     // Click Reset on the open breaker: the proxy's /breakers changes, and so does the page.
-    c.find(Locator::Css(
-        r#"button.breaker-reset[data-route="shop.api"][data-backend="v1"]"#,
-    ))
-    .await
-    .unwrap()
-    .click()
-    .await
-    .unwrap();
+    // The page redraws its tables each time it polls, so a button found just before a
+    // redraw is stale by the click: find it again until a click lands.
+    wait_until("the reset button takes a click", WAIT, || async {
+        match c
+            .find(Locator::Css(
+                r#"button.breaker-reset[data-route="shop.api"][data-backend="v1"]"#,
+            ))
+            .await
+        {
+            Ok(button) => button.click().await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await;
     wait_until("the proxy reports the breaker closed", WAIT, || async {
         proxy.admin_json("/breakers").await[0]["state"] == "closed"
     })
