@@ -93,17 +93,14 @@ pub(crate) fn take(snapshot: &Arc<PolicySnapshot>, entry: &RouteEntry) -> RouteS
 /// `entry` of `snapshot`.
 pub(crate) fn keep(snapshot: &Arc<PolicySnapshot>, entry: &RouteEntry, svc: RouteService) {
     let key = std::ptr::from_ref(entry) as usize;
-    let mut svc = Some(svc);
-    let dropped = KEPT
-        .try_with(|k| {
-            k.try_borrow_mut()
-                .ok()
-                .and_then(|mut k| svc.take().map(|s| k.keep(snapshot, key, s)))
-        })
-        .ok()
-        .flatten();
-    drop(dropped);
-    drop(svc);
+    // What made room is dropped here, after the borrow; a stack that cannot be kept (the
+    // list borrowed, the thread ending) is dropped with the closure.
+    let made_room = KEPT.try_with(|k| {
+        k.try_borrow_mut()
+            .ok()
+            .map(|mut k| k.keep(snapshot, key, svc))
+    });
+    drop(made_room);
 }
 
 #[cfg(test)]
