@@ -364,12 +364,14 @@ impl Answers {
             Message::Hello(_) => {
                 tracing::debug!(node_id = %node, "ignoring a second Hello");
             }
-            Message::Report(report) => match shared.reports.ingest(node, &report, Instant::now()) {
-                Ok(()) => shared.on_report(node, report),
-                Err(e) => {
-                    tracing::debug!(node_id = %node, error = %e, "malformed traffic report dropped")
+            Message::Report(report) => {
+                match shared.reports.ingest(node, &report, shared.clock.instant()) {
+                    Ok(()) => shared.on_report(node, report),
+                    Err(e) => {
+                        tracing::debug!(node_id = %node, error = %e, "malformed traffic report dropped")
+                    }
                 }
-            },
+            }
         }
     }
 }

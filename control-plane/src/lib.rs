@@ -60,7 +60,7 @@ pub mod views;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::watch;
 
@@ -338,7 +338,7 @@ impl RunningControlPlane {
     pub fn proxies_with_traffic(&self, policy: &str, route: &str) -> u32 {
         self.shared
             .reports
-            .proxies_with_traffic(policy, route, Instant::now())
+            .proxies_with_traffic(policy, route, self.shared.clock.instant())
     }
 
     /// A receiver that changes whenever a new version is published.
@@ -486,7 +486,10 @@ pub async fn start(cfg: ControlPlaneConfig) -> Result<RunningControlPlane, Error
     let aging = shared.clone();
     let stop = shutdown_rx.clone();
     tasks.push(tokio::spawn(async move {
-        aging.reports.keep_fresh(stop).await;
+        aging
+            .reports
+            .keep_fresh(|| aging.clock.instant(), stop)
+            .await;
     }));
     if let Some(kube) = &cfg.kubernetes {
         let mut kube = kube.clone();

@@ -19,7 +19,7 @@ use crate::k8s::policies::KubePolicies;
 use crate::metrics::Metrics;
 use crate::proxies::ProxyRegistry;
 use crate::rollout::forward::{REMOTE_FRESH, RemoteProxy, ReportForwarder};
-use crate::rollout::{ReportBook, Rollouts};
+use crate::rollout::{Clock, ReportBook, Rollouts};
 use crate::source::{FileView, PolicyDir, PolicyView, ScanReport};
 use crate::views;
 
@@ -106,6 +106,8 @@ pub(crate) struct Shared {
     /// While this replica holds the lease: the proxies connected to each other
     /// replica, as it last sent them, and when.
     pub(crate) remote_proxies: Mutex<HashMap<String, (Instant, Vec<RemoteProxy>)>>,
+    /// The time the rollouts and the proxies' traffic counts go by.
+    pub(crate) clock: Clock,
     pub(crate) metrics: Metrics,
     pub(crate) ready: std::sync::atomic::AtomicBool,
     /// Bumped whenever what the admin API shows may have changed.
@@ -126,7 +128,8 @@ impl Shared {
         let metrics = Metrics::new();
         let reports = crate::rollout::reports::counter();
         metrics.register(Box::new(reports.clone()));
-        let rollouts = Rollouts::new(state_dir);
+        let clock = Clock::default();
+        let rollouts = Rollouts::new(state_dir, clock.clone());
         for c in rollouts.collectors() {
             metrics.register(c);
         }
@@ -143,6 +146,7 @@ impl Shared {
             proxies: ProxyRegistry::new(metrics.connected.clone(), changes),
             forwarder: ReportForwarder::new(reports.clone()),
             remote_proxies: Mutex::default(),
+            clock,
             reports: ReportBook::new(reports),
             metrics,
             ready: std::sync::atomic::AtomicBool::new(false),
@@ -294,10 +298,20 @@ impl Shared {
         }
     }
 
+    /// The rollout driver's look at acks and interval ends, publishing new weights
+    /// at once when one moved.
+    pub(crate) fn tick_rollouts(&self) {
+        if self.rollouts.tick(|| self.proxies_everywhere()) {
+            self.republish();
+        }
+    }
+
     /// Every connected proxy whose acks a step waits for: this replica's own and, on
     /// the lease holder, those the other replicas listed within [`REMOTE_FRESH`].
     pub(crate) fn proxies_everywhere(&self) -> Vec<crate::proxies::ProxyRecord> {
         let mut all = self.proxies.snapshot();
+        // Not `clock`: the lists come on the followers' real-time cadence
+        // (ACKS_EVERY), which a test moving the rollouts' clock must not make look late.
         let now = Instant::now();
         let mut remote = self
             .remote_proxies

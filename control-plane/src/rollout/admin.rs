@@ -104,7 +104,10 @@ async fn relayed_report(
             "this replica does not hold the lease\n".into(),
         );
     }
-    match shared.reports.ingest(&node, &report, Instant::now()) {
+    match shared
+        .reports
+        .ingest(&node, &report, shared.clock.instant())
+    {
         Ok(()) => {
             shared.judge_reports();
             Response::builder()

@@ -13,7 +13,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use indexmap::IndexMap;
 use prometheus::{Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts};
@@ -23,6 +23,7 @@ use sluice_config::{
 };
 use tokio::sync::watch;
 
+use super::clock::Clock;
 use super::engine::{
     Command, Now, Phase, ProxyAck, RolloutState, Saved, Spec, Transition, WindowView,
 };
@@ -146,6 +147,7 @@ struct Inner {
     leading: AtomicBool,
     state_dir: Option<PathBuf>,
     metrics: RolloutMetrics,
+    clock: Clock,
 }
 
 /// Why a command by hand was refused.
@@ -164,16 +166,10 @@ pub enum CommandError {
     NotLeading,
 }
 
-fn now() -> Now {
-    Now {
-        at: Instant::now(),
-        unix_ms: crate::unix_ms(SystemTime::now()),
-    }
-}
-
 impl Rollouts {
-    /// No rollouts yet; states saved in `state_dir` are resumed when their block shows up.
-    pub fn new(state_dir: Option<&Path>) -> Self {
+    /// No rollouts yet, judged by `clock`; states saved in `state_dir` are resumed
+    /// when their block shows up.
+    pub fn new(state_dir: Option<&Path>, clock: Clock) -> Self {
         let saved = state_dir.map(load).unwrap_or_default();
         Self {
             inner: Arc::new(Inner {
@@ -184,6 +180,7 @@ impl Rollouts {
                 state_dir: state_dir.map(Path::to_path_buf),
                 leading: AtomicBool::new(true),
                 metrics: RolloutMetrics::new(),
+                clock,
             }),
         }
     }
@@ -206,7 +203,7 @@ impl Rollouts {
     /// This replica starts or stops driving. A replica that starts drives on from the
     /// states it followed (the statuses): each step waits for every proxy's ack again.
     pub fn set_leading(&self, leading: bool) {
-        self.set_leading_at(leading, now());
+        self.set_leading_at(leading, self.inner.clock.now());
     }
 
     fn set_leading_at(&self, leading: bool, now: Now) {
@@ -265,7 +262,7 @@ impl Rollouts {
     /// Brings the rollouts in line with `set`: a new block starts (or resumes its
     /// saved state), an unchanged one keeps its state, a removed one ends.
     pub fn sync(&self, set: &PolicySet) {
-        let now = now();
+        let now = self.inner.clock.now();
         let mut book = self.book();
         let mut seen = Vec::new();
         let mut changed = false;
@@ -401,7 +398,7 @@ impl Rollouts {
         if !self.is_leading() {
             return false;
         }
-        let now = now();
+        let now = self.inner.clock.now();
         let mut book = self.book();
         let mut transitions = Vec::new();
         for (id, e) in &mut book.entries {
@@ -430,7 +427,7 @@ impl Rollouts {
     /// thousands of proxies, listing them every tick for nothing costs more than
     /// the rest of the tick.
     pub fn tick(&self, proxies: impl FnOnce() -> Vec<ProxyRecord>) -> bool {
-        self.tick_at(proxies, now())
+        self.tick_at(proxies, self.inner.clock.now())
     }
 
     fn tick_at(&self, proxies: impl FnOnce() -> Vec<ProxyRecord>, now: Now) -> bool {
@@ -489,7 +486,7 @@ impl Rollouts {
         if !self.is_leading() {
             return Err(CommandError::NotLeading);
         }
-        let now = now();
+        let now = self.inner.clock.now();
         let mut book = self.book();
         let e = book
             .entries
@@ -587,7 +584,7 @@ impl Rollouts {
     /// serves them at once; the elected replica keeps its own and only resumes from
     /// them when a rollout shows up. `true` when a weight changed.
     pub fn follow(&self, statuses: HashMap<RolloutId, RolloutStatus>) -> bool {
-        let now = now();
+        let now = self.inner.clock.now();
         let leading = self.is_leading();
         let mut book = self.book();
         let mut changed = false;
@@ -799,9 +796,7 @@ pub(crate) async fn drive(shared: Arc<crate::state::Shared>, mut shutdown: watch
             _ = tick.tick() => {}
             _ = shutdown.wait_for(|stop| *stop) => return,
         }
-        if shared.rollouts.tick(|| shared.proxies_everywhere()) {
-            shared.republish();
-        }
+        shared.tick_rollouts();
     }
 }
 
@@ -854,12 +849,12 @@ spec:
     /// their proxies' acks.
     #[test]
     fn a_new_holder_starts_an_undescribed_rollout_once_and_waits_for_the_acks() {
-        let r = Rollouts::new(None);
+        let r = Rollouts::new(None, Clock::default());
         r.set_leading(false);
         r.sync(&set());
         assert_eq!(results(&r), Vec::<String>::new());
         assert_eq!(r.view()["rollouts"][0]["canaryWeight"], 10);
-        let t0 = now();
+        let t0 = r.inner.clock.now();
         r.set_leading_at(true, t0);
         assert_eq!(results(&r), ["started"]);
         // A second election (lost and won again) starts nothing.
@@ -879,9 +874,9 @@ spec:
     /// first transition and the latest ones.
     #[test]
     fn a_followers_history_holds_each_of_the_holders_transitions_once() {
-        let holder = Rollouts::new(None);
+        let holder = Rollouts::new(None, Clock::default());
         holder.sync(&set());
-        let base = now();
+        let base = holder.inner.clock.now();
         for i in 1..=12 {
             let mut book = holder.book();
             let e = book.entries.values_mut().next().expect("the rollout");
@@ -895,7 +890,7 @@ spec:
         assert_eq!(st.history.len(), ROLLOUT_STATUS_HISTORY);
         assert_eq!(st.history[0].result, "started");
 
-        let follower = Rollouts::new(None);
+        let follower = Rollouts::new(None, Clock::default());
         follower.set_leading(false);
         follower.sync(&set());
         let id = RolloutId {

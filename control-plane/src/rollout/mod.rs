@@ -10,13 +10,17 @@
 //!   `--state-dir`, metrics and a log event per transition.
 //! - [`forward`]: on a replica that does not hold the lease, the proxies' reports
 //!   relayed to the one that does (only the holder judges).
+//! - [`clock`]: the time the driver judges by and the traffic counts age by; tests
+//!   move it forward rather than wait.
 //! - `admin`: `GET /rollouts` and `POST /rollouts/<ns>/<policy>/<route>/<command>`.
 
 pub(crate) mod admin;
+pub mod clock;
 pub mod driver;
 pub mod engine;
 pub mod forward;
 pub mod reports;
 
+pub use clock::Clock;
 pub use driver::{FrozenWeights, RolloutId, Rollouts};
 pub use reports::{ReportBook, Window};

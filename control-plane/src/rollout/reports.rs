@@ -297,13 +297,18 @@ pub fn counter() -> prometheus::IntCounterVec {
 }
 
 impl ReportBook {
-    /// Ages the per-route proxy counts once a second, so a proxy that went quiet
-    /// stops counting even when no report arrives; ends at shutdown.
-    pub(crate) async fn keep_fresh(&self, mut shutdown: watch::Receiver<bool>) {
+    /// Ages the per-route proxy counts once a second (at the time `now` reads), so
+    /// a proxy that went quiet stops counting even when no report arrives; ends at
+    /// shutdown.
+    pub(crate) async fn keep_fresh(
+        &self,
+        now: impl Fn() -> Instant,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
-                _ = tick.tick() => self.refresh(Instant::now()),
+                _ = tick.tick() => self.refresh(now()),
                 _ = shutdown.wait_for(|stop| *stop) => return,
             }
         }
