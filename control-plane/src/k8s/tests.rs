@@ -1064,8 +1064,24 @@ fn healthy_report(canary: u64, stable: u64) -> sluice_api::pb::Report {
 
 /// The canary's weight in the set `cp` serves proxies now.
 fn served_canary_weight(cp: &RunningControlPlane) -> Option<u32> {
-    let p = cp.shared.snapshots.borrow().clone()?;
-    let view = p.views.last()?;
+    canary_weight_in(cp.shared.snapshots.borrow().as_deref())
+}
+
+/// Waits until `cp` serves the canary at `weight`.
+async fn serves_canary_at(cp: &RunningControlPlane, weight: u32) {
+    let mut rx = cp.shared.snapshots.subscribe();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        rx.wait_for(|p| canary_weight_in(p.as_deref()) == Some(weight)),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("never served the canary at {weight} %"))
+    .unwrap();
+}
+
+/// The canary's weight in the published set `p`.
+fn canary_weight_in(p: Option<&crate::state::Published>) -> Option<u32> {
+    let view = p?.views.last()?;
     let set = PolicySet::from_canonical("snapshot", &view.snapshot.canonical).ok()?;
     let policy = set.policies().first()?.clone();
     policy.spec.routes[0].split[0]
@@ -1083,6 +1099,47 @@ fn status_rollout(cluster: &Cluster) -> Value {
         .map(|o| o["status"]["rollouts"][0].clone())
         .unwrap_or(Value::Null)
 }
+
+/// `sluice_cp_reports_total{result}` on `cp`.
+fn reports_total(cp: &RunningControlPlane, result: &str) -> f64 {
+    let metrics = String::from_utf8(cp.shared.metrics.render()).unwrap();
+    let line = format!("sluice_cp_reports_total{{result=\"{result}\"}}");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(&line))
+        .map_or(0.0, |v| v.trim().parse::<f64>().unwrap())
+}
+
+/// A healthy report from proxy-1, connected to `cp`, taken in as its stream takes one.
+fn report_to(cp: &RunningControlPlane) {
+    let report = healthy_report(20, 80);
+    cp.shared
+        .reports
+        .ingest("proxy-1", &report, cp.shared.clock.instant())
+        .unwrap();
+    cp.shared.on_report("proxy-1", report);
+}
+
+/// A healthy report to the follower, once the holder answered its relay (it answers
+/// after judging the report).
+async fn relay_report(follower: &RunningControlPlane) {
+    let before = reports_total(follower, "forwarded");
+    report_to(follower);
+    eventually("the holder took in the relayed report", || {
+        reports_total(follower, "forwarded") > before
+    })
+    .await;
+}
+
+/// `by` passes for the rollouts of every replica in `replicas`.
+fn time_passes(replicas: &[&RunningControlPlane], by: Duration) {
+    for cp in replicas {
+        cp.shared.clock.advance(by);
+    }
+}
+
+/// The interval of `rollout_spec`'s steps.
+const INTERVAL: Duration = Duration::from_secs(1);
 
 /// Waits (real time, generous) until `f` holds; `what` names it on failure.
 async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
@@ -1132,20 +1189,24 @@ async fn the_lease_holder_drives_a_rollout_the_follower_serves_and_resumes_it() 
     })
     .await;
 
-    // Reports reach the follower only: it relays them, the holder judges the
-    // window, advances, writes step 1, and the follower serves 50 % from the status.
+    // Reports reach the follower only: it relays them; once the holder's takeover
+    // grace is over, every proxy acked the step and its interval passed, the holder
+    // judges the window, advances, writes step 1, and the follower serves 50 % from
+    // the status.
+    time_passes(&[&a, &b], crate::rollout::driver::TAKEOVER_GRACE);
     let mut relayed = 0;
-    while served_canary_weight(&b) != Some(50) {
+    while a.shared.rollouts.view()["rollouts"][0]["step"] == 0 {
         relayed += 1;
-        assert!(relayed < 600, "the follower never served step 1");
-        let report = healthy_report(20, 80);
-        b.shared
-            .reports
-            .ingest("proxy-1", &report, std::time::Instant::now())
-            .unwrap();
-        b.shared.on_report("proxy-1", report);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            relayed <= 10,
+            "the holder never judged step 0: {}",
+            a.shared.rollouts.view()
+        );
+        relay_report(&b).await;
+        time_passes(&[&a, &b], INTERVAL);
+        a.shared.tick_rollouts();
     }
+    serves_canary_at(&b, 50).await;
     let st = status_rollout(&cluster);
     assert_eq!(
         (st["step"].clone(), st["decision"].clone()),
@@ -1154,15 +1215,12 @@ async fn the_lease_holder_drives_a_rollout_the_follower_serves_and_resumes_it() 
     );
     assert_eq!(served_canary_weight(&a), Some(50));
     // The holder's step 1 waits for the follower's proxy, which has not acked it:
-    // however many reports arrive, no window opens.
-    for _ in 0..30 {
-        let report = healthy_report(20, 80);
-        b.shared
-            .reports
-            .ingest("proxy-1", &report, std::time::Instant::now())
-            .unwrap();
-        b.shared.on_report("proxy-1", report);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+    // however many reports arrive and intervals pass (ten, well within the ack grace
+    // after which a silent proxy is left out), no window opens.
+    for _ in 0..10 {
+        relay_report(&b).await;
+        time_passes(&[&a, &b], INTERVAL);
+        a.shared.tick_rollouts();
     }
     let view = a.shared.rollouts.view();
     assert_eq!(
@@ -1233,25 +1291,32 @@ async fn the_lease_holder_drives_a_rollout_the_follower_serves_and_resumes_it() 
         "the new holder started over"
     );
     assert_eq!(b.shared.rollouts.view()["rollouts"][0]["step"], 1);
-    // It drives on from there: its own proxies' reports promote the canary.
+    // It drives on from there, after its own takeover grace: its own proxies'
+    // reports promote the canary.
+    time_passes(&[&b], crate::rollout::driver::TAKEOVER_GRACE);
     let mut sent = 0;
-    while status_rollout(&cluster)["phase"] != "promoted" {
+    while b.shared.rollouts.view()["rollouts"][0]["phase"] != "promoted" {
         sent += 1;
         assert!(
-            sent < 600,
+            sent <= 20,
             "the new holder never promoted: {}",
-            status_rollout(&cluster)
+            b.shared.rollouts.view()
         );
         // Its proxy acks whatever it is served.
         stream.acked(&b.policy_version().unwrap());
-        let report = healthy_report(20, 80);
-        b.shared
-            .reports
-            .ingest("proxy-1", &report, std::time::Instant::now())
-            .unwrap();
-        b.shared.on_report("proxy-1", report);
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        report_to(&b);
+        time_passes(&[&b], INTERVAL);
+        b.shared.tick_rollouts();
     }
+    cluster
+        .api
+        .wait_call(0, |c| {
+            is_status_write(c)
+                && c.status == 200
+                && c.body["status"]["rollouts"][0]["phase"] == "promoted"
+        })
+        .await;
+    assert_eq!(status_rollout(&cluster)["phase"], "promoted");
     assert_eq!(served_canary_weight(&b), Some(100));
     let history = b.shared.rollouts.view()["rollouts"][0]["history"].clone();
     let results: Vec<&str> = history
@@ -1455,25 +1520,12 @@ async fn relays_between_replicas_bound_beyond_loopback_carry_the_shared_admin_to
     assert_eq!(a.shared.rollouts.view()["rollouts"][0]["phase"], "paused");
 
     // The follower's proxies' reports reach the holder too: relayed, not dropped.
-    let report = healthy_report(20, 80);
-    b.shared
-        .reports
-        .ingest("proxy-1", &report, std::time::Instant::now())
-        .unwrap();
-    b.shared.on_report("proxy-1", report);
-    let relayed = |result: &str| {
-        let metrics = String::from_utf8(b.shared.metrics.render()).unwrap();
-        let line = format!("sluice_cp_reports_total{{result=\"{result}\"}}");
-        metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(&line))
-            .map_or(0.0, |v| v.trim().parse::<f64>().unwrap())
-    };
+    report_to(&b);
     eventually("the follower relayed the report", || {
-        relayed("forwarded") >= 1.0
+        reports_total(&b, "forwarded") >= 1.0
     })
     .await;
-    assert_eq!(relayed("forward_dropped"), 0.0);
+    assert_eq!(reports_total(&b, "forward_dropped"), 0.0);
     b.shutdown().await;
     a.shutdown().await;
 }
