@@ -229,6 +229,8 @@ async fn drive_while_leading(
     loop {
         let now = *leading.borrow_and_update();
         shared.rollouts.set_leading(now);
+        // `/rollouts` shows who drives them, and the status writer waits for this.
+        shared.changes.send_modify(|c| *c += 1);
         if !now {
             // What the statuses say now, at once rather than at their next change.
             let statuses = shared

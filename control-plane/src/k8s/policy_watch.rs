@@ -58,7 +58,11 @@ pub(crate) async fn write_statuses(
     let mut changes = shared.changes.subscribe();
     loop {
         let mut failed = false;
-        if *leading.borrow_and_update() {
+        // Between winning the lease and taking over the rollouts, this replica still
+        // holds the states it followed: written back, they would read as already
+        // described, and it would never record the start of a rollout no status
+        // described before. `drive_while_leading` bumps `changes` once it took over.
+        if *leading.borrow_and_update() && shared.rollouts.is_leading() {
             failed |= write_route_statuses(&client, &shared).await;
             let rollouts = shared.rollouts.statuses();
             let pending = shared
