@@ -753,6 +753,7 @@ async fn every_try_carries_the_head_and_extensions_that_came() {
             .uri("http://orders:8080/a?b=c")
             .header("x-one", "1")
             .header("x-two", "2")
+            .header("x-one", "1b")
             .body(Full::new(Bytes::from_static(b"body")))
             .unwrap();
         let (had_choice, expect_peer) = (!ext.is_empty(), ext.len() > 1);
@@ -766,7 +767,11 @@ async fn every_try_carries_the_head_and_extensions_that_came() {
                 h.starts_with("PUT http://orders:8080/a?b=c HTTP/1.1"),
                 "{h}"
             );
-            assert!(h.contains(r#""x-one": "1", "x-two": "2""#), "{h}");
+            // A name given twice keeps both values, in order, on every try.
+            assert!(
+                h.contains(r#""x-one": "1", "x-one": "1b", "x-two": "2""#),
+                "{h}"
+            );
             assert_eq!(
                 h.contains(r#"backend=Some(SelectedBackend { name: "log-v1", index: 1 })"#),
                 had_choice,

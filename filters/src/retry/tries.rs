@@ -49,52 +49,67 @@ pub(crate) struct Rest<S, B> {
 
 /// The head kept for the tries after the first, copied before the first goes.
 ///
-/// Every request that may be retried pays for this copy, and few are retried: a head
-/// whose extensions hold the split's choice and nothing else keeps that choice, not a
-/// copy of the map (three allocations fewer); later tries get the same extensions either
-/// way.
+/// Every request that may be retried pays for this copy, and few are retried, so it is
+/// kept in the form cheapest to make: the headers as a flat list of their names and
+/// values (one allocation, where a copy of the map takes two; a map is built from it only
+/// for a retry), and extensions that hold the split's choice and nothing else as that
+/// choice, not a copy of the map (three allocations fewer). Later tries get the same
+/// head either way.
 pub(crate) struct KeptHead {
-    /// Method, target, version, headers; extensions too unless `choice` stands for them.
-    head: http::request::Parts,
-    /// `Some`: the extensions were this choice of the split's (or none) and nothing more.
-    choice: Option<Option<SelectedBackend>>,
+    method: http::Method,
+    uri: http::Uri,
+    version: http::Version,
+    /// Every value in the map's order: appended in this order, a map reads the same.
+    headers: Vec<(http::HeaderName, http::HeaderValue)>,
+    /// `Ok`: the extensions were this choice of the split's (or none) and nothing more.
+    extensions: Result<Option<SelectedBackend>, http::Extensions>,
 }
 
 impl KeptHead {
     /// Copies `parts` for later tries.
     pub(crate) fn copy(parts: &http::request::Parts) -> Self {
         let ext = &parts.extensions;
-        let choice = match ext.len() {
-            0 => Some(None),
-            1 => ext.get::<SelectedBackend>().cloned().map(Some),
-            _ => None,
+        let extensions = match (ext.len(), ext.get::<SelectedBackend>()) {
+            (0, _) => Ok(None),
+            (1, Some(choice)) => Ok(Some(choice.clone())),
+            _ => Err(ext.clone()),
         };
-        let head = match choice {
-            None => parts.clone(),
-            Some(_) => {
-                let (mut head, ()) = Request::new(()).into_parts();
-                head.method = parts.method.clone();
-                head.uri = parts.uri.clone();
-                head.version = parts.version;
-                head.headers = parts.headers.clone();
-                head
-            }
-        };
-        Self { head, choice }
+        Self {
+            method: parts.method.clone(),
+            uri: parts.uri.clone(),
+            version: parts.version,
+            headers: parts
+                .headers
+                .iter()
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect(),
+            extensions,
+        }
     }
 
     /// A fresh head for one more try: the one that came, extensions and all.
     fn head(&self) -> http::request::Parts {
-        let mut head = self.head.clone();
-        if let Some(Some(b)) = &self.choice {
-            head.extensions.insert(b.clone());
+        let (mut head, ()) = Request::new(()).into_parts();
+        head.method = self.method.clone();
+        head.uri = self.uri.clone();
+        head.version = self.version;
+        head.headers.reserve(self.headers.len());
+        for (name, value) in &self.headers {
+            head.headers.append(name.clone(), value.clone());
+        }
+        match &self.extensions {
+            Ok(None) => {}
+            Ok(Some(choice)) => {
+                head.extensions.insert(choice.clone());
+            }
+            Err(all) => head.extensions = all.clone(),
         }
         head
     }
 
     /// The request's retry count, if it carries one.
     fn retry_count(&self) -> Option<&RetryCount> {
-        self.head.extensions.get::<RetryCount>()
+        self.extensions.as_ref().err()?.get::<RetryCount>()
     }
 }
 
