@@ -93,7 +93,9 @@ impl KeptHead {
         head.method = self.method.clone();
         head.uri = self.uri.clone();
         head.version = self.version;
-        head.headers.reserve(self.headers.len());
+        // A hint only: the map that came held these values, so appending them cannot
+        // outgrow what a map takes; `reserve` would panic on a count it cannot hold.
+        let _ = head.headers.try_reserve(self.headers.len());
         for (name, value) in &self.headers {
             head.headers.append(name.clone(), value.clone());
         }
