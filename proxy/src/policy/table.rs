@@ -274,8 +274,16 @@ fn strip_port(host: &str) -> &str {
             None => host,
         };
     }
-    match host.rsplit_once(':') {
-        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+    // What `rsplit_once(':')` and a check of the digits after it give, in one scan from
+    // the end: its searcher costs more per request than the few bytes of a port.
+    let bytes = host.as_bytes();
+    let digits = bytes
+        .iter()
+        .rev()
+        .take_while(|b| b.is_ascii_digit())
+        .count();
+    match bytes.len().checked_sub(digits + 1) {
+        Some(colon) if bytes[colon] == b':' => &host[..colon],
         _ => host,
     }
 }
@@ -424,6 +432,11 @@ spec:
         assert_eq!(strip_port("a"), "a");
         assert_eq!(strip_port("[::1]:80"), "[::1]");
         assert_eq!(strip_port("[::1]"), "[::1]");
+        assert_eq!(strip_port("a:"), "a");
+        assert_eq!(strip_port("a:8x"), "a:8x");
+        assert_eq!(strip_port("a:1b:22"), "a:1b");
+        assert_eq!(strip_port("8080"), "8080");
+        assert_eq!(strip_port(""), "");
     }
 
     #[test]
