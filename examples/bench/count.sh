@@ -19,8 +19,8 @@
 # run.sh's rate) for SYSCALL_REQUESTS requests while `perf stat` counts
 # raw_syscalls:sys_enter, the calls by name and context switches of the process.
 #
-# Knobs: SYSTEMS ("sluice-full sluice nginx", plus sluice-base / sluice-full-base with
-# BASELINE_BIN)  PROTOCOLS ("h1 h2")  N1 (2000)  N2 (12000)  RATE (5000)
+# Knobs: SYSTEMS ("sluice-full sluice nginx", plus nginx-full (run.sh's), and sluice-base /
+# sluice-full-base with BASELINE_BIN)  PROTOCOLS ("h1 h2")  N1 (2000)  N2 (12000)  RATE (5000)
 # SYSCALL_REQUESTS (25000)  PORT_BASE (18200)  OUT_DIR (target/bench-count)
 # PROXY_BIN (default the release build)  SKIP_BUILD=1
 set -euo pipefail
@@ -70,12 +70,14 @@ wait_http "http://127.0.0.1:$UPSTREAM_PORT/"
 bench_policies "$WORK" "$UPSTREAM_PORT"
 mkdir -p "$WORK/nginx"
 bench_nginx_conf "$WORK/nginx" off 1 "$PROXY_PORT" $((PROXY_PORT + 1)) "$UPSTREAM_PORT"
+mkdir -p "$WORK/nginx-full"
+bench_nginx_conf "$WORK/nginx-full" off 1 "$PROXY_PORT" $((PROXY_PORT + 1)) "$UPSTREAM_PORT" full
 
 # Starts SYSTEM under the command prefix given (valgrind, or nothing); sets SERVER_PID.
 start_system() { # system, prefix...
     local system=$1; shift
     case $system in
-        nginx) start "$system" "$@" "$NGINX" -p "$WORK/nginx" -c "$WORK/nginx/nginx.conf" ;;
+        nginx | nginx-full) start "$system" "$@" "$NGINX" -p "$WORK/$system" -c "$WORK/$system/nginx.conf" ;;
         *)
             local bin=$PROXY_BIN policy=$WORK/plain.yaml
             case $system in *-base) bin=$BASELINE_BIN ;; esac
@@ -87,7 +89,7 @@ start_system() { # system, prefix...
     SERVER_PID=$STARTED_PID
 }
 url_of() { # system, protocol
-    if [ "$1" = nginx ] && [ "$2" = h2 ]; then echo "http://127.0.0.1:$((PROXY_PORT + 1))/"
+    if [[ $1 == nginx* ]] && [ "$2" = h2 ]; then echo "http://127.0.0.1:$((PROXY_PORT + 1))/"
     else echo "http://127.0.0.1:$PROXY_PORT/"; fi
 }
 load() { # protocol, url, oha options...

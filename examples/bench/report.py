@@ -54,7 +54,7 @@ def main():
             protos.append(r["proto"])
         if r["system"] not in systems:
             systems.append(r["system"])
-    order = ["direct", "sluice", "sluice-base", "sluice-full", "sluice-full-base", "envoy", "nginx", "hop-plain", "hop-mtls"]
+    order = ["direct", "sluice", "sluice-base", "sluice-full", "sluice-full-base", "envoy", "nginx", "nginx-full", "hop-plain", "hop-mtls"]
     systems.sort(key=lambda s: order.index(s) if s in order else len(order))
 
     # (round, proto, test, system) -> row
@@ -238,6 +238,21 @@ def main():
                          f"({ratio(v - vu, n - nu)})")
         if split:
             w(f"CPU per request at maximum, full stack vs nginx: {'; '.join(split)}.")
+            w("")
+        # The goals compare the full stack with nginx doing none of it; nginx given the
+        # same policy, as far as it has one, shows what that governance costs nginx.
+        beside = []
+        for proto in protos:
+            v, n = g(proto, "sluice-full", "max_rps"), g(proto, "nginx-full", "max_rps")
+            vc, nc = g(proto, "sluice-full", "cpu_s_per_10k_max"), g(proto, "nginx-full", "cpu_s_per_10k_max")
+            p, pc = g(proto, "nginx", "max_rps"), g(proto, "nginx", "cpu_s_per_10k_max")
+            if None in (v, n, vc, nc):
+                continue
+            own = f"; nginx-full ÷ nginx {ratio(n, p)} and {ratio(nc, pc)}" if None not in (p, pc) else ""
+            beside.append(f"{PROTO_NAME.get(proto, proto)} throughput {fmt(v, 0)} vs {fmt(n, 0)} req/s "
+                          f"({ratio(v, n)}), CPU per request {ratio(vc, nc)}{own}")
+        if beside:
+            w(f"Full stack beside nginx with the same governance (nginx-full): {'; '.join(beside)}.")
             w("")
 
     if "hop-plain" in systems and "hop-mtls" in systems:

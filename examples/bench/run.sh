@@ -15,6 +15,10 @@
 #                policy and retry budget, circuit-breaker thresholds and outlier detection,
 #                weighted clusters 90/10 -> upstream
 #   nginx        client -> nginx reverse proxy with upstream keep-alive -> upstream
+#   nginx-full   client -> the same nginx given what sluice-full has, as far as open-source
+#                nginx goes: limit_req, a 90/10 split_clients over two upstream blocks, a
+#                passive breaker (max_fails), two tries on gateway errors with per-try and
+#                overall timeouts (servers.sh, bench_nginx_conf) -> upstream
 #   hop-plain, hop-mtls (when SYSTEMS names them): client -> outbound sidecar -> inbound
 #                sidecar -> upstream, the sidecar-to-sidecar hop plaintext or mTLS
 # For each path and protocol (HTTP/1.1, HTTP/2 with prior knowledge): latency at fixed
@@ -29,7 +33,7 @@
 # Knobs (environment):
 #   QUICK=1            short durations, one round, results outside the repository
 #   ROUNDS (3)  DURATION (10, seconds per measurement)  RATES ("1000 5000", req/s)
-#   PROTOCOLS ("h1 h2")  SYSTEMS ("direct sluice sluice-full envoy nginx hop-plain";
+#   PROTOCOLS ("h1 h2")  SYSTEMS ("direct sluice sluice-full envoy nginx nginx-full hop-plain";
 #   add hop-mtls for the mTLS hop, which needs the sidecars' mTLS flags)
 #   CONNS (16, HTTP/1.1 connections)  H2_CONNS (4) x H2_STREAMS (4) for HTTP/2
 #   PROXY_CPUS (0)  LOAD_CPUS (1)  PORT_BASE (18000; uses +0..+99)
@@ -64,7 +68,7 @@ else
 fi
 RATES=${RATES:-"1000 5000"}
 PROTOCOLS=${PROTOCOLS:-"h1 h2"}
-SYSTEMS=${SYSTEMS:-"direct sluice sluice-full envoy nginx hop-plain"}
+SYSTEMS=${SYSTEMS:-"direct sluice sluice-full envoy nginx nginx-full hop-plain"}
 CONNS=${CONNS:-16}
 H2_CONNS=${H2_CONNS:-4}
 H2_STREAMS=${H2_STREAMS:-4}
@@ -86,6 +90,8 @@ NGINX_H1_PORT=$((PORT_BASE + 81))
 NGINX_H2_PORT=$((PORT_BASE + 82))
 ENVOY_PORT=$((PORT_BASE + 83))
 ENVOY_ADMIN=$((PORT_BASE + 84))
+NGINX_FULL_H1_PORT=$((PORT_BASE + 85))
+NGINX_FULL_H2_PORT=$((PORT_BASE + 86))
 SLUICE_ADMIN=$((PORT_BASE + 0))
 SLUICE_PORT=$((PORT_BASE + 1))
 FULL_ADMIN=$((PORT_BASE + 10))
@@ -330,18 +336,21 @@ if has hop-mtls; then
     start_hop hop-mtls "$HOP_MTLS_OUT" "$HOP_MTLS_IN" "$WORK/hop-mtls.yaml"
 fi
 
-if has nginx; then
-    mkdir -p "$WORK/nginx"
-    # One worker runs in the master's process; more need the master to fork them.
-    NGINX_MASTER=off
-    [ "$WORKERS" != 1 ] && NGINX_MASTER=on
+# One worker runs in the master's process; more need the master to fork them.
+NGINX_MASTER=off
+[ "$WORKERS" != 1 ] && NGINX_MASTER=on
+start_nginx() { # name, h1 port, h2 port, [full]
+    local name=$1 h1=$2 h2=$3
+    mkdir -p "$WORK/$name"
     # nginx takes HTTP/2 without TLS only with prior knowledge, on a port of its own.
-    bench_nginx_conf "$WORK/nginx" "$NGINX_MASTER" "$WORKERS" "$NGINX_H1_PORT" "$NGINX_H2_PORT" "$UPSTREAM_PORT"
-    start nginx "$NGINX" -e "$WORK/nginx/error.log" -c "$WORK/nginx/nginx.conf"
-    PID_OF[nginx]=$STARTED_PID
-    URL_H1[nginx]=http://127.0.0.1:$NGINX_H1_PORT/
-    URL_H2[nginx]=http://127.0.0.1:$NGINX_H2_PORT/
-fi
+    bench_nginx_conf "$WORK/$name" "$NGINX_MASTER" "$WORKERS" "$h1" "$h2" "$UPSTREAM_PORT" ${4:-}
+    start "$name" "$NGINX" -e "$WORK/$name/error.log" -c "$WORK/$name/nginx.conf"
+    PID_OF[$name]=$STARTED_PID
+    URL_H1[$name]=http://127.0.0.1:$h1/
+    URL_H2[$name]=http://127.0.0.1:$h2/
+}
+has nginx && start_nginx nginx "$NGINX_H1_PORT" "$NGINX_H2_PORT"
+has nginx-full && start_nginx nginx-full "$NGINX_FULL_H1_PORT" "$NGINX_FULL_H2_PORT" full
 
 # The readiness of every path, over both protocols.
 for system in $SYSTEMS; do
@@ -350,9 +359,11 @@ for system in $SYSTEMS; do
     wait_http "${URL_H2[$system]}" --http2-prior-knowledge
 done
 # nginx's forked workers carry its load: their CPU and memory count with the master's.
-if has nginx && [ "$NGINX_MASTER" = on ]; then
-    PID_OF[nginx]="${PID_OF[nginx]} $(pgrep -P "${PID_OF[nginx]}" | tr '\n' ' ')"
-fi
+for name in nginx nginx-full; do
+    if has "$name" && [ "$NGINX_MASTER" = on ]; then
+        PID_OF[$name]="${PID_OF[$name]} $(pgrep -P "${PID_OF[$name]}" | tr '\n' ' ')"
+    fi
+done
 for system in "${!PID_OF[@]}"; do
     for pid in ${PID_OF[$system]}; do
         log "$system runs as pid $pid ($(cat "/proc/$pid/comm")), pinned to CPUs $(taskset -pc "$pid" | awk '{print $NF}')"

@@ -122,8 +122,32 @@ YAML
 # nginx as the bench runs it: a reverse proxy with upstream keep-alive to 127.0.0.1:UP,
 # HTTP/1.1 on one port and HTTP/2 (prior knowledge, which nginx takes only on a port of
 # its own) on another; writes DIR/nginx.conf, with DIR for its pid and temporary files.
-bench_nginx_conf() { # dir, master_process (on/off), workers, h1 port, h2 port, upstream port
+# With `full` last, nginx is given what full.yaml asks of Sluice, as far as open-source
+# nginx has it: a request rate limit (limit_req, 429), a per-request 90/10 split over two
+# upstream blocks (split_clients on the request id), a passive breaker (max_fails,
+# fail_timeout), two tries on connect failures and gateway errors with a 500 ms per-try
+# timeout and 2 s in all (proxy_next_upstream*). It has no retry budget, no failure-rate
+# window and no RateLimit response headers.
+bench_nginx_conf() { # dir, master_process (on/off), workers, h1 port, h2 port, upstream port, [full]
     local dir=$1 NGINX_MASTER=$2 WORKERS=$3 NGINX_H1_PORT=$4 NGINX_H2_PORT=$5 UPSTREAM_PORT=$6
+    local http_extra location
+    if [ "${7:-}" = full ]; then
+        http_extra="limit_req_zone \$server_name zone=all:1m rate=1000000r/s;
+    limit_req_status 429;
+    split_clients \"\${request_id}\" \$backend { 90% stable; * canary; }
+    upstream stable { server 127.0.0.1:$UPSTREAM_PORT max_fails=5 fail_timeout=10s; keepalive 64; keepalive_requests 1000000; }
+    upstream canary { server 127.0.0.1:$UPSTREAM_PORT max_fails=5 fail_timeout=10s; keepalive 64; keepalive_requests 1000000; }"
+        location="location / {
+            limit_req zone=all burst=100000 nodelay;
+            proxy_pass http://\$backend; proxy_http_version 1.1; proxy_set_header Connection \"\";
+            proxy_next_upstream error timeout http_502 http_503 http_504;
+            proxy_next_upstream_tries 2; proxy_next_upstream_timeout 2s;
+            proxy_connect_timeout 500ms; proxy_send_timeout 500ms; proxy_read_timeout 500ms;
+        }"
+    else
+        http_extra="upstream up { server 127.0.0.1:$UPSTREAM_PORT; keepalive 64; keepalive_requests 1000000; }"
+        location='location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }'
+    fi
     cat >"$dir/nginx.conf" <<CONF
 daemon off;
 master_process $NGINX_MASTER;
@@ -140,11 +164,11 @@ http {
     scgi_temp_path $dir;
     keepalive_requests 1000000;
     http2_max_requests 1000000;
-    upstream up { server 127.0.0.1:$UPSTREAM_PORT; keepalive 64; keepalive_requests 1000000; }
+    $http_extra
     server {
         listen 127.0.0.1:$NGINX_H1_PORT;
         listen 127.0.0.1:$NGINX_H2_PORT http2;
-        location / { proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }
+        $location
     }
 }
 CONF
