@@ -121,8 +121,8 @@ use sluice_filters::ratelimit::RateLimitLayer;
 use sluice_filters::retry::{ReplayBody, RetryLayer};
 use sluice_filters::split::SplitLayer;
 use sluice_filters::timeout::TimeoutLayer;
-use tower::ServiceBuilder;
 use tower::util::BoxCloneSyncService;
+use tower::{Layer, ServiceBuilder};
 
 use crate::body::{Body, BoxError, boxed};
 use crate::governance::{BreakerAdmin, Governance, LimitKey, fallback_observer, limit_observer};
@@ -274,15 +274,25 @@ pub fn build_outbound(ctx: &StackContext, params: Arc<RouteParams>) -> RouteEntr
         .layer(BalanceLayer::new(sets))
         .map_request(|r: Request<ReplayBody<Body>>| r.map(boxed))
         .service(ctx.upstream.for_backends(&params.backends));
-    let upper = ServiceBuilder::new()
-        .option_layer(limit)
-        .layer(TimeoutLayer::new(total_above))
-        .layer(SplitLayer::new(params.split.clone()));
+    let split = SplitLayer::new(params.split.clone());
     // Only a route with a fallback pays for the layer (and for boxing its bodies once more).
-    let service = match &params.fallback {
-        None => BoxCloneSyncService::new(upper.service(lower)),
-        Some(fallback) => BoxCloneSyncService::new(
-            upper
+    // Without one the retry layer enforces the total, so no timeout layer is built; and a
+    // route with no rate limit gets no layer for it either. A layer that would only pass
+    // requests through still costs its call, its future's polls and a move of the whole
+    // future below it into its own, on every request.
+    let service = match (&params.fallback, limit) {
+        (None, Some(limit)) => BoxCloneSyncService::new(
+            ServiceBuilder::new()
+                .layer(limit)
+                .layer(split)
+                .service(lower),
+        ),
+        (None, None) => BoxCloneSyncService::new(split.layer(lower)),
+        (Some(fallback), limit) => BoxCloneSyncService::new(
+            ServiceBuilder::new()
+                .option_layer(limit)
+                .layer(TimeoutLayer::new(total_above))
+                .layer(split)
                 .map_response(|r: Response<Either<Body, Full<Bytes>>>| r.map(boxed))
                 .layer(FallbackLayer::new(
                     fallback.clone(),
