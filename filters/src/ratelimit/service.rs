@@ -76,7 +76,16 @@ pub struct RateLimit<S, C: Clock = PollClock> {
     limiter: Limiter<C>,
     observer: Arc<dyn RateLimitObserver>,
     headers_on_allowed: bool,
+    last_state: LastState,
 }
+
+/// The `RateLimit` value this service wrote last on an allowed response, by the tokens
+/// left that it shows. Traffic well under its limit finds the bucket full again at every
+/// request, so the same value is due again and again: a clone of it (a reference count)
+/// instead of formatting and allocating it anew. A worker keeps its route stack across
+/// requests, so this lives as long as the stack and needs no synchronisation.
+#[derive(Clone, Default)]
+struct LastState(Option<(u32, http::HeaderValue)>);
 
 impl<S, C: Clock> RateLimit<S, C> {
     pub(crate) fn with_limiter(
@@ -90,7 +99,28 @@ impl<S, C: Clock> RateLimit<S, C> {
             limiter,
             observer,
             headers_on_allowed,
+            last_state: LastState::default(),
         }
+    }
+
+    /// The `RateLimit` value of an allowed, checked request.
+    fn allowed_state_header(&mut self, checked: FleetVerdict) -> http::HeaderValue {
+        // A degraded fleet limit answers from its fallback's quota, which can change
+        // under it: only values from the limiter's own (fixed) parameters are kept.
+        let Verdict::Allowed { remaining } = checked.verdict else {
+            return self.limiter.state_header(checked);
+        };
+        if checked.degraded {
+            return self.limiter.state_header(checked);
+        }
+        if let Some((left, value)) = &self.last_state.0
+            && *left == remaining
+        {
+            return value.clone();
+        }
+        let value = self.limiter.state_header(checked);
+        self.last_state.0 = Some((remaining, value.clone()));
+        value
     }
 }
 
@@ -101,6 +131,7 @@ impl<S: Clone, C: Clock> Clone for RateLimit<S, C> {
             limiter: self.limiter.clone(),
             observer: self.observer.clone(),
             headers_on_allowed: self.headers_on_allowed,
+            last_state: self.last_state.clone(),
         }
     }
 }
@@ -139,7 +170,7 @@ where
                 let headers = self.headers_on_allowed.then(|| {
                     (
                         self.limiter.policy_header().clone(),
-                        self.limiter.state_header(checked),
+                        self.allowed_state_header(checked),
                     )
                 });
                 ResponseFuture::inner(self.inner.call(req), headers, degraded)

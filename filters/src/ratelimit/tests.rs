@@ -307,6 +307,38 @@ impl Counts {
     }
 }
 
+/// The `RateLimit` value is written anew whenever the tokens left change, and the same
+/// value again (the one kept from the last response) while they do not.
+#[tokio::test]
+async fn state_header_follows_the_tokens_left_across_requests() {
+    let clock = FakeRelativeClock::default();
+    let reg: RateLimitRegistry<&str, _> = RateLimitRegistry::with_clock(clock.clone());
+    let lim = reg.get_or_rebuild("r", &params(2, 4, KeyBy::None));
+    let (mock, mut handle) = mock::pair::<Request<()>, Response<()>>();
+    let mut svc = RateLimitLayer::new(lim).layer(mock);
+    handle.allow(10);
+    let mut seen = Vec::new();
+    // Refilled between the first three (a token every 500 ms), then two back to back.
+    for gap_ms in [0, 500, 500, 0, 0] {
+        clock.advance(Duration::from_millis(gap_ms));
+        let fut = svc.ready().await.unwrap().call(Request::new(()));
+        let (_, send) = handle.next_request().await.unwrap();
+        send.send_response(Response::new(()));
+        let rsp = fut.await.unwrap();
+        seen.push(rsp.headers()["ratelimit"].to_str().unwrap().to_owned());
+    }
+    assert_eq!(
+        seen,
+        [
+            "\"ingest\";r=3;t=1",
+            "\"ingest\";r=3;t=1",
+            "\"ingest\";r=3;t=1",
+            "\"ingest\";r=2;t=1",
+            "\"ingest\";r=1;t=2",
+        ]
+    );
+}
+
 #[tokio::test]
 async fn layer_refuses_with_headers_and_reports_decisions() {
     let clock = FakeRelativeClock::default();
