@@ -324,15 +324,23 @@ pub fn build_inbound(ctx: &StackContext, app: Authority, own: Option<&RoutePolic
         .concurrency
         .get(&())
         .map(ConcurrencyLimitLayer::new);
-    let service = ServiceBuilder::new()
-        .layer(AuthzLayer::new(allow))
-        .option_layer(limit)
-        .option_layer(concurrency)
-        .layer(AppEndpointLayer::new(params.backends[0].clone()))
-        .service(ctx.upstream.clone());
+    let app = AppEndpointLayer::new(params.backends[0].clone()).layer(ctx.upstream.clone());
+    let authz = ServiceBuilder::new().layer(AuthzLayer::new(allow));
+    // A layer that is off is left out rather than built as a pass-through (as on the
+    // outbound side): each would cost a call, a wrapping future and its polls per request.
+    let service = match (limit, concurrency) {
+        (Some(limit), Some(concurrency)) => {
+            BoxCloneSyncService::new(authz.layer(limit).layer(concurrency).service(app))
+        }
+        (Some(limit), None) => BoxCloneSyncService::new(authz.layer(limit).service(app)),
+        (None, Some(concurrency)) => {
+            BoxCloneSyncService::new(authz.layer(concurrency).service(app))
+        }
+        (None, None) => BoxCloneSyncService::new(authz.service(app)),
+    };
     RouteEntry {
         params,
-        service: BoxCloneSyncService::new(service),
+        service,
         metrics,
     }
 }
