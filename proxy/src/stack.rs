@@ -276,10 +276,10 @@ pub fn build_outbound(ctx: &StackContext, params: Arc<RouteParams>) -> RouteEntr
         .service(ctx.upstream.for_backends(&params.backends));
     let split = SplitLayer::new(params.split.clone());
     // Only a route with a fallback pays for the fallback layer (and for boxing its bodies
-    // once more). Without one the retry layer enforces the total, so no timeout layer is built; and a
-    // route with no rate limit gets no layer for it either. A layer that would only pass
-    // requests through still costs its call, its future's polls and a move of the whole
-    // future below it into its own, on every request.
+    // once more). Without one the retry layer enforces the total, so no timeout layer is
+    // built; and a route with no rate limit gets no layer for it either. A layer that
+    // would only pass requests through still costs its call, its future's polls and a
+    // move of the whole future below it into its own, on every request.
     let service = match (&params.fallback, limit) {
         (None, Some(limit)) => BoxCloneSyncService::new(
             ServiceBuilder::new()
