@@ -7,7 +7,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use sluice_e2e::{ProxyOptions, Tally, TestProxy, WorkerUpstream, metric_sum, open_loop, scrape};
+use sluice_e2e::{
+    HttpConn, ProxyOptions, Tally, TestProxy, Upstream, WorkerUpstream, metric_sum, open_loop,
+    scrape, wait_until,
+};
 
 // Slow enough that the proxy's own time, on a busy machine, is small beside the app's.
 const WORKERS: usize = 8;
@@ -248,5 +251,76 @@ async fn the_limit_follows_the_apps_worker_count_down_and_back_up() {
     assert!(
         restored > halved,
         "limit {halved} with half the workers, {restored} restored"
+    );
+}
+
+/// An inbound rate limit and a concurrency limit on the same sidecar both apply: a request
+/// beyond the one in flight is refused `overloaded`, and the answers that pass carry the
+/// inbound limit's headers. No load and no timing: the app holds the first request until
+/// released (`/hold`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inbound_rate_limit_and_a_concurrency_limit_apply_together() {
+    let app = Upstream::http1("log-app").await;
+    let policy = format!(
+        r#"apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: {{ name: log-service, namespace: shop }}
+spec:
+  host: log-service
+  backends:
+    log-v1: {{ addresses: ["{}"] }}
+  routes:
+    - name: ingest
+  inbound:
+    rateLimit: {{ perSecond: 1, burst: 100 }}
+    concurrency:
+      fixed: {{ max: 1 }}
+"#,
+        app.addr()
+    );
+    let proxy = TestProxy::start_with(
+        &policy,
+        ProxyOptions {
+            outbound: false,
+            inbound: true,
+            app: Some(app.addr()),
+            service: Some("log-service".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let addr = proxy.inbound_addr();
+    let first = tokio::spawn(async move {
+        let mut conn = HttpConn::h1(addr).await.unwrap();
+        conn.get("log-service", "/hold").await.unwrap()
+    });
+    wait_until(
+        "the app holds the first request",
+        Duration::from_secs(10),
+        || {
+            let held = app.held();
+            async move { held == 1 }
+        },
+    )
+    .await;
+    let mut conn = HttpConn::h1(addr).await.unwrap();
+    let second = conn.get("log-service", "/second").await.unwrap();
+    assert_eq!(second.status, 503, "{second:?}");
+    assert_eq!(second.headers["x-sluice-reason"], "overloaded");
+    app.release_held();
+    let first = first.await.unwrap();
+    assert_eq!(first.status, 200, "{first:?}");
+    assert_eq!(first.headers["ratelimit-policy"], "\"inbound\";q=100;w=100");
+    assert!(
+        first.headers["ratelimit"]
+            .to_str()
+            .unwrap()
+            .starts_with("\"inbound\";r="),
+        "{first:?}"
+    );
+    assert_eq!(
+        app.requests(),
+        1,
+        "the refused request never reached the app"
     );
 }
