@@ -16,7 +16,14 @@ use sluice_e2e::{
 const WORKERS: usize = 8;
 const SERVICE_TIME: Duration = Duration::from_millis(250);
 
-fn policy(app: std::net::SocketAddr) -> String {
+/// The adaptive limit the load tests learn with.
+const ADAPTIVE: &str = "    concurrency:
+      adaptive: { minLimit: 1, maxLimit: 500 }
+      queue: { max: 20, timeout: 100ms }
+      priority: { header: x-priority, levels: [critical, default, sheddable] }";
+
+/// The log service's policy, its `inbound` section made of `inbound` (indented lines).
+fn policy(app: std::net::SocketAddr, inbound: &str) -> String {
     format!(
         r#"apiVersion: sluice.dev/v1alpha1
 kind: RoutePolicy
@@ -28,10 +35,7 @@ spec:
   routes:
     - name: ingest
   inbound:
-    concurrency:
-      adaptive: {{ minLimit: 1, maxLimit: 500 }}
-      queue: {{ max: 20, timeout: 100ms }}
-      priority: {{ header: x-priority, levels: [critical, default, sheddable] }}
+{inbound}
 "#
     )
 }
@@ -41,12 +45,17 @@ spec:
 static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 async fn sidecar(app: &WorkerUpstream) -> TestProxy {
+    sidecar_for(app.addr(), ADAPTIVE).await
+}
+
+/// The log service's sidecar, inbound only, in front of `app`.
+async fn sidecar_for(app: std::net::SocketAddr, inbound: &str) -> TestProxy {
     TestProxy::start_with(
-        &policy(app.addr()),
+        &policy(app, inbound),
         ProxyOptions {
             outbound: false,
             inbound: true,
-            app: Some(app.addr()),
+            app: Some(app),
             service: Some("log-service".into()),
             ..Default::default()
         },
@@ -261,34 +270,10 @@ async fn the_limit_follows_the_apps_worker_count_down_and_back_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_inbound_rate_limit_and_a_concurrency_limit_apply_together() {
     let app = Upstream::http1("log-app").await;
-    let policy = format!(
-        r#"apiVersion: sluice.dev/v1alpha1
-kind: RoutePolicy
-metadata: {{ name: log-service, namespace: shop }}
-spec:
-  host: log-service
-  backends:
-    log-v1: {{ addresses: ["{}"] }}
-  routes:
-    - name: ingest
-  inbound:
-    rateLimit: {{ perSecond: 1, burst: 100 }}
+    let inbound = "    rateLimit: { perSecond: 1, burst: 100 }
     concurrency:
-      fixed: {{ max: 1 }}
-"#,
-        app.addr()
-    );
-    let proxy = TestProxy::start_with(
-        &policy,
-        ProxyOptions {
-            outbound: false,
-            inbound: true,
-            app: Some(app.addr()),
-            service: Some("log-service".into()),
-            ..Default::default()
-        },
-    )
-    .await;
+      fixed: { max: 1 }";
+    let proxy = sidecar_for(app.addr(), inbound).await;
     let addr = proxy.inbound_addr();
     let first = tokio::spawn(async move {
         let mut conn = HttpConn::h1(addr).await.unwrap();
