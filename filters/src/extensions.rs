@@ -7,21 +7,26 @@
 //! | type | written by | read by |
 //! |---|---|---|
 //! | [`PeerIdentity`] | the proxy (mTLS) | authorization, rate limit (`peerIdentity` key) |
-//! | [`SelectedBackend`] | split | retry, breaker, balance, the proxy's client |
-//! | [`Deadline`] | retry (each try), a route timeout | breaker |
-//! | [`Endpoint`] | balance | the proxy's client |
+//! | [`Routing`]`.backend` ([`SelectedBackend`]) | split, fallback | retry, breaker, balance, the proxy's client |
+//! | [`Routing`]`.deadline` ([`Deadline`]) | retry (each try) | breaker |
+//! | [`Routing`]`.endpoint` ([`Endpoint`]) | balance | the proxy's client |
 //! | [`RetryCount`] | the proxy (traced or logged requests) | retry |
+//!
+//! The three a route's stack writes for every request share one extension, [`Routing`]:
+//! each extension is an allocation and a map entry of its own, and these three were
+//! written, read and removed on every request.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use http::Extensions;
 use tokio::time::Instant;
 
 /// The authenticated peer of a request (its SPIFFE ID), set as a request extension by mTLS.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PeerIdentity(pub Arc<str>);
 
-/// The backend the split chose, set as a request extension for the layers below.
+/// The backend the split chose, carried in [`Routing`] for the layers below.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct SelectedBackend {
     /// Backend name as written in the policy.
@@ -32,16 +37,55 @@ pub struct SelectedBackend {
 
 /// The instant at which whoever sent a request stops waiting for it.
 ///
-/// The retry layer sets it for each try (its per-try timeout), and a route timeout
-/// above may set it too (the earlier wins). A call the breaker sees dropped at or
+/// The retry layer sets it in [`Routing`] for each try (its per-try timeout, or the
+/// deadline found on the incoming request if that is earlier). A call the breaker sees dropped at or
 /// after its deadline counts as a `timeout` failure; dropped earlier, as cancelled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Deadline(pub Instant);
 
-/// The address the request is to be sent to (`host:port`, IP or DNS name), set as a request
-/// extension by the balancer for the proxy's connector.
+/// The address the request is to be sent to (`host:port`, IP or DNS name), carried in
+/// [`Routing`] from the balancer to the proxy's connector.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Endpoint(pub Arc<str>);
+
+/// What a route's layers decided about one request, for the layers below and the
+/// proxy's client: the backend, the try's deadline and the endpoint, in one extension.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Routing {
+    /// The backend the split (or a fallback) chose.
+    pub backend: Option<SelectedBackend>,
+    /// When the sender of this try stops waiting for it.
+    pub deadline: Option<Deadline>,
+    /// The address the balancer chose.
+    pub endpoint: Option<Endpoint>,
+}
+
+impl Routing {
+    /// The request's routing, if any layer wrote some.
+    pub fn of(ext: &Extensions) -> Option<&Routing> {
+        ext.get::<Routing>()
+    }
+
+    /// The request's routing, added empty if no layer wrote any yet.
+    pub fn of_mut(ext: &mut Extensions) -> &mut Routing {
+        ext.get_or_insert_default::<Routing>()
+    }
+
+    /// The backend chosen for the request, if any.
+    pub fn backend(ext: &Extensions) -> Option<&SelectedBackend> {
+        Self::of(ext)?.backend.as_ref()
+    }
+
+    /// The deadline of the request's try, if any.
+    pub fn deadline(ext: &Extensions) -> Option<Instant> {
+        Some(Self::of(ext)?.deadline?.0)
+    }
+
+    /// The endpoint chosen for the request, if any.
+    pub fn endpoint(ext: &Extensions) -> Option<&Endpoint> {
+        Self::of(ext)?.endpoint.as_ref()
+    }
+}
 
 /// The number of retries sent for one request. Put one into a request's extensions to
 /// learn it afterwards (the proxy does so for traced requests, for `sluice.retries`):

@@ -141,7 +141,8 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             rt.block_on(async {
                 let mut req = request();
-                req.extensions_mut().insert(endpoint.clone());
+                sluice_filters::extensions::Routing::of_mut(req.extensions_mut()).endpoint =
+                    Some(endpoint.clone());
                 let resp = client.ready().await.unwrap().call(req).await.unwrap();
                 black_box(resp.into_body().collect().await.unwrap());
             })

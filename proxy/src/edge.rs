@@ -11,7 +11,7 @@ use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use opentelemetry::trace::SpanKind;
 use sluice_filters::clock;
-use sluice_filters::extensions::{PeerIdentity, RetryCount, SelectedBackend};
+use sluice_filters::extensions::{PeerIdentity, RetryCount, Routing};
 use sluice_filters::reason::{self, Reason};
 use tokio::time::Instant;
 use tower::Service;
@@ -128,7 +128,7 @@ async fn to_original_destination(
     let upgrade = is_upgrade_request(&req).then(|| hyper::upgrade::on(&mut req));
     strip_hop_by_hop(req.headers_mut(), upgrade.is_some());
     let mut req = req.map(boxed);
-    req.extensions_mut().insert(dst.endpoint);
+    Routing::of_mut(req.extensions_mut()).endpoint = Some(dst.endpoint);
     let mut upstream = store.context().upstream.clone();
     match upstream.call(req).await {
         Ok(mut resp) => {
@@ -285,10 +285,7 @@ async fn forward(
     }
     let (resp, backend) = match result {
         Ok(mut resp) => {
-            let backend = resp
-                .extensions_mut()
-                .remove::<SelectedBackend>()
-                .map(|b| b.index);
+            let backend = Routing::backend(resp.extensions()).map(|b| b.index);
             match upgrade {
                 Some((down, Some(offer)))
                     if is_switching(&resp) && switched_as_offered(&resp, &offer) =>

@@ -57,7 +57,7 @@
 //! - **Split** ([`split`](sluice_filters::split)). Params:
 //!   [`SplitParams::from_config(&route, spec.backends.keys().map(String::as_str))`](sluice_filters::split::SplitParams::from_config)`?`
 //!   in an `Arc`; layer [`SplitLayer::new(params)`](sluice_filters::split::SplitLayer::new). No state. Writes
-//!   the [`SelectedBackend`] extension (`index` = position in
+//!   the [`SelectedBackend`] into the request's [`Routing`] extension (`index` = position in
 //!   `spec.backends`), which the retry, breaker and balancer read to index per-backend
 //!   state built for that route × backend. Never fails.
 //! - **Balance** ([`balance`](sluice_filters::balance)). Params: [`BalanceParams::from_config(name, &backend)`](sluice_filters::balance::BalanceParams::from_config)
@@ -66,7 +66,7 @@
 //!   by address), then `registry.retain(|addr| live(addr))`. Layer:
 //!   [`BalanceLayer::new(Arc<[Arc<EndpointSet>]>)`](sluice_filters::balance::BalanceLayer::new) with one set
 //!   per backend in `spec.backends` order. Reads `SelectedBackend`, writes the
-//!   [`Endpoint`] extension: the `host:port` the client must dial. Ejects
+//!   [`Endpoint`] into [`Routing`]: the `host:port` the client must dial. Ejects
 //!   an endpoint when the inner error chain holds an [`UpstreamError`](sluice_filters::UpstreamError) of kind
 //!   `ConnectFailure` (override with `classify_with`). Error:
 //!   [`FilterError::NoHealthyEndpoint`](sluice_filters::FilterError::NoHealthyEndpoint) (503 `no-healthy-endpoint`).
@@ -115,7 +115,7 @@ use sluice_filters::authz::{AllowList, AuthzLayer};
 use sluice_filters::balance::{BalanceLayer, BalanceParams, EndpointSet};
 use sluice_filters::breaker::{BreakerLayer, Circuit};
 use sluice_filters::concurrency::ConcurrencyLimitLayer;
-use sluice_filters::extensions::{Endpoint, SelectedBackend};
+use sluice_filters::extensions::{Endpoint, Routing, SelectedBackend};
 use sluice_filters::fallback::FallbackLayer;
 use sluice_filters::ratelimit::RateLimitLayer;
 use sluice_filters::retry::{ReplayBody, RetryLayer};
@@ -398,9 +398,9 @@ where
     }
 
     fn call(&mut self, mut req: Request<Body>) -> S::Future {
-        let ext = req.extensions_mut();
-        ext.insert(self.layer.backend.clone());
-        ext.insert(self.layer.endpoint.clone());
+        let routing = Routing::of_mut(req.extensions_mut());
+        routing.backend = Some(self.layer.backend.clone());
+        routing.endpoint = Some(self.layer.endpoint.clone());
         self.inner.call(req)
     }
 }

@@ -31,7 +31,7 @@ use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
-use sluice_filters::extensions::{Endpoint, SelectedBackend};
+use sluice_filters::extensions::{Endpoint, Routing, SelectedBackend};
 use sluice_filters::{UpstreamError, UpstreamErrorKind};
 
 use crate::ProxyError;
@@ -184,8 +184,11 @@ impl tower::Service<Request<Body>> for Upstream {
     }
 
     fn call(&mut self, mut req: Request<Body>) -> Self::Future {
-        let backend = req.extensions_mut().remove::<SelectedBackend>();
-        let Some(Endpoint(endpoint)) = req.extensions_mut().remove::<Endpoint>() else {
+        let (backend, endpoint) = match req.extensions_mut().get_mut::<Routing>() {
+            Some(r) => (r.backend.take(), r.endpoint.take()),
+            None => (None, None),
+        };
+        let Some(Endpoint(endpoint)) = endpoint else {
             let err = ProxyError::NoEndpoint(backend_name(backend.as_ref()));
             return Box::pin(std::future::ready(Err(err.into())));
         };
@@ -260,7 +263,7 @@ fn answer_h2(
         })
     });
     if let Some(b) = backend {
-        resp.extensions_mut().insert(b);
+        Routing::of_mut(resp.extensions_mut()).backend = Some(b);
     }
     resp
 }
@@ -337,10 +340,17 @@ fn answer<C>(
         boxed(body)
     });
     if let Some(b) = backend {
-        ext.clear();
+        // A map holding only the request's routing keeps that entry to carry the
+        // backend back up (no allocation); anything else of the request's goes.
+        if ext.len() > 1 || Routing::of(&ext).is_none() {
+            ext.clear();
+        }
         // What hyper put there (an upgrade, a reason phrase) stays.
         ext.extend(std::mem::take(resp.extensions_mut()));
-        ext.insert(b);
+        *Routing::of_mut(&mut ext) = Routing {
+            backend: Some(b),
+            ..Routing::default()
+        };
         *resp.extensions_mut() = ext;
     }
     resp
@@ -904,7 +914,7 @@ mod tests {
             .uri(uri)
             .body(crate::body::empty())
             .unwrap();
-        req.extensions_mut().insert(Endpoint(endpoint.clone()));
+        Routing::of_mut(req.extensions_mut()).endpoint = Some(Endpoint(endpoint.clone()));
         tower::ServiceExt::oneshot(up.clone(), req).await
     }
 
@@ -1136,7 +1146,7 @@ mod tests {
             .uri("http://orders/x")
             .body(crate::body::empty())
             .unwrap();
-        req.extensions_mut().insert(Endpoint(endpoint.clone()));
+        Routing::of_mut(req.extensions_mut()).endpoint = Some(Endpoint(endpoint.clone()));
         tower::ServiceExt::oneshot(up.clone(), req)
     }
 
@@ -1181,30 +1191,42 @@ mod tests {
     }
 
     /// The HTTP/1 response names the backend the split chose, and carries none of the
-    /// request's own extensions (their map is the response's now, emptied first).
+    /// request's own extensions (their map is the response's now: its routing entry
+    /// reused when it is alone, the map emptied first when it is not).
     #[tokio::test]
     async fn h1_response_names_its_backend_and_nothing_of_the_request() {
         let (addr, _, _) = h1_server().await;
-        let mut req = Request::builder()
-            .uri("http://orders/x")
-            .body(crate::body::empty())
-            .unwrap();
-        req.extensions_mut().insert(Endpoint(addr.clone()));
-        req.extensions_mut().insert(SelectedBackend {
-            name: "canary".into(),
-            index: 1,
-        });
-        req.extensions_mut()
-            .insert(sluice_filters::extensions::Deadline(
-                tokio::time::Instant::now() + Duration::from_secs(5),
-            ));
-        let resp = tower::ServiceExt::oneshot(Upstream::new(), req)
-            .await
-            .unwrap();
-        let backend = resp.extensions().get::<SelectedBackend>().unwrap();
-        assert_eq!((&*backend.name, backend.index), ("canary", 1));
-        assert_eq!(resp.extensions().len(), 1, "only the backend");
-        assert_eq!(text(resp).await, "ok");
+        for with_peer in [false, true] {
+            let mut req = Request::builder()
+                .uri("http://orders/x")
+                .body(crate::body::empty())
+                .unwrap();
+            *Routing::of_mut(req.extensions_mut()) = Routing {
+                backend: Some(SelectedBackend {
+                    name: "canary".into(),
+                    index: 1,
+                }),
+                deadline: Some(sluice_filters::extensions::Deadline(
+                    tokio::time::Instant::now() + Duration::from_secs(5),
+                )),
+                endpoint: Some(Endpoint(addr.clone())),
+            };
+            if with_peer {
+                req.extensions_mut()
+                    .insert(sluice_filters::extensions::PeerIdentity(
+                        "spiffe://a/b".into(),
+                    ));
+            }
+            let resp = tower::ServiceExt::oneshot(Upstream::new(), req)
+                .await
+                .unwrap();
+            let routing = Routing::of(resp.extensions()).unwrap();
+            let backend = routing.backend.as_ref().unwrap();
+            assert_eq!((&*backend.name, backend.index), ("canary", 1));
+            assert_eq!((routing.deadline, &routing.endpoint), (None, &None));
+            assert_eq!(resp.extensions().len(), 1, "only the backend");
+            assert_eq!(text(resp).await, "ok");
+        }
     }
 
     #[tokio::test]

@@ -4,7 +4,7 @@
 //! [`SelectedBackend`](crate::extensions::SelectedBackend) chosen by the split (backend 0 when
 //! absent), samples two endpoints of that backend at random and takes the one with the
 //! lower cost — its peak-EWMA round-trip time times its requests in flight plus one. It
-//! records the choice as an [`Endpoint`](crate::extensions::Endpoint) request extension, which tells the proxy's
+//! records the choice as the [`Endpoint`](crate::extensions::Endpoint) of the request's [`Routing`](crate::extensions::Routing) extension, which tells the proxy's
 //! connector what to dial, and calls its single inner service.
 //!
 //! A request whose inner call fails with a connect failure (by default an

@@ -8,7 +8,7 @@ use tower_service::Service;
 use super::future::Outcome;
 use super::{ConnectFailureClassifier, EndpointSet, ResponseFuture};
 use crate::FilterError;
-use crate::extensions::SelectedBackend;
+use crate::extensions::Routing;
 use crate::random::RandomSource;
 
 /// Picks an endpoint of the selected backend, sets [`Endpoint`](crate::extensions::Endpoint) and calls
@@ -52,15 +52,10 @@ where
     }
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
-        let index = req
-            .extensions()
-            .get::<SelectedBackend>()
-            .map_or(0, |s| s.index);
+        let index = Routing::backend(req.extensions()).map_or(0, |s| s.index);
         let Some(set) = self.backends.get(index) else {
-            let name = req
-                .extensions()
-                .get::<SelectedBackend>()
-                .map_or_else(String::new, |s| s.name.to_string());
+            let name =
+                Routing::backend(req.extensions()).map_or_else(String::new, |s| s.name.to_string());
             return ResponseFuture::failed(FilterError::NoHealthyEndpoint(name));
         };
         let Some(pick) = set.pick(&self.rng) else {
@@ -68,8 +63,7 @@ where
                 set.params().backend.to_string(),
             ));
         };
-        req.extensions_mut()
-            .insert(pick.endpoint.endpoint().clone());
+        Routing::of_mut(req.extensions_mut()).endpoint = Some(pick.endpoint.endpoint().clone());
         let outcome = Outcome::new(pick, set.params(), self.classify);
         ResponseFuture::new(self.inner.call(req), outcome)
     }

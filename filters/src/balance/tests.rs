@@ -40,7 +40,10 @@ where
         return (None, r.map(drop));
     }
     let (req, reply) = handle.next_request().await.unwrap();
-    let addr = req.extensions().get::<Endpoint>().unwrap().0.to_string();
+    let addr = crate::extensions::Routing::endpoint(req.extensions())
+        .unwrap()
+        .0
+        .to_string();
     if down.contains(&addr.as_str()) {
         reply.send_error(refused());
     } else {
@@ -143,7 +146,10 @@ async fn refused_endpoint_is_ejected_probed_and_restored() {
     let probe = Box::pin(svc.ready().await.unwrap().call(Request::new(())));
     let (req, reply) = handle.next_request().await.unwrap();
     assert_eq!(
-        req.extensions().get::<Endpoint>().unwrap().0.as_ref(),
+        crate::extensions::Routing::endpoint(req.extensions())
+            .unwrap()
+            .0
+            .as_ref(),
         "a:1"
     );
     assert_eq!(a.health(), Health::Probing);
@@ -244,21 +250,21 @@ async fn selected_backend_picks_the_endpoint_set() {
     handle.allow(10);
     let mut svc = BalanceLayer::new(Arc::from(vec![v1, v2])).layer(mock);
     let mut req = Request::new(());
-    req.extensions_mut().insert(SelectedBackend {
+    crate::extensions::Routing::of_mut(req.extensions_mut()).backend = Some(SelectedBackend {
         name: Arc::from("log-v2"),
         index: 1,
     });
     let fut = svc.ready().await.unwrap().call(req);
     let (req, reply) = handle.next_request().await.unwrap();
     assert_eq!(
-        req.extensions().get::<Endpoint>(),
+        crate::extensions::Routing::endpoint(req.extensions()),
         Some(&Endpoint(Arc::from("10.0.0.2:80")))
     );
     reply.send_response(Response::new(()));
     fut.await.unwrap();
 
     let mut unknown = Request::new(());
-    unknown.extensions_mut().insert(SelectedBackend {
+    crate::extensions::Routing::of_mut(unknown.extensions_mut()).backend = Some(SelectedBackend {
         name: Arc::from("gone"),
         index: 7,
     });
@@ -343,9 +349,17 @@ async fn whole_stack_composes() {
 
     let fut = svc.ready().await.unwrap().call(Request::new(()));
     let (req, reply) = handle.next_request().await.unwrap();
-    assert_eq!(req.extensions().get::<SelectedBackend>().unwrap().index, 1);
     assert_eq!(
-        req.extensions().get::<Endpoint>().unwrap().0.as_ref(),
+        crate::extensions::Routing::backend(req.extensions())
+            .unwrap()
+            .index,
+        1
+    );
+    assert_eq!(
+        crate::extensions::Routing::endpoint(req.extensions())
+            .unwrap()
+            .0
+            .as_ref(),
         "10.0.0.2:80"
     );
     reply.send_response(Response::new(()));

@@ -22,8 +22,8 @@ impl BreakerLayer {
 
     /// A layer for a route-level stack below the split: each request feeds the breaker
     /// at its [`SelectedBackend`](crate::extensions::SelectedBackend) index (the backend's
-    /// position in `spec.backends`); a `None` entry, or a request without the
-    /// extension, passes unguarded.
+    /// position in `spec.backends`); a `None` entry, or a request without a chosen
+    /// backend, passes unguarded.
     pub fn per_backend(circuits: Arc<[Option<Arc<Circuit>>]>) -> Self {
         Self {
             circuits: Circuits::PerBackend(circuits),

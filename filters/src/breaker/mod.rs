@@ -52,7 +52,7 @@
 //! stacks from the registry after each `update` so a changed breaker takes effect
 //! (an unchanged one is the same `Arc`, state and all). The request body passes
 //! through untouched; the response body becomes `ResponseBody<B>`. The request
-//! extension [`Deadline`](crate::extensions::Deadline) (set by the retry layer on each try) lets the breaker count
+//! [`Deadline`](crate::extensions::Deadline) in the request's [`Routing`](crate::extensions::Routing) (set by the retry layer on each try) lets the breaker count
 //! a per-try timeout that fires above it. Route keys are the proxy's choice (unique
 //! across the snapshot; they appear in metrics and admin paths, so no `/`).
 //!

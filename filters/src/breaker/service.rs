@@ -7,7 +7,7 @@ use tower_service::Service;
 
 use super::circuit::Circuit;
 use super::future::{ResponseBody, ResponseFuture};
-use crate::extensions::{Deadline, SelectedBackend};
+use crate::extensions::Routing;
 
 /// Which breaker a request feeds.
 #[derive(Clone, Debug)]
@@ -24,7 +24,7 @@ impl Circuits {
         match self {
             Circuits::One(c) => Some(c),
             Circuits::PerBackend(all) => {
-                let i = req.extensions().get::<SelectedBackend>()?.index;
+                let i = Routing::backend(req.extensions())?.index;
                 all.get(i)?.as_ref()
             }
         }
@@ -99,7 +99,7 @@ where
             // has just moved on, this request still may not reach an unready inner.
             return ResponseFuture::rejected(circuit.reject());
         }
-        let deadline = req.extensions().get::<Deadline>().map(|d| d.0);
+        let deadline = Routing::deadline(req.extensions());
         match circuit.acquire(deadline) {
             Some(permit) => ResponseFuture::called(self.inner.call(req), Some(permit)),
             None => ResponseFuture::rejected(circuit.rejected_error()),

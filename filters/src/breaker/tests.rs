@@ -559,8 +559,8 @@ async fn a_call_dropped_after_its_deadline_counts_as_timeout() {
 
     let deadline_req = || {
         let mut r = req();
-        r.extensions_mut()
-            .insert(Deadline(Instant::now() + Duration::from_secs(1)));
+        crate::extensions::Routing::of_mut(r.extensions_mut()).deadline =
+            Some(Deadline(Instant::now() + Duration::from_secs(1)));
         r
     };
     // Dropped before its deadline: cancelled, not a failure.
@@ -692,8 +692,8 @@ async fn route_level_stack_picks_the_breaker_of_the_selected_backend() {
     let mut svc = BreakerLayer::per_backend(circuits).layer(inner.clone());
     let to = |index: usize| {
         let mut r = req();
-        r.extensions_mut()
-            .insert(crate::extensions::SelectedBackend {
+        crate::extensions::Routing::of_mut(r.extensions_mut()).backend =
+            Some(crate::extensions::SelectedBackend {
                 name: Arc::from(format!("b{index}")),
                 index,
             });

@@ -13,6 +13,7 @@ use tower::{BoxError, ServiceExt};
 use tower_service::Service;
 
 use super::{FallbackAction, FallbackObserver, FallbackParams};
+use crate::extensions::Routing;
 use crate::reason::{DEGRADED_HEADER, Reason};
 use crate::replay::{BodySource, Reclaim, ReplayBody};
 
@@ -159,7 +160,7 @@ where
             return Err(primary_err);
         }
         drop(primary_err);
-        head.extensions.insert(backend.clone());
+        Routing::of_mut(&mut head.extensions).backend = Some(backend.clone());
         let req = Request::from_parts(head, source.next());
         let mut resp = svc.oneshot(req).await.map_err(Into::into)?;
         resp.headers_mut()

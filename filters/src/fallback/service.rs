@@ -11,7 +11,7 @@ use tower_service::Service;
 use super::future::{ResponseFuture, Rest};
 use super::{FallbackAction, FallbackObserver, FallbackParams};
 use crate::classify::is_grpc;
-use crate::extensions::SelectedBackend;
+use crate::extensions::Routing;
 use crate::replay::{BodySource, ReplayBody, known_len};
 
 /// Sends a request to the primary (the inner stack, as the split chose) and, when that
@@ -72,10 +72,8 @@ where
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        let primary = req
-            .extensions()
-            .get::<SelectedBackend>()
-            .map_or_else(|| Arc::from(""), |s| s.name.clone());
+        let primary =
+            Routing::backend(req.extensions()).map_or_else(|| Arc::from(""), |s| s.name.clone());
         let grpc = is_grpc(req.headers());
         let (req, head, source) = match self.params.action() {
             // A static answer needs nothing of the request.

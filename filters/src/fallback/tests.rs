@@ -43,7 +43,9 @@ fn stack(cfg: FallbackConfig, primary: Up, fallback: Up, cap: u64) -> (Svc, Call
     let inner = tower::service_fn(move |req: Request<ReplayBody<Full<Bytes>>>| {
         let seen = seen.clone();
         async move {
-            let backend = req.extensions().get::<SelectedBackend>().unwrap().clone();
+            let backend = crate::extensions::Routing::backend(req.extensions())
+                .unwrap()
+                .clone();
             let body = req.into_body().collect().await?.to_bytes();
             seen.lock().unwrap().push((backend.name.to_string(), body));
             let up = if backend.index == 0 {
@@ -102,7 +104,7 @@ fn to_response(on: &[FallbackOn]) -> FallbackConfig {
 
 fn request(body: &'static str) -> Request<Full<Bytes>> {
     let mut req = Request::new(Full::new(Bytes::from_static(body.as_bytes())));
-    req.extensions_mut().insert(SelectedBackend {
+    crate::extensions::Routing::of_mut(req.extensions_mut()).backend = Some(SelectedBackend {
         name: "quote".into(),
         index: 0,
     });

@@ -11,7 +11,7 @@ use tower_service::Service;
 use super::future::ResponseFuture;
 use super::registry::{RetryOutcome, RouteRetry};
 use super::tries::{KeptHead, Rest, Total, earliest};
-use crate::extensions::{Deadline, SelectedBackend};
+use crate::extensions::{Deadline, Routing};
 use crate::replay::{BodySource, ReplayBody, known_len};
 
 /// Retries failed tries of a request against the same inner service (one backend).
@@ -110,7 +110,7 @@ where
         }
         let backend = backend_of(&req, &self.backend);
         let (parts, body) = req.into_parts();
-        let outer_deadline = parts.extensions.get::<Deadline>().map(|d| d.0);
+        let outer_deadline = Routing::deadline(&parts.extensions);
         let (body, source) = BodySource::first(body, may_retry, p.max_replay_bytes);
         // Later tries need the head as it came; a request that only needs the per-try
         // timer goes once: no head copy.
@@ -119,7 +119,7 @@ where
         let try_deadline = p.per_try_timeout.map(|t| now + t);
         // The total is not the try's `Deadline`: a route timeout never was one.
         if let Some(d) = earliest(try_deadline, outer_deadline) {
-            req.extensions_mut().insert(Deadline(d));
+            Routing::of_mut(req.extensions_mut()).deadline = Some(Deadline(d));
         }
         let total = self.total.map(|after| Total {
             at: now + after,
@@ -147,7 +147,5 @@ where
 /// The backend label: the split's choice when the stack is route-level, else the
 /// name the layer was built with.
 fn backend_of<B>(req: &Request<B>, fixed: &Arc<str>) -> Arc<str> {
-    req.extensions()
-        .get::<SelectedBackend>()
-        .map_or_else(|| Arc::clone(fixed), |s| Arc::clone(&s.name))
+    Routing::backend(req.extensions()).map_or_else(|| Arc::clone(fixed), |s| Arc::clone(&s.name))
 }

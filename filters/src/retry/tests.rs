@@ -84,7 +84,7 @@ where
         self.deadlines
             .lock()
             .unwrap()
-            .push(req.extensions().get::<Deadline>().map(|d| d.0));
+            .push(crate::extensions::Routing::deadline(req.extensions()));
         let ext = req.extensions();
         self.heads.lock().unwrap().push(format!(
             "{} {} {:?} {:?} backend={:?} peer={:?} count={:?}",
@@ -92,7 +92,7 @@ where
             req.uri(),
             req.version(),
             req.headers(),
-            ext.get::<crate::extensions::SelectedBackend>(),
+            crate::extensions::Routing::backend(ext),
             ext.get::<crate::extensions::PeerIdentity>(),
             ext.get::<RetryCount>().map(RetryCount::get),
         ));
@@ -717,8 +717,8 @@ async fn no_retry_past_the_callers_deadline() {
     let inner = Scripted::with(&[Step::Status(503); 4]);
     let mut svc = RetryLayer::new(r, "log-v1").layer(inner.clone());
     let mut req = get();
-    req.extensions_mut()
-        .insert(Deadline(Instant::now() + Duration::from_millis(150)));
+    crate::extensions::Routing::of_mut(req.extensions_mut()).deadline =
+        Some(Deadline(Instant::now() + Duration::from_millis(150)));
     let _ = send(&mut svc, req).await;
     assert_eq!(inner.calls(), 2);
 }
@@ -735,7 +735,7 @@ async fn every_try_carries_the_head_and_extensions_that_came() {
     // the choice beside others (the map copied).
     let alone = {
         let mut e = http::Extensions::new();
-        e.insert(choice.clone());
+        crate::extensions::Routing::of_mut(&mut e).backend = Some(choice.clone());
         e
     };
     let beside = {
@@ -808,8 +808,8 @@ async fn outcomes_carry_the_selected_backend() {
     let inner = Scripted::with(&[Step::Status(503)]);
     let mut svc = RetryLayer::new(reg.get("ingest").unwrap(), "fallback").layer(inner.clone());
     let mut req = get();
-    req.extensions_mut()
-        .insert(crate::extensions::SelectedBackend {
+    crate::extensions::Routing::of_mut(req.extensions_mut()).backend =
+        Some(crate::extensions::SelectedBackend {
             name: Arc::from("log-v2"),
             index: 1,
         });

@@ -16,7 +16,7 @@ use super::params::{RetryAfter, RetryParams, retry_after};
 use super::registry::{RetryOutcome, RouteRetry};
 use crate::FilterError;
 use crate::classify::classify_error;
-use crate::extensions::{Deadline, RetryCount, SelectedBackend};
+use crate::extensions::{Deadline, RetryCount, Routing};
 use crate::replay::{BodySource, Reclaim, ReplayBody};
 
 /// The boxed retry loop: the slow path, once a try has failed in a retryable way.
@@ -61,15 +61,15 @@ pub(crate) struct KeptHead {
     version: http::Version,
     /// Every value in the map's order: appended in this order, a map reads the same.
     headers: Vec<(http::HeaderName, http::HeaderValue)>,
-    /// `Ok`: the extensions were this choice of the split's (or none) and nothing more.
-    extensions: Result<Option<SelectedBackend>, http::Extensions>,
+    /// `Ok`: the extensions were this routing (the split's choice) or none, and nothing more.
+    extensions: Result<Option<Routing>, http::Extensions>,
 }
 
 impl KeptHead {
     /// Copies `parts` for later tries.
     pub(crate) fn copy(parts: &http::request::Parts) -> Self {
         let ext = &parts.extensions;
-        let extensions = match (ext.len(), ext.get::<SelectedBackend>()) {
+        let extensions = match (ext.len(), Routing::of(ext)) {
             (0, _) => Ok(None),
             (1, Some(choice)) => Ok(Some(choice.clone())),
             _ => Err(ext.clone()),
@@ -259,7 +259,7 @@ where
             let mut req = Request::from_parts(head, source.next());
             let try_deadline = p.per_try_timeout.map(|t| Instant::now() + t);
             if let Some(d) = earliest(try_deadline, outer_deadline) {
-                req.extensions_mut().insert(Deadline(d));
+                Routing::of_mut(req.extensions_mut()).deadline = Some(Deadline(d));
             }
             let fut = svc.ready().await.map_err(Into::into)?.call(req);
             res = match try_deadline {

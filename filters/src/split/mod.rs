@@ -1,8 +1,8 @@
 //! Traffic split: picks the backend of each request (header rules, then weights, sticky).
 //!
 //! [`Split`] does not own one inner service per backend. It decides, records the choice as
-//! a [`SelectedBackend`](crate::extensions::SelectedBackend) request extension and calls its single inner service. The layers
-//! below (retry, breaker, balancer) read that extension and index per-backend state that the
+//! a [`SelectedBackend`](crate::extensions::SelectedBackend) in the request's [`Routing`](crate::extensions::Routing) extension and calls its single inner service. The layers
+//! below (retry, breaker, balancer) read that choice and index per-backend state that the
 //! proxy built once per policy swap in file order (`SelectedBackend::index` is the backend's
 //! position in `spec.backends`). So the whole stack below the split is built once per route
 //! and swap, readiness stays a single `poll_ready`, and a retry re-sends to the same

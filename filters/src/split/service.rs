@@ -5,10 +5,10 @@ use http::Request;
 use tower_service::Service;
 
 use super::SplitParams;
-use crate::extensions::SelectedBackend;
+use crate::extensions::{Routing, SelectedBackend};
 use crate::random::RandomSource;
 
-/// Sets [`SelectedBackend`] on each request, then calls the inner service.
+/// Sets [`Routing::backend`] on each request, then calls the inner service.
 #[derive(Clone, Debug)]
 pub struct Split<S> {
     inner: S,
@@ -38,7 +38,7 @@ where
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let index = self.params.decide(&req, &self.rng);
         let name = self.params.backends()[index].clone();
-        req.extensions_mut().insert(SelectedBackend { name, index });
+        Routing::of_mut(req.extensions_mut()).backend = Some(SelectedBackend { name, index });
         self.inner.call(req)
     }
 }

@@ -256,7 +256,7 @@ async fn layer_sets_selected_backend_extension() {
     let fut = svc.ready().await.unwrap().call(Request::new(()));
     let (req, send) = handle.next_request().await.unwrap();
     assert_eq!(
-        req.extensions().get::<SelectedBackend>(),
+        crate::extensions::Routing::backend(req.extensions()),
         Some(&SelectedBackend {
             name: Arc::from("log-v3"),
             index: 2
