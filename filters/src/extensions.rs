@@ -37,9 +37,10 @@ pub struct SelectedBackend {
 
 /// The instant at which whoever sent a request stops waiting for it.
 ///
-/// The retry layer sets it in [`Routing`] for each try (its per-try timeout, or the
-/// deadline found on the incoming request if that is earlier). A call the breaker sees dropped at or
-/// after its deadline counts as a `timeout` failure; dropped earlier, as cancelled.
+/// The retry layer sets it in [`Routing`] for each try: its per-try timeout, or the
+/// deadline already on the incoming request if that is earlier. A call the breaker sees
+/// dropped at or after its deadline counts as a `timeout` failure; dropped earlier, as
+/// cancelled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Deadline(pub Instant);
 

@@ -22,7 +22,7 @@ pub struct Balance<S> {
 }
 
 impl<S> Balance<S> {
-    /// Balances over `backends`, indexed by [`SelectedBackend::index`].
+    /// Balances over `backends`, indexed by [`SelectedBackend::index`](crate::extensions::SelectedBackend::index).
     pub fn new(
         inner: S,
         backends: Arc<[Arc<EndpointSet>]>,

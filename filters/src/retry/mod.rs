@@ -32,7 +32,7 @@
 //! 10/s over 10 s. Exhausted → no retry, outcome `budget_exhausted`.
 //!
 //! Each try carries a [`Deadline`](crate::extensions::Deadline) in its [`Routing`](crate::extensions::Routing) (its per-try
-//! deadline, or an earlier one already on the request, e.g. from a route timeout),
+//! deadline, or an earlier one already on the request),
 //! so the breaker below can count a try cut off by the per-try timer as a timeout.
 //! A retry whose wait would end past a `Deadline` found on the incoming request is
 //! not attempted. The per-try timer runs to the response head; a streaming
