@@ -7,20 +7,20 @@
 //!   and the last good version of that file stays in force. Last good versions
 //!   are persisted in the state directory so a restart with a broken file on
 //!   disk still serves them. A watcher re-reads the directory on any change.
-//! - [`state`]: what every part shares (`Shared`): the published snapshot, the
+//! - `state`: what every part shares (`Shared`): the published snapshot, the
 //!   policy source, readiness; `source` and `k8s` depend on it, not on this file.
 //! - The published snapshot: one `watch` channel holding the mesh's
 //!   [`sluice_config::PolicySet`] as a ready-to-send `Snapshot`; it is replaced
 //!   with `send_if_modified` only when the content hash changes, so a no-op edit
 //!   sends nothing.
-//! - [`grpc`]: the `StreamPolicies` service. Each proxy stream's response body watches
+//! - `grpc`: the `StreamPolicies` service. Each proxy stream's response body watches
 //!   the snapshot channel and sends each version the proxy does not have yet,
-//!   recording ACKs and NACKs in the [`proxies`] registry; [`push`] sends each
+//!   recording ACKs and NACKs in the [`proxies`] registry; `push` sends each
 //!   version as bytes encoded once and shared by every stream.
-//! - [`admin`]: `/live`, `/ready`, `/metrics`, `/policies`, `/proxies`, `/served`,
+//! - `admin`: `/live`, `/ready`, `/metrics`, `/policies`, `/proxies`, `/served`,
 //!   `/rollouts` (all but the probes and metrics behind the admin token when bound
 //!   beyond loopback).
-//! - [`serve`]: the one accept loop (accept, bounded TLS handshake, graceful drain)
+//! - `serve`: the one accept loop (accept, bounded TLS handshake, graceful drain)
 //!   behind the admin, webhook and gRPC listeners.
 //! - [`rollout`]: canary rollouts driven from the proxies' reports.
 //! - [`inject`]: the sidecar-injection and RoutePolicy-validation webhook.
@@ -220,7 +220,7 @@ pub struct ControlPlaneConfig {
     /// Bounds on policy input: each file, the directory, each RoutePolicy object.
     pub policy_limits: sluice_config::Limits,
     /// Tests only: the schema version snapshots are stamped with, instead of
-    /// [`SCHEMA_VERSION`].
+    /// [`sluice_config::SCHEMA_VERSION`].
     #[doc(hidden)]
     pub stamp_schema_version: Option<u32>,
 }

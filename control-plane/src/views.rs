@@ -6,7 +6,7 @@
 //!
 //! - each policy becomes its [`proxy_view`]: `rollout` removed, the effective
 //!   weights in place (the [`EffectiveWeights`] hook the rollout engine drives;
-//!   [`FileWeights`] until then);
+//!   [`sluice_config::FileWeights`] until then);
 //! - a policy that needs a newer schema than the view's is *held*: the view keeps
 //!   the last version of it that the older schema expressed (remembered from earlier
 //!   publications), or, if there never was one, *withholds* it;

@@ -3,7 +3,7 @@
 //! CVE-2023-44487), including the paced kind that waits for each stream to be accepted
 //! before resetting it, which h2's own pending-reset limit never sees.
 //!
-//! Each HTTP/2 connection gets one [`StreamBudget`]. A stream whose handler is dropped
+//! Each HTTP/2 connection gets one `StreamBudget`. A stream whose handler is dropped
 //! before it produced a response (the client reset it, or left) spends one token of a
 //! per-connection rate ([`H2Limits::max_resets`] per [`H2Limits::reset_interval`],
 //! governor's GCRA); every stream counts towards [`H2Limits::max_streams`]. When either

@@ -1,7 +1,7 @@
 //! The one rescue: every refusal, whether a governance layer's [`FilterError`], a
 //! [`ProxyError`] from the upstream client, a broken client body or a request no route
 //! takes, becomes the caller's answer here, from the one table of
-//! [`Reason`](sluice_filters::reason::Reason): HTTP status, `x-sluice-reason` and, for
+//! [`Reason`]: HTTP status, `x-sluice-reason` and, for
 //! gRPC callers, a trailers-only `grpc-status`.
 
 use http::{HeaderValue, Response, StatusCode, header};

@@ -6,7 +6,7 @@
 //! conntrack). A connection made to the listener itself (explicit mode) has no original
 //! destination, or has the listener's own address, and is served exactly as before.
 //!
-//! Outbound ([`Intercept::Outbound`]), a redirected connection is sniffed once:
+//! Outbound (`Intercept::Outbound`), a redirected connection is sniffed once:
 //! [`sniff`] reads just enough of the client's first bytes to tell HTTP/1, the HTTP/2
 //! preface or anything else apart; a protocol in which the server speaks first (MySQL,
 //! SMTP) sends nothing, so the sniff gives up after [`SNIFF_WAIT`] and calls it opaque.
@@ -18,13 +18,13 @@
 //!   head with several `Host` lines goes to the edge, which refuses it. A host no policy
 //!   claims is passed through as opaque TCP, byte for byte, for the whole connection
 //!   (Upgrade and CONNECT included); a governed host hands the connection, its read
-//!   bytes replayed ([`Prefixed`]), to hyper and the route stacks. Should a later request on that keep-alive connection name a host no policy
+//!   bytes replayed (`Prefixed`), to hyper and the route stacks. Should a later request on that keep-alive connection name a host no policy
 //!   claims, it is forwarded to the original destination without governance.
 //! - HTTP/2: the authority sits in HPACK-compressed frames, so the connection goes to
 //!   hyper and each request is decided alone: governed hosts through their stacks, the
 //!   rest to the original destination without governance.
 //!
-//! Inbound ([`Intercept::Inbound`]), a redirected connection to the application's port
+//! Inbound (`Intercept::Inbound`), a redirected connection to the application's port
 //! (`--app`) is served as HTTP through the inbound stack to `--app`; a connection to any
 //! other port of the pod passes through untouched to the pod address it was sent to,
 //! never to `127.0.0.1`: a server bound to loopback inside the pod stays private, as it

@@ -2,10 +2,10 @@
 //! clients (plaintext, or mTLS per backend identity) that send a request to the
 //! [`Endpoint`] the balancer chose.
 //!
-//! HTTP/1 goes over [`H1Pool`]: connections on hyper's connection-level API, kept idle
+//! HTTP/1 goes over `H1Pool`: connections on hyper's connection-level API, kept idle
 //! per worker thread, so a request takes no lock, hashes its endpoint once and spawns
 //! nothing; a connection goes back to its thread's pool when the response body ends.
-//! HTTP/2 goes over [`H2Pool`], the same per-worker design on hyper's HTTP/2 connections:
+//! HTTP/2 goes over `H2Pool`, the same per-worker design on hyper's HTTP/2 connections:
 //! one multiplexed connection per endpoint per worker thread, replaced when it closes
 //! (GOAWAY, an error, idleness).
 //!

@@ -226,7 +226,7 @@ impl Load {
         self.statuses.lock().unwrap().clone()
     }
 
-    /// Stops sending, once every request sent is answered (or after [`DRAIN`]).
+    /// Stops sending, once every request sent is answered (or after `DRAIN`).
     pub async fn stop(mut self) -> BTreeMap<u16, u64> {
         self.stop.send_replace(true);
         while self.tasks.join_next().await.is_some() {}

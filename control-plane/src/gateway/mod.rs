@@ -3,7 +3,7 @@
 //! - [`model`]: the HTTPRoute fields read, as serde types (every field named, so an
 //!   unknown one is refused with its path), plus what the translation needs of
 //!   Services and ReferenceGrants.
-//! - [`translate`]: the pure translation. All HTTPRoutes bound to one Service merge
+//! - [`mod@translate`]: the pure translation. All HTTPRoutes bound to one Service merge
 //!   into one generated policy named `httproute-<svc>` in the Service's namespace,
 //!   answering each name a mesh client calls the Service by (`spec.host` and `aliases`: `<svc>`,
 //!   `<svc>.<ns>`, `<svc>.<ns>.svc.cluster.local`). Each match is one route named

@@ -1,9 +1,9 @@
 //! HTTPRoutes (Gateway API, v1) as policy input beside RoutePolicy objects.
 //!
 //! A reflector over every HTTPRoute and one over every ReferenceGrant feed
-//! [`GatewayRoutes`]; the Services come from the endpoint discovery's reflector.
+//! `GatewayRoutes`; the Services come from the endpoint discovery's reflector.
 //! Each time the mesh's set is built, the HTTPRoutes are translated
-//! ([`crate::gateway::translate`]) and their policies join the RoutePolicies'.
+//! ([`crate::gateway::translate()`]) and their policies join the RoutePolicies'.
 //!
 //! A host is defined either by a RoutePolicy or by HTTPRoutes: when both name one
 //! host, the RoutePolicy keeps it and the HTTPRoutes' policies are left out, with

@@ -150,7 +150,7 @@ impl ReportForwarder {
     }
 
     /// Relays a command by hand (`path`, e.g. `/rollouts/ns/policy/route/pause`) to
-    /// the holder and returns its answer. Only once [`Self::run`] started (in a
+    /// the holder and returns its answer. Only once `run` started (in a
     /// cluster); before, or while no holder is known, [`RelayError::NoHolder`].
     pub async fn relay_command(&self, path: &str) -> Result<Relayed, RelayError> {
         let road = self.road.get().ok_or(RelayError::NoHolder)?;

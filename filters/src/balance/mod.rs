@@ -8,7 +8,7 @@
 //! connector what to dial, and calls its single inner service.
 //!
 //! A request whose inner call fails with a connect failure (by default an
-//! [`UpstreamError`](crate::UpstreamError) of kind `ConnectFailure` anywhere in the error's
+//! [`UpstreamError`] of kind `ConnectFailure` anywhere in the error's
 //! source chain) ejects its endpoint for 1 s, doubling on each failed probe up to 30 s. When
 //! the ejection ends, one request is let through as a probe; its success restores the
 //! endpoint. With every endpoint ejected the request fails with

@@ -15,7 +15,7 @@ pub(crate) enum Circuits {
     /// A stack built for one route × backend.
     One(Arc<Circuit>),
     /// A route-level stack: the breaker of the backend named by the request's
-    /// [`SelectedBackend`] index (`None` entries and requests without it pass).
+    /// [`SelectedBackend`](crate::extensions::SelectedBackend) index (`None` entries and requests without it pass).
     PerBackend(Arc<[Option<Arc<Circuit>>]>),
 }
 
