@@ -9,8 +9,11 @@
 //! governor's GCRA); every stream counts towards [`H2Limits::max_streams`]. When either
 //! runs out the budget trips: the server sends GOAWAY and lets the streams in flight
 //! finish, and every stream opened meanwhile is refused with `REFUSED_STREAM` before it
-//! reaches a route. hyper chooses the GOAWAY's code (`NO_ERROR`); it offers no way to
-//! send `ENHANCE_YOUR_CALM` for a limit of ours.
+//! reaches a route. The last stream `max_streams` allows is served and trips the budget
+//! as it opens, so the GOAWAY reaches the client with that stream's answer, before it
+//! opens another: a client sending one request at a time never has one refused, it
+//! opens a new connection for the next. hyper chooses the GOAWAY's code (`NO_ERROR`);
+//! it offers no way to send `ENHANCE_YOUR_CALM` for a limit of ours.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -80,6 +83,11 @@ impl StreamBudget {
         if n > self.max_streams {
             self.set_tripped("streams per connection");
             return None;
+        }
+        if n == self.max_streams {
+            // Served, and the GOAWAY goes out now rather than when a stream too many
+            // arrives and has to be refused.
+            self.set_tripped("streams per connection");
         }
         Some(StreamGuard {
             budget: self.clone(),
@@ -161,7 +169,10 @@ mod tests {
     fn streams_per_connection_are_capped() {
         let b = StreamBudget::new(&limits(2, 100));
         b.open().unwrap().answered();
+        assert!(!b.tripped.load(Ordering::Relaxed));
+        // The last stream allowed is served and trips the budget as it opens.
         b.open().unwrap().answered();
+        assert!(b.tripped.load(Ordering::Relaxed));
         assert!(b.open().is_none());
         assert!(b.open().is_none());
     }

@@ -36,6 +36,22 @@ pub async fn read_until_closed<S: AsyncRead + Unpin>(stream: &mut S) -> String {
     String::from_utf8_lossy(&all).into_owned()
 }
 
+/// A request that never left: the connection closed or went away before taking it.
+#[derive(Debug)]
+pub struct Unsent(pub hyper::Error);
+
+impl std::fmt::Display for Unsent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "the connection did not take the request: {}", self.0)
+    }
+}
+
+impl std::error::Error for Unsent {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
+
 enum Sender {
     H1(http1::SendRequest<ReqBody>),
     H2(http2::SendRequest<ReqBody>),
@@ -182,16 +198,25 @@ impl HttpConn {
         }
     }
 
-    /// Sends a request and returns the response head; the body streams.
+    /// Sends a request and returns the response head; the body streams. A request the
+    /// connection never took (it closed, or the server's GOAWAY came first) fails with
+    /// [`Unsent`], which a client answers by opening a new connection, as pooled
+    /// clients do.
     pub async fn send(&mut self, req: Request<ReqBody>) -> Result<Response<Incoming>, BoxError> {
+        let unsent = |mut e: hyper::client::conn::TrySendError<Request<ReqBody>>| -> BoxError {
+            match e.take_message() {
+                Some(_) => Box::new(Unsent(e.into_error())),
+                None => Box::new(e.into_error()),
+            }
+        };
         match &mut self.sender {
             Sender::H1(s) => {
-                s.ready().await?;
-                Ok(s.send_request(req).await?)
+                s.ready().await.map_err(Unsent)?;
+                s.try_send_request(req).await.map_err(unsent)
             }
             Sender::H2(s) => {
-                s.ready().await?;
-                Ok(s.send_request(req).await?)
+                s.ready().await.map_err(Unsent)?;
+                s.try_send_request(req).await.map_err(unsent)
             }
         }
     }

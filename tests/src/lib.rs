@@ -52,7 +52,7 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 pub use child_control_plane::{ChildControlPlane, NackingMesh};
-pub use client::{HttpConn, Reply, ReqBody, admit, full_body, read_until_closed};
+pub use client::{HttpConn, Reply, ReqBody, Unsent, admit, full_body, read_until_closed};
 pub use control_plane::TestControlPlane;
 pub use proxy::{ChildProxy, MeshTls, ProcMemory, ProxyOptions, TestProxy};
 pub use redis::{TestRedis, wait_keys};

@@ -26,7 +26,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use crate::malformed;
-use crate::{ChildProxy, HttpConn, Protocol, Stall, Upstream};
+use crate::{ChildProxy, HttpConn, Protocol, Stall, Unsent, Upstream};
 
 /// What to run, and for how long.
 #[derive(Clone, Debug)]
@@ -180,6 +180,7 @@ struct Shared {
     faults: Faults,
     counts: [HostCounts; 4],
     h2_sent: AtomicU64,
+    resent: AtomicU64,
     reasons: Mutex<BTreeMap<String, u64>>,
     examples: Mutex<Vec<String>>,
     crashed: AtomicBool,
@@ -228,6 +229,10 @@ pub struct Report {
     pub hosts: Vec<(String, Counts)>,
     /// Requests sent over HTTP/2 (the rest over HTTP/1.1).
     pub h2_sent: u64,
+    /// Requests a keep-alive connection did not take because the proxy had closed it or
+    /// sent GOAWAY (HTTP/2's per-connection stream cap), sent again on a new connection
+    /// as a pooled client would; their outcome is counted like any other's.
+    pub resent: u64,
     /// Failures by design, by `status reason`.
     pub by_reason: BTreeMap<String, u64>,
     /// Policy edits applied / broken edits refused.
@@ -294,6 +299,11 @@ impl fmt::Display for Report {
             f,
             "  requests: {} sent ({} over HTTP/2), {} succeeded, {} failed by design, {} failed unexpectedly",
             t.sent, self.h2_sent, t.ok, t.by_design, t.unexpected
+        )?;
+        writeln!(
+            f,
+            "  connections the proxy closed between requests (GOAWAY at the stream cap): {} requests sent again on a new one",
+            self.resent
         )?;
         for (host, c) in &self.hosts {
             writeln!(
@@ -689,6 +699,7 @@ pub async fn run(opts: SuiteOptions) -> Report {
         ));
     }
     report.h2_sent = shared.h2_sent.load(Ordering::Relaxed);
+    report.resent = shared.resent.load(Ordering::Relaxed);
     report.by_reason = shared.reasons.lock().expect("reasons lock").clone();
     report.problems = shared.examples.lock().expect("examples lock").clone();
     report.elapsed = started.elapsed();
@@ -788,7 +799,25 @@ async fn client_loop(
             shared.h2_sent.fetch_add(1, Ordering::Relaxed);
         }
         let sent = Instant::now();
-        let result = tokio::time::timeout(Duration::from_secs(15), c.get(host.name(), &path)).await;
+        let mut result =
+            tokio::time::timeout(Duration::from_secs(15), c.get(host.name(), &path)).await;
+        // A connection that did not take the request (closed or going away between two
+        // requests) is replaced and the request sent on the new one, as a pooled client
+        // does; a failure there counts.
+        if matches!(&result, Ok(Err(e)) if e.is::<Unsent>()) {
+            shared.resent.fetch_add(1, Ordering::Relaxed);
+            result = match if h2 {
+                HttpConn::h2(target).await
+            } else {
+                HttpConn::h1(target).await
+            } {
+                Ok(fresh) => {
+                    let c = conn.insert(fresh);
+                    tokio::time::timeout(Duration::from_secs(15), c.get(host.name(), &path)).await
+                }
+                Err(e) => Ok(Err(e)),
+            };
+        }
         let received = Instant::now();
         let proto = if h2 { "HTTP/2" } else { "HTTP/1.1" };
         match result {
