@@ -9,15 +9,22 @@
 //! governor's GCRA); every stream counts towards [`H2Limits::max_streams`]. When either
 //! runs out the budget trips: the server sends GOAWAY and lets the streams in flight
 //! finish, and every stream opened meanwhile is refused with `REFUSED_STREAM` before it
-//! reaches a route. The last stream `max_streams` allows is served and trips the budget
-//! as it opens, so the GOAWAY reaches the client with that stream's answer, before it
-//! opens another: a client sending one request at a time never has one refused, it
-//! opens a new connection for the next. hyper chooses the GOAWAY's code (`NO_ERROR`);
-//! it offers no way to send `ENHANCE_YOUR_CALM` for a limit of ours.
+//! reaches a route.
+//!
+//! The stream cap is a rotation, not a punishment, and loses nothing: the last stream
+//! `max_streams` allows is served and trips the budget as it opens, so the GOAWAY
+//! reaches the client with that stream's answer, before it opens another (a client
+//! sending one request at a time opens a new connection for the next); streams a
+//! busier client opened before the GOAWAY reached it are served too, up to
+//! [`RACING_STREAMS`] of them, since a refused one would fail wherever the client
+//! does not retry `REFUSED_STREAM`. Only a client that ignores the GOAWAY goes past
+//! that and is refused. Resets are abuse: once they trip the budget every new stream is
+//! refused. hyper chooses the GOAWAY's code (`NO_ERROR`); it offers no way to send
+//! `ENHANCE_YOUR_CALM` for a limit of ours.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU32, Ordering};
 use std::time::Duration;
 
 use governor::{Quota, RateLimiter};
@@ -45,13 +52,26 @@ impl Default for H2Limits {
     }
 }
 
+/// Streams served past the cap while its GOAWAY is on the way: a client opens at most
+/// its concurrency's worth in the round trip before it sees the GOAWAY (hyper allows
+/// 200 at once), so this covers any client that heeds it.
+pub(crate) const RACING_STREAMS: u32 = 1_000;
+
+/// Not tripped.
+const OPEN: u8 = 0;
+/// Tripped by the stream cap: streams racing the GOAWAY are still served.
+const CAPPED: u8 = 1;
+/// Tripped by resets: every new stream is refused.
+const ABUSED: u8 = 2;
+
 /// What one HTTP/2 connection may still do.
 #[derive(Debug)]
 pub(crate) struct StreamBudget {
     max_streams: u32,
     streams: AtomicU32,
     resets: RateLimiter<governor::state::NotKeyed, governor::state::InMemoryState, PollClock>,
-    tripped: AtomicBool,
+    /// [`OPEN`], [`CAPPED`] or [`ABUSED`].
+    tripped: AtomicU8,
     trip: Notify,
 }
 
@@ -67,7 +87,7 @@ impl StreamBudget {
             max_streams: limits.max_streams,
             streams: AtomicU32::new(0),
             resets: RateLimiter::direct_with_clock(quota, PollClock),
-            tripped: AtomicBool::new(false),
+            tripped: AtomicU8::new(OPEN),
             trip: Notify::new(),
         })
     }
@@ -76,18 +96,17 @@ impl StreamBudget {
     /// stream must be refused, else a guard to [`StreamGuard::answered`] once the
     /// response is ready.
     pub(crate) fn open(self: &Arc<Self>) -> Option<StreamGuard> {
-        if self.tripped.load(Ordering::Relaxed) {
+        if self.tripped.load(Ordering::Relaxed) == ABUSED {
             return None;
         }
         let n = self.streams.fetch_add(1, Ordering::Relaxed) + 1;
-        if n > self.max_streams {
-            self.set_tripped("streams per connection");
-            return None;
-        }
-        if n == self.max_streams {
-            // Served, and the GOAWAY goes out now rather than when a stream too many
-            // arrives and has to be refused.
-            self.set_tripped("streams per connection");
+        if n >= self.max_streams {
+            // The last stream allowed is served, and the GOAWAY goes out now rather
+            // than when a stream too many arrives and has to be refused.
+            self.set_tripped(CAPPED);
+            if n - self.max_streams > RACING_STREAMS {
+                return None;
+            }
         }
         Some(StreamGuard {
             budget: self.clone(),
@@ -100,13 +119,26 @@ impl StreamBudget {
         self.trip.notified().await;
     }
 
-    fn set_tripped(&self, what: &'static str) {
-        if !self.tripped.swap(true, Ordering::Relaxed) {
-            tracing::info!(limit = what, "HTTP/2 connection over its limit: GOAWAY");
+    /// Trips the budget for `why` ([`CAPPED`] or [`ABUSED`]); resets after the cap
+    /// still turn it to refusing every stream. The first trip asks for the GOAWAY.
+    fn set_tripped(&self, why: u8) {
+        let before = self.tripped.fetch_max(why, Ordering::Relaxed);
+        if before == OPEN {
+            let limit = if why == CAPPED {
+                "streams per connection"
+            } else {
+                "resets per interval"
+            };
+            tracing::info!(limit, "HTTP/2 connection at its limit: GOAWAY");
             // `notify_one` keeps a permit, so a trip before the connection task waits
             // is not lost.
             self.trip.notify_one();
         }
+    }
+
+    #[cfg(test)]
+    fn is_tripped(&self) -> bool {
+        self.tripped.load(Ordering::Relaxed) != OPEN
     }
 }
 
@@ -127,7 +159,7 @@ impl StreamGuard {
 impl Drop for StreamGuard {
     fn drop(&mut self) {
         if !self.answered && self.budget.resets.check().is_err() {
-            self.budget.set_tripped("resets per interval");
+            self.budget.set_tripped(ABUSED);
         }
     }
 }
@@ -150,14 +182,11 @@ mod tests {
         for _ in 0..3 {
             drop(b.open().unwrap());
         }
-        assert!(!b.tripped.load(Ordering::Relaxed), "3 resets are allowed");
+        assert!(!b.is_tripped(), "3 resets are allowed");
         b.open().unwrap().answered();
-        assert!(
-            !b.tripped.load(Ordering::Relaxed),
-            "answered streams cost nothing"
-        );
+        assert!(!b.is_tripped(), "answered streams cost nothing");
         drop(b.open().unwrap());
-        assert!(b.tripped.load(Ordering::Relaxed));
+        assert!(b.is_tripped());
         assert!(b.open().is_none());
         // The trip left a permit for the connection task.
         tokio::time::timeout(Duration::from_secs(1), b.tripped())
@@ -169,11 +198,28 @@ mod tests {
     fn streams_per_connection_are_capped() {
         let b = StreamBudget::new(&limits(2, 100));
         b.open().unwrap().answered();
-        assert!(!b.tripped.load(Ordering::Relaxed));
+        assert!(!b.is_tripped());
         // The last stream allowed is served and trips the budget as it opens.
         b.open().unwrap().answered();
-        assert!(b.tripped.load(Ordering::Relaxed));
+        assert!(b.is_tripped());
+        // Streams racing the GOAWAY are served, up to a bound; then refused.
+        for i in 0..RACING_STREAMS {
+            let racing = b.open();
+            assert!(racing.is_some(), "racing stream {i}");
+            racing.into_iter().for_each(StreamGuard::answered);
+        }
         assert!(b.open().is_none());
+        assert!(b.open().is_none());
+    }
+
+    #[test]
+    fn resets_after_the_cap_refuse_at_once() {
+        let b = StreamBudget::new(&limits(1, 1));
+        b.open().unwrap().answered();
+        assert!(b.is_tripped());
+        // A racing stream is served, but reset streams past the burst make it abuse.
+        drop(b.open().unwrap());
+        drop(b.open().unwrap());
         assert!(b.open().is_none());
     }
 }

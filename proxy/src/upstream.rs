@@ -228,13 +228,21 @@ where
         source: UpstreamError::new(kind, e),
     };
     *req.uri_mut() = upstream_uri(&endpoint, req.uri())?;
+    let lost = |e: hyper::Error| {
+        let kind = if refused(&e) {
+            UpstreamErrorKind::RefusedStream
+        } else {
+            UpstreamErrorKind::Reset
+        };
+        failed(kind, e.into())
+    };
     if let Some(mut conn) = pool.checkout(&endpoint) {
         let in_flight = InFlight::new(&conn.state);
         match conn.sender.try_send_request(req).await {
             Ok(resp) => return Ok(answer_h2(resp, in_flight, backend)),
             Err(mut e) => match e.take_message() {
                 Some(unsent) => req = unsent,
-                None => return Err(failed(UpstreamErrorKind::Reset, e.into_error().into()).into()),
+                None => return Err(lost(e.into_error()).into()),
             },
         }
     }
@@ -245,8 +253,23 @@ where
     let in_flight = InFlight::new(&conn.state);
     match conn.sender.try_send_request(req).await {
         Ok(resp) => Ok(answer_h2(resp, in_flight, backend)),
-        Err(e) => Err(failed(UpstreamErrorKind::Reset, e.into_error().into()).into()),
+        Err(e) => Err(lost(e.into_error()).into()),
     }
+}
+
+/// Whether the upstream reset the stream with `REFUSED_STREAM`, which says it did not
+/// process the request (RFC 9113 §8.7): a retry on `refused-stream` may send it again.
+fn refused(e: &hyper::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.is_reset()
+                && h2.is_remote()
+                && h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// The response, its body counting as a stream in flight on its connection until it is

@@ -1,6 +1,5 @@
 //! A real upstream HTTP server for the tests.
 
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -67,6 +66,7 @@ struct State {
 /// - `/status/NNN` answers status NNN;
 /// - `/head-bytes/N` answers with an `x-filler` header of N bytes (an oversized head);
 /// - `/hold…` waits until [`Upstream::release_held`] is called, then answers `released`;
+/// - `/refused…` over HTTP/2 is reset with `REFUSED_STREAM` (counted as a request);
 /// - `/upgrade…` with an `Upgrade` offer switches (101) to the first protocol offered,
 ///   whatever it is, and echoes every byte of the tunnel back; without one it answers
 ///   with the upstream's name;
@@ -139,9 +139,18 @@ impl Upstream {
                 };
                 let _ = stream.set_nodelay(true);
                 let st = st.clone();
-                let svc = service_fn(move |req| {
+                let svc = service_fn(move |req: Request<Incoming>| {
                     let st = st.clone();
-                    async move { Ok::<_, Infallible>(handle(st, req).await) }
+                    async move {
+                        if req.version() == hyper::Version::HTTP_2
+                            && req.uri().path().starts_with("/refused")
+                        {
+                            st.requests.fetch_add(1, Ordering::SeqCst);
+                            // hyper resets the stream with the reason of an h2 error.
+                            return Err(h2::Error::from(h2::Reason::REFUSED_STREAM));
+                        }
+                        Ok(handle(st, req).await)
+                    }
                 });
                 let builder = builder.clone();
                 conns.spawn(async move {

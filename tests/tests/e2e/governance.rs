@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use hyper::{Method, StatusCode};
-use sluice_e2e::{HttpConn, TestProxy, Upstream, WAIT, metric_sum, scrape};
+use sluice_e2e::{HttpConn, Protocol, TestProxy, Upstream, WAIT, metric_sum, scrape};
 use sluice_examples::log_service::{self, LogServiceConfig};
 
 fn policy(host: &str, backends: &[(&str, SocketAddr)], route: &str) -> String {
@@ -220,4 +220,29 @@ async fn a_dead_endpoint_among_live_ones_is_ejected_and_no_request_fails() {
         served.iter().all(|&n| n > 0),
         "both live endpoints serve: {served:?}"
     );
+}
+
+/// An HTTP/2 upstream that resets a stream with `REFUSED_STREAM` did not process the
+/// request: a route retrying on `refused-stream` sends it again (here every try is
+/// refused, so all three go out), one retrying on other failures does not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_stream_is_retried_where_the_route_retries_refused_streams() {
+    let up = Upstream::start("refusing", Protocol::Http2).await;
+    let retrying = "      retry: { attempts: 2, on: [refused-stream] }\n";
+    let proxy = TestProxy::start(&policy("refusing", &[("up", up.addr())], retrying)).await;
+    let mut conn = HttpConn::h2(proxy.outbound_addr()).await.unwrap();
+    let r = conn.get("refusing", "/refused").await.unwrap();
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+    assert_eq!(r.header("x-sluice-reason"), "upstream-unavailable");
+    assert_eq!(up.requests(), 3, "the first try and two retries");
+    let served = conn.get("refusing", "/").await.unwrap();
+    assert_eq!(served.status, StatusCode::OK, "the connection still serves");
+
+    let other = "      retry: { attempts: 2, on: [connect-failure, gateway-error] }\n";
+    let up2 = Upstream::start("refusing", Protocol::Http2).await;
+    let proxy = TestProxy::start(&policy("refusing", &[("up", up2.addr())], other)).await;
+    let mut conn = HttpConn::h2(proxy.outbound_addr()).await.unwrap();
+    let r = conn.get("refusing", "/refused").await.unwrap();
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+    assert_eq!(up2.requests(), 1, "a refused stream is not a gateway error");
 }

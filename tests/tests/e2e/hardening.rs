@@ -299,6 +299,52 @@ async fn paced_rapid_reset_is_cut_off_with_goaway() {
     );
 }
 
+/// Many streams at once on one connection: the ones the client opened before the cap's
+/// GOAWAY reached it are served, not refused, and the client takes the rest to new
+/// connections. No request fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_racing_the_cap_are_served() {
+    let upstream = Upstream::http1("v1").await;
+    let proxy = TestProxy::start_with(
+        &policy(upstream.addr()),
+        ProxyOptions {
+            h2_limits: H2Limits {
+                max_streams: 50,
+                ..H2Limits::default()
+            },
+            ..Default::default()
+        },
+    )
+    .await;
+    let addr = proxy.outbound_addr();
+    let first = HttpConn::h2(addr).await.unwrap();
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..20 {
+        let mut conn = first.try_clone().expect("an HTTP/2 connection");
+        clients.spawn(async move {
+            let mut moved = 0;
+            for _ in 0..20 {
+                let reply = match conn.get("orders", "/").await {
+                    Err(e) if e.is::<Unsent>() => {
+                        moved += 1;
+                        conn = HttpConn::h2(addr).await.unwrap();
+                        conn.get("orders", "/").await
+                    }
+                    other => other,
+                };
+                assert_eq!(reply.expect("no stream refused").status, 200);
+            }
+            moved
+        });
+    }
+    let mut moved = 0;
+    while let Some(m) = clients.join_next().await {
+        moved += m.unwrap();
+    }
+    assert_eq!(upstream.requests(), 400);
+    assert!(moved > 0, "the cap closed the first connection");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_per_connection_are_capped_with_goaway() {
     let upstream = Upstream::http1("v1").await;
