@@ -8,8 +8,7 @@
 //! per-connection rate ([`H2Limits::max_resets`] per [`H2Limits::reset_interval`],
 //! governor's GCRA); every stream counts towards [`H2Limits::max_streams`]. When either
 //! runs out the budget trips: the server sends GOAWAY and lets the streams in flight
-//! finish, and every stream opened meanwhile is refused with `REFUSED_STREAM` before it
-//! reaches a route.
+//! finish.
 //!
 //! The stream cap is a rotation, not a punishment, and loses nothing: the last stream
 //! `max_streams` allows is served and trips the budget as it opens, so the GOAWAY
@@ -18,8 +17,8 @@
 //! busier client opened before the GOAWAY reached it are served too, up to
 //! [`RACING_STREAMS`] of them, since a refused one would fail wherever the client
 //! does not retry `REFUSED_STREAM`. Only a client that ignores the GOAWAY goes past
-//! that and is refused. Resets are abuse: once they trip the budget every new stream is
-//! refused. hyper chooses the GOAWAY's code (`NO_ERROR`); it offers no way to send
+//! that and is refused. Resets are abuse: once they trip the budget every stream opened
+//! meanwhile is refused with `REFUSED_STREAM` before it reaches a route. hyper chooses the GOAWAY's code (`NO_ERROR`); it offers no way to send
 //! `ENHANCE_YOUR_CALM` for a limit of ours.
 
 use std::num::NonZeroU32;
@@ -96,15 +95,19 @@ impl StreamBudget {
     /// stream must be refused, else a guard to [`StreamGuard::answered`] once the
     /// response is ready.
     pub(crate) fn open(self: &Arc<Self>) -> Option<StreamGuard> {
-        if self.tripped.load(Ordering::Relaxed) == ABUSED {
-            return None;
+        let last = self.max_streams.saturating_add(RACING_STREAMS);
+        match self.tripped.load(Ordering::Relaxed) {
+            ABUSED => return None,
+            // Not counted any further: the count cannot wrap around to "open".
+            CAPPED if self.streams.load(Ordering::Relaxed) >= last => return None,
+            _ => {}
         }
         let n = self.streams.fetch_add(1, Ordering::Relaxed) + 1;
         if n >= self.max_streams {
             // The last stream allowed is served, and the GOAWAY goes out now rather
             // than when a stream too many arrives and has to be refused.
             self.set_tripped(CAPPED);
-            if n - self.max_streams > RACING_STREAMS {
+            if n > last {
                 return None;
             }
         }
