@@ -15,7 +15,7 @@
 //! reaches the client with that stream's answer, before it opens another (a client
 //! sending one request at a time opens a new connection for the next); streams a
 //! busier client opened before the GOAWAY reached it are served too, up to
-//! [`RACING_STREAMS`] of them, since a refused one would fail wherever the client
+//! `RACING_STREAMS` (1,000) of them, since a refused one would fail wherever the client
 //! does not retry `REFUSED_STREAM`. Only a client that ignores the GOAWAY goes past
 //! that and is refused. Resets are abuse: once they trip the budget every stream opened
 //! meanwhile is refused with `REFUSED_STREAM` before it reaches a route. hyper chooses the GOAWAY's code (`NO_ERROR`); it offers no way to send
