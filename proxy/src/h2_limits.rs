@@ -18,8 +18,9 @@
 //! `RACING_STREAMS` (1,000) of them, since a refused one would fail wherever the client
 //! does not retry `REFUSED_STREAM`. Only a client that ignores the GOAWAY goes past
 //! that and is refused. Resets are abuse: once they trip the budget every stream opened
-//! meanwhile is refused with `REFUSED_STREAM` before it reaches a route. hyper chooses the GOAWAY's code (`NO_ERROR`); it offers no way to send
-//! `ENHANCE_YOUR_CALM` for a limit of ours.
+//! meanwhile is refused with `REFUSED_STREAM` before it reaches a route. hyper chooses
+//! the GOAWAY's code (`NO_ERROR`); it offers no way to send `ENHANCE_YOUR_CALM` for a
+//! limit of ours.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
