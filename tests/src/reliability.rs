@@ -752,6 +752,15 @@ async fn probe(target: SocketAddr, host: Host) -> Result<(), String> {
         .unwrap_or_else(|_| Err("no answer within 10 s".into()))
 }
 
+/// A new client connection to `target`, over HTTP/2 or HTTP/1.1.
+async fn connect(target: SocketAddr, h2: bool) -> Result<HttpConn, crate::BoxError> {
+    if h2 {
+        HttpConn::h2(target).await
+    } else {
+        HttpConn::h1(target).await
+    }
+}
+
 /// One client: a keep-alive connection sending GETs to `host` until told to stop.
 async fn client_loop(
     shared: Arc<Shared>,
@@ -776,12 +785,7 @@ async fn client_loop(
             }
         }
         if conn.is_none() {
-            let c = if h2 {
-                HttpConn::h2(target).await
-            } else {
-                HttpConn::h1(target).await
-            };
-            match c {
+            match connect(target, h2).await {
                 Ok(c) => conn = Some(c),
                 Err(e) => {
                     shared.unexpected(host, format!("{host}: cannot connect: {e}"));
@@ -806,11 +810,7 @@ async fn client_loop(
         // does; a failure there counts.
         if matches!(&result, Ok(Err(e)) if e.is::<Unsent>()) {
             shared.resent.fetch_add(1, Ordering::Relaxed);
-            result = match if h2 {
-                HttpConn::h2(target).await
-            } else {
-                HttpConn::h1(target).await
-            } {
+            result = match connect(target, h2).await {
                 Ok(fresh) => {
                     let c = conn.insert(fresh);
                     tokio::time::timeout(Duration::from_secs(15), c.get(host.name(), &path)).await

@@ -299,23 +299,27 @@ async fn paced_rapid_reset_is_cut_off_with_goaway() {
     );
 }
 
+/// An upstream, and a proxy in front of it holding each HTTP/2 connection to
+/// `max_streams` streams.
+async fn capped(max_streams: u32) -> (Upstream, TestProxy) {
+    let upstream = Upstream::http1("v1").await;
+    let options = ProxyOptions {
+        h2_limits: H2Limits {
+            max_streams,
+            ..H2Limits::default()
+        },
+        ..Default::default()
+    };
+    let proxy = TestProxy::start_with(&policy(upstream.addr()), options).await;
+    (upstream, proxy)
+}
+
 /// Many streams at once on one connection: the ones the client opened before the cap's
 /// GOAWAY reached it are served, not refused, and the client takes the rest to new
 /// connections. No request fails.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_racing_the_cap_are_served() {
-    let upstream = Upstream::http1("v1").await;
-    let proxy = TestProxy::start_with(
-        &policy(upstream.addr()),
-        ProxyOptions {
-            h2_limits: H2Limits {
-                max_streams: 50,
-                ..H2Limits::default()
-            },
-            ..Default::default()
-        },
-    )
-    .await;
+    let (upstream, proxy) = capped(50).await;
     let addr = proxy.outbound_addr();
     let first = HttpConn::h2(addr).await.unwrap();
     let mut clients = tokio::task::JoinSet::new();
@@ -347,18 +351,7 @@ async fn streams_racing_the_cap_are_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_per_connection_are_capped_with_goaway() {
-    let upstream = Upstream::http1("v1").await;
-    let proxy = TestProxy::start_with(
-        &policy(upstream.addr()),
-        ProxyOptions {
-            h2_limits: H2Limits {
-                max_streams: 5,
-                ..H2Limits::default()
-            },
-            ..Default::default()
-        },
-    )
-    .await;
+    let (upstream, proxy) = capped(5).await;
     // One request at a time: the fifth stream is served and brings the GOAWAY with it,
     // so the client never has a sixth refused; the connection just takes no more, and
     // the next request goes on a new one.
