@@ -87,11 +87,13 @@ where
             // Heads are timed from their first byte, with a 408: `HeaderTimeoutIo`.
             .header_read_timeout(None)
             .max_buf_size(MAX_HEADER_BYTES)
-            // One contiguous write buffer: hyper's vectored flush lays out 64 `IoSlice`s
-            // per write, about 380 instructions a response, where a response is mostly
-            // one or two short pieces. The body's bytes are copied once into the buffer,
-            // which `max_buf_size` keeps bounded.
-            .writev(false);
+            // Body chunks queued and written from where they are, not copied into one
+            // contiguous buffer: that buffer grows with the largest response a
+            // connection carries (to 64 KiB plus a chunk) and hyper never shrinks it, so
+            // every kept-alive connection would keep ~80 KiB after one large answer. The
+            // queue costs ~380 instructions per response (hyper's 64 `IoSlice`s per
+            // flush) and saves a copy of every body byte.
+            .writev(true);
         builder
             .http2()
             .timer(TokioTimer::new())

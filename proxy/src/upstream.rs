@@ -548,12 +548,13 @@ impl<C: Connect> H1Pool<C> {
         let io = tower::ServiceExt::oneshot(self.connector.clone(), uri)
             .await
             .map_err(Into::into)?;
-        // One contiguous write buffer, as on the serving side (`server::serve`), bounded
-        // here too: hyper's default (~400 KiB) would let one large upload leave that much
-        // buffer behind on every pooled connection. A response head is held to the
-        // serving side's limit for request heads; a larger one is a 502.
+        // Request bodies queued, not copied into one growing buffer, as on the serving
+        // side (`server::serve`), and the read buffer bounded: hyper's default
+        // (~400 KiB) would let one large response leave that much behind on every
+        // pooled connection. A response head is held to the serving side's limit for
+        // request heads; a larger one is a 502.
         let (sender, conn) = http1::Builder::new()
-            .writev(false)
+            .writev(true)
             .max_buf_size(MAX_HEADER_BYTES)
             .max_header_size(MAX_HEADER_BYTES)
             .handshake(io)
