@@ -3,7 +3,8 @@
 //! upstream connections beyond it; a request head that stalls, or trickles in, gets
 //! 408 and a closed connection one header timeout after its first byte, while
 //! connections that sent nothing yet (HTTP/1 or HTTP/2) are left to the idle timeout,
-//! which closes an idle keep-alive connection.
+//! which closes an idle keep-alive connection and one that never spoke, and which a
+//! shutdown does not wait for.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -91,6 +92,8 @@ async fn idle_keep_alive_connections_are_closed() {
         }),
     )
     .await;
+    // One that never says anything is held to the same timeout before its first byte.
+    let mut silent = TcpStream::connect(proxy.outbound_addr()).await.unwrap();
     let mut s = TcpStream::connect(proxy.outbound_addr()).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nHost: idle\r\n\r\n")
         .await
@@ -113,7 +116,36 @@ async fn idle_keep_alive_connections_are_closed() {
         "{}",
         String::from_utf8_lossy(&all)
     );
+    assert_eq!(
+        read_until_closed(&mut silent).await,
+        "",
+        "the silent connection is closed unanswered"
+    );
     proxy.shutdown().await;
+}
+
+/// A connection that has sent nothing is closed as the proxy shuts down: it has nothing
+/// in flight, so the drain does not wait for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_does_not_hold_the_drain() {
+    let up = Upstream::http1("silent").await;
+    let proxy = TestProxy::start_with(
+        &single_backend_policy("silent", "silent", up.addr()),
+        ProxyOptions {
+            // Far beyond `WAIT`: a drain that waited for the silent connection would
+            // outlast the test's patience.
+            drain_timeout: Duration::from_secs(600),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut silent = TcpStream::connect(proxy.outbound_addr()).await.unwrap();
+    let mut kept = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
+    assert_eq!(kept.get("silent", "/").await.unwrap().status, 200);
+    tokio::time::timeout(WAIT, proxy.shutdown())
+        .await
+        .expect("the drain ends without waiting for the silent connection");
+    assert_eq!(read_until_closed(&mut silent).await, "");
 }
 
 /// The answer to a late head: 408 `request-timeout`, `connection: close`, then the end.
