@@ -144,9 +144,21 @@ impl EndpointState {
         }
     }
 
-    fn cost(&self) -> f64 {
-        f64::from_bits(self.rtt.load(Ordering::Relaxed))
-            * f64::from(self.pending.load(Ordering::Relaxed) + 1)
+    /// Its cost at `at`: the peak-EWMA round trip decayed toward zero over the time since
+    /// its last sample, times its requests in flight plus one. Decaying when read is what
+    /// brings a starved endpoint back, as in Finagle's and tower's peak-EWMA: one that lost
+    /// every comparison after a slow answer gets no new sample, and would otherwise keep
+    /// that answer's cost (and next to no traffic) for good.
+    fn cost_at(&self, at: Instant, decay: Duration) -> f64 {
+        let rtt = f64::from_bits(self.rtt.load(Ordering::Relaxed));
+        let since = self
+            .nanos(at)
+            .saturating_sub(self.rtt_at.load(Ordering::Relaxed));
+        let x = since as f64 / decay.as_nanos().max(1) as f64;
+        // Sampled within the last thousandth of `decay` (what any endpoint with traffic
+        // is): a factor within 0.1 % of one, not worth an `exp` per comparison.
+        let rtt = if x < 1e-3 { rtt } else { rtt * (-x).exp() };
+        rtt * f64::from(self.pending.load(Ordering::Relaxed) + 1)
     }
 
     /// Claims the endpoint for one request: always when healthy, once when a probe is due.
@@ -328,7 +340,12 @@ impl EndpointSet {
         if wb < wa && !admitted(wb / wa, rng) {
             return a;
         }
-        if eb.cost() < ea.cost() { b } else { a }
+        let decay = self.params.decay;
+        if eb.cost_at(t, decay) < ea.cost_at(t, decay) {
+            b
+        } else {
+            a
+        }
     }
 }
 

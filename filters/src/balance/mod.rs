@@ -3,7 +3,9 @@
 //! Each backend's addresses form an [`EndpointSet`]. Per request, [`Balance`] reads the
 //! [`SelectedBackend`](crate::extensions::SelectedBackend) chosen by the split (backend 0 when
 //! absent), samples two endpoints of that backend at random and takes the one with the
-//! lower cost — its peak-EWMA round-trip time times its requests in flight plus one. It
+//! lower cost — its peak-EWMA round-trip time, decayed toward zero over the time since its
+//! last sample (so that an endpoint starved after one slow answer is tried again), times
+//! its requests in flight plus one. It
 //! records the choice as the [`Endpoint`](crate::extensions::Endpoint) of the request's [`Routing`](crate::extensions::Routing) extension, which tells the proxy's
 //! connector what to dial, and calls its single inner service.
 //!

@@ -92,6 +92,52 @@ async fn p2c_sends_little_to_a_slow_endpoint() {
     }
 }
 
+/// A slow answer is honoured for a while, then forgotten: the endpoint that gave it loses
+/// every comparison and so gives no new sample, and only its estimate decaying while
+/// unsampled brings it back into rotation.
+#[tokio::test(start_paused = true)]
+async fn an_endpoint_starved_after_a_slow_answer_is_tried_again_as_its_estimate_decays() {
+    let reg = BalanceRegistry::new();
+    let params = BalanceParams::new("b", ["a", "b", "spiked"]);
+    let set = reg.endpoint_set(&params);
+    advance(Duration::from_secs(30)).await;
+    for ep in set.endpoints() {
+        let rtt = if &*ep.endpoint().0 == "spiked" {
+            200
+        } else {
+            5
+        };
+        ep.observe_rtt(Instant::now(), Duration::from_millis(rtt), params.decay);
+    }
+    let rng = RandomSource::seeded(9);
+    // Every pick answers in 5 ms; returns how many of `n` went to the spiked endpoint.
+    let spiked = |n: u32| {
+        let mut hits = 0;
+        for _ in 0..n {
+            let p = set.pick(&rng).unwrap();
+            if &*p.endpoint.endpoint().0 == "spiked" {
+                hits += 1;
+            }
+            p.endpoint
+                .observe_rtt(Instant::now(), Duration::from_millis(5), params.decay);
+        }
+        hits
+    };
+    assert_eq!(spiked(1_000), 0, "a 200 ms answer against 5 ms ones");
+    // One decay period on (10 s): 200 ms × e⁻¹ is still far above 5 ms.
+    advance(params.decay).await;
+    assert_eq!(spiked(1_000), 0, "still honoured after one decay period");
+    // Four periods on, e⁻⁴ × 200 ms is below 5 ms: it is tried, and its 5 ms answer,
+    // weighed against a spike that old, makes most of its new estimate.
+    advance(params.decay * 3).await;
+    assert!(spiked(100) > 0, "tried again once its estimate decayed");
+    let estimate = set.endpoints()[2].rtt_estimate();
+    assert!(
+        estimate < Duration::from_millis(10),
+        "the spike mostly forgotten: {estimate:?}"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn load_in_flight_spreads_requests() {
     let reg = BalanceRegistry::new();
