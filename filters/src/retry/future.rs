@@ -46,7 +46,10 @@ pin_project! {
             fut: S::Future,
             #[pin]
             per_try: Option<Sleep>,
-            rest: Option<Rest<S, B>>,
+            // Boxed: what a retry would need (the kept head, the body's source, the
+            // deadlines) would otherwise be copied with this future at every layer
+            // above that moves it.
+            rest: Option<Box<Rest<S, B>>>,
         },
         Retrying { fut: RetryLoop<Response<RB>> },
     }
@@ -71,7 +74,7 @@ where
             kind: Kind::First {
                 fut,
                 per_try,
-                rest: Some(rest),
+                rest: Some(Box::new(rest)),
             },
         }
     }
