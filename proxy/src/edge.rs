@@ -56,7 +56,8 @@ impl Direction {
 }
 
 /// Handles one request on the outbound listener.
-pub(crate) async fn outbound(store: &PolicyStore, mut req: Request<Incoming>) -> Response<Body> {
+pub(crate) async fn outbound(store: PolicyStore, mut req: Request<Incoming>) -> Response<Body> {
+    let store = &store;
     let started = clock::now();
     let snapshot = store.current();
     let named = match authority::settle(&mut req) {
@@ -151,7 +152,8 @@ async fn to_original_destination(
 
 /// Handles one request on the inbound listener: the authority rule and the target
 /// checks hold as outbound, and the application counts as a governed host.
-pub(crate) async fn inbound(store: &PolicyStore, mut req: Request<Incoming>) -> Response<Body> {
+pub(crate) async fn inbound(store: PolicyStore, mut req: Request<Incoming>) -> Response<Body> {
+    let store = &store;
     let started = clock::now();
     let snapshot = store.current();
     let checked = match authority::settle(&mut req) {

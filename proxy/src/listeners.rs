@@ -245,10 +245,7 @@ pub(crate) fn serve_outbound(
         "outbound",
         listener,
         cfg.workers.clone(),
-        move |_peer, req| {
-            let store = store.clone();
-            async move { edge::outbound(&store, req).await }
-        },
+        move |_peer, req| edge::outbound(store.clone(), req),
         shutdown,
         cfg.drain_timeout,
         cfg.timeouts,
@@ -286,10 +283,7 @@ pub(crate) fn serve_inbound(
         tcp: Arc::new(metrics.tcp("inbound")),
     };
     let store = store.clone();
-    let handler = move |_peer, req| {
-        let store = store.clone();
-        async move { edge::inbound(&store, req).await }
-    };
+    let handler = move |_peer, req| edge::inbound(store.clone(), req);
     let mode = inbound.tls.map(|tls| tls::accept::InboundTls {
         store: tls,
         permissive: cfg.inbound_permissive,
