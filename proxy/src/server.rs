@@ -208,8 +208,12 @@ async fn first_byte(
 ) -> bool {
     let mut byte = [0u8; 1];
     tokio::select! {
+        // The peek first: a client that has already spoken (nearly every one) never
+        // registers the idle deadline below with the timer.
+        biased;
         // A peek, not `readable()`: readiness alone reports a fresh socket ready at once.
         peeked = stream.peek(&mut byte) => peeked.is_ok(),
+        // The idle timeout's deadline for a connection that never speaks, not a wait.
         () = tokio::time::sleep(idle) => false,
         _ = shutdown.wait_for(|stop| *stop) => false,
     }
