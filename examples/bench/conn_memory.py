@@ -19,7 +19,8 @@ traffic's history, not with what is in flight; this shows it.
     BASELINE_BIN=/path/to/old/sluice-proxy COUNT=5000 examples/bench/conn_memory.py
 
 Knobs (environment): PROXY_BIN (default target/release/sluice-proxy), BASELINE_BIN,
-COUNT (2000), KINDS ("silent small large upload"), PORT_BASE (18300), NGINX (0 skips it).
+COUNT (2000), KINDS ("silent small large upload"), PORT_BASE (18300), NGINX (0 skips it),
+SETTLE (3, seconds between the last answer and the reading).
 """
 
 import asyncio
@@ -38,6 +39,7 @@ BASELINE_BIN = os.environ.get("BASELINE_BIN")
 COUNT = int(os.environ.get("COUNT", "2000"))
 KINDS = os.environ.get("KINDS", "silent small large upload").split()
 PORT_BASE = int(os.environ.get("PORT_BASE", "18300"))
+SETTLE = float(os.environ.get("SETTLE", "3"))
 UPSTREAM_PORT = PORT_BASE
 LARGE = 1 << 20
 SMALL = b"hello from upstream\n"
@@ -138,7 +140,9 @@ def measure(port, pid, kind):
             conn = socket.create_connection(("127.0.0.1", port))
             use(conn, kind)
             conns.append(conn)
-        time.sleep(1)  # let the proxy settle what the last answers left behind
+        # Let the proxy settle what the last answers left behind; Sluice parks a kept-alive
+        # HTTP/1 connection after a second of quiet, so the wait is longer than that.
+        time.sleep(SETTLE)
         after = resident_kib(pid)
     finally:
         for conn in conns:

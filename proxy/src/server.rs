@@ -14,9 +14,9 @@ use futures_util::task::AtomicWaker;
 
 use http::{Request, Response};
 use hyper::body::{Body as _, Incoming};
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use sluice_filters::clock::Frozen;
 use sluice_filters::extensions::PeerIdentity;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -32,7 +32,7 @@ use crate::metrics::HeadTimeouts;
 use crate::rescue::header_timeout_answer;
 use crate::timeouts::{Activity, ActivityIo, GuardedBody, HeadPhase, HeaderTimeoutIo, Timeouts};
 use crate::tls::accept::{Accepted, InboundTls};
-use crate::transparent::{Intercept, OriginalDst, Prefixed};
+use crate::transparent::{H2_PREFACE, Intercept, OriginalDst, Prefixed};
 use crate::workers::Workers;
 
 /// Runs the tasks hyper spawns for a connection (an HTTP/2 stream each) with one clock
@@ -80,10 +80,8 @@ where
     F: Future<Output = Response<Body>> + Send + 'static,
 {
     tokio::spawn(async move {
-        let mut builder = auto::Builder::new(StreamExecutor);
-        builder
-            .http1()
-            .timer(TokioTimer::new())
+        let mut h1 = http1::Builder::new();
+        h1.timer(TokioTimer::new())
             // Heads are timed from their first byte, with a 408: `HeaderTimeoutIo`.
             .header_read_timeout(None)
             .max_buf_size(MAX_HEADER_BYTES)
@@ -94,10 +92,10 @@ where
             // queue costs ~380 instructions per response (hyper's 64 `IoSlice`s per
             // flush) and saves a copy of every body byte.
             .writev(true);
-        builder
-            .http2()
-            .timer(TokioTimer::new())
+        let mut h2c = http2::Builder::new(StreamExecutor);
+        h2c.timer(TokioTimer::new())
             .max_header_list_size(MAX_HEADER_BYTES as u32);
+        let builder = Builders { h1, h2: h2c };
         let settings = ConnSettings {
             timeouts,
             head_answer: header_timeout_answer(timeouts.request_header),
@@ -236,15 +234,55 @@ struct ConnSettings {
     head_timeouts: Option<HeadTimeouts>,
 }
 
+/// hyper's two servers, configured once per listener.
+#[derive(Clone, Debug)]
+struct Builders {
+    h1: http1::Builder,
+    h2: http2::Builder<StreamExecutor>,
+}
+
+/// How long an HTTP/1 connection stays quiet, between requests and with nothing left to
+/// write, before it is parked: hyper's state for it (its read and write buffers, about
+/// 16 KiB) is dropped, and built again when the client's next byte arrives.
+const PARK_AFTER: Duration = Duration::from_secs(1);
+
+/// A connection's socket, when it can be waited on between requests without reading
+/// from it: plaintext, with nothing read ahead left to replay. TLS keeps bytes it has
+/// decrypted and not yet handed out, so a TLS connection is never parked.
+trait Parkable {
+    /// Whether a connection of this kind is ever parked.
+    const PARKS: bool;
+
+    /// The socket to wait on, if there is one.
+    fn socket(&self) -> Option<&tokio::net::TcpStream>;
+}
+
+impl Parkable for Prefixed<tokio::net::TcpStream> {
+    const PARKS: bool = true;
+
+    fn socket(&self) -> Option<&tokio::net::TcpStream> {
+        (!self.has_prefix()).then(|| self.inner())
+    }
+}
+
+impl Parkable for tokio_rustls::server::TlsStream<Prefixed<tokio::net::TcpStream>> {
+    const PARKS: bool = false;
+
+    fn socket(&self) -> Option<&tokio::net::TcpStream> {
+        None
+    }
+}
+
 /// Serves HTTP on one accepted connection, putting what the accept step learnt about
 /// it in every request's extensions. The connection is asked to close (GOAWAY on
 /// HTTP/2, `connection: close` on HTTP/1) when the listener shuts down or when an
 /// HTTP/2 client goes over its [`StreamBudget`]; it is closed when idle for `timeouts.idle`,
 /// and answered 408 and closed when an HTTP/1 head takes longer than
-/// `timeouts.request_header` from its first byte.
+/// `timeouts.request_header` from its first byte. A plaintext HTTP/1 connection quiet
+/// for [`PARK_AFTER`] between requests is parked until its next byte.
 #[allow(clippy::too_many_arguments)]
 async fn serve_conn<I, H, F>(
-    builder: &auto::Builder<StreamExecutor>,
+    builder: &Builders,
     mut watcher: Watcher,
     io: I,
     handler: H,
@@ -254,7 +292,7 @@ async fn serve_conn<I, H, F>(
     settings: &ConnSettings,
 ) -> Result<(), BoxError>
 where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: AsyncRead + AsyncWrite + Parkable + Unpin + Send + 'static,
     H: Fn(SocketAddr, Request<Incoming>) -> F + Clone + Send + Sync + 'static,
     F: Future<Output = Response<Body>> + Send + 'static,
 {
@@ -334,8 +372,6 @@ where
         }
         Ok(())
     };
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
-    tokio::pin!(conn);
     // What ends a connection from outside, polled only when one of them was woken: the
     // task wakes a few times per request for its I/O, and polling all three each time
     // cost more than the rest of the connection's own bookkeeping.
@@ -346,19 +382,121 @@ where
             () = activity.idle_for(timeouts.idle) => Outside::Idle,
         }
     });
-    // The outside first: a shutdown already signalled when a response becomes ready
-    // must mark that response `connection: close`, not the one after it (the flag check
-    // costs nothing when nothing outside woke the task).
-    tokio::select! {
+    tokio::pin!(outside);
+    // HTTP/2's preface or anything else (an HTTP/1 head), told from the first bytes;
+    // hyper reads them again. Nothing is in flight yet, so anything outside closes.
+    let mut io = io;
+    let sniffed = tokio::select! {
         biased;
-        outside = outside => if outside == Outside::Idle {
-            debug!(%peer, "closing an idle connection");
-            return Ok(());
-        },
-        ended = conn.as_mut() => return finish(ended),
+        _ = outside.as_mut() => return Ok(()),
+        sniffed = sniff_h2(&mut io) => sniffed,
+    };
+    let (is_h2, prefix) = match sniffed {
+        Ok(sniffed) => sniffed,
+        Err(e) => return finish(Err(e.into())),
+    };
+    let mut io = Prefixed::new(io, prefix);
+    if is_h2 {
+        let conn = builder.h2.serve_connection(TokioIo::new(io), service);
+        tokio::pin!(conn);
+        // The outside first: a shutdown already signalled when a response becomes ready
+        // must mark that response `connection: close`, not the one after it (the flag
+        // check costs nothing when nothing outside woke the task).
+        tokio::select! {
+            biased;
+            outside = outside.as_mut() => if outside == Outside::Idle {
+                debug!(%peer, "closing an idle connection");
+                return Ok(());
+            },
+            ended = conn.as_mut() => return finish(ended.map_err(Into::into)),
+        }
+        conn.as_mut().graceful_shutdown();
+        return finish(conn.await.map_err(Into::into));
     }
-    conn.as_mut().graceful_shutdown();
-    finish(conn.await)
+    let mut service = service;
+    // Set when parking found a head begun and stalled: the requests seen then. No
+    // parking again until another request, or a stalled head would be parked each period.
+    let mut stalled_at = None;
+    loop {
+        let mut conn = builder
+            .h1
+            .serve_connection(TokioIo::new(io), service)
+            .with_upgrades();
+        let quiet = WokenOnly::new(quiet_between_requests(&activity, &head, stalled_at));
+        tokio::pin!(quiet);
+        tokio::select! {
+            biased;
+            outside = outside.as_mut() => {
+                if outside == Outside::Idle {
+                    debug!(%peer, "closing an idle connection");
+                    return Ok(());
+                }
+                std::pin::Pin::new(&mut conn).graceful_shutdown();
+                return finish((&mut conn).await.map_err(Into::into));
+            }
+            ended = &mut conn => return finish(ended.map_err(Into::into)),
+            () = quiet.as_mut(), if I::PARKS => {}
+        }
+        // Quiet, between requests, nothing left to write: hyper's state goes.
+        let Some(parts) = conn.into_parts() else {
+            return Ok(());
+        };
+        service = parts.service;
+        io = parts.io.into_inner();
+        if !parts.read_buf.is_empty() {
+            debug!(%peer, "not parking a connection whose next head has begun");
+            io.replay(&parts.read_buf);
+            stalled_at = Some(activity.requests());
+            continue;
+        }
+        stalled_at = None;
+        debug!(%peer, "parked an idle connection");
+        let Some(socket) = io.inner().get_ref().get_ref().socket() else {
+            continue;
+        };
+        let mut byte = [0u8; 1];
+        tokio::select! {
+            biased;
+            // Nothing in flight: a shutdown closes it as an idle one.
+            _ = outside.as_mut() => return Ok(()),
+            // Bytes, the end, or an error: hyper reads whichever it is.
+            _ = socket.peek(&mut byte) => activity.touch(),
+        }
+    }
+}
+
+/// Resolves once an HTTP/1 connection has been quiet for [`PARK_AFTER`] with nothing in
+/// flight, between requests, with nothing left to write, and (when `stalled_at` is
+/// set) after a request past that count.
+async fn quiet_between_requests(activity: &Activity, head: &HeadPhase, stalled_at: Option<u64>) {
+    loop {
+        activity.idle_for(PARK_AFTER).await;
+        if head.between_heads()
+            && !activity.write_blocked()
+            && stalled_at.is_none_or(|at| activity.requests() != at)
+        {
+            return;
+        }
+        tokio::time::sleep(PARK_AFTER).await;
+    }
+}
+
+/// Reads a connection's first bytes until they tell HTTP/2's preface from anything else
+/// (an HTTP/1 head, or the connection's end): whether it is HTTP/2, and the bytes read,
+/// for hyper to read again.
+async fn sniff_h2<S: AsyncRead + Unpin>(io: &mut S) -> std::io::Result<(bool, Vec<u8>)> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; H2_PREFACE.len()];
+    let mut filled = 0;
+    while filled < buf.len() {
+        let n = io.read(&mut buf[filled..]).await?;
+        if n == 0 || buf[filled..filled + n] != H2_PREFACE[filled..filled + n] {
+            buf.truncate(filled + n);
+            return Ok((false, buf));
+        }
+        filled += n;
+    }
+    Ok((true, buf))
 }
 
 /// Why a connection ends from outside its client.

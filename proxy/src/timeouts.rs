@@ -144,6 +144,10 @@ pub struct Activity {
     /// Milliseconds since `start` of the last byte or request.
     last_ms: AtomicU64,
     in_flight: AtomicU64,
+    /// Requests seen so far.
+    requests: AtomicU64,
+    /// The last write did not go through: the server still holds bytes to send.
+    write_blocked: AtomicBool,
 }
 
 impl Activity {
@@ -153,10 +157,13 @@ impl Activity {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
+            requests: AtomicU64::new(0),
+            write_blocked: AtomicBool::new(false),
         })
     }
 
-    fn touch(&self) {
+    /// Notes that the connection moved just now.
+    pub fn touch(&self) {
         let since = clock::now().saturating_duration_since(self.start);
         let ms = u64::try_from(since.as_millis()).unwrap_or(u64::MAX);
         self.last_ms.store(ms, Ordering::Relaxed);
@@ -165,8 +172,20 @@ impl Activity {
     /// Marks a request in flight until the guard drops.
     pub fn request(self: &Arc<Self>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.requests.fetch_add(1, Ordering::Relaxed);
         self.touch();
         InFlight(self.clone())
+    }
+
+    /// Requests seen on the connection so far.
+    pub fn requests(&self) -> u64 {
+        self.requests.load(Ordering::Relaxed)
+    }
+
+    /// Whether the last write on the connection did not go through, so that the server
+    /// may still hold bytes it has to send.
+    pub fn write_blocked(&self) -> bool {
+        self.write_blocked.load(Ordering::Relaxed)
     }
 
     /// Resolves once the connection has had nothing in flight and no bytes for `idle`.
@@ -209,6 +228,11 @@ impl<I> ActivityIo<I> {
     pub fn new(io: I, activity: Arc<Activity>) -> Self {
         Self { io, activity }
     }
+
+    /// The wrapped I/O.
+    pub fn get_ref(&self) -> &I {
+        &self.io
+    }
 }
 
 impl<I: AsyncRead> AsyncRead for ActivityIo<I> {
@@ -235,9 +259,7 @@ impl<I: AsyncWrite> AsyncWrite for ActivityIo<I> {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.project();
         let r = this.io.poll_write(cx, buf);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
-        }
+        this.activity.wrote(&r);
         r
     }
 
@@ -256,14 +278,22 @@ impl<I: AsyncWrite> AsyncWrite for ActivityIo<I> {
     ) -> Poll<std::io::Result<usize>> {
         let this = self.project();
         let r = this.io.poll_write_vectored(cx, bufs);
-        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
-            this.activity.touch();
-        }
+        this.activity.wrote(&r);
         r
     }
 
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
+    }
+}
+
+impl Activity {
+    /// Notes how a write went.
+    fn wrote(&self, r: &Poll<std::io::Result<usize>>) {
+        self.write_blocked.store(r.is_pending(), Ordering::Relaxed);
+        if matches!(r, Poll::Ready(Ok(n)) if *n > 0) {
+            self.touch();
+        }
     }
 }
 
@@ -324,6 +354,12 @@ impl HeadPhase {
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |word| {
                 (word & PHASE != TIMED_OUT).then_some((word & !PHASE) | OFF)
             });
+    }
+
+    /// Whether the connection waits for its next HTTP/1 head: the last answer is over
+    /// (or there was none yet), and it is neither HTTP/2, upgraded nor timed out.
+    pub fn between_heads(&self) -> bool {
+        self.0.load(Ordering::Relaxed) & PHASE == WAITING
     }
 
     /// Whether the connection was answered 408 for a head that did not arrive in time.
@@ -457,6 +493,11 @@ pin_project_lite::pin_project! {
 }
 
 impl<I> HeaderTimeoutIo<I> {
+    /// The wrapped I/O.
+    pub fn get_ref(&self) -> &I {
+        &self.io
+    }
+
     /// Wraps `io`, answering `answer` when a head takes longer than `timeout`.
     pub fn new(io: I, phase: Arc<HeadPhase>, timeout: Duration, answer: Bytes) -> Self {
         Self {

@@ -477,6 +477,14 @@ impl<S> Prefixed<S> {
     pub(crate) fn has_prefix(&self) -> bool {
         self.pos < self.prefix.len()
     }
+
+    /// Puts `bytes` back in front of whatever is still to be replayed.
+    pub(crate) fn replay(&mut self, bytes: &[u8]) {
+        let mut prefix = bytes.to_vec();
+        prefix.extend_from_slice(&self.prefix[self.pos..]);
+        self.prefix = prefix;
+        self.pos = 0;
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {

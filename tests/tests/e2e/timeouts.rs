@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use rustls::pki_types::ServerName;
 use sluice_e2e::{
-    HttpConn, ProxyOptions, TestControlPlane, TestProxy, Upstream, WAIT, metric_sum,
+    ChildProxy, HttpConn, ProxyOptions, TestControlPlane, TestProxy, Upstream, WAIT, metric_sum,
     read_until_closed, scrape, single_backend_policy, tcp_sink, wait_until,
 };
 use sluice_proxy::timeouts::Timeouts;
@@ -312,4 +312,83 @@ spec:
     );
     assert_eq!(timed_out, 1.0, "{metrics}");
     log.shutdown().await;
+}
+
+/// Reads one HTTP/1 response with a `content-length` from `s`; returns its head and body.
+async fn read_response(s: &mut TcpStream) -> String {
+    let mut all = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = all.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&all[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if all.len() >= end + 4 + len {
+                return String::from_utf8_lossy(&all).into_owned();
+            }
+        }
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+            .await
+            .expect("a response")
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed mid-response: {}",
+            String::from_utf8_lossy(&all)
+        );
+        all.extend_from_slice(&buf[..n]);
+    }
+}
+
+/// A plaintext HTTP/1 keep-alive connection that goes quiet between requests is parked
+/// (the server's per-connection state and buffers dropped until its next byte) and
+/// serves its next request on the same connection; so does one whose next head had
+/// begun when it went quiet, which is not parked but kept as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_keep_alive_connection_is_parked_and_serves_its_next_request() {
+    let up = Upstream::http1("parked").await;
+    let mut proxy = ChildProxy::spawn(
+        env!("CARGO_BIN_EXE_e2e-proxy").as_ref(),
+        &single_backend_policy("parked", "parked", up.addr()),
+        &["--log-level", "debug"],
+    )
+    .await;
+    let parked = |log: &str| log.matches("parked an idle connection").count();
+
+    let mut s = TcpStream::connect(proxy.outbound_addr()).await.unwrap();
+    s.write_all(b"GET /a HTTP/1.1\r\nHost: parked\r\n\r\n")
+        .await
+        .unwrap();
+    assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
+    wait_until("the quiet connection is parked", WAIT, || async {
+        parked(&proxy.log()) >= 1
+    })
+    .await;
+    // The same connection, woken by its next request.
+    s.write_all(b"GET /b HTTP/1.1\r\nHost: parked\r\n\r\n")
+        .await
+        .unwrap();
+    let second = read_response(&mut s).await;
+    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
+    wait_until("it is parked again", WAIT, || async {
+        parked(&proxy.log()) >= 2
+    })
+    .await;
+
+    // Half a head, then quiet: the connection keeps what it read and finishes the head.
+    s.write_all(b"GET /c HTTP/1.1\r\nHo").await.unwrap();
+    wait_until("the begun head is kept, not parked", WAIT, || async {
+        proxy
+            .log()
+            .contains("not parking a connection whose next head has begun")
+    })
+    .await;
+    s.write_all(b"st: parked\r\n\r\n").await.unwrap();
+    let third = read_response(&mut s).await;
+    assert!(third.starts_with("HTTP/1.1 200"), "{third}");
+
+    proxy.sigterm();
+    assert!(proxy.wait_exit(WAIT).await.success(), "{}", proxy.log());
 }
