@@ -397,8 +397,8 @@ where
     };
     let mut io = Prefixed::new(io, prefix);
     if is_h2 {
-        let conn = builder.h2.serve_connection(TokioIo::new(io), service);
-        tokio::pin!(conn);
+        // Boxed, as the HTTP/1 connection below: the task's own future stays small.
+        let mut conn = Box::pin(builder.h2.serve_connection(TokioIo::new(io), service));
         // The outside first: a shutdown already signalled when a response becomes ready
         // must mark that response `connection: close`, not the one after it (the flag
         // check costs nothing when nothing outside woke the task).
@@ -418,10 +418,13 @@ where
     // parking again until another request, or a stalled head would be parked each period.
     let mut stalled_at = None;
     loop {
-        let mut conn = builder
-            .h1
-            .serve_connection(TokioIo::new(io), service)
-            .with_upgrades();
+        // Boxed, so that a parked connection's task does not keep room for it.
+        let mut conn = Box::new(
+            builder
+                .h1
+                .serve_connection(TokioIo::new(io), service)
+                .with_upgrades(),
+        );
         let quiet = WokenOnly::new(quiet_between_requests(&activity, &head, stalled_at));
         tokio::pin!(quiet);
         tokio::select! {
@@ -431,24 +434,27 @@ where
                     debug!(%peer, "closing an idle connection");
                     return Ok(());
                 }
-                std::pin::Pin::new(&mut conn).graceful_shutdown();
-                return finish((&mut conn).await.map_err(Into::into));
+                std::pin::Pin::new(&mut *conn).graceful_shutdown();
+                return finish((&mut *conn).await.map_err(Into::into));
             }
-            ended = &mut conn => return finish(ended.map_err(Into::into)),
+            ended = &mut *conn => return finish(ended.map_err(Into::into)),
             () = quiet.as_mut(), if I::PARKS => {}
         }
-        // Quiet, between requests, nothing left to write: hyper's state goes.
-        let Some(parts) = conn.into_parts() else {
+        // Quiet, between requests, nothing left to write: hyper's state goes, its box and
+        // its read buffer with it (the block frees the box before the wait below).
+        let Some(parts) = ({ conn }).into_parts() else {
             return Ok(());
         };
         service = parts.service;
         io = parts.io.into_inner();
-        if !parts.read_buf.is_empty() {
+        let read_ahead = parts.read_buf;
+        if !read_ahead.is_empty() {
             debug!(%peer, "not parking a connection whose next head has begun");
-            io.replay(&parts.read_buf);
+            io.replay(&read_ahead);
             stalled_at = Some(activity.requests());
             continue;
         }
+        drop(read_ahead);
         stalled_at = None;
         debug!(%peer, "parked an idle connection");
         let Some(socket) = io.inner().get_ref().get_ref().socket() else {
