@@ -457,6 +457,8 @@ where
         drop(read_ahead);
         stalled_at = None;
         debug!(%peer, "parked an idle connection");
+        // `PARKS` kinds have a socket once what they replay is read, which a request
+        // answered since has done.
         let Some(socket) = io.inner().get_ref().get_ref().socket() else {
             continue;
         };
@@ -475,16 +477,13 @@ where
 /// flight, between requests, with nothing left to write, and (when `stalled_at` is
 /// set) after a request past that count.
 async fn quiet_between_requests(activity: &Activity, head: &HeadPhase, stalled_at: Option<u64>) {
-    loop {
-        activity.idle_for(PARK_AFTER).await;
-        if head.between_heads()
-            && !activity.write_blocked()
-            && stalled_at.is_none_or(|at| activity.requests() != at)
-        {
-            return;
-        }
-        tokio::time::sleep(PARK_AFTER).await;
-    }
+    activity
+        .idle_for_and(PARK_AFTER, || {
+            head.between_heads()
+                && !activity.write_blocked()
+                && stalled_at.is_none_or(|at| activity.requests() != at)
+        })
+        .await;
 }
 
 /// Reads a connection's first bytes until they tell HTTP/2's preface from anything else

@@ -190,15 +190,30 @@ impl Activity {
 
     /// Resolves once the connection has had nothing in flight and no bytes for `idle`.
     pub async fn idle_for(&self, idle: Duration) {
+        self.idle_for_and(idle, || true).await;
+    }
+
+    /// Resolves once the connection has had nothing in flight and no bytes for `idle`,
+    /// and `also` holds then.
+    pub async fn idle_for_and(&self, idle: Duration, also: impl Fn() -> bool) {
         loop {
             let last = self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
             let deadline = last + idle;
-            if Instant::now() >= deadline && self.in_flight.load(Ordering::Relaxed) == 0 {
+            if Instant::now() >= deadline && self.in_flight.load(Ordering::Relaxed) == 0 && also() {
                 return;
             }
-            // A request in flight keeps the connection: look again one period later.
+            // A request in flight (or `also` not holding) keeps the connection: look
+            // again one period later.
             let next = deadline.max(Instant::now() + idle.min(Duration::from_secs(1)));
             tokio::time::sleep_until(next).await;
+        }
+    }
+
+    /// Notes how a write went.
+    fn wrote(&self, r: &Poll<std::io::Result<usize>>) {
+        self.write_blocked.store(r.is_pending(), Ordering::Relaxed);
+        if matches!(r, Poll::Ready(Ok(n)) if *n > 0) {
+            self.touch();
         }
     }
 }
@@ -284,16 +299,6 @@ impl<I: AsyncWrite> AsyncWrite for ActivityIo<I> {
 
     fn is_write_vectored(&self) -> bool {
         self.io.is_write_vectored()
-    }
-}
-
-impl Activity {
-    /// Notes how a write went.
-    fn wrote(&self, r: &Poll<std::io::Result<usize>>) {
-        self.write_blocked.store(r.is_pending(), Ordering::Relaxed);
-        if matches!(r, Poll::Ready(Ok(n)) if *n > 0) {
-            self.touch();
-        }
     }
 }
 
