@@ -242,13 +242,14 @@ impl Shared {
                 views: views.clone(),
                 changed_at: Instant::now(),
             }));
+            // Before the streams are woken: a proxy that has acked this version can be
+            // read beside the metrics that name it.
+            self.metrics.set_policy_hash(newest(&views));
+            self.metrics.set_held_back(&views);
             true
         });
         if changed {
-            let version = views
-                .last()
-                .map(|v| v.snapshot.version.as_str())
-                .unwrap_or_default();
+            let version = newest(&views);
             tracing::info!(%version, policies = set.policies().len(), "publishing policy set");
             for v in &views {
                 for h in &v.held_back {
@@ -257,8 +258,6 @@ impl Shared {
                     tracing::info!(schema = v.schema, policy = %h.policy, needs = h.needs, state = h.state, "policy not expressible in an older schema version; its proxies get the last form they can take");
                 }
             }
-            self.metrics.set_policy_hash(version);
-            self.metrics.set_held_back(&views);
         }
     }
 
@@ -340,6 +339,14 @@ impl Shared {
             .and_then(|p| p.views.last())
             .map(|v| v.snapshot.version.clone())
     }
+}
+
+/// The version of the newest schema's view: the one the policy metrics name.
+fn newest(views: &[views::View]) -> &str {
+    views
+        .last()
+        .map(|v| v.snapshot.version.as_str())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]
