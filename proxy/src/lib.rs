@@ -30,6 +30,7 @@ pub mod h2_limits;
 pub mod init;
 mod kept;
 mod listeners;
+pub mod memory;
 mod message;
 pub mod metrics;
 pub mod policy;

@@ -86,7 +86,29 @@ unsafe impl GlobalAlloc for MiMalloc {
     }
 }
 
+// Declared here rather than through `libmimalloc-sys`'s `extended` feature, which
+// would bring in a crate of C type aliases for this one function.
+#[allow(unsafe_code)]
+unsafe extern "C" {
+    /// mimalloc's `mi_collect`: frees the calling thread's empty pages and, with
+    /// `force`, returns the unused parts of its segments to the system at once.
+    fn mi_collect(force: bool);
+}
+
+/// Returns the calling thread's freed memory to the system, once its worker is quiet
+/// (`sluice_proxy::memory`): mimalloc defers that to its next allocations and frees,
+/// which a quiet worker never makes.
+fn release_freed_memory() {
+    // SAFETY: `mi_collect` takes a plain flag and touches only the calling thread's
+    // heap and the segments it owns; it may be called at any time from any thread.
+    #[allow(unsafe_code)]
+    unsafe {
+        mi_collect(true)
+    };
+}
+
 fn main() -> std::process::ExitCode {
+    sluice_proxy::memory::set_release(release_freed_memory);
     sluice_proxy::cli_main()
 }
 

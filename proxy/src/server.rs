@@ -130,6 +130,8 @@ where
                 h2,
             };
             workers.spawn(&mut conns, stream, move |stream| Frozen::new(async move {
+                // However the connection ends, what it held is freed on its worker.
+                let _release = crate::memory::ReleaseOnDrop;
                 let (io, original) = match intercept {
                     Some(i) => match Box::pin(i.accept(stream)).await {
                         Some(pair) => pair,
@@ -311,6 +313,7 @@ where
     let budget = StreamBudget::new(&watcher.h2);
     let conn_budget = budget.clone();
     let service = service_fn(move |mut req: Request<Incoming>| {
+        crate::memory::request_started();
         // Only the request body's timeout is read from here on, and a request that
         // arrived whole has none to time: one extension (an allocation) fewer for it.
         if !req.body().is_end_stream() {
@@ -457,6 +460,7 @@ where
         drop(read_ahead);
         stalled_at = None;
         debug!(%peer, "parked an idle connection");
+        crate::memory::release_when_quiet();
         // `PARKS` kinds have a socket once what they replay is read, which a request
         // answered since has done.
         let Some(socket) = io.inner().get_ref().get_ref().socket() else {

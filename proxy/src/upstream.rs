@@ -564,6 +564,8 @@ impl<C: Connect> H1Pool<C> {
             busy: AtomicBool::new(true),
         });
         let conn = tokio::spawn(async move {
+            // Closed idle or by the upstream: its buffers go back on this worker.
+            let _release = crate::memory::ReleaseOnDrop;
             if let Err(e) = conn.with_upgrades().await {
                 tracing::debug!(error = %e, "upstream connection ended");
             }
