@@ -480,6 +480,11 @@ impl<S> Prefixed<S> {
 
     /// Puts `bytes` back in front of whatever is still to be replayed.
     pub(crate) fn replay(&mut self, bytes: &[u8]) {
+        if bytes.is_empty() && self.has_prefix() {
+            return;
+        }
+        // Otherwise a new buffer, also when there is nothing to replay: the old one,
+        // read through, is freed.
         let mut prefix = bytes.to_vec();
         prefix.extend_from_slice(&self.prefix[self.pos..]);
         self.prefix = prefix;
