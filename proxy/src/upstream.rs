@@ -257,15 +257,20 @@ where
     }
 }
 
-/// Whether the upstream reset the stream with `REFUSED_STREAM`, which says it did not
-/// process the request (RFC 9113 §8.7): a retry on `refused-stream` may send it again.
+/// Whether the upstream said it did not process the request, which a retry on
+/// `refused-stream` may then send again: it reset the stream with `REFUSED_STREAM`
+/// (RFC 9113 §8.7), or its GOAWAY named a last stream below this one (§6.8), as when
+/// a stream opened while the upstream was going away (a stream cap's rotation, a
+/// drain) crossed its final GOAWAY.
 fn refused(e: &hyper::Error) -> bool {
     let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
     while let Some(err) = cur {
         if let Some(h2) = err.downcast_ref::<h2::Error>() {
-            return h2.is_reset()
-                && h2.is_remote()
-                && h2.reason() == Some(h2::Reason::REFUSED_STREAM);
+            // h2 fails a stream with the peer's GOAWAY only when the stream is above
+            // the last one it names.
+            return h2.is_remote()
+                && (h2.is_go_away()
+                    || h2.is_reset() && h2.reason() == Some(h2::Reason::REFUSED_STREAM));
         }
         cur = err.source();
     }

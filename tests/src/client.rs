@@ -36,6 +36,21 @@ pub async fn read_until_closed<S: AsyncRead + Unpin>(stream: &mut S) -> String {
     String::from_utf8_lossy(&all).into_owned()
 }
 
+/// Whether an HTTP/2 stream failed because the server's GOAWAY named a last stream below
+/// it: the server did not process it (RFC 9113 §6.8), and a client may send it again,
+/// as it would a request its connection never took. h2 fails only such streams with
+/// the peer's GOAWAY.
+fn went_away(e: &hyper::Error) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(h2) = err.downcast_ref::<h2::Error>() {
+            return h2.is_go_away() && h2.is_remote();
+        }
+        cur = err.source();
+    }
+    false
+}
+
 /// A request that never left: the connection closed or went away before taking it.
 #[derive(Debug)]
 pub struct Unsent(pub hyper::Error);
@@ -206,6 +221,7 @@ impl HttpConn {
         let unsent = |mut e: hyper::client::conn::TrySendError<Request<ReqBody>>| -> BoxError {
             match e.take_message() {
                 Some(_) => Box::new(Unsent(e.into_error())),
+                None if went_away(e.error()) => Box::new(Unsent(e.into_error())),
                 None => Box::new(e.into_error()),
             }
         };
