@@ -260,29 +260,31 @@ struct Builders {
 const PARK_AFTER: Duration = Duration::from_secs(1);
 
 /// A connection's socket, when it can be waited on between requests without reading
-/// from it: plaintext, with nothing read ahead left to replay. TLS keeps bytes it has
-/// decrypted and not yet handed out, so a TLS connection is never parked.
+/// from it: when everything read from it so far has been handed out, so that its next
+/// bytes are what wakes the wait.
 trait Parkable {
-    /// Whether a connection of this kind is ever parked.
-    const PARKS: bool;
-
-    /// The socket to wait on, if there is one.
+    /// The socket to wait on, if it can be waited on now.
     fn socket(&self) -> Option<&tokio::net::TcpStream>;
 }
 
 impl Parkable for Prefixed<tokio::net::TcpStream> {
-    const PARKS: bool = true;
-
+    /// Nothing read ahead left to replay.
     fn socket(&self) -> Option<&tokio::net::TcpStream> {
         (!self.has_prefix()).then(|| self.inner())
     }
 }
 
 impl Parkable for Box<tokio_rustls::server::TlsStream<Prefixed<tokio::net::TcpStream>>> {
-    const PARKS: bool = false;
-
+    /// rustls holds no decrypted bytes not yet handed out and nothing left to send
+    /// (`wants_read`: no plaintext waiting, no close_notify; every whole record read is
+    /// decrypted as it arrives, so what it may still hold is part of a record whose
+    /// rest the socket brings), and the socket has nothing read ahead to replay.
     fn socket(&self) -> Option<&tokio::net::TcpStream> {
-        None
+        let (io, session) = self.get_ref();
+        if !session.wants_read() || session.wants_write() {
+            return None;
+        }
+        io.socket()
     }
 }
 
@@ -291,8 +293,8 @@ impl Parkable for Box<tokio_rustls::server::TlsStream<Prefixed<tokio::net::TcpSt
 /// HTTP/2, `connection: close` on HTTP/1) when the listener shuts down or when an
 /// HTTP/2 client goes over its [`StreamBudget`]; it is closed when idle for `timeouts.idle`,
 /// and answered 408 and closed when an HTTP/1 head takes longer than
-/// `timeouts.request_header` from its first byte. A plaintext HTTP/1 connection quiet
-/// for [`PARK_AFTER`] between requests is parked until its next byte.
+/// `timeouts.request_header` from its first byte. An HTTP/1 connection quiet for
+/// [`PARK_AFTER`] between requests is parked until its next byte.
 #[allow(clippy::too_many_arguments)]
 async fn serve_conn<I, H, F>(
     shared: &Shared,
@@ -454,7 +456,7 @@ where
                 biased;
                 outside = outside.as_mut() => Some(outside),
                 ended = &mut *conn => return finish(ended.map_err(Into::into)),
-                () = quiet.as_mut(), if I::PARKS => None,
+                () = quiet.as_mut() => None,
             }
         };
         match closing {
@@ -486,13 +488,14 @@ where
             continue;
         }
         stalled_at = None;
-        debug!(%peer, "parked an idle connection");
-        crate::memory::release_when_quiet();
-        // `PARKS` kinds have a socket once what they replay is read, which a request
-        // answered since has done.
+        // Only on the socket itself: what a plaintext connection replays was read by a
+        // request answered since, and rustls may still hold decrypted bytes or bytes to
+        // send, which hyper, built again at once, reads or writes.
         let Some(socket) = io.inner().get_ref().get_ref().socket() else {
             continue;
         };
+        debug!(%peer, "parked an idle connection");
+        crate::memory::release_when_quiet();
         let mut byte = [0u8; 1];
         tokio::select! {
             biased;

@@ -403,6 +403,14 @@ impl ChildProxy {
         Self::spawn_via(bin, policy_yaml, extra_args, false, true).await
     }
 
+    /// Like [`ChildProxy::spawn`], but with an ephemeral inbound listener and no
+    /// outbound one (`extra_args` name the application, and mTLS if wanted).
+    pub async fn spawn_inbound(bin: &Path, policy_yaml: &str, extra_args: &[&str]) -> Self {
+        let mut args = vec!["--inbound", "127.0.0.1:0", "--no-outbound"];
+        args.extend_from_slice(extra_args);
+        Self::spawn_via(bin, policy_yaml, &args, false, true).await
+    }
+
     /// Like [`ChildProxy::spawn`], but returns once listening, without waiting for a
     /// policy to be in force: for a proxy started on a policy it refuses.
     pub async fn spawn_unready(bin: &Path, policy_yaml: &str, extra_args: &[&str]) -> Self {
@@ -454,10 +462,12 @@ impl ChildProxy {
                 .env("SLUICE_POLICY", &policy)
                 .env("SLUICE_ADDR_FILE", &addr_file);
         } else {
-            cmd.args(["--outbound", "127.0.0.1:0"])
-                .args(["--admin", "127.0.0.1:0"])
-                .arg("--no-inbound")
-                .arg("--policy")
+            cmd.args(["--admin", "127.0.0.1:0"]);
+            // The inbound listener instead when the caller opens it.
+            if !extra_args.contains(&"--no-outbound") {
+                cmd.args(["--outbound", "127.0.0.1:0"]).arg("--no-inbound");
+            }
+            cmd.arg("--policy")
                 .arg(&policy)
                 .arg("--addr-file")
                 .arg(&addr_file);

@@ -16,7 +16,7 @@ use sluice_e2e::{
 };
 use sluice_proxy::timeouts::Timeouts;
 use sluice_proxy::tls::TlsStore;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const SLOW_CLIENTS: usize = 20;
@@ -315,7 +315,7 @@ spec:
 }
 
 /// Reads one HTTP/1 response with a `content-length` from `s`; returns its head and body.
-async fn read_response(s: &mut TcpStream) -> String {
+async fn read_response<S: AsyncRead + Unpin>(s: &mut S) -> String {
     let mut all = Vec::new();
     let mut buf = [0u8; 4096];
     loop {
@@ -388,6 +388,97 @@ async fn a_quiet_keep_alive_connection_is_parked_and_serves_its_next_request() {
     s.write_all(b"st: parked\r\n\r\n").await.unwrap();
     let third = read_response(&mut s).await;
     assert!(third.starts_with("HTTP/1.1 200"), "{third}");
+
+    proxy.sigterm();
+    assert!(proxy.wait_exit(WAIT).await.success(), "{}", proxy.log());
+}
+
+/// An mTLS connection that goes quiet between requests is parked as a plaintext one is,
+/// when rustls holds nothing decrypted and nothing to send: the next request, decrypted
+/// from the same session, is served, and a head begun before the quiet is finished.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_mtls_connection_is_parked_and_serves_its_next_request() {
+    let app = Upstream::http1("log-app").await;
+    let cp = TestControlPlane::start_with_ca(
+        &[],
+        &[("tok-log", "shop", "log"), ("tok-order", "shop", "order")],
+        Duration::from_secs(600),
+    )
+    .await;
+    let policy = format!(
+        r#"apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: {{ name: log-service, namespace: shop }}
+spec:
+  host: log-service
+  backends:
+    log: {{ addresses: ["127.0.0.1:9"] }}
+  routes:
+    - name: all
+  inbound:
+    allow: ["{ORDER}"]
+"#
+    );
+    let mesh = cp.mesh_tls("tok-log");
+    let app_addr = app.addr().to_string();
+    let (trust_root, token_file) = (
+        mesh.trust_root.to_string_lossy().into_owned(),
+        mesh.token_file.to_string_lossy().into_owned(),
+    );
+    let mut proxy = ChildProxy::spawn_inbound(
+        env!("CARGO_BIN_EXE_e2e-proxy").as_ref(),
+        &policy,
+        &[
+            "--app",
+            &app_addr,
+            "--service",
+            "log-service",
+            "--trust-root",
+            &trust_root,
+            "--identity-token-file",
+            &token_file,
+            "--identity-url",
+            &mesh.identity_url,
+            "--log-level",
+            "debug",
+        ],
+    )
+    .await;
+    let parked = |log: &str| log.matches("parked an idle connection").count();
+
+    let order = TlsStore::new(cp.certify("tok-order").await).unwrap();
+    let config = order.client_config_for(Some(LOG), &[b"http/1.1"]).unwrap();
+    let tcp = TcpStream::connect(proxy.inbound_addr().expect("an inbound listener"))
+        .await
+        .unwrap();
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::try_from("log.mesh.invalid").unwrap(), tcp)
+        .await
+        .expect("the mTLS handshake");
+    for (n, path) in [(1, "/a"), (2, "/b")] {
+        tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: log-service\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let answer = read_response(&mut tls).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        wait_until("the quiet mTLS connection is parked", WAIT, || async {
+            parked(&proxy.log()) >= n
+        })
+        .await;
+    }
+
+    // Half a head, then quiet: kept, not parked, and finished.
+    tls.write_all(b"GET /c HTTP/1.1\r\nHo").await.unwrap();
+    wait_until("the begun head is kept, not parked", WAIT, || async {
+        proxy
+            .log()
+            .contains("not parking a connection whose next head has begun")
+    })
+    .await;
+    tls.write_all(b"st: log-service\r\n\r\n").await.unwrap();
+    let third = read_response(&mut tls).await;
+    assert!(third.starts_with("HTTP/1.1 200"), "{third}");
+    assert_eq!(app.requests(), 3);
 
     proxy.sigterm();
     assert!(proxy.wait_exit(WAIT).await.success(), "{}", proxy.log());
