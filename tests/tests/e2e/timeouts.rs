@@ -247,16 +247,20 @@ async fn stalled_and_trickled_heads_get_408_while_quiet_connections_stay() {
 const ORDER: &str = "spiffe://cluster.local/ns/shop/sa/order";
 const LOG: &str = "spiffe://cluster.local/ns/shop/sa/log";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_head_over_mtls_gets_408_inside_the_tls_session() {
-    let app = Upstream::http1("log-app").await;
-    let cp = TestControlPlane::start_with_ca(
+/// A control plane whose CA certifies the log and order workloads.
+async fn log_ca() -> TestControlPlane {
+    TestControlPlane::start_with_ca(
         &[],
         &[("tok-log", "shop", "log"), ("tok-order", "shop", "order")],
         Duration::from_secs(600),
     )
-    .await;
-    let policy = format!(
+    .await
+}
+
+/// The log service's policy as its own sidecar's inbound side reads it: only the order
+/// identity may call.
+fn log_inbound_policy() -> String {
+    format!(
         r#"apiVersion: sluice.dev/v1alpha1
 kind: RoutePolicy
 metadata: {{ name: log-service, namespace: shop }}
@@ -269,7 +273,28 @@ spec:
   inbound:
     allow: ["{ORDER}"]
 "#
-    );
+    )
+}
+
+/// An mTLS session to the log sidecar's inbound `addr`, as the order workload.
+async fn as_order(
+    cp: &TestControlPlane,
+    addr: std::net::SocketAddr,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
+    let order = TlsStore::new(cp.certify("tok-order").await).unwrap();
+    let config = order.client_config_for(Some(LOG), &[b"http/1.1"]).unwrap();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(config)
+        .connect(ServerName::try_from("log.mesh.invalid").unwrap(), tcp)
+        .await
+        .expect("the mTLS handshake")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_head_over_mtls_gets_408_inside_the_tls_session() {
+    let app = Upstream::http1("log-app").await;
+    let cp = log_ca().await;
+    let policy = log_inbound_policy();
     let log = TestProxy::start_with(
         &policy,
         ProxyOptions {
@@ -287,13 +312,7 @@ spec:
     )
     .await;
 
-    let order = TlsStore::new(cp.certify("tok-order").await).unwrap();
-    let config = order.client_config_for(Some(LOG), &[b"http/1.1"]).unwrap();
-    let tcp = TcpStream::connect(log.inbound_addr()).await.unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(config)
-        .connect(ServerName::try_from("log.mesh.invalid").unwrap(), tcp)
-        .await
-        .expect("the mTLS handshake");
+    let mut tls = as_order(&cp, log.inbound_addr()).await;
     tls.write_all(b"GET /hello HTTP/1.1\r\nHost: log-service\r\n")
         .await
         .unwrap();
@@ -399,26 +418,8 @@ async fn a_quiet_keep_alive_connection_is_parked_and_serves_its_next_request() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quiet_mtls_connection_is_parked_and_serves_its_next_request() {
     let app = Upstream::http1("log-app").await;
-    let cp = TestControlPlane::start_with_ca(
-        &[],
-        &[("tok-log", "shop", "log"), ("tok-order", "shop", "order")],
-        Duration::from_secs(600),
-    )
-    .await;
-    let policy = format!(
-        r#"apiVersion: sluice.dev/v1alpha1
-kind: RoutePolicy
-metadata: {{ name: log-service, namespace: shop }}
-spec:
-  host: log-service
-  backends:
-    log: {{ addresses: ["127.0.0.1:9"] }}
-  routes:
-    - name: all
-  inbound:
-    allow: ["{ORDER}"]
-"#
-    );
+    let cp = log_ca().await;
+    let policy = log_inbound_policy();
     let mesh = cp.mesh_tls("tok-log");
     let app_addr = app.addr().to_string();
     let (trust_root, token_file) = (
@@ -446,15 +447,7 @@ spec:
     .await;
     let parked = |log: &str| log.matches("parked an idle connection").count();
 
-    let order = TlsStore::new(cp.certify("tok-order").await).unwrap();
-    let config = order.client_config_for(Some(LOG), &[b"http/1.1"]).unwrap();
-    let tcp = TcpStream::connect(proxy.inbound_addr().expect("an inbound listener"))
-        .await
-        .unwrap();
-    let mut tls = tokio_rustls::TlsConnector::from(config)
-        .connect(ServerName::try_from("log.mesh.invalid").unwrap(), tcp)
-        .await
-        .expect("the mTLS handshake");
+    let mut tls = as_order(&cp, proxy.inbound_addr().expect("an inbound listener")).await;
     for (n, path) in [(1, "/a"), (2, "/b")] {
         tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: log-service\r\n\r\n").as_bytes())
             .await
