@@ -17,6 +17,7 @@
 
 mod admin;
 mod admin_page;
+pub mod alloc;
 mod authority;
 pub mod body;
 mod cli;
