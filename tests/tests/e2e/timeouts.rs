@@ -16,7 +16,7 @@ use sluice_e2e::{
 };
 use sluice_proxy::timeouts::Timeouts;
 use sluice_proxy::tls::TlsStore;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const SLOW_CLIENTS: usize = 20;
@@ -374,29 +374,34 @@ async fn a_quiet_keep_alive_connection_is_parked_and_serves_its_next_request() {
         &["--log-level", "debug"],
     )
     .await;
-    let parked = |log: &str| log.matches("parked an idle connection").count();
-
     let mut s = TcpStream::connect(proxy.outbound_addr()).await.unwrap();
-    s.write_all(b"GET /a HTTP/1.1\r\nHost: parked\r\n\r\n")
-        .await
-        .unwrap();
-    assert!(read_response(&mut s).await.starts_with("HTTP/1.1 200"));
-    wait_until("the quiet connection is parked", WAIT, || async {
-        parked(&proxy.log()) >= 1
-    })
-    .await;
-    // The same connection, woken by its next request.
-    s.write_all(b"GET /b HTTP/1.1\r\nHost: parked\r\n\r\n")
-        .await
-        .unwrap();
-    let second = read_response(&mut s).await;
-    assert!(second.starts_with("HTTP/1.1 200"), "{second}");
-    wait_until("it is parked again", WAIT, || async {
-        parked(&proxy.log()) >= 2
-    })
-    .await;
+    parks_between_requests(&mut s, &proxy, "parked").await;
+    assert_eq!(up.requests(), 3);
 
-    // Half a head, then quiet: the connection keeps what it read and finishes the head.
+    proxy.sigterm();
+    assert!(proxy.wait_exit(WAIT).await.success(), "{}", proxy.log());
+}
+
+/// On one kept-alive connection `s` to `proxy` (logging at debug) for `host`: two
+/// requests, each answered and then parked in the quiet after it (the second woken from
+/// the park), then half a head and quiet, which is kept rather than parked, and its end,
+/// which is answered.
+async fn parks_between_requests<S>(s: &mut S, proxy: &ChildProxy, host: &str)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let parked = |log: &str| log.matches("parked an idle connection").count();
+    for (n, path) in [(1, "/a"), (2, "/b")] {
+        s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes())
+            .await
+            .unwrap();
+        let answer = read_response(s).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        wait_until("the quiet connection is parked", WAIT, || async {
+            parked(&proxy.log()) >= n
+        })
+        .await;
+    }
     s.write_all(b"GET /c HTTP/1.1\r\nHo").await.unwrap();
     wait_until("the begun head is kept, not parked", WAIT, || async {
         proxy
@@ -404,12 +409,11 @@ async fn a_quiet_keep_alive_connection_is_parked_and_serves_its_next_request() {
             .contains("not parking a connection whose next head has begun")
     })
     .await;
-    s.write_all(b"st: parked\r\n\r\n").await.unwrap();
-    let third = read_response(&mut s).await;
+    s.write_all(format!("st: {host}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let third = read_response(s).await;
     assert!(third.starts_with("HTTP/1.1 200"), "{third}");
-
-    proxy.sigterm();
-    assert!(proxy.wait_exit(WAIT).await.success(), "{}", proxy.log());
 }
 
 /// An mTLS connection that goes quiet between requests is parked as a plaintext one is,
@@ -445,32 +449,8 @@ async fn a_quiet_mtls_connection_is_parked_and_serves_its_next_request() {
         ],
     )
     .await;
-    let parked = |log: &str| log.matches("parked an idle connection").count();
-
     let mut tls = as_order(&cp, proxy.inbound_addr().expect("an inbound listener")).await;
-    for (n, path) in [(1, "/a"), (2, "/b")] {
-        tls.write_all(format!("GET {path} HTTP/1.1\r\nHost: log-service\r\n\r\n").as_bytes())
-            .await
-            .unwrap();
-        let answer = read_response(&mut tls).await;
-        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-        wait_until("the quiet mTLS connection is parked", WAIT, || async {
-            parked(&proxy.log()) >= n
-        })
-        .await;
-    }
-
-    // Half a head, then quiet: kept, not parked, and finished.
-    tls.write_all(b"GET /c HTTP/1.1\r\nHo").await.unwrap();
-    wait_until("the begun head is kept, not parked", WAIT, || async {
-        proxy
-            .log()
-            .contains("not parking a connection whose next head has begun")
-    })
-    .await;
-    tls.write_all(b"st: log-service\r\n\r\n").await.unwrap();
-    let third = read_response(&mut tls).await;
-    assert!(third.starts_with("HTTP/1.1 200"), "{third}");
+    parks_between_requests(&mut tls, &proxy, "log-service").await;
     assert_eq!(app.requests(), 3);
 
     proxy.sigterm();
