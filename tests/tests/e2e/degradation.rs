@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use hyper::StatusCode;
 use sluice_e2e::grpc::proto::EchoRequest;
@@ -273,11 +274,19 @@ async fn an_endpoint_added_under_load_ramps_in_to_an_equal_share() {
         Upstream::auto("b").await,
         Upstream::auto("c").await,
     ];
+    // Answers that take a steady 5 ms, and eight requests in flight, so that what the
+    // balancer weighs is the backends and the load, not a busy machine's scheduling: on
+    // bare loopback a round trip is ~0.2 ms, one late wake-up is a peak many times that,
+    // and peak-EWMA (as designed) passes over an endpoint with such a peak until it
+    // decays, seconds longer than the late windows below last.
+    for u in &ups {
+        u.set_stall(sluice_e2e::Stall::Delay(Duration::from_millis(5)));
+    }
     let proxy = TestProxy::start(&spread(&[ups[0].addr(), ups[1].addr()])).await;
     let addr = proxy.outbound_addr();
     let stop = Arc::new(AtomicBool::new(false));
     let mut load = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..8 {
         let stop = stop.clone();
         load.push(tokio::spawn(async move {
             let mut conn = HttpConn::h1(addr).await.unwrap();
@@ -362,26 +371,25 @@ async fn an_endpoint_added_under_load_ramps_in_to_an_equal_share() {
         early_share < bound,
         "early share {early_share:.3} over {n} requests, bound {bound:.3}: {summary:?}"
     );
-    // Ramped in, it competes at full weight: clearly more than early on, about a third
-    // give or take what latency decides. Peak-EWMA keeps a latency peak for its decay
-    // (10 s), and the new endpoint's estimate began at its first answer while the older
-    // two carry whatever peaks a busy machine gave them, so for the seconds this test
-    // watches it often draws more than a third (0.34 to 0.68 measured on two cores) and
-    // one older endpoint less (down to 0.14, and 0.076 once with the whole suite running
-    // beside it); what would be wrong is the ramp not ending (a share near the early one)
-    // or an endpoint left out (a share near none).
+    // Ramped in, it competes at full weight: clearly more than early on, and each of the
+    // three takes about a third (0.29 to 0.36 each measured on two cores, with the whole
+    // suite running beside it). The bounds leave room for what latency decides: a
+    // wake-up late by several answers' time still makes peak-EWMA pass over one
+    // endpoint for a while. What would be wrong is the ramp not ending (a share near
+    // the early one) or an endpoint left out (a share near none).
     assert!(
-        (0.2..0.8).contains(&late_share) && late_share > early_share + 0.1,
+        (0.2..0.6).contains(&late_share) && late_share > early_share + 0.1,
         "late share {late_share:.3}, early {early_share:.3}: {summary:?}"
     );
     let late_counts: Vec<u64> = (0..3)
         .map(|i| late.iter().map(|w| w.counts[i]).sum())
         .collect();
     let total: u64 = late_counts.iter().sum();
+    eprintln!("late requests per upstream {late_counts:?}");
     for (i, c) in late_counts.iter().enumerate() {
         let s = *c as f64 / total as f64;
         assert!(
-            (0.04..0.8).contains(&s),
+            (0.1..0.6).contains(&s),
             "upstream {i} late share {s:.3}: {late_counts:?}"
         );
     }
@@ -407,7 +415,7 @@ async fn a_try_timeout_falls_back_within_the_route_time() {
     // Both tries of the primary timed out (2 × 150 ms), then the cache answered, well
     // inside the route's 5 s.
     assert_eq!(slow.requests(), 2);
-    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    assert!(started.elapsed() < Duration::from_secs(5));
     slow.set_stall(sluice_e2e::Stall::None);
     proxy.shutdown().await;
 }
