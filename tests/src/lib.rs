@@ -20,7 +20,8 @@
 //! Gateway API mesh conformance cluster (API double, control plane, proxy, upstreams).
 //! [`WorkerUpstream`] is an
 //! app with a fixed number of workers (latency grows past that knee) and [`open_loop`]
-//! the fixed-rate load the overload tests send it. [`TestRedis`] is a real
+//! the fixed-rate load the overload tests send it. [`GoingAwayUpstream`] is an HTTP/2
+//! upstream that sends a GOAWAY below a stream it was sent. [`TestRedis`] is a real
 //! `redis-server` on an ephemeral port for the fleet rate-limit tests.
 //!
 //! Tests never sleep to wait for something: they wait on a condition with
@@ -34,6 +35,7 @@ mod child_control_plane;
 mod client;
 mod control_plane;
 pub mod gateway;
+mod going_away;
 pub mod grpc;
 pub mod interop;
 pub mod malformed;
@@ -54,6 +56,7 @@ use std::time::{Duration, Instant};
 pub use child_control_plane::{ChildControlPlane, NackingMesh};
 pub use client::{HttpConn, Reply, ReqBody, Unsent, admit, full_body, read_until_closed};
 pub use control_plane::TestControlPlane;
+pub use going_away::GoingAwayUpstream;
 pub use proxy::{ChildProxy, MeshTls, ProcMemory, ProxyOptions, TestProxy};
 pub use redis::{TestRedis, wait_keys};
 pub use subscriber::{RecordingSink, SchemaSubscriber};

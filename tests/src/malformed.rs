@@ -16,7 +16,7 @@ use tokio::net::TcpStream;
 const ANSWER_WITHIN: Duration = Duration::from_secs(10);
 
 /// The HTTP/2 connection preface.
-const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+pub(crate) const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Which refusals an attack accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -79,7 +79,7 @@ fn h2(name: &'static str, frames: &[Vec<u8>]) -> Attack {
 }
 
 /// An HTTP/2 frame: 24-bit length, type, flags, 31-bit stream id, payload.
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+pub(crate) fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
     let len = payload.len() as u32;
     let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
     f.extend_from_slice(&(stream & 0x7fff_ffff).to_be_bytes());

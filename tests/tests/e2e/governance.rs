@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 use std::time::Instant;
 
 use hyper::{Method, StatusCode};
-use sluice_e2e::{HttpConn, Protocol, TestProxy, Upstream, WAIT, metric_sum, scrape};
+use sluice_e2e::{
+    GoingAwayUpstream, HttpConn, Protocol, TestProxy, Upstream, WAIT, metric_sum, scrape,
+};
 use sluice_examples::log_service::{self, LogServiceConfig};
 
 fn policy(host: &str, backends: &[(&str, SocketAddr)], route: &str) -> String {
@@ -245,4 +247,37 @@ async fn a_refused_stream_is_retried_where_the_route_retries_refused_streams() {
     let r = conn.get("refusing", "/refused").await.unwrap();
     assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
     assert_eq!(up2.requests(), 1, "a refused stream is not a gateway error");
+}
+
+// One thread: upstream connections are pooled per thread, as each worker's are.
+#[tokio::test(flavor = "current_thread")]
+async fn a_stream_the_upstreams_goaway_left_out_is_retried_as_refused() {
+    // The upstream's first connection reads the request and answers with a GOAWAY that
+    // names no stream: it did not process it (RFC 9113 §6.8), so a route retrying
+    // refused streams sends it again, on a new connection.
+    let up = GoingAwayUpstream::start(1).await;
+    let retrying = "      retry: { attempts: 2, on: [refused-stream] }\n";
+    let proxy = TestProxy::start(&policy("leaving", &[("up", up.addr())], retrying)).await;
+    let mut conn = HttpConn::h2(proxy.outbound_addr()).await.unwrap();
+    let r = conn.get("leaving", "/").await.unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{}", r.text());
+    assert_eq!(up.streams(), 2, "the first try and its retry");
+    assert_eq!(up.connections(), 2, "the retry on a connection of its own");
+    let again = conn.get("leaving", "/").await.unwrap();
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(up.connections(), 2, "the new connection is pooled");
+
+    // Not processed is not a gateway error: a route retrying only those leaves it.
+    let other = "      retry: { attempts: 2, on: [connect-failure, gateway-error] }\n";
+    let up2 = GoingAwayUpstream::start(u64::MAX).await;
+    let proxy = TestProxy::start(&policy("leaving", &[("up", up2.addr())], other)).await;
+    let mut conn = HttpConn::h2(proxy.outbound_addr()).await.unwrap();
+    let r = conn.get("leaving", "/").await.unwrap();
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+    assert_eq!(r.header("x-sluice-reason"), "upstream-unavailable");
+    assert_eq!(
+        up2.streams(),
+        1,
+        "a stream gone away under is not a gateway error"
+    );
 }
