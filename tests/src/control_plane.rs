@@ -84,8 +84,9 @@ impl TestControlPlane {
         for (name, yaml) in files {
             std::fs::write(policy_dir.join(name), yaml).expect("write policy file");
         }
-        let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
-        let running = launch(&policy_dir, &state_dir, ca.as_ref(), any, any).await;
+        // Ports a restart can have again ([`crate::restartable_addr`]).
+        let (grpc, admin) = (crate::restartable_addr(), crate::restartable_addr());
+        let running = launch(&policy_dir, &state_dir, ca.as_ref(), grpc, admin).await;
         Self {
             grpc: running.grpc_addr(),
             admin: running.admin_addr(),

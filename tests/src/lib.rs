@@ -69,6 +69,41 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// How long a test waits for something that should happen at once on a quiet machine.
 pub const WAIT: Duration = Duration::from_secs(20);
 
+/// A free port on 127.0.0.1 below the kernel's ephemeral range, for a server a test
+/// stops and starts again on the same port.
+///
+/// A port from the ephemeral range (what binding port 0 gives) can be taken while the
+/// server is down, as the local port of any connection another test opens, and the
+/// restart then fails with "address in use". Below the range only another caller of
+/// this function binds; the ports it hands out are spread by process and never twice
+/// in one.
+pub fn restartable_addr() -> std::net::SocketAddr {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let low = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| r.split_whitespace().next()?.parse::<u32>().ok())
+        .unwrap_or(32768);
+    let base = 10_000u32;
+    let span = low.saturating_sub(base);
+    if span < 1_000 {
+        // No room below the range on this machine: any free port, as before.
+        return std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("pick a port");
+    }
+    let offset = std::process::id().wrapping_mul(7_919);
+    for _ in 0..span {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = base + offset.wrapping_add(n) % span;
+        let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port as u16));
+        if std::net::TcpListener::bind(addr).is_ok() {
+            return addr;
+        }
+    }
+    panic!("no free port between {base} and {low}");
+}
+
 /// Polls `cond` until it is true, at most `timeout`; panics naming `what` if it never is.
 pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut cond: F)
 where
@@ -126,4 +161,22 @@ spec:
     - name: all
 "#
     )
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn restartable_addresses_are_below_the_ephemeral_range_and_differ() {
+        let low: u16 = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|r| r.split_whitespace().next()?.parse().ok())
+            .unwrap_or(32768);
+        let (a, b) = (super::restartable_addr(), super::restartable_addr());
+        assert_ne!(a, b);
+        for addr in [a, b] {
+            assert!(addr.ip().is_loopback(), "{addr}");
+            assert!(addr.port() < low, "{addr} below {low}");
+            std::net::TcpListener::bind(addr).expect("still free");
+        }
+    }
 }

@@ -1,8 +1,8 @@
 //! A real `redis-server` (the Debian package, installed by `tests/setup.sh`) per test,
-//! on an ephemeral port of 127.0.0.1, with no persistence; it can be killed, restarted on
-//! the same port, paused (SIGSTOP) and resumed.
+//! on a port of 127.0.0.1 below the ephemeral range, with no persistence; it can be
+//! killed, restarted on the same port, paused (SIGSTOP) and resumed.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -160,10 +160,9 @@ async fn wait_up(child: &mut Child, addr: SocketAddr) -> bool {
     false
 }
 
+/// A port [`TestRedis::restart`] can have again ([`crate::restartable_addr`]).
 fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("pick a port")
+    crate::restartable_addr()
 }
 
 fn spawn(addr: SocketAddr, tls: Option<SocketAddr>, dir: &Path) -> Child {
