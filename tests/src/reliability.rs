@@ -493,7 +493,8 @@ pub async fn run(opts: SuiteOptions) -> Report {
 
     let steady_a = Upstream::auto("steady-a").await;
     let steady_b = Upstream::auto("steady-b").await;
-    let mut flaky = Upstream::auto("flaky").await;
+    // Killed and started again on its port ([`crate::restartable_addr`]).
+    let mut flaky = Upstream::start_on("flaky", Protocol::Auto, crate::restartable_addr()).await;
     let slow = Upstream::auto("slow").await;
     let limited = Upstream::auto("limited").await;
     let backends = Backends {

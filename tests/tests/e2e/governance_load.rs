@@ -6,7 +6,7 @@ use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use hyper::{Method, StatusCode};
-use sluice_e2e::{HttpConn, Protocol, TestProxy, Upstream};
+use sluice_e2e::{HttpConn, Protocol, TestProxy, Upstream, restartable_addr};
 use sluice_examples::log_service::{self, LogServiceConfig};
 
 fn split_policy(a: SocketAddr, b: SocketAddr, weights: (u32, u32), sticky: bool) -> String {
@@ -249,7 +249,8 @@ async fn breaker_opens_when_a_backend_dies_under_load_and_half_open_probes_close
  {
     const CLIENTS: u64 = 12;
     const CONSECUTIVE: u64 = 5;
-    let svc = Upstream::start("v2", Protocol::Http1).await;
+    // It dies and returns on its port: one a restart can have again.
+    let svc = Upstream::start_on("v2", Protocol::Http1, restartable_addr()).await;
     let addr = svc.addr();
     let policy = format!(
         "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: logs, namespace: e2e }}\n\
