@@ -25,8 +25,11 @@ pub(crate) fn page() -> Response<Full<Bytes>> {
 
 /// `GET /served` as JSON; `version` is `null` before the first publication.
 pub(crate) fn served(shared: &Shared) -> serde_json::Value {
-    let published = shared.snapshots.borrow();
-    let Some(p) = published.as_ref() else {
+    // A clone of the `Arc`, the watch's lock let go at once: borrowing the watch again
+    // while holding it (as `Shared::current_version` does) waits behind a publication
+    // queued in between, which waits for this borrow, and both hang.
+    let published = shared.snapshots.borrow().clone();
+    let Some(p) = published.as_deref() else {
         return serde_json::json!({ "version": null, "policies": null, "snapshot": null });
     };
     let snapshot = p.views.last().map(|v| {
@@ -37,7 +40,7 @@ pub(crate) fn served(shared: &Shared) -> serde_json::Value {
         })
     });
     serde_json::json!({
-        "version": shared.current_version(),
+        "version": p.views.last().map(|v| &v.snapshot.version),
         "hash": p.set.hash(),
         "policies": String::from_utf8_lossy(p.set.canonical_bytes()),
         "snapshot": snapshot,

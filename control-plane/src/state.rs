@@ -448,6 +448,44 @@ spec:
         }
     }
 
+    /// `GET /served` reads what is published while publications go on beside it, and
+    /// never hangs. It once borrowed the watch a second time while holding the first
+    /// borrow, and a publication queued between the two (the lock lets a waiting writer
+    /// go first) waited for the first borrow while the second waited for it: the
+    /// control plane's watcher and admin both hung, and so did this test, in each of two
+    /// runs.
+    #[test]
+    fn served_reads_beside_publications_and_never_hangs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shared = Arc::new(shared(dir.path()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let publisher = {
+            let (shared, stop) = (shared.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    shared.republish();
+                }
+            })
+        };
+        let (done, finished) = std::sync::mpsc::channel();
+        let reader = {
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                for _ in 0..200_000 {
+                    let served = crate::operator::served(&shared);
+                    assert!(served["version"].is_string(), "{served}");
+                }
+                let _ = done.send(());
+            })
+        };
+        // A bound on a hang, not a measurement: the reads take well under a second.
+        let outcome = finished.recv_timeout(std::time::Duration::from_secs(120));
+        stop.store(true, Ordering::Relaxed);
+        assert!(outcome.is_ok(), "/served hung beside publications");
+        reader.join().expect("reader");
+        publisher.join().expect("publisher");
+    }
+
     /// A rollout whose block leaves the policy ends: it is no longer listed, and
     /// proxies get the file's weights (here the canary's 0), whatever its step.
     #[test]
