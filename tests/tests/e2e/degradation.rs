@@ -385,7 +385,6 @@ async fn an_endpoint_added_under_load_ramps_in_to_an_equal_share() {
         .map(|i| late.iter().map(|w| w.counts[i]).sum())
         .collect();
     let total: u64 = late_counts.iter().sum();
-    eprintln!("late requests per upstream {late_counts:?}");
     for (i, c) in late_counts.iter().enumerate() {
         let s = *c as f64 / total as f64;
         assert!(
