@@ -256,14 +256,21 @@ mod tests {
     #[test]
     fn keeps_upgrade_headers_on_upgrade() {
         let mut h = map(&[
-            ("connection", "Upgrade, keep-alive"),
+            ("connection", "Upgrade, keep-alive, x-private"),
             ("upgrade", "websocket"),
             ("keep-alive", "1"),
+            ("x-private", "1"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "gzip"),
+            ("x-kept", "yes"),
         ]);
         strip_hop_by_hop(&mut h, true);
         assert_eq!(h["upgrade"], "websocket");
         assert_eq!(h["connection"], "upgrade");
-        assert!(!h.contains_key("keep-alive"));
+        // Only the two the upgrade needs stay: what `Connection` names and the other
+        // hop-by-hop headers still go.
+        assert_eq!(h.len(), 3, "{h:?}");
+        assert_eq!(h["x-kept"], "yes");
     }
 
     #[test]
@@ -316,6 +323,13 @@ mod tests {
         assert!(!switched_as_offered(&switched("h2c"), &offer));
         let offer = HeaderValue::from_static("h2c, websocket");
         assert!(switched_as_offered(&switched("h2c"), &offer));
+        // A protocol offered without a version takes any of its versions; one offered
+        // with a version, only that one.
+        let offer = HeaderValue::from_static("proto");
+        assert!(switched_as_offered(&switched("proto/2"), &offer));
+        let offer = HeaderValue::from_static("proto/1");
+        assert!(!switched_as_offered(&switched("proto/2"), &offer));
+        assert!(switched_as_offered(&switched("proto/1"), &offer));
     }
 
     #[test]
