@@ -11,9 +11,14 @@ use tonic::{Code, Request};
 
 /// A channel to `addr` whose requests carry `:authority: echo`.
 async fn channel(addr: SocketAddr) -> Channel {
+    channel_for(addr, "echo").await
+}
+
+/// A channel to `addr` whose requests carry `:authority: host`.
+async fn channel_for(addr: SocketAddr, host: &str) -> Channel {
     Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
-        .origin("http://echo".parse().unwrap())
+        .origin(format!("http://{host}").parse().unwrap())
         .tcp_nodelay(true)
         .connect()
         .await
@@ -145,5 +150,56 @@ async fn grpc_unary_and_streaming_pass_outbound_then_inbound() {
 
     outbound.shutdown().await;
     inbound.shutdown().await;
+    server.shutdown().await;
+}
+
+/// What the proxy itself refuses reaches a gRPC caller as a gRPC status (trailers-only,
+/// HTTP 200), which tonic reads as the call's code; the same refusal is an HTTP status
+/// for any other caller (the `authority` and `governance` tests).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxys_own_refusals_reach_a_grpc_caller_as_grpc_statuses() {
+    let server = GrpcServer::start().await;
+    let policy = format!(
+        "{}      rateLimit: {{ perSecond: 1, burst: 1 }}\n",
+        single_backend_policy("echo", "echo", server.addr())
+    );
+    let proxy = TestProxy::start(&policy).await;
+
+    // The route's limit: one call now and one a second; back-to-back calls soon meet it.
+    let mut client = EchoClient::new(channel(proxy.outbound_addr()).await);
+    let mut refused = None;
+    for _ in 0..50 {
+        if let Err(status) = client.unary(request("hi", 0, 0)).await {
+            refused = Some(status);
+            break;
+        }
+    }
+    let status = refused.expect("the rate limit refuses a call within 50");
+    assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
+    assert_eq!(status.message(), "rate limited by sluice");
+    assert_eq!(
+        status
+            .metadata()
+            .get("x-sluice-reason")
+            .and_then(|v| v.to_str().ok()),
+        Some("rate-limited")
+    );
+
+    // A host no policy names.
+    let mut client = EchoClient::new(channel_for(proxy.outbound_addr(), "nowhere").await);
+    let status = client
+        .unary(request("hi", 0, 0))
+        .await
+        .expect_err("no route");
+    assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
+    assert_eq!(
+        status
+            .metadata()
+            .get("x-sluice-reason")
+            .and_then(|v| v.to_str().ok()),
+        Some("no-route")
+    );
+
+    proxy.shutdown().await;
     server.shutdown().await;
 }
