@@ -2,7 +2,8 @@
 //! through a Sluice outbound listener, and compares the verdicts case by case.
 //!
 //! `cargo run -p sluice-e2e --bin autobahn` runs every case (cargo test runs 1–7);
-//! `--case 9.*` (repeatable) picks some. Exits non-zero when a verdict differs.
+//! `--case 9.*` (repeatable) picks some. Exits non-zero when a verdict differs (`OK` and
+//! `NON-STRICT` count as the same: `autobahn::differences`).
 
 use std::path::PathBuf;
 
