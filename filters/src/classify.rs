@@ -116,4 +116,15 @@ mod tests {
         let set = GrpcCodes::from_codes([sluice_config::GrpcCode::Unavailable]);
         assert!(set.contains(14) && !set.contains(2));
     }
+
+    #[test]
+    fn an_upstreams_out_of_range_code_is_in_no_set_and_a_code_listed_twice_stays() {
+        use sluice_config::GrpcCode::{Cancelled, Unauthenticated, Unavailable};
+        let set = GrpcCodes::from_codes([Cancelled, Unavailable, Unavailable, Unauthenticated]);
+        assert!(set.contains(1) && set.contains(14) && set.contains(16));
+        // Whatever number an upstream sends: no panic, no wrap onto a listed code.
+        for code in [17, 31, 32, 33, 64, u32::MAX] {
+            assert!(!set.contains(code), "{code}");
+        }
+    }
 }

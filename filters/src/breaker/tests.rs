@@ -163,6 +163,24 @@ async fn closed_to_open_on_consecutive_failures() {
     assert_eq!(snap.open_for_ms, 10_000);
 }
 
+/// The reason an operator reads on the admin's breakers names the last failure's
+/// class, for errors as for statuses.
+#[tokio::test(start_paused = true)]
+async fn the_opening_reason_names_the_last_failures_class() {
+    let (_reg, c) = registry_with(params(3, 10, 60, 1));
+    let inner = Scripted::new();
+    let mut svc = BreakerLayer::new(c.clone()).layer(inner.clone());
+    inner.push(&[503, 0, 0]);
+    for _ in 0..3 {
+        let _ = send(&mut svc).await;
+    }
+    assert_eq!(c.state(), CircuitState::Open);
+    assert_eq!(
+        last_reason(&c),
+        "3 consecutive failures (last: connect-failure)"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn four_xx_and_unlisted_classes_are_not_failures() {
     let mut p = params(1, 10, 60, 1);

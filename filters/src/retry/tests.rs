@@ -532,7 +532,7 @@ async fn bodies_over_the_cap_go_once_and_the_skip_is_counted() {
     assert_eq!(obs.all(), [RetryOutcome::SkippedBodyTooLarge]);
 
     // At the cap exactly: replayed.
-    let (r, _) = route(p);
+    let (r, _) = route(p.clone());
     let inner = Scripted::with(&[Step::Status(503)]);
     let mut svc = RetryLayer::new(r, "log-v1").layer(inner.clone());
     let req = Request::builder()
@@ -541,6 +541,23 @@ async fn bodies_over_the_cap_go_once_and_the_skip_is_counted() {
         .unwrap();
     assert_eq!(send(&mut svc, req).await.unwrap().status(), 200);
     assert_eq!(inner.calls(), 2);
+
+    // A known length at the cap exactly: replayed too.
+    let (r, obs) = route(p);
+    let inner = Scripted::with(&[Step::Status(503)]);
+    let mut svc = RetryLayer::new(r, "log-v1").layer(inner.clone());
+    let req = Request::builder()
+        .method(Method::POST)
+        .header("content-length", "8")
+        .body(Full::new(Bytes::from_static(b"12345678")))
+        .unwrap();
+    assert_eq!(send(&mut svc, req).await.unwrap().status(), 200);
+    assert_eq!(inner.calls(), 2);
+    assert!(
+        !obs.all().contains(&RetryOutcome::SkippedBodyTooLarge),
+        "{:?}",
+        obs.all()
+    );
 }
 
 #[tokio::test(start_paused = true)]
