@@ -73,6 +73,12 @@ fn from_config_defaults_burst_and_reads_key() {
     let p = RateLimitParams::from_config(&peer).unwrap();
     assert_eq!((p.burst.get(), p.key.clone()), (12, KeyBy::PeerIdentity));
     assert_eq!(p.window_secs(), 3);
+    assert!(!p.fleet, "local unless the policy says fleet");
+    let fleet = sluice_config::RateLimit {
+        scope: sluice_config::RateLimitScope::Fleet,
+        ..peer
+    };
+    assert!(RateLimitParams::from_config(&fleet).unwrap().fleet);
 
     let zero = sluice_config::RateLimit {
         per_second: 0,
@@ -187,6 +193,15 @@ fn full_key_table_is_swept_inline_once_idle_keys_refill() {
     assert_eq!(l.keys(), 0);
     assert!(matches!(l.check_key(1001), Verdict::Allowed { .. }));
     assert_eq!(l.keys(), 1);
+
+    // No longer full: requests sweep nothing inline any more, and idle keys wait for
+    // the periodic sweep.
+    for key in 2000..2050 {
+        l.check_key(key);
+    }
+    clock.advance(Duration::from_secs(2));
+    l.check_key(3000);
+    assert_eq!(l.keys(), 52);
 }
 
 #[test]
