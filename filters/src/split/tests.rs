@@ -67,6 +67,25 @@ fn random_weighted_shares_within_two_points() {
     }
 }
 
+/// A backend at weight 0 (a rolled-back canary, wherever it is listed) gets no
+/// request, not even on the lowest draw there is.
+#[test]
+fn a_zero_weight_backend_gets_no_request_even_on_the_lowest_draw() {
+    let p = params(vec![weighted(&[("log-v2", 0), ("log-v1", 100)], None)]);
+    // A seed whose first draw is the lowest point of any split (a share of 10,000
+    // points or fewer): about one seed in 10,000.
+    let lowest = u64::MAX / 10_000;
+    let seed = (0..10_000_000u64)
+        .find(|s| RandomSource::seeded(*s).next_u64() < lowest)
+        .expect("a seed with a low first draw");
+    let rng = RandomSource::seeded(seed);
+    assert_eq!(BACKENDS[p.decide(&Request::new(()), &rng)], "log-v1");
+    let rng = RandomSource::seeded(11);
+    for _ in 0..10_000 {
+        assert_eq!(BACKENDS[p.decide(&Request::new(()), &rng)], "log-v1");
+    }
+}
+
 #[test]
 fn thread_local_randomness_also_respects_weights() {
     let p = params(vec![weighted(&[("log-v1", 80), ("log-v2", 20)], None)]);
