@@ -58,6 +58,33 @@ fn every_broken_policy_is_refused_with_its_exact_message() {
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }
 
+/// Bounds are inclusive: a value equal to its bound is accepted, as a tab in a header
+/// value is (the one control character a field value may carry).
+#[test]
+fn values_at_their_bounds_are_accepted() {
+    let text = r#"apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: { name: log-service, namespace: shop }
+spec:
+  host: log-service
+  backends:
+    log-v1: { addresses: ["127.0.0.1:9101"] }
+  routes:
+    - name: ingest
+      match: { headers: { x-tenant-id: "a\tb" } }
+      timeout: 2s
+      retry:
+        attempts: 2
+        on: [timeout]
+        perTryTimeout: 2s
+        backoff: { base: 1s, max: 1s }
+      circuitBreaker: { consecutiveFailures: 3, openFor: 10s, maxOpenFor: 10s }
+"#;
+    if let Err(e) = parse_policies("bounds.yaml", text) {
+        panic!("refused: {e}");
+    }
+}
+
 #[test]
 fn the_parse_stops_at_nothing_but_syntax_errors() {
     // Document 1 has a type error, document 2 three semantic errors; all are reported.
