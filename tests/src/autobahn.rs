@@ -128,6 +128,46 @@ impl Verdict {
     }
 }
 
+/// The verdicts of one set of cases straight to the echo server and through a
+/// proxy's outbound listener.
+#[derive(Debug)]
+pub struct Comparison {
+    /// Straight to the echo server.
+    pub direct: BTreeMap<String, Verdict>,
+    /// Through the outbound listener, routed by the echo server's IP.
+    pub proxied: BTreeMap<String, Verdict>,
+}
+
+/// Starts the echo server and an in-process proxy routing its IP to it, and runs
+/// `cases` straight and through the outbound listener; reports go to
+/// `reports/direct` and `reports/outbound`.
+pub async fn compare_through_outbound(
+    kosoku: &Path,
+    cases: &[&str],
+    reports: &Path,
+) -> Result<Comparison, BoxError> {
+    let server = crate::ws::WsEchoServer::start().await;
+    let policy = crate::single_backend_policy("ws-echo", "127.0.0.1", server.addr());
+    let proxy = crate::TestProxy::start(&policy).await;
+    let cases: Vec<String> = cases.iter().map(|c| c.to_string()).collect();
+    let mut verdicts = Vec::new();
+    for (name, addr) in [
+        ("direct", server.addr()),
+        ("outbound", proxy.outbound_addr()),
+    ] {
+        let (kosoku, cases, dir) = (kosoku.to_path_buf(), cases.clone(), reports.join(name));
+        let run = tokio::task::spawn_blocking(move || {
+            let cases: Vec<&str> = cases.iter().map(String::as_str).collect();
+            run(&kosoku, addr, &cases, &dir).map_err(|e| e.to_string())
+        });
+        verdicts.push(run.await??);
+    }
+    proxy.shutdown().await;
+    let proxied = verdicts.pop().unwrap_or_default();
+    let direct = verdicts.pop().unwrap_or_default();
+    Ok(Comparison { direct, proxied })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -168,44 +208,4 @@ mod tests {
             .collect();
         assert_eq!(ids, ["5.1", "7.1.1", "7.1.2", "7.1.3"]);
     }
-}
-
-/// The verdicts of one set of cases straight to the echo server and through a
-/// proxy's outbound listener.
-#[derive(Debug)]
-pub struct Comparison {
-    /// Straight to the echo server.
-    pub direct: BTreeMap<String, Verdict>,
-    /// Through the outbound listener, routed by the echo server's IP.
-    pub proxied: BTreeMap<String, Verdict>,
-}
-
-/// Starts the echo server and an in-process proxy routing its IP to it, and runs
-/// `cases` straight and through the outbound listener; reports go to
-/// `reports/direct` and `reports/outbound`.
-pub async fn compare_through_outbound(
-    kosoku: &Path,
-    cases: &[&str],
-    reports: &Path,
-) -> Result<Comparison, BoxError> {
-    let server = crate::ws::WsEchoServer::start().await;
-    let policy = crate::single_backend_policy("ws-echo", "127.0.0.1", server.addr());
-    let proxy = crate::TestProxy::start(&policy).await;
-    let cases: Vec<String> = cases.iter().map(|c| c.to_string()).collect();
-    let mut verdicts = Vec::new();
-    for (name, addr) in [
-        ("direct", server.addr()),
-        ("outbound", proxy.outbound_addr()),
-    ] {
-        let (kosoku, cases, dir) = (kosoku.to_path_buf(), cases.clone(), reports.join(name));
-        let run = tokio::task::spawn_blocking(move || {
-            let cases: Vec<&str> = cases.iter().map(String::as_str).collect();
-            run(&kosoku, addr, &cases, &dir).map_err(|e| e.to_string())
-        });
-        verdicts.push(run.await??);
-    }
-    proxy.shutdown().await;
-    let proxied = verdicts.pop().unwrap_or_default();
-    let direct = verdicts.pop().unwrap_or_default();
-    Ok(Comparison { direct, proxied })
 }

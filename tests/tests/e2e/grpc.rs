@@ -153,6 +153,14 @@ async fn grpc_unary_and_streaming_pass_outbound_then_inbound() {
     server.shutdown().await;
 }
 
+/// The `x-sluice-reason` a refused call carries in its metadata.
+fn sluice_reason(status: &tonic::Status) -> Option<&str> {
+    status
+        .metadata()
+        .get("x-sluice-reason")
+        .and_then(|v| v.to_str().ok())
+}
+
 /// What the proxy itself refuses reaches a gRPC caller as a gRPC status (trailers-only,
 /// HTTP 200), which tonic reads as the call's code; the same refusal is an HTTP status
 /// for any other caller (the `authority` and `governance` tests).
@@ -177,13 +185,7 @@ async fn the_proxys_own_refusals_reach_a_grpc_caller_as_grpc_statuses() {
     let status = refused.expect("the rate limit refuses a call within 50");
     assert_eq!(status.code(), Code::ResourceExhausted, "{status:?}");
     assert_eq!(status.message(), "rate limited by sluice");
-    assert_eq!(
-        status
-            .metadata()
-            .get("x-sluice-reason")
-            .and_then(|v| v.to_str().ok()),
-        Some("rate-limited")
-    );
+    assert_eq!(sluice_reason(&status), Some("rate-limited"));
 
     // A host no policy names.
     let mut client = EchoClient::new(channel_for(proxy.outbound_addr(), "nowhere").await);
@@ -192,13 +194,7 @@ async fn the_proxys_own_refusals_reach_a_grpc_caller_as_grpc_statuses() {
         .await
         .expect_err("no route");
     assert_eq!(status.code(), Code::Unimplemented, "{status:?}");
-    assert_eq!(
-        status
-            .metadata()
-            .get("x-sluice-reason")
-            .and_then(|v| v.to_str().ok()),
-        Some("no-route")
-    );
+    assert_eq!(sluice_reason(&status), Some("no-route"));
 
     proxy.shutdown().await;
     server.shutdown().await;
