@@ -1125,9 +1125,11 @@ mod tests {
         let up = Upstream::new();
         let held = send(&up, &server.addr, "http://orders/x").await.unwrap();
         tokio::time::pause();
-        // A response body still held is a stream in flight: two idle periods pass and
-        // the connection stays.
-        advance_and_settle(IDLE_TIMEOUT * 2 + Duration::from_secs(1)).await;
+        // A response body still held is a stream in flight: two idle periods pass, each
+        // looked at, and the connection stays.
+        for _ in 0..2 {
+            advance_and_settle(IDLE_TIMEOUT + Duration::from_secs(1)).await;
+        }
         assert_eq!(closed(&up, &server.addr), Some(false));
         assert_eq!(text(held).await, "orders host=false");
         advance_and_settle(IDLE_TIMEOUT + Duration::from_secs(1)).await;
@@ -1206,8 +1208,11 @@ mod tests {
             "the connection is in the response's hands"
         );
         tokio::time::pause();
-        // A body still held keeps its connection through two idle periods.
-        advance_and_settle(IDLE_TIMEOUT * 2 + Duration::from_secs(1)).await;
+        // A body still held keeps its connection through two idle periods, each looked
+        // at (one advance over both would wake the watcher once).
+        for _ in 0..2 {
+            advance_and_settle(IDLE_TIMEOUT + Duration::from_secs(1)).await;
+        }
         assert_eq!(ended.available_permits(), 0);
         assert_eq!(text(held).await, "ok");
         assert_eq!(
@@ -1219,6 +1224,43 @@ mod tests {
         assert_eq!(idle_h1(&up, &addr), 0, "closed once idle");
         // The upstream sees the connection end.
         let _ = ended.acquire().await.unwrap();
+    }
+
+    /// A response body read in part is still in the request's hands: its connection is
+    /// neither handed back nor closed as idle, however many idle periods pass, and goes
+    /// back to the pool once the body has ended.
+    #[test]
+    fn h1_a_body_read_in_part_keeps_its_connection_through_idle_periods() {
+        let server_rt = tokio::runtime::Runtime::new().unwrap();
+        let release = Arc::new(tokio::sync::Notify::new());
+        let (addr, accepted) = h1_server_with_held_bodies(&server_rt, release.clone());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let up = Upstream::new();
+            // The second exchange goes over the pooled connection of the first.
+            release.notify_one();
+            assert_eq!(text(h1_get(&up, &addr).await.unwrap()).await, "ab");
+            let mut held = h1_get(&up, &addr).await.unwrap().into_body();
+            let first = held.frame().await.unwrap().unwrap().into_data().unwrap();
+            assert_eq!(&first[..], b"a");
+            assert_eq!(idle_h1(&up, &addr), 0, "not handed back mid-body");
+            tokio::time::pause();
+            for _ in 0..3 {
+                advance_and_settle(IDLE_TIMEOUT + Duration::from_secs(1)).await;
+            }
+            release.notify_one();
+            let rest = held
+                .collect()
+                .await
+                .expect("the body is not cut")
+                .to_bytes();
+            assert_eq!(&rest[..], b"b");
+            assert_eq!(idle_h1(&up, &addr), 1, "back in the pool once ended");
+        });
+        assert_eq!(accepted.load(Ordering::SeqCst), 1, "one connection");
     }
 
     /// The HTTP/1 response names the backend the split chose, and carries none of the
