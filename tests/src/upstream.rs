@@ -58,8 +58,9 @@ struct State {
 ///
 /// Every answer carries `x-upstream: <name>` and what the upstream saw:
 /// `x-seen-method`, `x-seen-path`, `x-seen-host` (Host or `:authority`),
-/// `x-seen-version`, and `x-seen-traceparent` when the request had one. Paths with a
-/// behaviour:
+/// `x-seen-version`, `x-seen-target` (the request target as it arrived: origin form
+/// over HTTP/1 unless the sender wrote absolute form; always absolute over HTTP/2), and
+/// `x-seen-traceparent` when the request had one. Paths with a behaviour:
 /// - `/echo…` streams the request body back as it arrives;
 /// - `/sink…` reads the body as it streams, keeping none, and answers its length
 ///   (body and `x-body-bytes`);
@@ -67,6 +68,8 @@ struct State {
 /// - `/head-bytes/N` answers with an `x-filler` header of N bytes (an oversized head);
 /// - `/hold…` waits until [`Upstream::release_held`] is called, then answers `released`;
 /// - `/refused…` over HTTP/2 is reset with `REFUSED_STREAM` (counted as a request);
+/// - `/reset…` over HTTP/2 is reset with `INTERNAL_ERROR`, a stream the upstream may
+///   have processed (counted as a request);
 /// - `/upgrade…` with an `Upgrade` offer switches (101) to the first protocol offered,
 ///   whatever it is, and echoes every byte of the tunnel back; without one it answers
 ///   with the upstream's name;
@@ -148,6 +151,12 @@ impl Upstream {
                             st.requests.fetch_add(1, Ordering::SeqCst);
                             // hyper resets the stream with the reason of an h2 error.
                             return Err(h2::Error::from(h2::Reason::REFUSED_STREAM));
+                        }
+                        if req.version() == hyper::Version::HTTP_2
+                            && req.uri().path().starts_with("/reset")
+                        {
+                            st.requests.fetch_add(1, Ordering::SeqCst);
+                            return Err(h2::Error::from(h2::Reason::INTERNAL_ERROR));
                         }
                         Ok(handle(st, req).await)
                     }
@@ -276,6 +285,7 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<RespBody>
         ("x-seen-path", path.clone()),
         ("x-seen-host", seen_host),
         ("x-seen-version", format!("{:?}", req.version())),
+        ("x-seen-target", req.uri().to_string()),
     ];
 
     let mut resp = if path.starts_with("/upgrade") && !upgrade.is_empty() {

@@ -59,6 +59,7 @@ async fn http1_host_rules() {
 
     let r = call(&mut conn, get("/x").header("host", "orders")).await;
     expect(&r, 200, "orders", "orders", "one Host");
+    assert_eq!(r.header("x-seen-target"), "/x", "origin form stays");
 
     // Several Host lines: refused, whichever is first, even when they agree.
     for hosts in [["orders", "evil"], ["evil", "orders"], ["orders", "orders"]] {
@@ -91,6 +92,12 @@ async fn http1_host_rules() {
         "orders",
         "absolute-form against Host: evil",
     );
+    // The upstream is an origin server: it gets the origin form (RFC 9112 §3.2.1).
+    assert_eq!(
+        r.header("x-seen-target"),
+        "/x",
+        "absolute-form goes on as origin form"
+    );
     let r = call(&mut conn, get("http://evil:80/x").header("host", "orders")).await;
     expect(
         &r,
@@ -101,8 +108,17 @@ async fn http1_host_rules() {
     );
     // HTTP/1.0 may leave Host out; the target's authority is then written in.
     let mut conn = HttpConn::h1(addr).await.unwrap();
-    let r = call(&mut conn, get("http://orders/x").version(Version::HTTP_10)).await;
+    let r = call(
+        &mut conn,
+        get("http://orders/x?q=1").version(Version::HTTP_10),
+    )
+    .await;
     expect(&r, 200, "orders", "orders", "HTTP/1.0 absolute-form");
+    assert_eq!(
+        r.header("x-seen-target"),
+        "/x?q=1",
+        "HTTP/1.0 absolute-form"
+    );
     // HTTP/1.1 may not (RFC 9112 §3.2).
     let mut conn = HttpConn::h1(addr).await.unwrap();
     let r = call(&mut conn, get("http://orders/x")).await;

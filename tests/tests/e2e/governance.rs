@@ -243,7 +243,9 @@ async fn a_dead_endpoint_among_live_ones_is_ejected_and_no_request_fails() {
 
 /// An HTTP/2 upstream that resets a stream with `REFUSED_STREAM` did not process the
 /// request: a route retrying on `refused-stream` sends it again (here every try is
-/// refused, so all three go out), one retrying on other failures does not.
+/// refused, so all three go out), one retrying on other failures does not. A reset with
+/// another code may come after the upstream acted on the request: not retried as
+/// refused.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_stream_is_retried_where_the_route_retries_refused_streams() {
     let up = Upstream::start("refusing", Protocol::Http2).await;
@@ -256,6 +258,15 @@ async fn a_refused_stream_is_retried_where_the_route_retries_refused_streams() {
     assert_eq!(up.requests(), 3, "the first try and two retries");
     let served = conn.get("refusing", "/").await.unwrap();
     assert_eq!(served.status, StatusCode::OK, "the connection still serves");
+    let before = up.requests();
+    let r = conn.get("refusing", "/reset").await.unwrap();
+    assert_eq!(r.status, StatusCode::BAD_GATEWAY, "{}", r.text());
+    assert_eq!(r.header("x-sluice-reason"), "upstream-unavailable");
+    assert_eq!(
+        up.requests() - before,
+        1,
+        "a stream reset with INTERNAL_ERROR is not a refused one"
+    );
 
     let other = "      retry: { attempts: 2, on: [connect-failure, gateway-error] }\n";
     let up2 = Upstream::start("refusing", Protocol::Http2).await;
