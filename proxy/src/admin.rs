@@ -75,7 +75,11 @@ pub(crate) async fn handle(
     match (&parts.method, path) {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/ready") => {
-            if !state.store.is_ready() {
+            // Draining first: the policy is still loaded, and the kubelet should stop
+            // sending traffic here for that reason, not be told no policy is loaded.
+            if state.store.is_draining() {
+                text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
+            } else if !state.store.is_ready() {
                 text(
                     StatusCode::SERVICE_UNAVAILABLE,
                     "not ready: no policy loaded\n",

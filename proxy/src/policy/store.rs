@@ -152,7 +152,12 @@ impl PolicyStore {
 
     /// Whether a policy is loaded and the proxy is not draining.
     pub fn is_ready(&self) -> bool {
-        !self.inner.draining.load(Ordering::Relaxed) && self.inner.current.load().hash().is_some()
+        !self.is_draining() && self.inner.current.load().hash().is_some()
+    }
+
+    /// Whether shutdown has begun: requests in flight finish, no new connection is taken.
+    pub fn is_draining(&self) -> bool {
+        self.inner.draining.load(Ordering::Relaxed)
     }
 
     /// Shared stack context (metrics, upstream pools, registries).

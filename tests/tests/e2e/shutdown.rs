@@ -1,4 +1,5 @@
-//! SIGTERM drains: requests in flight finish, new connections are refused, exit 0.
+//! SIGTERM drains: requests in flight finish, new connections are refused, `/ready` says
+//! draining, exit 0.
 
 use hyper::{Method, StatusCode};
 use sluice_e2e::{ChildProxy, HttpConn, Upstream, WAIT, single_backend_policy, wait_until};
@@ -49,6 +50,12 @@ async fn sigterm_lets_in_flight_requests_finish_then_exits_zero() {
     })
     .await;
     assert_eq!(upstream.held(), H1_REQUESTS + H2_STREAMS, "still in flight");
+    // The admin port stays up through the drain, reporting not ready, and why.
+    let (status, body) = proxy.admin_send(Method::GET, "/ready", "").await;
+    assert_eq!(
+        (status, body.as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n")
+    );
 
     upstream.release_held();
     for task in in_flight {
