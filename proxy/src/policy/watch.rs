@@ -105,6 +105,15 @@ fn concerns(event: &notify::Event, name: Option<&std::ffi::OsStr>) -> bool {
         })
 }
 
+/// The directory to watch for `path`: its parent, or the working directory for a bare
+/// file name (`--policy policy.yaml`), whose parent is empty and cannot be watched.
+fn watched_dir(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
 /// Loads the file now and on every change until `shutdown` flips.
 pub(crate) fn spawn(
     path: PathBuf,
@@ -112,10 +121,7 @@ pub(crate) fn spawn(
     store: PolicyStore,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<JoinHandle<()>, ProxyError> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => Path::new(".").to_path_buf(),
-    };
+    let dir = watched_dir(&path);
     let changed = Arc::new(Notify::new());
     let notify_changed = changed.clone();
     let name = path.file_name().map(|n| n.to_os_string());
@@ -181,6 +187,16 @@ mod tests {
         format!(
             "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: p }}\nspec:\n  host: {host}\n  backends:\n    b: {{ addresses: [\"127.0.0.1:1\"] }}\n  routes:\n    - name: r\n"
         )
+    }
+
+    #[test]
+    fn a_bare_file_name_is_watched_in_the_working_directory() {
+        assert_eq!(watched_dir(Path::new("policy.yaml")), Path::new("."));
+        assert_eq!(watched_dir(Path::new("conf/p.yaml")), Path::new("conf"));
+        assert_eq!(
+            watched_dir(Path::new("/etc/sluice/p.yaml")),
+            Path::new("/etc/sluice")
+        );
     }
 
     #[test]
