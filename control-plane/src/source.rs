@@ -621,6 +621,73 @@ mod tests {
         );
     }
 
+    /// The directory's total size is counted file by file in name order: the file that
+    /// takes it over the limit is refused (with file:1:1 and the flag to raise) and
+    /// keeps its last good version, and is read again on every scan, so that it comes
+    /// back once the files before it shrink; a total exactly at the limit is accepted.
+    #[test]
+    fn the_file_that_takes_the_directory_over_its_total_is_refused_until_it_fits() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = GOOD
+            .replace("name: a,", "name: b,")
+            .replace("host: a", "host: b");
+        let padded = format!("{GOOD}# a comment that takes the total over\n");
+        std::fs::write(dir.path().join("a.yaml"), &padded).unwrap();
+        std::fs::write(dir.path().join("b.yaml"), &b).unwrap();
+        let limits = Limits {
+            max_total_bytes: GOOD.len() + b.len(),
+            ..Limits::default()
+        };
+        let mut pd = PolicyDir::open(dir.path(), None, limits).unwrap();
+        assert_eq!(pd.rescan().failures, 1);
+        let (set, _) = pd.build_set().unwrap();
+        assert_eq!(set.policies().len(), 1, "a only");
+        let error = pd.file_views()[1].error.clone().unwrap();
+        assert!(
+            error.starts_with("b.yaml:1:1: ") && error.contains("--policy-max-total-bytes"),
+            "{error}"
+        );
+        // Unchanged, still over: refused again, not taken as seen.
+        assert_eq!(pd.rescan().failures, 1);
+
+        std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
+        assert_eq!(pd.rescan().failures, 0, "exactly at the limit");
+        let (set, _) = pd.build_set().unwrap();
+        assert_eq!(set.policies().len(), 2);
+        assert_eq!(pd.file_views()[1].error, None);
+    }
+
+    /// A policy is known by namespace and name: the same name in two namespaces is two
+    /// policies, the same namespace and name in a later file is a clash.
+    #[test]
+    fn policies_are_told_apart_by_namespace_and_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let other_ns = GOOD
+            .replace("namespace: shop", "namespace: billing")
+            .replace("host: a", "host: b");
+        std::fs::write(dir.path().join("a.yaml"), GOOD).unwrap();
+        std::fs::write(dir.path().join("b.yaml"), &other_ns).unwrap();
+        std::fs::write(
+            dir.path().join("c.yaml"),
+            GOOD.replace("host: a", "host: c"),
+        )
+        .unwrap();
+        let mut pd = PolicyDir::open(dir.path(), None, Limits::default()).unwrap();
+        assert_eq!(pd.rescan().failures, 0);
+        let (set, metas) = pd.build_set().unwrap();
+        assert_eq!(set.policies().len(), 2);
+        let names: Vec<_> = metas
+            .iter()
+            .map(|m| format!("{}/{} {}", m.namespace, m.name, m.source))
+            .collect();
+        assert_eq!(names, ["shop/a a.yaml", "billing/a b.yaml"]);
+        let c = &pd.file_views()[2];
+        assert_eq!(
+            c.error.as_deref(),
+            Some("policy shop/a is also defined in a.yaml")
+        );
+    }
+
     #[test]
     fn removed_file_is_dropped() {
         let dir = tempfile::tempdir().unwrap();
