@@ -71,8 +71,9 @@ struct State {
 /// - `/reset…` over HTTP/2 is reset with `INTERNAL_ERROR`, a stream the upstream may
 ///   have processed (counted as a request);
 /// - `/upgrade…` with an `Upgrade` offer switches (101) to the first protocol offered,
-///   whatever it is, and echoes every byte of the tunnel back; without one it answers
-///   with the upstream's name;
+///   whatever it is (to `NAME` for `/upgrade…/to/NAME`, whatever was offered), and
+///   echoes every byte of the tunnel back; without one it answers with the upstream's
+///   name;
 /// - anything else answers with the upstream's name.
 ///
 /// `x-seen-upgrade` and `x-seen-http2-settings` carry those request headers when present.
@@ -298,12 +299,15 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<RespBody>
                 let _ = tokio::io::copy(&mut r, &mut w).await;
             }
         });
-        let protocol = upgrade
-            .split(',')
-            .next()
-            .unwrap_or_default()
-            .trim()
-            .to_string();
+        let protocol = match path.split_once("/to/") {
+            Some((_, named)) => named.to_string(),
+            None => upgrade
+                .split(',')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+        };
         let mut r = Response::new(full(""));
         *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
         r.headers_mut()

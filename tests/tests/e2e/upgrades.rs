@@ -113,6 +113,20 @@ async fn a_protocol_the_route_lists_is_tunnelled_and_others_are_not() {
     let resp = conn.send(offer("/upgrade/live", "foo, h2c")).await.unwrap();
     assert_eq!(resp.status(), 101);
     assert_eq!(resp.headers()["upgrade"], "h2c", "foo was never offered on");
+
+    // An upstream switching to a protocol that was not offered gets no tunnel.
+    let mut conn = HttpConn::h1(addr).await.unwrap();
+    let r = conn
+        .call(offer("/upgrade/live/to/foo", "h2c"))
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.status.as_u16(), r.header("x-sluice-reason")),
+        (502, "upstream-unavailable"),
+        "{}",
+        r.text()
+    );
+    assert!(r.text().contains("not offered"), "{}", r.text());
     proxy.shutdown().await;
 }
 
