@@ -579,11 +579,22 @@ mod tests {
         assert_eq!(pd.rescan().failures, 0);
         let (set, _) = pd.build_set().unwrap();
         assert_eq!(set.policies().len(), 1);
+        // A file's version names the content in force: 16 hex digits of its hash.
+        let version = pd.file_views()[0].version.clone().unwrap();
+        assert!(
+            version.len() == 16 && version.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{version}"
+        );
 
         std::fs::write(dir.path().join("a.yaml"), "apiVersion: [").unwrap();
         assert_eq!(pd.rescan().failures, 1);
         let (again, _) = pd.build_set().unwrap();
         assert_eq!(again.hash(), set.hash());
+        assert_eq!(
+            pd.file_views()[0].version.as_ref(),
+            Some(&version),
+            "last good"
+        );
         assert!(
             pd.file_views()[0]
                 .error
@@ -598,6 +609,20 @@ mod tests {
         let (restored, _) = restarted.build_set().unwrap();
         assert_eq!(restored.hash(), set.hash());
         assert!(restarted.file_views()[0].from_state);
+        assert_eq!(restarted.file_views()[0].version.as_ref(), Some(&version));
+
+        // A new good content is a new version.
+        std::fs::write(
+            dir.path().join("a.yaml"),
+            GOOD.replace("burst: 10", "burst: 20"),
+        )
+        .unwrap();
+        assert_eq!(pd.rescan().failures, 0);
+        let newer = pd.file_views()[0].version.clone().unwrap();
+        assert!(
+            newer != version && newer.len() == 16,
+            "{newer} after {version}"
+        );
     }
 
     #[test]
