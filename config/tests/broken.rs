@@ -85,6 +85,45 @@ spec:
     }
 }
 
+/// The second wave's bounds are inclusive too: ratios at 0 and 1, a p99 ratio at 1 and
+/// 1000, a static fallback body of exactly 64 KiB, an adaptive limit whose minimum is
+/// its maximum.
+#[test]
+fn second_wave_values_at_their_bounds_are_accepted() {
+    for (error_rate, increase, p99_ratio) in [(0.0, 1.0, 1.0), (1.0, 0.0, 1000.0)] {
+        let text = format!(
+            r#"apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: {{ name: log-service, namespace: shop }}
+spec:
+  host: log-service
+  inbound:
+    concurrency:
+      adaptive: {{ minLimit: 20, maxLimit: 20 }}
+  backends:
+    log-v1: {{ addresses: ["127.0.0.1:9101"] }}
+    log-v2: {{ addresses: ["127.0.0.1:9102"] }}
+  routes:
+    - name: ingest
+      fallback:
+        on: [upstream-unavailable]
+        response: {{ status: 503, body: "{body}" }}
+      split:
+        - weights: {{ log-v1: 100, log-v2: 0 }}
+          rollout:
+            canary: log-v2
+            steps: [5, 50, 100]
+            slo: {{ errorRate: {error_rate:?} }}
+            baseline: {{ errorRateIncrease: {increase:?}, p99Ratio: {p99_ratio:?} }}
+"#,
+            body = "x".repeat(64 * 1024),
+        );
+        if let Err(e) = parse_policies("bounds.yaml", &text) {
+            panic!("refused: {e}");
+        }
+    }
+}
+
 #[test]
 fn the_parse_stops_at_nothing_but_syntax_errors() {
     // Document 1 has a type error, document 2 three semantic errors; all are reported.
