@@ -923,6 +923,10 @@ mod tests {
         assert!(!is_host("Log-Service"));
         assert!(is_service("log-v1.shop"));
         assert!(!is_service("log-v1"));
+        assert!(is_http_path("/api/v1/orders"));
+        for bad in ["api", "/a?b", "/a#b", "/a b", "/a\u{1}b"] {
+            assert!(!is_http_path(bad), "{bad:?}");
+        }
     }
 
     fn route(
