@@ -446,3 +446,38 @@ async fn a_fleet_limit_reconciles_over_rediss_with_rustls() {
     );
     assert_eq!(errors, 0.0, "no failed reconciliation");
 }
+
+/// A route's limit without `scope: fleet` stays the proxy's own even where fleet limits
+/// are in force: none of its answers says it is a fleet limit's local fallback.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_without_fleet_scope_beside_a_fleet_one_stays_local() {
+    let up = Upstream::auto("quota").await;
+    let yaml = policy(up.addr(), 100, 10).replace(
+        "  routes:\n",
+        "  routes:\n    - name: own\n      match: { path: { prefix: /own } }\n\
+         \x20     rateLimit: { perSecond: 1, burst: 2, key: { header: x-tenant } }\n",
+    );
+    // No Redis: a fleet limit answers from its fallback, and says so.
+    let ps = proxies(1, &yaml, FleetConfig::default()).await;
+    let mut conn = HttpConn::h1(ps[0].outbound_addr()).await.unwrap();
+    let tenant = [("x-tenant", "acme")];
+    let r = conn
+        .request(Method::GET, "quota", "/", &tenant)
+        .await
+        .unwrap();
+    assert_eq!(r.status, StatusCode::OK);
+    assert_eq!(r.header("x-sluice-ratelimit-scope"), "degraded-local");
+    let mut statuses = Vec::new();
+    for _ in 0..3 {
+        let r = conn
+            .request(Method::GET, "quota", "/own", &tenant)
+            .await
+            .unwrap();
+        assert_eq!(r.header("x-sluice-ratelimit-scope"), "", "{r:?}");
+        statuses.push(r.status.as_u16());
+    }
+    assert_eq!(statuses, [200, 200, 429]);
+    for p in ps {
+        p.shutdown().await;
+    }
+}

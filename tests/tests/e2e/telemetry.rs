@@ -287,3 +287,54 @@ async fn b3_context_over_otlp_http_from_the_command_line_and_access_logs_per_rou
     assert_eq!(f["trace_id"], TRACE);
     assert!(f["duration_ms"].as_f64().is_some_and(|d| d > 0.0), "{f}");
 }
+
+/// `inbound.accessLog` in the host's own policy writes one access line per request the
+/// inbound sidecar hands to its application; without it the sidecar writes none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_inbound_access_log_follows_the_hosts_own_policy() {
+    let app = Upstream::http1("log-app").await;
+    let app_addr = app.addr().to_string();
+    for logged in [true, false] {
+        let policy = log_policy(app.addr()).replace(
+            "  routes:\n",
+            &format!("  inbound: {{ accessLog: {logged} }}\n  routes:\n"),
+        );
+        let mut log = ChildProxy::spawn_inbound(
+            bin(),
+            &policy,
+            &[
+                "--app",
+                &app_addr,
+                "--service",
+                "log-service",
+                "--log-format",
+                "json",
+            ],
+        )
+        .await;
+        let inbound = log.inbound_addr().expect("an inbound listener");
+        let mut conn = HttpConn::h1(inbound).await.unwrap();
+        let reply = conn.get("log-service", "/other/x").await.unwrap();
+        assert_eq!(reply.status, StatusCode::OK);
+        log.sigterm();
+        assert!(log.wait_exit(Duration::from_secs(20)).await.success());
+
+        let log_text = log.log();
+        let access: Vec<serde_json::Value> = log_text
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["target"] == "sluice::access")
+            .collect();
+        if !logged {
+            assert!(access.is_empty(), "{log_text}");
+            continue;
+        }
+        assert_eq!(access.len(), 1, "{log_text}");
+        let f = &access[0]["fields"];
+        assert_eq!(f["direction"], "inbound", "{f}");
+        assert_eq!(f["method"], "GET");
+        assert_eq!(f["path"], "/other/x");
+        assert_eq!(f["status"], 200);
+    }
+    assert_eq!(app.requests(), 2);
+}
