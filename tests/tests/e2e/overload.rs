@@ -8,8 +8,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use sluice_e2e::{
-    HttpConn, ProxyOptions, Tally, TestProxy, Upstream, WorkerUpstream, metric_sum, open_loop,
-    scrape, wait_until,
+    HttpConn, ProxyOptions, Stall, Tally, TestProxy, Upstream, WorkerUpstream, metric_sum,
+    open_loop, scrape, wait_until,
 };
 
 // Slow enough that the proxy's own time, on a busy machine, is small beside the app's.
@@ -288,9 +288,27 @@ async fn an_inbound_rate_limit_and_a_concurrency_limit_apply_together() {
         },
     )
     .await;
+    let admin = proxy.admin_addr();
+    let text = scrape(admin).await;
+    assert_eq!(
+        metric_sum(&text, "sluice_concurrency_limit", &[]),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric_sum(&text, "sluice_concurrency_in_flight", &[]),
+        1.0,
+        "{text}"
+    );
     let mut conn = HttpConn::h1(addr).await.unwrap();
     let second = conn.get("log-service", "/second").await.unwrap();
     assert_eq!(second.status, 503, "{second:?}");
+    let text = scrape(admin).await;
+    assert_eq!(
+        metric_sum(&text, "sluice_overload_refusals_total", &[]),
+        1.0,
+        "{text}"
+    );
     assert_eq!(second.headers["x-sluice-reason"], "overloaded");
     app.release_held();
     let first = first.await.unwrap();
@@ -308,4 +326,38 @@ async fn an_inbound_rate_limit_and_a_concurrency_limit_apply_together() {
         1,
         "the refused request never reached the app"
     );
+    wait_until("nothing in flight", Duration::from_secs(10), || async move {
+        metric_sum(&scrape(admin).await, "sluice_concurrency_in_flight", &[]) == 0.0
+    })
+    .await;
+
+    // The concurrency limit taken out of the policy: its gauge reads no limit, and a
+    // request beside a held one is no longer refused.
+    let before = proxy.version().await;
+    proxy.write_policy(&policy(
+        app.addr(),
+        "    rateLimit: { perSecond: 1, burst: 100 }",
+    ));
+    proxy.wait_version_change(before.as_deref()).await;
+    assert_eq!(limit(admin).await, 0);
+    // Two requests at once, both held by the app: neither is refused now.
+    app.set_stall(Stall::Hang);
+    let pair: Vec<_> = (0..2)
+        .map(|_| {
+            tokio::spawn(async move {
+                let mut conn = HttpConn::h1(addr).await.unwrap();
+                conn.get("log-service", "/pair").await.unwrap()
+            })
+        })
+        .collect();
+    wait_until("both reach the app", Duration::from_secs(10), || {
+        let seen = app.requests();
+        async move { seen == 3 }
+    })
+    .await;
+    app.set_stall(Stall::None);
+    for r in pair {
+        let r = r.await.unwrap();
+        assert_eq!(r.status, 200, "{r:?}");
+    }
 }

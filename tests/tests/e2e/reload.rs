@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use hyper::StatusCode;
-use sluice_e2e::{HttpConn, TestProxy, Upstream, WAIT, single_backend_policy, wait_until};
+use sluice_e2e::{HttpConn, TestProxy, Upstream, WAIT, scrape, single_backend_policy, wait_until};
 
 /// The content hash `sluice-config` gives a policy file: what `/config` must report.
 fn expected_version(yaml: &str) -> String {
@@ -213,5 +213,34 @@ async fn broken_edit_is_refused_and_the_old_policy_keeps_serving() {
         conn.get("svc", "/").await.unwrap().header("x-upstream"),
         "green"
     );
+    proxy.shutdown().await;
+}
+
+/// A breaker taken out of the policy takes its `sluice_breaker_state` series with it: a
+/// dashboard does not keep showing the state of a breaker that no longer exists.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breaker_removed_by_an_edit_leaves_the_metrics() {
+    let up = Upstream::auto("svc").await;
+    let plain = single_backend_policy("svc", "svc", up.addr());
+    let guarded = plain.replace(
+        "routes:\n",
+        "routes:\n    - name: guarded\n      match: { path: { prefix: /g } }\n\
+         \x20     circuitBreaker: { consecutiveFailures: 5, openFor: 30s }\n",
+    );
+    assert_ne!(guarded, plain, "{plain}");
+    let proxy = TestProxy::start(&guarded).await;
+    let series = |text: &str| {
+        text.lines()
+            .filter(|l| l.starts_with("sluice_breaker_state{") && l.contains("guarded"))
+            .count()
+    };
+    let text = scrape(proxy.admin_addr()).await;
+    assert!(series(&text) > 0, "{text}");
+
+    let before = proxy.version().await;
+    proxy.write_policy(&plain);
+    proxy.wait_version_change(before.as_deref()).await;
+    let text = scrape(proxy.admin_addr()).await;
+    assert_eq!(series(&text), 0, "{text}");
     proxy.shutdown().await;
 }

@@ -247,6 +247,26 @@ spec:
         (200, "external example.com /x"),
         "{r:?}"
     );
+    // An upgrade to a host no policy claims, on a connection already serving governed
+    // requests: the upstream's 101 comes back and the tunnel carries bytes both ways.
+    let mut tunnelled = h1("10.55.0.2:80").await;
+    get(&mut tunnelled, "orders", "/other").await;
+    let offer = http::Request::builder()
+        .uri("/upgrade/t")
+        .header("host", "example.com")
+        .header("upgrade", "foo/1")
+        .header("connection", "upgrade")
+        .body(sluice_e2e::full_body(bytes::Bytes::new()))
+        .unwrap();
+    let mut resp = tunnelled.send(offer).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    assert_eq!(resp.headers()["upgrade"], "foo/1");
+    let io = hyper::upgrade::on(&mut resp).await.expect("switched");
+    let mut io = hyper_util::rt::TokioIo::new(io);
+    io.write_all(b"bytes of another protocol").await.unwrap();
+    let mut back = [0u8; 25];
+    io.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"bytes of another protocol");
     // One naming no host at all is none of the mesh's business either; one naming two
     // is refused, as everywhere (which of them would route it?).
     let bare = |hosts: &[&str]| {
