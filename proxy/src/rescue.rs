@@ -182,6 +182,18 @@ mod tests {
     }
 
     #[test]
+    fn a_backend_left_without_an_endpoint_is_named_and_answered_as_such() {
+        let err: BoxError = Box::new(ProxyError::NoEndpoint("v1".into()));
+        let (resp, backend) = rescue(&*err, false);
+        assert_eq!(resp.status(), Reason::NoHealthyEndpoint.status());
+        assert_eq!(
+            resp.headers()["x-sluice-reason"],
+            Reason::NoHealthyEndpoint.as_str()
+        );
+        assert_eq!(backend.as_deref(), Some("v1"));
+    }
+
+    #[test]
     fn rescues_upstream_failures_naming_the_backend() {
         let err: BoxError = Box::new(ProxyError::Upstream {
             backend: "v2".into(),
