@@ -467,6 +467,11 @@ async fn a_limit_without_fleet_scope_beside_a_fleet_one_stays_local() {
         .unwrap();
     assert_eq!(r.status, StatusCode::OK);
     assert_eq!(r.header("x-sluice-ratelimit-scope"), "degraded-local");
+    assert_eq!(
+        degraded_gauge(&ps[0]).await,
+        1.0,
+        "no Redis: degraded from the start"
+    );
     let mut statuses = Vec::new();
     for _ in 0..3 {
         let r = conn
