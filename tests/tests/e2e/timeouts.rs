@@ -456,3 +456,48 @@ async fn a_quiet_mtls_connection_is_parked_and_serves_its_next_request() {
     proxy.sigterm();
     assert!(proxy.wait_exit(WAIT).await.success(), "{}", proxy.log());
 }
+
+/// A connection upgraded to another protocol has no more HTTP/1 heads: its bytes, sent
+/// over several request-header timeouts, are the tunnel's, never a head running late.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_outlives_the_request_header_timeout() {
+    let up = Upstream::http1("feeds").await;
+    let policy = single_backend_policy("feeds", "feeds", up.addr()).replace(
+        "    - name: all\n",
+        "    - name: all\n      upgrades: [websocket]\n",
+    );
+    let proxy = TestProxy::start_with(
+        &policy,
+        with_timeouts(Timeouts {
+            request_header: Duration::from_millis(300),
+            ..Timeouts::default()
+        }),
+    )
+    .await;
+    let mut tunnel = TcpStream::connect(proxy.outbound_addr()).await.unwrap();
+    tunnel
+        .write_all(
+            b"GET /upgrade/ws HTTP/1.1\r\nHost: feeds\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+        )
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        tunnel.read_exact(&mut byte).await.unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // A message every 100 ms for a second: over three header timeouts.
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    for i in 0..10u8 {
+        tick.tick().await;
+        let msg = [b'm', b'0' + i];
+        tunnel.write_all(&msg).await.unwrap();
+        let mut back = [0u8; 2];
+        tunnel.read_exact(&mut back).await.unwrap();
+        assert_eq!(back, msg, "message {i} came back as {back:?}");
+    }
+    proxy.shutdown().await;
+}
