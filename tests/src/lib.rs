@@ -125,6 +125,14 @@ where
     }
 }
 
+/// The access lines (`sluice::access`) of a proxy's JSON log, parsed.
+pub fn access_lines(log: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["target"] == "sluice::access")
+        .collect()
+}
+
 /// The sum of the samples of `family` in Prometheus text whose labels contain every
 /// one of `labels` (each written as in the text, e.g. `direction="inbound"`).
 pub fn metric_sum(text: &str, family: &str, labels: &[&str]) -> f64 {

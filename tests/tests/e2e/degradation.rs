@@ -10,7 +10,8 @@ use hyper::StatusCode;
 use sluice_e2e::grpc::proto::EchoRequest;
 use sluice_e2e::grpc::proto::echo_client::EchoClient;
 use sluice_e2e::{
-    HttpConn, Reply, TestProxy, Upstream, WAIT, closed_port, metric_sum, scrape, wait_until,
+    HttpConn, Reply, TestProxy, Upstream, WAIT, access_lines, closed_port, metric_sum, scrape,
+    wait_until,
 };
 use tonic::Code;
 
@@ -450,11 +451,7 @@ async fn fallback_answers_show_in_spans_and_access_logs() {
     proxy.sigterm();
     assert!(proxy.wait_exit(WAIT).await.success());
     let log = proxy.log();
-    let access: Vec<serde_json::Value> = log
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["target"] == "sluice::access")
-        .collect();
+    let access = access_lines(&log);
     assert_eq!(access.len(), 3, "{log}");
     for a in &access {
         let f = &a["fields"];

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use hyper::{Method, StatusCode};
 use sluice_e2e::otlp::{KIND_CLIENT, KIND_SERVER, OtlpReceiver, ReceivedSpan};
-use sluice_e2e::{ChildProxy, HttpConn, ProxyOptions, TestProxy, Upstream, full_body};
+use sluice_e2e::{
+    ChildProxy, HttpConn, ProxyOptions, TestProxy, Upstream, access_lines, full_body,
+};
 use sluice_proxy::telemetry::{OtlpProtocol, Propagation, TraceConfig};
 
 const TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
@@ -270,11 +272,7 @@ async fn b3_context_over_otlp_http_from_the_command_line_and_access_logs_per_rou
 
     // One JSON access line, for the `logs` route only.
     let log_text = order.log();
-    let access: Vec<serde_json::Value> = log_text
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|v| v["target"] == "sluice::access")
-        .collect();
+    let access = access_lines(&log_text);
     assert_eq!(access.len(), 1, "{log_text}");
     let f = &access[0]["fields"];
     assert_eq!(f["route"], "log-service.logs", "{f}");
@@ -320,11 +318,7 @@ async fn the_inbound_access_log_follows_the_hosts_own_policy() {
         assert!(log.wait_exit(Duration::from_secs(20)).await.success());
 
         let log_text = log.log();
-        let access: Vec<serde_json::Value> = log_text
-            .lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["target"] == "sluice::access")
-            .collect();
+        let access = access_lines(&log_text);
         if !logged {
             assert!(access.is_empty(), "{log_text}");
             continue;
