@@ -331,8 +331,8 @@ async fn an_inbound_rate_limit_and_a_concurrency_limit_apply_together() {
     })
     .await;
 
-    // The concurrency limit taken out of the policy: its gauge reads no limit, and a
-    // request beside a held one is no longer refused.
+    // The concurrency limit taken out of the policy: its gauge reads no limit, and two
+    // requests in flight at once are both let through.
     let before = proxy.version().await;
     proxy.write_policy(&policy(
         app.addr(),
