@@ -663,6 +663,75 @@ mod tests {
         assert_eq!(polls.load(Ordering::SeqCst), 2);
     }
 
+    /// Drives `sniff_h2` over an in-memory pipe, the client's bytes arriving in
+    /// `chunks` (one read each): what it says once the last one is in.
+    async fn sniffed(chunks: &[&[u8]], then_close: bool) -> (bool, Vec<u8>) {
+        use futures_util::FutureExt;
+        use tokio::io::AsyncWriteExt;
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        let mut sniff = std::pin::pin!(sniff_h2(&mut server));
+        let (last, first) = chunks.split_last().expect("at least one chunk");
+        for chunk in first {
+            client.write_all(chunk).await.unwrap();
+            assert!(
+                sniff.as_mut().now_or_never().is_none(),
+                "decided after {:?}",
+                String::from_utf8_lossy(chunk)
+            );
+        }
+        client.write_all(last).await.unwrap();
+        if then_close {
+            drop(client);
+        }
+        sniff
+            .now_or_never()
+            .expect("decided once the last chunk is in")
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_http2_preface_is_told_from_its_first_bytes_however_they_arrive() {
+        // In one read, and in three.
+        assert_eq!(
+            sniffed(&[H2_PREFACE], false).await,
+            (true, H2_PREFACE.to_vec())
+        );
+        let pieces: &[&[u8]] = &[&H2_PREFACE[..1], &H2_PREFACE[1..10], &H2_PREFACE[10..]];
+        assert_eq!(sniffed(pieces, false).await, (true, H2_PREFACE.to_vec()));
+
+        // What follows the preface is left for hyper to read from the connection.
+        let (mut client, mut server) = tokio::io::duplex(1024);
+        let settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00";
+        tokio::io::AsyncWriteExt::write_all(&mut client, &[H2_PREFACE, settings].concat())
+            .await
+            .unwrap();
+        let (is_h2, read) = sniff_h2(&mut server).await.unwrap();
+        assert!(is_h2);
+        assert_eq!(read, H2_PREFACE);
+        let mut rest = [0u8; 9];
+        tokio::io::AsyncReadExt::read_exact(&mut server, &mut rest)
+            .await
+            .unwrap();
+        assert_eq!(&rest, settings);
+    }
+
+    #[tokio::test]
+    async fn anything_else_is_told_at_its_first_difference_with_every_byte_read_kept() {
+        // An HTTP/1 head: its first byte settles it.
+        assert_eq!(sniffed(&[b"G"], false).await, (false, b"G".to_vec()));
+        // One that starts as the preface does: settled in its second read, and both
+        // reads kept in order for hyper.
+        let pieces: &[&[u8]] = &[b"PRI * HTT", b"P/1.1\r\n\r\n"];
+        assert_eq!(
+            sniffed(pieces, false).await,
+            (false, b"PRI * HTTP/1.1\r\n\r\n".to_vec())
+        );
+        // A client that leaves before a byte, or halfway through the preface.
+        assert_eq!(sniffed(&[b""], true).await, (false, Vec::new()));
+        let pieces: &[&[u8]] = &[b"PRI", b" * "];
+        assert_eq!(sniffed(pieces, true).await, (false, b"PRI * ".to_vec()));
+    }
+
     #[derive(Default)]
     struct TaskWakes(AtomicUsize);
 
