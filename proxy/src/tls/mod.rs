@@ -303,3 +303,112 @@ impl TlsStore {
 fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rcgen::{BasicConstraints, IsCa, Issuer, SanType};
+
+    /// A leaf for `spiffe_id` valid until `not_after` (Unix seconds), signed by a mesh
+    /// root of its own.
+    fn credentials(spiffe_id: &str, not_after: u64) -> Credentials {
+        let root_key = KeyPair::generate().unwrap();
+        let mut root = CertificateParams::default();
+        root.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        let trust_root = root.self_signed(&root_key).unwrap().der().clone();
+        let issuer = Issuer::new(root, root_key);
+        let key = KeyPair::generate().unwrap();
+        let mut leaf = CertificateParams::default();
+        leaf.distinguished_name = DistinguishedName::new();
+        leaf.subject_alt_names = vec![SanType::URI(spiffe_id.try_into().unwrap())];
+        let cert = leaf.signed_by(&key, &issuer).unwrap();
+        Credentials {
+            chain: vec![cert.der().clone()],
+            key: PrivatePkcs8KeyDer::from(key.serialize_der()),
+            trust_root,
+            not_after: UNIX_EPOCH + Duration::from_secs(not_after),
+        }
+    }
+
+    const ORDER: &str = "spiffe://cluster.local/ns/shop/sa/order";
+    const ORDER_V2: &str = "spiffe://cluster.local/ns/shop/sa/order-v2";
+
+    #[test]
+    fn a_store_serves_what_was_last_installed_and_counts_the_installs() {
+        let gauge = prometheus::Gauge::new("cert_expiry", "test").unwrap();
+        let store = TlsStore::empty().with_expiry_gauge(gauge.clone());
+        assert!(!store.is_ready());
+        assert_eq!(store.installs(), 0);
+        assert!(store.server_config().is_none());
+        assert!(store.client_config(None).is_err());
+        assert_eq!(store.spiffe_id(), None);
+        assert_eq!(store.not_after(), UNIX_EPOCH);
+        let mut installs = store.watch_installs();
+
+        store.install(credentials(ORDER, 1_900_000_000)).unwrap();
+        assert!(store.is_ready());
+        assert_eq!(store.installs(), 1);
+        assert!(installs.has_changed().unwrap());
+        assert_eq!(*installs.borrow_and_update(), 1);
+        assert_eq!(store.spiffe_id().as_deref(), Some(ORDER));
+        assert_eq!(
+            store.not_after(),
+            UNIX_EPOCH + Duration::from_secs(1_900_000_000)
+        );
+        assert_eq!(gauge.get(), 1_900_000_000.0);
+        // The key stays out of what is logged; the identity is in it.
+        assert!(format!("{store:?}").contains(ORDER), "{store:?}");
+        let alpn = |protocols: &[Vec<u8>]| protocols.to_vec();
+        let server = store.server_config().expect("a server configuration");
+        assert_eq!(
+            alpn(&server.alpn_protocols),
+            [b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+        let client = store.client_config(Some(ORDER_V2)).unwrap();
+        assert_eq!(
+            alpn(&client.alpn_protocols),
+            [b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
+        let client = store.client_config_for(None, &[b"h2"]).unwrap();
+        assert_eq!(alpn(&client.alpn_protocols), [b"h2".to_vec()]);
+
+        // A rotation replaces all of it and counts again.
+        store.install(credentials(ORDER_V2, 1_900_086_400)).unwrap();
+        assert_eq!(store.installs(), 2);
+        assert_eq!(*installs.borrow_and_update(), 2);
+        assert_eq!(store.spiffe_id().as_deref(), Some(ORDER_V2));
+        assert_eq!(gauge.get(), 1_900_086_400.0);
+        assert!(!Arc::ptr_eq(&server, &store.server_config().unwrap()));
+
+        // Credentials that do not build are refused and the last good ones stay.
+        let mut broken = credentials(ORDER, 1_900_172_800);
+        broken.trust_root = CertificateDer::from(vec![0x30, 0x03, 0x02, 0x01, 0x00]);
+        let err = store.install(broken).unwrap_err();
+        assert!(err.to_string().contains("trust root"), "{err}");
+        assert_eq!(store.installs(), 2);
+        assert!(!installs.has_changed().unwrap());
+        assert_eq!(store.spiffe_id().as_deref(), Some(ORDER_V2));
+        assert_eq!(gauge.get(), 1_900_086_400.0);
+    }
+
+    #[test]
+    fn the_credentials_name_their_identity_and_never_their_key() {
+        let creds = credentials(ORDER, 1_900_000_000);
+        assert_eq!(creds.spiffe_id().as_deref(), Some(ORDER));
+        let shown = format!("{creds:?}");
+        assert!(shown.contains(ORDER), "{shown}");
+        assert!(!shown.contains("key"), "{shown}");
+    }
+
+    #[test]
+    fn the_next_renewal_is_kept_to_the_millisecond() {
+        let store = TlsStore::empty();
+        assert_eq!(store.next_renewal(), None);
+        let at = UNIX_EPOCH + Duration::from_millis(1_900_000_000_123);
+        store.set_next_renewal(at);
+        assert_eq!(store.next_renewal(), Some(at));
+        // Nothing before the epoch can be due: read as not scheduled.
+        store.set_next_renewal(UNIX_EPOCH - Duration::from_secs(1));
+        assert_eq!(store.next_renewal(), None);
+    }
+}
