@@ -519,3 +519,54 @@ async fn addr_file_names_the_bound_ports() {
     assert_eq!(live, 200);
     cp.shutdown().await;
 }
+
+/// Opens a policy stream whose first message is `first` and returns how it was refused.
+async fn refusal(
+    cp: &RunningControlPlane,
+    first: sluice_api::pb::proxy_message::Message,
+) -> tonic::Status {
+    use sluice_api::pb;
+    let mut client = pb::policy_discovery_client::PolicyDiscoveryClient::connect(format!(
+        "http://{}",
+        cp.grpc_addr()
+    ))
+    .await
+    .unwrap();
+    let opening = pb::ProxyMessage {
+        message: Some(first),
+    };
+    match client.stream_policies(tokio_stream::iter([opening])).await {
+        Ok(_) => panic!("the stream was opened"),
+        Err(status) => status,
+    }
+}
+
+/// A stream opens with a `Hello` naming its proxy: one whose `Hello` names none, or
+/// that opens with anything else, is refused with a status saying which, and no
+/// proxy is recorded for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_without_a_named_hello_is_refused_and_says_why() {
+    use sluice_api::pb::{self, proxy_message::Message};
+    let (_dir, cp, _v1) = one_policy_control_plane().await;
+
+    let unnamed = refusal(&cp, Message::Hello(pb::Hello::default())).await;
+    assert_eq!(unnamed.code(), tonic::Code::InvalidArgument);
+    assert_eq!(unnamed.message(), "Hello.node_id is empty");
+    let ack_first = refusal(
+        &cp,
+        Message::Ack(pb::Ack {
+            version: "v1".into(),
+        }),
+    )
+    .await;
+    assert_eq!(ack_first.code(), tonic::Code::InvalidArgument);
+    assert_eq!(ack_first.message(), "the first message must be Hello");
+
+    let listed = admin_json(&cp, "/proxies").await;
+    assert_eq!(
+        listed["proxies"].as_array().map(Vec::len),
+        Some(0),
+        "{listed:#}"
+    );
+    cp.shutdown().await;
+}
