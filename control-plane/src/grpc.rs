@@ -375,3 +375,57 @@ impl Answers {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::IpAddr;
+    use x509_parser::extensions::GeneralName;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+
+    /// The gRPC serving certificate's SANs, with `names` configured and the port bound
+    /// to `bound`.
+    fn sans(names: &[&str], bound: &str) -> Vec<String> {
+        let ca = crate::ca::Ca::generate("cluster.local", Duration::from_secs(600)).unwrap();
+        let tokens = crate::ca::TokenFile::parse(
+            std::path::Path::new("tokens"),
+            r#"{"token":"t","namespace":"shop","serviceAccount":"order"}"#,
+        )
+        .unwrap();
+        let mut id = IdentityConfig::new(Arc::new(ca), Arc::new(tokens));
+        id.server_names = names.iter().map(|n| n.to_string()).collect();
+        let renewals = IntCounter::new("renewals", "test").unwrap();
+        let served = tls(&id, bound.parse().unwrap(), renewals).unwrap();
+        let chain = served.cert.current_chain();
+        let (_, leaf) = X509Certificate::from_der(&chain[0]).unwrap();
+        let san = leaf.subject_alternative_name().unwrap().unwrap();
+        san.value
+            .general_names
+            .iter()
+            .map(|n| match n {
+                GeneralName::DNSName(d) => d.to_string(),
+                GeneralName::IPAddress(ip) => match <[u8; 4]>::try_from(*ip) {
+                    Ok(v4) => IpAddr::from(v4).to_string(),
+                    Err(_) => IpAddr::from(<[u8; 16]>::try_from(*ip).unwrap()).to_string(),
+                },
+                other => format!("{other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_grpc_certificate_names_the_address_it_is_bound_to() {
+        // Proxies given the control plane's address rather than its name verify it.
+        assert_eq!(
+            sans(&["sluice-control-plane.sluice"], "10.1.2.3:8443"),
+            ["sluice-control-plane.sluice", "10.1.2.3"]
+        );
+        // Named already: not twice.
+        assert_eq!(sans(&["10.1.2.3"], "10.1.2.3:8443"), ["10.1.2.3"]);
+        // A wildcard bind has no address of its own to name.
+        assert_eq!(
+            sans(&["sluice-control-plane.sluice"], "0.0.0.0:8443"),
+            ["sluice-control-plane.sluice"]
+        );
+    }
+}
