@@ -1529,3 +1529,38 @@ async fn relays_between_replicas_bound_beyond_loopback_carry_the_shared_admin_to
     b.shutdown().await;
     a.shutdown().await;
 }
+
+/// A replica publishes nothing before every source has listed once: while the API
+/// server fails the first EndpointSlice list, proxies get no set (rather than one
+/// whose Service backend has no addresses yet, which they would apply), and the set
+/// goes out resolved once a list succeeds.
+#[tokio::test]
+async fn nothing_is_published_before_the_endpoints_are_listed_once() {
+    let cluster = Cluster::new(
+        vec![policy("log-service", service_spec())],
+        vec![slice("log-v1-a", "log-v1", &[("10.0.0.2", Some(true))])],
+        false,
+    );
+    cluster
+        .api
+        .fail_next(http::StatusCode::INTERNAL_SERVER_ERROR, |c| {
+            c.is_list_of("endpointslices")
+        });
+    let cp = cluster.start(true).await;
+    let resolved_or_none = |cp: &RunningControlPlane| {
+        cp.shared
+            .snapshots
+            .borrow()
+            .as_ref()
+            .is_none_or(|p| addresses_of(&p.set, "log-v1") == ["10.0.0.2:8080"])
+    };
+    assert!(resolved_or_none(&cp), "published before the first list");
+    cluster
+        .api
+        .wait_call(0, |c| c.is_list_of("endpointslices") && c.status == 500)
+        .await;
+    assert!(resolved_or_none(&cp), "published after a failed list");
+
+    let set = served(&cp, |s| !s.policies().is_empty()).await;
+    assert_eq!(addresses_of(&set, "log-v1"), ["10.0.0.2:8080"]);
+}
