@@ -718,6 +718,255 @@ mod tests {
         assert_eq!(out, "hello world");
     }
 
+    /// Reads `p` in reads of at most `chunk` bytes until it ends.
+    async fn read_in_chunks<S: AsyncRead + Unpin>(p: &mut S, chunk: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; chunk];
+        loop {
+            let n = p.read(&mut buf).await.unwrap();
+            if n == 0 {
+                return out;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    #[tokio::test]
+    async fn prefixed_replays_across_small_reads_and_says_when_it_is_through() {
+        let (mut a, b) = tokio::io::duplex(64);
+        // Written and closed first, so a read that skips the prefix fails, never waits.
+        a.write_all(b"-rest").await.unwrap();
+        drop(a);
+        let mut p = Prefixed::new(b, b"0123456789".to_vec());
+        assert!(p.has_prefix());
+        let mut three = [0u8; 3];
+        assert_eq!(p.read(&mut three).await.unwrap(), 3);
+        assert_eq!(&three, b"012");
+        assert!(p.has_prefix(), "seven bytes still to replay");
+
+        // Put back in front of what is left, as hyper hands back what it read ahead.
+        p.replay(b"ab");
+        // Nothing to put back while bytes are still to replay: nothing changes.
+        p.replay(b"");
+        assert_eq!(read_in_chunks(&mut p, 4).await, b"ab3456789-rest");
+        assert!(!p.has_prefix());
+
+        // Read through, bytes given back are replayed again before the stream.
+        let (mut a, b) = tokio::io::duplex(64);
+        a.write_all(b"then on").await.unwrap();
+        drop(a);
+        let mut p = Prefixed::new(b, Vec::new());
+        assert!(!p.has_prefix(), "an empty prefix has nothing to replay");
+        p.replay(b"again ");
+        assert!(p.has_prefix());
+        assert_eq!(read_in_chunks(&mut p, 4).await, b"again then on");
+    }
+
+    #[tokio::test]
+    async fn prefixed_writes_flushes_and_shuts_down_the_stream_it_wraps() {
+        let (client, server) = accepted().await;
+        let mut p = Prefixed::new(client, b"unread".to_vec());
+        assert!(p.is_write_vectored(), "as the TCP stream it wraps");
+        let (_a, b) = tokio::io::duplex(8);
+        assert_eq!(
+            Prefixed::new(b, Vec::new()).is_write_vectored(),
+            tokio::io::duplex(8).0.is_write_vectored()
+        );
+
+        p.write_all(b"one ").await.unwrap();
+        let parts = [io::IoSlice::new(b"two "), io::IoSlice::new(b"three")];
+        let n = p.write_vectored(&parts).await.unwrap();
+        assert!(n > 0, "a vectored write goes through");
+        p.shutdown().await.unwrap();
+        let mut server = server;
+        let mut got = Vec::new();
+        // Bounded so that a shutdown that never reaches the socket fails the test.
+        tokio::time::timeout(Duration::from_secs(30), server.read_to_end(&mut got))
+            .await
+            .expect("the shutdown reaches the peer")
+            .unwrap();
+        let mut want = b"one ".to_vec();
+        want.extend_from_slice(&b"two three"[..n]);
+        assert_eq!(got, want, "written through, then closed by the shutdown");
+
+        // A flush reaches a buffered stream underneath.
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut p = Prefixed::new(tokio::io::BufWriter::new(a), Vec::new());
+        p.write_all(b"held").await.unwrap();
+        p.flush().await.unwrap();
+        // Dropped unflushed, a BufWriter loses what it holds.
+        drop(p);
+        let mut held = Vec::new();
+        b.read_to_end(&mut held).await.unwrap();
+        assert_eq!(held, b"held");
+    }
+
+    #[tokio::test]
+    async fn counted_adds_only_the_bytes_each_read_brings() {
+        let metrics = Metrics::new().unwrap();
+        let tcp = metrics.tcp("outbound");
+        let (mut a, b) = tokio::io::duplex(64);
+        a.write_all(b"abcd").await.unwrap();
+        let mut counted = Counted::new(b, &tcp.sent);
+        let mut storage = [0u8; 16];
+        let mut buf = ReadBuf::new(&mut storage);
+        buf.put_slice(b"already");
+        std::future::poll_fn(|cx| Pin::new(&mut counted).poll_read(cx, &mut buf))
+            .await
+            .unwrap();
+        assert_eq!(buf.filled(), b"alreadyabcd");
+        assert_eq!(
+            tcp.sent.get(),
+            4,
+            "the bytes already in the buffer are not counted"
+        );
+
+        // Writes and flushes reach the stream underneath.
+        let (a, mut b) = tokio::io::duplex(64);
+        let mut counted = Counted::new(tokio::io::BufWriter::new(a), &tcp.received);
+        counted.write_all(b"out").await.unwrap();
+        counted.flush().await.unwrap();
+        drop(counted);
+        let mut out = Vec::new();
+        b.read_to_end(&mut out).await.unwrap();
+        assert_eq!(out, b"out");
+        assert_eq!(
+            tcp.received.get(),
+            0,
+            "written bytes count on the other side"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn sniff_decides_as_soon_as_it_can_and_keeps_every_byte() {
+        // The preface in two writes: decided on the second, both returned.
+        let (mut client, mut proxy_end) = accepted().await;
+        client.write_all(&H2_PREFACE[..5]).await.unwrap();
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            client.write_all(&H2_PREFACE[5..]).await.unwrap();
+            client
+        });
+        assert_eq!(
+            sniff(&mut proxy_end, SNIFF_WAIT).await.unwrap(),
+            (Protocol::Http2, H2_PREFACE.to_vec())
+        );
+        let _client = writer.await.unwrap();
+
+        // A request line, the client then waiting for an answer: decided without waiting.
+        let (mut client, mut proxy_end) = accepted().await;
+        client.write_all(b"GET / HTTP/1.1\r\n").await.unwrap();
+        let started = tokio::time::Instant::now();
+        assert_eq!(
+            sniff(&mut proxy_end, SNIFF_WAIT).await.unwrap(),
+            (Protocol::Http1, b"GET / HTTP/1.1\r\n".to_vec())
+        );
+        assert!(
+            started.elapsed() < SNIFF_WAIT,
+            "decided on the bytes, not the wait"
+        );
+
+        // A server-first protocol: the client sends nothing, opaque after the wait.
+        let (_client, mut proxy_end) = accepted().await;
+        let started = tokio::time::Instant::now();
+        assert_eq!(
+            sniff(&mut proxy_end, SNIFF_WAIT).await.unwrap(),
+            (Protocol::Opaque, Vec::new())
+        );
+        assert!(started.elapsed() >= SNIFF_WAIT);
+
+        // A client that sends the start of a method and closes: opaque, bytes kept.
+        let (mut client, mut proxy_end) = accepted().await;
+        client.write_all(b"PO").await.unwrap();
+        client.shutdown().await.unwrap();
+        let started = tokio::time::Instant::now();
+        assert_eq!(
+            sniff(&mut proxy_end, SNIFF_WAIT).await.unwrap(),
+            (Protocol::Opaque, b"PO".to_vec())
+        );
+        assert!(
+            started.elapsed() < SNIFF_WAIT,
+            "the close decides, not the wait"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn read_head_waits_for_the_whole_head_within_its_limits() {
+        // The head's end arrives later than the sniffed start, well within the wait.
+        let (mut client, mut proxy_end) = accepted().await;
+        let mut prefix = b"GET / HTTP/1.1\r\n".to_vec();
+        let writer = tokio::spawn(async move {
+            tokio::time::sleep(HEAD_WAIT / 2).await;
+            client.write_all(b"Host: orders\r\n\r\n").await.unwrap();
+            client
+        });
+        assert_eq!(
+            read_head(&mut proxy_end, &mut prefix).await,
+            Head::Authority("orders".into())
+        );
+        assert_eq!(prefix, b"GET / HTTP/1.1\r\nHost: orders\r\n\r\n");
+        let _client = writer.await.unwrap();
+
+        // A head longer than a few kilobytes is still read to its end.
+        let (mut client, mut proxy_end) = accepted().await;
+        let mut prefix = b"GET ".to_vec();
+        let pad = "x".repeat(10_000);
+        let head = format!("/ HTTP/1.1\r\nX-Pad: {pad}\r\nHost: orders\r\n\r\n");
+        client.write_all(head.as_bytes()).await.unwrap();
+        assert_eq!(
+            read_head(&mut proxy_end, &mut prefix).await,
+            Head::Authority("orders".into())
+        );
+
+        // Past MAX_HEAD with no end in sight: hyper decides, at once.
+        let (mut client, mut proxy_end) = accepted().await;
+        let mut prefix = b"GET ".to_vec();
+        let pad = "x".repeat(MAX_HEAD + 16 * 1024);
+        let head = format!("/ HTTP/1.1\r\nHost: orders\r\nX-Pad: {pad}");
+        let writer = tokio::spawn(async move {
+            client.write_all(head.as_bytes()).await.unwrap();
+            client
+        });
+        let started = tokio::time::Instant::now();
+        assert_eq!(
+            read_head(&mut proxy_end, &mut prefix).await,
+            Head::Undecided
+        );
+        assert!(
+            started.elapsed() < HEAD_WAIT,
+            "decided on the length, not the wait"
+        );
+        assert!(prefix.len() >= MAX_HEAD);
+        drop(proxy_end);
+        writer.abort();
+
+        // Too slow: undecided once the wait is over.
+        let (mut client, mut proxy_end) = accepted().await;
+        let mut prefix = b"GET / HTTP/1.1\r\n".to_vec();
+        client.write_all(b"Host: ord").await.unwrap();
+        let started = tokio::time::Instant::now();
+        assert_eq!(
+            read_head(&mut proxy_end, &mut prefix).await,
+            Head::Undecided
+        );
+        assert_eq!(started.elapsed(), HEAD_WAIT);
+        assert_eq!(
+            prefix, b"GET / HTTP/1.1\r\nHost: ord",
+            "what was read is kept"
+        );
+
+        // Closed halfway: undecided at once, what was read kept for hyper's answer.
+        let (mut client, mut proxy_end) = accepted().await;
+        let mut prefix = b"GET / HTTP/1.1\r\n".to_vec();
+        client.write_all(b"Host: ord").await.unwrap();
+        client.shutdown().await.unwrap();
+        let started = tokio::time::Instant::now();
+        let head = tokio::time::timeout(HEAD_WAIT * 2, read_head(&mut proxy_end, &mut prefix));
+        assert_eq!(head.await.unwrap(), Head::Undecided);
+        assert!(started.elapsed() < HEAD_WAIT);
+        assert_eq!(prefix, b"GET / HTTP/1.1\r\nHost: ord");
+    }
+
     #[test]
     fn classifies_first_bytes() {
         assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
