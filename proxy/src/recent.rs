@@ -203,6 +203,12 @@ impl RecentRequests {
             request_headers,
             response_headers,
         };
+        self.put(entry);
+    }
+
+    /// Stores `entry` in its slot unless a newer one has taken it.
+    fn put(&self, entry: RecentEntry) {
+        let seq = entry.seq;
         let slot = (seq % self.slots.len() as u64) as usize;
         let entry = Some(Arc::new(entry));
         // A writer held up between its increment and its store must not put an older
@@ -494,6 +500,80 @@ mod tests {
             shown["requests"][0]["responseHeaders"]["set-cookie"][0],
             "s=1"
         );
+    }
+
+    #[test]
+    fn a_writer_held_up_never_overwrites_a_newer_entry() {
+        let ring = RecentRequests::new(1, false);
+        fill(&ring, 2);
+        let newest = ring.list(&RecentFilter::default());
+        assert_eq!(newest.iter().map(|e| e.seq).collect::<Vec<_>>(), [1]);
+        // The entry of request 0, stored late: the slot keeps request 1's.
+        let late = RecentRequests::new(1, false);
+        fill(&late, 1);
+        let stale = late.list(&RecentFilter::default()).remove(0);
+        drop(late);
+        let stale = Arc::try_unwrap(stale).unwrap();
+        assert_eq!(stale.seq, 0);
+        ring.put(stale);
+        let kept = ring.list(&RecentFilter::default());
+        assert_eq!(kept.iter().map(|e| e.seq).collect::<Vec<_>>(), [1]);
+        assert_eq!(kept[0].path, "/logs/1");
+    }
+
+    #[test]
+    fn the_query_is_read_strictly_and_each_filter_holds() {
+        let ring = RecentRequests::new(8, false);
+        let now = || {
+            let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
+            u64::try_from(since.as_millis()).unwrap()
+        };
+        let before = now();
+        fill(&ring, 8);
+        let after = now();
+        assert!(
+            ring.list(&RecentFilter::default())
+                .iter()
+                .all(|e| (before..=after).contains(&e.at_unix_ms)),
+            "stamped with the time it finished"
+        );
+        let seqs = |q: &str| -> Vec<u64> {
+            let f = RecentFilter::from_query(Some(q)).unwrap();
+            ring.list(&f).iter().map(|e| e.seq).collect()
+        };
+        assert_eq!(seqs("status=503"), [0, 4]);
+        assert_eq!(seqs("status=200"), [1, 2, 3, 5, 6, 7]);
+        assert_eq!(seqs("status=500"), Vec::<u64>::new(), "a code is exact");
+        assert_eq!(seqs("status=2XX"), [1, 2, 3, 5, 6, 7]);
+        assert_eq!(seqs("since=6"), [7], "strictly after");
+        assert_eq!(seqs("limit=3"), [5, 6, 7]);
+        assert_eq!(seqs("limit=8"), (0..8).collect::<Vec<_>>());
+
+        for bad in ["50x", "5x3", "603", "5000", "x5x", ""] {
+            assert!(
+                RecentFilter::from_query(Some(&format!("status={bad}"))).is_err(),
+                "status={bad}"
+            );
+        }
+        let secrets = |q: &str| RecentFilter::from_query(Some(q)).unwrap().secrets;
+        assert!(secrets("secrets=true"));
+        assert!(secrets("secrets=1"));
+        assert!(!secrets("secrets=yes"));
+        assert!(!secrets("secrets"));
+        assert!(!secrets("limit=1"));
+
+        let json = ring.to_json(&RecentFilter::default());
+        assert_eq!(
+            (&json["enabled"], &json["capacity"], &json["recorded"]),
+            (&true.into(), &8.into(), &8.into())
+        );
+        assert_eq!(json["requests"].as_array().unwrap().len(), 8);
+        let off = disabled_json();
+        assert_eq!(
+            (&off["enabled"], &off["capacity"]),
+            (&false.into(), &0.into())
+        );
+        assert!(off["hint"].as_str().unwrap().contains("--recent-requests"));
     }
 
     #[test]
