@@ -306,6 +306,63 @@ mod tests {
         assert!(reports.deltas(10).entries.is_empty());
     }
 
+    #[tokio::test]
+    async fn fallbacks_and_breaker_refusals_are_reported_and_refusals_are_not_server_errors() {
+        use tower::{Layer, ServiceExt};
+        let store = store_for_tests();
+        let text = "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: { name: log.svc }\nspec:\n  host: log\n  backends:\n    v1: { addresses: [\"127.0.0.1:1\"] }\n    v2: { addresses: [\"127.0.0.1:2\"] }\n  routes:\n    - name: ingest\n      circuitBreaker: { consecutiveFailures: 2 }\n      split:\n        - weights: { v1: 90, v2: 10 }\n";
+        let set =
+            sluice_config::PolicySet::new(sluice_config::parse_policies("t.yaml", text).unwrap())
+                .unwrap();
+        store.apply("t", set).unwrap();
+        let ctx = store.context();
+        let m = ctx.metrics.clone();
+        let route = m.route("outbound", "log.svc.ingest", &["v1", "v2"]);
+        let reports = CounterReports::new(store.clone());
+
+        // v2's breaker opened by hand refuses two requests; the proxy answers each 503.
+        let breakers = &ctx.governance.breakers;
+        assert!(breakers.force_open("log.svc.ingest", "v2"));
+        let circuit = breakers.get("log.svc.ingest", "v2").unwrap();
+        let backend = tower::service_fn(|_: http::Request<()>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(()))
+        });
+        let guarded = sluice_filters::breaker::BreakerLayer::new(circuit).layer(backend);
+        for _ in 0..2 {
+            let answer = guarded.clone().oneshot(http::Request::new(())).await;
+            assert!(answer.is_err(), "refused by the open breaker");
+            route.record(Some(1), None, 503, Duration::from_millis(1));
+        }
+        // And v2 itself answered one 500.
+        route.record(Some(1), None, 500, Duration::from_millis(1));
+        // v1 took no request; its fallback answered one.
+        m.fallbacks
+            .with_label_values(&["log.svc.ingest", "v1", "breaker-open"])
+            .inc();
+
+        let d = reports.deltas(10);
+        let find = |b: &str| d.entries.iter().find(|e| e.backend == b).cloned();
+        let v2 = find("v2").expect("v2 reported");
+        assert_eq!(
+            (v2.requests, v2.server_errors, v2.breaker_open),
+            (3, 1, 2),
+            "the refusals are the breaker's, not the backend's errors"
+        );
+        let v1 = find("v1").expect("a fallback alone is worth reporting");
+        assert_eq!((v1.requests, v1.fallbacks, v1.breaker_open), (0, 1, 0));
+        assert_eq!((&*v1.policy, &*v1.route), ("log.svc", "ingest"));
+
+        // Nothing new: nothing reported; one more refusal: only it.
+        assert!(reports.deltas(10).entries.is_empty());
+        let _ = guarded.oneshot(http::Request::new(())).await;
+        let d = reports.deltas(10);
+        assert_eq!(d.entries.len(), 1, "{:?}", d.entries);
+        assert_eq!(
+            (d.entries[0].backend.as_str(), d.entries[0].breaker_open),
+            ("v2", 1)
+        );
+    }
+
     #[test]
     fn a_full_report_defers_the_rest_to_the_next() {
         let store = store_for_tests();
