@@ -698,7 +698,7 @@ impl<I: AsyncWrite> AsyncWrite for HeaderTimeoutIo<I> {
 mod tests {
     use super::*;
     use futures_util::FutureExt;
-    use http_body_util::{BodyExt, StreamBody};
+    use http_body_util::{BodyExt, Empty, Full, StreamBody};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::sync::mpsc;
 
@@ -987,5 +987,222 @@ mod tests {
         assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
         assert!(phase.timed_out());
         assert_eq!(seen, [b'x'; 16], "no 408 spliced in");
+    }
+
+    #[test]
+    fn a_timed_body_tells_its_end_and_size_as_the_body_it_wraps() {
+        let (body, _) = BodyTimeout::new(
+            Full::new(Bytes::from_static(b"four")),
+            Duration::from_secs(1),
+        );
+        assert!(!body.is_end_stream());
+        assert_eq!(body.size_hint().exact(), Some(4));
+        let (body, _) = BodyTimeout::new(Empty::<Bytes>::new(), Duration::from_secs(1));
+        assert!(body.is_end_stream());
+        assert_eq!(body.size_hint().exact(), Some(0));
+
+        let guarded = GuardedBody::new(Full::new(Bytes::from_static(b"four")), None);
+        assert!(!guarded.is_end_stream());
+        assert_eq!(guarded.size_hint().exact(), Some(4));
+        let guarded = GuardedBody::new(Empty::<Bytes>::new(), None);
+        assert!(guarded.is_end_stream());
+        assert_eq!(guarded.size_hint().exact(), Some(0));
+    }
+
+    #[tokio::test]
+    async fn a_guarded_body_yields_its_frames_and_frees_the_connection_when_dropped() {
+        let phase = HeadPhase::new();
+        let guard = phase.request();
+        let body = GuardedBody::new(Full::new(Bytes::from_static(b"answer")), Some(guard));
+        assert!(!phase.between_heads(), "answering");
+        let mut body = Box::pin(body);
+        let frame = body.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "answer");
+        assert!(body.frame().await.is_none());
+        assert!(!phase.between_heads(), "held until the body is dropped");
+        drop(body);
+        assert!(phase.between_heads());
+    }
+
+    #[test]
+    fn the_head_phase_counts_heads_and_leaves_http1_for_good() {
+        let heads = |p: &HeadPhase| p.load() >> 2;
+        let phase = HeadPhase::new();
+        assert!(phase.between_heads() && !phase.timed_out());
+        assert_eq!(heads(&phase), 0);
+
+        let first = phase.request();
+        assert!(!phase.between_heads());
+        assert_eq!(heads(&phase), 1);
+        drop(first);
+        assert!(phase.between_heads());
+        drop(phase.request());
+        assert_eq!(heads(&phase), 2);
+        assert!(phase.between_heads());
+
+        // Upgraded: no more heads, and the count stays.
+        phase.request().upgraded();
+        assert!(!phase.between_heads() && !phase.timed_out());
+        assert_eq!(heads(&phase), 3);
+        drop(phase.request());
+        assert_eq!(heads(&phase), 3, "no head is timed after an upgrade");
+        assert!(!phase.between_heads());
+
+        // HTTP/2 from the start.
+        let h2 = HeadPhase::new();
+        h2.off();
+        assert!(!h2.between_heads() && !h2.timed_out());
+
+        // Timed out stays timed out.
+        let late = HeadPhase::new();
+        assert!(late.advance(late.load(), TIMED_OUT));
+        late.off();
+        assert!(late.timed_out() && !late.between_heads());
+        assert!(
+            !late.advance(0b111, WAITING),
+            "a stale word does not move it"
+        );
+    }
+
+    #[tokio::test]
+    async fn activity_io_counts_requests_and_passes_writes_through() {
+        let activity = Activity::new();
+        assert_eq!(activity.requests(), 0);
+        drop(activity.request());
+        let held = activity.request();
+        assert_eq!(activity.requests(), 2);
+        drop(held);
+
+        let (client, server) = tokio::io::duplex(64);
+        let mut io = Box::pin(ActivityIo::new(
+            tokio::io::BufWriter::new(server),
+            activity.clone(),
+        ));
+        assert!(io.is_write_vectored());
+        let parts = [io::IoSlice::new(b"one "), io::IoSlice::new(b"two")];
+        let n = io.write_vectored(&parts).await.unwrap();
+        assert!(n > 0);
+        io.flush().await.unwrap();
+        drop(io);
+        let mut client = client;
+        let got = read_to_end(&mut client).await;
+        assert_eq!(
+            got,
+            &b"one two"[..n],
+            "written, then flushed before the drop"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_like_the_preface_is_still_timed_and_the_preface_may_bring_more() {
+        // The preface's first line, then nothing: still possibly HTTP/1, still timed.
+        let (mut client, server) = tokio::io::duplex(1024);
+        let (mut io, phase) = head_timed(server);
+        client.write_all(&H2_PREFACE[..16]).await.unwrap();
+        read_within(&mut io, Duration::ZERO).await.unwrap().unwrap();
+        let started = Instant::now();
+        let err = read_within(&mut io, Duration::from_secs(3600))
+            .await
+            .expect("a partial preface is a head that stalled")
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(started.elapsed(), HEAD_TIMEOUT);
+        assert!(phase.timed_out());
+
+        // The preface's rest arriving with the first SETTINGS frame in one read.
+        let (mut client, server) = tokio::io::duplex(1024);
+        let (mut io, phase) = head_timed(server);
+        client.write_all(&H2_PREFACE[..10]).await.unwrap();
+        read_within(&mut io, Duration::ZERO).await.unwrap().unwrap();
+        let mut rest = H2_PREFACE[10..].to_vec();
+        rest.extend_from_slice(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00");
+        client.write_all(&rest).await.unwrap();
+        let got = read_within(&mut io, Duration::ZERO).await.unwrap().unwrap();
+        assert_eq!(got, rest);
+        assert_silent_for_an_hour(&mut io).await;
+        assert!(!phase.timed_out() && !phase.between_heads());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_long_after_the_last_deadline_gets_its_own() {
+        let (mut client, server) = tokio::io::duplex(1024);
+        let (mut io, phase) = head_timed(server);
+        client.write_all(b"GET / HT").await.unwrap();
+        read_within(&mut io, Duration::ZERO).await.unwrap().unwrap();
+        // hyper waits for the rest of the first head: its timer runs.
+        assert!(read_within(&mut io, HEAD_TIMEOUT / 2).await.is_none());
+        client.write_all(b"TP/1.1\r\n\r\n").await.unwrap();
+        read_within(&mut io, Duration::ZERO).await.unwrap().unwrap();
+        drop(phase.request());
+        // Idle between requests, long past the first head's deadline.
+        assert_silent_for_an_hour(&mut io).await;
+
+        client.write_all(b"GET /2 H").await.unwrap();
+        read_within(&mut io, Duration::ZERO).await.unwrap().unwrap();
+        let started = Instant::now();
+        let err = read_within(&mut io, Duration::from_secs(3600))
+            .await
+            .expect("the second head times out")
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(
+            started.elapsed(),
+            HEAD_TIMEOUT,
+            "its own deadline, not the first's"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_408_the_client_does_not_read_is_given_up_after_the_grace() {
+        let (mut client, server) = tokio::io::duplex(8);
+        let (mut io, phase) = head_timed(server);
+        client.write_all(b"GET / HT").await.unwrap();
+        read_within(&mut io, Duration::ZERO).await.unwrap().unwrap();
+        let started = Instant::now();
+        let err = read_within(&mut io, Duration::from_secs(3600))
+            .await
+            .expect("the head times out")
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(
+            started.elapsed(),
+            HEAD_TIMEOUT + ANSWER_GRACE,
+            "eight bytes of the 408 fit, the rest waits for the grace"
+        );
+        assert!(phase.timed_out());
+        drop(io);
+        assert_eq!(read_to_end(&mut client).await, ANSWER[..8]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_head_timer_passes_writes_flushes_and_shutdowns_through() {
+        let (client, server) = tokio::io::duplex(64);
+        let mut io = Box::pin(HeaderTimeoutIo::new(
+            ActivityIo::new(tokio::io::BufWriter::new(server), Activity::new()),
+            HeadPhase::new(),
+            HEAD_TIMEOUT,
+            Bytes::from_static(ANSWER),
+        ));
+        assert!(io.is_write_vectored());
+        let parts = [io::IoSlice::new(b"one "), io::IoSlice::new(b"two")];
+        let n = io.write_vectored(&parts).await.unwrap();
+        assert!(n > 0);
+        io.flush().await.unwrap();
+        let mut client = client;
+        let mut got = vec![0u8; n];
+        // Paused time: bytes a flush never pushed out fail the test at once.
+        tokio::time::timeout(Duration::from_secs(3600), client.read_exact(&mut got))
+            .await
+            .expect("the flush reaches the client")
+            .unwrap();
+        assert_eq!(got, &b"one two"[..n], "flushed through both layers");
+        io.shutdown().await.unwrap();
+        // Paused time: a shutdown that never reached the pipe fails at once.
+        let mut end = Vec::new();
+        tokio::time::timeout(Duration::from_secs(3600), client.read_to_end(&mut end))
+            .await
+            .expect("the shutdown reaches the client")
+            .unwrap();
+        assert!(end.is_empty());
     }
 }
