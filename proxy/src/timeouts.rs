@@ -1093,32 +1093,44 @@ mod tests {
         );
     }
 
+    /// Reads on until the started head times out; how long that took.
+    async fn until_timed_out(io: &mut Pin<Box<HeadTimed>>) -> Duration {
+        let started = Instant::now();
+        let err = read_within(io, Duration::from_secs(3600))
+            .await
+            .expect("the head times out")
+            .unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        started.elapsed()
+    }
+
+    /// The client sends `bytes`, which the server end reads at once.
+    async fn arrive(
+        client: &mut tokio::io::DuplexStream,
+        io: &mut Pin<Box<HeadTimed>>,
+        bytes: &[u8],
+    ) {
+        client.write_all(bytes).await.unwrap();
+        let got = read_within(io, Duration::ZERO).await.unwrap().unwrap();
+        assert_eq!(got, bytes);
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_head_like_the_preface_is_still_timed_and_the_preface_may_bring_more() {
         // The preface's first line, then nothing: still possibly HTTP/1, still timed.
         let (mut client, server) = tokio::io::duplex(1024);
         let (mut io, phase) = head_timed(server);
-        client.write_all(&H2_PREFACE[..16]).await.unwrap();
-        read_within(&mut io, Duration::ZERO).await.unwrap().unwrap();
-        let started = Instant::now();
-        let err = read_within(&mut io, Duration::from_secs(3600))
-            .await
-            .expect("a partial preface is a head that stalled")
-            .unwrap_err();
-        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
-        assert_eq!(started.elapsed(), HEAD_TIMEOUT);
+        arrive(&mut client, &mut io, &H2_PREFACE[..16]).await;
+        assert_eq!(until_timed_out(&mut io).await, HEAD_TIMEOUT);
         assert!(phase.timed_out());
 
         // The preface's rest arriving with the first SETTINGS frame in one read.
         let (mut client, server) = tokio::io::duplex(1024);
         let (mut io, phase) = head_timed(server);
-        client.write_all(&H2_PREFACE[..10]).await.unwrap();
-        read_within(&mut io, Duration::ZERO).await.unwrap().unwrap();
+        arrive(&mut client, &mut io, &H2_PREFACE[..10]).await;
         let mut rest = H2_PREFACE[10..].to_vec();
         rest.extend_from_slice(b"\x00\x00\x00\x04\x00\x00\x00\x00\x00");
-        client.write_all(&rest).await.unwrap();
-        let got = read_within(&mut io, Duration::ZERO).await.unwrap().unwrap();
-        assert_eq!(got, rest);
+        arrive(&mut client, &mut io, &rest).await;
         assert_silent_for_an_hour(&mut io).await;
         assert!(!phase.timed_out() && !phase.between_heads());
     }
@@ -1127,26 +1139,17 @@ mod tests {
     async fn a_head_long_after_the_last_deadline_gets_its_own() {
         let (mut client, server) = tokio::io::duplex(1024);
         let (mut io, phase) = head_timed(server);
-        client.write_all(b"GET / HT").await.unwrap();
-        read_within(&mut io, Duration::ZERO).await.unwrap().unwrap();
+        arrive(&mut client, &mut io, b"GET / HT").await;
         // hyper waits for the rest of the first head: its timer runs.
         assert!(read_within(&mut io, HEAD_TIMEOUT / 2).await.is_none());
-        client.write_all(b"TP/1.1\r\n\r\n").await.unwrap();
-        read_within(&mut io, Duration::ZERO).await.unwrap().unwrap();
+        arrive(&mut client, &mut io, b"TP/1.1\r\n\r\n").await;
         drop(phase.request());
         // Idle between requests, long past the first head's deadline.
         assert_silent_for_an_hour(&mut io).await;
 
-        client.write_all(b"GET /2 H").await.unwrap();
-        read_within(&mut io, Duration::ZERO).await.unwrap().unwrap();
-        let started = Instant::now();
-        let err = read_within(&mut io, Duration::from_secs(3600))
-            .await
-            .expect("the second head times out")
-            .unwrap_err();
-        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        arrive(&mut client, &mut io, b"GET /2 H").await;
         assert_eq!(
-            started.elapsed(),
+            until_timed_out(&mut io).await,
             HEAD_TIMEOUT,
             "its own deadline, not the first's"
         );
@@ -1156,16 +1159,9 @@ mod tests {
     async fn a_408_the_client_does_not_read_is_given_up_after_the_grace() {
         let (mut client, server) = tokio::io::duplex(8);
         let (mut io, phase) = head_timed(server);
-        client.write_all(b"GET / HT").await.unwrap();
-        read_within(&mut io, Duration::ZERO).await.unwrap().unwrap();
-        let started = Instant::now();
-        let err = read_within(&mut io, Duration::from_secs(3600))
-            .await
-            .expect("the head times out")
-            .unwrap_err();
-        assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+        arrive(&mut client, &mut io, b"GET / HT").await;
         assert_eq!(
-            started.elapsed(),
+            until_timed_out(&mut io).await,
             HEAD_TIMEOUT + ANSWER_GRACE,
             "eight bytes of the 408 fit, the rest waits for the grace"
         );
