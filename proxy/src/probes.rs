@@ -326,6 +326,19 @@ mod tests {
             ("127.0.0.1:8081", "/", Scheme::Http)
         );
         assert!(p.tls.is_some());
+        assert!(!p.is_empty());
+
+        // An IPv6 host is bracketed in the authority; plain HTTP alone needs no TLS.
+        let v6 = AppProbes::from_json(
+            r#"{"/app-health/orders/livez": {"port": 8080, "host": "fd00::7"}}"#,
+        )
+        .unwrap();
+        let live = &v6.targets["/app-health/orders/livez"];
+        assert_eq!(live.authority, "[fd00::7]:8080");
+        assert_eq!(live.connect, ("fd00::7".to_owned(), 8080));
+        assert!(v6.tls.is_none(), "no HTTPS probe, no TLS client");
+        let none = AppProbes::from_json("{}").unwrap();
+        assert!(none.is_empty() && none.tls.is_none());
     }
 
     #[test]
