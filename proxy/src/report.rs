@@ -255,8 +255,16 @@ mod tests {
     use crate::policy::store_for_tests;
 
     fn policy_set() -> sluice_config::PolicySet {
-        let text = "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: { name: log.svc }\nspec:\n  host: log\n  backends:\n    v1: { addresses: [\"127.0.0.1:1\"] }\n    v2: { addresses: [\"127.0.0.1:2\"] }\n  routes:\n    - name: ingest\n      split:\n        - weights: { v1: 90, v2: 10 }\n";
-        sluice_config::PolicySet::new(sluice_config::parse_policies("t.yaml", text).unwrap())
+        policy_set_with("")
+    }
+
+    /// `log.svc`'s route `ingest` split 90/10 over v1 and v2, with `route_fields` added
+    /// (each line starting with six spaces).
+    fn policy_set_with(route_fields: &str) -> sluice_config::PolicySet {
+        let text = format!(
+            "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: log.svc }}\nspec:\n  host: log\n  backends:\n    v1: {{ addresses: [\"127.0.0.1:1\"] }}\n    v2: {{ addresses: [\"127.0.0.1:2\"] }}\n  routes:\n    - name: ingest\n{route_fields}      split:\n        - weights: {{ v1: 90, v2: 10 }}\n"
+        );
+        sluice_config::PolicySet::new(sluice_config::parse_policies("t.yaml", &text).unwrap())
             .unwrap()
     }
 
@@ -310,11 +318,12 @@ mod tests {
     async fn fallbacks_and_breaker_refusals_are_reported_and_refusals_are_not_server_errors() {
         use tower::{Layer, ServiceExt};
         let store = store_for_tests();
-        let text = "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: { name: log.svc }\nspec:\n  host: log\n  backends:\n    v1: { addresses: [\"127.0.0.1:1\"] }\n    v2: { addresses: [\"127.0.0.1:2\"] }\n  routes:\n    - name: ingest\n      circuitBreaker: { consecutiveFailures: 2 }\n      split:\n        - weights: { v1: 90, v2: 10 }\n";
-        let set =
-            sluice_config::PolicySet::new(sluice_config::parse_policies("t.yaml", text).unwrap())
-                .unwrap();
-        store.apply("t", set).unwrap();
+        store
+            .apply(
+                "t",
+                policy_set_with("      circuitBreaker: { consecutiveFailures: 2 }\n"),
+            )
+            .unwrap();
         let ctx = store.context();
         let m = ctx.metrics.clone();
         let route = m.route("outbound", "log.svc.ingest", &["v1", "v2"]);

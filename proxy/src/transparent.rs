@@ -548,6 +548,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Prefixed<S> {
 mod tests {
     use super::*;
     use crate::metrics::Metrics;
+    use futures_util::FutureExt;
     use tokio::net::TcpListener;
 
     /// A client connected to a listener standing for the proxy's, and the proxy's end.
@@ -839,19 +840,19 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn sniff_decides_as_soon_as_it_can_and_keeps_every_byte() {
-        // The preface in two writes: decided on the second, both returned.
+        // The preface in two writes: undecided on the first, both returned.
         let (mut client, mut proxy_end) = accepted().await;
         client.write_all(&H2_PREFACE[..5]).await.unwrap();
-        let writer = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            client.write_all(&H2_PREFACE[5..]).await.unwrap();
-            client
-        });
+        let mut sniffing = std::pin::pin!(sniff(&mut proxy_end, SNIFF_WAIT));
+        assert!(
+            sniffing.as_mut().now_or_never().is_none(),
+            "five bytes decide nothing"
+        );
+        client.write_all(&H2_PREFACE[5..]).await.unwrap();
         assert_eq!(
-            sniff(&mut proxy_end, SNIFF_WAIT).await.unwrap(),
+            sniffing.await.unwrap(),
             (Protocol::Http2, H2_PREFACE.to_vec())
         );
-        let _client = writer.await.unwrap();
 
         // A request line, the client then waiting for an answer: decided without waiting.
         let (mut client, mut proxy_end) = accepted().await;
@@ -892,20 +893,20 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn read_head_waits_for_the_whole_head_within_its_limits() {
-        // The head's end arrives later than the sniffed start, well within the wait.
+        // The head's end arrives after the sniffed start: the read waits for it.
         let (mut client, mut proxy_end) = accepted().await;
         let mut prefix = b"GET / HTTP/1.1\r\n".to_vec();
-        let writer = tokio::spawn(async move {
-            tokio::time::sleep(HEAD_WAIT / 2).await;
+        let head = {
+            let mut reading = std::pin::pin!(read_head(&mut proxy_end, &mut prefix));
+            assert!(
+                reading.as_mut().now_or_never().is_none(),
+                "the head is not whole yet"
+            );
             client.write_all(b"Host: orders\r\n\r\n").await.unwrap();
-            client
-        });
-        assert_eq!(
-            read_head(&mut proxy_end, &mut prefix).await,
-            Head::Authority("orders".into())
-        );
+            reading.await
+        };
+        assert_eq!(head, Head::Authority("orders".into()));
         assert_eq!(prefix, b"GET / HTTP/1.1\r\nHost: orders\r\n\r\n");
-        let _client = writer.await.unwrap();
 
         // A head longer than a few kilobytes is still read to its end.
         let (mut client, mut proxy_end) = accepted().await;
