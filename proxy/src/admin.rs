@@ -26,7 +26,6 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use http_body_util::{BodyExt, Limited};
-use hyper::body::Incoming;
 
 use sluice_api::AdminGate;
 use sluice_api::clock::rfc3339_millis as rfc3339;
@@ -56,11 +55,15 @@ pub(crate) struct AdminState {
 }
 
 /// Handles one admin request.
-pub(crate) async fn handle(
+pub(crate) async fn handle<B>(
     state: AdminState,
     _peer: SocketAddr,
-    req: Request<Incoming>,
-) -> Response<Body> {
+    req: Request<B>,
+) -> Response<Body>
+where
+    B: hyper::body::Body,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let (parts, body) = req.into_parts();
     let path = parts.uri.path();
     if !is_public(&parts.method, path) {
@@ -285,6 +288,14 @@ mod tests {
         }
     }
 
+    /// State behind a loopback admin port, which the gate leaves open.
+    fn loopback() -> AdminState {
+        AdminState {
+            gate: AdminGate::new("127.0.0.1:15000".parse().unwrap(), None),
+            ..state(None)
+        }
+    }
+
     #[test]
     fn only_probes_and_metrics_are_public() {
         for (method, path) in [
@@ -307,6 +318,120 @@ mod tests {
         ] {
             assert!(!is_public(&method, path), "{method} {path}");
         }
+    }
+
+    /// Sends one request through [`handle`]; the answer's status, content type and body.
+    async fn call(
+        state: &AdminState,
+        method: Method,
+        path: &str,
+        body: impl Into<Bytes>,
+    ) -> (StatusCode, String, Bytes) {
+        let req = Request::builder()
+            .method(method)
+            .uri(path)
+            .body(http_body_util::Full::new(body.into()))
+            .unwrap();
+        let resp = handle(state.clone(), "127.0.0.1:1".parse().unwrap(), req).await;
+        let status = resp.status();
+        let kind = resp.headers()[header::CONTENT_TYPE]
+            .to_str()
+            .unwrap()
+            .to_owned();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, kind, body)
+    }
+
+    #[tokio::test]
+    async fn each_route_answers_in_its_own_format() {
+        let s = loopback();
+        let (status, kind, body) = call(&s, Method::GET, "/identity", "").await;
+        assert_eq!(
+            (status, kind.as_str()),
+            (StatusCode::OK, "application/json")
+        );
+        assert_eq!(
+            serde_json::from_slice::<serde_json::Value>(&body).unwrap(),
+            serde_json::json!({ "mtls": false })
+        );
+        let (status, kind, body) = call(&s, Method::GET, "/endpoints", "").await;
+        assert_eq!(
+            (status, kind.as_str()),
+            (StatusCode::OK, "application/json")
+        );
+        assert!(
+            serde_json::from_slice::<serde_json::Value>(&body)
+                .unwrap()
+                .is_array()
+        );
+        let (status, kind, body) = call(&s, Method::GET, "/live", "").await;
+        assert_eq!(
+            (status, kind.as_str()),
+            (StatusCode::OK, "text/plain; charset=utf-8")
+        );
+        assert_eq!(body, "live\n");
+        let (status, kind, _) = call(&s, Method::GET, "/", "").await;
+        assert_eq!(
+            (status, kind.as_str()),
+            (StatusCode::OK, "text/html; charset=utf-8")
+        );
+        // Neither a path outside `/app-health/` nor one outside `/breakers/` reaches
+        // the probe or breaker handlers, whose refusals say something else.
+        for (method, path) in [(Method::GET, "/nope"), (Method::POST, "/a/reset")] {
+            let (status, _, body) = call(&s, method.clone(), path, "").await;
+            assert_eq!(
+                (status, &body[..]),
+                (StatusCode::NOT_FOUND, &b"not found\n"[..]),
+                "{method} {path}"
+            );
+        }
+        let (status, _, body) = call(&s, Method::GET, "/app-health/app/readyz", "").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert_eq!(body, "no such application probe\n");
+    }
+
+    #[tokio::test]
+    async fn log_level_takes_a_long_directive_and_refuses_bad_bodies() {
+        let mut s = loopback();
+        let (status, _, _) = call(&s, Method::PUT, "/log-level", "debug").await;
+        assert_eq!(status, StatusCode::NOT_IMPLEMENTED);
+
+        let applied = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+        let seen = applied.clone();
+        s.log = Some(LogControl::new(move |d| {
+            if d == "bogus" {
+                return Err("invalid directive `bogus`".into());
+            }
+            seen.lock().unwrap().push(d.to_owned());
+            Ok(())
+        }));
+        // One target per crate of a large service: longer than a few hundred bytes,
+        // well under the 64 KiB the route reads.
+        let long = (0..200)
+            .map(|i| format!("crate_{i}=debug"))
+            .collect::<Vec<_>>()
+            .join(",");
+        assert!(long.len() > 2048);
+        let (status, _, body) = call(&s, Method::PUT, "/log-level", format!(" {long}\n")).await;
+        assert_eq!(status, StatusCode::OK, "{body:?}");
+        assert_eq!(applied.lock().unwrap().as_slice(), [long]);
+
+        let (status, _, body) = call(&s, Method::PUT, "/log-level", "bogus").await;
+        assert_eq!(
+            (status, &body[..]),
+            (StatusCode::BAD_REQUEST, &b"invalid directive `bogus`\n"[..])
+        );
+        let (status, _, body) = call(&s, Method::PUT, "/log-level", vec![0xff, 0xfe]).await;
+        assert_eq!(
+            (status, &body[..]),
+            (StatusCode::BAD_REQUEST, &b"body is not UTF-8\n"[..])
+        );
+        let (status, _, body) = call(&s, Method::PUT, "/log-level", vec![b'a'; MAX_BODY + 1]).await;
+        assert_eq!(
+            (status, &body[..]),
+            (StatusCode::BAD_REQUEST, &b"unreadable body\n"[..])
+        );
+        assert_eq!(applied.lock().unwrap().len(), 1);
     }
 
     #[test]
