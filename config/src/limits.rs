@@ -419,11 +419,12 @@ impl<'a> Walk<'a> {
                     if self.stack.len() + 1 > self.limits.max_depth {
                         return Err(self.too_deep(mark));
                     }
+                    // `placing` says Root only at a document's top, and only a
+                    // mapping there can be a policy.
                     let role = match (role, mapping) {
-                        (Role::Root, true) if self.stack.is_empty() => Role::Root,
+                        (Role::Root, true) => Role::Root,
                         (Role::Spec, true) => Role::Spec,
                         (Role::Routes, false) => Role::Routes,
-                        _ if self.stack.is_empty() && mapping => Role::Root,
                         _ => Role::Other,
                     };
                     if anchor != 0 {
@@ -482,9 +483,10 @@ impl<'a> Walk<'a> {
         if f.mapping && f.expect_key {
             return None;
         }
+        // Root and Spec frames are mappings, and only mappings keep a key.
         Some(match (f.role, f.key.as_deref()) {
-            (Role::Root, Some("spec")) if f.mapping => Role::Spec,
-            (Role::Spec, Some("routes")) if f.mapping => Role::Routes,
+            (Role::Root, Some("spec")) => Role::Spec,
+            (Role::Spec, Some("routes")) => Role::Routes,
             _ => Role::Other,
         })
     }
@@ -796,6 +798,294 @@ mod tests {
                 .to_string(),
             "c.yaml:1:1: with this file the policy files hold 15 bytes, more than the 12 allowed together (--policy-max-total-bytes)"
         );
+    }
+
+    #[test]
+    fn the_defaults_are_the_documented_ones_and_a_whole_set_scales_them() {
+        // README's "Policy input limits" table.
+        assert_eq!(
+            Limits::default(),
+            Limits {
+                max_file_bytes: 1_048_576,
+                max_total_bytes: 16_777_216,
+                max_depth: 32,
+                max_nodes: 200_000,
+                max_routes: 1_000,
+                max_policies: 10_000,
+            }
+        );
+        let limits = Limits {
+            max_file_bytes: 100,
+            max_total_bytes: 1_000,
+            max_nodes: 50,
+            ..Limits::default()
+        };
+        // One text of a whole set may be as large as all files, with ten files' nodes.
+        assert_eq!(
+            limits.for_whole_set(),
+            Limits {
+                max_file_bytes: 1_000,
+                max_nodes: 500,
+                ..limits
+            }
+        );
+        // A total below one file's size still allows one file.
+        let one = Limits {
+            max_total_bytes: 40,
+            ..limits
+        };
+        assert_eq!(
+            one.for_whole_set(),
+            Limits {
+                max_file_bytes: 100,
+                ..one
+            }
+        );
+    }
+
+    #[test]
+    fn every_limit_allows_exactly_its_value() {
+        let text = "a: 1\n";
+        let exact = |limits: Limits| check(text, &limits);
+        assert!(
+            exact(Limits {
+                max_file_bytes: 5,
+                ..Limits::default()
+            })
+            .is_ok()
+        );
+        assert!(
+            exact(Limits {
+                max_total_bytes: 5,
+                ..Limits::default()
+            })
+            .is_ok()
+        );
+        // The mapping, its key and its value.
+        assert!(
+            exact(Limits {
+                max_nodes: 3,
+                ..Limits::default()
+            })
+            .is_ok()
+        );
+        assert!(
+            exact(Limits {
+                max_nodes: 2,
+                ..Limits::default()
+            })
+            .is_err()
+        );
+
+        // x's sequence is 3 nodes; the alias adds them again: 1 + 1 + 3 + 1 + 3.
+        let aliased = "x: &x [1, 1]\ny: *x\n";
+        assert!(
+            check(
+                aliased,
+                &Limits {
+                    max_nodes: 9,
+                    ..Limits::default()
+                }
+            )
+            .is_ok()
+        );
+        assert_eq!(
+            refusal(
+                aliased,
+                &Limits {
+                    max_nodes: 8,
+                    ..Limits::default()
+                }
+            ),
+            "f.yaml:2:4: this alias repeats 3 nodes, and with them the file expands to more than the 8 nodes allowed (aliases count as the nodes they repeat; --policy-max-nodes)"
+        );
+        // An alias one level inside, to a sequence of one level: 3 levels in all.
+        let nested = "x: &x [1]\ny: [*x]\n";
+        assert!(
+            check(
+                nested,
+                &Limits {
+                    max_depth: 3,
+                    ..Limits::default()
+                }
+            )
+            .is_ok()
+        );
+        assert_eq!(
+            refusal(
+                nested,
+                &Limits {
+                    max_depth: 2,
+                    ..Limits::default()
+                }
+            ),
+            "f.yaml:2:5: nested more than 2 levels deep (--policy-max-depth)"
+        );
+        let routes = "x: &r [a, b]\nspec:\n  routes: *r\n";
+        assert!(
+            check(
+                routes,
+                &Limits {
+                    max_routes: 2,
+                    ..Limits::default()
+                }
+            )
+            .is_ok()
+        );
+    }
+
+    #[test]
+    fn only_a_document_with_content_counts_as_a_policy() {
+        let one = Limits {
+            max_policies: 1,
+            ..Limits::default()
+        };
+        // An empty or null document is no policy; a quoted "~" is a string.
+        assert!(check("a: 1\n---\n~\n---\n", &one).is_ok());
+        assert_eq!(
+            refusal("a: 1\n---\n\"~\"\n", &one),
+            "f.yaml:3:1: more than 1 policies (--policy-max-policies)"
+        );
+        assert_eq!(
+            refusal("a: 1\n---\nb\n", &one),
+            "f.yaml:3:1: more than 1 policies (--policy-max-policies)"
+        );
+    }
+
+    #[test]
+    fn only_the_top_level_spec_holds_routes() {
+        let limits = Limits {
+            max_routes: 2,
+            ..Limits::default()
+        };
+        assert!(check("metadata: {spec: {routes: [a, b, c]}}\n", &limits).is_ok());
+        assert!(check("- spec: {routes: [a, b, c]}\n", &limits).is_ok());
+        assert!(check("spec: [{routes: [a, b, c]}]\n", &limits).is_ok());
+        assert!(check("spec: {routes: [a, b, c]}\n", &limits).is_err());
+    }
+
+    #[test]
+    fn policies_built_in_code_are_counted_against_the_same_limits() {
+        let text = include_str!("../../examples/policies/log-service.yaml");
+        let policy = crate::parse_policies("log-service.yaml", text)
+            .unwrap()
+            .remove(0);
+        let routes = policy.spec.routes.len();
+        let two = vec![policy.clone(), policy];
+        let limits = Limits {
+            max_routes: routes,
+            max_policies: 2,
+            ..Limits::default()
+        };
+        assert!(check_counts(&two, &limits).is_empty());
+
+        let over = check_counts(
+            &two,
+            &Limits {
+                max_routes: routes - 1,
+                max_policies: 1,
+                ..limits
+            },
+        );
+        let shown: Vec<_> = over
+            .iter()
+            .map(|d| (d.file.as_str(), d.path.as_str(), d.message.as_str()))
+            .collect();
+        let name = format!(
+            "{}/{}",
+            two[0].metadata.namespace.as_deref().unwrap_or("default"),
+            two[0].metadata.name
+        );
+        let too_many = format!(
+            "{routes} routes, more than the {} allowed in one policy (--policy-max-routes)",
+            routes - 1
+        );
+        assert_eq!(
+            shown,
+            [
+                (
+                    name.as_str(),
+                    "",
+                    "2 policies, more than the 1 allowed (--policy-max-policies)"
+                ),
+                (name.as_str(), "spec.routes", too_many.as_str()),
+                (name.as_str(), "spec.routes", too_many.as_str()),
+            ]
+        );
+    }
+
+    #[test]
+    fn the_cut_ends_the_error_line_within_the_tail_on_a_character_boundary() {
+        assert_eq!(cut_after("ab\ncd\nef", 0), 3);
+        assert_eq!(cut_after("ab\ncd\nef", 4), 6);
+        assert_eq!(cut_after("ab\ncd", 4), 5);
+        // Characters, not bytes: index 2 is the second line's first.
+        assert_eq!(cut_after("é\nab\n", 2), 6);
+        // A long line is cut UNCHECKED_TAIL bytes on, back to where a 3-byte character starts.
+        let long = "€".repeat(UNCHECKED_TAIL);
+        assert_eq!(cut_after(&long, 0), UNCHECKED_TAIL / 3 * 3);
+    }
+
+    #[test]
+    fn an_error_before_or_between_documents_belongs_to_the_next() {
+        // A directive is read before its document starts.
+        let directives = "%YAML 1.1\n%YAML 1.1\n---\nb: 1\n";
+        let before = check(directives, &Limits::default()).unwrap().unwrap();
+        assert_eq!(before.doc, 0);
+        let after_end = format!("a: 1\n...\n{directives}");
+        let between = check(&after_end, &Limits::default()).unwrap().unwrap();
+        assert_eq!(between.doc, 1);
+        let within = check("a: 1\n---\nb: 1\n]\n", &Limits::default())
+            .unwrap()
+            .unwrap();
+        assert_eq!(within.doc, 1);
+    }
+
+    /// Walks the first document of `text` as serde_yaml loads it, with `max_nodes`.
+    fn walk(text: &str, max_nodes: usize) -> Result<(), serde_yaml::Error> {
+        let doc = serde_yaml::Deserializer::from_str(text).next().unwrap();
+        walk_unchecked(
+            doc,
+            &Limits {
+                max_nodes,
+                ..Limits::default()
+            },
+        )
+    }
+
+    #[test]
+    fn the_unchecked_walk_charges_every_node_and_alias() {
+        // A mapping of eight pairs: 1 + 8 keys + 7 values of one node + a sequence of 2
+        // + a tagged value of 2 (its tag and its value).
+        let every_kind = "a: true\nb: -1\nc: 1\nd: 1.5\ne: x\nf: ~\ng: [1]\nh: !t y\n";
+        walk(every_kind, 19).unwrap();
+        assert!(is_over_budget(&walk(every_kind, 18).unwrap_err()));
+        // Each kind of node is charged: one node fewer than the document has fails.
+        let each = [
+            ("true", 1),
+            ("-1", 1),
+            ("1", 1),
+            ("1.5", 1),
+            ("x", 1),
+            ("~", 1),
+            ("[]", 1),
+            ("{}", 1),
+            ("!t y", 2),
+        ];
+        for (node, nodes) in each {
+            let text = format!("a: {node}\n");
+            assert!(walk(&text, 2 + nodes).is_ok(), "{text}");
+            let e = walk(&text, 1 + nodes).unwrap_err();
+            assert!(is_over_budget(&e), "{text}: {e}");
+        }
+        // Aliases are replayed, so a bomb runs the budget out.
+        let bomb = "a: &a [1, 1, 1, 1]\nb: [*a, *a, *a, *a]\n";
+        let e = walk(bomb, 20).unwrap_err();
+        assert!(is_over_budget(&e), "{e}");
+        walk(bomb, 30).unwrap();
+        // An error of the document's own is not the budget's.
+        let e = walk("a: !!int x\n", 10).unwrap_err();
+        assert!(!is_over_budget(&e), "{e}");
     }
 
     #[test]
