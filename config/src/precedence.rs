@@ -229,6 +229,17 @@ mod tests {
     }
 
     #[test]
+    fn a_path_match_takes_its_exact_path_its_prefix_or_any() {
+        let exact = exact("/a").unwrap();
+        assert!(exact.matches("/a"));
+        assert!(!exact.matches("/a/b"));
+        let prefix = prefix("/a").unwrap();
+        assert!(prefix.matches("/a/b"));
+        assert!(!prefix.matches("/b"));
+        assert!(PathMatch::default().matches("/anything"));
+    }
+
+    #[test]
     fn prefix_respects_segments() {
         assert!(prefix_matches("/logs", "/logs"));
         assert!(prefix_matches("/logs", "/logs/a"));
