@@ -437,6 +437,94 @@ mod tests {
     }
 
     #[test]
+    fn check_allows_exactly_its_bounds() {
+        let many = |n| report(vec![entry("ingest", "v1", 3, 0); n]);
+        assert_eq!(check(&many(MAX_ENTRIES)), Ok(()));
+        assert_eq!(
+            check(&many(MAX_ENTRIES + 1)),
+            Err(Malformed::TooManyEntries(MAX_ENTRIES + 1))
+        );
+        let with_bounds = |bucket_bounds: Vec<f64>| {
+            check(&pb::Report {
+                bucket_bounds,
+                ..report(Vec::new())
+            })
+        };
+        let ascending = |n: usize| (1..=n).map(|i| i as f64 / 1000.0).collect::<Vec<_>>();
+        assert_eq!(with_bounds(ascending(MAX_BUCKETS)), Ok(()));
+        // Each fault alone refuses the bounds.
+        for bounds in [
+            ascending(MAX_BUCKETS + 1),
+            vec![0.01, f64::INFINITY],
+            vec![f64::NAN],
+            vec![0.0, 0.1],
+            vec![0.1, 0.1],
+        ] {
+            assert_eq!(
+                with_bounds(bounds.clone()),
+                Err(Malformed::Bounds),
+                "{bounds:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn accepted_reports_and_the_proxies_drops_are_counted() {
+        let reports = counter();
+        let book = ReportBook::new(reports.clone());
+        let now = Instant::now();
+        let mut dropping = report(vec![entry("ingest", "v1", 3, 0)]);
+        dropping.dropped = 7;
+        book.ingest("a", &dropping, now).unwrap();
+        book.ingest("a", &report(Vec::new()), now).unwrap();
+        assert_eq!(reports.with_label_values(&["accepted"]).get(), 2);
+        assert_eq!(reports.with_label_values(&["dropped_by_proxy"]).get(), 7);
+    }
+
+    #[test]
+    fn an_entry_without_requests_is_no_traffic() {
+        let book = ReportBook::new(counter());
+        let now = Instant::now();
+        let idle = pb::BackendCounts {
+            requests: 0,
+            duration_counts: Vec::new(),
+            ..entry("ingest", "v1", 1, 0)
+        };
+        book.ingest("a", &report(vec![idle]), now).unwrap();
+        assert_eq!(book.proxies_with_traffic("log", "ingest", now), 0);
+        assert!(book.watch_traffic().borrow().routes.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keep_fresh_ages_the_counts_without_reports_and_stops_at_shutdown() {
+        let book = Arc::new(ReportBook::new(counter()));
+        let now = || tokio::time::Instant::now().into_std();
+        let t0 = tokio::time::Instant::now();
+        book.ingest("a", &report(vec![entry("ingest", "v1", 3, 0)]), now())
+            .unwrap();
+        let mut rx = book.watch_traffic();
+        assert_eq!(rx.borrow_and_update().routes[0].proxies, 1);
+        let (stop, shutdown) = watch::channel(false);
+        let task = tokio::spawn({
+            let book = book.clone();
+            async move { book.keep_fresh(now, shutdown).await }
+        });
+        // No report arrives; the count drops once `a`'s last one is no longer recent.
+        tokio::time::timeout(TRAFFIC_RECENT * 3, rx.changed())
+            .await
+            .expect("the count never aged")
+            .unwrap();
+        assert!(rx.borrow().routes.is_empty());
+        assert!(
+            t0.elapsed() > TRAFFIC_RECENT,
+            "aged after {:?}",
+            t0.elapsed()
+        );
+        stop.send_replace(true);
+        task.await.unwrap();
+    }
+
+    #[test]
     fn quantiles_come_from_bucket_bounds() {
         let w = Window {
             requests: 100,
