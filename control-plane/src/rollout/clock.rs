@@ -45,3 +45,21 @@ impl Clock {
         self.ahead.fetch_add(nanos, Ordering::AcqRel);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advancing_moves_both_clocks_for_every_clone() {
+        let clock = Clock::default();
+        let other = clock.clone();
+        let hour = Duration::from_secs(3600);
+        clock.advance(hour);
+        let (before, unix_before) = (Instant::now(), crate::unix_ms(SystemTime::now()));
+        let now = other.now();
+        assert!(other.instant() >= before + hour);
+        assert!(now.at >= before + hour);
+        assert!(now.unix_ms >= unix_before + 3_600_000);
+    }
+}
