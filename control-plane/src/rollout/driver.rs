@@ -823,8 +823,59 @@ spec:
 "#;
 
     fn set() -> PolicySet {
-        PolicySet::new(sluice_config::parse_policies("log.yaml", POLICY).expect("parses"))
+        set_of(POLICY)
+    }
+
+    fn set_of(yaml: &str) -> PolicySet {
+        PolicySet::new(sluice_config::parse_policies("log.yaml", yaml).expect("parses"))
             .expect("a valid set")
+    }
+
+    /// The policy with the rollout's steps changed: another block.
+    fn other_block() -> PolicySet {
+        set_of(&POLICY.replace("[10, 50, 100]", "[20, 100]"))
+    }
+
+    /// The policy with its rollout block taken out.
+    fn without_rollout() -> PolicySet {
+        let block = "          rollout:\n            canary: v2\n            steps: [10, 50, 100]\n            interval: 1s\n";
+        assert!(POLICY.contains(block));
+        set_of(&POLICY.replace(block, ""))
+    }
+
+    fn id() -> RolloutId {
+        RolloutId {
+            namespace: "shop".into(),
+            policy: "log".into(),
+            route: "ingest".into(),
+        }
+    }
+
+    fn rollout(r: &Rollouts) -> serde_json::Value {
+        r.view()["rollouts"][0].clone()
+    }
+
+    /// The status `r` would write for the one rollout.
+    fn status(r: &Rollouts) -> RolloutStatus {
+        r.statuses()[&("shop".to_string(), "log".to_string())][0].clone()
+    }
+
+    /// A status of the policy's block at its second step (50 %), nothing recorded.
+    fn status_at_second_step() -> RolloutStatus {
+        let holder = Rollouts::new(None, Clock::default());
+        holder.sync(&set());
+        RolloutStatus {
+            step: 1,
+            weights: IndexMap::from([("v1".to_string(), 50), ("v2".to_string(), 50)]),
+            history: Vec::new(),
+            last_transition: None,
+            last_transition_ms: None,
+            ..status(&holder)
+        }
+    }
+
+    fn policy() -> RoutePolicy {
+        set().policies()[0].clone()
     }
 
     fn results(r: &Rollouts) -> Vec<String> {
@@ -913,5 +964,365 @@ spec:
             .map(|t| t["atMs"].as_u64().unwrap())
             .collect();
         assert!(times.windows(2).all(|w| w[0] <= w[1]), "{times:?}");
+    }
+
+    /// A command names the rollout it could not find by namespace, policy and route;
+    /// a replica that does not drive refuses every command.
+    #[test]
+    fn commands_name_an_unknown_rollout_and_need_the_lease() {
+        let r = Rollouts::new(None, Clock::default());
+        r.sync(&set());
+        let nope = RolloutId {
+            route: "nope".into(),
+            ..id()
+        };
+        assert_eq!(
+            r.command(&nope, Command::Pause),
+            Err(CommandError::NotFound("shop/log/nope".into()))
+        );
+        assert_eq!(
+            r.command(&id(), Command::Pause).map(|t| t.result),
+            Ok("paused".into())
+        );
+        assert_eq!(
+            r.command(&id(), Command::Pause),
+            Err(CommandError::Refused("already paused".into()))
+        );
+        r.set_leading(false);
+        assert_eq!(
+            r.command(&id(), Command::Resume),
+            Err(CommandError::NotLeading)
+        );
+    }
+
+    /// The step gauge follows each rollout's canary weight, every transition is
+    /// counted by result, and a decision's time is observed.
+    #[test]
+    fn the_metrics_follow_the_steps_and_transitions() {
+        let r = Rollouts::new(None, Clock::default());
+        let registry = prometheus::Registry::new();
+        for c in r.collectors() {
+            registry.register(c).expect("registers");
+        }
+        let text = || {
+            let mut buf = Vec::new();
+            prometheus::Encoder::encode(
+                &prometheus::TextEncoder::new(),
+                &registry.gather(),
+                &mut buf,
+            )
+            .expect("encodes");
+            String::from_utf8(buf).expect("UTF-8")
+        };
+        let step =
+            r#"sluice_rollout_step{canary="v2",namespace="shop",policy="log",route="ingest"}"#;
+        r.sync(&set());
+        let now = text();
+        assert!(now.contains(&format!("{step} 10\n")), "{now}");
+        assert!(now.contains("sluice_rollout_transitions_total{result=\"started\"} 1\n"));
+        r.command(&id(), Command::Abort).expect("aborts");
+        let now = text();
+        assert!(now.contains(&format!("{step} 0\n")), "{now}");
+        assert!(now.contains("sluice_rollout_transitions_total{result=\"rolled-back\"} 1\n"));
+        assert!(
+            now.contains("sluice_rollout_decision_seconds_count 1\n"),
+            "{now}"
+        );
+        // A rollout gone from the policy leaves no gauge behind.
+        r.sync(&without_rollout());
+        assert!(!text().contains(step));
+    }
+
+    /// A new lease holder drives on from the step the old holder's status described,
+    /// and a rollout it already has a history for is not started again (even when
+    /// the statuses no longer describe it).
+    #[test]
+    fn a_new_holder_drives_on_from_what_it_followed() {
+        let r = Rollouts::new(None, Clock::default());
+        r.set_leading(false);
+        r.sync(&set());
+        r.follow(HashMap::from([(id(), status_at_second_step())]));
+        r.set_leading(true);
+        assert_eq!(rollout(&r)["step"], 1);
+        assert_eq!(results(&r), Vec::<String>::new());
+
+        let r = Rollouts::new(None, Clock::default());
+        r.set_leading(false);
+        r.sync(&set());
+        let mut st = status_at_second_step();
+        st.last_transition = Some("advanced".into());
+        st.last_transition_ms = Some(1);
+        r.follow(HashMap::from([(id(), st)]));
+        r.follow(HashMap::new());
+        r.set_leading(true);
+        assert_eq!(rollout(&r)["step"], 1);
+        assert_eq!(results(&r), ["advanced"]);
+    }
+
+    /// An unchanged block keeps its state whatever else changed in the policy; a
+    /// changed one starts over.
+    #[test]
+    fn a_changed_block_starts_over() {
+        let r = Rollouts::new(None, Clock::default());
+        r.sync(&set());
+        r.command(&id(), Command::Pause).expect("pauses");
+        r.sync(&set_of(&POLICY.replace("127.0.0.1:2", "127.0.0.1:3")));
+        assert_eq!(rollout(&r)["phase"], "paused");
+        r.sync(&other_block());
+        assert_eq!(rollout(&r)["phase"], "progressing");
+        assert_eq!(rollout(&r)["canaryWeight"], 20);
+        assert_eq!(results(&r), ["started"]);
+    }
+
+    /// The holder resumes a rollout from a status of the same block (and records the
+    /// restart); a status of another block is not its state.
+    #[test]
+    fn a_holder_resumes_from_a_status_of_the_same_block_only() {
+        let r = Rollouts::new(None, Clock::default());
+        r.follow(HashMap::from([(id(), status_at_second_step())]));
+        r.sync(&set());
+        assert_eq!(rollout(&r)["step"], 1);
+        assert_eq!(results(&r), ["restarted"]);
+
+        let r = Rollouts::new(None, Clock::default());
+        r.follow(HashMap::from([(id(), status_at_second_step())]));
+        r.sync(&other_block());
+        assert_eq!(rollout(&r)["step"], 0);
+        assert_eq!(results(&r), ["started"]);
+    }
+
+    /// A follower serves the holder's step as the status says and records nothing
+    /// itself.
+    #[test]
+    fn a_follower_mirrors_a_status_without_recording() {
+        let r = Rollouts::new(None, Clock::default());
+        r.set_leading(false);
+        r.follow(HashMap::from([(id(), status_at_second_step())]));
+        r.sync(&set());
+        assert_eq!(rollout(&r)["step"], 1);
+        assert_eq!(rollout(&r)["canaryWeight"], 50);
+        assert_eq!(results(&r), Vec::<String>::new());
+    }
+
+    /// The status a follower takes in: another block's is ignored; its step, phase,
+    /// last transition and decision are served; `true` only when a weight moved.
+    #[test]
+    fn a_follower_takes_in_statuses_of_its_block() {
+        let r = Rollouts::new(None, Clock::default());
+        r.set_leading(false);
+        r.sync(&set());
+        let other = {
+            let holder = Rollouts::new(None, Clock::default());
+            holder.sync(&other_block());
+            RolloutStatus {
+                step: 1,
+                ..status(&holder)
+            }
+        };
+        assert!(!r.follow(HashMap::from([(id(), other)])));
+        assert_eq!(rollout(&r)["step"], 0);
+
+        let mut st = status_at_second_step();
+        st.last_transition = Some("advanced".into());
+        st.last_transition_ms = Some(1_000);
+        st.reason = Some("window passed at 10%".into());
+        st.decision = Some("pass".into());
+        assert!(r.follow(HashMap::from([(id(), st.clone())])));
+        let seen = rollout(&r);
+        assert_eq!(seen["canaryWeight"], 50);
+        assert_eq!(seen["history"][0]["result"], "advanced");
+        assert_eq!(seen["history"][0]["atMs"], 1_000);
+        assert_eq!(seen["history"][0]["step"], 1);
+        assert_eq!(seen["history"][0]["canaryWeight"], 50);
+        assert_eq!(seen["history"][0]["reason"], "window passed at 10%");
+        assert_eq!(seen["lastWindow"]["decision"], "pass");
+        assert_eq!(seen["lastWindow"]["step"], 1);
+        assert_eq!(seen["lastWindow"]["reason"], "window passed at 10%");
+        // The same status again moves nothing.
+        assert!(!r.follow(HashMap::from([(id(), st.clone())])));
+        // Paused at the same step: the phase changes, no weight does.
+        st.phase = "paused".into();
+        assert!(!r.follow(HashMap::from([(id(), st.clone())])));
+        assert_eq!(rollout(&r)["phase"], "paused");
+        // A phase this version does not know is ignored.
+        st.phase = "sideways".into();
+        st.step = 2;
+        assert!(!r.follow(HashMap::from([(id(), st)])));
+        assert_eq!(rollout(&r)["phase"], "paused");
+        assert_eq!(rollout(&r)["step"], 1);
+    }
+
+    /// The state directory: a restart resumes the same state of the same block,
+    /// another block starts over, a rollout gone from the policy is forgotten, and
+    /// an unreadable file starts the rollouts afresh.
+    #[test]
+    fn the_state_directory_survives_a_restart() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let r = Rollouts::new(Some(dir.path()), Clock::default());
+        r.sync(&set());
+        r.command(&id(), Command::Pause).expect("pauses");
+        drop(r);
+
+        let r = Rollouts::new(Some(dir.path()), Clock::default());
+        r.sync(&set());
+        assert_eq!(rollout(&r)["phase"], "paused");
+        assert_eq!(results(&r), ["started", "paused", "restarted"]);
+        drop(r);
+
+        let r = Rollouts::new(Some(dir.path()), Clock::default());
+        r.sync(&other_block());
+        assert_eq!(results(&r), ["started"]);
+        r.sync(&without_rollout());
+        drop(r);
+        let r = Rollouts::new(Some(dir.path()), Clock::default());
+        r.sync(&other_block());
+        assert_eq!(results(&r), ["started"]);
+
+        std::fs::write(dir.path().join(STATE_FILE), "not json").expect("writes");
+        let r = Rollouts::new(Some(dir.path()), Clock::default());
+        r.sync(&set());
+        assert_eq!(results(&r), ["started"]);
+    }
+
+    /// Two rollouts are saved side by side: one is not written over the other.
+    #[test]
+    fn every_rollout_is_saved() {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let two = POLICY
+            .replace("metadata: { name: log", "metadata: { name: log2")
+            .replace("host: log", "host: log2")
+            + "---\n"
+            + POLICY;
+        let r = Rollouts::new(Some(dir.path()), Clock::default());
+        r.sync(&set_of(&two));
+        for policy in ["log", "log2"] {
+            let id = RolloutId {
+                policy: policy.into(),
+                ..id()
+            };
+            r.command(&id, Command::Pause).expect("pauses");
+        }
+        let saved = load(dir.path());
+        assert_eq!(saved.len(), 2);
+        assert!(saved.values().all(|s| s.phase == Phase::Paused));
+    }
+
+    /// The weights one build of the views uses: the step's, for the rule holding the
+    /// rollout only; the canary named as withdrawn once rolled back.
+    #[test]
+    fn frozen_weights_are_the_steps_and_name_a_withdrawn_canary() {
+        let r = Rollouts::new(None, Clock::default());
+        r.sync(&set());
+        let p = policy();
+        let f = r.frozen();
+        let step = IndexMap::from([("v1".to_string(), 90), ("v2".to_string(), 10)]);
+        assert_eq!(f.weights(&p, "ingest", 0), Some(step));
+        assert_eq!(f.weights(&p, "ingest", 1), None);
+        assert_eq!(f.weights(&p, "other", 0), None);
+        assert_eq!(f.withdrawn(&p, "ingest"), None);
+        r.command(&id(), Command::Abort).expect("aborts");
+        let f = r.frozen();
+        let back = IndexMap::from([("v1".to_string(), 100), ("v2".to_string(), 0)]);
+        assert_eq!(f.weights(&p, "ingest", 0), Some(back));
+        assert_eq!(f.withdrawn(&p, "ingest"), Some("v2".into()));
+        assert_eq!(f.withdrawn(&p, "other"), None);
+    }
+
+    /// Versions are remembered with the weights they were built with, the first
+    /// record of a version holds, and only the latest [`VERSIONS`] are kept.
+    #[test]
+    fn versions_are_remembered_with_their_weights() {
+        let r = Rollouts::new(None, Clock::default());
+        r.sync(&set());
+        let at_first = r.frozen();
+        r.record_version("a", &at_first);
+        r.command(&id(), Command::Promote).expect("promotes");
+        r.record_version("a", &r.frozen());
+        r.record_version("b", &r.frozen());
+        assert_eq!(r.recorded_weight("a", &id()), Some(10));
+        assert_eq!(r.recorded_weight("b", &id()), Some(100));
+        assert_eq!(r.recorded_weight("c", &id()), None);
+        let nope = RolloutId {
+            route: "nope".into(),
+            ..id()
+        };
+        assert_eq!(r.recorded_weight("a", &nope), None);
+        for i in 0..VERSIONS - 1 {
+            r.record_version(&format!("v{i}"), &at_first);
+        }
+        // "a" is the oldest of VERSIONS + 1.
+        assert_eq!(r.recorded_weight("a", &id()), None);
+        assert_eq!(r.recorded_weight("b", &id()), Some(100));
+        assert_eq!(r.recorded_weight("v0", &id()), Some(10));
+    }
+
+    /// The canary's failures in the reports roll it back at once; the same
+    /// failures on the other backends do not; a follower judges nothing.
+    #[test]
+    fn the_canarys_failures_roll_it_back() {
+        let failing = Window {
+            requests: 20,
+            failures: 20,
+            durations: Vec::new(),
+        };
+        let route = ("log".to_string(), "ingest".to_string());
+        let on = |backend: &str| {
+            super::super::reports::Taken::from([(
+                route.clone(),
+                BTreeMap::from([(backend.to_string(), failing.clone())]),
+            )])
+        };
+        let r = Rollouts::new(None, Clock::default());
+        r.sync(&set());
+        assert!(!r.on_reports(&on("v1"), &[]));
+        assert!(!r.on_reports(&super::super::reports::Taken::new(), &[]));
+        assert_eq!(rollout(&r)["phase"], "progressing");
+        r.set_leading(false);
+        assert!(!r.on_reports(&on("v2"), &[]));
+        assert_eq!(rollout(&r)["phase"], "progressing");
+        r.set_leading(true);
+        assert!(r.on_reports(&on("v2"), &[]));
+        assert_eq!(rollout(&r)["phase"], "rolled-back");
+    }
+
+    /// A step's interval starts once every connected proxy acked a version carrying
+    /// its weights; a proxy that refused it is left out at once, one that is not
+    /// connected does not count. A tick with nothing to decide changes nothing.
+    #[test]
+    fn acks_start_the_steps_interval() {
+        let clock = Clock::default();
+        let r = Rollouts::new(None, clock.clone());
+        r.sync(&set());
+        r.record_version("v1", &r.frozen());
+        let proxy = |node: &str, acked: Option<&str>, nacked: Option<&str>| {
+            let mut p = ProxyRecord::default();
+            p.node_id = node.into();
+            p.acked_version = acked.map(str::to_string);
+            p.nacked_version = nacked.map(str::to_string);
+            p.connected = true;
+            p
+        };
+        let mut gone = proxy("gone", None, None);
+        gone.connected = false;
+        // One proxy has not acked yet.
+        assert!(!r.tick(|| vec![proxy("a", Some("v1"), None), proxy("b", Some("v0"), None)]));
+        assert_eq!(rollout(&r)["stepAcked"], false);
+        assert!(!r.tick(|| vec![
+            proxy("a", Some("v1"), None),
+            proxy("b", Some("v0"), Some("v1")),
+            gone,
+        ]));
+        assert_eq!(rollout(&r)["stepAcked"], true);
+        assert_eq!(rollout(&r)["proxiesLeftOut"], serde_json::json!(["b"]));
+        // No proxy is listed once the step is acked.
+        assert!(!r.tick(|| panic!("the step is acked already")));
+        // The interval (1 s) ends without enough requests: a transition.
+        clock.advance(Duration::from_secs(1));
+        assert!(r.tick(Vec::new));
+        assert_eq!(results(&r), ["started", "inconclusive"]);
+        // A follower ticks nothing.
+        r.set_leading(false);
+        clock.advance(Duration::from_secs(1));
+        assert!(!r.tick(|| panic!("a follower lists no proxies")));
     }
 }
