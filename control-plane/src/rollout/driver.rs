@@ -1172,6 +1172,8 @@ spec:
         let r = Rollouts::new(Some(dir.path()), Clock::default());
         r.sync(&other_block());
         assert_eq!(results(&r), ["started"]);
+        r.command(&id(), Command::Pause).expect("pauses");
+        // Only a removal: saved all the same.
         r.sync(&without_rollout());
         drop(r);
         let r = Rollouts::new(Some(dir.path()), Clock::default());

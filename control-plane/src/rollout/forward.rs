@@ -302,3 +302,179 @@ impl Post<'_> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use super::*;
+
+    /// What the holder received: path, content type, the named header, authorization.
+    type Seen = (String, String, Option<String>, Option<String>, Bytes);
+
+    /// A holder's admin port on 127.0.0.1 answering every request with `status`, and
+    /// the requests it received.
+    async fn holder(status: u16) -> (String, mpsc::UnboundedReceiver<Seen>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binds");
+        let url = format!("http://{}/", listener.local_addr().expect("an address"));
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let tx = tx.clone();
+                            async move {
+                                let header = |name: &str| {
+                                    req.headers()
+                                        .get(name)
+                                        .and_then(|v| v.to_str().ok())
+                                        .map(str::to_string)
+                                };
+                                let named = header(NODE_HEADER).or_else(|| header(REPLICA_HEADER));
+                                let seen = (
+                                    req.uri().path().to_string(),
+                                    header("content-type").unwrap_or_default(),
+                                    named,
+                                    header("authorization"),
+                                );
+                                let body = req.into_body().collect().await.map(|b| b.to_bytes());
+                                let _ = tx.send((
+                                    seen.0,
+                                    seen.1,
+                                    seen.2,
+                                    seen.3,
+                                    body.unwrap_or_default(),
+                                ));
+                                let mut resp = hyper::Response::new(Full::<Bytes>::default());
+                                *resp.status_mut() =
+                                    hyper::StatusCode::from_u16(status).expect("a status");
+                                Ok::<_, Infallible>(resp)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        (url, rx)
+    }
+
+    fn counter() -> IntCounterVec {
+        IntCounterVec::new(prometheus::Opts::new("reports", "test"), &["result"]).expect("valid")
+    }
+
+    fn report(n: u64) -> pb::Report {
+        pb::Report {
+            seq: n,
+            ..pb::Report::default()
+        }
+    }
+
+    /// Waits (at most 10 s, so a broken relay fails rather than hangs) for the next
+    /// request the holder receives with `path`.
+    async fn next(rx: &mut mpsc::UnboundedReceiver<Seen>, path: &str) -> Seen {
+        tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                let seen = rx.recv().await.expect("the holder runs");
+                if seen.0 == path {
+                    return seen;
+                }
+            }
+        })
+        .await
+        .expect("the holder received it")
+    }
+
+    /// A follower relays each report as received, with its proxy's node id and the
+    /// token, and its connected proxies' acks with its replica name; a report the
+    /// holder refuses is counted as dropped.
+    #[tokio::test]
+    async fn reports_and_acks_reach_the_holder() {
+        let (url, mut seen) = holder(204).await;
+        let counter = counter();
+        let fwd = Arc::new(ReportForwarder::new(counter.clone()));
+        let (holder_tx, holder_rx) = watch::channel(Some(url));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let acks = || {
+            vec![RemoteProxy {
+                node_id: "p1".into(),
+                acked_version: Some("v7".into()),
+                nacked_version: None,
+            }]
+        };
+        let run = tokio::spawn({
+            let fwd = fwd.clone();
+            async move {
+                fwd.run(holder_rx, Some("tok".into()), "cp-b".into(), acks, stop_rx)
+                    .await;
+            }
+        });
+        let (_, ctype, replica, auth, body) = next(&mut seen, "/rollouts/proxies").await;
+        assert_eq!(ctype, "application/json");
+        assert_eq!(replica.as_deref(), Some("cp-b"));
+        assert_eq!(auth.as_deref(), Some("Bearer tok"));
+        let listed: Vec<RemoteProxy> = serde_json::from_slice(&body).expect("JSON");
+        assert_eq!(listed, acks());
+
+        fwd.forward("node-1", report(42));
+        let (_, ctype, node, auth, body) = next(&mut seen, "/rollouts/reports").await;
+        assert_eq!(ctype, "application/x-protobuf");
+        assert_eq!(node.as_deref(), Some("node-1"));
+        assert_eq!(auth.as_deref(), Some("Bearer tok"));
+        assert_eq!(pb::Report::decode(body).expect("protobuf"), report(42));
+        let counted = |result: &str| counter.with_label_values(&[result]).get();
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while counted("forwarded") < 1 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("counted");
+
+        // A holder that refuses (here: every request) drops the report.
+        let (refusing, mut refused) = holder(401).await;
+        holder_tx.send_replace(Some(refusing));
+        fwd.forward("node-1", report(43));
+        next(&mut refused, "/rollouts/reports").await;
+        // No holder known: dropped without a request.
+        holder_tx.send_replace(None);
+        fwd.forward("node-1", report(44));
+        tokio::time::timeout(Duration::from_secs(10), async {
+            while counted("forward_dropped") < 2 {
+                tokio::task::yield_now().await;
+            }
+        })
+        .await
+        .expect("both dropped");
+        assert_eq!(counted("forwarded"), 1);
+
+        // It runs once; it ends at shutdown.
+        let (_, no_holder) = watch::channel(None);
+        let (_, no_stop) = watch::channel(false);
+        fwd.run(no_holder, None, "again".into(), Vec::new, no_stop)
+            .await;
+        stop_tx.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(10), run)
+            .await
+            .expect("ends at shutdown")
+            .expect("does not panic");
+    }
+
+    /// Reports beyond the queue's room are dropped and counted at once; forwarding
+    /// never waits.
+    #[test]
+    fn a_full_queue_drops_reports() {
+        let counter = counter();
+        let fwd = ReportForwarder::new(counter.clone());
+        for i in 0..QUEUE as u64 + 3 {
+            fwd.forward("node-1", report(i));
+        }
+        assert_eq!(counter.with_label_values(&["forward_dropped"]).get(), 3);
+    }
+}
