@@ -557,3 +557,282 @@ fn a_gross_breach_right_after_an_inconclusive_interval_rolls_back_at_its_report(
     assert_eq!((s.phase(), s.canary_weight(&sp)), (Phase::RolledBack, 0));
     assert_eq!(results(&s), ["started", "inconclusive", "rolled-back"]);
 }
+
+#[test]
+fn other_backends_all_at_zero_in_the_file_share_the_rest_equally() {
+    let mut s = spec(&[10, 100], 1);
+    s.file_weights = IndexMap::from([
+        ("a".to_string(), 0),
+        ("v2".to_string(), 100),
+        ("b".to_string(), 0),
+    ]);
+    assert_eq!(
+        s.weights_at(10).values().copied().collect::<Vec<_>>(),
+        [45, 10, 45]
+    );
+    s.file_weights.insert("c".into(), 0);
+    // 70 over three: the first in file order takes the one left over.
+    assert_eq!(
+        s.weights_at(30).values().copied().collect::<Vec<_>>(),
+        [24, 30, 23, 23]
+    );
+}
+
+/// Without a `deadline`, inconclusive windows roll back (when asked to) after 30
+/// minutes of them, not before.
+#[test]
+fn the_default_deadline_is_30_minutes() {
+    let mut sp = spec(&[10, 100], 100);
+    sp.rollout.on_inconclusive = Some(OnInconclusive::Rollback);
+    let mut c = Clock::new();
+    let mut s = RolloutState::start("k".into(), &sp, c.now());
+    s.on_acks(c.now(), &all_acked());
+    // The first inconclusive interval ends at 10 s; the deadline runs from there.
+    assert_eq!(
+        s.on_tick(&sp, c.advance(10 * S)).unwrap().result,
+        "inconclusive"
+    );
+    for _ in 0..179 {
+        assert_eq!(
+            s.on_tick(&sp, c.advance(10 * S)).unwrap().result,
+            "inconclusive"
+        );
+    }
+    let t = s.on_tick(&sp, c.advance(10 * S)).unwrap();
+    assert_eq!(t.result, "rolled-back");
+    assert!(t.reason.contains("1800s"), "{}", t.reason);
+}
+
+#[test]
+fn commands_are_named_in_lower_case() {
+    assert_eq!(Command::parse("pause"), Some(Command::Pause));
+    assert_eq!(Command::parse("resume"), Some(Command::Resume));
+    assert_eq!(Command::parse("promote"), Some(Command::Promote));
+    assert_eq!(Command::parse("abort"), Some(Command::Abort));
+    assert_eq!(Command::parse("Pause"), None);
+    assert_eq!(Command::parse("rollback"), None);
+}
+
+/// The history keeps the latest [`HISTORY`] transitions, recorded or mirrored.
+#[test]
+fn the_history_keeps_the_latest_transitions() {
+    let sp = spec(&[10, 100], 100);
+    let mut c = Clock::new();
+    let mut s = RolloutState::start("k".into(), &sp, c.now());
+    for _ in 0..40 {
+        s.command(&sp, c.advance(S), Command::Pause).unwrap();
+        s.command(&sp, c.advance(S), Command::Resume).unwrap();
+    }
+    // 81 recorded (one a second): the start and the first 16 commands are gone.
+    let h = s.history();
+    assert_eq!(h.len(), HISTORY);
+    assert_eq!(h[0].result, "paused");
+    assert_eq!(h[0].at_ms, 1_700_000_000_000 + 17_000);
+    assert_eq!(h[HISTORY - 1].result, "resumed");
+    assert_eq!(h[HISTORY - 1].at_ms, 1_700_000_000_000 + 80_000);
+
+    let mut saved = s.saved();
+    saved.history.extend(saved.history.clone());
+    let m = RolloutState::mirror(saved, &sp, c.now());
+    assert_eq!(m.history(), h, "the second copy, the latest, is kept");
+    let mut saved = s.saved();
+    saved.history.truncate(HISTORY - 1);
+    let m = RolloutState::mirror(saved.clone(), &sp, c.now());
+    assert_eq!(m.history(), saved.history);
+}
+
+/// The open window as `/rollouts` shows it: what it waits for, what it holds.
+#[test]
+fn the_open_window_says_what_it_waits_for() {
+    let sp = spec(&[10, 100], 100);
+    let mut c = Clock::new();
+    let mut s = RolloutState::start("k".into(), &sp, c.now());
+    let w = s.current_window(&sp);
+    assert_eq!(w.decision, "open");
+    assert_eq!(
+        w.reason,
+        "waiting for every proxy to ack the step's weights"
+    );
+    s.on_acks(c.now(), &all_acked());
+    let acked = s.acked_at();
+    s.on_report(
+        &sp,
+        c.now(),
+        &window(30, 0, 0.005),
+        &window(300, 0, 0.005),
+        &BOUNDS,
+    );
+    let w = s.current_window(&sp);
+    assert_eq!((w.reason.as_str(), w.step), ("collecting", 0));
+    assert_eq!((w.canary_requests, w.baseline_requests), (30, 300));
+    assert_eq!(w.checks.len(), 2, "{w:?}");
+    // Acks seen again later neither move the interval's start nor empty the window.
+    s.on_acks(c.advance(S), &all_acked());
+    assert_eq!(s.acked_at(), acked);
+    assert_eq!(s.current_window(&sp).canary_requests, 30);
+    s.on_tick(&sp, c.advance(10 * S)).unwrap();
+    let w = s.current_window(&sp);
+    assert_eq!(
+        w.reason,
+        "1 inconclusive interval(s) so far: 30 of 100 canary requests"
+    );
+}
+
+/// The conclusive windows of the step the rollout stands at: none at a new step, the
+/// last one once promoted.
+#[test]
+fn conclusive_windows_count_in_the_current_step() {
+    let sp = spec(&[10, 100], 10);
+    let mut c = Clock::new();
+    let mut s = RolloutState::start("k".into(), &sp, c.now());
+    for result in ["advanced", "promoted"] {
+        assert_eq!(s.conclusive_windows(), 0);
+        s.on_acks(c.now(), &all_acked());
+        s.on_report(
+            &sp,
+            c.now(),
+            &window(20, 0, 0.005),
+            &Window::default(),
+            &BOUNDS,
+        );
+        assert_eq!(s.on_tick(&sp, c.advance(10 * S)).unwrap().result, result);
+    }
+    assert_eq!(s.conclusive_windows(), 1);
+}
+
+/// The values a window's checks show: none without requests, the ratio with them.
+#[test]
+fn a_checks_value_is_the_ratio_seen() {
+    let sp = spec(&[10, 100], 100);
+    let c = Clock::new();
+    let mut s = RolloutState::start("k".into(), &sp, c.now());
+    s.on_acks(c.now(), &all_acked());
+    let error_rate = |s: &RolloutState| {
+        s.current_window(&sp)
+            .checks
+            .into_iter()
+            .find(|c| c.name == "errorRate")
+            .expect("judged")
+    };
+    assert_eq!(error_rate(&s).value, None);
+    s.on_report(
+        &sp,
+        c.now(),
+        &window(40, 1, 0.005),
+        &Window::default(),
+        &BOUNDS,
+    );
+    assert_eq!(error_rate(&s).value, Some(0.025));
+    assert_eq!(error_rate(&s).samples, 40);
+    // Resume applies to a paused rollout only.
+    assert_eq!(
+        s.command(&sp, c.now(), Command::Resume),
+        Err("not paused".to_string())
+    );
+}
+
+/// Each baseline check's value, bound and samples; what is not judged and why; and
+/// the note on judged checks of a window short of `minRequests`.
+#[test]
+fn the_baseline_checks_show_their_figures() {
+    let mut sp = spec(&[10, 100], 100);
+    sp.rollout.slo = None;
+    sp.rollout.baseline = Some(RolloutBaseline {
+        error_rate_increase: Some(0.02),
+        p99_ratio: Some(1.5),
+    });
+    let c = Clock::new();
+    let open = |canary: &Window, others: &Window| {
+        let mut s = RolloutState::start("k".into(), &sp, c.now());
+        s.on_acks(c.now(), &all_acked());
+        s.on_report(&sp, c.now(), canary, others, &BOUNDS);
+        s.current_window(&sp).checks
+    };
+    // The canary at 50 ms (its bucket starts at 10 ms), the others at 5 ms (p99 in
+    // the bucket ending at 10 ms): not slower than 1.5 × 10 ms by whole buckets.
+    let checks = open(&window(200, 10, 0.05), &window(2000, 10, 0.005));
+    let inc = &checks[0];
+    assert_eq!(inc.name, "errorRateIncrease");
+    assert!(
+        (inc.value.unwrap() - (0.05 - 0.005)).abs() < 1e-12,
+        "{inc:?}"
+    );
+    let bound = wilson(10, 200, Z99).0 - wilson(10, 2000, Z99).1;
+    assert!((inc.bound.unwrap() - bound).abs() < 1e-12, "{inc:?}");
+    assert_eq!((inc.samples, inc.baseline_samples), (200, Some(2000)));
+    assert_eq!((inc.verdict.as_str(), inc.note.as_deref()), ("pass", None));
+    let ratio = &checks[1];
+    assert_eq!(ratio.name, "p99Ratio");
+    assert_eq!(ratio.value, Some(0.1 / 0.01));
+    assert_eq!((ratio.threshold, ratio.bound), (1.5, Some(0.0)));
+    assert_eq!((ratio.samples, ratio.baseline_samples), (200, Some(2000)));
+    assert_eq!(ratio.verdict, "pass");
+
+    // No canary requests: no value; no timed ones: the ratio is not judged.
+    let untimed = Window {
+        requests: 0,
+        failures: 0,
+        durations: Vec::new(),
+    };
+    let checks = open(&untimed, &window(2000, 10, 0.005));
+    assert_eq!(checks[0].value, None);
+    assert_eq!(checks[1].verdict, "not-judged");
+    assert_eq!(checks[1].value, None);
+
+    // Short of minRequests: judged checks say so; a check not judged keeps its why.
+    let checks = open(&window(30, 0, 0.005), &window(50, 0, 0.005));
+    assert_eq!(checks[0].note.as_deref(), Some("30 of 100 canary requests"));
+    assert_eq!(
+        checks[1].note.as_deref(),
+        Some("needs 100 timed requests to the other backends (has 50)")
+    );
+    let checks = open(&window(100, 0, 0.005), &window(2000, 0, 0.005));
+    assert_eq!(
+        (checks[0].note.as_deref(), checks[1].note.as_deref()),
+        (None, None)
+    );
+}
+
+/// A latency SLO needs the duration buckets' bounds: without any report of them,
+/// it is not judged.
+#[test]
+fn p99_without_bounds_is_not_judged() {
+    let sp = spec(&[10, 100], 100);
+    let c = Clock::new();
+    let mut s = RolloutState::start("k".into(), &sp, c.now());
+    s.on_acks(c.now(), &all_acked());
+    s.on_report(&sp, c.now(), &window(200, 0, 0.3), &Window::default(), &[]);
+    let w = s.current_window(&sp);
+    let p99 = w.checks.iter().find(|c| c.name == "p99").expect("listed");
+    assert_eq!(p99.verdict, "not-judged");
+}
+
+/// A gross breach shows the failure ratio it saw over the whole step.
+#[test]
+fn a_gross_breach_shows_its_ratio() {
+    let sp = spec(&[5, 100], 100);
+    let c = Clock::new();
+    let mut s = RolloutState::start("k".into(), &sp, c.now());
+    s.on_report(
+        &sp,
+        c.now(),
+        &window(4, 2, 0.005),
+        &Window::default(),
+        &BOUNDS,
+    );
+    s.on_report(
+        &sp,
+        c.now(),
+        &window(16, 8, 0.005),
+        &Window::default(),
+        &BOUNDS,
+    )
+    .expect("rolled back");
+    let w = s.last_window().expect("judged");
+    let gross = w
+        .checks
+        .iter()
+        .find(|c| c.name == "grossErrorRate")
+        .unwrap();
+    assert_eq!((gross.value, gross.samples), (Some(0.5), 20));
+}
