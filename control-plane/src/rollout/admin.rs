@@ -257,3 +257,352 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> 
         )))
         .expect("valid response")
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use http_body_util::BodyExt;
+    use hyper_util::client::legacy::Client;
+    use hyper_util::client::legacy::connect::HttpConnector;
+    use hyper_util::rt::TokioExecutor;
+    use tokio::sync::watch;
+
+    use super::*;
+    use crate::k8s::endpoints::ServiceEndpoints;
+    use crate::rollout::forward::{NODE_HEADER, RELAYED_HEADER, REPLICA_HEADER, RemoteProxy};
+    use crate::source::PolicyDir;
+    use crate::state::PolicySource;
+
+    const POLICY: &str = r#"apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: { name: log, namespace: shop }
+spec:
+  host: log
+  backends:
+    v1: { addresses: ["127.0.0.1:1"] }
+    v2: { addresses: ["127.0.0.1:2"] }
+  routes:
+    - name: ingest
+      split:
+        - weights: { v1: 100, v2: 0 }
+          rollout:
+            canary: v2
+            steps: [10, 50, 100]
+            interval: 1s
+"#;
+
+    const BASE: &str = "/rollouts/shop/log/ingest";
+
+    /// A control plane's state on the policy above and its admin port on 127.0.0.1
+    /// under `gate`; the port stops when the sender is dropped.
+    async fn admin(dir: &Path, gate: AdminGate) -> (Arc<Shared>, SocketAddr, watch::Sender<bool>) {
+        std::fs::write(dir.join("log.yaml"), POLICY).expect("writes the policy");
+        let source = PolicySource::Dir(
+            PolicyDir::open(dir, None, sluice_config::Limits::default()).expect("opens the dir"),
+        );
+        let shared = Arc::new(Shared::new(source, ServiceEndpoints::default(), None, None));
+        shared.reload();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("binds");
+        let addr = listener.local_addr().expect("an address");
+        let (stop, stopped) = watch::channel(false);
+        tokio::spawn(crate::admin::serve(listener, gate, shared.clone(), stopped));
+        (shared, addr, stop)
+    }
+
+    fn open() -> AdminGate {
+        AdminGate::new(SocketAddr::from(([127, 0, 0, 1], 0)), None)
+    }
+
+    /// One request; its status, `content-type` and body.
+    async fn send(
+        addr: SocketAddr,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: impl Into<Bytes>,
+    ) -> (u16, String, String) {
+        let client: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("http://{addr}{path}"));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let req = req.body(Full::new(body.into())).expect("a request");
+        let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+            .await
+            .expect("answered in time")
+            .expect("answered");
+        let status = resp.status().as_u16();
+        let ctype = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let body = resp.into_body().collect().await.expect("a body").to_bytes();
+        (status, ctype, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    fn phase(shared: &Shared) -> String {
+        shared.rollouts.view()["rollouts"][0]["phase"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    }
+
+    /// `GET /rollouts` and the commands by hand, with each refusal's status.
+    #[tokio::test]
+    async fn commands_by_hand_and_their_refusals() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (shared, addr, _stop) = admin(dir.path(), open()).await;
+        let (code, ctype, body) = send(addr, Method::GET, "/rollouts", &[], "").await;
+        assert_eq!((code, ctype.as_str()), (200, "application/json"));
+        let view: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(view["rollouts"][0]["canaryWeight"], 10);
+        assert_eq!(send(addr, Method::GET, "/rollouts/", &[], "").await.0, 200);
+
+        let (code, ctype, body) = send(addr, Method::POST, &format!("{BASE}/pause"), &[], "").await;
+        assert_eq!((code, ctype.as_str()), (200, "application/json"), "{body}");
+        let t: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+        assert_eq!(t["result"], "paused");
+        assert_eq!(phase(&shared), "paused");
+        let (code, ctype, body) =
+            send(addr, Method::POST, &format!("{BASE}/pause/"), &[], "").await;
+        assert_eq!(
+            (code, ctype.as_str(), body.as_str()),
+            (409, "text/plain", "already paused\n")
+        );
+        let (code, _, body) = send(addr, Method::POST, &format!("{BASE}/jump"), &[], "").await;
+        assert_eq!(code, 404);
+        assert!(body.contains("unknown command \"jump\""), "{body}");
+        let (code, _, body) =
+            send(addr, Method::POST, "/rollouts/shop/log/nope/abort", &[], "").await;
+        assert_eq!(
+            (code, body.as_str()),
+            (404, "no rollout on shop/log/nope\n")
+        );
+        let (code, _, body) = send(addr, Method::GET, &format!("{BASE}/abort"), &[], "").await;
+        assert_eq!((code, body.as_str()), (405, "only POST\n"));
+        let (code, _, body) = send(addr, Method::DELETE, "/rollouts", &[], "").await;
+        assert_eq!((code, body.as_str()), (405, "only GET\n"));
+        let (code, _, _) = send(addr, Method::GET, "/rollouts/shop/log", &[], "").await;
+        assert_eq!(code, 404);
+        let (code, _, _) = send(addr, Method::POST, "/rollouts/shop/log", &[], "").await;
+        assert_eq!(code, 404);
+        // The command's weights are published at once.
+        send(addr, Method::POST, &format!("{BASE}/abort"), &[], "").await;
+        let published = shared.snapshots.borrow().clone().expect("published");
+        let version = &published.views.last().expect("a view").snapshot.version;
+        let id = RolloutId {
+            namespace: "shop".into(),
+            policy: "log".into(),
+            route: "ingest".into(),
+        };
+        assert_eq!(shared.rollouts.recorded_weight(version, &id), Some(0));
+    }
+
+    /// Beyond loopback every route under `/rollouts` wants the token: 401 with the
+    /// challenge without it, 403 when none is configured.
+    #[tokio::test]
+    async fn beyond_loopback_the_token_is_asked_for() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let beyond = SocketAddr::from(([0, 0, 0, 0], 0));
+        let (shared, addr, _stop) =
+            admin(dir.path(), AdminGate::new(beyond, Some("t0k".into()))).await;
+        let client: Client<HttpConnector, Full<Bytes>> =
+            Client::builder(TokioExecutor::new()).build(HttpConnector::new());
+        for (method, path) in [
+            (Method::GET, "/rollouts".to_string()),
+            (Method::POST, format!("{BASE}/pause")),
+            (Method::POST, "/rollouts/reports".to_string()),
+            (Method::POST, "/rollouts/proxies".to_string()),
+        ] {
+            let req = Request::builder()
+                .method(method)
+                .uri(format!("http://{addr}{path}"))
+                .header(NODE_HEADER, "n")
+                .header(REPLICA_HEADER, "r")
+                .body(Full::default())
+                .expect("a request");
+            let resp = client.request(req).await.expect("answered");
+            assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{path}");
+            assert_eq!(
+                resp.headers()
+                    .get(hyper::header::WWW_AUTHENTICATE)
+                    .map(|v| v.as_bytes()),
+                Some(sluice_api::admin_gate::CHALLENGE.as_bytes()),
+                "{path}"
+            );
+        }
+        assert_eq!(phase(&shared), "progressing");
+        let auth = [("authorization", "Bearer t0k")];
+        let (code, _, _) = send(addr, Method::POST, &format!("{BASE}/pause"), &auth, "").await;
+        assert_eq!(code, 200);
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (_, addr, _stop) = admin(dir.path(), AdminGate::new(beyond, None)).await;
+        let (code, _, body) = send(addr, Method::GET, "/rollouts", &[], "").await;
+        assert_eq!(code, 403, "{body}");
+    }
+
+    fn report(entry: pb::BackendCounts) -> Vec<u8> {
+        pb::Report {
+            seq: 1,
+            interval_ms: 1000,
+            entries: vec![entry],
+            ..pb::Report::default()
+        }
+        .encode_to_vec()
+    }
+
+    /// A relayed report: refused without its proxy's name, as not a report, when
+    /// malformed or too large, and on a replica that does not hold the lease; taken
+    /// in (and judged at once) otherwise.
+    #[tokio::test]
+    async fn relayed_reports_are_checked_then_judged() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (shared, addr, _stop) = admin(dir.path(), open()).await;
+        let path = "/rollouts/reports";
+        let node = [(NODE_HEADER, "proxy-1")];
+        let failing = pb::BackendCounts {
+            policy: "log".into(),
+            route: "ingest".into(),
+            backend: "v2".into(),
+            requests: 20,
+            server_errors: 20,
+            ..pb::BackendCounts::default()
+        };
+        let (code, _, body) = send(addr, Method::POST, path, &[], report(failing.clone())).await;
+        assert_eq!((code, body.as_str()), (400, "missing x-sluice-node\n"));
+        let (code, _, _) = send(
+            addr,
+            Method::POST,
+            path,
+            &[(NODE_HEADER, "")],
+            report(failing.clone()),
+        )
+        .await;
+        assert_eq!(code, 400);
+        let (code, _, body) = send(addr, Method::POST, path, &node, vec![0x08]).await;
+        assert_eq!(code, 400);
+        assert!(body.starts_with("not a report: "), "{body}");
+        let nameless = pb::BackendCounts {
+            backend: String::new(),
+            ..failing.clone()
+        };
+        let (code, _, body) = send(addr, Method::POST, path, &node, report(nameless)).await;
+        assert_eq!(code, 400);
+        assert!(body.starts_with("malformed report: "), "{body}");
+        let huge = vec![0u8; MAX_REPORT_BYTES + 1];
+        let (code, _, body) = send(addr, Method::POST, path, &node, huge).await;
+        assert_eq!(code, 400);
+        assert!(body.starts_with("body: "), "{body}");
+        assert_eq!(phase(&shared), "progressing");
+
+        shared.rollouts.set_leading(false);
+        let (code, _, _) = send(addr, Method::POST, path, &node, report(failing.clone())).await;
+        assert_eq!(code, 409);
+        assert_eq!(phase(&shared), "progressing");
+        shared.rollouts.set_leading(true);
+        let (code, _, body) = send(addr, Method::POST, path, &node, report(failing)).await;
+        assert_eq!((code, body.as_str()), (204, ""));
+        assert_eq!(phase(&shared), "rolled-back");
+    }
+
+    /// Another replica's list of proxies: refused without its name, when not a list,
+    /// and on a replica that does not hold the lease; kept otherwise.
+    #[tokio::test]
+    async fn another_replicas_proxies_are_kept_by_the_holder() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (shared, addr, _stop) = admin(dir.path(), open()).await;
+        let path = "/rollouts/proxies";
+        let list = serde_json::to_vec(&[RemoteProxy {
+            node_id: "p1".into(),
+            acked_version: Some("v1".into()),
+            nacked_version: None,
+        }])
+        .expect("JSON");
+        let replica = [(REPLICA_HEADER, "cp-b")];
+        let (code, _, body) = send(addr, Method::POST, path, &[], list.clone()).await;
+        assert_eq!((code, body.as_str()), (400, "missing x-sluice-replica\n"));
+        let (code, _, body) = send(addr, Method::POST, path, &replica, "{}").await;
+        assert_eq!(code, 400);
+        assert!(body.starts_with("not a list of proxies: "), "{body}");
+        shared.rollouts.set_leading(false);
+        let (code, _, _) = send(addr, Method::POST, path, &replica, list.clone()).await;
+        assert_eq!(code, 409);
+        let kept = || {
+            shared
+                .remote_proxies
+                .lock()
+                .unwrap()
+                .get("cp-b")
+                .map(|(_, l)| l.clone())
+        };
+        assert_eq!(kept(), None);
+        shared.rollouts.set_leading(true);
+        let (code, _, _) = send(addr, Method::POST, path, &replica, list).await;
+        assert_eq!(code, 204);
+        assert_eq!(kept().map(|l| l.len()), Some(1));
+    }
+
+    /// A command sent to a replica that does not hold the lease: 503 while no holder
+    /// is known, 502 when the holder does not answer, 409 when it was itself relayed;
+    /// `GET /rollouts` is answered here.
+    #[tokio::test]
+    async fn a_follower_relays_commands_or_says_why_not() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (shared, addr, _stop) = admin(dir.path(), open()).await;
+        shared.rollouts.set_leading(false);
+        let pause = format!("{BASE}/pause");
+        let (code, _, body) = send(addr, Method::POST, &pause, &[], "").await;
+        assert_eq!(code, 503, "{body}");
+        let (code, _, body) =
+            send(addr, Method::POST, &pause, &[(RELAYED_HEADER, "cp-a")], "").await;
+        assert_eq!(
+            (code, body.as_str()),
+            (
+                409,
+                "relayed by cp-a, but this replica does not hold the lease either\n"
+            )
+        );
+        assert_eq!(send(addr, Method::GET, "/rollouts", &[], "").await.0, 200);
+
+        // A holder that is gone: a port bound and closed again.
+        let gone = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").expect("binds");
+            l.local_addr().expect("an address")
+        };
+        let (_holder, holder_rx) = watch::channel(Some(format!("http://{gone}")));
+        let (_stop_fwd, stop_rx) = watch::channel(false);
+        let fwd = shared.clone();
+        tokio::spawn(async move {
+            fwd.forwarder
+                .run(holder_rx, None, "cp-b".into(), Vec::new, stop_rx)
+                .await;
+        });
+        let relayed = async {
+            loop {
+                let (code, _, body) = send(addr, Method::POST, &pause, &[], "").await;
+                if code != 503 {
+                    return (code, body);
+                }
+                tokio::task::yield_now().await;
+            }
+        };
+        let (code, body) = tokio::time::timeout(Duration::from_secs(10), relayed)
+            .await
+            .expect("the forwarder started");
+        assert_eq!(code, 502, "{body}");
+        assert!(body.contains(&gone.to_string()), "{body}");
+        assert_eq!(phase(&shared), "progressing");
+    }
+}
