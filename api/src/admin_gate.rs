@@ -162,6 +162,40 @@ mod tests {
         );
     }
 
+    /// Only the whole token opens: not a prefix of it, not a longer string starting
+    /// with it, and not a token of the same length differing in places.
+    #[test]
+    fn only_the_exact_token_opens() {
+        let wide = AdminGate::new("0.0.0.0:15000".parse().unwrap(), Some("s3cret".into()));
+        for wrong in [
+            &b"Bearer s3cre"[..],
+            b"Bearer s3crets",
+            b"Bearer ",
+            b"Bearer s3creu",
+            // Two differences of the same bits ('r' ^ 's' == '2' ^ '3').
+            b"Bearer r2cret",
+        ] {
+            assert_eq!(
+                wide.check(Some(wrong)),
+                Err(Refusal::BadToken),
+                "{}",
+                String::from_utf8_lossy(wrong)
+            );
+        }
+    }
+
+    #[test]
+    fn refusals_answer_401_or_403_and_say_what_to_do() {
+        assert_eq!(Refusal::BadToken.status(), 401);
+        assert!(Refusal::BadToken.message().contains("Bearer <admin token>"));
+        assert_eq!(Refusal::NoTokenConfigured.status(), 403);
+        assert!(
+            Refusal::NoTokenConfigured
+                .message()
+                .contains("--admin-token-file")
+        );
+    }
+
     #[test]
     fn empty_token_files_are_refused() {
         let dir = tempfile::tempdir().unwrap();

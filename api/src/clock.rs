@@ -49,5 +49,11 @@ mod tests {
         assert_eq!(rfc3339_millis(leap), "2000-02-29T00:00:00.000Z");
         assert_eq!(rfc3339_seconds(0), "1970-01-01T00:00:00Z");
         assert_eq!(rfc3339_seconds(1_795_425_458_123), "2026-11-23T09:17:38Z");
+        // Century years: 2100 is not a leap year, 2000 and 2400 are.
+        assert_eq!(rfc3339_seconds(951_868_800_000), "2000-03-01T00:00:00Z");
+        assert_eq!(rfc3339_seconds(4_102_444_799_000), "2099-12-31T23:59:59Z");
+        assert_eq!(rfc3339_seconds(4_107_542_399_000), "2100-02-28T23:59:59Z");
+        assert_eq!(rfc3339_seconds(4_107_542_400_000), "2100-03-01T00:00:00Z");
+        assert_eq!(rfc3339_seconds(13_574_606_400_000), "2400-02-29T12:00:00Z");
     }
 }

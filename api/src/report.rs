@@ -98,6 +98,9 @@ mod tests {
         });
         assert_eq!(t.proxies("log", "ingest"), None);
         assert_eq!(t.proxies("log", "query"), Some(2));
-        assert_eq!(t.table().len(), 1);
+        assert_eq!(
+            *t.table(),
+            HashMap::from([(("log".to_string(), "query".to_string()), 2)])
+        );
     }
 }

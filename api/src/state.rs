@@ -75,3 +75,97 @@ pub fn load_saved(state_dir: &Path) -> Option<PolicySet> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const POLICY: &str = "apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: { name: log }
+spec:
+  host: log
+  backends:
+    v1: { addresses: [\"127.0.0.1:1\"] }
+  routes:
+    - name: all
+      split:
+        - backend: v1
+";
+
+    /// A write lands whole, replaces what was there, creates the directory, and
+    /// leaves no temporary file behind; a failed one leaves none either.
+    #[test]
+    fn atomic_writes_replace_the_file_and_leave_nothing_behind() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("deep/er/state.json");
+        write_atomic(&path, b"first").expect("writes");
+        write_atomic(&path, b"second").expect("writes again");
+        assert_eq!(std::fs::read(&path).expect("reads"), b"second");
+        let names = |d: &Path| -> Vec<String> {
+            std::fs::read_dir(d)
+                .expect("lists")
+                .map(|e| {
+                    e.expect("an entry")
+                        .file_name()
+                        .to_string_lossy()
+                        .into_owned()
+                })
+                .collect()
+        };
+        assert_eq!(names(&dir.path().join("deep/er")), ["state.json"]);
+
+        // A directory in the file's place: the rename fails, and is reported.
+        let taken = dir.path().join("taken");
+        std::fs::create_dir_all(taken.join("inside")).expect("a directory");
+        assert!(write_atomic(&taken, b"x").is_err());
+        let mut left = names(dir.path());
+        left.sort();
+        assert_eq!(left, ["deep", "taken"]);
+    }
+
+    /// A policy file is read up to one byte past the limit: enough to refuse it for
+    /// its size, never the whole of a huge file.
+    #[test]
+    fn policy_files_are_read_to_one_byte_past_the_limit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("p.yaml");
+        std::fs::write(&path, b"0123456789").expect("writes");
+        assert_eq!(read_policy_file(&path, 100).expect("reads"), b"0123456789");
+        assert_eq!(read_policy_file(&path, 4).expect("reads"), b"01234");
+        assert_eq!(
+            read_policy_file(&path, usize::MAX).expect("reads").len(),
+            10
+        );
+        let missing = read_policy_file(&dir.path().join("nope.yaml"), 4);
+        assert_eq!(
+            missing.map_err(|e| e.kind()),
+            Err(std::io::ErrorKind::NotFound)
+        );
+    }
+
+    /// The saved snapshot comes back as the same set; none saved, an unreadable one
+    /// or one that no longer validates gives nothing (the proxy then waits for the
+    /// control plane).
+    #[test]
+    fn a_saved_snapshot_comes_back_or_nothing_does() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(load_saved(dir.path()).is_none());
+        let set = PolicySet::new(sluice_config::parse_policies("p.yaml", POLICY).expect("parses"))
+            .expect("valid");
+        save_snapshot(dir.path(), &set).expect("saves");
+        let back = load_saved(dir.path()).expect("loads");
+        assert_eq!(back.hash(), set.hash());
+
+        std::fs::write(dir.path().join(SNAPSHOT_FILE), "spec: [").expect("writes");
+        assert!(load_saved(dir.path()).is_none());
+        std::fs::remove_file(dir.path().join(SNAPSHOT_FILE)).expect("removes");
+        std::fs::create_dir(dir.path().join(SNAPSHOT_FILE)).expect("a directory");
+        assert!(load_saved(dir.path()).is_none());
+        // Saving where a file cannot go says where.
+        let blocked = dir.path().join("file");
+        std::fs::write(&blocked, "x").expect("writes");
+        let err = save_snapshot(&blocked, &set).expect_err("not a directory");
+        assert!(matches!(err, Error::State { .. }), "{err}");
+    }
+}
