@@ -190,6 +190,7 @@ async fn unknown_field_is_nacked_with_the_validator_message_then_good_one_acked(
     assert_eq!(*sink.1.lock().unwrap(), ["v-unknown"]);
     let status = sub.status().borrow().clone();
     assert!(status.connected);
+    assert_eq!(status.connects, 1);
     assert_eq!(status.last_rejected.unwrap().version, "v-unknown");
 
     // Dropping the handle ends the task, and with it the stream.
@@ -266,5 +267,44 @@ async fn unreachable_control_plane_is_retried_and_reported() {
         .unwrap();
     let s = status.borrow().clone();
     assert!(!s.connected);
-    assert!(s.last_error.unwrap().starts_with("connect:"));
+    let error = s.last_error.unwrap();
+    assert!(error.starts_with("connect:"), "{error}");
+    // The whole chain of causes, down to the socket's.
+    assert!(error.contains("refused"), "{error}");
+}
+
+/// `shutdown` returns once the task has ended (its status sender is gone).
+#[tokio::test]
+async fn shutdown_waits_for_the_task() {
+    let good = good_set();
+    let (url, mut seen) = serve(vec![snapshot(good.hash(), good.canonical_bytes())]).await;
+    let sub = Subscriber::spawn(config(&url, None), Arc::new(Sink::default())).unwrap();
+    next_answer(&mut seen).await;
+    let status = sub.status();
+    sub.shutdown().await;
+    assert!(status.has_changed().is_err(), "the task still runs");
+}
+
+/// A snapshot stamped with exactly the schema version its policies need is applied;
+/// one with a version but no policies is a policy set too (an empty one), answered
+/// like any other, not taken for the per-route traffic counts.
+#[tokio::test]
+async fn a_snapshot_at_its_own_schema_version_and_an_empty_one_are_answered() {
+    let good = good_set();
+    let mut exact = snapshot(good.hash(), good.canonical_bytes());
+    exact.schema_version = good.schema_version();
+    let empty = snapshot("v-empty", b"");
+    let (url, mut seen) = serve(vec![exact, empty]).await;
+    let sink = Arc::new(Sink::default());
+    let _sub = Subscriber::spawn(config(&url, None), sink.clone()).unwrap();
+    match next_answer(&mut seen).await {
+        pb::proxy_message::Message::Ack(a) => assert_eq!(a.version, good.hash()),
+        other => panic!("expected ACK, got {other:?}"),
+    }
+    let version = match next_answer(&mut seen).await {
+        pb::proxy_message::Message::Ack(a) => a.version,
+        pb::proxy_message::Message::Nack(n) => n.version,
+        other => panic!("expected an answer, got {other:?}"),
+    };
+    assert_eq!(version, "v-empty");
 }
