@@ -261,6 +261,8 @@ pub struct SubscriberStatus {
 /// Handle to the subscriber task; dropping it ends the task.
 #[derive(Debug)]
 pub struct Subscriber {
+    /// Dropped (with the handle, or by [`Self::shutdown`]), it wakes the task, which
+    /// then returns.
     shutdown: Option<oneshot::Sender<()>>,
     status: watch::Receiver<SubscriberStatus>,
     task: Option<tokio::task::JoinHandle<()>>,
@@ -294,13 +296,6 @@ impl Subscriber {
         if let Some(task) = self.task.take() {
             let _ = task.await;
         }
-    }
-}
-
-impl Drop for Subscriber {
-    fn drop(&mut self) {
-        // Dropping the sender wakes the task, which then returns.
-        drop(self.shutdown.take());
     }
 }
 
