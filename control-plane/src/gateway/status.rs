@@ -165,3 +165,123 @@ pub fn merged_parents(
     out.extend(ours);
     Value::Array(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gateway::translate::ParentVerdict;
+
+    fn problem(message: &str) -> Problem {
+        Problem {
+            condition: Condition::Accepted,
+            reason: "UnsupportedValue",
+            path: "p".into(),
+            message: message.into(),
+        }
+    }
+
+    /// Problems are joined with "; " and cut to the schema's bound, on a character
+    /// boundary, with "..." saying so.
+    #[test]
+    fn condition_messages_stay_within_the_schemas_bound() {
+        let (a, b) = (problem("one"), problem("two"));
+        assert_eq!(joined(&[&a, &b]), "p: one; p: two");
+        assert_eq!(joined(&[]), "");
+        // "p: " and the message: exactly the bound is kept whole.
+        let whole = problem(&"x".repeat(MAX_MESSAGE - 3));
+        assert_eq!(joined(&[&whole]).len(), MAX_MESSAGE);
+        assert!(!joined(&[&whole]).ends_with("..."));
+        let over = problem(&"x".repeat(MAX_MESSAGE - 2));
+        let text = joined(&[&over]);
+        assert_eq!(text.len(), MAX_MESSAGE);
+        assert!(text.ends_with("x..."), "{}", &text[text.len() - 8..]);
+        // A two-byte character across the cut is left out whole.
+        let wide = problem(&format!(
+            "{}é{}",
+            "x".repeat(MAX_MESSAGE - 7),
+            "y".repeat(10)
+        ));
+        let text = joined(&[&wide]);
+        assert_eq!(text.len(), MAX_MESSAGE - 1);
+        assert!(text.ends_with("x..."), "{}", &text[text.len() - 8..]);
+    }
+
+    /// A backend that does not resolve: ResolvedRefs says which, and Accepted says
+    /// the route is not in force (and which generation stays); an Accepted problem
+    /// alone leaves ResolvedRefs true.
+    #[test]
+    fn each_problem_sets_its_own_condition() {
+        let refs = Problem {
+            condition: Condition::ResolvedRefs,
+            reason: "BackendNotFound",
+            path: "spec.rules[0].backendRefs[0]".into(),
+            message: "no Service echo-v3".into(),
+        };
+        let [accepted, resolved] = conditions(std::slice::from_ref(&refs), None, Some(3));
+        assert_eq!(
+            (accepted.1, accepted.2.as_str()),
+            (false, "UnsupportedValue")
+        );
+        assert!(
+            accepted
+                .3
+                .starts_with("not in force until every backend resolves")
+        );
+        assert!(
+            accepted.3.ends_with("(generation 3 stays in force)"),
+            "{}",
+            accepted.3
+        );
+        assert_eq!(
+            resolved,
+            (
+                "ResolvedRefs",
+                false,
+                "BackendNotFound".to_string(),
+                "spec.rules[0].backendRefs[0]: no Service echo-v3".to_string()
+            )
+        );
+        let [accepted, resolved] = conditions(&[problem("no")], Some("shop/echo"), None);
+        assert_eq!(
+            (accepted.1, accepted.2.as_str(), accepted.3.as_str()),
+            (false, "UnsupportedValue", "p: no")
+        );
+        assert_eq!((resolved.1, resolved.2.as_str()), (true, "ResolvedRefs"));
+        let [accepted, _] = conditions(&[], Some("shop/echo"), None);
+        assert_eq!(accepted.3, "in force as RoutePolicy shop/echo");
+    }
+
+    /// A condition keeps its time while its status stays; one that changes takes now.
+    #[test]
+    fn a_changed_condition_takes_the_new_time() {
+        let parent = ParentVerdict {
+            index: 0,
+            parent_ref: Default::default(),
+            service: ("shop".into(), "echo".into()),
+            problems: Vec::new(),
+        };
+        let fine = RouteVerdict {
+            parents: vec![parent.clone()],
+            ..Default::default()
+        };
+        let refused = RouteVerdict {
+            parents: vec![ParentVerdict {
+                problems: vec![problem("no")],
+                ..parent
+            }],
+            ..Default::default()
+        };
+        let times = |v: &Value| -> Vec<String> {
+            v[0]["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["lastTransitionTime"].as_str().unwrap().to_string())
+                .collect()
+        };
+        let first = merged_parents(&Value::Null, &fine, |_| None, "T1");
+        let second = merged_parents(&first, &refused, |_| None, "T2");
+        // Accepted went false; ResolvedRefs stayed true.
+        assert_eq!(times(&second), ["T2", "T1"]);
+    }
+}

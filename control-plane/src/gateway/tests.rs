@@ -6,7 +6,7 @@ use serde::Deserialize as _;
 use serde_json::{Value, json};
 use sluice_config::{Duration, RoutePolicy, ServicePort};
 
-use super::model::{ReferenceGrant, RouteObject, ServiceInfo, ServicePortInfo};
+use super::model::{ParentRef, ReferenceGrant, RouteObject, ServiceInfo, ServicePortInfo};
 use super::translate::{Cluster, Condition, Key, Translation, translate};
 use super::{CONTROLLER_NAME, convert_files, merged_parents};
 
@@ -722,4 +722,113 @@ fn entries_others_added_after_ours_do_not_move_them() {
     );
     assert_eq!(gone.as_array().unwrap().len(), 1);
     assert_eq!(gone[0]["controllerName"], "example.net/gateway");
+}
+
+#[test]
+fn a_reference_grant_permits_only_what_it_names() {
+    let grant = |from: Value, to: Value| {
+        ReferenceGrant::from_object(&json!({
+            "metadata": { "name": "g", "namespace": "other" },
+            "spec": { "from": from, "to": to } }))
+    };
+    let from_routes =
+        json!([{ "group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": NS }]);
+    let store = json!([{ "group": "", "kind": "Service", "name": "store" }]);
+    let g = grant(from_routes.clone(), store.clone()).expect("a grant");
+    assert_eq!(g.namespace, "other");
+    assert!(g.permits(NS, "store"));
+    assert!(!g.permits(NS, "cart"));
+    assert!(!g.permits("elsewhere", "store"));
+    let any = grant(
+        from_routes.clone(),
+        json!([{ "group": "", "kind": "Service" }]),
+    )
+    .expect("a grant");
+    assert!(any.permits(NS, "cart"));
+    assert!(!any.permits("elsewhere", "cart"));
+
+    // Entries for other kinds or groups grant nothing to HTTPRoutes or Services.
+    let not_routes = json!([
+        { "group": "gateway.networking.k8s.io", "kind": "Gateway", "namespace": NS },
+        { "group": "example.net", "kind": "HTTPRoute", "namespace": NS },
+    ]);
+    assert_eq!(grant(not_routes, store.clone()), None);
+    let not_services = json!([
+        { "group": "", "kind": "Secret", "name": "store" },
+        { "group": "apps", "kind": "Service", "name": "store" },
+    ]);
+    assert_eq!(grant(from_routes.clone(), not_services), None);
+    assert_eq!(grant(json!([]), store.clone()), None);
+    assert_eq!(grant(from_routes.clone(), json!([])), None);
+    assert_eq!(grant(from_routes, Value::Null), None);
+    let mixed = grant(
+        json!([
+            { "group": "gateway.networking.k8s.io", "kind": "GRPCRoute", "namespace": "grpc" },
+            { "group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": NS },
+        ]),
+        json!([
+            { "group": "", "kind": "Secret", "name": "cart" },
+            { "group": "", "kind": "Service", "name": "store" },
+        ]),
+    )
+    .expect("a grant");
+    assert_eq!(mixed.from_namespaces, [NS]);
+    assert_eq!(mixed.to_services, [Some("store".to_string())]);
+    assert!(!mixed.permits("grpc", "store"));
+    assert!(!mixed.permits(NS, "cart"));
+}
+
+#[test]
+fn only_a_core_service_parent_is_a_mesh_parent() {
+    let parent = |group: Option<&str>, kind: Option<&str>| ParentRef {
+        group: group.map(str::to_string),
+        kind: kind.map(str::to_string),
+        name: "echo".into(),
+        ..ParentRef::default()
+    };
+    assert!(parent(Some(""), Some("Service")).is_service());
+    // No group is Gateway API's own; no kind is a Gateway.
+    assert!(!parent(None, Some("Service")).is_service());
+    assert!(!parent(Some(""), None).is_service());
+    assert!(!parent(Some("example.net"), Some("Service")).is_service());
+    assert!(!parent(Some(""), Some("Gateway")).is_service());
+}
+
+#[test]
+fn convert_checks_ports_against_the_services_given_and_reads_gateway_api_kinds_only() {
+    let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: { name: r, namespace: shop }\nspec:\n  parentRefs: [{ group: \"\", kind: Service, name: echo, port: 80 }]\n  rules: [{ backendRefs: [{ name: echo-v1, port: 8080 }] }]\n";
+    let service = |name: &str, port: u16| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{ name: {name}, namespace: shop }}\nspec: {{ ports: [{{ port: {port} }}] }}\n"
+        )
+    };
+    let files = |backend_port: u16| {
+        format!(
+            "{route}---\n{}---\n{}",
+            service("echo", 80),
+            service("echo-v1", backend_port)
+        )
+    };
+    let served = files(8080);
+    convert_files([("r.yaml", served.as_str())]).expect("converts");
+    let elsewhere = files(9090);
+    let err = convert_files([("r.yaml", elsewhere.as_str())])
+        .expect_err("the backend's port is not served");
+    assert!(err.to_string().contains("echo-v1"), "{err}");
+
+    let foreign_route = route.replace("gateway.networking.k8s.io/v1", "example.net/v1");
+    let err = convert_files([("r.yaml", foreign_route.as_str())]).expect_err("not Gateway API's");
+    assert!(
+        err.to_string().contains("HTTPRoute example.net/v1"),
+        "{err}"
+    );
+    let grant = "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: { name: g, namespace: other }\nspec:\n  from: [{ group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: shop }]\n  to: [{ group: \"\", kind: Service }]\n";
+    let with_grant = format!("{}---\n{grant}", files(8080));
+    convert_files([("r.yaml", with_grant.as_str())]).expect("a grant is read");
+    let foreign_grant = grant.replace("gateway.networking.k8s.io/v1beta1", "example.net/v1");
+    let err = convert_files([("g.yaml", foreign_grant.as_str())]).expect_err("not Gateway API's");
+    assert!(
+        err.to_string().contains("ReferenceGrant example.net/v1"),
+        "{err}"
+    );
 }
