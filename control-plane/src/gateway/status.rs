@@ -283,5 +283,20 @@ mod tests {
         let second = merged_parents(&first, &refused, |_| None, "T2");
         // Accepted went false; ResolvedRefs stayed true.
         assert_eq!(times(&second), ["T2", "T1"]);
+        let unresolved = RouteVerdict {
+            parents: vec![ParentVerdict {
+                problems: vec![Problem {
+                    condition: Condition::ResolvedRefs,
+                    ..problem("gone")
+                }],
+                ..refused.parents[0].clone()
+            }],
+            ..Default::default()
+        };
+        // Accepted stayed false; ResolvedRefs went false.
+        assert_eq!(
+            times(&merged_parents(&second, &unresolved, |_| None, "T3")),
+            ["T2", "T3"]
+        );
     }
 }
