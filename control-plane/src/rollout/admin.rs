@@ -277,23 +277,7 @@ mod tests {
     use crate::source::PolicyDir;
     use crate::state::PolicySource;
 
-    const POLICY: &str = r#"apiVersion: sluice.dev/v1alpha1
-kind: RoutePolicy
-metadata: { name: log, namespace: shop }
-spec:
-  host: log
-  backends:
-    v1: { addresses: ["127.0.0.1:1"] }
-    v2: { addresses: ["127.0.0.1:2"] }
-  routes:
-    - name: ingest
-      split:
-        - weights: { v1: 100, v2: 0 }
-          rollout:
-            canary: v2
-            steps: [10, 50, 100]
-            interval: 1s
-"#;
+    use crate::rollout::TEST_POLICY as POLICY;
 
     const BASE: &str = "/rollouts/shop/log/ingest";
 

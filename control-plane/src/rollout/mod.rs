@@ -24,3 +24,24 @@ pub mod reports;
 pub use clock::Clock;
 pub use driver::{FrozenWeights, RolloutId, Rollouts};
 pub use reports::{ReportBook, Window};
+
+/// A policy with one rollout, for tests: route `ingest` of RoutePolicy `shop/log`
+/// moves from `v1` to `v2` in steps of 10, 50 and 100 %, each interval 1 s.
+#[cfg(test)]
+pub(crate) const TEST_POLICY: &str = r#"apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: { name: log, namespace: shop }
+spec:
+  host: log
+  backends:
+    v1: { addresses: ["127.0.0.1:1"] }
+    v2: { addresses: ["127.0.0.1:2"] }
+  routes:
+    - name: ingest
+      split:
+        - weights: { v1: 100, v2: 0 }
+          rollout:
+            canary: v2
+            steps: [10, 50, 100]
+            interval: 1s
+"#;
