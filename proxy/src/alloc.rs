@@ -204,4 +204,16 @@ mod tests {
             }
         }
     }
+
+    /// The process asks for no transparent huge pages (the test runner does not set
+    /// `MIMALLOC_ALLOW_THP`; the flag is per process and harmless to the other tests).
+    #[test]
+    fn huge_pages_are_turned_off() {
+        assert!(std::env::var_os("MIMALLOC_ALLOW_THP").is_none());
+        no_huge_pages();
+        assert_eq!(
+            rustix::thread::transparent_huge_pages_are_disabled().ok(),
+            Some(true)
+        );
+    }
 }
