@@ -95,6 +95,49 @@ async fn run_takes_its_settings_from_sluice_environment_variables() {
     assert_eq!(status.code(), Some(0), "{}", proxy.log());
 }
 
+/// The names of the proxy's worker threads, sorted.
+fn worker_threads(proxy: &ChildProxy) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", proxy.pid()))
+        .expect("the proxy's threads")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim_end().to_string())
+        .filter(|name| name.starts_with("sluice-worker"))
+        .collect();
+    names.sort();
+    names
+}
+
+/// `--worker-threads 2` starts two worker threads beside the main one, which serve
+/// the connections.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_worker_threads_run_beside_the_main_one() {
+    let upstream = Upstream::auto("two").await;
+    let policy = format!(
+        "apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: {{ name: two }}
+spec:
+  host: two
+  backends:
+    app: {{ addresses: [\"{}\"] }}
+  routes:
+    - name: all
+",
+        upstream.addr()
+    );
+    let mut proxy = ChildProxy::spawn(bin(), &policy, &["--worker-threads", "2"]).await;
+    assert_eq!(
+        worker_threads(&proxy),
+        ["sluice-worker-1", "sluice-worker-2"]
+    );
+    let mut conn = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
+    let reply = conn.get("two", "/").await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK, "{}", proxy.log());
+    proxy.sigterm();
+    let status = proxy.wait_exit(sluice_e2e::WAIT).await;
+    assert_eq!(status.code(), Some(0), "{}", proxy.log());
+}
+
 /// `--worker-threads 1` runs a current-thread runtime: the proxy still serves both
 /// protocols, with the retry layer's per-try timer on the route, and stops on SIGTERM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,6 +159,8 @@ spec:
         upstream.addr()
     );
     let mut proxy = ChildProxy::spawn(bin(), &policy, &["--worker-threads", "1"]).await;
+    // One thread serves everything: no worker threads beside it.
+    assert_eq!(worker_threads(&proxy), Vec::<String>::new());
     for mut conn in [
         HttpConn::h1(proxy.outbound_addr()).await.unwrap(),
         HttpConn::h2(proxy.outbound_addr()).await.unwrap(),
