@@ -107,24 +107,28 @@ fn worker_threads(proxy: &ChildProxy) -> Vec<String> {
     names
 }
 
+/// A policy for host `name` with one route, `all` (then `route_fields`), to `upstream`.
+fn one_route_policy(name: &str, upstream: std::net::SocketAddr, route_fields: &str) -> String {
+    format!(
+        "apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: {{ name: {name} }}
+spec:
+  host: {name}
+  backends:
+    app: {{ addresses: [\"{upstream}\"] }}
+  routes:
+    - name: all
+{route_fields}"
+    )
+}
+
 /// `--worker-threads 2` starts two worker threads beside the main one, which serve
 /// the connections.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_worker_threads_run_beside_the_main_one() {
     let upstream = Upstream::auto("two").await;
-    let policy = format!(
-        "apiVersion: sluice.dev/v1alpha1
-kind: RoutePolicy
-metadata: {{ name: two }}
-spec:
-  host: two
-  backends:
-    app: {{ addresses: [\"{}\"] }}
-  routes:
-    - name: all
-",
-        upstream.addr()
-    );
+    let policy = one_route_policy("two", upstream.addr(), "");
     let mut proxy = ChildProxy::spawn(bin(), &policy, &["--worker-threads", "2"]).await;
     assert_eq!(
         worker_threads(&proxy),
@@ -143,20 +147,12 @@ spec:
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn run_on_one_worker_thread_serves_both_protocols_and_stops() {
     let upstream = Upstream::auto("one").await;
-    let policy = format!(
-        "apiVersion: sluice.dev/v1alpha1
-kind: RoutePolicy
-metadata: {{ name: one }}
-spec:
-  host: one
-  backends:
-    app: {{ addresses: [\"{}\"] }}
-  routes:
-    - name: all
-      timeout: 2s
-      retry: {{ attempts: 2, on: [connect-failure, gateway-error], perTryTimeout: 500ms }}
+    let policy = one_route_policy(
+        "one",
+        upstream.addr(),
+        "      timeout: 2s
+      retry: { attempts: 2, on: [connect-failure, gateway-error], perTryTimeout: 500ms }
 ",
-        upstream.addr()
     );
     let mut proxy = ChildProxy::spawn(bin(), &policy, &["--worker-threads", "1"]).await;
     // One thread serves everything: no worker threads beside it.
