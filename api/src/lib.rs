@@ -35,7 +35,7 @@ pub use report::{Deltas, MAX_REPORT_ENTRIES, ReportSource, RouteTraffic};
 pub use state::{SNAPSHOT_FILE, load_saved, read_policy_file, save_snapshot, write_atomic};
 pub use subscriber::{
     Backoff, DEFAULT_REPORT_INTERVAL, Rejected, SnapshotSink, Subscriber, SubscriberConfig,
-    SubscriberStatus, control_plane_endpoint,
+    SubscriberStatus, control_plane_endpoint, tls_mismatch_hint,
 };
 
 /// Generated protobuf messages and tonic client/server for `sluice.v1`.

@@ -339,7 +339,7 @@ async fn run<S: SnapshotSink>(
 ) {
     let mut retry = Retry::new(cfg.backoff.clone());
     loop {
-        let outcome = tokio::select! {
+        let mut outcome = tokio::select! {
             _ = &mut shutdown => return,
             o = session(&cfg, &endpoint, &sink, &status) => o,
         };
@@ -349,7 +349,11 @@ async fn run<S: SnapshotSink>(
             tracing::info!(control_plane = %cfg.control_plane, error = %outcome.error, "policy stream ended; reconnecting");
         } else {
             // Never connected: a wrong URL, an untrusted certificate, a control plane
-            // down. The operator has to see this one.
+            // down. The operator has to see this one, with the likely fix when the
+            // two ends disagree on TLS.
+            if let Some(hint) = tls_mismatch_hint(&cfg.control_plane, &outcome.error) {
+                outcome.error = format!("{} (hint: {hint})", outcome.error);
+            }
             tracing::warn!(control_plane = %cfg.control_plane, error = %outcome.error, "cannot reach the control plane; retrying");
         }
         status.send_modify(|s| {
@@ -598,16 +602,138 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        let text = c.to_string();
+        // Wrappers that print their source's text would say everything twice.
+        if !s.ends_with(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cur = c.source();
     }
     s
 }
 
+/// The likely fix when a failure to reach the control plane at `url` reads as
+/// the two ends disagreeing on TLS, else `None`; `error` is the failure's whole
+/// text (its source chain included).
+///
+/// The signatures are what the other end's first bytes do to this one. A TLS
+/// server's alert record, read as an HTTP/2 frame header, announces a frame of
+/// over a megabyte (`FRAME_SIZE_ERROR`), or the server has already hung up on the
+/// rest of our preface (a broken pipe, a reset, the request canceled by the
+/// connection closing under it). A plaintext server's HTTP/2
+/// frames, read as a TLS record, carry no known record type (`InvalidContentType`).
+pub fn tls_mismatch_hint(url: &str, error: &str) -> Option<&'static str> {
+    let https = url
+        .get(..8)
+        .is_some_and(|s| s.eq_ignore_ascii_case("https://"));
+    let closed = [
+        "FRAME_SIZE_ERROR",
+        "BrokenPipe",
+        "ConnectionReset",
+        "Canceled",
+    ];
+    if https && error.contains("InvalidContentType") {
+        Some(
+            "the control plane answers in plaintext (started with --plaintext?): use an http:// URL",
+        )
+    } else if !https && closed.iter().any(|c| error.contains(c)) {
+        Some(
+            "if the control plane serves TLS (its default), use an https:// URL with --trust-root, \
+             or start it with --plaintext",
+        )
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each signature of a scheme mismatch gets its hint only on the side it can
+    /// happen on; other failures and a right-scheme failure get none.
+    #[test]
+    fn a_scheme_mismatch_is_hinted_from_its_signature() {
+        let tls = Some(
+            "if the control plane serves TLS (its default), use an https:// URL with --trust-root, \
+             or start it with --plaintext",
+        );
+        let plain = Some(
+            "the control plane answers in plaintext (started with --plaintext?): use an http:// URL",
+        );
+        for (url, error, want) in [
+            (
+                "http://cp:15010",
+                "GoAway(b\"\", FRAME_SIZE_ERROR, Library)",
+                tls,
+            ),
+            (
+                "http://cp:15010",
+                "Io, Custom { kind: BrokenPipe, .. }",
+                tls,
+            ),
+            (
+                "http://cp:15010",
+                "Io, Os { kind: ConnectionReset, .. }",
+                tls,
+            ),
+            (
+                "http://cp:15010",
+                "received corrupt message of type InvalidContentType",
+                None,
+            ),
+            ("http://cp:15010", "Connection refused (os error 111)", None),
+            (
+                "https://cp:15010",
+                "received corrupt message of type InvalidContentType",
+                plain,
+            ),
+            (
+                "HTTPS://cp:15010",
+                "received corrupt message of type InvalidContentType",
+                plain,
+            ),
+            (
+                "https://cp:15010",
+                "GoAway(b\"\", FRAME_SIZE_ERROR, Library)",
+                None,
+            ),
+            (
+                "https://cp:15010",
+                "invalid peer certificate: UnknownIssuer",
+                None,
+            ),
+            ("https", "InvalidContentType", None),
+        ] {
+            assert_eq!(tls_mismatch_hint(url, error), want, "{url} {error}");
+        }
+    }
+
+    /// A cause is said once even when a wrapper prints its source's text too.
+    #[test]
+    fn an_error_chain_says_each_cause_once() {
+        #[derive(Debug)]
+        struct E(&'static str, Option<Box<E>>);
+        impl std::fmt::Display for E {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.0)
+            }
+        }
+        impl std::error::Error for E {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                self.1.as_deref().map(|e| e as _)
+            }
+        }
+        let e = E(
+            "transport error",
+            Some(Box::new(E(
+                "corrupt",
+                Some(Box::new(E("corrupt", Some(Box::new(E("eof", None)))))),
+            ))),
+        );
+        assert_eq!(error_chain(&e), "transport error: corrupt: eof");
+    }
 
     fn fixed() -> Backoff {
         Backoff {

@@ -1,10 +1,12 @@
 //! What a proxy meets first from a real control plane: a snapshot whose schema
 //! version is from the future (refused with a NACK the control plane reports),
-//! and a workload certificate that is not there yet (`/ready` says 503 and why
-//! until it arrives).
+//! a workload certificate that is not there yet (`/ready` says 503 and why
+//! until it arrives), and a control plane reached with the wrong scheme.
 
 use hyper::StatusCode;
-use sluice_e2e::{NackingMesh, ProxyOptions, TestControlPlane, TestProxy};
+use std::sync::Arc;
+
+use sluice_e2e::{NackingMesh, ProxyOptions, RecordingSink, TestControlPlane, TestProxy};
 
 const POLICY: &str = "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: { name: log }\nspec:\n  host: log\n  backends:\n    v1: { addresses: [\"127.0.0.1:9\"] }\n  routes:\n    - name: all\n";
 
@@ -68,4 +70,70 @@ async fn ready_is_503_until_the_workload_certificate_arrives() {
         "{identity}"
     );
     proxy.shutdown().await;
+}
+
+/// Waits until `subscriber` has failed to reach its control plane, and returns why.
+async fn first_failure(subscriber: &sluice_api::Subscriber) -> String {
+    let mut status = subscriber.status();
+    let failed = status.wait_for(|s| s.last_error.is_some());
+    let s = tokio::time::timeout(sluice_e2e::WAIT, failed)
+        .await
+        .expect("a failure within the wait")
+        .expect("subscriber running")
+        .clone();
+    assert!(!s.connected && s.connects == 0, "{s:?}");
+    s.last_error.unwrap()
+}
+
+/// A proxy pointed at a control plane with the wrong scheme (`http://` at one
+/// serving TLS, its default, or `https://` at one started with `--plaintext`)
+/// never connects, and its error says which way round the mismatch is and what
+/// to change, instead of only the HTTP/2 or TLS error the other end's bytes cause.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wrong_scheme_for_the_control_plane_is_named_with_its_fix() {
+    let tls = TestControlPlane::start_with_ca(&[], &[], std::time::Duration::from_secs(600)).await;
+    let plain = TestControlPlane::start(&[]).await;
+    let trust_root = std::fs::read(tls.trust_root()).unwrap();
+
+    let mut cfg = sluice_api::SubscriberConfig::new(tls.url().replace("https://", "http://"), "p1");
+    cfg.trust_root = Some(trust_root.clone());
+    let to_tls = sluice_api::Subscriber::spawn(cfg, Arc::new(RecordingSink::default())).unwrap();
+    let error = first_failure(&to_tls).await;
+    assert!(
+        error.contains("(hint: if the control plane serves TLS (its default), use an https:// URL with --trust-root, or start it with --plaintext)"),
+        "{error}"
+    );
+
+    let mut cfg =
+        sluice_api::SubscriberConfig::new(plain.url().replace("http://", "https://"), "p2");
+    cfg.trust_root = Some(trust_root.clone());
+    let to_plain = sluice_api::Subscriber::spawn(cfg, Arc::new(RecordingSink::default())).unwrap();
+    let error = first_failure(&to_plain).await;
+    assert!(
+        error.ends_with("(hint: the control plane answers in plaintext (started with --plaintext?): use an http:// URL)"),
+        "{error}"
+    );
+    // Each cause is said once, not repeated by the wrappers around it.
+    assert_eq!(error.matches("InvalidContentType").count(), 1, "{error}");
+
+    // The right scheme connects, and a failure of another kind carries no hint.
+    let mut cfg = sluice_api::SubscriberConfig::new(tls.url(), "p3");
+    cfg.trust_root = Some(trust_root);
+    let right = sluice_api::Subscriber::spawn(cfg, Arc::new(RecordingSink::default())).unwrap();
+    let mut status = right.status();
+    tokio::time::timeout(sluice_e2e::WAIT, status.wait_for(|s| s.connected))
+        .await
+        .expect("connects within the wait")
+        .unwrap();
+    let mut cfg = sluice_api::SubscriberConfig::new(plain.url(), "p4");
+    cfg.trust_root = Some(std::fs::read(tls.trust_root()).unwrap());
+    let mut plain = plain;
+    plain.stop().await;
+    let refused = sluice_api::Subscriber::spawn(cfg, Arc::new(RecordingSink::default())).unwrap();
+    let error = first_failure(&refused).await;
+    assert!(!error.contains("hint"), "{error}");
+
+    for s in [to_tls, to_plain, right, refused] {
+        s.shutdown().await;
+    }
 }
