@@ -45,7 +45,7 @@ pub struct Args {
     /// answer only with `Authorization: Bearer <token>` (and not at all without it).
     #[arg(long, env = "SLUICE_ADMIN_TOKEN_FILE", value_name = "FILE")]
     pub admin_token_file: Option<PathBuf>,
-    /// Directory where the last good version of every policy file is kept.
+    /// Directory where the version in force of every policy file is kept.
     #[arg(long, env = "SLUICE_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
     /// Log filter (`info`, `debug`, `sluice_control_plane=debug,info`, ...).

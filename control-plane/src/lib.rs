@@ -4,9 +4,10 @@
 //!
 //! - [`source`]: the policy directory. Every `*.yaml`/`*.yml` file is validated
 //!   with `sluice-config`; a broken file is refused with the validator's message
-//!   and the last good version of that file stays in force. Last good versions
-//!   are persisted in the state directory so a restart with a broken file on
-//!   disk still serves them. A watcher re-reads the directory on any change.
+//!   and the last good version of that file stays in force, as it does when a
+//!   file claims a host or policy another file has in force. The versions in
+//!   force are persisted in the state directory so a restart with a broken file
+//!   on disk still serves them. A watcher re-reads the directory on any change.
 //! - `state`: what every part shares (`Shared`): the published snapshot, the
 //!   policy source, readiness; `source` and `k8s` depend on it, not on this file.
 //! - The published snapshot: one `watch` channel holding the mesh's
@@ -194,7 +195,7 @@ pub struct ControlPlaneConfig {
     /// The admin token: bound beyond loopback, `/policies` and `/proxies` need it
     /// (`Authorization: Bearer …`); without one they are closed there.
     pub admin_token: Option<Arc<str>>,
-    /// Where last good policy files are kept; `None` keeps them only in memory.
+    /// Where the policy files in force are kept; `None` keeps them only in memory.
     pub state_dir: Option<PathBuf>,
     /// After binding, the bound addresses are written here as JSON.
     pub addr_file: Option<PathBuf>,

@@ -7,8 +7,9 @@
 //! ConfigMap's `..data` and `..2024_…` directories) are skipped themselves; their
 //! content is reached through the visible symlinks.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -20,14 +21,17 @@ use sluice_config::{Limits, PolicySet, RoutePolicy};
 
 use crate::Error;
 
-/// Subdirectory of the state directory holding last good policy files.
+/// Subdirectory of the state directory holding the policy files in force.
 const STATE_SUBDIR: &str = "policies";
 
 /// What is known about one policy file.
 #[derive(Clone, Debug, Default)]
 struct FileState {
-    /// The last version that validated; in force.
+    /// The last version that validated.
     good: Option<GoodFile>,
+    /// The version in the last published set: `good`, or an earlier version while
+    /// `good` clashes with another file; `None` when the file is left out.
+    served: Option<GoodFile>,
     /// Why the current content on disk is refused, if it is.
     error: Option<String>,
     /// When `error` was recorded.
@@ -41,6 +45,8 @@ struct GoodFile {
     policies: Vec<RoutePolicy>,
     /// Content hash of the file's bytes.
     version: String,
+    /// The bytes, saved to the state directory once this version is in force.
+    bytes: Arc<[u8]>,
     /// Restored from the state directory rather than read from the policy dir.
     from_state: bool,
     loaded_at: SystemTime,
@@ -130,15 +136,20 @@ impl PolicyDir {
                 };
                 match parse_file(&name, &bytes, &limits) {
                     Ok(policies) => {
+                        // Saved because it was in force: it holds what it claimed
+                        // against files that were left out beside it.
+                        let version = GoodFile {
+                            policies,
+                            version: short_hash(&bytes),
+                            bytes: bytes.into(),
+                            from_state: true,
+                            loaded_at: SystemTime::now(),
+                        };
                         files.insert(
                             name,
                             FileState {
-                                good: Some(GoodFile {
-                                    policies,
-                                    version: short_hash(&bytes),
-                                    from_state: true,
-                                    loaded_at: SystemTime::now(),
-                                }),
+                                good: Some(version.clone()),
+                                served: Some(version),
                                 ..FileState::default()
                             },
                         );
@@ -214,17 +225,12 @@ impl PolicyDir {
                     state.good = Some(GoodFile {
                         policies,
                         version,
+                        bytes: bytes.into(),
                         from_state: false,
                         loaded_at: SystemTime::now(),
                     });
                     state.error = None;
                     state.error_at = None;
-                    if let Some(dir) = &self.state_dir {
-                        let path = dir.join(STATE_SUBDIR).join(&name);
-                        if let Err(e) = sluice_api::write_atomic(&path, &bytes) {
-                            tracing::warn!(file = %path.display(), error = %e, "cannot save last good policy file");
-                        }
-                    }
                 }
                 Err(error) => {
                     report.failures += 1;
@@ -238,41 +244,60 @@ impl PolicyDir {
         report
     }
 
-    /// The mesh's policy set from every file's version in force, with where each
-    /// policy came from. A file whose policies clash with an earlier file's (same
-    /// namespace/name or same host) is left out whole and the clash reported.
+    /// The mesh's policy set from every file's latest good version, with where each
+    /// policy came from. What a file claims (a namespace/name, a host) stays with
+    /// the file that had it in force while that file's latest version still claims
+    /// it: a file added or edited to claim it too is the one left out, keeping its
+    /// version in force when it has one that does not clash, and the clash is
+    /// reported. Among files with nothing in force, the first by name wins.
     pub(crate) fn build_set(&mut self) -> Option<(PolicySet, Vec<pb::PolicyMeta>)> {
         self.conflicts.clear();
-        let mut names: HashMap<(String, String), String> = HashMap::new();
-        let mut hosts: HashMap<String, String> = HashMap::new();
+        let mut held: HashMap<Claim, &str> = HashMap::new();
+        for (file, state) in &self.files {
+            if let (Some(served), Some(good)) = (&state.served, &state.good) {
+                let still: HashSet<Claim> = claims(&good.policies).collect();
+                for claim in claims(&served.policies).filter(|c| still.contains(c)) {
+                    held.insert(claim, file);
+                }
+            }
+        }
+        let (incumbents, newcomers): (Vec<_>, Vec<_>) =
+            self.files.iter().partition(|(_, s)| s.served.is_some());
+        let mut taken: HashMap<Claim, &str> = HashMap::new();
+        let mut chosen: HashMap<&str, &GoodFile> = HashMap::new();
         let mut policies = Vec::new();
         let mut metas = Vec::new();
-        for (file, state) in &self.files {
+        for (file, state) in incumbents.into_iter().chain(newcomers) {
             let Some(good) = &state.good else { continue };
-            let clash = good.policies.iter().find_map(|p| {
-                let key = (namespace_of(p), p.metadata.name.clone());
-                if let Some(other) = names.get(&key) {
-                    return Some(format!(
-                        "policy {}/{} is also defined in {other}",
-                        key.0, key.1
-                    ));
-                }
-                p.spec.hosts().find_map(|h| {
-                    hosts
-                        .get(h)
-                        .map(|other| format!("host {h:?} is also governed by a policy in {other}"))
+            let clash = |version: &GoodFile| {
+                claims(&version.policies).find_map(|claim| {
+                    let other = taken
+                        .get(&claim)
+                        .or_else(|| held.get(&claim).filter(|h| **h != file.as_str()))?;
+                    Some(claim.clash_with(other))
                 })
-            });
-            if let Some(msg) = clash {
-                tracing::warn!(%file, error = %msg, "policy file left out");
-                self.conflicts.insert(file.clone(), msg);
-                continue;
-            }
-            for p in &good.policies {
-                names.insert((namespace_of(p), p.metadata.name.clone()), file.clone());
-                for h in p.spec.hosts() {
-                    hosts.insert(h.to_string(), file.clone());
+            };
+            let version = match clash(good) {
+                None => good,
+                Some(msg) => {
+                    let earlier = state
+                        .served
+                        .as_ref()
+                        .filter(|s| s.version != good.version && clash(s).is_none());
+                    let msg = match earlier {
+                        Some(s) => format!("{msg}; version {} stays in force", s.version),
+                        None => msg,
+                    };
+                    tracing::warn!(%file, error = %msg, "policy file left out");
+                    self.conflicts.insert(file.clone(), msg);
+                    let Some(earlier) = earlier else { continue };
+                    earlier
                 }
+            };
+            for claim in claims(&version.policies) {
+                taken.insert(claim, file);
+            }
+            for p in &version.policies {
                 metas.push(pb::PolicyMeta {
                     name: p.metadata.name.clone(),
                     namespace: namespace_of(p),
@@ -280,33 +305,48 @@ impl PolicyDir {
                 });
                 policies.push(p.clone());
             }
+            chosen.insert(file, version);
         }
-        match PolicySet::new_with(policies, &self.limits) {
-            Ok(set) => Some((set, metas)),
+        let set = match PolicySet::new_with(policies, &self.limits) {
+            Ok(set) => set,
             Err(e) => {
                 tracing::warn!(error = %e, "the mesh's policy set is refused; keeping the previous one");
-                None
+                return None;
             }
+        };
+        let chosen: HashMap<String, GoodFile> = chosen
+            .into_iter()
+            .map(|(f, v)| (f.to_string(), v.clone()))
+            .collect();
+        for (file, state) in &mut self.files {
+            let now = chosen.get(file);
+            if now.map(|v| &v.version) != state.served.as_ref().map(|v| &v.version) {
+                save_in_force(self.state_dir.as_deref(), file, now);
+            }
+            state.served = now.cloned();
         }
+        Some((set, metas))
     }
 
     /// Every policy in force, for `/policies`.
     pub(crate) fn policy_views(&self) -> Vec<PolicyView> {
         let mut out = Vec::new();
         for (file, state) in &self.files {
-            let Some(good) = &state.good else { continue };
-            if self.conflicts.contains_key(file) {
+            let Some(served) = &state.served else {
                 continue;
-            }
-            for p in &good.policies {
+            };
+            for p in &served.policies {
                 out.push(PolicyView {
                     name: p.metadata.name.clone(),
                     namespace: namespace_of(p),
                     host: p.spec.host.clone(),
                     aliases: p.spec.aliases.clone(),
                     file: file.clone(),
-                    file_version: good.version.clone(),
-                    file_error: state.error.clone(),
+                    file_version: served.version.clone(),
+                    file_error: state
+                        .error
+                        .clone()
+                        .or_else(|| self.conflicts.get(file).cloned()),
                 });
             }
         }
@@ -317,29 +357,74 @@ impl PolicyDir {
     pub(crate) fn file_views(&self) -> Vec<FileView> {
         self.files
             .iter()
-            .map(|(file, state)| FileView {
-                file: file.clone(),
-                version: state.good.as_ref().map(|g| g.version.clone()),
-                from_state: state.good.as_ref().is_some_and(|g| g.from_state),
-                loaded_at_unix_ms: state.good.as_ref().map(|g| crate::unix_ms(g.loaded_at)),
-                error: state
-                    .error
-                    .clone()
-                    .or_else(|| self.conflicts.get(file).cloned()),
-                error_at_unix_ms: state.error_at.map(crate::unix_ms),
-                policies: if self.conflicts.contains_key(file) {
-                    Vec::new()
-                } else {
-                    state
-                        .good
+            .map(|(file, state)| {
+                // The version in force; a file left out shows its latest good one.
+                let shown = state.served.as_ref().or(state.good.as_ref());
+                FileView {
+                    file: file.clone(),
+                    version: shown.map(|g| g.version.clone()),
+                    from_state: shown.is_some_and(|g| g.from_state),
+                    loaded_at_unix_ms: shown.map(|g| crate::unix_ms(g.loaded_at)),
+                    error: state
+                        .error
+                        .clone()
+                        .or_else(|| self.conflicts.get(file).cloned()),
+                    error_at_unix_ms: state.error_at.map(crate::unix_ms),
+                    policies: state
+                        .served
                         .iter()
                         .flat_map(|g| &g.policies)
                         .map(|p| format!("{}/{}", namespace_of(p), p.metadata.name))
-                        .collect()
-                },
+                        .collect(),
+                }
             })
             .collect()
     }
+}
+
+/// Keeps `version` of `file` in the state directory as the one in force, or
+/// removes the kept one when the file has none.
+fn save_in_force(state_dir: Option<&Path>, file: &str, version: Option<&GoodFile>) {
+    let Some(dir) = state_dir else { return };
+    let path = dir.join(STATE_SUBDIR).join(file);
+    let result = match version {
+        Some(v) => sluice_api::write_atomic(&path, &v.bytes),
+        None => match std::fs::remove_file(&path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            other => other,
+        },
+    };
+    if let Err(e) = result {
+        tracing::warn!(file = %path.display(), error = %e, "cannot save the policy file in force");
+    }
+}
+
+/// What a policy file holds against every other file: a policy's identity or a
+/// host one of its policies governs.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Claim {
+    /// Namespace and name.
+    Name(String, String),
+    /// `spec.host` or one of `spec.aliases`.
+    Host(String),
+}
+
+impl Claim {
+    /// The refusal of a file that makes this claim while `other` holds it.
+    fn clash_with(&self, other: &str) -> String {
+        match self {
+            Claim::Name(ns, name) => format!("policy {ns}/{name} is also defined in {other}"),
+            Claim::Host(h) => format!("host {h:?} is also governed by a policy in {other}"),
+        }
+    }
+}
+
+/// Every claim of `policies`, each policy's name before its hosts.
+fn claims(policies: &[RoutePolicy]) -> impl Iterator<Item = Claim> + '_ {
+    policies.iter().flat_map(|p| {
+        std::iter::once(Claim::Name(namespace_of(p), p.metadata.name.clone()))
+            .chain(p.spec.hosts().map(|h| Claim::Host(h.to_string())))
+    })
 }
 
 fn namespace_of(p: &RoutePolicy) -> String {
@@ -618,6 +703,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(pd.rescan().failures, 0);
+        pd.build_set().unwrap();
         let newer = pd.file_views()[0].version.clone().unwrap();
         assert!(
             newer != version && newer.len() == 16,
@@ -643,6 +729,153 @@ mod tests {
         assert!(
             b.error.as_deref().unwrap().contains("also governed"),
             "{b:?}"
+        );
+    }
+
+    /// Writes `files` (name, YAML) into `dir`, rescans and builds: the set's policies
+    /// as `namespace/name@file`, sorted.
+    fn publish(pd: &mut PolicyDir, dir: &Path, files: &[(&str, &str)]) -> Vec<String> {
+        for (name, yaml) in files {
+            std::fs::write(dir.join(name), yaml).unwrap();
+        }
+        pd.rescan();
+        let (_, metas) = pd.build_set().unwrap();
+        let mut out: Vec<String> = metas
+            .iter()
+            .map(|m| format!("{}/{}@{}", m.namespace, m.name, m.source))
+            .collect();
+        out.sort();
+        out
+    }
+
+    fn view(pd: &PolicyDir, file: &str) -> FileView {
+        pd.file_views()
+            .into_iter()
+            .find(|v| v.file == file)
+            .unwrap()
+    }
+
+    /// A file added with a host or a name already in force is the one left out,
+    /// whatever its name sorts as, across a restart too; the file in force keeps
+    /// serving, and once it lets the host go the newcomer gets it.
+    #[test]
+    fn a_file_added_with_a_host_in_force_is_left_out_not_the_file_in_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let log = GOOD.replace("name: a,", "name: log,");
+        let mut pd = PolicyDir::open(dir.path(), Some(state.path()), Limits::default()).unwrap();
+        assert_eq!(
+            publish(&mut pd, dir.path(), &[("log.yaml", &log)]),
+            ["shop/log@log.yaml"]
+        );
+
+        // "a.yaml" sorts first: it used to take the host over.
+        let a = GOOD.replace("name: a,", "name: copy,");
+        assert_eq!(
+            publish(&mut pd, dir.path(), &[("a.yaml", &a)]),
+            ["shop/log@log.yaml"]
+        );
+        let refused = view(&pd, "a.yaml");
+        assert_eq!(
+            refused.error.as_deref(),
+            Some("host \"a\" is also governed by a policy in log.yaml")
+        );
+        assert!(refused.policies.is_empty());
+        assert_eq!(view(&pd, "log.yaml").policies, ["shop/log"]);
+        assert_eq!(view(&pd, "log.yaml").error, None);
+        // The same name in a new file, with another host.
+        let same_name = log.replace("host: a", "host: b");
+        assert_eq!(
+            publish(&mut pd, dir.path(), &[("0.yaml", &same_name)]),
+            ["shop/log@log.yaml"]
+        );
+        assert_eq!(
+            view(&pd, "0.yaml").error.as_deref(),
+            Some("policy shop/log is also defined in log.yaml")
+        );
+        std::fs::remove_file(dir.path().join("0.yaml")).unwrap();
+
+        // Restarted on the same state: the file in force is still the one serving.
+        let mut restarted =
+            PolicyDir::open(dir.path(), Some(state.path()), Limits::default()).unwrap();
+        assert_eq!(
+            publish(&mut restarted, dir.path(), &[]),
+            ["shop/log@log.yaml"]
+        );
+        assert!(view(&restarted, "a.yaml").error.is_some());
+
+        // The file in force moves to another host: the newcomer gets this one.
+        assert_eq!(
+            publish(
+                &mut restarted,
+                dir.path(),
+                &[("log.yaml", &log.replace("host: a", "host: c"))]
+            ),
+            ["shop/copy@a.yaml", "shop/log@log.yaml"]
+        );
+        assert_eq!(view(&restarted, "a.yaml").error, None);
+    }
+
+    /// A file in force edited to claim another file's host keeps its version in
+    /// force and says why its edit is not; a later edit without the clash goes in.
+    #[test]
+    fn an_edit_that_takes_another_files_host_keeps_the_version_in_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let a = GOOD.replace("host: a", "host: a-host");
+        let z = GOOD
+            .replace("name: a,", "name: z,")
+            .replace("host: a", "host: z-host");
+        let mut pd = PolicyDir::open(dir.path(), Some(state.path()), Limits::default()).unwrap();
+        assert_eq!(
+            publish(&mut pd, dir.path(), &[("a.yaml", &a), ("z.yaml", &z)]),
+            ["shop/a@a.yaml", "shop/z@z.yaml"]
+        );
+        let in_force = view(&pd, "a.yaml").version.clone().unwrap();
+
+        let grabbing = a.replace("host: a-host", "host: a-host\n  aliases: [z-host]");
+        assert_eq!(
+            publish(&mut pd, dir.path(), &[("a.yaml", &grabbing)]),
+            ["shop/a@a.yaml", "shop/z@z.yaml"]
+        );
+        let a_view = view(&pd, "a.yaml");
+        assert_eq!(
+            a_view.error.as_deref(),
+            Some(
+                format!(
+                    "host \"z-host\" is also governed by a policy in z.yaml; version {in_force} stays in force"
+                )
+                .as_str()
+            )
+        );
+        assert_eq!(a_view.version.as_deref(), Some(in_force.as_str()));
+        assert_eq!(a_view.policies, ["shop/a"]);
+        let served = pd.policy_views();
+        let a_policy = served.iter().find(|p| p.name == "a").unwrap();
+        assert!(a_policy.aliases.is_empty(), "{a_policy:?}");
+        assert_eq!(a_policy.file_error, a_view.error);
+        // What is kept for a restart is the version in force.
+        assert_eq!(
+            std::fs::read_to_string(state.path().join(STATE_SUBDIR).join("a.yaml")).unwrap(),
+            a
+        );
+
+        // Both in one re-read: z lets the host go, a takes it.
+        let z_moved = z.replace("host: z-host", "host: z2-host");
+        assert_eq!(
+            publish(&mut pd, dir.path(), &[("z.yaml", &z_moved)]),
+            ["shop/a@a.yaml", "shop/z@z.yaml"]
+        );
+        assert_eq!(view(&pd, "a.yaml").error, None);
+        let a_policy = pd
+            .policy_views()
+            .into_iter()
+            .find(|p| p.name == "a")
+            .unwrap();
+        assert_eq!(a_policy.aliases, ["z-host"]);
+        assert_eq!(
+            std::fs::read_to_string(state.path().join(STATE_SUBDIR).join("a.yaml")).unwrap(),
+            grabbing
         );
     }
 

@@ -142,6 +142,53 @@ async fn broken_edit_is_refused_at_the_control_plane_and_never_reaches_a_proxy()
     b.shutdown().await;
 }
 
+/// A policy file added for a host another file governs is refused at the control
+/// plane, even when its name sorts first and across a control-plane restart: the
+/// proxies keep the policy in force and never see the newcomer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_added_for_a_governed_host_is_refused_and_the_policy_in_force_stays() {
+    let blue = Upstream::auto("blue").await;
+    let green = Upstream::auto("green").await;
+    let mut cp =
+        TestControlPlane::start(&[(FILE, &single_backend_policy("svc", "svc", blue.addr()))]).await;
+    let v1 = cp.version().expect("the first load is published");
+    let da = state_dir();
+    let a = subscribed(&cp, "proxy-a", da.path()).await;
+    cp.wait_acked_everywhere(&v1, 1).await;
+
+    // "a-copy.yaml" sorts before "svc.yaml".
+    cp.write_policy(
+        "a-copy.yaml",
+        &single_backend_policy("svc-copy", "svc", green.addr()),
+    );
+    let cpr = &cp;
+    let error_of_copy = || async move {
+        let v = cpr.admin_json("/policies").await;
+        v["files"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|f| f["file"] == "a-copy.yaml")
+            .and_then(|f| f["error"].as_str().map(str::to_string))
+    };
+    wait_until("/policies shows the newcomer refused", WAIT, || async {
+        error_of_copy().await.is_some()
+    })
+    .await;
+    assert_eq!(
+        error_of_copy().await.as_deref(),
+        Some("host \"svc\" is also governed by a policy in svc.yaml")
+    );
+    assert_eq!(cp.version().as_deref(), Some(v1.as_str()));
+    assert_eq!(reached(&a).await, "blue");
+
+    cp.restart().await;
+    assert_eq!(cp.version().as_deref(), Some(v1.as_str()));
+    cp.wait_acked_everywhere(&v1, 1).await;
+    assert_eq!(reached(&a).await, "blue");
+    a.shutdown().await;
+}
+
 /// A stand-in control plane speaking the real policy stream: it sends every proxy
 /// the given snapshots in order and records what each proxy answers. The real
 /// control plane validates with the same `sluice-config` as the proxy, so a snapshot
