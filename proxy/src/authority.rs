@@ -66,6 +66,9 @@ pub(crate) const NO_AUTHORITY: Refusal = bad("no Host or :authority");
 pub(crate) const ASTERISK_NOT_OPTIONS: Refusal = bad("the * target is for OPTIONS only");
 /// `OPTIONS *` to a governed host.
 pub(crate) const ASTERISK: Refusal = bad("the * target names no route");
+/// A `Transfer-Encoding` naming a coding besides `chunked`
+/// ([`crate::message::foreign_transfer_coding`]).
+pub(crate) const TRANSFER_CODING: Refusal = bad("a transfer coding other than chunked");
 /// `CONNECT` to a governed host.
 pub(crate) const CONNECT: Refusal = Refusal {
     reason: Reason::MethodNotAllowed,

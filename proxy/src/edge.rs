@@ -20,8 +20,8 @@ use tracing::debug;
 use crate::authority::{self, Named, Refusal};
 use crate::body::{Body, boxed, empty};
 use crate::message::{
-    is_grpc, is_switching, is_upgrade_request, request_host, restrict_upgrade, spawn_tunnel,
-    strip_hop_by_hop, switched_as_offered,
+    foreign_transfer_coding, is_grpc, is_switching, is_upgrade_request, request_host,
+    restrict_upgrade, spawn_tunnel, strip_hop_by_hop, switched_as_offered,
 };
 use crate::policy::{PolicySnapshot, PolicyStore};
 use crate::recent::{RecentRequests, Seen};
@@ -61,6 +61,10 @@ pub(crate) async fn outbound(store: PolicyStore, mut req: Request<Incoming>) -> 
     let started = clock::now();
     let snapshot = store.current();
     let named = match authority::settle(&mut req) {
+        Ok(_) if foreign_transfer_coding(req.headers()) => Err(authority::TRANSFER_CODING),
+        settled => settled,
+    };
+    let named = match named {
         Ok(named) => named,
         Err(refusal) => return refused(store, Direction::Outbound, &mut req, refusal, started),
     };
@@ -119,6 +123,11 @@ pub(crate) async fn outbound(store: PolicyStore, mut req: Request<Incoming>) -> 
     .await
 }
 
+/// The answer to an upstream response whose body is in a coding besides `chunked`,
+/// which could only be handed on as bytes mislabelled plain
+/// ([`foreign_transfer_coding`]).
+const FOREIGN_CODING: &str = "the upstream used a transfer coding other than chunked";
+
 /// Sends a request of a redirected connection to where the application addressed it,
 /// without governance; upgrades are tunnelled once accepted.
 async fn to_original_destination(
@@ -135,6 +144,9 @@ async fn to_original_destination(
         Ok(mut resp) => {
             match upgrade {
                 Some(down) if is_switching(&resp) => spawn_tunnel(down, &mut resp),
+                _ if foreign_transfer_coding(resp.headers()) => {
+                    return refuse(Reason::UpstreamUnavailable, FOREIGN_CODING, false);
+                }
                 _ => strip_hop_by_hop(resp.headers_mut(), false),
             }
             resp
@@ -157,6 +169,7 @@ pub(crate) async fn inbound(store: PolicyStore, mut req: Request<Incoming>) -> R
     let started = clock::now();
     let snapshot = store.current();
     let checked = match authority::settle(&mut req) {
+        Ok(_) if foreign_transfer_coding(req.headers()) => Err(authority::TRANSFER_CODING),
         Ok(Named::One) => authority::check_target(&req, || true),
         Ok(Named::Nothing) => Err(authority::NO_AUTHORITY),
         Err(refusal) => Err(refusal),
@@ -302,6 +315,10 @@ async fn forward(
                         "upstream switched to a protocol not offered",
                         grpc,
                     );
+                }
+                _ if foreign_transfer_coding(resp.headers()) => {
+                    debug!(route = %entry.params.name, "upstream used a transfer coding besides chunked");
+                    resp = refuse(Reason::UpstreamUnavailable, FOREIGN_CODING, grpc);
                 }
                 _ => strip_hop_by_hop(resp.headers_mut(), false),
             }

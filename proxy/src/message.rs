@@ -85,6 +85,19 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// Whether a message's `Transfer-Encoding` names a coding besides `chunked` (`gzip,
+/// chunked`): hyper takes the chunked framing off and hands on the bytes under it, so
+/// forwarding it without the header would pass compressed bytes as plain ones. nginx
+/// and Envoy refuse such a request too (RFC 9112 §6.1 lets a server refuse a coding it
+/// does not apply).
+pub(crate) fn foreign_transfer_coding(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+        .any(|coding| !coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+}
+
 /// Whether an HTTP/1 request asks to switch protocols (WebSocket and the like).
 pub(crate) fn is_upgrade_request<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
@@ -241,6 +254,27 @@ mod tests {
         let before = h.clone();
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h, before);
+    }
+
+    #[test]
+    fn a_coding_besides_chunked_is_foreign() {
+        for (values, foreign) in [
+            (&[][..], false),
+            (&["chunked"][..], false),
+            (&["Chunked"][..], false),
+            (&["chunked, chunked"][..], false),
+            (&["gzip, chunked"][..], true),
+            (&["gzip", "chunked"][..], true),
+            (&["chunked", "identity"][..], true),
+            (&["compress,chunked"][..], true),
+            (&[" chunked "][..], false),
+        ] {
+            let mut h = HeaderMap::new();
+            for v in values {
+                h.append(header::TRANSFER_ENCODING, HeaderValue::from_static(v));
+            }
+            assert_eq!(foreign_transfer_coding(&h), foreign, "{values:?}");
+        }
     }
 
     #[test]

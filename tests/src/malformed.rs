@@ -254,6 +254,13 @@ pub fn attacks(host: &str) -> Vec<Attack> {
             Refused,
         ),
         h1(
+            "a transfer coding besides chunked (gzip, chunked)",
+            &format!(
+                "POST /sink HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+            ),
+            Refused,
+        ),
+        h1(
             "chunk size that is not hex",
             &format!(
                 "POST /sink HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n"

@@ -3,6 +3,8 @@
 //! proxy keeps serving well-formed requests after every one.
 
 use sluice_e2e::{HttpConn, TestProxy, Upstream, malformed, single_backend_policy};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpListener;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_requests_are_refused_and_the_proxy_keeps_serving() {
@@ -53,4 +55,67 @@ async fn an_upstream_head_over_64_kib_is_a_502_and_the_proxy_keeps_serving() {
         assert_eq!(r.status, 200, "{protocol}: {reason:?}");
         assert_eq!(&r.body[..], b"steady");
     }
+}
+
+/// A transfer coding besides `chunked` cannot be handed on (hyper takes only the chunked
+/// framing off, and the bytes under it would pass as plain): a request with one is a
+/// 400 `bad-request` that never reaches the upstream, an upstream answer with one a
+/// 502; a plain chunked body goes through both ways.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transfer_coding_besides_chunked_is_refused_both_ways() {
+    // Answers `/gzip` with a gzip-then-chunked body, anything else with a chunked one,
+    // and counts the requests it saw.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                let coding = if head.starts_with(b"GET /gzip ") {
+                    "gzip, chunked"
+                } else {
+                    "chunked"
+                };
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nTransfer-Encoding: {coding}\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    let proxy = TestProxy::start(&single_backend_policy("coded", "coded", addr)).await;
+
+    let refused = malformed::attacks("coded")
+        .into_iter()
+        .find(|a| a.name == "a transfer coding besides chunked (gzip, chunked)")
+        .unwrap();
+    let outcome = malformed::send(proxy.outbound_addr(), &refused).await;
+    assert_eq!(outcome.seen, "400", "{outcome:?}");
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 0);
+
+    let mut conn = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
+    let r = conn.get("coded", "/gzip").await.unwrap();
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.header("x-sluice-reason"), "upstream-unavailable");
+    assert!(
+        r.text().contains("transfer coding other than chunked"),
+        "{}",
+        r.text()
+    );
+    let mut conn = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
+    let r = conn.get("coded", "/plain").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(&r.body[..], b"hello");
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 2);
 }
