@@ -218,7 +218,16 @@ impl PolicyDir {
                 continue;
             }
             state.seen = Some(digest);
-            match parse_file(&name, &bytes, &self.limits) {
+            let had_policies = state.good.as_ref().is_some_and(|g| !g.policies.is_empty());
+            let parsed = match parse_file(&name, &bytes, &self.limits) {
+                // What a failed or cut-short save leaves (a full disk) must not take
+                // a file's policies off every proxy.
+                Ok(policies) if policies.is_empty() && had_policies => Err(format!(
+                    "{name}:1:1: the file no longer holds any RoutePolicy; an emptied file is refused while its policies are in force (delete the file to remove them)"
+                )),
+                parsed => parsed,
+            };
+            match parsed {
                 Ok(policies) => {
                     let version = short_hash(&bytes);
                     tracing::info!(file = %name, %version, policies = policies.len(), "policy file accepted");
@@ -955,6 +964,41 @@ mod tests {
         std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
         pd.rescan();
         assert!(pd.build_set().unwrap().0.policies().is_empty());
+    }
+
+    /// A file emptied (or left with comments only) while its policies are in force is
+    /// refused and they stay; a file that starts empty holds nothing and is no error,
+    /// and a file that is deleted takes its policies with it.
+    #[test]
+    fn an_emptied_file_is_refused_while_its_policies_are_in_force() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("placeholder.yaml"), "").unwrap();
+        let mut pd = PolicyDir::open(dir.path(), None, Limits::default()).unwrap();
+        assert_eq!(
+            publish(&mut pd, dir.path(), &[("a.yaml", GOOD)]),
+            ["shop/a@a.yaml"]
+        );
+        assert_eq!(view(&pd, "placeholder.yaml").error, None);
+        for emptied in ["", "\n", "# all gone\n---\n"] {
+            assert_eq!(
+                publish(&mut pd, dir.path(), &[("a.yaml", emptied)]),
+                ["shop/a@a.yaml"],
+                "{emptied:?}"
+            );
+            assert_eq!(
+                view(&pd, "a.yaml").error.as_deref(),
+                Some(
+                    "a.yaml:1:1: the file no longer holds any RoutePolicy; an emptied file is refused while its policies are in force (delete the file to remove them)"
+                )
+            );
+        }
+        assert_eq!(
+            publish(&mut pd, dir.path(), &[("a.yaml", GOOD)]),
+            ["shop/a@a.yaml"]
+        );
+        assert_eq!(view(&pd, "a.yaml").error, None);
+        std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
+        assert!(publish(&mut pd, dir.path(), &[]).is_empty());
     }
 
     fn event(kind: notify::EventKind, path: &Path) -> notify::Event {

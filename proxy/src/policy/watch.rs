@@ -40,6 +40,8 @@ pub(crate) struct FileSource {
     label: String,
     last: Option<u64>,
     limits: Limits,
+    /// The policy this source put in force has at least one policy in it.
+    in_force: bool,
 }
 
 impl FileSource {
@@ -50,6 +52,7 @@ impl FileSource {
             label,
             last: None,
             limits,
+            in_force: false,
         }
     }
 
@@ -74,11 +77,26 @@ impl FileSource {
                 .and_then(|p| PolicySet::new_with(p, &self.limits))
                 .map_err(|e| e.to_string()),
         };
+        let parsed = match parsed {
+            // What a failed or cut-short save leaves (a full disk) must not take every
+            // route away; starting on an empty file is still allowed.
+            Ok(set) if set.policies().is_empty() && self.in_force => Err(format!(
+                "{}:1:1: the file no longer holds any RoutePolicy; an emptied file is refused while its policies are in force",
+                self.label
+            )),
+            parsed => parsed,
+        };
         match parsed {
-            Ok(set) => match store.apply(&self.label, set) {
-                Ok(ApplyOutcome::Applied { .. } | ApplyOutcome::Unchanged) => Reload::Applied,
-                Err(_) => Reload::Rejected,
-            },
+            Ok(set) => {
+                let holds = !set.policies().is_empty();
+                match store.apply(&self.label, set) {
+                    Ok(ApplyOutcome::Applied { .. } | ApplyOutcome::Unchanged) => {
+                        self.in_force = holds;
+                        Reload::Applied
+                    }
+                    Err(_) => Reload::Rejected,
+                }
+            }
             Err(error) => {
                 store.reject(&self.label, error);
                 Reload::Rejected
@@ -255,6 +273,36 @@ mod tests {
         assert_eq!(store.current().hash(), Some(good.as_str()));
         let rejected = store.last_rejected().unwrap();
         assert!(rejected.error.contains("p.yaml:"), "{}", rejected.error);
+    }
+
+    /// Emptying the file (a failed save looks the same) is refused while its policies
+    /// are in force; starting on an empty file is not an error.
+    #[test]
+    fn an_emptied_file_is_refused_while_its_policies_are_in_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.yaml");
+        let store = store();
+        let mut src = FileSource::new(path.clone(), Limits::default());
+        std::fs::write(&path, "").unwrap();
+        assert_eq!(src.reload(&store), Reload::Applied);
+        std::fs::write(&path, policy("a")).unwrap();
+        assert_eq!(src.reload(&store), Reload::Applied);
+        let good = store.current().hash().unwrap().to_string();
+        for emptied in ["", "# nothing\n---\n"] {
+            std::fs::write(&path, emptied).unwrap();
+            assert_eq!(src.reload(&store), Reload::Rejected, "{emptied:?}");
+            assert_eq!(store.current().hash(), Some(good.as_str()));
+            let rejected = store.last_rejected().unwrap();
+            assert!(
+                rejected.error.ends_with(
+                    "p.yaml:1:1: the file no longer holds any RoutePolicy; an emptied file is refused while its policies are in force"
+                ),
+                "{}",
+                rejected.error
+            );
+        }
+        std::fs::write(&path, policy("b")).unwrap();
+        assert_eq!(src.reload(&store), Reload::Applied);
     }
 
     #[test]

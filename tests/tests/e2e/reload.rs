@@ -204,6 +204,28 @@ async fn broken_edit_is_refused_and_the_old_policy_keeps_serving() {
         "blue"
     );
 
+    // So is the file emptied, as a save that failed on a full disk leaves it.
+    let syntax = last_rejected(&proxy.admin_json("/config").await)
+        .unwrap()
+        .clone();
+    proxy.write_policy("");
+    wait_until("/config reports the emptied file", WAIT, || async {
+        last_rejected(&proxy.admin_json("/config").await).is_some_and(|r| *r != syntax)
+    })
+    .await;
+    let emptied = last_rejected(&proxy.admin_json("/config").await)
+        .unwrap()
+        .to_string();
+    assert!(
+        emptied.contains("no longer holds any RoutePolicy"),
+        "{emptied}"
+    );
+    assert_eq!(proxy.version().await.as_deref(), Some(v1.as_str()));
+    assert_eq!(
+        conn.get("svc", "/").await.unwrap().header("x-upstream"),
+        "blue"
+    );
+
     // Fixing the file applies it.
     let fixed = single_backend_policy("svc", "svc", green.addr());
     proxy.write_policy(&fixed);
