@@ -10,6 +10,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method};
 use serde::Serialize;
 use sluice_config::{PolicySet, StickyHash, precedence_rule, sticky_point};
 use sluice_filters::breaker::BreakerParams;
+use sluice_filters::retry::RetryParams;
 use sluice_filters::split::SplitChoice;
 use sluice_proxy::RouteTable;
 use sluice_proxy::route::RouteParams;
@@ -204,7 +205,7 @@ impl Explainer {
         let backend = chosen.map(|c| backend_verdict(c, headers));
         let governance = chosen.map(|c| {
             let picked = backend.as_ref().and_then(|b| b.backend.clone());
-            governance(c, headers, picked.as_deref())
+            governance(c, method, headers, picked.as_deref())
         });
         Explanation {
             host: probe.host.clone(),
@@ -320,11 +321,76 @@ fn when_of(params: &RouteParams, rule: usize) -> String {
     }
 }
 
-fn compact<T: Serialize>(v: &T) -> String {
-    serde_json::to_string(v).unwrap_or_default()
+/// A policy enum's YAML name (`connect-failure`, `unavailable`).
+fn yaml_name<T: Serialize>(v: &T) -> String {
+    match serde_json::to_value(v) {
+        Ok(serde_json::Value::String(s)) => s,
+        other => other.map(|v| v.to_string()).unwrap_or_default(),
+    }
 }
 
-fn governance(params: &RouteParams, headers: &HeaderMap, backend: Option<&str>) -> Governance {
+/// The route's retry in words, for a request with `method`: what is retried, how
+/// often and how spaced, within which budget, or why this request is not.
+fn describe_retry(retry: &sluice_config::Retry, method: &Method) -> String {
+    let p = RetryParams::from_policy(retry);
+    if p.attempts == 0 {
+        return "none (attempts: 0)".into();
+    }
+    let mut on: Vec<String> = retry.on.iter().map(yaml_name).collect();
+    on.extend(retry.status_codes.iter().map(|s| format!("status {s}")));
+    on.extend(
+        retry
+            .grpc_statuses
+            .iter()
+            .map(|c| format!("grpc {}", yaml_name(c))),
+    );
+    let on = if on.is_empty() {
+        "nothing listed in `on`".to_string()
+    } else {
+        on.join(", ")
+    };
+    let mut backoff = format!(
+        "backoff {:?} doubling to {:?}, jittered",
+        p.backoff_base, p.backoff_max
+    );
+    if !p.backoff_min.is_zero() {
+        backoff.push_str(&format!(", at least {:?}", p.backoff_min));
+    }
+    let rule = format!(
+        "up to {} more {} on {on}; {backoff}; bodies up to {} bytes replayed; budget {}% of requests + {}/s over {:?}",
+        p.attempts,
+        if p.attempts == 1 { "try" } else { "tries" },
+        p.max_replay_bytes,
+        p.budget.ratio * 100.0,
+        p.budget.min_per_second,
+        p.budget.window,
+    );
+    if p.method_allowed(method) {
+        rule
+    } else {
+        format!(
+            "not for {method}: not idempotent, and the route has no `nonIdempotent: true` ({rule})"
+        )
+    }
+}
+
+/// The route's fallback in words: on which failures, and what answers instead.
+fn describe_fallback(f: &sluice_config::Fallback) -> String {
+    let on: Vec<String> = f.on.iter().map(yaml_name).collect();
+    let with = match (&f.backend, &f.response) {
+        (Some(b), _) => format!("backend {b}"),
+        (None, Some(r)) => format!("a static {} answer", r.status),
+        (None, None) => "nothing".into(),
+    };
+    format!("on {}: {with}, marked x-sluice-degraded", on.join(", "))
+}
+
+fn governance(
+    params: &RouteParams,
+    method: &Method,
+    headers: &HeaderMap,
+    backend: Option<&str>,
+) -> Governance {
     let route = &params.route;
     let rate_limit = route.rate_limit.as_ref().map(|rl| {
         let key = match &rl.key {
@@ -365,7 +431,7 @@ fn governance(params: &RouteParams, headers: &HeaderMap, backend: Option<&str>) 
             p.map_or("none".into(), |d| d.to_string())
         )),
     };
-    let retry = route.retry.as_ref().map(compact);
+    let retry = route.retry.as_ref().map(|r| describe_retry(r, method));
     let breaker = route.circuit_breaker.as_ref().map(|cb| {
         let p = BreakerParams::from_policy(cb);
         let trigger = match (p.consecutive_failures, &p.failure_rate) {
@@ -381,15 +447,20 @@ fn governance(params: &RouteParams, headers: &HeaderMap, backend: Option<&str>) 
             (None, None) => "never opens by itself".into(),
         };
         format!(
-            "{} × {}: {trigger}, open {:?} (up to {:?}), {} half-open probes",
+            "{} × {}: {trigger}, open {:?} (up to {:?}), {} half-open {}",
             params.key,
             backend.unwrap_or("the backend drawn"),
             p.open_for,
             p.max_open_for,
-            p.half_open_requests
+            p.half_open_requests,
+            if p.half_open_requests == 1 {
+                "probe"
+            } else {
+                "probes"
+            }
         )
     });
-    let fallback = route.fallback.as_ref().map(compact);
+    let fallback = route.fallback.as_ref().map(describe_fallback);
     Governance {
         rate_limit,
         timeout,
@@ -482,6 +553,57 @@ spec:
         assert_eq!(g.timeout.as_deref(), Some("total 2s, per try 500ms"));
         assert!(g.breaker.unwrap().contains("after 5 failures in a row"));
         assert!(g.fallback.is_none());
+    }
+
+    /// Retry and fallback read as sentences: what is retried, how, within which
+    /// budget, and whether this request's method is retried at all.
+    #[test]
+    fn retry_and_fallback_are_told_in_words_for_the_method_asked() {
+        let policy = POLICY
+            .replace(
+                "retry: { attempts: 2, on: [connect-failure], perTryTimeout: 500ms, nonIdempotent: true }",
+                "retry: { attempts: 1, on: [gateway-error], statusCodes: [409], grpcStatuses: [unavailable], perTryTimeout: 500ms, backoff: { min: 10ms }, budget: { ratio: 0.5, minPerSecond: 3 } }\n      fallback: { on: [breaker-open, timeout], response: { status: 503 } }",
+            );
+        let set = PolicySet::from_files([("p.yaml", policy.as_str())]).unwrap();
+        let x = Explainer::new(&set).unwrap();
+        let rule = "up to 1 more try on gateway-error, status 409, grpc unavailable; backoff 25ms doubling to 250ms, jittered, at least 10ms; bodies up to 65536 bytes replayed; budget 50% of requests + 3/s over 10s";
+        let post = x.explain(&probe("POST", "/logs", &[])).governance.unwrap();
+        assert_eq!(
+            post.retry.unwrap(),
+            format!(
+                "not for POST: not idempotent, and the route has no `nonIdempotent: true` ({rule})"
+            )
+        );
+        assert_eq!(
+            post.fallback.as_deref(),
+            Some("on breaker-open, timeout: a static 503 answer, marked x-sluice-degraded")
+        );
+        assert!(post.breaker.unwrap().ends_with("2 half-open probes"));
+        // The same route for an idempotent method (the match takes POST only).
+        let policy = policy.replace("method: POST }", "method: PUT }");
+        let set = PolicySet::from_files([("p.yaml", policy.as_str())]).unwrap();
+        let x = Explainer::new(&set).unwrap();
+        let put = x.explain(&probe("PUT", "/logs", &[])).governance.unwrap();
+        assert_eq!(put.retry.as_deref(), Some(rule));
+
+        let opted_in = explainer()
+            .explain(&probe("POST", "/logs", &[]))
+            .governance
+            .unwrap();
+        assert!(
+            opted_in
+                .retry
+                .unwrap()
+                .starts_with("up to 2 more tries on connect-failure; backoff 25ms"),
+        );
+        let off = POLICY.replace("attempts: 2", "attempts: 0");
+        let set = PolicySet::from_files([("p.yaml", off.as_str())]).unwrap();
+        let g = Explainer::new(&set)
+            .unwrap()
+            .explain(&probe("POST", "/logs", &[]))
+            .governance
+            .unwrap();
+        assert_eq!(g.retry.as_deref(), Some("none (attempts: 0)"));
     }
 
     #[test]
