@@ -159,7 +159,47 @@ where
                 Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
             }
         }
-        _ => text(StatusCode::NOT_FOUND, "not found\n"),
+        (method, p) => match allowed_methods(p) {
+            // A known path asked with another method: say which one it takes
+            // (RFC 9110 §15.5.6), as the control plane's admin does.
+            Some(allow) => {
+                let mut resp = text(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    format!("{p} takes {allow}, not {method}\n"),
+                );
+                resp.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static(allow));
+                resp
+            }
+            None => text(StatusCode::NOT_FOUND, "not found\n"),
+        },
+    }
+}
+
+/// The method a known admin path takes, `None` for a path the admin does not serve.
+fn allowed_methods(path: &str) -> Option<&'static str> {
+    const READ: [&str; 10] = [
+        "/",
+        "/live",
+        "/ready",
+        "/metrics",
+        "/config",
+        "/identity",
+        "/breakers",
+        "/endpoints",
+        "/recent",
+        "/routes",
+    ];
+    if READ.contains(&path) || path.starts_with("/app-health/") {
+        return Some("GET");
+    }
+    if path == "/log-level" {
+        return Some("PUT");
+    }
+    let mut parts = path.strip_prefix("/breakers/")?.split('/');
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(_), Some(_), Some("open" | "reset"), None) => Some("POST"),
+        _ => None,
     }
 }
 
@@ -388,6 +428,55 @@ mod tests {
         let (status, _, body) = call(&s, Method::GET, "/app-health/app/readyz", "").await;
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert_eq!(body, "no such application probe\n");
+    }
+
+    /// A path the admin serves, asked with another method, is a 405 that names the
+    /// method it takes; an unknown path stays a 404 whatever the method.
+    #[tokio::test]
+    async fn a_known_path_with_the_wrong_method_is_405_with_allow() {
+        let s = loopback();
+        let call_full = |method: Method, path: &'static str| {
+            let s = s.clone();
+            async move {
+                let req = Request::builder()
+                    .method(method)
+                    .uri(path)
+                    .body(http_body_util::Full::new(Bytes::new()))
+                    .unwrap();
+                let resp = handle(s, "127.0.0.1:1".parse().unwrap(), req).await;
+                let allow = resp
+                    .headers()
+                    .get(header::ALLOW)
+                    .map(|v| v.to_str().unwrap().to_owned());
+                let status = resp.status();
+                let body = resp.into_body().collect().await.unwrap().to_bytes();
+                (status, allow, String::from_utf8(body.to_vec()).unwrap())
+            }
+        };
+        for (method, path, allow) in [
+            (Method::POST, "/ready", "GET"),
+            (Method::DELETE, "/metrics", "GET"),
+            (Method::POST, "/", "GET"),
+            (Method::PUT, "/app-health/app/readyz", "GET"),
+            (Method::GET, "/log-level", "PUT"),
+            (Method::GET, "/breakers/a.b/v1/open", "POST"),
+            (Method::PUT, "/breakers/a.b/v1/reset", "POST"),
+        ] {
+            let resp = call_full(method.clone(), path).await;
+            assert_eq!(resp.0, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+            assert_eq!(resp.1.as_deref(), Some(allow), "{method} {path}");
+            assert_eq!(resp.2, format!("{path} takes {allow}, not {method}\n"));
+        }
+        for (method, path) in [
+            (Method::POST, "/nope"),
+            (Method::GET, "/breakers/a.b/v1/close"),
+            (Method::GET, "/breakers/a.b/open"),
+            (Method::GET, "/live/"),
+        ] {
+            let resp = call_full(method.clone(), path).await;
+            assert_eq!(resp.0, StatusCode::NOT_FOUND, "{method} {path}");
+            assert_eq!(resp.1, None);
+        }
     }
 
     #[tokio::test]
