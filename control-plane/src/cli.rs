@@ -375,7 +375,11 @@ pub fn cli_main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let fmt = tracing_subscriber::fmt().with_env_filter(filter);
+    // Colours only for a person at a terminal: in a pod the lines go to a log
+    // collector, where escape codes are noise.
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     match args.log_format {
         LogFormat::Text => fmt.init(),
         LogFormat::Json => fmt.json().init(),

@@ -468,7 +468,11 @@ fn init_logging(level: &str, format: LogFormat) -> Result<LogControl, String> {
     let filter = EnvFilter::try_new(level).map_err(|e| e.to_string())?;
     let (filter, handle) = reload::Layer::new(filter);
     let registry = tracing_subscriber::registry().with(filter);
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only for a person at a terminal: in a pod the lines go to a log
+    // collector, where escape codes are noise.
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     let _ = match format {
         LogFormat::Text => registry.with(fmt).try_init(),
         LogFormat::Json => registry.with(fmt.json()).try_init(),

@@ -207,12 +207,20 @@ impl EndpointState {
             });
     }
 
-    /// A connect failure: eject (or re-eject after a failed probe), doubling the next ejection.
-    pub(crate) fn eject(&self, at: Instant, probe: bool, base: Duration, max: Duration) {
+    /// A connect failure: eject (or re-eject after a failed probe), doubling the next
+    /// ejection. Returns how long for when this took an endpoint in rotation out of it
+    /// (not a failed probe, not one a concurrent failure had ejected already).
+    pub(crate) fn eject(
+        &self,
+        at: Instant,
+        probe: bool,
+        base: Duration,
+        max: Duration,
+    ) -> Option<Duration> {
         let now = self.nanos(at);
         if !probe && self.ejected_until.load(Ordering::Acquire) != 0 {
             // Already ejected by a concurrent failure: one ejection per outage step.
-            return;
+            return None;
         }
         let base = base.as_nanos() as u64;
         let max = (max.as_nanos() as u64).max(base);
@@ -226,7 +234,7 @@ impl EndpointState {
         if probe {
             self.probing.store(false, Ordering::Release);
         }
-        tracing::debug!(endpoint = %self.addr.0, ejected_for = ?Duration::from_nanos(len), "endpoint ejected");
+        (!probe).then(|| Duration::from_nanos(len))
     }
 
     /// The probe got through: the endpoint takes traffic again.

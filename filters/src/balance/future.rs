@@ -49,24 +49,69 @@ impl Outcome {
         let now = crate::clock::now();
         match result {
             Err(e) if (self.classify)(&**e) => {
-                self.endpoint
+                let ejected = self
+                    .endpoint
                     .eject(now, self.probe, self.eject_base, self.eject_max);
+                let addr = self.endpoint.endpoint();
+                match ejected {
+                    // Once per outage: the operator's first sight of an address that does
+                    // not resolve or refuses, with why.
+                    Some(len) => tracing::warn!(
+                        endpoint = %addr.0,
+                        error = %Chain(&**e),
+                        ejected_for = ?len,
+                        "endpoint ejected: cannot connect"
+                    ),
+                    None => tracing::debug!(
+                        endpoint = %addr.0,
+                        error = %Chain(&**e),
+                        "endpoint still unreachable"
+                    ),
+                }
             }
             Ok(_) => {
                 self.endpoint
                     .observe_rtt(now, now - self.started, self.decay);
                 if self.probe {
-                    self.endpoint.restore();
+                    self.restore();
                 }
             }
             // Any other failure still proves the endpoint accepts connections.
             Err(_) => {
                 self.endpoint.heard();
                 if self.probe {
-                    self.endpoint.restore();
+                    self.restore();
                 }
             }
         }
+    }
+}
+
+impl Outcome {
+    /// The probe got through: back in rotation, said once, as its ejection was.
+    fn restore(&self) {
+        self.endpoint.restore();
+        tracing::info!(endpoint = %self.endpoint.endpoint().0, "endpoint back in rotation");
+    }
+}
+
+/// An error and its sources, `: `-separated, each said once.
+struct Chain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut last = self.0.to_string();
+        f.write_str(&last)?;
+        let mut cur = self.0.source();
+        while let Some(e) = cur {
+            let text = e.to_string();
+            if !last.contains(&text) {
+                write!(f, ": {text}")?;
+            }
+            last = text;
+            cur = e.source();
+        }
+        Ok(())
     }
 }
 

@@ -241,17 +241,23 @@ async fn ejection_doubles_up_to_thirty_seconds() {
     let set = reg.endpoint_set(&BalanceParams::new("b", ["a"]));
     let a = set.endpoints()[0].clone();
     let (base, max) = (Duration::from_secs(1), Duration::from_secs(30));
-    a.eject(Instant::now(), false, base, max);
+    // Only the ejection that takes it out of rotation reports itself (it is logged).
+    assert_eq!(a.eject(Instant::now(), false, base, max), Some(base));
+    assert_eq!(
+        a.eject(Instant::now(), false, base, max),
+        None,
+        "already out"
+    );
     for secs in [1u64, 2, 4, 8, 16, 30, 30] {
         advance(Duration::from_secs(secs) - Duration::from_millis(1)).await;
         assert_eq!(a.health(), Health::Ejected, "{secs}");
         advance(Duration::from_millis(1)).await;
         assert_eq!(a.health(), Health::ProbeDue, "{secs}");
         // The probe fails again.
-        a.eject(Instant::now(), true, base, max);
+        assert_eq!(a.eject(Instant::now(), true, base, max), None, "{secs}");
     }
     a.restore();
-    a.eject(Instant::now(), false, base, max);
+    assert_eq!(a.eject(Instant::now(), false, base, max), Some(base));
     advance(Duration::from_secs(1)).await;
     assert_eq!(a.health(), Health::ProbeDue, "a restore resets the backoff");
 }

@@ -1,4 +1,5 @@
-//! The command line of the real binary: `validate`, settings from `SLUICE_*`, one worker thread.
+//! The command line of the real binary: `validate`, settings from `SLUICE_*`, one worker
+//! thread, and what it logs about endpoints it cannot reach.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -170,4 +171,72 @@ async fn run_on_one_worker_thread_serves_both_protocols_and_stops() {
     proxy.sigterm();
     let status = proxy.wait_exit(sluice_e2e::WAIT).await;
     assert_eq!(status.code(), Some(0), "{}", proxy.log());
+}
+
+/// An endpoint the proxy cannot connect to is logged once, at WARN, with why (a name
+/// that does not resolve, a port that refuses), and at INFO once it is back; the log,
+/// going to a file and not a terminal, carries no colour codes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_endpoint_is_logged_once_with_why_and_its_return() {
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let policy = format!(
+        "{}---\n{}",
+        one_route_policy("later", closed, ""),
+        one_route_policy("gone", "127.0.0.1:9".parse().unwrap(), "")
+            .replace("127.0.0.1:9", "nonexistent.invalid:80")
+    );
+    let proxy = ChildProxy::spawn(bin(), &policy, &[]).await;
+    let mut conn = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
+    for host in ["later", "gone"] {
+        for _ in 0..3 {
+            let reply = conn.get(host, "/").await.unwrap();
+            assert!(reply.status.is_server_error(), "{host}: {}", reply.status);
+        }
+    }
+    let refused = format!("endpoint ejected: cannot connect endpoint={closed} error=");
+    let log = proxy.log();
+    let line = |needle: &str| {
+        log.lines()
+            .find(|l| l.contains(needle))
+            .unwrap_or_else(|| panic!("no {needle:?} in\n{log}"))
+            .to_string()
+    };
+    let first = line(&refused);
+    assert!(
+        first.contains(" WARN ") && first.contains("Connection refused"),
+        "{first}"
+    );
+    assert_eq!(log.matches(&refused).count(), 1, "{log}");
+    let dns = line("endpoint ejected: cannot connect endpoint=nonexistent.invalid:80 error=");
+    assert!(dns.contains("dns error"), "{dns}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a log file:\n{log}"
+    );
+
+    let up = Upstream::start_on("later", sluice_e2e::Protocol::Http1, closed).await;
+    sluice_e2e::wait_until(
+        "the endpoint takes requests again",
+        sluice_e2e::WAIT,
+        || {
+            let addr = proxy.outbound_addr();
+            async move {
+                let mut conn = HttpConn::h1(addr).await.unwrap();
+                conn.get("later", "/").await.unwrap().status == StatusCode::OK
+            }
+        },
+    )
+    .await;
+    assert!(up.requests() >= 1);
+    let back = format!("endpoint back in rotation endpoint={closed}");
+    let log = proxy.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains(" INFO ") && l.contains(&back)),
+        "{log}"
+    );
+    assert_eq!(log.matches(&refused).count(), 1, "{log}");
 }
