@@ -354,11 +354,11 @@ fn validate(files: &[PathBuf], limits: &Limits) -> ExitCode {
         match parse_policy_bytes(&label, &bytes, limits)
             .and_then(|p| PolicySet::new_with(p, limits))
         {
-            Ok(set) => println!(
-                "ok  {label} ({} policies, hash {})",
-                set.policies().len(),
-                set.hash()
-            ),
+            Ok(set) => {
+                let n = set.policies().len();
+                let noun = if n == 1 { "policy" } else { "policies" };
+                println!("ok  {label} ({n} {noun}, hash {})", set.hash())
+            }
             Err(e) => {
                 failed = true;
                 for d in e.diagnostics() {

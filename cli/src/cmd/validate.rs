@@ -40,7 +40,7 @@ pub async fn run(ctx: &mut Ctx<'_>, args: ValidateArgs) -> Result<Verdict, CliEr
         let mut text = String::new();
         for f in &loaded.files {
             if f.diagnostics.is_empty() {
-                text.push_str(&format!("ok  {} ({} policies)\n", f.file, f.policies));
+                text.push_str(&format!("ok  {} ({})\n", f.file, policies(f.policies)));
             }
         }
         for d in loaded.diagnostics() {
@@ -48,12 +48,21 @@ pub async fn run(ctx: &mut Ctx<'_>, args: ValidateArgs) -> Result<Verdict, CliEr
         }
         if let Some(set) = &loaded.set {
             text.push_str(&format!(
-                "valid: {} policies, version {}\n",
-                set.policies().len(),
+                "valid: {}, version {}\n",
+                policies(set.policies().len()),
                 set.hash()
             ));
         }
         ctx.print(&text)?;
     }
     Ok(if ok { Verdict::Ok } else { Verdict::Failing })
+}
+
+/// `1 policy`, `2 policies`.
+fn policies(n: usize) -> String {
+    if n == 1 {
+        "1 policy".into()
+    } else {
+        format!("{n} policies")
+    }
 }
