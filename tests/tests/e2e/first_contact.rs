@@ -92,22 +92,23 @@ async fn first_failure(subscriber: &sluice_api::Subscriber) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_wrong_scheme_for_the_control_plane_is_named_with_its_fix() {
     let tls = TestControlPlane::start_with_ca(&[], &[], std::time::Duration::from_secs(600)).await;
-    let plain = TestControlPlane::start(&[]).await;
+    let mut plain = TestControlPlane::start(&[]).await;
     let trust_root = std::fs::read(tls.trust_root()).unwrap();
+    // A real subscriber to `url`, trusting the mesh root.
+    let subscribe = |url: String, node: &str| {
+        let mut cfg = sluice_api::SubscriberConfig::new(url, node);
+        cfg.trust_root = Some(trust_root.clone());
+        sluice_api::Subscriber::spawn(cfg, Arc::new(RecordingSink::default())).unwrap()
+    };
 
-    let mut cfg = sluice_api::SubscriberConfig::new(tls.url().replace("https://", "http://"), "p1");
-    cfg.trust_root = Some(trust_root.clone());
-    let to_tls = sluice_api::Subscriber::spawn(cfg, Arc::new(RecordingSink::default())).unwrap();
+    let to_tls = subscribe(tls.url().replace("https://", "http://"), "p1");
     let error = first_failure(&to_tls).await;
     assert!(
         error.contains("(hint: if the control plane serves TLS (its default), use an https:// URL with --trust-root, or start it with --plaintext)"),
         "{error}"
     );
 
-    let mut cfg =
-        sluice_api::SubscriberConfig::new(plain.url().replace("http://", "https://"), "p2");
-    cfg.trust_root = Some(trust_root.clone());
-    let to_plain = sluice_api::Subscriber::spawn(cfg, Arc::new(RecordingSink::default())).unwrap();
+    let to_plain = subscribe(plain.url().replace("http://", "https://"), "p2");
     let error = first_failure(&to_plain).await;
     assert!(
         error.ends_with("(hint: the control plane answers in plaintext (started with --plaintext?): use an http:// URL)"),
@@ -117,19 +118,15 @@ async fn the_wrong_scheme_for_the_control_plane_is_named_with_its_fix() {
     assert_eq!(error.matches("InvalidContentType").count(), 1, "{error}");
 
     // The right scheme connects, and a failure of another kind carries no hint.
-    let mut cfg = sluice_api::SubscriberConfig::new(tls.url(), "p3");
-    cfg.trust_root = Some(trust_root);
-    let right = sluice_api::Subscriber::spawn(cfg, Arc::new(RecordingSink::default())).unwrap();
+    let right = subscribe(tls.url(), "p3");
     let mut status = right.status();
     tokio::time::timeout(sluice_e2e::WAIT, status.wait_for(|s| s.connected))
         .await
         .expect("connects within the wait")
         .unwrap();
-    let mut cfg = sluice_api::SubscriberConfig::new(plain.url(), "p4");
-    cfg.trust_root = Some(std::fs::read(tls.trust_root()).unwrap());
-    let mut plain = plain;
+    let url = plain.url();
     plain.stop().await;
-    let refused = sluice_api::Subscriber::spawn(cfg, Arc::new(RecordingSink::default())).unwrap();
+    let refused = subscribe(url, "p4");
     let error = first_failure(&refused).await;
     assert!(!error.contains("hint"), "{error}");
 
