@@ -68,6 +68,13 @@ fn window(n: u64, failures: u64, secs: f64) -> Window {
     }
 }
 
+/// A rollout of `sp` started at `c`'s time and acked there by every proxy.
+fn acked(sp: &Spec, c: &Clock) -> RolloutState {
+    let mut s = RolloutState::start("k".into(), sp, c.now());
+    s.on_acks(c.now(), &all_acked());
+    s
+}
+
 fn all_acked() -> Vec<ProxyAck> {
     ["a", "b"]
         .iter()
@@ -228,8 +235,7 @@ fn inconclusive_windows_accumulate_and_hold_never_rolls_back() {
     let mut sp = spec(&[10, 100], 100);
     sp.rollout.deadline = Some(sluice_config::Duration::from_secs(15));
     let mut c = Clock::new();
-    let mut s = RolloutState::start("k".into(), &sp, c.now());
-    s.on_acks(c.now(), &all_acked());
+    let mut s = acked(&sp, &c);
     for _ in 0..3 {
         s.on_report(
             &sp,
@@ -273,8 +279,7 @@ fn inconclusive_past_the_deadline_rolls_back_when_asked_to() {
     sp.rollout.on_inconclusive = Some(OnInconclusive::Rollback);
     sp.rollout.deadline = Some(sluice_config::Duration::from_secs(25));
     let mut c = Clock::new();
-    let mut s = RolloutState::start("k".into(), &sp, c.now());
-    s.on_acks(c.now(), &all_acked());
+    let mut s = acked(&sp, &c);
     assert_eq!(
         s.on_tick(&sp, c.advance(10 * S)).unwrap().result,
         "inconclusive"
@@ -338,8 +343,7 @@ fn a_breach_must_be_significant() {
     let sp = spec(&[10, 100], 100);
     let mut c = Clock::new();
     // 2 % errors in 100 requests against a 1 % SLO: not significant.
-    let mut s = RolloutState::start("k".into(), &sp, c.now());
-    s.on_acks(c.now(), &all_acked());
+    let mut s = acked(&sp, &c);
     s.on_report(
         &sp,
         c.now(),
@@ -352,8 +356,7 @@ fn a_breach_must_be_significant() {
         "advanced"
     );
     // 6 % in 100: significant (and not gross).
-    let mut s = RolloutState::start("k".into(), &sp, c.now());
-    s.on_acks(c.now(), &all_acked());
+    let mut s = acked(&sp, &c);
     assert_eq!(
         s.on_report(
             &sp,
@@ -373,8 +376,7 @@ fn a_breach_must_be_significant() {
 fn a_slow_canary_breaches_p99() {
     let sp = spec(&[10, 100], 100);
     let mut c = Clock::new();
-    let mut s = RolloutState::start("k".into(), &sp, c.now());
-    s.on_acks(c.now(), &all_acked());
+    let mut s = acked(&sp, &c);
     s.on_report(
         &sp,
         c.now(),
@@ -458,8 +460,7 @@ fn terminal_states_hold_and_refuse_commands() {
 fn pause_holds_the_step_resume_restarts_its_interval_promote_goes_to_100() {
     let sp = spec(&[10, 50, 100], 10);
     let mut c = Clock::new();
-    let mut s = RolloutState::start("k".into(), &sp, c.now());
-    s.on_acks(c.now(), &all_acked());
+    let mut s = acked(&sp, &c);
     s.command(&sp, c.now(), Command::Pause).unwrap();
     assert!(s.command(&sp, c.now(), Command::Pause).is_err());
     s.on_report(
@@ -497,8 +498,7 @@ fn pause_holds_the_step_resume_restarts_its_interval_promote_goes_to_100() {
 fn a_restored_rollout_resumes_its_step_after_the_acks() {
     let sp = spec(&[10, 50, 100], 10);
     let mut c = Clock::new();
-    let mut s = RolloutState::start("k".into(), &sp, c.now());
-    s.on_acks(c.now(), &all_acked());
+    let mut s = acked(&sp, &c);
     s.on_report(
         &sp,
         c.now(),
@@ -585,8 +585,7 @@ fn the_default_deadline_is_30_minutes() {
     let mut sp = spec(&[10, 100], 100);
     sp.rollout.on_inconclusive = Some(OnInconclusive::Rollback);
     let mut c = Clock::new();
-    let mut s = RolloutState::start("k".into(), &sp, c.now());
-    s.on_acks(c.now(), &all_acked());
+    let mut s = acked(&sp, &c);
     // The first inconclusive interval ends at 10 s; the deadline runs from there.
     assert_eq!(
         s.on_tick(&sp, c.advance(10 * S)).unwrap().result,
@@ -705,8 +704,7 @@ fn conclusive_windows_count_in_the_current_step() {
 fn a_checks_value_is_the_ratio_seen() {
     let sp = spec(&[10, 100], 100);
     let c = Clock::new();
-    let mut s = RolloutState::start("k".into(), &sp, c.now());
-    s.on_acks(c.now(), &all_acked());
+    let mut s = acked(&sp, &c);
     let error_rate = |s: &RolloutState| {
         s.current_window(&sp)
             .checks
@@ -743,8 +741,7 @@ fn the_baseline_checks_show_their_figures() {
     });
     let c = Clock::new();
     let open = |canary: &Window, others: &Window| {
-        let mut s = RolloutState::start("k".into(), &sp, c.now());
-        s.on_acks(c.now(), &all_acked());
+        let mut s = acked(&sp, &c);
         s.on_report(&sp, c.now(), canary, others, &BOUNDS);
         s.current_window(&sp).checks
     };
@@ -799,8 +796,7 @@ fn the_baseline_checks_show_their_figures() {
 fn p99_without_bounds_is_not_judged() {
     let sp = spec(&[10, 100], 100);
     let c = Clock::new();
-    let mut s = RolloutState::start("k".into(), &sp, c.now());
-    s.on_acks(c.now(), &all_acked());
+    let mut s = acked(&sp, &c);
     s.on_report(&sp, c.now(), &window(200, 0, 0.3), &Window::default(), &[]);
     let w = s.current_window(&sp);
     let p99 = w.checks.iter().find(|c| c.name == "p99").expect("listed");
