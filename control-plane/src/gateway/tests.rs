@@ -7,7 +7,7 @@ use serde_json::{Value, json};
 use sluice_config::{Duration, RoutePolicy, ServicePort};
 
 use super::model::{ParentRef, ReferenceGrant, RouteObject, ServiceInfo, ServicePortInfo};
-use super::translate::{Cluster, Condition, Key, Translation, translate};
+use super::translate::{Cluster, Condition, Key, SOURCE_ANNOTATION, Translation, translate};
 use super::{CONTROLLER_NAME, convert_files, merged_parents};
 
 const NS: &str = "gateway-conformance-mesh";
@@ -831,4 +831,178 @@ fn convert_checks_ports_against_the_services_given_and_reads_gateway_api_kinds_o
         err.to_string().contains("ReferenceGrant example.net/v1"),
         "{err}"
     );
+}
+
+/// A rule with `matches: []` matches everything, as one without `matches` does.
+#[test]
+fn an_empty_match_list_is_the_default_match() {
+    let rule = |matches: Option<Value>| {
+        let mut r = json!({ "backendRefs": [{ "name": "echo-v1", "port": 8080 }] });
+        if let Some(m) = matches {
+            r["matches"] = m;
+        }
+        json!({ "parentRefs": parent(), "rules": [r] })
+    };
+    let without = run(&[route("r", "2026-01-01T00:00:00Z", rule(None))]);
+    let empty = run(&[route("r", "2026-01-01T00:00:00Z", rule(Some(json!([]))))]);
+    all_accepted(&empty);
+    let (a, b) = (
+        policy(&without, "httproute-echo"),
+        policy(&empty, "httproute-echo"),
+    );
+    assert_eq!(a.spec.routes.len(), 1);
+    assert_eq!(a.spec.routes, b.spec.routes);
+}
+
+/// `backendRequest` may equal `request` but not exceed it.
+#[test]
+fn a_backend_request_timeout_up_to_the_request_timeout_is_taken() {
+    let spec = |request: &str, backend: &str| {
+        json!({ "parentRefs": parent(), "rules": [
+            { "timeouts": { "request": request, "backendRequest": backend },
+              "backendRefs": [{ "name": "echo-v1", "port": 8080 }] }] })
+    };
+    let t = run(&[route("r", "2026-01-01T00:00:00Z", spec("2s", "2s"))]);
+    all_accepted(&t);
+    let retry = policy(&t, "httproute-echo").spec.routes[0]
+        .retry
+        .clone()
+        .unwrap();
+    assert_eq!(retry.per_try_timeout, Some(Duration::from_secs(2)));
+    assert_eq!(retry.attempts, 0, "a per-try timeout alone retries nothing");
+    let t = run(&[route("r", "2026-01-01T00:00:00Z", spec("2s", "3s"))]);
+    let found = problems(&t, "r");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].2, "spec.rules[0].timeouts.backendRequest");
+}
+
+/// Durations: 1ms is the shortest kept, 1h the longest; 0s turns a timeout off.
+#[test]
+fn durations_keep_their_bounds() {
+    let spec = |request: &str| {
+        json!({ "parentRefs": parent(), "rules": [
+            { "timeouts": { "request": request },
+              "backendRefs": [{ "name": "echo-v1", "port": 8080 }] }] })
+    };
+    for (text, want) in [
+        ("1ms", Some(Duration::from_millis(1))),
+        ("1h", Some(Duration::from_secs(3600))),
+        ("0s", None),
+    ] {
+        let t = run(&[route("r", "2026-01-01T00:00:00Z", spec(text))]);
+        all_accepted(&t);
+        assert_eq!(
+            policy(&t, "httproute-echo").spec.routes[0].timeout,
+            want,
+            "{text}"
+        );
+    }
+    let t = run(&[route("r", "2026-01-01T00:00:00Z", spec("3601s"))]);
+    assert_eq!(problems(&t, "r")[0].2, "spec.rules[0].timeouts.request");
+}
+
+/// A retry always covers connections never made; only 4xx and 5xx codes are taken.
+#[test]
+fn retries_cover_connect_failures_and_only_error_codes() {
+    let spec = |codes: Value| {
+        json!({ "parentRefs": parent(), "rules": [
+            { "retry": { "attempts": 2, "codes": codes },
+              "backendRefs": [{ "name": "echo-v1", "port": 8080 }] }] })
+    };
+    let t = run(&[route(
+        "r",
+        "2026-01-01T00:00:00Z",
+        spec(json!([400, 599, 599])),
+    )]);
+    all_accepted(&t);
+    let retry = policy(&t, "httproute-echo").spec.routes[0]
+        .retry
+        .clone()
+        .unwrap();
+    assert_eq!(retry.on, [sluice_config::RetryOn::ConnectFailure]);
+    assert_eq!(retry.status_codes, [400, 599], "each code once");
+    for (codes, at) in [(json!([399, 503]), 0), (json!([503, 600]), 1)] {
+        let t = run(&[route("r", "2026-01-01T00:00:00Z", spec(codes.clone()))]);
+        let found = problems(&t, "r");
+        assert_eq!(found.len(), 1, "{codes}: {found:?}");
+        assert_eq!(
+            found[0].2,
+            format!("spec.rules[0].retry.codes[{at}]"),
+            "{codes}"
+        );
+    }
+}
+
+/// Names too long for a DNS label are shortened with a hash of the whole, so two
+/// that share their first 54 characters stay apart; the generated policy names the
+/// HTTPRoutes it comes from.
+#[test]
+fn shortened_names_stay_distinct_and_policies_name_their_sources() {
+    let long = "a-very-long-httproute-name-that-goes-on-and-on-and-on-for-ever";
+    let spec = |rule: &str| {
+        json!({ "parentRefs": parent(), "rules": [
+            { "name": rule, "matches": [{ "path": { "value": format!("/{rule}") } }],
+              "backendRefs": [{ "name": "echo-v1", "port": 8080 }] }] })
+    };
+    let t = run(&[
+        route(&format!("{long}-one"), "2026-01-01T00:00:00Z", spec("x")),
+        route(&format!("{long}-two"), "2026-01-01T00:00:00Z", spec("y")),
+    ]);
+    all_accepted(&t);
+    let p = policy(&t, "httproute-echo");
+    let names = route_names(p);
+    assert_eq!(names.len(), 2);
+    assert_ne!(names[0], names[1]);
+    for n in &names {
+        assert!(
+            n.len() <= 63 && n.starts_with("a-very-long-httproute"),
+            "{n}"
+        );
+        let hash = n.rsplit('-').next().unwrap_or_default();
+        assert!(
+            hash.len() == 8 && hash.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{n}"
+        );
+    }
+    let sources = &p.metadata.annotations[SOURCE_ANNOTATION];
+    assert!(
+        sources.contains(&format!("{NS}/{long}-one"))
+            && sources.contains(&format!("{NS}/{long}-two")),
+        "{sources}"
+    );
+}
+
+/// Refusing a Service drops its policy and marks every parent entry that named it,
+/// and only those, with nothing kept in force there.
+#[test]
+fn refusing_a_service_drops_its_policy_and_marks_its_parents() {
+    let spec = |svc: &str| {
+        json!({ "parentRefs": [{ "group": "", "kind": "Service", "name": svc, "port": 80 }],
+                "rules": [{ "backendRefs": [{ "name": "echo-v1", "port": 8080 }] }] })
+    };
+    let mut t = run(&[
+        route("to-echo", "2026-01-01T00:00:00Z", spec("echo")),
+        route("to-v2", "2026-01-01T00:00:00Z", spec("echo-v2")),
+    ]);
+    all_accepted(&t);
+    for v in t.verdicts.values_mut() {
+        v.kept_generation = Some(2);
+    }
+    t.refuse_service(&(NS.to_string(), "echo".to_string()), "taken");
+    let names: Vec<&str> = t.policies().map(|p| p.metadata.name.as_str()).collect();
+    assert_eq!(names, ["httproute-echo-v2"]);
+    let refused = &t.verdicts.iter().find(|(k, _)| k.1 == "to-echo").unwrap().1;
+    assert_eq!(refused.kept_generation, None);
+    assert_eq!(
+        problems(&t, "to-echo"),
+        [(
+            Condition::Accepted,
+            "UnsupportedValue",
+            "spec.parentRefs[0]".to_string()
+        )]
+    );
+    assert_eq!(refused.parents[0].problems[0].message, "taken");
+    let other = &t.verdicts.iter().find(|(k, _)| k.1 == "to-v2").unwrap().1;
+    assert_eq!(other.kept_generation, Some(2));
+    assert!(problems(&t, "to-v2").is_empty());
 }
