@@ -543,6 +543,10 @@ fn ports_that_cannot_be_honoured_are_refused() {
         json!({ "parentRefs": [{ "group": "", "kind": "Service", "name": "echo", "port": parent_port }],
                 "rules": [{ "backendRefs": [{ "name": "echo-v1", "port": backend_port }] }] })
     };
+    let message = |t: &Translation, route: &str| {
+        let (_, v) = t.verdicts.iter().find(|(k, _)| k.1 == route).unwrap();
+        v.parents[0].problems[0].message.clone()
+    };
     let t = run(&[route("r", "2026-01-01T00:00:00Z", spec(81, 8080))]);
     assert_eq!(
         problems(&t, "r"),
@@ -551,6 +555,10 @@ fn ports_that_cannot_be_honoured_are_refused() {
             "NoMatchingParent",
             "spec.parentRefs[0].port".to_string()
         )]
+    );
+    assert_eq!(
+        message(&t, "r"),
+        format!("Service {NS}/echo has no port 81 (it has 80, 8080)")
     );
     let t = run(&[route("r", "2026-01-01T00:00:00Z", spec(80, 9999))]);
     assert_eq!(
@@ -561,6 +569,10 @@ fn ports_that_cannot_be_honoured_are_refused() {
             "spec.rules[0].backendRefs[0].port".to_string()
         )]
     );
+    assert_eq!(
+        message(&t, "r"),
+        format!("Service {NS}/echo-v1 has no port 9999 (it has 80, 8080)")
+    );
     // Two ports for one host: the older route keeps it.
     let t = run(&[
         route("a", "2026-01-01T00:00:00Z", spec(80, 8080)),
@@ -569,13 +581,91 @@ fn ports_that_cannot_be_honoured_are_refused() {
     assert_eq!(problems(&t, "a"), []);
     let (_, v) = t.verdicts.iter().find(|(k, _)| k.1 == "b").unwrap();
     assert_eq!(v.parents[0].problems[0].path, "spec.parentRefs[0].port");
+    assert_eq!(
+        v.parents[0].problems[0].message,
+        format!(
+            "Service {NS}/echo is already routed on port 80 by HTTPRoute {NS}/a; Sluice routes a host on one port"
+        )
+    );
+}
+
+/// A parentRef without a port on a Service with one port is scoped to that port, so
+/// a route naming the port and one that does not share the host; on a Service with
+/// several ports, no port means every port, which a route on one port then clashes with.
+#[test]
+fn no_parent_port_on_a_one_port_service_is_its_port() {
+    let mut services = conformance_services();
+    services.insert(
+        (NS.into(), "single".into()),
+        ServiceInfo {
+            ports: vec![ServicePortInfo {
+                name: String::new(),
+                port: 80,
+            }],
+        },
+    );
+    let spec = |svc: &str, port: Option<i64>, path: &str| {
+        let mut parent = json!({ "group": "", "kind": "Service", "name": svc });
+        if let Some(p) = port {
+            parent["port"] = json!(p);
+        }
+        json!({ "parentRefs": [parent], "rules": [
+            { "matches": [{ "path": { "value": path } }],
+              "backendRefs": [{ "name": "echo-v1", "port": 8080 }] }] })
+    };
+    let run_on = |routes: &[RouteObject]| {
+        translate(
+            routes,
+            Cluster {
+                services: Some(&services),
+                grants: &[],
+            },
+        )
+    };
+    let t = run_on(&[
+        route("a", "2026-01-01T00:00:00Z", spec("single", None, "/a")),
+        route("b", "2026-01-02T00:00:00Z", spec("single", Some(80), "/b")),
+    ]);
+    all_accepted(&t);
+    assert_eq!(route_names(policy(&t, "httproute-single")).len(), 2);
+    let t = run_on(&[
+        route("a", "2026-01-01T00:00:00Z", spec("echo", None, "/a")),
+        route("b", "2026-01-02T00:00:00Z", spec("echo", Some(80), "/b")),
+    ]);
+    let (_, v) = t.verdicts.iter().find(|(k, _)| k.1 == "b").unwrap();
     assert!(
         v.parents[0].problems[0]
             .message
-            .contains("HTTPRoute gateway-conformance-mesh/a"),
+            .contains("already routed on every port (no parentRef port)"),
         "{:?}",
         v.parents[0].problems
     );
+}
+
+/// Only core Services are backends: another kind, or a Service of another group, is
+/// refused with InvalidKind.
+#[test]
+fn backends_other_than_core_services_are_refused() {
+    for (group, kind) in [(None, Some("ConfigMap")), (Some("example.com"), None)] {
+        let mut backend = json!({ "name": "echo-v1", "port": 8080 });
+        if let Some(g) = group {
+            backend["group"] = json!(g);
+        }
+        if let Some(k) = kind {
+            backend["kind"] = json!(k);
+        }
+        let spec = json!({ "parentRefs": parent(), "rules": [{ "backendRefs": [backend] }] });
+        let t = run(&[route("r", "2026-01-01T00:00:00Z", spec)]);
+        assert_eq!(
+            problems(&t, "r"),
+            [(
+                Condition::ResolvedRefs,
+                "InvalidKind",
+                "spec.rules[0].backendRefs[0].kind".to_string()
+            )],
+            "{group:?} {kind:?}"
+        );
+    }
 }
 
 #[test]
@@ -619,6 +709,29 @@ fn cross_namespace_backends_need_a_reference_grant() {
         p.spec.backends["store-other-80"].service.as_deref(),
         Some("store.other")
     );
+    // A grant must both live in the Service's namespace and name it (or every Service).
+    let grant_in = |ns: &str, service: Option<&str>| {
+        let mut to = json!({ "group": "", "kind": "Service" });
+        if let Some(s) = service {
+            to["name"] = json!(s);
+        }
+        ReferenceGrant::from_object(&json!({
+            "apiVersion": "gateway.networking.k8s.io/v1beta1", "kind": "ReferenceGrant",
+            "metadata": { "name": "g", "namespace": ns },
+            "spec": { "from": [{ "group": "gateway.networking.k8s.io", "kind": "HTTPRoute", "namespace": NS }],
+                      "to": [to] } }))
+        .unwrap()
+    };
+    for grant in [grant_in("elsewhere", None), grant_in("other", Some("cart"))] {
+        let t = translate(
+            &routes,
+            Cluster {
+                services: Some(&services),
+                grants: &[grant],
+            },
+        );
+        assert_eq!(problems(&t, "r")[0].1, "RefNotPermitted");
+    }
 }
 
 #[test]
