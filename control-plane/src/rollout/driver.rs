@@ -445,7 +445,7 @@ impl Rollouts {
         let (mut list, mut proxies) = (None, Some(proxies));
         let mut transitions = Vec::new();
         for (id, e) in entries.iter_mut() {
-            if count_acks && e.state.acked_at().is_none() && !e.state.phase().is_terminal() {
+            if count_acks && e.state.acked_at().is_none() {
                 let w = e.state.canary_weight(&e.spec);
                 let carries = |v: &Option<String>| {
                     v.as_ref().is_some_and(|v| {
@@ -1258,7 +1258,8 @@ mod tests {
                 BTreeMap::from([(backend.to_string(), failing.clone())]),
             )])
         };
-        let r = Rollouts::new(None, Clock::default());
+        let clock = Clock::default();
+        let r = Rollouts::new(None, clock.clone());
         r.sync(&set());
         assert!(!r.on_reports(&on("v1"), &[]));
         assert!(!r.on_reports(&super::super::reports::Taken::new(), &[]));
@@ -1269,6 +1270,22 @@ mod tests {
         r.set_leading(true);
         assert!(r.on_reports(&on("v2"), &[]));
         assert_eq!(rollout(&r)["phase"], "rolled-back");
+        // The rollback's weights are acked like a step's: waiting until a proxy has a
+        // version carrying them, then listed no more.
+        assert_eq!(rollout(&r)["stepAcked"], false);
+        // (Acks count once the new holder's takeover grace has passed.)
+        clock.advance(TAKEOVER_GRACE);
+        r.record_version("back", &r.frozen());
+        let mut p = ProxyRecord::default();
+        p.node_id = "a".into();
+        p.connected = true;
+        p.acked_version = Some("before".into());
+        assert!(!r.tick(|| vec![p.clone()]));
+        assert_eq!(rollout(&r)["stepAcked"], false);
+        p.acked_version = Some("back".into());
+        assert!(!r.tick(|| vec![p.clone()]));
+        assert_eq!(rollout(&r)["stepAcked"], true);
+        assert!(!r.tick(|| panic!("the rollback is acked already")));
     }
 
     /// A step's interval starts once every connected proxy acked a version carrying

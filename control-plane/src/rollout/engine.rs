@@ -483,15 +483,20 @@ impl RolloutState {
             "rolled-back"
         };
         self.phase = phase;
+        // The end's weights (the canary at 0 or 100) are a step of their own to be
+        // acked: the operator's question after a rollback is whether every proxy
+        // has it.
+        self.step_since = now.at;
         self.acked_at = None;
+        self.left_out.clear();
         self.record(now, result, spec, reason);
         self.history.last().cloned().expect("just recorded")
     }
 
-    /// The proxies connected now and whether each acked the step's weights. Starts
-    /// the interval once every one acked (or is left out).
+    /// The proxies connected now and whether each acked the step's weights (once
+    /// ended, the end's). Starts the interval once every one acked (or is left out).
     pub fn on_acks(&mut self, now: Now, proxies: &[ProxyAck]) -> Option<Transition> {
-        if self.phase.is_terminal() || self.acked_at.is_some() {
+        if self.acked_at.is_some() {
             return None;
         }
         let late = now.at.saturating_duration_since(self.step_since) >= ACK_GRACE;

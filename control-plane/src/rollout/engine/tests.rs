@@ -832,3 +832,41 @@ fn a_gross_breach_shows_its_ratio() {
         .unwrap();
     assert_eq!((gross.value, gross.samples), (Some(0.5), 20));
 }
+
+/// An ended rollout's weights are acked like a step's: after a rollback (or a
+/// promotion) `acked_at` says when every proxy had them, a proxy that has not is
+/// waited for 30 s from the end (not from the step before it), and nothing else of
+/// the ended rollout moves.
+#[test]
+fn the_end_is_acked_like_a_step() {
+    let sp = spec(&[5, 100], 100);
+    let mut c = Clock::new();
+    let mut s = acked(&sp, &c);
+    c.advance(29 * S);
+    let t = s.command(&sp, c.now(), Command::Abort).unwrap();
+    assert_eq!(t.result, "rolled-back");
+    assert_eq!(
+        s.acked_at(),
+        None,
+        "the rollback's weights are not acked yet"
+    );
+    let mut late = all_acked();
+    late[1].acked = false;
+    // One second later: 30 s since the step began, 1 s since the end.
+    s.on_acks(c.advance(S), &late);
+    assert_eq!(s.acked_at(), None, "still waiting for b");
+    assert!(s.left_out().is_empty());
+    s.on_acks(c.advance(S), &all_acked());
+    assert_eq!(s.acked_at(), Some(c.now().at));
+    assert_eq!(s.phase(), Phase::RolledBack);
+    assert_eq!(s.canary_weight(&sp), 0);
+    assert_eq!(s.on_tick(&sp, c.advance(60 * S)), None);
+
+    // Promoted: the same, and a proxy silent for 30 s after the end is left out.
+    let mut s = acked(&sp, &c);
+    s.command(&sp, c.now(), Command::Promote).unwrap();
+    assert_eq!(s.phase(), Phase::Promoted);
+    s.on_acks(c.advance(30 * S), &late);
+    assert_eq!(s.acked_at(), Some(c.now().at));
+    assert_eq!(s.left_out(), ["b"]);
+}
