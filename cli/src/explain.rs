@@ -60,7 +60,8 @@ impl Probe {
         Ok(Self {
             host: host.to_string(),
             method,
-            path: path.to_string(),
+            // Routed as the proxy routes it: without dot-segments.
+            path: sluice_proxy::normalize_path(path).unwrap_or_else(|| path.to_string()),
             headers: map,
         })
     }
@@ -604,6 +605,13 @@ spec:
             .governance
             .unwrap();
         assert_eq!(g.retry.as_deref(), Some("none (attempts: 0)"));
+    }
+
+    #[test]
+    fn a_path_is_explained_as_the_proxy_routes_it() {
+        let e = explainer().explain(&probe("GET", "/logs/../healthz?x", &[]));
+        assert_eq!(e.path, "/healthz");
+        assert_eq!(e.route.as_deref(), Some("log-service.health"));
     }
 
     #[test]

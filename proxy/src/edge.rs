@@ -20,8 +20,8 @@ use tracing::debug;
 use crate::authority::{self, Named, Refusal};
 use crate::body::{Body, boxed, empty};
 use crate::message::{
-    foreign_transfer_coding, is_grpc, is_switching, is_upgrade_request, request_host,
-    restrict_upgrade, spawn_tunnel, strip_hop_by_hop, switched_as_offered,
+    foreign_transfer_coding, is_grpc, is_switching, is_upgrade_request, normalize_target,
+    request_host, restrict_upgrade, spawn_tunnel, strip_hop_by_hop, switched_as_offered,
 };
 use crate::policy::{PolicySnapshot, PolicyStore};
 use crate::recent::{RecentRequests, Seen};
@@ -81,6 +81,7 @@ pub(crate) async fn outbound(store: PolicyStore, mut req: Request<Incoming>) -> 
             started,
         );
     }
+    normalize_target(&mut req);
     let host = request_host(&req);
     if let Err(refusal) =
         authority::check_target(&req, || host.is_some_and(|h| snapshot.has_host(h)))
@@ -168,6 +169,7 @@ pub(crate) async fn inbound(store: PolicyStore, mut req: Request<Incoming>) -> R
     let store = &store;
     let started = clock::now();
     let snapshot = store.current();
+    normalize_target(&mut req);
     let checked = match authority::settle(&mut req) {
         Ok(_) if foreign_transfer_coding(req.headers()) => Err(authority::TRANSFER_CODING),
         Ok(Named::One) => authority::check_target(&req, || true),

@@ -62,6 +62,7 @@ pub use config::{LogControl, LogFormat, ProxyConfig};
 pub use error::ProxyError;
 pub use governance::BreakerAdmin;
 pub use h2_limits::H2Limits;
+pub use message::normalize_path;
 pub use metrics::Metrics;
 pub use policy::{ApplyOutcome, PolicySnapshot, PolicyStore, Rejection, RouteTable};
 pub use stack::StackContext;

@@ -85,6 +85,84 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
     }
 }
 
+/// A request path with its dot-segments removed (RFC 3986 §5.2.4; `%2e` counts as a
+/// dot), or `None` when it has none: routes match, and the upstream receives, the path
+/// the request resolves to, so `/logs/../admin` is governed as `/admin` is and not by
+/// the `/logs` route its raw text starts with. Empty segments (`//`) are kept, and
+/// nothing else is decoded. A path without `/.` or `%` returns after one scan.
+pub fn normalize_path(path: &str) -> Option<String> {
+    let bytes = path.as_bytes();
+    let dotted = bytes
+        .windows(2)
+        .any(|w| w == b"/." || (w[0] == b'/' && w[1] == b'%'));
+    if !dotted || !path.starts_with('/') {
+        return None;
+    }
+    // How many dots a segment stands for, if it is `.` or `..` in any spelling.
+    fn dots(segment: &str) -> Option<usize> {
+        let mut rest = segment.as_bytes();
+        let mut n = 0;
+        while !rest.is_empty() {
+            rest = match rest {
+                [b'.', tail @ ..] => tail,
+                [b'%', b'2', e, tail @ ..] if e.eq_ignore_ascii_case(&b'e') => tail,
+                _ => return None,
+            };
+            n += 1;
+        }
+        (1..=2).contains(&n).then_some(n)
+    }
+    let mut out: Vec<&str> = Vec::new();
+    let mut changed = false;
+    let mut ends_in_dir = false;
+    for segment in path[1..].split('/') {
+        ends_in_dir = false;
+        match dots(segment) {
+            Some(n) => {
+                changed = true;
+                if n == 2 {
+                    out.pop();
+                }
+                ends_in_dir = true;
+            }
+            None => out.push(segment),
+        }
+    }
+    if !changed {
+        return None;
+    }
+    let mut normalized = String::with_capacity(path.len());
+    for segment in &out {
+        normalized.push('/');
+        normalized.push_str(segment);
+    }
+    if ends_in_dir || normalized.is_empty() {
+        normalized.push('/');
+    }
+    Some(normalized)
+}
+
+/// Rewrites `req`'s target to its path without dot-segments ([`normalize_path`]),
+/// keeping the query; a target without any is left as it is.
+pub(crate) fn normalize_target<B>(req: &mut Request<B>) {
+    let Some(path) = normalize_path(req.uri().path()) else {
+        return;
+    };
+    let target = match req.uri().query() {
+        Some(q) => format!("{path}?{q}"),
+        None => path,
+    };
+    let mut parts = req.uri().clone().into_parts();
+    // Removing segments from a valid target leaves a valid one.
+    let Ok(pq) = http::uri::PathAndQuery::try_from(target) else {
+        return;
+    };
+    parts.path_and_query = Some(pq);
+    if let Ok(uri) = http::Uri::from_parts(parts) {
+        *req.uri_mut() = uri;
+    }
+}
+
 /// Whether a message's `Transfer-Encoding` names a coding besides `chunked` (`gzip,
 /// chunked`): hyper takes the chunked framing off and hands on the bytes under it, so
 /// forwarding it without the header would pass compressed bytes as plain ones. nginx
@@ -254,6 +332,35 @@ mod tests {
         let before = h.clone();
         strip_hop_by_hop(&mut h, false);
         assert_eq!(h, before);
+    }
+
+    #[test]
+    fn dot_segments_are_removed_in_every_spelling() {
+        for (path, want) in [
+            ("/logs/a", None),
+            ("/logs/.well-known/x", None),
+            ("/a/b..c/d", None),
+            ("/a%20b/c", None),
+            ("/pkg.Service/Method", None),
+            ("/logs/../admin", Some("/admin")),
+            ("/logs/%2e%2e/admin", Some("/admin")),
+            ("/logs/%2E./admin", Some("/admin")),
+            ("/logs/.%2E/admin", Some("/admin")),
+            ("/a/./b", Some("/a/b")),
+            ("/a/%2e/b", Some("/a/b")),
+            ("/a/b/..", Some("/a/")),
+            ("/a/b/.", Some("/a/b/")),
+            ("/..", Some("/")),
+            ("/../../x", Some("/x")),
+            ("/.", Some("/")),
+            ("/a//../b", Some("/a/b")),
+            ("/a/.../b", None),
+            ("/a/%2e%2e%2e/b", None),
+            ("/a/%2f../b", None),
+            ("*", None),
+        ] {
+            assert_eq!(normalize_path(path).as_deref(), want, "{path}");
+        }
     }
 
     #[test]

@@ -241,3 +241,53 @@ async fn unknown_host_is_404_no_route_and_refused_upstream_is_502() {
     assert_eq!(proxy.admin_get("/live").await.0, StatusCode::OK);
     assert_eq!(proxy.admin_get("/ready").await.0, StatusCode::OK);
 }
+
+/// A path with dot-segments is routed as the path it resolves to, and goes upstream
+/// that way, over both protocols: `/open/../guarded` is governed by the `/guarded`
+/// route (here a 1-per-second limit), not by the `/open` route its text starts with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dot_segments_are_resolved_before_routing() {
+    let open = Upstream::auto("open").await;
+    let guarded = Upstream::auto("guarded").await;
+    let policy = format!(
+        r#"apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: {{ name: dots, namespace: e2e }}
+spec:
+  host: dots
+  backends:
+    open: {{ addresses: ["{}"] }}
+    guarded: {{ addresses: ["{}"] }}
+  routes:
+    - name: open
+      match: {{ path: {{ prefix: /open }} }}
+      split: [{{ backend: open }}]
+    - name: guarded
+      match: {{ path: {{ prefix: /guarded }} }}
+      rateLimit: {{ perSecond: 1, burst: 1 }}
+      split: [{{ backend: guarded }}]
+"#,
+        open.addr(),
+        guarded.addr()
+    );
+    let proxy = TestProxy::start(&policy).await;
+    let mut h1 = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
+    let mut h2 = HttpConn::h2(proxy.outbound_addr()).await.unwrap();
+    let r = h1.get("dots", "/open/../guarded/x?q=1").await.unwrap();
+    assert_eq!(r.status, StatusCode::OK, "{r:?}");
+    assert_eq!(r.header("x-upstream"), "guarded");
+    assert_eq!(r.header("x-seen-target"), "/guarded/x?q=1");
+    // The bucket is spent: every other spelling lands on the same limit.
+    for (conn, path) in [
+        (&mut h1, "/open/%2e%2e/guarded"),
+        (&mut h2, "/open/.%2E/guarded/./y"),
+    ] {
+        let r = conn.get("dots", path).await.unwrap();
+        assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{path}: {r:?}");
+        assert_eq!(r.header("x-sluice-reason"), "rate-limited");
+    }
+    let r = h2.get("dots", "/open/a/../b").await.unwrap();
+    assert_eq!(r.header("x-upstream"), "open");
+    assert_eq!(r.header("x-seen-path"), "/open/b");
+    assert_eq!(guarded.requests(), 1);
+}
