@@ -20,8 +20,8 @@ use tracing::debug;
 use crate::authority::{self, Named, Refusal};
 use crate::body::{Body, boxed, empty};
 use crate::message::{
-    foreign_transfer_coding, is_grpc, is_switching, is_upgrade_request, normalize_target,
-    request_host, restrict_upgrade, spawn_tunnel, strip_hop_by_hop, switched_as_offered,
+    foreign_coding_in, is_grpc, is_switching, is_upgrade_request, normalize_target, request_host,
+    restrict_upgrade, spawn_tunnel, strip_hop_by_hop, switched_as_offered,
 };
 use crate::policy::{PolicySnapshot, PolicyStore};
 use crate::recent::{RecentRequests, Seen};
@@ -61,7 +61,7 @@ pub(crate) async fn outbound(store: PolicyStore, mut req: Request<Incoming>) -> 
     let started = clock::now();
     let snapshot = store.current();
     let named = match authority::settle(&mut req) {
-        Ok(_) if foreign_transfer_coding(req.headers()) => Err(authority::TRANSFER_CODING),
+        Ok(_) if foreign_coding_in(req.headers(), req.body()) => Err(authority::TRANSFER_CODING),
         settled => settled,
     };
     let named = match named {
@@ -126,7 +126,7 @@ pub(crate) async fn outbound(store: PolicyStore, mut req: Request<Incoming>) -> 
 
 /// The answer to an upstream response whose body is in a coding besides `chunked`,
 /// which could only be handed on as bytes mislabelled plain
-/// ([`foreign_transfer_coding`]).
+/// ([`crate::message::foreign_transfer_coding`]).
 const FOREIGN_CODING: &str = "the upstream used a transfer coding other than chunked";
 
 /// Sends a request of a redirected connection to where the application addressed it,
@@ -145,7 +145,7 @@ async fn to_original_destination(
         Ok(mut resp) => {
             match upgrade {
                 Some(down) if is_switching(&resp) => spawn_tunnel(down, &mut resp),
-                _ if foreign_transfer_coding(resp.headers()) => {
+                _ if foreign_coding_in(resp.headers(), resp.body()) => {
                     return refuse(Reason::UpstreamUnavailable, FOREIGN_CODING, false);
                 }
                 _ => strip_hop_by_hop(resp.headers_mut(), false),
@@ -171,7 +171,7 @@ pub(crate) async fn inbound(store: PolicyStore, mut req: Request<Incoming>) -> R
     let snapshot = store.current();
     normalize_target(&mut req);
     let checked = match authority::settle(&mut req) {
-        Ok(_) if foreign_transfer_coding(req.headers()) => Err(authority::TRANSFER_CODING),
+        Ok(_) if foreign_coding_in(req.headers(), req.body()) => Err(authority::TRANSFER_CODING),
         Ok(Named::One) => authority::check_target(&req, || true),
         Ok(Named::Nothing) => Err(authority::NO_AUTHORITY),
         Err(refusal) => Err(refusal),
@@ -318,7 +318,7 @@ async fn forward(
                         grpc,
                     );
                 }
-                _ if foreign_transfer_coding(resp.headers()) => {
+                _ if foreign_coding_in(resp.headers(), resp.body()) => {
                     debug!(route = %entry.params.name, "upstream used a transfer coding besides chunked");
                     resp = refuse(Reason::UpstreamUnavailable, FOREIGN_CODING, grpc);
                 }

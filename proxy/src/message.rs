@@ -176,6 +176,14 @@ pub(crate) fn foreign_transfer_coding(headers: &HeaderMap) -> bool {
         .any(|coding| !coding.trim_ascii().eq_ignore_ascii_case(b"chunked"))
 }
 
+/// [`foreign_transfer_coding`] for a whole message, looked up only when its body may be
+/// chunked: hyper reads any `Transfer-Encoding` body as chunked, which has no exact
+/// length, so a message whose length is known (no body, or `Content-Length`) needs no
+/// header lookup on the way.
+pub(crate) fn foreign_coding_in<B: http_body::Body>(headers: &HeaderMap, body: &B) -> bool {
+    body.size_hint().exact().is_none() && foreign_transfer_coding(headers)
+}
+
 /// Whether an HTTP/1 request asks to switch protocols (WebSocket and the like).
 pub(crate) fn is_upgrade_request<B>(req: &Request<B>) -> bool {
     req.version() == Version::HTTP_11
@@ -361,6 +369,30 @@ mod tests {
         ] {
             assert_eq!(normalize_path(path).as_deref(), want, "{path}");
         }
+    }
+
+    /// The header is looked up only for a body of unknown length (what hyper makes of
+    /// any `Transfer-Encoding`); a body of known length cannot carry a coding.
+    #[test]
+    fn only_a_body_of_unknown_length_is_checked_for_its_coding() {
+        struct Unsized;
+        impl http_body::Body for Unsized {
+            type Data = bytes::Bytes;
+            type Error = std::convert::Infallible;
+            fn poll_frame(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>>
+            {
+                std::task::Poll::Ready(None)
+            }
+        }
+        let gzip = map(&[("transfer-encoding", "gzip, chunked")]);
+        let plain = map(&[("transfer-encoding", "chunked")]);
+        assert!(foreign_coding_in(&gzip, &Unsized));
+        assert!(!foreign_coding_in(&plain, &Unsized));
+        let known = http_body_util::Full::new(bytes::Bytes::from_static(b"hello"));
+        assert!(!foreign_coding_in(&gzip, &known));
     }
 
     #[test]
