@@ -775,6 +775,108 @@ mod tests {
         );
     }
 
+    /// The method, protocol version and host attributes: every standard method by name
+    /// and any other as `_OTHER`; `2`, `1.0` or `1.1`; the host without its port, an
+    /// IPv6 literal keeping its brackets.
+    #[test]
+    fn method_version_and_host_attributes() {
+        let (t, exporter) = telemetry(1.0, &[Propagation::W3c]);
+        let cases = [
+            ("GET", Version::HTTP_11, "a:80", "GET", "1.1", "a"),
+            ("POST", Version::HTTP_2, "b", "POST", "2", "b"),
+            ("PUT", Version::HTTP_10, "[::1]:8080", "PUT", "1.0", "[::1]"),
+            (
+                "DELETE",
+                Version::HTTP_11,
+                "[::1]",
+                "DELETE",
+                "1.1",
+                "[::1]",
+            ),
+            ("HEAD", Version::HTTP_11, "c", "HEAD", "1.1", "c"),
+            ("OPTIONS", Version::HTTP_11, "c", "OPTIONS", "1.1", "c"),
+            ("PATCH", Version::HTTP_11, "c", "PATCH", "1.1", "c"),
+            ("CONNECT", Version::HTTP_11, "c", "CONNECT", "1.1", "c"),
+            ("TRACE", Version::HTTP_11, "c", "TRACE", "1.1", "c"),
+            ("PURGE", Version::HTTP_11, "c", "_OTHER", "1.1", "c"),
+        ];
+        for (method, version, host, _, _, _) in cases {
+            let mut req = Request::builder()
+                .method(method)
+                .version(version)
+                .uri("/x")
+                .header("host", host)
+                .body(())
+                .unwrap();
+            t.start_unrouted(SpanKind::Server, &mut req)
+                .finish(200, None, &HeaderMap::new());
+        }
+        let spans = exporter.get_finished_spans().unwrap();
+        assert_eq!(spans.len(), cases.len());
+        for (s, (method, _, _, want_method, want_version, want_host)) in spans.iter().zip(cases) {
+            assert_eq!(
+                attr(s, "http.request.method").as_deref(),
+                Some(want_method),
+                "{method}"
+            );
+            assert_eq!(
+                attr(s, "network.protocol.version").as_deref(),
+                Some(want_version),
+                "{method}"
+            );
+            assert_eq!(
+                attr(s, "server.address").as_deref(),
+                Some(want_host),
+                "{method}"
+            );
+        }
+    }
+
+    /// A client span is an error from 400 on, a server span only from 500 on.
+    #[test]
+    fn a_4xx_fails_a_client_span_and_only_a_5xx_a_server_span() {
+        let (t, exporter) = telemetry(1.0, &[Propagation::W3c]);
+        let cases = [
+            (SpanKind::Client, 399, false),
+            (SpanKind::Client, 400, true),
+            (SpanKind::Server, 404, false),
+            (SpanKind::Server, 499, false),
+            (SpanKind::Server, 500, true),
+            (SpanKind::Client, 503, true),
+        ];
+        for (kind, status, _) in &cases {
+            let mut req = Request::builder().uri("/x").body(()).unwrap();
+            t.start_unrouted(kind.clone(), &mut req)
+                .finish(*status, None, &HeaderMap::new());
+        }
+        let spans = exporter.get_finished_spans().unwrap();
+        for (s, (kind, status, failed)) in spans.iter().zip(&cases) {
+            assert_eq!(
+                matches!(s.status, Status::Error { .. }),
+                *failed,
+                "{kind:?} {status}"
+            );
+        }
+    }
+
+    /// The span's body says what the body under it says about its end and length.
+    #[tokio::test]
+    async fn a_spanned_body_keeps_the_end_and_length_of_its_body() {
+        use http_body::Body as _;
+        let (t, _exporter) = telemetry(1.0, &[Propagation::W3c]);
+        let mut req = Request::builder().uri("/x").body(()).unwrap();
+        let body = t
+            .start_unrouted(SpanKind::Client, &mut req)
+            .finish_with_body(
+                200,
+                None,
+                &HeaderMap::new(),
+                crate::body::full(Bytes::from_static(b"hello")),
+            );
+        assert!(!body.is_end_stream());
+        assert_eq!(body.size_hint().exact(), Some(5));
+    }
+
     #[tokio::test]
     async fn endpoints_must_be_plain_http_urls() {
         let cfg = |e: &str| TraceConfig {
