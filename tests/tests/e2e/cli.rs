@@ -131,6 +131,14 @@ async fn two_worker_threads_run_beside_the_main_one() {
     let upstream = Upstream::auto("two").await;
     let policy = one_route_policy("two", upstream.addr(), "");
     let mut proxy = ChildProxy::spawn(bin(), &policy, &["--worker-threads", "2"]).await;
+    // A thread takes its name once it runs: a busy machine may not have run one yet.
+    let named = &proxy;
+    sluice_e2e::wait_until(
+        "both worker threads are named",
+        sluice_e2e::WAIT,
+        || async move { worker_threads(named).len() == 2 },
+    )
+    .await;
     assert_eq!(
         worker_threads(&proxy),
         ["sluice-worker-1", "sluice-worker-2"]
