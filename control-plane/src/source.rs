@@ -124,6 +124,8 @@ impl PolicyDir {
             source,
         })?;
         let mut files = BTreeMap::new();
+        // What the saved versions claim, so that a clashing one is not taken as in force.
+        let mut saved_claims: HashSet<Claim> = HashSet::new();
         if let Some(state) = state_dir {
             let sub = state.join(STATE_SUBDIR);
             std::fs::create_dir_all(&sub).map_err(|source| Error::Write {
@@ -137,7 +139,11 @@ impl PolicyDir {
                 match parse_file(&name, &bytes, &limits) {
                     Ok(policies) => {
                         // Saved because it was in force: it holds what it claimed
-                        // against files that were left out beside it.
+                        // against files that were left out beside it. An older
+                        // control plane saved every file's last good version, clashing
+                        // ones too, and had the first by name in force: a saved version
+                        // that clashes with an earlier one is taken as left out.
+                        let clashes = claims(&policies).any(|c| saved_claims.contains(&c));
                         let version = GoodFile {
                             policies,
                             version: short_hash(&bytes),
@@ -145,11 +151,14 @@ impl PolicyDir {
                             from_state: true,
                             loaded_at: SystemTime::now(),
                         };
+                        if !clashes {
+                            saved_claims.extend(claims(&version.policies));
+                        }
                         files.insert(
                             name,
                             FileState {
-                                good: Some(version.clone()),
-                                served: Some(version),
+                                served: (!clashes).then(|| version.clone()),
+                                good: Some(version),
                                 ..FileState::default()
                             },
                         );
@@ -257,65 +266,45 @@ impl PolicyDir {
     /// policy came from. What a file claims (a namespace/name, a host) stays with
     /// the file that had it in force while that file's latest version still claims
     /// it: a file added or edited to claim it too is the one left out, keeping its
-    /// version in force when it has one that does not clash, and the clash is
-    /// reported. Among files with nothing in force, the first by name wins.
+    /// version in force when it has one, and the clash is reported. A file kept on
+    /// its version in force holds everything that version claims, so a host it gave
+    /// up in the refused edit is not handed to another file in the same re-read.
+    /// Among files with nothing in force, the first by name wins.
     pub(crate) fn build_set(&mut self) -> Option<(PolicySet, Vec<pb::PolicyMeta>)> {
-        self.conflicts.clear();
-        let mut held: HashMap<Claim, &str> = HashMap::new();
-        for (file, state) in &self.files {
-            if let (Some(served), Some(good)) = (&state.served, &state.good) {
-                let still: HashSet<Claim> = claims(&good.policies).collect();
-                for claim in claims(&served.policies).filter(|c| still.contains(c)) {
-                    held.insert(claim, file);
-                }
+        // Keeping a file on its version in force can make another file's edit clash
+        // in turn, so the choice is made again until no file is newly kept; each
+        // round keeps at least one more file, so this ends within one round per file.
+        let mut kept: HashMap<&str, String> = HashMap::new();
+        let choice = loop {
+            match choose(&self.files, &kept) {
+                Choice::Kept(newly) => kept.extend(newly),
+                Choice::Done(choice) => break choice,
             }
-        }
-        let (incumbents, newcomers): (Vec<_>, Vec<_>) =
-            self.files.iter().partition(|(_, s)| s.served.is_some());
-        let mut taken: HashMap<Claim, &str> = HashMap::new();
-        let mut chosen: HashMap<&str, &GoodFile> = HashMap::new();
+        };
+        let Chosen {
+            versions: chosen,
+            conflicts,
+        } = choice;
         let mut policies = Vec::new();
         let mut metas = Vec::new();
-        for (file, state) in incumbents.into_iter().chain(newcomers) {
-            let Some(good) = &state.good else { continue };
-            let clash = |version: &GoodFile| {
-                claims(&version.policies).find_map(|claim| {
-                    let other = taken
-                        .get(&claim)
-                        .or_else(|| held.get(&claim).filter(|h| **h != file.as_str()))?;
-                    Some(claim.clash_with(other))
-                })
-            };
-            let version = match clash(good) {
-                None => good,
-                Some(msg) => {
-                    let earlier = state
-                        .served
-                        .as_ref()
-                        .filter(|s| s.version != good.version && clash(s).is_none());
-                    let msg = match earlier {
-                        Some(s) => format!("{msg}; version {} stays in force", s.version),
-                        None => msg,
-                    };
-                    tracing::warn!(%file, error = %msg, "policy file left out");
-                    self.conflicts.insert(file.clone(), msg);
-                    let Some(earlier) = earlier else { continue };
-                    earlier
-                }
-            };
-            for claim in claims(&version.policies) {
-                taken.insert(claim, file);
-            }
+        for (file, version) in &chosen {
             for p in &version.policies {
                 metas.push(pb::PolicyMeta {
                     name: p.metadata.name.clone(),
                     namespace: namespace_of(p),
-                    source: file.clone(),
+                    source: file.to_string(),
                 });
                 policies.push(p.clone());
             }
-            chosen.insert(file, version);
         }
+        for (file, error) in &conflicts {
+            tracing::warn!(%file, %error, "policy file left out");
+        }
+        let chosen: HashMap<String, GoodFile> = chosen
+            .into_iter()
+            .map(|(f, v)| (f.to_string(), v.clone()))
+            .collect();
+        self.conflicts = conflicts;
         let set = match PolicySet::new_with(policies, &self.limits) {
             Ok(set) => set,
             Err(e) => {
@@ -323,10 +312,6 @@ impl PolicyDir {
                 return None;
             }
         };
-        let chosen: HashMap<String, GoodFile> = chosen
-            .into_iter()
-            .map(|(f, v)| (f.to_string(), v.clone()))
-            .collect();
         for (file, state) in &mut self.files {
             let now = chosen.get(file);
             if now.map(|v| &v.version) != state.served.as_ref().map(|v| &v.version) {
@@ -393,6 +378,97 @@ impl PolicyDir {
 
 /// Keeps `version` of `file` in the state directory as the one in force, or
 /// removes the kept one when the file has none.
+/// The outcome of one round of choosing each file's version.
+enum Choice<'a> {
+    /// Files whose edit clashes and that have a version in force to keep, with why;
+    /// the round is made again with them kept.
+    Kept(Vec<(&'a str, String)>),
+    /// The versions to publish: nothing newly kept.
+    Done(Chosen<'a>),
+}
+
+/// The versions chosen for the set, in the order they go in, and why files are
+/// left out or kept on an earlier version.
+struct Chosen<'a> {
+    versions: Vec<(&'a str, &'a GoodFile)>,
+    conflicts: HashMap<String, String>,
+}
+
+/// One round of [`PolicyDir::build_set`]'s choice. `kept` files serve their version
+/// in force whatever their latest one says, and hold all of its claims.
+fn choose<'a>(
+    files: &'a BTreeMap<String, FileState>,
+    kept: &HashMap<&'a str, String>,
+) -> Choice<'a> {
+    let mut held: HashMap<Claim, &str> = HashMap::new();
+    for (file, state) in files {
+        let (Some(served), Some(good)) = (&state.served, &state.good) else {
+            continue;
+        };
+        if kept.contains_key(file.as_str()) {
+            held.extend(claims(&served.policies).map(|c| (c, file.as_str())));
+        } else {
+            let still: HashSet<Claim> = claims(&good.policies).collect();
+            for claim in claims(&served.policies).filter(|c| still.contains(c)) {
+                held.insert(claim, file);
+            }
+        }
+    }
+    let (incumbents, newcomers): (Vec<_>, Vec<_>) =
+        files.iter().partition(|(_, s)| s.served.is_some());
+    let mut taken: HashMap<Claim, &str> = HashMap::new();
+    let mut chosen = Chosen {
+        versions: Vec::new(),
+        conflicts: HashMap::new(),
+    };
+    let mut newly = Vec::new();
+    for (file, state) in incumbents.into_iter().chain(newcomers) {
+        let Some(good) = &state.good else { continue };
+        let clash = |version: &GoodFile| {
+            claims(&version.policies).find_map(|claim| {
+                let other = taken
+                    .get(&claim)
+                    .or_else(|| held.get(&claim).filter(|h| **h != file.as_str()))?;
+                Some(claim.clash_with(other))
+            })
+        };
+        let earlier = state.served.as_ref().filter(|s| s.version != good.version);
+        let version = match (kept.get(file.as_str()), earlier) {
+            (Some(why), Some(earlier)) => match clash(earlier) {
+                None => {
+                    let msg = format!("{why}; version {} stays in force", earlier.version);
+                    chosen.conflicts.insert(file.clone(), msg);
+                    earlier
+                }
+                Some(msg) => {
+                    chosen.conflicts.insert(file.clone(), msg);
+                    continue;
+                }
+            },
+            _ => match clash(good) {
+                None => good,
+                Some(msg) => {
+                    if earlier.is_some() {
+                        newly.push((file.as_str(), msg));
+                    } else {
+                        chosen.conflicts.insert(file.clone(), msg);
+                    }
+                    continue;
+                }
+            },
+        };
+        for claim in claims(&version.policies) {
+            taken.insert(claim, file);
+        }
+        chosen.versions.push((file, version));
+    }
+    if newly.is_empty() {
+        Choice::Done(chosen)
+    } else {
+        Choice::Kept(newly)
+    }
+}
+
 fn save_in_force(state_dir: Option<&Path>, file: &str, version: Option<&GoodFile>) {
     let Some(dir) = state_dir else { return };
     let path = dir.join(STATE_SUBDIR).join(file);
@@ -885,6 +961,109 @@ mod tests {
         assert_eq!(
             std::fs::read_to_string(state.path().join(STATE_SUBDIR).join("a.yaml")).unwrap(),
             grabbing
+        );
+    }
+
+    /// An edit refused for a clash keeps the whole version in force, hosts it gave up
+    /// in the edit included: another file taking one of them in the same re-read is
+    /// refused too (it used to leave the first file out whole), and gets the host
+    /// once the first file's edit goes in.
+    #[test]
+    fn an_edit_refused_for_a_clash_keeps_the_hosts_it_gave_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let policy = |name: &str, host: &str| {
+            GOOD.replace("name: a,", &format!("name: {name},"))
+                .replace("host: a", &format!("host: {host}"))
+        };
+        let m = format!("{}---\n{}", policy("m1", "h-host"), policy("m2", "x-host"));
+        let mut pd = PolicyDir::open(dir.path(), Some(state.path()), Limits::default()).unwrap();
+        let all = [
+            "shop/b@b.yaml",
+            "shop/c@c.yaml",
+            "shop/m1@m.yaml",
+            "shop/m2@m.yaml",
+        ];
+        let files = [
+            ("b.yaml", policy("b", "w-host")),
+            ("c.yaml", policy("c", "y-host")),
+            ("m.yaml", m.clone()),
+        ];
+        let files: Vec<(&str, &str)> = files.iter().map(|(n, y)| (*n, y.as_str())).collect();
+        assert_eq!(publish(&mut pd, dir.path(), &files), all);
+        let m_in_force = view(&pd, "m.yaml").version.unwrap();
+        let b_in_force = view(&pd, "b.yaml").version.unwrap();
+
+        // One re-read: m gives h-host up but takes c's y-host; b (first by name)
+        // takes h-host.
+        let m_edit = format!("{}---\n{}", policy("m1", "y-host"), policy("m2", "x-host"));
+        let b_edit = policy("b", "w-host\n  aliases: [h-host]");
+        assert_eq!(
+            publish(
+                &mut pd,
+                dir.path(),
+                &[("m.yaml", &m_edit), ("b.yaml", &b_edit)]
+            ),
+            all
+        );
+        assert_eq!(
+            view(&pd, "m.yaml").error,
+            Some(format!(
+                "host \"y-host\" is also governed by a policy in c.yaml; version {m_in_force} stays in force"
+            ))
+        );
+        assert_eq!(view(&pd, "m.yaml").version, Some(m_in_force));
+        assert_eq!(
+            view(&pd, "b.yaml").error,
+            Some(format!(
+                "host \"h-host\" is also governed by a policy in m.yaml; version {b_in_force} stays in force"
+            ))
+        );
+        let hosts = |pd: &PolicyDir| -> Vec<String> {
+            let mut h: Vec<String> = pd
+                .policy_views()
+                .into_iter()
+                .flat_map(|p| std::iter::once(p.host).chain(p.aliases))
+                .collect();
+            h.sort();
+            h
+        };
+        assert_eq!(hosts(&pd), ["h-host", "w-host", "x-host", "y-host"]);
+        assert_eq!(
+            std::fs::read_to_string(state.path().join(STATE_SUBDIR).join("m.yaml")).unwrap(),
+            m
+        );
+
+        // m's next edit clashes with nothing: it goes in, and b gets h-host.
+        let m_fixed = format!("{}---\n{}", policy("m1", "z-host"), policy("m2", "x-host"));
+        assert_eq!(publish(&mut pd, dir.path(), &[("m.yaml", &m_fixed)]), all);
+        assert_eq!(view(&pd, "m.yaml").error, None);
+        assert_eq!(view(&pd, "b.yaml").error, None);
+        assert_eq!(
+            hosts(&pd),
+            ["h-host", "w-host", "x-host", "y-host", "z-host"]
+        );
+    }
+
+    /// A state directory written before the versions in force were kept apart holds
+    /// every file's last good version, clashing ones too; the first by name was in
+    /// force then and stays so after the restart, rather than the last by name.
+    #[test]
+    fn clashing_versions_in_an_older_state_directory_keep_the_first_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let saved = state.path().join(STATE_SUBDIR);
+        std::fs::create_dir_all(&saved).unwrap();
+        let log = GOOD.replace("name: a,", "name: log,");
+        for (name, yaml) in [("a.yaml", GOOD), ("log.yaml", log.as_str())] {
+            std::fs::write(dir.path().join(name), yaml).unwrap();
+            std::fs::write(saved.join(name), yaml).unwrap();
+        }
+        let mut pd = PolicyDir::open(dir.path(), Some(state.path()), Limits::default()).unwrap();
+        assert_eq!(publish(&mut pd, dir.path(), &[]), ["shop/a@a.yaml"]);
+        assert_eq!(
+            view(&pd, "log.yaml").error.as_deref(),
+            Some("host \"a\" is also governed by a policy in a.yaml")
         );
     }
 
