@@ -291,9 +291,11 @@ fn policy_stream(
                     ..Default::default()
                 })),
                 Event::Answer(Ok(Some(pb::ProxyMessage { message: Some(m) }))) => {
+                    record.seen();
                     answers.on(&shared, &record, &acks, &nacks, &node, m);
                 }
-                Event::Answer(Ok(Some(pb::ProxyMessage { message: None }))) => {}
+                // A message of a kind this build does not know is still one from it.
+                Event::Answer(Ok(Some(pb::ProxyMessage { message: None }))) => record.seen(),
                 Event::Answer(Ok(None)) => break,
                 Event::Answer(Err(e)) => {
                     tracing::debug!(node_id = %node, error = %e, "proxy stream failed");

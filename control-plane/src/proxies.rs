@@ -67,7 +67,8 @@ pub(crate) struct StreamGuard<'a> {
 }
 
 impl StreamGuard<'_> {
-    /// `version` was sent on this stream.
+    /// `version` was sent on this stream. Not a sign of life: a hung proxy is sent
+    /// versions too.
     pub(crate) fn sent(&self, version: &str) {
         self.update(|r, now| {
             r.version_sent = Some(version.to_string());
@@ -75,9 +76,24 @@ impl StreamGuard<'_> {
         });
     }
 
+    /// The proxy sent a message, any message: its traffic reports, every couple of
+    /// seconds, are what keeps `last_seen_unix_ms` fresh between policy changes.
+    ///
+    /// Wakes no watcher: every proxy's every report comes here, and a newer
+    /// last-seen time is nothing anyone waits for, while the status writer on
+    /// Kubernetes wakes on every change.
+    pub(crate) fn seen(&self) {
+        let now = unix_ms(SystemTime::now());
+        self.record
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last_seen_unix_ms = now;
+    }
+
     /// The proxy acknowledged `version`.
     pub(crate) fn acked(&self, version: &str) {
         self.update(|r, now| {
+            r.last_seen_unix_ms = now;
             r.acked_version = Some(version.to_string());
             r.acked_at_unix_ms = Some(now);
         });
@@ -86,6 +102,7 @@ impl StreamGuard<'_> {
     /// The proxy refused `version` because of `error`.
     pub(crate) fn nacked(&self, version: &str, error: &str) {
         self.update(|r, now| {
+            r.last_seen_unix_ms = now;
             r.nacked_version = Some(version.to_string());
             r.nack_error = Some(error.to_string());
             r.nacked_at_unix_ms = Some(now);
@@ -96,7 +113,6 @@ impl StreamGuard<'_> {
         let now = unix_ms(SystemTime::now());
         let out = {
             let mut r = self.record.lock().unwrap_or_else(|e| e.into_inner());
-            r.last_seen_unix_ms = now;
             f(&mut r, now)
         };
         self.registry.changed();
@@ -107,7 +123,8 @@ impl StreamGuard<'_> {
 impl Drop for StreamGuard<'_> {
     fn drop(&mut self) {
         self.registry.connected.dec();
-        let node = self.update(|r, _| {
+        let node = self.update(|r, now| {
+            r.last_seen_unix_ms = now;
             r.streams = r.streams.saturating_sub(1);
             r.connected = r.streams > 0;
             r.node_id.clone()
@@ -225,5 +242,33 @@ mod tests {
         assert_eq!(gauge.get(), 1);
         drop(other);
         assert_eq!(gauge.get(), 0);
+    }
+
+    /// Any message from the proxy, a report included, is a sign of life; a version
+    /// sent to it is not. A report wakes no watcher.
+    #[test]
+    fn last_seen_follows_what_the_proxy_sends_not_what_it_is_sent() {
+        let (tx, mut rx) = watch::channel(0);
+        let gauge = IntGauge::new("connected", "open streams").unwrap();
+        let registry = ProxyRegistry::new(gauge, tx);
+        let stream = registry.connect(&hello("a"));
+        let forget = || stream.record.lock().unwrap().last_seen_unix_ms = 0;
+        let last_seen = || registry.snapshot()[0].last_seen_unix_ms;
+
+        forget();
+        stream.sent("v1");
+        assert_eq!(last_seen(), 0, "a version sent says nothing of the proxy");
+
+        rx.mark_unchanged();
+        stream.seen();
+        assert!(last_seen() > 0, "a report is a message from the proxy");
+        assert!(!rx.has_changed().unwrap(), "and wakes nobody");
+
+        forget();
+        stream.acked("v1");
+        assert!(last_seen() > 0);
+        forget();
+        stream.nacked("v2", "bad route");
+        assert!(last_seen() > 0);
     }
 }

@@ -570,3 +570,62 @@ async fn a_stream_without_a_named_hello_is_refused_and_says_why() {
     );
     cp.shutdown().await;
 }
+
+/// A proxy's traffic reports are messages from it: `/proxies` shows it seen at the
+/// latest report, while its ACK time stays that of its last ACK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_report_is_a_sign_of_life_in_proxies() {
+    use sluice_api::pb::{self, proxy_message::Message};
+    let (_dir, cp, v1) = one_policy_control_plane().await;
+    let mut client = pb::policy_discovery_client::PolicyDiscoveryClient::connect(format!(
+        "http://{}",
+        cp.grpc_addr()
+    ))
+    .await
+    .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let say = |m: Message| pb::ProxyMessage { message: Some(m) };
+    // It has the served version already, so nothing is sent and it acks nothing.
+    tx.send(say(Message::Hello(pb::Hello {
+        node_id: "reporter".into(),
+        last_applied_version: v1.clone(),
+        schema_version: 1,
+        ..Default::default()
+    })))
+    .await
+    .unwrap();
+    let _stream = client
+        .stream_policies(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap();
+    let hello = admin_until(&cp, "/proxies", |d| {
+        proxy(d, "reporter").is_some_and(|p| p["connected"] == true)
+    })
+    .await;
+    let hello = proxy(&hello, "reporter").unwrap().clone();
+    let at_hello = hello["last_seen_unix_ms"].as_u64().unwrap();
+
+    // Reports until one lands in a later millisecond than the Hello did.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let seen = loop {
+        tx.send(say(Message::Report(pb::Report {
+            seq: 1,
+            ..Default::default()
+        })))
+        .await
+        .unwrap();
+        let doc = admin_json(&cp, "/proxies").await;
+        let p = proxy(&doc, "reporter").unwrap().clone();
+        if p["last_seen_unix_ms"].as_u64().unwrap() > at_hello {
+            break p;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "reports never moved last_seen past the Hello's {at_hello}: {p:#}"
+        );
+        tokio::task::yield_now().await;
+    };
+    assert_eq!(seen["acked_at_unix_ms"], hello["acked_at_unix_ms"]);
+    assert_eq!(seen["acked_version"], v1.as_str());
+    cp.shutdown().await;
+}
