@@ -43,8 +43,13 @@ pub struct Rollout {
     pub weights: serde_json::Value,
     /// Whether every connected proxy acked this step's weights (its interval runs).
     pub step_acked: Option<bool>,
-    /// Proxies left out of the ack count (NACKed, or not acked within 30 s).
+    /// Proxies left out of the ack count (NACKed, not acked within 30 s, or
+    /// disconnected before acking).
     pub proxies_left_out: serde_json::Value,
+    /// Why each of them was left out, by node id.
+    pub proxies_left_out_why: serde_json::Value,
+    /// The connected proxies the step still waits for.
+    pub proxies_awaited: serde_json::Value,
     /// The window being filled.
     pub current_window: Option<Window>,
     /// The last judged window.
@@ -203,13 +208,27 @@ pub fn render(rollouts: &[Rollout]) -> String {
             r.canary,
             r.phase
         ));
+        let name = |v: &serde_json::Value| v.as_str().map_or_else(|| v.to_string(), str::to_owned);
         if let Some(left) = r.proxies_left_out.as_array().filter(|l| !l.is_empty()) {
             let names: Vec<String> = left
                 .iter()
-                .map(|v| v.as_str().map_or_else(|| v.to_string(), str::to_owned))
+                .map(|v| {
+                    let node = name(v);
+                    match r.proxies_left_out_why.get(&node).and_then(|w| w.as_str()) {
+                        Some(why) => format!("{node} ({why})"),
+                        None => node,
+                    }
+                })
                 .collect();
             text.push_str(&format!(
                 "  left out of the ack count: {}\n",
+                names.join(", ")
+            ));
+        }
+        if let Some(awaited) = r.proxies_awaited.as_array().filter(|l| !l.is_empty()) {
+            let names: Vec<String> = awaited.iter().map(name).collect();
+            text.push_str(&format!(
+                "  waiting for the acks of: {}\n",
                 names.join(", ")
             ));
         }
@@ -346,7 +365,8 @@ mod tests {
         "namespace": "shop", "policy": "log-service", "route": "ingest",
         "canary": "log-v2", "phase": "progressing", "step": 1, "steps": [5, 25, 50, 100],
         "canaryWeight": 25, "weights": { "log-v1": 75, "log-v2": 25 },
-        "stepAcked": true, "proxiesLeftOut": ["order-7"],
+        "stepAcked": true, "proxiesLeftOut": ["order-7", "order-9"],
+        "proxiesLeftOutWhy": { "order-7": "disconnected before acking" },
         "currentWindow": { "step": 1, "canaryRequests": 40, "canaryFailures": 0,
           "decision": "open", "reason": "40 of 100 canary requests", "checks": [] },
         "lastWindow": { "step": 0, "canaryRequests": 130, "canaryFailures": 0,
@@ -385,9 +405,12 @@ mod tests {
             assert!(first.contains(part), "{part:?} in {first}");
         }
         assert!(
-            text.contains("left out of the ack count: order-7"),
+            text.contains(
+                "left out of the ack count: order-7 (disconnected before acking), order-9\n"
+            ),
             "{text}"
         );
+        assert!(!text.contains("waiting for the acks"), "{text}");
         assert!(
             text.contains("errorRate  0.0000  0.0000  0.0010     130      pass"),
             "{text}"

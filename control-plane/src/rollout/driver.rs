@@ -470,7 +470,13 @@ impl Rollouts {
                     .collect();
                 e.state.on_acks(now, &acks);
                 if e.state.acked_at().is_some() && !e.state.left_out().is_empty() {
-                    tracing::warn!(rollout = %id.label(), left_out = ?e.state.left_out(), "proxies left out of the step's acks (refused or silent for 30s)");
+                    let why: Vec<String> = e
+                        .state
+                        .left_out_why()
+                        .iter()
+                        .map(|l| format!("{}: {}", l.node, l.why.describe()))
+                        .collect();
+                    tracing::warn!(rollout = %id.label(), left_out = ?why, "proxies left out of the step's acks");
                 }
             }
             let opened = e.state.window_opened();
@@ -639,6 +645,12 @@ impl Rollouts {
                     "stepAcked": s.acked_at().is_some(),
                     "conclusiveWindows": s.conclusive_windows(),
                     "proxiesLeftOut": s.left_out(),
+                    "proxiesLeftOutWhy": s
+                        .left_out_why()
+                        .iter()
+                        .map(|l| (l.node.clone(), l.why.describe().into()))
+                        .collect::<serde_json::Map<_, _>>(),
+                    "proxiesAwaited": s.awaited(),
                     "currentWindow": (driving && !s.phase().is_terminal()).then(|| s.current_window(&e.spec)),
                     "lastWindow": s.last_window(),
                     "history": s.history(),
@@ -1288,6 +1300,36 @@ mod tests {
         assert!(!r.tick(|| panic!("the rollback is acked already")));
     }
 
+    /// A proxy a step waited for that disconnects without acking (a hung one is
+    /// dropped by the keepalive as the grace ends) is named in `/rollouts` with why;
+    /// while the step waits, `/rollouts` names whom it waits for.
+    #[test]
+    fn a_proxy_gone_without_acking_is_named_left_out() {
+        let clock = Clock::default();
+        let r = Rollouts::new(None, clock.clone());
+        r.sync(&set());
+        r.record_version("v1", &r.frozen());
+        let proxy = |node: &str, acked: &str, connected: bool| {
+            let mut p = ProxyRecord::default();
+            p.node_id = node.into();
+            p.acked_version = Some(acked.into());
+            p.connected = connected;
+            p
+        };
+        assert!(!r.tick(|| vec![proxy("a", "v1", true), proxy("hung", "v0", true)]));
+        assert_eq!(rollout(&r)["stepAcked"], false);
+        assert_eq!(rollout(&r)["proxiesAwaited"], serde_json::json!(["hung"]));
+        clock.advance(Duration::from_secs(30));
+        assert!(!r.tick(|| vec![proxy("a", "v1", true), proxy("hung", "v0", false)]));
+        assert_eq!(rollout(&r)["stepAcked"], true);
+        assert_eq!(rollout(&r)["proxiesLeftOut"], serde_json::json!(["hung"]));
+        assert_eq!(
+            rollout(&r)["proxiesLeftOutWhy"],
+            serde_json::json!({ "hung": "disconnected before acking" })
+        );
+        assert_eq!(rollout(&r)["proxiesAwaited"], serde_json::json!([]));
+    }
+
     /// A step's interval starts once every connected proxy acked a version carrying
     /// its weights; a proxy that refused it is left out at once, one that is not
     /// connected does not count. A tick with nothing to decide changes nothing.
@@ -1317,6 +1359,10 @@ mod tests {
         ]));
         assert_eq!(rollout(&r)["stepAcked"], true);
         assert_eq!(rollout(&r)["proxiesLeftOut"], serde_json::json!(["b"]));
+        assert_eq!(
+            rollout(&r)["proxiesLeftOutWhy"],
+            serde_json::json!({ "b": "refused the step's weights (NACK)" })
+        );
         // No proxy is listed once the step is acked.
         assert!(!r.tick(|| panic!("the step is acked already")));
         // The interval (1 s) ends without enough requests: a transition.

@@ -6,7 +6,9 @@
 //!
 //! - a step's interval starts when every connected proxy acked its weights; a proxy
 //!   that NACKed, or has not acked within [`ACK_GRACE`] of the step's publication, is
-//!   left out of that count (and named);
+//!   left out of that count (and named, with why). So is one the step waited for that
+//!   disconnected without acking: a hung proxy is dropped by the gRPC keepalive at
+//!   about the moment the grace ends, and must not vanish from the count unnamed;
 //! - at the end of the interval the window is judged only with at least
 //!   `minRequests` canary requests; otherwise it is inconclusive and the next window
 //!   adds to it, until one is conclusive (`hold`), or until `deadline` passes
@@ -21,6 +23,7 @@
 //! - promoted (canary at 100) and rolled back (canary at 0) hold until the block
 //!   changes; the driver keys the state by a hash of the block.
 
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use indexmap::IndexMap;
@@ -251,6 +254,47 @@ pub struct ProxyAck {
     pub nacked: bool,
 }
 
+/// A proxy left out of a step's "every proxy acked", and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeftOut {
+    /// Its node id.
+    pub node: String,
+    /// Why it was left out.
+    pub why: LeftOutWhy,
+}
+
+/// Why a proxy was left out of a step's acks.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LeftOutWhy {
+    /// It refused the version carrying the step's weights.
+    Nacked,
+    /// It stayed connected without acking for [`ACK_GRACE`].
+    Silent,
+    /// The step waited for it, and it disconnected (or was dropped as hung) before
+    /// acking.
+    Disconnected,
+}
+
+impl LeftOutWhy {
+    /// The operator's words for it.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Self::Nacked => "refused the step's weights (NACK)",
+            Self::Silent => "connected, but no ack within 30s",
+            Self::Disconnected => "disconnected before acking",
+        }
+    }
+}
+
+/// A proxy a step saw connected without its ack.
+#[derive(Clone, Copy, Debug)]
+struct Awaited {
+    /// It refused the step's weights.
+    nacked: bool,
+    /// It was in the last list of connected proxies.
+    connected: bool,
+}
+
 /// What the engine keeps across restarts (no instants: a restored step waits for
 /// every proxy's ack again, then runs a fresh interval).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -303,7 +347,11 @@ pub struct RolloutState {
     inconclusive_since: Option<Instant>,
     /// Windows judged conclusively in this step.
     conclusive: u32,
-    left_out: Vec<String>,
+    left_out: Vec<LeftOut>,
+    /// Every proxy seen connected and not acked since the step's weights were set:
+    /// one of them gone from the connected list without acking is left out as
+    /// disconnected, not forgotten.
+    awaited: BTreeMap<String, Awaited>,
     bounds: Vec<f64>,
     last_window: Option<WindowView>,
     history: Vec<Transition>,
@@ -358,6 +406,7 @@ impl RolloutState {
             inconclusive_since: None,
             conclusive: 0,
             left_out: Vec::new(),
+            awaited: BTreeMap::new(),
             bounds: Vec::new(),
             last_window: None,
             history: Vec::new(),
@@ -412,9 +461,26 @@ impl RolloutState {
         self.acked_at.unwrap_or(self.step_since)
     }
 
-    /// Proxies left out of the last "every proxy acked".
-    pub fn left_out(&self) -> &[String] {
+    /// The node ids of the proxies left out of the last "every proxy acked".
+    pub fn left_out(&self) -> Vec<&str> {
+        self.left_out.iter().map(|l| l.node.as_str()).collect()
+    }
+
+    /// The proxies left out of the last "every proxy acked", each with why.
+    pub fn left_out_why(&self) -> &[LeftOut] {
         &self.left_out
+    }
+
+    /// The connected proxies the step still waits for, while it waits.
+    pub fn awaited(&self) -> Vec<&str> {
+        if self.acked_at.is_some() {
+            return Vec::new();
+        }
+        self.awaited
+            .iter()
+            .filter(|(_, a)| a.connected && !a.nacked)
+            .map(|(n, _)| n.as_str())
+            .collect()
     }
 
     /// The history, oldest first.
@@ -474,6 +540,7 @@ impl RolloutState {
         self.inconclusive_since = None;
         self.conclusive = 0;
         self.left_out.clear();
+        self.awaited.clear();
     }
 
     fn end(&mut self, phase: Phase, now: Now, spec: &Spec, reason: String) -> Transition {
@@ -489,28 +556,64 @@ impl RolloutState {
         self.step_since = now.at;
         self.acked_at = None;
         self.left_out.clear();
+        self.awaited.clear();
         self.record(now, result, spec, reason);
         self.history.last().cloned().expect("just recorded")
     }
 
     /// The proxies connected now and whether each acked the step's weights (once
-    /// ended, the end's). Starts the interval once every one acked (or is left out).
+    /// ended, the end's). Starts the interval once every one acked (or is left out);
+    /// a proxy an earlier call saw waiting and this one does not list disconnected
+    /// without acking, and is left out as such.
     pub fn on_acks(&mut self, now: Now, proxies: &[ProxyAck]) -> Option<Transition> {
         if self.acked_at.is_some() {
             return None;
         }
         let late = now.at.saturating_duration_since(self.step_since) >= ACK_GRACE;
         let mut left_out = Vec::new();
+        let mut waiting = false;
+        let mut gone = std::mem::take(&mut self.awaited);
         for p in proxies {
+            gone.remove(&p.node);
             if p.acked {
                 continue;
             }
-            if p.nacked || late {
-                left_out.push(p.node.clone());
+            let seen = Awaited {
+                nacked: p.nacked,
+                connected: true,
+            };
+            self.awaited.insert(p.node.clone(), seen);
+            if p.nacked {
+                left_out.push(LeftOut {
+                    node: p.node.clone(),
+                    why: LeftOutWhy::Nacked,
+                });
+            } else if late {
+                left_out.push(LeftOut {
+                    node: p.node.clone(),
+                    why: LeftOutWhy::Silent,
+                });
             } else {
-                return None;
+                waiting = true;
             }
         }
+        // Kept while the step waits: one that comes back and acks is not left out.
+        for (node, mut was) in gone {
+            left_out.push(LeftOut {
+                node: node.clone(),
+                why: if was.nacked {
+                    LeftOutWhy::Nacked
+                } else {
+                    LeftOutWhy::Disconnected
+                },
+            });
+            was.connected = false;
+            self.awaited.insert(node, was);
+        }
+        if waiting {
+            return None;
+        }
+        left_out.sort_by(|a, b| a.node.cmp(&b.node));
         self.left_out = left_out;
         self.acked_at = Some(now.at);
         self.window = Default::default();

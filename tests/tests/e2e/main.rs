@@ -26,6 +26,7 @@ mod overload;
 mod pods;
 mod reliability;
 mod reload;
+mod rollout_acks;
 mod rollouts;
 mod routing;
 mod schema_versions;

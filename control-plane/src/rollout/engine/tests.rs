@@ -215,6 +215,78 @@ fn a_proxy_that_never_acks_is_left_out_after_the_grace() {
     s.on_acks(c.advance(S), &proxies);
     assert_eq!(s.acked_at(), Some(c.now().at));
     assert_eq!(s.left_out(), ["b"]);
+    assert_eq!(s.left_out_why()[0].why, LeftOutWhy::Silent);
+}
+
+/// A hung proxy is dropped by the gRPC keepalive at about the moment the grace
+/// ends: whichever comes first, it is named, and with why.
+#[test]
+fn a_proxy_the_step_waited_for_that_disconnects_is_named_whenever_it_goes() {
+    let sp = spec(&[10, 100], 10);
+    for goes_after in [S, 29 * S, 30 * S] {
+        let mut c = Clock::new();
+        let mut s = RolloutState::start("k".into(), &sp, c.now());
+        let mut proxies = all_acked();
+        proxies[1].acked = false;
+        s.on_acks(c.advance(S), &proxies);
+        assert_eq!(s.awaited(), ["b"]);
+        // The others acked, and "b" is gone from the connected list.
+        s.on_acks(c.advance(goes_after - S), &proxies[..1]);
+        assert_eq!(s.acked_at(), Some(c.now().at), "gone after {goes_after:?}");
+        assert_eq!(
+            s.left_out_why(),
+            [LeftOut {
+                node: "b".into(),
+                why: LeftOutWhy::Disconnected
+            }]
+        );
+        assert!(s.awaited().is_empty(), "nothing is awaited once acked");
+    }
+}
+
+/// Only a proxy the step saw waiting is named: one that acked and then went, or
+/// went and came back to ack, is not; a disconnected one keeps the step waiting for
+/// no one, and a NACK stays the reason after the proxy is gone.
+#[test]
+fn only_proxies_that_went_without_acking_are_named() {
+    let sp = spec(&[10, 100], 10);
+    let c = Clock::new();
+    let ack = |node: &str, acked: bool, nacked: bool| ProxyAck {
+        node: node.into(),
+        acked,
+        nacked,
+    };
+
+    // "a" acks then goes; "b" goes and comes back, then acks.
+    let mut s = RolloutState::start("k".into(), &sp, c.now());
+    s.on_acks(c.now(), &[ack("a", true, false), ack("b", false, false)]);
+    s.on_acks(c.now(), &[ack("c", false, false)]);
+    assert_eq!(s.acked_at(), None, "c is awaited");
+    assert_eq!(s.awaited(), ["c"], "b went: the step does not wait for it");
+    s.on_acks(c.now(), &[ack("b", true, false), ack("c", true, false)]);
+    assert!(s.acked_at().is_some());
+    assert!(s.left_out().is_empty(), "{:?}", s.left_out_why());
+
+    // "n" refused the weights, then went while "a" was still pending.
+    let mut s = RolloutState::start("k".into(), &sp, c.now());
+    s.on_acks(c.now(), &[ack("a", false, false), ack("n", false, true)]);
+    assert_eq!(s.acked_at(), None);
+    s.on_acks(c.now(), &[ack("a", true, false)]);
+    assert_eq!(
+        s.left_out_why(),
+        [LeftOut {
+            node: "n".into(),
+            why: LeftOutWhy::Nacked
+        }]
+    );
+
+    // A new step forgets who the last one waited for.
+    let mut s = RolloutState::start("k".into(), &sp, c.now());
+    s.on_acks(c.now(), &[ack("a", false, false)]);
+    s.command(&sp, c.now(), Command::Abort).unwrap();
+    s.on_acks(c.now(), &[]);
+    assert!(s.acked_at().is_some());
+    assert!(s.left_out().is_empty());
 }
 
 #[test]
