@@ -14,6 +14,8 @@ pub(crate) enum ErrorClass {
     Timeout,
     /// Never sent: no connection, or no endpoint to send it to.
     ConnectFailure,
+    /// Never sent: this proxy could not dial yet; no backend is at fault.
+    Unready,
     /// Never processed: an HTTP/2 REFUSED_STREAM.
     RefusedStream,
     /// Sent, then the connection or stream was lost.
@@ -39,6 +41,7 @@ pub(crate) fn classify_error(err: &(dyn Error + 'static)) -> ErrorClass {
         if let Some(u) = e.downcast_ref::<UpstreamError>() {
             return match u.kind {
                 UpstreamErrorKind::ConnectFailure => ErrorClass::ConnectFailure,
+                UpstreamErrorKind::Unready => ErrorClass::Unready,
                 UpstreamErrorKind::RefusedStream => ErrorClass::RefusedStream,
                 UpstreamErrorKind::Reset => ErrorClass::Reset,
             };

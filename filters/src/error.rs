@@ -79,6 +79,50 @@ pub fn find_filter_error<'a>(
     None
 }
 
+/// An error of a request that had been sent to `backend` when it failed, made by a layer
+/// below the split that knows where the request went (the retry layer's timeouts), so
+/// that the proxy counts it against that backend, as a canary's checks need: a canary
+/// that only times out must not look clean.
+#[derive(Debug)]
+pub struct AtBackend {
+    backend: std::sync::Arc<str>,
+    source: tower::BoxError,
+}
+
+impl AtBackend {
+    /// `err`, naming `backend` as where the request went.
+    pub fn wrap(backend: std::sync::Arc<str>, err: impl Into<tower::BoxError>) -> tower::BoxError {
+        Box::new(Self {
+            backend,
+            source: err.into(),
+        })
+    }
+
+    /// The backend named by the first `AtBackend` in `err`'s source chain.
+    pub fn find<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a str> {
+        let mut cur = Some(err);
+        while let Some(e) = cur {
+            if let Some(at) = e.downcast_ref::<AtBackend>() {
+                return Some(&at.backend);
+            }
+            cur = e.source();
+        }
+        None
+    }
+}
+
+impl std::fmt::Display for AtBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "backend {}", self.backend)
+    }
+}
+
+impl std::error::Error for AtBackend {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.source)
+    }
+}
+
 /// A transport failure talking to an upstream, typed so that breakers and retries can
 /// tell "never sent" from "sent and lost".
 ///
@@ -100,6 +144,11 @@ pub enum UpstreamErrorKind {
     /// No connection could be made: the request was never sent.
     #[error("connect failure")]
     ConnectFailure,
+    /// This proxy could not dial yet (it holds no workload certificate to present):
+    /// the request was never sent, and no endpoint is at fault, so none is ejected and
+    /// no breaker counts it.
+    #[error("not ready to connect")]
+    Unready,
     /// An HTTP/2 peer refused the stream (REFUSED_STREAM): the request was never processed.
     #[error("stream refused")]
     RefusedStream,

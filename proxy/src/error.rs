@@ -60,6 +60,9 @@ pub enum ProxyError {
     /// A TLS configuration could not be built from the certificates at hand.
     #[error("tls: {0}")]
     Tls(String),
+    /// A mesh connection was asked for before the control plane certified this proxy.
+    #[error("tls: no workload certificate yet")]
+    NoWorkloadCertificate,
     /// The control plane refused or failed to certify our key.
     #[error("certify: {0}")]
     Certify(Box<tonic::Status>),

@@ -27,6 +27,8 @@ pub(crate) fn rescue(
         let backend = match f {
             FilterError::BreakerOpen { backend, .. } => Some(backend.clone()),
             FilterError::NoHealthyEndpoint(backend) => Some(backend.clone()),
+            // Timed out after the split chose: counted against the backend it went to.
+            FilterError::Timeout(_) => sluice_filters::AtBackend::find(err).map(str::to_string),
             _ => None,
         };
         let reason = f.reason();
@@ -179,6 +181,20 @@ mod tests {
         assert_eq!(h["x-sluice-reason"], "rate-limited");
         assert_eq!(h["retry-after"], "2");
         assert_eq!(h["x-sluice-ratelimit-scope"], "degraded-local");
+    }
+
+    #[test]
+    fn a_timeout_after_the_split_names_the_backend_it_was_sent_to() {
+        let err = sluice_filters::AtBackend::wrap(
+            "v2".into(),
+            FilterError::Timeout(Duration::from_secs(1)),
+        );
+        let (resp, backend) = rescue(&*err, false);
+        assert_eq!(resp.status(), 504);
+        assert_eq!(resp.headers()["x-sluice-reason"], "timeout");
+        assert_eq!(backend.as_deref(), Some("v2"));
+        let (_, backend) = rescue(&FilterError::Timeout(Duration::from_secs(1)), false);
+        assert_eq!(backend, None, "a timeout above the split names none");
     }
 
     #[test]

@@ -259,7 +259,8 @@ pub fn build_outbound(ctx: &StackContext, params: Arc<RouteParams>) -> RouteEntr
         .map(|b| {
             g.endpoints.endpoint_set(
                 &BalanceParams::new(&b.name, b.endpoints.iter().map(|e| &**e))
-                    .with_slow_start(b.slow_start),
+                    .with_slow_start(b.slow_start)
+                    .with_identity(b.identity.clone()),
             )
         })
         .collect();

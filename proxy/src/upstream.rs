@@ -249,12 +249,28 @@ where
     let mut conn = pool
         .connect(&endpoint)
         .await
-        .map_err(|e| failed(UpstreamErrorKind::ConnectFailure, e))?;
+        .map_err(|e| failed(connect_failure(&*e), e))?;
     let in_flight = InFlight::new(&conn.state);
     match conn.sender.try_send_request(req).await {
         Ok(resp) => Ok(answer_h2(resp, in_flight, backend)),
         Err(e) => Err(lost(e.into_error()).into()),
     }
+}
+
+/// The kind of a failed connect: `Unready` when this proxy had no certificate to dial
+/// with (no endpoint is at fault, so none is ejected), else a connect failure.
+fn connect_failure(e: &(dyn std::error::Error + 'static)) -> UpstreamErrorKind {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if matches!(
+            err.downcast_ref::<ProxyError>(),
+            Some(ProxyError::NoWorkloadCertificate)
+        ) {
+            return UpstreamErrorKind::Unready;
+        }
+        cur = err.source();
+    }
+    UpstreamErrorKind::ConnectFailure
 }
 
 /// Whether the upstream said it did not process the request, which a retry on
@@ -332,7 +348,7 @@ where
     let mut conn = pool
         .connect(&endpoint)
         .await
-        .map_err(|e| failed(UpstreamErrorKind::ConnectFailure, e))?;
+        .map_err(|e| failed(connect_failure(&*e), e))?;
     match conn.sender.try_send_request(req).await {
         Ok(resp) => Ok(answer(pool, endpoint, conn, resp, given)),
         Err(e) => Err(failed(UpstreamErrorKind::Reset, e.into_error().into()).into()),
@@ -889,6 +905,14 @@ fn upstream_uri(endpoint: &str, uri: &Uri) -> Result<Uri, BoxError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_connect_without_a_certificate_yet_is_unready_not_a_connect_failure() {
+        let err: BoxError = Box::new(ProxyError::NoWorkloadCertificate);
+        assert_eq!(connect_failure(&*err), UpstreamErrorKind::Unready);
+        let err: BoxError = Box::new(std::io::Error::from(std::io::ErrorKind::ConnectionRefused));
+        assert_eq!(connect_failure(&*err), UpstreamErrorKind::ConnectFailure);
+    }
     use http_body_util::BodyExt;
     use tokio::task::JoinHandle;
 

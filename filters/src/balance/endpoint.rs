@@ -28,6 +28,8 @@ pub enum Health {
 /// Latency and health of one address, shared by every request and kept across swaps.
 pub struct EndpointState {
     addr: Endpoint,
+    /// The SPIFFE ID expected of it, if any (its state is kept per address and identity).
+    identity: Option<Arc<str>>,
     epoch: Instant,
     /// Peak-EWMA round-trip time in nanoseconds, as `f64` bits.
     rtt: AtomicU64,
@@ -57,9 +59,10 @@ impl fmt::Debug for EndpointState {
 }
 
 impl EndpointState {
-    fn new(addr: Arc<str>, default_rtt: Duration) -> Self {
+    fn new(addr: Arc<str>, identity: Option<Arc<str>>, default_rtt: Duration) -> Self {
         Self {
             addr: Endpoint(addr),
+            identity,
             epoch: Instant::now(),
             rtt: AtomicU64::new((default_rtt.as_nanos() as f64).to_bits()),
             rtt_at: AtomicU64::new(0),
@@ -75,6 +78,11 @@ impl EndpointState {
     /// The address.
     pub fn endpoint(&self) -> &Endpoint {
         &self.addr
+    }
+
+    /// The SPIFFE ID expected of it, if any.
+    pub fn identity(&self) -> Option<&str> {
+        self.identity.as_deref()
     }
 
     /// The current peak-EWMA round-trip estimate.
@@ -368,6 +376,9 @@ fn admitted(p: f64, rng: &RandomSource) -> bool {
 pub struct EndpointView {
     /// The address, as the policy lists it.
     pub address: String,
+    /// The SPIFFE ID the backends listing it expect (mTLS); absent for plaintext.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
     /// `healthy`, `ejected`, `probe_due` or `probing`.
     pub health: &'static str,
     /// The peak-EWMA round-trip estimate, in milliseconds.
@@ -381,10 +392,20 @@ pub struct EndpointView {
 
 // === impl BalanceRegistry ===
 
-/// Endpoint state of the whole mesh, keyed by address so that latency and ejections
-/// survive policy swaps (and are shared by backends listing the same address).
+/// Endpoint state of the whole mesh, keyed by address (and expected identity) so that
+/// latency and ejections survive policy swaps and are shared by backends listing the
+/// same address. Not by address alone: a peer that is not the identity one backend
+/// expects (a misconfigured policy, an address now held by another workload) is
+/// ejected for that backend, not for a backend expecting the identity it proves.
 pub struct BalanceRegistry {
-    endpoints: Registry<Arc<str>, EndpointState>,
+    endpoints: Registry<EndpointKey, EndpointState>,
+}
+
+/// What endpoint state is kept per.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct EndpointKey {
+    addr: Arc<str>,
+    identity: Option<Arc<str>>,
 }
 
 impl fmt::Debug for BalanceRegistry {
@@ -416,11 +437,21 @@ impl BalanceRegistry {
             .addresses
             .iter()
             .map(|addr| {
+                let key = EndpointKey {
+                    addr: addr.clone(),
+                    identity: params.identity.clone(),
+                };
                 // An address keeps its state whatever the backend's settings.
                 self.endpoints.get_or_rebuild(
-                    addr.clone(),
+                    key,
                     |_| true,
-                    |_| EndpointState::new(addr.clone(), params.default_rtt),
+                    |_| {
+                        EndpointState::new(
+                            addr.clone(),
+                            params.identity.clone(),
+                            params.default_rtt,
+                        )
+                    },
                 )
             })
             .collect();
@@ -432,12 +463,15 @@ impl BalanceRegistry {
 
     /// Forgets addresses for which `keep` is false (call after a swap with the live set).
     pub fn retain(&self, mut keep: impl FnMut(&str) -> bool) {
-        self.endpoints.retain(|k| keep(k));
+        self.endpoints.retain(|k| keep(&k.addr));
     }
 
-    /// The state of one address, if known.
-    pub fn get(&self, addr: &str) -> Option<Arc<EndpointState>> {
-        self.endpoints.get(addr)
+    /// The state of one address expected to prove `identity`, if known.
+    pub fn get(&self, addr: &str, identity: Option<&str>) -> Option<Arc<EndpointState>> {
+        self.endpoints.get(&EndpointKey {
+            addr: addr.into(),
+            identity: identity.map(Into::into),
+        })
     }
 
     /// What the admin API shows of every address held, sorted by address.
@@ -449,6 +483,7 @@ impl BalanceRegistry {
             .iter()
             .map(|ep| EndpointView {
                 address: ep.addr.0.to_string(),
+                identity: ep.identity.as_deref().map(str::to_string),
                 health: match ep.health_at(now) {
                     Health::Healthy => "healthy",
                     Health::Ejected => "ejected",
@@ -460,7 +495,7 @@ impl BalanceRegistry {
                 ramp_age_s: ep.ramp_age(now).as_secs_f64(),
             })
             .collect();
-        out.sort_by(|a, b| a.address.cmp(&b.address));
+        out.sort_by(|a, b| (&a.address, &a.identity).cmp(&(&b.address, &b.identity)));
         out
     }
 

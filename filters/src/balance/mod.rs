@@ -66,6 +66,10 @@ pub struct BalanceParams {
     /// How long an endpoint first seen, or back from ejection, takes to ramp up to its
     /// full share (`slowStart`; zero: at once).
     pub slow_start: Duration,
+    /// The SPIFFE ID the backend expects its endpoints to prove (`identity`), if any.
+    /// Endpoint state is kept per address and identity: an address that fails one
+    /// backend's identity check is not taken from a backend expecting another.
+    pub identity: Option<Arc<str>>,
 }
 
 /// `slowStart` when a backend does not say.
@@ -83,7 +87,14 @@ impl BalanceParams {
             default_rtt: Duration::from_millis(30),
             decay: Duration::from_secs(10),
             slow_start: DEFAULT_SLOW_START,
+            identity: None,
         }
+    }
+
+    /// The same params expecting `identity` of every endpoint (a backend's `identity`).
+    pub fn with_identity(mut self, identity: Option<Arc<str>>) -> Self {
+        self.identity = identity;
+        self
     }
 
     /// The same params with `slow_start` (a backend's `slowStart`, default 10 s).
@@ -96,6 +107,7 @@ impl BalanceParams {
     pub fn from_config(name: &str, backend: &sluice_config::Backend) -> Self {
         Self::new(name, backend.addresses.iter().map(String::as_str))
             .with_slow_start(backend.slow_start.map(|d| d.get()))
+            .with_identity(backend.identity.as_deref().map(Arc::from))
     }
 }
 

@@ -343,7 +343,7 @@ async fn registry_keeps_endpoint_state_across_swaps() {
     assert_eq!(after.endpoints()[1].health(), Health::Healthy);
     reg.retain(|addr| ["a", "c"].contains(&addr));
     assert_eq!(reg.len(), 2);
-    assert!(reg.get("b").is_none());
+    assert!(reg.get("b", None).is_none());
 }
 
 /// The layers of this crate compose as the proxy stacks them, and each leaves its mark.

@@ -89,7 +89,7 @@ fn class_name(c: crate::classify::ErrorClass) -> &'static str {
     use crate::classify::ErrorClass::*;
     match c {
         Timeout => "timeout",
-        ConnectFailure => "connect-failure",
+        ConnectFailure | Unready => "connect-failure",
         RefusedStream => "refused-stream",
         Reset => "reset",
         BreakerOpen => "breaker-open",

@@ -173,7 +173,8 @@ impl BreakerParams {
     pub(crate) fn is_failure_error(&self, class: ErrorClass) -> bool {
         match class {
             ErrorClass::Timeout => self.failure_on.timeout,
-            ErrorClass::BreakerOpen => false,
+            // Not the backend's doing: this proxy could not dial yet.
+            ErrorClass::BreakerOpen | ErrorClass::Unready => false,
             ErrorClass::ConnectFailure
             | ErrorClass::RefusedStream
             | ErrorClass::Reset

@@ -187,7 +187,9 @@ impl FallbackParams {
                 Some(FilterError::NoHealthyEndpoint(_)) => Reason::NoHealthyEndpoint,
                 _ => Reason::UpstreamUnavailable,
             },
-            ErrorClass::RefusedStream | ErrorClass::Reset => Reason::UpstreamUnavailable,
+            ErrorClass::Unready | ErrorClass::RefusedStream | ErrorClass::Reset => {
+                Reason::UpstreamUnavailable
+            }
             ErrorClass::Other => return None,
         };
         let i = REASONS.iter().position(|r| *r == reason)?;

@@ -1,5 +1,6 @@
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -11,8 +12,8 @@ use tower::BoxError;
 use tower_service::Service;
 
 use super::tries::{Rest, RetryLoop};
-use crate::FilterError;
 use crate::replay::ReplayBody;
+use crate::{AtBackend, FilterError};
 
 pin_project! {
     /// Response future of [`Retry`](super::Retry): the inner future itself when the
@@ -40,6 +41,8 @@ pin_project! {
             #[pin]
             total: Option<Sleep>,
             after: Duration,
+            // Where the request went, named in the timeout (only with a total).
+            backend: Option<Arc<str>>,
         },
         First {
             #[pin]
@@ -59,13 +62,18 @@ impl<S, B, RB> ResponseFuture<S, B, RB>
 where
     S: Service<Request<ReplayBody<B>>>,
 {
-    pub(crate) fn direct(fut: S::Future, total: Option<(Sleep, Duration)>) -> Self {
-        let (total, after) = match total {
-            Some((s, d)) => (Some(s), d),
-            None => (None, Duration::ZERO),
+    pub(crate) fn direct(fut: S::Future, total: Option<(Sleep, Duration, Arc<str>)>) -> Self {
+        let (total, after, backend) = match total {
+            Some((s, d, b)) => (Some(s), d, Some(b)),
+            None => (None, Duration::ZERO, None),
         };
         Self {
-            kind: Kind::Direct { fut, total, after },
+            kind: Kind::Direct {
+                fut,
+                total,
+                after,
+                backend,
+            },
         }
     }
 
@@ -93,14 +101,23 @@ where
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let next = match self.as_mut().project().kind.project() {
-            KindProj::Direct { fut, total, after } => {
+            KindProj::Direct {
+                fut,
+                total,
+                after,
+                backend,
+            } => {
                 // The response goes first so that one ready at the deadline wins.
                 if let Poll::Ready(res) = fut.poll(cx) {
                     return Poll::Ready(res.map_err(Into::into));
                 }
                 if let Some(sleep) = total.as_pin_mut() {
                     ready!(sleep.poll(cx));
-                    return Poll::Ready(Err(FilterError::Timeout(*after).into()));
+                    let timeout = FilterError::Timeout(*after);
+                    return Poll::Ready(Err(match backend.take() {
+                        Some(b) => AtBackend::wrap(b, timeout),
+                        None => timeout.into(),
+                    }));
                 }
                 return Poll::Pending;
             }
@@ -115,9 +132,15 @@ where
                             if let Some(total) = rest.total_due() {
                                 // The whole request is over: no retry, as when a layer
                                 // above dropped this future.
-                                return Poll::Ready(Err(FilterError::Timeout(total).into()));
+                                return Poll::Ready(Err(AtBackend::wrap(
+                                    rest.backend.clone(),
+                                    FilterError::Timeout(total),
+                                )));
                             }
-                            Err(FilterError::Timeout(rest.per_try_timeout()).into())
+                            Err(AtBackend::wrap(
+                                rest.backend.clone(),
+                                FilterError::Timeout(rest.per_try_timeout()),
+                            ))
                         }
                         _ => return Poll::Pending,
                     },

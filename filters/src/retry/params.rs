@@ -205,7 +205,8 @@ impl RetryParams {
     pub(crate) fn is_retryable_error(&self, class: ErrorClass) -> bool {
         match class {
             ErrorClass::Timeout => self.on.timeout,
-            ErrorClass::ConnectFailure => self.on.connect,
+            // Never sent either way; a later try may find the certificate in place.
+            ErrorClass::ConnectFailure | ErrorClass::Unready => self.on.connect,
             ErrorClass::RefusedStream => self.on.refused,
             ErrorClass::Reset => self.on.reset,
             ErrorClass::BreakerOpen | ErrorClass::Other => false,

@@ -78,7 +78,9 @@ where
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
         let Some(route) = &self.route else {
-            let total = self.total_alone();
+            let total = self
+                .total_alone()
+                .map(|(s, d)| (s, d, backend_of(&req, &self.backend)));
             return ResponseFuture::direct(
                 self.inner.call(req.map(ReplayBody::passthrough)),
                 total,
@@ -102,7 +104,9 @@ where
             );
         }
         if !may_retry && p.per_try_timeout.is_none() {
-            let total = self.total.map(|d| (sleep_until(now + d), d));
+            let total = self
+                .total
+                .map(|d| (sleep_until(now + d), d, backend_of(&req, &self.backend)));
             return ResponseFuture::direct(
                 self.inner.call(req.map(ReplayBody::passthrough)),
                 total,

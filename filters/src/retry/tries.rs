@@ -14,10 +14,10 @@ use tower_service::Service;
 
 use super::params::{RetryAfter, RetryParams, retry_after};
 use super::registry::{RetryOutcome, RouteRetry};
-use crate::FilterError;
 use crate::classify::classify_error;
 use crate::extensions::{Deadline, RetryCount, Routing};
 use crate::replay::{BodySource, Reclaim, ReplayBody};
+use crate::{AtBackend, FilterError};
 
 /// The boxed retry loop: the slow path, once a try has failed in a retryable way.
 pub(crate) type RetryLoop<R> = Pin<Box<dyn Future<Output = Result<R, BoxError>> + Send>>;
@@ -160,11 +160,12 @@ where
                 None => Err(Box::pin(self.retry_loop(res, wait))),
                 // The later tries and their waits run within what is left of the total.
                 Some(Total { at, after }) => {
+                    let backend = self.backend.clone();
                     let tries = self.retry_loop(res, wait);
                     Err(Box::pin(async move {
                         match timeout_at(at, tries).await {
                             Ok(res) => res,
-                            Err(_) => Err(FilterError::Timeout(after).into()),
+                            Err(_) => Err(AtBackend::wrap(backend, FilterError::Timeout(after))),
                         }
                     }))
                 }
@@ -265,9 +266,10 @@ where
             res = match try_deadline {
                 Some(d) => match timeout_at(d, fut).await {
                     Ok(r) => r.map_err(Into::into),
-                    Err(_) => {
-                        Err(FilterError::Timeout(p.per_try_timeout.unwrap_or_default()).into())
-                    }
+                    Err(_) => Err(AtBackend::wrap(
+                        backend.clone(),
+                        FilterError::Timeout(p.per_try_timeout.unwrap_or_default()),
+                    )),
                 },
                 None => fut.await.map_err(Into::into),
             };

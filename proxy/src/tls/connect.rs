@@ -6,6 +6,7 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use http::Uri;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
@@ -18,6 +19,12 @@ use tokio_rustls::client::TlsStream;
 
 use super::TlsStore;
 use crate::body::BoxError;
+
+/// How long the TLS handshake after the TCP connect may take: a peer that accepts the
+/// connection and never answers the ClientHello (a hung sidecar, a port that is not a
+/// sidecar's) fails the connect, as a TCP connect past its own timeout does, rather
+/// than holding the request until the route's timeout, or for ever without one.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Mesh certificates carry no DNS name, so a connection to an IP address still
 /// needs some name for rustls; the SPIFFE verifier ignores it.
@@ -84,7 +91,17 @@ impl tower::Service<Uri> for MeshConnector {
                 .and_then(|h| ServerName::try_from(h.trim_matches(['[', ']'])).ok())
                 .unwrap_or_else(|| ServerName::try_from(MESH_NAME).expect("a valid DNS name"))
                 .to_owned();
-            let tls = TlsConnector::from(config).connect(name, tcp).await?;
+            let handshake = TlsConnector::from(config).connect(name, tcp);
+            let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake)
+                .await
+                .map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!(
+                            "the peer did not finish the TLS handshake within {HANDSHAKE_TIMEOUT:?}"
+                        ),
+                    )
+                })??;
             Ok(TokioIo::new(MeshStream(tls)))
         })
     }

@@ -253,9 +253,7 @@ impl TlsStore {
         alpn: &[&[u8]],
     ) -> Result<Arc<ClientConfig>, ProxyError> {
         let guard = self.current.load();
-        let m = guard
-            .as_ref()
-            .ok_or_else(|| ProxyError::Tls("no workload certificate yet".into()))?;
+        let m = guard.as_ref().ok_or(ProxyError::NoWorkloadCertificate)?;
         let verifier = SpiffeServerVerifier::new(m.roots.clone(), expected.map(str::to_string));
         let mut cfg = ClientConfig::builder_with_provider(provider())
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -332,6 +330,54 @@ mod tests {
 
     const ORDER: &str = "spiffe://cluster.local/ns/shop/sa/order";
     const ORDER_V2: &str = "spiffe://cluster.local/ns/shop/sa/order-v2";
+
+    /// A peer that accepts the TCP connection and never answers the ClientHello fails
+    /// the mesh connect after the handshake timeout (5 s), as a TCP connect past its
+    /// own timeout does, instead of holding the request for ever.
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_that_never_answers_the_handshake_fails_the_connect_in_time() {
+        use tower::Service;
+        let store = Arc::new(TlsStore::new(credentials(ORDER, u64::from(u32::MAX))).unwrap());
+        // Accepted by the kernel, never read: the ClientHello gets no answer.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let uri: http::Uri = format!("http://{}", silent.local_addr().unwrap())
+            .parse()
+            .unwrap();
+        let mut connector = MeshConnector::new(
+            hyper_util::client::legacy::connect::HttpConnector::new(),
+            store,
+            Some(ORDER_V2.into()),
+            &[b"http/1.1"],
+        );
+        let started = tokio::time::Instant::now();
+        let err = connector.call(uri).await.expect_err("no handshake");
+        assert!(err.to_string().contains("TLS handshake"), "{err}");
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+    }
+
+    /// Without a certificate yet, a mesh connect fails with the error that tells the
+    /// upstream no endpoint is at fault.
+    #[tokio::test]
+    async fn a_connect_before_the_first_certificate_says_so() {
+        use tower::Service;
+        let mut connector = MeshConnector::new(
+            hyper_util::client::legacy::connect::HttpConnector::new(),
+            Arc::new(TlsStore::empty()),
+            Some(ORDER_V2.into()),
+            &[b"http/1.1"],
+        );
+        let err = connector
+            .call("http://127.0.0.1:9".parse().unwrap())
+            .await
+            .expect_err("no certificate");
+        assert!(
+            matches!(
+                err.downcast_ref::<ProxyError>(),
+                Some(ProxyError::NoWorkloadCertificate)
+            ),
+            "{err}"
+        );
+    }
 
     #[test]
     fn a_store_serves_what_was_last_installed_and_counts_the_installs() {

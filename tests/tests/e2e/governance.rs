@@ -67,6 +67,12 @@ async fn route_timeout_answers_504() {
         .unwrap();
     assert_eq!(r.status, StatusCode::GATEWAY_TIMEOUT, "{r:?}");
     assert_eq!(r.header("x-sluice-reason"), "timeout");
+    // Counted against the backend it was sent to, as a canary's checks need.
+    let metrics = proxy.admin_get("/metrics").await.1;
+    assert!(
+        metrics.contains(r#"sluice_requests_total{backend="up",code="504",direction="outbound",peer_identity="",route="stuck.main"} 1"#),
+        "{metrics}"
+    );
     up.release_held();
     let mut conn = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
     assert_eq!(conn.get("stuck", "/").await.unwrap().status, StatusCode::OK);

@@ -346,6 +346,73 @@ async fn permissive_inbound_serves_plaintext_without_an_identity_and_limits_per_
     assert_eq!(app.requests(), 3);
 }
 
+/// A policy expecting the wrong identity of an address (here the billing identity of
+/// the log sidecar's port) fails its own requests (502, then 503 while the address is
+/// ejected for it) and has the address ejected for that identity only: a policy expecting the identity the address proves keeps
+/// reaching it. Endpoint state used to be kept per address alone, and the wrong
+/// policy's failures turned the right one's requests into 503s.
+#[tokio::test]
+async fn a_wrong_identity_in_one_policy_takes_the_address_from_no_other_policy() {
+    let app = Upstream::http1("log-app").await;
+    let mesh = Mesh::start(
+        "log-service",
+        app.addr(),
+        Duration::from_secs(600),
+        ALLOW_ORDER,
+    )
+    .await;
+    let log_inbound = mesh.log.inbound_addr();
+    let wrong = format!(
+        r#"apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: {{ name: wrong-id, namespace: shop }}
+spec:
+  host: wrong-id
+  backends:
+    log: {{ addresses: ["{log_inbound}"], identity: "{BILLING}" }}
+  routes:
+    - name: all
+"#
+    );
+    let both = format!(
+        "{}---\n{wrong}",
+        log_policy("log-service", log_inbound, ALLOW_ORDER)
+    );
+    let order = TestProxy::start_with(
+        &both,
+        ProxyOptions {
+            mtls: Some(mesh.cp.mesh_tls("tok-order")),
+            ..Default::default()
+        },
+    )
+    .await;
+    for i in 0..3 {
+        // 502 from the failed handshake, then 503 while the address is ejected for it.
+        let wrong = through_order(&order, "wrong-id").await.unwrap();
+        assert!(
+            wrong == StatusCode::BAD_GATEWAY || i > 0 && wrong == StatusCode::SERVICE_UNAVAILABLE,
+            "request {i}: {wrong}"
+        );
+        assert_eq!(
+            through_order(&order, "log-service").await.unwrap(),
+            StatusCode::OK
+        );
+    }
+    assert_eq!(app.requests(), 3);
+    let endpoints = order.admin_json("/endpoints").await;
+    let of = |id: &str| {
+        endpoints
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["address"] == log_inbound.to_string() && e["identity"] == id)
+            .unwrap_or_else(|| panic!("{id}: {endpoints}"))["health"]
+            .clone()
+    };
+    assert_eq!(of(LOG), "healthy", "{endpoints}");
+    assert_ne!(of(BILLING), "healthy", "{endpoints}");
+}
+
 #[tokio::test]
 async fn grpc_crosses_the_mtls_hop_over_h2() {
     let server = GrpcServer::start().await;
