@@ -182,6 +182,41 @@ impl Circuit {
         }
     }
 
+    /// A breaker with new `params` that goes on from `old`: an edit of its thresholds
+    /// must not close a breaker its backend's failures opened, nor one an operator
+    /// opened by hand. The state, the opening's deadline and back-off, the counts and
+    /// the history carry over; probes in flight stay with `old`, and the failure-rate
+    /// window restarts, its length being one of the params. A transition `old` makes
+    /// after this copy (a request finishing there) is not carried.
+    pub(crate) fn carried_from(old: &Circuit, params: BreakerParams) -> Self {
+        let mut next = Self::new(
+            old.route.clone(),
+            old.backend.clone(),
+            params,
+            old.observer.clone(),
+        );
+        // Deadlines and history are in milliseconds since the epoch: keep it.
+        next.epoch = old.epoch;
+        let w = old.word.load(Ordering::Acquire);
+        let state = state_of(w);
+        next.word = AtomicU64::new(pack(state, 0, 0, gen_of(w)));
+        let copy = |a: &AtomicU64| AtomicU64::new(a.load(Ordering::Acquire));
+        if state != CircuitState::Closed {
+            next.open_deadline = copy(&old.open_deadline);
+            next.opened_at_ms = copy(&old.opened_at_ms);
+            let max = next.params.max_open_for.as_millis() as u64;
+            next.open_for_ms = AtomicU64::new(old.open_for_ms.load(Ordering::Acquire).min(max));
+            next.current_open_ms = copy(&old.current_open_ms);
+        }
+        next.consecutive = AtomicU32::new(old.consecutive.load(Ordering::Acquire));
+        next.successes = copy(&old.successes);
+        next.failures = copy(&old.failures);
+        next.rejected = copy(&old.rejected);
+        next.transitions = copy(&old.transitions);
+        next.log = Mutex::new(old.log.lock().unwrap_or_else(|e| e.into_inner()).clone());
+        next
+    }
+
     /// Route name.
     pub fn route(&self) -> &str {
         &self.route

@@ -53,8 +53,10 @@ impl BreakerRegistry {
     /// as built from a new policy snapshot.
     ///
     /// A breaker whose params are unchanged keeps its state and counts; one whose
-    /// params changed starts afresh (closed); one no longer listed is dropped
-    /// (services still holding it finish their requests against it).
+    /// params changed is rebuilt with them but goes on from where it was (an opening
+    /// keeps its time left, one opened by hand stays open until reset, counts and
+    /// history stay); one no longer listed is dropped (services still holding it
+    /// finish their requests against it).
     pub fn update<R, B>(&self, entries: impl IntoIterator<Item = (R, B, BreakerParams)>)
     where
         R: AsRef<str>,
@@ -68,12 +70,13 @@ impl BreakerRegistry {
         self.inner.map.update(
             entries,
             |circuit, params| circuit.params() == params,
-            |(route, backend), params, held| {
-                if held.is_some() {
-                    obs.on_removed(route, backend);
+            |(route, backend), params, held| match held {
+                // Same route × backend, same state: what the observer shows stands.
+                Some(old) => Circuit::carried_from(old, params.clone()),
+                None => {
+                    obs.on_added(route, backend);
+                    Circuit::new(route.clone(), backend.clone(), params.clone(), obs.clone())
                 }
-                obs.on_added(route, backend);
-                Circuit::new(route.clone(), backend.clone(), params.clone(), obs.clone())
             },
             |(route, backend)| obs.on_removed(route, backend),
         );

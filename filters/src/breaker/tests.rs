@@ -433,7 +433,7 @@ impl BreakerObserver for Recorder {
 }
 
 #[tokio::test(start_paused = true)]
-async fn swap_keeps_state_for_same_params_and_rebuilds_changed_ones() {
+async fn swap_keeps_state_for_same_params_and_carries_it_into_changed_ones() {
     let obs = Arc::new(Recorder::default());
     let reg = BreakerRegistry::new(obs.clone());
     let p = params(1, 10, 60, 1);
@@ -460,7 +460,10 @@ async fn swap_keeps_state_for_same_params_and_rebuilds_changed_ones() {
     assert_eq!(v1b.state(), CircuitState::Open);
     let v2b = reg.get("ingest", "log-v2").unwrap();
     assert!(!Arc::ptr_eq(&v2, &v2b));
-    assert_eq!(v2b.state(), CircuitState::Closed);
+    // Opened by hand, it stays open until reset, whatever the edit.
+    assert_eq!(v2b.state(), CircuitState::Open);
+    assert_eq!(v2b.snapshot().next_probe_at, None);
+    assert_eq!(v2b.transitions_total(), 1);
     assert_eq!(*v2b.params(), changed);
     assert!(reg.get("query", "log-v1").is_none());
 
@@ -473,14 +476,54 @@ async fn swap_keeps_state_for_same_params_and_rebuilds_changed_ones() {
             "+query/log-v1",
             "ingest/log-v1 closed->open",
             "ingest/log-v2 closed->open",
-            "-ingest/log-v2",
-            "+ingest/log-v2",
             "-query/log-v1",
         ]
         .iter()
         .map(|s| s.to_string())
         .collect::<Vec<_>>()
     );
+}
+
+/// An edit of a breaker's settings keeps a breaker its failures opened open for the
+/// time it had left, then probes under the new settings; a closed one keeps its count
+/// of consecutive failures and its history.
+#[tokio::test(start_paused = true)]
+async fn changed_params_keep_an_opening_and_its_time_left() {
+    let reg = BreakerRegistry::default();
+    reg.update([("ingest", "log-v1", params(2, 10, 60, 1))]);
+    let inner = Scripted::new();
+    inner.push(&[500, 500]);
+    let mut svc = BreakerLayer::new(reg.get("ingest", "log-v1").unwrap()).layer(inner.clone());
+    for _ in 0..2 {
+        assert_eq!(send(&mut svc).await.unwrap(), 500);
+    }
+    assert_eq!(
+        reg.get("ingest", "log-v1").unwrap().state(),
+        CircuitState::Open
+    );
+    tokio::time::advance(Duration::from_secs(4)).await;
+
+    // openFor 10s -> 30s: the opening goes on, with the 6 s it had left.
+    reg.update([("ingest", "log-v1", params(2, 30, 60, 1))]);
+    let c = reg.get("ingest", "log-v1").unwrap();
+    assert_eq!(c.state(), CircuitState::Open);
+    let snap = c.snapshot();
+    assert_eq!(snap.failures, 2);
+    assert_eq!(snap.recent_transitions.len(), 1);
+    let mut svc = BreakerLayer::new(c.clone()).layer(inner.clone());
+    assert!(send(&mut svc).await.is_err(), "still open");
+    tokio::time::advance(Duration::from_secs(6)).await;
+    assert_eq!(c.state(), CircuitState::HalfOpen);
+    assert_eq!(send(&mut svc).await.unwrap(), 200);
+    assert_eq!(c.state(), CircuitState::Closed);
+
+    // Closed, one failure counted: a threshold edit keeps the count.
+    inner.push(&[500]);
+    assert_eq!(send(&mut svc).await.unwrap(), 500);
+    reg.update([("ingest", "log-v1", params(2, 5, 60, 1))]);
+    let c = reg.get("ingest", "log-v1").unwrap();
+    assert_eq!(c.snapshot().consecutive_failures, 1);
+    assert_eq!(c.transitions_total(), 3);
 }
 
 fn grpc_rsp(headers: &[(&str, &str)], trailers: Option<&str>) -> Response<BoxBody> {
