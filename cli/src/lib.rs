@@ -148,11 +148,18 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<Verdict, CliError> {
     cmd::run(&mut ctx, cli.command).await
 }
 
+/// What `-o json` prints when a command gives no answer: scripts read one JSON
+/// document whatever happened, and the exit code still says which failure it was.
+pub fn error_json(e: &CliError) -> serde_json::Value {
+    serde_json::json!({ "error": e.to_string(), "exitCode": e.exit_code() })
+}
+
 /// Parses the command line, runs it and maps the outcome to the exit code; errors are
-/// one line on stderr.
+/// one line on stderr (and, with `-o json`, a JSON document on stdout too).
 #[allow(clippy::print_stderr)] // the command's own error line
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let json = cli.global.output == Output::Json;
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -169,6 +176,10 @@ pub fn main() -> ExitCode {
         Ok(Verdict::Ok) => ExitCode::SUCCESS,
         Ok(Verdict::Failing) => ExitCode::from(1),
         Err(e) => {
+            if json {
+                let text = serde_json::to_string_pretty(&error_json(&e)).unwrap_or_default();
+                let _ = writeln!(out, "{text}");
+            }
             let _ = out.flush();
             eprintln!("sluicectl: {e}");
             ExitCode::from(e.exit_code())

@@ -288,9 +288,12 @@ pub async fn run(ctx: &mut Ctx<'_>, command: RolloutCommand) -> Result<Verdict, 
     let cp = ctx.control_plane()?;
     let (id, action) = match command {
         RolloutCommand::Status { rollout } => {
-            let mut all = list(&cp).await?;
+            // A malformed name is a bad flag whether or not the control plane is up.
             if let Some(id) = &rollout {
                 parse_id(id)?;
+            }
+            let mut all = list(&cp).await?;
+            if let Some(id) = &rollout {
                 all.retain(|r| r.id() == *id);
                 if all.is_empty() {
                     ctx.print(&format!("no rollout {id}\n"))?;
@@ -323,11 +326,22 @@ pub async fn run(ctx: &mut Ctx<'_>, command: RolloutCommand) -> Result<Verdict, 
             } else {
                 body
             };
-            ctx.print(&format!("{id}: {action} refused: {why}\n"))?;
+            if ctx.json() {
+                ctx.print_json(&serde_json::json!({
+                    "rollout": id, "action": action, "done": false,
+                    "status": status, "refused": why,
+                }))?;
+            } else {
+                ctx.print(&format!("{id}: {action} refused: {why}\n"))?;
+            }
             return Ok(Verdict::Failing);
         }
         Err(e) => return Err(e),
     };
+    // The control plane answers with the transition; kept as text only if it is not
+    // JSON, since the command was carried out either way.
+    let answer = serde_json::from_str::<serde_json::Value>(&said)
+        .unwrap_or_else(|_| serde_json::Value::String(said.clone()));
     // Show where it stands now.
     let now: Vec<Rollout> = list(&cp)
         .await?
@@ -336,22 +350,32 @@ pub async fn run(ctx: &mut Ctx<'_>, command: RolloutCommand) -> Result<Verdict, 
         .collect();
     if ctx.json() {
         ctx.print_json(&serde_json::json!({
-            "rollout": id, "action": action, "answer": said, "now": now.first(),
+            "rollout": id, "action": action, "done": true, "answer": answer, "now": now.first(),
         }))?;
     } else {
-        ctx.print(&format!(
-            "{id}: {action} done{}\n",
-            if said.is_empty() {
-                String::new()
-            } else {
-                format!(" ({said})")
-            }
-        ))?;
+        ctx.print(&format!("{id}: {action} done{}\n", done_text(&answer)))?;
         if !now.is_empty() {
             ctx.print(&render(&now))?;
         }
     }
     Ok(Verdict::Ok)
+}
+
+/// The control plane's answer to a command in a few words: the transition it made.
+fn done_text(answer: &serde_json::Value) -> String {
+    match answer {
+        serde_json::Value::String(s) if s.is_empty() => String::new(),
+        serde_json::Value::String(s) => format!(" ({s})"),
+        v => match HistoryEntry::deserialize(v) {
+            Ok(t) if !t.result.is_empty() => format!(
+                ": {}, canary at {}%: {}",
+                t.result,
+                t.canary_weight.map_or("-".into(), |w| w.to_string()),
+                t.reason
+            ),
+            _ => format!(" ({v})"),
+        },
+    }
 }
 
 #[cfg(test)]
@@ -429,6 +453,16 @@ mod tests {
                 .unwrap();
         assert!(render(&empty.rollouts).contains("a/b/c"));
         assert_eq!(render(&[]), "no rollouts\n");
+    }
+
+    /// A command's answer is the transition the control plane made, said in words.
+    #[test]
+    fn says_what_a_command_did() {
+        let t = serde_json::json!({ "atMs": 1, "result": "paused", "step": 0,
+            "canaryWeight": 10, "reason": "paused by hand" });
+        assert_eq!(done_text(&t), ": paused, canary at 10%: paused by hand");
+        assert_eq!(done_text(&serde_json::json!("")), "");
+        assert_eq!(done_text(&serde_json::json!("ok")), " (ok)");
     }
 
     #[test]

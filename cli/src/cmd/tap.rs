@@ -144,8 +144,28 @@ async fn fetch(
     Ok(out)
 }
 
+/// Checks `--status` as the proxy's `/recent` does (a code `100`–`599`, or a class
+/// `1xx`–`5xx`), so a bad one is a bad flag rather than a refusal by every proxy.
+pub fn check_status(status: &str) -> Result<(), CliError> {
+    let b = status.as_bytes();
+    let ok = b.len() == 3
+        && (b'1'..=b'5').contains(&b[0])
+        && ((b[1].is_ascii_digit() && b[2].is_ascii_digit())
+            || (b[1].eq_ignore_ascii_case(&b'x') && b[2].eq_ignore_ascii_case(&b'x')));
+    if ok {
+        Ok(())
+    } else {
+        Err(CliError::Usage(format!(
+            "--status {status:?}: expected a status code from 100 to 599 (503) or a class from 1xx to 5xx (5xx)"
+        )))
+    }
+}
+
 /// Runs `tap`.
 pub async fn run(ctx: &mut Ctx<'_>, args: TapArgs) -> Result<Verdict, CliError> {
+    if let Some(status) = &args.status {
+        check_status(status)?;
+    }
     let proxies = ctx.proxies()?;
     let mut since: Vec<Option<u64>> = vec![None; proxies.len()];
     let answers = fetch(&proxies, &args, &since).await?;
@@ -265,5 +285,18 @@ mod tests {
             query(&args, Some(7)),
             "/recent?limit=50&status=5xx&reason=breaker-open&route=shop.api&min_ms=250&since=7&secrets=true"
         );
+    }
+
+    /// What the proxy's `/recent` accepts, and nothing else (its own test lists the
+    /// same refusals).
+    #[test]
+    fn checks_the_status_filter_as_the_proxy_does() {
+        for good in ["503", "200", "100", "599", "5xx", "2XX", "1xx"] {
+            assert!(check_status(good).is_ok(), "{good}");
+        }
+        for bad in ["999", "603", "099", "50x", "5x3", "x5x", "5000", "5", ""] {
+            let e = check_status(bad).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad}: a bad flag");
+        }
     }
 }

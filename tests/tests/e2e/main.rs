@@ -32,6 +32,7 @@ mod routing;
 mod schema_versions;
 mod shutdown;
 mod sluicectl;
+mod sluicectl_outcomes;
 mod streaming;
 mod telemetry;
 mod timeouts;

@@ -1,0 +1,154 @@
+//! `sluicectl -o json` gives one JSON document whatever the outcome, and a bad
+//! argument is a bad flag (exit 2) before any admin API is asked.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use sluice_e2e::TestControlPlane;
+use sluice_e2e::rollout::{FILE, rollout_policy};
+
+/// Runs `sluicectl ARGS` with no `SLUICECTL_*` from the environment leaking in.
+fn sluicectl(args: &[&str]) -> Output {
+    let bin: &Path = env!("CARGO_BIN_EXE_e2e-sluicectl").as_ref();
+    let mut cmd = Command::new(bin);
+    for (k, _) in std::env::vars() {
+        if k.starts_with("SLUICECTL_") {
+            cmd.env_remove(k);
+        }
+    }
+    cmd.args(args).output().expect("run sluicectl")
+}
+
+/// The one JSON document on stdout, and the exit code.
+fn json(o: &Output) -> (Option<i32>, serde_json::Value) {
+    let v = serde_json::from_slice(&o.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not one JSON document ({e}): {}\nstderr: {}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    });
+    (o.status.code(), v)
+}
+
+/// An address nothing listens on.
+fn closed() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    format!("http://{}", l.local_addr().unwrap())
+}
+
+/// A control plane holding the rollout `e2e/log/ingest` at its first step.
+async fn control_plane() -> TestControlPlane {
+    let block = "            canary: v2
+            steps: [10, 50, 100]
+            interval: 10m
+            minRequests: 1
+";
+    let policy = rollout_policy(
+        "127.0.0.1:1".parse().unwrap(),
+        "127.0.0.1:2".parse().unwrap(),
+        block,
+        "",
+    );
+    TestControlPlane::start(&[(FILE, &policy)]).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollout_commands_answer_json_whatever_the_outcome() {
+    let cp = control_plane().await;
+    let url = format!("http://{}", cp.admin_addr());
+    let id = "e2e/log/ingest";
+    let run = |action: &str, id: &str| {
+        sluicectl(&["--control-plane", &url, "-o", "json", "rollout", action, id])
+    };
+
+    // Done: the control plane's answer is the transition, as an object.
+    let (code, v) = json(&run("pause", id));
+    assert_eq!(code, Some(0), "{v:#}");
+    assert_eq!(v["done"], true, "{v:#}");
+    assert_eq!(v["answer"]["result"], "paused", "{v:#}");
+    assert_eq!(v["now"]["phase"], "paused", "{v:#}");
+
+    // Refused (409) and no such rollout (404): answers of no, exit 1, still JSON.
+    let (code, v) = json(&run("pause", id));
+    assert_eq!(code, Some(1), "{v:#}");
+    assert_eq!(
+        (v["done"].clone(), v["status"].clone()),
+        (false.into(), 409.into()),
+        "{v:#}"
+    );
+    assert!(v["refused"].as_str().unwrap().contains("paused"), "{v:#}");
+    let (code, v) = json(&run("abort", "e2e/log/nope"));
+    assert_eq!(code, Some(1), "{v:#}");
+    assert_eq!(v["status"], 404, "{v:#}");
+
+    // A control plane that cannot be reached: exit 3, and the error as JSON.
+    let down = closed();
+    let out = sluicectl(&[
+        "--control-plane",
+        &down,
+        "-o",
+        "json",
+        "rollout",
+        "abort",
+        id,
+    ]);
+    let (code, v) = json(&out);
+    assert_eq!(code, Some(3), "{v:#}");
+    assert_eq!(v["exitCode"], 3, "{v:#}");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot reach the control plane admin"),
+        "{v:#}"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "still one line on stderr: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_malformed_argument_is_a_bad_flag_before_any_request() {
+    let cp = control_plane().await;
+    let up = format!("http://{}", cp.admin_addr());
+    let down = closed();
+    // The same exit code whether the admin API is up or not: nothing was asked.
+    for url in [&up, &down] {
+        let out = sluicectl(&["--control-plane", url, "rollout", "status", "a/b"]);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "{url}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let (code, v) = json(&sluicectl(&[
+            "--control-plane",
+            url,
+            "-o",
+            "json",
+            "rollout",
+            "status",
+            "a/b",
+        ]));
+        assert_eq!(
+            (code, v["exitCode"].clone()),
+            (Some(2), 2.into()),
+            "{url}: {v:#}"
+        );
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap()
+                .contains("is not <namespace>/<policy>/<route>"),
+            "{v:#}"
+        );
+
+        let out = sluicectl(&["--proxy", url, "tap", "--status", "999"]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{url}: {err}");
+        assert!(
+            err.starts_with("sluicectl: --status \"999\": expected"),
+            "{err}"
+        );
+    }
+}
