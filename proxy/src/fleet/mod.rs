@@ -55,6 +55,12 @@ where
         "fleet rate limits reconcile with Redis"
     );
     let opts = SyncOptions::new(cfg.redis_timeout, cfg.sync_interval);
+    // Both series exist from the start: an alert on their rate sees 0, not no data.
+    for e in [BackendError::Timeout, BackendError::Error] {
+        let _ = metrics
+            .ratelimit_backend_errors
+            .with_label_values(&[e.as_str()]);
+    }
     let observer = Arc::new(FleetMetrics(metrics.clone()));
     Ok(registry.spawn_sync(store, opts, sizes, observer))
 }

@@ -77,29 +77,47 @@ impl RedisLeases {
 impl LeaseStore for RedisLeases {
     fn exchange<'a>(&'a mut self, batch: &'a [LeaseRequest]) -> LeaseFuture<'a> {
         Box::pin(async move {
-            if batch.is_empty() {
-                redis::cmd("PING").query_async::<()>(&mut self.conn).await?;
-                return Ok(Vec::new());
-            }
-            let answers = match self.run(batch).await {
-                // A restarted (or flushed) Redis has lost the script: load it, once.
-                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                    redis::cmd("SCRIPT")
-                        .arg("LOAD")
-                        .arg(SCRIPT)
-                        .query_async::<String>(&mut self.conn)
-                        .await?;
-                    self.run(batch).await?
+            self.exchange_once(batch).await.map_err(|e| {
+                // The client's own time limit: counted as a timeout, not an error.
+                if e.is_timeout() {
+                    std::io::Error::new(std::io::ErrorKind::TimedOut, e).into()
+                } else {
+                    e.into()
                 }
-                other => other?,
-            };
-            Ok(answers
-                .into_iter()
-                .map(|(granted, balance)| LeaseGrant {
-                    granted: u64::try_from(granted).unwrap_or(0),
-                    balance,
-                })
-                .collect())
+            })
         })
+    }
+}
+
+impl RedisLeases {
+    /// One batch: `PING` when empty, else the script per key, loading it again if
+    /// Redis lost it.
+    async fn exchange_once(
+        &mut self,
+        batch: &[LeaseRequest],
+    ) -> redis::RedisResult<Vec<LeaseGrant>> {
+        if batch.is_empty() {
+            redis::cmd("PING").query_async::<()>(&mut self.conn).await?;
+            return Ok(Vec::new());
+        }
+        let answers = match self.run(batch).await {
+            // A restarted (or flushed) Redis has lost the script: load it, once.
+            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                redis::cmd("SCRIPT")
+                    .arg("LOAD")
+                    .arg(SCRIPT)
+                    .query_async::<String>(&mut self.conn)
+                    .await?;
+                self.run(batch).await?
+            }
+            other => other?,
+        };
+        Ok(answers
+            .into_iter()
+            .map(|(granted, balance)| LeaseGrant {
+                granted: u64::try_from(granted).unwrap_or(0),
+                balance,
+            })
+            .collect())
     }
 }

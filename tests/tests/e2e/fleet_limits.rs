@@ -486,3 +486,38 @@ async fn a_limit_without_fleet_scope_beside_a_fleet_one_stays_local() {
         p.shutdown().await;
     }
 }
+
+/// A proxy given a Redis nobody answers at says so from the start, before any request
+/// needs the fleet limit: the fallback gauge is 1 and the failure is counted, while the
+/// timeout series stands at 0 rather than missing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_redis_shows_before_the_first_request() {
+    let up = Upstream::auto("quota").await;
+    let url = format!("redis://{}", sluice_e2e::closed_port().await);
+    let cfg = FleetConfig {
+        redis_url: Some(url),
+        redis_timeout: Duration::from_secs(1),
+        sync_interval: Duration::from_millis(100),
+        fleet_size: 3.try_into().unwrap(),
+        ..Default::default()
+    };
+    let p = &proxies(1, &policy(up.addr(), 90, 90), cfg).await[0];
+    wait_until("the fallback gauge at 1", WAIT, || async {
+        degraded_gauge(p).await == 1.0
+    })
+    .await;
+    let text = scrape(p.admin_addr()).await;
+    assert!(
+        metric_sum(
+            &text,
+            "sluice_ratelimit_backend_errors_total",
+            &[r#"reason="error""#]
+        ) >= 1.0,
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"sluice_ratelimit_backend_errors_total{reason="timeout"} 0"#),
+        "{text}"
+    );
+    assert_eq!(up.requests(), 0);
+}

@@ -27,6 +27,9 @@ const IDLE_AFTER: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub(crate) struct FleetBackend {
     degraded: AtomicBool,
+    /// Whether the store was ever asked: the first reconciliation checks it even with
+    /// nothing to send, so a wrong address shows before the first request needs it.
+    asked: AtomicBool,
     /// The reconciliation interval.
     pub(crate) interval: Duration,
     /// N when no one names the fleet size of a route.
@@ -36,6 +39,11 @@ pub(crate) struct FleetBackend {
 impl FleetBackend {
     pub(crate) fn is_degraded(&self) -> bool {
         self.degraded.load(Ordering::Relaxed)
+    }
+
+    /// Marks the store asked, returning whether it had been before.
+    pub(crate) fn mark_asked(&self) -> bool {
+        self.asked.swap(true, Ordering::Relaxed)
     }
 
     /// Sets the flag, returning the previous value.
@@ -367,6 +375,7 @@ impl<K: Hash + Eq + Clone> FleetRegistry<K> {
             limiters: Registry::default(),
             backend: Arc::new(FleetBackend {
                 degraded: AtomicBool::new(!settings.connected),
+                asked: AtomicBool::new(false),
                 interval: settings.interval.max(Duration::from_millis(1)),
                 default_size: settings.default_size.max(1),
             }),

@@ -42,7 +42,8 @@ pub type LeaseFuture<'a> =
 
 /// Where the fleet's buckets live: applies a whole batch in one round trip.
 ///
-/// An empty batch is a health check (Redis: `PING`), sent only while degraded.
+/// An empty batch is a health check (Redis: `PING`), sent on the first reconciliation
+/// and then only while degraded.
 pub trait LeaseStore: Send + 'static {
     /// Applies every request of `batch` atomically per key, answering in batch order.
     fn exchange<'a>(&'a mut self, batch: &'a [LeaseRequest]) -> LeaseFuture<'a>;
@@ -160,7 +161,8 @@ where
                 owners.push((limiter.clone(), share, plan));
             }
         }
-        if batch.is_empty() && !self.backend.is_degraded() {
+        let asked = self.backend.mark_asked();
+        if batch.is_empty() && asked && !self.backend.is_degraded() {
             return true;
         }
         let answer = {
@@ -176,16 +178,29 @@ where
                 }
             }
         };
-        let grants = match answer {
-            Ok(Ok(grants)) if grants.len() == batch.len() => Some(grants),
-            Ok(Ok(_)) | Ok(Err(_)) => {
-                observer.on_backend_error(BackendError::Error);
-                None
-            }
-            Err(_) => {
-                observer.on_backend_error(BackendError::Timeout);
-                None
-            }
+        let failed = |error: BackendError, why: String| {
+            observer.on_backend_error(error);
+            Some(why)
+        };
+        let (grants, why) = match answer {
+            Ok(Ok(grants)) if grants.len() == batch.len() => (Some(grants), None),
+            Ok(Ok(grants)) => (
+                None,
+                failed(
+                    BackendError::Error,
+                    format!("{} answers to {} requests", grants.len(), batch.len()),
+                ),
+            ),
+            // The client's own time limit (the same length) may fire first.
+            Ok(Err(e)) if timed_out(&*e) => (None, failed(BackendError::Timeout, chain(&*e))),
+            Ok(Err(e)) => (None, failed(BackendError::Error, chain(&*e))),
+            Err(_) => (
+                None,
+                failed(
+                    BackendError::Timeout,
+                    format!("no answer within {:?}", opts.timeout),
+                ),
+            ),
         };
         for (i, (limiter, share, plan)) in owners.iter().enumerate() {
             let grant = grants.as_ref().map(|g| &g[i]);
@@ -193,7 +208,7 @@ where
                 share.settle(plan, grant, &limiter.sizing());
             }
         }
-        self.set_degraded(grants.is_none(), observer);
+        self.set_degraded_because(grants.is_none(), why.as_deref(), observer);
         grants.is_some()
     }
 
@@ -228,9 +243,21 @@ where
     }
 
     fn set_degraded(&self, degraded: bool, observer: &dyn FleetObserver) {
+        self.set_degraded_because(degraded, None, observer);
+    }
+
+    /// Switches the fallback on or off, saying why it goes on: a wrong password and a
+    /// dead address must not read alike.
+    fn set_degraded_because(
+        &self,
+        degraded: bool,
+        why: Option<&str>,
+        observer: &dyn FleetObserver,
+    ) {
         if self.backend.set_degraded(degraded) != degraded {
             if degraded {
                 tracing::warn!(
+                    error = why.unwrap_or("no answer yet"),
                     "fleet rate limits: Redis unreachable, each proxy enforces perSecond / N"
                 );
             } else {
@@ -239,4 +266,33 @@ where
             observer.on_degraded(degraded);
         }
     }
+}
+
+/// Whether `err` says a time limit ran out.
+fn timed_out(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if e.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::TimedOut)
+        {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
+/// `err` and its sources, each once, joined by `: `.
+fn chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        let s = e.to_string();
+        if !out.contains(&s) {
+            out.push_str(": ");
+            out.push_str(&s);
+        }
+        cur = e.source();
+    }
+    out
 }

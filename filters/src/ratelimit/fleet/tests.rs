@@ -75,6 +75,30 @@ impl LeaseStore for Down {
     }
 }
 
+/// A store whose client gives up first (its own response timeout).
+struct ClientTimeout;
+
+impl LeaseStore for ClientTimeout {
+    fn exchange<'a>(&'a mut self, _: &'a [LeaseRequest]) -> LeaseFuture<'a> {
+        Box::pin(async {
+            Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "response timed out").into())
+        })
+    }
+}
+
+/// Records what an observer is told: each error as `(error, true)`, each switch of the
+/// fallback as `(Error, degraded)`.
+struct Errors(Arc<Mutex<Vec<(BackendError, bool)>>>);
+
+impl FleetObserver for Errors {
+    fn on_backend_error(&self, e: BackendError) {
+        self.0.lock().unwrap().push((e, true));
+    }
+    fn on_degraded(&self, d: bool) {
+        self.0.lock().unwrap().push((BackendError::Error, d));
+    }
+}
+
 fn params(per_second: u32, burst: u32) -> RateLimitParams {
     RateLimitParams {
         name: Arc::from("quota"),
@@ -226,15 +250,6 @@ async fn a_silent_store_switches_to_the_local_fallback_and_an_answer_ends_it() {
 
     // Down: still degraded, errors counted.
     let errors = Arc::new(Mutex::new(Vec::new()));
-    struct Errors(Arc<Mutex<Vec<(BackendError, bool)>>>);
-    impl FleetObserver for Errors {
-        fn on_backend_error(&self, e: BackendError) {
-            self.0.lock().unwrap().push((e, true));
-        }
-        fn on_degraded(&self, d: bool) {
-            self.0.lock().unwrap().push((BackendError::Error, d));
-        }
-    }
     let obs = Errors(errors.clone());
     assert!(!reg.sync_once(&mut Down, &opts(), &no_sizes, &obs).await);
     assert!(lim.is_degraded());
@@ -245,6 +260,42 @@ async fn a_silent_store_switches_to_the_local_fallback_and_an_answer_ends_it() {
     assert_eq!(
         *errors.lock().unwrap(),
         [(BackendError::Error, true), (BackendError::Error, false)]
+    );
+}
+
+/// A store that cannot be reached shows at the first reconciliation, before any
+/// request needs it; later ones with nothing to send leave a healthy store alone. A
+/// client that gives up on its own time limit counts as a timeout, not an error.
+#[tokio::test(start_paused = true)]
+async fn the_first_reconciliation_checks_the_store_and_a_client_timeout_is_a_timeout() {
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let obs = Errors(errors.clone());
+    let (reg, lim) = proxy(3, &params(90, 90));
+    assert!(!reg.sync_once(&mut Down, &opts(), &no_sizes, &obs).await);
+    assert!(lim.is_degraded());
+    assert!(
+        !reg.sync_once(&mut ClientTimeout, &opts(), &no_sizes, &obs)
+            .await
+    );
+    assert_eq!(
+        *errors.lock().unwrap(),
+        [
+            (BackendError::Error, true),
+            (BackendError::Error, true),
+            (BackendError::Timeout, true)
+        ]
+    );
+
+    let (reg, lim) = proxy(3, &params(90, 90));
+    let mut store = MemoryBuckets::default();
+    for _ in 0..3 {
+        assert!(reg.sync_once(&mut store, &opts(), &no_sizes, &obs).await);
+    }
+    assert!(!lim.is_degraded());
+    assert_eq!(
+        *store.round_trips.lock().unwrap(),
+        1,
+        "one check, then quiet"
     );
 }
 
