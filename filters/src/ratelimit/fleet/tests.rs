@@ -299,6 +299,49 @@ async fn the_first_reconciliation_checks_the_store_and_a_client_timeout_is_a_tim
     );
 }
 
+/// Two proxies started together, with the same demand over the fleet limit, each get
+/// a fair part of it: their reconciliations must not fall into one fixed order in which
+/// the first to ask after each refill takes it all.
+#[tokio::test(start_paused = true)]
+async fn two_proxies_with_equal_demand_share_the_limit() {
+    let p = params(50, 50);
+    let store = MemoryBuckets::default();
+    let proxies: Vec<_> = (0..2)
+        .map(|_| {
+            let (reg, lim) = proxy(2, &p);
+            (Arc::new(reg), lim)
+        })
+        .collect();
+    let _syncs: Vec<_> = proxies
+        .iter()
+        .map(|(reg, _)| {
+            reg.spawn_sync(
+                store.clone(),
+                opts(),
+                Arc::new(no_sizes),
+                Arc::new(NoopFleetObserver),
+            )
+        })
+        .collect();
+    // 60 requests a second offered to each, 120 against a limit of 50.
+    let mut owed = [0.0f64; 2];
+    let mut admitted = [0usize; 2];
+    for _ in 0..2000 {
+        for (i, (_, lim)) in proxies.iter().enumerate() {
+            owed[i] += 0.6;
+            let n = owed[i].floor();
+            owed[i] -= n;
+            admitted[i] += allowed(lim, "acme", n as usize);
+        }
+        tokio::time::advance(Duration::from_millis(10)).await;
+    }
+    let total = (admitted[0] + admitted[1]) as f64;
+    for a in admitted {
+        let part = a as f64 / total;
+        assert!((0.35..=0.65).contains(&part), "{admitted:?}");
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_failed_round_trip_keeps_the_debt_for_the_next_one() {
     let p = params(10, 30);
