@@ -53,6 +53,50 @@ pub struct Transition {
     pub reason: String,
 }
 
+/// A proxy's `GET /routes` (the fields used to say why it has no breaker).
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RoutesAnswer {
+    /// The version in force; `None` before any policy was loaded.
+    pub version: Option<String>,
+    /// The routes in force.
+    pub routes: Vec<RouteBrief>,
+}
+
+/// One route as `/routes` shows it.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(default)]
+pub struct RouteBrief {
+    /// Route key, `<policy>.<route>`.
+    pub route: String,
+    /// Its governance in brief (`breaker` when it sets `circuitBreaker`).
+    pub governance: Vec<String>,
+}
+
+/// Why a proxy whose policy is `routes` lists no breaker.
+pub fn why_none(routes: &RoutesAnswer) -> String {
+    let with_breaker: Vec<&str> = routes
+        .routes
+        .iter()
+        .filter(|r| r.governance.iter().any(|g| g == "breaker"))
+        .map(|r| r.route.as_str())
+        .collect();
+    match (&routes.version, routes.routes.len()) {
+        (None, _) => "no policy loaded yet".into(),
+        (Some(_), 0) => "the policies in force have no routes".into(),
+        (Some(_), n) if with_breaker.is_empty() => format!(
+            "no route sets circuitBreaker ({n} route{} in force)",
+            if n == 1 { "" } else { "s" }
+        ),
+        // Breakers are made when a policy is swapped in: only a proxy mid-swap, or
+        // one older than this command, would say this.
+        (Some(_), _) => format!(
+            "none listed, though {} set circuitBreaker",
+            with_breaker.join(", ")
+        ),
+    }
+}
+
 /// Runs `breakers`.
 pub async fn run(ctx: &mut Ctx<'_>, args: BreakersArgs) -> Result<Verdict, CliError> {
     match args.action.unwrap_or(BreakerAction::List) {
@@ -121,10 +165,18 @@ async fn list(ctx: &mut Ctx<'_>) -> Result<Verdict, CliError> {
             ]);
         }
     }
-    if t.is_empty() {
-        ctx.print("no breakers (no policy loaded, or no routes yet)\n")?;
-    } else {
+    if !t.is_empty() {
         ctx.print(&t.render())?;
+    }
+    for (p, (proxy, breakers)) in proxies.iter().zip(&all) {
+        if breakers.is_empty() {
+            // Only to say why: the list itself was answered.
+            let why = match p.get_json::<RoutesAnswer>("/routes").await {
+                Ok(routes) => why_none(&routes),
+                Err(e) => format!("its routes could not be read: {e}"),
+            };
+            ctx.print(&format!("{proxy}: no breakers: {why}\n"))?;
+        }
     }
     Ok(Verdict::Ok)
 }
@@ -164,4 +216,34 @@ async fn act(ctx: &mut Ctx<'_>, b: &BreakerRef, action: &str) -> Result<Verdict,
         }
     }
     Ok(if found { Verdict::Ok } else { Verdict::Failing })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Says which of its reasons a proxy has for listing no breaker.
+    #[test]
+    fn says_why_a_proxy_has_no_breaker() {
+        let answer = |json: &str| serde_json::from_str::<RoutesAnswer>(json).unwrap();
+        assert_eq!(
+            why_none(&answer(r#"{"version":null,"routes":[]}"#)),
+            "no policy loaded yet"
+        );
+        assert_eq!(
+            why_none(&answer(r#"{"version":"ab","routes":[]}"#)),
+            "the policies in force have no routes"
+        );
+        let two = r#"{"version":"ab","routes":[
+            {"route":"a.x","governance":["timeout 2s"]},{"route":"a.y","governance":[]}]}"#;
+        assert_eq!(
+            why_none(&answer(two)),
+            "no route sets circuitBreaker (2 routes in force)"
+        );
+        let one = r#"{"version":"ab","routes":[{"route":"a.x","governance":["breaker"]}]}"#;
+        assert_eq!(
+            why_none(&answer(one)),
+            "none listed, though a.x set circuitBreaker"
+        );
+    }
 }

@@ -158,6 +158,30 @@ fn number(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{v:.4}"))
 }
 
+/// The STEP column: where a running rollout stands; for an ended one, that it ended
+/// and at which step, since its step's percentage no longer matches the weights
+/// (a promotion by hand goes straight to 100 from any step).
+fn step_text(r: &Rollout) -> String {
+    let ended = match r.phase.as_str() {
+        "promoted" => Some("promoted"),
+        "rolled-back" => Some("rolled back"),
+        _ => None,
+    };
+    match (r.step, r.steps.is_empty(), ended) {
+        (Some(s), false, Some(how)) => format!("{how} at {}/{}", s + 1, r.steps.len()),
+        (Some(s), true, Some(how)) => format!("{how} at {}", s + 1),
+        (None, _, Some(how)) => how.to_string(),
+        (Some(s), false, None) => format!(
+            "{}/{} ({}%)",
+            s + 1,
+            r.steps.len(),
+            r.steps.get(s).copied().unwrap_or_default()
+        ),
+        (Some(s), true, None) => (s + 1).to_string(),
+        (None, _, None) => "-".into(),
+    }
+}
+
 /// The human view of rollouts: one line each, then the detail of each.
 pub fn render(rollouts: &[Rollout]) -> String {
     if rollouts.is_empty() {
@@ -173,16 +197,7 @@ pub fn render(rollouts: &[Rollout]) -> String {
         "LAST DECISION",
     ]);
     for r in rollouts {
-        let step = match (r.step, r.steps.is_empty()) {
-            (Some(s), false) => format!(
-                "{}/{} ({}%)",
-                s + 1,
-                r.steps.len(),
-                r.steps.get(s).copied().unwrap_or_default()
-            ),
-            (Some(s), true) => (s + 1).to_string(),
-            (None, _) => "-".into(),
-        };
+        let step = step_text(r);
         let decision = r
             .last_window
             .as_ref()
@@ -453,6 +468,24 @@ mod tests {
                 .unwrap();
         assert!(render(&empty.rollouts).contains("a/b/c"));
         assert_eq!(render(&[]), "no rollouts\n");
+    }
+
+    /// An ended rollout shows that it ended, and where, rather than its last step's
+    /// percentage beside weights that no longer match it.
+    #[test]
+    fn an_ended_rollout_shows_how_it_ended_not_a_stale_step() {
+        let at = |phase: &str| Rollout {
+            phase: phase.into(),
+            step: Some(0),
+            steps: vec![10, 50, 100],
+            ..Default::default()
+        };
+        assert_eq!(step_text(&at("progressing")), "1/3 (10%)");
+        assert_eq!(step_text(&at("paused")), "1/3 (10%)");
+        assert_eq!(step_text(&at("promoted")), "promoted at 1/3");
+        assert_eq!(step_text(&at("rolled-back")), "rolled back at 1/3");
+        let first = render(&[at("promoted")]);
+        assert!(!first.contains("(10%)"), "{first}");
     }
 
     /// A command's answer is the transition the control plane made, said in words.

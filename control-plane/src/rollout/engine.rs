@@ -799,8 +799,11 @@ impl RolloutState {
             note: Some(note),
         };
         let verdict = |breach: bool| if breach { "breach" } else { "pass" }.to_string();
+        const NO_CANARY: &str = "no canary requests";
         if let Some(slo) = &spec.rollout.slo {
-            if let Some(max) = slo.error_rate {
+            if let Some(max) = slo.error_rate.filter(|_| c.requests == 0) {
+                checks.push(not_judged("errorRate", max, 0, NO_CANARY.into()));
+            } else if let Some(max) = slo.error_rate {
                 let (lower, _) = wilson(c.failures, c.requests, Z99);
                 checks.push(Check {
                     name: "errorRate".into(),
@@ -841,7 +844,9 @@ impl RolloutState {
         }
         if let Some(base) = &spec.rollout.baseline {
             if let Some(inc) = base.error_rate_increase {
-                if b.requests == 0 {
+                if c.requests == 0 {
+                    checks.push(not_judged("errorRateIncrease", inc, 0, NO_CANARY.into()));
+                } else if b.requests == 0 {
                     checks.push(not_judged(
                         "errorRateIncrease",
                         inc,
@@ -897,9 +902,14 @@ impl RolloutState {
                 }
             }
         }
+        // DESIGN: a window is judged only with at least `minRequests` canary requests.
+        // Below that a check's value and bound are shown as they stand, but a "pass"
+        // on a handful of requests (or a "breach" the decision will not act on) would
+        // claim a judgement nobody made.
         if c.requests < min {
             for ch in &mut checks {
                 if ch.verdict != "not-judged" {
+                    ch.verdict = "not-judged".into();
                     ch.note = Some(format!("{} of {min} canary requests", c.requests));
                 }
             }

@@ -1,11 +1,13 @@
-//! `sluicectl -o json` gives one JSON document whatever the outcome, and a bad
-//! argument is a bad flag (exit 2) before any admin API is asked.
+//! What `sluicectl` says when the answer is not the usual one: `-o json` gives one
+//! JSON document whatever the outcome, a bad argument is a bad flag (exit 2) before
+//! any admin API is asked, and an ended rollout, a check without data and a proxy
+//! without breakers are each told as they are.
 
 use std::path::Path;
 use std::process::{Command, Output};
 
-use sluice_e2e::TestControlPlane;
 use sluice_e2e::rollout::{FILE, rollout_policy};
+use sluice_e2e::{TestControlPlane, TestProxy};
 
 /// Runs `sluicectl ARGS` with no `SLUICECTL_*` from the environment leaking in.
 fn sluicectl(args: &[&str]) -> Output {
@@ -43,14 +45,19 @@ async fn control_plane() -> TestControlPlane {
             steps: [10, 50, 100]
             interval: 10m
             minRequests: 1
+            slo: { errorRate: 0.01 }
 ";
-    let policy = rollout_policy(
+    TestControlPlane::start(&[(FILE, &policy(block))]).await
+}
+
+/// The `log` policy with the rollout block `block`; its backends are never called.
+fn policy(block: &str) -> String {
+    rollout_policy(
         "127.0.0.1:1".parse().unwrap(),
         "127.0.0.1:2".parse().unwrap(),
         block,
         "",
-    );
-    TestControlPlane::start(&[(FILE, &policy)]).await
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -151,4 +158,82 @@ async fn a_malformed_argument_is_a_bad_flag_before_any_request() {
             "{err}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_tells_a_check_without_data_and_a_rollout_promoted_by_hand() {
+    let cp = control_plane().await;
+    let url = format!("http://{}", cp.admin_addr());
+    let id = "e2e/log/ingest";
+    let status = || {
+        let out = sluicectl(&["--control-plane", &url, "rollout", "status", id]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+
+    // No proxy, no request: the open window's errorRate has no data, and says so.
+    let (_, v) = json(&sluicectl(&[
+        "--control-plane",
+        &url,
+        "-o",
+        "json",
+        "rollout",
+        "status",
+        id,
+    ]));
+    let checks = &v["rollouts"][0]["currentWindow"]["checks"];
+    let error_rate = checks
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "errorRate")
+        .unwrap();
+    assert_eq!(error_rate["verdict"], "not-judged", "{v:#}");
+    assert_eq!(error_rate["note"], "no canary requests", "{v:#}");
+    let text = status();
+    assert!(text.contains("not-judged (no canary requests)"), "{text}");
+    assert!(text.contains("1/3 (10%)"), "{text}");
+
+    let out = sluicectl(&["--control-plane", &url, "rollout", "promote", id]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = status();
+    let first = text.lines().nth(1).unwrap();
+    assert!(first.contains("promoted at 1/3"), "{text}");
+    assert!(first.contains("v1 0, v2 100"), "{text}");
+    assert!(
+        !first.contains("(10%)"),
+        "no stale step beside the weights: {text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breakers_says_no_route_sets_one_when_policies_are_loaded() {
+    let proxy = TestProxy::start(&policy(
+        "            canary: v2\n            steps: [10, 100]\n",
+    ))
+    .await;
+    let url = format!("http://{}", proxy.admin_addr());
+    let out = sluicectl(&["--proxy", &url, "breakers"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        text,
+        format!("{url}: no breakers: no route sets circuitBreaker (1 route in force)\n")
+    );
+    proxy.shutdown().await;
 }

@@ -302,6 +302,87 @@ fn a_proxy_that_nacks_is_left_out_at_once() {
     assert_eq!(s.left_out(), ["a"]);
 }
 
+/// A check is judged only on a window holding `minRequests` canary requests
+/// (DESIGN): with none it says there were none, with too few it says how many, and
+/// never "pass" either way; with enough, it passes.
+#[test]
+fn checks_are_not_judged_without_enough_canary_requests() {
+    let mut sp = spec(&[10, 100], 20);
+    sp.rollout.baseline = Some(RolloutBaseline {
+        error_rate_increase: Some(0.02),
+        p99_ratio: None,
+    });
+    let mut c = Clock::new();
+    let mut s = acked(&sp, &c);
+    let check = |w: &WindowView, name: &str| {
+        let ch = w.checks.iter().find(|ch| ch.name == name).unwrap().clone();
+        (ch.verdict, ch.samples, ch.note.unwrap_or_default())
+    };
+
+    // No canary request at all: the open window, then the judged (inconclusive) one.
+    s.on_report(
+        &sp,
+        c.now(),
+        &Window::default(),
+        &window(50, 0, 0.005),
+        &BOUNDS,
+    );
+    let open = s.current_window(&sp);
+    let none = (
+        "not-judged".to_string(),
+        0,
+        "no canary requests".to_string(),
+    );
+    assert_eq!(check(&open, "errorRate"), none);
+    assert_eq!(check(&open, "errorRateIncrease"), none);
+    s.on_tick(&sp, c.advance(10 * S)).unwrap();
+    let judged = s.last_window().unwrap();
+    assert_eq!(judged.decision, "inconclusive");
+    assert_eq!(check(judged, "errorRate"), none);
+    assert_eq!(check(judged, "p99").0, "not-judged");
+
+    // Too few: values shown, not judged.
+    s.on_report(
+        &sp,
+        c.now(),
+        &window(5, 0, 0.005),
+        &window(50, 0, 0.005),
+        &BOUNDS,
+    );
+    let open = s.current_window(&sp);
+    let few = (
+        "not-judged".to_string(),
+        5,
+        "5 of 20 canary requests".to_string(),
+    );
+    assert_eq!(check(&open, "errorRate"), few);
+    assert_eq!(check(&open, "p99"), few);
+    assert_eq!(
+        open.checks
+            .iter()
+            .find(|ch| ch.name == "errorRate")
+            .unwrap()
+            .value,
+        Some(0.0)
+    );
+
+    // Enough (the window adds up): judged.
+    s.on_report(
+        &sp,
+        c.now(),
+        &window(20, 0, 0.005),
+        &window(50, 0, 0.005),
+        &BOUNDS,
+    );
+    s.on_tick(&sp, c.advance(10 * S)).unwrap();
+    let judged = s.last_window().unwrap();
+    assert_eq!(judged.decision, "pass", "{judged:?}");
+    assert_eq!(
+        check(judged, "errorRate"),
+        ("pass".to_string(), 25, String::new())
+    );
+}
+
 #[test]
 fn inconclusive_windows_accumulate_and_hold_never_rolls_back() {
     let mut sp = spec(&[10, 100], 100);
