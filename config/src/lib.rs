@@ -26,6 +26,7 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+mod dot_segments;
 mod duration;
 mod limits;
 mod model;
@@ -40,6 +41,7 @@ mod validate;
 
 pub use validate::{is_dns_label, shadowed_routes};
 
+pub use dot_segments::{dot_segment, first_dot_segment, resolve_dot_segments};
 pub use duration::{Duration, DurationParseError};
 pub use limits::{Limits, MAX_DEPTH_CEILING};
 pub use model::*;

@@ -431,6 +431,14 @@ impl Checker {
                             "expected a path starting with \"/\" without query, fragment or spaces, got {value:?}"
                         ),
                     );
+                } else if let Some(resolved) = crate::resolve_dot_segments(value) {
+                    let segment = crate::first_dot_segment(value).unwrap_or_default();
+                    self.err(
+                        child_key(&pp, field),
+                        format!(
+                            "{value:?} has the dot-segment {segment:?}, but the proxy resolves dot-segments in request paths before routing (RFC 3986 §5.2.4, %2e counted as a dot), so this route could never match; write {resolved:?}, the path such requests are routed as"
+                        ),
+                    );
                 }
             }
         }

@@ -22,6 +22,7 @@ mod kubernetes;
 mod malformed;
 mod mesh;
 mod mtls;
+mod offline_checks;
 mod overload;
 mod pods;
 mod reliability;

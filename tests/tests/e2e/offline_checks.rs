@@ -1,0 +1,59 @@
+//! Files checked offline by the command lines: `sluicectl validate` refuses a route
+//! that could never match.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// Runs a binary of this crate with `args`.
+fn run(bin: &str, args: &[&str]) -> Output {
+    Command::new(bin)
+        .args(args)
+        .env_remove("SLUICECTL_CONTROL_PLANE")
+        .env_remove("SLUICECTL_PROXY")
+        .env_remove("SLUICECTL_TOKEN_FILE")
+        .output()
+        .expect("run the binary")
+}
+
+fn sluicectl(args: &[&str]) -> Output {
+    run(env!("CARGO_BIN_EXE_e2e-sluicectl"), args)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn write(dir: &Path, name: &str, body: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, body).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+#[test]
+fn validate_refuses_a_route_path_with_a_dot_segment_and_says_what_to_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = write(
+        dir.path(),
+        "dots.yaml",
+        "apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: { name: log, namespace: shop }
+spec:
+  host: log
+  backends:
+    v1: { addresses: [\"127.0.0.1:9101\"] }
+  routes:
+    - name: admin
+      match: { path: { prefix: /logs/%2E%2e/admin } }
+",
+    );
+    let out = sluicectl(&["validate", &file]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    let said = text(&out.stdout) + &text(&out.stderr);
+    assert!(
+        said.contains(&format!(
+            "{file}:10:32: spec.routes[0].match.path.prefix: \"/logs/%2E%2e/admin\" has the dot-segment \"%2E%2e\""
+        )) && said.contains("write \"/admin\""),
+        "{said}"
+    );
+}
