@@ -1119,3 +1119,93 @@ fn refusing_a_service_drops_its_policy_and_marks_its_parents() {
     assert_eq!(other.kept_generation, Some(2));
     assert!(problems(&t, "to-v2").is_empty());
 }
+
+/// Paths the HTTPRoute CRD's validation rules forbid in Exact and PathPrefix matches
+/// (an empty segment, dot-segments, an encoded slash) are refused by field path,
+/// saying which rule and, for a dot-segment, what to write; dots elsewhere in a
+/// segment are fine, and an encoded dot-segment the rules let through is refused by
+/// the policy validator, which says why.
+#[test]
+fn paths_the_crd_forbids_are_refused_with_the_rule_they_break() {
+    let spec = |matches: Value| {
+        json!({ "parentRefs": parent(), "rules": [
+            { "matches": matches, "backendRefs": [{ "name": "echo-v1", "port": 8080 }] }] })
+    };
+    let t = run(&[
+        route(
+            "paths",
+            "2026-01-01T00:00:00Z",
+            spec(json!([
+                { "path": { "type": "Exact", "value": "/a//b" } },
+                { "path": { "type": "PathPrefix", "value": "/a/../b" } },
+                { "path": { "type": "Exact", "value": "/a%2Fb" } },
+                { "path": { "type": "PathPrefix", "value": "/a/." } },
+                { "path": { "type": "PathPrefix", "value": "/.well-known/a..b" } }
+            ])),
+        ),
+        route(
+            "encoded",
+            "2026-01-02T00:00:00Z",
+            spec(json!([{ "path": { "type": "Exact", "value": "/a/%2e%2E/b" } }])),
+        ),
+        route(
+            "fine",
+            "2026-01-03T00:00:00Z",
+            spec(json!([{ "path": { "type": "PathPrefix", "value": "/.well-known/a..b" } }])),
+        ),
+    ]);
+    let messages = |route: &str| -> Vec<(String, String)> {
+        let (_, v) = t.verdicts.iter().find(|(k, _)| k.1 == route).unwrap();
+        v.parents[0]
+            .problems
+            .iter()
+            .map(|p| {
+                assert_eq!(
+                    (p.condition, p.reason),
+                    (Condition::Accepted, "UnsupportedValue")
+                );
+                (p.path.clone(), p.message.clone())
+            })
+            .collect()
+    };
+    let rule = "the Gateway API forbids it in Exact and PathPrefix matches";
+    let at =
+        |m: usize, message: String| (format!("spec.rules[0].matches[{m}].path.value"), message);
+    assert_eq!(
+        messages("paths"),
+        [
+            at(
+                0,
+                format!("path \"/a//b\" must not contain \"//\", an empty segment ({rule})")
+            ),
+            at(
+                1,
+                format!(
+                    "path \"/a/../b\" must not contain \"/../\", a dot-segment ({rule}); requests are routed with their dot-segments resolved, so write \"/b\""
+                )
+            ),
+            at(
+                2,
+                format!("path \"/a%2Fb\" must not contain \"%2F\", an encoded slash ({rule})")
+            ),
+            at(
+                3,
+                format!(
+                    "path \"/a/.\" must not end with \"/.\", a dot-segment ({rule}); requests are routed with their dot-segments resolved, so write \"/a/\""
+                )
+            ),
+        ]
+    );
+    let encoded = messages("encoded");
+    assert_eq!(encoded.len(), 1);
+    assert_eq!(encoded[0].0, "spec");
+    assert!(
+        encoded[0]
+            .1
+            .contains("\"/a/%2e%2E/b\" has the dot-segment \"%2e%2E\"")
+            && encoded[0].1.contains("write \"/b\""),
+        "{encoded:?}"
+    );
+    assert!(messages("fine").is_empty());
+    assert_eq!(route_names(policy(&t, "httproute-echo")), ["fine-0-0"]);
+}

@@ -589,6 +589,50 @@ fn filter_type(filter: &Value) -> String {
     }
 }
 
+/// Why the HTTPRoute CRD's validation rules refuse `value` as an `Exact` or
+/// `PathPrefix` path (httproutes.gateway.networking.k8s.io, `path`'s
+/// `x-kubernetes-validations`), if they do. An object that skipped the API server's
+/// validation (`convert` on a file, an older CRD) is held to them here: the proxy
+/// resolves dot-segments before routing, so such a path could never match as written.
+fn forbidden_path(value: &str) -> Option<String> {
+    let rule = "the Gateway API forbids it in Exact and PathPrefix matches";
+    let resolved = || match sluice_config::resolve_dot_segments(value) {
+        Some(r) => {
+            format!("; requests are routed with their dot-segments resolved, so write {r:?}")
+        }
+        None => String::new(),
+    };
+    if !value.starts_with('/') {
+        return Some(format!(
+            "path {value:?} must start with \"/\" ({rule} otherwise)"
+        ));
+    }
+    for (bad, what) in [
+        ("//", "an empty segment"),
+        ("/./", "a dot-segment"),
+        ("/../", "a dot-segment"),
+        ("%2f", "an encoded slash"),
+        ("%2F", "an encoded slash"),
+        ("#", "a fragment"),
+    ] {
+        if value.contains(bad) {
+            return Some(format!(
+                "path {value:?} must not contain {bad:?}, {what} ({rule}){}",
+                resolved()
+            ));
+        }
+    }
+    for bad in ["/..", "/."] {
+        if value.ends_with(bad) {
+            return Some(format!(
+                "path {value:?} must not end with {bad:?}, a dot-segment ({rule}){}",
+                resolved()
+            ));
+        }
+    }
+    None
+}
+
 fn match_out(path: &str, m: &Match, problems: &mut Vec<Problem>) -> Option<RouteMatch> {
     let before = problems.len();
     let mut out = RouteMatch::default();
@@ -599,7 +643,14 @@ fn match_out(path: &str, m: &Match, problems: &mut Vec<Problem>) -> Option<Route
         ),
         None => ("PathPrefix", "/"),
     };
+    let forbidden = matches!(kind, "Exact" | "PathPrefix")
+        .then(|| forbidden_path(value))
+        .flatten();
+    if let Some(why) = forbidden {
+        problems.push(Problem::unsupported(format!("{path}.path.value"), why));
+    }
     match kind {
+        _ if problems.len() > before => {}
         "Exact" => {
             out.path = Some(sluice_config::PathMatch {
                 exact: Some(value.to_string()),

@@ -1,5 +1,6 @@
 //! Files checked offline by the command lines: `sluicectl validate` refuses a route
-//! that could never match.
+//! that could never match, and `sluice-control-plane convert` refuses what the
+//! HTTPRoute CRD forbids.
 
 use std::path::Path;
 use std::process::{Command, Output};
@@ -19,6 +20,10 @@ fn sluicectl(args: &[&str]) -> Output {
     run(env!("CARGO_BIN_EXE_e2e-sluicectl"), args)
 }
 
+fn control_plane(args: &[&str]) -> Output {
+    run(env!("CARGO_BIN_EXE_e2e-control-plane"), args)
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -27,6 +32,26 @@ fn write(dir: &Path, name: &str, body: &str) -> String {
     let path = dir.join(name);
     std::fs::write(&path, body).unwrap();
     path.to_str().unwrap().to_string()
+}
+
+/// An HTTPRoute on Service `echo` with one rule of `matches` and backendRefs
+/// `backends` (`name: weight`, each on port 8080).
+fn httproute(matches: &str, backends: &[(&str, u32)]) -> String {
+    let refs: String = backends
+        .iter()
+        .map(|(name, w)| format!("        - {{ name: {name}, port: 8080, weight: {w} }}\n"))
+        .collect();
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{ name: echo-route, namespace: shop }}
+spec:
+  parentRefs: [{{ group: \"\", kind: Service, name: echo, port: 80 }}]
+  rules:
+    - matches: {matches}
+      backendRefs:
+{refs}"
+    )
 }
 
 #[test]
@@ -56,4 +81,33 @@ spec:
         )) && said.contains("write \"/admin\""),
         "{said}"
     );
+}
+
+#[test]
+fn convert_refuses_paths_the_httproute_crd_forbids() {
+    let dir = tempfile::tempdir().unwrap();
+    for (value, says) in [
+        ("/a//b", "must not contain \"//\", an empty segment"),
+        ("/a/../b", "must not contain \"/../\", a dot-segment"),
+        ("/a%2Fb", "must not contain \"%2F\", an encoded slash"),
+    ] {
+        let file = write(
+            dir.path(),
+            "route.yaml",
+            &httproute(
+                &format!("[{{ path: {{ type: Exact, value: \"{value}\" }} }}]"),
+                &[("echo-v1", 1)],
+            ),
+        );
+        let out = control_plane(&["convert", &file]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{value}: {err}");
+        assert!(out.stdout.is_empty(), "{value}");
+        assert!(
+            err.contains("spec.rules[0].matches[0].path.value: path")
+                && err.contains(says)
+                && err.contains("the Gateway API forbids it in Exact and PathPrefix matches"),
+            "{value}: {err}"
+        );
+    }
 }
