@@ -334,7 +334,11 @@ fn convert_main(args: impl Iterator<Item = std::ffi::OsString>) -> ExitCode {
         }
     }
     match crate::gateway::convert_files(texts.iter().map(|(f, t)| (f.as_str(), t.as_str()))) {
-        Ok(yaml) => {
+        Ok(converted) => {
+            for w in &converted.warnings {
+                eprintln!("warning: {w}");
+            }
+            let yaml = converted.yaml;
             let written = match &args.output {
                 Some(path) => sluice_api::write_atomic(path, yaml.as_bytes()),
                 None => std::io::stdout().lock().write_all(yaml.as_bytes()),

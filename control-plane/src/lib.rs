@@ -39,6 +39,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 mod admin;
+mod apportion;
 pub mod ca;
 mod cli;
 pub mod crd;

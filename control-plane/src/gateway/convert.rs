@@ -5,6 +5,12 @@
 //! routes refer to; given any Service, parent and backend ports are checked
 //! against the Services as in a cluster, otherwise references are taken as
 //! written. Documents of other kinds are refused by kind.
+//!
+//! The output is a policy file, so it is held to a file's rules: the control plane
+//! serves a translated route's backendRef weights exactly (any total), but a file's
+//! weights are percentages summing to 100, so `convert` writes them as such (largest
+//! remainders), warning where rounding changed their ratio, and checks that what it
+//! writes loads as a file.
 
 use std::collections::BTreeMap;
 
@@ -31,12 +37,22 @@ pub(crate) fn service_info(obj: &Value) -> ServiceInfo {
     }
 }
 
+/// What `convert` writes, and what it has to say about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Converted {
+    /// The policies, as one YAML stream that loads as a policy file.
+    pub yaml: String,
+    /// Each split whose weights could not be written as percentages in their exact
+    /// ratio, with what was written instead.
+    pub warnings: Vec<String>,
+}
+
 /// Translates the HTTPRoutes in `files` (`(name, text)` pairs) into the policies
-/// the control plane would serve, as one YAML stream; refuses with every problem
-/// of every route.
+/// the control plane would serve, as one YAML stream of a policy file (weights as
+/// percentages); refuses with every problem of every route.
 pub fn convert_files<'a>(
     files: impl IntoIterator<Item = (&'a str, &'a str)>,
-) -> Result<String, crate::Error> {
+) -> Result<Converted, crate::Error> {
     let mut errors = Vec::new();
     let mut routes = Vec::new();
     let mut origin: BTreeMap<Key, String> = BTreeMap::new();
@@ -119,10 +135,71 @@ pub fn convert_files<'a>(
     if !errors.is_empty() {
         return Err(crate::Error::Convert(errors));
     }
+    let mut warnings = Vec::new();
     let mut out = String::new();
     for p in translation.policies() {
+        let mut p = p.clone();
+        warnings.extend(as_percentages(&mut p));
         out.push_str("---\n");
-        out.push_str(&serde_yaml::to_string(p).expect("policy types always serialise"));
+        out.push_str(&serde_yaml::to_string(&p).expect("policy types always serialise"));
     }
-    Ok(out)
+    // What is written must load where a file is read; if the translation ever
+    // produced what only a snapshot takes, say so rather than write it.
+    if let Err(e) = sluice_config::parse_policies("converted", &out) {
+        return Err(crate::Error::Convert(vec![format!(
+            "the converted policies would not load as a policy file: {e}"
+        )]));
+    }
+    Ok(Converted {
+        yaml: out,
+        warnings,
+    })
+}
+
+/// Rewrites every weighted split of `policy` whose weights do not sum to 100 as
+/// percentages (largest remainders); a warning for each whose ratio rounding changed.
+fn as_percentages(policy: &mut sluice_config::RoutePolicy) -> Vec<String> {
+    let mut warnings = Vec::new();
+    let name = format!(
+        "{}/{}",
+        policy.metadata.namespace.as_deref().unwrap_or("default"),
+        policy.metadata.name
+    );
+    for route in &mut policy.spec.routes {
+        for rule in &mut route.split {
+            let Some(weights) = &mut rule.weights else {
+                continue;
+            };
+            let raw: Vec<u32> = weights.values().copied().collect();
+            let total: u64 = raw.iter().map(|w| u64::from(*w)).sum();
+            if total == 100 || total == 0 {
+                continue;
+            }
+            let percent = crate::apportion::apportion(100, &raw);
+            let exact = raw
+                .iter()
+                .zip(&percent)
+                .all(|(w, p)| u64::from(*p) * total == u64::from(*w) * 100);
+            if !exact {
+                let list = |v: &[u32]| {
+                    weights
+                        .keys()
+                        .zip(v)
+                        .map(|(k, w)| format!("{k} {w}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                };
+                warnings.push(format!(
+                    "policy {name}, route {}: backendRef weights {} are written as the percentages {}, which round their ratio (the control plane serving the HTTPRoute keeps it exactly)",
+                    route.name,
+                    list(&raw),
+                    list(&percent)
+                ));
+            }
+            for (w, p) in weights.values_mut().zip(percent) {
+                *w = p;
+            }
+        }
+    }
+    warnings
 }

@@ -24,7 +24,7 @@ pub mod translate;
 
 mod convert;
 
-pub use convert::convert_files;
+pub use convert::{Converted, convert_files};
 pub use model::{ReferenceGrant, RouteObject, ServiceInfo, ServicePortInfo};
 pub use status::{CONTROLLER_NAME, merged_parents};
 pub use translate::{Cluster, Condition, Problem, RouteVerdict, Translation, translate};

@@ -228,6 +228,60 @@ fn weights_of_any_total_stay_exact() {
     assert_eq!(w.values().copied().collect::<Vec<_>>(), [3, 1]);
 }
 
+/// `convert` writes a policy file, whose weights are percentages: weights of any
+/// other total are written as percentages summing to 100, exactly where the ratio
+/// allows, and with a warning where rounding changed it; what it writes loads as
+/// a file.
+#[test]
+fn convert_writes_weights_as_percentages_a_file_takes() {
+    let weights = |w: [u32; 3]| {
+        fixture("httproute-weight")
+            .replace("weight: 70", &format!("weight: {}", w[0]))
+            .replace(
+                "weight: 30",
+                &format!(
+                    "weight: {}\n    - name: echo-v3\n      port: 8080\n      weight: {}",
+                    w[1], w[2]
+                ),
+            )
+    };
+    let converted = |w: [u32; 3]| {
+        let text = weights(w);
+        let out = convert_files([("w.yaml", text.as_str())]).unwrap();
+        let set = sluice_config::parse_policies("out.yaml", &out.yaml).unwrap_or_else(|e| {
+            panic!(
+                "{w:?}: the output does not load as a file: {e}\n{}",
+                out.yaml
+            )
+        });
+        let split = set[0].spec.routes[0].split[0].weights.clone().unwrap();
+        (split.values().copied().collect::<Vec<_>>(), out.warnings)
+    };
+    assert_eq!(converted([3, 0, 7]), (vec![30, 0, 70], vec![]));
+    assert_eq!(converted([70, 20, 10]), (vec![70, 20, 10], vec![]));
+    let (percent, warnings) = converted([1, 1, 1]);
+    assert_eq!(percent, [34, 33, 33]);
+    assert_eq!(
+        warnings,
+        [
+            "policy gateway-conformance-mesh/httproute-echo, route mesh-weighted-backends-0-0: backendRef weights echo-v1-8080 1, echo-v2-8080 1, echo-v3-8080 1 are written as the percentages echo-v1-8080 34, echo-v2-8080 33, echo-v3-8080 33, which round their ratio (the control plane serving the HTTPRoute keeps it exactly)"
+        ]
+    );
+    // The control plane itself keeps the exact weights.
+    let t = translate(
+        &objects(&weights([1, 1, 1])),
+        Cluster {
+            services: None,
+            grants: &[],
+        },
+    );
+    let served = policy(&t, "httproute-echo").spec.routes[0].split[0]
+        .weights
+        .clone()
+        .unwrap();
+    assert_eq!(served.values().copied().collect::<Vec<_>>(), [1, 1, 1]);
+}
+
 #[test]
 fn matching_fixture_becomes_one_route_per_match() {
     let t = run(&objects(fixture("httproute-matching")));
@@ -801,7 +855,8 @@ fn convert_names_file_and_field() {
         "redirect.yaml: HTTPRoute gateway-conformance-mesh/mesh-303-redirect (parent Service gateway-conformance-mesh/echo): spec.rules[0].filters[0]: filter RequestRedirect is not supported"
     );
     let out = convert_files([("weight.yaml", fixture("httproute-weight"))]).unwrap();
-    let set = sluice_config::PolicySet::from_canonical("converted", out.as_bytes()).unwrap();
+    assert!(out.warnings.is_empty(), "{:?}", out.warnings);
+    let set = sluice_config::PolicySet::from_canonical("converted", out.yaml.as_bytes()).unwrap();
     assert_eq!(set.policies().len(), 1);
     assert_eq!(set.policies()[0].spec.aliases.len(), 2);
     let grpc = "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: { name: g }\n";

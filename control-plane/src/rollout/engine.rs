@@ -93,52 +93,22 @@ impl Spec {
     /// their file weights are all 0).
     pub fn weights_at(&self, canary: u32) -> IndexMap<String, u32> {
         let canary = canary.min(100);
-        let others: Vec<(&String, u32)> = self
+        let others: Vec<u32> = self
             .file_weights
             .iter()
             .filter(|(k, _)| **k != self.rollout.canary)
-            .map(|(k, v)| (k, *v))
+            .map(|(_, v)| *v)
             .collect();
-        let rest = 100 - canary;
-        let total: u64 = others.iter().map(|(_, w)| u64::from(*w)).sum();
-        let n = others.len().max(1) as u64;
-        let share = |w: u32| -> (u64, u64) {
-            let x = u64::from(rest) * u64::from(w);
-            match (x.checked_div(total), x.checked_rem(total)) {
-                (Some(q), Some(r)) => (q, r),
-                // All others at 0 in the file: they share equally.
-                _ => (u64::from(rest) / n, u64::from(rest) % n),
-            }
-        };
-        let mut out: Vec<(String, u64, u64)> = others
-            .iter()
-            .map(|(k, w)| {
-                let (q, r) = share(*w);
-                ((*k).clone(), q, r)
-            })
-            .collect();
-        let given: u64 = out.iter().map(|(_, q, _)| q).sum();
-        let mut left = u64::from(rest).saturating_sub(given);
-        let mut order: Vec<usize> = (0..out.len()).collect();
-        order.sort_by_key(|i| std::cmp::Reverse(out[*i].2));
-        for i in order {
-            if left == 0 {
-                break;
-            }
-            out[i].1 += 1;
-            left -= 1;
-        }
+        let mut shares = crate::apportion::apportion(100 - canary, &others).into_iter();
         self.file_weights
             .keys()
             .map(|k| {
                 let w = if *k == self.rollout.canary {
-                    u64::from(canary)
+                    canary
                 } else {
-                    out.iter()
-                        .find(|(n, _, _)| n == k)
-                        .map_or(0, |(_, q, _)| *q)
+                    shares.next().unwrap_or(0)
                 };
-                (k.clone(), u32::try_from(w).unwrap_or(100))
+                (k.clone(), w)
             })
             .collect()
     }

@@ -111,3 +111,57 @@ fn convert_refuses_paths_the_httproute_crd_forbids() {
         );
     }
 }
+
+/// `convert -o FILE` writes a file `sluicectl validate` (and the control plane's
+/// policy directory) takes: backendRef weights of another total become percentages,
+/// with a warning where rounding changed their ratio.
+#[test]
+fn convert_writes_a_file_validate_takes_whatever_the_weights() {
+    let dir = tempfile::tempdir().unwrap();
+    let backends = |w: [u32; 3]| [("echo-v1", w[0]), ("echo-v2", w[1]), ("echo-v3", w[2])];
+    for (w, percent, warns) in [
+        (
+            [3, 0, 7],
+            "echo-v1-8080: 30 echo-v2-8080: 0 echo-v3-8080: 70",
+            false,
+        ),
+        (
+            [1, 1, 1],
+            "echo-v1-8080: 34 echo-v2-8080: 33 echo-v3-8080: 33",
+            true,
+        ),
+    ] {
+        let route = write(
+            dir.path(),
+            "route.yaml",
+            &httproute(
+                "[{ path: { type: PathPrefix, value: /api } }]",
+                &backends(w),
+            ),
+        );
+        let out_file = dir.path().join("out.yaml");
+        let out_file = out_file.to_str().unwrap();
+        let out = control_plane(&["convert", &route, "-o", out_file]);
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{w:?}: {err}");
+        assert_eq!(
+            err.starts_with(
+                "warning: policy shop/httproute-echo, route echo-route-0-0: backendRef weights"
+            ),
+            warns,
+            "{w:?}: {err}"
+        );
+        let written = std::fs::read_to_string(out_file).unwrap();
+        let flat: String = written.split_whitespace().collect::<Vec<_>>().join(" ");
+        assert!(flat.contains(percent), "{w:?}: {written}");
+
+        let out = sluicectl(&["validate", out_file]);
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{w:?}: {}{}\n{written}",
+            text(&out.stdout),
+            text(&out.stderr)
+        );
+    }
+}
