@@ -148,6 +148,28 @@ pub async fn run(cli: Cli, out: &mut dyn Write) -> Result<Verdict, CliError> {
     cmd::run(&mut ctx, cli.command).await
 }
 
+/// Whether a command line clap could not parse asked for `-o json` (its last
+/// `-o`/`--output`, else `SLUICECTL_OUTPUT`), read the way clap reads it.
+pub fn asked_for_json(args: &[std::ffi::OsString], env: Option<std::ffi::OsString>) -> bool {
+    let mut output = env.and_then(|v| v.into_string().ok());
+    let mut args = args.iter().map(|a| a.to_string_lossy());
+    while let Some(arg) = args.next() {
+        let value = match arg.as_ref() {
+            "--" => break,
+            "-o" | "--output" => args.next().map(|v| v.into_owned()),
+            a => a
+                .strip_prefix("--output=")
+                .or_else(|| a.strip_prefix("-o="))
+                .or_else(|| a.strip_prefix("-o").filter(|v| !v.is_empty()))
+                .map(str::to_string),
+        };
+        if value.is_some() {
+            output = value;
+        }
+    }
+    output.as_deref() == Some("json")
+}
+
 /// What `-o json` prints when a command gives no answer: scripts read one JSON
 /// document whatever happened, and the exit code still says which failure it was.
 pub fn error_json(e: &CliError) -> serde_json::Value {
@@ -158,7 +180,28 @@ pub fn error_json(e: &CliError) -> serde_json::Value {
 /// one line on stderr (and, with `-o json`, a JSON document on stdout too).
 #[allow(clippy::print_stderr)] // the command's own error line
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // A command line clap refuses never reaches the command, but a script that
+            // asked for JSON still gets one document (help and version are not errors).
+            let args: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+            if e.use_stderr() && asked_for_json(&args, std::env::var_os("SLUICECTL_OUTPUT")) {
+                // Clap's first paragraph, without its usage and hint.
+                let text = e.to_string();
+                let first = text.split("\n\n").next().unwrap_or_default();
+                let first = first.strip_prefix("error: ").unwrap_or(first);
+                let message = first.split_whitespace().collect::<Vec<_>>().join(" ");
+                let doc = serde_json::json!({ "error": message, "exitCode": e.exit_code() });
+                let _ = writeln!(
+                    std::io::stdout().lock(),
+                    "{}",
+                    serde_json::to_string_pretty(&doc).unwrap_or_default()
+                );
+            }
+            e.exit()
+        }
+    };
     let json = cli.global.output == Output::Json;
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -184,5 +227,29 @@ pub fn main() -> ExitCode {
             eprintln!("sluicectl: {e}");
             ExitCode::from(e.exit_code())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::asked_for_json;
+
+    #[test]
+    fn finds_json_asked_for_in_a_command_line_clap_refused() {
+        let asked = |args: &[&str], env: Option<&str>| {
+            let args: Vec<std::ffi::OsString> = args.iter().map(Into::into).collect();
+            asked_for_json(&args, env.map(Into::into))
+        };
+        assert!(asked(&["-o", "json", "rollout", "pause"], None));
+        assert!(asked(&["rollout", "--output=json", "pause"], None));
+        assert!(asked(&["-ojson", "tap", "--bogus"], None));
+        assert!(asked(&["rollout"], Some("json")));
+        assert!(
+            !asked(&["-o", "json", "-o", "table", "x"], None),
+            "the last one counts"
+        );
+        assert!(!asked(&["--output", "table"], Some("json")));
+        assert!(!asked(&["explain", "--", "-o", "json"], None));
+        assert!(!asked(&["rollout", "pause"], None));
     }
 }

@@ -237,3 +237,28 @@ async fn breakers_says_no_route_sets_one_when_policies_are_loaded() {
     );
     proxy.shutdown().await;
 }
+
+/// A command line the parser refuses is a bad flag (exit 2) and, with `-o json`
+/// (or `SLUICECTL_OUTPUT=json`), still one JSON document; help is not an error.
+#[test]
+fn a_refused_command_line_answers_json_when_json_was_asked_for() {
+    let (code, v) = json(&sluicectl(&["-o", "json", "rollout", "pause"]));
+    assert_eq!((code, v["exitCode"].clone()), (Some(2), 2.into()), "{v:#}");
+    assert_eq!(
+        v["error"],
+        "the following required arguments were not provided: <ROLLOUT>"
+    );
+    let out = sluicectl(&["rollout", "--output=json", "--no-such-flag"]);
+    let (code, v) = json(&out);
+    assert_eq!(code, Some(2), "{v:#}");
+    assert!(
+        v["error"].as_str().unwrap().contains("--no-such-flag"),
+        "{v:#}"
+    );
+    let out = sluicectl(&["-o", "json", "--help"]);
+    assert_eq!(out.status.code(), Some(0));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Usage: "));
+    let out = sluicectl(&["rollout", "pause"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(out.stdout.is_empty(), "no JSON unless asked for");
+}
