@@ -98,48 +98,8 @@ pub fn normalize_path(path: &str) -> Option<String> {
     if !dotted || !path.starts_with('/') {
         return None;
     }
-    // How many dots a segment stands for, if it is `.` or `..` in any spelling.
-    fn dots(segment: &str) -> Option<usize> {
-        let mut rest = segment.as_bytes();
-        let mut n = 0;
-        while !rest.is_empty() {
-            rest = match rest {
-                [b'.', tail @ ..] => tail,
-                [b'%', b'2', e, tail @ ..] if e.eq_ignore_ascii_case(&b'e') => tail,
-                _ => return None,
-            };
-            n += 1;
-        }
-        (1..=2).contains(&n).then_some(n)
-    }
-    let mut out: Vec<&str> = Vec::new();
-    let mut changed = false;
-    let mut ends_in_dir = false;
-    for segment in path[1..].split('/') {
-        ends_in_dir = false;
-        match dots(segment) {
-            Some(n) => {
-                changed = true;
-                if n == 2 {
-                    out.pop();
-                }
-                ends_in_dir = true;
-            }
-            None => out.push(segment),
-        }
-    }
-    if !changed {
-        return None;
-    }
-    let mut normalized = String::with_capacity(path.len());
-    for segment in &out {
-        normalized.push('/');
-        normalized.push_str(segment);
-    }
-    if ends_in_dir || normalized.is_empty() {
-        normalized.push('/');
-    }
-    Some(normalized)
+    // The validator refuses route paths by the same rule: one definition of it.
+    sluice_config::resolve_dot_segments(path)
 }
 
 /// Rewrites `req`'s target to its path without dot-segments ([`normalize_path`]),
