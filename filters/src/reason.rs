@@ -62,7 +62,9 @@ impl Reason {
     /// The one table: reason, HTTP status, gRPC status, default gRPC message.
     fn row(self) -> (&'static str, StatusCode, u32, &'static str) {
         // gRPC codes: 4 DEADLINE_EXCEEDED, 7 PERMISSION_DENIED, 8 RESOURCE_EXHAUSTED,
-        // 12 UNIMPLEMENTED, 14 UNAVAILABLE.
+        // 12 UNIMPLEMENTED, 13 INTERNAL, 14 UNAVAILABLE. A malformed request is 13, as
+        // the mapping has 400: 14 is the code clients retry, and sending the same
+        // broken request again cannot help.
         match self {
             Reason::RateLimited => (
                 "rate-limited",
@@ -96,7 +98,7 @@ impl Reason {
                 14,
                 "no healthy endpoint",
             ),
-            Reason::BadRequest => ("bad-request", StatusCode::BAD_REQUEST, 14, "bad request"),
+            Reason::BadRequest => ("bad-request", StatusCode::BAD_REQUEST, 13, "bad request"),
             Reason::Overloaded => (
                 "overloaded",
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -122,5 +124,18 @@ impl Reason {
 impl std::fmt::Display for Reason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A malformed request is not answered with the code gRPC clients retry.
+    #[test]
+    fn grpc_codes_follow_the_mapping_where_a_retry_cannot_help() {
+        assert_eq!(Reason::BadRequest.grpc_code(), 13);
+        assert_eq!(Reason::UpstreamUnavailable.grpc_code(), 14);
+        assert_eq!(Reason::Timeout.grpc_code(), 4);
     }
 }
