@@ -678,8 +678,11 @@ impl<C: Connect> H2Pool<C> {
     fn new(connector: C) -> Self {
         let mut builder = http2::Builder::new(TokioExecutor::new());
         // As hyper-util's client had it: a timer for hyper's HTTP/2 timeouts, the
-        // protocol's settings left at hyper's defaults.
+        // protocol's settings left at hyper's defaults but one: response heads up to
+        // the 64 KiB the HTTP/1 client and both servers take (hyper's 16 KiB default
+        // made a larger head a 502 on HTTP/2 only).
         builder.timer(TokioTimer::new());
+        builder.max_header_list_size(MAX_HEADER_BYTES as u32);
         Self {
             id: NEXT_POOL.fetch_add(1, Ordering::Relaxed),
             connector,

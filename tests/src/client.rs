@@ -168,7 +168,11 @@ impl HttpConn {
     pub async fn h2(addr: SocketAddr) -> Result<Self, BoxError> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
-        let (sender, conn) = http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+        // Response heads as large as the proxy forwards (64 KiB), not hyper's 16 KiB.
+        let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+            .max_header_list_size(64 * 1024)
+            .handshake(TokioIo::new(stream))
+            .await?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
