@@ -109,7 +109,12 @@ pub(crate) fn stack_context(
         &telemetry::ResourceInfo {
             service: cfg.service.clone(),
             namespace: Some(cfg.namespace.clone()),
-            instance: cfg.node_id.clone(),
+            // As the control plane knows it: `--node-id`, else the host name.
+            instance: Some(
+                cfg.node_id
+                    .clone()
+                    .unwrap_or_else(crate::control::default_node_id),
+            ),
         },
     )?;
     ctx.recent = (cfg.recent_requests > 0).then(|| {

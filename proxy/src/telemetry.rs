@@ -104,12 +104,29 @@ pub struct ResourceInfo {
     pub instance: Option<String>,
 }
 
+/// The W3C trace-state header.
+const TRACESTATE: &str = "tracestate";
+
 /// The tracer and propagators of a proxy with tracing on.
 pub struct Telemetry {
     provider: SdkTracerProvider,
     tracer: SdkTracer,
     propagator: TextMapCompositePropagator,
+    /// B3 is propagated: the caller's B3 headers are taken off before ours are written.
+    b3: bool,
 }
+
+/// Every B3 header, single and multiple: the propagator writes the multiple form only,
+/// so a caller's single `b3` or its `x-b3-parentspanid` would otherwise reach the next
+/// hop beside ours, naming another parent.
+const B3_HEADERS: [&str; 6] = [
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+];
 
 impl fmt::Debug for Telemetry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -173,6 +190,7 @@ impl Telemetry {
             tracer: provider.tracer("sluice-proxy"),
             provider,
             propagator: TextMapCompositePropagator::new(propagators),
+            b3: seen.contains(&Propagation::B3),
         }
     }
 
@@ -235,8 +253,21 @@ impl Telemetry {
             .with_attributes(attrs)
             .start_with_context(&self.tracer, &parent);
         let cx = Context::new().with_remote_span_context(span.span_context().clone());
+        let headers = req.headers_mut();
+        if self.b3 {
+            for name in B3_HEADERS {
+                headers.remove(name);
+            }
+        }
         self.propagator
-            .inject_context(&cx, &mut HeaderInjector(req.headers_mut()));
+            .inject_context(&cx, &mut HeaderInjector(headers));
+        // W3C: no trace state to pass on is no header (the spec's SHOULD), not an empty one.
+        if headers
+            .get(TRACESTATE)
+            .is_some_and(|v| v.as_bytes().is_empty())
+        {
+            headers.remove(TRACESTATE);
+        }
         let retries = span.is_recording().then(|| {
             let count = RetryCount::new();
             req.extensions_mut().insert(count.clone());

@@ -31,6 +31,8 @@ use tonic::transport::server::TcpIncoming;
 pub struct ReceivedSpan {
     /// `service.name` of the resource that sent it.
     pub service: String,
+    /// Every attribute of that resource, values rendered as text.
+    pub resource: BTreeMap<String, String>,
     /// Which endpoint it came through: `grpc` or `http`.
     pub via: &'static str,
     /// The span's name.
@@ -210,6 +212,7 @@ fn keep(store: &Store, export: ExportTraceServiceRequest, via: &'static str) {
             for s in ss.spans {
                 out.push(ReceivedSpan {
                     service: service.clone(),
+                    resource: resource.clone(),
                     via,
                     name: s.name,
                     kind: s.kind,

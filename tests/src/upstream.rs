@@ -60,7 +60,9 @@ struct State {
 /// `x-seen-method`, `x-seen-path`, `x-seen-host` (Host or `:authority`),
 /// `x-seen-version`, `x-seen-target` (the request target as it arrived: origin form
 /// over HTTP/1 unless the sender wrote absolute form; always absolute over HTTP/2), and
-/// `x-seen-traceparent` when the request had one. Paths with a behaviour:
+/// `x-seen-traceparent`, `x-seen-b3` and `x-seen-b3-parent` (`x-b3-parentspanid`) when
+/// the request had them, and `x-seen-tracestate` (`[value]`, or `absent`). Paths with a
+/// behaviour:
 /// - `/echo…` streams the request body back as it arrives;
 /// - `/sink…` reads the body as it streams, keeping none, and answers its length
 ///   (body and `x-body-bytes`);
@@ -281,6 +283,15 @@ async fn handle(state: Arc<State>, req: Request<Incoming>) -> Response<RespBody>
         ("x-seen-upgrade", upgrade.clone()),
         ("x-seen-http2-settings", seen_header("http2-settings")),
         ("x-seen-traceparent", traceparent),
+        ("x-seen-b3", seen_header("b3")),
+        ("x-seen-b3-parent", seen_header("x-b3-parentspanid")),
+        (
+            "x-seen-tracestate",
+            req.headers().get("tracestate").map_or_else(
+                || "absent".to_string(),
+                |v| format!("[{}]", v.to_str().unwrap_or_default()),
+            ),
+        ),
         ("x-upstream", state.name.clone()),
         ("x-seen-method", req.method().to_string()),
         ("x-seen-path", path.clone()),

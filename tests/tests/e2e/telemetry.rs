@@ -145,6 +145,12 @@ async fn order_to_log_is_one_trace_across_both_sidecars_over_otlp_grpc() {
     assert_eq!(seen, format!("00-{TRACE}-{}-01", server.span_id));
     assert_eq!(client.service, "order-service");
     assert_eq!(server.service, "log-service");
+    // Without `--node-id` the instance is still named (the host name, as the control
+    // plane knows the proxy).
+    for s in [client, server] {
+        let instance = s.resource.get("service.instance.id");
+        assert!(instance.is_some_and(|i| !i.is_empty()), "{:?}", s.resource);
+    }
     assert_eq!(client.name, "POST log-service.logs");
     for (k, v) in [
         ("http.request.method", "POST"),
@@ -241,11 +247,19 @@ async fn b3_context_over_otlp_http_from_the_command_line_and_access_logs_per_rou
         .header("x-b3-traceid", TRACE)
         .header("x-b3-spanid", APP_SPAN)
         .header("x-b3-sampled", "1")
+        // The same context in the single form, and a parent of the caller's own.
+        .header("b3", format!("{TRACE}-{APP_SPAN}-1"))
+        .header("x-b3-parentspanid", "05e3ac9a4f6e3b90")
         .body(full_body(""))
         .unwrap();
     let reply = conn.call(req).await.unwrap();
     assert_eq!(reply.status, StatusCode::OK);
     assert!(reply.header("x-seen-traceparent").contains(TRACE));
+    // Each sidecar replaces the caller's B3 headers with its own span's context: none
+    // of the caller's reaches the application beside it, and no empty `tracestate`.
+    assert_eq!(reply.header("x-seen-b3"), "");
+    assert_eq!(reply.header("x-seen-b3-parent"), "");
+    assert_eq!(reply.header("x-seen-tracestate"), "absent");
     // A route without `accessLog` writes no access line.
     let reply = conn.get("log-service", "/other").await.unwrap();
     assert_eq!(reply.status, StatusCode::OK);
