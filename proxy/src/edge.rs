@@ -268,6 +268,17 @@ async fn forward(
         telemetry.map(|t| t.start_request(direction.span_kind(), &entry.params.key, &mut req));
     let access =
         (entry.params.route.access_log == Some(true)).then(|| Box::new(AccessEntry::new(&mut req)));
+    let mut ledger = Ledger {
+        entry,
+        direction,
+        started,
+        recent,
+        peer,
+        seen,
+        access,
+        span,
+        open: true,
+    };
     let mut svc = crate::kept::take(snapshot, entry);
     // The boxed request must not be held across an await: rustc cannot prove such a
     // future `Send` for every lifetime of the boxed error inside the body type.
@@ -296,6 +307,14 @@ async fn forward(
         Ok(future) => future.await,
         Err(e) => Err(e),
     };
+    // Answered: the rest is recorded below, with the answer.
+    ledger.open = false;
+    let (peer, seen, access, span) = (
+        ledger.peer.take(),
+        ledger.seen.take(),
+        ledger.access.take(),
+        ledger.span.take(),
+    );
     // The upstream answered: from here a quiet request side is a stream's own.
     if let Some(flag) = answered {
         flag.store(true, std::sync::atomic::Ordering::Relaxed);
@@ -370,6 +389,55 @@ struct AccessEntry {
     peer: Option<Arc<str>>,
     trace_id: Option<String>,
     retries: RetryCount,
+}
+
+/// What a request records however it ends, held while it waits for its answer. Dropped
+/// before that (the client went away, and hyper dropped the request's future with the
+/// upstream call in it), it records the request as 499, nginx's "client closed
+/// request": in the metrics, `/recent`, the access log and the span, so a storm of
+/// client timeouts shows instead of vanishing. An answered request takes its parts out
+/// and records them with the answer.
+struct Ledger<'a> {
+    entry: &'a RouteEntry,
+    direction: Direction,
+    started: Instant,
+    recent: Option<&'a RecentRequests>,
+    peer: Option<Arc<str>>,
+    seen: Option<Box<Seen>>,
+    access: Option<Box<AccessEntry>>,
+    span: Option<crate::telemetry::RequestSpan>,
+    /// Not answered yet.
+    open: bool,
+}
+
+/// The status a request the client abandoned before its answer is recorded with.
+const CLIENT_CLOSED: u16 = 499;
+
+impl Drop for Ledger<'_> {
+    fn drop(&mut self) {
+        if !self.open {
+            return;
+        }
+        let elapsed = clock::now().saturating_duration_since(self.started);
+        let mut resp = Response::new(empty());
+        if let Ok(status) = http::StatusCode::from_u16(CLIENT_CLOSED) {
+            *resp.status_mut() = status;
+        }
+        // Where the split had sent it is not known here: no backend.
+        self.entry
+            .metrics
+            .record(None, self.peer.as_deref(), CLIENT_CLOSED, elapsed);
+        if let (Some(r), Some(seen)) = (self.recent, self.seen.take()) {
+            let route = Some(&self.entry.params.key);
+            r.record(*seen, self.direction.as_str(), route, None, &resp, elapsed);
+        }
+        if let Some(a) = self.access.take() {
+            a.emit(self.direction, self.entry, None, &resp, elapsed);
+        }
+        if let Some(s) = self.span.take() {
+            s.finish(CLIENT_CLOSED, None, resp.headers());
+        }
+    }
 }
 
 impl AccessEntry {

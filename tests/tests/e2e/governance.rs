@@ -9,6 +9,7 @@ use std::time::Instant;
 use hyper::{Method, StatusCode};
 use sluice_e2e::{
     GoingAwayUpstream, HttpConn, Protocol, TestProxy, Upstream, WAIT, metric_sum, scrape,
+    wait_until,
 };
 use sluice_examples::log_service::{self, LogServiceConfig};
 
@@ -76,6 +77,46 @@ async fn route_timeout_answers_504() {
     up.release_held();
     let mut conn = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
     assert_eq!(conn.get("stuck", "/").await.unwrap().status, StatusCode::OK);
+}
+
+/// A request its client gives up on before the answer is recorded as 499 (nginx's
+/// "client closed request") in the metrics and `/recent`; it used to be left out of
+/// both, so a storm of client timeouts did not show.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_client_abandons_is_recorded_as_499() {
+    let up = Upstream::auto("stuck").await;
+    let opts = sluice_e2e::ProxyOptions {
+        recent_requests: 16,
+        ..Default::default()
+    };
+    let proxy = TestProxy::start_with(&policy("stuck", &[("up", up.addr())], ""), opts).await;
+    let addr = proxy.outbound_addr();
+    // The upstream holds /hold; the client goes away once it is there.
+    let client = tokio::spawn(async move {
+        let mut conn = HttpConn::h1(addr).await.unwrap();
+        let _ = conn.get("stuck", "/hold").await;
+    });
+    wait_until("the upstream holds the request", WAIT, || async {
+        up.held() == 1
+    })
+    .await;
+    client.abort();
+    let _ = client.await;
+    let line = r#"sluice_requests_total{backend="",code="499",direction="outbound",peer_identity="",route="stuck.main"} 1"#;
+    wait_until("the abandoned request is counted", WAIT, || async {
+        proxy.admin_get("/metrics").await.1.contains(line)
+    })
+    .await;
+    let recent = proxy.admin_json("/recent").await;
+    let held: Vec<_> = recent["requests"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| r["path"] == "/hold")
+        .collect();
+    assert_eq!(held.len(), 1, "{recent}");
+    assert_eq!(held[0]["status"], 499, "{recent}");
+    up.release_held();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
