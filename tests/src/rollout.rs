@@ -59,9 +59,14 @@ pub struct RolloutMesh {
 impl RolloutMesh {
     /// Starts it all with the rollout block `rollout` (see [`rollout_policy`]).
     pub async fn start(rollout: &str) -> Self {
+        Self::start_with(rollout, "").await
+    }
+
+    /// Starts it all with the rollout block `rollout` and `extra` lines on the route.
+    pub async fn start_with(rollout: &str, extra: &str) -> Self {
         let stable = Upstream::auto("v1").await;
         let canary = Upstream::auto("v2").await;
-        let policy = rollout_policy(stable.addr(), canary.addr(), rollout, "");
+        let policy = rollout_policy(stable.addr(), canary.addr(), rollout, extra);
         let cp = TestControlPlane::start(&[(FILE, &policy)]).await;
         let states = tempfile::tempdir().expect("temporary directory");
         let mut proxies = Vec::new();

@@ -239,6 +239,40 @@ async fn a_canary_failing_half_its_requests_is_rolled_back_at_the_first_report()
     assert_eq!(mesh.rollout().await["phase"], "rolled-back");
 }
 
+/// A canary that only times out (the route's 100 ms timeout against a canary 300 ms
+/// slow) is rolled back on its error rate: each 504 counts against the canary, as the
+/// checks need. Those timeouts were counted under no backend, and the canary looked
+/// clean; the p99 bound here (2 s) is far above the timeout, so only the errors can
+/// roll it back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_that_only_times_out_is_rolled_back_on_its_errors() {
+    let mesh = RolloutMesh::start_with(HEALTHY, "      timeout: 100ms\n").await;
+    mesh.canary
+        .set_stall(Stall::Delay(Duration::from_millis(300)));
+    mesh.wait_canary_everywhere(10).await;
+    let load = mesh.load(200.0).await;
+    let r = mesh
+        .wait_rollout("the canary is rolled back", |r| r["phase"] == "rolled-back")
+        .await;
+    let statuses = load.stop().await;
+    assert!(statuses.contains_key(&504), "{statuses:?}");
+    let reason = r["history"].as_array().unwrap().last().unwrap()["reason"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(reason.contains("canary requests failed"), "{r:#}");
+    let text = scrape(mesh.proxies[0].admin_addr()).await;
+    assert!(
+        metric_sum(
+            &text,
+            "sluice_requests_total",
+            &[r#"backend="v2""#, r#"code="504""#]
+        ) > 0.0,
+        "{text}"
+    );
+    mesh.wait_canary_everywhere(0).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_300ms_slower_breaches_p99_and_is_rolled_back() {
     let mesh = RolloutMesh::start(FAST).await;
