@@ -166,3 +166,23 @@ impl UpstreamError {
         }
     }
 }
+
+/// An error and its sources, `: `-separated, each said once, for logs.
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut last = self.0.to_string();
+        f.write_str(&last)?;
+        let mut cur = self.0.source();
+        while let Some(e) = cur {
+            let text = e.to_string();
+            if !last.contains(&text) {
+                write!(f, ": {text}")?;
+            }
+            last = text;
+            cur = e.source();
+        }
+        Ok(())
+    }
+}

@@ -46,5 +46,5 @@ pub mod split;
 pub mod timeout;
 mod window;
 
-pub use error::{AtBackend, FilterError, find_filter_error};
+pub use error::{AtBackend, ErrorChain, FilterError, find_filter_error};
 pub use error::{UpstreamError, UpstreamErrorKind};

@@ -11,7 +11,7 @@ use tower::BoxError;
 use super::BalanceParams;
 use super::ConnectFailureClassifier;
 use super::endpoint::{EndpointState, Pick};
-use crate::FilterError;
+use crate::{ErrorChain, FilterError};
 
 /// Accounts one request to its endpoint: in flight until dropped, then latency or ejection.
 pub(crate) struct Outcome {
@@ -58,13 +58,13 @@ impl Outcome {
                     // not resolve or refuses, with why.
                     Some(len) => tracing::warn!(
                         endpoint = %addr.0,
-                        error = %Chain(&**e),
+                        error = %ErrorChain(&**e),
                         ejected_for = ?len,
                         "endpoint ejected: cannot connect"
                     ),
                     None => tracing::debug!(
                         endpoint = %addr.0,
-                        error = %Chain(&**e),
+                        error = %ErrorChain(&**e),
                         "endpoint still unreachable"
                     ),
                 }
@@ -92,26 +92,6 @@ impl Outcome {
     fn restore(&self) {
         self.endpoint.restore();
         tracing::info!(endpoint = %self.endpoint.endpoint().0, "endpoint back in rotation");
-    }
-}
-
-/// An error and its sources, `: `-separated, each said once.
-struct Chain<'a>(&'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for Chain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut last = self.0.to_string();
-        f.write_str(&last)?;
-        let mut cur = self.0.source();
-        while let Some(e) = cur {
-            let text = e.to_string();
-            if !last.contains(&text) {
-                write!(f, ": {text}")?;
-            }
-            last = text;
-            cur = e.source();
-        }
-        Ok(())
     }
 }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tower::BoxError;
 
 use super::FleetRegistry;
+use crate::ErrorChain;
 
 /// One key's part of a reconciliation batch.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -201,8 +202,14 @@ where
                 ),
             ),
             // The client's own time limit (the same length) may fire first.
-            Ok(Err(e)) if timed_out(&*e) => (None, failed(BackendError::Timeout, chain(&*e))),
-            Ok(Err(e)) => (None, failed(BackendError::Error, chain(&*e))),
+            Ok(Err(e)) if timed_out(&*e) => (
+                None,
+                failed(BackendError::Timeout, ErrorChain(&*e).to_string()),
+            ),
+            Ok(Err(e)) => (
+                None,
+                failed(BackendError::Error, ErrorChain(&*e).to_string()),
+            ),
             Err(_) => (
                 None,
                 failed(
@@ -289,19 +296,4 @@ fn timed_out(err: &(dyn std::error::Error + 'static)) -> bool {
         cur = e.source();
     }
     false
-}
-
-/// `err` and its sources, each once, joined by `: `.
-fn chain(err: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = err.to_string();
-    let mut cur = err.source();
-    while let Some(e) = cur {
-        let s = e.to_string();
-        if !out.contains(&s) {
-            out.push_str(": ");
-            out.push_str(&s);
-        }
-        cur = e.source();
-    }
-    out
 }
