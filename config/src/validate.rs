@@ -263,6 +263,8 @@ impl Checker {
         let spec = &p.spec;
         if spec.host.is_empty() {
             self.err("spec.host", "must not be empty");
+        } else if is_ipv6(&spec.host) {
+            self.err("spec.host", ipv6_host_message(&spec.host));
         } else if !is_host(&spec.host) {
             self.err(
                 "spec.host",
@@ -275,7 +277,9 @@ impl Checker {
         let mut seen = std::collections::HashSet::from([spec.host.as_str()]);
         for (i, alias) in spec.aliases.iter().enumerate() {
             let path = format!("spec.aliases[{i}]");
-            if !is_host(alias) {
+            if is_ipv6(alias) {
+                self.err(path, ipv6_host_message(alias));
+            } else if !is_host(alias) {
                 self.err(
                     path,
                     format!(
@@ -831,9 +835,26 @@ fn is_dns_subdomain(s: &str) -> bool {
     !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
 }
 
-/// A lower-case DNS name or an IP address, without port.
+/// A lower-case DNS name or an IPv4 address, without port. An IPv6 literal is not
+/// one: a request names it only in brackets (`Host: [::1]`), which the proxy's host
+/// table keeps, so a policy for the bare literal could never be chosen.
 fn is_host(s: &str) -> bool {
-    is_dns_subdomain(s) || s.parse::<std::net::IpAddr>().is_ok()
+    is_dns_subdomain(s) || s.parse::<std::net::Ipv4Addr>().is_ok()
+}
+
+/// An IPv6 literal in any case, bare or in brackets, as someone might write a host.
+fn is_ipv6(s: &str) -> bool {
+    let bare = s
+        .strip_prefix('[')
+        .and_then(|r| r.strip_suffix(']'))
+        .unwrap_or(s);
+    bare.parse::<std::net::Ipv6Addr>().is_ok()
+}
+
+fn ipv6_host_message(host: &str) -> String {
+    format!(
+        "{host:?} is an IPv6 address, which no request can reach: a request names it in brackets (Host: [::1]), which the proxy keeps when it looks the host up, and a bare one is a malformed Host; name the service by a DNS name (e.g. \"log-service\") or an IPv4 address"
+    )
 }
 
 /// `host:port` with an IP (IPv6 in brackets) or a DNS name (any case) and a port 1..=65535.
@@ -927,6 +948,18 @@ mod tests {
         assert!(!is_method("GE T"));
         assert!(is_host("log-service"));
         assert!(is_host("10.0.0.1"));
+        for v6 in [
+            "::1",
+            "2001:DB8::1",
+            "2001:db8::1",
+            "[::1]",
+            "::ffff:10.0.0.1",
+        ] {
+            assert!(!is_host(v6), "{v6:?}");
+            assert!(is_ipv6(v6), "{v6:?}");
+        }
+        assert!(!is_ipv6("10.0.0.1"));
+        assert!(!is_ipv6("log-service"));
         assert!(!is_host("log-service:80"));
         assert!(!is_host("Log-Service"));
         assert!(is_service("log-v1.shop"));
