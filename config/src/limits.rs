@@ -244,10 +244,18 @@ fn diagnostic(file: &str, line: usize, column: usize, message: String) -> Diagno
     }
 }
 
+/// How many times `--policy-max-file-bytes` a file's scalars may come to, every alias
+/// counted as the bytes it repeats. Without aliases a file's scalars are never more
+/// than the file; the node budget alone let one large anchored string, repeated by
+/// aliases in a file under 1 MiB, expand to gigabytes.
+const EXPANSION: u64 = 4;
+
 /// The size of an anchored node, to charge each alias of it.
 #[derive(Clone, Copy, Debug)]
 struct Anchor {
     nodes: u64,
+    /// Bytes of the scalars in it.
+    bytes: u64,
     /// Levels of collections inside it, itself included.
     height: usize,
     /// Direct children, for an anchored sequence used as `routes`.
@@ -276,6 +284,7 @@ struct Frame {
     /// Anchor id (0 for none) and the node count when the collection opened.
     anchor: usize,
     nodes_at_start: u64,
+    bytes_at_start: u64,
     height: usize,
     items: usize,
 }
@@ -287,6 +296,8 @@ struct Walk<'a> {
     stack: Vec<Frame>,
     anchors: HashMap<usize, Anchor>,
     nodes: u64,
+    /// Bytes of scalars so far, aliases expanded.
+    bytes: u64,
     doc: usize,
     /// The next node is a document's root.
     at_root: bool,
@@ -301,6 +312,7 @@ impl<'a> Walk<'a> {
             stack: Vec::new(),
             anchors: HashMap::new(),
             nodes: 0,
+            bytes: 0,
             doc: 0,
             at_root: false,
         }
@@ -354,11 +366,13 @@ impl<'a> Walk<'a> {
                         && matches!(value.as_str(), "" | "~" | "null" | "Null" | "NULL");
                     self.node(mark, !null)?;
                     self.charge(mark, 1)?;
+                    self.expand(mark, value.len() as u64, false)?;
                     if anchor != 0 {
                         self.anchors.insert(
                             anchor,
                             Anchor {
                                 nodes: 1,
+                                bytes: value.len() as u64,
                                 height: 0,
                                 items: 0,
                                 open: false,
@@ -385,6 +399,7 @@ impl<'a> Walk<'a> {
                     // An unknown anchor is refused by serde_yaml; charge it as one node.
                     let a = a.unwrap_or(Anchor {
                         nodes: 1,
+                        bytes: 0,
                         height: 0,
                         items: 0,
                         open: false,
@@ -409,6 +424,7 @@ impl<'a> Walk<'a> {
                         )));
                     }
                     self.nodes += a.nodes;
+                    self.expand(mark, a.bytes, true)?;
                     self.after_node();
                 }
                 Event::MappingStart(anchor, _) | Event::SequenceStart(anchor, _) => {
@@ -432,6 +448,7 @@ impl<'a> Walk<'a> {
                             anchor,
                             Anchor {
                                 nodes: 0,
+                                bytes: 0,
                                 height: 0,
                                 items: 0,
                                 open: true,
@@ -445,6 +462,7 @@ impl<'a> Walk<'a> {
                         key: None,
                         anchor,
                         nodes_at_start: self.nodes - 1,
+                        bytes_at_start: self.bytes,
                         height: 0,
                         items: 0,
                     });
@@ -457,6 +475,7 @@ impl<'a> Walk<'a> {
                             f.anchor,
                             Anchor {
                                 nodes: self.nodes - f.nodes_at_start,
+                                bytes: self.bytes - f.bytes_at_start,
                                 height,
                                 items: f.items,
                                 open: false,
@@ -538,6 +557,22 @@ impl<'a> Walk<'a> {
                 format!(
                     "the file has more than the {} nodes allowed (--policy-max-nodes)",
                     self.limits.max_nodes
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Counts `n` bytes of scalars (an alias's: the bytes it repeats) against the
+    /// expansion budget.
+    fn expand(&mut self, mark: Marker, n: u64, alias: bool) -> Result<(), Diagnostic> {
+        self.bytes = self.bytes.saturating_add(n);
+        let budget = (self.limits.max_file_bytes as u64).saturating_mul(EXPANSION);
+        if self.bytes > budget && alias {
+            return Err(self.refuse(
+                mark,
+                format!(
+                    "this alias repeats {n} bytes, and with them the file's values come to more than the {budget} bytes allowed ({EXPANSION} times --policy-max-file-bytes; aliases count as the bytes they repeat)"
                 ),
             ));
         }

@@ -21,6 +21,20 @@ pub(crate) fn alias_fan_out() -> String {
     format!("{HEAD}  x: &a [{items}]\n  y: [{aliases}]\n")
 }
 
+/// One anchored string of 900,000 letters, a valid method token, repeated by `aliases`
+/// routes' `method` (under 1 MiB whatever the count): within the node budget, where
+/// 200 aliases once took 867 MB and 36 s to accept.
+pub(crate) fn string_fan_out(aliases: usize) -> String {
+    let mut s = format!(
+        "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: hostile, namespace: shop, annotations: {{ big: &big \"{}\" }} }}\nspec:\n  host: hostile\n  backends:\n    v1: {{ addresses: [\"127.0.0.1:9101\"] }}\n  routes:\n",
+        "A".repeat(900_000)
+    );
+    for i in 0..aliases {
+        let _ = writeln!(s, "    - {{ name: r{i}, match: {{ method: *big }} }}");
+    }
+    s
+}
+
 /// Block sequences nested 100,000 levels on one line (200 KB).
 pub(crate) fn deep_block_nesting() -> String {
     format!("{}x\n", "- ".repeat(100_000))
@@ -84,6 +98,11 @@ pub(crate) fn cases() -> Vec<(&'static str, String, String)> {
             "alias-fan-out.yaml",
             alias_fan_out(),
             "alias-fan-out.yaml:7:267: this alias repeats 3001 nodes, and with them the file expands to more than the 200000 nodes allowed (aliases count as the nodes they repeat; --policy-max-nodes)".to_string(),
+        ),
+        (
+            "string-fan-out.yaml",
+            string_fan_out(200),
+            "string-fan-out.yaml:12:36: this alias repeats 900000 bytes, and with them the file's values come to more than the 4194304 bytes allowed (4 times --policy-max-file-bytes; aliases count as the bytes they repeat)".to_string(),
         ),
         (
             "deep-block-nesting.yaml",
