@@ -208,12 +208,38 @@ impl Checker {
         for (name, value) in headers {
             let p = child_key(path, name);
             self.header_name(&p, true, name);
-            if value.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
-                self.err(
+            self.header_value(&p, value);
+        }
+    }
+
+    fn header_value(&mut self, path: &str, value: &str) {
+        if value.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
+            self.err(
+                path,
+                format!("expected a header value without control characters, got {value:?}"),
+            );
+        }
+    }
+
+    /// Headers a request must carry to match (route `match`, split `when`): a header
+    /// map whose conditions some request can meet.
+    fn header_conditions(&mut self, path: &str, headers: &IndexMap<String, String>) {
+        for (name, value) in headers {
+            let p = child_key(path, name);
+            if name == "host" || name == ":authority" {
+                // HTTP/1 carries the authority in Host as written (port and all),
+                // HTTP/2 in :authority with no host header: a condition on either
+                // would route the same request differently by protocol.
+                self.err_key(
                     &p,
-                    format!("expected a header value without control characters, got {value:?}"),
+                    format!(
+                        "{name:?} is the authority, which chooses the policy, not a route: HTTP/1 carries it in Host as the client wrote it and HTTP/2 in :authority without a host header, so this condition would route by protocol; to answer another name, list it in spec.aliases (or give it a policy of its own with spec.host)"
+                    ),
                 );
+            } else {
+                self.header_name(&p, true, name);
             }
+            self.header_value(&p, value);
         }
     }
 
@@ -456,7 +482,7 @@ impl Checker {
                 ),
             );
         }
-        self.header_map(&child_key(path, "headers"), &m.headers);
+        self.header_conditions(&child_key(path, "headers"), &m.headers);
     }
 
     fn rate_limit(&mut self, path: &str, rl: &RateLimit) {
@@ -638,7 +664,7 @@ impl Checker {
                         );
                         catch_all.get_or_insert(k);
                     }
-                    self.header_map(&child_key(&wp, "headers"), &when.headers);
+                    self.header_conditions(&child_key(&wp, "headers"), &when.headers);
                 }
             }
             self.exactly_one(
