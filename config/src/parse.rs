@@ -54,6 +54,10 @@ pub(crate) fn parse_file<'a>(
     limits: &Limits,
     usage: &mut SetUsage,
 ) -> (Vec<Located<'a>>, Vec<Diagnostic>) {
+    // YAML allows one leading byte order mark and Windows editors write one; neither
+    // the limits pass nor libyaml would read past it. It takes no column, so positions
+    // in the rest of the file are those of the text without it.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
     let unchecked = match limits::check_text(file, text, limits, usage) {
         Ok(u) => u,
         Err(refused) => return (Vec::new(), vec![refused]),
@@ -442,6 +446,36 @@ mod tests {
             ),
             "did not find expected key, while parsing a block mapping"
         );
+    }
+
+    const POLICY: &str = "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: { name: a }\nspec:\n  host: a\n  inbound: {}\n";
+
+    #[test]
+    fn a_leading_byte_order_mark_is_skipped() {
+        let bom = format!("\u{feff}{POLICY}");
+        let limits = Limits::default();
+        let policies = crate::parse_policy_bytes("f.yaml", bom.as_bytes(), &limits).unwrap();
+        assert_eq!(policies[0].spec.host, "a");
+        assert_eq!(crate::parse_policies("f.yaml", &bom).unwrap(), policies);
+        // Positions on the first line do not count the mark.
+        let wrong = bom.replace("sluice.dev/v1alpha1", "v1");
+        let err = crate::parse_policies("f.yaml", &wrong).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "f.yaml:1:13: apiVersion: expected \"sluice.dev/v1alpha1\", got \"v1\""
+        );
+        // The limits pass reads the same text, and places its refusals alike.
+        let shallow = Limits {
+            max_depth: 1,
+            ..Limits::default()
+        };
+        let err = crate::parse_policy_bytes("f.yaml", bom.as_bytes(), &shallow).unwrap_err();
+        let plain = crate::parse_policy_bytes("f.yaml", POLICY.as_bytes(), &shallow).unwrap_err();
+        assert_eq!(err, plain);
+        assert!(err.to_string().contains("--policy-max-depth"), "{err}");
+        // Only one mark: a second is content, and refused as such.
+        let twice = format!("\u{feff}{bom}");
+        assert!(crate::parse_policies("f.yaml", &twice).is_err());
     }
 
     #[test]
