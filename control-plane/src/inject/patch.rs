@@ -158,12 +158,40 @@ pub fn decide(pod: &Pod, cfg: &InjectConfig) -> Result<Decision, Refusal> {
         .get("app.kubernetes.io/name")
         .or_else(|| labels.get("app"))
         .cloned();
+    // A port the pod skips reaches the application directly, so it cannot be the one
+    // the proxy hands inbound requests to: README advises skipping a non-HTTP first port.
     let app_port = spec
         .containers
         .iter()
         .flat_map(|c| c.ports.iter().flatten())
-        .find(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
+        .find(|p| {
+            p.protocol.as_deref().unwrap_or("TCP") == "TCP"
+                && !u16::try_from(p.container_port).is_ok_and(|n| skip_in.contains(&n))
+        })
         .map(|p| p.container_port);
+    for c in &spec.containers {
+        for p in c.ports.iter().flatten() {
+            if [ADMIN_PORT, OUTBOUND_PORT, INBOUND_PORT].contains(&p.container_port) {
+                warnings.push(format!(
+                    "container {} listens on port {}, which the sidecar takes (admin {ADMIN_PORT}, outbound {OUTBOUND_PORT}, inbound {INBOUND_PORT}): one of them will fail to bind",
+                    c.name, p.container_port
+                ));
+            }
+        }
+    }
+    // The API server would refuse the patched pod for a duplicate volume name, with a
+    // message that does not say why.
+    if let Some(v) = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == TOKEN_VOLUME || v.name == TRUST_ROOT_VOLUME)
+    {
+        return Err(Refusal(format!(
+            "the pod has a volume named {:?}, a name the sidecar's injection uses; rename it, or opt out with {ANNOTATION_INJECT}: disabled",
+            v.name
+        )));
+    }
 
     let init = init_container(cfg, &skip_in, &skip_out);
     let proxy = proxy_container(cfg, service.as_deref(), app_port, &probes, &cpu, &memory);
@@ -474,6 +502,78 @@ mod tests {
         a.insert(ANNOTATION_SKIP_INBOUND.to_owned(), "5432,http".to_owned());
         let e = ports_annotation(&a, ANNOTATION_SKIP_INBOUND).unwrap_err();
         assert!(e.0.contains("\"http\""), "{e}");
+    }
+
+    fn pod(spec: Value, annotations: Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "api-0", "namespace": "shop", "annotations": annotations},
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    fn proxy_env(ops: &[Value], name: &str) -> Option<String> {
+        let proxy = ops
+            .iter()
+            .flat_map(|op| match &op["value"] {
+                Value::Array(items) => items.clone(),
+                v => vec![v.clone()],
+            })
+            .find(|c| c["name"] == PROXY_CONTAINER)?;
+        proxy["env"]
+            .as_array()?
+            .iter()
+            .find(|e| e["name"] == name)
+            .and_then(|e| e["value"].as_str().map(str::to_owned))
+    }
+
+    /// A first port the pod skips (README's advice for a non-HTTP one) is not the one
+    /// the proxy hands inbound requests to: the first port not skipped is.
+    #[test]
+    fn the_application_port_is_the_first_one_not_skipped() {
+        let spec = json!({"containers": [{"name": "app", "image": "api:1", "ports": [
+            {"name": "raw", "containerPort": 5000}, {"name": "http", "containerPort": 8080}]}]});
+        let skipping = pod(spec.clone(), json!({ANNOTATION_SKIP_INBOUND: "5000"}));
+        let Decision::Patch { ops, .. } = decide(&skipping, &InjectConfig::default()).unwrap()
+        else {
+            panic!("not injected");
+        };
+        assert_eq!(
+            proxy_env(&ops, "SLUICE_APP").as_deref(),
+            Some("127.0.0.1:8080")
+        );
+        let Decision::Patch { ops, .. } =
+            decide(&pod(spec, json!({})), &InjectConfig::default()).unwrap()
+        else {
+            panic!("not injected");
+        };
+        assert_eq!(
+            proxy_env(&ops, "SLUICE_APP").as_deref(),
+            Some("127.0.0.1:5000")
+        );
+    }
+
+    /// A port the sidecar takes is warned about; a volume named as the sidecar's is
+    /// refused, with why, rather than left for the API server to refuse without.
+    #[test]
+    fn clashes_with_the_sidecar_are_said() {
+        let spec = json!({"containers": [{"name": "app", "image": "api:1", "ports": [
+            {"containerPort": 15001}]}]});
+        let Decision::Patch { warnings, .. } =
+            decide(&pod(spec, json!({})), &InjectConfig::default()).unwrap()
+        else {
+            panic!("not injected");
+        };
+        assert!(
+            warnings
+                .iter()
+                .any(|w| w.contains("port 15001") && w.contains("app")),
+            "{warnings:?}"
+        );
+        let spec = json!({"containers": [{"name": "app", "image": "api:1"}],
+            "volumes": [{"name": TOKEN_VOLUME, "emptyDir": {}}]});
+        let refusal = decide(&pod(spec, json!({})), &InjectConfig::default()).unwrap_err();
+        assert!(refusal.0.contains("sluice-token"), "{refusal}");
     }
 
     #[test]
