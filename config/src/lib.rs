@@ -157,17 +157,34 @@ pub fn parse_policy_bytes(
         // Cut short by the size limit, the last character may be split: the size is
         // the problem to report.
         Err(_) if bytes.len() > limits.max_file_bytes => String::from_utf8_lossy(bytes),
-        Err(e) => {
-            return Err(ConfigError::Invalid(vec![Diagnostic {
-                file: file.to_string(),
-                line: 1,
-                column: 1,
-                path: String::new(),
-                message: format!("not UTF-8: {e}"),
-            }]));
-        }
+        Err(e) => return Err(ConfigError::Invalid(vec![not_utf8(file, bytes, e)])),
     };
     parse_policies_with(file, &text, limits)
+}
+
+/// Where the first byte that is not UTF-8 is, by line and column like any other
+/// problem, and which byte it is (a Latin-1 `é` is 0xe9).
+fn not_utf8(file: &str, bytes: &[u8], e: std::str::Utf8Error) -> Diagnostic {
+    let valid = &bytes[..e.valid_up_to()];
+    let before = std::str::from_utf8(valid).unwrap_or_default();
+    // A byte order mark takes no column, as in the parse.
+    let before = before.strip_prefix('\u{feff}').unwrap_or(before);
+    let (line, column) = parse::line_column(before, before.len());
+    let message = match (e.error_len(), bytes.get(e.valid_up_to())) {
+        (Some(_), Some(b)) => {
+            format!(
+                "not UTF-8: byte 0x{b:02x} is not part of a UTF-8 character; save the file as UTF-8"
+            )
+        }
+        _ => "not UTF-8: the file ends inside a character; save the file as UTF-8".to_string(),
+    };
+    Diagnostic {
+        file: file.to_string(),
+        line,
+        column,
+        path: String::new(),
+        message,
+    }
 }
 
 /// The validated policies of a mesh in canonical order, with their content hash.

@@ -167,8 +167,18 @@ fn check_header(value: &Value) -> Vec<Finding> {
 
 fn syntax_error(file: &str, text: &str, e: &serde_yaml::Error) -> Diagnostic {
     let location = e.location();
-    let (line, column) = location.as_ref().map_or((1, 1), |l| (l.line(), l.column()));
-    let mut message = format!("invalid YAML: {}", strip_locations(&e.to_string()));
+    let raw = e.to_string();
+    // libyaml's reader errors (a control character, say) carry a byte offset and no
+    // line (their location reads 1:1): the position is worked out from the text.
+    let (line, column, raw) = match (split_position(&raw), &location) {
+        (Some((rest, offset)), _) => {
+            let (line, column) = line_column(text, offset);
+            (line, column, rest)
+        }
+        (None, Some(l)) => (l.line(), l.column(), raw.as_str()),
+        (None, None) => (1, 1, raw.as_str()),
+    };
+    let mut message = format!("invalid YAML: {}", strip_locations(raw));
     // libyaml's wording for a tab says nothing about tabs.
     if location.is_some_and(|l| text.as_bytes().get(l.index()) == Some(&b'\t')) {
         message.push_str(" (indent with spaces: YAML does not allow tabs)");
@@ -180,6 +190,25 @@ fn syntax_error(file: &str, text: &str, e: &serde_yaml::Error) -> Diagnostic {
         path: String::new(),
         message,
     }
+}
+
+/// A message ending in serde_yaml's " at position N" (a byte offset), without it.
+fn split_position(msg: &str) -> Option<(&str, usize)> {
+    let (rest, offset) = msg.rsplit_once(" at position ")?;
+    Some((rest, offset.parse().ok()?))
+}
+
+/// The 1-based line and column (in characters, as libyaml counts them) of a byte
+/// offset into `text`; an offset inside a character counts as that character.
+pub(crate) fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let mut end = offset.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let before = &text[..end];
+    let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+    let line = before.bytes().filter(|b| *b == b'\n').count() + 1;
+    (line, before[line_start..].chars().count() + 1)
 }
 
 /// Removes serde_yaml's " at line N column M" parts: the diagnostic carries them.
@@ -476,6 +505,41 @@ mod tests {
         // Only one mark: a second is content, and refused as such.
         let twice = format!("\u{feff}{bom}");
         assert!(crate::parse_policies("f.yaml", &twice).is_err());
+    }
+
+    #[test]
+    fn bad_bytes_are_placed_by_line_and_column() {
+        let limits = Limits::default();
+        let latin1 = [POLICY.as_bytes(), b"# caf\xe9\n"].concat();
+        let err = crate::parse_policy_bytes("f.yaml", &latin1, &limits).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "f.yaml:7:6: not UTF-8: byte 0xe9 is not part of a UTF-8 character; save the file as UTF-8"
+        );
+        let cut = [POLICY.as_bytes(), b"# \xc3"].concat();
+        let err = crate::parse_policy_bytes("f.yaml", &cut, &limits).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "f.yaml:7:3: not UTF-8: the file ends inside a character; save the file as UTF-8"
+        );
+        // Columns count characters, as libyaml's do.
+        let nul = format!("{POLICY}# \u{e9}\u{e9}\0\n");
+        let err = crate::parse_policies("f.yaml", &nul).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "f.yaml:7:5: invalid YAML: control characters are not allowed"
+        );
+    }
+
+    #[test]
+    fn line_column_of_offsets() {
+        assert_eq!(line_column("ab\ncd", 0), (1, 1));
+        assert_eq!(line_column("ab\ncd", 2), (1, 3));
+        assert_eq!(line_column("ab\ncd", 3), (2, 1));
+        assert_eq!(line_column("ab\n\u{e9}d", 5), (2, 2));
+        // Inside a character, or past the end.
+        assert_eq!(line_column("ab\n\u{e9}d", 4), (2, 1));
+        assert_eq!(line_column("ab", 9), (1, 3));
     }
 
     #[test]
