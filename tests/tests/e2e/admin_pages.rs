@@ -249,7 +249,7 @@ async fn the_proxy_page_shows_breakers_and_resets_an_open_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_control_plane_page_shows_proxies_and_nack_reasons() {
     // One control plane that proxies take from, one whose snapshots a proxy refuses.
-    let cp =
+    let mut cp =
         TestControlPlane::start(&[("shop.yaml", &policy("127.0.0.1:9".parse().unwrap()))]).await;
     let state = tempfile::tempdir().unwrap();
     let proxy =
@@ -291,6 +291,24 @@ async fn the_control_plane_page_shows_proxies_and_nack_reasons() {
     );
     wait_for_css(c, "#rollouts tbody tr", "the rollouts section").await;
     browser.screenshot("control-plane-admin-page.png").await;
+
+    // Restarted, the control plane sends nothing to a proxy that says it holds the
+    // version in force: the page still calls it in sync, as `sluicectl status` does.
+    cp.restart().await;
+    wait_until("the proxy is back, sent nothing", WAIT, || async {
+        let p = &cp.admin_json("/proxies").await["proxies"][0];
+        p["connected"] == true && p["version_sent"].is_null()
+    })
+    .await;
+    c.goto(&format!("http://{}/", cp.admin_addr()))
+        .await
+        .unwrap();
+    wait_for_css(
+        c,
+        r#"#proxies tr[data-node="order-0"] td.good"#,
+        "the page shows the proxy in sync after the restart",
+    )
+    .await;
 
     c.goto(&format!("http://{}/", child.admin_addr()))
         .await
