@@ -93,7 +93,7 @@ pub(crate) fn parse_file<'a>(
                 file: file.to_string(),
                 line: pos.line,
                 column: pos.column,
-                path: f.path,
+                path: shown_path(&f.path),
                 message: f.message,
             }
         };
@@ -108,7 +108,7 @@ pub(crate) fn parse_file<'a>(
                         file: file.to_string(),
                         line: at.line,
                         column: at.column,
-                        path: path.clone(),
+                        path: shown_path(path),
                         message: format!("duplicate key (first at line {})", first.line),
                     });
                 }
@@ -158,7 +158,7 @@ fn check_header(value: &Value) -> Vec<Finding> {
             out.push(Finding {
                 path: field.to_string(),
                 at_key: false,
-                message: format!("expected {want:?}, got {got:?}"),
+                message: format!("expected {want:?}, got {}", validate::quote_value(got)),
             });
         }
     }
@@ -190,6 +190,15 @@ fn syntax_error(file: &str, text: &str, e: &serde_yaml::Error) -> Diagnostic {
         path: String::new(),
         message,
     }
+}
+
+/// A field path as a diagnostic shows it: each part that is a user's key cut as a
+/// quoted value is, so a huge key cannot make a huge line.
+fn shown_path(path: &str) -> String {
+    path.split('.')
+        .map(validate::cut_value)
+        .collect::<Vec<_>>()
+        .join(".")
 }
 
 /// A message ending in serde_yaml's " at position N" (a byte offset), without it.
@@ -270,7 +279,7 @@ fn type_error(e: &serde_path_to_error::Error<serde_yaml::Error>, root: &Value) -
     if let Some(rest) = raw.strip_prefix("unknown field ") {
         let name = quoted.first().cloned().unwrap_or_default();
         let expected = &quoted[quoted.len().min(1)..];
-        let mut message = format!("unknown field {name:?}");
+        let mut message = format!("unknown field {}", validate::quote_value(&name));
         if expected.is_empty() || rest.contains("there are no fields") {
             message.push_str(", no fields are expected here");
         } else {
@@ -298,7 +307,7 @@ fn type_error(e: &serde_path_to_error::Error<serde_yaml::Error>, root: &Value) -
     if raw.starts_with("unknown variant ") {
         let expected = &quoted[quoted.len().min(1)..];
         let got =
-            got.unwrap_or_else(|| format!("{:?}", quoted.first().cloned().unwrap_or_default()));
+            got.unwrap_or_else(|| validate::quote_value(quoted.first().map_or("", String::as_str)));
         return Finding {
             path,
             at_key: false,
@@ -316,11 +325,16 @@ fn type_error(e: &serde_path_to_error::Error<serde_yaml::Error>, root: &Value) -
             message: format!("expected {expected}, got {got}"),
         };
     }
-    // Custom messages (durations) are already written for users.
+    // Custom messages (durations) are already written for users, but quote the
+    // value whole.
+    let message = match node {
+        Some(Value::String(s)) => raw.replace(&format!("{s:?}"), &validate::quote_value(s)),
+        _ => raw,
+    };
     Finding {
         path,
         at_key: false,
-        message: raw,
+        message,
     }
 }
 
@@ -371,7 +385,7 @@ fn describe(v: &Value) -> String {
         Value::Null => "nothing (null)".to_string(),
         Value::Bool(b) => b.to_string(),
         Value::Number(n) => n.to_string(),
-        Value::String(s) => format!("{s:?}"),
+        Value::String(s) => validate::quote_value(s),
         Value::Sequence(_) => "a list".to_string(),
         Value::Mapping(_) => "a mapping".to_string(),
         Value::Tagged(t) => format!("a value tagged {}", t.tag),
@@ -466,6 +480,7 @@ pub(crate) fn check_unique(items: &[Located<'_>]) -> Vec<Diagnostic> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::parse_policies;
 
     #[test]
     fn strips_serde_yaml_locations() {
@@ -528,6 +543,50 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "f.yaml:7:5: invalid YAML: control characters are not allowed"
+        );
+    }
+
+    #[test]
+    fn huge_values_are_quoted_cut_short() {
+        let huge = "x".repeat(200_000);
+        let cut = format!("\"{}…\" (199920 more bytes)", "x".repeat(80));
+        // One value aliased into every field that quotes it, and two type errors.
+        let text = format!(
+            "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: &v {huge} }}\nspec:\n  host: *v\n  aliases: [*v]\n  backends:\n    b: {{ addresses: [*v], identity: *v }}\n  routes:\n    - name: *v\n      match: {{ method: *v, path: {{ prefix: *v }}, headers: {{ x: *v }} }}\n      split: [{{ backend: *v }}]\n  inbound: {{ allow: [*v] }}\n---\nkind: RoutePolicy\nspec: {{ routes: [{{ timeout: &t {huge} }}] }}\n---\nkind: {huge}\n"
+        );
+        let err = parse_policies("f.yaml", &text).unwrap_err().to_string();
+        assert!(err.len() < 4096, "{} bytes", err.len());
+        let lines: Vec<&str> = err.lines().collect();
+        assert_eq!(
+            lines[0],
+            format!(
+                "f.yaml:3:22: metadata.name: expected a lower-case name of letters, digits, '-' and '.' (at most 253), got {cut}"
+            )
+        );
+        assert!(
+            lines.iter().any(|l| l.ends_with(&format!(
+                "timeout: expected a duration such as \"500ms\", \"2s\" or \"1m30s\", got {cut}"
+            ))),
+            "{err}"
+        );
+        assert!(
+            lines
+                .iter()
+                .any(|l| l.ends_with(&format!("kind: expected \"RoutePolicy\", got {cut}"))),
+            "{err}"
+        );
+        // A huge key is cut in the path as in the message.
+        let key = format!(
+            "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: a }}\nspec:\n  ? {huge}\n  : 1\n"
+        );
+        let err = parse_policies("f.yaml", &key).unwrap_err().to_string();
+        assert!(err.len() < 1024, "{err}");
+        assert!(
+            err.starts_with(&format!(
+                "f.yaml:5:5: spec.{}… (199920 more bytes): unknown field {cut}, expected one of: ",
+                "x".repeat(80)
+            )),
+            "{err}"
         );
     }
 

@@ -194,8 +194,10 @@ impl Checker {
 
     fn header_name(&mut self, path: &str, at_key: bool, name: &str) {
         if !is_header_name(name) {
-            let msg =
-                format!("expected a lower-case header name such as \"x-user-id\", got {name:?}");
+            let msg = format!(
+                "expected a lower-case header name such as \"x-user-id\", got {}",
+                quote_value(name)
+            );
             if at_key {
                 self.err_key(path, msg);
             } else {
@@ -216,7 +218,10 @@ impl Checker {
         if value.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
             self.err(
                 path,
-                format!("expected a header value without control characters, got {value:?}"),
+                format!(
+                    "expected a header value without control characters, got {}",
+                    quote_value(value)
+                ),
             );
         }
     }
@@ -248,7 +253,8 @@ impl Checker {
             self.err(
                 path,
                 format!(
-                    "expected a SPIFFE ID such as \"spiffe://cluster.local/ns/shop/sa/order\", got {id:?}"
+                    "expected a SPIFFE ID such as \"spiffe://cluster.local/ns/shop/sa/order\", got {}",
+                    quote_value(id)
                 ),
             );
         }
@@ -260,19 +266,25 @@ impl Checker {
         if p.api_version != API_VERSION {
             self.err(
                 "apiVersion",
-                format!("expected {API_VERSION:?}, got {:?}", p.api_version),
+                format!(
+                    "expected {API_VERSION:?}, got {}",
+                    quote_value(&p.api_version)
+                ),
             );
         }
         if p.kind != KIND {
-            self.err("kind", format!("expected {KIND:?}, got {:?}", p.kind));
+            self.err(
+                "kind",
+                format!("expected {KIND:?}, got {}", quote_value(&p.kind)),
+            );
         }
         let m = &p.metadata;
         if !is_dns_subdomain(&m.name) {
             self.err(
                 "metadata.name",
                 format!(
-                    "expected a lower-case name of letters, digits, '-' and '.' (at most 253), got {:?}",
-                    m.name
+                    "expected a lower-case name of letters, digits, '-' and '.' (at most 253), got {}",
+                    quote_value(&m.name)
                 ),
             );
         }
@@ -282,7 +294,8 @@ impl Checker {
             self.err(
                 "metadata.namespace",
                 format!(
-                    "expected a lower-case name of letters, digits and '-' (at most 63), got {ns:?}"
+                    "expected a lower-case name of letters, digits and '-' (at most 63), got {}",
+                    quote_value(ns)
                 ),
             );
         }
@@ -295,8 +308,8 @@ impl Checker {
             self.err(
                 "spec.host",
                 format!(
-                    "expected a lower-case host name without scheme or port (e.g. \"log-service\"), got {:?}",
-                    spec.host
+                    "expected a lower-case host name without scheme or port (e.g. \"log-service\"), got {}",
+                    quote_value(&spec.host)
                 ),
             );
         }
@@ -309,11 +322,15 @@ impl Checker {
                 self.err(
                     path,
                     format!(
-                        "expected a lower-case host name without scheme or port (e.g. \"log-service.prod\"), got {alias:?}"
+                        "expected a lower-case host name without scheme or port (e.g. \"log-service.prod\"), got {}",
+                        quote_value(alias)
                     ),
                 );
             } else if !seen.insert(alias) {
-                self.err(path, format!("{alias:?} is already a name of this policy"));
+                self.err(
+                    path,
+                    format!("{} is already a name of this policy", quote_value(alias)),
+                );
             }
         }
         if spec.routes.is_empty() && spec.inbound.is_none() {
@@ -346,7 +363,8 @@ impl Checker {
             self.err_key(
                 path,
                 format!(
-                    "expected a backend name of lower-case letters, digits and '-' (at most 63), got {name:?}"
+                    "expected a backend name of lower-case letters, digits and '-' (at most 63), got {}",
+                    quote_value(name)
                 ),
             );
         }
@@ -361,18 +379,22 @@ impl Checker {
                 self.err(
                     child_index(&addrs, i),
                     format!(
-                        "expected host:port (an IP address or DNS name and a port 1..=65535), got {a:?}"
+                        "expected host:port (an IP address or DNS name and a port 1..=65535), got {}",
+                        quote_value(a)
                     ),
                 );
             }
         }
-        self.no_duplicates(&addrs, b.addresses.iter().map(|a| format!("{a:?}")));
+        self.no_duplicates(&addrs, b.addresses.iter().map(|a| quote_value(a)));
         if let Some(svc) = &b.service
             && !is_service(svc)
         {
             self.err(
                 child_key(path, "service"),
-                format!("expected a Service as name.namespace (e.g. \"log-v1.shop\"), got {svc:?}"),
+                format!(
+                    "expected a Service as name.namespace (e.g. \"log-v1.shop\"), got {}",
+                    quote_value(svc)
+                ),
             );
         }
         if let Some(id) = &b.identity {
@@ -391,16 +413,16 @@ impl Checker {
                 self.err(
                     &name_path,
                     format!(
-                        "expected a route name of lower-case letters, digits and '-' (at most 63), got {:?}",
-                        r.name
+                        "expected a route name of lower-case letters, digits and '-' (at most 63), got {}",
+                        quote_value(&r.name)
                     ),
                 );
             } else if let Some(first) = names.get(r.name.as_str()) {
                 self.err(
                     &name_path,
                     format!(
-                        "duplicate route name {:?} (also spec.routes[{first}])",
-                        r.name
+                        "duplicate route name {} (also spec.routes[{first}])",
+                        quote_value(&r.name)
                     ),
                 );
             } else {
@@ -458,7 +480,8 @@ impl Checker {
                     self.err(
                         child_key(&pp, field),
                         format!(
-                            "expected a path starting with \"/\" without query, fragment or spaces, got {value:?}"
+                            "expected a path starting with \"/\" without query, fragment or spaces, got {}",
+                            quote_value(value)
                         ),
                     );
                 } else if let Some(resolved) = crate::resolve_dot_segments(value) {
@@ -466,7 +489,9 @@ impl Checker {
                     self.err(
                         child_key(&pp, field),
                         format!(
-                            "{value:?} has the dot-segment {segment:?}, but the proxy resolves dot-segments in request paths before routing (RFC 3986 §5.2.4, %2e counted as a dot), so this route could never match; write {resolved:?}, the path such requests are routed as"
+                            "{} has the dot-segment {segment:?}, but the proxy resolves dot-segments in request paths before routing (RFC 3986 §5.2.4, %2e counted as a dot), so this route could never match; write {}, the path such requests are routed as",
+                            quote_value(value),
+                            quote_value(&resolved)
                         ),
                     );
                 }
@@ -478,7 +503,8 @@ impl Checker {
             self.err(
                 child_key(path, "method"),
                 format!(
-                    "expected an upper-case HTTP method such as \"GET\" or \"POST\", got {method:?}"
+                    "expected an upper-case HTTP method such as \"GET\" or \"POST\", got {}",
+                    quote_value(method)
                 ),
             );
         }
@@ -636,7 +662,7 @@ impl Checker {
         let known = || {
             backends
                 .keys()
-                .map(String::as_str)
+                .map(|k| cut_value(k))
                 .collect::<Vec<_>>()
                 .join(", ")
         };
@@ -677,7 +703,7 @@ impl Checker {
             {
                 self.err(
                     child_key(&rp, "backend"),
-                    format!("unknown backend {b:?}; defined: {}", known()),
+                    format!("unknown backend {}; defined: {}", quote_value(b), known()),
                 );
             }
             if let Some(weights) = &rule.weights {
@@ -691,7 +717,11 @@ impl Checker {
                     if !backends.contains_key(name) {
                         self.err_key(
                             &p,
-                            format!("unknown backend {name:?}; defined: {}", known()),
+                            format!(
+                                "unknown backend {}; defined: {}",
+                                quote_value(name),
+                                known()
+                            ),
                         );
                     }
                     let range = match self.input {
@@ -736,8 +766,9 @@ impl Checker {
             self.err(
                 child_index("spec.routes", later),
                 format!(
-                    "route {:?} is never used: route {:?} (spec.routes[{earlier}]) is tried before it and matches every request it matches",
-                    routes[later].name, routes[earlier].name
+                    "route {} is never used: route {} (spec.routes[{earlier}]) is tried before it and matches every request it matches",
+                    quote_value(&routes[later].name),
+                    quote_value(&routes[earlier].name)
                 ),
             );
         }
@@ -755,7 +786,7 @@ impl Checker {
             for (i, id) in allow.iter().enumerate() {
                 self.spiffe(&child_index(&ap, i), id);
             }
-            self.no_duplicates(&ap, allow.iter().map(|a| format!("{a:?}")));
+            self.no_duplicates(&ap, allow.iter().map(|a| quote_value(a)));
         }
         if let Some(rl) = &inbound.rate_limit {
             let rp = child_key(path, "rateLimit");
@@ -836,6 +867,31 @@ fn quoted(v: &impl serde::Serialize) -> String {
     }
 }
 
+/// Characters of a user value a message shows: enough to recognise it, while a huge
+/// value (or many aliases of one) cannot make a huge message.
+const QUOTE_MAX_CHARS: usize = 80;
+
+/// A user value as a message quotes it: in double quotes with escapes, cut after
+/// [`QUOTE_MAX_CHARS`] characters, saying how many bytes were left out.
+pub(crate) fn quote_value(s: &str) -> String {
+    match s.char_indices().nth(QUOTE_MAX_CHARS) {
+        None => format!("{s:?}"),
+        Some((end, _)) => {
+            let shown = format!("{:?}", &s[..end]);
+            let open = &shown[..shown.len() - 1];
+            format!("{open}…\" ({} more bytes)", s.len() - end)
+        }
+    }
+}
+
+/// [`quote_value`] without the quotes, for names listed bare.
+pub(crate) fn cut_value(s: &str) -> std::borrow::Cow<'_, str> {
+    match s.char_indices().nth(QUOTE_MAX_CHARS) {
+        None => s.into(),
+        Some((end, _)) => format!("{}… ({} more bytes)", &s[..end], s.len() - end).into(),
+    }
+}
+
 fn join_and(names: &[&str]) -> String {
     match names {
         [] => String::new(),
@@ -879,7 +935,8 @@ fn is_ipv6(s: &str) -> bool {
 
 fn ipv6_host_message(host: &str) -> String {
     format!(
-        "{host:?} is an IPv6 address, which no request can reach: a request names it in brackets (Host: [::1]), which the proxy keeps when it looks the host up, and a bare one is a malformed Host; name the service by a DNS name (e.g. \"log-service\") or an IPv4 address"
+        "{} is an IPv6 address, which no request can reach: a request names it in brackets (Host: [::1]), which the proxy keeps when it looks the host up, and a bare one is a malformed Host; name the service by a DNS name (e.g. \"log-service\") or an IPv4 address",
+        quote_value(host)
     )
 }
 
@@ -1023,6 +1080,22 @@ mod tests {
             exact: Some(p.into()),
             prefix: None,
         })
+    }
+
+    #[test]
+    fn quoted_values_are_cut_short() {
+        assert_eq!(quote_value("log\t1"), "\"log\\t1\"");
+        let exactly = "a".repeat(QUOTE_MAX_CHARS);
+        assert_eq!(quote_value(&exactly), format!("\"{exactly}\""));
+        assert_eq!(cut_value(&exactly), exactly);
+        // Characters are counted, bytes left out are reported.
+        let long = format!("{}{}", "é".repeat(QUOTE_MAX_CHARS), "b".repeat(500_000));
+        let shown = "é".repeat(QUOTE_MAX_CHARS);
+        assert_eq!(
+            quote_value(&long),
+            format!("\"{shown}…\" (500000 more bytes)")
+        );
+        assert_eq!(cut_value(&long), format!("{shown}… (500000 more bytes)"));
     }
 
     #[test]
