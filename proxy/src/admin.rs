@@ -93,6 +93,10 @@ where
                     "not ready: no workload certificate yet\n",
                 )
             } else {
+                // An expired certificate (renewal failing) does not make the pod unready:
+                // a control plane down past the certificates' lifetime would take every
+                // pod out of its Service at once, plaintext callers' traffic too.
+                // `/identity`, `sluicectl status` and the expiry metric say it instead.
                 text(StatusCode::OK, "ready\n")
             }
         }
@@ -283,9 +287,11 @@ fn identity_json(tls: Option<&TlsStore>) -> serde_json::Value {
         return serde_json::json!({ "mtls": false });
     };
     let held = tls.is_ready();
+    let expired = tls.is_expired();
     serde_json::json!({
         "mtls": true,
-        "ready": held,
+        "ready": held && !expired,
+        "expired": expired,
         "spiffe_id": tls.spiffe_id(),
         "not_after": held.then(|| rfc3339(tls.not_after())),
         "next_renewal": tls.next_renewal().map(rfc3339),
@@ -333,6 +339,24 @@ mod tests {
         AdminState {
             gate: AdminGate::new("127.0.0.1:15000".parse().unwrap(), None),
             ..state(None)
+        }
+    }
+
+    /// A certificate past its end (renewal kept failing) is not ready: `/identity` says
+    /// it expired, where it used to say ready with a `not_after` in the past.
+    #[test]
+    fn an_expired_certificate_is_not_ready() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let id = "spiffe://cluster.local/ns/shop/sa/order";
+        for (not_after, ready) in [(now - 60, false), (now + 3600, true)] {
+            let tls = TlsStore::new(crate::tls::tests::test_credentials(id, not_after)).unwrap();
+            assert_eq!(tls.is_expired(), !ready);
+            let v = identity_json(Some(&tls));
+            assert_eq!(v["ready"], ready, "{v}");
+            assert_eq!(v["expired"], !ready, "{v}");
         }
     }
 

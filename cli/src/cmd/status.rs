@@ -65,6 +65,8 @@ struct Identity {
     mtls: bool,
     spiffe_id: Option<String>,
     not_after: Option<String>,
+    /// The certificate held has expired (renewal keeps failing).
+    expired: bool,
 }
 
 /// Where a proxy stands.
@@ -156,7 +158,10 @@ pub async fn run(ctx: &mut Ctx<'_>, args: StatusArgs) -> Result<Verdict, CliErro
             admin: Some((url, config)),
         });
     }
-    let failing = rows.iter().any(|r| r.state.failing());
+    let expired = rows
+        .iter()
+        .any(|r| r.admin.as_ref().is_some_and(|(_, c)| c.identity.expired));
+    let failing = rows.iter().any(|r| r.state.failing()) || expired;
     if ctx.json() {
         let proxies: Vec<_> = rows
             .iter()
@@ -178,6 +183,7 @@ pub async fn run(ctx: &mut Ctx<'_>, args: StatusArgs) -> Result<Verdict, CliErro
                     "mtls": identity.map(|i| i.mtls),
                     "spiffe_id": identity.and_then(|i| i.spiffe_id.clone()),
                     "cert_not_after": identity.and_then(|i| i.not_after.clone()),
+                    "cert_expired": identity.map(|i| i.expired),
                 })
             })
             .collect();
@@ -213,6 +219,7 @@ pub async fn run(ctx: &mut Ctx<'_>, args: StatusArgs) -> Result<Verdict, CliErro
         let cert = match row.admin.as_ref().map(|(_, c)| &c.identity) {
             None => dash(),
             Some(i) if !i.mtls => "no mTLS".into(),
+            Some(i) if i.expired => format!("EXPIRED {}", i.not_after.as_deref().unwrap_or("?")),
             Some(i) => i.not_after.clone().unwrap_or_else(|| "none yet".into()),
         };
         let seen = if r.last_seen_unix_ms == 0 {
@@ -268,8 +275,11 @@ pub async fn run(ctx: &mut Ctx<'_>, args: StatusArgs) -> Result<Verdict, CliErro
             ));
         }
     }
-    if failing {
+    if rows.iter().any(|r| r.state.failing()) {
         text.push_str("\nnot in sync: a proxy refused or has not acked the version it was sent\n");
+    }
+    if expired {
+        text.push_str("\na proxy's workload certificate has expired: its renewal keeps failing (see its log); peers refuse it\n");
     }
     ctx.print(&text)?;
     Ok(if failing {

@@ -222,6 +222,12 @@ impl TlsStore {
         self.current.load().is_some()
     }
 
+    /// Whether the certificate held has expired (renewal kept failing): peers refuse
+    /// it, so new mesh connections from and to this proxy fail while pooled ones go on.
+    pub fn is_expired(&self) -> bool {
+        self.is_ready() && self.not_after() <= SystemTime::now()
+    }
+
     /// How many certificates were installed (the first one counts).
     pub fn installs(&self) -> u64 {
         *self.installs.borrow()
@@ -303,12 +309,18 @@ fn unix_secs(t: SystemTime) -> u64 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use rcgen::{BasicConstraints, IsCa, Issuer, SanType};
 
     /// A leaf for `spiffe_id` valid until `not_after` (Unix seconds), signed by a mesh
     /// root of its own.
+    /// A leaf for `spiffe_id` valid until `not_after` (Unix seconds), signed by a mesh
+    /// root of its own (for the admin API's tests too).
+    pub(crate) fn test_credentials(spiffe_id: &str, not_after: u64) -> Credentials {
+        credentials(spiffe_id, not_after)
+    }
+
     fn credentials(spiffe_id: &str, not_after: u64) -> Credentials {
         let root_key = KeyPair::generate().unwrap();
         let mut root = CertificateParams::default();

@@ -45,7 +45,13 @@ where
             match obtain().await.and_then(|c| store.install(c)) {
                 Ok(()) => break,
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "certificate renewal failed");
+                    if store.is_expired() {
+                        // Peers now refuse this proxy's new mesh connections: say why.
+                        tracing::error!(error = %e, retry_in = ?backoff, "certificate renewal failed and the workload certificate has expired: new mesh connections are refused by peers");
+                    } else {
+                        tracing::warn!(error = %e, retry_in = ?backoff, "certificate renewal failed");
+                    }
+                    store.set_next_renewal(SystemTime::now() + backoff);
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(RETRY_MAX);
                 }
