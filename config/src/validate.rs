@@ -214,6 +214,20 @@ impl Checker {
         }
     }
 
+    /// A value a received header must equal: HTTP strips spaces and tabs around a
+    /// field value, so one written with them could never match.
+    fn header_condition_value(&mut self, path: &str, value: &str) {
+        if value.starts_with([' ', '\t']) || value.ends_with([' ', '\t']) {
+            self.err(
+                path,
+                format!(
+                    "expected a header value without leading or trailing spaces or tabs (HTTP strips them from the values a request carries, so this could never match), got {}",
+                    quote_value(value)
+                ),
+            );
+        }
+    }
+
     fn header_value(&mut self, path: &str, value: &str) {
         if value.bytes().any(|b| b.is_ascii_control() && b != b'\t') {
             self.err(
@@ -245,6 +259,7 @@ impl Checker {
                 self.header_name(&p, true, name);
             }
             self.header_value(&p, value);
+            self.header_condition_value(&p, value);
         }
     }
 
@@ -484,6 +499,15 @@ impl Checker {
                             quote_value(value)
                         ),
                     );
+                } else if !value.is_ascii() {
+                    self.err(
+                        child_key(&pp, field),
+                        format!(
+                            "{} has characters that are not ASCII, which a request target cannot carry: clients send them percent-encoded and the proxy matches the path as sent, without decoding, so this route could never match; write {}",
+                            quote_value(value),
+                            quote_value(&percent_encode_non_ascii(value))
+                        ),
+                    );
                 } else if let Some(resolved) = crate::resolve_dot_segments(value) {
                     let segment = crate::first_dot_segment(value).unwrap_or_default();
                     self.err(
@@ -497,16 +521,21 @@ impl Checker {
                 }
             }
         }
-        if let Some(method) = &m.method
-            && !is_method(method)
-        {
-            self.err(
-                child_key(path, "method"),
-                format!(
-                    "expected an upper-case HTTP method such as \"GET\" or \"POST\", got {}",
-                    quote_value(method)
-                ),
-            );
+        if let Some(method) = &m.method {
+            if !is_method(method) {
+                self.err(
+                    child_key(path, "method"),
+                    format!(
+                        "expected an upper-case HTTP method such as \"GET\" or \"POST\", got {}",
+                        quote_value(method)
+                    ),
+                );
+            } else if method == "CONNECT" {
+                self.err(
+                    child_key(path, "method"),
+                    "the proxy answers CONNECT to a governed host with 405 method-not-allowed before any route is tried, so this route could never match",
+                );
+            }
         }
         self.header_conditions(&child_key(path, "headers"), &m.headers);
     }
@@ -983,6 +1012,23 @@ fn is_spiffe_id(s: &str) -> bool {
     td_ok && path_ok
 }
 
+/// `path` with every byte of a non-ASCII character as `%XX` (upper-case hex, as
+/// RFC 3986 §2.1 recommends), the form requests carry it in.
+fn percent_encode_non_ascii(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    for c in path.chars() {
+        if c.is_ascii() {
+            out.push(c);
+        } else {
+            let mut buf = [0; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                out.push_str(&format!("%{b:02X}"));
+            }
+        }
+    }
+    out
+}
+
 /// RFC 9110 token character.
 fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
@@ -1080,6 +1126,12 @@ mod tests {
             exact: Some(p.into()),
             prefix: None,
         })
+    }
+
+    #[test]
+    fn non_ascii_is_percent_encoded() {
+        assert_eq!(percent_encode_non_ascii("/café/x"), "/caf%C3%A9/x");
+        assert_eq!(percent_encode_non_ascii("/a"), "/a");
     }
 
     #[test]
