@@ -38,7 +38,9 @@ impl Probe {
         path: &str,
         headers: &[String],
     ) -> Result<Self, CliError> {
-        let method = Method::from_bytes(method.to_ascii_uppercase().as_bytes())
+        // As given: methods are case-sensitive, and the proxy takes `post` as a
+        // method of its own, not POST.
+        let method = Method::from_bytes(method.as_bytes())
             .map_err(|_| CliError::Usage(format!("{method:?} is not an HTTP method")))?;
         let path = path.split('?').next().unwrap_or("/");
         if !path.starts_with('/') {
@@ -217,9 +219,26 @@ impl Explainer {
             routes: verdicts,
             backend,
             governance,
-            warnings: self.warnings.clone(),
+            warnings: self
+                .warnings
+                .iter()
+                .cloned()
+                .chain(case_note(method))
+                .collect(),
         }
     }
+}
+
+/// A note for a method not all upper case, which someone likely meant as the
+/// upper-case one: the proxy, rightly, does not.
+fn case_note(method: &Method) -> Option<String> {
+    let m = method.as_str();
+    let upper = m.to_ascii_uppercase();
+    (upper != m).then(|| {
+        format!(
+            "methods are case-sensitive: {m:?} is not {upper}, so it matches no route with `method: {upper}`"
+        )
+    })
 }
 
 fn backend_verdict(params: &RouteParams, headers: &HeaderMap) -> BackendVerdict {
@@ -656,8 +675,28 @@ spec:
         assert!(Probe::parse("h", "GET", "/", &["novalue".into()]).is_err());
         assert!(Probe::parse("h", "G ET", "/", &[]).is_err());
         assert!(Probe::parse("h", "GET", "logs", &[]).is_err());
-        let p = Probe::parse("h", "post", "/a?b=c", &["X-A: 1".into()]).unwrap();
+        let p = Probe::parse("h", "POST", "/a?b=c", &["X-A: 1".into()]).unwrap();
         assert_eq!((p.method, p.path.as_str()), (Method::POST, "/a"));
         assert_eq!(p.headers["x-a"], "1");
+    }
+
+    /// `post` is another method than POST to the proxy, so explain says what the
+    /// proxy does, and why.
+    #[test]
+    fn a_method_is_taken_as_given() {
+        let x = explainer();
+        let lower = x.explain(&probe("post", "/logs", &[]));
+        assert_eq!(lower.method, "post");
+        assert_eq!(lower.route.as_deref(), Some("log-service.read"));
+        assert_eq!(lower.routes[1].why, "wants method POST");
+        assert_eq!(
+            lower.warnings,
+            [
+                "methods are case-sensitive: \"post\" is not POST, so it matches no route with `method: POST`"
+            ]
+        );
+        let upper = x.explain(&probe("POST", "/logs", &[]));
+        assert_eq!(upper.route.as_deref(), Some("log-service.ingest"));
+        assert!(upper.warnings.is_empty(), "{:?}", upper.warnings);
     }
 }
