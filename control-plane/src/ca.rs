@@ -195,6 +195,103 @@ impl BootstrapVerifier for TokenFile {
     }
 }
 
+/// The `--bootstrap-tokens` file or directory, read again whenever it changed, so that
+/// a token added or revoked (a Secret rotated, a line removed) counts from the next
+/// certificate request, renewals included, without a restart. A change that does not
+/// parse keeps the tokens in force, with a warning. Certificate requests are rare (one
+/// per proxy per renewal), so each one looks at the files' metadata.
+pub struct TokenSource {
+    path: PathBuf,
+    state: std::sync::Mutex<(Fingerprint, TokenFile)>,
+}
+
+/// What a token file (or each file of a directory) looked like when it was read.
+type Fingerprint = Vec<(PathBuf, Option<SystemTime>, u64)>;
+
+impl fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenSource")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenSource {
+    /// Reads the tokens at `path` (a file, or a directory of files).
+    pub fn open(path: &Path) -> Result<Self, Error> {
+        let seen = fingerprint(path);
+        let tokens = TokenFile::load_path(path)?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            state: std::sync::Mutex::new((seen, tokens)),
+        })
+    }
+
+    /// How many tokens are in force.
+    pub fn len(&self) -> usize {
+        self.lock().1.len()
+    }
+
+    /// Whether no token is in force.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, (Fingerprint, TokenFile)> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads the tokens again if the files changed since they were read.
+    fn refresh(&self) {
+        let now = fingerprint(&self.path);
+        let mut state = self.lock();
+        if state.0 == now {
+            return;
+        }
+        match TokenFile::load_path(&self.path) {
+            Ok(tokens) => {
+                tracing::info!(path = %self.path.display(), tokens = tokens.len(), "bootstrap tokens reloaded");
+                *state = (now, tokens);
+            }
+            Err(e) => {
+                tracing::warn!(path = %self.path.display(), error = %e, "bootstrap tokens changed but do not load; the previous ones stay in force");
+                // Not read again until it changes once more.
+                state.0 = now;
+            }
+        }
+    }
+}
+
+impl BootstrapVerifier for TokenSource {
+    fn verify(&self, token: &str) -> Result<WorkloadIdentity, Error> {
+        self.refresh();
+        self.lock().1.verify(token)
+    }
+}
+
+/// The metadata of `path`, or of each entry of it when it is a directory (symlinks
+/// followed: a projected volume's `..data` swap changes what the names point at).
+fn fingerprint(path: &Path) -> Fingerprint {
+    let one = |p: PathBuf| {
+        let meta = std::fs::metadata(&p).ok();
+        let modified = meta.as_ref().and_then(|m| m.modified().ok());
+        let len = meta.map_or(0, |m| m.len());
+        (p, modified, len)
+    };
+    if !path.is_dir() {
+        return vec![one(path.to_path_buf())];
+    }
+    let mut out: Fingerprint = std::fs::read_dir(path)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok().map(|e| one(e.path())))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
 /// A certificate the CA issued.
 #[derive(Clone, Debug)]
 pub struct Issued {
@@ -551,6 +648,37 @@ mod tests {
             "{\"token\":\"x\",\"namespace\":\"a/b\",\"serviceAccount\":\"c\"}",
         );
         assert!(matches!(bad, Err(Error::TokenFile { line: 1, .. })));
+    }
+
+    /// A token added or revoked in the file counts from the next request, without a
+    /// restart; an edit that does not parse keeps the tokens in force.
+    #[test]
+    fn token_source_follows_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tokens.jsonl");
+        let line = |t: &str, sa: &str| {
+            format!("{{\"token\":\"{t}\",\"namespace\":\"shop\",\"serviceAccount\":\"{sa}\"}}\n")
+        };
+        std::fs::write(&path, line("t-order", "order")).unwrap();
+        let source = TokenSource::open(&path).unwrap();
+        assert!(source.verify("t-order").is_ok());
+        assert!(source.verify("t-log").is_err());
+
+        // Revoked and added: the length changes, so does the fingerprint.
+        std::fs::write(&path, line("t-log-longer", "log")).unwrap();
+        assert!(matches!(
+            source.verify("t-order"),
+            Err(Error::BootstrapRefused)
+        ));
+        assert_eq!(
+            source.verify("t-log-longer").unwrap(),
+            WorkloadIdentity::new("shop", "log").unwrap()
+        );
+
+        // Broken: the tokens in force stay.
+        std::fs::write(&path, "{not json\n").unwrap();
+        assert!(source.verify("t-log-longer").is_ok());
+        assert_eq!(source.len(), 1);
     }
 
     #[test]

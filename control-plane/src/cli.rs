@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 
-use crate::ca::{BootstrapVerifier, Ca, TokenFile};
+use crate::ca::{BootstrapVerifier, Ca, TokenFile, TokenSource};
 use crate::{ControlPlaneConfig, Error, IdentityConfig};
 
 /// Log line format.
@@ -151,8 +151,8 @@ impl CaArgs {
         };
         let verifier: Arc<dyn BootstrapVerifier> = match &self.bootstrap_tokens {
             Some(path) => {
-                let tokens = TokenFile::load_path(path)?;
-                tracing::info!(path = %path.display(), tokens = tokens.len(), "bootstrap tokens loaded");
+                let tokens = TokenSource::open(path)?;
+                tracing::info!(path = %path.display(), tokens = tokens.len(), "bootstrap tokens loaded; read again when they change");
                 Arc::new(tokens)
             }
             None => {
