@@ -62,6 +62,9 @@ pub(crate) const BAD_TARGET: Refusal = bad("the target's authority is not host[:
 pub(crate) const NO_HOST: Refusal = bad("no Host header");
 /// No authority anywhere (HTTP/1.0 or HTTP/2 without one).
 pub(crate) const NO_AUTHORITY: Refusal = bad("no Host or :authority");
+/// An authority-form target (`GET svc HTTP/1.1`) with a method other than `CONNECT`
+/// (RFC 9112 §3.2.3): it would be read as a host with path `/`, `GET logs` as host `logs`.
+pub(crate) const AUTHORITY_FORM: Refusal = bad("an authority-form target is for CONNECT only");
 /// `*` with a method other than `OPTIONS`.
 pub(crate) const ASTERISK_NOT_OPTIONS: Refusal = bad("the * target is for OPTIONS only");
 /// `OPTIONS *` to a governed host.
@@ -88,6 +91,15 @@ pub(crate) enum Named {
 /// Applies the rule (module docs) to `req`: refuses it, or rewrites it so that its one
 /// authority is the only one it carries.
 pub(crate) fn settle<B>(req: &mut Request<B>) -> Result<Named, Refusal> {
+    // HTTP/2 targets always carry a scheme; an HTTP/1 one without a scheme but with an
+    // authority was written in authority form.
+    if req.version() < Version::HTTP_2
+        && req.uri().scheme().is_none()
+        && req.uri().authority().is_some()
+        && req.method() != Method::CONNECT
+    {
+        return Err(AUTHORITY_FORM);
+    }
     let mut lines = req.headers().get_all(header::HOST).iter();
     let host = lines.next();
     if lines.next().is_some() {

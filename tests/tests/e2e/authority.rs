@@ -106,6 +106,14 @@ async fn http1_host_rules() {
         "evil:80",
         "absolute-form against Host: orders",
     );
+    // Authority form is CONNECT's alone: a GET written with one is refused, not read as
+    // a request for host `orders` (it used to reach it, path `/`).
+    for target in ["orders", "orders:80"] {
+        let mut conn = HttpConn::h1(addr).await.unwrap();
+        let r = call(&mut conn, get(target).header("host", "evil")).await;
+        expect(&r, 400, "bad-request", "", &format!("GET {target}"));
+        assert_eq!(r.text(), "an authority-form target is for CONNECT only\n");
+    }
     // HTTP/1.0 may leave Host out; the target's authority is then written in.
     let mut conn = HttpConn::h1(addr).await.unwrap();
     let r = call(
