@@ -547,6 +547,20 @@ mod tests {
     }
 
     #[test]
+    fn huge_values_in_second_wave_fields_are_quoted_cut_short() {
+        let huge = "X".repeat(200_000);
+        let text = format!(
+            "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: a }}\nspec:\n  host: a\n  backends:\n    b: {{ addresses: [\"127.0.0.1:1\"] }}\n  routes:\n    - name: r\n      upgrades: [&v {huge}]\n      fallback: {{ on: [timeout], backend: *v }}\n"
+        );
+        let err = parse_policies("f.yaml", &text).unwrap_err().to_string();
+        assert!(err.len() < 4096, "{} bytes", err.len());
+        assert!(
+            err.contains(&format!("\"{}…\" (199920 more bytes)", "X".repeat(80))),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn huge_values_are_quoted_cut_short() {
         let huge = "x".repeat(200_000);
         let cut = format!("\"{}…\" (199920 more bytes)", "x".repeat(80));

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use indexmap::IndexMap;
 
-use super::{Checker, DEFAULT_BACKOFF_MAX, IntRange, is_dns_label, is_tchar};
+use super::{Checker, DEFAULT_BACKOFF_MAX, IntRange, is_dns_label, is_tchar, quote_value};
 use crate::spans::{child_index, child_key};
 use crate::{
     Backend, Backoff, Capability, Concurrency, Duration, Fallback, RateLimit, RateLimitScope,
@@ -85,7 +85,7 @@ impl Checker {
                         self.err(
                             &pp,
                             format!(
-                                "expected a port number 1..=65535 or a Service port name (lower-case letters, digits and '-', at most 15), got {name:?}"
+                                "expected a port number 1..=65535 or a Service port name (lower-case letters, digits and '-', at most 15), got {}", quote_value(name)
                             ),
                         );
                     }
@@ -118,12 +118,12 @@ impl Checker {
                     self.err(
                         child_index(&up, i),
                         format!(
-                            "expected a lower-case upgrade token such as \"h2c\" or \"proto/2\" (RFC 9110 token, optional /version), got {token:?}"
+                            "expected a lower-case upgrade token such as \"h2c\" or \"proto/2\" (RFC 9110 token, optional /version), got {}", quote_value(token)
                         ),
                     );
                 }
             }
-            self.no_duplicates(&up, r.upgrades.iter().map(|t| format!("{t:?}")));
+            self.no_duplicates(&up, r.upgrades.iter().map(|t| quote_value(t)));
         }
         let mut first_rollout: Option<usize> = None;
         for (k, rule) in r.split.iter().enumerate() {
@@ -168,9 +168,9 @@ impl Checker {
                 self.err(
                     child_key(path, "canary"),
                     format!(
-                        "the canary must be one of this rule's weights ({}), got {:?}",
+                        "the canary must be one of this rule's weights ({}), got {}",
                         names.join(", "),
-                        ro.canary
+                        quote_value(&ro.canary)
                     ),
                 );
             }
@@ -261,13 +261,17 @@ impl Checker {
                 let known: Vec<&str> = backends.keys().map(String::as_str).collect();
                 self.err(
                     &bp,
-                    format!("unknown backend {b:?}; defined: {}", known.join(", ")),
+                    format!(
+                        "unknown backend {}; defined: {}",
+                        quote_value(b),
+                        known.join(", ")
+                    ),
                 );
             } else if primaries(r, backends).contains(b.as_str()) {
                 self.err(
                     &bp,
                     format!(
-                        "{b:?} is a backend this route already sends to; a fallback must be another backend"
+                        "{} is a backend this route already sends to; a fallback must be another backend", quote_value(b)
                     ),
                 );
             }
@@ -295,7 +299,10 @@ impl Checker {
             {
                 self.err(
                     child_key(&rp, "grpcMessage"),
-                    format!("expected a message without control characters, got {msg:?}"),
+                    format!(
+                        "expected a message without control characters, got {}",
+                        quote_value(msg)
+                    ),
                 );
             }
         }
@@ -382,12 +389,13 @@ impl Checker {
                     self.err(
                         child_index(&lp, i),
                         format!(
-                            "expected a level name of lower-case letters, digits and '-', got {level:?}"
+                            "expected a level name of lower-case letters, digits and '-', got {}",
+                            quote_value(level)
                         ),
                     );
                 }
             }
-            self.no_duplicates(&lp, p.levels.iter().map(|l| format!("{l:?}")));
+            self.no_duplicates(&lp, p.levels.iter().map(|l| quote_value(l)));
             if !p.levels.iter().any(|l| l == "default") {
                 self.err(
                     &lp,
