@@ -1264,3 +1264,47 @@ fn paths_the_crd_forbids_are_refused_with_the_rule_they_break() {
     assert!(messages("fine").is_empty());
     assert_eq!(route_names(policy(&t, "httproute-echo")), ["fine-0-0"]);
 }
+
+/// Matches a RoutePolicy refuses as never matching (a Host header, a value with spaces
+/// around it, CONNECT, a non-ASCII path) are refused for their rule alone, each at its
+/// field, so the rest of the Service's routes still go in.
+#[test]
+fn matches_that_could_never_match_are_refused_for_their_rule_alone() {
+    let spec = |matches: Value| {
+        json!({ "parentRefs": parent(), "rules": [
+            { "matches": matches, "backendRefs": [{ "name": "echo-v1", "port": 8080 }] }] })
+    };
+    let t = run(&[
+        route(
+            "never",
+            "2026-01-01T00:00:00Z",
+            spec(json!([
+                { "headers": [{ "name": "Host", "value": "echo" }] },
+                { "headers": [{ "name": "x-a", "value": " v " }] },
+                { "method": "CONNECT" },
+                { "path": { "type": "Exact", "value": "/caf\u{e9}" } }
+            ])),
+        ),
+        route(
+            "fine",
+            "2026-01-02T00:00:00Z",
+            spec(json!([{ "path": { "type": "PathPrefix", "value": "/ok" } }])),
+        ),
+    ]);
+    let (_, v) = t.verdicts.iter().find(|(k, _)| k.1 == "never").unwrap();
+    let paths: Vec<&str> = v.parents[0]
+        .problems
+        .iter()
+        .map(|p| p.path.as_str())
+        .collect();
+    assert_eq!(
+        paths,
+        [
+            "spec.rules[0].matches[0].headers[0].name",
+            "spec.rules[0].matches[1].headers[0].value",
+            "spec.rules[0].matches[2].method",
+            "spec.rules[0].matches[3].path.value",
+        ]
+    );
+    assert_eq!(route_names(policy(&t, "httproute-echo")), ["fine-0-0"]);
+}

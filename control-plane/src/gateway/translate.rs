@@ -630,6 +630,11 @@ fn forbidden_path(value: &str) -> Option<String> {
             ));
         }
     }
+    if !value.is_ascii() {
+        return Some(format!(
+            "path {value:?} must be ASCII, other characters percent-encoded ({rule} otherwise; requests carry them encoded)"
+        ));
+    }
     None
 }
 
@@ -679,6 +684,22 @@ fn match_out(path: &str, m: &Match, problems: &mut Vec<Problem>) -> Option<Route
     }
     for (h, hm) in m.headers.iter().enumerate() {
         let hp = format!("{path}.headers[{h}]");
+        // What a RoutePolicy refuses as a condition that can never match, refused here
+        // for this rule alone, rather than the whole Service's policy failing validation.
+        if hm.name.eq_ignore_ascii_case("host") {
+            problems.push(Problem::unsupported(
+                format!("{hp}.name"),
+                "a Host header match is not supported: spec.hostnames names the hosts a route takes",
+            ));
+            continue;
+        }
+        if hm.value.trim_matches([' ', '\t']) != hm.value {
+            problems.push(Problem::unsupported(
+                format!("{hp}.value"),
+                "a header value with leading or trailing whitespace never matches: HTTP strips it from values received",
+            ));
+            continue;
+        }
         match hm.kind.as_deref().unwrap_or("Exact") {
             "Exact" => {
                 // Header names are case-insensitive; the first match of a name counts.
@@ -700,6 +721,12 @@ fn match_out(path: &str, m: &Match, problems: &mut Vec<Problem>) -> Option<Route
         problems.push(Problem::unsupported(
             format!("{path}.queryParams"),
             "query parameter matches are not supported",
+        ));
+    }
+    if m.method.as_deref() == Some("CONNECT") {
+        problems.push(Problem::unsupported(
+            format!("{path}.method"),
+            "a CONNECT match is not supported: the mesh answers CONNECT to a governed host with 405",
         ));
     }
     out.method = m.method.clone();
