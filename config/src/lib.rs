@@ -78,6 +78,19 @@ pub struct Diagnostic {
     pub message: String,
 }
 
+impl Diagnostic {
+    /// A diagnostic of the whole document (no field path) at `line`:`column` of `file`.
+    pub(crate) fn at(file: &str, line: usize, column: usize, message: String) -> Self {
+        Self {
+            file: file.to_string(),
+            line,
+            column,
+            path: String::new(),
+            message,
+        }
+    }
+}
+
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}:{}: ", self.file, self.line, self.column)?;
@@ -178,13 +191,7 @@ fn not_utf8(file: &str, bytes: &[u8], e: std::str::Utf8Error) -> Diagnostic {
         }
         _ => "not UTF-8: the file ends inside a character; save the file as UTF-8".to_string(),
     };
-    Diagnostic {
-        file: file.to_string(),
-        line,
-        column,
-        path: String::new(),
-        message,
-    }
+    Diagnostic::at(file, line, column, message)
 }
 
 /// The validated policies of a mesh in canonical order, with their content hash.
@@ -336,13 +343,12 @@ impl PolicySet {
         limits: &Limits,
     ) -> Result<Self, ConfigError> {
         let text = std::str::from_utf8(bytes).map_err(|e| {
-            ConfigError::Invalid(vec![Diagnostic {
-                file: source.to_string(),
-                line: 1,
-                column: 1,
-                path: String::new(),
-                message: format!("not UTF-8: {e}"),
-            }])
+            ConfigError::Invalid(vec![Diagnostic::at(
+                source,
+                1,
+                1,
+                format!("not UTF-8: {e}"),
+            )])
         })?;
         let mut usage = limits::SetUsage::default();
         let (located, mut errors) = parse::parse_file(

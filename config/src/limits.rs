@@ -235,13 +235,7 @@ fn line_of_byte(text: &str, at: usize) -> usize {
 }
 
 fn diagnostic(file: &str, line: usize, column: usize, message: String) -> Diagnostic {
-    Diagnostic {
-        file: file.to_string(),
-        line,
-        column,
-        path: String::new(),
-        message,
-    }
+    Diagnostic::at(file, line, column, message)
 }
 
 /// How many times `--policy-max-file-bytes` a file's scalars may come to, every alias

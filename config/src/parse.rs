@@ -183,13 +183,7 @@ fn syntax_error(file: &str, text: &str, e: &serde_yaml::Error) -> Diagnostic {
     if location.is_some_and(|l| text.as_bytes().get(l.index()) == Some(&b'\t')) {
         message.push_str(" (indent with spaces: YAML does not allow tabs)");
     }
-    Diagnostic {
-        file: file.to_string(),
-        line,
-        column,
-        path: String::new(),
-        message,
-    }
+    Diagnostic::at(file, line, column, message)
 }
 
 /// A field path as a diagnostic shows it: each part that is a user's key cut as a
