@@ -75,6 +75,15 @@ impl LeaseStore for Down {
     }
 }
 
+/// A store that answers fewer grants than it was asked for.
+struct Short;
+
+impl LeaseStore for Short {
+    fn exchange<'a>(&'a mut self, _: &'a [LeaseRequest]) -> LeaseFuture<'a> {
+        Box::pin(async { Ok(Vec::new()) })
+    }
+}
+
 /// A store whose client gives up first (its own response timeout).
 struct ClientTimeout;
 
@@ -286,6 +295,12 @@ async fn the_first_reconciliation_checks_the_store_and_a_client_timeout_is_a_tim
         ]
     );
 
+    // An answer that does not match the batch is an error, not grants.
+    let (reg, lim) = proxy(3, &params(90, 90));
+    assert_eq!(allowed(&lim, "acme", 1), 1);
+    assert!(!reg.sync_once(&mut Short, &opts(), &no_sizes, &obs).await);
+    assert!(lim.is_degraded());
+
     let (reg, lim) = proxy(3, &params(90, 90));
     let mut store = MemoryBuckets::default();
     for _ in 0..3 {
@@ -336,6 +351,12 @@ async fn two_proxies_with_equal_demand_share_the_limit() {
         tokio::time::advance(Duration::from_millis(10)).await;
     }
     let total = (admitted[0] + admitted[1]) as f64;
+    // 20 s at 50 a second, within the burst and the first-seen credit: the limit held
+    // and kept admitting, so reconciliation ran all along.
+    assert!((900.0..=1100.0).contains(&total), "{admitted:?}");
+    // Waits average one interval: about 200 rounds each in 20 s.
+    let trips = *store.round_trips.lock().unwrap();
+    assert!((300..=500).contains(&trips), "{trips} round trips");
     for a in admitted {
         let part = a as f64 / total;
         assert!((0.35..=0.65).contains(&part), "{admitted:?}");
