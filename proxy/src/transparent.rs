@@ -64,18 +64,9 @@ const MAX_HEADERS: usize = 100;
 
 /// The HTTP/2 connection preface (RFC 9113, section 3.4).
 pub const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-/// HTTP/1 request methods recognised as the first bytes of a connection.
-const METHODS: [&[u8]; 9] = [
-    b"GET ",
-    b"POST ",
-    b"PUT ",
-    b"DELETE ",
-    b"HEAD ",
-    b"OPTIONS ",
-    b"PATCH ",
-    b"CONNECT ",
-    b"TRACE ",
-];
+/// Longest method token taken as the start of an HTTP/1 request line: the registered
+/// methods are at most 17 bytes (`BASELINE-CONTROL`), and a longer token is not HTTP.
+const MAX_METHOD: usize = 24;
 
 /// What the first bytes of a connection look like.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -97,27 +88,57 @@ pub fn original_dst(stream: &TcpStream) -> io::Result<SocketAddr> {
 }
 
 /// Classifies a prefix; `None` while more bytes could still change the answer.
+///
+/// An HTTP/1 request line is any method token (not only the common methods: `PURGE`,
+/// WebDAV's `PROPFIND` and `REPORT` go to governed hosts too, and passing them through
+/// would skip every policy), a space, and a target in one of the request forms: origin
+/// (`/`), asterisk (`*`), absolute (`http://`, `https://`), or authority for `CONNECT`.
+/// Text protocols whose first word is followed by something else (`INVITE sip:`,
+/// `DESCRIBE rtsp:`) stay opaque.
 pub fn classify(prefix: &[u8]) -> Option<Protocol> {
-    let longest = |a: &[u8], b: &[u8]| a.len().min(b.len());
-    let mut undecided = false;
-    for candidate in std::iter::once(H2_PREFACE).chain(METHODS) {
-        let n = longest(prefix, candidate);
-        if prefix[..n] == candidate[..n] {
-            if n == candidate.len() {
-                return Some(if candidate == H2_PREFACE {
-                    Protocol::Http2
-                } else {
-                    Protocol::Http1
-                });
+    let n = prefix.len().min(H2_PREFACE.len());
+    if prefix[..n] == H2_PREFACE[..n] {
+        return (n == H2_PREFACE.len()).then_some(Protocol::Http2);
+    }
+    let Some(space) = prefix.iter().position(|&b| !is_tchar(b)) else {
+        // Still one token: a method if a space comes in time.
+        return if prefix.len() <= MAX_METHOD {
+            None
+        } else {
+            Some(Protocol::Opaque)
+        };
+    };
+    if space == 0 || space > MAX_METHOD || prefix[space] != b' ' {
+        return Some(Protocol::Opaque);
+    }
+    let (method, target) = (&prefix[..space], &prefix[space + 1..]);
+    if method == b"CONNECT" {
+        return Some(Protocol::Http1);
+    }
+    match target.first() {
+        None => None,
+        Some(b'/' | b'*') => Some(Protocol::Http1),
+        Some(_) => {
+            // Absolute form, in either case of the scheme.
+            let lower: Vec<u8> = target.iter().take(8).map(u8::to_ascii_lowercase).collect();
+            let could_be = |scheme: &[u8]| {
+                let k = lower.len().min(scheme.len());
+                lower[..k] == scheme[..k]
+            };
+            if lower.starts_with(b"http://") || lower.starts_with(b"https://") {
+                Some(Protocol::Http1)
+            } else if could_be(b"http://") || could_be(b"https://") {
+                None
+            } else {
+                Some(Protocol::Opaque)
             }
-            undecided = true;
         }
     }
-    if undecided {
-        None
-    } else {
-        Some(Protocol::Opaque)
-    }
+}
+
+/// An RFC 9110 token character (what a method is made of).
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
 /// Reads the client's first bytes until [`classify`] decides, the client stops sending
@@ -971,7 +992,7 @@ mod tests {
     #[test]
     fn classifies_first_bytes() {
         assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Protocol::Http1));
-        assert_eq!(classify(b"POST "), Some(Protocol::Http1));
+        assert_eq!(classify(b"POST /"), Some(Protocol::Http1));
         assert_eq!(classify(H2_PREFACE), Some(Protocol::Http2));
         assert_eq!(
             classify(b"PRI * HTTP/2"),
@@ -988,6 +1009,31 @@ mod tests {
             classify(b"\x00\x00\x00\x08\x04\xd2\x16\x2f"),
             Some(Protocol::Opaque)
         );
-        assert_eq!(classify(b"GETX"), Some(Protocol::Opaque));
+        // Any method token, then a target in a request form.
+        for line in [
+            &b"PURGE /cache HTTP/1.1\r\n"[..],
+            b"PROPFIND /dav",
+            b"REPORT *",
+            b"GET http://svc/x",
+            b"GET HTTPS://svc/x",
+            b"CONNECT svc:443",
+        ] {
+            assert_eq!(classify(line), Some(Protocol::Http1), "{line:?}");
+        }
+        for undecided in [&b"GETX"[..], b"PURGE", b"PURGE ", b"GET htt"] {
+            assert_eq!(classify(undecided), None, "{undecided:?}");
+        }
+        // Text protocols that are not HTTP, and a token too long to be a method.
+        for opaque in [
+            &b"GETX\r\n"[..],
+            b"INVITE sip:bob@example.com SIP/2.0",
+            b"DESCRIBE rtsp://cam/1 RTSP/1.0",
+            b"get key\r\n",
+            b"PING\r\n",
+            b"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
+            b" / HTTP/1.1",
+        ] {
+            assert_eq!(classify(opaque), Some(Protocol::Opaque), "{opaque:?}");
+        }
     }
 }

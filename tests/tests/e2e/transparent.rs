@@ -239,6 +239,26 @@ spec:
     // A governed host with no matching route: the policy owns the host, so 404.
     let r = get(&mut conn, "orders", "/other").await;
     assert_eq!((r.status, r.reason.as_str()), (404, "no-route"));
+    // Any method opens a governed connection, not only the common ones: a PURGE as the
+    // first request is served by the proxy (its route's limit, spent above, or the
+    // policy's backend once a token is back), not passed through to the address dialled.
+    let mut purge = h1("10.55.0.2:80").await;
+    let r = purge
+        .call(
+            http::Request::builder()
+                .method("PURGE")
+                .uri("/api/x")
+                .header("host", "orders")
+                .body(sluice_e2e::full_body(bytes::Bytes::new()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let governed = match r.status.as_u16() {
+        429 => r.header("x-sluice-reason") == "rate-limited",
+        _ => r.header("x-upstream") == "orders-v1",
+    };
+    assert!(governed, "{r:?}");
     // The same keep-alive connection naming a host no policy claims: sent on, ungoverned,
     // to where the application addressed it.
     let r = get(&mut conn, "example.com", "/x").await;
