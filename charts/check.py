@@ -61,6 +61,12 @@ def values_sets() -> dict[str, dict]:
             "dashboards": {"prometheusRules": True},
             "injector": {"redisUrlSecret": "sluice-redis"},
         },
+        # Tags YAML reads as numbers (a date, a build number): image references must
+        # still be `repository:tag`, not a Go format error.
+        "numeric-tags": {
+            "controlPlane": {"image": {"tag": 123}},
+            "injector": {"proxyImage": {"tag": 20261206}},
+        },
     }
 
 
@@ -262,6 +268,14 @@ def main() -> None:
         except helm.HelmError as e:
             fail(f"rendering with {name} values: {e}")
         rendered[name] = objects
+        text = yaml.safe_dump_all(objects)
+        if "%!" in text:
+            line = next(l for l in text.splitlines() if "%!" in l)
+            fail(f"rendering with {name} values: a Go format error in the output: {line.strip()}")
+        if name == "numeric-tags":
+            for image in ["sluice-control-plane:123", "sluice-proxy:20261206"]:
+                if image not in text:
+                    fail(f"rendering with {name} values: no image {image} (a numeric tag rendered otherwise)")
         write(objects, out / f"{name}.yaml")
         print(f"rendered {name}: {len(objects)} objects -> {out / (name + '.yaml')}")
     if args.render_only:

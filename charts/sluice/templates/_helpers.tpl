@@ -50,8 +50,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- if or (eq .Values.policies.source "kubernetes") .Values.discovery.endpoints }}true{{ end -}}
 {{- end -}}
 
+{{- /* A tag YAML reads as a number (a date, a build number) is written as an integer,
+not as a Go format error or in float notation. */ -}}
 {{- define "sluice.image" -}}
-{{- printf "%s:%s" .repository (default .defaultTag .tag) -}}
+{{- $tag := default .defaultTag .tag -}}
+{{- if kindIs "float64" $tag -}}{{- $tag = int64 $tag -}}{{- end -}}
+{{- printf "%s:%v" .repository $tag -}}
 {{- end -}}
 
 {{/* The Secret holding the mesh CA's root and key (`--ca-secret`). */}}
