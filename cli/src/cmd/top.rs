@@ -81,17 +81,10 @@ pub fn add_scrape(into: &mut Sample, text: &str) -> Result<(), String> {
             }
             ("sluice_request_duration_seconds", Value::Histogram(buckets)) => {
                 let c = into.entry(key()).or_default();
-                for b in buckets {
-                    match c
-                        .buckets
-                        .iter_mut()
-                        .find(|(le, _)| le.to_bits() == b.less_than.to_bits())
-                    {
-                        Some((_, n)) => *n += b.count,
-                        None => c.buckets.push((b.less_than, b.count)),
-                    }
-                }
-                c.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+                add_buckets(
+                    &mut c.buckets,
+                    buckets.iter().map(|b| (b.less_than, b.count)),
+                );
             }
             _ => {}
         }
@@ -101,40 +94,77 @@ pub fn add_scrape(into: &mut Sample, text: &str) -> Result<(), String> {
 
 /// The view from two samples `elapsed` apart (`before` empty: totals only).
 pub fn rows(before: &Sample, now: &Sample, elapsed: Duration) -> Vec<Row> {
+    rows_across(
+        std::slice::from_ref(before),
+        std::slice::from_ref(now),
+        elapsed,
+    )
+}
+
+/// The view from two samples of each proxy, `before[i]` and `now[i]` of the same one,
+/// `elapsed` apart. The differences are taken per proxy, then added up: a proxy whose
+/// counters went down restarted in between and counted from zero since (as Prometheus'
+/// `rate()` reads a reset), where a difference of the sums would have gone negative and
+/// shown the whole route idle.
+pub fn rows_across(before: &[Sample], now: &[Sample], elapsed: Duration) -> Vec<Row> {
     let secs = elapsed.as_secs_f64().max(1e-3);
-    now.iter()
-        .map(|((direction, route, backend), c)| {
-            let empty = Counters::default();
-            let b = before
-                .get(&(direction.clone(), route.clone(), backend.clone()))
+    let empty = Counters::default();
+    let mut moved = Sample::new();
+    let mut totals = Sample::new();
+    for (i, proxy) in now.iter().enumerate() {
+        for (key, c) in proxy {
+            let was = before
+                .get(i)
+                .and_then(|b| b.get(key))
+                .filter(|w| c.requests >= w.requests)
                 .unwrap_or(&empty);
-            let requests = (c.requests - b.requests).max(0.0);
-            let errors = (c.errors - b.errors).max(0.0);
-            let delta: Vec<(f64, f64)> = c
-                .buckets
-                .iter()
-                .map(|(le, n)| {
-                    let was = b
+            let d = moved.entry(key.clone()).or_default();
+            d.requests += c.requests - was.requests;
+            d.errors += (c.errors - was.errors).max(0.0);
+            add_buckets(
+                &mut d.buckets,
+                c.buckets.iter().map(|(le, n)| {
+                    let w = was
                         .buckets
                         .iter()
                         .find(|(l, _)| l.to_bits() == le.to_bits())
                         .map_or(0.0, |(_, n)| *n);
-                    (*le, (n - was).max(0.0))
-                })
-                .collect();
+                    (*le, (n - w).max(0.0))
+                }),
+            );
+            let t = totals.entry(key.clone()).or_default();
+            t.requests += c.requests;
+            t.errors += c.errors;
+        }
+    }
+    moved
+        .into_iter()
+        .map(|((direction, route, backend), d)| {
+            let t = &totals[&(direction.clone(), route.clone(), backend.clone())];
             Row {
-                direction: direction.clone(),
-                route: route.clone(),
-                backend: backend.clone(),
-                rps: requests / secs,
-                error_ratio: (requests > 0.0).then(|| errors / requests),
-                p50_ms: quantile(&delta, 0.5).map(|s| s * 1000.0),
-                p99_ms: quantile(&delta, 0.99).map(|s| s * 1000.0),
-                requests_total: c.requests,
-                errors_total: c.errors,
+                rps: d.requests / secs,
+                error_ratio: (d.requests > 0.0).then(|| d.errors / d.requests),
+                p50_ms: quantile(&d.buckets, 0.5).map(|s| s * 1000.0),
+                p99_ms: quantile(&d.buckets, 0.99).map(|s| s * 1000.0),
+                requests_total: t.requests,
+                errors_total: t.errors,
+                direction,
+                route,
+                backend,
             }
         })
         .collect()
+}
+
+/// Adds cumulative buckets to `into`, bound by bound, keeping it ascending.
+fn add_buckets(into: &mut Vec<(f64, f64)>, from: impl Iterator<Item = (f64, f64)>) {
+    for (le, n) in from {
+        match into.iter_mut().find(|(l, _)| l.to_bits() == le.to_bits()) {
+            Some((_, c)) => *c += n,
+            None => into.push((le, n)),
+        }
+    }
+    into.sort_by(|a, b| a.0.total_cmp(&b.0));
 }
 
 /// The `q` quantile of cumulative buckets, interpolated inside its bucket as
@@ -164,13 +194,16 @@ pub fn quantile(buckets: &[(f64, f64)], q: f64) -> Option<f64> {
     Some(lower)
 }
 
-async fn sample(proxies: &[AdminClient]) -> Result<Sample, CliError> {
-    let mut s = Sample::new();
+/// One sample per proxy, in the order given.
+async fn sample(proxies: &[AdminClient]) -> Result<Vec<Sample>, CliError> {
+    let mut out = Vec::with_capacity(proxies.len());
     for p in proxies {
         let text = p.get_text("/metrics").await?;
+        let mut s = Sample::new();
         add_scrape(&mut s, &text).map_err(|e| p.malformed("/metrics", e))?;
+        out.push(s);
     }
-    Ok(s)
+    Ok(out)
 }
 
 fn render(rows: &[Row], proxies: usize, interval: Duration) -> String {
@@ -227,7 +260,7 @@ pub async fn run(ctx: &mut Ctx<'_>, args: TopArgs) -> Result<Verdict, CliError> 
         tokio::time::sleep(interval).await;
         let now = sample(&proxies).await?;
         let elapsed = taken.elapsed();
-        let rows = rows(&before, &now, elapsed);
+        let rows = rows_across(&before, &now, elapsed);
         if ctx.json() {
             let v = serde_json::json!({ "interval_s": elapsed.as_secs_f64(), "rows": rows });
             if args.once {
@@ -303,6 +336,35 @@ sluice_request_duration_seconds_count{backend="v1",direction="outbound",peer_ide
         let api = idle.iter().find(|r| r.route == "shop.api").unwrap();
         assert_eq!((api.rps, api.error_ratio, api.p50_ms), (0.0, None, None));
         assert_eq!(api.requests_total, 200.0);
+    }
+
+    /// A proxy restarted between two samples counted from zero since: its requests
+    /// after the restart add to the other proxy's, where the difference of the sums went
+    /// negative and showed the route idle.
+    #[test]
+    fn a_proxy_restarted_between_samples_counts_from_zero() {
+        let one = |text: &str| {
+            let mut s = Sample::new();
+            add_scrape(&mut s, text).unwrap();
+            s
+        };
+        let steady_before = one(METRICS);
+        // 20 more answered.
+        let steady_now = one(&METRICS.replace("} 90\n", "} 110\n"));
+        // The restarted proxy: 100 requests before, 5 since its restart.
+        let restarted_before = one(METRICS);
+        let restarted_now = one(&METRICS
+            .replace("} 90\n", "} 4\n")
+            .replace("} 10\n", "} 1\n"));
+        let rows = rows_across(
+            &[steady_before, restarted_before],
+            &[steady_now, restarted_now],
+            Duration::from_secs(1),
+        );
+        let api = rows.iter().find(|r| r.route == "shop.api").unwrap();
+        assert_eq!(api.rps, 25.0, "{api:?}");
+        assert_eq!(api.error_ratio, Some(1.0 / 25.0), "{api:?}");
+        assert_eq!(api.requests_total, 125.0);
     }
 
     #[test]
