@@ -222,27 +222,32 @@ fn install(ipt: &mut Iptables, args: &InitArgs) -> Result<(), InitError> {
     Ok(())
 }
 
+/// Takes the rules out. What is there is asked even in a dry run (the checks only
+/// read), so `--remove --dry-run` prints the commands a removal would run, each once.
 fn remove(ipt: &mut Iptables) -> Result<(), InitError> {
     for jump in jumps() {
         let mut check = vec!["-C"];
         check.extend(jump);
         // A jump added twice by hand is removed twice.
-        while ipt.check(&check) {
+        while ipt.exists(&check) {
             let mut del = vec!["-D"];
             del.extend(jump);
             ipt.run(&del)?;
+            if ipt.dry_run {
+                break;
+            }
         }
     }
-    for chain in CHAINS {
-        if ipt.check(&["-S", chain]) {
-            ipt.run(&["-F", chain])?;
-        }
+    let present: Vec<&str> = CHAINS
+        .into_iter()
+        .filter(|chain| ipt.exists(&["-S", chain]))
+        .collect();
+    for chain in &present {
+        ipt.run(&["-F", chain])?;
     }
     // Deleted only once all are empty: one chain jumps to another.
-    for chain in CHAINS {
-        if ipt.check(&["-S", chain]) {
-            ipt.run(&["-X", chain])?;
-        }
+    for chain in &present {
+        ipt.run(&["-X", chain])?;
     }
     Ok(())
 }
@@ -262,9 +267,11 @@ impl Iptables {
 
     /// Whether a check (`-C`, `-S`) succeeds; in a dry run nothing exists yet.
     fn check(&self, args: &[&str]) -> bool {
-        if self.dry_run {
-            return false;
-        }
+        !self.dry_run && self.exists(args)
+    }
+
+    /// Whether a check (`-C`, `-S`) succeeds, asked even in a dry run: it only reads.
+    fn exists(&self, args: &[&str]) -> bool {
         self.command(args)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())

@@ -61,6 +61,24 @@ fn init_installs_once_and_remove_leaves_nothing() {
     assert!(out.status.success(), "second init: {}", stderr(&out));
     assert_eq!(nat_rules(&ns), rules);
 
+    // A dry run of the removal prints what it would run, each once, and changes nothing.
+    let out = ns.exec(BIN, &["init", "--remove", "--dry-run"]);
+    assert!(out.status.success(), "init --remove --dry-run: {}", stderr(&out));
+    let printed = String::from_utf8_lossy(&out.stdout).into_owned();
+    for expected in [
+        "-D PREROUTING -p tcp -j SLUICE_INBOUND",
+        "-D OUTPUT -p tcp -j SLUICE_OUTPUT",
+        "-F SLUICE_INBOUND",
+        "-X SLUICE_OUTPUT",
+    ] {
+        assert_eq!(
+            printed.matches(expected).count(),
+            1,
+            "{expected:?} in {printed}"
+        );
+    }
+    assert_eq!(nat_rules(&ns), rules);
+
     let out = ns.exec(BIN, &["init", "--remove"]);
     assert!(out.status.success(), "init --remove: {}", stderr(&out));
     let after = nat_rules(&ns);
