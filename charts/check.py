@@ -55,7 +55,7 @@ def values_sets() -> dict[str, dict]:
         "dir-certmanager": {
             "policies": {"source": "dir", "extraFiles": {"extra.yaml": EXTRA_POLICY}},
             "discovery": {"endpoints": True},
-            "identity": {"tokenReview": False},
+            "identity": {"tokenReview": False, "bootstrapTokensSecret": "sluice-bootstrap-tokens"},
             "certManager": {"enabled": True},
             "controlPlane": {"podAntiAffinity": "", "adminTokenSecret": "sluice-admin"},
             "dashboards": {"prometheusRules": True},
@@ -280,6 +280,22 @@ def main() -> None:
         print(f"rendered {name}: {len(objects)} objects -> {out / (name + '.yaml')}")
     if args.render_only:
         return
+
+    # Values that cannot work are refused at install, with why.
+    for name, values, why in [
+        (
+            "no way to certify",
+            {"identity": {"tokenReview": False}},
+            "no injected pod would become ready",
+        ),
+    ]:
+        try:
+            render(values)
+        except helm.HelmError as e:
+            if why not in str(e):
+                fail(f"rendering with {name} values: refused, but not saying {why!r}: {e}")
+        else:
+            fail(f"rendering with {name} values: accepted, but it cannot work ({why})")
 
     lint()
     check_default_policies_match_examples()
