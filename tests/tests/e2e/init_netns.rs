@@ -63,7 +63,11 @@ fn init_installs_once_and_remove_leaves_nothing() {
 
     // A dry run of the removal prints what it would run, each once, and changes nothing.
     let out = ns.exec(BIN, &["init", "--remove", "--dry-run"]);
-    assert!(out.status.success(), "init --remove --dry-run: {}", stderr(&out));
+    assert!(
+        out.status.success(),
+        "init --remove --dry-run: {}",
+        stderr(&out)
+    );
     let printed = String::from_utf8_lossy(&out.stdout).into_owned();
     for expected in [
         "-D PREROUTING -p tcp -j SLUICE_INBOUND",
