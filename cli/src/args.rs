@@ -235,7 +235,8 @@ pub struct TapArgs {
     /// Only requests that took at least this long to their response headers.
     #[arg(long, value_name = "DURATION")]
     pub min_latency: Option<Duration>,
-    /// At most this many requests per proxy, the newest.
+    /// At most this many requests per proxy, the newest (with `--follow`, on the first
+    /// poll; later polls print every new request).
     #[arg(long, default_value_t = 50)]
     pub limit: usize,
     /// Keep polling and print new requests as they come.

@@ -57,7 +57,9 @@ pub struct Entry {
     pub response_headers: serde_json::Map<String, serde_json::Value>,
 }
 
-/// The `/recent` query for these filters, after `since` when following.
+/// The `/recent` query for these filters, after `since` when following. Following, a
+/// poll asks for every request after `since` (the proxy's ring bounds them): `limit`
+/// keeps the newest, and a burst between two polls larger than it would be skipped.
 pub fn query(args: &TapArgs, since: Option<u64>) -> String {
     let enc = |v: &str| {
         v.bytes()
@@ -69,7 +71,10 @@ pub fn query(args: &TapArgs, since: Option<u64>) -> String {
             })
             .collect::<String>()
     };
-    let mut q = vec![format!("limit={}", args.limit)];
+    let mut q = Vec::new();
+    if since.is_none() {
+        q.push(format!("limit={}", args.limit));
+    }
     for (k, v) in [
         ("status", &args.status),
         ("reason", &args.reason),
@@ -283,8 +288,10 @@ mod tests {
         };
         assert_eq!(
             query(&args, Some(7)),
-            "/recent?limit=50&status=5xx&reason=breaker-open&route=shop.api&min_ms=250&since=7&secrets=true"
+            "/recent?status=5xx&reason=breaker-open&route=shop.api&min_ms=250&since=7&secrets=true"
         );
+        // The first page is the newest `--limit`; a follow-up poll takes all that is new.
+        assert!(query(&args, None).starts_with("/recent?limit=50&status=5xx"));
     }
 
     /// What the proxy's `/recent` accepts, and nothing else (its own test lists the
