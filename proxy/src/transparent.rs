@@ -119,18 +119,17 @@ pub fn classify(prefix: &[u8]) -> Option<Protocol> {
         None => None,
         Some(b'/' | b'*') => Some(Protocol::Http1),
         Some(_) => {
-            // Absolute form, in either case of the scheme.
-            let lower: Vec<u8> = target.iter().take(8).map(u8::to_ascii_lowercase).collect();
-            let could_be = |scheme: &[u8]| {
-                let k = lower.len().min(scheme.len());
-                lower[..k] == scheme[..k]
+            // Absolute form, in either case of the scheme: whole, still possible, or not.
+            let seen = |scheme: &[u8]| {
+                let k = target.len().min(scheme.len());
+                target[..k]
+                    .eq_ignore_ascii_case(&scheme[..k])
+                    .then_some(k == scheme.len())
             };
-            if lower.starts_with(b"http://") || lower.starts_with(b"https://") {
-                Some(Protocol::Http1)
-            } else if could_be(b"http://") || could_be(b"https://") {
-                None
-            } else {
-                Some(Protocol::Opaque)
+            match (seen(b"http://"), seen(b"https://")) {
+                (Some(true), _) | (_, Some(true)) => Some(Protocol::Http1),
+                (None, None) => Some(Protocol::Opaque),
+                _ => None,
             }
         }
     }

@@ -154,6 +154,16 @@ pub fn canary_weight(p: &TestProxy) -> Option<u32> {
         .map(|(_, w)| w)
 }
 
+/// Why the rollout last moved: the `reason` of its newest history entry.
+pub fn last_reason(r: &serde_json::Value) -> String {
+    r["history"]
+        .as_array()
+        .and_then(|h| h.last())
+        .and_then(|t| t["reason"].as_str())
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// The `result`s of a rollout's history, oldest first.
 pub fn history(r: &serde_json::Value) -> Vec<String> {
     r["history"]

@@ -348,8 +348,8 @@ async fn permissive_inbound_serves_plaintext_without_an_identity_and_limits_per_
 
 /// A policy expecting the wrong identity of an address (here the billing identity of
 /// the log sidecar's port) fails its own requests (502, then 503 while the address is
-/// ejected for it) and has the address ejected for that identity only: a policy expecting the identity the address proves keeps
-/// reaching it. Endpoint state used to be kept per address alone, and the wrong
+/// ejected for it) and has the address ejected for that identity only: a policy
+/// expecting the identity the address proves keeps reaching it. Endpoint state used to be kept per address alone, and the wrong
 /// policy's failures turned the right one's requests into 503s.
 #[tokio::test]
 async fn a_wrong_identity_in_one_policy_takes_the_address_from_no_other_policy() {

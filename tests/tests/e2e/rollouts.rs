@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use hyper::{Method, StatusCode};
-use sluice_e2e::rollout::{RolloutMesh, canary_weight, history};
+use sluice_e2e::rollout::{RolloutMesh, canary_weight, history, last_reason};
 use sluice_e2e::{
     HttpConn, ProxyOptions, Stall, TestControlPlane, TestProxy, Upstream, WAIT, metric_sum, scrape,
     wait_until,
@@ -256,10 +256,7 @@ async fn a_canary_that_only_times_out_is_rolled_back_on_its_errors() {
         .await;
     let statuses = load.stop().await;
     assert!(statuses.contains_key(&504), "{statuses:?}");
-    let reason = r["history"].as_array().unwrap().last().unwrap()["reason"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let reason = last_reason(&r);
     assert!(reason.contains("canary requests failed"), "{r:#}");
     let text = scrape(mesh.proxies[0].admin_addr()).await;
     assert!(
@@ -284,10 +281,7 @@ async fn a_canary_300ms_slower_breaches_p99_and_is_rolled_back() {
         .wait_rollout("the canary is rolled back", |r| r["phase"] == "rolled-back")
         .await;
     load.stop().await;
-    let reason = r["history"].as_array().unwrap().last().unwrap()["reason"]
-        .as_str()
-        .unwrap()
-        .to_string();
+    let reason = last_reason(&r);
     assert!(reason.contains("p99"), "{r:#}");
     let p99 = r["lastWindow"]["checks"]
         .as_array()
