@@ -245,8 +245,8 @@ pub struct TapArgs {
     /// Time between polls with `--follow`.
     #[arg(long, default_value = "1s", value_name = "DURATION")]
     pub interval: Duration,
-    /// Show `authorization`, `cookie` and `set-cookie` values (only a proxy started
-    /// with `--recent-requests-secrets` keeps them).
+    /// Show secret header values (credentials, cookies, names like `x-api-key`; only a
+    /// proxy started with `--recent-requests-secrets` keeps them).
     #[arg(long)]
     pub show_secrets: bool,
     /// Print the request and response headers of each request.

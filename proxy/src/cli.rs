@@ -307,6 +307,9 @@ impl From<RunArgs> for ProxyConfig {
             policy_limits: a.policy_limits,
             recent_requests: a.recent.recent_requests as usize,
             recent_requests_secrets: a.recent.recent_requests_secrets,
+            recent_requests_redaction: crate::recent::Redaction::new(
+                a.recent.recent_requests_redact,
+            ),
             workers: crate::workers::Workers::here(),
             h2_limits: crate::H2Limits {
                 max_streams: a.h2_max_streams_per_connection,

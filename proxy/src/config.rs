@@ -72,6 +72,8 @@ pub struct ProxyConfig {
     pub recent_requests: usize,
     /// Keep secret header values in that ring (redacted otherwise).
     pub recent_requests_secrets: bool,
+    /// Which header values that ring calls secret.
+    pub recent_requests_redaction: crate::recent::Redaction,
     /// The runtimes that serve outbound and inbound connections (default: the one
     /// that accepts them).
     pub workers: crate::workers::Workers,
@@ -111,6 +113,7 @@ impl Default for ProxyConfig {
             h2_limits: crate::H2Limits::default(),
             recent_requests: 0,
             recent_requests_secrets: false,
+            recent_requests_redaction: crate::recent::Redaction::default(),
             workers: crate::workers::Workers::here(),
         }
     }

@@ -121,6 +121,7 @@ pub(crate) fn stack_context(
         Arc::new(recent::RecentRequests::new(
             cfg.recent_requests,
             cfg.recent_requests_secrets,
+            cfg.recent_requests_redaction.clone(),
         ))
     });
     Ok(ctx)

@@ -5,10 +5,14 @@
 //! route took it) is written to the next slot of a fixed ring: one atomic increment
 //! picks the slot, one `ArcSwapOption` store fills it; no lock, and readers never block
 //! writers. Its entry is built after the response headers, so filters on status,
-//! reason, route, backend and latency apply to what happened. `authorization`,
-//! `proxy-authorization`, `cookie` and `set-cookie` values are replaced before the
-//! entry is stored, unless `--recent-requests-secrets` keeps them; even then `/recent`
-//! shows them only when asked (`?secrets=true`).
+//! reason, route, backend and latency apply to what happened. Secret header values are
+//! replaced before the entry is stored, unless `--recent-requests-secrets` keeps them;
+//! even then `/recent` shows them only when asked (`?secrets=true`). A header is secret
+//! when [`Redaction::is_secret`] says so: the standard credential headers, any name
+//! that reads like one (`x-api-key`, `x-auth-token`, `x-session-id`, ...), a value
+//! marked sensitive (`HeaderValue::is_sensitive`; h2 does not yet carry HPACK's
+//! never-indexed flag through to it), and the names `--recent-requests-redact` adds. Over-redacting costs a debugging detail; storing a
+//! credential in clear leaks it to anyone who can read the admin port.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,7 +28,7 @@ pub const MAX_RECENT: usize = 100_000;
 /// What a redacted header value is replaced with.
 pub const REDACTED: &str = "[redacted]";
 
-/// Headers whose values are secrets.
+/// Headers whose values are secrets, whatever else is configured.
 const SECRET_HEADERS: [HeaderName; 4] = [
     header::AUTHORIZATION,
     header::PROXY_AUTHORIZATION,
@@ -32,8 +36,60 @@ const SECRET_HEADERS: [HeaderName; 4] = [
     header::SET_COOKIE,
 ];
 
+/// Parts of a header name that mark it as carrying a credential (names are lower case).
+///
+/// Deliberately broad: `auth` also takes `x-authenticated-user`, a detail a tap can
+/// live without, while a name like `x-myco-auth` is a credential more often than not.
+const SECRET_NAME_PARTS: [&str; 11] = [
+    "auth",
+    "token",
+    "secret",
+    "passw",
+    "api-key",
+    "apikey",
+    "api_key",
+    "session",
+    "cookie",
+    "credential",
+    "signature",
+];
+
+/// Which header values the ring must not keep in clear.
+#[derive(Clone, Debug, Default)]
+pub struct Redaction {
+    extra: Box<[HeaderName]>,
+}
+
+impl Redaction {
+    /// The built-in rule plus `extra` names (`--recent-requests-redact`).
+    pub fn new(extra: Vec<HeaderName>) -> Self {
+        Self {
+            extra: extra.into_boxed_slice(),
+        }
+    }
+
+    /// Whether `name: value` is a secret.
+    pub fn is_secret(&self, name: &HeaderName, value: &HeaderValue) -> bool {
+        value.is_sensitive()
+            || SECRET_HEADERS.contains(name)
+            || self.extra.contains(name)
+            || SECRET_NAME_PARTS
+                .iter()
+                .any(|part| name.as_str().contains(part))
+    }
+
+    /// Replaces every secret value of `headers`.
+    fn redact(&self, headers: &mut HeaderMap) {
+        for (name, value) in headers.iter_mut() {
+            if self.is_secret(name, value) {
+                *value = HeaderValue::from_static(REDACTED);
+            }
+        }
+    }
+}
+
 /// The `--recent-requests` flags.
-#[derive(Clone, Copy, Debug, Default, clap::Args)]
+#[derive(Clone, Debug, Default, clap::Args)]
 pub struct RecentArgs {
     /// Keep the last N requests for the admin's /recent (`sluicectl tap`); 0 is off.
     #[arg(
@@ -44,10 +100,26 @@ pub struct RecentArgs {
         value_parser = clap::value_parser!(u32).range(0..=MAX_RECENT as i64)
     )]
     pub recent_requests: u32,
-    /// Keep the values of authorization, cookie and set-cookie headers in that ring
-    /// (redacted otherwise).
+    /// Keep secret header values (credentials, cookies, names like `x-api-key`) in
+    /// that ring (redacted otherwise).
     #[arg(long, env = "SLUICE_RECENT_REQUESTS_SECRETS")]
     pub recent_requests_secrets: bool,
+    /// More header names whose values the ring redacts, beyond the credential headers
+    /// and names that read like one (repeat, or separate with commas).
+    #[arg(
+        long,
+        env = "SLUICE_RECENT_REQUESTS_REDACT",
+        value_name = "HEADER",
+        value_delimiter = ',',
+        value_parser = parse_header_name
+    )]
+    pub recent_requests_redact: Vec<HeaderName>,
+}
+
+/// A header name as a flag gives it, any case.
+fn parse_header_name(s: &str) -> Result<HeaderName, String> {
+    HeaderName::from_bytes(s.trim().to_ascii_lowercase().as_bytes())
+        .map_err(|_| format!("{s:?} is not a header name"))
 }
 
 /// One finished request as `/recent` shows it.
@@ -119,6 +191,7 @@ pub struct RecentRequests {
     slots: Box<[ArcSwapOption<RecentEntry>]>,
     next: AtomicU64,
     keep_secrets: bool,
+    redaction: Redaction,
 }
 
 /// Which entries `/recent` returns; every condition given must hold.
@@ -143,14 +216,15 @@ pub struct RecentFilter {
 }
 
 impl RecentRequests {
-    /// A ring of `capacity` slots (at least one); `keep_secrets` stores secret header
-    /// values as they are.
-    pub fn new(capacity: usize, keep_secrets: bool) -> Self {
+    /// A ring of `capacity` slots (at least one); `keep_secrets` stores the values
+    /// `redaction` calls secret as they are.
+    pub fn new(capacity: usize, keep_secrets: bool, redaction: Redaction) -> Self {
         let capacity = capacity.clamp(1, MAX_RECENT);
         Self {
             slots: (0..capacity).map(|_| ArcSwapOption::empty()).collect(),
             next: AtomicU64::new(0),
             keep_secrets,
+            redaction,
         }
     }
 
@@ -183,8 +257,8 @@ impl RecentRequests {
         let mut request_headers = seen.headers;
         let mut response_headers = resp.headers().clone();
         if !self.keep_secrets {
-            redact(&mut request_headers);
-            redact(&mut response_headers);
+            self.redaction.redact(&mut request_headers);
+            self.redaction.redact(&mut response_headers);
         }
         let seq = self.next.fetch_add(1, Ordering::Relaxed);
         let entry = RecentEntry {
@@ -238,11 +312,11 @@ impl RecentRequests {
 
     /// `/recent` as JSON.
     pub fn to_json(&self, filter: &RecentFilter) -> serde_json::Value {
-        let show_secrets = filter.secrets && self.keep_secrets;
+        let hide = (!(filter.secrets && self.keep_secrets)).then_some(&self.redaction);
         let requests: Vec<serde_json::Value> = self
             .list(filter)
             .iter()
-            .map(|e| entry_json(e, show_secrets))
+            .map(|e| entry_json(e, hide))
             .collect();
         serde_json::json!({
             "enabled": true,
@@ -342,20 +416,11 @@ fn status_matches(filter: &str, status: u16) -> bool {
     }
 }
 
-fn redact(headers: &mut HeaderMap) {
-    for name in &SECRET_HEADERS {
-        if let http::header::Entry::Occupied(mut e) = headers.entry(name) {
-            for v in e.iter_mut() {
-                *v = HeaderValue::from_static(REDACTED);
-            }
-        }
-    }
-}
-
-fn headers_json(headers: &HeaderMap, show_secrets: bool) -> serde_json::Value {
+/// `hide`: the rule to hide kept secrets by, unless they are to be shown.
+fn headers_json(headers: &HeaderMap, hide: Option<&Redaction>) -> serde_json::Value {
     let mut map = serde_json::Map::new();
     for (name, value) in headers {
-        let text = if !show_secrets && SECRET_HEADERS.contains(name) {
+        let text = if hide.is_some_and(|r| r.is_secret(name, value)) {
             REDACTED.to_string()
         } else {
             String::from_utf8_lossy(value.as_bytes()).into_owned()
@@ -371,7 +436,7 @@ fn headers_json(headers: &HeaderMap, show_secrets: bool) -> serde_json::Value {
     serde_json::Value::Object(map)
 }
 
-fn entry_json(e: &RecentEntry, show_secrets: bool) -> serde_json::Value {
+fn entry_json(e: &RecentEntry, hide: Option<&Redaction>) -> serde_json::Value {
     serde_json::json!({
         "seq": e.seq,
         "at": e.at_unix_ms,
@@ -385,8 +450,8 @@ fn entry_json(e: &RecentEntry, show_secrets: bool) -> serde_json::Value {
         "reason": e.reason,
         "degraded": e.degraded,
         "durationMs": e.duration.as_secs_f64() * 1000.0,
-        "requestHeaders": headers_json(&e.request_headers, show_secrets),
-        "responseHeaders": headers_json(&e.response_headers, show_secrets),
+        "requestHeaders": headers_json(&e.request_headers, hide),
+        "responseHeaders": headers_json(&e.response_headers, hide),
     })
 }
 
@@ -440,7 +505,7 @@ mod tests {
 
     #[test]
     fn keeps_the_newest_in_order_and_filters_after_the_response() {
-        let ring = RecentRequests::new(8, false);
+        let ring = RecentRequests::new(8, false, Redaction::default());
         fill(&ring, 20);
         assert_eq!(ring.recorded(), 20);
         let all = ring.list(&RecentFilter::default());
@@ -468,7 +533,7 @@ mod tests {
 
     #[test]
     fn secrets_are_redacted_unless_kept_and_asked_for() {
-        let redacting = RecentRequests::new(4, false);
+        let redacting = RecentRequests::new(4, false, Redaction::default());
         fill(&redacting, 1);
         let asked = RecentFilter {
             secrets: true,
@@ -484,7 +549,7 @@ mod tests {
         let stored = redacting.list(&RecentFilter::default());
         assert_eq!(stored[0].request_headers["authorization"], REDACTED);
 
-        let keeping = RecentRequests::new(4, true);
+        let keeping = RecentRequests::new(4, true, Redaction::default());
         fill(&keeping, 1);
         let hidden = keeping.to_json(&RecentFilter::default());
         assert_eq!(
@@ -503,13 +568,100 @@ mod tests {
     }
 
     #[test]
+    fn names_that_read_like_credentials_sensitive_values_and_configured_names_are_secret() {
+        let rule = Redaction::new(vec![parse_header_name("X-Tenant-Pin").unwrap()]);
+        let plain = HeaderValue::from_static("v");
+        let secret = |name: &'static str| rule.is_secret(&HeaderName::from_static(name), &plain);
+        for name in [
+            "authorization",
+            "proxy-authorization",
+            "cookie",
+            "set-cookie",
+            "x-api-key",
+            "x-auth-token",
+            "x-amz-security-token",
+            "x-csrf-token",
+            "x-session-id",
+            "x-client-secret",
+            "x-db-password",
+            "apikey",
+            "x-goog-api_key",
+            "x-hub-signature-256",
+            "x-aws-credentials",
+            "x-tenant-pin",
+        ] {
+            assert!(secret(name), "{name} is secret");
+        }
+        for name in [
+            "x-user-id",
+            "content-type",
+            "x-request-id",
+            "traceparent",
+            "host",
+        ] {
+            assert!(!secret(name), "{name} is not secret");
+        }
+        let mut marked = HeaderValue::from_static("opaque");
+        marked.set_sensitive(true);
+        assert!(rule.is_secret(&HeaderName::from_static("x-opaque"), &marked));
+        assert!(parse_header_name("bad header").is_err());
+    }
+
+    #[test]
+    fn kept_secrets_are_hidden_by_the_same_rule_when_not_asked_for() {
+        let rule = || Redaction::new(vec![HeaderName::from_static("x-tenant-pin")]);
+        let request = Request::builder()
+            .uri("http://log-service/")
+            .header("x-api-key", "k-123")
+            .header("x-tenant-pin", "4242")
+            .header("x-user-id", "alice")
+            .body(())
+            .unwrap();
+        for keep in [false, true] {
+            let ring = RecentRequests::new(2, keep, rule());
+            ring.record(
+                Seen::new(&request),
+                "outbound",
+                None,
+                None,
+                &resp(200, None),
+                Duration::ZERO,
+            );
+            let stored = &ring.list(&RecentFilter::default())[0].request_headers;
+            let expect = |clear: &str| {
+                if keep {
+                    clear.to_owned()
+                } else {
+                    REDACTED.to_owned()
+                }
+            };
+            assert_eq!(stored["x-api-key"], expect("k-123").as_str());
+            assert_eq!(stored["x-tenant-pin"], expect("4242").as_str());
+            let hidden = ring.to_json(&RecentFilter::default());
+            let headers = &hidden["requests"][0]["requestHeaders"];
+            assert_eq!(headers["x-api-key"][0], REDACTED);
+            assert_eq!(headers["x-tenant-pin"][0], REDACTED);
+            assert_eq!(headers["x-user-id"][0], "alice");
+            let asked = RecentFilter {
+                secrets: true,
+                ..Default::default()
+            };
+            let shown = ring.to_json(&asked);
+            assert_eq!(
+                shown["requests"][0]["requestHeaders"]["x-api-key"][0],
+                expect("k-123").as_str()
+            );
+        }
+    }
+
+    #[test]
     fn a_writer_held_up_never_overwrites_a_newer_entry() {
-        let ring = RecentRequests::new(1, false);
+        let ring = RecentRequests::new(1, false, Redaction::default());
         fill(&ring, 2);
         let newest = ring.list(&RecentFilter::default());
         assert_eq!(newest.iter().map(|e| e.seq).collect::<Vec<_>>(), [1]);
         // The entry of request 0, stored late: the slot keeps request 1's.
-        let late = RecentRequests::new(1, false);
+        let late = RecentRequests::new(1, false, Redaction::default());
         fill(&late, 1);
         let stale = late.list(&RecentFilter::default()).remove(0);
         drop(late);
@@ -523,7 +675,7 @@ mod tests {
 
     #[test]
     fn the_query_is_read_strictly_and_each_filter_holds() {
-        let ring = RecentRequests::new(8, false);
+        let ring = RecentRequests::new(8, false, Redaction::default());
         let now = || {
             let since = SystemTime::now().duration_since(UNIX_EPOCH).unwrap();
             u64::try_from(since.as_millis()).unwrap()
@@ -578,7 +730,7 @@ mod tests {
 
     #[test]
     fn concurrent_writers_lose_nothing_but_the_oldest() {
-        let ring = Arc::new(RecentRequests::new(64, false));
+        let ring = Arc::new(RecentRequests::new(64, false, Redaction::default()));
         let threads: Vec<_> = (0..4)
             .map(|_| {
                 let ring = ring.clone();

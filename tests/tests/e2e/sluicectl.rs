@@ -784,6 +784,42 @@ async fn tap_shows_secrets_only_when_the_proxy_kept_them_and_they_are_asked_for(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tap_redacts_headers_that_read_like_credentials_and_the_ones_named_at_start() {
+    let upstream = Upstream::http1("v1").await;
+    let proxy = sluice_e2e::ChildProxy::spawn(
+        env!("CARGO_BIN_EXE_e2e-proxy").as_ref(),
+        &breaker_policy(upstream.addr()),
+        &[
+            "--recent-requests",
+            "10",
+            "--recent-requests-redact",
+            "X-Tenant-Pin,x-card",
+        ],
+    )
+    .await;
+    let mut conn = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
+    let sent = [
+        ("x-api-key", "k-123"),
+        ("x-auth-token", "t-456"),
+        ("x-tenant-pin", "4242"),
+        ("x-card", "4111"),
+        ("x-user-id", "alice"),
+    ];
+    let r = conn.request(Method::GET, "shop", "/", &sent).await.unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    let url = proxy.admin_addr().to_string();
+    let out = sluicectl(&["--proxy", &url, "tap", "-o", "json", "--show-secrets"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let headers = json(&out)["proxies"][0]["requests"][0]["requestHeaders"].clone();
+    for name in ["x-api-key", "x-auth-token", "x-tenant-pin", "x-card"] {
+        assert_eq!(headers[name][0], "[redacted]", "{name}: {headers}");
+    }
+    assert_eq!(headers["x-user-id"][0], "alice");
+    let text = stdout(&sluicectl(&["--proxy", &url, "tap", "--headers"]));
+    assert!(!text.contains("k-123") && !text.contains("4242"), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollout_status_pause_resume_promote_and_abort_drive_a_live_rollout() {
     use sluice_e2e::rollout::{RolloutMesh, history};
     // Held at its first step by a long interval, so only the commands move it.
