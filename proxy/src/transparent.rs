@@ -10,6 +10,9 @@
 //! [`sniff`] reads just enough of the client's first bytes to tell HTTP/1, the HTTP/2
 //! preface or anything else apart; a protocol in which the server speaks first (MySQL,
 //! SMTP) sends nothing, so the sniff gives up after [`SNIFF_WAIT`] and calls it opaque.
+//! A client that has begun sending is a client-first protocol, so a pause inside its
+//! first bytes (`GE`, then `T / ...`) is waited out for up to [`HEAD_WAIT`]: taking
+//! that pause for a server-first protocol would pass an HTTP request through ungoverned.
 //!
 //! - Not HTTP: [`passthrough`] replays the sniffed bytes to the original destination and
 //!   copies both ways untouched.
@@ -140,23 +143,30 @@ fn is_tchar(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
-/// Reads the client's first bytes until [`classify`] decides, the client stops sending
-/// for `wait`, or it closes; returns the verdict and the bytes read, which the caller
-/// must send on first.
+/// Reads the client's first bytes until [`classify`] decides, the client sends nothing
+/// for `wait`, it closes, or [`HEAD_WAIT`] after its first byte the prefix is still
+/// undecided; returns the verdict and the bytes read, which the caller must send on
+/// first.
 pub async fn sniff(stream: &mut TcpStream, wait: Duration) -> io::Result<(Protocol, Vec<u8>)> {
     let mut prefix = Vec::with_capacity(H2_PREFACE.len());
     let mut buf = [0u8; 64];
+    let mut deadline = tokio::time::Instant::now() + wait;
     loop {
         if let Some(p) = classify(&prefix)
             && !prefix.is_empty()
         {
             return Ok((p, prefix));
         }
-        let n = match tokio::time::timeout(wait, stream.read(&mut buf)).await {
+        let n = match tokio::time::timeout_at(deadline, stream.read(&mut buf)).await {
             Ok(r) => r?,
-            // Server-first protocols: the client waits for the server to speak.
+            // Silent: a server-first protocol, the client waiting for the server to
+            // speak. Begun and stalled past HEAD_WAIT: nothing HTTP would do that, and
+            // Linkerd's detection gives up the same way.
             Err(_) => return Ok((Protocol::Opaque, prefix)),
         };
+        if prefix.is_empty() && n > 0 {
+            deadline = tokio::time::Instant::now() + HEAD_WAIT;
+        }
         if n == 0 {
             return Ok((Protocol::Opaque, prefix));
         }
@@ -895,6 +905,32 @@ mod tests {
             (Protocol::Opaque, Vec::new())
         );
         assert!(started.elapsed() >= SNIFF_WAIT);
+
+        // The start of a method, a pause past the silent wait, then the rest: still HTTP.
+        let (mut client, mut proxy_end) = accepted().await;
+        client.write_all(b"GE").await.unwrap();
+        let mut sniffing = std::pin::pin!(sniff(&mut proxy_end, SNIFF_WAIT));
+        assert!(sniffing.as_mut().now_or_never().is_none());
+        tokio::time::advance(SNIFF_WAIT * 5).await;
+        assert!(
+            sniffing.as_mut().now_or_never().is_none(),
+            "a begun request is waited for"
+        );
+        client.write_all(b"T / HTTP/1.1\r\n").await.unwrap();
+        assert_eq!(
+            sniffing.await.unwrap(),
+            (Protocol::Http1, b"GET / HTTP/1.1\r\n".to_vec())
+        );
+
+        // Begun and stalled past the head's wait: opaque, bytes kept.
+        let (mut client, mut proxy_end) = accepted().await;
+        client.write_all(b"HELLO").await.unwrap();
+        let started = tokio::time::Instant::now();
+        assert_eq!(
+            sniff(&mut proxy_end, SNIFF_WAIT).await.unwrap(),
+            (Protocol::Opaque, b"HELLO".to_vec())
+        );
+        assert!(started.elapsed() >= HEAD_WAIT);
 
         // A client that sends the start of a method and closes: opaque, bytes kept.
         let (mut client, mut proxy_end) = accepted().await;
