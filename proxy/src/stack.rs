@@ -6,10 +6,14 @@
 //! route rate limit → total timeout → split → [fallback] → retry → circuit breaker → balancer → pooled connection
 //! ```
 //!
-//! On a route without a fallback the retry layer enforces the total timeout itself
-//! ([`RetryLayer::with_total`](sluice_filters::retry::RetryLayer::with_total)): the split
-//! between them never waits, so the request sees the same deadline and the same
-//! 504, with one timer instead of two.
+//! No timeout layer is built: on a route without a fallback the retry layer enforces
+//! the total timeout itself
+//! ([`RetryLayer::with_total`](sluice_filters::retry::RetryLayer::with_total)), on a
+//! route with one the fallback layer does
+//! ([`FallbackLayer::with_total`](sluice_filters::fallback::FallbackLayer::with_total)).
+//! The split above them never waits, so the request sees the same deadline and the
+//! same 504, with one timer instead of two, and the 504 names the backend that had the
+//! request when the time ran out (the primary, or the fallback backend).
 //!
 //! The fallback layer is stacked only on routes with `fallback`.
 //!
@@ -52,7 +56,8 @@
 //!   [`crate::fleet::spawn`]) as [`RateLimitLayer::fleet(limiter)`](sluice_filters::ratelimit::RateLimitLayer::fleet);
 //!   answers of its local fallback carry `x-sluice-ratelimit-scope: degraded-local`.
 //! - **Timeout** ([`timeout`](sluice_filters::timeout)). Params: [`TimeoutParams::from_config(&route)`](sluice_filters::timeout::TimeoutParams::from_config);
-//!   layer `params.total_layer()` (a `None` duration passes through). The per-try
+//!   the total is enforced by the retry or the fallback layer (`with_total`), so
+//!   `params.total_layer()` is not stacked on a route. The per-try
 //!   timeout is the retry layer's own. No state, no extensions. Error: [`FilterError::Timeout`](sluice_filters::FilterError::Timeout) (504 `timeout`).
 //! - **Split** ([`split`](sluice_filters::split)). Params:
 //!   [`SplitParams::from_config(&route, spec.backends.keys().map(String::as_str))`](sluice_filters::split::SplitParams::from_config)`?`
@@ -120,7 +125,6 @@ use sluice_filters::fallback::FallbackLayer;
 use sluice_filters::ratelimit::RateLimitLayer;
 use sluice_filters::retry::{ReplayBody, RetryLayer};
 use sluice_filters::split::SplitLayer;
-use sluice_filters::timeout::TimeoutLayer;
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceBuilder};
 
@@ -238,7 +242,8 @@ pub fn build_outbound(ctx: &StackContext, params: Arc<RouteParams>) -> RouteEntr
     );
     // Without a fallback between them, the retry layer enforces the total timeout
     // itself: one timer per request for the earlier of it and the per-try deadline.
-    let (total_above, total_in_retry) = match params.fallback {
+    // With one, the fallback layer does, so that it names the backend it cut off.
+    let (total_in_fallback, total_in_retry) = match params.fallback {
         None => (None, params.timeouts.total),
         Some(_) => (params.timeouts.total, None),
     };
@@ -292,14 +297,16 @@ pub fn build_outbound(ctx: &StackContext, params: Arc<RouteParams>) -> RouteEntr
         (Some(fallback), limit) => BoxCloneSyncService::new(
             ServiceBuilder::new()
                 .option_layer(limit)
-                .layer(TimeoutLayer::new(total_above))
                 .layer(split)
                 .map_response(|r: Response<Either<Body, Full<Bytes>>>| r.map(boxed))
-                .layer(FallbackLayer::new(
-                    fallback.clone(),
-                    params.key.clone(),
-                    fallback_observer(&ctx.metrics),
-                ))
+                .layer(
+                    FallbackLayer::new(
+                        fallback.clone(),
+                        params.key.clone(),
+                        fallback_observer(&ctx.metrics),
+                    )
+                    .with_total(total_in_fallback),
+                )
                 .map_request(|r: Request<ReplayBody<Body>>| r.map(boxed))
                 .service(lower),
         ),

@@ -9,6 +9,7 @@ use http::{HeaderValue, Request, Response};
 use http_body::Body;
 use http_body_util::{Either, Full};
 use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep, timeout_at};
 use tower::{BoxError, ServiceExt};
 use tower_service::Service;
 
@@ -16,6 +17,7 @@ use super::{FallbackAction, FallbackObserver, FallbackParams};
 use crate::extensions::Routing;
 use crate::reason::{DEGRADED_HEADER, Reason};
 use crate::replay::{BodySource, Reclaim, ReplayBody};
+use crate::{AtBackend, FilterError};
 
 /// How long the fallback waits for the primary's try to hand the request body back
 /// (a connection may still hold it for a moment after failing).
@@ -44,7 +46,14 @@ pin_project! {
     where
         S: Service<Request<ReplayBody<B>>>,
     {
-        Primary { #[pin] fut: S::Future, rest: Option<Rest<S, B>> },
+        Primary {
+            #[pin]
+            fut: S::Future,
+            // The route's total timeout, when this layer enforces it.
+            #[pin]
+            total: Option<Sleep>,
+            rest: Option<Rest<S, B>>,
+        },
         ToBackend { fut: ToBackend<RB> },
     }
 }
@@ -62,6 +71,9 @@ pub(crate) struct Rest<S, B> {
     /// The head as it came, for the fallback backend.
     pub(super) head: Option<http::request::Parts>,
     pub(super) source: Option<BodySource<B>>,
+    /// The route's total timeout, when this layer enforces it: when it ends, and after
+    /// how long.
+    pub(super) total: Option<(Instant, Duration)>,
 }
 
 impl<S, B, RB> ResponseFuture<S, B, RB>
@@ -72,6 +84,7 @@ where
         Self {
             kind: Kind::Primary {
                 fut,
+                total: rest.total.map(|(at, _)| tokio::time::sleep_until(at)),
                 rest: Some(rest),
             },
         }
@@ -92,10 +105,25 @@ where
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let next = match self.as_mut().project().kind.project() {
             KindProj::ToBackend { fut } => return fut.as_mut().poll(cx),
-            KindProj::Primary { fut, rest } => {
-                let err: BoxError = match ready!(fut.poll(cx)) {
-                    Ok(resp) => return Poll::Ready(Ok(resp.map(Either::Left))),
-                    Err(e) => e.into(),
+            KindProj::Primary { fut, total, rest } => {
+                // The response goes first so that one ready at the deadline wins.
+                let err: BoxError = match fut.poll(cx) {
+                    Poll::Ready(Ok(resp)) => return Poll::Ready(Ok(resp.map(Either::Left))),
+                    Poll::Ready(Err(e)) => e.into(),
+                    Poll::Pending => {
+                        if let Some(sleep) = total.as_pin_mut() {
+                            ready!(sleep.poll(cx));
+                            // The whole request is over, fallback included: counted
+                            // against the primary, which had it.
+                            let rest = rest.take().expect("polled after completion");
+                            let after = rest.total.map(|(_, d)| d).unwrap_or_default();
+                            return Poll::Ready(Err(AtBackend::wrap(
+                                rest.primary.clone(),
+                                FilterError::Timeout(after),
+                            )));
+                        }
+                        return Poll::Pending;
+                    }
                 };
                 let rest = rest.take().expect("polled after completion");
                 let Some(reason) = rest.params.fires_on(&*err) else {
@@ -106,7 +134,23 @@ where
                         rest.answered(reason);
                         return Poll::Ready(Ok(r.answer(rest.grpc, reason)));
                     }
-                    FallbackAction::Backend(_) => Box::pin(rest.send_to_backend(err, reason)),
+                    FallbackAction::Backend(b) => match rest.total {
+                        None => Box::pin(rest.send_to_backend(err, reason)) as ToBackend<RB>,
+                        // The fallback backend gets what is left of the route's time;
+                        // running out is counted against it, which had the request.
+                        Some((at, after)) => {
+                            let name = b.name.clone();
+                            let tries = rest.send_to_backend(err, reason);
+                            Box::pin(async move {
+                                match timeout_at(at, tries).await {
+                                    Ok(answer) => answer,
+                                    Err(_) => {
+                                        Err(AtBackend::wrap(name, FilterError::Timeout(after)))
+                                    }
+                                }
+                            })
+                        }
+                    },
                 }
             }
         };

@@ -1,4 +1,5 @@
 use std::sync::Arc;
+use std::time::Duration;
 
 use tower_layer::Layer;
 
@@ -10,6 +11,7 @@ pub struct FallbackLayer {
     params: Arc<FallbackParams>,
     route: Arc<str>,
     observer: Arc<dyn FallbackObserver>,
+    total: Option<Duration>,
 }
 
 impl std::fmt::Debug for FallbackLayer {
@@ -32,7 +34,20 @@ impl FallbackLayer {
             params,
             route: route.into(),
             observer,
+            total: None,
         }
+    }
+
+    /// Enforces the route's total timeout here too, as a
+    /// [`TimeoutLayer`](crate::timeout::TimeoutLayer) above the split would (the request
+    /// fails with [`FilterError::Timeout`](crate::FilterError::Timeout) of `total`,
+    /// fallback included), but naming the backend that had the request when the time ran
+    /// out ([`AtBackend`](crate::AtBackend)): the primary, or the fallback backend once the
+    /// request went there. Only for a stack where nothing between the split and this
+    /// layer waits.
+    pub fn with_total(mut self, total: Option<Duration>) -> Self {
+        self.total = total;
+        self
     }
 }
 
@@ -46,5 +61,6 @@ impl<S> Layer<S> for FallbackLayer {
             self.route.clone(),
             self.observer.clone(),
         )
+        .with_total(self.total)
     }
 }

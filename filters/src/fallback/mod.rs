@@ -9,7 +9,10 @@
 //!
 //! so it sees a failure only once the primary's retries are spent, or when the failure is
 //! final at once (`breaker-open` is never retried), and whatever it does happens within
-//! the route's remaining time. It acts only on an error whose reason ([`Reason`]) is
+//! the route's remaining time. On such a route this layer enforces the total timeout
+//! itself ([`FallbackLayer::with_total`]), so that a request that runs out of time is
+//! counted against the backend that had it: the primary, or the fallback backend. It
+//! acts only on an error whose reason ([`Reason`]) is
 //! listed in `on` (`breaker-open`, `no-healthy-endpoint`, `upstream-unavailable`,
 //! `timeout`: a try's timeout); anything else, and any response the upstream gave, goes
 //! back as it came.

@@ -1,5 +1,6 @@
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -26,6 +27,7 @@ pub struct Fallback<S> {
     params: Arc<FallbackParams>,
     route: Arc<str>,
     observer: Arc<dyn FallbackObserver>,
+    total: Option<Duration>,
 }
 
 impl<S: std::fmt::Debug> std::fmt::Debug for Fallback<S> {
@@ -50,7 +52,14 @@ impl<S> Fallback<S> {
             params,
             route,
             observer,
+            total: None,
         }
+    }
+
+    /// Also enforces the route's total timeout (see [`FallbackLayer::with_total`](super::FallbackLayer::with_total)).
+    pub fn with_total(mut self, total: Option<Duration>) -> Self {
+        self.total = total;
+        self
     }
 }
 
@@ -99,6 +108,7 @@ where
                 grpc,
                 head,
                 source,
+                total: self.total.map(|d| (crate::clock::now() + d, d)),
             },
         )
     }

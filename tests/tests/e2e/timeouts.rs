@@ -6,6 +6,7 @@
 //! which closes an idle keep-alive connection and one that never spoke, and which a
 //! shutdown does not wait for.
 
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -499,5 +500,78 @@ async fn a_tunnel_outlives_the_request_header_timeout() {
         tunnel.read_exact(&mut back).await.unwrap();
         assert_eq!(back, msg, "message {i} came back as {back:?}");
     }
+    proxy.shutdown().await;
+}
+
+/// A policy `fb` for host `quote` whose route `main` sends to a `primary` backend with
+/// a `cache` fallback on timeouts, within a route `timeout` of 400 ms; `retry` is the
+/// route's retry line, if any.
+fn fallback_policy(primary: SocketAddr, cache: SocketAddr, retry: &str) -> String {
+    format!(
+        r#"apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: {{ name: fb, namespace: e2e }}
+spec:
+  host: quote
+  backends:
+    primary: {{ addresses: ["{primary}"] }}
+    cache: {{ addresses: ["{cache}"] }}
+  routes:
+    - name: main
+      timeout: 400ms
+{retry}      fallback: {{ on: [timeout], backend: cache }}
+"#
+    )
+}
+
+/// The total timeout of a route with a fallback is counted against the backend being
+/// tried when it ran out: the primary while the primary is tried, the fallback backend
+/// once the request went there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_route_timeout_with_a_fallback_names_the_backend_it_cut_off() {
+    let primary = Upstream::auto("primary").await;
+    let cache = Upstream::auto("cache").await;
+    primary.set_stall(sluice_e2e::Stall::Hang);
+    cache.set_stall(sluice_e2e::Stall::Hang);
+
+    // No per-try timeout: the primary holds the request until the route's time is up.
+    let proxy = TestProxy::start(&fallback_policy(primary.addr(), cache.addr(), "")).await;
+    let mut conn = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
+    let r = conn.get("quote", "/quote/1").await.unwrap();
+    assert_eq!(r.status, 504, "{r:?}");
+    assert_eq!(r.header("x-sluice-reason"), "timeout");
+    assert_eq!(cache.requests(), 0, "a total timeout does not fall back");
+    let metrics = scrape(proxy.admin_addr()).await;
+    let main = r#"route="fb.main""#;
+    let timed_out = |backend: &str| {
+        metric_sum(
+            &metrics,
+            "sluice_requests_total",
+            &[main, &format!(r#"backend="{backend}""#), r#"code="504""#],
+        )
+    };
+    assert_eq!(timed_out("primary"), 1.0, "{metrics}");
+    assert_eq!(timed_out(""), 0.0, "{metrics}");
+    proxy.shutdown().await;
+
+    // A per-try timeout sends it to the cache, which holds it until the route's time is up.
+    let retry = "      retry: { attempts: 0, perTryTimeout: 100ms }\n";
+    let proxy = TestProxy::start(&fallback_policy(primary.addr(), cache.addr(), retry)).await;
+    let mut conn = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
+    let r = conn.get("quote", "/quote/2").await.unwrap();
+    assert_eq!(r.status, 504, "{r:?}");
+    assert_eq!(cache.requests(), 1);
+    let metrics = scrape(proxy.admin_addr()).await;
+    let timed_out = |backend: &str| {
+        metric_sum(
+            &metrics,
+            "sluice_requests_total",
+            &[main, &format!(r#"backend="{backend}""#), r#"code="504""#],
+        )
+    };
+    assert_eq!(timed_out("cache"), 1.0, "{metrics}");
+    assert_eq!(timed_out("primary") + timed_out(""), 0.0, "{metrics}");
+    primary.set_stall(sluice_e2e::Stall::None);
+    cache.set_stall(sluice_e2e::Stall::None);
     proxy.shutdown().await;
 }
