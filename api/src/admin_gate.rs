@@ -13,18 +13,33 @@
 //! the password of HTTP Basic (`Authorization: Basic base64(any-user:token)`), which is
 //! what a browser sends for the admin page after its own login prompt
 //! ([`BASIC_CHALLENGE`]) and then on every call the page makes.
+//!
+//! A token given as a file ([`AdminGate::with_token_file`]) follows the file: it may
+//! appear after start (an optional Secret volume created later), change (the kubelet
+//! swaps a Secret volume's files when the Secret is rotated) or vanish, and each
+//! protected request answers by the file as it is then, with no restart. While the file
+//! is missing, empty or unreadable no token opens the protected routes.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use base64::Engine as _;
 
 /// The admin token rule of one admin listener.
 #[derive(Clone, Debug)]
 pub struct AdminGate {
-    token: Option<Arc<str>>,
+    token: Token,
     open: bool,
+}
+
+/// Where the gate's token comes from.
+#[derive(Clone, Debug)]
+enum Token {
+    None,
+    Fixed(Arc<str>),
+    File(Arc<TokenFile>),
 }
 
 /// Why a protected admin route refused a request.
@@ -34,6 +49,9 @@ pub enum Refusal {
     NoTokenConfigured,
     /// The request carried no token or the wrong one.
     BadToken,
+    /// A token file is configured but holds no token now (missing, empty or
+    /// unreadable): the route is closed until it does.
+    TokenFileUnusable,
 }
 
 /// The `WWW-Authenticate` challenge sent with a 401.
@@ -48,7 +66,7 @@ impl Refusal {
     /// (no token would help).
     pub fn status(self) -> u16 {
         match self {
-            Refusal::NoTokenConfigured => 403,
+            Refusal::NoTokenConfigured | Refusal::TokenFileUnusable => 403,
             Refusal::BadToken => 401,
         }
     }
@@ -61,6 +79,11 @@ impl Refusal {
                  configured (--admin-token-file)\n"
             }
             Refusal::BadToken => "unauthorized: send Authorization: Bearer <admin token>\n",
+            Refusal::TokenFileUnusable => {
+                "forbidden: this admin port is bound beyond loopback and its admin token file \
+                 (--admin-token-file) is missing or empty; in a pod, create the Secret the \
+                 injector mounts (key `token`) and retry, no restart needed\n"
+            }
         }
     }
 }
@@ -69,8 +92,18 @@ impl AdminGate {
     /// The gate of a listener bound at `bound`, with `token` if one is configured.
     pub fn new(bound: SocketAddr, token: Option<Arc<str>>) -> Self {
         Self {
-            token,
-            open: bound.ip().to_canonical().is_loopback(),
+            token: token.map_or(Token::None, Token::Fixed),
+            open: is_loopback(bound),
+        }
+    }
+
+    /// The gate of a listener bound at `bound` whose token is the content of `path`,
+    /// read now and again whenever the file changes. A missing or empty file is not an
+    /// error: it is logged, and the protected routes stay closed until it holds a token.
+    pub fn with_token_file(bound: SocketAddr, path: PathBuf) -> Self {
+        Self {
+            token: Token::File(Arc::new(TokenFile::open(path))),
+            open: is_loopback(bound),
         }
     }
 
@@ -98,8 +131,10 @@ impl AdminGate {
         if self.open {
             return Ok(());
         }
-        let Some(token) = &self.token else {
-            return Err(Refusal::NoTokenConfigured);
+        let token = match &self.token {
+            Token::None => return Err(Refusal::NoTokenConfigured),
+            Token::Fixed(t) => t.clone(),
+            Token::File(f) => f.current().ok_or(Refusal::TokenFileUnusable)?,
         };
         let given = authorization.and_then(|v| {
             if let Some(bearer) = v.strip_prefix(b"Bearer ") {
@@ -117,6 +152,66 @@ impl AdminGate {
             Some(g) if constant_time_eq(&g, token.as_bytes()) => Ok(()),
             _ => Err(Refusal::BadToken),
         }
+    }
+}
+
+fn is_loopback(bound: SocketAddr) -> bool {
+    bound.ip().to_canonical().is_loopback()
+}
+
+/// A token file, read on each request that needs its token. Those are an operator's
+/// requests, not traffic, and a read of a few bytes costs about what a `stat` would,
+/// without the blind spot of metadata (a file replaced within one timestamp tick by one
+/// of the same length and a recycled inode number would look unchanged). The last
+/// outcome is kept, lock-free, only so the log says each change once.
+#[derive(Debug)]
+struct TokenFile {
+    path: PathBuf,
+    last: ArcSwap<Result<Arc<str>, String>>,
+}
+
+impl TokenFile {
+    fn open(path: PathBuf) -> Self {
+        let first = AdminGate::read_token(&path).map_err(|e| e.to_string());
+        log_change(&path, None, &first);
+        Self {
+            path,
+            last: ArcSwap::from_pointee(first),
+        }
+    }
+
+    /// The token the file holds now.
+    fn current(&self) -> Option<Arc<str>> {
+        let now = AdminGate::read_token(&self.path).map_err(|e| e.to_string());
+        let last = self.last.load();
+        if now != **last {
+            log_change(&self.path, Some(&last), &now);
+            self.last.store(Arc::new(now.clone()));
+        }
+        now.ok()
+    }
+}
+
+/// Says in the log how the token file's outcome changed from `before` (`None`: at start).
+fn log_change(
+    path: &Path,
+    before: Option<&Result<Arc<str>, String>>,
+    now: &Result<Arc<str>, String>,
+) {
+    match (before, now) {
+        (None | Some(Err(_)), Ok(_)) => {
+            tracing::info!(path = %path.display(), "admin token loaded")
+        }
+        (Some(Ok(_)), Ok(_)) => tracing::info!(
+            path = %path.display(),
+            "admin token changed; the previous one no longer opens"
+        ),
+        (_, Err(e)) => tracing::warn!(
+            path = %path.display(),
+            error = %e,
+            "admin token file unusable: beyond loopback, only /live, /ready, /metrics and \
+             the app probes answer until it holds a token"
+        ),
     }
 }
 
@@ -194,6 +289,57 @@ mod tests {
                 .message()
                 .contains("--admin-token-file")
         );
+    }
+
+    /// Replaces `path` as the kubelet replaces a Secret volume's file: a new file
+    /// renamed over the name, so readers see the old content or the new, never half.
+    fn replace(path: &Path, text: &str) {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+
+    /// A token file followed by the gate: missing at start (an optional Secret not
+    /// created yet) closes the routes without failing; created, it opens them; rotated,
+    /// only the new token opens; removed or emptied, none does.
+    #[test]
+    fn a_token_file_is_followed_without_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let wide = AdminGate::with_token_file("0.0.0.0:15000".parse().unwrap(), path.clone());
+        assert_eq!(
+            wide.check(Some(b"Bearer first")),
+            Err(Refusal::TokenFileUnusable)
+        );
+        assert_eq!(Refusal::TokenFileUnusable.status(), 403);
+
+        replace(&path, "first\n");
+        assert_eq!(wide.check(Some(b"Bearer first")), Ok(()));
+        assert_eq!(wide.check(Some(b"Bearer other")), Err(Refusal::BadToken));
+        // Clones (one per connection) share what was read.
+        assert_eq!(wide.clone().check(Some(b"Bearer first")), Ok(()));
+
+        // Rotated to a token of the same length.
+        replace(&path, "secnd\n");
+        assert_eq!(wide.check(Some(b"Bearer first")), Err(Refusal::BadToken));
+        assert_eq!(wide.check(Some(b"Bearer secnd")), Ok(()));
+
+        replace(&path, "\n");
+        assert_eq!(
+            wide.check(Some(b"Bearer secnd")),
+            Err(Refusal::TokenFileUnusable)
+        );
+        replace(&path, "third");
+        assert_eq!(wide.check(Some(b"Bearer third")), Ok(()));
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(
+            wide.check(Some(b"Bearer third")),
+            Err(Refusal::TokenFileUnusable)
+        );
+
+        // On loopback the file plays no part.
+        let local = AdminGate::with_token_file("127.0.0.1:15000".parse().unwrap(), path);
+        assert_eq!(local.check(None), Ok(()));
     }
 
     #[test]

@@ -130,7 +130,8 @@ pub(crate) struct RunArgs {
     #[arg(long, env = "SLUICE_ADDR_FILE", value_name = "FILE")]
     pub(crate) addr_file: Option<PathBuf>,
     /// Bearer token file: on an admin bound beyond loopback, every route but /live,
-    /// /ready, /metrics and /app-health/… needs it.
+    /// /ready, /metrics and /app-health/… needs it. Read on each such request, so it may
+    /// appear or change after start (a Secret volume); while missing or empty, they are closed.
     #[arg(long, env = "SLUICE_ADMIN_TOKEN_FILE", value_name = "FILE")]
     pub(crate) admin_token_file: Option<PathBuf>,
     /// Control-plane URL (e.g. http://127.0.0.1:15010) to receive policies from.

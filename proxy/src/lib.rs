@@ -154,7 +154,6 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
     let ctx = listeners::stack_context(&cfg, metrics, tls.clone())?;
     let app = cfg.app.filter(|_| !cfg.no_inbound);
     let store = PolicyStore::new(ctx, cfg.service.clone(), listeners::app_authority(app)?);
-    let token = listeners::admin_token(&cfg)?;
     let probes = match cfg.app_probes.as_deref() {
         Some(json) => Some(Arc::new(probes::AppProbes::from_json(json)?)),
         None => None,
@@ -182,7 +181,7 @@ pub async fn start(cfg: ProxyConfig) -> Result<RunningProxy, ProxyError> {
     let admin_state = admin::AdminState {
         store: store.clone(),
         log: cfg.log_control.clone(),
-        gate: sluice_api::AdminGate::new(addrs.admin, token),
+        gate: listeners::admin_gate(&cfg, addrs.admin),
         probes,
         tls: tls.clone(),
         node_id: cfg

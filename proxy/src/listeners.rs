@@ -28,12 +28,14 @@ pub(crate) fn read_trust_root(cfg: &ProxyConfig) -> Result<Option<Vec<u8>>, Prox
     read_flag_file(cfg.trust_root.as_deref(), |p| std::fs::read(p))
 }
 
-/// `--admin-token-file`'s token, when given.
-pub(crate) fn admin_token(cfg: &ProxyConfig) -> Result<Option<Arc<str>>, ProxyError> {
-    read_flag_file(
-        cfg.admin_token_file.as_deref(),
-        sluice_api::AdminGate::read_token,
-    )
+/// The admin listener's token rule: with `--admin-token-file`, the file is followed
+/// (missing at start, created or rotated later) rather than read once, since in a pod
+/// it is an optional Secret volume the kubelet fills and updates in place.
+pub(crate) fn admin_gate(cfg: &ProxyConfig, bound: SocketAddr) -> sluice_api::AdminGate {
+    match &cfg.admin_token_file {
+        Some(path) => sluice_api::AdminGate::with_token_file(bound, path.clone()),
+        None => sluice_api::AdminGate::new(bound, None),
+    }
 }
 
 /// Reads the file a flag names, if it names one.
