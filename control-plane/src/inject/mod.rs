@@ -12,7 +12,9 @@
 //! server listens on the pod address (`0.0.0.0`): a server bound to `127.0.0.1` stays
 //! private to the pod, and the proxy's own ports refuse connections from the network.
 //! The rewritten probes and Prometheus scrapes use the admin port's open routes
-//! (`/app-health/…`, `/metrics`), which need no admin token.
+//! (`/app-health/…`, `/metrics`), which need no admin token; the other routes need the
+//! token the proxy reads from the Secret `--inject-admin-token-secret` names (mounted
+//! optional: without it they stay closed).
 
 mod patch;
 mod server;
@@ -21,10 +23,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 pub use patch::{
-    ADMIN_PORT, ANNOTATION_CPU, ANNOTATION_INJECT, ANNOTATION_MEMORY, ANNOTATION_SKIP_INBOUND,
-    ANNOTATION_SKIP_OUTBOUND, ANNOTATION_STATUS, Decision, ENV_APP_PROBES, INBOUND_PORT,
-    INIT_CONTAINER, InjectConfig, OUTBOUND_PORT, PROXY_CONTAINER, PROXY_UID, Refusal,
-    TOKEN_AUDIENCE, TOKEN_DIR, TOKEN_VOLUME, TRUST_ROOT_DIR, TRUST_ROOT_VOLUME, decide,
+    ADMIN_PORT, ADMIN_TOKEN_DIR, ADMIN_TOKEN_VOLUME, ANNOTATION_ADMIN_TOKEN_SECRET, ANNOTATION_CPU,
+    ANNOTATION_INJECT, ANNOTATION_MEMORY, ANNOTATION_SKIP_INBOUND, ANNOTATION_SKIP_OUTBOUND,
+    ANNOTATION_STATUS, Decision, ENV_APP_PROBES, INBOUND_PORT, INIT_CONTAINER, InjectConfig,
+    OUTBOUND_PORT, PROXY_CONTAINER, PROXY_UID, Refusal, TOKEN_AUDIENCE, TOKEN_DIR, TOKEN_VOLUME,
+    TRUST_ROOT_DIR, TRUST_ROOT_VOLUME, check_secret_name, decide,
 };
 pub use server::{MeshCaCert, RunningWebhook, WebhookConfig, WebhookTls, start_webhook};
 
@@ -62,6 +65,19 @@ pub struct WebhookArgs {
     /// fleet rate limits, given to injected proxies as `SLUICE_REDIS_URL`.
     #[arg(long, env = "SLUICE_INJECT_REDIS_SECRET", value_name = "NAME")]
     pub inject_redis_secret: Option<String>,
+    /// Secret (key `token`, in each injected pod's namespace) holding the injected
+    /// proxies' admin token: mounted as an optional volume and passed as
+    /// `--admin-token-file`, so an operator can reach `/breakers`, `/config`, `sluicectl
+    /// top`... on a proxy whose admin port is bound beyond loopback. A pod's annotation
+    /// `sluice.dev/proxy-admin-token-secret` names another, or `disabled`.
+    #[arg(long, env = "SLUICE_INJECT_ADMIN_TOKEN_SECRET", value_name = "NAME", value_parser = secret_name)]
+    pub inject_admin_token_secret: Option<String>,
+}
+
+fn secret_name(s: &str) -> Result<String, String> {
+    check_secret_name(s)
+        .map(|()| s.to_owned())
+        .map_err(|why| format!("not a Secret name: {why}"))
 }
 
 impl WebhookArgs {
@@ -80,6 +96,7 @@ impl WebhookArgs {
         }
         inject.control_plane_url = self.inject_control_plane.clone();
         inject.redis_url_secret = self.inject_redis_secret.clone();
+        inject.admin_token_secret = self.inject_admin_token_secret.clone();
         let tls = match (&self.webhook_cert, &self.webhook_key) {
             (Some(cert), Some(key)) => WebhookTls::Files {
                 cert: cert.clone(),
@@ -93,5 +110,42 @@ impl WebhookArgs {
             inject,
             policy_limits: sluice_config::Limits::default(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Flags {
+        #[command(flatten)]
+        webhook: WebhookArgs,
+    }
+
+    /// `--inject-admin-token-secret` reaches the patch's settings; a name the API server
+    /// would refuse is refused at start, not at the first pod.
+    #[test]
+    fn the_admin_token_secret_flag_reaches_the_injector() {
+        let flags = Flags::try_parse_from([
+            "cp",
+            "--webhook=127.0.0.1:15017",
+            "--webhook-cert=c.pem",
+            "--webhook-key=k.pem",
+            "--inject-admin-token-secret=sluice-proxy-admin",
+        ])
+        .unwrap();
+        let cfg = flags.webhook.to_config(None).unwrap();
+        assert_eq!(
+            cfg.inject.admin_token_secret.as_deref(),
+            Some("sluice-proxy-admin")
+        );
+        let bad = Flags::try_parse_from(["cp", "--inject-admin-token-secret=Proxy_Admin"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(bad.contains("not a Secret name"), "{bad}");
     }
 }

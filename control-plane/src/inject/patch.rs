@@ -24,6 +24,11 @@ pub const TOKEN_DIR: &str = "/var/run/secrets/sluice";
 pub const TRUST_ROOT_VOLUME: &str = "sluice-trust-root";
 /// Where the trust-root volume is mounted in the proxy container.
 pub const TRUST_ROOT_DIR: &str = "/var/run/sluice/trust-root";
+/// Name of the volume holding the proxy's admin token (from a Secret).
+pub const ADMIN_TOKEN_VOLUME: &str = "sluice-admin-token";
+/// Where the admin-token volume is mounted in the proxy container; the proxy reads
+/// `token` in it (`--admin-token-file`).
+pub const ADMIN_TOKEN_DIR: &str = "/var/run/sluice/admin-token";
 /// Audience of the projected token the proxy presents to the control plane's CA.
 pub const TOKEN_AUDIENCE: &str = "sluice";
 /// The proxy's admin port (probes, `/app-health/...`).
@@ -45,6 +50,10 @@ pub const ANNOTATION_MEMORY: &str = "sluice.dev/proxy-memory";
 pub const ANNOTATION_SKIP_INBOUND: &str = "sluice.dev/skip-inbound-ports";
 /// Annotation: comma-separated outbound destination ports that are not redirected.
 pub const ANNOTATION_SKIP_OUTBOUND: &str = "sluice.dev/skip-outbound-ports";
+/// Annotation: the Secret (in the pod's namespace, key `token`) holding this pod's proxy
+/// admin token, instead of the injector's `--inject-admin-token-secret`; `disabled` (or
+/// `false`) mounts none, leaving the admin port's protected routes closed.
+pub const ANNOTATION_ADMIN_TOKEN_SECRET: &str = "sluice.dev/proxy-admin-token-secret";
 /// Environment variable of the proxy holding the application's original HTTP probes
 /// (JSON: `{"/app-health/<container>/<kind>": {"port": N, "path": ..., "scheme": ...}}`).
 pub const ENV_APP_PROBES: &str = "SLUICE_APP_PROBES";
@@ -66,6 +75,10 @@ pub struct InjectConfig {
     /// A Secret (in the pod's namespace, key `url`) holding the Redis URL of the fleet
     /// rate limits; given to the proxy as `SLUICE_REDIS_URL` when the Secret exists.
     pub redis_url_secret: Option<String>,
+    /// A Secret (in the pod's namespace, key `token`) holding the proxies' admin token,
+    /// mounted into each proxy (`--admin-token-file`) unless the pod's
+    /// `sluice.dev/proxy-admin-token-secret` annotation says otherwise.
+    pub admin_token_secret: Option<String>,
 }
 
 impl Default for InjectConfig {
@@ -80,6 +93,7 @@ impl Default for InjectConfig {
             default_cpu: "100m".to_owned(),
             default_memory: "128Mi".to_owned(),
             redis_url_secret: None,
+            admin_token_secret: None,
         }
     }
 }
@@ -151,6 +165,8 @@ pub fn decide(pod: &Pod, cfg: &InjectConfig) -> Result<Decision, Refusal> {
         &mut warnings,
     );
 
+    let admin_secret = admin_token_secret(&annotations, cfg)?;
+
     let mut ops = Vec::new();
     let (probe_ops, probes) = rewrite_probes(&spec.containers, &mut warnings);
 
@@ -181,12 +197,11 @@ pub fn decide(pod: &Pod, cfg: &InjectConfig) -> Result<Decision, Refusal> {
     }
     // The API server would refuse the patched pod for a duplicate volume name, with a
     // message that does not say why.
-    if let Some(v) = spec
-        .volumes
-        .iter()
-        .flatten()
-        .find(|v| v.name == TOKEN_VOLUME || v.name == TRUST_ROOT_VOLUME)
-    {
+    if let Some(v) = spec.volumes.iter().flatten().find(|v| {
+        v.name == TOKEN_VOLUME
+            || v.name == TRUST_ROOT_VOLUME
+            || (admin_secret.is_some() && v.name == ADMIN_TOKEN_VOLUME)
+    }) {
         return Err(Refusal(format!(
             "the pod has a volume named {:?}, a name the sidecar's injection uses; rename it, or opt out with {ANNOTATION_INJECT}: disabled",
             v.name
@@ -194,7 +209,14 @@ pub fn decide(pod: &Pod, cfg: &InjectConfig) -> Result<Decision, Refusal> {
     }
 
     let init = init_container(cfg, &skip_in, &skip_out);
-    let proxy = proxy_container(cfg, service.as_deref(), app_port, &probes, &cpu, &memory);
+    let proxy = proxy_container(
+        cfg,
+        service.as_deref(),
+        app_port,
+        &probes,
+        (&cpu, &memory),
+        admin_secret.is_some(),
+    );
     // The iptables step first, then the proxy, then the application's own init
     // containers: their traffic is redirected too, so the proxy must already run.
     match &spec.init_containers {
@@ -213,6 +235,15 @@ pub fn decide(pod: &Pod, cfg: &InjectConfig) -> Result<Decision, Refusal> {
         // Not optional: a proxy without the root cannot reach the control plane, and
         // the kubelet waits for the ConfigMap rather than start a proxy that fails.
         volumes.push(json!({"name": TRUST_ROOT_VOLUME, "configMap": {"name": name}}));
+    }
+    if let Some(name) = &admin_secret {
+        // Optional: a namespace without the Secret still runs its pods, with the admin
+        // port's protected routes closed (the proxy logs why) until the Secret is
+        // created; the kubelet then fills the volume, and updates it when the Secret
+        // changes, and the proxy reads the token on each request. Only the `token` key
+        // is projected, and the whole directory is mounted (a subPath never updates).
+        volumes.push(json!({"name": ADMIN_TOKEN_VOLUME, "secret": {
+            "secretName": name, "optional": true, "items": [{"key": "token", "path": "token"}]}}));
     }
     match &spec.volumes {
         Some(v) if !v.is_empty() => {
@@ -288,13 +319,16 @@ fn proxy_container(
     service: Option<&str>,
     app_port: Option<i32>,
     probes: &BTreeMap<String, Value>,
-    cpu: &str,
-    memory: &str,
+    (cpu, memory): (&str, &str),
+    admin_token: bool,
 ) -> Value {
     let mut args = vec!["run".to_owned()];
     if let Some(s) = service {
         args.push("--service".to_owned());
         args.push(s.to_owned());
+    }
+    if admin_token {
+        args.push(format!("--admin-token-file={ADMIN_TOKEN_DIR}/token"));
     }
     let mut env = vec![json!({"name": "SLUICE_ADMIN", "value": format!("0.0.0.0:{ADMIN_PORT}")})];
     if let Some(url) = &cfg.control_plane_url {
@@ -321,6 +355,11 @@ fn proxy_container(
         env.push(json!({"name": "SLUICE_TRUST_ROOT", "value": format!("{TRUST_ROOT_DIR}/{}", crate::k8s::trust_root::TRUST_ROOT_KEY)}));
         mounts.push(
             json!({"name": TRUST_ROOT_VOLUME, "mountPath": TRUST_ROOT_DIR, "readOnly": true}),
+        );
+    }
+    if admin_token {
+        mounts.push(
+            json!({"name": ADMIN_TOKEN_VOLUME, "mountPath": ADMIN_TOKEN_DIR, "readOnly": true}),
         );
     }
     if !probes.is_empty() {
@@ -410,6 +449,43 @@ fn rewrite_probes(
         }
     }
     (ops, originals)
+}
+
+/// The Secret whose `token` the proxy's admin port takes: the pod's annotation, else the
+/// injector's setting.
+fn admin_token_secret(
+    annotations: &BTreeMap<String, String>,
+    cfg: &InjectConfig,
+) -> Result<Option<String>, Refusal> {
+    let Some(v) = annotations.get(ANNOTATION_ADMIN_TOKEN_SECRET) else {
+        return Ok(cfg.admin_token_secret.clone());
+    };
+    let v = v.trim();
+    if v == "disabled" || v == "false" {
+        return Ok(None);
+    }
+    check_secret_name(v).map_err(|why| {
+        Refusal(format!(
+            "annotation {ANNOTATION_ADMIN_TOKEN_SECRET}: {v:?} is not a Secret name ({why}); name a Secret of the pod's namespace, or write \"disabled\""
+        ))
+    })?;
+    Ok(Some(v.to_owned()))
+}
+
+/// Checks a Secret name (an RFC 1123 subdomain, as the API server does), so a typo is
+/// said by us rather than as a pod the API server refuses for its volume.
+pub fn check_secret_name(name: &str) -> Result<(), &'static str> {
+    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    if name.is_empty() || name.len() > 253 {
+        return Err("1 to 253 characters");
+    }
+    if !name.chars().all(|c| alnum(c) || c == '-' || c == '.') {
+        return Err("lower-case letters, digits, '-' and '.' only");
+    }
+    if !name.starts_with(alnum) || !name.ends_with(alnum) {
+        return Err("it must start and end with a letter or digit");
+    }
+    Ok(())
 }
 
 fn ports_annotation(
@@ -574,6 +650,183 @@ mod tests {
             "volumes": [{"name": TOKEN_VOLUME, "emptyDir": {}}]});
         let refusal = decide(&pod(spec, json!({})), &InjectConfig::default()).unwrap_err();
         assert!(refusal.0.contains("sluice-token"), "{refusal}");
+    }
+
+    /// The pod as the API server stores it after applying the patch `decide` gives.
+    fn patched(pod_json: Value, cfg: &InjectConfig) -> Pod {
+        let Decision::Patch { ops, .. } =
+            decide(&serde_json::from_value(pod_json.clone()).unwrap(), cfg).unwrap()
+        else {
+            panic!("not injected");
+        };
+        let mut doc = pod_json;
+        let patch: json_patch::Patch = serde_json::from_value(Value::Array(ops)).unwrap();
+        json_patch::patch(&mut doc, &patch).unwrap();
+        serde_json::from_value(doc).unwrap()
+    }
+
+    fn admin_pod(annotations: Value, volumes: Option<Value>) -> Value {
+        let mut spec = json!({"containers": [{"name": "app", "image": "api:1"}]});
+        if let Some(v) = volumes {
+            spec["volumes"] = v;
+        }
+        json!({"metadata": {"name": "api-0", "namespace": "shop", "annotations": annotations},
+               "spec": spec})
+    }
+
+    /// What the patched pod gives the proxy for its admin token: the Secret its volume
+    /// projects (and whether optional), the proxy's `--admin-token-file` argument and
+    /// whether the volume is mounted read-only where that argument points.
+    fn admin_token_of(pod: &Pod) -> Option<(String, Option<bool>, String, bool)> {
+        let spec = pod.spec.as_ref().unwrap();
+        let vol = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == ADMIN_TOKEN_VOLUME);
+        let proxy = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .find(|c| c.name == PROXY_CONTAINER)
+            .unwrap();
+        let arg = proxy
+            .args
+            .iter()
+            .flatten()
+            .find_map(|a| a.strip_prefix("--admin-token-file="));
+        let mount = proxy
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == ADMIN_TOKEN_VOLUME);
+        match (vol, arg, mount) {
+            (None, None, None) => None,
+            (Some(v), Some(arg), Some(m)) => {
+                let secret = v.secret.as_ref().expect("a secret volume");
+                let items = secret.items.as_deref().unwrap();
+                assert_eq!(items.len(), 1, "only the token is projected");
+                assert_eq!(
+                    (items[0].key.as_str(), items[0].path.as_str()),
+                    ("token", "token")
+                );
+                assert!(m.sub_path.is_none(), "a subPath mount is never updated");
+                let under_mount = arg == format!("{}/token", m.mount_path);
+                Some((
+                    secret.secret_name.clone().unwrap(),
+                    secret.optional,
+                    arg.to_owned(),
+                    under_mount && m.read_only == Some(true),
+                ))
+            }
+            other => panic!("volume, argument and mount go together: {other:?}"),
+        }
+    }
+
+    /// The injector's Secret becomes an optional, read-only volume the proxy reads its
+    /// admin token from; a pod's annotation names another or turns it off; without
+    /// either, nothing is added (the admin port's protected routes stay closed).
+    #[test]
+    fn the_admin_token_secret_is_mounted_for_the_proxy() {
+        let cfg = InjectConfig {
+            admin_token_secret: Some("sluice-proxy-admin".to_owned()),
+            ..InjectConfig::default()
+        };
+        let expected = |name: &str| {
+            Some((
+                name.to_owned(),
+                Some(true),
+                "/var/run/sluice/admin-token/token".to_owned(),
+                true,
+            ))
+        };
+        let pod = patched(admin_pod(json!({}), None), &cfg);
+        assert_eq!(admin_token_of(&pod), expected("sluice-proxy-admin"));
+        // Beside volumes of the pod's own, appended, not replacing them.
+        let pod = patched(
+            admin_pod(json!({}), Some(json!([{"name": "data", "emptyDir": {}}]))),
+            &cfg,
+        );
+        assert_eq!(admin_token_of(&pod), expected("sluice-proxy-admin"));
+        let names: Vec<_> = pod
+            .spec
+            .as_ref()
+            .unwrap()
+            .volumes
+            .iter()
+            .flatten()
+            .map(|v| v.name.as_str())
+            .collect();
+        assert_eq!(names, ["data", TOKEN_VOLUME, ADMIN_TOKEN_VOLUME]);
+
+        let own = json!({ANNOTATION_ADMIN_TOKEN_SECRET: "api-admin"});
+        let pod = patched(admin_pod(own.clone(), None), &cfg);
+        assert_eq!(admin_token_of(&pod), expected("api-admin"));
+        // The annotation alone is enough, with no injector default.
+        let pod = patched(admin_pod(own, None), &InjectConfig::default());
+        assert_eq!(admin_token_of(&pod), expected("api-admin"));
+
+        for off in ["disabled", "false"] {
+            let pod = patched(
+                admin_pod(json!({ANNOTATION_ADMIN_TOKEN_SECRET: off}), None),
+                &cfg,
+            );
+            assert_eq!(admin_token_of(&pod), None, "{off}");
+        }
+        let pod = patched(admin_pod(json!({}), None), &InjectConfig::default());
+        assert_eq!(admin_token_of(&pod), None);
+    }
+
+    /// A pod that already has a volume of the name the admin token's uses is refused
+    /// with why (only when that volume would be added), and so is a Secret name the API
+    /// server would refuse.
+    #[test]
+    fn admin_token_clashes_and_bad_names_are_refused() {
+        let cfg = InjectConfig {
+            admin_token_secret: Some("sluice-proxy-admin".to_owned()),
+            ..InjectConfig::default()
+        };
+        let clash = admin_pod(
+            json!({}),
+            Some(json!([{"name": ADMIN_TOKEN_VOLUME, "emptyDir": {}}])),
+        );
+        let refusal = decide(&serde_json::from_value(clash.clone()).unwrap(), &cfg).unwrap_err();
+        assert!(
+            refusal.0.contains("\"sluice-admin-token\"") && refusal.0.contains("rename it"),
+            "{refusal}"
+        );
+        // Without the admin token the name is the pod's to use.
+        let pod = patched(clash, &InjectConfig::default());
+        let spec = pod.spec.as_ref().unwrap();
+        let proxy = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .find(|c| c.name == PROXY_CONTAINER)
+            .unwrap();
+        assert!(
+            !proxy
+                .args
+                .iter()
+                .flatten()
+                .any(|a| a.starts_with("--admin-token-file"))
+        );
+        assert_eq!(
+            spec.volumes.as_ref().unwrap()[0].empty_dir,
+            Some(Default::default())
+        );
+
+        for bad in ["Admin_Token", "-admin", "admin-", ""] {
+            let pod = admin_pod(json!({ANNOTATION_ADMIN_TOKEN_SECRET: bad}), None);
+            let refusal = decide(&serde_json::from_value(pod).unwrap(), &cfg).unwrap_err();
+            assert!(
+                refusal.0.contains(ANNOTATION_ADMIN_TOKEN_SECRET)
+                    && refusal.0.contains("not a Secret name"),
+                "{bad:?}: {refusal}"
+            );
+        }
+        assert!(check_secret_name("sluice-proxy-admin.v2").is_ok());
+        assert!(check_secret_name(&"a".repeat(254)).is_err());
     }
 
     #[test]

@@ -4,6 +4,11 @@
 //! stateful API double, since no API server runs here). With exactly that
 //! environment and those files, the real proxy binary must verify the control
 //! plane's TLS gRPC port, get its certificate and receive the mesh's policies.
+//!
+//! With the injector's admin-token Secret, the same proxy's admin port (bound beyond
+//! loopback, as in a pod) opens its protected routes to an operator once the Secret
+//! exists, and follows it when rotated: the volume is written the way the kubelet
+//! writes a Secret volume (a `..data` symlink swapped to a new directory).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -14,7 +19,9 @@ use hyper::StatusCode;
 use k8s_openapi::api::core::v1::{Container, Pod};
 use serde_json::{Value, json};
 use sluice_control_plane::ca::{Ca, TokenFile};
-use sluice_control_plane::inject::{Decision, InjectConfig, PROXY_CONTAINER, decide};
+use sluice_control_plane::inject::{
+    ADMIN_TOKEN_VOLUME, Decision, InjectConfig, PROXY_CONTAINER, decide,
+};
 use sluice_control_plane::k8s::PublishTrustRoot;
 use sluice_control_plane::k8s::double::ApiServer;
 use sluice_control_plane::{ControlPlaneConfig, IdentityConfig, RunningControlPlane};
@@ -108,6 +115,10 @@ fn kubelet_env(
             for (key, value) in configmap["data"].as_object().unwrap() {
                 std::fs::write(dir.join(key), value.as_str().unwrap()).unwrap();
             }
+        } else if let Some(secret) = &vol.secret {
+            // The Secret does not exist yet: an optional volume starts empty, and
+            // the test fills it later with `kubelet_write_secret`.
+            assert_eq!(secret.optional, Some(true), "{vol:?}");
         } else if let Some(p) = &vol.projected {
             let sat = p.sources.as_ref().unwrap()[0]
                 .service_account_token
@@ -143,6 +154,42 @@ fn kubelet_env(
             (e.name.clone(), value)
         })
         .collect()
+}
+
+/// Rewrites the proxy's arguments as `kubelet_env` rewrites its environment: a path
+/// under a mount points into `root`.
+fn kubelet_args(proxy: &Container, root: &Path) -> Vec<String> {
+    let mut args = proxy.args.clone().unwrap_or_default();
+    for m in proxy.volume_mounts.iter().flatten() {
+        let dir = root.join(&m.name);
+        for a in &mut args {
+            *a = a.replace(&m.mount_path, &dir.display().to_string());
+        }
+    }
+    args
+}
+
+/// Writes a Secret volume's `files` as the kubelet's atomic writer does: a new
+/// timestamped directory, a `..data` symlink renamed onto it, and each file name a
+/// symlink through `..data`; the previous directory is then removed.
+fn kubelet_write_secret(dir: &Path, files: &[(&str, &str)], generation: u32) {
+    let fresh = format!("..2026_11_22_10_00_{generation:02}.{generation}");
+    std::fs::create_dir(dir.join(&fresh)).unwrap();
+    for (name, content) in files {
+        std::fs::write(dir.join(&fresh).join(name), content).unwrap();
+    }
+    let old = std::fs::read_link(dir.join("..data")).ok();
+    std::os::unix::fs::symlink(&fresh, dir.join("..data_tmp")).unwrap();
+    std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+    for (name, _) in files {
+        let link = dir.join(name);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(Path::new("..data").join(name), link).unwrap();
+        }
+    }
+    if let Some(old) = old {
+        std::fs::remove_dir_all(dir.join(old)).unwrap();
+    }
 }
 
 /// The proxy process: killed when the test ends, its log printed if the test failed.
@@ -265,5 +312,189 @@ async fn an_injected_proxy_verifies_the_control_plane_with_the_published_root() 
         cp.policy_version().as_deref(),
         "{config}"
     );
+    cp.shutdown().await;
+}
+
+/// The status of a GET on the admin port, with `token` as a bearer when given.
+async fn admin_status(
+    admin: std::net::SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> Option<(u16, String)> {
+    let mut conn = HttpConn::h1(admin).await.ok()?;
+    let bearer = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = bearer
+        .iter()
+        .map(|b| ("authorization", b.as_str()))
+        .collect();
+    let reply = conn
+        .request(hyper::Method::GET, "admin", path, &headers)
+        .await
+        .ok()?;
+    Some((reply.status.as_u16(), reply.text()))
+}
+
+/// The walk-through's step 5 on an injected pod: the admin port is bound beyond
+/// loopback, the injector mounts the admin-token Secret (optional, not created yet), so
+/// `/breakers` is closed (403, saying why) while `/ready` answers; once the Secret is
+/// created the token opens it without a restart, for curl and `sluicectl`; rotated,
+/// the new token opens it and the old one no longer does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_injected_proxys_admin_port_opens_with_the_secret_and_follows_its_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cp, api) = control_plane(dir.path()).await;
+    wait_until("the root is published", WAIT, || {
+        let found = api.get("configmaps", "shop", CONFIGMAP).is_some();
+        async move { found }
+    })
+    .await;
+    let configmap = api.get("configmaps", "shop", CONFIGMAP).unwrap();
+
+    let cfg = InjectConfig {
+        control_plane_url: Some(cp.grpc_url()),
+        trust_root_configmap: Some(CONFIGMAP.to_string()),
+        admin_token_secret: Some("sluice-proxy-admin".to_string()),
+        ..InjectConfig::default()
+    };
+    let original: Pod = serde_json::from_value(pod()).unwrap();
+    let Decision::Patch { ops, .. } = decide(&original, &cfg).unwrap() else {
+        panic!("the pod is injected");
+    };
+    let mut patched = pod();
+    let patch: json_patch::Patch = serde_json::from_value(Value::Array(ops)).unwrap();
+    json_patch::patch(&mut patched, &patch).unwrap();
+    let patched: Pod = serde_json::from_value(patched).unwrap();
+    let proxy = patched
+        .spec
+        .as_ref()
+        .unwrap()
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|c| c.name == PROXY_CONTAINER)
+        .unwrap()
+        .clone();
+
+    let root = dir.path().join("pod");
+    let env = kubelet_env(&patched, &proxy, &configmap, &root);
+    assert!(
+        env.contains(&("SLUICE_ADMIN".to_string(), "0.0.0.0:15000".to_string())),
+        "the pod's admin port is bound beyond loopback: {env:?}"
+    );
+    let args = kubelet_args(&proxy, &root);
+    let secret_dir = root.join(ADMIN_TOKEN_VOLUME);
+    assert!(
+        args.contains(&format!(
+            "--admin-token-file={}/token",
+            secret_dir.display()
+        )),
+        "{args:?}"
+    );
+    let addr_file = dir.path().join("addrs.json");
+    let log_path = dir.path().join("proxy.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_e2e-proxy"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().starts_with("SLUICE_") {
+            cmd.env_remove(&key);
+        }
+    }
+    cmd.args(&args)
+        .envs(env)
+        // Beyond loopback as in the pod, on a free port.
+        .env("SLUICE_ADMIN", "0.0.0.0:0")
+        .env("SLUICE_OUTBOUND", "127.0.0.1:0")
+        .env("SLUICE_INBOUND", "127.0.0.1:0")
+        .env("SLUICE_ADDR_FILE", &addr_file)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(log.try_clone().unwrap()))
+        .stderr(Stdio::from(log));
+    let _child = Killed(cmd.spawn().unwrap(), log_path.clone());
+
+    let mut bound = None;
+    wait_until("the proxy writes its addresses", WAIT, || {
+        let found = std::fs::read_to_string(&addr_file)
+            .ok()
+            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
+            .and_then(|v| v["admin"].as_str()?.parse().ok());
+        bound = found;
+        async move { found.is_some() }
+    })
+    .await;
+    // Bound to 0.0.0.0 (the file gives a connectable address), reached over loopback
+    // as `kubectl port-forward` reaches it: that earns nothing.
+    let admin = bound.unwrap();
+    wait_until("the injected proxy is ready", WAIT, || async move {
+        matches!(admin_status(admin, "/ready", None).await, Some((200, _)))
+    })
+    .await;
+
+    // No Secret yet: the proxy runs, its protected routes are closed and say why.
+    let (status, body) = admin_status(admin, "/breakers", Some("first-t0ken"))
+        .await
+        .unwrap();
+    assert_eq!(status, 403, "{body}");
+    assert!(body.contains("admin token file"), "{body}");
+    let logged = std::fs::read_to_string(&log_path).unwrap();
+    assert!(logged.contains("admin token file unusable"), "{logged}");
+
+    // `kubectl create secret generic sluice-proxy-admin --from-literal=token=…`.
+    kubelet_write_secret(&secret_dir, &[("token", "first-t0ken\n")], 1);
+    wait_until(
+        "the created Secret's token opens /breakers",
+        WAIT,
+        || async move {
+            matches!(
+                admin_status(admin, "/breakers", Some("first-t0ken")).await,
+                Some((200, _))
+            )
+        },
+    )
+    .await;
+    assert_eq!(admin_status(admin, "/breakers", None).await.unwrap().0, 401);
+    assert_eq!(
+        admin_status(admin, "/config", Some("wrong"))
+            .await
+            .unwrap()
+            .0,
+        401
+    );
+
+    // sluicectl with the token file an operator saved from the Secret.
+    let token_file = dir.path().join("proxy-admin.token");
+    std::fs::write(&token_file, "first-t0ken\n").unwrap();
+    let url = format!("http://{admin}");
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(env!("CARGO_BIN_EXE_e2e-sluicectl"))
+            .env_remove("SLUICECTL_PROXY")
+            .env_remove("SLUICECTL_CONTROL_PLANE")
+            .args(["--proxy", &url, "--token-file"])
+            .arg(&token_file)
+            .arg("breakers")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "sluicectl breakers: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // Rotated: the kubelet swaps the files; no restart.
+    kubelet_write_secret(&secret_dir, &[("token", "second-t0ken\n")], 2);
+    wait_until("the rotated token opens /breakers", WAIT, || async move {
+        matches!(
+            admin_status(admin, "/breakers", Some("second-t0ken")).await,
+            Some((200, _))
+        )
+    })
+    .await;
+    let (status, body) = admin_status(admin, "/breakers", Some("first-t0ken"))
+        .await
+        .unwrap();
+    assert_eq!(status, 401, "the old token no longer opens: {body}");
     cp.shutdown().await;
 }
