@@ -26,6 +26,7 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod defaults;
 mod dot_segments;
 mod duration;
 mod limits;
@@ -307,8 +308,11 @@ impl PolicySet {
         Ok(Self::build(located.into_iter().map(|l| l.policy).collect()))
     }
 
-    /// Sorts validated policies and computes their canonical bytes and hash.
+    /// Sorts validated policies and computes their canonical bytes and hash. Values
+    /// written equal to their defaults are left out first: writing a default is no
+    /// edit, and keeps the hash.
     fn build(mut policies: Vec<RoutePolicy>) -> Self {
+        policies.iter_mut().for_each(defaults::leave_out);
         policies.sort_by(|a, b| {
             (a.metadata.namespace.as_deref(), a.metadata.name.as_str())
                 .cmp(&(b.metadata.namespace.as_deref(), b.metadata.name.as_str()))

@@ -500,8 +500,11 @@ pub struct Backoff {
 pub struct RetryBudget {
     /// Retries allowed per original request, 0.0..=1.0.
     pub ratio: f64,
-    /// Retries always allowed per second, whatever the traffic.
-    #[serde(default)]
+    /// Retries always allowed per second, whatever the traffic (default 0).
+    #[serde(
+        default,
+        skip_serializing_if = "crate::defaults::is_budget_floor_default"
+    )]
     pub min_per_second: u32,
     /// Window over which requests and retries are counted (default 10s).
     #[serde(default, skip_serializing_if = "Option::is_none")]

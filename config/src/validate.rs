@@ -84,8 +84,8 @@ pub(crate) const DURATION_EXPECTED: &str = "a duration 1ms..=1h";
 const DURATION_MIN: std::time::Duration = std::time::Duration::from_millis(1);
 const DURATION_MAX: std::time::Duration = std::time::Duration::from_secs(3600);
 /// Defaults that limit what a user may set beside them (documented on the model).
-const DEFAULT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_millis(250);
-const DEFAULT_MAX_OPEN_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+const DEFAULT_BACKOFF_MAX: std::time::Duration = crate::defaults::BACKOFF_MAX;
+const DEFAULT_MAX_OPEN_FOR: std::time::Duration = crate::defaults::MAX_OPEN_FOR;
 
 /// Where a policy comes from, which decides one rule: weights written by people sum
 /// to 100 (a typo check); weights in a snapshot (effective weights, Gateway API

@@ -45,10 +45,10 @@ pub const GROSS_MIN_FAILURES: u64 = 3;
 /// History entries kept per rollout.
 const HISTORY: usize = 64;
 
-/// Defaults of optional fields.
-const DEFAULT_INTERVAL: Duration = Duration::from_secs(30);
-const DEFAULT_MIN_REQUESTS: u64 = 100;
-const DEFAULT_DEADLINE: Duration = Duration::from_secs(30 * 60);
+/// Defaults of optional fields: the ones the canonical form leaves out.
+const DEFAULT_INTERVAL: Duration = sluice_config::defaults::ROLLOUT_INTERVAL;
+const DEFAULT_MIN_REQUESTS: u64 = sluice_config::defaults::ROLLOUT_MIN_REQUESTS as u64;
+const DEFAULT_DEADLINE: Duration = sluice_config::defaults::ROLLOUT_DEADLINE;
 
 /// The fraction of requests allowed above a p99 threshold.
 const P99_TAIL: f64 = 0.01;

@@ -421,3 +421,112 @@ async fn control_plane_outage_keeps_the_last_policy_and_a_restart_resynchronises
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// A policy for `svc` whose route carries `route` (governance lines, six spaces in).
+fn governed_policy(backend: std::net::SocketAddr, route: &str) -> String {
+    format!(
+        r#"apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: {{ name: svc, namespace: e2e }}
+spec:
+  host: svc
+  backends:
+    only: {{ addresses: ["{backend}"] }}
+  routes:
+    - name: all
+{route}"#
+    )
+}
+
+/// The version of `file` the control plane last read (its bytes' hash).
+async fn file_version(cp: &TestControlPlane, file: &str) -> Option<String> {
+    let policies = cp.admin_json("/policies").await;
+    policies["files"]
+        .as_array()?
+        .iter()
+        .find(|f| f["file"] == file)
+        .and_then(|f| f["version"].as_str().map(str::to_string))
+}
+
+/// Writing out values equal to their defaults is no edit: the control plane reads the
+/// changed file, serves the same version, sends no proxy anything new, and
+/// `sluicectl diff` finds the file the same as what it serves. A real edit still goes out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edit_that_writes_defaults_pushes_no_new_version() {
+    let blue = Upstream::auto("blue").await;
+    let terse = governed_policy(
+        blue.addr(),
+        "      circuitBreaker: { consecutiveFailures: 3 }\n      retry: { attempts: 1 }\n",
+    );
+    let cp = TestControlPlane::start(&[(FILE, &terse)]).await;
+    let v1 = cp.version().expect("the first load is published");
+    let dir = state_dir();
+    let proxy = subscribed(&cp, "proxy-a", dir.path()).await;
+    cp.wait_acked_everywhere(&v1, 1).await;
+    let read_before = file_version(&cp, FILE).await.expect("the file is listed");
+
+    let spelled_out = governed_policy(
+        blue.addr(),
+        "      accessLog: false
+      circuitBreaker:
+        consecutiveFailures: 3
+        openFor: 5s
+        maxOpenFor: 1m
+        halfOpenRequests: 1
+        failureOn: [connect-failure, timeout, 5xx]
+      retry:
+        attempts: 1
+        maxReplayBytes: 65536
+        backoff: { base: 25ms, max: 250ms }
+        budget: { ratio: 0.2, minPerSecond: 10, window: 10s }
+",
+    )
+    .replace("namespace: e2e", "namespace: e2e, labels: {}")
+    .replace("addresses: [", "slowStart: 10s, addresses: [");
+    cp.write_policy(FILE, &spelled_out);
+    let (cpr, before) = (&cp, &read_before);
+    wait_until(
+        "the control plane reads the edited file",
+        WAIT,
+        || async move { file_version(cpr, FILE).await.is_some_and(|v| v != *before) },
+    )
+    .await;
+    assert_eq!(
+        cp.version().as_deref(),
+        Some(v1.as_str()),
+        "same version served"
+    );
+    let proxies = cp.admin_json("/proxies").await;
+    let rows = proxies["proxies"].as_array().expect("proxies list");
+    assert_eq!(rows.len(), 1, "{proxies:#}");
+    assert_eq!(rows[0]["version_sent"], v1.as_str(), "nothing new was sent");
+    assert_eq!(rows[0]["acked_version"], v1.as_str());
+    assert_eq!(proxy.version().await.as_deref(), Some(v1.as_str()));
+
+    // `sluicectl diff`'s comparison: the spelled-out file against what is served.
+    let served = cp.admin_json("/served").await;
+    assert_eq!(served["hash"], v1.as_str(), "{served:#}");
+    let served = PolicySet::from_canonical(
+        "control plane",
+        served["policies"]
+            .as_str()
+            .expect("served policies")
+            .as_bytes(),
+    )
+    .expect("the served policies validate");
+    let files = PolicySet::from_files([(FILE, spelled_out.as_str())]).expect("the file validates");
+    assert_eq!(files.hash(), served.hash());
+    let compared = sluicectl::cmd::diff::compare(&files, &served);
+    assert_eq!(
+        compared.iter().map(|c| c.state).collect::<Vec<_>>(),
+        ["same"],
+        "{compared:?}"
+    );
+
+    // A value other than the default is an edit, and reaches the proxy.
+    cp.write_policy(FILE, &spelled_out.replace("openFor: 5s", "openFor: 6s"));
+    let v2 = wait_published(&cp, &v1).await;
+    cp.wait_acked_everywhere(&v2, 1).await;
+    assert_eq!(proxy.version().await.as_deref(), Some(v2.as_str()));
+    proxy.shutdown().await;
+}
