@@ -766,6 +766,23 @@ mod tests {
     }
 
     #[test]
+    fn alias_bytes_may_reach_the_expansion_budget_but_not_pass_it() {
+        // Scalars: the keys `ab` and `cd` (4 bytes) and the anchored value, once as
+        // itself and seven times through aliases: 4 + 8 * 40 = 324 bytes, in 75 bytes;
+        // the seventh alias (column 24) is the one that crosses 320.
+        let text = format!("ab: &a {}\ncd: [*a,*a,*a,*a,*a,*a,*a]\n", "x".repeat(40));
+        let at = |max_file_bytes: usize| Limits {
+            max_file_bytes,
+            ..Limits::default()
+        };
+        assert!(check(&text, &at(81)).unwrap().is_none(), "324 = 4 * 81");
+        assert_eq!(
+            refusal(&text, &at(80)),
+            "f.yaml:2:24: this alias repeats 40 bytes, and with them the file's values come to more than the 320 bytes allowed (4 times --policy-max-file-bytes; aliases count as the bytes they repeat)"
+        );
+    }
+
+    #[test]
     fn a_recursive_alias_is_refused() {
         assert_eq!(
             refusal("a: &a [1, *a]\n", &Limits::default()),
