@@ -283,20 +283,23 @@ async fn forward(
     // The boxed request must not be held across an await: rustc cannot prove such a
     // future `Send` for every lifetime of the boxed error inside the body type.
     let ready = std::future::poll_fn(|cx| svc.poll_ready(cx)).await;
-    let body_timeout = req.extensions().get::<Timeouts>().map(|t| t.request_body);
     // A request that came whole without a body (most GETs) has nothing to time or
     // stream: it goes on with an empty body, which boxes without allocating.
     let ended = req.body().is_end_stream();
-    let mut answered = None;
-    let called = match (ready, body_timeout) {
-        (Ok(()), _) if ended => Ok(svc.call(req.map(|_| empty()))),
-        (Ok(()), None) => Ok(svc.call(req.map(|b| boxed(b.map_err(ClientBodyError))))),
-        (Ok(()), Some(timeout)) => Ok(svc.call(req.map(|b| {
-            let (body, flag) = BodyTimeout::new(b.map_err(ClientBodyError), timeout);
-            answered = Some(flag);
-            boxed(body)
-        }))),
-        (Err(e), _) => Err(e),
+    let mut progress = None;
+    let called = match ready {
+        Ok(()) if ended => Ok(svc.call(req.map(|_| empty()))),
+        Ok(()) => {
+            let timeout = req.extensions().get::<Timeouts>().map(|t| t.request_body);
+            let (parts, body) = req.into_parts();
+            let (body, p) = BodyTimeout::new(body.map_err(ClientBodyError), timeout);
+            let mut req = Request::from_parts(parts, boxed(body));
+            // The route's timers start once the body is in: its layers read how it arrives.
+            Routing::of_mut(req.extensions_mut()).body = Some(p.clone());
+            progress = Some(p);
+            Ok(svc.call(req))
+        }
+        Err(e) => Err(e),
     };
     // Called, the stack is free for this worker's next request to the route; one that
     // failed to become ready is not called again.
@@ -316,8 +319,8 @@ async fn forward(
         ledger.span.take(),
     );
     // The upstream answered: from here a quiet request side is a stream's own.
-    if let Some(flag) = answered {
-        flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    if let Some(p) = &progress {
+        p.answered();
     }
     let (resp, backend) = match result {
         Ok(mut resp) => {
@@ -346,7 +349,10 @@ async fn forward(
             (resp, backend)
         }
         Err(err) => {
-            let (resp, backend_name) = rescue(&*err, grpc);
+            // The client's body broke off or stalled: its outcome, whatever the upstream
+            // connection made of it.
+            let client_failed = progress.as_ref().is_some_and(|p| p.is_client_failed());
+            let (resp, backend_name) = rescue(&*err, grpc, client_failed);
             debug!(route = %entry.params.name, ?direction, error = %err, "request failed");
             let backend =
                 backend_name.and_then(|n| entry.params.backends.iter().position(|b| *b.name == *n));

@@ -22,7 +22,22 @@ pub(crate) struct ClientBodyError(#[source] pub(crate) hyper::Error);
 pub(crate) fn rescue(
     err: &(dyn std::error::Error + 'static),
     grpc: bool,
+    client_failed: bool,
 ) -> (Response<Body>, Option<String>) {
+    if client_failed {
+        // The client's own body failed first (a stall past the body timeout, or broken
+        // framing): whatever came of it upstream, no backend is at fault.
+        let reason = if find::<RequestBodyTimeout>(err).is_some() {
+            Reason::RequestTimeout
+        } else if find::<ClientBodyError>(err).is_some() {
+            Reason::BadRequest
+        } else {
+            // The upstream connection reported the body's failure its own way (an
+            // HTTP/2 stream reset): the stall is the likelier cause.
+            Reason::RequestTimeout
+        };
+        return (refuse(reason, &err.to_string(), grpc), None);
+    }
     if let Some(f) = find_filter_error(err) {
         let backend = match f {
             FilterError::BreakerOpen { backend, .. } => Some(backend.clone()),
@@ -141,7 +156,7 @@ mod tests {
             state: "\"default\";r=0;t=2".into(),
             degraded: false,
         });
-        let (resp, _) = rescue(&*err, false);
+        let (resp, _) = rescue(&*err, false, false);
         assert_eq!(resp.status(), 429);
         assert_eq!(resp.headers()["x-sluice-reason"], "rate-limited");
         assert_eq!(resp.headers()["retry-after"], "2");
@@ -151,10 +166,10 @@ mod tests {
             route: "r".into(),
             backend: "v1".into(),
         });
-        let (resp, backend) = rescue(&*err, false);
+        let (resp, backend) = rescue(&*err, false, false);
         assert_eq!(resp.status(), 503);
         assert_eq!(backend.as_deref(), Some("v1"));
-        let (resp, _) = rescue(&FilterError::Timeout(Duration::from_secs(2)), false);
+        let (resp, _) = rescue(&FilterError::Timeout(Duration::from_secs(2)), false, false);
         assert_eq!(resp.status(), 504);
         assert_eq!(resp.headers()["x-sluice-reason"], "timeout");
     }
@@ -162,7 +177,7 @@ mod tests {
     #[test]
     fn rescues_grpc_as_trailers_only() {
         let err: BoxError = Box::new(FilterError::Timeout(Duration::from_secs(1)));
-        let (resp, _) = rescue(&*err, true);
+        let (resp, _) = rescue(&*err, true, false);
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.headers()["grpc-status"], "4");
         assert_eq!(resp.headers()["x-sluice-reason"], "timeout");
@@ -172,7 +187,7 @@ mod tests {
             state: "\"ingest\";r=0;t=2".into(),
             degraded: true,
         });
-        let (resp, _) = rescue(&*err, true);
+        let (resp, _) = rescue(&*err, true, false);
         let h = resp.headers();
         assert_eq!(resp.status(), 200);
         assert_eq!(h["grpc-status"], "8");
@@ -189,18 +204,18 @@ mod tests {
             "v2".into(),
             FilterError::Timeout(Duration::from_secs(1)),
         );
-        let (resp, backend) = rescue(&*err, false);
+        let (resp, backend) = rescue(&*err, false, false);
         assert_eq!(resp.status(), 504);
         assert_eq!(resp.headers()["x-sluice-reason"], "timeout");
         assert_eq!(backend.as_deref(), Some("v2"));
-        let (_, backend) = rescue(&FilterError::Timeout(Duration::from_secs(1)), false);
+        let (_, backend) = rescue(&FilterError::Timeout(Duration::from_secs(1)), false, false);
         assert_eq!(backend, None, "a timeout above the split names none");
     }
 
     #[test]
     fn a_backend_left_without_an_endpoint_is_named_and_answered_as_such() {
         let err: BoxError = Box::new(ProxyError::NoEndpoint("v1".into()));
-        let (resp, backend) = rescue(&*err, false);
+        let (resp, backend) = rescue(&*err, false, false);
         assert_eq!(resp.status(), Reason::NoHealthyEndpoint.status());
         assert_eq!(
             resp.headers()["x-sluice-reason"],
@@ -218,11 +233,11 @@ mod tests {
                 "refused",
             ),
         });
-        let (resp, backend) = rescue(&*err, false);
+        let (resp, backend) = rescue(&*err, false, false);
         assert_eq!(resp.status(), 502);
         assert_eq!(resp.headers()["x-sluice-reason"], "upstream-unavailable");
         assert_eq!(backend.as_deref(), Some("v2"));
-        let (resp, _) = rescue(&*err, true);
+        let (resp, _) = rescue(&*err, true, false);
         assert_eq!(resp.headers()["grpc-status"], "14");
         let resp = refuse(Reason::NoRoute, "no route", true);
         assert_eq!(resp.headers()["grpc-status"], "12");

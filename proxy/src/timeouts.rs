@@ -27,6 +27,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use sluice_filters::clock;
+use sluice_filters::extensions::BodyProgress;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
@@ -63,28 +64,33 @@ pub struct RequestBodyTimeout(pub Duration);
 
 pin_project_lite::pin_project! {
     /// A request body that fails with [`RequestBodyTimeout`] when its client pauses
-    /// longer than the timeout, until [`BodyTimeout::answered`]'s flag is set.
+    /// longer than the timeout, until the upstream answered
+    /// ([`BodyProgress::answered`]), and tells its [`BodyProgress`] how it arrives, so
+    /// that the route's timers start once it is in and a client's stall is never the
+    /// upstream's fault.
     pub struct BodyTimeout<B> {
         #[pin]
         inner: B,
-        timeout: Duration,
+        timeout: Option<Duration>,
         sleep: Option<Pin<Box<Sleep>>>,
-        answered: Arc<AtomicBool>,
+        progress: BodyProgress,
+        waiting: bool,
     }
 }
 
 impl<B> BodyTimeout<B> {
-    /// Wraps `inner`; returns the flag that, once set, lets the body pause freely
-    /// (the upstream answered: a streaming call's quiet request side is its own business).
-    pub fn new(inner: B, timeout: Duration) -> (Self, Arc<AtomicBool>) {
-        let answered = Arc::new(AtomicBool::new(false));
+    /// Wraps `inner` (`timeout` `None`: pauses are not limited); returns the progress
+    /// the body reports to, for the request's layers and for the edge to mark answered.
+    pub fn new(inner: B, timeout: Option<Duration>) -> (Self, BodyProgress) {
+        let progress = BodyProgress::new();
         let body = Self {
             inner,
             timeout,
             sleep: None,
-            answered: answered.clone(),
+            progress: progress.clone(),
+            waiting: false,
         };
-        (body, answered)
+        (body, progress)
     }
 }
 
@@ -100,24 +106,41 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        match this.inner.poll_frame(cx) {
+        let mut this = self.project();
+        match this.inner.as_mut().poll_frame(cx) {
             Poll::Ready(frame) => {
                 // Activity: the next pause starts counting afresh.
                 *this.sleep = None;
+                *this.waiting = false;
+                match &frame {
+                    Some(Ok(f)) if !f.is_trailers() && !this.inner.is_end_stream() => {
+                        this.progress.frame();
+                    }
+                    Some(Ok(_)) | None => this.progress.ended(),
+                    Some(Err(_)) => this.progress.client_failed(),
+                }
                 Poll::Ready(frame.map(|f| f.map_err(Into::into)))
             }
             Poll::Pending => {
-                if this.answered.load(Ordering::Relaxed) {
+                if !*this.waiting {
+                    *this.waiting = true;
+                    this.progress.waiting_on_client();
+                }
+                let Some(timeout) = *this.timeout else {
+                    return Poll::Pending;
+                };
+                if this.progress.is_answered() {
                     *this.sleep = None;
                     return Poll::Pending;
                 }
-                let timeout = *this.timeout;
                 let sleep = this
                     .sleep
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(timeout)));
                 match sleep.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(RequestBodyTimeout(timeout).into()))),
+                    Poll::Ready(()) => {
+                        this.progress.client_failed();
+                        Poll::Ready(Some(Err(RequestBodyTimeout(timeout).into())))
+                    }
                     Poll::Pending => Poll::Pending,
                 }
             }
@@ -720,7 +743,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_paused_body_fails_after_the_timeout_and_not_before() {
         let (tx, inner) = channel_body();
-        let (body, _answered) = BodyTimeout::new(inner, Duration::from_secs(10));
+        let (body, _answered) = BodyTimeout::new(inner, Some(Duration::from_secs(10)));
         let mut body = std::pin::pin!(body);
         tx.send(Ok(Frame::data(Bytes::from_static(b"a"))))
             .await
@@ -743,9 +766,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn once_answered_a_body_may_pause_freely() {
         let (tx, inner) = channel_body();
-        let (body, answered) = BodyTimeout::new(inner, Duration::from_secs(10));
+        let (body, answered) = BodyTimeout::new(inner, Some(Duration::from_secs(10)));
         let mut body = std::pin::pin!(body);
-        answered.store(true, Ordering::Relaxed);
+        answered.answered();
         let next = body.frame();
         let mut next = std::pin::pin!(next);
         tokio::time::advance(Duration::from_secs(3600)).await;
@@ -993,11 +1016,11 @@ mod tests {
     fn a_timed_body_tells_its_end_and_size_as_the_body_it_wraps() {
         let (body, _) = BodyTimeout::new(
             Full::new(Bytes::from_static(b"four")),
-            Duration::from_secs(1),
+            Some(Duration::from_secs(1)),
         );
         assert!(!body.is_end_stream());
         assert_eq!(body.size_hint().exact(), Some(4));
-        let (body, _) = BodyTimeout::new(Empty::<Bytes>::new(), Duration::from_secs(1));
+        let (body, _) = BodyTimeout::new(Empty::<Bytes>::new(), Some(Duration::from_secs(1)));
         assert!(body.is_end_stream());
         assert_eq!(body.size_hint().exact(), Some(0));
 

@@ -1310,6 +1310,7 @@ mod tests {
                     tokio::time::Instant::now() + Duration::from_secs(5),
                 )),
                 endpoint: Some(Endpoint(addr.clone())),
+                body: None,
             };
             if with_peer {
                 req.extensions_mut()

@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use super::observe::{BreakerObserver, BreakerSnapshot, CircuitState, TransitionRecord};
 use super::params::BreakerParams;
+use crate::extensions::BodyProgress;
 use crate::window::SlidingWindow;
 
 /// How many transitions each breaker remembers for the admin API.
@@ -117,10 +118,34 @@ pub(crate) struct Permit {
     generation: u64,
     probe: bool,
     deadline: Option<Instant>,
+    /// The request body still arriving when the call went, and when it went: the
+    /// deadline counts from the body's end.
+    body: Option<(BodyProgress, Instant)>,
     done: bool,
 }
 
 impl Permit {
+    /// Times the call's deadline from when `body` is in, rather than from now.
+    pub(crate) fn with_body(mut self, body: Option<BodyProgress>) -> Self {
+        if self.deadline.is_some() {
+            self.body = body.map(|b| (b, crate::clock::now()));
+        }
+        self
+    }
+
+    /// Whether the client's request body failed: nothing the call ends in is the
+    /// upstream's doing.
+    pub(crate) fn client_failed(&self) -> bool {
+        self.body
+            .as_ref()
+            .is_some_and(|(b, _)| b.is_client_failed())
+    }
+
+    /// Ends the call as cancelled, counting nothing.
+    pub(crate) fn cancel(mut self) {
+        self.deadline = None;
+    }
+
     pub(crate) fn params(&self) -> &BreakerParams {
         &self.circuit.params
     }
@@ -141,7 +166,14 @@ impl Drop for Permit {
         if self.done {
             return;
         }
-        let timed_out = self.deadline.is_some_and(|d| crate::clock::now() >= d);
+        let now = crate::clock::now();
+        let timed_out = match (self.deadline, &self.body) {
+            (Some(d), Some((body, sent))) => {
+                let after = d.saturating_duration_since(*sent);
+                BodyProgress::due(Some(body), *sent, after, now).is_ok()
+            }
+            (d, _) => d.is_some_and(|d| now >= d),
+        };
         if timed_out && self.circuit.params.counts_timeouts() {
             self.circuit.on_failure(self.generation, "timeout");
         } else if self.probe {
@@ -294,6 +326,7 @@ impl Circuit {
             generation: gen_of(w),
             probe,
             deadline,
+            body: None,
             done: false,
         }
     }

@@ -73,6 +73,12 @@ where
                     Ok(rsp) => Poll::Ready(Ok(judge_response(rsp, permit))),
                     Err(e) => {
                         let e: BoxError = e.into();
+                        if permit.client_failed() {
+                            // The client's body broke off (or stalled past its timeout):
+                            // the upstream is not at fault.
+                            permit.cancel();
+                            return Poll::Ready(Err(e));
+                        }
                         let class = classify_error(&*e);
                         if permit.params().is_failure_error(class) {
                             permit.failure(class_name(class));

@@ -99,9 +99,14 @@ where
             // has just moved on, this request still may not reach an unready inner.
             return ResponseFuture::rejected(circuit.reject());
         }
-        let deadline = Routing::deadline(req.extensions());
+        let routing = Routing::of(req.extensions());
+        let deadline = routing.and_then(|r| Some(r.deadline?.0));
         match circuit.acquire(deadline) {
-            Some(permit) => ResponseFuture::called(self.inner.call(req), Some(permit)),
+            Some(permit) => {
+                let body = deadline.and_then(|_| routing?.body.clone());
+                let permit = permit.with_body(body);
+                ResponseFuture::called(self.inner.call(req), Some(permit))
+            }
             None => ResponseFuture::rejected(circuit.rejected_error()),
         }
     }

@@ -9,12 +9,12 @@ use http::{HeaderValue, Request, Response};
 use http_body::Body;
 use http_body_util::{Either, Full};
 use pin_project_lite::pin_project;
-use tokio::time::{Instant, Sleep, timeout_at};
+use tokio::time::{Instant, Sleep};
 use tower::{BoxError, ServiceExt};
 use tower_service::Service;
 
 use super::{FallbackAction, FallbackObserver, FallbackParams};
-use crate::extensions::Routing;
+use crate::extensions::{BodyProgress, Routing, poll_due, within};
 use crate::reason::{DEGRADED_HEADER, Reason};
 use crate::replay::{BodySource, Reclaim, ReplayBody};
 use crate::{AtBackend, FilterError};
@@ -71,9 +71,11 @@ pub(crate) struct Rest<S, B> {
     /// The head as it came, for the fallback backend.
     pub(super) head: Option<http::request::Parts>,
     pub(super) source: Option<BodySource<B>>,
-    /// The route's total timeout, when this layer enforces it: when it ends, and after
-    /// how long.
+    /// The route's total timeout, when this layer enforces it: when it started, and
+    /// after how long it ends (once the request body is in).
     pub(super) total: Option<(Instant, Duration)>,
+    /// The request body still arriving: the total starts once it is in.
+    pub(super) body: Option<BodyProgress>,
 }
 
 impl<S, B, RB> ResponseFuture<S, B, RB>
@@ -84,7 +86,9 @@ where
         Self {
             kind: Kind::Primary {
                 fut,
-                total: rest.total.map(|(at, _)| tokio::time::sleep_until(at)),
+                total: rest
+                    .total
+                    .map(|(start, after)| tokio::time::sleep_until(start + after)),
                 rest: Some(rest),
             },
         }
@@ -111,12 +115,12 @@ where
                     Poll::Ready(Ok(resp)) => return Poll::Ready(Ok(resp.map(Either::Left))),
                     Poll::Ready(Err(e)) => e.into(),
                     Poll::Pending => {
-                        if let Some(sleep) = total.as_pin_mut() {
-                            ready!(sleep.poll(cx));
+                        let r = rest.as_ref().expect("polled after completion");
+                        if let (Some(sleep), Some((start, after))) = (total.as_pin_mut(), r.total) {
+                            ready!(poll_due(sleep, cx, r.body.as_ref(), start, after));
                             // The whole request is over, fallback included: counted
                             // against the primary, which had it.
                             let rest = rest.take().expect("polled after completion");
-                            let after = rest.total.map(|(_, d)| d).unwrap_or_default();
                             return Poll::Ready(Err(AtBackend::wrap(
                                 rest.primary.clone(),
                                 FilterError::Timeout(after),
@@ -138,13 +142,14 @@ where
                         None => Box::pin(rest.send_to_backend(err, reason)) as ToBackend<RB>,
                         // The fallback backend gets what is left of the route's time;
                         // running out is counted against it, which had the request.
-                        Some((at, after)) => {
+                        Some((start, after)) => {
                             let name = b.name.clone();
+                            let body = rest.body.clone();
                             let tries = rest.send_to_backend(err, reason);
                             Box::pin(async move {
-                                match timeout_at(at, tries).await {
+                                match within(tries, body.as_ref(), start, after).await {
                                     Ok(answer) => answer,
-                                    Err(_) => {
+                                    Err(()) => {
                                         Err(AtBackend::wrap(name, FilterError::Timeout(after)))
                                     }
                                 }

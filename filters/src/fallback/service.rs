@@ -84,6 +84,9 @@ where
         let primary =
             Routing::backend(req.extensions()).map_or_else(|| Arc::from(""), |s| s.name.clone());
         let grpc = is_grpc(req.headers());
+        let total_body = self
+            .total
+            .and_then(|_| Routing::of(req.extensions())?.body.clone());
         let (req, head, source) = match self.params.action() {
             // A static answer needs nothing of the request.
             FallbackAction::Response(_) => (req.map(ReplayBody::passthrough), None, None),
@@ -108,7 +111,8 @@ where
                 grpc,
                 head,
                 source,
-                total: self.total.map(|d| (crate::clock::now() + d, d)),
+                total: self.total.map(|d| (crate::clock::now(), d)),
+                body: total_body,
             },
         )
     }

@@ -7,11 +7,12 @@ use std::time::Duration;
 use http::{Request, Response};
 use http_body::Body;
 use pin_project_lite::pin_project;
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 use tower::BoxError;
 use tower_service::Service;
 
 use super::tries::{Rest, RetryLoop};
+use crate::extensions::{BodyProgress, poll_due};
 use crate::replay::ReplayBody;
 use crate::{AtBackend, FilterError};
 
@@ -43,6 +44,9 @@ pin_project! {
             after: Duration,
             // Where the request went, named in the timeout (only with a total).
             backend: Option<Arc<str>>,
+            // The request body still arriving, and when the total started (only with a total).
+            body: Option<BodyProgress>,
+            start: Option<Instant>,
         },
         First {
             #[pin]
@@ -62,10 +66,16 @@ impl<S, B, RB> ResponseFuture<S, B, RB>
 where
     S: Service<Request<ReplayBody<B>>>,
 {
-    pub(crate) fn direct(fut: S::Future, total: Option<(Sleep, Duration, Arc<str>)>) -> Self {
-        let (total, after, backend) = match total {
-            Some((s, d, b)) => (Some(s), d, Some(b)),
-            None => (None, Duration::ZERO, None),
+    pub(crate) fn direct(
+        fut: S::Future,
+        total: Option<(Sleep, Duration, Arc<str>, Option<BodyProgress>)>,
+    ) -> Self {
+        let (total, after, backend, body, start) = match total {
+            Some((s, d, b, body)) => {
+                let start = s.deadline() - d;
+                (Some(s), d, Some(b), body, Some(start))
+            }
+            None => (None, Duration::ZERO, None, None, None),
         };
         Self {
             kind: Kind::Direct {
@@ -73,6 +83,8 @@ where
                 total,
                 after,
                 backend,
+                body,
+                start,
             },
         }
     }
@@ -106,13 +118,15 @@ where
                 total,
                 after,
                 backend,
+                body,
+                start,
             } => {
                 // The response goes first so that one ready at the deadline wins.
                 if let Poll::Ready(res) = fut.poll(cx) {
                     return Poll::Ready(res.map_err(Into::into));
                 }
-                if let Some(sleep) = total.as_pin_mut() {
-                    ready!(sleep.poll(cx));
+                if let (Some(sleep), Some(start)) = (total.as_pin_mut(), *start) {
+                    ready!(poll_due(sleep, cx, body.as_ref(), start, *after));
                     let timeout = FilterError::Timeout(*after);
                     return Poll::Ready(Err(match backend.take() {
                         Some(b) => AtBackend::wrap(b, timeout),
@@ -126,10 +140,14 @@ where
                 // The response goes first so that one ready at the deadline wins.
                 let res = match fut.poll(cx) {
                     Poll::Ready(res) => res.map_err(Into::into),
-                    Poll::Pending => match per_try.as_pin_mut().map(|s| s.poll(cx)) {
-                        Some(Poll::Ready(())) => {
+                    Poll::Pending => match per_try.as_pin_mut().map(|s| {
+                        rest.as_ref()
+                            .expect("polled after completion")
+                            .poll_timer(s, cx)
+                    }) {
+                        Some(Poll::Ready(total_due)) => {
                             let rest = rest.as_ref().expect("polled after completion");
-                            if let Some(total) = rest.total_due() {
+                            if let Some(total) = total_due {
                                 // The whole request is over: no retry, as when a layer
                                 // above dropped this future.
                                 return Poll::Ready(Err(AtBackend::wrap(

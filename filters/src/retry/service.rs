@@ -11,7 +11,7 @@ use tower_service::Service;
 use super::future::ResponseFuture;
 use super::registry::{RetryOutcome, RouteRetry};
 use super::tries::{KeptHead, Rest, Total, earliest};
-use crate::extensions::{Deadline, Routing};
+use crate::extensions::{BodyProgress, Deadline, Routing};
 use crate::replay::{BodySource, ReplayBody, known_len};
 
 /// Retries failed tries of a request against the same inner service (one backend).
@@ -80,7 +80,7 @@ where
         let Some(route) = &self.route else {
             let total = self
                 .total_alone()
-                .map(|(s, d)| (s, d, backend_of(&req, &self.backend)));
+                .map(|(s, d)| (s, d, backend_of(&req, &self.backend), body_of(&req)));
             return ResponseFuture::direct(
                 self.inner.call(req.map(ReplayBody::passthrough)),
                 total,
@@ -104,15 +104,17 @@ where
             );
         }
         if !may_retry && p.per_try_timeout.is_none() {
-            let total = self
-                .total
-                .map(|d| (sleep_until(now + d), d, backend_of(&req, &self.backend)));
+            let total = self.total.map(|d| {
+                let backend = backend_of(&req, &self.backend);
+                (sleep_until(now + d), d, backend, body_of(&req))
+            });
             return ResponseFuture::direct(
                 self.inner.call(req.map(ReplayBody::passthrough)),
                 total,
             );
         }
         let backend = backend_of(&req, &self.backend);
+        let progress = body_of(&req);
         let (parts, body) = req.into_parts();
         let outer_deadline = Routing::deadline(&parts.extensions);
         let (body, source) = BodySource::first(body, may_retry, p.max_replay_bytes);
@@ -143,6 +145,8 @@ where
             outer_deadline,
             try_deadline,
             total,
+            start: now,
+            body: progress,
         };
         ResponseFuture::first(fut, timer.map(sleep_until), rest)
     }
@@ -152,4 +156,9 @@ where
 /// name the layer was built with.
 fn backend_of<B>(req: &Request<B>, fixed: &Arc<str>) -> Arc<str> {
     Routing::backend(req.extensions()).map_or_else(|| Arc::clone(fixed), |s| Arc::clone(&s.name))
+}
+
+/// How the request's body is arriving, when it had not all arrived with the head.
+fn body_of<B>(req: &Request<B>) -> Option<BodyProgress> {
+    Routing::of(req.extensions())?.body.clone()
 }

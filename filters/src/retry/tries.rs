@@ -8,14 +8,14 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use http_body::Body;
-use tokio::time::{Instant, sleep, timeout_at};
+use tokio::time::{Instant, sleep};
 use tower::{BoxError, ServiceExt};
 use tower_service::Service;
 
 use super::params::{RetryAfter, RetryParams, retry_after};
 use super::registry::{RetryOutcome, RouteRetry};
 use crate::classify::classify_error;
-use crate::extensions::{Deadline, RetryCount, Routing};
+use crate::extensions::{BodyProgress, Deadline, RetryCount, Routing, within};
 use crate::replay::{BodySource, Reclaim, ReplayBody};
 use crate::{AtBackend, FilterError};
 
@@ -23,7 +23,16 @@ use crate::{AtBackend, FilterError};
 pub(crate) type RetryLoop<R> = Pin<Box<dyn Future<Output = Result<R, BoxError>> + Send>>;
 
 /// Whether a try's result is worth another try, and after what wait; `None` ends.
-fn retry_wait<RB>(p: &RetryParams, res: &Result<Response<RB>, BoxError>) -> Option<RetryAfter> {
+fn retry_wait<RB>(
+    p: &RetryParams,
+    body: Option<&BodyProgress>,
+    res: &Result<Response<RB>, BoxError>,
+) -> Option<RetryAfter> {
+    // The client's body broke off: the try failed through no fault of the upstream, and
+    // nothing is left to send again.
+    if body.is_some_and(BodyProgress::is_client_failed) {
+        return None;
+    }
     match res {
         Ok(rsp) if p.is_retryable_response(rsp) => Some(retry_after(rsp)),
         Err(e) if p.is_retryable_error(classify_error(&**e)) => Some(RetryAfter::Absent),
@@ -45,6 +54,10 @@ pub(crate) struct Rest<S, B> {
     pub(super) try_deadline: Option<Instant>,
     /// The route's total timeout, when this layer enforces it.
     pub(super) total: Option<Total>,
+    /// When the first try (and the total) started.
+    pub(super) start: Instant,
+    /// The request body still arriving: the timers start once it is in.
+    pub(super) body: Option<BodyProgress>,
 }
 
 /// The head kept for the tries after the first, copied before the first goes.
@@ -147,6 +160,40 @@ where
         }
     }
 
+    /// Polls the first try's one timer until the per-try or the total timeout is due
+    /// (both start once the request body is in): `Some(total)` when the total is (it
+    /// ends the request), `None` when the per-try timeout is.
+    pub(crate) fn poll_timer(
+        &self,
+        mut sleep: Pin<&mut tokio::time::Sleep>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Duration>> {
+        loop {
+            std::task::ready!(sleep.as_mut().poll(cx));
+            let Some(body) = &self.body else {
+                return std::task::Poll::Ready(self.total_due());
+            };
+            let now = Instant::now();
+            let due = |after| BodyProgress::due(Some(body), self.start, after, now);
+            let per_try = self.route.params().per_try_timeout.map(due);
+            let total = self.total.map(|t| due(t.after));
+            match (per_try, total) {
+                // On a tie the per-try timeout is what the try sees first.
+                (Some(Ok(())), _) => return std::task::Poll::Ready(None),
+                (_, Some(Ok(()))) => {
+                    return std::task::Poll::Ready(self.total.map(|t| t.after));
+                }
+                (a, b) => {
+                    let again = earliest(a.and_then(Result::err), b.and_then(Result::err));
+                    match again {
+                        Some(at) => sleep.as_mut().reset(at),
+                        None => return std::task::Poll::Pending,
+                    }
+                }
+            }
+        }
+    }
+
     /// Settles the first try: its result when it stands, else the boxed retry loop.
     pub(crate) fn after_first<RB: Send + 'static>(
         self,
@@ -155,17 +202,18 @@ where
     where
         S: Service<Request<ReplayBody<B>>, Response = Response<RB>>,
     {
-        match retry_wait(self.route.params(), &res) {
+        match retry_wait(self.route.params(), self.body.as_ref(), &res) {
             Some(wait) if self.parts.is_some() => match self.total {
                 None => Err(Box::pin(self.retry_loop(res, wait))),
                 // The later tries and their waits run within what is left of the total.
-                Some(Total { at, after }) => {
+                Some(Total { after, .. }) => {
                     let backend = self.backend.clone();
+                    let (body, start) = (self.body.clone(), self.start);
                     let tries = self.retry_loop(res, wait);
                     Err(Box::pin(async move {
-                        match timeout_at(at, tries).await {
+                        match within(tries, body.as_ref(), start, after).await {
                             Ok(res) => res,
-                            Err(_) => Err(AtBackend::wrap(backend, FilterError::Timeout(after))),
+                            Err(()) => Err(AtBackend::wrap(backend, FilterError::Timeout(after))),
                         }
                     }))
                 }
@@ -190,6 +238,7 @@ where
             parts,
             mut source,
             outer_deadline,
+            body,
             ..
         } = self;
         let mut svc = S::clone(&template);
@@ -263,17 +312,17 @@ where
                 Routing::of_mut(req.extensions_mut()).deadline = Some(Deadline(d));
             }
             let fut = svc.ready().await.map_err(Into::into)?.call(req);
-            res = match try_deadline {
-                Some(d) => match timeout_at(d, fut).await {
+            res = match p.per_try_timeout {
+                Some(after) => match within(fut, body.as_ref(), Instant::now(), after).await {
                     Ok(r) => r.map_err(Into::into),
-                    Err(_) => Err(AtBackend::wrap(
+                    Err(()) => Err(AtBackend::wrap(
                         backend.clone(),
                         FilterError::Timeout(p.per_try_timeout.unwrap_or_default()),
                     )),
                 },
                 None => fut.await.map_err(Into::into),
             };
-            wait = match retry_wait(p, &res) {
+            wait = match retry_wait(p, body.as_ref(), &res) {
                 Some(w) => w,
                 None => return res,
             };

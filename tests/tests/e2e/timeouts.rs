@@ -503,6 +503,155 @@ async fn a_tunnel_outlives_the_request_header_timeout() {
     proxy.shutdown().await;
 }
 
+/// A policy `up` for host `uploads` whose `upload` route (POST `/sink`) retries on
+/// timeouts with `per_try` per try and `total` in all, behind a breaker that opens on
+/// the first failure of any class, and whose `witness` route (`/hold`) times out after
+/// `witness`: a request there answered 504 proves that much time has passed in the proxy.
+fn upload_policy(upstream: SocketAddr, per_try: &str, total: &str, witness: &str) -> String {
+    format!(
+        r#"apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: {{ name: up, namespace: e2e }}
+spec:
+  host: uploads
+  backends:
+    store: {{ addresses: ["{upstream}"] }}
+  routes:
+    - name: upload
+      match: {{ path: {{ prefix: /sink }}, method: POST }}
+      timeout: {total}
+      retry: {{ attempts: 2, on: [timeout, reset, gateway-error], perTryTimeout: {per_try},
+               nonIdempotent: true, backoff: {{ base: 1ms, max: 2ms }} }}
+      circuitBreaker: {{ consecutiveFailures: 1, openFor: 60s, failureOn: [connect-failure, timeout, 5xx] }}
+    - name: witness
+      match: {{ path: {{ prefix: /hold }} }}
+      timeout: {witness}
+"#
+    )
+}
+
+/// Opens a POST of `len` bytes to `/sink` on `uploads` and sends its first `first`.
+async fn begin_upload(proxy: SocketAddr, len: usize, first: &[u8]) -> TcpStream {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    let head = format!("POST /sink HTTP/1.1\r\nHost: uploads\r\nContent-Length: {len}\r\n\r\n");
+    s.write_all(head.as_bytes()).await.unwrap();
+    s.write_all(first).await.unwrap();
+    s
+}
+
+/// The state of breaker `route` × `backend` in the proxy's `/breakers`.
+async fn breaker_state(proxy: &TestProxy, route: &str, backend: &str) -> String {
+    let all = proxy.admin_json("/breakers").await;
+    let list = all
+        .as_array()
+        .cloned()
+        .or_else(|| all["breakers"].as_array().cloned())
+        .unwrap_or_default();
+    list.iter()
+        .find(|b| b["route"] == route && b["backend"] == backend)
+        .map(|b| b["state"].as_str().unwrap_or_default().to_string())
+        .unwrap_or_else(|| panic!("no breaker {route}/{backend} in {all}"))
+}
+
+/// A client that pauses its upload longer than the route's per-try and total timeouts
+/// (but within the request body timeout) is waited for: those timers start once the
+/// body is in, so the pause is neither retried nor charged to the upstream, and the
+/// upload is answered by the upstream once it is complete.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_upload_is_not_timed_against_the_upstream() {
+    let up = Upstream::http1("store").await;
+    let proxy = TestProxy::start(&upload_policy(up.addr(), "200ms", "400ms", "600ms")).await;
+    let mut upload = begin_upload(proxy.outbound_addr(), 10, b"hello").await;
+    wait_until("the upload reached the upstream", WAIT, || {
+        std::future::ready(up.requests() == 1)
+    })
+    .await;
+    // The witness times out 600 ms after it went: by then the upload has paused past
+    // its per-try (200 ms) and total (400 ms) timeouts.
+    let mut witness = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
+    let w = witness.get("uploads", "/hold").await.unwrap();
+    assert_eq!(w.status, 504, "{w:?}");
+    upload.write_all(b"world").await.unwrap();
+    let answer = read_response(&mut upload).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(
+        answer.to_lowercase().contains("x-body-bytes: 10"),
+        "{answer}"
+    );
+    assert_eq!(up.requests(), 2, "the upload went once, and the witness");
+
+    let metrics = scrape(proxy.admin_addr()).await;
+    let route = r#"route="up.upload""#;
+    assert_eq!(
+        metric_sum(&metrics, "sluice_retries_total", &[route]),
+        0.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "sluice_requests_total",
+            &[route, r#"backend="store""#, r#"code="200""#]
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(breaker_state(&proxy, "up.upload", "store").await, "closed");
+    proxy.shutdown().await;
+}
+
+/// A client that stalls its upload past the request body timeout gets 408: the stall is
+/// its own, so it is not retried, not counted against the backend and leaves the
+/// backend's breaker closed, however short the route's per-try timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_upload_is_the_clients_outcome_not_the_upstreams() {
+    let up = Upstream::http1("store").await;
+    let proxy = TestProxy::start_with(
+        &upload_policy(up.addr(), "100ms", "200ms", "1s"),
+        with_timeouts(Timeouts {
+            request_body: Duration::from_millis(500),
+            ..Timeouts::default()
+        }),
+    )
+    .await;
+    let mut upload = begin_upload(proxy.outbound_addr(), 10, b"hello").await;
+    let answer = read_response(&mut upload).await.to_lowercase();
+    assert!(answer.starts_with("http/1.1 408"), "{answer}");
+    assert!(
+        answer.contains("x-sluice-reason: request-timeout"),
+        "{answer}"
+    );
+    assert_eq!(up.requests(), 1, "not retried");
+
+    let metrics = scrape(proxy.admin_addr()).await;
+    let route = r#"route="up.upload""#;
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "sluice_requests_total",
+            &[route, r#"backend="""#, r#"code="408""#]
+        ),
+        1.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_sum(
+            &metrics,
+            "sluice_requests_total",
+            &[route, r#"backend="store""#]
+        ),
+        0.0,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_sum(&metrics, "sluice_retries_total", &[route]),
+        0.0,
+        "{metrics}"
+    );
+    assert_eq!(breaker_state(&proxy, "up.upload", "store").await, "closed");
+    proxy.shutdown().await;
+}
+
 /// A policy `fb` for host `quote` whose route `main` sends to a `primary` backend with
 /// a `cache` fallback on timeouts, within a route `timeout` of 400 ms; `retry` is the
 /// route's retry line, if any.
