@@ -51,7 +51,8 @@ def values_sets() -> dict[str, dict]:
         # The other branches of the templates: policies from the ConfigMap, endpoint
         # discovery beside it, no TokenReview, cert-manager issuing the webhook cert,
         # alert rules as PrometheusRules, the fleet limits' Redis URL Secret for proxies,
-        # an admin token Secret of the operator's own.
+        # an admin token Secret of the operator's own, a namespace selector with an
+        # expression beside its label.
         "dir-certmanager": {
             "policies": {"source": "dir", "extraFiles": {"extra.yaml": EXTRA_POLICY}},
             "discovery": {"endpoints": True},
@@ -59,7 +60,18 @@ def values_sets() -> dict[str, dict]:
             "certManager": {"enabled": True},
             "controlPlane": {"podAntiAffinity": "", "adminTokenSecret": "sluice-admin"},
             "dashboards": {"prometheusRules": True},
-            "injector": {"redisUrlSecret": "sluice-redis"},
+            "injector": {
+                "redisUrlSecret": "sluice-redis",
+                "namespaceSelector": {
+                    "matchLabels": {"sluice.dev/inject": "enabled"},
+                    "matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["batch"]}],
+                },
+            },
+        },
+        # Namespaces selected by two labels: the pod entries must take exactly the
+        # namespaces lacking one or both (control-plane/tests/chart.rs checks every case).
+        "two-labels": {
+            "injector": {"namespaceSelector": {"matchLabels": {"sluice.dev/inject": "enabled", "team": "shop"}}},
         },
         # Tags YAML reads as numbers (a date, a build number): image references must
         # still be `repository:tag`, not a Go format error.

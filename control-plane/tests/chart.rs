@@ -15,7 +15,7 @@
 //! The Python interpreter is `$SLUICE_PYTHON`, else the venv `tests/setup.sh` installs
 //! (`~/.cache/sluice-ci/venv`), else `python3`; it needs `helm-python-sdk` and PyYAML.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{Arc, OnceLock};
@@ -32,6 +32,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service, ServiceAccount};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -685,6 +686,136 @@ fn webhooks_select_pods_and_policies_as_the_readme_says() {
     let crd = &o.crds[0];
     assert_eq!(crd.spec.group, "sluice.dev");
     assert_eq!(crd.spec.names.plural, "routepolicies");
+}
+
+/// Whether `selector` selects an object with `labels`, as the API server decides:
+/// matchLabels and every matchExpression ANDed; `NotIn` and `DoesNotExist` also match
+/// an absent label.
+fn selects(selector: &LabelSelector, labels: &BTreeMap<String, String>) -> bool {
+    let by_labels = selector
+        .match_labels
+        .iter()
+        .flatten()
+        .all(|(k, v)| labels.get(k) == Some(v));
+    let by_expressions = selector.match_expressions.iter().flatten().all(|e| {
+        let values = e.values.as_deref().unwrap_or_default();
+        let value = labels.get(&e.key);
+        match e.operator.as_str() {
+            "In" => value.is_some_and(|v| values.contains(v)),
+            "NotIn" => !value.is_some_and(|v| values.contains(v)),
+            "Exists" => value.is_some(),
+            "DoesNotExist" => value.is_none(),
+            other => panic!("operator {other}"),
+        }
+    });
+    by_labels && by_expressions
+}
+
+/// Every combination of the given label keys, each absent or set to one of its values.
+fn label_sets(keys: &[(&str, &[&str])]) -> Vec<BTreeMap<String, String>> {
+    let mut sets = vec![BTreeMap::new()];
+    for (key, values) in keys {
+        sets = sets
+            .into_iter()
+            .flat_map(|set| {
+                let mut out = vec![set.clone()];
+                for v in *values {
+                    let mut with = set.clone();
+                    with.insert((*key).to_owned(), (*v).to_owned());
+                    out.push(with);
+                }
+                out
+            })
+            .collect();
+    }
+    sets
+}
+
+/// The injector's webhook entries are complementary for any `namespaceSelector`:
+/// a pod not opted out in a namespace the selector takes is sent once (by the
+/// namespace entry), a labelled pod anywhere else is sent once (by a pod entry), and
+/// nothing is sent twice. With two labels a namespace carrying only one of them used to
+/// be taken by no entry: its labelled pods were never injected.
+#[test]
+fn every_pod_is_sent_by_at_most_one_injector_entry_and_labelled_pods_by_one() {
+    // Per values set: the namespace labels that matter, and which namespaces the
+    // values select (what the README promises, written out independently).
+    type Wanted = fn(&BTreeMap<String, String>) -> bool;
+    type Keys = Vec<(&'static str, &'static [&'static str])>;
+    let is =
+        |l: &BTreeMap<String, String>, k: &str, v: &str| l.get(k).map(String::as_str) == Some(v);
+    let cases: [(&str, Keys, Wanted); 3] = [
+        (
+            "default",
+            vec![("sluice.dev/inject", &["enabled", "disabled"])],
+            |l| l.get("sluice.dev/inject").map(String::as_str) == Some("enabled"),
+        ),
+        (
+            "two-labels",
+            vec![
+                ("sluice.dev/inject", &["enabled", "disabled"]),
+                ("team", &["shop", "books"]),
+            ],
+            |l| {
+                l.get("sluice.dev/inject").map(String::as_str) == Some("enabled")
+                    && l.get("team").map(String::as_str) == Some("shop")
+            },
+        ),
+        (
+            "dir-certmanager",
+            vec![
+                ("sluice.dev/inject", &["enabled"]),
+                ("tier", &["batch", "web"]),
+            ],
+            |l| {
+                l.get("sluice.dev/inject").map(String::as_str) == Some("enabled")
+                    && l.get("tier").map(String::as_str) != Some("batch")
+            },
+        ),
+    ];
+    for (set, keys, wanted) in cases {
+        let o = objects(set);
+        let [m] = o.mutating.as_slice() else {
+            panic!("{set}: one MutatingWebhookConfiguration")
+        };
+        let hooks = m.webhooks.as_deref().unwrap();
+        let mut names: Vec<_> = hooks.iter().map(|h| h.name.as_str()).collect();
+        names.dedup();
+        assert_eq!(names.len(), hooks.len(), "{set}: unique entry names");
+        let pods = label_sets(&[("sluice.dev/inject", &["enabled", "disabled"])]);
+        for ns_labels in label_sets(&keys) {
+            for ns_name in ["shop", "kube-system", NAMESPACE] {
+                let mut ns = ns_labels.clone();
+                ns.insert("kubernetes.io/metadata.name".into(), ns_name.into());
+                let excluded = ns_name != "shop";
+                for pod in &pods {
+                    let sent: Vec<&str> = hooks
+                        .iter()
+                        .filter(|h| {
+                            selects(h.namespace_selector.as_ref().unwrap(), &ns)
+                                && selects(h.object_selector.as_ref().unwrap(), pod)
+                        })
+                        .map(|h| h.name.as_str())
+                        .collect();
+                    let expected = if excluded || is(pod, "sluice.dev/inject", "disabled") {
+                        0
+                    } else if wanted(&ns_labels) {
+                        1
+                    } else {
+                        usize::from(is(pod, "sluice.dev/inject", "enabled"))
+                    };
+                    assert_eq!(
+                        sent.len(),
+                        expected,
+                        "{set}: a pod labelled {pod:?} in namespace {ns:?} is sent by {sent:?}"
+                    );
+                    if expected == 1 && wanted(&ns_labels) {
+                        assert_eq!(sent, ["namespace.inject.sluice.dev"], "{set}");
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[tokio::test]
