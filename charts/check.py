@@ -51,8 +51,8 @@ def values_sets() -> dict[str, dict]:
         # The other branches of the templates: policies from the ConfigMap, endpoint
         # discovery beside it, no TokenReview, cert-manager issuing the webhook cert,
         # alert rules as PrometheusRules, the fleet limits' Redis URL Secret for proxies,
-        # an admin token Secret of the operator's own, a namespace selector with an
-        # expression beside its label.
+        # an admin token Secret of the operator's own, the injected proxies' admin token
+        # Secret, a namespace selector with an expression beside its label.
         "dir-certmanager": {
             "policies": {"source": "dir", "extraFiles": {"extra.yaml": EXTRA_POLICY}},
             "discovery": {"endpoints": True},
@@ -62,6 +62,7 @@ def values_sets() -> dict[str, dict]:
             "dashboards": {"prometheusRules": True},
             "injector": {
                 "redisUrlSecret": "sluice-redis",
+                "proxyAdminTokenSecret": "sluice-proxy-admin",
                 "namespaceSelector": {
                     "matchLabels": {"sluice.dev/inject": "enabled"},
                     "matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["batch"]}],
@@ -135,6 +136,16 @@ def render(values: dict) -> list[dict]:
             continue  # NOTES.txt
         objects.extend(d for d in yaml.safe_load_all(manifests[path]) if d)
     return objects
+
+
+def notes(values: dict) -> str:
+    """NOTES.txt as `helm install` prints it."""
+    chart = helm.Chart.load(str(CHART))
+    try:
+        manifests = chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
+    finally:
+        chart.close()
+    return "".join(text for path, text in manifests.items() if path.endswith("NOTES.txt"))
 
 
 def write(objects: list[dict], path: pathlib.Path) -> None:
@@ -308,6 +319,18 @@ def main() -> None:
                 fail(f"rendering with {name} values: refused, but not saying {why!r}: {e}")
         else:
             fail(f"rendering with {name} values: accepted, but it cannot work ({why})")
+
+    # NOTES.txt says how to open an injected proxy's admin port, with the token Secret
+    # the injector mounts or, without one, how to set it.
+    for values, want in [
+        ({}, "injector.proxyAdminTokenSecret=sluice-proxy-admin"),
+        (
+            {"injector": {"proxyAdminTokenSecret": "shop-admin"}},
+            'kubectl -n shop create secret generic shop-admin --from-literal=token="$(cat proxy-admin.token)"',
+        ),
+    ]:
+        if want not in notes(values):
+            fail(f"NOTES.txt with {values} does not say {want!r}:\n{notes(values)}")
 
     lint()
     check_default_policies_match_examples()

@@ -818,6 +818,20 @@ fn every_pod_is_sent_by_at_most_one_injector_entry_and_labelled_pods_by_one() {
     }
 }
 
+/// `injector.proxyAdminTokenSecret` reaches the injector as `--inject-admin-token-secret`
+/// (parsed by the control plane's own flags); unset, no admin token is injected.
+#[test]
+fn the_proxy_admin_token_secret_value_reaches_the_injector() {
+    for (set, wanted) in [
+        ("default", None),
+        ("dir-certmanager", Some("sluice-proxy-admin")),
+    ] {
+        let args = parse_args(&objects(set).deployment.unwrap());
+        let cfg = args.webhook.to_config(None).expect("the webhooks are on");
+        assert_eq!(cfg.inject.admin_token_secret.as_deref(), wanted, "{set}");
+    }
+}
+
 #[tokio::test]
 async fn the_webhook_certificate_is_trusted_through_the_rendered_ca_bundle() {
     let o = objects("default");
