@@ -145,6 +145,8 @@ impl PolicyService {
         self,
         request: Request<Streaming<pb::ProxyMessage>>,
     ) -> Result<Response<PolicyStream>, Status> {
+        // Tells apart proxies that say the same node id.
+        let peer = request.remote_addr();
         let mut inbound = request.into_inner();
         let first = tokio::time::timeout(HELLO_TIMEOUT, inbound.message())
             .await
@@ -156,7 +158,7 @@ impl PolicyService {
             }
             _ => return Err(Status::invalid_argument("the first message must be Hello")),
         };
-        tracing::info!(node_id = %hello.node_id, service = %hello.service, has = %hello.last_applied_version, "proxy connected");
+        tracing::info!(node_id = %hello.node_id, peer = ?peer, service = %hello.service, has = %hello.last_applied_version, "proxy connected");
         let accepted = crate::views::accepted(&hello);
         if !sluice_config::SCHEMA_VERSIONS
             .iter()
@@ -169,6 +171,7 @@ impl PolicyService {
         Ok(Response::new(Box::pin(policy_stream(
             self.shared.clone(),
             hello,
+            peer,
             inbound,
             self.shutdown.clone(),
         ))))
@@ -196,18 +199,20 @@ struct InFlight {
 }
 
 /// The messages sent to the proxy that said `hello`, answering what it sends on
-/// `inbound`, until it goes, the publisher stops, or the control plane shuts down.
+/// `inbound` from `peer`, until it goes, the publisher stops, or the control plane
+/// shuts down.
 /// Dropped with the stream (the connection gone), it marks the proxy's stream closed.
 fn policy_stream(
     shared: Arc<Shared>,
     hello: pb::Hello,
+    peer: Option<SocketAddr>,
     mut inbound: Streaming<pb::ProxyMessage>,
     mut shutdown: watch::Receiver<bool>,
 ) -> impl Stream<Item = Result<Outgoing, Status>> + Send {
     async_stream::stream! {
         let node = hello.node_id.clone();
         let accepted = crate::views::accepted(&hello);
-        let record = shared.proxies.connect(&hello);
+        let record = shared.proxies.connect(&hello, peer);
         shared.metrics.streams_opened.inc();
         let acks = shared.metrics.acks.with_label_values(&["ack"]);
         let nacks = shared.metrics.acks.with_label_values(&["nack"]);

@@ -1,6 +1,15 @@
 //! What the control plane knows about each proxy, for `/proxies`.
+//!
+//! A row per open stream, not per node id: two proxies started with the same
+//! `--node-id` are two rows, each with its own versions, NACKs and peer address,
+//! both flagged `duplicate_node_id` (as Envoy's control planes list each connection),
+//! so neither one's drift hides behind the other's acks. A closed stream's row stays
+//! as its node's last state until the node connects again, or goes at once when
+//! another stream of its node id is still open: a proxy going removes only its own row.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -11,11 +20,18 @@ use tokio::sync::watch;
 
 use crate::unix_ms;
 
-/// One proxy (by node id) as seen by the control plane.
+/// One proxy stream as seen by the control plane.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct ProxyRecord {
     /// The proxy's node id from its `Hello`.
     pub node_id: String,
+    /// This control plane's number for the stream (rows sharing a node id differ by it).
+    pub stream: u64,
+    /// The address the stream came from, when the transport knows it.
+    pub peer: Option<String>,
+    /// Another open stream says the same node id: two proxies share it (or this one
+    /// reconnected before its old stream was found dead).
+    pub duplicate_node_id: bool,
     /// Namespace of its workload.
     pub namespace: String,
     /// The service it fronts.
@@ -40,20 +56,26 @@ pub struct ProxyRecord {
     pub nack_error: Option<String>,
     /// When it refused it.
     pub nacked_at_unix_ms: Option<u64>,
+    /// When the stream opened.
+    pub connected_at_unix_ms: u64,
+    /// When the stream closed, once it has.
+    pub disconnected_at_unix_ms: Option<u64>,
     /// Last message from it, or its stream's end.
     pub last_seen_unix_ms: u64,
-    /// It has a stream open now.
+    /// Its stream is open now.
     pub connected: bool,
-    #[serde(skip)]
-    streams: u32,
 }
 
-/// Every proxy that ever connected since the control plane started.
+/// A row's key: node id, then stream number, so a node's rows sit together.
+type Key = (String, u64);
+
+/// The proxies connected now, and the last state of those that went.
 #[derive(Debug)]
 pub(crate) struct ProxyRegistry {
-    /// A record per node id, shared with that proxy's open streams: a stream updates
-    /// its own record without the map's lock or a search by name.
-    records: Mutex<BTreeMap<String, Arc<Mutex<ProxyRecord>>>>,
+    /// A record per stream, shared with that stream: a stream updates its own record
+    /// without the map's lock or a search by name. Lock order: the map, then records.
+    records: Mutex<BTreeMap<Key, Arc<Mutex<ProxyRecord>>>>,
+    next_stream: AtomicU64,
     connected: IntGauge,
     changes: watch::Sender<u64>,
 }
@@ -63,6 +85,7 @@ pub(crate) struct ProxyRegistry {
 #[derive(Debug)]
 pub(crate) struct StreamGuard<'a> {
     registry: &'a ProxyRegistry,
+    key: Key,
     record: Arc<Mutex<ProxyRecord>>,
 }
 
@@ -84,10 +107,7 @@ impl StreamGuard<'_> {
     /// Kubernetes wakes on every change.
     pub(crate) fn seen(&self) {
         let now = unix_ms(SystemTime::now());
-        self.record
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .last_seen_unix_ms = now;
+        lock(&self.record).last_seen_unix_ms = now;
     }
 
     /// The proxy acknowledged `version`.
@@ -111,10 +131,7 @@ impl StreamGuard<'_> {
 
     fn update<T>(&self, f: impl FnOnce(&mut ProxyRecord, u64) -> T) -> T {
         let now = unix_ms(SystemTime::now());
-        let out = {
-            let mut r = self.record.lock().unwrap_or_else(|e| e.into_inner());
-            f(&mut r, now)
-        };
+        let out = f(&mut lock(&self.record), now);
         self.registry.changed();
         out
     }
@@ -123,15 +140,28 @@ impl StreamGuard<'_> {
 impl Drop for StreamGuard<'_> {
     fn drop(&mut self) {
         self.registry.connected.dec();
-        let node = self.update(|r, now| {
+        let now = unix_ms(SystemTime::now());
+        {
+            let mut r = lock(&self.record);
             r.last_seen_unix_ms = now;
-            r.streams = r.streams.saturating_sub(1);
-            r.connected = r.streams > 0;
-            r.node_id.clone()
-        });
+            r.disconnected_at_unix_ms = Some(now);
+            r.connected = false;
+        }
+        {
+            let mut records = lock(&self.registry.records);
+            // Another open stream of this node id shows it: this row goes. Otherwise
+            // it stays as the node's last state.
+            let (node, _) = &self.key;
+            let open_beside =
+                node_rows(&records, node).any(|(k, r)| *k != self.key && lock(r).connected);
+            if open_beside {
+                records.remove(&self.key);
+            }
+        }
+        self.registry.changed();
         // Here rather than where a stream's loop ends: a stream whose connection is
         // gone is dropped without its loop ever ending.
-        tracing::info!(node_id = %node, "proxy disconnected");
+        tracing::info!(node_id = %self.key.0, stream = self.key.1, "proxy disconnected");
     }
 }
 
@@ -139,47 +169,93 @@ impl ProxyRegistry {
     pub(crate) fn new(connected: IntGauge, changes: watch::Sender<u64>) -> Self {
         Self {
             records: Mutex::new(BTreeMap::new()),
+            next_stream: AtomicU64::new(0),
             connected,
             changes,
         }
     }
 
-    /// A stream of the proxy that sent `hello` opened.
-    pub(crate) fn connect(&self, hello: &pb::Hello) -> StreamGuard<'_> {
+    /// A stream of the proxy that sent `hello` opened, from `peer`. A node id another
+    /// open stream already has is taken, listed on a row of its own and warned about.
+    pub(crate) fn connect(&self, hello: &pb::Hello, peer: Option<SocketAddr>) -> StreamGuard<'_> {
         self.connected.inc();
-        let record = {
-            let mut records = self.records.lock().unwrap_or_else(|e| e.into_inner());
-            records.entry(hello.node_id.clone()).or_default().clone()
-        };
-        {
-            let mut r = record.lock().unwrap_or_else(|e| e.into_inner());
-            r.node_id = hello.node_id.clone();
-            r.namespace = hello.namespace.clone();
-            r.service = hello.service.clone();
-            r.proxy_version = hello.proxy_version.clone();
-            r.schema_version = hello.schema_version;
-            r.accepted_schema_versions = crate::views::accepted(hello);
-            if !hello.last_applied_version.is_empty() {
-                r.acked_version = Some(hello.last_applied_version.clone());
+        let now = unix_ms(SystemTime::now());
+        let stream = self.next_stream.fetch_add(1, Ordering::Relaxed) + 1;
+        let record = Arc::new(Mutex::new(ProxyRecord {
+            node_id: hello.node_id.clone(),
+            stream,
+            peer: peer.map(|p| p.to_string()),
+            namespace: hello.namespace.clone(),
+            service: hello.service.clone(),
+            proxy_version: hello.proxy_version.clone(),
+            schema_version: hello.schema_version,
+            accepted_schema_versions: crate::views::accepted(hello),
+            acked_version: (!hello.last_applied_version.is_empty())
+                .then(|| hello.last_applied_version.clone()),
+            connected_at_unix_ms: now,
+            last_seen_unix_ms: now,
+            connected: true,
+            ..Default::default()
+        }));
+        let key = (hello.node_id.clone(), stream);
+        let open_elsewhere: Vec<String> = {
+            let mut records = lock(&self.records);
+            let mut closed = Vec::new();
+            let mut open = Vec::new();
+            for (k, r) in node_rows(&records, &hello.node_id) {
+                let r = lock(r);
+                if r.connected {
+                    open.push(
+                        r.peer
+                            .clone()
+                            .unwrap_or_else(|| format!("stream {}", r.stream)),
+                    );
+                } else {
+                    closed.push(k.clone());
+                }
             }
-            r.streams += 1;
-            r.connected = true;
-            r.last_seen_unix_ms = unix_ms(SystemTime::now());
+            // The node's last state gives way to its new stream.
+            for k in closed {
+                records.remove(&k);
+            }
+            records.insert(key.clone(), record.clone());
+            open
+        };
+        if !open_elsewhere.is_empty() {
+            tracing::warn!(
+                node_id = %hello.node_id,
+                peer = ?peer,
+                already_connected_from = ?open_elsewhere,
+                "a proxy connected with a node id another open stream already has: each is listed in /proxies on its own row, flagged duplicate_node_id; give every proxy its own --node-id (the same proxy reconnecting before its old stream was found dead shows the same way until it is)"
+            );
         }
         self.changed();
         StreamGuard {
             registry: self,
+            key,
             record,
         }
     }
 
-    /// Every proxy's record, by node id.
+    /// Every stream's record, by node id, then in the order they connected; open
+    /// streams sharing a node id are flagged.
     pub(crate) fn snapshot(&self) -> Vec<ProxyRecord> {
-        let records = self.records.lock().unwrap_or_else(|e| e.into_inner());
-        records
-            .values()
-            .map(|r| r.lock().unwrap_or_else(|e| e.into_inner()).clone())
-            .collect()
+        let records = lock(&self.records);
+        let mut all: Vec<ProxyRecord> = records.values().map(|r| lock(r).clone()).collect();
+        drop(records);
+        let mut i = 0;
+        while i < all.len() {
+            let same = all[i..]
+                .iter()
+                .take_while(|r| r.node_id == all[i].node_id)
+                .count();
+            let open = all[i..i + same].iter().filter(|r| r.connected).count();
+            for r in &mut all[i..i + same] {
+                r.duplicate_node_id = r.connected && open > 1;
+            }
+            i += same;
+        }
+        all
     }
 
     /// Wakes whoever waits on [`crate::RunningControlPlane::watch_changes`]. Nobody
@@ -193,6 +269,19 @@ impl ProxyRegistry {
     }
 }
 
+/// The rows of `node`.
+fn node_rows<'a>(
+    records: &'a BTreeMap<Key, Arc<Mutex<ProxyRecord>>>,
+    node: &str,
+) -> impl Iterator<Item = (&'a Key, &'a Arc<Mutex<ProxyRecord>>)> {
+    records.range((node.to_string(), 0)..=(node.to_string(), u64::MAX))
+}
+
+/// A lock a panicking holder left behind is still good: records are plain data.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -204,42 +293,81 @@ mod tests {
         }
     }
 
-    /// Two streams of one node id share its record: an answer on either shows, and the
-    /// proxy reads as connected until both have closed.
+    fn peer(port: u16) -> Option<SocketAddr> {
+        Some(SocketAddr::from(([127, 0, 0, 1], port)))
+    }
+
+    /// Two proxies with one node id get a row each, both flagged, each with its own
+    /// answers; one going removes its row alone, and the other is no longer flagged.
+    /// The last to go stays as the node's last state until the node connects again.
     #[test]
-    fn streams_of_one_proxy_share_its_record_until_the_last_closes() {
+    fn streams_sharing_a_node_id_are_rows_of_their_own() {
         let (tx, mut rx) = watch::channel(0);
         let gauge = IntGauge::new("connected", "open streams").unwrap();
         let registry = ProxyRegistry::new(gauge.clone(), tx);
-        let first = registry.connect(&hello("a"));
-        let second = registry.connect(&hello("a"));
-        let other = registry.connect(&hello("b"));
+        let first = registry.connect(&hello("a"), peer(1001));
+        let second = registry.connect(&hello("a"), peer(1002));
+        let other = registry.connect(&hello("b"), peer(1003));
         assert_eq!(gauge.get(), 3);
         rx.mark_unchanged();
-        first.sent("v1");
-        second.acked("v1");
-        other.nacked("v1", "bad route");
+        first.sent("v2");
+        first.acked("v2");
+        second.sent("v2");
+        second.nacked("v2", "bad route");
+        other.acked("v2");
         assert!(rx.has_changed().unwrap(), "a watcher is woken");
-        let all = registry.snapshot();
-        assert_eq!(all.len(), 2);
-        let a = &all[0];
+        let rows = |r: &ProxyRegistry| {
+            r.snapshot()
+                .into_iter()
+                .map(|p| {
+                    (
+                        p.node_id,
+                        p.peer.unwrap_or_default(),
+                        p.connected,
+                        p.duplicate_node_id,
+                        p.acked_version,
+                        p.nack_error,
+                    )
+                })
+                .collect::<Vec<_>>()
+        };
+        let v2 = || Some("v2".to_string());
+        let bad = || Some("bad route".to_string());
         assert_eq!(
-            (
-                a.node_id.as_str(),
-                a.version_sent.as_deref(),
-                a.acked_version.as_deref()
-            ),
-            ("a", Some("v1"), Some("v1"))
+            rows(&registry),
+            [
+                ("a".into(), "127.0.0.1:1001".into(), true, true, v2(), None),
+                ("a".into(), "127.0.0.1:1002".into(), true, true, None, bad()),
+                ("b".into(), "127.0.0.1:1003".into(), true, false, v2(), None),
+            ]
         );
-        assert_eq!(all[1].nack_error.as_deref(), Some("bad route"));
-        drop(first);
-        assert!(
-            registry.snapshot()[0].connected,
-            "the second stream is open"
-        );
+
         drop(second);
-        assert!(!registry.snapshot()[0].connected);
+        assert_eq!(
+            rows(&registry),
+            [
+                ("a".into(), "127.0.0.1:1001".into(), true, false, v2(), None),
+                ("b".into(), "127.0.0.1:1003".into(), true, false, v2(), None),
+            ],
+            "the refusing proxy's row went with it, and only its row"
+        );
+        drop(first);
+        let all = registry.snapshot();
+        assert_eq!(all.len(), 2, "{all:?}");
+        assert!(!all[0].connected && all[0].disconnected_at_unix_ms.is_some());
+        assert_eq!(all[0].acked_version, v2(), "the node's last state stays");
         assert_eq!(gauge.get(), 1);
+
+        let back = registry.connect(&hello("a"), peer(1004));
+        let all = registry.snapshot();
+        assert_eq!(
+            all.len(),
+            2,
+            "the reconnect takes the closed row's place: {all:?}"
+        );
+        assert!(all[0].connected && all[0].stream > all[1].stream);
+        assert_eq!(all[0].peer.as_deref(), Some("127.0.0.1:1004"));
+        drop(back);
         drop(other);
         assert_eq!(gauge.get(), 0);
     }
@@ -251,7 +379,7 @@ mod tests {
         let (tx, mut rx) = watch::channel(0);
         let gauge = IntGauge::new("connected", "open streams").unwrap();
         let registry = ProxyRegistry::new(gauge, tx);
-        let stream = registry.connect(&hello("a"));
+        let stream = registry.connect(&hello("a"), None);
         let forget = || stream.record.lock().unwrap().last_seen_unix_ms = 0;
         let last_seen = || registry.snapshot()[0].last_seen_unix_ms;
 

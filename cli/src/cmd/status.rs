@@ -28,6 +28,10 @@ pub struct ProxiesAnswer {
 pub struct ProxyRecord {
     /// Its node id.
     pub node_id: String,
+    /// The address its stream came from.
+    pub peer: Option<String>,
+    /// Another open stream says the same node id (each has its own row).
+    pub duplicate_node_id: bool,
     /// Its namespace.
     pub namespace: String,
     /// The service it fronts.
@@ -170,6 +174,8 @@ pub async fn run(ctx: &mut Ctx<'_>, args: StatusArgs) -> Result<Verdict, CliErro
                 let identity = row.admin.as_ref().map(|(_, c)| &c.identity);
                 serde_json::json!({
                     "node_id": r.node_id,
+                    "peer": r.peer,
+                    "duplicate_node_id": r.duplicate_node_id,
                     "namespace": r.namespace,
                     "service": r.service,
                     "state": row.state.as_str(),
@@ -233,7 +239,12 @@ pub async fn run(ctx: &mut Ctx<'_>, args: StatusArgs) -> Result<Verdict, CliErro
             )
         };
         t.row([
-            r.node_id.clone(),
+            if r.duplicate_node_id {
+                // Which of the proxies sharing the id this row is.
+                format!("{} (dup, {})", r.node_id, r.peer.as_deref().unwrap_or("?"))
+            } else {
+                r.node_id.clone()
+            },
             if r.service.is_empty() {
                 dash()
             } else {
@@ -274,6 +285,17 @@ pub async fn run(ctx: &mut Ctx<'_>, args: StatusArgs) -> Result<Verdict, CliErro
                 r.nack_error.as_deref().unwrap_or("")
             ));
         }
+    }
+    let mut duplicated: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.record.duplicate_node_id)
+        .map(|r| r.record.node_id.as_str())
+        .collect();
+    duplicated.dedup();
+    for node in duplicated {
+        text.push_str(&format!(
+            "\nnode id {node} is used by more than one connected proxy: each is listed on its own row; give every proxy its own --node-id\n"
+        ));
     }
     if rows.iter().any(|r| r.state.failing()) {
         text.push_str("\nnot in sync: a proxy refused or has not acked the version it was sent\n");

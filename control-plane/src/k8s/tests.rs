@@ -1178,7 +1178,7 @@ async fn the_lease_holder_drives_a_rollout_the_follower_serves_and_resumes_it() 
         last_applied_version: b.policy_version().unwrap(),
         ..Default::default()
     };
-    let stream = b.shared.proxies.connect(&hello);
+    let stream = b.shared.proxies.connect(&hello, None);
     eventually("the holder knows the follower's proxy", || {
         a.shared
             .remote_proxies

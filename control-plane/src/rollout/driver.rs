@@ -1288,10 +1288,12 @@ mod tests {
         // (Acks count once the new holder's takeover grace has passed.)
         clock.advance(TAKEOVER_GRACE);
         r.record_version("back", &r.frozen());
-        let mut p = ProxyRecord::default();
-        p.node_id = "a".into();
-        p.connected = true;
-        p.acked_version = Some("before".into());
+        let mut p = ProxyRecord {
+            node_id: "a".into(),
+            connected: true,
+            acked_version: Some("before".into()),
+            ..Default::default()
+        };
         assert!(!r.tick(|| vec![p.clone()]));
         assert_eq!(rollout(&r)["stepAcked"], false);
         p.acked_version = Some("back".into());
@@ -1310,11 +1312,12 @@ mod tests {
         r.sync(&set());
         r.record_version("v1", &r.frozen());
         let proxy = |node: &str, acked: &str, connected: bool| {
-            let mut p = ProxyRecord::default();
-            p.node_id = node.into();
-            p.acked_version = Some(acked.into());
-            p.connected = connected;
-            p
+            ProxyRecord {
+                node_id: node.into(),
+                acked_version: Some(acked.into()),
+                connected,
+                ..Default::default()
+            }
         };
         assert!(!r.tick(|| vec![proxy("a", "v1", true), proxy("hung", "v0", true)]));
         assert_eq!(rollout(&r)["stepAcked"], false);
@@ -1340,12 +1343,13 @@ mod tests {
         r.sync(&set());
         r.record_version("v1", &r.frozen());
         let proxy = |node: &str, acked: Option<&str>, nacked: Option<&str>| {
-            let mut p = ProxyRecord::default();
-            p.node_id = node.into();
-            p.acked_version = acked.map(str::to_string);
-            p.nacked_version = nacked.map(str::to_string);
-            p.connected = true;
-            p
+            ProxyRecord {
+                node_id: node.into(),
+                acked_version: acked.map(str::to_string),
+                nacked_version: nacked.map(str::to_string),
+                connected: true,
+                ..Default::default()
+            }
         };
         let mut gone = proxy("gone", None, None);
         gone.connected = false;

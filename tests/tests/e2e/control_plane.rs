@@ -530,3 +530,75 @@ async fn an_edit_that_writes_defaults_pushes_no_new_version() {
     assert_eq!(proxy.version().await.as_deref(), Some(v2.as_str()));
     proxy.shutdown().await;
 }
+
+/// `sluicectl -o json status` against `cp`: its answer and whether it exited 0.
+fn sluicectl_status(cp: &TestControlPlane) -> (serde_json::Value, bool) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_e2e-sluicectl"))
+        .env_remove("SLUICECTL_CONTROL_PLANE")
+        .env_remove("SLUICECTL_PROXY")
+        .env_remove("SLUICECTL_TOKEN_FILE")
+        .args(["--control-plane", &format!("http://{}", cp.admin_addr())])
+        .args(["-o", "json", "status"])
+        .output()
+        .expect("run sluicectl");
+    let answer = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "not JSON ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (answer, out.status.success())
+}
+
+/// Two proxies started with one `--node-id` are two rows of `/proxies` and of
+/// `sluicectl status`, each flagged, each with its own peer; the one that goes takes
+/// only its own row with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_sharing_a_node_id_are_listed_apart() {
+    let blue = Upstream::auto("blue").await;
+    let cp =
+        TestControlPlane::start(&[(FILE, &single_backend_policy("svc", "svc", blue.addr()))]).await;
+    let v1 = cp.version().expect("the first load is published");
+    let (da, db) = (state_dir(), state_dir());
+    let a = subscribed(&cp, "twin", da.path()).await;
+    let b = subscribed(&cp, "twin", db.path()).await;
+    cp.wait_acked_everywhere(&v1, 2).await;
+
+    let proxies = cp.admin_json("/proxies").await;
+    let rows = proxies["proxies"].as_array().expect("proxies list");
+    assert_eq!(rows.len(), 2, "{proxies:#}");
+    for r in rows {
+        assert_eq!(r["node_id"], "twin");
+        assert_eq!(r["connected"], true);
+        assert_eq!(r["duplicate_node_id"], true, "{proxies:#}");
+        assert_eq!(r["acked_version"], v1.as_str());
+    }
+    assert_ne!(rows[0]["peer"], rows[1]["peer"], "{proxies:#}");
+    assert_ne!(rows[0]["stream"], rows[1]["stream"]);
+
+    let (status, ok) = sluicectl_status(&cp);
+    let listed = status["proxies"].as_array().expect("status rows");
+    assert_eq!(listed.len(), 2, "{status:#}");
+    assert!(
+        listed
+            .iter()
+            .all(|r| r["duplicate_node_id"] == true && r["state"] == "in-sync")
+    );
+    assert!(ok, "both are in sync: {status:#}");
+
+    // The second one goes: the first keeps its row, no longer a duplicate.
+    b.shutdown().await;
+    let cpr = &cp;
+    wait_until("the second proxy's row is gone", WAIT, || async move {
+        let proxies = cpr.admin_json("/proxies").await;
+        proxies["proxies"].as_array().is_some_and(|r| r.len() == 1)
+    })
+    .await;
+    let proxies = cp.admin_json("/proxies").await;
+    let row = &proxies["proxies"][0];
+    assert_eq!(row["connected"], true, "{proxies:#}");
+    assert_eq!(row["duplicate_node_id"], false);
+    assert_eq!(row["acked_version"], v1.as_str());
+    a.shutdown().await;
+}
