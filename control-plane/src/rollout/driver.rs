@@ -25,7 +25,7 @@ use tokio::sync::watch;
 
 use super::clock::Clock;
 use super::engine::{
-    Command, Now, Phase, ProxyAck, RolloutState, Saved, Spec, Transition, WindowView,
+    Command, Departed, Now, Phase, ProxyAck, RolloutState, Saved, Spec, Transition, WindowView,
 };
 use super::reports::Window;
 use crate::proxies::ProxyRecord;
@@ -456,18 +456,28 @@ impl Rollouts {
                 };
                 let proxies: &Vec<ProxyRecord> =
                     list.get_or_insert_with(|| proxies.take().map_or_else(Vec::new, |f| f()));
-                let acks: Vec<ProxyAck> = proxies
-                    .iter()
-                    .filter(|p| p.connected)
-                    .map(|p| {
-                        let acked = carries(&p.acked_version);
-                        ProxyAck {
+                let mut acks = Vec::new();
+                for p in proxies {
+                    let acked = carries(&p.acked_version);
+                    let nacked = !acked && carries(&p.nacked_version);
+                    if p.connected {
+                        acks.push(ProxyAck {
                             node: p.node_id.clone(),
                             acked,
-                            nacked: !acked && carries(&p.nacked_version),
-                        }
-                    })
-                    .collect();
+                            nacked,
+                        });
+                    } else if let (false, Some(gone_at_ms)) = (acked, p.disconnected_at_unix_ms) {
+                        // Gone, maybe before any tick saw it waiting: the engine
+                        // tells whether the step waited for it.
+                        e.state.on_departed(Departed {
+                            node: &p.node_id,
+                            connected_at_ms: p.connected_at_unix_ms,
+                            gone_at_ms,
+                            sent: carries(&p.version_sent),
+                            nacked,
+                        });
+                    }
+                }
                 e.state.on_acks(now, &acks);
                 if e.state.acked_at().is_some() && !e.state.left_out().is_empty() {
                     let why: Vec<String> = e
@@ -1311,13 +1321,11 @@ mod tests {
         let r = Rollouts::new(None, clock.clone());
         r.sync(&set());
         r.record_version("v1", &r.frozen());
-        let proxy = |node: &str, acked: &str, connected: bool| {
-            ProxyRecord {
-                node_id: node.into(),
-                acked_version: Some(acked.into()),
-                connected,
-                ..Default::default()
-            }
+        let proxy = |node: &str, acked: &str, connected: bool| ProxyRecord {
+            node_id: node.into(),
+            acked_version: Some(acked.into()),
+            connected,
+            ..Default::default()
         };
         assert!(!r.tick(|| vec![proxy("a", "v1", true), proxy("hung", "v0", true)]));
         assert_eq!(rollout(&r)["stepAcked"], false);
@@ -1333,6 +1341,50 @@ mod tests {
         assert_eq!(rollout(&r)["proxiesAwaited"], serde_json::json!([]));
     }
 
+    /// A proxy connected when a step's weights were set that goes within a tick,
+    /// before any tick saw it waiting, is named all the same; one gone before the
+    /// step began, or one that came after it and went before being sent its weights,
+    /// is not.
+    #[test]
+    fn a_proxy_gone_before_any_tick_saw_it_is_named_left_out() {
+        let clock = Clock::default();
+        let r = Rollouts::new(None, clock.clone());
+        r.sync(&set());
+        let step = clock.now().unix_ms;
+        r.record_version("v1", &r.frozen());
+        let proxy = |node: &str, sent: Option<&str>, opened: u64, gone: Option<u64>| ProxyRecord {
+            node_id: node.into(),
+            acked_version: Some("v0".into()),
+            version_sent: sent.map(str::to_string),
+            connected_at_unix_ms: opened,
+            connected: gone.is_none(),
+            disconnected_at_unix_ms: gone,
+            ..Default::default()
+        };
+        let mut acked = proxy("a", Some("v1"), step - 60_000, None);
+        acked.acked_version = Some("v1".into());
+        let proxies = vec![
+            acked,
+            // There when the step began; gone 50 ms later, the step's version unsent.
+            proxy("quick", None, step - 60_000, Some(step + 50)),
+            // Sent the step's weights after it began, gone before acking.
+            proxy("sent", Some("v1"), step + 10, Some(step + 100)),
+            proxy("before", None, step - 60_000, Some(step - 1_000)),
+            proxy("newcomer", None, step + 10, Some(step + 20)),
+        ];
+        assert!(!r.tick(|| proxies));
+        let r = rollout(&r);
+        assert_eq!(r["stepAcked"], true, "{r:#}");
+        assert_eq!(r["proxiesLeftOut"], serde_json::json!(["quick", "sent"]));
+        assert_eq!(
+            r["proxiesLeftOutWhy"],
+            serde_json::json!({
+                "quick": "disconnected before acking",
+                "sent": "disconnected before acking",
+            })
+        );
+    }
+
     /// A step's interval starts once every connected proxy acked a version carrying
     /// its weights; a proxy that refused it is left out at once, one that is not
     /// connected does not count. A tick with nothing to decide changes nothing.
@@ -1342,14 +1394,12 @@ mod tests {
         let r = Rollouts::new(None, clock.clone());
         r.sync(&set());
         r.record_version("v1", &r.frozen());
-        let proxy = |node: &str, acked: Option<&str>, nacked: Option<&str>| {
-            ProxyRecord {
-                node_id: node.into(),
-                acked_version: acked.map(str::to_string),
-                nacked_version: nacked.map(str::to_string),
-                connected: true,
-                ..Default::default()
-            }
+        let proxy = |node: &str, acked: Option<&str>, nacked: Option<&str>| ProxyRecord {
+            node_id: node.into(),
+            acked_version: acked.map(str::to_string),
+            nacked_version: nacked.map(str::to_string),
+            connected: true,
+            ..Default::default()
         };
         let mut gone = proxy("gone", None, None);
         gone.connected = false;

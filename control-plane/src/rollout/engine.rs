@@ -8,7 +8,8 @@
 //!   that NACKed, or has not acked within [`ACK_GRACE`] of the step's publication, is
 //!   left out of that count (and named, with why). So is one the step waited for that
 //!   disconnected without acking: a hung proxy is dropped by the gRPC keepalive at
-//!   about the moment the grace ends, and must not vanish from the count unnamed;
+//!   about the moment the grace ends, and must not vanish from the count unnamed, nor
+//!   may one connected when the step began that went before any tick saw it waiting;
 //! - at the end of the interval the window is judged only with at least
 //!   `minRequests` canary requests; otherwise it is inconclusive and the next window
 //!   adds to it, until one is conclusive (`hold`), or until `deadline` passes
@@ -224,6 +225,22 @@ pub struct ProxyAck {
     pub nacked: bool,
 }
 
+/// A proxy whose stream closed without acking the step's weights, as the control
+/// plane last saw it.
+#[derive(Clone, Copy, Debug)]
+pub struct Departed<'a> {
+    /// Its node id.
+    pub node: &'a str,
+    /// When its stream opened (ms since the Unix epoch).
+    pub connected_at_ms: u64,
+    /// When its stream closed (ms since the Unix epoch).
+    pub gone_at_ms: u64,
+    /// It was sent a version carrying the step's weights.
+    pub sent: bool,
+    /// It refused that version.
+    pub nacked: bool,
+}
+
 /// A proxy left out of a step's "every proxy acked", and why.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LeftOut {
@@ -306,6 +323,8 @@ pub struct RolloutState {
     step: usize,
     /// When the step's weights were set (the ack grace runs from here).
     step_since: Instant,
+    /// The same moment on the wall clock, which proxies' connections are timed by.
+    step_since_ms: u64,
     /// When every proxy had acked them: the interval runs from here.
     acked_at: Option<Instant>,
     /// Since the window opened (for judging) and since the step began (for gross
@@ -330,7 +349,7 @@ pub struct RolloutState {
 impl RolloutState {
     /// A rollout starting at its first step now.
     pub fn start(block: String, spec: &Spec, now: Now) -> Self {
-        let mut s = Self::at(block, Phase::Progressing, 0, now.at);
+        let mut s = Self::at(block, Phase::Progressing, 0, now);
         s.record(now, "started", spec, "a new rollout block".into());
         s
     }
@@ -338,7 +357,7 @@ impl RolloutState {
     /// A rollout restored from `saved`, waiting for every proxy's ack of its step.
     pub fn restore(saved: Saved, spec: &Spec, now: Now) -> Self {
         let step = saved.step.min(spec.rollout.steps.len().saturating_sub(1));
-        let mut s = Self::at(saved.block, saved.phase, step, now.at);
+        let mut s = Self::at(saved.block, saved.phase, step, now);
         s.history = saved.history;
         s.last_window = saved.last_window;
         if !s.phase.is_terminal() {
@@ -353,7 +372,7 @@ impl RolloutState {
     /// starts again when every proxy acked.
     pub fn mirror(saved: Saved, spec: &Spec, now: Now) -> Self {
         let step = saved.step.min(spec.rollout.steps.len().saturating_sub(1));
-        let mut s = Self::at(saved.block, saved.phase, step, now.at);
+        let mut s = Self::at(saved.block, saved.phase, step, now);
         s.history = saved.history;
         if s.history.len() > HISTORY {
             let extra = s.history.len() - HISTORY;
@@ -363,12 +382,13 @@ impl RolloutState {
         s
     }
 
-    fn at(block: String, phase: Phase, step: usize, now: Instant) -> Self {
+    fn at(block: String, phase: Phase, step: usize, now: Now) -> Self {
         Self {
             block,
             phase,
             step,
-            step_since: now,
+            step_since: now.at,
+            step_since_ms: now.unix_ms,
             acked_at: None,
             window: Default::default(),
             step_total: Default::default(),
@@ -500,9 +520,10 @@ impl RolloutState {
         }
     }
 
-    fn enter_step(&mut self, step: usize, now: Instant) {
+    fn enter_step(&mut self, step: usize, now: Now) {
         self.step = step;
-        self.step_since = now;
+        self.step_since = now.at;
+        self.step_since_ms = now.unix_ms;
         self.acked_at = None;
         self.window = Default::default();
         self.step_total = Default::default();
@@ -524,11 +545,31 @@ impl RolloutState {
         // acked: the operator's question after a rollback is whether every proxy
         // has it.
         self.step_since = now.at;
+        self.step_since_ms = now.unix_ms;
         self.acked_at = None;
         self.left_out.clear();
         self.awaited.clear();
         self.record(now, result, spec, reason);
         self.history.last().cloned().expect("just recorded")
+    }
+
+    /// A proxy whose stream closed without acking the step's weights. If it was
+    /// connected when the step's weights were set (or was sent them) and went after,
+    /// the step waited for it: the next [`Self::on_acks`] names it left out as
+    /// disconnected, however soon it went, before any call saw it waiting. One gone
+    /// before the step began is none of the step's business.
+    pub fn on_departed(&mut self, p: Departed<'_>) {
+        if self.acked_at.is_some() || p.gone_at_ms < self.step_since_ms {
+            return;
+        }
+        if p.connected_at_ms > self.step_since_ms && !p.sent {
+            return;
+        }
+        let was = self.awaited.entry(p.node.to_string()).or_insert(Awaited {
+            nacked: p.nacked,
+            connected: false,
+        });
+        was.nacked |= p.nacked;
     }
 
     /// The proxies connected now and whether each acked the step's weights (once
@@ -711,7 +752,7 @@ impl RolloutState {
             return Some(self.end(Phase::Promoted, now, spec, "the last step passed".into()));
         }
         let from = self.canary_weight(spec);
-        self.enter_step(self.step + 1, now.at);
+        self.enter_step(self.step + 1, now);
         let reason = format!(
             "window passed at {from}% with {} canary requests",
             c.requests
@@ -744,7 +785,7 @@ impl RolloutState {
                 self.phase = Phase::Progressing;
                 // The step's interval starts again, on fresh numbers.
                 let step = self.step;
-                self.enter_step(step, now.at);
+                self.enter_step(step, now);
                 self.record(now, "resumed", spec, "resumed by hand".into());
                 Ok(self.history.last().cloned().expect("recorded"))
             }

@@ -20,7 +20,7 @@ fn block(steps: &str) -> String {
 /// proxy does; dropping it closes its stream, as the keepalive does to a hung proxy.
 struct SilentProxy {
     _say: tokio::sync::mpsc::Sender<pb::ProxyMessage>,
-    _answers: tonic::Streaming<pb::Snapshot>,
+    answers: tonic::Streaming<pb::Snapshot>,
 }
 
 impl SilentProxy {
@@ -50,10 +50,16 @@ impl SilentProxy {
         .expect("the stream opens in time")
         .expect("the stream opens")
         .into_inner();
-        Self {
-            _say: say,
-            _answers: answers,
-        }
+        Self { _say: say, answers }
+    }
+
+    /// The next snapshot the control plane sends it.
+    async fn next_snapshot(&mut self) -> pb::Snapshot {
+        tokio::time::timeout(WAIT, self.answers.message())
+            .await
+            .expect("a snapshot in time")
+            .expect("the stream stays open")
+            .expect("a message")
     }
 }
 
@@ -91,4 +97,32 @@ async fn a_proxy_that_disconnects_before_acking_a_step_is_named_left_out() {
         "{r:#}"
     );
     assert_eq!(r["proxiesAwaited"], serde_json::json!([]), "{r:#}");
+}
+
+/// A proxy connected when a step's weights are published that goes as soon as they
+/// reach it, within one of the control plane's looks at the acks, is named too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_that_goes_as_a_step_is_published_is_named_left_out() {
+    let mesh = RolloutMesh::start(&block("[10, 50, 100]")).await;
+    mesh.wait_rollout("every proxy acked the first step", |r| {
+        r["stepAcked"] == true
+    })
+    .await;
+    let mut quick = SilentProxy::connect(&mesh.cp.url(), "quick-1").await;
+    let first = quick.next_snapshot().await;
+
+    mesh.write_policy(&block("[20, 100]"), "");
+    let step = quick.next_snapshot().await;
+    assert_ne!(step.version, first.version, "the new step's version");
+    drop(quick);
+    let r = mesh
+        .wait_rollout("the step is acked without the proxy that went", |r| {
+            r["canaryWeight"] == 20 && r["stepAcked"] == true
+        })
+        .await;
+    assert_eq!(r["proxiesLeftOut"], serde_json::json!(["quick-1"]), "{r:#}");
+    assert_eq!(
+        r["proxiesLeftOutWhy"]["quick-1"], "disconnected before acking",
+        "{r:#}"
+    );
 }
