@@ -109,6 +109,15 @@ pub(crate) struct RunArgs {
         default_value = "60s"
     )]
     pub(crate) request_body_timeout: sluice_config::Duration,
+    /// Longest pause in a response body while the client waits for more; then the
+    /// stream is cut off (`0s`: no limit).
+    #[arg(
+        long,
+        env = "SLUICE_RESPONSE_BODY_TIMEOUT",
+        value_name = "DURATION",
+        default_value = "1h"
+    )]
+    pub(crate) response_body_timeout: sluice_config::Duration,
     /// Log filter: a level or an EnvFilter string.
     #[arg(
         long,
@@ -287,6 +296,7 @@ impl From<RunArgs> for ProxyConfig {
                 idle: a.idle_timeout.get(),
                 request_header: a.request_header_timeout.get(),
                 request_body: a.request_body_timeout.get(),
+                response_body: a.response_body_timeout.get(),
             },
             log_level: a.log_level,
             log_format: a.log_format,

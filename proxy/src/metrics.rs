@@ -81,6 +81,9 @@ pub struct Metrics {
     pub concurrency_in_flight: IntGauge,
     /// `sluice_overload_refusals_total{priority}`: inbound requests refused `overloaded`.
     pub overload_refusals: IntCounterVec,
+    /// `sluice_response_body_timeouts_total{direction}`: response bodies cut off because
+    /// the upstream sent nothing for `--response-body-timeout`.
+    pub response_body_timeouts: IntCounterVec,
     /// `sluice_reports_dropped_total`: traffic reports to the control plane dropped
     /// because the stream's queue was full.
     pub reports_dropped: IntCounter,
@@ -190,6 +193,13 @@ impl Metrics {
             ),
             &["priority"],
         )?;
+        let response_body_timeouts = IntCounterVec::new(
+            Opts::new(
+                "sluice_response_body_timeouts_total",
+                "Response bodies cut off because the upstream sent nothing for the response body timeout.",
+            ),
+            &["direction"],
+        )?;
         let reports_dropped = IntCounter::new(
             "sluice_reports_dropped_total",
             "Traffic reports to the control plane dropped because the stream's queue was full.",
@@ -198,6 +208,7 @@ impl Metrics {
         registry.register(Box::new(concurrency_limit.clone()))?;
         registry.register(Box::new(concurrency_in_flight.clone()))?;
         registry.register(Box::new(overload_refusals.clone()))?;
+        registry.register(Box::new(response_body_timeouts.clone()))?;
         registry.register(Box::new(tcp_connections.clone()))?;
         registry.register(Box::new(tcp_bytes.clone()))?;
         registry.register(Box::new(tcp_open.clone()))?;
@@ -233,6 +244,7 @@ impl Metrics {
             concurrency_limit,
             concurrency_in_flight,
             overload_refusals,
+            response_body_timeouts,
             reports_dropped,
         })
     }
@@ -253,11 +265,13 @@ impl Metrics {
         }
     }
 
-    /// The counter of `direction`'s HTTP/1 request heads that missed the header timeout.
+    /// The counters of `direction`'s HTTP/1 request heads that missed the header timeout
+    /// and of its response bodies cut off by the response body timeout.
     pub fn head_timeouts(&self, direction: &'static str) -> HeadTimeouts {
         HeadTimeouts {
             requests: self.requests.clone(),
             direction,
+            response_bodies: self.response_body_timeouts.with_label_values(&[direction]),
         }
     }
 
@@ -301,6 +315,8 @@ impl Metrics {
 pub struct HeadTimeouts {
     requests: IntCounterVec,
     direction: &'static str,
+    /// `sluice_response_body_timeouts_total{direction}`, resolved once per listener.
+    pub response_bodies: IntCounter,
 }
 
 impl HeadTimeouts {

@@ -30,7 +30,9 @@ use crate::h2_limits::{H2Limits, StreamBudget};
 use crate::message::MAX_HEADER_BYTES;
 use crate::metrics::HeadTimeouts;
 use crate::rescue::header_timeout_answer;
-use crate::timeouts::{Activity, ActivityIo, GuardedBody, HeadPhase, HeaderTimeoutIo, Timeouts};
+use crate::timeouts::{
+    Activity, ActivityIo, GuardedBody, HeadPhase, HeaderTimeoutIo, ResponseIdle, Timeouts,
+};
 use crate::tls::accept::{Accepted, InboundTls};
 use crate::transparent::{H2_PREFACE, Intercept, OriginalDst, Prefixed};
 use crate::workers::Workers;
@@ -365,6 +367,13 @@ where
         }
         Err(e) => return finish(Err(e.into())),
     };
+    let conn_idle = (!timeouts.response_body.is_zero()).then(|| ResponseIdle {
+        timeout: timeouts.response_body,
+        count: settings
+            .head_timeouts
+            .as_ref()
+            .map(|c| c.response_bodies.clone()),
+    });
     // Made once the protocol is known: the sniff's wait does not keep room for it.
     let service = service_fn(move |mut req: Request<Incoming>| {
         crate::memory::request_started();
@@ -399,6 +408,7 @@ where
         // task, into the HTTP/1 dispatcher's slot), and the handler's future is about
         // 2 KiB; an allocation costs less than copying it at each step.
         let fut = admitted.map(|guard| (guard, Box::pin(handler(peer, req))));
+        let response_idle = conn_idle.clone();
         async move {
             let Some((guard, fut)) = fut else {
                 return Err(refused_stream());
@@ -415,7 +425,7 @@ where
                 }
                 g => g,
             };
-            Ok(resp.map(|body| GuardedBody::new(body, head_guard)))
+            Ok(resp.map(|body| GuardedBody::new(body, head_guard, response_idle)))
         }
     });
     if is_h2 {

@@ -15,7 +15,14 @@
 //! - [`BodyTimeout`] wraps a request body on its way upstream: if the client sends
 //!   nothing for the body timeout before the upstream has answered, the body fails
 //!   with [`RequestBodyTimeout`], which ends the upstream request (freeing its
-//!   connection) and is rescued as 408 `request-timeout`.
+//!   connection) and is rescued as 408 `request-timeout`;
+//! - [`GuardedBody`] wraps every response body on its way to the client: if the
+//!   upstream sends nothing for `--response-body-timeout` while the client waits for
+//!   more, the body fails with [`ResponseBodyTimeout`] (HTTP/1: the connection is
+//!   closed mid-body; HTTP/2: the stream is reset), which frees both connections a
+//!   hung upstream would otherwise hold for ever, as Envoy's `stream_idle_timeout`. The
+//!   timer exists only while a frame is awaited, and a response that is whole at once
+//!   never has one.
 
 use std::io;
 use std::pin::Pin;
@@ -42,6 +49,8 @@ pub struct Timeouts {
     pub request_header: Duration,
     /// A request body may pause this long before the upstream answers.
     pub request_body: Duration,
+    /// A response body may pause this long while the client waits for it (zero: no limit).
+    pub response_body: Duration,
 }
 
 impl Default for Timeouts {
@@ -50,6 +59,7 @@ impl Default for Timeouts {
             idle: Duration::from_secs(3600),
             request_header: Duration::from_secs(30),
             request_body: Duration::from_secs(60),
+            response_body: Duration::from_secs(3600),
         }
     }
 }
@@ -447,27 +457,55 @@ impl Drop for HeadGuard {
     }
 }
 
+/// The upstream sent no response body bytes for the response body timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream sent no response body for {0:?}")]
+pub struct ResponseBodyTimeout(pub Duration);
+
+/// How long a response body may stay silent, and what counts it when it does.
+#[derive(Clone, Debug)]
+pub struct ResponseIdle {
+    /// The longest pause.
+    pub timeout: Duration,
+    /// Counts bodies cut off.
+    pub count: Option<prometheus::IntCounter>,
+}
+
 pin_project_lite::pin_project! {
     /// A response body that holds its request's [`HeadGuard`] until it is dropped, which
-    /// hyper does once the body is written (or the connection is gone).
+    /// hyper does once the body is written (or the connection is gone), and fails with
+    /// [`ResponseBodyTimeout`] when the upstream stalls it.
     pub struct GuardedBody<B> {
         #[pin]
         inner: B,
         _guard: Option<HeadGuard>,
+        idle: Option<ResponseIdle>,
+        // Made at the first wait and re-armed at later ones: a streamed body pays one
+        // allocation, not one per pause.
+        sleep: Option<Pin<Box<Sleep>>>,
+        armed: bool,
     }
 }
 
 impl<B> GuardedBody<B> {
-    /// Wraps `inner`; `guard` is `None` for HTTP/2 answers, which have no heads to time.
-    pub fn new(inner: B, guard: Option<HeadGuard>) -> Self {
+    /// Wraps `inner`; `guard` is `None` for HTTP/2 answers, which have no heads to time;
+    /// `idle` `None`: pauses are not limited.
+    pub fn new(inner: B, guard: Option<HeadGuard>, idle: Option<ResponseIdle>) -> Self {
         Self {
             inner,
             _guard: guard,
+            idle,
+            sleep: None,
+            armed: false,
         }
     }
 }
 
-impl<B: HttpBody> HttpBody for GuardedBody<B> {
+impl<B> HttpBody for GuardedBody<B>
+where
+    B: HttpBody,
+    B::Error: From<ResponseBodyTimeout>,
+{
     type Data = B::Data;
     type Error = B::Error;
 
@@ -475,7 +513,42 @@ impl<B: HttpBody> HttpBody for GuardedBody<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        self.project().inner.poll_frame(cx)
+        let this = self.project();
+        match this.inner.poll_frame(cx) {
+            Poll::Ready(frame) => {
+                *this.armed = false;
+                Poll::Ready(frame)
+            }
+            Poll::Pending => {
+                let Some(idle) = this.idle.as_ref() else {
+                    return Poll::Pending;
+                };
+                // Polled only when the client can take more: a slow reader is never
+                // timed here, only an upstream that has nothing to send.
+                let deadline = Instant::now() + idle.timeout;
+                let sleep = this
+                    .sleep
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                if !*this.armed {
+                    sleep.as_mut().reset(deadline);
+                    *this.armed = true;
+                }
+                match sleep.as_mut().poll(cx) {
+                    Poll::Ready(()) => {
+                        let timeout = idle.timeout;
+                        if let Some(c) = &idle.count {
+                            c.inc();
+                        }
+                        tracing::debug!(?timeout, "response body stalled; cut off");
+                        // Once: the body is done after its error.
+                        *this.idle = None;
+                        *this.sleep = None;
+                        Poll::Ready(Some(Err(ResponseBodyTimeout(timeout).into())))
+                    }
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
     }
 
     fn is_end_stream(&self) -> bool {
@@ -1024,10 +1097,10 @@ mod tests {
         assert!(body.is_end_stream());
         assert_eq!(body.size_hint().exact(), Some(0));
 
-        let guarded = GuardedBody::new(Full::new(Bytes::from_static(b"four")), None);
+        let guarded = GuardedBody::new(crate::body::full("four"), None, None);
         assert!(!guarded.is_end_stream());
         assert_eq!(guarded.size_hint().exact(), Some(4));
-        let guarded = GuardedBody::new(Empty::<Bytes>::new(), None);
+        let guarded = GuardedBody::new(crate::body::empty(), None, None);
         assert!(guarded.is_end_stream());
         assert_eq!(guarded.size_hint().exact(), Some(0));
     }
@@ -1036,7 +1109,7 @@ mod tests {
     async fn a_guarded_body_yields_its_frames_and_frees_the_connection_when_dropped() {
         let phase = HeadPhase::new();
         let guard = phase.request();
-        let body = GuardedBody::new(Full::new(Bytes::from_static(b"answer")), Some(guard));
+        let body = GuardedBody::new(crate::body::full("answer"), Some(guard), None);
         assert!(!phase.between_heads(), "answering");
         let mut body = Box::pin(body);
         let frame = body.frame().await.unwrap().unwrap();
@@ -1045,6 +1118,88 @@ mod tests {
         assert!(!phase.between_heads(), "held until the body is dropped");
         drop(body);
         assert!(phase.between_heads());
+    }
+
+    /// A body whose frames come when a test sends them.
+    struct Streamed(tokio::sync::mpsc::Receiver<Result<Frame<Bytes>, BoxError>>);
+
+    impl HttpBody for Streamed {
+        type Data = Bytes;
+        type Error = BoxError;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+            self.0.poll_recv(cx)
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_body_is_cut_off_once_the_upstream_stalls_it_past_the_timeout() {
+        let timeout = Duration::from_secs(5);
+        let count = prometheus::IntCounter::new("cut", "cut").unwrap();
+        let idle = ResponseIdle {
+            timeout,
+            count: Some(count.clone()),
+        };
+        // A whole answer never makes a timer.
+        let mut whole = Box::pin(GuardedBody::new(
+            crate::body::full("answer"),
+            None,
+            Some(idle.clone()),
+        ));
+        assert_eq!(
+            whole.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "answer"
+        );
+        assert!(whole.frame().await.is_none());
+        assert!(
+            whole.sleep.is_none(),
+            "no timer for a body that never waited"
+        );
+
+        // Frames just inside the timeout keep it alive; the timer re-arms each time.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        let mut body = Box::pin(GuardedBody::new(
+            crate::body::boxed(Streamed(rx)),
+            None,
+            Some(idle),
+        ));
+        let started = Instant::now();
+        for i in 0..3u8 {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(timeout - Duration::from_millis(1)).await;
+                let _ = tx.send(Ok(Frame::data(Bytes::from(vec![i])))).await;
+            });
+            let frame = body.frame().await.unwrap().unwrap();
+            assert_eq!(frame.into_data().unwrap()[..], [i]);
+        }
+        assert_eq!(count.get(), 0);
+        // Then silence: cut off one timeout after the last frame, counted once.
+        let last = Instant::now();
+        let err = body.frame().await.unwrap().unwrap_err();
+        assert!(err.is::<ResponseBodyTimeout>(), "{err}");
+        assert_eq!(Instant::now() - last, timeout);
+        assert!(Instant::now() - started >= timeout * 4 - Duration::from_millis(3));
+        assert_eq!(count.get(), 1);
+        drop(tx);
+        assert!(body.frame().await.is_none(), "ended after its error");
+        assert_eq!(count.get(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_a_response_body_timeout_a_stalled_body_waits() {
+        let (_tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, BoxError>>(1);
+        let mut body = Box::pin(GuardedBody::new(
+            crate::body::boxed(Streamed(rx)),
+            None,
+            None,
+        ));
+        let waited = tokio::time::timeout(Duration::from_secs(86_400), body.frame()).await;
+        assert!(waited.is_err(), "still waiting a day later");
+        assert!(body.sleep.is_none());
     }
 
     #[test]

@@ -724,3 +724,153 @@ async fn a_route_timeout_with_a_fallback_names_the_backend_it_cut_off() {
     cache.set_stall(sluice_e2e::Stall::None);
     proxy.shutdown().await;
 }
+
+/// An HTTP/1 upstream that answers `/stall` with a head promising 100 bytes, sends 10
+/// and goes silent, holding the connection; anything else gets a whole `ok`. Returns
+/// its address and a count of `/stall` connections the proxy has closed.
+async fn stalling_upstream() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let closed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = closed.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let closed = seen.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 1024];
+                loop {
+                    let n = s.read(&mut buf).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    head.extend_from_slice(&buf[..n]);
+                    if !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        continue;
+                    }
+                    if head.starts_with(b"GET /stall") {
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
+                            .await;
+                        // Silent from here; the proxy closing its end is what ends this.
+                        let _ = s.read(&mut buf).await;
+                        closed.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    }
+                    head.clear();
+                    let _ = s
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                        .await;
+                }
+            });
+        }
+    });
+    (addr, closed)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_body_the_upstream_stalls_is_cut_off_and_both_connections_freed() {
+    let (upstream, closed) = stalling_upstream().await;
+    let proxy = TestProxy::start_with(
+        &single_backend_policy("stall", "stall", upstream),
+        with_timeouts(Timeouts {
+            response_body: Duration::from_millis(300),
+            ..Timeouts::default()
+        }),
+    )
+    .await;
+
+    // HTTP/1: the head and the first bytes arrive, then the connection is closed short
+    // of the promised length, so the client knows the body is cut.
+    let mut s = TcpStream::connect(proxy.outbound_addr()).await.unwrap();
+    s.write_all(b"GET /stall HTTP/1.1\r\nHost: stall\r\n\r\n")
+        .await
+        .unwrap();
+    let got = read_until_closed(&mut s).await;
+    assert!(got.starts_with("HTTP/1.1 200 OK"), "{got}");
+    assert!(got.ends_with("\r\n\r\n0123456789"), "{got}");
+    wait_until("the upstream connection is closed", WAIT, || {
+        std::future::ready(closed.load(Ordering::SeqCst) == 1)
+    })
+    .await;
+    let text = scrape(proxy.admin_addr()).await;
+    let cut_off = "sluice_response_body_timeouts_total";
+    assert_eq!(metric_sum(&text, cut_off, &["direction=\"outbound\""]), 1.0);
+    proxy.shutdown().await;
+
+    // HTTP/2 end to end: the client's stream is reset, the upstream's stream is
+    // cancelled, and the connection serves the next request.
+    let (upstream, closed) = stalling_h2_upstream().await;
+    let proxy = TestProxy::start_with(
+        &single_backend_policy("stall", "stall", upstream),
+        with_timeouts(Timeouts {
+            response_body: Duration::from_millis(300),
+            ..Timeouts::default()
+        }),
+    )
+    .await;
+    let mut conn = HttpConn::h2(proxy.outbound_addr()).await.unwrap();
+    let cut = conn.get("stall", "/stall").await;
+    assert!(cut.is_err(), "{cut:?}");
+    let next = conn.get("stall", "/ok").await.unwrap();
+    assert_eq!(next.status, 200);
+    wait_until("the upstream stream is cancelled", WAIT, || {
+        std::future::ready(closed.load(Ordering::SeqCst) == 1)
+    })
+    .await;
+    let text = scrape(proxy.admin_addr()).await;
+    assert_eq!(metric_sum(&text, cut_off, &["direction=\"outbound\""]), 1.0);
+    // The head went out as a 200: the cut is counted apart, not as a second outcome.
+    assert_eq!(
+        metric_sum(&text, "sluice_requests_total", &["code=\"200\""]),
+        2.0
+    );
+    proxy.shutdown().await;
+}
+
+/// [`stalling_upstream`] over HTTP/2 (prior knowledge): `/stall` gets a head and 10
+/// bytes of a promised 100, then nothing; the count is of `/stall` streams the proxy
+/// has reset.
+async fn stalling_h2_upstream() -> (SocketAddr, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let closed = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let seen = closed.clone();
+    tokio::spawn(async move {
+        while let Ok((s, _)) = listener.accept().await {
+            let closed = seen.clone();
+            tokio::spawn(async move {
+                let Ok(mut conn) = h2::server::handshake(s).await else {
+                    return;
+                };
+                while let Some(Ok((req, mut respond))) = conn.accept().await {
+                    let closed = closed.clone();
+                    tokio::spawn(async move {
+                        if req.uri().path() != "/stall" {
+                            let head = http::Response::builder()
+                                .header("content-length", "2")
+                                .body(())
+                                .unwrap();
+                            if let Ok(mut body) = respond.send_response(head, false) {
+                                let _ = body.send_data(bytes::Bytes::from_static(b"ok"), true);
+                            }
+                            return;
+                        }
+                        let head = http::Response::builder()
+                            .header("content-length", "100")
+                            .body(())
+                            .unwrap();
+                        let Ok(mut body) = respond.send_response(head, false) else {
+                            return;
+                        };
+                        let _ = body.send_data(bytes::Bytes::from_static(b"0123456789"), false);
+                        if std::future::poll_fn(|cx| body.poll_reset(cx)).await.is_ok() {
+                            closed.fetch_add(1, Ordering::SeqCst);
+                        }
+                    });
+                }
+            });
+        }
+    });
+    (addr, closed)
+}
