@@ -365,6 +365,7 @@ sluice_request_duration_seconds_count{backend="v1",direction="outbound",peer_ide
         assert_eq!(api.rps, 25.0, "{api:?}");
         assert_eq!(api.error_ratio, Some(1.0 / 25.0), "{api:?}");
         assert_eq!(api.requests_total, 125.0);
+        assert_eq!(api.errors_total, 11.0, "totals are the counters as read");
     }
 
     #[test]
@@ -372,6 +373,8 @@ sluice_request_duration_seconds_count{backend="v1",direction="outbound",peer_ide
         let b = [(0.1, 0.0), (0.2, 10.0), (f64::INFINITY, 10.0)];
         assert_eq!(quantile(&b, 0.5), Some(0.15000000000000002));
         assert_eq!(quantile(&[(1.0, 0.0)], 0.5), None);
+        // The 0th quantile sits at the top of an empty first bucket, not at NaN.
+        assert_eq!(quantile(&b, 0.0), Some(0.1));
         assert_eq!(
             quantile(&[(0.5, 1.0), (f64::INFINITY, 4.0)], 0.99),
             Some(0.5)
