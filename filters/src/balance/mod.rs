@@ -73,7 +73,7 @@ pub struct BalanceParams {
 }
 
 /// `slowStart` when a backend does not say.
-pub const DEFAULT_SLOW_START: Duration = Duration::from_secs(10);
+pub const DEFAULT_SLOW_START: Duration = sluice_config::defaults::SLOW_START;
 
 impl BalanceParams {
     /// Params for backend `name` with its `addresses` and default tuning

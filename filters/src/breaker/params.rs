@@ -10,9 +10,9 @@ use crate::classify::{ErrorClass, GrpcCodes, grpc_status};
 /// Consecutive failures that open a breaker when the policy names no trigger.
 pub const DEFAULT_CONSECUTIVE_FAILURES: u32 = 5;
 /// First open time when the policy gives none.
-pub const DEFAULT_OPEN_FOR: Duration = Duration::from_secs(5);
+pub const DEFAULT_OPEN_FOR: Duration = sluice_config::defaults::OPEN_FOR;
 /// Cap on the growing open time when the policy gives none.
-pub const DEFAULT_MAX_OPEN_FOR: Duration = Duration::from_secs(60);
+pub const DEFAULT_MAX_OPEN_FOR: Duration = sluice_config::defaults::MAX_OPEN_FOR;
 /// Share (±) by which each open time is jittered, so breakers of many sidecars do
 /// not probe a recovering backend in lockstep.
 pub const DEFAULT_OPEN_JITTER: f64 = 0.1;
@@ -83,22 +83,12 @@ impl FailureClasses {
 impl Default for FailureClasses {
     /// connect-failure, timeout, 5xx (the policy model's documented default).
     fn default() -> Self {
-        Self::from_classes([
-            FailureClass::ConnectFailure,
-            FailureClass::Timeout,
-            FailureClass::ServerError,
-        ])
+        Self::from_classes(sluice_config::defaults::FAILURE_ON)
     }
 }
 
 /// gRPC statuses counted when the policy names none.
-pub const DEFAULT_GRPC_FAILURES: [GrpcCode; 5] = [
-    GrpcCode::Unavailable,
-    GrpcCode::Internal,
-    GrpcCode::Unknown,
-    GrpcCode::DeadlineExceeded,
-    GrpcCode::DataLoss,
-];
+pub const DEFAULT_GRPC_FAILURES: [GrpcCode; 5] = sluice_config::defaults::BREAKER_GRPC_STATUSES;
 
 impl Default for BreakerParams {
     fn default() -> Self {

@@ -99,9 +99,12 @@ pub struct ConcurrencyParams {
 
 impl ConcurrencyParams {
     /// Adaptive bounds when the policy gives none (DESIGN: `minLimit: 4, maxLimit: 2000`).
-    pub const DEFAULT_ADAPTIVE: LimitParams = LimitParams::Adaptive { min: 4, max: 2000 };
+    pub const DEFAULT_ADAPTIVE: LimitParams = LimitParams::Adaptive {
+        min: sluice_config::defaults::ADAPTIVE_MIN_LIMIT,
+        max: sluice_config::defaults::ADAPTIVE_MAX_LIMIT,
+    };
     /// Queue wait when the policy gives no `queue.timeout`.
-    pub const DEFAULT_QUEUE_TIMEOUT: Duration = Duration::from_millis(50);
+    pub const DEFAULT_QUEUE_TIMEOUT: Duration = sluice_config::defaults::QUEUE_TIMEOUT;
 
     /// A limit without queue or priorities.
     pub fn new(limit: LimitParams) -> Self {

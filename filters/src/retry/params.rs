@@ -8,17 +8,17 @@ use sluice_config::RetryOn;
 use crate::classify::{ErrorClass, GrpcCodes, grpc_status};
 
 /// First backoff delay when the policy gives none.
-pub const DEFAULT_BACKOFF_BASE: Duration = Duration::from_millis(25);
+pub const DEFAULT_BACKOFF_BASE: Duration = sluice_config::defaults::BACKOFF_BASE;
 /// Largest backoff delay when the policy gives none.
-pub const DEFAULT_BACKOFF_MAX: Duration = Duration::from_millis(250);
+pub const DEFAULT_BACKOFF_MAX: Duration = sluice_config::defaults::BACKOFF_MAX;
 /// Request bodies up to this size are kept for replay when the policy gives no cap.
-pub const DEFAULT_MAX_REPLAY_BYTES: u64 = 64 * 1024;
+pub const DEFAULT_MAX_REPLAY_BYTES: u64 = sluice_config::defaults::MAX_REPLAY_BYTES;
 /// Budget ratio when the route names no budget.
-pub const DEFAULT_BUDGET_RATIO: f64 = 0.2;
+pub const DEFAULT_BUDGET_RATIO: f64 = sluice_config::defaults::BUDGET_RATIO;
 /// Budget floor (retries per second) when the route names no budget.
-pub const DEFAULT_BUDGET_MIN_PER_SECOND: u32 = 10;
+pub const DEFAULT_BUDGET_MIN_PER_SECOND: u32 = sluice_config::defaults::BUDGET_MIN_PER_SECOND;
 /// Budget window when the route's budget names none.
-pub const DEFAULT_BUDGET_WINDOW: Duration = Duration::from_secs(10);
+pub const DEFAULT_BUDGET_WINDOW: Duration = sluice_config::defaults::BUDGET_WINDOW;
 /// Longest `Retry-After` honoured unless the backoff maximum is longer: a server
 /// asking for more is answered with its own response rather than a held request.
 pub const DEFAULT_MAX_RETRY_AFTER: Duration = Duration::from_secs(1);
