@@ -213,6 +213,12 @@ fn policy_stream(
         let node = hello.node_id.clone();
         let accepted = crate::views::accepted(&hello);
         let record = shared.proxies.connect(&hello, peer);
+        let reporting = Reporting {
+            shared: &shared,
+            node: node.clone(),
+            stream: record.stream(),
+            conn: format!("#{}", record.stream()),
+        };
         shared.metrics.streams_opened.inc();
         let acks = shared.metrics.acks.with_label_values(&["ack"]);
         let nacks = shared.metrics.acks.with_label_values(&["nack"]);
@@ -297,7 +303,7 @@ fn policy_stream(
                 })),
                 Event::Answer(Ok(Some(pb::ProxyMessage { message: Some(m) }))) => {
                     record.seen();
-                    answers.on(&shared, &record, &acks, &nacks, &node, m);
+                    answers.on(&reporting, &record, &acks, &nacks, m);
                 }
                 // A message of a kind this build does not know is still one from it.
                 Event::Answer(Ok(Some(pb::ProxyMessage { message: None }))) => record.seen(),
@@ -309,6 +315,24 @@ fn policy_stream(
             }
         }
         // `record` goes with the stream, however it ends, and says so in the log.
+    }
+}
+
+/// Who a stream's traffic reports come from; when the stream goes (however it ends),
+/// tells the report book, so a proxy that reconnects is not counted twice.
+struct Reporting<'a> {
+    shared: &'a Shared,
+    node: String,
+    /// This replica's number for the stream.
+    stream: u64,
+    /// The stream's name in the report book.
+    conn: String,
+}
+
+impl Drop for Reporting<'_> {
+    fn drop(&mut self) {
+        let now = self.shared.clock.instant();
+        self.shared.reports.closed(&self.node, &self.conn, now);
     }
 }
 
@@ -340,14 +364,14 @@ impl Answers {
     /// handles on the answer counter, looked up once instead of per answer.
     fn on(
         &mut self,
-        shared: &Shared,
+        from: &Reporting<'_>,
         record: &StreamGuard<'_>,
         acks: &IntCounter,
         nacks: &IntCounter,
-        node: &str,
         msg: pb::proxy_message::Message,
     ) {
         use pb::proxy_message::Message;
+        let (shared, node) = (from.shared, from.node.as_str());
         match msg {
             Message::Ack(ack) => {
                 acks.inc();
@@ -372,8 +396,11 @@ impl Answers {
                 tracing::debug!(node_id = %node, "ignoring a second Hello");
             }
             Message::Report(report) => {
-                match shared.reports.ingest(node, &report, shared.clock.instant()) {
-                    Ok(()) => shared.on_report(node, report),
+                match shared
+                    .reports
+                    .ingest(node, &from.conn, &report, shared.clock.instant())
+                {
+                    Ok(()) => shared.on_report(node, from.stream, report),
                     Err(e) => {
                         tracing::debug!(node_id = %node, error = %e, "malformed traffic report dropped")
                     }

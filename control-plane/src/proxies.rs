@@ -6,12 +6,14 @@
 //! so neither one's drift hides behind the other's acks. A closed stream's row stays
 //! as its node's last state until the node connects again, or goes at once when
 //! another stream of its node id is still open: a proxy going removes only its own row.
+//! Such a row is still kept apart for [`RECENTLY_CLOSED`], out of `/proxies`, so a
+//! rollout step can name the proxy that went before acking though its twin stays.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use prometheus::IntGauge;
 use serde::Serialize;
@@ -19,6 +21,15 @@ use sluice_api::pb;
 use tokio::sync::watch;
 
 use crate::unix_ms;
+
+/// How long a closed stream's row is kept for the rollouts (and, on a replica not
+/// holding the lease, sent to the holder): longer than a step waits for acks
+/// ([`crate::rollout::engine::ACK_GRACE`]), so a proxy that went while a step waited
+/// is still in hand when the holder next looks.
+pub(crate) const RECENTLY_CLOSED: Duration = Duration::from_secs(60);
+
+/// Most closed rows kept apart from `/proxies` at once; the oldest go first.
+const DEPARTED_MAX: usize = 1024;
 
 /// One proxy stream as seen by the control plane.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -29,6 +40,10 @@ pub struct ProxyRecord {
     pub stream: u64,
     /// The address the stream came from, when the transport knows it.
     pub peer: Option<String>,
+    /// The control-plane replica the stream is open to, when not this one (the lease
+    /// holder's view of the other replicas' proxies).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub replica: Option<String>,
     /// Another open stream says the same node id: two proxies share it (or this one
     /// reconnected before its old stream was found dead).
     pub duplicate_node_id: bool,
@@ -66,6 +81,16 @@ pub struct ProxyRecord {
     pub connected: bool,
 }
 
+impl ProxyRecord {
+    /// The stream's name among those of its node id, unique across replicas.
+    pub fn conn(&self) -> String {
+        match &self.replica {
+            Some(replica) => format!("{replica}/{}", self.stream),
+            None => format!("#{}", self.stream),
+        }
+    }
+}
+
 /// A row's key: node id, then stream number, so a node's rows sit together.
 type Key = (String, u64);
 
@@ -75,6 +100,9 @@ pub(crate) struct ProxyRegistry {
     /// A record per stream, shared with that stream: a stream updates its own record
     /// without the map's lock or a search by name. Lock order: the map, then records.
     records: Mutex<BTreeMap<Key, Arc<Mutex<ProxyRecord>>>>,
+    /// Rows of streams that closed while another of their node id was open, oldest
+    /// first: out of `/proxies`, kept for the rollouts. Locked after `records`.
+    departed: Mutex<VecDeque<ProxyRecord>>,
     next_stream: AtomicU64,
     connected: IntGauge,
     changes: watch::Sender<u64>,
@@ -97,6 +125,11 @@ impl StreamGuard<'_> {
             r.version_sent = Some(version.to_string());
             r.sent_at_unix_ms = Some(now);
         });
+    }
+
+    /// This control plane's number for the stream.
+    pub(crate) fn stream(&self) -> u64 {
+        self.key.1
     }
 
     /// The proxy sent a message, any message: its traffic reports, every couple of
@@ -156,6 +189,11 @@ impl Drop for StreamGuard<'_> {
                 node_rows(&records, node).any(|(k, r)| *k != self.key && lock(r).connected);
             if open_beside {
                 records.remove(&self.key);
+                let mut departed = lock(&self.registry.departed);
+                if departed.len() >= DEPARTED_MAX {
+                    departed.pop_front();
+                }
+                departed.push_back(lock(&self.record).clone());
             }
         }
         self.registry.changed();
@@ -169,6 +207,7 @@ impl ProxyRegistry {
     pub(crate) fn new(connected: IntGauge, changes: watch::Sender<u64>) -> Self {
         Self {
             records: Mutex::new(BTreeMap::new()),
+            departed: Mutex::default(),
             next_stream: AtomicU64::new(0),
             connected,
             changes,
@@ -218,6 +257,9 @@ impl ProxyRegistry {
             for k in closed {
                 records.remove(&k);
             }
+            // As do its streams that went beside another: which proxy came back is
+            // not known, and one that did is waited for on its new stream.
+            lock(&self.departed).retain(|r| r.node_id != hello.node_id);
             records.insert(key.clone(), record.clone());
             open
         };
@@ -255,6 +297,18 @@ impl ProxyRegistry {
             }
             i += same;
         }
+        all
+    }
+
+    /// Every stream's record as [`Self::snapshot`] has it, and those closed within
+    /// [`RECENTLY_CLOSED`] of `now_ms` while another stream of their node id was
+    /// open: what a rollout step's acks are counted from.
+    pub(crate) fn with_departed(&self, now_ms: u64) -> Vec<ProxyRecord> {
+        let mut all = self.snapshot();
+        let since = now_ms.saturating_sub(RECENTLY_CLOSED.as_millis() as u64);
+        let mut departed = lock(&self.departed);
+        departed.retain(|r| r.disconnected_at_unix_ms.is_some_and(|at| at >= since));
+        all.extend(departed.iter().cloned());
         all
     }
 

@@ -275,16 +275,16 @@ impl Shared {
         self.changes.send_modify(|c| *c += 1);
     }
 
-    /// A well-formed report from proxy `node`, received on its stream or relayed by
-    /// another replica: judged here when this replica drives the rollouts, else
+    /// A well-formed report from proxy `node`, received on this replica's stream
+    /// number `stream`: judged here when this replica drives the rollouts, else
     /// relayed to the one that does.
-    pub(crate) fn on_report(&self, node: &str, report: pb::Report) {
+    pub(crate) fn on_report(&self, node: &str, stream: u64, report: pb::Report) {
         if self.rollouts.is_leading() {
             self.judge_reports();
         } else {
             // Counted here for the traffic table; judged by the holder.
             drop(self.reports.take());
-            self.forwarder.forward(node, report);
+            self.forwarder.forward(node, stream, report);
         }
     }
 
@@ -305,10 +305,13 @@ impl Shared {
         }
     }
 
-    /// Every connected proxy whose acks a step waits for: this replica's own and, on
-    /// the lease holder, those the other replicas listed within [`REMOTE_FRESH`].
+    /// Every proxy stream whose acks a step waits for, and those recently closed:
+    /// this replica's own and, on the lease holder, those the other replicas listed
+    /// within [`REMOTE_FRESH`].
     pub(crate) fn proxies_everywhere(&self) -> Vec<crate::proxies::ProxyRecord> {
-        let mut all = self.proxies.snapshot();
+        let mut all = self
+            .proxies
+            .with_departed(crate::unix_ms(std::time::SystemTime::now()));
         // Not `clock`: the lists come on the followers' real-time cadence
         // (ACKS_EVERY), which a test moving the rollouts' clock must not make look late.
         let now = Instant::now();
@@ -317,14 +320,14 @@ impl Shared {
             .lock()
             .unwrap_or_else(|e| e.into_inner());
         remote.retain(|_, (at, _)| now.saturating_duration_since(*at) <= REMOTE_FRESH);
-        for (_, list) in remote.values() {
-            all.extend(list.iter().map(|p| {
-                let mut r = crate::proxies::ProxyRecord::default();
-                r.node_id.clone_from(&p.node_id);
-                r.acked_version.clone_from(&p.acked_version);
-                r.nacked_version.clone_from(&p.nacked_version);
-                r.connected = true;
-                r
+        for (replica, (_, list)) in remote.iter() {
+            all.extend(list.iter().map(|p| crate::proxies::ProxyRecord {
+                node_id: p.node_id.clone(),
+                replica: Some(replica.clone()),
+                acked_version: p.acked_version.clone(),
+                nacked_version: p.nacked_version.clone(),
+                connected: true,
+                ..Default::default()
             }));
         }
         all

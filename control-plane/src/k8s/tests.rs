@@ -1115,9 +1115,9 @@ fn report_to(cp: &RunningControlPlane) {
     let report = healthy_report(20, 80);
     cp.shared
         .reports
-        .ingest("proxy-1", &report, cp.shared.clock.instant())
+        .ingest("proxy-1", "#1", &report, cp.shared.clock.instant())
         .unwrap();
-    cp.shared.on_report("proxy-1", report);
+    cp.shared.on_report("proxy-1", 1, report);
 }
 
 /// A healthy report to the follower, once the holder answered its relay (it answers

@@ -88,6 +88,13 @@ async fn relayed_report(
     gate: &AdminGate,
     req: Request<Incoming>,
 ) -> Response<Full<Bytes>> {
+    // Absent from an older replica's relays: its proxies count by node id, as then.
+    let conn = req
+        .headers()
+        .get(super::forward::STREAM_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
     let (node, body) = match relayed(gate, req, super::forward::NODE_HEADER).await {
         Ok(parts) => parts,
         Err(refused) => return refused,
@@ -106,7 +113,7 @@ async fn relayed_report(
     }
     match shared
         .reports
-        .ingest(&node, &report, shared.clock.instant())
+        .ingest(&node, &conn, &report, shared.clock.instant())
     {
         Ok(()) => {
             shared.judge_reports();

@@ -463,6 +463,8 @@ impl Rollouts {
                     if p.connected {
                         acks.push(ProxyAck {
                             node: p.node_id.clone(),
+                            conn: p.conn(),
+                            connected_at_ms: p.connected_at_unix_ms,
                             acked,
                             nacked,
                         });
@@ -471,6 +473,7 @@ impl Rollouts {
                         // tells whether the step waited for it.
                         e.state.on_departed(Departed {
                             node: &p.node_id,
+                            conn: &p.conn(),
                             connected_at_ms: p.connected_at_unix_ms,
                             gone_at_ms,
                             sent: carries(&p.version_sent),

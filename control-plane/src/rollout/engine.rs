@@ -219,6 +219,11 @@ pub struct Now {
 pub struct ProxyAck {
     /// Its node id.
     pub node: String,
+    /// Its stream, among those of its node id: two proxies sharing a node id are
+    /// waited for apart.
+    pub conn: String,
+    /// When its stream opened (ms since the Unix epoch).
+    pub connected_at_ms: u64,
     /// It acked a version carrying the step's weights.
     pub acked: bool,
     /// It refused the version carrying them.
@@ -231,6 +236,8 @@ pub struct ProxyAck {
 pub struct Departed<'a> {
     /// Its node id.
     pub node: &'a str,
+    /// Its stream, as [`ProxyAck::conn`] names it.
+    pub conn: &'a str,
     /// When its stream opened (ms since the Unix epoch).
     pub connected_at_ms: u64,
     /// When its stream closed (ms since the Unix epoch).
@@ -280,6 +287,9 @@ struct Awaited {
     nacked: bool,
     /// It was in the last list of connected proxies.
     connected: bool,
+    /// When it was last seen connected (ms since the Unix epoch): a stream of its
+    /// node id opened after is the proxy come back, not a second one.
+    last_ms: u64,
 }
 
 /// What the engine keeps across restarts (no instants: a restored step waits for
@@ -340,7 +350,7 @@ pub struct RolloutState {
     /// Every proxy seen connected and not acked since the step's weights were set:
     /// one of them gone from the connected list without acking is left out as
     /// disconnected, not forgotten.
-    awaited: BTreeMap<String, Awaited>,
+    awaited: BTreeMap<(String, String), Awaited>,
     bounds: Vec<f64>,
     last_window: Option<WindowView>,
     history: Vec<Transition>,
@@ -451,9 +461,12 @@ impl RolloutState {
         self.acked_at.unwrap_or(self.step_since)
     }
 
-    /// The node ids of the proxies left out of the last "every proxy acked".
+    /// The node ids of the proxies left out of the last "every proxy acked" (once
+    /// each, however many of its streams were).
     pub fn left_out(&self) -> Vec<&str> {
-        self.left_out.iter().map(|l| l.node.as_str()).collect()
+        let mut nodes: Vec<&str> = self.left_out.iter().map(|l| l.node.as_str()).collect();
+        nodes.dedup();
+        nodes
     }
 
     /// The proxies left out of the last "every proxy acked", each with why.
@@ -466,11 +479,14 @@ impl RolloutState {
         if self.acked_at.is_some() {
             return Vec::new();
         }
-        self.awaited
+        let mut nodes: Vec<&str> = self
+            .awaited
             .iter()
             .filter(|(_, a)| a.connected && !a.nacked)
-            .map(|(n, _)| n.as_str())
-            .collect()
+            .map(|((n, _), _)| n.as_str())
+            .collect();
+        nodes.dedup();
+        nodes
     }
 
     /// The history, oldest first.
@@ -565,9 +581,11 @@ impl RolloutState {
         if p.connected_at_ms > self.step_since_ms && !p.sent {
             return;
         }
-        let was = self.awaited.entry(p.node.to_string()).or_insert(Awaited {
+        let key = (p.node.to_string(), p.conn.to_string());
+        let was = self.awaited.entry(key).or_insert(Awaited {
             nacked: p.nacked,
             connected: false,
+            last_ms: p.gone_at_ms,
         });
         was.nacked |= p.nacked;
     }
@@ -585,15 +603,17 @@ impl RolloutState {
         let mut waiting = false;
         let mut gone = std::mem::take(&mut self.awaited);
         for p in proxies {
-            gone.remove(&p.node);
+            let key = (p.node.clone(), p.conn.clone());
+            gone.remove(&key);
             if p.acked {
                 continue;
             }
             let seen = Awaited {
                 nacked: p.nacked,
                 connected: true,
+                last_ms: now.unix_ms,
             };
-            self.awaited.insert(p.node.clone(), seen);
+            self.awaited.insert(key, seen);
             if p.nacked {
                 left_out.push(LeftOut {
                     node: p.node.clone(),
@@ -608,10 +628,18 @@ impl RolloutState {
                 waiting = true;
             }
         }
-        // Kept while the step waits: one that comes back and acks is not left out.
-        for (node, mut was) in gone {
+        // Kept while the step waits: one that comes back (a stream of its node id
+        // opened since it was last seen) is that stream, waited for or acked; a
+        // stream of its node id that was there all along is another proxy.
+        for (key, mut was) in gone {
+            let back = proxies
+                .iter()
+                .any(|p| p.node == key.0 && p.connected_at_ms > was.last_ms);
+            if back {
+                continue;
+            }
             left_out.push(LeftOut {
-                node: node.clone(),
+                node: key.0.clone(),
                 why: if was.nacked {
                     LeftOutWhy::Nacked
                 } else {
@@ -619,7 +647,7 @@ impl RolloutState {
                 },
             });
             was.connected = false;
-            self.awaited.insert(node, was);
+            self.awaited.insert(key, was);
         }
         if waiting {
             return None;

@@ -4,7 +4,8 @@
 //! on its own stream to whichever replica it is connected to. A follower therefore
 //! relays each well-formed report, as received, to the holder's admin port
 //! (`POST /rollouts/reports`, the report's protobuf bytes, the proxy's node id in
-//! [`NODE_HEADER`], the admin token when there is one), whose address the holder
+//! [`NODE_HEADER`] and its stream in [`STREAM_HEADER`], the admin token when there
+//! is one), whose address the holder
 //! writes into the Lease. Push rather than pull: a report reaches the holder at the
 //! moment it arrives, so a gross breach seen by a follower's proxies rolls back as
 //! fast as one seen by the holder's own, and the holder keeps no per-follower state.
@@ -50,6 +51,11 @@ pub const QUEUE: usize = 256;
 /// The header naming the proxy a relayed report came from.
 pub const NODE_HEADER: &str = "x-sluice-node";
 
+/// The header naming the stream a relayed report came on: the relaying replica's
+/// name and its number for the stream, `<replica>/<stream>`, so two proxies sharing
+/// a node id count as two.
+pub const STREAM_HEADER: &str = "x-sluice-stream";
+
 /// The header naming the replica a list of proxies comes from.
 pub const REPLICA_HEADER: &str = "x-sluice-replica";
 
@@ -85,8 +91,8 @@ type HttpClient = Client<HttpConnector, Full<Bytes>>;
 /// The follower's side: a bounded queue of reports for the holder.
 #[derive(Debug)]
 pub struct ReportForwarder {
-    tx: mpsc::Sender<(String, pb::Report)>,
-    rx: Mutex<Option<mpsc::Receiver<(String, pb::Report)>>>,
+    tx: mpsc::Sender<(String, u64, pb::Report)>,
+    rx: Mutex<Option<mpsc::Receiver<(String, u64, pb::Report)>>>,
     counter: IntCounterVec,
     /// Where the holder is and how to reach it, once [`Self::run`] started.
     road: OnceLock<Road>,
@@ -191,10 +197,15 @@ impl ReportForwarder {
         }
     }
 
-    /// Queues `report` from proxy `node` for the holder; drops and counts it when the
-    /// queue is full. Never waits.
-    pub fn forward(&self, node: &str, report: pb::Report) {
-        if self.tx.try_send((node.to_string(), report)).is_err() {
+    /// Queues `report` from proxy `node`, received on this replica's stream number
+    /// `stream`, for the holder; drops and counts it when the queue is full. Never
+    /// waits.
+    pub fn forward(&self, node: &str, stream: u64, report: pb::Report) {
+        if self
+            .tx
+            .try_send((node.to_string(), stream, report))
+            .is_err()
+        {
             self.counter.with_label_values(&["forward_dropped"]).inc();
         }
     }
@@ -222,7 +233,7 @@ impl ReportForwarder {
         let mut every = tokio::time::interval(ACKS_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let (node, report) = tokio::select! {
+            let (node, stream, report) = tokio::select! {
                 r = rx.recv() => match r {
                     Some(r) => r,
                     None => return,
@@ -235,6 +246,7 @@ impl ReportForwarder {
                             path: "/rollouts/proxies",
                             content_type: "application/json",
                             header: (REPLICA_HEADER, &replica),
+                            stream: None,
                             token: token.as_deref(),
                         }
                         .send(&client, &url, body);
@@ -249,10 +261,12 @@ impl ReportForwarder {
             let url = holder.borrow().clone();
             let sent = match url {
                 Some(url) => {
+                    let conn = format!("{replica}/{stream}");
                     let send = Post {
                         path: "/rollouts/reports",
                         content_type: "application/x-protobuf",
                         header: (NODE_HEADER, &node),
+                        stream: Some(&conn),
                         token: token.as_deref(),
                     }
                     .send(&client, &url, report.encode_to_vec());
@@ -278,6 +292,8 @@ struct Post<'a> {
     path: &'a str,
     content_type: &'a str,
     header: (&'a str, &'a str),
+    /// The [`STREAM_HEADER`], for a report.
+    stream: Option<&'a str>,
     token: Option<&'a str>,
 }
 
@@ -286,6 +302,9 @@ impl Post<'_> {
         let mut req = hyper::Request::post(format!("{}{}", base.trim_end_matches('/'), self.path))
             .header(hyper::header::CONTENT_TYPE, self.content_type)
             .header(self.header.0, self.header.1);
+        if let Some(stream) = self.stream {
+            req = req.header(STREAM_HEADER, stream);
+        }
         if let Some(token) = self.token {
             req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
         }
@@ -334,7 +353,12 @@ mod tests {
                                         .and_then(|v| v.to_str().ok())
                                         .map(str::to_string)
                                 };
-                                let named = header(NODE_HEADER).or_else(|| header(REPLICA_HEADER));
+                                // A report's node id with its stream, or a list's replica.
+                                let named = header(NODE_HEADER)
+                                    .map(|n| {
+                                        format!("{n} {}", header(STREAM_HEADER).unwrap_or_default())
+                                    })
+                                    .or_else(|| header(REPLICA_HEADER));
                                 let seen = (
                                     req.uri().path().to_string(),
                                     header("content-type").unwrap_or_default(),
@@ -391,7 +415,7 @@ mod tests {
         .expect("the holder received it")
     }
 
-    /// A follower relays each report as received, with its proxy's node id and the
+    /// A follower relays each report as received, with its proxy's node id and stream, and the
     /// token, and its connected proxies' acks with its replica name; a report the
     /// holder refuses is counted as dropped.
     #[tokio::test]
@@ -422,10 +446,14 @@ mod tests {
         let listed: Vec<RemoteProxy> = serde_json::from_slice(&body).expect("JSON");
         assert_eq!(listed, acks());
 
-        fwd.forward("node-1", report(42));
+        fwd.forward("node-1", 7, report(42));
         let (_, ctype, node, auth, body) = next(&mut seen, "/rollouts/reports").await;
         assert_eq!(ctype, "application/x-protobuf");
-        assert_eq!(node.as_deref(), Some("node-1"));
+        assert_eq!(
+            node.as_deref(),
+            Some("node-1 cp-b/7"),
+            "its node id, and its stream on this replica"
+        );
         assert_eq!(auth.as_deref(), Some("Bearer tok"));
         assert_eq!(pb::Report::decode(body).expect("protobuf"), report(42));
         let counted = |result: &str| counter.with_label_values(&[result]).get();
@@ -440,11 +468,11 @@ mod tests {
         // A holder that refuses (here: every request) drops the report.
         let (refusing, mut refused) = holder(401).await;
         holder_tx.send_replace(Some(refusing));
-        fwd.forward("node-1", report(43));
+        fwd.forward("node-1", 7, report(43));
         next(&mut refused, "/rollouts/reports").await;
         // No holder known: dropped without a request.
         holder_tx.send_replace(None);
-        fwd.forward("node-1", report(44));
+        fwd.forward("node-1", 7, report(44));
         tokio::time::timeout(Duration::from_secs(10), async {
             while counted("forward_dropped") < 2 {
                 tokio::task::yield_now().await;
@@ -473,7 +501,7 @@ mod tests {
         let counter = counter();
         let fwd = ReportForwarder::new(counter.clone());
         for i in 0..QUEUE as u64 + 3 {
-            fwd.forward("node-1", report(i));
+            fwd.forward("node-1", 7, report(i));
         }
         assert_eq!(counter.with_label_values(&["forward_dropped"]).get(), 3);
     }

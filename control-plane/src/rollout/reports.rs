@@ -6,8 +6,13 @@
 //! which proxy last had traffic on which route, which gives "how many proxies have
 //! traffic on (policy, route)": the [`pb::RouteTraffic`] table sent to proxies
 //! outside the policy version whenever a count changes.
+//!
+//! Proxies are counted by stream, not by node id: two proxies started with the same
+//! `--node-id` are two proxies sharing a fleet limit. A stream that closed counts as
+//! its node while its traffic is recent, unless another stream of that node id still
+//! reports there: a proxy that reconnects is one proxy, not two.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -25,6 +30,11 @@ const MAX_BUCKETS: usize = 64;
 
 /// (policy name, route name): how proxies name a route in their reports.
 pub type RouteName = (String, String);
+
+/// (node id, stream): who sent a report. The stream is the receiving replica's
+/// name for it (see [`crate::proxies::ProxyRecord::conn`]); empty when a relaying
+/// replica did not say.
+pub type Reporter = (String, String);
 
 /// What one backend of one route did over a window, summed over proxies.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -150,8 +160,10 @@ struct Book {
     pending: Taken,
     /// The duration bucket bounds of the pending windows (the first report's).
     bounds: Vec<f64>,
-    /// When each proxy last reported requests on each route.
-    seen: HashMap<RouteName, HashMap<String, Instant>>,
+    /// When each proxy stream last reported requests on each route.
+    seen: HashMap<RouteName, HashMap<Reporter, Instant>>,
+    /// Streams among `seen` known to have closed.
+    closed: HashSet<Reporter>,
     /// The table last sent to proxies.
     sent: BTreeMap<RouteName, u32>,
 }
@@ -175,9 +187,16 @@ impl ReportBook {
         }
     }
 
-    /// Adds `report` from the proxy `node`, received at `now`. A malformed report
-    /// changes nothing; its error is returned (and counted) for the caller's log.
-    pub fn ingest(&self, node: &str, report: &pb::Report, now: Instant) -> Result<(), Malformed> {
+    /// Adds `report` from the proxy `node` on its stream `conn`, received at `now`. A
+    /// malformed report changes nothing; its error is returned (and counted) for the
+    /// caller's log.
+    pub fn ingest(
+        &self,
+        node: &str,
+        conn: &str,
+        report: &pb::Report,
+        now: Instant,
+    ) -> Result<(), Malformed> {
         if let Err(e) = check(report) {
             self.reports.with_label_values(&["malformed"]).inc();
             return Err(e);
@@ -202,7 +221,7 @@ impl ReportBook {
                 book.seen
                     .entry(route.clone())
                     .or_default()
-                    .insert(node.to_string(), now);
+                    .insert((node.to_string(), conn.to_string()), now);
             }
             let w = Window {
                 requests: e.requests,
@@ -229,6 +248,20 @@ impl ReportBook {
         Ok(())
     }
 
+    /// The stream `conn` of proxy `node` closed: from `now` its traffic counts only
+    /// while no other stream of its node id reports on the same route.
+    pub fn closed(&self, node: &str, conn: &str, now: Instant) {
+        let key = (node.to_string(), conn.to_string());
+        {
+            let mut book = self.book.lock().unwrap_or_else(|e| e.into_inner());
+            if !book.seen.values().any(|r| r.contains_key(&key)) {
+                return;
+            }
+            book.closed.insert(key);
+        }
+        self.refresh(now);
+    }
+
     /// Takes the windows added since the last call, with their bucket bounds.
     pub fn take(&self) -> (Taken, Vec<f64>) {
         let mut book = self.book.lock().unwrap_or_else(|e| e.into_inner());
@@ -242,7 +275,7 @@ impl ReportBook {
         let book = self.book.lock().unwrap_or_else(|e| e.into_inner());
         book.seen
             .get(&(policy.to_string(), route.to_string()))
-            .map(|nodes| recent(nodes, now))
+            .map(|nodes| recent(nodes, &book.closed, now))
             .unwrap_or(0)
     }
 
@@ -254,10 +287,12 @@ impl ReportBook {
             nodes.retain(|_, at| now.saturating_duration_since(*at) <= TRAFFIC_RECENT);
             !nodes.is_empty()
         });
+        let Book { seen, closed, .. } = &mut *book;
+        closed.retain(|k| seen.values().any(|r| r.contains_key(k)));
         let table: BTreeMap<RouteName, u32> = book
             .seen
             .iter()
-            .map(|(r, nodes)| (r.clone(), recent(nodes, now)))
+            .map(|(r, nodes)| (r.clone(), recent(nodes, &book.closed, now)))
             .collect();
         if table == book.sent {
             return;
@@ -315,11 +350,23 @@ impl ReportBook {
     }
 }
 
-fn recent(nodes: &HashMap<String, Instant>, now: Instant) -> u32 {
-    let n = nodes
-        .values()
-        .filter(|at| now.saturating_duration_since(**at) <= TRAFFIC_RECENT)
-        .count();
+/// The proxies among `streams` with recent traffic: each open stream, and the node
+/// of each closed one no open stream of its node id stands for.
+fn recent(streams: &HashMap<Reporter, Instant>, closed: &HashSet<Reporter>, now: Instant) -> u32 {
+    let live = streams
+        .iter()
+        .filter(|(_, at)| now.saturating_duration_since(**at) <= TRAFFIC_RECENT)
+        .map(|(k, _)| k);
+    let (mut open, mut gone) = (HashSet::new(), HashSet::new());
+    for k in live {
+        if closed.contains(k) {
+            gone.insert(k.0.as_str());
+        } else {
+            open.insert(k);
+        }
+    }
+    let open_nodes: HashSet<&str> = open.iter().map(|k| k.0.as_str()).collect();
+    let n = open.len() + gone.difference(&open_nodes).count();
     u32::try_from(n).unwrap_or(u32::MAX)
 }
 
@@ -357,10 +404,11 @@ mod tests {
     fn windows_sum_over_proxies_until_taken() {
         let book = ReportBook::new(counter());
         let now = Instant::now();
-        book.ingest("a", &report(vec![entry("ingest", "v1", 10, 1)]), now)
+        book.ingest("a", "#1", &report(vec![entry("ingest", "v1", 10, 1)]), now)
             .unwrap();
         book.ingest(
             "b",
+            "#1",
             &report(vec![
                 entry("ingest", "v1", 5, 0),
                 entry("ingest", "v2", 4, 2),
@@ -383,9 +431,9 @@ mod tests {
         let book = ReportBook::new(counter());
         let mut rx = book.watch_traffic();
         let t0 = Instant::now();
-        book.ingest("a", &report(vec![entry("ingest", "v1", 3, 0)]), t0)
+        book.ingest("a", "#1", &report(vec![entry("ingest", "v1", 3, 0)]), t0)
             .unwrap();
-        book.ingest("b", &report(vec![entry("ingest", "v1", 3, 0)]), t0)
+        book.ingest("b", "#1", &report(vec![entry("ingest", "v1", 3, 0)]), t0)
             .unwrap();
         assert_eq!(book.proxies_with_traffic("log", "ingest", t0), 2);
         assert!(rx.has_changed().unwrap());
@@ -393,17 +441,48 @@ mod tests {
         assert_eq!(table.routes.len(), 1);
         assert_eq!(table.routes[0].proxies, 2);
         // The same count again publishes nothing.
-        book.ingest("a", &report(vec![entry("ingest", "v1", 3, 0)]), t0)
+        book.ingest("a", "#1", &report(vec![entry("ingest", "v1", 3, 0)]), t0)
             .unwrap();
         assert!(!rx.has_changed().unwrap());
         // `b` goes quiet; `a` keeps reporting.
         let later = t0 + TRAFFIC_RECENT + Duration::from_secs(1);
-        book.ingest("a", &report(vec![entry("ingest", "v1", 3, 0)]), later)
+        book.ingest("a", "#1", &report(vec![entry("ingest", "v1", 3, 0)]), later)
             .unwrap();
         assert_eq!(book.proxies_with_traffic("log", "ingest", later), 1);
         assert_eq!(rx.borrow_and_update().routes[0].proxies, 1);
         book.refresh(later + TRAFFIC_RECENT + Duration::from_secs(1));
         assert!(rx.borrow_and_update().routes.is_empty());
+    }
+
+    /// Two streams sharing a node id are two proxies; a stream that closed counts as
+    /// its node until another stream of that node id reports (the proxy reconnected),
+    /// or its traffic is no longer recent.
+    #[test]
+    fn proxies_are_counted_by_stream_and_a_reconnect_is_one() {
+        let book = ReportBook::new(counter());
+        let t0 = Instant::now();
+        let traffic = || report(vec![entry("ingest", "v1", 3, 0)]);
+        let count = |at| book.proxies_with_traffic("log", "ingest", at);
+        book.ingest("twin", "#1", &traffic(), t0).unwrap();
+        book.ingest("twin", "#2", &traffic(), t0).unwrap();
+        book.ingest("twin", "cp-b/1", &traffic(), t0).unwrap();
+        assert_eq!(count(t0), 3, "one node id, three proxies");
+
+        // "#2" closes: the others of its node id stand for it.
+        book.closed("twin", "#2", t0);
+        assert_eq!(count(t0), 2);
+        assert_eq!(book.watch_traffic().borrow().routes[0].proxies, 2);
+
+        // A lone proxy's stream closes: it counts while its traffic is recent, and
+        // once only when it reconnects and reports on its new stream.
+        book.ingest("solo", "#3", &traffic(), t0).unwrap();
+        book.closed("solo", "#3", t0);
+        assert_eq!(count(t0), 3);
+        book.ingest("solo", "#4", &traffic(), t0).unwrap();
+        assert_eq!(count(t0), 3, "the reconnected proxy is one");
+        // A stream never seen reporting changes nothing.
+        book.closed("quiet", "#5", t0);
+        assert_eq!(count(t0), 3);
     }
 
     #[test]
@@ -413,19 +492,19 @@ mod tests {
         let mut bad = report(vec![entry("ingest", "v1", 3, 0)]);
         bad.bucket_bounds = vec![0.1, 0.01];
         assert_eq!(
-            book.ingest("a", &bad, Instant::now()),
+            book.ingest("a", "#1", &bad, Instant::now()),
             Err(Malformed::Bounds)
         );
         let mut bad = report(vec![entry("ingest", "v1", 3, 0)]);
         bad.entries[0].duration_counts.pop();
         assert!(matches!(
-            book.ingest("a", &bad, Instant::now()),
+            book.ingest("a", "#1", &bad, Instant::now()),
             Err(Malformed::Durations { .. })
         ));
         let mut bad = report(vec![entry("ingest", "v1", 3, 0)]);
         bad.entries[0].backend.clear();
         assert_eq!(
-            book.ingest("a", &bad, Instant::now()),
+            book.ingest("a", "#1", &bad, Instant::now()),
             Err(Malformed::Names(0))
         );
         assert_eq!(reports.with_label_values(&["malformed"]).get(), 3);
@@ -475,8 +554,8 @@ mod tests {
         let now = Instant::now();
         let mut dropping = report(vec![entry("ingest", "v1", 3, 0)]);
         dropping.dropped = 7;
-        book.ingest("a", &dropping, now).unwrap();
-        book.ingest("a", &report(Vec::new()), now).unwrap();
+        book.ingest("a", "#1", &dropping, now).unwrap();
+        book.ingest("a", "#1", &report(Vec::new()), now).unwrap();
         assert_eq!(reports.with_label_values(&["accepted"]).get(), 2);
         assert_eq!(reports.with_label_values(&["dropped_by_proxy"]).get(), 7);
     }
@@ -490,7 +569,7 @@ mod tests {
             duration_counts: Vec::new(),
             ..entry("ingest", "v1", 1, 0)
         };
-        book.ingest("a", &report(vec![idle]), now).unwrap();
+        book.ingest("a", "#1", &report(vec![idle]), now).unwrap();
         assert_eq!(book.proxies_with_traffic("log", "ingest", now), 0);
         assert!(book.watch_traffic().borrow().routes.is_empty());
     }
@@ -500,7 +579,7 @@ mod tests {
         let book = Arc::new(ReportBook::new(counter()));
         let now = || tokio::time::Instant::now().into_std();
         let t0 = tokio::time::Instant::now();
-        book.ingest("a", &report(vec![entry("ingest", "v1", 3, 0)]), now())
+        book.ingest("a", "#1", &report(vec![entry("ingest", "v1", 3, 0)]), now())
             .unwrap();
         let mut rx = book.watch_traffic();
         assert_eq!(rx.borrow_and_update().routes[0].proxies, 1);

@@ -367,11 +367,24 @@ async fn fleet_keys_expire_from_redis() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_redis_each_proxy_takes_the_control_planes_share() {
+    fallback_splits_between(["p0", "p1"]).await;
+}
+
+/// Two proxies started with one `--node-id` are still two proxies sharing a fleet
+/// limit: the control plane counts them apart, and each takes half.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxies_sharing_a_node_id_each_take_their_own_share() {
+    fallback_splits_between(["twin", "twin"]).await;
+}
+
+/// Two proxies subscribed as `nodes`, without Redis, both sending on a fleet-limited
+/// route: each enforces half of perSecond, the control plane having counted two.
+async fn fallback_splits_between(nodes: [&str; 2]) {
     let up = Upstream::auto("quota").await;
     let cp = TestControlPlane::start(&[("quota.yaml", &policy(up.addr(), 1000, 1000))]).await;
     let states = tempfile::tempdir().unwrap();
     let mut ps = Vec::new();
-    for i in 0..2 {
+    for (i, node) in nodes.into_iter().enumerate() {
         let opts = ProxyOptions {
             report_interval: Duration::from_millis(200),
             // No Redis: fleet limits run on their fallback, perSecond / N.
@@ -379,7 +392,7 @@ async fn without_redis_each_proxy_takes_the_control_planes_share() {
             ..Default::default()
         };
         let dir = states.path().join(format!("p{i}"));
-        ps.push(TestProxy::start_subscribed(&cp.url(), &format!("p{i}"), &dir, opts).await);
+        ps.push(TestProxy::start_subscribed(&cp.url(), node, &dir, opts).await);
     }
     let addrs = [ps[0].outbound_addr(), ps[1].outbound_addr()];
     // --fleet-size is 1 here: the first answer's bucket is the whole burst.

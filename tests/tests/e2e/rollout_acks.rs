@@ -126,3 +126,41 @@ async fn a_proxy_that_goes_as_a_step_is_published_is_named_left_out() {
         "{r:#}"
     );
 }
+
+/// A proxy that shares its node id with another is waited for on its own: when it
+/// goes before acking a step its twin acked, it is named all the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_sharing_a_node_id_that_goes_before_acking_is_named_left_out() {
+    let mesh = RolloutMesh::start(&block("[10, 50, 100]")).await;
+    mesh.wait_rollout("every proxy acked the first step", |r| {
+        r["stepAcked"] == true
+    })
+    .await;
+    // The mesh's proxy `p1` acks every step; this one, saying the same id, never does.
+    let mut twin = SilentProxy::connect(&mesh.cp.url(), "p1").await;
+    let first = twin.next_snapshot().await;
+
+    mesh.write_policy(&block("[20, 100]"), "");
+    let r = mesh
+        .wait_rollout("the new step waits for the silent twin", |r| {
+            r["canaryWeight"] == 20 && r["proxiesAwaited"] == serde_json::json!(["p1"])
+        })
+        .await;
+    assert_eq!(
+        r["stepAcked"], false,
+        "its twin's ack is not its own: {r:#}"
+    );
+    let step = twin.next_snapshot().await;
+    assert_ne!(step.version, first.version, "the new step's version");
+    drop(twin);
+    let r = mesh
+        .wait_rollout("the step is acked without the twin that went", |r| {
+            r["canaryWeight"] == 20 && r["stepAcked"] == true
+        })
+        .await;
+    assert_eq!(r["proxiesLeftOut"], serde_json::json!(["p1"]), "{r:#}");
+    assert_eq!(
+        r["proxiesLeftOutWhy"]["p1"], "disconnected before acking",
+        "{r:#}"
+    );
+}

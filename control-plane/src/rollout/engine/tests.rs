@@ -80,6 +80,8 @@ fn all_acked() -> Vec<ProxyAck> {
         .iter()
         .map(|n| ProxyAck {
             node: (*n).into(),
+            conn: String::new(),
+            connected_at_ms: 0,
             acked: true,
             nacked: false,
         })
@@ -253,6 +255,8 @@ fn only_proxies_that_went_without_acking_are_named() {
     let c = Clock::new();
     let ack = |node: &str, acked: bool, nacked: bool| ProxyAck {
         node: node.into(),
+        conn: String::new(),
+        connected_at_ms: 0,
         acked,
         nacked,
     };
@@ -287,6 +291,60 @@ fn only_proxies_that_went_without_acking_are_named() {
     s.on_acks(c.now(), &[]);
     assert!(s.acked_at().is_some());
     assert!(s.left_out().is_empty());
+}
+
+/// Streams sharing a node id are waited for apart: one going without acking is named
+/// though its twin acked, while a proxy that comes back on a new stream and acks is
+/// not.
+#[test]
+fn streams_sharing_a_node_id_are_waited_for_apart() {
+    let sp = spec(&[10, 100], 10);
+    let mut c = Clock::new();
+    let ack = |conn: &str, connected_at_ms: u64, acked: bool| ProxyAck {
+        node: "twin".into(),
+        conn: conn.into(),
+        connected_at_ms,
+        acked,
+        nacked: false,
+    };
+    let before = c.now().unix_ms - 60_000;
+
+    // One acks, the other (same id, there all along) waits, then goes.
+    let mut s = RolloutState::start("k".into(), &sp, c.now());
+    s.on_acks(
+        c.now(),
+        &[ack("#1", before, true), ack("#2", before, false)],
+    );
+    assert_eq!(s.acked_at(), None, "its twin's ack is not its own");
+    assert_eq!(s.awaited(), ["twin"]);
+    c.advance(Duration::from_secs(1));
+    s.on_acks(c.now(), &[ack("#1", before, true)]);
+    assert!(s.acked_at().is_some());
+    assert_eq!(
+        s.left_out_why(),
+        [LeftOut {
+            node: "twin".into(),
+            why: LeftOutWhy::Disconnected
+        }]
+    );
+
+    // One proxy seen waiting reconnects on a new stream and acks there.
+    let mut s = RolloutState::start("k".into(), &sp, c.now());
+    s.on_acks(c.now(), &[ack("#3", before, false)]);
+    let back = c.advance(Duration::from_secs(1)).unix_ms;
+    s.on_acks(c.now(), &[ack("#4", back, true)]);
+    assert!(s.acked_at().is_some());
+    assert!(s.left_out().is_empty(), "{:?}", s.left_out_why());
+
+    // Both twins go before acking: named once.
+    let mut s = RolloutState::start("k".into(), &sp, c.now());
+    s.on_acks(
+        c.now(),
+        &[ack("#5", before, false), ack("#6", before, false)],
+    );
+    c.advance(Duration::from_secs(1));
+    s.on_acks(c.now(), &[]);
+    assert_eq!(s.left_out(), ["twin"]);
 }
 
 #[test]
