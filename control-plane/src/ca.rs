@@ -679,6 +679,21 @@ mod tests {
         std::fs::write(&path, "{not json\n").unwrap();
         assert!(source.verify("t-log-longer").is_ok());
         assert_eq!(source.len(), 1);
+
+        std::fs::write(&path, line("t-a", "a") + &line("t-bb", "b")).unwrap();
+        assert!(source.verify("t-bb").is_ok());
+        assert_eq!((source.len(), source.is_empty()), (2, false));
+        // Emptied: every token revoked, none in force.
+        std::fs::write(&path, "").unwrap();
+        assert!(source.verify("t-a").is_err());
+        assert_eq!((source.len(), source.is_empty()), (0, true));
+
+        // Its Debug names the file, never a token.
+        let shown = format!("{source:?}");
+        assert!(
+            shown.contains("tokens.jsonl") && !shown.contains("t-a"),
+            "{shown}"
+        );
     }
 
     #[test]
