@@ -367,12 +367,14 @@ where
         }
         Err(e) => return finish(Err(e.into())),
     };
-    let conn_idle = (!timeouts.response_body.is_zero()).then(|| ResponseIdle {
-        timeout: timeouts.response_body,
-        count: settings
-            .head_timeouts
-            .as_ref()
-            .map(|c| c.response_bodies.clone()),
+    let conn_idle = (!timeouts.response_body.is_zero()).then(|| {
+        Arc::new(ResponseIdle {
+            timeout: timeouts.response_body,
+            count: settings
+                .head_timeouts
+                .as_ref()
+                .map(|c| c.response_bodies.clone()),
+        })
     });
     // Made once the protocol is known: the sniff's wait does not keep room for it.
     let service = service_fn(move |mut req: Request<Incoming>| {

@@ -479,7 +479,10 @@ pin_project_lite::pin_project! {
         #[pin]
         inner: B,
         _guard: Option<HeadGuard>,
-        idle: Option<ResponseIdle>,
+        // Shared by a connection's responses: a clone per response is a count on the
+        // connection's own worker, where one of the listener's counter would bounce its
+        // cache line between workers at every request.
+        idle: Option<Arc<ResponseIdle>>,
         // Made at the first wait and re-armed at later ones: a streamed body pays one
         // allocation, not one per pause.
         sleep: Option<Pin<Box<Sleep>>>,
@@ -490,7 +493,7 @@ pin_project_lite::pin_project! {
 impl<B> GuardedBody<B> {
     /// Wraps `inner`; `guard` is `None` for HTTP/2 answers, which have no heads to time;
     /// `idle` `None`: pauses are not limited.
-    pub fn new(inner: B, guard: Option<HeadGuard>, idle: Option<ResponseIdle>) -> Self {
+    pub fn new(inner: B, guard: Option<HeadGuard>, idle: Option<Arc<ResponseIdle>>) -> Self {
         Self {
             inner,
             _guard: guard,
@@ -1139,10 +1142,10 @@ mod tests {
     async fn a_response_body_is_cut_off_once_the_upstream_stalls_it_past_the_timeout() {
         let timeout = Duration::from_secs(5);
         let count = prometheus::IntCounter::new("cut", "cut").unwrap();
-        let idle = ResponseIdle {
+        let idle = Arc::new(ResponseIdle {
             timeout,
             count: Some(count.clone()),
-        };
+        });
         // A whole answer never makes a timer.
         let mut whole = Box::pin(GuardedBody::new(
             crate::body::full("answer"),
