@@ -323,10 +323,14 @@ impl Shared {
         for (replica, (_, list)) in remote.iter() {
             all.extend(list.iter().map(|p| crate::proxies::ProxyRecord {
                 node_id: p.node_id.clone(),
+                stream: p.stream,
                 replica: Some(replica.clone()),
                 acked_version: p.acked_version.clone(),
                 nacked_version: p.nacked_version.clone(),
-                connected: true,
+                version_sent: p.version_sent.clone(),
+                connected: p.connected,
+                connected_at_unix_ms: p.connected_at_unix_ms,
+                disconnected_at_unix_ms: p.disconnected_at_unix_ms,
                 ..Default::default()
             }));
         }

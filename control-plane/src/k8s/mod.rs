@@ -105,6 +105,7 @@ pub use identity::{TokenReviewVerifier, load_or_create_ca_secret};
 pub use leader::LeaseConfig;
 pub use policies::validate_object;
 
+use crate::proxies::RECENTLY_CLOSED;
 use crate::rollout::forward::RemoteProxy;
 use crate::state::Shared;
 
@@ -196,16 +197,27 @@ pub(crate) fn spawn(
         let stop = shutdown.clone();
         let replica = cfg.lease.holder.clone();
         tasks.push(tokio::spawn(async move {
+            // Open streams, and those closed lately: the holder names one that went
+            // before acking a step however soon it went.
             let acks = || {
+                let now = crate::unix_ms(std::time::SystemTime::now());
+                let since = now.saturating_sub(RECENTLY_CLOSED.as_millis() as u64);
                 relaying
                     .proxies
-                    .snapshot()
+                    .with_departed(now)
                     .into_iter()
-                    .filter(|p| p.connected)
+                    .filter(|p| {
+                        p.connected || p.disconnected_at_unix_ms.is_some_and(|at| at >= since)
+                    })
                     .map(|p| RemoteProxy {
                         node_id: p.node_id,
                         acked_version: p.acked_version,
                         nacked_version: p.nacked_version,
+                        stream: p.stream,
+                        version_sent: p.version_sent,
+                        connected: p.connected,
+                        connected_at_unix_ms: p.connected_at_unix_ms,
+                        disconnected_at_unix_ms: p.disconnected_at_unix_ms,
                     })
                     .collect()
             };

@@ -1386,6 +1386,70 @@ async fn post_once_holder_known(
     admin_post(addr, path, headers).await
 }
 
+/// A proxy connected to a follower that goes before acking a step, before the
+/// follower ever listed it to the holder as connected, is named left out by the
+/// holder all the same: the follower lists streams that closed lately too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_holder_names_a_proxy_that_left_a_follower_before_acking() {
+    let cluster = Cluster::new(vec![policy("log-service", rollout_spec())], vec![], false);
+    let a = cluster.start_as(true, "cp-a").await;
+    eventually("cp-a holds the lease", || a.shared.rollouts.is_leading()).await;
+    let hello = |node: &str| sluice_api::pb::Hello {
+        node_id: node.into(),
+        last_applied_version: "before".into(),
+        ..Default::default()
+    };
+    // A proxy on the holder that has not acked the step keeps it waiting (from
+    // before the holder counts acks, however long the follower takes to start).
+    let waiting = a.shared.proxies.connect(&hello("proxy-a"), None);
+    let b = cluster.start_as(true, "cp-b").await;
+    served(&b, |s| s.policies().len() == 1).await;
+    eventually("the follower serves the first step", || {
+        served_canary_weight(&b) == Some(10)
+    })
+    .await;
+    let v = b.policy_version().unwrap();
+    assert_eq!(a.policy_version().as_deref(), Some(v.as_str()));
+
+    // A proxy comes to the follower, is sent the step's weights and goes at once: no
+    // list the follower sends ever shows it connected.
+    let quick = b.shared.proxies.connect(&hello("quick-b"), None);
+    quick.sent(&v);
+    drop(quick);
+    eventually(
+        "the follower lists the proxy that left to the holder",
+        || {
+            a.shared
+                .remote_proxies
+                .lock()
+                .unwrap()
+                .get("cp-b")
+                .is_some_and(|(_, list)| {
+                    list.iter().any(|p| p.node_id == "quick-b" && !p.connected)
+                })
+        },
+    )
+    .await;
+
+    // The takeover grace over, the step waits for the proxy that stays; once it
+    // acks, the one that went is named.
+    time_passes(&[&a, &b], crate::rollout::driver::TAKEOVER_GRACE);
+    a.shared.tick_rollouts();
+    let view = a.shared.rollouts.view();
+    assert_eq!(view["rollouts"][0]["stepAcked"], false, "{view}");
+    waiting.acked(&v);
+    eventually("the holder counts its own proxy's ack", || {
+        a.shared.rollouts.view()["rollouts"][0]["stepAcked"] == true
+    })
+    .await;
+    let r = &a.shared.rollouts.view()["rollouts"][0];
+    assert_eq!(r["proxiesLeftOut"], json!(["quick-b"]), "{r}");
+    assert_eq!(
+        r["proxiesLeftOutWhy"]["quick-b"], "disconnected before acking",
+        "{r}"
+    );
+}
+
 /// A command by hand sent to a follower reaches the lease holder, which applies it;
 /// the follower answers with the holder's answer (refusals included) and shows the
 /// new state once the holder wrote it into the status. A command another replica

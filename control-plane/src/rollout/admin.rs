@@ -151,6 +151,12 @@ async fn remote_proxies(
             "this replica does not hold the lease\n".into(),
         );
     }
+    // A stream the replica says closed no longer stands for its node in the counts.
+    let now = shared.clock.instant();
+    for p in list.iter().filter(|p| !p.connected) {
+        let conn = format!("{replica}/{}", p.stream);
+        shared.reports.closed(&p.node_id, &conn, now);
+    }
     shared
         .remote_proxies
         .lock()
@@ -280,7 +286,9 @@ mod tests {
 
     use super::*;
     use crate::k8s::endpoints::ServiceEndpoints;
-    use crate::rollout::forward::{NODE_HEADER, RELAYED_HEADER, REPLICA_HEADER, RemoteProxy};
+    use crate::rollout::forward::{
+        NODE_HEADER, RELAYED_HEADER, REPLICA_HEADER, RemoteProxy, STREAM_HEADER,
+    };
     use crate::source::PolicyDir;
     use crate::state::PolicySource;
 
@@ -509,18 +517,14 @@ mod tests {
     }
 
     /// Another replica's list of proxies: refused without its name, when not a list,
-    /// and on a replica that does not hold the lease; kept otherwise.
+    /// and on a replica that does not hold the lease; kept otherwise. A list from an
+    /// older replica, without streams or times, reads as open streams.
     #[tokio::test]
     async fn another_replicas_proxies_are_kept_by_the_holder() {
         let dir = tempfile::tempdir().expect("tempdir");
         let (shared, addr, _stop) = admin(dir.path(), open()).await;
         let path = "/rollouts/proxies";
-        let list = serde_json::to_vec(&[RemoteProxy {
-            node_id: "p1".into(),
-            acked_version: Some("v1".into()),
-            nacked_version: None,
-        }])
-        .expect("JSON");
+        let list = br#"[{"nodeId":"p1","ackedVersion":"v1","nackedVersion":null}]"#.to_vec();
         let replica = [(REPLICA_HEADER, "cp-b")];
         let (code, _, body) = send(addr, Method::POST, path, &[], list.clone()).await;
         assert_eq!((code, body.as_str()), (400, "missing x-sluice-replica\n"));
@@ -542,7 +546,61 @@ mod tests {
         shared.rollouts.set_leading(true);
         let (code, _, _) = send(addr, Method::POST, path, &replica, list).await;
         assert_eq!(code, 204);
-        assert_eq!(kept().map(|l| l.len()), Some(1));
+        assert_eq!(
+            kept(),
+            Some(vec![RemoteProxy {
+                node_id: "p1".into(),
+                acked_version: Some("v1".into()),
+                connected: true,
+                ..Default::default()
+            }])
+        );
+    }
+
+    /// Reports relayed from two streams of one node id count as two proxies; a stream
+    /// the relaying replica then lists as closed stands down for the one still open.
+    #[tokio::test]
+    async fn relayed_reports_count_by_stream_until_their_replica_lists_them_closed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (shared, addr, _stop) = admin(dir.path(), open()).await;
+        let healthy = pb::BackendCounts {
+            policy: "log".into(),
+            route: "ingest".into(),
+            backend: "v1".into(),
+            requests: 5,
+            ..pb::BackendCounts::default()
+        };
+        for stream in ["cp-b/1", "cp-b/2"] {
+            let headers = [(NODE_HEADER, "twin"), (STREAM_HEADER, stream)];
+            let (code, _, body) = send(
+                addr,
+                Method::POST,
+                "/rollouts/reports",
+                &headers,
+                report(healthy.clone()),
+            )
+            .await;
+            assert_eq!((code, body.as_str()), (204, ""));
+        }
+        let count = || {
+            shared
+                .reports
+                .proxies_with_traffic("log", "ingest", shared.clock.instant())
+        };
+        assert_eq!(count(), 2, "one node id, two proxies");
+
+        let rows = |stream: u64, connected: bool| RemoteProxy {
+            node_id: "twin".into(),
+            stream,
+            connected,
+            disconnected_at_unix_ms: (!connected).then_some(1),
+            ..Default::default()
+        };
+        let list = serde_json::to_vec(&[rows(1, false), rows(2, true)]).expect("JSON");
+        let replica = [(REPLICA_HEADER, "cp-b")];
+        let (code, _, _) = send(addr, Method::POST, "/rollouts/proxies", &replica, list).await;
+        assert_eq!(code, 204);
+        assert_eq!(count(), 1, "the closed stream's twin stands for it");
     }
 
     /// A command sent to a replica that does not hold the lease: 503 while no holder

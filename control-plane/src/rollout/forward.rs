@@ -23,7 +23,10 @@
 //! [`ACKS_EVERY`] the follower sends the holder the versions its connected proxies
 //! acked and refused (`POST /rollouts/proxies`, JSON, the replica's name in
 //! [`REPLICA_HEADER`]); the holder counts a replica's list while it is fresher than
-//! [`REMOTE_FRESH`].
+//! [`REMOTE_FRESH`]. The list also holds the streams that closed within
+//! [`crate::proxies::RECENTLY_CLOSED`], with when they opened and closed: a proxy
+//! that went before acking a step is named left out by the holder as by the
+//! replica it was connected to, however soon it went.
 //!
 //! Commands by hand (`POST /rollouts/<ns>/<policy>/<route>/<command>`) sent to a
 //! follower go the same road ([`ReportForwarder::relay_command`]): the follower
@@ -74,8 +77,11 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a relayed command may take (the holder answers once it applied it).
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A proxy connected to a follower, as the holder counts its acks.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+/// A proxy stream open to a follower, or closed there within
+/// [`crate::proxies::RECENTLY_CLOSED`], as the holder counts its acks. Fields after
+/// the first three are absent from older followers' lists: such a row is an open
+/// stream numbered 0.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct RemoteProxy {
     /// Its node id.
@@ -84,6 +90,25 @@ pub struct RemoteProxy {
     pub acked_version: Option<String>,
     /// The last version it refused.
     pub nacked_version: Option<String>,
+    /// The follower's number for the stream (streams sharing a node id differ by it).
+    #[serde(default)]
+    pub stream: u64,
+    /// The last version sent to it.
+    #[serde(default)]
+    pub version_sent: Option<String>,
+    /// Its stream is open.
+    #[serde(default = "open")]
+    pub connected: bool,
+    /// When its stream opened (ms since the Unix epoch).
+    #[serde(default)]
+    pub connected_at_unix_ms: u64,
+    /// When its stream closed, once it has.
+    #[serde(default)]
+    pub disconnected_at_unix_ms: Option<u64>,
+}
+
+fn open() -> bool {
+    true
 }
 
 type HttpClient = Client<HttpConnector, Full<Bytes>>;
@@ -429,7 +454,8 @@ mod tests {
             vec![RemoteProxy {
                 node_id: "p1".into(),
                 acked_version: Some("v7".into()),
-                nacked_version: None,
+                stream: 3,
+                ..Default::default()
             }]
         };
         let run = tokio::spawn({
