@@ -23,9 +23,9 @@ use tokio::sync::watch;
 use crate::unix_ms;
 
 /// How long a closed stream's row is kept for the rollouts (and, on a replica not
-/// holding the lease, sent to the holder): longer than a step waits for acks
-/// ([`crate::rollout::engine::ACK_GRACE`]), so a proxy that went while a step waited
-/// is still in hand when the holder next looks.
+/// holding the lease, sent to the holder): longer than a rollout step waits for acks
+/// (30 s), so a proxy that went while a step waited is still in hand when the holder
+/// next looks.
 pub(crate) const RECENTLY_CLOSED: Duration = Duration::from_secs(60);
 
 /// Most closed rows kept apart from `/proxies` at once; the oldest go first.

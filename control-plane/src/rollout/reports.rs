@@ -32,8 +32,8 @@ const MAX_BUCKETS: usize = 64;
 pub type RouteName = (String, String);
 
 /// (node id, stream): who sent a report. The stream is the receiving replica's
-/// name for it (see [`crate::proxies::ProxyRecord::conn`]); empty when a relaying
-/// replica did not say.
+/// name for it (`#<n>` for this replica's own, `<replica>/<n>` for a relayed one);
+/// empty when a relaying replica did not say.
 pub type Reporter = (String, String);
 
 /// What one backend of one route did over a window, summed over proxies.
