@@ -26,7 +26,7 @@ use crate::unix_ms;
 /// holding the lease, sent to the holder): longer than a rollout step waits for acks
 /// (30 s), so a proxy that went while a step waited is still in hand when the holder
 /// next looks.
-pub(crate) const RECENTLY_CLOSED: Duration = Duration::from_secs(60);
+pub const RECENTLY_CLOSED: Duration = Duration::from_secs(60);
 
 /// Most closed rows kept apart from `/proxies` at once; the oldest go first.
 const DEPARTED_MAX: usize = 1024;
