@@ -164,11 +164,11 @@ pub async fn sniff(stream: &mut TcpStream, wait: Duration) -> io::Result<(Protoc
             // Linkerd's detection gives up the same way.
             Err(_) => return Ok((Protocol::Opaque, prefix)),
         };
-        if prefix.is_empty() && n > 0 {
-            deadline = tokio::time::Instant::now() + HEAD_WAIT;
-        }
         if n == 0 {
             return Ok((Protocol::Opaque, prefix));
+        }
+        if prefix.is_empty() {
+            deadline = tokio::time::Instant::now() + HEAD_WAIT;
         }
         prefix.extend_from_slice(&buf[..n]);
     }
@@ -922,15 +922,20 @@ mod tests {
             (Protocol::Http1, b"GET / HTTP/1.1\r\n".to_vec())
         );
 
-        // Begun and stalled past the head's wait: opaque, bytes kept.
+        // Begun and stalled past the head's wait, counted from the first byte (later
+        // bytes that still decide nothing do not extend it): opaque, bytes kept.
         let (mut client, mut proxy_end) = accepted().await;
-        client.write_all(b"HELLO").await.unwrap();
+        client.write_all(b"HEL").await.unwrap();
         let started = tokio::time::Instant::now();
+        let mut sniffing = std::pin::pin!(sniff(&mut proxy_end, SNIFF_WAIT));
+        assert!(sniffing.as_mut().now_or_never().is_none());
+        tokio::time::advance(HEAD_WAIT / 2).await;
+        client.write_all(b"LO").await.unwrap();
         assert_eq!(
-            sniff(&mut proxy_end, SNIFF_WAIT).await.unwrap(),
+            sniffing.await.unwrap(),
             (Protocol::Opaque, b"HELLO".to_vec())
         );
-        assert!(started.elapsed() >= HEAD_WAIT);
+        assert_eq!(started.elapsed(), HEAD_WAIT);
 
         // A client that sends the start of a method and closes: opaque, bytes kept.
         let (mut client, mut proxy_end) = accepted().await;
@@ -1067,8 +1072,17 @@ mod tests {
             b"PING\r\n",
             b"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA",
             b" / HTTP/1.1",
+            b"GET\t/ HTTP/1.1\r\n",
+            b"GET//x",
         ] {
             assert_eq!(classify(opaque), Some(Protocol::Opaque), "{opaque:?}");
         }
+        // The longest method token taken, and one byte longer.
+        let line = |len: usize| format!("{} / HTTP/1.1", "M".repeat(len));
+        assert_eq!(classify(line(MAX_METHOD).as_bytes()), Some(Protocol::Http1));
+        assert_eq!(
+            classify(line(MAX_METHOD + 1).as_bytes()),
+            Some(Protocol::Opaque)
+        );
     }
 }
