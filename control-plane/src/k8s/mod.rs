@@ -221,9 +221,14 @@ pub(crate) fn spawn(
                     })
                     .collect()
             };
+            // The holder's counts of the whole fleet, for this replica's proxies.
+            let fleet = |table: Option<sluice_api::pb::RouteTraffic>| {
+                let now = relaying.clock.instant();
+                relaying.reports.set_fleet(table.as_ref(), now);
+            };
             let forwarder = &relaying.forwarder;
             forwarder
-                .run(holder_rx, admin_token, replica, acks, stop)
+                .run(holder_rx, admin_token, replica, acks, fleet, stop)
                 .await;
         }));
     }

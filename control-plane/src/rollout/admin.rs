@@ -14,7 +14,9 @@
 //!   does not hold the lease (see [`super::forward`]); 204 once taken in, 409 when
 //!   this replica does not hold the lease either.
 //! - `POST /rollouts/proxies`: the proxies connected to a replica that does not hold
-//!   the lease and the versions they acked (JSON); 204, or 409 as above.
+//!   the lease and the versions they acked (JSON); 200 with the per-route proxy
+//!   counts of the whole fleet (a [`pb::RouteTraffic`], protobuf) for the
+//!   follower's own proxies, or 409 as above.
 //!
 //! Both answer under the admin port's token rule ([`AdminGate`]): on loopback, or
 //! with the admin token.
@@ -126,7 +128,8 @@ async fn relayed_report(
     }
 }
 
-/// `POST /rollouts/proxies`: takes in another replica's list of connected proxies.
+/// `POST /rollouts/proxies`: takes in another replica's list of connected proxies,
+/// and answers with the per-route proxy counts of the whole fleet.
 async fn remote_proxies(
     shared: &Shared,
     gate: &AdminGate,
@@ -162,9 +165,12 @@ async fn remote_proxies(
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(replica, (Instant::now(), list));
+    // The answer is the whole fleet's count per route, for the follower's proxies.
+    let fleet = shared.reports.counted_here(now);
     Response::builder()
-        .status(StatusCode::NO_CONTENT)
-        .body(Full::default())
+        .status(StatusCode::OK)
+        .header(hyper::header::CONTENT_TYPE, super::forward::PROTOBUF)
+        .body(Full::new(Bytes::from(fleet.encode_to_vec())))
         .expect("valid response")
 }
 
@@ -545,7 +551,7 @@ mod tests {
         assert_eq!(kept(), None);
         shared.rollouts.set_leading(true);
         let (code, _, _) = send(addr, Method::POST, path, &replica, list).await;
-        assert_eq!(code, 204);
+        assert_eq!(code, 200);
         assert_eq!(
             kept(),
             Some(vec![RemoteProxy {
@@ -558,7 +564,8 @@ mod tests {
     }
 
     /// Reports relayed from two streams of one node id count as two proxies; a stream
-    /// the relaying replica then lists as closed stands down for the one still open.
+    /// the relaying replica then lists as closed stands down for the one still open,
+    /// and the holder answers the list with its count.
     #[tokio::test]
     async fn relayed_reports_count_by_stream_until_their_replica_lists_them_closed() {
         let dir = tempfile::tempdir().expect("tempdir");
@@ -598,9 +605,23 @@ mod tests {
         };
         let list = serde_json::to_vec(&[rows(1, false), rows(2, true)]).expect("JSON");
         let replica = [(REPLICA_HEADER, "cp-b")];
-        let (code, _, _) = send(addr, Method::POST, "/rollouts/proxies", &replica, list).await;
-        assert_eq!(code, 204);
+        let (code, ctype, body) =
+            send(addr, Method::POST, "/rollouts/proxies", &replica, list).await;
+        assert_eq!(
+            (code, ctype.as_str()),
+            (200, crate::rollout::forward::PROTOBUF)
+        );
         assert_eq!(count(), 1, "the closed stream's twin stands for it");
+        // The answer is the holder's count, for the replica's own proxies.
+        let counts = pb::RouteTraffic::decode(body.as_bytes()).expect("protobuf");
+        assert_eq!(
+            counts.routes,
+            [pb::RouteProxies {
+                policy: "log".into(),
+                route: "ingest".into(),
+                proxies: 1,
+            }]
+        );
     }
 
     /// A command sent to a replica that does not hold the lease: 503 while no holder
@@ -635,7 +656,7 @@ mod tests {
         let fwd = shared.clone();
         tokio::spawn(async move {
             fwd.forwarder
-                .run(holder_rx, None, "cp-b".into(), Vec::new, stop_rx)
+                .run(holder_rx, None, "cp-b".into(), Vec::new, |_| {}, stop_rx)
                 .await;
         });
         let relayed = async {

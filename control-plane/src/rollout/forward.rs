@@ -26,7 +26,12 @@
 //! [`REMOTE_FRESH`]. The list also holds the streams that closed within
 //! [`crate::proxies::RECENTLY_CLOSED`], with when they opened and closed: a proxy
 //! that went before acking a step is named left out by the holder as by the
-//! replica it was connected to, however soon it went.
+//! replica it was connected to, however soon it went. The holder answers with its
+//! per-route proxy counts, which take in every replica's proxies: the follower sends
+//! those to its own proxies ([`crate::rollout::reports::ReportBook::set_fleet`]), so
+//! each proxy divides a fleet limit by the fleet's size, not its replica's share of
+//! it. While no holder is known (or an older one answers without them), a follower
+//! counts its own proxies only.
 //!
 //! Commands by hand (`POST /rollouts/<ns>/<policy>/<route>/<command>`) sent to a
 //! follower go the same road ([`ReportForwarder::relay_command`]): the follower
@@ -47,6 +52,9 @@ use prost::Message as _;
 use serde::{Deserialize, Serialize};
 use sluice_api::pb;
 use tokio::sync::{mpsc, watch};
+
+/// The content type of a report, and of the holder's per-route proxy counts.
+pub const PROTOBUF: &str = "application/x-protobuf";
 
 /// Reports waiting to be relayed, at most.
 pub const QUEUE: usize = 256;
@@ -236,14 +244,16 @@ impl ReportForwarder {
     }
 
     /// Relays queued reports, and every [`ACKS_EVERY`] the proxies `acks` lists, to
-    /// the holder named by `holder`, as replica `replica`, until `shutdown`; runs
-    /// once (a second call returns at once).
+    /// the holder named by `holder`, as replica `replica`, until `shutdown`; hands
+    /// `fleet` the holder's per-route proxy counts each time it answers a list, and
+    /// `None` while no holder is known. Runs once (a second call returns at once).
     pub(crate) async fn run(
         &self,
         holder: watch::Receiver<Option<String>>,
         token: Option<Arc<str>>,
         replica: String,
         acks: impl Fn() -> Vec<RemoteProxy>,
+        fleet: impl Fn(Option<pb::RouteTraffic>),
         mut shutdown: watch::Receiver<bool>,
     ) {
         let Some(mut rx) = self.rx.lock().unwrap_or_else(|e| e.into_inner()).take() else {
@@ -265,19 +275,26 @@ impl ReportForwarder {
                 },
                 _ = every.tick() => {
                     let url = holder.borrow().clone();
-                    if let Some(url) = url {
-                        let body = serde_json::to_vec(&acks()).unwrap_or_default();
-                        let send = Post {
-                            path: "/rollouts/proxies",
-                            content_type: "application/json",
-                            header: (REPLICA_HEADER, &replica),
-                            stream: None,
-                            token: token.as_deref(),
-                        }
-                        .send(&client, &url, body);
-                        if let Ok(Err(why)) = tokio::time::timeout(SEND_TIMEOUT, send).await {
+                    let Some(url) = url else {
+                        fleet(None);
+                        continue;
+                    };
+                    let body = serde_json::to_vec(&acks()).unwrap_or_default();
+                    let send = Post {
+                        path: "/rollouts/proxies",
+                        content_type: "application/json",
+                        header: (REPLICA_HEADER, &replica),
+                        stream: None,
+                        token: token.as_deref(),
+                    }
+                    .send(&client, &url, body);
+                    // A failed send keeps the last counts until they are stale.
+                    match tokio::time::timeout(SEND_TIMEOUT, send).await {
+                        Ok(Ok(answer)) => fleet(answer.route_traffic()),
+                        Ok(Err(why)) => {
                             tracing::debug!(%url, %why, "cannot send the proxies' acks to the lease holder");
                         }
+                        Err(_) => {}
                     }
                     continue;
                 }
@@ -289,14 +306,14 @@ impl ReportForwarder {
                     let conn = format!("{replica}/{stream}");
                     let send = Post {
                         path: "/rollouts/reports",
-                        content_type: "application/x-protobuf",
+                        content_type: PROTOBUF,
                         header: (NODE_HEADER, &node),
                         stream: Some(&conn),
                         token: token.as_deref(),
                     }
                     .send(&client, &url, report.encode_to_vec());
                     match tokio::time::timeout(SEND_TIMEOUT, send).await {
-                        Ok(Ok(())) => true,
+                        Ok(Ok(_)) => true,
                         Ok(Err(why)) => {
                             tracing::debug!(%url, %why, "cannot relay a traffic report to the lease holder");
                             false
@@ -322,8 +339,33 @@ struct Post<'a> {
     token: Option<&'a str>,
 }
 
+/// The holder's answer to a POST it took.
+struct Answer {
+    content_type: Option<hyper::header::HeaderValue>,
+    body: Bytes,
+}
+
+impl Answer {
+    /// The per-route proxy counts it carries; `None` from a holder that sends none
+    /// (an older build) or sent something else.
+    fn route_traffic(&self) -> Option<pb::RouteTraffic> {
+        let protobuf = self
+            .content_type
+            .as_ref()
+            .is_some_and(|t| t.as_bytes() == PROTOBUF.as_bytes());
+        if !protobuf {
+            return None;
+        }
+        pb::RouteTraffic::decode(self.body.clone())
+            .inspect_err(
+                |e| tracing::debug!(error = %e, "the lease holder's proxy counts do not decode"),
+            )
+            .ok()
+    }
+}
+
 impl Post<'_> {
-    async fn send(self, client: &HttpClient, base: &str, body: Vec<u8>) -> Result<(), String> {
+    async fn send(self, client: &HttpClient, base: &str, body: Vec<u8>) -> Result<Answer, String> {
         let mut req = hyper::Request::post(format!("{}{}", base.trim_end_matches('/'), self.path))
             .header(hyper::header::CONTENT_TYPE, self.content_type)
             .header(self.header.0, self.header.1);
@@ -338,9 +380,15 @@ impl Post<'_> {
             .map_err(|e| e.to_string())?;
         let resp = client.request(req).await.map_err(|e| e.to_string())?;
         let status = resp.status();
-        let _ = resp.into_body().collect().await;
+        let content_type = resp.headers().get(hyper::header::CONTENT_TYPE).cloned();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| e.to_string())?
+            .to_bytes();
         if status.is_success() {
-            Ok(())
+            Ok(Answer { content_type, body })
         } else {
             Err(format!("answered {status}"))
         }
@@ -390,6 +438,8 @@ mod tests {
                                     named,
                                     header("authorization"),
                                 );
+                                // A holder that takes a list answers with its counts.
+                                let counts = status == 200 && seen.0 == "/rollouts/proxies";
                                 let body = req.into_body().collect().await.map(|b| b.to_bytes());
                                 let _ = tx.send((
                                     seen.0,
@@ -398,7 +448,14 @@ mod tests {
                                     seen.3,
                                     body.unwrap_or_default(),
                                 ));
-                                let mut resp = hyper::Response::new(Full::<Bytes>::default());
+                                let mut resp = if counts {
+                                    hyper::Response::builder()
+                                        .header(hyper::header::CONTENT_TYPE, PROTOBUF)
+                                        .body(Full::new(Bytes::from(fleet().encode_to_vec())))
+                                        .expect("valid response")
+                                } else {
+                                    hyper::Response::new(Full::<Bytes>::default())
+                                };
                                 *resp.status_mut() =
                                     hyper::StatusCode::from_u16(status).expect("a status");
                                 Ok::<_, Infallible>(resp)
@@ -416,6 +473,17 @@ mod tests {
 
     fn counter() -> IntCounterVec {
         IntCounterVec::new(prometheus::Opts::new("reports", "test"), &["result"]).expect("valid")
+    }
+
+    /// The per-route proxy counts a test holder answers a list with.
+    fn fleet() -> pb::RouteTraffic {
+        pb::RouteTraffic {
+            routes: vec![pb::RouteProxies {
+                policy: "log".into(),
+                route: "ingest".into(),
+                proxies: 3,
+            }],
+        }
     }
 
     fn report(n: u64) -> pb::Report {
@@ -441,11 +509,16 @@ mod tests {
     }
 
     /// A follower relays each report as received, with its proxy's node id and stream, and the
-    /// token, and its connected proxies' acks with its replica name; a report the
-    /// holder refuses is counted as dropped.
+    /// token, and its connected proxies' acks with its replica name, and takes the
+    /// holder's per-route proxy counts from its answer; a report the holder refuses
+    /// is counted as dropped; with no holder known, it has no counts from one.
     #[tokio::test]
     async fn reports_and_acks_reach_the_holder() {
-        let (url, mut seen) = holder(204).await;
+        let (url, mut seen) = holder(200).await;
+        let (counts_tx, mut counts) = watch::channel(None);
+        let from_holder = move |t| {
+            counts_tx.send_replace(Some(t));
+        };
         let counter = counter();
         let fwd = Arc::new(ReportForwarder::new(counter.clone()));
         let (holder_tx, holder_rx) = watch::channel(Some(url));
@@ -461,8 +534,15 @@ mod tests {
         let run = tokio::spawn({
             let fwd = fwd.clone();
             async move {
-                fwd.run(holder_rx, Some("tok".into()), "cp-b".into(), acks, stop_rx)
-                    .await;
+                fwd.run(
+                    holder_rx,
+                    Some("tok".into()),
+                    "cp-b".into(),
+                    acks,
+                    from_holder,
+                    stop_rx,
+                )
+                .await;
             }
         });
         let (_, ctype, replica, auth, body) = next(&mut seen, "/rollouts/proxies").await;
@@ -471,6 +551,11 @@ mod tests {
         assert_eq!(auth.as_deref(), Some("Bearer tok"));
         let listed: Vec<RemoteProxy> = serde_json::from_slice(&body).expect("JSON");
         assert_eq!(listed, acks());
+        tokio::time::timeout(Duration::from_secs(10), counts.wait_for(Option::is_some))
+            .await
+            .expect("the holder's counts were taken")
+            .unwrap();
+        assert_eq!(*counts.borrow_and_update(), Some(Some(fleet())));
 
         fwd.forward("node-1", 7, report(42));
         let (_, ctype, node, auth, body) = next(&mut seen, "/rollouts/reports").await;
@@ -507,11 +592,18 @@ mod tests {
         .await
         .expect("both dropped");
         assert_eq!(counted("forwarded"), 1);
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            counts.wait_for(|c| *c == Some(None)),
+        )
+        .await
+        .expect("no holder, no counts from one")
+        .unwrap();
 
         // It runs once; it ends at shutdown.
         let (_, no_holder) = watch::channel(None);
         let (_, no_stop) = watch::channel(false);
-        fwd.run(no_holder, None, "again".into(), Vec::new, no_stop)
+        fwd.run(no_holder, None, "again".into(), Vec::new, |_| {}, no_stop)
             .await;
         stop_tx.send_replace(true);
         tokio::time::timeout(Duration::from_secs(10), run)

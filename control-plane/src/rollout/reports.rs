@@ -7,6 +7,13 @@
 //! traffic on (policy, route)": the [`pb::RouteTraffic`] table sent to proxies
 //! outside the policy version whenever a count changes.
 //!
+//! With several replicas, the lease holder counts the whole fleet (followers relay
+//! their proxies' reports and streams to it, see [`super::forward`]) and a follower
+//! counts only its own proxies. A follower therefore sends its proxies the holder's
+//! table, as the holder last answered it ([`ReportBook::set_fleet`]), each route at
+//! least at its own count (a report relayed a moment ago may not be in it yet); while
+//! it knows no holder, or the holder's table is older than [`FLEET_FRESH`], its own.
+//!
 //! Proxies are counted by stream, not by node id: two proxies started with the same
 //! `--node-id` are two proxies sharing a fleet limit. A stream that closed counts as
 //! its node while its traffic is recent, unless another stream of that node id still
@@ -21,6 +28,10 @@ use tokio::sync::watch;
 
 /// A proxy counts for a route while its last report with requests there is this recent.
 pub const TRAFFIC_RECENT: Duration = Duration::from_secs(10);
+
+/// How long a follower uses the lease holder's table after receiving it: a holder
+/// gone quiet leaves its proxies with their replica's own count, not a frozen one.
+pub const FLEET_FRESH: Duration = super::forward::REMOTE_FRESH;
 
 /// Most entries a report may carry; a longer one is malformed.
 const MAX_ENTRIES: usize = 4096;
@@ -166,6 +177,10 @@ struct Book {
     closed: HashSet<Reporter>,
     /// The table last sent to proxies.
     sent: BTreeMap<RouteName, u32>,
+    /// The counts of this replica's own reports, as of the last refresh.
+    counted: BTreeMap<RouteName, u32>,
+    /// The lease holder's table of the whole fleet and when it came, on a follower.
+    fleet: Option<(BTreeMap<RouteName, u32>, Instant)>,
 }
 
 /// The control plane's record of what the proxies reported.
@@ -289,27 +304,51 @@ impl ReportBook {
         });
         let Book { seen, closed, .. } = &mut *book;
         closed.retain(|k| seen.values().any(|r| r.contains_key(k)));
-        let table: BTreeMap<RouteName, u32> = book
+        let counted: BTreeMap<RouteName, u32> = book
             .seen
             .iter()
             .map(|(r, nodes)| (r.clone(), recent(nodes, &book.closed, now)))
             .collect();
+        book.counted.clone_from(&counted);
+        book.fleet
+            .take_if(|(_, at)| now.saturating_duration_since(*at) > FLEET_FRESH);
+        let mut table = counted;
+        if let Some((fleet, _)) = &book.fleet {
+            for (route, n) in fleet {
+                let mine = table.entry(route.clone()).or_default();
+                *mine = (*mine).max(*n);
+            }
+        }
         if table == book.sent {
             return;
         }
         book.sent = table.clone();
         drop(book);
-        let msg = pb::RouteTraffic {
-            routes: table
-                .into_iter()
-                .map(|((policy, route), proxies)| pb::RouteProxies {
-                    policy,
-                    route,
-                    proxies,
-                })
-                .collect(),
-        };
-        self.traffic.send_replace(Arc::new(msg));
+        self.traffic.send_replace(Arc::new(to_message(table)));
+    }
+
+    /// On a follower: the lease holder's table of the whole fleet, received at `now`,
+    /// or `None` when no holder is known (or it sent none); from now on the table
+    /// sent to proxies, each route at least at this replica's own count.
+    pub fn set_fleet(&self, table: Option<&pb::RouteTraffic>, now: Instant) {
+        let fleet = table.map(|t| {
+            let counts = t
+                .routes
+                .iter()
+                .map(|r| ((r.policy.clone(), r.route.clone()), r.proxies))
+                .collect();
+            (counts, now)
+        });
+        self.book.lock().unwrap_or_else(|e| e.into_inner()).fleet = fleet;
+        self.refresh(now);
+    }
+
+    /// The table of this replica's own count at `now` (on the lease holder, the
+    /// whole fleet's): what the holder answers a follower with.
+    pub fn counted_here(&self, now: Instant) -> pb::RouteTraffic {
+        self.refresh(now);
+        let book = self.book.lock().unwrap_or_else(|e| e.into_inner());
+        to_message(book.counted.clone())
     }
 
     /// The per-route proxy counts, changed whenever one changes.
@@ -347,6 +386,20 @@ impl ReportBook {
                 _ = shutdown.wait_for(|stop| *stop) => return,
             }
         }
+    }
+}
+
+/// The table as proxies receive it.
+fn to_message(table: BTreeMap<RouteName, u32>) -> pb::RouteTraffic {
+    pb::RouteTraffic {
+        routes: table
+            .into_iter()
+            .map(|((policy, route), proxies)| pb::RouteProxies {
+                policy,
+                route,
+                proxies,
+            })
+            .collect(),
     }
 }
 
@@ -483,6 +536,64 @@ mod tests {
         // A stream never seen reporting changes nothing.
         book.closed("quiet", "#5", t0);
         assert_eq!(count(t0), 3);
+    }
+
+    /// A follower sends its proxies the holder's counts of the whole fleet, each
+    /// route at least at its own count, until they are stale or no holder is known;
+    /// what it answers as a holder is its own count only.
+    #[test]
+    fn a_follower_sends_the_holders_counts_until_they_are_stale() {
+        let book = ReportBook::new(counter());
+        let mut rx = book.watch_traffic();
+        let t0 = Instant::now();
+        let table = |routes: &[(&str, u32)]| pb::RouteTraffic {
+            routes: routes
+                .iter()
+                .map(|(route, proxies)| pb::RouteProxies {
+                    policy: "log".into(),
+                    route: (*route).into(),
+                    proxies: *proxies,
+                })
+                .collect(),
+        };
+        let sent =
+            |rx: &mut watch::Receiver<Arc<pb::RouteTraffic>>| (**rx.borrow_and_update()).clone();
+        book.ingest("a", "#1", &report(vec![entry("ingest", "v1", 3, 0)]), t0)
+            .unwrap();
+        book.ingest("b", "#2", &report(vec![entry("export", "v1", 3, 0)]), t0)
+            .unwrap();
+        book.ingest("c", "#3", &report(vec![entry("export", "v1", 3, 0)]), t0)
+            .unwrap();
+        assert_eq!(sent(&mut rx), table(&[("export", 2), ("ingest", 1)]));
+
+        // The holder counts three on `ingest` and one on `export` (a relayed report
+        // not in yet) and two on a route this replica has no traffic on.
+        book.set_fleet(
+            Some(&table(&[("export", 1), ("ingest", 3), ("search", 2)])),
+            t0,
+        );
+        assert_eq!(
+            sent(&mut rx),
+            table(&[("export", 2), ("ingest", 3), ("search", 2)])
+        );
+        assert_eq!(
+            book.counted_here(t0),
+            table(&[("export", 2), ("ingest", 1)]),
+            "its own count, not the holder's"
+        );
+        assert_eq!(book.proxies_with_traffic("log", "ingest", t0), 1);
+
+        // Not heard from the holder for longer than FLEET_FRESH: its own counts.
+        book.refresh(t0 + FLEET_FRESH);
+        assert!(!rx.has_changed().unwrap(), "fresh until then");
+        book.refresh(t0 + FLEET_FRESH + Duration::from_millis(1));
+        assert_eq!(sent(&mut rx), table(&[("export", 2), ("ingest", 1)]));
+
+        // No holder known: its own counts at once.
+        book.set_fleet(Some(&table(&[("ingest", 3)])), t0 + FLEET_FRESH);
+        assert_eq!(sent(&mut rx), table(&[("export", 2), ("ingest", 3)]));
+        book.set_fleet(None, t0 + FLEET_FRESH);
+        assert_eq!(sent(&mut rx), table(&[("export", 2), ("ingest", 1)]));
     }
 
     #[test]

@@ -534,3 +534,116 @@ async fn an_unreachable_redis_shows_before_the_first_request() {
     );
     assert_eq!(up.requests(), 0);
 }
+
+/// Two control-plane replicas on one Kubernetes API (the double), a proxy subscribed
+/// to each, both sending on a fleet-limited route: each proxy is told N = 2, the one
+/// on the follower included, though each replica has one proxy of its own (the
+/// follower takes the fleet's count from the lease holder). Once the holder is gone,
+/// the remaining replica's proxy is told that replica's own count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_on_a_follower_replica_is_told_the_fleet_wide_count() {
+    use serde_json::json;
+    use sluice_control_plane::k8s::double::ApiServer;
+    use sluice_control_plane::k8s::{KubeConfig, LeaseConfig};
+    use sluice_control_plane::{ControlPlaneConfig, RunningControlPlane};
+
+    let up = Upstream::auto("quota").await;
+    let api = ApiServer::new();
+    api.put(json!({
+        "apiVersion": "sluice.dev/v1alpha1", "kind": "RoutePolicy",
+        "metadata": { "name": "quota", "namespace": "e2e" },
+        "spec": {
+            "host": "quota",
+            "backends": { "up": { "addresses": [up.addr().to_string()] } },
+            "routes": [{ "name": "api", "rateLimit": {
+                "perSecond": 1000, "burst": 1000, "key": { "header": "x-tenant" },
+                "scope": "fleet" } }],
+        },
+    }));
+    let empty = tempfile::tempdir().unwrap();
+    let replica = |name: &'static str| {
+        let mut lease = LeaseConfig::new("sluice-system", "sluice-control-plane", name);
+        lease.retry_every = Duration::from_millis(200);
+        sluice_control_plane::start(ControlPlaneConfig {
+            policy_dir: empty.path().to_path_buf(),
+            kubernetes: Some(KubeConfig {
+                client: api.client(),
+                policies: true,
+                lease,
+                trust_domain: "cluster.local".into(),
+                pod_ip: None,
+            }),
+            ..ControlPlaneConfig::default()
+        })
+    };
+    let a: RunningControlPlane = replica("cp-a").await.unwrap();
+    wait_until("cp-a holds the lease", WAIT, || async {
+        api.get("leases", "sluice-system", "sluice-control-plane")
+            .is_some_and(|l| l["spec"]["holderIdentity"] == "cp-a")
+    })
+    .await;
+    let b = replica("cp-b").await.unwrap();
+
+    let states = tempfile::tempdir().unwrap();
+    let mut ps = Vec::new();
+    for (cp, node) in [(&a, "on-holder"), (&b, "on-follower")] {
+        let opts = ProxyOptions {
+            report_interval: Duration::from_millis(200),
+            fleet: FleetConfig::default(),
+            ..Default::default()
+        };
+        let dir = states.path().join(node);
+        ps.push(TestProxy::start_subscribed(&cp.grpc_url(), node, &dir, opts).await);
+    }
+    // Both proxies keep sending; each replica counts its own proxy, the holder both.
+    let told = || {
+        ps.iter()
+            .map(|p| p.route_traffic().proxies("quota", "api"))
+            .collect::<Vec<_>>()
+    };
+    let deadline = Instant::now() + WAIT;
+    loop {
+        for p in &ps {
+            let mut c = HttpConn::h1(p.outbound_addr()).await.unwrap();
+            let r = c
+                .request(Method::GET, "quota", "/", &[("x-tenant", "acme")])
+                .await
+                .unwrap();
+            assert_eq!(r.status, StatusCode::OK);
+        }
+        if told() == [Some(2), Some(2)] {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the proxies were told {:?} (on the holder, on the follower); the holder counts {}, the follower {}",
+            told(),
+            a.proxies_with_traffic("quota", "api"),
+            b.proxies_with_traffic("quota", "api"),
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The holder goes (its proxy with it): the remaining replica's proxy is told
+    // that replica's own count again.
+    let mut ps = ps.into_iter();
+    ps.next().unwrap().shutdown().await;
+    a.shutdown().await;
+    let on_follower = ps.next().unwrap();
+    wait_until(
+        "the follower's proxy is told its replica's own count",
+        WAIT,
+        || async {
+            let mut c = HttpConn::h1(on_follower.outbound_addr()).await.unwrap();
+            let r = c
+                .request(Method::GET, "quota", "/", &[("x-tenant", "acme")])
+                .await
+                .unwrap();
+            assert_eq!(r.status, StatusCode::OK);
+            on_follower.route_traffic().proxies("quota", "api") == Some(1)
+        },
+    )
+    .await;
+    on_follower.shutdown().await;
+    b.shutdown().await;
+}
