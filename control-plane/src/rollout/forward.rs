@@ -28,7 +28,7 @@
 //! that went before acking a step is named left out by the holder as by the
 //! replica it was connected to, however soon it went. The holder answers with its
 //! per-route proxy counts, which take in every replica's proxies: the follower sends
-//! those to its own proxies ([`crate::rollout::reports::ReportBook::set_fleet`]), so
+//! those to its own proxies (the report book's `set_fleet`), so
 //! each proxy divides a fleet limit by the fleet's size, not its replica's share of
 //! it. While no holder is known (or an older one answers without them), a follower
 //! counts its own proxies only.

@@ -8,7 +8,7 @@
 //! outside the policy version whenever a count changes.
 //!
 //! With several replicas, the lease holder counts the whole fleet (followers relay
-//! their proxies' reports and streams to it, see [`super::forward`]) and a follower
+//! their proxies' reports and streams to it, see the `forward` module) and a follower
 //! counts only its own proxies. A follower therefore sends its proxies the holder's
 //! table, as the holder last answered it ([`ReportBook::set_fleet`]), each route at
 //! least at its own count (a report relayed a moment ago may not be in it yet); while
