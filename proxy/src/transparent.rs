@@ -11,7 +11,7 @@
 //! preface or anything else apart; a protocol in which the server speaks first (MySQL,
 //! SMTP) sends nothing, so the sniff gives up after [`SNIFF_WAIT`] and calls it opaque.
 //! A client that has begun sending is a client-first protocol, so a pause inside its
-//! first bytes (`GE`, then `T / ...`) is waited out for up to [`HEAD_WAIT`]: taking
+//! first bytes (`GE`, then `T / ...`) is waited out for up to 10 s (`HEAD_WAIT`): taking
 //! that pause for a server-first protocol would pass an HTTP request through ungoverned.
 //!
 //! - Not HTTP: [`passthrough`] replays the sniffed bytes to the original destination and
@@ -144,7 +144,7 @@ fn is_tchar(b: u8) -> bool {
 }
 
 /// Reads the client's first bytes until [`classify`] decides, the client sends nothing
-/// for `wait`, it closes, or [`HEAD_WAIT`] after its first byte the prefix is still
+/// for `wait`, it closes, or 10 s (`HEAD_WAIT`) after its first byte the prefix is still
 /// undecided; returns the verdict and the bytes read, which the caller must send on
 /// first.
 pub async fn sniff(stream: &mut TcpStream, wait: Duration) -> io::Result<(Protocol, Vec<u8>)> {
