@@ -207,23 +207,7 @@ impl ReportForwarder {
             .body(Full::default())
             .map_err(|e| unreachable(e.to_string()))?;
         let client: HttpClient = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
-        let answer = async {
-            let resp = client.request(req).await.map_err(|e| e.to_string())?;
-            let status = resp.status();
-            let content_type = resp.headers().get(hyper::header::CONTENT_TYPE).cloned();
-            let body = resp
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| e.to_string())?
-                .to_bytes();
-            Ok::<_, String>(Relayed {
-                status,
-                content_type,
-                body,
-            })
-        };
-        match tokio::time::timeout(COMMAND_TIMEOUT, answer).await {
+        match tokio::time::timeout(COMMAND_TIMEOUT, call(&client, req)).await {
             Ok(Ok(relayed)) => Ok(relayed),
             Ok(Err(why)) => Err(unreachable(why)),
             Err(_) => Err(unreachable(format!("no answer within {COMMAND_TIMEOUT:?}"))),
@@ -378,21 +362,34 @@ impl Post<'_> {
         let req = req
             .body(Full::new(Bytes::from(body)))
             .map_err(|e| e.to_string())?;
-        let resp = client.request(req).await.map_err(|e| e.to_string())?;
-        let status = resp.status();
-        let content_type = resp.headers().get(hyper::header::CONTENT_TYPE).cloned();
-        let body = resp
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| e.to_string())?
-            .to_bytes();
-        if status.is_success() {
-            Ok(Answer { content_type, body })
+        let answer = call(client, req).await?;
+        if answer.status.is_success() {
+            Ok(Answer {
+                content_type: answer.content_type,
+                body: answer.body,
+            })
         } else {
-            Err(format!("answered {status}"))
+            Err(format!("answered {}", answer.status))
         }
     }
+}
+
+/// Sends `req` and reads its whole answer.
+async fn call(client: &HttpClient, req: hyper::Request<Full<Bytes>>) -> Result<Relayed, String> {
+    let resp = client.request(req).await.map_err(|e| e.to_string())?;
+    let status = resp.status();
+    let content_type = resp.headers().get(hyper::header::CONTENT_TYPE).cloned();
+    let body = resp
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| e.to_string())?
+        .to_bytes();
+    Ok(Relayed {
+        status,
+        content_type,
+        body,
+    })
 }
 
 #[cfg(test)]

@@ -212,33 +212,10 @@ async fn admin_get(admin: std::net::SocketAddr, path: &str) -> Option<(StatusCod
     Some((reply.status, reply.text()))
 }
 
-#[tokio::test]
-async fn an_injected_proxy_verifies_the_control_plane_with_the_published_root() {
-    let dir = tempfile::tempdir().unwrap();
-    let (cp, api) = control_plane(dir.path()).await;
-
-    // What the control plane published into the pod's namespace.
-    wait_until("the root is published", WAIT, || {
-        let found = api.get("configmaps", "shop", CONFIGMAP).is_some();
-        async move { found }
-    })
-    .await;
-    let configmap = api.get("configmaps", "shop", CONFIGMAP).unwrap();
-    assert_eq!(
-        configmap["data"]["root.pem"].as_str(),
-        cp.trust_root_pem(),
-        "the ConfigMap holds the mesh root"
-    );
-
-    // What the webhook makes of the pod.
-    let cfg = InjectConfig {
-        control_plane_url: Some(cp.grpc_url()),
-        trust_root_configmap: Some(CONFIGMAP.to_string()),
-        ..InjectConfig::default()
-    };
-    assert!(cp.grpc_url().starts_with("https://"));
+/// The pod `cfg` injects, and its proxy container.
+fn inject(cfg: &InjectConfig) -> (Pod, Container) {
     let original: Pod = serde_json::from_value(pod()).unwrap();
-    let Decision::Patch { ops, .. } = decide(&original, &cfg).unwrap() else {
+    let Decision::Patch { ops, .. } = decide(&original, cfg).unwrap() else {
         panic!("the pod is injected");
     };
     let mut patched = pod();
@@ -255,14 +232,30 @@ async fn an_injected_proxy_verifies_the_control_plane_with_the_published_root() 
         .find(|c| c.name == PROXY_CONTAINER)
         .unwrap()
         .clone();
+    (patched, proxy)
+}
 
-    // Started as the kubelet would, on loopback ports instead of the pod's.
-    let root = dir.path().join("pod");
-    let env = kubelet_env(&patched, &proxy, &configmap, &root);
-    let names: Vec<_> = env.iter().map(|(k, _)| k.as_str()).collect();
-    assert!(names.contains(&"SLUICE_TRUST_ROOT"), "{names:?}");
-    let addr_file = dir.path().join("addrs.json");
-    let log_path = dir.path().join("proxy.log");
+/// The trust-root ConfigMap, once the control plane has published it into `shop`.
+async fn published_root(api: &ApiServer) -> Value {
+    wait_until("the root is published", WAIT, || {
+        let found = api.get("configmaps", "shop", CONFIGMAP).is_some();
+        async move { found }
+    })
+    .await;
+    api.get("configmaps", "shop", CONFIGMAP).unwrap()
+}
+
+/// Starts the proxy binary with exactly `args` and `env` (none of the test's own
+/// `SLUICE_*`), its admin bound at `admin_bind` and the other listeners on loopback;
+/// returns it once ready, with its admin address and log file.
+async fn start_as_kubelet(
+    dir: &Path,
+    args: Vec<String>,
+    env: Vec<(String, String)>,
+    admin_bind: &str,
+) -> (Killed, std::net::SocketAddr, PathBuf) {
+    let addr_file = dir.join("addrs.json");
+    let log_path = dir.join("proxy.log");
     let log = std::fs::File::create(&log_path).unwrap();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_e2e-proxy"));
     for (key, _) in std::env::vars_os() {
@@ -270,19 +263,19 @@ async fn an_injected_proxy_verifies_the_control_plane_with_the_published_root() 
             cmd.env_remove(&key);
         }
     }
-    cmd.args(proxy.args.clone().unwrap())
+    cmd.args(args)
         .envs(env)
-        .env("SLUICE_ADMIN", "127.0.0.1:0")
+        .env("SLUICE_ADMIN", admin_bind)
         .env("SLUICE_OUTBOUND", "127.0.0.1:0")
         .env("SLUICE_INBOUND", "127.0.0.1:0")
         .env("SLUICE_ADDR_FILE", &addr_file)
         .stdin(Stdio::null())
         .stdout(Stdio::from(log.try_clone().unwrap()))
         .stderr(Stdio::from(log));
-    let _child = Killed(cmd.spawn().unwrap(), log_path.clone());
-
+    let child = Killed(cmd.spawn().unwrap(), log_path.clone());
     let mut admin = None;
     wait_until("the proxy writes its addresses", WAIT, || {
+        // The file gives a connectable address (loopback for `0.0.0.0`).
         let found = std::fs::read_to_string(&addr_file)
             .ok()
             .and_then(|t| serde_json::from_str::<Value>(&t).ok())
@@ -293,9 +286,41 @@ async fn an_injected_proxy_verifies_the_control_plane_with_the_published_root() 
     .await;
     let admin = admin.unwrap();
     wait_until("the injected proxy is ready", WAIT, || async move {
-        matches!(admin_get(admin, "/ready").await, Some((StatusCode::OK, _)))
+        matches!(admin_status(admin, "/ready", None).await, Some((200, _)))
     })
     .await;
+    (child, admin, log_path)
+}
+
+#[tokio::test]
+async fn an_injected_proxy_verifies_the_control_plane_with_the_published_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cp, api) = control_plane(dir.path()).await;
+
+    // What the control plane published into the pod's namespace.
+    let configmap = published_root(&api).await;
+    assert_eq!(
+        configmap["data"]["root.pem"].as_str(),
+        cp.trust_root_pem(),
+        "the ConfigMap holds the mesh root"
+    );
+
+    // What the webhook makes of the pod.
+    let cfg = InjectConfig {
+        control_plane_url: Some(cp.grpc_url()),
+        trust_root_configmap: Some(CONFIGMAP.to_string()),
+        ..InjectConfig::default()
+    };
+    assert!(cp.grpc_url().starts_with("https://"));
+    let (patched, proxy) = inject(&cfg);
+
+    // Started as the kubelet would, on loopback ports instead of the pod's.
+    let root = dir.path().join("pod");
+    let env = kubelet_env(&patched, &proxy, &configmap, &root);
+    let names: Vec<_> = env.iter().map(|(k, _)| k.as_str()).collect();
+    assert!(names.contains(&"SLUICE_TRUST_ROOT"), "{names:?}");
+    let (_child, admin, _log) =
+        start_as_kubelet(dir.path(), proxy.args.clone().unwrap(), env, "127.0.0.1:0").await;
 
     // It certified over the verified TLS port, as its service account...
     let (_, identity) = admin_get(admin, "/identity").await.unwrap();
@@ -343,12 +368,7 @@ async fn admin_status(
 async fn an_injected_proxys_admin_port_opens_with_the_secret_and_follows_its_rotation() {
     let dir = tempfile::tempdir().unwrap();
     let (cp, api) = control_plane(dir.path()).await;
-    wait_until("the root is published", WAIT, || {
-        let found = api.get("configmaps", "shop", CONFIGMAP).is_some();
-        async move { found }
-    })
-    .await;
-    let configmap = api.get("configmaps", "shop", CONFIGMAP).unwrap();
+    let configmap = published_root(&api).await;
 
     let cfg = InjectConfig {
         control_plane_url: Some(cp.grpc_url()),
@@ -356,24 +376,7 @@ async fn an_injected_proxys_admin_port_opens_with_the_secret_and_follows_its_rot
         admin_token_secret: Some("sluice-proxy-admin".to_string()),
         ..InjectConfig::default()
     };
-    let original: Pod = serde_json::from_value(pod()).unwrap();
-    let Decision::Patch { ops, .. } = decide(&original, &cfg).unwrap() else {
-        panic!("the pod is injected");
-    };
-    let mut patched = pod();
-    let patch: json_patch::Patch = serde_json::from_value(Value::Array(ops)).unwrap();
-    json_patch::patch(&mut patched, &patch).unwrap();
-    let patched: Pod = serde_json::from_value(patched).unwrap();
-    let proxy = patched
-        .spec
-        .as_ref()
-        .unwrap()
-        .init_containers
-        .iter()
-        .flatten()
-        .find(|c| c.name == PROXY_CONTAINER)
-        .unwrap()
-        .clone();
+    let (patched, proxy) = inject(&cfg);
 
     let root = dir.path().join("pod");
     let env = kubelet_env(&patched, &proxy, &configmap, &root);
@@ -390,44 +393,9 @@ async fn an_injected_proxys_admin_port_opens_with_the_secret_and_follows_its_rot
         )),
         "{args:?}"
     );
-    let addr_file = dir.path().join("addrs.json");
-    let log_path = dir.path().join("proxy.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_e2e-proxy"));
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("SLUICE_") {
-            cmd.env_remove(&key);
-        }
-    }
-    cmd.args(&args)
-        .envs(env)
-        // Beyond loopback as in the pod, on a free port.
-        .env("SLUICE_ADMIN", "0.0.0.0:0")
-        .env("SLUICE_OUTBOUND", "127.0.0.1:0")
-        .env("SLUICE_INBOUND", "127.0.0.1:0")
-        .env("SLUICE_ADDR_FILE", &addr_file)
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(log.try_clone().unwrap()))
-        .stderr(Stdio::from(log));
-    let _child = Killed(cmd.spawn().unwrap(), log_path.clone());
-
-    let mut bound = None;
-    wait_until("the proxy writes its addresses", WAIT, || {
-        let found = std::fs::read_to_string(&addr_file)
-            .ok()
-            .and_then(|t| serde_json::from_str::<Value>(&t).ok())
-            .and_then(|v| v["admin"].as_str()?.parse().ok());
-        bound = found;
-        async move { found.is_some() }
-    })
-    .await;
-    // Bound to 0.0.0.0 (the file gives a connectable address), reached over loopback
-    // as `kubectl port-forward` reaches it: that earns nothing.
-    let admin = bound.unwrap();
-    wait_until("the injected proxy is ready", WAIT, || async move {
-        matches!(admin_status(admin, "/ready", None).await, Some((200, _)))
-    })
-    .await;
+    // Bound to 0.0.0.0 as in the pod, reached over loopback as `kubectl port-forward`
+    // reaches it: that earns nothing.
+    let (_child, admin, log_path) = start_as_kubelet(dir.path(), args, env, "0.0.0.0:0").await;
 
     // No Secret yet: the proxy runs, its protected routes are closed and say why.
     let (status, body) = admin_status(admin, "/breakers", Some("first-t0ken"))

@@ -770,15 +770,17 @@ async fn stalling_upstream() -> (SocketAddr, std::sync::Arc<std::sync::atomic::A
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_response_body_the_upstream_stalls_is_cut_off_and_both_connections_freed() {
-    let (upstream, closed) = stalling_upstream().await;
-    let proxy = TestProxy::start_with(
-        &single_backend_policy("stall", "stall", upstream),
-        with_timeouts(Timeouts {
+    // A proxy that cuts a response body off after 300 ms of silence.
+    let cutting = |upstream| async move {
+        let policy = single_backend_policy("stall", "stall", upstream);
+        let cut = Timeouts {
             response_body: Duration::from_millis(300),
             ..Timeouts::default()
-        }),
-    )
-    .await;
+        };
+        TestProxy::start_with(&policy, with_timeouts(cut)).await
+    };
+    let (upstream, closed) = stalling_upstream().await;
+    let proxy = cutting(upstream).await;
 
     // HTTP/1: the head and the first bytes arrive, then the connection is closed short
     // of the promised length, so the client knows the body is cut.
@@ -801,14 +803,7 @@ async fn a_response_body_the_upstream_stalls_is_cut_off_and_both_connections_fre
     // HTTP/2 end to end: the client's stream is reset, the upstream's stream is
     // cancelled, and the connection serves the next request.
     let (upstream, closed) = stalling_h2_upstream().await;
-    let proxy = TestProxy::start_with(
-        &single_backend_policy("stall", "stall", upstream),
-        with_timeouts(Timeouts {
-            response_body: Duration::from_millis(300),
-            ..Timeouts::default()
-        }),
-    )
-    .await;
+    let proxy = cutting(upstream).await;
     let mut conn = HttpConn::h2(proxy.outbound_addr()).await.unwrap();
     let cut = conn.get("stall", "/stall").await;
     assert!(cut.is_err(), "{cut:?}");
