@@ -674,6 +674,18 @@ mod tests {
                "spec": spec})
     }
 
+    /// The proxy container of an injected pod.
+    fn injected_proxy(pod: &Pod) -> &Container {
+        pod.spec
+            .as_ref()
+            .unwrap()
+            .init_containers
+            .iter()
+            .flatten()
+            .find(|c| c.name == PROXY_CONTAINER)
+            .unwrap()
+    }
+
     /// What the patched pod gives the proxy for its admin token: the Secret its volume
     /// projects (and whether optional), the proxy's `--admin-token-file` argument and
     /// whether the volume is mounted read-only where that argument points.
@@ -684,12 +696,7 @@ mod tests {
             .iter()
             .flatten()
             .find(|v| v.name == ADMIN_TOKEN_VOLUME);
-        let proxy = spec
-            .init_containers
-            .iter()
-            .flatten()
-            .find(|c| c.name == PROXY_CONTAINER)
-            .unwrap();
+        let proxy = injected_proxy(pod);
         let arg = proxy
             .args
             .iter()
@@ -798,12 +805,7 @@ mod tests {
         // Without the admin token the name is the pod's to use.
         let pod = patched(clash, &InjectConfig::default());
         let spec = pod.spec.as_ref().unwrap();
-        let proxy = spec
-            .init_containers
-            .iter()
-            .flatten()
-            .find(|c| c.name == PROXY_CONTAINER)
-            .unwrap();
+        let proxy = injected_proxy(&pod);
         assert!(
             !proxy
                 .args

@@ -601,28 +601,22 @@ async fn a_proxy_on_a_follower_replica_is_told_the_fleet_wide_count() {
             .map(|p| p.route_traffic().proxies("quota", "api"))
             .collect::<Vec<_>>()
     };
-    let deadline = Instant::now() + WAIT;
-    loop {
-        for p in &ps {
-            let mut c = HttpConn::h1(p.outbound_addr()).await.unwrap();
-            let r = c
-                .request(Method::GET, "quota", "/", &[("x-tenant", "acme")])
-                .await
-                .unwrap();
-            assert_eq!(r.status, StatusCode::OK);
-        }
-        if told() == [Some(2), Some(2)] {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the proxies were told {:?} (on the holder, on the follower); the holder counts {}, the follower {}",
-            told(),
-            a.proxies_with_traffic("quota", "api"),
-            b.proxies_with_traffic("quota", "api"),
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(
+        "both proxies are told N = 2, the follower's too (its replica alone counts 1)",
+        WAIT,
+        || async {
+            for p in &ps {
+                let mut c = HttpConn::h1(p.outbound_addr()).await.unwrap();
+                let r = c
+                    .request(Method::GET, "quota", "/", &[("x-tenant", "acme")])
+                    .await
+                    .unwrap();
+                assert_eq!(r.status, StatusCode::OK);
+            }
+            told() == [Some(2), Some(2)]
+        },
+    )
+    .await;
 
     // The holder goes (its proxy with it): the remaining replica's proxy is told
     // that replica's own count again.

@@ -239,6 +239,21 @@ async fn a_canary_failing_half_its_requests_is_rolled_back_at_the_first_report()
     assert_eq!(mesh.rollout().await["phase"], "rolled-back");
 }
 
+/// Makes the canary answer 300 ms late, sends 200 requests a second, and waits until
+/// the rollout is rolled back; returns its last state and the statuses the load got.
+async fn a_300ms_slower_canary_rolled_back(
+    mesh: &RolloutMesh,
+) -> (serde_json::Value, std::collections::BTreeMap<u16, u64>) {
+    mesh.canary
+        .set_stall(Stall::Delay(Duration::from_millis(300)));
+    mesh.wait_canary_everywhere(10).await;
+    let load = mesh.load(200.0).await;
+    let r = mesh
+        .wait_rollout("the canary is rolled back", |r| r["phase"] == "rolled-back")
+        .await;
+    (r, load.stop().await)
+}
+
 /// A canary that only times out (the route's 100 ms timeout against a canary 300 ms
 /// slow) is rolled back on its error rate: each 504 counts against the canary, as the
 /// checks need. Those timeouts were counted under no backend, and the canary looked
@@ -247,14 +262,7 @@ async fn a_canary_failing_half_its_requests_is_rolled_back_at_the_first_report()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_that_only_times_out_is_rolled_back_on_its_errors() {
     let mesh = RolloutMesh::start_with(HEALTHY, "      timeout: 100ms\n").await;
-    mesh.canary
-        .set_stall(Stall::Delay(Duration::from_millis(300)));
-    mesh.wait_canary_everywhere(10).await;
-    let load = mesh.load(200.0).await;
-    let r = mesh
-        .wait_rollout("the canary is rolled back", |r| r["phase"] == "rolled-back")
-        .await;
-    let statuses = load.stop().await;
+    let (r, statuses) = a_300ms_slower_canary_rolled_back(&mesh).await;
     assert!(statuses.contains_key(&504), "{statuses:?}");
     let reason = last_reason(&r);
     assert!(reason.contains("canary requests failed"), "{r:#}");
@@ -273,14 +281,7 @@ async fn a_canary_that_only_times_out_is_rolled_back_on_its_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_300ms_slower_breaches_p99_and_is_rolled_back() {
     let mesh = RolloutMesh::start(FAST).await;
-    mesh.canary
-        .set_stall(Stall::Delay(Duration::from_millis(300)));
-    mesh.wait_canary_everywhere(10).await;
-    let load = mesh.load(200.0).await;
-    let r = mesh
-        .wait_rollout("the canary is rolled back", |r| r["phase"] == "rolled-back")
-        .await;
-    load.stop().await;
+    let (r, _) = a_300ms_slower_canary_rolled_back(&mesh).await;
     let reason = last_reason(&r);
     assert!(reason.contains("p99"), "{r:#}");
     let p99 = r["lastWindow"]["checks"]
