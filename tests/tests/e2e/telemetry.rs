@@ -9,7 +9,8 @@ use std::time::Duration;
 use hyper::{Method, StatusCode};
 use sluice_e2e::otlp::{KIND_CLIENT, KIND_SERVER, OtlpReceiver, ReceivedSpan};
 use sluice_e2e::{
-    ChildProxy, HttpConn, ProxyOptions, TestProxy, Upstream, access_lines, full_body,
+    ChildProxy, HttpConn, ProxyOptions, TestProxy, Upstream, WAIT, access_lines, full_body,
+    wait_until,
 };
 use sluice_proxy::telemetry::{OtlpProtocol, Propagation, TraceConfig};
 
@@ -345,4 +346,79 @@ async fn the_inbound_access_log_follows_the_hosts_own_policy() {
         assert_eq!(f["status"], 200);
     }
     assert_eq!(app.requests(), 2);
+}
+
+/// A request its client abandons before the answer (the metrics and `/recent` are
+/// checked in `governance`) also ends its access line and its client span as 499, so
+/// a storm of client timeouts shows in the logs and traces, not only in the counters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_the_client_abandons_is_499_in_the_access_log_and_its_span() {
+    let receiver = OtlpReceiver::start().await;
+    let up = Upstream::auto("stuck").await;
+    let policy = format!(
+        r#"apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: {{ name: stuck, namespace: e2e }}
+spec:
+  host: stuck
+  backends:
+    up: {{ addresses: ["{}"] }}
+  routes:
+    - name: main
+      accessLog: true
+"#,
+        up.addr()
+    );
+    let endpoint = receiver.http_endpoint();
+    let mut proxy = ChildProxy::spawn(
+        bin(),
+        &policy,
+        &[
+            "--service",
+            "order-service",
+            "--otlp-endpoint",
+            &endpoint,
+            "--otlp-protocol",
+            "http",
+            "--log-format",
+            "json",
+        ],
+    )
+    .await;
+    let addr = proxy.outbound_addr();
+    // The upstream holds /hold; the client goes away once it is there.
+    let client = tokio::spawn(async move {
+        let mut conn = HttpConn::h1(addr).await.unwrap();
+        let _ = conn.get("stuck", "/hold").await;
+    });
+    wait_until("the upstream holds the request", WAIT, || async {
+        up.held() == 1
+    })
+    .await;
+    client.abort();
+    let _ = client.await;
+    wait_until("the abandoned request's access line", WAIT, || async {
+        !access_lines(&proxy.log()).is_empty()
+    })
+    .await;
+    up.release_held();
+    proxy.sigterm();
+    assert!(proxy.wait_exit(Duration::from_secs(20)).await.success());
+
+    let log_text = proxy.log();
+    let access = access_lines(&log_text);
+    assert_eq!(access.len(), 1, "{log_text}");
+    let f = &access[0]["fields"];
+    assert_eq!(f["route"], "stuck.main", "{f}");
+    assert_eq!(f["path"], "/hold");
+    assert_eq!(f["status"], 499, "{f}");
+    let spans = receiver.spans();
+    let span = one(&spans, "client span of /hold", |s| s.kind == KIND_CLIENT);
+    assert_eq!(
+        span.attr("http.response.status_code"),
+        Some("499"),
+        "{span:#?}"
+    );
+    assert_eq!(span.attr("sluice.route"), Some("stuck.main"), "{span:#?}");
+    assert_eq!(span.status, 2, "a client span is an error from 400 on");
 }
