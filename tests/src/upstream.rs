@@ -201,6 +201,23 @@ impl Upstream {
         self.state.held.load(Ordering::SeqCst)
     }
 
+    /// A client that gives up: sends `GET /hold` for `host` through `proxy` and goes
+    /// away (its connection closed) once this upstream holds the request.
+    pub async fn abandon_held_request(&self, proxy: SocketAddr, host: &str) {
+        let held = self.held();
+        let host = host.to_string();
+        let client = tokio::spawn(async move {
+            let mut conn = crate::HttpConn::h1(proxy).await.unwrap();
+            let _ = conn.get(&host, "/hold").await;
+        });
+        crate::wait_until("the upstream holds the request", crate::WAIT, || async {
+            self.held() > held
+        })
+        .await;
+        client.abort();
+        let _ = client.await;
+    }
+
     /// Lets every `/hold` request, present and future, be answered.
     pub fn release_held(&self) {
         self.state.gate.send_replace(true);

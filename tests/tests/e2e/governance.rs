@@ -90,18 +90,8 @@ async fn a_request_the_client_abandons_is_recorded_as_499() {
         ..Default::default()
     };
     let proxy = TestProxy::start_with(&policy("stuck", &[("up", up.addr())], ""), opts).await;
-    let addr = proxy.outbound_addr();
-    // The upstream holds /hold; the client goes away once it is there.
-    let client = tokio::spawn(async move {
-        let mut conn = HttpConn::h1(addr).await.unwrap();
-        let _ = conn.get("stuck", "/hold").await;
-    });
-    wait_until("the upstream holds the request", WAIT, || async {
-        up.held() == 1
-    })
-    .await;
-    client.abort();
-    let _ = client.await;
+    up.abandon_held_request(proxy.outbound_addr(), "stuck")
+        .await;
     let line = r#"sluice_requests_total{backend="",code="499",direction="outbound",peer_identity="",route="stuck.main"} 1"#;
     wait_until("the abandoned request is counted", WAIT, || async {
         proxy.admin_get("/metrics").await.1.contains(line)

@@ -385,18 +385,8 @@ spec:
         ],
     )
     .await;
-    let addr = proxy.outbound_addr();
-    // The upstream holds /hold; the client goes away once it is there.
-    let client = tokio::spawn(async move {
-        let mut conn = HttpConn::h1(addr).await.unwrap();
-        let _ = conn.get("stuck", "/hold").await;
-    });
-    wait_until("the upstream holds the request", WAIT, || async {
-        up.held() == 1
-    })
-    .await;
-    client.abort();
-    let _ = client.await;
+    up.abandon_held_request(proxy.outbound_addr(), "stuck")
+        .await;
     wait_until("the abandoned request's access line", WAIT, || async {
         !access_lines(&proxy.log()).is_empty()
     })
