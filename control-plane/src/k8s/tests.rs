@@ -1003,15 +1003,35 @@ impl std::io::Write for Logs {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn without_the_httproute_crd_it_says_so_once_and_keeps_asking() {
+/// Captures this thread's log lines until the guard is dropped.
+///
+/// `tracing` caches whether a log line is wanted once per line, process-wide, asking the
+/// subscriber of the first thread that reaches it: a sibling test with no subscriber
+/// reaching the same line first (the HTTPRoute watcher runs in several tests) would
+/// cache "never" and silence it here too. A global default that takes every event and
+/// keeps none makes every thread's answer "wanted"; each thread's own subscriber then
+/// decides.
+fn capture_logs() -> (Logs, tracing::subscriber::DefaultGuard) {
+    static GLOBAL: std::sync::Once = std::sync::Once::new();
+    GLOBAL.call_once(|| {
+        // Another global default set first serves as well.
+        let _ = tracing::subscriber::set_global_default(tracing_subscriber::registry());
+    });
     let logs = Logs::default();
     let writer = logs.clone();
     let subscriber = tracing_subscriber::fmt()
         .with_writer(move || writer.clone())
         .with_ansi(false)
         .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let guard = tracing::subscriber::set_default(subscriber);
+    // Lines a sibling reached before the global default existed are asked again.
+    tracing::callsite::rebuild_interest_cache();
+    (logs, guard)
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_the_httproute_crd_it_says_so_once_and_keeps_asking() {
+    let (logs, _guard) = capture_logs();
     let cluster = Cluster::new(vec![policy("log-service", log_spec("2s"))], vec![], false);
     let cp = cluster.start(true).await;
     served(&cp, |s| s.policies().len() == 1).await;
