@@ -2,7 +2,7 @@
 //! HTTP/2 error, or a closed connection; none is answered as if it were fine, and the
 //! proxy keeps serving well-formed requests after every one.
 
-use sluice_e2e::{HttpConn, TestProxy, Upstream, malformed, single_backend_policy};
+use sluice_e2e::{HttpConn, ProxyOptions, TestProxy, Upstream, malformed, single_backend_policy};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
@@ -108,6 +108,21 @@ async fn a_transfer_coding_besides_chunked_is_refused_both_ways() {
         .unwrap();
     let outcome = malformed::send(proxy.outbound_addr(), &refused).await;
     assert_eq!(outcome.seen, "400", "{outcome:?}");
+    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 0);
+    // The same on the inbound side, in front of the application.
+    let inbound = TestProxy::start_with(
+        &single_backend_policy("coded", "coded", addr),
+        ProxyOptions {
+            outbound: false,
+            inbound: true,
+            app: Some(addr),
+            service: Some("coded".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let outcome = malformed::send(inbound.inbound_addr(), &refused).await;
+    assert_eq!(outcome.seen, "400", "inbound: {outcome:?}");
     assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 0);
 
     let mut conn = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
