@@ -57,7 +57,7 @@ mkdir -p "$PGO_DIR/raw"
     cargo build --release -p sluice-proxy)
 
 # train BINARY: run.sh's sluice and sluice-full paths, fixed rate and maximum, both
-# protocols; the binary writes its profile as each proxy exits.
+# protocols; the binary writes its profile as each proxy exits (the BOLT copy: every second).
 train() {
     QUICK=1 ROUNDS=1 DURATION="$DURATION" RATES=5000 TESTS="5000 max" SYSTEMS="sluice sluice-full" \
         SKIP_BUILD=1 PROXY_BIN="$1" OUT_DIR="$PGO_DIR/training" RECORD=0 \
