@@ -60,7 +60,7 @@ pub use going_away::GoingAwayUpstream;
 pub use proxy::{ChildProxy, MeshTls, ProcMemory, ProxyOptions, TestProxy};
 pub use redis::{TestRedis, wait_keys};
 pub use subscriber::{RecordingSink, SchemaSubscriber};
-pub use upstream::{Protocol, Stall, Upstream, tcp_echo, tcp_sink};
+pub use upstream::{Protocol, Stall, Upstream, tcp_coded, tcp_echo, tcp_sink};
 pub use workers::{Tally, WorkerUpstream, open_loop};
 
 /// The error type the harness passes around.

@@ -13,7 +13,7 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
@@ -442,4 +442,39 @@ pub fn tcp_sink(listener: TcpListener) -> Arc<AtomicU64> {
         }
     });
     open
+}
+
+/// Serves `listener` as an HTTP/1.1 server written byte by byte, for answers hyper's
+/// server would not send: `GET /gzip` gets a body coded gzip-then-chunked, any other
+/// request a plain chunked one, each on a connection closed after it. Returns how many
+/// request heads it read (a refused request must never arrive).
+pub fn tcp_coded(listener: TcpListener) -> Arc<AtomicU64> {
+    let seen = Arc::new(AtomicU64::new(0));
+    let counted = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            let counted = counted.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                counted.fetch_add(1, Ordering::SeqCst);
+                let coding = if head.starts_with(b"GET /gzip ") {
+                    "gzip, chunked"
+                } else {
+                    "chunked"
+                };
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nTransfer-Encoding: {coding}\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                );
+                let _ = s.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    seen
 }

@@ -2,8 +2,11 @@
 //! HTTP/2 error, or a closed connection; none is answered as if it were fine, and the
 //! proxy keeps serving well-formed requests after every one.
 
-use sluice_e2e::{HttpConn, ProxyOptions, TestProxy, Upstream, malformed, single_backend_policy};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::sync::atomic::Ordering;
+
+use sluice_e2e::{
+    HttpConn, ProxyOptions, TestProxy, Upstream, malformed, single_backend_policy, tcp_coded,
+};
 use tokio::net::TcpListener;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -69,37 +72,9 @@ async fn an_upstream_head_over_64_kib_is_a_502_and_the_proxy_keeps_serving() {
 /// 502; a plain chunked body goes through both ways.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transfer_coding_besides_chunked_is_refused_both_ways() {
-    // Answers `/gzip` with a gzip-then-chunked body, anything else with a chunked one,
-    // and counts the requests it saw.
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let seen = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counted = seen.clone();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = listener.accept().await {
-            let counted = counted.clone();
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buf = [0u8; 4096];
-                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => head.extend_from_slice(&buf[..n]),
-                    }
-                }
-                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                let coding = if head.starts_with(b"GET /gzip ") {
-                    "gzip, chunked"
-                } else {
-                    "chunked"
-                };
-                let answer = format!(
-                    "HTTP/1.1 200 OK\r\nTransfer-Encoding: {coding}\r\nConnection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
-                );
-                let _ = s.write_all(answer.as_bytes()).await;
-            });
-        }
-    });
+    let seen = tcp_coded(listener);
     let proxy = TestProxy::start(&single_backend_policy("coded", "coded", addr)).await;
 
     let refused = malformed::attacks("coded")
@@ -108,7 +83,7 @@ async fn a_transfer_coding_besides_chunked_is_refused_both_ways() {
         .unwrap();
     let outcome = malformed::send(proxy.outbound_addr(), &refused).await;
     assert_eq!(outcome.seen, "400", "{outcome:?}");
-    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(seen.load(Ordering::SeqCst), 0);
     // The same on the inbound side, in front of the application.
     let inbound = TestProxy::start_with(
         &single_backend_policy("coded", "coded", addr),
@@ -123,7 +98,7 @@ async fn a_transfer_coding_besides_chunked_is_refused_both_ways() {
     .await;
     let outcome = malformed::send(inbound.inbound_addr(), &refused).await;
     assert_eq!(outcome.seen, "400", "inbound: {outcome:?}");
-    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(seen.load(Ordering::SeqCst), 0);
 
     let mut conn = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
     let r = conn.get("coded", "/gzip").await.unwrap();
@@ -138,5 +113,5 @@ async fn a_transfer_coding_besides_chunked_is_refused_both_ways() {
     let r = conn.get("coded", "/plain").await.unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(&r.body[..], b"hello");
-    assert_eq!(seen.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(seen.load(Ordering::SeqCst), 2);
 }

@@ -13,8 +13,8 @@ use std::time::Duration;
 
 use sluice_e2e::netns::{self, Killed, Netns, PROXY_UID};
 use sluice_e2e::{
-    HttpConn, Protocol as UpstreamProtocol, Upstream, WAIT, metric_sum, scrape, tcp_echo,
-    wait_until,
+    HttpConn, Protocol as UpstreamProtocol, Upstream, WAIT, metric_sum, scrape, tcp_coded,
+    tcp_echo, wait_until,
 };
 use sluice_proxy::metrics::Metrics;
 use sluice_proxy::transparent::{Protocol, original_dst, passthrough, sniff};
@@ -191,6 +191,7 @@ async fn outbound_in_namespace() {
         "ip addr add 10.55.0.2/24 dev lo",
         "ip addr add 10.55.0.3/32 dev lo",
         "ip addr add 10.55.0.4/32 dev lo",
+        "ip addr add 10.55.0.5/32 dev lo",
         &format!(
             "iptables -w -t nat -A OUTPUT -p tcp -d 10.55.0.0/24 -m owner ! --uid-owner {PROXY_UID} -j REDIRECT --to-ports 15001"
         ),
@@ -202,6 +203,7 @@ async fn outbound_in_namespace() {
     echo_server("10.55.0.2:7", None).await;
     echo_server("10.55.0.2:25", Some(b"220 ready\r\n")).await;
     let recorded = recorder("10.55.0.4:80").await;
+    let coded = tcp_coded(TcpListener::bind("10.55.0.5:80").await.unwrap());
 
     let dir = tempfile::tempdir().unwrap();
     let _proxy = proxy_as_own_uid(
@@ -287,6 +289,37 @@ spec:
     let mut back = [0u8; 25];
     io.read_exact(&mut back).await.unwrap();
     assert_eq!(&back, b"bytes of another protocol");
+    // An answer the proxy cannot hand on is refused on this path too: a body coded
+    // besides chunked is a 502, whether or not the request offered an upgrade (a
+    // declined offer is an ordinary answer, not a tunnel).
+    let mut coded_conn = h1("10.55.0.5:80").await;
+    get(&mut coded_conn, "orders", "/other").await;
+    let r = coded_conn.get("example.com", "/gzip").await.unwrap();
+    assert_eq!(
+        (r.status.as_u16(), r.header("x-sluice-reason")),
+        (502, "upstream-unavailable"),
+        "{}",
+        r.text()
+    );
+    let mut coded_conn = h1("10.55.0.5:80").await;
+    get(&mut coded_conn, "orders", "/other").await;
+    let offer = http::Request::builder()
+        .uri("/gzip")
+        .header("host", "example.com")
+        .header("upgrade", "foo/1")
+        .header("connection", "upgrade")
+        .body(sluice_e2e::full_body(bytes::Bytes::new()))
+        .unwrap();
+    let r = coded_conn.call(offer).await.unwrap();
+    assert_eq!(
+        (r.status.as_u16(), r.header("x-sluice-reason")),
+        (502, "upstream-unavailable"),
+        "{}",
+        r.text()
+    );
+    let r = coded_conn.get("example.com", "/plain").await.unwrap();
+    assert_eq!((r.status.as_u16(), &r.body[..]), (200, &b"hello"[..]));
+    assert_eq!(coded.load(std::sync::atomic::Ordering::SeqCst), 3);
     // One naming no host at all is none of the mesh's business either; one naming two
     // is refused, as everywhere (which of them would route it?).
     let bare = |hosts: &[&str]| {
