@@ -38,6 +38,20 @@ fn validate_accepts_the_shipped_policies_and_locates_errors() {
         files.len(),
         "{stdout}"
     );
+    // Each line counts the file's policies, in the right number.
+    let said = |file: &str| {
+        let path = repo_file(&format!("examples/policies/{file}"));
+        let prefix = format!("ok  {} (", path.display());
+        let line = stdout.lines().find(|l| l.starts_with(&prefix));
+        let line = line.unwrap_or_else(|| panic!("no line for {file}:\n{stdout}"));
+        line[prefix.len()..]
+            .split(", hash")
+            .next()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(said("routing.yaml"), "1 policy");
+    assert_eq!(said("multi-document.yaml"), "2 policies");
 
     // A broken one is refused with file, line and column, and a failing exit code.
     let tmp = tempfile::tempdir().unwrap();
