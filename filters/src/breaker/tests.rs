@@ -823,6 +823,62 @@ async fn results_from_before_a_transition_change_nothing() {
     assert_eq!((snap.successes, snap.failures), (1, 1));
 }
 
+/// A result carries the generation its permit was taken in: one that comes back after
+/// the breaker has moved on (here a call from the closed state, and a probe from a
+/// half-open phase that has since ended) is counted, but decides nothing in the
+/// half-open phase it finds.
+#[tokio::test(start_paused = true)]
+async fn late_results_do_not_decide_a_later_half_open_phase() {
+    let (_reg, c) = registry_with(params(1, 10, 60, 2));
+    let (mock, mut handle) = mock::pair::<Request<ReqBody>, Response<Empty<Bytes>>>();
+    let mut svc = BreakerLayer::new(c.clone()).layer(mock);
+    let slow = svc.ready().await.unwrap().call(req());
+    let (_, tx_slow) = handle.next_request().await.unwrap();
+    let opener = svc.ready().await.unwrap().call(req());
+    handle
+        .next_request()
+        .await
+        .unwrap()
+        .1
+        .send_response(rsp(500));
+    opener.await.unwrap();
+    assert_eq!(c.state(), CircuitState::Open);
+
+    advance(Duration::from_secs(10)).await;
+    let p1 = svc.ready().await.unwrap().call(req());
+    let (_, tx1) = handle.next_request().await.unwrap();
+    let p2 = svc.ready().await.unwrap().call(req());
+    let (_, tx2) = handle.next_request().await.unwrap();
+    assert_eq!(c.state(), CircuitState::HalfOpen);
+    tx_slow.send_response(rsp(500));
+    slow.await.unwrap();
+    assert_eq!(
+        c.state(),
+        CircuitState::HalfOpen,
+        "a call from the closed state"
+    );
+
+    tx1.send_response(rsp(500));
+    p1.await.unwrap();
+    assert_eq!(c.state(), CircuitState::Open);
+    advance(Duration::from_secs(20)).await;
+    let q = svc.ready().await.unwrap().call(req());
+    let (_, tx_q) = handle.next_request().await.unwrap();
+    assert_eq!(c.state(), CircuitState::HalfOpen);
+    tx2.send_response(rsp(500));
+    p2.await.unwrap();
+    assert_eq!(
+        c.state(),
+        CircuitState::HalfOpen,
+        "a probe of the phase before"
+    );
+    tx_q.send_response(rsp(200));
+    q.await.unwrap();
+    assert_eq!(c.state(), CircuitState::HalfOpen, "one probe of two");
+    let snap = c.snapshot();
+    assert_eq!((snap.successes, snap.failures), (1, 4));
+}
+
 #[test]
 fn half_open_admits_exactly_the_probe_count_under_contention() {
     let mut p = params(1, 0, 0, 3);
