@@ -641,6 +641,42 @@ async fn a_call_dropped_after_its_deadline_counts_as_timeout() {
     assert_eq!(last_reason(&c), "2 consecutive failures (last: timeout)");
 }
 
+/// A try that ends in an error because the client's body failed (it stalled past the
+/// body timeout, or broke its framing) is not the upstream's fault: the breaker counts
+/// nothing for it, even once its deadline has passed; the same error with the body whole
+/// is a failure.
+#[tokio::test(start_paused = true)]
+async fn a_try_the_clients_body_broke_is_not_counted() {
+    let (_reg, c) = registry_with(params(1, 10, 60, 1));
+    let (mock, mut handle) = mock::pair::<Request<ReqBody>, Response<Empty<Bytes>>>();
+    let mut svc = BreakerLayer::new(c.clone()).layer(mock);
+    let with_body = |body: &crate::extensions::BodyProgress| {
+        let mut r = req();
+        let routing = crate::extensions::Routing::of_mut(r.extensions_mut());
+        routing.deadline = Some(Deadline(Instant::now() + Duration::from_secs(1)));
+        routing.body = Some(body.clone());
+        r
+    };
+
+    let broken = crate::extensions::BodyProgress::new();
+    let f = svc.ready().await.unwrap().call(with_body(&broken));
+    let (_, tx) = handle.next_request().await.unwrap();
+    broken.client_failed();
+    advance(Duration::from_secs(2)).await;
+    tx.send_error(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+    f.await.unwrap_err();
+    let snap = c.snapshot();
+    assert_eq!((c.state(), snap.failures), (CircuitState::Closed, 0));
+
+    let whole = crate::extensions::BodyProgress::new();
+    let f = svc.ready().await.unwrap().call(with_body(&whole));
+    let (_, tx) = handle.next_request().await.unwrap();
+    whole.ended();
+    tx.send_error(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+    f.await.unwrap_err();
+    assert_eq!(c.state(), CircuitState::Open);
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_cancelled_probe_hands_its_slot_back() {
     let (_reg, c) = registry_with(params(1, 10, 60, 1));
