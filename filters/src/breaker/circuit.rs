@@ -249,16 +249,6 @@ impl Circuit {
         next
     }
 
-    /// Route name.
-    pub fn route(&self) -> &str {
-        &self.route
-    }
-
-    /// Backend name.
-    pub fn backend(&self) -> &str {
-        &self.backend
-    }
-
     /// The params this breaker was built with.
     pub fn params(&self) -> &BreakerParams {
         &self.params
