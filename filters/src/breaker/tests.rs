@@ -233,9 +233,14 @@ async fn closed_to_open_on_failure_rate_after_min_requests() {
         CircuitState::Closed,
         "only 9 requests in the window"
     );
+    inner.push(&[200, 500]);
+    let _ = send(&mut svc).await;
+    assert_eq!(c.state(), CircuitState::Closed, "4 of 10 failed");
+    let _ = send(&mut svc).await;
+    assert_eq!(c.state(), CircuitState::Closed, "5 of 11 failed");
     inner.push(&[500]);
     let _ = send(&mut svc).await;
-    // 5 of 10 failed: 50 % reaches the threshold.
+    // 6 of 12 failed: 50 % reaches the threshold.
     assert_eq!(c.state(), CircuitState::Open);
     assert!(
         last_reason(&c).contains("failure rate 50%"),
@@ -707,6 +712,52 @@ async fn a_cancelled_probe_hands_its_slot_back() {
     assert_eq!(c.state(), CircuitState::Closed);
 }
 
+/// A probe of a half-open phase that has ended, dropped unanswered in the next one,
+/// hands back no slot of the new phase: it still admits exactly its probe count.
+#[tokio::test(start_paused = true)]
+async fn a_probe_of_an_ended_phase_hands_back_no_slot_of_the_next() {
+    let (_reg, c) = registry_with(params(1, 10, 60, 2));
+    let (mock, mut handle) = mock::pair::<Request<ReqBody>, Response<Empty<Bytes>>>();
+    let mut svc = BreakerLayer::new(c.clone()).layer(mock);
+    c.force_open();
+    c.reset();
+    let f = svc.ready().await.unwrap().call(req());
+    handle
+        .next_request()
+        .await
+        .unwrap()
+        .1
+        .send_response(rsp(500));
+    f.await.unwrap();
+    advance(Duration::from_secs(10)).await;
+    let old = svc.ready().await.unwrap().call(req());
+    let _old_pending = handle.next_request().await.unwrap();
+    let failing = svc.ready().await.unwrap().call(req());
+    handle
+        .next_request()
+        .await
+        .unwrap()
+        .1
+        .send_response(rsp(500));
+    failing.await.unwrap();
+    assert_eq!(c.state(), CircuitState::Open);
+
+    advance(Duration::from_secs(20)).await;
+    let mut probes = Vec::new();
+    for _ in 0..2 {
+        let probe = svc.ready().await.unwrap().call(req());
+        probes.push((probe, handle.next_request().await.unwrap()));
+    }
+    drop(old);
+    assert_eq!(c.state(), CircuitState::HalfOpen);
+    let third = svc.ready().await.unwrap().call(req());
+    let third = tokio::time::timeout(Duration::from_secs(1), third).await;
+    assert!(
+        third.is_ok_and(|r| r.is_err_and(|e| is_breaker_open(&e))),
+        "a third probe was admitted"
+    );
+}
+
 #[tokio::test(start_paused = true)]
 async fn snapshot_serialises_to_the_admin_shape() {
     let (reg, c) = registry_with(params(1, 10, 60, 1));
@@ -913,6 +964,40 @@ async fn late_results_do_not_decide_a_later_half_open_phase() {
     assert_eq!(c.state(), CircuitState::HalfOpen, "one probe of two");
     let snap = c.snapshot();
     assert_eq!((snap.successes, snap.failures), (1, 4));
+}
+
+/// Probes answered at once from several threads each count: compare-and-swap races
+/// between them lose no success, and the breaker closes on the last.
+#[test]
+fn concurrent_probe_successes_all_count() {
+    const PROBES: usize = 4_000;
+    let mut p = params(1, 0, 0, PROBES as u32);
+    p.open_for = Duration::ZERO;
+    p.max_open_for = Duration::ZERO;
+    for _ in 0..5 {
+        let c = Arc::new(Circuit::new(
+            Arc::from("ingest"),
+            Arc::from("log-v1"),
+            p.clone(),
+            Arc::new(NoopObserver),
+        ));
+        c.acquire(None).unwrap().failure("5xx");
+        let mut admitted: Vec<_> = (0..PROBES).map(|_| c.acquire(None).unwrap()).collect();
+        assert!(c.acquire(None).is_none());
+        let barrier = std::sync::Barrier::new(4);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                let mine: Vec<_> = admitted.drain(..PROBES / 4).collect();
+                let barrier = &barrier;
+                s.spawn(move || {
+                    barrier.wait();
+                    mine.into_iter().for_each(super::circuit::Permit::success);
+                });
+            }
+        });
+        assert_eq!(c.state(), CircuitState::Closed);
+        assert_eq!(c.snapshot().successes, PROBES as u64);
+    }
 }
 
 #[test]
