@@ -347,7 +347,8 @@ async fn failed_probe_reopens_with_doubled_capped_open_time() {
 async fn open_time_is_jittered_within_bounds() {
     let mut p = params(1, 10, 60, 1);
     p.jitter = 0.1;
-    for _ in 0..20 {
+    let mut seen = Vec::new();
+    for _ in 0..500 {
         let (_reg, c) = registry_with(p.clone());
         let inner = Scripted::new();
         inner.push(&[500]);
@@ -358,7 +359,15 @@ async fn open_time_is_jittered_within_bounds() {
             open >= Duration::from_secs(9) && open <= Duration::from_secs(11),
             "{open:?}"
         );
+        seen.push(open);
     }
+    // Spread over the whole ±10 %: the last 100 ms at each end (5 % of the range) is
+    // reached in 500 openings (a miss at either has odds of 0.95^500, about 1e-11).
+    let near = |lo: u64, hi: u64| {
+        seen.iter()
+            .any(|d| (lo..hi).contains(&(d.as_millis() as u64)))
+    };
+    assert!(near(9_000, 9_100) && near(10_900, 11_001), "{seen:?}");
 }
 
 #[tokio::test(start_paused = true)]
@@ -784,9 +793,18 @@ async fn snapshot_serialises_to_the_admin_shape() {
     assert_eq!(t["to"], "open");
     assert_eq!(t["reason"], "opened by operator");
     assert!(t["at"].as_u64().unwrap() > 0);
+    assert_eq!(b["next_probe_at"], serde_json::Value::Null, "held open");
     c.reset();
     let json = serde_json::to_value(reg.snapshot()).unwrap();
     assert_eq!(json[0]["state"], "closed");
+
+    // Opened by a failure: the next probe is open_for after the opening, wherever in
+    // it the snapshot falls.
+    c.acquire(None).unwrap().failure("5xx");
+    advance(Duration::from_secs(4)).await;
+    let snap = c.snapshot();
+    let (opened, next) = (snap.opened_at.unwrap(), snap.next_probe_at.unwrap());
+    assert_eq!(next - opened, 10_000, "{snap:?}");
 }
 
 #[tokio::test(start_paused = true)]
