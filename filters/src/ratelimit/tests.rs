@@ -153,6 +153,22 @@ fn evicted_key_never_returns_with_more_than_a_full_bucket() {
     );
 }
 
+/// A key is dropped exactly when governor's rule says (its arrival time one emission
+/// interval in the past), not an instant later: at 10/s with a burst of 5, five requests
+/// at once leave the bucket full again 500 ms on, and the key goes 100 ms after that.
+#[test]
+fn a_key_is_dropped_at_the_first_sweep_its_rule_allows() {
+    let clock = FakeRelativeClock::default();
+    let l = limiter(params(10, 5, KeyBy::Path), &clock, 100);
+    assert_eq!(admitted(&l, 7, 5), 5);
+    clock.advance(Duration::from_millis(600) - Duration::from_nanos(1));
+    l.sweep();
+    assert_eq!(l.keys(), 1, "a nanosecond early");
+    clock.advance(Duration::from_nanos(1));
+    l.sweep();
+    assert_eq!(l.keys(), 0, "on time");
+}
+
 #[test]
 fn a_million_keys_stay_within_the_key_cap() {
     let clock = FakeRelativeClock::default();
