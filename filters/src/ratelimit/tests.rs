@@ -220,6 +220,27 @@ fn full_key_table_is_swept_inline_once_idle_keys_refill() {
     assert_eq!(l.keys(), 52);
 }
 
+/// An inline sweep that frees nothing leaves the table marked full, so a request for a
+/// key it already holds sweeps once the idle keys have refilled (no new key needed).
+#[test]
+fn a_sweep_that_frees_nothing_keeps_the_table_marked_full() {
+    let clock = FakeRelativeClock::default();
+    let l = limiter(params(10, 1, KeyBy::Path), &clock, 100);
+    for key in 0..100 {
+        l.check_key(key);
+    }
+    // Overflows and sweeps at once: every key is still drained, none goes.
+    l.check_key(1000);
+    assert_eq!(l.keys(), 100);
+    clock.advance(Duration::from_secs(2));
+    l.check_key(5);
+    assert_eq!(
+        l.keys(),
+        1,
+        "the idle keys were swept by a known key's request"
+    );
+}
+
 #[test]
 fn registry_keeps_buckets_across_equal_swaps_and_rebuilds_on_change() {
     let clock = FakeRelativeClock::default();
