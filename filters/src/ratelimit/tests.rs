@@ -220,25 +220,26 @@ fn full_key_table_is_swept_inline_once_idle_keys_refill() {
     assert_eq!(l.keys(), 52);
 }
 
-/// An inline sweep that frees nothing leaves the table marked full, so a request for a
-/// key it already holds sweeps once the idle keys have refilled (no new key needed).
+/// An inline sweep that frees nothing leaves the table marked full, so requests for
+/// keys it already holds go on sweeping (no new key needed), at most once a second.
 #[test]
-fn a_sweep_that_frees_nothing_keeps_the_table_marked_full() {
+fn a_full_table_is_swept_inline_once_a_second_until_it_is_not_full() {
     let clock = FakeRelativeClock::default();
     let l = limiter(params(10, 1, KeyBy::Path), &clock, 100);
+    clock.advance(Duration::from_millis(1));
     for key in 0..100 {
         l.check_key(key);
     }
     // Overflows and sweeps at once: every key is still drained, none goes.
     l.check_key(1000);
     assert_eq!(l.keys(), 100);
-    clock.advance(Duration::from_secs(2));
+    // The idle keys have refilled, but the last sweep was under a second ago.
+    clock.advance(Duration::from_secs(1) - Duration::from_nanos(1));
     l.check_key(5);
-    assert_eq!(
-        l.keys(),
-        1,
-        "the idle keys were swept by a known key's request"
-    );
+    assert_eq!(l.keys(), 100, "swept again within the second");
+    clock.advance(Duration::from_nanos(1));
+    l.check_key(6);
+    assert_eq!(l.keys(), 2, "not swept a second after the last sweep");
 }
 
 #[test]
