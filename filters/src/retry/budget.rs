@@ -82,11 +82,6 @@ impl RetryBudget {
         let [requests, retries] = self.window.sums(self.now_ms());
         (requests, retries)
     }
-
-    /// The settings this budget enforces.
-    pub fn params(&self) -> &BudgetParams {
-        &self.params
-    }
 }
 
 #[cfg(test)]
@@ -117,6 +112,7 @@ mod tests {
         b.deposit();
         assert!(b.try_withdraw());
         assert!(!b.try_withdraw());
+        assert_eq!(b.totals(), (2, 11), "refused retries are taken back");
         // A full window later everything has slid out.
         tokio::time::advance(Duration::from_secs(10)).await;
         assert_eq!(b.totals(), (0, 0));
