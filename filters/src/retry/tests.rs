@@ -380,6 +380,15 @@ async fn non_idempotent_methods_need_the_opt_in() {
     let mut svc = RetryLayer::new(r, "log-v1").layer(inner.clone());
     assert_eq!(send(&mut svc, post()).await.unwrap().status(), 503);
     assert_eq!(inner.calls(), 1);
+    // The same with a per-try timer, which this layer keeps for the one try: still no
+    // retry, and no retry outcome to count.
+    let mut p = policy(2, &[RetryOn::GatewayError]);
+    p.per_try_timeout = Some(sluice_config::Duration::from_secs(1));
+    let (r, obs) = route(p);
+    let inner = Scripted::with(&[Step::Status(503); 3]);
+    let mut svc = RetryLayer::new(r, "log-v1").layer(inner.clone());
+    assert_eq!(send(&mut svc, post()).await.unwrap().status(), 503);
+    assert_eq!((inner.calls(), obs.all()), (1, vec![]));
 
     for m in [Method::PATCH, Method::POST] {
         let (r, _) = route(policy(2, &[RetryOn::GatewayError]));
