@@ -359,3 +359,143 @@ pub(crate) fn known_len<B: Body>(req: &Request<B>) -> u64 {
         .unwrap_or(0);
     declared.max(hint.lower())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use http_body_util::{BodyExt, Full, StreamBody};
+
+    use super::*;
+
+    type Frames = StreamBody<
+        futures_util::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>,
+    >;
+
+    /// "ab", "cd", then a trailer: a body that does not know its length.
+    fn streamed() -> Frames {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-sum", "4".parse().unwrap());
+        StreamBody::new(futures_util::stream::iter(vec![
+            Ok(Frame::data(Bytes::from_static(b"ab"))),
+            Ok(Frame::data(Bytes::from_static(b"cd"))),
+            Ok(Frame::trailers(trailers)),
+        ]))
+    }
+
+    fn exact(h: SizeHint) -> Option<u64> {
+        h.exact()
+    }
+
+    async fn data<B: Body<Data = Bytes> + Unpin>(b: &mut B) -> Bytes
+    where
+        B::Error: std::fmt::Debug,
+    {
+        let f = b.frame().await.unwrap().unwrap();
+        f.into_data().unwrap_or_else(|_| panic!("a trailers frame"))
+    }
+
+    /// What hyper reads from a try's body before sending it (its length for a
+    /// `content-length`, whether it is over before any frame) matches what the try will
+    /// yield, on the first try and on every replay.
+    #[tokio::test]
+    async fn each_try_reports_the_length_and_end_of_what_it_has_left() {
+        let (mut first, mut source) = BodySource::first(Full::new(Bytes::from("hello")), true, 64);
+        assert_eq!(
+            (exact(first.size_hint()), first.is_end_stream()),
+            (Some(5), false)
+        );
+        assert_eq!(data(&mut first).await, "hello");
+        assert_eq!(
+            (exact(first.size_hint()), first.is_end_stream()),
+            (Some(0), true)
+        );
+        drop(first);
+        assert_eq!(source.reclaim(), Reclaim::Ready);
+        let mut again = source.next();
+        assert_eq!(
+            (exact(again.size_hint()), again.is_end_stream()),
+            (Some(5), false)
+        );
+        assert_eq!(data(&mut again).await, "hello");
+        assert!(again.is_end_stream());
+
+        // Unknown length, read partly by the first try: the next try knows at least
+        // what was kept, and is not over until the original's trailers have gone.
+        let (mut first, mut source) = BodySource::first(streamed(), true, 64);
+        assert_eq!(data(&mut first).await, "ab");
+        drop(first);
+        assert_eq!(source.reclaim(), Reclaim::Ready);
+        let mut second = source.next();
+        let hint = second.size_hint();
+        assert_eq!((hint.lower(), hint.upper()), (2, None));
+        assert_eq!(data(&mut second).await, "ab");
+        assert!(!second.is_end_stream(), "the original has more");
+        assert_eq!(data(&mut second).await, "cd");
+        let trailers = second.frame().await.unwrap().unwrap();
+        assert!(trailers.is_trailers());
+        assert!(second.is_end_stream());
+        drop(second);
+        assert_eq!(source.reclaim(), Reclaim::Ready);
+        let mut third = source.next();
+        assert_eq!(
+            (exact(third.size_hint()), third.is_end_stream()),
+            (Some(4), false)
+        );
+        assert_eq!(data(&mut third).await, "ab");
+        assert_eq!(data(&mut third).await, "cd");
+        assert!(!third.is_end_stream(), "the trailers are still to come");
+        assert!(third.frame().await.unwrap().unwrap().is_trailers());
+        assert!(third.is_end_stream());
+        assert!(third.frame().await.is_none());
+
+        // Not replayed: the original as it is; nothing at all: an empty body.
+        let (once, source) = BodySource::first(Full::new(Bytes::from("hello")), false, 64);
+        assert_eq!(
+            (exact(once.size_hint()), once.is_end_stream()),
+            (Some(5), false)
+        );
+        assert!(matches!(source, BodySource::Spent));
+        let (none, _) = BodySource::first(Full::new(Bytes::new()), true, 64);
+        assert_eq!(
+            (exact(none.size_hint()), none.is_end_stream()),
+            (Some(0), true)
+        );
+    }
+
+    /// A body that outgrew the cap while a try read it cannot be replayed, however the
+    /// retry loop takes it back.
+    #[tokio::test(start_paused = true)]
+    async fn a_body_over_the_cap_comes_back_unreplayable() {
+        for waited in [false, true] {
+            let (mut first, mut source) = BodySource::first(streamed(), true, 3);
+            data(&mut first).await;
+            data(&mut first).await;
+            drop(first);
+            let got = if waited {
+                source
+                    .reclaim_within(std::time::Duration::from_secs(1))
+                    .await
+            } else {
+                source.reclaim()
+            };
+            assert_eq!(got, Reclaim::TooLarge, "waited: {waited}");
+        }
+    }
+
+    #[test]
+    fn known_len_is_the_bodys_own_or_the_declared_length() {
+        let req = |body: Frames, declared: Option<&str>| {
+            let mut b = Request::builder();
+            if let Some(d) = declared {
+                b = b.header("content-length", d);
+            }
+            b.body(body).unwrap()
+        };
+        let full = Request::new(Full::new(Bytes::from("hello")));
+        assert_eq!(known_len(&full), 5);
+        assert_eq!(known_len(&req(streamed(), Some(" 7 "))), 7);
+        assert_eq!(known_len(&req(streamed(), Some("seven"))), 0);
+        assert_eq!(known_len(&req(streamed(), None)), 0);
+    }
+}

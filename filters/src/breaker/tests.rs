@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body::Frame;
-use http_body_util::{BodyExt, Empty, StreamBody};
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use tokio::time::{Instant, advance};
 use tower::{BoxError, Layer, Service, ServiceExt};
 use tower_test::mock;
@@ -603,6 +603,44 @@ async fn grpc_status_counts_from_headers_at_once_and_from_trailers_at_body_end()
     let snap = c.snapshot();
     assert_eq!(snap.consecutive_failures, 0);
     assert_eq!(snap.state, CircuitState::Closed);
+}
+
+/// A body watched for its gRPC status tells hyper what the upstream's tells: its
+/// length (a `content-length` downstream) and when it is over.
+#[tokio::test(start_paused = true)]
+async fn a_watched_body_reports_its_upstreams_length_and_end() {
+    let (_reg, c) = registry_with(params(2, 10, 60, 1));
+    let inner = tower::service_fn(|_: Request<ReqBody>| async {
+        let body: BoxBody = Full::new(Bytes::from_static(b"msg")).boxed_unsync();
+        let r = Response::builder().header("content-type", "application/grpc");
+        Ok::<_, BoxError>(r.body(body).unwrap())
+    });
+    let mut svc = BreakerLayer::new(c.clone()).layer(inner);
+    let mut body = svc
+        .ready()
+        .await
+        .unwrap()
+        .call(req())
+        .await
+        .unwrap()
+        .into_body();
+    assert_eq!(
+        (
+            http_body::Body::size_hint(&body).exact(),
+            http_body::Body::is_end_stream(&body)
+        ),
+        (Some(3), false)
+    );
+    let frame = body.frame().await.unwrap().unwrap();
+    assert_eq!(frame.into_data().unwrap(), "msg");
+    assert_eq!(
+        (
+            http_body::Body::size_hint(&body).exact(),
+            http_body::Body::is_end_stream(&body)
+        ),
+        (Some(0), true)
+    );
+    assert!(body.into_untracked().is_err(), "still watched for trailers");
 }
 
 #[tokio::test(start_paused = true)]

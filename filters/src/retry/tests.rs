@@ -567,6 +567,21 @@ async fn bodies_over_the_cap_go_once_and_the_skip_is_counted() {
         "{:?}",
         obs.all()
     );
+
+    // A route that never retries (only its per-try timer is here) skips no retry.
+    let mut p = post_opt_in(0);
+    p.max_replay_bytes = Some(8);
+    p.per_try_timeout = Some(sluice_config::Duration::from_secs(1));
+    let (r, obs) = route(p);
+    let inner = Scripted::with(&[Step::Status(503)]);
+    let mut svc = RetryLayer::new(r, "log-v1").layer(inner.clone());
+    let req = Request::builder()
+        .method(Method::POST)
+        .header("content-length", "9")
+        .body(Full::new(Bytes::from_static(b"123456789")))
+        .unwrap();
+    assert_eq!(send(&mut svc, req).await.unwrap().status(), 503);
+    assert_eq!((inner.calls(), obs.all()), (1, vec![]));
 }
 
 #[tokio::test(start_paused = true)]
@@ -1042,4 +1057,32 @@ async fn a_total_enforced_here_ends_requests_as_a_timeout_layer_above_did() {
     assert_eq!(res, Err(Some(FilterError::Timeout(ms(500)))));
     // Three timed-out tries plus backoffs of 25 and 50 ms.
     assert_eq!((took, tries), (ms(1575), 3));
+}
+
+/// A try that failed while the client's body was broken (it stalled past the body
+/// timeout, or broke its framing) is not retried: there is nothing whole to send again,
+/// and the upstream was not at fault. The same answer with the body whole is retried.
+#[tokio::test(start_paused = true)]
+async fn a_try_the_clients_body_broke_is_not_retried() {
+    for broken in [true, false] {
+        let (r, obs) = route(policy(2, &[RetryOn::GatewayError]));
+        let inner = Scripted::with(&[Step::Status(503)]);
+        let mut svc = RetryLayer::new(r, "log-v1").layer(inner.clone());
+        let progress = crate::extensions::BodyProgress::new();
+        if broken {
+            progress.client_failed();
+        } else {
+            progress.ended();
+        }
+        let mut req = get();
+        crate::extensions::Routing::of_mut(req.extensions_mut()).body = Some(progress);
+        let status = send(&mut svc, req).await.unwrap().status();
+        let expected = if broken { (503, 1) } else { (200, 2) };
+        assert_eq!(
+            (status.as_u16(), inner.calls()),
+            expected,
+            "broken: {broken}"
+        );
+        assert_eq!(obs.count(RetryOutcome::Retried), expected.1 - 1);
+    }
 }
