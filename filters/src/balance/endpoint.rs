@@ -80,11 +80,6 @@ impl EndpointState {
         &self.addr
     }
 
-    /// The SPIFFE ID expected of it, if any.
-    pub fn identity(&self) -> Option<&str> {
-        self.identity.as_deref()
-    }
-
     /// The current peak-EWMA round-trip estimate.
     pub fn rtt_estimate(&self) -> Duration {
         Duration::from_nanos(f64::from_bits(self.rtt.load(Ordering::Relaxed)) as u64)

@@ -525,3 +525,33 @@ async fn an_endpoint_back_from_ejection_ramps_in_again() {
     b.restore();
     assert!((share(&off, 1, 12_000, &rng) - 0.5).abs() < 0.025);
 }
+
+/// Peak EWMA: the first answer replaces the default guess, a slower one takes over at
+/// once, and a faster one pulls the estimate down only as time passes.
+#[tokio::test(start_paused = true)]
+async fn a_slower_answer_takes_over_at_once_and_a_faster_one_with_time() {
+    let reg = BalanceRegistry::new();
+    let params = BalanceParams::new("b", ["a"]);
+    let set = reg.endpoint_set(&params);
+    let ep = &set.endpoints()[0];
+    let ms = Duration::from_millis;
+    ep.observe_rtt(Instant::now(), ms(10), params.decay);
+    assert_eq!(
+        ep.rtt_estimate(),
+        ms(10),
+        "the first answer replaces the guess"
+    );
+    ep.observe_rtt(Instant::now(), ms(100), params.decay);
+    assert_eq!(ep.rtt_estimate(), ms(100), "a slower answer takes over");
+    ep.observe_rtt(Instant::now(), ms(1), params.decay);
+    assert_eq!(
+        ep.rtt_estimate(),
+        ms(100),
+        "a faster one, no time on: no change"
+    );
+    advance(params.decay).await;
+    ep.observe_rtt(Instant::now(), ms(1), params.decay);
+    // One decay period on, the old estimate weighs e⁻¹: 100 × 0.368 + 1 × 0.632.
+    let estimate = ep.rtt_estimate().as_secs_f64() * 1e3;
+    assert!((estimate - 37.42).abs() < 0.01, "{estimate} ms");
+}
