@@ -555,3 +555,45 @@ async fn a_slower_answer_takes_over_at_once_and_a_faster_one_with_time() {
     let estimate = ep.rtt_estimate().as_secs_f64() * 1e3;
     assert!((estimate - 37.42).abs() < 0.01, "{estimate} ms");
 }
+
+/// Slow start holds back a new endpoint that answers faster than the others too: it
+/// wins its comparisons only in proportion to its weight, from either side of a pair,
+/// so its share grows linearly to what its speed earns (every pair it is in: 2/3).
+#[tokio::test(start_paused = true)]
+async fn slow_start_holds_back_a_faster_new_endpoint_from_either_side() {
+    let reg = BalanceRegistry::new();
+    let slow = Duration::from_secs(10);
+    let params =
+        |addrs: &[&str]| BalanceParams::new("b", addrs.iter().copied()).with_slow_start(Some(slow));
+    reg.endpoint_set(&params(&["a", "b"]));
+    advance(Duration::from_secs(60)).await;
+    let set = reg.endpoint_set(&params(&["a", "b", "c"]));
+    for (ep, ms) in set.endpoints().iter().zip([5, 5, 1]) {
+        ep.observe_rtt(Instant::now(), Duration::from_millis(ms), params(&[]).decay);
+    }
+    let rng = RandomSource::seeded(11);
+    for w in [0.25, 0.5, 1.0] {
+        advance(slow.mul_f64(w) - set.endpoints()[2].ramp_age(Instant::now())).await;
+        let s = share(&set, 2, 12_000, &rng);
+        assert!((s - 2.0 * w / 3.0).abs() < 0.025, "at {w}: share {s}");
+    }
+}
+
+/// With both samples out, any claimable endpoint is found, wherever it sits; an empty
+/// set has nothing to pick.
+#[tokio::test(start_paused = true)]
+async fn the_one_healthy_endpoint_is_found_when_both_samples_are_out() {
+    let reg = BalanceRegistry::new();
+    let params = BalanceParams::new("b", ["a", "b", "c", "d"]);
+    let set = reg.endpoint_set(&params);
+    for ep in &set.endpoints()[..3] {
+        ep.eject(Instant::now(), false, params.eject_base, params.eject_max);
+    }
+    let rng = RandomSource::seeded(3);
+    for _ in 0..200 {
+        let p = set.pick(&rng).expect("d is healthy");
+        assert!(Arc::ptr_eq(&p.endpoint, &set.endpoints()[3]));
+    }
+    let empty = reg.endpoint_set(&BalanceParams::new("none", Vec::<&str>::new()));
+    assert!(empty.pick(&rng).is_none());
+}
