@@ -597,3 +597,25 @@ async fn the_one_healthy_endpoint_is_found_when_both_samples_are_out() {
     let empty = reg.endpoint_set(&BalanceParams::new("none", Vec::<&str>::new()));
     assert!(empty.pick(&rng).is_none());
 }
+
+/// A probe cancelled before its answer (the client left) settles nothing: the endpoint
+/// is due for a probe again, and the next request takes it.
+#[tokio::test(start_paused = true)]
+async fn a_cancelled_probe_lets_the_next_request_probe() {
+    let (set, mut svc, mut handle) = balancer(&["a:1", "b:1"]);
+    let a = set.endpoints()[0].clone();
+    while send(&mut svc, &mut handle, &["a:1"]).await.0.as_deref() != Some("a:1") {}
+    advance(Duration::from_secs(1)).await;
+    let probe = svc.ready().await.unwrap().call(Request::new(()));
+    let (req, _reply) = handle.next_request().await.unwrap();
+    let to = |req: &Request<()>| {
+        let ep = crate::extensions::Routing::endpoint(req.extensions());
+        ep.unwrap().0.to_string()
+    };
+    assert_eq!((to(&req), a.health()), ("a:1".to_string(), Health::Probing));
+    drop(probe);
+    assert_eq!(a.health(), Health::ProbeDue);
+    let (addr, r) = send(&mut svc, &mut handle, &[]).await;
+    assert_eq!((addr.as_deref(), r.is_ok()), (Some("a:1"), true));
+    assert_eq!(a.health(), Health::Healthy);
+}
