@@ -86,6 +86,39 @@ impl Service<Request<ReqBody>> for Scripted {
     }
 }
 
+type Upstream = mock::Mock<Request<ReqBody>, Response<Empty<Bytes>>>;
+type UpstreamHandle = mock::Handle<Request<ReqBody>, Response<Empty<Bytes>>>;
+type Reply = mock::SendResponse<Response<Empty<Bytes>>>;
+type Sent = <Breaker<Upstream> as Service<Request<ReqBody>>>::Future;
+
+/// A breaker over `c` in front of an upstream the test answers by hand.
+fn over_mock(c: &Arc<Circuit>) -> (Breaker<Upstream>, UpstreamHandle) {
+    let (mock, handle) = mock::pair();
+    (BreakerLayer::new(c.clone()).layer(mock), handle)
+}
+
+/// Sends `req`: its response future and the upstream's side of it, still unanswered.
+async fn sent_with(
+    svc: &mut Breaker<Upstream>,
+    handle: &mut UpstreamHandle,
+    req: Request<ReqBody>,
+) -> (Sent, Reply) {
+    let f = svc.ready().await.unwrap().call(req);
+    (f, handle.next_request().await.unwrap().1)
+}
+
+/// Sends one plain request, unanswered.
+async fn sent(svc: &mut Breaker<Upstream>, handle: &mut UpstreamHandle) -> (Sent, Reply) {
+    sent_with(svc, handle, req()).await
+}
+
+/// Sends one request the upstream answers with `status`, and waits for its response.
+async fn answered(svc: &mut Breaker<Upstream>, handle: &mut UpstreamHandle, status: u16) {
+    let (f, tx) = sent(svc, handle).await;
+    tx.send_response(rsp(status));
+    f.await.unwrap();
+}
+
 fn registry_with(p: BreakerParams) -> (BreakerRegistry, Arc<Circuit>) {
     let reg = BreakerRegistry::default();
     reg.update([("ingest", "log-v1", p)]);
@@ -700,8 +733,7 @@ async fn a_call_dropped_after_its_deadline_counts_as_timeout() {
 #[tokio::test(start_paused = true)]
 async fn a_try_the_clients_body_broke_is_not_counted() {
     let (_reg, c) = registry_with(params(1, 10, 60, 1));
-    let (mock, mut handle) = mock::pair::<Request<ReqBody>, Response<Empty<Bytes>>>();
-    let mut svc = BreakerLayer::new(c.clone()).layer(mock);
+    let (mut svc, mut handle) = over_mock(&c);
     let with_body = |body: &crate::extensions::BodyProgress| {
         let mut r = req();
         let routing = crate::extensions::Routing::of_mut(r.extensions_mut());
@@ -709,22 +741,21 @@ async fn a_try_the_clients_body_broke_is_not_counted() {
         routing.body = Some(body.clone());
         r
     };
+    let reset = || std::io::Error::from(std::io::ErrorKind::ConnectionReset);
 
     let broken = crate::extensions::BodyProgress::new();
-    let f = svc.ready().await.unwrap().call(with_body(&broken));
-    let (_, tx) = handle.next_request().await.unwrap();
+    let (f, tx) = sent_with(&mut svc, &mut handle, with_body(&broken)).await;
     broken.client_failed();
     advance(Duration::from_secs(2)).await;
-    tx.send_error(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+    tx.send_error(reset());
     f.await.unwrap_err();
     let snap = c.snapshot();
     assert_eq!((c.state(), snap.failures), (CircuitState::Closed, 0));
 
     let whole = crate::extensions::BodyProgress::new();
-    let f = svc.ready().await.unwrap().call(with_body(&whole));
-    let (_, tx) = handle.next_request().await.unwrap();
+    let (f, tx) = sent_with(&mut svc, &mut handle, with_body(&whole)).await;
     whole.ended();
-    tx.send_error(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+    tx.send_error(reset());
     f.await.unwrap_err();
     assert_eq!(c.state(), CircuitState::Open);
 }
@@ -732,30 +763,12 @@ async fn a_try_the_clients_body_broke_is_not_counted() {
 #[tokio::test(start_paused = true)]
 async fn a_cancelled_probe_hands_its_slot_back() {
     let (_reg, c) = registry_with(params(1, 10, 60, 1));
-    let (mock, mut handle) = mock::pair::<Request<ReqBody>, Response<Empty<Bytes>>>();
-    let mut svc = BreakerLayer::new(c.clone()).layer(mock);
-    c.force_open();
-    c.reset();
-    let f = svc.ready().await.unwrap().call(req());
-    handle
-        .next_request()
-        .await
-        .unwrap()
-        .1
-        .send_response(rsp(500));
-    f.await.unwrap();
+    let (mut svc, mut handle) = over_mock(&c);
+    answered(&mut svc, &mut handle, 500).await;
     advance(Duration::from_secs(10)).await;
-    let probe = svc.ready().await.unwrap().call(req());
-    let _pending = handle.next_request().await.unwrap();
+    let (probe, _pending) = sent(&mut svc, &mut handle).await;
     drop(probe);
-    let probe = svc.ready().await.unwrap().call(req());
-    handle
-        .next_request()
-        .await
-        .unwrap()
-        .1
-        .send_response(rsp(200));
-    probe.await.unwrap();
+    answered(&mut svc, &mut handle, 200).await;
     assert_eq!(c.state(), CircuitState::Closed);
 }
 
@@ -764,37 +777,18 @@ async fn a_cancelled_probe_hands_its_slot_back() {
 #[tokio::test(start_paused = true)]
 async fn a_probe_of_an_ended_phase_hands_back_no_slot_of_the_next() {
     let (_reg, c) = registry_with(params(1, 10, 60, 2));
-    let (mock, mut handle) = mock::pair::<Request<ReqBody>, Response<Empty<Bytes>>>();
-    let mut svc = BreakerLayer::new(c.clone()).layer(mock);
-    c.force_open();
-    c.reset();
-    let f = svc.ready().await.unwrap().call(req());
-    handle
-        .next_request()
-        .await
-        .unwrap()
-        .1
-        .send_response(rsp(500));
-    f.await.unwrap();
+    let (mut svc, mut handle) = over_mock(&c);
+    answered(&mut svc, &mut handle, 500).await;
     advance(Duration::from_secs(10)).await;
-    let old = svc.ready().await.unwrap().call(req());
-    let _old_pending = handle.next_request().await.unwrap();
-    let failing = svc.ready().await.unwrap().call(req());
-    handle
-        .next_request()
-        .await
-        .unwrap()
-        .1
-        .send_response(rsp(500));
-    failing.await.unwrap();
+    let (old, _old_pending) = sent(&mut svc, &mut handle).await;
+    answered(&mut svc, &mut handle, 500).await;
     assert_eq!(c.state(), CircuitState::Open);
 
     advance(Duration::from_secs(20)).await;
-    let mut probes = Vec::new();
-    for _ in 0..2 {
-        let probe = svc.ready().await.unwrap().call(req());
-        probes.push((probe, handle.next_request().await.unwrap()));
-    }
+    let _probes = [
+        sent(&mut svc, &mut handle).await,
+        sent(&mut svc, &mut handle).await,
+    ];
     drop(old);
     assert_eq!(c.state(), CircuitState::HalfOpen);
     let third = svc.ready().await.unwrap().call(req());
@@ -949,12 +943,9 @@ async fn route_level_stack_picks_the_breaker_of_the_selected_backend() {
 #[tokio::test(start_paused = true)]
 async fn results_from_before_a_transition_change_nothing() {
     let (_reg, c) = registry_with(params(1, 10, 60, 1));
-    let (mock, mut handle) = mock::pair::<Request<ReqBody>, Response<Empty<Bytes>>>();
-    let mut svc = BreakerLayer::new(c.clone()).layer(mock);
-    let a = svc.ready().await.unwrap().call(req());
-    let (_, tx_a) = handle.next_request().await.unwrap();
-    let b = svc.ready().await.unwrap().call(req());
-    let (_, tx_b) = handle.next_request().await.unwrap();
+    let (mut svc, mut handle) = over_mock(&c);
+    let (a, tx_a) = sent(&mut svc, &mut handle).await;
+    let (b, tx_b) = sent(&mut svc, &mut handle).await;
     tx_a.send_response(rsp(500));
     a.await.unwrap();
     assert_eq!(c.state(), CircuitState::Open);
@@ -973,25 +964,14 @@ async fn results_from_before_a_transition_change_nothing() {
 #[tokio::test(start_paused = true)]
 async fn late_results_do_not_decide_a_later_half_open_phase() {
     let (_reg, c) = registry_with(params(1, 10, 60, 2));
-    let (mock, mut handle) = mock::pair::<Request<ReqBody>, Response<Empty<Bytes>>>();
-    let mut svc = BreakerLayer::new(c.clone()).layer(mock);
-    let slow = svc.ready().await.unwrap().call(req());
-    let (_, tx_slow) = handle.next_request().await.unwrap();
-    let opener = svc.ready().await.unwrap().call(req());
-    handle
-        .next_request()
-        .await
-        .unwrap()
-        .1
-        .send_response(rsp(500));
-    opener.await.unwrap();
+    let (mut svc, mut handle) = over_mock(&c);
+    let (slow, tx_slow) = sent(&mut svc, &mut handle).await;
+    answered(&mut svc, &mut handle, 500).await;
     assert_eq!(c.state(), CircuitState::Open);
 
     advance(Duration::from_secs(10)).await;
-    let p1 = svc.ready().await.unwrap().call(req());
-    let (_, tx1) = handle.next_request().await.unwrap();
-    let p2 = svc.ready().await.unwrap().call(req());
-    let (_, tx2) = handle.next_request().await.unwrap();
+    let (p1, tx1) = sent(&mut svc, &mut handle).await;
+    let (p2, tx2) = sent(&mut svc, &mut handle).await;
     assert_eq!(c.state(), CircuitState::HalfOpen);
     tx_slow.send_response(rsp(500));
     slow.await.unwrap();
@@ -1005,8 +985,7 @@ async fn late_results_do_not_decide_a_later_half_open_phase() {
     p1.await.unwrap();
     assert_eq!(c.state(), CircuitState::Open);
     advance(Duration::from_secs(20)).await;
-    let q = svc.ready().await.unwrap().call(req());
-    let (_, tx_q) = handle.next_request().await.unwrap();
+    let (q, tx_q) = sent(&mut svc, &mut handle).await;
     assert_eq!(c.state(), CircuitState::HalfOpen);
     tx2.send_response(rsp(500));
     p2.await.unwrap();
