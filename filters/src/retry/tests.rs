@@ -498,16 +498,20 @@ async fn a_body_read_partly_by_one_try_is_replayed_whole() {
 async fn bodies_over_the_cap_go_once_and_the_skip_is_counted() {
     let mut p = post_opt_in(2);
     p.max_replay_bytes = Some(8);
+    // A POST of `body` whose head declares its length.
+    let declared = |body: &'static [u8]| {
+        Request::builder()
+            .method(Method::POST)
+            .header("content-length", body.len())
+            .body(Full::new(Bytes::from_static(body)))
+            .unwrap()
+    };
 
     // Known length over the cap: no copying, counted at once.
     let (r, obs) = route(p.clone());
     let inner = Scripted::with(&[Step::Status(503); 3]);
     let mut svc = RetryLayer::new(r, "log-v1").layer(inner.clone());
-    let req = Request::builder()
-        .method(Method::POST)
-        .header("content-length", "9")
-        .body(Full::new(Bytes::from_static(b"123456789")))
-        .unwrap();
+    let req = declared(b"123456789");
     assert_eq!(send(&mut svc, req).await.unwrap().status(), 503);
     assert_eq!(inner.calls(), 1);
     assert_eq!(obs.all(), [RetryOutcome::SkippedBodyTooLarge]);
@@ -555,11 +559,7 @@ async fn bodies_over_the_cap_go_once_and_the_skip_is_counted() {
     let (r, obs) = route(p);
     let inner = Scripted::with(&[Step::Status(503)]);
     let mut svc = RetryLayer::new(r, "log-v1").layer(inner.clone());
-    let req = Request::builder()
-        .method(Method::POST)
-        .header("content-length", "8")
-        .body(Full::new(Bytes::from_static(b"12345678")))
-        .unwrap();
+    let req = declared(b"12345678");
     assert_eq!(send(&mut svc, req).await.unwrap().status(), 200);
     assert_eq!(inner.calls(), 2);
     assert!(
@@ -575,11 +575,7 @@ async fn bodies_over_the_cap_go_once_and_the_skip_is_counted() {
     let (r, obs) = route(p);
     let inner = Scripted::with(&[Step::Status(503)]);
     let mut svc = RetryLayer::new(r, "log-v1").layer(inner.clone());
-    let req = Request::builder()
-        .method(Method::POST)
-        .header("content-length", "9")
-        .body(Full::new(Bytes::from_static(b"123456789")))
-        .unwrap();
+    let req = declared(b"123456789");
     assert_eq!(send(&mut svc, req).await.unwrap().status(), 503);
     assert_eq!((inner.calls(), obs.all()), (1, vec![]));
 }
