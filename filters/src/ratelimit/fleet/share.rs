@@ -219,3 +219,219 @@ impl Share {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INTERVAL: Duration = Duration::from_millis(100);
+
+    /// A limit of `floor` tokens kept at least, `capacity` at most, dropped after three
+    /// idle reconciliations, refilled at 100 a second.
+    fn sizing(floor: u64, capacity: u64) -> Sizing {
+        Sizing {
+            floor,
+            capacity,
+            idle_syncs: 3,
+            per_second: 100,
+            interval: INTERVAL,
+        }
+    }
+
+    fn share(credit: u64) -> Share {
+        Share::on_credit(Arc::from("k"), credit)
+    }
+
+    /// Spends `n` tokens (or fails to), as `n` requests would.
+    fn ask(s: &Share, n: usize) -> Vec<Take> {
+        (0..n).map(|_| s.take()).collect()
+    }
+
+    fn granted(granted: u64, balance: i64) -> LeaseGrant {
+        LeaseGrant { granted, balance }
+    }
+
+    #[test]
+    fn take_counts_down_the_credit_then_refuses_and_a_closed_share_says_so() {
+        let s = share(3);
+        assert_eq!(
+            ask(&s, 4),
+            [
+                Take::Allowed(2),
+                Take::Allowed(1),
+                Take::Allowed(0),
+                Take::Empty
+            ]
+        );
+        assert_eq!(s.held(), 0);
+        assert_eq!(s.close(), 0);
+        assert_eq!(s.take(), Take::Closed);
+        assert_eq!(s.held(), 0);
+    }
+
+    #[test]
+    fn close_hands_back_what_is_held_and_a_closed_share_plans_nothing() {
+        let s = share(5);
+        ask(&s, 2);
+        assert_eq!(s.close(), 3);
+        assert_eq!(s.plan(&sizing(1, 100)), Plan::default());
+        assert_eq!(s.give_back_all(), 0);
+    }
+
+    #[test]
+    fn the_plan_asks_for_twice_the_demand_admitted_and_refused() {
+        let s = share(3);
+        ask(&s, 4); // three admitted, one refused
+        let p = s.plan(&sizing(1, 100));
+        assert_eq!(
+            p,
+            Plan {
+                debt: 3,
+                delta: 8,
+                retire: false
+            }
+        );
+        // The demand was counted once and the debt paid: with none since, the target
+        // falls to the floor and all but it go back.
+        s.settle(&p, Some(&granted(8, 89)), &sizing(1, 100));
+        assert_eq!(s.held(), 8);
+        assert_eq!(
+            s.plan(&sizing(1, 100)),
+            Plan {
+                debt: 0,
+                delta: -7,
+                retire: false
+            }
+        );
+        assert_eq!(s.held(), 1);
+    }
+
+    #[test]
+    fn the_plan_tops_up_only_the_difference_within_floor_and_capacity() {
+        // Two tokens left of five, demand 3: the target 6 less the 2 in hand.
+        let s = share(5);
+        ask(&s, 3);
+        assert_eq!(s.plan(&sizing(1, 100)).delta, 4);
+        // The floor raises the target.
+        let s = share(5);
+        ask(&s, 3);
+        assert_eq!(s.plan(&sizing(20, 100)).delta, 18);
+        // The capacity caps it.
+        let s = share(5);
+        ask(&s, 3);
+        assert_eq!(s.plan(&sizing(1, 4)).delta, 2);
+    }
+
+    #[test]
+    fn a_share_without_demand_is_not_topped_up_and_retires_after_idle_syncs() {
+        let s = share(0);
+        let z = sizing(10, 100);
+        // Nothing held, floor 10, but nobody asked: no tokens are taken from the fleet.
+        let first = s.plan(&z);
+        assert_eq!((first.delta, first.retire), (0, false));
+        assert!(s.plan(&z).is_empty());
+        assert_eq!(
+            s.plan(&z),
+            Plan {
+                debt: 0,
+                delta: 0,
+                retire: true
+            }
+        );
+        // A request in between starts the idle count again.
+        let s = share(1);
+        let first = s.plan(&z);
+        assert_eq!(first.debt, 1);
+        s.plan(&z);
+        s.take();
+        assert!(!s.plan(&z).retire);
+        assert!(!s.plan(&z).retire);
+        assert!(!s.plan(&z).retire);
+        assert!(s.plan(&z).retire);
+    }
+
+    #[test]
+    fn tokens_beyond_twice_the_target_go_back_down_to_the_target() {
+        let z = sizing(1, 100);
+        // Demand 1 sets the target at 2: holding 4 (twice it) is kept.
+        let s = share(5);
+        s.take();
+        assert_eq!(s.plan(&z).delta, 0);
+        assert_eq!(s.held(), 4);
+        // Holding 5 is more than twice it: 3 go back, 2 stay.
+        let s = share(6);
+        s.take();
+        let p = s.plan(&z);
+        assert_eq!(p.delta, -3);
+        assert_eq!(s.held(), 2);
+        // The bucket took them: they stay gone.
+        s.settle(&p, Some(&granted(0, 50)), &z);
+        assert_eq!(s.held(), 2);
+    }
+
+    #[test]
+    fn without_an_answer_tokens_meant_to_go_back_return_and_the_debt_stays() {
+        let z = sizing(1, 100);
+        let s = share(10);
+        s.take();
+        let p = s.plan(&z);
+        assert_eq!(
+            p,
+            Plan {
+                debt: 10,
+                delta: -7,
+                retire: false
+            }
+        );
+        assert_eq!(s.held(), 2);
+        s.settle(&p, None, &z);
+        assert_eq!(s.held(), 9);
+        // The credit was never paid: the next plan sends it again.
+        assert_eq!(s.plan(&z).debt, 10);
+    }
+
+    #[test]
+    fn without_an_answer_tokens_asked_for_are_not_added() {
+        let z = sizing(1, 100);
+        let s = share(1);
+        ask(&s, 2);
+        let p = s.plan(&z);
+        assert_eq!(p.delta, 4);
+        s.settle(&p, None, &z);
+        assert_eq!(s.held(), 0);
+        assert_eq!(s.take(), Take::Empty);
+        // Nor taken away: the next grant is the whole hand.
+        s.settle(&p, Some(&granted(4, 10)), &z);
+        assert_eq!(s.held(), 4);
+    }
+
+    #[test]
+    fn retry_after_is_the_interval_until_the_bucket_is_in_debt() {
+        let z = sizing(1, 100);
+        let s = share(1);
+        assert_eq!(s.retry_after(INTERVAL), INTERVAL);
+        ask(&s, 2);
+        let p = s.plan(&z);
+        // 50 tokens of debt at 100 a second: half a second before asking is worth it.
+        s.settle(&p, Some(&granted(0, -50)), &z);
+        assert_eq!(s.retry_after(INTERVAL), Duration::from_millis(500));
+        // Debt shorter than the interval still waits the interval.
+        s.settle(&p, Some(&granted(0, -5)), &z);
+        assert_eq!(s.retry_after(INTERVAL), INTERVAL);
+        // An answer with tokens left ends the wait.
+        s.settle(&p, Some(&granted(0, -50)), &z);
+        s.settle(&p, Some(&granted(2, 0)), &z);
+        assert_eq!(s.retry_after(INTERVAL), INTERVAL);
+        assert_eq!(s.held(), 2);
+    }
+
+    #[test]
+    fn give_back_all_empties_the_hand_and_reports_how_much() {
+        let s = share(7);
+        s.take();
+        assert_eq!(s.give_back_all(), 6);
+        assert_eq!(s.held(), 0);
+        assert_eq!(s.give_back_all(), 0);
+        assert_eq!(s.take(), Take::Empty);
+    }
+}
