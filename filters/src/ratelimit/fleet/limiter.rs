@@ -141,11 +141,6 @@ impl FleetLimiter {
         &self.params
     }
 
-    /// The route key (`<policy>.<route>`) this limit was built for.
-    pub fn id(&self) -> &str {
-        &self.id
-    }
-
     /// The policy's and the route's names, by which the control plane counts proxies.
     pub fn names(&self) -> (&str, &str) {
         (&self.policy, &self.route)
@@ -423,15 +418,5 @@ impl<K: Hash + Eq + Clone> FleetRegistry<K> {
     /// True while the limits run on their local fallback.
     pub fn is_degraded(&self) -> bool {
         self.backend.is_degraded()
-    }
-
-    /// Number of limits held.
-    pub fn len(&self) -> usize {
-        self.limiters.len()
-    }
-
-    /// True when no limit is held.
-    pub fn is_empty(&self) -> bool {
-        self.limiters.is_empty()
     }
 }

@@ -390,12 +390,15 @@ async fn an_idle_share_goes_back_to_the_bucket_and_its_key_is_dropped() {
     let mut store = MemoryBuckets::default();
     assert_eq!(allowed(&lim, "acme", 1), 1);
     assert_eq!(lim.keys(), 1);
-    for _ in 0..30 {
+    let mut syncs = 0;
+    while lim.keys() > 0 && syncs < 100 {
         reg.sync_once(&mut store, &opts(), &no_sizes, &NoopFleetObserver)
             .await;
+        syncs += 1;
         tokio::time::advance(INTERVAL).await;
     }
-    assert_eq!(lim.keys(), 0);
+    // One round with demand, then 2 s of idle rounds at 100 ms.
+    assert_eq!(syncs, 21);
     assert_eq!(lim.held(), 0);
     // The 29 unspent tokens went back: the bucket is full again.
     let key = lim.redis_key_of(&req("acme"));
@@ -412,8 +415,92 @@ async fn the_fleet_size_from_the_control_plane_wins_over_the_flag() {
     reg.sync_once(&mut Down, &opts(), &sizes, &NoopFleetObserver)
         .await;
     assert_eq!(lim.fleet_size(), 4);
-    // perSecond / 4 = 25 while degraded.
+    // perSecond / 4 = 25 while degraded, as burst and as refill.
     assert_eq!(allowed(&lim, "acme", 100), 25);
+    tokio::time::advance(Duration::from_millis(200)).await;
+    assert_eq!(allowed(&lim, "acme", 100), 5);
+}
+
+/// Past `max_keys` new keys get no credit of their own: they spend one overflow share,
+/// leased like any other, which stays in place and gives its tokens back when idle.
+#[tokio::test(start_paused = true)]
+async fn keys_past_the_cap_share_one_overflow_share_that_gives_back_when_idle() {
+    // One token a second: what comes back to the bucket is what was given back.
+    let p = params(1, 30);
+    let reg = FleetRegistry::new(FleetSettings {
+        interval: INTERVAL,
+        default_size: 1,
+        connected: true,
+    })
+    .max_keys(1);
+    let lim = reg.get_or_rebuild("r", "shop.quota", "shop", "quota", &p);
+    let mut store = MemoryBuckets::default();
+    assert_eq!(allowed(&lim, "acme", 1), 1);
+    assert_eq!(allowed(&lim, "globex", 1), 0);
+    assert_eq!(allowed(&lim, "initech", 1), 0);
+    assert_eq!(lim.keys(), 1);
+    assert!(
+        reg.sync_once(&mut store, &opts(), &no_sizes, &NoopFleetObserver)
+            .await
+    );
+    // acme keeps 29 of its credit; the overflow share was granted the floor, 30, from
+    // a bucket of its own.
+    assert_eq!(lim.held(), 59);
+    assert_eq!(
+        allowed(&lim, "globex", 10) + allowed(&lim, "initech", 10),
+        20
+    );
+    assert_eq!(lim.keys(), 1);
+    let acme = lim.redis_key_of(&req("acme"));
+    for _ in 0..30 {
+        tokio::time::advance(INTERVAL).await;
+        reg.sync_once(&mut store, &opts(), &no_sizes, &NoopFleetObserver)
+            .await;
+    }
+    assert_eq!((lim.keys(), lim.held()), (0, 0));
+    // The overflow bucket got its 10 unspent tokens back (plus about 3 s of refill).
+    let buckets = store.buckets.lock().unwrap();
+    let (overflow, _) = buckets
+        .iter()
+        .find(|(k, _)| ***k != *acme)
+        .map(|(_, v)| *v)
+        .unwrap();
+    assert!((10_000..=14_000).contains(&overflow), "{overflow}");
+    // acme dropped, a new key is under the cap again and gets a share and credit.
+    drop(buckets);
+    assert_eq!(allowed(&lim, "globex", 1), 1);
+    assert_eq!(lim.keys(), 1);
+}
+
+#[test]
+fn a_limit_is_kept_across_swaps_only_while_its_params_and_route_are_unchanged() {
+    let reg = FleetRegistry::new(FleetSettings::default());
+    assert!(
+        reg.is_degraded(),
+        "without a store the limits start on the fallback"
+    );
+    let a = reg.get_or_rebuild("r", "shop.quota", "shop", "quota", &params(10, 10));
+    let same = reg.get_or_rebuild("r", "shop.quota", "shop", "quota", &params(10, 10));
+    assert!(Arc::ptr_eq(&a, &same));
+    let other_params = reg.get_or_rebuild("r", "shop.quota", "shop", "quota", &params(10, 20));
+    assert!(!Arc::ptr_eq(&a, &other_params));
+    let renamed = reg.get_or_rebuild("r", "shop.other", "shop", "other", &params(10, 20));
+    assert!(!Arc::ptr_eq(&other_params, &renamed));
+    assert_eq!(renamed.names(), ("shop", "other"));
+    reg.retain(|k| *k != "r");
+    let fresh = reg.get_or_rebuild("r", "shop.other", "shop", "other", &params(10, 20));
+    assert!(
+        !Arc::ptr_eq(&renamed, &fresh),
+        "a retained-out limit is gone"
+    );
+
+    let connected = FleetRegistry::<&str>::new(FleetSettings {
+        connected: true,
+        ..FleetSettings::default()
+    });
+    assert!(!connected.is_degraded());
+    assert_eq!(BackendError::Timeout.as_str(), "timeout");
+    assert_eq!(BackendError::Error.as_str(), "error");
 }
 
 #[test]
