@@ -839,6 +839,7 @@ impl RolloutState {
         };
         let verdict = |breach: bool| if breach { "breach" } else { "pass" }.to_string();
         const NO_CANARY: &str = "no canary requests";
+        const NO_TIMED: &str = "no timed canary requests";
         if let Some(slo) = &spec.rollout.slo {
             if let Some(max) = slo.error_rate.filter(|_| c.requests == 0) {
                 checks.push(not_judged("errorRate", max, 0, NO_CANARY.into()));
@@ -859,12 +860,7 @@ impl RolloutState {
                 let t = p99.get().as_secs_f64();
                 let timed = c.timed();
                 if timed == 0 || bounds.is_empty() {
-                    checks.push(not_judged(
-                        "p99",
-                        t,
-                        timed,
-                        "no timed canary requests".into(),
-                    ));
+                    checks.push(not_judged("p99", t, timed, NO_TIMED.into()));
                 } else {
                     let slow = c.slower_than(t, bounds);
                     let (lower, _) = wilson(slow, timed, Z99);
@@ -914,7 +910,13 @@ impl RolloutState {
                     .flatten()
                     .filter(|p| p.is_finite());
                 match base_p99 {
-                    Some(bp) if c.timed() > 0 => {
+                    _ if c.timed() == 0 => checks.push(not_judged(
+                        "p99Ratio",
+                        ratio,
+                        0,
+                        NO_TIMED.into(),
+                    )),
+                    Some(bp) => {
                         let t = bp * ratio;
                         let slow = c.slower_than(t, bounds);
                         let (lower, _) = wilson(slow, c.timed(), Z99);

@@ -583,6 +583,41 @@ fn a_breach_must_be_significant() {
     assert!(t.reason.contains("errorRate"), "{}", t.reason);
 }
 
+/// `errorRate: 0` (the validator accepts it) asks for no failures at all: a clean
+/// window passes, and one failure in it is a breach however many requests passed.
+#[test]
+fn an_slo_of_zero_errors_passes_a_clean_window_and_breaches_on_one_failure() {
+    let mut sp = spec(&[10, 100], 100);
+    sp.rollout.slo = Some(RolloutSlo {
+        error_rate: Some(0.0),
+        p99: None,
+    });
+    let mut c = Clock::new();
+    let mut s = acked(&sp, &c);
+    s.on_report(
+        &sp,
+        c.now(),
+        &window(100, 0, 0.005),
+        &Window::default(),
+        &BOUNDS,
+    );
+    assert_eq!(
+        s.on_tick(&sp, c.advance(10 * S)).unwrap().result,
+        "advanced"
+    );
+    let mut s = acked(&sp, &c);
+    s.on_report(
+        &sp,
+        c.now(),
+        &window(1000, 1, 0.005),
+        &Window::default(),
+        &BOUNDS,
+    );
+    let t = s.on_tick(&sp, c.advance(10 * S)).unwrap();
+    assert_eq!(t.result, "rolled-back");
+    assert!(t.reason.contains("errorRate"), "{}", t.reason);
+}
+
 #[test]
 fn a_slow_canary_breaches_p99() {
     let sp = spec(&[10, 100], 100);
@@ -985,7 +1020,9 @@ fn the_baseline_checks_show_their_figures() {
     let checks = open(&untimed, &window(2000, 10, 0.005));
     assert_eq!(checks[0].value, None);
     assert_eq!(checks[1].verdict, "not-judged");
-    assert_eq!(checks[1].value, None);
+    assert_eq!((checks[1].value, checks[1].bound), (None, None));
+    // The others have enough timed requests: what is missing is the canary's.
+    assert_eq!(checks[1].note.as_deref(), Some("no timed canary requests"));
 
     // Short of minRequests: judged checks say so; a check not judged keeps its why.
     let checks = open(&window(30, 0, 0.005), &window(50, 0, 0.005));
