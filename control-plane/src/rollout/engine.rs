@@ -672,9 +672,7 @@ impl RolloutState {
         if self.phase.is_terminal() {
             return None;
         }
-        if !bounds.is_empty() {
-            self.bounds = bounds.to_vec();
-        }
+        self.use_bounds(bounds);
         self.step_total.0.add(canary);
         self.step_total.1.add(others);
         if self.acked_at.is_some() {
@@ -706,6 +704,22 @@ impl RolloutState {
             return Some(self.end(Phase::RolledBack, now, spec, reason));
         }
         self.on_tick(spec, now)
+    }
+
+    /// Reads durations by `bounds` from now on. Counts kept under other bounds (the
+    /// fleet moved to a build with other buckets) cannot be read by these, so the
+    /// window's and the step's durations start afresh; their counts stay.
+    fn use_bounds(&mut self, bounds: &[f64]) {
+        if bounds.is_empty() || bounds == self.bounds.as_slice() {
+            return;
+        }
+        if !self.bounds.is_empty() {
+            let (w, t) = (&mut self.window, &mut self.step_total);
+            for kept in [&mut w.0, &mut w.1, &mut t.0, &mut t.1] {
+                kept.durations.clear();
+            }
+        }
+        self.bounds = bounds.to_vec();
     }
 
     /// Time passed: judges a window whose interval is over, applies the deadline.

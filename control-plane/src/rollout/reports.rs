@@ -169,8 +169,11 @@ pub type Taken = HashMap<RouteName, BTreeMap<String, Window>>;
 struct Book {
     /// Added since the driver last took them.
     pending: Taken,
-    /// The duration bucket bounds of the pending windows (the first report's).
+    /// The duration bucket bounds of the pending windows: the first report's, kept
+    /// while reports with them keep coming.
     bounds: Vec<f64>,
+    /// When a report with `bounds` last came.
+    bounds_seen: Option<Instant>,
     /// When each proxy stream last reported requests on each route.
     seen: HashMap<RouteName, HashMap<Reporter, Instant>>,
     /// Streams among `seen` known to have closed.
@@ -223,11 +226,25 @@ impl ReportBook {
                 .inc_by(report.dropped);
         }
         let mut book = self.book.lock().unwrap_or_else(|e| e.into_inner());
-        let timed = if book.bounds.is_empty() || book.bounds == report.bucket_bounds {
-            book.bounds.clone_from(&report.bucket_bounds);
+        // Bounds no report used for TRAFFIC_RECENT are no proxy's now (the fleet moved
+        // to a build with other buckets): this report's are used from here, or every
+        // duration would be dropped until the control plane restarts.
+        let stale = book
+            .bounds_seen
+            .is_none_or(|at| now.saturating_duration_since(at) > TRAFFIC_RECENT);
+        let timed = if book.bounds == report.bucket_bounds || stale {
+            if book.bounds != report.bucket_bounds {
+                // What is pending was timed by the old bounds, which these cannot read.
+                for w in book.pending.values_mut().flat_map(|b| b.values_mut()) {
+                    w.durations.clear();
+                }
+                book.bounds.clone_from(&report.bucket_bounds);
+            }
+            book.bounds_seen = Some(now);
             true
         } else {
-            // Another build's buckets: its counts are used, its durations cannot be.
+            // Another build's buckets while proxies still report with these: its
+            // counts are used, its durations cannot be.
             false
         };
         for e in &report.entries {
@@ -477,6 +494,49 @@ mod tests {
         assert_eq!(r["v1"].durations, [13, 2, 0]);
         assert_eq!(r["v2"].failures, 2);
         assert!(book.take().0.is_empty(), "taken once");
+    }
+
+    /// A report with other bucket bounds (another build) adds its counts, not its
+    /// durations, while proxies keep reporting with the first bounds; once none has
+    /// for `TRAFFIC_RECENT`, the next report's bounds are the book's, and durations
+    /// still pending under the old ones are dropped rather than misread.
+    #[test]
+    fn other_bounds_count_untimed_until_no_report_used_the_first_for_a_while() {
+        let book = ReportBook::new(counter());
+        let t0 = Instant::now();
+        let route = ("log".to_string(), "ingest".to_string());
+        let first = || report(vec![entry("ingest", "v1", 10, 0)]);
+        let newer = || pb::Report {
+            bucket_bounds: vec![0.02, 0.2],
+            ..first()
+        };
+        book.ingest("a", "#1", &first(), t0).unwrap();
+        book.ingest("b", "#1", &newer(), t0).unwrap();
+        let (taken, bounds) = book.take();
+        assert_eq!(bounds, [0.01, 0.1]);
+        let w = &taken[&route]["v1"];
+        assert_eq!((w.requests, w.durations.as_slice()), (20, &[9, 1, 0][..]));
+        // `a` upgraded too, but the first bounds were used a moment ago.
+        let soon = t0 + TRAFFIC_RECENT;
+        book.ingest("a", "#2", &newer(), soon).unwrap();
+        let (taken, bounds) = book.take();
+        assert_eq!(bounds, [0.01, 0.1]);
+        assert_eq!(taken[&route]["v1"].requests, 10);
+        assert!(taken[&route]["v1"].durations.is_empty());
+        // A last report under the first bounds (`c`'s), still pending when the newer
+        // ones take over: its durations cannot be read by them and go.
+        book.ingest("c", "#1", &first(), soon).unwrap();
+        let later = soon + TRAFFIC_RECENT + Duration::from_secs(1);
+        book.ingest("a", "#2", &newer(), later).unwrap();
+        let (taken, bounds) = book.take();
+        assert_eq!(bounds, [0.02, 0.2]);
+        let w = &taken[&route]["v1"];
+        assert_eq!((w.requests, w.durations.as_slice()), (20, &[9, 1, 0][..]));
+        // Now the first bounds are the other build's.
+        book.ingest("c", "#1", &first(), later).unwrap();
+        let (taken, bounds) = book.take();
+        assert_eq!(bounds, [0.02, 0.2]);
+        assert!(taken[&route]["v1"].durations.is_empty());
     }
 
     #[test]

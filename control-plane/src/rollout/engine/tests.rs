@@ -618,6 +618,36 @@ fn an_slo_of_zero_errors_passes_a_clean_window_and_breaches_on_one_failure() {
     assert!(t.reason.contains("errorRate"), "{}", t.reason);
 }
 
+/// The fleet moved to a build with other duration buckets: what was timed under the
+/// old bounds cannot be read by the new, so it is dropped, not misread; the request
+/// counts stay.
+#[test]
+fn durations_under_other_bounds_start_afresh_and_the_counts_stay() {
+    let sp = spec(&[10, 100], 100);
+    let mut c = Clock::new();
+    let mut s = acked(&sp, &c);
+    s.on_report(
+        &sp,
+        c.now(),
+        &window(120, 0, 0.3),
+        &Window::default(),
+        &BOUNDS,
+    );
+    let other = [0.005, 0.05, 0.5];
+    let fast = Window {
+        requests: 120,
+        failures: 0,
+        durations: vec![120, 0, 0, 0],
+    };
+    s.on_report(&sp, c.now(), &fast, &Window::default(), &other);
+    let t = s.on_tick(&sp, c.advance(10 * S)).unwrap();
+    assert_eq!(t.result, "advanced", "{t:?}");
+    let w = s.last_window().unwrap();
+    assert_eq!(w.canary_requests, 240);
+    let p99 = w.checks.iter().find(|c| c.name == "p99").unwrap();
+    assert_eq!((p99.samples, p99.value), (120, Some(0.005)));
+}
+
 #[test]
 fn a_slow_canary_breaches_p99() {
     let sp = spec(&[10, 100], 100);
