@@ -246,6 +246,61 @@ fn a_proxy_the_step_waited_for_that_disconnects_is_named_whenever_it_goes() {
     }
 }
 
+/// A stream that closed without acking, told before any look at the acks saw it
+/// waiting: named if the step waited for it (connected when the weights were set, or
+/// sent them), with its NACK as the reason when it refused them; not if it went
+/// before the step or came after and was never sent the weights.
+#[test]
+fn a_proxy_gone_between_two_looks_is_named_as_the_step_saw_it() {
+    let sp = spec(&[10, 100], 10);
+    let mut c = Clock::new();
+    let gone = |node, connected_at_ms, gone_at_ms, sent, nacked| Departed {
+        node,
+        conn: "",
+        connected_at_ms,
+        gone_at_ms,
+        sent,
+        nacked,
+    };
+    let mut s = RolloutState::start("k".into(), &sp, c.advance(S));
+    let began = c.now().unix_ms;
+    // "w" was seen waiting, then refused the weights and went before the next look.
+    let mut proxies = all_acked();
+    proxies[0].node = "w".into();
+    proxies[0].acked = false;
+    s.on_acks(c.advance(S), &proxies);
+    assert_eq!(s.awaited(), ["w"]);
+    let now = c.advance(S).unix_ms;
+    s.on_departed(gone("w", 0, now, true, true));
+    // Never seen: one connected before the step, one that came after and was sent
+    // the weights, both gone now; one gone before the step; one that came after
+    // and went before it was sent anything.
+    s.on_departed(gone("old", 0, now, false, false));
+    s.on_departed(gone("new", began + 1, now, true, false));
+    s.on_departed(gone("before", 0, began - 1, false, false));
+    s.on_departed(gone("unsent", began + 1, now, false, false));
+    assert!(s.awaited().is_empty(), "none of them is connected");
+    s.on_acks(c.now(), &proxies[1..]);
+    assert!(s.acked_at().is_some());
+    assert_eq!(
+        s.left_out_why(),
+        [
+            LeftOut {
+                node: "new".into(),
+                why: LeftOutWhy::Disconnected
+            },
+            LeftOut {
+                node: "old".into(),
+                why: LeftOutWhy::Disconnected
+            },
+            LeftOut {
+                node: "w".into(),
+                why: LeftOutWhy::Nacked
+            },
+        ]
+    );
+}
+
 /// Only a proxy the step saw waiting is named: one that acked and then went, or
 /// went and came back to ack, is not; a disconnected one keeps the step waiting for
 /// no one, and a NACK stays the reason after the proxy is gone.
