@@ -75,6 +75,15 @@ fn acked(sp: &Spec, c: &Clock) -> RolloutState {
     s
 }
 
+/// A fresh rollout of `sp` acked now, told of `canary` (nothing of the others) and
+/// judged one interval later: the state and its transition.
+fn judged(sp: &Spec, c: &mut Clock, canary: &Window) -> (RolloutState, Transition) {
+    let mut s = acked(sp, c);
+    s.on_report(sp, c.now(), canary, &Window::default(), &BOUNDS);
+    let t = s.on_tick(sp, c.advance(10 * S)).expect("judged");
+    (s, t)
+}
+
 fn all_acked() -> Vec<ProxyAck> {
     ["a", "b"]
         .iter()
@@ -609,16 +618,8 @@ fn a_breach_must_be_significant() {
     let sp = spec(&[10, 100], 100);
     let mut c = Clock::new();
     // 2 % errors in 100 requests against a 1 % SLO: not significant.
-    let mut s = acked(&sp, &c);
-    s.on_report(
-        &sp,
-        c.now(),
-        &window(100, 2, 0.005),
-        &Window::default(),
-        &BOUNDS,
-    );
     assert_eq!(
-        s.on_tick(&sp, c.advance(10 * S)).unwrap().result,
+        judged(&sp, &mut c, &window(100, 2, 0.005)).1.result,
         "advanced"
     );
     // 6 % in 100: significant (and not gross).
@@ -648,27 +649,11 @@ fn an_slo_of_zero_errors_passes_a_clean_window_and_breaches_on_one_failure() {
         p99: None,
     });
     let mut c = Clock::new();
-    let mut s = acked(&sp, &c);
-    s.on_report(
-        &sp,
-        c.now(),
-        &window(100, 0, 0.005),
-        &Window::default(),
-        &BOUNDS,
-    );
     assert_eq!(
-        s.on_tick(&sp, c.advance(10 * S)).unwrap().result,
+        judged(&sp, &mut c, &window(100, 0, 0.005)).1.result,
         "advanced"
     );
-    let mut s = acked(&sp, &c);
-    s.on_report(
-        &sp,
-        c.now(),
-        &window(1000, 1, 0.005),
-        &Window::default(),
-        &BOUNDS,
-    );
-    let t = s.on_tick(&sp, c.advance(10 * S)).unwrap();
+    let (_, t) = judged(&sp, &mut c, &window(1000, 1, 0.005));
     assert_eq!(t.result, "rolled-back");
     assert!(t.reason.contains("errorRate"), "{}", t.reason);
 }
