@@ -383,8 +383,10 @@ mod tests {
         ]))
     }
 
-    fn exact(h: SizeHint) -> Option<u64> {
-        h.exact()
+    /// What a body tells hyper before it is read: its exact length, if known, and
+    /// whether it is over.
+    fn told<B: Body>(b: &B) -> (Option<u64>, bool) {
+        (b.size_hint().exact(), b.is_end_stream())
     }
 
     async fn data<B: Body<Data = Bytes> + Unpin>(b: &mut B) -> Bytes
@@ -401,22 +403,13 @@ mod tests {
     #[tokio::test]
     async fn each_try_reports_the_length_and_end_of_what_it_has_left() {
         let (mut first, mut source) = BodySource::first(Full::new(Bytes::from("hello")), true, 64);
-        assert_eq!(
-            (exact(first.size_hint()), first.is_end_stream()),
-            (Some(5), false)
-        );
+        assert_eq!(told(&first), (Some(5), false));
         assert_eq!(data(&mut first).await, "hello");
-        assert_eq!(
-            (exact(first.size_hint()), first.is_end_stream()),
-            (Some(0), true)
-        );
+        assert_eq!(told(&first), (Some(0), true));
         drop(first);
         assert_eq!(source.reclaim(), Reclaim::Ready);
         let mut again = source.next();
-        assert_eq!(
-            (exact(again.size_hint()), again.is_end_stream()),
-            (Some(5), false)
-        );
+        assert_eq!(told(&again), (Some(5), false));
         assert_eq!(data(&mut again).await, "hello");
         assert!(again.is_end_stream());
 
@@ -438,10 +431,7 @@ mod tests {
         drop(second);
         assert_eq!(source.reclaim(), Reclaim::Ready);
         let mut third = source.next();
-        assert_eq!(
-            (exact(third.size_hint()), third.is_end_stream()),
-            (Some(4), false)
-        );
+        assert_eq!(told(&third), (Some(4), false));
         assert_eq!(data(&mut third).await, "ab");
         assert_eq!(data(&mut third).await, "cd");
         assert!(!third.is_end_stream(), "the trailers are still to come");
@@ -451,16 +441,10 @@ mod tests {
 
         // Not replayed: the original as it is; nothing at all: an empty body.
         let (once, source) = BodySource::first(Full::new(Bytes::from("hello")), false, 64);
-        assert_eq!(
-            (exact(once.size_hint()), once.is_end_stream()),
-            (Some(5), false)
-        );
+        assert_eq!(told(&once), (Some(5), false));
         assert!(matches!(source, BodySource::Spent));
         let (none, _) = BodySource::first(Full::new(Bytes::new()), true, 64);
-        assert_eq!(
-            (exact(none.size_hint()), none.is_end_stream()),
-            (Some(0), true)
-        );
+        assert_eq!(told(&none), (Some(0), true));
     }
 
     /// A body that outgrew the cap while a try read it cannot be replayed, however the
