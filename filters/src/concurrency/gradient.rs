@@ -150,3 +150,127 @@ impl Gradient2 {
         self.limit()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-12
+    }
+
+    /// A window with `rtt` in which `in_flight` requests were at once.
+    fn window(rtt: f64, in_flight: usize) -> WindowSample {
+        WindowSample {
+            rtt,
+            max_in_flight: in_flight,
+        }
+    }
+
+    /// A limit in `[min, max]` whose baseline has seen its warm-up windows at `rtt`.
+    fn warmed(min: u32, max: u32, rtt: f64) -> Gradient2 {
+        let mut g = Gradient2::new(min, max);
+        for _ in 0..WARMUP_WINDOWS {
+            g.long_rtt.add(rtt);
+        }
+        g
+    }
+
+    #[test]
+    fn the_average_is_a_plain_mean_over_its_warm_up_then_exponential() {
+        let mut avg = ExpAvg::new(LONG_WINDOW);
+        assert!(close(avg.add(1.0), 1.0));
+        assert!(close(avg.add(2.0), 1.5));
+        assert!(close(avg.add(6.0), 3.0));
+        let mut avg = ExpAvg::new(LONG_WINDOW);
+        for _ in 0..WARMUP_WINDOWS {
+            avg.add(1.0);
+        }
+        assert!(!avg.warming_up());
+        // The eleventh sample weighs 2 / (600 + 1), not 1 / 11.
+        let f = 2.0 / 601.0;
+        assert!(close(avg.add(12.0), (1.0 - f) + 12.0 * f), "{}", avg.get());
+    }
+
+    #[test]
+    fn windows_without_a_usable_latency_change_nothing() {
+        let mut g = warmed(1, 1000, 0.1);
+        for rtt in [0.0, -0.05, f64::NAN, f64::INFINITY] {
+            assert_eq!(g.update(window(rtt, 100)), 20, "{rtt}");
+            assert!(close(g.estimate, INITIAL_LIMIT), "{rtt}: {}", g.estimate);
+            assert!(close(g.baseline(), 0.1), "{rtt}: {}", g.baseline());
+        }
+    }
+
+    #[test]
+    fn a_window_with_under_half_the_limit_in_flight_leaves_the_limit_alone() {
+        let mut g = warmed(1, 1000, 0.1);
+        g.update(window(0.1, 9));
+        assert!(close(g.estimate, 20.0), "{}", g.estimate);
+        // Half the limit in flight counts: latency at the baseline grows it by the
+        // smoothed queue allowance.
+        g.update(window(0.1, 10));
+        let target = 20.0 + 20f64.sqrt();
+        assert!(
+            close(g.estimate, 20.0 * 0.8 + target * 0.2),
+            "{}",
+            g.estimate
+        );
+    }
+
+    #[test]
+    fn a_window_within_tolerance_feeds_the_baseline_and_a_slower_one_does_not() {
+        let f = 2.0 / 601.0;
+        let mut g = warmed(1, 1000, 0.1);
+        g.update(window(0.12, 100));
+        let fed = 0.1 * (1.0 - f) + 0.12 * f;
+        assert!(close(g.baseline(), fed), "{}", g.baseline());
+        // Above 1.25 × the baseline the latency is the limit's doing: not learned, and
+        // the limit backs off by the gradient.
+        let before = g.estimate;
+        g.update(window(0.2, 100));
+        assert!(close(g.baseline(), fed), "{}", g.baseline());
+        let gradient = RTT_TOLERANCE * fed / 0.2;
+        let target = before * gradient + queue_allowance(before);
+        assert!(
+            close(g.estimate, before * 0.8 + target * 0.2),
+            "{}",
+            g.estimate
+        );
+        assert!(g.estimate < before);
+    }
+
+    #[test]
+    fn at_the_floor_a_slow_window_is_learned() {
+        let f = 2.0 / 601.0;
+        // The floor is the limit within half a request of `min`.
+        for (estimate, learned) in [(5.0, true), (5.5, true), (6.0, false)] {
+            let mut g = warmed(5, 100, 0.1);
+            g.estimate = estimate;
+            g.update(window(0.3, 100));
+            let want = if learned {
+                0.1 * (1.0 - f) + 0.3 * f
+            } else {
+                0.1
+            };
+            assert!(close(g.baseline(), want), "{estimate}: {}", g.baseline());
+        }
+    }
+
+    #[test]
+    fn a_baseline_over_twice_the_latency_drops_by_a_twentieth_a_window() {
+        let f = 2.0 / 601.0;
+        let mut g = warmed(1, 1000, 0.1);
+        g.update(window(0.04, 100));
+        let fed = 0.1 * (1.0 - f) + 0.04 * f;
+        assert!(close(g.baseline(), fed * 0.95), "{}", g.baseline());
+        // Within twice, only the sample moves it.
+        let mut g = warmed(1, 1000, 0.1);
+        g.update(window(0.06, 100));
+        assert!(
+            close(g.baseline(), 0.1 * (1.0 - f) + 0.06 * f),
+            "{}",
+            g.baseline()
+        );
+    }
+}
