@@ -34,7 +34,7 @@ mod tests;
 
 pub use future::ResponseFuture;
 pub use layer::ConcurrencyLimitLayer;
-pub use limiter::{ConcurrencyRegistry, Limiter, Permit};
+pub use limiter::{Admission, ConcurrencyRegistry, Limiter, Permit, Ticket};
 pub use params::{ConcurrencyConfigError, ConcurrencyParams, LimitParams, Priorities, RETRY_AFTER};
 pub use service::ConcurrencyLimit;
 

@@ -487,10 +487,33 @@ async fn no_queue_refuses_at_once_over_the_limit() {
     first.await.unwrap().unwrap();
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_level_past_the_last_waits_as_the_last() {
+    let limiter = fixed(1, 1, Duration::from_secs(10));
+    let Admission::Admitted(first) = limiter.admit(0) else {
+        panic!("a free slot admits");
+    };
+    let Admission::Queued(beyond) = limiter.admit(99) else {
+        panic!("a full limit queues");
+    };
+    // A critical request finds the queue full and pushes the "level 99" one out as the
+    // least important there is.
+    let Admission::Queued(critical) = limiter.admit(0) else {
+        panic!("a more important request takes the place");
+    };
+    match beyond.wait().await {
+        Err(FilterError::Overloaded { priority, .. }) => assert_eq!(&*priority, "sheddable"),
+        other => panic!("expected overloaded, got {other:?}"),
+    }
+    drop(first);
+    critical.wait().await.unwrap();
+}
+
 #[derive(Default)]
 struct Counting {
     limits: Mutex<Vec<usize>>,
     refusals: Mutex<HashMap<String, u64>>,
+    in_flight: std::sync::atomic::AtomicI64,
 }
 
 impl ConcurrencyObserver for Counting {
@@ -504,6 +527,9 @@ impl ConcurrencyObserver for Counting {
             .unwrap()
             .entry(level.into())
             .or_default() += 1;
+    }
+    fn on_in_flight(&self, delta: i64) {
+        self.in_flight.fetch_add(delta, Ordering::Relaxed);
     }
 }
 
@@ -522,10 +548,13 @@ async fn registry_keeps_a_limiter_across_unchanged_swaps_and_reports_refusals() 
     let (gate, svc) = gated(a.clone());
     let first = call(&svc, None);
     settle().await;
+    assert_eq!(observer.in_flight.load(Ordering::Relaxed), 1);
     overloaded(call(&svc, Some("sheddable")).await.unwrap());
     assert_eq!(observer.refusals.lock().unwrap()["sheddable"], 1);
     gate.add_permits(1);
     first.await.unwrap().unwrap();
+    // The gauge the observer keeps comes back down with the request.
+    assert_eq!(observer.in_flight.load(Ordering::Relaxed), 0);
 
     let changed = ConcurrencyParams::new(LimitParams::Fixed { max: 2 });
     let c = registry.get_or_rebuild("svc", &changed, || obs.clone());
