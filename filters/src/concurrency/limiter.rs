@@ -590,3 +590,64 @@ impl<K: Hash + Eq> fmt::Debug for ConcurrencyRegistry<K> {
             .finish()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn adaptive() -> Arc<Limiter> {
+        Arc::new(Limiter::unobserved(ConcurrencyParams::new(
+            LimitParams::Adaptive { min: 1, max: 1000 },
+        )))
+    }
+
+    /// Admits `n` requests at once and completes them all `after` from now.
+    async fn respond(limiter: &Arc<Limiter>, n: usize, after: Duration) {
+        let permits: Vec<Permit> = (0..n)
+            .map(|_| match limiter.admit(0) {
+                Admission::Admitted(p) => p,
+                _ => panic!("under the limit"),
+            })
+            .collect();
+        tokio::time::advance(after).await;
+        for p in permits {
+            p.complete();
+        }
+    }
+
+    /// Responses counted in the open window, and when it opened (since the epoch).
+    fn window(limiter: &Limiter) -> (u64, u64) {
+        let a = limiter.adaptive.as_ref().unwrap();
+        (
+            a.count.load(Ordering::Relaxed),
+            a.window_start.load(Ordering::Relaxed),
+        )
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_window_closes_once_it_is_long_enough_and_has_ten_responses() {
+        let limiter = adaptive();
+        respond(&limiter, 9, Duration::from_millis(60)).await;
+        assert_eq!(window(&limiter), (9, 0));
+        respond(&limiter, 1, Duration::ZERO).await;
+        assert_eq!(window(&limiter), (0, nanos(Duration::from_millis(60))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_window_with_ten_responses_stays_open_for_its_length() {
+        let limiter = adaptive();
+        respond(&limiter, 12, Duration::from_millis(10)).await;
+        assert_eq!(window(&limiter), (12, 0));
+        respond(&limiter, 1, Duration::from_millis(40)).await;
+        assert_eq!(window(&limiter), (0, nanos(Duration::from_millis(50))));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_a_second_a_window_closes_with_what_it_has() {
+        let limiter = adaptive();
+        respond(&limiter, 3, Duration::from_millis(999)).await;
+        assert_eq!(window(&limiter).0, 3);
+        respond(&limiter, 1, Duration::from_millis(1)).await;
+        assert_eq!(window(&limiter), (0, nanos(MAX_WINDOW)));
+    }
+}
