@@ -212,7 +212,7 @@ impl Limiter {
     }
 
     /// Records one response's latency (adaptive limits only); may close the sample window.
-    fn record(self: &Arc<Self>, started: Instant, in_flight: usize) {
+    fn record(&self, started: Instant, in_flight: usize) {
         let Some(a) = &self.adaptive else { return };
         let now = Instant::now();
         let rtt = nanos(now - started);
@@ -249,13 +249,10 @@ impl Limiter {
         let window = Duration::from_secs_f64(2.0 * algo.baseline()).clamp(MIN_WINDOW, MAX_WINDOW);
         a.window_len.store(nanos(window), Ordering::Relaxed);
         drop(algo);
-        let old = self.limit.swap(limit, Ordering::SeqCst);
-        if old != limit {
+        // A raised limit needs no dispatch here: the caller, `Permit::complete`, releases
+        // its slot next, and that release hands every free slot to the waiters.
+        if self.limit.swap(limit, Ordering::SeqCst) != limit {
             self.observer.on_limit(limit);
-            if limit > old && self.waiting.load(Ordering::SeqCst) > 0 {
-                let mut queue = self.lock_queue();
-                self.dispatch_locked(&mut queue);
-            }
         }
     }
 }
@@ -601,6 +598,42 @@ mod tests {
         )))
     }
 
+    fn fixed(max: u32, queue: usize, timeout: Duration) -> Arc<Limiter> {
+        Arc::new(Limiter::unobserved(
+            ConcurrencyParams::new(LimitParams::Fixed { max }).with_queue(queue, timeout),
+        ))
+    }
+
+    fn admitted(limiter: &Arc<Limiter>) -> Permit {
+        match limiter.admit(0) {
+            Admission::Admitted(p) => p,
+            _ => panic!("expected a slot"),
+        }
+    }
+
+    fn queued(limiter: &Arc<Limiter>) -> Ticket {
+        match limiter.admit(0) {
+            Admission::Queued(t) => t,
+            _ => panic!("expected a place in the queue"),
+        }
+    }
+
+    /// The slot the ticket was handed already, taken without waiting.
+    fn take(t: &mut Ticket) -> Option<Permit> {
+        t.rx.as_mut().unwrap().try_recv().ok()
+    }
+
+    /// The limits an observer was told of.
+    #[derive(Default)]
+    struct Limits(Mutex<Vec<usize>>);
+
+    impl ConcurrencyObserver for Limits {
+        fn on_limit(&self, limit: usize) {
+            self.0.lock().unwrap().push(limit);
+        }
+        fn on_refusal(&self, _level: &str) {}
+    }
+
     /// Admits `n` requests at once and completes them all `after` from now.
     async fn respond(limiter: &Arc<Limiter>, n: usize, after: Duration) {
         let permits: Vec<Permit> = (0..n)
@@ -649,5 +682,117 @@ mod tests {
         assert_eq!(window(&limiter).0, 3);
         respond(&limiter, 1, Duration::from_millis(1)).await;
         assert_eq!(window(&limiter), (0, nanos(MAX_WINDOW)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_freed_slot_goes_to_the_oldest_waiter_of_a_level() {
+        let limiter = fixed(1, 10, Duration::from_secs(1));
+        let first = admitted(&limiter);
+        let mut a = queued(&limiter);
+        let mut b = queued(&limiter);
+        tokio::time::advance(Duration::from_millis(10)).await;
+        drop(first);
+        let _a = take(&mut a).expect("the oldest gets the slot");
+        assert!(take(&mut b).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queue_standing_past_its_timeout_serves_its_newest_waiter() {
+        let timeout = Duration::from_millis(100);
+        let limiter = fixed(1, 10, timeout);
+        let first = admitted(&limiter);
+        let old = queued(&limiter);
+        tokio::time::advance(Duration::from_millis(60)).await;
+        let mut middle = queued(&limiter);
+        tokio::time::advance(Duration::from_millis(40)).await;
+        // The oldest times out; the queue has not been empty since it came.
+        assert!(old.wait().await.is_err());
+        tokio::time::advance(Duration::from_millis(10)).await;
+        let mut newest = queued(&limiter);
+        tokio::time::advance(Duration::from_millis(10)).await;
+        drop(first);
+        let _newest = take(&mut newest).expect("the newest gets the slot");
+        assert!(take(&mut middle).is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_that_leaves_the_middle_of_the_queue_takes_only_its_place() {
+        let limiter = fixed(1, 10, Duration::from_secs(1));
+        let first = admitted(&limiter);
+        let mut a = queued(&limiter);
+        let b = queued(&limiter);
+        let mut c = queued(&limiter);
+        drop(b);
+        assert_eq!(limiter.queued(), 2);
+        drop(first);
+        let a = take(&mut a).expect("the first in line gets the slot");
+        assert_eq!(limiter.queued(), 1);
+        drop(a);
+        let _c = take(&mut c).expect("the last in line gets the next");
+        assert_eq!((limiter.queued(), limiter.in_flight()), (0, 1));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_granted_a_slot_and_gone_before_taking_it_frees_it() {
+        let limiter = fixed(1, 10, Duration::from_secs(1));
+        let first = admitted(&limiter);
+        let ticket = queued(&limiter);
+        drop(first);
+        assert_eq!((limiter.queued(), limiter.in_flight()), (0, 1));
+        drop(ticket);
+        assert_eq!((limiter.queued(), limiter.in_flight()), (0, 0));
+        drop(admitted(&limiter));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn time_in_the_queue_is_not_counted_as_the_apps_latency() {
+        let limiter = Arc::new(Limiter::unobserved(
+            ConcurrencyParams::new(LimitParams::Adaptive { min: 1, max: 1 })
+                .with_queue(1, Duration::from_secs(1)),
+        ));
+        let first = admitted(&limiter);
+        let ticket = queued(&limiter);
+        tokio::time::advance(Duration::from_millis(100)).await;
+        first.complete();
+        // The caller comes for its slot a little after it was handed over.
+        tokio::time::advance(Duration::from_millis(20)).await;
+        let second = ticket.wait().await.unwrap();
+        tokio::time::advance(Duration::from_millis(30)).await;
+        second.complete();
+        let a = limiter.adaptive.as_ref().unwrap();
+        assert_eq!(a.count.load(Ordering::Relaxed), 2);
+        assert_eq!(
+            a.rtt_sum.load(Ordering::Relaxed),
+            nanos(Duration::from_millis(130))
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_limit_raised_by_a_window_lets_one_more_waiter_in() {
+        let limits = Arc::new(Limits::default());
+        let limiter = Arc::new(Limiter::new(
+            ConcurrencyParams::new(LimitParams::Adaptive { min: 1, max: 1000 })
+                .with_queue(100, Duration::from_secs(10)),
+            limits.clone(),
+        ));
+        // A first window at the baseline grows the estimate from 20 to 20.9: the limit
+        // stays 20 and nobody is told.
+        respond(&limiter, 10, Duration::from_millis(60)).await;
+        assert_eq!(*limits.0.lock().unwrap(), [20]);
+        // The next window (120 ms long: twice the baseline) takes it to 21.8 while twelve
+        // wait behind twenty in flight.
+        tokio::time::advance(Duration::from_millis(60)).await;
+        let mut permits: Vec<Permit> = (0..20).map(|_| admitted(&limiter)).collect();
+        let mut tickets: Vec<Ticket> = (0..12).map(|_| queued(&limiter)).collect();
+        tokio::time::advance(Duration::from_millis(61)).await;
+        // The last ten admitted saw up to twenty in flight: the window counts.
+        for p in permits.drain(10..) {
+            p.complete();
+        }
+        assert_eq!(*limits.0.lock().unwrap(), [20, 21]);
+        // Nine releases let nine in; the tenth, after its window raised the limit, two.
+        assert_eq!((limiter.in_flight(), limiter.queued()), (21, 1));
+        let got: Vec<Permit> = tickets.iter_mut().filter_map(take).collect();
+        assert_eq!(got.len(), 11);
     }
 }
