@@ -564,6 +564,23 @@ async fn registry_keeps_a_limiter_across_unchanged_swaps_and_reports_refusals() 
     assert!(registry.is_empty());
 }
 
+#[tokio::test]
+async fn the_limit_is_ready_when_the_service_behind_it_is() {
+    let (inner, mut handle) = tower_test::mock::pair::<Request<()>, Response<()>>();
+    let limiter = fixed(1, 0, Duration::from_secs(1));
+    let mut svc = tower_test::mock::Spawn::new(ConcurrencyLimitLayer::new(limiter).layer(inner));
+    handle.allow(0);
+    assert!(svc.poll_ready().is_pending());
+    handle.allow(1);
+    assert!(svc.poll_ready().is_ready());
+}
+
+#[test]
+fn a_level_past_the_last_is_named_as_the_last() {
+    assert_eq!(&**priorities().name(99), "sheddable");
+    assert_eq!(&**priorities().name(0), "critical");
+}
+
 #[test]
 fn params_from_the_policy() {
     let yaml = r#"
