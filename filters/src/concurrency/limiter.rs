@@ -569,11 +569,6 @@ impl<K: Hash + Eq + Clone> ConcurrencyRegistry<K> {
         self.limiters.retain(keep);
     }
 
-    /// Number of limiters held.
-    pub fn len(&self) -> usize {
-        self.limiters.len()
-    }
-
     /// True when no limiter is held.
     pub fn is_empty(&self) -> bool {
         self.limiters.is_empty()
@@ -794,5 +789,19 @@ mod tests {
         assert_eq!((limiter.in_flight(), limiter.queued()), (21, 1));
         let got: Vec<Permit> = tickets.iter_mut().filter_map(take).collect();
         assert_eq!(got.len(), 11);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_queue_busy_for_exactly_its_timeout_is_not_yet_standing() {
+        let timeout = Duration::from_millis(100);
+        let limiter = fixed(1, 10, timeout);
+        let first = admitted(&limiter);
+        let mut old = queued(&limiter);
+        tokio::time::advance(Duration::from_millis(50)).await;
+        let mut new = queued(&limiter);
+        tokio::time::advance(Duration::from_millis(50)).await;
+        drop(first);
+        let _old = take(&mut old).expect("the oldest gets the slot");
+        assert!(take(&mut new).is_none());
     }
 }
