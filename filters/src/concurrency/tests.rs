@@ -544,6 +544,7 @@ async fn registry_keeps_a_limiter_across_unchanged_swaps_and_reports_refusals() 
     let b = registry.get_or_rebuild("svc", &params.clone(), || obs.clone());
     assert!(Arc::ptr_eq(&a, &b));
     assert!(!registry.is_empty());
+    assert!(Arc::ptr_eq(&registry.get(&"svc").unwrap(), &a));
     assert_eq!(*observer.limits.lock().unwrap(), [1]);
 
     let (gate, svc) = gated(a.clone());
