@@ -177,14 +177,16 @@ impl CaArgs {
 
 /// The host name (the pod name in a cluster), if it is a valid DNS name.
 fn host_name() -> Option<String> {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .ok()
-        .map(|s| s.trim().to_ascii_lowercase())
-        .filter(|s| {
-            !s.is_empty()
-                && s.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
-        })
+    dns_name(&std::fs::read_to_string("/proc/sys/kernel/hostname").ok()?)
+}
+
+/// `raw` (a file's text) as a lower-case DNS name, if it is one.
+fn dns_name(raw: &str) -> Option<String> {
+    let s = raw.trim().to_ascii_lowercase();
+    let valid = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
+    valid.then_some(s)
 }
 
 /// Where policies come from.
@@ -618,6 +620,66 @@ mod tests {
         assert_eq!(
             args.kubernetes.validating_webhook_config.as_deref(),
             Some("sluice-validator")
+        );
+    }
+
+    #[test]
+    fn a_host_name_is_a_server_name_when_it_is_a_dns_name() {
+        assert_eq!(
+            dns_name("Sluice-CP-0.shop\n").as_deref(),
+            Some("sluice-cp-0.shop")
+        );
+        for bad in ["", " \n", "cp_0", "cp 0", "cp/0", "cp:0"] {
+            assert_eq!(dns_name(bad), None, "{bad:?}");
+        }
+        // This machine's own name goes into the certificate when it is one.
+        let here = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+        let args = Args::try_parse_from(["sluice-control-plane", "--policy-dir", "/p"]).unwrap();
+        let names = args.to_config().unwrap().identity.unwrap().server_names;
+        match dns_name(&here) {
+            Some(host) => assert!(names.contains(&host), "{names:?} lacks {host}"),
+            None => assert!(!names.iter().any(|n| n.is_empty()), "{names:?}"),
+        }
+    }
+
+    #[test]
+    fn every_flag_reaches_the_configuration() {
+        let dir = tempfile::tempdir().unwrap();
+        let token = dir.path().join("admin-token");
+        std::fs::write(&token, "s3cret\n").unwrap();
+        let (state, addr) = (dir.path().join("state"), dir.path().join("addr"));
+        let args = Args::try_parse_from([
+            "sluice-control-plane",
+            "--policy-dir",
+            "/policies",
+            "--grpc",
+            "127.0.0.1:7001",
+            "--admin",
+            "127.0.0.1:7002",
+            "--admin-token-file",
+            token.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--addr-file",
+            addr.to_str().unwrap(),
+            "--test-stamp-schema-version",
+            "9",
+            "--policy-max-depth",
+            "7",
+        ])
+        .unwrap();
+        let cfg = args.to_config().unwrap();
+        assert_eq!(cfg.policy_dir, Path::new("/policies"));
+        assert_eq!(cfg.grpc_addr, "127.0.0.1:7001".parse().unwrap());
+        assert_eq!(cfg.admin_addr, "127.0.0.1:7002".parse().unwrap());
+        assert_eq!(cfg.admin_token.as_deref(), Some("s3cret"));
+        assert_eq!(cfg.state_dir.as_deref(), Some(state.as_path()));
+        assert_eq!(cfg.addr_file.as_deref(), Some(addr.as_path()));
+        assert_eq!(cfg.stamp_schema_version, Some(9));
+        assert_eq!(cfg.policy_limits.max_depth, 7);
+        assert_ne!(
+            cfg.policy_limits.max_depth,
+            sluice_config::Limits::default().max_depth
         );
     }
 
