@@ -414,6 +414,30 @@ fn convert_translates_offline_and_refuses_with_file_and_field() {
     let w = p.spec.routes[0].split[0].weights.as_ref().unwrap();
     assert_eq!(w.values().copied().collect::<Vec<_>>(), [70, 30]);
 
+    // `-` reads standard input, and translates it the same.
+    let mut child = Command::new(bin)
+        .args(["convert", "-"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(
+        &mut child.stdin.take().unwrap(),
+        &std::fs::read(&weight).unwrap(),
+    )
+    .unwrap();
+    let piped = child.wait_with_output().unwrap();
+    assert!(
+        piped.status.success(),
+        "{}",
+        String::from_utf8_lossy(&piped.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&piped.stdout),
+        String::from_utf8_lossy(&out.stdout)
+    );
+
     let redirect = conformance_fixture_path("httproute-303-redirect");
     let out = Command::new(bin)
         .arg("convert")
