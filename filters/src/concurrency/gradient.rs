@@ -167,6 +167,12 @@ mod tests {
         }
     }
 
+    /// The baseline after one more window past its warm-up: `sample` weighs 2 / (600 + 1).
+    fn fed(baseline: f64, sample: f64) -> f64 {
+        let f = 2.0 / (f64::from(LONG_WINDOW) + 1.0);
+        baseline * (1.0 - f) + sample * f
+    }
+
     /// A limit in `[min, max]` whose baseline has seen its warm-up windows at `rtt`.
     fn warmed(min: u32, max: u32, rtt: f64) -> Gradient2 {
         let mut g = Gradient2::new(min, max);
@@ -188,8 +194,7 @@ mod tests {
         }
         assert!(!avg.warming_up());
         // The eleventh sample weighs 2 / (600 + 1), not 1 / 11.
-        let f = 2.0 / 601.0;
-        assert!(close(avg.add(12.0), (1.0 - f) + 12.0 * f), "{}", avg.get());
+        assert!(close(avg.add(12.0), fed(1.0, 12.0)), "{}", avg.get());
     }
 
     #[test]
@@ -220,17 +225,16 @@ mod tests {
 
     #[test]
     fn a_window_within_tolerance_feeds_the_baseline_and_a_slower_one_does_not() {
-        let f = 2.0 / 601.0;
         let mut g = warmed(1, 1000, 0.1);
         g.update(window(0.12, 100));
-        let fed = 0.1 * (1.0 - f) + 0.12 * f;
-        assert!(close(g.baseline(), fed), "{}", g.baseline());
+        let baseline = fed(0.1, 0.12);
+        assert!(close(g.baseline(), baseline), "{}", g.baseline());
         // Above 1.25 × the baseline the latency is the limit's doing: not learned, and
         // the limit backs off by the gradient.
         let before = g.estimate;
         g.update(window(0.2, 100));
-        assert!(close(g.baseline(), fed), "{}", g.baseline());
-        let gradient = RTT_TOLERANCE * fed / 0.2;
+        assert!(close(g.baseline(), baseline), "{}", g.baseline());
+        let gradient = RTT_TOLERANCE * baseline / 0.2;
         let target = before * gradient + queue_allowance(before);
         assert!(
             close(g.estimate, before * 0.8 + target * 0.2),
@@ -242,35 +246,25 @@ mod tests {
 
     #[test]
     fn at_the_floor_a_slow_window_is_learned() {
-        let f = 2.0 / 601.0;
         // The floor is the limit within half a request of `min`.
         for (estimate, learned) in [(5.0, true), (5.5, true), (6.0, false)] {
             let mut g = warmed(5, 100, 0.1);
             g.estimate = estimate;
             g.update(window(0.3, 100));
-            let want = if learned {
-                0.1 * (1.0 - f) + 0.3 * f
-            } else {
-                0.1
-            };
+            let want = if learned { fed(0.1, 0.3) } else { 0.1 };
             assert!(close(g.baseline(), want), "{estimate}: {}", g.baseline());
         }
     }
 
     #[test]
     fn a_baseline_over_twice_the_latency_drops_by_a_twentieth_a_window() {
-        let f = 2.0 / 601.0;
         let mut g = warmed(1, 1000, 0.1);
         g.update(window(0.04, 100));
-        let fed = 0.1 * (1.0 - f) + 0.04 * f;
-        assert!(close(g.baseline(), fed * 0.95), "{}", g.baseline());
+        let baseline = fed(0.1, 0.04);
+        assert!(close(g.baseline(), baseline * 0.95), "{}", g.baseline());
         // Within twice, only the sample moves it.
         let mut g = warmed(1, 1000, 0.1);
         g.update(window(0.06, 100));
-        assert!(
-            close(g.baseline(), 0.1 * (1.0 - f) + 0.06 * f),
-            "{}",
-            g.baseline()
-        );
+        assert!(close(g.baseline(), fed(0.1, 0.06)), "{}", g.baseline());
     }
 }
