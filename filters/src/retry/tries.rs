@@ -336,3 +336,69 @@ pub(crate) fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant
         (a, b) => a.or(b),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::extensions::SelectedBackend;
+
+    fn parts(ext: impl FnOnce(&mut http::Extensions)) -> http::request::Parts {
+        let (mut parts, ()) = Request::builder()
+            .method("POST")
+            .uri("http://log/ingest")
+            .header("x-a", "1")
+            .header("x-a", "2")
+            .header("x-b", "3")
+            .body(())
+            .unwrap()
+            .into_parts();
+        ext(&mut parts.extensions);
+        parts
+    }
+
+    fn same_head(a: &http::request::Parts, b: &http::request::Parts) {
+        assert_eq!(
+            (&a.method, &a.uri, a.version),
+            (&b.method, &b.uri, b.version)
+        );
+        assert_eq!(a.headers, b.headers);
+    }
+
+    /// The cheap forms are what a kept head holds in the common cases (no extensions, or
+    /// the split's choice alone); anything else is a copy of the map. Each gives the
+    /// same head back.
+    #[test]
+    fn a_kept_head_holds_the_cheapest_form_that_gives_the_same_head_back() {
+        let none = parts(|_| {});
+        let kept = KeptHead::copy(&none);
+        assert!(matches!(kept.extensions, Ok(None)));
+        let again = kept.head();
+        same_head(&again, &none);
+        assert_eq!(again.extensions.len(), 0);
+
+        let choice = SelectedBackend {
+            name: "log-v2".into(),
+            index: 1,
+        };
+        let routed = parts(|e| Routing::of_mut(e).backend = Some(choice.clone()));
+        let kept = KeptHead::copy(&routed);
+        assert!(matches!(&kept.extensions, Ok(Some(r)) if r.backend == Some(choice.clone())));
+        let again = kept.head();
+        same_head(&again, &routed);
+        assert_eq!(
+            Routing::of(&again.extensions).unwrap().backend,
+            Some(choice)
+        );
+
+        let more = parts(|e| {
+            Routing::of_mut(e);
+            e.insert(7u32);
+        });
+        let kept = KeptHead::copy(&more);
+        assert!(kept.extensions.is_err());
+        let again = kept.head();
+        same_head(&again, &more);
+        assert_eq!(again.extensions.get::<u32>(), Some(&7));
+        assert!(Routing::of(&again.extensions).is_some());
+    }
+}
