@@ -172,3 +172,33 @@ impl RetryRegistry {
         self.inner.map.get(route)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The `outcome` label values the README documents for `sluice_retries_total`.
+    #[test]
+    fn outcome_labels_are_the_documented_ones() {
+        let labels = [
+            RetryOutcome::Retried,
+            RetryOutcome::AttemptsExhausted,
+            RetryOutcome::BudgetExhausted,
+            RetryOutcome::SkippedBodyTooLarge,
+            RetryOutcome::SkippedBodyInUse,
+            RetryOutcome::RetryAfterTooLong,
+        ]
+        .map(RetryOutcome::as_str);
+        assert_eq!(
+            labels,
+            [
+                "retried",
+                "attempts_exhausted",
+                "budget_exhausted",
+                "skipped_body_too_large",
+                "skipped_body_in_use",
+                "retry_after_too_long",
+            ]
+        );
+    }
+}
