@@ -254,3 +254,58 @@ async fn a_grpc_caller_gets_the_static_status_trailers_only() {
     assert_eq!(h["x-sluice-degraded"], "no-healthy-endpoint");
     assert_eq!(text(resp).await, "");
 }
+
+/// With the route's total enforced here, a primary answering within it answers; one
+/// slower than it is cut at the total, counted from when the request came, as a timeout
+/// of the primary: the total running out is not a try's timeout, so no fallback.
+#[tokio::test(start_paused = true)]
+async fn the_total_enforced_here_runs_from_the_request_and_cuts_a_slow_primary() {
+    for primary_ms in [300, 2_000] {
+        let inner = tower::service_fn(move |req: Request<ReplayBody<Full<Bytes>>>| async move {
+            let backend = crate::extensions::Routing::backend(req.extensions())
+                .unwrap()
+                .clone();
+            tokio::time::sleep(std::time::Duration::from_millis(primary_ms)).await;
+            Ok::<_, BoxError>(Response::new(format!("from {}", backend.name)))
+        });
+        let params =
+            FallbackParams::from_config(&to_response(&[FallbackOn::Timeout]), BACKENDS, 1024)
+                .unwrap();
+        let ignore = |_: &str, _: &str, _: Reason| {};
+        let svc = FallbackLayer::new(Arc::new(params), "shop.quote", Arc::new(ignore))
+            .with_total(Some(std::time::Duration::from_secs(1)))
+            .layer(inner);
+        let start = tokio::time::Instant::now();
+        let out = svc.oneshot(request("order")).await;
+        assert_eq!(
+            start.elapsed().as_millis(),
+            u128::from(primary_ms.min(1_000)),
+            "primary {primary_ms} ms"
+        );
+        if primary_ms < 1_000 {
+            assert_eq!(text(out.unwrap()).await, "from quote");
+        } else {
+            let err = out.unwrap_err();
+            assert_eq!(crate::AtBackend::find(&*err), Some("quote"), "{err:?}");
+            let timeout =
+                std::error::Error::source(&*err).and_then(|e| e.downcast_ref::<FilterError>());
+            assert!(matches!(timeout, Some(FilterError::Timeout(_))), "{err:?}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_fallback_is_ready_when_the_stack_below_it_is() {
+    let (inner, mut handle) =
+        tower_test::mock::pair::<Request<ReplayBody<Full<Bytes>>>, Response<String>>();
+    let params =
+        FallbackParams::from_config(&to_backend(&[FallbackOn::BreakerOpen]), BACKENDS, 1024)
+            .unwrap();
+    let ignore = |_: &str, _: &str, _: Reason| {};
+    let layer = FallbackLayer::new(Arc::new(params), "shop.quote", Arc::new(ignore));
+    let mut svc = tower_test::mock::Spawn::new(layer.layer(inner));
+    handle.allow(0);
+    assert!(svc.poll_ready().is_pending());
+    handle.allow(1);
+    assert!(svc.poll_ready().is_ready());
+}
