@@ -1071,3 +1071,24 @@ fn half_open_admits_exactly_the_probe_count_under_contention() {
     }
     assert_eq!(c.state(), CircuitState::Closed);
 }
+
+/// What an error from below counts as follows `failureOn`: timeouts only when listed,
+/// connection errors only when listed, and never this proxy's own refusals.
+#[test]
+fn errors_count_as_failures_only_as_failure_on_lists_them() {
+    use crate::classify::ErrorClass;
+    use sluice_config::FailureClass;
+    let mut p = params(1, 10, 60, 1);
+    p.failure_on = FailureClasses::from_classes([FailureClass::ConnectFailure]);
+    assert!(!p.is_failure_error(ErrorClass::Timeout));
+    assert!(!p.counts_timeouts());
+    assert!(p.is_failure_error(ErrorClass::ConnectFailure));
+    assert!(p.is_failure_error(ErrorClass::Reset));
+    p.failure_on = FailureClasses::from_classes([FailureClass::Timeout]);
+    assert!(p.is_failure_error(ErrorClass::Timeout));
+    assert!(p.counts_timeouts());
+    assert!(!p.is_failure_error(ErrorClass::ConnectFailure));
+    for own in [ErrorClass::BreakerOpen, ErrorClass::Unready] {
+        assert!(!p.is_failure_error(own), "{own:?}");
+    }
+}
