@@ -279,23 +279,15 @@ async fn kube_identity(
     let Some(identity) = cfg.identity.as_mut() else {
         return Ok(());
     };
-    if let Some(name) = &args.kubernetes.ca_secret {
-        let ns = args.kubernetes.namespace(client);
-        let ca = crate::k8s::load_or_create_ca_secret(
-            client.clone(),
-            &ns,
-            name,
-            &args.ca.trust_domain,
-            args.ca.cert_lifetime.get(),
-        )
-        .await?;
+    let k = &args.kubernetes;
+    if let Some(ca) = k
+        .ca(client, &args.ca.trust_domain, args.ca.cert_lifetime.get())
+        .await?
+    {
         identity.ca = Arc::new(ca);
     }
-    if args.kubernetes.token_review {
-        identity.verifier = Arc::new(crate::k8s::TokenReviewVerifier::new(
-            client.clone(),
-            crate::k8s::identity::TOKEN_AUDIENCE,
-        ));
+    if let Some(verifier) = k.verifier(client) {
+        identity.verifier = Arc::new(verifier);
     }
     Ok(())
 }
@@ -681,6 +673,107 @@ mod tests {
             cfg.policy_limits.max_depth,
             sluice_config::Limits::default().max_depth
         );
+    }
+
+    #[tokio::test]
+    async fn in_a_cluster_the_ca_secret_and_token_review_replace_the_local_identity() {
+        use crate::k8s::double::ApiServer;
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = dir.path().join("tokens");
+        std::fs::write(
+            &tokens,
+            r#"{"token":"local","namespace":"shop","serviceAccount":"order"}"#,
+        )
+        .unwrap();
+        let parse = |extra: &[&str]| {
+            let mut argv = vec![
+                "sluice-control-plane",
+                "--policy-dir",
+                "/p",
+                "--trust-domain",
+                "mesh.test",
+                "--cert-lifetime",
+                "90s",
+                "--bootstrap-tokens",
+                tokens.to_str().unwrap(),
+            ];
+            argv.extend_from_slice(extra);
+            Args::try_parse_from(argv).unwrap()
+        };
+        let api = ApiServer::new();
+        api.respond("tokenreviews", |review| {
+            let ok = review["spec"]["token"] == "projected";
+            serde_json::json!({
+                "apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                "metadata": {}, "spec": {},
+                "status": {
+                    "authenticated": ok,
+                    "user": { "username": "system:serviceaccount:shop:log", "uid": "u1" },
+                    "audiences": ["sluice"],
+                }
+            })
+        });
+        let client = api.client();
+
+        // Without the flags the cluster changes nothing and is not asked.
+        let args = parse(&[]);
+        let mut cfg = args.to_config().unwrap();
+        let local_root = cfg.identity.as_ref().unwrap().ca.root_pem();
+        kube_identity(&args, &client, &mut cfg).await.unwrap();
+        let id = cfg.identity.as_ref().unwrap();
+        assert_eq!(id.ca.root_pem(), local_root);
+        assert!(id.verifier.verify_async("local").await.is_ok());
+        assert!(api.calls().is_empty(), "{:?}", api.calls());
+
+        let args = parse(&[
+            "--ca-secret",
+            "sluice-ca",
+            "--pod-namespace",
+            "mesh",
+            "--token-review",
+        ]);
+        let mut cfg = args.to_config().unwrap();
+        kube_identity(&args, &client, &mut cfg).await.unwrap();
+        let id = cfg.identity.as_ref().unwrap();
+        let secret = api.get("secrets", "mesh", "sluice-ca").expect("the Secret");
+        assert!(secret["data"]["ca.crt"].is_string(), "{secret}");
+        assert_ne!(id.ca.root_pem(), local_root);
+        // The root in the Secret, with the command line's trust domain and lifetime.
+        assert_eq!(id.ca.trust_domain(), "mesh.test");
+        assert_eq!(id.ca.leaf_ttl(), std::time::Duration::from_secs(90));
+        let again = crate::k8s::load_or_create_ca_secret(
+            client.clone(),
+            "mesh",
+            "sluice-ca",
+            "mesh.test",
+            std::time::Duration::from_secs(90),
+        )
+        .await
+        .unwrap();
+        assert_eq!(id.ca.root_der(), again.root_der());
+        // Tokens are now the API server's to judge; the local file is not read.
+        assert_eq!(
+            id.verifier.verify_async("projected").await.unwrap(),
+            crate::ca::WorkloadIdentity::new("shop", "log").unwrap()
+        );
+        assert!(id.verifier.verify_async("local").await.is_err());
+
+        // Plaintext: no identity to replace, and the cluster is not asked.
+        let args = Args::try_parse_from([
+            "sluice-control-plane",
+            "--policy-dir",
+            "/p",
+            "--plaintext",
+            "--ca-secret",
+            "other",
+            "--token-review",
+        ])
+        .unwrap();
+        let mut cfg = args.to_config().unwrap();
+        let before = api.calls().len();
+        kube_identity(&args, &client, &mut cfg).await.unwrap();
+        assert!(cfg.identity.is_none());
+        assert_eq!(api.calls().len(), before);
     }
 
     #[test]
