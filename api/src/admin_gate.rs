@@ -71,6 +71,16 @@ impl Refusal {
         }
     }
 
+    /// The `WWW-Authenticate` challenges it answers with: on a 401 the Bearer one (for
+    /// tools) and the Basic one (so a browser asks for the token, whichever admin route
+    /// it opened first); none on a 403.
+    pub fn challenges(self) -> &'static [&'static str] {
+        match self {
+            Refusal::BadToken => &[CHALLENGE, BASIC_CHALLENGE],
+            Refusal::NoTokenConfigured | Refusal::TokenFileUnusable => &[],
+        }
+    }
+
     /// The text the refusal answers with.
     pub fn message(self) -> &'static str {
         match self {
@@ -224,6 +234,16 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_401_carries_challenges_and_it_carries_both() {
+        assert_eq!(Refusal::BadToken.status(), 401);
+        assert_eq!(Refusal::BadToken.challenges(), [CHALLENGE, BASIC_CHALLENGE]);
+        for closed in [Refusal::NoTokenConfigured, Refusal::TokenFileUnusable] {
+            assert_eq!(closed.status(), 403);
+            assert!(closed.challenges().is_empty(), "{closed:?}");
+        }
+    }
 
     #[test]
     fn loopback_is_open_and_beyond_needs_the_token() {

@@ -131,20 +131,15 @@ fn route(shared: &Shared, gate: &AdminGate, req: &Request<Incoming>) -> Response
     }
 }
 
-/// The gate's refusal as an answer, with the challenge on a 401.
-fn refused(refusal: Refusal) -> Response<Full<Bytes>> {
+/// The gate's refusal as an answer, with the challenges on a 401.
+pub(crate) fn refused(refusal: Refusal) -> Response<Full<Bytes>> {
     let status = StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::FORBIDDEN);
     let mut resp = text(status, refusal.message());
-    if status == StatusCode::UNAUTHORIZED {
-        for challenge in [
-            sluice_api::admin_gate::CHALLENGE,
-            sluice_api::admin_gate::BASIC_CHALLENGE,
-        ] {
-            resp.headers_mut().append(
-                hyper::header::WWW_AUTHENTICATE,
-                hyper::header::HeaderValue::from_static(challenge),
-            );
-        }
+    for challenge in refusal.challenges() {
+        resp.headers_mut().append(
+            hyper::header::WWW_AUTHENTICATE,
+            hyper::header::HeaderValue::from_static(challenge),
+        );
     }
     resp
 }

@@ -245,20 +245,15 @@ fn is_public(method: &Method, path: &str) -> bool {
         && (matches!(path, "/live" | "/ready" | "/metrics") || path.starts_with("/app-health/"))
 }
 
-/// The gate's refusal as an answer, with the challenge on a 401.
+/// The gate's refusal as an answer, with the challenges on a 401.
 fn refused(refusal: sluice_api::admin_gate::Refusal) -> Response<Body> {
     let status = StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::FORBIDDEN);
     let mut resp = text(status, refusal.message());
-    if status == StatusCode::UNAUTHORIZED {
-        for challenge in [
-            sluice_api::admin_gate::CHALLENGE,
-            sluice_api::admin_gate::BASIC_CHALLENGE,
-        ] {
-            resp.headers_mut().append(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static(challenge),
-            );
-        }
+    for challenge in refusal.challenges() {
+        resp.headers_mut().append(
+            header::WWW_AUTHENTICATE,
+            HeaderValue::from_static(challenge),
+        );
     }
     resp
 }

@@ -44,16 +44,7 @@ fn refusal<B>(gate: &AdminGate, req: &Request<B>) -> Option<Response<Full<Bytes>
         .headers()
         .get(hyper::header::AUTHORIZATION)
         .map(|v| v.as_bytes());
-    let refusal = gate.check(auth).err()?;
-    let status = StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::FORBIDDEN);
-    let mut resp = text(status, refusal.message().to_string());
-    if status == StatusCode::UNAUTHORIZED {
-        resp.headers_mut().insert(
-            hyper::header::WWW_AUTHENTICATE,
-            hyper::header::HeaderValue::from_static(sluice_api::admin_gate::CHALLENGE),
-        );
-    }
-    Some(resp)
+    gate.check(auth).err().map(crate::admin::refused)
 }
 
 /// What every relay from another replica carries: the sender's name in `header` and a
@@ -439,11 +430,20 @@ mod tests {
                 .expect("a request");
             let resp = client.request(req).await.expect("answered");
             assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{path}");
+            // Both challenges, as on the admin port's other routes: a browser opening
+            // `/rollouts` first asks for the token too.
+            let challenges: Vec<&[u8]> = resp
+                .headers()
+                .get_all(hyper::header::WWW_AUTHENTICATE)
+                .iter()
+                .map(|v| v.as_bytes())
+                .collect();
             assert_eq!(
-                resp.headers()
-                    .get(hyper::header::WWW_AUTHENTICATE)
-                    .map(|v| v.as_bytes()),
-                Some(sluice_api::admin_gate::CHALLENGE.as_bytes()),
+                challenges,
+                [
+                    sluice_api::admin_gate::CHALLENGE.as_bytes(),
+                    sluice_api::admin_gate::BASIC_CHALLENGE.as_bytes()
+                ],
                 "{path}"
             );
         }
