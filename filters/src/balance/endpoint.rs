@@ -504,3 +504,31 @@ impl BalanceRegistry {
         self.endpoints.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The cost is the estimate times (in flight + 1); a sample from within the last
+    /// thousandth of the decay period is taken as it is (no `exp` per comparison on a
+    /// busy endpoint), an older one decays by e^(-age / decay).
+    #[tokio::test(start_paused = true)]
+    async fn cost_is_the_decayed_estimate_times_requests_in_flight_plus_one() {
+        let decay = Duration::from_secs(10);
+        let ep = EndpointState::new("a".into(), None, Duration::from_millis(1));
+        let t0 = Instant::now() + Duration::from_secs(1);
+        ep.observe_rtt(t0, Duration::from_millis(4), decay);
+        let rtt = 4e6;
+        assert_eq!(ep.cost_at(t0, decay), rtt);
+        // 5 ms on is half a thousandth of the period: no decay at all, bit for bit.
+        assert_eq!(ep.cost_at(t0 + Duration::from_millis(5), decay), rtt);
+        ep.start();
+        ep.start();
+        assert_eq!(ep.cost_at(t0 + Duration::from_millis(5), decay), 3.0 * rtt);
+        ep.finish();
+        ep.finish();
+        // One whole period on: e⁻¹ of it.
+        let decayed = ep.cost_at(t0 + decay, decay);
+        assert!((decayed - rtt * (-1.0f64).exp()).abs() < 1.0, "{decayed}");
+    }
+}
