@@ -344,6 +344,55 @@ async fn registry_keeps_endpoint_state_across_swaps() {
     reg.retain(|addr| ["a", "c"].contains(&addr));
     assert_eq!(reg.len(), 2);
     assert!(reg.get("b", None).is_none());
+    let a = reg.get("a", None).expect("a is kept");
+    assert!(Arc::ptr_eq(&a, &after.endpoints()[0]));
+    assert!(
+        reg.get("a", Some("spiffe://cluster.local/ns/x/sa/y"))
+            .is_none()
+    );
+    assert!(!reg.is_empty());
+    reg.retain(|_| false);
+    assert!(reg.is_empty());
+}
+
+/// What `GET /endpoints` shows: every address held (per identity), sorted, with its
+/// health, estimate in milliseconds, requests in flight and time since its ramp began.
+#[tokio::test(start_paused = true)]
+async fn the_registry_lists_every_address_as_the_admin_api_shows_it() {
+    let reg = BalanceRegistry::new();
+    assert!(reg.list().is_empty());
+    let params = BalanceParams::new("b", ["b:1", "a:1"]);
+    let set = reg.endpoint_set(&params);
+    let id: Arc<str> = Arc::from("spiffe://cluster.local/ns/shop/sa/log");
+    reg.endpoint_set(&BalanceParams::new("m", ["a:1"]).with_identity(Some(id.clone())));
+    advance(Duration::from_secs(3)).await;
+    let (b, a) = (&set.endpoints()[0], &set.endpoints()[1]);
+    a.observe_rtt(Instant::now(), Duration::from_micros(4_500), params.decay);
+    a.start();
+    b.eject(Instant::now(), false, params.eject_base, params.eject_max);
+    let list = reg.list();
+    let rows: Vec<_> = list
+        .iter()
+        .map(|v| {
+            (
+                v.address.as_str(),
+                v.identity.as_deref(),
+                v.health,
+                v.pending,
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("a:1", None, "healthy", 1),
+            ("a:1", Some(&*id), "healthy", 0),
+            ("b:1", None, "ejected", 0)
+        ]
+    );
+    assert_eq!(list[0].rtt_ms, 4.5);
+    assert_eq!(list[0].ramp_age_s, 3.0);
+    a.finish();
 }
 
 /// The layers of this crate compose as the proxy stacks them, and each leaves its mark.
@@ -617,5 +666,64 @@ async fn a_cancelled_probe_lets_the_next_request_probe() {
     assert_eq!(a.health(), Health::ProbeDue);
     let (addr, r) = send(&mut svc, &mut handle, &[]).await;
     assert_eq!((addr.as_deref(), r.is_ok()), (Some("a:1"), true));
+    assert_eq!(a.health(), Health::Healthy);
+}
+
+/// Two endpoints both ramping in are weighed by the ratio of their weights: one at a
+/// quarter against one at a half competes as a half, from either side of the pair, so
+/// even when it answers faster it wins only half its comparisons.
+#[tokio::test(start_paused = true)]
+async fn two_ramping_endpoints_are_weighed_by_the_ratio_of_their_weights() {
+    let reg = BalanceRegistry::new();
+    let slow = Duration::from_secs(10);
+    let params =
+        |addrs: &[&str]| BalanceParams::new("b", addrs.iter().copied()).with_slow_start(Some(slow));
+    reg.endpoint_set(&params(&["old"]));
+    advance(slow / 4).await;
+    let set = reg.endpoint_set(&params(&["old", "new"]));
+    advance(slow / 4).await;
+    let (old, new) = (&set.endpoints()[0], &set.endpoints()[1]);
+    assert_eq!(old.weight_at(Instant::now(), slow), 0.5);
+    assert_eq!(new.weight_at(Instant::now(), slow), 0.25);
+    let decay = params(&[]).decay;
+    old.observe_rtt(Instant::now(), Duration::from_millis(5), decay);
+    new.observe_rtt(Instant::now(), Duration::from_millis(1), decay);
+    let rng = RandomSource::seeded(13);
+    let s = share(&set, 1, 12_000, &rng);
+    assert!((s - 0.5).abs() < 0.025, "share {s}");
+}
+
+/// A plain request to an endpoint, cancelled while that endpoint's probe is in flight,
+/// leaves the probe alone: only the probe's own end lets another request probe.
+#[tokio::test(start_paused = true)]
+async fn a_plain_request_cancelled_during_a_probe_leaves_the_probe_alone() {
+    let (set, mut svc, mut handle) = balancer(&["a:1", "b:1"]);
+    let a = set.endpoints()[0].clone();
+    let to = |req: &Request<()>| {
+        let ep = crate::extensions::Routing::endpoint(req.extensions());
+        ep.unwrap().0.to_string()
+    };
+    // A plain request held in flight on a.
+    let (plain, _plain_reply) = loop {
+        let mut fut = Box::pin(svc.ready().await.unwrap().call(Request::new(())));
+        assert!(futures_util::FutureExt::now_or_never(&mut fut).is_none());
+        let (req, reply) = handle.next_request().await.unwrap();
+        if to(&req) == "a:1" {
+            break (fut, reply);
+        }
+        reply.send_response(Response::new(()));
+        fut.await.unwrap();
+    };
+    // a stops taking connections; once its ejection runs out, the next request probes it.
+    let params = BalanceParams::new("x", ["a:1"]);
+    a.eject(Instant::now(), false, params.eject_base, params.eject_max);
+    advance(params.eject_base).await;
+    let probe = svc.ready().await.unwrap().call(Request::new(()));
+    let (req, probe_reply) = handle.next_request().await.unwrap();
+    assert_eq!((to(&req), a.health()), ("a:1".to_string(), Health::Probing));
+    drop(plain);
+    assert_eq!(a.health(), Health::Probing, "still the probe's");
+    probe_reply.send_response(Response::new(()));
+    probe.await.unwrap();
     assert_eq!(a.health(), Health::Healthy);
 }
