@@ -275,8 +275,12 @@ fn registry_keeps_buckets_across_equal_swaps_and_rebuilds_on_change() {
     assert_eq!(admitted(&f, 0, 10), 3, "new rate: fresh buckets");
 
     reg.get_or_rebuild("r2", &p);
+    assert_eq!(reg.len(), 2);
     reg.retain(|k| *k == "r2");
     assert_eq!(reg.len(), 1);
+    assert!(!reg.is_empty());
+    reg.retain(|_| false);
+    assert!(reg.is_empty());
 }
 
 #[test]
