@@ -8,7 +8,8 @@
 //! and swap, readiness stays a single `poll_ready`, and a retry re-sends to the same
 //! backend without deciding again.
 //!
-//! Rules are tried in file order; the first whose `when` headers all match decides. A
+//! Rules are tried in file order; the first whose `when` headers all match (a repeated
+//! request header on any of its values, as a route's match) decides. A
 //! weighted rule walks its weights in file order over a point in `[0, 10000)`: a random one
 //! per request, or with `stickyBy`, [`sticky_point`] of the header's value — a fixed,
 //! unseeded FNV-1a hash, the same on every sidecar and across restarts. Because the walk

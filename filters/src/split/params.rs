@@ -216,10 +216,12 @@ impl SplitParams {
 
     fn pick(&self, headers: &HeaderMap) -> Pick<'_> {
         for rule in &self.rules {
+            // As a route's header match: a repeated request header matches when any of
+            // its values does, so the route and its split read the same request alike.
             if !rule
                 .when
                 .iter()
-                .all(|(n, v)| headers.get(n).is_some_and(|h| h == v))
+                .all(|(n, v)| headers.get_all(n).iter().any(|h| h == v))
             {
                 continue;
             }

@@ -228,6 +228,18 @@ fn header_rules_win_over_weights_in_order() {
             p.decide(&req(&[("x-canary", "false"), ("x-user-id", &uid)]), &rng),
             0
         );
+        // A repeated header matches on any of its values, first or not.
+        assert_eq!(
+            p.decide(
+                &req(&[
+                    ("x-canary", "false"),
+                    ("x-canary", "true"),
+                    ("x-user-id", &uid)
+                ]),
+                &rng
+            ),
+            1
+        );
     }
 }
 

@@ -155,6 +155,21 @@ async fn check_routes(conn: &mut HttpConn) {
             "fallback",
         ),
         (Method::GET, "canary", "/", &[], "fallback"),
+        // a repeated header matches on any of its values, for a route and a split alike
+        (
+            Method::POST,
+            "alpha",
+            "/api/users",
+            &[("x-tier", "silver"), ("x-tier", "gold")],
+            "users-gold",
+        ),
+        (
+            Method::GET,
+            "canary",
+            "/",
+            &[("x-canary", "false"), ("x-canary", "true")],
+            "canary",
+        ),
     ];
     for (method, host, path, headers, want) in cases {
         let reply = conn
