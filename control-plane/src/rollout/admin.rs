@@ -563,8 +563,9 @@ mod tests {
         );
     }
 
-    /// Reports relayed from two streams of one node id count as two proxies; a stream
-    /// the relaying replica then lists as closed stands down for the one still open,
+    /// Reports relayed from three streams of one node id count as three proxies; a stream
+    /// the relaying replica then lists as closed stands down for the ones still open
+    /// (and only that one: the open ones keep counting),
     /// and the holder answers the list with its count.
     #[tokio::test]
     async fn relayed_reports_count_by_stream_until_their_replica_lists_them_closed() {
@@ -577,7 +578,7 @@ mod tests {
             requests: 5,
             ..pb::BackendCounts::default()
         };
-        for stream in ["cp-b/1", "cp-b/2"] {
+        for stream in ["cp-b/1", "cp-b/2", "cp-b/3"] {
             let headers = [(NODE_HEADER, "twin"), (STREAM_HEADER, stream)];
             let (code, _, body) = send(
                 addr,
@@ -594,7 +595,7 @@ mod tests {
                 .reports
                 .proxies_with_traffic("log", "ingest", shared.clock.instant())
         };
-        assert_eq!(count(), 2, "one node id, two proxies");
+        assert_eq!(count(), 3, "one node id, three proxies");
 
         let rows = |stream: u64, connected: bool| RemoteProxy {
             node_id: "twin".into(),
@@ -603,7 +604,8 @@ mod tests {
             disconnected_at_unix_ms: (!connected).then_some(1),
             ..Default::default()
         };
-        let list = serde_json::to_vec(&[rows(1, false), rows(2, true)]).expect("JSON");
+        let list =
+            serde_json::to_vec(&[rows(1, false), rows(2, true), rows(3, true)]).expect("JSON");
         let replica = [(REPLICA_HEADER, "cp-b")];
         let (code, ctype, body) =
             send(addr, Method::POST, "/rollouts/proxies", &replica, list).await;
@@ -611,7 +613,11 @@ mod tests {
             (code, ctype.as_str()),
             (200, crate::rollout::forward::PROTOBUF)
         );
-        assert_eq!(count(), 1, "the closed stream's twin stands for it");
+        assert_eq!(
+            count(),
+            2,
+            "the closed stream's twins stand for it; open streams stay"
+        );
         // The answer is the holder's count, for the replica's own proxies.
         let counts = pb::RouteTraffic::decode(body.as_bytes()).expect("protobuf");
         assert_eq!(
@@ -619,7 +625,7 @@ mod tests {
             [pb::RouteProxies {
                 policy: "log".into(),
                 route: "ingest".into(),
-                proxies: 1,
+                proxies: 2,
             }]
         );
     }
