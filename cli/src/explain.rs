@@ -670,6 +670,40 @@ spec:
         assert!(unknown.policy.is_none() && unknown.routes.is_empty());
     }
 
+    /// A rule's verdict names its conditions; the rate limit names the bucket the
+    /// request falls in, for each way a limit can be keyed.
+    #[test]
+    fn rule_conditions_and_every_rate_limit_key_are_told() {
+        let x = explainer();
+        let canary = x.explain(&probe("POST", "/logs", &["x-canary:true"]));
+        assert_eq!(
+            canary.backend.unwrap().why,
+            "split rule 1 (when x-canary: true) names it"
+        );
+        let read = x.explain(&probe("GET", "/logs", &[]));
+        assert_eq!(
+            read.backend.unwrap().why,
+            "split rule 1 (every request) names it"
+        );
+        let bucket = |key: &str| {
+            let policy = POLICY.replace("key: { header: x-tenant-id }", key);
+            let set = PolicySet::from_files([("p.yaml", policy.as_str())]).unwrap();
+            let g = Explainer::new(&set)
+                .unwrap()
+                .explain(&probe("POST", "/logs", &[]))
+                .governance
+                .unwrap();
+            let rl = g.rate_limit.unwrap();
+            rl.split_once("; ").unwrap().1.to_string()
+        };
+        assert_eq!(bucket("key: { path: true }"), "bucket of this path");
+        assert_eq!(
+            bucket("key: { peerIdentity: true }"),
+            "bucket of the caller's identity (mTLS)"
+        );
+        assert_eq!(bucket("scope: local"), "one bucket for the whole route");
+    }
+
     #[test]
     fn refuses_bad_probe_words() {
         assert!(Probe::parse("h", "GET", "/", &["novalue".into()]).is_err());

@@ -106,10 +106,24 @@ mod tests {
     }
 
     #[test]
+    fn knows_when_it_is_empty_and_shortens_versions() {
+        let mut t = Table::new(["A"]);
+        assert!(t.is_empty());
+        t.row(["x"]);
+        assert!(!t.is_empty());
+        assert_eq!(short("0123456789abcdef"), "0123456789ab");
+        assert_eq!(short("abc"), "abc");
+        // Past 2026-01-01: the clock read, not a constant.
+        assert!(now_ms() > 1_767_225_600_000);
+    }
+
+    #[test]
     fn formats_times() {
         assert_eq!(utc(0), "1970-01-01T00:00:00Z");
         assert_eq!(utc(1_795_425_458_123), "2026-11-23T09:17:38Z");
         assert_eq!(span(Duration::from_secs(59)), "59s");
+        assert_eq!(span(Duration::from_secs(60)), "1m");
+        assert_eq!(span(Duration::from_secs(3599)), "59m");
         assert_eq!(span(Duration::from_secs(7200)), "2h");
         assert_eq!(span(Duration::from_secs(3 * 86_400)), "3d");
     }
