@@ -658,6 +658,62 @@ async fn diff_compares_files_with_what_the_control_plane_serves() {
     .await;
     let out = sluicectl(&["--control-plane", &cp_url, "diff", d, "-o", "json"]);
     assert_eq!(json(&out)["identical"], true);
+
+    // A policy only in the files is missing from what is served: a difference.
+    let other = LOG_POLICY
+        .replace("name: log,", "name: audit,")
+        .replace("host: log", "host: audit");
+    std::fs::write(dir.path().join("audit.yaml"), &other).unwrap();
+    let out = sluicectl(&["--control-plane", &cp_url, "diff", d]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stdout(&out).contains("missing  e2e/audit: in the files, not served by the control plane"),
+        "{}",
+        stdout(&out)
+    );
+    // A policy only served is extra: said, but a difference only with --all (the
+    // files may be one team's share of the mesh).
+    std::fs::remove_file(dir.path().join("audit.yaml")).unwrap();
+    cp.write_policy("audit.yaml", &other);
+    wait_until(
+        "the control plane serves the second policy",
+        WAIT,
+        || async {
+            stdout(&sluicectl(&["--control-plane", &cp_url, "diff", d])).contains("e2e/audit")
+        },
+    )
+    .await;
+    let out = sluicectl(&["--control-plane", &cp_url, "diff", d]);
+    assert!(out.status.success(), "{}", stdout(&out));
+    let text = stdout(&out);
+    assert!(text.contains("same     e2e/log"), "{text}");
+    assert!(
+        text.contains(
+            "extra    e2e/audit: served by the control plane, not in these files (ignored without --all)"
+        ),
+        "{text}"
+    );
+    let out = sluicectl(&["--control-plane", &cp_url, "diff", d, "--all"]);
+    assert_eq!(out.status.code(), Some(1), "{}", stdout(&out));
+    assert!(
+        stdout(&out)
+            .contains("extra    e2e/audit: served by the control plane, not in these files\n"),
+        "{}",
+        stdout(&out)
+    );
+    let out = sluicectl(&["--control-plane", &cp_url, "diff", d, "-o", "json"]);
+    let v = json(&out);
+    assert_eq!(v["identical"], true, "{v}");
+    let states: Vec<(&str, &str)> = v["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| (p["policy"].as_str().unwrap(), p["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        states,
+        [("e2e/log", "same"), ("e2e/audit", "only-on-control-plane")]
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
