@@ -232,7 +232,61 @@ pub fn main() -> ExitCode {
 
 #[cfg(test)]
 mod tests {
-    use super::asked_for_json;
+    use clap::Parser as _;
+
+    use super::*;
+
+    /// `--proxy` values (blank ones skipped, whitespace trimmed), the local proxy when
+    /// none is given, `-o json`, and JSON printed pretty with a final newline.
+    #[test]
+    fn the_context_reads_the_global_flags() {
+        let cli = Cli::try_parse_from([
+            "sluicectl",
+            "--proxy",
+            " ",
+            "--proxy",
+            " http://10.0.0.7:15000 ",
+            "-o",
+            "json",
+            "status",
+        ])
+        .unwrap();
+        let mut out = Vec::new();
+        let mut ctx = Ctx {
+            global: &cli.global,
+            token: None,
+            out: &mut out,
+        };
+        assert!(ctx.json());
+        let urls = |c: Vec<AdminClient>| c.iter().map(|c| c.url().to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            urls(ctx.explicit_proxies().unwrap()),
+            ["http://10.0.0.7:15000"]
+        );
+        assert_eq!(urls(ctx.proxies().unwrap()), ["http://10.0.0.7:15000"]);
+        ctx.print_json(&serde_json::json!({ "a": 1 })).unwrap();
+        ctx.print("x").unwrap();
+        assert_eq!(String::from_utf8(out).unwrap(), "{\n  \"a\": 1\n}\nx");
+
+        let cli = Cli::try_parse_from(["sluicectl", "status"]).unwrap();
+        let mut out = Vec::new();
+        let ctx = Ctx {
+            global: &cli.global,
+            token: None,
+            out: &mut out,
+        };
+        assert!(!ctx.json());
+        assert!(ctx.explicit_proxies().unwrap().is_empty());
+        assert_eq!(urls(ctx.proxies().unwrap()), [DEFAULT_PROXY]);
+    }
+
+    #[test]
+    fn an_error_as_json_carries_its_exit_code() {
+        let e = CliError::Usage("bad".into());
+        let v = error_json(&e);
+        assert_eq!(v["error"], e.to_string());
+        assert_eq!(v["exitCode"], e.exit_code());
+    }
 
     #[test]
     fn finds_json_asked_for_in_a_command_line_clap_refused() {
