@@ -257,8 +257,18 @@ fn a_refused_command_line_answers_json_when_json_was_asked_for() {
     );
     let out = sluicectl(&["-o", "json", "--help"]);
     assert_eq!(out.status.code(), Some(0));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("Usage: "));
+    let help = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        help.contains("Usage: ") && !help.contains("exitCode"),
+        "{help}"
+    );
     let out = sluicectl(&["rollout", "pause"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(out.stdout.is_empty(), "no JSON unless asked for");
+    // The same for a command that runs and fails: the error on stderr only.
+    let out = sluicectl(&["--proxy", "ftp://x", "breakers"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(out.stdout.is_empty(), "no JSON unless asked for");
+    assert!(err.starts_with("sluicectl: "), "{err}");
 }
