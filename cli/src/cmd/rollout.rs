@@ -496,6 +496,40 @@ mod tests {
         assert_eq!(done_text(&t), ": paused, canary at 10%: paused by hand");
         assert_eq!(done_text(&serde_json::json!("")), "");
         assert_eq!(done_text(&serde_json::json!("ok")), " (ok)");
+        // An answer that is not a transition is shown as it came.
+        assert_eq!(
+            done_text(&serde_json::json!({ "other": 1 })),
+            " ({\"other\":1})"
+        );
+    }
+
+    /// What a sparse or later control plane's answer still shows: no weights as `-`,
+    /// a step without the step list, and the proxies a step waits for.
+    #[test]
+    fn shows_steps_without_a_list_weights_and_the_proxies_awaited() {
+        assert_eq!(weights_text(&serde_json::json!({})), "-");
+        assert_eq!(weights_text(&serde_json::json!(null)), "-");
+        let r = |phase: &str| Rollout {
+            phase: phase.into(),
+            step: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(step_text(&r("promoted")), "promoted at 3");
+        assert_eq!(step_text(&r("progressing")), "3");
+        let waiting = Rollout {
+            proxies_awaited: serde_json::json!(["order-3", "order-4"]),
+            ..r("progressing")
+        };
+        let text = render(&[waiting]);
+        assert!(
+            text.contains("  waiting for the acks of: order-3, order-4\n"),
+            "{text}"
+        );
+        let none = Rollout {
+            proxies_awaited: serde_json::json!([]),
+            ..r("progressing")
+        };
+        assert!(!render(&[none]).contains("waiting for"));
     }
 
     #[test]
