@@ -922,6 +922,13 @@ async fn rollout_status_pause_resume_promote_and_abort_drive_a_live_rollout() {
     let out = sluicectl(&["--control-plane", cp, "rollout", "resume", id]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
     assert_eq!(mesh.rollout().await["phase"], "progressing");
+    // In words: what was done, then where the rollout stands now.
+    let text = stdout(&out);
+    assert!(
+        text.starts_with(&format!("{id}: resume done: resumed")),
+        "{text}"
+    );
+    assert!(text.contains(&format!("\n{id} (canary ")), "{text}");
 
     let out = sluicectl(&["--control-plane", cp, "rollout", "promote", id]);
     assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
