@@ -359,8 +359,13 @@ mod tests {
             state_of(&record("b", Some("a"), None, true), at(5), grace),
             State::Pending
         );
+        // The grace is the time allowed: exactly at it still pending.
         assert_eq!(
-            state_of(&record("b", Some("a"), None, true), at(11), grace),
+            state_of(&record("b", Some("a"), None, true), at(10), grace),
+            State::Pending
+        );
+        assert_eq!(
+            state_of(&record("b", Some("a"), None, true), at(10) + 1, grace),
             State::Drift
         );
         assert_eq!(

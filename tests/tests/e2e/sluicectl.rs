@@ -425,10 +425,54 @@ async fn status_shows_acks_certificates_and_fails_on_a_nack() {
 
     let out = sluicectl(&["--control-plane", &cp_url, "--proxy", &proxy_url, "status"]);
     let text = stdout(&out);
+    let row = text
+        .lines()
+        .find(|l| l.starts_with("order-0"))
+        .unwrap_or_else(|| panic!("{text}"));
     assert!(
-        text.contains("order-0") && text.contains("in-sync") && text.contains(&not_after[..10]),
-        "{text}"
+        row.contains("in-sync") && row.contains(&not_after[..10]) && !row.contains("EXPIRED"),
+        "{row}"
     );
+    assert!(row.contains("s ago"), "last seen: {row}");
+
+    // A proxy asked directly that the control plane does not know (on its own file
+    // policy, plaintext): listed as such, with its own version; not a failure.
+    let lone = TestProxy::start(LOG_POLICY).await;
+    let lone_url = lone.admin_addr().to_string();
+    let args = [
+        "--control-plane",
+        &cp_url,
+        "--proxy",
+        &proxy_url,
+        "--proxy",
+        &lone_url,
+        "status",
+    ];
+    let out = sluicectl(&[&args[..], &["-o", "json"]].concat());
+    assert!(out.status.success(), "{}{}", stdout(&out), stderr(&out));
+    let v = json(&out);
+    let p = &v["proxies"][1];
+    assert_eq!(p["state"], "not-on-control-plane", "{v:#}");
+    assert_eq!(
+        (&p["mtls"], &p["cert_expired"]),
+        (&false.into(), &false.into())
+    );
+    assert!(p["admin"].as_str().unwrap().ends_with(&lone_url), "{v:#}");
+    // Its own version: the same policy text, so the same hash as the control plane's.
+    let lone_version = p["acked_version"].as_str().expect("its own version");
+    assert_eq!(lone_version, version.as_str());
+    assert!(!p["node_id"].as_str().unwrap().is_empty(), "{v:#}");
+    let out = sluicectl(&args);
+    let text = stdout(&out);
+    let row = text
+        .lines()
+        .find(|l| l.contains("not-on-control-plane"))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(
+        row.contains("no mTLS") && row.contains(&lone_version[..12]) && !row.contains(" ago"),
+        "never seen by the control plane: {row}"
+    );
+    lone.shutdown().await;
     proxy.shutdown().await;
 
     // A snapshot the proxy cannot take: refused, and status says so with exit 1.
