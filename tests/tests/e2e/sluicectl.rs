@@ -839,17 +839,49 @@ async fn tap_filters_a_live_proxys_recent_requests_after_the_response() {
         text.lines().nth(1).unwrap().contains("breaker-open"),
         "{text}"
     );
-    proxy.shutdown().await;
+    // Nothing matching says so; with --headers each row is followed by its headers,
+    // and no table title or "no request matches" comes with them.
+    let out = sluicectl(&["--proxy", &url, "tap", "--backend", "v2"]);
+    assert_eq!(stdout(&out), "no request matches\n");
+    let out = sluicectl(&[
+        "--proxy",
+        &url,
+        "tap",
+        "--reason",
+        "breaker-open",
+        "--headers",
+    ]);
+    let text = stdout(&out);
+    assert!(!text.contains("no request matches"), "{text}");
+    assert!(
+        text.contains("    < x-sluice-reason: breaker-open\n"),
+        "{text}"
+    );
+    assert_eq!(
+        text.lines()
+            .filter(|l| !l.starts_with(' ') && l.contains("breaker-open"))
+            .count(),
+        2,
+        "two rows: {text}"
+    );
 
-    // A proxy without the ring says so, and tap exits 1.
+    // A proxy without the ring says so, and tap exits 1; asked for JSON, the notice
+    // is not printed (the document says `enabled: false`).
     let plain = TestProxy::start(&breaker_policy(upstream.addr())).await;
-    let out = sluicectl(&["--proxy", &plain.admin_addr().to_string(), "tap"]);
+    let plain_url = plain.admin_addr().to_string();
+    let out = sluicectl(&["--proxy", &plain_url, "tap"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(
         stdout(&out).contains("recent requests are off"),
         "{}",
         stdout(&out)
     );
+    let out = sluicectl(&["--proxy", &plain_url, "--proxy", &url, "tap", "-o", "json"]);
+    assert_eq!(out.status.code(), Some(0), "one proxy has the ring");
+    let v = json(&out);
+    assert_eq!(v["proxies"][0]["enabled"], false, "{v:#}");
+    assert_eq!(v["proxies"][1]["enabled"], true, "{v:#}");
+    proxy.shutdown().await;
     plain.shutdown().await;
 }
 
