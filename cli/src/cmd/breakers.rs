@@ -136,16 +136,7 @@ async fn list(ctx: &mut Ctx<'_>) -> Result<Verdict, CliError> {
     ]);
     for (proxy, breakers) in &all {
         for b in breakers {
-            let since = match (b.state.as_str(), b.opened_at, b.next_probe_at) {
-                ("closed", ..) => "-".to_string(),
-                (_, Some(at), Some(probe)) => format!(
-                    "{} ago, probe in {}",
-                    span(ms(now.saturating_sub(at))),
-                    span(ms(probe.saturating_sub(now)))
-                ),
-                (_, Some(at), None) => format!("{} ago, held", span(ms(now.saturating_sub(at)))),
-                _ => "-".to_string(),
-            };
+            let since = since_text(&b.state, b.opened_at, b.next_probe_at, now);
             let last = b
                 .recent_transitions
                 .last()
@@ -185,6 +176,21 @@ fn ms(ms: u64) -> std::time::Duration {
     std::time::Duration::from_millis(ms)
 }
 
+/// The SINCE column at `now` (ms): how long a breaker has been open and when it
+/// probes next, or `held` when it was opened by hand; `-` for a closed one.
+fn since_text(state: &str, opened_at: Option<u64>, next_probe_at: Option<u64>, now: u64) -> String {
+    match (state, opened_at, next_probe_at) {
+        ("closed", ..) => "-".to_string(),
+        (_, Some(at), Some(probe)) => format!(
+            "{} ago, probe in {}",
+            span(ms(now.saturating_sub(at))),
+            span(ms(probe.saturating_sub(now)))
+        ),
+        (_, Some(at), None) => format!("{} ago, held", span(ms(now.saturating_sub(at)))),
+        _ => "-".to_string(),
+    }
+}
+
 async fn act(ctx: &mut Ctx<'_>, b: &BreakerRef, action: &str) -> Result<Verdict, CliError> {
     let path = format!("/breakers/{}/{}/{action}", b.route, b.backend);
     let mut results = Vec::new();
@@ -221,6 +227,22 @@ async fn act(ctx: &mut Ctx<'_>, b: &BreakerRef, action: &str) -> Result<Verdict,
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn since_says_how_long_open_and_when_it_probes() {
+        let now = 1_000_000;
+        assert_eq!(
+            since_text("open", Some(now - 90_000), Some(now + 5_000), now),
+            "1m ago, probe in 5s"
+        );
+        assert_eq!(
+            since_text("half-open", Some(now - 3_000), None, now),
+            "3s ago, held"
+        );
+        // A closed breaker keeps when it last opened; the column says nothing of it.
+        assert_eq!(since_text("closed", Some(now - 3_000), None, now), "-");
+        assert_eq!(since_text("open", None, None, now), "-");
+    }
 
     /// Says which of its reasons a proxy has for listing no breaker.
     #[test]
