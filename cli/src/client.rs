@@ -276,8 +276,17 @@ mod tests {
                     let svc = hyper::service::service_fn(|req: Request<Incoming>| async move {
                         let authorized = req.headers().get(header::AUTHORIZATION)
                             == Some(&http::HeaderValue::from_static("Bearer s3cret"));
+                        if req.uri().path() == "/big" {
+                            // Past a mebibyte: a large mesh's `/config` still reads.
+                            let big = format!(r#"{{"state":"{}"}}"#, "x".repeat(3 << 20));
+                            return Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(big))));
+                        }
                         let (status, body) = match req.uri().path() {
                             "/good" => (200, r#"{"state":"closed"}"#),
+                            "/closed" => (403, ""),
+                            "/closed-why" => {
+                                (403, "forbidden: no admin token is configured\nmore\n")
+                            }
                             "/bad" => (200, "<html>not json"),
                             "/secret" if authorized => (200, r#"{"state":"open"}"#),
                             "/secret" => (401, "unauthorized: send Authorization\n"),
@@ -344,6 +353,23 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(right.state, "open");
+
+        // A 403 says why in its first line, or that it is forbidden.
+        for (path, hint) in [
+            ("/closed", "forbidden"),
+            ("/closed-why", "forbidden: no admin token is configured"),
+        ] {
+            match c.get_text(path).await.unwrap_err() {
+                CliError::Refused {
+                    status, hint: h, ..
+                } => {
+                    assert_eq!((status, h.as_str()), (403, hint));
+                }
+                other => panic!("{path}: {other}"),
+            }
+        }
+        let big: State = c.get_json("/big").await.unwrap();
+        assert_eq!(big.state.len(), 3 << 20);
 
         let missing = c.get_text("/nothing").await.unwrap_err();
         assert!(

@@ -66,3 +66,13 @@ fn policies(n: usize) -> String {
         format!("{n} policies")
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn counts_policies_in_words() {
+        assert_eq!(super::policies(0), "0 policies");
+        assert_eq!(super::policies(1), "1 policy");
+        assert_eq!(super::policies(2), "2 policies");
+    }
+}

@@ -365,6 +365,11 @@ fn explain_from_the_command_line_names_route_losers_and_sticky_backend() {
     ]);
     let text = stdout(&out);
     assert!(text.contains("route     shop.ingest"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains(" shop.ingest ") && l.ends_with("  chosen")),
+        "{text}"
+    );
     assert!(text.contains("lost on precedence: matches too, but shop.ingest goes first: a method match goes before none"), "{text}");
     assert!(text.contains(&format!("point {point} of 10000")), "{text}");
 
