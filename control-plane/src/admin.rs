@@ -30,7 +30,6 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Method, Request, Response, StatusCode};
 use sluice_api::AdminGate;
-use sluice_api::admin_gate::Refusal;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -66,14 +65,10 @@ fn route(shared: &Shared, gate: &AdminGate, req: &Request<Incoming>) -> Response
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET\n");
     }
-    if !matches!(req.uri().path(), "/live" | "/ready" | "/metrics") {
-        let auth = req
-            .headers()
-            .get(hyper::header::AUTHORIZATION)
-            .map(|v| v.as_bytes());
-        if let Err(refusal) = gate.check(auth) {
-            return refused(refusal);
-        }
+    if !matches!(req.uri().path(), "/live" | "/ready" | "/metrics")
+        && let Some(refused) = crate::refusal::refusal(gate, req)
+    {
+        return refused;
     }
     match req.uri().path() {
         "/live" => text(StatusCode::OK, "live\n"),
@@ -129,19 +124,6 @@ fn route(shared: &Shared, gate: &AdminGate, req: &Request<Incoming>) -> Response
         })),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
-}
-
-/// The gate's refusal as an answer, with the challenges on a 401.
-pub(crate) fn refused(refusal: Refusal) -> Response<Full<Bytes>> {
-    let status = StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::FORBIDDEN);
-    let mut resp = text(status, refusal.message());
-    for challenge in refusal.challenges() {
-        resp.headers_mut().append(
-            hyper::header::WWW_AUTHENTICATE,
-            hyper::header::HeaderValue::from_static(challenge),
-        );
-    }
-    resp
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

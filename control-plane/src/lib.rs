@@ -52,6 +52,7 @@ mod metrics;
 mod operator;
 pub mod proxies;
 mod push;
+mod refusal;
 pub mod rollout;
 mod serve;
 mod serving_cert;

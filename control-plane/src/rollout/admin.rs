@@ -33,19 +33,11 @@ use sluice_api::{AdminGate, pb};
 use super::driver::{CommandError, RolloutId};
 use super::engine::Command;
 use super::forward::RelayError;
+use crate::refusal::refusal;
 use crate::state::Shared;
 
 /// Most bytes of a relayed report (a proxy's report is bounded well below).
 const MAX_REPORT_BYTES: usize = 1 << 20;
-
-/// The refusal when the request passes neither the loopback nor the token rule.
-fn refusal<B>(gate: &AdminGate, req: &Request<B>) -> Option<Response<Full<Bytes>>> {
-    let auth = req
-        .headers()
-        .get(hyper::header::AUTHORIZATION)
-        .map(|v| v.as_bytes());
-    gate.check(auth).err().map(crate::admin::refused)
-}
 
 /// What every relay from another replica carries: the sender's name in `header` and a
 /// body of at most [`MAX_REPORT_BYTES`]; anything else is answered here.
