@@ -87,10 +87,13 @@ spec:
 
 /// The second wave's bounds are inclusive too: ratios at 0 and 1, a p99 ratio at 1 and
 /// 1000, a static fallback body of exactly 64 KiB, an adaptive limit whose minimum is
-/// its maximum.
+/// its maximum, a retry backoff whose minimum is its maximum (given, or the default).
 #[test]
 fn second_wave_values_at_their_bounds_are_accepted() {
-    for (error_rate, increase, p99_ratio) in [(0.0, 1.0, 1.0), (1.0, 0.0, 1000.0)] {
+    for (error_rate, increase, p99_ratio, backoff) in [
+        (0.0, 1.0, 1.0, "{ min: 100ms, max: 100ms }"),
+        (1.0, 0.0, 1000.0, "{ min: 250ms }"),
+    ] {
         let text = format!(
             r#"apiVersion: sluice.dev/v1alpha1
 kind: RoutePolicy
@@ -105,6 +108,7 @@ spec:
     log-v2: {{ addresses: ["127.0.0.1:9102"] }}
   routes:
     - name: ingest
+      retry: {{ attempts: 1, backoff: {backoff} }}
       fallback:
         on: [upstream-unavailable]
         response: {{ status: 503, body: "{body}" }}
