@@ -675,16 +675,19 @@ mod tests {
         );
     }
 
+    /// A bootstrap-token file in `dir` accepting `token` as shop/order.
+    fn token_file(dir: &Path, token: &str) -> PathBuf {
+        let path = dir.join("tokens");
+        let line = format!(r#"{{"token":"{token}","namespace":"shop","serviceAccount":"order"}}"#);
+        std::fs::write(&path, line).unwrap();
+        path
+    }
+
     #[tokio::test]
     async fn in_a_cluster_the_ca_secret_and_token_review_replace_the_local_identity() {
         use crate::k8s::double::ApiServer;
         let dir = tempfile::tempdir().unwrap();
-        let tokens = dir.path().join("tokens");
-        std::fs::write(
-            &tokens,
-            r#"{"token":"local","namespace":"shop","serviceAccount":"order"}"#,
-        )
-        .unwrap();
+        let tokens = token_file(dir.path(), "local");
         let parse = |extra: &[&str]| {
             let mut argv = vec![
                 "sluice-control-plane",
@@ -779,12 +782,7 @@ mod tests {
     #[test]
     fn ca_is_generated_in_the_state_dir_and_kept_across_restarts() {
         let dir = tempfile::tempdir().unwrap();
-        let tokens = dir.path().join("tokens");
-        std::fs::write(
-            &tokens,
-            r#"{"token":"t","namespace":"shop","serviceAccount":"order"}"#,
-        )
-        .unwrap();
+        let tokens = token_file(dir.path(), "t");
         let state = dir.path().join("state");
         let args = Args::try_parse_from([
             "sluice-control-plane",

@@ -260,23 +260,36 @@ async fn a_grpc_caller_gets_the_static_status_trailers_only() {
 /// of the primary: the total running out is not a try's timeout, so no fallback.
 #[tokio::test(start_paused = true)]
 async fn the_total_enforced_here_runs_from_the_request_and_cuts_a_slow_primary() {
+    use std::time::Duration;
     for primary_ms in [300, 2_000] {
-        let inner = tower::service_fn(move |req: Request<ReplayBody<Full<Bytes>>>| async move {
-            let backend = crate::extensions::Routing::backend(req.extensions())
-                .unwrap()
-                .clone();
-            tokio::time::sleep(std::time::Duration::from_millis(primary_ms)).await;
-            Ok::<_, BoxError>(Response::new(format!("from {}", backend.name)))
-        });
+        let (inner, mut handle) =
+            tower_test::mock::pair::<Request<ReplayBody<Full<Bytes>>>, Response<String>>();
+        handle.allow(1);
         let params =
             FallbackParams::from_config(&to_response(&[FallbackOn::Timeout]), BACKENDS, 1024)
                 .unwrap();
         let ignore = |_: &str, _: &str, _: Reason| {};
         let svc = FallbackLayer::new(Arc::new(params), "shop.quote", Arc::new(ignore))
-            .with_total(Some(std::time::Duration::from_secs(1)))
+            .with_total(Some(Duration::from_secs(1)))
             .layer(inner);
         let start = tokio::time::Instant::now();
-        let out = svc.oneshot(request("order")).await;
+        let call = tokio::spawn(svc.oneshot(request("order")));
+        let (req, reply) = handle.next_request().await.unwrap();
+        let backend = crate::extensions::Routing::backend(req.extensions())
+            .unwrap()
+            .name
+            .clone();
+        // The primary answers after `primary_ms` of (paused) time, or the total cuts it.
+        let answers_at = Duration::from_millis(primary_ms);
+        tokio::time::advance(answers_at.min(Duration::from_millis(999))).await;
+        if primary_ms < 1_000 {
+            reply.send_response(Response::new(format!("from {backend}")));
+        } else {
+            tokio::task::yield_now().await;
+            assert!(!call.is_finished(), "cut before the total");
+            tokio::time::advance(Duration::from_millis(1)).await;
+        }
+        let out = call.await.unwrap();
         assert_eq!(
             start.elapsed().as_millis(),
             u128::from(primary_ms.min(1_000)),
