@@ -355,6 +355,35 @@ mod tests {
     }
 
     #[test]
+    fn a_complex_key_is_skipped_and_what_follows_is_placed() {
+        // A collection used as a key, with collections nested in it: nothing inside it
+        // is a node or a key of the mapping holding it; its value is placed under "?".
+        let text =
+            "? [a, {b: [1, {c: 2}]}, [d]]\n: v\na: 1\nnext: { e: 3 }\n---\n? [x]\n: w\nz: 1\n";
+        let docs = collect(text);
+        assert_eq!(docs.len(), 2);
+        let d = &docs[0];
+        let p = |path, key| {
+            let pos = d.locate(path, key);
+            (pos.line, pos.column)
+        };
+        assert_eq!(p("?", false), (2, 3));
+        assert_eq!(p("a", true), (3, 1));
+        assert_eq!(p("next", true), (4, 1));
+        assert_eq!(p("next.e", false), (4, 12));
+        let mut paths: Vec<&str> = d.nodes.keys().map(String::as_str).collect();
+        paths.sort_unstable();
+        assert_eq!(paths, ["", "?", "a", "next", "next.e"]);
+        // The key's own scalars are not keys: `a` is not a duplicate.
+        assert!(d.duplicate_keys.is_empty(), "{:?}", d.duplicate_keys);
+        // A flat key too: its value is not read as the next key.
+        let mut paths: Vec<&str> = docs[1].nodes.keys().map(String::as_str).collect();
+        paths.sort_unstable();
+        assert_eq!(paths, ["", "?", "z"]);
+        assert_eq!(docs[1].locate("z", false).line, 8);
+    }
+
+    #[test]
     fn deep_nesting_neither_recurses_nor_grows_paths_without_bound() {
         // 100,000 levels: yaml-rust2's `load` overflows the stack on either.
         for text in ["- ".repeat(100_000) + "x\n", "[".repeat(100_000)] {
@@ -366,10 +395,15 @@ mod tests {
 
     #[test]
     fn a_long_key_over_many_nodes_stops_recording() {
-        let key = "k".repeat(64 * 1024);
-        let text = format!("{key}: [{}]\n", vec!["1"; 1000].join(","));
+        // Not a divisor of the bound, so the count passes it without landing on it.
+        let key = "k".repeat(64 * 1024 + 7);
+        // An explicit key: YAML caps an implicit one at 1,024 characters.
+        let text = format!("? {key}\n: [{}]\n", vec!["1"; 1000].join(","));
         let docs = collect(&text);
         let recorded: usize = docs[0].nodes.keys().map(String::len).sum();
         assert!(recorded <= MAX_PATH_BYTES + 2 * key.len(), "{recorded}");
+        // It recorded up to the bound, then stopped short of the list's end.
+        assert!(recorded >= MAX_PATH_BYTES - 2 * key.len(), "{recorded}");
+        assert!(docs[0].nodes.len() < 1000, "{}", docs[0].nodes.len());
     }
 }
