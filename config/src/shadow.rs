@@ -184,9 +184,13 @@ mod tests {
     }
 
     fn indexed(routes: &[Route]) -> (Vec<(usize, usize)>, usize) {
+        indexed_in(routes, &precedence_order(routes))
+    }
+
+    fn indexed_in(routes: &[Route], order: &[usize]) -> (Vec<(usize, usize)>, usize) {
         never_used(
             routes,
-            &precedence_order(routes),
+            order,
             |_| true,
             |a, b| route_covers(&routes[a], &routes[b]),
         )
@@ -194,7 +198,10 @@ mod tests {
 
     /// Every pair, as the check was first written.
     fn pairwise(routes: &[Route]) -> Vec<(usize, usize)> {
-        let order = precedence_order(routes);
+        pairwise_in(routes, &precedence_order(routes))
+    }
+
+    fn pairwise_in(routes: &[Route], order: &[usize]) -> Vec<(usize, usize)> {
         let mut out = Vec::new();
         for (pos, &later) in order.iter().enumerate() {
             if let Some(&e) = order[..pos]
@@ -241,6 +248,59 @@ mod tests {
                 assert_eq!(indexed(window).0, pairwise(window));
             }
         }
+    }
+
+    #[test]
+    fn finds_what_comparing_every_pair_finds_in_any_order() {
+        // Precedence puts a shorter prefix after every longer path it covers; the index
+        // does not rely on that: in file order a covering prefix may come first.
+        let routes: Vec<Route> = [
+            (Some(("prefix", "/a")), None, &[][..]),
+            (Some(("prefix", "/a/")), Some("GET"), &[]),
+            (Some(("exact", "/a/b")), None, &[("x", "1")]),
+            (Some(("prefix", "/a/b/c")), Some("GET"), &[]),
+            (Some(("exact", "/a//b")), None, &[]),
+            (Some(("prefix", "/ab")), None, &[]),
+            (Some(("exact", "/a")), Some("POST"), &[]),
+            (Some(("prefix", "/b/é")), None, &[]),
+            (Some(("exact", "/b/é/c")), None, &[]),
+            (None, None, &[("x", "1")]),
+            (Some(("prefix", "/x")), None, &[("x", "1")]),
+            (Some(("prefix", "/c/")), None, &[]),
+            (Some(("exact", "/c/d")), None, &[]),
+        ]
+        .into_iter()
+        .map(|(p, m, h)| route(p, m, h))
+        .collect();
+        let file_order: Vec<usize> = (0..routes.len()).collect();
+        let (found, compared) = indexed_in(&routes, &file_order);
+        assert_eq!(found, pairwise_in(&routes, &file_order));
+        // Every route found was compared with the one covering it, and no pair twice.
+        assert!(compared >= found.len(), "{compared}");
+        assert!(
+            compared <= routes.len() * (routes.len() - 1) / 2,
+            "{compared}"
+        );
+        // Each covered route is found at its first covering route: the prefixes /a, /b/é
+        // and /c/ cover paths below them on a segment boundary, never /ab.
+        assert_eq!(
+            found,
+            [
+                (1, 0),
+                (2, 0),
+                (3, 0),
+                (4, 0),
+                (6, 0),
+                (8, 7),
+                (10, 9),
+                (12, 11)
+            ]
+        );
+        let reversed: Vec<usize> = file_order.iter().rev().copied().collect();
+        assert_eq!(
+            indexed_in(&routes, &reversed).0,
+            pairwise_in(&routes, &reversed)
+        );
     }
 
     /// Comparisons for `n` routes of each shape a large policy takes.
