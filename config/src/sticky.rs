@@ -216,6 +216,11 @@ mod tests {
             .collect();
         assert_eq!(picks, GOLDEN_PICKS_THREE);
         assert_eq!(rendezvous_backend(b"x", [("a", 0), ("b", 0)]), None);
+        // The unweighted key is -log2((hash + 1) / 2^64): 64 for the lowest hash, 1 for
+        // the middle one, 0 for the highest; exact, not close.
+        assert_eq!(rendezvous_distance(0), 64 << LOG_FRACTION_BITS);
+        assert_eq!(rendezvous_distance((1 << 63) - 1), 1 << LOG_FRACTION_BITS);
+        assert_eq!(rendezvous_distance(u64::MAX), 0);
     }
 
     // Cross-checked with an independent implementation using the float logarithm.
