@@ -148,14 +148,17 @@ impl<T> RouteTable<T> {
         policies: &[RoutePolicy],
         mut make: impl FnMut(Arc<RouteParams>) -> T,
     ) -> Result<(Self, Vec<String>), ProxyError> {
-        let mut backends_of = None;
+        let mut backends_of: Option<(Option<String>, String, _)> = None;
         Self::build(policies, |policy, index| {
             // Routes of one policy come in a row: compile its backends once for all of them.
+            // A policy is its namespace and name: one name may repeat across namespaces,
+            // and a set sorted by namespace puts two such policies side by side.
+            let meta = &policy.metadata;
             let backends = match &backends_of {
-                Some((name, b)) if *name == policy.metadata.name => Arc::clone(b),
+                Some((ns, name, b)) if *ns == meta.namespace && *name == meta.name => Arc::clone(b),
                 _ => {
                     let b = compile_backends(policy)?;
-                    backends_of = Some((policy.metadata.name.clone(), Arc::clone(&b)));
+                    backends_of = Some((meta.namespace.clone(), meta.name.clone(), Arc::clone(&b)));
                     b
                 }
             };
@@ -452,6 +455,68 @@ spec:
             RouteTable::build(&policies, |p, _| Ok(p.metadata.name.clone())).unwrap();
         assert_eq!(warnings.len(), 1);
         assert_eq!(pick(&t, "orders", Method::GET, "/", &[]), Some("orders"));
+    }
+
+    #[test]
+    fn each_route_gets_its_own_policys_backends() {
+        // Policies of one name in two namespaces come in a row in a set (it is sorted by
+        // namespace, then name): each keeps its own backends.
+        let text = r#"
+apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: { name: orders, namespace: shop }
+spec:
+  host: orders.shop
+  backends:
+    v1: { addresses: ["127.0.0.1:1"] }
+  routes:
+    - name: all
+---
+apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: { name: orders, namespace: staging }
+spec:
+  host: orders.staging
+  backends:
+    blue: { addresses: ["127.0.0.1:2"] }
+    green: { addresses: ["127.0.0.1:3"] }
+  routes:
+    - name: all
+      split: [{ weights: { blue: 100, green: 0 } }]
+    - name: api
+      match: { path: { prefix: /api } }
+      split: [{ weights: { blue: 0, green: 100 } }]
+"#;
+        let set = sluice_config::PolicySet::from_files([("t.yaml", text)]).unwrap();
+        let (t, warnings) = RouteTable::compile(set.policies(), |params| params).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        assert_eq!((t.len(), t.is_empty()), (2, false));
+        let backends = |host: &str, path: &str| {
+            let params = t
+                .select(host, &Method::GET, path, &HeaderMap::new())
+                .unwrap();
+            let names: Vec<String> = params.backends.iter().map(|b| b.name.to_string()).collect();
+            let endpoints: Vec<String> = params
+                .backends
+                .iter()
+                .map(|b| b.endpoints[0].to_string())
+                .collect();
+            (params.key.to_string(), names, endpoints)
+        };
+        assert_eq!(
+            backends("orders.shop", "/"),
+            (
+                "orders.all".into(),
+                vec!["v1".into()],
+                vec!["127.0.0.1:1".into()]
+            )
+        );
+        for path in ["/", "/api/x"] {
+            let (_, names, endpoints) = backends("orders.staging", path);
+            assert_eq!(names, ["blue", "green"], "{path}");
+            assert_eq!(endpoints, ["127.0.0.1:2", "127.0.0.1:3"], "{path}");
+        }
+        assert!(RouteTable::<()>::default().is_empty());
     }
 
     #[test]

@@ -306,3 +306,38 @@ spec:
     assert_eq!(r.header("x-seen-path"), "/open/b");
     assert_eq!(guarded.requests(), 1);
 }
+
+/// Policies of one name in two namespaces (side by side once the set is sorted) each
+/// send their host's requests to their own backends, even when the backends' names agree.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_of_one_name_in_two_namespaces_keep_their_own_backends() {
+    let shop = Upstream::auto("shop").await;
+    let staging = Upstream::auto("staging").await;
+    let doc = |ns: &str, up: &Upstream| {
+        format!(
+            r#"apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: {{ name: orders, namespace: {ns} }}
+spec:
+  host: orders.{ns}
+  backends:
+    v1: {{ addresses: ["{}"] }}
+  routes:
+    - name: all
+"#,
+            up.addr()
+        )
+    };
+    let policy = format!("{}---\n{}", doc("shop", &shop), doc("staging", &staging));
+    let proxy = TestProxy::start(&policy).await;
+    let mut h1 = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
+    let mut h2 = HttpConn::h2(proxy.outbound_addr()).await.unwrap();
+    for conn in [&mut h1, &mut h2] {
+        for ns in ["shop", "staging"] {
+            let r = conn.get(&format!("orders.{ns}"), "/").await.unwrap();
+            assert_eq!(r.status, StatusCode::OK, "{ns}: {r:?}");
+            assert_eq!(r.header("x-upstream"), ns, "{r:?}");
+        }
+    }
+    assert_eq!((shop.requests(), staging.requests()), (2, 2));
+}
