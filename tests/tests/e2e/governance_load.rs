@@ -282,6 +282,13 @@ async fn breaker_opens_when_a_backend_dies_under_load_and_half_open_probes_close
     // While open the dead backend is tried only by half-open probes (one per probe window):
     // beyond the tries before the breaker opened, each try is a probe.
     let (_, text) = proxy.admin_get("/metrics").await;
+    // The gauge and the transitions counter say so too.
+    for want in [
+        "sluice_breaker_state{backend=\"v2\",route=\"logs.main\",state=\"closed\"} 0",
+        "sluice_breaker_transitions_total{backend=\"v2\",from=\"closed\",route=\"logs.main\",to=\"open\"} 1",
+    ] {
+        assert!(text.lines().any(|l| l == want), "{want} in\n{text}");
+    }
     let probe_windows: f64 = text
         .lines()
         .filter(|l| {
