@@ -47,6 +47,8 @@ pub enum Stall {
 struct State {
     name: String,
     requests: AtomicU64,
+    /// Connections accepted.
+    connections: AtomicU64,
     held: AtomicU64,
     gate: watch::Sender<bool>,
     stall: watch::Sender<Stall>,
@@ -120,6 +122,7 @@ impl Upstream {
         let state = Arc::new(State {
             name: name.to_string(),
             requests: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
             held: AtomicU64::new(0),
             gate: watch::channel(false).0,
             stall: watch::channel(Stall::None).0,
@@ -144,6 +147,7 @@ impl Upstream {
                     _ = &mut stop_rx => break,
                 };
                 let _ = stream.set_nodelay(true);
+                st.connections.fetch_add(1, Ordering::SeqCst);
                 let st = st.clone();
                 let svc = service_fn(move |req: Request<Incoming>| {
                     let st = st.clone();
@@ -194,6 +198,11 @@ impl Upstream {
     /// How many requests it has received.
     pub fn requests(&self) -> u64 {
         self.state.requests.load(Ordering::SeqCst)
+    }
+
+    /// How many connections it has accepted.
+    pub fn connections(&self) -> u64 {
+        self.state.connections.load(Ordering::SeqCst)
     }
 
     /// How many `/hold` requests are waiting to be released.

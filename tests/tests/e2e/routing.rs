@@ -341,3 +341,38 @@ spec:
     }
     assert_eq!((shop.requests(), staging.requests()), (2, 2));
 }
+
+/// Requests one after another reuse one upstream connection, over HTTP/1.1 and HTTP/2:
+/// a connection goes back to its pool when its response has been read.
+// One thread: upstream connections are pooled per thread, as each worker's are.
+#[tokio::test(flavor = "current_thread")]
+async fn upstream_connections_are_reused_one_request_after_another() {
+    for protocol in [sluice_e2e::Protocol::Http1, sluice_e2e::Protocol::Http2] {
+        let up = Upstream::start("pooled", protocol).await;
+        let policy = format!(
+            r#"apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: {{ name: pooled, namespace: e2e }}
+spec:
+  host: pooled
+  backends:
+    v1: {{ addresses: ["{}"] }}
+  routes:
+    - name: all
+"#,
+            up.addr()
+        );
+        let proxy = TestProxy::start(&policy).await;
+        let mut conn = match protocol {
+            sluice_e2e::Protocol::Http2 => HttpConn::h2(proxy.outbound_addr()).await,
+            _ => HttpConn::h1(proxy.outbound_addr()).await,
+        }
+        .unwrap();
+        for i in 0..5 {
+            let r = conn.get("pooled", "/").await.unwrap();
+            assert_eq!(r.status, StatusCode::OK, "{protocol:?} {i}: {r:?}");
+        }
+        assert_eq!(up.requests(), 5, "{protocol:?}");
+        assert_eq!(up.connections(), 1, "{protocol:?}");
+    }
+}
