@@ -514,6 +514,7 @@ spec:
             ]
         );
         assert_eq!((t.len(), t.is_empty()), (2, false));
+        assert!(t.has_host("Orders.Staging:80") && !t.has_host("orders"));
         let backends = |host: &str, path: &str| {
             let params = t
                 .select(host, &Method::GET, path, &HeaderMap::new())
