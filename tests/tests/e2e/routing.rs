@@ -313,20 +313,10 @@ spec:
 async fn policies_of_one_name_in_two_namespaces_keep_their_own_backends() {
     let shop = Upstream::auto("shop").await;
     let staging = Upstream::auto("staging").await;
+    // Both name their one backend `only`.
     let doc = |ns: &str, up: &Upstream| {
-        format!(
-            r#"apiVersion: sluice.dev/v1alpha1
-kind: RoutePolicy
-metadata: {{ name: orders, namespace: {ns} }}
-spec:
-  host: orders.{ns}
-  backends:
-    v1: {{ addresses: ["{}"] }}
-  routes:
-    - name: all
-"#,
-            up.addr()
-        )
+        sluice_e2e::single_backend_policy("orders", &format!("orders.{ns}"), up.addr())
+            .replace("namespace: e2e", &format!("namespace: {ns}"))
     };
     let policy = format!("{}---\n{}", doc("shop", &shop), doc("staging", &staging));
     let proxy = TestProxy::start(&policy).await;
@@ -349,19 +339,7 @@ spec:
 async fn upstream_connections_are_reused_one_request_after_another() {
     for protocol in [sluice_e2e::Protocol::Http1, sluice_e2e::Protocol::Http2] {
         let up = Upstream::start("pooled", protocol).await;
-        let policy = format!(
-            r#"apiVersion: sluice.dev/v1alpha1
-kind: RoutePolicy
-metadata: {{ name: pooled, namespace: e2e }}
-spec:
-  host: pooled
-  backends:
-    v1: {{ addresses: ["{}"] }}
-  routes:
-    - name: all
-"#,
-            up.addr()
-        );
+        let policy = sluice_e2e::single_backend_policy("pooled", "pooled", up.addr());
         let proxy = TestProxy::start(&policy).await;
         let mut conn = match protocol {
             sluice_e2e::Protocol::Http2 => HttpConn::h2(proxy.outbound_addr()).await,
