@@ -316,6 +316,9 @@ mod tests {
             ("/logs/.%2E/admin", Some("/admin")),
             ("/a/./b", Some("/a/b")),
             ("/a/%2e/b", Some("/a/b")),
+            // Only escaped dots after every slash: no plain `/x` window to spot it by.
+            ("/%2e", Some("/")),
+            ("/%2E%2e/%2e", Some("/")),
             ("/a/b/..", Some("/a/")),
             ("/a/b/.", Some("/a/b/")),
             ("/..", Some("/")),
