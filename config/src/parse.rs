@@ -540,6 +540,36 @@ mod tests {
         );
     }
 
+    /// A file is read at most one byte past the size limit, so it may be cut inside a
+    /// character: past the limit its size is what is reported, not its encoding; at the
+    /// limit, a file ending inside a character is not UTF-8.
+    #[test]
+    fn a_file_cut_at_the_size_limit_is_refused_for_its_size() {
+        let whole = [POLICY.as_bytes(), "# \u{e9}\u{e9}".as_bytes()].concat();
+        let cut = &whole[..whole.len() - 1];
+        let past = Limits {
+            max_file_bytes: cut.len() - 1,
+            ..Limits::default()
+        };
+        let err = crate::parse_policy_bytes("f.yaml", cut, &past)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with("f.yaml:7:1: the file holds more than the ")
+                && err.contains(" bytes allowed in one policy file"),
+            "{err}"
+        );
+        let at = Limits {
+            max_file_bytes: cut.len(),
+            ..Limits::default()
+        };
+        let err = crate::parse_policy_bytes("f.yaml", cut, &at).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "f.yaml:7:4: not UTF-8: the file ends inside a character; save the file as UTF-8"
+        );
+    }
+
     #[test]
     fn huge_values_in_second_wave_fields_are_quoted_cut_short() {
         let huge = "X".repeat(200_000);
