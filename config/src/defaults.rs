@@ -219,6 +219,7 @@ spec:
         #breaker
       split:
         - weights: { v1: 100, v2: 0 }
+          #split
           rollout:
             canary: v2
             steps: [10, 100]
@@ -297,6 +298,13 @@ spec:
             "",
             "maxReplayBytes: 65536",
             "maxReplayBytes: 65537",
+        ),
+        (
+            "split.stickyBy.hash",
+            "#split",
+            "stickyBy: { header: x-user }",
+            "stickyBy: { header: x-user, hash: ordered }",
+            "stickyBy: { header: x-user, hash: rendezvous }",
         ),
         (
             "retry.backoff.base",
@@ -464,11 +472,11 @@ spec:
     /// while any other value is an edit.
     #[test]
     fn a_value_written_at_its_default_keeps_the_hash() {
-        for (field, marker, absent, default, other) in ROWS {
+        for (field, marker, absent_text, default, other) in ROWS {
             assert!(BASE.contains(marker), "{field}: no {marker} in the policy");
             let with = |v: &str| BASE.replacen(marker, v, 1);
             let (absent, default, other) = (
-                set(field, &with(absent)),
+                set(field, &with(absent_text)),
                 set(field, &with(default)),
                 set(field, &with(other)),
             );
@@ -478,6 +486,15 @@ spec:
                 "{field}: written at its default"
             );
             assert_eq!(default.hash(), absent.hash(), "{field}");
+            // Left out, not written at its default: the canonical form of a policy that
+            // never named the field does not name it either.
+            let name = field.split(" (").next().unwrap_or(field);
+            let key = format!("{}:", name.rsplit('.').next().unwrap_or(name));
+            let canonical = String::from_utf8_lossy(absent.canonical_bytes());
+            assert!(
+                canonical.matches(&key).count() <= with(absent_text).matches(&key).count(),
+                "{field}: the canonical form writes it out\n{canonical}"
+            );
             assert_eq!(default.policies(), absent.policies(), "{field}");
             assert_ne!(
                 other.hash(),
