@@ -37,11 +37,11 @@ pub trait ReportSource: std::fmt::Debug + Send + Sync + 'static {
     fn dropped(&self) {}
 }
 
-/// How many proxies reported traffic on each (policy, route) recently, as the control
-/// plane last said: a table swapped whole, read without a lock.
+/// How many proxies reported traffic on each (namespace, policy, route) recently, as the
+/// control plane last said: a table swapped whole, read without a lock.
 #[derive(Debug, Default)]
 pub struct RouteTraffic {
-    table: ArcSwap<HashMap<(String, String), u32>>,
+    table: ArcSwap<HashMap<(String, String, String), u32>>,
 }
 
 impl RouteTraffic {
@@ -50,18 +50,22 @@ impl RouteTraffic {
         Arc::new(Self::default())
     }
 
-    /// The number of proxies with traffic on `route` of the policy named `policy`
-    /// (its `metadata.name`) in the control plane's last word, or `None` when the
-    /// control plane has not named that route (no traffic, or not heard from yet).
-    pub fn proxies(&self, policy: &str, route: &str) -> Option<u32> {
-        self.table
-            .load()
-            .get(&(policy.to_string(), route.to_string()))
-            .copied()
+    /// The number of proxies with traffic on `route` of the policy `namespace`/`policy`
+    /// in the control plane's last word, or `None` when the control plane has not named
+    /// that route (no traffic, or not heard from yet). A control plane that predates
+    /// namespaces names none; its entry then stands for the name in every namespace.
+    pub fn proxies(&self, namespace: &str, policy: &str, route: &str) -> Option<u32> {
+        let table = self.table.load();
+        let mut key = (namespace.to_string(), policy.to_string(), route.to_string());
+        if let Some(n) = table.get(&key) {
+            return Some(*n);
+        }
+        key.0.clear();
+        table.get(&key).copied()
     }
 
-    /// The whole table as last received.
-    pub fn table(&self) -> Arc<HashMap<(String, String), u32>> {
+    /// The whole table as last received: (namespace, policy, route) → proxies.
+    pub fn table(&self) -> Arc<HashMap<(String, String, String), u32>> {
         self.table.load_full()
     }
 
@@ -70,7 +74,10 @@ impl RouteTraffic {
         let table = msg
             .routes
             .iter()
-            .map(|r| ((r.policy.clone(), r.route.clone()), r.proxies))
+            .map(|r| {
+                let key = (r.namespace.clone(), r.policy.clone(), r.route.clone());
+                (key, r.proxies)
+            })
             .collect();
         self.table.store(Arc::new(table));
     }
@@ -83,24 +90,53 @@ mod tests {
     #[test]
     fn the_table_is_replaced_whole() {
         let t = RouteTraffic::new();
-        assert_eq!(t.proxies("log", "ingest"), None);
-        let route = |p: &str, r: &str, n| pb::RouteProxies {
+        assert_eq!(t.proxies("shop", "log", "ingest"), None);
+        let route = |ns: &str, p: &str, r: &str, n| pb::RouteProxies {
+            namespace: ns.into(),
             policy: p.into(),
             route: r.into(),
             proxies: n,
         };
         t.replace(&pb::RouteTraffic {
-            routes: vec![route("log", "ingest", 3), route("log", "query", 1)],
+            routes: vec![
+                route("shop", "log", "ingest", 3),
+                route("staging", "log", "ingest", 5),
+                route("shop", "log", "query", 1),
+            ],
         });
-        assert_eq!(t.proxies("log", "ingest"), Some(3));
+        assert_eq!(t.proxies("shop", "log", "ingest"), Some(3));
+        assert_eq!(t.proxies("staging", "log", "ingest"), Some(5));
+        assert_eq!(t.proxies("other", "log", "ingest"), None);
         t.replace(&pb::RouteTraffic {
-            routes: vec![route("log", "query", 2)],
+            routes: vec![route("shop", "log", "query", 2)],
         });
-        assert_eq!(t.proxies("log", "ingest"), None);
-        assert_eq!(t.proxies("log", "query"), Some(2));
-        assert_eq!(
-            *t.table(),
-            HashMap::from([(("log".to_string(), "query".to_string()), 2)])
-        );
+        assert_eq!(t.proxies("shop", "log", "ingest"), None);
+        assert_eq!(t.proxies("shop", "log", "query"), Some(2));
+        let key = ("shop".to_string(), "log".to_string(), "query".to_string());
+        assert_eq!(*t.table(), HashMap::from([(key, 2)]));
+    }
+
+    #[test]
+    fn a_control_plane_without_namespaces_counts_for_every_namespace() {
+        let t = RouteTraffic::new();
+        t.replace(&pb::RouteTraffic {
+            routes: vec![
+                pb::RouteProxies {
+                    namespace: String::new(),
+                    policy: "log".into(),
+                    route: "ingest".into(),
+                    proxies: 4,
+                },
+                pb::RouteProxies {
+                    namespace: "shop".into(),
+                    policy: "log".into(),
+                    route: "ingest".into(),
+                    proxies: 2,
+                },
+            ],
+        });
+        assert_eq!(t.proxies("staging", "log", "ingest"), Some(4));
+        assert_eq!(t.proxies("shop", "log", "ingest"), Some(2));
+        assert_eq!(t.proxies("shop", "log", "query"), None);
     }
 }

@@ -200,10 +200,14 @@ pub enum BreakerAction {
 /// One breaker: route key and backend.
 #[derive(Clone, Debug, Args)]
 pub struct BreakerRef {
-    /// The route key, `<policy>.<route>`.
+    /// The route, `<policy>.<route>`.
     pub route: String,
     /// The backend name.
     pub backend: String,
+    /// The namespace of the route's policy; needed only when a policy of that name is
+    /// in several namespaces.
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
 }
 
 /// `top`.
@@ -226,9 +230,12 @@ pub struct TapArgs {
     /// Only answers with this `x-sluice-reason` (`timeout`, `breaker-open`, …).
     #[arg(long)]
     pub reason: Option<String>,
-    /// Only this route key (`<policy>.<route>`).
+    /// Only this route (`<policy>.<route>`).
     #[arg(long)]
     pub route: Option<String>,
+    /// Only routes of policies in this namespace.
+    #[arg(long, short = 'n')]
+    pub namespace: Option<String>,
     /// Only this backend.
     #[arg(long)]
     pub backend: Option<String>,

@@ -154,11 +154,7 @@ impl Explainer {
             .map(|p| {
                 (
                     p.metadata.name.clone(),
-                    format!(
-                        "{}/{}",
-                        p.metadata.namespace.as_deref().unwrap_or("default"),
-                        p.metadata.name
-                    ),
+                    format!("{}/{}", p.metadata.namespace_or_default(), p.metadata.name),
                 )
             })
             .collect();
@@ -184,7 +180,7 @@ impl Explainer {
             .iter()
             .map(|(matcher, params)| {
                 let mut v = RouteVerdict {
-                    route: params.key.to_string(),
+                    route: params.label.to_string(),
                     matches: params.route.matches.describe(),
                     verdict: "mismatch",
                     why: String::new(),
@@ -198,7 +194,7 @@ impl Explainer {
                     v.verdict = "precedence";
                     v.why = format!(
                         "matches too, but {} goes first: {}",
-                        c.key,
+                        c.label,
                         precedence_rule(&c.route.matches, &params.route.matches).describe()
                     );
                 }
@@ -215,7 +211,7 @@ impl Explainer {
             method: method.to_string(),
             path: path.to_string(),
             policy,
-            route: chosen.map(|c| c.key.to_string()),
+            route: chosen.map(|c| c.label.to_string()),
             routes: verdicts,
             backend,
             governance,
@@ -468,7 +464,7 @@ fn governance(
         };
         format!(
             "{} × {}: {trigger}, open {:?} (up to {:?}), {} half-open {}",
-            params.key,
+            params.label,
             backend.unwrap_or("the backend drawn"),
             p.open_for,
             p.max_open_for,

@@ -249,11 +249,7 @@ impl PolicySet {
         let mut errors = Vec::new();
         let mut located = Vec::with_capacity(policies.len());
         for p in &policies {
-            let file = format!(
-                "{}/{}",
-                p.metadata.namespace.as_deref().unwrap_or("default"),
-                p.metadata.name
-            );
+            let file = format!("{}/{}", p.metadata.namespace_or_default(), p.metadata.name);
             errors.extend(
                 validate::validate_as(p, input)
                     .into_iter()

@@ -185,13 +185,8 @@ pub(crate) fn check_text(
 /// never were text, counted against the same limits as parsed ones. Such a policy
 /// is named `namespace/name` in place of a file.
 pub(crate) fn check_counts(policies: &[RoutePolicy], limits: &Limits) -> Vec<Diagnostic> {
-    let label = |p: &RoutePolicy| {
-        format!(
-            "{}/{}",
-            p.metadata.namespace.as_deref().unwrap_or("default"),
-            p.metadata.name
-        )
-    };
+    let label =
+        |p: &RoutePolicy| format!("{}/{}", p.metadata.namespace_or_default(), p.metadata.name);
     let mut out = Vec::new();
     if let Some(over) = policies.get(limits.max_policies) {
         out.push(diagnostic(
@@ -1039,7 +1034,7 @@ mod tests {
             .collect();
         let name = format!(
             "{}/{}",
-            two[0].metadata.namespace.as_deref().unwrap_or("default"),
+            two[0].metadata.namespace_or_default(),
             two[0].metadata.name
         );
         let too_many = format!(

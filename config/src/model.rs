@@ -57,6 +57,13 @@ pub struct Metadata {
     pub annotations: IndexMap<String, String>,
 }
 
+impl Metadata {
+    /// The namespace, `default` when absent (as Kubernetes reads it).
+    pub fn namespace_or_default(&self) -> &str {
+        self.namespace.as_deref().unwrap_or("default")
+    }
+}
+
 /// The body of a policy: one host, its backends, its routes and its inbound rules.
 #[derive(Clone, Debug, PartialEq, Default, Serialize, Deserialize)]
 #[cfg_attr(

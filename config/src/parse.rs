@@ -421,7 +421,7 @@ pub(crate) fn check_unique(items: &[Located<'_>]) -> Vec<Diagnostic> {
     };
     for item in items {
         let m = &item.policy.metadata;
-        let ns = m.namespace.as_deref().unwrap_or("default");
+        let ns = m.namespace_or_default();
         if let Some(first) = names.get(&(ns, m.name.as_str())) {
             let (pos, _) = at(item, "metadata.name");
             let (_, first_at) = at(first, "metadata.name");
@@ -457,7 +457,7 @@ pub(crate) fn check_unique(items: &[Located<'_>]) -> Vec<Diagnostic> {
                         path,
                         message: format!(
                             "host {host:?} already has a policy: {}/{} at {first_at}",
-                            fm.namespace.as_deref().unwrap_or("default"),
+                            fm.namespace_or_default(),
                             fm.name,
                         ),
                     });

@@ -336,12 +336,13 @@ impl RunningControlPlane {
         self.shared.changes.subscribe()
     }
 
-    /// How many proxies reported requests on `route` of the policy named `policy`
-    /// (its `metadata.name`) in the last few seconds.
-    pub fn proxies_with_traffic(&self, policy: &str, route: &str) -> u32 {
+    /// How many proxies reported requests on `route` of the policy `namespace`/`policy`
+    /// in the last few seconds.
+    pub fn proxies_with_traffic(&self, namespace: &str, policy: &str, route: &str) -> u32 {
+        let now = self.shared.clock.instant();
         self.shared
             .reports
-            .proxies_with_traffic(policy, route, self.shared.clock.instant())
+            .proxies_with_traffic(namespace, policy, route, now)
     }
 
     /// A receiver that changes whenever a new version is published.

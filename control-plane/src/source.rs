@@ -513,10 +513,7 @@ fn claims(policies: &[RoutePolicy]) -> impl Iterator<Item = Claim> + '_ {
 }
 
 fn namespace_of(p: &RoutePolicy) -> String {
-    p.metadata
-        .namespace
-        .clone()
-        .unwrap_or_else(|| "default".to_string())
+    p.metadata.namespace_or_default().to_string()
 }
 
 fn short_hash(bytes: &[u8]) -> String {

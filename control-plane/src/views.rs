@@ -61,11 +61,7 @@ pub(crate) struct ViewMemory {
 }
 
 fn key(p: &RoutePolicy) -> String {
-    format!(
-        "{}/{}",
-        p.metadata.namespace.as_deref().unwrap_or("default"),
-        p.metadata.name
-    )
+    format!("{}/{}", p.metadata.namespace_or_default(), p.metadata.name)
 }
 
 /// Builds one view per schema version this build writes, oldest first.

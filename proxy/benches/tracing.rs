@@ -57,8 +57,13 @@ fn request(traceparent: bool) -> Request<()> {
 }
 
 /// The edge's per-request span work, as `edge::forward` does it.
-fn per_request(t: Option<&Telemetry>, route: &Arc<str>, mut req: Request<()>, answer: &HeaderMap) {
-    let span = t.map(|t| t.start_request(SpanKind::Client, route, &mut req));
+fn per_request(
+    t: Option<&Telemetry>,
+    (namespace, route): (&Arc<str>, &Arc<str>),
+    mut req: Request<()>,
+    answer: &HeaderMap,
+) {
+    let span = t.map(|t| t.start_request(SpanKind::Client, namespace, route, &mut req));
     black_box(&req);
     if let Some(s) = span {
         s.finish(200, Some(route), answer);
@@ -67,6 +72,7 @@ fn per_request(t: Option<&Telemetry>, route: &Arc<str>, mut req: Request<()>, an
 
 fn bench(c: &mut Criterion) {
     let route: Arc<str> = "log-service.ingest".into();
+    let namespace: Arc<str> = "shop".into();
     let answer = HeaderMap::new();
     let sampled = telemetry(1.0);
     let unsampled = telemetry(0.0);
@@ -81,7 +87,7 @@ fn bench(c: &mut Criterion) {
         g.bench_function(name, |b| {
             b.iter_batched(
                 || request(parent),
-                |req| per_request(black_box(t), &route, req, &answer),
+                |req| per_request(black_box(t), (&namespace, &route), req, &answer),
                 BatchSize::SmallInput,
             )
         });

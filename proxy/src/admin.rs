@@ -8,9 +8,9 @@
 //! | `GET /identity` | JSON: mTLS on or off, SPIFFE ID, certificate expiry, next renewal, certificates installed |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /config` | JSON: version, source, applied_at, policies (canonical YAML), last_rejected, identity, node_id (with a control plane) |
-//! | `GET /breakers` | JSON list of circuit breakers, one per route × backend (route key `<policy>.<route>`) |
-//! | `POST /breakers/<route>/<backend>/reset` or `/open` | change one breaker by hand |
-//! | `GET /recent` | JSON: the last requests the ring kept (`--recent-requests N`), filtered by `since`, `status` (`503`, `5xx`), `reason`, `route`, `backend`, `min_ms`, `limit`; `secrets=true` shows secret headers a proxy kept ([`crate::recent`]) |
+//! | `GET /breakers` | JSON list of circuit breakers, one per route × backend (`namespace`, and `route` as `<policy>.<route>`) |
+//! | `POST /breakers/<route>/<backend>/reset` or `/open` | change one breaker by hand; `?namespace=NS` when that route and backend are in several namespaces |
+//! | `GET /recent` | JSON: the last requests the ring kept (`--recent-requests N`), filtered by `since`, `status` (`503`, `5xx`), `reason`, `route`, `namespace`, `backend`, `min_ms`, `limit`; `secrets=true` shows secret headers a proxy kept ([`crate::recent`]) |
 //! | `GET /routes` | JSON: the routes of the policy in force, per host in the order they are tried |
 //! | `PUT /log-level` | body: a level or an `EnvFilter` string |
 //! | `GET /app-health/<container>/<livez\|readyz\|startupz>` | the application's own probe, called as the kubelet would ([`crate::probes`]) |
@@ -35,6 +35,7 @@ use crate::body::{Body, full};
 use crate::config::LogControl;
 use crate::policy::PolicyStore;
 use crate::recent::RecentFilter;
+use crate::route::key_labels;
 use crate::tls::TlsStore;
 
 /// Largest admin request body read.
@@ -123,7 +124,9 @@ where
                 &serde_json::to_value(list).unwrap_or_default(),
             )
         }
-        (&Method::POST, p) if p.starts_with("/breakers/") => breaker_action(&state, p),
+        (&Method::POST, p) if p.starts_with("/breakers/") => {
+            breaker_action(&state, p, parts.uri.query())
+        }
         (&Method::GET, "/recent") => recent(&state, parts.uri.query()),
         (&Method::GET, "/routes") => json(StatusCode::OK, &admin_page::routes_json(&state.store)),
         (&Method::GET, "/") => {
@@ -207,21 +210,57 @@ fn allowed_methods(path: &str) -> Option<&'static str> {
     }
 }
 
-fn breaker_action(state: &AdminState, path: &str) -> Response<Body> {
+/// `POST /breakers/<route>/<backend>/{reset,open}[?namespace=NS]`: without a namespace,
+/// the one breaker of that route and backend in any namespace; several are refused.
+fn breaker_action(state: &AdminState, path: &str, query: Option<&str>) -> Response<Body> {
     let mut parts = path.trim_start_matches("/breakers/").split('/');
     let (Some(route), Some(backend), Some(action), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return text(StatusCode::NOT_FOUND, "not found\n");
     };
+    if !matches!(action, "reset" | "open") {
+        return text(StatusCode::NOT_FOUND, "not found\n");
+    }
+    let mut namespace = None;
+    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+        match pair.split_once('=') {
+            Some(("namespace", v)) => {
+                let v = percent_encoding::percent_decode_str(v).decode_utf8_lossy();
+                namespace = Some(v.into_owned());
+            }
+            _ => {
+                let msg = format!("unknown query parameter {pair:?} (only namespace=NS)\n");
+                return text(StatusCode::BAD_REQUEST, msg);
+            }
+        }
+    }
     let breakers = &state.store.context().breakers;
+    let key = match breakers
+        .find(namespace.as_deref(), route, backend)
+        .as_slice()
+    {
+        [] => return text(StatusCode::NOT_FOUND, "no such breaker\n"),
+        [key] => key.clone(),
+        several => {
+            let namespaces: Vec<&str> = several.iter().map(|k| key_labels(k).0).collect();
+            let msg = format!(
+                "{route}/{backend} is a breaker in several namespaces ({}): name one with ?namespace=NS\n",
+                namespaces.join(", ")
+            );
+            return text(StatusCode::CONFLICT, msg);
+        }
+    };
     let found = match action {
-        "reset" => breakers.reset(route, backend),
-        "open" => breakers.open(route, backend),
-        _ => return text(StatusCode::NOT_FOUND, "not found\n"),
+        "reset" => breakers.reset(&key, backend),
+        _ => breakers.open(&key, backend),
     };
     if found {
-        text(StatusCode::OK, format!("{route}/{backend}: {action}\n"))
+        let ns = key_labels(&key).0;
+        text(
+            StatusCode::OK,
+            format!("{ns}/{route}/{backend}: {action}\n"),
+        )
     } else {
         text(StatusCode::NOT_FOUND, "no such breaker\n")
     }

@@ -65,6 +65,7 @@ pub(crate) fn routes_json(store: &PolicyStore) -> serde_json::Value {
             }
             routes.push(serde_json::json!({
                 "host": p.spec.host,
+                "namespace": p.metadata.namespace_or_default(),
                 "policy": p.metadata.name,
                 "route": format!("{}.{}", p.metadata.name, r.name),
                 "match": r.matches.describe(),

@@ -264,8 +264,10 @@ async fn forward(
     });
     strip_hop_by_hop(req.headers_mut(), upgrade.is_some());
     // Both are off by default; then a request pays two branches here and two below.
-    let span =
-        telemetry.map(|t| t.start_request(direction.span_kind(), &entry.params.key, &mut req));
+    let span = telemetry.map(|t| {
+        let (namespace, route) = (&entry.params.namespace, &entry.params.label);
+        t.start_request(direction.span_kind(), namespace, route, &mut req)
+    });
     let access =
         (entry.params.route.access_log == Some(true)).then(|| Box::new(AccessEntry::new(&mut req)));
     let mut ledger = Ledger {
@@ -368,7 +370,7 @@ async fn forward(
         let name = backend
             .and_then(|i| entry.params.backends.get(i))
             .map(|b| &b.name);
-        let route = Some(&entry.params.key);
+        let route = Some((&entry.params.namespace, &entry.params.label));
         r.record(*seen, direction.as_str(), route, name, &resp, elapsed);
     }
     if span.is_some() || access.is_some() {
@@ -434,7 +436,7 @@ impl Drop for Ledger<'_> {
             .metrics
             .record(None, self.peer.as_deref(), CLIENT_CLOSED, elapsed);
         if let (Some(r), Some(seen)) = (self.recent, self.seen.take()) {
-            let route = Some(&self.entry.params.key);
+            let route = Some((&self.entry.params.namespace, &self.entry.params.label));
             r.record(*seen, self.direction.as_str(), route, None, &resp, elapsed);
         }
         if let Some(a) = self.access.take() {
@@ -489,7 +491,8 @@ impl AccessEntry {
         tracing::info!(
             target: "sluice::access",
             direction = direction.as_str(),
-            route = &*entry.params.key,
+            namespace = &*entry.params.namespace,
+            route = &*entry.params.label,
             backend = backend.map(|b| &**b),
             method = self.method.as_str(),
             host = self.host.as_deref(),

@@ -18,32 +18,61 @@ use sluice_filters::reason::Reason;
 use sluice_filters::retry::{RetryObserver, RetryOutcome, RetryParams, RetryRegistry};
 
 use crate::metrics::Metrics;
-use crate::route::{inbound_concurrency, inbound_limit, limit_params, route_key};
+use crate::route::{inbound_concurrency, inbound_limit, key_labels, limit_params, route_key};
 
 /// How often idle rate-limit keys are dropped.
 const SWEEP_EVERY: Duration = Duration::from_secs(10);
 
-/// Read-only view of the circuit breakers for the admin API (`/breakers`).
+/// The circuit breakers as the admin API (`/breakers`) shows and changes them.
 pub trait BreakerAdmin: Send + Sync + 'static {
-    /// Every breaker as JSON (one object per route × backend).
+    /// Every breaker as JSON (one object per route × backend, with its `namespace` and
+    /// its `route` as `<policy>.<route>`).
     fn list(&self) -> serde_json::Value;
     /// Closes one breaker by hand; `false` when it does not exist.
-    fn reset(&self, route: &str, backend: &str) -> bool;
+    fn reset(&self, key: &str, backend: &str) -> bool;
     /// Opens one breaker by hand; `false` when it does not exist.
-    fn open(&self, route: &str, backend: &str) -> bool;
+    fn open(&self, key: &str, backend: &str) -> bool;
+    /// The keys of the breakers of `backend` on `route` (`<policy>.<route>`), in
+    /// `namespace` or, without one, in every namespace.
+    fn find(&self, namespace: Option<&str>, route: &str, backend: &str) -> Vec<String>;
 }
 
 impl BreakerAdmin for BreakerRegistry {
     fn list(&self) -> serde_json::Value {
-        serde_json::to_value(self.snapshot()).unwrap_or_default()
+        let mut list = serde_json::to_value(self.snapshot()).unwrap_or_default();
+        for b in list.as_array_mut().into_iter().flatten() {
+            let Some(obj) = b.as_object_mut() else {
+                continue;
+            };
+            let key = obj
+                .get("route")
+                .and_then(|r| r.as_str())
+                .unwrap_or_default();
+            let (namespace, route) = key_labels(key);
+            let (namespace, route) = (namespace.to_string(), route.to_string());
+            obj.insert("namespace".into(), namespace.into());
+            obj.insert("route".into(), route.into());
+        }
+        list
     }
 
-    fn reset(&self, route: &str, backend: &str) -> bool {
-        BreakerRegistry::reset(self, route, backend)
+    fn reset(&self, key: &str, backend: &str) -> bool {
+        BreakerRegistry::reset(self, key, backend)
     }
 
-    fn open(&self, route: &str, backend: &str) -> bool {
-        self.force_open(route, backend)
+    fn open(&self, key: &str, backend: &str) -> bool {
+        self.force_open(key, backend)
+    }
+
+    fn find(&self, namespace: Option<&str>, route: &str, backend: &str) -> Vec<String> {
+        self.snapshot()
+            .into_iter()
+            .filter(|b| {
+                let (ns, r) = key_labels(&b.route);
+                b.backend == backend && r == route && namespace.is_none_or(|n| n == ns)
+            })
+            .map(|b| b.route)
+            .collect()
     }
 }
 
@@ -140,8 +169,11 @@ impl Governance {
                 let id = route_key(p, r);
                 let key = LimitKey::Outbound(id.as_str().into());
                 if params.fleet {
+                    // Namespace-qualified, so its Redis keys and its fleet size are its own.
+                    let policy =
+                        format!("{}/{}", p.metadata.namespace_or_default(), p.metadata.name);
                     g.fleet
-                        .get_or_rebuild(key.clone(), &id, &p.metadata.name, &r.name, &params);
+                        .get_or_rebuild(key.clone(), &id, &policy, &r.name, &params);
                     fleet.insert(key);
                 } else {
                     g.limits.get_or_rebuild(key.clone(), &params);
@@ -185,12 +217,13 @@ impl Governance {
 pub(crate) fn limit_observer(
     metrics: &Metrics,
     direction: &str,
-    route: &str,
+    key: &str,
 ) -> Arc<dyn RateLimitObserver> {
+    let (namespace, route) = key_labels(key);
     let c = |d: Decision| -> IntCounter {
         metrics
             .ratelimit_decisions
-            .with_label_values(&[direction, route, d.as_str()])
+            .with_label_values(&[direction, namespace, route, d.as_str()])
     };
     let (allowed, limited, shadow) = (
         c(Decision::Allowed),
@@ -204,12 +237,14 @@ pub(crate) fn limit_observer(
     })
 }
 
-/// Counts `sluice_fallbacks_total{route,backend,reason}` (only when a fallback answers).
+/// Counts `sluice_fallbacks_total{namespace,route,backend,reason}` (only when a fallback
+/// answers).
 pub(crate) fn fallback_observer(metrics: &Metrics) -> Arc<dyn FallbackObserver> {
     let fallbacks = metrics.fallbacks.clone();
-    Arc::new(move |route: &str, backend: &str, reason: Reason| {
+    Arc::new(move |key: &str, backend: &str, reason: Reason| {
+        let (namespace, route) = key_labels(key);
         fallbacks
-            .with_label_values(&[route, backend, reason.as_str()])
+            .with_label_values(&[namespace, route, backend, reason.as_str()])
             .inc();
     })
 }
@@ -220,11 +255,12 @@ pub(crate) fn fallback_observer(metrics: &Metrics) -> Arc<dyn FallbackObserver> 
 struct BreakerMetrics(Metrics);
 
 impl BreakerMetrics {
-    fn set(&self, route: &str, backend: &str, now: CircuitState) {
+    fn set(&self, key: &str, backend: &str, now: CircuitState) {
+        let (namespace, route) = key_labels(key);
         for s in CircuitState::ALL {
             self.0
                 .breaker_state
-                .with_label_values(&[route, backend, s.as_str()])
+                .with_label_values(&[namespace, route, backend, s.as_str()])
                 .set(i64::from(s == now));
         }
     }
@@ -240,9 +276,10 @@ impl BreakerObserver for BreakerMetrics {
         _reason: &str,
     ) {
         self.set(route, backend, to);
+        let (namespace, route) = key_labels(route);
         self.0
             .breaker_transitions
-            .with_label_values(&[route, backend, from.as_str(), to.as_str()])
+            .with_label_values(&[namespace, route, backend, from.as_str(), to.as_str()])
             .inc();
     }
 
@@ -251,11 +288,12 @@ impl BreakerObserver for BreakerMetrics {
     }
 
     fn on_removed(&self, route: &str, backend: &str) {
+        let (namespace, route) = key_labels(route);
         for s in CircuitState::ALL {
-            let _ = self
-                .0
-                .breaker_state
-                .remove_label_values(&[route, backend, s.as_str()]);
+            let _ =
+                self.0
+                    .breaker_state
+                    .remove_label_values(&[namespace, route, backend, s.as_str()]);
         }
     }
 }
@@ -267,9 +305,10 @@ struct RetryMetrics(Metrics);
 
 impl RetryObserver for RetryMetrics {
     fn on_outcome(&self, route: &str, backend: &str, outcome: RetryOutcome) {
+        let (namespace, route) = key_labels(route);
         self.0
             .retries
-            .with_label_values(&[route, backend, outcome.as_str()])
+            .with_label_values(&[namespace, route, backend, outcome.as_str()])
             .inc();
     }
 }

@@ -103,7 +103,11 @@ pub(crate) fn stack_context(
     fleet::spawn(
         &cfg.fleet,
         &ctx.governance.fleet,
-        Arc::new(move |policy: &str, route: &str| traffic.proxies(policy, route)),
+        // A fleet limit names its policy `<namespace>/<name>` (see `Governance::prepare`).
+        Arc::new(move |policy: &str, route: &str| {
+            let (namespace, policy) = policy.split_once('/').unwrap_or(("", policy));
+            traffic.proxies(namespace, policy, route)
+        }),
         &ctx.metrics,
     )?;
     ctx.telemetry = telemetry::Telemetry::start(

@@ -39,26 +39,26 @@ pub const COMMON_CODES: [u16; 20] = [
 pub struct Metrics {
     /// The registry `/metrics` encodes.
     pub registry: Registry,
-    /// `sluice_requests_total{direction,route,backend,code,peer_identity}`.
+    /// `sluice_requests_total{direction,namespace,route,backend,code,peer_identity}`.
     pub requests: IntCounterVec,
-    /// `sluice_request_duration_seconds{direction,route,backend,peer_identity}`: time to
+    /// `sluice_request_duration_seconds{direction,namespace,route,backend,peer_identity}`: time to
     /// response headers.
     pub duration: HistogramVec,
-    /// `sluice_ratelimit_decisions_total{direction,route,decision}` (allowed, limited, shadow).
+    /// `sluice_ratelimit_decisions_total{direction,namespace,route,decision}` (allowed, limited, shadow).
     pub ratelimit_decisions: IntCounterVec,
     /// `sluice_ratelimit_backend_errors_total{reason}` (timeout, error): failed
     /// reconciliations of the fleet limits with Redis.
     pub ratelimit_backend_errors: IntCounterVec,
     /// `sluice_ratelimit_fleet_degraded`: 1 while fleet limits run on their local fallback.
     pub ratelimit_fleet_degraded: IntGauge,
-    /// `sluice_retries_total{route,backend,outcome}`.
+    /// `sluice_retries_total{namespace,route,backend,outcome}`.
     pub retries: IntCounterVec,
-    /// `sluice_fallbacks_total{route,backend,reason}`: answers a route's fallback gave
+    /// `sluice_fallbacks_total{namespace,route,backend,reason}`: answers a route's fallback gave
     /// because its primary `backend` failed for `reason`.
     pub fallbacks: IntCounterVec,
-    /// `sluice_breaker_state{route,backend,state}`: 1 for the current state, 0 for the others.
+    /// `sluice_breaker_state{namespace,route,backend,state}`: 1 for the current state, 0 for the others.
     pub breaker_state: IntGaugeVec,
-    /// `sluice_breaker_transitions_total{route,backend,from,to}`.
+    /// `sluice_breaker_transitions_total{namespace,route,backend,from,to}`.
     pub breaker_transitions: IntCounterVec,
     /// `sluice_policy_info{hash}`: 1 for the policy version in force.
     pub policy_info: IntGaugeVec,
@@ -95,7 +95,14 @@ impl Metrics {
         let registry = Registry::new();
         let requests = IntCounterVec::new(
             Opts::new("sluice_requests_total", "Requests handled, by outcome."),
-            &["direction", "route", "backend", "code", "peer_identity"],
+            &[
+                "direction",
+                "namespace",
+                "route",
+                "backend",
+                "code",
+                "peer_identity",
+            ],
         )?;
         let duration = HistogramVec::new(
             HistogramOpts::new(
@@ -103,11 +110,17 @@ impl Metrics {
                 "Time from request to response headers.",
             )
             .buckets(DURATION_BUCKETS.to_vec()),
-            &["direction", "route", "backend", "peer_identity"],
+            &[
+                "direction",
+                "namespace",
+                "route",
+                "backend",
+                "peer_identity",
+            ],
         )?;
         let ratelimit_decisions = IntCounterVec::new(
             Opts::new("sluice_ratelimit_decisions_total", "Rate limit decisions."),
-            &["direction", "route", "decision"],
+            &["direction", "namespace", "route", "decision"],
         )?;
         let ratelimit_backend_errors = IntCounterVec::new(
             Opts::new(
@@ -122,28 +135,28 @@ impl Metrics {
         )?;
         let retries = IntCounterVec::new(
             Opts::new("sluice_retries_total", "Retries, by outcome."),
-            &["route", "backend", "outcome"],
+            &["namespace", "route", "backend", "outcome"],
         )?;
         let fallbacks = IntCounterVec::new(
             Opts::new(
                 "sluice_fallbacks_total",
                 "Answers given by a route's fallback, by the primary backend and its failure.",
             ),
-            &["route", "backend", "reason"],
+            &["namespace", "route", "backend", "reason"],
         )?;
         let breaker_state = IntGaugeVec::new(
             Opts::new(
                 "sluice_breaker_state",
                 "Circuit breaker state: 1 for the current state, 0 for the others.",
             ),
-            &["route", "backend", "state"],
+            &["namespace", "route", "backend", "state"],
         )?;
         let breaker_transitions = IntCounterVec::new(
             Opts::new(
                 "sluice_breaker_transitions_total",
                 "Circuit breaker state changes.",
             ),
-            &["route", "backend", "from", "to"],
+            &["namespace", "route", "backend", "from", "to"],
         )?;
         let policy_info = IntGaugeVec::new(
             Opts::new("sluice_policy_info", "The policy version in force."),
@@ -291,11 +304,14 @@ impl Metrics {
         self.policy_info.with_label_values(&[new]).set(1);
     }
 
-    /// Label handles for one route (or the inbound pseudo-route) and its backends.
-    pub fn route(&self, direction: &'static str, route: &str, backends: &[&str]) -> RouteMetrics {
+    /// Label handles for one route (or the inbound pseudo-route) and its backends; `key`
+    /// is the route's key, shown as its `namespace` and `route` labels.
+    pub fn route(&self, direction: &'static str, key: &str, backends: &[&str]) -> RouteMetrics {
+        let (namespace, route) = crate::route::key_labels(key);
         let labels = RouteLabels {
             metrics: self.clone(),
             direction,
+            namespace: namespace.into(),
             route: route.into(),
             backends: backends.iter().map(|b| Arc::from(*b)).collect(),
         };
@@ -309,7 +325,7 @@ impl Metrics {
 }
 
 /// Counts one listener's request heads that did not arrive within the header timeout,
-/// answered 408 before any route was known: `sluice_requests_total{route="",backend="",
+/// answered 408 before any route was known: `sluice_requests_total{namespace="",route="",backend="",
 /// code="408"}`, beside the 408s of stalled bodies, which carry their route.
 #[derive(Clone, Debug)]
 pub struct HeadTimeouts {
@@ -324,7 +340,7 @@ impl HeadTimeouts {
     /// timeout's own path, so the label lookup is no hot-path cost.
     pub fn count(&self, peer: Option<&str>) {
         self.requests
-            .with_label_values(&[self.direction, "", "", "408", peer.unwrap_or("")])
+            .with_label_values(&[self.direction, "", "", "", "408", peer.unwrap_or("")])
             .inc();
     }
 }
@@ -354,6 +370,7 @@ pub struct TcpMetrics {
 struct RouteLabels {
     metrics: Metrics,
     direction: &'static str,
+    namespace: Arc<str>,
     route: Arc<str>,
     backends: Box<[Arc<str>]>,
 }
@@ -363,6 +380,7 @@ impl RouteLabels {
         let mk = |backend: &Arc<str>| BackendMetrics {
             metrics: self.metrics.clone(),
             direction: self.direction,
+            namespace: self.namespace.clone(),
             route: self.route.clone(),
             backend: backend.clone(),
             peer: peer.clone(),
@@ -445,6 +463,7 @@ impl RouteMetrics {
 struct BackendMetrics {
     metrics: Metrics,
     direction: &'static str,
+    namespace: Arc<str>,
     route: Arc<str>,
     backend: Arc<str>,
     peer: Arc<str>,
@@ -463,6 +482,7 @@ impl BackendMetrics {
         self.handles.get_or_init(|| Handles {
             duration: self.metrics.duration.with_label_values(&[
                 self.direction,
+                &self.namespace,
                 &self.route,
                 &self.backend,
                 &self.peer,
@@ -474,6 +494,7 @@ impl BackendMetrics {
     fn counter(&self, code: u16) -> IntCounter {
         self.metrics.requests.with_label_values(&[
             self.direction,
+            &self.namespace,
             &self.route,
             &self.backend,
             &code.to_string(),
@@ -498,19 +519,19 @@ mod tests {
     #[test]
     fn records_cached_and_rare_codes() {
         let m = Metrics::new().unwrap();
-        let r = m.route("outbound", "ingest", &["log-v1"]);
+        let r = m.route("outbound", "shop/log.ingest", &["log-v1"]);
         r.record(Some(0), None, 200, Duration::from_millis(1));
         r.record(Some(0), None, 418, Duration::from_millis(1));
         r.record(None, None, 504, Duration::from_millis(1));
         let text = m.encode();
         assert!(text.contains(
-            r#"sluice_requests_total{backend="log-v1",code="200",direction="outbound",peer_identity="",route="ingest"} 1"#
+            r#"sluice_requests_total{backend="log-v1",code="200",direction="outbound",namespace="shop",peer_identity="",route="log.ingest"} 1"#
         ));
         assert!(text.contains(
-            r#"sluice_requests_total{backend="log-v1",code="418",direction="outbound",peer_identity="",route="ingest"} 1"#
+            r#"sluice_requests_total{backend="log-v1",code="418",direction="outbound",namespace="shop",peer_identity="",route="log.ingest"} 1"#
         ));
         assert!(text.contains(
-            r#"sluice_requests_total{backend="",code="504",direction="outbound",peer_identity="",route="ingest"} 1"#
+            r#"sluice_requests_total{backend="",code="504",direction="outbound",namespace="shop",peer_identity="",route="log.ingest"} 1"#
         ));
         assert!(text.contains("sluice_request_duration_seconds_bucket"));
     }
@@ -525,10 +546,10 @@ mod tests {
         r.record(None, Some(order), 403, Duration::from_millis(1));
         let text = m.encode();
         assert!(text.contains(&format!(
-            r#"sluice_requests_total{{backend="app",code="200",direction="inbound",peer_identity="{order}",route="inbound"}} 2"#
+            r#"sluice_requests_total{{backend="app",code="200",direction="inbound",namespace="",peer_identity="{order}",route="inbound"}} 2"#
         )), "{text}");
         assert!(text.contains(&format!(
-            r#"sluice_requests_total{{backend="",code="403",direction="inbound",peer_identity="{order}",route="inbound"}} 1"#
+            r#"sluice_requests_total{{backend="",code="403",direction="inbound",namespace="",peer_identity="{order}",route="inbound"}} 1"#
         )));
         assert!(text.contains("sluice_identity_cert_expiry_timestamp_seconds 0"));
     }

@@ -137,8 +137,10 @@ pub struct RecentEntry {
     pub host: Option<String>,
     /// Path, without query (a query may carry secrets).
     pub path: String,
-    /// Route key (`<policy>.<route>`), when a route took it.
+    /// Route (`<policy>.<route>`), when a route took it.
     pub route: Option<Arc<str>>,
+    /// The namespace of that route's policy.
+    pub namespace: Option<Arc<str>>,
     /// Backend that answered (or failed), when one was picked.
     pub backend: Option<Arc<str>>,
     /// Response status.
@@ -203,8 +205,10 @@ pub struct RecentFilter {
     pub status: Option<String>,
     /// Only this `x-sluice-reason`.
     pub reason: Option<String>,
-    /// Only this route key.
+    /// Only this route (`<policy>.<route>`).
     pub route: Option<String>,
+    /// Only routes of policies in this namespace.
+    pub namespace: Option<String>,
     /// Only this backend.
     pub backend: Option<String>,
     /// Only entries that took at least this long.
@@ -244,7 +248,7 @@ impl RecentRequests {
         &self,
         seen: Seen,
         direction: &'static str,
-        route: Option<&Arc<str>>,
+        route: Option<(&Arc<str>, &Arc<str>)>,
         backend: Option<&Arc<str>>,
         resp: &Response<B>,
         duration: Duration,
@@ -268,7 +272,8 @@ impl RecentRequests {
             method: seen.method,
             host: seen.host,
             path: seen.path,
-            route: route.cloned(),
+            route: route.map(|(_, r)| r.clone()),
+            namespace: route.map(|(ns, _)| ns.clone()),
             backend: backend.cloned(),
             status: resp.status().as_u16(),
             reason: header(reason::HEADER),
@@ -340,7 +345,7 @@ pub fn disabled_json() -> serde_json::Value {
 }
 
 impl RecentFilter {
-    /// Reads a `/recent` query string: `since`, `status`, `reason`, `route`,
+    /// Reads a `/recent` query string: `since`, `status`, `reason`, `route`, `namespace`,
     /// `backend`, `min_ms`, `limit`, `secrets`.
     pub fn from_query(query: Option<&str>) -> Result<Self, String> {
         let mut f = RecentFilter::default();
@@ -366,6 +371,7 @@ impl RecentFilter {
                 }
                 "reason" => f.reason = Some(v),
                 "route" => f.route = Some(v),
+                "namespace" => f.namespace = Some(v),
                 "backend" => f.backend = Some(v),
                 "min_ms" => f.min_duration = Some(Duration::from_millis(number(&v)?)),
                 "limit" => f.limit = Some(number(&v)? as usize),
@@ -390,6 +396,10 @@ impl RecentFilter {
                 .route
                 .as_deref()
                 .is_none_or(|r| e.route.as_deref() == Some(r))
+            && self
+                .namespace
+                .as_deref()
+                .is_none_or(|n| e.namespace.as_deref() == Some(n))
             && self
                 .backend
                 .as_deref()
@@ -444,6 +454,7 @@ fn entry_json(e: &RecentEntry, hide: Option<&Redaction>) -> serde_json::Value {
         "method": e.method.as_str(),
         "host": e.host,
         "path": e.path,
+        "namespace": e.namespace.as_deref(),
         "route": e.route.as_deref(),
         "backend": e.backend.as_deref(),
         "status": e.status,
@@ -485,6 +496,7 @@ mod tests {
 
     fn fill(ring: &RecentRequests, n: u64) {
         let route: Arc<str> = "log-service.ingest".into();
+        let shop: Arc<str> = "shop".into();
         let v1: Arc<str> = "log-v1".into();
         for i in 0..n {
             let (status, reason) = if i % 4 == 0 {
@@ -495,7 +507,7 @@ mod tests {
             ring.record(
                 Seen::new(&req(&format!("/logs/{i}"), "Bearer s3cret")),
                 "outbound",
-                Some(&route),
+                Some((&shop, &route)),
                 Some(&v1),
                 &resp(status, reason),
                 Duration::from_millis(i),
@@ -518,6 +530,10 @@ mod tests {
         assert_eq!(seqs, [12, 16]);
         let slow = RecentFilter::from_query(Some("min_ms=18&route=log-service.ingest")).unwrap();
         assert_eq!(ring.list(&slow).len(), 2);
+        let here = RecentFilter::from_query(Some("min_ms=18&namespace=shop")).unwrap();
+        assert_eq!(ring.list(&here).len(), 2);
+        let elsewhere = RecentFilter::from_query(Some("namespace=staging")).unwrap();
+        assert!(ring.list(&elsewhere).is_empty());
         let newest = RecentFilter::from_query(Some("since=13&limit=2&backend=log-v1")).unwrap();
         let seqs: Vec<u64> = ring.list(&newest).iter().map(|e| e.seq).collect();
         assert_eq!(seqs, [18, 19]);

@@ -16,8 +16,10 @@ use sluice_api::pb;
 use sluice_api::{Deltas, ReportSource};
 
 use crate::PolicyStore;
+use crate::route::key_labels;
 
-/// One outbound route × backend, as metrics name it (route `<policy>.<route>`).
+/// One outbound route × backend: the route key (`<namespace>/<policy>.<route>`) and the
+/// backend.
 type Series = (String, String);
 
 /// Running totals of one route × backend.
@@ -130,17 +132,19 @@ impl CounterReports {
         }
         for family in m.fallbacks.collect() {
             for metric in family.get_metric() {
-                let (mut route, mut backend) = (None, None);
+                let (mut namespace, mut route, mut backend) = ("", None, None);
                 for l in metric.get_label() {
                     match l.name() {
+                        "namespace" => namespace = l.value(),
                         "route" => route = Some(l.value()),
                         "backend" => backend = Some(l.value()),
                         _ => {}
                     }
                 }
                 if let (Some(r), Some(b)) = (route, backend) {
-                    all.entry((r.into(), b.into())).or_default().fallbacks +=
-                        metric.get_counter().get_value() as u64;
+                    all.entry((key_of(namespace, r), b.into()))
+                        .or_default()
+                        .fallbacks += metric.get_counter().get_value() as u64;
                 }
             }
         }
@@ -152,8 +156,9 @@ impl CounterReports {
         (bounds, all)
     }
 
-    /// `<policy>.<route>` back into its two names, from the policies in force.
-    fn names(&self) -> HashMap<String, (String, String)> {
+    /// A route key back into its namespace, policy and route names, from the policies in
+    /// force.
+    fn names(&self) -> HashMap<String, (String, String, String)> {
         let snapshot = self.store.current();
         let Some(set) = snapshot.policy_set() else {
             return HashMap::new();
@@ -162,10 +167,12 @@ impl CounterReports {
             .iter()
             .flat_map(|p| {
                 p.spec.routes.iter().map(|r| {
-                    (
-                        crate::route::route_key(p, r),
-                        (p.metadata.name.clone(), r.name.clone()),
-                    )
+                    let names = (
+                        p.metadata.namespace_or_default().to_string(),
+                        p.metadata.name.clone(),
+                        r.name.clone(),
+                    );
+                    (crate::route::route_key(p, r), names)
                 })
             })
             .collect()
@@ -179,18 +186,32 @@ struct Labels {
 }
 
 fn outbound_series(metric: &Metric) -> Option<(Series, Labels)> {
-    let (mut outbound, mut route, mut backend, mut code) = (false, "", "", 0);
+    let (mut outbound, mut namespace, mut route, mut backend, mut code) = (false, "", "", "", 0);
     for l in metric.get_label() {
         match l.name() {
             "direction" => outbound = l.value() == "outbound",
+            "namespace" => namespace = l.value(),
             "route" => route = l.value(),
             "backend" => backend = l.value(),
             "code" => code = l.value().parse().unwrap_or(0),
             _ => {}
         }
     }
-    (outbound && !route.is_empty() && !backend.is_empty())
-        .then(|| ((route.to_string(), backend.to_string()), Labels { code }))
+    (outbound && !route.is_empty() && !backend.is_empty()).then(|| {
+        (
+            (key_of(namespace, route), backend.to_string()),
+            Labels { code },
+        )
+    })
+}
+
+/// The route key a series' `namespace` and `route` labels were split from.
+fn key_of(namespace: &str, route: &str) -> String {
+    if namespace.is_empty() {
+        route.to_string()
+    } else {
+        format!("{namespace}/{route}")
+    }
 }
 
 impl ReportSource for CounterReports {
@@ -215,14 +236,16 @@ impl ReportSource for CounterReports {
         let mut entries = Vec::with_capacity(news.len());
         for (series, total, delta) in news {
             seen.insert(series.clone(), total);
-            let (policy, route) = names.get(&series.0).cloned().unwrap_or_else(|| {
+            let (namespace, policy, route) = names.get(&series.0).cloned().unwrap_or_else(|| {
                 // A route no longer in force: its last counts still belong to it.
-                match series.0.split_once('.') {
-                    Some((p, r)) => (p.to_string(), r.to_string()),
-                    None => (String::new(), series.0.clone()),
+                let (namespace, route) = key_labels(&series.0);
+                match route.split_once('.') {
+                    Some((p, r)) => (namespace.into(), p.into(), r.into()),
+                    None => (namespace.into(), String::new(), route.into()),
                 }
             });
             entries.push(pb::BackendCounts {
+                namespace,
                 policy,
                 route,
                 backend: series.1,
@@ -273,7 +296,7 @@ mod tests {
         let store = store_for_tests();
         store.apply("t", policy_set()).unwrap();
         let m = store.context().metrics.clone();
-        let route = m.route("outbound", "log.svc.ingest", &["v1", "v2"]);
+        let route = m.route("outbound", "default/log.svc.ingest", &["v1", "v2"]);
         let inbound = m.route("inbound", "inbound", &["app"]);
         let reports = CounterReports::new(store);
         assert_eq!(reports.deltas(10), Deltas::default());
@@ -292,8 +315,8 @@ mod tests {
         assert_eq!(d.entries.len(), 2, "{:?}", d.entries);
         let v1 = &d.entries[0];
         assert_eq!(
-            (&*v1.policy, &*v1.route, &*v1.backend),
-            ("log.svc", "ingest", "v1")
+            (&*v1.namespace, &*v1.policy, &*v1.route, &*v1.backend),
+            ("default", "log.svc", "ingest", "v1")
         );
         assert_eq!((v1.requests, v1.server_errors), (7, 0));
         assert_eq!(v1.duration_counts.iter().sum::<u64>(), 7);
@@ -326,13 +349,13 @@ mod tests {
             .unwrap();
         let ctx = store.context();
         let m = ctx.metrics.clone();
-        let route = m.route("outbound", "log.svc.ingest", &["v1", "v2"]);
+        let route = m.route("outbound", "default/log.svc.ingest", &["v1", "v2"]);
         let reports = CounterReports::new(store.clone());
 
         // v2's breaker opened by hand refuses two requests; the proxy answers each 503.
         let breakers = &ctx.governance.breakers;
-        assert!(breakers.force_open("log.svc.ingest", "v2"));
-        let circuit = breakers.get("log.svc.ingest", "v2").unwrap();
+        assert!(breakers.force_open("default/log.svc.ingest", "v2"));
+        let circuit = breakers.get("default/log.svc.ingest", "v2").unwrap();
         let backend = tower::service_fn(|_: http::Request<()>| async {
             Ok::<_, std::convert::Infallible>(http::Response::new(()))
         });
@@ -346,7 +369,7 @@ mod tests {
         route.record(Some(1), None, 500, Duration::from_millis(1));
         // v1 took no request; its fallback answered one.
         m.fallbacks
-            .with_label_values(&["log.svc.ingest", "v1", "breaker-open"])
+            .with_label_values(&["default", "log.svc.ingest", "v1", "breaker-open"])
             .inc();
 
         let d = reports.deltas(10);

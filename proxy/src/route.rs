@@ -40,9 +40,14 @@ pub struct RouteParams {
     pub host: Arc<str>,
     /// Route name as written in the policy.
     pub name: Arc<str>,
-    /// `<policy>.<route>`: the route's key in breakers, retry budgets, rate-limit buckets,
-    /// `/breakers` and every metric's `route` label (route names repeat across policies).
+    /// `<namespace>/<policy>.<route>`: the route's key in breakers, retry budgets,
+    /// rate-limit buckets and traffic reports, shown as the `namespace` and `route`
+    /// labels of metrics and `/breakers` ([`key_labels`]).
     pub key: Arc<str>,
+    /// The policy's namespace (`default` when it names none): the `namespace` label.
+    pub namespace: Arc<str>,
+    /// `<policy>.<route>`: the `route` label of metrics, traces, access logs and `/recent`.
+    pub label: Arc<str>,
     /// The route as written: timeout, rate limit, retry, breaker and split rules.
     pub route: Route,
     /// The policy's backends, in file order.
@@ -88,6 +93,8 @@ impl RouteParams {
             host: policy.spec.host.as_str().into(),
             name: route.name.as_str().into(),
             key: route_key(policy, &route).into(),
+            namespace: policy.metadata.namespace_or_default().into(),
+            label: format!("{}.{}", policy.metadata.name, route.name).into(),
             limit: route
                 .rate_limit
                 .as_ref()
@@ -133,7 +140,16 @@ impl RouteParams {
                 .into(),
             host: policy.map(|p| p.spec.host.as_str()).unwrap_or("").into(),
             name: "inbound".into(),
-            key: "inbound".into(),
+            // The pseudo-route is one per proxy; its namespace is only a label.
+            key: match policy {
+                Some(p) => format!("{}/inbound", p.metadata.namespace_or_default()).into(),
+                None => "inbound".into(),
+            },
+            namespace: policy
+                .map(|p| p.metadata.namespace_or_default())
+                .unwrap_or("")
+                .into(),
+            label: "inbound".into(),
             limit: inbound_limit(policy),
             timeouts: TimeoutParams::default(),
             fallback: None,
@@ -174,10 +190,23 @@ pub fn compile_backends(policy: &RoutePolicy) -> Result<Arc<[Arc<BackendParams>]
         .collect()
 }
 
-/// The key of a route in the registries, metrics and admin paths: `<policy>.<route>`,
-/// unique across the snapshot (route names alone may repeat across policies).
+/// The key of a route in the registries: `<namespace>/<policy>.<route>`, unique across
+/// the snapshot (route names repeat across policies, policy names across namespaces).
+/// It is shown as two labels, `namespace` and `route` (see [`key_labels`]).
 pub(crate) fn route_key(policy: &RoutePolicy, route: &Route) -> String {
-    format!("{}.{}", policy.metadata.name, route.name)
+    format!(
+        "{}/{}.{}",
+        policy.metadata.namespace_or_default(),
+        policy.metadata.name,
+        route.name
+    )
+}
+
+/// The `namespace` and `route` (`<policy>.<route>`) labels of a route key; Kubernetes
+/// names hold no `/`, so the first one splits them. A key without one (tests' own
+/// registries) has an empty namespace.
+pub(crate) fn key_labels(key: &str) -> (&str, &str) {
+    key.split_once('/').unwrap_or(("", key))
 }
 
 pub(crate) fn limit_params(cfg: &sluice_config::RateLimit, name: &str) -> Option<RateLimitParams> {

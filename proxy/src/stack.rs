@@ -446,19 +446,23 @@ spec:
         let backends = compile_backends(&policies[0]).unwrap();
         assert_eq!(&*backends[1].endpoints[0], "log-v2.example:9102");
         let params = RouteParams::new(&policies[0], 0, backends).unwrap();
-        assert_eq!(&*params.key, "logs.split");
+        assert_eq!(&*params.key, "default/logs.split");
+        assert_eq!(
+            (&*params.namespace, &*params.label),
+            ("default", "logs.split")
+        );
         let g = &ctx.governance;
-        assert!(g.breakers.get("logs.split", "v1").is_some());
-        assert!(g.breakers.get("logs.split", "v2").is_some());
-        assert!(g.retries.get("logs.split").is_some());
+        assert!(g.breakers.get("default/logs.split", "v1").is_some());
+        assert!(g.breakers.get("default/logs.split", "v2").is_some());
+        assert!(g.retries.get("default/logs.split").is_some());
         assert_eq!(g.limits.len(), 1);
         let list = ctx.breakers.list();
         assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
         assert!(ctx.metrics.encode().contains("sluice_breaker_state"));
         // A swap without the route drops its state.
         ctx.prepare(&[], None);
-        assert!(g.breakers.get("logs.split", "v1").is_none());
-        assert!(g.retries.get("logs.split").is_none());
+        assert!(g.breakers.get("default/logs.split", "v1").is_none());
+        assert!(g.retries.get("default/logs.split").is_none());
         assert_eq!(g.limits.len(), 0);
     }
 }

@@ -194,15 +194,17 @@ impl Telemetry {
         }
     }
 
-    /// Starts the span of one request on `route` and writes its context into the
-    /// request's trace headers, so the next hop continues from it.
+    /// Starts the span of one request on `route` (`<policy>.<route>`) of a policy in
+    /// `namespace` (empty: none) and writes its context into the request's trace
+    /// headers, so the next hop continues from it.
     pub fn start_request<B>(
         &self,
         kind: SpanKind,
+        namespace: &Arc<str>,
         route: &Arc<str>,
         req: &mut Request<B>,
     ) -> RequestSpan {
-        self.start_span(kind, Some(route), req)
+        self.start_span(kind, Some((namespace, route)), req)
     }
 
     /// Starts the span of a request no route matched (it is answered by the proxy).
@@ -213,7 +215,7 @@ impl Telemetry {
     fn start_span<B>(
         &self,
         kind: SpanKind,
-        route: Option<&Arc<str>>,
+        route: Option<(&Arc<str>, &Arc<str>)>,
         req: &mut Request<B>,
     ) -> RequestSpan {
         let parent = self
@@ -234,9 +236,13 @@ impl Telemetry {
                 _ => "1.1",
             },
         ));
-        if let Some(route) = route {
+        if let Some((namespace, route)) = route {
             attrs.push(KeyValue::new("sluice.route", route.clone()));
+            if !namespace.is_empty() {
+                attrs.push(KeyValue::new("sluice.namespace", namespace.clone()));
+            }
         }
+        let route = route.map(|(_, r)| r);
         if let Some(PeerIdentity(id)) = req.extensions().get::<PeerIdentity>() {
             attrs.push(KeyValue::new("sluice.peer_identity", id.clone()));
         }
@@ -594,7 +600,7 @@ mod tests {
             "spiffe://cluster.local/ns/shop/sa/order".into(),
         ));
         let route: Arc<str> = "log-service.ingest".into();
-        let span = t.start_request(SpanKind::Client, &route, &mut req);
+        let span = t.start_request(SpanKind::Client, &"shop".into(), &route, &mut req);
         let injected = req.headers()["traceparent"].to_str().unwrap().to_owned();
         assert!(injected.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
         assert_ne!(injected, PARENT, "the next hop's parent is this span");
@@ -669,7 +675,7 @@ mod tests {
             .body(())
             .unwrap();
         let route: Arc<str> = "echo.stream".into();
-        let span = t.start_request(SpanKind::Client, &route, &mut req);
+        let span = t.start_request(SpanKind::Client, &"".into(), &route, &mut req);
         let (tx, body) = streamed();
         let mut body = span.finish_with_body(200, None, &HeaderMap::new(), body);
 
@@ -702,7 +708,7 @@ mod tests {
     async fn a_body_dropped_unfinished_ends_the_span_and_says_so() {
         let (t, exporter) = telemetry(1.0, &[Propagation::W3c]);
         let mut req = Request::builder().uri("/big").body(()).unwrap();
-        let span = t.start_request(SpanKind::Server, &"inbound".into(), &mut req);
+        let span = t.start_request(SpanKind::Server, &"".into(), &"inbound".into(), &mut req);
         let (_tx, body) = streamed();
         let body = span.finish_with_body(200, None, &HeaderMap::new(), body);
         drop(body);
@@ -738,7 +744,7 @@ mod tests {
             .header("traceparent", &PARENT.replace("-01", "-00"))
             .body(())
             .unwrap();
-        let span = t.start_request(SpanKind::Server, &"inbound".into(), &mut req);
+        let span = t.start_request(SpanKind::Server, &"".into(), &"inbound".into(), &mut req);
         let injected = req.headers()["traceparent"].to_str().unwrap();
         assert!(injected.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
         assert!(injected.ends_with("-00"));
@@ -751,7 +757,7 @@ mod tests {
     fn ratio_zero_records_no_new_trace_but_starts_one_downstream() {
         let (t, exporter) = telemetry(0.0, &[Propagation::W3c]);
         let mut req = Request::builder().uri("/").body(()).unwrap();
-        let span = t.start_request(SpanKind::Client, &"r".into(), &mut req);
+        let span = t.start_request(SpanKind::Client, &"".into(), &"r".into(), &mut req);
         assert!(
             req.headers()["traceparent"]
                 .to_str()
@@ -772,7 +778,7 @@ mod tests {
             .header("x-b3-sampled", "1")
             .body(())
             .unwrap();
-        let span = t.start_request(SpanKind::Server, &"inbound".into(), &mut req);
+        let span = t.start_request(SpanKind::Server, &"".into(), &"inbound".into(), &mut req);
         assert_eq!(
             req.headers()["x-b3-traceid"],
             "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -797,7 +803,7 @@ mod tests {
             .header("x-b3-sampled", "1")
             .body(())
             .unwrap();
-        let _span = t.start_request(SpanKind::Server, &"inbound".into(), &mut req);
+        let _span = t.start_request(SpanKind::Server, &"".into(), &"inbound".into(), &mut req);
         assert!(
             !req.headers()["traceparent"]
                 .to_str()

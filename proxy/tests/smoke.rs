@@ -239,7 +239,7 @@ async fn routes_by_host_path_method_and_header() {
     let metrics = text(&f.admin("/metrics").await).to_string();
     assert!(
         metrics.contains(
-            r#"sluice_requests_total{backend="v2",code="200",direction="outbound",peer_identity="",route="orders.writes"} 1"#
+            r#"sluice_requests_total{backend="v2",code="200",direction="outbound",namespace="default",peer_identity="",route="orders.writes"} 1"#
         ),
         "{metrics}"
     );

@@ -194,11 +194,12 @@ impl TestControlPlane {
         parse_json(path, status, &body)
     }
 
-    /// How many proxies reported requests on `route` of policy `policy` recently.
-    pub fn proxies_with_traffic(&self, policy: &str, route: &str) -> u32 {
+    /// How many proxies reported requests on `route` of policy `namespace`/`policy`
+    /// recently.
+    pub fn proxies_with_traffic(&self, namespace: &str, policy: &str, route: &str) -> u32 {
         self.running
             .as_ref()
-            .map_or(0, |r| r.proxies_with_traffic(policy, route))
+            .map_or(0, |r| r.proxies_with_traffic(namespace, policy, route))
     }
 
     /// A POST on the admin port: status and body.

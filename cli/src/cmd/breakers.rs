@@ -11,7 +11,10 @@ use crate::{Ctx, Verdict};
 /// One breaker as a proxy's `GET /breakers` shows it (the fields this command uses).
 #[derive(Clone, Debug, Deserialize, Serialize)]
 pub struct Breaker {
-    /// Route key, `<policy>.<route>`.
+    /// The namespace of the route's policy (empty from a proxy that does not say).
+    #[serde(default)]
+    pub namespace: String,
+    /// Route, `<policy>.<route>`.
     pub route: String,
     /// Backend name.
     pub backend: String,
@@ -144,7 +147,12 @@ async fn list(ctx: &mut Ctx<'_>) -> Result<Verdict, CliError> {
                 .unwrap_or_else(|| "-".into());
             t.row([
                 proxy.clone(),
-                b.route.clone(),
+                // Policy names repeat across namespaces: `<namespace>/<policy>.<route>`.
+                if b.namespace.is_empty() {
+                    b.route.clone()
+                } else {
+                    format!("{}/{}", b.namespace, b.route)
+                },
                 b.backend.clone(),
                 b.state.clone(),
                 b.consecutive_failures.to_string(),
@@ -192,12 +200,25 @@ fn since_text(state: &str, opened_at: Option<u64>, next_probe_at: Option<u64>, n
 }
 
 async fn act(ctx: &mut Ctx<'_>, b: &BreakerRef, action: &str) -> Result<Verdict, CliError> {
-    let path = format!("/breakers/{}/{}/{action}", b.route, b.backend);
+    let mut path = format!("/breakers/{}/{}/{action}", b.route, b.backend);
+    if let Some(ns) = &b.namespace {
+        path.push_str("?namespace=");
+        path.extend(percent_encoding::utf8_percent_encode(
+            ns,
+            percent_encoding::NON_ALPHANUMERIC,
+        ));
+    }
     let mut results = Vec::new();
     for p in ctx.proxies()? {
         let done = match p.post(&path).await {
             Ok(_) => true,
             Err(CliError::Status { status: 404, .. }) => false,
+            Err(CliError::Status {
+                status: 409, body, ..
+            }) => {
+                let what = body.split(": name one").next().unwrap_or(&body);
+                return Err(CliError::Usage(format!("{what}: pass --namespace NS")));
+            }
             Err(e) => return Err(e),
         };
         results.push((p.url().to_string(), done));
@@ -209,7 +230,8 @@ async fn act(ctx: &mut Ctx<'_>, b: &BreakerRef, action: &str) -> Result<Verdict,
             .map(|(proxy, done)| serde_json::json!({ "proxy": proxy, "found": done }))
             .collect();
         ctx.print_json(&serde_json::json!({
-            "route": b.route, "backend": b.backend, "action": action, "proxies": v,
+            "namespace": b.namespace, "route": b.route, "backend": b.backend,
+            "action": action, "proxies": v,
         }))?;
     } else {
         for (proxy, done) in &results {

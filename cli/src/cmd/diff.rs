@@ -36,11 +36,7 @@ pub struct Compared {
 }
 
 fn key(p: &RoutePolicy) -> String {
-    format!(
-        "{}/{}",
-        p.metadata.namespace.as_deref().unwrap_or("default"),
-        p.metadata.name
-    )
+    format!("{}/{}", p.metadata.namespace_or_default(), p.metadata.name)
 }
 
 fn canonical(p: &RoutePolicy) -> String {

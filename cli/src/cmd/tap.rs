@@ -39,7 +39,10 @@ pub struct Entry {
     pub host: Option<String>,
     /// Path, without query.
     pub path: String,
-    /// Route key.
+    /// The namespace of the route's policy.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Route, `<policy>.<route>`.
     pub route: Option<String>,
     /// Backend.
     pub backend: Option<String>,
@@ -61,16 +64,13 @@ pub struct Entry {
 /// poll asks for every request after `since` (the proxy's ring bounds them): `limit`
 /// keeps the newest, and a burst between two polls larger than it would be skipped.
 pub fn query(args: &TapArgs, since: Option<u64>) -> String {
-    let enc = |v: &str| {
-        v.bytes()
-            .map(|b| match b {
-                b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                    (b as char).to_string()
-                }
-                _ => format!("%{b:02X}"),
-            })
-            .collect::<String>()
-    };
+    // RFC 3986's unreserved characters stay as they are; everything else is escaped.
+    const ESCAPED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    let enc = |v: &str| percent_encoding::utf8_percent_encode(v, ESCAPED).to_string();
     let mut q = Vec::new();
     if since.is_none() {
         q.push(format!("limit={}", args.limit));
@@ -79,6 +79,7 @@ pub fn query(args: &TapArgs, since: Option<u64>) -> String {
         ("status", &args.status),
         ("reason", &args.reason),
         ("route", &args.route),
+        ("namespace", &args.namespace),
         ("backend", &args.backend),
     ] {
         if let Some(v) = v {
@@ -106,7 +107,10 @@ fn row(proxy: &str, e: &Entry) -> Vec<String> {
         e.method.clone(),
         e.host.clone().unwrap_or_else(dash),
         e.path.clone(),
-        e.route.clone().unwrap_or_else(dash),
+        match (&e.namespace, &e.route) {
+            (Some(ns), Some(r)) if !ns.is_empty() => format!("{ns}/{r}"),
+            (_, r) => r.clone().unwrap_or_else(dash),
+        },
         e.backend.clone().unwrap_or_else(dash),
         e.status.to_string(),
         e.reason
@@ -278,6 +282,8 @@ mod tests {
             "breaker-open",
             "--route",
             "shop.api",
+            "-n",
+            "prod east",
             "--min-latency",
             "250ms",
             "--show-secrets",
@@ -288,7 +294,7 @@ mod tests {
         };
         assert_eq!(
             query(&args, Some(7)),
-            "/recent?status=5xx&reason=breaker-open&route=shop.api&min_ms=250&since=7&secrets=true"
+            "/recent?status=5xx&reason=breaker-open&route=shop.api&namespace=prod%20east&min_ms=250&since=7&secrets=true"
         );
         // The first page is the newest `--limit`; a follow-up poll takes all that is new.
         assert!(query(&args, None).starts_with("/recent?limit=50&status=5xx"));

@@ -25,8 +25,8 @@ pub struct Counters {
     pub buckets: Vec<(f64, f64)>,
 }
 
-/// `(direction, route, backend)`.
-pub type Key = (String, String, String);
+/// `(direction, namespace, route, backend)`.
+pub type Key = (String, String, String, String);
 
 /// One sample of every proxy's counters.
 pub type Sample = BTreeMap<Key, Counters>;
@@ -36,7 +36,9 @@ pub type Sample = BTreeMap<Key, Counters>;
 pub struct Row {
     /// `outbound` or `inbound`.
     pub direction: String,
-    /// Route key.
+    /// The namespace of the route's policy (empty from a proxy that does not say).
+    pub namespace: String,
+    /// Route, `<policy>.<route>` (or `inbound`).
     pub route: String,
     /// Backend.
     pub backend: String,
@@ -66,7 +68,7 @@ pub fn add_scrape(into: &mut Sample, text: &str) -> Result<(), String> {
     for s in scrape.samples {
         let key = || -> Key {
             let l = |n: &str| s.labels.get(n).unwrap_or("").to_string();
-            (l("direction"), l("route"), l("backend"))
+            (l("direction"), l("namespace"), l("route"), l("backend"))
         };
         match (s.metric.as_str(), &s.value) {
             ("sluice_requests_total", Value::Counter(v) | Value::Untyped(v)) => {
@@ -139,8 +141,9 @@ pub fn rows_across(before: &[Sample], now: &[Sample], elapsed: Duration) -> Vec<
     }
     moved
         .into_iter()
-        .map(|((direction, route, backend), d)| {
-            let t = &totals[&(direction.clone(), route.clone(), backend.clone())];
+        .map(|(key, d)| {
+            let t = &totals[&key];
+            let (direction, namespace, route, backend) = key;
             Row {
                 rps: d.requests / secs,
                 error_ratio: (d.requests > 0.0).then(|| d.errors / d.requests),
@@ -149,6 +152,7 @@ pub fn rows_across(before: &[Sample], now: &[Sample], elapsed: Duration) -> Vec<
                 requests_total: t.requests,
                 errors_total: t.errors,
                 direction,
+                namespace,
                 route,
                 backend,
             }
@@ -227,7 +231,12 @@ fn render(rows: &[Row], proxies: usize, interval: Duration) -> String {
     for r in rows {
         t.row([
             r.direction.clone(),
-            r.route.clone(),
+            // Policy names repeat across namespaces: `<namespace>/<policy>.<route>`.
+            if r.namespace.is_empty() {
+                r.route.clone()
+            } else {
+                format!("{}/{}", r.namespace, r.route)
+            },
             if r.backend.is_empty() {
                 "-".to_string()
             } else {
@@ -293,17 +302,36 @@ mod tests {
 
     const METRICS: &str = r#"# HELP sluice_requests_total Requests handled, by outcome.
 # TYPE sluice_requests_total counter
-sluice_requests_total{backend="v1",code="200",direction="outbound",peer_identity="",route="shop.api"} 90
-sluice_requests_total{backend="v1",code="503",direction="outbound",peer_identity="",route="shop.api"} 10
-sluice_requests_total{backend="",code="404",direction="outbound",peer_identity="",route="shop.none"} 3
+sluice_requests_total{backend="v1",code="200",direction="outbound",namespace="prod",peer_identity="",route="shop.api"} 90
+sluice_requests_total{backend="v1",code="503",direction="outbound",namespace="prod",peer_identity="",route="shop.api"} 10
+sluice_requests_total{backend="",code="404",direction="outbound",namespace="prod",peer_identity="",route="shop.none"} 3
 # HELP sluice_request_duration_seconds Time from request to response headers.
 # TYPE sluice_request_duration_seconds histogram
-sluice_request_duration_seconds_bucket{backend="v1",direction="outbound",peer_identity="",route="shop.api",le="0.001"} 50
-sluice_request_duration_seconds_bucket{backend="v1",direction="outbound",peer_identity="",route="shop.api",le="0.01"} 99
-sluice_request_duration_seconds_bucket{backend="v1",direction="outbound",peer_identity="",route="shop.api",le="+Inf"} 100
-sluice_request_duration_seconds_sum{backend="v1",direction="outbound",peer_identity="",route="shop.api"} 0.3
-sluice_request_duration_seconds_count{backend="v1",direction="outbound",peer_identity="",route="shop.api"} 100
+sluice_request_duration_seconds_bucket{backend="v1",direction="outbound",namespace="prod",peer_identity="",route="shop.api",le="0.001"} 50
+sluice_request_duration_seconds_bucket{backend="v1",direction="outbound",namespace="prod",peer_identity="",route="shop.api",le="0.01"} 99
+sluice_request_duration_seconds_bucket{backend="v1",direction="outbound",namespace="prod",peer_identity="",route="shop.api",le="+Inf"} 100
+sluice_request_duration_seconds_sum{backend="v1",direction="outbound",namespace="prod",peer_identity="",route="shop.api"} 0.3
+sluice_request_duration_seconds_count{backend="v1",direction="outbound",namespace="prod",peer_identity="",route="shop.api"} 100
 "#;
+
+    /// Policy names repeat across namespaces: one route of two namespaces is two rows,
+    /// and the table tells them apart.
+    #[test]
+    fn the_same_route_in_two_namespaces_is_two_rows() {
+        let mut now = Sample::new();
+        add_scrape(&mut now, METRICS).unwrap();
+        add_scrape(&mut now, &METRICS.replace("prod", "staging")).unwrap();
+        let rows = rows(&Sample::new(), &now, Duration::from_secs(2));
+        let api: Vec<(&str, f64)> = rows
+            .iter()
+            .filter(|r| r.route == "shop.api")
+            .map(|r| (r.namespace.as_str(), r.requests_total))
+            .collect();
+        assert_eq!(api, [("prod", 100.0), ("staging", 100.0)]);
+        let shown = render(&rows, 2, Duration::from_secs(2));
+        assert!(shown.contains("prod/shop.api"), "{shown}");
+        assert!(shown.contains("staging/shop.api"), "{shown}");
+    }
 
     #[test]
     fn red_per_route_and_backend_from_two_samples() {
@@ -313,6 +341,7 @@ sluice_request_duration_seconds_count{backend="v1",direction="outbound",peer_ide
         add_scrape(&mut now, METRICS).unwrap();
         let key = (
             "outbound".to_string(),
+            "prod".to_string(),
             "shop.api".to_string(),
             "v1".to_string(),
         );

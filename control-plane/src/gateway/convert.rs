@@ -162,7 +162,7 @@ fn as_percentages(policy: &mut sluice_config::RoutePolicy) -> Vec<String> {
     let mut warnings = Vec::new();
     let name = format!(
         "{}/{}",
-        policy.metadata.namespace.as_deref().unwrap_or("default"),
+        policy.metadata.namespace_or_default(),
         policy.metadata.name
     );
     for route in &mut policy.spec.routes {

@@ -9,7 +9,7 @@
 //! the time every [`TICK`], and keeps the states in `--state-dir` so a restart
 //! resumes the same step.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -401,13 +401,31 @@ impl Rollouts {
         let now = self.inner.clock.now();
         let mut book = self.book();
         let mut transitions = Vec::new();
+        // A proxy that predates namespaces reports none: its counts go to the one
+        // rollout of that policy and route name, and to none when several share it.
+        let mut named: HashMap<(&str, &str), usize> = HashMap::new();
+        for id in book.entries.keys() {
+            *named.entry((&id.policy, &id.route)).or_default() += 1;
+        }
+        let unnamed: HashSet<(String, String)> = named
+            .into_iter()
+            .filter(|(_, n)| *n == 1)
+            .map(|((p, r), _)| (p.to_string(), r.to_string()))
+            .collect();
         for (id, e) in &mut book.entries {
-            let Some(backends) = taken.get(&(id.policy.clone(), id.route.clone())) else {
+            let own = (id.namespace.clone(), id.policy.clone(), id.route.clone());
+            let legacy = (String::new(), id.policy.clone(), id.route.clone());
+            let legacy = unnamed
+                .contains(&(id.policy.clone(), id.route.clone()))
+                .then(|| taken.get(&legacy))
+                .flatten();
+            let sources: Vec<_> = taken.get(&own).into_iter().chain(legacy).collect();
+            if sources.is_empty() {
                 continue;
-            };
+            }
             let mut canary = Window::default();
             let mut others = Window::default();
-            for (b, w) in backends {
+            for (b, w) in sources.into_iter().flatten() {
                 if *b == e.spec.rollout.canary {
                     canary.add(w);
                 } else {
@@ -1276,7 +1294,7 @@ mod tests {
             failures: 20,
             durations: Vec::new(),
         };
-        let route = ("log".to_string(), "ingest".to_string());
+        let route = ("shop".to_string(), "log".to_string(), "ingest".to_string());
         let on = |backend: &str| {
             super::super::reports::Taken::from([(
                 route.clone(),
@@ -1313,6 +1331,64 @@ mod tests {
         assert!(!r.tick(|| vec![p.clone()]));
         assert_eq!(rollout(&r)["stepAcked"], true);
         assert!(!r.tick(|| panic!("the rollback is acked already")));
+    }
+
+    /// The same policy applied to two namespaces is two rollouts: the staging canary's
+    /// failures roll back staging's only. A report without a namespace (a proxy that
+    /// predates it) cannot say which of the two it means and moves neither.
+    #[test]
+    fn a_canary_is_judged_by_the_reports_of_its_own_namespace() {
+        let staging = POLICY
+            .replace("namespace: shop", "namespace: staging")
+            .replace("host: log", "host: log.staging");
+        let two = PolicySet::new(
+            [POLICY, staging.as_str()]
+                .iter()
+                .flat_map(|y| sluice_config::parse_policies("log.yaml", y).expect("parses"))
+                .collect(),
+        )
+        .expect("a valid set");
+        let failing = Window {
+            requests: 20,
+            failures: 20,
+            durations: Vec::new(),
+        };
+        let on = |namespace: &str| {
+            let route = (
+                namespace.to_string(),
+                "log".to_string(),
+                "ingest".to_string(),
+            );
+            super::super::reports::Taken::from([(
+                route,
+                BTreeMap::from([("v2".to_string(), failing.clone())]),
+            )])
+        };
+        let r = Rollouts::new(None, Clock::default());
+        r.sync(&two);
+        let phases = |r: &Rollouts| -> Vec<(String, String)> {
+            let view = r.view();
+            let mut v: Vec<(String, String)> = view["rollouts"]
+                .as_array()
+                .expect("a list")
+                .iter()
+                .map(|x| (x["namespace"].to_string(), x["phase"].to_string()))
+                .collect();
+            v.sort();
+            v
+        };
+        let progressing = |ns: &str| (format!("{ns:?}"), "\"progressing\"".to_string());
+        assert_eq!(phases(&r), [progressing("shop"), progressing("staging")]);
+        assert!(!r.on_reports(&on(""), &[]), "ambiguous without a namespace");
+        assert_eq!(phases(&r), [progressing("shop"), progressing("staging")]);
+        assert!(r.on_reports(&on("staging"), &[]));
+        assert_eq!(
+            phases(&r),
+            [
+                progressing("shop"),
+                ("\"staging\"".to_string(), "\"rolled-back\"".to_string())
+            ]
+        );
     }
 
     /// A proxy a step waited for that disconnects without acking (a hung one is

@@ -476,6 +476,7 @@ mod tests {
     fn fleet() -> pb::RouteTraffic {
         pb::RouteTraffic {
             routes: vec![pb::RouteProxies {
+                namespace: "shop".into(),
                 policy: "log".into(),
                 route: "ingest".into(),
                 proxies: 3,

@@ -39,8 +39,9 @@ const MAX_ENTRIES: usize = 4096;
 /// Most duration buckets a report may carry.
 const MAX_BUCKETS: usize = 64;
 
-/// (policy name, route name): how proxies name a route in their reports.
-pub type RouteName = (String, String);
+/// (namespace, policy name, route name): how proxies name a route in their reports.
+/// The namespace is empty from a proxy that predates it.
+pub type RouteName = (String, String, String);
 
 /// (node id, stream): who sent a report. The stream is the receiving replica's
 /// name for it (`#<n>` for this replica's own, `<replica>/<n>` for a relayed one);
@@ -248,7 +249,7 @@ impl ReportBook {
             false
         };
         for e in &report.entries {
-            let route = (e.policy.clone(), e.route.clone());
+            let route = (e.namespace.clone(), e.policy.clone(), e.route.clone());
             if e.requests > 0 {
                 book.seen
                     .entry(route.clone())
@@ -301,12 +302,19 @@ impl ReportBook {
         (std::mem::take(&mut book.pending), bounds)
     }
 
-    /// How many proxies reported requests on `route` of policy `policy` within
-    /// [`TRAFFIC_RECENT`] of `now`.
-    pub fn proxies_with_traffic(&self, policy: &str, route: &str, now: Instant) -> u32 {
+    /// How many proxies reported requests on `route` of policy `namespace`/`policy`
+    /// within [`TRAFFIC_RECENT`] of `now`.
+    pub fn proxies_with_traffic(
+        &self,
+        namespace: &str,
+        policy: &str,
+        route: &str,
+        now: Instant,
+    ) -> u32 {
         let book = self.book.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (namespace.to_string(), policy.to_string(), route.to_string());
         book.seen
-            .get(&(policy.to_string(), route.to_string()))
+            .get(&key)
             .map(|nodes| recent(nodes, &book.closed, now))
             .unwrap_or(0)
     }
@@ -352,7 +360,10 @@ impl ReportBook {
             let counts = t
                 .routes
                 .iter()
-                .map(|r| ((r.policy.clone(), r.route.clone()), r.proxies))
+                .map(|r| {
+                    let key = (r.namespace.clone(), r.policy.clone(), r.route.clone());
+                    (key, r.proxies)
+                })
                 .collect();
             (counts, now)
         });
@@ -411,7 +422,8 @@ fn to_message(table: BTreeMap<RouteName, u32>) -> pb::RouteTraffic {
     pb::RouteTraffic {
         routes: table
             .into_iter()
-            .map(|((policy, route), proxies)| pb::RouteProxies {
+            .map(|((namespace, policy, route), proxies)| pb::RouteProxies {
+                namespace,
                 policy,
                 route,
                 proxies,
@@ -450,6 +462,7 @@ mod tests {
 
     fn entry(route: &str, backend: &str, requests: u64, errors: u64) -> pb::BackendCounts {
         pb::BackendCounts {
+            namespace: "shop".into(),
             policy: "log".into(),
             route: route.into(),
             backend: backend.into(),
@@ -488,7 +501,7 @@ mod tests {
         .unwrap();
         let (taken, bounds) = book.take();
         assert_eq!(bounds, [0.01, 0.1]);
-        let r = &taken[&("log".to_string(), "ingest".to_string())];
+        let r = &taken[&("shop".to_string(), "log".to_string(), "ingest".to_string())];
         assert_eq!(r["v1"].requests, 15);
         assert_eq!(r["v1"].failures, 1);
         assert_eq!(r["v1"].durations, [13, 2, 0]);
@@ -504,7 +517,7 @@ mod tests {
     fn other_bounds_count_untimed_until_no_report_used_the_first_for_a_while() {
         let book = ReportBook::new(counter());
         let t0 = Instant::now();
-        let route = ("log".to_string(), "ingest".to_string());
+        let route = ("shop".to_string(), "log".to_string(), "ingest".to_string());
         let first = || report(vec![entry("ingest", "v1", 10, 0)]);
         let newer = || pb::Report {
             bucket_bounds: vec![0.02, 0.2],
@@ -548,7 +561,7 @@ mod tests {
             .unwrap();
         book.ingest("b", "#1", &report(vec![entry("ingest", "v1", 3, 0)]), t0)
             .unwrap();
-        assert_eq!(book.proxies_with_traffic("log", "ingest", t0), 2);
+        assert_eq!(book.proxies_with_traffic("shop", "log", "ingest", t0), 2);
         assert!(rx.has_changed().unwrap());
         let table = rx.borrow_and_update().clone();
         assert_eq!(table.routes.len(), 1);
@@ -561,7 +574,7 @@ mod tests {
         let later = t0 + TRAFFIC_RECENT + Duration::from_secs(1);
         book.ingest("a", "#1", &report(vec![entry("ingest", "v1", 3, 0)]), later)
             .unwrap();
-        assert_eq!(book.proxies_with_traffic("log", "ingest", later), 1);
+        assert_eq!(book.proxies_with_traffic("shop", "log", "ingest", later), 1);
         assert_eq!(rx.borrow_and_update().routes[0].proxies, 1);
         book.refresh(later + TRAFFIC_RECENT + Duration::from_secs(1));
         assert!(rx.borrow_and_update().routes.is_empty());
@@ -575,7 +588,7 @@ mod tests {
         let book = ReportBook::new(counter());
         let t0 = Instant::now();
         let traffic = || report(vec![entry("ingest", "v1", 3, 0)]);
-        let count = |at| book.proxies_with_traffic("log", "ingest", at);
+        let count = |at| book.proxies_with_traffic("shop", "log", "ingest", at);
         book.ingest("twin", "#1", &traffic(), t0).unwrap();
         book.ingest("twin", "#2", &traffic(), t0).unwrap();
         book.ingest("twin", "cp-b/1", &traffic(), t0).unwrap();
@@ -610,6 +623,7 @@ mod tests {
             routes: routes
                 .iter()
                 .map(|(route, proxies)| pb::RouteProxies {
+                    namespace: "shop".into(),
                     policy: "log".into(),
                     route: (*route).into(),
                     proxies: *proxies,
@@ -641,7 +655,7 @@ mod tests {
             table(&[("export", 2), ("ingest", 1)]),
             "its own count, not the holder's"
         );
-        assert_eq!(book.proxies_with_traffic("log", "ingest", t0), 1);
+        assert_eq!(book.proxies_with_traffic("shop", "log", "ingest", t0), 1);
 
         // Not heard from the holder for longer than FLEET_FRESH: its own counts.
         book.refresh(t0 + FLEET_FRESH);
@@ -681,7 +695,7 @@ mod tests {
         assert_eq!(reports.with_label_values(&["malformed"]).get(), 3);
         assert!(book.take().0.is_empty());
         assert_eq!(
-            book.proxies_with_traffic("log", "ingest", Instant::now()),
+            book.proxies_with_traffic("shop", "log", "ingest", Instant::now()),
             0
         );
     }
@@ -741,7 +755,7 @@ mod tests {
             ..entry("ingest", "v1", 1, 0)
         };
         book.ingest("a", "#1", &report(vec![idle]), now).unwrap();
-        assert_eq!(book.proxies_with_traffic("log", "ingest", now), 0);
+        assert_eq!(book.proxies_with_traffic("shop", "log", "ingest", now), 0);
         assert!(book.watch_traffic().borrow().routes.is_empty());
     }
 

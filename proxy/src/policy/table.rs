@@ -174,30 +174,14 @@ impl<T> RouteTable<T> {
 
     /// Builds the table, calling `build` for every route of every policy. When two
     /// policies claim one host, the first (in canonical order) wins and the other is
-    /// reported in the returned warnings; so are policies of one name in several
-    /// namespaces, whose routes share their `<policy>.<route>` names.
+    /// reported in the returned warnings.
     pub fn build(
         policies: &[RoutePolicy],
         mut build: impl FnMut(&RoutePolicy, usize) -> Result<T, ProxyError>,
     ) -> Result<(Self, Vec<String>), ProxyError> {
         let mut hosts = HashMap::with_capacity_and_hasher(policies.len(), Default::default());
         let mut warnings = Vec::new();
-        let mut named: HashMap<&str, &str> = HashMap::with_capacity(policies.len());
         for policy in policies {
-            let meta = &policy.metadata;
-            let ns = meta.namespace.as_deref().unwrap_or("default");
-            if let Some(first) = named.insert(&meta.name, ns)
-                && first != ns
-            {
-                // Breakers, retry budgets, rate limits, metric series and rollout reports
-                // know a route by `<policy>.<route>`, which these two share.
-                warnings.push(format!(
-                    "policies {first}/{name} and {ns}/{name} share the name {name:?}: routes of \
-                     the same name in them share breakers, retry budgets, rate limits and \
-                     metric series ({name}.<route>); give one of them another name",
-                    name = meta.name,
-                ));
-            }
             let names: Vec<Box<str>> = policy
                 .spec
                 .hosts()
@@ -505,14 +489,8 @@ spec:
 "#;
         let set = sluice_config::PolicySet::from_files([("t.yaml", text)]).unwrap();
         let (t, warnings) = RouteTable::compile(set.policies(), |params| params).unwrap();
-        assert_eq!(
-            warnings,
-            [
-                "policies shop/orders and staging/orders share the name \"orders\": routes of \
-                 the same name in them share breakers, retry budgets, rate limits and metric \
-                 series (orders.<route>); give one of them another name"
-            ]
-        );
+        // One name in two namespaces is two policies: nothing to warn about.
+        assert!(warnings.is_empty(), "{warnings:?}");
         assert_eq!((t.len(), t.is_empty()), (2, false));
         assert!(t.has_host("Orders.Staging:80") && !t.has_host("orders"));
         let backends = |host: &str, path: &str| {
@@ -530,11 +508,12 @@ spec:
         assert_eq!(
             backends("orders.shop", "/"),
             (
-                "orders.all".into(),
+                "shop/orders.all".into(),
                 vec!["v1".into()],
                 vec!["127.0.0.1:1".into()]
             )
         );
+        assert_eq!(backends("orders.staging", "/").0, "staging/orders.all");
         for path in ["/", "/api/x"] {
             let (_, names, endpoints) = backends("orders.staging", path);
             assert_eq!(names, ["blue", "green"], "{path}");

@@ -425,7 +425,10 @@ async fn fallback_splits_between(nodes: [&str; 2]) {
         remaining < 500
     })
     .await;
-    assert_eq!(ps[0].route_traffic().proxies("quota", "api"), Some(2));
+    assert_eq!(
+        ps[0].route_traffic().proxies("e2e", "quota", "api"),
+        Some(2)
+    );
     for p in ps {
         p.shutdown().await;
     }
@@ -598,7 +601,7 @@ async fn a_proxy_on_a_follower_replica_is_told_the_fleet_wide_count() {
     // Both proxies keep sending; each replica counts its own proxy, the holder both.
     let told = || {
         ps.iter()
-            .map(|p| p.route_traffic().proxies("quota", "api"))
+            .map(|p| p.route_traffic().proxies("e2e", "quota", "api"))
             .collect::<Vec<_>>()
     };
     wait_until(
@@ -634,7 +637,7 @@ async fn a_proxy_on_a_follower_replica_is_told_the_fleet_wide_count() {
                 .await
                 .unwrap();
             assert_eq!(r.status, StatusCode::OK);
-            on_follower.route_traffic().proxies("quota", "api") == Some(1)
+            on_follower.route_traffic().proxies("e2e", "quota", "api") == Some(1)
         },
     )
     .await;

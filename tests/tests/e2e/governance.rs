@@ -71,7 +71,7 @@ async fn route_timeout_answers_504() {
     // Counted against the backend it was sent to, as a canary's checks need.
     let metrics = proxy.admin_get("/metrics").await.1;
     assert!(
-        metrics.contains(r#"sluice_requests_total{backend="up",code="504",direction="outbound",peer_identity="",route="stuck.main"} 1"#),
+        metrics.contains(r#"sluice_requests_total{backend="up",code="504",direction="outbound",namespace="e2e",peer_identity="",route="stuck.main"} 1"#),
         "{metrics}"
     );
     up.release_held();
@@ -92,7 +92,7 @@ async fn a_request_the_client_abandons_is_recorded_as_499() {
     let proxy = TestProxy::start_with(&policy("stuck", &[("up", up.addr())], ""), opts).await;
     up.abandon_held_request(proxy.outbound_addr(), "stuck")
         .await;
-    let line = r#"sluice_requests_total{backend="",code="499",direction="outbound",peer_identity="",route="stuck.main"} 1"#;
+    let line = r#"sluice_requests_total{backend="",code="499",direction="outbound",namespace="e2e",peer_identity="",route="stuck.main"} 1"#;
     wait_until("the abandoned request is counted", WAIT, || async {
         proxy.admin_get("/metrics").await.1.contains(line)
     })
@@ -345,4 +345,134 @@ async fn a_stream_the_upstreams_goaway_left_out_is_retried_as_refused() {
         1,
         "a stream gone away under is not a gateway error"
     );
+}
+
+/// Two namespaces each hold a policy `log` with a route `ingest` (the same manifests
+/// applied to staging and to prod). Each is its own route: staging's failing backend
+/// opens staging's breaker only, prod's quota is prod's own, and metrics, `/breakers` and
+/// a breaker reset by hand tell them apart by their `namespace`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_policy_name_in_two_namespaces_shares_no_state() {
+    let sick = log_service::start(
+        "127.0.0.1:0".parse().unwrap(),
+        LogServiceConfig {
+            name: "sick".into(),
+            fail_rate: 1.0,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let healthy = Upstream::auto("healthy").await;
+    let doc = |ns: &str, addr: SocketAddr| {
+        format!(
+            "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: log, namespace: {ns} }}\n\
+             spec:\n  host: log.{ns}\n  backends:\n    v1: {{ addresses: [\"{addr}\"] }}\n  routes:\n\
+             \x20   - name: ingest\n\
+             \x20     circuitBreaker: {{ consecutiveFailures: 3, openFor: 60s }}\n\
+             \x20     rateLimit: {{ perSecond: 1, burst: 4 }}\n"
+        )
+    };
+    let yaml = format!(
+        "{}---\n{}",
+        doc("staging", sick.addr()),
+        doc("prod", healthy.addr())
+    );
+    let proxy = TestProxy::start(&yaml).await;
+    let mut conn = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
+
+    // Staging fails three times and its breaker opens.
+    for i in 0..4 {
+        let r = conn
+            .request(Method::POST, "log.staging", "/logs", &[])
+            .await
+            .unwrap();
+        assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "try {i}: {r:?}");
+        let reason = if i < 3 { "" } else { "breaker-open" };
+        assert_eq!(r.header("x-sluice-reason"), reason, "try {i}: {r:?}");
+    }
+    // Prod's breaker of the same route and backend name is another breaker, and prod's
+    // bucket is its own: staging's four requests spent staging's burst, not prod's.
+    for i in 0..4 {
+        let r = conn
+            .request(Method::POST, "log.prod", "/logs", &[])
+            .await
+            .unwrap();
+        assert_eq!(r.status, StatusCode::OK, "prod try {i}: {r:?}");
+    }
+
+    let breakers = proxy.admin_json("/breakers").await;
+    let states: HashSet<(String, String, String)> = breakers
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            let s = |k: &str| b[k].as_str().unwrap_or_default().to_string();
+            (s("namespace"), s("route"), s("state"))
+        })
+        .collect();
+    let want: HashSet<(String, String, String)> = [
+        ("staging", "log.ingest", "open"),
+        ("prod", "log.ingest", "closed"),
+    ]
+    .iter()
+    .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+    .collect();
+    assert_eq!(states, want, "{breakers}");
+
+    let text = scrape(proxy.admin_addr()).await;
+    let ok = |ns: &str| {
+        metric_sum(
+            &text,
+            "sluice_requests_total",
+            &[
+                &format!("namespace=\"{ns}\""),
+                "route=\"log.ingest\"",
+                "code=\"200\"",
+            ],
+        )
+    };
+    assert_eq!((ok("prod"), ok("staging")), (4.0, 0.0), "{text}");
+    let open = |ns: &str| {
+        metric_sum(
+            &text,
+            "sluice_breaker_state",
+            &[&format!("namespace=\"{ns}\""), "state=\"open\""],
+        )
+    };
+    assert_eq!((open("staging"), open("prod")), (1.0, 0.0), "{text}");
+
+    // By hand: the route and backend name two breakers, so a namespace must be given.
+    let (status, body) = proxy
+        .admin_send(Method::POST, "/breakers/log.ingest/v1/reset", "")
+        .await;
+    assert_eq!(status, StatusCode::CONFLICT, "{body}");
+    assert!(body.contains("prod, staging"), "{body}");
+    let (status, body) = proxy
+        .admin_send(
+            Method::POST,
+            "/breakers/log.ingest/v1/reset?namespace=staging",
+            "",
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, "staging/log.ingest/v1: reset\n");
+    let (status, _) = proxy
+        .admin_send(
+            Method::POST,
+            "/breakers/log.ingest/v1/open?namespace=qa",
+            "",
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    let breakers = proxy.admin_json("/breakers").await;
+    assert!(
+        breakers
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["state"] == "closed"),
+        "{breakers}"
+    );
+    sick.shutdown().await;
 }

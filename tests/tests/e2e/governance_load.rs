@@ -124,7 +124,7 @@ async fn retries_against_a_failing_upstream_stay_within_the_budget() {
     let (_, text) = proxy.admin_get("/metrics").await;
     let retried = metric(
         &text,
-        "sluice_retries_total{backend=\"up\",outcome=\"retried\"",
+        "sluice_retries_total{backend=\"up\",namespace=\"e2e\",outcome=\"retried\"",
     );
     let bound = ratio * f64::from(requests) + min_per_second * seconds;
     assert!(retried > 0.0, "some retries happen:\n{text}");
@@ -132,15 +132,15 @@ async fn retries_against_a_failing_upstream_stay_within_the_budget() {
     assert!(
         metric(
             &text,
-            "sluice_retries_total{backend=\"up\",outcome=\"budget_exhausted\""
+            "sluice_retries_total{backend=\"up\",namespace=\"e2e\",outcome=\"budget_exhausted\""
         ) > 0.0,
         "the budget ran out:\n{text}"
     );
     // The metric families the dashboards read are all there.
-    assert!(text.contains("sluice_ratelimit_decisions_total{decision=\"allowed\",direction=\"outbound\",route=\"sick.main\"}"), "{text}");
+    assert!(text.contains("sluice_ratelimit_decisions_total{decision=\"allowed\",direction=\"outbound\",namespace=\"e2e\",route=\"sick.main\"}"), "{text}");
     assert!(
         text.contains(
-            "sluice_breaker_state{backend=\"up\",route=\"sick.main\",state=\"closed\"} 1"
+            "sluice_breaker_state{backend=\"up\",namespace=\"e2e\",route=\"sick.main\",state=\"closed\"} 1"
         ),
         "{text}"
     );
@@ -284,8 +284,8 @@ async fn breaker_opens_when_a_backend_dies_under_load_and_half_open_probes_close
     let (_, text) = proxy.admin_get("/metrics").await;
     // The gauge and the transitions counter say so too.
     for want in [
-        "sluice_breaker_state{backend=\"v2\",route=\"logs.main\",state=\"closed\"} 0",
-        "sluice_breaker_transitions_total{backend=\"v2\",from=\"closed\",route=\"logs.main\",to=\"open\"} 1",
+        "sluice_breaker_state{backend=\"v2\",namespace=\"e2e\",route=\"logs.main\",state=\"closed\"} 0",
+        "sluice_breaker_transitions_total{backend=\"v2\",from=\"closed\",namespace=\"e2e\",route=\"logs.main\",to=\"open\"} 1",
     ] {
         assert!(text.lines().any(|l| l == want), "{want} in\n{text}");
     }
@@ -347,7 +347,7 @@ async fn breaker_opens_when_a_backend_dies_under_load_and_half_open_probes_close
     let (_, text) = proxy.admin_get("/metrics").await;
     assert!(
         text.contains(
-            "sluice_breaker_state{backend=\"v2\",route=\"logs.main\",state=\"closed\"} 1"
+            "sluice_breaker_state{backend=\"v2\",namespace=\"e2e\",route=\"logs.main\",state=\"closed\"} 1"
         ),
         "{text}"
     );
@@ -403,13 +403,13 @@ async fn routes_of_the_same_name_in_two_policies_keep_apart_in_metrics_and_break
     let (_, text) = proxy.admin_get("/metrics").await;
     for (route, n) in [("one.main", 1), ("two.main", 2)] {
         let requests = format!(
-            "sluice_requests_total{{backend=\"up\",code=\"200\",direction=\"outbound\",peer_identity=\"\",route=\"{route}\"}} {n}\n"
+            "sluice_requests_total{{backend=\"up\",code=\"200\",direction=\"outbound\",namespace=\"e2e\",peer_identity=\"\",route=\"{route}\"}} {n}\n"
         );
         let decisions = format!(
-            "sluice_ratelimit_decisions_total{{decision=\"allowed\",direction=\"outbound\",route=\"{route}\"}} {n}\n"
+            "sluice_ratelimit_decisions_total{{decision=\"allowed\",direction=\"outbound\",namespace=\"e2e\",route=\"{route}\"}} {n}\n"
         );
         let duration = format!(
-            "sluice_request_duration_seconds_count{{backend=\"up\",direction=\"outbound\",peer_identity=\"\",route=\"{route}\"}} {n}\n"
+            "sluice_request_duration_seconds_count{{backend=\"up\",direction=\"outbound\",namespace=\"e2e\",peer_identity=\"\",route=\"{route}\"}} {n}\n"
         );
         for series in [requests, decisions, duration] {
             assert!(text.contains(&series), "{series} missing:\n{text}");

@@ -199,7 +199,7 @@ async fn order_to_log_is_mtls_end_to_end_and_the_peer_identity_is_seen() {
     let metrics = mesh.log.admin_get("/metrics").await.1;
     assert!(
         metrics.contains(&format!(
-            r#"sluice_requests_total{{backend="app",code="200",direction="inbound",peer_identity="{ORDER}",route="inbound"}} 1"#
+            r#"sluice_requests_total{{backend="app",code="200",direction="inbound",namespace="shop",peer_identity="{ORDER}",route="inbound"}} 1"#
         )),
         "{metrics}"
     );

@@ -63,7 +63,7 @@ async fn reports_count_the_proxies_with_traffic_and_the_count_reaches_the_proxie
         "the control plane counts one proxy with traffic",
         WAIT,
         || {
-            let n = cp.proxies_with_traffic("log", "ingest");
+            let n = cp.proxies_with_traffic("e2e", "log", "ingest");
             async move { n == 1 }
         },
     )
@@ -72,7 +72,7 @@ async fn reports_count_the_proxies_with_traffic_and_the_count_reaches_the_proxie
     for p in &proxies {
         let table = p.route_traffic();
         wait_until("a proxy hears the count", WAIT, || {
-            let n = table.proxies("log", "ingest");
+            let n = table.proxies("e2e", "log", "ingest");
             async move { n == Some(1) }
         })
         .await;
@@ -87,11 +87,11 @@ async fn reports_count_the_proxies_with_traffic_and_the_count_reaches_the_proxie
                 let mut c = HttpConn::h1(addr).await.unwrap();
                 assert_eq!(c.get("log", "/").await.unwrap().status, StatusCode::OK);
             }
-            table.proxies("log", "ingest") == Some(2)
+            table.proxies("e2e", "log", "ingest") == Some(2)
         }
     })
     .await;
-    assert_eq!(cp.proxies_with_traffic("log", "ingest"), 2);
+    assert_eq!(cp.proxies_with_traffic("e2e", "log", "ingest"), 2);
     let metrics = scrape(cp.admin_addr()).await;
     assert!(
         metric_sum(

@@ -384,8 +384,9 @@ impl<K: Hash + Eq + Clone> FleetRegistry<K> {
         self
     }
 
-    /// The limit of route `key` (`policy`/`route` name its Redis keys): the current one
-    /// when its params and names are unchanged, else a fresh one.
+    /// The limit of route `key` (`policy`/`route` name its Redis keys; a mesh qualifies
+    /// `policy` with its namespace, since policy names repeat across namespaces): the
+    /// current one when its params and names are unchanged, else a fresh one.
     pub fn get_or_rebuild(
         &self,
         key: K,
