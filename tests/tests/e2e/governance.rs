@@ -11,7 +11,6 @@ use sluice_e2e::{
     GoingAwayUpstream, HttpConn, Protocol, TestProxy, Upstream, WAIT, metric_sum, scrape,
     wait_until,
 };
-use sluice_examples::log_service::{self, LogServiceConfig};
 
 fn policy(host: &str, backends: &[(&str, SocketAddr)], route: &str) -> String {
     let mut b = String::new();
@@ -111,17 +110,7 @@ async fn a_request_the_client_abandons_is_recorded_as_499() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn breaker_opens_after_consecutive_failures_and_fails_fast() {
-    // A log service that fails every ingest with 503.
-    let sick = log_service::start(
-        "127.0.0.1:0".parse().unwrap(),
-        LogServiceConfig {
-            name: "sick".into(),
-            fail_rate: 1.0,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let sick = crate::failing_log_service().await;
     let route = "      circuitBreaker: { consecutiveFailures: 3, openFor: 60s }\n";
     let proxy = TestProxy::start(&policy("sick", &[("up", sick.addr())], route)).await;
     let mut conn = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
@@ -353,16 +342,7 @@ async fn a_stream_the_upstreams_goaway_left_out_is_retried_as_refused() {
 /// a breaker reset by hand tell them apart by their `namespace`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_policy_name_in_two_namespaces_shares_no_state() {
-    let sick = log_service::start(
-        "127.0.0.1:0".parse().unwrap(),
-        LogServiceConfig {
-            name: "sick".into(),
-            fail_rate: 1.0,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let sick = crate::failing_log_service().await;
     let healthy = Upstream::auto("healthy").await;
     let doc = |ns: &str, addr: SocketAddr| {
         format!(

@@ -7,7 +7,6 @@ use std::time::Instant;
 
 use hyper::{Method, StatusCode};
 use sluice_e2e::{HttpConn, Protocol, TestProxy, Upstream, restartable_addr};
-use sluice_examples::log_service::{self, LogServiceConfig};
 
 fn split_policy(a: SocketAddr, b: SocketAddr, weights: (u32, u32), sticky: bool) -> String {
     let sticky = if sticky {
@@ -89,16 +88,7 @@ async fn two_sidecars_send_each_user_to_the_same_side() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_against_a_failing_upstream_stay_within_the_budget() {
-    let sick = log_service::start(
-        "127.0.0.1:0".parse().unwrap(),
-        LogServiceConfig {
-            name: "sick".into(),
-            fail_rate: 1.0,
-            ..Default::default()
-        },
-    )
-    .await
-    .unwrap();
+    let sick = crate::failing_log_service().await;
     let (ratio, min_per_second, window) = (0.2, 1.0, 10.0);
     let policy = format!(
         "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: sick, namespace: e2e }}\n\

@@ -41,3 +41,16 @@ mod tls_identity;
 mod transparent;
 mod upgrades;
 mod websocket;
+
+/// A log service on an ephemeral port that fails every ingest with 503.
+async fn failing_log_service() -> sluice_examples::RunningService {
+    use sluice_examples::log_service::{self, LogServiceConfig};
+    let config = LogServiceConfig {
+        name: "sick".into(),
+        fail_rate: 1.0,
+        ..Default::default()
+    };
+    log_service::start("127.0.0.1:0".parse().unwrap(), config)
+        .await
+        .unwrap()
+}
