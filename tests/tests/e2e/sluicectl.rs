@@ -544,6 +544,61 @@ async fn breakers_list_open_and_reset_a_live_proxys_breaker() {
     proxy.shutdown().await;
 }
 
+/// The same policy in two namespaces: the list tells the breakers apart, a bare route and
+/// backend are refused as ambiguous, and `-n` picks one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breakers_of_one_route_in_two_namespaces_are_told_apart() {
+    let upstream = Upstream::http1("v1").await;
+    let prod = breaker_policy(upstream.addr());
+    let staging = prod
+        .replace("namespace: e2e", "namespace: staging")
+        .replace("host: shop", "host: shop.staging");
+    let proxy = TestProxy::start(&format!("{prod}---\n{staging}")).await;
+    let url = proxy.admin_addr().to_string();
+
+    let out = sluicectl(&["--proxy", &url, "breakers", "open", "shop.api", "v1"]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "a usage error: {}",
+        stdout(&out)
+    );
+    let err = stderr(&out);
+    assert!(
+        err.contains("several namespaces (e2e, staging)") && err.contains("--namespace"),
+        "{err}"
+    );
+
+    let out = sluicectl(&[
+        "--proxy", &url, "breakers", "open", "shop.api", "v1", "-n", "staging",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = sluicectl(&["--proxy", &url, "breakers", "-o", "json"]);
+    let states: Vec<(String, String)> = json(&out)["proxies"][0]["breakers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| (b["namespace"].to_string(), b["state"].to_string()))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("\"e2e\"".into(), "\"closed\"".into()),
+            ("\"staging\"".into(), "\"open\"".into())
+        ]
+    );
+    let text = stdout(&sluicectl(&["--proxy", &url, "breakers"]));
+    assert!(
+        text.contains("e2e/shop.api") && text.contains("staging/shop.api"),
+        "{text}"
+    );
+    let mut conn = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
+    assert_eq!(conn.get("shop", "/").await.unwrap().status, StatusCode::OK);
+    let reply = conn.get("shop.staging", "/").await.unwrap();
+    assert_eq!(reply.header("x-sluice-reason"), "breaker-open");
+    proxy.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_refused_and_malformed_admins_are_one_line_and_exit_3() {
     let upstream = Upstream::http1("not-an-admin").await;
