@@ -332,3 +332,65 @@ impl ConcurrencyObserver for ConcurrencyMetrics {
         self.0.concurrency_in_flight.add(delta);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The registry keys a breaker by `<namespace>/<policy>.<route>`; the admin view shows
+    /// the two parts apart and finds a breaker by its route in one namespace or in all.
+    #[test]
+    fn breakers_are_shown_and_found_by_namespace_and_route() {
+        let metrics = Metrics::new().unwrap();
+        let registry = BreakerRegistry::new(Arc::new(BreakerMetrics(metrics.clone())));
+        registry.update([
+            ("prod/log.ingest", "v1", BreakerParams::default()),
+            ("staging/log.ingest", "v1", BreakerParams::default()),
+            ("staging/log.query", "v1", BreakerParams::default()),
+        ]);
+        let admin: &dyn BreakerAdmin = &registry;
+        let shown: Vec<(String, String)> = admin
+            .list()
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| (b["namespace"].to_string(), b["route"].to_string()))
+            .collect();
+        let pair = |ns: &str, r: &str| (format!("{ns:?}"), format!("{r:?}"));
+        assert_eq!(
+            shown,
+            [
+                pair("prod", "log.ingest"),
+                pair("staging", "log.ingest"),
+                pair("staging", "log.query"),
+            ]
+        );
+        assert_eq!(
+            admin.find(None, "log.ingest", "v1"),
+            ["prod/log.ingest", "staging/log.ingest"]
+        );
+        assert_eq!(
+            admin.find(Some("staging"), "log.ingest", "v1"),
+            ["staging/log.ingest"]
+        );
+        assert!(admin.find(Some("qa"), "log.ingest", "v1").is_empty());
+        assert!(admin.find(None, "log.ingest", "v2").is_empty());
+        assert!(admin.find(None, "ingest", "v1").is_empty());
+
+        assert!(admin.open("staging/log.ingest", "v1"));
+        assert!(!admin.open("log.ingest", "v1"), "a key names its namespace");
+        let state = |key: &str| registry.get(key, "v1").unwrap().state();
+        assert_eq!(state("staging/log.ingest"), CircuitState::Open);
+        assert_eq!(state("prod/log.ingest"), CircuitState::Closed);
+        let text = metrics.encode();
+        assert!(
+            text.contains(
+                r#"sluice_breaker_state{backend="v1",namespace="staging",route="log.ingest",state="open"} 1"#
+            ),
+            "{text}"
+        );
+        assert!(admin.reset("staging/log.ingest", "v1"));
+        assert!(!admin.reset("qa/log.ingest", "v1"));
+        assert_eq!(state("staging/log.ingest"), CircuitState::Closed);
+    }
+}
