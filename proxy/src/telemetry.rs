@@ -19,7 +19,8 @@
 //!
 //! Attributes follow the HTTP semantic conventions (`http.request.method`, `url.path`,
 //! `http.response.status_code`, `server.address`, `network.protocol.version`) plus
-//! Sluice's own: `sluice.route` (`<policy>.<route>`, or `inbound`), `sluice.backend`,
+//! Sluice's own: `sluice.route` (`<policy>.<route>`, or `inbound`), `sluice.namespace`
+//! (the route's policy's), `sluice.backend`,
 //! `sluice.retries`, `sluice.reason` (the `x-sluice-reason` of a synthetic answer),
 //! `sluice.degraded` (the `x-sluice-degraded` of a fallback's answer) and
 //! `sluice.peer_identity` (the caller's SPIFFE ID, when mTLS proved one).
@@ -632,6 +633,7 @@ mod tests {
         assert_eq!(attr("server.address").as_deref(), Some("log-service"));
         assert_eq!(attr("http.response.status_code").as_deref(), Some("503"));
         assert_eq!(attr("sluice.route").as_deref(), Some("log-service.ingest"));
+        assert_eq!(attr("sluice.namespace").as_deref(), Some("shop"));
         assert_eq!(attr("sluice.backend").as_deref(), Some("log-v1"));
         assert_eq!(attr("sluice.retries").as_deref(), Some("0"));
         assert_eq!(attr("sluice.reason").as_deref(), Some("breaker-open"));
@@ -734,6 +736,7 @@ mod tests {
         assert_eq!(spans.len(), 1, "ended before the body is even polled");
         assert_eq!(spans[0].name, "DELETE");
         assert_eq!(attr(&spans[0], "sluice.route"), None);
+        assert_eq!(attr(&spans[0], "sluice.namespace"), None);
     }
 
     #[test]
@@ -793,6 +796,9 @@ mod tests {
         span.finish(200, None, &HeaderMap::new());
         let spans = exporter.get_finished_spans().unwrap();
         assert_eq!(spans[0].parent_span_id.to_string(), "00f067aa0ba902b7");
+        // An inbound listener without a policy of its own names no namespace.
+        assert_eq!(attr(&spans[0], "sluice.route").as_deref(), Some("inbound"));
+        assert_eq!(attr(&spans[0], "sluice.namespace"), None);
 
         // Without b3 configured, B3 headers are not read.
         let (t, _) = telemetry(1.0, &[Propagation::W3c]);
