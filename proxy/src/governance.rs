@@ -393,4 +393,50 @@ mod tests {
         assert!(!admin.reset("qa/log.ingest", "v1"));
         assert_eq!(state("staging/log.ingest"), CircuitState::Closed);
     }
+
+    /// An inbound concurrency limit taken out of the proxy's own policy is dropped, and
+    /// `sluice_concurrency_limit` says 0 rather than the old limit; without Redis the
+    /// fleet limits start degraded.
+    #[test]
+    fn a_removed_inbound_concurrency_limit_leaves_no_limit_behind() {
+        let with = r#"apiVersion: sluice.dev/v1alpha1
+kind: RoutePolicy
+metadata: { name: app, namespace: shop }
+spec:
+  host: app
+  backends:
+    v1: { addresses: ["127.0.0.1:1"] }
+  routes:
+    - name: all
+  inbound:
+    concurrency:
+      fixed: { max: 8 }
+"#;
+        let without = with.replace(
+            "  inbound:\n    concurrency:\n      fixed: { max: 8 }\n",
+            "",
+        );
+        let metrics = Metrics::new().unwrap();
+        let g = Governance::new(&metrics);
+        let gauge = |name: &str| {
+            let text = metrics.encode();
+            text.lines()
+                .find_map(|l| l.strip_prefix(&format!("{name} ")).map(str::to_owned))
+                .unwrap_or_else(|| panic!("{name} in\n{text}"))
+        };
+        assert_eq!(
+            gauge("sluice_ratelimit_fleet_degraded"),
+            "1",
+            "no --redis-url"
+        );
+        let set = |yaml: &str| sluice_config::parse_policies("t.yaml", yaml).unwrap();
+        let on = set(with);
+        g.prepare(&on, on.first());
+        assert!(!g.concurrency.is_empty());
+        assert_eq!(gauge("sluice_concurrency_limit"), "8");
+        let off = set(&without);
+        g.prepare(&off, off.first());
+        assert!(g.concurrency.is_empty());
+        assert_eq!(gauge("sluice_concurrency_limit"), "0");
+    }
 }

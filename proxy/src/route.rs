@@ -42,7 +42,7 @@ pub struct RouteParams {
     pub name: Arc<str>,
     /// `<namespace>/<policy>.<route>`: the route's key in breakers, retry budgets,
     /// rate-limit buckets and traffic reports, shown as the `namespace` and `route`
-    /// labels of metrics and `/breakers` ([`key_labels`]).
+    /// labels of metrics and `/breakers` (split by `route::key_labels`).
     pub key: Arc<str>,
     /// The policy's namespace (`default` when it names none): the `namespace` label.
     pub namespace: Arc<str>,
