@@ -518,12 +518,7 @@ fn exporter(
             .build()
             .map_err(err),
         OtlpProtocol::Http => {
-            // The collector's base URL gets the signal path, as OTEL_EXPORTER_OTLP_ENDPOINT does.
-            let url = if uri.path() == "/" && !endpoint.ends_with("/v1/traces") {
-                format!("{}/v1/traces", endpoint.trim_end_matches('/'))
-            } else {
-                endpoint.to_owned()
-            };
+            let url = http_traces_url(endpoint, uri.path());
             let client = RuntimeHttpClient {
                 inner: opentelemetry_http::hyper::HyperClient::with_default_connector(
                     TIMEOUT, None,
@@ -539,6 +534,16 @@ fn exporter(
                 .build()
                 .map_err(err)
         }
+    }
+}
+
+/// Where OTLP/HTTP spans are posted: a collector's base URL (path `/`) gets the signal
+/// path, as `OTEL_EXPORTER_OTLP_ENDPOINT` does; a URL with a path is taken as given.
+fn http_traces_url(endpoint: &str, path: &str) -> String {
+    if path == "/" && !endpoint.ends_with("/v1/traces") {
+        format!("{}/v1/traces", endpoint.trim_end_matches('/'))
+    } else {
+        endpoint.to_owned()
     }
 }
 
@@ -706,6 +711,28 @@ mod tests {
         assert_eq!(spans[0].status, Status::error("backend gone"));
     }
 
+    /// An OTLP/HTTP collector's base URL gets the traces path; a URL with a path of its
+    /// own is kept.
+    #[test]
+    fn a_base_url_gets_the_traces_path() {
+        for (endpoint, path, url) in [
+            ("http://c:4318", "/", "http://c:4318/v1/traces"),
+            ("http://c:4318/", "/", "http://c:4318/v1/traces"),
+            (
+                "http://c:4318/v1/traces",
+                "/v1/traces",
+                "http://c:4318/v1/traces",
+            ),
+            (
+                "http://c:4318/otlp/traces",
+                "/otlp/traces",
+                "http://c:4318/otlp/traces",
+            ),
+        ] {
+            assert_eq!(http_traces_url(endpoint, path), url, "{endpoint}");
+        }
+    }
+
     #[tokio::test]
     async fn a_body_dropped_unfinished_ends_the_span_and_says_so() {
         let (t, exporter) = telemetry(1.0, &[Propagation::W3c]);
@@ -713,6 +740,7 @@ mod tests {
         let span = t.start_request(SpanKind::Server, &"".into(), &"inbound".into(), &mut req);
         let (_tx, body) = streamed();
         let body = span.finish_with_body(200, None, &HeaderMap::new(), body);
+        assert!(!body.is_end_stream(), "the body is still to come");
         drop(body);
         let spans = exporter.get_finished_spans().unwrap();
         assert_eq!(spans.len(), 1);
@@ -933,8 +961,11 @@ mod tests {
                 .is_none()
         );
         for bad in ["collector:4317", "https://collector:4317", "not a url"] {
-            let e = Telemetry::start(&cfg(bad), &who).unwrap_err();
-            assert!(e.to_string().contains(bad), "{e}");
+            let e = Telemetry::start(&cfg(bad), &who).unwrap_err().to_string();
+            assert!(e.contains(bad), "{e}");
+            // A URI that parses but is no plain http://HOST:PORT says what is wanted.
+            let parses = bad != "not a url";
+            assert_eq!(e.contains("expected http://HOST:PORT"), parses, "{e}");
         }
         let mut c = cfg("http://127.0.0.1:4317");
         c.sampling = 1.5;
