@@ -890,3 +890,70 @@ pub struct Priority {
     /// without the header or with an unknown value get.
     pub levels: Vec<String>,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A match takes every request only with no path, method or header; it says what it
+    /// takes in one line, every part it has, in a fixed order.
+    #[test]
+    fn a_match_says_what_it_takes() {
+        let any = RouteMatch::default();
+        assert!(any.is_empty());
+        assert_eq!(any.describe(), "any request");
+        let path = |exact: Option<&str>, prefix: Option<&str>| PathMatch {
+            exact: exact.map(Into::into),
+            prefix: prefix.map(Into::into),
+        };
+        let cases = [
+            (
+                RouteMatch {
+                    path: Some(path(Some("/health"), None)),
+                    ..RouteMatch::default()
+                },
+                "path = /health",
+            ),
+            (
+                RouteMatch {
+                    path: Some(path(None, Some("/logs"))),
+                    ..RouteMatch::default()
+                },
+                "path under /logs",
+            ),
+            (
+                RouteMatch {
+                    method: Some("POST".into()),
+                    ..RouteMatch::default()
+                },
+                "method POST",
+            ),
+            (
+                RouteMatch {
+                    headers: [("x-canary".to_string(), "true".to_string())]
+                        .into_iter()
+                        .collect(),
+                    ..RouteMatch::default()
+                },
+                "x-canary: true",
+            ),
+            (
+                RouteMatch {
+                    path: Some(path(None, Some("/logs"))),
+                    method: Some("POST".into()),
+                    headers: [
+                        ("x-canary".to_string(), "true".to_string()),
+                        ("x-tenant".to_string(), "a".to_string()),
+                    ]
+                    .into_iter()
+                    .collect(),
+                },
+                "path under /logs, method POST, x-canary: true, x-tenant: a",
+            ),
+        ];
+        for (m, said) in cases {
+            assert!(!m.is_empty(), "{said}");
+            assert_eq!(m.describe(), said);
+        }
+    }
+}
