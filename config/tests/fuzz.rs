@@ -1,6 +1,7 @@
 //! Inputs the `policy_parse` fuzz target turned up, kept with the positions the parser
-//! reports for them: YAML counts a lone carriage return as a line break, and places an
-//! error at the end of an unterminated last line at the start of the next line.
+//! reports for them: YAML counts a lone carriage return as a line break (and NEL, LS and
+//! PS, as YAML 1.1 and kubectl's reader do), and places an error at the end of an
+//! unterminated last line at the start of the next line.
 
 use sluice_config::parse_policies;
 
@@ -29,4 +30,15 @@ fn an_unclosed_flow_mapping_at_the_end_is_placed_after_the_last_line() {
     let (line, column, message) = first_position("ec:\n  host: Policy\nmetadata: {lo`");
     assert_eq!((line, column), (4, 1), "{message}");
     assert!(message.contains("invalid YAML"), "{message}");
+}
+
+#[test]
+fn unicode_line_and_paragraph_separators_count_as_yaml_line_breaks() {
+    for separator in ['\u{2028}', '\u{2029}', '\u{85}'] {
+        let text = format!("a1*\\{separator}\\\\Wsset:os\\{separator}\\\\Wsset:osluilseluilseC:");
+        let (line, column, message) = first_position(&text);
+        // The second `:` after a plain scalar on the third line.
+        assert_eq!((line, column), (3, 24), "{separator:?}: {message}");
+        assert!(message.contains("invalid YAML"), "{message}");
+    }
 }

@@ -24,7 +24,11 @@ fuzz_target!(|data: &[u8]| {
     // Under tight limits: a verdict, located, whatever the input.
     if let Err(err) = parse_policies_with("fuzz.yaml", text, &TIGHT) {
         assert!(!err.diagnostics().is_empty(), "a refusal says why");
-        assert!(err.diagnostics().iter().all(|d| d.line >= 1 && d.column >= 1));
+        assert!(
+            err.diagnostics()
+                .iter()
+                .all(|d| d.line >= 1 && d.column >= 1)
+        );
     }
     match parse_policies("fuzz.yaml", text) {
         Ok(policies) => {
@@ -44,9 +48,13 @@ fuzz_target!(|data: &[u8]| {
         }
         Err(err) => {
             assert!(!err.diagnostics().is_empty(), "a refusal says why");
-            // YAML breaks lines at LF, CRLF and a lone CR alike; an error at the end of
-            // a last line without a line break is placed at the start of the next.
-            let lines = 2 + text.replace("\r\n", "\n").matches(['\n', '\r']).count();
+            // The YAML reader breaks lines at LF, CRLF and a lone CR alike, and (as YAML
+            // 1.1 and kubectl's reader do) at NEL, LS and PS; an error at the end of a
+            // last line without a line break is placed at the start of the next.
+            let lines = 2 + text
+                .replace("\r\n", "\n")
+                .matches(['\n', '\r', '\u{85}', '\u{2028}', '\u{2029}'])
+                .count();
             for d in err.diagnostics() {
                 assert!(d.line >= 1 && d.column >= 1, "1-based position: {d}");
                 assert!(d.line <= lines, "line {} of {lines}: {d}", d.line);
