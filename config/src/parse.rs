@@ -43,11 +43,44 @@ impl Located<'_> {
     }
 }
 
+/// What a file is refused with when the YAML reader panics on it.
+pub(crate) const READER_FAILED: &str = "the YAML reader failed on this file";
+
 /// Parses and validates every document of one file, without cross-policy checks.
 ///
 /// The span-aware pass runs only once something is wrong: valid files (every
 /// snapshot a proxy receives) pay for one YAML parse, not two.
 pub(crate) fn parse_file<'a>(
+    file: &str,
+    text: &'a str,
+    input: Input,
+    limits: &Limits,
+    usage: &mut SetUsage,
+) -> (Vec<Located<'a>>, Vec<Diagnostic>) {
+    // serde_yaml is no longer maintained and has panicked on input before (a document
+    // cut short by a load error, now handled in `parse_unguarded`): a panic must refuse
+    // the file, not end the proxy's or the control plane's watcher with it. What it
+    // left in `usage` does not matter, as the file's refusal refuses the whole set.
+    refused_on_panic(file, || parse_unguarded(file, text, input, limits, usage))
+}
+
+/// Runs `parse`, turning a panic in it into the refusal of `file`.
+fn refused_on_panic<T>(
+    file: &str,
+    parse: impl FnOnce() -> (Vec<T>, Vec<Diagnostic>),
+) -> (Vec<T>, Vec<Diagnostic>) {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(parse)).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let message = format!("{READER_FAILED} ({why}); nothing of it was taken");
+        (Vec::new(), vec![Diagnostic::at(file, 1, 1, message)])
+    })
+}
+
+fn parse_unguarded<'a>(
     file: &str,
     text: &'a str,
     input: Input,
@@ -102,7 +135,7 @@ pub(crate) fn parse_file<'a>(
             Ok(v) => v,
             Err(_) if !sp().duplicate_keys.is_empty() => {
                 // serde_yaml refuses duplicate keys without saying where; the span
-                // pass knows. The document was loaded whole, so the next one is fine.
+                // pass knows.
                 for (path, at, first) in &sp().duplicate_keys {
                     errors.push(Diagnostic {
                         file: file.to_string(),
@@ -112,7 +145,17 @@ pub(crate) fn parse_file<'a>(
                         message: format!("duplicate key (first at line {})", first.line),
                     });
                 }
-                continue;
+                // The next document can be read only if this one loaded whole, which
+                // serde_yaml, stopping at the repeated key, did not say.
+                match loaded_whole(yaml, i, limits) {
+                    Ok(()) => continue,
+                    Err(e) => {
+                        if !limits::is_over_budget(&e) {
+                            errors.push(syntax_error(file, text, &e));
+                        }
+                        break;
+                    }
+                }
             }
             Err(e) => {
                 errors.push(syntax_error(file, text, &e));
@@ -145,6 +188,20 @@ pub(crate) fn parse_file<'a>(
     }
     errors.sort_by_key(|d| (d.line, d.column));
     (out, errors)
+}
+
+/// Whether document `index` of `yaml` loads whole: walks it again, through every node.
+///
+/// libyaml reads a document only up to a load error (an alias to an anchor it does not
+/// define: anchors do not carry over from earlier documents); serde_yaml then hands the
+/// rest of that document's events out as the next document, and panics on them. Only
+/// called once the documents before `index` have loaded whole, so the walk reads the
+/// same documents the caller did.
+fn loaded_whole(yaml: &str, index: usize, limits: &Limits) -> Result<(), serde_yaml::Error> {
+    match serde_yaml::Deserializer::from_str(yaml).nth(index) {
+        Some(doc) => limits::walk_unchecked(doc, limits),
+        None => Ok(()),
+    }
 }
 
 /// A wrong `apiVersion` or `kind` means the rest of the document follows some other
@@ -475,6 +532,62 @@ pub(crate) fn check_unique(items: &[Located<'_>]) -> Vec<Diagnostic> {
 mod tests {
     use super::*;
     use crate::parse_policies;
+
+    #[test]
+    fn a_panic_while_reading_refuses_the_file_and_says_why() {
+        let (ok, errors) = refused_on_panic::<()>("p.yaml", || panic!("unexpected end of mapping"));
+        assert!(ok.is_empty());
+        let [d] = errors.as_slice() else {
+            panic!("{errors:?}")
+        };
+        assert_eq!((d.file.as_str(), d.line, d.column), ("p.yaml", 1, 1));
+        assert_eq!(
+            d.message,
+            "the YAML reader failed on this file (unexpected end of mapping); nothing of it was taken"
+        );
+        let (_, errors) = refused_on_panic::<()>("p.yaml", || panic!("{} {}", "formatted", 1));
+        assert!(errors[0].message.contains("(formatted 1)"), "{errors:?}");
+        let (ok, errors) = refused_on_panic("p.yaml", || (vec![1], Vec::new()));
+        assert_eq!(
+            (ok, errors.len()),
+            (vec![1], 0),
+            "no panic, nothing changed"
+        );
+    }
+
+    /// serde_yaml reports a repeated key before it has looked at the rest of the
+    /// document; an alias further on that names no anchor of this document cut the
+    /// document's loading short, and its remaining events used to be read as the next
+    /// document (a panic, or a bogus "got \"routes\"" at 1:1).
+    #[test]
+    fn a_repeated_key_before_an_alias_to_another_documents_anchor_is_refused_with_both() {
+        let doc = |name: &str, anchor: &str, rest: &str| {
+            format!(
+                "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: {name}, namespace: shop }}\nspec:\n  host: {name}\n{anchor}  routes:\n    - name: all\n      split: [{{ backend: v1 }}]\n{rest}"
+            )
+        };
+        let first = doc(
+            "log",
+            "  backends: &b\n    v1: { addresses: [\"127.0.0.1:9101\"] }\n",
+            "",
+        );
+        for (alias_last, second) in [
+            (true, doc("order", "  host: order\n", "  backends: *b\n")),
+            (false, doc("order", "  host: order\n  backends: *b\n", "")),
+        ] {
+            let text = format!("{first}---\n{second}---\n{}", doc("web", "", ""));
+            let err = parse_policies("p.yaml", &text).unwrap_err().to_string();
+            let alias_line = if alias_last { 21 } else { 18 };
+            assert_eq!(
+                err,
+                format!(
+                    "p.yaml:17:3: spec.host: duplicate key (first at line 16)\n\
+                     p.yaml:{alias_line}:13: invalid YAML: unknown anchor"
+                ),
+                "alias last: {alias_last}"
+            );
+        }
+    }
 
     #[test]
     fn strips_serde_yaml_locations() {

@@ -66,7 +66,10 @@ pub fn convert_files<'a>(
                 Ok(v) => v,
                 Err(e) => {
                     errors.push(format!("{at}: {e}"));
-                    continue;
+                    // A document cut short by a load error (an alias to an anchor it
+                    // does not define) leaves the rest of its events to be read as
+                    // the next document, which serde_yaml panics on.
+                    break;
                 }
             };
             let api_version = value["apiVersion"].as_str().unwrap_or_default();

@@ -868,6 +868,37 @@ fn convert_names_file_and_field() {
     );
 }
 
+/// An alias to an anchor of another document cuts that document's loading short; what
+/// is left of it was once read as the next document, and serde_yaml panicked on it.
+#[test]
+fn convert_stops_at_a_document_that_does_not_load() {
+    let route = |name: &str, rest: &str| {
+        format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{ name: {name} }}\nspec:\n  parentRefs: [{{ group: \"\", kind: Service, name: echo }}]\n{rest}"
+        )
+    };
+    let text = format!(
+        "{}---\n{}---\n{}",
+        route(
+            "a",
+            "  rules: &r [{ backendRefs: [{ name: echo, port: 80 }] }]\n"
+        ),
+        route("b", "  hostnames: []\n  rules: *r\n"),
+        route(
+            "c",
+            "  rules: [{ backendRefs: [{ name: echo, port: 80 }] }]\n"
+        ),
+    );
+    let err = convert_files([("r.yaml", text.as_str())])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.starts_with("r.yaml (document 2): unknown anchor at line 14 column 10"),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "nothing read past it: {err}");
+}
+
 #[test]
 fn entries_others_added_after_ours_do_not_move_them() {
     let t = run(&objects(fixture("httproute-weight")));

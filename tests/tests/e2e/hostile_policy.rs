@@ -171,3 +171,80 @@ async fn the_control_plane_refuses_hostile_files_and_keeps_watching() {
     })
     .await;
 }
+
+/// A second document that repeats a key and then names an anchor of the first one
+/// (anchors do not carry over between documents): serde_yaml once left the rest of that
+/// document to be read as the next one and panicked, which ended the proxy's and the
+/// control plane's file watchers: every later edit went unseen until a restart.
+fn alias_to_another_document(good: &str) -> String {
+    let first = good.replacen("  backends:\n", "  backends: &b\n", 1);
+    let second = good
+        .replacen("name: svc,", "name: other,", 1)
+        .replacen("  host: svc\n", "  host: other\n  host: other\n", 1)
+        .replacen(
+            "  backends:\n    only: {",
+            "  backends: *b\n  unused:\n    only: {",
+            1,
+        );
+    // The alias last in its mapping: what is left of the document is two mapping ends.
+    let (head, tail) = second.split_once("  backends: *b\n").unwrap();
+    format!("{first}---\n{head}{tail}  backends: *b\n")
+}
+
+const ALIAS_REFUSAL: &str = "invalid YAML: unknown anchor";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_refuses_an_alias_to_another_documents_anchor_and_takes_later_edits() {
+    let upstream = Upstream::auto("good").await;
+    let good = single_backend_policy("svc", "svc", upstream.addr());
+    let bad = alias_to_another_document(&good);
+    let proxy = ChildProxy::spawn(bin(), &good, &[]).await;
+    let version = proxy.admin_json("/config").await["version"].clone();
+
+    proxy.write_policy(&bad);
+    wait_until("the edit is refused", WAIT, || async {
+        proxy.admin_json("/config").await["last_rejected"]["error"]
+            .as_str()
+            .is_some_and(|e| e.ends_with(ALIAS_REFUSAL) && e.contains("duplicate key"))
+    })
+    .await;
+    assert_eq!(proxy.admin_json("/config").await["version"], version);
+
+    // The watcher still follows edits.
+    proxy.write_policy(&good.replace("- name: all", "- name: every"));
+    wait_until("a later edit is applied", WAIT, || async {
+        proxy.admin_json("/config").await["version"] != version
+    })
+    .await;
+    assert!(proxy.is_alive(), "{}", proxy.log());
+    assert!(!proxy.log().contains("panicked"), "{}", proxy.log());
+    let mut conn = HttpConn::h1(proxy.outbound_addr()).await.unwrap();
+    assert_eq!(conn.get("svc", "/").await.unwrap().status, StatusCode::OK);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_plane_refuses_an_alias_to_another_documents_anchor_and_keeps_watching() {
+    let upstream = Upstream::auto("good").await;
+    let good = single_backend_policy("svc", "svc", upstream.addr());
+    let cp = TestControlPlane::start(&[("good.yaml", &good)]).await;
+    let v1 = cp.version().expect("the good file is in force");
+    cp.write_policy("good.yaml", &alias_to_another_document(&good));
+    wait_until("the edit is refused", WAIT, || async {
+        cp.admin_json("/policies").await["files"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|f| {
+                f["error"]
+                    .as_str()
+                    .is_some_and(|e| e.ends_with(ALIAS_REFUSAL))
+            })
+    })
+    .await;
+    assert_eq!(cp.version().as_deref(), Some(v1.as_str()));
+    cp.write_policy("good.yaml", &good.replace("- name: all", "- name: every"));
+    wait_until("a later edit is served", WAIT, || async {
+        cp.version().is_some_and(|v| v != v1)
+    })
+    .await;
+}
