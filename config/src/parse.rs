@@ -555,6 +555,18 @@ mod tests {
         );
     }
 
+    /// `0x1` and `1` are different text, which the span pass compares, and one number,
+    /// which serde_yaml compares: refused as the reader says, not skipped.
+    #[test]
+    fn a_key_repeated_as_another_spelling_of_it_is_refused() {
+        let text = "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: { name: log, namespace: shop, labels: { 0x1: a, 1: b } }\nspec:\n  host: log\n";
+        let err = parse_policies("p.yaml", text).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "p.yaml:3:49: invalid YAML: metadata.labels: duplicate entry with key 1"
+        );
+    }
+
     /// serde_yaml reports a repeated key before it has looked at the rest of the
     /// document; an alias further on that names no anchor of this document cut the
     /// document's loading short, and its remaining events used to be read as the next
