@@ -519,7 +519,21 @@ fn handle_snapshot<S: SnapshotSink>(
     status: &watch::Sender<SubscriberStatus>,
 ) -> pb::ProxyMessage {
     let version = snapshot.version.clone();
-    match check_and_apply(cfg, sink, snapshot) {
+    // A panic in validating or compiling one snapshot (a bug of ours) must cost that
+    // snapshot, not the stream: without this the task ends and the proxy stays on its
+    // policy, deaf to every later push, until restarted.
+    let checked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        check_and_apply(cfg, sink, snapshot)
+    }))
+    .unwrap_or_else(|panic| {
+        let error = format!(
+            "snapshot {version}: the proxy failed while taking this content ({}); the policy in force keeps serving",
+            sluice_config::panic_message(panic.as_ref())
+        );
+        sink.rejected(&version, &error);
+        Err(error)
+    });
+    match checked {
         Ok(changed) => {
             tracing::info!(%version, changed, "policy snapshot applied");
             status.send_modify(|s| s.last_applied = Some(version.clone()));

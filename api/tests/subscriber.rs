@@ -308,3 +308,68 @@ async fn a_snapshot_at_its_own_schema_version_and_an_empty_one_are_answered() {
     };
     assert_eq!(version, "v-empty");
 }
+
+/// Applies every set but panics while taking the first, as a bug in compiling one
+/// policy would.
+#[derive(Default)]
+struct PanicsOnce {
+    taken: std::sync::atomic::AtomicUsize,
+    inner: Sink,
+}
+
+impl SnapshotSink for PanicsOnce {
+    fn apply(&self, set: PolicySet) -> Result<bool, String> {
+        if self.taken.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0 {
+            panic!("a bug while compiling {}", set.hash());
+        }
+        self.inner.apply(set)
+    }
+
+    fn current_version(&self) -> Option<String> {
+        self.inner.current_version()
+    }
+
+    fn rejected(&self, version: &str, error: &str) {
+        self.inner.rejected(version, error)
+    }
+}
+
+/// A panic while taking one snapshot NACKs that snapshot with the panic's message and
+/// keeps the stream: the next push is still taken.
+#[tokio::test]
+async fn a_panic_while_taking_a_snapshot_nacks_it_and_the_next_one_is_taken() {
+    let first = good_set();
+    let second = PolicySet::new(
+        sluice_config::parse_policies("a.yaml", &POLICY.replace("burst: 10", "burst: 20")).unwrap(),
+    )
+    .unwrap();
+    let (url, mut seen) = serve(vec![
+        snapshot(first.hash(), first.canonical_bytes()),
+        snapshot(second.hash(), second.canonical_bytes()),
+    ])
+    .await;
+    let sink = Arc::new(PanicsOnce::default());
+    let sub = Subscriber::spawn(config(&url, None), sink.clone()).unwrap();
+    match next_answer(&mut seen).await {
+        pb::proxy_message::Message::Nack(n) => {
+            assert_eq!(n.version, first.hash());
+            assert_eq!(
+                n.error,
+                format!(
+                    "snapshot {0}: the proxy failed while taking this content (a bug while compiling {0}); the policy in force keeps serving",
+                    first.hash()
+                )
+            );
+        }
+        other => panic!("expected NACK, got {other:?}"),
+    }
+    match next_answer(&mut seen).await {
+        pb::proxy_message::Message::Ack(a) => assert_eq!(a.version, second.hash()),
+        other => panic!("expected ACK, got {other:?}"),
+    }
+    assert_eq!(sink.current_version().as_deref(), Some(second.hash()));
+    assert_eq!(*sink.inner.1.lock().unwrap(), [first.hash()]);
+    let status = sub.status().borrow().clone();
+    assert_eq!(status.connects, 1, "the stream was kept");
+    assert_eq!(status.last_applied.as_deref(), Some(second.hash()));
+}

@@ -46,6 +46,7 @@ pub use dot_segments::{dot_segment, first_dot_segment, resolve_dot_segments};
 pub use duration::{Duration, DurationParseError};
 pub use limits::{Limits, MAX_DEPTH_CEILING};
 pub use model::*;
+pub use parse::panic_message;
 pub use port::ServicePort;
 pub use precedence::{
     PrecedenceRule, compare_matches, precedence_order, precedence_rule, prefix_matches,

@@ -70,14 +70,20 @@ fn refused_on_panic<T>(
     parse: impl FnOnce() -> (Vec<T>, Vec<Diagnostic>),
 ) -> (Vec<T>, Vec<Diagnostic>) {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(parse)).unwrap_or_else(|panic| {
-        let why = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_default();
+        let why = panic_message(panic.as_ref());
         let message = format!("{READER_FAILED} ({why}); nothing of it was taken");
         (Vec::new(), vec![Diagnostic::at(file, 1, 1, message)])
     })
+}
+
+/// The text a caught panic carried (`panic!`'s message), or empty for any other payload;
+/// for the refusals that stand in for a panic in reading or applying a policy.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_default()
 }
 
 fn parse_unguarded<'a>(

@@ -157,6 +157,25 @@ impl Shared {
     /// Re-reads the policy directory and publishes the mesh's set if its hash
     /// changed. Called from the watcher thread and once at start.
     pub(crate) fn reload(&self) {
+        // A panic in reading, validating or resolving the policies (a bug of ours) must
+        // cost this re-read, not the policy-dir watcher thread or a Kubernetes watch
+        // task that calls this: either dying would leave the mesh on its set, deaf to
+        // every later edit, until a restart. The locks it takes survive poisoning.
+        self.surviving_panics(|| self.reload_unguarded());
+    }
+
+    /// Runs one re-read; a panic in it is counted as a refused version and logged.
+    fn surviving_panics(&self, reread: impl FnOnce()) {
+        if let Err(panic) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(reread)) {
+            self.metrics.validation_failures.inc();
+            tracing::error!(
+                panic = %sluice_config::panic_message(panic.as_ref()),
+                "re-reading the policies failed; the set in force keeps serving, and the next change is read again"
+            );
+        }
+    }
+
+    fn reload_unguarded(&self) {
         // The whole re-read is one publication: two re-reads at once must not send
         // their sets in the opposite order to reading them.
         let _publishing = self.publishing.lock().unwrap_or_else(|e| e.into_inner());
@@ -479,6 +498,26 @@ mod tests {
 
     /// A rollout whose block leaves the policy ends: it is no longer listed, and
     /// proxies get the file's weights (here the canary's 0), whatever its step.
+    /// A panic in a re-read (here with the source's lock held, as one in validating
+    /// would be) costs that re-read only: it is counted, and the next edit is published.
+    #[test]
+    fn a_panic_in_a_reread_is_counted_and_the_next_edit_is_still_published() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let shared = shared(dir.path());
+        let before = shared.current_version().expect("a version");
+        shared.surviving_panics(|| {
+            let _source = shared.source.lock().expect("not poisoned yet");
+            panic!("a bug while {}", "validating");
+        });
+        assert_eq!(shared.metrics.validation_failures.get(), 1);
+        let edited = POLICY.replace("127.0.0.1:2", "127.0.0.1:3");
+        std::fs::write(dir.path().join("log.yaml"), edited).expect("write the policy");
+        shared.reload();
+        let after = shared.current_version().expect("a version");
+        assert_ne!(after, before);
+        assert_eq!(shared.metrics.validation_failures.get(), 1);
+    }
+
     #[test]
     fn a_rollout_whose_block_is_removed_ends_and_the_file_weights_are_served() {
         let dir = tempfile::tempdir().expect("tempdir");

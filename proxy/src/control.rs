@@ -47,14 +47,19 @@ impl SnapshotSink for StoreSink {
 /// Applies the snapshot saved in `dir`, if there is one that still validates, so the
 /// proxy serves (and is ready) before the control plane answers.
 pub(crate) fn apply_saved(store: &PolicyStore, dir: &Path) {
-    let Some(set) = sluice_api::load_saved(dir) else {
-        info!(state_dir = %dir.display(), "no saved policy snapshot");
-        return;
-    };
-    match store.apply(SAVED_SOURCE, set) {
-        Ok(_) => info!(state_dir = %dir.display(), "serving the saved policy snapshot"),
-        Err(e) => warn!(state_dir = %dir.display(), error = %e, "saved policy snapshot refused"),
-    }
+    // Every restart reads the same file: a panic in taking it would be a crash loop.
+    store.refusing_panics(SAVED_SOURCE, (), || {
+        let Some(set) = sluice_api::load_saved(dir) else {
+            info!(state_dir = %dir.display(), "no saved policy snapshot");
+            return;
+        };
+        match store.apply(SAVED_SOURCE, set) {
+            Ok(_) => info!(state_dir = %dir.display(), "serving the saved policy snapshot"),
+            Err(e) => {
+                warn!(state_dir = %dir.display(), error = %e, "saved policy snapshot refused")
+            }
+        }
+    })
 }
 
 /// Starts following the control plane at `url`.

@@ -135,6 +135,28 @@ impl PolicyStore {
         });
     }
 
+    /// Runs `take`, one attempt to take an update from `source`; a panic in it (a bug of
+    /// ours in validating or compiling some policy) is recorded as that update's refusal
+    /// and gives `refused`, so the task or thread that feeds the store lives on instead of
+    /// leaving the proxy deaf to every later update until restarted.
+    pub(crate) fn refusing_panics<T>(
+        &self,
+        source: &str,
+        refused: T,
+        take: impl FnOnce() -> T,
+    ) -> T {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(take)).unwrap_or_else(|panic| {
+            self.reject(
+                source,
+                format!(
+                    "{source}: the proxy failed while taking this content ({}); the policy in force keeps serving",
+                    sluice_config::panic_message(panic.as_ref())
+                ),
+            );
+            refused
+        })
+    }
+
     /// The snapshot in force (what a request loads).
     pub fn current(&self) -> Arc<PolicySnapshot> {
         self.inner.current.load_full()

@@ -56,6 +56,14 @@ impl FileSource {
         }
     }
 
+    /// [`FileSource::reload`], with a panic in it taken as a refusal of the content
+    /// ([`PolicyStore::refusing_panics`]); the source has already noted the content as
+    /// seen, so the same bytes are not tried again.
+    fn reload_guarded(&mut self, store: &PolicyStore) -> Reload {
+        let label = self.label.clone();
+        store.refusing_panics(&label, Reload::Rejected, || self.reload(store))
+    }
+
     /// Re-reads the file; applies it if its content changed since the last look.
     pub(crate) fn reload(&mut self, store: &PolicyStore) -> Reload {
         let read = sluice_api::read_policy_file(&self.path, self.limits.max_file_bytes);
@@ -168,7 +176,7 @@ pub(crate) fn spawn(
         })?;
     // Watch first, then read: a write between the two is still seen.
     let mut source = FileSource::new(path, limits);
-    source.reload(&store);
+    source.reload_guarded(&store);
     Ok(tokio::spawn(async move {
         let _watcher = watcher;
         loop {
@@ -184,7 +192,7 @@ pub(crate) fn spawn(
             let store = store.clone();
             source = match tokio::task::spawn_blocking(move || {
                 let mut source = source;
-                source.reload(&store);
+                source.reload_guarded(&store);
                 source
             })
             .await
@@ -205,6 +213,32 @@ mod tests {
         format!(
             "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: p }}\nspec:\n  host: {host}\n  backends:\n    b: {{ addresses: [\"127.0.0.1:1\"] }}\n  routes:\n    - name: r\n"
         )
+    }
+
+    #[test]
+    fn a_panic_while_taking_the_file_refuses_it_and_the_policy_in_force_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("p.yaml");
+        let store = store();
+        let mut src = FileSource::new(path.clone(), Limits::default());
+        std::fs::write(&path, policy("a")).unwrap();
+        assert_eq!(src.reload_guarded(&store), Reload::Applied);
+        let good = store.current().hash().unwrap().to_string();
+        let label = path.display().to_string();
+        let outcome = store.refusing_panics(&label, Reload::Rejected, || {
+            panic!("a bug in {}", "compiling")
+        });
+        assert_eq!(outcome, Reload::Rejected);
+        assert_eq!(store.current().hash(), Some(good.as_str()));
+        assert_eq!(
+            store.last_rejected().unwrap().error,
+            format!(
+                "{label}: the proxy failed while taking this content (a bug in compiling); the policy in force keeps serving"
+            )
+        );
+        std::fs::write(&path, policy("b")).unwrap();
+        assert_eq!(src.reload_guarded(&store), Reload::Applied);
+        assert_ne!(store.current().hash(), Some(good.as_str()));
     }
 
     #[test]
