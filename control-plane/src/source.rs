@@ -40,6 +40,20 @@ struct FileState {
     seen: Option<[u8; 32]>,
 }
 
+impl FileState {
+    /// The version the file asks to have in force: its last good one, unless what is
+    /// on disk now is refused; then the one it has in force (if any). A version that
+    /// was left out for a clash and is no longer on disk must not claim anything: it
+    /// could block another file's edit, or go into force, for content the file no
+    /// longer holds, and a restart (which keeps only versions in force) would forget it.
+    fn wanted(&self) -> Option<&GoodFile> {
+        match self.error {
+            Some(_) => self.served.as_ref(),
+            None => self.good.as_ref(),
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 struct GoodFile {
     policies: Vec<RoutePolicy>,
@@ -402,7 +416,7 @@ fn choose<'a>(
 ) -> Choice<'a> {
     let mut held: HashMap<Claim, &str> = HashMap::new();
     for (file, state) in files {
-        let (Some(served), Some(good)) = (&state.served, &state.good) else {
+        let (Some(served), Some(good)) = (&state.served, state.wanted()) else {
             continue;
         };
         if kept.contains_key(file.as_str()) {
@@ -423,7 +437,7 @@ fn choose<'a>(
     };
     let mut newly = Vec::new();
     for (file, state) in incumbents.into_iter().chain(newcomers) {
-        let Some(good) = &state.good else { continue };
+        let Some(good) = state.wanted() else { continue };
         let clash = |version: &GoodFile| {
             claims(&version.policies).find_map(|claim| {
                 let other = taken
@@ -730,6 +744,9 @@ fn watch_loop(
 }
 
 #[cfg(test)]
+mod model_tests;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -835,6 +852,52 @@ mod tests {
             .into_iter()
             .find(|v| v.file == file)
             .unwrap()
+    }
+
+    /// An edit left out for a clash and then overwritten by a broken save claims
+    /// nothing: it is no longer in the file. Another file's edit that takes its name is
+    /// served (it was refused, naming a file that held nothing of the kind), and a
+    /// restart serves the same set.
+    #[test]
+    fn a_left_out_edit_claims_nothing_once_its_file_is_broken() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let policy = |name: &str, host: &str| {
+            GOOD.replace("name: a,", &format!("name: {name},"))
+                .replace("host: a", &format!("host: {host}"))
+        };
+        let mut pd = PolicyDir::open(dir.path(), Some(state.path()), Limits::default()).unwrap();
+        let files = [("b.yaml", policy("b0", "w")), ("c.yaml", policy("c", "h"))];
+        let files: Vec<(&str, &str)> = files.iter().map(|(n, y)| (*n, y.as_str())).collect();
+        assert_eq!(
+            publish(&mut pd, dir.path(), &files),
+            ["shop/b0@b.yaml", "shop/c@c.yaml"]
+        );
+        // b's edit takes c's host: left out, b0 stays in force. Then b is broken.
+        let b_edit = policy("b1", "h");
+        publish(&mut pd, dir.path(), &[("b.yaml", &b_edit)]);
+        assert!(
+            view(&pd, "b.yaml")
+                .error
+                .unwrap()
+                .starts_with("host \"h\" is also governed")
+        );
+        publish(&mut pd, dir.path(), &[("b.yaml", "apiVersion: [\n")]);
+
+        // c gives the host up and takes the name b1, which only the edit no longer in
+        // b.yaml had.
+        let c_edit = policy("b1", "k");
+        let published = publish(&mut pd, dir.path(), &[("c.yaml", &c_edit)]);
+        assert_eq!(published, ["shop/b0@b.yaml", "shop/b1@c.yaml"]);
+        assert_eq!(view(&pd, "c.yaml").error, None);
+        let b_error = view(&pd, "b.yaml").error.unwrap();
+        assert!(b_error.starts_with("b.yaml:2:1: invalid YAML"), "{b_error}");
+        let before = pd.build_set().unwrap().0;
+
+        let mut restarted =
+            PolicyDir::open(dir.path(), Some(state.path()), Limits::default()).unwrap();
+        restarted.rescan();
+        assert_eq!(restarted.build_set().unwrap().0.hash(), before.hash());
     }
 
     /// A file added with a host or a name already in force is the one left out,
