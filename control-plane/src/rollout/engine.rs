@@ -983,4 +983,6 @@ impl RolloutState {
 }
 
 #[cfg(test)]
+mod model_tests;
+#[cfg(test)]
 mod tests;

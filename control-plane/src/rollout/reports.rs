@@ -61,15 +61,17 @@ pub struct Window {
 }
 
 impl Window {
-    /// Adds `other` to this window.
+    /// Adds `other` to this window. Counts saturate: they come from proxies, and a
+    /// report's shape is checked but not its sense, so a wrapped sum must not turn a
+    /// canary's failures into a few.
     pub fn add(&mut self, other: &Window) {
-        self.requests += other.requests;
-        self.failures += other.failures;
+        self.requests = self.requests.saturating_add(other.requests);
+        self.failures = self.failures.saturating_add(other.failures);
         if self.durations.len() < other.durations.len() {
             self.durations.resize(other.durations.len(), 0);
         }
         for (a, b) in self.durations.iter_mut().zip(&other.durations) {
-            *a += b;
+            *a = a.saturating_add(*b);
         }
     }
 
@@ -77,14 +79,14 @@ impl Window {
     /// given the buckets' `bounds`; `f64::INFINITY` when it lies above the last bound,
     /// `None` without samples.
     pub fn quantile(&self, q: f64, bounds: &[f64]) -> Option<f64> {
-        let total: u64 = self.durations.iter().sum();
+        let total = self.timed();
         if total == 0 {
             return None;
         }
         let rank = (q * total as f64).ceil().max(1.0) as u64;
-        let mut seen = 0;
+        let mut seen = 0u64;
         for (i, n) in self.durations.iter().enumerate() {
-            seen += n;
+            seen = seen.saturating_add(*n);
             if seen >= rank {
                 return Some(bounds.get(i).copied().unwrap_or(f64::INFINITY));
             }
@@ -94,7 +96,7 @@ impl Window {
 
     /// Requests whose duration is known (the sum of the buckets).
     pub fn timed(&self) -> u64 {
-        self.durations.iter().sum()
+        self.durations.iter().fold(0, |t, n| t.saturating_add(*n))
     }
 
     /// Of the timed requests, those slower than `secs` (counting whole buckets whose
@@ -107,8 +109,7 @@ impl Window {
                 let lower = if *i == 0 { 0.0 } else { bounds[*i - 1] };
                 lower >= secs
             })
-            .map(|(_, n)| *n)
-            .sum()
+            .fold(0, |t, (_, n)| t.saturating_add(*n))
     }
 }
 
@@ -458,6 +459,27 @@ mod tests {
 
     fn counter() -> prometheus::IntCounterVec {
         prometheus::IntCounterVec::new(prometheus::Opts::new("r", "r"), &["result"]).unwrap()
+    }
+
+    /// Counts near the top of u64 (a proxy's report is checked for shape, not sense)
+    /// saturate: a wrapped sum would read as a few requests, or a few failures.
+    #[test]
+    fn counts_saturate_instead_of_wrapping() {
+        let mut w = Window {
+            requests: u64::MAX - 1,
+            failures: u64::MAX - 1,
+            durations: vec![u64::MAX, 1],
+        };
+        w.add(&Window {
+            requests: 5,
+            failures: 5,
+            durations: vec![5, u64::MAX],
+        });
+        assert_eq!((w.requests, w.failures), (u64::MAX, u64::MAX));
+        assert_eq!(w.durations, [u64::MAX, u64::MAX]);
+        assert_eq!(w.timed(), u64::MAX);
+        assert_eq!(w.slower_than(0.1, &[0.1]), u64::MAX);
+        assert_eq!(w.quantile(0.99, &[0.1]), Some(0.1));
     }
 
     fn entry(route: &str, backend: &str, requests: u64, errors: u64) -> pb::BackendCounts {
