@@ -285,20 +285,7 @@ impl PolicyDir {
     /// up in the refused edit is not handed to another file in the same re-read.
     /// Among files with nothing in force, the first by name wins.
     pub(crate) fn build_set(&mut self) -> Option<(PolicySet, Vec<pb::PolicyMeta>)> {
-        // Keeping a file on its version in force can make another file's edit clash
-        // in turn, so the choice is made again until no file is newly kept; each
-        // round keeps at least one more file, so this ends within one round per file.
-        let mut kept: HashMap<&str, String> = HashMap::new();
-        let choice = loop {
-            match choose(&self.files, &kept) {
-                Choice::Kept(newly) => kept.extend(newly),
-                Choice::Done(choice) => break choice,
-            }
-        };
-        let Chosen {
-            versions: chosen,
-            conflicts,
-        } = choice;
+        let (chosen, conflicts) = settle(&self.files);
         let mut policies = Vec::new();
         let mut metas = Vec::new();
         for (file, version) in &chosen {
@@ -314,10 +301,7 @@ impl PolicyDir {
         for (file, error) in &conflicts {
             tracing::warn!(%file, %error, "policy file left out");
         }
-        let chosen: HashMap<String, GoodFile> = chosen
-            .into_iter()
-            .map(|(f, v)| (f.to_string(), v.clone()))
-            .collect();
+        let chosen: HashMap<String, GoodFile> = chosen.into_iter().collect();
         self.conflicts = conflicts;
         let set = match PolicySet::new_with(policies, &self.limits) {
             Ok(set) => set,
@@ -406,6 +390,59 @@ enum Choice<'a> {
 struct Chosen<'a> {
     versions: Vec<(&'a str, &'a GoodFile)>,
     conflicts: HashMap<String, String>,
+}
+
+/// Each file's version to serve, in the order they go in, and why files are left out
+/// or kept on an earlier version.
+type Settled = (Vec<(String, GoodFile)>, HashMap<String, String>);
+
+/// The choice of one re-read, settled: what the next re-read of the same files would
+/// choose with it in force. Without this a re-read of an unchanged directory could move
+/// the set: a file kept for a clash with another file's edit stayed kept when that edit
+/// was kept out in turn, and a file the same re-read put in force held its claims only
+/// from the next one on.
+fn settle(files: &BTreeMap<String, FileState>) -> Settled {
+    let mut settled = choose_once(files);
+    // Each pass only hands in-force claims to the files the last pass chose; bounded
+    // all the same, as a directory that never settled would otherwise hang the reload.
+    for _ in 0..files.len() {
+        let mut next = files.clone();
+        let chosen: HashMap<&str, &GoodFile> =
+            settled.0.iter().map(|(f, v)| (f.as_str(), v)).collect();
+        for (file, state) in &mut next {
+            state.served = chosen.get(file.as_str()).map(|v| (*v).clone());
+        }
+        let again = choose_once(&next);
+        let versions = |s: &Settled| -> Vec<(String, String)> {
+            s.0.iter()
+                .map(|(f, v)| (f.clone(), v.version.clone()))
+                .collect()
+        };
+        if versions(&again) == versions(&settled) {
+            break;
+        }
+        settled = again;
+    }
+    settled
+}
+
+/// The choice of one re-read: [`choose`] again until no file is newly kept. Keeping a
+/// file on its version in force can make another file's edit clash in turn; each
+/// round keeps at least one more file, so this ends within one round per file.
+fn choose_once(files: &BTreeMap<String, FileState>) -> Settled {
+    let mut kept: HashMap<&str, String> = HashMap::new();
+    let chosen = loop {
+        match choose(files, &kept) {
+            Choice::Kept(newly) => kept.extend(newly),
+            Choice::Done(chosen) => break chosen,
+        }
+    };
+    let versions = chosen
+        .versions
+        .into_iter()
+        .map(|(f, v)| (f.to_string(), v.clone()))
+        .collect();
+    (versions, chosen.conflicts)
 }
 
 /// One round of [`PolicyDir::build_set`]'s choice. `kept` files serve their version
@@ -898,6 +935,56 @@ mod tests {
             PolicyDir::open(dir.path(), Some(state.path()), Limits::default()).unwrap();
         restarted.rescan();
         assert_eq!(restarted.build_set().unwrap().0.hash(), before.hash());
+    }
+
+    /// One re-read settles: a file kept for a clash with another file's edit is not
+    /// left kept when that edit is kept out in turn, and the next re-read of the same
+    /// files moves nothing. (Before, c stayed on its old version for b's edit, which
+    /// went nowhere, and the next re-read put c's edit in.)
+    #[test]
+    fn a_reread_of_the_same_files_moves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let policy = |ns: &str, name: &str, host: &str| {
+            GOOD.replace(
+                "name: a, namespace: shop",
+                &format!("name: {name}, namespace: {ns}"),
+            )
+            .replace("host: a", &format!("host: {host}"))
+        };
+        let mut pd = PolicyDir::open(dir.path(), Some(state.path()), Limits::default()).unwrap();
+        let c = policy("shop", "c", "h3");
+        assert_eq!(
+            publish(&mut pd, dir.path(), &[("b.yaml", ""), ("c.yaml", &c)]),
+            ["shop/c@c.yaml"]
+        );
+        let b_version = view(&pd, "b.yaml").version.unwrap();
+
+        // In one re-read: a is added with h2; c gives h3 up for mail/p; b (empty until
+        // now) asks for mail/p, h2 and h3.
+        let a = policy("shop", "a", "h2");
+        let c_edit = policy("mail", "p", "h0");
+        let b_edit = format!(
+            "{}---\n{}",
+            policy("mail", "p", "h2"),
+            policy("shop", "b", "h3")
+        );
+        let first = publish(
+            &mut pd,
+            dir.path(),
+            &[("a.yaml", &a), ("b.yaml", &b_edit), ("c.yaml", &c_edit)],
+        );
+        assert_eq!(first, ["mail/p@c.yaml", "shop/a@a.yaml"]);
+        assert_eq!(view(&pd, "c.yaml").error, None);
+        assert_eq!(
+            view(&pd, "b.yaml").error,
+            Some(format!(
+                "host \"h2\" is also governed by a policy in a.yaml; version {b_version} stays in force"
+            ))
+        );
+        let hash = pd.build_set().unwrap().0.hash().to_string();
+        pd.rescan();
+        assert_eq!(pd.build_set().unwrap().0.hash(), hash);
     }
 
     /// A file added with a host or a name already in force is the one left out,

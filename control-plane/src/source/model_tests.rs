@@ -1,7 +1,7 @@
 //! The policy directory against a model of what a platform engineer edits: random
-//! sequences of writes (policies, broken YAML, emptied files), removals and restarts
-//! over three files whose policies claim overlapping names and hosts, on a real
-//! directory. After every step the set is checked against what the directory promises:
+//! sequences of writes (policies, broken YAML, emptied files) and removals, one or
+//! several files per re-read, and restarts, over three files whose policies claim
+//! overlapping names, hosts and aliases, on a real directory. After every step the set is checked against what the directory promises:
 //! a set is always published, a file's policies in force stay in force while the file
 //! is there, a file not in force at its current content says why, re-reading changes
 //! nothing, a restart serves the same set, and once the files agree every file is
@@ -18,28 +18,51 @@ const FILES: [&str; 3] = ["a.yaml", "b.yaml", "c.yaml"];
 /// One policy: its namespace, name and host drawn from small pools, so that files clash.
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Pol {
+    /// 2 is no namespace at all (`default`).
     ns: u8,
     name: u8,
     host: u8,
+    alias: Option<u8>,
     burst: u8,
 }
 
 impl Pol {
+    fn namespace(&self) -> String {
+        match self.ns {
+            2 => "default".into(),
+            n => format!("ns{n}"),
+        }
+    }
+
     fn yaml(&self) -> String {
+        let namespace = match self.ns {
+            2 => String::new(),
+            _ => format!(", namespace: {}", self.namespace()),
+        };
+        let aliases = match self.alias {
+            Some(a) => format!("  aliases: [h{a}]\n"),
+            None => String::new(),
+        };
         format!(
-            "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: p{}, namespace: ns{} }}\nspec:\n  host: h{}\n  inbound: {{ rateLimit: {{ perSecond: 100, burst: {} }} }}\n",
+            "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: p{}{namespace} }}\nspec:\n  host: h{}\n{aliases}  inbound: {{ rateLimit: {{ perSecond: 100, burst: {} }} }}\n",
             self.name,
-            self.ns,
             self.host,
             u32::from(self.burst) + 1
         )
     }
 
-    fn claims(&self) -> [String; 2] {
-        [
-            format!("name ns{}/p{}", self.ns, self.name),
+    /// Whether the policy validates on its own: an alias is not its own host.
+    fn valid(&self) -> bool {
+        self.alias != Some(self.host)
+    }
+
+    fn claims(&self) -> Vec<String> {
+        let mut claims = vec![
+            format!("name {}/p{}", self.namespace(), self.name),
             format!("host h{}", self.host),
-        ]
+        ];
+        claims.extend(self.alias.map(|a| format!("host h{a}")));
+        claims
     }
 }
 
@@ -66,27 +89,34 @@ impl Content {
             return None;
         };
         let mut seen = HashSet::new();
-        ps.iter()
-            .flat_map(Pol::claims)
-            .all(|c| seen.insert(c))
+        (ps.iter().all(Pol::valid) && ps.iter().flat_map(Pol::claims).all(|c| seen.insert(c)))
             .then_some(ps.as_slice())
     }
 }
 
 #[derive(Clone, Debug)]
 enum Op {
-    Write(usize, Content),
-    Remove(usize),
+    /// Files written (or removed, `None`) between two re-reads: one save, or several
+    /// within the debounce.
+    Edit(Vec<(usize, Option<Content>)>),
     Restart,
 }
 
 fn pol() -> impl Strategy<Value = Pol> {
-    (0u8..2, 0u8..3, 0u8..3, 0u8..3).prop_map(|(ns, name, host, burst)| Pol {
-        ns,
-        name,
-        host,
-        burst,
-    })
+    (
+        0u8..3,
+        0u8..3,
+        0u8..4,
+        prop::option::weighted(0.2, 0u8..4),
+        0u8..3,
+    )
+        .prop_map(|(ns, name, host, alias, burst)| Pol {
+            ns,
+            name,
+            host,
+            alias,
+            burst,
+        })
 }
 
 fn content() -> impl Strategy<Value = Content> {
@@ -98,9 +128,9 @@ fn content() -> impl Strategy<Value = Content> {
 }
 
 fn op() -> impl Strategy<Value = Op> {
+    let change = (0..FILES.len(), prop::option::weighted(0.85, content()));
     prop_oneof![
-        6 => (0..FILES.len(), content()).prop_map(|(f, c)| Op::Write(f, c)),
-        1 => (0..FILES.len()).prop_map(Op::Remove),
+        8 => prop::collection::vec(change, 1..=3).prop_map(Op::Edit),
         1 => Just(Op::Restart),
     ]
 }
@@ -131,17 +161,23 @@ fn run(ops: Vec<Op>) {
     reload(&mut pd, 0);
     for (step, op) in ops.into_iter().enumerate() {
         let before = served(&pd);
-        let mut touched = None;
+        let mut touched = HashSet::new();
         match &op {
-            Op::Write(f, c) => {
-                std::fs::write(dir.path().join(FILES[*f]), c.text()).expect("write");
-                on_disk.insert(*f, c.clone());
-                touched = Some(FILES[*f]);
-            }
-            Op::Remove(f) => {
-                let _ = std::fs::remove_file(dir.path().join(FILES[*f]));
-                on_disk.remove(f);
-                touched = Some(FILES[*f]);
+            Op::Edit(changes) => {
+                for (f, c) in changes {
+                    let path = dir.path().join(FILES[*f]);
+                    match c {
+                        Some(c) => {
+                            std::fs::write(path, c.text()).expect("write");
+                            on_disk.insert(*f, c.clone());
+                        }
+                        None => {
+                            let _ = std::fs::remove_file(path);
+                            on_disk.remove(f);
+                        }
+                    }
+                    touched.insert(FILES[*f]);
+                }
             }
             Op::Restart => {
                 let hash = reload(&mut pd, step);
@@ -156,7 +192,7 @@ fn run(ops: Vec<Op>) {
         // What another file had in force stays in force (at some version) while that
         // file is there: an edit elsewhere never takes it off the proxies.
         for file in before.keys() {
-            if Some(file.as_str()) != touched {
+            if !touched.contains(file.as_str()) {
                 assert!(
                     after.contains_key(file),
                     "step {step} ({op:?}): {file} was taken out of force\nbefore {before:?}\nafter {after:?}"
