@@ -277,7 +277,13 @@ impl Subscriber {
         let endpoint = endpoint(&cfg)?;
         let (shutdown_tx, shutdown_rx) = oneshot::channel();
         let (status_tx, status_rx) = watch::channel(SubscriberStatus::default());
-        let task = tokio::spawn(run(cfg, endpoint, sink, shutdown_rx, status_tx));
+        let task = tokio::spawn(run(
+            Arc::new(cfg),
+            endpoint,
+            Arc::new(sink),
+            shutdown_rx,
+            status_tx,
+        ));
         Ok(Self {
             shutdown: Some(shutdown_tx),
             status: status_rx,
@@ -331,9 +337,9 @@ pub fn control_plane_endpoint(url: &str, trust_root: Option<&[u8]>) -> Result<En
 }
 
 async fn run<S: SnapshotSink>(
-    cfg: SubscriberConfig,
+    cfg: Arc<SubscriberConfig>,
     endpoint: Endpoint,
-    sink: S,
+    sink: Arc<S>,
     mut shutdown: oneshot::Receiver<()>,
     status: watch::Sender<SubscriberStatus>,
 ) {
@@ -373,9 +379,9 @@ struct SessionEnd {
 }
 
 async fn session<S: SnapshotSink>(
-    cfg: &SubscriberConfig,
+    cfg: &Arc<SubscriberConfig>,
     endpoint: &Endpoint,
-    sink: &S,
+    sink: &Arc<S>,
     status: &watch::Sender<SubscriberStatus>,
 ) -> SessionEnd {
     let fail = |established: bool, error: String| SessionEnd { established, error };
@@ -438,7 +444,18 @@ async fn session<S: SnapshotSink>(
             }
             continue;
         }
-        let reply = handle_snapshot(cfg, sink, snapshot, status);
+        // Validating and compiling a whole set takes tens of milliseconds for a large
+        // mesh: off the runtime's threads, so that with one worker (which also serves
+        // every connection) a push does not hold requests up meanwhile.
+        let reply = {
+            let (cfg, sink, status) = (cfg.clone(), sink.clone(), status.clone());
+            tokio::task::spawn_blocking(move || handle_snapshot(&cfg, &*sink, snapshot, &status))
+                .await
+        };
+        // It fails only with the runtime shutting down (a panic in it is a NACK).
+        let Ok(reply) = reply else {
+            return fail(true, "the runtime is shutting down".into());
+        };
         if tx.send(reply).await.is_err() {
             return fail(true, "request stream closed".into());
         }

@@ -373,3 +373,56 @@ async fn a_panic_while_taking_a_snapshot_nacks_it_and_the_next_one_is_taken() {
     assert_eq!(status.connects, 1, "the stream was kept");
     assert_eq!(status.last_applied.as_deref(), Some(second.hash()));
 }
+
+/// Holds `apply` until the test lets it go: a sink as slow as compiling a large set.
+struct Held {
+    started: mpsc::UnboundedSender<()>,
+    release: Mutex<std::sync::mpsc::Receiver<()>>,
+    inner: Sink,
+}
+
+impl SnapshotSink for Held {
+    fn apply(&self, set: PolicySet) -> Result<bool, String> {
+        let _ = self.started.send(());
+        // Run on the runtime's only thread, this would wait out WAIT: the test's task,
+        // which lets it go, could not run meanwhile.
+        self.release
+            .lock()
+            .unwrap()
+            .recv_timeout(WAIT)
+            .map_err(|_| "apply held the runtime's thread".to_string())?;
+        self.inner.apply(set)
+    }
+
+    fn current_version(&self) -> Option<String> {
+        self.inner.current_version()
+    }
+}
+
+/// Taking a snapshot runs off the runtime's threads: on a one-thread runtime (a proxy
+/// with one worker, which serves every connection on it) other tasks run while a slow
+/// apply is under way.
+#[tokio::test(flavor = "current_thread")]
+async fn a_slow_apply_leaves_the_runtime_free() {
+    let good = good_set();
+    let (url, mut seen) = serve(vec![snapshot(good.hash(), good.canonical_bytes())]).await;
+    let (started, mut started_rx) = mpsc::unbounded_channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    let sink = Arc::new(Held {
+        started,
+        release: Mutex::new(release_rx),
+        inner: Sink::default(),
+    });
+    let _sub = Subscriber::spawn(config(&url, None), sink.clone()).unwrap();
+    tokio::time::timeout(WAIT, started_rx.recv())
+        .await
+        .expect("apply started")
+        .unwrap();
+    // This task runs while apply waits: the runtime's thread is free.
+    release.send(()).unwrap();
+    match next_answer(&mut seen).await {
+        pb::proxy_message::Message::Ack(a) => assert_eq!(a.version, good.hash()),
+        other => panic!("expected ACK, got {other:?}"),
+    }
+    assert_eq!(sink.current_version().as_deref(), Some(good.hash()));
+}
