@@ -41,14 +41,15 @@ struct FileState {
 }
 
 impl FileState {
-    /// The version the file asks to have in force: its last good one, unless what is
-    /// on disk now is refused; then the one it has in force (if any). A version that
-    /// was left out for a clash and is no longer on disk must not claim anything: it
-    /// could block another file's edit, or go into force, for content the file no
-    /// longer holds, and a restart (which keeps only versions in force) would forget it.
-    fn wanted(&self) -> Option<&GoodFile> {
+    /// The version the file asks to have in force, given the one it has (`in_force`):
+    /// its last good one, unless what is on disk now is refused; then the one in force
+    /// (if any). A version that was left out for a clash and is no longer on disk must
+    /// not claim anything: it could block another file's edit, or go into force, for
+    /// content the file no longer holds, and a restart (which keeps only versions in
+    /// force) would forget it.
+    fn wanted<'a>(&'a self, in_force: Option<&'a GoodFile>) -> Option<&'a GoodFile> {
         match self.error {
-            Some(_) => self.served.as_ref(),
+            Some(_) => in_force,
             None => self.good.as_ref(),
         }
     }
@@ -285,7 +286,10 @@ impl PolicyDir {
     /// up in the refused edit is not handed to another file in the same re-read.
     /// Among files with nothing in force, the first by name wins.
     pub(crate) fn build_set(&mut self) -> Option<(PolicySet, Vec<pb::PolicyMeta>)> {
-        let (chosen, conflicts) = settle(&self.files);
+        let Chosen {
+            versions: chosen,
+            conflicts,
+        } = settle(&self.files);
         let mut policies = Vec::new();
         let mut metas = Vec::new();
         for (file, version) in &chosen {
@@ -301,7 +305,10 @@ impl PolicyDir {
         for (file, error) in &conflicts {
             tracing::warn!(%file, %error, "policy file left out");
         }
-        let chosen: HashMap<String, GoodFile> = chosen.into_iter().collect();
+        let chosen: HashMap<String, GoodFile> = chosen
+            .into_iter()
+            .map(|(f, v)| (f.to_string(), v.clone()))
+            .collect();
         self.conflicts = conflicts;
         let set = match PolicySet::new_with(policies, &self.limits) {
             Ok(set) => set,
@@ -392,68 +399,70 @@ struct Chosen<'a> {
     conflicts: HashMap<String, String>,
 }
 
-/// Each file's version to serve, in the order they go in, and why files are left out
-/// or kept on an earlier version.
-type Settled = (Vec<(String, GoodFile)>, HashMap<String, String>);
+/// Each file's version in force, as one choice sees it.
+type InForce<'a> = HashMap<&'a str, &'a GoodFile>;
 
 /// The choice of one re-read, settled: what the next re-read of the same files would
 /// choose with it in force. Without this a re-read of an unchanged directory could move
 /// the set: a file kept for a clash with another file's edit stayed kept when that edit
 /// was kept out in turn, and a file the same re-read put in force held its claims only
 /// from the next one on.
-fn settle(files: &BTreeMap<String, FileState>) -> Settled {
-    let mut settled = choose_once(files);
-    // Each pass only hands in-force claims to the files the last pass chose; bounded
-    // all the same, as a directory that never settled would otherwise hang the reload.
+fn settle(files: &BTreeMap<String, FileState>) -> Chosen<'_> {
+    let served: InForce<'_> = files
+        .iter()
+        .filter_map(|(f, s)| Some((f.as_str(), s.served.as_ref()?)))
+        .collect();
+    let mut chosen = choose_once(files, &served);
+    // A pass hands in-force claims to the files the last one chose; one pass settles
+    // every directory the model test has made, the bound is for those it has not.
     for _ in 0..files.len() {
-        let mut next = files.clone();
-        let chosen: HashMap<&str, &GoodFile> =
-            settled.0.iter().map(|(f, v)| (f.as_str(), v)).collect();
-        for (file, state) in &mut next {
-            state.served = chosen.get(file.as_str()).map(|v| (*v).clone());
-        }
-        let again = choose_once(&next);
-        let versions = |s: &Settled| -> Vec<(String, String)> {
-            s.0.iter()
-                .map(|(f, v)| (f.clone(), v.version.clone()))
-                .collect()
-        };
-        if versions(&again) == versions(&settled) {
+        let in_force: InForce<'_> = chosen.versions.iter().copied().collect();
+        let again = choose_once(files, &in_force);
+        if same_versions(&again, &chosen) {
             break;
         }
-        settled = again;
+        chosen = again;
     }
-    settled
+    chosen
 }
 
-/// The choice of one re-read: [`choose`] again until no file is newly kept. Keeping a
-/// file on its version in force can make another file's edit clash in turn; each
-/// round keeps at least one more file, so this ends within one round per file.
-fn choose_once(files: &BTreeMap<String, FileState>) -> Settled {
-    let mut kept: HashMap<&str, String> = HashMap::new();
-    let chosen = loop {
-        match choose(files, &kept) {
-            Choice::Kept(newly) => kept.extend(newly),
-            Choice::Done(chosen) => break chosen,
-        }
+/// Whether two choices serve the same version of the same files (in whatever order).
+fn same_versions(a: &Chosen<'_>, b: &Chosen<'_>) -> bool {
+    let versions = |c: &Chosen<'_>| -> BTreeMap<String, String> {
+        c.versions
+            .iter()
+            .map(|(f, v)| (f.to_string(), v.version.clone()))
+            .collect()
     };
-    let versions = chosen
-        .versions
-        .into_iter()
-        .map(|(f, v)| (f.to_string(), v.clone()))
-        .collect();
-    (versions, chosen.conflicts)
+    versions(a) == versions(b)
+}
+
+/// The choice of one re-read with `in_force`: [`choose`] again until no file is newly
+/// kept. Keeping a file on its version in force can make another file's edit clash in
+/// turn; each round keeps at least one more file, so this ends within one round per
+/// file.
+fn choose_once<'a>(files: &'a BTreeMap<String, FileState>, in_force: &InForce<'a>) -> Chosen<'a> {
+    let mut kept: HashMap<&str, String> = HashMap::new();
+    loop {
+        match choose(files, in_force, &kept) {
+            Choice::Kept(newly) => kept.extend(newly),
+            Choice::Done(chosen) => return chosen,
+        }
+    }
 }
 
 /// One round of [`PolicyDir::build_set`]'s choice. `kept` files serve their version
 /// in force whatever their latest one says, and hold all of its claims.
 fn choose<'a>(
     files: &'a BTreeMap<String, FileState>,
+    in_force: &InForce<'a>,
     kept: &HashMap<&'a str, String>,
 ) -> Choice<'a> {
+    let served_of = |file: &str| in_force.get(file).copied();
     let mut held: HashMap<Claim, &str> = HashMap::new();
     for (file, state) in files {
-        let (Some(served), Some(good)) = (&state.served, state.wanted()) else {
+        let served = served_of(file);
+        let (Some(served), Some(good)) = (served, state.wanted(served)) else {
             continue;
         };
         if kept.contains_key(file.as_str()) {
@@ -465,8 +474,9 @@ fn choose<'a>(
             }
         }
     }
-    let (incumbents, newcomers): (Vec<_>, Vec<_>) =
-        files.iter().partition(|(_, s)| s.served.is_some());
+    let (incumbents, newcomers): (Vec<_>, Vec<_>) = files
+        .iter()
+        .partition(|(f, _)| in_force.contains_key(f.as_str()));
     let mut taken: HashMap<Claim, &str> = HashMap::new();
     let mut chosen = Chosen {
         versions: Vec::new(),
@@ -474,7 +484,10 @@ fn choose<'a>(
     };
     let mut newly = Vec::new();
     for (file, state) in incumbents.into_iter().chain(newcomers) {
-        let Some(good) = state.wanted() else { continue };
+        let served = served_of(file);
+        let Some(good) = state.wanted(served) else {
+            continue;
+        };
         let clash = |version: &GoodFile| {
             claims(&version.policies).find_map(|claim| {
                 let other = taken
@@ -483,7 +496,7 @@ fn choose<'a>(
                 Some(claim.clash_with(other))
             })
         };
-        let earlier = state.served.as_ref().filter(|s| s.version != good.version);
+        let earlier = served.filter(|s| s.version != good.version);
         let version = match (kept.get(file.as_str()), earlier) {
             (Some(why), Some(earlier)) => match clash(earlier) {
                 None => {
