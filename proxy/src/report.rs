@@ -130,6 +130,11 @@ impl CounterReports {
                 t.durations[buckets.len()] += h.get_sample_count().saturating_sub(below);
             }
         }
+        // A fallback backend's answer is counted for that backend: the request the
+        // primary failed appears under the primary only as a fallback. It was one of the
+        // primary's requests all the same; without it a canary whose every try fails
+        // behind a fallback backend reports failures of no request, and looks idle.
+        let handed_on = self.routes_falling_back_to_a_backend();
         for family in m.fallbacks.collect() {
             for metric in family.get_metric() {
                 let (mut namespace, mut route, mut backend) = ("", None, None);
@@ -142,9 +147,14 @@ impl CounterReports {
                     }
                 }
                 if let (Some(r), Some(b)) = (route, backend) {
-                    all.entry((key_of(namespace, r), b.into()))
-                        .or_default()
-                        .fallbacks += metric.get_counter().get_value() as u64;
+                    let key = key_of(namespace, r);
+                    let n = metric.get_counter().get_value() as u64;
+                    let handed = handed_on.contains(&key);
+                    let t = all.entry((key, b.into())).or_default();
+                    t.fallbacks += n;
+                    if handed {
+                        t.requests += n;
+                    }
                 }
             }
         }
@@ -154,6 +164,24 @@ impl CounterReports {
             }
         }
         (bounds, all)
+    }
+
+    /// The keys of the routes in force whose fallback is another backend.
+    fn routes_falling_back_to_a_backend(&self) -> std::collections::HashSet<String> {
+        let snapshot = self.store.current();
+        let Some(set) = snapshot.policy_set() else {
+            return Default::default();
+        };
+        set.policies()
+            .iter()
+            .flat_map(|p| {
+                p.spec
+                    .routes
+                    .iter()
+                    .filter(|r| r.fallback.as_ref().is_some_and(|f| f.backend.is_some()))
+                    .map(move |r| crate::route::route_key(p, r))
+            })
+            .collect()
     }
 
     /// A route key back into its namespace, policy and route names, from the policies in
@@ -289,6 +317,35 @@ mod tests {
         );
         sluice_config::PolicySet::new(sluice_config::parse_policies("t.yaml", &text).unwrap())
             .unwrap()
+    }
+
+    /// A request the primary failed and the fallback backend answered is one of the
+    /// primary's requests (and a fallback); the answer is the fallback backend's.
+    #[test]
+    fn a_request_a_fallback_backend_answered_counts_for_the_primary_too() {
+        let text = "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: { name: log.svc }\nspec:\n  host: log\n  backends:\n    v1: { addresses: [\"127.0.0.1:1\"] }\n    v2: { addresses: [\"127.0.0.1:2\"] }\n    cache: { addresses: [\"127.0.0.1:3\"] }\n  routes:\n    - name: ingest\n      fallback: { on: [timeout], backend: cache }\n      split:\n        - weights: { v1: 90, v2: 10 }\n";
+        let set =
+            sluice_config::PolicySet::new(sluice_config::parse_policies("t.yaml", text).unwrap())
+                .unwrap();
+        let store = store_for_tests();
+        store.apply("t", set).unwrap();
+        let m = store.context().metrics.clone();
+        let route = m.route("outbound", "default/log.svc.ingest", &["v1", "v2", "cache"]);
+        let reports = CounterReports::new(store);
+        for _ in 0..3 {
+            route.record(Some(1), None, 200, Duration::from_millis(1));
+        }
+        for _ in 0..2 {
+            m.fallbacks
+                .with_label_values(&["default", "log.svc.ingest", "v2", "timeout"])
+                .inc();
+            route.record(Some(2), None, 200, Duration::from_millis(1));
+        }
+        let d = reports.deltas(10);
+        let find = |b: &str| d.entries.iter().find(|e| e.backend == b).cloned().unwrap();
+        let v2 = find("v2");
+        assert_eq!((v2.requests, v2.fallbacks, v2.server_errors), (5, 2, 0));
+        assert_eq!(find("cache").requests, 2);
     }
 
     #[test]

@@ -64,9 +64,14 @@ impl RolloutMesh {
 
     /// Starts it all with the rollout block `rollout` and `extra` lines on the route.
     pub async fn start_with(rollout: &str, extra: &str) -> Self {
+        Self::start_with_policy(|v1, v2| rollout_policy(v1, v2, rollout, extra)).await
+    }
+
+    /// Starts it all with the policy `policy` writes for the stable and canary addresses.
+    pub async fn start_with_policy(policy: impl FnOnce(SocketAddr, SocketAddr) -> String) -> Self {
         let stable = Upstream::auto("v1").await;
         let canary = Upstream::auto("v2").await;
-        let policy = rollout_policy(stable.addr(), canary.addr(), rollout, extra);
+        let policy = policy(stable.addr(), canary.addr());
         let cp = TestControlPlane::start(&[(FILE, &policy)]).await;
         let states = tempfile::tempdir().expect("temporary directory");
         let mut proxies = Vec::new();

@@ -283,6 +283,46 @@ async fn a_canary_that_only_times_out_is_rolled_back_on_its_errors() {
     mesh.wait_canary_everywhere(0).await;
 }
 
+/// A canary whose every try times out while the route falls back to the stable
+/// backend is rolled back: the callers see only v1's answers, and the canary's
+/// reports count no answer of its own, only the fallbacks it caused. Those were counted
+/// as failures of no request, so the canary looked idle (inconclusive) for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_that_always_falls_back_is_rolled_back() {
+    let route = "      timeout: 2s
+      retry: { attempts: 1, on: [timeout], perTryTimeout: 100ms }
+      fallback: { on: [timeout], backend: cache }
+";
+    // The fallback backend is the stable upstream under another name (a route may not
+    // fall back to a backend it splits to).
+    let mesh = RolloutMesh::start_with_policy(|v1, v2| {
+        sluice_e2e::rollout::rollout_policy(v1, v2, HEALTHY, route).replace(
+            "  routes:\n",
+            &format!("    cache: {{ addresses: [\"{v1}\"] }}\n  routes:\n"),
+        )
+    })
+    .await;
+    mesh.canary
+        .set_stall(Stall::Delay(Duration::from_millis(300)));
+    mesh.wait_canary_everywhere(10).await;
+    let load = mesh.load(200.0).await;
+    let r = mesh
+        .wait_rollout("the canary is rolled back", |r| r["phase"] == "rolled-back")
+        .await;
+    let statuses = load.stop().await;
+    assert_eq!(statuses.keys().collect::<Vec<_>>(), [&200], "{statuses:?}");
+    assert!(last_reason(&r).contains("canary requests failed"), "{r:#}");
+    let mut texts = String::new();
+    for p in &mesh.proxies {
+        texts.push_str(&scrape(p.admin_addr()).await);
+    }
+    assert!(
+        metric_sum(&texts, "sluice_fallbacks_total", &[r#"backend="v2""#]) > 0.0,
+        "{texts}"
+    );
+    mesh.wait_canary_everywhere(0).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_300ms_slower_breaches_p99_and_is_rolled_back() {
     let mesh = RolloutMesh::start(FAST).await;
