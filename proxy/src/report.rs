@@ -31,6 +31,8 @@ struct Totals {
     timeouts: u64,
     fallbacks: u64,
     breaker_open: u64,
+    /// Breaker refusals the route's fallback answered: not this proxy's own 503s.
+    refusals_answered: u64,
     /// Per bucket, not cumulative, the last one above the last bound.
     durations: Vec<u64>,
 }
@@ -41,15 +43,19 @@ impl Totals {
     fn since(&self, before: &Totals) -> Totals {
         let d = |now: u64, then: u64| if now >= then { now - then } else { now };
         let breaker_open = d(self.breaker_open, before.breaker_open);
+        let refusals_answered = d(self.refusals_answered, before.refusals_answered);
         Totals {
             requests: d(self.requests, before.requests),
             // Refusals of this proxy's own breaker are counted as 503s too: they are
-            // not the backend's answers.
-            server_errors: d(self.server_errors, before.server_errors).saturating_sub(breaker_open),
+            // not the backend's answers. One the fallback answered is counted with the
+            // fallback's answer instead.
+            server_errors: d(self.server_errors, before.server_errors)
+                .saturating_sub(breaker_open.saturating_sub(refusals_answered)),
             unavailable: d(self.unavailable, before.unavailable),
             timeouts: d(self.timeouts, before.timeouts),
             fallbacks: d(self.fallbacks, before.fallbacks),
             breaker_open,
+            refusals_answered,
             durations: self
                 .durations
                 .iter()
@@ -134,15 +140,16 @@ impl CounterReports {
         // primary failed appears under the primary only as a fallback. It was one of the
         // primary's requests all the same; without it a canary whose every try fails
         // behind a fallback backend reports failures of no request, and looks idle.
-        let handed_on = self.routes_falling_back_to_a_backend();
+        let (handed_on, answered) = self.fallbacks_in_force();
         for family in m.fallbacks.collect() {
             for metric in family.get_metric() {
-                let (mut namespace, mut route, mut backend) = ("", None, None);
+                let (mut namespace, mut route, mut backend, mut reason) = ("", None, None, "");
                 for l in metric.get_label() {
                     match l.name() {
                         "namespace" => namespace = l.value(),
                         "route" => route = Some(l.value()),
                         "backend" => backend = Some(l.value()),
+                        "reason" => reason = l.value(),
                         _ => {}
                     }
                 }
@@ -150,10 +157,26 @@ impl CounterReports {
                     let key = key_of(namespace, r);
                     let n = metric.get_counter().get_value() as u64;
                     let handed = handed_on.contains(&key);
+                    let status = answered.get(&key).copied();
                     let t = all.entry((key, b.into())).or_default();
                     t.fallbacks += n;
+                    if reason == "breaker-open" {
+                        t.refusals_answered += n;
+                    }
                     if handed {
                         t.requests += n;
+                    }
+                    // A static answer is counted for the primary with its own status: a
+                    // 5xx there is the fallback (counted once, here), not a second
+                    // failure of the backend.
+                    let class = match status {
+                        Some(502) => Some(&mut t.unavailable),
+                        Some(504) => Some(&mut t.timeouts),
+                        Some(500..=599) => Some(&mut t.server_errors),
+                        _ => None,
+                    };
+                    if let Some(class) = class {
+                        *class = class.saturating_sub(n);
                     }
                 }
             }
@@ -166,22 +189,27 @@ impl CounterReports {
         (bounds, all)
     }
 
-    /// The keys of the routes in force whose fallback is another backend.
-    fn routes_falling_back_to_a_backend(&self) -> std::collections::HashSet<String> {
+    /// The routes in force whose fallback is another backend (by key), and the HTTP
+    /// status of those whose fallback is a static answer.
+    fn fallbacks_in_force(&self) -> (std::collections::HashSet<String>, HashMap<String, u16>) {
+        let (mut handed_on, mut answered) = (std::collections::HashSet::new(), HashMap::new());
         let snapshot = self.store.current();
         let Some(set) = snapshot.policy_set() else {
-            return Default::default();
+            return (handed_on, answered);
         };
-        set.policies()
-            .iter()
-            .flat_map(|p| {
-                p.spec
-                    .routes
-                    .iter()
-                    .filter(|r| r.fallback.as_ref().is_some_and(|f| f.backend.is_some()))
-                    .map(move |r| crate::route::route_key(p, r))
-            })
-            .collect()
+        for p in set.policies() {
+            for r in &p.spec.routes {
+                let Some(f) = &r.fallback else { continue };
+                if f.backend.is_some() {
+                    handed_on.insert(crate::route::route_key(p, r));
+                } else if let Some(resp) = f.response.as_ref().filter(|r| r.grpc_status.is_none()) {
+                    // With `grpcStatus` a gRPC caller gets HTTP 200 and others the status:
+                    // which one a count holds is not known, so it is left as it is.
+                    answered.insert(crate::route::route_key(p, r), resp.status);
+                }
+            }
+        }
+        (handed_on, answered)
     }
 
     /// A route key back into its namespace, policy and route names, from the policies in
@@ -346,6 +374,80 @@ mod tests {
         let v2 = find("v2");
         assert_eq!((v2.requests, v2.fallbacks, v2.server_errors), (5, 2, 0));
         assert_eq!(find("cache").requests, 2);
+    }
+
+    /// A static fallback answer is counted for the primary with its status; a 5xx
+    /// there is the fallback, counted once, not a backend failure as well.
+    #[test]
+    fn a_static_5xx_fallback_is_one_failure_not_two() {
+        let text = "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: { name: log.svc }\nspec:\n  host: log\n  backends:\n    v1: { addresses: [\"127.0.0.1:1\"] }\n    v2: { addresses: [\"127.0.0.1:2\"] }\n  routes:\n    - name: ingest\n      fallback: { on: [upstream-unavailable], response: { status: 503 } }\n      split:\n        - weights: { v1: 90, v2: 10 }\n";
+        let set =
+            sluice_config::PolicySet::new(sluice_config::parse_policies("t.yaml", text).unwrap())
+                .unwrap();
+        let store = store_for_tests();
+        store.apply("t", set).unwrap();
+        let m = store.context().metrics.clone();
+        let route = m.route("outbound", "default/log.svc.ingest", &["v1", "v2"]);
+        let reports = CounterReports::new(store);
+        // v2 answered one 500 itself; two of its requests failed to connect and got the
+        // route's static 503.
+        route.record(Some(1), None, 500, Duration::from_millis(1));
+        for _ in 0..2 {
+            m.fallbacks
+                .with_label_values(&["default", "log.svc.ingest", "v2", "upstream-unavailable"])
+                .inc();
+            route.record(Some(1), None, 503, Duration::from_millis(1));
+        }
+        let d = reports.deltas(10);
+        let v2 = d.entries.iter().find(|e| e.backend == "v2").unwrap();
+        assert_eq!((v2.requests, v2.server_errors, v2.fallbacks), (3, 1, 2));
+    }
+
+    /// A breaker refusal the fallback answered is not also taken off the backend's own
+    /// 5xx (it was never this proxy's own 503), whatever the fallback answered.
+    #[tokio::test]
+    async fn a_refusal_the_fallback_answered_takes_nothing_off_the_backends_errors() {
+        use tower::{Layer, ServiceExt};
+        for (fallback, status) in [
+            ("response: { status: 503 }", 503),
+            ("response: { status: 200 }", 200),
+        ] {
+            let text = format!(
+                "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: log.svc }}\nspec:\n  host: log\n  backends:\n    v1: {{ addresses: [\"127.0.0.1:1\"] }}\n    v2: {{ addresses: [\"127.0.0.1:2\"] }}\n  routes:\n    - name: ingest\n      circuitBreaker: {{ consecutiveFailures: 2 }}\n      fallback: {{ on: [breaker-open], {fallback} }}\n      split:\n        - weights: {{ v1: 90, v2: 10 }}\n"
+            );
+            let set = sluice_config::PolicySet::new(
+                sluice_config::parse_policies("t.yaml", &text).unwrap(),
+            )
+            .unwrap();
+            let store = store_for_tests();
+            store.apply("t", set).unwrap();
+            let ctx = store.context();
+            let m = ctx.metrics.clone();
+            let route = m.route("outbound", "default/log.svc.ingest", &["v1", "v2"]);
+            let reports = CounterReports::new(store.clone());
+            // v2 answered one 500; then its breaker, opened by hand, refused one request,
+            // which the fallback answered.
+            route.record(Some(1), None, 500, Duration::from_millis(1));
+            let breakers = &ctx.governance.breakers;
+            assert!(breakers.force_open("default/log.svc.ingest", "v2"));
+            let circuit = breakers.get("default/log.svc.ingest", "v2").unwrap();
+            let backend = tower::service_fn(|_: http::Request<()>| async {
+                Ok::<_, std::convert::Infallible>(http::Response::new(()))
+            });
+            let guarded = sluice_filters::breaker::BreakerLayer::new(circuit).layer(backend);
+            assert!(guarded.oneshot(http::Request::new(())).await.is_err());
+            m.fallbacks
+                .with_label_values(&["default", "log.svc.ingest", "v2", "breaker-open"])
+                .inc();
+            route.record(Some(1), None, status, Duration::from_millis(1));
+            let d = reports.deltas(10);
+            let v2 = d.entries.iter().find(|e| e.backend == "v2").unwrap();
+            assert_eq!(
+                (v2.requests, v2.server_errors, v2.fallbacks, v2.breaker_open),
+                (2, 1, 1, 1),
+                "{fallback}"
+            );
+        }
     }
 
     #[test]
