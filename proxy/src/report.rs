@@ -65,6 +65,32 @@ impl Totals {
         }
     }
 
+    /// Reads a delta's fallbacks by the route's fallback in force now (`handed_on`: it
+    /// is another backend; `answered`: the status of its static answer). Applied to
+    /// deltas, not to running totals, so that an edit of the fallback reinterprets no
+    /// count already reported.
+    fn with_fallbacks(mut self, handed_on: bool, answered: Option<u16>) -> Totals {
+        // A fallback backend's answer is counted for that backend: the request the
+        // primary failed appears under the primary only as a fallback. It was one of the
+        // primary's requests all the same; without it a canary whose every try fails
+        // behind a fallback backend reports failures of no request, and looks idle.
+        if handed_on {
+            self.requests = self.requests.saturating_add(self.fallbacks);
+        }
+        // A static answer is counted for the primary with its own status: a 5xx there
+        // is the fallback (counted once, as such), not a second failure of the backend.
+        let class = match answered {
+            Some(502) => Some(&mut self.unavailable),
+            Some(504) => Some(&mut self.timeouts),
+            Some(500..=599) => Some(&mut self.server_errors),
+            _ => None,
+        };
+        if let Some(class) = class {
+            *class = class.saturating_sub(self.fallbacks);
+        }
+        self
+    }
+
     fn is_zero(&self) -> bool {
         self.requests == 0
             && self.fallbacks == 0
@@ -136,11 +162,6 @@ impl CounterReports {
                 t.durations[buckets.len()] += h.get_sample_count().saturating_sub(below);
             }
         }
-        // A fallback backend's answer is counted for that backend: the request the
-        // primary failed appears under the primary only as a fallback. It was one of the
-        // primary's requests all the same; without it a canary whose every try fails
-        // behind a fallback backend reports failures of no request, and looks idle.
-        let (handed_on, answered) = self.fallbacks_in_force();
         for family in m.fallbacks.collect() {
             for metric in family.get_metric() {
                 let (mut namespace, mut route, mut backend, mut reason) = ("", None, None, "");
@@ -154,29 +175,11 @@ impl CounterReports {
                     }
                 }
                 if let (Some(r), Some(b)) = (route, backend) {
-                    let key = key_of(namespace, r);
                     let n = metric.get_counter().get_value() as u64;
-                    let handed = handed_on.contains(&key);
-                    let status = answered.get(&key).copied();
-                    let t = all.entry((key, b.into())).or_default();
+                    let t = all.entry((key_of(namespace, r), b.into())).or_default();
                     t.fallbacks += n;
                     if reason == "breaker-open" {
                         t.refusals_answered += n;
-                    }
-                    if handed {
-                        t.requests += n;
-                    }
-                    // A static answer is counted for the primary with its own status: a
-                    // 5xx there is the fallback (counted once, here), not a second
-                    // failure of the backend.
-                    let class = match status {
-                        Some(502) => Some(&mut t.unavailable),
-                        Some(504) => Some(&mut t.timeouts),
-                        Some(500..=599) => Some(&mut t.server_errors),
-                        _ => None,
-                    };
-                    if let Some(class) = class {
-                        *class = class.saturating_sub(n);
                     }
                 }
             }
@@ -274,6 +277,7 @@ impl ReportSource for CounterReports {
     fn deltas(&self, max_entries: usize) -> Deltas {
         let (bucket_bounds, now) = self.totals();
         let names = self.names();
+        let (handed_on, answered) = self.fallbacks_in_force();
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         let mut news: Vec<(Series, Totals, Totals)> = now
             .into_iter()
@@ -281,7 +285,11 @@ impl ReportSource for CounterReports {
                 let delta = match seen.get(&series) {
                     Some(before) => total.since(before),
                     None => total.since(&Totals::default()),
-                };
+                }
+                .with_fallbacks(
+                    handed_on.contains(&series.0),
+                    answered.get(&series.0).copied(),
+                );
                 (!delta.is_zero()).then_some((series, total, delta))
             })
             .collect();
@@ -388,7 +396,7 @@ mod tests {
         store.apply("t", set).unwrap();
         let m = store.context().metrics.clone();
         let route = m.route("outbound", "default/log.svc.ingest", &["v1", "v2"]);
-        let reports = CounterReports::new(store);
+        let reports = CounterReports::new(store.clone());
         // v2 answered one 500 itself; two of its requests failed to connect and got the
         // route's static 503.
         route.record(Some(1), None, 500, Duration::from_millis(1));
@@ -401,6 +409,10 @@ mod tests {
         let d = reports.deltas(10);
         let v2 = d.entries.iter().find(|e| e.backend == "v2").unwrap();
         assert_eq!((v2.requests, v2.server_errors, v2.fallbacks), (3, 1, 2));
+
+        // The fallback edited away: counts already reported are not read again.
+        store.apply("t", policy_set()).unwrap();
+        assert!(reports.deltas(10).entries.is_empty());
     }
 
     /// A breaker refusal the fallback answered is not also taken off the backend's own
