@@ -355,18 +355,39 @@ mod tests {
             .unwrap()
     }
 
-    /// A request the primary failed and the fallback backend answered is one of the
-    /// primary's requests (and a fallback); the answer is the fallback backend's.
-    #[test]
-    fn a_request_a_fallback_backend_answered_counts_for_the_primary_too() {
-        let text = "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: { name: log.svc }\nspec:\n  host: log\n  backends:\n    v1: { addresses: [\"127.0.0.1:1\"] }\n    v2: { addresses: [\"127.0.0.1:2\"] }\n    cache: { addresses: [\"127.0.0.1:3\"] }\n  routes:\n    - name: ingest\n      fallback: { on: [timeout], backend: cache }\n      split:\n        - weights: { v1: 90, v2: 10 }\n";
+    /// A store serving log.svc's route `ingest` over v1 (90) and v2 (10) with `route_fields`
+    /// and `backends` added, and that route's outbound metrics over `names`.
+    fn serving(
+        backends: &str,
+        route_fields: &str,
+        names: &[&str],
+    ) -> (
+        PolicyStore,
+        crate::metrics::Metrics,
+        crate::metrics::RouteMetrics,
+    ) {
+        let text = format!(
+            "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: log.svc }}\nspec:\n  host: log\n  backends:\n    v1: {{ addresses: [\"127.0.0.1:1\"] }}\n    v2: {{ addresses: [\"127.0.0.1:2\"] }}\n{backends}  routes:\n    - name: ingest\n{route_fields}      split:\n        - weights: {{ v1: 90, v2: 10 }}\n"
+        );
         let set =
-            sluice_config::PolicySet::new(sluice_config::parse_policies("t.yaml", text).unwrap())
+            sluice_config::PolicySet::new(sluice_config::parse_policies("t.yaml", &text).unwrap())
                 .unwrap();
         let store = store_for_tests();
         store.apply("t", set).unwrap();
         let m = store.context().metrics.clone();
-        let route = m.route("outbound", "default/log.svc.ingest", &["v1", "v2", "cache"]);
+        let route = m.route("outbound", "default/log.svc.ingest", names);
+        (store, m, route)
+    }
+
+    /// A request the primary failed and the fallback backend answered is one of the
+    /// primary's requests (and a fallback); the answer is the fallback backend's.
+    #[test]
+    fn a_request_a_fallback_backend_answered_counts_for_the_primary_too() {
+        let (store, m, route) = serving(
+            "    cache: { addresses: [\"127.0.0.1:3\"] }\n",
+            "      fallback: { on: [timeout], backend: cache }\n",
+            &["v1", "v2", "cache"],
+        );
         let reports = CounterReports::new(store);
         for _ in 0..3 {
             route.record(Some(1), None, 200, Duration::from_millis(1));
@@ -388,14 +409,11 @@ mod tests {
     /// there is the fallback, counted once, not a backend failure as well.
     #[test]
     fn a_static_5xx_fallback_is_one_failure_not_two() {
-        let text = "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: { name: log.svc }\nspec:\n  host: log\n  backends:\n    v1: { addresses: [\"127.0.0.1:1\"] }\n    v2: { addresses: [\"127.0.0.1:2\"] }\n  routes:\n    - name: ingest\n      fallback: { on: [upstream-unavailable], response: { status: 503 } }\n      split:\n        - weights: { v1: 90, v2: 10 }\n";
-        let set =
-            sluice_config::PolicySet::new(sluice_config::parse_policies("t.yaml", text).unwrap())
-                .unwrap();
-        let store = store_for_tests();
-        store.apply("t", set).unwrap();
-        let m = store.context().metrics.clone();
-        let route = m.route("outbound", "default/log.svc.ingest", &["v1", "v2"]);
+        let (store, m, route) = serving(
+            "",
+            "      fallback: { on: [upstream-unavailable], response: { status: 503 } }\n",
+            &["v1", "v2"],
+        );
         let reports = CounterReports::new(store.clone());
         // v2 answered one 500 itself; two of its requests failed to connect and got the
         // route's static 503.
@@ -424,18 +442,14 @@ mod tests {
             ("response: { status: 503 }", 503),
             ("response: { status: 200 }", 200),
         ] {
-            let text = format!(
-                "apiVersion: sluice.dev/v1alpha1\nkind: RoutePolicy\nmetadata: {{ name: log.svc }}\nspec:\n  host: log\n  backends:\n    v1: {{ addresses: [\"127.0.0.1:1\"] }}\n    v2: {{ addresses: [\"127.0.0.1:2\"] }}\n  routes:\n    - name: ingest\n      circuitBreaker: {{ consecutiveFailures: 2 }}\n      fallback: {{ on: [breaker-open], {fallback} }}\n      split:\n        - weights: {{ v1: 90, v2: 10 }}\n"
+            let (store, m, route) = serving(
+                "",
+                &format!(
+                    "      circuitBreaker: {{ consecutiveFailures: 2 }}\n      fallback: {{ on: [breaker-open], {fallback} }}\n"
+                ),
+                &["v1", "v2"],
             );
-            let set = sluice_config::PolicySet::new(
-                sluice_config::parse_policies("t.yaml", &text).unwrap(),
-            )
-            .unwrap();
-            let store = store_for_tests();
-            store.apply("t", set).unwrap();
             let ctx = store.context();
-            let m = ctx.metrics.clone();
-            let route = m.route("outbound", "default/log.svc.ingest", &["v1", "v2"]);
             let reports = CounterReports::new(store.clone());
             // v2 answered one 500; then its breaker, opened by hand, refused one request,
             // which the fallback answered.

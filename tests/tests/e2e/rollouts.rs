@@ -302,14 +302,7 @@ async fn a_canary_that_always_falls_back_is_rolled_back() {
         )
     })
     .await;
-    mesh.canary
-        .set_stall(Stall::Delay(Duration::from_millis(300)));
-    mesh.wait_canary_everywhere(10).await;
-    let load = mesh.load(200.0).await;
-    let r = mesh
-        .wait_rollout("the canary is rolled back", |r| r["phase"] == "rolled-back")
-        .await;
-    let statuses = load.stop().await;
+    let (r, statuses) = a_300ms_slower_canary_rolled_back(&mesh).await;
     assert_eq!(statuses.keys().collect::<Vec<_>>(), [&200], "{statuses:?}");
     assert!(last_reason(&r).contains("canary requests failed"), "{r:#}");
     let mut texts = String::new();
