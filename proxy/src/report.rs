@@ -379,6 +379,21 @@ mod tests {
         (store, m, route)
     }
 
+    /// One request v2 failed for `reason` that the fallback answered: the fallback's
+    /// count, and the answer recorded for backend `answered_by` with `status`.
+    fn fell_back(
+        m: &crate::metrics::Metrics,
+        route: &crate::metrics::RouteMetrics,
+        reason: &str,
+        answered_by: usize,
+        status: u16,
+    ) {
+        m.fallbacks
+            .with_label_values(&["default", "log.svc.ingest", "v2", reason])
+            .inc();
+        route.record(Some(answered_by), None, status, Duration::from_millis(1));
+    }
+
     /// A request the primary failed and the fallback backend answered is one of the
     /// primary's requests (and a fallback); the answer is the fallback backend's.
     #[test]
@@ -393,10 +408,7 @@ mod tests {
             route.record(Some(1), None, 200, Duration::from_millis(1));
         }
         for _ in 0..2 {
-            m.fallbacks
-                .with_label_values(&["default", "log.svc.ingest", "v2", "timeout"])
-                .inc();
-            route.record(Some(2), None, 200, Duration::from_millis(1));
+            fell_back(&m, &route, "timeout", 2, 200);
         }
         let d = reports.deltas(10);
         let find = |b: &str| d.entries.iter().find(|e| e.backend == b).cloned().unwrap();
@@ -419,10 +431,7 @@ mod tests {
         // route's static 503.
         route.record(Some(1), None, 500, Duration::from_millis(1));
         for _ in 0..2 {
-            m.fallbacks
-                .with_label_values(&["default", "log.svc.ingest", "v2", "upstream-unavailable"])
-                .inc();
-            route.record(Some(1), None, 503, Duration::from_millis(1));
+            fell_back(&m, &route, "upstream-unavailable", 1, 503);
         }
         let d = reports.deltas(10);
         let v2 = d.entries.iter().find(|e| e.backend == "v2").unwrap();
@@ -462,10 +471,7 @@ mod tests {
             });
             let guarded = sluice_filters::breaker::BreakerLayer::new(circuit).layer(backend);
             assert!(guarded.oneshot(http::Request::new(())).await.is_err());
-            m.fallbacks
-                .with_label_values(&["default", "log.svc.ingest", "v2", "breaker-open"])
-                .inc();
-            route.record(Some(1), None, status, Duration::from_millis(1));
+            fell_back(&m, &route, "breaker-open", 1, status);
             let d = reports.deltas(10);
             let v2 = d.entries.iter().find(|e| e.backend == "v2").unwrap();
             assert_eq!(
