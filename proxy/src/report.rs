@@ -379,6 +379,20 @@ mod tests {
         (store, m, route)
     }
 
+    /// A backend that would answer, behind v2's breaker opened by hand.
+    fn v2_opened_by_hand(
+        store: &PolicyStore,
+    ) -> impl tower::Service<http::Request<()>, Error = tower::BoxError> + Clone {
+        use tower::Layer;
+        let breakers = &store.context().governance.breakers;
+        assert!(breakers.force_open("default/log.svc.ingest", "v2"));
+        let circuit = breakers.get("default/log.svc.ingest", "v2").unwrap();
+        let backend = tower::service_fn(|_: http::Request<()>| async {
+            Ok::<_, std::convert::Infallible>(http::Response::new(()))
+        });
+        sluice_filters::breaker::BreakerLayer::new(circuit).layer(backend)
+    }
+
     /// One request v2 failed for `reason` that the fallback answered: the fallback's
     /// count, and the answer recorded for backend `answered_by` with `status`.
     fn fell_back(
@@ -446,7 +460,7 @@ mod tests {
     /// 5xx (it was never this proxy's own 503), whatever the fallback answered.
     #[tokio::test]
     async fn a_refusal_the_fallback_answered_takes_nothing_off_the_backends_errors() {
-        use tower::{Layer, ServiceExt};
+        use tower::ServiceExt;
         for (fallback, status) in [
             ("response: { status: 503 }", 503),
             ("response: { status: 200 }", 200),
@@ -458,18 +472,11 @@ mod tests {
                 ),
                 &["v1", "v2"],
             );
-            let ctx = store.context();
             let reports = CounterReports::new(store.clone());
             // v2 answered one 500; then its breaker, opened by hand, refused one request,
             // which the fallback answered.
             route.record(Some(1), None, 500, Duration::from_millis(1));
-            let breakers = &ctx.governance.breakers;
-            assert!(breakers.force_open("default/log.svc.ingest", "v2"));
-            let circuit = breakers.get("default/log.svc.ingest", "v2").unwrap();
-            let backend = tower::service_fn(|_: http::Request<()>| async {
-                Ok::<_, std::convert::Infallible>(http::Response::new(()))
-            });
-            let guarded = sluice_filters::breaker::BreakerLayer::new(circuit).layer(backend);
+            let guarded = v2_opened_by_hand(&store);
             assert!(guarded.oneshot(http::Request::new(())).await.is_err());
             fell_back(&m, &route, "breaker-open", 1, status);
             let d = reports.deltas(10);
@@ -530,7 +537,7 @@ mod tests {
 
     #[tokio::test]
     async fn fallbacks_and_breaker_refusals_are_reported_and_refusals_are_not_server_errors() {
-        use tower::{Layer, ServiceExt};
+        use tower::ServiceExt;
         let store = store_for_tests();
         store
             .apply(
@@ -544,13 +551,7 @@ mod tests {
         let reports = CounterReports::new(store.clone());
 
         // v2's breaker opened by hand refuses two requests; the proxy answers each 503.
-        let breakers = &ctx.governance.breakers;
-        assert!(breakers.force_open("default/log.svc.ingest", "v2"));
-        let circuit = breakers.get("default/log.svc.ingest", "v2").unwrap();
-        let backend = tower::service_fn(|_: http::Request<()>| async {
-            Ok::<_, std::convert::Infallible>(http::Response::new(()))
-        });
-        let guarded = sluice_filters::breaker::BreakerLayer::new(circuit).layer(backend);
+        let guarded = v2_opened_by_hand(&store);
         for _ in 0..2 {
             let answer = guarded.clone().oneshot(http::Request::new(())).await;
             assert!(answer.is_err(), "refused by the open breaker");
